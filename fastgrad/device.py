@@ -1,0 +1,102 @@
+"""Device selection: "auto" | "cpu" | "cuda".
+
+The device is chosen once (``set_device`` or the ``FASTGRAD_DEVICE``
+environment variable) and each model keeps the device it was built on.
+Importing fastgrad never imports CuPy: CUDA is probed only when asked for.
+"""
+import os
+
+import numpy as np
+
+DEVICES = ("cpu", "cuda")
+_ENV = "FASTGRAD_DEVICE"
+_current = None          # resolved device name, set on first use
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device cannot run here; the message says why."""
+
+
+def _cuda_problem():
+    """None if CUDA can run, else the concrete reason it cannot."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'fastgrad[cuda]')"
+    except Exception as exc:                       # broken install
+        return f"CuPy failed to import: {exc}"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:                       # no driver / no libcuda
+        return f"no usable NVIDIA driver: {exc}"
+    if n < 1:
+        return "no NVIDIA GPU is visible"
+    return None
+
+
+def available_devices():
+    """Devices that can run here, e.g. ``["cpu"]`` or ``["cpu", "cuda"]``."""
+    return ["cpu"] if _cuda_problem() else ["cpu", "cuda"]
+
+
+def resolve(name):
+    """Turn "auto" | "cpu" | "cuda" | None into a device that can run."""
+    if name is None:
+        return get_device()
+    if not isinstance(name, str) or name.lower() not in DEVICES + ("auto",):
+        raise ValueError(f"unknown device {name!r}; expected 'auto', 'cpu' or 'cuda'")
+    name = name.lower()
+    if name == "auto":
+        return "cpu" if _cuda_problem() else "cuda"
+    if name == "cuda":
+        problem = _cuda_problem()
+        if problem:
+            raise DeviceUnavailableError(f"device 'cuda' is unavailable: {problem}")
+    return name
+
+
+def set_device(name):
+    """Set the default device of new models; returns the resolved name."""
+    global _current
+    _current = resolve(name)
+    return _current
+
+
+def get_device():
+    """The default device ("cpu" or "cuda"); from FASTGRAD_DEVICE, else "auto"."""
+    global _current
+    if _current is None:
+        _current = resolve(os.environ.get(_ENV, "auto") or "auto")
+    return _current
+
+
+def array_module(device):
+    """numpy for "cpu", cupy for "cuda"."""
+    if device == "cuda":
+        import cupy
+        return cupy
+    return np
+
+
+def device_of(array):
+    """"cuda" for CuPy arrays (and DLPack CUDA tensors), "cpu" otherwise."""
+    mod = type(array).__module__
+    if mod.startswith("cupy"):
+        return "cuda"
+    dev = getattr(array, "__dlpack_device__", None)
+    if dev is not None and not isinstance(array, np.ndarray):
+        try:
+            kind, _ = dev()
+        except Exception:
+            return "cpu"
+        return "cuda" if int(kind) in (2, 3, 13) else "cpu"   # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+    return "cpu"
+
+
+def kernels(device):
+    """The kernel module of ``device``: fastgrad.kernels.cpu or .cuda."""
+    if device == "cuda":
+        from .kernels import cuda
+        return cuda
+    from .kernels import cpu
+    return cpu

@@ -1,0 +1,235 @@
+"""Layers on one flat parameter buffer.
+
+A model's parameters live in ONE contiguous 1-D array (``model.params``);
+every layer's ``W`` and ``b`` are views into it, and the gradients live in a
+twin buffer (``model.grads``).  So one kernel updates every parameter, one
+reduction gives the global gradient norm, and a checkpoint is a few arrays.
+
+Layer i owns ``params[layer_offsets[i]:layer_offsets[i+1]]``: its ``W``
+(row-major ``(n_in, n_out)``) followed by its ``b``.
+"""
+import math
+import numbers
+
+import numpy as np
+
+from . import device as _device
+from . import ops
+
+INITIALIZERS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros")
+
+
+def _init_weights(name, n_in, n_out, rng):
+    """float64 weights of shape (n_in, n_out) for initializer ``name``.
+
+    Glorot: limit sqrt(6 / (fan_in + fan_out)), std sqrt(2 / (fan_in + fan_out));
+    He: limit sqrt(6 / fan_in), std sqrt(2 / fan_in) (torch's kaiming_* with
+    the relu gain).
+    """
+    shape = (n_in, n_out)
+    if name == "xavier_uniform":
+        lim = math.sqrt(6.0 / (n_in + n_out))
+        return rng.uniform(-lim, lim, shape)
+    if name == "xavier_normal":
+        return rng.normal(0.0, math.sqrt(2.0 / (n_in + n_out)), shape)
+    if name == "he_uniform":
+        lim = math.sqrt(6.0 / n_in)
+        return rng.uniform(-lim, lim, shape)
+    if name == "he_normal":
+        return rng.normal(0.0, math.sqrt(2.0 / n_in), shape)
+    return np.zeros(shape)
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class Dense:
+    """Fully connected layer ``a = activation(x @ W + b)``.
+
+    Parameters
+    ----------
+    n_in, n_out : int
+        Input and output widths (``W`` is ``(n_in, n_out)``, as in Keras/Flax).
+    activation : str or None
+        identity (None), relu, leaky_relu, elu, sigmoid, tanh, softplus, gelu.
+    alpha : float, optional
+        Slope of leaky_relu (default 0.01) or scale of elu (default 1.0).
+    init : str
+        xavier_uniform, xavier_normal, he_uniform, he_normal or zeros.
+        Biases start at zero.
+
+    A Dense has no storage of its own until a :class:`Sequential` places it
+    in the model's flat buffer.
+    """
+
+    def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal"):
+        self.n_in = _positive_int(n_in, "n_in")
+        self.n_out = _positive_int(n_out, "n_out")
+        self.activation = "identity" if activation is None else activation
+        self.code, self.alpha = ops.resolve_activation(self.activation, alpha)
+        if init not in INITIALIZERS:
+            raise ValueError(f"unknown initializer {init!r}; expected one of {list(INITIALIZERS)}")
+        self.init = init
+        self.W = self.b = self.dW = self.db = None
+
+    @property
+    def n_params(self):
+        return self.n_in * self.n_out + self.n_out
+
+    def _bind(self, params, grads, offset):
+        """Make W, b, dW, db views into the flat buffers at ``offset``."""
+        nw = self.n_in * self.n_out
+        end = offset + nw + self.n_out
+        self.W = params[offset:offset + nw].reshape(self.n_in, self.n_out)
+        self.b = params[offset + nw:end]
+        self.dW = grads[offset:offset + nw].reshape(self.n_in, self.n_out)
+        self.db = grads[offset + nw:end]
+        return end
+
+    def __repr__(self):
+        return f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}, init={self.init!r})"
+
+
+class Sequential:
+    """A stack of :class:`Dense` layers on one flat parameter buffer.
+
+    Parameters
+    ----------
+    layers : list of Dense
+    dtype : "float32" (default) or "float64"
+    device : "auto" | "cpu" | "cuda" | None (None: ``fastgrad.get_device()``)
+    seed : int
+        Seeds the initializers: the same seed gives the same weights.
+    """
+
+    def __init__(self, layers, dtype="float32", device=None, seed=0):
+        layers = list(layers)
+        if not layers:
+            raise ValueError("a model needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Dense):
+                raise TypeError(f"layer {i} is a {type(layer).__name__}, expected fastgrad.Dense")
+            if i and layer.n_in != layers[i - 1].n_out:
+                raise ValueError(f"layer {i} expects {layer.n_in} inputs but layer {i - 1} "
+                                 f"gives {layers[i - 1].n_out}")
+            if any(layer is other for other in layers[:i]):
+                raise ValueError(f"layer {i} appears twice; create a new Dense per position")
+            if layer.W is not None:
+                raise ValueError(f"layer {i} already belongs to a model")
+        self.layers = layers
+        self.dtype = ops.check_dtype(dtype)
+        self.device = _device.resolve(device)
+        xp = _device.array_module(self.device)
+        self._xp = xp
+        offsets = [0]
+        for layer in layers:
+            offsets.append(offsets[-1] + layer.n_params)
+        self.layer_offsets = np.asarray(offsets, dtype=np.int64)
+        self.params = xp.zeros(offsets[-1], self.dtype)
+        self.grads = xp.zeros(offsets[-1], self.dtype)
+        for layer, off in zip(layers, offsets):
+            layer._bind(self.params, self.grads, off)
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        for layer in layers:
+            layer.W[...] = xp.asarray(_init_weights(layer.init, layer.n_in, layer.n_out, rng))
+        self._cache = None
+
+    # -- shape facts -------------------------------------------------------
+    @property
+    def sizes(self):
+        """Layer widths, input first: ``[n_in, hidden..., n_out]``."""
+        return [self.layers[0].n_in] + [layer.n_out for layer in self.layers]
+
+    @property
+    def n_params(self):
+        return int(self.layer_offsets[-1])
+
+    def _input(self, x):
+        arr = ops.as_array(x, "x", self.dtype, shape=(None, self.sizes[0]), xp=self._xp)
+        if arr.shape[0] == 0:
+            raise ValueError("x: empty batch")
+        return arr
+
+    def _kernels(self):
+        return _device.kernels(self.device)
+
+    # -- compute -------------------------------------------------------------
+    def _run(self, x, keep):
+        k, xp = self._kernels(), self._xp
+        h, cache = x, []
+        for layer in self.layers:
+            a = xp.empty((h.shape[0], layer.n_out), self.dtype)
+            z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
+            k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
+            if keep:
+                cache.append((h, z, a))
+            h = a
+        return h, cache
+
+    def forward(self, x):
+        """Training forward: returns the output and keeps what backward needs."""
+        x = self._input(x)
+        out, self._cache = self._run(x, keep=True)
+        return out
+
+    def predict(self, x):
+        """Inference forward: returns the output and keeps nothing."""
+        return self._run(self._input(x), keep=False)[0]
+
+    def backward(self, dy, accumulate=False, input_grad=True):
+        """Back-propagate ``dy = dL/dy`` through the last :meth:`forward`.
+
+        Writes ``model.grads`` (overwrites; ``accumulate=True`` adds), and
+        returns ``dL/dx`` of the input (None with ``input_grad=False``,
+        which skips the first layer's ``dx`` GEMM).
+        """
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first")
+        k, xp = self._kernels(), self._xp
+        out_shape = self._cache[-1][2].shape
+        da = ops.as_array(dy, "dy", self.dtype, shape=out_shape, xp=xp)
+        if da is dy:
+            da = da.copy()          # the pass below works in place on da
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer, (h, z, a) = self.layers[i], self._cache[i]
+            need_dx = i > 0 or input_grad
+            dx = xp.empty_like(h) if need_dx else da[:0, :0]
+            dW, db = (xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate else (layer.dW, layer.db)
+            k.dense_backward(h, layer.W, a, z, da, da, dW, db, dx, layer.code, layer.alpha, need_dx)
+            if accumulate:
+                layer.dW += dW
+                layer.db += db
+            da = dx
+        return da if input_grad else None
+
+    def zero_grad(self):
+        self.grads[...] = 0
+
+    def __repr__(self):
+        body = ",\n  ".join(repr(layer) for layer in self.layers)
+        return f"{type(self).__name__}([\n  {body}\n], dtype={self.dtype.name!r}, device={self.device!r})"
+
+
+class MLP(Sequential):
+    """A multi-layer perceptron ``sizes[0] -> ... -> sizes[-1]``.
+
+    Hidden layers use ``activation``; the last uses ``output_activation``
+    (None: identity, the logits for a softmax loss).
+    """
+
+    def __init__(self, sizes, activation="relu", output_activation=None, init="he_normal",
+                 dtype="float32", device=None, seed=0, alpha=None):
+        sizes = list(sizes)
+        if len(sizes) < 2:
+            raise ValueError(f"sizes needs at least an input and an output width, got {sizes}")
+        sizes = [_positive_int(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
+        n = len(sizes) - 1
+        layers = [Dense(sizes[i], sizes[i + 1],
+                        activation=activation if i < n - 1 else output_activation,
+                        alpha=alpha if i < n - 1 else None, init=init)
+                  for i in range(n)]
+        super().__init__(layers, dtype=dtype, device=device, seed=seed)

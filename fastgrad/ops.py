@@ -1,0 +1,256 @@
+"""The functional backend: one checked entry point per kernel.
+
+Every function validates its inputs (shape, dtype, labels) before any kernel
+runs, converts what can be converted safely (Fortran-order, strided or float64
+data into a float32 computation) and refuses what cannot (integer parameters,
+wrong shapes).  It then dispatches to ``fastgrad.kernels.cpu`` or ``.cuda``,
+which share names and signatures.
+
+Shapes follow DESIGN.md: batches are ``(batch, features)``, ``W`` is
+``(in_features, out_features)`` and ``a = f(x @ W + b)``.
+"""
+import numpy as np
+
+from . import device as _device
+from .kernels.cpu.activations import CODES, DEFAULT_ALPHA, NEEDS_Z
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+__all__ = [
+    "resolve_activation", "check_dtype", "dense_forward", "dense_backward",
+    "activation_forward", "activation_backward", "softmax_cross_entropy",
+    "mse", "bce_with_logits",
+]
+
+
+# --- checks ----------------------------------------------------------------
+
+def resolve_activation(name, alpha=None):
+    """(code, alpha) for an activation name; ValueError for unknown names."""
+    if name is None:
+        name = "identity"
+    if not isinstance(name, str) or name not in CODES:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(CODES)}")
+    if alpha is None:
+        alpha = DEFAULT_ALPHA.get(name, 0.0)
+    alpha = float(alpha)
+    if name in DEFAULT_ALPHA and not (np.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"{name} needs a finite alpha >= 0, got {alpha}")
+    return CODES[name], alpha
+
+
+def check_dtype(dtype):
+    """np.dtype of a supported parameter dtype (float32/float64) or TypeError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"unsupported dtype {dtype!r}; expected float32 or float64") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"unsupported dtype {dt}; expected float32 or float64")
+    return dt
+
+
+def _device_of(*arrays):
+    """The one device all arrays live on; TypeError naming both if mixed."""
+    found = {}
+    for a in arrays:
+        if a is not None:
+            found.setdefault(_device.device_of(a), type(a).__name__)
+    if len(found) > 1:
+        desc = " and ".join(f"{t} on {d}" for d, t in found.items())
+        raise TypeError(f"arrays on different devices in one call: {desc}")
+    return next(iter(found), "cpu")
+
+
+def as_array(x, name, dtype, ndim=None, shape=None, xp=np):
+    """``x`` as a C-contiguous array of ``dtype`` (copying only if needed).
+
+    Real numbers of any dtype are converted (float64 data into a float32
+    model, Fortran order, strides); complex, object and non-numeric input
+    is refused.
+    """
+    arr = xp.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: unsupported dtype {arr.dtype}; expected real numbers")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(arr.shape)}")
+    if shape is not None:
+        want = tuple(shape)
+        if len(want) != arr.ndim or any(w is not None and w != g for w, g in zip(want, arr.shape)):
+            exp = "(" + ", ".join("*" if w is None else str(w) for w in want) + ")"
+            raise ValueError(f"{name}: expected shape {exp}, got {tuple(arr.shape)}")
+    return xp.ascontiguousarray(arr, dtype=dtype)
+
+
+def as_param(x, name, ndim, shape=None, xp=np):
+    """A parameter array: float32/float64 only (integer parameters are refused)."""
+    arr = xp.asarray(x)
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: parameters must be float32 or float64, got {arr.dtype}")
+    return as_array(arr, name, arr.dtype, ndim=ndim, shape=shape, xp=xp)
+
+
+def as_labels(labels, n_rows, n_classes, xp=np):
+    """Integer class labels of length ``n_rows`` in [0, n_classes)."""
+    lab = xp.asarray(labels)
+    if lab.dtype.kind not in "iu":
+        if lab.dtype.kind == "f" and lab.size and bool(xp.all(lab == xp.round(lab))):
+            lab = lab.astype(np.int64)
+        else:
+            raise TypeError(f"labels: expected integer class indices, got dtype {lab.dtype}")
+    if lab.ndim != 1 or lab.shape[0] != n_rows:
+        raise ValueError(f"labels: expected shape ({n_rows},), got {tuple(lab.shape)}")
+    if lab.size and (int(lab.min()) < 0 or int(lab.max()) >= n_classes):
+        raise ValueError(f"labels: class indices must lie in [0, {n_classes}), "
+                         f"got min {int(lab.min())}, max {int(lab.max())}")
+    return xp.ascontiguousarray(lab, dtype=np.int64)
+
+
+def _nonempty(arr, name):
+    if arr.size == 0:
+        raise ValueError(f"{name}: empty array of shape {tuple(arr.shape)}")
+
+
+# --- dense -----------------------------------------------------------------
+
+def dense_forward(x, W, b, activation="identity", alpha=None):
+    """Fused dense forward ``a = f(x @ W + b)``: one GEMM, one pass.
+
+    Parameters
+    ----------
+    x : (batch, n_in) array, converted to W's dtype.
+    W : (n_in, n_out) float32/float64 array.
+    b : (n_out,) array of W's dtype.
+    activation : str, one of ``CODES``; ``alpha`` for leaky_relu / elu.
+
+    Returns
+    -------
+    a : (batch, n_out) array
+    z : the pre-activation (batch, n_out) when the activation's derivative
+        needs it (gelu), else None.  Pass both to :func:`dense_backward`.
+    """
+    dev = _device_of(x, W, b)
+    xp, k = _device.array_module(dev), _device.kernels(dev)
+    code, alpha = resolve_activation(activation, alpha)
+    W = as_param(W, "W", 2, xp=xp)
+    n_in, n_out = W.shape
+    b = as_param(b, "b", 1, shape=(n_out,), xp=xp).astype(W.dtype, copy=False)
+    x = as_array(x, "x", W.dtype, shape=(None, n_in), xp=xp)
+    _nonempty(x, "x")
+    a = xp.empty((x.shape[0], n_out), W.dtype)
+    z = xp.empty_like(a) if code in NEEDS_Z else a
+    k.dense_forward(x, W, b, z, a, code, alpha)
+    return a, (z if code in NEEDS_Z else None)
+
+
+def dense_backward(x, W, a, z, da, activation="identity", alpha=None, need_dx=True):
+    """Gradients of ``a = f(x @ W + b)`` given ``da = dL/da``.
+
+    One pass computes ``dz = da * f'`` (from ``a``, or ``z`` for gelu) and
+    ``db``; then two GEMMs give ``dW = x^T dz`` and ``dx = dz W^T``.
+
+    Returns ``(dW, db, dx)``; ``dx`` is None when ``need_dx`` is False.
+    """
+    dev = _device_of(x, W, a, z, da)
+    xp, k = _device.array_module(dev), _device.kernels(dev)
+    code, alpha = resolve_activation(activation, alpha)
+    W = as_param(W, "W", 2, xp=xp)
+    n_in, n_out = W.shape
+    x = as_array(x, "x", W.dtype, shape=(None, n_in), xp=xp)
+    _nonempty(x, "x")
+    rows = (x.shape[0], n_out)
+    a = as_array(a, "a", W.dtype, shape=rows, xp=xp)
+    da = as_array(da, "da", W.dtype, shape=rows, xp=xp)
+    if code in NEEDS_Z:
+        if z is None:
+            raise ValueError(f"{activation} backward needs z from dense_forward")
+        z = as_array(z, "z", W.dtype, shape=rows, xp=xp)
+    else:
+        z = a
+    dz = xp.empty_like(da)
+    dW, db = xp.empty_like(W), xp.empty(n_out, W.dtype)
+    dx = xp.empty_like(x) if need_dx else dz[:0, :0]
+    k.dense_backward(x, W, a, z, da, dz, dW, db, dx, code, alpha, bool(need_dx))
+    return dW, db, (dx if need_dx else None)
+
+
+# --- activations -------------------------------------------------------------
+
+def _as_2d(arr):
+    return arr.reshape(1, -1) if arr.ndim != 2 else arr
+
+
+def activation_forward(z, activation, alpha=None, dtype=None):
+    """``f(z)`` elementwise (any shape; float dtypes kept, others -> float32)."""
+    dev = _device_of(z)
+    xp, k = _device.array_module(dev), _device.kernels(dev)
+    code, alpha = resolve_activation(activation, alpha)
+    zz = xp.asarray(z)
+    dt = check_dtype(dtype) if dtype is not None else (zz.dtype if zz.dtype in FLOAT_DTYPES else np.dtype(np.float32))
+    zz = as_array(zz, "z", dt, xp=xp)
+    out = xp.empty_like(zz)
+    if zz.size:
+        k.activation_forward(_as_2d(zz), _as_2d(out), code, alpha)
+    return out
+
+
+def activation_backward(da, a, z, activation, alpha=None):
+    """``da * f'(z)``, with f' read from the output ``a`` (``z`` for gelu)."""
+    dev = _device_of(da, a, z)
+    xp, k = _device.array_module(dev), _device.kernels(dev)
+    code, alpha = resolve_activation(activation, alpha)
+    a_arr = xp.asarray(a)
+    dt = a_arr.dtype if a_arr.dtype in FLOAT_DTYPES else np.dtype(np.float32)
+    a_arr = as_array(a_arr, "a", dt, xp=xp)
+    da = as_array(da, "da", dt, shape=a_arr.shape, xp=xp)
+    if code in NEEDS_Z:
+        if z is None:
+            raise ValueError(f"{activation} backward needs the pre-activation z")
+        z = as_array(z, "z", dt, shape=a_arr.shape, xp=xp)
+    else:
+        z = a_arr
+    dz = xp.empty_like(da)
+    if dz.size:
+        k.activation_backward(_as_2d(da), _as_2d(a_arr), _as_2d(z), _as_2d(dz), code, alpha)
+    return dz
+
+
+# --- losses ------------------------------------------------------------------
+
+def _pred(y, name, xp):
+    arr = xp.asarray(y)
+    dt = arr.dtype if arr.dtype in FLOAT_DTYPES else np.dtype(np.float32)
+    arr = as_array(arr, name, dt, ndim=2, xp=xp)
+    _nonempty(arr, name)
+    return arr
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy on integer labels: ``(loss, dlogits)``."""
+    dev = _device_of(logits, labels)
+    xp, k = _device.array_module(dev), _device.kernels(dev)
+    logits = _pred(logits, "logits", xp)
+    labels = as_labels(labels, logits.shape[0], logits.shape[1], xp=xp)
+    grad = xp.empty_like(logits)
+    loss = k.softmax_cross_entropy(logits, labels, grad)
+    return float(loss), grad
+
+
+def _elementwise_loss(kernel_name, pred, target, pname):
+    dev = _device_of(pred, target)
+    xp, k = _device.array_module(dev), _device.kernels(dev)
+    pred = _pred(pred, pname, xp)
+    target = as_array(target, "target", pred.dtype, shape=pred.shape, xp=xp)
+    grad = xp.empty_like(pred)
+    loss = getattr(k, kernel_name)(pred, target, grad)
+    return float(loss), grad
+
+
+def mse(pred, target):
+    """Mean squared error over all elements (torch.nn.MSELoss): ``(loss, dpred)``."""
+    return _elementwise_loss("mse", pred, target, "pred")
+
+
+def bce_with_logits(logits, target):
+    """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss)."""
+    return _elementwise_loss("bce_with_logits", logits, target, "logits")

@@ -1,0 +1,134 @@
+"""Plain NumPy float64 twin of every fastgrad op: the oracle of all tests.
+
+Nothing here is fast or clever on purpose: each function is the textbook
+formula in float64, written so that a reader can check it by eye.
+"""
+import numpy as np
+
+# --- activations -----------------------------------------------------------
+
+_GELU_K = np.sqrt(2.0 / np.pi)
+_GELU_C = 0.044715
+
+
+def activation(z, name, alpha=None):
+    """f(z) for the activation ``name``."""
+    z = np.asarray(z, dtype=np.float64)
+    if name == "identity":
+        return z.copy()
+    if name == "relu":
+        return np.where(z < 0, 0.0, z)
+    if name == "leaky_relu":
+        return np.where(z < 0, (0.01 if alpha is None else alpha) * z, z)
+    if name == "elu":
+        return np.where(z <= 0, (1.0 if alpha is None else alpha) * np.expm1(np.minimum(z, 0)), z)
+    if name == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * z))          # overflow-free logistic
+    if name == "tanh":
+        return np.tanh(z)
+    if name == "softplus":
+        return np.logaddexp(0.0, z)
+    if name == "gelu":
+        return 0.5 * z * (1.0 + np.tanh(_GELU_K * (z + _GELU_C * z ** 3)))
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def activation_grad(z, name, alpha=None):
+    """f'(z), computed from z (not from the output, unlike the kernels)."""
+    z = np.asarray(z, dtype=np.float64)
+    if name == "identity":
+        return np.ones_like(z)
+    if name == "relu":
+        return (z > 0).astype(np.float64)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, 0.01 if alpha is None else alpha)
+    if name == "elu":
+        a = 1.0 if alpha is None else alpha
+        return np.where(z > 0, 1.0, a * np.exp(np.minimum(z, 0)))
+    if name == "sigmoid":
+        s = activation(z, "sigmoid")
+        return s * (1.0 - s)
+    if name == "tanh":
+        return 1.0 - np.tanh(z) ** 2
+    if name == "softplus":
+        return activation(z, "sigmoid")
+    if name == "gelu":
+        with np.errstate(over="ignore", invalid="ignore"):
+            t = np.tanh(_GELU_K * (z + _GELU_C * z ** 3))
+            sech2 = 1.0 - t * t
+            return 0.5 * (1.0 + t) + 0.5 * z * sech2 * _GELU_K * (1.0 + 3 * _GELU_C * z ** 2)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+# --- dense layer -----------------------------------------------------------
+
+def dense_forward(x, W, b, name, alpha=None):
+    """Returns (z, a): z = x W + b, a = f(z)."""
+    z = np.asarray(x, np.float64) @ np.asarray(W, np.float64) + np.asarray(b, np.float64)
+    return z, activation(z, name, alpha)
+
+
+def dense_backward(x, W, z, da, name, alpha=None):
+    """Returns (dW, db, dx) for a = f(x W + b) given da = dL/da."""
+    x, W, da = (np.asarray(t, np.float64) for t in (x, W, da))
+    dz = da * activation_grad(z, name, alpha)
+    return x.T @ dz, dz.sum(axis=0), dz @ W.T
+
+
+# --- losses (mean over the batch) -------------------------------------------
+
+def softmax_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy on integer labels; returns (loss, dlogits)."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    B = logits.shape[0]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(axis=1))
+    logp = shifted - lse[:, None]
+    loss = -logp[np.arange(B), labels].mean()
+    grad = np.exp(logp)
+    grad[np.arange(B), labels] -= 1.0
+    return loss, grad / B
+
+
+def mse(pred, target):
+    """Mean squared error over all elements (torch.nn.MSELoss); (loss, dpred)."""
+    pred, target = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    diff = pred - target
+    return np.mean(diff ** 2), 2.0 * diff / diff.size
+
+
+def bce_with_logits(logits, target):
+    """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss)."""
+    x, t = np.asarray(logits, np.float64), np.asarray(target, np.float64)
+    loss = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+    return loss.mean(), (activation(x, "sigmoid") - t) / x.size
+
+
+LOSSES = {"softmax_cross_entropy": softmax_cross_entropy, "mse": mse,
+          "bce_with_logits": bce_with_logits}
+
+
+# --- whole MLP ---------------------------------------------------------------
+
+def mlp_forward(x, layers):
+    """``layers``: list of (W, b, activation, alpha).  Returns the list of
+    (input, z, a) per layer; the output is the last a."""
+    cache, h = [], np.asarray(x, np.float64)
+    for W, b, name, alpha in layers:
+        z, a = dense_forward(h, W, b, name, alpha)
+        cache.append((h, z, a))
+        h = a
+    return cache
+
+
+def mlp_backward(cache, layers, dy):
+    """Returns [(dW, db)] per layer and dx of the input."""
+    grads, d = [], np.asarray(dy, np.float64)
+    for (h, z, _), (W, _, name, alpha) in zip(reversed(cache), reversed(layers)):
+        dW, db, d = dense_backward(h, W, z, d, name, alpha)
+        grads.append((dW, db))
+    return grads[::-1], d
+
+
+# --- optimizers (fastgrad.optim) ---------------------------------------------

@@ -1,0 +1,40 @@
+"""Fused dense layer: BLAS GEMM plus one elementwise pass each way.
+
+forward:  z = x @ W (BLAS), then ONE pass: z += b, a = f(z)
+backward: ONE pass dz = da * f'(a) summing db, then dW = x^T dz and
+          dx = dz W^T (BLAS; dx skipped for the first layer).
+
+Inside ``@njit``, ``np.dot`` on contiguous 2-D float arrays calls SciPy's BLAS
+gemm; a transposed operand (``x.T``, F-ordered) reaches gemm as a transpose
+flag, not as a copy.
+"""
+import numpy as np
+from numba import njit
+
+from ._jit import JIT
+from .activations import bias_act, bias_act_grad
+
+
+@njit(**JIT)
+def dense_forward(x, W, b, z, a, act, alpha):
+    """a = f(x @ W + b).
+
+    ``z`` receives the pre-activation.  Pass ``z is a`` (the same array) when
+    the derivative does not need z: then the whole layer is one GEMM into
+    ``a`` and one in-place pass.
+    """
+    np.dot(x, W, z)
+    bias_act(z, b, z, a, act, alpha)
+
+
+@njit(**JIT)
+def dense_backward(x, W, a, z, da, dz, dW, db, dx, act, alpha, need_dx):
+    """Gradients of a = f(x @ W + b) given da = dL/da.
+
+    Writes ``dz`` (may be ``da`` itself), ``dW``, ``db`` and, when
+    ``need_dx``, ``dx``; with ``need_dx`` False ``dx`` is not touched.
+    """
+    bias_act_grad(da, a, z, dz, db, act, alpha)
+    np.dot(x.T, dz, dW)
+    if need_dx:
+        np.dot(dz, W.T, dx)
