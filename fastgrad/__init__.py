@@ -3,17 +3,24 @@ gradient clipping and gradient-health reporting built in.
 
 >>> import fastgrad as fg
 >>> model = fg.MLP([784, 256, 10], activation="relu")
+>>> step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, clip_norm=1.0))
 """
-from . import ops
+from . import ops, schedules
 from .device import (DeviceUnavailableError, available_devices, get_device,
                      set_device)
+from .errors import NonFiniteGradientError
 from .layers import MLP, Dense, Sequential
 from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
+from .optim import SGD, Adam, AdamW, RMSprop, StepStats
+from .step import TrainStep, evaluate, fit
+from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "DeviceUnavailableError", "available_devices", "get_device",
-    "set_device", "MLP", "Dense", "Sequential", "MSE", "BCEWithLogits",
-    "SoftmaxCrossEntropy",
+    "ops", "schedules", "DeviceUnavailableError", "available_devices",
+    "get_device", "set_device", "NonFiniteGradientError", "MLP", "Dense",
+    "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
+    "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",
+    "get_num_threads", "set_num_threads",
 ]

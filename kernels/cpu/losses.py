@@ -28,13 +28,16 @@ def softmax_cross_entropy(logits, labels, grad):
         m = row[0]
         for j in range(1, C):
             m = max(m, row[j])
+        # read the label's logit before the loop below overwrites it when
+        # grad aliases logits
+        x_label = np.float64(row[labels[i]])
         s = like(m, 0.0)
         for j in range(C):
             e = mathfn.exp(row[j] - m)
             g[j] = e
             s += e
         lse = np.log(np.float64(s))               # one scalar log per row
-        total += lse - (np.float64(row[labels[i]]) - np.float64(m))
+        total += lse - (x_label - np.float64(m))
         scale = inv_b / s
         for j in range(C):
             g[j] *= scale

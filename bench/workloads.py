@@ -1,0 +1,204 @@
+"""The four whole-step workloads of the TrainStep benchmarks, and their peers.
+
+Every contender runs the same step: forward, loss, backward, clip by global
+norm 1.0, Adam(lr=1e-3), all parameters updated, float32.  Each ``make_*``
+returns a zero-argument callable that runs one step on fixed data.
+"""
+import functools
+
+import numpy as np
+
+WORKLOADS = {
+    # name: (sizes, batch, activation, loss)
+    "tiny": ([32, 64, 64, 1], 64, "tanh", "mse"),
+    "mnist": ([784, 256, 256, 10], 128, "relu", "softmax_cross_entropy"),
+    "deep": ([256] + [256] * 8 + [10], 256, "tanh", "softmax_cross_entropy"),
+    "wide": ([1024, 2048, 2048, 1024], 256, "relu", "mse"),
+}
+SMOKE_WORKLOADS = {
+    "tiny": ([8, 16, 1], 8, "tanh", "mse"),
+    "mnist": ([16, 12, 10], 8, "relu", "softmax_cross_entropy"),
+    "deep": ([8] + [8] * 3 + [3], 8, "tanh", "softmax_cross_entropy"),
+    "wide": ([16, 24, 16], 8, "relu", "mse"),
+}
+
+
+def data(sizes, batch, loss, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, sizes[0])).astype(np.float32)
+    if loss == "softmax_cross_entropy":
+        y = rng.integers(0, sizes[-1], batch).astype(np.int64)
+    else:
+        y = rng.standard_normal((batch, sizes[-1])).astype(np.float32)
+    return x, y
+
+
+def gemm_flops(sizes, batch):
+    """FLOPs of the step's GEMMs: forward L, dW L, dx L-1."""
+    L = len(sizes) - 1
+    f = sum(2 * batch * sizes[i] * sizes[i + 1] for i in range(L))
+    return 2 * f + f - 2 * batch * sizes[0] * sizes[1]
+
+
+def make_fastgrad(sizes, batch, act, loss, device="cpu"):
+    import fastgrad as fg
+    from fastgrad.losses import LOSSES
+    model = fg.MLP(sizes, activation=act, seed=0, device=device)
+    opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
+    step = fg.TrainStep(model, LOSSES[loss](), opt)
+    x, y = data(sizes, batch, loss)
+    return lambda: step(x, y)
+
+
+def make_gemm_floor(sizes, batch, act, loss):
+    """The step's own GEMMs alone, through the BLAS Numba uses, in one call."""
+    from numba import njit
+
+    @njit(cache=True)
+    def gemms(hs, Ws, dzs, dWs, dxs):
+        for i in range(len(Ws)):
+            np.dot(hs[i], Ws[i], dzs[i])
+        for i in range(len(Ws) - 1, -1, -1):
+            np.dot(hs[i].T, dzs[i], dWs[i])
+            if i > 0:
+                np.dot(dzs[i], Ws[i].T, dxs[i])
+
+    from numba.typed import List
+    rng = np.random.default_rng(0)
+    L = len(sizes) - 1
+    hs, Ws, dzs, dWs, dxs = List(), List(), List(), List(), List()
+    for i in range(L):
+        hs.append(rng.standard_normal((batch, sizes[i])).astype(np.float32))
+        Ws.append(rng.standard_normal((sizes[i], sizes[i + 1])).astype(np.float32))
+        dzs.append(np.zeros((batch, sizes[i + 1]), np.float32))
+        dWs.append(np.zeros((sizes[i], sizes[i + 1]), np.float32))
+        dxs.append(np.zeros((batch, sizes[i]), np.float32))
+    return lambda: gemms(hs, Ws, dzs, dWs, dxs)
+
+
+def make_numpy(sizes, batch, act, loss):
+    """Plain NumPy float32: the step written the way a NumPy user would."""
+    rng = np.random.default_rng(0)
+    L = len(sizes) - 1
+    Ws = [(rng.standard_normal((sizes[i], sizes[i + 1])) * np.sqrt(2 / sizes[i])).astype(np.float32)
+          for i in range(L)]
+    bs = [np.zeros(sizes[i + 1], np.float32) for i in range(L)]
+    params = Ws + bs
+    ms = [np.zeros_like(p) for p in params]
+    vs = [np.zeros_like(p) for p in params]
+    x, y = data(sizes, batch, loss)
+    f = np.tanh if act == "tanh" else (lambda z: np.maximum(z, 0))
+    t = [0]
+
+    def step():
+        hs = [x]
+        for i in range(L):
+            z = hs[-1] @ Ws[i] + bs[i]
+            hs.append(f(z) if i < L - 1 else z)
+        out = hs[-1]
+        if loss == "softmax_cross_entropy":
+            e = np.exp(out - out.max(1, keepdims=True))
+            p = e / e.sum(1, keepdims=True)
+            d = p
+            d[np.arange(batch), y] -= 1
+            d /= batch
+        else:
+            d = 2 * (out - y) / out.size
+        gW, gb = [None] * L, [None] * L
+        for i in range(L - 1, -1, -1):
+            if i < L - 1:
+                d = d * ((1 - hs[i + 1] ** 2) if act == "tanh" else (hs[i + 1] > 0))
+            gW[i] = hs[i].T @ d
+            gb[i] = d.sum(0)
+            if i:
+                d = d @ Ws[i].T
+        grads = gW + gb
+        norm = np.sqrt(sum(float((g * g).sum()) for g in grads))
+        scale = min(1.0, 1.0 / (norm + 1e-6))
+        t[0] += 1
+        bc1, bc2 = 1 - 0.9 ** t[0], 1 - 0.999 ** t[0]
+        for p, g, m, v in zip(params, grads, ms, vs):
+            g = g * np.float32(scale)
+            m *= 0.9
+            m += 0.1 * g
+            v *= 0.999
+            v += 0.001 * g * g
+            p -= np.float32(1e-3 / bc1) * m / (np.sqrt(v / bc2) + 1e-8)
+    return step
+
+
+def make_torch(sizes, batch, act, loss):
+    import torch
+    torch.manual_seed(0)
+    L = len(sizes) - 1
+    layers = []
+    for i in range(L):
+        layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+        if i < L - 1:
+            layers.append(torch.nn.Tanh() if act == "tanh" else torch.nn.ReLU())
+    net = torch.nn.Sequential(*layers)
+    try:
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+        opt.zero_grad()
+        net(torch.zeros(1, sizes[0])).sum().backward()
+        opt.step()
+    except (RuntimeError, TypeError):
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=True)
+    lossf = torch.nn.CrossEntropyLoss() if loss == "softmax_cross_entropy" else torch.nn.MSELoss()
+    xn, yn = data(sizes, batch, loss)
+    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+    params = list(net.parameters())
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = lossf(net(x), y)
+        out.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return out
+    return step
+
+
+def make_jax(sizes, batch, act, loss):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    L = len(sizes) - 1
+    key = jax.random.PRNGKey(0)
+    params = []
+    for i in range(L):
+        key, sub = jax.random.split(key)
+        params.append((jax.random.normal(sub, (sizes[i], sizes[i + 1]), jnp.float32)
+                       * np.sqrt(2 / sizes[i]), jnp.zeros(sizes[i + 1], jnp.float32)))
+    f = jnp.tanh if act == "tanh" else jax.nn.relu
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    state = [params, tx.init(params)]
+    xn, yn = data(sizes, batch, loss)
+    x, y = jnp.asarray(xn), jnp.asarray(yn)
+
+    def loss_fn(ps, x, y):
+        h = x
+        for i, (W, b) in enumerate(ps):
+            h = h @ W + b
+            if i < L - 1:
+                h = f(h)
+        if loss == "softmax_cross_entropy":
+            return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+        return jnp.mean((h - y) ** 2)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))   # update in place, as a tuned user would
+    def jstep(ps, os, x, y):
+        lv, g = jax.value_and_grad(loss_fn)(ps, x, y)
+        upd, os = tx.update(g, os, ps)
+        return optax.apply_updates(ps, upd), os, lv
+
+    def step():
+        state[0], state[1], lv = jstep(state[0], state[1], x, y)
+        lv.block_until_ready()
+    return step
+
+
+CONTENDERS = {
+    "fastgrad": make_fastgrad, "gemm_floor": make_gemm_floor, "numpy": make_numpy,
+    "torch": make_torch, "jax": make_jax,
+}

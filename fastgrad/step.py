@@ -1,0 +1,210 @@
+"""TrainStep: a whole training step as one compiled call, and ``fit``.
+
+``loss = step(x, labels)`` runs forward, loss, backward, the gradient norm,
+clipping and the optimizer update in ONE ``@njit`` call
+(``fastgrad.kernels.cpu.step.train_step``): no Python between layers and no
+allocation in steady state -- activation, delta and scratch buffers are
+allocated once per batch size, so the smaller last batch of an epoch runs
+without a recompile.  The update is the very kernel ``opt.step()`` runs, so
+both paths give the same parameters, and ``step.stats`` is the StepStats
+``opt.step()`` would have returned.
+"""
+import time
+
+import numpy as np
+
+from . import ops
+from .kernels.cpu import step as _kstep
+from .kernels.cpu.activations import NEEDS_Z
+from .layers import Sequential
+
+
+class TrainStep:
+    """The training step of ``model`` under ``loss_fn`` and ``opt``.
+
+    Parameters
+    ----------
+    model : fastgrad.Sequential / MLP
+    loss_fn : fastgrad.SoftmaxCrossEntropy | MSE | BCEWithLogits
+    opt : a fastgrad.optim optimizer built on ``model``
+
+    Calling ``step(x, y)`` returns the mean loss of the batch (before the
+    update, as in a PyTorch loop) and leaves the update's statistics in
+    ``step.stats``.
+    """
+
+    def __init__(self, model, loss_fn, opt):
+        if not isinstance(model, Sequential):
+            raise TypeError(f"model must be a fastgrad Sequential/MLP, got {type(model).__name__}")
+        name = getattr(loss_fn, "name", None)
+        if name not in _kstep.LOSS_CODES:
+            raise TypeError(f"loss_fn must be one of fastgrad's losses, got {loss_fn!r}")
+        if getattr(opt, "params", None) is not model.params:
+            raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
+        if model.device != "cpu":
+            raise NotImplementedError("TrainStep on CUDA comes with the CUDA backend")
+        self.model, self.loss_fn, self.opt = model, loss_fn, opt
+        self._loss_kind = _kstep.LOSS_CODES[name]
+        self._sizes = np.asarray(model.sizes, np.int64)
+        self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
+        self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
+        self._needs_z = any(int(c) in NEEDS_Z for c in self._codes)
+        self._layer_sq = np.zeros(len(model.layers), np.float64)
+        self._buffers = {}
+        # Placeholders for the loss input the chosen loss does not read.
+        self._no_labels = np.zeros(0, np.int64)
+        self._no_target = np.zeros((0, 0), model.dtype)
+        self.stats = None
+
+    def _buffers_for(self, B):
+        buf = self._buffers.get(B)
+        if buf is None:
+            dt, widths = self.model.dtype, self._sizes[1:]
+            acts = np.empty(B * int(widths.sum()), dt)
+            zs = np.empty_like(acts) if self._needs_z else acts
+            delta = np.empty(2 * B * int(widths.max()), dt)
+            buf = self._buffers[B] = (acts, zs, delta)
+        return buf
+
+    def _targets(self, y, B):
+        if self._loss_kind == _kstep.CROSS_ENTROPY:
+            return ops.as_labels(y, B, int(self._sizes[-1])), self._no_target
+        target = ops.as_array(y, "target", self.model.dtype, shape=(B, int(self._sizes[-1])))
+        return self._no_labels, target
+
+    def __call__(self, x, y):
+        model = self.model
+        x = model._input(x)
+        B = x.shape[0]
+        labels, target = self._targets(y, B)
+        acts, zs, delta = self._buffers_for(B)
+        rule, s0, s1, s2, hp = self.opt._kernel_args()
+        loss, norm, scale, skipped = _kstep.train_step(
+            x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
+            self._codes, self._alphas, model.layer_offsets, acts, zs, delta,
+            rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
+        self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
+        return float(loss)
+
+    def gradients(self, x, y):
+        """Forward + loss + backward only (no update): fills ``model.grads``
+        and returns the loss.  Useful for checks and data-parallel training."""
+        x = self.model._input(x)
+        labels, target = self._targets(y, x.shape[0])
+        acts, zs, delta = self._buffers_for(x.shape[0])
+        return float(_kstep.forward_backward(
+            x, labels, target, self._loss_kind, self.model.params, self.model.grads,
+            self._sizes, self._codes, self._alphas, self.model.layer_offsets, acts, zs, delta))
+
+
+def _progress_bar(total, enabled, desc):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
+
+
+def evaluate(model, loss_fn, X, Y, batch_size=1024):
+    """Mean loss (and accuracy for softmax cross-entropy) of ``model`` on X, Y."""
+    n = len(X)
+    total, correct = 0.0, 0
+    for lo in range(0, n, batch_size):
+        out = model.predict(X[lo:lo + batch_size])
+        loss, _ = loss_fn(out, Y[lo:lo + batch_size])
+        total += loss * len(out)
+        if getattr(loss_fn, "name", None) == "softmax_cross_entropy":
+            correct += int((out.argmax(axis=1) == np.asarray(Y[lo:lo + batch_size])).sum())
+    result = {"loss": total / n}
+    if getattr(loss_fn, "name", None) == "softmax_cross_entropy":
+        result["accuracy"] = correct / n
+    return result
+
+
+def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
+        validation_data=None, callbacks=()):
+    """Train with mini-batches, Keras style; returns the history.
+
+    Parameters
+    ----------
+    step : TrainStep
+    X, Y : training inputs and targets (labels for softmax cross-entropy)
+    epochs, batch_size : int
+    shuffle : reshuffle the sample order every epoch (a seeded permutation;
+        batches are gathered into one reused buffer, the dataset is never
+        copied per epoch)
+    seed : seed of the shuffling
+    progress : show a tqdm bar (loss, grad norm, steps/s) when tqdm is installed
+    validation_data : optional (X_val, Y_val), evaluated after every epoch
+    callbacks : callables ``f(step_index, loss, stats)`` run after every step
+        (e.g. ``fastgrad.health.GradientMonitor.record``-style hooks)
+
+    Returns
+    -------
+    dict of per-epoch lists: ``loss`` (mean over the epoch's batches),
+    ``grad_norm_mean``, ``grad_norm_max``, ``clipped``, ``skipped``, and
+    ``val_loss`` / ``val_accuracy`` with validation data.
+    """
+    model = step.model
+    for name, val in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]))
+    Y = np.asarray(Y)
+    if len(Y) != len(X):
+        raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
+    n = len(X)
+    rng = np.random.default_rng(seed)
+    order = np.arange(n)
+    n_batches = -(-n // batch_size)
+    xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
+    ybuf = np.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
+    history = {"loss": [], "grad_norm_mean": [], "grad_norm_max": [], "clipped": [], "skipped": []}
+    if validation_data is not None:
+        history["val_loss"] = []
+        if getattr(step.loss_fn, "name", None) == "softmax_cross_entropy":
+            history["val_accuracy"] = []
+    bar = _progress_bar(epochs * n_batches, progress, "fit")
+    t0, k = time.perf_counter(), 0
+    try:
+        for epoch in range(epochs):
+            if shuffle:
+                rng.shuffle(order)
+            losses, norms, clipped, skipped = [], [], 0, 0
+            for bi in range(n_batches):
+                idx = order[bi * batch_size:(bi + 1) * batch_size]
+                xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
+                np.take(X, idx, axis=0, out=xb)
+                np.take(Y, idx, axis=0, out=yb)
+                loss = step(xb, yb)
+                st = step.stats
+                losses.append(loss)
+                norms.append(float(st.grad_norm))
+                clipped += bool(st.clipped)
+                skipped += bool(st.skipped)
+                for cb in callbacks:
+                    cb(k, loss, st)
+                k += 1
+                if bar is not None:
+                    bar.update(1)
+                    if k % 10 == 0 or k == epochs * n_batches:
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}",
+                                        grad_norm=f"{float(st.grad_norm):.3g}",
+                                        steps_s=f"{k / (time.perf_counter() - t0):.0f}")
+            finite = [v for v in norms if np.isfinite(v)]
+            history["loss"].append(float(np.mean(losses)))
+            history["grad_norm_mean"].append(float(np.mean(finite)) if finite else float("nan"))
+            history["grad_norm_max"].append(float(np.max(finite)) if finite else float("nan"))
+            history["clipped"].append(clipped)
+            history["skipped"].append(skipped)
+            if validation_data is not None:
+                res = evaluate(model, step.loss_fn, *validation_data)
+                history["val_loss"].append(res["loss"])
+                if "val_accuracy" in history:
+                    history["val_accuracy"].append(res["accuracy"])
+    finally:
+        if bar is not None:
+            bar.close()
+    return history

@@ -1,0 +1,254 @@
+"""Clipped optimizer updates on flat buffers: SGD, Adam, AdamW, RMSprop.
+
+One entry, :func:`clipped_update`, does the whole step of every rule in two
+passes over memory:
+
+1. ``reduce.layer_sumsq``: squared global norm and per-layer norms of ``g``
+   (float64 accumulation).  A non-finite norm stops here: nothing is written
+   to ``p`` or to the optimizer state.
+2. In place on ``p`` and the state buffers, per element: the clip coefficient
+   ``min(1, clip_norm / (norm + 1e-6))`` exactly as
+   ``torch.nn.utils.clip_grad_norm_``, then clip-by-value as
+   ``torch.nn.utils.clip_grad_value_``, then the rule, written operation by
+   operation as PyTorch's single-tensor implementations (``torch/optim/*.py``)
+   so that float64 trajectories agree with PyTorch to rounding.
+
+The entry is an ``@njit`` function so that a whole-step kernel
+(``fastgrad.step.TrainStep``) can call it from compiled code; the Python
+optimizers of ``fastgrad.optim`` call the very same function, so both give
+bitwise the same parameters.
+
+State buffers by rule (unused ones are size-0 arrays of the parameters' dtype):
+
+========  ==============  ===================  ================
+rule      s0              s1                   s2
+========  ==============  ===================  ================
+SGD       momentum_buffer  --                   --
+ADAM      exp_avg (m)     exp_avg_sq (v)       max_exp_avg_sq (amsgrad)
+ADAMW     exp_avg (m)     exp_avg_sq (v)       max_exp_avg_sq (amsgrad)
+RMSPROP   square_avg      momentum_buffer      grad_avg (centered)
+========  ==============  ===================  ================
+
+``hp`` is a float64 array of ``HP_SIZE`` per-update hyper-parameters, filled
+on the host (``fastgrad.optim``) for the update about to be made; each rule
+reads only its own slots (indices ``HP_*`` below).
+
+No ``fastmath`` anywhere: the non-finite test must see NaN and Inf, and the
+float64 path must round like PyTorch.  The passes are memory bound, so the
+fused arithmetic costs nothing measurable.  Serial, as ``reduce``: measured,
+numba's threads did not pay on the 2-core hosts (bench/RESULTS_optim.md).
+"""
+import numpy as np
+from numba import njit
+
+from ._jit import INLINE, JIT
+from .reduce import layer_sumsq
+
+# rule codes
+SGD = 0
+ADAM = 1
+ADAMW = 2
+RMSPROP = 3
+RULES = {"sgd": SGD, "adam": ADAM, "adamw": ADAMW, "rmsprop": RMSPROP}
+
+# hp slots
+HP_LR = 0            # learning rate of this update (the schedule's value)
+HP_WEIGHT_DECAY = 1  # L2 (SGD, Adam, RMSprop) or decoupled (AdamW) decay
+HP_BETA1 = 2         # Adam
+HP_BETA2 = 3         # Adam
+HP_EPS = 4           # Adam, RMSprop
+HP_BIAS_CORR1 = 5    # Adam: 1 - beta1 ** t, t = update number + 1
+HP_BIAS_CORR2 = 6    # Adam: 1 - beta2 ** t
+HP_AMSGRAD = 7       # Adam: 1.0 keeps max_exp_avg_sq in s2
+HP_MOMENTUM = 8      # SGD, RMSprop
+HP_DAMPENING = 9     # SGD
+HP_NESTEROV = 10     # SGD: 1.0 for Nesterov momentum
+HP_FIRST = 11        # SGD: 1.0 when the momentum buffer is not yet set (t = 1)
+HP_ALPHA = 12        # RMSprop smoothing constant
+HP_CENTERED = 13     # RMSprop: 1.0 keeps grad_avg in s2
+HP_SIZE = 16
+
+
+@njit(**dict(JIT, **INLINE))
+def _lerp(a, b, lt, c):
+    # torch.lerp's CPU formula: a + w*(b - a) when w < 0.5, else
+    # b - (b - a)*(1 - w).  Written branch-free, with the caller passing
+    # lt = (w < 0.5) and c = w or -(1 - w), so that the loop vectorises;
+    # b + (-(1-w))*(b - a) rounds exactly like b - (b - a)*(1 - w).
+    return (a if lt else b) + c * (b - a)
+
+
+@njit(**JIT)
+def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
+    f = p.dtype.type
+    sc = f(scale)
+    # clip-by-value always runs: an infinite bound leaves the (finite) g alone
+    cv = f(clip_value) if clip_value > 0 else f(np.inf)
+    ncv = -cv
+    lr = hp[HP_LR]
+    wd = hp[HP_WEIGHT_DECAY]
+    # AdamW multiplies p by (1 - lr*wd), Adam adds wd*p to the gradient; the
+    # neutral values (1 and 0) are exact no-ops, so one loop serves both
+    l2 = f(0.0) if decoupled else f(wd)
+    decay = f(1.0 - lr * wd) if decoupled else f(1.0)
+    w1 = 1.0 - hp[HP_BETA1]
+    lt1 = w1 < 0.5
+    c1 = f(w1) if lt1 else f(-(1.0 - w1))
+    b2 = f(hp[HP_BETA2])
+    w2 = f(1.0 - hp[HP_BETA2])
+    eps = f(hp[HP_EPS])
+    nstep = f(-(lr / hp[HP_BIAS_CORR1]))
+    bc2s = f(np.sqrt(hp[HP_BIAS_CORR2]))
+    if hp[HP_AMSGRAD] != 0.0:
+        for i in range(p.shape[0]):
+            gi = min(max(g[i] * sc, ncv), cv)
+            pi = p[i] * decay
+            gi = gi + l2 * pi
+            mi = _lerp(m[i], gi, lt1, c1)
+            vi = v[i] * b2 + w2 * gi * gi
+            vm = max(vmax[i], vi)
+            m[i] = mi
+            v[i] = vi
+            vmax[i] = vm
+            p[i] = pi + nstep * (mi / (np.sqrt(vm) / bc2s + eps))
+    else:
+        for i in range(p.shape[0]):
+            gi = min(max(g[i] * sc, ncv), cv)
+            pi = p[i] * decay
+            gi = gi + l2 * pi
+            mi = _lerp(m[i], gi, lt1, c1)
+            vi = v[i] * b2 + w2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] = pi + nstep * (mi / (np.sqrt(vi) / bc2s + eps))
+
+
+@njit(**JIT)
+def _sgd_range(p, g, buf, scale, clip_value, hp):
+    f = p.dtype.type
+    sc = f(scale)
+    cv = f(clip_value) if clip_value > 0 else f(np.inf)
+    ncv = -cv
+    nlr = f(-hp[HP_LR])
+    wd = f(hp[HP_WEIGHT_DECAY])
+    mom = f(hp[HP_MOMENTUM])
+    w = f(1.0 - hp[HP_DAMPENING])
+    if hp[HP_MOMENTUM] == 0.0:
+        for i in range(p.shape[0]):
+            pi = p[i]
+            gi = min(max(g[i] * sc, ncv), cv) + wd * pi
+            p[i] = pi + nlr * gi
+        return
+    first = hp[HP_FIRST] != 0.0
+    nesterov = hp[HP_NESTEROV] != 0.0
+    for i in range(p.shape[0]):
+        pi = p[i]
+        gi = min(max(g[i] * sc, ncv), cv) + wd * pi
+        # torch sets the buffer to the first gradient, undampened
+        bi = gi if first else buf[i] * mom + w * gi
+        buf[i] = bi
+        d = gi + mom * bi if nesterov else bi
+        p[i] = pi + nlr * d
+
+
+@njit(**JIT)
+def _rmsprop_range(p, g, sq, buf, gavg, scale, clip_value, hp):
+    f = p.dtype.type
+    sc = f(scale)
+    cv = f(clip_value) if clip_value > 0 else f(np.inf)
+    ncv = -cv
+    nlr = f(-hp[HP_LR])
+    wd = f(hp[HP_WEIGHT_DECAY])
+    alpha = f(hp[HP_ALPHA])
+    wa = 1.0 - hp[HP_ALPHA]
+    wsq = f(wa)
+    lta = wa < 0.5
+    ca = f(wa) if lta else f(-(1.0 - wa))
+    eps = f(hp[HP_EPS])
+    mom = f(hp[HP_MOMENTUM])
+    centered = hp[HP_CENTERED] != 0.0
+    use_mom = hp[HP_MOMENTUM] > 0.0
+    for i in range(p.shape[0]):
+        pi = p[i]
+        gi = min(max(g[i] * sc, ncv), cv) + wd * pi
+        si = sq[i] * alpha + wsq * gi * gi
+        sq[i] = si
+        if centered:
+            ai = _lerp(gavg[i], gi, lta, ca)
+            gavg[i] = ai
+            avg = np.sqrt(si + (-ai) * ai) + eps
+        else:
+            avg = np.sqrt(si) + eps
+        if use_mom:
+            bi = buf[i] * mom + gi / avg
+            buf[i] = bi
+            p[i] = pi + nlr * bi
+        else:
+            p[i] = pi + nlr * (gi / avg)
+
+
+@njit(**JIT)
+def update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
+    """Pass 2 on elements ``[lo, hi)``: clip (scale, value) then the rule."""
+    # The rules loop over views from 0: with a loop index starting at an
+    # arbitrary lo, Numba's negative-index wraparound stays in the loop body
+    # and LLVM does not vectorise it (3.6 ms instead of 0.7 ms per 1M float32).
+    p = p[lo:hi]
+    g = g[lo:hi]
+    s0 = s0[lo:hi]
+    s1 = s1[lo:hi]
+    s2 = s2[lo:hi]
+    if rule == ADAM:
+        _adam_range(p, g, s0, s1, s2, scale, clip_value, hp, False)
+    elif rule == ADAMW:
+        _adam_range(p, g, s0, s1, s2, scale, clip_value, hp, True)
+    elif rule == SGD:
+        _sgd_range(p, g, s0, scale, clip_value, hp)
+    elif rule == RMSPROP:
+        _rmsprop_range(p, g, s0, s1, s2, scale, clip_value, hp)
+
+
+@njit(**JIT)
+def clip_scale(norm, clip_norm):
+    """``min(1, clip_norm / (norm + 1e-6))`` as ``clip_grad_norm_``; 1 if off."""
+    if clip_norm > 0:
+        return min(1.0, clip_norm / (norm + 1e-6))
+    return 1.0
+
+
+@njit(**JIT)
+def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
+    """One clipped optimizer update, in place on ``p`` and ``s0, s1, s2``.
+
+    Parameters
+    ----------
+    rule : int
+        ``SGD``, ``ADAM``, ``ADAMW`` or ``RMSPROP``.
+    p, g : 1-D float32 or float64 arrays of one length, contiguous
+        Flat parameters (updated in place) and gradient (read only).
+    s0, s1, s2 : 1-D arrays of ``p``'s dtype
+        State buffers of the rule (see the module docstring), size 0 if unused.
+    hp : 1-D float64 array of length ``HP_SIZE``
+        Hyper-parameters of this update (slots ``HP_*``).
+    offsets : 1-D int64 array, ``n_layers + 1`` layer boundaries in ``p``.
+    layer_sq : 1-D float64 array of length ``n_layers``
+        Output: squared L2 norm of each layer's gradient (written even when
+        the update is skipped, so that a monitor sees which layer blew up).
+    clip_norm, clip_value : float
+        Global-norm and per-element bounds; ``<= 0`` disables either.
+
+    Returns
+    -------
+    norm : float
+        L2 norm of ``g`` before clipping (what ``clip_grad_norm_`` returns).
+    scale : float
+        Factor applied to ``g`` by norm clipping (1 if none; 0 if skipped).
+    skipped : bool
+        True when ``norm`` is NaN or Inf; then nothing else was written.
+    """
+    norm = np.sqrt(layer_sumsq(g, offsets, layer_sq))
+    if not np.isfinite(norm):
+        return norm, 0.0, True
+    scale = clip_scale(norm, clip_norm)
+    update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, 0, p.shape[0])
+    return norm, scale, False

@@ -1,0 +1,84 @@
+"""Squared norms of a flat gradient: the global one and one per layer, in one pass.
+
+This is pass 1 of every clipped update (``fastgrad.kernels.cpu.optim``): the
+global norm decides the clip coefficient and the non-finite skip, the per-layer
+norms feed ``fastgrad.health`` without another pass over memory.
+
+Summation is in float64 whatever the gradient's dtype (a float32 gradient of
+16M entries keeps ~1e-16 relative accuracy; torch's float64 total norm is
+matched to ~1e-15).  Each layer is summed in blocks of ``BLOCK`` elements
+counted from the layer's start and the block sums are added in order, so the
+result depends on the data layout and the compiled code only.
+
+Serial on purpose: on the 2-core hosts measured (bench/RESULTS_optim.md) one
+core already streams at the memory's rate and a ``prange`` version was never
+faster, up to 16M parameters, and much slower when another process holds the
+second core.
+"""
+import numpy as np
+from numba import njit
+
+from ._jit import JIT
+
+# Elements per block: the vectorised block loop dominates the bookkeeping,
+# and a block of float32 stays within L1/L2 while being summed.
+BLOCK = 1 << 14
+
+
+# ``reassoc`` only (no ``nnan``/``ninf``): it lets LLVM split the sum into
+# vector lanes (2x faster than eight scalar chains, measured), while NaN and
+# Inf still propagate to the caller's non-finite test.  The order of the
+# additions is then fixed by the compiled code, not by the data or threads.
+@njit(**dict(JIT, fastmath={"reassoc"}))
+def block_sumsq(g):
+    """sum(g.astype(float64) ** 2) of a 1-D view (a block of <= BLOCK items).
+
+    Callers pass a view, so that the loop index starts at 0: a loop from an
+    arbitrary start keeps Numba's negative-index wraparound in its body and
+    does not vectorise.
+    """
+    s = 0.0
+    for i in range(g.shape[0]):
+        x = np.float64(g[i])
+        s += x * x
+    return s
+
+
+@njit(**JIT)
+def layer_sumsq(g, offsets, layer_sq):
+    """Squared L2 norm of each layer segment of ``g`` and of all of ``g``.
+
+    Parameters
+    ----------
+    g : 1-D float32 or float64 array, the flat gradient.
+    offsets : 1-D int64 array of length ``n_layers + 1``; layer ``i`` is
+        ``g[offsets[i]:offsets[i + 1]]``; ``offsets[-1]`` is ``g.size``.
+    layer_sq : 1-D float64 array of length ``n_layers``, written with each
+        layer's sum of squares.
+
+    Returns
+    -------
+    float
+        The sum of squares of the whole gradient (sum of ``layer_sq`` in layer
+        order).  NaN or Inf anywhere in ``g`` makes it non-finite.
+    """
+    total = 0.0
+    for li in range(offsets.shape[0] - 1):
+        s = 0.0
+        lo = offsets[li]
+        hi = offsets[li + 1]
+        for b in range(lo, hi, BLOCK):
+            s += block_sumsq(g[b:min(b + BLOCK, hi)])
+        layer_sq[li] = s
+        total += s
+    return total
+
+
+@njit(**JIT)
+def sumsq(g):
+    """Sum of squares of a 1-D array, accumulated in float64 (one segment)."""
+    s = 0.0
+    n = g.shape[0]
+    for b in range(0, n, BLOCK):
+        s += block_sumsq(g[b:min(b + BLOCK, n)])
+    return s

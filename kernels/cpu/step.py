@@ -1,0 +1,107 @@
+"""The whole training step of an MLP as ONE compiled call.
+
+forward (GEMM + fused epilogue per layer), loss, backward (fused dz/db pass +
+GEMMs per layer, no dx for the first layer), then the optimizer's clipped
+update (norm pass + update pass) -- no Python between layers, no allocation:
+every buffer is a view into flat arrays the caller allocated once per batch
+size.  The network is described by small integer/float arrays, so one
+compiled function per dtype serves every depth, width, activation, loss and
+optimizer (and caches on disk across processes).
+
+Layout of the arguments
+-----------------------
+sizes   int64 (L+1,)   widths, input first
+codes   int64 (L,)     activation codes; alphas float64 (L,)
+offsets int64 (L+1,)   layer i's W then b in params[offsets[i]:offsets[i+1]]
+acts    flat, B * sum(sizes[1:]) -- layer outputs, layer after layer
+zs      flat, same length as acts when some layer needs z (gelu), else acts
+delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da
+"""
+import numpy as np
+from numba import njit
+
+from ._jit import JIT
+from .activations import NEEDS_Z, bias_act, bias_act_grad
+from .losses import bce_with_logits, mse, softmax_cross_entropy
+from .optim import clipped_update
+
+CROSS_ENTROPY, MSE, BCE_WITH_LOGITS = range(3)
+LOSS_CODES = {"softmax_cross_entropy": CROSS_ENTROPY, "mse": MSE,
+              "bce_with_logits": BCE_WITH_LOGITS}
+_GELU = min(NEEDS_Z)     # the one activation whose derivative reads z
+
+
+@njit(**JIT)
+def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
+    n_in, n_out = sizes[l], sizes[l + 1]
+    o, nw = offsets[l], sizes[l] * sizes[l + 1]
+    W = params[o:o + nw].reshape((n_in, n_out))
+    b = params[o + nw:o + nw + n_out]
+    dW = grads[o:o + nw].reshape((n_in, n_out))
+    db = grads[o + nw:o + nw + n_out]
+    a = acts[act_off:act_off + B * n_out].reshape((B, n_out))
+    z = zs[act_off:act_off + B * n_out].reshape((B, n_out))
+    return W, b, dW, db, a, z
+
+
+@njit(**JIT)
+def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
+                     offsets, acts, zs, delta):
+    """Forward, loss and backward; writes ``grads``; returns the mean loss."""
+    B = x.shape[0]
+    L = codes.shape[0]
+    h = x
+    act_off = 0
+    for l in range(L):
+        W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
+        if codes[l] != _GELU:
+            z = a
+        np.dot(h, W, z)
+        bias_act(z, b, z, a, codes[l], alphas[l])
+        h = a
+        act_off += B * sizes[l + 1]
+
+    n_out = sizes[L]
+    half = delta.shape[0] // 2
+    da = delta[:B * n_out].reshape((B, n_out))
+    if loss_kind == CROSS_ENTROPY:
+        loss = softmax_cross_entropy(h, labels, da)
+    elif loss_kind == MSE:
+        loss = mse(h, target, da)
+    else:
+        loss = bce_with_logits(h, target, da)
+
+    ping = 0
+    for l in range(L - 1, -1, -1):
+        act_off -= B * sizes[l + 1]
+        W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
+        if codes[l] != _GELU:
+            z = a
+        bias_act_grad(da, a, z, da, db, codes[l], alphas[l])
+        if l > 0:
+            h = acts[act_off - B * sizes[l]:act_off].reshape((B, sizes[l]))
+            np.dot(h.T, da, dW)
+            nxt = (1 - ping) * half
+            dx = delta[nxt:nxt + B * sizes[l]].reshape((B, sizes[l]))
+            np.dot(da, W.T, dx)
+            da = dx
+            ping = 1 - ping
+        else:
+            np.dot(x.T, da, dW)
+    return loss
+
+
+@njit(**JIT)
+def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
+               offsets, acts, zs, delta,
+               rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
+    """forward_backward, then the optimizer's clipped update in place.
+
+    Returns (loss, grad_norm, clip_scale, skipped) -- the update's outputs
+    exactly as ``fastgrad.optim``'s ``step()`` gets them from the same kernel.
+    """
+    loss = forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
+                            alphas, offsets, acts, zs, delta)
+    norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
+                                          layer_sq, clip_norm, clip_value)
+    return loss, norm, scale, skipped

@@ -1,0 +1,275 @@
+"""TrainStep: the whole step in one compiled call equals the layer-by-layer path."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad.kernels.cpu import step as kstep
+from fastgrad.losses import LOSSES
+
+ACTIVATIONS = ["identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu"]
+
+
+def _targets(loss, rng, batch, n_out):
+    if loss == "softmax_cross_entropy":
+        return rng.integers(0, n_out, batch)
+    if loss == "bce_with_logits":
+        return (rng.random((batch, n_out)) > 0.5).astype(np.float64)
+    return rng.standard_normal((batch, n_out))
+
+
+def _optimizer(name, model, **kw):
+    if name == "adam":
+        return fg.Adam(model, lr=1e-2, clip_norm=0.5, **kw)
+    if name == "adamw":
+        return fg.AdamW(model, lr=1e-2, weight_decay=0.1, clip_norm=0.3, clip_value=0.05, amsgrad=True, **kw)
+    if name == "sgd":
+        return fg.SGD(model, lr=0.1, momentum=0.9, nesterov=True, clip_norm=0.3, **kw)
+    return fg.RMSprop(model, lr=1e-2, momentum=0.5, centered=True, clip_norm=1.0, **kw)
+
+
+def _pair(sizes, act, loss, opt, dtype, seed=3):
+    out = []
+    for _ in range(2):
+        m = fg.MLP(sizes, activation=act, output_activation=None, dtype=dtype, seed=seed)
+        out.append((m, _optimizer(opt, m)))
+    return out
+
+
+def _layerwise(model, loss_fn, opt, x, y):
+    out = model.forward(x)
+    loss, dy = loss_fn(out, y)
+    model.backward(dy, input_grad=False)
+    return loss, opt.step()
+
+
+def _assert_same_stats(a, b, rtol):
+    assert a.step == b.step and a.skipped == b.skipped and a.clipped == b.clipped
+    np.testing.assert_allclose(a.grad_norm, b.grad_norm, rtol=rtol)
+    np.testing.assert_allclose(a.clip_scale, b.clip_scale, rtol=rtol)
+    np.testing.assert_allclose(a.layer_norms, b.layer_norms, rtol=rtol)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_step_equals_layer_path_float64(act, loss):
+    rng = np.random.default_rng()
+    sizes = [5, 7, 6, 3]
+    (m1, o1), (m2, o2) = _pair(sizes, act, loss, "adam", "float64")
+    loss_fn = LOSSES[loss]()
+    step = fg.TrainStep(m2, loss_fn, o2)
+    for _ in range(20):
+        x = rng.standard_normal((9, sizes[0])) * 3
+        y = _targets(loss, rng, 9, sizes[-1])
+        l1, s1 = _layerwise(m1, loss_fn, o1, x, y)
+        l2 = step(x, y)
+        np.testing.assert_allclose(l2, l1, rtol=1e-12)
+        _assert_same_stats(step.stats, s1, 1e-12)
+    np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12, atol=1e-12 * np.abs(m1.params).max())
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd", "rmsprop"])
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_step_every_optimizer(opt, dtype, rtol):
+    rng = np.random.default_rng()
+    sizes = [6, 17, 4]
+    (m1, o1), (m2, o2) = _pair(sizes, "tanh", "softmax_cross_entropy", opt, dtype)
+    loss_fn = fg.SoftmaxCrossEntropy()
+    step = fg.TrainStep(m2, loss_fn, o2)
+    clipped = 0
+    for _ in range(20):
+        x = (rng.standard_normal((8, sizes[0])) * 4).astype(dtype)
+        y = rng.integers(0, sizes[-1], 8)
+        _layerwise(m1, loss_fn, o1, x, y)
+        step(x, y)
+        clipped += step.stats.clipped
+    assert clipped > 0, "the test must exercise clipping"
+    np.testing.assert_allclose(m2.params, m1.params, rtol=rtol, atol=rtol * np.abs(m1.params).max())
+    assert o1.state_dict()["step"] == o2.state_dict()["step"] == 20
+
+
+def test_deep_and_wide_shapes():
+    rng = np.random.default_rng()
+    sizes = [3] + [11] * 9 + [1, 129, 2]
+    (m1, o1), (m2, o2) = _pair(sizes, "elu", "mse", "adam", "float64")
+    loss_fn = fg.MSE()
+    step = fg.TrainStep(m2, loss_fn, o2)
+    for _ in range(5):
+        x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+        _layerwise(m1, loss_fn, o1, x, y)
+        step(x, y)
+    np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12, atol=1e-14)
+
+
+def test_batch_size_change_does_not_recompile():
+    m = fg.MLP([4, 8, 3], dtype="float32")
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m))
+    rng = np.random.default_rng()
+    step(rng.standard_normal((16, 4)), rng.integers(0, 3, 16))
+    n_sigs = len(kstep.train_step.signatures)
+    for b in (16, 5, 1, 16):
+        loss = step(rng.standard_normal((b, 4)), rng.integers(0, 3, b))
+        assert np.isfinite(loss)
+    assert len(kstep.train_step.signatures) == n_sigs
+    assert sorted(step._buffers) == [1, 5, 16]
+
+
+def test_schedule_enters_as_argument():
+    m1 = fg.MLP([3, 5, 2], dtype="float64", seed=1)
+    m2 = fg.MLP([3, 5, 2], dtype="float64", seed=1)
+    sched = fg.schedules.exponential_decay(0.1, 0.5, 2)
+    o1, o2 = fg.SGD(m1, lr=sched), fg.SGD(m2, lr=sched)
+    step = fg.TrainStep(m2, fg.SoftmaxCrossEntropy(), o2)
+    rng = np.random.default_rng()
+    lrs = []
+    for _ in range(6):
+        x, y = rng.standard_normal((4, 3)), rng.integers(0, 2, 4)
+        _layerwise(m1, fg.SoftmaxCrossEntropy(), o1, x, y)
+        step(x, y)
+        lrs.append(step.stats.lr)
+    np.testing.assert_allclose(lrs, [0.1 * 0.5 ** (k / 2) for k in range(6)], rtol=1e-15)
+    np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12)
+
+
+def test_nonfinite_step_is_skipped_and_reported():
+    m = fg.MLP([3, 4, 2], dtype="float32")
+    opt = fg.Adam(m, clip_norm=1.0)
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt)
+    before = m.params.copy()
+    x = np.array([[np.nan, 0, 0]], np.float32)
+    step(x, [1])
+    assert step.stats.skipped and not np.isfinite(step.stats.grad_norm)
+    np.testing.assert_array_equal(m.params, before)
+    assert opt.state_dict()["step"] == 0
+    strict = fg.Adam(m, skip_nonfinite=False)
+    with pytest.raises(fg.NonFiniteGradientError):
+        fg.TrainStep(m, fg.SoftmaxCrossEntropy(), strict)(x, [1])
+
+
+def test_steady_state_allocates_nothing():
+    """Numba's runtime counters grow inside the step by nothing at all.
+
+    Numba wraps each NumPy array argument in a runtime MemInfo when a compiled
+    function is called from Python, which the counters see.  So the growth over
+    100 steps is compared with that of a compiled no-op taking the very same
+    arguments: any allocation inside the step (a temporary, a copy made for a
+    transposed GEMM operand) would show as a difference.
+    """
+    from numba import njit
+    from numba.core.runtime import _nrt_python, rtsys
+    _nrt_python.memsys_enable_stats()
+
+    @njit
+    def noop(*args):
+        return 0.0
+
+    m = fg.MLP([20, 33, 33, 5], activation="gelu", dtype="float32")
+    opt = fg.Adam(m, clip_norm=0.1)
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt)
+    rng = np.random.default_rng()
+    x, y = rng.standard_normal((16, 20)).astype(np.float32), rng.integers(0, 5, 16)
+    step(x, y)
+    labels, target = step._targets(y, 16)
+    acts, zs, delta = step._buffers_for(16)
+    rule, s0, s1, s2, hp = opt._kernel_args()
+    args = (x, labels, target, 0, m.params, m.grads, step._sizes, step._codes, step._alphas,
+            m.layer_offsets, acts, zs, delta, rule, s0, s1, s2, hp, step._layer_sq, 0.1, 0.0)
+    noop(*args)
+
+    def growth(fn, n=100):
+        a = rtsys.get_allocation_stats()
+        for _ in range(n):
+            fn()
+        b = rtsys.get_allocation_stats()
+        return b.alloc - a.alloc, b.mi_alloc - a.mi_alloc
+
+    base = growth(lambda: noop(*args))
+    inner = growth(lambda: kstep.train_step(*args))
+    assert inner == base, f"train_step allocates: {inner} vs call overhead {base}"
+
+
+def test_fit_trains_and_reports():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 6)).astype(np.float32)
+    Y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+    m = fg.MLP([6, 16, 2], seed=0)
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m, lr=1e-2, clip_norm=1.0))
+    seen = []
+    hist = fg.fit(step, X, Y, epochs=4, batch_size=64, seed=1, progress=False,
+                  validation_data=(X, Y), callbacks=[lambda k, loss, st: seen.append(k)])
+    assert len(hist["loss"]) == 4 and hist["loss"][-1] < hist["loss"][0]
+    assert hist["val_accuracy"][-1] > 0.9
+    assert seen == list(range(4 * 5))          # 300 / 64 -> 5 batches, the last of 44
+    assert all(c >= 0 for c in hist["clipped"]) and hist["skipped"] == [0] * 4
+
+
+def test_fit_shuffle_is_seeded():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 3))
+    Y = rng.integers(0, 2, 50)
+    params = []
+    for _ in range(2):
+        m = fg.MLP([3, 4, 2], dtype="float64", seed=0)
+        fg.fit(fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.SGD(m, lr=0.1)), X, Y,
+               epochs=2, batch_size=8, seed=7, progress=False)
+        params.append(m.params.copy())
+    np.testing.assert_array_equal(params[0], params[1])
+
+
+def test_bad_construction():
+    m = fg.MLP([3, 4, 2])
+    other = fg.MLP([3, 4, 2])
+    with pytest.raises(ValueError, match="built on this model"):
+        fg.TrainStep(m, fg.MSE(), fg.Adam(other))
+    with pytest.raises(TypeError, match="loss_fn"):
+        fg.TrainStep(m, lambda y, t: (0.0, y), fg.Adam(m))
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m))
+    with pytest.raises(ValueError, match="labels"):
+        step(np.zeros((2, 3)), [0, 5])
+    with pytest.raises(ValueError, match="shape"):
+        step(np.zeros((2, 4)), [0, 1])
+    with pytest.raises(ValueError, match="batch_size"):
+        fg.fit(step, np.zeros((4, 3)), [0, 1, 0, 1], batch_size=0, progress=False)
+
+
+def test_set_num_threads():
+    import numba
+    n0 = numba.get_num_threads()
+    try:
+        assert fg.set_num_threads(1) == 1
+        nb, blas = fg.get_num_threads()
+        assert nb == 1 and all(t == 1 for t in blas)
+    finally:
+        fg.set_num_threads(n0)
+    with pytest.raises(ValueError):
+        fg.set_num_threads(0)
+
+
+def test_cache_falls_back_for_read_only_install(tmp_path):
+    """An install tree Numba cannot write to: compiled code goes to the user
+    cache directory instead, and the step still runs.  (These machines run as
+    root, where chmod does not stop writes, so the read-only check itself is
+    simulated by making Numba's in-tree cache locator refuse the directory.)"""
+    code = textwrap.dedent("""
+        import numpy as np
+        from numba.core import caching
+        def refuse(self):
+            raise OSError("read-only install")
+        caching.InTreeCacheLocator.ensure_cache_path = refuse
+        import fastgrad as fg
+        m = fg.MLP([4, 5, 3], dtype="float64")
+        step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m))
+        print(step(np.ones((2, 4)), [0, 2]))
+    """)
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    env.pop("NUMBA_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert np.isfinite(float(out.stdout.strip().splitlines()[-1]))
+    cached = [p for p in tmp_path.rglob("*.nbi")]
+    assert any("step" in p.name for p in cached), sorted(p.name for p in cached)
