@@ -227,6 +227,7 @@ class MLP(Sequential):
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least an input and an output width, got {sizes}")
         sizes = [_positive_int(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
+        ops.resolve_activation(activation, alpha)   # checked even when no hidden layer uses it
         n = len(sizes) - 1
         layers = [Dense(sizes[i], sizes[i + 1],
                         activation=activation if i < n - 1 else output_activation,

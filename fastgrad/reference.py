@@ -132,3 +132,65 @@ def mlp_backward(cache, layers, dy):
 
 
 # --- optimizers (fastgrad.optim) ---------------------------------------------
+
+def clip_grad(g, clip_norm=None, clip_value=None):
+    """``(clipped g, norm before clipping)``; ``(None, norm)`` if non-finite.
+    Norm clipping as torch's ``clip_grad_norm_``, then ``clip_grad_value_``."""
+    g = np.asarray(g, np.float64)
+    norm = float(np.sqrt(np.sum(g * g)))
+    if not np.isfinite(norm):
+        return None, norm
+    if clip_norm is not None:
+        g = g * min(1.0, clip_norm / (norm + 1e-6))
+    if clip_value is not None:
+        g = np.clip(g, -clip_value, clip_value)
+    return g, norm
+
+
+def optimizer_step(kind, p, g, state, t, lr, **h):
+    """One update ``t = 1, 2, ...`` of ``kind`` ("sgd", "adam", "adamw",
+    "rmsprop") on float64 ``p`` with the (clipped) gradient ``g``, as
+    ``torch.optim``'s textbook algorithms.  ``state`` is a dict, updated;
+    returns the new ``p``."""
+    p = np.asarray(p, np.float64).copy()
+    g = np.asarray(g, np.float64)
+    wd = h.get("weight_decay", 1e-2 if kind == "adamw" else 0.0)
+    if kind == "adamw":
+        p = p * (1.0 - lr * wd)
+    elif wd:
+        g = g + wd * p
+    if kind in ("adam", "adamw"):
+        b1, b2 = h.get("betas", (0.9, 0.999))
+        eps = h.get("eps", 1e-8)
+        m = state.get("m", np.zeros_like(p)) * b1 + (1 - b1) * g
+        v = state.get("v", np.zeros_like(p)) * b2 + (1 - b2) * g * g
+        state["m"], state["v"] = m, v
+        if h.get("amsgrad", False):
+            v = np.maximum(state.get("vmax", np.zeros_like(p)), v)
+            state["vmax"] = v
+        mhat = m / (1 - b1 ** t)
+        vhat = v / (1 - b2 ** t)
+        return p - lr * mhat / (np.sqrt(vhat) + eps)
+    if kind == "sgd":
+        mom, damp = h.get("momentum", 0.0), h.get("dampening", 0.0)
+        if mom:
+            b = g.copy() if t == 1 else mom * state["b"] + (1 - damp) * g
+            state["b"] = b
+            g = g + mom * b if h.get("nesterov", False) else b
+        return p - lr * g
+    if kind == "rmsprop":
+        alpha, eps, mom = h.get("alpha", 0.99), h.get("eps", 1e-8), h.get("momentum", 0.0)
+        s = alpha * state.get("s", np.zeros_like(p)) + (1 - alpha) * g * g
+        state["s"] = s
+        if h.get("centered", False):
+            a = alpha * state.get("a", np.zeros_like(p)) + (1 - alpha) * g
+            state["a"] = a
+            d = np.sqrt(s - a * a) + eps
+        else:
+            d = np.sqrt(s) + eps
+        if mom > 0:
+            b = mom * state.get("b", np.zeros_like(p)) + g / d
+            state["b"] = b
+            return p - lr * b
+        return p - lr * g / d
+    raise ValueError(f"unknown optimizer {kind!r}")

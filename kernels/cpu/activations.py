@@ -81,78 +81,99 @@ def act_derivative(a, z, act, alpha):
 
 
 # --- fused elementwise passes (each inlined with a constant code) ----------
+#
+# Each loop comes in an in-place form that touches ONE array.  LLVM vectorises
+# a loop over two array arguments only behind a run-time check that they do
+# not overlap; called in place (the same array twice) that check fails and
+# the scalar fallback runs, 4-8x slower (measured: bias+relu over 256x1024
+# float32, 143 us in place through two arguments, 18.5 us through one).
 
 @njit(**INLINE)
-def _bias_act_loop(src, b, z, out, act, alpha):
-    for i in range(src.shape[0]):
-        for j in range(src.shape[1]):
-            t = src[i, j] + b[j]
-            z[i, j] = t
-            out[i, j] = act_scalar(t, act, alpha)
+def _bias_act_loop(z, b, out, act, alpha, inplace):
+    if inplace:
+        for i in range(z.shape[0]):
+            for j in range(z.shape[1]):
+                z[i, j] = act_scalar(z[i, j] + b[j], act, alpha)
+    else:
+        for i in range(z.shape[0]):
+            for j in range(z.shape[1]):
+                t = z[i, j] + b[j]
+                z[i, j] = t
+                out[i, j] = act_scalar(t, act, alpha)
 
 
 @njit(**INLINE)
-def _bias_act_grad_loop(da, a, z, dz, db, act, alpha):
+def _bias_act_grad_loop(da, a, z, dz, db, act, alpha, inplace):
     db[:] = 0
-    for i in range(da.shape[0]):
-        for j in range(da.shape[1]):
-            g = da[i, j] * act_derivative(a[i, j], z[i, j], act, alpha)
-            dz[i, j] = g
-            db[j] += g
+    if inplace:
+        for i in range(da.shape[0]):
+            for j in range(da.shape[1]):
+                g = da[i, j] * act_derivative(a[i, j], z[i, j], act, alpha)
+                da[i, j] = g
+                db[j] += g
+    else:
+        for i in range(da.shape[0]):
+            for j in range(da.shape[1]):
+                g = da[i, j] * act_derivative(a[i, j], z[i, j], act, alpha)
+                dz[i, j] = g
+                db[j] += g
 
 
 @njit(**JIT)
-def bias_act(src, b, z, out, act, alpha):
-    """One pass: ``z = src + b`` (row-broadcast bias), ``out = f(z)``.
+def bias_act(z, b, out, act, alpha):
+    """One pass: ``z += b`` (row-broadcast bias), ``out = f(z)``.
 
-    All 2-D and C-contiguous.  ``z`` and ``out`` may be ``src`` itself: the
-    dense forward runs it in place on the GEMM's output; ``z`` is a separate
-    buffer only when the derivative needs it (gelu).
+    2-D C-contiguous arrays.  ``out`` may be ``z`` itself (the dense forward
+    runs in place on the GEMM's output); a separate ``out`` keeps ``z`` for
+    activations whose derivative needs it (gelu).
     """
+    inplace = out.ctypes.data == z.ctypes.data
     if act == IDENTITY:
-        _bias_act_loop(src, b, z, out, IDENTITY, alpha)
+        _bias_act_loop(z, b, out, IDENTITY, alpha, inplace)
     elif act == RELU:
-        _bias_act_loop(src, b, z, out, RELU, alpha)
+        _bias_act_loop(z, b, out, RELU, alpha, inplace)
     elif act == LEAKY_RELU:
-        _bias_act_loop(src, b, z, out, LEAKY_RELU, alpha)
+        _bias_act_loop(z, b, out, LEAKY_RELU, alpha, inplace)
     elif act == ELU:
-        _bias_act_loop(src, b, z, out, ELU, alpha)
+        _bias_act_loop(z, b, out, ELU, alpha, inplace)
     elif act == SIGMOID:
-        _bias_act_loop(src, b, z, out, SIGMOID, alpha)
+        _bias_act_loop(z, b, out, SIGMOID, alpha, inplace)
     elif act == TANH:
-        _bias_act_loop(src, b, z, out, TANH, alpha)
+        _bias_act_loop(z, b, out, TANH, alpha, inplace)
     elif act == SOFTPLUS:
-        _bias_act_loop(src, b, z, out, SOFTPLUS, alpha)
+        _bias_act_loop(z, b, out, SOFTPLUS, alpha, inplace)
     else:
-        _bias_act_loop(src, b, z, out, GELU, alpha)
+        _bias_act_loop(z, b, out, GELU, alpha, inplace)
 
 
 @njit(**JIT)
 def bias_act_grad(da, a, z, dz, db, act, alpha):
     """One pass: ``dz = da * f'`` (from ``a``, or ``z`` for gelu) and
     ``db = dz.sum(axis=0)``.  ``dz`` may be ``da`` itself."""
+    inplace = dz.ctypes.data == da.ctypes.data
     if act == IDENTITY:
-        _bias_act_grad_loop(da, a, z, dz, db, IDENTITY, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, IDENTITY, alpha, inplace)
     elif act == RELU:
-        _bias_act_grad_loop(da, a, z, dz, db, RELU, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, RELU, alpha, inplace)
     elif act == LEAKY_RELU:
-        _bias_act_grad_loop(da, a, z, dz, db, LEAKY_RELU, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, LEAKY_RELU, alpha, inplace)
     elif act == ELU:
-        _bias_act_grad_loop(da, a, z, dz, db, ELU, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, ELU, alpha, inplace)
     elif act == SIGMOID:
-        _bias_act_grad_loop(da, a, z, dz, db, SIGMOID, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, SIGMOID, alpha, inplace)
     elif act == TANH:
-        _bias_act_grad_loop(da, a, z, dz, db, TANH, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, TANH, alpha, inplace)
     elif act == SOFTPLUS:
-        _bias_act_grad_loop(da, a, z, dz, db, SOFTPLUS, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, SOFTPLUS, alpha, inplace)
     else:
-        _bias_act_grad_loop(da, a, z, dz, db, GELU, alpha)
+        _bias_act_grad_loop(da, a, z, dz, db, GELU, alpha, inplace)
 
 
 @njit(**JIT)
 def activation_forward(z, out, act, alpha):
-    """out = f(z) elementwise on 2-D C-contiguous arrays."""
-    bias_act(z, np.zeros(z.shape[1], z.dtype), out, out, act, alpha)
+    """out = f(z) elementwise on 2-D C-contiguous arrays (``z`` is kept)."""
+    out[:] = z
+    bias_act(out, np.zeros(z.shape[1], z.dtype), out, act, alpha)
 
 
 @njit(**JIT)

@@ -24,7 +24,7 @@ def dense_forward(x, W, b, z, a, act, alpha):
     ``a`` and one in-place pass.
     """
     np.dot(x, W, z)
-    bias_act(z, b, z, a, act, alpha)
+    bias_act(z, b, a, act, alpha)
 
 
 @njit(**JIT)

@@ -57,7 +57,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
         if codes[l] != _GELU:
             z = a
         np.dot(h, W, z)
-        bias_act(z, b, z, a, codes[l], alphas[l])
+        bias_act(z, b, a, codes[l], alphas[l])
         h = a
         act_off += B * sizes[l + 1]
 

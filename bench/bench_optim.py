@@ -1,0 +1,161 @@
+"""Clipped Adam update alone, flat float32 buffers: fastgrad against NumPy,
+PyTorch (Adam fused=True, else foreach, + clip_grad_norm_), optax
+(chain(clip_by_global_norm, adam) under jax.jit) and the streaming ceiling.
+
+Throughput counts 32 bytes per parameter: the norm pass reads g (4), the
+update reads p, g, m, v (16) and writes p, m, v (12).  The ceiling is a plain
+streaming kernel with exactly that traffic, measured in the same run.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
+        python -m pytest bench/bench_optim.py --benchmark-columns=median,ops
+    python -m pytest bench --benchmark-disable          # smoke: tiny sizes
+
+``bench/optim_compare.py`` runs the same contenders in interleaved rounds
+and prints the ratio table (the numbers in bench/RESULTS_optim.md).
+"""
+import numpy as np
+import pytest
+from numba import njit
+
+from fastgrad.kernels.cpu import optim as K
+from fastgrad.kernels.cpu._jit import JIT
+
+BYTES_PER_PARAM = 32
+LR, BETAS, EPS, CLIP = 1e-3, (0.9, 0.999), 1e-8, 1.0
+
+
+@njit(**dict(JIT, fastmath={"reassoc"}))
+def _stream_sum(g):
+    s = 0.0
+    for i in range(g.shape[0]):
+        s += np.float64(g[i])
+    return s
+
+
+@njit(**JIT)
+def _stream_update(p, g, m, v, a):
+    for i in range(p.shape[0]):
+        gi = g[i]
+        m[i] = m[i] * a + gi
+        v[i] = v[i] * a + gi
+        p[i] = p[i] + a * gi
+
+
+def _buffers(n, seed=0):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n, dtype=np.float32)
+    g = rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3)
+    return p, g, np.zeros(n, np.float32), np.zeros(n, np.float32)
+
+
+def make_ceiling(n):
+    p, g, m, v = _buffers(n)
+    a = np.float32(0.5)
+
+    def run():
+        _stream_sum(g)
+        _stream_update(p, g, m, v, a)
+    return run
+
+
+def make_fastgrad(n):
+    p, g, m, v = _buffers(n)
+    e = np.empty(0, np.float32)
+    off = np.array([0, n], np.int64)
+    layer_sq = np.zeros(1)
+    hp = np.zeros(K.HP_SIZE)
+    hp[K.HP_LR], hp[K.HP_BETA1], hp[K.HP_BETA2], hp[K.HP_EPS] = LR, *BETAS, EPS
+    hp[K.HP_BIAS_CORR1], hp[K.HP_BIAS_CORR2] = 1 - BETAS[0], 1 - BETAS[1]
+
+    def run():
+        K.clipped_update(K.ADAM, p, g, m, v, e, hp, off, layer_sq, CLIP, 0.0)
+    return run
+
+
+def make_numpy(n):
+    p, g, m, v = _buffers(n)
+    t = np.empty_like(g)
+    b1, b2 = (np.float32(b) for b in BETAS)
+    bc1, bc2 = 1 - BETAS[0], 1 - BETAS[1]
+
+    def run():
+        # in-place ufuncs with one temporary: NumPy's best without fusion
+        norm = float(np.sqrt(np.dot(g, g)))
+        np.multiply(g, np.float32(min(1.0, CLIP / (norm + 1e-6))), out=t)
+        np.multiply(m, b1, out=m)
+        m.__iadd__((1 - b1) * t)
+        np.multiply(v, b2, out=v)
+        np.multiply(t, t, out=t)
+        np.multiply(t, 1 - b2, out=t)
+        np.add(v, t, out=v)
+        np.sqrt(v, out=t)
+        np.multiply(t, np.float32(1 / np.sqrt(bc2)), out=t)
+        np.add(t, np.float32(EPS), out=t)
+        np.divide(m, t, out=t)
+        np.multiply(t, np.float32(LR / bc1), out=t)
+        np.subtract(p, t, out=p)
+    return run
+
+
+def make_torch(n):
+    torch = pytest.importorskip("torch")
+    p, g, _, _ = _buffers(n)
+    param = torch.nn.Parameter(torch.from_numpy(p))
+    param.grad = torch.from_numpy(g)
+    try:
+        opt = torch.optim.Adam([param], lr=LR, betas=BETAS, eps=EPS, fused=True)
+        opt.step()
+    except (RuntimeError, ValueError):
+        opt = torch.optim.Adam([param], lr=LR, betas=BETAS, eps=EPS, foreach=True)
+
+    def run():
+        # clip_grad_norm_ scales .grad in place; the spike-free gradient here
+        # keeps the scale at 1 after the first call, like the other contenders
+        torch.nn.utils.clip_grad_norm_([param], CLIP, foreach=True)
+        opt.step()
+    run.torch_flavour = "fused" if opt.defaults.get("fused") else "foreach"
+    return run
+
+
+def make_optax(n):
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    p, g, _, _ = _buffers(n)
+    tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adam(LR, *BETAS, eps=EPS))
+    params, grads = jax.numpy.asarray(p), jax.numpy.asarray(g)
+    state = [tx.init(params), params]
+
+    @jax.jit
+    def update(params, state, grads):
+        upd, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, upd), state
+
+    def run():
+        params, opt_state = update(state[1], state[0], grads)
+        params.block_until_ready()
+        state[0], state[1] = opt_state, params
+    return run
+
+
+CONTENDERS = {"ceiling": make_ceiling, "fastgrad": make_fastgrad, "numpy": make_numpy,
+              "torch": make_torch, "optax": make_optax}
+
+
+@pytest.fixture
+def n_params(request):
+    if request.config.getoption("benchmark_disable", False):
+        return 4096                         # smoke mode: correctness of the harness only
+    return request.param
+
+
+@pytest.mark.parametrize("n_params", [1 << 20, 1 << 24], indirect=True, ids=["1M", "16M"])
+@pytest.mark.parametrize("contender", list(CONTENDERS))
+def test_clipped_adam_update(benchmark, contender, n_params):
+    run = CONTENDERS[contender](n_params)
+    run()                                   # compile / warm up
+    benchmark.extra_info["bytes"] = BYTES_PER_PARAM * n_params
+    benchmark.pedantic(run, rounds=20 if n_params < (1 << 22) else 6, iterations=1,
+                       warmup_rounds=1)
+    if benchmark.stats is not None:         # None when benchmarking is disabled
+        gbs = BYTES_PER_PARAM * n_params / benchmark.stats.stats.median / 1e9
+        benchmark.extra_info["GB/s"] = round(gbs, 2)

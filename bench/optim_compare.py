@@ -1,0 +1,77 @@
+"""Interleaved-rounds comparison of the clipped Adam update; prints markdown.
+
+The host alternates fast and slow phases within seconds, so the contenders
+run in short alternating rounds and every ratio is taken within a round,
+then the median over rounds is reported.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
+        python bench/optim_compare.py [--rounds 15] [--sizes 1M,16M] [--threads 1]
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_optim as B  # noqa: E402
+
+
+def _parse_size(s):
+    return int(s[:-1]) << 20 if s.endswith("M") else int(s)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--sizes", default="1M,16M")
+    ap.add_argument("--threads", type=int, default=None, help="numba/torch/BLAS threads")
+    args = ap.parse_args()
+    if args.threads:
+        import numba
+        numba.set_num_threads(args.threads)
+        try:
+            import torch
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
+    print(f"| size | contender | median ms | GB/s (32 B/param) | % of ceiling | "
+          f"fastgrad speed-up (x) |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        n = _parse_size(size)
+        runs = {}
+        for name, make in B.CONTENDERS.items():
+            try:
+                runs[name] = make(n)
+            except BaseException as e:     # pytest.skip for missing peers
+                print(f"<!-- {name} skipped: {e} -->")
+                continue
+            runs[name]()
+            runs[name]()
+        reps = 10 if n < (1 << 22) else 2
+        times = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for k, run in runs.items():
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    run()
+                times[k].append((time.perf_counter() - t0) / reps)
+        T = {k: np.array(v) for k, v in times.items()}
+        for k in runs:
+            med = np.median(T[k])
+            gbs = B.BYTES_PER_PARAM * n / med / 1e9
+            ceil = np.median(T["ceiling"] / T[k]) * 100
+            speed = np.median(T[k] / T["fastgrad"])
+            label = k
+            if k == "torch":
+                label = f"torch Adam({getattr(runs[k], 'torch_flavour', '?')}) + clip_grad_norm_"
+            if k == "optax":
+                label = "optax chain(clip_by_global_norm, adam), jit"
+            print(f"| {size} | {label} | {med * 1e3:.2f} | {gbs:.1f} | {ceil:.0f} % | "
+                  f"{speed:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

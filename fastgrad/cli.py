@@ -1,0 +1,337 @@
+"""The ``fastgrad`` command: ``demo`` (train on real data), ``explode`` (the
+explosion lab), ``bench`` (the benchmark suite).
+
+Bad options print a one-line reason and exit with status 2 (argparse's
+convention); no traceback reaches the user for a mistyped option.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _hidden(text):
+    try:
+        widths = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated widths like 128,64, got {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths, got {text!r}")
+    return widths
+
+
+def load_digits_split(seed, test_fraction=0.2):
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download), scaled
+    to [0, 1] and split into stratified train/test sets."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise SystemExit("fastgrad demo needs scikit-learn: pip install 'fastgrad[examples]'")
+    X, y = load_digits(return_X_y=True)
+    X = (X / 16.0).astype(np.float32)
+    return train_test_split(X, y.astype(np.int64), test_size=test_fraction,
+                            random_state=seed, stratify=y)
+
+
+def make_optimizer(name, model, lr, clip_norm, clip_value=None):
+    import fastgrad as fg
+    cls = {"adam": fg.Adam, "adamw": fg.AdamW, "sgd": fg.SGD, "rmsprop": fg.RMSprop}[name]
+    kw = {}
+    if name == "sgd":
+        kw["momentum"] = 0.9
+    return cls(model, lr=lr, clip_norm=clip_norm or None, clip_value=clip_value, **kw)
+
+
+def plot_health(monitor, path, title, clip_norm=None):
+    """Global and per-layer gradient norms over steps, with clipped and
+    skipped steps marked; written as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(len(monitor.grad_norms))
+    norms = np.asarray(monitor.grad_norms, np.float64)
+    layers = np.asarray(monitor.layer_norms, np.float64)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    for li in range(layers.shape[1]):
+        ax.plot(steps, layers[:, li], lw=0.8, alpha=0.7, label=f"layer {li}")
+    ax.plot(steps, norms, color="black", lw=1.4, label="global norm")
+    clipped = np.asarray(monitor.clip_scales) < 1.0
+    skipped = np.asarray(monitor.skipped, bool)
+    clipped &= ~skipped
+    if clipped.any():
+        ax.scatter(steps[clipped], norms[clipped], s=10, color="tab:orange", zorder=3,
+                   label=f"clipped ({int(clipped.sum())})")
+    if skipped.any():
+        top = np.nanmax(np.where(np.isfinite(norms), norms, np.nan)) if np.isfinite(norms).any() else 1.0
+        ax.scatter(steps[skipped], np.full(int(skipped.sum()), top), marker="x", s=30,
+                   color="red", zorder=4, label=f"skipped, non-finite ({int(skipped.sum())})")
+    if clip_norm:
+        ax.axhline(clip_norm, color="tab:orange", ls="--", lw=0.8, label=f"clip_norm {clip_norm:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient L2 norm (before clipping)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_demo(args):
+    import fastgrad as fg
+    from fastgrad.health import GradientMonitor
+
+    device = fg.set_device(args.device)
+    Xtr, Xte, ytr, yte = load_digits_split(args.seed)
+    sizes = [Xtr.shape[1]] + args.hidden + [10]
+    model = fg.MLP(sizes, activation=args.activation, init=args.init, seed=args.seed, device=device)
+    opt = make_optimizer(args.optimizer, model, args.lr, args.clip_norm)
+    loss_fn = fg.SoftmaxCrossEntropy()
+    step = fg.TrainStep(model, loss_fn, opt)
+    monitor = GradientMonitor(layer_names=[f"dense{i}" for i in range(len(model.layers))])
+    print(f"fastgrad {fg.__version__} on {device}: MLP {sizes}, {args.activation}, "
+          f"{args.optimizer} lr={args.lr:g} clip_norm={args.clip_norm:g}; "
+          f"digits: {len(Xtr)} train / {len(Xte)} test")
+    t0 = time.perf_counter()
+    history = fg.fit(step, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
+                     seed=args.seed, progress=not args.no_progress,
+                     callbacks=[lambda k, loss, st: monitor.record(st)])
+    seconds = time.perf_counter() - t0
+    result = fg.evaluate(model, loss_fn, Xte, yte)
+    n_steps = len(monitor)
+    print(f"trained {args.epochs} epochs ({n_steps} steps) in {seconds:.2f} s "
+          f"({n_steps / seconds:.0f} steps/s, including compilation on a cold cache)")
+    print(f"final train loss {history['loss'][-1]:.4f}; test loss {result['loss']:.4f}; "
+          f"test accuracy {result['accuracy']:.4f}")
+    print(monitor.summary())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_health(monitor, out, f"fastgrad demo: gradient health ({args.optimizer}, "
+                f"clip_norm={args.clip_norm:g})", clip_norm=args.clip_norm or None)
+    print(f"gradient-health plot: {out}")
+    return 0
+
+
+# --- the explosion lab --------------------------------------------------------
+
+# Each row: (label, activation, init, naive_std, optimizer, lr, clip_norm,
+#            clip_value, exponential decay (rate, steps) or None)
+EXPLODE_ROWS = [
+    ("naive N(0,1) init, SGD lr 0.05", "relu", "he_normal", 1.0, "sgd", 0.05, None, None, None),
+    ("  + clip by norm 1.0", "relu", "he_normal", 1.0, "sgd", 0.05, 1.0, None, None),
+    ("  + clip by value 0.01", "relu", "he_normal", 1.0, "sgd", 0.05, None, 0.01, None),
+    ("He init, SGD lr 0.5", "relu", "he_normal", None, "sgd", 0.5, None, None, None),
+    ("  + clip by norm 1.0", "relu", "he_normal", None, "sgd", 0.5, 1.0, None, None),
+    ("  + exponential lr decay (x0.5 / 2 steps)", "relu", "he_normal", None, "sgd", 0.5, None, None, (0.5, 2)),
+    ("He init, SGD lr 0.1 + clip by norm 1.0", "relu", "he_normal", None, "sgd", 0.1, 1.0, None, None),
+    ("Xavier init + tanh, SGD lr 0.05", "tanh", "xavier_normal", None, "sgd", 0.05, None, None, None),
+    ("He init, Adam lr 1e-3 + clip by norm 1.0", "relu", "he_normal", None, "adam", 1e-3, 1.0, None, None),
+]
+
+
+def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
+    """Train one configuration of the lab; returns (result dict, monitor)."""
+    import math
+
+    import fastgrad as fg
+    from fastgrad.health import GradientMonitor
+    label, act, init, naive_std, opt_name, lr, clip_norm, clip_value, decay = row
+    Xtr, Xte, ytr, yte = data
+    sizes = [Xtr.shape[1]] + [width] * depth + [10]
+    model = fg.MLP(sizes, activation=act, init=init, seed=seed, device=device)
+    if naive_std is not None:
+        # What a first attempt often does: unit-variance weights whatever the
+        # fan-in.  Each relu layer then multiplies the signal by ~sqrt(width/2).
+        rng = np.random.default_rng(seed)
+        for layer in model.layers:
+            layer.W[...] = rng.normal(0.0, naive_std, layer.W.shape)
+    rate = fg.schedules.exponential_decay(lr, decay[0], decay[1]) if decay else lr
+    opt = make_optimizer(opt_name, model, rate, clip_norm, clip_value)
+    loss_fn = fg.SoftmaxCrossEntropy()
+    step = fg.TrainStep(model, loss_fn, opt)
+    monitor = GradientMonitor()
+    first_bad = [None]
+
+    def record(k, loss, stats):
+        monitor.record(stats)
+        if first_bad[0] is None and not math.isfinite(loss):
+            first_bad[0] = k
+
+    history = fg.fit(step, Xtr, ytr, epochs=epochs, batch_size=batch_size, seed=seed,
+                     progress=False, callbacks=[record])
+    test = fg.evaluate(model, loss_fn, Xte, yte)
+    norms = np.asarray(monitor.grad_norms)
+    finite = norms[np.isfinite(norms)]
+    return {
+        "label": label, "final_loss": history["loss"][-1], "accuracy": test["accuracy"],
+        "first_nonfinite": first_bad[0], "skipped": int(sum(monitor.skipped)),
+        "max_grad_norm": float(finite.max()) if finite.size else float("nan"),
+        "params_finite": bool(np.isfinite(model.params).all()),
+    }, monitor
+
+
+def format_explode_table(results):
+    lines = ["| configuration | final loss | test acc. | first non-finite loss (step) "
+             "| skipped steps | max grad norm |", "|---|---|---|---|---|---|"]
+    for r in results:
+        first = "-" if r["first_nonfinite"] is None else str(r["first_nonfinite"])
+        lines.append(f"| {r['label'].strip()} | {r['final_loss']:.4g} | {r['accuracy']:.3f} | "
+                     f"{first} | {r['skipped']} | {r['max_grad_norm']:.3g} |")
+    return "\n".join(lines)
+
+
+def plot_explode(monitors, labels, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    for mon, label in zip(monitors, labels):
+        norms = np.asarray(mon.grad_norms, np.float64)
+        steps = np.arange(norms.size)
+        line, = ax.plot(steps, norms, lw=1.0, label=label.strip())
+        bad = ~np.isfinite(norms) | np.asarray(mon.skipped, bool)
+        if bad.any():
+            first = int(np.argmax(bad))
+            top = np.nanmax(np.where(np.isfinite(norms), norms, np.nan)) if np.isfinite(norms).any() else 1.0
+            ax.scatter([first], [top], marker="x", s=60, color=line.get_color(), zorder=4)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global gradient norm (before clipping)")
+    ax.set_title(title + "  (x: first non-finite gradient; later steps skipped)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_explode(args):
+    import fastgrad as fg
+    device = fg.set_device(args.device)
+    data = load_digits_split(args.seed)
+    print(f"explosion lab on {device}: {args.depth} hidden layers of {args.width}, digits, "
+          f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}")
+    results, monitors = [], []
+    for row in EXPLODE_ROWS:
+        res, mon = run_explode_row(row, data, args.depth, args.width, args.epochs,
+                                   args.batch_size, args.seed, device)
+        results.append(res)
+        monitors.append(mon)
+    print(format_explode_table(results))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_explode(monitors, [r[0] for r in EXPLODE_ROWS], out,
+                 f"{args.depth}x{args.width} relu/tanh MLP on digits")
+    print(f"gradient-norm plot: {out}")
+    return 0
+
+
+def cmd_bench(args):
+    root = Path(__file__).resolve().parent.parent
+    bench = root / "bench"
+    if not bench.is_dir():
+        print(f"fastgrad bench: no benchmark suite next to this install ({bench}); "
+              "run it from a source checkout (pip install -e '.[test,peers]')", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "pytest", str(bench), "-q", "--benchmark-sort=name",
+           "--benchmark-columns=median,iqr,ops,rounds"]
+    if args.smoke:
+        cmd.append("--benchmark-disable")
+    if args.filter:
+        cmd += ["-k", args.filter]
+    env = dict(os.environ)
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):   # they slow BLAS by a third
+        env.pop(var, None)
+    print("running:", " ".join(cmd))
+    return subprocess.call(cmd, cwd=root, env=env)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="fastgrad", description="fastgrad: fused compiled "
+                                     "kernels for training dense networks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    demo = sub.add_parser("demo", help="train an MLP on scikit-learn's handwritten digits",
+                          description="Train an MLP on scikit-learn's bundled 8x8 digits, print "
+                          "the test accuracy and write a gradient-health plot.")
+    demo.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    demo.add_argument("--epochs", type=_positive_int, default=30)
+    demo.add_argument("--batch-size", type=_positive_int, default=32)
+    demo.add_argument("--hidden", type=_hidden, default=[128, 128],
+                      help="hidden widths, comma-separated (default 128,128)")
+    demo.add_argument("--activation", default="relu",
+                      choices=["identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh",
+                               "softplus", "gelu"])
+    demo.add_argument("--init", default="he_normal",
+                      choices=["xavier_uniform", "xavier_normal", "he_uniform", "he_normal"])
+    demo.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    demo.add_argument("--lr", type=_nonneg_float, default=1e-3)
+    demo.add_argument("--clip-norm", type=_nonneg_float, default=1.0,
+                      help="clip the global gradient norm to this (0: off)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="fastgrad-demo.png", help="path of the PNG plot")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.set_defaults(func=cmd_demo)
+
+    explode = sub.add_parser("explode", help="exploding gradients and their remedies, side by side",
+                             description="Train one deep MLP on the digits under configurations that "
+                             "make gradients explode and under each remedy; print one table and "
+                             "write one plot of the gradient norms.")
+    explode.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    explode.add_argument("--depth", type=_positive_int, default=16, help="hidden layers (default 16)")
+    explode.add_argument("--width", type=_positive_int, default=64)
+    explode.add_argument("--epochs", type=_positive_int, default=10)
+    explode.add_argument("--batch-size", type=_positive_int, default=64)
+    explode.add_argument("--seed", type=int, default=0)
+    explode.add_argument("--out", default="fastgrad-explode.png", help="path of the PNG plot")
+    explode.set_defaults(func=cmd_explode)
+
+    bench = sub.add_parser("bench", help="run the benchmark suite over the available devices",
+                           description="Run the pytest-benchmark suite in bench/ (from a source "
+                           "checkout) over the available devices and print its table.")
+    bench.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
+    bench.add_argument("-k", dest="filter", default=None, help="only benchmarks matching this")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as exc:
+        parser.exit(2, f"fastgrad {args.command}: error: {exc}\n")
+    except Exception as exc:   # a device that cannot run, etc.: say why, no traceback
+        from .device import DeviceUnavailableError
+        if isinstance(exc, DeviceUnavailableError):
+            parser.exit(2, f"fastgrad {args.command}: error: {exc}\n")
+        raise

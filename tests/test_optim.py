@@ -1,0 +1,290 @@
+"""fastgrad.optim: every rule against the float64 reference and PyTorch,
+clipping, the non-finite skip, checkpoints and the kernel contract."""
+import json
+
+import numpy as np
+import pytest
+
+from fastgrad import reference as ref
+from fastgrad import schedules
+from fastgrad.errors import NonFiniteGradientError
+from fastgrad.optim import SGD, Adam, AdamW, RMSprop, clipped_update
+
+CLASSES = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+
+# (kind, hyper-parameters, clip_norm, clip_value): every branch of every rule
+CONFIGS = [
+    ("sgd", dict(lr=0.1), 1.0, None),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2), 1.0, 0.05),
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True), 0.5, None),
+    ("adam", dict(lr=1e-2), 1.0, None),
+    ("adam", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, amsgrad=True), 1.0, 0.02),
+    ("adam", dict(lr=1e-2, betas=(0.3, 0.9)), None, 0.03),       # lerp's w >= 0.5 branch
+    ("adamw", dict(lr=1e-2, weight_decay=0.1), 1.0, None),
+    ("adamw", dict(lr=1e-2, amsgrad=True), 2.0, 0.05),
+    ("rmsprop", dict(lr=1e-3), 1.0, None),
+    ("rmsprop", dict(lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-2), 1.0, 0.05),
+    ("rmsprop", dict(lr=1e-3, alpha=0.3, centered=True), None, None),
+]
+IDS = [f"{k}-{i}" for i, (k, *_) in enumerate(CONFIGS)]
+SHAPES = [(5, 7), (7,), (7, 3), (3,)]     # two dense layers: W, b each
+N_STEPS = 60
+
+
+class FlatModel:
+    """The model contract: flat params/grads plus layer offsets."""
+
+    def __init__(self, n_per_layer, dtype=np.float64, seed=0):
+        self.layer_offsets = np.concatenate([[0], np.cumsum(n_per_layer)]).astype(np.int64)
+        rng = np.random.default_rng(seed)
+        self.params = rng.standard_normal(self.layer_offsets[-1]).astype(dtype)
+        self.grads = np.zeros_like(self.params)
+
+
+def grad_sequence(n, steps=N_STEPS, seed=1):
+    """Gradients with spikes (x100 every 7th step) that trigger clipping."""
+    rng = np.random.default_rng(seed)
+    gs = rng.standard_normal((steps, n)) * 0.1
+    gs[::7] *= 100.0
+    return gs
+
+
+@pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
+def test_trajectory_matches_reference(kind, hyper, clip_norm, clip_value):
+    model = FlatModel([35, 7, 21, 3])
+    opt = CLASSES[kind](model, clip_norm=clip_norm, clip_value=clip_value, **hyper)
+    p_ref, state = model.params.copy(), {}
+    h = dict(hyper)
+    lr = h.pop("lr")
+    n_clipped = 0
+    for t, g in enumerate(grad_sequence(model.params.size), start=1):
+        model.grads[:] = g
+        stats = opt.step()
+        gc, norm = ref.clip_grad(g, clip_norm, clip_value)
+        p_ref = ref.optimizer_step(kind, p_ref, gc, state, t, lr, **h)
+        n_clipped += stats.clipped
+        assert stats.step == t and not stats.skipped
+        assert stats.grad_norm == pytest.approx(norm, rel=1e-13)
+        np.testing.assert_allclose(model.params, p_ref, rtol=1e-10, atol=1e-13)
+    if clip_norm is not None:
+        assert n_clipped >= N_STEPS // 7      # the spikes were clipped
+
+
+@pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
+def test_trajectory_matches_torch(kind, hyper, clip_norm, clip_value):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    arrays = [rng.standard_normal(s) for s in SHAPES]
+    tparams = [torch.nn.Parameter(torch.tensor(a)) for a in arrays]
+    torch_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                 "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[kind]
+    topt = torch_cls(tparams, foreach=False, **hyper)
+    grads = [np.zeros(s) for s in SHAPES]
+    opt = CLASSES[kind](list(zip(arrays, grads)), clip_norm=clip_norm,
+                        clip_value=clip_value, **hyper)
+    n = sum(a.size for a in arrays)
+    for g in grad_sequence(n, seed=3):
+        off = 0
+        for tp, ga in zip(tparams, grads):
+            ga[...] = g[off:off + ga.size].reshape(ga.shape)
+            tp.grad = torch.tensor(ga)
+            off += ga.size
+        total = torch.nn.utils.get_total_norm([tp.grad for tp in tparams])
+        if clip_norm is not None:
+            total = torch.nn.utils.clip_grad_norm_(tparams, clip_norm, foreach=False)
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(tparams, clip_value, foreach=False)
+        topt.step()
+        stats = opt.step()
+        assert stats.grad_norm == pytest.approx(float(total), rel=1e-12)
+        for a, tp in zip(arrays, tparams):
+            np.testing.assert_allclose(a, tp.detach().numpy(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_gradient_touches_nothing(dtype, bad):
+    model = FlatModel([10, 6], dtype=dtype)
+    opt = Adam(model, lr=1e-2, amsgrad=True, clip_norm=1.0)
+    for _ in range(3):
+        model.grads[:] = np.linspace(-1, 1, 16)
+        opt.step()
+    before = {k: v.copy() for k, v in opt.state.items()}
+    p_before = model.params.copy()
+    model.grads[12] = bad
+    stats = opt.step()
+    assert stats.skipped and not stats.clipped and stats.step == 3
+    assert not np.isfinite(stats.grad_norm)
+    assert np.isfinite(stats.layer_norms[0]) and not np.isfinite(stats.layer_norms[1])
+    assert opt.step_count == 3 and opt.n_skipped == 1 and opt.n_calls == 4
+    np.testing.assert_array_equal(model.params, p_before)
+    for k, v in opt.state.items():
+        np.testing.assert_array_equal(v, before[k])
+    # the next finite step goes on as if the bad one never happened
+    model.grads[12] = 0.5
+    assert not opt.step().skipped and opt.step_count == 4
+
+
+def test_nonfinite_raises_when_asked():
+    model = FlatModel([8])
+    opt = SGD(model, lr=0.1, momentum=0.9, skip_nonfinite=False)
+    p_before = model.params.copy()
+    model.grads[3] = np.nan
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    assert issubclass(NonFiniteGradientError, FloatingPointError)
+    np.testing.assert_array_equal(model.params, p_before)
+    assert opt.step_count == 0 and opt.n_skipped == 1
+    assert not np.any(opt.state["momentum_buffer"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clipped_sgd_step_has_the_clip_norm(dtype):
+    model = FlatModel([100, 20, 3], dtype=dtype)
+    opt = SGD(model, lr=1.0, clip_norm=0.5)
+    model.grads[:] = np.random.default_rng(4).standard_normal(123) * 10
+    p0 = model.params.astype(np.float64)
+    stats = opt.step()
+    assert stats.clipped and stats.clip_scale < 1
+    moved = np.linalg.norm(model.params.astype(np.float64) - p0)
+    tol = 1e-6 if dtype == np.float32 else 1e-7   # the 1e-6 in norm + 1e-6
+    assert moved == pytest.approx(0.5, rel=tol)
+    # a gradient already within the bound is left alone (scale exactly 1)
+    model.grads[:] = 1e-3
+    assert opt.step().clip_scale == 1.0
+
+
+def test_stats_layer_norms_and_flags():
+    model = FlatModel([30, 5, 0, 9], dtype=np.float32)
+    opt = Adam(model, clip_norm=1.0)
+    g = np.random.default_rng(5).standard_normal(44).astype(np.float32)
+    model.grads[:] = g
+    stats = opt.step()
+    segs = np.split(g.astype(np.float64), model.layer_offsets[1:-1])
+    np.testing.assert_allclose(stats.layer_norms, [np.linalg.norm(s) for s in segs], rtol=1e-12)
+    assert stats.layer_norms[2] == 0.0
+    assert stats.grad_norm == pytest.approx(np.linalg.norm(g.astype(np.float64)), rel=1e-12)
+    assert stats.clipped and stats.clip_scale == pytest.approx(1.0 / (stats.grad_norm + 1e-6))
+    assert stats.lr == 1e-3 and stats.step == 1
+
+
+def test_float32_follows_float64_reference():
+    model = FlatModel([35, 7, 21, 3], dtype=np.float32)
+    opt = Adam(model, lr=1e-2, clip_norm=1.0)
+    p_ref, state = model.params.astype(np.float64), {}
+    for t, g in enumerate(grad_sequence(66), start=1):
+        model.grads[:] = g
+        opt.step()
+        gc, _ = ref.clip_grad(g.astype(np.float32), 1.0)
+        p_ref = ref.optimizer_step("adam", p_ref, gc, state, t, 1e-2)
+    np.testing.assert_allclose(model.params, p_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_schedule_drives_the_learning_rate():
+    model = FlatModel([4])
+    sched = schedules.exponential_decay(0.5, 0.5, 2)
+    opt = SGD(model, lr=sched)
+    model.grads[:] = 1.0
+    for k in range(6):
+        p0 = model.params.copy()
+        assert opt.lr == sched(k)
+        stats = opt.step()
+        assert stats.lr == sched(k)
+        np.testing.assert_allclose(p0 - model.params, sched(k), rtol=1e-15)
+
+
+def test_kernel_contract_is_bitwise_step():
+    """TrainStep calls _kernel_args -> clipped_update -> _commit itself."""
+    a, b = FlatModel([40, 8], np.float32), FlatModel([40, 8], np.float32)
+    oa = AdamW(a, lr=1e-2, clip_norm=0.3, clip_value=0.1)
+    ob = AdamW(b, lr=1e-2, clip_norm=0.3, clip_value=0.1)
+    for g in grad_sequence(48, steps=10).astype(np.float32):
+        a.grads[:] = g
+        b.grads[:] = g
+        sa = oa.step()
+        rule, s0, s1, s2, hp = ob._kernel_args()
+        norm, scale, skipped = clipped_update(rule, b.params, b.grads, s0, s1, s2, hp,
+                                              b.layer_offsets, ob._layer_sq,
+                                              ob._clip_norm, ob._clip_value)
+        sb = ob._commit(norm, scale, skipped, ob._layer_sq)
+        assert (sa.grad_norm, sa.clip_scale, sa.step) == (sb.grad_norm, sb.clip_scale, sb.step)
+    np.testing.assert_array_equal(a.params, b.params)
+    for k in oa.state:
+        np.testing.assert_array_equal(oa.state[k], ob.state[k])
+
+
+@pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS[1::3], ids=IDS[1::3])
+def test_state_dict_roundtrip(kind, hyper, clip_norm, clip_value):
+    gs = grad_sequence(20, steps=20)
+    hyper = dict(hyper, lr=schedules.warmup_cosine_decay(hyper["lr"], 3, 15))
+    a = FlatModel([12, 8])
+    oa = CLASSES[kind](a, clip_norm=clip_norm, clip_value=clip_value, **hyper)
+    for g in gs[:10]:
+        a.grads[:] = g
+        oa.step()
+    sd = oa.state_dict()
+    meta = json.loads(json.dumps({k: v for k, v in sd.items() if k != "state"}))
+    arrays = {k: v.copy() for k, v in sd["state"].items()}
+    b = FlatModel([12, 8])
+    b.params[:] = a.params
+    ob = CLASSES[kind](b, lr=123.0)   # different hyper-parameters, restored below
+    ob.load_state_dict(dict(meta, state=arrays))
+    assert ob.hyper == oa.hyper and ob.step_count == 10
+    for g in gs[10:]:
+        a.grads[:] = g
+        b.grads[:] = g
+        oa.step()
+        ob.step()
+    np.testing.assert_array_equal(a.params, b.params)
+    with pytest.raises(ValueError):
+        SGD(FlatModel([12, 8])).load_state_dict(sd) if kind != "sgd" else \
+            Adam(FlatModel([12, 8])).load_state_dict(sd)
+
+
+def test_pairs_are_updated_in_place():
+    W = np.ones((3, 2))
+    b = np.ones(2)
+    gW, gb = np.full((3, 2), 2.0), np.full(2, -1.0)
+    opt = SGD([(W, gW), (b, gb)], lr=0.5)
+    stats = opt.step()
+    np.testing.assert_array_equal(W, np.zeros((3, 2)))
+    np.testing.assert_array_equal(b, np.full(2, 1.5))
+    np.testing.assert_allclose(stats.layer_norms, [np.sqrt(24.0), np.sqrt(2.0)])
+    opt.zero_grad()
+    assert not gW.any() and not gb.any()
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: Adam(m, lr=-1e-3),
+    lambda m: Adam(m, betas=(1.0, 0.999)),
+    lambda m: Adam(m, betas=(0.9, -0.1)),
+    lambda m: Adam(m, eps=-1.0),
+    lambda m: AdamW(m, weight_decay=-0.1),
+    lambda m: SGD(m, lr=0.1, clip_norm=-1.0),
+    lambda m: SGD(m, lr=0.1, clip_value=0.0),
+    lambda m: SGD(m, lr=0.1, nesterov=True),
+    lambda m: SGD(m, lr=0.1, momentum=-0.5),
+    lambda m: RMSprop(m, alpha=-0.1),
+    lambda m: RMSprop(m, lr=float("nan")),
+    lambda m: Adam(m, lr=schedules.constant(-1.0)),
+], ids=range(12))
+def test_invalid_hyper_parameters(make):
+    with pytest.raises(ValueError):
+        make(FlatModel([4]))
+
+
+def test_invalid_inputs():
+    with pytest.raises(TypeError):
+        SGD([(np.ones(3, np.float32), np.ones(3))])
+    with pytest.raises(ValueError):
+        SGD([(np.ones(3), np.ones(4))])
+    with pytest.raises(TypeError):
+        SGD([(np.ones(3, np.int64), np.ones(3, np.int64))])
+    m = FlatModel([4, 4])
+    m.layer_offsets = np.array([0, 5], np.int64)
+    with pytest.raises(ValueError):
+        Adam(m)
+    with pytest.raises(TypeError):
+        Adam(FlatModel([4]), lr="fast")
+    with pytest.raises(TypeError):
+        Adam(FlatModel([4]), momentum=0.9)
