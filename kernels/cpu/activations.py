@@ -1,13 +1,14 @@
-"""Activation functions: scalar forward and derivative, and elementwise kernels.
+"""Activation functions: one scalar function (and derivative) per activation,
+and the fused elementwise passes of the dense layer.
 
-An activation is an integer code (``CODES``).  Every kernel branches on the
-code ONCE, outside its loops: each branch calls the same inlined loop with the
-code as a compile-time constant, so LLVM folds the scalar ``if`` chain away and
-each loop body is branch-free and vectorised.  One compiled function per dtype
-serves every activation, which keeps the on-disk cache small and generic.
+An activation is an integer code (``CODES``).  Each kernel below branches on
+the code ONCE, outside its loops, and each branch runs the one generic loop
+with that activation's scalar function inlined into it: the compiled loop
+bodies are branch-free and vectorised, one per activation, and one compiled
+kernel per dtype serves every activation (a small, generic on-disk cache).
 
-Derivatives are written in terms of the saved output ``a`` (all activations but
-gelu) or the pre-activation ``z`` (gelu), as DESIGN.md's data layout asks.
+Derivatives are written in terms of the saved output ``a`` (all activations
+but gelu) or the pre-activation ``z`` (gelu), as DESIGN.md's data layout asks.
 NaN propagates through every forward (relu(NaN) is NaN, as in PyTorch), so the
 non-finite guards downstream see it.
 """
@@ -31,92 +32,140 @@ _GELU_C = 0.044715
 like = mathfn.like
 
 
+# --- forward: f(z) ------------------------------------------------------------
+
 @njit(**INLINE)
-def act_scalar(z, act, alpha):
-    """f(z) for activation code ``act`` (a compile-time constant in kernels)."""
-    zero, one = like(z, 0.0), like(z, 1.0)
-    if act == IDENTITY:
-        return z
-    if act == RELU:
-        return zero if z < zero else z
-    if act == LEAKY_RELU:
-        return like(z, alpha) * z if z < zero else z
-    if act == ELU:
-        return like(z, alpha) * mathfn.expm1(z) if z <= zero else z
-    if act == SIGMOID:
-        return one / (one + mathfn.exp(-z))
-    if act == TANH:
-        return mathfn.tanh(z)
-    if act == SOFTPLUS:
-        # log(1 + e^z) = max(z, 0) + log1p(e^-|z|): finite for any finite z
-        return (z if z > zero else zero) + mathfn.log1p(mathfn.exp(-abs(z)))
-    # GELU, tanh approximation
+def identity(z, alpha):
+    return z
+
+
+@njit(**INLINE)
+def relu(z, alpha):
+    return like(z, 0.0) if z < like(z, 0.0) else z
+
+
+@njit(**INLINE)
+def leaky_relu(z, alpha):
+    return like(z, alpha) * z if z < like(z, 0.0) else z
+
+
+@njit(**INLINE)
+def elu(z, alpha):
+    return like(z, alpha) * mathfn.expm1(z) if z <= like(z, 0.0) else z
+
+
+@njit(**INLINE)
+def sigmoid(z, alpha):
+    one = like(z, 1.0)
+    return one / (one + mathfn.exp(-z))
+
+
+@njit(**INLINE)
+def tanh(z, alpha):
+    return mathfn.tanh(z)
+
+
+@njit(**INLINE)
+def softplus(z, alpha):
+    # log(1 + e^z) = max(z, 0) + log1p(e^-|z|): finite for any finite z
+    zero = like(z, 0.0)
+    return (z if z > zero else zero) + mathfn.log1p(mathfn.exp(-abs(z)))
+
+
+@njit(**INLINE)
+def gelu(z, alpha):
+    # tanh approximation: 0.5 z (1 + tanh(k (z + c z^3)))
     inner = like(z, _GELU_K) * (z + like(z, _GELU_C) * z * z * z)
-    return like(z, 0.5) * z * (one + mathfn.tanh(inner))
+    return like(z, 0.5) * z * (like(z, 1.0) + mathfn.tanh(inner))
+
+
+# --- derivative: f'(z) from the output a (and z for gelu) ---------------------
+
+@njit(**INLINE)
+def d_identity(a, z, alpha):
+    return like(a, 1.0)
 
 
 @njit(**INLINE)
-def act_derivative(a, z, act, alpha):
-    """f'(z) from the output ``a`` (and ``z``, read only for gelu)."""
-    zero, one = like(a, 0.0), like(a, 1.0)
-    if act == IDENTITY:
-        return one
-    if act == RELU:
-        return one if a > zero else zero
-    if act == LEAKY_RELU:
-        return one if a > zero else like(a, alpha)
-    if act == ELU:
-        return one if a > zero else a + like(a, alpha)
-    if act == SIGMOID:
-        return a * (one - a)
-    if act == TANH:
-        return one - a * a
-    if act == SOFTPLUS:
-        return -mathfn.expm1(-a)        # sigmoid(z) = 1 - e^-a, exact for small a
-    # GELU: 0.5 (1 + t) + 0.5 z (1 - t^2) k (1 + 3 c z^2).  (1 - t^2) multiplies
-    # z first, so a saturated unit gives 0 rather than inf * 0 for |z| to 1e6.
-    half, k, c = like(z, 0.5), like(z, _GELU_K), like(z, _GELU_C)
+def d_relu(a, z, alpha):
+    return like(a, 1.0) if a > like(a, 0.0) else like(a, 0.0)
+
+
+@njit(**INLINE)
+def d_leaky_relu(a, z, alpha):
+    return like(a, 1.0) if a > like(a, 0.0) else like(a, alpha)
+
+
+@njit(**INLINE)
+def d_elu(a, z, alpha):
+    return like(a, 1.0) if a > like(a, 0.0) else a + like(a, alpha)
+
+
+@njit(**INLINE)
+def d_sigmoid(a, z, alpha):
+    return a * (like(a, 1.0) - a)
+
+
+@njit(**INLINE)
+def d_tanh(a, z, alpha):
+    return like(a, 1.0) - a * a
+
+
+@njit(**INLINE)
+def d_softplus(a, z, alpha):
+    return -mathfn.expm1(-a)        # sigmoid(z) = 1 - e^-a, exact for small a
+
+
+@njit(**INLINE)
+def d_gelu(a, z, alpha):
+    # 0.5 (1 + t) + 0.5 z (1 - t^2) k (1 + 3 c z^2).  (1 - t^2) multiplies z
+    # first, so a saturated unit gives 0 rather than inf * 0 for |z| to 1e6.
+    one, half, k, c = like(z, 1.0), like(z, 0.5), like(z, _GELU_K), like(z, _GELU_C)
     t = mathfn.tanh(k * (z + c * z * z * z))
     return half * (one + t) + ((half * (one - t * t)) * z) * (k * (one + like(z, 3.0) * c * z * z))
 
 
-# --- fused elementwise passes (each inlined with a constant code) ----------
+# --- the fused passes -----------------------------------------------------------
 #
-# Each loop comes in an in-place form that touches ONE array.  LLVM vectorises
-# a loop over two array arguments only behind a run-time check that they do
-# not overlap; called in place (the same array twice) that check fails and
-# the scalar fallback runs, 4-8x slower (measured: bias+relu over 256x1024
-# float32, 143 us in place through two arguments, 18.5 us through one).
+# The loops run in place on ONE array: LLVM vectorises a loop over two array
+# arguments only behind a run-time check that they do not overlap, and called
+# in place through two arguments that check fails and the scalar fallback
+# runs, 4-8x slower (measured: bias+relu over 256x1024 float32, 143 us through
+# two arguments, 18.5 us through one).
 
-@njit(**INLINE)
-def _bias_act_loop(z, b, out, act, alpha, inplace):
-    if inplace:
-        for i in range(z.shape[0]):
-            for j in range(z.shape[1]):
-                z[i, j] = act_scalar(z[i, j] + b[j], act, alpha)
-    else:
-        for i in range(z.shape[0]):
-            for j in range(z.shape[1]):
-                t = z[i, j] + b[j]
-                z[i, j] = t
-                out[i, j] = act_scalar(t, act, alpha)
+@njit(**JIT)
+def _copy(src, dst):
+    # An explicit loop, not ``dst[:] = src``: Numba's slice assignment drags
+    # in the formatting of its shape-mismatch message, seconds of compile time.
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            dst[i, j] = src[i, j]
 
 
 @njit(**INLINE)
-def _bias_act_grad_loop(da, a, z, dz, db, act, alpha, inplace):
+def _bias_act_loop(y, b, alpha, f):
+    for i in range(y.shape[0]):
+        for j in range(y.shape[1]):
+            y[i, j] = f(y[i, j] + b[j], alpha)
+
+
+@njit(**INLINE)
+def _grad_loop(g, a, z, db, alpha, df):
     db[:] = 0
-    if inplace:
-        for i in range(da.shape[0]):
-            for j in range(da.shape[1]):
-                g = da[i, j] * act_derivative(a[i, j], z[i, j], act, alpha)
-                da[i, j] = g
-                db[j] += g
-    else:
-        for i in range(da.shape[0]):
-            for j in range(da.shape[1]):
-                g = da[i, j] * act_derivative(a[i, j], z[i, j], act, alpha)
-                dz[i, j] = g
-                db[j] += g
+    for i in range(g.shape[0]):
+        for j in range(g.shape[1]):
+            t = g[i, j] * df(a[i, j], z[i, j], alpha)
+            g[i, j] = t
+            db[j] += t
+
+
+@njit(**JIT)
+def _bias_gelu_keep_z(z, b, out, alpha):
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            t = z[i, j] + b[j]
+            z[i, j] = t
+            out[i, j] = gelu(t, alpha)
 
 
 @njit(**JIT)
@@ -127,52 +176,63 @@ def bias_act(z, b, out, act, alpha):
     runs in place on the GEMM's output); a separate ``out`` keeps ``z`` for
     activations whose derivative needs it (gelu).
     """
-    inplace = out.ctypes.data == z.ctypes.data
+    y, bias = z, b
+    if out.ctypes.data != z.ctypes.data:
+        if act == GELU:
+            _bias_gelu_keep_z(z, b, out, alpha)
+            return
+        for i in range(z.shape[0]):         # rare: z kept though not needed
+            for j in range(z.shape[1]):
+                z[i, j] += b[j]
+        _copy(z, out)
+        y, bias = out, np.zeros_like(b)
     if act == IDENTITY:
-        _bias_act_loop(z, b, out, IDENTITY, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, identity)
     elif act == RELU:
-        _bias_act_loop(z, b, out, RELU, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, relu)
     elif act == LEAKY_RELU:
-        _bias_act_loop(z, b, out, LEAKY_RELU, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, leaky_relu)
     elif act == ELU:
-        _bias_act_loop(z, b, out, ELU, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, elu)
     elif act == SIGMOID:
-        _bias_act_loop(z, b, out, SIGMOID, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, sigmoid)
     elif act == TANH:
-        _bias_act_loop(z, b, out, TANH, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, tanh)
     elif act == SOFTPLUS:
-        _bias_act_loop(z, b, out, SOFTPLUS, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, softplus)
     else:
-        _bias_act_loop(z, b, out, GELU, alpha, inplace)
+        _bias_act_loop(y, bias, alpha, gelu)
 
 
 @njit(**JIT)
 def bias_act_grad(da, a, z, dz, db, act, alpha):
     """One pass: ``dz = da * f'`` (from ``a``, or ``z`` for gelu) and
-    ``db = dz.sum(axis=0)``.  ``dz`` may be ``da`` itself."""
-    inplace = dz.ctypes.data == da.ctypes.data
+    ``db = dz.sum(axis=0)``.  ``dz`` may be ``da`` itself (one pass); a
+    separate ``dz`` costs a copy first."""
+    if dz.ctypes.data != da.ctypes.data:
+        _copy(da, dz)
     if act == IDENTITY:
-        _bias_act_grad_loop(da, a, z, dz, db, IDENTITY, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_identity)
     elif act == RELU:
-        _bias_act_grad_loop(da, a, z, dz, db, RELU, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_relu)
     elif act == LEAKY_RELU:
-        _bias_act_grad_loop(da, a, z, dz, db, LEAKY_RELU, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_leaky_relu)
     elif act == ELU:
-        _bias_act_grad_loop(da, a, z, dz, db, ELU, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_elu)
     elif act == SIGMOID:
-        _bias_act_grad_loop(da, a, z, dz, db, SIGMOID, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_sigmoid)
     elif act == TANH:
-        _bias_act_grad_loop(da, a, z, dz, db, TANH, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_tanh)
     elif act == SOFTPLUS:
-        _bias_act_grad_loop(da, a, z, dz, db, SOFTPLUS, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_softplus)
     else:
-        _bias_act_grad_loop(da, a, z, dz, db, GELU, alpha, inplace)
+        _grad_loop(dz, a, z, db, alpha, d_gelu)
 
 
 @njit(**JIT)
 def activation_forward(z, out, act, alpha):
     """out = f(z) elementwise on 2-D C-contiguous arrays (``z`` is kept)."""
-    out[:] = z
+    _copy(z, out)
     bias_act(out, np.zeros(z.shape[1], z.dtype), out, act, alpha)
 
 

@@ -6,170 +6,173 @@ branch-free polynomials that LLVM vectorises; their maximum errors are tested
 against float64 over the whole float32 range (tests/test_mathfn.py).  float64
 keeps libm: float64 is what gradient checks and PyTorch parity run on.
 
-Each public function (``exp``, ``expm1``, ``log1p``, ``tanh``) is a Numba
-overload picked by argument type at compile time, so kernels call one name
-for both precisions.
+Each function (``exp``, ``expm1``, ``log1p``, ``tanh``, and ``like`` for
+typed constants) is a Numba *intrinsic*: it emits its LLVM IR straight into
+the calling loop.  Written as inlined ``@njit``/overload functions instead,
+every call site had to be typed again, and the activation kernels took over
+10 s to compile cold; as intrinsics their typing is a table lookup.  The IR
+performs exactly the operations of the formulas in the comments, in that
+order, without fast-math flags, so NaN and Inf propagate and results are
+reproducible.
 """
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload, register_jitable
+from numba.core import cgutils
+from numba.extending import intrinsic
 
+F32 = ir.FloatType()
+I32 = ir.IntType(32)
+
+
+def _c(value):
+    return ir.Constant(F32, float(np.float32(value)))
+
+
+def _call(builder, name, fty, *args):
+    fn = cgutils.get_or_insert_function(builder.module, fty, name)
+    return builder.call(fn, args)
+
+
+def _f32_intrinsic(builder, name, x):
+    """llvm.<name>.f32 (floor, fabs): vectorisable, no libm call."""
+    return _call(builder, f"llvm.{name}.f32", ir.FunctionType(F32, [F32]), x)
+
+
+def _libm64(builder, name, x):
+    d = ir.DoubleType()
+    return _call(builder, name, ir.FunctionType(d, [d]), x)
+
+
+def _horner(builder, x, coeffs):
+    p = _c(coeffs[0])
+    for c in coeffs[1:]:
+        p = builder.fadd(builder.fmul(p, x), _c(c))
+    return p
+
+
+def _select_lt(builder, a, b, if_true, if_false):
+    return builder.select(builder.fcmp_ordered("<", a, b), if_true, if_false)
+
+
+def _pow2(builder, n):
+    # 2**n for an integral float32 n in [-126, 127], built in the exponent bits
+    bits = builder.shl(builder.add(builder.fptosi(n, I32), ir.Constant(I32, 127)),
+                       ir.Constant(I32, 23))
+    return builder.bitcast(bits, F32)
+
+
+_EXP_COEFFS = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
+               1.6666665459e-1, 5.0000001201e-1)
+
+
+def _exp_f32(builder, x):
+    # Cody-Waite: x = n ln2 + r, |r| <= ln2/2, exp(r) = 1 + r + r^2 p(r).
+    # 2**n is applied in two halves so that results near overflow and in the
+    # subnormal range come out right; beyond them (x outside [-104, 89]) the
+    # product over/underflows to inf/0 by itself.  Max rel error ~2 ulp.
+    xc = _select_lt(builder, x, _c(-104.0), _c(-104.0), x)
+    xc = _select_lt(builder, _c(89.0), xc, _c(89.0), xc)
+    n = _f32_intrinsic(builder, "floor",
+                       builder.fadd(builder.fmul(xc, _c(1.4426950408889634)), _c(0.5)))
+    r = builder.fsub(xc, builder.fmul(n, _c(0.693359375)))     # ln 2 split in two:
+    r = builder.fsub(r, builder.fmul(n, _c(-2.12194440e-4)))   # n * hi is exact
+    p = _horner(builder, r, _EXP_COEFFS)
+    p = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), _c(1.0))
+    half = _f32_intrinsic(builder, "floor", builder.fmul(n, _c(0.5)))
+    y = builder.fmul(builder.fmul(p, _pow2(builder, half)),
+                     _pow2(builder, builder.fsub(n, half)))
+    return builder.select(builder.fcmp_unordered("uno", x, x), x, y)   # NaN in, NaN out
+
+
+_EXPM1_TAYLOR = (1.3888889e-3, 8.3333338e-3, 4.1666668e-2, 1.6666667e-1, 0.5, 1.0)
+
+
+def _expm1_f32(builder, x):
+    # exp(x) - 1 loses all relative accuracy near 0; there the Taylor series
+    # x (1 + x/2 + x^2/6 + ... + x^5/720) is exact to float32 (|x| < 1/4).
+    small = builder.fmul(x, _horner(builder, x, _EXPM1_TAYLOR))
+    big = builder.fsub(_exp_f32(builder, x), _c(1.0))
+    return _select_lt(builder, _f32_intrinsic(builder, "fabs", x), _c(0.25), small, big)
+
+
+_LOG1P_SERIES = tuple(1.0 / k for k in (13, 11, 9, 7, 5, 3, 1))
+
+
+def _log1p_f32(builder, u):
+    # log(1 + u) = 2 atanh(s), s = u / (2 + u).  Valid (and used) for u in
+    # [0, 1]: there s <= 1/3 and the odd series to s**13 is exact to float32.
+    s = builder.fdiv(u, builder.fadd(_c(2.0), u))
+    p = _horner(builder, builder.fmul(s, s), _LOG1P_SERIES)
+    return builder.fmul(builder.fmul(_c(2.0), s), p)
+
+
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
+           5.12229709037114e-08, 1.48572235717979e-05, 6.37261928875436e-04,
+           4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03,
+           4.89352518554385e-03)
+_TANH_CLAMP = 7.90531110763549805          # tanh(x) == +-1 in float32 beyond
+
+
+def _tanh_f32(builder, x):
+    # Rational minimax approximation x p(x^2) / q(x^2) as used by Eigen and
+    # XLA, on x clamped to +-7.905; max abs error 4.1e-7 (float32 rounding of
+    # the evaluation; worst at x = 5.827876, see tests/test_mathfn.py).  Near
+    # 0 the quotient loses relative accuracy (~2 ulp), so |x| < 1/16 uses the
+    # odd Taylor series x (1 - x^2/3 + 2x^4/15), exact to float32 there.
+    xc = _select_lt(builder, x, _c(-_TANH_CLAMP), _c(-_TANH_CLAMP), x)
+    xc = _select_lt(builder, _c(_TANH_CLAMP), xc, _c(_TANH_CLAMP), xc)
+    x2 = builder.fmul(xc, xc)
+    y = builder.fdiv(builder.fmul(_horner(builder, x2, _TANH_P), xc), _horner(builder, x2, _TANH_Q))
+    xs2 = builder.fmul(x, x)
+    taylor = builder.fmul(x, _horner(builder, xs2, (2.0 / 15.0, -1.0 / 3.0, 1.0)))
+    return _select_lt(builder, _f32_intrinsic(builder, "fabs", x), _c(0.0625), taylor, y)
+
+
+def _unary(f32_codegen, libm_name, doc):
+    """An intrinsic computing ``f32_codegen`` on float32 and libm on float64."""
+    def typer(typingctx, x):
+        if x == types.float32:
+            def codegen(context, builder, signature, args):
+                return f32_codegen(builder, args[0])
+        elif x == types.float64:
+            def codegen(context, builder, signature, args):
+                return _libm64(builder, libm_name, args[0])
+        else:
+            return None
+        return x(x), codegen
+    typer.__name__ = libm_name
+    typer.__doc__ = doc
+    return intrinsic(typer)
+
+
+exp = _unary(_exp_f32, "exp", "exp(x); vectorisable polynomial for float32, libm for float64.")
+expm1 = _unary(_expm1_f32, "expm1", "exp(x) - 1, accurate near 0.")
+log1p = _unary(_log1p_f32, "log1p",
+               "log(1 + u); the float32 version assumes u in [0, 1] (all callers).")
+tanh = _unary(_tanh_f32, "tanh", "tanh(x); rational approximation for float32, libm for float64.")
 
 
 @intrinsic
-def _int32_as_float32(typingctx, bits):
-    """Reinterpret the bits of an int32 as a float32 (no conversion)."""
-    sig = types.float32(types.int32)
+def like(typingctx, x, value):
+    """``value`` as a scalar of ``x``'s float type.
+
+    A Python float literal is float64 in Numba and would silently promote a
+    float32 kernel to float64 (half the SIMD width, and a different result);
+    the cast of a constant folds away in LLVM.
+    """
+    if not isinstance(x, types.Float):
+        return None
+    sig = x(x, value)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+        return context.cast(builder, args[1], signature.args[1], signature.return_type)
 
     return sig, codegen
 
 
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)          # ln 2 split in two: exact product with n
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_HI = np.float32(89.0)                 # exp overflows float32 above ~88.72
-_EXP_LO = np.float32(-104.0)               # and underflows to 0 below ~-103.97
-
-
-@register_jitable(inline="always")
-def _pow2_f32(n):
-    # 2**n for an integral float32 n in [-126, 127], built in the exponent bits.
-    return _int32_as_float32((np.int32(n) + np.int32(127)) << np.int32(23))
-
-
-@register_jitable(inline="always")
-def _exp_f32(x):
-    # Cody-Waite: x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial.
-    # 2**n is applied in two halves so that results near overflow and in the
-    # subnormal range come out right; beyond them the product over/underflows
-    # to inf/0 by itself.  Max rel error ~2 ulp.
-    xc = min(max(x, _EXP_LO), _EXP_HI)
-    n = np.floor(xc * _LOG2E + np.float32(0.5))
-    r = xc - n * _LN2_HI
-    r = r - n * _LN2_LO
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * r * r + r + np.float32(1.0)
-    half = np.floor(n * np.float32(0.5))
-    y = p * _pow2_f32(half) * _pow2_f32(n - half)
-    if x != x:
-        y = x
-    return y
-
-
-@register_jitable(inline="always")
-def _expm1_f32(x):
-    # exp(x) - 1 loses all relative accuracy near 0; use Taylor there.
-    small = x * (np.float32(1.0) + x * (np.float32(0.5) + x * (
-        np.float32(1.6666667e-1) + x * (np.float32(4.1666668e-2) + x * (
-            np.float32(8.3333338e-3) + x * np.float32(1.3888889e-3))))))
-    big = _exp_f32(x) - np.float32(1.0)
-    return small if abs(x) < np.float32(0.25) else big
-
-
-@register_jitable(inline="always")
-def _log1p_f32(u):
-    # log(1 + u) = 2 atanh(s), s = u / (2 + u).  Valid (and used) for u in
-    # [0, 1]: there s <= 1/3 and the odd series to s**13 is exact to float32.
-    s = u / (np.float32(2.0) + u)
-    s2 = s * s
-    p = np.float32(1.0 / 13.0)
-    p = p * s2 + np.float32(1.0 / 11.0)
-    p = p * s2 + np.float32(1.0 / 9.0)
-    p = p * s2 + np.float32(1.0 / 7.0)
-    p = p * s2 + np.float32(1.0 / 5.0)
-    p = p * s2 + np.float32(1.0 / 3.0)
-    p = p * s2 + np.float32(1.0)
-    return np.float32(2.0) * s * p
-
-
-_TANH_CLAMP = np.float32(7.90531110763549805)   # tanh(x) == +-1 in float32 beyond
-
-
-@register_jitable(inline="always")
-def _tanh_f32(x):
-    # Rational minimax approximation p(x)/q(x) (odd/even), as used by Eigen
-    # and XLA; max abs error 4.1e-7 over the whole float32 line (float32
-    # rounding of the evaluation; worst at x = 5.827876, see tests/test_mathfn.py).
-    xc = min(max(x, -_TANH_CLAMP), _TANH_CLAMP)
-    x2 = xc * xc
-    p = np.float32(-2.76076847742355e-16)
-    p = p * x2 + np.float32(2.00018790482477e-13)
-    p = p * x2 + np.float32(-8.60467152213735e-11)
-    p = p * x2 + np.float32(5.12229709037114e-08)
-    p = p * x2 + np.float32(1.48572235717979e-05)
-    p = p * x2 + np.float32(6.37261928875436e-04)
-    p = p * x2 + np.float32(4.89352455891786e-03)
-    p = p * xc
-    q = np.float32(1.19825839466702e-06)
-    q = q * x2 + np.float32(1.18534705686654e-04)
-    q = q * x2 + np.float32(2.26843463243900e-03)
-    q = q * x2 + np.float32(4.89352518554385e-03)
-    y = p / q
-    # Near 0 the quotient loses relative accuracy (~2 ulp); the odd Taylor
-    # series x (1 - x^2/3 + 2x^4/15) is exact to float32 there (next term
-    # 17x^7/315 is < 4e-9 relative for |x| < 1/16).
-    x2s = x * x
-    taylor = x * (np.float32(1.0) + x2s * (np.float32(-1.0 / 3.0) + x2s * np.float32(2.0 / 15.0)))
-    if abs(x) < np.float32(0.0625):
-        y = taylor
-    return y
-
-
-def exp(x):
-    """exp(x); vectorisable polynomial for float32, libm for float64."""
-
-
-def expm1(x):
-    """exp(x) - 1, accurate near 0."""
-
-
-def log1p(x):
-    """log(1 + u); the float32 version assumes u in [0, 1] (all callers)."""
-
-
-def tanh(x):
-    """tanh(x); rational approximation for float32, libm for float64."""
-
-
-def _by_precision(f32_impl, f64_impl):
-    def typer(x):
-        if x == types.float32:
-            return f32_impl
-        if isinstance(x, types.Float):
-            return f64_impl
-        return None
-    return typer
-
-
-overload(exp, inline="always")(_by_precision(lambda x: _exp_f32(x), lambda x: np.exp(x)))
-overload(expm1, inline="always")(_by_precision(lambda x: _expm1_f32(x), lambda x: np.expm1(x)))
-overload(log1p, inline="always")(_by_precision(lambda x: _log1p_f32(x), lambda x: np.log1p(x)))
-overload(tanh, inline="always")(_by_precision(lambda x: _tanh_f32(x), lambda x: np.tanh(x)))
-
-
-def like(x, value):
-    """``value`` as a scalar of ``x``'s float type.
-
-    A Python float literal is float64 in Numba and would silently promote a
-    float32 kernel to float64 (half the SIMD width, and a different result).
-    """
-
-
-def _like_typer(x, value):
-    if x == types.float32:
-        return lambda x, value: np.float32(value)
-    if isinstance(x, types.Float):
-        return lambda x, value: np.float64(value)
-    return None
-
-
-overload(like, inline="always")(_like_typer)
+__all__ = ["exp", "expm1", "log1p", "tanh", "like"]
+del math

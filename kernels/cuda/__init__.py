@@ -1,5 +1,24 @@
 """CuPy twins of ``fastgrad.kernels.cpu`` (same names and signatures).
 
-Imported only when the CUDA device is used; importing fastgrad never needs
-CUDA.
+Imported only when the CUDA device is used; ``import fastgrad`` never
+imports CuPy.  Without CuPy this package raises an ImportError naming the
+extra to install.  Sources: ``*.cu`` beside this file (shipped in the
+wheel), compiled on first use by NVRTC and cached on disk by CuPy.
 """
+try:
+    import cupy  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        "fastgrad.kernels.cuda needs CuPy: install the CUDA extra, "
+        "pip install 'fastgrad[cuda]' (cupy-cuda13x)") from exc
+
+from .activations import (CODES, DEFAULT_ALPHA, NEEDS_Z, activation_backward,
+                          activation_forward, bias_act, bias_act_grad)
+from .dense import dense_backward, dense_forward
+from .losses import bce_with_logits, mse, softmax_cross_entropy
+
+__all__ = [
+    "CODES", "DEFAULT_ALPHA", "NEEDS_Z", "activation_backward",
+    "activation_forward", "bias_act", "bias_act_grad", "dense_backward",
+    "dense_forward", "bce_with_logits", "mse", "softmax_cross_entropy",
+]

@@ -1,0 +1,451 @@
+"""Data-parallel training over MPI: one gradient allreduce per step.
+
+Run the same script on N processes (``mpiexec -n N python train.py``); each
+process holds a full copy of the model and trains on its own slice of every
+global batch::
+
+    import fastgrad as fg
+    from fastgrad import distributed as dist
+
+    dist.init()                                   # rank / size from MPI COMM_WORLD
+    model = fg.MLP([784, 256, 256, 10], seed=0)
+    opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
+    dp = dist.DataParallel(fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt))
+    history = dist.fit(dp, X, Y, epochs=5, batch_size=64)   # 64 per process
+
+A data-parallel step is::
+
+    loss = step.gradients(x, y)          # forward + loss + backward, one compiled call
+    grads *= B_local / B_global          # so the sum below is the global-batch mean
+    Allreduce(IN_PLACE, grads, SUM)      # ONE collective on the flat gradient buffer
+    opt.step()                           # the same clipped-update kernel as TrainStep
+
+Because every rank holds the same averaged gradient, the gradient norm, the
+clipping decision, the non-finite skip (a NaN on any one rank is a NaN in the
+sum, so every rank skips) and ``StepStats`` are identical on all ranks, and
+the parameters stay bitwise identical.  With equal local batches the result
+is the update of one process training on the concatenated global batch, to
+floating-point rounding of the sums.
+
+The loss a step returns is the global-batch mean loss: the scalar rides on a
+non-blocking ``Iallreduce`` started before the gradient allreduce and waited
+for after the update, so it costs no extra synchronisation
+(``DataParallel(..., global_loss=False)`` returns the local loss instead).
+
+On the GPU (``model.device == "cuda"``) the gradient allreduce is one
+``ncclAllReduce`` on the flat device buffer on the current stream (NCCL via
+``cupy.cuda.nccl``, its communicator bootstrapped over MPI); nothing is copied
+to the host.
+
+If mpi4py is missing, :func:`init` raises ImportError naming the extra
+``pip install 'fastgrad[distributed]'``.  Without ``mpiexec`` a script runs as
+one process (size 1): MPI's singleton initialisation.
+"""
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+__all__ = ["init", "rank", "world_size", "local_rank", "launched_by_mpi", "DataParallel",
+           "fit"]
+
+_INSTALL_HINT = ("fastgrad.distributed needs mpi4py and an MPI library: "
+                 "pip install 'fastgrad[distributed]'")
+# Environment variables launchers set in every process they start.
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+                  "SLURM_STEP_NUM_TASKS")
+
+# Open MPI's default allreduce for 2 ranks and tens of MB (recursive doubling:
+# every rank sends and sums the whole buffer) measured 40-80 ms for the wide
+# workload's 33.6 MB gradient here, its ring algorithm 15-27 ms (each rank
+# sends 2 (p-1)/p of the buffer, the bandwidth-optimal schedule NCCL also
+# uses).  Open MPI reads these at MPI_Init; MPICH ignores them; a value the
+# user set wins.  bench/RESULTS_distributed.md has the numbers.
+_OMPI_RING = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
+              "OMPI_MCA_coll_tuned_allreduce_algorithm": "4"}
+
+_MPI = None
+_comm = None
+
+
+def _import_mpi(ring_allreduce=True):
+    global _MPI
+    if _MPI is None:
+        if ring_allreduce and "mpi4py.MPI" not in sys.modules:
+            for var, val in _OMPI_RING.items():
+                os.environ.setdefault(var, val)
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise ImportError(_INSTALL_HINT) from exc
+        _MPI = MPI
+    return _MPI
+
+
+def launched_by_mpi():
+    """True when this process was started by an MPI launcher (mpiexec, srun).
+
+    Reads environment variables only; imports nothing.  Useful to switch a
+    script to data-parallel mode automatically.
+    """
+    return any(os.environ.get(v) for v in _LAUNCHER_VARS)
+
+
+def _abort_on_exception(exc_type, exc, tb):
+    # An uncaught exception on one rank would leave the others waiting in the
+    # next collective forever; print it (this rank's error is what the user
+    # must see) and abort the whole job.
+    try:
+        sys.stderr.write(f"fastgrad.distributed: rank {_comm.Get_rank()} of "
+                         f"{_comm.Get_size()} failed; aborting the job\n")
+        traceback.print_exception(exc_type, exc, tb)
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        _MPI.COMM_WORLD.Abort(1)
+
+
+def init(abort_on_error=True, select_gpu="auto", ring_allreduce=True):
+    """Start (or join) MPI; returns ``(rank, world_size)``.
+
+    Parameters
+    ----------
+    abort_on_error : bool
+        With more than one process, install a ``sys.excepthook`` that prints
+        the traceback and calls ``MPI.COMM_WORLD.Abort(1)``, so a rank that
+        raises ends the job with its error instead of leaving the other
+        ranks hanging in a collective.
+    select_gpu : "auto" | bool
+        Bind this process to GPU ``local_rank() % n_gpus`` (CuPy's current
+        device) so ranks on one node do not share a GPU.  "auto" does it when
+        fastgrad can use CUDA here; call ``init`` before building models.
+    ring_allreduce : bool
+        Under Open MPI, use its ring allreduce (bandwidth-optimal for
+        gradient-sized buffers; 2-4x faster than the default for the wide
+        benchmark) unless ``OMPI_MCA_coll_tuned_allreduce_algorithm`` is set.
+        Takes effect only if ``init`` is the first to import ``mpi4py.MPI``;
+        every rank must make the same choice.
+
+    Raises
+    ------
+    ImportError
+        mpi4py (or its MPI library) is not installed; the message names the
+        extra to install.
+    """
+    global _comm
+    MPI = _import_mpi(ring_allreduce)
+    if _comm is None:
+        _comm = MPI.COMM_WORLD
+    if abort_on_error and _comm.Get_size() > 1 and sys.excepthook is not _abort_on_exception:
+        sys.excepthook = _abort_on_exception
+    if select_gpu:
+        from . import device as _device
+        if select_gpu is True or _device._cuda_problem() is None:
+            import cupy
+            n = cupy.cuda.runtime.getDeviceCount()
+            if n:
+                cupy.cuda.Device(local_rank() % n).use()
+    return _comm.Get_rank(), _comm.Get_size()
+
+
+def _world():
+    if _comm is None:
+        init(select_gpu=False)
+    return _comm
+
+
+def rank():
+    """This process's rank in COMM_WORLD (0 without mpiexec)."""
+    return _world().Get_rank()
+
+
+def world_size():
+    """Number of processes in COMM_WORLD (1 without mpiexec)."""
+    return _world().Get_size()
+
+
+def local_rank():
+    """Rank among the processes on this node (for picking a GPU)."""
+    comm = _world()
+    node = comm.Split_type(_MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return node.Get_rank()
+    finally:
+        node.Free()
+
+
+# -- reducers: one in-place sum over all ranks, per device ----------------------
+
+class _MPIReducer:
+    """Host buffers: MPI collectives straight on the NumPy array."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def allreduce(self, buf):
+        self.comm.Allreduce(_MPI.IN_PLACE, buf, op=_MPI.SUM)
+
+    def bcast(self, buf, root=0):
+        self.comm.Bcast(buf, root=root)
+
+    @staticmethod
+    def scale(buf, factor):
+        np.multiply(buf, factor, out=buf)
+
+
+class _NCCLReducer:
+    """Device buffers: NCCL on the current CuPy stream, no host copy.
+
+    The NCCL communicator is bootstrapped by broadcasting rank 0's unique id
+    over MPI; every later collective is NCCL's.
+    """
+
+    def __init__(self, comm, dtype):
+        import cupy
+        from cupy.cuda import nccl
+        self._cupy, self._nccl = cupy, nccl
+        uid = nccl.get_unique_id() if comm.Get_rank() == 0 else None
+        uid = comm.bcast(uid, root=0)
+        self.nccl_comm = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+        codes = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
+                 np.dtype(np.float64): nccl.NCCL_FLOAT64}
+        self._dtype = codes[np.dtype(dtype)]
+
+    def _stream(self):
+        return self._cupy.cuda.get_current_stream().ptr
+
+    def allreduce(self, buf):
+        # In place: sendbuff == recvbuff is NCCL's documented in-place form.
+        self.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, self._dtype,
+                                 self._nccl.NCCL_SUM, self._stream())
+
+    def bcast(self, buf, root=0):
+        self.nccl_comm.bcast(buf.data.ptr, buf.size, self._dtype, root, self._stream())
+
+    @staticmethod
+    def scale(buf, factor):
+        buf *= factor                       # one elementwise kernel on the same stream
+
+
+# -- the data-parallel step ----------------------------------------------------
+
+class DataParallel:
+    """Data-parallel wrapper of a :class:`fastgrad.TrainStep` or an optimizer.
+
+    At construction it checks that every rank built the same model and
+    optimizer (sizes, dtype, device, hyper-parameters; ValueError on every
+    rank otherwise, instead of a hang or silent divergence) and broadcasts
+    the parameters and the optimizer state (moments and step counts) from
+    rank 0, so ranks may start from different seeds.
+
+    Parameters
+    ----------
+    step : fastgrad.TrainStep or fastgrad optimizer
+        With a TrainStep, call ``dp(x, y)``; with an optimizer (hand-written
+        loops that fill ``opt.grads`` or the ``(param, grad)`` arrays), call
+        ``dp.step()`` after the backward pass.
+    comm : mpi4py communicator, optional
+        Defaults to COMM_WORLD (after :func:`init`).
+    global_loss : bool
+        ``dp(x, y)`` returns the global-batch mean loss (default), through a
+        non-blocking allreduce of one scalar overlapped with the update; False
+        returns this rank's local mean loss and skips that collective.
+
+    Attributes
+    ----------
+    stats : StepStats of the last update (identical on every rank)
+    rank, world : this rank and the number of ranks
+    comm_seconds : cumulative wall time spent scaling and allreducing gradients
+    last_comm_seconds : that time for the last step
+    """
+
+    def __init__(self, step, comm=None, global_loss=True):
+        from .optim import Optimizer
+        from .step import TrainStep
+        if isinstance(step, TrainStep):
+            self.train_step, self.opt = step, step.opt
+            self.model, self.loss_fn = step.model, step.loss_fn
+        elif isinstance(step, Optimizer):
+            self.train_step, self.opt = None, step
+            self.model, self.loss_fn = None, None
+        else:
+            raise TypeError("DataParallel wraps a fastgrad.TrainStep or a fastgrad optimizer, "
+                            f"got {type(step).__name__}")
+        self.comm = comm if comm is not None else _world()
+        _import_mpi()
+        self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
+        self.global_loss = bool(global_loss)
+        opt = self.opt
+        from .device import device_of
+        self.device = device_of(opt.grads)
+        self._check_same_everywhere()
+        if self.device == "cuda":
+            self._reducer = _NCCLReducer(self.comm, opt.grads.dtype)
+        else:
+            self._reducer = _MPIReducer(self.comm)
+        self._loss_buf = np.zeros(1, np.float64)
+        self.stats = None
+        self.comm_seconds = 0.0
+        self.last_comm_seconds = 0.0
+        self.broadcast_state(root=0)
+
+    # -- construction ------------------------------------------------------------
+    def _signature(self):
+        opt = self.opt
+        return (int(opt.params.size), np.dtype(opt.params.dtype).str, self.device,
+                type(opt).__name__, repr(opt.hyper), tuple(sorted(opt.state)),
+                None if self.model is None else tuple(self.model.sizes),
+                None if self.loss_fn is None else getattr(self.loss_fn, "name", None))
+
+    def _check_same_everywhere(self):
+        sigs = self.comm.allgather(self._signature())
+        bad = [r for r, s in enumerate(sigs) if s != sigs[0]]
+        if bad:
+            names = ("n_params", "dtype", "device", "optimizer", "hyper-parameters",
+                     "optimizer state", "model sizes", "loss")
+            diff = [n for n, a, b in zip(names, sigs[0], sigs[bad[0]]) if a != b]
+            raise ValueError(f"DataParallel: rank {bad[0]} differs from rank 0 in "
+                             f"{', '.join(diff)}; every rank must build the same model and "
+                             "optimizer")
+
+    def broadcast_state(self, root=0):
+        """Copy ``root``'s parameters and optimizer state to every rank."""
+        opt, red = self.opt, self._reducer
+        red.bcast(opt.params, root)
+        for name in sorted(opt.state):
+            red.bcast(opt.state[name], root)
+        counts = self.comm.bcast((opt.step_count, opt.n_skipped, opt.n_calls), root=root)
+        opt.step_count, opt.n_skipped, opt.n_calls = counts
+        if opt._pairs is not None:
+            opt._scatter_params()
+
+    # -- the step ------------------------------------------------------------------
+    def _weight(self, local_batch, global_batch):
+        if global_batch is None:
+            return 1.0 / self.world
+        if local_batch is None:
+            raise ValueError("global_batch needs local_batch")
+        if not 0 <= local_batch <= global_batch or global_batch < 1:
+            raise ValueError(f"need 0 <= local_batch <= global_batch, got {local_batch} "
+                             f"and {global_batch}")
+        return local_batch / global_batch
+
+    def _average_grads(self, weight):
+        """grads <- sum over ranks of weight_r * grads_r: the one allreduce."""
+        t0 = time.perf_counter()
+        g = self.opt.grads
+        if self.world > 1 or weight != 1.0:
+            if weight != 1.0:
+                # Scaling before the sum (not after) keeps large gradients
+                # from overflowing in the sum and handles unequal batches.
+                self._reducer.scale(g, weight)
+            if self.world > 1:
+                self._reducer.allreduce(g)
+        self.last_comm_seconds = dt = time.perf_counter() - t0
+        self.comm_seconds += dt
+
+    def __call__(self, x, y, global_batch=None):
+        """One data-parallel training step on this rank's batch ``x, y``.
+
+        Every rank must call it the same number of times.  Local batches must
+        have equal sizes, or pass ``global_batch`` (the sum of all ranks'
+        local batch sizes, known without communication, e.g. from the shard
+        arithmetic of :func:`fit`); a rank may then hold 0 samples.
+
+        Returns the mean loss over the global batch (before the update), or
+        over the local batch with ``global_loss=False``; ``self.stats`` holds
+        the update's StepStats.
+        """
+        if self.train_step is None:
+            raise TypeError("this DataParallel wraps an optimizer: call .step() after backward")
+        n = len(x)
+        if n == 0:
+            if global_batch is None:
+                raise ValueError("an empty local batch needs global_batch")
+            self.opt.grads[...] = 0       # contributes nothing to the sum
+            loss = 0.0
+        else:
+            loss = self.train_step.gradients(x, y)
+        weight = self._weight(n, global_batch)
+        req = None
+        if self.global_loss and self.world > 1:
+            # Started before the gradient allreduce, progressed by it, and
+            # waited for after the update: no extra synchronisation point.
+            self._loss_buf[0] = loss * weight if n else 0.0
+            req = self.comm.Iallreduce(_MPI.IN_PLACE, self._loss_buf, op=_MPI.SUM)
+        self._average_grads(weight)
+        self.stats = self.opt.step()
+        if req is not None:
+            req.Wait()
+            loss = float(self._loss_buf[0])
+        self.train_step.stats = self.stats
+        return loss
+
+    def step(self, local_batch=None, global_batch=None):
+        """Allreduce the gradients, then ``opt.step()``; returns its StepStats.
+
+        For an optimizer over ``(param, grad)`` pairs the users' gradient
+        arrays are overwritten with the averaged gradients (as PyTorch's
+        DistributedDataParallel leaves ``.grad``).  Pass ``local_batch`` and
+        ``global_batch`` when local batches differ in size.
+        """
+        opt = self.opt
+        weight = self._weight(local_batch, global_batch)
+        if opt._pairs is not None:
+            opt._gather_grads()
+            self._average_grads(weight)
+            off = opt.layer_offsets
+            for i, (_, g) in enumerate(opt._pairs):
+                g[...] = opt.grads[off[i]:off[i + 1]].reshape(g.shape)
+        else:
+            self._average_grads(weight)
+        self.stats = opt.step()
+        return self.stats
+
+
+# -- fit ----------------------------------------------------------------------------
+
+class _RankShard:
+    """What ``fastgrad.step.fit`` sees as its step: it receives each global
+    batch and trains this rank on its contiguous slice of it."""
+
+    def __init__(self, dp):
+        self.dp, self.model, self.loss_fn, self.stats = dp, dp.model, dp.loss_fn, None
+
+    def __call__(self, xb, yb):
+        n, r, w = len(xb), self.dp.rank, self.dp.world
+        lo, hi = n * r // w, n * (r + 1) // w        # disjoint, sizes differ by <= 1
+        loss = self.dp(xb[lo:hi], yb[lo:hi], global_batch=n)
+        self.stats = self.dp.stats
+        return loss
+
+
+def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
+        validation_data=None, callbacks=()):
+    """Data-parallel :func:`fastgrad.fit`; ``batch_size`` is per process.
+
+    Every rank draws the same seeded permutation each epoch; a global batch
+    is ``world_size * batch_size`` consecutive samples of it and rank ``r``
+    trains on its own contiguous slice (the last, smaller global batch is
+    split as evenly as possible, each rank's gradient weighted by its share,
+    computed without communication).  So N processes at ``batch_size`` B
+    follow the trajectory of one process at batch ``N * B`` to rounding.
+
+    Every rank needs ``X`` and ``Y`` (memory-mapped arrays are fine).  The
+    progress bar shows on rank 0 only; callbacks run on every rank with the
+    same global loss and stats.  Validation runs on every rank (identical
+    parameters, identical results).  Returns the history of
+    :func:`fastgrad.fit`, identical on every rank.
+    """
+    from .step import fit as _fit
+    if not isinstance(dp_step, DataParallel) or dp_step.train_step is None:
+        raise TypeError("fit needs a DataParallel wrapping a TrainStep")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return _fit(_RankShard(dp_step), X, Y, epochs=epochs,
+                batch_size=int(batch_size) * dp_step.world, shuffle=shuffle, seed=seed,
+                progress=progress and dp_step.rank == 0, validation_data=validation_data,
+                callbacks=callbacks)

@@ -1,0 +1,444 @@
+"""Checkpoints: ``save(path, model, opt=None)`` and ``load(path) -> (model, opt)``.
+
+A checkpoint is ONE safetensors file (https://huggingface.co/docs/safetensors):
+named arrays plus a string->string metadata header.  Files are data, never
+code: nothing is pickled, so loading a stranger's file cannot run anything.
+
+Tensors
+    ``params``            the model's flat parameter buffer (float32/float64);
+                          layer ``i`` owns ``params[off[i]:off[i+1]]``: its
+                          ``W`` row-major ``(n_in, n_out)``, then its ``b``
+    ``opt.<name>``        each optimizer state buffer, same length and dtype
+                          (``opt.exp_avg``, ``opt.exp_avg_sq``,
+                          ``opt.max_exp_avg_sq``, ``opt.momentum_buffer``,
+                          ``opt.square_avg``, ``opt.grad_avg``)
+
+Metadata
+    ``"fastgrad"``        one JSON document::
+
+        {"format": "fastgrad-checkpoint", "format_version": 1,
+         "fastgrad_version": "0.1.0",
+         "model": {"class": "MLP", "dtype": "float32", "seed": 0,
+                   "layers": [{"n_in": 784, "n_out": 256, "activation": "relu",
+                               "alpha": 0.0, "init": "he_normal"}, ...]},
+         "optimizer": null | {"kind": "adam", "step": 20, "n_skipped": 0,
+                              "n_calls": 20, "hyper": {...}, "state": ["exp_avg", ...]}}
+
+    ``hyper`` holds the optimizer's hyper-parameters, its learning-rate
+    schedule as ``Schedule.to_config()`` data.
+
+The file opens in plain safetensors, from NumPy, PyTorch
+(``safetensors.torch.load_file``), JAX or Hugging Face tools.
+
+Writes are atomic: the bytes go to a temporary file in the destination's
+directory, are flushed and ``fsync``-ed, then ``os.replace`` puts the file in
+place and the directory is ``fsync``-ed.  A process killed in the middle of
+a save leaves the previous checkpoint intact (at worst a stray
+``.<name>.*.tmp`` file next to it).
+
+Loading checks everything before building anything: a truncated, foreign,
+crafted or newer-version file raises ``ValueError`` saying what is wrong.
+"""
+import json
+import math
+import numbers
+import os
+import tempfile
+
+import numpy as np
+
+from . import device as _device
+
+__all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "fastgrad-checkpoint"
+FORMAT_VERSION = 1
+META_KEY = "fastgrad"
+PARAMS = "params"
+OPT_PREFIX = "opt."
+
+_DTYPES = ("float32", "float64")
+_MODEL_CLASSES = ("Sequential", "MLP")
+# Limits that only a crafted file reaches; they bound the work done before
+# the architecture is compared with the stored parameter count.
+_MAX_LAYERS = 1_000_000
+
+
+# --- helpers ----------------------------------------------------------------
+
+def _to_host(a):
+    """A C-contiguous NumPy copy-free view (NumPy) or copy (CuPy) of ``a``."""
+    if _device.device_of(a) == "cuda":
+        return a.get()
+    return np.ascontiguousarray(a)
+
+
+def _optimizer_classes():
+    from .optim import SGD, Adam, AdamW, RMSprop
+    return {cls.kind: cls for cls in (SGD, Adam, AdamW, RMSprop)}
+
+
+def _fsync_dir(dirname):
+    """fsync a directory so the rename itself is durable (POSIX only)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
+    try:
+        fd = os.open(dirname, flags)
+    except OSError:          # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    except OSError:          # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, data):
+    """Write ``data`` (bytes) to ``path`` so that ``path`` always holds either
+    its previous content or all of ``data``."""
+    path = os.path.abspath(os.fspath(path))
+    dirname, base = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=dirname)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(dirname)
+
+
+# --- save -------------------------------------------------------------------
+
+def _model_meta(model):
+    return {
+        "class": "MLP" if type(model).__name__ == "MLP" else "Sequential",
+        "dtype": np.dtype(model.dtype).name,
+        "seed": (int(model.seed) if isinstance(model.seed, numbers.Integral)
+                 and not isinstance(model.seed, bool) and model.seed >= 0 else None),
+        "layers": [{"n_in": int(l.n_in), "n_out": int(l.n_out), "activation": l.activation,
+                    "alpha": float(l.alpha), "init": l.init} for l in model.layers],
+    }
+
+
+def save(path, model, opt=None):
+    """Write ``model`` (and ``opt``, if given) to ``path`` as one safetensors file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination; replaced atomically (any extension, e.g. ``run.fgz``).
+    model : fastgrad.Sequential / MLP
+    opt : fastgrad optimizer built on ``model`` (``fg.Adam(model, ...)``), optional
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a fastgrad model, or ``opt`` not a fastgrad optimizer.
+    ValueError
+        ``opt`` was built on other parameters.
+    """
+    from safetensors.numpy import save as _st_save
+
+    from .layers import Sequential
+    from .optim import Optimizer
+
+    if not isinstance(model, Sequential):
+        raise TypeError(f"model must be a fastgrad Sequential/MLP, got {type(model).__name__}")
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "fastgrad_version": _version(), "model": _model_meta(model), "optimizer": None}
+    tensors = {PARAMS: _to_host(model.params)}
+    if opt is not None:
+        if not isinstance(opt, Optimizer):
+            raise TypeError(f"opt must be a fastgrad optimizer, got {type(opt).__name__}")
+        if opt.params is not model.params:
+            raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
+        sd = opt.state_dict()
+        state = sd.pop("state")
+        sd["state"] = sorted(state)
+        meta["optimizer"] = sd
+        for name, arr in state.items():
+            tensors[OPT_PREFIX + name] = _to_host(arr)
+    text = json.dumps(meta, allow_nan=False, sort_keys=True)
+    data = _st_save(tensors, metadata={META_KEY: text})
+    _atomic_write(path, data)
+
+
+def _version():
+    try:
+        from . import __version__
+        return __version__
+    except ImportError:      # pragma: no cover - partial import
+        return "unknown"
+
+
+# --- load -------------------------------------------------------------------
+
+class _Bad(Exception):
+    """Internal: a checkpoint problem; becomes the ValueError's message."""
+
+
+def _need(cond, msg):
+    if not cond:
+        raise _Bad(msg)
+
+
+def _get(d, key, types, where):
+    """``d[key]``, checked to be one of ``types`` (a bool is no integer here)."""
+    _need(isinstance(d, dict) and key in d, f"{where}: missing field {key!r}")
+    v = d[key]
+    types = types if isinstance(types, tuple) else (types,)
+    ok = isinstance(v, types) and (bool in types or not isinstance(v, bool))
+    _need(ok, f"{where}.{key}: expected {_type_names(types)}, got {type(v).__name__} {v!r:.80}")
+    return v
+
+
+def _type_names(types):
+    names = {int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "an object", bool: "a boolean", type(None): "null"}
+    if float in types:
+        types = tuple(t for t in types if t is not int)
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _pos_int(d, key, where):
+    v = _get(d, key, int, where)
+    _need(v >= 1, f"{where}.{key}: must be a positive integer, got {v}")
+    return v
+
+
+def _reject_constant(name):
+    raise _Bad(f"metadata JSON holds the non-standard number {name}")
+
+
+def _parse_model(m):
+    from . import ops
+    from .layers import INITIALIZERS
+
+    _need(isinstance(m, dict), "model: expected an object")
+    cls = _get(m, "class", str, "model")
+    _need(cls in _MODEL_CLASSES, f"model.class: unknown model class {cls!r}; "
+          f"expected one of {list(_MODEL_CLASSES)}")
+    dtype = _get(m, "dtype", str, "model")
+    _need(dtype in _DTYPES, f"model.dtype: unsupported dtype {dtype!r}; expected one of {list(_DTYPES)}")
+    seed = m.get("seed")
+    _need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
+          f"model.seed: expected a non-negative integer or null, got {seed!r:.80}")
+    layers = _get(m, "layers", list, "model")
+    _need(1 <= len(layers) <= _MAX_LAYERS,
+          f"model.layers: expected 1 to {_MAX_LAYERS} layers, got {len(layers)}")
+    specs, n_params = [], 0
+    for i, spec in enumerate(layers):
+        where = f"model.layers[{i}]"
+        _need(isinstance(spec, dict), f"{where}: expected an object")
+        n_in, n_out = _pos_int(spec, "n_in", where), _pos_int(spec, "n_out", where)
+        if i:
+            _need(n_in == specs[-1]["n_out"], f"{where}.n_in: {n_in} does not match the "
+                  f"previous layer's n_out {specs[-1]['n_out']}")
+        act = _get(spec, "activation", str, where)
+        alpha = _get(spec, "alpha", (int, float), where)
+        try:
+            ops.resolve_activation(act, alpha)
+        except ValueError as exc:
+            raise _Bad(f"{where}: {exc}") from None
+        init = _get(spec, "init", str, where)
+        _need(init in INITIALIZERS, f"{where}.init: unknown initializer {init!r:.80}")
+        n_params += n_in * n_out + n_out
+        specs.append({"n_in": n_in, "n_out": n_out, "activation": act,
+                      "alpha": float(alpha), "init": init})
+    return cls, np.dtype(dtype), seed, specs, n_params
+
+
+def _check_json_value(v, depth=0):
+    """Only plain JSON scalars, lists and objects, and not too deep."""
+    _need(depth < 32, "metadata JSON nests too deeply")
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _check_json_value(x, depth + 1)
+    elif isinstance(v, list):
+        for x in v:
+            _check_json_value(x, depth + 1)
+    elif isinstance(v, float):
+        _need(math.isfinite(v), "metadata JSON holds a non-finite number")
+
+
+def _parse_optimizer(o, n_params, dtype, tensor_names):
+    classes = _optimizer_classes()
+    _need(isinstance(o, dict), "optimizer: expected an object or null")
+    kind = _get(o, "kind", str, "optimizer")
+    _need(kind in classes, f"optimizer.kind: unknown optimizer {kind!r:.80}; "
+          f"expected one of {sorted(classes)}")
+    for key in ("step", "n_skipped", "n_calls"):
+        v = _get(o, key, int, "optimizer")
+        _need(v >= 0, f"optimizer.{key}: must be >= 0, got {v}")
+    hyper = _get(o, "hyper", dict, "optimizer")
+    _check_json_value(hyper)
+    cls = classes[kind]
+    keys = {"lr", "clip_norm", "clip_value", "skip_nonfinite"} | set(cls._defaults)
+    _need(set(hyper) == keys, f"optimizer.hyper: fields {sorted(hyper)} do not match "
+          f"{kind!r}'s {sorted(keys)}")
+    for key, v in hyper.items():
+        if key == "lr":
+            _need(isinstance(v, (dict, int, float)) and not isinstance(v, bool),
+                  f"optimizer.hyper.lr: expected a number or a schedule config, got {v!r:.80}")
+        elif key == "betas":
+            _need(isinstance(v, list) and len(v) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) for b in v),
+                f"optimizer.hyper.betas: expected two numbers, got {v!r:.80}")
+        else:
+            want = bool if isinstance(cls._defaults.get(key), bool) or key == "skip_nonfinite" \
+                else (int, float, type(None)) if key.startswith("clip_") else (int, float)
+            _get(hyper, key, want, "optimizer.hyper")
+    state = _get(o, "state", list, "optimizer")
+    _need(all(isinstance(s, str) for s in state), "optimizer.state: expected a list of names")
+    stored = {n[len(OPT_PREFIX):] for n in tensor_names if n.startswith(OPT_PREFIX)}
+    _need(set(state) == stored, f"optimizer.state lists {sorted(state)} but the file holds "
+          f"state tensors {sorted(stored)}")
+    _need(set(state) <= set(classes[kind].state_names),
+          f"optimizer.state: {sorted(set(state) - set(classes[kind].state_names))} "
+          f"are not states of {kind!r}")
+    return classes[kind]
+
+
+class _Unsupported(Exception):
+    """Internal: a valid checkpoint that cannot be loaded as asked."""
+
+
+def _open(path):
+    from safetensors import safe_open
+    return safe_open(os.fspath(path), framework="np")
+
+
+def load(path, device=None):
+    """Read a checkpoint written by :func:`save`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    device : "auto" | "cpu" | "cuda" | None
+        Where to build the model (None: ``fastgrad.get_device()``).
+
+    Returns
+    -------
+    (model, opt)
+        ``model`` is a fresh MLP/Sequential with the saved architecture,
+        dtype, seed and parameters; ``opt`` the optimizer with its
+        hyper-parameters, schedule, state and step count, or None when the
+        file holds no optimizer.
+
+    Raises
+    ------
+    ValueError
+        The file is not a fastgrad checkpoint (truncated, foreign, crafted,
+        inconsistent) or was written by a newer format version; the message
+        says what is wrong.
+    NotImplementedError
+        The file holds an optimizer and ``device`` is "cuda" (the CUDA
+        optimizers are not built yet).
+    OSError
+        The path cannot be opened (FileNotFoundError, PermissionError, ...).
+    fastgrad.DeviceUnavailableError
+        ``device`` cannot run here.
+    """
+    dev = _device.resolve(device)
+    path = os.fspath(path)
+    with open(path, "rb"):     # OSError for a missing or unreadable path, as-is
+        pass
+    try:
+        return _load(path, dev)
+    except _Unsupported as exc:
+        raise NotImplementedError(str(exc)) from None
+    except _Bad as exc:
+        raise ValueError(f"{path!r} is not a valid fastgrad checkpoint: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path!r} is not a valid fastgrad checkpoint: {exc}") from exc
+    except MemoryError:
+        raise ValueError(f"{path!r} is not a valid fastgrad checkpoint: "
+                         "it asks for more memory than is available") from None
+    except Exception as exc:   # SafetensorError, OSError inside the file, TypeError, ...
+        raise ValueError(f"{path!r} is not a valid fastgrad checkpoint: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load(path, dev):
+    try:
+        handle = _open(path)
+    except Exception as exc:
+        raise _Bad(f"not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+    with handle as f:
+        meta = f.metadata() or {}
+        names = set(f.keys())
+        _need(META_KEY in meta, f"no {META_KEY!r} metadata (a safetensors file, "
+              "but not one written by fastgrad.save)")
+        try:
+            doc = json.loads(meta[META_KEY], parse_constant=_reject_constant)
+        except json.JSONDecodeError as exc:
+            raise _Bad(f"metadata is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise _Bad("metadata JSON nests too deeply") from None
+        _need(isinstance(doc, dict), "metadata is not a JSON object")
+        _need(doc.get("format") == FORMAT, f"metadata format is {doc.get('format')!r:.80}, "
+              f"expected {FORMAT!r}")
+        version = doc.get("format_version")
+        _need(isinstance(version, int) and not isinstance(version, bool),
+              f"format_version must be an integer, got {version!r:.80}")
+        _need(version == FORMAT_VERSION,
+              f"format version {version} is not supported (this fastgrad reads version "
+              f"{FORMAT_VERSION}{'; upgrade fastgrad' if version > FORMAT_VERSION else ''})")
+        cls_name, dtype, seed, specs, n_params = _parse_model(doc.get("model"))
+        o = doc.get("optimizer")
+        opt_cls = None if o is None else _parse_optimizer(o, n_params, dtype, names)
+        expected = {PARAMS} | {OPT_PREFIX + s for s in (o["state"] if o else ())}
+        _need(names == expected, f"tensors {sorted(names)!r:.200} do not match the "
+              f"expected {sorted(expected)}")
+        arrays = {}
+        for name in sorted(names):
+            sl = f.get_slice(name)
+            shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
+            want = {"float32": "F32", "float64": "F64"}[dtype.name]
+            _need(st_dtype == want, f"tensor {name!r}: dtype {st_dtype}, expected {want} "
+                  f"({dtype.name})")
+            _need(shape == (n_params,), f"tensor {name!r}: shape {shape}, but the architecture "
+                  f"has {n_params} parameters")
+            arr = f.get_tensor(name)
+            _need(isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.shape == (n_params,),
+                  f"tensor {name!r} did not read back as {dtype.name}[{n_params}]")
+            arrays[name] = arr
+    if opt_cls is not None and dev != "cpu":
+        raise _Unsupported(f"{path!r} holds an optimizer, and optimizers on {dev!r} are not "
+                           "built yet; load it with device='cpu'")
+    model = _build_model(cls_name, dtype, seed, specs, dev)
+    xp = _device.array_module(dev)
+    model.params[...] = xp.asarray(arrays[PARAMS])
+    opt = None
+    if opt_cls is not None:
+        opt = opt_cls(model)
+        sd = {"kind": o["kind"], "step": o["step"], "n_skipped": o["n_skipped"],
+              "n_calls": o["n_calls"], "hyper": o["hyper"],
+              "state": {s: arrays[OPT_PREFIX + s] for s in o["state"]}}
+        opt.load_state_dict(sd)
+        _need(set(opt.state) == set(o["state"]),
+              f"optimizer state {sorted(o['state'])} does not fit its hyper-parameters "
+              f"(which use {sorted(opt.state)})")
+    return model, opt
+
+
+def _build_model(cls_name, dtype, seed, specs, dev):
+    from .layers import MLP, Dense, Sequential
+
+    layers = [Dense(s["n_in"], s["n_out"], activation=s["activation"], alpha=s["alpha"],
+                    init="zeros") for s in specs]
+    cls = MLP if cls_name == "MLP" else Sequential
+    model = cls.__new__(cls)
+    # Built with zeros (no random draws: the parameters are overwritten next),
+    # then the saved initializer names are restored.
+    Sequential.__init__(model, layers, dtype=dtype, device=dev, seed=seed)
+    for layer, s in zip(layers, specs):
+        layer.init = s["init"]
+    return model

@@ -1,0 +1,121 @@
+"""Loading, compiling and launching the CUDA sources of this package.
+
+Each ``*.cu`` file becomes one ``cupy.RawModule``, built on first use (once
+per process and device) from the file's text read through
+``importlib.resources`` (the wheel ships the sources as package data).
+``#include "common.cuh"`` is pasted in by text, because NVRTC cannot read
+include files from a package reliably (zip installs) and cannot include
+system headers at all.  CuPy caches the compiled binaries on disk
+(``~/.cupy/kernel_cache``, keyed by source, options and architecture), so
+only the first process after an install or upgrade pays for NVRTC.
+
+Templates are instantiated by ``name_expressions`` (``"fg_update<float, 1>"``),
+listed below per file.  Options: ``--std=c++17`` and ``--fmad=false`` (a*b+c
+rounded twice, as on the CPU: see common.cuh).
+"""
+import importlib.resources
+import re
+
+import cupy
+import numpy as np
+
+_OPTIONS = ("--std=c++17", "--fmad=false")
+_INCLUDE = re.compile(r'^\s*#include\s+"([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
+
+_DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+N_ACTIVATIONS = 8
+N_RULES = 4
+
+
+def _names():
+    """name_expressions per source file (every instantiation a wrapper uses)."""
+    acts, losses, reduce_, optim = [], [], [], []
+    for t in _DTYPES.values():
+        for a in range(N_ACTIVATIONS):
+            acts += [f"fg_bias_act<{t}, {a}>", f"fg_bias_act_grad<{t}, {a}>"]
+        acts.append(f"fg_colsum<{t}>")
+        losses += [f"fg_softmax_xent<{t}>", f"fg_mse<{t}>", f"fg_bce_with_logits<{t}>"]
+        reduce_.append(f"fg_seg_sumsq_partial<{t}>")
+        optim += [f"fg_update<{t}, {r}>" for r in range(N_RULES)]
+    losses.append("fg_mean<double>")
+    reduce_.append("fg_seg_sumsq_final<double>")
+    optim.append("fg_clip_control<double>")
+    return {"activations.cu": acts, "losses.cu": losses, "reduce.cu": reduce_,
+            "optim.cu": optim}
+
+
+NAMES = _names()
+_modules = {}      # (file, device id) -> RawModule
+_kernels = {}      # (file, name, device id) -> RawKernel
+
+
+def source(filename):
+    """The text of ``filename`` with its local includes pasted in (once each)."""
+    pkg = importlib.resources.files(__package__)
+    seen = set()
+
+    def expand(text):
+        def repl(m):
+            name = m.group(1)
+            if name in seen:
+                return ""
+            seen.add(name)
+            return expand(pkg.joinpath(name).read_text(encoding="utf-8"))
+        return _INCLUDE.sub(repl, text)
+
+    return expand(pkg.joinpath(filename).read_text(encoding="utf-8"))
+
+
+def module(filename):
+    """The RawModule of ``filename`` on the current device (built lazily)."""
+    key = (filename, cupy.cuda.runtime.getDevice())
+    mod = _modules.get(key)
+    if mod is None:
+        mod = _modules[key] = cupy.RawModule(code=source(filename), options=_OPTIONS,
+                                             name_expressions=NAMES[filename])
+    return mod
+
+
+def kernel(filename, name):
+    """One instantiated kernel, e.g. ``kernel("optim.cu", "fg_update<float, 1>")``."""
+    key = (filename, name, cupy.cuda.runtime.getDevice())
+    k = _kernels.get(key)
+    if k is None:
+        k = _kernels[key] = module(filename).get_function(name)
+    return k
+
+
+def ctype(dtype):
+    """"float" or "double" for a float32/float64 dtype; TypeError otherwise."""
+    try:
+        return _DTYPES[np.dtype(dtype)]
+    except KeyError:
+        raise TypeError(f"CUDA kernels take float32 or float64, got {np.dtype(dtype)}") from None
+
+
+# Elementwise launches: 256 threads, grid-stride; the cap keeps a few waves
+# of blocks on the largest GPUs without launching millions of tiny blocks.
+THREADS = 256
+MAX_BLOCKS = 8192
+# Must match the .cu files.
+RED_THREADS = 256          # common.cuh fg::RED_THREADS
+GRAD_ROWS = 64             # activations.cu FG_GRAD_ROWS
+SUMSQ_CHUNK = 8192         # reduce.cu FG_SUMSQ_CHUNK
+# Blocks of the elementwise losses' first reduction level: a function of n
+# only (never of the GPU), so the float64 loss is bitwise reproducible
+# across runs and devices.
+LOSS_MAX_BLOCKS = 1024
+
+NULL = np.uint64(0)        # a null pointer argument
+
+
+def blocks(n, cap=MAX_BLOCKS):
+    return int(max(1, min(cap, -(-int(n) // THREADS))))
+
+
+def i64(x):
+    return np.int64(x)
+
+
+def f64(x):
+    return np.float64(x)

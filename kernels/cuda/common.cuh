@@ -1,0 +1,91 @@
+// Shared device helpers of fastgrad's CUDA kernels.
+//
+// Header-free on purpose: NVRTC (which compiles these sources at run time
+// through cupy.RawModule) cannot include system headers.  The Python loader
+// (fastgrad/kernels/cuda/_module.py) pastes this file in place of its
+// #include line; nvcc (the CI compile check) resolves the #include itself.
+//
+// Math: precise CUDA libm (expf, tanhf, log1pf, ... <= 2 ulp; sqrtf and
+// division IEEE-rounded) -- not the CPU's float32 polynomials.  CPU float32
+// and GPU float32 therefore agree to ~1e-6 relative on transcendental
+// results, and exactly on +, *, /, sqrt.  The modules are compiled with
+// --fmad=false so that a*b+c rounds twice as on the CPU (Numba, no
+// fastmath): the memory-bound passes lose nothing, and the optimizer update
+// is then bitwise the CPU's for the same inputs.
+#ifndef FASTGRAD_COMMON_CUH
+#define FASTGRAD_COMMON_CUH
+
+namespace fg {
+
+// Activation codes: kernels/cpu/activations.py CODES.
+enum { IDENTITY = 0, RELU = 1, LEAKY_RELU = 2, ELU = 3, SIGMOID = 4, TANH = 5,
+       SOFTPLUS = 6, GELU = 7 };
+
+// Optimizer rule codes and hp slots: kernels/cpu/optim.py.
+enum { SGD = 0, ADAM = 1, ADAMW = 2, RMSPROP = 3 };
+enum { HP_LR = 0, HP_WEIGHT_DECAY = 1, HP_BETA1 = 2, HP_BETA2 = 3, HP_EPS = 4,
+       HP_BIAS_CORR1 = 5, HP_BIAS_CORR2 = 6, HP_AMSGRAD = 7, HP_MOMENTUM = 8,
+       HP_DAMPENING = 9, HP_NESTEROV = 10, HP_FIRST = 11, HP_ALPHA = 12,
+       HP_CENTERED = 13, HP_SIZE = 16 };
+
+// Control block written by the clip kernel and read by the update kernel:
+// ctl[0] norm, ctl[1] clip scale, ctl[2] 1.0 when the update is skipped.
+enum { CTL_NORM = 0, CTL_SCALE = 1, CTL_SKIP = 2 };
+
+// Threads per block of the reductions; their trees assume exactly this.
+constexpr int RED_THREADS = 256;
+
+__device__ __forceinline__ float  exp_(float x)    { return expf(x); }
+__device__ __forceinline__ double exp_(double x)   { return exp(x); }
+__device__ __forceinline__ float  expm1_(float x)  { return expm1f(x); }
+__device__ __forceinline__ double expm1_(double x) { return expm1(x); }
+__device__ __forceinline__ float  log1p_(float x)  { return log1pf(x); }
+__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
+__device__ __forceinline__ float  tanh_(float x)   { return tanhf(x); }
+__device__ __forceinline__ double tanh_(double x)  { return tanh(x); }
+__device__ __forceinline__ float  sqrt_(float x)   { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_(double x)  { return sqrt(x); }
+__device__ __forceinline__ float  abs_(float x)    { return fabsf(x); }
+__device__ __forceinline__ double abs_(double x)   { return fabs(x); }
+
+// Python's max(a, b) / min(a, b) (Numba's builtins): the first argument
+// unless the second compares greater / smaller.
+template <typename T> __device__ __forceinline__ T pymax(T a, T b) { return b > a ? b : a; }
+template <typename T> __device__ __forceinline__ T pymin(T a, T b) { return b < a ? b : a; }
+
+__device__ __forceinline__ double inf_d() { return __longlong_as_double(0x7ff0000000000000LL); }
+template <typename T> __device__ __forceinline__ T inf() { return T(inf_d()); }
+
+// NaN and +-Inf fail this test (NaN compares false).
+__device__ __forceinline__ bool finite_d(double x) { return fabs(x) <= 1.7976931348623157e308; }
+
+// Sum of one double per thread over a block of RED_THREADS threads, in a
+// fixed tree: the result depends on the inputs' positions only, never on
+// scheduling.  Every thread must call it; thread 0 gets the total.
+__device__ __forceinline__ double block_sum(double v, double* sh)
+{
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int h = RED_THREADS / 2; h > 0; h >>= 1) {
+        if (threadIdx.x < h) sh[threadIdx.x] += sh[threadIdx.x + h];
+        __syncthreads();
+    }
+    return sh[0];
+}
+
+// Warp butterflies: x + y == y + x bitwise, so every lane ends with the same
+// value and the order is fixed by the lane layout.
+template <typename T> __device__ __forceinline__ T warp_sum(T v)
+{
+    for (int h = 16; h > 0; h >>= 1) v += __shfl_xor_sync(0xffffffffu, v, h);
+    return v;
+}
+template <typename T> __device__ __forceinline__ T warp_max(T v)
+{
+    for (int h = 16; h > 0; h >>= 1) v = pymax(v, __shfl_xor_sync(0xffffffffu, v, h));
+    return v;
+}
+
+}  // namespace fg
+
+#endif  // FASTGRAD_COMMON_CUH

@@ -1,0 +1,103 @@
+// Losses: per-row / per-block terms into a float64 device buffer, then one
+// deterministic reduction to the mean (fg_mean).  Twins of
+// kernels/cpu/losses.py: the same formulas, the loss accumulated in float64,
+// the gradient of the mean written in the predictions' dtype (grad may alias
+// the input).  The mean stays on the device: nothing syncs.
+#include "common.cuh"
+
+// Softmax cross-entropy, one warp per row (blockDim.x a multiple of 32).
+// Stable log-sum-exp: the largest shifted logit is 0, so s lies in
+// [1, cols].  row_loss[i] = log(s) - (x_label - max), in float64 as the CPU.
+template <typename T>
+__global__ void fg_softmax_xent(const T* logits, const long long* labels, T* grad,
+                                double* row_loss, long long rows, long long cols)
+{
+    const int lane = threadIdx.x & 31;
+    const long long i = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (i >= rows) return;                          // whole warps leave together
+    const T* row = logits + i * cols;
+    T* g = grad + i * cols;
+    const long long lab = labels[i];
+    const T x_label = row[lab];                     // before grad (maybe logits) is written
+    T m = -fg::inf<T>();
+    for (long long j = lane; j < cols; j += 32) m = fg::pymax(m, row[j]);
+    m = fg::warp_max(m);
+    __syncwarp();
+    T s = T(0);
+    for (long long j = lane; j < cols; j += 32) {
+        const T e = fg::exp_(row[j] - m);
+        g[j] = e;
+        s += e;
+    }
+    s = fg::warp_sum(s);
+    const T inv_b = T(1.0 / (double)rows);
+    if (lane == 0) row_loss[i] = log((double)s) - ((double)x_label - (double)m);
+    const T scale = inv_b / s;
+    for (long long j = lane; j < cols; j += 32) g[j] *= scale;
+    __syncwarp();
+    if (lane == 0) g[lab] -= inv_b;
+}
+
+// Mean squared error: grad = (2/n) d, partial[block] = sum of d*d (float64).
+// blockDim.x == fg::RED_THREADS; gridDim.x depends on n only.
+template <typename T>
+__global__ void fg_mse(const T* pred, const T* target, T* grad, double* partial, long long n)
+{
+    __shared__ double sh[fg::RED_THREADS];
+    const T two_over_n = T(2.0 / (double)n);
+    double acc = 0.0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const T d = pred[i] - target[i];
+        acc += (double)d * (double)d;
+        grad[i] = two_over_n * d;
+    }
+    const double tot = fg::block_sum(acc, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = tot;
+}
+
+// Binary cross-entropy on logits: loss max(x,0) - x t + log1p(exp(-|x|)),
+// grad (sigmoid(x) - t) / n; both finite for any finite logit.
+template <typename T>
+__global__ void fg_bce_with_logits(const T* logits, const T* target, T* grad, double* partial,
+                                   long long n)
+{
+    __shared__ double sh[fg::RED_THREADS];
+    const T zero = T(0), one = T(1);
+    const T inv_n = T(1.0 / (double)n);
+    double acc = 0.0;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const T x = logits[i], t = target[i];
+        const T e = fg::exp_(-fg::abs_(x));          // in (0, 1]
+        acc += (double)((x > zero ? x : zero) - x * t + fg::log1p_(e));
+        const T sig = x >= zero ? one / (one + e) : e / (one + e);
+        grad[i] = (sig - t) * inv_n;
+    }
+    const double tot = fg::block_sum(acc, sh);
+    if (threadIdx.x == 0) partial[blockIdx.x] = tot;
+}
+
+// out[0] = (sum of x[0..n) in a fixed order) / div.  One block of
+// fg::RED_THREADS threads: thread t adds x[t], x[t + 256], ... in order, then
+// the block tree.  T is a dummy (double) so that NVRTC names it like the rest.
+template <typename T>
+__global__ void fg_mean(const T* x, long long n, T* out, double div)
+{
+    __shared__ double sh[fg::RED_THREADS];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += fg::RED_THREADS) acc += (double)x[i];
+    const double tot = fg::block_sum(acc, sh);
+    if (threadIdx.x == 0) out[0] = T(tot / div);
+}
+
+#ifndef __CUDACC_RTC__
+#define FG_INST(T)                                                                             \
+    template __global__ void fg_softmax_xent<T>(const T*, const long long*, T*, double*,      \
+                                                long long, long long);                        \
+    template __global__ void fg_mse<T>(const T*, const T*, T*, double*, long long);           \
+    template __global__ void fg_bce_with_logits<T>(const T*, const T*, T*, double*, long long);
+FG_INST(float)
+FG_INST(double)
+template __global__ void fg_mean<double>(const double*, long long, double*, double);
+#endif

@@ -1,0 +1,74 @@
+"""Losses on the GPU: twins of ``fastgrad.kernels.cpu.losses``.
+
+Each writes the gradient of the mean loss into ``grad`` (which may alias the
+input) and returns the mean loss as a 0-d float64 ``cupy.ndarray`` -- not a
+host float, so nothing waits for the device; ``float(loss)`` (as
+``fastgrad.ops`` does, outside a step) is the one sync.  The loss is
+accumulated in float64 and reduced in a fixed order (per-row or per-block
+terms into a float64 buffer, then one block sums them): two runs give the
+same bits.  ``out`` and ``work`` (optional) are preallocated float64
+buffers for the result (shape ``()`` or ``(1,)``) and the terms
+(``work_size``); ``fastgrad.kernels.cuda.step`` passes them so that a
+captured graph owns every buffer it touches.
+"""
+import cupy
+import numpy as np
+
+from . import _module as _m
+
+__all__ = ["softmax_cross_entropy", "mse", "bce_with_logits", "work_size"]
+
+_FILE = "losses.cu"
+_ROWS_PER_BLOCK = 4        # warps (rows) per block of the softmax kernel
+
+
+def work_size(kind, shape):
+    """float64 scratch elements a loss over predictions of ``shape`` needs."""
+    if kind == "softmax_cross_entropy":
+        return int(shape[0])
+    return _m.blocks(int(np.prod(shape)), _m.LOSS_MAX_BLOCKS)
+
+
+def _out(out):
+    return cupy.empty((), np.float64) if out is None else out
+
+
+def _mean(terms, n_terms, out, div):
+    k = _m.kernel(_FILE, "fg_mean<double>")
+    k((1,), (_m.RED_THREADS,), (terms, _m.i64(n_terms), out, _m.f64(div)))
+    return out
+
+
+def softmax_cross_entropy(logits, labels, grad, out=None, work=None):
+    """Mean softmax cross-entropy over rows, int64 ``labels``.
+
+    One warp per row: max, exp(l - max) into ``grad`` while summing (warp
+    butterflies, fixed order), log(s) per row in float64, then the scale.
+    """
+    rows, cols = logits.shape
+    out = _out(out)
+    row_loss = cupy.empty(rows, np.float64) if work is None else work
+    k = _m.kernel(_FILE, f"fg_softmax_xent<{_m.ctype(logits.dtype)}>")
+    k((-(-rows // _ROWS_PER_BLOCK),), (32 * _ROWS_PER_BLOCK,),
+      (logits, labels, grad, row_loss, _m.i64(rows), _m.i64(cols)))
+    return _mean(row_loss, rows, out, rows)
+
+
+def _elementwise(name, pred, target, grad, out, work):
+    n = pred.size
+    out = _out(out)
+    nblk = _m.blocks(n, _m.LOSS_MAX_BLOCKS)
+    partial = cupy.empty(nblk, np.float64) if work is None else work
+    k = _m.kernel(_FILE, f"{name}<{_m.ctype(pred.dtype)}>")
+    k((nblk,), (_m.RED_THREADS,), (pred, target, grad, partial, _m.i64(n)))
+    return _mean(partial, nblk, out, n)
+
+
+def mse(pred, target, grad, out=None, work=None):
+    """Mean of (pred - target)^2 over all elements (torch.nn.MSELoss)."""
+    return _elementwise("fg_mse", pred, target, grad, out, work)
+
+
+def bce_with_logits(logits, target, grad, out=None, work=None):
+    """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss)."""
+    return _elementwise("fg_bce_with_logits", logits, target, grad, out, work)

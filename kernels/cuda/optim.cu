@@ -1,0 +1,172 @@
+// Clipped optimizer updates on flat buffers: twin of kernels/cpu/optim.py
+// (same rule codes, hp slots, state buffers s0/s1/s2 and order of
+// operations; see its docstring for the table of buffers).
+//
+// No host round-trip inside a step: fg_clip_control turns the squared norm
+// (written by reduce.cu) into ctl = {norm, scale, skip} in device memory,
+// and fg_update reads ctl and the hyper-parameters hp from device memory and
+// returns at once when the step is skipped.  hp is a device array (uploaded
+// from pinned memory by the Python side), so a captured CUDA graph replays
+// with each step's learning rate and bias corrections.
+//
+// Compiled with --fmad=false (see common.cuh): every + and * rounds as in
+// Numba without fastmath, sqrt and / are IEEE-rounded, so given the same
+// inputs the update is bitwise the CPU's, float32 and float64.
+#include "common.cuh"
+
+// ctl = {norm, scale, skip} from the squared norm; clip_norm <= 0: no clip.
+// scale is min(1, clip_norm / (norm + 1e-6)) as torch's clip_grad_norm_.
+template <typename T>
+__global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm)
+{
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const double norm = sqrt((double)total_sq[0]);
+    const bool skip = !fg::finite_d(norm);
+    double scale = 1.0;
+    if (skip) scale = 0.0;
+    else if (clip_norm > 0.0) scale = fg::pymin(1.0, clip_norm / (norm + 1e-6));
+    ctl[fg::CTL_NORM] = T(norm);
+    ctl[fg::CTL_SCALE] = T(scale);
+    ctl[fg::CTL_SKIP] = T(skip ? 1.0 : 0.0);
+}
+
+namespace fg {
+
+// torch.lerp's CPU formula, branch-free as in kernels/cpu/optim.py _lerp.
+template <typename T>
+__device__ __forceinline__ T lerp_(T a, T b, bool lt, T c) { return (lt ? a : b) + c * (b - a); }
+
+template <typename T>
+__device__ __forceinline__ T clip_(T g, T sc, T ncv, T cv) { return pymin(pymax(g * sc, ncv), cv); }
+
+template <typename T, bool DECOUPLED>
+__device__ __forceinline__ void adam(T* p, const T* g, T* m, T* v, T* vmax, const double* hp,
+                                     T sc, T cv, long long i0, long long n, long long stride)
+{
+    const T ncv = -cv;
+    const double lr = hp[HP_LR];
+    const double wd = hp[HP_WEIGHT_DECAY];
+    const T l2 = DECOUPLED ? T(0.0) : T(wd);
+    const T decay = DECOUPLED ? T(1.0 - lr * wd) : T(1.0);
+    const double w1 = 1.0 - hp[HP_BETA1];
+    const bool lt1 = w1 < 0.5;
+    const T c1 = lt1 ? T(w1) : T(-(1.0 - w1));
+    const T b2 = T(hp[HP_BETA2]);
+    const T w2 = T(1.0 - hp[HP_BETA2]);
+    const T eps = T(hp[HP_EPS]);
+    const T nstep = T(-(lr / hp[HP_BIAS_CORR1]));
+    const T bc2s = T(sqrt(hp[HP_BIAS_CORR2]));
+    const bool ams = hp[HP_AMSGRAD] != 0.0;
+    for (long long i = i0; i < n; i += stride) {
+        T gi = clip_(g[i], sc, ncv, cv);
+        const T pi = p[i] * decay;
+        gi = gi + l2 * pi;
+        const T mi = lerp_(m[i], gi, lt1, c1);
+        const T vi = v[i] * b2 + w2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        T vd = vi;
+        if (ams) {
+            vd = pymax(vmax[i], vi);
+            vmax[i] = vd;
+        }
+        p[i] = pi + nstep * (mi / (sqrt_(vd) / bc2s + eps));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void sgd(T* p, const T* g, T* buf, const double* hp, T sc, T cv,
+                                    long long i0, long long n, long long stride)
+{
+    const T ncv = -cv;
+    const T nlr = T(-hp[HP_LR]);
+    const T wd = T(hp[HP_WEIGHT_DECAY]);
+    const T mom = T(hp[HP_MOMENTUM]);
+    const T w = T(1.0 - hp[HP_DAMPENING]);
+    if (hp[HP_MOMENTUM] == 0.0) {
+        for (long long i = i0; i < n; i += stride) {
+            const T pi = p[i];
+            const T gi = clip_(g[i], sc, ncv, cv) + wd * pi;
+            p[i] = pi + nlr * gi;
+        }
+        return;
+    }
+    const bool first = hp[HP_FIRST] != 0.0;
+    const bool nesterov = hp[HP_NESTEROV] != 0.0;
+    for (long long i = i0; i < n; i += stride) {
+        const T pi = p[i];
+        const T gi = clip_(g[i], sc, ncv, cv) + wd * pi;
+        const T bi = first ? gi : buf[i] * mom + w * gi;   // torch: first buffer = g, undampened
+        buf[i] = bi;
+        const T d = nesterov ? gi + mom * bi : bi;
+        p[i] = pi + nlr * d;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void rmsprop(T* p, const T* g, T* sq, T* buf, T* gavg, const double* hp,
+                                        T sc, T cv, long long i0, long long n, long long stride)
+{
+    const T ncv = -cv;
+    const T nlr = T(-hp[HP_LR]);
+    const T wd = T(hp[HP_WEIGHT_DECAY]);
+    const T alpha = T(hp[HP_ALPHA]);
+    const double wa = 1.0 - hp[HP_ALPHA];
+    const T wsq = T(wa);
+    const bool lta = wa < 0.5;
+    const T ca = lta ? T(wa) : T(-(1.0 - wa));
+    const T eps = T(hp[HP_EPS]);
+    const T mom = T(hp[HP_MOMENTUM]);
+    const bool centered = hp[HP_CENTERED] != 0.0;
+    const bool use_mom = hp[HP_MOMENTUM] > 0.0;
+    for (long long i = i0; i < n; i += stride) {
+        const T pi = p[i];
+        const T gi = clip_(g[i], sc, ncv, cv) + wd * pi;
+        const T si = sq[i] * alpha + wsq * gi * gi;
+        sq[i] = si;
+        T avg;
+        if (centered) {
+            const T ai = lerp_(gavg[i], gi, lta, ca);
+            gavg[i] = ai;
+            avg = sqrt_(si + (-ai) * ai) + eps;
+        } else {
+            avg = sqrt_(si) + eps;
+        }
+        if (use_mom) {
+            const T bi = buf[i] * mom + gi / avg;
+            buf[i] = bi;
+            p[i] = pi + nlr * bi;
+        } else {
+            p[i] = pi + nlr * (gi / avg);
+        }
+    }
+}
+
+}  // namespace fg
+
+// Pass 2: clip by the scale in ctl, clip by value, then rule RULE, in place
+// on p and the state buffers (unused ones may be null / size 0: never read).
+// clip_value <= 0 disables clip-by-value (an infinite bound).
+template <typename T, int RULE>
+__global__ void fg_update(T* p, const T* g, T* s0, T* s1, T* s2, const double* hp,
+                          const double* ctl, double clip_value, long long n)
+{
+    if (ctl[fg::CTL_SKIP] != 0.0) return;          // non-finite norm: touch nothing
+    const T sc = T(ctl[fg::CTL_SCALE]);
+    const T cv = clip_value > 0.0 ? T(clip_value) : fg::inf<T>();
+    const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    if (RULE == fg::ADAM) fg::adam<T, false>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+    else if (RULE == fg::ADAMW) fg::adam<T, true>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+    else if (RULE == fg::SGD) fg::sgd<T>(p, g, s0, hp, sc, cv, i0, n, stride);
+    else fg::rmsprop<T>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+}
+
+#ifndef __CUDACC_RTC__
+#define FG_INST(T, R)                                                                        \
+    template __global__ void fg_update<T, R>(T*, const T*, T*, T*, T*, const double*,       \
+                                             const double*, double, long long);
+FG_INST(float, 0) FG_INST(float, 1) FG_INST(float, 2) FG_INST(float, 3)
+FG_INST(double, 0) FG_INST(double, 1) FG_INST(double, 2) FG_INST(double, 3)
+template __global__ void fg_clip_control<double>(const double*, double*, double);
+#endif

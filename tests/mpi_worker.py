@@ -1,0 +1,156 @@
+"""Script the distributed tests run under mpiexec (and import for references).
+
+    mpiexec -n 2 python tests/mpi_worker.py MODE OUT.npz
+
+Modes
+-----
+steps     20 TrainStep-mode steps at local batch 32 (float64, Adam, clipping
+          active), rank 1 feeding a NaN input at step NAN_STEP; rank 0 saves
+          the parameters, per-step losses and stats, and every rank's
+          parameters gathered to rank 0.
+optloop   the same run written by hand: model.forward / loss / backward, then
+          ``DataParallel(opt).step()``.
+fit       ``fastgrad.distributed.fit`` on a dataset whose size is not a
+          multiple of the global batch (the last batch is split unevenly).
+single    run WITHOUT mpiexec: init() gives size 1 and DataParallel on one
+          process gives exactly the plain TrainStep's parameters.
+raise     rank 1 raises RuntimeError(ERROR_TEXT) while rank 0 waits in an
+          allreduce: the job must end with that error, not hang.
+
+The problem (data, model, optimizer) is built by the functions below, which
+the tests also call to compute the one-process reference.
+"""
+import sys
+
+import numpy as np
+
+SIZES = [10, 32, 32, 4]
+LOCAL_BATCH = 32
+N_STEPS = 20
+NAN_STEP = 7
+NAN_RANK = 1
+CLIP_NORM = 0.05            # well below the gradient norms here: every finite step clips
+ERROR_TEXT = "rank 1 failed on purpose (fastgrad distributed test)"
+FIT_SAMPLES = 2 * 2 * 24 + 37   # 2 full global batches of 2 x 24, then 37 split 18/19
+FIT_LOCAL_BATCH = 24
+
+
+def make_step(seed=0, dtype="float64"):
+    import fastgrad as fg
+    model = fg.MLP(SIZES, activation="relu", dtype=dtype, seed=seed)
+    opt = fg.Adam(model, lr=1e-2, clip_norm=CLIP_NORM)
+    return fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+
+
+def global_batches(world=2, local_batch=LOCAL_BATCH, n_steps=N_STEPS):
+    """The global batches of the run, NaN already placed where rank NAN_RANK
+    feeds it (row 0 of its slice at step NAN_STEP)."""
+    rng = np.random.default_rng(1234)
+    B = world * local_batch
+    out = []
+    for k in range(n_steps):
+        x = rng.normal(size=(B, SIZES[0]))
+        y = rng.integers(0, SIZES[-1], size=B)
+        if k == NAN_STEP:
+            x[min(NAN_RANK, world - 1) * local_batch, 0] = np.nan
+        out.append((x, y))
+    return out
+
+
+def fit_data():
+    rng = np.random.default_rng(99)
+    X = rng.normal(size=(FIT_SAMPLES, SIZES[0]))
+    Y = rng.integers(0, SIZES[-1], size=FIT_SAMPLES)
+    return X, Y
+
+
+def _save_gathered(comm, path, step_or_opt, **arrays):
+    params = np.ascontiguousarray(step_or_opt.params)
+    gathered = None
+    if comm.Get_rank() == 0:
+        gathered = np.empty((comm.Get_size(), params.size), params.dtype)
+    comm.Gather(params, gathered, root=0)
+    if comm.Get_rank() == 0:
+        np.savez(path, params=params, all_params=gathered, **arrays)
+
+
+def run_steps(comm, path):
+    from fastgrad import distributed as dist
+    r, w = comm.Get_rank(), comm.Get_size()
+    step = make_step(seed=r)          # different inits: DataParallel broadcasts rank 0's
+    dp = dist.DataParallel(step)
+    losses, skipped, clipped = [], [], []
+    for x, y in global_batches(w):
+        lo, hi = r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH
+        losses.append(dp(x[lo:hi], y[lo:hi]))
+        skipped.append(dp.stats.skipped)
+        clipped.append(dp.stats.clipped)
+    _save_gathered(comm, path, step.opt, losses=np.array(losses), skipped=np.array(skipped),
+                   clipped=np.array(clipped))
+
+
+def run_optloop(comm, path):
+    from fastgrad import distributed as dist
+    r, w = comm.Get_rank(), comm.Get_size()
+    step = make_step(seed=r)
+    model, loss_fn = step.model, step.loss_fn
+    dp = dist.DataParallel(step.opt)
+    skipped = []
+    for x, y in global_batches(w):
+        lo, hi = r * LOCAL_BATCH, (r + 1) * LOCAL_BATCH
+        out = model.forward(x[lo:hi])
+        _, dy = loss_fn(out, y[lo:hi])
+        model.backward(dy)
+        skipped.append(dp.step().skipped)
+    _save_gathered(comm, path, step.opt, skipped=np.array(skipped))
+
+
+def run_fit(comm, path):
+    from fastgrad import distributed as dist
+    r = comm.Get_rank()
+    step = make_step(seed=r)
+    dp = dist.DataParallel(step)
+    X, Y = fit_data()
+    hist = dist.fit(dp, X, Y, epochs=2, batch_size=FIT_LOCAL_BATCH, seed=5, progress=False)
+    _save_gathered(comm, path, step.opt, loss=np.array(hist["loss"]),
+                   clipped=np.array(hist["clipped"]))
+
+
+def run_raise(comm, path):
+    from fastgrad import distributed as dist
+    dp = dist.DataParallel(make_step(seed=0))
+    if comm.Get_rank() == 1:
+        raise RuntimeError(ERROR_TEXT)
+    x, y = global_batches(comm.Get_size())[0]
+    for _ in range(1000):            # would wait forever for rank 1 without Abort
+        dp(x[:LOCAL_BATCH], y[:LOCAL_BATCH])
+
+
+def run_single(comm, path):
+    """Without mpiexec: size 1, and DataParallel equals the plain TrainStep."""
+    from fastgrad import distributed as dist
+    assert (comm.Get_rank(), comm.Get_size()) == (0, 1)
+    assert (dist.rank(), dist.world_size(), dist.launched_by_mpi()) == (0, 1, False)
+    a, b = make_step(seed=0), make_step(seed=0)
+    dp = dist.DataParallel(b)
+    la, lb = [], []
+    for x, y in global_batches(1, n_steps=NAN_STEP + 3):
+        la.append(a(x, y))
+        lb.append(dp(x, y))
+        assert dp.stats.skipped == a.stats.skipped
+    np.savez(path, a=a.opt.params, b=b.opt.params, la=np.array(la), lb=np.array(lb))
+
+
+MODES = {"single": run_single, "steps": run_steps, "optloop": run_optloop, "fit": run_fit, "raise": run_raise}
+
+
+def main(argv):
+    from fastgrad import distributed as dist
+    mode, path = argv[1], argv[2]
+    dist.init()                       # installs the abort-on-exception hook
+    dist.DataParallel  # noqa: B018  (imported before any rank can fail)
+    MODES[mode](dist._comm, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

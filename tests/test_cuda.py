@@ -1,0 +1,433 @@
+"""The CUDA kernels (fastgrad.kernels.cuda) against fastgrad.reference and
+against their CPU twins, plus a compile check of every kernels/cuda/*.cu.
+
+Tests marked ``cuda`` need CuPy and a GPU (skipped otherwise, by conftest and
+by the ``cp`` fixture).  ``test_cu_sources_compile`` needs only ``nvcc``.
+
+Tolerances: float32 relative 1e-5, float64 1e-12 (conftest.RTOL).  The GPU
+uses precise CUDA libm where the CPU's float32 kernels use polynomials, so
+float32 transcendentals differ by ~1e-6 relative; + * / sqrt round alike
+(both sides compile without FMA contraction), so the optimizer update is
+bitwise equal given equal inputs.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import ops, reference
+from fastgrad.kernels import cpu as kcpu
+from fastgrad.kernels.cpu import optim as cpu_optim
+from fastgrad.kernels.cpu import reduce as cpu_reduce
+from fastgrad.kernels.cpu import step as cpu_step
+from fastgrad.kernels.cpu.activations import CODES
+
+from conftest import ACTIVATIONS, DTYPES, assert_close, dense_inputs, rtol_of, to_numpy
+
+CU_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "kernels", "cuda")
+RULES = ("sgd", "adam", "adamw", "rmsprop")
+
+
+def _ids(values):
+    return [np.dtype(v).name if isinstance(v, type) else str(v) for v in values]
+
+
+@pytest.fixture
+def cp():
+    cupy = pytest.importorskip("cupy")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:                      # no driver
+        pytest.skip(f"no usable CUDA driver: {exc}")
+    if n < 1:
+        pytest.skip("no NVIDIA GPU visible")
+    return cupy
+
+
+@pytest.fixture
+def kc(cp):
+    import fastgrad.kernels.cuda as kcuda
+    return kcuda
+
+
+# --- compile check (no GPU needed) ---------------------------------------------
+
+def _cu_files():
+    return sorted(f for f in os.listdir(CU_DIR) if f.endswith(".cu"))
+
+
+def test_cu_sources_compile(tmp_path):
+    """Every .cu compiles warning-free for sm_80 (as .ci/run), the text the
+    Python loader hands NVRTC is header-free, and nvcc's instantiations are
+    exactly the loader's name_expressions."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    files = _cu_files()
+    assert files, "no kernels/cuda/*.cu"
+    names = _loader_names()
+    for f in files:
+        ptx = tmp_path / (f + ".ptx")
+        res = subprocess.run([nvcc, "--ptx", "-arch=sm_80", "-std=c++17", "-Werror",
+                              "all-warnings", "-o", str(ptx), os.path.join(CU_DIR, f)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, f"{f}:\n{res.stderr}"
+        assert "warning" not in res.stderr.lower(), res.stderr
+        entries = re.findall(r"\.entry\s+(\w+)\(", ptx.read_text())
+        want = names.get(f)
+        if want is not None:
+            assert len(entries) == len(want), (f, entries, want)
+            for base in {n.split("<")[0] for n in want}:
+                got = sum(1 for e in entries if f"{len(base)}{base}I" in e)
+                assert got == sum(1 for n in want if n.split("<")[0] == base), (f, base)
+        text = _loader_source(f)
+        if text is not None:
+            assert not re.search(r"^\s*#\s*include", text, re.MULTILINE), \
+                f"{f}: the NVRTC source still includes a file"
+            pasted = tmp_path / ("pasted_" + f)
+            pasted.write_text(text)
+            res = subprocess.run([nvcc, "--ptx", "-arch=sm_80", "-std=c++17", "-Werror",
+                                  "all-warnings", "-o", os.devnull, str(pasted)],
+                                 capture_output=True, text=True, timeout=120)
+            assert res.returncode == 0, f"{f} as NVRTC sees it:\n{res.stderr}"
+
+
+def _loader_names():
+    try:
+        from fastgrad.kernels.cuda import _module
+    except ImportError:                             # no CuPy: file list only
+        return {}
+    return _module.NAMES
+
+
+def _loader_source(f):
+    try:
+        from fastgrad.kernels.cuda import _module
+    except ImportError:
+        return None
+    return _module.source(f)
+
+
+def test_import_without_cupy_is_clear(monkeypatch):
+    """``import fastgrad`` never imports cupy; the CUDA package names the extra."""
+    import sys
+    code = ("import sys; sys.modules['cupy'] = None\n"
+            "import fastgrad\n"
+            "try:\n    import fastgrad.kernels.cuda\nexcept ImportError as e:\n"
+            "    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert "ERR" in out.stdout and "fastgrad[cuda]" in out.stdout, out.stdout + out.stderr
+
+
+# --- activations -------------------------------------------------------------------
+
+def _gpu(cp, *arrays):
+    return [None if a is None else cp.asarray(a) for a in arrays]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (130, 17), (3, 1000), (257, 129)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bias_act_and_grad(cp, kc, rng, activation, shape, dtype):
+    code = CODES[activation]
+    alpha = ops.resolve_activation(activation)[1]
+    B, n = shape
+    z0 = (rng.standard_normal(shape) * 3).astype(dtype)
+    b = rng.uniform(-1, 1, n).astype(dtype)
+    da = rng.standard_normal(shape).astype(dtype)
+    z_ref = z0.astype(np.float64) + b
+    a_ref = reference.activation(z_ref, activation, alpha)
+    fwd_atol = rtol_of(dtype) * max(1.0, float(np.abs(z_ref).max()))
+    # out of place (z kept) and in place
+    zg, bg = _gpu(cp, z0, b)
+    ag = cp.empty_like(zg)
+    kc.bias_act(zg, bg, ag, code, alpha)
+    zi = cp.asarray(z0)
+    kc.bias_act(zi, bg, zi, code, alpha)
+    zc, ac = z0.copy(), np.empty_like(z0)
+    kcpu.bias_act(zc, b, ac, code, alpha)
+    for got, what in ((ag, "a"), (zi, "a in place")):
+        assert_close(got, a_ref, dtype, atol=fwd_atol, what=f"{activation} {what} vs reference")
+        assert_close(got, ac, dtype, atol=fwd_atol, what=f"{activation} {what} vs CPU")
+    assert_close(zg, zc, dtype, what="z")
+    # backward from the GPU's own a (and z for gelu)
+    a_np = to_numpy(ag)
+    dz_ref = da.astype(np.float64) * reference.activation_grad(z_ref, activation, alpha)
+    dzg, dbg = cp.empty_like(zg), cp.empty(n, dtype)
+    kc.bias_act_grad(cp.asarray(da), ag, zg, dzg, dbg, code, alpha)
+    dzc, dbc = np.empty_like(da), np.empty(n, dtype)
+    kcpu.bias_act_grad(da, a_np, to_numpy(zg), dzc, dbc, code, alpha)
+    d_atol = rtol_of(dtype) * float((np.abs(da) * (1 + np.abs(z_ref))).max())
+    db_atol = rtol_of(dtype) * float((np.abs(da) * (1 + np.abs(z_ref))).sum(axis=0).max())
+    assert_close(dzg, dz_ref, dtype, atol=d_atol, what=f"{activation} dz vs reference")
+    assert_close(dzg, dzc, dtype, atol=d_atol, what=f"{activation} dz vs CPU")
+    assert_close(dbg, dz_ref.sum(axis=0), dtype, atol=db_atol, what=f"{activation} db vs ref")
+    assert_close(dbg, dbc, dtype, atol=db_atol, what=f"{activation} db vs CPU")
+    # in place (dz is da), activation_forward / activation_backward
+    dai = cp.asarray(da)
+    db2 = cp.empty(n, dtype)
+    kc.bias_act_grad(dai, ag, zg, dai, db2, code, alpha)
+    assert cp.array_equal(dai, dzg) and cp.array_equal(db2, dbg)
+    out = cp.empty_like(zg)
+    kc.activation_forward(cp.asarray(z_ref.astype(dtype)), out, code, alpha)
+    assert_close(out, a_ref, dtype, atol=fwd_atol, what="activation_forward")
+    dz3 = cp.empty_like(zg)
+    kc.activation_backward(cp.asarray(da), ag, zg, dz3, code, alpha)
+    assert cp.array_equal(dz3, dzg)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+def test_dense_vs_reference_and_cpu(cp, kc, rng, dtype):
+    for activation in ACTIVATIONS:
+        code, alpha = ops.resolve_activation(activation)
+        x, W, b = dense_inputs(rng, 67, 129, 33, dtype)
+        z_ref, a_ref = reference.dense_forward(x, W, b, activation)
+        a, z = ops.dense_forward(cp.asarray(x), cp.asarray(W), cp.asarray(b), activation)
+        ac, zc = ops.dense_forward(x, W, b, activation)
+        atol = rtol_of(dtype) * max(1.0, float(np.abs(z_ref).max()))
+        assert_close(a, a_ref, dtype, atol=atol, what=f"{activation} a vs ref")
+        assert_close(a, ac, dtype, atol=atol, what=f"{activation} a vs CPU")
+        da = rng.standard_normal(a_ref.shape).astype(dtype)
+        dW, db, dx = ops.dense_backward(cp.asarray(x), cp.asarray(W), a, z, cp.asarray(da),
+                                        activation)
+        dWr, dbr, dxr = reference.dense_backward(x, W, z_ref, da, activation)
+        scale = np.abs(da) * (1 + np.abs(z_ref))
+        r = rtol_of(dtype)
+        assert_close(dW, dWr, dtype, atol=r * float((np.abs(x).T @ scale).max()), what="dW")
+        assert_close(db, dbr, dtype, atol=r * float(scale.sum(axis=0).max()), what="db")
+        assert_close(dx, dxr, dtype, atol=r * float((scale @ np.abs(W).T).max()), what="dx")
+
+
+# --- losses ------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+@pytest.mark.parametrize("shape", [(1, 1), (7, 10), (300, 3), (33, 1000)])
+def test_losses(cp, kc, rng, shape, dtype):
+    logits = (rng.standard_normal(shape) * 4).astype(dtype)
+    labels = rng.integers(0, shape[1], shape[0]).astype(np.int64)
+    target = rng.uniform(0, 1, shape).astype(dtype)
+    cases = [("softmax_cross_entropy", labels), ("mse", target), ("bce_with_logits", target)]
+    for name, y in cases:
+        ref_loss, ref_grad = reference.LOSSES[name](logits, y)
+        g_gpu = cp.empty(shape, dtype)
+        loss = getattr(kc, name)(cp.asarray(logits), cp.asarray(y), g_gpu)
+        assert isinstance(loss, cp.ndarray) and loss.dtype == np.float64
+        g_cpu = np.empty(shape, dtype)
+        loss_cpu = getattr(kcpu, name)(logits, y, g_cpu)
+        assert_close(float(loss), ref_loss, dtype, what=f"{name} loss vs ref")
+        assert_close(float(loss), loss_cpu, dtype, what=f"{name} loss vs CPU")
+        assert_close(g_gpu, ref_grad, dtype, what=f"{name} grad vs ref")
+        assert_close(g_gpu, g_cpu, dtype, what=f"{name} grad vs CPU")
+        # aliasing: grad written over the input
+        al = cp.asarray(logits)
+        loss2 = getattr(kc, name)(al, cp.asarray(y), al)
+        assert float(loss2) == float(loss) and cp.array_equal(al, g_gpu)
+
+
+# --- norms and optimizer updates ------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+def test_layer_sumsq_and_determinism(cp, rng, dtype):
+    from fastgrad.kernels.cuda import reduce as kreduce
+    offsets = np.array([0, 5, 5, 100_003, 100_013, 300_000], np.int64)
+    g = rng.standard_normal(offsets[-1]).astype(dtype)
+    lsq_c = np.empty(offsets.size - 1)
+    tot_c = cpu_reduce.layer_sumsq(g, offsets, lsq_c)
+    gg = cp.asarray(g)
+    runs = []
+    for _ in range(2):
+        lsq = cp.empty(offsets.size - 1, np.float64)
+        tot = kreduce.layer_sumsq(gg, offsets, lsq)
+        runs.append((float(tot), to_numpy(lsq)))
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+    assert_close(runs[0][0], tot_c, np.float64, rtol=1e-13)
+    assert_close(runs[0][1], lsq_c, np.float64, rtol=1e-13)
+    gg[7] = np.nan
+    assert not np.isfinite(float(kreduce.layer_sumsq(gg, offsets, lsq)))
+
+
+class _Flat:
+    def __init__(self, p, g, offsets):
+        self.params, self.grads, self.layer_offsets = p, g, offsets
+
+
+_OPT_KW = {
+    "sgd": [dict(lr=0.1), dict(lr=0.05, momentum=0.9, weight_decay=1e-3),
+            dict(lr=0.05, momentum=0.9, nesterov=True, clip_value=0.5)],
+    "adam": [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True, weight_decay=1e-2, clip_value=0.3)],
+    "adamw": [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True)],
+    "rmsprop": [dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3)],
+}
+_OPT_CLS = {"sgd": fg.SGD, "adam": fg.Adam, "adamw": fg.AdamW, "rmsprop": fg.RMSprop}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+@pytest.mark.parametrize("rule", RULES)
+def test_clipped_update_matches_cpu(cp, rng, rule, dtype):
+    """50 updates per configuration on the same gradients: GPU == CPU to the
+    dtype's tolerance (bitwise in practice), incl. a skipped NaN step."""
+    from fastgrad.kernels.cuda import optim as kopt
+    offsets = np.array([0, 300, 317, 1000], np.int64)
+    for kw in _OPT_KW[rule]:
+        p = rng.standard_normal(offsets[-1]).astype(dtype)
+        flat = _Flat(p.copy(), np.zeros_like(p), offsets)
+        opt = _OPT_CLS[rule](flat, clip_norm=2.0, **kw)
+        pg = cp.asarray(p)
+        _, s0, s1, s2, _ = opt._kernel_args()
+        sg = [cp.asarray(s) for s in (s0, s1, s2)]
+        lsq = cp.empty(offsets.size - 1, np.float64)
+        for t in range(50):
+            g = (rng.standard_normal(p.size) * (5.0 if t % 7 == 0 else 0.5)).astype(dtype)
+            if t == 13:
+                g[3] = np.nan
+            flat.grads[:] = g
+            rule_code, s0, s1, s2, hp = opt._kernel_args()
+            ng, sc, sk = kopt.clipped_update(rule_code, pg, cp.asarray(g), *sg, hp, offsets, lsq,
+                                             opt._clip_norm, opt._clip_value)
+            norm, scale, skipped = cpu_optim.clipped_update(
+                rule_code, flat.params, flat.grads, s0, s1, s2, hp, offsets, opt._layer_sq,
+                opt._clip_norm, opt._clip_value)
+            opt._commit(norm, scale, skipped, opt._layer_sq)
+            assert bool(sk) == bool(skipped) == (t == 13)
+            if not skipped:
+                assert_close(float(ng), norm, np.float64, rtol=1e-13, what="norm")
+                assert_close(float(sc), scale, np.float64, rtol=1e-13, what="scale")
+            assert_close(lsq, opt._layer_sq, np.float64, rtol=1e-13, what="layer_sq")
+            assert_close(pg, flat.params, dtype, what=f"{rule} {kw} params at step {t}")
+            for a, b in zip(sg, (s0, s1, s2)):
+                assert_close(a, b, dtype, what=f"{rule} state at step {t}")
+
+
+# --- whole steps ---------------------------------------------------------------------
+
+def _mlp_args(rng, sizes, act, dtype, B, loss):
+    codes = np.array([CODES[act]] * (len(sizes) - 2) + [CODES["identity"]], np.int64)
+    alphas = np.array([ops.resolve_activation(act)[1]] * (len(sizes) - 2) + [0.0], np.float64)
+    sizes = np.array(sizes, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes[:-1] * sizes[1:] + sizes[1:])]).astype(np.int64)
+    params = (rng.standard_normal(offsets[-1]) * 0.3).astype(dtype)
+    x = rng.standard_normal((B, sizes[0])).astype(dtype)
+    labels = rng.integers(0, sizes[-1], B).astype(np.int64)
+    target = rng.uniform(0, 1, (B, sizes[-1])).astype(dtype)
+    if loss == cpu_step.CROSS_ENTROPY:
+        target = np.zeros((0, 0), dtype)
+    else:
+        labels = np.zeros(0, np.int64)
+    width = sizes[1:]
+    acts = np.zeros(B * int(width.sum()), dtype)
+    zs = np.zeros_like(acts) if CODES[act] in kcpu.NEEDS_Z else acts
+    delta = np.zeros(2 * B * int(width.max()), dtype)
+    return x, labels, target, params, sizes, codes, alphas, offsets, acts, zs, delta
+
+
+def _to_gpu(cp, arrays):
+    out, seen = [], {}
+    for a in arrays:                 # keep zs aliasing acts on the device too
+        out.append(seen.setdefault(id(a), cp.asarray(a)))
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss", [cpu_step.CROSS_ENTROPY, cpu_step.MSE, cpu_step.BCE_WITH_LOGITS])
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
+def test_forward_backward_matches_cpu(cp, rng, act, loss):
+    from fastgrad.kernels.cuda import step as kstep
+    dtype = np.float32
+    (x, labels, target, params, sizes, codes, alphas, offsets, acts, zs,
+     delta) = _mlp_args(rng, [20, 64, 130, 10], act, dtype, 100, loss)
+    grads = np.zeros_like(params)
+    xg, lg, tg, pg, ag, zg, dg = _to_gpu(cp, [x, labels, target, params, acts, zs, delta])
+    gg = cp.zeros_like(pg)
+    loss_c = cpu_step.forward_backward(x, labels, target, loss, params, grads, sizes, codes,
+                                       alphas, offsets, acts, zs, delta)
+    loss_g = kstep.forward_backward(xg, lg, tg, loss, pg, gg, sizes, codes, alphas, offsets,
+                                    ag, zg, dg)
+    assert_close(float(loss_g), loss_c, dtype, what="loss")
+    assert_close(ag, acts, dtype, what="activations")
+    assert_close(gg, grads, dtype, what="gradients")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rule", RULES)
+def test_train_steps_match_cpu(cp, rng, rule):
+    """50 whole steps per rule (float32), CPU and GPU from the same start."""
+    from fastgrad.kernels.cuda import step as kstep
+    dtype = np.float32
+    loss = cpu_step.CROSS_ENTROPY
+    (x, labels, target, params, sizes, codes, alphas, offsets, acts, zs,
+     delta) = _mlp_args(rng, [16, 32, 32, 5], "tanh", dtype, 64, loss)
+    grads = np.zeros_like(params)
+    opt = _OPT_CLS[rule](_Flat(params, grads, offsets), clip_norm=1.0, **_OPT_KW[rule][-1])
+    _, s0, s1, s2, _ = opt._kernel_args()
+    xg, lg, tg, pg, ag, zg, dg = _to_gpu(cp, [x, labels, target, params, acts, zs, delta])
+    gg = cp.zeros_like(pg)
+    sg = [cp.asarray(s) for s in (s0, s1, s2)]
+    lsq = cp.empty(offsets.size - 1, np.float64)
+    ws = kstep.Workspace(x.shape[0], sizes, offsets, loss, dtype)
+    for t in range(50):
+        rc, s0, s1, s2, hp = opt._kernel_args()
+        out_c = cpu_step.train_step(x, labels, target, loss, params, grads, sizes, codes, alphas,
+                                    offsets, acts, zs, delta, rc, s0, s1, s2, hp, opt._layer_sq,
+                                    opt._clip_norm, opt._clip_value)
+        opt._commit(*out_c[1:], opt._layer_sq)
+        out_g = kstep.train_step(xg, lg, tg, loss, pg, gg, sizes, codes, alphas, offsets,
+                                 ag, zg, dg, rc, *sg, hp, lsq, opt._clip_norm, opt._clip_value,
+                                 ws=ws)
+        assert_close(float(out_g[0]), out_c[0], dtype, what=f"loss at step {t}")
+        assert_close(float(out_g[1]), out_c[1], dtype, what=f"norm at step {t}")
+        assert bool(out_g[3]) == bool(out_c[3])
+    assert_close(pg, params, dtype, what=f"{rule} params after 50 steps")
+
+
+@pytest.mark.cuda
+def test_step_determinism_and_graph(cp, rng):
+    """Two identical runs give bitwise-equal norms, bias gradients and
+    parameters; the graphed step (or its eager fallback) equals the eager one."""
+    from fastgrad.kernels.cuda import step as kstep
+    dtype = np.float32
+    loss = cpu_step.CROSS_ENTROPY
+    args = _mlp_args(rng, [33, 300, 77, 10], "relu", dtype, 513, loss)
+    x, labels, target, params, sizes, codes, alphas, offsets, acts, zs, delta = args
+    opt = fg.Adam(_Flat(params.copy(), np.zeros_like(params), offsets), lr=1e-3, clip_norm=1.0)
+
+    def run(graphed):
+        xg, lg, tg, pg, ag, zg, dg = _to_gpu(cp, [x, labels, target, params, acts, zs, delta])
+        gg = cp.zeros_like(pg)
+        m, v, e = cp.zeros_like(pg), cp.zeros_like(pg), cp.zeros(0, dtype)
+        lsq = cp.empty(offsets.size - 1, np.float64)
+        norms = []
+        gs = kstep.GraphedTrainStep(loss, pg, gg, sizes, codes, alphas, offsets, ag, zg, dg,
+                                    cpu_optim.ADAM, m, v, e, lsq, 1.0, 0.0, x.shape[0],
+                                    use_graph=graphed)
+        for t in range(5):
+            opt.step_count = t
+            _, _, _, _, hp = opt._kernel_args()
+            out = gs(xg, lg, tg, hp.copy())
+            norms.append(float(out[1]))
+        return norms, to_numpy(gg), to_numpy(pg), gs.fallback_reason
+
+    n1, g1, p1, _ = run(False)
+    n2, g2, p2, _ = run(False)
+    assert n1 == n2 and np.array_equal(g1, g2) and np.array_equal(p1, p2)
+    n3, g3, p3, reason = run(True)
+    print("graph fallback:", reason)
+    assert n3 == n1 and np.array_equal(g3, g1) and np.array_equal(p3, p1)
+
+
+@pytest.mark.cuda
+def test_mixed_devices_refused(cp, rng):
+    x, W, b = dense_inputs(rng, 4, 3, 2, np.float32)
+    with pytest.raises(TypeError, match="different devices"):
+        ops.dense_forward(cp.asarray(x), W, b, "relu")
+    with pytest.raises(TypeError, match="different devices"):
+        ops.softmax_cross_entropy(cp.asarray(x), np.zeros(4, np.int64))
