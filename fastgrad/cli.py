@@ -116,27 +116,36 @@ def cmd_demo(args):
     opt = make_optimizer(args.optimizer, model, args.lr, args.clip_norm)
     loss_fn = fg.SoftmaxCrossEntropy()
     step = fg.TrainStep(model, loss_fn, opt)
+    fit, is_root, procs = fg.fit, True, 1
+    from . import distributed as dist
+    if dist.launched_by_mpi():          # under mpiexec: data parallel, --batch-size per process
+        dist.init()
+        step, fit = dist.DataParallel(step), dist.fit
+        is_root, procs = dist.rank() == 0, dist.world_size()
+    say = print if is_root else (lambda *a, **k: None)
     monitor = GradientMonitor(layer_names=[f"dense{i}" for i in range(len(model.layers))])
-    print(f"fastgrad {fg.__version__} on {device}: MLP {sizes}, {args.activation}, "
-          f"{args.optimizer} lr={args.lr:g} clip_norm={args.clip_norm:g}; "
-          f"digits: {len(Xtr)} train / {len(Xte)} test")
+    say(f"fastgrad {fg.__version__} on {device}"
+        f"{f' x {procs} processes' if procs > 1 else ''}: MLP {sizes}, {args.activation}, "
+        f"{args.optimizer} lr={args.lr:g} clip_norm={args.clip_norm:g}; "
+        f"digits: {len(Xtr)} train / {len(Xte)} test")
     t0 = time.perf_counter()
-    history = fg.fit(step, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
-                     seed=args.seed, progress=not args.no_progress,
-                     callbacks=[lambda k, loss, st: monitor.record(st)])
+    history = fit(step, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
+                  seed=args.seed, progress=not args.no_progress,
+                  callbacks=[lambda k, loss, st: monitor.record(st)])
     seconds = time.perf_counter() - t0
     result = fg.evaluate(model, loss_fn, Xte, yte)
     n_steps = len(monitor)
-    print(f"trained {args.epochs} epochs ({n_steps} steps) in {seconds:.2f} s "
-          f"({n_steps / seconds:.0f} steps/s, including compilation on a cold cache)")
-    print(f"final train loss {history['loss'][-1]:.4f}; test loss {result['loss']:.4f}; "
-          f"test accuracy {result['accuracy']:.4f}")
-    print(monitor.summary())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_health(monitor, out, f"fastgrad demo: gradient health ({args.optimizer}, "
-                f"clip_norm={args.clip_norm:g})", clip_norm=args.clip_norm or None)
-    print(f"gradient-health plot: {out}")
+    say(f"trained {args.epochs} epochs ({n_steps} steps) in {seconds:.2f} s "
+        f"({n_steps / seconds:.0f} steps/s, including compilation on a cold cache)")
+    say(f"final train loss {history['loss'][-1]:.4f}; test loss {result['loss']:.4f}; "
+        f"test accuracy {result['accuracy']:.4f}")
+    say(monitor.summary())
+    if is_root:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plot_health(monitor, out, f"fastgrad demo: gradient health ({args.optimizer}, "
+                    f"clip_norm={args.clip_norm:g})", clip_norm=args.clip_norm or None)
+        say(f"gradient-health plot: {out}")
     return 0
 
 

@@ -93,6 +93,13 @@ def device_of(array):
     return "cpu"
 
 
+def to_numpy(array):
+    """A NumPy view or copy of ``array`` (copies device arrays to the host)."""
+    if device_of(array) == "cuda" and hasattr(array, "get"):
+        return array.get()
+    return np.asarray(array)
+
+
 def kernels(device):
     """The kernel module of ``device``: fastgrad.kernels.cpu or .cuda."""
     if device == "cuda":

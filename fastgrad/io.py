@@ -43,7 +43,7 @@ import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
 
 import numpy as np
 
@@ -98,7 +98,16 @@ def _atomic_write(path, data):
     its previous content or all of ``data``."""
     path = os.path.abspath(os.fspath(path))
     dirname, base = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=dirname)
+    # Not tempfile.mkstemp: its files are mode 0600; this one gets the
+    # umask's mode, as a plain open(path, "wb") would.
+    while True:
+        tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o666)
+            break
+        except FileExistsError:      # pragma: no cover - a 32-bit collision
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -243,6 +252,7 @@ def _parse_model(m):
                   f"previous layer's n_out {specs[-1]['n_out']}")
         act = _get(spec, "activation", str, where)
         alpha = _get(spec, "alpha", (int, float), where)
+        _need(math.isfinite(alpha), f"{where}.alpha: must be finite, got {alpha!r}")
         try:
             ops.resolve_activation(act, alpha)
         except ValueError as exc:
@@ -269,6 +279,8 @@ def _check_json_value(v, depth=0):
 
 
 def _parse_optimizer(o, n_params, dtype, tensor_names):
+    from .schedules import from_config
+
     classes = _optimizer_classes()
     _need(isinstance(o, dict), "optimizer: expected an object or null")
     kind = _get(o, "kind", str, "optimizer")
@@ -287,6 +299,11 @@ def _parse_optimizer(o, n_params, dtype, tensor_names):
         if key == "lr":
             _need(isinstance(v, (dict, int, float)) and not isinstance(v, bool),
                   f"optimizer.hyper.lr: expected a number or a schedule config, got {v!r:.80}")
+            try:
+                from_config(v)
+            except Exception as exc:
+                raise _Bad(f"optimizer.hyper.lr: not a valid schedule "
+                           f"({type(exc).__name__}: {exc})") from None
         elif key == "betas":
             _need(isinstance(v, list) and len(v) == 2 and all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) for b in v),

@@ -36,6 +36,7 @@ import math
 
 import numpy as np
 
+from . import device as _device
 from .errors import NonFiniteGradientError
 from .kernels.cpu import optim as _k
 from .schedules import Schedule, as_schedule, from_config
@@ -128,9 +129,9 @@ class Optimizer:
         self.n_skipped = 0
         self.n_calls = 0
         self._hp = np.zeros(_k.HP_SIZE, np.float64)
-        self._layer_sq = np.zeros(self.layer_offsets.size - 1, np.float64)
+        self._layer_sq = self._xp.zeros(self.layer_offsets.size - 1, np.float64)
         self._lr_now = float("nan")
-        self._empty = np.empty(0, self.params.dtype)
+        self._empty = self._xp.empty(0, self.params.dtype)
         self.state = {}
         self._configure(dict(self._defaults, lr=lr, clip_norm=clip_norm,
                              clip_value=clip_value,
@@ -141,9 +142,11 @@ class Optimizer:
         self._pairs = None
         if hasattr(params, "params") and hasattr(params, "grads"):
             p, g = params.params, params.grads
-            if not (isinstance(p, np.ndarray) and isinstance(g, np.ndarray)):
-                raise TypeError("model.params and model.grads must be NumPy arrays "
-                                "(the CUDA optimizers are not built yet)")
+            dev = _device.device_of(p)
+            if _device.device_of(g) != dev:
+                raise TypeError(f"params on {dev} but grads on {_device.device_of(g)}")
+            if not (isinstance(p, np.ndarray) or dev == "cuda"):
+                raise TypeError(f"model.params must be a NumPy or CuPy array, got {type(p).__name__}")
             if p.dtype not in (np.float32, np.float64) or g.dtype != p.dtype:
                 raise TypeError(f"params and grads must share dtype float32 or float64, "
                                 f"got {p.dtype} and {g.dtype}")
@@ -159,6 +162,7 @@ class Optimizer:
                     or np.any(np.diff(off) < 0)):
                 raise ValueError(f"layer_offsets must rise from 0 to {p.size}, got {off}")
             self.params, self.grads, self.layer_offsets = p, g, off
+            self._use_device(dev)
             return
         pairs = list(params)
         if not pairs:
@@ -185,7 +189,14 @@ class Optimizer:
         self.layer_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.params = np.empty(self.layer_offsets[-1], dt)
         self.grads = np.empty_like(self.params)
+        self._use_device("cpu")
         self._gather_params()
+
+    def _use_device(self, dev):
+        """The array module and update kernel of the parameters' device."""
+        self.device = dev
+        self._xp = _device.array_module(dev)
+        self._update = _device.kernels(dev).clipped_update
 
     def _gather_params(self):
         off = self.layer_offsets
@@ -232,7 +243,7 @@ class Optimizer:
             cur = self.state.get(name)
             if name in need:
                 if cur is None or cur.size != self.params.size:
-                    self.state[name] = np.zeros_like(self.params)
+                    self.state[name] = self._xp.zeros_like(self.params)
             else:
                 self.state.pop(name, None)
 
@@ -263,7 +274,7 @@ class Optimizer:
         return {"kind": self.kind, "step": int(self.step_count),
                 "n_skipped": int(self.n_skipped), "n_calls": int(self.n_calls),
                 "hyper": hyper,
-                "state": {k: v.copy() for k, v in self.state.items()}}
+                "state": {k: _device.to_numpy(v).copy() for k, v in self.state.items()}}
 
     def load_state_dict(self, sd):
         """Restore :meth:`state_dict` output; arrays are copied into the
@@ -281,7 +292,9 @@ class Optimizer:
             a = np.asarray(arrays[name])
             if a.shape != buf.shape:
                 raise ValueError(f"state {name!r}: shape {a.shape} != {buf.shape}")
-            np.copyto(buf, a, casting="same_kind")
+            if not np.can_cast(a.dtype, buf.dtype, casting="same_kind"):
+                raise ValueError(f"state {name!r}: dtype {a.dtype} does not fit {buf.dtype}")
+            buf[...] = self._xp.asarray(a, dtype=buf.dtype)
         self.step_count = int(sd["step"])
         self.n_skipped = int(sd.get("n_skipped", 0))
         self.n_calls = int(sd.get("n_calls", 0))
@@ -305,8 +318,13 @@ class Optimizer:
         return self.rule, s0, s1, s2, hp
 
     def _commit(self, norm, scale, skipped, layer_sq):
-        """Book-keep one kernel call; returns its :class:`StepStats`."""
+        """Book-keep one kernel call; returns its :class:`StepStats`.
+
+        On CUDA the kernel's outputs are device scalars; reading them here is
+        the step's one device-to-host synchronisation (the step count and
+        the next update's bias corrections depend on the skip decision)."""
         skipped = bool(skipped)
+        norm, scale = float(norm), float(scale)
         self.n_calls += 1
         if skipped:
             self.n_skipped += 1
@@ -314,7 +332,7 @@ class Optimizer:
             self.step_count += 1
         stats = StepStats(step=self.step_count, lr=self._lr_now, grad_norm=float(norm),
                           clip_scale=float(scale), clipped=(not skipped) and scale < 1.0,
-                          skipped=skipped, layer_norms=np.sqrt(layer_sq))
+                          skipped=skipped, layer_norms=np.sqrt(_device.to_numpy(layer_sq)))
         self.last_stats = stats
         if skipped and not self.skip_nonfinite:
             raise NonFiniteGradientError(
@@ -333,7 +351,7 @@ class Optimizer:
             self._gather_params()
             self._gather_grads()
         rule, s0, s1, s2, hp = self._kernel_args()
-        norm, scale, skipped = clipped_update(
+        norm, scale, skipped = self._update(
             rule, self.params, self.grads, s0, s1, s2, hp, self.layer_offsets,
             self._layer_sq, self._clip_norm, self._clip_value)
         if self._pairs is not None and not skipped:

@@ -41,35 +41,51 @@ class TrainStep:
             raise TypeError(f"loss_fn must be one of fastgrad's losses, got {loss_fn!r}")
         if getattr(opt, "params", None) is not model.params:
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
-        if model.device != "cpu":
-            raise NotImplementedError("TrainStep on CUDA comes with the CUDA backend")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
+        if model.device == "cuda":
+            # One Python function issuing the step's launches on the current
+            # stream (no host sync inside); see kernels/cuda/step.py.
+            from .kernels.cuda import step as kernels
+            self._kernels = kernels
+        else:
+            self._kernels = _kstep
+        xp = self._xp = model._xp
         self._loss_kind = _kstep.LOSS_CODES[name]
         self._sizes = np.asarray(model.sizes, np.int64)
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(int(c) in NEEDS_Z for c in self._codes)
-        self._layer_sq = np.zeros(len(model.layers), np.float64)
+        self._layer_sq = xp.zeros(len(model.layers), np.float64)
         self._buffers = {}
+        self._workspaces = {}
         # Placeholders for the loss input the chosen loss does not read.
-        self._no_labels = np.zeros(0, np.int64)
-        self._no_target = np.zeros((0, 0), model.dtype)
+        self._no_labels = xp.zeros(0, np.int64)
+        self._no_target = xp.zeros((0, 0), model.dtype)
         self.stats = None
 
     def _buffers_for(self, B):
         buf = self._buffers.get(B)
         if buf is None:
-            dt, widths = self.model.dtype, self._sizes[1:]
-            acts = np.empty(B * int(widths.sum()), dt)
-            zs = np.empty_like(acts) if self._needs_z else acts
-            delta = np.empty(2 * B * int(widths.max()), dt)
+            xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
+            acts = xp.empty(B * int(widths.sum()), dt)
+            zs = xp.empty_like(acts) if self._needs_z else acts
+            delta = xp.empty(2 * B * int(widths.max()), dt)
             buf = self._buffers[B] = (acts, zs, delta)
+            if self.model.device == "cuda":
+                self._workspaces[B] = self._kernels.Workspace(
+                    B, self._sizes, self.model.layer_offsets, self._loss_kind, dt)
         return buf
 
+    def _extra(self, B):
+        """Keyword arguments only the CUDA twin takes (its scratch space)."""
+        return {"ws": self._workspaces[B]} if self._workspaces else {}
+
     def _targets(self, y, B):
+        xp = self._xp
         if self._loss_kind == _kstep.CROSS_ENTROPY:
-            return ops.as_labels(y, B, int(self._sizes[-1])), self._no_target
-        target = ops.as_array(y, "target", self.model.dtype, shape=(B, int(self._sizes[-1])))
+            return ops.as_labels(y, B, int(self._sizes[-1]), xp=xp), self._no_target
+        target = ops.as_array(y, "target", self.model.dtype, shape=(B, int(self._sizes[-1])),
+                              xp=xp)
         return self._no_labels, target
 
     def __call__(self, x, y):
@@ -79,10 +95,11 @@ class TrainStep:
         labels, target = self._targets(y, B)
         acts, zs, delta = self._buffers_for(B)
         rule, s0, s1, s2, hp = self.opt._kernel_args()
-        loss, norm, scale, skipped = _kstep.train_step(
+        loss, norm, scale, skipped = self._kernels.train_step(
             x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
             self._codes, self._alphas, model.layer_offsets, acts, zs, delta,
-            rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
+            rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
+            **self._extra(B))
         self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
         return float(loss)
 
@@ -92,9 +109,10 @@ class TrainStep:
         x = self.model._input(x)
         labels, target = self._targets(y, x.shape[0])
         acts, zs, delta = self._buffers_for(x.shape[0])
-        return float(_kstep.forward_backward(
+        return float(self._kernels.forward_backward(
             x, labels, target, self._loss_kind, self.model.params, self.model.grads,
-            self._sizes, self._codes, self._alphas, self.model.layer_offsets, acts, zs, delta))
+            self._sizes, self._codes, self._alphas, self.model.layer_offsets, acts, zs, delta,
+            **self._extra(x.shape[0])))
 
 
 def _progress_bar(total, enabled, desc):

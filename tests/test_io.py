@@ -111,6 +111,9 @@ def test_save_overwrites_atomically_and_leaves_no_temp(tmp_path):
         model.params[...] = v
         save(path, model)
     assert os.listdir(tmp_path) == ["ckpt.fgz"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
     assert np.all(load(path)[0].params == 2.0)
 
 
@@ -342,6 +345,7 @@ CRAFTED = {
     "activation_type": (L0 + ("activation",), None, "activation: expected a string"),
     "alpha_type": (L0 + ("alpha",), "0.7", "alpha: expected"),
     "alpha_negative": (L0 + ("alpha",), -1.0, "alpha >= 0"),
+    "alpha_inf": (L0 + ("alpha",), 1e999, "must be finite|non-standard"),
     "init": (L0 + ("init",), "orthogonal", "unknown initializer"),
     "missing_field": (L0 + ("init",), _DELETE, "missing field 'init'"),
     "opt_kind": (("optimizer", "kind"), "lamb", "unknown optimizer 'lamb'"),
@@ -350,9 +354,12 @@ CRAFTED = {
     "opt_state_names": (("optimizer", "state"), ["exp_avg"], "optimizer.state lists"),
     "opt_hyper_type": (HYPER, [1, 2], "hyper: expected an object"),
     "lr_str": (HYPER + ("lr",), "0.01", "hyper.lr"),
-    "lr_schedule": (HYPER + ("lr",), {"kind": "import os"}, "not a schedule config"),
-    "lr_schedule_fields": (HYPER + ("lr",), {"kind": "cosine_decay", "lr0": [1]}, ""),
-    "lr_negative": (HYPER + ("lr",), -1.0, "lr"),
+    "lr_schedule": (HYPER + ("lr",), {"kind": "import os"}, "not a valid schedule"),
+    "lr_schedule_fields": (HYPER + ("lr",), {"kind": "cosine_decay", "lr0": [1], "decay_steps": 9},
+                           "hyper.lr: not a valid schedule.*float"),
+    "lr_schedule_missing": (HYPER + ("lr",), {"kind": "cosine_decay"},
+                            "hyper.lr: not a valid schedule.*decay_steps"),
+    "lr_negative": (HYPER + ("lr",), -1.0, "hyper.lr: .*finite number >= 0"),
     "betas": (HYPER + ("betas",), [0.9], "betas: expected two numbers"),
     "beta_range": (HYPER + ("betas",), [0.9, 1.5], "beta2 must be in"),
     "eps_str": (HYPER + ("eps",), "1e-8", "eps: expected a number"),
@@ -454,3 +461,20 @@ def test_readable_by_safetensors_torch(tmp_path, rng):
     lay = model.layers[0]
     W = tensors["params"][:lay.n_in * lay.n_out].reshape(lay.n_in, lay.n_out)
     np.testing.assert_array_equal(W.numpy(), lay.W)
+
+
+@pytest.mark.cuda
+def test_load_on_cuda(tmp_path, rng):
+    cupy = pytest.importorskip("cupy")
+    model = _model("float64")
+    model.params[...] = rng.standard_normal(model.n_params)
+    save(tmp_path / "m.fgz", model)
+    model2, opt2 = load(tmp_path / "m.fgz", device="cuda")
+    assert opt2 is None and isinstance(model2.params, cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(model2.params), model.params)
+    save(tmp_path / "back.fgz", model2)              # CUDA model -> file -> CPU
+    np.testing.assert_array_equal(load(tmp_path / "back.fgz", device="cpu")[0].params,
+                                  model.params)
+    save(tmp_path / "mo.fgz", model, fg.Adam(model))
+    with pytest.raises(NotImplementedError, match="device='cpu'"):
+        load(tmp_path / "mo.fgz", device="cuda")
