@@ -232,10 +232,11 @@ def _parse_model(m):
 
     _need(isinstance(m, dict), "model: expected an object")
     cls = _get(m, "class", str, "model")
-    _need(cls in _MODEL_CLASSES, f"model.class: unknown model class {cls!r}; "
+    _need(cls in _MODEL_CLASSES, f"model.class: unknown model class {cls!r:.80}; "
           f"expected one of {list(_MODEL_CLASSES)}")
     dtype = _get(m, "dtype", str, "model")
-    _need(dtype in _DTYPES, f"model.dtype: unsupported dtype {dtype!r}; expected one of {list(_DTYPES)}")
+    _need(dtype in _DTYPES,
+          f"model.dtype: unsupported dtype {dtype!r:.80}; expected one of {list(_DTYPES)}")
     seed = m.get("seed")
     _need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
           f"model.seed: expected a non-negative integer or null, got {seed!r:.80}")
@@ -278,7 +279,7 @@ def _check_json_value(v, depth=0):
         _need(math.isfinite(v), "metadata JSON holds a non-finite number")
 
 
-def _parse_optimizer(o, n_params, dtype, tensor_names):
+def _parse_optimizer(o, tensor_names):
     from .schedules import from_config
 
     classes = _optimizer_classes()
@@ -323,10 +324,6 @@ def _parse_optimizer(o, n_params, dtype, tensor_names):
     return classes[kind]
 
 
-class _Unsupported(Exception):
-    """Internal: a valid checkpoint that cannot be loaded as asked."""
-
-
 def _open(path):
     from safetensors import safe_open
     return safe_open(os.fspath(path), framework="np")
@@ -355,9 +352,6 @@ def load(path, device=None):
         The file is not a fastgrad checkpoint (truncated, foreign, crafted,
         inconsistent) or was written by a newer format version; the message
         says what is wrong.
-    NotImplementedError
-        The file holds an optimizer and ``device`` is "cuda" (the CUDA
-        optimizers are not built yet).
     OSError
         The path cannot be opened (FileNotFoundError, PermissionError, ...).
     fastgrad.DeviceUnavailableError
@@ -369,8 +363,6 @@ def load(path, device=None):
         pass
     try:
         return _load(path, dev)
-    except _Unsupported as exc:
-        raise NotImplementedError(str(exc)) from None
     except _Bad as exc:
         raise ValueError(f"{path!r} is not a valid fastgrad checkpoint: {exc}") from None
     except ValueError as exc:
@@ -410,7 +402,7 @@ def _load(path, dev):
               f"{FORMAT_VERSION}{'; upgrade fastgrad' if version > FORMAT_VERSION else ''})")
         cls_name, dtype, seed, specs, n_params = _parse_model(doc.get("model"))
         o = doc.get("optimizer")
-        opt_cls = None if o is None else _parse_optimizer(o, n_params, dtype, names)
+        opt_cls = None if o is None else _parse_optimizer(o, names)
         expected = {PARAMS} | {OPT_PREFIX + s for s in (o["state"] if o else ())}
         _need(names == expected, f"tensors {sorted(names)!r:.200} do not match the "
               f"expected {sorted(expected)}")
@@ -427,9 +419,6 @@ def _load(path, dev):
             _need(isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.shape == (n_params,),
                   f"tensor {name!r} did not read back as {dtype.name}[{n_params}]")
             arrays[name] = arr
-    if opt_cls is not None and dev != "cpu":
-        raise _Unsupported(f"{path!r} holds an optimizer, and optimizers on {dev!r} are not "
-                           "built yet; load it with device='cpu'")
     model = _build_model(cls_name, dtype, seed, specs, dev)
     xp = _device.array_module(dev)
     model.params[...] = xp.asarray(arrays[PARAMS])

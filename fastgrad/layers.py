@@ -209,6 +209,12 @@ class Sequential:
     def zero_grad(self):
         self.grads[...] = 0
 
+    def to_torch(self):
+        """The equivalent ``torch.nn.Sequential`` (a copy of the weights);
+        see :func:`fastgrad.interop.to_torch`."""
+        from .interop import to_torch
+        return to_torch(self)
+
     def __repr__(self):
         body = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"{type(self).__name__}([\n  {body}\n], dtype={self.dtype.name!r}, device={self.device!r})"

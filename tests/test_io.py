@@ -475,6 +475,9 @@ def test_load_on_cuda(tmp_path, rng):
     save(tmp_path / "back.fgz", model2)              # CUDA model -> file -> CPU
     np.testing.assert_array_equal(load(tmp_path / "back.fgz", device="cpu")[0].params,
                                   model.params)
-    save(tmp_path / "mo.fgz", model, fg.Adam(model))
-    with pytest.raises(NotImplementedError, match="device='cpu'"):
-        load(tmp_path / "mo.fgz", device="cuda")
+    opt = fg.Adam(model)
+    opt.state["exp_avg"][...] = rng.standard_normal(model.n_params)
+    save(tmp_path / "mo.fgz", model, opt)
+    model3, opt3 = load(tmp_path / "mo.fgz", device="cuda")     # optimizer state to the GPU
+    assert isinstance(opt3.state["exp_avg"], cupy.ndarray)
+    np.testing.assert_array_equal(cupy.asnumpy(opt3.state["exp_avg"]), opt.state["exp_avg"])
