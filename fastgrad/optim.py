@@ -332,7 +332,9 @@ class Optimizer:
             self.step_count += 1
         stats = StepStats(step=self.step_count, lr=self._lr_now, grad_norm=float(norm),
                           clip_scale=float(scale), clipped=(not skipped) and scale < 1.0,
-                          skipped=skipped, layer_norms=np.sqrt(_device.to_numpy(layer_sq)))
+                          skipped=skipped,
+                          layer_norms=np.sqrt(layer_sq if self.device == "cpu"
+                                              else _device.to_numpy(layer_sq)))
         self.last_stats = stats
         if skipped and not self.skip_nonfinite:
             raise NonFiniteGradientError(
