@@ -15,7 +15,7 @@ and prints the ratio table (the numbers in bench/RESULTS_optim.md).
 """
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, prange
 
 from fastgrad.kernels.cpu import optim as K
 from fastgrad.kernels.cpu._jit import JIT
@@ -48,28 +48,53 @@ def _buffers(n, seed=0):
     return p, g, np.zeros(n, np.float32), np.zeros(n, np.float32)
 
 
+@njit(**dict(JIT, parallel=True, fastmath={"reassoc"}))
+def _stream_sum_parallel(g):
+    s = 0.0
+    for i in prange(g.shape[0]):
+        s += np.float64(g[i])
+    return s
+
+
+@njit(**dict(JIT, parallel=True))
+def _stream_update_parallel(p, g, m, v, a):
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        m[i] = m[i] * a + gi
+        v[i] = v[i] * a + gi
+        p[i] = p[i] + a * gi
+
+
 def make_ceiling(n):
+    """A plain streaming kernel with the update's traffic (read g; read
+    p, g, m, v; write p, m, v), on the threads fastgrad uses at this size."""
     p, g, m, v = _buffers(n)
     a = np.float32(0.5)
+    parallel = n >= K.PARALLEL_MIN
+    total = _stream_sum_parallel if parallel else _stream_sum
+    update = _stream_update_parallel if parallel else _stream_update
 
     def run():
-        _stream_sum(g)
-        _stream_update(p, g, m, v, a)
+        total(g)
+        update(p, g, m, v, a)
     return run
+
+
+class _Flat:
+    """A "model" that is just flat buffers, as fastgrad's optimizers take."""
+
+    def __init__(self, p, g):
+        self.params, self.grads = p, g
+        self.layer_offsets = np.array([0, p.size], np.int64)
 
 
 def make_fastgrad(n):
+    """What a user runs: ``fg.Adam(model, clip_norm=...).step()`` (Python
+    overhead included; large buffers take the parallel kernel)."""
+    from fastgrad.optim import Adam
     p, g, m, v = _buffers(n)
-    e = np.empty(0, np.float32)
-    off = np.array([0, n], np.int64)
-    layer_sq = np.zeros(1)
-    hp = np.zeros(K.HP_SIZE)
-    hp[K.HP_LR], hp[K.HP_BETA1], hp[K.HP_BETA2], hp[K.HP_EPS] = LR, *BETAS, EPS
-    hp[K.HP_BIAS_CORR1], hp[K.HP_BIAS_CORR2] = 1 - BETAS[0], 1 - BETAS[1]
-
-    def run():
-        K.clipped_update(K.ADAM, p, g, m, v, e, hp, off, layer_sq, CLIP, 0.0)
-    return run
+    opt = Adam(_Flat(p, g), lr=LR, betas=BETAS, eps=EPS, clip_norm=CLIP)
+    return opt.step
 
 
 def make_numpy(n):

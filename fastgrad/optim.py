@@ -197,6 +197,10 @@ class Optimizer:
         self.device = dev
         self._xp = _device.array_module(dev)
         self._update = _device.kernels(dev).clipped_update
+        if dev == "cpu" and self.params.size >= _k.PARALLEL_MIN:
+            # Large buffers on their own: both passes on Numba's threads
+            # (bitwise the same result; TrainStep keeps the serial kernel).
+            self._update = _k.clipped_update_parallel
 
     def _gather_params(self):
         off = self.layer_offsets

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+import fastgrad as fg
 from fastgrad import reference as ref
 from fastgrad import schedules
 from fastgrad.errors import NonFiniteGradientError
@@ -288,3 +289,40 @@ def test_invalid_inputs():
         Adam(FlatModel([4]), lr="fast")
     with pytest.raises(TypeError):
         Adam(FlatModel([4]), momentum=0.9)
+
+
+@pytest.mark.parametrize("rule", ["adam", "sgd", "rmsprop"])
+def test_parallel_update_is_bitwise_serial(rule):
+    """Large buffers take the parallel kernel in ``step()``; it must give
+    exactly what the serial kernel (the one TrainStep runs) gives."""
+    from fastgrad.kernels.cpu import optim as K
+    rng = np.random.default_rng()
+    sizes = [K.PARALLEL_MIN // 3 + 17, 5, K.PARALLEL_MIN + 1001]
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(off[-1])
+    results = []
+    for kernel in (K.clipped_update, K.clipped_update_parallel):
+        p = rng.standard_normal(n).astype(np.float32) if not results else p0.copy()
+        if not results:
+            p0 = p.copy()
+            g = (rng.standard_normal(n) * 3).astype(np.float32)
+        s = [np.zeros(n, np.float32) if i < 2 else np.empty(0, np.float32) for i in range(3)]
+        hp = np.zeros(K.HP_SIZE)
+        hp[[K.HP_LR, K.HP_BETA1, K.HP_BETA2, K.HP_EPS, K.HP_BIAS_CORR1, K.HP_BIAS_CORR2,
+            K.HP_MOMENTUM, K.HP_ALPHA]] = [1e-2, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.9, 0.99]
+        ls = np.zeros(3)
+        out = kernel(K.RULES[rule], p, g, *s, hp, off, ls, 1.0, 0.5)
+        results.append((p, s[0], s[1], ls, out))
+    (p1, a1, b1, l1, o1), (p2, a2, b2, l2, o2) = results
+    assert o1 == o2 and o1[1] < 1.0                 # same norm, scale; clipping active
+    for x, y in ((p1, p2), (a1, a2), (b1, b2), (l1, l2)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_optimizer_picks_parallel_kernel_for_large_buffers():
+    from fastgrad.kernels.cpu import optim as K
+    big = fg.MLP([1024, 1024], dtype="float32")          # ~1M parameters
+    small = fg.MLP([8, 4], dtype="float32")
+    assert big.n_params >= K.PARALLEL_MIN > small.n_params
+    assert fg.Adam(big)._update is K.clipped_update_parallel
+    assert fg.Adam(small)._update is K.clipped_update

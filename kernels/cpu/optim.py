@@ -39,10 +39,10 @@ fused arithmetic costs nothing measurable.  Serial, as ``reduce``: measured,
 numba's threads did not pay on the 2-core hosts (bench/RESULTS_optim.md).
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ._jit import INLINE, JIT
-from .reduce import layer_sumsq
+from .reduce import layer_sumsq, layer_sumsq_parallel
 
 # rule codes
 SGD = 0
@@ -251,4 +251,40 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
         return norm, 0.0, True
     scale = clip_scale(norm, clip_norm)
     update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, 0, p.shape[0])
+    return norm, scale, False
+
+
+# Elements per parallel chunk of the update: large enough that a chunk's
+# bookkeeping vanishes, small enough to balance two threads.
+CHUNK = 1 << 16
+# From this many parameters the parallel entry pays for waking Numba's
+# threads (measured, bench/RESULTS.md: 2 threads, 1M float32 Adam 0.50 ms
+# serial vs 0.27 ms parallel; 256K about even).
+PARALLEL_MIN = 1 << 19
+
+
+@njit(**dict(JIT, parallel=True))
+def _update_parallel(rule, p, g, s0, s1, s2, hp, scale, clip_value):
+    n = p.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        lo = c * CHUNK
+        update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, min(lo + CHUNK, n))
+
+
+@njit(**JIT)
+def clipped_update_parallel(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                            clip_value):
+    """:func:`clipped_update` with both passes spread over Numba's threads.
+
+    Bitwise the same result as the serial entry (the update is elementwise,
+    the norm adds the same block sums in the same order).  For the
+    optimizers' own ``step()`` on large buffers; the whole-step kernel stays
+    serial, because right after its GEMMs a parallel region competes with
+    OpenBLAS's spinning threads (DESIGN.md "Threads").
+    """
+    norm = np.sqrt(layer_sumsq_parallel(g, offsets, layer_sq))
+    if not np.isfinite(norm):
+        return norm, 0.0, True
+    scale = clip_scale(norm, clip_norm)
+    _update_parallel(rule, p, g, s0, s1, s2, hp, scale, clip_value)
     return norm, scale, False

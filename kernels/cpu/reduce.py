@@ -10,13 +10,15 @@ matched to ~1e-15).  Each layer is summed in blocks of ``BLOCK`` elements
 counted from the layer's start and the block sums are added in order, so the
 result depends on the data layout and the compiled code only.
 
-Serial on purpose: on the 2-core hosts measured (bench/RESULTS_optim.md) one
-core already streams at the memory's rate and a ``prange`` version was never
-faster, up to 16M parameters, and much slower when another process holds the
-second core.
+``layer_sumsq`` is serial: it is what the whole-step kernel runs, where a
+parallel region right after OpenBLAS's GEMMs would fight BLAS's spinning
+threads for the cores (DESIGN.md "Threads").  ``layer_sumsq_parallel`` gives
+bitwise the same result (the same block sums, added in the same order) with
+the blocks spread over Numba's threads; the optimizers use it for large
+buffers on their own (bench/RESULTS.md has the measurements).
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ._jit import JIT
 
@@ -69,6 +71,31 @@ def layer_sumsq(g, offsets, layer_sq):
         hi = offsets[li + 1]
         for b in range(lo, hi, BLOCK):
             s += block_sumsq(g[b:min(b + BLOCK, hi)])
+        layer_sq[li] = s
+        total += s
+    return total
+
+
+@njit(**dict(JIT, parallel=True))
+def layer_sumsq_parallel(g, offsets, layer_sq):
+    """:func:`layer_sumsq` with the block sums computed in parallel."""
+    n_layers = offsets.shape[0] - 1
+    first = np.empty(n_layers + 1, np.int64)      # index of each layer's first block
+    first[0] = 0
+    for li in range(n_layers):
+        first[li + 1] = first[li] + (offsets[li + 1] - offsets[li] + BLOCK - 1) // BLOCK
+    parts = np.empty(first[n_layers])
+    for li in range(n_layers):
+        lo, hi = offsets[li], offsets[li + 1]
+        nb = first[li + 1] - first[li]
+        for k in prange(nb):
+            b = lo + k * BLOCK
+            parts[first[li] + k] = block_sumsq(g[b:min(b + BLOCK, hi)])
+    total = 0.0
+    for li in range(n_layers):
+        s = 0.0
+        for k in range(first[li], first[li + 1]):
+            s += parts[k]
         layer_sq[li] = s
         total += s
     return total
