@@ -13,7 +13,7 @@ Contenders (one benchmarked function each):
 
 ``extra_info`` carries the GEMM flops and GFLOP/s at the median.  For ratios
 that survive this host's fast/slow phases use ``bench/dense_compare.py``,
-which interleaves the contenders; see ``bench/RESULTS_dense.md``.
+which interleaves the contenders; see ``bench/RESULTS.md``.
 """
 import numpy as np
 import pytest

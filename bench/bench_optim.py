@@ -11,7 +11,7 @@ streaming kernel with exactly that traffic, measured in the same run.
     python -m pytest bench --benchmark-disable          # smoke: tiny sizes
 
 ``bench/optim_compare.py`` runs the same contenders in interleaved rounds
-and prints the ratio table (the numbers in bench/RESULTS_optim.md).
+and prints the ratio table (the numbers in bench/RESULTS.md).
 """
 import numpy as np
 import pytest

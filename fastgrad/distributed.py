@@ -62,7 +62,7 @@ _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRA
 # workload's 33.6 MB gradient here, its ring algorithm 15-27 ms (each rank
 # sends 2 (p-1)/p of the buffer, the bandwidth-optimal schedule NCCL also
 # uses).  Open MPI reads these at MPI_Init; MPICH ignores them; a value the
-# user set wins.  bench/RESULTS_distributed.md has the numbers.
+# user set wins.  bench/RESULTS.md has the numbers.
 _OMPI_RING = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
               "OMPI_MCA_coll_tuned_allreduce_algorithm": "4"}
 

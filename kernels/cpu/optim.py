@@ -35,8 +35,11 @@ reads only its own slots (indices ``HP_*`` below).
 
 No ``fastmath`` anywhere: the non-finite test must see NaN and Inf, and the
 float64 path must round like PyTorch.  The passes are memory bound, so the
-fused arithmetic costs nothing measurable.  Serial, as ``reduce``: measured,
-numba's threads did not pay on the 2-core hosts (bench/RESULTS_optim.md).
+fused arithmetic costs nothing measurable.  ``clipped_update`` is serial (the
+whole-step kernel calls it right after OpenBLAS's GEMMs, whose spinning
+threads a parallel region would fight); ``clipped_update_parallel``, for the
+optimizers' own ``step()`` on large buffers, is bitwise equal
+(bench/RESULTS.md has both measured).
 """
 import numpy as np
 from numba import njit, prange

@@ -1,0 +1,63 @@
+"""The ``fastgrad`` command line: demo, explode, bench, and bad options."""
+import subprocess
+import sys
+
+import pytest
+
+from fastgrad.cli import main
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fastgrad", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("cmd", [[], ["demo"], ["explode"], ["bench"]])
+def test_help_everywhere(cmd):
+    out = _run(*cmd, "--help")
+    assert out.returncode == 0 and "usage: fastgrad" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["demo", "--epochs", "0"], "positive integer"),
+    (["demo", "--lr", "-1"], ">= 0"),
+    (["demo", "--activation", "swish"], "invalid choice"),
+    (["demo", "--hidden", "12,x"], "comma-separated"),
+    (["demo", "--device", "tpu"], "invalid choice"),
+    (["explode", "--depth", "-3"], "positive integer"),
+    (["nonsense"], "invalid choice"),
+    ([], "required"),
+])
+def test_bad_options_exit_2_without_traceback(args, message):
+    out = _run(*args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_demo_trains_and_plots(tmp_path, capsys):
+    png = tmp_path / "health.png"
+    assert main(["demo", "--epochs", "12", "--no-progress", "--out", str(png)]) == 0
+    text = capsys.readouterr().out
+    acc = float(text.split("test accuracy ")[1].split()[0])
+    assert acc >= 0.95, text
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "GradientMonitor" in text
+
+
+def test_explode_shows_a_real_explosion_reproducibly(tmp_path, capsys):
+    args = ["explode", "--depth", "10", "--epochs", "2", "--seed", "3"]
+    assert main(args + ["--out", str(tmp_path / "a.png")]) == 0
+    first = capsys.readouterr().out
+    assert main(args + ["--out", str(tmp_path / "b.png")]) == 0
+    second = capsys.readouterr().out
+    table = [line for line in first.splitlines() if line.startswith("|")]
+    assert table == [line for line in second.splitlines() if line.startswith("|")]
+    naive = next(line for line in table if line.startswith("| naive"))
+    cells = [c.strip() for c in naive.strip("|").split("|")]
+    assert cells[1] == "nan" and cells[3] != "-" and int(cells[4]) > 0   # exploded, skipped
+    clipped = table[3]                                                  # "+ clip by norm"
+    assert "nan" not in clipped.split("|")[2]
+    assert (tmp_path / "a.png").stat().st_size > 10_000
