@@ -8,6 +8,7 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 import pytest
 
 import fastgrad
@@ -94,11 +95,11 @@ def wheel(tmp_path_factory):
         pytest.fail(f"building the wheel failed:\n{out.stdout}\n{out.stderr}")
     (whl,) = (tmp / "dist").glob("fastgrad-*.whl")
     with zipfile.ZipFile(whl) as z:
-        return z.namelist(), time.perf_counter() - t0
+        return z.namelist(), time.perf_counter() - t0, whl
 
 
 def test_wheel_layout(wheel):
-    names, _ = wheel
+    names, _, _ = wheel
     for required in ("fastgrad/__init__.py", "fastgrad/ops.py", "fastgrad/kernels/__init__.py",
                      "fastgrad/kernels/cpu/__init__.py", "fastgrad/kernels/cpu/dense.py",
                      "fastgrad/kernels/cpu/mathfn.py", "fastgrad/kernels/cuda/__init__.py"):
@@ -110,8 +111,31 @@ def test_wheel_layout(wheel):
 
 
 def test_wheel_ships_cuda_sources(wheel):
-    names, _ = wheel
+    names, _, _ = wheel
     assert "fastgrad/kernels/cuda/fg_probe.cu" in names
     assert "fastgrad/kernels/cuda/fg_probe.cuh" in names
     for cu in sorted((REPO / "kernels" / "cuda").glob("*.cu*")):
         assert f"fastgrad/kernels/cuda/{cu.name}" in names
+
+
+def test_regular_install_from_the_wheel_trains(wheel, tmp_path):
+    """A regular (non-editable) install: the wheel unpacked into its own
+    site directory, imported from there (not from this checkout), trains."""
+    _, _, whl = wheel
+    site = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q",
+                          "--target", str(site), str(whl)], env=_clean_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    code = (
+        "import numpy as np, fastgrad as fg, fastgrad.kernels.cpu.dense as d\n"
+        "m = fg.MLP([3, 4, 2], dtype='float64')\n"
+        "s = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m))\n"
+        "print(fg.__file__); print(d.__file__); print(s(np.ones((2, 3)), [0, 1]))\n")
+    env = dict(_clean_env(), PYTHONPATH=str(site), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    pkg, dense, loss = out.stdout.split()
+    assert pkg.startswith(str(site)) and dense.startswith(str(site / "fastgrad" / "kernels"))
+    assert np.isfinite(float(loss))
