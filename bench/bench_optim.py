@@ -65,12 +65,11 @@ def _stream_update_parallel(p, g, m, v, a):
         p[i] = p[i] + a * gi
 
 
-def make_ceiling(n):
+def make_ceiling(n, parallel=False):
     """A plain streaming kernel with the update's traffic (read g; read
-    p, g, m, v; write p, m, v), on the threads fastgrad uses at this size."""
+    p, g, m, v; write p, m, v), on one thread or on Numba's threads."""
     p, g, m, v = _buffers(n)
     a = np.float32(0.5)
-    parallel = n >= K.PARALLEL_MIN
     total = _stream_sum_parallel if parallel else _stream_sum
     update = _stream_update_parallel if parallel else _stream_update
 
@@ -78,6 +77,10 @@ def make_ceiling(n):
         total(g)
         update(p, g, m, v, a)
     return run
+
+
+def make_ceiling_parallel(n):
+    return make_ceiling(n, parallel=True)
 
 
 class _Flat:
@@ -88,13 +91,18 @@ class _Flat:
         self.layer_offsets = np.array([0, p.size], np.int64)
 
 
-def make_fastgrad(n):
+def make_fastgrad(n, parallel=False):
     """What a user runs: ``fg.Adam(model, clip_norm=...).step()`` (Python
-    overhead included; large buffers take the parallel kernel)."""
+    overhead included), serial as by default or with ``opt.parallel``."""
     from fastgrad.optim import Adam
     p, g, m, v = _buffers(n)
     opt = Adam(_Flat(p, g), lr=LR, betas=BETAS, eps=EPS, clip_norm=CLIP)
+    opt.parallel = parallel
     return opt.step
+
+
+def make_fastgrad_parallel(n):
+    return make_fastgrad(n, parallel=True)
 
 
 def make_numpy(n):
@@ -162,8 +170,9 @@ def make_optax(n):
     return run
 
 
-CONTENDERS = {"ceiling": make_ceiling, "fastgrad": make_fastgrad, "numpy": make_numpy,
-              "torch": make_torch, "optax": make_optax}
+CONTENDERS = {"ceiling": make_ceiling, "ceiling parallel": make_ceiling_parallel,
+              "fastgrad": make_fastgrad, "fastgrad parallel": make_fastgrad_parallel,
+              "numpy": make_numpy, "torch": make_torch, "optax": make_optax}
 
 
 @pytest.fixture

@@ -297,7 +297,7 @@ def test_parallel_update_is_bitwise_serial(rule):
     exactly what the serial kernel (the one TrainStep runs) gives."""
     from fastgrad.kernels.cpu import optim as K
     rng = np.random.default_rng()
-    sizes = [K.PARALLEL_MIN // 3 + 17, 5, K.PARALLEL_MIN + 1001]
+    sizes = [170_017, 5, 525_289]          # several parallel blocks, ragged ends
     off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n = int(off[-1])
     results = []
@@ -319,10 +319,19 @@ def test_parallel_update_is_bitwise_serial(rule):
         np.testing.assert_array_equal(x, y)
 
 
-def test_optimizer_picks_parallel_kernel_for_large_buffers():
+def test_parallel_is_opt_in_and_gives_the_same_trajectory():
     from fastgrad.kernels.cpu import optim as K
-    big = fg.MLP([1024, 1024], dtype="float32")          # ~1M parameters
-    small = fg.MLP([8, 4], dtype="float32")
-    assert big.n_params >= K.PARALLEL_MIN > small.n_params
-    assert fg.Adam(big)._update is K.clipped_update_parallel
-    assert fg.Adam(small)._update is K.clipped_update
+    rng = np.random.default_rng()
+    models = [fg.MLP([300, 700, 9], dtype="float32", seed=1) for _ in range(2)]
+    opts = [fg.Adam(m, lr=1e-2, clip_norm=0.5) for m in models]
+    assert not opts[0].parallel and opts[0]._update is K.clipped_update
+    opts[1].parallel = True
+    assert opts[1].parallel and opts[1]._update is K.clipped_update_parallel
+    for _ in range(5):
+        g = rng.standard_normal(models[0].n_params).astype(np.float32)
+        for m, o in zip(models, opts):
+            m.grads[...] = g
+            o.step()
+    np.testing.assert_array_equal(models[0].params, models[1].params)
+    opts[1].parallel = False
+    assert opts[1]._update is K.clipped_update

@@ -38,7 +38,7 @@ float64 path must round like PyTorch.  The passes are memory bound, so the
 fused arithmetic costs nothing measurable.  ``clipped_update`` is serial (the
 whole-step kernel calls it right after OpenBLAS's GEMMs, whose spinning
 threads a parallel region would fight); ``clipped_update_parallel``, for the
-optimizers' own ``step()`` on large buffers, is bitwise equal
+optimizers' own ``step()`` when asked (``opt.parallel = True``), is bitwise equal
 (bench/RESULTS.md has both measured).
 """
 import numpy as np
@@ -257,13 +257,9 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     return norm, scale, False
 
 
-# Elements per parallel chunk of the update: large enough that a chunk's
-# bookkeeping vanishes, small enough to balance two threads.
+# Elements per parallel chunk: large enough that a chunk's bookkeeping
+# vanishes, small enough to balance two threads.
 CHUNK = 1 << 16
-# From this many parameters the parallel entry pays for waking Numba's
-# threads (measured, bench/RESULTS.md: 2 threads, 1M float32 Adam 0.50 ms
-# serial vs 0.27 ms parallel; 256K about even).
-PARALLEL_MIN = 1 << 19
 
 
 @njit(**dict(JIT, parallel=True))
@@ -280,10 +276,10 @@ def clipped_update_parallel(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_
     """:func:`clipped_update` with both passes spread over Numba's threads.
 
     Bitwise the same result as the serial entry (the update is elementwise,
-    the norm adds the same block sums in the same order).  For the
-    optimizers' own ``step()`` on large buffers; the whole-step kernel stays
-    serial, because right after its GEMMs a parallel region competes with
-    OpenBLAS's spinning threads (DESIGN.md "Threads").
+    the norm adds the same block sums in the same order).  Opt-in
+    (``opt.parallel = True``): it pays when the update runs on its own, but
+    right after GEMMs a parallel region competes with OpenBLAS's spinning
+    threads (DESIGN.md "Threads"), so the whole-step kernel stays serial.
     """
     norm = np.sqrt(layer_sumsq_parallel(g, offsets, layer_sq))
     if not np.isfinite(norm):
