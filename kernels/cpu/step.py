@@ -20,7 +20,7 @@ delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da
 import numpy as np
 from numba import njit
 
-from ._jit import JIT
+from ._jit import INLINE, JIT
 from .activations import NEEDS_Z, bias_act, bias_act_grad
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .optim import clipped_update
@@ -44,10 +44,9 @@ def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     return W, b, dW, db, a, z
 
 
-@njit(**JIT)
-def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                     offsets, acts, zs, delta):
-    """Forward, loss and backward; writes ``grads``; returns the mean loss."""
+@njit(**INLINE)
+def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
+                      offsets, acts, zs, delta):
     B = x.shape[0]
     L = codes.shape[0]
     h = x
@@ -92,6 +91,14 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
 
 
 @njit(**JIT)
+def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
+                     offsets, acts, zs, delta):
+    """Forward, loss and backward; writes ``grads``; returns the mean loss."""
+    return _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
+                             alphas, offsets, acts, zs, delta)
+
+
+@njit(**JIT)
 def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                offsets, acts, zs, delta,
                rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
@@ -100,8 +107,10 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     Returns (loss, grad_norm, clip_scale, skipped) -- the update's outputs
     exactly as ``fastgrad.optim``'s ``step()`` gets them from the same kernel.
     """
-    loss = forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
-                            alphas, offsets, acts, zs, delta)
+    # Inlined rather than called: LLVM then optimises the step's code once,
+    # instead of once for forward_backward and again when linking it here.
+    loss = _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
+                             alphas, offsets, acts, zs, delta)
     norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                           layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
