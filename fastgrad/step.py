@@ -126,17 +126,23 @@ def _progress_bar(total, enabled, desc):
 
 
 def evaluate(model, loss_fn, X, Y, batch_size=1024):
-    """Mean loss (and accuracy for softmax cross-entropy) of ``model`` on X, Y."""
+    """Mean loss (and accuracy for softmax cross-entropy) of ``model`` on X, Y.
+
+    X and Y may live on the host for a CUDA model: each batch is copied once.
+    """
     n = len(X)
+    classify = getattr(loss_fn, "name", None) == "softmax_cross_entropy"
+    xp = model._xp
     total, correct = 0.0, 0
     for lo in range(0, n, batch_size):
         out = model.predict(X[lo:lo + batch_size])
-        loss, _ = loss_fn(out, Y[lo:lo + batch_size])
+        target = xp.asarray(Y[lo:lo + batch_size])
+        loss, _ = loss_fn(out, target)
         total += loss * len(out)
-        if getattr(loss_fn, "name", None) == "softmax_cross_entropy":
-            correct += int((out.argmax(axis=1) == np.asarray(Y[lo:lo + batch_size])).sum())
+        if classify:
+            correct += int((out.argmax(axis=1) == target).sum())
     result = {"loss": total / n}
-    if getattr(loss_fn, "name", None) == "softmax_cross_entropy":
+    if classify:
         result["accuracy"] = correct / n
     return result
 
