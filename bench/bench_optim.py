@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from numba import njit, prange
 
-from fastgrad.kernels.cpu import optim as K
 from fastgrad.kernels.cpu._jit import JIT
 
 BYTES_PER_PARAM = 32

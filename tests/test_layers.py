@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
-from fastgrad import ops, reference
+from fastgrad import reference
 
 from conftest import ACTIVATIONS, LOSSES, assert_close, to_numpy
 

@@ -293,23 +293,23 @@ def test_invalid_inputs():
 
 @pytest.mark.parametrize("rule", ["adam", "sgd", "rmsprop"])
 def test_parallel_update_is_bitwise_serial(rule):
-    """Large buffers take the parallel kernel in ``step()``; it must give
-    exactly what the serial kernel (the one TrainStep runs) gives."""
+    """The parallel kernel (``opt.parallel``) must give exactly what the
+    serial kernel (the one TrainStep runs) gives, over several layers with
+    ragged ends."""
     from fastgrad.kernels.cpu import optim as K
     rng = np.random.default_rng()
-    sizes = [170_017, 5, 525_289]          # several parallel blocks, ragged ends
+    sizes = [170_017, 5, 525_289]
     off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n = int(off[-1])
+    p0 = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * 3).astype(np.float32)
+    hp = np.zeros(K.HP_SIZE)
+    hp[[K.HP_LR, K.HP_BETA1, K.HP_BETA2, K.HP_EPS, K.HP_BIAS_CORR1, K.HP_BIAS_CORR2,
+        K.HP_MOMENTUM, K.HP_ALPHA]] = [1e-2, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.9, 0.99]
     results = []
     for kernel in (K.clipped_update, K.clipped_update_parallel):
-        p = rng.standard_normal(n).astype(np.float32) if not results else p0.copy()
-        if not results:
-            p0 = p.copy()
-            g = (rng.standard_normal(n) * 3).astype(np.float32)
-        s = [np.zeros(n, np.float32) if i < 2 else np.empty(0, np.float32) for i in range(3)]
-        hp = np.zeros(K.HP_SIZE)
-        hp[[K.HP_LR, K.HP_BETA1, K.HP_BETA2, K.HP_EPS, K.HP_BIAS_CORR1, K.HP_BIAS_CORR2,
-            K.HP_MOMENTUM, K.HP_ALPHA]] = [1e-2, 0.9, 0.999, 1e-8, 0.1, 0.001, 0.9, 0.99]
+        p = p0.copy()
+        s = [np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(0, np.float32)]
         ls = np.zeros(3)
         out = kernel(K.RULES[rule], p, g, *s, hp, off, ls, 1.0, 0.5)
         results.append((p, s[0], s[1], ls, out))

@@ -1,7 +1,6 @@
 """Property tests (hypothesis): dense forward/backward against the reference
 over random shapes, activations and dtypes."""
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
