@@ -216,6 +216,10 @@ def to_torch(model):
     nn = torch.nn
     dtype = getattr(torch, np.dtype(model.dtype).name)
     mods = []
+    for i, layer in enumerate(model.layers):
+        if layer.residual:
+            raise ValueError(f"layer {i} is a residual block, which a torch.nn.Sequential "
+                             "cannot express")
     with torch.no_grad():
         for layer in model.layers:
             W = as_torch(layer.W)
@@ -226,6 +230,9 @@ def to_torch(model):
             act = _torch_activation(layer, torch)
             if act is not None:
                 mods.append(act)
+            if layer.dropout > 0:
+                # Same rate and placement; torch draws its own masks.
+                mods.append(nn.Dropout(layer.dropout))
     return nn.Sequential(*mods)
 
 

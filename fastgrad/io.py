@@ -19,13 +19,20 @@ Metadata
         {"format": "fastgrad-checkpoint", "format_version": 1,
          "fastgrad_version": "0.1.0",
          "model": {"class": "MLP", "dtype": "float32", "seed": 0,
+                   "dropout_step": 0, "mask_seed": 0, "training": true,
                    "layers": [{"n_in": 784, "n_out": 256, "activation": "relu",
-                               "alpha": 0.0, "init": "he_normal"}, ...]},
+                               "alpha": 0.0, "init": "he_normal",
+                               "dropout": 0.0, "residual": false}, ...]},
          "optimizer": null | {"kind": "adam", "step": 20, "n_skipped": 0,
                               "n_calls": 20, "hyper": {...}, "state": ["exp_avg", ...]}}
 
     ``hyper`` holds the optimizer's hyper-parameters, its learning-rate
-    schedule as ``Schedule.to_config()`` data.
+    schedule as ``Schedule.to_config()`` data.  ``dropout_step`` is the
+    dropout counter the next training forward draws its masks from (so a
+    resumed run draws what an uninterrupted one would), ``mask_seed`` the
+    seed of those masks.  Files without ``dropout``, ``residual``,
+    ``dropout_step``, ``mask_seed`` or ``training`` (written before these
+    existed, same format version) load as a plain model at counter 0.
 
 The file opens in plain safetensors, from NumPy, PyTorch
 (``safetensors.torch.load_file``), JAX or Hugging Face tools.
@@ -131,8 +138,12 @@ def _model_meta(model):
         "dtype": np.dtype(model.dtype).name,
         "seed": (int(model.seed) if isinstance(model.seed, numbers.Integral)
                  and not isinstance(model.seed, bool) and model.seed >= 0 else None),
+        "dropout_step": int(model.dropout_step),
+        "mask_seed": int(model._mask_seed),
+        "training": bool(model.training),
         "layers": [{"n_in": int(l.n_in), "n_out": int(l.n_out), "activation": l.activation,
-                    "alpha": float(l.alpha), "init": l.init} for l in model.layers],
+                    "alpha": float(l.alpha), "init": l.init, "dropout": float(l.dropout),
+                    "residual": bool(l.residual)} for l in model.layers],
     }
 
 
@@ -240,6 +251,14 @@ def _parse_model(m):
     seed = m.get("seed")
     _need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
           f"model.seed: expected a non-negative integer or null, got {seed!r:.80}")
+    state = {}
+    for key in ("dropout_step", "mask_seed"):
+        if key in m:
+            v = _get(m, key, int, "model")
+            _need(0 <= v < 2 ** 63, f"model.{key}: must be in [0, 2**63), got {v}")
+            state[key] = v
+    if "training" in m:
+        state["training"] = _get(m, "training", bool, "model")
     layers = _get(m, "layers", list, "model")
     _need(1 <= len(layers) <= _MAX_LAYERS,
           f"model.layers: expected 1 to {_MAX_LAYERS} layers, got {len(layers)}")
@@ -260,10 +279,16 @@ def _parse_model(m):
             raise _Bad(f"{where}: {exc}") from None
         init = _get(spec, "init", str, where)
         _need(init in INITIALIZERS, f"{where}.init: unknown initializer {init!r:.80}")
+        dropout = _get(spec, "dropout", (int, float), where) if "dropout" in spec else 0.0
+        _need(0.0 <= dropout < 1.0, f"{where}.dropout: must be in [0, 1), got {dropout!r}")
+        residual = _get(spec, "residual", bool, where) if "residual" in spec else False
+        _need(not residual or n_in == n_out,
+              f"{where}.residual: a residual block needs n_in == n_out, got {n_in}, {n_out}")
         n_params += n_in * n_out + n_out
         specs.append({"n_in": n_in, "n_out": n_out, "activation": act,
-                      "alpha": float(alpha), "init": init})
-    return cls, np.dtype(dtype), seed, specs, n_params
+                      "alpha": float(alpha), "init": init, "dropout": float(dropout),
+                      "residual": residual})
+    return cls, np.dtype(dtype), seed, specs, n_params, state
 
 
 def _check_json_value(v, depth=0):
@@ -400,7 +425,7 @@ def _load(path, dev):
         _need(version == FORMAT_VERSION,
               f"format version {version} is not supported (this fastgrad reads version "
               f"{FORMAT_VERSION}{'; upgrade fastgrad' if version > FORMAT_VERSION else ''})")
-        cls_name, dtype, seed, specs, n_params = _parse_model(doc.get("model"))
+        cls_name, dtype, seed, specs, n_params, state = _parse_model(doc.get("model"))
         o = doc.get("optimizer")
         opt_cls = None if o is None else _parse_optimizer(o, names)
         expected = {PARAMS} | {OPT_PREFIX + s for s in (o["state"] if o else ())}
@@ -420,6 +445,10 @@ def _load(path, dev):
                   f"tensor {name!r} did not read back as {dtype.name}[{n_params}]")
             arrays[name] = arr
     model = _build_model(cls_name, dtype, seed, specs, dev)
+    model.dropout_step = state.get("dropout_step", 0)
+    model.training = state.get("training", True)
+    if "mask_seed" in state:
+        model._mask_seed = state["mask_seed"]
     xp = _device.array_module(dev)
     model.params[...] = xp.asarray(arrays[PARAMS])
     opt = None
@@ -436,10 +465,11 @@ def _load(path, dev):
 
 
 def _build_model(cls_name, dtype, seed, specs, dev):
-    from .layers import MLP, Dense, Sequential
+    from .layers import MLP, Dense, Residual, Sequential
 
     layers = [Dense(s["n_in"], s["n_out"], activation=s["activation"], alpha=s["alpha"],
-                    init="zeros") for s in specs]
+                    init="zeros", dropout=s["dropout"]) for s in specs]
+    layers = [Residual(l) if s["residual"] else l for l, s in zip(layers, specs)]
     cls = MLP if cls_name == "MLP" else Sequential
     model = cls.__new__(cls)
     # Built with zeros (no random draws: the parameters are overwritten next),

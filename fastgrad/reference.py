@@ -75,6 +75,60 @@ def dense_backward(x, W, z, da, name, alpha=None):
     return x.T @ dz, dz.sum(axis=0), dz @ W.T
 
 
+# --- dropout and residual blocks ---------------------------------------------
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_M64 = (1 << 64) - 1
+
+
+def _fin(z):
+    """splitmix64's finalizer on Python ints (exact 64-bit wrap-around)."""
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def dropout_key(seed, layer, counter):
+    """The 64-bit key of layer ``layer``'s mask at dropout step ``counter``."""
+    k = _fin((seed + _GOLDEN) & _M64)
+    k = _fin(((k ^ layer) + _GOLDEN) & _M64)
+    return _fin(((k ^ counter) + _GOLDEN) & _M64)
+
+
+def dropout_mask(seed, layer, counter, shape, p):
+    """float64 0/1 keep-mask: element ``e`` (row-major) draws
+    ``bits = fin(key + (e + 1) * golden) >> 11``, ``u = bits / 2**53``, and
+    is kept iff ``u >= p``."""
+    key = dropout_key(seed, layer, counter)
+    n = int(np.prod(shape))
+    e = np.arange(1, n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + e * np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+    return (u >= p).astype(np.float64).reshape(shape)
+
+
+def block_forward(x, W, b, name, alpha=None, mask=None, p=0.0, residual=False):
+    """Returns (z, f, y): z = x W + b, f = act(z), y = f * mask / (1 - p)
+    (no dropout when ``mask`` is None) plus x for a residual block."""
+    z, f = dense_forward(x, W, b, name, alpha)
+    y = f if mask is None else f * mask / (1.0 - p)
+    if residual:
+        y = y + np.asarray(x, np.float64)
+    return z, f, y
+
+
+def block_backward(x, W, z, dy, name, alpha=None, mask=None, p=0.0, residual=False):
+    """Returns (dW, db, dx) of :func:`block_forward` given dy = dL/dy."""
+    dy = np.asarray(dy, np.float64)
+    df = dy if mask is None else dy * mask / (1.0 - p)
+    dW, db, dx = dense_backward(x, W, z, df, name, alpha)
+    return dW, db, (dx + dy if residual else dx)
+
+
 # --- losses (mean over the batch) -------------------------------------------
 
 def softmax_cross_entropy(logits, labels):

@@ -1,0 +1,403 @@
+"""Residual blocks and dropout (issue 9): kernels against fastgrad.reference
+and PyTorch, gradients against central differences, the counter-based mask,
+TrainStep equality and checkpoints."""
+import json
+
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import reference
+from fastgrad.kernels.cpu import blocks
+
+from conftest import ACTIVATIONS, assert_close, dense_inputs
+
+
+
+def _torch():
+    return pytest.importorskip("torch")
+
+
+def _run_block(x, W, b, act, alpha, p, residual, key, dy):
+    """The block kernels on NumPy inputs: (z, fz, y, dW, db, dx)."""
+    B, n = x.shape[0], W.shape[1]
+    dt = x.dtype
+    z, fz, y = (np.empty((B, n), dt) for _ in range(3))
+    code, alpha = fg.ops.resolve_activation(act, alpha)
+    drop = p > 0
+    thresh = blocks.dropout_threshold(p)
+    scale = 1.0 / (1.0 - p)
+    blocks.block_forward(x, W, b, z, fz, y, code, alpha, drop, np.uint64(key), thresh, scale,
+                         residual)
+    da = dy.astype(dt).copy()
+    dz = np.empty_like(da)
+    dW, db, dx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
+    blocks.block_backward(x, W, fz, z, da, dz, dW, db, dx, code, alpha, drop, np.uint64(key),
+                          thresh, scale, residual, True)
+    return z, fz, y, dW, db, dx
+
+
+# --- kernels against the float64 reference -----------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p,residual", [(0.0, True), (0.3, False), (0.5, True)])
+def test_block_matches_reference(rng, dtype, act, p, residual):
+    B, n = 7, 17
+    x, W, b = dense_inputs(rng, B, n, n, dtype)
+    dy = rng.standard_normal((B, n))
+    seed, layer, counter = int(rng.integers(2 ** 62)), 2, int(rng.integers(1000))
+    key = reference.dropout_key(seed, layer, counter)
+    assert int(blocks.dropout_key(seed, layer, counter)) == key
+    mask = reference.dropout_mask(seed, layer, counter, (B, n), p) if p else None
+    z, fz, y, dW, db, dx = _run_block(x, W, b, act, None, p, residual, key, dy)
+    rz, rf, ry = reference.block_forward(x, W, b, act, mask=mask, p=p, residual=residual)
+    rdW, rdb, rdx = reference.block_backward(x, W, rz, dy, act, mask=mask, p=p,
+                                             residual=residual)
+    for got, ref, what in ((z, rz, "z"), (fz, rf, "f(z)"), (y, ry, "y"), (dW, rdW, "dW"),
+                           (db, rdb, "db"), (dx, rdx, "dx")):
+        assert_close(got, ref, dtype, what=what)
+
+
+def test_mask_kernel_matches_reference(rng):
+    seed, layer, counter, p = int(rng.integers(2 ** 63)), 3, 41, 0.37
+    out = np.empty((33, 65))
+    blocks.dropout_mask(np.uint64(blocks.dropout_key(seed, layer, counter)),
+                        blocks.dropout_threshold(p), out)
+    np.testing.assert_array_equal(out, reference.dropout_mask(seed, layer, counter, out.shape, p))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_rate_over_a_million_draws(p):
+    n = 1000 * 1000
+    out = np.empty((1000, 1000))
+    blocks.dropout_mask(np.uint64(blocks.dropout_key(12345, 0, 7)), blocks.dropout_threshold(p),
+                        out)
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(out.mean() - (1 - p)) < 4 * sigma, (out.mean(), 1 - p, sigma)
+    # different layers and counters draw different masks
+    other = np.empty_like(out)
+    blocks.dropout_mask(np.uint64(blocks.dropout_key(12345, 1, 7)), blocks.dropout_threshold(p),
+                        other)
+    assert (other != out).mean() > 0.5 * 2 * p * (1 - p)
+
+
+def test_backward_regenerates_the_forward_mask(rng):
+    """Identity activation, dy = 1: the backward's dz is mask * scale exactly,
+    so db counts the kept units the forward let through."""
+    B, n, p = 64, 33, 0.4
+    x = rng.standard_normal((B, n))
+    W = rng.standard_normal((n, n))
+    b = rng.standard_normal(n)
+    key = blocks.dropout_key(99, 1, 5)
+    z, fz, y, dW, db, dx = _run_block(x, W, b, "identity", None, p, False, key, np.ones((B, n)))
+    kept = y != 0
+    assert 0.4 < kept.mean() < 0.8
+    np.testing.assert_array_equal(y[kept], fz[kept] / (1 - p))
+    np.testing.assert_allclose(db, kept.sum(axis=0) / (1 - p), rtol=1e-14)
+    np.testing.assert_allclose(dW, x.T @ (kept / (1 - p)), rtol=1e-12, atol=1e-12)
+
+
+# --- against PyTorch ------------------------------------------------------------
+
+_TORCH_ACT = {"identity": lambda nn: nn.Identity(), "relu": lambda nn: nn.ReLU(),
+              "leaky_relu": lambda nn: nn.LeakyReLU(0.01), "elu": lambda nn: nn.ELU(1.0),
+              "sigmoid": lambda nn: nn.Sigmoid(), "tanh": lambda nn: nn.Tanh(),
+              "softplus": lambda nn: nn.Softplus(), "gelu": lambda nn: nn.GELU("tanh")}
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_residual_block_matches_torch(rng, act, p):
+    """y = x + dropout(act(Linear(x))) in torch, with fastgrad's mask applied
+    by hand (nn.Dropout draws its own), forward and gradients to 1e-10."""
+    torch = _torch()
+    nn = torch.nn
+    B, n = 6, 9
+    model = fg.Sequential([fg.Residual(fg.Dense(n, n, activation=act, dropout=p)),
+                           fg.Dense(n, 4, activation=None)], dtype="float64", seed=4)
+    x = rng.standard_normal((B, n))
+    dy = rng.standard_normal((B, 4))
+    c = model.dropout_step
+    y = model.forward(x)
+    dx = model.backward(dy)
+    mask = torch.tensor(reference.dropout_mask(model._mask_seed, 0, c, (B, n), p)
+                        if p else np.ones((B, n)))
+
+    lin0, lin1 = nn.Linear(n, n, dtype=torch.float64), nn.Linear(n, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for lin, layer in ((lin0, model.layers[0]), (lin1, model.layers[1])):
+            lin.weight.copy_(torch.tensor(layer.W.T))
+            lin.bias.copy_(torch.tensor(layer.b))
+    f = _TORCH_ACT[act](nn)
+    xt = torch.tensor(x, requires_grad=True)
+    h = xt + f(lin0(xt)) * mask / (1 - p)
+    yt = lin1(h)
+    yt.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.layers[0].dW, lin0.weight.grad.numpy().T, rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(model.layers[0].db, lin0.bias.grad.numpy(), rtol=1e-10,
+                               atol=1e-12)
+    np.testing.assert_allclose(model.layers[1].dW, lin1.weight.grad.numpy().T, rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_dropout_rate_matches_torch_statistics():
+    """Same rate and scaling as nn.Dropout: the mean of a dropped unit
+    vector stays 1 in expectation and kept units equal 1 / (1 - p)."""
+    torch = _torch()
+    p = 0.3
+    model = fg.Sequential([fg.Dense(1, 200000, activation=None, init="zeros", dropout=p)],
+                          dtype="float64")
+    model.layers[0].b[...] = 1.0
+    y = model.forward(np.ones((1, 1)))
+    t = torch.nn.Dropout(p)(torch.ones(1, 200000, dtype=torch.float64)).numpy()
+    assert set(np.unique(y)) == set(np.unique(t)) == {0.0, 1.0 / (1 - p)}
+    assert abs(y.mean() - 1.0) < 4 * np.sqrt(p / (1 - p) / 200000)
+
+
+# --- gradients against central differences ------------------------------------------
+
+def _fd_check(model, x, target, h=1e-5):
+    """Analytic gradients (one training forward at a fixed counter) against
+    central differences of the same forward (the counter reset every time,
+    so every evaluation draws the same masks)."""
+    loss_fn = fg.MSE()
+    c = model.dropout_step
+
+    def loss_at():
+        model.dropout_step = c
+        return loss_fn(model.forward(x), target)[0]
+
+    model.dropout_step = c
+    value, dy = loss_fn(model.forward(x), target)
+    dx = model.backward(dy).copy()
+    grads = model.grads.copy()
+    p0 = model.params.copy()
+    fd = np.empty_like(p0)
+    for i in range(p0.size):
+        model.params[i] = p0[i] + h
+        fp = loss_at()
+        model.params[i] = p0[i] - h
+        fm = loss_at()
+        model.params[i] = p0[i]
+        fd[i] = (fp - fm) / (2 * h)
+    fdx = np.empty_like(x)
+    for idx in np.ndindex(*x.shape):
+        x0 = x[idx]
+        x[idx] = x0 + h
+        fp = loss_at()
+        x[idx] = x0 - h
+        fm = loss_at()
+        x[idx] = x0
+        fdx[idx] = (fp - fm) / (2 * h)
+    for g, ref, what in ((grads, fd, "dparams"), (dx, fdx, "dx")):
+        err = np.abs(g - ref) / np.maximum(np.abs(g) + np.abs(ref), 1e-3)
+        assert err.max() < 1e-6, f"{what}: max relative error {err.max():.3g}"
+    assert np.abs(grads).max() > 0
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_residual_gradcheck(rng, act):
+    model = fg.Sequential([fg.Dense(3, 4, activation=act),
+                           fg.Residual(fg.Dense(4, 4, activation=act)),
+                           fg.Dense(4, 2, activation=None)], dtype="float64", seed=1)
+    model.params[...] = rng.standard_normal(model.n_params) * 0.7
+    _fd_check(model, rng.standard_normal((5, 3)), rng.standard_normal((5, 2)))
+
+
+@pytest.mark.parametrize("act", ["tanh", "gelu", "elu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_dropout_gradcheck(rng, act, residual):
+    hidden = fg.Dense(4, 4, activation=act, dropout=0.4)
+    model = fg.Sequential([fg.Dense(3, 4, activation=act, dropout=0.3),
+                           fg.Residual(hidden) if residual else hidden,
+                           fg.Dense(4, 2, activation=None)], dtype="float64", seed=2)
+    model.params[...] = rng.standard_normal(model.n_params) * 0.7
+    model.dropout_step = int(rng.integers(100))
+    _fd_check(model, rng.standard_normal((6, 3)), rng.standard_normal((6, 2)))
+
+
+# --- modes, p = 0, bad input -----------------------------------------------------------
+
+def test_train_eval_modes(rng):
+    model = fg.MLP([5, 8, 8, 3], activation="relu", dropout=0.5, residual=True,
+                   dtype="float64", seed=3)
+    assert isinstance(model.layers[1], fg.Residual) and not model.layers[0].residual
+    assert model.layers[1].layer.dropout == 0.5 and model.layers[2].dropout == 0.0
+    x = rng.standard_normal((4, 5))
+    assert model.training and model.dropout_step == 0
+    y1, y2 = model.forward(x), model.forward(x)
+    assert model.dropout_step == 2 and not np.array_equal(y1, y2)
+    pred = model.predict(x)
+    assert model.dropout_step == 2
+    assert model.eval() is model and not model.training
+    np.testing.assert_array_equal(model.forward(x), pred)
+    assert model.dropout_step == 2
+    model.train()
+    model.dropout_step = 0
+    np.testing.assert_array_equal(model.forward(x), y1)
+
+
+def test_p_zero_is_bit_identical(rng):
+    plain = fg.MLP([6, 9, 9, 3], activation="gelu", dtype="float32", seed=5)
+    zero = fg.MLP([6, 9, 9, 3], activation="gelu", dtype="float32", seed=5, dropout=0.0)
+    assert not zero.extended
+    x = rng.standard_normal((7, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 7)
+    np.testing.assert_array_equal(plain.forward(x), zero.forward(x))
+    dy = rng.standard_normal((7, 3)).astype(np.float32)
+    np.testing.assert_array_equal(plain.backward(dy), zero.backward(dy))
+    np.testing.assert_array_equal(plain.grads, zero.grads)
+    steps = [fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m)) for m in (plain, zero)]
+    for _ in range(3):
+        assert steps[0](x, y) == steps[1](x, y)
+    np.testing.assert_array_equal(plain.params, zero.params)
+
+
+@pytest.mark.parametrize("p", [1.0, -0.1, 1.5, float("nan"), True, "0.5", None])
+def test_bad_dropout_rate(p):
+    with pytest.raises(ValueError, match="dropout"):
+        fg.Dense(3, 3, dropout=p)
+    with pytest.raises(ValueError, match="dropout"):
+        fg.MLP([3, 3, 2], dropout=p)
+
+
+def test_bad_residual():
+    with pytest.raises(ValueError, match="n_in == n_out"):
+        fg.Residual(fg.Dense(3, 4))
+    with pytest.raises(TypeError):
+        fg.Residual("dense")
+    d = fg.Dense(3, 3)
+    fg.Residual(d)
+    with pytest.raises(ValueError, match="already"):
+        fg.Residual(d)
+    with pytest.raises(ValueError, match="residual"):
+        fg.MLP([3, 4, 5, 2], residual=True)
+    m = fg.MLP([3, 4, 4, 2], residual=True)
+    with pytest.raises(ValueError, match="residual"):
+        m.to_torch()
+
+
+# --- TrainStep ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "mse"])
+def test_trainstep_equals_layer_path(rng, act, loss):
+    sizes = [5, 7, 7, 7, 3]
+    pairs = []
+    for _ in range(2):
+        m = fg.MLP(sizes, activation=act, dtype="float64", seed=6, dropout=0.3, residual=True)
+        pairs.append((m, fg.Adam(m, lr=1e-2, clip_norm=0.5)))
+    (m1, o1), (m2, o2) = pairs
+    loss_fn = fg.SoftmaxCrossEntropy() if loss == "softmax_cross_entropy" else fg.MSE()
+    step = fg.TrainStep(m2, loss_fn, o2)
+    for k in range(20):
+        if k == 15:                      # eval-mode steps: no dropout, no counter
+            m1.eval()
+            m2.eval()
+        x = rng.standard_normal((9, sizes[0])) * 2
+        y = (rng.integers(0, 3, 9) if loss == "softmax_cross_entropy"
+             else rng.standard_normal((9, 3)))
+        out = m1.forward(x)
+        l1, dy = loss_fn(out, y)
+        m1.backward(dy, input_grad=False)
+        s1 = o1.step()
+        l2 = step(x, y)
+        np.testing.assert_allclose(l2, l1, rtol=1e-12)
+        np.testing.assert_allclose(step.stats.grad_norm, s1.grad_norm, rtol=1e-12)
+    assert m1.dropout_step == m2.dropout_step == 15
+    np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12,
+                               atol=1e-12 * np.abs(m1.params).max())
+
+
+def test_plain_model_never_compiles_the_block_step():
+    from fastgrad.kernels.cpu import step_blocks
+    m = fg.MLP([4, 5, 3], dtype="float32")
+    before = len(step_blocks.train_step_blocks.signatures)
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m))
+    step(np.ones((2, 4), np.float32), [0, 1])
+    assert not step._blocks and len(step_blocks.train_step_blocks.signatures) == before
+    assert m.dropout_step == 1
+
+
+def test_trainstep_gradients_match_layer_path(rng):
+    m1 = fg.MLP([4, 6, 6, 2], activation="tanh", dtype="float64", dropout=0.2, residual=True)
+    m2 = fg.MLP([4, 6, 6, 2], activation="tanh", dtype="float64", dropout=0.2, residual=True)
+    x, y = rng.standard_normal((5, 4)), rng.integers(0, 2, 5)
+    step = fg.TrainStep(m2, fg.SoftmaxCrossEntropy(), fg.SGD(m2, lr=0.1))
+    l2 = step.gradients(x, y)
+    l1, dy = fg.SoftmaxCrossEntropy()(m1.forward(x), y)
+    m1.backward(dy, input_grad=False)
+    assert abs(l1 - l2) <= 1e-12 * abs(l1)
+    np.testing.assert_allclose(m2.grads, m1.grads, rtol=1e-12, atol=1e-14)
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+def _train(step, rng_seed, n, start=0):
+    rng = np.random.default_rng(rng_seed)
+    batches = [(rng.standard_normal((8, 5)), rng.integers(0, 3, 8)) for _ in range(start + n)]
+    for x, y in batches[start:]:
+        step(x, y)
+
+
+def test_checkpoint_round_trip_and_bitwise_resume(tmp_path):
+    def make():
+        m = fg.MLP([5, 6, 6, 3], activation="relu", dropout=0.3, residual=True, seed=11)
+        return m, fg.Adam(m, lr=1e-2, clip_norm=1.0)
+
+    m_ref, o_ref = make()
+    _train(fg.TrainStep(m_ref, fg.SoftmaxCrossEntropy(), o_ref), 0, 10)
+
+    m, o = make()
+    _train(fg.TrainStep(m, fg.SoftmaxCrossEntropy(), o), 0, 6)
+    fg.save(tmp_path / "run.fgz", m, o)
+    m2, o2 = fg.load(tmp_path / "run.fgz")
+    assert m2.dropout_step == 6 and m2._mask_seed == m._mask_seed and m2.training
+    assert isinstance(m2.layers[1], fg.Residual)
+    assert [l.dropout for l in m2.layers] == [0.3, 0.3, 0.0]
+    assert [l.residual for l in m2.layers] == [False, True, False]
+    np.testing.assert_array_equal(m2.params, m.params)
+    _train(fg.TrainStep(m2, fg.SoftmaxCrossEntropy(), o2), 0, 4, start=6)
+    np.testing.assert_array_equal(m2.params, m_ref.params)
+
+
+def test_old_checkpoint_without_new_fields_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    m = fg.MLP([3, 4, 2], seed=2)
+    fg.save(tmp_path / "new.fgz", m)
+    with safe_open(str(tmp_path / "new.fgz"), framework="np") as f:
+        meta = json.loads(f.metadata()["fastgrad"])
+        params = f.get_tensor("params")
+    for key in ("dropout_step", "mask_seed", "training"):
+        del meta["model"][key]
+    for layer in meta["model"]["layers"]:
+        del layer["dropout"], layer["residual"]
+    assert meta["format_version"] == 1
+    save_file({"params": params}, str(tmp_path / "old.fgz"),
+              metadata={"fastgrad": json.dumps(meta)})
+    m2, _ = fg.load(tmp_path / "old.fgz")
+    assert not m2.extended and m2.dropout_step == 0 and m2.training
+    np.testing.assert_array_equal(m2.params, m.params)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dropout", 1.0, "dropout"), ("dropout", True, "dropout"), ("residual", 1, "residual"),
+])
+def test_bad_checkpoint_fields(tmp_path, field, value, match):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+    m = fg.MLP([3, 4, 2], seed=2)
+    fg.save(tmp_path / "a.fgz", m)
+    with safe_open(str(tmp_path / "a.fgz"), framework="np") as f:
+        meta = json.loads(f.metadata()["fastgrad"])
+        params = f.get_tensor("params")
+    meta["model"]["layers"][0][field] = value
+    save_file({"params": params}, str(tmp_path / "b.fgz"),
+              metadata={"fastgrad": json.dumps(meta)})
+    with pytest.raises(ValueError, match=match):
+        fg.load(tmp_path / "b.fgz")
