@@ -227,6 +227,16 @@ def to_torch(model):
             lin.weight.copy_(W.T)
             lin.bias.copy_(as_torch(layer.b))
             mods.append(lin)
+            if layer.norm:
+                nm = (nn.BatchNorm1d(layer.n_out, dtype=dtype, device=W.device)
+                      if layer.norm == "batch"
+                      else nn.LayerNorm(layer.n_out, dtype=dtype, device=W.device))
+                nm.weight.copy_(as_torch(layer.gamma))
+                nm.bias.copy_(as_torch(layer.beta))
+                if layer.norm == "batch":
+                    nm.running_mean.copy_(torch.as_tensor(np.array(layer.running_mean)))
+                    nm.running_var.copy_(torch.as_tensor(np.array(layer.running_var)))
+                mods.append(nm)
             act = _torch_activation(layer, torch)
             if act is not None:
                 mods.append(act)

@@ -8,6 +8,9 @@ Tensors
     ``params``            the model's flat parameter buffer (float32/float64);
                           layer ``i`` owns ``params[off[i]:off[i+1]]``: its
                           ``W`` row-major ``(n_in, n_out)``, then its ``b``
+    ``running_mean``, ``running_var``  float64, one entry per output unit of
+                          every layer: batch-norm running statistics (only
+                          when some layer has ``norm == "batch"``)
     ``opt.<name>``        each optimizer state buffer, same length and dtype
                           (``opt.exp_avg``, ``opt.exp_avg_sq``,
                           ``opt.max_exp_avg_sq``, ``opt.momentum_buffer``,
@@ -22,7 +25,8 @@ Metadata
                    "dropout_step": 0, "mask_seed": 0, "training": true,
                    "layers": [{"n_in": 784, "n_out": 256, "activation": "relu",
                                "alpha": 0.0, "init": "he_normal",
-                               "dropout": 0.0, "residual": false}, ...]},
+                               "dropout": 0.0, "residual": false,
+                               "norm": null}, ...]},
          "optimizer": null | {"kind": "adam", "step": 20, "n_skipped": 0,
                               "n_calls": 20, "hyper": {...}, "state": ["exp_avg", ...]}}
 
@@ -31,8 +35,10 @@ Metadata
     dropout counter the next training forward draws its masks from (so a
     resumed run draws what an uninterrupted one would), ``mask_seed`` the
     seed of those masks.  Files without ``dropout``, ``residual``,
-    ``dropout_step``, ``mask_seed`` or ``training`` (written before these
-    existed, same format version) load as a plain model at counter 0.
+    ``dropout_step``, ``mask_seed``, ``training`` or ``norm`` (written
+    before these existed, same format version) load as a plain model at
+    counter 0.  A layer with ``norm`` ("layer" or "batch") owns ``W``, ``b``,
+    then ``gamma`` and ``beta`` in ``params``.
 
 The file opens in plain safetensors, from NumPy, PyTorch
 (``safetensors.torch.load_file``), JAX or Hugging Face tools.
@@ -63,6 +69,7 @@ FORMAT_VERSION = 1
 META_KEY = "fastgrad"
 PARAMS = "params"
 OPT_PREFIX = "opt."
+RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
 
 _DTYPES = ("float32", "float64")
 _MODEL_CLASSES = ("Sequential", "MLP")
@@ -143,7 +150,7 @@ def _model_meta(model):
         "training": bool(model.training),
         "layers": [{"n_in": int(l.n_in), "n_out": int(l.n_out), "activation": l.activation,
                     "alpha": float(l.alpha), "init": l.init, "dropout": float(l.dropout),
-                    "residual": bool(l.residual)} for l in model.layers],
+                    "residual": bool(l.residual), "norm": l.norm} for l in model.layers],
     }
 
 
@@ -174,6 +181,9 @@ def save(path, model, opt=None):
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "fastgrad_version": _version(), "model": _model_meta(model), "optimizer": None}
     tensors = {PARAMS: _to_host(model.params)}
+    if any(l.norm == "batch" for l in model.layers):
+        tensors[RUNNING_MEAN] = np.ascontiguousarray(model.running_mean)
+        tensors[RUNNING_VAR] = np.ascontiguousarray(model.running_var)
     if opt is not None:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"opt must be a fastgrad optimizer, got {type(opt).__name__}")
@@ -284,10 +294,13 @@ def _parse_model(m):
         residual = _get(spec, "residual", bool, where) if "residual" in spec else False
         _need(not residual or n_in == n_out,
               f"{where}.residual: a residual block needs n_in == n_out, got {n_in}, {n_out}")
-        n_params += n_in * n_out + n_out
+        norm = spec.get("norm")
+        _need(norm in (None, "layer", "batch"),
+              f"{where}.norm: expected null, 'layer' or 'batch', got {norm!r:.80}")
+        n_params += n_in * n_out + n_out * (3 if norm else 1)
         specs.append({"n_in": n_in, "n_out": n_out, "activation": act,
                       "alpha": float(alpha), "init": init, "dropout": float(dropout),
-                      "residual": residual})
+                      "residual": residual, "norm": norm})
     return cls, np.dtype(dtype), seed, specs, n_params, state
 
 
@@ -429,12 +442,20 @@ def _load(path, dev):
         o = doc.get("optimizer")
         opt_cls = None if o is None else _parse_optimizer(o, names)
         expected = {PARAMS} | {OPT_PREFIX + s for s in (o["state"] if o else ())}
+        n_units = sum(s["n_out"] for s in specs)
+        if any(s["norm"] == "batch" for s in specs):
+            expected |= {RUNNING_MEAN, RUNNING_VAR}
         _need(names == expected, f"tensors {sorted(names)!r:.200} do not match the "
               f"expected {sorted(expected)}")
         arrays = {}
         for name in sorted(names):
             sl = f.get_slice(name)
             shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
+            if name in (RUNNING_MEAN, RUNNING_VAR):
+                _need(st_dtype == "F64" and shape == (n_units,),
+                      f"tensor {name!r}: expected F64[{n_units}], got {st_dtype}{list(shape)}")
+                arrays[name] = f.get_tensor(name)
+                continue
             want = {"float32": "F32", "float64": "F64"}[dtype.name]
             _need(st_dtype == want, f"tensor {name!r}: dtype {st_dtype}, expected {want} "
                   f"({dtype.name})")
@@ -449,6 +470,9 @@ def _load(path, dev):
     model.training = state.get("training", True)
     if "mask_seed" in state:
         model._mask_seed = state["mask_seed"]
+    if RUNNING_MEAN in arrays:
+        model.running_mean[...] = arrays[RUNNING_MEAN]
+        model.running_var[...] = arrays[RUNNING_VAR]
     xp = _device.array_module(dev)
     model.params[...] = xp.asarray(arrays[PARAMS])
     opt = None
@@ -468,7 +492,7 @@ def _build_model(cls_name, dtype, seed, specs, dev):
     from .layers import MLP, Dense, Residual, Sequential
 
     layers = [Dense(s["n_in"], s["n_out"], activation=s["activation"], alpha=s["alpha"],
-                    init="zeros", dropout=s["dropout"]) for s in specs]
+                    init="zeros", dropout=s["dropout"], norm=s["norm"]) for s in specs]
     layers = [Residual(l) if s["residual"] else l for l, s in zip(layers, specs)]
     cls = MLP if cls_name == "MLP" else Sequential
     model = cls.__new__(cls)

@@ -75,13 +75,19 @@ class Dense:
         Inverted dropout after the activation, ``y = f(z) * mask / (1 - p)``,
         in training mode only; ``p`` in [0, 1).  0 (default) is no dropout
         at all (the plain kernels, bit for bit).
+    norm : None, "layer" or "batch"
+        Normalisation between ``x W + b`` and the activation, as
+        ``nn.Sequential(nn.Linear, nn.LayerNorm / nn.BatchNorm1d, act)``
+        (eps 1e-5; batch norm: momentum 0.1, running statistics used in eval
+        mode and by ``predict``).  Its affine ``gamma`` (ones) and ``beta``
+        (zeros) follow ``b`` in the flat buffer.
 
     A Dense has no storage of its own until a :class:`Sequential` places it
     in the model's flat buffer.
     """
 
     def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal",
-                 dropout=0.0):
+                 dropout=0.0, norm=None):
         self.n_in = _positive_int(n_in, "n_in")
         self.n_out = _positive_int(n_out, "n_out")
         self.activation = "identity" if activation is None else activation
@@ -90,18 +96,23 @@ class Dense:
             raise ValueError(f"unknown initializer {init!r}; expected one of {list(INITIALIZERS)}")
         self.init = init
         self.dropout = _dropout_rate(dropout)
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be None, 'layer' or 'batch', got {norm!r}")
+        self.norm = norm
         # Set by Residual: y = x + layer(x).
         self.residual = False
         self.W = self.b = self.dW = self.db = None
+        self.gamma = self.beta = self.dgamma = self.dbeta = None
+        self.running_mean = self.running_var = None
 
     @property
     def extended(self):
-        """True when this layer needs the block kernels (dropout or residual)."""
-        return self.dropout > 0 or self.residual
+        """True when this layer needs the block kernels (dropout, residual, norm)."""
+        return self.dropout > 0 or self.residual or self.norm is not None
 
     @property
     def n_params(self):
-        return self.n_in * self.n_out + self.n_out
+        return self.n_in * self.n_out + self.n_out * (3 if self.norm else 1)
 
     def _bind(self, params, grads, offset):
         """Make W, b, dW, db views into the flat buffers at ``offset``."""
@@ -111,12 +122,22 @@ class Dense:
         self.b = params[offset + nw:end]
         self.dW = grads[offset:offset + nw].reshape(self.n_in, self.n_out)
         self.db = grads[offset + nw:end]
+        if self.norm:
+            n = self.n_out
+            self.gamma, self.beta = params[end:end + n], params[end + n:end + 2 * n]
+            self.dgamma, self.dbeta = grads[end:end + n], grads[end + n:end + 2 * n]
+            self.gamma[...] = 1
+            end += 2 * n
         return end
 
     def __repr__(self):
         extra = f", dropout={self.dropout!r}" if self.dropout else ""
+        extra += f", norm={self.norm!r}" if self.norm else ""
         return (f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}, "
                 f"init={self.init!r}{extra})")
+
+
+_NORMS = (None, "layer", "batch")
 
 
 def _dropout_rate(p):
@@ -215,6 +236,17 @@ class Sequential:
         for layer in layers:
             layer.W[...] = xp.asarray(_init_weights(layer.init, layer.n_in, layer.n_out, rng))
         self._cache = None
+        # Batch-norm running statistics: model state outside the parameters
+        # (no gradient, not updated by the optimizer), one pair per layer.
+        width = sum(layer.n_out for layer in layers)
+        self.running_mean = np.zeros(width, np.float64)
+        self.running_var = np.ones(width, np.float64)
+        off = 0
+        for layer in layers:
+            if layer.norm == "batch":
+                layer.running_mean = self.running_mean[off:off + layer.n_out]
+                layer.running_var = self.running_var[off:off + layer.n_out]
+            off += layer.n_out
         self.training = True
         self.dropout_step = 0
         if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
@@ -291,13 +323,32 @@ class Sequential:
         Plain layers run the plain kernels; the others the block kernels,
         which keep ``f(z)`` (and ``z``) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
-        from .kernels.cpu import blocks
+        from .kernels.cpu import blocks, norm
         k, xp = self._kernels(), self._xp
         drop_on = counter is not None
+        B = x.shape[0]
+        if drop_on and B == 1 and any(layer.norm == "batch" for layer in self.layers):
+            raise ValueError("batch norm in training mode needs more than 1 sample per batch "
+                             "(got a batch of 1), as in PyTorch; use model.eval()")
         h, cache = x, []
         for l, layer in enumerate(self.layers):
             a = xp.empty((h.shape[0], layer.n_out), self.dtype)
-            if not layer.extended:
+            if layer.norm:
+                u, fz, xhat = xp.empty_like(a), xp.empty_like(a), xp.empty_like(a)
+                ns = B if layer.norm == "layer" else layer.n_out
+                mean, rstd = np.empty(ns), np.empty(ns)
+                drop = drop_on and layer.dropout > 0
+                key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
+                                                   layer.dropout if drop else 0.0)
+                rm = layer.running_mean if layer.norm == "batch" else mean
+                rv = layer.running_var if layer.norm == "batch" else rstd
+                np.dot(h, layer.W, a)
+                norm.norm_forward_epilogue(a, layer.b, h, xhat, u, fz, layer.gamma, layer.beta,
+                                           mean, rstd, rm, rv, norm.KINDS[layer.norm], drop_on,
+                                           layer.code, layer.alpha, drop, key, thresh, scale,
+                                           layer.residual)
+                entry = (h, u, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
+            elif not layer.extended:
                 z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
                 k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
                 entry = (h, z, a, a, None)
@@ -357,7 +408,7 @@ class Sequential:
         return da if input_grad else None
 
     def _backward_extended(self, da, accumulate, input_grad):
-        from .kernels.cpu import blocks
+        from .kernels.cpu import blocks, norm
         k, xp = self._kernels(), self._xp
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]
@@ -367,6 +418,23 @@ class Sequential:
             if drop_args is None:
                 k.dense_backward(h, layer.W, a, z, da, da, dW, db, dx, layer.code, layer.alpha,
                                  need_dx)
+            elif layer.norm:
+                drop, key, thresh, scale, xhat, rstd, batch_stats = drop_args
+                dz = xp.empty_like(da) if layer.residual else da
+                r1, r2 = np.empty(da.shape[0]), np.empty(da.shape[0])
+                dg, dbt = ((xp.empty_like(layer.gamma), xp.empty_like(layer.beta)) if accumulate
+                           else (layer.dgamma, layer.dbeta))
+                norm.norm_backward_epilogue(da, fz, z, xhat, layer.gamma, rstd, dz, db, dg, dbt,
+                                            r1, r2, norm.KINDS[layer.norm], batch_stats,
+                                            layer.code, layer.alpha, drop, key, thresh, scale)
+                np.dot(h.T, dz, dW)
+                if need_dx:
+                    np.dot(dz, layer.W.T, dx)
+                    if layer.residual:
+                        dx += da
+                if accumulate:
+                    layer.dgamma += dg
+                    layer.dbeta += dbt
             else:
                 drop, key, thresh, scale = drop_args
                 # dz apart from da: the skip gradient dx += da still reads da.

@@ -129,6 +129,54 @@ def block_backward(x, W, z, dy, name, alpha=None, mask=None, p=0.0, residual=Fal
     return dW, db, (dx + dy if residual else dx)
 
 
+# --- LayerNorm / BatchNorm1d ---------------------------------------------------
+
+def norm_forward(z, kind, gamma, beta, running_mean=None, running_var=None, training=True,
+                 eps=1e-5, momentum=0.1):
+    """``u = gamma * (z - mean) / sqrt(var + eps) + beta``.
+
+    kind "layer": mean and (biased) var over each row's features.  kind
+    "batch": over the batch per feature in training (then the running
+    statistics move by ``momentum`` towards the mean and the UNBIASED
+    variance, as torch.nn.BatchNorm1d), or the running statistics in eval.
+    Returns (xhat, u, rstd, running_mean, running_var) (new running arrays).
+    """
+    z = np.asarray(z, np.float64)
+    B = z.shape[0]
+    rm = None if running_mean is None else np.asarray(running_mean, np.float64).copy()
+    rv = None if running_var is None else np.asarray(running_var, np.float64).copy()
+    if kind == "layer":
+        mean = z.mean(axis=1, keepdims=True)
+        var = z.var(axis=1, keepdims=True)
+    elif training:
+        mean = z.mean(axis=0)
+        var = z.var(axis=0)
+        rm = (1 - momentum) * rm + momentum * mean
+        rv = (1 - momentum) * rv + momentum * var * B / (B - 1)
+    else:
+        mean, var = rm, rv
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (z - mean) * rstd
+    return xhat, np.asarray(gamma, np.float64) * xhat + np.asarray(beta, np.float64), rstd, rm, rv
+
+
+def norm_backward(du, xhat, rstd, gamma, kind, training=True):
+    """(dz, dgamma, dbeta) of :func:`norm_forward` given du = dL/du."""
+    du, xhat, gamma = (np.asarray(t, np.float64) for t in (du, xhat, gamma))
+    dgamma, dbeta = (du * xhat).sum(axis=0), du.sum(axis=0)
+    dxhat = du * gamma
+    if kind == "layer":
+        n = du.shape[1]
+        dz = rstd * (dxhat - dxhat.sum(axis=1, keepdims=True) / n
+                     - xhat * (dxhat * xhat).sum(axis=1, keepdims=True) / n)
+    elif training:
+        B = du.shape[0]
+        dz = rstd * (dxhat - dxhat.sum(axis=0) / B - xhat * (dxhat * xhat).sum(axis=0) / B)
+    else:
+        dz = rstd * dxhat
+    return dz, dgamma, dbeta
+
+
 # --- losses (mean over the batch) -------------------------------------------
 
 def softmax_cross_entropy(logits, labels):

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import ops
 from .kernels.cpu import step as _kstep
+from .kernels.cpu import norm as _knorm
 from .kernels.cpu import step_blocks as _kblocks
 from .kernels.cpu.activations import NEEDS_Z
 from .layers import Sequential
@@ -63,6 +64,9 @@ class TrainStep:
             self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
             self._no_drops = np.zeros_like(self._drops)
             self._residual = np.asarray([int(layer.residual) for layer in model.layers], np.int64)
+            self._norms = np.asarray([_knorm.KINDS[layer.norm] for layer in model.layers],
+                                     np.int64)
+            self._batch_norm = bool((self._norms == _knorm.BATCH).any())
         self._layer_sq = xp.zeros(len(model.layers), np.float64)
         self._buffers = {}
         self._workspaces = {}
@@ -80,8 +84,11 @@ class TrainStep:
                 # z and f(z) always kept; a third delta buffer for dz of a
                 # residual block (see kernels/cpu/step_blocks.py).
                 zs, fzs = xp.empty_like(acts), xp.empty_like(acts)
+                xhats = xp.empty_like(acts) if self._norms.any() else acts
                 delta = xp.empty(3 * B * int(widths.max()), dt)
-                buf = self._buffers[B] = (acts, zs, fzs, delta)
+                nstats = np.empty(2 * int((B + widths).sum()))
+                nwork = np.empty(2 * B)
+                buf = self._buffers[B] = (acts, zs, fzs, xhats, nstats, nwork, delta)
                 return buf
             zs = xp.empty_like(acts) if self._needs_z else acts
             delta = xp.empty(2 * B * int(widths.max()), dt)
@@ -103,13 +110,18 @@ class TrainStep:
                               xp=xp)
         return self._no_labels, target
 
-    def _block_args(self):
-        """(drops, residual, seed, counter) of this training forward: the
-        dropout counter advances as in ``model.forward``; eval mode drops nothing."""
+    def _block_args(self, B):
+        """(drops, residual, norms, seed, counter, training) of this training
+        forward: the dropout counter advances as in ``model.forward``; eval
+        mode drops nothing and batch norm uses its running statistics."""
         model = self.model
         if model.training:
-            return self._drops, self._residual, model._mask_seed, model._next_dropout_step()
-        return self._no_drops, self._residual, model._mask_seed, 0
+            if B == 1 and self._batch_norm:
+                raise ValueError("batch norm in training mode needs more than 1 sample per "
+                                 "batch (got a batch of 1), as in PyTorch; use model.eval()")
+            return (self._drops, self._residual, self._norms, model._mask_seed,
+                    model._next_dropout_step(), True)
+        return self._no_drops, self._residual, self._norms, model._mask_seed, 0, False
 
     def __call__(self, x, y):
         model = self.model
@@ -118,12 +130,13 @@ class TrainStep:
         labels, target = self._targets(y, B)
         rule, s0, s1, s2, hp = self.opt._kernel_args()
         if self._blocks:
-            acts, zs, fzs, delta = self._buffers_for(B)
-            drops, residual, seed, counter = self._block_args()
+            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
+            drops, residual, norms, seed, counter, training = self._block_args(B)
             loss, norm, scale, skipped = _kblocks.train_step_blocks(
                 x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
-                self._codes, self._alphas, drops, residual, seed, counter,
-                model.layer_offsets, acts, zs, fzs, delta,
+                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
+                model.layer_offsets, acts, zs, fzs, xhats, model.running_mean,
+                model.running_var, nstats, nwork, delta,
                 rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
             self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
             return float(loss)
@@ -144,12 +157,14 @@ class TrainStep:
         x = self.model._input(x)
         labels, target = self._targets(y, x.shape[0])
         if self._blocks:
-            acts, zs, fzs, delta = self._buffers_for(x.shape[0])
-            drops, residual, seed, counter = self._block_args()
+            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(x.shape[0])
+            drops, residual, norms, seed, counter, training = self._block_args(x.shape[0])
+            m = self.model
             return float(_kblocks.forward_backward_blocks(
-                x, labels, target, self._loss_kind, self.model.params, self.model.grads,
-                self._sizes, self._codes, self._alphas, drops, residual, seed, counter,
-                self.model.layer_offsets, acts, zs, fzs, delta))
+                x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
+                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
+                m.layer_offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
+                nwork, delta))
         if self.model.training:
             self.model._next_dropout_step()
         acts, zs, delta = self._buffers_for(x.shape[0])

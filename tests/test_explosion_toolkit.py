@@ -162,8 +162,10 @@ def test_dropout_rate_matches_torch_statistics():
 
 def _fd_check(model, x, target, h=1e-5):
     """Analytic gradients (one training forward at a fixed counter) against
-    central differences of the same forward (the counter reset every time,
-    so every evaluation draws the same masks)."""
+    finite differences of the same forward (the counter reset every time,
+    so every evaluation draws the same masks).  Five-point differences: the
+    O(h^2) truncation error of plain central differences shows at 1e-6
+    relative through a normalisation's curvature."""
     loss_fn = fg.MSE()
     c = model.dropout_step
 
@@ -171,28 +173,23 @@ def _fd_check(model, x, target, h=1e-5):
         model.dropout_step = c
         return loss_fn(model.forward(x), target)[0]
 
+    def diff(arr, idx):
+        v0 = arr[idx]
+        f = []
+        for k in (2, 1, -1, -2):
+            arr[idx] = v0 + k * h
+            f.append(loss_at())
+        arr[idx] = v0
+        return (8 * (f[1] - f[2]) - (f[0] - f[3])) / (12 * h)
+
     model.dropout_step = c
     value, dy = loss_fn(model.forward(x), target)
     dx = model.backward(dy).copy()
     grads = model.grads.copy()
-    p0 = model.params.copy()
-    fd = np.empty_like(p0)
-    for i in range(p0.size):
-        model.params[i] = p0[i] + h
-        fp = loss_at()
-        model.params[i] = p0[i] - h
-        fm = loss_at()
-        model.params[i] = p0[i]
-        fd[i] = (fp - fm) / (2 * h)
+    fd = np.array([diff(model.params, i) for i in range(model.params.size)])
     fdx = np.empty_like(x)
     for idx in np.ndindex(*x.shape):
-        x0 = x[idx]
-        x[idx] = x0 + h
-        fp = loss_at()
-        x[idx] = x0 - h
-        fm = loss_at()
-        x[idx] = x0
-        fdx[idx] = (fp - fm) / (2 * h)
+        fdx[idx] = diff(x, idx)
     for g, ref, what in ((grads, fd, "dparams"), (dx, fdx, "dx")):
         err = np.abs(g - ref) / np.maximum(np.abs(g) + np.abs(ref), 1e-3)
         assert err.max() < 1e-6, f"{what}: max relative error {err.max():.3g}"
@@ -401,3 +398,167 @@ def test_bad_checkpoint_fields(tmp_path, field, value, match):
               metadata={"fastgrad": json.dumps(meta)})
     with pytest.raises(ValueError, match=match):
         fg.load(tmp_path / "b.fgz")
+
+
+# --- LayerNorm and BatchNorm1d ------------------------------------------------------
+
+def _norm_model(kind, act, dtype="float64", residual=False, dropout=0.0, seed=0):
+    first = fg.Dense(5, 6, activation=act, norm=kind, dropout=dropout)
+    hidden = fg.Dense(6, 6, activation=act, norm=kind)
+    return fg.Sequential([first, fg.Residual(hidden) if residual else hidden,
+                          fg.Dense(6, 3, activation=None)], dtype=dtype, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["layer", "batch"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_norm_matches_torch(rng, kind, training, act):
+    """Linear -> LayerNorm / BatchNorm1d -> act, twice, then Linear: forward,
+    every gradient and the running statistics against torch to 1e-10."""
+    torch = _torch()
+    model = _norm_model(kind, act)
+    model.params[...] = rng.standard_normal(model.n_params)
+    model.running_mean[...] = rng.standard_normal(model.running_mean.size)
+    model.running_var[...] = rng.uniform(0.5, 2.0, model.running_var.size)
+    seq = model.to_torch()
+    for mod in seq:
+        if isinstance(mod, torch.nn.Softplus):
+            # torch's softplus is linear above its threshold (error e^-20 at
+            # 20): fastgrad's is exact, so compare with the threshold off.
+            mod.threshold = 1e9
+    model.train(training)
+    seq.train(training)
+    x = rng.standard_normal((7, 5)) * 3 + 1
+    dy = rng.standard_normal((7, 3))
+    y = model.forward(x)
+    dx = model.backward(dy)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = seq(xt)
+    yt.backward(torch.tensor(dy))
+    close = dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **close)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), **close)
+    lins = [m for m in seq if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in seq if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.LayerNorm))]
+    for layer, lin in zip(model.layers, lins):
+        np.testing.assert_allclose(layer.dW, lin.weight.grad.numpy().T, **close)
+        np.testing.assert_allclose(layer.db, lin.bias.grad.numpy(), **close)
+    for layer, nm in zip(model.layers, norms):
+        np.testing.assert_allclose(layer.dgamma, nm.weight.grad.numpy(), **close)
+        np.testing.assert_allclose(layer.dbeta, nm.bias.grad.numpy(), **close)
+        if kind == "batch":
+            np.testing.assert_allclose(layer.running_mean, nm.running_mean.numpy(), **close)
+            np.testing.assert_allclose(layer.running_var, nm.running_var.numpy(), **close)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["layer", "batch"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", ["relu", "gelu", "sigmoid"])
+def test_norm_layer_matches_reference(rng, dtype, kind, training, act):
+    B, n_in, n = 9, 17, 13
+    layer = fg.Dense(n_in, n, activation=act, norm=kind)
+    model = fg.Sequential([layer], dtype=dtype)
+    model.params[...] = rng.standard_normal(model.n_params).astype(dtype)
+    rm0 = rng.standard_normal(n)
+    rv0 = rng.uniform(0.5, 2.0, n)
+    model.running_mean[...], model.running_var[...] = rm0, rv0
+    model.train(training)
+    x = rng.standard_normal((B, n_in)).astype(dtype)
+    dy = rng.standard_normal((B, n)).astype(dtype)
+    y = model.forward(x)
+    dx = model.backward(dy)
+    W, b, g, be = (np.asarray(t, np.float64) for t in (layer.W, layer.b, layer.gamma, layer.beta))
+    z = x.astype(np.float64) @ W + b
+    xhat, u, rstd, rm, rv = reference.norm_forward(z, kind, g, be, rm0, rv0,
+                                                   training=training or kind == "layer")
+    ry = reference.activation(u, act)
+    du = dy * reference.activation_grad(u, act)
+    dz, dg, dbe = reference.norm_backward(du, xhat, rstd, g, kind,
+                                          training=training or kind == "layer")
+    assert_close(y, ry, dtype, what="y")
+    assert_close(dx, dz @ W.T, dtype, what="dx")
+    assert_close(layer.dW, x.T.astype(np.float64) @ dz, dtype, what="dW")
+    assert_close(layer.dgamma, dg, dtype, what="dgamma")
+    assert_close(layer.dbeta, dbe, dtype, what="dbeta")
+    if kind == "batch":
+        np.testing.assert_allclose(layer.running_mean, rm, rtol=1e-5 if dtype == np.float32
+                                   else 1e-12, atol=1e-6)
+        np.testing.assert_allclose(layer.running_var, rv, rtol=1e-5 if dtype == np.float32
+                                   else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["layer", "batch"])
+@pytest.mark.parametrize("act", ["tanh", "gelu", "softplus"])
+def test_norm_gradcheck(rng, kind, act):
+    model = _norm_model(kind, act, residual=True, dropout=0.3, seed=1)
+    model.params[...] = rng.standard_normal(model.n_params) * 0.7
+    _fd_check(model, rng.standard_normal((6, 5)), rng.standard_normal((6, 3)))
+
+
+def test_batch_norm_batch_of_one():
+    model = _norm_model("batch", "relu")
+    step = fg.TrainStep(model, fg.MSE(), fg.SGD(model, lr=0.1))
+    x, y = np.ones((1, 5)), np.ones((1, 3))
+    with pytest.raises(ValueError, match="batch of 1"):
+        model.forward(x)
+    with pytest.raises(ValueError, match="batch of 1"):
+        step(x, y)
+    model.predict(x)
+    model.eval()
+    model.forward(x)
+    step(x, y)
+    layer_norm = _norm_model("layer", "relu")
+    layer_norm.forward(x)
+
+
+def test_bad_norm():
+    with pytest.raises(ValueError, match="norm"):
+        fg.Dense(3, 3, norm="group")
+
+
+@pytest.mark.parametrize("kinds", [("batch", "layer"), ("layer", "batch")])
+def test_trainstep_with_norms_equals_layer_path(rng, kinds):
+    def make():
+        m = fg.Sequential([fg.Dense(5, 7, activation="tanh", norm=kinds[0], dropout=0.2),
+                           fg.Residual(fg.Dense(7, 7, activation="gelu", norm=kinds[1],
+                                                dropout=0.3)),
+                           fg.Residual(fg.Dense(7, 7, activation="relu")),
+                           fg.Dense(7, 3, activation=None)], dtype="float64", seed=3)
+        return m, fg.Adam(m, lr=1e-2, clip_norm=0.5)
+    (m1, o1), (m2, o2) = make(), make()
+    loss_fn = fg.SoftmaxCrossEntropy()
+    step = fg.TrainStep(m2, loss_fn, o2)
+    for k in range(20):
+        if k == 15:
+            m1.eval()
+            m2.eval()
+        x, y = rng.standard_normal((9, 5)) * 2, rng.integers(0, 3, 9)
+        l1, dy = loss_fn(m1.forward(x), y)
+        m1.backward(dy, input_grad=False)
+        o1.step()
+        np.testing.assert_allclose(step(x, y), l1, rtol=1e-12)
+    np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12,
+                               atol=1e-12 * np.abs(m1.params).max())
+    np.testing.assert_allclose(m2.running_var, m1.running_var, rtol=1e-12)
+    np.testing.assert_allclose(m2.running_mean, m1.running_mean, rtol=1e-12, atol=1e-14)
+
+
+def test_norm_checkpoint_round_trip(tmp_path, rng):
+    m = _norm_model("batch", "relu")
+    opt = fg.Adam(m)
+    step = fg.TrainStep(m, fg.MSE(), opt)
+    for _ in range(3):
+        step(rng.standard_normal((5, 5)), rng.standard_normal((5, 3)))
+    fg.save(tmp_path / "n.fgz", m, opt)
+    m2, o2 = fg.load(tmp_path / "n.fgz")
+    assert [l.norm for l in m2.layers] == ["batch", "batch", None]
+    np.testing.assert_array_equal(m2.params, m.params)
+    np.testing.assert_array_equal(m2.running_mean, m.running_mean)
+    np.testing.assert_array_equal(m2.running_var, m.running_var)
+    x = rng.standard_normal((4, 5))
+    np.testing.assert_array_equal(m2.predict(x), m.predict(x))
+    ln = _norm_model("layer", "tanh")
+    fg.save(tmp_path / "l.fgz", ln)
+    ln2, _ = fg.load(tmp_path / "l.fgz")
+    np.testing.assert_array_equal(ln2.predict(x), ln.predict(x))

@@ -11,7 +11,13 @@ Layout of the arguments (beyond ``step.train_step``'s)
 ------------------------------------------------------
 drops    float64 (L,)  dropout rate per layer, 0 where off (all 0 in eval mode)
 residual int64 (L,)    1 for a residual block
+norms    int64 (L,)    0, or norm.LAYER / norm.BATCH (gamma, beta follow b in params)
 seed, counter          the model's mask seed and this step's dropout counter
+training               batch norm uses (and updates) batch statistics
+run_mean, run_var      float64, sum(sizes[1:]): batch norm running statistics
+xhats    flat like acts (normalised pre-activations; may be acts when no norm)
+nstats   float64, 2 * sum(B + sizes[1:]): per layer mean and 1/std used
+nwork    float64, 2 * B: layer norm's per-row sums in backward
 zs       flat, B * sum(sizes[1:]) -- pre-activations (always kept here)
 fzs      flat, same length -- f(z) of the block layers (their output is not f(z))
 delta    flat, 3 * B * max(sizes[1:]) -- dL/da ping-pong, plus dz of a
@@ -25,6 +31,7 @@ from numba import njit
 from ._jit import INLINE, JIT
 from .activations import NEEDS_Z, bias_act, bias_act_grad
 from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
+from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .optim import clipped_update
 from .step import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE  # noqa: F401  (one set of codes)
@@ -64,17 +71,42 @@ def _add_into(dst, src):
 
 
 @njit(**INLINE)
+def _norm_views(params, grads, xhats, nstats, run_mean, run_var, offsets, sizes, norms, B, l,
+                act_off, stat_off, col_off):
+    n_out = sizes[l + 1]
+    o = offsets[l] + sizes[l] * n_out + n_out
+    gamma, beta = params[o:o + n_out], params[o + n_out:o + 2 * n_out]
+    dgamma, dbeta = grads[o:o + n_out], grads[o + n_out:o + 2 * n_out]
+    xhat = xhats[act_off:act_off + B * n_out].reshape((B, n_out))
+    ns = n_out if norms[l] == BATCH else B
+    mean, rstd = nstats[stat_off:stat_off + ns], nstats[stat_off + ns:stat_off + 2 * ns]
+    rm, rv = run_mean[col_off:col_off + n_out], run_var[col_off:col_off + n_out]
+    return gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv
+
+
+@njit(**INLINE)
 def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
-                             alphas, drops, residual, seed, counter, offsets, acts, zs, fzs,
-                             delta):
+                             alphas, drops, residual, norms, seed, counter, training, offsets,
+                             acts, zs, fzs, xhats, run_mean, run_var, nstats, nwork, delta):
     B = x.shape[0]
     L = codes.shape[0]
     h = x
     act_off = 0
+    stat_off = 0
+    col_off = 0
     for l in range(L):
         W, b, dW, db, a, z, fz = _layer_views(params, grads, acts, zs, fzs, offsets, sizes,
                                               B, l, act_off)
-        if drops[l] > 0.0 or residual[l] != 0:
+        if norms[l] != 0:
+            gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
+                params, grads, xhats, nstats, run_mean, run_var, offsets, sizes, norms, B, l,
+                act_off, stat_off, col_off)
+            drop, key, thresh, scale = _drop_args(drops, seed, counter, l)
+            np.dot(h, W, a)
+            norm_forward_epilogue(a, b, h, xhat, z, fz, gamma, beta, mean, rstd, rm, rv,
+                                  norms[l], training, codes[l], alphas[l], drop, key, thresh,
+                                  scale, residual[l] != 0)
+        elif drops[l] > 0.0 or residual[l] != 0:
             drop, key, thresh, scale = _drop_args(drops, seed, counter, l)
             np.dot(h, W, a)
             block_forward_epilogue(a, b, h, z, fz, codes[l], alphas[l], drop, key, thresh,
@@ -86,6 +118,8 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
             bias_act(z, b, a, codes[l], alphas[l])
         h = a
         act_off += B * sizes[l + 1]
+        stat_off += 2 * (B + sizes[l + 1])
+        col_off += sizes[l + 1]
 
     n_out = sizes[L]
     third = delta.shape[0] // 3
@@ -100,10 +134,23 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
     ping = 0
     for l in range(L - 1, -1, -1):
         act_off -= B * sizes[l + 1]
+        stat_off -= 2 * (B + sizes[l + 1])
+        col_off -= sizes[l + 1]
         W, b, dW, db, a, z, fz = _layer_views(params, grads, acts, zs, fzs, offsets, sizes,
                                               B, l, act_off)
         res = residual[l] != 0
-        if drops[l] > 0.0 or res:
+        if norms[l] != 0:
+            gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
+                params, grads, xhats, nstats, run_mean, run_var, offsets, sizes, norms, B, l,
+                act_off, stat_off, col_off)
+            drop, key, thresh, scale = _drop_args(drops, seed, counter, l)
+            dz = da
+            if res:
+                dz = delta[2 * third:2 * third + B * sizes[l + 1]].reshape((B, sizes[l + 1]))
+            norm_backward_epilogue(da, fz, z, xhat, gamma, rstd, dz, db, dgamma, dbeta,
+                                   nwork[:B], nwork[B:2 * B], norms[l], training, codes[l],
+                                   alphas[l], drop, key, thresh, scale)
+        elif drops[l] > 0.0 or res:
             drop, key, thresh, scale = _drop_args(drops, seed, counter, l)
             dz = da
             if res:
@@ -132,22 +179,26 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
 
 @njit(**JIT)
 def forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                            drops, residual, seed, counter, offsets, acts, zs, fzs, delta):
+                            drops, residual, norms, seed, counter, training, offsets, acts, zs,
+                            fzs, xhats, run_mean, run_var, nstats, nwork, delta):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
     return _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
-                                    alphas, drops, residual, seed, counter, offsets, acts, zs,
-                                    fzs, delta)
+                                    alphas, drops, residual, norms, seed, counter, training,
+                                    offsets, acts, zs, fzs, xhats, run_mean, run_var, nstats,
+                                    nwork, delta)
 
 
 @njit(**JIT)
 def train_step_blocks(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                      drops, residual, seed, counter, offsets, acts, zs, fzs, delta,
+                      drops, residual, norms, seed, counter, training, offsets, acts, zs, fzs,
+                      xhats, run_mean, run_var, nstats, nwork, delta,
                       rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
     """:func:`forward_backward_blocks`, then the optimizer's clipped update;
     returns (loss, grad_norm, clip_scale, skipped) as ``step.train_step``."""
     loss = _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
-                                    alphas, drops, residual, seed, counter, offsets, acts, zs,
-                                    fzs, delta)
+                                    alphas, drops, residual, norms, seed, counter, training,
+                                    offsets, acts, zs, fzs, xhats, run_mean, run_var, nstats,
+                                    nwork, delta)
     norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                           layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
