@@ -214,8 +214,10 @@ class Sequential:
             if i and layer.n_in != layers[i - 1].n_out:
                 raise ValueError(f"layer {i} expects {layer.n_in} inputs but layer {i - 1} "
                                  f"gives {layers[i - 1].n_out}")
-            if any(layer is other for other in layers[:i]):
+            if any(_unwrap(layer) is _unwrap(other) for other in layers[:i]):
                 raise ValueError(f"layer {i} appears twice; create a new Dense per position")
+            if isinstance(layer, Dense) and layer.residual:
+                raise ValueError(f"layer {i} is the Dense of a Residual; pass the Residual")
             if layer.W is not None:
                 raise ValueError(f"layer {i} already belongs to a model")
         self.layers = layers
@@ -470,10 +472,13 @@ class MLP(Sequential):
     inverted dropout after every hidden layer's activation;
     ``residual=True`` wraps every hidden layer whose width does not change
     (``n_in == n_out``) in a :class:`Residual` block, and needs at least one.
+    ``norm`` ("layer" or "batch") normalises every hidden layer before its
+    activation.
     """
 
     def __init__(self, sizes, activation="relu", output_activation=None, init="he_normal",
-                 dtype="float32", device=None, seed=0, alpha=None, dropout=0.0, residual=False):
+                 dtype="float32", device=None, seed=0, alpha=None, dropout=0.0, residual=False,
+                 norm=None):
         sizes = list(sizes)
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least an input and an output width, got {sizes}")
@@ -484,7 +489,8 @@ class MLP(Sequential):
         layers = [Dense(sizes[i], sizes[i + 1],
                         activation=activation if i < n - 1 else output_activation,
                         alpha=alpha if i < n - 1 else None, init=init,
-                        dropout=dropout if i < n - 1 else 0.0)
+                        dropout=dropout if i < n - 1 else 0.0,
+                        norm=norm if i < n - 1 else None)
                   for i in range(n)]
         if residual:
             square = [i for i in range(n - 1) if sizes[i] == sizes[i + 1]]

@@ -78,12 +78,15 @@ def dropout_mask(key, thresh, out):
 # --- the fused passes -------------------------------------------------------------
 
 @njit(**INLINE)
-def _fwd_loop(y, b, x, z, fz, alpha, f, drop, key, thresh, scale, residual):
+def _fwd_loop(y, b, x, z, fz, alpha, f, drop, key, thresh, scale, residual, keep_z):
+    # keep_z is a constant at every call site (only gelu's derivative reads
+    # z), so the store folds away for the other activations.
     n = y.shape[1]
     for i in range(y.shape[0]):
         for j in range(n):
             t = y[i, j] + b[j]
-            z[i, j] = t
+            if keep_z:
+                z[i, j] = t
             v = f(t, alpha)
             fz[i, j] = v
             if drop:
@@ -110,27 +113,27 @@ def _bwd_loop(da, fz, z, dz, db, alpha, df, drop, key, thresh, scale):
 
 @njit(**JIT)
 def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
-    """One pass over the GEMM output ``y`` (in place): ``z = y + b``,
-    ``fz = f(z)``, ``y = fz * mask * scale`` when ``drop``, ``y += x`` when
+    """One pass over the GEMM output ``y`` (in place): ``z = y + b`` (kept
+    for gelu only, whose derivative reads it), ``fz = f(z)``, ``y = fz * mask * scale`` when ``drop``, ``y += x`` when
     ``residual``.  ``z`` and ``fz`` are separate arrays (kept for backward);
     ``x`` is read only for a residual block."""
     s = scale
     if act == A.IDENTITY:
-        _fwd_loop(y, b, x, z, fz, alpha, A.identity, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.identity, drop, key, thresh, s, residual, False)
     elif act == A.RELU:
-        _fwd_loop(y, b, x, z, fz, alpha, A.relu, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.relu, drop, key, thresh, s, residual, False)
     elif act == A.LEAKY_RELU:
-        _fwd_loop(y, b, x, z, fz, alpha, A.leaky_relu, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.leaky_relu, drop, key, thresh, s, residual, False)
     elif act == A.ELU:
-        _fwd_loop(y, b, x, z, fz, alpha, A.elu, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.elu, drop, key, thresh, s, residual, False)
     elif act == A.SIGMOID:
-        _fwd_loop(y, b, x, z, fz, alpha, A.sigmoid, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.sigmoid, drop, key, thresh, s, residual, False)
     elif act == A.TANH:
-        _fwd_loop(y, b, x, z, fz, alpha, A.tanh, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.tanh, drop, key, thresh, s, residual, False)
     elif act == A.SOFTPLUS:
-        _fwd_loop(y, b, x, z, fz, alpha, A.softplus, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.softplus, drop, key, thresh, s, residual, False)
     else:
-        _fwd_loop(y, b, x, z, fz, alpha, A.gelu, drop, key, thresh, s, residual)
+        _fwd_loop(y, b, x, z, fz, alpha, A.gelu, drop, key, thresh, s, residual, True)
 
 
 @njit(**JIT)
