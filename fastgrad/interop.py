@@ -220,6 +220,7 @@ def to_torch(model):
         if layer.residual:
             raise ValueError(f"layer {i} is a residual block, which a torch.nn.Sequential "
                              "cannot express")
+    model._refresh_weight_norm()     # the effective W of weight-normalised layers
     with torch.no_grad():
         for layer in model.layers:
             W = as_torch(layer.W)

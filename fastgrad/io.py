@@ -26,7 +26,7 @@ Metadata
                    "layers": [{"n_in": 784, "n_out": 256, "activation": "relu",
                                "alpha": 0.0, "init": "he_normal",
                                "dropout": 0.0, "residual": false,
-                               "norm": null}, ...]},
+                               "norm": null, "weight_norm": false}, ...]},
          "optimizer": null | {"kind": "adam", "step": 20, "n_skipped": 0,
                               "n_calls": 20, "hyper": {...}, "state": ["exp_avg", ...]}}
 
@@ -38,7 +38,8 @@ Metadata
     ``dropout_step``, ``mask_seed``, ``training`` or ``norm`` (written
     before these existed, same format version) load as a plain model at
     counter 0.  A layer with ``norm`` ("layer" or "batch") owns ``W``, ``b``,
-    then ``gamma`` and ``beta`` in ``params``.
+    then ``gamma`` and ``beta`` in ``params``; a layer with ``weight_norm``
+    keeps ``v`` where ``W`` would be and ends with ``g``.
 
 The file opens in plain safetensors, from NumPy, PyTorch
 (``safetensors.torch.load_file``), JAX or Hugging Face tools.
@@ -150,7 +151,8 @@ def _model_meta(model):
         "training": bool(model.training),
         "layers": [{"n_in": int(l.n_in), "n_out": int(l.n_out), "activation": l.activation,
                     "alpha": float(l.alpha), "init": l.init, "dropout": float(l.dropout),
-                    "residual": bool(l.residual), "norm": l.norm} for l in model.layers],
+                    "residual": bool(l.residual), "norm": l.norm,
+                    "weight_norm": bool(l.weight_norm)} for l in model.layers],
     }
 
 
@@ -297,10 +299,11 @@ def _parse_model(m):
         norm = spec.get("norm")
         _need(norm in (None, "layer", "batch"),
               f"{where}.norm: expected null, 'layer' or 'batch', got {norm!r:.80}")
-        n_params += n_in * n_out + n_out * (3 if norm else 1)
+        wn = _get(spec, "weight_norm", bool, where) if "weight_norm" in spec else False
+        n_params += n_in * n_out + n_out * (3 if norm else 1) + (n_out if wn else 0)
         specs.append({"n_in": n_in, "n_out": n_out, "activation": act,
                       "alpha": float(alpha), "init": init, "dropout": float(dropout),
-                      "residual": residual, "norm": norm})
+                      "residual": residual, "norm": norm, "weight_norm": wn})
     return cls, np.dtype(dtype), seed, specs, n_params, state
 
 
@@ -492,7 +495,8 @@ def _build_model(cls_name, dtype, seed, specs, dev):
     from .layers import MLP, Dense, Residual, Sequential
 
     layers = [Dense(s["n_in"], s["n_out"], activation=s["activation"], alpha=s["alpha"],
-                    init="zeros", dropout=s["dropout"], norm=s["norm"]) for s in specs]
+                    init="zeros", dropout=s["dropout"], norm=s["norm"],
+                    weight_norm=s["weight_norm"]) for s in specs]
     layers = [Residual(l) if s["residual"] else l for l, s in zip(layers, specs)]
     cls = MLP if cls_name == "MLP" else Sequential
     model = cls.__new__(cls)

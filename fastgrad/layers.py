@@ -81,13 +81,20 @@ class Dense:
         (eps 1e-5; batch norm: momentum 0.1, running statistics used in eval
         mode and by ``predict``).  Its affine ``gamma`` (ones) and ``beta``
         (zeros) follow ``b`` in the flat buffer.
+    weight_norm : bool
+        Weight normalisation, ``W = g v / ||v||`` per output unit (column):
+        the parameters are ``v`` (where ``W`` would be) and ``g`` (the
+        layer's last ``n_out`` entries, starting at ``||v||`` so that ``W``
+        starts as the initializer drew it).  ``W`` and ``dW`` are then the
+        effective weight and its gradient, recomputed each forward/backward;
+        ``v``, ``g``, ``dv``, ``dg`` are the views into the flat buffers.
 
     A Dense has no storage of its own until a :class:`Sequential` places it
     in the model's flat buffer.
     """
 
     def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal",
-                 dropout=0.0, norm=None):
+                 dropout=0.0, norm=None, weight_norm=False):
         self.n_in = _positive_int(n_in, "n_in")
         self.n_out = _positive_int(n_out, "n_out")
         self.activation = "identity" if activation is None else activation
@@ -99,6 +106,10 @@ class Dense:
         if norm not in _NORMS:
             raise ValueError(f"norm must be None, 'layer' or 'batch', got {norm!r}")
         self.norm = norm
+        if not isinstance(weight_norm, (bool, np.bool_)):
+            raise ValueError(f"weight_norm must be True or False, got {weight_norm!r}")
+        self.weight_norm = bool(weight_norm)
+        self.v = self.g = self.dv = self.dg = None
         # Set by Residual: y = x + layer(x).
         self.residual = False
         self.W = self.b = self.dW = self.db = None
@@ -108,11 +119,13 @@ class Dense:
     @property
     def extended(self):
         """True when this layer needs the block kernels (dropout, residual, norm)."""
-        return self.dropout > 0 or self.residual or self.norm is not None
+        return (self.dropout > 0 or self.residual or self.norm is not None
+                or self.weight_norm)
 
     @property
     def n_params(self):
-        return self.n_in * self.n_out + self.n_out * (3 if self.norm else 1)
+        return (self.n_in * self.n_out + self.n_out * (3 if self.norm else 1)
+                + (self.n_out if self.weight_norm else 0))
 
     def _bind(self, params, grads, offset):
         """Make W, b, dW, db views into the flat buffers at ``offset``."""
@@ -128,11 +141,24 @@ class Dense:
             self.dgamma, self.dbeta = grads[end:end + n], grads[end + n:end + 2 * n]
             self.gamma[...] = 1
             end += 2 * n
+        if self.weight_norm:
+            n = self.n_out
+            self.v, self.dv = self.W, self.dW
+            self.g, self.dg = params[end:end + n], grads[end:end + n]
+            # The effective weight and its gradient: scratch, not parameters.
+            self.W, self.dW = np.empty_like(self.v), np.empty_like(self.v)
+            self._inv_norm = np.empty(n)
+            end += n
         return end
+
+    def _weight_norm_forward(self):
+        from .kernels.cpu import wnorm
+        wnorm.weight_norm_forward(self.v, self.g, self.W, self._inv_norm)
 
     def __repr__(self):
         extra = f", dropout={self.dropout!r}" if self.dropout else ""
         extra += f", norm={self.norm!r}" if self.norm else ""
+        extra += ", weight_norm=True" if self.weight_norm else ""
         return (f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}, "
                 f"init={self.init!r}{extra})")
 
@@ -237,6 +263,12 @@ class Sequential:
         rng = np.random.default_rng(seed)
         for layer in layers:
             layer.W[...] = xp.asarray(_init_weights(layer.init, layer.n_in, layer.n_out, rng))
+            if layer.weight_norm:
+                # v as drawn, g = ||v|| per column: W starts as drawn (as
+                # torch.nn.utils.weight_norm starts).
+                layer.v[...] = layer.W
+                layer.g[...] = np.sqrt((layer.v.astype(np.float64) ** 2).sum(axis=0))
+                layer._weight_norm_forward()
         self._cache = None
         # Batch-norm running statistics: model state outside the parameters
         # (no gradient, not updated by the optimizer), one pair per layer.
@@ -332,6 +364,7 @@ class Sequential:
         if drop_on and B == 1 and any(layer.norm == "batch" for layer in self.layers):
             raise ValueError("batch norm in training mode needs more than 1 sample per batch "
                              "(got a batch of 1), as in PyTorch; use model.eval()")
+        self._refresh_weight_norm()
         h, cache = x, []
         for l, layer in enumerate(self.layers):
             a = xp.empty((h.shape[0], layer.n_out), self.dtype)
@@ -366,6 +399,12 @@ class Sequential:
                 cache.append(entry)
             h = a
         return h, cache
+
+    def _refresh_weight_norm(self):
+        """Recompute the effective W of every weight-normalised layer."""
+        for layer in self.layers:
+            if layer.weight_norm:
+                layer._weight_norm_forward()
 
     def forward(self, x):
         """Training forward: returns the output and keeps what backward needs.
@@ -417,6 +456,8 @@ class Sequential:
             need_dx = i > 0 or input_grad
             dx = xp.empty_like(h) if need_dx else da[:0, :0]
             dW, db = (xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate else (layer.dW, layer.db)
+            if layer.weight_norm:
+                dW = layer.dW           # the effective weight's gradient (scratch)
             if drop_args is None:
                 k.dense_backward(h, layer.W, a, z, da, da, dW, db, dx, layer.code, layer.alpha,
                                  need_dx)
@@ -444,7 +485,16 @@ class Sequential:
                 blocks.block_backward(h, layer.W, fz, z, da, dz, dW, db, dx, layer.code,
                                       layer.alpha, drop, key, thresh, scale, layer.residual,
                                       need_dx)
-            if accumulate:
+            if layer.weight_norm:
+                from .kernels.cpu import wnorm
+                dv, dg = ((xp.empty_like(layer.v), xp.empty_like(layer.g)) if accumulate
+                          else (layer.dv, layer.dg))
+                wnorm.weight_norm_backward(layer.v, layer.g, layer._inv_norm, dW, dv, dg)
+                if accumulate:
+                    layer.dv += dv
+                    layer.dg += dg
+                    layer.db += db
+            elif accumulate:
                 layer.dW += dW
                 layer.db += db
             da = dx
@@ -473,12 +523,12 @@ class MLP(Sequential):
     ``residual=True`` wraps every hidden layer whose width does not change
     (``n_in == n_out``) in a :class:`Residual` block, and needs at least one.
     ``norm`` ("layer" or "batch") normalises every hidden layer before its
-    activation.
+    activation; ``weight_norm=True`` weight-normalises every layer.
     """
 
     def __init__(self, sizes, activation="relu", output_activation=None, init="he_normal",
                  dtype="float32", device=None, seed=0, alpha=None, dropout=0.0, residual=False,
-                 norm=None):
+                 norm=None, weight_norm=False):
         sizes = list(sizes)
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least an input and an output width, got {sizes}")
@@ -490,7 +540,7 @@ class MLP(Sequential):
                         activation=activation if i < n - 1 else output_activation,
                         alpha=alpha if i < n - 1 else None, init=init,
                         dropout=dropout if i < n - 1 else 0.0,
-                        norm=norm if i < n - 1 else None)
+                        norm=norm if i < n - 1 else None, weight_norm=weight_norm)
                   for i in range(n)]
         if residual:
             square = [i for i in range(n - 1) if sizes[i] == sizes[i + 1]]

@@ -177,6 +177,22 @@ def norm_backward(du, xhat, rstd, gamma, kind, training=True):
     return dz, dgamma, dbeta
 
 
+# --- weight normalisation -----------------------------------------------------
+
+def weight_norm(v, g):
+    """W = g v / ||v|| per column of the (n_in, n_out) v."""
+    v = np.asarray(v, np.float64)
+    return v * (np.asarray(g, np.float64) / np.sqrt((v * v).sum(axis=0)))
+
+
+def weight_norm_backward(v, g, dW):
+    """(dv, dg) of :func:`weight_norm` given dW = dL/dW."""
+    v, g, dW = (np.asarray(t, np.float64) for t in (v, g, dW))
+    n = np.sqrt((v * v).sum(axis=0))
+    dg = (dW * v).sum(axis=0) / n
+    return g / n * dW - g * dg / n ** 2 * v, dg
+
+
 # --- losses (mean over the batch) -------------------------------------------
 
 def softmax_cross_entropy(logits, labels):

@@ -67,6 +67,13 @@ class TrainStep:
             self._norms = np.asarray([_knorm.KINDS[layer.norm] for layer in model.layers],
                                      np.int64)
             self._batch_norm = bool((self._norms == _knorm.BATCH).any())
+            self._wn = np.asarray([int(layer.weight_norm) for layer in model.layers], np.int64)
+            if self._wn.any():
+                self._weff = np.empty_like(model.params)
+                self._dweff = np.empty_like(model.params)
+            else:
+                self._weff = self._dweff = model.params[:0]
+            self._wnorm = np.empty(int(self._sizes[1:].sum()))
         self._layer_sq = xp.zeros(len(model.layers), np.float64)
         self._buffers = {}
         self._workspaces = {}
@@ -136,7 +143,8 @@ class TrainStep:
                 x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
                 model.layer_offsets, acts, zs, fzs, xhats, model.running_mean,
-                model.running_var, nstats, nwork, delta,
+                model.running_var, nstats, nwork, self._wn, self._weff, self._dweff,
+                self._wnorm, delta,
                 rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
             self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
             return float(loss)
@@ -164,7 +172,7 @@ class TrainStep:
                 x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
                 m.layer_offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
-                nwork, delta))
+                nwork, self._wn, self._weff, self._dweff, self._wnorm, delta))
         if self.model.training:
             self.model._next_dropout_step()
         acts, zs, delta = self._buffers_for(x.shape[0])

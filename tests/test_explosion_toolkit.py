@@ -575,3 +575,101 @@ def test_norm_checkpoint_round_trip(tmp_path, rng):
     fg.save(tmp_path / "l.fgz", ln)
     ln2, _ = fg.load(tmp_path / "l.fgz")
     np.testing.assert_array_equal(ln2.predict(x), ln.predict(x))
+
+
+# --- weight normalisation -------------------------------------------------------------
+
+def test_weight_norm_starts_at_the_drawn_weights():
+    plain = fg.MLP([4, 6, 3], seed=9, dtype="float64")
+    wn = fg.MLP([4, 6, 3], seed=9, dtype="float64", weight_norm=True)
+    assert wn.n_params == plain.n_params + 6 + 3
+    for a, b in zip(plain.layers, wn.layers):
+        np.testing.assert_array_equal(b.v, a.W)
+        np.testing.assert_allclose(b.W, a.W, rtol=1e-14)
+    x = np.random.default_rng(0).standard_normal((5, 4))
+    np.testing.assert_allclose(wn.predict(x), plain.predict(x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_norm_matches_reference(rng, dtype):
+    layer = fg.Dense(7, 5, activation="tanh", weight_norm=True)
+    model = fg.Sequential([layer], dtype=dtype)
+    model.params[...] = rng.standard_normal(model.n_params).astype(dtype)
+    x = rng.standard_normal((6, 7)).astype(dtype)
+    dy = rng.standard_normal((6, 5)).astype(dtype)
+    y = model.forward(x)
+    dx = model.backward(dy)
+    W = reference.weight_norm(layer.v, layer.g)
+    z, a = reference.dense_forward(x, W, layer.b, "tanh")
+    dW, db, rdx = reference.dense_backward(x, W, z, dy, "tanh")
+    dv, dg = reference.weight_norm_backward(layer.v, layer.g, dW)
+    assert_close(y, a, dtype, what="y")
+    assert_close(dx, rdx, dtype, what="dx")
+    assert_close(layer.dv, dv, dtype, what="dv")
+    assert_close(layer.dg, dg, dtype, what="dg")
+    assert_close(layer.db, db, dtype, what="db")
+
+
+def test_weight_norm_matches_torch(rng):
+    torch = _torch()
+    from torch.nn.utils.parametrizations import weight_norm
+    model = fg.Sequential([fg.Dense(5, 6, activation="gelu", weight_norm=True),
+                           fg.Dense(6, 3, activation=None, weight_norm=True)], dtype="float64")
+    model.params[...] = rng.standard_normal(model.n_params)
+    x, dy = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    y = model.forward(x)
+    model.backward(dy)
+    lins = []
+    for layer in model.layers:
+        lin = weight_norm(torch.nn.Linear(layer.n_in, layer.n_out, dtype=torch.float64), dim=0)
+        with torch.no_grad():
+            lin.parametrizations.weight.original0.copy_(torch.tensor(layer.g[:, None]))
+            lin.parametrizations.weight.original1.copy_(torch.tensor(layer.v.T))
+            lin.bias.copy_(torch.tensor(layer.b))
+        lins.append(lin)
+    seq = torch.nn.Sequential(lins[0], torch.nn.GELU("tanh"), lins[1])
+    yt = seq(torch.tensor(x))
+    yt.backward(torch.tensor(dy))
+    close = dict(rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **close)
+    for layer, lin in zip(model.layers, lins):
+        pw = lin.parametrizations.weight
+        np.testing.assert_allclose(layer.dg, pw.original0.grad.numpy()[:, 0], **close)
+        np.testing.assert_allclose(layer.dv, pw.original1.grad.numpy().T, **close)
+        np.testing.assert_allclose(layer.db, lin.bias.grad.numpy(), **close)
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_weight_norm_gradcheck(rng, act):
+    model = fg.Sequential([fg.Dense(3, 4, activation=act, weight_norm=True, norm="layer"),
+                           fg.Residual(fg.Dense(4, 4, activation=act, weight_norm=True,
+                                                dropout=0.2)),
+                           fg.Dense(4, 2, activation=None, weight_norm=True)],
+                          dtype="float64", seed=2)
+    model.params[...] = rng.standard_normal(model.n_params) * 0.7 + 0.1
+    _fd_check(model, rng.standard_normal((5, 3)), rng.standard_normal((5, 2)))
+
+
+def test_weight_norm_trainstep_and_checkpoint(rng, tmp_path):
+    def make():
+        m = fg.MLP([5, 7, 7, 3], activation="tanh", dtype="float64", seed=4, weight_norm=True,
+                   residual=True, dropout=0.1)
+        return m, fg.Adam(m, lr=1e-2, clip_norm=0.5)
+    (m1, o1), (m2, o2) = make(), make()
+    loss_fn = fg.SoftmaxCrossEntropy()
+    step = fg.TrainStep(m2, loss_fn, o2)
+    for _ in range(20):
+        x, y = rng.standard_normal((8, 5)), rng.integers(0, 3, 8)
+        l1, dy = loss_fn(m1.forward(x), y)
+        m1.backward(dy, input_grad=False)
+        o1.step()
+        np.testing.assert_allclose(step(x, y), l1, rtol=1e-12)
+    np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12,
+                               atol=1e-12 * np.abs(m1.params).max())
+    fg.save(tmp_path / "w.fgz", m2, o2)
+    m3, _ = fg.load(tmp_path / "w.fgz")
+    assert all(l.weight_norm for l in m3.layers)
+    x = rng.standard_normal((3, 5))
+    np.testing.assert_array_equal(m3.predict(x), m2.predict(x))
+    with pytest.raises(ValueError, match="weight_norm"):
+        fg.Dense(3, 3, weight_norm="yes")

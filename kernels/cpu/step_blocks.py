@@ -18,6 +18,9 @@ run_mean, run_var      float64, sum(sizes[1:]): batch norm running statistics
 xhats    flat like acts (normalised pre-activations; may be acts when no norm)
 nstats   float64, 2 * sum(B + sizes[1:]): per layer mean and 1/std used
 nwork    float64, 2 * B: layer norm's per-row sums in backward
+wn       int64 (L,)    1 for a weight-normalised layer (v where W would be, g last)
+weff, dweff            flat like params: effective W and its gradient (scratch)
+wnorm    float64, sum(sizes[1:]): 1 / ||v_j|| per output unit
 zs       flat, B * sum(sizes[1:]) -- pre-activations (always kept here)
 fzs      flat, same length -- f(z) of the block layers (their output is not f(z))
 delta    flat, 3 * B * max(sizes[1:]) -- dL/da ping-pong, plus dz of a
@@ -32,6 +35,7 @@ from ._jit import INLINE, JIT
 from .activations import NEEDS_Z, bias_act, bias_act_grad
 from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
+from .wnorm import weight_norm_backward, weight_norm_forward
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .optim import clipped_update
 from .step import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE  # noqa: F401  (one set of codes)
@@ -85,9 +89,34 @@ def _norm_views(params, grads, xhats, nstats, run_mean, run_var, offsets, sizes,
 
 
 @njit(**INLINE)
+def _weight_norm_views(params, weff, wnorm, offsets, sizes, l, col_off, compute):
+    """The effective W of layer l in ``weff`` (recomputed when ``compute``)."""
+    n_in, n_out = sizes[l], sizes[l + 1]
+    o, nw = offsets[l], n_in * n_out
+    W = weff[o:o + nw].reshape((n_in, n_out))
+    if compute:
+        v = params[o:o + nw].reshape((n_in, n_out))
+        g = params[offsets[l + 1] - n_out:offsets[l + 1]]
+        weight_norm_forward(v, g, W, wnorm[col_off:col_off + n_out])
+    return W
+
+
+@njit(**INLINE)
+def _weight_norm_grads(params, grads, dW, wnorm, offsets, sizes, l, col_off):
+    n_in, n_out = sizes[l], sizes[l + 1]
+    o, nw = offsets[l], n_in * n_out
+    v = params[o:o + nw].reshape((n_in, n_out))
+    g = params[offsets[l + 1] - n_out:offsets[l + 1]]
+    dv = grads[o:o + nw].reshape((n_in, n_out))
+    dg = grads[offsets[l + 1] - n_out:offsets[l + 1]]
+    weight_norm_backward(v, g, wnorm[col_off:col_off + n_out], dW, dv, dg)
+
+
+@njit(**INLINE)
 def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
                              alphas, drops, residual, norms, seed, counter, training, offsets,
-                             acts, zs, fzs, xhats, run_mean, run_var, nstats, nwork, delta):
+                             acts, zs, fzs, xhats, run_mean, run_var, nstats, nwork, wn, weff,
+                             dweff, wnorm, delta):
     B = x.shape[0]
     L = codes.shape[0]
     h = x
@@ -97,6 +126,8 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
     for l in range(L):
         W, b, dW, db, a, z, fz = _layer_views(params, grads, acts, zs, fzs, offsets, sizes,
                                               B, l, act_off)
+        if wn[l] != 0:
+            W = _weight_norm_views(params, weff, wnorm, offsets, sizes, l, col_off, True)
         if norms[l] != 0:
             gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
                 params, grads, xhats, nstats, run_mean, run_var, offsets, sizes, norms, B, l,
@@ -138,6 +169,10 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
         col_off -= sizes[l + 1]
         W, b, dW, db, a, z, fz = _layer_views(params, grads, acts, zs, fzs, offsets, sizes,
                                               B, l, act_off)
+        dWt = dW
+        if wn[l] != 0:
+            W = _weight_norm_views(params, weff, wnorm, offsets, sizes, l, col_off, False)
+            dWt = _weight_norm_views(grads, dweff, wnorm, offsets, sizes, l, col_off, False)
         res = residual[l] != 0
         if norms[l] != 0:
             gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
@@ -164,7 +199,7 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
             dz = da
         if l > 0:
             hprev = acts[act_off - B * sizes[l]:act_off].reshape((B, sizes[l]))
-            np.dot(hprev.T, dz, dW)
+            np.dot(hprev.T, dz, dWt)
             nxt = (1 - ping) * third
             dx = delta[nxt:nxt + B * sizes[l]].reshape((B, sizes[l]))
             np.dot(dz, W.T, dx)
@@ -173,32 +208,35 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
             da = dx
             ping = 1 - ping
         else:
-            np.dot(x.T, dz, dW)
+            np.dot(x.T, dz, dWt)
+        if wn[l] != 0:
+            _weight_norm_grads(params, grads, dWt, wnorm, offsets, sizes, l, col_off)
     return loss
 
 
 @njit(**JIT)
 def forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                             drops, residual, norms, seed, counter, training, offsets, acts, zs,
-                            fzs, xhats, run_mean, run_var, nstats, nwork, delta):
+                            fzs, xhats, run_mean, run_var, nstats, nwork, wn, weff, dweff, wnorm,
+                            delta):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
     return _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
                                     alphas, drops, residual, norms, seed, counter, training,
                                     offsets, acts, zs, fzs, xhats, run_mean, run_var, nstats,
-                                    nwork, delta)
+                                    nwork, wn, weff, dweff, wnorm, delta)
 
 
 @njit(**JIT)
 def train_step_blocks(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                       drops, residual, norms, seed, counter, training, offsets, acts, zs, fzs,
-                      xhats, run_mean, run_var, nstats, nwork, delta,
+                      xhats, run_mean, run_var, nstats, nwork, wn, weff, dweff, wnorm, delta,
                       rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
     """:func:`forward_backward_blocks`, then the optimizer's clipped update;
     returns (loss, grad_norm, clip_scale, skipped) as ``step.train_step``."""
     loss = _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
                                     alphas, drops, residual, norms, seed, counter, training,
                                     offsets, acts, zs, fzs, xhats, run_mean, run_var, nstats,
-                                    nwork, delta)
+                                    nwork, wn, weff, dweff, wnorm, delta)
     norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                           layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
