@@ -673,3 +673,48 @@ def test_weight_norm_trainstep_and_checkpoint(rng, tmp_path):
     np.testing.assert_array_equal(m3.predict(x), m2.predict(x))
     with pytest.raises(ValueError, match="weight_norm"):
         fg.Dense(3, 3, weight_norm="yes")
+
+
+def test_block_step_allocates_nothing():
+    """As tests/test_step.py's check for the plain step: the block step's
+    runtime allocation counters grow exactly as a compiled no-op's."""
+    from numba import njit
+    from numba.core.runtime import _nrt_python, rtsys
+
+    from fastgrad.kernels.cpu import step_blocks
+    _nrt_python.memsys_enable_stats()
+
+    @njit
+    def noop(*args):
+        return 0.0
+
+    m = fg.Sequential([fg.Dense(20, 33, activation="gelu", norm="batch", dropout=0.2,
+                                weight_norm=True),
+                       fg.Residual(fg.Dense(33, 33, activation="relu", norm="layer",
+                                            dropout=0.1)),
+                       fg.Dense(33, 5, activation=None)], dtype="float32")
+    opt = fg.Adam(m, clip_norm=0.1)
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt)
+    rng = np.random.default_rng()
+    x, y = rng.standard_normal((16, 20)).astype(np.float32), rng.integers(0, 5, 16)
+    step(x, y)
+    labels, target = step._targets(y, 16)
+    acts, zs, fzs, xhats, nstats, nwork, delta = step._buffers_for(16)
+    rule, s0, s1, s2, hp = opt._kernel_args()
+    args = (x, labels, target, 0, m.params, m.grads, step._sizes, step._codes, step._alphas,
+            step._drops, step._residual, step._norms, m._mask_seed, 3, True, m.layer_offsets,
+            acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats, nwork, step._wn,
+            step._weff, step._dweff, step._wnorm, delta, rule, s0, s1, s2, hp, step._layer_sq,
+            0.1, 0.0)
+    noop(*args)
+
+    def growth(fn, n=50):
+        a = rtsys.get_allocation_stats()
+        for _ in range(n):
+            fn()
+        b = rtsys.get_allocation_stats()
+        return b.alloc - a.alloc, b.mi_alloc - a.mi_alloc
+
+    base = growth(lambda: noop(*args))
+    inner = growth(lambda: step_blocks.train_step_blocks(*args))
+    assert inner == base, f"train_step_blocks allocates: {inner} vs call overhead {base}"
