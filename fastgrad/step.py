@@ -8,6 +8,12 @@ allocated once per batch size, so the smaller last batch of an epoch runs
 without a recompile.  The update is the very kernel ``opt.step()`` runs, so
 both paths give the same parameters, and ``step.stats`` is the StepStats
 ``opt.step()`` would have returned.
+
+Models with dropout, residual blocks, normalisation or weight normalisation
+run their own compiled step (``fastgrad.kernels.cpu.step_blocks``): plain
+models never compile that code, so their cold first step stays as fast.  A
+training-mode call advances ``model.dropout_step`` once, as
+``model.forward`` does, so both paths draw the same dropout masks.
 """
 import time
 
