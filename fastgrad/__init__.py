@@ -11,7 +11,7 @@ from .device import (DeviceUnavailableError, available_devices, get_device,
 from .errors import NonFiniteGradientError
 from .interop import from_torch
 from .io import load, save
-from .layers import MLP, Dense, Sequential
+from .layers import MLP, Dense, Residual, Sequential
 from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
 from .optim import SGD, Adam, AdamW, RMSprop, StepStats
 from .step import TrainStep, evaluate, fit
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "health", "interop", "from_torch", "load", "save", "ops", "schedules", "DeviceUnavailableError", "available_devices",
-    "get_device", "set_device", "NonFiniteGradientError", "MLP", "Dense",
+    "get_device", "set_device", "NonFiniteGradientError", "MLP", "Dense", "Residual",
     "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
     "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",
     "get_num_threads", "set_num_threads",

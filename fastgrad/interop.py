@@ -216,6 +216,11 @@ def to_torch(model):
     nn = torch.nn
     dtype = getattr(torch, np.dtype(model.dtype).name)
     mods = []
+    for i, layer in enumerate(model.layers):
+        if layer.residual:
+            raise ValueError(f"layer {i} is a residual block, which a torch.nn.Sequential "
+                             "cannot express")
+    model._refresh_weight_norm()     # the effective W of weight-normalised layers
     with torch.no_grad():
         for layer in model.layers:
             W = as_torch(layer.W)
@@ -223,9 +228,22 @@ def to_torch(model):
             lin.weight.copy_(W.T)
             lin.bias.copy_(as_torch(layer.b))
             mods.append(lin)
+            if layer.norm:
+                nm = (nn.BatchNorm1d(layer.n_out, dtype=dtype, device=W.device)
+                      if layer.norm == "batch"
+                      else nn.LayerNorm(layer.n_out, dtype=dtype, device=W.device))
+                nm.weight.copy_(as_torch(layer.gamma))
+                nm.bias.copy_(as_torch(layer.beta))
+                if layer.norm == "batch":
+                    nm.running_mean.copy_(torch.as_tensor(np.array(layer.running_mean)))
+                    nm.running_var.copy_(torch.as_tensor(np.array(layer.running_var)))
+                mods.append(nm)
             act = _torch_activation(layer, torch)
             if act is not None:
                 mods.append(act)
+            if layer.dropout > 0:
+                # Same rate and placement; torch draws its own masks.
+                mods.append(nn.Dropout(layer.dropout))
     return nn.Sequential(*mods)
 
 

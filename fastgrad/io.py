@@ -8,6 +8,9 @@ Tensors
     ``params``            the model's flat parameter buffer (float32/float64);
                           layer ``i`` owns ``params[off[i]:off[i+1]]``: its
                           ``W`` row-major ``(n_in, n_out)``, then its ``b``
+    ``running_mean``, ``running_var``  float64, one entry per output unit of
+                          every layer: batch-norm running statistics (only
+                          when some layer has ``norm == "batch"``)
     ``opt.<name>``        each optimizer state buffer, same length and dtype
                           (``opt.exp_avg``, ``opt.exp_avg_sq``,
                           ``opt.max_exp_avg_sq``, ``opt.momentum_buffer``,
@@ -19,13 +22,24 @@ Metadata
         {"format": "fastgrad-checkpoint", "format_version": 1,
          "fastgrad_version": "0.1.0",
          "model": {"class": "MLP", "dtype": "float32", "seed": 0,
+                   "dropout_step": 0, "mask_seed": 0, "training": true,
                    "layers": [{"n_in": 784, "n_out": 256, "activation": "relu",
-                               "alpha": 0.0, "init": "he_normal"}, ...]},
+                               "alpha": 0.0, "init": "he_normal",
+                               "dropout": 0.0, "residual": false,
+                               "norm": null, "weight_norm": false}, ...]},
          "optimizer": null | {"kind": "adam", "step": 20, "n_skipped": 0,
                               "n_calls": 20, "hyper": {...}, "state": ["exp_avg", ...]}}
 
     ``hyper`` holds the optimizer's hyper-parameters, its learning-rate
-    schedule as ``Schedule.to_config()`` data.
+    schedule as ``Schedule.to_config()`` data.  ``dropout_step`` is the
+    dropout counter the next training forward draws its masks from (so a
+    resumed run draws what an uninterrupted one would), ``mask_seed`` the
+    seed of those masks.  Files without ``dropout``, ``residual``,
+    ``dropout_step``, ``mask_seed``, ``training`` or ``norm`` (written
+    before these existed, same format version) load as a plain model at
+    counter 0.  A layer with ``norm`` ("layer" or "batch") owns ``W``, ``b``,
+    then ``gamma`` and ``beta`` in ``params``; a layer with ``weight_norm``
+    keeps ``v`` where ``W`` would be and ends with ``g``.
 
 The file opens in plain safetensors, from NumPy, PyTorch
 (``safetensors.torch.load_file``), JAX or Hugging Face tools.
@@ -56,6 +70,7 @@ FORMAT_VERSION = 1
 META_KEY = "fastgrad"
 PARAMS = "params"
 OPT_PREFIX = "opt."
+RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
 
 _DTYPES = ("float32", "float64")
 _MODEL_CLASSES = ("Sequential", "MLP")
@@ -131,8 +146,13 @@ def _model_meta(model):
         "dtype": np.dtype(model.dtype).name,
         "seed": (int(model.seed) if isinstance(model.seed, numbers.Integral)
                  and not isinstance(model.seed, bool) and model.seed >= 0 else None),
+        "dropout_step": int(model.dropout_step),
+        "mask_seed": int(model._mask_seed),
+        "training": bool(model.training),
         "layers": [{"n_in": int(l.n_in), "n_out": int(l.n_out), "activation": l.activation,
-                    "alpha": float(l.alpha), "init": l.init} for l in model.layers],
+                    "alpha": float(l.alpha), "init": l.init, "dropout": float(l.dropout),
+                    "residual": bool(l.residual), "norm": l.norm,
+                    "weight_norm": bool(l.weight_norm)} for l in model.layers],
     }
 
 
@@ -163,6 +183,9 @@ def save(path, model, opt=None):
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "fastgrad_version": _version(), "model": _model_meta(model), "optimizer": None}
     tensors = {PARAMS: _to_host(model.params)}
+    if any(l.norm == "batch" for l in model.layers):
+        tensors[RUNNING_MEAN] = np.ascontiguousarray(model.running_mean)
+        tensors[RUNNING_VAR] = np.ascontiguousarray(model.running_var)
     if opt is not None:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"opt must be a fastgrad optimizer, got {type(opt).__name__}")
@@ -240,6 +263,14 @@ def _parse_model(m):
     seed = m.get("seed")
     _need(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0),
           f"model.seed: expected a non-negative integer or null, got {seed!r:.80}")
+    state = {}
+    for key in ("dropout_step", "mask_seed"):
+        if key in m:
+            v = _get(m, key, int, "model")
+            _need(0 <= v < 2 ** 63, f"model.{key}: must be in [0, 2**63), got {v}")
+            state[key] = v
+    if "training" in m:
+        state["training"] = _get(m, "training", bool, "model")
     layers = _get(m, "layers", list, "model")
     _need(1 <= len(layers) <= _MAX_LAYERS,
           f"model.layers: expected 1 to {_MAX_LAYERS} layers, got {len(layers)}")
@@ -260,10 +291,20 @@ def _parse_model(m):
             raise _Bad(f"{where}: {exc}") from None
         init = _get(spec, "init", str, where)
         _need(init in INITIALIZERS, f"{where}.init: unknown initializer {init!r:.80}")
-        n_params += n_in * n_out + n_out
+        dropout = _get(spec, "dropout", (int, float), where) if "dropout" in spec else 0.0
+        _need(0.0 <= dropout < 1.0, f"{where}.dropout: must be in [0, 1), got {dropout!r}")
+        residual = _get(spec, "residual", bool, where) if "residual" in spec else False
+        _need(not residual or n_in == n_out,
+              f"{where}.residual: a residual block needs n_in == n_out, got {n_in}, {n_out}")
+        norm = spec.get("norm")
+        _need(norm in (None, "layer", "batch"),
+              f"{where}.norm: expected null, 'layer' or 'batch', got {norm!r:.80}")
+        wn = _get(spec, "weight_norm", bool, where) if "weight_norm" in spec else False
+        n_params += n_in * n_out + n_out * (3 if norm else 1) + (n_out if wn else 0)
         specs.append({"n_in": n_in, "n_out": n_out, "activation": act,
-                      "alpha": float(alpha), "init": init})
-    return cls, np.dtype(dtype), seed, specs, n_params
+                      "alpha": float(alpha), "init": init, "dropout": float(dropout),
+                      "residual": residual, "norm": norm, "weight_norm": wn})
+    return cls, np.dtype(dtype), seed, specs, n_params, state
 
 
 def _check_json_value(v, depth=0):
@@ -400,16 +441,24 @@ def _load(path, dev):
         _need(version == FORMAT_VERSION,
               f"format version {version} is not supported (this fastgrad reads version "
               f"{FORMAT_VERSION}{'; upgrade fastgrad' if version > FORMAT_VERSION else ''})")
-        cls_name, dtype, seed, specs, n_params = _parse_model(doc.get("model"))
+        cls_name, dtype, seed, specs, n_params, state = _parse_model(doc.get("model"))
         o = doc.get("optimizer")
         opt_cls = None if o is None else _parse_optimizer(o, names)
         expected = {PARAMS} | {OPT_PREFIX + s for s in (o["state"] if o else ())}
+        n_units = sum(s["n_out"] for s in specs)
+        if any(s["norm"] == "batch" for s in specs):
+            expected |= {RUNNING_MEAN, RUNNING_VAR}
         _need(names == expected, f"tensors {sorted(names)!r:.200} do not match the "
               f"expected {sorted(expected)}")
         arrays = {}
         for name in sorted(names):
             sl = f.get_slice(name)
             shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
+            if name in (RUNNING_MEAN, RUNNING_VAR):
+                _need(st_dtype == "F64" and shape == (n_units,),
+                      f"tensor {name!r}: expected F64[{n_units}], got {st_dtype}{list(shape)}")
+                arrays[name] = f.get_tensor(name)
+                continue
             want = {"float32": "F32", "float64": "F64"}[dtype.name]
             _need(st_dtype == want, f"tensor {name!r}: dtype {st_dtype}, expected {want} "
                   f"({dtype.name})")
@@ -420,6 +469,13 @@ def _load(path, dev):
                   f"tensor {name!r} did not read back as {dtype.name}[{n_params}]")
             arrays[name] = arr
     model = _build_model(cls_name, dtype, seed, specs, dev)
+    model.dropout_step = state.get("dropout_step", 0)
+    model.training = state.get("training", True)
+    if "mask_seed" in state:
+        model._mask_seed = state["mask_seed"]
+    if RUNNING_MEAN in arrays:
+        model.running_mean[...] = arrays[RUNNING_MEAN]
+        model.running_var[...] = arrays[RUNNING_VAR]
     xp = _device.array_module(dev)
     model.params[...] = xp.asarray(arrays[PARAMS])
     opt = None
@@ -436,10 +492,12 @@ def _load(path, dev):
 
 
 def _build_model(cls_name, dtype, seed, specs, dev):
-    from .layers import MLP, Dense, Sequential
+    from .layers import MLP, Dense, Residual, Sequential
 
     layers = [Dense(s["n_in"], s["n_out"], activation=s["activation"], alpha=s["alpha"],
-                    init="zeros") for s in specs]
+                    init="zeros", dropout=s["dropout"], norm=s["norm"],
+                    weight_norm=s["weight_norm"]) for s in specs]
+    layers = [Residual(l) if s["residual"] else l for l, s in zip(layers, specs)]
     cls = MLP if cls_name == "MLP" else Sequential
     model = cls.__new__(cls)
     # Built with zeros (no random draws: the parameters are overwritten next),

@@ -16,6 +16,8 @@ import numpy as np
 from . import device as _device
 from . import ops
 
+_SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
+
 INITIALIZERS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros")
 
 
@@ -40,6 +42,15 @@ def _init_weights(name, n_in, n_out, rng):
     return np.zeros(shape)
 
 
+def _dropout_args(seed, layer, counter, p):
+    """(key, threshold, scale) of layer ``layer``'s mask at ``counter``."""
+    from .kernels.cpu import blocks
+    if p <= 0:
+        return np.uint64(0), np.uint64(0), 1.0
+    return (np.uint64(blocks.dropout_key(seed, layer, counter)), blocks.dropout_threshold(p),
+            1.0 / (1.0 - p))
+
+
 def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -60,12 +71,30 @@ class Dense:
     init : str
         xavier_uniform, xavier_normal, he_uniform, he_normal or zeros.
         Biases start at zero.
+    dropout : float
+        Inverted dropout after the activation, ``y = f(z) * mask / (1 - p)``,
+        in training mode only; ``p`` in [0, 1).  0 (default) is no dropout
+        at all (the plain kernels, bit for bit).
+    norm : None, "layer" or "batch"
+        Normalisation between ``x W + b`` and the activation, as
+        ``nn.Sequential(nn.Linear, nn.LayerNorm / nn.BatchNorm1d, act)``
+        (eps 1e-5; batch norm: momentum 0.1, running statistics used in eval
+        mode and by ``predict``).  Its affine ``gamma`` (ones) and ``beta``
+        (zeros) follow ``b`` in the flat buffer.
+    weight_norm : bool
+        Weight normalisation, ``W = g v / ||v||`` per output unit (column):
+        the parameters are ``v`` (where ``W`` would be) and ``g`` (the
+        layer's last ``n_out`` entries, starting at ``||v||`` so that ``W``
+        starts as the initializer drew it).  ``W`` and ``dW`` are then the
+        effective weight and its gradient, recomputed each forward/backward;
+        ``v``, ``g``, ``dv``, ``dg`` are the views into the flat buffers.
 
     A Dense has no storage of its own until a :class:`Sequential` places it
     in the model's flat buffer.
     """
 
-    def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal"):
+    def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal",
+                 dropout=0.0, norm=None, weight_norm=False):
         self.n_in = _positive_int(n_in, "n_in")
         self.n_out = _positive_int(n_out, "n_out")
         self.activation = "identity" if activation is None else activation
@@ -73,11 +102,30 @@ class Dense:
         if init not in INITIALIZERS:
             raise ValueError(f"unknown initializer {init!r}; expected one of {list(INITIALIZERS)}")
         self.init = init
+        self.dropout = _dropout_rate(dropout)
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be None, 'layer' or 'batch', got {norm!r}")
+        self.norm = norm
+        if not isinstance(weight_norm, (bool, np.bool_)):
+            raise ValueError(f"weight_norm must be True or False, got {weight_norm!r}")
+        self.weight_norm = bool(weight_norm)
+        self.v = self.g = self.dv = self.dg = None
+        # Set by Residual: y = x + layer(x).
+        self.residual = False
         self.W = self.b = self.dW = self.db = None
+        self.gamma = self.beta = self.dgamma = self.dbeta = None
+        self.running_mean = self.running_var = None
+
+    @property
+    def extended(self):
+        """True when this layer needs the block kernels (dropout, residual, norm)."""
+        return (self.dropout > 0 or self.residual or self.norm is not None
+                or self.weight_norm)
 
     @property
     def n_params(self):
-        return self.n_in * self.n_out + self.n_out
+        return (self.n_in * self.n_out + self.n_out * (3 if self.norm else 1)
+                + (self.n_out if self.weight_norm else 0))
 
     def _bind(self, params, grads, offset):
         """Make W, b, dW, db views into the flat buffers at ``offset``."""
@@ -87,10 +135,82 @@ class Dense:
         self.b = params[offset + nw:end]
         self.dW = grads[offset:offset + nw].reshape(self.n_in, self.n_out)
         self.db = grads[offset + nw:end]
+        if self.norm:
+            n = self.n_out
+            self.gamma, self.beta = params[end:end + n], params[end + n:end + 2 * n]
+            self.dgamma, self.dbeta = grads[end:end + n], grads[end + n:end + 2 * n]
+            self.gamma[...] = 1
+            end += 2 * n
+        if self.weight_norm:
+            n = self.n_out
+            self.v, self.dv = self.W, self.dW
+            self.g, self.dg = params[end:end + n], grads[end:end + n]
+            # The effective weight and its gradient: scratch, not parameters.
+            self.W, self.dW = np.empty_like(self.v), np.empty_like(self.v)
+            self._inv_norm = np.empty(n)
+            end += n
         return end
 
+    def _weight_norm_forward(self):
+        from .kernels.cpu import wnorm
+        wnorm.weight_norm_forward(self.v, self.g, self.W, self._inv_norm)
+
     def __repr__(self):
-        return f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}, init={self.init!r})"
+        extra = f", dropout={self.dropout!r}" if self.dropout else ""
+        extra += f", norm={self.norm!r}" if self.norm else ""
+        extra += ", weight_norm=True" if self.weight_norm else ""
+        return (f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}, "
+                f"init={self.init!r}{extra})")
+
+
+_NORMS = (None, "layer", "batch")
+
+
+def _dropout_rate(p):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
+class Residual:
+    """Residual block ``y = x + layer(x)`` around a square :class:`Dense`.
+
+    Parameters
+    ----------
+    layer : Dense
+        With ``n_in == n_out``; its dropout (if any) applies to ``f(z)``
+        before the skip is added: ``y = x + dropout(f(x W + b))``.
+
+    The block reads as its Dense (``block.W``, ``block.n_out``, ...); the
+    wrapped layer itself is ``block.layer``.
+    """
+
+    def __init__(self, layer):
+        if not isinstance(layer, Dense):
+            raise TypeError(f"Residual wraps a fastgrad.Dense, got {type(layer).__name__}")
+        if layer.n_in != layer.n_out:
+            raise ValueError(f"a residual block needs n_in == n_out, got Dense({layer.n_in}, "
+                             f"{layer.n_out})")
+        if layer.residual:
+            raise ValueError("this Dense is already inside a Residual")
+        if layer.W is not None:
+            raise ValueError("this Dense already belongs to a model")
+        layer.residual = True
+        object.__setattr__(self, "layer", layer)
+
+    def __getattr__(self, name):
+        # Only reached for names the block itself lacks: the Dense's.
+        return getattr(object.__getattribute__(self, "layer"), name)
+
+    def __setattr__(self, name, value):
+        setattr(self.layer, name, value)
+
+    def __repr__(self):
+        return f"Residual({self.layer!r})"
+
+
+def _unwrap(layer):
+    return layer.layer if isinstance(layer, Residual) else layer
 
 
 class Sequential:
@@ -98,11 +218,16 @@ class Sequential:
 
     Parameters
     ----------
-    layers : list of Dense
+    layers : list of Dense or Residual
     dtype : "float32" (default) or "float64"
     device : "auto" | "cpu" | "cuda" | None (None: ``fastgrad.get_device()``)
     seed : int
-        Seeds the initializers: the same seed gives the same weights.
+        Seeds the initializers (the same seed gives the same weights) and the
+        dropout masks.
+
+    A model starts in training mode (``model.train()``): ``forward`` applies
+    dropout and advances ``model.dropout_step``, the counter the masks are
+    drawn from.  ``model.eval()`` turns dropout off; ``predict`` never drops.
     """
 
     def __init__(self, layers, dtype="float32", device=None, seed=0):
@@ -110,13 +235,15 @@ class Sequential:
         if not layers:
             raise ValueError("a model needs at least one layer")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, Dense):
+            if not isinstance(layer, (Dense, Residual)):
                 raise TypeError(f"layer {i} is a {type(layer).__name__}, expected fastgrad.Dense")
             if i and layer.n_in != layers[i - 1].n_out:
                 raise ValueError(f"layer {i} expects {layer.n_in} inputs but layer {i - 1} "
                                  f"gives {layers[i - 1].n_out}")
-            if any(layer is other for other in layers[:i]):
+            if any(_unwrap(layer) is _unwrap(other) for other in layers[:i]):
                 raise ValueError(f"layer {i} appears twice; create a new Dense per position")
+            if isinstance(layer, Dense) and layer.residual:
+                raise ValueError(f"layer {i} is the Dense of a Residual; pass the Residual")
             if layer.W is not None:
                 raise ValueError(f"layer {i} already belongs to a model")
         self.layers = layers
@@ -136,7 +263,59 @@ class Sequential:
         rng = np.random.default_rng(seed)
         for layer in layers:
             layer.W[...] = xp.asarray(_init_weights(layer.init, layer.n_in, layer.n_out, rng))
+            if layer.weight_norm:
+                # v as drawn, g = ||v|| per column: W starts as drawn (as
+                # torch.nn.utils.weight_norm starts).
+                layer.v[...] = layer.W
+                layer.g[...] = np.sqrt((layer.v.astype(np.float64) ** 2).sum(axis=0))
+                layer._weight_norm_forward()
         self._cache = None
+        # Batch-norm running statistics: model state outside the parameters
+        # (no gradient, not updated by the optimizer), one pair per layer.
+        width = sum(layer.n_out for layer in layers)
+        self.running_mean = np.zeros(width, np.float64)
+        self.running_var = np.ones(width, np.float64)
+        off = 0
+        for layer in layers:
+            if layer.norm == "batch":
+                layer.running_mean = self.running_mean[off:off + layer.n_out]
+                layer.running_var = self.running_var[off:off + layer.n_out]
+            off += layer.n_out
+        self.training = True
+        self.dropout_step = 0
+        if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+            self._mask_seed = int(seed) & _SEED_MASK
+        else:
+            # A seed the masks cannot be derived from (None, a SeedSequence):
+            # draw one from the generator that seeded the weights.
+            self._mask_seed = int(rng.integers(0, 2 ** 63))
+        if self.extended and self.device == "cuda":
+            raise NotImplementedError("dropout and residual blocks run on the CPU only so far")
+
+    # -- modes -----------------------------------------------------------------
+    @property
+    def extended(self):
+        """True when some layer has dropout or is a residual block."""
+        return any(layer.extended for layer in self.layers)
+
+    def train(self, mode=True):
+        """Training mode (dropout on); returns the model, as in PyTorch."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode (dropout off); returns the model."""
+        return self.train(False)
+
+    def _next_dropout_step(self):
+        """The counter value this training forward draws its masks from.
+
+        Every training-mode forward (layer path or TrainStep, with dropout
+        or not) advances it once, so a model's mask sequence depends only
+        on how many training steps it has run."""
+        c = self.dropout_step
+        self.dropout_step = c + 1
+        return c
 
     # -- shape facts -------------------------------------------------------
     @property
@@ -158,7 +337,9 @@ class Sequential:
         return _device.kernels(self.device)
 
     # -- compute -------------------------------------------------------------
-    def _run(self, x, keep):
+    def _run(self, x, keep, counter=None):
+        if self.extended:
+            return self._run_extended(x, keep, counter)
         k, xp = self._kernels(), self._xp
         h, cache = x, []
         for layer in self.layers:
@@ -170,10 +351,69 @@ class Sequential:
             h = a
         return h, cache
 
+    def _run_extended(self, x, keep, counter):
+        """The layer loop of a model with dropout or residual blocks.
+
+        Plain layers run the plain kernels; the others the block kernels,
+        which keep ``f(z)`` (and ``z``) beside the layer output.  Dropout
+        draws its masks from ``counter``; None: no dropout."""
+        from .kernels.cpu import blocks, norm
+        k, xp = self._kernels(), self._xp
+        drop_on = counter is not None
+        B = x.shape[0]
+        if drop_on and B == 1 and any(layer.norm == "batch" for layer in self.layers):
+            raise ValueError("batch norm in training mode needs more than 1 sample per batch "
+                             "(got a batch of 1), as in PyTorch; use model.eval()")
+        self._refresh_weight_norm()
+        h, cache = x, []
+        for l, layer in enumerate(self.layers):
+            a = xp.empty((h.shape[0], layer.n_out), self.dtype)
+            if layer.norm:
+                u, fz, xhat = xp.empty_like(a), xp.empty_like(a), xp.empty_like(a)
+                ns = B if layer.norm == "layer" else layer.n_out
+                mean, rstd = np.empty(ns), np.empty(ns)
+                drop = drop_on and layer.dropout > 0
+                key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
+                                                   layer.dropout if drop else 0.0)
+                rm = layer.running_mean if layer.norm == "batch" else mean
+                rv = layer.running_var if layer.norm == "batch" else rstd
+                np.dot(h, layer.W, a)
+                norm.norm_forward_epilogue(a, layer.b, h, xhat, u, fz, layer.gamma, layer.beta,
+                                           mean, rstd, rm, rv, norm.KINDS[layer.norm], drop_on,
+                                           layer.code, layer.alpha, drop, key, thresh, scale,
+                                           layer.residual)
+                entry = (h, u, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
+            elif not layer.extended:
+                z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
+                k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
+                entry = (h, z, a, a, None)
+            else:
+                z, fz = xp.empty_like(a), xp.empty_like(a)
+                drop = drop_on and layer.dropout > 0
+                key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
+                                                   layer.dropout if drop else 0.0)
+                blocks.block_forward(h, layer.W, layer.b, z, fz, a, layer.code, layer.alpha,
+                                     drop, key, thresh, scale, layer.residual)
+                entry = (h, z, fz, a, (drop, key, thresh, scale))
+            if keep:
+                cache.append(entry)
+            h = a
+        return h, cache
+
+    def _refresh_weight_norm(self):
+        """Recompute the effective W of every weight-normalised layer."""
+        for layer in self.layers:
+            if layer.weight_norm:
+                layer._weight_norm_forward()
+
     def forward(self, x):
-        """Training forward: returns the output and keeps what backward needs."""
+        """Training forward: returns the output and keeps what backward needs.
+
+        In training mode this draws fresh dropout masks (one step of
+        ``model.dropout_step``); in eval mode it applies no dropout."""
         x = self._input(x)
-        out, self._cache = self._run(x, keep=True)
+        counter = self._next_dropout_step() if self.training else None
+        out, self._cache = self._run(x, keep=True, counter=counter)
         return out
 
     def predict(self, x):
@@ -194,6 +434,8 @@ class Sequential:
         da = ops.as_array(dy, "dy", self.dtype, shape=out_shape, xp=xp)
         if da is dy:
             da = da.copy()          # the pass below works in place on da
+        if self.extended:
+            return self._backward_extended(da, accumulate, input_grad)
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, a) = self.layers[i], self._cache[i]
             need_dx = i > 0 or input_grad
@@ -201,6 +443,58 @@ class Sequential:
             dW, db = (xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate else (layer.dW, layer.db)
             k.dense_backward(h, layer.W, a, z, da, da, dW, db, dx, layer.code, layer.alpha, need_dx)
             if accumulate:
+                layer.dW += dW
+                layer.db += db
+            da = dx
+        return da if input_grad else None
+
+    def _backward_extended(self, da, accumulate, input_grad):
+        from .kernels.cpu import blocks, norm
+        k, xp = self._kernels(), self._xp
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]
+            need_dx = i > 0 or input_grad
+            dx = xp.empty_like(h) if need_dx else da[:0, :0]
+            dW, db = (xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate else (layer.dW, layer.db)
+            if layer.weight_norm:
+                dW = layer.dW           # the effective weight's gradient (scratch)
+            if drop_args is None:
+                k.dense_backward(h, layer.W, a, z, da, da, dW, db, dx, layer.code, layer.alpha,
+                                 need_dx)
+            elif layer.norm:
+                drop, key, thresh, scale, xhat, rstd, batch_stats = drop_args
+                dz = xp.empty_like(da) if layer.residual else da
+                r1, r2 = np.empty(da.shape[0]), np.empty(da.shape[0])
+                dg, dbt = ((xp.empty_like(layer.gamma), xp.empty_like(layer.beta)) if accumulate
+                           else (layer.dgamma, layer.dbeta))
+                norm.norm_backward_epilogue(da, fz, z, xhat, layer.gamma, rstd, dz, db, dg, dbt,
+                                            r1, r2, norm.KINDS[layer.norm], batch_stats,
+                                            layer.code, layer.alpha, drop, key, thresh, scale)
+                np.dot(h.T, dz, dW)
+                if need_dx:
+                    np.dot(dz, layer.W.T, dx)
+                    if layer.residual:
+                        dx += da
+                if accumulate:
+                    layer.dgamma += dg
+                    layer.dbeta += dbt
+            else:
+                drop, key, thresh, scale = drop_args
+                # dz apart from da: the skip gradient dx += da still reads da.
+                dz = xp.empty_like(da) if layer.residual else da
+                blocks.block_backward(h, layer.W, fz, z, da, dz, dW, db, dx, layer.code,
+                                      layer.alpha, drop, key, thresh, scale, layer.residual,
+                                      need_dx)
+            if layer.weight_norm:
+                from .kernels.cpu import wnorm
+                dv, dg = ((xp.empty_like(layer.v), xp.empty_like(layer.g)) if accumulate
+                          else (layer.dv, layer.dg))
+                wnorm.weight_norm_backward(layer.v, layer.g, layer._inv_norm, dW, dv, dg)
+                if accumulate:
+                    layer.dv += dv
+                    layer.dg += dg
+                    layer.db += db
+            elif accumulate:
                 layer.dW += dW
                 layer.db += db
             da = dx
@@ -224,19 +518,35 @@ class MLP(Sequential):
     """A multi-layer perceptron ``sizes[0] -> ... -> sizes[-1]``.
 
     Hidden layers use ``activation``; the last uses ``output_activation``
-    (None: identity, the logits for a softmax loss).
+    (None: identity, the logits for a softmax loss).  ``dropout=p`` puts
+    inverted dropout after every hidden layer's activation;
+    ``residual=True`` wraps every hidden layer whose width does not change
+    (``n_in == n_out``) in a :class:`Residual` block, and needs at least one.
+    ``norm`` ("layer" or "batch") normalises every hidden layer before its
+    activation; ``weight_norm=True`` weight-normalises every layer.
     """
 
     def __init__(self, sizes, activation="relu", output_activation=None, init="he_normal",
-                 dtype="float32", device=None, seed=0, alpha=None):
+                 dtype="float32", device=None, seed=0, alpha=None, dropout=0.0, residual=False,
+                 norm=None, weight_norm=False):
         sizes = list(sizes)
         if len(sizes) < 2:
             raise ValueError(f"sizes needs at least an input and an output width, got {sizes}")
         sizes = [_positive_int(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
         ops.resolve_activation(activation, alpha)   # checked even when no hidden layer uses it
         n = len(sizes) - 1
+        dropout = _dropout_rate(dropout)
         layers = [Dense(sizes[i], sizes[i + 1],
                         activation=activation if i < n - 1 else output_activation,
-                        alpha=alpha if i < n - 1 else None, init=init)
+                        alpha=alpha if i < n - 1 else None, init=init,
+                        dropout=dropout if i < n - 1 else 0.0,
+                        norm=norm if i < n - 1 else None, weight_norm=weight_norm)
                   for i in range(n)]
+        if residual:
+            square = [i for i in range(n - 1) if sizes[i] == sizes[i + 1]]
+            if not square:
+                raise ValueError(f"residual=True needs hidden layers of equal consecutive "
+                                 f"widths (n_in == n_out), got sizes {sizes}")
+            for i in square:
+                layers[i] = Residual(layers[i])
         super().__init__(layers, dtype=dtype, device=device, seed=seed)

@@ -75,6 +75,124 @@ def dense_backward(x, W, z, da, name, alpha=None):
     return x.T @ dz, dz.sum(axis=0), dz @ W.T
 
 
+# --- dropout and residual blocks ---------------------------------------------
+
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_M64 = (1 << 64) - 1
+
+
+def _fin(z):
+    """splitmix64's finalizer on Python ints (exact 64-bit wrap-around)."""
+    z = ((z ^ (z >> 30)) * _MIX1) & _M64
+    z = ((z ^ (z >> 27)) * _MIX2) & _M64
+    return z ^ (z >> 31)
+
+
+def dropout_key(seed, layer, counter):
+    """The 64-bit key of layer ``layer``'s mask at dropout step ``counter``."""
+    k = _fin((seed + _GOLDEN) & _M64)
+    k = _fin(((k ^ layer) + _GOLDEN) & _M64)
+    return _fin(((k ^ counter) + _GOLDEN) & _M64)
+
+
+def dropout_mask(seed, layer, counter, shape, p):
+    """float64 0/1 keep-mask: element ``e`` (row-major) draws
+    ``bits = fin(key + (e + 1) * golden) >> 11``, ``u = bits / 2**53``, and
+    is kept iff ``u >= p``."""
+    key = dropout_key(seed, layer, counter)
+    n = int(np.prod(shape))
+    e = np.arange(1, n + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = np.uint64(key) + e * np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+        z = z ^ (z >> np.uint64(31))
+    u = (z >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+    return (u >= p).astype(np.float64).reshape(shape)
+
+
+def block_forward(x, W, b, name, alpha=None, mask=None, p=0.0, residual=False):
+    """Returns (z, f, y): z = x W + b, f = act(z), y = f * mask / (1 - p)
+    (no dropout when ``mask`` is None) plus x for a residual block."""
+    z, f = dense_forward(x, W, b, name, alpha)
+    y = f if mask is None else f * mask / (1.0 - p)
+    if residual:
+        y = y + np.asarray(x, np.float64)
+    return z, f, y
+
+
+def block_backward(x, W, z, dy, name, alpha=None, mask=None, p=0.0, residual=False):
+    """Returns (dW, db, dx) of :func:`block_forward` given dy = dL/dy."""
+    dy = np.asarray(dy, np.float64)
+    df = dy if mask is None else dy * mask / (1.0 - p)
+    dW, db, dx = dense_backward(x, W, z, df, name, alpha)
+    return dW, db, (dx + dy if residual else dx)
+
+
+# --- LayerNorm / BatchNorm1d ---------------------------------------------------
+
+def norm_forward(z, kind, gamma, beta, running_mean=None, running_var=None, training=True,
+                 eps=1e-5, momentum=0.1):
+    """``u = gamma * (z - mean) / sqrt(var + eps) + beta``.
+
+    kind "layer": mean and (biased) var over each row's features.  kind
+    "batch": over the batch per feature in training (then the running
+    statistics move by ``momentum`` towards the mean and the UNBIASED
+    variance, as torch.nn.BatchNorm1d), or the running statistics in eval.
+    Returns (xhat, u, rstd, running_mean, running_var) (new running arrays).
+    """
+    z = np.asarray(z, np.float64)
+    B = z.shape[0]
+    rm = None if running_mean is None else np.asarray(running_mean, np.float64).copy()
+    rv = None if running_var is None else np.asarray(running_var, np.float64).copy()
+    if kind == "layer":
+        mean = z.mean(axis=1, keepdims=True)
+        var = z.var(axis=1, keepdims=True)
+    elif training:
+        mean = z.mean(axis=0)
+        var = z.var(axis=0)
+        rm = (1 - momentum) * rm + momentum * mean
+        rv = (1 - momentum) * rv + momentum * var * B / (B - 1)
+    else:
+        mean, var = rm, rv
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (z - mean) * rstd
+    return xhat, np.asarray(gamma, np.float64) * xhat + np.asarray(beta, np.float64), rstd, rm, rv
+
+
+def norm_backward(du, xhat, rstd, gamma, kind, training=True):
+    """(dz, dgamma, dbeta) of :func:`norm_forward` given du = dL/du."""
+    du, xhat, gamma = (np.asarray(t, np.float64) for t in (du, xhat, gamma))
+    dgamma, dbeta = (du * xhat).sum(axis=0), du.sum(axis=0)
+    dxhat = du * gamma
+    if kind == "layer":
+        n = du.shape[1]
+        dz = rstd * (dxhat - dxhat.sum(axis=1, keepdims=True) / n
+                     - xhat * (dxhat * xhat).sum(axis=1, keepdims=True) / n)
+    elif training:
+        B = du.shape[0]
+        dz = rstd * (dxhat - dxhat.sum(axis=0) / B - xhat * (dxhat * xhat).sum(axis=0) / B)
+    else:
+        dz = rstd * dxhat
+    return dz, dgamma, dbeta
+
+
+# --- weight normalisation -----------------------------------------------------
+
+def weight_norm(v, g):
+    """W = g v / ||v|| per column of the (n_in, n_out) v."""
+    v = np.asarray(v, np.float64)
+    return v * (np.asarray(g, np.float64) / np.sqrt((v * v).sum(axis=0)))
+
+
+def weight_norm_backward(v, g, dW):
+    """(dv, dg) of :func:`weight_norm` given dW = dL/dW."""
+    v, g, dW = (np.asarray(t, np.float64) for t in (v, g, dW))
+    n = np.sqrt((v * v).sum(axis=0))
+    dg = (dW * v).sum(axis=0) / n
+    return g / n * dW - g * dg / n ** 2 * v, dg
+
+
 # --- losses (mean over the batch) -------------------------------------------
 
 def softmax_cross_entropy(logits, labels):

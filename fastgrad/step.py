@@ -8,6 +8,12 @@ allocated once per batch size, so the smaller last batch of an epoch runs
 without a recompile.  The update is the very kernel ``opt.step()`` runs, so
 both paths give the same parameters, and ``step.stats`` is the StepStats
 ``opt.step()`` would have returned.
+
+Models with dropout, residual blocks, normalisation or weight normalisation
+run their own compiled step (``fastgrad.kernels.cpu.step_blocks``): plain
+models never compile that code, so their cold first step stays as fast.  A
+training-mode call advances ``model.dropout_step`` once, as
+``model.forward`` does, so both paths draw the same dropout masks.
 """
 import time
 
@@ -15,6 +21,8 @@ import numpy as np
 
 from . import ops
 from .kernels.cpu import step as _kstep
+from .kernels.cpu import norm as _knorm
+from .kernels.cpu import step_blocks as _kblocks
 from .kernels.cpu.activations import NEEDS_Z
 from .layers import Sequential
 
@@ -42,6 +50,9 @@ class TrainStep:
         if getattr(opt, "params", None) is not model.params:
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
+        # Models with dropout or residual blocks get their own compiled step:
+        # plain models never compile (nor pay for) the block code.
+        self._blocks = model.extended
         if model.device == "cuda":
             # One Python function issuing the step's launches on the current
             # stream (no host sync inside); see kernels/cuda/step.py.
@@ -55,6 +66,20 @@ class TrainStep:
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(int(c) in NEEDS_Z for c in self._codes)
+        if self._blocks:
+            self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
+            self._no_drops = np.zeros_like(self._drops)
+            self._residual = np.asarray([int(layer.residual) for layer in model.layers], np.int64)
+            self._norms = np.asarray([_knorm.KINDS[layer.norm] for layer in model.layers],
+                                     np.int64)
+            self._batch_norm = bool((self._norms == _knorm.BATCH).any())
+            self._wn = np.asarray([int(layer.weight_norm) for layer in model.layers], np.int64)
+            if self._wn.any():
+                self._weff = np.empty_like(model.params)
+                self._dweff = np.empty_like(model.params)
+            else:
+                self._weff = self._dweff = model.params[:0]
+            self._wnorm = np.empty(int(self._sizes[1:].sum()))
         self._layer_sq = xp.zeros(len(model.layers), np.float64)
         self._buffers = {}
         self._workspaces = {}
@@ -68,6 +93,16 @@ class TrainStep:
         if buf is None:
             xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
             acts = xp.empty(B * int(widths.sum()), dt)
+            if self._blocks:
+                # z and f(z) always kept; a third delta buffer for dz of a
+                # residual block (see kernels/cpu/step_blocks.py).
+                zs, fzs = xp.empty_like(acts), xp.empty_like(acts)
+                xhats = xp.empty_like(acts) if self._norms.any() else acts
+                delta = xp.empty(3 * B * int(widths.max()), dt)
+                nstats = np.empty(2 * int((B + widths).sum()))
+                nwork = np.empty(2 * B)
+                buf = self._buffers[B] = (acts, zs, fzs, xhats, nstats, nwork, delta)
+                return buf
             zs = xp.empty_like(acts) if self._needs_z else acts
             delta = xp.empty(2 * B * int(widths.max()), dt)
             buf = self._buffers[B] = (acts, zs, delta)
@@ -88,13 +123,40 @@ class TrainStep:
                               xp=xp)
         return self._no_labels, target
 
+    def _block_args(self, B):
+        """(drops, residual, norms, seed, counter, training) of this training
+        forward: the dropout counter advances as in ``model.forward``; eval
+        mode drops nothing and batch norm uses its running statistics."""
+        model = self.model
+        if model.training:
+            if B == 1 and self._batch_norm:
+                raise ValueError("batch norm in training mode needs more than 1 sample per "
+                                 "batch (got a batch of 1), as in PyTorch; use model.eval()")
+            return (self._drops, self._residual, self._norms, model._mask_seed,
+                    model._next_dropout_step(), True)
+        return self._no_drops, self._residual, self._norms, model._mask_seed, 0, False
+
     def __call__(self, x, y):
         model = self.model
         x = model._input(x)
         B = x.shape[0]
         labels, target = self._targets(y, B)
-        acts, zs, delta = self._buffers_for(B)
         rule, s0, s1, s2, hp = self.opt._kernel_args()
+        if self._blocks:
+            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
+            drops, residual, norms, seed, counter, training = self._block_args(B)
+            loss, norm, scale, skipped = _kblocks.train_step_blocks(
+                x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
+                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
+                model.layer_offsets, acts, zs, fzs, xhats, model.running_mean,
+                model.running_var, nstats, nwork, self._wn, self._weff, self._dweff,
+                self._wnorm, delta,
+                rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
+            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
+            return float(loss)
+        if model.training:
+            model._next_dropout_step()
+        acts, zs, delta = self._buffers_for(B)
         loss, norm, scale, skipped = self._kernels.train_step(
             x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
             self._codes, self._alphas, model.layer_offsets, acts, zs, delta,
@@ -108,6 +170,17 @@ class TrainStep:
         and returns the loss.  Useful for checks and data-parallel training."""
         x = self.model._input(x)
         labels, target = self._targets(y, x.shape[0])
+        if self._blocks:
+            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(x.shape[0])
+            drops, residual, norms, seed, counter, training = self._block_args(x.shape[0])
+            m = self.model
+            return float(_kblocks.forward_backward_blocks(
+                x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
+                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
+                m.layer_offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
+                nwork, self._wn, self._weff, self._dweff, self._wnorm, delta))
+        if self.model.training:
+            self.model._next_dropout_step()
         acts, zs, delta = self._buffers_for(x.shape[0])
         return float(self._kernels.forward_backward(
             x, labels, target, self._loss_kind, self.model.params, self.model.grads,
