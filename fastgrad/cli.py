@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -151,39 +153,75 @@ def cmd_demo(args):
 
 # --- the explosion lab --------------------------------------------------------
 
-# Each row: (label, activation, init, naive_std, optimizer, lr, clip_norm,
-#            clip_value, exponential decay (rate, steps) or None)
+@dataclass(frozen=True)
+class ExplodeRow:
+    """One configuration of the explosion lab (all on the same network and data)."""
+    label: str
+    optimizer: str = "sgd"
+    lr: float = 0.5
+    activation: str = "relu"
+    init: str = "he_normal"
+    naive_std: Optional[float] = None   # overwrite every W with N(0, std^2): a naive init
+    clip_norm: Optional[float] = None
+    clip_value: Optional[float] = None
+    decay: Optional[Tuple[float, int]] = None   # exponential lr decay (rate, steps)
+    norm: Optional[str] = None          # "batch" | "layer" on every hidden layer
+    weight_norm: bool = False
+    dropout: float = 0.0
+    residual: bool = False
+
+
 EXPLODE_ROWS = [
-    ("naive N(0,1) init, SGD lr 0.05", "relu", "he_normal", 1.0, "sgd", 0.05, None, None, None),
-    ("  + clip by norm 1.0", "relu", "he_normal", 1.0, "sgd", 0.05, 1.0, None, None),
-    ("  + clip by value 0.01", "relu", "he_normal", 1.0, "sgd", 0.05, None, 0.01, None),
-    ("He init, SGD lr 0.5", "relu", "he_normal", None, "sgd", 0.5, None, None, None),
-    ("  + clip by norm 1.0", "relu", "he_normal", None, "sgd", 0.5, 1.0, None, None),
-    ("  + exponential lr decay (x0.5 / 2 steps)", "relu", "he_normal", None, "sgd", 0.5, None, None, (0.5, 2)),
-    ("He init, SGD lr 0.1 + clip by norm 1.0", "relu", "he_normal", None, "sgd", 0.1, 1.0, None, None),
-    ("Xavier init + tanh, SGD lr 0.05", "tanh", "xavier_normal", None, "sgd", 0.05, None, None, None),
-    ("He init, Adam lr 1e-3 + clip by norm 1.0", "relu", "he_normal", None, "adam", 1e-3, 1.0, None, None),
+    ExplodeRow("naive N(0,1) init, SGD lr 0.05", lr=0.05, naive_std=1.0),
+    ExplodeRow("  + clip by norm 1.0", lr=0.05, naive_std=1.0, clip_norm=1.0),
+    ExplodeRow("  + clip by value 0.01", lr=0.05, naive_std=1.0, clip_value=0.01),
+    ExplodeRow("He init, SGD lr 0.5"),
+    ExplodeRow("  + clip by norm 1.0", clip_norm=1.0),
+    ExplodeRow("  + exponential lr decay (x0.5 / 2 steps)", decay=(0.5, 2)),
+    ExplodeRow("He init, SGD lr 0.1 + clip by norm 1.0", lr=0.1, clip_norm=1.0),
+    ExplodeRow("Xavier init + tanh, SGD lr 0.05", lr=0.05, activation="tanh", init="xavier_normal"),
+    ExplodeRow("He init, Adam lr 1e-3 + clip by norm 1.0", optimizer="adam", lr=1e-3, clip_norm=1.0),
+    # The layer-level remedies, on the same network and data.
+    ExplodeRow("naive N(0,1) init, SGD lr 0.05 + batch norm", lr=0.05, naive_std=1.0, norm="batch"),
+    ExplodeRow("He init, SGD lr 0.5 + batch norm", norm="batch"),
+    ExplodeRow("He init, SGD lr 0.5 + layer norm", norm="layer"),
+    ExplodeRow("He init, SGD lr 0.5 + weight norm", weight_norm=True),
+    ExplodeRow("He init, SGD lr 0.5 + residual", residual=True),
+    ExplodeRow("  + clip by norm 1.0", residual=True, clip_norm=1.0),
+    ExplodeRow("He init, Adam lr 1e-3 + clip by norm 1.0 + dropout 0.1", optimizer="adam",
+               lr=1e-3, clip_norm=1.0, dropout=0.1),
 ]
 
 
 def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
-    """Train one configuration of the lab; returns (result dict, monitor)."""
+    """Train one configuration of the lab; returns (result dict, monitor).
+
+    Trains in training mode (dropout on, batch statistics) and evaluates in
+    eval mode (no dropout, batch norm's running statistics)."""
     import math
 
     import fastgrad as fg
     from fastgrad.health import GradientMonitor
-    label, act, init, naive_std, opt_name, lr, clip_norm, clip_value, decay = row
     Xtr, Xte, ytr, yte = data
     sizes = [Xtr.shape[1]] + [width] * depth + [10]
-    model = fg.MLP(sizes, activation=act, init=init, seed=seed, device=device)
-    if naive_std is not None:
+    model = fg.MLP(sizes, activation=row.activation, init=row.init, seed=seed, device=device,
+                   norm=row.norm, weight_norm=row.weight_norm, dropout=row.dropout,
+                   residual=row.residual)
+    if row.naive_std is not None:
         # What a first attempt often does: unit-variance weights whatever the
         # fan-in.  Each relu layer then multiplies the signal by ~sqrt(width/2).
         rng = np.random.default_rng(seed)
         for layer in model.layers:
-            layer.W[...] = rng.normal(0.0, naive_std, layer.W.shape)
-    rate = fg.schedules.exponential_decay(lr, decay[0], decay[1]) if decay else lr
-    opt = make_optimizer(opt_name, model, rate, clip_norm, clip_value)
+            w = rng.normal(0.0, row.naive_std, layer.W.shape)
+            if layer.weight_norm:
+                layer.v[...] = w
+                layer.g[...] = np.sqrt((w ** 2).sum(axis=0))
+                layer._weight_norm_forward()
+            else:
+                layer.W[...] = w
+    lr = row.lr
+    rate = fg.schedules.exponential_decay(lr, row.decay[0], row.decay[1]) if row.decay else lr
+    opt = make_optimizer(row.optimizer, model, rate, row.clip_norm, row.clip_value)
     loss_fn = fg.SoftmaxCrossEntropy()
     step = fg.TrainStep(model, loss_fn, opt)
     monitor = GradientMonitor()
@@ -194,13 +232,16 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
         if first_bad[0] is None and not math.isfinite(loss):
             first_bad[0] = k
 
+    model.train()
     history = fg.fit(step, Xtr, ytr, epochs=epochs, batch_size=batch_size, seed=seed,
                      progress=False, callbacks=[record])
+    model.eval()
     test = fg.evaluate(model, loss_fn, Xte, yte)
+    model.train()
     norms = np.asarray(monitor.grad_norms)
     finite = norms[np.isfinite(norms)]
     return {
-        "label": label, "final_loss": history["loss"][-1], "accuracy": test["accuracy"],
+        "label": row.label, "final_loss": history["loss"][-1], "accuracy": test["accuracy"],
         "first_nonfinite": first_bad[0], "skipped": int(sum(monitor.skipped)),
         "max_grad_norm": float(finite.max()) if finite.size else float("nan"),
         "params_finite": bool(np.isfinite(model.params).all()),
@@ -221,11 +262,12 @@ def plot_explode(monitors, labels, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
-    for mon, label in zip(monitors, labels):
+    fig, ax = plt.subplots(figsize=(12, 7), dpi=110)
+    cmap = plt.get_cmap("tab20")
+    for i, (mon, label) in enumerate(zip(monitors, labels)):
         norms = np.asarray(mon.grad_norms, np.float64)
         steps = np.arange(norms.size)
-        line, = ax.plot(steps, norms, lw=1.0, label=label.strip())
+        line, = ax.plot(steps, norms, lw=1.0, color=cmap(i % 20), label=label.strip())
         bad = ~np.isfinite(norms) | np.asarray(mon.skipped, bool)
         if bad.any():
             first = int(np.argmax(bad))
@@ -235,10 +277,22 @@ def plot_explode(monitors, labels, path, title):
     ax.set_xlabel("step")
     ax.set_ylabel("global gradient norm (before clipping)")
     ax.set_title(title + "  (x: first non-finite gradient; later steps skipped)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _full_labels(labels):
+    """Spell out an indented "  + remedy" row as its parent row plus the remedy."""
+    out, parent = [], ""
+    for label in labels:
+        if label.startswith(" "):
+            out.append(f"{parent} {label.strip()}")
+        else:
+            parent = label
+            out.append(label)
+    return out
 
 
 def cmd_explode(args):
@@ -248,7 +302,8 @@ def cmd_explode(args):
     print(f"explosion lab on {device}: {args.depth} hidden layers of {args.width}, digits, "
           f"{args.epochs} epochs, batch {args.batch_size}, seed {args.seed}")
     results, monitors = [], []
-    for row in EXPLODE_ROWS:
+    rows = EXPLODE_ROWS
+    for row in rows:
         res, mon = run_explode_row(row, data, args.depth, args.width, args.epochs,
                                    args.batch_size, args.seed, device)
         results.append(res)
@@ -256,7 +311,7 @@ def cmd_explode(args):
     print(format_explode_table(results))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_explode(monitors, [r[0] for r in EXPLODE_ROWS], out,
+    plot_explode(monitors, _full_labels([r.label for r in rows]), out,
                  f"{args.depth}x{args.width} relu/tanh MLP on digits")
     print(f"gradient-norm plot: {out}")
     return 0

@@ -61,3 +61,44 @@ def test_explode_shows_a_real_explosion_reproducibly(tmp_path, capsys):
     clipped = table[3]                                                  # "+ clip by norm"
     assert "nan" not in clipped.split("|")[2]
     assert (tmp_path / "a.png").stat().st_size > 10_000
+
+
+def test_explode_has_the_layer_remedies(tmp_path, capsys):
+    """The residual / batch norm / layer norm / weight norm / dropout rows
+    run (a reduced depth and one epoch) and appear after the original rows."""
+    from fastgrad.cli import EXPLODE_ROWS
+    assert main(["explode", "--depth", "4", "--epochs", "1", "--seed", "1",
+                 "--out", str(tmp_path / "c.png")]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    rows = table[2:]
+    assert len(rows) == len(EXPLODE_ROWS)
+    assert rows[0].startswith("| naive N(0,1) init, SGD lr 0.05 |")
+    new = rows[9:]
+    for word in ("batch norm", "layer norm", "weight norm", "residual", "dropout 0.1"):
+        assert any(word in line for line in new), word
+    assert any(r.norm == "batch" and r.naive_std for r in EXPLODE_ROWS)
+    assert {r.norm for r in EXPLODE_ROWS} >= {"batch", "layer"}
+    assert any(r.weight_norm for r in EXPLODE_ROWS) and any(r.residual for r in EXPLODE_ROWS)
+    assert any(r.dropout > 0 for r in EXPLODE_ROWS)
+    for line in new:                           # every cell filled in
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == 6 and all(cells), line
+    bn = next(line for line in new if "naive" in line and "batch norm" in line)
+    assert [c.strip() for c in bn.strip("|").split("|")][3] == "-"   # BN keeps it finite
+
+
+def test_explode_evaluates_in_eval_mode(monkeypatch):
+    """Training runs in training mode, evaluation in eval mode."""
+    import fastgrad as fg
+    from fastgrad import cli
+    seen = []
+    real = fg.evaluate
+
+    def spy(model, *a, **k):
+        seen.append(model.training)
+        return real(model, *a, **k)
+    monkeypatch.setattr(fg, "evaluate", spy)
+    data = cli.load_digits_split(0)
+    row = cli.ExplodeRow("dropout", optimizer="adam", lr=1e-3, dropout=0.1, norm="batch")
+    res, mon = cli.run_explode_row(row, data, 2, 16, 1, 64, 0, "cpu")
+    assert seen == [False] and len(mon) > 0 and res["params_finite"]
