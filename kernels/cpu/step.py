@@ -45,6 +45,17 @@ def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
 
 
 @njit(**INLINE)
+def loss_and_grad(loss_kind, out, labels, target, grad):
+    """The mean loss of ``out`` (labels or target, as the loss reads) and its
+    gradient into ``grad``."""
+    if loss_kind == CROSS_ENTROPY:
+        return softmax_cross_entropy(out, labels, grad)
+    if loss_kind == MSE:
+        return mse(out, target, grad)
+    return bce_with_logits(out, target, grad)
+
+
+@njit(**INLINE)
 def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                       offsets, acts, zs, delta):
     B = x.shape[0]
@@ -63,12 +74,7 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
     n_out = sizes[L]
     half = delta.shape[0] // 2
     da = delta[:B * n_out].reshape((B, n_out))
-    if loss_kind == CROSS_ENTROPY:
-        loss = softmax_cross_entropy(h, labels, da)
-    elif loss_kind == MSE:
-        loss = mse(h, target, da)
-    else:
-        loss = bce_with_logits(h, target, da)
+    loss = loss_and_grad(loss_kind, h, labels, target, da)
 
     ping = 0
     for l in range(L - 1, -1, -1):

@@ -36,9 +36,8 @@ from .activations import NEEDS_Z, bias_act, bias_act_grad
 from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
 from .wnorm import weight_norm_backward, weight_norm_forward
-from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .optim import clipped_update
-from .step import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE  # noqa: F401  (one set of codes)
+from .step import loss_and_grad
 
 _GELU = min(NEEDS_Z)
 _TWO53 = 9007199254740992.0
@@ -155,12 +154,7 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
     n_out = sizes[L]
     third = delta.shape[0] // 3
     da = delta[:B * n_out].reshape((B, n_out))
-    if loss_kind == CROSS_ENTROPY:
-        loss = softmax_cross_entropy(h, labels, da)
-    elif loss_kind == MSE:
-        loss = mse(h, target, da)
-    else:
-        loss = bce_with_logits(h, target, da)
+    loss = loss_and_grad(loss_kind, h, labels, target, da)
 
     ping = 0
     for l in range(L - 1, -1, -1):
