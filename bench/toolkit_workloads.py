@@ -19,7 +19,7 @@ import functools
 
 import numpy as np
 
-from workloads import data
+from workloads import data, torch_step
 
 VARIANTS = ("plain", "batchnorm", "residual", "dropout")
 DEEP = ([256] + [256] * 8 + [10], 256, "tanh", "softmax_cross_entropy")
@@ -69,27 +69,7 @@ def make_torch(variant, sizes, batch, act, loss):
             layers.append(actf())
             if variant == "dropout":
                 layers.append(torch.nn.Dropout(DROPOUT))
-    net = torch.nn.Sequential(*layers).train()
-    params = list(net.parameters())
-    try:
-        opt = torch.optim.Adam(params, lr=1e-3, fused=True)
-        opt.zero_grad()
-        net(torch.zeros(2, sizes[0])).sum().backward()
-        opt.step()
-    except (RuntimeError, TypeError):
-        opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    lossf = torch.nn.CrossEntropyLoss() if loss == "softmax_cross_entropy" else torch.nn.MSELoss()
-    xn, yn = data(sizes, batch, loss)
-    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = lossf(net(x), y)
-        out.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        return out
-    return step
+    return torch_step(torch.nn.Sequential(*layers).train(), sizes, batch, loss)
 
 
 def make_jax(variant, sizes, batch, act, loss):

@@ -136,18 +136,24 @@ def make_torch(sizes, batch, act, loss):
         layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
         if i < L - 1:
             layers.append(torch.nn.Tanh() if act == "tanh" else torch.nn.ReLU())
-    net = torch.nn.Sequential(*layers)
+    return torch_step(torch.nn.Sequential(*layers), sizes, batch, loss)
+
+
+def torch_step(net, sizes, batch, loss):
+    """One eager PyTorch step of ``net``: loss, backward, clip_grad_norm_(1.0)
+    and Adam(1e-3), fused when this torch build has it, else foreach."""
+    import torch
+    params = list(net.parameters())
     try:
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+        opt = torch.optim.Adam(params, lr=1e-3, fused=True)
         opt.zero_grad()
-        net(torch.zeros(1, sizes[0])).sum().backward()
+        net(torch.zeros(2, sizes[0])).sum().backward()
         opt.step()
     except (RuntimeError, TypeError):
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3, foreach=True)
+        opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
     lossf = torch.nn.CrossEntropyLoss() if loss == "softmax_cross_entropy" else torch.nn.MSELoss()
     xn, yn = data(sizes, batch, loss)
     x, y = torch.from_numpy(xn), torch.from_numpy(yn)
-    params = list(net.parameters())
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -37,7 +37,7 @@ from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
 from .wnorm import weight_norm_backward, weight_norm_forward
 from .optim import clipped_update
-from .step import loss_and_grad
+from .step import _views, loss_and_grad
 
 _GELU = min(NEEDS_Z)
 _TWO53 = 9007199254740992.0
@@ -45,14 +45,8 @@ _TWO53 = 9007199254740992.0
 
 @njit(**INLINE)
 def _layer_views(params, grads, acts, zs, fzs, offsets, sizes, B, l, act_off):
-    n_in, n_out = sizes[l], sizes[l + 1]
-    o, nw = offsets[l], sizes[l] * sizes[l + 1]
-    W = params[o:o + nw].reshape((n_in, n_out))
-    b = params[o + nw:o + nw + n_out]
-    dW = grads[o:o + nw].reshape((n_in, n_out))
-    db = grads[o + nw:o + nw + n_out]
-    a = acts[act_off:act_off + B * n_out].reshape((B, n_out))
-    z = zs[act_off:act_off + B * n_out].reshape((B, n_out))
+    W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
+    n_out = sizes[l + 1]
     fz = fzs[act_off:act_off + B * n_out].reshape((B, n_out))
     return W, b, dW, db, a, z, fz
 
