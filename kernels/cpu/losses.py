@@ -21,7 +21,7 @@ def softmax_cross_entropy(logits, labels, grad):
     shifted logit is 0, so the sum lies in [1, n_classes].
     """
     B, C = logits.shape
-    inv_b = like(logits[0, 0], 1.0 / B)
+    inv_b = 1.0 / B
     total = 0.0
     for i in range(B):
         row, g = logits[i], grad[i]
@@ -31,17 +31,19 @@ def softmax_cross_entropy(logits, labels, grad):
         # read the label's logit before the loop below overwrites it when
         # grad aliases logits
         x_label = np.float64(row[labels[i]])
-        s = like(m, 0.0)
+        # The sum in float64: near-certain rows have s = 1 + tiny, and a
+        # float32 sum would round the tiny part away (the loss, log s, then
+        # off by ~6e-8 absolute: large against a loss of 1e-4).
+        s = 0.0
         for j in range(C):
             e = mathfn.exp(row[j] - m)
             g[j] = e
-            s += e
-        lse = np.log(np.float64(s))               # one scalar log per row
-        total += lse - (x_label - np.float64(m))
-        scale = inv_b / s
+            s += np.float64(e)
+        total += np.log(s) - (x_label - np.float64(m))   # one scalar log per row
+        scale = like(m, inv_b / s)
         for j in range(C):
             g[j] *= scale
-        g[labels[i]] -= inv_b
+        g[labels[i]] -= like(m, inv_b)
     return total / B
 
 
