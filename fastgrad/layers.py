@@ -17,6 +17,7 @@ from . import device as _device
 from . import ops
 
 _SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
+_NO_STATS = np.empty(0)        # running statistics of a layer that has none
 
 INITIALIZERS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros")
 
@@ -355,7 +356,8 @@ class Sequential:
         """The layer loop of a model with dropout or residual blocks.
 
         Plain layers run the plain kernels; the others the block kernels,
-        which keep ``f(z)`` (and ``z``) beside the layer output.  Dropout
+        which keep ``z`` (gelu), ``f(z)`` (residual blocks) and ``xhat``
+        (normalised layers) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
         from .kernels.cpu import blocks, norm
         k, xp = self._kernels(), self._xp
@@ -368,27 +370,31 @@ class Sequential:
         h, cache = x, []
         for l, layer in enumerate(self.layers):
             a = xp.empty((h.shape[0], layer.n_out), self.dtype)
+            # f(z) is kept apart from the output for residual blocks only;
+            # the other layers' backward reads it from the output (blocks).
+            fz = xp.empty_like(a) if layer.residual else a
             if layer.norm:
-                u, fz, xhat = xp.empty_like(a), xp.empty_like(a), xp.empty_like(a)
+                xhat = xp.empty_like(a)
                 ns = B if layer.norm == "layer" else layer.n_out
-                mean, rstd = np.empty(ns), np.empty(ns)
+                mean, rstd = xp.empty(ns, self.dtype), xp.empty(ns, self.dtype)
                 drop = drop_on and layer.dropout > 0
                 key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
                                                    layer.dropout if drop else 0.0)
-                rm = layer.running_mean if layer.norm == "batch" else mean
-                rv = layer.running_var if layer.norm == "batch" else rstd
+                batch = layer.norm == "batch"
+                rm = layer.running_mean if batch else _NO_STATS
+                rv = layer.running_var if batch else _NO_STATS
                 np.dot(h, layer.W, a)
-                norm.norm_forward_epilogue(a, layer.b, h, xhat, u, fz, layer.gamma, layer.beta,
-                                           mean, rstd, rm, rv, norm.KINDS[layer.norm], drop_on,
-                                           layer.code, layer.alpha, drop, key, thresh, scale,
-                                           layer.residual)
-                entry = (h, u, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
+                norm.norm_forward_epilogue(a, layer.b, h, xhat, fz, layer.gamma, layer.beta,
+                                           mean, rstd, np.empty(2 * layer.n_out), rm, rv,
+                                           norm.KINDS[layer.norm], drop_on, layer.code,
+                                           layer.alpha, drop, key, thresh, scale, layer.residual)
+                entry = (h, None, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
             elif not layer.extended:
                 z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
                 k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
                 entry = (h, z, a, a, None)
             else:
-                z, fz = xp.empty_like(a), xp.empty_like(a)
+                z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
                 drop = drop_on and layer.dropout > 0
                 key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
                                                    layer.dropout if drop else 0.0)
@@ -467,9 +473,10 @@ class Sequential:
                 r1, r2 = np.empty(da.shape[0]), np.empty(da.shape[0])
                 dg, dbt = ((xp.empty_like(layer.gamma), xp.empty_like(layer.beta)) if accumulate
                            else (layer.dgamma, layer.dbeta))
-                norm.norm_backward_epilogue(da, fz, z, xhat, layer.gamma, rstd, dz, db, dg, dbt,
-                                            r1, r2, norm.KINDS[layer.norm], batch_stats,
-                                            layer.code, layer.alpha, drop, key, thresh, scale)
+                norm.norm_backward_epilogue(da, fz, xhat, layer.gamma, layer.beta, rstd, dz, db,
+                                            dg, dbt, r1, r2, norm.KINDS[layer.norm], batch_stats,
+                                            layer.code, layer.alpha, drop, key, thresh, scale,
+                                            layer.residual)
                 np.dot(h.T, dz, dW)
                 if need_dx:
                     np.dot(dz, layer.W.T, dx)

@@ -99,8 +99,8 @@ class TrainStep:
                 zs, fzs = xp.empty_like(acts), xp.empty_like(acts)
                 xhats = xp.empty_like(acts) if self._norms.any() else acts
                 delta = xp.empty(3 * B * int(widths.max()), dt)
-                nstats = np.empty(2 * int((B + widths).sum()))
-                nwork = np.empty(2 * B)
+                nstats = np.empty(2 * int((B + widths).sum()), dt)
+                nwork = np.empty(2 * max(B, int(widths.max())))
                 buf = self._buffers[B] = (acts, zs, fzs, xhats, nstats, nwork, delta)
                 return buf
             zs = xp.empty_like(acts) if self._needs_z else acts

@@ -1,12 +1,20 @@
 """Residual blocks and inverted dropout: the extended dense layer.
 
 forward:  y = x @ W (BLAS), then ONE pass:
-          z = y + b, f = act(z), keep f (and z for gelu),
-          y = f * mask / (1 - p)   (dropout, training only)
-          y += x                   (residual)
+          z = y + b, f = act(z) (z kept for gelu only, f for a residual
+          block only), y = f * mask / (1 - p) (dropout, training only),
+          y += x (residual)
 backward: ONE pass dz = da * mask / (1 - p) * f'(f, z) summing db (the
           mask is regenerated, never stored), GEMMs dW = x^T dz and
           dx = dz W^T, then dx += da for a residual block (the skip path).
+
+Backward reads ``f`` from the block's own output ``y`` unless the block is
+residual: there ``y = f`` without dropout, and ``y = f / (1 - p)`` where
+dropout kept the unit (a dropped unit's gradient is 0 whatever ``f`` is), so
+``f = y (1 - p)`` to rounding.  Keeping a separate copy of ``f`` would cost
+a write of a cold buffer per layer -- measured as most of the layer's
+overhead over a plain one.  A residual block's output ``x + f`` cannot give
+``f`` back accurately, so it keeps ``f``.
 
 The dropout mask is counter-based: element ``e`` of layer ``l`` at dropout
 step ``c`` of a model seeded ``s`` draws the splitmix64 stream seeded with
@@ -88,7 +96,8 @@ def _fwd_loop(y, b, x, z, fz, alpha, f, drop, key, thresh, scale, residual, keep
             if keep_z:
                 z[i, j] = t
             v = f(t, alpha)
-            fz[i, j] = v
+            if residual:
+                fz[i, j] = v
             if drop:
                 v = v * like(v, scale) if _keep(key, i * n + j, thresh) else like(v, 0.0)
             if residual:
@@ -97,7 +106,7 @@ def _fwd_loop(y, b, x, z, fz, alpha, f, drop, key, thresh, scale, residual, keep
 
 
 @njit(**INLINE)
-def _bwd_loop(da, fz, z, dz, db, alpha, df, drop, key, thresh, scale):
+def _bwd_loop(da, fz, z, dz, db, alpha, df, drop, key, thresh, scale, unscale):
     n = da.shape[1]
     for j in range(n):
         db[j] = 0
@@ -106,18 +115,18 @@ def _bwd_loop(da, fz, z, dz, db, alpha, df, drop, key, thresh, scale):
             g = da[i, j]
             if drop:
                 g = g * like(g, scale) if _keep(key, i * n + j, thresh) else like(g, 0.0)
-            t = g * df(fz[i, j], z[i, j], alpha)
+            f = fz[i, j] * like(g, unscale)
+            t = g * df(f, z[i, j], alpha)
             dz[i, j] = t
             db[j] += t
 
 
-@njit(**JIT)
-def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
-    """One pass over the GEMM output ``y`` (in place): ``z = y + b`` (kept
-    for gelu only, whose derivative reads it), ``fz = f(z)``, ``y = fz * mask * scale`` when ``drop``, ``y += x`` when
-    ``residual``.  ``z`` and ``fz`` are separate arrays (kept for backward);
-    ``x`` is read only for a residual block."""
-    s = scale
+@njit(**INLINE)
+def _fwd_ladder(y, b, x, z, fz, act, alpha, drop, key, thresh, s, residual):
+    # residual is a constant at both call sites: a runtime flag around the
+    # fz store compiled to AVX-512 masked stores, which on AMD Zen 4 take a
+    # microcode assist per store into never-written pages even when masked
+    # off (a 20x slower loop when fz was a fresh, untouched buffer).
     if act == A.IDENTITY:
         _fwd_loop(y, b, x, z, fz, alpha, A.identity, drop, key, thresh, s, residual, False)
     elif act == A.RELU:
@@ -137,27 +146,51 @@ def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale,
 
 
 @njit(**JIT)
-def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale):
-    """One pass: ``dz = da * mask * scale * f'(fz, z)`` (the mask regenerated
-    from ``key``) and ``db = dz.sum(axis=0)``.  ``dz`` must not be ``da``
-    when the block is residual: the skip gradient still needs ``da``."""
-    s = scale
-    if act == A.IDENTITY:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_identity, drop, key, thresh, s)
-    elif act == A.RELU:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_relu, drop, key, thresh, s)
-    elif act == A.LEAKY_RELU:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_leaky_relu, drop, key, thresh, s)
-    elif act == A.ELU:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_elu, drop, key, thresh, s)
-    elif act == A.SIGMOID:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_sigmoid, drop, key, thresh, s)
-    elif act == A.TANH:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_tanh, drop, key, thresh, s)
-    elif act == A.SOFTPLUS:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_softplus, drop, key, thresh, s)
+def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
+    """One pass over the GEMM output ``y`` (in place): ``z = y + b`` (kept
+    for gelu only, whose derivative reads it), ``f = f(z)`` (kept in ``fz``
+    for a residual block only), ``y = f * mask * scale`` when ``drop``,
+    ``y += x`` when ``residual``.  ``z`` and ``fz`` must not be ``y``;
+    ``x`` is read only for a residual block."""
+    if residual:
+        _fwd_ladder(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, True)
     else:
-        _bwd_loop(da, fz, z, dz, db, alpha, A.d_gelu, drop, key, thresh, s)
+        _fwd_ladder(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, False)
+
+
+@njit(**JIT)
+def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale,
+                            residual):
+    """One pass: ``dz = da * mask * scale * f'(f, z)`` (the mask regenerated
+    from ``key``) and ``db = dz.sum(axis=0)``.
+
+    ``fz`` is what the forward kept of ``f``: ``f`` itself for a residual
+    block, otherwise the block's output ``y`` (``f`` divided by ``1 - p``
+    where dropout kept the unit; see the module notes).  ``dz`` must not be
+    ``da`` when the block is residual: the skip gradient still needs ``da``."""
+    # In place on dz (copied from da first when separate): a loop reading
+    # da and writing dz does not vectorise when they are the same array (the
+    # runtime alias check fails), as in activations.bias_act_grad.
+    if dz.ctypes.data != da.ctypes.data:
+        A._copy(da, dz)
+    s = scale
+    u = 1.0 / scale if drop and not residual else 1.0
+    if act == A.IDENTITY:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_identity, drop, key, thresh, s, u)
+    elif act == A.RELU:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_relu, drop, key, thresh, s, u)
+    elif act == A.LEAKY_RELU:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_leaky_relu, drop, key, thresh, s, u)
+    elif act == A.ELU:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_elu, drop, key, thresh, s, u)
+    elif act == A.SIGMOID:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_sigmoid, drop, key, thresh, s, u)
+    elif act == A.TANH:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_tanh, drop, key, thresh, s, u)
+    elif act == A.SOFTPLUS:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_softplus, drop, key, thresh, s, u)
+    else:
+        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_gelu, drop, key, thresh, s, u)
 
 
 @njit(**INLINE)
@@ -170,7 +203,8 @@ def _add_into(dst, src):
 
 @njit(**JIT)
 def block_forward(x, W, b, z, fz, y, act, alpha, drop, key, thresh, scale, residual):
-    """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z and fz."""
+    """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z (gelu)
+    and fz (residual)."""
     np.dot(x, W, y)
     block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual)
 
@@ -180,10 +214,12 @@ def block_backward(x, W, fz, z, da, dz, dW, db, dx, act, alpha, drop, key, thres
                    residual, need_dx):
     """Gradients of :func:`block_forward` given ``da = dL/dy``.
 
-    Writes ``dz`` (a separate array from ``da``), ``dW``, ``db`` and, when
+    ``fz``: as in :func:`block_backward_epilogue` (the forward's ``y`` unless
+    residual).  Writes ``dz`` (a separate array from ``da`` for a residual
+    block), ``dW``, ``db`` and, when
     ``need_dx``, ``dx = dz W^T (+ da for a residual block)``.
     """
-    block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale)
+    block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale, residual)
     np.dot(x.T, dz, dW)
     if need_dx:
         np.dot(dz, W.T, dx)

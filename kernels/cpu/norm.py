@@ -6,17 +6,25 @@ and the residual add, as in ``blocks``):
 forward, after the GEMM ``y = x @ W``:
   pass A: ``y += b`` and, in the same pass, the statistics the norm needs
           (per column for batch norm in training, per row for layer norm),
-          shifted by the first value of each column / row so that the
-          one-pass variance does not cancel catastrophically;
-  pass B: ``xhat = (y - mean) * rstd``, ``u = gamma xhat + beta``,
-          ``f = act(u)``, dropout, residual -- one pass, keeping xhat, u and f.
+          in float64, shifted by the first value of each column / row so
+          that the one-pass variance does not cancel catastrophically;
+  pass B: row by row, ``xhat = (y - mean) * rstd`` (kept), then
+          ``u = gamma xhat + beta``, ``f = act(u)``, dropout, residual, over
+          the same row while it is in L1 -- one pass over memory.
 backward:
-  pass 1: ``du = da * mask * scale * f'(f, u)``, summing dgamma, dbeta (and
-          per-row sums for layer norm);
+  pass 1: ``du = da * mask * scale * f'(f, u)``, summing dgamma, dbeta and
+          the per-row sums layer norm needs;
   pass 2: ``dz`` through the normalisation, summing the Linear's db.
-Batch norm in eval mode normalises with the running statistics and has no
-batch coupling in backward.  Training batch norm updates the running mean
-and the unbiased running variance with momentum 0.1, as PyTorch does.
+Only ``xhat`` is kept beside the output: ``u`` is recomputed from it where
+needed (gelu's derivative), and ``f`` is read from the output as in
+``blocks`` (kept separately for a residual block only).  Each extra kept
+array is a cold buffer written per layer, which dominated the layer's cost.
+
+The statistics used (``mean``, ``rstd``) are stored in the model's dtype:
+the elementwise passes then run at the dtype's full SIMD width.  Batch norm
+in eval mode normalises with the running statistics and has no batch
+coupling in backward.  Training batch norm updates the running mean and the
+unbiased running variance with momentum 0.1, as PyTorch does.
 
 Separate from the plain kernels so that plain models never compile it.
 """
@@ -37,8 +45,9 @@ MOMENTUM = 0.1
 
 
 @njit(**INLINE)
-def _stats(y, b, mean, rstd, run_mean, run_var, kind, batch_stats, momentum, eps):
-    """Pass A: y += b with the statistics of the normalisation."""
+def _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum, eps):
+    """Pass A: y += b with the statistics of the normalisation (``acc``:
+    float64 scratch for batch norm's column sums)."""
     B, n = y.shape
     if kind == LAYER:
         for i in range(B):
@@ -56,22 +65,23 @@ def _stats(y, b, mean, rstd, run_mean, run_var, kind, batch_stats, momentum, eps
             mean[i] = k + m
             rstd[i] = 1.0 / math.sqrt(var + eps)
     elif batch_stats:
-        # Row 0 (with its bias) is the shift; mean/rstd hold the sums of the
-        # shifted values and their squares until the end (no scratch array).
+        # Row 0 (with its bias) is the shift; acc holds the sums of the
+        # shifted values and of their squares.
+        s1, s2 = acc[:n], acc[n:2 * n]
         for j in range(n):
             y[0, j] += b[j]
-            mean[j] = 0.0
-            rstd[j] = 0.0
+            s1[j] = 0.0
+            s2[j] = 0.0
         for i in range(1, B):
             for j in range(n):
                 t = y[i, j] + b[j]
                 y[i, j] = t
                 d = np.float64(t) - np.float64(y[0, j])
-                mean[j] += d
-                rstd[j] += d * d
+                s1[j] += d
+                s2[j] += d * d
         for j in range(n):
-            m = mean[j] / B
-            var = max(rstd[j] / B - m * m, 0.0)
+            m = s1[j] / B
+            var = max(s2[j] / B - m * m, 0.0)
             mu = np.float64(y[0, j]) + m
             mean[j] = mu
             rstd[j] = 1.0 / math.sqrt(var + eps)
@@ -87,22 +97,24 @@ def _stats(y, b, mean, rstd, run_mean, run_var, kind, batch_stats, momentum, eps
 
 
 @njit(**INLINE)
-def _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, per_row, alpha, f, drop, key,
-               thresh, scale, residual):
+def _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, per_row, alpha, f, drop, key, thresh,
+               scale, residual):
     B, n = y.shape
     for i in range(B):
+        # Normalise the row first (two plain loops, so the per-row /
+        # per-column choice is not a branch inside the vectorised loop) ...
+        if per_row:
+            m, r = mean[i], rstd[i]
+            for j in range(n):
+                xhat[i, j] = (y[i, j] - m) * r
+        else:
+            for j in range(n):
+                xhat[i, j] = (y[i, j] - mean[j]) * rstd[j]
+        # ... then affine, activation, dropout and residual over the same row.
         for j in range(n):
-            if per_row:
-                m, r = mean[i], rstd[i]
-            else:
-                m, r = mean[j], rstd[j]
-            t = y[i, j]
-            xh = (t - like(t, m)) * like(t, r)
-            xhat[i, j] = xh
-            v = gamma[j] * xh + beta[j]
-            u[i, j] = v
-            v = f(v, alpha)
-            fz[i, j] = v
+            v = f(gamma[j] * xhat[i, j] + beta[j], alpha)
+            if residual:
+                fz[i, j] = v
             if drop:
                 v = v * like(v, scale) if _keep(key, i * n + j, thresh) else like(v, 0.0)
             if residual:
@@ -111,115 +123,152 @@ def _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, per_row, alpha, f, dr
 
 
 @njit(**JIT)
-def norm_forward_epilogue(y, b, x, xhat, u, fz, gamma, beta, mean, rstd, run_mean, run_var,
+def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_mean, run_var,
                           kind, batch_stats, act, alpha, drop, key, thresh, scale, residual):
     """Passes A and B over the GEMM output ``y`` (in place).
 
-    ``mean``/``rstd`` (float64) receive the statistics used: length B for
-    layer norm, n_out for batch norm.  ``batch_stats``: batch norm normalises
-    with (and updates the running statistics from) this batch; False: with
-    ``run_mean``/``run_var``.
+    ``mean``/``rstd`` (the dtype of ``y``) receive the statistics used:
+    length B for layer norm, n_out for batch norm.  ``acc``: float64 scratch
+    of length >= 2 n_out (batch norm in training).  ``batch_stats``: batch
+    norm normalises with (and updates the float64 running statistics from)
+    this batch; False: with ``run_mean``/``run_var``.  ``fz`` receives
+    ``f(u)`` for a residual block only.
     """
-    _stats(y, b, mean, rstd, run_mean, run_var, kind, batch_stats, MOMENTUM, EPS)
+    _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, MOMENTUM, EPS)
     pr = kind == LAYER
-    if act == A.IDENTITY:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.identity, drop, key,
-                   thresh, scale, residual)
-    elif act == A.RELU:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.relu, drop, key,
-                   thresh, scale, residual)
-    elif act == A.LEAKY_RELU:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.leaky_relu, drop,
-                   key, thresh, scale, residual)
-    elif act == A.ELU:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.elu, drop, key,
-                   thresh, scale, residual)
-    elif act == A.SIGMOID:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.sigmoid, drop, key,
-                   thresh, scale, residual)
-    elif act == A.TANH:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.tanh, drop, key,
-                   thresh, scale, residual)
-    elif act == A.SOFTPLUS:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.softplus, drop, key,
-                   thresh, scale, residual)
+    # residual as a constant: see blocks._fwd_ladder
+    if residual:
+        _norm_ladder(y, x, xhat, fz, gamma, beta, mean, rstd, pr, act, alpha, drop, key, thresh,
+                     scale, True)
     else:
-        _norm_loop(y, x, xhat, u, fz, gamma, beta, mean, rstd, pr, alpha, A.gelu, drop, key,
-                   thresh, scale, residual)
+        _norm_ladder(y, x, xhat, fz, gamma, beta, mean, rstd, pr, act, alpha, drop, key, thresh,
+                     scale, False)
 
 
 @njit(**INLINE)
-def _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, per_row, alpha, df, drop, key,
-             thresh, scale):
+def _norm_ladder(y, x, xhat, fz, gamma, beta, mean, rstd, pr, act, alpha, drop, key, thresh,
+                 scale, res):
+    if act == A.IDENTITY:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.identity, drop, key,
+                   thresh, scale, res)
+    elif act == A.RELU:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.relu, drop, key,
+                   thresh, scale, res)
+    elif act == A.LEAKY_RELU:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.leaky_relu, drop,
+                   key, thresh, scale, res)
+    elif act == A.ELU:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.elu, drop, key,
+                   thresh, scale, res)
+    elif act == A.SIGMOID:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.sigmoid, drop, key,
+                   thresh, scale, res)
+    elif act == A.TANH:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.tanh, drop, key,
+                   thresh, scale, res)
+    elif act == A.SOFTPLUS:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.softplus, drop, key,
+                   thresh, scale, res)
+    else:
+        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.gelu, drop, key,
+                   thresh, scale, res)
+
+
+@njit(**INLINE)
+def _du_loop(da, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, df, drop, key, thresh,
+             scale, unscale):
     B, n = da.shape
     for j in range(n):
         dgamma[j] = 0
         dbeta[j] = 0
     for i in range(B):
-        s1 = 0.0
-        s2 = 0.0
         for j in range(n):
             g = da[i, j]
             if drop:
                 g = g * like(g, scale) if _keep(key, i * n + j, thresh) else like(g, 0.0)
-            t = g * df(fz[i, j], u[i, j], alpha)
+            xh = xhat[i, j]
+            # u is only read by gelu's derivative (dead code for the others)
+            u = gamma[j] * xh + beta[j]
+            t = g * df(fz[i, j] * like(g, unscale), u, alpha)
             dz[i, j] = t
-            dgamma[j] += t * xhat[i, j]
+            dgamma[j] += t * xh
             dbeta[j] += t
-            if per_row:
-                gx = t * gamma[j]
-                s1 += gx
-                s2 += gx * xhat[i, j]
-        if per_row:
-            r1[i] = s1
-            r2[i] = s2
 
 
 @njit(**JIT)
-def norm_backward_epilogue(da, fz, u, xhat, gamma, rstd, dz, db, dgamma, dbeta, r1, r2, kind,
-                           batch_stats, act, alpha, drop, key, thresh, scale):
+def norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta, r1, r2, kind,
+                           batch_stats, act, alpha, drop, key, thresh, scale, residual):
     """Passes 1 and 2: ``dz = dL/d(x W + b)`` from ``da = dL/dy``, with db,
-    dgamma, dbeta.  ``r1``, ``r2``: float64 scratch of length B (layer norm).
-    ``dz`` may be ``da`` unless the block is residual."""
-    pr = kind == LAYER
+    dgamma, dbeta.  ``fz``: as in ``blocks.block_backward_epilogue`` (the
+    forward's output ``y`` unless residual).  ``r1``, ``r2``: float64
+    scratch of length B.  ``dz`` may be ``da`` unless the block is residual."""
+    if dz.ctypes.data != da.ctypes.data:
+        A._copy(da, dz)          # then in place on dz: see blocks
+    s = scale
+    us = 1.0 / scale if drop and not residual else 1.0
     if act == A.IDENTITY:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_identity,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_identity, drop,
+                 key, thresh, s, us)
     elif act == A.RELU:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_relu,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_relu, drop,
+                 key, thresh, s, us)
     elif act == A.LEAKY_RELU:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_leaky_relu,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_leaky_relu,
+                 drop, key, thresh, s, us)
     elif act == A.ELU:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_elu,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_elu, drop,
+                 key, thresh, s, us)
     elif act == A.SIGMOID:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_sigmoid,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_sigmoid, drop,
+                 key, thresh, s, us)
     elif act == A.TANH:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_tanh,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_tanh, drop,
+                 key, thresh, s, us)
     elif act == A.SOFTPLUS:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_softplus,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_softplus, drop,
+                 key, thresh, s, us)
     else:
-        _du_loop(da, fz, u, xhat, gamma, dz, dgamma, dbeta, r1, r2, pr, alpha, A.d_gelu,
-                 drop, key, thresh, scale)
+        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_gelu, drop,
+                 key, thresh, s, us)
+    _dnorm(dz, xhat, gamma, rstd, db, dgamma, dbeta, r1, r2, kind, batch_stats)
+
+
+@njit(**INLINE)
+def _dnorm(dz, xhat, gamma, rstd, db, dgamma, dbeta, r1, r2, kind, batch_stats):
+    # Pass 2, in place on dz.  The kind is chosen per row, outside the
+    # vectorised loops; the per-row / per-column factors are computed once.
     B, n = dz.shape
     for j in range(n):
         db[j] = 0
+    inv_b = 1.0 / B
     for i in range(B):
-        for j in range(n):
-            t = dz[i, j]
-            if pr:
-                # rstd (dxhat - mean_j dxhat - xhat mean_j(dxhat xhat))
-                v = rstd[i] * (gamma[j] * t - (r1[i] + xhat[i, j] * r2[i]) / n)
-            elif batch_stats:
-                # per column, with sum_i dxhat = gamma dbeta, sum_i dxhat xhat = gamma dgamma
-                v = rstd[j] * gamma[j] * (t - (dbeta[j] + xhat[i, j] * dgamma[j]) / B)
-            else:
-                v = rstd[j] * gamma[j] * t
-            w = like(t, v)
-            dz[i, j] = w
-            db[j] += w
+        if kind == LAYER:
+            # rstd (dxhat - mean_j dxhat - xhat mean_j(dxhat xhat)), the row
+            # sums in float64 over the row while it is in L1
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(n):
+                gx = dz[i, j] * gamma[j]
+                s1 += gx
+                s2 += gx * xhat[i, j]
+            r1[i] = s1
+            r2[i] = s2
+            t0 = dz[i, 0]
+            r = like(t0, rstd[i])
+            c1, c2 = like(t0, s1 / n), like(t0, s2 / n)
+            for j in range(n):
+                v = r * (gamma[j] * dz[i, j] - (c1 + xhat[i, j] * c2))
+                dz[i, j] = v
+                db[j] += v
+        elif batch_stats:
+            # per column, with sum_i dxhat = gamma dbeta, sum_i dxhat xhat = gamma dgamma
+            ib = like(dz[i, 0], inv_b)
+            for j in range(n):
+                v = rstd[j] * gamma[j] * (dz[i, j] - (dbeta[j] + xhat[i, j] * dgamma[j]) * ib)
+                dz[i, j] = v
+                db[j] += v
+        else:
+            for j in range(n):
+                v = rstd[j] * gamma[j] * dz[i, j]
+                dz[i, j] = v
+                db[j] += v

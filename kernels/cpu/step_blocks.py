@@ -16,13 +16,15 @@ seed, counter          the model's mask seed and this step's dropout counter
 training               batch norm uses (and updates) batch statistics
 run_mean, run_var      float64, sum(sizes[1:]): batch norm running statistics
 xhats    flat like acts (normalised pre-activations; may be acts when no norm)
-nstats   float64, 2 * sum(B + sizes[1:]): per layer mean and 1/std used
-nwork    float64, 2 * B: layer norm's per-row sums in backward
+nstats   model dtype, 2 * sum(B + sizes[1:]): per layer mean and 1/std used
+nwork    float64, 2 * max(B, max(sizes[1:])): batch norm's column sums in
+         forward, layer norm's per-row sums in backward
 wn       int64 (L,)    1 for a weight-normalised layer (v where W would be, g last)
 weff, dweff            flat like params: effective W and its gradient (scratch)
 wnorm    float64, sum(sizes[1:]): 1 / ||v_j|| per output unit
-zs       flat, B * sum(sizes[1:]) -- pre-activations (always kept here)
-fzs      flat, same length -- f(z) of the block layers (their output is not f(z))
+zs       flat, B * sum(sizes[1:]) -- pre-activations (gelu's derivative)
+fzs      flat, same length -- f(z) of residual blocks (their output is x + f(z));
+         the other layers' backward reads f from their output
 delta    flat, 3 * B * max(sizes[1:]) -- dL/da ping-pong, plus dz of a
          residual block (the skip gradient still needs dL/da)
 """
@@ -127,7 +129,7 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
                 act_off, stat_off, col_off)
             drop, key, thresh, scale = _drop_args(drops, seed, counter, l)
             np.dot(h, W, a)
-            norm_forward_epilogue(a, b, h, xhat, z, fz, gamma, beta, mean, rstd, rm, rv,
+            norm_forward_epilogue(a, b, h, xhat, fz, gamma, beta, mean, rstd, nwork, rm, rv,
                                   norms[l], training, codes[l], alphas[l], drop, key, thresh,
                                   scale, residual[l] != 0)
         elif drops[l] > 0.0 or residual[l] != 0:
@@ -162,6 +164,8 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
             W = _weight_norm_views(params, weff, wnorm, offsets, sizes, l, col_off, False)
             dWt = _weight_norm_views(grads, dweff, wnorm, offsets, sizes, l, col_off, False)
         res = residual[l] != 0
+        if not res:
+            fz = a      # f is read back from the layer's output (see blocks)
         if norms[l] != 0:
             gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
                 params, grads, xhats, nstats, run_mean, run_var, offsets, sizes, norms, B, l,
@@ -170,16 +174,16 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
             dz = da
             if res:
                 dz = delta[2 * third:2 * third + B * sizes[l + 1]].reshape((B, sizes[l + 1]))
-            norm_backward_epilogue(da, fz, z, xhat, gamma, rstd, dz, db, dgamma, dbeta,
+            norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta,
                                    nwork[:B], nwork[B:2 * B], norms[l], training, codes[l],
-                                   alphas[l], drop, key, thresh, scale)
+                                   alphas[l], drop, key, thresh, scale, res)
         elif drops[l] > 0.0 or res:
             drop, key, thresh, scale = _drop_args(drops, seed, counter, l)
             dz = da
             if res:
                 dz = delta[2 * third:2 * third + B * sizes[l + 1]].reshape((B, sizes[l + 1]))
             block_backward_epilogue(da, fz, z, dz, db, codes[l], alphas[l], drop, key, thresh,
-                                    scale)
+                                    scale, res)
         else:
             if codes[l] != _GELU:
                 z = a
