@@ -23,19 +23,25 @@ __global__ void fg_softmax_xent(const T* logits, const long long* labels, T* gra
     for (long long j = lane; j < cols; j += 32) m = fg::pymax(m, row[j]);
     m = fg::warp_max(m);
     __syncwarp();
-    T s = T(0);
+    // The sum in double, as the CPU: near-certain rows have s = 1 + tiny.
+    double s = 0.0;
     for (long long j = lane; j < cols; j += 32) {
         const T e = fg::exp_(row[j] - m);
         g[j] = e;
-        s += e;
+        s += (double)e;
     }
     s = fg::warp_sum(s);
-    const T inv_b = T(1.0 / (double)rows);
-    if (lane == 0) row_loss[i] = log((double)s) - ((double)x_label - (double)m);
-    const T scale = inv_b / s;
+    const double inv_b = 1.0 / (double)rows;
+    if (lane == 0) row_loss[i] = log(s) - ((double)x_label - (double)m);
+    const T scale = T(inv_b / s);
     for (long long j = lane; j < cols; j += 32) g[j] *= scale;
     __syncwarp();
-    if (lane == 0) g[lab] -= inv_b;
+    // The label's (p - 1) / B as -(s - e) / (s B) in double: p - 1 in T
+    // cancels when p is near 1.  e recomputed exactly as the loop drew it.
+    if (lane == 0) {
+        const double e_lab = (double)fg::exp_(x_label - m);
+        g[lab] = T(-((s - e_lab) / s) * inv_b);
+    }
 }
 
 // Mean squared error: grad = (2/n) d, partial[block] = sum of d*d (float64).
