@@ -235,8 +235,8 @@ def to_torch(model):
                 nm.weight.copy_(as_torch(layer.gamma))
                 nm.bias.copy_(as_torch(layer.beta))
                 if layer.norm == "batch":
-                    nm.running_mean.copy_(torch.as_tensor(np.array(layer.running_mean)))
-                    nm.running_var.copy_(torch.as_tensor(np.array(layer.running_var)))
+                    nm.running_mean.copy_(torch.as_tensor(_device.to_numpy(layer.running_mean).copy()))
+                    nm.running_var.copy_(torch.as_tensor(_device.to_numpy(layer.running_var).copy()))
                 mods.append(nm)
             act = _torch_activation(layer, torch)
             if act is not None:

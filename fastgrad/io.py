@@ -184,8 +184,8 @@ def save(path, model, opt=None):
             "fastgrad_version": _version(), "model": _model_meta(model), "optimizer": None}
     tensors = {PARAMS: _to_host(model.params)}
     if any(l.norm == "batch" for l in model.layers):
-        tensors[RUNNING_MEAN] = np.ascontiguousarray(model.running_mean)
-        tensors[RUNNING_VAR] = np.ascontiguousarray(model.running_var)
+        tensors[RUNNING_MEAN] = _to_host(model.running_mean)
+        tensors[RUNNING_VAR] = _to_host(model.running_var)
     if opt is not None:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"opt must be a fastgrad optimizer, got {type(opt).__name__}")
@@ -473,10 +473,10 @@ def _load(path, dev):
     model.training = state.get("training", True)
     if "mask_seed" in state:
         model._mask_seed = state["mask_seed"]
-    if RUNNING_MEAN in arrays:
-        model.running_mean[...] = arrays[RUNNING_MEAN]
-        model.running_var[...] = arrays[RUNNING_VAR]
     xp = _device.array_module(dev)
+    if RUNNING_MEAN in arrays:
+        model.running_mean[...] = xp.asarray(arrays[RUNNING_MEAN])
+        model.running_var[...] = xp.asarray(arrays[RUNNING_VAR])
     model.params[...] = xp.asarray(arrays[PARAMS])
     opt = None
     if opt_cls is not None:

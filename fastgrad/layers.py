@@ -17,7 +17,6 @@ from . import device as _device
 from . import ops
 
 _SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
-_NO_STATS = np.empty(0)        # running statistics of a layer that has none
 
 INITIALIZERS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros")
 
@@ -41,6 +40,15 @@ def _init_weights(name, n_in, n_out, rng):
     if name == "he_normal":
         return rng.normal(0.0, math.sqrt(2.0 / n_in), shape)
     return np.zeros(shape)
+
+
+def _toolkit(device):
+    """The block, norm and weight-norm kernel modules of ``device`` (twins)."""
+    if device == "cuda":
+        from .kernels.cuda import blocks, norm, wnorm
+    else:
+        from .kernels.cpu import blocks, norm, wnorm
+    return blocks, norm, wnorm
 
 
 def _dropout_args(seed, layer, counter, p):
@@ -144,17 +152,19 @@ class Dense:
             end += 2 * n
         if self.weight_norm:
             n = self.n_out
+            dev = _device.device_of(params)
+            xp = _device.array_module(dev)
             self.v, self.dv = self.W, self.dW
             self.g, self.dg = params[end:end + n], grads[end:end + n]
             # The effective weight and its gradient: scratch, not parameters.
-            self.W, self.dW = np.empty_like(self.v), np.empty_like(self.v)
-            self._inv_norm = np.empty(n)
+            self.W, self.dW = xp.empty_like(self.v), xp.empty_like(self.v)
+            self._inv_norm = xp.empty(n)
+            self._wnorm = _toolkit(dev)[2]
             end += n
         return end
 
     def _weight_norm_forward(self):
-        from .kernels.cpu import wnorm
-        wnorm.weight_norm_forward(self.v, self.g, self.W, self._inv_norm)
+        self._wnorm.weight_norm_forward(self.v, self.g, self.W, self._inv_norm)
 
     def __repr__(self):
         extra = f", dropout={self.dropout!r}" if self.dropout else ""
@@ -274,8 +284,8 @@ class Sequential:
         # Batch-norm running statistics: model state outside the parameters
         # (no gradient, not updated by the optimizer), one pair per layer.
         width = sum(layer.n_out for layer in layers)
-        self.running_mean = np.zeros(width, np.float64)
-        self.running_var = np.ones(width, np.float64)
+        self.running_mean = xp.zeros(width, np.float64)
+        self.running_var = xp.ones(width, np.float64)
         off = 0
         for layer in layers:
             if layer.norm == "batch":
@@ -290,8 +300,6 @@ class Sequential:
             # A seed the masks cannot be derived from (None, a SeedSequence):
             # draw one from the generator that seeded the weights.
             self._mask_seed = int(rng.integers(0, 2 ** 63))
-        if self.extended and self.device == "cuda":
-            raise NotImplementedError("dropout and residual blocks run on the CPU only so far")
 
     # -- modes -----------------------------------------------------------------
     @property
@@ -359,7 +367,7 @@ class Sequential:
         which keep ``z`` (gelu), ``f(z)`` (residual blocks) and ``xhat``
         (normalised layers) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
-        from .kernels.cpu import blocks, norm
+        blocks, norm, _ = _toolkit(self.device)
         k, xp = self._kernels(), self._xp
         drop_on = counter is not None
         B = x.shape[0]
@@ -377,15 +385,16 @@ class Sequential:
                 xhat = xp.empty_like(a)
                 ns = B if layer.norm == "layer" else layer.n_out
                 mean, rstd = xp.empty(ns, self.dtype), xp.empty(ns, self.dtype)
+                acc = xp.empty(2 * layer.n_out)
                 drop = drop_on and layer.dropout > 0
                 key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
                                                    layer.dropout if drop else 0.0)
                 batch = layer.norm == "batch"
-                rm = layer.running_mean if batch else _NO_STATS
-                rv = layer.running_var if batch else _NO_STATS
-                np.dot(h, layer.W, a)
+                rm = layer.running_mean if batch else acc[:0]
+                rv = layer.running_var if batch else acc[:0]
+                xp.dot(h, layer.W, out=a)
                 norm.norm_forward_epilogue(a, layer.b, h, xhat, fz, layer.gamma, layer.beta,
-                                           mean, rstd, np.empty(2 * layer.n_out), rm, rv,
+                                           mean, rstd, acc, rm, rv,
                                            norm.KINDS[layer.norm], drop_on, layer.code,
                                            layer.alpha, drop, key, thresh, scale, layer.residual)
                 entry = (h, None, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
@@ -455,7 +464,7 @@ class Sequential:
         return da if input_grad else None
 
     def _backward_extended(self, da, accumulate, input_grad):
-        from .kernels.cpu import blocks, norm
+        blocks, norm, wnorm = _toolkit(self.device)
         k, xp = self._kernels(), self._xp
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]
@@ -470,16 +479,16 @@ class Sequential:
             elif layer.norm:
                 drop, key, thresh, scale, xhat, rstd, batch_stats = drop_args
                 dz = xp.empty_like(da) if layer.residual else da
-                r1, r2 = np.empty(da.shape[0]), np.empty(da.shape[0])
+                r1, r2 = xp.empty(da.shape[0]), xp.empty(da.shape[0])
                 dg, dbt = ((xp.empty_like(layer.gamma), xp.empty_like(layer.beta)) if accumulate
                            else (layer.dgamma, layer.dbeta))
                 norm.norm_backward_epilogue(da, fz, xhat, layer.gamma, layer.beta, rstd, dz, db,
                                             dg, dbt, r1, r2, norm.KINDS[layer.norm], batch_stats,
                                             layer.code, layer.alpha, drop, key, thresh, scale,
                                             layer.residual)
-                np.dot(h.T, dz, dW)
+                xp.dot(h.T, dz, out=dW)
                 if need_dx:
-                    np.dot(dz, layer.W.T, dx)
+                    xp.dot(dz, layer.W.T, out=dx)
                     if layer.residual:
                         dx += da
                 if accumulate:
@@ -493,7 +502,6 @@ class Sequential:
                                       layer.alpha, drop, key, thresh, scale, layer.residual,
                                       need_dx)
             if layer.weight_norm:
-                from .kernels.cpu import wnorm
                 dv, dg = ((xp.empty_like(layer.v), xp.empty_like(layer.g)) if accumulate
                           else (layer.dv, layer.dg))
                 wnorm.weight_norm_backward(layer.v, layer.g, layer._inv_norm, dW, dv, dg)

@@ -53,6 +53,11 @@ class TrainStep:
         # Models with dropout or residual blocks get their own compiled step:
         # plain models never compile (nor pay for) the block code.
         self._blocks = model.extended
+        # A CUDA model with toolkit layers runs the layer path (forward, loss,
+        # backward, update: the same twin kernels, launched one by one; the
+        # loss is read back each step).  A fused CUDA step for them is not
+        # written yet.
+        self._composed = self._blocks and model.device == "cuda"
         if model.device == "cuda":
             # One Python function issuing the step's launches on the current
             # stream (no host sync inside); see kernels/cuda/step.py.
@@ -66,7 +71,7 @@ class TrainStep:
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(int(c) in NEEDS_Z for c in self._codes)
-        if self._blocks:
+        if self._blocks and not self._composed:
             self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
             self._no_drops = np.zeros_like(self._drops)
             self._residual = np.asarray([int(layer.residual) for layer in model.layers], np.int64)
@@ -136,7 +141,19 @@ class TrainStep:
                     model._next_dropout_step(), True)
         return self._no_drops, self._residual, self._norms, model._mask_seed, 0, False
 
+    def _composed_step(self, x, y, update):
+        # model.forward is the training forward in train mode (dropout, batch
+        # statistics) and the eval forward in eval mode, as the fused step.
+        out = self.model.forward(x)
+        loss, grad = self.loss_fn(out, self.model._xp.asarray(y))
+        self.model.backward(grad, input_grad=False)
+        if update:
+            self.stats = self.opt.step()
+        return float(loss)
+
     def __call__(self, x, y):
+        if self._composed:
+            return self._composed_step(x, y, True)
         model = self.model
         x = model._input(x)
         B = x.shape[0]
@@ -168,6 +185,8 @@ class TrainStep:
     def gradients(self, x, y):
         """Forward + loss + backward only (no update): fills ``model.grads``
         and returns the loss.  Useful for checks and data-parallel training."""
+        if self._composed:
+            return self._composed_step(x, y, False)
         x = self.model._input(x)
         labels, target = self._targets(y, x.shape[0])
         if self._blocks:

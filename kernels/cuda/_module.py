@@ -3,11 +3,12 @@
 Each ``*.cu`` file becomes one ``cupy.RawModule``, built on first use (once
 per process and device) from the file's text read through
 ``importlib.resources`` (the wheel ships the sources as package data).
-``#include "common.cuh"`` is pasted in by text, because NVRTC cannot read
-include files from a package reliably (zip installs) and cannot include
-system headers at all.  CuPy caches the compiled binaries on disk
-(``~/.cupy/kernel_cache``, keyed by source, options and architecture), so
-only the first process after an install or upgrade pays for NVRTC.
+Local includes (``#include "common.cuh"``, ``"blocks.cuh"``, ...) are pasted
+in by text, once each, because NVRTC cannot read include files from a
+package reliably (zip installs) and cannot include system headers at all.
+CuPy caches the compiled binaries on disk (``~/.cupy/kernel_cache``, keyed
+by source, options and architecture), so only the first process after an
+install or upgrade pays for NVRTC.
 
 Templates are instantiated by ``name_expressions`` (``"fg_update<float, 1>"``),
 listed below per file.  Options: ``--std=c++17`` and ``--fmad=false`` (a*b+c
@@ -41,7 +42,23 @@ def _names():
     reduce_.append("fg_seg_sumsq_final<double>")
     optim.append("fg_clip_control<double>")
     return {"activations.cu": acts, "losses.cu": losses, "reduce.cu": reduce_,
-            "optim.cu": optim}
+            "optim.cu": optim, **_toolkit_names()}
+
+
+def _toolkit_names():
+    """name_expressions of the explosion-toolkit sources (blocks, norm, wnorm)."""
+    blocks, norm, wnorm = [], [], []
+    for t in _DTYPES.values():
+        for a in range(N_ACTIVATIONS):
+            blocks += [f"fg_block_fwd<{t}, {a}>", f"fg_block_grad<{t}, {a}>"]
+            norm += [f"fg_norm_fwd<{t}, {a}>", f"fg_norm_grad_unit<{t}, {a}>"]
+        blocks += [f"fg_dropout_mask<{t}>", f"fg_colsum_cast<{t}>"]
+        norm += [f"fg_{k}<{t}>" for k in ("layer_stats", "batch_stats_partial", "batch_stats",
+                                          "batch_eval_stats", "layer_grad_rows",
+                                          "norm_grad_input", "colsum_cast")]
+        wnorm += [f"fg_{k}<{t}>" for k in ("coldot_partial", "wn_dg", "wn_apply", "wn_grad")]
+    wnorm.append("fg_wn_inv_norm<double>")
+    return {"blocks.cu": blocks, "norm.cu": norm, "wnorm.cu": wnorm}
 
 
 NAMES = _names()
@@ -101,6 +118,10 @@ MAX_BLOCKS = 8192
 RED_THREADS = 256          # common.cuh fg::RED_THREADS
 GRAD_ROWS = 64             # activations.cu FG_GRAD_ROWS
 SUMSQ_CHUNK = 8192         # reduce.cu FG_SUMSQ_CHUNK
+# Column sums of the toolkit kernels (blocks.cuh): blocks of (32, 8)
+# threads, each over COL_ROWS rows of 32 columns.
+TILE = (32, 8)             # blocks.cuh fg::TILE_COLS, fg::TILE_ROWS
+COL_ROWS = 64              # blocks.cuh fg::COL_ROWS
 # Blocks of the elementwise losses' first reduction level: a function of n
 # only (never of the GPU), so the float64 loss is bitwise reproducible
 # across runs and devices.
@@ -113,9 +134,34 @@ def blocks(n, cap=MAX_BLOCKS):
     return int(max(1, min(cap, -(-int(n) // THREADS))))
 
 
+def cover(n):
+    """Blocks of THREADS giving each of ``n`` items its own thread (no cap:
+    for kernels that are not grid-stride, e.g. one thread a column)."""
+    return int(max(1, -(-int(n) // THREADS)))
+
+
 def i64(x):
     return np.int64(x)
 
 
 def f64(x):
     return np.float64(x)
+
+
+def u64(x):
+    """A 64-bit unsigned kernel argument (dropout keys and thresholds)."""
+    return np.uint64(x)
+
+
+def flag(x):
+    """A boolean kernel argument, passed as a C ``int``."""
+    return np.int32(1 if x else 0)
+
+
+def col_grid(rows, cols):
+    """(grid, block) of a column-sum pass over a (rows, cols) array
+    (blocks.cuh); at least one row block, which writes zeros for no rows."""
+    nblk = max(1, -(-int(rows) // COL_ROWS))
+    if nblk > 65535:                # CUDA's limit on gridDim.y
+        raise ValueError(f"column sums over {rows} rows: at most {65535 * COL_ROWS} supported")
+    return (-(-int(cols) // TILE[0]), nblk), TILE
