@@ -84,65 +84,103 @@ def dropout_mask(key, thresh, out):
 
 
 # --- the fused passes -------------------------------------------------------------
+#
+# Each pass walks the rows; per row, the activation loop and then the
+# dropout / residual loop run back to back while the row is in L1, so the
+# pass still reads and writes the array once.  Splitting them keeps the
+# compiled code small: the eight activation loops carry no dropout or
+# residual code, and the mask hash is compiled into one loop, not one per
+# activation (the block step's cold compile had grown from 24 s to 39 s
+# with both fused into every activation variant).
 
 @njit(**INLINE)
-def _fwd_loop(y, b, x, z, fz, alpha, f, drop, key, thresh, scale, residual, keep_z):
+def _act_row(y, b, z, i, alpha, f, keep_z):
     # keep_z is a constant at every call site (only gelu's derivative reads
     # z), so the store folds away for the other activations.
-    n = y.shape[1]
-    for i in range(y.shape[0]):
-        for j in range(n):
-            t = y[i, j] + b[j]
-            if keep_z:
-                z[i, j] = t
-            v = f(t, alpha)
-            if residual:
-                fz[i, j] = v
-            if drop:
-                v = v * like(v, scale) if _keep(key, i * n + j, thresh) else like(v, 0.0)
-            if residual:
-                v = v + x[i, j]
-            y[i, j] = v
+    for j in range(y.shape[1]):
+        t = y[i, j] + b[j]
+        if keep_z:
+            z[i, j] = t
+        y[i, j] = f(t, alpha)
 
 
 @njit(**INLINE)
-def _bwd_loop(da, fz, z, dz, db, alpha, df, drop, key, thresh, scale, unscale):
-    n = da.shape[1]
-    for j in range(n):
-        db[j] = 0
-    for i in range(da.shape[0]):
-        for j in range(n):
-            g = da[i, j]
-            if drop:
-                g = g * like(g, scale) if _keep(key, i * n + j, thresh) else like(g, 0.0)
-            f = fz[i, j] * like(g, unscale)
-            t = g * df(f, z[i, j], alpha)
-            dz[i, j] = t
-            db[j] += t
-
-
-@njit(**INLINE)
-def _fwd_ladder(y, b, x, z, fz, act, alpha, drop, key, thresh, s, residual):
-    # residual is a constant at both call sites: a runtime flag around the
-    # fz store compiled to AVX-512 masked stores, which on AMD Zen 4 take a
-    # microcode assist per store into never-written pages even when masked
-    # off (a 20x slower loop when fz was a fresh, untouched buffer).
+def _act_row_ladder(y, b, z, i, act, alpha):
     if act == A.IDENTITY:
-        _fwd_loop(y, b, x, z, fz, alpha, A.identity, drop, key, thresh, s, residual, False)
+        _act_row(y, b, z, i, alpha, A.identity, False)
     elif act == A.RELU:
-        _fwd_loop(y, b, x, z, fz, alpha, A.relu, drop, key, thresh, s, residual, False)
+        _act_row(y, b, z, i, alpha, A.relu, False)
     elif act == A.LEAKY_RELU:
-        _fwd_loop(y, b, x, z, fz, alpha, A.leaky_relu, drop, key, thresh, s, residual, False)
+        _act_row(y, b, z, i, alpha, A.leaky_relu, False)
     elif act == A.ELU:
-        _fwd_loop(y, b, x, z, fz, alpha, A.elu, drop, key, thresh, s, residual, False)
+        _act_row(y, b, z, i, alpha, A.elu, False)
     elif act == A.SIGMOID:
-        _fwd_loop(y, b, x, z, fz, alpha, A.sigmoid, drop, key, thresh, s, residual, False)
+        _act_row(y, b, z, i, alpha, A.sigmoid, False)
     elif act == A.TANH:
-        _fwd_loop(y, b, x, z, fz, alpha, A.tanh, drop, key, thresh, s, residual, False)
+        _act_row(y, b, z, i, alpha, A.tanh, False)
     elif act == A.SOFTPLUS:
-        _fwd_loop(y, b, x, z, fz, alpha, A.softplus, drop, key, thresh, s, residual, False)
+        _act_row(y, b, z, i, alpha, A.softplus, False)
     else:
-        _fwd_loop(y, b, x, z, fz, alpha, A.gelu, drop, key, thresh, s, residual, True)
+        _act_row(y, b, z, i, alpha, A.gelu, True)
+
+
+@njit(**INLINE)
+def _drop_add_row(y, x, fz, i, drop, key, thresh, scale, residual):
+    """Row i of y holds f: keep it in fz (residual), apply the mask, add the
+    skip.  ``residual`` must be a constant at the call site: a runtime flag
+    around the fz store compiled to AVX-512 masked stores, which on AMD Zen 4
+    take a microcode assist per store into never-written pages even when
+    masked off (20x slower when fz was a fresh, untouched buffer)."""
+    n = y.shape[1]
+    base = i * n
+    for j in range(n):
+        v = y[i, j]
+        if residual:
+            fz[i, j] = v
+        if drop:
+            v = v * like(v, scale) if _keep(key, base + j, thresh) else like(v, 0.0)
+        if residual:
+            v = v + x[i, j]
+        y[i, j] = v
+
+
+@njit(**INLINE)
+def _mask_row(g, i, key, thresh, scale):
+    # g[i] *= mask * scale: the forward's mask, regenerated
+    n = g.shape[1]
+    base = i * n
+    for j in range(n):
+        v = g[i, j]
+        g[i, j] = v * like(v, scale) if _keep(key, base + j, thresh) else like(v, 0.0)
+
+
+@njit(**INLINE)
+def _grad_row(dz, fz, z, db, i, alpha, df, unscale):
+    for j in range(dz.shape[1]):
+        g = dz[i, j]
+        t = g * df(fz[i, j] * like(g, unscale), z[i, j], alpha)
+        dz[i, j] = t
+        db[j] += t
+
+
+@njit(**INLINE)
+def _grad_row_ladder(dz, fz, z, db, i, act, alpha, u):
+    if act == A.IDENTITY:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_identity, u)
+    elif act == A.RELU:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_relu, u)
+    elif act == A.LEAKY_RELU:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_leaky_relu, u)
+    elif act == A.ELU:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_elu, u)
+    elif act == A.SIGMOID:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_sigmoid, u)
+    elif act == A.TANH:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_tanh, u)
+    elif act == A.SOFTPLUS:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_softplus, u)
+    else:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_gelu, u)
 
 
 @njit(**JIT)
@@ -152,10 +190,12 @@ def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale,
     for a residual block only), ``y = f * mask * scale`` when ``drop``,
     ``y += x`` when ``residual``.  ``z`` and ``fz`` must not be ``y``;
     ``x`` is read only for a residual block."""
-    if residual:
-        _fwd_ladder(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, True)
-    else:
-        _fwd_ladder(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, False)
+    for i in range(y.shape[0]):
+        _act_row_ladder(y, b, z, i, act, alpha)
+        if residual:
+            _drop_add_row(y, x, fz, i, drop, key, thresh, scale, True)
+        elif drop:
+            _drop_add_row(y, x, fz, i, True, key, thresh, scale, False)
 
 
 @njit(**JIT)
@@ -173,24 +213,13 @@ def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, sc
     # runtime alias check fails), as in activations.bias_act_grad.
     if dz.ctypes.data != da.ctypes.data:
         A._copy(da, dz)
-    s = scale
     u = 1.0 / scale if drop and not residual else 1.0
-    if act == A.IDENTITY:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_identity, drop, key, thresh, s, u)
-    elif act == A.RELU:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_relu, drop, key, thresh, s, u)
-    elif act == A.LEAKY_RELU:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_leaky_relu, drop, key, thresh, s, u)
-    elif act == A.ELU:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_elu, drop, key, thresh, s, u)
-    elif act == A.SIGMOID:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_sigmoid, drop, key, thresh, s, u)
-    elif act == A.TANH:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_tanh, drop, key, thresh, s, u)
-    elif act == A.SOFTPLUS:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_softplus, drop, key, thresh, s, u)
-    else:
-        _bwd_loop(dz, fz, z, dz, db, alpha, A.d_gelu, drop, key, thresh, s, u)
+    for j in range(dz.shape[1]):
+        db[j] = 0
+    for i in range(dz.shape[0]):
+        if drop:
+            _mask_row(dz, i, key, thresh, scale)
+        _grad_row_ladder(dz, fz, z, db, i, act, alpha, u)
 
 
 @njit(**INLINE)

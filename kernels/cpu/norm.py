@@ -9,8 +9,9 @@ forward, after the GEMM ``y = x @ W``:
           in float64, shifted by the first value of each column / row so
           that the one-pass variance does not cancel catastrophically;
   pass B: row by row, ``xhat = (y - mean) * rstd`` (kept), then
-          ``u = gamma xhat + beta``, ``f = act(u)``, dropout, residual, over
-          the same row while it is in L1 -- one pass over memory.
+          ``u = gamma xhat + beta``, ``f = act(u)``, then dropout and the
+          residual add, over the same row while it is in L1 -- one pass
+          over memory (the split keeps the compiled code small: blocks).
 backward:
   pass 1: ``du = da * mask * scale * f'(f, u)``, summing dgamma, dbeta and
           the per-row sums layer norm needs;
@@ -35,7 +36,7 @@ from numba import njit
 
 from . import activations as A
 from ._jit import INLINE, JIT
-from .blocks import _keep
+from .blocks import _drop_add_row, _mask_row
 from .mathfn import like
 
 NO_NORM, LAYER, BATCH = 0, 1, 2
@@ -97,29 +98,42 @@ def _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum
 
 
 @njit(**INLINE)
-def _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, per_row, alpha, f, drop, key, thresh,
-               scale, residual):
-    B, n = y.shape
-    for i in range(B):
-        # Normalise the row first (two plain loops, so the per-row /
-        # per-column choice is not a branch inside the vectorised loop) ...
-        if per_row:
-            m, r = mean[i], rstd[i]
-            for j in range(n):
-                xhat[i, j] = (y[i, j] - m) * r
-        else:
-            for j in range(n):
-                xhat[i, j] = (y[i, j] - mean[j]) * rstd[j]
-        # ... then affine, activation, dropout and residual over the same row.
+def _normalise_row(y, xhat, mean, rstd, i, per_row):
+    # The per-row / per-column choice is made per row, outside the loops.
+    n = y.shape[1]
+    if per_row:
+        m, r = mean[i], rstd[i]
         for j in range(n):
-            v = f(gamma[j] * xhat[i, j] + beta[j], alpha)
-            if residual:
-                fz[i, j] = v
-            if drop:
-                v = v * like(v, scale) if _keep(key, i * n + j, thresh) else like(v, 0.0)
-            if residual:
-                v = v + x[i, j]
-            y[i, j] = v
+            xhat[i, j] = (y[i, j] - m) * r
+    else:
+        for j in range(n):
+            xhat[i, j] = (y[i, j] - mean[j]) * rstd[j]
+
+
+@njit(**INLINE)
+def _affine_act_row(y, xhat, gamma, beta, i, alpha, f):
+    for j in range(y.shape[1]):
+        y[i, j] = f(gamma[j] * xhat[i, j] + beta[j], alpha)
+
+
+@njit(**INLINE)
+def _affine_act_ladder(y, xhat, gamma, beta, i, act, alpha):
+    if act == A.IDENTITY:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.identity)
+    elif act == A.RELU:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.relu)
+    elif act == A.LEAKY_RELU:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.leaky_relu)
+    elif act == A.ELU:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.elu)
+    elif act == A.SIGMOID:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.sigmoid)
+    elif act == A.TANH:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.tanh)
+    elif act == A.SOFTPLUS:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.softplus)
+    else:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.gelu)
 
 
 @njit(**JIT)
@@ -136,63 +150,48 @@ def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_m
     """
     _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, MOMENTUM, EPS)
     pr = kind == LAYER
-    # residual as a constant: see blocks._fwd_ladder
-    if residual:
-        _norm_ladder(y, x, xhat, fz, gamma, beta, mean, rstd, pr, act, alpha, drop, key, thresh,
-                     scale, True)
-    else:
-        _norm_ladder(y, x, xhat, fz, gamma, beta, mean, rstd, pr, act, alpha, drop, key, thresh,
-                     scale, False)
+    # Pass B row by row: normalise, affine + activation, then dropout and
+    # the skip (blocks._drop_add_row, residual a constant there).
+    for i in range(y.shape[0]):
+        _normalise_row(y, xhat, mean, rstd, i, pr)
+        _affine_act_ladder(y, xhat, gamma, beta, i, act, alpha)
+        if residual:
+            _drop_add_row(y, x, fz, i, drop, key, thresh, scale, True)
+        elif drop:
+            _drop_add_row(y, x, fz, i, True, key, thresh, scale, False)
 
 
 @njit(**INLINE)
-def _norm_ladder(y, x, xhat, fz, gamma, beta, mean, rstd, pr, act, alpha, drop, key, thresh,
-                 scale, res):
+def _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, df, unscale):
+    for j in range(dz.shape[1]):
+        g = dz[i, j]
+        xh = xhat[i, j]
+        # u is only read by gelu's derivative (dead code for the others)
+        u = gamma[j] * xh + beta[j]
+        t = g * df(fz[i, j] * like(g, unscale), u, alpha)
+        dz[i, j] = t
+        dgamma[j] += t * xh
+        dbeta[j] += t
+
+
+@njit(**INLINE)
+def _du_row_ladder(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, act, alpha, us):
     if act == A.IDENTITY:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.identity, drop, key,
-                   thresh, scale, res)
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_identity, us)
     elif act == A.RELU:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.relu, drop, key,
-                   thresh, scale, res)
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_relu, us)
     elif act == A.LEAKY_RELU:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.leaky_relu, drop,
-                   key, thresh, scale, res)
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_leaky_relu, us)
     elif act == A.ELU:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.elu, drop, key,
-                   thresh, scale, res)
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_elu, us)
     elif act == A.SIGMOID:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.sigmoid, drop, key,
-                   thresh, scale, res)
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_sigmoid, us)
     elif act == A.TANH:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.tanh, drop, key,
-                   thresh, scale, res)
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_tanh, us)
     elif act == A.SOFTPLUS:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.softplus, drop, key,
-                   thresh, scale, res)
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_softplus, us)
     else:
-        _norm_loop(y, x, xhat, fz, gamma, beta, mean, rstd, pr, alpha, A.gelu, drop, key,
-                   thresh, scale, res)
-
-
-@njit(**INLINE)
-def _du_loop(da, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, df, drop, key, thresh,
-             scale, unscale):
-    B, n = da.shape
-    for j in range(n):
-        dgamma[j] = 0
-        dbeta[j] = 0
-    for i in range(B):
-        for j in range(n):
-            g = da[i, j]
-            if drop:
-                g = g * like(g, scale) if _keep(key, i * n + j, thresh) else like(g, 0.0)
-            xh = xhat[i, j]
-            # u is only read by gelu's derivative (dead code for the others)
-            u = gamma[j] * xh + beta[j]
-            t = g * df(fz[i, j] * like(g, unscale), u, alpha)
-            dz[i, j] = t
-            dgamma[j] += t * xh
-            dbeta[j] += t
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_gelu, us)
 
 
 @njit(**JIT)
@@ -204,32 +203,14 @@ def norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbet
     scratch of length B.  ``dz`` may be ``da`` unless the block is residual."""
     if dz.ctypes.data != da.ctypes.data:
         A._copy(da, dz)          # then in place on dz: see blocks
-    s = scale
     us = 1.0 / scale if drop and not residual else 1.0
-    if act == A.IDENTITY:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_identity, drop,
-                 key, thresh, s, us)
-    elif act == A.RELU:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_relu, drop,
-                 key, thresh, s, us)
-    elif act == A.LEAKY_RELU:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_leaky_relu,
-                 drop, key, thresh, s, us)
-    elif act == A.ELU:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_elu, drop,
-                 key, thresh, s, us)
-    elif act == A.SIGMOID:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_sigmoid, drop,
-                 key, thresh, s, us)
-    elif act == A.TANH:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_tanh, drop,
-                 key, thresh, s, us)
-    elif act == A.SOFTPLUS:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_softplus, drop,
-                 key, thresh, s, us)
-    else:
-        _du_loop(dz, fz, xhat, gamma, beta, dz, dgamma, dbeta, alpha, A.d_gelu, drop,
-                 key, thresh, s, us)
+    for j in range(dz.shape[1]):
+        dgamma[j] = 0
+        dbeta[j] = 0
+    for i in range(dz.shape[0]):
+        if drop:
+            _mask_row(dz, i, key, thresh, scale)
+        _du_row_ladder(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, act, alpha, us)
     _dnorm(dz, xhat, gamma, rstd, db, dgamma, dbeta, r1, r2, kind, batch_stats)
 
 
