@@ -89,6 +89,26 @@ def device(request):
 
 
 @pytest.fixture
+def cp():
+    """CuPy, for tests that need a GPU (skipped without one)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:                      # no driver
+        pytest.skip(f"no usable CUDA driver: {exc}")
+    if n < 1:
+        pytest.skip("no NVIDIA GPU visible")
+    return cupy
+
+
+@pytest.fixture
+def kc(cp):
+    """fastgrad.kernels.cuda (needs ``cp``)."""
+    import fastgrad.kernels.cuda as kcuda
+    return kcuda
+
+
+@pytest.fixture
 def xp(device):
     """The array module of ``device`` (numpy or cupy)."""
     return fg_device.array_module(device)

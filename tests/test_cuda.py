@@ -36,24 +36,6 @@ def _ids(values):
     return [np.dtype(v).name if isinstance(v, type) else str(v) for v in values]
 
 
-@pytest.fixture
-def cp():
-    cupy = pytest.importorskip("cupy")
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:                      # no driver
-        pytest.skip(f"no usable CUDA driver: {exc}")
-    if n < 1:
-        pytest.skip("no NVIDIA GPU visible")
-    return cupy
-
-
-@pytest.fixture
-def kc(cp):
-    import fastgrad.kernels.cuda as kcuda
-    return kcuda
-
-
 # --- compile check (no GPU needed) ---------------------------------------------
 
 def _cu_files():

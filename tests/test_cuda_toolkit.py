@@ -36,24 +36,6 @@ def _ids(values):
             "x".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in values]
 
 
-@pytest.fixture
-def cp():
-    cupy = pytest.importorskip("cupy")
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:                      # no driver
-        pytest.skip(f"no usable CUDA driver: {exc}")
-    if n < 1:
-        pytest.skip("no NVIDIA GPU visible")
-    return cupy
-
-
-@pytest.fixture
-def kc(cp):
-    import fastgrad.kernels.cuda as kcuda
-    return kcuda
-
-
 def _dropout(rng, drop):
     """(key, thresh, scale) of a random (seed, layer, counter), p = P_DROP
     when ``drop`` (the key is a real one either way: unused without drop)."""

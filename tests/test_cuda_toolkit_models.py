@@ -28,18 +28,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture
-def cp():
-    cupy = pytest.importorskip("cupy")
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:                      # no driver
-        pytest.skip(f"no usable CUDA driver: {exc}")
-    if n < 1:
-        pytest.skip("no NVIDIA GPU visible")
-    return cupy
-
-
 def _pair(variant, act, dtype="float32", sizes=(12, 24, 24, 24, 5)):
     kw = VARIANTS[variant]
     return tuple(fg.MLP(list(sizes), activation=act, dtype=dtype, device=dev, seed=3, **kw)
