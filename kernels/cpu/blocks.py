@@ -145,13 +145,27 @@ def _drop_add_row(y, x, fz, i, drop, key, thresh, scale, residual):
 
 
 @njit(**INLINE)
-def _mask_row(g, i, key, thresh, scale):
-    # g[i] *= mask * scale: the forward's mask, regenerated
-    n = g.shape[1]
+def _load_row(src, dst, i, drop, key, thresh, scale):
+    # dst[i] = src[i] (* mask * scale: the forward's mask, regenerated)
+    n = src.shape[1]
     base = i * n
     for j in range(n):
-        v = g[i, j]
-        g[i, j] = v * like(v, scale) if _keep(key, base + j, thresh) else like(v, 0.0)
+        v = src[i, j]
+        if drop:
+            v = v * like(v, scale) if _keep(key, base + j, thresh) else like(v, 0.0)
+        dst[i, j] = v
+
+
+@njit(**INLINE)
+def _grad_rows_in(da, dz, i, drop, key, thresh, scale):
+    """Row i of the incoming gradient, masked, into dz, which the activation
+    loop then updates in place.  A loop reading da and writing dz does not
+    vectorise when they are the same array (LLVM's runtime alias check
+    fails), so the in-place case passes dz alone."""
+    if dz.ctypes.data != da.ctypes.data:
+        _load_row(da, dz, i, drop, key, thresh, scale)
+    elif drop:
+        _load_row(dz, dz, i, True, key, thresh, scale)
 
 
 @njit(**INLINE)
@@ -208,17 +222,11 @@ def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, sc
     block, otherwise the block's output ``y`` (``f`` divided by ``1 - p``
     where dropout kept the unit; see the module notes).  ``dz`` must not be
     ``da`` when the block is residual: the skip gradient still needs ``da``."""
-    # In place on dz (copied from da first when separate): a loop reading
-    # da and writing dz does not vectorise when they are the same array (the
-    # runtime alias check fails), as in activations.bias_act_grad.
-    if dz.ctypes.data != da.ctypes.data:
-        A._copy(da, dz)
     u = 1.0 / scale if drop and not residual else 1.0
     for j in range(dz.shape[1]):
         db[j] = 0
     for i in range(dz.shape[0]):
-        if drop:
-            _mask_row(dz, i, key, thresh, scale)
+        _grad_rows_in(da, dz, i, drop, key, thresh, scale)
         _grad_row_ladder(dz, fz, z, db, i, act, alpha, u)
 
 

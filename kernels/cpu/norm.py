@@ -36,7 +36,7 @@ from numba import njit
 
 from . import activations as A
 from ._jit import INLINE, JIT
-from .blocks import _drop_add_row, _mask_row
+from .blocks import _drop_add_row, _grad_rows_in
 from .mathfn import like
 
 NO_NORM, LAYER, BATCH = 0, 1, 2
@@ -211,15 +211,12 @@ def norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbet
     dgamma, dbeta.  ``fz``: as in ``blocks.block_backward_epilogue`` (the
     forward's output ``y`` unless residual).  ``r1``, ``r2``: float64
     scratch of length B.  ``dz`` may be ``da`` unless the block is residual."""
-    if dz.ctypes.data != da.ctypes.data:
-        A._copy(da, dz)          # then in place on dz: see blocks
     us = 1.0 / scale if drop and not residual else 1.0
     for j in range(dz.shape[1]):
         dgamma[j] = 0
         dbeta[j] = 0
     for i in range(dz.shape[0]):
-        if drop:
-            _mask_row(dz, i, key, thresh, scale)
+        _grad_rows_in(da, dz, i, drop, key, thresh, scale)
         _du_row_ladder(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, act, alpha, us)
     _dnorm(dz, xhat, gamma, rstd, db, dgamma, dbeta, r1, r2, kind, batch_stats)
 
