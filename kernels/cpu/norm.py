@@ -4,11 +4,11 @@ A normalised layer is ``nn.Sequential(nn.Linear, norm, act)`` (then dropout
 and the residual add, as in ``blocks``):
 
 forward, after the GEMM ``y = x @ W``:
-  pass A: ``y += b`` and, in the same pass, the statistics the norm needs
-          (per column for batch norm in training, per row for layer norm),
-          in float64, shifted by the first value of each column / row so
-          that the one-pass variance does not cancel catastrophically;
-  pass B: row by row, ``xhat = (y - mean) * rstd`` (kept), then
+  pass A: the statistics of ``t = y + b`` the norm needs (per column for
+          batch norm in training, per row for layer norm; none in eval),
+          reading y only, in float64, shifted by the first value of each
+          column / row so that the one-pass variance does not cancel;
+  pass B: row by row, ``xhat = (y + b - mean) * rstd`` (kept), then
           ``u = gamma xhat + beta``, ``f = act(u)``, then dropout and the
           residual add, over the same row while it is in L1 -- one pass
           over memory (the split keeps the compiled code small: blocks).
@@ -47,9 +47,10 @@ _ROWS = 16          # rows summed in the dtype before the float64 batch sums
 
 
 @njit(**INLINE)
-def _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum, eps):
-    """Pass A: y += b with the statistics of the normalisation (``acc``:
-    float64 scratch for batch norm's column sums)."""
+def _stats(y, b, xhat, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum, eps):
+    """Pass A: the statistics of ``t = y + b`` (read only: pass B adds b
+    again, the same rounding).  ``acc``: float64 scratch for batch norm's
+    column sums; row 0 of ``xhat`` holds batch norm's shift until pass B."""
     B, n = y.shape
     if kind == LAYER:
         for i in range(B):
@@ -57,9 +58,7 @@ def _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum
             s = 0.0
             s2 = 0.0
             for j in range(n):
-                t = y[i, j] + b[j]
-                y[i, j] = t
-                d = t - k
+                d = (y[i, j] + b[j]) - k
                 s += d
                 s2 += d * d
             m = s / n
@@ -71,9 +70,10 @@ def _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum
         # the shifted values and of their squares.  Blocks of _ROWS rows are
         # summed first in the dtype, in mean/rstd (free until the end): the
         # inner loop then runs at the dtype's SIMD width without conversions.
+        k = xhat[0]
         s1, s2 = acc[:n], acc[n:2 * n]
         for j in range(n):
-            y[0, j] += b[j]
+            k[j] = y[0, j] + b[j]
             s1[j] = 0.0
             s2[j] = 0.0
         for i0 in range(1, B, _ROWS):
@@ -82,9 +82,7 @@ def _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum
                 rstd[j] = 0
             for i in range(i0, min(i0 + _ROWS, B)):
                 for j in range(n):
-                    t = y[i, j] + b[j]
-                    y[i, j] = t
-                    d = t - y[0, j]
+                    d = (y[i, j] + b[j]) - k[j]
                     mean[j] += d
                     rstd[j] += d * d
             for j in range(n):
@@ -93,31 +91,28 @@ def _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, momentum
         for j in range(n):
             m = s1[j] / B
             var = max(s2[j] / B - m * m, 0.0)
-            mu = np.float64(y[0, j]) + m
+            mu = np.float64(k[j]) + m
             mean[j] = mu
             rstd[j] = 1.0 / math.sqrt(var + eps)
             run_mean[j] = (1.0 - momentum) * run_mean[j] + momentum * mu
             run_var[j] = (1.0 - momentum) * run_var[j] + momentum * (var * B / (B - 1))
     else:
-        for i in range(B):
-            for j in range(n):
-                y[i, j] += b[j]
         for j in range(n):
             mean[j] = run_mean[j]
             rstd[j] = 1.0 / math.sqrt(run_var[j] + eps)
 
 
 @njit(**INLINE)
-def _normalise_row(y, xhat, mean, rstd, i, per_row):
+def _normalise_row(y, b, xhat, mean, rstd, i, per_row):
     # The per-row / per-column choice is made per row, outside the loops.
     n = y.shape[1]
     if per_row:
         m, r = mean[i], rstd[i]
         for j in range(n):
-            xhat[i, j] = (y[i, j] - m) * r
+            xhat[i, j] = ((y[i, j] + b[j]) - m) * r
     else:
         for j in range(n):
-            xhat[i, j] = (y[i, j] - mean[j]) * rstd[j]
+            xhat[i, j] = ((y[i, j] + b[j]) - mean[j]) * rstd[j]
 
 
 @njit(**INLINE)
@@ -158,12 +153,12 @@ def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_m
     this batch; False: with ``run_mean``/``run_var``.  ``fz`` receives
     ``f(u)`` for a residual block only.
     """
-    _stats(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, MOMENTUM, EPS)
+    _stats(y, b, xhat, mean, rstd, acc, run_mean, run_var, kind, batch_stats, MOMENTUM, EPS)
     pr = kind == LAYER
     # Pass B row by row: normalise, affine + activation, then dropout and
     # the skip (blocks._drop_add_row, residual a constant there).
     for i in range(y.shape[0]):
-        _normalise_row(y, xhat, mean, rstd, i, pr)
+        _normalise_row(y, b, xhat, mean, rstd, i, pr)
         _affine_act_ladder(y, xhat, gamma, beta, i, act, alpha)
         if residual:
             _drop_add_row(y, x, fz, i, drop, key, thresh, scale, True)
