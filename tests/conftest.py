@@ -17,8 +17,13 @@ import zlib
 import numpy as np
 import pytest
 
-import fastgrad
-from fastgrad import device as fg_device
+# Tests that do not name a device test the CPU; device-parametrized tests
+# name theirs.  Without this, "auto" would build CUDA models in CPU-only
+# tests on a GPU machine.  An explicit FASTGRAD_DEVICE still wins.
+os.environ.setdefault("FASTGRAD_DEVICE", "cpu")
+
+import fastgrad  # noqa: E402
+from fastgrad import device as fg_device  # noqa: E402
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu")
 LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")

@@ -342,7 +342,15 @@ def test_forward_backward_matches_cpu(cp, rng, act, loss):
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", RULES)
 def test_train_steps_match_cpu(cp, rng, rule):
-    """50 whole steps per rule (float32), CPU and GPU from the same start."""
+    """50 whole steps per rule (float32), CPU and GPU from the same start.
+
+    The devices' float32 tanh differ by ~1e-7 relative (a polynomial on the
+    CPU, CUDA's libm on the GPU), so the runs drift apart by rounding.  Every
+    rule stays within 1e-5 except centered RMSprop with momentum, which
+    amplifies the drift past 1e-5 after 10-20 steps (seen on the host
+    emulator for 3 seeds in 5; the update itself is bitwise equal given equal
+    inputs, test_clipped_update_matches_cpu): 1e-4 for it."""
+    tol = 1e-4 if rule == "rmsprop" else None
     from fastgrad.kernels.cuda import step as kstep
     dtype = np.float32
     loss = cpu_step.CROSS_ENTROPY
@@ -365,10 +373,10 @@ def test_train_steps_match_cpu(cp, rng, rule):
         out_g = kstep.train_step(xg, lg, tg, loss, pg, gg, sizes, codes, alphas, offsets,
                                  ag, zg, dg, rc, *sg, hp, lsq, opt._clip_norm, opt._clip_value,
                                  ws=ws)
-        assert_close(float(out_g[0]), out_c[0], dtype, what=f"loss at step {t}")
-        assert_close(float(out_g[1]), out_c[1], dtype, what=f"norm at step {t}")
+        assert_close(float(out_g[0]), out_c[0], dtype, rtol=tol, what=f"loss at step {t}")
+        assert_close(float(out_g[1]), out_c[1], dtype, rtol=tol, what=f"norm at step {t}")
         assert bool(out_g[3]) == bool(out_c[3])
-    assert_close(pg, params, dtype, what=f"{rule} params after 50 steps")
+    assert_close(pg, params, dtype, rtol=tol, what=f"{rule} params after 50 steps")
 
 
 @pytest.mark.cuda
