@@ -104,9 +104,14 @@ def as_labels(labels, n_rows, n_classes, xp=np):
             raise TypeError(f"labels: expected integer class indices, got dtype {lab.dtype}")
     if lab.ndim != 1 or lab.shape[0] != n_rows:
         raise ValueError(f"labels: expected shape ({n_rows},), got {tuple(lab.shape)}")
-    if lab.size and (int(lab.min()) < 0 or int(lab.max()) >= n_classes):
-        raise ValueError(f"labels: class indices must lie in [0, {n_classes}), "
-                         f"got min {int(lab.min())}, max {int(lab.max())}")
+    if lab.size:
+        if xp is np:
+            lo, hi = int(lab.min()), int(lab.max())
+        else:   # one device-to-host read for both bounds, not two
+            lo, hi = (int(v) for v in _device.to_numpy(xp.stack([lab.min(), lab.max()])))
+        if lo < 0 or hi >= n_classes:
+            raise ValueError(f"labels: class indices must lie in [0, {n_classes}), "
+                             f"got min {lo}, max {hi}")
     return xp.ascontiguousarray(lab, dtype=np.int64)
 
 

@@ -341,8 +341,14 @@ class Optimizer:
         """Book-keep one kernel call; returns its :class:`StepStats`.
 
         On CUDA the kernel's outputs are device scalars; reading them here is
-        the step's one device-to-host synchronisation (the step count and
-        the next update's bias corrections depend on the skip decision)."""
+        the step's device-to-host synchronisation (the step count and the
+        next update's bias corrections depend on the skip decision), one
+        read for the three scalars and the per-layer norms together."""
+        if self.device != "cpu":
+            xp = _device.array_module(self.device)
+            host = _device.to_numpy(xp.concatenate([xp.stack([norm, scale, skipped]),
+                                                    layer_sq]))
+            norm, scale, skipped, layer_sq = host[0], host[1], host[2], host[3:]
         skipped = bool(skipped)
         norm, scale = float(norm), float(scale)
         self.n_calls += 1
@@ -353,8 +359,7 @@ class Optimizer:
         stats = StepStats(step=self.step_count, lr=self._lr_now, grad_norm=float(norm),
                           clip_scale=float(scale), clipped=(not skipped) and scale < 1.0,
                           skipped=skipped,
-                          layer_norms=np.sqrt(layer_sq if self.device == "cpu"
-                                              else _device.to_numpy(layer_sq)))
+                          layer_norms=np.sqrt(layer_sq))
         self.last_stats = stats
         if skipped and not self.skip_nonfinite:
             raise NonFiniteGradientError(
