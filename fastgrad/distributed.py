@@ -367,7 +367,9 @@ class DataParallel:
             self.opt.grads[...] = 0       # contributes nothing to the sum
             loss = 0.0
         else:
-            loss = self.train_step.gradients(x, y)
+            # A float: the loss takes part in an MPI reduction (on CUDA this
+            # read waits for the device; the gradient path does not).
+            loss = float(self.train_step.gradients(x, y))
         weight = self._weight(n, global_batch)
         req = None
         if self.global_loss and self.world > 1:

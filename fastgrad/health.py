@@ -81,7 +81,9 @@ class GradientMonitor:
 
     def record(self, stats):
         """Add one :class:`~fastgrad.optim.StepStats`; returns the list of
-        :class:`HealthEvent` it raised (empty when healthy)."""
+        :class:`HealthEvent` it raised (empty when healthy).  On CUDA this
+        reads the stats, so it waits for that step: record every k-th step,
+        or the stats of steps that are ``ready``, to keep the GPU fed."""
         i = len(self.grad_norms)
         norm = float(stats.grad_norm)
         layers = np.asarray(stats.layer_norms, np.float64).copy()

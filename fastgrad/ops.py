@@ -94,8 +94,12 @@ def as_param(x, name, ndim, shape=None, xp=np):
     return as_array(arr, name, arr.dtype, ndim=ndim, shape=shape, xp=xp)
 
 
-def as_labels(labels, n_rows, n_classes, xp=np):
-    """Integer class labels of length ``n_rows`` in [0, n_classes)."""
+def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
+    """Integer class labels of length ``n_rows`` in [0, n_classes).
+
+    ``check_range=False`` leaves the range to the caller: a CUDA training
+    step checks device labels in its loss kernel instead of reading them
+    back (a sync)."""
     lab = xp.asarray(labels)
     if lab.dtype.kind not in "iu":
         if lab.dtype.kind == "f" and lab.size and bool(xp.all(lab == xp.round(lab))):
@@ -104,7 +108,7 @@ def as_labels(labels, n_rows, n_classes, xp=np):
             raise TypeError(f"labels: expected integer class indices, got dtype {lab.dtype}")
     if lab.ndim != 1 or lab.shape[0] != n_rows:
         raise ValueError(f"labels: expected shape ({n_rows},), got {tuple(lab.shape)}")
-    if lab.size:
+    if lab.size and check_range:
         if xp is np:
             lo, hi = int(lab.min()), int(lab.max())
         else:   # one device-to-host read for both bounds, not two

@@ -30,8 +30,27 @@ the step count unless skipped, raises if asked to, and returns the
 :class:`StepStats`.  ``opt._clip_norm`` and ``opt._clip_value`` are floats,
 ``0.0`` meaning "off".  (For ``(param, grad)`` pairs, ``step()`` also copies
 the user's arrays into ``opt.params``/``opt.grads`` before and back after.)
+
+On CUDA nothing in a step waits for the device
+----------------------------------------------
+The skip decision is made on the device, so the host does not know the
+step count of the update it is about to queue (earlier queued updates may
+have been skipped).  The device keeps the count; ``_kernel_args()`` returns
+a table of ``hp`` rows for every count the device can be at (from the last
+count the host has read back to that plus the number of updates still in
+flight), and the clip kernel picks the row of its count (see
+``fastgrad.kernels.cuda.optim``).  ``_commit`` queues an asynchronous copy of
+the update's control block and layer norms into pinned host memory and
+returns a :class:`StepStats` that fills itself from it when first read.  The
+host reads records back without waiting whenever they have arrived (at each
+``_kernel_args``), and waits only when 16 updates are in flight, when a
+user reads a value that depends on them (a StepStats field, ``step_count``,
+``n_skipped``, ``lr``, ``state_dict``), or after every update with
+``skip_nonfinite=False`` (it must raise at the update that failed).
+TrainStep passes ``opt._device_buffers()`` to its fused CUDA step, so that
+the step writes the optimizer's record (and its loss into it).
 """
-from dataclasses import dataclass
+from collections import deque
 import math
 
 import numpy as np
@@ -47,9 +66,11 @@ __all__ = ["StepStats", "Optimizer", "SGD", "Adam", "AdamW", "RMSprop",
            "NonFiniteGradientError", "clipped_update"]
 
 
-@dataclass(frozen=True)
+_FIELDS = ("step", "lr", "grad_norm", "clip_scale", "clipped", "skipped", "layer_norms")
+
+
 class StepStats:
-    """What one ``opt.step()`` did.
+    """What one ``opt.step()`` (or one TrainStep) did.
 
     Attributes
     ----------
@@ -69,15 +90,60 @@ class StepStats:
         True when the gradient was non-finite and nothing was updated.
     layer_norms : numpy.ndarray
         L2 norm of each layer's gradient (before clipping), float64.
+    ready : bool
+        True when the values are on the host.  On the CPU always; on CUDA
+        they arrive asynchronously, and reading any field of an update that
+        is not ``ready`` waits for the device to finish it (PyTorch's
+        ``tensor.item()``).
+
+    Read-only; equal when all fields are equal.
     """
 
-    step: int
-    lr: float
-    grad_norm: float
-    clip_scale: float
-    clipped: bool
-    skipped: bool
-    layer_norms: np.ndarray
+    __slots__ = ("_values", "_loss", "_source")
+
+    def __init__(self, step, lr, grad_norm, clip_scale, clipped, skipped, layer_norms):
+        self._fill((int(step), float(lr), float(grad_norm), float(clip_scale), bool(clipped),
+                    bool(skipped), np.asarray(layer_norms, np.float64)), None)
+
+    @classmethod
+    def _pending(cls, source):
+        """Stats that ``source._fetch_stats(stats)`` will fill (via ``_fill``)."""
+        stats = object.__new__(cls)
+        stats._values, stats._loss, stats._source = None, None, source
+        return stats
+
+    def _fill(self, values, loss):
+        self._values, self._loss, self._source = values, loss, None
+
+    def _get(self):
+        if self._values is None:
+            self._source._fetch_stats(self)
+        return self._values
+
+    @property
+    def ready(self):
+        return self._values is not None or self._source._stats_ready(self)
+
+    step = property(lambda self: self._get()[0])
+    lr = property(lambda self: self._get()[1])
+    grad_norm = property(lambda self: self._get()[2])
+    clip_scale = property(lambda self: self._get()[3])
+    clipped = property(lambda self: self._get()[4])
+    skipped = property(lambda self: self._get()[5])
+    layer_norms = property(lambda self: self._get()[6])
+
+    def __eq__(self, other):
+        if not isinstance(other, StepStats):
+            return NotImplemented
+        a, b = self._get(), other._get()
+        return a[:6] == b[:6] and np.array_equal(a[6], b[6])
+
+    __hash__ = None
+
+    def __repr__(self):
+        if self._values is None and not self.ready:
+            return "StepStats(<on the device>)"
+        return "StepStats(" + ", ".join(f"{n}={v!r}" for n, v in zip(_FIELDS, self._get())) + ")"
 
 
 def _nonneg(name, x):
@@ -94,6 +160,36 @@ def _clip_arg(name, x):
     if not x > 0.0:   # also refuses NaN
         raise ValueError(f"{name} must be > 0 (None disables it), got {x!r}")
     return x
+
+
+class _DeviceBook:
+    """A CUDA optimizer's device-side book-keeping (see the module docstring).
+
+    ``record`` is one device buffer: the control block (``CTL_*``) followed
+    by the squared layer norms, so that one asynchronous copy brings an
+    update's StepStats back.  ``queue`` lists the updates in flight, oldest
+    first: ``(slot, stats, call, with_loss)``.
+    """
+
+    DEPTH = 16              # updates in flight before the host waits
+
+    def __init__(self, offsets):
+        import cupy
+        from .kernels.cuda import optim as kopt
+        from .kernels.cuda import reduce as kreduce
+        from .kernels.cuda import transfer
+        self.k = kopt
+        self.record = cupy.zeros(kopt.CTL_SIZE + offsets.size - 1, np.float64)
+        self.buffers = {"ctl": self.record[:kopt.CTL_SIZE],
+                        "step": cupy.zeros(1, np.float64),
+                        "hp": cupy.zeros(_k.HP_SIZE, np.float64),
+                        "table": cupy.zeros((self.DEPTH + 1) * _k.HP_SIZE, np.float64),
+                        "total": cupy.zeros(1, np.float64),
+                        "norm_work": cupy.zeros(kreduce.partial_size(offsets), np.float64)}
+        self.layer_sq = self.record[kopt.CTL_SIZE:]
+        self.table = np.zeros((self.DEPTH + 1, _k.HP_SIZE), np.float64)
+        self.reader = transfer.RecordReader(self.record.size, self.DEPTH)
+        self.queue = deque()
 
 
 class Optimizer:
@@ -124,12 +220,14 @@ class Optimizer:
 
     def __init__(self, params, lr, *, clip_norm=None, clip_value=None,
                  skip_nonfinite=True, **hyper):
+        self._book = None
         self._bind(params)
-        self.step_count = 0
-        self.n_skipped = 0
+        self._step_count = 0
+        self._n_skipped = 0
         self.n_calls = 0
         self._hp = np.zeros(_k.HP_SIZE, np.float64)
-        self._layer_sq = self._xp.zeros(self.layer_offsets.size - 1, np.float64)
+        self._layer_sq = (self._book.layer_sq if self._book is not None
+                          else np.zeros(self.layer_offsets.size - 1, np.float64))
         self._lr_now = float("nan")
         self._empty = self._xp.empty(0, self.params.dtype)
         self.state = {}
@@ -197,6 +295,92 @@ class Optimizer:
         self.device = dev
         self._xp = _device.array_module(dev)
         self._update = self._serial_update = _device.kernels(dev).clipped_update
+        if dev == "cuda":
+            self._book = _DeviceBook(self.layer_offsets)
+
+    def _device_buffers(self):
+        """The device buffers the CUDA update kernel works in (``ws``)."""
+        return self._book.buffers
+
+    # -- counters (on CUDA, read back from the device) ------------------------
+    @property
+    def step_count(self):
+        """Updates applied so far (skipped ones not counted)."""
+        self._settle()
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, k):
+        self._settle()
+        self._step_count = int(k)
+        if self._book is not None:
+            self._book.buffers["step"].fill(float(self._step_count))
+
+    @property
+    def n_skipped(self):
+        """Updates skipped for a non-finite gradient."""
+        self._settle()
+        return self._n_skipped
+
+    @n_skipped.setter
+    def n_skipped(self, n):
+        self._settle()
+        self._n_skipped = int(n)
+
+    def _settle(self):
+        """Read back every update in flight (CUDA; waits for the device)."""
+        while self._book is not None and self._book.queue:
+            self._read_oldest()
+
+    def _poll(self):
+        """Read back the updates that have finished, without waiting; wait
+        for the oldest only when the ring of records is full."""
+        book = self._book
+        while book.queue and book.reader.ready(book.queue[0][0]):
+            self._read_oldest()
+        if book.reader.full:
+            self._read_oldest()
+
+    def _read_oldest(self):
+        """Fill the oldest in-flight StepStats from its record and book it;
+        raise what that update reported."""
+        book = self._book
+        slot, stats, call, with_loss = book.queue.popleft()
+        rec = book.reader.take(slot)
+        k = book.k
+        skipped = rec[k.CTL_SKIP] != 0.0
+        error = int(rec[k.CTL_ERROR])
+        scale = float(rec[k.CTL_SCALE])
+        self._step_count = int(rec[k.CTL_STEP])
+        if skipped and error == k.ERR_NONE:
+            self._n_skipped += 1
+        stats._fill((self._step_count, float(rec[k.CTL_LR]), float(rec[k.CTL_NORM]), scale,
+                     (not skipped) and scale < 1.0, bool(skipped),
+                     np.sqrt(rec[k.CTL_SIZE:])),
+                    float(rec[k.CTL_LOSS]) if with_loss else None)
+        if error == k.ERR_BAD_LABEL:
+            raise ValueError(
+                f"labels: a class index outside [0, n_classes) reached the GPU in training "
+                f"call {call}; that update was not applied (parameters and optimizer state "
+                "unchanged)")
+        if error != k.ERR_NONE:
+            raise RuntimeError(f"fastgrad: the device found no hyper-parameters for its step "
+                               f"count in call {call} (error {error}); the update was skipped")
+        if skipped and not self.skip_nonfinite:
+            raise NonFiniteGradientError(
+                f"non-finite gradient norm {stats.grad_norm} at update {self._step_count}; "
+                "parameters and optimizer state were left unchanged")
+
+    # what a pending StepStats calls
+    def _fetch_stats(self, stats):
+        while stats._values is None:
+            self._read_oldest()
+
+    def _stats_ready(self, stats):
+        for slot, queued, _, _ in self._book.queue:
+            if queued is stats:
+                return self._book.reader.ready(slot)
+        return stats._values is not None
 
     @property
     def parallel(self):
@@ -305,6 +489,7 @@ class Optimizer:
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
         arrays = sd.get("state", {})
+        self._settle()          # updates in flight finish before the state is replaced
         self._configure(hyper)
         for name, buf in self.state.items():
             if name not in arrays:
@@ -323,47 +508,62 @@ class Optimizer:
     def _fill_hp(self, hp, k):
         raise NotImplementedError
 
-    def _kernel_args(self):
-        """``(rule, s0, s1, s2, hp)`` for the next update ``k = step_count``."""
-        k = self.step_count
+    def _fill_row(self, hp, k):
+        """Fill ``hp`` for update ``k``; returns its learning rate."""
         lr = float(self.lr_schedule(k))
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
-        self._lr_now = lr
-        hp = self._hp
         hp[:] = 0.0
         hp[_k.HP_LR] = lr
         self._fill_hp(hp, k)
-        s0, s1, s2 = self._buffers()
-        return self.rule, s0, s1, s2, hp
+        hp[_k.HP_UPDATE] = k
+        return lr
 
-    def _commit(self, norm, scale, skipped, layer_sq):
+    def _kernel_args(self):
+        """``(rule, s0, s1, s2, hp)`` for the next update ``k = step_count``;
+        on CUDA ``hp`` is the table of rows for every ``k`` the device can be
+        at (see the module docstring)."""
+        s0, s1, s2 = self._buffers()
+        if self._book is None:
+            self._lr_now = self._fill_row(self._hp, self._step_count)
+            return self.rule, s0, s1, s2, self._hp
+        self._poll()
+        table = self._book.table[:len(self._book.queue) + 1]
+        for r, row in enumerate(table):
+            self._fill_row(row, self._step_count + r)
+        return self.rule, s0, s1, s2, table
+
+    def _commit(self, norm, scale, skipped, layer_sq, with_loss=False):
         """Book-keep one kernel call; returns its :class:`StepStats`.
 
-        On CUDA the kernel's outputs are device scalars; reading them here is
-        the step's device-to-host synchronisation (the step count and the
-        next update's bias corrections depend on the skip decision), one
-        read for the three scalars and the per-layer norms together."""
-        if self.device != "cpu":
-            xp = _device.array_module(self.device)
-            host = _device.to_numpy(xp.concatenate([xp.stack([norm, scale, skipped]),
-                                                    layer_sq]))
-            norm, scale, skipped, layer_sq = host[0], host[1], host[2], host[3:]
+        On CUDA the kernel's outputs stay on the device: this queues the
+        copy of the update's record and returns StepStats that fill
+        themselves from it (``with_loss``: the record holds the step's loss).
+        """
+        self.n_calls += 1
+        book = self._book
+        if book is not None:
+            if book.reader.full:
+                self._read_oldest()
+            stats = StepStats._pending(self)
+            book.queue.append((book.reader.push(book.record), stats, self.n_calls, with_loss))
+            self.last_stats = stats
+            if not self.skip_nonfinite:
+                self._settle()        # raise at the update that failed, as on the CPU
+            return stats
         skipped = bool(skipped)
         norm, scale = float(norm), float(scale)
-        self.n_calls += 1
         if skipped:
-            self.n_skipped += 1
+            self._n_skipped += 1
         else:
-            self.step_count += 1
-        stats = StepStats(step=self.step_count, lr=self._lr_now, grad_norm=float(norm),
-                          clip_scale=float(scale), clipped=(not skipped) and scale < 1.0,
-                          skipped=skipped,
-                          layer_norms=np.sqrt(layer_sq))
+            self._step_count += 1
+        stats = StepStats(step=self._step_count, lr=self._lr_now, grad_norm=norm,
+                          clip_scale=scale, clipped=(not skipped) and scale < 1.0,
+                          skipped=skipped, layer_norms=np.sqrt(layer_sq))
         self.last_stats = stats
         if skipped and not self.skip_nonfinite:
             raise NonFiniteGradientError(
-                f"non-finite gradient norm {norm} at update {self.step_count}; "
+                f"non-finite gradient norm {norm} at update {self._step_count}; "
                 "parameters and optimizer state were left unchanged")
         return stats
 
@@ -378,9 +578,10 @@ class Optimizer:
             self._gather_params()
             self._gather_grads()
         rule, s0, s1, s2, hp = self._kernel_args()
+        extra = {} if self._book is None else {"ws": self._book.buffers}
         norm, scale, skipped = self._update(
             rule, self.params, self.grads, s0, s1, s2, hp, self.layer_offsets,
-            self._layer_sq, self._clip_norm, self._clip_value)
+            self._layer_sq, self._clip_norm, self._clip_value, **extra)
         if self._pairs is not None and not skipped:
             self._scatter_params()
         return self._commit(norm, scale, skipped, self._layer_sq)

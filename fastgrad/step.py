@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from . import device as _device
 from . import ops
 from .kernels.cpu import step as _kstep
 from .kernels.cpu import norm as _knorm
@@ -39,6 +40,14 @@ class TrainStep:
     Calling ``step(x, y)`` returns the mean loss of the batch (before the
     update, as in a PyTorch loop) and leaves the update's statistics in
     ``step.stats``.
+
+    On CUDA a call only queues work: the loss is a 0-d float64 CuPy array
+    and ``step.stats`` fills itself when first read (see
+    ``fastgrad.optim``); reading either waits for that step.  NumPy inputs
+    are copied to the GPU through pinned memory without waiting; CuPy
+    inputs are used in place.  Labels on the GPU are range-checked by the
+    loss kernel: a bad one skips the update and raises ValueError when the
+    step's stats are read back (host labels raise at once, as on the CPU).
     """
 
     def __init__(self, model, loss_fn, opt):
@@ -85,9 +94,11 @@ class TrainStep:
             else:
                 self._weff = self._dweff = model.params[:0]
             self._wnorm = np.empty(int(self._sizes[1:].sum()))
-        self._layer_sq = xp.zeros(len(model.layers), np.float64)
+        # The optimizer's: on CUDA they are part of the record it reads back.
+        self._layer_sq = opt._layer_sq
         self._buffers = {}
         self._workspaces = {}
+        self._staged = {}           # CUDA: device buffers of host inputs, by (name, shape)
         # Placeholders for the loss input the chosen loss does not read.
         self._no_labels = xp.zeros(0, np.int64)
         self._no_target = xp.zeros((0, 0), model.dtype)
@@ -113,20 +124,63 @@ class TrainStep:
             buf = self._buffers[B] = (acts, zs, delta)
             if self.model.device == "cuda":
                 self._workspaces[B] = self._kernels.Workspace(
-                    B, self._sizes, self.model.layer_offsets, self._loss_kind, dt)
+                    B, self._sizes, self.model.layer_offsets, self._loss_kind, dt,
+                    optim=self.opt._device_buffers())
         return buf
 
     def _extra(self, B):
         """Keyword arguments only the CUDA twin takes (its scratch space)."""
         return {"ws": self._workspaces[B]} if self._workspaces else {}
 
-    def _targets(self, y, B):
-        xp = self._xp
+    def _inputs(self, x, y):
+        """``(x, labels, target)`` checked and on the model's device.
+
+        On CUDA, host (NumPy) inputs are checked on the host and sent by an
+        asynchronous copy through pinned memory into buffers this step
+        keeps (``cupy.asarray`` would wait for the device: a sync per step);
+        device arrays are used in place, and device labels are range-checked
+        by the loss kernel, which makes the update skip and the optimizer
+        raise ValueError when the step's record is read back.
+        """
+        model, n_out = self.model, int(self._sizes[-1])
+        cuda = model.device == "cuda"
+        if not cuda or _device.device_of(x) == "cuda":
+            x = model._input(x)
+        else:
+            x = self._stage("x", ops.as_array(x, "x", model.dtype, shape=(None, model.sizes[0])))
+            if x.shape[0] == 0:
+                raise ValueError("x: empty batch")
+        B = x.shape[0]
+        on_device = cuda and _device.device_of(y) == "cuda"
         if self._loss_kind == _kstep.CROSS_ENTROPY:
-            return ops.as_labels(y, B, int(self._sizes[-1]), xp=xp), self._no_target
-        target = ops.as_array(y, "target", self.model.dtype, shape=(B, int(self._sizes[-1])),
-                              xp=xp)
-        return self._no_labels, target
+            if not cuda:
+                return x, ops.as_labels(y, B, n_out), self._no_target
+            if on_device:
+                return x, ops.as_labels(y, B, n_out, xp=self._xp, check_range=False), \
+                    self._no_target
+            return x, self._stage("labels", ops.as_labels(y, B, n_out)), self._no_target
+        if not cuda or on_device:
+            return x, self._no_labels, ops.as_array(y, "target", model.dtype, shape=(B, n_out),
+                                                    xp=self._xp)
+        return x, self._no_labels, self._stage(
+            "target", ops.as_array(y, "target", model.dtype, shape=(B, n_out)))
+
+    def _stage(self, name, host):
+        """Queue the copy of the host array ``host`` into this step's device
+        buffer for it (no sync; the buffer is reused in stream order)."""
+        from .kernels.cuda.transfer import uploader
+        key = (name, host.shape, host.dtype.str)
+        dst = self._staged.get(key)
+        if dst is None:
+            dst = self._staged[key] = self._xp.empty(host.shape, host.dtype)
+        return uploader().upload(host, dst)
+
+    def _result(self, loss):
+        """The loss a call returns: a float on the CPU; on CUDA a 0-d float64
+        CuPy array (reading it waits for the step, like ``loss.item()``)."""
+        if self.model.device == "cuda":
+            return self._xp.array(loss, dtype=np.float64)
+        return float(loss)
 
     def _block_args(self, B):
         """(drops, residual, norms, seed, counter, training) of this training
@@ -149,15 +203,14 @@ class TrainStep:
         self.model.backward(grad, input_grad=False)
         if update:
             self.stats = self.opt.step()
-        return float(loss)
+        return self._result(loss)
 
     def __call__(self, x, y):
         if self._composed:
             return self._composed_step(x, y, True)
         model = self.model
-        x = model._input(x)
+        x, labels, target = self._inputs(x, y)
         B = x.shape[0]
-        labels, target = self._targets(y, B)
         rule, s0, s1, s2, hp = self.opt._kernel_args()
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
@@ -179,16 +232,16 @@ class TrainStep:
             self._codes, self._alphas, model.layer_offsets, acts, zs, delta,
             rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
             **self._extra(B))
-        self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
-        return float(loss)
+        self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq,
+                                      with_loss=model.device == "cuda")
+        return self._result(loss)
 
     def gradients(self, x, y):
         """Forward + loss + backward only (no update): fills ``model.grads``
         and returns the loss.  Useful for checks and data-parallel training."""
         if self._composed:
             return self._composed_step(x, y, False)
-        x = self.model._input(x)
-        labels, target = self._targets(y, x.shape[0])
+        x, labels, target = self._inputs(x, y)
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(x.shape[0])
             drops, residual, norms, seed, counter, training = self._block_args(x.shape[0])
@@ -201,10 +254,26 @@ class TrainStep:
         if self.model.training:
             self.model._next_dropout_step()
         acts, zs, delta = self._buffers_for(x.shape[0])
-        return float(self._kernels.forward_backward(
+        return self._result(self._kernels.forward_backward(
             x, labels, target, self._loss_kind, self.model.params, self.model.grads,
             self._sizes, self._codes, self._alphas, self.model.layer_offsets, acts, zs, delta,
             **self._extra(x.shape[0])))
+
+
+def _host_loss(loss, stats):
+    """A step's loss as a float: from its record when the stats carry it
+    (a CUDA TrainStep's, already on the host once read), else ``float(loss)``."""
+    stats._get()                     # fills a pending record
+    return stats._loss if stats._loss is not None else float(loss)
+
+
+def _newest_ready(done, look_back=20):
+    """The newest (loss, stats) among the last steps whose record is on the
+    host without waiting (always the last on the CPU); None if none is."""
+    for loss, st in reversed(done[-look_back:]):
+        if st.ready:
+            return loss, st
+    return None
 
 
 def _progress_bar(total, enabled, desc):
@@ -288,7 +357,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         for epoch in range(epochs):
             if shuffle:
                 rng.shuffle(order)
-            losses, norms, clipped, skipped = [], [], 0, 0
+            done = []               # (loss, stats) of this epoch's steps
             for bi in range(n_batches):
                 idx = order[bi * batch_size:(bi + 1) * batch_size]
                 xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
@@ -296,19 +365,23 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 np.take(Y, idx, axis=0, out=yb)
                 loss = step(xb, yb)
                 st = step.stats
-                losses.append(loss)
-                norms.append(float(st.grad_norm))
-                clipped += bool(st.clipped)
-                skipped += bool(st.skipped)
+                done.append((loss, st))
                 for cb in callbacks:
                     cb(k, loss, st)
                 k += 1
                 if bar is not None:
                     bar.update(1)
-                    if k % 10 == 0 or k == epochs * n_batches:
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}",
-                                        grad_norm=f"{float(st.grad_norm):.3g}",
+                    shown = _newest_ready(done) if k % 10 == 0 or k == epochs * n_batches \
+                        else None
+                    if shown is not None:
+                        bar.set_postfix(epoch=epoch + 1, loss=f"{_host_loss(*shown):.4f}",
+                                        grad_norm=f"{shown[1].grad_norm:.3g}",
                                         steps_s=f"{k / (time.perf_counter() - t0):.0f}")
+            # The epoch's figures: on CUDA the one wait for the device per epoch.
+            losses = [_host_loss(loss, st) for loss, st in done]
+            norms = [st.grad_norm for _, st in done]
+            clipped = sum(st.clipped for _, st in done)
+            skipped = sum(st.skipped for _, st in done)
             finite = [v for v in norms if np.isfinite(v)]
             history["loss"].append(float(np.mean(losses)))
             history["grad_norm_mean"].append(float(np.mean(finite)) if finite else float("nan"))

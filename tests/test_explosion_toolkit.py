@@ -702,7 +702,7 @@ def test_block_step_allocates_nothing():
     rng = np.random.default_rng()
     x, y = rng.standard_normal((16, 20)).astype(np.float32), rng.integers(0, 5, 16)
     step(x, y)
-    labels, target = step._targets(y, 16)
+    x, labels, target = step._inputs(x, y)
     acts, zs, fzs, xhats, nstats, nwork, delta = step._buffers_for(16)
     rule, s0, s1, s2, hp = opt._kernel_args()
     args = (x, labels, target, 0, m.params, m.grads, step._sizes, step._codes, step._alphas,

@@ -169,6 +169,21 @@ def test_stats_layer_norms_and_flags():
     assert stats.lr == 1e-3 and stats.step == 1
 
 
+def test_step_stats_value_semantics():
+    """StepStats: read-only, equal by value, ready at once on the CPU."""
+    model = FlatModel([4, 3], dtype=np.float64)
+    opt = SGD(model, lr=0.1)
+    model.grads[:] = np.arange(7.0)
+    a = opt.step()
+    assert a.ready and a is opt.last_stats
+    b = fg.StepStats(step=1, lr=0.1, grad_norm=a.grad_norm, clip_scale=1.0, clipped=False,
+                     skipped=False, layer_norms=a.layer_norms.copy())
+    assert a == b and a != opt.step()
+    with pytest.raises(AttributeError):
+        a.grad_norm = 0.0
+    assert repr(a).startswith("StepStats(step=1, lr=0.1, grad_norm=")
+
+
 def test_float32_follows_float64_reference():
     model = FlatModel([35, 7, 21, 3], dtype=np.float32)
     opt = Adam(model, lr=1e-2, clip_norm=1.0)

@@ -69,6 +69,7 @@ HP_NESTEROV = 10     # SGD: 1.0 for Nesterov momentum
 HP_FIRST = 11        # SGD: 1.0 when the momentum buffer is not yet set (t = 1)
 HP_ALPHA = 12        # RMSprop smoothing constant
 HP_CENTERED = 13     # RMSprop: 1.0 keeps grad_avg in s2
+HP_UPDATE = 14       # the update index k the row was filled for (CUDA picks its row by it)
 HP_SIZE = 16
 
 

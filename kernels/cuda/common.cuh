@@ -26,11 +26,18 @@ enum { SGD = 0, ADAM = 1, ADAMW = 2, RMSPROP = 3 };
 enum { HP_LR = 0, HP_WEIGHT_DECAY = 1, HP_BETA1 = 2, HP_BETA2 = 3, HP_EPS = 4,
        HP_BIAS_CORR1 = 5, HP_BIAS_CORR2 = 6, HP_AMSGRAD = 7, HP_MOMENTUM = 8,
        HP_DAMPENING = 9, HP_NESTEROV = 10, HP_FIRST = 11, HP_ALPHA = 12,
-       HP_CENTERED = 13, HP_SIZE = 16 };
+       HP_CENTERED = 13, HP_UPDATE = 14, HP_SIZE = 16 };
 
-// Control block written by the clip kernel and read by the update kernel:
-// ctl[0] norm, ctl[1] clip scale, ctl[2] 1.0 when the update is skipped.
-enum { CTL_NORM = 0, CTL_SCALE = 1, CTL_SKIP = 2 };
+// Control block of one update (kernels/cuda/optim.py CTL_*), the record the
+// host reads back without a sync.  The clip kernel writes norm, scale, skip
+// (1.0 when the update is skipped), the step count after the update, its
+// learning rate and the error code; the update kernel reads scale and skip.
+// STATUS is raised by a loss kernel that met bad input (a label out of
+// range) and cleared by the clip kernel; LOSS is the step's mean loss.
+enum { CTL_NORM = 0, CTL_SCALE = 1, CTL_SKIP = 2, CTL_STEP = 3, CTL_LR = 4, CTL_ERROR = 5,
+       CTL_STATUS = 6, CTL_LOSS = 7, CTL_SIZE = 8 };
+// CTL_ERROR / CTL_STATUS codes.
+enum { ERR_NONE = 0, ERR_BAD_LABEL = 1, ERR_NO_HP_ROW = 2 };
 
 // Threads per block of the reductions; their trees assume exactly this.
 constexpr int RED_THREADS = 256;

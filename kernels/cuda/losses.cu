@@ -8,9 +8,14 @@
 // Softmax cross-entropy, one warp per row (blockDim.x a multiple of 32).
 // Stable log-sum-exp: the largest shifted logit is 0, so s lies in
 // [1, cols].  row_loss[i] = log(s) - (x_label - max), in float64 as the CPU.
+// A label outside [0, cols) (labels already on the device are not checked
+// on the host: that would be a read, a sync) is never dereferenced: its row
+// gets a NaN loss and gradient and status[0] is set to ERR_BAD_LABEL, which
+// makes fg_clip_control skip the update and the host raise.
 template <typename T>
 __global__ void fg_softmax_xent(const T* logits, const long long* labels, T* grad,
-                                double* row_loss, long long rows, long long cols)
+                                double* row_loss, long long rows, long long cols,
+                                double* status)
 {
     const int lane = threadIdx.x & 31;
     const long long i = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -18,6 +23,15 @@ __global__ void fg_softmax_xent(const T* logits, const long long* labels, T* gra
     const T* row = logits + i * cols;
     T* g = grad + i * cols;
     const long long lab = labels[i];
+    if (lab < 0 || lab >= cols) {
+        const T nan = T(fg::inf_d() - fg::inf_d());
+        for (long long j = lane; j < cols; j += 32) g[j] = nan;
+        if (lane == 0) {
+            row_loss[i] = (double)nan;
+            status[0] = double(fg::ERR_BAD_LABEL);  // every writer writes the same value
+        }
+        return;
+    }
     const T x_label = row[lab];                     // before grad (maybe logits) is written
     T m = -fg::inf<T>();
     for (long long j = lane; j < cols; j += 32) m = fg::pymax(m, row[j]);
@@ -100,7 +114,7 @@ __global__ void fg_mean(const T* x, long long n, T* out, double div)
 #ifndef __CUDACC_RTC__
 #define FG_INST(T)                                                                             \
     template __global__ void fg_softmax_xent<T>(const T*, const long long*, T*, double*,      \
-                                                long long, long long);                        \
+                                                long long, long long, double*);               \
     template __global__ void fg_mse<T>(const T*, const T*, T*, double*, long long);           \
     template __global__ void fg_bce_with_logits<T>(const T*, const T*, T*, double*, long long);
 FG_INST(float)

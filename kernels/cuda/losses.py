@@ -39,18 +39,35 @@ def _mean(terms, n_terms, out, div):
     return out
 
 
-def softmax_cross_entropy(logits, labels, grad, out=None, work=None):
+_status_sinks = {}          # device id -> float64[1] nobody reads
+
+
+def _status_sink():
+    dev = cupy.cuda.runtime.getDevice()
+    sink = _status_sinks.get(dev)
+    if sink is None:
+        sink = _status_sinks[dev] = cupy.zeros(1, np.float64)
+    return sink
+
+
+def softmax_cross_entropy(logits, labels, grad, out=None, work=None, status=None):
     """Mean softmax cross-entropy over rows, int64 ``labels``.
 
     One warp per row: max, exp(l - max) into ``grad`` while summing (warp
     butterflies, fixed order), log(s) per row in float64, then the scale.
+    A label outside ``[0, cols)`` is not read through: its row's loss and
+    gradient become NaN and ``status`` (a float64 device array of one
+    element, optional) is set to 1.0 -- how a training step that does not
+    read labels back learns of them (``fastgrad.ops`` checks on the host
+    first).
     """
     rows, cols = logits.shape
     out = _out(out)
     row_loss = cupy.empty(rows, np.float64) if work is None else work
     k = _m.kernel(_FILE, f"fg_softmax_xent<{_m.ctype(logits.dtype)}>")
     k((-(-rows // _ROWS_PER_BLOCK),), (32 * _ROWS_PER_BLOCK,),
-      (logits, labels, grad, row_loss, _m.i64(rows), _m.i64(cols)))
+      (logits, labels, grad, row_loss, _m.i64(rows), _m.i64(cols),
+       _status_sink() if status is None else status))
     return _mean(row_loss, rows, out, rows)
 
 

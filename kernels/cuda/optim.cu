@@ -3,31 +3,53 @@
 // operations; see its docstring for the table of buffers).
 //
 // No host round-trip inside a step: fg_clip_control turns the squared norm
-// (written by reduce.cu) into ctl = {norm, scale, skip} in device memory,
-// and fg_update reads ctl and the hyper-parameters hp from device memory and
-// returns at once when the step is skipped.  hp is a device array (uploaded
-// from pinned memory by the Python side), so a captured CUDA graph replays
-// with each step's learning rate and bias corrections.
+// (written by reduce.cu) into the control block ctl (common.cuh CTL_*) in
+// device memory, and fg_update reads ctl and the hyper-parameters hp from
+// device memory and returns at once when the step is skipped.
+//
+// The step count lives on the device too.  The host cannot know it without
+// waiting (it does not know whether the updates it queued were skipped), so
+// it uploads a table of hp rows, one per update index it may be at (row r
+// made for k = table[0][HP_UPDATE] + r), and fg_clip_control copies the row
+// of the device's count into hp.  A captured CUDA graph thus replays with
+// each step's learning rate and bias corrections.
 //
 // Compiled with --fmad=false (see common.cuh): every + and * rounds as in
 // Numba without fastmath, sqrt and / are IEEE-rounded, so given the same
 // inputs the update is bitwise the CPU's, float32 and float64.
 #include "common.cuh"
 
-// ctl = {norm, scale, skip} from the squared norm; clip_norm <= 0: no clip.
-// scale is min(1, clip_norm / (norm + 1e-6)) as torch's clip_grad_norm_.
+// One thread.  From the squared norm: ctl = {norm, scale, skip, step, lr,
+// error}; scale is min(1, clip_norm / (norm + 1e-6)) as torch's
+// clip_grad_norm_ (clip_norm <= 0: no clipping).  The update is skipped for
+// a non-finite norm, for bad input flagged in ctl[CTL_STATUS] by the loss,
+// or when the table has no row for the device's step count (a host bug,
+// reported as ERR_NO_HP_ROW).  With match_step == 0 the table's one row is
+// used as it is.  step[0] (updates applied so far) advances unless skipped.
 template <typename T>
-__global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm)
+__global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm, const T* table,
+                                long long n_rows, long long match_step, T* hp, T* step)
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    long long row = 0;
+    if (match_step) row = (long long)(step[0] - table[fg::HP_UPDATE]);
+    const bool lost = row < 0 || row >= n_rows;
+    if (lost) row = 0;
+    for (int k = 0; k < fg::HP_SIZE; ++k) hp[k] = table[row * fg::HP_SIZE + k];
+    const double status = ctl[fg::CTL_STATUS];
+    ctl[fg::CTL_STATUS] = T(0.0);                   // consumed: the next step starts clean
     const double norm = sqrt((double)total_sq[0]);
-    const bool skip = !fg::finite_d(norm);
+    const bool skip = !fg::finite_d(norm) || status != 0.0 || lost;
     double scale = 1.0;
     if (skip) scale = 0.0;
     else if (clip_norm > 0.0) scale = fg::pymin(1.0, clip_norm / (norm + 1e-6));
+    if (!skip) step[0] = step[0] + T(1.0);
     ctl[fg::CTL_NORM] = T(norm);
     ctl[fg::CTL_SCALE] = T(scale);
     ctl[fg::CTL_SKIP] = T(skip ? 1.0 : 0.0);
+    ctl[fg::CTL_STEP] = step[0];
+    ctl[fg::CTL_LR] = hp[fg::HP_LR];
+    ctl[fg::CTL_ERROR] = T(lost ? double(fg::ERR_NO_HP_ROW) : status);
 }
 
 namespace fg {
@@ -168,5 +190,6 @@ __global__ void fg_update(T* p, const T* g, T* s0, T* s1, T* s2, const double* h
                                              const double*, double, long long);
 FG_INST(float, 0) FG_INST(float, 1) FG_INST(float, 2) FG_INST(float, 3)
 FG_INST(double, 0) FG_INST(double, 1) FG_INST(double, 2) FG_INST(double, 3)
-template __global__ void fg_clip_control<double>(const double*, double*, double);
+template __global__ void fg_clip_control<double>(const double*, double*, double, const double*,
+                                                 long long, long long, double*, double*);
 #endif

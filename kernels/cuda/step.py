@@ -36,7 +36,7 @@ host timer around a launch):
     ~6 launches per layer + 5 for loss/norm/update);
   * the bias-gradient pass (64 rows per block) and the 1-D bias_act grid
     (``i % cols``) against the memory-bandwidth floor;
-  * the hp upload: the host must never block in ``HpUploader.upload``
+  * the hp upload: the host must never block in ``transfer.Uploader.upload``
     (``cupyx.profiler.time_range`` around it) with 16 slots;
   * that a step holds no implicit sync: run under
     ``cupy.cuda.set_pinned_memory_allocator`` defaults with
@@ -69,12 +69,17 @@ def _host(a, dtype):
 class Workspace:
     """Every scratch buffer of one step at batch size ``B`` (device arrays).
 
-    ``scalars`` holds [loss, norm, scale, skipped, total_sq]; the results of
-    a step are 0-d views of it, overwritten by the next step on this
-    workspace (copy them to keep them).
+    ``optim`` (optional) holds the optimizer's own device buffers (the
+    control block ``ctl``, the device step count ``step``, the ``hp`` row
+    and ``table``: ``fastgrad.optim`` passes them so that the step's record
+    lands where the optimizer reads it back); without it the workspace has
+    its own ``ctl`` and ``hp``.  The step's loss is written into
+    ``ctl[CTL_LOSS]`` and a bad label raises ``ctl[CTL_STATUS]``; results
+    are 0-d views of ``ctl``, overwritten by the next step (copy them to
+    keep them).
     """
 
-    def __init__(self, B, sizes, offsets, loss_kind, dtype):
+    def __init__(self, B, sizes, offsets, loss_kind, dtype, optim=None):
         sizes = _host(sizes, np.int64)
         self.B = int(B)
         dtype = np.dtype(dtype)
@@ -87,16 +92,20 @@ class Workspace:
         self.loss_work = cupy.empty(
             _losses.work_size(_LOSS_NAMES[int(loss_kind)], (B, int(sizes[-1]))), np.float64)
         self.norm_work = cupy.empty(_reduce.partial_size(offsets), np.float64)
-        self.scalars = cupy.zeros(5, np.float64)
-        self.hp = cupy.zeros(_optim.HP_SIZE, np.float64)
+        self.total = cupy.zeros(1, np.float64)
+        self._optim = dict(optim or {})
+        self._optim.setdefault("ctl", cupy.zeros(_optim.CTL_SIZE, np.float64))
+        self._optim.setdefault("hp", cupy.zeros(_optim.HP_SIZE, np.float64))
+        self.ctl, self.hp = self._optim["ctl"], self._optim["hp"]
+        self.loss = self.ctl[_optim.CTL_LOSS:_optim.CTL_LOSS + 1]
+        self.status = self.ctl[_optim.CTL_STATUS:_optim.CTL_STATUS + 1]
 
     def grad_partials(self, rows, cols):
         shape = grad_partials_shape(rows, cols)
         return None if shape is None else self.grad_work[:shape[0] * shape[1]].reshape(shape)
 
     def optim_buffers(self):
-        return {"hp": self.hp, "ctl": self.scalars[1:4], "total": self.scalars[4:5],
-                "norm_work": self.norm_work}
+        return dict(self._optim, total=self.total, norm_work=self.norm_work)
 
 
 def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
@@ -135,9 +144,10 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     n_out = int(sizes[L])
     half = delta.shape[0] // 2
     da = delta[:B * n_out].reshape(B, n_out)
-    loss = ws.scalars[0:1]
+    loss = ws.loss
     if loss_kind == CROSS_ENTROPY:
-        _losses.softmax_cross_entropy(h, labels, da, out=loss, work=ws.loss_work)
+        _losses.softmax_cross_entropy(h, labels, da, out=loss, work=ws.loss_work,
+                                      status=ws.status)
     elif loss_kind == MSE:
         _losses.mse(h, target, da, out=loss, work=ws.loss_work)
     else:
@@ -161,7 +171,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
             ping = 1 - ping
         else:
             cupy.matmul(x.T, da, out=dW)
-    return ws.scalars[0]
+    return ws.loss[0]
 
 
 def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
@@ -170,7 +180,9 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     """forward_backward, then the optimizer's clipped update in place.
 
     Returns (loss, grad_norm, clip_scale, skipped) as 0-d float64 cupy arrays
-    (``skipped`` is 1.0 or 0.0) -- reading them is the caller's one sync.
+    (``skipped`` is 1.0 or 0.0), views of ``ws.ctl``.  Reading them waits for
+    the device; ``fastgrad.TrainStep`` copies the whole control block back
+    asynchronously instead (``fastgrad.optim``).
     """
     if ws is None:
         ws = Workspace(x.shape[0], sizes, offsets, loss_kind, params.dtype)
@@ -274,5 +286,6 @@ class GraphedTrainStep:
             self.graph.launch(cupy.cuda.get_current_stream())
         else:
             self._launch()
-        out = self.ws.scalars[:4].copy()       # stream-ordered, survives the next replay
-        return out[0], out[1], out[2], out[3]
+        out = self.ws.ctl.copy()               # stream-ordered, survives the next replay
+        return (out[_optim.CTL_LOSS], out[_optim.CTL_NORM], out[_optim.CTL_SCALE],
+                out[_optim.CTL_SKIP])

@@ -1,6 +1,6 @@
 """pytest plugin: run fastgrad's CUDA tests on the host emulator.
 
-    PYTHONPATH=tools/cuda_emulator python -m pytest -p conftest_plugin tests/test_cuda*.py
+    PYTHONPATH=tools/cuda_emulator python -m pytest -p conftest_plugin -m cuda tests
 
 Installs the emulated ``cupy`` (fakecupy.py) and kernels (emu.py), and lifts
 the "no CUDA here" skips the test suite's conftest adds.  Subprocesses

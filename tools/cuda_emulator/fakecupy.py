@@ -533,16 +533,40 @@ def get_current_stream(device_id=None):
     return Stream._stack[-1] if Stream._stack else _NULL
 
 
+_events_recorded = 0
+
+
 class Event:
+    """Work runs at once here, so every event has completed; but with
+    EMU_EVENT_LAG=n an event reports ``done`` only once n later events have
+    been recorded (or it was synchronized): the host then sees the device
+    n steps behind, as on a GPU busy with queued work."""
+
     def __init__(self, block=False, disable_timing=False, interprocess=False):
-        self.done = True
+        self._stamp = None
+        self._synced = True
 
     def record(self, stream=None):
+        global _events_recorded
         if _capture is not None:
-            pass   # event record nodes are allowed in graphs
+            return   # event record nodes are allowed in graphs
+        _events_recorded += 1
+        self._stamp = _events_recorded
+        self._synced = False
+
+    @property
+    def done(self):
+        if self._synced or self._stamp is None:
+            return True
+        return _events_recorded - self._stamp >= int(os.environ.get("EMU_EVENT_LAG", "0"))
+
+    def query(self):
+        return self.done
 
     def synchronize(self):
-        _host_sync("Event.synchronize()")
+        if not self.done:
+            _host_sync("Event.synchronize()")
+        self._synced = True
 
     @property
     def ptr(self):

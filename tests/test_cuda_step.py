@@ -1,0 +1,220 @@
+"""fastgrad.TrainStep and the optimizers on CUDA: no host sync inside a step.
+
+On CUDA the step count, the hyper-parameter row (learning rate, bias
+corrections) and the skip decision live on the device; StepStats arrive by
+an asynchronous copy and fill themselves when read.  These tests run the
+same training on both devices with updates skipped while the host is
+several steps ahead of the device, and compare every StepStats field, the
+returned losses and the parameters.
+
+On the host emulator (tools/cuda_emulator) ``EMU_EVENT_LAG`` makes the
+device look busy, so records are still in flight when the next steps are
+queued, and the emulator counts device-to-host waits: a training loop must
+cause none.  On a GPU the lag is real and the sync count is not checked.
+Marked ``cuda``.
+"""
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad.schedules import warmup_cosine_decay as warmup_cosine
+
+from conftest import assert_close, to_numpy
+
+pytestmark = pytest.mark.cuda
+
+SIZES = [12, 24, 24, 5]
+
+
+@pytest.fixture
+def lagging(cp, monkeypatch):
+    """Emulator: events complete 12 events late (3 training steps: each
+    queues 3 uploads and 1 record); returns a function giving the number of
+    host waits so far (None on a GPU).  Set EMU_EVENT_LAG higher to make
+    the host run into its rings' limits (16 uploads, 16 records) and wait."""
+    monkeypatch.setenv("EMU_EVENT_LAG", "12")
+    if not getattr(cp, "__emulated__", False):
+        return lambda: None
+    import fakecupy
+    return lambda: fakecupy.stats["syncs"]
+
+
+def _pair(opt_cls=fg.Adam, **opt_kw):
+    steps = []
+    for dev in ("cpu", "cuda"):
+        m = fg.MLP(SIZES, activation="tanh", device=dev, seed=4)
+        steps.append(fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt_cls(m, **opt_kw)))
+    return steps
+
+
+def _batches(rng, n, bad=(), B=32):
+    """n batches; those in ``bad`` hold a NaN (their update must be skipped)."""
+    out = []
+    for t in range(n):
+        x = rng.standard_normal((B, SIZES[0])).astype(np.float32)
+        if t in bad:
+            x[3, 2] = np.nan
+        out.append((x, rng.integers(0, SIZES[-1], B)))
+    return out
+
+
+def _same_stats(sg, sc, t):
+    assert (sg.step, sg.skipped, sg.clipped) == (sc.step, sc.skipped, sc.clipped), f"step {t}"
+    assert sg.lr == sc.lr, f"lr at step {t}"
+    if not sc.skipped:
+        assert_close(sg.grad_norm, sc.grad_norm, np.float64, rtol=1e-4, what=f"norm {t}")
+        assert_close(sg.layer_norms, sc.layer_norms, np.float64, rtol=1e-4,
+                     what=f"layer norms {t}")
+    else:
+        assert sg.clip_scale == sc.clip_scale == 0.0
+
+
+@pytest.mark.parametrize("labels_on_device", [False, True])
+@pytest.mark.parametrize("lag", [12, 80])
+def test_skips_in_flight_match_cpu_without_a_sync(cp, rng, lagging, monkeypatch, lag,
+                                                  labels_on_device):
+    """Adam (bias corrections) + warmup-cosine schedule + clipping, NaN
+    batches at updates 3, 4 and 17: the device picks the right learning rate
+    and bias corrections although the host queued the later steps before
+    knowing of the skips.  (lag 80: the host waits when its rings are full.)"""
+    monkeypatch.setenv("EMU_EVENT_LAG", str(lag))
+    if lag > 12:
+        lagging = lambda: None          # noqa: E731  (waits expected: the rings are full)
+    cpu, gpu = _pair(lr=warmup_cosine(3e-2, warmup_steps=5, decay_steps=30), clip_norm=0.5)
+    data = _batches(rng, 30, bad={3, 4, 17})
+    dev_data = [(cp.asarray(x), cp.asarray(y)) for x, y in data]
+    syncs0 = lagging()
+    losses, stats = [], []
+    for (x, y), (xd, yd) in zip(data, dev_data):
+        losses.append(gpu(xd, yd) if labels_on_device else gpu(x, y))
+        stats.append(gpu.stats)
+    if syncs0 is not None:
+        assert lagging() == syncs0, "a CUDA training step waited for the device"
+        assert not stats[-1].ready        # the emulated device is still ~10 steps behind
+    assert isinstance(losses[0], cp.ndarray) and losses[0].shape == ()
+    for t, (x, y) in enumerate(data):
+        lc = cpu(x, y)
+        _same_stats(stats[t], cpu.stats, t)
+        if t not in (3, 4, 17):
+            assert_close(float(losses[t]), lc, np.float32, rtol=1e-4, what=f"loss {t}")
+        else:
+            assert np.isnan(float(losses[t]))
+    assert gpu.opt.step_count == cpu.opt.step_count == 27
+    assert gpu.opt.n_skipped == cpu.opt.n_skipped == 3
+    assert gpu.opt.n_calls == cpu.opt.n_calls == 30
+    assert gpu.opt.lr == cpu.opt.lr
+    assert_close(gpu.model.params, to_numpy(cpu.model.params), np.float32, rtol=1e-3,
+                 what="params after 30 steps")
+
+
+@pytest.mark.parametrize("rule", [fg.SGD, fg.RMSprop, fg.AdamW])
+def test_layer_path_step_stats_match_cpu(cp, rng, lagging, rule):
+    """opt.step() after model.backward on CUDA: the same lazy StepStats
+    (SGD's first-update flag and every rule's step count on the device)."""
+    kw = {"momentum": 0.9} if rule is not fg.AdamW else {}
+    models, opts = [], []
+    for dev in ("cpu", "cuda"):
+        m = fg.MLP(SIZES, activation="relu", device=dev, seed=1)
+        models.append(m)
+        opts.append(rule(m, lr=1e-2, clip_norm=1.0, **kw))
+    loss_fn = fg.SoftmaxCrossEntropy()
+    pending = []
+    for t, (x, y) in enumerate(_batches(rng, 12, bad={0, 5})):
+        for m, opt in zip(models, opts):
+            out = m.forward(x)
+            _, grad = loss_fn(out, m._xp.asarray(y))
+            m.backward(grad, input_grad=False)
+            pending.append(opt.step())
+    for t in range(12):
+        _same_stats(pending[2 * t + 1], pending[2 * t], t)
+    assert opts[1].step_count == opts[0].step_count == 10
+    assert_close(models[1].params, to_numpy(models[0].params), np.float32, rtol=1e-4,
+                 what="params")
+
+
+def test_bad_device_labels_skip_and_raise_when_read(cp, rng, lagging):
+    """Device labels are range-checked by the loss kernel, not read back:
+    the update is skipped on the device and ValueError comes when the step's
+    record is read; parameters, moments and the step count stay as they were."""
+    _, gpu = _pair(lr=1e-2)
+    x, y = _batches(rng, 1)[0]
+    gpu(x, y)
+    before = to_numpy(gpu.model.params).copy()
+    moments = {k: to_numpy(v).copy() for k, v in gpu.opt.state.items()}
+    bad = y.copy()
+    bad[7] = SIZES[-1]
+    gpu(cp.asarray(x), cp.asarray(bad))
+    with pytest.raises(ValueError, match="class index outside"):
+        gpu.stats.grad_norm
+    st = gpu.stats
+    assert st.skipped and st.step == 1              # filled, readable again
+    np.testing.assert_array_equal(to_numpy(gpu.model.params), before)
+    for k, v in gpu.opt.state.items():
+        np.testing.assert_array_equal(to_numpy(v), moments[k])
+    assert gpu.opt.step_count == 1 and gpu.opt.n_skipped == 0
+    gpu(x, y)                                       # training goes on
+    assert gpu.stats.step == 2 and not gpu.stats.skipped
+    # Host labels are still checked on the host, before anything runs.
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 5\)"):
+        gpu(x, bad)
+
+
+def test_raise_mode_raises_at_the_failing_call(cp, rng, lagging):
+    _, gpu = _pair(lr=1e-2, skip_nonfinite=False)
+    data = _batches(rng, 3, bad={1})
+    gpu(*data[0])
+    before = to_numpy(gpu.model.params).copy()
+    with pytest.raises(fg.optim.NonFiniteGradientError):
+        gpu(*data[1])
+    np.testing.assert_array_equal(to_numpy(gpu.model.params), before)
+    gpu(*data[2])
+    assert gpu.opt.step_count == 2
+
+
+def test_counters_and_state_dict_in_flight(cp, rng, lagging):
+    """Setting step_count or loading a state dict while updates are in
+    flight lets them finish first and then moves the device count too:
+    resuming gives the same updates as an uninterrupted run."""
+    data = _batches(rng, 12, bad={2})
+    ref, run = _pair(lr=warmup_cosine(3e-2, warmup_steps=4, decay_steps=12))[1], None
+    for x, y in data:
+        ref(x, y)
+    run = _pair(lr=warmup_cosine(3e-2, warmup_steps=4, decay_steps=12))[1]
+    for x, y in data[:6]:
+        run(x, y)
+    sd = run.opt.state_dict()                       # waits for the six updates
+    assert sd["step"] == 5 and sd["n_skipped"] == 1 and sd["n_calls"] == 6
+    params = to_numpy(run.model.params).copy()
+    fresh = fg.MLP(SIZES, activation="tanh", device="cuda", seed=4)
+    fresh.params[...] = cp.asarray(params)
+    opt = fg.Adam(fresh, lr=warmup_cosine(3e-2, warmup_steps=4, decay_steps=12))
+    opt.load_state_dict(sd)
+    resumed = fg.TrainStep(fresh, fg.SoftmaxCrossEntropy(), opt)
+    for x, y in data[6:]:
+        resumed(x, y)
+    assert resumed.stats.step == ref.stats.step == 11
+    np.testing.assert_array_equal(to_numpy(fresh.params), to_numpy(ref.model.params))
+    # step_count = k moves the device's count: the next update is k's.
+    run.opt.step_count = 0
+    run(*data[0])
+    assert run.stats.step == 1 and run.stats.lr == ref.opt.lr_schedule(0)
+
+
+def test_fit_on_cuda_matches_cpu(cp, rng, lagging):
+    X = rng.standard_normal((200, SIZES[0])).astype(np.float32)
+    Y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
+    hist = []
+    for step in _pair(lr=1e-2, clip_norm=1.0):
+        hist.append(fg.fit(step, X, Y, epochs=2, batch_size=32, progress=False,
+                           validation_data=(X[:50], Y[:50])))
+    for key in hist[0]:
+        assert_close(np.asarray(hist[1][key], float), np.asarray(hist[0][key], float),
+                     np.float32, rtol=1e-4, what=key)
+
+
+def test_step_stats_are_read_only(cp, rng, lagging):
+    _, gpu = _pair()
+    gpu(*_batches(rng, 1)[0])
+    with pytest.raises(AttributeError):
+        gpu.stats.step = 3
+    assert gpu.stats == gpu.opt.last_stats and "grad_norm=" in repr(gpu.stats)
