@@ -210,7 +210,8 @@ class Optimizer:
         Then clamp each gradient entry to ``[-clip_value, clip_value]``.
     skip_nonfinite : bool
         True skips non-finite gradients (counted in ``n_skipped``); False
-        raises :class:`NonFiniteGradientError` (nothing updated either way).
+        raises :class:`NonFiniteGradientError` (nothing updated either way;
+        on CUDA, False makes each update wait for the device's verdict).
     """
 
     kind = None
