@@ -315,7 +315,9 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     Parameters
     ----------
     step : TrainStep
-    X, Y : training inputs and targets (labels for softmax cross-entropy)
+    X, Y : training inputs and targets (labels for softmax cross-entropy);
+        NumPy arrays, or for a CUDA model CuPy arrays (the dataset stays on
+        the GPU and each batch is gathered there)
     epochs, batch_size : int
     shuffle : reshuffle the sample order every epoch (a seeded permutation;
         batches are gathered into one reused buffer, the dataset is never
@@ -336,16 +338,25 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     for name, val in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
             raise ValueError(f"{name} must be a positive integer, got {val!r}")
-    X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]))
-    Y = np.asarray(Y)
+    # A dataset already on the GPU stays there: batches are gathered on the
+    # device (the batch's indices go up by an asynchronous pinned copy).
+    on_device = _device.device_of(X) == "cuda"
+    if on_device and model.device != "cuda":
+        raise TypeError(f"X is a CUDA array but the model is on {model.device}")
+    xp = model._xp if on_device else np
+    X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]), xp=xp)
+    Y = xp.asarray(Y)
     if len(Y) != len(X):
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
     n = len(X)
     rng = np.random.default_rng(seed)
-    order = np.arange(n)
+    order = np.arange(n, dtype=np.int64)
     n_batches = -(-n // batch_size)
-    xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
-    ybuf = np.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
+    xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
+    ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
+    if on_device:
+        from .kernels.cuda.transfer import uploader
+        ibuf = xp.empty(min(batch_size, n), np.int64)
     history = {"loss": [], "grad_norm_mean": [], "grad_norm_max": [], "clipped": [], "skipped": []}
     if validation_data is not None:
         history["val_loss"] = []
@@ -361,8 +372,10 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
             for bi in range(n_batches):
                 idx = order[bi * batch_size:(bi + 1) * batch_size]
                 xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
-                np.take(X, idx, axis=0, out=xb)
-                np.take(Y, idx, axis=0, out=yb)
+                if on_device:
+                    idx = uploader().upload(idx, ibuf[:len(idx)])
+                xp.take(X, idx, axis=0, out=xb)
+                xp.take(Y, idx, axis=0, out=yb)
                 loss = step(xb, yb)
                 st = step.stats
                 done.append((loss, st))

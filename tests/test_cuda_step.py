@@ -218,3 +218,27 @@ def test_step_stats_are_read_only(cp, rng, lagging):
     with pytest.raises(AttributeError):
         gpu.stats.step = 3
     assert gpu.stats == gpu.opt.last_stats and "grad_norm=" in repr(gpu.stats)
+
+
+def test_fit_on_a_dataset_on_the_gpu(cp, rng, lagging):
+    """fit with CuPy X, Y gathers batches on the device: the same history
+    and parameters as fit with the NumPy dataset, and no wait inside an
+    epoch (records are read once, at its end)."""
+    X = rng.standard_normal((150, SIZES[0])).astype(np.float32)
+    Y = rng.integers(0, SIZES[-1], 150)
+    runs = []
+    for data in ((X, Y), (cp.asarray(X), cp.asarray(Y))):
+        step = _pair(lr=1e-2, clip_norm=1.0)[1]
+        syncs = []
+
+        def cb(k, loss, st):
+            syncs.append(lagging())
+        hist = fg.fit(step, *data, epochs=1, batch_size=32, progress=False, callbacks=[cb])
+        runs.append((hist, to_numpy(step.model.params)))
+        if syncs[0] is not None:
+            assert len(set(syncs)) == 1, "a step inside the epoch waited for the device"
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    cpu = fg.MLP(SIZES, device="cpu")
+    with pytest.raises(TypeError, match="CUDA array but the model is on cpu"):
+        fg.fit(fg.TrainStep(cpu, fg.SoftmaxCrossEntropy(), fg.Adam(cpu)), cp.asarray(X), Y)
