@@ -47,6 +47,8 @@ def make_fastgrad(sizes, batch, act, loss, device="cpu"):
     opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
     step = fg.TrainStep(model, LOSSES[loss](), opt)
     x, y = data(sizes, batch, loss)
+    if device == "cuda":                   # the batch lives on the GPU, as torch's does
+        x, y = model._xp.asarray(x), model._xp.asarray(y)
     return lambda: step(x, y)
 
 
@@ -127,7 +129,7 @@ def make_numpy(sizes, batch, act, loss):
     return step
 
 
-def make_torch(sizes, batch, act, loss):
+def make_torch(sizes, batch, act, loss, device="cpu"):
     import torch
     torch.manual_seed(0)
     L = len(sizes) - 1
@@ -136,24 +138,25 @@ def make_torch(sizes, batch, act, loss):
         layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
         if i < L - 1:
             layers.append(torch.nn.Tanh() if act == "tanh" else torch.nn.ReLU())
-    return torch_step(torch.nn.Sequential(*layers), sizes, batch, loss)
+    return torch_step(torch.nn.Sequential(*layers).to(device), sizes, batch, loss, device)
 
 
-def torch_step(net, sizes, batch, loss):
-    """One eager PyTorch step of ``net``: loss, backward, clip_grad_norm_(1.0)
-    and Adam(1e-3), fused when this torch build has it, else foreach."""
+def torch_step(net, sizes, batch, loss, device="cpu"):
+    """One eager PyTorch step of ``net`` (on ``device``): loss, backward,
+    clip_grad_norm_(1.0) and Adam(1e-3), fused when this torch build has it,
+    else foreach."""
     import torch
     params = list(net.parameters())
     try:
         opt = torch.optim.Adam(params, lr=1e-3, fused=True)
         opt.zero_grad()
-        net(torch.zeros(2, sizes[0])).sum().backward()
+        net(torch.zeros(2, sizes[0], device=device)).sum().backward()
         opt.step()
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
     lossf = torch.nn.CrossEntropyLoss() if loss == "softmax_cross_entropy" else torch.nn.MSELoss()
     xn, yn = data(sizes, batch, loss)
-    x, y = torch.from_numpy(xn), torch.from_numpy(yn)
+    x, y = torch.from_numpy(xn).to(device), torch.from_numpy(yn).to(device)
 
     def step():
         opt.zero_grad(set_to_none=True)
