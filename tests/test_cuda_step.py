@@ -242,3 +242,19 @@ def test_fit_on_a_dataset_on_the_gpu(cp, rng, lagging):
     cpu = fg.MLP(SIZES, device="cpu")
     with pytest.raises(TypeError, match="CUDA array but the model is on cpu"):
         fg.fit(fg.TrainStep(cpu, fg.SoftmaxCrossEntropy(), fg.Adam(cpu)), cp.asarray(X), Y)
+
+
+def test_gpu_targets_script_runs(cp, tmp_path):
+    """bench/gpu_targets.py (the first GPU session's measurements) runs its
+    miniature sizes end to end and writes every section."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_targets.py"
+    spec = importlib.util.spec_from_file_location("gpu_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--json", str(tmp_path / "t.json")]) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert len(res["adam"]) == 1 and len(res["forward"]) == 1 and len(res["step"]) == 3
+    assert res["forward"][0]["rel_error_vs_float64"] < 1e-5
