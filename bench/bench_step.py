@@ -33,6 +33,24 @@ def bench_fastgrad_step(benchmark, workload, device):
     benchmark(run)
 
 
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def bench_fastgrad_step_cuda_graph(benchmark, workload, device):
+    """TrainStep(cuda_graph=True): the step replayed from a CUDA graph."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs are a CUDA feature")
+    sizes, batch, act, loss = _workload(workload)
+    step = CONTENDERS["fastgrad"](sizes, batch, act, loss, device=device, cuda_graph=True)
+    for _ in range(3):                        # compile, capture on the second call
+        step()
+
+    def run():
+        step()
+        conftest.sync(device)
+    benchmark.extra_info["captured"] = all(
+        g.graph is not None for g in step.train_step._graphs.values())
+    benchmark(run)
+
+
 @pytest.mark.parametrize("peer", PEERS)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def bench_peer_step(benchmark, workload, peer):

@@ -9,14 +9,15 @@
    written.  Target: >= 85 % of the copy's rate.
 2. Fused forward (``fastgrad.kernels.cuda.dense_forward``: GEMM + bias +
    relu) against a bare ``cupy.matmul`` of the same shape.  Target <= 1.1x.
-3. Whole training step (``fg.TrainStep``, batch on the GPU) against PyTorch
+3. Whole training step (``fg.TrainStep``, batch on the GPU; eager, and with
+   ``cuda_graph=True``) against PyTorch
    eager on the GPU (same MLP, ``clip_grad_norm_(1.0)``, fused Adam) on the
    workloads of width <= 256 (bench/workloads.py: tiny, mnist, deep).  Wall
    time per step over blocks of steps with a device sync at each end (the
    host's launch work counts: at these widths it is most of a step).
-   Target: torch / fastgrad >= 3.  Also the CUDA-graph attempt
-   (``kernels.cuda.step.GraphedTrainStep``): whether capture works (CuPy
-   refuses cuBLAS under capture, cupy#6290) and what a replay costs.
+   Target: torch / fastgrad >= 3.  Also whether the graph was captured
+   (GEMMs through fastgrad's own kernel), and whether CuPy lets cuBLAS
+   GEMMs be captured at all (cupy#6290; ``GraphedTrainStep(gemm="cublas")``).
 
 Device times come from CUDA events, wall times from ``perf_counter`` between
 syncs; contenders alternate in short rounds and every ratio is the median of
@@ -135,9 +136,9 @@ def forward_vs_gemm(batch, n_in, n_out, rounds, target_ms):
             "rel_error_vs_float64": err}
 
 
-def _graphed(sizes, batch, act, loss):
-    """A GraphedTrainStep on the buffers of a TrainStep built as fastgrad's
-    contender is; returns (callable, the object)."""
+def _graphed(sizes, batch, act, loss, gemm="cublas"):
+    """A GraphedTrainStep (GEMMs: ``gemm``) on the buffers of a TrainStep
+    built as fastgrad's contender is; returns (callable, the object)."""
     from fastgrad.kernels.cuda.step import GraphedTrainStep
     from fastgrad.losses import LOSSES
     model = fg.MLP(sizes, activation=act, seed=0, device="cuda")
@@ -147,7 +148,7 @@ def _graphed(sizes, batch, act, loss):
     s0, s1, s2 = opt._buffers()
     g = GraphedTrainStep(ts._loss_kind, model.params, model.grads, ts._sizes, ts._codes,
                          ts._alphas, model.layer_offsets, acts, zs, delta, opt.rule, s0, s1, s2,
-                         opt._layer_sq, opt._clip_norm, opt._clip_value, batch)
+                         opt._layer_sq, opt._clip_norm, opt._clip_value, batch, gemm=gemm)
     xn, yn = data(sizes, batch, loss)
     x = model._xp.asarray(xn)
     labels = model._xp.asarray(yn) if yn.dtype.kind == "i" else g.labels
@@ -165,8 +166,15 @@ def step_vs_torch(name, rounds, target_ms, smoke):
     cp = _cupy()
     sizes, batch, act, loss = (SMOKE_WORKLOADS if smoke else WORKLOADS)[name]
     contenders = {"fastgrad": make_fastgrad(sizes, batch, act, loss, device="cuda")}
-    graph_step, graphed = _graphed(sizes, batch, act, loss)
-    contenders["fastgrad_graph"] = graph_step
+    contenders["fastgrad_graph"] = make_fastgrad(sizes, batch, act, loss, device="cuda",
+                                                 cuda_graph=True)
+    for _ in range(3):
+        contenders["fastgrad_graph"]()
+    graphed = next(iter(contenders["fastgrad_graph"].train_step._graphs.values()))
+    # Does CuPy let cuBLAS GEMMs be captured (cupy#6290)?  Three calls tell.
+    cublas_step, cublas_graphed = _graphed(sizes, batch, act, loss)
+    for _ in range(3):
+        cublas_step()
     torch_note = None
     try:
         import torch
@@ -184,7 +192,9 @@ def step_vs_torch(name, rounds, target_ms, smoke):
     out = {"workload": name, "sizes": sizes, "batch": batch,
            **{f"{k}_ms": statistics.median(v) for k, v in t.items()},
            "graph_captured": graphed.graph is not None,
-           "graph_fallback": graphed.fallback_reason, "torch": torch_note}
+           "graph_fallback": graphed.fallback_reason,
+           "cublas_graph_captured": cublas_graphed.graph is not None,
+           "cublas_graph_fallback": cublas_graphed.fallback_reason, "torch": torch_note}
     if "torch" in t:
         out["torch_over_fastgrad"] = ratio(t, "torch", "fastgrad")
         out["torch_over_fastgrad_graph"] = ratio(t, "torch", "fastgrad_graph")
@@ -229,6 +239,8 @@ def main(argv=None):
               f"{vs}", flush=True)
         if r["graph_fallback"]:
             print(f"    graph fallback: {r['graph_fallback']}")
+        print(f"    graph with cuBLAS GEMMs: "
+              f"{'captured' if r['cublas_graph_captured'] else r['cublas_graph_fallback']}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))
     return 0

@@ -40,16 +40,18 @@ def gemm_flops(sizes, batch):
     return 2 * f + f - 2 * batch * sizes[0] * sizes[1]
 
 
-def make_fastgrad(sizes, batch, act, loss, device="cpu"):
+def make_fastgrad(sizes, batch, act, loss, device="cpu", cuda_graph=False):
     import fastgrad as fg
     from fastgrad.losses import LOSSES
     model = fg.MLP(sizes, activation=act, seed=0, device=device)
     opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
-    step = fg.TrainStep(model, LOSSES[loss](), opt)
+    step = fg.TrainStep(model, LOSSES[loss](), opt, cuda_graph=cuda_graph)
     x, y = data(sizes, batch, loss)
     if device == "cuda":                   # the batch lives on the GPU, as torch's does
         x, y = model._xp.asarray(x), model._xp.asarray(y)
-    return lambda: step(x, y)
+    run = functools.partial(step, x, y)
+    run.train_step = step
+    return run
 
 
 def make_gemm_floor(sizes, batch, act, loss):

@@ -38,7 +38,8 @@ step count of the update it is about to queue (earlier queued updates may
 have been skipped).  The device keeps the count; ``_kernel_args()`` returns
 a table of ``hp`` rows for every count the device can be at (from the last
 count the host has read back to that plus the number of updates still in
-flight), and the clip kernel picks the row of its count (see
+flight; a fixed 17 rows, the unused ones marked -1, so that a CUDA graph can
+replay it), and the clip kernel picks the row of its count (see
 ``fastgrad.kernels.cuda.optim``).  ``_commit`` queues an asynchronous copy of
 the update's control block and layer norms into pinned host memory and
 returns a :class:`StepStats` that fills itself from it when first read.  The
@@ -529,9 +530,12 @@ class Optimizer:
             self._lr_now = self._fill_row(self._hp, self._step_count)
             return self.rule, s0, s1, s2, self._hp
         self._poll()
-        table = self._book.table[:len(self._book.queue) + 1]
-        for r, row in enumerate(table):
-            self._fill_row(row, self._step_count + r)
+        table = self._book.table
+        used = len(self._book.queue) + 1
+        for r in range(used):
+            self._fill_row(table[r], self._step_count + r)
+        table[used:] = 0.0
+        table[used:, _k.HP_UPDATE] = -1.0       # no update index: never chosen
         return self.rule, s0, s1, s2, table
 
     def _commit(self, norm, scale, skipped, layer_sq, with_loss=False):

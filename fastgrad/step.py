@@ -41,6 +41,12 @@ class TrainStep:
     update, as in a PyTorch loop) and leaves the update's statistics in
     ``step.stats``.
 
+    ``cuda_graph=True`` (CUDA, plain models) replays each batch size's step
+    from a CUDA graph captured on its second call, with fastgrad's own GEMM
+    kernel (CuPy cannot capture cuBLAS); ``step._graphs`` holds the graphed
+    steps (``.graph`` is None and ``.fallback_reason`` says why if capture
+    failed: the step then runs eagerly).  Not yet measured on a GPU.
+
     On CUDA a call only queues work: the loss is a 0-d float64 CuPy array
     and ``step.stats`` fills itself when first read (see
     ``fastgrad.optim``); reading either waits for that step.  NumPy inputs
@@ -50,7 +56,7 @@ class TrainStep:
     step's stats are read back (host labels raise at once, as on the CPU).
     """
 
-    def __init__(self, model, loss_fn, opt):
+    def __init__(self, model, loss_fn, opt, cuda_graph=False):
         if not isinstance(model, Sequential):
             raise TypeError(f"model must be a fastgrad Sequential/MLP, got {type(model).__name__}")
         name = getattr(loss_fn, "name", None)
@@ -67,6 +73,13 @@ class TrainStep:
         # loss is read back each step).  A fused CUDA step for them is not
         # written yet.
         self._composed = self._blocks and model.device == "cuda"
+        # CUDA graphs: the step's launches replayed as one graph per batch
+        # size (GEMMs through fastgrad's own kernel: CuPy refuses cuBLAS in a
+        # capture).  Off by default until it has been measured on a GPU.
+        self.cuda_graph = bool(cuda_graph)
+        if self.cuda_graph and (model.device != "cuda" or self._blocks):
+            raise ValueError("cuda_graph=True needs a CUDA model without toolkit layers")
+        self._graphs = {}
         if model.device == "cuda":
             # One Python function issuing the step's launches on the current
             # stream (no host sync inside); see kernels/cuda/step.py.
@@ -127,6 +140,23 @@ class TrainStep:
                     B, self._sizes, self.model.layer_offsets, self._loss_kind, dt,
                     optim=self.opt._device_buffers())
         return buf
+
+    def _graph_for(self, B, rule, s0, s1, s2):
+        """The graphed step of batch size B on the current buffers; a new
+        one when anything frozen into a graph changed (clipping, rule,
+        optimizer state buffers after a load)."""
+        opt = self.opt
+        key = (B, int(rule), opt._clip_norm, opt._clip_value, id(s0), id(s1), id(s2))
+        g = self._graphs.get(key)
+        if g is None:
+            acts, zs, delta = self._buffers_for(B)
+            model = self.model
+            g = self._graphs[key] = self._kernels.GraphedTrainStep(
+                self._loss_kind, model.params, model.grads, self._sizes, self._codes,
+                self._alphas, model.layer_offsets, acts, zs, delta, rule, s0, s1, s2,
+                self._layer_sq, opt._clip_norm, opt._clip_value, B,
+                optim=opt._device_buffers())
+        return g
 
     def _extra(self, B):
         """Keyword arguments only the CUDA twin takes (its scratch space)."""
@@ -227,6 +257,11 @@ class TrainStep:
         if model.training:
             model._next_dropout_step()
         acts, zs, delta = self._buffers_for(B)
+        if self.cuda_graph:
+            loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
+                x, labels, target, hp)
+            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq, with_loss=True)
+            return loss
         loss, norm, scale, skipped = self._kernels.train_step(
             x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
             self._codes, self._alphas, model.layer_offsets, acts, zs, delta,

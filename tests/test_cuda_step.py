@@ -258,3 +258,35 @@ def test_gpu_targets_script_runs(cp, tmp_path):
     res = json.loads((tmp_path / "t.json").read_text())
     assert len(res["adam"]) == 1 and len(res["forward"]) == 1 and len(res["step"]) == 3
     assert res["forward"][0]["rel_error_vs_float64"] < 1e-5
+
+
+def test_cuda_graph_step_matches_cpu(cp, rng, lagging):
+    """TrainStep(cuda_graph=True): captured on its second call (fastgrad's
+    own GEMM), replayed afterwards with each step's hp row chosen on the
+    device -- the same stats and parameters as the CPU, skips in flight
+    included, and no wait for the device after the capture."""
+    steps = []
+    for dev, graph in (("cpu", False), ("cuda", True)):
+        m = fg.MLP(SIZES, activation="tanh", device=dev, seed=4)
+        opt = fg.Adam(m, lr=warmup_cosine(3e-2, warmup_steps=5, decay_steps=30), clip_norm=0.5)
+        steps.append(fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt, cuda_graph=graph))
+    cpu, gpu = steps
+    data = _batches(rng, 24, bad={3, 4, 15})
+    stats = []
+    for t, (x, y) in enumerate(data):
+        if t == 2:
+            syncs0 = lagging()
+        gpu(x, y)
+        stats.append(gpu.stats)
+    if syncs0 is not None:
+        assert lagging() == syncs0, "a graphed step waited for the device"
+    (graphed,) = gpu._graphs.values()
+    assert graphed.graph is not None, graphed.fallback_reason
+    for t, (x, y) in enumerate(data):
+        cpu(x, y)
+        _same_stats(stats[t], cpu.stats, t)
+    assert gpu.opt.step_count == cpu.opt.step_count == 21
+    assert_close(gpu.model.params, to_numpy(cpu.model.params), np.float32, rtol=1e-3,
+                 what="params after 24 steps")
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        fg.TrainStep(cpu.model, fg.SoftmaxCrossEntropy(), cpu.opt, cuda_graph=True)

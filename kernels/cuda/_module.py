@@ -41,8 +41,10 @@ def _names():
     losses.append("fg_mean<double>")
     reduce_.append("fg_seg_sumsq_final<double>")
     optim.append("fg_clip_control<double>")
+    gemm = [f"fg_gemm<{t}, {ta}, {tb}>" for t in _DTYPES.values()
+            for ta, tb in ((0, 0), (1, 0), (0, 1))]
     return {"activations.cu": acts, "losses.cu": losses, "reduce.cu": reduce_,
-            "optim.cu": optim, **_toolkit_names()}
+            "optim.cu": optim, "gemm.cu": gemm, **_toolkit_names()}
 
 
 def _toolkit_names():

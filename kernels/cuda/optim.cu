@@ -10,8 +10,8 @@
 // The step count lives on the device too.  The host cannot know it without
 // waiting (it does not know whether the updates it queued were skipped), so
 // it uploads a table of hp rows, one per update index it may be at (row r
-// made for k = table[0][HP_UPDATE] + r), and fg_clip_control copies the row
-// of the device's count into hp.  A captured CUDA graph thus replays with
+// made for k = table[0][HP_UPDATE] + r; unused rows -1), and fg_clip_control
+// copies the row of the device's count into hp.  A captured CUDA graph thus replays with
 // each step's learning rate and bias corrections.
 //
 // Compiled with --fmad=false (see common.cuh): every + and * rounds as in
@@ -32,8 +32,13 @@ __global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm, con
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     long long row = 0;
-    if (match_step) row = (long long)(step[0] - table[fg::HP_UPDATE]);
-    const bool lost = row < 0 || row >= n_rows;
+    bool lost = false;
+    if (match_step) {
+        row = (long long)(step[0] - table[fg::HP_UPDATE]);
+        // Unused rows carry HP_UPDATE = -1 (the table has a fixed size so
+        // that a captured graph can replay it): a row must name the count.
+        lost = row < 0 || row >= n_rows || table[row * fg::HP_SIZE + fg::HP_UPDATE] != step[0];
+    }
     if (lost) row = 0;
     for (int k = 0; k < fg::HP_SIZE; ++k) hp[k] = table[row * fg::HP_SIZE + k];
     const double status = ctl[fg::CTL_STATUS];

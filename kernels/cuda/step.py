@@ -20,12 +20,14 @@ CUDA graphs
 :class:`GraphedTrainStep` captures one ``train_step`` with
 ``stream.begin_capture()`` / ``end_capture()`` on fixed input buffers and
 replays it with ``graph.launch()``.  CuPy refuses calls into cuBLAS while a
-stream is capturing (cupy/cupy issue 6290, open: NotImplementedError or a
-CUDA error from ``cupy.matmul``), so the capture is attempted once and, if
-anything raises, the step falls back to plain launches for good
-(``fallback_reason`` says why).  Getting a real graph needs GEMMs that can
-be captured (cuBLAS through ``cupy_backends.cuda.libs.cublas`` on a handle
-with a preset workspace, or fastgrad's own small-width GEMM kernels).
+stream is capturing (cupy/cupy issue 6290, open: its cuBLAS binding raises
+NotImplementedError), so by default the graphed step runs its GEMMs through
+fastgrad's own kernel (``gemm.cu``, meant for the small widths where a step
+is bound by launches), eager calls included, so that a replay gives the
+eager call's bits; ``gemm="cublas"`` keeps ``cupy.matmul`` and shows
+whether capture fails.  The capture is attempted once and, if anything
+raises, the step falls back to plain launches for good
+(``fallback_reason`` says why).
 
 To measure on a GPU (``cupyx.profiler.benchmark`` or CUDA events, never a
 host timer around a launch):
@@ -120,10 +122,17 @@ def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     return W, b, dW, db, a, z
 
 
+def _cublas(a, b, out):
+    return cupy.matmul(a, b, out=out)
+
+
 def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                     offsets, acts, zs, delta, ws=None):
+                     offsets, acts, zs, delta, ws=None, gemm=None):
     """Forward, loss and backward; writes ``grads``; returns the mean loss
-    (0-d float64 cupy array)."""
+    (0-d float64 cupy array).  ``gemm(a, b, out)``: the GEMM to use
+    (default cuBLAS through ``cupy.matmul``; ``kernels.cuda.gemm.gemm`` for
+    a step captured in a CUDA graph)."""
+    mm = _cublas if gemm is None else gemm
     sizes, codes = _host(sizes, np.int64), _host(codes, np.int64)
     alphas, offsets = _host(alphas, np.float64), _host(offsets, np.int64)
     B = x.shape[0]
@@ -136,7 +145,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
         if codes[l] != _GELU:
             z = a
-        cupy.matmul(h, W, out=z)
+        mm(h, W, z)
         bias_act(z, b, a, int(codes[l]), float(alphas[l]))
         h = a
         act_off += B * int(sizes[l + 1])
@@ -163,20 +172,20 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
                       ws.grad_partials(B, int(sizes[l + 1])))
         if l > 0:
             h = acts[act_off - B * int(sizes[l]):act_off].reshape(B, int(sizes[l]))
-            cupy.matmul(h.T, da, out=dW)
+            mm(h.T, da, dW)
             nxt = (1 - ping) * half
             dx = delta[nxt:nxt + B * int(sizes[l])].reshape(B, int(sizes[l]))
-            cupy.matmul(da, W.T, out=dx)
+            mm(da, W.T, dx)
             da = dx
             ping = 1 - ping
         else:
-            cupy.matmul(x.T, da, out=dW)
+            mm(x.T, da, dW)
     return ws.loss[0]
 
 
 def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                offsets, acts, zs, delta,
-               rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value, ws=None):
+               rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value, ws=None, gemm=None):
     """forward_backward, then the optimizer's clipped update in place.
 
     Returns (loss, grad_norm, clip_scale, skipped) as 0-d float64 cupy arrays
@@ -188,7 +197,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
         ws = Workspace(x.shape[0], sizes, offsets, loss_kind, params.dtype)
     offsets = _host(offsets, np.int64)
     loss = forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
-                            alphas, offsets, acts, zs, delta, ws=ws)
+                            alphas, offsets, acts, zs, delta, ws=ws, gemm=gemm)
     norm, scale, skipped = _optim.clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                                  layer_sq, clip_norm, clip_value,
                                                  ws=ws.optim_buffers())
@@ -209,11 +218,20 @@ class GraphedTrainStep:
     are frozen into the graph (build a new object to change them).
 
     Parameters: those of :func:`train_step` without ``x, labels, target, hp``,
-    plus ``batch`` (B) and ``use_graph``.
+    plus ``batch`` (B), ``use_graph``, ``gemm``: ``"fastgrad"`` (default,
+    capturable) or ``"cublas"`` (``cupy.matmul``), and ``optim``: an
+    optimizer's device buffers (``fastgrad.optim``: control block, step
+    count, hp table), with which each call's ``hp`` is that optimizer's
+    fixed-size table of rows and the step count stays on the device.
     """
 
     def __init__(self, loss_kind, params, grads, sizes, codes, alphas, offsets, acts, zs, delta,
-                 rule, s0, s1, s2, layer_sq, clip_norm, clip_value, batch, use_graph=True):
+                 rule, s0, s1, s2, layer_sq, clip_norm, clip_value, batch, use_graph=True,
+                 gemm="fastgrad", optim=None):
+        if gemm not in ("fastgrad", "cublas"):
+            raise ValueError(f"gemm must be 'fastgrad' or 'cublas', got {gemm!r}")
+        from .gemm import gemm as own_gemm
+        self._gemm = own_gemm if gemm == "fastgrad" else None
         self.sizes = _host(sizes, np.int64)
         self.codes = _host(codes, np.int64)
         self.alphas = _host(alphas, np.float64)
@@ -228,7 +246,9 @@ class GraphedTrainStep:
         else:
             self.labels = cupy.zeros(0, np.int64)
             self.target = cupy.empty((self.B, int(self.sizes[-1])), dt)
-        self.ws = Workspace(self.B, self.sizes, self.offsets, self.loss_kind, dt)
+        self.ws = Workspace(self.B, self.sizes, self.offsets, self.loss_kind, dt, optim=optim)
+        # Where each call's hp goes: the row buffer, or the optimizer's table.
+        self._hp = self.ws.hp if optim is None else optim["table"].reshape(-1, _optim.HP_SIZE)
         self._bufs = (params, grads, acts, zs, delta, rule, s0, s1, s2, layer_sq,
                       float(clip_norm), float(clip_value))
         self.use_graph = bool(use_graph)
@@ -241,8 +261,8 @@ class GraphedTrainStep:
          clip_norm, clip_value) = self._bufs
         return train_step(self.x, self.labels, self.target, self.loss_kind, params, grads,
                           self.sizes, self.codes, self.alphas, self.offsets, acts, zs, delta,
-                          rule, s0, s1, s2, self.ws.hp, layer_sq, clip_norm, clip_value,
-                          ws=self.ws)
+                          rule, s0, s1, s2, self._hp, layer_sq, clip_norm, clip_value,
+                          ws=self.ws, gemm=self._gemm)
 
     def _capture(self):
         stream = cupy.cuda.Stream(non_blocking=True)
@@ -277,7 +297,7 @@ class GraphedTrainStep:
             self.labels[...] = labels
         else:
             self.target[...] = target
-        _optim.upload_hp(hp, self.ws.hp)
+        _optim.upload_hp(hp, self._hp)
         self._calls += 1
         if self.use_graph and self.graph is None and self.fallback_reason is None \
                 and self._calls >= 2:
