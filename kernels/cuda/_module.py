@@ -104,6 +104,20 @@ def kernel(filename, name):
     return k
 
 
+_scratch = {}      # (name, device id) -> float64 device array
+
+
+def scratch(name, size=1):
+    """A float64 device array nobody reads back, one per name and device:
+    the target of optional outputs (a status flag, an unmatched step
+    count).  Allocated once, outside any graph capture."""
+    key = (name, cupy.cuda.runtime.getDevice())
+    buf = _scratch.get(key)
+    if buf is None:
+        buf = _scratch[key] = cupy.zeros(size, np.float64)
+    return buf
+
+
 def ctype(dtype):
     """"float" or "double" for a float32/float64 dtype; TypeError otherwise."""
     try:

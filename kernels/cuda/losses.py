@@ -39,17 +39,6 @@ def _mean(terms, n_terms, out, div):
     return out
 
 
-_status_sinks = {}          # device id -> float64[1] nobody reads
-
-
-def _status_sink():
-    dev = cupy.cuda.runtime.getDevice()
-    sink = _status_sinks.get(dev)
-    if sink is None:
-        sink = _status_sinks[dev] = cupy.zeros(1, np.float64)
-    return sink
-
-
 def softmax_cross_entropy(logits, labels, grad, out=None, work=None, status=None):
     """Mean softmax cross-entropy over rows, int64 ``labels``.
 
@@ -67,7 +56,7 @@ def softmax_cross_entropy(logits, labels, grad, out=None, work=None, status=None
     k = _m.kernel(_FILE, f"fg_softmax_xent<{_m.ctype(logits.dtype)}>")
     k((-(-rows // _ROWS_PER_BLOCK),), (32 * _ROWS_PER_BLOCK,),
       (logits, labels, grad, row_loss, _m.i64(rows), _m.i64(cols),
-       _status_sink() if status is None else status))
+       _m.scratch("status") if status is None else status))
     return _mean(row_loss, rows, out, rows)
 
 

@@ -77,18 +77,6 @@ def upload_hp(hp, dst=None):
     return uploader().upload(host, dst)
 
 
-_step_sinks = {}            # device id -> float64[1]: the count of unmatched tables
-
-
-def _step_sink():
-    # Allocated once, outside any graph capture (no allocation while capturing).
-    dev = cupy.cuda.runtime.getDevice()
-    sink = _step_sinks.get(dev)
-    if sink is None:
-        sink = _step_sinks[dev] = cupy.zeros(1, np.float64)
-    return sink
-
-
 def clip_control(total_sq, ctl, clip_norm, table, hp_dev, step=None):
     """Enqueue ctl (``CTL_*``) from the squared norm and copy this update's
     row of ``table`` into ``hp_dev``: the row of the device count ``step``
@@ -96,7 +84,7 @@ def clip_control(total_sq, ctl, clip_norm, table, hp_dev, step=None):
     rows = table.reshape(-1, HP_SIZE)
     match = step is not None
     if step is None:
-        step = _step_sink()
+        step = _m.scratch("step")
     k = _m.kernel(_FILE, "fg_clip_control<double>")
     k((1,), (32,), (total_sq, ctl, _m.f64(clip_norm), rows, _m.i64(rows.shape[0]),
                     _m.i64(int(match)), hp_dev, step))
