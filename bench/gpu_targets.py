@@ -9,6 +9,7 @@
    written.  Target: >= 85 % of the copy's rate.
 2. Fused forward (``fastgrad.kernels.cuda.dense_forward``: GEMM + bias +
    relu) against a bare ``cupy.matmul`` of the same shape.  Target <= 1.1x.
+   Also fastgrad's own GEMM (``gemm.cu``, used by graphed steps) against it.
 3. Whole training step (``fg.TrainStep``, batch on the GPU; eager, and with
    ``cuda_graph=True``) against PyTorch
    eager on the GPU (same MLP, ``clip_grad_norm_(1.0)``, fused Adam) on the
@@ -125,14 +126,18 @@ def forward_vs_gemm(batch, n_in, n_out, rounds, target_ms):
                    ).astype(np.float32)
     b = cp.asarray(rng.standard_normal(n_out, dtype=np.float32))
     z, a = cp.empty((batch, n_out), np.float32), cp.empty((batch, n_out), np.float32)
+    from fastgrad.kernels.cuda.gemm import gemm
     relu = fg.ops.resolve_activation("relu")[0]
+    zo = cp.empty_like(z)
     t = interleaved({"gemm": lambda: cp.matmul(x, W, out=z),
-                     "fused": lambda: dense_forward(x, W, b, a, a, relu, 0.0)},
+                     "fused": lambda: dense_forward(x, W, b, a, a, relu, 0.0),
+                     "own_gemm": lambda: gemm(x, W, zo)},
                     device_ms, rounds, target_ms, cp.cuda.Device().synchronize)
     ref = np.maximum(cp.asnumpy(x).astype(np.float64) @ cp.asnumpy(W) + cp.asnumpy(b), 0)
     err = float(np.linalg.norm(cp.asnumpy(a) - ref) / np.linalg.norm(ref))
     return {"shape": [batch, n_in, n_out], "gemm_ms": statistics.median(t["gemm"]),
             "fused_ms": statistics.median(t["fused"]), "fused_over_gemm": ratio(t, "fused", "gemm"),
+            "own_gemm_over_cublas": ratio(t, "own_gemm", "gemm"),
             "rel_error_vs_float64": err}
 
 
@@ -227,7 +232,8 @@ def main(argv=None):
         r = res["forward"][-1]
         print(f"fused forward {shape}: {r['fused_ms'] * 1e3:8.1f} us vs GEMM "
               f"{r['gemm_ms'] * 1e3:8.1f} us -> {r['fused_over_gemm']:.3f}x (target <= 1.1), "
-              f"rel. error {r['rel_error_vs_float64']:.1e}", flush=True)
+              f"rel. error {r['rel_error_vs_float64']:.1e}; own GEMM (graphs) "
+              f"{r['own_gemm_over_cublas']:.2f}x cuBLAS", flush=True)
     for name in STEP_WORKLOADS:
         res["step"].append(step_vs_torch(name, rounds, block, args.smoke))
         r = res["step"][-1]
