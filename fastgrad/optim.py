@@ -141,6 +141,9 @@ class StepStats:
 
     __hash__ = None
 
+    def __reduce__(self):               # pickles the values (waits for a pending update)
+        return StepStats, self._get()
+
     def __repr__(self):
         if self._values is None and not self.ready:
             return "StepStats(<on the device>)"

@@ -218,6 +218,9 @@ def test_step_stats_are_read_only(cp, rng, lagging):
     with pytest.raises(AttributeError):
         gpu.stats.step = 3
     assert gpu.stats == gpu.opt.last_stats and "grad_norm=" in repr(gpu.stats)
+    gpu(*_batches(rng, 1)[0])
+    import pickle
+    assert pickle.loads(pickle.dumps(gpu.stats)) == gpu.stats     # a pending one too
 
 
 def test_fit_on_a_dataset_on_the_gpu(cp, rng, lagging):

@@ -1,6 +1,7 @@
 """fastgrad.optim: every rule against the float64 reference and PyTorch,
 clipping, the non-finite skip, checkpoints and the kernel contract."""
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -182,6 +183,7 @@ def test_step_stats_value_semantics():
     with pytest.raises(AttributeError):
         a.grad_norm = 0.0
     assert repr(a).startswith("StepStats(step=1, lr=0.1, grad_norm=")
+    assert pickle.loads(pickle.dumps(a)) == a
 
 
 def test_float32_follows_float64_reference():
