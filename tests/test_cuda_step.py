@@ -293,3 +293,26 @@ def test_cuda_graph_step_matches_cpu(cp, rng, lagging):
                  what="params after 24 steps")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
         fg.TrainStep(cpu.model, fg.SoftmaxCrossEntropy(), cpu.opt, cuda_graph=True)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_cuda_graph_regression_losses(cp, rng, lagging, loss):
+    """cuda_graph=True with target losses, targets on the host and on the
+    device: the eager CUDA step's numbers (different GEMM, so to rounding)."""
+    loss_fn = fg.MSE() if loss == "mse" else fg.BCEWithLogits()
+    steps = []
+    for graph in (False, True):
+        m = fg.MLP(SIZES, activation="relu", device="cuda", seed=2)
+        steps.append(fg.TrainStep(m, loss_fn, fg.SGD(m, lr=0.05, momentum=0.9, clip_norm=1.0),
+                                  cuda_graph=graph))
+    for t in range(6):
+        x = rng.standard_normal((16, SIZES[0])).astype(np.float32)
+        y = rng.uniform(0, 1, (16, SIZES[-1])).astype(np.float32)
+        if t % 2:
+            x, y = cp.asarray(x), cp.asarray(y)
+        le, lg = (float(s(x, y)) for s in steps)
+        assert_close(lg, le, np.float32, rtol=1e-4, what=f"loss {t}")
+        _same_stats(steps[1].stats, steps[0].stats, t)
+    assert all(g.graph is not None for g in steps[1]._graphs.values())
+    assert_close(steps[1].model.params, to_numpy(steps[0].model.params), np.float32,
+                 rtol=1e-4, what="params")
