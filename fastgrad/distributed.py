@@ -367,15 +367,15 @@ class DataParallel:
             self.opt.grads[...] = 0       # contributes nothing to the sum
             loss = 0.0
         else:
-            # A float: the loss takes part in an MPI reduction (on CUDA this
-            # read waits for the device; the gradient path does not).
-            loss = float(self.train_step.gradients(x, y))
+            loss = self.train_step.gradients(x, y)
         weight = self._weight(n, global_batch)
         req = None
         if self.global_loss and self.world > 1:
             # Started before the gradient allreduce, progressed by it, and
-            # waited for after the update: no extra synchronisation point.
-            self._loss_buf[0] = loss * weight if n else 0.0
+            # waited for after the update: no extra MPI synchronisation
+            # point.  MPI takes a host float (on CUDA that read waits for
+            # the device).
+            self._loss_buf[0] = float(loss) * weight if n else 0.0
             req = self.comm.Iallreduce(_MPI.IN_PLACE, self._loss_buf, op=_MPI.SUM)
         self._average_grads(weight)
         self.stats = self.opt.step()

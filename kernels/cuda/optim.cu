@@ -11,8 +11,8 @@
 // waiting (it does not know whether the updates it queued were skipped), so
 // it uploads a table of hp rows, one per update index it may be at (row r
 // made for k = table[0][HP_UPDATE] + r; unused rows -1), and fg_clip_control
-// copies the row of the device's count into hp.  A captured CUDA graph thus replays with
-// each step's learning rate and bias corrections.
+// copies the row of the device's count into hp.  A captured CUDA graph thus
+// replays with each step's learning rate and bias corrections.
 //
 // Compiled with --fmad=false (see common.cuh): every + and * rounds as in
 // Numba without fastmath, sqrt and / are IEEE-rounded, so given the same

@@ -72,8 +72,9 @@ class Workspace:
     """Every scratch buffer of one step at batch size ``B`` (device arrays).
 
     ``optim`` (optional) holds the optimizer's own device buffers (the
-    control block ``ctl``, the device step count ``step``, the ``hp`` row
-    and ``table``: ``fastgrad.optim`` passes them so that the step's record
+    control block ``ctl``, the device step count ``step``, the ``hp`` row,
+    ``table``, ``total`` and ``norm_work``: ``fastgrad.optim`` passes them so
+    that the step's record
     lands where the optimizer reads it back); without it the workspace has
     its own ``ctl`` and ``hp``.  The step's loss is written into
     ``ctl[CTL_LOSS]`` and a bad label raises ``ctl[CTL_STATUS]``; results
@@ -93,11 +94,14 @@ class Workspace:
         self.grad_work = cupy.empty(grad_elems, dtype)
         self.loss_work = cupy.empty(
             _losses.work_size(_LOSS_NAMES[int(loss_kind)], (B, int(sizes[-1]))), np.float64)
-        self.norm_work = cupy.empty(_reduce.partial_size(offsets), np.float64)
-        self.total = cupy.zeros(1, np.float64)
+        # The update's buffers: the optimizer's when given (they depend on
+        # the layer offsets only, not on B), else this workspace's own.
         self._optim = dict(optim or {})
-        self._optim.setdefault("ctl", cupy.zeros(_optim.CTL_SIZE, np.float64))
-        self._optim.setdefault("hp", cupy.zeros(_optim.HP_SIZE, np.float64))
+        if "norm_work" not in self._optim:
+            self._optim["norm_work"] = cupy.empty(_reduce.partial_size(offsets), np.float64)
+        for name, size in (("total", 1), ("ctl", _optim.CTL_SIZE), ("hp", _optim.HP_SIZE)):
+            if name not in self._optim:
+                self._optim[name] = cupy.zeros(size, np.float64)
         self.ctl, self.hp = self._optim["ctl"], self._optim["hp"]
         self.loss = self.ctl[_optim.CTL_LOSS:_optim.CTL_LOSS + 1]
         self.status = self.ctl[_optim.CTL_STATUS:_optim.CTL_STATUS + 1]
@@ -107,7 +111,7 @@ class Workspace:
         return None if shape is None else self.grad_work[:shape[0] * shape[1]].reshape(shape)
 
     def optim_buffers(self):
-        return dict(self._optim, total=self.total, norm_work=self.norm_work)
+        return self._optim
 
 
 def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
