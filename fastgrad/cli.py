@@ -211,14 +211,16 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
         # What a first attempt often does: unit-variance weights whatever the
         # fan-in.  Each relu layer then multiplies the signal by ~sqrt(width/2).
         rng = np.random.default_rng(seed)
+        from fastgrad.device import array_module
+        xp = array_module(model.device)    # CuPy takes no NumPy array in a[...] =
         for layer in model.layers:
             w = rng.normal(0.0, row.naive_std, layer.W.shape)
             if layer.weight_norm:
-                layer.v[...] = w
-                layer.g[...] = np.sqrt((w ** 2).sum(axis=0))
+                layer.v[...] = xp.asarray(w, dtype=layer.v.dtype)
+                layer.g[...] = xp.asarray(np.sqrt((w ** 2).sum(axis=0)), dtype=layer.g.dtype)
                 layer._weight_norm_forward()
             else:
-                layer.W[...] = w
+                layer.W[...] = xp.asarray(w, dtype=layer.W.dtype)
     lr = row.lr
     rate = fg.schedules.exponential_decay(lr, row.decay[0], row.decay[1]) if row.decay else lr
     opt = make_optimizer(row.optimizer, model, rate, row.clip_norm, row.clip_value)

@@ -256,7 +256,10 @@ class Optimizer:
             if p.ndim != 1 or g.shape != p.shape:
                 raise ValueError(f"params and grads must be 1-D of one length, "
                                  f"got shapes {p.shape} and {g.shape}")
-            if not (p.flags.c_contiguous and g.flags.c_contiguous and p.flags.writeable):
+            # CuPy arrays have no read-only flag (their flags are c_contiguous,
+            # f_contiguous and owndata only): only NumPy params can be read-only.
+            writeable = dev == "cuda" or p.flags.writeable
+            if not (p.flags.c_contiguous and g.flags.c_contiguous and writeable):
                 raise ValueError("params and grads must be contiguous and params writeable")
             off = getattr(params, "layer_offsets", None)
             off = (np.array([0, p.size], np.int64) if off is None

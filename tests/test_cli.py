@@ -102,3 +102,15 @@ def test_explode_evaluates_in_eval_mode(monkeypatch):
     row = cli.ExplodeRow("dropout", optimizer="adam", lr=1e-3, dropout=0.1, norm="batch")
     res, mon = cli.run_explode_row(row, data, 2, 16, 1, 64, 0, "cpu")
     assert seen == [False] and len(mon) > 0 and res["params_finite"]
+
+
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_explode_naive_init_rows_run_on_every_device(device, weight_norm):
+    """The naive-init rows overwrite the weights from NumPy draws: on CUDA they
+    must reach the device through the array module (CuPy refuses a NumPy array
+    as the value of ``a[...] =``)."""
+    from fastgrad import cli
+    data = cli.load_digits_split(0)
+    row = cli.ExplodeRow("naive", lr=0.05, naive_std=1.0, weight_norm=weight_norm)
+    res, mon = cli.run_explode_row(row, data, 2, 8, 1, 256, 0, device)
+    assert len(mon) > 0 and res["label"] == "naive"

@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PAD = 4096
 
 
-from fakecupy import fake_cupy, unwrap_kernel_arg, device_work  # noqa: E402
+from fakecupy import device_work, fake_cupy, submodules, unwrap_kernel_arg  # noqa: E402
 
 
 _libs = {}
@@ -74,7 +74,9 @@ class Kernel:
         self.name = name
         self.fn, self.sig = _lib(filename, code, names)[name]
 
-    def __call__(self, grid, block, args):
+    def __call__(self, grid, block, args, *, shared_mem=0):
+        if shared_mem:
+            raise NotImplementedError("the emulator launches without dynamic shared memory")
         args = tuple(unwrap_kernel_arg(self.name, i, a) for i, a in enumerate(args))
         device_work(lambda: self._run(grid, block, args))
 
@@ -124,8 +126,12 @@ class Kernel:
 class RawModule:
     """cupy.RawModule stand-in: the code text is compiled by g++ (emu tag from its hash)."""
 
-    def __init__(self, code=None, options=(), name_expressions=(), **kw):
-        self.code, self.names = code, list(name_expressions)
+    def __init__(self, *, code=None, path=None, options=(), backend="nvrtc",
+                 translate_cucomplex=False, enable_cooperative_groups=False,
+                 name_expressions=None, jitify=False):
+        if code is None:
+            raise NotImplementedError("the emulator compiles RawModule(code=...) only")
+        self.code, self.names = code, list(name_expressions or ())
         self.tag = "mod" + hashlib.sha1(code.encode()).hexdigest()[:8]
         m = sys.modules.get("fastgrad.kernels.cuda._module")
         for f, n in (getattr(m, "NAMES", None) or {}).items():
@@ -145,4 +151,4 @@ def make_cupy():
 def install():
     """Fake cupy in sys.modules (its RawModule compiles with g++)."""
     if "cupy" not in sys.modules or sys.modules["cupy"] is None:
-        sys.modules["cupy"] = make_cupy()
+        sys.modules.update(submodules(make_cupy()))

@@ -1,18 +1,29 @@
-"""A fake ``cupy`` for the host emulator.
+"""A strict fake ``cupy`` for the host emulator.
+
+It defines exactly the part of CuPy's surface that fastgrad, its tests and
+its benchmarks use -- nothing falls through to NumPy -- and refuses what
+real CuPy refuses.  ``tests/test_emulator_surface.py`` checks every name,
+method, attribute and keyword offered here against the real ``cupy-cuda13x``
+wheel (which imports without a GPU), so a call the real package lacks fails
+in CI instead of on a GPU's first contact.
 
 ``ndarray`` WRAPS a NumPy array (it is not an np.ndarray subclass), so the
 host/device boundary behaves as in CuPy:
-  * ``np.asarray(cupy_array)`` raises TypeError (implicit conversion);
-  * cupy ops / ufuncs with a plain NumPy array operand raise TypeError;
+  * ``np.asarray(cupy_array)`` raises TypeError (no implicit conversion);
+  * cupy ops / ufuncs with a NumPy array operand raise TypeError, and so
+    does ``device_array[...] = numpy_array`` (CuPy accepts scalars only);
+  * ``flags`` has only ``c_contiguous``, ``f_contiguous``, ``owndata``;
   * reductions and indexing return 0-d device arrays, never NumPy scalars;
   * ``.get()``, ``cupy.asnumpy``, ``float()``/``bool()``/``int()`` are the
     device->host transfers (counted as syncs; illegal while capturing).
 Streams, events, pinned memory and CUDA-graph capture are emulated: while a
 stream captures, device work (kernel launches, GEMMs, elementwise ops,
-copies) is RECORDED, not run (outputs of recorded ops are NaN-filled until a
-replay), and ``graph.launch()`` replays it.  Host syncs during a capture
-raise (as CUDA's cudaErrorStreamCaptureUnsupported) and poison the capture.
-EMU_CAPTURE_MATMUL=raise makes GEMMs refuse capture (cupy issue 6290).
+device-to-device copies) is RECORDED, not run (outputs of recorded ops are
+NaN-filled until a replay), and ``graph.launch()`` replays it.  Host syncs and
+asynchronous host<->device copies during a capture raise and poison the
+capture.  EMU_CAPTURE_MATMUL=raise makes GEMMs refuse capture (cupy issue
+6290).  ``cupy.cuda.nccl`` is present with ``available = False``, as in a
+wheel installed without libnccl.
 """
 import ctypes
 import os
@@ -54,41 +65,78 @@ def _host_sync(what):
                            "capturing")
 
 
-# --- arrays -------------------------------------------------------------------
+def _refuse_during_capture(what):
+    if _capture is not None:
+        _capture.bad = _capture.bad or what
+        raise CaptureError(f"cudaErrorStreamCaptureUnsupported: {what} while the stream is "
+                           "capturing (CuPy refuses host<->device copies during capture)")
+
+
+def _check_kwargs(where, given, allowed):
+    bad = sorted(set(given) - set(allowed))
+    if bad:
+        raise TypeError(f"{where}() got an unexpected keyword argument {bad[0]!r} "
+                        "(not offered by the emulated CuPy)")
+
+
+# --- memory -------------------------------------------------------------------
+
+def _address(mem):
+    """CuPy's copy functions take an int or a ctypes.c_void_p."""
+    if isinstance(mem, int):
+        return mem
+    if isinstance(mem, ctypes.c_void_p):
+        return mem.value
+    raise TypeError(f"a host pointer (int or ctypes.c_void_p) expected, got {type(mem)}")
+
 
 class MemoryPointer:
     def __init__(self, arr):
         self._arr = arr
         self.ptr = arr.__array_interface__["data"][0]
 
-    def copy_from_host_async(self, src, size, stream=None):
-        def go():
-            ctypes.memmove(self.ptr, int(src), int(size))
-        if _capture is not None:
-            # the source is host memory read at replay time (pinned) -- allowed
-            pass
-        device_work(go)
+    def copy_from_host_async(self, mem, size, stream=None):
+        _refuse_during_capture("asynchronous host->device copy")
+        src = _address(mem)
+        device_work(lambda: ctypes.memmove(self.ptr, src, int(size)))
 
-    def copy_from_host(self, src, size):
+    def copy_from_host(self, mem, size):
         _host_sync("synchronous host->device copy")
-        ctypes.memmove(self.ptr, int(src), int(size))
+        ctypes.memmove(self.ptr, _address(mem), int(size))
 
-    def copy_to_host_async(self, dst, size, stream=None):
-        device_work(lambda: ctypes.memmove(int(dst), self.ptr, int(size)))
+    def copy_to_host_async(self, mem, size, stream=None):
+        _refuse_during_capture("asynchronous device->host copy")
+        dst = _address(mem)
+        device_work(lambda: ctypes.memmove(dst, self.ptr, int(size)))
 
     def copy_from_device_async(self, src, size, stream=None):
         device_work(lambda: ctypes.memmove(self.ptr, src.ptr, int(size)))
 
 
-def _is_host_array(x):
-    return isinstance(x, np.ndarray)
+class Flags:
+    """CuPy's ``ndarray.flags``: three read-only booleans, no ``writeable``."""
 
+    __slots__ = ("_c", "_f", "_own")
+
+    def __init__(self, a):
+        self._c, self._f, self._own = (bool(a.flags.c_contiguous), bool(a.flags.f_contiguous),
+                                       a.base is None)
+
+    c_contiguous = property(lambda s: s._c)
+    f_contiguous = property(lambda s: s._f)
+    owndata = property(lambda s: s._own)
+
+    def __getitem__(self, name):
+        return {"C_CONTIGUOUS": self._c, "F_CONTIGUOUS": self._f, "OWNDATA": self._own}[name]
+
+
+# --- arrays -------------------------------------------------------------------
 
 def _strict(x, where):
     """Unwrap a device operand; a host (NumPy) array is a TypeError as in CuPy."""
     if isinstance(x, ndarray):
         return x._a
-    if _is_host_array(x):
+    if isinstance(x, np.ndarray):
         raise TypeError(f"Unsupported type {type(x)} (a NumPy array passed to cupy {where})")
     if isinstance(x, (list, tuple)):
         return type(x)(_strict(v, where) for v in x)
@@ -145,13 +193,45 @@ def _compute(fn, *args, **kw):
     return res if isinstance(r, tuple) else res[0]
 
 
-def _inplace(fn):
-    device_work(fn)
+def _with_out(name, fn, args, kw):
+    """Run a NumPy function on unwrapped operands: in place when ``out`` is a
+    device array, else into new device arrays."""
+    a = _strict(args, name)
+    out = kw.get("out")
+    if out is not None and not isinstance(out, ndarray):
+        raise TypeError(f"cupy {name}: out must be a cupy.ndarray, got {type(out)}")
+    k = {kk: _strict(v, name) for kk, v in kw.items()}
+    if out is not None:
+        device_work(lambda: fn(*a, **k))
+        return out
+    return _compute(lambda: fn(*a, **k))
 
 
 _BIN = ["add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
         "lshift", "rshift"]
 _CMP = ["eq", "ne", "lt", "le", "gt", "ge"]
+
+# The ndarray methods offered beyond the hand-written ones: name -> the
+# keywords each takes (all of them CuPy's; the surface test checks).
+_REDUCTIONS = {
+    "sum": ("axis", "dtype", "out", "keepdims"),
+    "prod": ("axis", "dtype", "out", "keepdims"),
+    "mean": ("axis", "dtype", "out", "keepdims"),
+    "max": ("axis", "out", "keepdims"),
+    "min": ("axis", "out", "keepdims"),
+    "all": ("axis", "out", "keepdims"),
+    "any": ("axis", "out", "keepdims"),
+    "argmax": ("axis", "out", "dtype", "keepdims"),
+    "argmin": ("axis", "out", "dtype", "keepdims"),
+    "take": ("indices", "axis", "out"),
+    "clip": ("min", "max", "out"),
+    "round": ("decimals", "out"),
+    "dot": ("b", "out"),
+    "cumsum": ("axis", "dtype", "out"),
+    "var": ("axis", "dtype", "out", "ddof", "keepdims"),
+    "std": ("axis", "dtype", "out", "ddof", "keepdims"),
+    "flatten": ("order",),
+}
 
 
 class ndarray:
@@ -161,7 +241,7 @@ class ndarray:
         self._a = np.empty(shape, dtype, order=order)
 
     # host boundary
-    def __array__(self, *a, **k):
+    def __array__(self, dtype=None, copy=None):
         raise TypeError("Implicit conversion to a NumPy array is not allowed. "
                         "Please use `.get()` to construct a NumPy array explicitly.")
 
@@ -170,7 +250,13 @@ class ndarray:
         if out is not None:
             out[...] = self._a
             return out
-        return np.array(self._a, copy=True)
+        return np.array(self._a, copy=True, order=order)
+
+    def set(self, arr, stream=None):
+        _host_sync("ndarray.set()")
+        if not isinstance(arr, np.ndarray) or arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError("ndarray.set: a NumPy array of the same shape and dtype expected")
+        self._a[...] = arr
 
     def item(self):
         _host_sync("ndarray.item()")
@@ -196,10 +282,6 @@ class ndarray:
         _host_sync("bool(ndarray)")
         return bool(self._a)
 
-    def __index__(self):
-        _host_sync("operator.index(ndarray)")
-        return self._a.__index__()
-
     def __repr__(self):
         return "cupy-emu:" + repr(self._a)
 
@@ -217,7 +299,7 @@ class ndarray:
     itemsize = property(lambda s: s._a.itemsize)
     nbytes = property(lambda s: s._a.nbytes)
     strides = property(lambda s: s._a.strides)
-    flags = property(lambda s: s._a.flags)
+    flags = property(lambda s: Flags(s._a))
     T = property(lambda s: _mk(s._a.T))
     data = property(lambda s: MemoryPointer(s._a))
     device = property(lambda s: Device(0))
@@ -239,8 +321,8 @@ class ndarray:
     def __dlpack_device__(self):
         return (2, 0)
 
-    def __dlpack__(self, *a, **k):
-        return self._a.__dlpack__(*a, **k)
+    def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
+        return self._a.__dlpack__()
 
     # views (host metadata only)
     def reshape(self, *shape, order="C"):
@@ -249,14 +331,14 @@ class ndarray:
             return _compute(lambda: self._a.reshape(*shape, order=order))
         return _mk(r)
 
-    def view(self, *a, **k):
-        return _mk(self._a.view(*a, **k))
+    def view(self, dtype=None, type=None):
+        return _mk(self._a.view() if dtype is None else self._a.view(dtype))
 
     def transpose(self, *axes):
         return _mk(self._a.transpose(*axes))
 
-    def swapaxes(self, a, b):
-        return _mk(self._a.swapaxes(a, b))
+    def swapaxes(self, axis1, axis2):
+        return _mk(self._a.swapaxes(axis1, axis2))
 
     def squeeze(self, axis=None):
         return _mk(self._a.squeeze(axis))
@@ -265,22 +347,27 @@ class ndarray:
         return self.reshape(-1, order=order)
 
     def __getitem__(self, key):
-        k = _lenient(key)
+        k = _strict(key, "ndarray.__getitem__")
         r = self._a[k]
         if isinstance(r, np.ndarray) and (r.size == 0 or np.shares_memory(r, self._a)):
             return _mk(r)
-        return _compute(lambda: np.asarray(self._a[_lenient(key)]))
+        return _compute(lambda: np.asarray(self._a[k]))
 
     def __setitem__(self, key, value):
+        if isinstance(value, (np.ndarray, list, tuple)):
+            # CuPy fills from scalars only; arrays must already be on the device.
+            raise TypeError(f"Unsupported type {type(value)} (cupy refuses a host array as the "
+                            "value of __setitem__: copy it to the device first, e.g. "
+                            "cupy.asarray)")
+        k = _strict(key, "ndarray.__setitem__")
         v = _lenient(value)
-        if _is_host_array(value) or isinstance(value, (list, tuple)):
-            _host_sync("host->device copy in __setitem__")   # pageable memcpy: syncs
-            v = np.array(v, copy=True)
-        self._a[_lenient(key)]   # shape check now
-        _inplace(lambda: self._a.__setitem__(_lenient(key), v))
+        self._a[k]   # shape check now
+        device_work(lambda: self._a.__setitem__(k, v))
 
-    def fill(self, v):
-        _inplace(lambda: self._a.fill(v))
+    def fill(self, value):
+        if isinstance(value, (np.ndarray, list, tuple, ndarray)):
+            raise TypeError(f"Unsupported type {type(value)} (ndarray.fill takes a scalar)")
+        device_work(lambda: self._a.fill(value))
 
     def copy(self, order="C"):
         return _compute(lambda: self._a.copy(order=order))
@@ -290,43 +377,31 @@ class ndarray:
             return self
         return _compute(lambda: self._a.astype(dtype, order=order))
 
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        attr = getattr(self._a, name)
-        if callable(attr):
-            def method(*args, **kw):
-                out = kw.get("out")
-                args = _strict(args, f"ndarray.{name}")
-                kw = {k: _strict(v, f"ndarray.{name}") for k, v in kw.items()}
-                if out is not None:
-                    _inplace(lambda: attr(*args, **kw))
-                    return out
-                return _compute(lambda: attr(*args, **kw))
-            return method
-        return _wrap(attr)
-
-    # numpy protocol
+    # numpy protocol: only what CuPy implements
     def __array_ufunc__(self, ufunc, method, *inputs, **kw):
-        ins = _strict(inputs, f"ufunc {ufunc.__name__}")
-        out = kw.get("out")
-        if out is not None:
-            kw["out"] = tuple(_strict(o, "out=") for o in out)
-            _inplace(lambda: getattr(ufunc, method)(*ins, **kw))
-            return out[0] if len(out) == 1 else out
-        return _compute(lambda: getattr(ufunc, method)(*ins, **kw))
+        if method != "__call__" or ufunc.__name__ not in _UFUNCS:
+            return NotImplemented
+        return _UFUNCS[ufunc.__name__](*inputs, **kw)
 
     def __array_function__(self, func, types_, args, kw):
-        name = func.__name__
-        if name in ("shape", "ndim", "size"):
-            return func(*_lenient(args), **_lenient(kw))
-        a = _strict(args, f"function {name}")
-        k = {kk: _strict(v, f"function {name}") for kk, v in kw.items()}
-        out = kw.get("out")
-        if out is not None:
-            _inplace(lambda: func(*a, **k))
-            return out
-        return _compute(lambda: func(*a, **k))
+        impl = _ARRAY_FUNCTIONS.get(func.__name__)
+        if impl is None:
+            return NotImplemented
+        return impl(*args, **kw)
+
+
+def _method(name, keywords):
+    def method(self, *args, **kw):
+        _check_kwargs(f"cupy.ndarray.{name}", kw, keywords)
+        return _with_out(f"ndarray.{name}", getattr(np.ndarray, name), (self,) + args, kw)
+    method.__name__ = name
+    method.__qualname__ = f"ndarray.{name}"
+    method.keywords = keywords
+    return method
+
+
+for _n, _kws in _REDUCTIONS.items():
+    setattr(ndarray, _n, _method(_n, _kws))
 
 
 def _binop(name):
@@ -340,7 +415,7 @@ def _binop(name):
 def _iop(name):
     def f(self, other):
         o = _strict(other, f"operator __i{name}__")
-        _inplace(lambda: getattr(self._a, f"__i{name}__")(o))
+        device_work(lambda: getattr(self._a, f"__i{name}__")(o))
         return self
     return f
 
@@ -348,7 +423,8 @@ def _iop(name):
 for _n in _BIN:
     setattr(ndarray, f"__{_n}__", _binop(_n))
     setattr(ndarray, f"__r{_n}__", _binop("r" + _n))
-    setattr(ndarray, f"__i{_n}__", _iop(_n))
+    if _n != "matmul":          # CuPy has no in-place @=
+        setattr(ndarray, f"__i{_n}__", _iop(_n))
 for _n in _CMP:
     setattr(ndarray, f"__{_n}__", _binop(_n))
 for _n in ("neg", "pos", "abs", "invert"):
@@ -358,9 +434,98 @@ ndarray.__module__ = "cupy"
 ndarray.__qualname__ = ndarray.__name__ = "ndarray"
 
 
-# --- module functions -----------------------------------------------------------------
+# --- ufuncs ---------------------------------------------------------------------
 
-def asarray(a, dtype=None, order=None, blocking=False):
+class ufunc:
+    """A CuPy ufunc: device operands (or scalars) only; ``out``, ``dtype``,
+    ``casting`` as keywords."""
+
+    keywords = ("out", "dtype", "casting")
+
+    def __init__(self, name):
+        self.__name__ = name
+        self._np = getattr(np, name)
+
+    def __call__(self, *args, **kw):
+        _check_kwargs(f"cupy.{self.__name__}", kw, self.keywords)
+        if isinstance(kw.get("out"), tuple):
+            kw["out"], = kw["out"]
+        return _with_out(self.__name__, self._np, args, kw)
+
+    def __repr__(self):
+        return f"<ufunc '{self.__name__}'>"
+
+
+# The ufuncs offered (CuPy has each; the surface test checks).
+_UFUNC_NAMES = ("add", "subtract", "multiply", "divide", "true_divide", "negative", "sqrt",
+                "square", "exp", "log", "log1p", "expm1", "tanh", "absolute", "abs", "maximum",
+                "minimum", "isfinite", "isnan", "isinf", "greater", "greater_equal", "less",
+                "less_equal", "equal", "not_equal", "logical_and", "logical_or", "logical_not",
+                "sign", "floor", "ceil", "power", "reciprocal")
+_UFUNCS = {n: ufunc(n) for n in _UFUNC_NAMES}
+
+
+# --- module functions -----------------------------------------------------------
+
+def _alloc_result(r):
+    """A freshly allocated device array holding ``r`` (recorded while capturing)."""
+    if _capture is None:
+        return _mk(r)
+    h = np.empty_like(r)
+    if h.dtype.kind == "f":
+        h[...] = np.nan
+    _capture.ops.append(lambda: h.__setitem__(Ellipsis, r))
+    return _mk(h)
+
+
+def empty(shape, dtype=float, order="C"):
+    return _mk(np.empty(shape, dtype, order=order))
+
+
+def zeros(shape, dtype=float, order="C"):
+    return _alloc_result(np.zeros(shape, dtype, order=order))
+
+
+def ones(shape, dtype=float, order="C"):
+    return _alloc_result(np.ones(shape, dtype, order=order))
+
+
+def full(shape, fill_value, dtype=None, order="C"):
+    if isinstance(fill_value, (np.ndarray, list, tuple)):
+        raise TypeError(f"Unsupported type {type(fill_value)} (cupy.full takes a scalar)")
+    return _alloc_result(np.full(shape, _lenient(fill_value), dtype, order=order))
+
+
+def arange(start, stop=None, step=1, dtype=None):
+    return _alloc_result(np.arange(start, stop, step, dtype=dtype))
+
+
+def _device_operand(a, where):
+    if not isinstance(a, ndarray):
+        raise TypeError(f"cupy.{where}: {type(a)} is not a cupy.ndarray")
+    return a._a
+
+
+def empty_like(prototype, dtype=None, order="K", subok=None, shape=None):
+    return _mk(np.empty_like(_device_operand(prototype, "empty_like"), dtype, order,
+                             shape=shape))
+
+
+def zeros_like(a, dtype=None, order="K", subok=None, shape=None):
+    return _alloc_result(np.zeros_like(_device_operand(a, "zeros_like"), dtype, order,
+                                       shape=shape))
+
+
+def ones_like(a, dtype=None, order="K", subok=None, shape=None):
+    return _alloc_result(np.ones_like(_device_operand(a, "ones_like"), dtype, order, shape=shape))
+
+
+def full_like(a, fill_value, dtype=None, order="K", subok=None, shape=None):
+    return _alloc_result(np.full_like(_device_operand(a, "full_like"), fill_value, dtype, order,
+                                      shape=shape))
+
+
+def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
     if isinstance(a, ndarray):
         if dtype is None or np.dtype(dtype) == a.dtype:
             return a
@@ -369,87 +534,145 @@ def asarray(a, dtype=None, order=None, blocking=False):
     return _mk(np.array(a, dtype=dtype, copy=True, order=order or "K"))
 
 
-def array(a, dtype=None, copy=True, order="K", ndmin=0):
-    if isinstance(a, ndarray):
-        return _compute(lambda: np.array(a._a, dtype=dtype, copy=True, order=order, ndmin=ndmin))
+def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0, *, blocking=False):
+    if isinstance(obj, ndarray):
+        return _compute(lambda: np.array(obj._a, dtype=dtype, copy=True, order=order,
+                                         ndmin=ndmin))
     _host_sync("cupy.array from host memory")
-    return _mk(np.array(_lenient(a), dtype=dtype, copy=True, order=order, ndmin=ndmin))
+    return _mk(np.array(_lenient(obj), dtype=dtype, copy=True, order=order, ndmin=ndmin))
 
 
-def asnumpy(a, stream=None, order="C", out=None, blocking=True):
+def ascontiguousarray(a, dtype=None):
+    if isinstance(a, ndarray) and a._a.flags.c_contiguous and (dtype is None or
+                                                                np.dtype(dtype) == a.dtype):
+        return a
+    if not isinstance(a, ndarray):
+        return asarray(a, dtype)
+    return _compute(lambda: np.ascontiguousarray(a._a, dtype))
+
+
+def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
     if isinstance(a, ndarray):
-        return a.get(out=out)
+        return a.get(out=out, order=order)
     return np.asarray(a, order=order)
 
 
-def _alloc(fn):
-    def f(*args, **kw):
-        return _mk(fn(*_strict(args, fn.__name__), **kw))
-    return f
-
-
-def _like(fn):
-    def f(a, *args, **kw):
-        if not isinstance(a, ndarray):
-            raise TypeError(f"cupy.{fn.__name__}: {type(a)} is not a cupy.ndarray")
-        kw.pop("subok", None)
-        return _mk(fn(a._a, *args, **kw))
-    return f
-
-
-def _fill_alloc(fn):
-    def f(*args, **kw):
-        r = fn(*args, **kw)
-        if _capture is None:
-            return _mk(r)
-        h = np.empty_like(r)
-        if h.dtype.kind == "f":
-            h[...] = np.nan
-        _capture.ops.append(lambda: h.__setitem__(Ellipsis, r))
-        return _mk(h)
-    return f
-
-
-class _Mod(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        obj = getattr(np, name)
-        if isinstance(obj, type) or not callable(obj):
-            return obj
-
-        def fn(*args, **kw):
-            a = _strict(args, f"cupy.{name}")
-            out = kw.get("out")
-            k = {kk: _strict(v, f"cupy.{name}") for kk, v in kw.items()}
-            if out is not None:
-                _inplace(lambda: obj(*a, **k))
-                return out
-            return _compute(lambda: obj(*a, **k))
-        fn.__name__ = name
-        return fn
-
-
-def _matmul(a, b, out=None, **kw):
+def matmul(*args, out=None, dtype=None, casting="same_kind", axes=None, axis=None,
+           keepdims=False, signature=None, order="K"):
     if _capture is not None and os.environ.get("EMU_CAPTURE_MATMUL") == "raise":
         _capture.bad = _capture.bad or "cuBLAS under capture"
         raise NotImplementedError("cuBLAS calls are not supported while a stream is capturing "
                                   "(emulated cupy issue 6290)")
+    a, b = args
     A, B_ = _strict(a, "matmul"), _strict(b, "matmul")
     if out is not None:
-        O = _strict(out, "matmul out=")
-        assert isinstance(out, ndarray)
-        want = np.matmul(A, B_).shape if _capture is None else None
+        if not isinstance(out, ndarray):
+            raise TypeError(f"matmul: out must be a cupy.ndarray, got {type(out)}")
+        O = out._a
+        want = (A.shape[0], B_.shape[-1]) if A.ndim == 2 and B_.ndim == 2 else None
         if want is not None and want != O.shape:
             raise ValueError(f"matmul out shape {O.shape} != {want}")
         assert O.dtype == np.result_type(A, B_), ("matmul out dtype", O.dtype, A.dtype, B_.dtype)
 
         def go():
-            r = np.matmul(A, B_)
-            O[...] = r
+            O[...] = np.matmul(A, B_)
         device_work(go)
         return out
     return _compute(lambda: np.matmul(A, B_))
+
+
+def dot(a, b, out=None):
+    return _with_out("dot", np.dot, (a, b), {} if out is None else {"out": out})
+
+
+def take(a, indices, axis=None, out=None):
+    return _with_out("take", np.take, (a, indices), {"axis": axis, "out": out}
+                     if out is not None else {"axis": axis})
+
+
+def stack(tup, axis=0, out=None, *, dtype=None, casting="same_kind"):
+    kw = {"axis": axis}
+    if out is not None:
+        kw["out"] = out
+    return _with_out("stack", np.stack, (list(tup),), kw)
+
+
+def concatenate(tup, axis=0, out=None, *, dtype=None, casting="same_kind"):
+    kw = {"axis": axis}
+    if out is not None:
+        kw["out"] = out
+    return _with_out("concatenate", np.concatenate, (list(tup),), kw)
+
+
+def copyto(dst, src, casting="same_kind", where=None):
+    d = _device_operand(dst, "copyto")
+    s = _strict(src, "copyto")
+    w = None if where is None else _strict(where, "copyto")
+    device_work(lambda: np.copyto(d, s, casting=casting,
+                                  **({} if w is None else {"where": w})))
+
+
+def where(condition, x=None, y=None):
+    if x is None and y is None:
+        return _compute(lambda: np.nonzero(_strict(condition, "where")))
+    return _with_out("where", np.where, (condition, x, y), {})
+
+
+def cp_all(a, axis=None, out=None, keepdims=False):
+    return _with_out("all", np.all, (a,), {"axis": axis, "keepdims": keepdims,
+                                          **({} if out is None else {"out": out})})
+
+
+def cp_any(a, axis=None, out=None, keepdims=False):
+    return _with_out("any", np.any, (a,), {"axis": axis, "keepdims": keepdims,
+                                          **({} if out is None else {"out": out})})
+
+
+def cp_sum(a, axis=None, dtype=None, out=None, keepdims=False):
+    return _with_out("sum", np.sum, (a,), {"axis": axis, "dtype": dtype, "keepdims": keepdims,
+                                          **({} if out is None else {"out": out})})
+
+
+def cp_round(a, decimals=0, out=None):
+    return _with_out("round", np.round, (a,), {"decimals": decimals,
+                                              **({} if out is None else {"out": out})})
+
+
+def array_equal(a1, a2, equal_nan=False):
+    return _compute(lambda: np.asarray(np.array_equal(_strict(a1, "array_equal"),
+                                                      _strict(a2, "array_equal"),
+                                                      equal_nan=equal_nan)))
+
+
+def allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
+    return _compute(lambda: np.asarray(np.allclose(_strict(a, "allclose"), _strict(b, "allclose"),
+                                                   rtol=rtol, atol=atol, equal_nan=equal_nan)))
+
+
+for _f in (cp_all, cp_any, cp_sum, cp_round):
+    _f.__name__ = _f.__name__[3:]
+
+
+def get_array_module(*args):
+    return _module if any(isinstance(a, ndarray) for a in args) else np
+
+
+_module = None       # the fake module made last by fake_cupy()
+
+
+def from_dlpack(array, *, device=None, copy=None):
+    return asarray(np.from_dlpack(array))
+
+
+# numpy functions on device arrays dispatch here (__array_function__), as in
+# CuPy for the functions it implements; anything else is a TypeError.
+_ARRAY_FUNCTIONS = {
+    "dot": dot, "take": take, "stack": stack, "concatenate": concatenate, "copyto": copyto,
+    "where": where, "all": cp_all, "any": cp_any, "sum": cp_sum, "round": cp_round,
+    "array_equal": array_equal, "allclose": allclose, "empty_like": empty_like,
+    "zeros_like": zeros_like, "ones_like": ones_like, "full_like": full_like,
+    "ascontiguousarray": ascontiguousarray, "matmul": matmul,
+}
 
 
 # --- streams, events, graphs ----------------------------------------------------------
@@ -457,7 +680,7 @@ def _matmul(a, b, out=None, **kw):
 class Stream:
     _stack = []
 
-    def __init__(self, null=False, non_blocking=False, ptr=None):
+    def __init__(self, null=False, non_blocking=False, ptds=False, priority=None):
         self.null = null
         self.ptr = 0 if null else id(self)
         self._graph = None
@@ -476,6 +699,10 @@ class Stream:
     def synchronize(self):
         _host_sync("Stream.synchronize()")
 
+    @property
+    def done(self):
+        return True
+
     def begin_capture(self, mode=None):
         global _capture
         if self.null:
@@ -486,7 +713,7 @@ class Stream:
         if get_current_stream() is not self:
             raise RuntimeError("emulator: capture must be on the current stream")
         stats["captures"] += 1
-        _capture = self._graph = _Graph()
+        _capture = self._graph = Graph()
 
     def end_capture(self):
         global _capture
@@ -510,7 +737,7 @@ class Stream:
         pass
 
 
-class _Graph:
+class Graph:
     def __init__(self):
         self.ops = []
         self.bad = None
@@ -529,7 +756,7 @@ class _Graph:
 _NULL = Stream(null=True)
 
 
-def get_current_stream(device_id=None):
+def get_current_stream(device_id=-1):
     return Stream._stack[-1] if Stream._stack else _NULL
 
 
@@ -545,6 +772,7 @@ class Event:
     def __init__(self, block=False, disable_timing=False, interprocess=False):
         self._stamp = None
         self._synced = True
+        self.ptr = id(self)
 
     def record(self, stream=None):
         global _events_recorded
@@ -560,17 +788,14 @@ class Event:
             return True
         return _events_recorded - self._stamp >= int(os.environ.get("EMU_EVENT_LAG", "0"))
 
-    def query(self):
-        return self.done
-
     def synchronize(self):
         if not self.done:
             _host_sync("Event.synchronize()")
         self._synced = True
 
-    @property
-    def ptr(self):
-        return id(self)
+
+def get_elapsed_time(start_event, end_event):
+    return 1.0     # no device clock here: a placeholder
 
 
 class Device:
@@ -599,12 +824,27 @@ class PinnedMemoryPointer(bytearray):
     def ptr(self):
         return ctypes.addressof((ctypes.c_char * len(self)).from_buffer(self))
 
+    @property
+    def size(self):
+        return len(self)
+
 
 def alloc_pinned_memory(size):
     return PinnedMemoryPointer(int(size))
 
 
+def set_pinned_memory_allocator(allocator=None):
+    pass
+
+
+def set_allocator(allocator=None):
+    pass
+
+
 class MemoryPool:
+    def __init__(self, allocator=None):
+        pass
+
     def used_bytes(self):
         return 0
 
@@ -614,8 +854,32 @@ class MemoryPool:
     def free_all_blocks(self, stream=None):
         pass
 
-    def malloc(self, size):
-        raise NotImplementedError
+
+class PinnedMemoryPool:
+    def __init__(self, allocator=None):
+        pass
+
+    def n_free_blocks(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+_memory_pool = MemoryPool()
+_pinned_pool = PinnedMemoryPool()
+
+
+def get_default_memory_pool():
+    return _memory_pool
+
+
+def get_default_pinned_memory_pool():
+    return _pinned_pool
+
+
+def is_available():
+    return True
 
 
 def unwrap_kernel_arg(name, i, a):
@@ -626,57 +890,55 @@ def unwrap_kernel_arg(name, i, a):
     return a
 
 
+# --- the module -----------------------------------------------------------------
+
+# Names taken from NumPy unchanged (CuPy exports the same objects or values).
+_NUMPY_NAMES = ("float16", "float32", "float64", "int8", "int32", "int64", "uint8", "uint64",
+                "bool_", "nan", "inf", "pi", "newaxis", "dtype", "finfo", "iinfo", "result_type")
+_FUNCTIONS = (empty, zeros, ones, full, arange, empty_like, zeros_like, ones_like, full_like,
+              asarray, array, ascontiguousarray, asnumpy, matmul, dot, take, stack, concatenate,
+              copyto, where, cp_all, cp_any, cp_sum, cp_round, array_equal, allclose, get_array_module,
+              from_dlpack, get_default_memory_pool, get_default_pinned_memory_pool)
+
+
 def fake_cupy():
-    cp = _Mod("cupy")
+    """A new fake ``cupy`` module object (not installed in ``sys.modules``)."""
+    cp = types.ModuleType("cupy")
     cp.__emulated__ = True
     cp.ndarray = ndarray
-    for n in ("empty", "zeros", "ones", "full", "arange", "eye", "linspace"):
-        setattr(cp, n, _fill_alloc(getattr(np, n)) if n not in ("empty",) else _alloc(np.empty))
-    for n in ("empty_like", "zeros_like", "ones_like", "full_like"):
-        f = _like(getattr(np, n))
-        if n != "empty_like":
-            f = (lambda f_: lambda *a, **k: _fill_wrap(f_, *a, **k))(f)
-        setattr(cp, n, f)
-    cp.asarray, cp.array, cp.asnumpy, cp.matmul = asarray, array, asnumpy, _matmul
-    cp.ascontiguousarray = lambda a, dtype=None: (
-        a if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or
-                                                                 np.dtype(dtype) == a.dtype)
-        else (asarray(a, dtype) if not isinstance(a, ndarray)
-              else _compute(lambda: np.ascontiguousarray(a._a, dtype))))
-    cp.get_array_module = lambda *args: cp if any(isinstance(a, ndarray) for a in args) else np
-    cp.from_dlpack = lambda t: asarray(np.from_dlpack(t))
-    cp.get_default_memory_pool = lambda: MemoryPool()
-    cp.get_default_pinned_memory_pool = lambda: MemoryPool()
-    for n in ("float16", "float32", "float64", "int32", "int64", "uint64", "bool_", "int8",
-              "uint8", "nan", "inf", "pi", "newaxis", "dtype", "finfo", "iinfo", "result_type"):
+    cp.ufunc = ufunc
+    for f in _FUNCTIONS:
+        setattr(cp, f.__name__, f)
+    for n, u in _UFUNCS.items():
+        setattr(cp, n, u)
+    for n in _NUMPY_NAMES:
         setattr(cp, n, getattr(np, n))
+    global _module
+    _module = cp
+
     rt = types.ModuleType("cupy.cuda.runtime")
     rt.getDeviceCount = lambda: 1
     rt.getDevice = lambda: 0
     rt.deviceSynchronize = lambda: _host_sync("deviceSynchronize")
-    rt.CUDARuntimeError = RuntimeError
+    rt.CUDARuntimeError = type("CUDARuntimeError", (RuntimeError,), {})
+    nccl = types.ModuleType("cupy.cuda.nccl")
+    nccl.available = False      # as a wheel without libnccl: the module imports, empty
+    graph = types.ModuleType("cupy.cuda.graph")
+    graph.Graph = Graph
     cuda = types.ModuleType("cupy.cuda")
-    cuda.runtime = rt
+    # cupy.cuda.nccl is reached only by importing it, as in CuPy
+    cuda.runtime, cuda.graph, cuda._nccl = rt, graph, nccl
     cuda.Stream, cuda.Event, cuda.Device = Stream, Event, Device
-    cuda.get_current_stream = get_current_stream
-    cuda.get_elapsed_time = lambda start, end: 1.0     # no device clock here: a placeholder
-    cuda.alloc_pinned_memory = alloc_pinned_memory
-    cuda.set_pinned_memory_allocator = lambda *a: None
-    cuda.set_allocator = lambda *a: None
-    cuda.MemoryPool = MemoryPool
-    cuda.MemoryPointer = MemoryPointer
-    cuda.is_available = lambda: True
+    cuda.MemoryPointer, cuda.PinnedMemoryPointer = MemoryPointer, PinnedMemoryPointer
+    cuda.MemoryPool, cuda.PinnedMemoryPool = MemoryPool, PinnedMemoryPool
+    for f in (get_current_stream, get_elapsed_time, alloc_pinned_memory,
+              set_pinned_memory_allocator, set_allocator, is_available):
+        setattr(cuda, f.__name__, f)
     cp.cuda = cuda
-    sys.modules["cupy.cuda"] = cuda
-    sys.modules["cupy.cuda.runtime"] = rt
     return cp
 
 
-def _fill_wrap(f, *a, **k):
-    r = f(*a, **k)
-    if _capture is None:
-        return r
-    h = np.empty_like(r._a)
-    v = r._a.copy()
-    _capture.ops.append(lambda: h.__setitem__(Ellipsis, v))
-    return _mk(h)
+def submodules(cp):
+    """The ``sys.modules`` entries that importing the fake must add."""
+    return {"cupy": cp, "cupy.cuda": cp.cuda, "cupy.cuda.runtime": cp.cuda.runtime,
+            "cupy.cuda.nccl": cp.cuda._nccl, "cupy.cuda.graph": cp.cuda.graph}

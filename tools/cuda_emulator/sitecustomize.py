@@ -19,7 +19,7 @@ if os.environ.get("EMU_CUPY") == "1":
             return emu.make_cupy()
 
         def exec_module(self, module):
-            sys.modules["cupy.cuda"] = module.cuda
-            sys.modules["cupy.cuda.runtime"] = module.cuda.runtime
+            import fakecupy
+            sys.modules.update(fakecupy.submodules(module))
 
     sys.meta_path.insert(0, _EmuCupy())
