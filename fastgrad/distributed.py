@@ -195,20 +195,68 @@ class _MPIReducer:
         np.multiply(buf, factor, out=buf)
 
 
+def _agree(comm, problem, what):
+    """Raise the same error on every rank if ``problem`` is set on any.
+
+    Collective: every rank calls it with its own ``problem`` (a message, or
+    None).  A rank that raised alone would leave the others waiting in the
+    next collective forever.
+    """
+    problems = comm.allgather(problem)
+    bad = [(r, p) for r, p in enumerate(problems) if p]
+    if bad:
+        where = "; ".join(f"rank {r}: {p}" for r, p in bad)
+        raise RuntimeError(f"fastgrad.distributed: {what} failed on {len(bad)} of "
+                           f"{len(problems)} ranks ({where})")
+
+
+def _nccl_problem():
+    """None if CuPy's NCCL binding can run here, else why not."""
+    try:
+        from cupy.cuda import nccl
+    except Exception as exc:                       # CuPy itself is broken
+        return f"cannot import cupy.cuda.nccl: {exc}"
+    if not getattr(nccl, "available", False):
+        # CuPy only warns at import when libnccl is missing; the module is then empty.
+        return ("NCCL is not installed (CuPy found no libnccl; pip install "
+                "nvidia-nccl-cu13, or train the CUDA model with one process)")
+    return None
+
+
 class _NCCLReducer:
     """Device buffers: NCCL on the current CuPy stream, no host copy.
 
     The NCCL communicator is bootstrapped by broadcasting rank 0's unique id
-    over MPI; every later collective is NCCL's.
+    over MPI; every later collective is NCCL's.  Set-up failures end every
+    rank with the same error (``_agree``) instead of leaving some ranks in
+    ``bcast`` or in NCCL's initialisation.
     """
 
     def __init__(self, comm, dtype):
+        _agree(comm, _nccl_problem(), "NCCL set-up")
         import cupy
         from cupy.cuda import nccl
         self._cupy, self._nccl = cupy, nccl
-        uid = nccl.get_unique_id() if comm.Get_rank() == 0 else None
-        uid = comm.bcast(uid, root=0)
-        self.nccl_comm = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+        uid = problem = None
+        if comm.Get_rank() == 0:
+            try:
+                uid = nccl.get_unique_id()
+            except Exception as exc:
+                problem = f"nccl.get_unique_id(): {exc}"
+        uid, problem = comm.bcast((uid, problem), root=0)
+        _agree(comm, problem, "NCCL set-up")
+        try:
+            self.nccl_comm = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+        except Exception as exc:
+            # The other ranks may be inside NCCL's initialisation, which waits
+            # for every rank: only an abort ends them.
+            sys.stderr.write(f"fastgrad.distributed: rank {comm.Get_rank()} of "
+                             f"{comm.Get_size()}: NCCL communicator set-up failed: {exc}; "
+                             "aborting the job\n")
+            sys.stderr.flush()
+            if comm.Get_size() > 1:
+                comm.Abort(1)
+            raise
         codes = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
                  np.dtype(np.float64): nccl.NCCL_FLOAT64}
         self._dtype = codes[np.dtype(dtype)]
