@@ -154,6 +154,9 @@ def test_launch_check_passes_the_limits_themselves(cp, mod):
     assert [(g, b) for g, b, _, _ in spy.launches] == ok
     assert spy.launches[0][2:] == (("x",), {"shared_mem": 0})
     assert k.attribute == "of the kernel"         # other attributes pass through
+    with pytest.raises(ValueError, match="1 to 3 components"):
+        k((1, 1, 1, 1), (32,), ())
+    assert len(spy.launches) == len(ok)
 
 
 @pytest.mark.cuda

@@ -118,12 +118,19 @@ MAX_BLOCK_THREADS = 1024
 def _xyz(dims):
     """(x, y, z) of a launch dimension given as CuPy takes it (an int or a
     tuple of one to three ints; missing ones are 1)."""
+    if type(dims) is tuple:            # the wrappers' case, first: launches are hot
+        n = len(dims)
+        if n == 1:
+            return dims[0], 1, 1
+        if n == 2:
+            return dims[0], dims[1], 1
+        if n == 3:
+            return dims
     if not isinstance(dims, (tuple, list)):
         dims = (dims,)
     if not 1 <= len(dims) <= 3:
         raise ValueError(f"a launch dimension has 1 to 3 components, got {tuple(dims)}")
-    x, y, z = tuple(dims) + (1,) * (3 - len(dims))
-    return int(x), int(y), int(z)
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
 
 
 def _launch_problem(grid, block):
@@ -141,10 +148,12 @@ def _launch_problem(grid, block):
 def check_launch(name, grid, block):
     """Raise ValueError naming kernel ``name`` and the limit when ``grid`` or
     ``block`` is outside what CUDA can launch."""
-    g, b = _xyz(grid), _xyz(block)
-    if not (1 <= g[0] <= MAX_GRID_X and 1 <= g[1] <= MAX_GRID_Y and 1 <= g[2] <= MAX_GRID_Z
-            and 1 <= b[0] <= MAX_BLOCK[0] and 1 <= b[1] <= MAX_BLOCK[1]
-            and 1 <= b[2] <= MAX_BLOCK[2] and b[0] * b[1] * b[2] <= MAX_BLOCK_THREADS):
+    gx, gy, gz = _xyz(grid)
+    bx, by, bz = _xyz(block)
+    if not (1 <= gx <= MAX_GRID_X and 1 <= gy <= MAX_GRID_Y and 1 <= gz <= MAX_GRID_Z
+            and 1 <= bx and 1 <= by and 1 <= bz and bx * by * bz <= MAX_BLOCK_THREADS
+            and bx <= MAX_BLOCK[0] and by <= MAX_BLOCK[1] and bz <= MAX_BLOCK[2]):
+        g, b = tuple(int(v) for v in (gx, gy, gz)), tuple(int(v) for v in (bx, by, bz))
         raise ValueError(f"cannot launch {name} with grid {g}, block {b}: "
                          f"{_launch_problem(g, b)} (CUDA's launch limits)")
 
