@@ -182,3 +182,19 @@ def test_grids_growing_with_rows_elsewhere_fail_clearly(cp, mod, monkeypatch):
     offsets = np.array([0, 2, 4, 6, 10], np.int64)          # 4 layers on grid y
     with pytest.raises(ValueError, match=r"fg_seg_sumsq_partial<float>.*grid y .* got 4"):
         reduce.layer_sumsq(g, offsets, cp.empty(4, np.float64))
+
+
+@pytest.mark.cuda
+def test_wrappers_cap_grid_y_at_the_real_limit(cp, kc, mod, monkeypatch):
+    """Shapes past 65535 row blocks (4194305 rows): the launches the
+    wrappers ask for stay inside CUDA's limits (recorded, not run: the
+    emulator would take hours over 65535 blocks)."""
+    from fastgrad.kernels.cuda.gemm import gemm
+    spy = _Spy()
+    monkeypatch.setattr(mod, "kernel", lambda filename, name: mod.CheckedKernel(spy, name))
+    rows = 65535 * 64 + 1
+    x = cp.zeros((rows, 1), np.float32)
+    kc.bias_act_grad(x, x, x, x, cp.zeros(1, np.float32), CODES["relu"], 0.0)
+    gemm(x, cp.zeros((1, 3), np.float32), cp.zeros((rows, 3), np.float32))
+    grids = [g for g, _, _, _ in spy.launches]
+    assert grids == [(1, 65535), (1,), (1, 65535)]       # grad, its column sums, GEMM
