@@ -198,3 +198,11 @@ def test_wrappers_cap_grid_y_at_the_real_limit(cp, kc, mod, monkeypatch):
     gemm(x, cp.zeros((1, 3), np.float32), cp.zeros((rows, 3), np.float32))
     grids = [g for g, _, _, _ in spy.launches]
     assert grids == [(1, 65535), (1,), (1, 65535)]       # grad, its column sums, GEMM
+
+
+@pytest.mark.cuda
+def test_checked_kernel_copies(cp, mod):
+    import copy
+    k = mod.CheckedKernel(_Spy(), "fg_spy")
+    k2 = copy.copy(k)
+    assert k2.name == "fg_spy" and k2.attribute == "of the kernel"

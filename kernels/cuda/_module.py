@@ -176,6 +176,8 @@ class CheckedKernel:
         return self.kernel(grid, block, args, **kwargs)
 
     def __getattr__(self, attr):
+        if attr in CheckedKernel.__slots__:      # not set yet (a copy): no recursion
+            raise AttributeError(attr)
         return getattr(self.kernel, attr)
 
 
