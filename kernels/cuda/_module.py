@@ -12,7 +12,16 @@ install or upgrade pays for NVRTC.
 
 Templates are instantiated by ``name_expressions`` (``"fg_update<float, 1>"``),
 listed below per file.  Options: ``--std=c++17`` and ``--fmad=false`` (a*b+c
-rounded twice, as on the CPU: see common.cuh).
+rounded twice, as on the CPU: see common.cuh).  CuPy appends ``-ftz=true``
+after the caller's options for every RawModule, and NVRTC honours the last
+one, so float32 subnormals flush to zero on the GPU (inputs read as zero,
+results written as zero); float64 is never flushed.  float32 kernels are
+therefore bitwise the CPU's only when no float32 input, intermediate or
+result is subnormal (see common.cuh).
+
+Every kernel ``kernel()`` returns checks its launch shape against CUDA's
+limits (``check_launch``) and raises ValueError before launching a shape
+the device would refuse.
 """
 import importlib.resources
 import re
@@ -95,12 +104,90 @@ def module(filename):
     return mod
 
 
+# CUDA's launch limits (every GPU since compute capability 3.0).  Kernels
+# whose row count sets grid y grid-stride over their row blocks, and their
+# wrappers cap grid y at MAX_GRID_Y (tests lower it to reach that loop on
+# small shapes; check_launch reads it at each launch).
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_Y = 65535
+MAX_GRID_Z = 65535
+MAX_BLOCK = (1024, 1024, 64)
+MAX_BLOCK_THREADS = 1024
+
+
+def _xyz(dims):
+    """(x, y, z) of a launch dimension given as CuPy takes it (an int or a
+    tuple of one to three ints; missing ones are 1)."""
+    if type(dims) is tuple:            # the wrappers' case, first: launches are hot
+        n = len(dims)
+        if n == 1:
+            return dims[0], 1, 1
+        if n == 2:
+            return dims[0], dims[1], 1
+        if n == 3:
+            return dims
+    if not isinstance(dims, (tuple, list)):
+        dims = (dims,)
+    if not 1 <= len(dims) <= 3:
+        raise ValueError(f"a launch dimension has 1 to 3 components, got {tuple(dims)}")
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+
+
+def _launch_problem(grid, block):
+    """The first limit a (grid, block) launch breaks, in words."""
+    limits = (("grid x", grid[0], MAX_GRID_X), ("grid y", grid[1], MAX_GRID_Y),
+              ("grid z", grid[2], MAX_GRID_Z), ("block x", block[0], MAX_BLOCK[0]),
+              ("block y", block[1], MAX_BLOCK[1]), ("block z", block[2], MAX_BLOCK[2]))
+    for what, got, most in limits:
+        if not 1 <= got <= most:
+            return f"{what} must be in [1, {most}], got {got}"
+    return (f"a block has at most {MAX_BLOCK_THREADS} threads, got "
+            f"{block[0]} x {block[1]} x {block[2]} = {block[0] * block[1] * block[2]}")
+
+
+def check_launch(name, grid, block):
+    """Raise ValueError naming kernel ``name`` and the limit when ``grid`` or
+    ``block`` is outside what CUDA can launch."""
+    gx, gy, gz = _xyz(grid)
+    bx, by, bz = _xyz(block)
+    if not (1 <= gx <= MAX_GRID_X and 1 <= gy <= MAX_GRID_Y and 1 <= gz <= MAX_GRID_Z
+            and 1 <= bx and 1 <= by and 1 <= bz and bx * by * bz <= MAX_BLOCK_THREADS
+            and bx <= MAX_BLOCK[0] and by <= MAX_BLOCK[1] and bz <= MAX_BLOCK[2]):
+        g, b = tuple(int(v) for v in (gx, gy, gz)), tuple(int(v) for v in (bx, by, bz))
+        raise ValueError(f"cannot launch {name} with grid {g}, block {b}: "
+                         f"{_launch_problem(g, b)} (CUDA's launch limits)")
+
+
+class CheckedKernel:
+    """A compiled kernel whose launches are checked by ``check_launch``
+    first: a launch CUDA would refuse (a grid that grew with the data past
+    65535 blocks in y, say) raises a ValueError saying which kernel and
+    which limit, instead of a driver error after the fact or nothing at
+    all.  Other attributes are the wrapped kernel's."""
+
+    __slots__ = ("kernel", "name")
+
+    def __init__(self, kernel, name):
+        self.kernel = kernel
+        self.name = name
+
+    def __call__(self, grid, block, args, **kwargs):
+        check_launch(self.name, grid, block)
+        return self.kernel(grid, block, args, **kwargs)
+
+    def __getattr__(self, attr):
+        if attr in CheckedKernel.__slots__:      # not set yet (a copy): no recursion
+            raise AttributeError(attr)
+        return getattr(self.kernel, attr)
+
+
 def kernel(filename, name):
-    """One instantiated kernel, e.g. ``kernel("optim.cu", "fg_update<float, 1>")``."""
+    """One instantiated kernel, e.g. ``kernel("optim.cu", "fg_update<float, 1>")``,
+    as a ``CheckedKernel``."""
     key = (filename, name, cupy.cuda.runtime.getDevice())
     k = _kernels.get(key)
     if k is None:
-        k = _kernels[key] = module(filename).get_function(name)
+        k = _kernels[key] = CheckedKernel(module(filename).get_function(name), name)
     return k
 
 
@@ -178,6 +265,6 @@ def col_grid(rows, cols):
     """(grid, block) of a column-sum pass over a (rows, cols) array
     (blocks.cuh); at least one row block, which writes zeros for no rows."""
     nblk = max(1, -(-int(rows) // COL_ROWS))
-    if nblk > 65535:                # CUDA's limit on gridDim.y
-        raise ValueError(f"column sums over {rows} rows: at most {65535 * COL_ROWS} supported")
+    if nblk > MAX_GRID_Y:           # these kernels are not grid-stride in y
+        raise ValueError(f"column sums over {rows} rows: at most {MAX_GRID_Y * COL_ROWS} supported")
     return (-(-int(cols) // TILE[0]), nblk), TILE

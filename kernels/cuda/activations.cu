@@ -30,10 +30,14 @@ __global__ void fg_bias_act(const T* z, const T* b, T* zout, T* out,
 #define FG_GRAD_ROWS 64
 
 // dz = da * f'(a, z) (dz may be da) and, when dbp is non-null, the column
-// sums of dz over this block's FG_GRAD_ROWS rows into dbp[blockIdx.y * cols + j]
-// (the bias gradient itself when gridDim.y == 1, else partial sums that
-// fg_colsum adds in row-block order).  Each thread sums its rows in order and
-// the 8 row-threads meet in a fixed tree: deterministic, no atomics.
+// sums of dz over each block of FG_GRAD_ROWS rows: row block r into
+// dbp[r * cols + j] (the bias gradient itself when the rows make one row
+// block, else partial sums that fg_colsum adds in row-block order).  Each
+// thread sums its rows in order and the 8 row-threads meet in a fixed tree:
+// deterministic, no atomics, whatever the grid.  Grid-stride over the row
+// blocks in y (gridDim.y may be smaller than their number: CUDA caps it at
+// 65535); the loop bounds depend on blockIdx.y only, so every thread of a
+// block reaches the same barriers.
 template <typename T, int ACT>
 __global__ void fg_bias_act_grad(const T* da, const T* a, const T* z, T* dz, T* dbp,
                                  long long rows, long long cols, double alpha)
@@ -41,25 +45,30 @@ __global__ void fg_bias_act_grad(const T* da, const T* a, const T* z, T* dz, T* 
     __shared__ T sh[8][33];
     const T al = T(alpha);
     const long long j = (long long)blockIdx.x * 32 + threadIdx.x;
-    const long long r0 = (long long)blockIdx.y * FG_GRAD_ROWS;
-    const long long r1 = r0 + FG_GRAD_ROWS < rows ? r0 + FG_GRAD_ROWS : rows;
-    T s = T(0);
-    if (j < cols) {
-        for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
-            const long long i = r * cols + j;
-            const T g = da[i] * fg::act_deriv<T, ACT>(a[i], z[i], al);
-            dz[i] = g;
-            s += g;
+    const long long n_row_blocks = (rows + FG_GRAD_ROWS - 1) / FG_GRAD_ROWS;
+    for (long long by = blockIdx.y; by < n_row_blocks; by += gridDim.y) {
+        const long long r0 = by * FG_GRAD_ROWS;
+        const long long r1 = r0 + FG_GRAD_ROWS < rows ? r0 + FG_GRAD_ROWS : rows;
+        T s = T(0);
+        if (j < cols) {
+            for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
+                const long long i = r * cols + j;
+                const T g = da[i] * fg::act_deriv<T, ACT>(a[i], z[i], al);
+                dz[i] = g;
+                s += g;
+            }
         }
-    }
-    if (dbp == nullptr) return;        // uniform over the grid
-    sh[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    for (int h = 4; h > 0; h >>= 1) {
-        if ((int)threadIdx.y < h) sh[threadIdx.y][threadIdx.x] += sh[threadIdx.y + h][threadIdx.x];
+        if (dbp == nullptr) continue;  // uniform over the grid
+        sh[threadIdx.y][threadIdx.x] = s;
         __syncthreads();
+        for (int h = 4; h > 0; h >>= 1) {
+            if ((int)threadIdx.y < h) sh[threadIdx.y][threadIdx.x] += sh[threadIdx.y + h][threadIdx.x];
+            __syncthreads();
+        }
+        // No barrier before the next row block: after the tree's last one only
+        // thread (x, 0) reads sh[0][x], and it alone writes it next.
+        if (threadIdx.y == 0 && j < cols) dbp[by * cols + j] = sh[0][threadIdx.x];
     }
-    if (threadIdx.y == 0 && j < cols) dbp[blockIdx.y * cols + j] = sh[0][threadIdx.x];
 }
 
 // out[j] = sum over r of part[r * cols + j], r in order (one thread a column).

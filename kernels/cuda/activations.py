@@ -67,7 +67,8 @@ def bias_act_grad(da, a, z, dz, db, act, alpha, work=None):
         target = cupy.empty(shape, db.dtype)
     t = _m.ctype(da.dtype)
     k = _m.kernel(_FILE, f"fg_bias_act_grad<{t}, {int(act)}>")
-    grid = (-(-cols // 32), -(-rows // _m.GRAD_ROWS))
+    # grid y is capped (CUDA's limit): the kernel strides over the row blocks
+    grid = (-(-cols // 32), min(-(-rows // _m.GRAD_ROWS), _m.MAX_GRID_Y))
     k(grid, (32, 8), (da, a, z, dz, _m.NULL if target is None else target,
                       _m.i64(rows), _m.i64(cols), _m.f64(alpha)))
     if shape is not None:

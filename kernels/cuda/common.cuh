@@ -11,7 +11,17 @@
 // results, and exactly on +, *, /, sqrt.  The modules are compiled with
 // --fmad=false so that a*b+c rounds twice as on the CPU (Numba, no
 // fastmath): the memory-bound passes lose nothing, and the optimizer update
-// is then bitwise the CPU's for the same inputs.
+// is then bitwise the CPU's for the same inputs -- in float32 only while no
+// input, intermediate or result is subnormal.
+//
+// Subnormals: CuPy appends -ftz=true after the loader's options for every
+// RawModule, so float32 arithmetic, comparisons and float->double
+// conversions read subnormal operands as zero and write subnormal results
+// as zero (plain copies keep them); the CPU keeps them.  A float32 result
+// is then the CPU's on the flushed inputs, within the smallest normal
+// float32 of the CPU's own for the activations and updates (a derivative
+// that branches at 0, e.g. relu's, takes the a == 0 branch for a subnormal
+// output).  float64 is never flushed.  tests/test_cuda_subnormals.py.
 #ifndef FASTGRAD_COMMON_CUH
 #define FASTGRAD_COMMON_CUH
 

@@ -45,6 +45,7 @@ def gemm(a, b, out):
         out.fill(0)
         return out
     k = _m.kernel(_FILE, f"fg_gemm<{_m.ctype(out.dtype)}, {ta}, {tb}>")
-    k((-(-N // _TILE), -(-M // _TILE)), (_THREADS,),
+    # grid y is capped (CUDA's limit): the kernel strides over the row tiles
+    k((-(-N // _TILE), min(-(-M // _TILE), _m.MAX_GRID_Y)), (_THREADS,),
       (a, b, out, _m.i64(M), _m.i64(N), _m.i64(K), _m.i64(lda), _m.i64(ldb), _m.i64(N)))
     return out

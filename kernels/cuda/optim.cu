@@ -16,7 +16,8 @@
 //
 // Compiled with --fmad=false (see common.cuh): every + and * rounds as in
 // Numba without fastmath, sqrt and / are IEEE-rounded, so given the same
-// inputs the update is bitwise the CPU's, float32 and float64.
+// inputs the update is bitwise the CPU's: float64 always, float32 while no
+// value is subnormal (float32 subnormals flush to zero here, common.cuh).
 #include "common.cuh"
 
 // One thread.  From the squared norm: ctl = {norm, scale, skip, step, lr,

@@ -3,6 +3,11 @@
 // as ucontext fibers on one OS thread, switching at __syncthreads (with a
 // check that every thread of the block reaches the same barriers).
 #include <ucontext.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>         // _mm_getcsr / _mm_setcsr: the float32 flush below
+#else
+#error "harness.h emulates the GPU's float32 flush (-ftz=true) through x86's MXCSR only"
+#endif
 #include <cmath>
 #include <math.h>
 #include <cstdio>
@@ -138,12 +143,30 @@ const char* signature(void (*)(A...))
     return s;
 }
 
+// CuPy compiles every module with -ftz=true (after the caller's options), so
+// float32 kernels flush subnormal inputs and results to zero on the GPU.
+// x86's MXCSR FTZ (bit 15: subnormal results become 0) and DAZ (bit 6:
+// subnormal inputs read as 0) do the same here.  They apply to float64 too,
+// which the GPU does not flush: an accepted approximation, set only for
+// kernels instantiated with float.  The fibers take the MXCSR of the thread
+// that made them (glibc's getcontext saves it, swapcontext restores it) and
+// run() makes them inside the launch, after this is set.
+inline unsigned flush_subnormals()
+{
+    const unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u);
+    return saved;
+}
+
 template <typename... A>
-int launch(void (*k)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by, void** args)
+int launch(void (*k)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by, void** args,
+           bool flush)
 {
     error = 0;
     body = [=] { call_with(k, args, std::index_sequence_for<A...>{}); };
+    const unsigned saved = flush ? flush_subnormals() : 0u;
     run(gx, gy, bx, by);
+    if (flush) _mm_setcsr(saved);      // the caller's mode back (Python's, unflushed)
     return error;
 }
 }  // namespace emu
