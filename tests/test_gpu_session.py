@@ -1,0 +1,206 @@
+"""tools/gpu_session.sh, the one device call a lent GPU gets, and its
+pre-flight (tools/gpu_preflight.py): the pre-flight's verdict on the host
+emulator, its fast and clear failure when a dependency, the GPU or NVRTC is
+missing (simulated by modules that shadow the real ones on PYTHONPATH),
+the script stopping right after a failed pre-flight, the script end to end
+on the emulator (slow), bench/gpu_targets.py keeping what it measured when
+a section fails, and a pyproject.toml that older setuptools accept.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFLIGHT = ROOT / "tools" / "gpu_preflight.py"
+SESSION = ROOT / "tools" / "gpu_session.sh"
+EMULATOR = ROOT / "tools" / "cuda_emulator"
+
+needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="the emulator needs g++")
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _env(shadow=None, emulate=False):
+    """The test's environment for a child: ``shadow`` (a directory of
+    stand-in modules) first on PYTHONPATH; the emulator's switches only
+    when ``emulate`` (a surrounding emulated run sets them)."""
+    env = dict(os.environ)
+    env.pop("EMU_CUPY", None)
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+            if p and Path(p).resolve() != EMULATOR]
+    if emulate:
+        path.insert(0, str(EMULATOR))
+        env["EMU_CUPY"] = "1"
+    if shadow is not None:
+        path.insert(0, str(shadow))
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _preflight(env, *args, timeout=240):
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, str(PREFLIGHT), *args], env=env, capture_output=True,
+                         text=True, timeout=timeout, cwd=ROOT)
+    out = res.stdout + res.stderr
+    lines = res.stdout.strip().splitlines()
+    return res.returncode, (lines[-1] if lines else ""), out, time.perf_counter() - t
+
+
+def _module(root, name, text):
+    """Write a stand-in package ``name`` under ``root``."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(textwrap.dedent(text))
+
+
+# A CuPy that imports and sees a GPU but whose NVRTC library is missing,
+# raising what cupy-cuda13x 14.2 raises then (seen without libnvrtc).
+NO_NVRTC = """
+    import types
+    __version__ = "14.2.0-standin"
+    cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        nvrtc=types.SimpleNamespace(getVersion=None))
+
+    class DynamicLibNotFoundError(RuntimeError):
+        pass
+
+    def _get_version():
+        raise DynamicLibNotFoundError('Failure finding "libnvrtc.so.13 or libnvrtc.so.12"')
+
+    cuda.nvrtc.getVersion = _get_version
+"""
+
+# A CuPy whose NVRTC is there and runs CuPy's own kernels, but fails to
+# compile the loader's source (CompileException carries NVRTC's log), and
+# records the options the loader passed.
+BAD_COMPILE = """
+    import os
+    import types
+
+    import numpy as np
+
+    __version__ = "14.2.0-standin"
+    cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0)))
+
+
+    class ndarray:
+        def __init__(self, a):
+            self._a = a
+
+        def __mul__(self, k):
+            return ndarray(self._a * k)
+
+        def __add__(self, k):
+            return ndarray(self._a + k)
+
+        def get(self):
+            return self._a.copy()
+
+
+    def arange(n, dtype=None):
+        return ndarray(np.arange(n, dtype=dtype))
+
+
+    class CompileException(Exception):
+        pass
+
+
+    class RawModule:
+        def __init__(self, code=None, options=(), name_expressions=()):
+            with open(os.environ["STANDIN_OPTIONS"], "w") as f:
+                f.write(" ".join(options))
+
+        def get_function(self, name):
+            raise CompileException("default_program(42): error: identifier \\"__fg_bad\\" "
+                                   "is undefined\\n1 error detected in the compilation")
+"""
+
+
+@needs_gxx
+def test_preflight_passes_on_the_emulator():
+    """On the host emulator every stage passes and the verdict says so;
+    the probe kernel went through fastgrad's loader."""
+    rc, verdict, out, _ = _preflight(_env(emulate=True))
+    assert rc == 0, out
+    assert verdict.startswith("PREFLIGHT OK"), out
+    assert "probe kernel compiled, launched and checked" in out
+    assert "MISSING required" not in out
+
+
+def test_preflight_names_every_missing_dependency(tmp_path):
+    """cupy and safetensors shadowed by modules that raise ImportError: the
+    verdict names both, the exit code is the dependency stage's, and the
+    later stages never run.  Optional packages are then only looked up, not
+    imported (torch and jax take seconds), so the verdict comes at once."""
+    _module(tmp_path, "cupy", "raise ImportError('simulated: no CuPy on this machine')\n")
+    _module(tmp_path, "safetensors", "raise ImportError('simulated: no safetensors')\n")
+    rc, verdict, out, _ = _preflight(_env(shadow=tmp_path))
+    assert rc == 2, out
+    assert verdict.startswith("PREFLIGHT FAILED at dependencies"), out
+    assert "cupy (cupy-cuda13x" in verdict and "simulated: no CuPy" in verdict
+    assert "safetensors (safetensors" in verdict
+    assert "numpy" not in verdict and "numba" not in verdict
+    assert "-- GPU" not in out
+    if "  ok      torch" in out:
+        pytest.fail("torch was imported after a required dependency was missing")
+
+
+def test_preflight_stops_when_nvrtc_is_missing(tmp_path):
+    """CuPy imports and sees a GPU but cannot find libnvrtc: the verdict
+    names NVRTC and the library, and the loader stage never runs."""
+    _module(tmp_path, "cupy", NO_NVRTC)
+    rc, verdict, out, _ = _preflight(_env(shadow=tmp_path), "--required-only")
+    assert rc == 4, out
+    assert verdict.startswith("PREFLIGHT FAILED at nvrtc: NVRTC not usable"), out
+    assert "libnvrtc.so.13" in verdict
+    assert "-- fastgrad's loader" not in out
+
+
+def test_preflight_shows_the_compile_log_when_the_loader_fails(tmp_path):
+    """NVRTC is there but the loader's source does not compile: the verdict
+    carries NVRTC's log and the loader's options, which are the package's."""
+    _module(tmp_path, "cupy", BAD_COMPILE)
+    env = _env(shadow=tmp_path)
+    env["STANDIN_OPTIONS"] = str(tmp_path / "options.txt")
+    rc, verdict, out, _ = _preflight(env, "--required-only")
+    assert rc == 5, out
+    assert verdict.startswith("PREFLIGHT FAILED at loader"), out
+    assert 'identifier "__fg_bad" is undefined' in verdict
+    loader = subprocess.run([sys.executable, "-c", "from fastgrad.kernels.cuda import _module; "
+                             "print(' '.join(_module._OPTIONS))"], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=ROOT / "tests")
+    assert loader.returncode == 0, loader.stderr
+    assert (tmp_path / "options.txt").read_text() == loader.stdout.strip()
+    assert loader.stdout.strip() in verdict
+
+
+def test_preflight_reports_a_missing_gpu(tmp_path):
+    """CuPy imports, but the driver has no device: the GPU stage fails with
+    CuPy's own error, before any compilation."""
+    _module(tmp_path, "cupy", """
+        import types
+        __version__ = "14.2.0-standin"
+
+        class CUDARuntimeError(RuntimeError):
+            pass
+
+        def _count():
+            raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is "
+                                   "insufficient for CUDA runtime version")
+
+        cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=_count))
+    """)
+    rc, verdict, out, _ = _preflight(_env(shadow=tmp_path), "--required-only")
+    assert rc == 3, out
+    assert verdict.startswith("PREFLIGHT FAILED at gpu: no usable GPU"), out
+    assert "cudaErrorInsufficientDriver" in verdict
+    assert "-- NVRTC" not in out
