@@ -204,3 +204,83 @@ def test_preflight_reports_a_missing_gpu(tmp_path):
     assert verdict.startswith("PREFLIGHT FAILED at gpu: no usable GPU"), out
     assert "cudaErrorInsufficientDriver" in verdict
     assert "-- NVRTC" not in out
+
+
+def _session(env, out, timeout):
+    env = dict(env, OUT=str(out))
+    t = time.perf_counter()
+    res = subprocess.run(["bash", str(SESSION)], env=env, capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT)
+    return res, time.perf_counter() - t
+
+
+@needs_bash
+def test_session_stops_after_a_failed_preflight(tmp_path):
+    """gpu_session.sh with CuPy missing: the pre-flight's verdict and exit
+    code end the script; no later stage starts."""
+    shadow = tmp_path / "shadow"
+    _module(shadow, "cupy", "raise ImportError('simulated: no CuPy on this machine')\n")
+    out = tmp_path / "out"
+    res, _ = _session(_env(shadow=shadow), out, timeout=240)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "PREFLIGHT FAILED at dependencies" in res.stdout
+    assert "stopped after the pre-flight" in res.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["preflight.log", "session.log"]
+    assert "== install" not in (out / "session.log").read_text()
+
+
+@needs_gxx
+@needs_bash
+@pytest.mark.slow
+def test_session_end_to_end_on_the_emulator(tmp_path):
+    """The whole script on the emulator with one test selected and the
+    install failing (setuptools shadowed by a module that raises): it falls
+    back to the source tree, every stage passes, gpu_targets.json is
+    complete, and at most 8 files with plain names are left under $OUT
+    (what comes back from the device machine)."""
+    shadow = tmp_path / "shadow"
+    _module(shadow, "setuptools", "raise ImportError('simulated: no setuptools')\n")
+    env = _env(shadow=shadow)
+    env.update(FG_GPU_EMULATE="1", PY=sys.executable, FG_GPU_WORKERS="1",
+               FG_GPU_TESTS="tests/test_cuda_step.py::test_step_stats_are_read_only")
+    out = tmp_path / "out"
+    res, _ = _session(env, out, timeout=900)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log
+    assert "PREFLIGHT OK" in log and "WARMUP OK" in log and "SESSION OK" in log
+    assert "fastgrad: from the source tree" in log
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert len(files) <= 8 and all(n.replace(".", "").replace("_", "").replace("-", "").isalnum()
+                                   for n in files), files
+    assert {"session.log", "preflight.log", "warmup.log", "cuda_tests.log", "gpu_targets.log",
+            "gpu_targets.json", "bench_cuda.log"} <= set(files)
+    assert "1 passed" in (out / "cuda_tests.log").read_text()
+    targets = json.loads((out / "gpu_targets.json").read_text())
+    assert targets["complete"] and targets["errors"] == 0
+    assert [len(targets[k]) for k in ("adam", "forward", "step")] == [1, 1, 3]
+
+
+@pytest.mark.cuda
+def test_gpu_targets_keeps_what_it_measured(cp, tmp_path, monkeypatch):
+    """bench/gpu_targets.py: the JSON is on disk after each measurement
+    (what a later one sees there), and a measurement that raises is
+    recorded with its error while the others still run (exit status 1)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_targets_t", ROOT / "bench" / "gpu_targets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    path = tmp_path / "t.json"
+    seen = {}
+
+    def broken_forward(*args):
+        seen.update(json.loads(path.read_text()))
+        raise RuntimeError("simulated failure in the forward section")
+
+    monkeypatch.setattr(mod, "forward_vs_gemm", broken_forward)
+    assert mod.main(["--smoke", "--json", str(path)]) == 1
+    assert not seen["complete"] and len(seen["adam"]) == 1 and "adam_GBps" in seen["adam"][0]
+    res = json.loads(path.read_text())
+    assert res["complete"] and res["errors"] == 1
+    assert "simulated failure" in res["forward"][0]["error"]
+    assert len(res["step"]) == 3 and all("fastgrad_ms" in r for r in res["step"])
+    assert not (tmp_path / "t.json.tmp").exists()

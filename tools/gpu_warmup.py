@@ -78,7 +78,8 @@ def _batch(loss, dtype, device):
 def train(device, dtype, loss="SoftmaxCrossEntropy", opt=OPTIMIZERS[0], layers=None,
           graph=False, steps=3):
     """A few TrainStep calls (a graphed step captures on its second call),
-    then the layer path: forward, backward, one optimizer step."""
+    its gradients alone, then the layer path: forward, backward, one
+    optimizer step, and inference."""
     import fastgrad as fg
     model = fg.MLP(SIZES, activation="gelu", dtype=dtype, device=device, seed=0,
                    **(layers or {}))
@@ -90,6 +91,7 @@ def train(device, dtype, loss="SoftmaxCrossEntropy", opt=OPTIMIZERS[0], layers=N
     x, y = _batch(loss, dtype, device)
     for _ in range(steps):
         step(x, y)
+    step.gradients(x, y)
     out = model.forward(x)
     _, dy = loss_fn(out, y)
     model.backward(dy)
