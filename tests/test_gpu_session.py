@@ -284,3 +284,34 @@ def test_gpu_targets_keeps_what_it_measured(cp, tmp_path, monkeypatch):
     assert "simulated failure" in res["forward"][0]["error"]
     assert len(res["step"]) == 3 and all("fastgrad_ms" in r for r in res["step"])
     assert not (tmp_path / "t.json.tmp").exists()
+
+
+def _pyproject():
+    tomllib = pytest.importorskip("tomllib")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_pyproject_license_form_older_setuptools_accept():
+    """gpu_session.sh installs with --no-build-isolation, i.e. with the
+    machine's own setuptools.  setuptools 61-76 reject the SPDX string
+    (``license = "MIT"``: "must be valid exactly by one definition"); the
+    table form is accepted by those and, with a deprecation warning, by
+    setuptools >= 77."""
+    meta = _pyproject()
+    assert meta["project"]["license"] == {"text": "MIT"}
+    assert meta["build-system"]["requires"] == ["setuptools>=64"]    # PEP 660 editable installs
+
+
+def test_preflight_checks_every_dependency_the_session_needs():
+    """Every distribution fastgrad and its cuda and test extras need is
+    checked by the pre-flight (so a new dependency cannot be missed there)."""
+    import importlib.util
+    import re
+    spec = importlib.util.spec_from_file_location("gpu_preflight_t", PREFLIGHT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    meta = _pyproject()["project"]
+    needed = meta["dependencies"] + meta["optional-dependencies"]["cuda"] + \
+        meta["optional-dependencies"]["test"]
+    names = {re.match(r"[A-Za-z0-9_.-]+", d).group(0).lower() for d in needed}
+    assert names <= {dist for _, dist, _ in mod.REQUIRED + mod.OPTIONAL}, names
