@@ -4,7 +4,7 @@
 # timeout_s=420)), so that a second run fits in the same 15 minutes of GPU time.
 #
 # Stages, each in its own time box (cut shorter when the whole budget,
-# FG_GPU_BUDGET_S = 330 s, runs low), each logging under $OUT as it goes, so a
+# FG_GPU_BUDGET_S = 320 s, runs low), each logging under $OUT as it goes, so a
 # stage that fails or runs long still leaves the others' results:
 #
 #   1. pre-flight  tools/gpu_preflight.py: dependencies, GPU, NVRTC and CUDA
@@ -43,7 +43,7 @@ mkdir -p "$OUT"
 LOG="$OUT/session.log"
 : >"$LOG"
 START=$SECONDS
-BUDGET=${FG_GPU_BUDGET_S:-330}
+BUDGET=${FG_GPU_BUDGET_S:-320}
 EMULATE=${FG_GPU_EMULATE:-0}
 INSTALL=${FG_GPU_INSTALL:-auto}
 export PYTHONUNBUFFERED=1

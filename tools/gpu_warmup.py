@@ -1,6 +1,9 @@
 """Fill the compile caches once, before tools/gpu_session.sh starts its
-parallel test workers (each worker would otherwise compile the same
-kernels again, at the same time, inside the tests' time box).
+parallel test workers.  Each worker would otherwise compile the same
+kernels again, at the same time, inside the tests' time box -- and Numba's
+cache index is read, extended and rewritten without a lock, so processes
+that first compile different signatures of one function at the same time
+can overwrite each other's entries.  Hence one process, Numba's work serial.
 
     python tools/gpu_warmup.py
 
