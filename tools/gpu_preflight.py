@@ -6,16 +6,18 @@ In seconds, before anything long starts, it answers "can fastgrad's CUDA
 tests and benchmarks run here?", stage by stage, and stops at the first
 stage that says no:
 
-1. imports every dependency (all of them, so that every missing one is
-   named at once; required ones stop the session, optional ones only
-   shrink it, e.g. no torch means no PyTorch column in the targets);
+1. imports every required dependency and looks up the optional ones (all
+   of them, so that every missing one is named at once);
 2. finds a GPU (``cupy.cuda.runtime.getDeviceCount()``);
 3. finds NVRTC (``cupy.cuda.nvrtc.getVersion()``) and the CUDA headers
    (one CuPy elementwise kernel: CuPy compiles it with NVRTC against them);
 4. compiles and launches one small kernel through fastgrad's own loader
    (``fastgrad.kernels.cuda._module``: its source pasting of
    ``common.cuh`` and its ``cupy.RawModule`` options), and checks every
-   element it wrote.
+   element it wrote;
+5. imports the optional dependencies, which only shrink the session when
+   missing or broken (no torch: no PyTorch column in the targets), unless
+   ``--required-only``.
 
 The last line is the verdict: ``PREFLIGHT OK ...`` (exit 0) or
 ``PREFLIGHT FAILED at <stage>: <why>`` (exit 2 dependency, 3 GPU,
@@ -25,6 +27,7 @@ the emulated CuPy, whose kernels g++ compiles.
 """
 import argparse
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -84,21 +87,29 @@ def say(msg):
     print(msg, flush=True)
 
 
-def _version(mod):
-    return getattr(mod, "__version__", "?")
+def _version(mod, dist=None):
+    if getattr(mod, "__emulated__", False):
+        return "emulated"
+    v = getattr(mod, "__version__", None)
+    if v is None and dist:
+        try:
+            v = importlib.metadata.version(dist)
+        except Exception:
+            pass
+    return str(v or "?")
 
 
-def check_imports(required=REQUIRED, optional=OPTIONAL):
+def check_imports(required=REQUIRED, optional=OPTIONAL, import_optional=True):
     """Import every dependency; returns the modules imported by name.
-    Raises Failed naming every missing required one.  Once a required one
-    is missing the optional ones are only looked up, not imported (torch
-    and jax take seconds to import), so that verdict comes at once."""
+    Raises Failed naming every missing required one.  The optional ones
+    are only looked up, not imported (torch and jax take seconds), when
+    ``import_optional`` is false or a required one is missing."""
     mods, missing = {}, []
     for group, table in (("required", required), ("optional", optional)):
         for name, dist, why in table:
             t = time.perf_counter()
             try:
-                if missing and group == "optional":
+                if group == "optional" and (missing or not import_optional):
                     if importlib.util.find_spec(name) is None:
                         raise ImportError(f"No module named {name!r}")
                     say(f"  found   {name:16s} (not imported)")
@@ -110,7 +121,7 @@ def check_imports(required=REQUIRED, optional=OPTIONAL):
                 if group == "required":
                     missing.append(msg)
                 continue
-            say(f"  ok      {name:16s} {_version(mods[name]):12s} "
+            say(f"  ok      {name:16s} {_version(mods[name], dist):12s} "
                 f"{time.perf_counter() - t:5.1f} s")
     if missing:
         raise Failed("dependencies", "missing required dependencies: " + "; ".join(missing))
@@ -232,7 +243,7 @@ def main(argv=None):
         say("CuPy: the host emulator (tools/cuda_emulator)")
     try:
         say("-- dependencies")
-        mods = check_imports(optional=() if args.required_only else OPTIONAL)
+        mods = check_imports(import_optional=False)
         cp = mods["cupy"]
         say("-- GPU")
         gpu = check_gpu(cp)
@@ -243,7 +254,12 @@ def main(argv=None):
         say("-- fastgrad's loader")
         loader = check_loader(cp)
         say(f"  probe kernel compiled, launched and checked ({loader})")
-        _notes(mods)
+        if not args.required_only:
+            # After the GPU stages, which fail far more often: torch and
+            # jax take seconds to import.
+            say("-- optional dependencies")
+            mods.update(check_imports(required=()))
+            _notes(mods)
     except Failed as exc:
         say(f"PREFLIGHT FAILED at {exc.stage}: {exc} "
             f"({time.perf_counter() - t0:.1f} s)")
