@@ -25,8 +25,8 @@
 # Files under $OUT (at most 8 come back from the device machine): session.log
 # (this script's lines and the install), preflight.log (with nvidia-smi),
 # warmup.log, cuda_tests.log, gpu_targets.log, gpu_targets.json,
-# bench_cuda.log.  Exit status: the pre-flight's when it fails, else 0 when
-# every stage passed, 1 otherwise.
+# bench_cuda.log.  Exit status: the pre-flight's when it fails (2-5; 6 when it
+# timed out), else 0 when every stage passed, 1 otherwise.
 #
 # Emulator mode (FG_GPU_EMULATE=1; tools/cuda_emulator/README.md): the same
 # stages on the host emulator, with a reduced test selection (FG_GPU_TESTS),
@@ -79,6 +79,8 @@ else
 fi
 
 [ -z "${FG_GPU_BUDGET_S:-}" ] && BUDGET=$((BUDGET * SCALE))
+# An absolute interpreter path: some stages run from another directory.
+case $PY in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac
 
 # box CAP RESERVE: the seconds a stage may take -- CAP, or less, so that the
 # stages after it keep RESERVE seconds of the whole budget (at least 10);
@@ -169,11 +171,13 @@ tail -1 "$OUT/warmup.log" | tee -a "$LOG"
 #    pytest-timeout is there, so a stuck test cannot take the box.
 par=() tmo=()
 "$PY" -c "import xdist" 2>/dev/null && [ "$WORKERS" -gt 1 ] && par=(-n "$WORKERS")
+# The session limit ends pytest cleanly (with its summary) before the box kills it.
 t_tests=$(box 150 75)
+t_session=$((t_tests > 40 ? t_tests - 15 : t_tests * 2 / 3))
 # --session-timeout came with pytest-timeout 2.3.
 "$PY" -c "import importlib.metadata as m, sys
 sys.exit(tuple(map(int, m.version('pytest-timeout').split('.')[:2])) < (2, 3))" 2>/dev/null \
-  && tmo=(--timeout $((90 * SCALE)) --session-timeout $((t_tests - 15)))
+  && tmo=(--timeout $((90 * SCALE)) --session-timeout $t_session)
 OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 \
   stage "cuda tests" 150 75 "$OUT/cuda_tests.log" "$PY" -m pytest -q -m cuda "${TESTS[@]}" \
   "${PLUGIN[@]}" "${par[@]}" "${tmo[@]}" -p no:cacheprovider -rfE --continue-on-collection-errors
