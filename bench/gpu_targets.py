@@ -24,12 +24,18 @@ Device times come from CUDA events, wall times from ``perf_counter`` between
 syncs; contenders alternate in short rounds and every ratio is the median of
 per-round ratios (METHOD.md of the device tool; RESULTS.md).  ``--smoke``
 runs miniature sizes once (CI-style check of the code paths; no numbers).
+``--json`` is rewritten after every measurement ("complete": false until the
+end), so a run stopped by its time box still leaves what it measured; a
+measurement that raises is recorded with its error and the others go on
+(exit status 1).
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -206,37 +212,73 @@ def step_vs_torch(name, rounds, target_ms, smoke):
     return out
 
 
+def save(res, path):
+    """Write ``res`` to ``path`` atomically (a time-out or a crash between
+    sections leaves the previous, complete file)."""
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run_item(res, section, fn, *args):
+    """One measurement of a section; an exception is recorded in its place
+    (and printed) so that the sections after it still run.  Returns the
+    result dict, or None if it failed."""
+    t = time.perf_counter()
+    try:
+        r = fn(*args)
+    except Exception as exc:
+        err = f"{type(exc).__name__}: {exc}"
+        res[section].append({"args": [str(a) for a in args], "error": err,
+                             "traceback": traceback.format_exc(limit=6)})
+        res["errors"] += 1
+        print(f"{section} {args[0]}: FAILED {err}", flush=True)
+        return None
+    r["seconds"] = time.perf_counter() - t
+    res[section].append(r)
+    return r
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--block-ms", type=float, default=40.0, help="length of one timed block")
-    ap.add_argument("--json", type=Path, help="write every figure here")
+    ap.add_argument("--json", type=Path, help="write every figure here (after every section)")
     ap.add_argument("--smoke", action="store_true", help="miniature sizes, one round")
     args = ap.parse_args(argv)
     if "cuda" not in fg.available_devices():
         print(f"no GPU: {fg.device._cuda_problem()}")
         return 2
     rounds, block = (1, 0.01) if args.smoke else (args.rounds, args.block_ms)
-    res = {"device": _cupy().cuda.runtime.getDeviceProperties(0)["name"].decode()
-           if hasattr(_cupy().cuda.runtime, "getDeviceProperties") else "?",
-           "adam": [], "forward": [], "step": []}
+    rt = _cupy().cuda.runtime
+    res = {"device": rt.getDeviceProperties(0)["name"].decode()
+           if hasattr(rt, "getDeviceProperties") else "?",
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "complete": False, "errors": 0, "adam": [], "forward": [], "step": []}
+    save(res, args.json)
     for n in ((1 << 12,) if args.smoke else (1 << 24, 1 << 26)):
-        res["adam"].append(adam_vs_copy(n, rounds, block))
-        r = res["adam"][-1]
-        print(f"clipped Adam {n:>10d} params: {r['adam_GBps']:8.1f} GB/s, copy "
-              f"{r['copy_GBps']:8.1f} GB/s -> {100 * r['fraction_of_copy']:5.1f} % (target >= 85 %)",
-              flush=True)
+        r = run_item(res, "adam", adam_vs_copy, n, rounds, block)
+        save(res, args.json)
+        if r:
+            print(f"clipped Adam {n:>10d} params: {r['adam_GBps']:8.1f} GB/s, copy "
+                  f"{r['copy_GBps']:8.1f} GB/s -> {100 * r['fraction_of_copy']:5.1f} % "
+                  f"(target >= 85 %)", flush=True)
     for shape in (((16, 24, 8),) if args.smoke else
                   ((256, 1024, 1024), (128, 784, 256), (256, 256, 256), (4096, 4096, 4096))):
-        res["forward"].append(forward_vs_gemm(*shape, rounds, block))
-        r = res["forward"][-1]
-        print(f"fused forward {shape}: {r['fused_ms'] * 1e3:8.1f} us vs GEMM "
-              f"{r['gemm_ms'] * 1e3:8.1f} us -> {r['fused_over_gemm']:.3f}x (target <= 1.1), "
-              f"rel. error {r['rel_error_vs_float64']:.1e}; own GEMM (graphs) "
-              f"{r['own_gemm_over_cublas']:.2f}x cuBLAS", flush=True)
+        r = run_item(res, "forward", forward_vs_gemm, *shape, rounds, block)
+        save(res, args.json)
+        if r:
+            print(f"fused forward {shape}: {r['fused_ms'] * 1e3:8.1f} us vs GEMM "
+                  f"{r['gemm_ms'] * 1e3:8.1f} us -> {r['fused_over_gemm']:.3f}x (target <= 1.1), "
+                  f"rel. error {r['rel_error_vs_float64']:.1e}; own GEMM (graphs) "
+                  f"{r['own_gemm_over_cublas']:.2f}x cuBLAS", flush=True)
     for name in STEP_WORKLOADS:
-        res["step"].append(step_vs_torch(name, rounds, block, args.smoke))
-        r = res["step"][-1]
+        r = run_item(res, "step", step_vs_torch, name, rounds, block, args.smoke)
+        save(res, args.json)
+        if not r:
+            continue
         vs = (f"torch/fastgrad {r['torch_over_fastgrad']:.2f}x (target >= 3), with graph "
               f"{r['torch_over_fastgrad_graph']:.2f}x" if "torch_over_fastgrad" in r
               else f"torch: {r['torch']}")
@@ -247,9 +289,9 @@ def main(argv=None):
             print(f"    graph fallback: {r['graph_fallback']}")
         print(f"    graph with cuBLAS GEMMs: "
               f"{'captured' if r['cublas_graph_captured'] else r['cublas_graph_fallback']}")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=1, default=str))
-    return 0
+    res["complete"] = True
+    save(res, args.json)
+    return 1 if res["errors"] else 0
 
 
 if __name__ == "__main__":
