@@ -111,33 +111,39 @@ STUDIES = {"vanishing": VANISHING_ROWS, "explosion": EXPLOSION_ROWS,
 
 
 # --- metrics -------------------------------------------------------------------
-# name -> (column title, True when higher is better).  Missing values have a
-# meaning: a first non-finite step or a steps-until-the-loss-moves that never
-# came is +inf (the best and the worst case respectively); a non-finite final
-# loss is +inf.
+# name -> (column title, True when higher is better, margin).  A comparison
+# holds only when the seed ranges are apart by more than the margin: an
+# effect too small to matter (0.1 decade of gradient, one point of accuracy)
+# is not evidence for a claim however consistent it is.  Missing values
+# have a meaning: a first non-finite step or a steps-until-the-loss-moves
+# that never came is +inf (the best and the worst case respectively); a
+# non-finite final loss is +inf.
 METRICS = {
-    "final_loss": ("final loss", False),
-    "accuracy": ("test acc.", True),
-    "first_nonfinite": ("first non-finite step", True),
-    "skipped": ("skipped steps", False),
-    "max_grad_norm": ("max grad norm", False),
-    "layer_ratio": ("first/last layer norm", None),     # compared through vanishing
-    "vanishing": ("decades lost over depth", False),
-    "steps_to_move": ("steps until loss moves", False),
+    "final_loss": ("final loss", False, 0.0),
+    "accuracy": ("test acc.", True, 0.02),
+    "first_nonfinite": ("first non-finite step", True, 0.0),
+    "skipped": ("skipped steps", False, 0.0),
+    "max_grad_norm": ("max grad norm", False, 0.0),
+    "layer_ratio": ("first/last layer norm", None, None),   # compared through vanishing
+    "vanishing": ("decades lost over depth", False, 1.0),
+    "steps_to_move": ("steps until loss moves", False, 0.0),
 }
 
-MOVE_FRACTION = 0.9     # the loss "moves" once its 5-step mean is <= 90 % of the first loss
+MOVE_FRACTION = 0.9     # the loss "moves" once its 5-step mean is <= 90 % of its reference
 MOVE_WINDOW = 5
+CHANCE_LOSS = math.log(10)      # cross-entropy of a uniform guess over the 10 digits
 
 
-def steps_to_move(losses, fraction=MOVE_FRACTION, window=MOVE_WINDOW):
+def steps_to_move(losses, chance=CHANCE_LOSS, fraction=MOVE_FRACTION, window=MOVE_WINDOW):
     """First step whose mean loss over the last ``window`` steps is at most
-    ``fraction`` times the first step's loss; ``inf`` if that never happens
-    (or the first loss is not finite)."""
+    ``fraction`` times the smaller of the first step's loss and the chance
+    level ``chance`` (a loss that only falls from a bad start to chance has
+    not learnt anything); ``inf`` if that never happens or the first loss is
+    not finite."""
     losses = np.asarray(losses, np.float64)
     if losses.size == 0 or not np.isfinite(losses[0]):
         return math.inf
-    target = fraction * losses[0]
+    target = fraction * min(losses[0], chance)
     for k in range(1, losses.size):
         recent = losses[max(0, k - window + 1):k + 1]
         if np.isfinite(recent).all() and recent.mean() <= target:
@@ -243,9 +249,10 @@ class Claim:
 
 RULE = ("Each comparison pits the row the claim favours against the row it says is worse, "
         "on one metric, over the same seeds. It HOLDS when the favoured row's worst seed beats "
-        "the other row's best seed (the seed ranges do not overlap, in the claimed direction), "
-        "FAILS when the other row's worst seed beats the favoured row's best, and is a TIE "
-        "when the ranges overlap. A claim is SUPPORTED when every comparison holds, REFUTED "
+        "the other row's best seed by more than the metric's margin (the seed ranges are apart, "
+        "in the claimed direction; margins: 0.02 test accuracy, 1 decade of first/last layer "
+        "gradient norm, 0 steps), FAILS when the other row's worst seed beats the favoured "
+        "row's best by more than the margin, and is a TIE otherwise. A claim is SUPPORTED when every comparison holds, REFUTED "
         "when none holds, and DEPENDS otherwise (on the contexts listed: where it holds and "
         "where it does not). With 5 seeds a row-against-row separation happens by chance "
         "with probability 1/126 in each direction when both rows come from the same "
@@ -258,7 +265,7 @@ def compare(better_values, worse_values, metric):
     Values are the per-seed values of the two rows; NaN values are left out
     and a side with none left makes a tie.
     """
-    higher = METRICS[metric][1]
+    _, higher, margin = METRICS[metric]
     if higher is None:
         raise ValueError(f"metric {metric!r} has no direction; compare vanishing instead")
     a = [x for x in better_values if not math.isnan(x)]
@@ -267,9 +274,10 @@ def compare(better_values, worse_values, metric):
         return "tie"
     if not higher:
         a, b = [-x for x in a], [-x for x in b]
-    if min(a) > max(b):
+    # inf - inf is NaN and NaN > margin is False: "never" against "never" ties.
+    if min(a) - max(b) > margin:
         return "holds"
-    if min(b) > max(a):
+    if min(b) - max(a) > margin:
         return "fails"
     return "tie"
 
@@ -356,7 +364,7 @@ def judge(claims, rows):
         other = [f"{c['context']} ({c['outcome']})" for c in comps if c["outcome"] != "holds"]
         why = {"supported": "holds in every context tested",
                "refuted": "holds in no context tested",
-               "depends": f"holds for {', '.join(held)}; not for {', '.join(other)}"}[v]
+               "depends": f"holds for {'; '.join(held)}; not for {'; '.join(other)}"}[v]
         out.append({"id": claim.id, "claim": claim.text, "comparisons": comps,
                     "verdict": v, "reason": why})
     return out
@@ -600,7 +608,7 @@ def format_markdown(study):
 
 # --- pictures ---------------------------------------------------------------------
 
-HEATMAP_IDS = ["V1", "V2", "V5", "V8", "V17", "E1", "E4", "E15"]
+HEATMAP_IDS = ["V1", "V2", "V5", "V8", "V17", "V20", "E2", "E15"]
 
 # Small multiples by family: (title, study, ids).  The vanishing panels show
 # the first/last layer gradient-norm ratio, the explosion panels the global
@@ -698,7 +706,7 @@ def plot_summary(study, path, panels=None):
         return []
     cols = min(4, len(chosen))
     nrows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 4.6 * nrows), dpi=80,
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 4.6 * nrows), dpi=72,
                              squeeze=False)
     colours = plt.get_cmap("tab10")
     for ax, (title, kind, ids) in zip(axes.flat, chosen):
@@ -709,6 +717,11 @@ def plot_summary(study, path, panels=None):
             ax.plot(steps, med, lw=1.1, color=colours(j % 10), label=f"{i}: {labels[i]}")
             ax.fill_between(steps, lo, hi, color=colours(j % 10), alpha=0.18, lw=0)
         ax.set_yscale("log")
+        if kind == "explosion":
+            # Past 1e14 a norm is an explosion whatever its value; an
+            # unbounded axis would flatten every finite curve.
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(max(lo, 1e-3), min(hi, 1e14))
         ax.set_title(f"{kind}: {title}", fontsize=8)
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("first / last layer grad norm" if kind == "vanishing"

@@ -21,14 +21,17 @@ TINY = dict(depth=3, width=8, epochs=1, batch_size=128)
     ([0.9, 0.95, 0.92], [0.1, 0.3, 0.2], "accuracy", "holds"),
     ([0.1, 0.3, 0.2], [0.9, 0.95, 0.92], "accuracy", "fails"),
     ([0.5, 0.9], [0.4, 0.6], "accuracy", "tie"),                 # ranges overlap
-    ([0.5, 0.59], [0.6, 0.7], "accuracy", "fails"),
+    ([0.5, 0.55], [0.6, 0.7], "accuracy", "fails"),
     ([0.5, 0.6], [0.6, 0.6], "accuracy", "tie"),                 # touching ranges tie
+    ([0.61, 0.62], [0.55, 0.6], "accuracy", "tie"),              # apart, but by < 0.02
+    ([0.63, 0.64], [0.55, 0.6], "accuracy", "holds"),
     ([1.0, 2.0], [3.0, 4.0], "final_loss", "holds"),             # lower is better
     ([math.inf, math.inf], [4, 7], "first_nonfinite", "holds"),  # never beats step 7
     ([math.inf, 3], [4, 7], "first_nonfinite", "tie"),
     ([math.inf, math.inf], [math.inf, math.inf], "first_nonfinite", "tie"),
     ([3, 5], [math.inf, math.inf], "steps_to_move", "holds"),    # moving beats never
     ([0.0, 0.1], [2.0, 3.5], "vanishing", "holds"),
+    ([0.0, 0.1], [0.5, 0.9], "vanishing", "tie"),                # < 1 decade apart
     ([math.nan, 0.9], [0.1, 0.2], "accuracy", "holds"),          # NaN seeds left out
     ([math.nan], [0.1], "accuracy", "tie"),
 ])
@@ -120,6 +123,9 @@ def test_steps_to_move():
     window = np.array(falling[k - 4:k + 1])
     assert window.mean() <= 0.9 * 2.3 < np.array(falling[k - 5:k]).mean()
     assert lab.steps_to_move([math.nan, 1.0]) == math.inf
+    # Falling from a bad start to the chance level ln 10 is not learning.
+    assert lab.steps_to_move([50.0] * 3 + [2.3] * 20) == math.inf
+    assert lab.steps_to_move([50.0] * 3 + [1.0] * 20) == 7
     assert lab.steps_to_move([2.0, math.nan, 0.1, 0.1, 0.1, 0.1, 0.1]) == 6
 
 
