@@ -652,7 +652,7 @@ def plot_heatmaps(study, path, ids=None):
     cmap = plt.get_cmap("magma").with_extremes(bad="0.75")
     cols = min(4, len(ids))
     nrows = -(-len(ids) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols + 1.0, 2.8 * nrows), dpi=80,
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols + 1.0, 2.8 * nrows), dpi=90,
                              squeeze=False, sharey=True, layout="constrained")
     for ax, i, m in zip(axes.flat, ids, mats):
         shown = np.where(np.isfinite(m), np.clip(m, vmin, vmax), np.nan).T
@@ -670,9 +670,23 @@ def plot_heatmaps(study, path, ids=None):
                  fontsize=7)
     cb.ax.tick_params(labelsize=6)
     fig.suptitle("per-layer gradient norms, first seed", fontsize=9)
-    fig.savefig(path)
-    plt.close(fig)
+    _save_png(fig, path)
     return ids
+
+
+def _save_png(fig, path):
+    """Save as a 256-colour PNG: a third of the bytes of matplotlib's RGBA
+    file for these plots (lines and flat colours), so they stay small
+    enough to ship in the repository."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    with Image.open(buf) as im:
+        im.convert("RGB").quantize(colors=256).save(path, format="PNG", optimize=True)
+    _pyplot().close(fig)
 
 
 def _wrap(text, width):
@@ -706,7 +720,7 @@ def plot_summary(study, path, panels=None):
         return []
     cols = min(4, len(chosen))
     nrows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 4.6 * nrows), dpi=72,
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 4.6 * nrows), dpi=90,
                              squeeze=False)
     colours = plt.get_cmap("tab10")
     for ax, (title, kind, ids) in zip(axes.flat, chosen):
@@ -722,6 +736,15 @@ def plot_summary(study, path, panels=None):
             # unbounded axis would flatten every finite curve.
             lo, hi = ax.get_ylim()
             ax.set_ylim(max(lo, 1e-3), min(hi, 1e14))
+        top = ax.get_ylim()[1]
+        for j, i in enumerate(ids):
+            # x at the top: a seed's first non-finite gradient (its later
+            # steps are skipped, so its curve stops there).
+            firsts = [int(np.argmax(~np.isfinite(c["grad_norm"]))) for c in curves[i]
+                      if not np.isfinite(c["grad_norm"]).all()]
+            if firsts:
+                ax.scatter(firsts, [top] * len(firsts), marker="x", s=18, clip_on=False,
+                           color=colours(j % 10), zorder=4)
         ax.set_title(f"{kind}: {title}", fontsize=8)
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("first / last layer grad norm" if kind == "vanishing"
@@ -731,8 +754,8 @@ def plot_summary(study, path, panels=None):
                   frameon=False, ncol=1)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
-    fig.suptitle("median over seeds, band: min-max; gaps: non-finite gradients", fontsize=9)
+    fig.suptitle("median over the seeds, band: min-max; x: a seed's first non-finite gradient "
+                 "(its curve stops there)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _save_png(fig, path)
     return [t for t, _, _ in chosen]

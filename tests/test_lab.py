@@ -261,3 +261,28 @@ def test_cli_lab_study_choice_and_bad_options(capsys):
         main(["lab", "--seeds", "0"])
     assert e.value.code == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_readme_tables_are_the_generated_ones():
+    """The README's lab tables are what ``format_markdown`` makes of
+    docs/lab.json, the JSON the documented command wrote."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split("<!-- lab:begin")[1].split("-->", 1)[1].split("<!-- lab:end -->")[0]
+    doc = json.loads((root / "docs" / "lab.json").read_text(encoding="utf-8"))
+    assert block.strip() == lab.format_markdown(doc).strip()
+    assert doc["settings"]["seeds"] == [0, 1, 2, 3, 4]
+    assert {r["id"] for r in doc["rows"]} == {r.id for r in lab.STUDIES["all"]}
+    for name in ("lab-heatmap.png", "lab-summary.png"):
+        assert (root / "docs" / name).stat().st_size < 300_000
+
+
+def test_cli_lab_help():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "fastgrad", "lab", "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "usage: fastgrad lab" in out.stdout
+    for option in ("--study", "--seeds", "--quick", "--json", "--device", "--jobs"):
+        assert option in out.stdout
