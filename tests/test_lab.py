@@ -286,3 +286,20 @@ def test_cli_lab_help():
     assert out.returncode == 0 and "usage: fastgrad lab" in out.stdout
     for option in ("--study", "--seeds", "--quick", "--json", "--device", "--jobs"):
         assert option in out.stdout
+
+
+@pytest.mark.cuda
+def test_lab_runs_on_cuda_as_on_the_cpu(cp):
+    """``--device cuda`` routes every run to the GPU: the same tiny study
+    gives the CPU's numbers to float32 rounding."""
+    by_id = {r.id: r for r in lab.STUDIES["all"]}
+    rows = [by_id["V2"], by_id["E5"]]
+    tiny = dict(depth=2, width=8, epochs=1, batch_size=256)
+    on = {d: lab.run_study(rows, [0], device=d, jobs=1, progress=False, **tiny)
+          for d in ("cpu", "cuda")}
+    assert on["cuda"]["settings"]["device"] == "cuda"
+    for rc, rg in zip(on["cpu"]["rows"], on["cuda"]["rows"]):
+        mc, mg = rc["runs"][0]["metrics"], rg["runs"][0]["metrics"]
+        assert mg["skipped"] == mc["skipped"] and mg["first_nonfinite"] == mc["first_nonfinite"]
+        for m in ("final_loss", "max_grad_norm", "layer_ratio"):
+            assert mg[m] == pytest.approx(mc[m], rel=1e-3), m
