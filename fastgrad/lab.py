@@ -30,9 +30,10 @@ import numpy as np
 
 from .cli import EXPLODE_ROWS, ExplodeRow, _full_labels, load_digits_split, run_explode_row
 
-__all__ = ["LabRow", "Comparison", "Claim", "VANISHING_ROWS", "EXPLOSION_ROWS", "CLAIMS",
-           "METRICS", "RULE", "run_config", "summarize", "compare", "verdict", "run_study",
-           "to_json", "format_markdown", "plot_heatmaps", "plot_summary"]
+__all__ = ["LabRow", "Comparison", "Claim", "VANISHING_ROWS", "EXPLOSION_ROWS", "STUDIES",
+           "CLAIMS", "METRICS", "RULE", "steps_to_move", "layer_ratio", "vanishing",
+           "run_config", "summarize", "compare", "verdict", "judge", "run_study", "to_json",
+           "format_markdown", "plot_heatmaps", "plot_summary"]
 
 SCHEMA = "fastgrad-lab/1"
 
@@ -242,6 +243,7 @@ class Comparison:
 
 @dataclass(frozen=True)
 class Claim:
+    """A piece of folklore (``text``) and the comparisons that test it."""
     id: str
     text: str
     comparisons: Tuple[Comparison, ...]
@@ -252,19 +254,36 @@ RULE = ("Each comparison pits the row the claim favours against the row it says 
         "the other row's best seed by more than the metric's margin (the seed ranges are apart, "
         "in the claimed direction; margins: 0.02 test accuracy, 1 decade of first/last layer "
         "gradient norm, 0 steps), FAILS when the other row's worst seed beats the favoured "
-        "row's best by more than the margin, and is a TIE otherwise. A claim is SUPPORTED when every comparison holds, REFUTED "
-        "when none holds, and DEPENDS otherwise (on the contexts listed: where it holds and "
-        "where it does not). With 5 seeds a row-against-row separation happens by chance "
-        "with probability 1/126 in each direction when both rows come from the same "
-        "distribution.")
+        "row's best by more than the margin, and is a TIE otherwise. A claim is SUPPORTED "
+        "when every comparison holds, REFUTED when none holds, and DEPENDS otherwise (on the "
+        "contexts listed: where it holds and where it does not).")
+
+
+def chance_of_separation(n_seeds):
+    """Probability that two rows of ``n_seeds`` runs each, drawn from the
+    same distribution, have apart seed ranges in a given direction by
+    chance: 1 / C(2n, n) (1/252 for 5 seeds, 1/2 for one)."""
+    return 1.0 / math.comb(2 * n_seeds, n_seeds)
 
 
 def compare(better_values, worse_values, metric):
-    """``"holds"``, ``"fails"`` or ``"tie"`` for one comparison (see RULE).
+    """Decide one comparison by :data:`RULE`.
 
-    Values are the per-seed values of the two rows; NaN values are left out
-    and a side with none left makes a tie.
+    Parameters
+    ----------
+    better_values, worse_values : sequence of float
+        Per-seed values of the row the claim favours and of the other row;
+        NaN values are left out, and a side with none left makes a tie.
+    metric : str
+        A name of :data:`METRICS` that has a direction (not ``layer_ratio``).
+
+    Returns
+    -------
+    str
+        ``"holds"``, ``"fails"`` or ``"tie"``.
     """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {list(METRICS)}")
     _, higher, margin = METRICS[metric]
     if higher is None:
         raise ValueError(f"metric {metric!r} has no direction; compare vanishing instead")
@@ -283,7 +302,19 @@ def compare(better_values, worse_values, metric):
 
 
 def verdict(outcomes):
-    """The verdict of a claim from its comparisons' outcomes (see RULE)."""
+    """The verdict of a claim by :data:`RULE`.
+
+    Parameters
+    ----------
+    outcomes : sequence of str
+        The outcomes of its comparisons, as :func:`compare` returns them.
+
+    Returns
+    -------
+    str
+        ``"supported"`` (every comparison holds), ``"refuted"`` (none holds)
+        or ``"depends"``.
+    """
     if not outcomes:
         raise ValueError("a claim needs at least one comparison")
     held = sum(o == "holds" for o in outcomes)
@@ -347,8 +378,22 @@ CLAIMS = [
 
 
 def judge(claims, rows):
-    """Decide every claim whose rows were run; ``rows`` maps id -> row dict
-    (with ``runs``).  Returns the claims as dicts, verdicts included."""
+    """Decide every claim whose rows were all run.
+
+    Parameters
+    ----------
+    claims : list of Claim
+    rows : dict
+        Row id -> row dict whose ``runs`` hold each seed's ``metrics``.
+
+    Returns
+    -------
+    list of dict
+        Per judged claim: ``id``, ``claim``, ``comparisons`` (each with its
+        ``outcome``), ``verdict`` and ``reason`` (for "depends": the
+        contexts where it holds and where it does not).  A claim with a row
+        that did not run (a one-study run) is left out.
+    """
     out = []
     for claim in claims:
         if not all(c.better in rows and c.worse in rows for c in claim.comparisons):
@@ -602,7 +647,11 @@ def format_markdown(study):
             metric = METRICS[metrics.pop()][0] if shared else "per comparison"
             out.append(f"| {c['id']}. {c['claim']} | {metric} | {comps} | **{c['verdict']}**"
                        + (f": {c['reason']}" if c["verdict"] == "depends" else "") + " |")
-        out += ["", f"Rule: {study['rule']}", ""]
+        n = len(seeds)
+        out += ["", f"Rule: {study['rule']} With {n} seed{'s' * (n > 1)} per row, two rows "
+                f"drawn from the same distribution are apart in a given direction by chance "
+                f"with probability 1/{round(1 / chance_of_separation(n))} (before the margin).",
+                ""]
     return "\n".join(out)
 
 

@@ -272,6 +272,7 @@ def test_readme_tables_are_the_generated_ones():
     block = readme.split("<!-- lab:begin")[1].split("-->", 1)[1].split("<!-- lab:end -->")[0]
     doc = json.loads((root / "docs" / "lab.json").read_text(encoding="utf-8"))
     assert block.strip() == lab.format_markdown(doc).strip()
+    assert doc["rule"] == lab.RULE                  # docs/ regenerated after a rule change
     assert doc["settings"]["seeds"] == [0, 1, 2, 3, 4]
     assert {r["id"] for r in doc["rows"]} == {r.id for r in lab.STUDIES["all"]}
     for name in ("lab-heatmap.png", "lab-summary.png"):
@@ -303,3 +304,12 @@ def test_lab_runs_on_cuda_as_on_the_cpu(cp):
         assert mg["skipped"] == mc["skipped"] and mg["first_nonfinite"] == mc["first_nonfinite"]
         for m in ("final_loss", "max_grad_norm", "layer_ratio"):
             assert mg[m] == pytest.approx(mc[m], rel=1e-3), m
+
+
+def test_chance_of_separation_matches_a_simulation():
+    assert lab.chance_of_separation(5) == pytest.approx(1 / 252)
+    assert lab.chance_of_separation(1) == 0.5
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 200_000, 3))
+    apart = (a.min(axis=1) > b.max(axis=1)).mean()
+    assert apart == pytest.approx(lab.chance_of_separation(3), abs=0.004)   # 1/20
