@@ -501,10 +501,16 @@ def run_study(rows, seeds, depth=16, width=64, epochs=10, batch_size=64, device=
                                      initializer=_worker_init,
                                      initargs=(device, split_seed)) as pool:
                 futures = {pool.submit(_worker_run, t): (t[0].id, t[1]) for t in tasks}
-                for fut in as_completed(futures):
-                    results[futures[fut]] = fut.result()
-                    if bar is not None:
-                        bar.update(1)
+                try:
+                    for fut in as_completed(futures):
+                        results[futures[fut]] = fut.result()
+                        if bar is not None:
+                            bar.update(1)
+                except BaseException:
+                    # A failed run or Ctrl-C: do not wait for the queued runs.
+                    for fut in futures:
+                        fut.cancel()
+                    raise
     finally:
         if bar is not None:
             bar.close()
@@ -581,9 +587,26 @@ def _jsonable(x):
 
 
 def to_json(study):
-    """The study as a JSON string: settings, rule, every row with every
-    seed's metrics and the statistics, every claim with its comparisons and
-    verdict (the per-step curves are left out)."""
+    """The study as a JSON string (the per-step curves are left out).
+
+    Schema ``fastgrad-lab/1``::
+
+        {"schema": "fastgrad-lab/1",
+         "settings": {"depth", "width", "epochs", "batch_size", "device",
+                      "seeds": [int], "split_seed"},
+         "rule": str,
+         "rows": [{"id", "study", "label", "config": {ExplodeRow fields},
+                   "runs": [{"seed", "metrics": {name: value}}],
+                   "stats": {name: {"median", "min", "max"}}}],
+         "claims": [{"id", "claim", "verdict", "reason",
+                     "comparisons": [{"better", "worse", "metric",
+                                      "context", "outcome"}]}]}
+
+    Metric names are those of :data:`METRICS`.  JSON has no inf or NaN: a
+    value that is +inf (never non-finite, a loss that never moved, a
+    non-finite final loss) is the string ``"inf"``, NaN is ``null``.
+    :func:`format_markdown` reads the parsed document back.
+    """
     doc = {k: v for k, v in study.items() if k != "curves"}
     return json.dumps(_jsonable(doc), indent=1, allow_nan=False)
 

@@ -313,3 +313,9 @@ def test_chance_of_separation_matches_a_simulation():
     a, b = rng.standard_normal((2, 200_000, 3))
     apart = (a.min(axis=1) > b.max(axis=1)).mean()
     assert apart == pytest.approx(lab.chance_of_separation(3), abs=0.004)   # 1/20
+
+
+def test_a_failing_run_raises_its_error():
+    bad = lab.LabRow("X1", "vanishing", ExplodeRow("no such activation", activation="swish"))
+    with pytest.raises(ValueError, match="swish"):
+        lab.run_study([bad], [0], jobs=1, progress=False, **TINY)
