@@ -319,3 +319,13 @@ def test_a_failing_run_raises_its_error():
     bad = lab.LabRow("X1", "vanishing", ExplodeRow("no such activation", activation="swish"))
     with pytest.raises(ValueError, match="swish"):
         lab.run_study([bad], [0], jobs=1, progress=False, **TINY)
+
+
+def test_cli_lab_cuda_without_a_gpu_says_why(capsys):
+    import fastgrad as fg
+    if "cuda" in fg.available_devices():
+        pytest.skip("a GPU is here")
+    with pytest.raises(SystemExit) as e:
+        main(["lab", "--device", "cuda", "--quick"])
+    assert e.value.code == 2
+    assert "fastgrad lab: error: device 'cuda' is unavailable" in capsys.readouterr().err
