@@ -1,5 +1,6 @@
 """The ``fastgrad`` command: ``demo`` (train on real data), ``explode`` (the
-explosion lab), ``bench`` (the benchmark suite).
+explosion lab), ``lab`` (the stability lab, :mod:`fastgrad.lab`), ``bench``
+(the benchmark suite).
 
 Bad options print a one-line reason and exit with status 2 (argparse's
 convention); no traceback reaches the user for a mistyped option.
@@ -196,6 +197,9 @@ EXPLODE_ROWS = [
 def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
     """Train one configuration of the lab; returns (result dict, monitor).
 
+    ``seed`` seeds the initialisation, the dropout masks and the shuffling;
+    the result's ``losses`` holds the training loss of every step.
+
     Trains in training mode (dropout on, batch statistics) and evaluates in
     eval mode (no dropout, batch norm's running statistics)."""
     import math
@@ -228,9 +232,11 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
     step = fg.TrainStep(model, loss_fn, opt)
     monitor = GradientMonitor()
     first_bad = [None]
+    losses = []
 
     def record(k, loss, stats):
         monitor.record(stats)
+        losses.append(float(loss))
         if first_bad[0] is None and not math.isfinite(loss):
             first_bad[0] = k
 
@@ -247,6 +253,7 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
         "first_nonfinite": first_bad[0], "skipped": int(sum(monitor.skipped)),
         "max_grad_norm": float(finite.max()) if finite.size else float("nan"),
         "params_finite": bool(np.isfinite(model.params).all()),
+        "losses": losses,
     }, monitor
 
 
@@ -319,6 +326,36 @@ def cmd_explode(args):
     return 0
 
 
+def cmd_lab(args):
+    import fastgrad as fg
+    from . import lab
+    device = fg.set_device(args.device)
+    quick = args.quick
+    n_seeds = args.seeds if args.seeds is not None else (3 if quick else 5)
+    epochs = args.epochs if args.epochs is not None else (4 if quick else 10)
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+    rows = lab.STUDIES[args.study]
+    print(f"stability lab on {device}: {args.study} study, {len(rows)} configurations x "
+          f"{n_seeds} seeds; {args.depth} hidden layers of {args.width}, digits, {epochs} epochs, "
+          f"batch {args.batch_size}")
+    study = lab.run_study(rows, seeds, depth=args.depth, width=args.width, epochs=epochs,
+                          batch_size=args.batch_size, device=device, jobs=args.jobs,
+                          progress=not args.no_progress)
+    text = lab.format_markdown(study)
+    print(text)
+    for path, content in ((args.json, lab.to_json(study)), (args.markdown, text)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(content + "\n", encoding="utf-8")
+            print(f"wrote {path}")
+    for path, plot in ((args.heatmap, lab.plot_heatmaps), (args.summary, lab.plot_summary)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if plot(study, path):
+                print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench(args):
     root = Path(__file__).resolve().parent.parent
     bench = root / "bench"
@@ -379,6 +416,35 @@ def build_parser():
     explode.add_argument("--seed", type=int, default=0)
     explode.add_argument("--out", default="fastgrad-explode.png", help="path of the PNG plot")
     explode.set_defaults(func=cmd_explode)
+
+    lab = sub.add_parser("lab", help="vanishing and exploding gradients over many seeds, "
+                         "with a verdict on each claim",
+                         description="Train one deep MLP on the digits under every configuration "
+                         "of the vanishing and/or explosion study, once per seed; print the "
+                         "tables (median and range over the seeds) and the verdict on each "
+                         "claim, and write the heatmap and summary plots.")
+    lab.add_argument("--study", default="all", choices=["vanishing", "explosion", "all"])
+    lab.add_argument("--seeds", type=_positive_int, default=None,
+                     help="seeds per configuration (default 5; 3 with --quick)")
+    lab.add_argument("--first-seed", type=int, default=0,
+                     help="the seeds are first-seed, first-seed + 1, ... (default 0)")
+    lab.add_argument("--quick", action="store_true",
+                     help="3 seeds and 4 epochs unless --seeds / --epochs say otherwise")
+    lab.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    lab.add_argument("--depth", type=_positive_int, default=16, help="hidden layers (default 16)")
+    lab.add_argument("--width", type=_positive_int, default=64)
+    lab.add_argument("--epochs", type=_positive_int, default=None, help="default 10 (4 with --quick)")
+    lab.add_argument("--batch-size", type=_positive_int, default=64)
+    lab.add_argument("--jobs", type=_positive_int, default=None,
+                     help="worker processes (default: one per core on the CPU, 1 on a GPU)")
+    lab.add_argument("--json", default=None, help="write every row and verdict to this JSON file")
+    lab.add_argument("--markdown", default=None, help="write the generated tables to this file")
+    lab.add_argument("--heatmap", default="fastgrad-lab-heatmap.png",
+                     help="PNG of per-layer gradient norms over steps ('' for none)")
+    lab.add_argument("--summary", default="fastgrad-lab-summary.png",
+                     help="PNG of the small multiples by family ('' for none)")
+    lab.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lab.set_defaults(func=cmd_lab)
 
     bench = sub.add_parser("bench", help="run the benchmark suite over the available devices",
                            description="Run the pytest-benchmark suite in bench/ (from a source "
