@@ -62,6 +62,10 @@ class TrainStep:
         name = getattr(loss_fn, "name", None)
         if name not in _kstep.LOSS_CODES:
             raise TypeError(f"loss_fn must be one of fastgrad's losses, got {loss_fn!r}")
+        if getattr(loss_fn, "options", None):
+            raise ValueError(f"TrainStep fuses the default losses only; {loss_fn!r} sets "
+                             f"{sorted(loss_fn.options)}: train it on the layer path "
+                             "(model(x), loss_fn, model.backward, opt.step())")
         if getattr(opt, "params", None) is not model.params:
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
@@ -360,14 +364,21 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     seed : seed of the shuffling
     progress : show a tqdm bar (loss, grad norm, steps/s) when tqdm is installed
     validation_data : optional (X_val, Y_val), evaluated after every epoch
-    callbacks : callables ``f(step_index, loss, stats)`` run after every step
-        (e.g. ``fastgrad.health.GradientMonitor.record``-style hooks)
+        (in eval mode: no dropout, batch norm on its running statistics);
+        ``val_loss`` (and ``val_accuracy``) then show in the progress bar
+    callbacks : per-step callables ``f(step_index, loss, stats)`` run after
+        every step (e.g. ``fastgrad.health.GradientMonitor.record``-style
+        hooks), and epoch callbacks (objects with ``on_epoch_end``, see
+        :mod:`fastgrad.callbacks`): ``EarlyStopping`` (on a validation
+        metric, restoring the best weights), ``ModelCheckpoint`` (through
+        ``fastgrad.save`` every N epochs), ``ReduceLROnPlateau``
 
     Returns
     -------
     dict of per-epoch lists: ``loss`` (mean over the epoch's batches),
     ``grad_norm_mean``, ``grad_norm_max``, ``clipped``, ``skipped``, and
-    ``val_loss`` / ``val_accuracy`` with validation data.
+    ``val_loss`` / ``val_accuracy`` with validation data.  An early stop
+    leaves them shorter than ``epochs``.
     """
     model = step.model
     for name, val in (("epochs", epochs), ("batch_size", batch_size)):
@@ -397,8 +408,14 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         history["val_loss"] = []
         if getattr(step.loss_fn, "name", None) == "softmax_cross_entropy":
             history["val_accuracy"] = []
+    step_hooks = [cb for cb in callbacks if not hasattr(cb, "on_epoch_end")]
+    epoch_hooks = [cb for cb in callbacks if hasattr(cb, "on_epoch_end")]
+    for cb in epoch_hooks:
+        if hasattr(cb, "on_train_begin"):
+            cb.on_train_begin(step, history)
     bar = _progress_bar(epochs * n_batches, progress, "fit")
     t0, k = time.perf_counter(), 0
+    shown_val = {}          # the last epoch's validation figures, kept in the bar
     try:
         for epoch in range(epochs):
             if shuffle:
@@ -414,7 +431,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 loss = step(xb, yb)
                 st = step.stats
                 done.append((loss, st))
-                for cb in callbacks:
+                for cb in step_hooks:
                     cb(k, loss, st)
                 k += 1
                 if bar is not None:
@@ -424,7 +441,8 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                     if shown is not None:
                         bar.set_postfix(epoch=epoch + 1, loss=f"{_host_loss(*shown):.4f}",
                                         grad_norm=f"{shown[1].grad_norm:.3g}",
-                                        steps_s=f"{k / (time.perf_counter() - t0):.0f}")
+                                        steps_s=f"{k / (time.perf_counter() - t0):.0f}",
+                                        **shown_val)
             # The epoch's figures: on CUDA the one wait for the device per epoch.
             losses = [_host_loss(loss, st) for loss, st in done]
             norms = [st.grad_norm for _, st in done]
@@ -441,6 +459,19 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 history["val_loss"].append(res["loss"])
                 if "val_accuracy" in history:
                     history["val_accuracy"].append(res["accuracy"])
+                shown_val = {key: f"{history[key][-1]:.4f}"
+                             for key in ("val_loss", "val_accuracy") if key in history}
+                if bar is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}",
+                                    **shown_val)
+            stop = False
+            for cb in epoch_hooks:
+                stop = bool(cb.on_epoch_end(epoch, history, step)) or stop
+            if stop:
+                break
+        for cb in epoch_hooks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(step, history)
     finally:
         if bar is not None:
             bar.close()
