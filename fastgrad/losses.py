@@ -2,10 +2,11 @@
 
 Each takes PyTorch's options (``reduction``, and the class weights,
 ``ignore_index``, ``label_smoothing`` and ``pos_weight`` of its torch twin);
-:attr:`Loss.options` lists those set away from their defaults.  The whole
-training step (:class:`fastgrad.TrainStep`) fuses the default losses only
-and refuses a loss with options when it is built; the layer path
-(``model.forward`` / ``loss_fn`` / ``model.backward``) takes them all.
+:attr:`Loss.options` lists those set away from their defaults.  The fused
+training step computes the default losses only: a :class:`fastgrad.TrainStep`
+given a loss with options runs the layer path instead (``model(x)``,
+``loss_fn``, ``model.backward``, ``opt.step()``: the same kernels, launched
+one by one), and ``cuda_graph=True`` refuses it.
 """
 from . import ops
 

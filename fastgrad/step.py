@@ -35,6 +35,10 @@ class TrainStep:
     ----------
     model : fastgrad.Sequential / MLP
     loss_fn : fastgrad.SoftmaxCrossEntropy | MSE | BCEWithLogits
+        With PyTorch's options set (``label_smoothing``, ``weight``,
+        ``pos_weight``, ``reduction="sum"``, ...) the step runs the layer
+        path (forward, loss, backward, update launched one by one) instead
+        of the fused call, which computes the default losses only.
     opt : a fastgrad.optim optimizer built on ``model``
 
     Calling ``step(x, y)`` returns the mean loss of the batch (before the
@@ -62,10 +66,14 @@ class TrainStep:
         name = getattr(loss_fn, "name", None)
         if name not in _kstep.LOSS_CODES:
             raise TypeError(f"loss_fn must be one of fastgrad's losses, got {loss_fn!r}")
-        if getattr(loss_fn, "options", None):
-            raise ValueError(f"TrainStep fuses the default losses only; {loss_fn!r} sets "
-                             f"{sorted(loss_fn.options)}: train it on the layer path "
-                             "(model(x), loss_fn, model.backward, opt.step())")
+        # A loss with options (label smoothing, class weights, ...) runs the
+        # composed step below: the same kernels as model(x) / loss_fn /
+        # backward / opt.step(), launched one by one (the fused step
+        # computes the default losses only).
+        self._loss_options = bool(getattr(loss_fn, "options", None))
+        if self._loss_options and cuda_graph:
+            raise ValueError(f"cuda_graph=True fuses the default losses only; {loss_fn!r} "
+                             f"sets {sorted(loss_fn.options)}")
         if getattr(opt, "params", None) is not model.params:
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
@@ -76,7 +84,7 @@ class TrainStep:
         # backward, update: the same twin kernels, launched one by one; the
         # loss is read back each step).  A fused CUDA step for them is not
         # written yet.
-        self._composed = self._blocks and model.device == "cuda"
+        self._composed = (self._blocks and model.device == "cuda") or self._loss_options
         # CUDA graphs: the step's launches replayed as one graph per batch
         # size (GEMMs through fastgrad's own kernel: CuPy refuses cuBLAS in a
         # capture).  Off by default until it has been measured on a GPU.

@@ -239,15 +239,31 @@ def test_loss_objects_on_the_layer_path(rng):
     assert fg.SoftmaxCrossEntropy().options == {} and fg.MSE().options == {}
 
 
-def test_train_step_refuses_options():
-    model = fg.MLP([3, 4, 2], seed=0)
-    opt = fg.Adam(model)
-    for loss_fn in (fg.SoftmaxCrossEntropy(label_smoothing=0.1), fg.MSE(reduction="sum"),
-                    fg.BCEWithLogits(pos_weight=[1.0, 2.0]),
-                    fg.SoftmaxCrossEntropy(ignore_index=0)):
-        with pytest.raises(ValueError, match="TrainStep fuses the default losses only"):
-            fg.TrainStep(model, loss_fn, opt)
-    fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)     # defaults still fuse
+@pytest.mark.parametrize("loss_fn", [
+    fg.SoftmaxCrossEntropy(label_smoothing=0.1, weight=[1.0, 2.0, 0.5], ignore_index=0),
+    fg.MSE(reduction="sum"),
+    fg.BCEWithLogits(pos_weight=[1.0, 3.0, 0.5]),
+], ids=["ce", "mse", "bce"])
+def test_train_step_with_options_is_the_layer_loop(device, rng, loss_fn):
+    """TrainStep given a loss with options follows the layer-path loop."""
+    x = rng.standard_normal((12, 4))
+    if loss_fn.name == "softmax_cross_entropy":
+        y = rng.integers(0, 3, 12)
+    else:
+        y = rng.uniform(0, 1, (12, 3))
+    a = fg.MLP([4, 6, 3], dtype="float64", seed=2, device=device)
+    b = fg.MLP([4, 6, 3], dtype="float64", seed=2, device=device)
+    opt_a, opt_b = fg.Adam(a, lr=0.05), fg.Adam(b, lr=0.05)
+    step = fg.TrainStep(b, loss_fn, opt_b)
+    xa, ya = _fg(device, x, y)
+    for _ in range(3):
+        loss, dy = loss_fn(a(xa), ya)
+        a.backward(dy)
+        opt_a.step()
+        assert float(step(x, y)) == loss
+    assert np.array_equal(to_numpy(a.params), to_numpy(b.params))
+    with pytest.raises(ValueError, match="cuda_graph=True fuses the default losses only"):
+        fg.TrainStep(b, loss_fn, opt_b, cuda_graph=True)
 
 
 @pytest.mark.parametrize("call,exc,match", [
