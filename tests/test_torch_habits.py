@@ -301,3 +301,23 @@ def test_progress_bar_shows_validation(rng, monkeypatch):
     assert any("val_loss" in kw and "val_accuracy" in kw for kw in shown)
     # the per-step postfix of the second epoch keeps the first epoch's validation
     assert "val_loss" in shown[-2] and "steps_s" in shown[-2]
+
+
+def test_state_dict_on_every_device(device, rng):
+    from conftest import to_numpy
+    from fastgrad import device as fgd
+    xp = fgd.array_module(device)
+    a = _toolkit_model(seed=1)                                  # on the CPU
+    a(rng.standard_normal((6, 5)))
+    m = fg.Sequential([fg.Dense(5, 8, activation="tanh", norm="batch", dropout=0.2),
+                       fg.Residual(fg.Dense(8, 8, activation="relu", norm="layer")),
+                       fg.Dense(8, 6, activation="gelu", weight_norm=True),
+                       fg.Dense(6, 3, activation=None)], dtype="float64", device=device)
+    m.load_state_dict(a.state_dict())                           # host arrays in
+    sd = m.state_dict()
+    assert all(type(v) is xp.ndarray for v in sd.values())
+    assert np.array_equal(to_numpy(m.params), a.params)
+    assert np.array_equal(to_numpy(m.running_var), a.running_var)
+    x = rng.standard_normal((4, 5))
+    a.eval(), m.eval()
+    np.testing.assert_allclose(to_numpy(m(xp.asarray(x))), a(x), rtol=1e-12, atol=1e-14)
