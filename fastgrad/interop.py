@@ -1,11 +1,15 @@
 """PyTorch interop: models both ways, and zero-copy arrays through DLPack.
 
-* :func:`from_torch` turns a ``torch.nn.Sequential`` of ``nn.Linear`` layers,
-  each followed by at most one supported activation module, into a fastgrad
-  :class:`~fastgrad.Sequential` with the same weights (transposed: torch's
-  ``Linear.weight`` is ``(out, in)``, fastgrad's ``W`` is ``(in, out)``).
+* :func:`from_torch` turns a ``torch.nn.Sequential`` of layers -- each an
+  ``nn.Linear`` (plain or weight-normalised), then optionally
+  ``BatchNorm1d``/``LayerNorm``, one supported activation module and
+  ``nn.Dropout``, or a :class:`ResidualBlock` around one such square layer --
+  into a fastgrad :class:`~fastgrad.Sequential` with the same weights
+  (transposed: torch's ``Linear.weight`` is ``(out, in)``, fastgrad's ``W``
+  is ``(in, out)``).
 * :func:`to_torch` builds the equivalent ``nn.Sequential`` (a copy, in the
-  model's dtype, on the model's device).
+  model's dtype, on the model's device); ``from_torch(to_torch(model))`` is
+  the same model bit for bit.
 * :func:`as_torch` / :func:`from_dlpack` share memory between NumPy/CuPy
   arrays and torch tensors through DLPack (``torch.from_dlpack``,
   ``np.from_dlpack`` / ``cupy.from_dlpack``): no copy, writes through one are
@@ -153,9 +157,11 @@ class _Spec:
 
     def __init__(self, lin):
         self.lin, self.norm_mod, self.norm = lin, None, None
-        self.activation, self.alpha, self.has_act = "identity", None, False
+        self.activation, self.alpha = "identity", None
         self.dropout, self.residual = 0.0, False
-        self.stage = 0        # 0 Linear, 1 norm, 2 activation, 3 dropout: what came last
+        # What came last: 0 Linear, 1 norm, 2 activation, 3 dropout, 4 a
+        # whole residual block (nothing may follow it in the same layer).
+        self.stage = 0
 
 
 def _read_layers(mods, torch, where=""):
@@ -225,7 +231,7 @@ def _read_layers(mods, torch, where=""):
             ops.resolve_activation(act[0], act[1])
         except ValueError as exc:
             raise ValueError(f"module {name} ({mod!r}): {exc}") from None
-        last.activation, last.alpha, last.has_act, last.stage = act[0], act[1], True, 2
+        last.activation, last.alpha, last.stage = act[0], act[1], 2
     return specs
 
 

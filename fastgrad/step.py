@@ -337,8 +337,11 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
     """Mean loss (and accuracy for softmax cross-entropy) of ``model`` on X, Y.
 
     X and Y may live on the host for a CUDA model: each batch is copied once.
+    The loss is per sample: a loss with ``reduction="sum"`` is summed over
+    the batches, then divided by the number of samples.
     """
     n = len(X)
+    summed = getattr(loss_fn, "reduction", "mean") == "sum"
     classify = getattr(loss_fn, "name", None) == "softmax_cross_entropy"
     xp = model._xp
     total, correct = 0.0, 0
@@ -346,7 +349,7 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
         out = model.predict(X[lo:lo + batch_size])
         target = xp.asarray(Y[lo:lo + batch_size])
         loss, _ = loss_fn(out, target)
-        total += loss * len(out)
+        total += loss if summed else loss * len(out)
         if classify:
             correct += int((out.argmax(axis=1) == target).sum())
     result = {"loss": total / n}

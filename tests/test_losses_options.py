@@ -284,3 +284,12 @@ def test_bad_options(call, exc, match):
     y = np.array([0, 1, 2])
     with pytest.raises(exc, match=match):
         call(x, y)
+
+
+def test_evaluate_sum_reduction_is_per_sample(rng):
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
+    x, y = rng.standard_normal((10, 4)), rng.integers(0, 3, 10)
+    mean = fg.evaluate(model, fg.SoftmaxCrossEntropy(), x, y, batch_size=3)["loss"]
+    summed = fg.evaluate(model, fg.SoftmaxCrossEntropy(reduction="sum"), x, y,
+                         batch_size=3)["loss"]
+    assert summed == pytest.approx(mean, rel=1e-12)
