@@ -293,3 +293,19 @@ def test_evaluate_sum_reduction_is_per_sample(rng):
     summed = fg.evaluate(model, fg.SoftmaxCrossEntropy(reduction="sum"), x, y,
                          batch_size=3)["loss"]
     assert summed == pytest.approx(mean, rel=1e-12)
+
+
+@pytest.mark.parametrize("opts", [CE_OPTIONS[4], CE_OPTIONS[8]], ids=lambda o: ",".join(o))
+def test_cross_entropy_extreme_logits_float32(device, rng, opts):
+    B, C = 6, 5
+    logits, labels, kw = _ce_inputs(rng, (B, C), opts, np.float32, scale=1.0)
+    logits[1] = -30.0
+    logits[1, labels[1]] = 30.0                 # p_label = 1 - 4e-26
+    logits[2] = 1e4
+    logits[2, labels[2]] = -1e4
+    logits[4] = rng.uniform(-1e4, 1e4, C).astype(np.float32)
+    loss, grad = ops.softmax_cross_entropy(*_fg(device, logits, labels), **kw)
+    r_loss, r_grad = reference.cross_entropy(logits, labels, **kw)
+    assert np.isfinite(loss) and np.all(np.isfinite(to_numpy(grad)))
+    assert_close(loss, r_loss, np.float32, what="loss")
+    assert_close(grad, r_grad, np.float32, what="grad")
