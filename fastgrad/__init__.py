@@ -5,7 +5,7 @@ gradient clipping and gradient-health reporting built in.
 >>> model = fg.MLP([784, 256, 10], activation="relu")
 >>> step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, clip_norm=1.0))
 """
-from . import health, interop, ops, schedules
+from . import callbacks, health, interop, ops, schedules
 from .device import (DeviceUnavailableError, available_devices, get_device,
                      set_device)
 from .errors import NonFiniteGradientError
@@ -20,7 +20,7 @@ from .threads import get_num_threads, set_num_threads
 __version__ = "0.1.0"
 
 __all__ = [
-    "health", "interop", "from_torch", "load", "save", "ops", "schedules", "DeviceUnavailableError", "available_devices",
+    "callbacks", "health", "interop", "from_torch", "load", "save", "ops", "schedules", "DeviceUnavailableError", "available_devices",
     "get_device", "set_device", "NonFiniteGradientError", "MLP", "Dense", "Residual",
     "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
     "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",

@@ -463,6 +463,7 @@ class _RankShard:
 
     def __init__(self, dp):
         self.dp, self.model, self.loss_fn, self.stats = dp, dp.model, dp.loss_fn, None
+        self.opt = dp.opt           # for fit's epoch callbacks (checkpoints, plateau lr)
 
     def __call__(self, xb, yb):
         n, r, w = len(xb), self.dp.rank, self.dp.world

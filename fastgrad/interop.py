@@ -1,11 +1,15 @@
 """PyTorch interop: models both ways, and zero-copy arrays through DLPack.
 
-* :func:`from_torch` turns a ``torch.nn.Sequential`` of ``nn.Linear`` layers,
-  each followed by at most one supported activation module, into a fastgrad
-  :class:`~fastgrad.Sequential` with the same weights (transposed: torch's
-  ``Linear.weight`` is ``(out, in)``, fastgrad's ``W`` is ``(in, out)``).
+* :func:`from_torch` turns a ``torch.nn.Sequential`` of layers -- each an
+  ``nn.Linear`` (plain or weight-normalised), then optionally
+  ``BatchNorm1d``/``LayerNorm``, one supported activation module and
+  ``nn.Dropout``, or a :class:`ResidualBlock` around one such square layer --
+  into a fastgrad :class:`~fastgrad.Sequential` with the same weights
+  (transposed: torch's ``Linear.weight`` is ``(out, in)``, fastgrad's ``W``
+  is ``(in, out)``).
 * :func:`to_torch` builds the equivalent ``nn.Sequential`` (a copy, in the
-  model's dtype, on the model's device).
+  model's dtype, on the model's device); ``from_torch(to_torch(model))`` is
+  the same model bit for bit.
 * :func:`as_torch` / :func:`from_dlpack` share memory between NumPy/CuPy
   arrays and torch tensors through DLPack (``torch.from_dlpack``,
   ``np.from_dlpack`` / ``cupy.from_dlpack``): no copy, writes through one are
@@ -78,6 +82,13 @@ def _activation_of(mod, torch):
     return None
 
 
+def _is_residual_block(mod):
+    # By name and shape rather than identity: the class is built lazily and
+    # a module pickled by another process must still be recognised.
+    return type(mod).__name__ == "ResidualBlock" and isinstance(getattr(mod, "body", None),
+                                                                 _torch().nn.Sequential)
+
+
 def _flatten(seq, torch):
     nn = torch.nn
     out = []
@@ -89,16 +100,156 @@ def _flatten(seq, torch):
     return out
 
 
+def _linear_weights(lin, torch):
+    """(W_or_v as (out, in) float64, g as (out,) float64 or None) of a Linear.
+
+    Reads plain weights, ``torch.nn.utils.parametrizations.weight_norm``
+    (``parametrizations.weight.original0/1``) and the older
+    ``torch.nn.utils.weight_norm`` (``weight_g``, ``weight_v``), both over
+    ``dim=0`` (one norm per output unit, fastgrad's)."""
+    def host(t):
+        return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+    n_out = lin.out_features
+    par = getattr(lin, "parametrizations", None)
+    if par is not None and "weight" in par:
+        plist = par["weight"]
+        names = [type(p).__name__ for p in plist]
+        if names != ["_WeightNorm"] or getattr(plist[0], "dim", 0) != 0:
+            raise ValueError(f"unsupported parametrization {names} of {lin!r}: fastgrad reads "
+                             "weight_norm(module, dim=0) only")
+        g, v = plist.original0, plist.original1
+        if tuple(g.shape) != (n_out, 1):
+            raise ValueError(f"weight_norm of {lin!r} is not over dim=0 (g has shape "
+                             f"{tuple(g.shape)})")
+        return host(v), host(g).reshape(n_out)
+    if hasattr(lin, "weight_g") and hasattr(lin, "weight_v"):
+        g = lin.weight_g
+        if tuple(g.shape) != (n_out, 1):
+            raise ValueError(f"weight_norm of {lin!r} is not over dim=0 (weight_g has shape "
+                             f"{tuple(g.shape)})")
+        return host(lin.weight_v), host(g).reshape(n_out)
+    return host(lin.weight), None
+
+
+def _norm_of(mod, torch):
+    """"batch" / "layer" for a norm module fastgrad can express, None for
+    other modules; ValueError for a norm with other settings."""
+    nn = torch.nn
+    if type(mod) is nn.BatchNorm1d:
+        if not (mod.affine and mod.track_running_stats and mod.eps == 1e-5
+                and mod.momentum == 0.1):
+            raise ValueError(f"unsupported module {mod!r}: fastgrad's batch norm is "
+                             "BatchNorm1d(n, eps=1e-5, momentum=0.1, affine=True, "
+                             "track_running_stats=True)")
+        return "batch"
+    if type(mod) is nn.LayerNorm:
+        if not (mod.elementwise_affine and mod.bias is not None and mod.eps == 1e-5
+                and len(mod.normalized_shape) == 1):
+            raise ValueError(f"unsupported module {mod!r}: fastgrad's layer norm is "
+                             "LayerNorm(n, eps=1e-5) with its affine weight and bias")
+        return "layer"
+    return None
+
+
+class _Spec:
+    """One fastgrad Dense being read from torch modules."""
+
+    def __init__(self, lin):
+        self.lin, self.norm_mod, self.norm = lin, None, None
+        self.activation, self.alpha = "identity", None
+        self.dropout, self.residual = 0.0, False
+        # What came last: 0 Linear, 1 norm, 2 activation, 3 dropout, 4 a
+        # whole residual block (nothing may follow it in the same layer).
+        self.stage = 0
+
+
+def _read_layers(mods, torch, where=""):
+    """[_Spec] of a flat list of torch modules, in fastgrad's layer grammar:
+    Linear, then optionally a norm, an activation, a Dropout."""
+    from . import ops
+
+    nn = torch.nn
+    specs = []
+    for i, mod in enumerate(mods):
+        name = f"{where}{i}"
+        if type(mod) is nn.Linear or (isinstance(mod, nn.Linear)
+                                      and nn.utils.parametrize.is_parametrized(mod)):
+            specs.append(_Spec(mod))       # parametrized: weight_norm's ParametrizedLinear
+            continue
+        if _is_residual_block(mod):
+            inner = _read_layers(_flatten(mod.body, torch), torch, where=f"{name}.body.")
+            if len(inner) != 1:
+                raise ValueError(f"module {name} ({type(mod).__name__}) holds {len(inner)} "
+                                 "Linear layers; a fastgrad residual block wraps exactly one")
+            spec = inner[0]
+            if spec.lin.in_features != spec.lin.out_features:
+                raise ValueError(f"module {name}: a residual block needs a square Linear, got "
+                                 f"{spec.lin!r}")
+            spec.residual, spec.stage = True, 4
+            specs.append(spec)
+            continue
+        last = specs[-1] if specs else None
+        if last is None:
+            raise ValueError(f"module {name} ({mod!r}) comes before any nn.Linear; "
+                             "fastgrad layers start with a Linear")
+        if last.stage == 4:
+            raise ValueError(f"module {name} ({mod!r}) follows a residual block; put it "
+                             "inside the block's body or after a Linear")
+        if type(mod) is nn.Dropout:
+            if last.stage >= 3:
+                raise ValueError(f"module {name} ({mod!r}) follows another Dropout")
+            p = float(mod.p)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"module {name} ({mod!r}): fastgrad's dropout needs p in [0, 1)")
+            last.dropout, last.stage = p, 3
+            continue
+        norm = _norm_of(mod, torch)
+        if norm is not None:
+            if last.stage != 0:
+                raise ValueError(f"module {name} ({mod!r}) must directly follow its nn.Linear "
+                                 "(fastgrad normalises before the activation)")
+            width = mod.num_features if norm == "batch" else mod.normalized_shape[0]
+            if width != last.lin.out_features:
+                raise ValueError(f"module {name} ({mod!r}) normalises {width} features but "
+                                 f"its Linear gives {last.lin.out_features}")
+            last.norm, last.norm_mod, last.stage = norm, mod, 1
+            continue
+        act = _activation_of(mod, torch)
+        if act is None:
+            raise ValueError(f"unsupported module {name}: {mod!r}; from_torch converts "
+                             "nn.Linear (plain or weight-normalised), BatchNorm1d, LayerNorm, "
+                             "Dropout, fastgrad.interop.ResidualBlock and the activations "
+                             "ReLU, LeakyReLU, ELU, Sigmoid, Tanh, Softplus, "
+                             "GELU(approximate='tanh'), Identity")
+        if act[0] == "identity":
+            continue
+        if last.stage >= 2:
+            raise ValueError(f"module {name} ({mod!r}) follows another activation or a "
+                             "Dropout; fastgrad layers take one activation, before dropout")
+        try:
+            ops.resolve_activation(act[0], act[1])
+        except ValueError as exc:
+            raise ValueError(f"module {name} ({mod!r}): {exc}") from None
+        last.activation, last.alpha, last.stage = act[0], act[1], 2
+    return specs
+
+
 def from_torch(seq, dtype=None, device=None):
     """A fastgrad Sequential with the layers and weights of a torch model.
 
     Parameters
     ----------
     seq : torch.nn.Sequential (or nn.ModuleList; nested ones are flattened)
-        ``nn.Linear`` layers, each followed by at most one supported
-        activation module (see the module docstring); a Linear followed by
-        none (or by ``nn.Identity``) gets the identity.  ``Linear(bias=False)``
-        gets a zero bias.
+        Layers in fastgrad's grammar: ``nn.Linear``, then optionally
+        ``nn.BatchNorm1d`` / ``nn.LayerNorm`` (eps 1e-5; batch norm with
+        momentum 0.1, its running statistics copied), a supported activation
+        (see the module docstring), ``nn.Dropout``; a
+        :class:`ResidualBlock` wraps one such square layer.  The Linear may
+        be weight-normalised over ``dim=0``
+        (``torch.nn.utils.parametrizations.weight_norm`` or the older
+        ``torch.nn.utils.weight_norm``).  ``Linear(bias=False)`` gets a zero
+        bias.  What :func:`to_torch` emits reads back bit for bit.
     dtype : "float32" | "float64" | None
         None: the Linear weights' dtype (float32 or float64, all alike).
     device : "auto" | "cpu" | "cuda" | None
@@ -108,7 +259,8 @@ def from_torch(seq, dtype=None, device=None):
     -------
     fastgrad.Sequential
         A copy: later changes to either model do not reach the other.  Its
-        layers record ``init="zeros"`` (the weights come from torch).
+        layers record ``init="zeros"`` (the weights come from torch); the
+        model starts in training mode, as a new torch module does.
 
     Raises
     ------
@@ -116,44 +268,25 @@ def from_torch(seq, dtype=None, device=None):
         ``seq`` is not an nn.Sequential, or the weights' dtype is not
         float32/float64 (with ``dtype=None``) or differs between layers.
     ValueError
-        An unsupported module (named in the message: Dropout, BatchNorm,
-        exact nn.GELU(), Softplus with beta != 1, ...), an activation with
-        no Linear before it, two activations in a row, or no Linear at all.
+        An unsupported module or setting (named in the message: exact
+        nn.GELU(), Softplus with beta != 1, BatchNorm1d with another
+        momentum, ...), modules out of fastgrad's order, or no Linear at all.
     """
     torch = _torch()
-    from . import ops
-    from .layers import Dense, Sequential
+    from .layers import Dense, Residual, Sequential
 
     nn = torch.nn
     if not isinstance(seq, (nn.Sequential, nn.ModuleList)):
         raise TypeError(f"from_torch expects a torch.nn.Sequential, got {type(seq).__name__}")
-    specs = []          # [linear, activation name, alpha, has an activation module]
-    for i, mod in enumerate(_flatten(seq, torch)):
-        if type(mod) is nn.Linear:
-            specs.append([mod, "identity", None, False])
-            continue
-        act = _activation_of(mod, torch)
-        if act is None:
-            raise ValueError(f"unsupported module {i}: {mod!r}; from_torch converts nn.Linear "
-                             "and the activations ReLU, LeakyReLU, ELU, Sigmoid, Tanh, "
-                             "Softplus, GELU(approximate='tanh'), Identity")
-        if act[0] == "identity":
-            continue
-        if not specs:
-            raise ValueError(f"module {i} ({mod!r}) comes before any nn.Linear; "
-                             "fastgrad layers are Linear + activation")
-        if specs[-1][3]:
-            raise ValueError(f"module {i} ({mod!r}) follows another activation; fastgrad "
-                             "layers take one activation each")
-        specs[-1][1:] = [act[0], act[1], True]
-        try:
-            ops.resolve_activation(act[0], act[1])
-        except ValueError as exc:
-            raise ValueError(f"module {i} ({mod!r}): {exc}") from None
+    specs = _read_layers(_flatten(seq, torch), torch)
     if not specs:
         raise ValueError("the torch model holds no nn.Linear layer")
+    weights = [_linear_weights(sp.lin, torch) for sp in specs]
     if dtype is None:
-        names = {str(lin.weight.dtype).replace("torch.", "") for lin, *_ in specs}
+        names = set()
+        for sp in specs:
+            tensors = [t for _, t in sp.lin.named_parameters()]
+            names |= {str(t.dtype).replace("torch.", "") for t in tensors}
         if len(names) != 1:
             raise TypeError(f"the Linear layers mix dtypes {sorted(names)}; pass dtype=")
         name = names.pop()
@@ -161,17 +294,35 @@ def from_torch(seq, dtype=None, device=None):
             raise TypeError(f"unsupported weight dtype {name}; expected float32 or float64 "
                             "(or pass dtype= to convert)")
         dtype = name
-    layers = [Dense(lin.in_features, lin.out_features, activation=act, alpha=alpha, init="zeros")
-              for lin, act, alpha, _ in specs]
+    layers = []
+    for sp, (_, g) in zip(specs, weights):
+        d = Dense(sp.lin.in_features, sp.lin.out_features, activation=sp.activation,
+                  alpha=sp.alpha, init="zeros", dropout=sp.dropout, norm=sp.norm,
+                  weight_norm=g is not None)
+        layers.append(Residual(d) if sp.residual else d)
     model = Sequential(layers, dtype=dtype, device=device)
     xp = model._xp
+
+    def host(t):
+        return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
     with torch.no_grad():
-        for layer, (lin, *_rest) in zip(layers, specs):
-            w = lin.weight.detach().to(device="cpu", dtype=torch.float64).numpy()
-            layer.W[...] = xp.asarray(w.T)
-            if lin.bias is not None:
-                b = lin.bias.detach().to(device="cpu", dtype=torch.float64).numpy()
-                layer.b[...] = xp.asarray(b)
+        for layer, sp, (w, g) in zip(model.layers, specs, weights):
+            if g is None:
+                layer.W[...] = xp.asarray(w.T)
+            else:
+                layer.v[...] = xp.asarray(w.T)
+                layer.g[...] = xp.asarray(g)
+            if sp.lin.bias is not None:
+                layer.b[...] = xp.asarray(host(sp.lin.bias))
+            if sp.norm:
+                layer.gamma[...] = xp.asarray(host(sp.norm_mod.weight))
+                layer.beta[...] = xp.asarray(host(sp.norm_mod.bias))
+                if sp.norm == "batch":
+                    layer.running_mean[...] = xp.asarray(host(sp.norm_mod.running_mean))
+                    layer.running_var[...] = xp.asarray(host(sp.norm_mod.running_var))
+    model._refresh_weight_norm()
+    model.train(bool(seq.training))
     return model
 
 
@@ -199,14 +350,60 @@ def _torch_activation(layer, torch):
     raise ValueError(f"activation {name!r} has no torch equivalent")   # pragma: no cover
 
 
+_RESIDUAL_CLASS = []
+
+
+def _residual_class():
+    """The torch module class of a residual block, built on first use so
+    that importing fastgrad never imports torch."""
+    if not _RESIDUAL_CLASS:
+        nn = _torch().nn
+
+        class ResidualBlock(nn.Module):
+            """``y = x + body(x)``: a fastgrad residual block in torch.
+
+            ``body`` is an ``nn.Sequential`` of one square Linear and what
+            follows it in fastgrad's order (norm, activation, dropout).
+            """
+
+            def __init__(self, body):
+                super().__init__()
+                if not isinstance(body, nn.Sequential):
+                    body = nn.Sequential(body)
+                self.body = body
+
+            def forward(self, x):
+                return x + self.body(x)
+
+        ResidualBlock.__module__ = __name__
+        ResidualBlock.__qualname__ = "ResidualBlock"
+        _RESIDUAL_CLASS.append(ResidualBlock)
+    return _RESIDUAL_CLASS[0]
+
+
+def __getattr__(name):
+    # fastgrad.interop.ResidualBlock: the class needs torch, so it is made
+    # on first access (PEP 562), not at import.
+    if name == "ResidualBlock":
+        return _residual_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def to_torch(model):
-    """The equivalent ``torch.nn.Sequential``: a copy of the weights.
+    """The equivalent ``torch.nn.Sequential``: a copy of the weights and state.
 
     Each Dense becomes ``nn.Linear(n_in, n_out)`` (``weight = W.T``,
-    ``bias = b``) followed by its activation module (none for identity), in
-    the model's dtype (float32 or float64) and on its device (a CUDA model
-    gives CUDA tensors, through DLPack).  See the module docstring for the
-    softplus threshold.
+    ``bias = b``) -- weight-normalised layers through
+    ``torch.nn.utils.parametrizations.weight_norm`` with fastgrad's ``v``
+    and ``g`` as its ``original1`` / ``original0`` -- then its
+    ``BatchNorm1d`` (with the running statistics) or ``LayerNorm``, its
+    activation module (none for identity) and its ``nn.Dropout``; a
+    residual block becomes a :class:`ResidualBlock` around those.  In the
+    model's dtype and on its device (a CUDA model gives CUDA tensors,
+    through DLPack), in the model's train/eval mode.  :func:`from_torch`
+    reads the result back bit for bit (the running statistics of a float32
+    model round to float32 in torch, as torch keeps them in the module's
+    dtype).  See the module docstring for the softplus threshold.
     """
     torch = _torch()
     from .layers import Sequential
@@ -215,18 +412,21 @@ def to_torch(model):
         raise TypeError(f"to_torch expects a fastgrad Sequential/MLP, got {type(model).__name__}")
     nn = torch.nn
     dtype = getattr(torch, np.dtype(model.dtype).name)
-    mods = []
-    for i, layer in enumerate(model.layers):
-        if layer.residual:
-            raise ValueError(f"layer {i} is a residual block, which a torch.nn.Sequential "
-                             "cannot express")
+    blocks = []
     model._refresh_weight_norm()     # the effective W of weight-normalised layers
     with torch.no_grad():
         for layer in model.layers:
+            mods = []
             W = as_torch(layer.W)
             lin = nn.Linear(layer.n_in, layer.n_out, dtype=dtype, device=W.device)
-            lin.weight.copy_(W.T)
             lin.bias.copy_(as_torch(layer.b))
+            if layer.weight_norm:
+                lin = nn.utils.parametrizations.weight_norm(lin, dim=0)
+                plist = lin.parametrizations.weight
+                plist.original0.copy_(as_torch(layer.g).reshape(layer.n_out, 1))
+                plist.original1.copy_(as_torch(layer.v).T)
+            else:
+                lin.weight.copy_(W.T)
             mods.append(lin)
             if layer.norm:
                 nm = (nn.BatchNorm1d(layer.n_out, dtype=dtype, device=W.device)
@@ -244,7 +444,11 @@ def to_torch(model):
             if layer.dropout > 0:
                 # Same rate and placement; torch draws its own masks.
                 mods.append(nn.Dropout(layer.dropout))
-    return nn.Sequential(*mods)
+            if layer.residual:
+                blocks.append(_residual_class()(nn.Sequential(*mods)))
+            else:
+                blocks.extend(mods)
+    return nn.Sequential(*blocks).train(model.training)
 
 
 # --- DLPack -------------------------------------------------------------------

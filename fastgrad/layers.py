@@ -8,6 +8,7 @@ reduction gives the global gradient norm, and a checkpoint is a few arrays.
 Layer i owns ``params[layer_offsets[i]:layer_offsets[i+1]]``: its ``W``
 (row-major ``(n_in, n_out)``) followed by its ``b``.
 """
+import collections
 import math
 import numbers
 
@@ -222,6 +223,30 @@ class Residual:
 
 def _unwrap(layer):
     return layer.layer if isinstance(layer, Residual) else layer
+
+
+class StateDictError(ValueError, RuntimeError):
+    """A state dict that :meth:`Sequential.load_state_dict` refuses.
+
+    A ValueError (fastgrad's bad-input error) and a RuntimeError (what torch's
+    ``load_state_dict`` raises), so code written for either catches it."""
+
+
+IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
+def _layer_parameters(layer):
+    """(short name, view) of a layer's parameters, in buffer order."""
+    layer = _unwrap(layer)
+    if layer.weight_norm:
+        out = [("v", layer.v), ("b", layer.b)]
+    else:
+        out = [("W", layer.W), ("b", layer.b)]
+    if layer.norm:
+        out += [("gamma", layer.gamma), ("beta", layer.beta)]
+    if layer.weight_norm:
+        out.append(("g", layer.g))
+    return out
 
 
 class Sequential:
@@ -515,8 +540,130 @@ class Sequential:
             da = dx
         return da if input_grad else None
 
-    def zero_grad(self):
+    def zero_grad(self, set_to_none=True):
+        """Zero every gradient (``model.grads``, the flat buffer).
+
+        ``backward`` overwrites the gradients unless ``accumulate=True``,
+        so a plain loop needs no ``zero_grad``; it matters before a series
+        of accumulating backward calls.  ``set_to_none`` is accepted for
+        PyTorch's spelling: the gradients are one flat buffer that always
+        exists, so they are zeroed either way.
+        """
         self.grads[...] = 0
+
+    # -- PyTorch habits: calling, parameters, state dicts ------------------------
+    def __call__(self, x):
+        """``model(x)``: :meth:`forward` in training mode (keeps what
+        :meth:`backward` needs, draws dropout masks), :meth:`predict` in eval
+        mode (keeps nothing), as a torch module follows ``model.training``."""
+        return self.forward(x) if self.training else self.predict(x)
+
+    def named_parameters(self):
+        """Yield ``(name, view)`` for every parameter array, in buffer order.
+
+        Names are ``layers.{i}.W`` and ``layers.{i}.b`` (``W`` is
+        ``(n_in, n_out)``, the transpose of torch's ``Linear.weight``), then
+        ``layers.{i}.gamma`` / ``layers.{i}.beta`` for normalised layers; a
+        weight-normalised layer has ``layers.{i}.v`` (where ``W`` would be)
+        and ``layers.{i}.g`` instead of ``W`` (its ``W`` is recomputed, not a
+        parameter).  The views share memory with ``model.params``: writing
+        through one changes the model.
+        """
+        for i, layer in enumerate(self.layers):
+            for name, arr in _layer_parameters(layer):
+                yield f"layers.{i}.{name}", arr
+
+    def parameters(self):
+        """Yield every parameter array (views into ``model.params``); see
+        :meth:`named_parameters` for their order."""
+        for _, arr in self.named_parameters():
+            yield arr
+
+    def named_buffers(self):
+        """Yield ``(name, view)`` for the state that is not a parameter: the
+        batch-norm running statistics ``layers.{i}.running_mean`` and
+        ``layers.{i}.running_var`` (float64, views into ``model.running_mean``
+        / ``model.running_var``)."""
+        for i, layer in enumerate(self.layers):
+            if layer.norm == "batch":
+                yield f"layers.{i}.running_mean", layer.running_mean
+                yield f"layers.{i}.running_var", layer.running_var
+
+    def state_dict(self):
+        """The model's state as a plain ``dict`` of arrays, name -> array.
+
+        Parameters (:meth:`named_parameters`) then buffers
+        (:meth:`named_buffers`).  As torch's ``state_dict``, the arrays are
+        views that share memory with the model: keep a snapshot with
+        ``{k: v.copy() for k, v in model.state_dict().items()}``.
+        """
+        out = dict(self.named_parameters())
+        out.update(self.named_buffers())
+        return out
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy the arrays of ``state_dict`` into the model (as torch).
+
+        Parameters
+        ----------
+        state_dict : mapping of name -> array-like (NumPy, CuPy on a CUDA
+            model, or anything ``numpy.asarray`` reads, e.g. CPU torch tensors)
+        strict : bool
+            True (default): the keys must be exactly :meth:`state_dict`'s;
+            False: missing keys keep their values and unexpected keys are
+            ignored.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``, lists of names, as torch's.
+
+        Raises
+        ------
+        StateDictError (a ValueError and a RuntimeError)
+            With ``strict=True``, missing or unexpected keys (all listed, in
+            torch's wording); with either ``strict``, a known key whose array
+            has the wrong shape or is not real numbers.  Everything is checked
+            before anything is copied: a refused dict leaves the model as it
+            was.
+        """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(f"state_dict must be a mapping of name -> array, got "
+                            f"{type(state_dict).__name__}")
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        errors = []
+        if strict:
+            if unexpected:
+                errors.append("Unexpected key(s) in state_dict: "
+                              + ", ".join(f'"{k}"' for k in unexpected) + ".")
+            if missing:
+                errors.append("Missing key(s) in state_dict: "
+                              + ", ".join(f'"{k}"' for k in missing) + ".")
+        values = {}
+        for name, dst in own.items():
+            if name not in state_dict:
+                continue
+            src = state_dict[name]
+            if hasattr(src, "detach"):           # a torch tensor: to host NumPy
+                src = src.detach().cpu().numpy()
+            arr = self._xp.asarray(src)
+            if arr.dtype.kind not in "fiu":
+                errors.append(f"{name}: expected real numbers, got dtype {arr.dtype}")
+            elif tuple(arr.shape) != tuple(dst.shape):
+                errors.append(f"size mismatch for {name}: copying an array of shape "
+                              f"{tuple(arr.shape)}, the shape in the current model is "
+                              f"{tuple(dst.shape)}")
+            else:
+                values[name] = arr
+        if errors:
+            raise StateDictError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                                 + "\n\t".join(errors))
+        for name, arr in values.items():
+            own[name][...] = arr
+        self._refresh_weight_norm()      # W of weight-normalised layers from the new v, g
+        return IncompatibleKeys(missing, unexpected)
 
     def to_torch(self):
         """The equivalent ``torch.nn.Sequential`` (a copy of the weights);

@@ -238,15 +238,122 @@ def _pred(y, name, xp):
     return arr
 
 
-def softmax_cross_entropy(logits, labels):
-    """Mean softmax cross-entropy on integer labels: ``(loss, dlogits)``."""
+def _loss_kernels(dev):
+    """The loss kernel module of ``dev`` (CPU and CUDA twins share names)."""
+    if dev == "cuda":
+        from .kernels.cuda import losses
+    else:
+        from .kernels.cpu import losses
+    return losses
+
+
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def check_reduction(reduction, allowed=REDUCTIONS):
+    """``reduction`` if it is one of ``allowed``, else ValueError."""
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"reduction must be one of {list(allowed)}, got {reduction!r}")
+    return reduction
+
+
+def check_label_smoothing(label_smoothing):
+    """A label smoothing in [0, 1] as a float (torch's range), else ValueError."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float, np.number)) \
+            or not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
+def check_ignore_index(ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}")
+    return int(ignore_index)
+
+
+def class_weights(weight, n, name, xp=np):
+    """``weight`` as a float64 array of shape (n,) on ``xp`` (None: ones).
+
+    A scalar is broadcast (pos_weight); anything else must have shape (n,)."""
+    if weight is None:
+        return xp.ones(n, np.float64)
+    if hasattr(weight, "detach"):                 # a torch tensor
+        weight = weight.detach().cpu().numpy()
+    w = xp.asarray(weight)
+    if w.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected real numbers, got dtype {w.dtype}")
+    if w.ndim == 0:
+        w = xp.full(n, float(w), np.float64)
+    if w.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},), got {tuple(w.shape)}")
+    return xp.ascontiguousarray(w, dtype=np.float64)
+
+
+def _result(total, terms, reduction):
+    return terms if reduction == "none" else float(total)
+
+
+def softmax_cross_entropy(logits, labels, weight=None, ignore_index=-100, label_smoothing=0.0,
+                          reduction="mean"):
+    """Softmax cross-entropy on integer labels: ``(loss, dlogits)``.
+
+    The options are ``torch.nn.functional.cross_entropy``'s, fused in one
+    pass per row on either device.
+
+    Parameters
+    ----------
+    logits : (batch, classes) array
+    labels : (batch,) integer class indices in ``[0, classes)`` or equal to
+        ``ignore_index``
+    weight : (classes,) array, optional
+        Rescales each class's loss; the mean then divides by the summed
+        weights of the rows' labels (torch's weighted mean).
+    ignore_index : int
+        Rows with this label cost nothing and get a zero gradient, and do not
+        count in the mean (default -100, as torch).
+    label_smoothing : float in [0, 1]
+        Mixes the one-hot target with the uniform distribution.
+    reduction : "mean" (default), "sum" or "none"
+
+    Returns
+    -------
+    loss : float, or for ``reduction="none"`` the float64 per-row losses
+        (an array on the logits' device)
+    dlogits : gradient of the reduced loss (for "none": of the sum of the
+        per-row losses), in the logits' dtype
+    """
     dev = _device_of(logits, labels)
     xp, k = _device.array_module(dev), _device.kernels(dev)
     logits = _pred(logits, "logits", xp)
-    labels = as_labels(labels, logits.shape[0], logits.shape[1], xp=xp)
+    reduction = check_reduction(reduction)
+    label_smoothing = check_label_smoothing(label_smoothing)
+    ignore_index = check_ignore_index(ignore_index)
+    B, C = logits.shape
+    plain = weight is None and label_smoothing == 0.0 and reduction == "mean"
+    lab = as_labels(labels, B, C, xp=xp, check_range=False)
+    if xp is np:
+        lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
+    else:   # one device-to-host read for both bounds, not two
+        lo, hi = (int(v) for v in _device.to_numpy(xp.stack([lab.min(), lab.max()])))
+    if plain and lo >= 0 and hi < C and not (lo <= ignore_index <= hi
+                                             and bool(xp.any(lab == ignore_index))):
+        grad = xp.empty_like(logits)
+        return float(k.softmax_cross_entropy(logits, lab, grad)), grad
+    if lo < 0 or hi >= C:
+        kept = lab[lab != ignore_index]
+        if kept.size:
+            lo, hi = int(kept.min()), int(kept.max())
+            if lo < 0 or hi >= C:
+                raise ValueError(f"labels: class indices must lie in [0, {C}), got min {lo}, "
+                                 f"max {hi} (labels equal to ignore_index={ignore_index} "
+                                 "are skipped)")
+    w = class_weights(weight, C, "weight", xp)
     grad = xp.empty_like(logits)
-    loss = k.softmax_cross_entropy(logits, labels, grad)
-    return float(loss), grad
+    terms = xp.empty(B, np.float64)
+    kl = _loss_kernels(dev)
+    total = kl.softmax_cross_entropy_ex(logits, lab, w, ignore_index, label_smoothing,
+                                        kl.REDUCTIONS[reduction], grad, terms)
+    return _result(total, terms, reduction), grad
 
 
 def _elementwise_loss(kernel_name, pred, target, pname):
@@ -259,11 +366,38 @@ def _elementwise_loss(kernel_name, pred, target, pname):
     return float(loss), grad
 
 
-def mse(pred, target):
-    """Mean squared error over all elements (torch.nn.MSELoss): ``(loss, dpred)``."""
-    return _elementwise_loss("mse", pred, target, "pred")
+def _elementwise_ex(kernel_name, pred, target, pname, reduction, *extra):
+    dev = _device_of(pred, target)
+    xp = _device.array_module(dev)
+    pred = _pred(pred, pname, xp)
+    target = as_array(target, "target", pred.dtype, shape=pred.shape, xp=xp)
+    grad = xp.empty_like(pred)
+    terms = xp.empty(pred.shape, np.float64)
+    kl = _loss_kernels(dev)
+    extra = [e(xp, pred.shape[1]) if callable(e) else e for e in extra]
+    total = getattr(kl, kernel_name)(pred, target, *extra, kl.REDUCTIONS[reduction], grad, terms)
+    return _result(total, terms, reduction), grad
 
 
-def bce_with_logits(logits, target):
-    """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss)."""
-    return _elementwise_loss("bce_with_logits", logits, target, "logits")
+def mse(pred, target, reduction="mean"):
+    """Squared error (torch.nn.MSELoss): ``(loss, dpred)``.
+
+    ``reduction``: "mean" over all elements (default), "sum", or "none"
+    (the float64 per-element losses; the gradient is then each element's
+    own)."""
+    if check_reduction(reduction) == "mean":
+        return _elementwise_loss("mse", pred, target, "pred")
+    return _elementwise_ex("mse_ex", pred, target, "pred", reduction)
+
+
+def bce_with_logits(logits, target, pos_weight=None, reduction="mean"):
+    """Binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss).
+
+    ``pos_weight`` (a number or one per column, optional) weighs the
+    positive term: ``(1 - t) x + (1 + (pos_weight - 1) t) softplus(-x)``.
+    ``reduction``: "mean" (default), "sum" or "none" (per-element float64
+    losses; the gradient is then each element's own)."""
+    if check_reduction(reduction) == "mean" and pos_weight is None:
+        return _elementwise_loss("bce_with_logits", logits, target, "logits")
+    return _elementwise_ex("bce_with_logits_ex", logits, target, "logits", reduction,
+                           lambda xp, n: class_weights(pos_weight, n, "pos_weight", xp))

@@ -223,6 +223,58 @@ def bce_with_logits(logits, target):
     return loss.mean(), (activation(x, "sigmoid") - t) / x.size
 
 
+def _reduce(terms, grad, reduction, denom):
+    """(loss, grad) of per-term losses under torch's ``reduction``; ``grad``
+    is the gradient of the sum of the terms."""
+    if reduction == "none":
+        return terms, grad
+    if reduction == "sum":
+        return terms.sum(), grad
+    if denom == 0:           # every row ignored: torch's 0/0 loss, zero gradient
+        return np.nan, grad
+    return terms.sum() / denom, grad / denom
+
+
+def cross_entropy(logits, labels, weight=None, ignore_index=-100, label_smoothing=0.0,
+                  reduction="mean"):
+    """torch.nn.functional.cross_entropy on integer labels, with its options;
+    returns (loss, dlogits) (loss per row for ``reduction="none"``)."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    B, C = logits.shape
+    w = np.ones(C) if weight is None else np.asarray(weight, np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1))[:, None]
+    keep = labels != ignore_index
+    safe = np.where(keep, labels, 0)
+    # coefficient of -log p_c in each row's loss
+    coef = np.zeros((B, C))
+    coef[np.arange(B), safe] = (1.0 - label_smoothing) * w[safe]
+    coef += label_smoothing / C * w[None, :]
+    coef[~keep] = 0.0
+    terms = -(coef * logp).sum(axis=1)
+    grad = coef.sum(axis=1, keepdims=True) * np.exp(logp) - coef
+    return _reduce(terms, grad, reduction, w[safe][keep].sum())
+
+
+def bce_with_logits_ex(logits, target, pos_weight=None, reduction="mean"):
+    """torch.nn.functional.binary_cross_entropy_with_logits with
+    ``pos_weight`` and ``reduction``; returns (loss, dlogits)."""
+    x, t = np.asarray(logits, np.float64), np.asarray(target, np.float64)
+    pw = np.ones(x.shape[-1]) if pos_weight is None else np.asarray(pos_weight, np.float64)
+    lw = 1.0 + (pw - 1.0) * t
+    softplus_neg = np.maximum(-x, 0) + np.log1p(np.exp(-np.abs(x)))
+    terms = (1.0 - t) * x + lw * softplus_neg
+    grad = lw * activation(x, "sigmoid") - pw * t
+    return _reduce(terms, grad, reduction, x.size)
+
+
+def mse_ex(pred, target, reduction="mean"):
+    """torch.nn.functional.mse_loss with ``reduction``; (loss, dpred)."""
+    d = np.asarray(pred, np.float64) - np.asarray(target, np.float64)
+    return _reduce(d * d, 2.0 * d, reduction, d.size)
+
+
 LOSSES = {"softmax_cross_entropy": softmax_cross_entropy, "mse": mse,
           "bce_with_logits": bce_with_logits}
 

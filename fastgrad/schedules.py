@@ -9,12 +9,16 @@ schedule as data, never as pickled code.
 The formulas are optax's (``optax.constant_schedule``,
 ``exponential_decay``, ``cosine_decay_schedule``, ``linear_schedule``,
 ``join_schedules``, ``warmup_cosine_decay_schedule``) and PyTorch's
-``StepLR`` for :func:`step_decay`.
+``StepLR`` for :func:`step_decay`; :class:`cosine_annealing`,
+:class:`polynomial_decay`, :class:`one_cycle` and :class:`reduce_on_plateau`
+follow ``torch.optim.lr_scheduler`` (also under torch's class names).
 """
 import math
 
 __all__ = ["Schedule", "constant", "exponential_decay", "step_decay",
            "cosine_decay", "linear_warmup", "join", "warmup_cosine_decay",
+           "cosine_annealing", "polynomial_decay", "one_cycle", "reduce_on_plateau",
+           "CosineAnnealingLR", "PolynomialLR", "OneCycleLR", "ReduceLROnPlateau",
            "from_config", "as_schedule"]
 
 
@@ -197,8 +201,203 @@ def warmup_cosine_decay(peak, warmup_steps, decay_steps, start=0.0, end=0.0):
                 [warmup_steps])
 
 
+# --- PyTorch's lr_scheduler family -------------------------------------------
+# Update k uses ``schedule(k)``; torch's scheduler gives the lr of update k
+# after k calls of ``scheduler.step()`` (one per optimizer step), so the two
+# sequences line up index by index.
+
+class cosine_annealing(Schedule):
+    """``eta_min + (lr0 - eta_min) * (1 + cos(pi * k / T_max)) / 2`` for every
+    ``k`` (``torch.optim.lr_scheduler.CosineAnnealingLR``).
+
+    Unlike :class:`cosine_decay`, which holds its floor after the horizon
+    (optax), this one continues the cosine past ``T_max``: the lr climbs back
+    to ``lr0`` at ``2 T_max``, as torch's does.
+    """
+
+    kind = "cosine_annealing"
+    _fields = ("lr0", "T_max", "eta_min")
+
+    def __init__(self, lr0, T_max, eta_min=0.0):
+        self.lr0 = _finite_nonneg("lr0", lr0)
+        self.T_max = _positive_int("T_max", T_max)
+        self.eta_min = _finite_nonneg("eta_min", eta_min)
+
+    def __call__(self, k):
+        return self.eta_min + (self.lr0 - self.eta_min) * (
+            1.0 + math.cos(math.pi * k / self.T_max)) / 2.0
+
+
+class polynomial_decay(Schedule):
+    """``lr0 * (1 - min(k, total_iters) / total_iters) ** power``
+    (``torch.optim.lr_scheduler.PolynomialLR``): 0 from ``total_iters`` on."""
+
+    kind = "polynomial_decay"
+    _fields = ("lr0", "total_iters", "power")
+
+    def __init__(self, lr0, total_iters=5, power=1.0):
+        self.lr0 = _finite_nonneg("lr0", lr0)
+        self.total_iters = _positive_int("total_iters", total_iters)
+        self.power = _finite_nonneg("power", power)
+
+    def __call__(self, k):
+        return self.lr0 * (1.0 - min(k, self.total_iters) / self.total_iters) ** self.power
+
+
+class one_cycle(Schedule):
+    """The 1cycle policy (Smith & Topin 2017), as
+    ``torch.optim.lr_scheduler.OneCycleLR``.
+
+    From ``max_lr / div_factor`` up to ``max_lr`` over the first
+    ``pct_start * total_steps - 1`` updates, then down to
+    ``max_lr / div_factor / final_div_factor`` at update ``total_steps - 1``;
+    ``three_phase=True`` comes back to the initial lr first (symmetrically)
+    and only then falls to the minimum.  ``anneal_strategy``: "cos" or
+    "linear".  Like torch, asking for update ``k > total_steps`` raises
+    ValueError.  Only the learning rate cycles: torch's momentum cycling
+    (``cycle_momentum``) has no counterpart here.
+    """
+
+    kind = "one_cycle"
+    _fields = ("max_lr", "total_steps", "pct_start", "anneal_strategy", "div_factor",
+               "final_div_factor", "three_phase")
+
+    def __init__(self, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
+                 div_factor=25.0, final_div_factor=1e4, three_phase=False):
+        self.max_lr = _finite_nonneg("max_lr", max_lr)
+        self.total_steps = _positive_int("total_steps", total_steps)
+        pct_start = float(pct_start)
+        _check(0.0 <= pct_start <= 1.0, f"pct_start must be in [0, 1], got {pct_start!r}")
+        self.pct_start = pct_start
+        _check(anneal_strategy in ("cos", "linear"),
+               f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
+        self.anneal_strategy = anneal_strategy
+        self.div_factor = _finite_nonneg("div_factor", div_factor)
+        self.final_div_factor = _finite_nonneg("final_div_factor", final_div_factor)
+        _check(self.div_factor > 0 and self.final_div_factor > 0,
+               "div_factor and final_div_factor must be > 0")
+        self.three_phase = bool(three_phase)
+        initial = self.max_lr / self.div_factor
+        low = initial / self.final_div_factor
+        up_end = self.pct_start * self.total_steps - 1
+        if self.three_phase:
+            self._phases = [(up_end, initial, self.max_lr),
+                            (2 * self.pct_start * self.total_steps - 2, self.max_lr, initial),
+                            (self.total_steps - 1, initial, low)]
+        else:
+            self._phases = [(up_end, initial, self.max_lr),
+                            (self.total_steps - 1, self.max_lr, low)]
+
+    def __call__(self, k):
+        if k > self.total_steps:
+            raise ValueError(f"one_cycle asked for update {k}, past its total_steps "
+                             f"{self.total_steps}")
+        start = 0.0
+        for i, (end, lr_a, lr_b) in enumerate(self._phases):
+            if k <= end or i == len(self._phases) - 1:
+                pct = (k - start) / (end - start)
+                if self.anneal_strategy == "cos":
+                    return lr_b + (lr_a - lr_b) / 2.0 * (math.cos(math.pi * pct) + 1)
+                return (lr_b - lr_a) * pct + lr_a
+            start = end
+        raise AssertionError("unreachable")     # pragma: no cover
+
+
+class reduce_on_plateau(Schedule):
+    """Scale a learning rate down when a metric stops improving
+    (``torch.optim.lr_scheduler.ReduceLROnPlateau``).
+
+    ``sched(k) = max(base(k) * scale, min_lr)``; ``base`` is ``lr`` (a
+    float or another schedule) and ``scale`` starts at 1.  Call
+    :meth:`step` with the metric once per epoch (``fastgrad.step.fit`` does
+    with its ``ReduceLROnPlateau`` callback): after more than ``patience``
+    epochs without improvement (better than the best by ``threshold``,
+    relative or absolute, in ``mode`` "min" or "max") ``scale`` is
+    multiplied by ``factor``, then ``cooldown`` epochs pass before bad
+    epochs count again.  A reduction smaller than ``eps`` is skipped.  Its
+    progress is part of the config, so a checkpointed optimizer resumes it.
+    """
+
+    kind = "reduce_on_plateau"
+    _fields = ("lr", "mode", "factor", "patience", "threshold", "threshold_mode", "cooldown",
+               "min_lr", "eps", "state")
+
+    def __init__(self, lr, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, state=None):
+        self.lr = from_config(lr) if isinstance(lr, dict) else as_schedule(lr)
+        _check(mode in ("min", "max"), f"mode must be 'min' or 'max', got {mode!r}")
+        _check(threshold_mode in ("rel", "abs"),
+               f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        self.mode, self.threshold_mode = mode, threshold_mode
+        self.factor = float(factor)
+        _check(0.0 <= self.factor < 1.0, f"factor must be in [0, 1), got {factor!r}")
+        _check(int(patience) == patience and patience >= 0,
+               f"patience must be an integer >= 0, got {patience!r}")
+        _check(int(cooldown) == cooldown and cooldown >= 0,
+               f"cooldown must be an integer >= 0, got {cooldown!r}")
+        self.patience, self.cooldown = int(patience), int(cooldown)
+        self.threshold = _finite_nonneg("threshold", threshold)
+        self.min_lr = _finite_nonneg("min_lr", min_lr)
+        self.eps = _finite_nonneg("eps", eps)
+        st = dict(state or {})
+        self.scale = float(st.get("scale", 1.0))
+        best = st.get("best")
+        self.best = (math.inf if mode == "min" else -math.inf) if best is None else float(best)
+        self.num_bad_epochs = int(st.get("num_bad_epochs", 0))
+        self.cooldown_counter = int(st.get("cooldown_counter", 0))
+        self.last_epoch = int(st.get("last_epoch", 0))
+        self._last_k = int(st.get("last_k", 0))
+
+    @property
+    def state(self):
+        """The progress so far (JSON-able: an infinite best is None)."""
+        return {"scale": self.scale, "best": self.best if math.isfinite(self.best) else None,
+                "num_bad_epochs": self.num_bad_epochs, "cooldown_counter": self.cooldown_counter,
+                "last_epoch": self.last_epoch, "last_k": self._last_k}
+
+    def __call__(self, k):
+        self._last_k = k
+        return max(self.lr(k) * self.scale, self.min_lr)
+
+    def _is_better(self, a):
+        if self.mode == "min":
+            return a < (self.best * (1.0 - self.threshold) if self.threshold_mode == "rel"
+                        else self.best - self.threshold)
+        return a > (self.best * (1.0 + self.threshold) if self.threshold_mode == "rel"
+                    else self.best + self.threshold)
+
+    def step(self, metric):
+        """Record one epoch's ``metric``; returns True when the lr was reduced.
+
+        A NaN metric never counts as an improvement (as in torch)."""
+        current = float(metric)
+        self.last_epoch += 1
+        if self._is_better(current):
+            self.best, self.num_bad_epochs = current, 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
+            old = self(self._last_k)
+            new = max(old * self.factor, self.min_lr)
+            if old - new > self.eps:
+                self.scale *= self.factor
+                return True
+        return False
+
+
+# The torch spellings of the same schedules.
+CosineAnnealingLR = cosine_annealing
+PolynomialLR = polynomial_decay
+OneCycleLR = one_cycle
+ReduceLROnPlateau = reduce_on_plateau
+
 _KINDS = {c.kind: c for c in (constant, exponential_decay, step_decay,
-                              cosine_decay, linear_warmup, join)}
+                              cosine_decay, linear_warmup, join, cosine_annealing,
+                              polynomial_decay, one_cycle, reduce_on_plateau)}
 
 
 def from_config(cfg):

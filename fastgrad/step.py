@@ -35,6 +35,10 @@ class TrainStep:
     ----------
     model : fastgrad.Sequential / MLP
     loss_fn : fastgrad.SoftmaxCrossEntropy | MSE | BCEWithLogits
+        With PyTorch's options set (``label_smoothing``, ``weight``,
+        ``pos_weight``, ``reduction="sum"``, ...) the step runs the layer
+        path (forward, loss, backward, update launched one by one) instead
+        of the fused call, which computes the default losses only.
     opt : a fastgrad.optim optimizer built on ``model``
 
     Calling ``step(x, y)`` returns the mean loss of the batch (before the
@@ -62,6 +66,14 @@ class TrainStep:
         name = getattr(loss_fn, "name", None)
         if name not in _kstep.LOSS_CODES:
             raise TypeError(f"loss_fn must be one of fastgrad's losses, got {loss_fn!r}")
+        # A loss with options (label smoothing, class weights, ...) runs the
+        # composed step below: the same kernels as model(x) / loss_fn /
+        # backward / opt.step(), launched one by one (the fused step
+        # computes the default losses only).
+        self._loss_options = bool(getattr(loss_fn, "options", None))
+        if self._loss_options and cuda_graph:
+            raise ValueError(f"cuda_graph=True fuses the default losses only; {loss_fn!r} "
+                             f"sets {sorted(loss_fn.options)}")
         if getattr(opt, "params", None) is not model.params:
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
@@ -72,7 +84,7 @@ class TrainStep:
         # backward, update: the same twin kernels, launched one by one; the
         # loss is read back each step).  A fused CUDA step for them is not
         # written yet.
-        self._composed = self._blocks and model.device == "cuda"
+        self._composed = (self._blocks and model.device == "cuda") or self._loss_options
         # CUDA graphs: the step's launches replayed as one graph per batch
         # size (GEMMs through fastgrad's own kernel: CuPy refuses cuBLAS in a
         # capture).  Off by default until it has been measured on a GPU.
@@ -325,8 +337,11 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
     """Mean loss (and accuracy for softmax cross-entropy) of ``model`` on X, Y.
 
     X and Y may live on the host for a CUDA model: each batch is copied once.
+    The loss is per sample: a loss with ``reduction="sum"`` is summed over
+    the batches, then divided by the number of samples.
     """
     n = len(X)
+    summed = getattr(loss_fn, "reduction", "mean") == "sum"
     classify = getattr(loss_fn, "name", None) == "softmax_cross_entropy"
     xp = model._xp
     total, correct = 0.0, 0
@@ -334,7 +349,7 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
         out = model.predict(X[lo:lo + batch_size])
         target = xp.asarray(Y[lo:lo + batch_size])
         loss, _ = loss_fn(out, target)
-        total += loss * len(out)
+        total += loss if summed else loss * len(out)
         if classify:
             correct += int((out.argmax(axis=1) == target).sum())
     result = {"loss": total / n}
@@ -360,14 +375,21 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     seed : seed of the shuffling
     progress : show a tqdm bar (loss, grad norm, steps/s) when tqdm is installed
     validation_data : optional (X_val, Y_val), evaluated after every epoch
-    callbacks : callables ``f(step_index, loss, stats)`` run after every step
-        (e.g. ``fastgrad.health.GradientMonitor.record``-style hooks)
+        (in eval mode: no dropout, batch norm on its running statistics);
+        ``val_loss`` (and ``val_accuracy``) then show in the progress bar
+    callbacks : per-step callables ``f(step_index, loss, stats)`` run after
+        every step (e.g. ``fastgrad.health.GradientMonitor.record``-style
+        hooks), and epoch callbacks (objects with ``on_epoch_end``, see
+        :mod:`fastgrad.callbacks`): ``EarlyStopping`` (on a validation
+        metric, restoring the best weights), ``ModelCheckpoint`` (through
+        ``fastgrad.save`` every N epochs), ``ReduceLROnPlateau``
 
     Returns
     -------
     dict of per-epoch lists: ``loss`` (mean over the epoch's batches),
     ``grad_norm_mean``, ``grad_norm_max``, ``clipped``, ``skipped``, and
-    ``val_loss`` / ``val_accuracy`` with validation data.
+    ``val_loss`` / ``val_accuracy`` with validation data.  An early stop
+    leaves them shorter than ``epochs``.
     """
     model = step.model
     for name, val in (("epochs", epochs), ("batch_size", batch_size)):
@@ -397,8 +419,14 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         history["val_loss"] = []
         if getattr(step.loss_fn, "name", None) == "softmax_cross_entropy":
             history["val_accuracy"] = []
+    step_hooks = [cb for cb in callbacks if not hasattr(cb, "on_epoch_end")]
+    epoch_hooks = [cb for cb in callbacks if hasattr(cb, "on_epoch_end")]
+    for cb in epoch_hooks:
+        if hasattr(cb, "on_train_begin"):
+            cb.on_train_begin(step, history)
     bar = _progress_bar(epochs * n_batches, progress, "fit")
     t0, k = time.perf_counter(), 0
+    shown_val = {}          # the last epoch's validation figures, kept in the bar
     try:
         for epoch in range(epochs):
             if shuffle:
@@ -414,7 +442,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 loss = step(xb, yb)
                 st = step.stats
                 done.append((loss, st))
-                for cb in callbacks:
+                for cb in step_hooks:
                     cb(k, loss, st)
                 k += 1
                 if bar is not None:
@@ -424,7 +452,8 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                     if shown is not None:
                         bar.set_postfix(epoch=epoch + 1, loss=f"{_host_loss(*shown):.4f}",
                                         grad_norm=f"{shown[1].grad_norm:.3g}",
-                                        steps_s=f"{k / (time.perf_counter() - t0):.0f}")
+                                        steps_s=f"{k / (time.perf_counter() - t0):.0f}",
+                                        **shown_val)
             # The epoch's figures: on CUDA the one wait for the device per epoch.
             losses = [_host_loss(loss, st) for loss, st in done]
             norms = [st.grad_norm for _, st in done]
@@ -441,6 +470,19 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 history["val_loss"].append(res["loss"])
                 if "val_accuracy" in history:
                     history["val_accuracy"].append(res["accuracy"])
+                shown_val = {key: f"{history[key][-1]:.4f}"
+                             for key in ("val_loss", "val_accuracy") if key in history}
+                if bar is not None:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}",
+                                    **shown_val)
+            stop = False
+            for cb in epoch_hooks:
+                stop = bool(cb.on_epoch_end(epoch, history, step)) or stop
+            if stop:
+                break
+        for cb in epoch_hooks:
+            if hasattr(cb, "on_train_end"):
+                cb.on_train_end(step, history)
     finally:
         if bar is not None:
             bar.close()

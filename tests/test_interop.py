@@ -96,8 +96,8 @@ def test_from_torch_dtype_conversion_and_nesting(rng):
 
 @pytest.mark.parametrize("bad, match", [
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU()), "GELU"),
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1)), "Dropout"),
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), "BatchNorm1d"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Dropout(0.1)), "Dropout"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.2)), "BatchNorm1d"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2.0)), "Softplus"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Softplus(threshold=10.0)), "Softplus"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(-0.1)), "LeakyReLU"),

@@ -83,3 +83,143 @@ def bce_with_logits(logits, target, grad):
         sig = one / (one + e) if x >= zero else e / (one + e)
         gf[i] = (sig - t) * inv_n
     return total / xf.size
+
+
+# --- losses with PyTorch's options --------------------------------------------
+# The kernels above are the default losses (mean, no options) that the
+# training steps fuse; the ones below add torch's options and are used when
+# an option is set.  ``reduction``: NONE, MEAN or SUM.  Each writes the
+# per-row (cross-entropy) or per-element loss into a float64 ``terms`` array,
+# the gradient of the reduced loss into ``grad`` (for NONE: of the sum of the
+# terms, i.e. each term's own gradient) and returns the reduced loss (NONE:
+# the sum).
+
+NONE, MEAN, SUM = range(3)
+REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
+
+
+@njit(**JIT)
+def cross_entropy_weight_sum(labels, weight, ignore_index):
+    """Sum of ``weight[label]`` over the rows not ignored: the divisor of
+    torch's weighted mean (the number of such rows for unit weights)."""
+    d = 0.0
+    for i in range(labels.shape[0]):
+        if labels[i] != ignore_index:
+            d += weight[labels[i]]
+    return d
+
+
+@njit(**JIT)
+def softmax_cross_entropy_ex(logits, labels, weight, ignore_index, smoothing, reduction,
+                             grad, terms):
+    """Softmax cross-entropy with class ``weight``, ``ignore_index`` and
+    ``label_smoothing`` (torch.nn.functional.cross_entropy).
+
+    With ``e = smoothing / C`` and ``-log p_c = log s - (x_c - max)``, a row
+    of label y costs ``(1 - smoothing) w_y (-log p_y) + e sum_c w_c (-log p_c)``;
+    its gradient is ``A p_c - a_c`` with ``a_c`` the coefficient of
+    ``-log p_c`` and ``A = sum_c a_c``.  Rows whose label is ``ignore_index``
+    cost 0 and get a zero gradient.  MEAN divides by the sum of ``w_y`` over
+    the rows kept (torch's weighted mean, NaN when every row is ignored).
+    ``weight`` is float64 (C,): ones for no weights.  ``grad`` may alias
+    ``logits``.
+    """
+    B, C = logits.shape
+    w_all = 0.0
+    for c in range(C):
+        w_all += weight[c]
+    gscale = 1.0
+    denom = 1.0
+    if reduction == MEAN:
+        denom = cross_entropy_weight_sum(labels, weight, ignore_index)
+        gscale = 1.0 / denom
+    eps_c = smoothing / C
+    total = 0.0
+    for i in range(B):
+        row, g = logits[i], grad[i]
+        y = labels[i]
+        if y == ignore_index:
+            for j in range(C):
+                g[j] = 0
+            terms[i] = 0.0
+            continue
+        m = row[0]
+        for j in range(1, C):
+            m = max(m, row[j])
+        x_lab = row[y]                          # read before grad (maybe logits) is written
+        s = 0.0
+        wz = 0.0                                # sum_c w_c (x_c - max), for the smoothing
+        for j in range(C):
+            d = row[j] - m
+            wz += weight[j] * np.float64(d)
+            e = mathfn.exp(d)
+            g[j] = e
+            s += np.float64(e)
+        log_s = np.log(s)
+        w_y = weight[y]
+        nll = log_s - (np.float64(x_lab) - np.float64(m))
+        li = (1.0 - smoothing) * w_y * nll + eps_c * (w_all * log_s - wz)
+        terms[i] = li
+        total += li
+        a_y = (1.0 - smoothing) * w_y + eps_c * w_y
+        A = (1.0 - smoothing) * w_y + eps_c * w_all
+        for j in range(C):
+            g[j] = (A * (np.float64(g[j]) / s) - eps_c * weight[j]) * gscale
+        # The label's term as -a_y (1 - p_y) + (A - a_y) p_y with 1 - p_y =
+        # (s - e_y) / s in float64: A p_y - a_y cancels when p_y is near 1.
+        e_lab = np.float64(mathfn.exp(x_lab - m))
+        g[y] = (-a_y * ((s - e_lab) / s) + (A - a_y) * (e_lab / s)) * gscale
+    if reduction == MEAN:
+        return total / denom
+    return total
+
+
+@njit(**JIT)
+def bce_with_logits_ex(logits, target, pos_weight, reduction, grad, terms):
+    """Binary cross-entropy on logits with ``pos_weight`` (float64, one per
+    column, ones for none; torch.nn.functional.binary_cross_entropy_with_logits).
+
+    ``l = (1 - t) x + (1 + (pw - 1) t) softplus(-x)``,
+    ``dl/dx = (1 + (pw - 1) t) sigmoid(x) - pw t`` (torch's form: exact
+    where ``t = 0``); 2-D ``(rows, cols)`` inputs, ``terms`` of the same
+    shape.
+    """
+    R, C = logits.shape
+    zero, one = like(logits[0, 0], 0.0), like(logits[0, 0], 1.0)
+    n = R * C
+    gscale = like(logits[0, 0], 1.0 / n if reduction == MEAN else 1.0)
+    total = 0.0
+    for i in range(R):
+        for j in range(C):
+            x, t = logits[i, j], target[i, j]
+            pw = like(x, pos_weight[j])
+            lw = one + (pw - one) * t
+            e = mathfn.exp(-abs(x))                         # in (0, 1]
+            sp_neg = mathfn.log1p(e) + (-x if x < zero else zero)   # softplus(-x)
+            li = np.float64((one - t) * x) + np.float64(lw) * np.float64(sp_neg)
+            terms[i, j] = li
+            total += li
+            sig = one / (one + e) if x >= zero else e / (one + e)
+            grad[i, j] = (lw * sig - pw * t) * gscale
+    if reduction == MEAN:
+        return total / n
+    return total
+
+
+@njit(**JIT)
+def mse_ex(pred, target, reduction, grad, terms):
+    """Squared error with a reduction (torch.nn.functional.mse_loss)."""
+    pf, tf, gf = pred.reshape(pred.size), target.reshape(target.size), grad.reshape(grad.size)
+    tt = terms.reshape(terms.size)
+    n = pf.size
+    two = like(pf[0], 2.0 / n if reduction == MEAN else 2.0)
+    total = 0.0
+    for i in range(n):
+        d = pf[i] - tf[i]
+        sq = np.float64(d) * np.float64(d)
+        tt[i] = sq
+        total += sq
+        gf[i] = two * d
+    if reduction == MEAN:
+        return total / n
+    return total

@@ -45,9 +45,10 @@ def _names():
             acts += [f"fg_bias_act<{t}, {a}>", f"fg_bias_act_grad<{t}, {a}>"]
         acts.append(f"fg_colsum<{t}>")
         losses += [f"fg_softmax_xent<{t}>", f"fg_mse<{t}>", f"fg_bce_with_logits<{t}>"]
+        losses += [f"fg_softmax_xent_ex<{t}>", f"fg_bce_with_logits_ex<{t}>", f"fg_mse_ex<{t}>"]
         reduce_.append(f"fg_seg_sumsq_partial<{t}>")
         optim += [f"fg_update<{t}, {r}>" for r in range(N_RULES)]
-    losses.append("fg_mean<double>")
+    losses += ["fg_mean<double>", "fg_xent_weight_sum<double>", "fg_sum_over<double>"]
     reduce_.append("fg_seg_sumsq_final<double>")
     optim.append("fg_clip_control<double>")
     gemm = [f"fg_gemm<{t}, {ta}, {tb}>" for t in _DTYPES.values()

@@ -111,6 +111,146 @@ __global__ void fg_mean(const T* x, long long n, T* out, double div)
     if (threadIdx.x == 0) out[0] = T(tot / div);
 }
 
+// --- losses with PyTorch's options (twins of the *_ex kernels of
+// kernels/cpu/losses.py).  reduction: 0 none, 1 mean, 2 sum.  Per-row or
+// per-element float64 terms, the gradient of the reduced loss (for none: of
+// the sum of the terms); the host reduces the terms with fg_mean / fg_sum_over.
+enum { RED_NONE = 0, RED_MEAN = 1, RED_SUM = 2 };
+
+// out[0] = sum of weight[label] over the rows whose label is not ignore_index:
+// the divisor of torch's weighted mean.  One block of fg::RED_THREADS.  A
+// label outside [0, cols) is not read through (the row kernel flags it).
+template <typename T>
+__global__ void fg_xent_weight_sum(const long long* labels, const T* weight, long long rows,
+                                   long long cols, long long ignore_index, T* out)
+{
+    __shared__ double sh[fg::RED_THREADS];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < rows; i += fg::RED_THREADS) {
+        const long long lab = labels[i];
+        if (lab != ignore_index && lab >= 0 && lab < cols) acc += (double)weight[lab];
+    }
+    const double tot = fg::block_sum(acc, sh);
+    if (threadIdx.x == 0) out[0] = T(tot);
+}
+
+// Cross-entropy with class weights, ignore_index and label smoothing, one
+// warp per row as fg_softmax_xent.  With e = smoothing / cols a row of label
+// y costs (1 - smoothing) w_y (-log p_y) + e sum_c w_c (-log p_c); its
+// gradient is A p_c - a_c (a_c the coefficient of -log p_c, A their sum),
+// times 1 / denom[0] for the mean.  Ignored rows: zero loss and gradient.
+template <typename T>
+__global__ void fg_softmax_xent_ex(const T* logits, const long long* labels,
+                                   const double* weight, long long ignore_index,
+                                   double smoothing, int reduction, const double* denom,
+                                   T* grad, double* row_loss, long long rows, long long cols,
+                                   double* status)
+{
+    const int lane = threadIdx.x & 31;
+    const long long i = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (i >= rows) return;                          // whole warps leave together
+    const T* row = logits + i * cols;
+    T* g = grad + i * cols;
+    const long long lab = labels[i];
+    if (lab == ignore_index) {
+        for (long long j = lane; j < cols; j += 32) g[j] = T(0);
+        if (lane == 0) row_loss[i] = 0.0;
+        return;
+    }
+    if (lab < 0 || lab >= cols) {
+        const T nan = T(fg::inf_d() - fg::inf_d());
+        for (long long j = lane; j < cols; j += 32) g[j] = nan;
+        if (lane == 0) {
+            row_loss[i] = (double)nan;
+            status[0] = double(fg::ERR_BAD_LABEL);
+        }
+        return;
+    }
+    const T x_label = row[lab];                     // before grad (maybe logits) is written
+    T m = -fg::inf<T>();
+    for (long long j = lane; j < cols; j += 32) m = fg::pymax(m, row[j]);
+    m = fg::warp_max(m);
+    __syncwarp();
+    double s = 0.0, wz = 0.0, w_all = 0.0;          // wz: sum_c w_c (x_c - max)
+    for (long long j = lane; j < cols; j += 32) {
+        const T d = row[j] - m;
+        wz += weight[j] * (double)d;
+        w_all += weight[j];
+        const T e = fg::exp_(d);
+        g[j] = e;
+        s += (double)e;
+    }
+    s = fg::warp_sum(s);
+    wz = fg::warp_sum(wz);
+    w_all = fg::warp_sum(w_all);
+    const double gscale = reduction == RED_MEAN ? 1.0 / denom[0] : 1.0;
+    const double eps_c = smoothing / (double)cols;
+    const double log_s = log(s);
+    const double w_y = weight[lab];
+    if (lane == 0) {
+        const double nll = log_s - ((double)x_label - (double)m);
+        row_loss[i] = (1.0 - smoothing) * w_y * nll + eps_c * (w_all * log_s - wz);
+    }
+    const double a_y = (1.0 - smoothing) * w_y + eps_c * w_y;
+    const double A = (1.0 - smoothing) * w_y + eps_c * w_all;
+    for (long long j = lane; j < cols; j += 32)
+        g[j] = T((A * ((double)g[j] / s) - eps_c * weight[j]) * gscale);
+    __syncwarp();
+    // The label's term as -a_y (1 - p_y) + (A - a_y) p_y, 1 - p_y = (s - e_y) / s
+    // in double: A p_y - a_y cancels when p_y is near 1.
+    if (lane == 0) {
+        const double e_lab = (double)fg::exp_(x_label - m);
+        g[lab] = T((-a_y * ((s - e_lab) / s) + (A - a_y) * (e_lab / s)) * gscale);
+    }
+}
+
+// Binary cross-entropy on logits with pos_weight (one per column):
+// l = (1 - t) x + (1 + (pw - 1) t) softplus(-x), dl/dx = lw sigmoid(x) - pw t.
+template <typename T>
+__global__ void fg_bce_with_logits_ex(const T* logits, const T* target, const double* pos_weight,
+                                      T* grad, double* terms, long long n, long long cols,
+                                      double gscale)
+{
+    const T zero = T(0), one = T(1), gs = T(gscale);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const T x = logits[i], t = target[i];
+        const T pw = T(pos_weight[i % cols]);
+        const T lw = one + (pw - one) * t;
+        const T e = fg::exp_(-fg::abs_(x));          // in (0, 1]
+        const T sp_neg = fg::log1p_(e) + (x < zero ? -x : zero);
+        terms[i] = (double)((one - t) * x) + (double)lw * (double)sp_neg;
+        const T sig = x >= zero ? one / (one + e) : e / (one + e);
+        grad[i] = (lw * sig - pw * t) * gs;
+    }
+}
+
+// Squared error with a reduction: terms d*d (double), grad two * d.
+template <typename T>
+__global__ void fg_mse_ex(const T* pred, const T* target, T* grad, double* terms, long long n,
+                          double two)
+{
+    const T tw = T(two);
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const T d = pred[i] - target[i];
+        terms[i] = (double)d * (double)d;
+        grad[i] = tw * d;
+    }
+}
+
+// out[0] = (sum of x[0..n) in fg_mean's fixed order) / div[0]: the weighted
+// mean, its divisor left on the device.
+template <typename T>
+__global__ void fg_sum_over(const T* x, long long n, const T* div, T* out)
+{
+    __shared__ double sh[fg::RED_THREADS];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += fg::RED_THREADS) acc += (double)x[i];
+    const double tot = fg::block_sum(acc, sh);
+    if (threadIdx.x == 0) out[0] = T(tot / (double)div[0]);
+}
+
 #ifndef __CUDACC_RTC__
 #define FG_INST(T)                                                                             \
     template __global__ void fg_softmax_xent<T>(const T*, const long long*, T*, double*,      \
@@ -120,4 +260,16 @@ __global__ void fg_mean(const T* x, long long n, T* out, double div)
 FG_INST(float)
 FG_INST(double)
 template __global__ void fg_mean<double>(const double*, long long, double*, double);
+#define FG_INST_EX(T)                                                                          \
+    template __global__ void fg_softmax_xent_ex<T>(const T*, const long long*, const double*, \
+                                                   long long, double, int, const double*, T*, \
+                                                   double*, long long, long long, double*);   \
+    template __global__ void fg_bce_with_logits_ex<T>(const T*, const T*, const double*, T*,  \
+                                                      double*, long long, long long, double); \
+    template __global__ void fg_mse_ex<T>(const T*, const T*, T*, double*, long long, double);
+FG_INST_EX(float)
+FG_INST_EX(double)
+template __global__ void fg_xent_weight_sum<double>(const long long*, const double*, long long,
+                                                    long long, long long, double*);
+template __global__ void fg_sum_over<double>(const double*, long long, const double*, double*);
 #endif

@@ -16,7 +16,9 @@ import numpy as np
 
 from . import _module as _m
 
-__all__ = ["softmax_cross_entropy", "mse", "bce_with_logits", "work_size"]
+__all__ = ["softmax_cross_entropy", "mse", "bce_with_logits", "work_size",
+           "NONE", "MEAN", "SUM", "REDUCTIONS", "cross_entropy_weight_sum",
+           "softmax_cross_entropy_ex", "bce_with_logits_ex", "mse_ex"]
 
 _FILE = "losses.cu"
 _ROWS_PER_BLOCK = 4        # warps (rows) per block of the softmax kernel
@@ -78,3 +80,65 @@ def mse(pred, target, grad, out=None, work=None):
 def bce_with_logits(logits, target, grad, out=None, work=None):
     """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss)."""
     return _elementwise("fg_bce_with_logits", logits, target, grad, out, work)
+
+
+# --- losses with PyTorch's options --------------------------------------------
+# Twins of the *_ex kernels of kernels/cpu/losses.py (same names, arguments
+# and codes).  Each writes float64 ``terms`` and the gradient of the reduced
+# loss, and returns the reduced loss (NONE: the sum) as a 0-d float64 array.
+
+NONE, MEAN, SUM = range(3)          # losses.cu RED_NONE, RED_MEAN, RED_SUM
+REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
+
+
+def cross_entropy_weight_sum(labels, weight, ignore_index, out=None):
+    """Sum of ``weight[label]`` over the rows not ignored (0-d float64)."""
+    out = _out(out)
+    k = _m.kernel(_FILE, "fg_xent_weight_sum<double>")
+    k((1,), (_m.RED_THREADS,), (labels, weight, _m.i64(labels.shape[0]), _m.i64(weight.shape[0]),
+                                _m.i64(ignore_index), out))
+    return out
+
+
+def softmax_cross_entropy_ex(logits, labels, weight, ignore_index, smoothing, reduction, grad,
+                             terms, out=None, status=None):
+    """Cross-entropy with class ``weight`` (float64), ``ignore_index`` and
+    label ``smoothing``; one warp per row.  The mean's divisor (summed
+    weights of the kept rows) is computed and read on the device.  A label
+    neither in range nor ignored gives its row NaN and raises ``status`` as
+    :func:`softmax_cross_entropy` does."""
+    rows, cols = logits.shape
+    out = _out(out)
+    denom = cross_entropy_weight_sum(labels, weight, ignore_index)
+    k = _m.kernel(_FILE, f"fg_softmax_xent_ex<{_m.ctype(logits.dtype)}>")
+    k((-(-rows // _ROWS_PER_BLOCK),), (32 * _ROWS_PER_BLOCK,),
+      (logits, labels, weight, _m.i64(ignore_index), _m.f64(smoothing), np.int32(reduction),
+       denom, grad, terms, _m.i64(rows), _m.i64(cols),
+       _m.scratch("status") if status is None else status))
+    if reduction == MEAN:
+        _m.kernel(_FILE, "fg_sum_over<double>")((1,), (_m.RED_THREADS,),
+                                                 (terms, _m.i64(rows), denom, out))
+        return out
+    return _mean(terms, rows, out, 1.0)
+
+
+def bce_with_logits_ex(logits, target, pos_weight, reduction, grad, terms, out=None):
+    """Binary cross-entropy on logits with ``pos_weight`` (float64, one per
+    column) and a reduction."""
+    n = logits.size
+    out = _out(out)
+    k = _m.kernel(_FILE, f"fg_bce_with_logits_ex<{_m.ctype(logits.dtype)}>")
+    k((_m.blocks(n),), (_m.THREADS,),
+      (logits, target, pos_weight, grad, terms, _m.i64(n), _m.i64(logits.shape[-1]),
+       _m.f64(1.0 / n if reduction == MEAN else 1.0)))
+    return _mean(terms, n, out, n if reduction == MEAN else 1.0)
+
+
+def mse_ex(pred, target, reduction, grad, terms, out=None):
+    """Squared error with a reduction."""
+    n = pred.size
+    out = _out(out)
+    k = _m.kernel(_FILE, f"fg_mse_ex<{_m.ctype(pred.dtype)}>")
+    k((_m.blocks(n),), (_m.THREADS,),
+      (pred, target, grad, terms, _m.i64(n), _m.f64(2.0 / n if reduction == MEAN else 2.0)))
+    return _mean(terms, n, out, n if reduction == MEAN else 1.0)

@@ -1,0 +1,178 @@
+"""Epoch callbacks of :func:`fastgrad.fit` (Keras's names and meanings).
+
+A callback is an object with any of
+
+* ``on_train_begin(step, history)``: before the first epoch; ``history``
+  already holds every key the epochs will fill, so a callback can refuse a
+  metric that will never come (``ValueError`` before any training);
+* ``on_epoch_end(epoch, history, step)``: after each epoch's figures (and
+  validation) are in ``history``; returning True stops training;
+* ``on_train_end(step, history)``: after the last epoch (also an early one).
+
+``step`` is the :class:`fastgrad.TrainStep` being trained (``step.model``,
+``step.opt``).  Plain callables passed to ``fit(callbacks=...)`` stay
+per-step hooks ``f(step_index, loss, stats)``.
+"""
+import math
+
+__all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "ReduceLROnPlateau"]
+
+
+class Callback:
+    """Base class: every hook does nothing."""
+
+    def on_train_begin(self, step, history):
+        pass
+
+    def on_epoch_end(self, epoch, history, step):
+        return False
+
+    def on_train_end(self, step, history):
+        pass
+
+
+def _monitored(monitor, history):
+    if monitor not in history:
+        raise ValueError(f"monitor {monitor!r} is not a metric of this fit; it records "
+                         f"{sorted(history)} (val_* needs validation_data)")
+
+
+def _mode(mode, monitor):
+    if mode == "auto":
+        return "max" if "acc" in monitor else "min"
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+    return mode
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved for ``patience`` epochs.
+
+    Parameters
+    ----------
+    monitor : str
+        A key of the history, e.g. "val_loss" (default), "val_accuracy", "loss".
+    mode : "auto" | "min" | "max"
+        "auto": "max" for accuracies, "min" otherwise.
+    patience : int
+        Epochs without improvement tolerated (0: stop at the first).
+    min_delta : float
+        An improvement must beat the best by more than this.
+    restore_best_weights : bool
+        When training ends, load the parameters and batch-norm running
+        statistics of the best epoch back into the model (default True).
+        The optimizer's state is left as it is.
+
+    After training, ``best``, ``best_epoch`` (0-based) and
+    ``stopped_epoch`` (None if it ran to the end) say what happened.
+    """
+
+    def __init__(self, monitor="val_loss", mode="auto", patience=0, min_delta=0.0,
+                 restore_best_weights=True):
+        self.monitor = monitor
+        self.mode = _mode(mode, monitor)
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
+        self.patience = patience
+        min_delta = float(min_delta)
+        if not (math.isfinite(min_delta) and min_delta >= 0):
+            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
+        self.min_delta = min_delta
+        self.restore_best_weights = bool(restore_best_weights)
+
+    def on_train_begin(self, step, history):
+        _monitored(self.monitor, history)
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch, self.stopped_epoch, self.wait, self._best_state = None, None, 0, None
+
+    def _improved(self, value):
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    def on_epoch_end(self, epoch, history, step):
+        value = history[self.monitor][-1]
+        if self._improved(value):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                # A copy: the state dict's arrays are views of the live model.
+                self._best_state = {k: v.copy() for k, v in step.model.state_dict().items()}
+            return False
+        self.wait += 1
+        if self.wait > self.patience:
+            self.stopped_epoch = epoch
+            return True
+        return False
+
+    def on_train_end(self, step, history):
+        if self.restore_best_weights and self._best_state is not None:
+            step.model.load_state_dict(self._best_state)
+
+
+class ModelCheckpoint(Callback):
+    """Save the model and optimizer with :func:`fastgrad.save` every
+    ``every`` epochs (and after the last epoch when ``save_last``).
+
+    ``path`` may hold ``{epoch}`` (1-based), e.g. ``"run-{epoch:03d}.fgz"``,
+    for one file per checkpoint; otherwise each save replaces the last
+    (atomically).  ``saved`` lists the paths written.
+    """
+
+    def __init__(self, path, every=1, save_last=True):
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive integer, got {every!r}")
+        self.path, self.every, self.save_last = str(path), every, bool(save_last)
+        self.saved = []
+        self._last_saved = None
+
+    def _save(self, epoch, step):
+        from .io import save
+        path = self.path.format(epoch=epoch + 1)
+        save(path, step.model, step.opt)
+        self.saved.append(path)
+        self._last_saved = epoch
+
+    def on_train_begin(self, step, history):
+        self.saved, self._last_saved, self._epoch = [], None, None
+        self.path.format(epoch=1)             # a bad pattern fails before training
+
+    def on_epoch_end(self, epoch, history, step):
+        self._epoch = epoch
+        if (epoch + 1) % self.every == 0:
+            self._save(epoch, step)
+        return False
+
+    def on_train_end(self, step, history):
+        if self.save_last and self._epoch is not None and self._last_saved != self._epoch:
+            self._save(self._epoch, step)
+
+
+class ReduceLROnPlateau(Callback):
+    """Feed ``monitor`` to the optimizer's plateau schedule after each epoch.
+
+    The optimizer must have been built with a
+    :class:`fastgrad.schedules.ReduceLROnPlateau` learning rate, e.g.
+    ``fg.Adam(model, lr=fg.schedules.ReduceLROnPlateau(1e-3, patience=2))``;
+    its ``factor``, ``patience``, ``cooldown`` ... are the schedule's, and it
+    scales the lr the optimizer uses from the next update on.  ``reductions``
+    lists the (0-based) epochs after which the lr was cut.
+    """
+
+    def __init__(self, monitor="val_loss"):
+        self.monitor = monitor
+        self.reductions = []
+
+    def on_train_begin(self, step, history):
+        from .schedules import reduce_on_plateau
+        _monitored(self.monitor, history)
+        sched = getattr(step.opt, "lr_schedule", None)
+        if not isinstance(sched, reduce_on_plateau):
+            raise ValueError("the ReduceLROnPlateau callback drives the optimizer's schedule: "
+                             "build the optimizer with lr=fastgrad.schedules.ReduceLROnPlateau"
+                             f"(...), not {sched!r}")
+        self._sched = sched
+
+    def on_epoch_end(self, epoch, history, step):
+        if self._sched.step(history[self.monitor][-1]):
+            self.reductions.append(epoch)
+        return False

@@ -1,0 +1,323 @@
+"""PyTorch habits on models (callable, parameters, state dicts, zero_grad)
+and fit's epoch callbacks (early stopping, checkpoints, lr on plateau)."""
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import callbacks as cbs
+from fastgrad import schedules
+from fastgrad.layers import StateDictError
+
+
+def _toolkit_model(dtype="float64", seed=0):
+    return fg.Sequential([
+        fg.Dense(5, 8, activation="tanh", norm="batch", dropout=0.2),
+        fg.Residual(fg.Dense(8, 8, activation="relu", norm="layer")),
+        fg.Dense(8, 6, activation="gelu", weight_norm=True),
+        fg.Dense(6, 3, activation=None)], dtype=dtype, seed=seed)
+
+
+# --- model(x) ------------------------------------------------------------------
+
+def test_call_follows_the_mode(rng):
+    model = _toolkit_model()
+    x = rng.standard_normal((7, 5))
+    step0 = model.dropout_step
+    y = model(x)                          # training: forward, masks drawn, cache kept
+    assert model.dropout_step == step0 + 1
+    model.backward(np.ones_like(y))       # works: the cache is the call's
+    ref = _toolkit_model()
+    ref.forward(x)
+    assert np.array_equal(y, ref._run(ref._input(x), keep=False, counter=step0)[0])
+    model.eval()
+    rm = model.running_mean.copy()
+    out = model(x)
+    assert model.dropout_step == step0 + 1                 # eval: no masks drawn
+    assert np.array_equal(out, model.predict(x))
+    assert np.array_equal(model.running_mean, rm)          # eval: statistics untouched
+
+
+# --- parameters / named_parameters / state_dict ---------------------------------
+
+def test_named_parameters_are_views_in_buffer_order():
+    model = _toolkit_model()
+    named = list(model.named_parameters())
+    names = [n for n, _ in named]
+    assert names == ["layers.0.W", "layers.0.b", "layers.0.gamma", "layers.0.beta",
+                     "layers.1.W", "layers.1.b", "layers.1.gamma", "layers.1.beta",
+                     "layers.2.v", "layers.2.b", "layers.2.g",
+                     "layers.3.W", "layers.3.b"]
+    # they tile the flat buffer exactly, in order, and share its memory
+    assert sum(a.size for _, a in named) == model.n_params
+    flat = np.concatenate([a.ravel() for _, a in named])
+    assert np.array_equal(flat, model.params)
+    for _, a in named:
+        assert np.shares_memory(a, model.params)
+    params = list(model.parameters())
+    assert all(p is a for p, (_, a) in zip(params, named))
+    params[0][0, 0] = 42.0
+    assert model.layers[0].W[0, 0] == 42.0
+    assert [n for n, _ in model.named_buffers()] == ["layers.0.running_mean",
+                                                     "layers.0.running_var"]
+
+
+def test_state_dict_round_trip(rng):
+    a, b = _toolkit_model(seed=1), _toolkit_model(seed=2)
+    x = rng.standard_normal((9, 5))
+    a(x)                                   # moves the running statistics
+    sd = a.state_dict()
+    assert all(isinstance(v, np.ndarray) for v in sd.values())
+    assert np.shares_memory(sd["layers.0.W"], a.params)            # views, as torch
+    res = b.load_state_dict(sd)
+    assert res.missing_keys == [] and res.unexpected_keys == []
+    assert np.array_equal(a.params, b.params)
+    assert np.array_equal(a.running_mean, b.running_mean)
+    assert np.array_equal(a.running_var, b.running_var)
+    a.eval(), b.eval()
+    assert np.array_equal(a(x), b(x))      # weight norm's W refreshed from v, g
+    # float32 arrays into a float64 model (and back) convert
+    c = _toolkit_model(dtype="float32", seed=3)
+    c.load_state_dict({k: v.astype(np.float32) for k, v in sd.items()})
+    np.testing.assert_allclose(c.params, a.params.astype(np.float32))
+
+
+def test_state_dict_snapshot_survives_training(rng):
+    model = fg.MLP([4, 6, 3], dtype="float64", seed=0)
+    snap = {k: v.copy() for k, v in model.state_dict().items()}
+    opt = fg.Adam(model, lr=0.1)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    step(rng.standard_normal((8, 4)), rng.integers(0, 3, 8))
+    assert not np.array_equal(model.layers[0].W, snap["layers.0.W"])
+    model.load_state_dict(snap)
+    assert np.array_equal(model.layers[0].W, snap["layers.0.W"])
+
+
+def test_load_state_dict_strict_and_not(rng):
+    model = _toolkit_model()
+    before = model.params.copy()
+    sd = {k: v.copy() + 1.0 for k, v in model.state_dict().items()}
+    del sd["layers.1.gamma"]
+    sd["layers.9.W"] = np.zeros(3)
+    sd["extra"] = np.zeros(1)
+    with pytest.raises(StateDictError) as info:
+        model.load_state_dict(sd)
+    msg = str(info.value)
+    assert 'Missing key(s) in state_dict: "layers.1.gamma"' in msg
+    assert 'Unexpected key(s) in state_dict: "layers.9.W", "extra"' in msg
+    assert isinstance(info.value, ValueError) and isinstance(info.value, RuntimeError)
+    assert np.array_equal(model.params, before)            # nothing copied
+    res = model.load_state_dict(sd, strict=False)
+    assert res.missing_keys == ["layers.1.gamma"]
+    assert res.unexpected_keys == ["layers.9.W", "extra"]
+    assert np.array_equal(model.layers[1].gamma, before[model.layer_offsets[1] + 72:][:8])
+    np.testing.assert_array_equal(model.layers[0].b, 1.0)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    ({"layers.0.W": np.zeros((8, 5))}, StateDictError, r"size mismatch for layers.0.W.*\(8, 5\).*\(5, 8\)"),
+    ({"layers.0.b": np.array(["a"] * 8)}, StateDictError, "real numbers"),
+    ([("layers.0.b", np.zeros(8))], TypeError, "mapping"),
+])
+def test_load_state_dict_bad_values(bad, exc, match):
+    model = _toolkit_model()
+    before = model.params.copy()
+    with pytest.raises(exc, match=match):
+        model.load_state_dict(bad, strict=False)
+    assert np.array_equal(model.params, before)
+
+
+def test_state_dict_matches_torch_twin(rng):
+    torch = pytest.importorskip("torch")
+    model = fg.MLP([5, 7, 3], norm="batch", dtype="float64", seed=4)
+    model(rng.standard_normal((6, 5)))
+    tsd = model.to_torch().state_dict()
+    sd = model.state_dict()
+    np.testing.assert_array_equal(sd["layers.0.W"], tsd["0.weight"].numpy().T)
+    np.testing.assert_array_equal(sd["layers.0.running_var"], tsd["1.running_var"].numpy())
+    # torch tensors load directly
+    other = fg.MLP([5, 7, 3], norm="batch", dtype="float64", seed=5)
+    other.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()})
+    assert np.array_equal(other.params, model.params)
+
+
+def test_zero_grad(rng):
+    model = fg.MLP([3, 4, 2], dtype="float64")
+    model(rng.standard_normal((2, 3)))
+    model.backward(np.ones((2, 2)))
+    assert model.grads.any()
+    model.zero_grad()
+    assert not model.grads.any()
+    model.grads[:] = 1
+    model.zero_grad(set_to_none=False)
+    assert not model.grads.any()
+
+
+def test_pytorch_style_loop_matches_train_step(rng):
+    """model(x) / loss / backward / opt.step() is the TrainStep trajectory."""
+    x, y = rng.standard_normal((16, 6)), rng.integers(0, 3, 16)
+    a = fg.MLP([6, 10, 3], dtype="float64", seed=7)
+    b = fg.MLP([6, 10, 3], dtype="float64", seed=7)
+    opt_a, opt_b = fg.Adam(a, lr=1e-2, clip_norm=1.0), fg.Adam(b, lr=1e-2, clip_norm=1.0)
+    step = fg.TrainStep(b, fg.SoftmaxCrossEntropy(), opt_b)
+    loss_fn = fg.SoftmaxCrossEntropy()
+    for _ in range(3):
+        a.zero_grad()
+        loss, dy = loss_fn(a(x), y)
+        a.backward(dy)
+        opt_a.step()
+        assert loss == pytest.approx(step(x, y), rel=1e-12)
+    np.testing.assert_allclose(a.params, b.params, rtol=1e-12, atol=1e-15)
+
+
+# --- fit callbacks -----------------------------------------------------------------
+
+def _data(rng, n=96):
+    x = rng.standard_normal((n, 4))
+    y = (x[:, 0] + x[:, 1] > 0).astype(np.int64)
+    return x, y
+
+
+def _fit_setup(lr=0.05, seed=0):
+    model = fg.MLP([4, 8, 2], dtype="float64", seed=seed)
+    opt = fg.Adam(model, lr=lr)
+    return model, opt, fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+
+
+class _Recorder(cbs.Callback):
+    def __init__(self):
+        self.params, self.begun, self.ended = [], False, False
+
+    def on_train_begin(self, step, history):
+        self.begun = True
+
+    def on_epoch_end(self, epoch, history, step):
+        self.params.append(step.model.params.copy())
+
+    def on_train_end(self, step, history):
+        self.ended = True
+
+
+def test_early_stopping_restores_best_weights(rng):
+    x, y = _data(rng)
+    xv, yv = _data(rng, 40)
+    # lr large enough that validation loss gets worse at some point
+    model, opt, step = _fit_setup(lr=0.5)
+    rec = _Recorder()
+    es = cbs.EarlyStopping(monitor="val_loss", patience=1)
+    hist = fg.fit(step, x, y, epochs=30, batch_size=8, progress=False,
+                  validation_data=(xv, yv), callbacks=[rec, es])
+    vl = hist["val_loss"]
+    assert rec.begun and rec.ended
+    assert es.best == min(vl) and es.best_epoch == int(np.argmin(vl))
+    if es.stopped_epoch is not None:
+        assert len(vl) == es.stopped_epoch + 1 < 30
+        assert len(vl) - 1 - es.best_epoch == 2              # patience 1: two bad epochs
+    assert np.array_equal(model.params, rec.params[es.best_epoch])
+    assert fg.evaluate(model, step.loss_fn, xv, yv)["loss"] == pytest.approx(es.best, rel=1e-12)
+
+
+def test_early_stopping_patience_zero_and_max_mode(rng):
+    x, y = _data(rng)
+    model, opt, step = _fit_setup(lr=0.0)                    # nothing moves: no improvement
+    es = cbs.EarlyStopping(monitor="val_accuracy", patience=0)
+    assert es.mode == "max"
+    hist = fg.fit(step, x, y, epochs=10, batch_size=16, progress=False,
+                  validation_data=(x, y), callbacks=[es])
+    assert len(hist["val_accuracy"]) == 2 and es.stopped_epoch == 1 and es.best_epoch == 0
+
+
+def test_checkpoint_every_n_epochs(rng, tmp_path):
+    x, y = _data(rng)
+    model, opt, step = _fit_setup()
+    rec = _Recorder()
+    ck = cbs.ModelCheckpoint(str(tmp_path / "run-{epoch:02d}.fgz"), every=2)
+    fg.fit(step, x, y, epochs=5, batch_size=16, progress=False, callbacks=[rec, ck])
+    assert [p.rsplit("/", 1)[-1] for p in ck.saved] == ["run-02.fgz", "run-04.fgz", "run-05.fgz"]
+    m2, o2 = fg.load(tmp_path / "run-04.fgz")
+    assert np.array_equal(m2.params, rec.params[3]) and o2.step_count == 4 * 6
+    m5, _ = fg.load(tmp_path / "run-05.fgz")
+    assert np.array_equal(m5.params, model.params)
+
+
+def test_reduce_lr_on_plateau_callback(rng):
+    x, y = _data(rng)
+    model = fg.MLP([4, 8, 2], dtype="float64", seed=0)
+    sched = schedules.ReduceLROnPlateau(0.05, patience=0, factor=0.5)
+    opt = fg.Adam(model, lr=sched)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    cb = cbs.ReduceLROnPlateau(monitor="loss")
+    rec = []
+    hist = fg.fit(step, x, y, epochs=6, batch_size=96, progress=False, shuffle=False,
+                  callbacks=[cb, lambda k, loss, st: rec.append(st.lr)])
+    # a torch-style replay of the same metric sequence gives the same lrs
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.zeros(1))
+    topt = torch.optim.SGD([p], lr=0.05)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, patience=0, factor=0.5)
+    want = []
+    for loss in hist["loss"]:
+        want.append(topt.param_groups[0]["lr"])
+        tsched.step(loss)
+    np.testing.assert_allclose(rec, want, rtol=1e-12)
+    assert cb.reductions == [e for e in range(5) if want[e + 1] < want[e]]
+
+
+def test_callbacks_refuse_what_cannot_work(rng):
+    x, y = _data(rng, 16)
+    model, opt, step = _fit_setup()
+    w0 = model.params.copy()
+    with pytest.raises(ValueError, match="val_loss.*validation_data"):
+        fg.fit(step, x, y, epochs=2, progress=False, callbacks=[cbs.EarlyStopping()])
+    with pytest.raises(ValueError, match="schedules.ReduceLROnPlateau"):
+        fg.fit(step, x, y, epochs=2, progress=False, callbacks=[cbs.ReduceLROnPlateau("loss")])
+    assert np.array_equal(model.params, w0)                 # refused before any step
+    with pytest.raises(ValueError, match="patience"):
+        cbs.EarlyStopping(patience=-1)
+    with pytest.raises(ValueError, match="mode"):
+        cbs.EarlyStopping(mode="up")
+    with pytest.raises(ValueError, match="every"):
+        cbs.ModelCheckpoint("x.fgz", every=0)
+
+
+def test_progress_bar_shows_validation(rng, monkeypatch):
+    pytest.importorskip("tqdm")
+    from fastgrad import step as step_mod
+    shown = []
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def set_postfix(self, **kw):
+            shown.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(step_mod, "_progress_bar", lambda *a: Bar())
+    x, y = _data(rng, 32)
+    model, opt, step = _fit_setup()
+    fg.fit(step, x, y, epochs=2, batch_size=4, validation_data=(x, y))
+    assert any("val_loss" in kw and "val_accuracy" in kw for kw in shown)
+    # the per-step postfix of the second epoch keeps the first epoch's validation
+    assert "val_loss" in shown[-2] and "steps_s" in shown[-2]
+
+
+def test_state_dict_on_every_device(device, rng):
+    from conftest import to_numpy
+    from fastgrad import device as fgd
+    xp = fgd.array_module(device)
+    a = _toolkit_model(seed=1)                                  # on the CPU
+    a(rng.standard_normal((6, 5)))
+    m = fg.Sequential([fg.Dense(5, 8, activation="tanh", norm="batch", dropout=0.2),
+                       fg.Residual(fg.Dense(8, 8, activation="relu", norm="layer")),
+                       fg.Dense(8, 6, activation="gelu", weight_norm=True),
+                       fg.Dense(6, 3, activation=None)], dtype="float64", device=device)
+    m.load_state_dict(a.state_dict())                           # host arrays in
+    sd = m.state_dict()
+    assert all(type(v) is xp.ndarray for v in sd.values())
+    assert np.array_equal(to_numpy(m.params), a.params)
+    assert np.array_equal(to_numpy(m.running_var), a.running_var)
+    x = rng.standard_normal((4, 5))
+    a.eval(), m.eval()
+    np.testing.assert_allclose(to_numpy(m(xp.asarray(x))), a(x), rtol=1e-12, atol=1e-14)
