@@ -10,6 +10,7 @@ Layer i owns ``params[layer_offsets[i]:layer_offsets[i+1]]``: its ``W``
 """
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -58,6 +59,23 @@ def _dropout_args(seed, layer, counter, p):
         return np.uint64(0), np.uint64(0), 1.0
     return (np.uint64(blocks.dropout_key(seed, layer, counter)), blocks.dropout_threshold(p),
             1.0 / (1.0 - p))
+
+
+def _fixed(name, doc):
+    """A model attribute that cannot be rebound: every layer's ``W``/``b``,
+    the optimizer and compiled steps hold views of (or references to) the
+    array, so a new array would silently detach them from training."""
+    private = "_" + name
+
+    def get(self):
+        return getattr(self, private)
+
+    def refuse(self, value):
+        raise AttributeError(f"model.{name} cannot be replaced: the layers, optimizers and "
+                             f"TrainSteps of this model use this very array; write into it "
+                             f"instead (model.{name}[...] = values)")
+
+    return property(get, refuse, doc=doc)
 
 
 def _positive_int(value, name):
@@ -241,6 +259,12 @@ class Sequential:
     drawn from.  ``model.eval()`` turns dropout off; ``predict`` never drops.
     """
 
+    params = _fixed("params", "The flat parameter buffer (1-D; writable in place only).")
+    grads = _fixed("grads", "The flat gradient buffer (1-D; writable in place only).")
+    layer_offsets = _fixed("layer_offsets", "Layer boundaries in ``params`` (int64).")
+    running_mean = _fixed("running_mean", "Batch-norm running means (float64, all layers).")
+    running_var = _fixed("running_var", "Batch-norm running variances (float64, all layers).")
+
     def __init__(self, layers, dtype="float32", device=None, seed=0):
         layers = list(layers)
         if not layers:
@@ -265,9 +289,12 @@ class Sequential:
         offsets = [0]
         for layer in layers:
             offsets.append(offsets[-1] + layer.n_params)
-        self.layer_offsets = np.asarray(offsets, dtype=np.int64)
-        self.params = xp.zeros(offsets[-1], self.dtype)
-        self.grads = xp.zeros(offsets[-1], self.dtype)
+        # One lock per model, shared by its optimizers and TrainSteps: a
+        # step, an update or a forward/backward runs whole, one at a time.
+        self._lock = threading.RLock()
+        self._layer_offsets = np.asarray(offsets, dtype=np.int64)
+        self._params = xp.zeros(offsets[-1], self.dtype)
+        self._grads = xp.zeros(offsets[-1], self.dtype)
         for layer, off in zip(layers, offsets):
             layer._bind(self.params, self.grads, off)
         self.seed = seed
@@ -284,8 +311,8 @@ class Sequential:
         # Batch-norm running statistics: model state outside the parameters
         # (no gradient, not updated by the optimizer), one pair per layer.
         width = sum(layer.n_out for layer in layers)
-        self.running_mean = xp.zeros(width, np.float64)
-        self.running_var = xp.ones(width, np.float64)
+        self._running_mean = xp.zeros(width, np.float64)
+        self._running_var = xp.ones(width, np.float64)
         off = 0
         for layer in layers:
             if layer.norm == "batch":
@@ -315,6 +342,20 @@ class Sequential:
     def eval(self):
         """Evaluation mode (dropout off); returns the model."""
         return self.train(False)
+
+    def _step_snapshot(self):
+        """What a training forward changes besides the parameters: the
+        dropout counter and (in training mode) the batch-norm running
+        statistics.  A TrainStep restores it when its update is skipped."""
+        bn = self.training and any(layer.norm == "batch" for layer in self.layers)
+        return (self.dropout_step, self._running_mean.copy() if bn else None,
+                self._running_var.copy() if bn else None)
+
+    def _restore_snapshot(self, snap):
+        self.dropout_step, mean, var = snap
+        if mean is not None:
+            self._running_mean[...] = mean
+            self._running_var[...] = var
 
     def _next_dropout_step(self):
         """The counter value this training forward draws its masks from.
@@ -427,13 +468,16 @@ class Sequential:
         In training mode this draws fresh dropout masks (one step of
         ``model.dropout_step``); in eval mode it applies no dropout."""
         x = self._input(x)
-        counter = self._next_dropout_step() if self.training else None
-        out, self._cache = self._run(x, keep=True, counter=counter)
+        with self._lock:
+            counter = self._next_dropout_step() if self.training else None
+            out, self._cache = self._run(x, keep=True, counter=counter)
         return out
 
     def predict(self, x):
         """Inference forward: returns the output and keeps nothing."""
-        return self._run(self._input(x), keep=False)[0]
+        x = self._input(x)
+        with self._lock:
+            return self._run(x, keep=False)[0]
 
     def backward(self, dy, accumulate=False, input_grad=True):
         """Back-propagate ``dy = dL/dy`` through the last :meth:`forward`.
@@ -442,6 +486,10 @@ class Sequential:
         returns ``dL/dx`` of the input (None with ``input_grad=False``,
         which skips the first layer's ``dx`` GEMM).
         """
+        with self._lock:
+            return self._backward(dy, accumulate, input_grad)
+
+    def _backward(self, dy, accumulate, input_grad):
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         k, xp = self._kernels(), self._xp

@@ -15,6 +15,7 @@ models never compile that code, so their cold first step stays as fast.  A
 training-mode call advances ``model.dropout_step`` once, as
 ``model.forward`` does, so both paths draw the same dropout masks.
 """
+from collections import OrderedDict
 import time
 
 import numpy as np
@@ -54,7 +55,23 @@ class TrainStep:
     inputs are used in place.  Labels on the GPU are range-checked by the
     loss kernel: a bad one skips the update and raises ValueError when the
     step's stats are read back (host labels raise at once, as on the CPU).
+
+    A skipped update (non-finite gradient) leaves everything as it was: the
+    parameters, the optimizer state and step count, and on the CPU also
+    the model's dropout counter (``model.dropout_step``) and batch-norm
+    running statistics, which the forward had already advanced.  (On CUDA
+    the skip is decided on the device without the host waiting, so there
+    the counter and running statistics do advance.)
+
+    Calls from several threads run one at a time (the model's lock, shared
+    with its optimizer), so no thread sees or writes a half-done step.
+
+    Buffers are kept per batch size for the last ``max_cached_batch_sizes``
+    (default 8) distinct batch sizes used; a ninth releases the least
+    recently used one (it is allocated again if that size comes back).
     """
+
+    max_cached_batch_sizes = 8
 
     def __init__(self, model, loss_fn, opt, cuda_graph=False):
         if not isinstance(model, Sequential):
@@ -109,7 +126,7 @@ class TrainStep:
             self._wnorm = np.empty(int(self._sizes[1:].sum()))
         # The optimizer's: on CUDA they are part of the record it reads back.
         self._layer_sq = opt._layer_sq
-        self._buffers = {}
+        self._buffers = OrderedDict()     # batch size -> buffers, least recently used first
         self._workspaces = {}
         self._staged = {}           # CUDA: device buffers of host inputs, by (name, shape)
         # Placeholders for the loss input the chosen loss does not read.
@@ -119,7 +136,10 @@ class TrainStep:
 
     def _buffers_for(self, B):
         buf = self._buffers.get(B)
-        if buf is None:
+        if buf is not None:
+            self._buffers.move_to_end(B)
+        else:
+            self._evict(keep=self.max_cached_batch_sizes - 1)
             xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
             acts = xp.empty(B * int(widths.sum()), dt)
             if self._blocks:
@@ -140,6 +160,17 @@ class TrainStep:
                     B, self._sizes, self.model.layer_offsets, self._loss_kind, dt,
                     optim=self.opt._device_buffers())
         return buf
+
+    def _evict(self, keep):
+        """Release the buffers (and CUDA workspaces, graphs, staging
+        buffers) of the least recently used batch sizes beyond ``keep``."""
+        while len(self._buffers) > max(keep, 0):
+            B, _ = self._buffers.popitem(last=False)
+            self._workspaces.pop(B, None)
+            for key in [k for k in self._graphs if k[0] == B]:
+                del self._graphs[key]
+            for key in [k for k in self._staged if k[1][:1] == (B,)]:
+                del self._staged[key]
 
     def _graph_for(self, B, rule, s0, s1, s2):
         """The graphed step of batch size B on the current buffers; a new
@@ -236,12 +267,19 @@ class TrainStep:
         return self._result(loss)
 
     def __call__(self, x, y):
+        with self.opt._lock:
+            return self._step(x, y)
+
+    def _step(self, x, y):
         if self._composed:
             return self._composed_step(x, y, True)
         model = self.model
         x, labels, target = self._inputs(x, y)
         B = x.shape[0]
         rule, s0, s1, s2, hp = self.opt._kernel_args()
+        # On the CPU the skip decision is known when the kernel returns:
+        # undo what the forward changed outside the parameters.
+        snap = model._step_snapshot() if model.device == "cpu" else None
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
             drops, residual, norms, seed, counter, training = self._block_args(B)
@@ -252,6 +290,8 @@ class TrainStep:
                 model.running_var, nstats, nwork, self._wn, self._weff, self._dweff,
                 self._wnorm, delta,
                 rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
+            if skipped:
+                model._restore_snapshot(snap)
             self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
             return float(loss)
         if model.training:
@@ -267,6 +307,8 @@ class TrainStep:
             self._codes, self._alphas, model.layer_offsets, acts, zs, delta,
             rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
             **self._extra(B))
+        if snap is not None and skipped:
+            model._restore_snapshot(snap)
         self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq,
                                       with_loss=model.device == "cuda")
         return self._result(loss)
@@ -274,6 +316,10 @@ class TrainStep:
     def gradients(self, x, y):
         """Forward + loss + backward only (no update): fills ``model.grads``
         and returns the loss.  Useful for checks and data-parallel training."""
+        with self.opt._lock:
+            return self._gradients(x, y)
+
+    def _gradients(self, x, y):
         if self._composed:
             return self._composed_step(x, y, False)
         x, labels, target = self._inputs(x, y)
