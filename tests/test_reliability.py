@@ -6,6 +6,10 @@ unchanged; model buffers that cannot be rebound; the bounded buffer cache;
 checkpoint checksums and stray temporary files; the Numba cache; MPI jobs
 whose ranks fail or disagree.
 """
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -361,3 +365,65 @@ def test_buffer_cache_keeps_the_most_recent_batch_sizes_only():
     step.max_cached_batch_sizes = 2
     step(*_data(rng, 7))
     assert list(step._buffers) == [3, 7]
+
+
+# -- 6. checkpoints: checksums and stray temporary files -----------------------------------
+
+def _saved(tmp_path, name="c.fgz"):
+    rng = np.random.default_rng(6)
+    model = fg.MLP(SIZES, dtype="float64", norm="batch")
+    opt = fg.Adam(model, lr=1e-2)
+    fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)(*_data(rng))
+    path = tmp_path / name
+    fg.save(path, model, opt)
+    return path, model, opt
+
+
+@pytest.mark.parametrize("where", ["params", "opt.exp_avg", "running_var"])
+def test_flipped_byte_in_tensor_data_is_refused(tmp_path, where):
+    from safetensors import safe_open
+    path, _, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    header_len = 8 + int.from_bytes(data[:8], "little")
+    with safe_open(str(path), framework="np") as f:
+        names = sorted(f.keys())
+    # find the tensor's bytes from the safetensors header's offsets
+    header = json.loads(bytes(data[8:header_len]))
+    lo, hi = header[where]["data_offsets"]
+    assert where in names
+    data[header_len + (lo + hi) // 2] ^= 0x10      # one bit of one float
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"tensor '{where}' does not match its checksum"):
+        fg.load(path)
+
+
+def test_checkpoint_without_checksums_still_loads(tmp_path):
+    """Files written before checksums existed load as before."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    path, model, opt = _saved(tmp_path)
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata()
+    doc = json.loads(meta["fastgrad"])
+    del doc["checksums"]
+    old = tmp_path / "old.fgz"
+    save_file(load_file(str(path)), str(old), metadata={"fastgrad": json.dumps(doc)})
+    model2, opt2 = fg.load(old)
+    assert model2.params.tobytes() == model.params.tobytes()
+    assert opt2.state["exp_avg"].tobytes() == opt.state["exp_avg"].tobytes()
+
+
+def test_save_removes_temporary_files_of_a_killed_save(tmp_path):
+    path, model, opt = _saved(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)            # that process has exited
+    stale = tmp_path / f".c.fgz.{dead_pid}.0badc0de.tmp"
+    live = tmp_path / f".c.fgz.{os.getppid()}.00c0ffee.tmp"   # a running process's
+    other = tmp_path / f".d.fgz.{dead_pid}.0badc0de.tmp"       # another target's
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    fg.save(path, model, opt)
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    fg.load(path)
