@@ -208,6 +208,7 @@ def _hammer(fns, n_rounds):
     assert not errors, errors
 
 
+@pytest.mark.slow
 def test_train_step_shared_by_two_threads_never_writes_nan():
     """One thread trains on finite batches, the other on NaN batches, on the
     same TrainStep.  The NaN steps must all be skipped: no NaN may reach the
@@ -427,3 +428,81 @@ def test_save_removes_temporary_files_of_a_killed_save(tmp_path):
     assert not stale.exists()
     assert live.exists() and other.exists()
     fg.load(path)
+
+
+# -- 5. the Numba cache ----------------------------------------------------------------------
+
+# A few training steps through the layer path and an optimizer: small kernels,
+# so that compiling them without a cache stays quick.
+TRAIN_SCRIPT = """
+import warnings
+warnings.simplefilter("always")
+import numpy as np
+{prelude}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastgrad as fg
+    from fastgrad.kernels.cpu import reduce
+    model = fg.MLP([3, 4, 2], activation="tanh", dtype="float64", seed=0)
+    opt = fg.SGD(model, lr=0.1)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 3)), rng.integers(0, 2, 5)
+    for _ in range(3):
+        loss, dy = fg.SoftmaxCrossEntropy()(model.forward(x), y)
+        model.backward(dy)
+        opt.step()
+ours = [str(w.message) for w in caught if "fastgrad" in str(w.message)]
+print("WARNINGS", len(ours), ours)
+print("PARAMS", model.params.sum().hex())
+"""
+
+NO_CACHE_PRELUDE = """
+import numba.core.caching as caching
+def read_only(self):
+    # every candidate location refuses writes, as on a read-only file system
+    # (simulated: the tests may run as root, whom permissions do not stop)
+    raise PermissionError(30, "Read-only file system", self.get_cache_path())
+caching._CacheLocator.ensure_cache_path = read_only
+"""
+
+
+def _run_script(code, env_extra, timeout=600):
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
+                 if line.startswith(("WARNINGS", "PARAMS")))
+    return int(lines["WARNINGS"].split(" ", 1)[0]), lines["WARNINGS"], lines["PARAMS"]
+
+
+def test_import_and_training_work_without_a_writable_cache(tmp_path):
+    """No writable cache location: one warning, kernels compiled in memory,
+    the same parameters as a cached run."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(home, 0o500)
+    env = {"HOME": str(home), "NUMBA_CACHE_DIR": str(not_a_dir / "cache")}
+    n, text, params = _run_script(TRAIN_SCRIPT.format(prelude=NO_CACHE_PRELUDE), env)
+    assert n == 1 and "no writable Numba cache directory" in text, text
+    n_ref, _, params_ref = _run_script(TRAIN_SCRIPT.format(prelude=""), {})
+    assert n_ref == 0 and params == params_ref
+
+
+@pytest.mark.slow
+def test_corrupted_cache_entries_are_recompiled(tmp_path):
+    cache = tmp_path / "numba_cache"
+    env = {"NUMBA_CACHE_DIR": str(cache)}
+    script = TRAIN_SCRIPT.format(prelude="")
+    n, _, params = _run_script(script, env)
+    files = [p for p in cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
+    assert n == 0 and files
+    for i, p in enumerate(files):                    # garbage, and truncated entries
+        p.write_bytes(b"\x80\x05garbage" if i % 2 else p.read_bytes()[:7])
+    n, text, params2 = _run_script(script, env)
+    assert n == 1 and "unreadable Numba cache entry" in text, text
+    assert params2 == params
+    n, text, params3 = _run_script(script, env)     # written again: no warning now
+    assert n == 0 and params3 == params, text
