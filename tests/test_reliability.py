@@ -506,3 +506,42 @@ def test_corrupted_cache_entries_are_recompiled(tmp_path):
     assert params2 == params
     n, text, params3 = _run_script(script, env)     # written again: no warning now
     assert n == 0 and params3 == params, text
+
+
+# -- 4. MPI: a failing rank ends the job; mismatched datasets are refused ----------------------
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_distributed as TD  # noqa: E402  (its launcher and skip conditions)
+
+# A rank's failure must end the job within this many seconds (the launcher's
+# teardown included; the watchdog itself polls every 50 ms).
+END_WITHIN_S = 30
+
+
+@TD.needs_mpiexec
+@pytest.mark.parametrize("how", ["exit0", "exit1", "kill"])
+def test_a_rank_that_exits_or_is_killed_ends_the_job(tmp_path, how):
+    import time
+    proc = TD.run_worker(how, tmp_path, check=False)
+    ended = time.time()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    stopped = float((tmp_path / f"{how}.npz.t").read_text())
+    assert ended - stopped < END_WITHIN_S, out
+    if how != "kill":
+        assert "rank 1 of 2 ended (sys.exit or the end of its script) after" in out, out
+
+
+@TD.needs_mpiexec
+def test_a_rank_finishing_later_is_a_clean_end(tmp_path):
+    proc = TD.run_worker("late", tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@TD.needs_mpiexec
+def test_ranks_with_datasets_of_different_lengths_are_refused(tmp_path):
+    proc = TD.run_worker("short", tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 differs from rank 0 in len(X) 128 (rank 0: 133), len(Y) 128 (rank 0: 133)" in out, out
+    assert "fit returned" not in out
