@@ -257,6 +257,13 @@ class Sequential:
     A model starts in training mode (``model.train()``): ``forward`` applies
     dropout and advances ``model.dropout_step``, the counter the masks are
     drawn from.  ``model.eval()`` turns dropout off; ``predict`` never drops.
+
+    ``params``, ``grads``, ``layer_offsets``, ``running_mean`` and
+    ``running_var`` cannot be rebound (AttributeError): the layers' views,
+    optimizers and TrainSteps hold these very arrays.  Write into them in
+    place (``model.params[...] = values``).  ``forward``, ``backward`` and
+    ``predict`` hold the model's lock (shared with its optimizers and
+    TrainSteps), so calls from several threads do not interleave.
     """
 
     params = _fixed("params", "The flat parameter buffer (1-D; writable in place only).")
@@ -313,6 +320,7 @@ class Sequential:
         width = sum(layer.n_out for layer in layers)
         self._running_mean = xp.zeros(width, np.float64)
         self._running_var = xp.ones(width, np.float64)
+        self._has_batch_norm = any(layer.norm == "batch" for layer in layers)
         off = 0
         for layer in layers:
             if layer.norm == "batch":
@@ -347,7 +355,7 @@ class Sequential:
         """What a training forward changes besides the parameters: the
         dropout counter and (in training mode) the batch-norm running
         statistics.  A TrainStep restores it when its update is skipped."""
-        bn = self.training and any(layer.norm == "batch" for layer in self.layers)
+        bn = self.training and self._has_batch_norm
         return (self.dropout_step, self._running_mean.copy() if bn else None,
                 self._running_var.copy() if bn else None)
 

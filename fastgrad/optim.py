@@ -19,7 +19,7 @@ Kernel contract (used by ``fastgrad.step.TrainStep``)
 
     rule, s0, s1, s2, hp = opt._kernel_args()
     norm, scale, skipped = clipped_update(rule, opt.params, opt.grads, s0, s1,
-                                          s2, hp, opt.layer_offsets,
+                                          s2, hp, opt._offsets,
                                           opt._layer_sq, opt._clip_norm,
                                           opt._clip_value)
     stats = opt._commit(norm, scale, skipped, opt._layer_sq)
@@ -425,7 +425,9 @@ class Optimizer:
             if (off.ndim != 1 or off.size < 2 or off[0] != 0 or off[-1] != p.size
                     or np.any(np.diff(off) < 0)):
                 raise ValueError(f"layer_offsets must rise from 0 to {p.size}, got {off}")
-            self._params, self._grads, self._offsets = p, g, off
+            # A private copy: a later in-place write into the model's array
+            # cannot make the kernel index outside the parameters.
+            self._params, self._grads, self._offsets = p, g, off.copy()
             self._use_device(dev)
             return
         pairs = list(params)
@@ -462,13 +464,17 @@ class Optimizer:
         self._xp = _device.array_module(dev)
         self._update = self._serial_update = _device.kernels(dev).clipped_update
         if dev == "cuda":
-            self._book = _DeviceBook(self.layer_offsets)
+            self._book = _DeviceBook(self._offsets)
 
     # Read-only: the kernel indexes all of them over the same length.
     params = property(lambda self: self._params, doc="Flat parameters (1-D, read-only attribute).")
     grads = property(lambda self: self._grads, doc="Flat gradients (1-D, read-only attribute).")
-    layer_offsets = property(lambda self: self._offsets,
-                             doc="Layer boundaries in ``params`` (int64, read-only attribute).")
+    @property
+    def layer_offsets(self):
+        """Layer boundaries in ``params`` (int64; a read-only view)."""
+        view = self._offsets.view()
+        view.flags.writeable = False
+        return view
     device = property(lambda self: self._device, doc='"cpu" or "cuda".')
 
     @property
@@ -777,7 +783,7 @@ class Optimizer:
             rule, s0, s1, s2, hp = self._kernel_args()
             extra = {} if self._book is None else {"ws": self._book.buffers}
             norm, scale, skipped = self._update(
-                rule, self.params, self.grads, s0, s1, s2, hp, self.layer_offsets,
+                rule, self.params, self.grads, s0, s1, s2, hp, self._offsets,
                 self._layer_sq, self._clip_norm, self._clip_value, **extra)
             if self._pairs is not None and not skipped:
                 self._scatter_params()

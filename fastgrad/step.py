@@ -79,7 +79,8 @@ class TrainStep:
         name = getattr(loss_fn, "name", None)
         if name not in _kstep.LOSS_CODES:
             raise TypeError(f"loss_fn must be one of fastgrad's losses, got {loss_fn!r}")
-        if getattr(opt, "params", None) is not model.params:
+        if getattr(opt, "params", None) is not model.params or not np.array_equal(
+                opt._offsets, model.layer_offsets):
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
         # Models with dropout or residual blocks get their own compiled step:
@@ -157,7 +158,7 @@ class TrainStep:
             buf = self._buffers[B] = (acts, zs, delta)
             if self.model.device == "cuda":
                 self._workspaces[B] = self._kernels.Workspace(
-                    B, self._sizes, self.model.layer_offsets, self._loss_kind, dt,
+                    B, self._sizes, self.opt._offsets, self._loss_kind, dt,
                     optim=self.opt._device_buffers())
         return buf
 
@@ -184,7 +185,7 @@ class TrainStep:
             model = self.model
             g = self._graphs[key] = self._kernels.GraphedTrainStep(
                 self._loss_kind, model.params, model.grads, self._sizes, self._codes,
-                self._alphas, model.layer_offsets, acts, zs, delta, rule, s0, s1, s2,
+                self._alphas, self.opt._offsets, acts, zs, delta, rule, s0, s1, s2,
                 self._layer_sq, opt._clip_norm, opt._clip_value, B,
                 optim=opt._device_buffers())
         return g
@@ -286,7 +287,7 @@ class TrainStep:
             loss, norm, scale, skipped = _kblocks.train_step_blocks(
                 x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
-                model.layer_offsets, acts, zs, fzs, xhats, model.running_mean,
+                self.opt._offsets, acts, zs, fzs, xhats, model.running_mean,
                 model.running_var, nstats, nwork, self._wn, self._weff, self._dweff,
                 self._wnorm, delta,
                 rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
@@ -304,7 +305,7 @@ class TrainStep:
             return loss
         loss, norm, scale, skipped = self._kernels.train_step(
             x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
-            self._codes, self._alphas, model.layer_offsets, acts, zs, delta,
+            self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
             rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
             **self._extra(B))
         if snap is not None and skipped:
@@ -330,14 +331,14 @@ class TrainStep:
             return float(_kblocks.forward_backward_blocks(
                 x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
-                m.layer_offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
+                self.opt._offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
                 nwork, self._wn, self._weff, self._dweff, self._wnorm, delta))
         if self.model.training:
             self.model._next_dropout_step()
         acts, zs, delta = self._buffers_for(x.shape[0])
         return self._result(self._kernels.forward_backward(
             x, labels, target, self._loss_kind, self.model.params, self.model.grads,
-            self._sizes, self._codes, self._alphas, self.model.layer_offsets, acts, zs, delta,
+            self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
             **self._extra(x.shape[0])))
 
 

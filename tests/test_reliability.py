@@ -143,7 +143,8 @@ def test_structural_optimizer_attributes_are_read_only(name):
     before = getattr(opt, name)
     with pytest.raises(AttributeError, match=name):
         setattr(opt, name, np.zeros(1))
-    assert getattr(opt, name) is before or getattr(opt, name) == before
+    after = getattr(opt, name)
+    assert after is before or np.array_equal(after, before)
     assert fg.Adam.kind == "adam" and fg.SGD.state_names == ("momentum_buffer",)
 
 
@@ -156,6 +157,22 @@ def test_state_entries_cannot_be_replaced_but_are_writable_in_place():
         del opt.state["exp_avg_sq"]
     opt.state["exp_avg"][...] = 0.5
     assert np.all(opt.state["exp_avg"] == 0.5) and opt.state["exp_avg"].size == model.n_params
+
+
+def test_layer_offsets_written_in_place_cannot_reach_the_kernel():
+    """The optimizer and TrainStep index with the optimizer's own copy of the
+    layer boundaries; its public view is read-only."""
+    rng = np.random.default_rng(8)
+    model = fg.MLP(SIZES, dtype="float64", seed=0)
+    opt = fg.Adam(model, lr=1e-2)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    with pytest.raises(ValueError, match="read-only"):
+        opt.layer_offsets[1] = 10 ** 9
+    model.layer_offsets[1] = 10 ** 9            # the model's array: not the kernel's
+    x, y = _data(rng)
+    step(x, y)
+    opt.step()
+    assert np.isfinite(model.params).all() and opt.step_count == 2
 
 
 def test_step_count_write_is_validated():
