@@ -117,8 +117,23 @@ class Dense:
         ``v``, ``g``, ``dv``, ``dg`` are the views into the flat buffers.
 
     A Dense has no storage of its own until a :class:`Sequential` places it
-    in the model's flat buffer.
+    in the model's flat buffer; from then on its arrays (``W``, ``b``,
+    ``dW``, ``db``, ...) cannot be rebound (AttributeError: the model,
+    optimizer and compiled steps use the flat buffers), only written in
+    place.
     """
+
+    _VIEWS = frozenset(("W", "b", "dW", "db", "v", "g", "dv", "dg", "gamma", "beta", "dgamma",
+                        "dbeta", "running_mean", "running_var"))
+
+    def __setattr__(self, name, value):
+        # ``layer.dW += x`` adds in place, then sets the same array back: allowed.
+        if (name in Dense._VIEWS and self.__dict__.get("_placed", False)
+                and value is not self.__dict__.get(name)):
+            raise AttributeError(f"layer.{name} cannot be replaced: it belongs to the model's "
+                                 f"flat buffers; write into it instead (layer.{name}[...] = "
+                                 "values)")
+        object.__setattr__(self, name, value)
 
     def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal",
                  dropout=0.0, norm=None, weight_norm=False):
@@ -327,6 +342,7 @@ class Sequential:
                 layer.running_mean = self.running_mean[off:off + layer.n_out]
                 layer.running_var = self.running_var[off:off + layer.n_out]
             off += layer.n_out
+            _unwrap(layer)._placed = True      # its arrays are views from now on
         self.training = True
         self.dropout_step = 0
         if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):

@@ -345,6 +345,16 @@ def test_model_buffers_cannot_be_replaced(name):
     assert getattr(model, name) is before
 
 
+@pytest.mark.parametrize("name", ["W", "b", "dW", "db", "gamma", "running_mean"])
+def test_layer_arrays_cannot_be_replaced(name):
+    model = fg.MLP([4, 4, 4, 2], dtype="float64", norm="batch", residual=True)
+    for layer in model.layers[:2]:           # a Dense and a Residual
+        before = getattr(layer, name)
+        with pytest.raises(AttributeError, match=f"layer.{name} cannot be replaced"):
+            setattr(layer, name, before.copy())
+        assert getattr(layer, name) is before
+
+
 def test_in_place_parameter_writes_reach_every_path():
     """The supported way (write into model.params) changes what predict,
     the layers' views and the TrainStep see."""
