@@ -41,8 +41,10 @@ If mpi4py is missing, :func:`init` raises ImportError naming the extra
 ``pip install 'fastgrad[distributed]'``.  Without ``mpiexec`` a script runs as
 one process (size 1): MPI's singleton initialisation.
 """
+import atexit
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -68,6 +70,10 @@ _OMPI_RING = {"OMPI_MCA_coll_tuned_use_dynamic_rules": "1",
 
 _MPI = None
 _comm = None
+
+# Exit notices (see _ExitWatch): a rank that leaves tells the others, so that
+# one waiting for it in a fastgrad collective aborts instead of hanging.
+_watch = None
 
 
 def _import_mpi(ring_allreduce=True):
@@ -107,6 +113,118 @@ def _abort_on_exception(exc_type, exc, tb):
         _MPI.COMM_WORLD.Abort(1)
 
 
+class _ExitWatch:
+    """Turns "a rank left while the others wait for it" into an abort.
+
+    ``sys.exit`` (or the end of a script) on one rank raises SystemExit,
+    which no excepthook sees; that rank would block in ``MPI_Finalize``
+    while the others wait in the next allreduce, forever.  So every rank,
+    at exit, sends each other rank a notice (on a private duplicate of the
+    communicator) holding the number of fastgrad collectives it took part
+    in.  A watchdog thread receives the notices (polling every 50 ms; MPI
+    runs with ``MPI_THREAD_MULTIPLE``): a rank that is in, or enters,
+    fastgrad collective ``i`` while a rank that left after fewer than ``i``
+    collectives is known prints why and aborts the job.  The collectives
+    themselves stay the blocking ones (Open MPI's non-blocking allreduce
+    took 4x longer on a gradient-sized buffer here).  At a normal end every
+    rank has finished every collective, so the notices only make the exit
+    a clean handshake.  A rank killed by a signal is the launcher's to
+    handle: mpiexec ends the job.
+    """
+
+    TAG = 16016
+    POLL_S = 0.05
+
+    def __init__(self, comm):
+        self.comm = comm.Dup()            # collective: every rank calls init()
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.count = 0                    # fastgrad collectives started on this rank
+        self.current = None               # the one this rank is in, if any
+        self.left = {}                    # rank -> collectives it took part in
+        self._note = np.zeros(1, np.int64)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fastgrad-exit-watch",
+                                        daemon=True)
+        self._thread.start()
+        atexit.register(self.announce)
+
+    def _receive(self):
+        status = _MPI.Status()
+        while self.comm.Iprobe(source=_MPI.ANY_SOURCE, tag=self.TAG, status=status):
+            src = status.Get_source()
+            note = np.zeros(1, np.int64)
+            self.comm.Recv(note, source=src, tag=self.TAG)
+            self.left[src] = int(note[0])
+
+    def _check(self, index):
+        gone = [(r, c) for r, c in list(self.left.items()) if c < index]
+        if not gone:
+            return
+        r, c = gone[0]
+        try:
+            sys.stderr.write(
+                f"fastgrad.distributed: rank {r} of {self.size} ended (sys.exit or the end of "
+                f"its script) after {c} collective operation(s), while rank {self.rank} needs "
+                f"it in operation {index}; aborting the job\n")
+            sys.stderr.flush()
+            sys.stdout.flush()
+        finally:
+            _MPI.COMM_WORLD.Abort(1)
+
+    def _watch(self):
+        while not self._stop.wait(self.POLL_S):
+            self._receive()
+            current = self.current
+            if current is not None:
+                self._check(current)
+
+    def run(self, call, index=None):
+        """``call()`` as fastgrad collective ``index`` (the next one if None)."""
+        if index is None:
+            index = self.start()
+        self._check(index)
+        self.current = index
+        try:
+            return call()
+        finally:
+            self.current = None
+
+    def start(self):
+        self.count += 1
+        return self.count
+
+    def announce(self):
+        """At exit: tell every other rank, then wait for theirs (clean end)."""
+        self._stop.set()
+        self._thread.join()
+        if _MPI.Is_finalized():
+            return
+        self._note[0] = self.count
+        sends = [self.comm.Isend(self._note, dest=r, tag=self.TAG)
+                 for r in range(self.size) if r != self.rank]
+        _MPI.Request.Waitall(sends)
+        self._receive()
+        pending = [r for r in range(self.size) if r != self.rank and r not in self.left]
+        bufs = [np.zeros(1, np.int64) for _ in pending]
+        _MPI.Request.Waitall([self.comm.Irecv(b, source=r, tag=self.TAG)
+                              for b, r in zip(bufs, pending)])
+
+
+def _collective(watch, call, index=None):
+    """Run one blocking fastgrad collective under ``watch`` (None: plainly)."""
+    if watch is None:
+        return call()
+    return watch.run(call, index)
+
+
+def _watch_for(comm):
+    """The exit watch for collectives on ``comm``: only on COMM_WORLD itself,
+    where every rank takes part in every collective and so counts alike."""
+    if _watch is None or comm is not _comm:
+        return None
+    return _watch
+
+
 def init(abort_on_error=True, select_gpu="auto", ring_allreduce=True):
     """Start (or join) MPI; returns ``(rank, world_size)``.
 
@@ -116,7 +234,9 @@ def init(abort_on_error=True, select_gpu="auto", ring_allreduce=True):
         With more than one process, install a ``sys.excepthook`` that prints
         the traceback and calls ``MPI.COMM_WORLD.Abort(1)``, so a rank that
         raises ends the job with its error instead of leaving the other
-        ranks hanging in a collective.
+        ranks hanging in a collective; and make a rank that ends early
+        (``sys.exit``, the end of its script) abort the job when another
+        rank waits for it in a fastgrad collective (see ``_ExitWatch``).
     select_gpu : "auto" | bool
         Bind this process to GPU ``local_rank() % n_gpus`` (CuPy's current
         device) so ranks on one node do not share a GPU.  "auto" does it when
@@ -134,12 +254,14 @@ def init(abort_on_error=True, select_gpu="auto", ring_allreduce=True):
         mpi4py (or its MPI library) is not installed; the message names the
         extra to install.
     """
-    global _comm
+    global _comm, _watch
     MPI = _import_mpi(ring_allreduce)
     if _comm is None:
         _comm = MPI.COMM_WORLD
     if abort_on_error and _comm.Get_size() > 1 and sys.excepthook is not _abort_on_exception:
         sys.excepthook = _abort_on_exception
+    if abort_on_error and _comm.Get_size() > 1 and _watch is None:
+        _watch = _ExitWatch(_comm)
     if select_gpu:
         from . import device as _device
         if select_gpu is True or _device._cuda_problem() is None:
@@ -183,12 +305,13 @@ class _MPIReducer:
 
     def __init__(self, comm):
         self.comm = comm
+        self.watch = _watch_for(comm)
 
     def allreduce(self, buf):
-        self.comm.Allreduce(_MPI.IN_PLACE, buf, op=_MPI.SUM)
+        _collective(self.watch, lambda: self.comm.Allreduce(_MPI.IN_PLACE, buf, op=_MPI.SUM))
 
     def bcast(self, buf, root=0):
-        self.comm.Bcast(buf, root=root)
+        _collective(self.watch, lambda: self.comm.Bcast(buf, root=root))
 
     @staticmethod
     def scale(buf, factor):
@@ -324,6 +447,7 @@ class DataParallel:
         self.comm = comm if comm is not None else _world()
         _import_mpi()
         self.rank, self.world = self.comm.Get_rank(), self.comm.Get_size()
+        self._watch = _watch_for(self.comm)
         self.global_loss = bool(global_loss)
         opt = self.opt
         from .device import device_of
@@ -348,7 +472,7 @@ class DataParallel:
                 None if self.loss_fn is None else getattr(self.loss_fn, "name", None))
 
     def _check_same_everywhere(self):
-        sigs = self.comm.allgather(self._signature())
+        sigs = _collective(self._watch, lambda: self.comm.allgather(self._signature()))
         bad = [r for r, s in enumerate(sigs) if s != sigs[0]]
         if bad:
             names = ("n_params", "dtype", "device", "optimizer", "hyper-parameters",
@@ -364,7 +488,8 @@ class DataParallel:
         red.bcast(opt.params, root)
         for name in sorted(opt.state):
             red.bcast(opt.state[name], root)
-        counts = self.comm.bcast((opt.step_count, opt.n_skipped, opt.n_calls), root=root)
+        counts = _collective(self._watch, lambda: self.comm.bcast(
+            (opt.step_count, opt.n_skipped, opt.n_calls), root=root))
         opt.step_count, opt.n_skipped, opt.n_calls = counts
         if opt._pairs is not None:
             opt._scatter_params()
@@ -409,6 +534,10 @@ class DataParallel:
         if self.train_step is None:
             raise TypeError("this DataParallel wraps an optimizer: call .step() after backward")
         n = len(x)
+        # What the forward changes besides the parameters (dropout counter,
+        # batch-norm running statistics), restored if the update is skipped.
+        model = self.model
+        snap = model._step_snapshot() if model.device == "cpu" else None
         if n == 0:
             if global_batch is None:
                 raise ValueError("an empty local batch needs global_batch")
@@ -424,11 +553,14 @@ class DataParallel:
             # point.  MPI takes a host float (on CUDA that read waits for
             # the device).
             self._loss_buf[0] = float(loss) * weight if n else 0.0
+            index = None if self._watch is None else self._watch.start()
             req = self.comm.Iallreduce(_MPI.IN_PLACE, self._loss_buf, op=_MPI.SUM)
         self._average_grads(weight)
         self.stats = self.opt.step()
+        if snap is not None and self.stats.skipped:
+            model._restore_snapshot(snap)
         if req is not None:
-            req.Wait()
+            _collective(self._watch, req.Wait, index)
             loss = float(self._loss_buf[0])
         self.train_step.stats = self.stats
         return loss
@@ -473,6 +605,21 @@ class _RankShard:
         return loss
 
 
+def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed):
+    """ValueError on every rank unless all ranks pass the same number of
+    samples and the same loop arguments (one allgather)."""
+    mine = {"len(X)": len(X), "len(Y)": len(Y), "epochs": repr(epochs),
+            "batch_size": repr(batch_size), "shuffle": repr(shuffle), "seed": repr(seed)}
+    every = _collective(dp._watch, lambda: dp.comm.allgather(mine))
+    for r, theirs in enumerate(every):
+        diff = [f"{k} {theirs[k]} (rank 0: {every[0][k]})" for k in mine
+                if theirs[k] != every[0][k]]
+        if diff:
+            raise ValueError(f"distributed.fit: rank {r} differs from rank 0 in "
+                             f"{', '.join(diff)}; every rank must pass the same dataset and "
+                             "arguments")
+
+
 def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
         validation_data=None, callbacks=()):
     """Data-parallel :func:`fastgrad.fit`; ``batch_size`` is per process.
@@ -489,6 +636,11 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
     same global loss and stats.  Validation runs on every rank (identical
     parameters, identical results).  Returns the history of
     :func:`fastgrad.fit`, identical on every rank.
+
+    Before the first step the ranks compare their dataset lengths and
+    arguments; if they disagree every rank raises the same ValueError (a
+    shorter dataset on one rank would otherwise leave the others waiting
+    in an allreduce it never joins).
     """
     from .step import fit as _fit
     if not isinstance(dp_step, DataParallel) or dp_step.train_step is None:
@@ -496,6 +648,7 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_same_dataset(dp_step, X, Y, epochs, batch_size, shuffle, seed)
     return _fit(_RankShard(dp_step), X, Y, epochs=epochs,
                 batch_size=int(batch_size) * dp_step.world, shuffle=shuffle, seed=seed,
                 progress=progress and dp_step.rank == 0, validation_data=validation_data,

@@ -28,7 +28,13 @@ Metadata
                                "dropout": 0.0, "residual": false,
                                "norm": null, "weight_norm": false}, ...]},
          "optimizer": null | {"kind": "adam", "step": 20, "n_skipped": 0,
-                              "n_calls": 20, "hyper": {...}, "state": ["exp_avg", ...]}}
+                              "n_calls": 20, "hyper": {...}, "state": ["exp_avg", ...]},
+         "checksums": {"algorithm": "sha256", "tensors": {"params": "<hex>", ...}}}
+
+    ``checksums`` holds the SHA-256 of every tensor's bytes (as stored:
+    little-endian, row-major); :func:`load` recomputes them and refuses a
+    file whose data does not match (a flipped bit, a torn copy).  Files
+    without ``checksums`` (written before it existed) load unchecked.
 
     ``hyper`` holds the optimizer's hyper-parameters, its learning-rate
     schedule as ``Schedule.to_config()`` data.  ``dropout_step`` is the
@@ -47,12 +53,14 @@ The file opens in plain safetensors, from NumPy, PyTorch
 Writes are atomic: the bytes go to a temporary file in the destination's
 directory, are flushed and ``fsync``-ed, then ``os.replace`` puts the file in
 place and the directory is ``fsync``-ed.  A process killed in the middle of
-a save leaves the previous checkpoint intact (at worst a stray
-``.<name>.*.tmp`` file next to it).
+a save leaves the previous checkpoint intact and at worst a stray
+``.<name>.<pid>.<random>.tmp`` file next to it, which the next save of the
+same target removes (when process ``<pid>`` no longer runs; POSIX).
 
 Loading checks everything before building anything: a truncated, foreign,
 crafted or newer-version file raises ``ValueError`` saying what is wrong.
 """
+import hashlib
 import json
 import math
 import numbers
@@ -71,6 +79,7 @@ META_KEY = "fastgrad"
 PARAMS = "params"
 OPT_PREFIX = "opt."
 RUNNING_MEAN, RUNNING_VAR = "running_mean", "running_var"
+CHECKSUM_ALGORITHM = "sha256"
 
 _DTYPES = ("float32", "float64")
 _MODEL_CLASSES = ("Sequential", "MLP")
@@ -108,11 +117,52 @@ def _fsync_dir(dirname):
         os.close(fd)
 
 
+def _checksum(arr):
+    """SHA-256 (hex) of a host array's bytes in C order."""
+    return hashlib.sha256(np.ascontiguousarray(arr).view(np.uint8)).hexdigest()
+
+
+def _process_gone(pid):
+    """True when no process ``pid`` exists (POSIX; False when unsure)."""
+    if os.name != "posix" or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:          # PermissionError: it exists, owned by someone else
+        return False
+    return False
+
+
+def _remove_stale_temps(dirname, base):
+    """Delete ``.<base>.<pid>.<hex>.tmp`` files of earlier saves of the same
+    target whose process is gone (killed mid-save); a live process's (this
+    one's included) may still be writing and is left alone."""
+    prefix = f".{base}."
+    try:
+        names = os.listdir(dirname)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid, _, token = name[len(prefix):-len(".tmp")].partition(".")
+        if not (pid.isdigit() and len(token) == 8) or int(pid) == os.getpid():
+            continue
+        if _process_gone(int(pid)):
+            try:
+                os.unlink(os.path.join(dirname, name))
+            except OSError:
+                pass
+
+
 def _atomic_write(path, data):
     """Write ``data`` (bytes) to ``path`` so that ``path`` always holds either
     its previous content or all of ``data``."""
     path = os.path.abspath(os.fspath(path))
     dirname, base = os.path.split(path)
+    _remove_stale_temps(dirname, base)
     # Not tempfile.mkstemp: its files are mode 0600; this one gets the
     # umask's mode, as a plain open(path, "wb") would.
     while True:
@@ -197,6 +247,8 @@ def save(path, model, opt=None):
         meta["optimizer"] = sd
         for name, arr in state.items():
             tensors[OPT_PREFIX + name] = _to_host(arr)
+    meta["checksums"] = {"algorithm": CHECKSUM_ALGORITHM,
+                         "tensors": {name: _checksum(a) for name, a in tensors.items()}}
     text = json.dumps(meta, allow_nan=False, sort_keys=True)
     data = _st_save(tensors, metadata={META_KEY: text})
     _atomic_write(path, data)
@@ -365,6 +417,24 @@ def _parse_optimizer(o, tensor_names):
     return classes[kind]
 
 
+def _parse_checksums(c, names):
+    """The ``{tensor: hex digest}`` of the metadata; None when the file
+    predates checksums."""
+    if c is None:
+        return None
+    _need(isinstance(c, dict), "checksums: expected an object")
+    algo = _get(c, "algorithm", str, "checksums")
+    _need(algo == CHECKSUM_ALGORITHM,
+          f"checksums.algorithm: {algo!r:.40} is not supported (expected {CHECKSUM_ALGORITHM!r})")
+    sums = _get(c, "tensors", dict, "checksums")
+    _need(set(sums) == names, f"checksums.tensors: {sorted(sums)!r:.200} do not match the "
+          f"file's tensors {sorted(names)}")
+    for name, v in sums.items():
+        _need(isinstance(v, str) and len(v) == 64 and all(ch in "0123456789abcdef" for ch in v),
+              f"checksums.tensors.{name}: not a SHA-256 hex digest")
+    return sums
+
+
 def _open(path):
     from safetensors import safe_open
     return safe_open(os.fspath(path), framework="np")
@@ -450,6 +520,7 @@ def _load(path, dev):
             expected |= {RUNNING_MEAN, RUNNING_VAR}
         _need(names == expected, f"tensors {sorted(names)!r:.200} do not match the "
               f"expected {sorted(expected)}")
+        sums = _parse_checksums(doc.get("checksums"), names)
         arrays = {}
         for name in sorted(names):
             sl = f.get_slice(name)
@@ -468,6 +539,10 @@ def _load(path, dev):
             _need(isinstance(arr, np.ndarray) and arr.dtype == dtype and arr.shape == (n_params,),
                   f"tensor {name!r} did not read back as {dtype.name}[{n_params}]")
             arrays[name] = arr
+    if sums is not None:
+        for name, want in sums.items():
+            _need(_checksum(arrays[name]) == want,
+                  f"tensor {name!r} does not match its checksum: the file's data is corrupted")
     model = _build_model(cls_name, dtype, seed, specs, dev)
     model.dropout_step = state.get("dropout_step", 0)
     model.training = state.get("training", True)

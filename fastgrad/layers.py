@@ -11,6 +11,7 @@ Layer i owns ``params[layer_offsets[i]:layer_offsets[i+1]]``: its ``W``
 import collections
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -61,6 +62,23 @@ def _dropout_args(seed, layer, counter, p):
             1.0 / (1.0 - p))
 
 
+def _fixed(name, doc):
+    """A model attribute that cannot be rebound: every layer's ``W``/``b``,
+    the optimizer and compiled steps hold views of (or references to) the
+    array, so a new array would silently detach them from training."""
+    private = "_" + name
+
+    def get(self):
+        return getattr(self, private)
+
+    def refuse(self, value):
+        raise AttributeError(f"model.{name} cannot be replaced: the layers, optimizers and "
+                             f"TrainSteps of this model use this very array; write into it "
+                             f"instead (model.{name}[...] = values)")
+
+    return property(get, refuse, doc=doc)
+
+
 def _positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -100,8 +118,23 @@ class Dense:
         ``v``, ``g``, ``dv``, ``dg`` are the views into the flat buffers.
 
     A Dense has no storage of its own until a :class:`Sequential` places it
-    in the model's flat buffer.
+    in the model's flat buffer; from then on its arrays (``W``, ``b``,
+    ``dW``, ``db``, ...) cannot be rebound (AttributeError: the model,
+    optimizer and compiled steps use the flat buffers), only written in
+    place.
     """
+
+    _VIEWS = frozenset(("W", "b", "dW", "db", "v", "g", "dv", "dg", "gamma", "beta", "dgamma",
+                        "dbeta", "running_mean", "running_var"))
+
+    def __setattr__(self, name, value):
+        # ``layer.dW += x`` adds in place, then sets the same array back: allowed.
+        if (name in Dense._VIEWS and self.__dict__.get("_placed", False)
+                and value is not self.__dict__.get(name)):
+            raise AttributeError(f"layer.{name} cannot be replaced: it belongs to the model's "
+                                 f"flat buffers; write into it instead (layer.{name}[...] = "
+                                 "values)")
+        object.__setattr__(self, name, value)
 
     def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal",
                  dropout=0.0, norm=None, weight_norm=False):
@@ -264,7 +297,20 @@ class Sequential:
     A model starts in training mode (``model.train()``): ``forward`` applies
     dropout and advances ``model.dropout_step``, the counter the masks are
     drawn from.  ``model.eval()`` turns dropout off; ``predict`` never drops.
+
+    ``params``, ``grads``, ``layer_offsets``, ``running_mean`` and
+    ``running_var`` cannot be rebound (AttributeError): the layers' views,
+    optimizers and TrainSteps hold these very arrays.  Write into them in
+    place (``model.params[...] = values``).  ``forward``, ``backward`` and
+    ``predict`` hold the model's lock (shared with its optimizers and
+    TrainSteps), so calls from several threads do not interleave.
     """
+
+    params = _fixed("params", "The flat parameter buffer (1-D; writable in place only).")
+    grads = _fixed("grads", "The flat gradient buffer (1-D; writable in place only).")
+    layer_offsets = _fixed("layer_offsets", "Layer boundaries in ``params`` (int64).")
+    running_mean = _fixed("running_mean", "Batch-norm running means (float64, all layers).")
+    running_var = _fixed("running_var", "Batch-norm running variances (float64, all layers).")
 
     def __init__(self, layers, dtype="float32", device=None, seed=0):
         layers = list(layers)
@@ -290,9 +336,12 @@ class Sequential:
         offsets = [0]
         for layer in layers:
             offsets.append(offsets[-1] + layer.n_params)
-        self.layer_offsets = np.asarray(offsets, dtype=np.int64)
-        self.params = xp.zeros(offsets[-1], self.dtype)
-        self.grads = xp.zeros(offsets[-1], self.dtype)
+        # One lock per model, shared by its optimizers and TrainSteps: a
+        # step, an update or a forward/backward runs whole, one at a time.
+        self._lock = threading.RLock()
+        self._layer_offsets = np.asarray(offsets, dtype=np.int64)
+        self._params = xp.zeros(offsets[-1], self.dtype)
+        self._grads = xp.zeros(offsets[-1], self.dtype)
         for layer, off in zip(layers, offsets):
             layer._bind(self.params, self.grads, off)
         self.seed = seed
@@ -309,14 +358,16 @@ class Sequential:
         # Batch-norm running statistics: model state outside the parameters
         # (no gradient, not updated by the optimizer), one pair per layer.
         width = sum(layer.n_out for layer in layers)
-        self.running_mean = xp.zeros(width, np.float64)
-        self.running_var = xp.ones(width, np.float64)
+        self._running_mean = xp.zeros(width, np.float64)
+        self._running_var = xp.ones(width, np.float64)
+        self._has_batch_norm = any(layer.norm == "batch" for layer in layers)
         off = 0
         for layer in layers:
             if layer.norm == "batch":
                 layer.running_mean = self.running_mean[off:off + layer.n_out]
                 layer.running_var = self.running_var[off:off + layer.n_out]
             off += layer.n_out
+            _unwrap(layer)._placed = True      # its arrays are views from now on
         self.training = True
         self.dropout_step = 0
         if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
@@ -340,6 +391,20 @@ class Sequential:
     def eval(self):
         """Evaluation mode (dropout off); returns the model."""
         return self.train(False)
+
+    def _step_snapshot(self):
+        """What a training forward changes besides the parameters: the
+        dropout counter and (in training mode) the batch-norm running
+        statistics.  A TrainStep restores it when its update is skipped."""
+        bn = self.training and self._has_batch_norm
+        return (self.dropout_step, self._running_mean.copy() if bn else None,
+                self._running_var.copy() if bn else None)
+
+    def _restore_snapshot(self, snap):
+        self.dropout_step, mean, var = snap
+        if mean is not None:
+            self._running_mean[...] = mean
+            self._running_var[...] = var
 
     def _next_dropout_step(self):
         """The counter value this training forward draws its masks from.
@@ -452,13 +517,16 @@ class Sequential:
         In training mode this draws fresh dropout masks (one step of
         ``model.dropout_step``); in eval mode it applies no dropout."""
         x = self._input(x)
-        counter = self._next_dropout_step() if self.training else None
-        out, self._cache = self._run(x, keep=True, counter=counter)
+        with self._lock:
+            counter = self._next_dropout_step() if self.training else None
+            out, self._cache = self._run(x, keep=True, counter=counter)
         return out
 
     def predict(self, x):
         """Inference forward: returns the output and keeps nothing."""
-        return self._run(self._input(x), keep=False)[0]
+        x = self._input(x)
+        with self._lock:
+            return self._run(x, keep=False)[0]
 
     def backward(self, dy, accumulate=False, input_grad=True):
         """Back-propagate ``dy = dL/dy`` through the last :meth:`forward`.
@@ -467,6 +535,10 @@ class Sequential:
         returns ``dL/dx`` of the input (None with ``input_grad=False``,
         which skips the first layer's ``dx`` GEMM).
         """
+        with self._lock:
+            return self._backward(dy, accumulate, input_grad)
+
+    def _backward(self, dy, accumulate, input_grad):
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         k, xp = self._kernels(), self._xp

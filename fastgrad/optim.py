@@ -19,7 +19,7 @@ Kernel contract (used by ``fastgrad.step.TrainStep``)
 
     rule, s0, s1, s2, hp = opt._kernel_args()
     norm, scale, skipped = clipped_update(rule, opt.params, opt.grads, s0, s1,
-                                          s2, hp, opt.layer_offsets,
+                                          s2, hp, opt._offsets,
                                           opt._layer_sq, opt._clip_norm,
                                           opt._clip_value)
     stats = opt._commit(norm, scale, skipped, opt._layer_sq)
@@ -52,7 +52,10 @@ TrainStep passes ``opt._device_buffers()`` to its fused CUDA step, so that
 the step writes the optimizer's record (and its loss into it).
 """
 from collections import deque
+from collections.abc import Mapping
 import math
+import numbers
+import threading
 
 import numpy as np
 
@@ -150,20 +153,143 @@ class StepStats:
         return "StepStats(" + ", ".join(f"{n}={v!r}" for n, v in zip(_FIELDS, self._get())) + ")"
 
 
+# -- hyper-parameters: one table of specs per optimizer class ------------------
+#
+# Every hyper-parameter is a _Hyper attribute: reading it gives the current
+# value, writing it re-validates the whole configuration (some checks involve
+# two values, e.g. Nesterov needs momentum) and then re-derives everything the
+# kernel reads from it (the clip floats, which state buffers exist), so that a
+# write takes effect at the next update and in checkpoints, and no write can
+# leave the kernel a buffer of the wrong size.  A class lists its own in
+# ``_specs``; ``Optimizer.__init_subclass__`` installs the attributes.
+
+def _real(name, x):
+    """``x`` as a float; TypeError for anything but a real number."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__} {x!r:.60}")
+    return float(x)
+
+
 def _nonneg(name, x):
-    x = float(x)
+    x = _real(name, x)
     if not (x >= 0.0 and math.isfinite(x)):
         raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return x
+
+
+def _fraction(name, x):
+    x = _real(name, x)
+    if not 0.0 <= x <= 1.0:          # also refuses NaN
+        raise ValueError(f"{name} must be in [0, 1], got {x!r}")
     return x
 
 
 def _clip_arg(name, x):
     if x is None:
         return None
-    x = float(x)
+    x = _real(name, x)
     if not x > 0.0:   # also refuses NaN
         raise ValueError(f"{name} must be > 0 (None disables it), got {x!r}")
     return x
+
+
+def _flag(name, x):
+    # Only real booleans: bool("False") is True, so a string is refused.
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(x).__name__} {x!r:.60}")
+    return bool(x)
+
+
+def _betas(name, x):
+    if isinstance(x, (str, bytes)) or not hasattr(x, "__len__") or len(x) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2), got {type(x).__name__} {x!r:.60}")
+    out = []
+    for i, b in enumerate(x):
+        b = _real(f"beta{i + 1}", b)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"beta{i + 1} must be in [0, 1) ({name}[{i}]), got {b!r}")
+        out.append(b)
+    return tuple(out)
+
+
+class _Spec:
+    """A hyper-parameter: its default and its validator ``check(name, value)``
+    (returns the normalised value or raises TypeError/ValueError naming it)."""
+
+    __slots__ = ("default", "check")
+
+    def __init__(self, default, check):
+        self.default, self.check = default, check
+
+
+class _Hyper:
+    """The attribute of one hyper-parameter (see the comment above)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        return opt._values[self.name]
+
+    def __set__(self, opt, value):
+        opt._set_hyper({self.name: value})
+
+
+class _ReadOnly:
+    """A class constant (``kind``, ``rule``, ``state_names``) that an
+    instance cannot shadow: the kernel's buffer layout depends on it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, opt, owner=None):
+        return self.value
+
+    def __set__(self, opt, value):
+        raise AttributeError(f"{type(opt).__name__}.{self.name} is read-only "
+                             "(build a new optimizer instead)")
+
+
+class _StateView(Mapping):
+    """``opt.state``: the optimizer's state buffers, read-only as a mapping.
+
+    The arrays themselves are writable in place (``opt.state["exp_avg"][...]
+    = 0``); replacing or deleting an entry is refused, because the update
+    kernel indexes every buffer over the whole parameter vector.
+    """
+
+    __slots__ = ("_d",)
+
+    def __init__(self, d):
+        self._d = d
+
+    def __getitem__(self, name):
+        return self._d[name]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __setitem__(self, name, value=None):
+        raise TypeError("opt.state entries cannot be replaced or deleted (the update kernel "
+                        "indexes them over all parameters); write in place "
+                        "(opt.state[name][...] = x) or use load_state_dict")
+
+    __delitem__ = __setitem__
+
+    def __repr__(self):
+        return f"{{{', '.join(f'{k!r}: <{v.dtype}[{v.size}]>' for k, v in self._d.items())}}}"
+
+
+_COMMON_SPECS = {"clip_norm": _Spec(None, _clip_arg), "clip_value": _Spec(None, _clip_arg),
+                 "skip_nonfinite": _Spec(True, _flag)}
 
 
 class _DeviceBook:
@@ -216,16 +342,50 @@ class Optimizer:
         True skips non-finite gradients (counted in ``n_skipped``); False
         raises :class:`NonFiniteGradientError` (nothing updated either way;
         on CUDA, False makes each update wait for the device's verdict).
+
+    Every hyper-parameter (``clip_norm``, ``momentum``, ``betas``,
+    ``amsgrad``, ...) is an attribute that can be set after construction:
+    the value is validated as in the constructor (TypeError/ValueError
+    naming it) and takes effect at the next update and in checkpoints;
+    state buffers a new value needs start at zero, as in a fresh optimizer.
+    ``kind``, ``rule``, ``state_names``, ``params``, ``grads``,
+    ``layer_offsets``, ``device`` and the ``state`` mapping are read-only
+    (AttributeError; the state arrays are writable in place).
+
+    ``step()`` holds a lock shared with the model (when built on a fastgrad
+    model), so that calls from several threads, and a
+    :class:`fastgrad.TrainStep` on the same model, run one after the other.
     """
 
-    kind = None
-    rule = None
-    state_names = ()
-    _defaults = {}
+    kind = _ReadOnly(None)
+    rule = _ReadOnly(None)
+    state_names = _ReadOnly(())
+    clip_norm = _Hyper()
+    clip_value = _Hyper()
+    skip_nonfinite = _Hyper()
+    _specs = {}          # the rule's own hyper-parameters: name -> _Spec
+    _defaults = {}       # name -> default, derived from _specs
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("kind", "rule", "state_names"):
+            value = cls.__dict__.get(name)
+            if name in cls.__dict__ and not isinstance(value, _ReadOnly):
+                const = _ReadOnly(value)
+                const.__set_name__(cls, name)
+                setattr(cls, name, const)
+        for name in cls._specs:
+            if not isinstance(getattr(cls, name, None), _Hyper):
+                attr = _Hyper()
+                attr.__set_name__(cls, name)
+                setattr(cls, name, attr)
+        cls._defaults = {name: spec.default for name, spec in cls._specs.items()}
 
     def __init__(self, params, lr, *, clip_norm=None, clip_value=None,
                  skip_nonfinite=True, **hyper):
         self._book = None
+        self._values = {}
+        self._state = {}
         self._bind(params)
         self._step_count = 0
         self._n_skipped = 0
@@ -235,7 +395,6 @@ class Optimizer:
                           else np.zeros(self.layer_offsets.size - 1, np.float64))
         self._lr_now = float("nan")
         self._empty = self._xp.empty(0, self.params.dtype)
-        self.state = {}
         self._configure(dict(self._defaults, lr=lr, clip_norm=clip_norm,
                              clip_value=clip_value,
                              skip_nonfinite=skip_nonfinite, **hyper))
@@ -243,6 +402,8 @@ class Optimizer:
     # -- binding ------------------------------------------------------------
     def _bind(self, params):
         self._pairs = None
+        # A model's lock is shared by its optimizers and TrainSteps.
+        self._lock = getattr(params, "_lock", None) or threading.RLock()
         if hasattr(params, "params") and hasattr(params, "grads"):
             p, g = params.params, params.grads
             dev = _device.device_of(p)
@@ -267,7 +428,9 @@ class Optimizer:
             if (off.ndim != 1 or off.size < 2 or off[0] != 0 or off[-1] != p.size
                     or np.any(np.diff(off) < 0)):
                 raise ValueError(f"layer_offsets must rise from 0 to {p.size}, got {off}")
-            self.params, self.grads, self.layer_offsets = p, g, off
+            # A private copy: a later in-place write into the model's array
+            # cannot make the kernel index outside the parameters.
+            self._params, self._grads, self._offsets = p, g, off.copy()
             self._use_device(dev)
             return
         pairs = list(params)
@@ -292,19 +455,35 @@ class Optimizer:
             raise TypeError("all params and grads must share dtype float32 or float64")
         sizes = [p.size for p, _ in checked]
         self._pairs = checked
-        self.layer_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self.params = np.empty(self.layer_offsets[-1], dt)
-        self.grads = np.empty_like(self.params)
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._params = np.empty(self._offsets[-1], dt)
+        self._grads = np.empty_like(self._params)
         self._use_device("cpu")
         self._gather_params()
 
     def _use_device(self, dev):
         """The array module and update kernel of the parameters' device."""
-        self.device = dev
+        self._device = dev
         self._xp = _device.array_module(dev)
         self._update = self._serial_update = _device.kernels(dev).clipped_update
         if dev == "cuda":
-            self._book = _DeviceBook(self.layer_offsets)
+            self._book = _DeviceBook(self._offsets)
+
+    # Read-only: the kernel indexes all of them over the same length.
+    params = property(lambda self: self._params, doc="Flat parameters (1-D, read-only attribute).")
+    grads = property(lambda self: self._grads, doc="Flat gradients (1-D, read-only attribute).")
+    @property
+    def layer_offsets(self):
+        """Layer boundaries in ``params`` (int64; a read-only view)."""
+        view = self._offsets.view()
+        view.flags.writeable = False
+        return view
+    device = property(lambda self: self._device, doc='"cpu" or "cuda".')
+
+    @property
+    def state(self):
+        """State buffers by name (a read-only mapping of arrays writable in place)."""
+        return _StateView(self._state)
 
     def _device_buffers(self):
         """The device buffers the CUDA update kernel works in (``ws``)."""
@@ -319,6 +498,8 @@ class Optimizer:
 
     @step_count.setter
     def step_count(self, k):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+            raise ValueError(f"step_count must be an integer >= 0, got {k!r}")
         self._settle()
         self._step_count = int(k)
         if self._book is not None:
@@ -332,6 +513,8 @@ class Optimizer:
 
     @n_skipped.setter
     def n_skipped(self, n):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"n_skipped must be an integer >= 0, got {n!r}")
         self._settle()
         self._n_skipped = int(n)
 
@@ -428,22 +611,35 @@ class Optimizer:
     # -- hyper-parameters and state --------------------------------------------
     def _configure(self, hyper):
         """Validate and set every hyper-parameter (construction and load)."""
-        unknown = set(hyper) - set(self._defaults) - {"lr", "clip_norm", "clip_value",
-                                                      "skip_nonfinite"}
+        unknown = set(hyper) - set(self._defaults) - {"lr"} - set(_COMMON_SPECS)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown argument(s) {sorted(unknown)}")
         lr = hyper["lr"]
-        self.lr_schedule = from_config(lr) if isinstance(lr, dict) else as_schedule(lr)
-        self.clip_norm = _clip_arg("clip_norm", hyper["clip_norm"])
-        self.clip_value = _clip_arg("clip_value", hyper["clip_value"])
-        self._clip_norm = self.clip_norm or 0.0
-        self._clip_value = self.clip_value or 0.0
-        self.skip_nonfinite = bool(hyper["skip_nonfinite"])
-        self._configure_rule(hyper)
-        self._alloc_state()
+        schedule = from_config(lr) if isinstance(lr, dict) else as_schedule(lr)
+        self._set_hyper({k: v for k, v in hyper.items() if k != "lr"}, schedule=schedule)
 
-    def _configure_rule(self, hyper):
-        raise NotImplementedError
+    def _set_hyper(self, changes, schedule=None):
+        """Validate the configuration with ``changes`` applied, then commit it:
+        nothing changes when a value is refused."""
+        specs = dict(_COMMON_SPECS, **self._specs)
+        values = dict(self._values, **changes)
+        missing = set(specs) - set(values)
+        if missing:
+            raise TypeError(f"{type(self).__name__}: missing hyper-parameter(s) {sorted(missing)}")
+        checked = {name: specs[name].check(name, values[name]) for name in specs}
+        self._check_combination(checked)
+        with self._lock:
+            self._settle()      # updates in flight finish on the old buffers
+            if schedule is not None:
+                self.lr_schedule = schedule
+            self._values = checked
+            # The kernel reads plain floats, 0.0 meaning "off".
+            self._clip_norm = checked["clip_norm"] or 0.0
+            self._clip_value = checked["clip_value"] or 0.0
+            self._alloc_state()
+
+    def _check_combination(self, values):
+        """Checks that involve several hyper-parameters (ValueError)."""
 
     def _needed_state(self):
         """Names of the state buffers the current hyper-parameters use."""
@@ -452,25 +648,23 @@ class Optimizer:
     def _alloc_state(self):
         need = self._needed_state()
         for name in self.state_names:
-            cur = self.state.get(name)
+            cur = self._state.get(name)
             if name in need:
                 if cur is None or cur.size != self.params.size:
-                    self.state[name] = self._xp.zeros_like(self.params)
+                    self._state[name] = self._xp.zeros_like(self.params)
             else:
-                self.state.pop(name, None)
+                self._state.pop(name, None)
 
     def _buffers(self):
-        return tuple(self.state.get(n, self._empty) for n in self.state_names) + \
+        return tuple(self._state.get(n, self._empty) for n in self.state_names) + \
             (self._empty,) * (3 - len(self.state_names))
 
     @property
     def hyper(self):
         """Hyper-parameters as a JSON-able dict (the schedule as its config)."""
         h = {"lr": self.lr_schedule.to_config() if isinstance(self.lr_schedule, Schedule)
-             else None,
-             "clip_norm": self.clip_norm, "clip_value": self.clip_value,
-             "skip_nonfinite": self.skip_nonfinite}
-        h.update({k: getattr(self, k) for k in self._defaults})
+             else None}
+        h.update(self._values)
         return h
 
     @property
@@ -585,17 +779,18 @@ class Optimizer:
         -------
         StepStats
         """
-        if self._pairs is not None:
-            self._gather_params()
-            self._gather_grads()
-        rule, s0, s1, s2, hp = self._kernel_args()
-        extra = {} if self._book is None else {"ws": self._book.buffers}
-        norm, scale, skipped = self._update(
-            rule, self.params, self.grads, s0, s1, s2, hp, self.layer_offsets,
-            self._layer_sq, self._clip_norm, self._clip_value, **extra)
-        if self._pairs is not None and not skipped:
-            self._scatter_params()
-        return self._commit(norm, scale, skipped, self._layer_sq)
+        with self._lock:
+            if self._pairs is not None:
+                self._gather_params()
+                self._gather_grads()
+            rule, s0, s1, s2, hp = self._kernel_args()
+            extra = {} if self._book is None else {"ws": self._book.buffers}
+            norm, scale, skipped = self._update(
+                rule, self.params, self.grads, s0, s1, s2, hp, self._offsets,
+                self._layer_sq, self._clip_norm, self._clip_value, **extra)
+            if self._pairs is not None and not skipped:
+                self._scatter_params()
+            return self._commit(norm, scale, skipped, self._layer_sq)
 
     def zero_grad(self):
         """Set the gradients to zero (the user's arrays for pairs)."""
@@ -627,7 +822,8 @@ class SGD(Optimizer):
     kind = "sgd"
     rule = _k.SGD
     state_names = ("momentum_buffer",)
-    _defaults = {"momentum": 0.0, "dampening": 0.0, "nesterov": False, "weight_decay": 0.0}
+    _specs = {"momentum": _Spec(0.0, _nonneg), "dampening": _Spec(0.0, _fraction),
+              "nesterov": _Spec(False, _flag), "weight_decay": _Spec(0.0, _nonneg)}
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
@@ -635,12 +831,8 @@ class SGD(Optimizer):
                          skip_nonfinite=skip_nonfinite, momentum=momentum,
                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
 
-    def _configure_rule(self, h):
-        self.momentum = _nonneg("momentum", h["momentum"])
-        self.dampening = float(h["dampening"])
-        self.weight_decay = _nonneg("weight_decay", h["weight_decay"])
-        self.nesterov = bool(h["nesterov"])
-        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+    def _check_combination(self, h):
+        if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _needed_state(self):
@@ -671,23 +863,14 @@ class Adam(Optimizer):
     kind = "adam"
     rule = _k.ADAM
     state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _defaults = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False}
+    _specs = {"betas": _Spec((0.9, 0.999), _betas), "eps": _Spec(1e-8, _nonneg),
+              "weight_decay": _Spec(0.0, _nonneg), "amsgrad": _Spec(False, _flag)}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
                          skip_nonfinite=skip_nonfinite, betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad)
-
-    def _configure_rule(self, h):
-        b1, b2 = (float(b) for b in h["betas"])
-        for name, b in (("beta1", b1), ("beta2", b2)):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {b!r}")
-        self.betas = (b1, b2)
-        self.eps = _nonneg("eps", h["eps"])
-        self.weight_decay = _nonneg("weight_decay", h["weight_decay"])
-        self.amsgrad = bool(h["amsgrad"])
 
     def _needed_state(self):
         return set(self.state_names) if self.amsgrad else {"exp_avg", "exp_avg_sq"}
@@ -713,7 +896,7 @@ class AdamW(Adam):
 
     kind = "adamw"
     rule = _k.ADAMW
-    _defaults = dict(Adam._defaults, weight_decay=1e-2)
+    _specs = dict(Adam._specs, weight_decay=_Spec(1e-2, _nonneg))
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
@@ -739,8 +922,9 @@ class RMSprop(Optimizer):
     kind = "rmsprop"
     rule = _k.RMSPROP
     state_names = ("square_avg", "momentum_buffer", "grad_avg")
-    _defaults = {"alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0, "momentum": 0.0,
-                 "centered": False}
+    _specs = {"alpha": _Spec(0.99, _fraction), "eps": _Spec(1e-8, _nonneg),
+              "weight_decay": _Spec(0.0, _nonneg), "momentum": _Spec(0.0, _nonneg),
+              "centered": _Spec(False, _flag)}
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, *, clip_norm=None, clip_value=None,
@@ -748,15 +932,6 @@ class RMSprop(Optimizer):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
                          skip_nonfinite=skip_nonfinite, alpha=alpha, eps=eps,
                          weight_decay=weight_decay, momentum=momentum, centered=centered)
-
-    def _configure_rule(self, h):
-        self.alpha = _nonneg("alpha", h["alpha"])
-        if self.alpha > 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha!r}")
-        self.eps = _nonneg("eps", h["eps"])
-        self.weight_decay = _nonneg("weight_decay", h["weight_decay"])
-        self.momentum = _nonneg("momentum", h["momentum"])
-        self.centered = bool(h["centered"])
 
     def _needed_state(self):
         need = {"square_avg"}

@@ -15,6 +15,7 @@ models never compile that code, so their cold first step stays as fast.  A
 training-mode call advances ``model.dropout_step`` once, as
 ``model.forward`` does, so both paths draw the same dropout masks.
 """
+from collections import OrderedDict
 import time
 
 import numpy as np
@@ -58,7 +59,23 @@ class TrainStep:
     inputs are used in place.  Labels on the GPU are range-checked by the
     loss kernel: a bad one skips the update and raises ValueError when the
     step's stats are read back (host labels raise at once, as on the CPU).
+
+    A skipped update (non-finite gradient) leaves everything as it was: the
+    parameters, the optimizer state and step count, and on the CPU also
+    the model's dropout counter (``model.dropout_step``) and batch-norm
+    running statistics, which the forward had already advanced.  (On CUDA
+    the skip is decided on the device without the host waiting, so there
+    the counter and running statistics do advance.)
+
+    Calls from several threads run one at a time (the model's lock, shared
+    with its optimizer), so no thread sees or writes a half-done step.
+
+    Buffers are kept per batch size for the last ``max_cached_batch_sizes``
+    (default 8) distinct batch sizes used; a ninth releases the least
+    recently used one (it is allocated again if that size comes back).
     """
+
+    max_cached_batch_sizes = 8
 
     def __init__(self, model, loss_fn, opt, cuda_graph=False):
         if not isinstance(model, Sequential):
@@ -74,7 +91,8 @@ class TrainStep:
         if self._loss_options and cuda_graph:
             raise ValueError(f"cuda_graph=True fuses the default losses only; {loss_fn!r} "
                              f"sets {sorted(loss_fn.options)}")
-        if getattr(opt, "params", None) is not model.params:
+        if getattr(opt, "params", None) is not model.params or not np.array_equal(
+                opt._offsets, model.layer_offsets):
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
         # Models with dropout or residual blocks get their own compiled step:
@@ -121,7 +139,7 @@ class TrainStep:
             self._wnorm = np.empty(int(self._sizes[1:].sum()))
         # The optimizer's: on CUDA they are part of the record it reads back.
         self._layer_sq = opt._layer_sq
-        self._buffers = {}
+        self._buffers = OrderedDict()     # batch size -> buffers, least recently used first
         self._workspaces = {}
         self._staged = {}           # CUDA: device buffers of host inputs, by (name, shape)
         # Placeholders for the loss input the chosen loss does not read.
@@ -131,7 +149,10 @@ class TrainStep:
 
     def _buffers_for(self, B):
         buf = self._buffers.get(B)
-        if buf is None:
+        if buf is not None:
+            self._buffers.move_to_end(B)
+        else:
+            self._evict(keep=self.max_cached_batch_sizes - 1)
             xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
             acts = xp.empty(B * int(widths.sum()), dt)
             if self._blocks:
@@ -149,9 +170,20 @@ class TrainStep:
             buf = self._buffers[B] = (acts, zs, delta)
             if self.model.device == "cuda":
                 self._workspaces[B] = self._kernels.Workspace(
-                    B, self._sizes, self.model.layer_offsets, self._loss_kind, dt,
+                    B, self._sizes, self.opt._offsets, self._loss_kind, dt,
                     optim=self.opt._device_buffers())
         return buf
+
+    def _evict(self, keep):
+        """Release the buffers (and CUDA workspaces, graphs, staging
+        buffers) of the least recently used batch sizes beyond ``keep``."""
+        while len(self._buffers) > max(keep, 0):
+            B, _ = self._buffers.popitem(last=False)
+            self._workspaces.pop(B, None)
+            for key in [k for k in self._graphs if k[0] == B]:
+                del self._graphs[key]
+            for key in [k for k in self._staged if k[1][:1] == (B,)]:
+                del self._staged[key]
 
     def _graph_for(self, B, rule, s0, s1, s2):
         """The graphed step of batch size B on the current buffers; a new
@@ -165,7 +197,7 @@ class TrainStep:
             model = self.model
             g = self._graphs[key] = self._kernels.GraphedTrainStep(
                 self._loss_kind, model.params, model.grads, self._sizes, self._codes,
-                self._alphas, model.layer_offsets, acts, zs, delta, rule, s0, s1, s2,
+                self._alphas, self.opt._offsets, acts, zs, delta, rule, s0, s1, s2,
                 self._layer_sq, opt._clip_norm, opt._clip_value, B,
                 optim=opt._device_buffers())
         return g
@@ -248,22 +280,31 @@ class TrainStep:
         return self._result(loss)
 
     def __call__(self, x, y):
+        with self.opt._lock:
+            return self._step(x, y)
+
+    def _step(self, x, y):
         if self._composed:
             return self._composed_step(x, y, True)
         model = self.model
         x, labels, target = self._inputs(x, y)
         B = x.shape[0]
         rule, s0, s1, s2, hp = self.opt._kernel_args()
+        # On the CPU the skip decision is known when the kernel returns:
+        # undo what the forward changed outside the parameters.
+        snap = model._step_snapshot() if model.device == "cpu" else None
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
             drops, residual, norms, seed, counter, training = self._block_args(B)
             loss, norm, scale, skipped = _kblocks.train_step_blocks(
                 x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
-                model.layer_offsets, acts, zs, fzs, xhats, model.running_mean,
+                self.opt._offsets, acts, zs, fzs, xhats, model.running_mean,
                 model.running_var, nstats, nwork, self._wn, self._weff, self._dweff,
                 self._wnorm, delta,
                 rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
+            if skipped:
+                model._restore_snapshot(snap)
             self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
             return float(loss)
         if model.training:
@@ -276,9 +317,11 @@ class TrainStep:
             return loss
         loss, norm, scale, skipped = self._kernels.train_step(
             x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
-            self._codes, self._alphas, model.layer_offsets, acts, zs, delta,
+            self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
             rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
             **self._extra(B))
+        if snap is not None and skipped:
+            model._restore_snapshot(snap)
         self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq,
                                       with_loss=model.device == "cuda")
         return self._result(loss)
@@ -286,6 +329,10 @@ class TrainStep:
     def gradients(self, x, y):
         """Forward + loss + backward only (no update): fills ``model.grads``
         and returns the loss.  Useful for checks and data-parallel training."""
+        with self.opt._lock:
+            return self._gradients(x, y)
+
+    def _gradients(self, x, y):
         if self._composed:
             return self._composed_step(x, y, False)
         x, labels, target = self._inputs(x, y)
@@ -296,14 +343,14 @@ class TrainStep:
             return float(_kblocks.forward_backward_blocks(
                 x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
-                m.layer_offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
+                self.opt._offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
                 nwork, self._wn, self._weff, self._dweff, self._wnorm, delta))
         if self.model.training:
             self.model._next_dropout_step()
         acts, zs, delta = self._buffers_for(x.shape[0])
         return self._result(self._kernels.forward_backward(
             x, labels, target, self._loss_kind, self.model.params, self.model.grads,
-            self._sizes, self._codes, self._alphas, self.model.layer_offsets, acts, zs, delta,
+            self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
             **self._extra(x.shape[0])))
 
 

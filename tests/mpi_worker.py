@@ -16,6 +16,14 @@ single    run WITHOUT mpiexec: init() gives size 1 and DataParallel on one
           process gives exactly the plain TrainStep's parameters.
 raise     rank 1 raises RuntimeError(ERROR_TEXT) while rank 0 waits in an
           allreduce: the job must end with that error, not hang.
+exit0, exit1, kill
+          rank 1 trains 2 steps, writes the time to OUT.t, then calls
+          sys.exit(0) / sys.exit(1) / SIGKILLs itself while rank 0 goes on
+          training: the job must end at once, not hang.
+late      both ranks train, then rank 1 works 2 s longer outside any
+          collective before it ends: a clean end (exit status 0).
+short     ``distributed.fit`` with rank 1's dataset 5 samples shorter: every
+          rank must refuse it before the first step.
 
 The problem (data, model, optimizer) is built by the functions below, which
 the tests also call to compute the one-process reference.
@@ -141,7 +149,50 @@ def run_single(comm, path):
     np.savez(path, a=a.opt.params, b=b.opt.params, la=np.array(la), lb=np.array(lb))
 
 
-MODES = {"single": run_single, "steps": run_steps, "optloop": run_optloop, "fit": run_fit, "raise": run_raise}
+def _stop_rank1(comm, path, how):
+    import os
+    import signal
+    import time
+    from fastgrad import distributed as dist
+    dp = dist.DataParallel(make_step(seed=0))
+    x, y = global_batches(comm.Get_size())[0]
+    for _ in range(2):
+        dp(x[:LOCAL_BATCH], y[:LOCAL_BATCH])
+    if comm.Get_rank() == 1:
+        with open(path + ".t", "w") as f:
+            f.write(repr(time.time()))
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        sys.exit(int(how[-1]))
+    for _ in range(100000):          # would wait forever for rank 1
+        dp(x[:LOCAL_BATCH], y[:LOCAL_BATCH])
+
+
+def run_late(comm, path):
+    import time
+    from fastgrad import distributed as dist
+    dp = dist.DataParallel(make_step(seed=0))
+    x, y = global_batches(comm.Get_size())[0]
+    for _ in range(3):
+        dp(x[:LOCAL_BATCH], y[:LOCAL_BATCH])
+    if comm.Get_rank() == 1:
+        time.sleep(2.0)
+
+
+def run_short(comm, path):
+    from fastgrad import distributed as dist
+    dp = dist.DataParallel(make_step(seed=0))
+    X, Y = fit_data()
+    if comm.Get_rank() == 1:
+        X, Y = X[:-5], Y[:-5]
+    dist.fit(dp, X, Y, epochs=1, batch_size=FIT_LOCAL_BATCH, progress=False)
+    print("fit returned on rank", comm.Get_rank(), flush=True)
+
+
+MODES = {"single": run_single, "steps": run_steps, "optloop": run_optloop, "fit": run_fit, "raise": run_raise,
+         "exit0": lambda c, p: _stop_rank1(c, p, "exit0"),
+         "exit1": lambda c, p: _stop_rank1(c, p, "exit1"),
+         "kill": lambda c, p: _stop_rank1(c, p, "kill"), "late": run_late, "short": run_short}
 
 
 def main(argv):

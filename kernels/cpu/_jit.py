@@ -1,12 +1,90 @@
-"""Compilation options shared by every CPU kernel.
+"""Compilation options shared by every CPU kernel, and the on-disk cache.
 
 ``error_model="numpy"`` lets loops with a float division vectorise (under the
 default "python" model a division by zero must raise, which blocks SIMD).
 No ``fastmath``: NaN and Inf must stay visible to the non-finite guards.
-``cache=True`` keeps compiled code on disk across processes; Numba falls back
-to a user cache directory when the install is read-only.
+
+``cache=True`` keeps compiled code on disk across processes, in the first
+writable place of Numba's list: ``NUMBA_CACHE_DIR``, ``__pycache__`` next to
+the sources, a user cache directory under ``HOME``.  Where none is writable
+(a read-only install with a read-only or missing HOME, common in
+containers), Numba would refuse to define the kernels at all ("cannot cache
+function"); fastgrad then compiles them without a disk cache, saying so in
+one RuntimeWarning.  A cache entry that cannot be read back (a truncated or
+garbled file) is treated as a miss for fastgrad's kernels: the entry is
+dropped, the kernel recompiled and the entry written again, with one
+RuntimeWarning, instead of every later run failing.
 """
-JIT = dict(cache=True, error_model="numpy", nogil=True)
+import os
+import warnings
+
+_PACKAGE = __name__.rpartition(".")[0]      # fastgrad.kernels.cpu
+
+
+def _probe():      # pragma: no cover - never called; a function to locate a cache for
+    pass
+
+
+def _cache_available():
+    """True when Numba finds a writable cache location for this package's
+    kernels (they all live in this directory, as ``_probe`` does)."""
+    from numba.core.caching import FunctionCache
+    try:
+        FunctionCache(_probe)
+    except RuntimeError as exc:        # "cannot cache function ...: no locator available"
+        warnings.warn(f"fastgrad: no writable Numba cache directory ({exc}); the kernels are "
+                      "compiled without a disk cache in this process. Set NUMBA_CACHE_DIR to "
+                      "a writable directory to keep them across runs.", RuntimeWarning,
+                      stacklevel=2)
+        return False
+    return True
+
+
+_warned_corrupt = []
+
+
+def _tolerate_bad_entries():
+    """Make a cache entry of this package's kernels that fails to load a miss.
+
+    Numba raises whatever unpickling a damaged index or data file raises
+    (UnpicklingError, EOFError, ...), on every run.  The wrapper only
+    changes that for functions of this package; other code using Numba in
+    the same process sees Numba's own behaviour.
+    """
+    from numba.core.caching import Cache
+    if getattr(Cache.load_overload, "_fastgrad_tolerant", False):
+        return
+    original = Cache.load_overload
+
+    def load_overload(self, sig, target_context):
+        try:
+            return original(self, sig, target_context)
+        except Exception as exc:
+            module = getattr(getattr(self, "_py_func", None), "__module__", "") or ""
+            if not module.startswith(_PACKAGE):
+                raise
+            # Drop the index so that the recompiled kernel writes a fresh one
+            # (saving reads the index first and would fail on it again).
+            index = getattr(getattr(self, "_cache_file", None), "_index_path", None)
+            if index:
+                try:
+                    os.unlink(index)
+                except OSError:
+                    pass
+            if not _warned_corrupt:
+                _warned_corrupt.append(True)
+                warnings.warn(f"fastgrad: an unreadable Numba cache entry for {self._name} "
+                              f"({type(exc).__name__}: {exc}) was discarded; the kernel is "
+                              "recompiled and cached again.", RuntimeWarning, stacklevel=2)
+            return None
+
+    load_overload._fastgrad_tolerant = True
+    Cache.load_overload = load_overload
+
+
+_tolerate_bad_entries()
+
+JIT = dict(cache=_cache_available(), error_model="numpy", nogil=True)
 
 # Scalar helpers are inlined into their callers at Numba IR level, so that an
 # activation code passed as a constant is folded away and each loop compiles

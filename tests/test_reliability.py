@@ -1,0 +1,574 @@
+"""Reliability under misuse, threads, failing ranks and hostile environments
+(issue 16): no memory corruption, no poisoned state, no hung job.
+
+Sections: optimizer attribute writes; threads; what a skipped step leaves
+unchanged; model buffers that cannot be rebound; the bounded buffer cache;
+checkpoint checksums and stray temporary files; the Numba cache; MPI jobs
+whose ranks fail or disagree.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastgrad as fg
+
+SIZES = [5, 16, 16, 3]
+
+
+def _data(rng, batch=12, sizes=SIZES):
+    return rng.standard_normal((batch, sizes[0])), rng.integers(0, sizes[-1], batch)
+
+
+def _train(opt_factory, set_after=None, n_steps=6, seed=0, **model_kw):
+    """Train a float64 MLP for n_steps; ``set_after`` (name, value) is
+    written to the optimizer after construction.  Returns (model, opt)."""
+    model = fg.MLP(SIZES, dtype="float64", seed=seed, **model_kw)
+    opt = opt_factory(model)
+    if set_after is not None:
+        setattr(opt, *set_after)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    rng = np.random.default_rng(7)
+    for _ in range(n_steps):
+        step(*_data(rng))
+    return model, opt
+
+
+# -- 1. optimizer attribute writes -------------------------------------------------
+
+# (class, constructor arguments, attribute, value written after construction)
+WRITES = [
+    (fg.SGD, dict(lr=0.1), "momentum", 0.9),
+    (fg.SGD, dict(lr=0.1, momentum=0.9), "nesterov", True),
+    (fg.SGD, dict(lr=0.1, momentum=0.9), "dampening", 0.25),
+    (fg.SGD, dict(lr=0.1), "weight_decay", 0.1),
+    (fg.Adam, dict(lr=1e-2), "amsgrad", True),
+    (fg.Adam, dict(lr=1e-2), "betas", (0.5, 0.9)),
+    (fg.Adam, dict(lr=1e-2), "eps", 1e-3),
+    (fg.AdamW, dict(lr=1e-2, amsgrad=True), "amsgrad", False),
+    (fg.RMSprop, dict(lr=1e-2), "centered", True),
+    (fg.RMSprop, dict(lr=1e-2), "momentum", 0.5),
+    (fg.RMSprop, dict(lr=1e-2, momentum=0.5), "momentum", 0.0),
+    (fg.RMSprop, dict(lr=1e-2), "alpha", 0.5),
+    (fg.Adam, dict(lr=1e-2), "clip_norm", 0.01),
+    (fg.Adam, dict(lr=1e-2, clip_norm=0.01), "clip_norm", None),
+    (fg.SGD, dict(lr=0.1), "clip_value", 1e-3),
+]
+
+
+@pytest.mark.parametrize("cls,kw,name,value", WRITES,
+                         ids=[f"{c.__name__}.{n}={v}" for c, _, n, v in WRITES])
+def test_hyper_parameter_written_after_construction_takes_effect(cls, kw, name, value):
+    """Setting a hyper-parameter after construction trains exactly as
+    passing it to the constructor (state buffers it needs start at zero),
+    and the checkpoint reports it."""
+    ma, oa = _train(lambda m: cls(m, **kw), set_after=(name, value))
+    mb, ob = _train(lambda m: cls(m, **dict(kw, **{name: value})))
+    assert getattr(oa, name) == getattr(ob, name)
+    assert oa.params.tobytes() == ob.params.tobytes()
+    assert sorted(oa.state) == sorted(ob.state)
+    for k in oa.state:
+        assert oa.state[k].tobytes() == ob.state[k].tobytes()
+    want = list(value) if isinstance(value, tuple) else value
+    assert oa.state_dict()["hyper"][name] == want
+    if name == "clip_norm" and value is not None:
+        assert oa.last_stats.clipped
+
+
+def test_state_buffers_follow_the_flags_and_stay_full_length():
+    model = fg.MLP(SIZES, dtype="float64")
+    opt = fg.RMSprop(model)
+    assert set(opt.state) == {"square_avg"}
+    opt.centered, opt.momentum = True, 0.9
+    assert set(opt.state) == {"square_avg", "grad_avg", "momentum_buffer"}
+    assert all(b.shape == model.params.shape for b in opt.state.values())
+    opt.momentum = 0.0
+    assert set(opt.state) == {"square_avg", "grad_avg"}
+
+
+def test_hyper_parameter_write_round_trips_through_a_checkpoint(tmp_path):
+    model, opt = _train(lambda m: fg.Adam(m, lr=1e-2), set_after=("amsgrad", True))
+    fg.save(tmp_path / "c.fgz", model, opt)
+    model2, opt2 = fg.load(tmp_path / "c.fgz")
+    assert opt2.amsgrad is True and opt2.hyper == opt.hyper
+    assert opt2.state["max_exp_avg_sq"].tobytes() == opt.state["max_exp_avg_sq"].tobytes()
+
+
+BAD_WRITES = [
+    (fg.Adam, "amsgrad", "False", TypeError, "amsgrad must be True or False"),
+    (fg.Adam, "amsgrad", 1, TypeError, "amsgrad must be True or False"),
+    (fg.RMSprop, "centered", "yes", TypeError, "centered must be True or False"),
+    (fg.SGD, "nesterov", True, ValueError, "Nesterov momentum requires"),
+    (fg.SGD, "momentum", -0.5, ValueError, "momentum must be"),
+    (fg.SGD, "momentum", np.float64("nan"), ValueError, "momentum must be"),
+    (fg.SGD, "dampening", float("nan"), ValueError, "dampening must be in"),
+    (fg.SGD, "dampening", -0.1, ValueError, "dampening must be in"),
+    (fg.SGD, "dampening", 1.5, ValueError, "dampening must be in"),
+    (fg.SGD, "dampening", "0", TypeError, "dampening must be a real number"),
+    (fg.Adam, "clip_norm", "1.0", TypeError, "clip_norm must be a real number"),
+    (fg.Adam, "clip_norm", -1.0, ValueError, "clip_norm must be > 0"),
+    (fg.Adam, "clip_value", float("nan"), ValueError, "clip_value must be > 0"),
+    (fg.Adam, "betas", 0.9, TypeError, r"betas must be a pair \(beta1, beta2\)"),
+    (fg.Adam, "betas", (0.9,), TypeError, r"betas must be a pair \(beta1, beta2\)"),
+    (fg.Adam, "betas", (0.9, "0.99"), TypeError, "beta2 must be a real number"),
+    (fg.Adam, "betas", (0.9, 1.0), ValueError, r"beta2 must be in \[0, 1\)"),
+    (fg.Adam, "eps", np.float32("nan"), ValueError, "eps must be a finite number"),
+    (fg.RMSprop, "alpha", 1.5, ValueError, r"alpha must be in \[0, 1\]"),
+    (fg.Adam, "skip_nonfinite", "no", TypeError, "skip_nonfinite must be True or False"),
+]
+
+
+@pytest.mark.parametrize("cls,name,value,exc,match", BAD_WRITES,
+                         ids=[f"{c.__name__}.{n}={v!r}" for c, n, v, *_ in BAD_WRITES])
+def test_bad_hyper_parameter_is_refused_and_changes_nothing(cls, name, value, exc, match):
+    model = fg.MLP(SIZES, dtype="float64")
+    opt = cls(model, lr=0.1)
+    before = (opt.hyper, sorted(opt.state))
+    with pytest.raises(exc, match=match):
+        setattr(opt, name, value)
+    assert (opt.hyper, sorted(opt.state)) == before
+    # the same value is refused by the constructor, with the same message
+    with pytest.raises(exc, match=match):
+        cls(fg.MLP(SIZES, dtype="float64"), lr=0.1, **{name: value})
+
+
+@pytest.mark.parametrize("name", ["params", "grads", "layer_offsets", "state", "device",
+                                  "kind", "rule", "state_names"])
+def test_structural_optimizer_attributes_are_read_only(name):
+    opt = fg.Adam(fg.MLP(SIZES, dtype="float64"))
+    before = getattr(opt, name)
+    with pytest.raises(AttributeError, match=name):
+        setattr(opt, name, np.zeros(1))
+    after = getattr(opt, name)
+    assert after is before or np.array_equal(after, before)
+    assert fg.Adam.kind == "adam" and fg.SGD.state_names == ("momentum_buffer",)
+
+
+def test_state_entries_cannot_be_replaced_but_are_writable_in_place():
+    model = fg.MLP(SIZES, dtype="float64")
+    opt = fg.Adam(model)
+    with pytest.raises(TypeError, match="cannot be replaced"):
+        opt.state["exp_avg"] = np.zeros(1)
+    with pytest.raises(TypeError, match="cannot be replaced"):
+        del opt.state["exp_avg_sq"]
+    opt.state["exp_avg"][...] = 0.5
+    assert np.all(opt.state["exp_avg"] == 0.5) and opt.state["exp_avg"].size == model.n_params
+
+
+def test_layer_offsets_written_in_place_cannot_reach_the_kernel():
+    """The optimizer and TrainStep index with the optimizer's own copy of the
+    layer boundaries; its public view is read-only."""
+    rng = np.random.default_rng(8)
+    model = fg.MLP(SIZES, dtype="float64", seed=0)
+    opt = fg.Adam(model, lr=1e-2)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    with pytest.raises(ValueError, match="read-only"):
+        opt.layer_offsets[1] = 10 ** 9
+    model.layer_offsets[1] = 10 ** 9            # the model's array: not the kernel's
+    x, y = _data(rng)
+    step(x, y)
+    opt.step()
+    assert np.isfinite(model.params).all() and opt.step_count == 2
+
+
+def test_step_count_write_is_validated():
+    opt = fg.Adam(fg.MLP(SIZES, dtype="float64"))
+    for bad in (-1, 1.5, "3", True):
+        with pytest.raises(ValueError, match="step_count"):
+            opt.step_count = bad
+    opt.step_count = 4
+    assert opt.step_count == 4
+
+
+def test_sgd_dampening_matches_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng()
+    p0, grads = rng.standard_normal(11), rng.standard_normal((5, 11))
+    p = p0.copy()
+    g = np.zeros_like(p)
+    opt = fg.SGD([(p, g)], lr=0.1, momentum=0.9, dampening=0.3)
+    tp = torch.tensor(p0, requires_grad=True)
+    topt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, dampening=0.3)
+    for gk in grads:
+        g[...] = gk
+        opt.step()
+        tp.grad = torch.tensor(gk)
+        topt.step()
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-13, atol=1e-15)
+
+
+# -- 2. threads ----------------------------------------------------------------------
+
+def _hammer(fns, n_rounds):
+    """Run every fn n_rounds times, each in its own thread, all at once."""
+    errors = []
+    barrier = threading.Barrier(len(fns))
+
+    def run(fn):
+        try:
+            barrier.wait()
+            for _ in range(n_rounds):
+                fn()
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+
+
+@pytest.mark.slow
+def test_train_step_shared_by_two_threads_never_writes_nan():
+    """One thread trains on finite batches, the other on NaN batches, on the
+    same TrainStep.  The NaN steps must all be skipped: no NaN may reach the
+    parameters or the Adam moments (the kernels release the GIL, so without
+    the lock the NaN thread's gradient landed between the other thread's
+    finiteness check and its update)."""
+    rng = np.random.default_rng(0)
+    sizes = [64, 256, 256, 10]
+    model = fg.MLP(sizes, seed=0)
+    opt = fg.Adam(model, lr=1e-3)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    x, y = _data(rng, 256, sizes)
+    x_nan = x.copy()
+    x_nan[3, 5] = np.nan
+    step(x, y)
+    step(x_nan, y)                   # compiled before the threads start
+    n = 100
+    _hammer([lambda: step(x, y), lambda: step(x_nan, y)], n)
+    assert np.isfinite(model.params).all()
+    assert all(np.isfinite(b).all() for b in opt.state.values())
+    assert opt.step_count == n + 1 and opt.n_skipped == n + 1
+
+
+def test_optimizer_and_layer_path_from_threads_serialise():
+    """A hand-written loop (forward, backward, opt.step) on NaN data in one
+    thread and a TrainStep on finite data in another: every call runs whole,
+    so a NaN gradient is never applied."""
+    rng = np.random.default_rng(1)
+    model = fg.MLP(SIZES, dtype="float64", seed=0)
+    opt = fg.SGD(model, lr=0.01, momentum=0.9)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    loss_fn = fg.SoftmaxCrossEntropy()
+    x, y = _data(rng, 32)
+    x_nan = np.full_like(x, np.nan)
+
+    def hand():
+        out = model.forward(x_nan)
+        _, dy = loss_fn(out, y)
+        model.backward(dy)
+        assert opt.step().skipped
+
+    _hammer([lambda: step(x, y), hand], 50)
+    assert np.isfinite(model.params).all() and np.isfinite(opt.state["momentum_buffer"]).all()
+    assert opt.step_count == 50 and opt.n_skipped == 50
+
+
+# -- 3. a skipped step changes nothing ---------------------------------------------------
+
+MODELS = {
+    "plain": dict(),
+    "dropout": dict(dropout=0.3),
+    "batch_norm": dict(norm="batch"),
+    "batch_norm_dropout_residual": dict(norm="batch", dropout=0.2, residual=True),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("opt_name", ["adam", "sgd", "rmsprop"])
+def test_skipped_step_changes_nothing(kind, opt_name):
+    rng = np.random.default_rng(2)
+    model = fg.MLP(SIZES, dtype="float64", seed=0, **MODELS[kind])
+    opt = {"adam": lambda: fg.Adam(model, lr=1e-2, amsgrad=True),
+           "sgd": lambda: fg.SGD(model, lr=0.1, momentum=0.9),
+           "rmsprop": lambda: fg.RMSprop(model, momentum=0.5, centered=True)}[opt_name]()
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    for _ in range(3):
+        step(*_data(rng))
+    x, y = _data(rng)
+    x[4, 2] = np.nan
+    params = model.params.copy()
+    state = {k: v.copy() for k, v in opt.state.items()}
+    counts = (opt.step_count, opt.n_skipped)
+    running = (model.running_mean.copy(), model.running_var.copy())
+    counter = model.dropout_step
+    step(x, y)
+    assert step.stats.skipped
+    # each thing a step changes, checked one by one
+    assert model.params.tobytes() == params.tobytes(), "parameters"
+    assert all(opt.state[k].tobytes() == v.tobytes() for k, v in state.items()), "moments"
+    assert (opt.step_count, opt.n_skipped) == (counts[0], counts[1] + 1), "step count"
+    assert model.running_mean.tobytes() == running[0].tobytes(), "running mean"
+    assert model.running_var.tobytes() == running[1].tobytes(), "running variance"
+    assert model.dropout_step == counter, "dropout counter"
+    # so eval predictions stay finite after the NaN batch
+    model.eval()
+    assert np.isfinite(model.predict(_data(rng)[0])).all()
+
+
+def test_skipped_step_then_retry_draws_the_same_masks():
+    """After a skipped step, the next step draws the masks the skipped one
+    would have drawn: a run with a NaN batch inserted equals one without."""
+    rng = np.random.default_rng(3)
+    batches = [_data(rng) for _ in range(4)]
+    bad = (np.full_like(batches[0][0], np.nan), batches[0][1])
+    runs = []
+    for insert in (False, True):
+        model = fg.MLP(SIZES, dtype="float64", seed=0, dropout=0.3, norm="batch")
+        step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=1e-2))
+        for i, b in enumerate(batches):
+            if insert and i == 2:
+                step(*bad)
+            step(*b)
+        runs.append((model.params.copy(), model.running_mean.copy()))
+    assert runs[0][0].tobytes() == runs[1][0].tobytes()
+    assert runs[0][1].tobytes() == runs[1][1].tobytes()
+
+
+# -- 8. model buffers cannot be rebound ------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["params", "grads", "layer_offsets", "running_mean",
+                                  "running_var"])
+def test_model_buffers_cannot_be_replaced(name):
+    model = fg.MLP(SIZES, dtype="float64", norm="batch")
+    before = getattr(model, name)
+    with pytest.raises(AttributeError, match=f"model.{name} cannot be replaced"):
+        setattr(model, name, before.copy())
+    assert getattr(model, name) is before
+
+
+@pytest.mark.parametrize("name", ["W", "b", "dW", "db", "gamma", "running_mean"])
+def test_layer_arrays_cannot_be_replaced(name):
+    model = fg.MLP([4, 4, 4, 2], dtype="float64", norm="batch", residual=True)
+    for layer in model.layers[:2]:           # a Dense and a Residual
+        before = getattr(layer, name)
+        with pytest.raises(AttributeError, match=f"layer.{name} cannot be replaced"):
+            setattr(layer, name, before.copy())
+        assert getattr(layer, name) is before
+
+
+def test_in_place_parameter_writes_reach_every_path():
+    """The supported way (write into model.params) changes what predict,
+    the layers' views and the TrainStep see."""
+    rng = np.random.default_rng(4)
+    model = fg.MLP(SIZES, dtype="float64")
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, lr=0.1))
+    new = rng.standard_normal(model.n_params)
+    model.params[...] = new
+    assert np.array_equal(model.layers[0].W.ravel(), new[:SIZES[0] * SIZES[1]])
+    x, y = _data(rng)
+    ref = fg.MLP(SIZES, dtype="float64")
+    ref.params[...] = new
+    np.testing.assert_array_equal(model.predict(x), ref.predict(x))
+    step(x, y)
+    assert not np.array_equal(model.params, new)
+
+
+# -- 9. the bounded buffer cache -----------------------------------------------------------
+
+def test_buffer_cache_keeps_the_most_recent_batch_sizes_only():
+    rng = np.random.default_rng(5)
+    model = fg.MLP(SIZES, dtype="float64", seed=0)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=1e-2))
+    ref_model = fg.MLP(SIZES, dtype="float64", seed=0)
+    ref = fg.TrainStep(ref_model, fg.SoftmaxCrossEntropy(), fg.Adam(ref_model, lr=1e-2))
+    ref.max_cached_batch_sizes = 1000
+    limit = fg.TrainStep.max_cached_batch_sizes
+    sizes = list(range(1, limit + 5)) + [1, 2, limit + 4, 3]
+    for B in sizes:
+        x, y = _data(rng, B)
+        assert step(x, y) == ref(x, y)
+        assert len(step._buffers) <= limit
+    assert list(step._buffers)[-3:] == [2, limit + 4, 3]    # least recently used first
+    assert len(ref._buffers) == limit + 4
+    assert model.params.tobytes() == ref_model.params.tobytes()
+    step.max_cached_batch_sizes = 2
+    step(*_data(rng, 7))
+    assert list(step._buffers) == [3, 7]
+
+
+# -- 6. checkpoints: checksums and stray temporary files -----------------------------------
+
+def _saved(tmp_path, name="c.fgz"):
+    rng = np.random.default_rng(6)
+    model = fg.MLP(SIZES, dtype="float64", norm="batch")
+    opt = fg.Adam(model, lr=1e-2)
+    fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)(*_data(rng))
+    path = tmp_path / name
+    fg.save(path, model, opt)
+    return path, model, opt
+
+
+@pytest.mark.parametrize("where", ["params", "opt.exp_avg", "running_var"])
+def test_flipped_byte_in_tensor_data_is_refused(tmp_path, where):
+    from safetensors import safe_open
+    path, _, _ = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    header_len = 8 + int.from_bytes(data[:8], "little")
+    with safe_open(str(path), framework="np") as f:
+        names = sorted(f.keys())
+    # find the tensor's bytes from the safetensors header's offsets
+    header = json.loads(bytes(data[8:header_len]))
+    lo, hi = header[where]["data_offsets"]
+    assert where in names
+    data[header_len + (lo + hi) // 2] ^= 0x10      # one bit of one float
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"tensor '{where}' does not match its checksum"):
+        fg.load(path)
+
+
+def test_checkpoint_without_checksums_still_loads(tmp_path):
+    """Files written before checksums existed load as before."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+    path, model, opt = _saved(tmp_path)
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata()
+    doc = json.loads(meta["fastgrad"])
+    del doc["checksums"]
+    old = tmp_path / "old.fgz"
+    save_file(load_file(str(path)), str(old), metadata={"fastgrad": json.dumps(doc)})
+    model2, opt2 = fg.load(old)
+    assert model2.params.tobytes() == model.params.tobytes()
+    assert opt2.state["exp_avg"].tobytes() == opt.state["exp_avg"].tobytes()
+
+
+def test_save_removes_temporary_files_of_a_killed_save(tmp_path):
+    path, model, opt = _saved(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)            # that process has exited
+    stale = tmp_path / f".c.fgz.{dead_pid}.0badc0de.tmp"
+    live = tmp_path / f".c.fgz.{os.getppid()}.00c0ffee.tmp"   # a running process's
+    other = tmp_path / f".d.fgz.{dead_pid}.0badc0de.tmp"       # another target's
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    fg.save(path, model, opt)
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    fg.load(path)
+
+
+# -- 5. the Numba cache ----------------------------------------------------------------------
+
+# A few training steps through the layer path and an optimizer: small kernels,
+# so that compiling them without a cache stays quick.
+TRAIN_SCRIPT = """
+import warnings
+warnings.simplefilter("always")
+import numpy as np
+{prelude}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastgrad as fg
+    from fastgrad.kernels.cpu import reduce
+    model = fg.MLP([3, 4, 2], activation="tanh", dtype="float64", seed=0)
+    opt = fg.SGD(model, lr=0.1)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((5, 3)), rng.integers(0, 2, 5)
+    for _ in range(3):
+        loss, dy = fg.SoftmaxCrossEntropy()(model.forward(x), y)
+        model.backward(dy)
+        opt.step()
+ours = [str(w.message) for w in caught if "fastgrad" in str(w.message)]
+print("WARNINGS", len(ours), ours)
+print("PARAMS", model.params.sum().hex())
+"""
+
+NO_CACHE_PRELUDE = """
+import numba.core.caching as caching
+def read_only(self):
+    # every candidate location refuses writes, as on a read-only file system
+    # (simulated: the tests may run as root, whom permissions do not stop)
+    raise PermissionError(30, "Read-only file system", self.get_cache_path())
+caching._CacheLocator.ensure_cache_path = read_only
+"""
+
+
+def _run_script(code, env_extra, timeout=600):
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines()
+                 if line.startswith(("WARNINGS", "PARAMS")))
+    return int(lines["WARNINGS"].split(" ", 1)[0]), lines["WARNINGS"], lines["PARAMS"]
+
+
+def test_import_and_training_work_without_a_writable_cache(tmp_path):
+    """No writable cache location: one warning, kernels compiled in memory,
+    the same parameters as a cached run."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    home = tmp_path / "home"
+    home.mkdir()
+    os.chmod(home, 0o500)
+    env = {"HOME": str(home), "NUMBA_CACHE_DIR": str(not_a_dir / "cache")}
+    n, text, params = _run_script(TRAIN_SCRIPT.format(prelude=NO_CACHE_PRELUDE), env)
+    assert n == 1 and "no writable Numba cache directory" in text, text
+    n_ref, _, params_ref = _run_script(TRAIN_SCRIPT.format(prelude=""), {})
+    assert n_ref == 0 and params == params_ref
+
+
+@pytest.mark.slow
+def test_corrupted_cache_entries_are_recompiled(tmp_path):
+    cache = tmp_path / "numba_cache"
+    env = {"NUMBA_CACHE_DIR": str(cache)}
+    script = TRAIN_SCRIPT.format(prelude="")
+    n, _, params = _run_script(script, env)
+    files = [p for p in cache.rglob("*") if p.suffix in (".nbi", ".nbc")]
+    assert n == 0 and files
+    for i, p in enumerate(files):                    # garbage, and truncated entries
+        p.write_bytes(b"\x80\x05garbage" if i % 2 else p.read_bytes()[:7])
+    n, text, params2 = _run_script(script, env)
+    assert n == 1 and "unreadable Numba cache entry" in text, text
+    assert params2 == params
+    n, text, params3 = _run_script(script, env)     # written again: no warning now
+    assert n == 0 and params3 == params, text
+
+
+# -- 4. MPI: a failing rank ends the job; mismatched datasets are refused ----------------------
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import test_distributed as TD  # noqa: E402  (its launcher and skip conditions)
+
+# A rank's failure must end the job within this many seconds (the launcher's
+# teardown included; the watchdog itself polls every 50 ms).
+END_WITHIN_S = 30
+
+
+@TD.needs_mpiexec
+@pytest.mark.parametrize("how", ["exit0", "exit1", "kill"])
+def test_a_rank_that_exits_or_is_killed_ends_the_job(tmp_path, how):
+    import time
+    proc = TD.run_worker(how, tmp_path, check=False)
+    ended = time.time()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    stopped = float((tmp_path / f"{how}.npz.t").read_text())
+    assert ended - stopped < END_WITHIN_S, out
+    if how != "kill":
+        assert "rank 1 of 2 ended (sys.exit or the end of its script) after" in out, out
+
+
+@TD.needs_mpiexec
+def test_a_rank_finishing_later_is_a_clean_end(tmp_path):
+    proc = TD.run_worker("late", tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@TD.needs_mpiexec
+def test_ranks_with_datasets_of_different_lengths_are_refused(tmp_path):
+    proc = TD.run_worker("short", tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "rank 1 differs from rank 0 in len(X) 128 (rank 0: 133), len(Y) 128 (rank 0: 133)" in out, out
+    assert "fit returned" not in out
