@@ -35,8 +35,11 @@ class TrainStep:
     ----------
     model : fastgrad.Sequential / MLP
     loss_fn : fastgrad.SoftmaxCrossEntropy | MSE | BCEWithLogits
-    opt : a fastgrad.optim optimizer built on ``model``
+    opt : fastgrad optimizer
+        Built on ``model`` (``fg.Adam(model, ...)`` and the like).
 
+    Notes
+    -----
     Calling ``step(x, y)`` returns the mean loss of the batch (before the
     update, as in a PyTorch loop) and leaves the update's statistics in
     ``step.stats``.
