@@ -13,7 +13,8 @@ PyTorch on the CPU is measured at several thread counts (contenders
 workload and says which thread count that was, so a table never puts
 fastgrad against a badly configured peer.
 
-    python bench/report.py .benchmarks/.../0001_*.json --png bench.png
+    python bench/report.py fastgrad-bench.json --png bench.png
+    python bench/report.py fastgrad-bench.json --write --note "..."   # into RESULTS.md
 """
 import argparse
 import json
@@ -21,6 +22,8 @@ import os
 import platform
 import re
 import sys
+import time
+from pathlib import Path
 
 NOISY = 0.25            # spread (IQR) above this fraction of the median: noisy
 FASTGRAD = "fastgrad"   # the contender the "x fastgrad" column divides by
@@ -45,6 +48,8 @@ def records(benchmarks):
             "rounds": int(stats["rounds"]), "fullname": b.get("fullname", b.get("name", "")),
             "extra": dict(b.get("extra_info") or {}), "noisy": is_noisy(median, iqr),
         })
+        if rows[-1]["extra"].get("remeasured"):
+            rows[-1]["note"] = "re-measured"
     return rows
 
 
@@ -73,6 +78,7 @@ def best_torch(rows):
     for (r, tried) in best.values():
         n = r["extra"]["threads"]
         note = f"best of {', '.join(map(str, sorted(tried)))} threads: {n}"
+        note = "; ".join(filter(None, [note, r.get("note", "")]))
         out.append(dict(r, contender="torch", note=note))
     return out
 
@@ -233,6 +239,9 @@ def main(argv=None):
     ap.add_argument("json", help="a file written by --benchmark-json or --benchmark-autosave")
     ap.add_argument("--png", default=None, help="also write the bar chart here")
     ap.add_argument("--markdown", action="store_true", help="Markdown tables (for RESULTS.md)")
+    ap.add_argument("--write", action="store_true",
+                    help="replace the generated fastgrad-bench block of bench/RESULTS.md")
+    ap.add_argument("--note", default="", help="a sentence on the conditions of the run")
     args = ap.parse_args(argv)
     with open(args.json) as fh:
         data = json.load(fh)
@@ -244,7 +253,25 @@ def main(argv=None):
     if args.png:
         plot(rows, args.png)
         print(f"bar chart: {args.png}")
+    if args.write:
+        when = data.get("datetime", time.strftime("%Y-%m-%d"))[:10]
+        lines = [f"Run of {when}" + (f"; {args.note}" if args.note else "") + ".", ""]
+        lines += [f"    {line.strip()}" for line in header(extra or {})] + [""]
+        lines.append("\n\n".join(markdown_tables(rows)))
+        write_block(Path(__file__).resolve().parent / "RESULTS.md", "fastgrad_bench",
+                    "\n".join(lines))
     return 0
+
+
+def write_block(path, tag, text):
+    """Replace what lies between ``<!-- tag:begin -->`` and ``<!-- tag:end -->``."""
+    src = path.read_text()
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    if begin not in src or end not in src:
+        raise SystemExit(f"{path}: markers {begin} ... {end} not found")
+    head, rest = src.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":

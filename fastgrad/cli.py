@@ -467,9 +467,6 @@ def cmd_bench(args):
                     data["benchmarks"][i]["extra_info"] = dict(
                         again[b["fullname"]].get("extra_info") or {}, remeasured=True)
     rows = report.best_torch(report.records(data["benchmarks"]))
-    for r in rows:
-        if r["extra"].get("remeasured"):
-            r["note"] = "; ".join(filter(None, [r.get("note", ""), "re-measured"]))
     info = data.get("machine_info", {}).get("fastgrad") or report.machine_header_info()
     print()
     print("\n".join(["where:"] + report.header(info)))

@@ -116,3 +116,12 @@ def test_fastgrad_bench_remeasures_noisy_results(tmp_path, monkeypatch, capsys):
     assert [b["stats"]["median"] for b in saved["benchmarks"]
             if b["params"]["contender"] == "jax"] == [1.5e-4]
     assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_write_block_replaces_only_the_generated_part(tmp_path):
+    md = tmp_path / "R.md"
+    md.write_text("# R\nkeep\n<!-- t:begin -->\nold\n<!-- t:end -->\ntail\n")
+    report.write_block(md, "t", "new 1\nnew 2")
+    assert md.read_text() == "# R\nkeep\n<!-- t:begin -->\nnew 1\nnew 2\n<!-- t:end -->\ntail\n"
+    with pytest.raises(SystemExit, match="markers"):
+        report.write_block(md, "absent", "x")
