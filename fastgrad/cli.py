@@ -414,10 +414,20 @@ def _load_bench_json(path):
         return json.load(fh)
 
 
+def _bench_report(bench):
+    """bench/report.py of the source checkout, loaded by path (it is not part
+    of the installed package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fastgrad_bench_report", bench / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cmd_bench(args):
     """Run bench/ (pytest-benchmark), re-measure noisy results, print one
     table per workload and write a bar chart."""
-    import json
+    import shutil
     import tempfile
 
     root = Path(__file__).resolve().parent.parent
@@ -431,12 +441,18 @@ def cmd_bench(args):
         cmd = base + [str(bench), "--benchmark-disable"] + (["-k", args.filter] if args.filter else [])
         print("running:", " ".join(cmd))
         return subprocess.call(cmd, cwd=root, env=_bench_env())
-    sys.path.insert(0, str(bench))
-    import report
-
+    report = _bench_report(bench)
     log = Path(args.log)
     log.write_text("")
     tmp = Path(tempfile.mkdtemp(prefix="fastgrad-bench-"))
+    try:
+        return _bench_and_report(args, base, root, bench, report, log, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench_and_report(args, base, root, bench, report, log, tmp):
+    import json
     first = tmp / "run.json"
     cmd = base + [str(bench), f"--benchmark-json={first}"] + ([] if args.full else ["--quick"])
     if args.filter:
