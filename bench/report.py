@@ -147,7 +147,8 @@ def machine_header_info():
     """Machine, BLAS and thread settings of this process, as a dict."""
     info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{platform.system()} {platform.release()}",
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            "load": f"load average {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores"}
     try:
         from threadpoolctl import threadpool_info
         blas = sorted({f"{i['internal_api']} {i.get('version') or ''} "
@@ -185,7 +186,7 @@ def machine_header_info():
 
 def header(info):
     """Lines describing where the measurements ran."""
-    keys = ("machine", "python", "blas", "numba", "torch", "jax", "env")
+    keys = ("machine", "load", "python", "blas", "numba", "torch", "jax", "env")
     return [f"  {k:8s} {info[k]}" for k in keys if k in info]
 
 

@@ -122,7 +122,8 @@ def header():
     return (f"{time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · "
             f"{os.cpu_count()} cores · BLAS {'; '.join(blas)} · fastgrad {fg.get_num_threads()[0]} "
             f"threads · numba {numba.__version__} · {' · '.join(peers)} · "
-            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
+            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} · "
+            f"load average {os.getloadavg()[0]:.1f} at the end of the run")
 
 
 def detail_table(results):
