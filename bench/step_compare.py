@@ -7,10 +7,11 @@ regenerates the tables in bench/RESULTS.md and the README's headline.
 The host alternates fast and slow phases within seconds, so contenders run
 round-robin in short rounds; each round's median per contender is divided by
 the fastgrad median of the same round, and the tables report the median of
-those ratios (and the median time).  fastgrad, NumPy and the GEMM floor run
-at the process's default thread count (``--threads`` sets it); PyTorch runs
-at every thread count from 1 to the number of cores (``torch-<n>t``) and the
-headline takes its best per workload; JAX keeps its own thread pool.
+those ratios (and the median time).  fastgrad (``fastgrad-<n>t``) and
+PyTorch (``torch-<n>t``) run at every thread count from 1 to the number of
+cores, and the headline takes each one's best per workload; NumPy and the
+GEMM floor run at the process's default thread count; JAX keeps its own
+thread pool.
 """
 import argparse
 import os
@@ -46,65 +47,87 @@ def timed(fn, reps):
     return float(np.median(out))
 
 
-def torch_threads():
+def thread_counts():
     return list(range(1, (os.cpu_count() or 1) + 1))
 
 
 def make(contender, sizes, batch, act, loss):
-    """(callable, thread count for torch or None)."""
-    m = re.match(r"^torch-(\d+)t$", contender)
+    """(callable, library whose threads to set or None, thread count)."""
+    m = re.match(r"^(torch|fastgrad)-(\d+)t$", contender)
     if m:
-        return CONTENDERS["torch"](sizes, batch, act, loss), int(m.group(1))
-    return CONTENDERS[contender](sizes, batch, act, loss), None
+        return CONTENDERS[m.group(1)](sizes, batch, act, loss), m.group(1), int(m.group(2))
+    return CONTENDERS[contender](sizes, batch, act, loss), None, None
+
+
+class Threads:
+    """Switch fastgrad's (Numba + BLAS) or PyTorch's thread count for one
+    contender, and back to the process defaults afterwards."""
+
+    def __init__(self):
+        import fastgrad as fg
+        self.fg, self.fg_default = fg, os.cpu_count() or 1
+        try:
+            import torch
+            self.torch, self.torch_default = torch, torch.get_num_threads()
+        except ImportError:
+            self.torch = None
+
+    def use(self, lib, n):
+        if lib == "fastgrad":
+            self.fg.set_num_threads(n)
+        elif lib == "torch":
+            self.torch.set_num_threads(n)
+
+    def reset(self, lib):
+        if lib == "fastgrad":
+            self.fg.set_num_threads(self.fg_default)
+        elif lib == "torch":
+            self.torch.set_num_threads(self.torch_default)
 
 
 def run(workloads, contenders, rounds, budget_s):
-    """{workload: {contender: (median s, median ratio to fastgrad)}}."""
-    try:
-        import torch
-        torch_default = torch.get_num_threads()
-    except ImportError:
-        torch = None
-    out = {}
+    """{workload: {contender: (median s, median ratio to the best fastgrad)}}
+    and {workload: name of the best fastgrad contender}."""
+    threads = Threads()
+    out, base_of = {}, {}
     for name in workloads:
         sizes, batch, act, loss = WORKLOADS[name]
         fns = {}
         for c in contenders:
             try:
-                fn, n = make(c, sizes, batch, act, loss)
+                fn, lib, n = make(c, sizes, batch, act, loss)
             except ImportError as exc:
                 print(f"# {name}: {c} skipped ({exc})", file=sys.stderr)
                 continue
-            if n is not None:
-                torch.set_num_threads(n)
+            threads.use(lib, n)
             for _ in range(3):
                 fn()                           # compile / warm up
-            fns[c] = (fn, n)
-        if torch is not None:
-            torch.set_num_threads(torch_default)
-        one = timed(fns["fastgrad"][0], 5)
+            threads.reset(lib)
+            fns[c] = (fn, lib, n)
+        fast = [c for c in fns if c.startswith("fastgrad")]
+        one = timed(fns[fast[0]][0], 5)
         reps = max(3, min(200, int(budget_s / max(rounds, 1) / max(one, 1e-6) / len(fns) / 4)))
         per = {c: [] for c in fns}
         for _ in range(rounds):
-            for c, (fn, n) in fns.items():
-                if n is not None:
-                    torch.set_num_threads(n)
+            for c, (fn, lib, n) in fns.items():
+                threads.use(lib, n)
                 per[c].append(timed(fn, reps))
-                if n is not None:
-                    torch.set_num_threads(torch_default)
-        base = np.array(per["fastgrad"])
-        out[name] = {c: (float(np.median(t)), float(np.median(np.array(t) / base)))
+                threads.reset(lib)
+        base = min(fast, key=lambda c: np.median(per[c]))
+        ref = np.array(per[base])
+        base_of[name] = base
+        out[name] = {c: (float(np.median(t)), float(np.median(np.array(t) / ref)))
                      for c, t in per.items()}
-    return out
+    return out, base_of
 
 
-def best_torch(results):
-    """(contender, thread count) of the fastest PyTorch thread count."""
-    ts = [(r[1], c) for c, r in results.items() if c.startswith("torch-")]
+def best_of(results, lib):
+    """(contender, thread count) of ``lib``'s fastest thread count."""
+    ts = [(r[0], c) for c, r in results.items() if c.startswith(lib + "-")]
     if not ts:
         return None, None
     _, c = min(ts)
-    return c, int(c[len("torch-"):-1])
+    return c, int(c[len(lib) + 1:-1])
 
 
 def header():
@@ -120,8 +143,8 @@ def header():
         except ImportError:
             pass
     return (f"{time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · "
-            f"{os.cpu_count()} cores · BLAS {'; '.join(blas)} · fastgrad {fg.get_num_threads()[0]} "
-            f"threads · numba {numba.__version__} · {' · '.join(peers)} · "
+            f"{os.cpu_count()} cores · BLAS {'; '.join(blas)} · fastgrad {fg.__version__} · "
+            f"numba {numba.__version__} · {' · '.join(peers)} · "
             f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} · "
             f"load average {os.getloadavg()[0]:.1f} at the end of the run")
 
@@ -137,16 +160,24 @@ def detail_table(results):
     return "\n".join(lines)
 
 
-def headline_table(results):
-    lines = ["| whole training step | fastgrad | vs JAX jit | vs PyTorch eager, best thread count "
-             "| vs its own GEMMs |", "|---|---|---|---|---|"]
+def _threads(n):
+    return f"{n} thread{'s' if n > 1 else ''}"
+
+
+def headline_table(results, base_of):
+    lines = ["| whole training step | fastgrad, best thread count | vs JAX jit "
+             "| vs PyTorch eager, best thread count | vs its own GEMMs |",
+             "|---|---|---|---|---|"]
     for name, res in results.items():
-        fast = res["fastgrad"][0]
+        base = base_of[name]
+        fast = res[base][0]
+        n_fast = int(base[len("fastgrad-"):-1])
         jax = f"{res['jax'][1]:.2f}x" if "jax" in res else "-"
-        tc, tn = best_torch(res)
-        torch = f"{res[tc][1]:.2f}x ({tn} thread{'s' if tn > 1 else ''})" if tc else "-"
+        tc, tn = best_of(res, "torch")
+        torch = f"{res[tc][1]:.2f}x ({_threads(tn)})" if tc else "-"
         floor = f"{1 / res['gemm-floor'][1]:.2f}x the floor" if "gemm-floor" in res else "-"
-        lines.append(f"| {DESCRIBE.get(name, name)} | {fast * 1e3:.3g} ms | {jax} | {torch} | {floor} |")
+        lines.append(f"| {DESCRIBE.get(name, name)} | {fast * 1e3:.3g} ms ({_threads(n_fast)}) "
+                     f"| {jax} | {torch} | {floor} |")
     return "\n".join(lines)
 
 
@@ -165,31 +196,27 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--contenders", nargs="+", default=None,
-                    help="default: fastgrad gemm-floor numpy torch-1t..torch-<cores>t jax")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="fastgrad's (and BLAS's) thread count (default: the process default)")
+                    help="default: fastgrad-<n>t gemm-floor numpy torch-<n>t jax, n = 1..cores")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds per workload")
     ap.add_argument("--note", default="", help="a sentence on the conditions, printed with the tables")
     ap.add_argument("--write", action="store_true",
                     help="regenerate the tables in bench/RESULTS.md and the README's headline")
     args = ap.parse_args()
-    import fastgrad as fg
-    if args.threads:
-        fg.set_num_threads(args.threads)
-    contenders = args.contenders or (["fastgrad", "gemm-floor", "numpy"]
-                                     + [f"torch-{n}t" for n in torch_threads()] + ["jax"])
-    results = run(args.workloads, contenders, args.rounds, args.budget)
+    counts = thread_counts()
+    contenders = args.contenders or ([f"fastgrad-{n}t" for n in counts] + ["gemm-floor", "numpy"]
+                                     + [f"torch-{n}t" for n in counts] + ["jax"])
+    results, base_of = run(args.workloads, contenders, args.rounds, args.budget)
     head = header()
     detail = "\n".join([
         f"    {COMMAND}", "", f"`{head}`", "",
-        "fastgrad, NumPy and the GEMM floor at the default thread count; PyTorch at "
-        "each thread count (`torch-<n>t`); JAX with its own pool.  Sorted fastest "
-        "first within each workload; \"x fastgrad time\" > 1 means slower than fastgrad "
-        "(median of per-round ratios)." + (f"  {args.note}" if args.note else ""), "",
+        "fastgrad (`fastgrad-<n>t`) and PyTorch (`torch-<n>t`) at each thread count, NumPy "
+        "and the GEMM floor at the default thread count, JAX with its own pool.  Sorted "
+        "fastest first within each workload; \"x fastgrad time\" is the time over the fastest "
+        "fastgrad thread count's (median of per-round ratios; > 1: slower than fastgrad)." + (f"  {args.note}" if args.note else ""), "",
         detail_table(results)])
     note = f" {args.note}" if args.note else ""
-    headline = "\n".join([headline_table(results), "",
+    headline = "\n".join([headline_table(results, base_of), "",
                           f"<sub>{head}.{note} Regenerate: `{COMMAND}`</sub>"])
     print(detail)
     print()
