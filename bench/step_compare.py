@@ -9,9 +9,9 @@ round-robin in short rounds; each round's median per contender is divided by
 the fastgrad median of the same round, and the tables report the median of
 those ratios (and the median time).  fastgrad (``fastgrad-<n>t``) and
 PyTorch (``torch-<n>t``) run at every thread count from 1 to the number of
-cores, and the headline takes each one's best per workload; NumPy and the
-GEMM floor run at the process's default thread count; JAX keeps its own
-thread pool.
+cores, and the headline takes each one's best per workload, with the GEMM
+floor (``gemm-floor-<n>t``) at fastgrad's best count; NumPy runs at the
+process's default thread count; JAX keeps its own thread pool.
 """
 import argparse
 import os
@@ -53,9 +53,11 @@ def thread_counts():
 
 def make(contender, sizes, batch, act, loss):
     """(callable, library whose threads to set or None, thread count)."""
-    m = re.match(r"^(torch|fastgrad)-(\d+)t$", contender)
+    m = re.match(r"^(torch|fastgrad|gemm-floor)-(\d+)t$", contender)
     if m:
-        return CONTENDERS[m.group(1)](sizes, batch, act, loss), m.group(1), int(m.group(2))
+        # the floor's BLAS threads are set as fastgrad's are (fg.set_num_threads)
+        lib = "torch" if m.group(1) == "torch" else "fastgrad"
+        return CONTENDERS[m.group(1)](sizes, batch, act, loss), lib, int(m.group(2))
     return CONTENDERS[contender](sizes, batch, act, loss), None, None
 
 
@@ -104,7 +106,7 @@ def run(workloads, contenders, rounds, budget_s):
                 fn()                           # compile / warm up
             threads.reset(lib)
             fns[c] = (fn, lib, n)
-        fast = [c for c in fns if c.startswith("fastgrad")]
+        fast = [c for c in fns if c.startswith("fastgrad-")]
         one = timed(fns[fast[0]][0], 5)
         reps = max(3, min(200, int(budget_s / max(rounds, 1) / max(one, 1e-6) / len(fns) / 4)))
         per = {c: [] for c in fns}
@@ -175,7 +177,8 @@ def headline_table(results, base_of):
         jax = f"{res['jax'][1]:.2f}x" if "jax" in res else "-"
         tc, tn = best_of(res, "torch")
         torch = f"{res[tc][1]:.2f}x ({_threads(tn)})" if tc else "-"
-        floor = f"{1 / res['gemm-floor'][1]:.2f}x the floor" if "gemm-floor" in res else "-"
+        floor = res.get(f"gemm-floor-{n_fast}t")      # at fastgrad's thread count
+        floor = f"{1 / floor[1]:.2f}x the floor" if floor else "-"
         lines.append(f"| {DESCRIBE.get(name, name)} | {fast * 1e3:.3g} ms ({_threads(n_fast)}) "
                      f"| {jax} | {torch} | {floor} |")
     return "\n".join(lines)
@@ -196,7 +199,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
     ap.add_argument("--contenders", nargs="+", default=None,
-                    help="default: fastgrad-<n>t gemm-floor numpy torch-<n>t jax, n = 1..cores")
+                    help="default: fastgrad-<n>t gemm-floor-<n>t numpy torch-<n>t jax, n = 1..cores")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds per workload")
     ap.add_argument("--note", default="", help="a sentence on the conditions, printed with the tables")
@@ -204,14 +207,16 @@ def main():
                     help="regenerate the tables in bench/RESULTS.md and the README's headline")
     args = ap.parse_args()
     counts = thread_counts()
-    contenders = args.contenders or ([f"fastgrad-{n}t" for n in counts] + ["gemm-floor", "numpy"]
+    contenders = args.contenders or ([f"fastgrad-{n}t" for n in counts]
+                                     + [f"gemm-floor-{n}t" for n in counts] + ["numpy"]
                                      + [f"torch-{n}t" for n in counts] + ["jax"])
     results, base_of = run(args.workloads, contenders, args.rounds, args.budget)
     head = header()
     detail = "\n".join([
         f"    {COMMAND}", "", f"`{head}`", "",
-        "fastgrad (`fastgrad-<n>t`) and PyTorch (`torch-<n>t`) at each thread count, NumPy "
-        "and the GEMM floor at the default thread count, JAX with its own pool.  Sorted "
+        "fastgrad (`fastgrad-<n>t`), its GEMMs alone (`gemm-floor-<n>t`) and PyTorch "
+        "(`torch-<n>t`) at each thread count, NumPy at the default thread count, JAX with "
+        "its own pool.  Sorted "
         "fastest first within each workload; \"x fastgrad time\" is the time over the fastest "
         "fastgrad thread count's (median of per-round ratios; > 1: slower than fastgrad)." + (f"  {args.note}" if args.note else ""), "",
         detail_table(results)])
