@@ -195,6 +195,7 @@ def plot(rows, path, title="time per step"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = by_workload(rows)
     n = len(groups)
@@ -213,10 +214,12 @@ def plot(rows, path, title="time per step"):
                   + (f" {r['extra']['threads']}t" if "threads" in r["extra"] else "")
                   + f" ({r['device']})" for r in group]
         times = [r["median"] * 1e3 for r in group]
-        colors = [colours.get(r["contender"].split("-")[0], "tab:brown") for r in group]
+        colors = [colours.get(r["contender"], colours.get(r["contender"].split("-")[0], "tab:brown"))
+                  for r in group]
         ax.barh(range(len(group)), times, color=colors, alpha=0.85)
         ax.set_yticks(range(len(group)), labels, fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())   # no crowded labels
         ax.set_xlabel("median time per call (ms, log scale)", fontsize=8)
         ax.set_title(f"workload {workload}", fontsize=10)
         for i, (t, r) in enumerate(zip(times, group)):
