@@ -1,8 +1,9 @@
 """Dense layer forward and forward+backward, relu, float32, per device.
 
-Contenders (one benchmarked function each):
+Workloads ``forward-<in>x<out>`` and ``fwd+bwd-<in>x<out>`` (batch 256);
+contenders (one benchmarked function each):
 
-* ``fastgrad-kernel`` -- ``fastgrad.kernels.<device>.dense_forward`` /
+* ``fastgrad`` -- ``fastgrad.kernels.<device>.dense_forward`` /
   ``dense_backward`` on preallocated buffers, called as ``fastgrad.layers``
   calls them (``z is a``; ``dz is da``): the library's hot path.
 * ``fastgrad-ops`` -- the checked, allocating functional API ``fastgrad.ops``.
@@ -22,11 +23,12 @@ from numba import njit
 import fastgrad
 from fastgrad import ops
 from fastgrad.kernels.cpu.activations import RELU
+import conftest
 from conftest import SMOKE, sync, xp_of
 
 BATCH = 4 if SMOKE else 256
 SHAPES = [(8, 8), (16, 8)] if SMOKE else [(64, 64), (784, 256), (1024, 1024)]
-CONTENDERS = ["fastgrad-kernel", "fastgrad-ops", "numpy", "gemm-floor"]
+CONTENDERS = ["fastgrad", "fastgrad-ops", "numpy", "gemm-floor"]
 
 
 @njit(nogil=True)
@@ -70,7 +72,7 @@ def _make(device, n_in, n_out):
 
 def _forward_fn(device, contender, xp, d):
     x, W, b, a = d["x"], d["W"], d["b"], d["a"]
-    if contender == "fastgrad-kernel":
+    if contender == "fastgrad":
         k = _kernels(device)
         return lambda: k.dense_forward(x, W, b, a, a, RELU, 0.0)
     if contender == "fastgrad-ops":
@@ -87,7 +89,7 @@ def _forward_fn(device, contender, xp, d):
 def _fwd_bwd_fn(device, contender, xp, d):
     x, W, b, a, da, g = d["x"], d["W"], d["b"], d["a"], d["da"], d["g"]
     dz, dW, db, dx = d["dz"], d["dW"], d["db"], d["dx"]
-    if contender == "fastgrad-kernel":
+    if contender == "fastgrad":
         k = _kernels(device)
 
         def run():
@@ -136,18 +138,27 @@ def _bench(benchmark, device, fn, n_in, n_out, n_gemms, group):
         benchmark.extra_info["gflops_at_median"] = round(flops / stats.stats.median / 1e9, 2)
 
 
-@pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("n_in,n_out", SHAPES, ids=[f"{i}x{o}" for i, o in SHAPES])
-def bench_dense_forward(benchmark, device, contender, n_in, n_out):
+def _workloads(kind):
+    return {f"{kind}-{i}x{o}": (i, o) for i, o in SHAPES}
+
+
+FORWARD, FWD_BWD = _workloads("forward"), _workloads("fwd+bwd")
+
+
+@pytest.mark.parametrize("workload,device,contender", conftest.cases(FORWARD, CONTENDERS))
+def bench_dense_forward(benchmark, workload, device, contender):
+    conftest.require(device, contender)
+    n_in, n_out = FORWARD[workload]
     xp, d = _make(device, n_in, n_out)
     fn = _forward_fn(device, contender, xp, d)
     _bench(benchmark, device, fn, n_in, n_out, 1,
            f"dense forward {BATCH}x{n_in}->{n_out} relu f32 {device}")
 
 
-@pytest.mark.parametrize("contender", CONTENDERS)
-@pytest.mark.parametrize("n_in,n_out", SHAPES, ids=[f"{i}x{o}" for i, o in SHAPES])
-def bench_dense_fwd_bwd(benchmark, device, contender, n_in, n_out):
+@pytest.mark.parametrize("workload,device,contender", conftest.cases(FWD_BWD, CONTENDERS))
+def bench_dense_fwd_bwd(benchmark, workload, device, contender):
+    conftest.require(device, contender)
+    n_in, n_out = FWD_BWD[workload]
     xp, d = _make(device, n_in, n_out)
     fn = _fwd_bwd_fn(device, contender, xp, d)
     _bench(benchmark, device, fn, n_in, n_out, 3,

@@ -1,13 +1,16 @@
 """Clipped Adam update alone, flat float32 buffers: fastgrad against NumPy,
 PyTorch (Adam fused=True, else foreach, + clip_grad_norm_), optax
-(chain(clip_by_global_norm, adam) under jax.jit) and the streaming ceiling.
+(chain(clip_by_global_norm, adam) under jax.jit) and the streaming ceiling.  Workloads ``adam-1M`` and ``adam-16M``
+(parameters); contenders ``fastgrad``, ``fastgrad-parallel``
+(``opt.parallel = True``), ``ceiling``, ``ceiling-parallel``, ``numpy``,
+``torch-<n>t`` (n threads) and ``jax`` (optax under jit).
 
 Throughput counts 32 bytes per parameter: the norm pass reads g (4), the
 update reads p, g, m, v (16) and writes p, m, v (12).  The ceiling is a plain
 streaming kernel with exactly that traffic, measured in the same run.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
-        python -m pytest bench/bench_optim.py --benchmark-columns=median,ops
+        python -m pytest bench/bench_optim.py
     python -m pytest bench --benchmark-disable          # smoke: tiny sizes
 
 ``bench/optim_compare.py`` runs the same contenders in interleaved rounds
@@ -16,6 +19,8 @@ and prints the ratio table (the numbers in bench/RESULTS.md).
 import numpy as np
 import pytest
 from numba import njit, prange
+
+import conftest
 
 from fastgrad.kernels.cpu._jit import JIT
 
@@ -130,6 +135,7 @@ def make_numpy(n):
 
 
 def make_torch(n):
+    """PyTorch at its current thread count (the benchmark sets it)."""
     torch = pytest.importorskip("torch")
     p, g, _, _ = _buffers(n)
     param = torch.nn.Parameter(torch.from_numpy(p))
@@ -169,26 +175,28 @@ def make_optax(n):
     return run
 
 
-CONTENDERS = {"ceiling": make_ceiling, "ceiling parallel": make_ceiling_parallel,
-              "fastgrad": make_fastgrad, "fastgrad parallel": make_fastgrad_parallel,
-              "numpy": make_numpy, "torch": make_torch, "optax": make_optax}
+CONTENDERS = {"ceiling": make_ceiling, "ceiling-parallel": make_ceiling_parallel,
+              "fastgrad": make_fastgrad, "fastgrad-parallel": make_fastgrad_parallel,
+              "numpy": make_numpy, "torch": make_torch, "jax": make_optax}
+WORKLOADS = {"adam-1M": 1 << 20, "adam-16M": 1 << 24}
 
 
-@pytest.fixture
-def n_params(request):
-    if request.config.getoption("benchmark_disable", False):
-        return 4096                         # smoke mode: correctness of the harness only
-    return request.param
+def _contenders(device):
+    return [c for c in CONTENDERS if c != "torch"] + conftest.torch_cpu_contenders()
 
 
-@pytest.mark.parametrize("n_params", [1 << 20, 1 << 24], indirect=True, ids=["1M", "16M"])
-@pytest.mark.parametrize("contender", list(CONTENDERS))
-def test_clipped_adam_update(benchmark, contender, n_params):
-    run = CONTENDERS[contender](n_params)
-    run()                                   # compile / warm up
-    benchmark.extra_info["bytes"] = BYTES_PER_PARAM * n_params
-    benchmark.pedantic(run, rounds=20 if n_params < (1 << 22) else 6, iterations=1,
-                       warmup_rounds=1)
+@pytest.mark.parametrize("workload,device,contender",
+                         conftest.cases(WORKLOADS, _contenders, devices=("cpu",)))
+def bench_clipped_adam_update(benchmark, workload, device, contender):
+    conftest.require(device, contender)
+    # smoke mode: correctness of the harness only
+    n_params = 4096 if conftest.SMOKE else WORKLOADS[workload]
+    with conftest.torch_threads(contender):
+        run = CONTENDERS["torch" if contender.startswith("torch") else contender](n_params)
+        run()                                   # compile / warm up
+        benchmark.extra_info["bytes"] = BYTES_PER_PARAM * n_params
+        benchmark.pedantic(run, rounds=20 if n_params < (1 << 22) else 6, iterations=1,
+                           warmup_rounds=1)
     if benchmark.stats is not None:         # None when benchmarking is disabled
         gbs = BYTES_PER_PARAM * n_params / benchmark.stats.stats.median / 1e9
         benchmark.extra_info["GB/s"] = round(gbs, 2)

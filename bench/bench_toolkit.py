@@ -8,7 +8,10 @@ clip_grad_norm_) and JAX jit + optax (the same layers in jax.numpy).
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest bench/bench_toolkit.py
     python bench/toolkit_compare.py      # interleaved rounds: the ratios in RESULTS.md
 
-Smoke runs (``--benchmark-disable``) use a miniature deep network.
+Workloads ``deep-plain``, ``deep-batchnorm``, ``deep-residual``,
+``deep-dropout``; contenders ``fastgrad``, ``torch-<n>t`` (``torch`` on
+CUDA), ``jax`` (CPU).  Smoke runs (``--benchmark-disable``) use a miniature deep
+network.
 """
 import pytest
 
@@ -21,28 +24,32 @@ def _workload():
     return SMOKE_DEEP if conftest.SMOKE else DEEP
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def bench_fastgrad_toolkit_step(benchmark, variant, device):
+WORKLOADS = {f"deep-{v}": v for v in VARIANTS}
+
+
+def _contenders(device):
+    if device == "cuda":
+        return ["fastgrad", "torch"]
+    return ["fastgrad"] + conftest.torch_cpu_contenders() + ["jax"]
+
+
+@pytest.mark.parametrize("workload,device,contender", conftest.cases(WORKLOADS, _contenders))
+def bench_toolkit_step(benchmark, workload, device, contender):
+    conftest.require(device, contender)
+    variant = WORKLOADS[workload]
     sizes, batch, act, loss = _workload()
-    step = CONTENDERS["fastgrad"](variant, sizes, batch, act, loss, device=device)
-    step()                                    # compile / warm up
+    with conftest.torch_threads(contender):
+        if contender == "fastgrad":
+            step = CONTENDERS["fastgrad"](variant, sizes, batch, act, loss, device=device)
+        elif contender.startswith("torch"):
+            step = CONTENDERS["torch"](variant, sizes, batch, act, loss, device=device)
+        else:
+            step = CONTENDERS["jax"](variant, sizes, batch, act, loss)
+        wait = conftest.peer_sync(device, contender)
+        step()                                    # compile / warm up
 
-    def run():
-        step()
-        conftest.sync(device)
-    benchmark.extra_info["gemm_gflop"] = gemm_flops(sizes, batch) / 1e9
-    benchmark(run)
-
-
-@pytest.mark.parametrize("contender", [c for c in CONTENDERS if c != "fastgrad"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def bench_toolkit_step(benchmark, variant, contender):
-    if contender in ("torch", "jax"):
-        pytest.importorskip(contender)
-    if contender == "jax":
-        pytest.importorskip("optax")
-    sizes, batch, act, loss = _workload()
-    step = CONTENDERS[contender](variant, sizes, batch, act, loss)
-    step()                                    # compile / warm up
-    benchmark.extra_info["gemm_gflop"] = gemm_flops(sizes, batch) / 1e9
-    benchmark(step)
+        def run():
+            step()
+            wait()
+        benchmark.extra_info["gemm_gflop"] = gemm_flops(sizes, batch) / 1e9
+        benchmark(run)

@@ -63,14 +63,14 @@ def main():
             med = np.median(T[k])
             gbs = B.BYTES_PER_PARAM * n / med / 1e9
             # the parallel contenders against the parallel ceiling
-            ref = "ceiling parallel" if k.endswith("parallel") else "ceiling"
+            ref = "ceiling-parallel" if k.endswith("parallel") else "ceiling"
             ceil = np.median(T[ref] / T[k]) * 100
             speed = np.median(T[k] / T["fastgrad"])
-            speed_par = np.median(T[k] / T["fastgrad parallel"])
+            speed_par = np.median(T[k] / T["fastgrad-parallel"])
             label = k
             if k == "torch":
                 label = f"torch Adam({getattr(runs[k], 'torch_flavour', '?')}) + clip_grad_norm_"
-            if k == "optax":
+            if k == "jax":
                 label = "optax chain(clip_by_global_norm, adam), jit"
             print(f"| {size} | {label} | {med * 1e3:.2f} | {gbs:.1f} | {ceil:.0f} % | "
                   f"{speed:.2f} | {speed_par:.2f} |")

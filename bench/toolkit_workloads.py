@@ -44,7 +44,7 @@ def make_fastgrad(variant, sizes, batch, act, loss, device="cpu"):
     return lambda: step(x, y)
 
 
-def make_torch(variant, sizes, batch, act, loss):
+def make_torch(variant, sizes, batch, act, loss, device="cpu"):
     import torch
     torch.manual_seed(0)
     L = len(sizes) - 1
@@ -71,7 +71,7 @@ def make_torch(variant, sizes, batch, act, loss):
             layers.append(actf())
             if variant == "dropout":
                 layers.append(torch.nn.Dropout(DROPOUT))
-    return torch_step(torch.nn.Sequential(*layers).train(), sizes, batch, loss)
+    return torch_step(torch.nn.Sequential(*layers).train().to(device), sizes, batch, loss, device)
 
 
 def make_jax(variant, sizes, batch, act, loss):

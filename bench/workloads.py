@@ -80,6 +80,28 @@ def make_gemm_floor(sizes, batch, act, loss):
     return lambda: gemms(hs, Ws, dzs, dWs, dxs)
 
 
+def make_gemm_floor_cuda(sizes, batch, act, loss):
+    """The step's own GEMMs alone on cuBLAS (CuPy ``matmul(out=)``)."""
+    import cupy as cp
+    rng = np.random.default_rng(0)
+    L = len(sizes) - 1
+    hs = [cp.asarray(rng.standard_normal((batch, sizes[i])).astype(np.float32)) for i in range(L)]
+    Ws = [cp.asarray(rng.standard_normal((sizes[i], sizes[i + 1])).astype(np.float32))
+          for i in range(L)]
+    dzs = [cp.zeros((batch, sizes[i + 1]), np.float32) for i in range(L)]
+    dWs = [cp.zeros_like(W) for W in Ws]
+    dxs = [cp.zeros_like(h) for h in hs]
+
+    def run():
+        for i in range(L):
+            cp.matmul(hs[i], Ws[i], out=dzs[i])
+        for i in range(L - 1, -1, -1):
+            cp.matmul(hs[i].T, dzs[i], out=dWs[i])
+            if i > 0:
+                cp.matmul(dzs[i], Ws[i].T, out=dxs[i])
+    return run
+
+
 def make_numpy(sizes, batch, act, loss):
     """Plain NumPy float32: the step written the way a NumPy user would."""
     rng = np.random.default_rng(0)
@@ -170,10 +192,11 @@ def torch_step(net, sizes, batch, loss, device="cpu"):
     return step
 
 
-def make_jax(sizes, batch, act, loss):
+def make_jax(sizes, batch, act, loss, device="cpu"):
     import jax
     import jax.numpy as jnp
     import optax
+    where = jax.devices("gpu" if device == "cuda" else "cpu")[0]
     L = len(sizes) - 1
     key = jax.random.PRNGKey(0)
     params = []
@@ -183,9 +206,10 @@ def make_jax(sizes, batch, act, loss):
                        * np.sqrt(2 / sizes[i]), jnp.zeros(sizes[i + 1], jnp.float32)))
     f = jnp.tanh if act == "tanh" else jax.nn.relu
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    params = jax.device_put(params, where)
     state = [params, tx.init(params)]
     xn, yn = data(sizes, batch, loss)
-    x, y = jnp.asarray(xn), jnp.asarray(yn)
+    x, y = jax.device_put(jnp.asarray(xn), where), jax.device_put(jnp.asarray(yn), where)
 
     def loss_fn(ps, x, y):
         h = x
@@ -210,6 +234,6 @@ def make_jax(sizes, batch, act, loss):
 
 
 CONTENDERS = {
-    "fastgrad": make_fastgrad, "gemm_floor": make_gemm_floor, "numpy": make_numpy,
+    "fastgrad": make_fastgrad, "gemm-floor": make_gemm_floor, "numpy": make_numpy,
     "torch": make_torch, "jax": make_jax,
 }

@@ -117,6 +117,8 @@ class Dense:
         effective weight and its gradient, recomputed each forward/backward;
         ``v``, ``g``, ``dv``, ``dg`` are the views into the flat buffers.
 
+    Notes
+    -----
     A Dense has no storage of its own until a :class:`Sequential` places it
     in the model's flat buffer; from then on its arrays (``W``, ``b``,
     ``dW``, ``db``, ...) cannot be rebound (AttributeError: the model,

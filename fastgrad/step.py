@@ -40,8 +40,11 @@ class TrainStep:
         ``pos_weight``, ``reduction="sum"``, ...) the step runs the layer
         path (forward, loss, backward, update launched one by one) instead
         of the fused call, which computes the default losses only.
-    opt : a fastgrad.optim optimizer built on ``model``
+    opt : fastgrad optimizer
+        Built on ``model`` (``fg.Adam(model, ...)`` and the like).
 
+    Notes
+    -----
     Calling ``step(x, y)`` returns the mean loss of the batch (before the
     update, as in a PyTorch loop) and leaves the update's statistics in
     ``step.stats``.

@@ -6,8 +6,8 @@ import pytest
 
 from fastgrad.cli import main
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn (pip install 'fastgrad[examples]')")
+pytest.importorskip("matplotlib", reason="the demo's plot needs matplotlib (pip install 'fastgrad[examples]')")
 
 
 def _run(*args, timeout=300):

@@ -16,7 +16,8 @@ from conftest import ACTIVATIONS, assert_close, dense_inputs
 
 
 def _torch():
-    return pytest.importorskip("torch")
+    return pytest.importorskip(
+        "torch", reason="PyTorch parity test: torch is not installed (pip install 'fastgrad[peers]')")
 
 
 def _run_block(x, W, b, act, alpha, p, residual, key, dy):
@@ -286,6 +287,10 @@ def test_bad_residual():
         fg.Sequential([block, inner])
     with pytest.raises(ValueError, match="pass the Residual"):
         fg.Sequential([inner])
+
+
+def test_residual_model_refuses_to_torch():
+    _torch()                       # to_torch needs PyTorch before it looks at the layers
     m = fg.MLP([3, 4, 4, 2], residual=True)
     if importlib.util.find_spec("torch") is not None:
         # to_torch expresses residual blocks (fastgrad.interop.ResidualBlock)

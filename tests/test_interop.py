@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip(
+    "torch", reason="PyTorch interop: torch is not installed (pip install 'fastgrad[peers]')")
 nn = torch.nn
 
 import fastgrad as fg                                        # noqa: E402

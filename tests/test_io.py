@@ -446,7 +446,8 @@ def test_version_constant():
 # --- (e) readable from PyTorch -------------------------------------------------------
 
 def test_readable_by_safetensors_torch(tmp_path, rng):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip(
+        "torch", reason="PyTorch parity test: torch is not installed (pip install 'fastgrad[peers]')")
     from safetensors.torch import load_file as torch_load_file
     model, opt = _trained("float64", "adam_amsgrad", rng)
     path = tmp_path / "run.fgz"

@@ -74,7 +74,8 @@ def test_trajectory_matches_reference(kind, hyper, clip_norm, clip_value):
 
 @pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
 def test_trajectory_matches_torch(kind, hyper, clip_norm, clip_value):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip(
+        "torch", reason="PyTorch parity test: torch is not installed (pip install 'fastgrad[peers]')")
     rng = np.random.default_rng(2)
     arrays = [rng.standard_normal(s) for s in SHAPES]
     tparams = [torch.nn.Parameter(torch.tensor(a)) for a in arrays]

@@ -42,7 +42,8 @@ def test_config_roundtrip_is_json(sched):
 
 
 def test_matches_optax():
-    optax = pytest.importorskip("optax")
+    optax = pytest.importorskip(
+        "optax", reason="optax parity test: optax is not installed (pip install 'fastgrad[peers]')")
     pairs = [
         (S.exponential_decay(0.1, 0.5, 10),
          optax.exponential_decay(0.1, transition_steps=10, decay_rate=0.5)),
