@@ -22,6 +22,7 @@ import numpy as np
 
 from . import device as _device
 from . import ops
+from .errors import NonFiniteGradientError
 from .kernels.cpu import step as _kstep
 from .kernels.cpu import norm as _knorm
 from .kernels.cpu import step_blocks as _kblocks
@@ -67,8 +68,9 @@ class TrainStep:
     parameters, the optimizer state and step count, and on the CPU also
     the model's dropout counter (``model.dropout_step``) and batch-norm
     running statistics, which the forward had already advanced.  (On CUDA
-    the skip is decided on the device without the host waiting, so there
-    the counter and running statistics do advance.)
+    the skip is decided on the device without the host waiting: the running
+    statistics are restored there by a device-side select, but the dropout
+    counter, kept on the host, does advance.)
 
     Calls from several threads run one at a time (the model's lock, shared
     with its optimizer), so no thread sees or writes a half-done step.
@@ -275,12 +277,39 @@ class TrainStep:
     def _composed_step(self, x, y, update):
         # model.forward is the training forward in train mode (dropout, batch
         # statistics) and the eval forward in eval mode, as the fused step.
-        out = self.model.forward(x)
-        loss, grad = self.loss_fn(out, self.model._xp.asarray(y))
-        self.model.backward(grad, input_grad=False)
+        model = self.model
+        snap = model._step_snapshot() if update else None
+        out = model.forward(x)
+        loss, grad = self.loss_fn(out, model._xp.asarray(y))
+        model.backward(grad, input_grad=False)
         if update:
-            self.stats = self.opt.step()
+            try:
+                self.stats = self.opt.step()
+            except NonFiniteGradientError:
+                self._undo_forward(snap, skipped=True)
+                raise
+            self._undo_forward(snap)
         return self._result(loss)
+
+    def _undo_forward(self, snap, skipped=None):
+        """After a skipped update, undo what the forward changed besides the
+        parameters (``model._step_snapshot``).  On CUDA the skip decision
+        is in device memory: the running statistics are restored by a
+        device-side select on it (no host wait); the dropout counter lives
+        on the host and keeps its advance."""
+        model = self.model
+        if model.device == "cpu":
+            if skipped or (skipped is None and self.stats.skipped):
+                model._restore_snapshot(snap)
+            return
+        _, mean, var = snap
+        if mean is None:
+            return
+        book = self.opt._book
+        skip = book.buffers["ctl"][book.k.CTL_SKIP] != 0
+        xp = model._xp
+        model._running_mean[...] = xp.where(skip, mean, model._running_mean)
+        model._running_var[...] = xp.where(skip, var, model._running_var)
 
     def __call__(self, x, y):
         with self.opt._lock:

@@ -314,6 +314,39 @@ def test_skipped_step_changes_nothing(kind, opt_name):
     assert np.isfinite(model.predict(_data(rng)[0])).all()
 
 
+@pytest.mark.parametrize("loss_options", [False, True], ids=["plain-loss", "loss-options"])
+def test_skipped_step_leaves_batch_norm_on_every_device(device, loss_options):
+    """The layer path (CUDA models with batch norm; any model whose loss has
+    options) restores the running statistics after a skipped update too: on
+    CUDA by a select on the device's skip flag, without a host wait."""
+    from fastgrad.device import array_module
+    xp = array_module(device)
+    rng = np.random.default_rng(5)
+    model = fg.MLP(SIZES, dtype="float64", seed=0, norm="batch", device=device)
+    loss = (fg.SoftmaxCrossEntropy(label_smoothing=0.1) if loss_options
+            else fg.SoftmaxCrossEntropy())
+    step = fg.TrainStep(model, loss, fg.Adam(model, lr=1e-2))
+    for _ in range(2):
+        x, y = _data(rng)
+        step(xp.asarray(x), y)
+    x, y = _data(rng)
+    x[4, 2] = np.nan
+    running = (to_host(model.running_mean), to_host(model.running_var))
+    counter = model.dropout_step
+    step(xp.asarray(x), y)
+    assert step.stats.skipped
+    assert to_host(model.running_mean).tobytes() == running[0].tobytes(), "running mean"
+    assert to_host(model.running_var).tobytes() == running[1].tobytes(), "running variance"
+    if device == "cpu":
+        assert model.dropout_step == counter, "dropout counter"
+    model.eval()
+    assert np.isfinite(to_host(model.predict(xp.asarray(_data(rng)[0])))).all()
+
+
+def to_host(a):
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a)
+
+
 def test_skipped_step_then_retry_draws_the_same_masks():
     """After a skipped step, the next step draws the masks the skipped one
     would have drawn: a run with a NaN batch inserted equals one without."""
