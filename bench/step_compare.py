@@ -25,6 +25,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from report import write_block  # noqa: E402
 from workloads import CONTENDERS, WORKLOADS, gemm_flops  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
@@ -184,17 +185,6 @@ def headline_table(results, base_of):
     return "\n".join(lines)
 
 
-def replace_block(path, tag, text):
-    """Replace what lies between ``<!-- tag:begin -->`` and ``<!-- tag:end -->``."""
-    src = path.read_text()
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    if begin not in src or end not in src:
-        raise SystemExit(f"{path}: markers {begin} ... {end} not found")
-    head, rest = src.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
@@ -227,8 +217,8 @@ def main():
     print()
     print(headline)
     if args.write:
-        replace_block(RESULTS, "step_compare", detail + "\n\n" + headline)
-        replace_block(README, "headline", headline)
+        write_block(RESULTS, "step_compare", detail + "\n\n" + headline)
+        write_block(README, "headline", headline)
         print(f"\nwrote {RESULTS} and {README}", file=sys.stderr)
 
 
