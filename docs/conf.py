@@ -20,7 +20,7 @@ extensions = [
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "lab.md"]   # generated tables, shown in the README
 myst_heading_anchors = 3
 
 napoleon_google_docstring = False
