@@ -558,7 +558,7 @@ def build_parser():
                       help="hidden widths, comma-separated (default 128,128)")
     demo.add_argument("--activation", default="relu",
                       choices=["identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh",
-                               "softplus", "gelu"])
+                               "softplus", "gelu", "silu"])
     demo.add_argument("--init", default="he_normal",
                       choices=["xavier_uniform", "xavier_normal", "he_uniform", "he_normal"])
     demo.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)

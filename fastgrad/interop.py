@@ -24,6 +24,7 @@ Activations map as::
     nn.Sigmoid, nn.Tanh          sigmoid, tanh
     nn.Softplus()                softplus (beta=1, threshold=20 only)
     nn.GELU(approximate="tanh")  gelu
+    nn.SiLU                      silu
     nn.Identity / nothing        identity
 
 ``nn.Softplus`` switches to ``z`` above its ``threshold`` (20); fastgrad's
@@ -79,6 +80,8 @@ def _activation_of(mod, torch):
                              "approximation, nn.GELU(approximate='tanh'); exact erf GELU "
                              "is not implemented")
         return "gelu", None
+    if t is nn.SiLU:
+        return "silu", None
     return None
 
 
@@ -221,7 +224,7 @@ def _read_layers(mods, torch, where=""):
                              "nn.Linear (plain or weight-normalised), BatchNorm1d, LayerNorm, "
                              "Dropout, fastgrad.interop.ResidualBlock and the activations "
                              "ReLU, LeakyReLU, ELU, Sigmoid, Tanh, Softplus, "
-                             "GELU(approximate='tanh'), Identity")
+                             "GELU(approximate='tanh'), SiLU, Identity")
         if act[0] == "identity":
             continue
         if last.stage >= 2:
@@ -347,6 +350,8 @@ def _torch_activation(layer, torch):
         return nn.Softplus()
     if name == "gelu":
         return nn.GELU(approximate="tanh")
+    if name == "silu":
+        return nn.SiLU()
     raise ValueError(f"activation {name!r} has no torch equivalent")   # pragma: no cover
 
 

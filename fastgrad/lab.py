@@ -91,6 +91,10 @@ _VANISHING = [
        init="xavier_normal", residual=True),
     _v("sigmoid, Xavier init, SGD lr 0.05 + dropout 0.1", activation="sigmoid",
        init="xavier_normal", dropout=0.1),
+    # Added after the rows above: appended, not inserted next to gelu, so
+    # that V1-V21 keep their ids (the claims, docs/lab.json and readers'
+    # notes refer to rows by id).
+    _v("silu, He init, SGD lr 0.05", activation="silu", init="he_normal"),
 ]
 VANISHING_ROWS = [LabRow(f"V{i + 1}", "vanishing", r) for i, r in enumerate(_VANISHING)]
 
@@ -333,7 +337,7 @@ CLAIMS = [
     Claim("C1", "ReLU and its variants cure vanishing gradients where sigmoid and tanh cause them",
           tuple(_c(r, s, "vanishing", f"{a} vs {b}")
                 for r, a in (("V8", "relu"), ("V9", "leaky_relu"), ("V10", "elu"),
-                             ("V11", "gelu"), ("V12", "softplus"))
+                             ("V11", "gelu"), ("V12", "softplus"), ("V22", "silu"))
                 for s, b in (("V2", "sigmoid"), ("V5", "tanh")))),
     Claim("C2", "Xavier init suits tanh and sigmoid, He init suits ReLU",
           (_c("V2", "V3", "accuracy", "sigmoid"), _c("V5", "V6", "accuracy", "tanh"),
@@ -687,7 +691,7 @@ HEATMAP_IDS = ["V1", "V2", "V5", "V8", "V17", "V20", "E2", "E15"]
 # gradient norm; each line is the median over the seeds, its band the range.
 PANELS = [
     ("init", "vanishing", ["V1", "V2", "V3", "V4", "V5", "V6", "V7", "V8"]),
-    ("activation", "vanishing", ["V2", "V5", "V8", "V9", "V10", "V11", "V12"]),
+    ("activation", "vanishing", ["V2", "V5", "V8", "V9", "V10", "V11", "V12", "V22"]),
     ("optimizer and lr", "vanishing", ["V2", "V13", "V15", "V16", "V5", "V14"]),
     ("normalisation", "vanishing", ["V2", "V17", "V18", "V19", "V20", "V21"]),
     ("init and lr", "explosion", ["E1", "E18", "E4", "E17", "E8"]),

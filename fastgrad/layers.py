@@ -93,7 +93,8 @@ class Dense:
     n_in, n_out : int
         Input and output widths (``W`` is ``(n_in, n_out)``, as in Keras/Flax).
     activation : str or None
-        identity (None), relu, leaky_relu, elu, sigmoid, tanh, softplus, gelu.
+        identity (None), relu, leaky_relu, elu, sigmoid, tanh, softplus, gelu,
+        silu.
     alpha : float, optional
         Slope of leaky_relu (default 0.01) or scale of elu (default 1.0).
     init : str
@@ -456,7 +457,7 @@ class Sequential:
         """The layer loop of a model with dropout or residual blocks.
 
         Plain layers run the plain kernels; the others the block kernels,
-        which keep ``z`` (gelu), ``f(z)`` (residual blocks) and ``xhat``
+        which keep ``z`` (gelu, silu), ``f(z)`` (residual blocks) and ``xhat``
         (normalised layers) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
         blocks, norm, _ = _toolkit(self.device)

@@ -140,7 +140,7 @@ def dense_forward(x, W, b, activation="identity", alpha=None):
     -------
     a : (batch, n_out) array
     z : the pre-activation (batch, n_out) when the activation's derivative
-        needs it (gelu), else None.  Pass both to :func:`dense_backward`.
+        needs it (gelu, silu), else None.  Pass both to :func:`dense_backward`.
     """
     dev = _device_of(x, W, b)
     xp, k = _device.array_module(dev), _device.kernels(dev)
@@ -159,7 +159,7 @@ def dense_forward(x, W, b, activation="identity", alpha=None):
 def dense_backward(x, W, a, z, da, activation="identity", alpha=None, need_dx=True):
     """Gradients of ``a = f(x @ W + b)`` given ``da = dL/da``.
 
-    One pass computes ``dz = da * f'`` (from ``a``, or ``z`` for gelu) and
+    One pass computes ``dz = da * f'`` (from ``a``, or ``z`` for gelu, silu) and
     ``db``; then two GEMMs give ``dW = x^T dz`` and ``dx = dz W^T``.
 
     Returns ``(dW, db, dx)``; ``dx`` is None when ``need_dx`` is False.
@@ -208,7 +208,7 @@ def activation_forward(z, activation, alpha=None, dtype=None):
 
 
 def activation_backward(da, a, z, activation, alpha=None):
-    """``da * f'(z)``, with f' read from the output ``a`` (``z`` for gelu)."""
+    """``da * f'(z)``, with f' read from the output ``a`` (``z`` for gelu, silu)."""
     dev = _device_of(da, a, z)
     xp, k = _device.array_module(dev), _device.kernels(dev)
     code, alpha = resolve_activation(activation, alpha)

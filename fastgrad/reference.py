@@ -11,6 +11,14 @@ _GELU_K = np.sqrt(2.0 / np.pi)
 _GELU_C = 0.044715
 
 
+def _logistic(z):
+    """(sigmoid(z), 1 - sigmoid(z)), each to float64 rounding for any z:
+    with e = exp(-|z|) <= 1, both are a ratio of e or 1 over 1 + e."""
+    e = np.exp(-np.abs(z))
+    pos = z >= 0
+    return np.where(pos, 1.0, e) / (1.0 + e), np.where(pos, e, 1.0) / (1.0 + e)
+
+
 def activation(z, name, alpha=None):
     """f(z) for the activation ``name``."""
     z = np.asarray(z, dtype=np.float64)
@@ -30,6 +38,8 @@ def activation(z, name, alpha=None):
         return np.logaddexp(0.0, z)
     if name == "gelu":
         return 0.5 * z * (1.0 + np.tanh(_GELU_K * (z + _GELU_C * z ** 3)))
+    if name == "silu":
+        return z * _logistic(z)[0]
     raise ValueError(f"unknown activation {name!r}")
 
 
@@ -57,6 +67,9 @@ def activation_grad(z, name, alpha=None):
             t = np.tanh(_GELU_K * (z + _GELU_C * z ** 3))
             sech2 = 1.0 - t * t
             return 0.5 * (1.0 + t) + 0.5 * z * sech2 * _GELU_K * (1.0 + 3 * _GELU_C * z ** 2)
+    if name == "silu":
+        s, one_minus_s = _logistic(z)
+        return s * (1.0 + z * one_minus_s)
     raise ValueError(f"unknown activation {name!r}")
 
 

@@ -25,7 +25,8 @@ os.environ.setdefault("FASTGRAD_DEVICE", "cpu")
 import fastgrad  # noqa: E402
 from fastgrad import device as fg_device  # noqa: E402
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu")
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
+               "silu")
 LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")
 DTYPES = (np.float32, np.float64)
 WIDTHS = (1, 3, 17, 129, 1000)

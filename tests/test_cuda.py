@@ -322,7 +322,7 @@ def _to_gpu(cp, arrays):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("loss", [cpu_step.CROSS_ENTROPY, cpu_step.MSE, cpu_step.BCE_WITH_LOGITS])
-@pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "silu"])
 def test_forward_backward_matches_cpu(cp, rng, act, loss):
     from fastgrad.kernels.cuda import step as kstep
     dtype = np.float32

@@ -39,7 +39,7 @@ def _data(rng, B=32, n_in=12, n_out=5):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "silu"])
 def test_layer_path_matches_cpu(cp, rng, variant, act):
     cpu, gpu = _pair(variant, act)
     assert_close(gpu.params, to_numpy(cpu.params), np.float32, what="initial params")

@@ -61,7 +61,7 @@ def test_block_matches_reference(rng, dtype, act, p, residual):
     checks = [(y, ry, "y"), (dW, rdW, "dW"), (db, rdb, "db"), (dx, rdx, "dx")]
     if residual:                         # only residual blocks keep f(z) apart
         checks.append((fz, rf, "f(z)"))
-    if act == "gelu":                    # the only activation that keeps z
+    if act in ("gelu", "silu"):          # the activations that keep z
         checks.append((z, rz, "z"))
     for got, ref, what in checks:
         assert_close(got, ref, dtype, what=what)
@@ -111,7 +111,8 @@ def test_backward_regenerates_the_forward_mask(rng):
 _TORCH_ACT = {"identity": lambda nn: nn.Identity(), "relu": lambda nn: nn.ReLU(),
               "leaky_relu": lambda nn: nn.LeakyReLU(0.01), "elu": lambda nn: nn.ELU(1.0),
               "sigmoid": lambda nn: nn.Sigmoid(), "tanh": lambda nn: nn.Tanh(),
-              "softplus": lambda nn: nn.Softplus(), "gelu": lambda nn: nn.GELU("tanh")}
+              "softplus": lambda nn: nn.Softplus(), "gelu": lambda nn: nn.GELU("tanh"),
+              "silu": lambda nn: nn.SiLU()}
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS)

@@ -22,6 +22,7 @@ TORCH_ACTS = {
     "tanh": (lambda: nn.Tanh(), "tanh", 0.0),
     "softplus": (lambda: nn.Softplus(), "softplus", 0.0),
     "gelu": (lambda: nn.GELU(approximate="tanh"), "gelu", 0.0),
+    "silu": (lambda: nn.SiLU(), "silu", 0.0),
 }
 
 

@@ -8,7 +8,8 @@ bodies are branch-free and vectorised, one per activation, and one compiled
 kernel per dtype serves every activation (a small, generic on-disk cache).
 
 Derivatives are written in terms of the saved output ``a`` (all activations
-but gelu) or the pre-activation ``z`` (gelu), as DESIGN.md's data layout asks.
+but gelu and silu) or the pre-activation ``z`` (gelu, silu), as DESIGN.md's
+data layout asks.
 NaN propagates through every forward (relu(NaN) is NaN, as in PyTorch), so the
 non-finite guards downstream see it.
 """
@@ -18,13 +19,14 @@ from numba import njit
 from . import mathfn
 from ._jit import INLINE, JIT
 
-IDENTITY, RELU, LEAKY_RELU, ELU, SIGMOID, TANH, SOFTPLUS, GELU = range(8)
+IDENTITY, RELU, LEAKY_RELU, ELU, SIGMOID, TANH, SOFTPLUS, GELU, SILU = range(9)
 CODES = {
     "identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU,
     "sigmoid": SIGMOID, "tanh": TANH, "softplus": SOFTPLUS, "gelu": GELU,
+    "silu": SILU,
 }
 DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
-NEEDS_Z = frozenset([GELU])       # derivative needs the pre-activation
+NEEDS_Z = frozenset([GELU, SILU])   # derivative needs the pre-activation
 
 _GELU_K = 0.7978845608028654      # sqrt(2 / pi)
 _GELU_C = 0.044715
@@ -79,7 +81,22 @@ def gelu(z, alpha):
     return like(z, 0.5) * z * (like(z, 1.0) + mathfn.tanh(inner))
 
 
-# --- derivative: f'(z) from the output a (and z for gelu) ---------------------
+@njit(**INLINE)
+def silu(z, alpha):
+    # z sigmoid(z), with sigmoid(z) = e / (1 + e) for z < 0 (e = exp(-|z|)):
+    # exp never overflows, and z << 0 keeps its tiny value instead of -0.
+    one = like(z, 1.0)
+    e = mathfn.exp(-abs(z))
+    return z * ((one if z >= like(z, 0.0) else e) / (one + e))
+
+
+@njit(**INLINE)
+def needs_z(act):
+    """True for the activations whose derivative reads ``z`` (``NEEDS_Z``)."""
+    return act == GELU or act == SILU
+
+
+# --- derivative: f'(z) from the output a (and z for gelu, silu) ----------------
 
 @njit(**INLINE)
 def d_identity(a, z, alpha):
@@ -125,6 +142,18 @@ def d_gelu(a, z, alpha):
     return half * (one + t) + ((half * (one - t * t)) * z) * (k * (one + like(z, 3.0) * c * z * z))
 
 
+@njit(**INLINE)
+def d_silu(a, z, alpha):
+    # s (1 + z (1 - s)), s = sigmoid(z).  1 - s = 1 / (1 + e) for z < 0 and
+    # e / (1 + e) for z >= 0 (e = exp(-|z|)): neither side cancels.
+    one = like(z, 1.0)
+    e = mathfn.exp(-abs(z))
+    pos = z >= like(z, 0.0)
+    d = one + e
+    s = (one if pos else e) / d
+    return s * (one + z * ((e if pos else one) / d))
+
+
 # --- the fused passes -----------------------------------------------------------
 #
 # The loops run in place on ONE array: LLVM vectorises a loop over two array
@@ -159,13 +188,13 @@ def _grad_loop(g, a, z, db, alpha, df):
             db[j] += t
 
 
-@njit(**JIT)
-def _bias_gelu_keep_z(z, b, out, alpha):
+@njit(**INLINE)
+def _bias_act_keep_z(z, b, out, alpha, f):
     for i in range(z.shape[0]):
         for j in range(z.shape[1]):
             t = z[i, j] + b[j]
             z[i, j] = t
-            out[i, j] = gelu(t, alpha)
+            out[i, j] = f(t, alpha)
 
 
 @njit(**JIT)
@@ -174,12 +203,15 @@ def bias_act(z, b, out, act, alpha):
 
     2-D C-contiguous arrays.  ``out`` may be ``z`` itself (the dense forward
     runs in place on the GEMM's output); a separate ``out`` keeps ``z`` for
-    activations whose derivative needs it (gelu).
+    activations whose derivative needs it (gelu, silu).
     """
     y, bias = z, b
     if out.ctypes.data != z.ctypes.data:
         if act == GELU:
-            _bias_gelu_keep_z(z, b, out, alpha)
+            _bias_act_keep_z(z, b, out, alpha, gelu)
+            return
+        if act == SILU:
+            _bias_act_keep_z(z, b, out, alpha, silu)
             return
         for i in range(z.shape[0]):         # rare: z kept though not needed
             for j in range(z.shape[1]):
@@ -200,13 +232,15 @@ def bias_act(z, b, out, act, alpha):
         _bias_act_loop(y, bias, alpha, tanh)
     elif act == SOFTPLUS:
         _bias_act_loop(y, bias, alpha, softplus)
+    elif act == SILU:
+        _bias_act_loop(y, bias, alpha, silu)
     else:
         _bias_act_loop(y, bias, alpha, gelu)
 
 
 @njit(**JIT)
 def bias_act_grad(da, a, z, dz, db, act, alpha):
-    """One pass: ``dz = da * f'`` (from ``a``, or ``z`` for gelu) and
+    """One pass: ``dz = da * f'`` (from ``a``, or ``z`` for gelu, silu) and
     ``db = dz.sum(axis=0)``.  ``dz`` may be ``da`` itself (one pass); a
     separate ``dz`` costs a copy first."""
     if dz.ctypes.data != da.ctypes.data:
@@ -225,6 +259,8 @@ def bias_act_grad(da, a, z, dz, db, act, alpha):
         _grad_loop(dz, a, z, db, alpha, d_tanh)
     elif act == SOFTPLUS:
         _grad_loop(dz, a, z, db, alpha, d_softplus)
+    elif act == SILU:
+        _grad_loop(dz, a, z, db, alpha, d_silu)
     else:
         _grad_loop(dz, a, z, db, alpha, d_gelu)
 
@@ -238,5 +274,5 @@ def activation_forward(z, out, act, alpha):
 
 @njit(**JIT)
 def activation_backward(da, a, z, dz, act, alpha):
-    """dz = da * f'(z), with f' read from the output ``a`` (``z`` for gelu)."""
+    """dz = da * f'(z), with f' read from the output ``a`` (``z`` for gelu, silu)."""
     bias_act_grad(da, a, z, dz, np.empty(da.shape[1], da.dtype), act, alpha)

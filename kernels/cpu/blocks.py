@@ -1,7 +1,7 @@
 """Residual blocks and inverted dropout: the extended dense layer.
 
 forward:  y = x @ W (BLAS), then ONE pass:
-          z = y + b, f = act(z) (z kept for gelu only, f for a residual
+          z = y + b, f = act(z) (z kept for gelu, silu only, f for a residual
           block only), y = f * mask / (1 - p) (dropout, training only),
           y += x (residual)
 backward: ONE pass dz = da * mask / (1 - p) * f'(f, z) summing db (the
@@ -95,8 +95,8 @@ def dropout_mask(key, thresh, out):
 
 @njit(**INLINE)
 def _act_row(y, b, z, i, alpha, f, keep_z):
-    # keep_z is a constant at every call site (only gelu's derivative reads
-    # z), so the store folds away for the other activations.
+    # keep_z is a constant at every call site (only gelu's and silu's
+    # derivatives read z), so the store folds away for the other activations.
     for j in range(y.shape[1]):
         t = y[i, j] + b[j]
         if keep_z:
@@ -120,6 +120,8 @@ def _act_row_ladder(y, b, z, i, act, alpha):
         _act_row(y, b, z, i, alpha, A.tanh, False)
     elif act == A.SOFTPLUS:
         _act_row(y, b, z, i, alpha, A.softplus, False)
+    elif act == A.SILU:
+        _act_row(y, b, z, i, alpha, A.silu, True)
     else:
         _act_row(y, b, z, i, alpha, A.gelu, True)
 
@@ -193,6 +195,8 @@ def _grad_row_ladder(dz, fz, z, db, i, act, alpha, u):
         _grad_row(dz, fz, z, db, i, alpha, A.d_tanh, u)
     elif act == A.SOFTPLUS:
         _grad_row(dz, fz, z, db, i, alpha, A.d_softplus, u)
+    elif act == A.SILU:
+        _grad_row(dz, fz, z, db, i, alpha, A.d_silu, u)
     else:
         _grad_row(dz, fz, z, db, i, alpha, A.d_gelu, u)
 
@@ -200,7 +204,7 @@ def _grad_row_ladder(dz, fz, z, db, i, act, alpha, u):
 @njit(**JIT)
 def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
     """One pass over the GEMM output ``y`` (in place): ``z = y + b`` (kept
-    for gelu only, whose derivative reads it), ``f = f(z)`` (kept in ``fz``
+    for gelu, silu only, whose derivatives read it), ``f = f(z)`` (kept in ``fz``
     for a residual block only), ``y = f * mask * scale`` when ``drop``,
     ``y += x`` when ``residual``.  ``z`` and ``fz`` must not be ``y``;
     ``x`` is read only for a residual block."""
@@ -240,7 +244,7 @@ def _add_into(dst, src):
 
 @njit(**JIT)
 def block_forward(x, W, b, z, fz, y, act, alpha, drop, key, thresh, scale, residual):
-    """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z (gelu)
+    """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z (gelu, silu)
     and fz (residual)."""
     np.dot(x, W, y)
     block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual)

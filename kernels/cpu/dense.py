@@ -1,8 +1,13 @@
 """Fused dense layer: BLAS GEMM plus one elementwise pass each way.
 
 forward:  z = x @ W (BLAS), then ONE pass: z += b, a = f(z)
-backward: ONE pass dz = da * f'(a) summing db, then dW = x^T dz and
-          dx = dz W^T (BLAS; dx skipped for the first layer).
+backward: ONE pass dz = da * f'(a) (f'(z) for gelu, silu) summing db,
+          then dW = x^T dz and dx = dz W^T (BLAS; dx skipped for the first
+          layer).
+
+The activation passes are compiled into these kernels' disk cache, which
+Numba keys on this file only: a change to activations.py alone leaves a
+stale entry here (DESIGN.md, Numba notes) -- touch this file with it.
 
 Inside ``@njit``, ``np.dot`` on contiguous 2-D float arrays calls SciPy's BLAS
 gemm; a transposed operand (``x.T``, F-ordered) reaches gemm as a transpose

@@ -17,7 +17,7 @@ backward:
           the per-row sums layer norm needs;
   pass 2: ``dz`` through the normalisation, summing the Linear's db.
 Only ``xhat`` is kept beside the output: ``u`` is recomputed from it where
-needed (gelu's derivative), and ``f`` is read from the output as in
+needed (gelu's, silu's derivatives), and ``f`` is read from the output as in
 ``blocks`` (kept separately for a residual block only).  Each extra kept
 array is a cold buffer written per layer, which dominated the layer's cost.
 
@@ -137,6 +137,8 @@ def _affine_act_ladder(y, xhat, gamma, beta, i, act, alpha):
         _affine_act_row(y, xhat, gamma, beta, i, alpha, A.tanh)
     elif act == A.SOFTPLUS:
         _affine_act_row(y, xhat, gamma, beta, i, alpha, A.softplus)
+    elif act == A.SILU:
+        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.silu)
     else:
         _affine_act_row(y, xhat, gamma, beta, i, alpha, A.gelu)
 
@@ -171,7 +173,7 @@ def _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, df, unscale):
     for j in range(dz.shape[1]):
         g = dz[i, j]
         xh = xhat[i, j]
-        # u is only read by gelu's derivative (dead code for the others)
+        # u is only read by gelu's and silu's derivatives (dead code for the others)
         u = gamma[j] * xh + beta[j]
         t = g * df(fz[i, j] * like(g, unscale), u, alpha)
         dz[i, j] = t
@@ -195,6 +197,8 @@ def _du_row_ladder(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, act, alpha, us):
         _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_tanh, us)
     elif act == A.SOFTPLUS:
         _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_softplus, us)
+    elif act == A.SILU:
+        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_silu, us)
     else:
         _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_gelu, us)
 

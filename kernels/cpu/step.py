@@ -14,21 +14,20 @@ sizes   int64 (L+1,)   widths, input first
 codes   int64 (L,)     activation codes; alphas float64 (L,)
 offsets int64 (L+1,)   layer i's W then b in params[offsets[i]:offsets[i+1]]
 acts    flat, B * sum(sizes[1:]) -- layer outputs, layer after layer
-zs      flat, same length as acts when some layer needs z (gelu), else acts
+zs      flat, same length as acts when some layer needs z (gelu, silu), else acts
 delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da
 """
 import numpy as np
 from numba import njit
 
 from ._jit import INLINE, JIT
-from .activations import NEEDS_Z, bias_act, bias_act_grad
+from .activations import bias_act, bias_act_grad, needs_z
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .optim import clipped_update
 
 CROSS_ENTROPY, MSE, BCE_WITH_LOGITS = range(3)
 LOSS_CODES = {"softmax_cross_entropy": CROSS_ENTROPY, "mse": MSE,
               "bce_with_logits": BCE_WITH_LOGITS}
-_GELU = min(NEEDS_Z)     # the one activation whose derivative reads z
 
 
 @njit(**JIT)
@@ -64,7 +63,7 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
     act_off = 0
     for l in range(L):
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if codes[l] != _GELU:
+        if not needs_z(codes[l]):
             z = a
         np.dot(h, W, z)
         bias_act(z, b, a, codes[l], alphas[l])
@@ -80,7 +79,7 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
     for l in range(L - 1, -1, -1):
         act_off -= B * sizes[l + 1]
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if codes[l] != _GELU:
+        if not needs_z(codes[l]):
             z = a
         bias_act_grad(da, a, z, da, db, codes[l], alphas[l])
         if l > 0:

@@ -22,7 +22,7 @@ nwork    float64, 2 * max(B, max(sizes[1:])): batch norm's column sums in
 wn       int64 (L,)    1 for a weight-normalised layer (v where W would be, g last)
 weff, dweff            flat like params: effective W and its gradient (scratch)
 wnorm    float64, sum(sizes[1:]): 1 / ||v_j|| per output unit
-zs       flat, B * sum(sizes[1:]) -- pre-activations (gelu's derivative)
+zs       flat, B * sum(sizes[1:]) -- pre-activations (gelu's, silu's derivatives)
 fzs      flat, same length -- f(z) of residual blocks (their output is x + f(z));
          the other layers' backward reads f from their output
 delta    flat, 3 * B * max(sizes[1:]) -- dL/da ping-pong, plus dz of a
@@ -34,14 +34,13 @@ import numpy as np
 from numba import njit
 
 from ._jit import INLINE, JIT
-from .activations import NEEDS_Z, bias_act, bias_act_grad
+from .activations import bias_act, bias_act_grad, needs_z
 from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
 from .wnorm import weight_norm_backward, weight_norm_forward
 from .optim import clipped_update
 from .step import _views, loss_and_grad
 
-_GELU = min(NEEDS_Z)
 _TWO53 = 9007199254740992.0
 
 
@@ -138,7 +137,7 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
             block_forward_epilogue(a, b, h, z, fz, codes[l], alphas[l], drop, key, thresh,
                                    scale, residual[l] != 0)
         else:
-            if codes[l] != _GELU:
+            if not needs_z(codes[l]):
                 z = a
             np.dot(h, W, z)
             bias_act(z, b, a, codes[l], alphas[l])
@@ -185,7 +184,7 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
             block_backward_epilogue(da, fz, z, dz, db, codes[l], alphas[l], drop, key, thresh,
                                     scale, res)
         else:
-            if codes[l] != _GELU:
+            if not needs_z(codes[l]):
                 z = a
             bias_act_grad(da, a, z, da, db, codes[l], alphas[l])
             dz = da

@@ -33,7 +33,7 @@ _OPTIONS = ("--std=c++17", "--fmad=false")
 _INCLUDE = re.compile(r'^\s*#include\s+"([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
 
 _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-N_ACTIVATIONS = 8
+N_ACTIVATIONS = 9
 N_RULES = 4
 
 

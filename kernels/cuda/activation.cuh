@@ -17,6 +17,14 @@ namespace fg {
 constexpr double GELU_K = 0.7978845608028654;   // sqrt(2 / pi)
 constexpr double GELU_C = 0.044715;
 
+// True for the activations whose derivative reads z (kernels/cpu/activations.py
+// NEEDS_Z): their kernels keep the pre-activation.
+template <int ACT>
+__device__ __forceinline__ constexpr bool act_needs_z()
+{
+    return ACT == GELU || ACT == SILU;
+}
+
 template <typename T, int ACT>
 __device__ __forceinline__ T act_fwd(T z, T alpha)
 {
@@ -28,12 +36,17 @@ __device__ __forceinline__ T act_fwd(T z, T alpha)
     if (ACT == SIGMOID) return one / (one + exp_(-z));
     if (ACT == TANH) return tanh_(z);
     if (ACT == SOFTPLUS) return (z > zero ? z : zero) + log1p_(exp_(-abs_(z)));
+    if (ACT == SILU) {
+        // z sigmoid(z), sigmoid(z) = e / (1 + e) for z < 0 (e = exp(-|z|))
+        const T e = exp_(-abs_(z));
+        return z * ((z >= zero ? one : e) / (one + e));
+    }
     // GELU, tanh approximation
     const T inner = T(GELU_K) * (z + T(GELU_C) * z * z * z);
     return T(0.5) * z * (one + tanh_(inner));
 }
 
-// f'(z) from the output a (and z, read only for gelu).
+// f'(z) from the output a (and z, read only for gelu and silu).
 template <typename T, int ACT>
 __device__ __forceinline__ T act_deriv(T a, T z, T alpha)
 {
@@ -45,6 +58,14 @@ __device__ __forceinline__ T act_deriv(T a, T z, T alpha)
     if (ACT == SIGMOID) return a * (one - a);
     if (ACT == TANH) return one - a * a;
     if (ACT == SOFTPLUS) return -expm1_(-a);
+    if (ACT == SILU) {
+        // s (1 + z (1 - s)), s and 1 - s each a ratio of e or 1 over 1 + e
+        const T e = exp_(-abs_(z));
+        const bool pos = z >= zero;
+        const T d = one + e;
+        const T s = (pos ? one : e) / d;
+        return s * (one + z * ((pos ? e : one) / d));
+    }
     // GELU: (1 - t^2) multiplies z first, so a saturated unit gives 0, not inf * 0
     const T half = T(0.5), k = T(GELU_K), c = T(GELU_C);
     const T t = tanh_(k * (z + c * z * z * z));

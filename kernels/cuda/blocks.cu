@@ -1,7 +1,7 @@
 // Residual blocks and inverted dropout: twins of kernels/cpu/blocks.py.
 //
 // forward:  after the GEMM y = x @ W (cuBLAS), ONE pass in place on y:
-//           t = y + b, z = t (gelu only), v = f(t), fz = v (residual only),
+//           t = y + b, z = t (gelu, silu only), v = f(t), fz = v (residual only),
 //           v = mask ? v * scale : 0 (dropout), v += x (residual), y = v.
 // backward: ONE pass dz = da * mask * scale * f'(f, z) with the bias
 //           gradient's column sums (blocks.cuh: deterministic, no atomics);
@@ -23,7 +23,7 @@ __global__ void fg_dropout_mask(T* out, long long n, unsigned long long key,
 }
 
 // The forward epilogue, grid-stride over rows * cols.  z is written for
-// gelu only (the one derivative that reads it) and fz for a residual block
+// gelu and silu only (the derivatives that read it) and fz for a residual block
 // only (any other layer's backward reads f back from y, which fz may be).
 template <typename T, int ACT>
 __global__ void fg_block_fwd(T* y, const T* b, const T* x, T* z, T* fz, long long rows,
@@ -35,7 +35,7 @@ __global__ void fg_block_fwd(T* y, const T* b, const T* x, T* z, T* fz, long lon
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
         const T t = y[e] + b[e % cols];
-        if (ACT == fg::GELU) z[e] = t;
+        if (fg::act_needs_z<ACT>()) z[e] = t;
         const T v = fg::act_fwd<T, ACT>(t, al);
         if (residual) fz[e] = v;
         y[e] = fg::drop_residual(v, x, e, drop != 0, key, thresh, sc, residual != 0);
@@ -62,7 +62,7 @@ __global__ void fg_block_grad(const T* da, const T* fz, const T* z, T* dz, doubl
             T g, f, t = T(0);
             if (fg::drop_grad(da[e], fz[e], e, drop != 0, key, thresh, sc, inv, residual != 0,
                               g, f))
-                t = g * fg::act_deriv<T, ACT>(f, ACT == fg::GELU ? z[e] : T(0), al);
+                t = g * fg::act_deriv<T, ACT>(f, fg::act_needs_z<ACT>() ? z[e] : T(0), al);
             dz[e] = t;
             s += (double)t;
         }
@@ -84,6 +84,7 @@ __global__ void fg_block_grad(const T* da, const T* fz, const T* z, T* dz, doubl
 #define FG_INST_ALL(T)                                                                        \
     FG_INST_ACT(T, 0) FG_INST_ACT(T, 1) FG_INST_ACT(T, 2) FG_INST_ACT(T, 3)                   \
     FG_INST_ACT(T, 4) FG_INST_ACT(T, 5) FG_INST_ACT(T, 6) FG_INST_ACT(T, 7)                   \
+    FG_INST_ACT(T, 8)                                                                         \
     template __global__ void fg_dropout_mask<T>(T*, long long, unsigned long long,            \
                                                 unsigned long long);                          \
     template __global__ void fg_colsum_cast<T>(const double*, long long, long long, T*);

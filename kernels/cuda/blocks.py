@@ -86,7 +86,7 @@ def dropout_mask(key, thresh, out):
 
 def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
     """One pass over the GEMM output ``y`` (in place): ``t = y + b``, ``z = t``
-    (gelu only), ``fz = f(t)`` (residual blocks only: any other layer's fz
+    (gelu, silu only), ``fz = f(t)`` (residual blocks only: any other layer's fz
     may be ``y`` itself), ``y = fz * mask * scale`` when ``drop``, ``y += x``
     when ``residual`` (``x`` is read only then)."""
     rows, cols = y.shape

@@ -29,7 +29,7 @@ namespace fg {
 
 // Activation codes: kernels/cpu/activations.py CODES.
 enum { IDENTITY = 0, RELU = 1, LEAKY_RELU = 2, ELU = 3, SIGMOID = 4, TANH = 5,
-       SOFTPLUS = 6, GELU = 7 };
+       SOFTPLUS = 6, GELU = 7, SILU = 8 };
 
 // Optimizer rule codes and hp slots: kernels/cpu/optim.py.
 enum { SGD = 0, ADAM = 1, ADAMW = 2, RMSPROP = 3 };

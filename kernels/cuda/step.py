@@ -58,7 +58,6 @@ from .activations import bias_act, bias_act_grad, grad_partials_shape
 __all__ = ["CROSS_ENTROPY", "MSE", "BCE_WITH_LOGITS", "LOSS_CODES", "Workspace",
            "forward_backward", "train_step", "GraphedTrainStep"]
 
-_GELU = min(NEEDS_Z)
 _LOSS_NAMES = {v: k for k, v in LOSS_CODES.items()}
 
 
@@ -147,7 +146,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     act_off = 0
     for l in range(L):
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if codes[l] != _GELU:
+        if int(codes[l]) not in NEEDS_Z:
             z = a
         mm(h, W, z)
         bias_act(z, b, a, int(codes[l]), float(alphas[l]))
@@ -170,7 +169,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     for l in range(L - 1, -1, -1):
         act_off -= B * int(sizes[l + 1])
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if codes[l] != _GELU:
+        if int(codes[l]) not in NEEDS_Z:
             z = a
         bias_act_grad(da, a, z, da, db, int(codes[l]), float(alphas[l]),
                       ws.grad_partials(B, int(sizes[l + 1])))
