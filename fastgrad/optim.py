@@ -288,8 +288,47 @@ class _StateView(Mapping):
         return f"{{{', '.join(f'{k!r}: <{v.dtype}[{v.size}]>' for k, v in self._d.items())}}}"
 
 
-_COMMON_SPECS = {"clip_norm": _Spec(None, _clip_arg), "clip_value": _Spec(None, _clip_arg),
-                 "skip_nonfinite": _Spec(True, _flag)}
+def _lr_arg(name, x):
+    """A learning rate: a float >= 0, a Schedule or a schedule's config dict;
+    returns the Schedule (a float becomes a constant one)."""
+    if isinstance(x, Mapping):
+        return from_config(dict(x))
+    return as_schedule(x)
+
+
+class _LearningRate(_Hyper):
+    """``opt.lr``: reads the learning rate of the next update (a float);
+    writing a float or a Schedule replaces the schedule (validated), as
+    writing ``group["lr"]`` does in torch."""
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        return float(opt.lr_schedule(opt.step_count))
+
+
+# PyTorch's implementation switches, accepted at the values that mean what
+# fastgrad always does: name -> (accepted values, why another is refused).
+_TORCH_NOOP_FLAGS = {
+    "foreach": ((None, False), "fastgrad's update is always one fused kernel; pass foreach=None"),
+    "fused": ((None, False), "fastgrad's update is always fused; pass fused=None"),
+    "capturable": ((False,), "fastgrad keeps no step tensors to capture; pass capturable=False"),
+    "differentiable": ((False,), "fastgrad's update is not differentiable; "
+                                 "pass differentiable=False"),
+}
+
+
+def _check_torch_flags(flags):
+    """Refuse a PyTorch switch set to a value fastgrad does not implement."""
+    for name, value in flags.items():
+        accepted, why = _TORCH_NOOP_FLAGS[name]
+        if not any(value is a for a in accepted):
+            raise ValueError(f"{name}={value!r}: {why}")
+
+
+_COMMON_SPECS = {"lr": _Spec(1e-3, _lr_arg),
+                 "clip_norm": _Spec(None, _clip_arg), "clip_value": _Spec(None, _clip_arg),
+                 "skip_nonfinite": _Spec(True, _flag), "maximize": _Spec(False, _flag)}
 
 
 class _DeviceBook:
@@ -342,6 +381,22 @@ class Optimizer:
         True skips non-finite gradients (counted in ``n_skipped``); False
         raises :class:`NonFiniteGradientError` (nothing updated either way;
         on CUDA, False makes each update wait for the device's verdict).
+    maximize : bool
+        Ascend instead of descend, as torch's ``maximize=True``: the rule
+        sees the negated (clipped) gradient.  Clipping and the reported
+        norms are those of the gradient as given, as with torch's
+        ``clip_grad_norm_`` before a maximizing step.
+    foreach, fused, capturable, differentiable
+        PyTorch's implementation switches, accepted only at the values that
+        describe what fastgrad always does (``foreach``/``fused``: None or
+        False; ``capturable``/``differentiable``: False) so that code
+        spelling them out runs unchanged; they have no effect.  Any other
+        value raises ValueError naming the argument.
+
+    ``opt.lr`` reads the learning rate of the next update; writing it
+    (a float >= 0 or a Schedule) replaces the schedule, validated, from the
+    next update on: a float where a schedule was makes the rate constant,
+    as writing ``group["lr"]`` does in torch.
 
     Every hyper-parameter (``clip_norm``, ``momentum``, ``betas``,
     ``amsgrad``, ...) is an attribute that can be set after construction:
@@ -360,9 +415,11 @@ class Optimizer:
     kind = _ReadOnly(None)
     rule = _ReadOnly(None)
     state_names = _ReadOnly(())
+    lr = _LearningRate()
     clip_norm = _Hyper()
     clip_value = _Hyper()
     skip_nonfinite = _Hyper()
+    maximize = _Hyper()
     _specs = {}          # the rule's own hyper-parameters: name -> _Spec
     _defaults = {}       # name -> default, derived from _specs
 
@@ -382,7 +439,10 @@ class Optimizer:
         cls._defaults = {name: spec.default for name, spec in cls._specs.items()}
 
     def __init__(self, params, lr, *, clip_norm=None, clip_value=None,
-                 skip_nonfinite=True, **hyper):
+                 skip_nonfinite=True, maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False, **hyper):
+        _check_torch_flags({"foreach": foreach, "fused": fused, "capturable": capturable,
+                            "differentiable": differentiable})
         self._book = None
         self._values = {}
         self._state = {}
@@ -396,8 +456,8 @@ class Optimizer:
         self._lr_now = float("nan")
         self._empty = self._xp.empty(0, self.params.dtype)
         self._configure(dict(self._defaults, lr=lr, clip_norm=clip_norm,
-                             clip_value=clip_value,
-                             skip_nonfinite=skip_nonfinite, **hyper))
+                             clip_value=clip_value, skip_nonfinite=skip_nonfinite,
+                             maximize=maximize, **hyper))
 
     # -- binding ------------------------------------------------------------
     def _bind(self, params):
@@ -611,14 +671,12 @@ class Optimizer:
     # -- hyper-parameters and state --------------------------------------------
     def _configure(self, hyper):
         """Validate and set every hyper-parameter (construction and load)."""
-        unknown = set(hyper) - set(self._defaults) - {"lr"} - set(_COMMON_SPECS)
+        unknown = set(hyper) - set(self._defaults) - set(_COMMON_SPECS)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown argument(s) {sorted(unknown)}")
-        lr = hyper["lr"]
-        schedule = from_config(lr) if isinstance(lr, dict) else as_schedule(lr)
-        self._set_hyper({k: v for k, v in hyper.items() if k != "lr"}, schedule=schedule)
+        self._set_hyper(hyper)
 
-    def _set_hyper(self, changes, schedule=None):
+    def _set_hyper(self, changes):
         """Validate the configuration with ``changes`` applied, then commit it:
         nothing changes when a value is refused."""
         specs = dict(_COMMON_SPECS, **self._specs)
@@ -630,8 +688,6 @@ class Optimizer:
         self._check_combination(checked)
         with self._lock:
             self._settle()      # updates in flight finish on the old buffers
-            if schedule is not None:
-                self.lr_schedule = schedule
             self._values = checked
             # The kernel reads plain floats, 0.0 meaning "off".
             self._clip_norm = checked["clip_norm"] or 0.0
@@ -662,15 +718,19 @@ class Optimizer:
     @property
     def hyper(self):
         """Hyper-parameters as a JSON-able dict (the schedule as its config)."""
-        h = {"lr": self.lr_schedule.to_config() if isinstance(self.lr_schedule, Schedule)
-             else None}
-        h.update(self._values)
+        h = dict(self._values)
+        h["lr"] = self.lr_schedule.to_config()
         return h
 
     @property
-    def lr(self):
-        """Learning rate of the next update."""
-        return float(self.lr_schedule(self.step_count))
+    def lr_schedule(self):
+        """The learning-rate schedule (update ``k`` uses ``lr_schedule(k)``);
+        settable like ``lr``."""
+        return self._values["lr"]
+
+    @lr_schedule.setter
+    def lr_schedule(self, schedule):
+        self._set_hyper({"lr": schedule})
 
     def state_dict(self):
         """Checkpoint: ``{"kind", "step", "n_skipped", "n_calls", "hyper",
@@ -688,6 +748,7 @@ class Optimizer:
         if sd.get("kind") != self.kind:
             raise ValueError(f"checkpoint is for {sd.get('kind')!r}, not {self.kind!r}")
         hyper = dict(sd["hyper"])
+        hyper.setdefault("maximize", False)     # checkpoints from before maximize
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
         arrays = sd.get("state", {})
@@ -717,6 +778,7 @@ class Optimizer:
             raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
         hp[:] = 0.0
         hp[_k.HP_LR] = lr
+        hp[_k.HP_MAXIMIZE] = float(self.maximize)
         self._fill_hp(hp, k)
         hp[_k.HP_UPDATE] = k
         return lr
@@ -826,9 +888,13 @@ class SGD(Optimizer):
               "nesterov": _Spec(False, _flag), "weight_decay": _Spec(0.0, _nonneg)}
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
+                 nesterov=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
+                 maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
-                         skip_nonfinite=skip_nonfinite, momentum=momentum,
+                         skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable,
+                         momentum=momentum,
                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
 
     def _check_combination(self, h):
@@ -867,9 +933,13 @@ class Adam(Optimizer):
               "weight_decay": _Spec(0.0, _nonneg), "amsgrad": _Spec(False, _flag)}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
+                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
+                 maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
-                         skip_nonfinite=skip_nonfinite, betas=betas, eps=eps,
+                         skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable,
+                         betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad)
 
     def _needed_state(self):
@@ -899,9 +969,13 @@ class AdamW(Adam):
     _specs = dict(Adam._specs, weight_decay=_Spec(1e-2, _nonneg))
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
+                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
+                 maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, clip_norm=clip_norm,
-                         clip_value=clip_value, skip_nonfinite=skip_nonfinite)
+                         clip_value=clip_value, skip_nonfinite=skip_nonfinite,
+                         maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
 
 class RMSprop(Optimizer):
@@ -928,9 +1002,12 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, *, clip_norm=None, clip_value=None,
-                 skip_nonfinite=True):
+                 skip_nonfinite=True, maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
-                         skip_nonfinite=skip_nonfinite, alpha=alpha, eps=eps,
+                         skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable,
+                         alpha=alpha, eps=eps,
                          weight_decay=weight_decay, momentum=momentum, centered=centered)
 
     def _needed_state(self):
