@@ -318,6 +318,13 @@ _TORCH_NOOP_FLAGS = {
 }
 
 
+def _to_host(x):
+    """A torch tensor (any device) or array-like as something NumPy reads."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return x
+
+
 def _check_torch_flags(flags):
     """Refuse a PyTorch switch set to a value fastgrad does not implement."""
     for name, value in flags.items():
@@ -329,6 +336,55 @@ def _check_torch_flags(flags):
 _COMMON_SPECS = {"lr": _Spec(1e-3, _lr_arg),
                  "clip_norm": _Spec(None, _clip_arg), "clip_value": _Spec(None, _clip_arg),
                  "skip_nonfinite": _Spec(True, _flag), "maximize": _Spec(False, _flag)}
+
+
+def _torch_layout_of(model, offsets):
+    """Where each tensor of torch's parameter list lies in the flat buffer:
+    ``[(offset, torch shape, transposed)]`` in the order of
+    ``model.to_torch().parameters()`` (a fastgrad Sequential/MLP), else one
+    1-D tensor per layer of ``layer_offsets``.
+
+    torch keeps ``Linear.weight`` as ``(n_out, n_in)``, the transpose of
+    fastgrad's ``W``; a weight-normalised Linear lists ``bias`` before its
+    parametrization's ``original0`` (g, shape ``(n_out, 1)``) and
+    ``original1`` (v, transposed).
+    """
+    named = getattr(model, "named_parameters", None)
+    if named is None:
+        return [(int(offsets[i]), (int(offsets[i + 1] - offsets[i]),), False)
+                for i in range(offsets.size - 1)]
+    where, off = {}, 0
+    for name, arr in named():          # buffer order, consecutive
+        where[name] = (off, arr.shape)
+        off += arr.size
+    layout = []
+    for i in range(len(model.layers)):
+        def entry(short, shape=None, transposed=False):
+            o, fshape = where[f"layers.{i}.{short}"]
+            layout.append((o, tuple(shape or (fshape[::-1] if transposed else fshape)),
+                           transposed))
+        if f"layers.{i}.v" in where:
+            entry("b")
+            entry("g", shape=(where[f"layers.{i}.g"][1][0], 1))
+            entry("v", transposed=True)
+        else:
+            entry("W", transposed=True)
+            entry("b")
+        if f"layers.{i}.gamma" in where:
+            entry("gamma")
+            entry("beta")
+    return layout
+
+
+# torch's param_groups keys per kind, beyond the rule's own hyper-parameters
+_TORCH_GROUP_EXTRA = {
+    "adam": {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
+             "decoupled_weight_decay": False},
+    "adamw": {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
+              "decoupled_weight_decay": True},
+    "sgd": {"foreach": None, "differentiable": False, "fused": None},
+    "rmsprop": {"capturable": False, "foreach": None, "differentiable": False},
+}
 
 
 class _DeviceBook:
@@ -491,6 +547,7 @@ class Optimizer:
             # A private copy: a later in-place write into the model's array
             # cannot make the kernel index outside the parameters.
             self._params, self._grads, self._offsets = p, g, off.copy()
+            self._torch_layout = _torch_layout_of(params, self._offsets)
             self._use_device(dev)
             return
         pairs = list(params)
@@ -516,6 +573,8 @@ class Optimizer:
         sizes = [p.size for p, _ in checked]
         self._pairs = checked
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._torch_layout = [(int(o), p.shape, False)
+                              for o, (p, _) in zip(self._offsets, checked)]
         self._params = np.empty(self._offsets[-1], dt)
         self._grads = np.empty_like(self._params)
         self._use_device("cpu")
@@ -732,10 +791,35 @@ class Optimizer:
     def lr_schedule(self, schedule):
         self._set_hyper({"lr": schedule})
 
-    def state_dict(self):
-        """Checkpoint: ``{"kind", "step", "n_skipped", "n_calls", "hyper",
-        "state"}``; ``state`` maps names to array copies, everything else is
-        JSON-able (tuples become lists).  No pickle needed."""
+    def state_dict(self, format="fastgrad"):
+        """The optimizer's state.
+
+        Parameters
+        ----------
+        format : "fastgrad" (default) or "torch"
+            ``"fastgrad"``: the checkpoint ``{"kind", "step", "n_skipped",
+            "n_calls", "hyper", "state"}``; ``state`` maps names to flat
+            array copies, everything else is JSON-able (tuples become
+            lists).  No pickle needed.
+
+            ``"torch"``: torch's structure, loadable by the matching
+            ``torch.optim`` class built on ``model.to_torch().parameters()``
+            (or on the (param, grad) pairs' tensors, in order):
+            ``{"state": {i: {...}}, "param_groups": [{..., "params": [0, 1,
+            ...]}]}``, state tensors under torch's names (``exp_avg``,
+            ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``,
+            ``square_avg``, ``grad_avg``; ``step`` as a float32 scalar
+            tensor, none for SGD) with torch's shapes (weights transposed),
+            copies as CPU torch tensors (needs torch).  The group's ``lr`` is
+            the learning rate of the next update (torch keeps schedules
+            outside the optimizer); clipping has no torch counterpart in the
+            optimizer and is not included.  Before the first update
+            ``state`` is empty, as torch's.
+        """
+        if format == "torch":
+            return self._torch_state_dict()
+        if format != "fastgrad":
+            raise ValueError(f'format must be "fastgrad" or "torch", got {format!r}')
         hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hyper.items()}
         return {"kind": self.kind, "step": int(self.step_count),
                 "n_skipped": int(self.n_skipped), "n_calls": int(self.n_calls),
@@ -743,8 +827,23 @@ class Optimizer:
                 "state": {k: _device.to_numpy(v).copy() for k, v in self.state.items()}}
 
     def load_state_dict(self, sd):
-        """Restore :meth:`state_dict` output; arrays are copied into the
-        existing buffers, so compiled steps holding them stay valid."""
+        """Restore :meth:`state_dict` output, in either format; arrays are
+        copied into the existing buffers, so compiled steps holding them
+        stay valid.
+
+        A dict with ``param_groups`` is read as torch's structure (from
+        ``torch.optim.<Rule>.state_dict()`` over ``model.to_torch()``'s
+        parameters, or ``state_dict(format="torch")``): its one group's
+        hyper-parameters replace this optimizer's (``lr`` becomes a constant
+        learning rate; ``clip_norm``, ``clip_value`` and ``skip_nonfinite``
+        are kept), the state tensors are copied in (transposed back) and
+        ``step`` becomes ``step_count``.  torch's SGD keeps no step count:
+        ``step_count`` becomes 1 when it holds momentum buffers (only
+        "buffer set or not" matters to the rule), else 0.  Everything is
+        checked before anything changes (ValueError/TypeError).
+        """
+        if isinstance(sd, Mapping) and "param_groups" in sd:
+            return self._load_torch_state_dict(sd)
         if sd.get("kind") != self.kind:
             raise ValueError(f"checkpoint is for {sd.get('kind')!r}, not {self.kind!r}")
         hyper = dict(sd["hyper"])
@@ -766,6 +865,143 @@ class Optimizer:
         self.step_count = int(sd["step"])
         self.n_skipped = int(sd.get("n_skipped", 0))
         self.n_calls = int(sd.get("n_calls", 0))
+
+    # -- torch's state-dict structure ---------------------------------------------
+    def _torch_group(self):
+        """This optimizer's hyper-parameters as torch's param_groups entry."""
+        group = {"lr": self.lr}
+        group.update((name, self._values[name]) for name in self._specs)
+        group["maximize"] = self.maximize
+        group.update(_TORCH_GROUP_EXTRA[self.kind])
+        group["params"] = list(range(len(self._torch_layout)))
+        return group
+
+    def _torch_state_dict(self):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError('state_dict(format="torch") needs PyTorch '
+                              "(pip install 'fastgrad[peers]')") from None
+        with self._lock:
+            step = self.step_count          # settles updates in flight
+            state = {}
+            if step > 0:
+                for i, (off, shape, transposed) in enumerate(self._torch_layout):
+                    entry = {}
+                    if self.kind != "sgd":
+                        entry["step"] = torch.tensor(float(step), dtype=torch.float32)
+                    for name in (n for n in self.state_names if n in self._state):
+                        entry[name] = torch.from_numpy(
+                            self._tensor_of(self._state[name], off, shape, transposed))
+                    if self.kind == "sgd" and not entry:
+                        entry["momentum_buffer"] = None
+                    state[i] = entry
+            return {"state": state, "param_groups": [self._torch_group()]}
+
+    def _tensor_of(self, flat, off, shape, transposed):
+        """The tensor at ``off`` of a flat buffer, in torch's shape (a copy)."""
+        n = int(np.prod(shape))
+        a = _device.to_numpy(flat[off:off + n])
+        a = a.reshape(shape[::-1]).T if transposed else a.reshape(shape)
+        return np.ascontiguousarray(a).copy()
+
+    def _load_torch_state_dict(self, sd):
+        groups = sd["param_groups"]
+        if not isinstance(groups, (list, tuple)) or len(groups) != 1:
+            n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
+            raise ValueError(f"torch state dict: fastgrad optimizers have one parameter "
+                             f"group, got {n}")
+        group = dict(groups[0])
+        ids = list(group.pop("params", []))
+        n = len(self._torch_layout)
+        if len(ids) != n:
+            raise ValueError(f"torch state dict: the group has {len(ids)} parameters, this "
+                             f"optimizer {n} (built on model.to_torch().parameters()?)")
+        decoupled = group.pop("decoupled_weight_decay", self.kind == "adamw")
+        if self.kind in ("adam", "adamw") and bool(decoupled) != (self.kind == "adamw"):
+            raise ValueError(f"torch state dict is for {'AdamW' if decoupled else 'Adam'}, "
+                             f"not {type(self).__name__}")
+        flags = {k: group.pop(k) for k in list(group) if k in _TORCH_NOOP_FLAGS}
+        _check_torch_flags(flags)
+        group.pop("initial_lr", None)        # set by torch's LR schedulers
+        unknown = set(group) - set(self._specs) - {"lr", "maximize"}
+        if unknown:
+            raise ValueError(f"torch state dict: {type(self).__name__} has no "
+                             f"hyper-parameter(s) {sorted(unknown)}")
+        hyper = dict(self._values, **group)
+        if "betas" in hyper:
+            hyper["betas"] = tuple(hyper["betas"])
+        for name in ("weight_decay", "momentum", "dampening", "alpha", "eps"):
+            if name in hyper and isinstance(hyper[name], numbers.Integral) \
+                    and not isinstance(hyper[name], bool):
+                hyper[name] = float(hyper[name])     # torch writes 0 for 0.0
+        # Validate the whole configuration on a scratch copy first.
+        specs = dict(_COMMON_SPECS, **self._specs)
+        checked = {k: specs[k].check(k, hyper[k]) for k in specs}
+        self._check_combination(checked)
+        need = self._needed_state_for(checked)
+        state = sd.get("state", {})
+        arrays, steps = {}, set()
+        for pos, idx in enumerate(ids):
+            entry = state.get(idx, {}) if isinstance(state, Mapping) else None
+            if entry is None or not isinstance(entry, Mapping):
+                raise TypeError(f"torch state dict: state[{idx}] must be a dict")
+            off, shape, transposed = self._torch_layout[pos]
+            if "step" in entry:
+                steps.add(float(np.asarray(_to_host(entry["step"]))))
+            for name, value in entry.items():
+                if name == "step" or value is None:
+                    continue
+                if name not in self.state_names:
+                    raise ValueError(f"torch state dict: state[{idx}] has {name!r}, which "
+                                     f"{type(self).__name__} does not keep")
+                a = np.asarray(_to_host(value))
+                if a.shape != tuple(shape):
+                    raise ValueError(f"torch state dict: state[{idx}][{name!r}] has shape "
+                                     f"{a.shape}, expected {tuple(shape)}")
+                if not np.can_cast(a.dtype, self.params.dtype, casting="same_kind"):
+                    raise ValueError(f"torch state dict: state[{idx}][{name!r}] dtype "
+                                     f"{a.dtype} does not fit {self.params.dtype}")
+                arrays.setdefault(name, {})[pos] = a.T.ravel() if transposed else a.ravel()
+        for name, parts in arrays.items():
+            if len(parts) != n:
+                raise ValueError(f"torch state dict: {name!r} is kept for {len(parts)} of "
+                                 f"{n} parameters")
+            if name not in need:
+                raise ValueError(f"torch state dict holds {name!r}, which these "
+                                 f"hyper-parameters do not use")
+        if len(steps) > 1:
+            raise ValueError(f"torch state dict: parameters are at different steps "
+                             f"{sorted(steps)}; fastgrad keeps one step count")
+        if steps:
+            step = steps.pop()
+            if step != int(step) or step < 0:
+                raise ValueError(f"torch state dict: step must be a whole number >= 0, "
+                                 f"got {step}")
+            step = int(step)
+        else:
+            step = 1 if arrays else 0
+        missing = need - set(arrays)
+        if step > 0 and missing and self.kind != "sgd":
+            raise ValueError(f"torch state dict lacks state {sorted(missing)}")
+        with self._lock:
+            self._settle()
+            self._set_hyper(dict(checked))
+            for name, buf in self._state.items():
+                buf[...] = 0
+                for pos, flat in arrays.get(name, {}).items():
+                    off = self._torch_layout[pos][0]
+                    buf[off:off + flat.size] = self._xp.asarray(flat, dtype=buf.dtype)
+            self.step_count = step
+
+    def _needed_state_for(self, values):
+        """:meth:`_needed_state` under the hyper-parameters ``values``."""
+        saved = self._values
+        self._values = values
+        try:
+            return self._needed_state()
+        finally:
+            self._values = saved
 
     # -- the update -------------------------------------------------------------
     def _fill_hp(self, hp, k):

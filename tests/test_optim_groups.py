@@ -315,3 +315,161 @@ def test_cuda_maximize_and_lr_setter_match_cpu(cp, kind, hyper):
         assert s_gpu.lr == s_cpu.lr
     np.testing.assert_allclose(cp.asnumpy(gpu.params), cpu.params, rtol=1e-12, atol=1e-14)
     assert o_gpu.step_count == 12 and o_gpu.lr == hyper["lr"] * 0.5
+    if kind != "sgd":           # torch's structure from and into a CUDA optimizer
+        pytest.importorskip("torch")
+        sd_gpu, sd_cpu = o_gpu.state_dict(format="torch"), o_cpu.state_dict(format="torch")
+        assert sd_gpu["param_groups"] == sd_cpu["param_groups"]
+        for i, entry in sd_cpu["state"].items():
+            for name, t in entry.items():
+                np.testing.assert_allclose(sd_gpu["state"][i][name].numpy(), t.numpy(),
+                                           rtol=1e-12, atol=1e-14)
+        o_back = CLASSES[kind](_Flat(cp.asarray(p), cp.zeros(p.size, np.float64), offsets))
+        o_back.load_state_dict(sd_gpu)
+        assert o_back.step_count == 12
+        for name in o_gpu.state:
+            np.testing.assert_array_equal(cp.asnumpy(o_back.state[name]),
+                                          cp.asnumpy(o_gpu.state[name]))
+
+
+# -- state dicts in torch's structure ---------------------------------------------
+
+TORCH_SD_CONFIGS = [
+    ("adam", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=1e-2, amsgrad=True)),
+    ("adamw", dict(lr=1e-2, weight_decay=0.1)),
+    ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True)),
+    ("rmsprop", dict(lr=1e-3, momentum=0.5, centered=True)),
+]
+TORCH_CLS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+MODELS = {
+    "plain": dict(sizes=[5, 7, 4, 3]),
+    "layernorm+wnorm": dict(sizes=[5, 7, 4, 3], norm="layer", weight_norm=True),
+    "residual+batchnorm": dict(sizes=[5, 6, 6, 3], residual=True, norm="batch"),
+}
+
+
+def _torch_grads(opt, flat):
+    """The flat gradient as the list of torch tensors, in torch's order."""
+    torch = _torch()
+    return [torch.from_numpy(opt._tensor_of(flat, *entry)) for entry in opt._torch_layout]
+
+
+def _run(opt, model, tparams, topts, gs):
+    for g in gs:
+        model.grads[:] = g
+        opt.step()
+        for tps, topt in zip(tparams, topts):
+            for tp, tg in zip(tps, _torch_grads(opt, g)):
+                tp.grad = tg.clone()
+            topt.step()
+
+
+@pytest.mark.parametrize("model_kw", list(MODELS.values()), ids=list(MODELS))
+@pytest.mark.parametrize("kind,hyper", TORCH_SD_CONFIGS, ids=[k for k, _ in TORCH_SD_CONFIGS])
+def test_torch_state_dict_round_trip(kind, hyper, model_kw):
+    import copy
+    torch = _torch()
+    tcls = getattr(torch.optim, TORCH_CLS[kind])
+    kw = dict(model_kw)
+    model = fg.MLP(kw.pop("sizes"), dtype="float64", seed=3, activation="tanh", **kw)
+    tmodel = model.to_torch()
+    tparams = list(tmodel.parameters())
+    opt = CLASSES[kind](model, **hyper)
+    assert len(opt._torch_layout) == len(tparams)
+    topt = tcls(tparams, foreach=False, **hyper)
+    rng = np.random.default_rng(11)
+    _run(opt, model, [tparams], [topt], rng.standard_normal((5, model.params.size)))
+    for tp, a in zip(tparams, _torch_grads(opt, model.params)):
+        np.testing.assert_allclose(a.numpy(), tp.detach().numpy(), rtol=1e-12, atol=1e-13)
+
+    # torch -> fastgrad: a fresh optimizer with other settings takes torch's state
+    model2 = fg.MLP(model_kw["sizes"], dtype="float64", seed=3, activation="tanh", **kw)
+    model2.params[:] = model.params
+    opt2 = CLASSES[kind](model2, lr=0.5)
+    opt2.load_state_dict(topt.state_dict())
+    assert opt2.step_count == (1 if kind == "sgd" else 5)
+    assert opt2.lr == hyper["lr"] and set(opt2.state) == set(opt.state)
+    tstate = topt.state_dict()["state"]
+    for name in opt.state:
+        np.testing.assert_allclose(opt2.state[name], opt.state[name], rtol=1e-12, atol=1e-14)
+        for i, entry in enumerate(opt2._torch_layout):      # torch's values, bitwise
+            np.testing.assert_array_equal(opt2._tensor_of(opt2.state[name], *entry),
+                                          tstate[i][name].numpy())
+    for name, value in hyper.items():
+        assert getattr(opt2, name) == value
+
+    # fastgrad -> torch: a fresh torch optimizer takes fastgrad's state
+    tmodel3 = copy.deepcopy(tmodel)
+    tparams3 = list(tmodel3.parameters())
+    topt3 = tcls(tparams3, lr=0.5)
+    sd = opt.state_dict(format="torch")
+    assert sorted(sd["param_groups"][0]) == sorted(topt.state_dict()["param_groups"][0])
+    topt3.load_state_dict(sd)
+    assert topt3.param_groups[0]["lr"] == hyper["lr"]
+    for i, entry in sd["state"].items():
+        for name, t in entry.items():
+            assert torch.equal(topt3.state_dict()["state"][i][name], t)
+
+    # all four continue alike (the SGD step counts differ but the rule only
+    # needs "momentum buffer set")
+    _run(opt2, model2, [tparams, tparams3], [topt, topt3],
+         rng.standard_normal((4, model.params.size)))
+    for tp, tp3, a in zip(tparams, tparams3, _torch_grads(opt2, model2.params)):
+        np.testing.assert_allclose(a.numpy(), tp.detach().numpy(), rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(tp3.detach().numpy(), tp.detach().numpy(), rtol=1e-12,
+                                   atol=1e-13)
+
+
+def test_torch_state_dict_before_any_step_and_on_pairs():
+    torch = _torch()
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(s) for s in SHAPES]
+    grads = [np.zeros(s) for s in SHAPES]
+    opt = Adam(list(zip(arrays, grads)), lr=1e-3)
+    sd = opt.state_dict(format="torch")
+    assert sd["state"] == {} and sd["param_groups"][0]["params"] == [0, 1, 2, 3]
+    tparams = [torch.nn.Parameter(torch.tensor(a)) for a in arrays]
+    topt = torch.optim.Adam(tparams)
+    topt.load_state_dict(sd)
+    assert topt.state_dict() == sd | {"state": {}}
+    opt.load_state_dict(topt.state_dict())
+    assert opt.step_count == 0 and not np.any(opt.state["exp_avg"])
+
+
+def test_torch_state_dict_refusals():
+    import copy
+    torch = _torch()
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
+    tparams = list(model.to_torch().parameters())
+    opt = fg.Adam(model)
+    with pytest.raises(ValueError, match="one parameter group, got 2"):
+        opt.load_state_dict(torch.optim.Adam([{"params": tparams[:2]},
+                                              {"params": tparams[2:]}]).state_dict())
+    with pytest.raises(ValueError, match="the group has 3 parameters, this optimizer 4"):
+        opt.load_state_dict(torch.optim.Adam(tparams[:3]).state_dict())
+    with pytest.raises(ValueError, match="is for AdamW, not Adam"):
+        opt.load_state_dict(torch.optim.AdamW(tparams).state_dict())
+    sd = torch.optim.Adam(tparams, fused=None).state_dict()
+    sd["param_groups"][0]["fused"] = True
+    with pytest.raises(ValueError, match="fused=True"):
+        opt.load_state_dict(sd)
+    topt = torch.optim.Adam(tparams, lr=0.1)
+    for tp in tparams:
+        tp.grad = torch.ones_like(tp)
+    topt.step()
+    sd = copy.deepcopy(topt.state_dict())       # torch's dict shares its entries
+    sd["state"][1]["exp_avg"] = torch.zeros(7)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=r"state\[1\]\['exp_avg'\] has shape \(7,\), expected \(5,\)"):
+        opt.load_state_dict(sd)
+    sd = copy.deepcopy(topt.state_dict())       # torch's dict shares its entries
+    sd["state"][2]["step"] = torch.tensor(4.0)
+    with pytest.raises(ValueError, match="different steps"):
+        opt.load_state_dict(sd)
+    sd = copy.deepcopy(topt.state_dict())       # torch's dict shares its entries
+    sd["param_groups"][0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="beta2 must be in"):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after["hyper"] == before["hyper"] and after["step"] == before["step"] == 0
+    with pytest.raises(ValueError, match='format must be "fastgrad" or "torch"'):
+        opt.state_dict(format="pt")
