@@ -52,7 +52,7 @@ TrainStep passes ``opt._device_buffers()`` to its fused CUDA step, so that
 the step writes the optimizer's record (and its loss into it).
 """
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 import math
 import numbers
 import threading
@@ -333,6 +333,55 @@ def _check_torch_flags(flags):
             raise ValueError(f"{name}={value!r}: {why}")
 
 
+class _ParamGroup(MutableMapping):
+    """One entry of ``opt.param_groups``: a live view of the optimizer's
+    hyper-parameters under torch's keys.
+
+    Reading gives the current values (``"lr"``: the learning rate of the
+    next update); writing a key goes through the optimizer's validation
+    (TypeError/ValueError naming it; nothing changes when refused) and takes
+    effect at the next update, so torch's ``for g in opt.param_groups:
+    g["lr"] *= 0.5`` works as in torch.  ``"params"`` is read-only; keys
+    cannot be added or deleted.
+    """
+
+    __slots__ = ("_opt",)
+
+    def __init__(self, opt):
+        self._opt = opt
+
+    def _keys(self):
+        return ("lr",) + tuple(self._opt._specs) + ("maximize", "params")
+
+    def __getitem__(self, key):
+        opt = self._opt
+        if key == "lr":
+            return opt.lr
+        if key == "params":
+            return opt._group_params()
+        if key in self._keys():
+            return opt._values[key]
+        raise KeyError(key)
+
+    def __setitem__(self, key, value):
+        if key == "params" or key not in self._keys():
+            raise KeyError(f"param_groups entries have the keys {list(self._keys())}; "
+                           f"{key!r} cannot be set" + (" (read-only)" if key == "params" else ""))
+        self._opt._set_hyper({key: value})
+
+    def __delitem__(self, key):
+        raise TypeError("param_groups entries cannot lose keys")
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self):
+        return len(self._keys())
+
+    def __repr__(self):
+        return repr({k: (f"<{len(v)} arrays>" if k == "params" else v) for k, v in self.items()})
+
+
 _COMMON_SPECS = {"lr": _Spec(1e-3, _lr_arg),
                  "clip_norm": _Spec(None, _clip_arg), "clip_value": _Spec(None, _clip_arg),
                  "skip_nonfinite": _Spec(True, _flag), "maximize": _Spec(False, _flag)}
@@ -548,6 +597,7 @@ class Optimizer:
             # cannot make the kernel index outside the parameters.
             self._params, self._grads, self._offsets = p, g, off.copy()
             self._torch_layout = _torch_layout_of(params, self._offsets)
+            self._model = params if hasattr(params, "parameters") else None
             self._use_device(dev)
             return
         pairs = list(params)
@@ -780,6 +830,25 @@ class Optimizer:
         h = dict(self._values)
         h["lr"] = self.lr_schedule.to_config()
         return h
+
+    @property
+    def param_groups(self):
+        """torch's ``param_groups``: a list of one live dict-like group (see
+        below); ``group["lr"] = x`` is ``opt.lr = x``, ``group[name] = v``
+        is ``setattr(opt, name, v)``, both validated and in effect from the
+        next update.  Several groups (e.g. no weight decay on biases) are
+        not supported yet: one group spans all parameters."""
+        return [_ParamGroup(self)]
+
+    def _group_params(self):
+        """The parameters as arrays: the user's for (param, grad) pairs, else
+        the model's ``parameters()`` views, else one flat view per layer."""
+        if self._pairs is not None:
+            return [p for p, _ in self._pairs]
+        if self._model is not None:
+            return list(self._model.parameters())
+        return [self.params[self._offsets[i]:self._offsets[i + 1]]
+                for i in range(self._offsets.size - 1)]
 
     @property
     def lr_schedule(self):

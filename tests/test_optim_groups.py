@@ -473,3 +473,53 @@ def test_torch_state_dict_refusals():
     assert after["hyper"] == before["hyper"] and after["step"] == before["step"] == 0
     with pytest.raises(ValueError, match='format must be "fastgrad" or "torch"'):
         opt.state_dict(format="pt")
+
+
+# -- param_groups (one group) -----------------------------------------------------
+
+def test_param_groups_manual_decay_matches_torch():
+    """torch's ``for g in opt.param_groups: g["lr"] *= gamma`` loop, and a
+    weight-decay write through the group, step by step."""
+    pair = _Pair("adamw", dict(lr=1e-2, weight_decay=0.1), 1.0, None)
+    for t, g in enumerate(_grads(pair.n)):
+        if t % 5 == 4:
+            for group, tgroup in zip(pair.opt.param_groups, pair.topt.param_groups):
+                group["lr"] *= 0.7
+                tgroup["lr"] *= 0.7
+        if t == 12:
+            pair.opt.param_groups[0]["weight_decay"] = 0.0
+            pair.topt.param_groups[0]["weight_decay"] = 0.0
+            pair.opt.param_groups[0]["betas"] = (0.5, 0.9)
+            pair.topt.param_groups[0]["betas"] = (0.5, 0.9)
+        pair.step(g)
+        assert pair.opt.param_groups[0]["lr"] == pair.topt.param_groups[0]["lr"]
+    assert pair.opt.weight_decay == 0.0 and pair.opt.betas == (0.5, 0.9)
+
+
+def test_param_groups_view_and_refusals():
+    p, g = np.zeros(3), np.ones(3)
+    opt = SGD([(p, g)], lr=0.1, momentum=0.9)
+    (group,) = opt.param_groups
+    assert dict((k, v) for k, v in group.items() if k != "params") == {
+        "lr": 0.1, "momentum": 0.9, "dampening": 0.0, "nesterov": False,
+        "weight_decay": 0.0, "maximize": False}
+    assert group["params"][0] is p
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        group["lr"] = -0.1
+    with pytest.raises(ValueError, match="Nesterov momentum requires"):
+        group["dampening"] = 0.5
+        group["nesterov"] = True
+    assert opt.lr == 0.1 and opt.nesterov is False
+    with pytest.raises(KeyError, match="read-only"):
+        group["params"] = []
+    with pytest.raises(KeyError, match="'betas' cannot be set"):
+        group["betas"] = (0.9, 0.99)
+    with pytest.raises(TypeError, match="cannot lose keys"):
+        del group["lr"]
+
+
+def test_param_groups_params_of_a_model():
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
+    params = fg.Adam(model).param_groups[0]["params"]
+    assert [a.shape for a in params] == [a.shape for a in model.parameters()]
+    assert all(np.shares_memory(a, model.params) for a in params)
