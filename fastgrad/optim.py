@@ -398,14 +398,17 @@ def _torch_layout_of(model, offsets):
     parametrization's ``original0`` (g, shape ``(n_out, 1)``) and
     ``original1`` (v, transposed).
     """
+    per_layer = [(int(offsets[i]), (int(offsets[i + 1] - offsets[i]),), False)
+                 for i in range(offsets.size - 1)]
     named = getattr(model, "named_parameters", None)
-    if named is None:
-        return [(int(offsets[i]), (int(offsets[i + 1] - offsets[i]),), False)
-                for i in range(offsets.size - 1)]
+    if named is None or not hasattr(model, "layers"):
+        return per_layer
     where, off = {}, 0
     for name, arr in named():          # buffer order, consecutive
         where[name] = (off, arr.shape)
         off += arr.size
+    if off != offsets[-1]:             # not a fastgrad Sequential's layout
+        return per_layer
     layout = []
     for i in range(len(model.layers)):
         def entry(short, shape=None, transposed=False):
