@@ -386,9 +386,10 @@ def _parse_optimizer(o, tensor_names):
     hyper = _get(o, "hyper", dict, "optimizer")
     _check_json_value(hyper)
     cls = classes[kind]
-    keys = {"lr", "clip_norm", "clip_value", "skip_nonfinite"} | set(cls._defaults)
-    _need(set(hyper) == keys, f"optimizer.hyper: fields {sorted(hyper)} do not match "
-          f"{kind!r}'s {sorted(keys)}")
+    keys = {"lr", "clip_norm", "clip_value", "skip_nonfinite", "maximize"} | set(cls._defaults)
+    # files written before maximize existed lack it (loaded as False)
+    _need(keys - {"maximize"} <= set(hyper) <= keys,
+          f"optimizer.hyper: fields {sorted(hyper)} do not match {kind!r}'s {sorted(keys)}")
     for key, v in hyper.items():
         if key == "lr":
             _need(isinstance(v, (dict, int, float)) and not isinstance(v, bool),
@@ -403,7 +404,8 @@ def _parse_optimizer(o, tensor_names):
                 isinstance(b, (int, float)) and not isinstance(b, bool) for b in v),
                 f"optimizer.hyper.betas: expected two numbers, got {v!r:.80}")
         else:
-            want = bool if isinstance(cls._defaults.get(key), bool) or key == "skip_nonfinite" \
+            want = bool if isinstance(cls._defaults.get(key), bool) or key in (
+                "skip_nonfinite", "maximize") \
                 else (int, float, type(None)) if key.startswith("clip_") else (int, float)
             _get(hyper, key, want, "optimizer.hyper")
     state = _get(o, "state", list, "optimizer")

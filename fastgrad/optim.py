@@ -52,7 +52,7 @@ TrainStep passes ``opt._device_buffers()`` to its fused CUDA step, so that
 the step writes the optimizer's record (and its loss into it).
 """
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 import math
 import numbers
 import threading
@@ -288,8 +288,155 @@ class _StateView(Mapping):
         return f"{{{', '.join(f'{k!r}: <{v.dtype}[{v.size}]>' for k, v in self._d.items())}}}"
 
 
-_COMMON_SPECS = {"clip_norm": _Spec(None, _clip_arg), "clip_value": _Spec(None, _clip_arg),
-                 "skip_nonfinite": _Spec(True, _flag)}
+def _lr_arg(name, x):
+    """A learning rate: a float >= 0, a Schedule or a schedule's config dict;
+    returns the Schedule (a float becomes a constant one)."""
+    if isinstance(x, Mapping):
+        return from_config(dict(x))
+    return as_schedule(x)
+
+
+class _LearningRate(_Hyper):
+    """``opt.lr``: reads the learning rate of the next update (a float);
+    writing a float or a Schedule replaces the schedule (validated), as
+    writing ``group["lr"]`` does in torch."""
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        return float(opt.lr_schedule(opt.step_count))
+
+
+# PyTorch's implementation switches, accepted at the values that mean what
+# fastgrad always does: name -> (accepted values, why another is refused).
+_TORCH_NOOP_FLAGS = {
+    "foreach": ((None, False), "fastgrad's update is always one fused kernel; pass foreach=None"),
+    "fused": ((None, False), "fastgrad's update is always fused; pass fused=None"),
+    "capturable": ((False,), "fastgrad keeps no step tensors to capture; pass capturable=False"),
+    "differentiable": ((False,), "fastgrad's update is not differentiable; "
+                                 "pass differentiable=False"),
+}
+
+
+def _to_host(x):
+    """A torch tensor (any device) or array-like as something NumPy reads."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return x
+
+
+def _check_torch_flags(flags):
+    """Refuse a PyTorch switch set to a value fastgrad does not implement."""
+    for name, value in flags.items():
+        accepted, why = _TORCH_NOOP_FLAGS[name]
+        if not any(value is a for a in accepted):
+            raise ValueError(f"{name}={value!r}: {why}")
+
+
+class _ParamGroup(MutableMapping):
+    """One entry of ``opt.param_groups``: a live view of the optimizer's
+    hyper-parameters under torch's keys.
+
+    Reading gives the current values (``"lr"``: the learning rate of the
+    next update); writing a key goes through the optimizer's validation
+    (TypeError/ValueError naming it; nothing changes when refused) and takes
+    effect at the next update, so torch's ``for g in opt.param_groups:
+    g["lr"] *= 0.5`` works as in torch.  ``"params"`` is read-only; keys
+    cannot be added or deleted.
+    """
+
+    __slots__ = ("_opt",)
+
+    def __init__(self, opt):
+        self._opt = opt
+
+    def _keys(self):
+        return ("lr",) + tuple(self._opt._specs) + ("maximize", "params")
+
+    def __getitem__(self, key):
+        opt = self._opt
+        if key == "lr":
+            return opt.lr
+        if key == "params":
+            return opt._group_params()
+        if key in self._keys():
+            return opt._values[key]
+        raise KeyError(key)
+
+    def __setitem__(self, key, value):
+        if key == "params" or key not in self._keys():
+            raise KeyError(f"param_groups entries have the keys {list(self._keys())}; "
+                           f"{key!r} cannot be set" + (" (read-only)" if key == "params" else ""))
+        self._opt._set_hyper({key: value})
+
+    def __delitem__(self, key):
+        raise TypeError("param_groups entries cannot lose keys")
+
+    def __iter__(self):
+        return iter(self._keys())
+
+    def __len__(self):
+        return len(self._keys())
+
+    def __repr__(self):
+        return repr({k: (f"<{len(v)} arrays>" if k == "params" else v) for k, v in self.items()})
+
+
+_COMMON_SPECS = {"lr": _Spec(1e-3, _lr_arg),
+                 "clip_norm": _Spec(None, _clip_arg), "clip_value": _Spec(None, _clip_arg),
+                 "skip_nonfinite": _Spec(True, _flag), "maximize": _Spec(False, _flag)}
+
+
+def _torch_layout_of(model, offsets):
+    """Where each tensor of torch's parameter list lies in the flat buffer:
+    ``[(offset, torch shape, transposed)]`` in the order of
+    ``model.to_torch().parameters()`` (a fastgrad Sequential/MLP), else one
+    1-D tensor per layer of ``layer_offsets``.
+
+    torch keeps ``Linear.weight`` as ``(n_out, n_in)``, the transpose of
+    fastgrad's ``W``; a weight-normalised Linear lists ``bias`` before its
+    parametrization's ``original0`` (g, shape ``(n_out, 1)``) and
+    ``original1`` (v, transposed).
+    """
+    per_layer = [(int(offsets[i]), (int(offsets[i + 1] - offsets[i]),), False)
+                 for i in range(offsets.size - 1)]
+    named = getattr(model, "named_parameters", None)
+    if named is None or not hasattr(model, "layers"):
+        return per_layer
+    where, off = {}, 0
+    for name, arr in named():          # buffer order, consecutive
+        where[name] = (off, arr.shape)
+        off += arr.size
+    if off != offsets[-1]:             # not a fastgrad Sequential's layout
+        return per_layer
+    layout = []
+    for i in range(len(model.layers)):
+        def entry(short, shape=None, transposed=False):
+            o, fshape = where[f"layers.{i}.{short}"]
+            layout.append((o, tuple(shape or (fshape[::-1] if transposed else fshape)),
+                           transposed))
+        if f"layers.{i}.v" in where:
+            entry("b")
+            entry("g", shape=(where[f"layers.{i}.g"][1][0], 1))
+            entry("v", transposed=True)
+        else:
+            entry("W", transposed=True)
+            entry("b")
+        if f"layers.{i}.gamma" in where:
+            entry("gamma")
+            entry("beta")
+    return layout
+
+
+# torch's param_groups keys per kind, beyond the rule's own hyper-parameters
+_TORCH_GROUP_EXTRA = {
+    "adam": {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
+             "decoupled_weight_decay": False},
+    "adamw": {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
+              "decoupled_weight_decay": True},
+    "sgd": {"foreach": None, "differentiable": False, "fused": None},
+    "rmsprop": {"capturable": False, "foreach": None, "differentiable": False},
+}
 
 
 class _DeviceBook:
@@ -342,6 +489,22 @@ class Optimizer:
         True skips non-finite gradients (counted in ``n_skipped``); False
         raises :class:`NonFiniteGradientError` (nothing updated either way;
         on CUDA, False makes each update wait for the device's verdict).
+    maximize : bool
+        Ascend instead of descend, as torch's ``maximize=True``: the rule
+        sees the negated (clipped) gradient.  Clipping and the reported
+        norms are those of the gradient as given, as with torch's
+        ``clip_grad_norm_`` before a maximizing step.
+    foreach, fused, capturable, differentiable
+        PyTorch's implementation switches, accepted only at the values that
+        describe what fastgrad always does (``foreach``/``fused``: None or
+        False; ``capturable``/``differentiable``: False) so that code
+        spelling them out runs unchanged; they have no effect.  Any other
+        value raises ValueError naming the argument.
+
+    ``opt.lr`` reads the learning rate of the next update; writing it
+    (a float >= 0 or a Schedule) replaces the schedule, validated, from the
+    next update on: a float where a schedule was makes the rate constant,
+    as writing ``group["lr"]`` does in torch.
 
     Every hyper-parameter (``clip_norm``, ``momentum``, ``betas``,
     ``amsgrad``, ...) is an attribute that can be set after construction:
@@ -360,9 +523,11 @@ class Optimizer:
     kind = _ReadOnly(None)
     rule = _ReadOnly(None)
     state_names = _ReadOnly(())
+    lr = _LearningRate()
     clip_norm = _Hyper()
     clip_value = _Hyper()
     skip_nonfinite = _Hyper()
+    maximize = _Hyper()
     _specs = {}          # the rule's own hyper-parameters: name -> _Spec
     _defaults = {}       # name -> default, derived from _specs
 
@@ -382,7 +547,10 @@ class Optimizer:
         cls._defaults = {name: spec.default for name, spec in cls._specs.items()}
 
     def __init__(self, params, lr, *, clip_norm=None, clip_value=None,
-                 skip_nonfinite=True, **hyper):
+                 skip_nonfinite=True, maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False, **hyper):
+        _check_torch_flags({"foreach": foreach, "fused": fused, "capturable": capturable,
+                            "differentiable": differentiable})
         self._book = None
         self._values = {}
         self._state = {}
@@ -396,8 +564,8 @@ class Optimizer:
         self._lr_now = float("nan")
         self._empty = self._xp.empty(0, self.params.dtype)
         self._configure(dict(self._defaults, lr=lr, clip_norm=clip_norm,
-                             clip_value=clip_value,
-                             skip_nonfinite=skip_nonfinite, **hyper))
+                             clip_value=clip_value, skip_nonfinite=skip_nonfinite,
+                             maximize=maximize, **hyper))
 
     # -- binding ------------------------------------------------------------
     def _bind(self, params):
@@ -431,6 +599,8 @@ class Optimizer:
             # A private copy: a later in-place write into the model's array
             # cannot make the kernel index outside the parameters.
             self._params, self._grads, self._offsets = p, g, off.copy()
+            self._torch_layout = _torch_layout_of(params, self._offsets)
+            self._model = params if hasattr(params, "parameters") else None
             self._use_device(dev)
             return
         pairs = list(params)
@@ -456,6 +626,8 @@ class Optimizer:
         sizes = [p.size for p, _ in checked]
         self._pairs = checked
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._torch_layout = [(int(o), p.shape, False)
+                              for o, (p, _) in zip(self._offsets, checked)]
         self._params = np.empty(self._offsets[-1], dt)
         self._grads = np.empty_like(self._params)
         self._use_device("cpu")
@@ -611,14 +783,12 @@ class Optimizer:
     # -- hyper-parameters and state --------------------------------------------
     def _configure(self, hyper):
         """Validate and set every hyper-parameter (construction and load)."""
-        unknown = set(hyper) - set(self._defaults) - {"lr"} - set(_COMMON_SPECS)
+        unknown = set(hyper) - set(self._defaults) - set(_COMMON_SPECS)
         if unknown:
             raise TypeError(f"{type(self).__name__}: unknown argument(s) {sorted(unknown)}")
-        lr = hyper["lr"]
-        schedule = from_config(lr) if isinstance(lr, dict) else as_schedule(lr)
-        self._set_hyper({k: v for k, v in hyper.items() if k != "lr"}, schedule=schedule)
+        self._set_hyper(hyper)
 
-    def _set_hyper(self, changes, schedule=None):
+    def _set_hyper(self, changes):
         """Validate the configuration with ``changes`` applied, then commit it:
         nothing changes when a value is refused."""
         specs = dict(_COMMON_SPECS, **self._specs)
@@ -630,8 +800,6 @@ class Optimizer:
         self._check_combination(checked)
         with self._lock:
             self._settle()      # updates in flight finish on the old buffers
-            if schedule is not None:
-                self.lr_schedule = schedule
             self._values = checked
             # The kernel reads plain floats, 0.0 meaning "off".
             self._clip_norm = checked["clip_norm"] or 0.0
@@ -662,20 +830,68 @@ class Optimizer:
     @property
     def hyper(self):
         """Hyper-parameters as a JSON-able dict (the schedule as its config)."""
-        h = {"lr": self.lr_schedule.to_config() if isinstance(self.lr_schedule, Schedule)
-             else None}
-        h.update(self._values)
+        h = dict(self._values)
+        h["lr"] = self.lr_schedule.to_config()
         return h
 
     @property
-    def lr(self):
-        """Learning rate of the next update."""
-        return float(self.lr_schedule(self.step_count))
+    def param_groups(self):
+        """torch's ``param_groups``: a list of one live dict-like group (see
+        below); ``group["lr"] = x`` is ``opt.lr = x``, ``group[name] = v``
+        is ``setattr(opt, name, v)``, both validated and in effect from the
+        next update.  Several groups (e.g. no weight decay on biases) are
+        not supported yet: one group spans all parameters."""
+        return [_ParamGroup(self)]
 
-    def state_dict(self):
-        """Checkpoint: ``{"kind", "step", "n_skipped", "n_calls", "hyper",
-        "state"}``; ``state`` maps names to array copies, everything else is
-        JSON-able (tuples become lists).  No pickle needed."""
+    def _group_params(self):
+        """The parameters as arrays: the user's for (param, grad) pairs, else
+        the model's ``parameters()`` views, else one flat view per layer."""
+        if self._pairs is not None:
+            return [p for p, _ in self._pairs]
+        if self._model is not None:
+            return list(self._model.parameters())
+        return [self.params[self._offsets[i]:self._offsets[i + 1]]
+                for i in range(self._offsets.size - 1)]
+
+    @property
+    def lr_schedule(self):
+        """The learning-rate schedule (update ``k`` uses ``lr_schedule(k)``);
+        settable like ``lr``."""
+        return self._values["lr"]
+
+    @lr_schedule.setter
+    def lr_schedule(self, schedule):
+        self._set_hyper({"lr": schedule})
+
+    def state_dict(self, format="fastgrad"):
+        """The optimizer's state.
+
+        Parameters
+        ----------
+        format : "fastgrad" (default) or "torch"
+            ``"fastgrad"``: the checkpoint ``{"kind", "step", "n_skipped",
+            "n_calls", "hyper", "state"}``; ``state`` maps names to flat
+            array copies, everything else is JSON-able (tuples become
+            lists).  No pickle needed.
+
+            ``"torch"``: torch's structure, loadable by the matching
+            ``torch.optim`` class built on ``model.to_torch().parameters()``
+            (or on the (param, grad) pairs' tensors, in order):
+            ``{"state": {i: {...}}, "param_groups": [{..., "params": [0, 1,
+            ...]}]}``, state tensors under torch's names (``exp_avg``,
+            ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``,
+            ``square_avg``, ``grad_avg``; ``step`` as a float32 scalar
+            tensor, none for SGD) with torch's shapes (weights transposed),
+            copies as CPU torch tensors (needs torch).  The group's ``lr`` is
+            the learning rate of the next update (torch keeps schedules
+            outside the optimizer); clipping has no torch counterpart in the
+            optimizer and is not included.  Before the first update
+            ``state`` is empty, as torch's.
+        """
+        if format == "torch":
+            return self._torch_state_dict()
+        if format != "fastgrad":
+            raise ValueError(f'format must be "fastgrad" or "torch", got {format!r}')
         hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hyper.items()}
         return {"kind": self.kind, "step": int(self.step_count),
                 "n_skipped": int(self.n_skipped), "n_calls": int(self.n_calls),
@@ -683,11 +899,27 @@ class Optimizer:
                 "state": {k: _device.to_numpy(v).copy() for k, v in self.state.items()}}
 
     def load_state_dict(self, sd):
-        """Restore :meth:`state_dict` output; arrays are copied into the
-        existing buffers, so compiled steps holding them stay valid."""
+        """Restore :meth:`state_dict` output, in either format; arrays are
+        copied into the existing buffers, so compiled steps holding them
+        stay valid.
+
+        A dict with ``param_groups`` is read as torch's structure (from
+        ``torch.optim.<Rule>.state_dict()`` over ``model.to_torch()``'s
+        parameters, or ``state_dict(format="torch")``): its one group's
+        hyper-parameters replace this optimizer's (``lr`` becomes a constant
+        learning rate; ``clip_norm``, ``clip_value`` and ``skip_nonfinite``
+        are kept), the state tensors are copied in (transposed back) and
+        ``step`` becomes ``step_count``.  torch's SGD keeps no step count:
+        ``step_count`` becomes 1 when it holds momentum buffers (only
+        "buffer set or not" matters to the rule), else 0.  Everything is
+        checked before anything changes (ValueError/TypeError).
+        """
+        if isinstance(sd, Mapping) and "param_groups" in sd:
+            return self._load_torch_state_dict(sd)
         if sd.get("kind") != self.kind:
             raise ValueError(f"checkpoint is for {sd.get('kind')!r}, not {self.kind!r}")
         hyper = dict(sd["hyper"])
+        hyper.setdefault("maximize", False)     # checkpoints from before maximize
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
         arrays = sd.get("state", {})
@@ -706,6 +938,143 @@ class Optimizer:
         self.n_skipped = int(sd.get("n_skipped", 0))
         self.n_calls = int(sd.get("n_calls", 0))
 
+    # -- torch's state-dict structure ---------------------------------------------
+    def _torch_group(self):
+        """This optimizer's hyper-parameters as torch's param_groups entry."""
+        group = {"lr": self.lr}
+        group.update((name, self._values[name]) for name in self._specs)
+        group["maximize"] = self.maximize
+        group.update(_TORCH_GROUP_EXTRA[self.kind])
+        group["params"] = list(range(len(self._torch_layout)))
+        return group
+
+    def _torch_state_dict(self):
+        try:
+            import torch
+        except ImportError:
+            raise ImportError('state_dict(format="torch") needs PyTorch '
+                              "(pip install 'fastgrad[peers]')") from None
+        with self._lock:
+            step = self.step_count          # settles updates in flight
+            state = {}
+            if step > 0:
+                for i, (off, shape, transposed) in enumerate(self._torch_layout):
+                    entry = {}
+                    if self.kind != "sgd":
+                        entry["step"] = torch.tensor(float(step), dtype=torch.float32)
+                    for name in (n for n in self.state_names if n in self._state):
+                        entry[name] = torch.from_numpy(
+                            self._tensor_of(self._state[name], off, shape, transposed))
+                    if self.kind == "sgd" and not entry:
+                        entry["momentum_buffer"] = None
+                    state[i] = entry
+            return {"state": state, "param_groups": [self._torch_group()]}
+
+    def _tensor_of(self, flat, off, shape, transposed):
+        """The tensor at ``off`` of a flat buffer, in torch's shape (a copy)."""
+        n = int(np.prod(shape))
+        a = _device.to_numpy(flat[off:off + n])
+        a = a.reshape(shape[::-1]).T if transposed else a.reshape(shape)
+        return np.ascontiguousarray(a).copy()
+
+    def _load_torch_state_dict(self, sd):
+        groups = sd["param_groups"]
+        if not isinstance(groups, (list, tuple)) or len(groups) != 1:
+            n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
+            raise ValueError(f"torch state dict: fastgrad optimizers have one parameter "
+                             f"group, got {n}")
+        group = dict(groups[0])
+        ids = list(group.pop("params", []))
+        n = len(self._torch_layout)
+        if len(ids) != n:
+            raise ValueError(f"torch state dict: the group has {len(ids)} parameters, this "
+                             f"optimizer {n} (built on model.to_torch().parameters()?)")
+        decoupled = group.pop("decoupled_weight_decay", self.kind == "adamw")
+        if self.kind in ("adam", "adamw") and bool(decoupled) != (self.kind == "adamw"):
+            raise ValueError(f"torch state dict is for {'AdamW' if decoupled else 'Adam'}, "
+                             f"not {type(self).__name__}")
+        flags = {k: group.pop(k) for k in list(group) if k in _TORCH_NOOP_FLAGS}
+        _check_torch_flags(flags)
+        group.pop("initial_lr", None)        # set by torch's LR schedulers
+        unknown = set(group) - set(self._specs) - {"lr", "maximize"}
+        if unknown:
+            raise ValueError(f"torch state dict: {type(self).__name__} has no "
+                             f"hyper-parameter(s) {sorted(unknown)}")
+        hyper = dict(self._values, **group)
+        if "betas" in hyper:
+            hyper["betas"] = tuple(hyper["betas"])
+        for name in ("weight_decay", "momentum", "dampening", "alpha", "eps"):
+            if name in hyper and isinstance(hyper[name], numbers.Integral) \
+                    and not isinstance(hyper[name], bool):
+                hyper[name] = float(hyper[name])     # torch writes 0 for 0.0
+        # Validate the whole configuration on a scratch copy first.
+        specs = dict(_COMMON_SPECS, **self._specs)
+        checked = {k: specs[k].check(k, hyper[k]) for k in specs}
+        self._check_combination(checked)
+        need = self._needed_state_for(checked)
+        state = sd.get("state", {})
+        arrays, steps = {}, set()
+        for pos, idx in enumerate(ids):
+            entry = state.get(idx, {}) if isinstance(state, Mapping) else None
+            if entry is None or not isinstance(entry, Mapping):
+                raise TypeError(f"torch state dict: state[{idx}] must be a dict")
+            off, shape, transposed = self._torch_layout[pos]
+            if "step" in entry:
+                steps.add(float(np.asarray(_to_host(entry["step"]))))
+            for name, value in entry.items():
+                if name == "step" or value is None:
+                    continue
+                if name not in self.state_names:
+                    raise ValueError(f"torch state dict: state[{idx}] has {name!r}, which "
+                                     f"{type(self).__name__} does not keep")
+                a = np.asarray(_to_host(value))
+                if a.shape != tuple(shape):
+                    raise ValueError(f"torch state dict: state[{idx}][{name!r}] has shape "
+                                     f"{a.shape}, expected {tuple(shape)}")
+                if not np.can_cast(a.dtype, self.params.dtype, casting="same_kind"):
+                    raise ValueError(f"torch state dict: state[{idx}][{name!r}] dtype "
+                                     f"{a.dtype} does not fit {self.params.dtype}")
+                arrays.setdefault(name, {})[pos] = a.T.ravel() if transposed else a.ravel()
+        for name, parts in arrays.items():
+            if len(parts) != n:
+                raise ValueError(f"torch state dict: {name!r} is kept for {len(parts)} of "
+                                 f"{n} parameters")
+            if name not in need:
+                raise ValueError(f"torch state dict holds {name!r}, which these "
+                                 f"hyper-parameters do not use")
+        if len(steps) > 1:
+            raise ValueError(f"torch state dict: parameters are at different steps "
+                             f"{sorted(steps)}; fastgrad keeps one step count")
+        if steps:
+            step = steps.pop()
+            if step != int(step) or step < 0:
+                raise ValueError(f"torch state dict: step must be a whole number >= 0, "
+                                 f"got {step}")
+            step = int(step)
+        else:
+            step = 1 if arrays else 0
+        missing = need - set(arrays)
+        if step > 0 and missing and self.kind != "sgd":
+            raise ValueError(f"torch state dict lacks state {sorted(missing)}")
+        with self._lock:
+            self._settle()
+            self._set_hyper(dict(checked))
+            for name, buf in self._state.items():
+                buf[...] = 0
+                for pos, flat in arrays.get(name, {}).items():
+                    off = self._torch_layout[pos][0]
+                    buf[off:off + flat.size] = self._xp.asarray(flat, dtype=buf.dtype)
+            self.step_count = step
+
+    def _needed_state_for(self, values):
+        """:meth:`_needed_state` under the hyper-parameters ``values``."""
+        saved = self._values
+        self._values = values
+        try:
+            return self._needed_state()
+        finally:
+            self._values = saved
+
     # -- the update -------------------------------------------------------------
     def _fill_hp(self, hp, k):
         raise NotImplementedError
@@ -717,6 +1086,7 @@ class Optimizer:
             raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
         hp[:] = 0.0
         hp[_k.HP_LR] = lr
+        hp[_k.HP_MAXIMIZE] = float(self.maximize)
         self._fill_hp(hp, k)
         hp[_k.HP_UPDATE] = k
         return lr
@@ -826,9 +1196,13 @@ class SGD(Optimizer):
               "nesterov": _Spec(False, _flag), "weight_decay": _Spec(0.0, _nonneg)}
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
+                 nesterov=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
+                 maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
-                         skip_nonfinite=skip_nonfinite, momentum=momentum,
+                         skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable,
+                         momentum=momentum,
                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
 
     def _check_combination(self, h):
@@ -867,9 +1241,13 @@ class Adam(Optimizer):
               "weight_decay": _Spec(0.0, _nonneg), "amsgrad": _Spec(False, _flag)}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
+                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
+                 maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
-                         skip_nonfinite=skip_nonfinite, betas=betas, eps=eps,
+                         skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable,
+                         betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad)
 
     def _needed_state(self):
@@ -899,9 +1277,13 @@ class AdamW(Adam):
     _specs = dict(Adam._specs, weight_decay=_Spec(1e-2, _nonneg))
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True):
+                 amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
+                 maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, clip_norm=clip_norm,
-                         clip_value=clip_value, skip_nonfinite=skip_nonfinite)
+                         clip_value=clip_value, skip_nonfinite=skip_nonfinite,
+                         maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable)
 
 
 class RMSprop(Optimizer):
@@ -928,9 +1310,12 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, *, clip_norm=None, clip_value=None,
-                 skip_nonfinite=True):
+                 skip_nonfinite=True, maximize=False, foreach=None, fused=None,
+                 capturable=False, differentiable=False):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
-                         skip_nonfinite=skip_nonfinite, alpha=alpha, eps=eps,
+                         skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
+                         capturable=capturable, differentiable=differentiable,
+                         alpha=alpha, eps=eps,
                          weight_decay=weight_decay, momentum=momentum, centered=centered)
 
     def _needed_state(self):

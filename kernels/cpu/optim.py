@@ -70,6 +70,7 @@ HP_FIRST = 11        # SGD: 1.0 when the momentum buffer is not yet set (t = 1)
 HP_ALPHA = 12        # RMSprop smoothing constant
 HP_CENTERED = 13     # RMSprop: 1.0 keeps grad_avg in s2
 HP_UPDATE = 14       # the update index k the row was filled for (CUDA picks its row by it)
+HP_MAXIMIZE = 15     # 1.0: ascend (torch's maximize=True), the clipped gradient is negated
 HP_SIZE = 16
 
 
@@ -202,6 +203,10 @@ def update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
     s0 = s0[lo:hi]
     s1 = s1[lo:hi]
     s2 = s2[lo:hi]
+    # maximize (torch): the rule sees -g.  Clipping by norm and by value is
+    # symmetric, so negating the clip scale is exactly negating the clipped g.
+    if hp[HP_MAXIMIZE] != 0.0:
+        scale = -scale
     if rule == ADAM:
         _adam_range(p, g, s0, s1, s2, scale, clip_value, hp, False)
     elif rule == ADAMW:

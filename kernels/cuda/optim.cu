@@ -180,7 +180,8 @@ __global__ void fg_update(T* p, const T* g, T* s0, T* s1, T* s2, const double* h
                           const double* ctl, double clip_value, long long n)
 {
     if (ctl[fg::CTL_SKIP] != 0.0) return;          // non-finite norm: touch nothing
-    const T sc = T(ctl[fg::CTL_SCALE]);
+    // maximize (torch): the rule sees -g; clipping is symmetric, so negate the scale
+    const T sc = hp[fg::HP_MAXIMIZE] != 0.0 ? T(-ctl[fg::CTL_SCALE]) : T(ctl[fg::CTL_SCALE]);
     const T cv = clip_value > 0.0 ? T(clip_value) : fg::inf<T>();
     const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
