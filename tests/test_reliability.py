@@ -252,7 +252,10 @@ def test_train_step_shared_by_two_threads_never_writes_nan():
 def test_optimizer_and_layer_path_from_threads_serialise():
     """A hand-written loop (forward, backward, opt.step) on NaN data in one
     thread and a TrainStep on finite data in another: every call runs whole,
-    so a NaN gradient is never applied."""
+    so a NaN gradient is never applied.  (Between the hand loop's backward
+    and its opt.step the other thread may run a whole step and leave its
+    finite gradient, which the hand's update then applies: a race of the
+    user's loop, not a torn update; so the skips are not counted per call.)"""
     rng = np.random.default_rng(1)
     model = fg.MLP(SIZES, dtype="float64", seed=0)
     opt = fg.SGD(model, lr=0.01, momentum=0.9)
@@ -265,11 +268,12 @@ def test_optimizer_and_layer_path_from_threads_serialise():
         out = model.forward(x_nan)
         _, dy = loss_fn(out, y)
         model.backward(dy)
-        assert opt.step().skipped
+        stats = opt.step()
+        assert stats.skipped or np.isfinite(stats.grad_norm)
 
     _hammer([lambda: step(x, y), hand], 50)
     assert np.isfinite(model.params).all() and np.isfinite(opt.state["momentum_buffer"]).all()
-    assert opt.step_count == 50 and opt.n_skipped == 50
+    assert opt.step_count + opt.n_skipped == 100 and opt.step_count >= 50
 
 
 # -- 3. a skipped step changes nothing ---------------------------------------------------
