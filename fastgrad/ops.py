@@ -238,15 +238,6 @@ def _pred(y, name, xp):
     return arr
 
 
-def _loss_kernels(dev):
-    """The loss kernel module of ``dev`` (CPU and CUDA twins share names)."""
-    if dev == "cuda":
-        from .kernels.cuda import losses
-    else:
-        from .kernels.cpu import losses
-    return losses
-
-
 REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -350,7 +341,7 @@ def softmax_cross_entropy(logits, labels, weight=None, ignore_index=-100, label_
     w = class_weights(weight, C, "weight", xp)
     grad = xp.empty_like(logits)
     terms = xp.empty(B, np.float64)
-    kl = _loss_kernels(dev)
+    kl = _device.kernels(dev).losses     # the CPU and CUDA twins share names
     total = kl.softmax_cross_entropy_ex(logits, lab, w, ignore_index, label_smoothing,
                                         kl.REDUCTIONS[reduction], grad, terms)
     return _result(total, terms, reduction), grad
@@ -373,7 +364,7 @@ def _elementwise_ex(kernel_name, pred, target, pname, reduction, *extra):
     target = as_array(target, "target", pred.dtype, shape=pred.shape, xp=xp)
     grad = xp.empty_like(pred)
     terms = xp.empty(pred.shape, np.float64)
-    kl = _loss_kernels(dev)
+    kl = _device.kernels(dev).losses     # the CPU and CUDA twins share names
     extra = [e(xp, pred.shape[1]) if callable(e) else e for e in extra]
     total = getattr(kl, kernel_name)(pred, target, *extra, kl.REDUCTIONS[reduction], grad, terms)
     return _result(total, terms, reduction), grad

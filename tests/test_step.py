@@ -11,8 +11,8 @@ import fastgrad as fg
 from fastgrad.kernels.cpu import step as kstep
 from fastgrad.losses import LOSSES
 
-ACTIVATIONS = ["identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
-               "silu"]
+from conftest import ACTIVATIONS
+
 
 
 def _targets(loss, rng, batch, n_out):
