@@ -18,14 +18,17 @@ training-mode call advances ``model.dropout_step`` once, as
 from collections import OrderedDict
 import time
 
+import numba
 import numpy as np
 
 from . import device as _device
 from . import ops
+from . import threads as _threads
 from .errors import NonFiniteGradientError
 from .kernels.cpu import step as _kstep
 from .kernels.cpu import norm as _knorm
 from .kernels.cpu import step_blocks as _kblocks
+from .kernels.cpu import step_sharded as _ksharded
 from .kernels.cpu.activations import NEEDS_Z
 from .layers import Sequential
 
@@ -75,6 +78,15 @@ class TrainStep:
     Calls from several threads run one at a time (the model's lock, shared
     with its optimizer), so no thread sees or writes a half-done step.
 
+    ``threads=n`` (CPU, plain models) runs the step on ``n`` threads of ONE
+    pool: the batch is cut into ``n`` row shards whose forward and backward
+    run side by side with single-threaded BLAS, their gradients are combined
+    in a fixed order, and the norm and update passes run on the same
+    threads (``fastgrad.kernels.cpu.step_sharded``).  Results are
+    deterministic for a given ``n`` and equal the one-thread step up to
+    rounding (a batch mean summed from shard means), bitwise for ``n=1``.
+    ``threads=None`` (default) leaves the GEMMs to BLAS's own threads.
+
     Buffers are kept per batch size for the last ``max_cached_batch_sizes``
     (default 8) distinct batch sizes used; a ninth releases the least
     recently used one (it is allocated again if that size comes back).
@@ -82,7 +94,7 @@ class TrainStep:
 
     max_cached_batch_sizes = 8
 
-    def __init__(self, model, loss_fn, opt, cuda_graph=False):
+    def __init__(self, model, loss_fn, opt, cuda_graph=False, threads=None):
         if not isinstance(model, Sequential):
             raise TypeError(f"model must be a fastgrad Sequential/MLP, got {type(model).__name__}")
         name = getattr(loss_fn, "name", None)
@@ -115,6 +127,7 @@ class TrainStep:
         if self.cuda_graph and (model.device != "cuda" or self._blocks):
             raise ValueError("cuda_graph=True needs a CUDA model without toolkit layers")
         self._graphs = {}
+        self.threads = self._threads_arg(threads, model)
         if model.device == "cuda":
             # One Python function issuing the step's launches on the current
             # stream (no host sync inside); see kernels/cuda/step.py.
@@ -152,6 +165,43 @@ class TrainStep:
         self._no_target = xp.zeros((0, 0), model.dtype)
         self.stats = None
 
+    def _threads_arg(self, threads, model):
+        if threads is None:
+            return None
+        if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) \
+                or threads < 1:
+            raise ValueError(f"threads must be None or a positive integer, got {threads!r}")
+        if model.device != "cpu" or self._blocks or self._loss_options:
+            raise ValueError("threads= shards the fused CPU step of a plain model (no dropout, "
+                             "normalisation, residual or weight norm, default loss options); "
+                             f"this step runs on {model.device}"
+                             + (" with toolkit layers" if self._blocks else "")
+                             + (" with loss options" if self._loss_options else ""))
+        limit = numba.config.NUMBA_NUM_THREADS
+        if threads > limit:
+            raise ValueError(f"threads={threads} exceeds Numba's {limit} threads "
+                             "(NUMBA_NUM_THREADS)")
+        return int(threads)
+
+    def _shard_buffers_for(self, B):
+        """Per-shard scratch of batch size B: (bounds, acts, zs, delta,
+        shard_grads, losses), cached like the serial step's buffers."""
+        key = ("shards", B)
+        buf = self._buffers.get(key)
+        if buf is not None:
+            self._buffers.move_to_end(key)
+            return buf
+        self._evict(keep=self.max_cached_batch_sizes - 1)
+        dt, widths = self.model.dtype, self._sizes[1:]
+        bounds = _ksharded.shard_bounds(B, self.threads)
+        T, rows = len(bounds) - 1, int(np.diff(bounds).max())
+        acts = np.empty((T, rows * int(widths.sum())), dt)
+        zs = np.empty_like(acts) if self._needs_z else acts
+        delta = np.empty((T, 2 * rows * int(widths.max())), dt)
+        shard_grads = np.empty((T - 1, self.model.params.size), dt)
+        buf = self._buffers[key] = (bounds, acts, zs, delta, shard_grads, np.empty(T))
+        return buf
+
     def _buffers_for(self, B):
         buf = self._buffers.get(B)
         if buf is not None:
@@ -184,6 +234,8 @@ class TrainStep:
         buffers) of the least recently used batch sizes beyond ``keep``."""
         while len(self._buffers) > max(keep, 0):
             B, _ = self._buffers.popitem(last=False)
+            if isinstance(B, tuple):        # ("shards", B): host buffers only
+                continue
             self._workspaces.pop(B, None)
             for key in [k for k in self._graphs if k[0] == B]:
                 del self._graphs[key]
@@ -341,6 +393,19 @@ class TrainStep:
             return float(loss)
         if model.training:
             model._next_dropout_step()
+        if self.threads is not None:
+            bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
+            with _threads.one_blas_thread():
+                loss, norm, scale, skipped = _ksharded.sharded_train_step(
+                    x, labels, target, self._loss_kind, model.params, model.grads,
+                    shard_grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
+                    acts, zs, delta, bounds, losses,
+                    rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm,
+                    self.opt._clip_value)
+            if skipped:
+                model._restore_snapshot(snap)
+            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
+            return float(loss)
         acts, zs, delta = self._buffers_for(B)
         if self.cuda_graph:
             loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
@@ -379,6 +444,14 @@ class TrainStep:
                 nwork, self._wn, self._weff, self._dweff, self._wnorm, delta))
         if self.model.training:
             self.model._next_dropout_step()
+        if self.threads is not None:
+            m = self.model
+            bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(x.shape[0])
+            with _threads.one_blas_thread():
+                return float(_ksharded.sharded_forward_backward(
+                    x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
+                    self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
+                    bounds, losses))
         acts, zs, delta = self._buffers_for(x.shape[0])
         return self._result(self._kernels.forward_backward(
             x, labels, target, self._loss_kind, self.model.params, self.model.grads,

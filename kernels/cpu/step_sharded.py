@@ -1,0 +1,100 @@
+"""The whole training step on several cores: batch shards on one thread pool.
+
+OpenBLAS threads the small GEMMs of an MLP step poorly, and the elementwise,
+loss, norm and update passes between them run on one core; two pools
+(OpenBLAS's and Numba's) spinning against each other on the same cores made a
+step 40-60x slower (DESIGN.md "Threads").  Here ONE pool -- Numba's -- owns
+the cores for the whole step:
+
+1. the batch is cut into ``T`` contiguous row shards (``bounds``); each
+   thread runs forward, loss and backward of its shard with single-threaded
+   BLAS (the caller limits BLAS to one thread around the call) into its own
+   gradient buffer (shard 0 into ``grads`` itself);
+2. the shard gradients are combined in a fixed order, weighted by the share
+   of the batch each shard holds (each shard's loss is a mean over its rows),
+   parallel over chunks of the parameters;
+3. the clipped update runs both of its passes on the same threads
+   (``optim.clipped_update_parallel``).
+
+The result is deterministic for a given number of shards.  It differs from
+the one-shard step by rounding only (the batch mean is a sum of shard means),
+and is bitwise the serial step for one shard.  Batch normalisation couples
+the rows of a batch, so only plain models run sharded.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._jit import JIT
+from .optim import clipped_update_parallel
+from .step import forward_backward
+
+PARALLEL = dict(JIT, parallel=True)
+
+# Parameters per reduction chunk (as optim.CHUNK: balances two threads and
+# hides a chunk's bookkeeping).
+CHUNK = 1 << 16
+
+
+def shard_bounds(batch, n_shards):
+    """Row boundaries of ``n_shards`` near-equal contiguous shards of a batch
+    (fewer shards when the batch has fewer rows)."""
+    n = max(1, min(int(n_shards), int(batch)))
+    return np.linspace(0, batch, n + 1).round().astype(np.int64)
+
+
+@njit(**PARALLEL)
+def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                             codes, alphas, offsets, acts, zs, delta, bounds, losses):
+    """Forward, loss and backward of the batch in shards; writes ``grads``.
+
+    ``acts``, ``zs``, ``delta`` are 2-D: one row of scratch per shard, laid out
+    as ``step.forward_backward`` reads them (``zs`` may be ``acts``);
+    ``shard_grads`` has one row per shard beyond the first.  ``losses``
+    (float64, one per shard) receives each shard's mean loss.  Returns the
+    mean loss of the batch.
+    """
+    T = bounds.shape[0] - 1
+    B = bounds[T]
+    for s in prange(T):
+        lo, hi = bounds[s], bounds[s + 1]
+        g = grads if s == 0 else shard_grads[s - 1]
+        # forward_backward is a compiled call, not inlined: Numba's parfor
+        # pass miscounts the shapes of the inlined layer loop.
+        # (labels or target is size 0 when the loss does not read it: its
+        # slice stays size 0)
+        losses[s] = forward_backward(x[lo:hi], labels[lo:hi], target[lo:hi], loss_kind, params,
+                                     g, sizes, codes, alphas, offsets, acts[s], zs[s], delta[s])
+    if T > 1:
+        n = grads.shape[0]
+        dt = grads.dtype.type
+        w0 = dt((bounds[1] - bounds[0]) / B)
+        for c in prange((n + CHUNK - 1) // CHUNK):
+            lo = c * CHUNK
+            hi = min(lo + CHUNK, n)
+            out = grads[lo:hi]
+            for i in range(hi - lo):
+                out[i] *= w0
+            for s in range(1, T):
+                w = dt((bounds[s + 1] - bounds[s]) / B)
+                src = shard_grads[s - 1, lo:hi]
+                for i in range(hi - lo):
+                    out[i] += w * src[i]
+    loss = 0.0
+    for s in range(T):
+        loss += losses[s] * ((bounds[s + 1] - bounds[s]) / B)
+    return loss
+
+
+@njit(**JIT)
+def sharded_train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes,
+                       alphas, offsets, acts, zs, delta, bounds, losses,
+                       rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
+    """``sharded_forward_backward``, then the clipped update on the same
+    threads.  Returns (loss, grad_norm, clip_scale, skipped) as
+    ``step.train_step`` does."""
+    loss = sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_grads,
+                                    sizes, codes, alphas, offsets, acts, zs, delta, bounds,
+                                    losses)
+    norm, scale, skipped = clipped_update_parallel(rule, params, grads, s0, s1, s2, hp,
+                                                   offsets, layer_sq, clip_norm, clip_value)
+    return loss, norm, scale, skipped

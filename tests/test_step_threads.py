@@ -1,0 +1,146 @@
+"""TrainStep(threads=n): the batch-sharded step on one thread pool."""
+import numba
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import reference as ref
+from fastgrad.kernels.cpu import step_sharded
+from fastgrad.losses import LOSSES
+from fastgrad.threads import _blas_of_kernels, one_blas_thread
+
+from conftest import ACTIVATIONS
+
+N_THREADS = numba.config.NUMBA_NUM_THREADS
+SHARDS = sorted({1, 2, N_THREADS})
+
+
+def _targets(loss, rng, batch, n_out):
+    if loss == "softmax_cross_entropy":
+        return rng.integers(0, n_out, batch)
+    if loss == "bce_with_logits":
+        return (rng.random((batch, n_out)) > 0.5).astype(np.float64)
+    return rng.standard_normal((batch, n_out))
+
+
+def _step(sizes, act, loss, dtype, threads, opt="adam", seed=3):
+    m = fg.MLP(sizes, activation=act, dtype=dtype, seed=seed)
+    if opt == "adam":
+        o = fg.Adam(m, lr=1e-2, clip_norm=0.5)
+    else:
+        o = fg.SGD(m, lr=0.1, momentum=0.9, nesterov=True, clip_value=0.05)
+    return m, o, fg.TrainStep(m, LOSSES[loss](), o, threads=threads)
+
+
+def _reference_grads(m, loss, x, y):
+    """float64 gradients of the whole batch's mean loss (fastgrad.reference)."""
+    layers = [(layer.W.astype(np.float64), layer.b.astype(np.float64), layer.activation,
+               layer.alpha) for layer in m.layers]
+    cache = ref.mlp_forward(x, layers)
+    loss_value, dy = getattr(ref, loss)(cache[-1][2], y)
+    grads, _ = ref.mlp_backward(cache, layers, dy)
+    return loss_value, grads
+
+
+def test_shard_bounds_cover_the_batch():
+    for B in (1, 2, 3, 7, 64, 129):
+        for n in (1, 2, 3, 8):
+            b = step_sharded.shard_bounds(B, n)
+            assert b[0] == 0 and b[-1] == B and np.all(np.diff(b) >= 1)
+            assert len(b) - 1 == min(n, B)
+            assert np.diff(b).max() - np.diff(b).min() <= 1
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_sharded_gradients_match_the_reference(act, loss):
+    rng = np.random.default_rng()
+    sizes = [5, 9, 6, 3]
+    for threads in SHARDS:
+        m, _, step = _step(sizes, act, loss, "float64", threads)
+        B = int(rng.integers(threads, 13))          # odd sizes, shards of unequal rows
+        x = rng.standard_normal((B, sizes[0])) * 2
+        y = _targets(loss, rng, B, sizes[-1])
+        got = step.gradients(x, y)
+        want_loss, want = _reference_grads(m, loss, x, y)
+        np.testing.assert_allclose(got, want_loss, rtol=1e-12)
+        flat = np.concatenate([np.concatenate([dW.ravel(), db]) for dW, db in want])
+        np.testing.assert_allclose(m.grads, flat, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 2e-5)])
+def test_sharded_trajectory_equals_serial(opt, dtype, rtol):
+    rng = np.random.default_rng()
+    sizes = [6, 17, 11, 4]
+    runs = {t: _step(sizes, "tanh", "softmax_cross_entropy", dtype, t, opt) for t in
+            [None] + SHARDS}
+    for k in range(15):
+        B = (8, 13, 1, 16)[k % 4]       # the batch size changes; a batch of 1 has one shard
+        x = (rng.standard_normal((B, sizes[0])) * 3).astype(dtype)
+        y = rng.integers(0, sizes[-1], B)
+        losses = {t: step(x, y) for t, (_, _, step) in runs.items()}
+        for t in SHARDS:
+            np.testing.assert_allclose(losses[t], losses[None], rtol=rtol)
+            a, b = runs[t][2].stats, runs[None][2].stats
+            assert (a.step, a.skipped, a.clipped) == (b.step, b.skipped, b.clipped)
+            np.testing.assert_allclose(a.grad_norm, b.grad_norm, rtol=rtol)
+    base = runs[None][0].params
+    for t in SHARDS:
+        np.testing.assert_allclose(runs[t][0].params, base, rtol=rtol,
+                                   atol=rtol * np.abs(base).max())
+    # one shard is the serial step, bit for bit
+    np.testing.assert_array_equal(runs[1][0].params, base)
+
+
+def test_sharded_step_is_deterministic():
+    rng = np.random.default_rng()
+    x = rng.standard_normal((33, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 33)
+    params = []
+    for _ in range(2):
+        m, _, step = _step([8, 21, 5], "gelu", "softmax_cross_entropy", "float32", N_THREADS)
+        for _ in range(6):
+            step(x, y)
+        params.append(m.params.copy())
+    np.testing.assert_array_equal(params[0], params[1])
+
+
+def test_sharded_step_skips_a_nonfinite_batch():
+    rng = np.random.default_rng()
+    m, opt, step = _step([4, 7, 3], "relu", "mse", "float64", 2)
+    x, y = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    step(x, y)
+    before = m.params.copy(), opt.step_count
+    y[4, 1] = np.nan                     # in the second shard only
+    step(x, y)
+    assert step.stats.skipped
+    np.testing.assert_array_equal(m.params, before[0])
+    assert opt.step_count == before[1]
+
+
+def test_blas_threads_restored():
+    before = [lib.get_num_threads() for lib in _blas_of_kernels()]
+    with one_blas_thread():
+        assert all(lib.get_num_threads() == 1 for lib in _blas_of_kernels())
+    assert [lib.get_num_threads() for lib in _blas_of_kernels()] == before
+    m, _, step = _step([4, 6, 3], "relu", "mse", "float64", 2)
+    with pytest.raises(ValueError):     # bad target shape: raised before the kernel
+        step(np.zeros((5, 4)), np.zeros((5, 2)))
+    assert [lib.get_num_threads() for lib in _blas_of_kernels()] == before
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2", N_THREADS + 1])
+def test_bad_threads_raise(threads):
+    m = fg.MLP([3, 4, 2])
+    with pytest.raises(ValueError, match="threads"):
+        fg.TrainStep(m, fg.MSE(), fg.Adam(m), threads=threads)
+
+
+def test_threads_refuses_what_it_cannot_shard():
+    m = fg.Sequential([fg.Dense(3, 4, norm="batch"), fg.Dense(4, 2, activation=None)])
+    with pytest.raises(ValueError, match="plain model"):
+        fg.TrainStep(m, fg.MSE(), fg.Adam(m), threads=2)
+    m = fg.MLP([3, 4, 2])
+    with pytest.raises(ValueError, match="loss options"):
+        fg.TrainStep(m, fg.SoftmaxCrossEntropy(label_smoothing=0.1), fg.Adam(m), threads=2)
