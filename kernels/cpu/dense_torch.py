@@ -1,0 +1,39 @@
+"""The fused dense layer on PyTorch's weight layout (``fastgrad.torch.FusedMLP``).
+
+``torch.nn.Linear`` keeps ``weight`` as ``(n_out, n_in)``, the transpose of
+fastgrad's ``W``.  These kernels take that layout as it is, so that a torch
+module's parameters and gradients are used and written in place (no
+transposed copies):
+
+forward:  z = x @ weight.T (BLAS, the transpose as a flag), then ONE pass:
+          z += b, a = f(z) (``activations.bias_act``, as ``dense.py``)
+backward: ONE pass dz = da * f' summing db, then dweight = dz.T @ x and
+          dx = dz @ weight (BLAS; both outputs C-contiguous, as Numba's
+          ``np.dot`` requires of its ``out``).
+
+As for ``dense.py``: the activation passes are compiled into this file's
+disk cache entries, so a change to activations.py needs this file touched.
+"""
+import numpy as np
+from numba import njit
+
+from ._jit import JIT
+from .activations import bias_act, bias_act_grad
+
+
+@njit(**JIT)
+def dense_forward_t(x, weight, b, z, a, act, alpha):
+    """a = f(x @ weight.T + b); ``z`` gets the pre-activation (``z is a``
+    when the derivative does not need it)."""
+    np.dot(x, weight.T, z)
+    bias_act(z, b, a, act, alpha)
+
+
+@njit(**JIT)
+def dense_backward_t(x, weight, a, z, da, dz, dweight, db, dx, act, alpha, need_dx):
+    """Gradients of a = f(x @ weight.T + b) given da: writes ``dz``,
+    ``dweight`` (n_out, n_in), ``db`` and, when ``need_dx``, ``dx``."""
+    bias_act_grad(da, a, z, dz, db, act, alpha)
+    np.dot(dz.T, x, dweight)
+    if need_dx:
+        np.dot(dz, weight, dx)

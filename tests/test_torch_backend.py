@@ -1,0 +1,430 @@
+"""fastgrad as PyTorch's CPU backend (issue #18): the multi-tensor kernel, the
+``fastgrad.torch`` optimizers and ``fastgrad.torch.FusedMLP``.
+
+Parity is against PyTorch 2.13 in float64: ``clip_grad_norm_`` /
+``clip_grad_value_`` + ``torch.optim.X(foreach=False)`` on copies of the same
+tensors, fed the same gradients (with spikes that trigger clipping).
+"""
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="fastgrad.torch needs PyTorch "
+                                             "(pip install 'fastgrad[peers]')")
+
+import fastgrad as fg  # noqa: E402
+import fastgrad.torch as fgt  # noqa: E402
+from fastgrad.kernels.cpu import multi_tensor as mt  # noqa: E402
+from fastgrad.kernels.cpu import optim as k  # noqa: E402
+
+RULE_CONFIGS = [
+    ("SGD", dict(lr=0.05)),
+    ("SGD", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
+    ("SGD", dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2, maximize=True)),
+    ("Adam", dict(lr=1e-2, weight_decay=1e-2)),
+    ("Adam", dict(lr=1e-2, betas=(0.8, 0.99), amsgrad=True, maximize=True)),
+    ("Adam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+    ("RMSprop", dict(lr=1e-3, weight_decay=1e-2)),
+    ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True)),
+    ("RMSprop", dict(lr=1e-3, momentum=0.5, maximize=True)),
+]
+RULE_IDS = [f"{k}-{i}" for i, (k, _) in enumerate(RULE_CONFIGS)]
+CLIPS = [(None, None), (1.0, None), (0.7, 0.05)]
+SHAPES = [(5, 7), (7,), (7, 3), (3,), (1,), (4, 2, 3)]
+N_STEPS = 25
+
+
+def _params(seed, dtype=torch.float64, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return [torch.nn.Parameter(torch.tensor(rng.standard_normal(s), dtype=dtype))
+            for s in shapes]
+
+
+def _grad_seq(shapes, steps=N_STEPS, seed=3):
+    """Gradients with spikes (x100 every 7th step) that trigger clipping."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(steps):
+        gs = [rng.standard_normal(s) * 0.1 for s in shapes]
+        if t % 7 == 0:
+            gs = [g * 100.0 for g in gs]
+        out.append(gs)
+    return out
+
+
+class _Twin:
+    """torch.optim.X + clip_grad_* against fastgrad.torch.X, fed alike."""
+
+    def __init__(self, kind, hyper, clip_norm, clip_value, groups=None, seed=2):
+        self.tp, self.fp = _params(seed), _params(seed)
+        self.clip_norm, self.clip_value = clip_norm, clip_value
+
+        def arrange(ps):
+            if groups is None:
+                return ps
+            return [dict(params=[ps[i] for i in idx], **extra) for idx, extra in groups]
+
+        self.topt = getattr(torch.optim, kind)(arrange(self.tp), foreach=False, **hyper)
+        self.fopt = getattr(fgt, kind)(arrange(self.fp), clip_norm=clip_norm,
+                                       clip_value=clip_value, **hyper)
+
+    def step(self, grads):
+        for tp, fp, g in zip(self.tp, self.fp, grads):
+            tp.grad = torch.tensor(g)
+            fp.grad = torch.tensor(g)
+        total = torch.nn.utils.get_total_norm([p.grad for p in self.tp])
+        if self.clip_norm is not None:
+            total = torch.nn.utils.clip_grad_norm_(self.tp, self.clip_norm, foreach=False)
+        if self.clip_value is not None:
+            torch.nn.utils.clip_grad_value_(self.tp, self.clip_value, foreach=False)
+        self.topt.step()
+        self.fopt.step()
+        stats = self.fopt.stats
+        assert stats.grad_norm == pytest.approx(float(total), rel=1e-12)
+        assert not stats.skipped
+        self.check()
+        return stats
+
+    def check(self):
+        for tp, fp in zip(self.tp, self.fp):
+            np.testing.assert_allclose(fp.detach().numpy(), tp.detach().numpy(),
+                                       rtol=1e-12, atol=1e-12)
+
+
+# -- the multi-tensor kernel ------------------------------------------------------------
+
+def _hp_row():
+    hp = np.zeros(k.HP_SIZE)
+    hp[k.HP_LR], hp[k.HP_BETA1], hp[k.HP_BETA2], hp[k.HP_EPS] = 0.01, 0.9, 0.999, 1e-8
+    hp[k.HP_BIAS_CORR1], hp[k.HP_BIAS_CORR2] = 0.1, 0.001
+    hp[k.HP_AMSGRAD] = hp[k.HP_CENTERED] = 1.0
+    hp[k.HP_MOMENTUM], hp[k.HP_ALPHA], hp[k.HP_WEIGHT_DECAY] = 0.9, 0.99, 1e-2
+    return hp
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", [k.SGD, k.ADAM, k.ADAMW, k.RMSPROP])
+@pytest.mark.parametrize("sizes", [[1], [17], [1, 3, 17, 129, 1000], [5] * 40 + [20000, 3]],
+                         ids=["1", "17", "odd", "many"])
+def test_multi_tensor_kernel_is_bitwise_the_flat_kernel(dtype, rule, sizes):
+    rng = np.random.default_rng(len(sizes) * 10 + rule)
+    n = sum(sizes)
+    off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    flat = [rng.standard_normal(n).astype(dtype) for _ in range(5)]
+    flat[2], flat[4] = np.abs(flat[2]) + 1, np.abs(flat[4]) + 1       # squared averages
+    flat[1][rng.integers(0, n)] *= 1e3                                  # a clipped spike
+    sep = [[a[off[i]:off[i + 1]].copy() for i in range(len(sizes))] for a in flat]
+    hp = _hp_row()
+    layer_sq, tensor_sq = np.zeros(len(sizes)), np.zeros(len(sizes))
+    ref = k.clipped_update(rule, *flat, hp, off, layer_sq, 1.0, 0.5)
+    got = mt.multi_clipped_update(
+        rule, flat[0][:0], mt.addresses(sep[0]), mt.addresses(sep[1]),
+        np.stack([mt.addresses(s) for s in sep[2:]]), np.diff(off), hp.reshape(1, -1),
+        np.zeros(len(sizes), np.int64), tensor_sq, 1.0, 0.5)
+    assert got == ref and ref[1] < 1.0
+    assert np.array_equal(tensor_sq, layer_sq)
+    for j in (0, 2, 3, 4):
+        np.testing.assert_array_equal(np.concatenate(sep[j]), flat[j])
+    np.testing.assert_array_equal(np.concatenate(sep[1]), flat[1])    # g read only
+
+
+def test_multi_tensor_kernel_rows_and_absent_state():
+    """Each tensor uses its own hp row; a state address of 0 is no buffer."""
+    rng = np.random.default_rng(1)
+    ps = [rng.standard_normal(s) for s in (3, 5)]
+    gs = [rng.standard_normal(s) for s in (3, 5)]
+    hp = np.zeros((2, k.HP_SIZE))
+    hp[:, k.HP_LR] = (0.1, 0.5)
+    want = [p - lr * g for p, g, lr in zip(ps, gs, (0.1, 0.5))]
+    mt.multi_clipped_update(k.SGD, ps[0][:0], mt.addresses(ps), mt.addresses(gs),
+                            np.zeros((3, 2), np.int64), np.array([3, 5]), hp,
+                            np.array([0, 1]), np.zeros(2), 0.0, 0.0)
+    for p, w in zip(ps, want):
+        np.testing.assert_array_equal(p, w)
+
+
+def test_multi_tensor_kernel_skips_a_nonfinite_gradient():
+    ps = [np.ones(4), np.ones(3)]
+    gs = [np.ones(4), np.array([1.0, np.nan, 2.0])]
+    m = [np.zeros(4), np.zeros(3)]
+    v = [np.zeros(4), np.zeros(3)]
+    sq = np.zeros(2)
+    norm, scale, skipped = mt.multi_clipped_update(
+        k.ADAM, ps[0][:0], mt.addresses(ps), mt.addresses(gs),
+        np.stack([mt.addresses(m), mt.addresses(v), np.zeros(2, np.int64)]),
+        np.array([4, 3]), _hp_row().reshape(1, -1), np.zeros(2, np.int64), sq, 1.0, 0.0)
+    assert skipped and np.isnan(norm) and scale == 0.0
+    assert sq[0] == 4.0 and np.isnan(sq[1])
+    for a, w in zip(ps + m + v, [1.0] * 2 + [0.0] * 4):
+        assert np.all(a == w)
+
+
+# -- fg.Adam over (param, grad) pairs: in place -------------------------------------------
+
+def test_pairs_are_updated_in_place_bitwise_as_a_flat_model():
+    rng = np.random.default_rng(4)
+    sizes = [3, 17, 129, 1]
+    ps = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+    gs = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+
+    class Flat:
+        params = np.concatenate(ps)
+        grads = np.concatenate(gs)
+        layer_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    model = Flat()
+    opt_pairs = fg.Adam(list(zip(ps, gs)), lr=0.1, clip_norm=1.0, amsgrad=True)
+    opt_flat = fg.Adam(model, lr=0.1, clip_norm=1.0, amsgrad=True)
+    assert opt_pairs._multi is not None
+    for _ in range(3):
+        a, b = opt_pairs.step(), opt_flat.step()
+        assert a == b
+    np.testing.assert_array_equal(np.concatenate(ps), model.params)
+    np.testing.assert_array_equal(opt_pairs.params, model.params)     # a fresh copy
+    for name in opt_flat.state:
+        np.testing.assert_array_equal(opt_pairs.state[name], opt_flat.state[name])
+
+
+def test_pairs_that_are_not_contiguous_still_work():
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((6, 4))
+    p, g = base[:, ::2], rng.standard_normal((6, 2))
+    ref = p.copy()
+    opt = fg.SGD([(p, g)], lr=0.5)
+    assert opt._multi is None
+    opt.step()
+    np.testing.assert_allclose(base[:, ::2], ref - 0.5 * g, rtol=1e-15)
+
+
+# -- fastgrad.torch optimizers: parity -------------------------------------------------
+
+@pytest.mark.parametrize("clip_norm,clip_value", CLIPS, ids=["noclip", "norm", "norm+value"])
+@pytest.mark.parametrize("kind,hyper", RULE_CONFIGS, ids=RULE_IDS)
+def test_torch_optimizer_matches_torch(kind, hyper, clip_norm, clip_value):
+    twin = _Twin(kind, hyper, clip_norm, clip_value)
+    clipped = 0
+    for grads in _grad_seq(SHAPES):
+        clipped += twin.step(grads).clipped
+    assert clipped > 0 if clip_norm else clipped == 0
+    assert twin.fopt.n_updates == N_STEPS
+    # the state is torch's, under torch's names
+    for tp, fp in zip(twin.tp, twin.fp):
+        ts, fs = twin.topt.state[tp], twin.fopt.state[fp]
+        assert set(ts) == set(fs)
+        for name in ts:
+            if ts[name] is not None:
+                assert fs[name].dtype == ts[name].dtype
+                np.testing.assert_allclose(fs[name].numpy(), ts[name].numpy(),
+                                           rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,hyper", [RULE_CONFIGS[i] for i in (1, 3, 7, 9)],
+                         ids=[RULE_IDS[i] for i in (1, 3, 7, 9)])
+def test_two_param_groups_and_a_scheduler_match_torch(kind, hyper):
+    extra = {"SGD": dict(lr=0.01, momentum=0.5), "RMSprop": dict(lr=0.02, alpha=0.9)}.get(
+        kind, dict(lr=0.03, weight_decay=0.0, betas=(0.5, 0.9)))
+    groups = [([0, 2, 4], {}), ([1, 3, 5], extra)]
+    twin = _Twin(kind, hyper, 1.0, None, groups=groups)
+    sched_t = torch.optim.lr_scheduler.StepLR(twin.topt, step_size=5, gamma=0.5)
+    sched_f = torch.optim.lr_scheduler.StepLR(twin.fopt, step_size=5, gamma=0.5)
+    for grads in _grad_seq(SHAPES):
+        twin.step(grads)
+        sched_t.step()
+        sched_f.step()
+    assert twin.fopt.param_groups[1]["lr"] == twin.topt.param_groups[1]["lr"] < extra["lr"]
+
+
+def test_params_without_grad_are_skipped_as_torch_does():
+    twin = _Twin("Adam", dict(lr=1e-2), 1.0, None)
+    seq = _grad_seq(SHAPES)
+    for t, grads in enumerate(seq):
+        twin.step(grads)
+        if t == 3:
+            twin.tp[1].grad = twin.fp[1].grad = None
+            for p in twin.tp[:1] + twin.tp[2:]:
+                p.grad = p.grad * 0.5
+            for p in twin.fp[:1] + twin.fp[2:]:
+                p.grad = p.grad * 0.5
+            torch.nn.utils.clip_grad_norm_(twin.tp, 1.0, foreach=False)
+            twin.topt.step()
+            twin.fopt.step()
+            twin.check()
+            assert len(twin.fopt.stats.layer_norms) == len(SHAPES) - 1
+    # the parameter that missed a step is one step behind: its own bias correction
+    assert float(twin.fopt.state[twin.fp[1]]["step"]) == len(seq)
+    assert float(twin.fopt.state[twin.fp[0]]["step"]) == len(seq) + 1
+
+
+def test_float32_tracks_torch():
+    tp, fp = _params(7, torch.float32), _params(7, torch.float32)
+    topt = torch.optim.Adam(tp, lr=1e-2, foreach=False)
+    fopt = fgt.Adam(fp, lr=1e-2, clip_norm=1.0)
+    for grads in _grad_seq(SHAPES, steps=10):
+        for a, b, g in zip(tp, fp, grads):
+            a.grad = torch.tensor(g, dtype=torch.float32)
+            b.grad = torch.tensor(g, dtype=torch.float32)
+        torch.nn.utils.clip_grad_norm_(tp, 1.0)
+        topt.step()
+        fopt.step()
+    for a, b in zip(tp, fp):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# -- state_dict both ways ---------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,hyper", [RULE_CONFIGS[i] for i in (1, 4, 6, 9)],
+                         ids=[RULE_IDS[i] for i in (1, 4, 6, 9)])
+def test_state_dict_torch_to_fastgrad_and_back(kind, hyper):
+    twin = _Twin(kind, hyper, None, None)
+    seq = _grad_seq(SHAPES, steps=12)
+    for grads in seq[:5]:
+        twin.step(grads)
+    # torch -> fastgrad: a fresh fastgrad optimizer continues torch's run
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in twin.tp]
+    fopt = getattr(fgt, kind)(fresh, **hyper)
+    fopt.load_state_dict(copy.deepcopy(twin.topt.state_dict()))
+    # fastgrad -> torch: a fresh torch optimizer continues fastgrad's run
+    fresh_t = [torch.nn.Parameter(p.detach().clone()) for p in twin.fp]
+    topt = getattr(torch.optim, kind)(fresh_t, foreach=False, **hyper)
+    topt.load_state_dict(copy.deepcopy(twin.fopt.state_dict()))
+    for grads in seq[5:]:
+        for ps in (fresh, fresh_t):
+            for p, g in zip(ps, grads):
+                p.grad = torch.tensor(g)
+        twin.step(grads)
+        fopt.step()
+        topt.step()
+    for a, b, c in zip(twin.tp, fresh, fresh_t):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-12,
+                                   atol=1e-12)
+        np.testing.assert_allclose(c.detach().numpy(), a.detach().numpy(), rtol=1e-12,
+                                   atol=1e-12)
+
+
+# -- skip and stats -----------------------------------------------------------------------
+
+def test_nan_gradient_skips_everything_and_is_reported():
+    ps = _params(9)
+    opt = fgt.Adam(ps, lr=0.1, clip_norm=1.0)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    state = {i: {n: t.clone() for n, t in opt.state[p].items()} for i, p in enumerate(ps)}
+    ps[3].grad[0] = float("nan")
+    opt.step()
+    assert opt.stats.skipped and opt.n_skipped == 1 and opt.n_updates == 1
+    assert np.isnan(opt.stats.grad_norm) and opt.stats.clip_scale == 0.0
+    for i, (p, b) in enumerate(zip(ps, before)):
+        assert torch.equal(p, b)
+        for n, t in opt.state[p].items():
+            assert torch.equal(t, state[i][n])
+    opt2 = fgt.SGD(_params(9), lr=0.1, momentum=0.9, skip_nonfinite=False)
+    for p in opt2.param_groups[0]["params"]:
+        p.grad = torch.full_like(p, float("inf"))
+    with pytest.raises(fg.NonFiniteGradientError):
+        opt2.step()
+    assert len(opt2.state) == 0          # no state was made for the failed first step
+
+
+def test_stats_report_norms_and_clipping():
+    ps = _params(10, shapes=[(3,), (4,)])
+    opt = fgt.SGD(ps, lr=0.1, clip_norm=1.0)
+    ps[0].grad = torch.tensor([3.0, 0.0, 0.0], dtype=torch.float64)
+    ps[1].grad = torch.tensor([0.0, 4.0, 0.0, 0.0], dtype=torch.float64)
+    opt.step()
+    s = opt.stats
+    assert s.grad_norm == 5.0 and s.clipped and s.step == 1 and s.lr == 0.1
+    np.testing.assert_allclose(s.layer_norms, [3.0, 4.0])
+    assert s.clip_scale == pytest.approx(1.0 / (5.0 + 1e-6), rel=1e-15)
+
+
+def test_closure_and_zero_grad():
+    ps = _params(11, shapes=[(3,)])
+    opt = fgt.SGD(ps, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (ps[0] ** 2).sum()
+        loss.backward()
+        return loss
+
+    before = ps[0].detach().clone()
+    loss = opt.step(closure)
+    assert float(loss.detach()) == pytest.approx(float((before ** 2).sum()))
+    torch.testing.assert_close(ps[0].detach(), before * 0.8, rtol=1e-15, atol=0)
+    opt.zero_grad()
+    assert ps[0].grad is None
+
+
+def test_autograd_sees_the_in_place_update():
+    """A tensor saved for backward and then updated is detected, as with torch."""
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = fgt.SGD([w], lr=0.1)
+    w.grad = torch.ones(3, dtype=torch.float64)
+    y = (w * w).sum()
+    opt.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+# -- refusals --------------------------------------------------------------------------------
+
+def test_refusals():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="float32 or torch.float64"):
+        fgt.Adam([torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))])
+    with pytest.raises(ValueError, match="contiguous"):
+        fgt.Adam([torch.nn.Parameter(torch.zeros(4, 3, dtype=torch.float64).T)])
+    with pytest.raises(TypeError, match="one dtype"):
+        fgt.Adam([p, torch.nn.Parameter(torch.zeros(2, dtype=torch.float32))])
+    with pytest.raises(ValueError, match="fused"):
+        fgt.Adam([p], fused=True)
+    with pytest.raises(ValueError, match="foreach"):
+        fgt.SGD([p], foreach=True)
+    with pytest.raises(ValueError, match="capturable"):
+        fgt.RMSprop([p], capturable=True)
+    with pytest.raises(ValueError, match="differentiable"):
+        fgt.AdamW([p], differentiable=True)
+    fgt.Adam([p], foreach=False, fused=None, capturable=False, differentiable=False)
+    with pytest.raises(ValueError, match="clip_norm"):
+        fgt.Adam([p], clip_norm=-1.0)
+    with pytest.raises(ValueError, match="beta1"):
+        fgt.Adam([p], betas=(1.5, 0.9))
+    with pytest.raises(ValueError, match="Nesterov"):
+        fgt.SGD([p], nesterov=True)
+    with pytest.raises(ValueError, match="lr"):
+        fgt.SGD([p], lr=-1.0)
+    opt = fgt.SGD([p], lr=0.1)
+    p.grad = torch.zeros(6, dtype=torch.float64)[::2]
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+    p.grad = torch.zeros(3, dtype=torch.float64)
+    opt.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr"):
+        opt.step()
+    if torch.cuda.is_available():      # pragma: no cover - no GPU here
+        with pytest.raises(TypeError, match="CPU"):
+            fgt.Adam([torch.nn.Parameter(torch.zeros(3, device="cuda"))])
+
+
+def test_refuses_a_loaded_state_of_the_wrong_size():
+    ps = _params(12, shapes=[(3,)])
+    opt = fgt.Adam(ps)
+    ps[0].grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = torch.zeros(2, dtype=torch.float64)
+    opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match="exp_avg"):
+        opt.step()
+
+
+def test_importing_fastgrad_does_not_import_torch():
+    import subprocess
+    import sys
+    code = "import sys, fastgrad; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
