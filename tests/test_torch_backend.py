@@ -428,3 +428,98 @@ def test_importing_fastgrad_does_not_import_torch():
     import sys
     code = "import sys, fastgrad; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- FusedMLP ------------------------------------------------------------------------------
+
+ACTIVATIONS = sorted(fg.kernels.cpu.activations.CODES)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_mlp_gradcheck(activation):
+    torch.manual_seed(0)
+    mlp = fgt.FusedMLP([3, 5, 4, 2], activation=activation, output_activation=activation,
+                       dtype=torch.float64)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    params = [p for p in mlp.parameters()]
+
+    def f(x, *ps):
+        with torch.no_grad():
+            for p, q in zip(params, ps):
+                p.copy_(q)
+        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, *ps)
+
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_fused_mlp_matches_its_sequential(activation, dtype):
+    """Forward and gradients equal the equivalent nn.Sequential's; the state
+    dict moves both ways with the same keys."""
+    torch.manual_seed(1)
+    mlp = fgt.FusedMLP([7, 9, 5], activation=activation, dtype=dtype)
+    seq = mlp.to_sequential()
+    assert list(seq.state_dict()) == list(mlp.state_dict())
+    x = torch.randn(2, 3, 7, dtype=dtype)        # leading dims are kept
+    y1, y2 = mlp(x), seq(x)
+    assert y1.shape == (2, 3, 5)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(y1, y2, **tol)
+    w = torch.randn_like(y1)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    for (n, p), q in zip(mlp.named_parameters(), seq.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=n)
+    # a Sequential's state dict loads into a fresh FusedMLP (and back)
+    other = fgt.FusedMLP([7, 9, 5], activation=activation, dtype=dtype)
+    other.load_state_dict(seq.state_dict())
+    torch.testing.assert_close(other(x), y1, rtol=0, atol=0)
+    seq2 = copy.deepcopy(seq)
+    for p in seq2.parameters():
+        torch.nn.init.zeros_(p)
+    seq2.load_state_dict(other.state_dict())
+    torch.testing.assert_close(seq2(x), y2, rtol=0, atol=0)
+
+
+def test_fused_mlp_structure_is_to_torchs():
+    """Keys and module types are those of fastgrad's MLP.to_torch()."""
+    mlp = fgt.FusedMLP([4, 8, 8, 3], activation="tanh")
+    ref = fg.interop.to_torch(fg.MLP([4, 8, 8, 3], activation="tanh", output_activation=None))
+    assert [type(m) for m in mlp.children()] == [type(m) for m in ref.children()]
+    assert list(mlp.state_dict()) == list(ref.state_dict())
+
+
+def test_fused_mlp_trains_with_the_fused_optimizer():
+    torch.manual_seed(2)
+    mlp = fgt.FusedMLP([10, 16, 3], activation="relu")
+    opt = fgt.Adam(mlp.parameters(), lr=1e-2, clip_norm=1.0)
+    x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(mlp(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_fused_mlp_refusals():
+    mlp = fgt.FusedMLP([3, 4, 2])
+    with pytest.raises(TypeError, match="float64"):
+        mlp(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+        mlp(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="empty batch"):
+        mlp(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="unknown activation"):
+        fgt.FusedMLP([3, 2], activation="swish2")
+    with pytest.raises(ValueError, match="sizes"):
+        fgt.FusedMLP([3])
+    with pytest.raises(TypeError, match="dtype"):
+        fgt.FusedMLP([3, 2], dtype=torch.float16)
+    # a non-contiguous input is read correctly
+    x = torch.randn(3, 6)[:, ::2]
+    torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
