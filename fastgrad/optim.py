@@ -30,8 +30,8 @@ the step count unless skipped, raises if asked to, and returns the
 :class:`StepStats`.  ``opt._clip_norm`` and ``opt._clip_value`` are floats,
 ``0.0`` meaning "off".  (For ``(param, grad)`` pairs, ``step()`` updates the
 user's arrays in place with ``kernels.cpu.multi_tensor.multi_clipped_update``,
-bitwise the same result; only pairs that are not contiguous, or an optimizer
-with ``parallel = True``, are still copied into ``opt.params``/``opt.grads``
+bitwise the same result (``opt.parallel``: its parallel twin); only pairs
+that are not contiguous are still copied into ``opt.params``/``opt.grads``
 before and back after.)
 
 On CUDA nothing in a step waits for the device
@@ -1178,7 +1178,7 @@ class Optimizer:
         StepStats
         """
         with self._lock:
-            if self._multi is not None and not self.parallel:
+            if self._multi is not None:
                 return self._step_in_place()
             if self._pairs is not None:
                 self._gather_params()
@@ -1203,7 +1203,9 @@ class Optimizer:
         for j, s in enumerate((s0, s1, s2)):
             if s.size:
                 s_addr[j] = _mt.address(s) + self._offsets[:-1] * step
-        norm, scale, skipped = _mt.multi_clipped_update(
+        update = (_mt.multi_clipped_update_parallel if self.parallel
+                  else _mt.multi_clipped_update)
+        norm, scale, skipped = update(
             rule, self._empty, p_addr, g_addr, s_addr, sizes, hp.reshape(1, -1), rows,
             self._layer_sq, self._clip_norm, self._clip_value)
         return self._commit(norm, scale, skipped, self._layer_sq)

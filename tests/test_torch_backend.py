@@ -131,6 +131,34 @@ def test_multi_tensor_kernel_is_bitwise_the_flat_kernel(dtype, rule, sizes):
     np.testing.assert_array_equal(np.concatenate(sep[1]), flat[1])    # g read only
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rule", [k.SGD, k.ADAM, k.RMSPROP])
+def test_parallel_multi_tensor_kernel_is_bitwise_the_serial_one(dtype, rule):
+    """Blocks and chunks spanning several tensors, empty tensors between."""
+    rng = np.random.default_rng(rule)
+    sizes = [0, 5, 0, mt.CHUNK + 3, 1, 2 * mt.CHUNK, 17]
+    runs = []
+    for _ in range(2):
+        r = np.random.default_rng(7)
+        runs.append([[r.standard_normal(s).astype(dtype) for s in sizes] for _ in range(5)])
+    for arrs in runs:
+        arrs[2] = [np.abs(a) for a in arrs[2]]
+    hp = _hp_row().reshape(1, -1)
+    clip = float(rng.uniform(0.5, 2.0))
+    out = []
+    for fn, arrs in ((mt.multi_clipped_update, runs[0]),
+                     (mt.multi_clipped_update_parallel, runs[1])):
+        sq = np.zeros(len(sizes))
+        res = fn(rule, arrs[0][0][:0], mt.addresses(arrs[0]), mt.addresses(arrs[1]),
+                 np.stack([mt.addresses(a) for a in arrs[2:]]), np.array(sizes, np.int64), hp,
+                 np.zeros(len(sizes), np.int64), sq, clip, 0.0)
+        out.append((res, sq))
+    assert out[0][0] == out[1][0] and np.array_equal(out[0][1], out[1][1])
+    for a_list, b_list in zip(*runs):
+        for a, b in zip(a_list, b_list):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_multi_tensor_kernel_rows_and_absent_state():
     """Each tensor uses its own hp row; a state address of 0 is no buffer."""
     rng = np.random.default_rng(1)
@@ -188,6 +216,20 @@ def test_pairs_are_updated_in_place_bitwise_as_a_flat_model():
         np.testing.assert_array_equal(opt_pairs.state[name], opt_flat.state[name])
 
 
+def test_pairs_parallel_is_bitwise_serial():
+    rng = np.random.default_rng(6)
+    arrays = [[rng.standard_normal(s) for s in (3, 70000, 1)] for _ in range(2)]
+    arrays[1] = [a.copy() for a in arrays[0]]
+    grads = [rng.standard_normal(s) for s in (3, 70000, 1)]
+    opts = [fg.RMSprop(list(zip(a, grads)), lr=0.1, momentum=0.5, centered=True,
+                       clip_norm=1.0) for a in arrays]
+    opts[1].parallel = True
+    for _ in range(3):
+        assert opts[0].step() == opts[1].step()
+    for a, b in zip(*arrays):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_pairs_that_are_not_contiguous_still_work():
     rng = np.random.default_rng(5)
     base = rng.standard_normal((6, 4))
@@ -219,6 +261,15 @@ def test_torch_optimizer_matches_torch(kind, hyper, clip_norm, clip_value):
                 assert fs[name].dtype == ts[name].dtype
                 np.testing.assert_allclose(fs[name].numpy(), ts[name].numpy(),
                                            rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,hyper", [RULE_CONFIGS[i] for i in (2, 4, 10)],
+                         ids=[RULE_IDS[i] for i in (2, 4, 10)])
+def test_torch_optimizer_parallel_matches_torch(kind, hyper):
+    twin = _Twin(kind, hyper, 1.0, 0.5)
+    twin.fopt.parallel = True
+    for grads in _grad_seq(SHAPES, steps=10):
+        twin.step(grads)
 
 
 @pytest.mark.parametrize("kind,hyper", [RULE_CONFIGS[i] for i in (1, 3, 7, 9)],

@@ -53,6 +53,10 @@ def _check_param(p, where):
 class _FusedOptimizer(torch.optim.Optimizer):
     """The step shared by every rule; subclasses say which state they keep.
 
+    ``opt.parallel = True`` runs both passes on Numba's threads (bitwise
+    the same result; off by default: next to PyTorch's own intra-op thread
+    pool a parallel region can lose more than it gains, see bench/RESULTS.md).
+
     ``_names``: the torch state names in the kernel's slot order (s0, s1,
     s2; see ``fastgrad.kernels.cpu.optim``), ``_counts_steps``: whether torch
     keeps ``state["step"]`` for the rule.
@@ -68,6 +72,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self.clip_value = _clip_arg("clip_value", clip_value)
         self.skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
         self.stats = None
+        self.parallel = False
         self.n_updates = 0
         self.n_skipped = 0
         self._dtype = None
@@ -123,6 +128,29 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def _rule(self):
         raise NotImplementedError
 
+    def _refuse(self, ps, gs, first):
+        """Raise the precise error for the first unusable parameter or gradient."""
+        dt = self._dtype
+        for i, (p, g) in enumerate(zip(ps, gs)):
+            where = f"parameter {first + i}"
+            _check_param(p, where)
+            if p.dtype is not dt:
+                raise TypeError(f"{where}: dtype changed to {p.dtype} (optimizer built "
+                                f"for {dt})")
+            _check_param(g, f"{where}'s gradient")
+            if g.dtype is not dt or g.numel() != p.numel():
+                raise ValueError(f"{where}'s gradient: dtype {g.dtype}, shape "
+                                 f"{tuple(g.shape)}; expected {dt}, {tuple(p.shape)}")
+        raise AssertionError("unreachable")     # pragma: no cover
+
+    def _refuse_state(self, name, ts, ns, first):
+        for i, (t, n) in enumerate(zip(ts, ns)):
+            if not (t.dtype is self._dtype and t.is_cpu and t.is_contiguous()
+                    and t.numel() == n):
+                raise ValueError(f"parameter {first + i}: state {name!r} is a {t.dtype} tensor "
+                                 f"of shape {tuple(t.shape)} on {t.device}; expected a "
+                                 f"contiguous {self._dtype} CPU tensor of {n} items")
+
     # -- the step -----------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -141,52 +169,51 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, states, slots, rows, keys, new = [], [], [], [], [], {}, []
-        dt = self._dtype
+        # One pass per group over its parameters with a gradient, written as
+        # comprehensions: at 64 tensors the Python bookkeeping would cost
+        # as much as the kernel's pass over 1M parameters otherwise.
+        params, grads, states, rows, keys, new = [], [], [], [], {}, []
+        slots = ([], [], [])
+        dt, all_state = self._dtype, self.state
         for gi, group in enumerate(self.param_groups):
+            ps = [p for p in group["params"] if p.grad is not None]
+            if not ps:
+                continue
             self._check_group(group)
+            gs = [p.grad for p in ps]
+            ns = [p.numel() for p in ps]
+            # p.data and p.grad can be replaced at any time: checked at every step
+            if not (all(p.dtype is dt and p.is_cpu and p.is_contiguous() for p in ps)
+                    and all(g.dtype is dt and g.is_cpu and not g.is_sparse and g.is_contiguous()
+                            and g.numel() == n for g, n in zip(gs, ns))):
+                self._refuse(ps, gs, len(params))
+            sts = [all_state[p] for p in ps]
+            for p, st in zip(ps, sts):
+                if not st:
+                    st.update(self._new_state(p, group))
+                    new.append(p)
+            for st in sts:                # read before any buffer is made below
+                key = (gi, self._row_key(st))
+                rows.append(keys.setdefault(key, len(keys)))
             wanted = self._wanted(group)
-            for p in group["params"]:
-                g = p.grad
-                if g is None:
+            for j, name in enumerate(self._names + (None,) * (3 - len(self._names))):
+                if name not in wanted:
+                    slots[j].extend([0] * len(ps))
                     continue
-                where = f"parameter {len(params)}"
-                if p.dtype != dt or p.device.type != "cpu" or not p.is_contiguous():
-                    _check_param(p, where)
-                    raise TypeError(f"{where}: dtype changed to {p.dtype} (optimizer built "
-                                    f"for {dt})")
-                if (g.dtype != dt or g.device.type != "cpu" or g.layout is not torch.strided
-                        or not g.is_contiguous() or g.shape != p.shape):
-                    _check_param(g, f"{where}'s gradient")
-                    raise ValueError(f"{where}'s gradient: dtype {g.dtype}, shape "
-                                     f"{tuple(g.shape)}; expected {dt}, {tuple(p.shape)}")
-                state = self.state[p]
-                if not state:
-                    state.update(self._new_state(p, group))
-                    new.append((p, state))
-                key = (gi, self._row_key(state))     # before any buffer is made
-                n = p.numel()
-                slot = []
-                for name in self._names:
-                    t = state.get(name) if name in wanted else None
-                    if name in wanted and t is None:
+                ts = [st.get(name) for st in sts]
+                for i, t in enumerate(ts):
+                    if t is None:
                         # a buffer torch makes at this step (SGD's momentum
                         # buffer; one a changed hyper-parameter now needs)
-                        t = state[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                    if t is not None and (t.dtype != dt or t.device.type != "cpu"
-                                          or not t.is_contiguous() or t.numel() != n):
-                        raise ValueError(f"{where}: state {name!r} is a {t.dtype} tensor of "
-                                         f"shape {tuple(t.shape)} on {t.device}; expected a "
-                                         f"contiguous {dt} CPU tensor of {n} items")
-                    slot.append(t.data_ptr() if t is not None else 0)
-                slot += [0] * (3 - len(slot))      # rules with fewer buffers
-                if key not in keys:
-                    keys[key] = len(keys)
-                params.append(p)
-                grads.append(g)
-                states.append(state)
-                slots.append(slot)
-                rows.append(keys[key])
+                        ts[i] = sts[i][name] = torch.zeros_like(
+                            ps[i], memory_format=torch.contiguous_format)
+                if not all(t.dtype is dt and t.is_cpu and t.is_contiguous() and t.numel() == n
+                           for t, n in zip(ts, ns)):
+                    self._refuse_state(name, ts, ns, len(params))
+                slots[j].extend([t.data_ptr() for t in ts])
+            params += ps
+            grads += gs
+            states += sts
         if not params:
             return loss
         hp = np.zeros((len(keys), _k.HP_SIZE), np.float64)
@@ -196,12 +223,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             hp[r, _k.HP_MAXIMIZE] = float(group["maximize"])
             self._fill(hp[r], group, key)
         n = len(params)
-        sizes = np.fromiter((p.numel() for p in params), np.int64, n)
-        p_addr = np.fromiter((p.data_ptr() for p in params), np.int64, n)
-        g_addr = np.fromiter((g.data_ptr() for g in grads), np.int64, n)
-        s_addr = np.array(slots, np.int64).reshape(n, 3).T.copy()
+        sizes = np.array([p.numel() for p in params], np.int64)
+        p_addr = np.array([p.data_ptr() for p in params], np.int64)
+        g_addr = np.array([g.data_ptr() for g in grads], np.int64)
+        s_addr = np.array(slots, np.int64)
         tensor_sq = np.zeros(n, np.float64)
-        norm, scale, skipped = _mt.multi_clipped_update(
+        update = _mt.multi_clipped_update_parallel if self.parallel else _mt.multi_clipped_update
+        norm, scale, skipped = update(
             self._rule(), _LIKE[dt], p_addr, g_addr, s_addr, sizes, hp,
             np.asarray(rows, np.int64), tensor_sq, self.clip_norm or 0.0,
             self.clip_value or 0.0)
@@ -209,14 +237,21 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if skipped:
             # nothing was written: states made for this step are dropped, as
             # if the step had not happened
-            for p, _ in new:
+            for p in new:
                 del self.state[p]
             self.n_skipped += 1
         else:
             # the kernel wrote through the tensors' storage: tell autograd
             torch.autograd.graph.increment_version(params)
             if self._counts_steps:
-                torch._foreach_add_([s["step"] for s in states], 1.0)
+                # torch's step tensors are float32 scalars: one compiled call
+                # adds 1 to all (a torch op per tensor costs ~5 us each)
+                steps = [s["step"] for s in states]
+                if all(t.dtype is torch.float32 and t.is_cpu and t.numel() == 1 for t in steps):
+                    _mt.add_one_f32(np.fromiter((t.data_ptr() for t in steps), np.int64,
+                                                len(steps)))
+                else:
+                    torch._foreach_add_(steps, 1.0)
             self.n_updates += 1
         self.stats = StepStats(step=self.n_updates, lr=hp[0, _k.HP_LR], grad_norm=norm,
                                clip_scale=scale, clipped=(not skipped) and scale < 1.0,

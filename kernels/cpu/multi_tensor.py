@@ -32,7 +32,7 @@ A state address of 0 means "this rule keeps no such buffer": the kernel then
 passes a size-0 array, as the flat kernel's callers do.
 """
 import numpy as np
-from numba import carray, njit, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -133,6 +133,86 @@ def multi_clipped_update(rule, like, p_addr, g_addr, s_addr, sizes, hp, rows, te
         s2 = _view(s_addr[2, i], n, like)
         update_range(rule, p, g, s0, s1, s2, hp[rows[i]], scale, clip_value, 0, n)
     return norm, scale, False
+
+
+# Elements per parallel update chunk, as optim.CHUNK.
+CHUNK = 1 << 16
+
+
+@njit(**JIT)
+def _first_piece(sizes, piece):
+    """Index of each tensor's first piece of ``piece`` items (and the total)."""
+    first = np.empty(sizes.shape[0] + 1, np.int64)
+    first[0] = 0
+    for i in range(sizes.shape[0]):
+        first[i + 1] = first[i] + (sizes[i] + piece - 1) // piece
+    return first
+
+
+@njit(**dict(JIT, parallel=True))
+def _multi_sumsq_parallel(like, g_addr, sizes, tensor_sq):
+    first = _first_piece(sizes, BLOCK)
+    n = sizes.shape[0]
+    parts = np.empty(first[n])
+    for c in prange(first[n]):
+        # the tensor of block c: the last i with first[i] <= c (skips empty ones)
+        i = np.searchsorted(first, c, side="right") - 1
+        b = (c - first[i]) * BLOCK
+        g = _view(g_addr[i], sizes[i], like)
+        parts[c] = block_sumsq(g[b:min(b + BLOCK, sizes[i])])
+    # the same block sums added in the same order as multi_sumsq: bitwise equal
+    total = 0.0
+    for i in range(n):
+        s = 0.0
+        for c in range(first[i], first[i + 1]):
+            s += parts[c]
+        tensor_sq[i] = s
+        total += s
+    return total
+
+
+@njit(**dict(JIT, parallel=True))
+def _multi_update_parallel(rule, like, p_addr, g_addr, s_addr, sizes, hp, rows, scale,
+                           clip_value):
+    first = _first_piece(sizes, CHUNK)
+    for c in prange(first[sizes.shape[0]]):
+        i = np.searchsorted(first, c, side="right") - 1
+        n = sizes[i]
+        lo = (c - first[i]) * CHUNK
+        p = _view(p_addr[i], n, like)
+        g = _view(g_addr[i], n, like)
+        s0 = _view(s_addr[0, i], n, like)
+        s1 = _view(s_addr[1, i], n, like)
+        s2 = _view(s_addr[2, i], n, like)
+        update_range(rule, p, g, s0, s1, s2, hp[rows[i]], scale, clip_value, lo,
+                     min(lo + CHUNK, n))
+
+
+@njit(**JIT)
+def multi_clipped_update_parallel(rule, like, p_addr, g_addr, s_addr, sizes, hp, rows,
+                                  tensor_sq, clip_norm, clip_value):
+    """:func:`multi_clipped_update` with both passes spread over Numba's
+    threads (blocks of every tensor in one parallel loop); bitwise the same
+    result.  Opt-in, as ``optim.clipped_update_parallel``: next to another
+    library's spinning thread pool (BLAS, PyTorch's intra-op threads) a
+    parallel region can lose more than it gains (DESIGN.md "Threads")."""
+    norm = np.sqrt(_multi_sumsq_parallel(like, g_addr, sizes, tensor_sq))
+    if not np.isfinite(norm):
+        return norm, 0.0, True
+    scale = clip_scale(norm, clip_norm)
+    _multi_update_parallel(rule, like, p_addr, g_addr, s_addr, sizes, hp, rows, scale,
+                           clip_value)
+    return norm, scale, False
+
+
+@njit(**JIT)
+def add_one_f32(addrs):
+    """Add 1 to the float32 scalar at each address (torch's per-parameter
+    ``step`` tensors, counted in one call)."""
+    one = np.empty(0, np.float32)
+    for i in range(addrs.shape[0]):
+        c = _view(addrs[i], 1, one)
+        c[0] += np.float32(1.0)
 
 
 def address(a):
