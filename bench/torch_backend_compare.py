@@ -65,13 +65,15 @@ def optim_tensors(n_params, n_mats, seed=0):
 
 def make_optim(workload, contender, smoke=False):
     """A callable doing one clipped Adam update of ``contender``
-    (``fastgrad`` or ``torch-fused``; thread counts are set by the caller)."""
+    (``fastgrad``, ``fastgrad-parallel`` (``opt.parallel = True``) or
+    ``torch-fused``; thread counts are set by the caller)."""
     import torch
     n, mats = (SMOKE_OPTIM if smoke else OPTIM_WORKLOADS)[workload]
     params = optim_tensors(n, mats)
-    if contender == "fastgrad":
+    if contender in ("fastgrad", "fastgrad-parallel"):
         import fastgrad.torch as fgt
         opt = fgt.Adam(params, lr=1e-3, clip_norm=1.0)
+        opt.parallel = contender == "fastgrad-parallel"
         return opt.step
     if contender == "torch-fused":
         opt = torch.optim.Adam(params, lr=1e-3, fused=True)
@@ -127,7 +129,8 @@ def run(rounds, budget_s, smoke=False, workloads=None):
     """{workload: {contender-<n>t: (median s, median ratio to fastgrad's best)}}."""
     import torch
     counts = list(range(1, (os.cpu_count() or 1) + 1))
-    jobs = {w: (make_optim, ["fastgrad", "torch-fused"]) for w in OPTIM_WORKLOADS}
+    jobs = {w: (make_optim, ["fastgrad", "fastgrad-parallel", "torch-fused"])
+            for w in OPTIM_WORKLOADS}
     jobs.update({w: (make_mlp, ["fastgrad", "torch"]) for w in MLP_WORKLOADS})
     jobs = {w: j for w, j in jobs.items() if workloads is None or w in workloads}
     torch_default = torch.get_num_threads()
@@ -135,7 +138,7 @@ def run(rounds, budget_s, smoke=False, workloads=None):
     for name, (make, kinds) in jobs.items():
         fns = {}
         for kind in kinds:
-            lib = "fastgrad" if kind == "fastgrad" else "torch"
+            lib = "fastgrad" if kind.startswith("fastgrad") else "torch"
             for n in counts:
                 fn = make(name, kind, smoke)
                 _threads(lib, n)
@@ -151,7 +154,7 @@ def run(rounds, budget_s, smoke=False, workloads=None):
                 per[c].append(timed(fn, reps))
         _threads("fastgrad", os.cpu_count() or 1)
         torch.set_num_threads(torch_default)
-        fast = [c for c in per if c.startswith("fastgrad-")]
+        fast = [c for c in per if c.startswith("fastgrad")]
         base = min(fast, key=lambda c: np.median(per[c]))
         ref = np.array(per[base])
         out[name] = {c: (float(np.median(t)), float(np.median(np.array(t) / ref)))
