@@ -15,8 +15,8 @@ its names), so ``torch.optim.lr_scheduler`` works unchanged and a
 ``torch.optim.Adam`` state dict loads into :class:`Adam` and back.  One step
 is ONE compiled call (``fastgrad.kernels.cpu.multi_tensor``) over the
 tensors where they are (their storage, no copy): the global and per-tensor
-gradient norms, ``clip_grad_norm_``'s scaling by ``clip_norm``,
-``clip_grad_value_``'s clamp by ``clip_value``, the non-finite skip and the
+gradient norms, the scaling by ``clip_norm`` of ``clip_grad_norm_``, the
+clamp by ``clip_value`` of ``clip_grad_value_``, the non-finite skip and the
 rule of every parameter group.  ``opt.stats`` is the step's
 :class:`fastgrad.StepStats`.
 

@@ -121,8 +121,11 @@ class FusedMLP(torch.nn.Module):
     alpha : float or None
         Parameter of leaky_relu / elu (None: their defaults).
     dtype : torch.float32 (default) or torch.float64
+        The parameters' dtype.
 
-    The weights start as ``nn.Linear``'s (Kaiming-uniform; seed with
+    Notes
+    -----
+    The weights start as in ``nn.Linear`` (Kaiming-uniform; seed with
     ``torch.manual_seed``).  Inputs are ``(..., n_in)`` tensors of the
     module's dtype on the CPU; other dtypes or devices raise TypeError.
     fastgrad's layer features (norm, dropout, residual, weight norm) are not

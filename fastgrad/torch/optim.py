@@ -296,7 +296,7 @@ class Adam(_FusedOptimizer):
     params : iterable of tensors or of parameter-group dicts
     lr, betas, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay
         As ``torch.optim.Adam``; per group, read at every step.
-    """ + _NOOP_DOC
+    """
 
     _names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -366,7 +366,7 @@ class SGD(_FusedOptimizer):
     params : iterable of tensors or of parameter-group dicts
     lr, momentum, dampening, weight_decay, nesterov, maximize
         As ``torch.optim.SGD``; per group, read at every step.
-    """ + _NOOP_DOC
+    """
 
     _names = ("momentum_buffer",)
     _counts_steps = False
@@ -418,7 +418,7 @@ class RMSprop(_FusedOptimizer):
     params : iterable of tensors or of parameter-group dicts
     lr, alpha, eps, weight_decay, momentum, centered, maximize
         As ``torch.optim.RMSprop``; per group, read at every step.
-    """ + _NOOP_DOC
+    """
 
     _names = ("square_avg", "momentum_buffer", "grad_avg")
 
@@ -459,3 +459,7 @@ class RMSprop(_FusedOptimizer):
 
     def _rule(self):
         return _k.RMSPROP
+
+
+for _cls in (Adam, SGD, RMSprop):
+    _cls.__doc__ += _NOOP_DOC      # the arguments every rule shares
