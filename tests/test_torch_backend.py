@@ -457,9 +457,12 @@ def test_refusals():
     opt.param_groups[0]["lr"] = float("nan")
     with pytest.raises(ValueError, match="lr"):
         opt.step()
-    if torch.cuda.is_available():      # pragma: no cover - no GPU here
-        with pytest.raises(TypeError, match="CPU"):
-            fgt.Adam([torch.nn.Parameter(torch.zeros(3, device="cuda"))])
+    # any non-CPU tensor ("meta" stands in for CUDA, absent here)
+    with pytest.raises(TypeError, match="CPU tensors"):
+        fgt.Adam([torch.nn.Parameter(torch.zeros(3, device="meta"))])
+    mlp = fgt.FusedMLP([3, 2])
+    with pytest.raises(TypeError, match="on the CPU"):
+        mlp(torch.zeros(2, 3, device="meta"))
 
 
 def test_refuses_a_loaded_state_of_the_wrong_size():
