@@ -573,7 +573,7 @@ class Optimizer:
 
     # -- binding ------------------------------------------------------------
     def _bind(self, params):
-        self._pairs = self._multi = None
+        self._pairs = self._multi = self._multi_state = None
         # A model's lock is shared by its optimizers and TrainSteps.
         self._lock = getattr(params, "_lock", None) or threading.RLock()
         if hasattr(params, "params") and hasattr(params, "grads"):
@@ -1198,11 +1198,17 @@ class Optimizer:
         buffers, bitwise the flat kernel's result, with no copies."""
         rule, s0, s1, s2, hp = self._kernel_args()
         p_addr, g_addr, sizes, rows = self._multi
-        step = np.dtype(self._params.dtype).itemsize
-        s_addr = np.zeros((3, sizes.size), np.int64)
-        for j, s in enumerate((s0, s1, s2)):
-            if s.size:
-                s_addr[j] = _mt.address(s) + self._offsets[:-1] * step
+        cached = self._multi_state
+        if cached is None or cached[0] is not s0 or cached[1] is not s1 or cached[2] is not s2:
+            # where each pair's slice of the flat state buffers starts (the
+            # buffers change only when a hyper-parameter needs new ones)
+            step = np.dtype(self._params.dtype).itemsize
+            s_addr = np.zeros((3, sizes.size), np.int64)
+            for j, s in enumerate((s0, s1, s2)):
+                if s.size:
+                    s_addr[j] = _mt.address(s) + self._offsets[:-1] * step
+            cached = self._multi_state = (s0, s1, s2, s_addr)
+        s_addr = cached[3]
         update = (_mt.multi_clipped_update_parallel if self.parallel
                   else _mt.multi_clipped_update)
         norm, scale, skipped = update(
