@@ -666,9 +666,10 @@ class Optimizer:
     @property
     def grads(self):
         """Flat gradients (1-D, read-only attribute).  For (param, grad)
-        pairs: a copy of the pairs' gradients, refreshed at each read."""
-        if self._multi is not None:
-            self._gather_grads()
+        pairs a staging buffer, filled only by ``_gather_grads`` (pairs
+        updated in place never need it; code that gathers, works on it and
+        writes back, as ``fastgrad.distributed`` does, must not see it
+        refilled behind its back)."""
         return self._grads
 
     @property
