@@ -309,6 +309,20 @@ def test_params_without_grad_are_skipped_as_torch_does():
     assert float(twin.fopt.state[twin.fp[0]]["step"]) == len(seq) + 1
 
 
+def test_groups_from_generators_and_added_later():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)).double()
+    opt = fgt.SGD([dict(params=model[0].parameters())], lr=0.1)
+    opt.add_param_group(dict(params=model[1].parameters(), lr=0.5))
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 2]
+    with pytest.raises(TypeError, match="ordered collections"):
+        fgt.SGD([dict(params={torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))})])
+    model(torch.ones(5, 3, dtype=torch.float64)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    for p, b, lr in zip(model.parameters(), before, (0.1, 0.1, 0.5, 0.5)):
+        torch.testing.assert_close(p.detach(), b - lr * p.grad, rtol=1e-15, atol=1e-15)
+
+
 def test_float32_tracks_torch():
     tp, fp = _params(7, torch.float32), _params(7, torch.float32)
     topt = torch.optim.Adam(tp, lr=1e-2, foreach=False)

@@ -6,9 +6,6 @@ tensors a trajectory equals ``clip_grad_norm_`` (+ ``clip_grad_value_``) +
 because the kernel is written operation by operation as PyTorch's
 single-tensor implementations (``fastgrad.kernels.cpu.optim``).
 """
-import math
-import numbers
-
 import numpy as np
 import torch
 
@@ -30,8 +27,7 @@ def _lr(group):
             raise ValueError(f"lr must be a number or a one-element tensor, got shape "
                              f"{tuple(lr.shape)}")
         lr = lr.item()
-    lr = _nonneg("lr", lr)
-    return lr
+    return _nonneg("lr", lr)
 
 
 def _check_param(p, where):
@@ -44,10 +40,11 @@ def _check_param(p, where):
     if p.dtype not in _DTYPES:
         raise TypeError(f"{where}: dtype {p.dtype} is not supported; expected torch.float32 "
                         "or torch.float64")
-    if p.layout is not torch.strided or not p.is_contiguous():
-        raise ValueError(f"{where}: the tensor must be dense and contiguous (shape "
-                         f"{tuple(p.shape)}, strides {p.stride() if p.layout is torch.strided else p.layout}); "
-                         "call .contiguous() on the parameter's data first")
+    if p.layout is not torch.strided:
+        raise ValueError(f"{where}: the tensor must be dense (strided), got layout {p.layout}")
+    if not p.is_contiguous():
+        raise ValueError(f"{where}: the tensor must be contiguous (shape {tuple(p.shape)}, "
+                         f"strides {p.stride()}); call .contiguous() on the data first")
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
@@ -82,7 +79,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         """torch's ``add_param_group``; the tensors must be contiguous CPU
         float32/float64 tensors of one dtype (TypeError/ValueError)."""
         params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if isinstance(params, set):
+            return super().add_param_group(param_group)      # torch refuses sets
+        # a generator is read once here: torch gets the list
+        params = param_group["params"] = ([params] if isinstance(params, torch.Tensor)
+                                          else list(params))
         for i, p in enumerate(params):
             if isinstance(p, tuple) and len(p) == 2:     # torch's named parameters
                 p = p[1]
