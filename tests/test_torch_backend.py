@@ -32,7 +32,7 @@ RULE_CONFIGS = [
     ("RMSprop", dict(lr=1e-3, momentum=0.5, maximize=True)),
 ]
 RULE_IDS = [f"{k}-{i}" for i, (k, _) in enumerate(RULE_CONFIGS)]
-CLIPS = [(None, None), (1.0, None), (0.7, 0.05)]
+CLIPS = [(None, None), (1.0, None), (None, 0.05), (0.7, 0.05)]
 SHAPES = [(5, 7), (7,), (7, 3), (3,), (1,), (4, 2, 3)]
 N_STEPS = 25
 
@@ -243,7 +243,8 @@ def test_pairs_that_are_not_contiguous_still_work():
 
 # -- fastgrad.torch optimizers: parity -------------------------------------------------
 
-@pytest.mark.parametrize("clip_norm,clip_value", CLIPS, ids=["noclip", "norm", "norm+value"])
+@pytest.mark.parametrize("clip_norm,clip_value", CLIPS,
+                         ids=["noclip", "norm", "value", "norm+value"])
 @pytest.mark.parametrize("kind,hyper", RULE_CONFIGS, ids=RULE_IDS)
 def test_torch_optimizer_matches_torch(kind, hyper, clip_norm, clip_value):
     twin = _Twin(kind, hyper, clip_norm, clip_value)
@@ -251,6 +252,8 @@ def test_torch_optimizer_matches_torch(kind, hyper, clip_norm, clip_value):
     for grads in _grad_seq(SHAPES):
         clipped += twin.step(grads).clipped
     assert clipped > 0 if clip_norm else clipped == 0
+    if clip_value and not clip_norm:      # the clamp acted (the spikes exceed it)
+        assert any(abs(g).max() > clip_value for g in _grad_seq(SHAPES)[0])
     assert twin.fopt.n_updates == N_STEPS
     # the state is torch's, under torch's names
     for tp, fp in zip(twin.tp, twin.fp):
@@ -588,6 +591,9 @@ def test_fused_mlp_refusals():
         fgt.FusedMLP([3])
     with pytest.raises(TypeError, match="dtype"):
         fgt.FusedMLP([3, 2], dtype=torch.float16)
+    # a dtype change of the module (nn.Module.double) is followed
+    mlp64 = fgt.FusedMLP([3, 4, 2]).double()
+    assert mlp64(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float64
     # a non-contiguous input is read correctly
     x = torch.randn(3, 6)[:, ::2]
     torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
