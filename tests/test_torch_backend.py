@@ -518,7 +518,7 @@ def test_fused_mlp_gradcheck(activation):
         with torch.no_grad():
             for p, q in zip(params, ps):
                 p.copy_(q)
-        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, *ps)
+        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, mlp._drops(None), *ps)
 
     inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -597,3 +597,77 @@ def test_fused_mlp_refusals():
     # a non-contiguous input is read correctly
     x = torch.randn(3, 6)[:, ::2]
     torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
+
+
+# -- FusedMLP: dropout and residual blocks --------------------------------------------------
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])
+def test_fused_mlp_blocks_gradcheck(activation):
+    """Residual blocks with dropout: gradients at fixed masks (a fixed counter)."""
+    torch.manual_seed(3)
+    mlp = fgt.FusedMLP([4, 4, 4, 3], activation=activation, dtype=torch.float64, dropout=0.3,
+                       residual=True, seed=5)
+    drops = mlp._drops(7)
+    assert all(d is not None for d in drops[:2]) and drops[2] is None
+    params = list(mlp.parameters())
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, drops, *ps)
+
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_mlp_blocks_match_a_torch_reference_with_the_same_masks():
+    from fastgrad.kernels.cpu import blocks
+    torch.manual_seed(4)
+    p = 0.25
+    mlp = fgt.FusedMLP([6, 6, 5, 3], activation="tanh", dtype=torch.float64, dropout=p,
+                       residual=True, seed=11)
+    x = torch.randn(7, 6, dtype=torch.float64)
+    y = mlp(x)                                     # training mode: dropout step 0
+    assert mlp.dropout_step == 1
+    drops = mlp._drops(0)
+    lin = [m for m in mlp.modules() if isinstance(m, torch.nn.Linear)]
+    ps = [t.detach().clone().requires_grad_() for m in lin for t in (m.weight, m.bias)]
+    h = x
+    for i in range(3):
+        a = h @ ps[2 * i].T + ps[2 * i + 1]
+        if i < 2:
+            a = torch.tanh(a)
+            drop, key, thresh, scale = drops[i]
+            mask = np.empty((7, a.shape[1]))
+            blocks.dropout_mask(key, thresh, mask)
+            a = a * torch.tensor(mask) * scale
+            assert 0 < mask.sum() < mask.size
+        if i == 0:                                 # the one square hidden layer
+            a = a + h
+        h = a
+    torch.testing.assert_close(y, h, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    (h * w).sum().backward()
+    for m_p, r_p in zip((t for m in lin for t in (m.weight, m.bias)), ps):
+        torch.testing.assert_close(m_p.grad, r_p.grad, rtol=1e-12, atol=1e-12)
+    # a second training forward draws new masks; eval mode none
+    assert not torch.equal(mlp(x), y) and mlp.dropout_step == 2
+    mlp.eval()
+    torch.testing.assert_close(mlp(x), mlp.to_sequential().eval()(x), rtol=1e-12, atol=1e-12)
+    assert mlp.dropout_step == 2
+
+
+def test_fused_mlp_blocks_state_dict_is_to_torchs():
+    mlp = fgt.FusedMLP([4, 8, 8, 3], activation="relu", dropout=0.1, residual=True)
+    ref = fg.interop.to_torch(fg.MLP([4, 8, 8, 3], activation="relu", dropout=0.1,
+                                     residual=True))
+    assert list(mlp.state_dict()) == list(ref.state_dict())
+    assert [type(m) for m in mlp.children()] == [type(m) for m in ref.children()]
+    mlp.load_state_dict(ref.state_dict())
+    mlp.eval()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(mlp(x), ref.eval()(x), rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match="residual=True needs"):
+        fgt.FusedMLP([4, 8, 3], residual=True)
+    with pytest.raises(ValueError, match="dropout"):
+        fgt.FusedMLP([4, 8, 3], dropout=1.0)

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..interop import _torch_activation
+from ..interop import _residual_class, _torch_activation
 from ..kernels.cpu import activations as _acts
-from ..kernels.cpu.dense_torch import dense_backward_t, dense_forward_t
+from ..kernels.cpu.dense_torch import (block_backward_t, block_forward_t, dense_backward_t,
+                                       dense_forward_t)
+from ..layers import _dropout_args
 from ..ops import resolve_activation
 
 __all__ = ["FusedMLP"]
@@ -56,23 +58,34 @@ def _torch_module(name, alpha):
 
 
 class _FusedMLPFunction(torch.autograd.Function):
-    """``x -> a_L`` through every layer; inputs ``x, plan, w0, b0, w1, b1, ...``."""
+    """``x -> a_L`` through every layer; inputs ``x, plan, drops, w0, b0, w1,
+    b1, ...``.  ``plan[i] = (code, alpha, residual)``; ``drops[i]`` is None
+    for a plain layer, else ``(drop, key, thresh, scale)`` of its dropout
+    mask (``fastgrad.layers._dropout_args``) for the block kernels."""
 
     @staticmethod
-    def forward(ctx, x, plan, *wb):
-        xs = x.detach().numpy()
-        acts, zs = [xs], []
-        for i, (code, alpha) in enumerate(plan):
+    def forward(ctx, x, plan, drops, *wb):
+        h = x.detach().numpy()
+        hs, zs, fzs = [], [], []
+        for i, ((code, alpha, residual), d) in enumerate(zip(plan, drops)):
             w = wb[2 * i].detach().numpy()
             b = wb[2 * i + 1].detach().numpy()
-            a = np.empty((xs.shape[0], w.shape[0]), w.dtype)
+            a = np.empty((h.shape[0], w.shape[0]), w.dtype)
             z = np.empty_like(a) if code in _acts.NEEDS_Z else a
-            dense_forward_t(acts[-1], w, b, z, a, code, alpha)
-            acts.append(a)
+            if d is None:
+                dense_forward_t(h, w, b, z, a, code, alpha)
+                fz = a
+            else:
+                # f(z) apart from the output for a residual block only (blocks.py)
+                fz = np.empty_like(a) if residual else a
+                block_forward_t(h, w, b, z, fz, a, code, alpha, *d, residual)
+            hs.append(h)
             zs.append(z)
-        out = torch.from_numpy(acts[-1])
-        ctx.plan = plan
-        ctx.hidden = (acts[:-1], zs)       # kept as arrays: the kernels' own buffers
+            fzs.append(fz)
+            h = a
+        out = torch.from_numpy(h)
+        ctx.plan, ctx.drops = plan, drops
+        ctx.hidden = (hs, zs, fzs)         # kept as arrays: the kernels' own buffers
         ctx.save_for_backward(*wb, out)
         return out
 
@@ -80,29 +93,33 @@ class _FusedMLPFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         *wb, out = ctx.saved_tensors
-        acts, zs = ctx.hidden
-        acts = acts + [out.numpy()]
+        hs, zs, fzs = ctx.hidden
         da = grad_out.detach()
         if da.dtype != out.dtype:
             da = da.to(out.dtype)
-        da = da.contiguous().numpy()
+        da = da.contiguous().numpy()       # read only: dz gets its own buffer
         grads = [None] * len(wb)
         dx = None
         for i in range(len(ctx.plan) - 1, -1, -1):
-            code, alpha = ctx.plan[i]
+            code, alpha, residual = ctx.plan[i]
+            d = ctx.drops[i]
             w = wb[2 * i].numpy()
-            x, a = acts[i], acts[i + 1]
-            dz = np.empty_like(a)
+            x = hs[i]
+            dz = np.empty_like(da)
             dw = np.empty_like(w)
             db = np.empty(w.shape[0], w.dtype)
             need_dx = i > 0 or ctx.needs_input_grad[0]
             dx = np.empty_like(x) if need_dx else dz[:0, :0]
-            dense_backward_t(x, w, a, zs[i], da, dz, dw, db, dx, code, alpha, need_dx)
+            if d is None:
+                dense_backward_t(x, w, fzs[i], zs[i], da, dz, dw, db, dx, code, alpha, need_dx)
+            else:
+                block_backward_t(x, w, fzs[i], zs[i], da, dz, dw, db, dx, code, alpha, *d,
+                                 residual, need_dx)
             grads[2 * i] = torch.from_numpy(dw)
             grads[2 * i + 1] = torch.from_numpy(db)
             da = dx
         dx = torch.from_numpy(dx) if ctx.needs_input_grad[0] else None
-        return (dx, None, *grads)
+        return (dx, None, None, *grads)
 
 
 class FusedMLP(torch.nn.Module):
@@ -122,18 +139,29 @@ class FusedMLP(torch.nn.Module):
         Parameter of leaky_relu / elu (None: their defaults).
     dtype : torch.float32 (default) or torch.float64
         The parameters' dtype.
+    dropout : float
+        Inverted dropout after every hidden layer's activation, in training
+        mode (``module.train()``), as ``nn.Dropout(dropout)``; the masks are
+        fastgrad's (counter-based, drawn from ``seed`` and the module's
+        ``dropout_step``), so they differ from torch's own draws.
+    residual : bool
+        Wrap every hidden layer whose width does not change in a residual
+        block ``x + layer(x)``, as ``fastgrad.MLP(residual=True)``.
+    seed : int or None
+        Seed of the dropout masks (None: drawn from torch's generator, so
+        ``torch.manual_seed`` fixes it).
 
     Notes
     -----
     The weights start as in ``nn.Linear`` (Kaiming-uniform; seed with
     ``torch.manual_seed``).  Inputs are ``(..., n_in)`` tensors of the
     module's dtype on the CPU; other dtypes or devices raise TypeError.
-    fastgrad's layer features (norm, dropout, residual, weight norm) are not
-    offered by this module; use ``fastgrad.Sequential`` for them.
+    fastgrad's normalisation and weight-norm layer features are not offered
+    by this module; use ``fastgrad.Sequential`` for them.
     """
 
     def __init__(self, sizes, activation="relu", output_activation=None, alpha=None,
-                 dtype=torch.float32):
+                 dtype=torch.float32, dropout=0.0, residual=False, seed=None):
         super().__init__()
         sizes = list(sizes)
         if len(sizes) < 2 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer))
@@ -141,24 +169,62 @@ class FusedMLP(torch.nn.Module):
             raise ValueError(f"sizes must be at least two integers >= 1, got {sizes!r}")
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)):
+            raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(residual, (bool, np.bool_)):
+            raise TypeError(f"residual must be True or False, got {residual!r}")
         hidden = resolve_activation(activation, alpha)
         last = resolve_activation(output_activation, alpha)
-        self.sizes = [int(n) for n in sizes]
-        self.activation = activation
-        self.output_activation = output_activation
-        names = [activation] * (len(sizes) - 2) + [output_activation or "identity"]
-        self._plan = tuple([hidden] * (len(sizes) - 2) + [last])
+        n = len(sizes) - 1
+        square = [i for i in range(n - 1) if sizes[i] == sizes[i + 1]]
+        if residual and not square:
+            raise ValueError(f"residual=True needs hidden layers of equal consecutive widths "
+                             f"(n_in == n_out), got sizes {sizes}")
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        self.sizes = [int(v) for v in sizes]
+        self.activation, self.output_activation = activation, output_activation
+        self.dropout, self.residual = float(dropout), bool(residual)
+        self.seed, self.dropout_step = int(seed), 0
+        names = [activation] * (n - 1) + [output_activation or "identity"]
+        codes = [hidden] * (n - 1) + [last]
+        self._rates = [self.dropout if i < n - 1 else 0.0 for i in range(n)]
+        self._plan = tuple((code, a, residual and i in square)
+                           for i, (code, a) in enumerate(codes))
         self._linears = []
+        # the children of fastgrad.interop.to_torch(fastgrad.MLP(...)):
+        # Linear, activation, Dropout; residual layers inside a ResidualBlock
         mods = []
-        for (n_in, n_out), name, (_, a) in zip(zip(sizes[:-1], sizes[1:]), names, self._plan):
-            lin = torch.nn.Linear(n_in, n_out, dtype=dtype)
-            mods.append(lin)
+        for i in range(n):
+            lin = torch.nn.Linear(sizes[i], sizes[i + 1], dtype=dtype)
             self._linears.append(lin)
-            act = _torch_module(name, a)
+            layer = [lin]
+            act = _torch_module(names[i], codes[i][1])
             if act is not None:
-                mods.append(act)
+                layer.append(act)
+            if self._rates[i] > 0:
+                layer.append(torch.nn.Dropout(self._rates[i]))
+            if self._plan[i][2]:
+                mods.append(_residual_class()(torch.nn.Sequential(*layer)))
+            else:
+                mods.extend(layer)
         for i, m in enumerate(mods):
             self.add_module(str(i), m)
+
+    def _drops(self, counter):
+        """Per layer: None (plain kernels) or the block kernels' dropout
+        arguments for masks drawn at ``counter`` (None: no dropout)."""
+        out = []
+        for l, ((_, _, residual), p) in enumerate(zip(self._plan, self._rates)):
+            drop = counter is not None and p > 0
+            if not (drop or residual):
+                out.append(None)
+                continue
+            key, thresh, scale = _dropout_args(self.seed, l, counter, p if drop else 0.0)
+            out.append((drop, key, thresh, scale))
+        return tuple(out)
 
     def forward(self, x):
         wb = []
@@ -181,7 +247,11 @@ class FusedMLP(torch.nn.Module):
         x2 = x.reshape(-1, n_in).contiguous()
         if x2.shape[0] == 0:
             raise ValueError(f"FusedMLP: empty batch of shape {tuple(x.shape)}")
-        out = _FusedMLPFunction.apply(x2, self._plan, *(t.contiguous() for t in wb))
+        counter = None
+        if self.training and self.dropout > 0:
+            counter, self.dropout_step = self.dropout_step, self.dropout_step + 1
+        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter),
+                                      *(t.contiguous() for t in wb))
         return out.reshape(*lead, self.sizes[-1])
 
     def to_sequential(self):
@@ -192,4 +262,5 @@ class FusedMLP(torch.nn.Module):
 
     def extra_repr(self):
         return (f"sizes={self.sizes}, activation={self.activation!r}, "
-                f"output_activation={self.output_activation!r}")
+                f"output_activation={self.output_activation!r}, dropout={self.dropout}, "
+                f"residual={self.residual}")

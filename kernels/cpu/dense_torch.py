@@ -11,14 +11,20 @@ backward: ONE pass dz = da * f' summing db, then dweight = dz.T @ x and
           dx = dz @ weight (BLAS; both outputs C-contiguous, as Numba's
           ``np.dot`` requires of its ``out``).
 
-As for ``dense.py``: the activation passes are compiled into this file's
-disk cache entries, so a change to activations.py needs this file touched.
+The block variants add inverted dropout and the residual skip with the
+epilogues of ``blocks.py`` (same masks, same arithmetic as fastgrad's own
+layers).
+
+As for ``dense.py``: the activation and block passes are compiled into this
+file's disk cache entries, so a change to activations.py or blocks.py needs
+this file touched.
 """
 import numpy as np
 from numba import njit
 
 from ._jit import JIT
 from .activations import bias_act, bias_act_grad
+from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue
 
 
 @njit(**JIT)
@@ -37,3 +43,24 @@ def dense_backward_t(x, weight, a, z, da, dz, dweight, db, dx, act, alpha, need_
     np.dot(dz.T, x, dweight)
     if need_dx:
         np.dot(dz, weight, dx)
+
+
+@njit(**JIT)
+def block_forward_t(x, weight, b, z, fz, y, act, alpha, drop, key, thresh, scale, residual):
+    """y = dropout(f(x @ weight.T + b)) (+ x when ``residual``); arguments
+    as ``blocks.block_forward``."""
+    np.dot(x, weight.T, y)
+    block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual)
+
+
+@njit(**JIT)
+def block_backward_t(x, weight, fz, z, da, dz, dweight, db, dx, act, alpha, drop, key, thresh,
+                     scale, residual, need_dx):
+    """Gradients of :func:`block_forward_t`; arguments as
+    ``blocks.block_backward`` with ``dweight`` (n_out, n_in)."""
+    block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale, residual)
+    np.dot(dz.T, x, dweight)
+    if need_dx:
+        np.dot(dz, weight, dx)
+        if residual:
+            _add_into(dx, da)
