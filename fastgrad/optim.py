@@ -639,7 +639,6 @@ class Optimizer:
         # Contiguous pairs are updated where they are (kernels.cpu.multi_tensor),
         # their addresses taken once: the pairs are held here, so NumPy cannot
         # move their data (resize refuses arrays with other references).
-        self._multi = None
         if all(p.flags.c_contiguous and p.flags.aligned and g.flags.c_contiguous
                and g.flags.aligned for p, g in checked):
             self._multi = (_mt.addresses([p for p, _ in checked]),
@@ -793,7 +792,7 @@ class Optimizer:
             raise ValueError("parallel applies to the CPU kernels; CUDA runs on the GPU anyway")
         self._update = _k.clipped_update_parallel if on else self._serial_update
 
-    # (the flat buffers directly: the params/grads properties gather)
+    # (the flat buffers directly: reading the params property gathers)
     def _gather_params(self):
         off = self._offsets
         for i, (p, _) in enumerate(self._pairs):

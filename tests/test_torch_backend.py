@@ -554,6 +554,18 @@ def test_fused_mlp_matches_its_sequential(activation, dtype):
     torch.testing.assert_close(seq2(x), y2, rtol=0, atol=0)
 
 
+def test_fused_mlp_draws_the_weights_of_its_sequential():
+    """After the same torch.manual_seed, the weights are those of the same
+    nn.Sequential (the dropout seed is drawn after them)."""
+    for dropout in (0.0, 0.5):
+        torch.manual_seed(8)
+        mlp = fgt.FusedMLP([5, 6, 2], activation="tanh", dropout=dropout)
+        torch.manual_seed(8)
+        seq = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        for (_, a), b in zip(mlp.named_parameters(), seq.parameters()):
+            assert torch.equal(a, b)
+
+
 def test_fused_mlp_structure_is_to_torchs():
     """Keys and module types are those of fastgrad's MLP.to_torch()."""
     mlp = fgt.FusedMLP([4, 8, 8, 3], activation="tanh")

@@ -148,8 +148,8 @@ class FusedMLP(torch.nn.Module):
         Wrap every hidden layer whose width does not change in a residual
         block ``x + layer(x)``, as ``fastgrad.MLP(residual=True)``.
     seed : int or None
-        Seed of the dropout masks (None: drawn from torch's generator, so
-        ``torch.manual_seed`` fixes it).
+        Seed of the dropout masks (None: drawn from torch's generator after
+        the weights, so ``torch.manual_seed`` fixes it).
 
     Notes
     -----
@@ -182,12 +182,10 @@ class FusedMLP(torch.nn.Module):
         if residual and not square:
             raise ValueError(f"residual=True needs hidden layers of equal consecutive widths "
                              f"(n_in == n_out), got sizes {sizes}")
-        if seed is None:
-            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         self.sizes = [int(v) for v in sizes]
         self.activation, self.output_activation = activation, output_activation
         self.dropout, self.residual = float(dropout), bool(residual)
-        self.seed, self.dropout_step = int(seed), 0
+        self.dropout_step = 0
         names = [activation] * (n - 1) + [output_activation or "identity"]
         codes = [hidden] * (n - 1) + [last]
         self._rates = [self.dropout if i < n - 1 else 0.0 for i in range(n)]
@@ -212,6 +210,12 @@ class FusedMLP(torch.nn.Module):
                 mods.extend(layer)
         for i, m in enumerate(mods):
             self.add_module(str(i), m)
+        if seed is None:
+            # drawn after the weights, and only when used, so that the weights
+            # equal those of the same nn.Sequential built after the same
+            # torch.manual_seed
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.dropout > 0 else 0
+        self.seed = int(seed)
 
     def _drops(self, counter):
         """Per layer: None (plain kernels) or the block kernels' dropout
