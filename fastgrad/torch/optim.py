@@ -281,6 +281,19 @@ _NOOP_DOC = """
         PyTorch's implementation switches, accepted at the values that
         describe what fastgrad does (None/False; False); any other value is
         refused (ValueError naming it).
+
+    Attributes
+    ----------
+    stats : fastgrad.StepStats or None
+        What the last ``step()`` did: ``grad_norm`` (global, before
+        clipping), ``layer_norms`` (one per parameter that had a gradient,
+        in ``param_groups`` order), ``clip_scale``, ``clipped``, ``skipped``,
+        ``lr`` (of the first group with gradients), ``step``
+        (``n_updates``).
+    n_updates, n_skipped : int
+        Steps applied, and skipped for a non-finite gradient.
+    parallel : bool
+        Run the update on Numba's threads (default False; bitwise the same).
 """
 
 
