@@ -470,6 +470,9 @@ def test_refusals():
     p.grad = torch.zeros(6, dtype=torch.float64)[::2]
     with pytest.raises(ValueError, match="contiguous"):
         opt.step()
+    p.grad = torch._neg_view(torch.ones(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="negative view"):
+        opt.step()
     p.grad = torch.zeros(3, dtype=torch.float64)
     opt.param_groups[0]["lr"] = float("nan")
     with pytest.raises(ValueError, match="lr"):

@@ -139,6 +139,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{where}: dtype changed to {p.dtype} (optimizer built "
                                 f"for {dt})")
             _check_param(g, f"{where}'s gradient")
+            if g.is_neg():      # a lazily negated view: its storage holds -g
+                raise ValueError(f"{where}'s gradient is a negative view; pass "
+                                 "grad.resolve_neg()")
             if g.dtype is not dt or g.numel() != p.numel():
                 raise ValueError(f"{where}'s gradient: dtype {g.dtype}, shape "
                                  f"{tuple(g.shape)}; expected {dt}, {tuple(p.shape)}")
@@ -186,7 +189,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             # p.data and p.grad can be replaced at any time: checked at every step
             if not (all(p.dtype is dt and p.is_cpu and p.is_contiguous() for p in ps)
                     and all(g.dtype is dt and g.is_cpu and not g.is_sparse and g.is_contiguous()
-                            and g.numel() == n for g, n in zip(gs, ns))):
+                            and g.numel() == n and not g.is_neg() for g, n in zip(gs, ns))):
                 self._refuse(ps, gs, len(params))
             sts = [all_state[p] for p in ps]
             for p, st in zip(ps, sts):
