@@ -485,6 +485,25 @@ def test_refusals():
         mlp(torch.zeros(2, 3, device="meta"))
 
 
+def test_loads_a_state_whose_step_is_a_number():
+    """Older torch state dicts keep ``step`` as a number (torch converts it)."""
+    tp, fp = _params(13, shapes=[(3,)]), _params(13, shapes=[(3,)])
+    topt, fopt = torch.optim.Adam(tp, foreach=False), fgt.Adam(fp)
+    for ps in (tp, fp):
+        ps[0].grad = torch.ones(3, dtype=torch.float64)
+    topt.step()
+    sd = copy.deepcopy(topt.state_dict())
+    sd["state"][0]["step"] = 1
+    topt.load_state_dict(copy.deepcopy(sd))
+    fopt.load_state_dict(sd)
+    with torch.no_grad():
+        fp[0].copy_(tp[0])
+    topt.step()
+    fopt.step()
+    torch.testing.assert_close(fp[0], tp[0], rtol=1e-12, atol=1e-12)
+    assert float(fopt.state[fp[0]]["step"]) == 2.0
+
+
 def test_refuses_a_loaded_state_of_the_wrong_size():
     ps = _params(12, shapes=[(3,)])
     opt = fgt.Adam(ps)

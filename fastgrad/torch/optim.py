@@ -102,6 +102,11 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+        # older torch state dicts keep "step" as a number: torch's own
+        # optimizers turn it into a float32 scalar tensor on load, as here
+        for st in self.state.values():
+            if "step" in st and not isinstance(st["step"], torch.Tensor):
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
 
     # -- per-rule hooks ---------------------------------------------------------
     def _check_group(self, group):
