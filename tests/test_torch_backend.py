@@ -540,7 +540,8 @@ def test_fused_mlp_gradcheck(activation):
         with torch.no_grad():
             for p, q in zip(params, ps):
                 p.copy_(q)
-        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, mlp._drops(None), *ps)
+        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, mlp._drops(None), False,
+                                               (None,) * len(mlp._plan), *ps)
 
     inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -647,7 +648,7 @@ def test_fused_mlp_blocks_gradcheck(activation):
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
 
     def f(x, *ps):
-        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, drops, *ps)
+        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, drops, True, (None,) * 3, *ps)
 
     inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -705,3 +706,82 @@ def test_fused_mlp_blocks_state_dict_is_to_torchs():
         fgt.FusedMLP([4, 8, 3], residual=True)
     with pytest.raises(ValueError, match="dropout"):
         fgt.FusedMLP([4, 8, 3], dropout=1.0)
+
+
+# -- FusedMLP: LayerNorm and BatchNorm1d -------------------------------------------------------
+
+@pytest.mark.parametrize("norm,train", [("layer", True), ("batch", True), ("batch", False)])
+def test_fused_mlp_norm_gradcheck(norm, train):
+    torch.manual_seed(5)
+    mlp = fgt.FusedMLP([4, 5, 5, 3], activation="tanh", dtype=torch.float64, norm=norm,
+                       residual=True, dropout=0.2, seed=2)
+    with torch.no_grad():                   # running statistics away from 0 / 1
+        for m in mlp.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.LayerNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    drops = mlp._drops(3 if train else None)
+    running = tuple((m.running_mean.numpy(), m.running_var.numpy())
+                    if isinstance(m, torch.nn.BatchNorm1d) else None for m in mlp._norms)
+    params = [p for p in mlp.parameters()]
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        return fgt.mlp._FusedMLPFunction.apply(x, mlp._plan, drops, train, running, *ps)
+
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in params))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_fused_mlp_norm_matches_its_sequential(norm):
+    torch.manual_seed(6)
+    mlp = fgt.FusedMLP([5, 7, 7, 3], activation="relu", dtype=torch.float64, norm=norm,
+                       residual=True)
+    seq = mlp.to_sequential()
+    ref = fg.interop.to_torch(fg.MLP([5, 7, 7, 3], norm=norm, residual=True))
+    assert list(mlp.state_dict()) == list(seq.state_dict()) == list(ref.state_dict())
+    for step in range(3):
+        x = torch.randn(8, 5, dtype=torch.float64)
+        w = torch.randn(8, 3, dtype=torch.float64)
+        y1, y2 = mlp(x), seq(x)
+        torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+        (y1 * w).sum().backward()
+        (y2 * w).sum().backward()
+        for (name, a), b in zip(mlp.named_parameters(), seq.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)
+            a.grad = b.grad = None
+    for (name, a), b in zip(mlp.named_buffers(), seq.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    mlp.eval()
+    seq.eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    torch.testing.assert_close(mlp(x), seq(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mlp(x[:1]), seq(x[:1]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_fused_mlp_norm_float32(norm):
+    torch.manual_seed(9)
+    mlp = fgt.FusedMLP([6, 8, 4], activation="gelu", norm=norm, dropout=0.0)
+    seq = mlp.to_sequential()
+    x = torch.randn(16, 6)
+    y1, y2 = mlp(x), seq(x)
+    torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
+    y1.sum().backward()
+    y2.sum().backward()
+    for a, b in zip(mlp.parameters(), seq.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    for a, b in zip(mlp.buffers(), seq.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_mlp_norm_refusals():
+    with pytest.raises(ValueError, match="norm must be"):
+        fgt.FusedMLP([3, 4, 2], norm="group")
+    mlp = fgt.FusedMLP([3, 4, 2], norm="batch")
+    with pytest.raises(ValueError, match="more than 1 sample"):
+        mlp(torch.zeros(1, 3))

@@ -24,8 +24,9 @@ from torch.autograd.function import once_differentiable
 
 from ..interop import _residual_class, _torch_activation
 from ..kernels.cpu import activations as _acts
+from ..kernels.cpu import norm as _norm
 from ..kernels.cpu.dense_torch import (block_backward_t, block_forward_t, dense_backward_t,
-                                       dense_forward_t)
+                                       dense_forward_t, norm_backward_t, norm_forward_t)
 from ..layers import _dropout_args
 from ..ops import resolve_activation
 
@@ -58,68 +59,97 @@ def _torch_module(name, alpha):
 
 
 class _FusedMLPFunction(torch.autograd.Function):
-    """``x -> a_L`` through every layer; inputs ``x, plan, drops, w0, b0, w1,
-    b1, ...``.  ``plan[i] = (code, alpha, residual)``; ``drops[i]`` is None
+    """``x -> a_L`` through every layer; inputs ``x, plan, drops, train,
+    running, *params``.
+
+    ``plan[i] = (code, alpha, residual, norm kind)``; ``drops[i]`` is None
     for a plain layer, else ``(drop, key, thresh, scale)`` of its dropout
-    mask (``fastgrad.layers._dropout_args``) for the block kernels."""
+    mask (``fastgrad.layers._dropout_args``); ``train``: batch norm uses
+    (and updates) the batch statistics; ``running[i]``: batch norm's running
+    mean and variance (arrays, updated in place), else None.  ``params``:
+    per layer ``weight, bias`` and, for a normalised layer, ``gamma, beta``.
+    """
 
     @staticmethod
-    def forward(ctx, x, plan, drops, *wb):
+    def forward(ctx, x, plan, drops, train, running, *params):
         h = x.detach().numpy()
-        hs, zs, fzs = [], [], []
-        for i, ((code, alpha, residual), d) in enumerate(zip(plan, drops)):
-            w = wb[2 * i].detach().numpy()
-            b = wb[2 * i + 1].detach().numpy()
+        saved = []
+        k = 0
+        for (code, alpha, residual, kind), d, run in zip(plan, drops, running):
+            w = params[k].detach().numpy()
+            b = params[k + 1].detach().numpy()
+            k += 2
             a = np.empty((h.shape[0], w.shape[0]), w.dtype)
-            z = np.empty_like(a) if code in _acts.NEEDS_Z else a
-            if d is None:
-                dense_forward_t(h, w, b, z, a, code, alpha)
-                fz = a
+            # f(z) apart from the output for a residual block only (blocks.py)
+            fz = np.empty_like(a) if residual else a
+            if kind:
+                gamma = params[k].detach().numpy()
+                beta = params[k + 1].detach().numpy()
+                k += 2
+                ns = a.shape[0] if kind == _norm.LAYER else a.shape[1]
+                xhat = np.empty_like(a)
+                mean, rstd = np.empty(ns, a.dtype), np.empty(ns, a.dtype)
+                acc = np.empty(2 * a.shape[1])
+                rm, rv = run if run is not None else (acc[:0], acc[:0])
+                norm_forward_t(h, w, b, xhat, fz, a, gamma, beta, mean, rstd, acc, rm, rv, kind,
+                               train, code, alpha, *d, residual)
+                saved.append((h, xhat, rstd, fz))
             else:
-                # f(z) apart from the output for a residual block only (blocks.py)
-                fz = np.empty_like(a) if residual else a
-                block_forward_t(h, w, b, z, fz, a, code, alpha, *d, residual)
-            hs.append(h)
-            zs.append(z)
-            fzs.append(fz)
+                z = np.empty_like(a) if code in _acts.NEEDS_Z else a
+                if d is None:
+                    dense_forward_t(h, w, b, z, a, code, alpha)
+                else:
+                    block_forward_t(h, w, b, z, fz, a, code, alpha, *d, residual)
+                saved.append((h, z, fz))
             h = a
         out = torch.from_numpy(h)
-        ctx.plan, ctx.drops = plan, drops
-        ctx.hidden = (hs, zs, fzs)         # kept as arrays: the kernels' own buffers
-        ctx.save_for_backward(*wb, out)
+        ctx.plan, ctx.drops, ctx.train = plan, drops, train
+        ctx.hidden = saved                 # kept as arrays: the kernels' own buffers
+        ctx.save_for_backward(*params, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        *wb, out = ctx.saved_tensors
-        hs, zs, fzs = ctx.hidden
+        *params, out = ctx.saved_tensors
         da = grad_out.detach()
         if da.dtype != out.dtype:
             da = da.to(out.dtype)
         da = da.contiguous().numpy()       # read only: dz gets its own buffer
-        grads = [None] * len(wb)
+        grads = [None] * len(params)
+        starts = np.cumsum([0] + [4 if kind else 2 for *_, kind in ctx.plan])
         dx = None
         for i in range(len(ctx.plan) - 1, -1, -1):
-            code, alpha, residual = ctx.plan[i]
-            d = ctx.drops[i]
-            w = wb[2 * i].numpy()
-            x = hs[i]
+            code, alpha, residual, kind = ctx.plan[i]
+            d, k = ctx.drops[i], starts[i]
+            w = params[k].numpy()
+            x = ctx.hidden[i][0]
             dz = np.empty_like(da)
             dw = np.empty_like(w)
             db = np.empty(w.shape[0], w.dtype)
             need_dx = i > 0 or ctx.needs_input_grad[0]
             dx = np.empty_like(x) if need_dx else dz[:0, :0]
-            if d is None:
-                dense_backward_t(x, w, fzs[i], zs[i], da, dz, dw, db, dx, code, alpha, need_dx)
+            if kind:
+                _, xhat, rstd, fz = ctx.hidden[i]
+                gamma, beta = params[k + 2].numpy(), params[k + 3].numpy()
+                dg, dbt = np.empty_like(gamma), np.empty_like(beta)
+                r1, r2 = np.empty(x.shape[0]), np.empty(x.shape[0])
+                norm_backward_t(x, w, fz, xhat, gamma, beta, rstd, da, dz, dw, db, dg, dbt, dx,
+                                r1, r2, kind, ctx.train, code, alpha, *d, residual, need_dx)
+                grads[k + 2] = torch.from_numpy(dg)
+                grads[k + 3] = torch.from_numpy(dbt)
+            elif d is None:
+                _, z, a = ctx.hidden[i]         # fz is the output a here
+                dense_backward_t(x, w, a, z, da, dz, dw, db, dx, code, alpha, need_dx)
             else:
-                block_backward_t(x, w, fzs[i], zs[i], da, dz, dw, db, dx, code, alpha, *d,
-                                 residual, need_dx)
-            grads[2 * i] = torch.from_numpy(dw)
-            grads[2 * i + 1] = torch.from_numpy(db)
+                _, z, fz = ctx.hidden[i]
+                block_backward_t(x, w, fz, z, da, dz, dw, db, dx, code, alpha, *d, residual,
+                                 need_dx)
+            grads[k] = torch.from_numpy(dw)
+            grads[k + 1] = torch.from_numpy(db)
             da = dx
         dx = torch.from_numpy(dx) if ctx.needs_input_grad[0] else None
-        return (dx, None, None, *grads)
+        return (dx, None, None, None, None, *grads)
 
 
 class FusedMLP(torch.nn.Module):
@@ -147,6 +177,10 @@ class FusedMLP(torch.nn.Module):
     residual : bool
         Wrap every hidden layer whose width does not change in a residual
         block ``x + layer(x)``, as ``fastgrad.MLP(residual=True)``.
+    norm : None, "layer" or "batch"
+        ``nn.LayerNorm`` / ``nn.BatchNorm1d`` (eps 1e-5, momentum 0.1, the
+        running statistics in the module's buffers) after every hidden
+        layer's Linear, before its activation, as ``fastgrad.MLP(norm=)``.
     seed : int or None
         Seed of the dropout masks (None: drawn from torch's generator after
         the weights, so ``torch.manual_seed`` fixes it).
@@ -156,12 +190,12 @@ class FusedMLP(torch.nn.Module):
     The weights start as in ``nn.Linear`` (Kaiming-uniform; seed with
     ``torch.manual_seed``).  Inputs are ``(..., n_in)`` tensors of the
     module's dtype on the CPU; other dtypes or devices raise TypeError.
-    fastgrad's normalisation and weight-norm layer features are not offered
-    by this module; use ``fastgrad.Sequential`` for them.
+    fastgrad's weight-norm layer feature is not offered by this module; use
+    ``fastgrad.Sequential`` for it.
     """
 
     def __init__(self, sizes, activation="relu", output_activation=None, alpha=None,
-                 dtype=torch.float32, dropout=0.0, residual=False, seed=None):
+                 dtype=torch.float32, dropout=0.0, residual=False, norm=None, seed=None):
         super().__init__()
         sizes = list(sizes)
         if len(sizes) < 2 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer))
@@ -175,6 +209,8 @@ class FusedMLP(torch.nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if not isinstance(residual, (bool, np.bool_)):
             raise TypeError(f"residual must be True or False, got {residual!r}")
+        if norm not in _norm.KINDS:
+            raise ValueError(f'norm must be None, "layer" or "batch", got {norm!r}')
         hidden = resolve_activation(activation, alpha)
         last = resolve_activation(output_activation, alpha)
         n = len(sizes) - 1
@@ -184,14 +220,15 @@ class FusedMLP(torch.nn.Module):
                              f"(n_in == n_out), got sizes {sizes}")
         self.sizes = [int(v) for v in sizes]
         self.activation, self.output_activation = activation, output_activation
-        self.dropout, self.residual = float(dropout), bool(residual)
+        self.dropout, self.residual, self.norm = float(dropout), bool(residual), norm
         self.dropout_step = 0
         names = [activation] * (n - 1) + [output_activation or "identity"]
         codes = [hidden] * (n - 1) + [last]
         self._rates = [self.dropout if i < n - 1 else 0.0 for i in range(n)]
-        self._plan = tuple((code, a, residual and i in square)
+        kind = _norm.KINDS[norm]
+        self._plan = tuple((code, a, residual and i in square, kind if i < n - 1 else 0)
                            for i, (code, a) in enumerate(codes))
-        self._linears = []
+        self._linears, self._norms = [], []
         # the children of fastgrad.interop.to_torch(fastgrad.MLP(...)):
         # Linear, activation, Dropout; residual layers inside a ResidualBlock
         mods = []
@@ -199,12 +236,18 @@ class FusedMLP(torch.nn.Module):
             lin = torch.nn.Linear(sizes[i], sizes[i + 1], dtype=dtype)
             self._linears.append(lin)
             layer = [lin]
+            nm = None
+            if self._plan[i][3]:
+                nm = (torch.nn.LayerNorm(sizes[i + 1], dtype=dtype) if norm == "layer"
+                      else torch.nn.BatchNorm1d(sizes[i + 1], dtype=dtype))
+                layer.append(nm)
+            self._norms.append(nm)
             act = _torch_module(names[i], codes[i][1])
             if act is not None:
                 layer.append(act)
             if self._rates[i] > 0:
                 layer.append(torch.nn.Dropout(self._rates[i]))
-            if self._plan[i][2]:
+            if self._plan[i][2]:        # residual
                 mods.append(_residual_class()(torch.nn.Sequential(*layer)))
             else:
                 mods.extend(layer)
@@ -221,9 +264,9 @@ class FusedMLP(torch.nn.Module):
         """Per layer: None (plain kernels) or the block kernels' dropout
         arguments for masks drawn at ``counter`` (None: no dropout)."""
         out = []
-        for l, ((_, _, residual), p) in enumerate(zip(self._plan, self._rates)):
+        for l, ((_, _, residual, kind), p) in enumerate(zip(self._plan, self._rates)):
             drop = counter is not None and p > 0
-            if not (drop or residual):
+            if not (drop or residual or kind):
                 out.append(None)
                 continue
             key, thresh, scale = _dropout_args(self.seed, l, counter, p if drop else 0.0)
@@ -231,9 +274,14 @@ class FusedMLP(torch.nn.Module):
         return tuple(out)
 
     def forward(self, x):
-        wb = []
-        for lin in self._linears:
+        wb, running = [], []
+        train = self.training
+        for lin, nm in zip(self._linears, self._norms):
             wb += [lin.weight, lin.bias]
+            if nm is not None:
+                wb += [nm.weight, nm.bias]
+            batch = isinstance(nm, torch.nn.BatchNorm1d)
+            running.append((nm.running_mean.numpy(), nm.running_var.numpy()) if batch else None)
         dt = wb[0].dtype
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FusedMLP expects a torch.Tensor, got {type(x).__name__}")
@@ -251,11 +299,18 @@ class FusedMLP(torch.nn.Module):
         x2 = x.reshape(-1, n_in).contiguous()
         if x2.shape[0] == 0:
             raise ValueError(f"FusedMLP: empty batch of shape {tuple(x.shape)}")
+        if train and self.norm == "batch" and x2.shape[0] == 1:
+            raise ValueError("batch norm in training mode needs more than 1 sample per batch "
+                             "(got a batch of 1), as in PyTorch; use module.eval()")
         counter = None
         if self.training and self.dropout > 0:
             counter, self.dropout_step = self.dropout_step, self.dropout_step + 1
-        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter),
-                                      *(t.contiguous() for t in wb))
+        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter), train,
+                                      tuple(running), *(t.contiguous() for t in wb))
+        if train and self.norm == "batch":
+            for nm in self._norms:          # as BatchNorm1d counts its training batches
+                if nm is not None:
+                    nm.num_batches_tracked.add_(1)
         return out.reshape(*lead, self.sizes[-1])
 
     def to_sequential(self):
@@ -267,4 +322,4 @@ class FusedMLP(torch.nn.Module):
     def extra_repr(self):
         return (f"sizes={self.sizes}, activation={self.activation!r}, "
                 f"output_activation={self.output_activation!r}, dropout={self.dropout}, "
-                f"residual={self.residual}")
+                f"residual={self.residual}, norm={self.norm!r}")

@@ -12,8 +12,8 @@ backward: ONE pass dz = da * f' summing db, then dweight = dz.T @ x and
           ``np.dot`` requires of its ``out``).
 
 The block variants add inverted dropout and the residual skip with the
-epilogues of ``blocks.py`` (same masks, same arithmetic as fastgrad's own
-layers).
+epilogues of ``blocks.py``, the norm variants LayerNorm / BatchNorm1d with
+those of ``norm.py`` (same masks, same arithmetic as fastgrad's own layers).
 
 As for ``dense.py``: the activation and block passes are compiled into this
 file's disk cache entries, so a change to activations.py or blocks.py needs
@@ -25,6 +25,7 @@ from numba import njit
 from ._jit import JIT
 from .activations import bias_act, bias_act_grad
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue
+from .norm import norm_backward_epilogue, norm_forward_epilogue
 
 
 @njit(**JIT)
@@ -59,6 +60,30 @@ def block_backward_t(x, weight, fz, z, da, dz, dweight, db, dx, act, alpha, drop
     """Gradients of :func:`block_forward_t`; arguments as
     ``blocks.block_backward`` with ``dweight`` (n_out, n_in)."""
     block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale, residual)
+    np.dot(dz.T, x, dweight)
+    if need_dx:
+        np.dot(dz, weight, dx)
+        if residual:
+            _add_into(dx, da)
+
+
+@njit(**JIT)
+def norm_forward_t(x, weight, b, xhat, fz, y, gamma, beta, mean, rstd, acc, run_mean, run_var,
+                   kind, batch_stats, act, alpha, drop, key, thresh, scale, residual):
+    """y = dropout(f(norm(x @ weight.T + b))) (+ x); arguments as
+    ``norm.norm_forward_epilogue`` after the GEMM."""
+    np.dot(x, weight.T, y)
+    norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_mean, run_var,
+                          kind, batch_stats, act, alpha, drop, key, thresh, scale, residual)
+
+
+@njit(**JIT)
+def norm_backward_t(x, weight, fz, xhat, gamma, beta, rstd, da, dz, dweight, db, dgamma, dbeta,
+                    dx, r1, r2, kind, batch_stats, act, alpha, drop, key, thresh, scale,
+                    residual, need_dx):
+    """Gradients of :func:`norm_forward_t`; ``dz`` must not be ``da``."""
+    norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta, r1, r2, kind,
+                           batch_stats, act, alpha, drop, key, thresh, scale, residual)
     np.dot(dz.T, x, dweight)
     if need_dx:
         np.dot(dz, weight, dx)
