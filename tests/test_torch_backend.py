@@ -779,6 +779,26 @@ def test_fused_mlp_norm_float32(norm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_mlp_weight_norm_matches_to_torch():
+    torch.manual_seed(10)
+    mlp = fgt.FusedMLP([5, 6, 6, 3], activation="elu", dtype=torch.float64, weight_norm=True,
+                       norm="layer", residual=True)
+    ref = fg.interop.to_torch(fg.MLP([5, 6, 6, 3], activation="elu", dtype="float64",
+                                     weight_norm=True, norm="layer", residual=True))
+    assert list(mlp.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(mlp.state_dict())
+    x = torch.randn(7, 5, dtype=torch.float64)
+    w = torch.randn(7, 3, dtype=torch.float64)
+    y1, y2 = mlp(x), ref(x)
+    torch.testing.assert_close(y1, y2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mlp.to_sequential()(x), y2, rtol=1e-10, atol=1e-10)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    for (name, a), b in zip(mlp.named_parameters(), ref.parameters()):
+        assert a.grad is not None, name
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
 def test_fused_mlp_norm_refusals():
     with pytest.raises(ValueError, match="norm must be"):
         fgt.FusedMLP([3, 4, 2], norm="group")

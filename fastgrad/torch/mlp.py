@@ -181,6 +181,12 @@ class FusedMLP(torch.nn.Module):
         ``nn.LayerNorm`` / ``nn.BatchNorm1d`` (eps 1e-5, momentum 0.1, the
         running statistics in the module's buffers) after every hidden
         layer's Linear, before its activation, as ``fastgrad.MLP(norm=)``.
+    weight_norm : bool
+        Weight-normalise every Linear (``W = g v / ||v||`` per output unit)
+        with ``torch.nn.utils.parametrizations.weight_norm``, as
+        ``fastgrad.MLP(weight_norm=True)`` and its ``to_torch()``: the
+        reparametrisation runs in torch (its cost is one pass over the
+        weights), the layers in fastgrad's kernels.
     seed : int or None
         Seed of the dropout masks (None: drawn from torch's generator after
         the weights, so ``torch.manual_seed`` fixes it).
@@ -190,12 +196,11 @@ class FusedMLP(torch.nn.Module):
     The weights start as in ``nn.Linear`` (Kaiming-uniform; seed with
     ``torch.manual_seed``).  Inputs are ``(..., n_in)`` tensors of the
     module's dtype on the CPU; other dtypes or devices raise TypeError.
-    fastgrad's weight-norm layer feature is not offered by this module; use
-    ``fastgrad.Sequential`` for it.
     """
 
     def __init__(self, sizes, activation="relu", output_activation=None, alpha=None,
-                 dtype=torch.float32, dropout=0.0, residual=False, norm=None, seed=None):
+                 dtype=torch.float32, dropout=0.0, residual=False, norm=None,
+                 weight_norm=False, seed=None):
         super().__init__()
         sizes = list(sizes)
         if len(sizes) < 2 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer))
@@ -207,8 +212,9 @@ class FusedMLP(torch.nn.Module):
             raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if not isinstance(residual, (bool, np.bool_)):
-            raise TypeError(f"residual must be True or False, got {residual!r}")
+        for name, flag in (("residual", residual), ("weight_norm", weight_norm)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if norm not in _norm.KINDS:
             raise ValueError(f'norm must be None, "layer" or "batch", got {norm!r}')
         hidden = resolve_activation(activation, alpha)
@@ -221,6 +227,7 @@ class FusedMLP(torch.nn.Module):
         self.sizes = [int(v) for v in sizes]
         self.activation, self.output_activation = activation, output_activation
         self.dropout, self.residual, self.norm = float(dropout), bool(residual), norm
+        self.weight_norm = bool(weight_norm)
         self.dropout_step = 0
         names = [activation] * (n - 1) + [output_activation or "identity"]
         codes = [hidden] * (n - 1) + [last]
@@ -234,6 +241,8 @@ class FusedMLP(torch.nn.Module):
         mods = []
         for i in range(n):
             lin = torch.nn.Linear(sizes[i], sizes[i + 1], dtype=dtype)
+            if weight_norm:
+                lin = torch.nn.utils.parametrizations.weight_norm(lin, dim=0)
             self._linears.append(lin)
             layer = [lin]
             nm = None
@@ -277,6 +286,8 @@ class FusedMLP(torch.nn.Module):
         wb, running = [], []
         train = self.training
         for lin, nm in zip(self._linears, self._norms):
+            # (a weight-normalised Linear computes .weight from g and v here,
+            # differentiably: their gradients come back through torch)
             wb += [lin.weight, lin.bias]
             if nm is not None:
                 wb += [nm.weight, nm.bias]
@@ -322,4 +333,4 @@ class FusedMLP(torch.nn.Module):
     def extra_repr(self):
         return (f"sizes={self.sizes}, activation={self.activation!r}, "
                 f"output_activation={self.output_activation!r}, dropout={self.dropout}, "
-                f"residual={self.residual}, norm={self.norm!r}")
+                f"residual={self.residual}, norm={self.norm!r}, weight_norm={self.weight_norm}")
