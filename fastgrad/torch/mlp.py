@@ -237,7 +237,7 @@ class FusedMLP(torch.nn.Module):
                            for i, (code, a) in enumerate(codes))
         self._linears, self._norms = [], []
         # the children of fastgrad.interop.to_torch(fastgrad.MLP(...)):
-        # Linear, activation, Dropout; residual layers inside a ResidualBlock
+        # Linear, norm, activation, Dropout; residual layers in a ResidualBlock
         mods = []
         for i in range(n):
             lin = torch.nn.Linear(sizes[i], sizes[i + 1], dtype=dtype)
@@ -283,7 +283,7 @@ class FusedMLP(torch.nn.Module):
         return tuple(out)
 
     def forward(self, x):
-        wb, running = [], []
+        wb = []
         train = self.training
         for lin, nm in zip(self._linears, self._norms):
             # (a weight-normalised Linear computes .weight from g and v here,
@@ -291,14 +291,14 @@ class FusedMLP(torch.nn.Module):
             wb += [lin.weight, lin.bias]
             if nm is not None:
                 wb += [nm.weight, nm.bias]
-            batch = isinstance(nm, torch.nn.BatchNorm1d)
-            running.append((nm.running_mean.numpy(), nm.running_var.numpy()) if batch else None)
+        bufs = [t for nm in self._norms if isinstance(nm, torch.nn.BatchNorm1d)
+                for t in (nm.running_mean, nm.running_var)]
         dt = wb[0].dtype
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FusedMLP expects a torch.Tensor, got {type(x).__name__}")
-        if x.device.type != "cpu" or any(t.device.type != "cpu" for t in wb):
+        if x.device.type != "cpu" or any(t.device.type != "cpu" for t in wb + bufs):
             raise TypeError(f"FusedMLP runs on the CPU; got an input on {x.device}")
-        if x.dtype != dt or any(t.dtype != dt for t in wb):
+        if x.dtype != dt or any(t.dtype != dt for t in wb + bufs):
             raise TypeError(f"FusedMLP: input dtype {x.dtype}, parameters "
                             f"{sorted({str(t.dtype) for t in wb})}; expected one of "
                             "torch.float32 / torch.float64 for all")
@@ -313,11 +313,13 @@ class FusedMLP(torch.nn.Module):
         if train and self.norm == "batch" and x2.shape[0] == 1:
             raise ValueError("batch norm in training mode needs more than 1 sample per batch "
                              "(got a batch of 1), as in PyTorch; use module.eval()")
+        running = tuple((nm.running_mean.numpy(), nm.running_var.numpy())
+                        if isinstance(nm, torch.nn.BatchNorm1d) else None for nm in self._norms)
         counter = None
         if self.training and self.dropout > 0:
             counter, self.dropout_step = self.dropout_step, self.dropout_step + 1
-        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter), train,
-                                      tuple(running), *(t.contiguous() for t in wb))
+        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter), train, running,
+                                      *(t.contiguous() for t in wb))
         if train and self.norm == "batch":
             for nm in self._norms:          # as BatchNorm1d counts its training batches
                 if nm is not None:
