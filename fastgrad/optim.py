@@ -28,8 +28,11 @@ Kernel contract (used by ``fastgrad.step.TrainStep``)
 (learning rate ``schedule(k)``) and has no other effect; ``_commit`` advances
 the step count unless skipped, raises if asked to, and returns the
 :class:`StepStats`.  ``opt._clip_norm`` and ``opt._clip_value`` are floats,
-``0.0`` meaning "off".  (For ``(param, grad)`` pairs, ``step()`` also copies
-the user's arrays into ``opt.params``/``opt.grads`` before and back after.)
+``0.0`` meaning "off".  (For ``(param, grad)`` pairs, ``step()`` updates the
+user's arrays in place with ``kernels.cpu.multi_tensor.multi_clipped_update``,
+bitwise the same result (``opt.parallel``: its parallel twin); only pairs
+that are not contiguous are still copied into ``opt.params``/``opt.grads``
+before and back after.)
 
 On CUDA nothing in a step waits for the device
 ----------------------------------------------
@@ -61,6 +64,7 @@ import numpy as np
 
 from . import device as _device
 from .errors import NonFiniteGradientError
+from .kernels.cpu import multi_tensor as _mt
 from .kernels.cpu import optim as _k
 from .schedules import Schedule, as_schedule, from_config
 
@@ -569,7 +573,7 @@ class Optimizer:
 
     # -- binding ------------------------------------------------------------
     def _bind(self, params):
-        self._pairs = None
+        self._pairs = self._multi = self._multi_state = None
         # A model's lock is shared by its optimizers and TrainSteps.
         self._lock = getattr(params, "_lock", None) or threading.RLock()
         if hasattr(params, "params") and hasattr(params, "grads"):
@@ -632,6 +636,14 @@ class Optimizer:
         self._grads = np.empty_like(self._params)
         self._use_device("cpu")
         self._gather_params()
+        # Contiguous pairs are updated where they are (kernels.cpu.multi_tensor),
+        # their addresses taken once: the pairs are held here, so NumPy cannot
+        # move their data (resize refuses arrays with other references).
+        if all(p.flags.c_contiguous and p.flags.aligned and g.flags.c_contiguous
+               and g.flags.aligned for p, g in checked):
+            self._multi = (_mt.addresses([p for p, _ in checked]),
+                           _mt.addresses([g for _, g in checked]),
+                           np.diff(self._offsets), np.zeros(len(checked), np.int64))
 
     def _use_device(self, dev):
         """The array module and update kernel of the parameters' device."""
@@ -642,8 +654,23 @@ class Optimizer:
             self._book = _DeviceBook(self._offsets)
 
     # Read-only: the kernel indexes all of them over the same length.
-    params = property(lambda self: self._params, doc="Flat parameters (1-D, read-only attribute).")
-    grads = property(lambda self: self._grads, doc="Flat gradients (1-D, read-only attribute).")
+    @property
+    def params(self):
+        """Flat parameters (1-D, read-only attribute).  For (param, grad)
+        pairs: a copy of the pairs' values, refreshed at each read."""
+        if self._multi is not None:
+            self._gather_params()       # the update wrote the user's arrays only
+        return self._params
+
+    @property
+    def grads(self):
+        """Flat gradients (1-D, read-only attribute).  For (param, grad)
+        pairs a staging buffer, filled only by ``_gather_grads`` (pairs
+        updated in place never need it; code that gathers, works on it and
+        writes back, as ``fastgrad.distributed`` does, must not see it
+        refilled behind its back)."""
+        return self._grads
+
     @property
     def layer_offsets(self):
         """Layer boundaries in ``params`` (int64; a read-only view)."""
@@ -765,20 +792,21 @@ class Optimizer:
             raise ValueError("parallel applies to the CPU kernels; CUDA runs on the GPU anyway")
         self._update = _k.clipped_update_parallel if on else self._serial_update
 
+    # (the flat buffers directly: reading the params property gathers)
     def _gather_params(self):
-        off = self.layer_offsets
+        off = self._offsets
         for i, (p, _) in enumerate(self._pairs):
-            self.params[off[i]:off[i + 1]] = p.ravel()
+            self._params[off[i]:off[i + 1]] = p.ravel()
 
     def _gather_grads(self):
-        off = self.layer_offsets
+        off = self._offsets
         for i, (_, g) in enumerate(self._pairs):
-            self.grads[off[i]:off[i + 1]] = g.ravel()
+            self._grads[off[i]:off[i + 1]] = g.ravel()
 
     def _scatter_params(self):
-        off = self.layer_offsets
+        off = self._offsets
         for i, (p, _) in enumerate(self._pairs):
-            p[...] = self.params[off[i]:off[i + 1]].reshape(p.shape)
+            p[...] = self._params[off[i]:off[i + 1]].reshape(p.shape)
 
     # -- hyper-parameters and state --------------------------------------------
     def _configure(self, hyper):
@@ -818,8 +846,8 @@ class Optimizer:
         for name in self.state_names:
             cur = self._state.get(name)
             if name in need:
-                if cur is None or cur.size != self.params.size:
-                    self._state[name] = self._xp.zeros_like(self.params)
+                if cur is None or cur.size != self._params.size:
+                    self._state[name] = self._xp.zeros_like(self._params)
             else:
                 self._state.pop(name, None)
 
@@ -1150,6 +1178,8 @@ class Optimizer:
         StepStats
         """
         with self._lock:
+            if self._multi is not None:
+                return self._step_in_place()
             if self._pairs is not None:
                 self._gather_params()
                 self._gather_grads()
@@ -1162,12 +1192,36 @@ class Optimizer:
                 self._scatter_params()
             return self._commit(norm, scale, skipped, self._layer_sq)
 
+    def _step_in_place(self):
+        """``step()`` for contiguous (param, grad) pairs: one multi-tensor
+        kernel call on the user's arrays and per-pair views of the flat state
+        buffers, bitwise the flat kernel's result, with no copies."""
+        rule, s0, s1, s2, hp = self._kernel_args()
+        p_addr, g_addr, sizes, rows = self._multi
+        cached = self._multi_state
+        if cached is None or cached[0] is not s0 or cached[1] is not s1 or cached[2] is not s2:
+            # where each pair's slice of the flat state buffers starts (the
+            # buffers change only when a hyper-parameter needs new ones)
+            step = np.dtype(self._params.dtype).itemsize
+            s_addr = np.zeros((3, sizes.size), np.int64)
+            for j, s in enumerate((s0, s1, s2)):
+                if s.size:
+                    s_addr[j] = _mt.address(s) + self._offsets[:-1] * step
+            cached = self._multi_state = (s0, s1, s2, s_addr)
+        s_addr = cached[3]
+        update = (_mt.multi_clipped_update_parallel if self.parallel
+                  else _mt.multi_clipped_update)
+        norm, scale, skipped = update(
+            rule, self._empty, p_addr, g_addr, s_addr, sizes, hp.reshape(1, -1), rows,
+            self._layer_sq, self._clip_norm, self._clip_value)
+        return self._commit(norm, scale, skipped, self._layer_sq)
+
     def zero_grad(self):
         """Set the gradients to zero (the user's arrays for pairs)."""
         if self._pairs is not None:
             for _, g in self._pairs:
                 g[...] = 0
-        self.grads[...] = 0
+        self._grads[...] = 0
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())

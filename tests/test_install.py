@@ -102,7 +102,9 @@ def test_wheel_layout(wheel):
     names, _, _ = wheel
     for required in ("fastgrad/__init__.py", "fastgrad/ops.py", "fastgrad/kernels/__init__.py",
                      "fastgrad/kernels/cpu/__init__.py", "fastgrad/kernels/cpu/dense.py",
-                     "fastgrad/kernels/cpu/mathfn.py", "fastgrad/kernels/cuda/__init__.py"):
+                     "fastgrad/kernels/cpu/mathfn.py", "fastgrad/kernels/cuda/__init__.py",
+                     "fastgrad/torch/__init__.py", "fastgrad/torch/optim.py",
+                     "fastgrad/kernels/cpu/multi_tensor.py"):
         assert required in names, f"{required} missing from the wheel"
     tops = {n.split("/")[0] for n in names}
     assert not any(n.startswith("kernels/") for n in names), "top-level kernels/ in the wheel"

@@ -1,0 +1,338 @@
+"""``FusedMLP``: a ``torch.nn.Module`` MLP on fastgrad's fused dense kernels.
+
+The forward and backward of the whole MLP are one ``torch.autograd.Function``
+whose layers run ``fastgrad.kernels.cpu.dense_torch``: per layer one BLAS
+GEMM and ONE elementwise pass (bias + activation forward; activation
+derivative + bias gradient backward), on the tensors' storage (no copies;
+the weights in torch's ``(n_out, n_in)`` layout).  PyTorch's ``nn.Linear`` +
+activation module run a GEMM plus separate passes for the bias, the
+activation and each derivative.
+
+The module's children are the ``nn.Linear`` and activation modules of the
+equivalent ``nn.Sequential`` (the one ``fastgrad.interop.to_torch`` builds for
+``fastgrad.MLP``), under the same indices, so ``state_dict`` keys are
+``"0.weight"``, ``"0.bias"``, ``"2.weight"``, ... and a state dict moves
+between the two unchanged; :meth:`FusedMLP.to_sequential` builds that
+``nn.Sequential``.  The children hold the parameters only; ``forward`` runs
+the fused kernels, never the children's forwards.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..interop import _residual_class, _torch_activation
+from ..kernels.cpu import activations as _acts
+from ..kernels.cpu import norm as _norm
+from ..kernels.cpu.dense_torch import (block_backward_t, block_forward_t, dense_backward_t,
+                                       dense_forward_t, norm_backward_t, norm_forward_t)
+from ..layers import _dropout_args
+from ..ops import resolve_activation
+
+__all__ = ["FusedMLP"]
+
+
+class _FastgradActivation(torch.nn.Module):
+    """An activation of fastgrad's registry that torch has no module for: a
+    parameter-free placeholder keeping the child indices of the equivalent
+    ``nn.Sequential`` (its forward runs fastgrad's kernel, without autograd)."""
+
+    def __init__(self, name, alpha):
+        super().__init__()
+        self.name, self.alpha = name, alpha
+
+    def forward(self, x):
+        from ..ops import activation_forward
+        return torch.from_numpy(activation_forward(x.detach().numpy(), self.name, self.alpha))
+
+    def extra_repr(self):
+        return f"{self.name!r}, alpha={self.alpha}"
+
+
+def _torch_module(name, alpha):
+    """The torch module of activation ``name`` (None for identity)."""
+    try:
+        return _torch_activation(SimpleNamespace(activation=name, alpha=alpha), torch)
+    except ValueError:
+        return _FastgradActivation(name, alpha)
+
+
+class _FusedMLPFunction(torch.autograd.Function):
+    """``x -> a_L`` through every layer; inputs ``x, plan, drops, train,
+    running, *params``.
+
+    ``plan[i] = (code, alpha, residual, norm kind)``; ``drops[i]`` is None
+    for a plain layer, else ``(drop, key, thresh, scale)`` of its dropout
+    mask (``fastgrad.layers._dropout_args``); ``train``: batch norm uses
+    (and updates) the batch statistics; ``running[i]``: batch norm's running
+    mean and variance (arrays, updated in place), else None.  ``params``:
+    per layer ``weight, bias`` and, for a normalised layer, ``gamma, beta``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, plan, drops, train, running, *params):
+        h = x.detach().numpy()
+        saved = []
+        k = 0
+        for (code, alpha, residual, kind), d, run in zip(plan, drops, running):
+            w = params[k].detach().numpy()
+            b = params[k + 1].detach().numpy()
+            k += 2
+            a = np.empty((h.shape[0], w.shape[0]), w.dtype)
+            # f(z) apart from the output for a residual block only (blocks.py)
+            fz = np.empty_like(a) if residual else a
+            if kind:
+                gamma = params[k].detach().numpy()
+                beta = params[k + 1].detach().numpy()
+                k += 2
+                ns = a.shape[0] if kind == _norm.LAYER else a.shape[1]
+                xhat = np.empty_like(a)
+                mean, rstd = np.empty(ns, a.dtype), np.empty(ns, a.dtype)
+                acc = np.empty(2 * a.shape[1])
+                rm, rv = run if run is not None else (acc[:0], acc[:0])
+                norm_forward_t(h, w, b, xhat, fz, a, gamma, beta, mean, rstd, acc, rm, rv, kind,
+                               train, code, alpha, *d, residual)
+                saved.append((h, xhat, rstd, fz))
+            else:
+                z = np.empty_like(a) if code in _acts.NEEDS_Z else a
+                if d is None:
+                    dense_forward_t(h, w, b, z, a, code, alpha)
+                else:
+                    block_forward_t(h, w, b, z, fz, a, code, alpha, *d, residual)
+                saved.append((h, z, fz))
+            h = a
+        out = torch.from_numpy(h)
+        ctx.plan, ctx.drops, ctx.train = plan, drops, train
+        ctx.hidden = saved                 # kept as arrays: the kernels' own buffers
+        ctx.save_for_backward(*params, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        *params, out = ctx.saved_tensors
+        da = grad_out.detach()
+        if da.dtype != out.dtype:
+            da = da.to(out.dtype)
+        da = da.contiguous().numpy()       # read only: dz gets its own buffer
+        grads = [None] * len(params)
+        starts = np.cumsum([0] + [4 if kind else 2 for *_, kind in ctx.plan])
+        dx = None
+        for i in range(len(ctx.plan) - 1, -1, -1):
+            code, alpha, residual, kind = ctx.plan[i]
+            d, k = ctx.drops[i], starts[i]
+            w = params[k].numpy()
+            x = ctx.hidden[i][0]
+            dz = np.empty_like(da)
+            dw = np.empty_like(w)
+            db = np.empty(w.shape[0], w.dtype)
+            need_dx = i > 0 or ctx.needs_input_grad[0]
+            dx = np.empty_like(x) if need_dx else dz[:0, :0]
+            if kind:
+                _, xhat, rstd, fz = ctx.hidden[i]
+                gamma, beta = params[k + 2].numpy(), params[k + 3].numpy()
+                dg, dbt = np.empty_like(gamma), np.empty_like(beta)
+                r1, r2 = np.empty(x.shape[0]), np.empty(x.shape[0])
+                norm_backward_t(x, w, fz, xhat, gamma, beta, rstd, da, dz, dw, db, dg, dbt, dx,
+                                r1, r2, kind, ctx.train, code, alpha, *d, residual, need_dx)
+                grads[k + 2] = torch.from_numpy(dg)
+                grads[k + 3] = torch.from_numpy(dbt)
+            elif d is None:
+                _, z, a = ctx.hidden[i]         # fz is the output a here
+                dense_backward_t(x, w, a, z, da, dz, dw, db, dx, code, alpha, need_dx)
+            else:
+                _, z, fz = ctx.hidden[i]
+                block_backward_t(x, w, fz, z, da, dz, dw, db, dx, code, alpha, *d, residual,
+                                 need_dx)
+            grads[k] = torch.from_numpy(dw)
+            grads[k + 1] = torch.from_numpy(db)
+            da = dx
+        dx = torch.from_numpy(dx) if ctx.needs_input_grad[0] else None
+        return (dx, None, None, None, None, *grads)
+
+
+class FusedMLP(torch.nn.Module):
+    """A multilayer perceptron whose forward and backward are fastgrad's fused
+    dense kernels, as a ``torch.nn.Module`` (CPU, float32/float64).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        ``[n_in, hidden..., n_out]`` (at least two entries, all >= 1).
+    activation : str
+        Hidden activation, any name of fastgrad's registry
+        (``fastgrad.kernels.cpu.activations.CODES``).
+    output_activation : str or None
+        Activation of the last layer (None: identity, e.g. logits).
+    alpha : float or None
+        Parameter of leaky_relu / elu (None: their defaults).
+    dtype : torch.float32 (default) or torch.float64
+        The parameters' dtype.
+    dropout : float
+        Inverted dropout after every hidden layer's activation, in training
+        mode (``module.train()``), as ``nn.Dropout(dropout)``; the masks are
+        fastgrad's (counter-based, drawn from ``seed`` and the module's
+        ``dropout_step``), so they differ from torch's own draws.
+    residual : bool
+        Wrap every hidden layer whose width does not change in a residual
+        block ``x + layer(x)``, as ``fastgrad.MLP(residual=True)``.
+    norm : None, "layer" or "batch"
+        ``nn.LayerNorm`` / ``nn.BatchNorm1d`` (eps 1e-5, momentum 0.1, the
+        running statistics in the module's buffers) after every hidden
+        layer's Linear, before its activation, as ``fastgrad.MLP(norm=)``.
+    weight_norm : bool
+        Weight-normalise every Linear (``W = g v / ||v||`` per output unit)
+        with ``torch.nn.utils.parametrizations.weight_norm``, as
+        ``fastgrad.MLP(weight_norm=True)`` and its ``to_torch()``: the
+        reparametrisation runs in torch (its cost is one pass over the
+        weights), the layers in fastgrad's kernels.
+    seed : int or None
+        Seed of the dropout masks (None: drawn from torch's generator after
+        the weights, so ``torch.manual_seed`` fixes it).
+
+    Notes
+    -----
+    The weights start as in ``nn.Linear`` (Kaiming-uniform; seed with
+    ``torch.manual_seed``).  Inputs are ``(..., n_in)`` tensors of the
+    module's dtype on the CPU; other dtypes or devices raise TypeError.
+    """
+
+    def __init__(self, sizes, activation="relu", output_activation=None, alpha=None,
+                 dtype=torch.float32, dropout=0.0, residual=False, norm=None,
+                 weight_norm=False, seed=None):
+        super().__init__()
+        sizes = list(sizes)
+        if len(sizes) < 2 or any(isinstance(n, bool) or not isinstance(n, (int, np.integer))
+                                 or n < 1 for n in sizes):
+            raise ValueError(f"sizes must be at least two integers >= 1, got {sizes!r}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)):
+            raise TypeError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        for name, flag in (("residual", residual), ("weight_norm", weight_norm)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        if norm not in _norm.KINDS:
+            raise ValueError(f'norm must be None, "layer" or "batch", got {norm!r}')
+        hidden = resolve_activation(activation, alpha)
+        last = resolve_activation(output_activation, alpha)
+        n = len(sizes) - 1
+        square = [i for i in range(n - 1) if sizes[i] == sizes[i + 1]]
+        if residual and not square:
+            raise ValueError(f"residual=True needs hidden layers of equal consecutive widths "
+                             f"(n_in == n_out), got sizes {sizes}")
+        self.sizes = [int(v) for v in sizes]
+        self.activation, self.output_activation = activation, output_activation
+        self.dropout, self.residual, self.norm = float(dropout), bool(residual), norm
+        self.weight_norm = bool(weight_norm)
+        self.dropout_step = 0
+        names = [activation] * (n - 1) + [output_activation or "identity"]
+        codes = [hidden] * (n - 1) + [last]
+        self._rates = [self.dropout if i < n - 1 else 0.0 for i in range(n)]
+        kind = _norm.KINDS[norm]
+        self._plan = tuple((code, a, residual and i in square, kind if i < n - 1 else 0)
+                           for i, (code, a) in enumerate(codes))
+        self._linears, self._norms = [], []
+        # the children of fastgrad.interop.to_torch(fastgrad.MLP(...)):
+        # Linear, norm, activation, Dropout; residual layers in a ResidualBlock
+        mods = []
+        for i in range(n):
+            lin = torch.nn.Linear(sizes[i], sizes[i + 1], dtype=dtype)
+            if weight_norm:
+                lin = torch.nn.utils.parametrizations.weight_norm(lin, dim=0)
+            self._linears.append(lin)
+            layer = [lin]
+            nm = None
+            if self._plan[i][3]:
+                nm = (torch.nn.LayerNorm(sizes[i + 1], dtype=dtype) if norm == "layer"
+                      else torch.nn.BatchNorm1d(sizes[i + 1], dtype=dtype))
+                layer.append(nm)
+            self._norms.append(nm)
+            act = _torch_module(names[i], codes[i][1])
+            if act is not None:
+                layer.append(act)
+            if self._rates[i] > 0:
+                layer.append(torch.nn.Dropout(self._rates[i]))
+            if self._plan[i][2]:        # residual
+                mods.append(_residual_class()(torch.nn.Sequential(*layer)))
+            else:
+                mods.extend(layer)
+        for i, m in enumerate(mods):
+            self.add_module(str(i), m)
+        if seed is None:
+            # drawn after the weights, and only when used, so that the weights
+            # equal those of the same nn.Sequential built after the same
+            # torch.manual_seed
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.dropout > 0 else 0
+        self.seed = int(seed)
+
+    def _drops(self, counter):
+        """Per layer: None (plain kernels) or the block kernels' dropout
+        arguments for masks drawn at ``counter`` (None: no dropout)."""
+        out = []
+        for l, ((_, _, residual, kind), p) in enumerate(zip(self._plan, self._rates)):
+            drop = counter is not None and p > 0
+            if not (drop or residual or kind):
+                out.append(None)
+                continue
+            key, thresh, scale = _dropout_args(self.seed, l, counter, p if drop else 0.0)
+            out.append((drop, key, thresh, scale))
+        return tuple(out)
+
+    def forward(self, x):
+        wb = []
+        train = self.training
+        for lin, nm in zip(self._linears, self._norms):
+            # (a weight-normalised Linear computes .weight from g and v here,
+            # differentiably: their gradients come back through torch)
+            wb += [lin.weight, lin.bias]
+            if nm is not None:
+                wb += [nm.weight, nm.bias]
+        bufs = [t for nm in self._norms if isinstance(nm, torch.nn.BatchNorm1d)
+                for t in (nm.running_mean, nm.running_var)]
+        dt = wb[0].dtype
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"FusedMLP expects a torch.Tensor, got {type(x).__name__}")
+        if x.device.type != "cpu" or any(t.device.type != "cpu" for t in wb + bufs):
+            raise TypeError(f"FusedMLP runs on the CPU; got an input on {x.device}")
+        if x.dtype != dt or any(t.dtype != dt for t in wb + bufs):
+            raise TypeError(f"FusedMLP: input dtype {x.dtype}, parameters "
+                            f"{sorted({str(t.dtype) for t in wb})}; expected one of "
+                            "torch.float32 / torch.float64 for all")
+        n_in = self.sizes[0]
+        if x.ndim < 1 or x.shape[-1] != n_in:
+            raise ValueError(f"FusedMLP: expected input shape (..., {n_in}), got "
+                             f"{tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n_in).contiguous()
+        if x2.shape[0] == 0:
+            raise ValueError(f"FusedMLP: empty batch of shape {tuple(x.shape)}")
+        if train and self.norm == "batch" and x2.shape[0] == 1:
+            raise ValueError("batch norm in training mode needs more than 1 sample per batch "
+                             "(got a batch of 1), as in PyTorch; use module.eval()")
+        running = tuple((nm.running_mean.numpy(), nm.running_var.numpy())
+                        if isinstance(nm, torch.nn.BatchNorm1d) else None for nm in self._norms)
+        counter = None
+        if self.training and self.dropout > 0:
+            counter, self.dropout_step = self.dropout_step, self.dropout_step + 1
+        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter), train, running,
+                                      *(t.contiguous() for t in wb))
+        if train and self.norm == "batch":
+            for nm in self._norms:          # as BatchNorm1d counts its training batches
+                if nm is not None:
+                    nm.num_batches_tracked.add_(1)
+        return out.reshape(*lead, self.sizes[-1])
+
+    def to_sequential(self):
+        """The equivalent ``torch.nn.Sequential`` (a deep copy of the children:
+        the same modules, weights and ``state_dict`` keys)."""
+        import copy
+        return torch.nn.Sequential(*(copy.deepcopy(m) for m in self.children()))
+
+    def extra_repr(self):
+        return (f"sizes={self.sizes}, activation={self.activation!r}, "
+                f"output_activation={self.output_activation!r}, dropout={self.dropout}, "
+                f"residual={self.residual}, norm={self.norm!r}, weight_norm={self.weight_norm}")
