@@ -25,7 +25,11 @@ Kernel contract (used by ``fastgrad.step.TrainStep``)
     stats = opt._commit(norm, scale, skipped, opt._layer_sq)
 
 ``_kernel_args()`` fills ``hp`` for the next update ``k = opt.step_count``
-(learning rate ``schedule(k)``) and has no other effect; ``_commit`` advances
+(learning rate ``schedule(k)``) and has no other effect: one row, or with
+several parameter groups one row per contiguous segment of the flat buffer
+(each group's values, the segment's end in ``HP_END``; see
+``fastgrad.kernels.cpu.optim``), so every step kernel takes the same five
+values whatever the groups; ``_commit`` advances
 the step count unless skipped, raises if asked to, and returns the
 :class:`StepStats`.  ``opt._clip_norm`` and ``opt._clip_value`` are floats,
 ``0.0`` meaning "off".  (For ``(param, grad)`` pairs, ``step()`` also copies
@@ -569,11 +573,15 @@ class Optimizer:
 
     Parameters
     ----------
-    params : model or list of (param, grad) pairs
+    params : model, list of (param, grad) pairs, or list of group dicts
         A model with flat 1-D contiguous ``params`` and ``grads`` of one
         dtype (float32 or float64) and optional ``layer_offsets`` (int64,
         ``n_layers + 1`` boundaries); or a list of ``(param, grad)`` NumPy
-        arrays of any shapes, updated in place, each pair one "layer".
+        arrays of any shapes, updated in place, each pair one "layer"; or
+        torch's spelling, a list of group dicts (as ``param_groups``) whose
+        ``"params"`` are views of one fastgrad model (the model is found
+        from them; names alone need the model and ``param_groups=``) or
+        ``(param, grad)`` pairs (listed group after group).
     lr : float or fastgrad.schedules.Schedule
         Update ``k`` (from 0) uses ``lr(k)``.
     clip_norm : float or None
@@ -589,6 +597,25 @@ class Optimizer:
         sees the negated (clipped) gradient.  Clipping and the reported
         norms are those of the gradient as given, as with torch's
         ``clip_grad_norm_`` before a maximizing step.
+    param_groups : list of dict, optional
+        Parameter groups, as torch's: ``[{"params": [...], "weight_decay":
+        0.0, ...}, ...]``.  ``"params"`` lists parameters of ``params`` by
+        view (``model.weights()``, ``model.biases_and_norms()``,
+        ``model.parameters()``; the arrays of (param, grad) pairs) or by
+        name (``model.named_parameters()``; ``params[i]`` for pairs); every
+        parameter must be in exactly one group (ValueError naming it).
+        The other keys are the rule's hyper-parameters, ``lr`` and
+        ``maximize``; unset keys take the optimizer's values (the
+        constructor's arguments), unknown keys raise ValueError naming
+        them.  ``clip_norm``, ``clip_value`` and ``skip_nonfinite`` are the
+        optimizer's: norm clipping is over all groups, as
+        ``clip_grad_norm_`` over all parameters, and a non-finite gradient
+        anywhere skips the whole update.  A group's ``"lr"`` may be a
+        Schedule (its own); a float under a scheduled optimizer lr scales
+        that schedule by ``lr / schedule(0)``, as torch's LR schedulers
+        scale each group's initial lr (a float under a float lr is simply
+        the group's).  One update kernel runs all groups.  CPU only for now:
+        a CUDA optimizer with several groups raises ValueError.
     foreach, fused, capturable, differentiable
         PyTorch's implementation switches, accepted only at the values that
         describe what fastgrad always does (``foreach``/``fused``: None or
@@ -596,13 +623,15 @@ class Optimizer:
         spelling them out runs unchanged; they have no effect.  Any other
         value raises ValueError naming the argument.
 
-    ``opt.lr`` reads the learning rate of the next update; writing it
-    (a float >= 0 or a Schedule) replaces the schedule, validated, from the
-    next update on: a float where a schedule was makes the rate constant,
-    as writing ``group["lr"]`` does in torch.
+    ``opt.lr`` reads the learning rate of the next update (group 0's);
+    writing it (a float >= 0 or a Schedule) replaces the schedule of every
+    group, validated, from the next update on: a float where a schedule was
+    makes the rate constant, as writing ``group["lr"]`` does in torch.
+    ``StepStats.lr`` is group 0's rate.
 
     Every hyper-parameter (``clip_norm``, ``momentum``, ``betas``,
-    ``amsgrad``, ...) is an attribute that can be set after construction:
+    ``amsgrad``, ...) is an attribute that can be set after construction
+    (per-group ones: read from group 0, written to every group):
     the value is validated as in the constructor (TypeError/ValueError
     naming it) and takes effect at the next update and in checkpoints;
     state buffers a new value needs start at zero, as in a fresh optimizer.
@@ -1308,14 +1337,21 @@ class Optimizer:
 
         A dict with ``param_groups`` is read as torch's structure (from
         ``torch.optim.<Rule>.state_dict()`` over ``model.to_torch()``'s
-        parameters, or ``state_dict(format="torch")``): its one group's
-        hyper-parameters replace this optimizer's (``lr`` becomes a constant
-        learning rate; ``clip_norm``, ``clip_value`` and ``skip_nonfinite``
-        are kept), the state tensors are copied in (transposed back) and
+        parameters, or ``state_dict(format="torch")``): it must have as
+        many groups as this optimizer, each with as many parameters (torch
+        numbers them group after group, each group's in ``to_torch()``
+        order); each group's hyper-parameters replace this optimizer's
+        group's (``lr`` becomes a constant learning rate; ``clip_norm``,
+        ``clip_value`` and ``skip_nonfinite`` are kept; with one group they
+        are the optimizer's), the state tensors are copied in (transposed back) and
         ``step`` becomes ``step_count``.  torch's SGD keeps no step count:
         ``step_count`` becomes 1 when it holds momentum buffers (only
         "buffer set or not" matters to the rule), else 0.  Everything is
         checked before anything changes (ValueError/TypeError).
+
+        A fastgrad checkpoint with ``"groups"`` restores its parameter
+        groups; one without (a single group, or written before groups
+        existed) loads as one group.
         """
         if isinstance(sd, Mapping) and "param_groups" in sd:
             return self._load_torch_state_dict(sd)

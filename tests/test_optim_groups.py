@@ -1,5 +1,6 @@
 """PyTorch habits on the optimizers (issue #17): ``maximize``, the settable
-learning rate, and PyTorch's implementation switches at their no-op values.
+learning rate, PyTorch's implementation switches at their no-op values, and
+parameter groups (several sets of hyper-parameters in the one fused update).
 
 Parity is against ``torch.optim`` 2.13 in float64 on (param, grad) pairs of
 odd shapes, with and without clipping (``clip_grad_norm_`` /
@@ -720,6 +721,27 @@ def test_param_groups_with_a_torch_scheduler(which):
             opt.step_count = k
             assert opt.param_groups[1]["lr"] == pytest.approx(
                 pair.opt._group_lr(1, k), rel=1e-13)
+
+
+def test_param_groups_follow_a_plateau_schedule_together():
+    """ReduceLROnPlateau (driven through opt.lr_schedule, as fit's callback
+    does) reduces every group that follows the optimizer's schedule, as
+    torch's reduces every group; a group with its own schedule keeps it."""
+    torch = _torch()
+    sched = fg.schedules.reduce_on_plateau(1e-2, patience=0, factor=0.5)
+    pairs = [(np.zeros(n), np.zeros(n)) for n in (2, 3, 4)]
+    opt = Adam([{"params": [pairs[0]]}, {"params": [pairs[1]], "lr": 1e-3},
+                {"params": [pairs[2]], "lr": fg.schedules.constant(0.1)}], lr=sched)
+    tps = [torch.nn.Parameter(torch.zeros(n)) for n in (2, 3, 4)]
+    topt = torch.optim.Adam([{"params": [tps[0]]}, {"params": [tps[1]], "lr": 1e-3}], lr=1e-2)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, patience=0, factor=0.5)
+    for metric in (1.0, 2.0, 3.0, 0.5, 0.7):
+        opt.lr_schedule.step(metric)
+        tsched.step(metric)
+        got = [g["lr"] for g in opt.param_groups]
+        assert got[:2] == pytest.approx([g["lr"] for g in topt.param_groups], rel=1e-15)
+        assert got[2] == 0.1
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.5 ** 3, rel=1e-15)
 
 
 def test_param_groups_lr_written_mid_run_matches_torch():
