@@ -875,6 +875,21 @@ def test_param_groups_refusals():
     assert after["groups"] == before["groups"] and after["hyper"] == before["hyper"]
 
 
+def test_one_explicit_group_is_the_optimizer():
+    """One group over everything: its values become the optimizer's, the
+    kernel keeps the single row, checkpoints keep the plain form."""
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
+    opt = fg.AdamW(model, param_groups=[{"params": list(model.parameters()),
+                                         "weight_decay": 0.0, "lr": 3e-3}])
+    plain = fg.AdamW(model, weight_decay=0.0, lr=3e-3)
+    assert opt.weight_decay == 0.0 and opt.lr == 3e-3 and opt._hp.ndim == 1
+    sd, sd_plain = opt.state_dict(), plain.state_dict()
+    assert sd.pop("state").keys() == sd_plain.pop("state").keys() and sd == sd_plain
+    np.testing.assert_array_equal(opt._kernel_args()[4], plain._kernel_args()[4])
+    opt.param_groups[0]["lr"] = 1e-3
+    assert opt.lr == opt.lr_schedule(0) == 1e-3
+
+
 def test_param_groups_state_follows_the_groups():
     """A state buffer exists when some group needs it (amsgrad in one group)."""
     p = [np.zeros(3), np.zeros(4)]
