@@ -44,11 +44,13 @@ a table of ``hp`` rows for every count the device can be at (from the last
 count the host has read back to that plus the number of updates still in
 flight; a fixed 17 rows, the unused ones marked -1, so that a CUDA graph can
 replay it), and the clip kernel picks the row of its count (see
-``fastgrad.kernels.cuda.optim``).  ``_commit`` queues an asynchronous copy of
-the update's control block and layer norms into pinned host memory and
-returns a :class:`StepStats` that fills itself from it when first read.  The
-host reads records back without waiting whenever they have arrived (at each
-``_kernel_args``), and waits only when 16 updates are in flight, when a
+``fastgrad.kernels.cuda.optim``); with several parameter groups each row
+holds one block per segment of the flat buffer.  ``_commit`` queues an
+asynchronous copy of the update's control block and layer norms into pinned
+host memory and returns a :class:`StepStats` that fills itself from it when
+first read.  The host reads records back without waiting whenever they have
+arrived (at each ``_kernel_args``), and waits only when 16 updates are in
+flight, when a
 user reads a value that depends on them (a StepStats field, ``step_count``,
 ``n_skipped``, ``lr``, ``state_dict``), or after every update with
 ``skip_nonfinite=False`` (it must raise at the update that failed).
@@ -549,7 +551,7 @@ class _DeviceBook:
 
     DEPTH = 16              # updates in flight before the host waits
 
-    def __init__(self, offsets):
+    def __init__(self, offsets, max_segments=1):
         import cupy
         from .kernels.cuda import optim as kopt
         from .kernels.cuda import reduce as kreduce
@@ -558,8 +560,13 @@ class _DeviceBook:
         self.record = cupy.zeros(kopt.CTL_SIZE + offsets.size - 1, np.float64)
         self.buffers = {"ctl": self.record[:kopt.CTL_SIZE],
                         "step": cupy.zeros(1, np.float64),
-                        "hp": cupy.zeros(_k.HP_SIZE, np.float64),
-                        "table": cupy.zeros((self.DEPTH + 1) * _k.HP_SIZE, np.float64),
+                        # room for one hp block per segment (parameter groups)
+                        "hp": cupy.zeros(max_segments * _k.HP_SIZE, np.float64),
+                        "table": cupy.zeros((self.DEPTH + 1) * max_segments * _k.HP_SIZE,
+                                            np.float64),
+                        # the segment whose lr the record reports (group 0's);
+                        # a host array, updated in place when groups change
+                        "lr_segment": np.zeros(1, np.int64),
                         "total": cupy.zeros(1, np.float64),
                         "norm_work": cupy.zeros(kreduce.partial_size(offsets), np.float64)}
         self.layer_sq = self.record[kopt.CTL_SIZE:]
@@ -614,8 +621,9 @@ class Optimizer:
         Schedule (its own); a float under a scheduled optimizer lr scales
         that schedule by ``lr / schedule(0)``, as torch's LR schedulers
         scale each group's initial lr (a float under a float lr is simply
-        the group's).  One update kernel runs all groups.  CPU only for now:
-        a CUDA optimizer with several groups raises ValueError.
+        the group's).  One update runs all groups (on CUDA one launch of
+        pass 2 per contiguous segment; ``TrainStep(cuda_graph=True)``
+        needs one group).
     foreach, fused, capturable, differentiable
         PyTorch's implementation switches, accepted only at the values that
         describe what fastgrad always does (``foreach``/``fused``: None or
@@ -786,7 +794,8 @@ class Optimizer:
         self._xp = _device.array_module(dev)
         self._update = self._serial_update = _device.kernels(dev).clipped_update
         if dev == "cuda":
-            self._book = _DeviceBook(self._offsets)
+            # at most one segment per parameter, whatever the groups
+            self._book = _DeviceBook(self._offsets, len(self._param_entries()))
 
     # Read-only: the kernel indexes all of them over the same length.
     params = property(lambda self: self._params, doc="Flat parameters (1-D, read-only attribute).")
@@ -1165,10 +1174,11 @@ class Optimizer:
             end = hi
         if end != self.params.size:
             raise ValueError(f"parameter groups cover {end} of {self.params.size} parameters")
-        if len(groups) > 1 and self._device == "cuda":
-            raise ValueError("several parameter groups run on the CPU only for now; on CUDA "
-                             "use one group (per-group hyper-parameters are not in the CUDA "
-                             "update kernel yet)")
+        n_seg = 1 if len(groups) == 1 else sum(hi > lo for lo, hi, _ in segs)
+        book = self._book
+        if book is not None and n_seg * _k.HP_SIZE > book.buffers["hp"].size:
+            raise ValueError(f"parameter groups: {n_seg} segments do not fit this CUDA "
+                             "optimizer (one per parameter at most)")
         with self._lock:
             self._settle()
             self._groups = groups
@@ -1181,6 +1191,13 @@ class Optimizer:
                 self._seg_ends = np.array([hi for _, hi, _ in segs], np.float64)
                 self._hp = np.zeros((len(segs), _k.HP_SIZE), np.float64)
                 self._group_rows = np.zeros((len(groups), _k.HP_SIZE), np.float64)
+            if book is not None:
+                # a table row per update count the device may be at, holding
+                # one hp block per segment with several groups
+                shape = (book.DEPTH + 1,) + self._hp.shape
+                book.table = np.zeros(shape, np.float64)
+                book.buffers["lr_segment"][0] = (0 if self._seg_group is None else
+                                                 int(np.flatnonzero(self._seg_group == 0)[0]))
             # torch numbers the parameters group after group.
             starts = np.array([lo for lo, _, _ in segs], np.int64)
             seg_of = [segs[int(np.searchsorted(starts, off, "right")) - 1][2]
@@ -1598,9 +1615,17 @@ class Optimizer:
         table = self._book.table
         used = len(self._book.queue) + 1
         for r in range(used):
-            self._fill_row(table[r], self._step_count + r)
+            k = self._step_count + r
+            if self._seg_group is None:
+                self._fill_row(table[r], k)
+                continue
+            rows = self._group_rows
+            for gi in range(rows.shape[0]):
+                self._fill_row(rows[gi], k, gi)
+            np.take(rows, self._seg_group, axis=0, out=table[r])
+            table[r, :, _k.HP_END] = self._seg_ends
         table[used:] = 0.0
-        table[used:, _k.HP_UPDATE] = -1.0       # no update index: never chosen
+        table[used:, ..., _k.HP_UPDATE] = -1.0       # no update index: never chosen
         return self.rule, s0, s1, s2, table
 
     def _commit(self, norm, scale, skipped, layer_sq, with_loss=False):

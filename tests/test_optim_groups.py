@@ -997,14 +997,41 @@ def test_param_groups_torch_state_dict_both_ways():
 
 
 @pytest.mark.cuda
-def test_cuda_refuses_several_param_groups(cp):
-    """Per-group hyper-parameters are not in the CUDA update kernel: several
-    groups are refused when the optimizer is built; one group runs."""
-    model = fg.MLP([4, 5, 3], dtype="float64", seed=0, device="cuda")
-    with pytest.raises(ValueError, match="several parameter groups run on the CPU only"):
-        _adamw_recipe(model)
-    opt = fg.AdamW(model, lr=1e-2, param_groups=[{"params": list(model.parameters()),
-                                                  "weight_decay": 0.0}])
-    assert len(opt.param_groups) == 1 and opt.weight_decay == 0.0
-    model.grads[...] = 1.0
-    assert opt.step().step == 1
+@pytest.mark.parametrize("kind,hyper,groups", [GROUP_CONFIGS[1], GROUP_CONFIGS[3],
+                                               GROUP_CONFIGS[5]], ids=["adamw", "sgd", "rmsprop"])
+def test_cuda_param_groups_match_cpu(cp, kind, hyper, groups):
+    """Several groups in the CUDA update (one launch per segment, the table
+    of segment rows chosen on the device) against the CPU, opt.step() and
+    the fused CUDA TrainStep, with group writes mid-run."""
+    rng = np.random.default_rng(9)
+    loss_fn = fg.SoftmaxCrossEntropy()
+
+    def build(device):
+        model = fg.MLP([5, 8, 7, 3], dtype="float64", seed=4, device=device)
+        parts = [model.weights(), model.biases_and_norms()]
+        if kind == "sgd":       # group 0 (whose lr the stats report) starts at segment 1
+            parts.reverse()
+        opt = CLASSES[kind](model, clip_norm=0.5, param_groups=[
+            dict(params=parts[0], **groups[0]), dict(params=parts[1], **groups[1])], **hyper)
+        return model, opt
+
+    (mc, oc), (mg, og), (ms, os_) = build("cpu"), build("cuda"), build("cuda")
+    step = fg.TrainStep(ms, loss_fn, os_)
+    for t in range(12):
+        if t == 5:
+            for o in (oc, og, os_):
+                o.param_groups[1]["lr"] = 2 * o.param_groups[1]["lr"]
+                o.param_groups[0]["weight_decay"] = 0.05
+        x, y = rng.standard_normal((6, 5)), rng.integers(0, 3, 6)
+        for m, o in ((mc, oc), (mg, og)):
+            _, dy = loss_fn(m.forward(m._xp.asarray(x)), m._xp.asarray(y))
+            m.backward(dy, input_grad=False)
+        s_cpu, s_gpu = oc.step(), og.step()
+        step(x, y)
+        assert s_gpu.lr == s_cpu.lr == step.stats.lr
+        assert s_gpu.grad_norm == pytest.approx(s_cpu.grad_norm, rel=1e-12)
+    for m in (mg, ms):
+        np.testing.assert_allclose(cp.asnumpy(m.params), mc.params, rtol=1e-12, atol=1e-14)
+    assert og.step_count == os_.step_count == 12
+    with pytest.raises(ValueError, match="one parameter group"):
+        fg.TrainStep(mg, loss_fn, og, cuda_graph=True)
