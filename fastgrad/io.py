@@ -37,7 +37,10 @@ Metadata
     without ``checksums`` (written before it existed) load unchecked.
 
     ``hyper`` holds the optimizer's hyper-parameters, its learning-rate
-    schedule as ``Schedule.to_config()`` data.  ``dropout_step`` is the
+    schedule as ``Schedule.to_config()`` data.  An optimizer with several
+    parameter groups also writes ``"groups"`` (``Optimizer.state_dict``:
+    per group its ``ranges`` of ``params``, ``hyper``, ``lr``,
+    ``lr_scale``); files without it load as one group.  ``dropout_step`` is the
     dropout counter the next training forward draws its masks from (so a
     resumed run draws what an uninterrupted one would), ``mask_seed`` the
     seed of those masks.  Files without ``dropout``, ``residual``,
@@ -408,6 +411,28 @@ def _parse_optimizer(o, tensor_names):
                 "skip_nonfinite", "maximize") \
                 else (int, float, type(None)) if key.startswith("clip_") else (int, float)
             _get(hyper, key, want, "optimizer.hyper")
+    if o.get("groups") is not None:
+        # parameter groups (absent in files of one group or written before
+        # groups existed); their values are checked again by load_state_dict
+        groups = _get(o, "groups", list, "optimizer")
+        _check_json_value(groups)
+        _need(groups, "optimizer.groups: expected at least one group")
+        for i, g in enumerate(groups):
+            where = f"optimizer.groups[{i}]"
+            _need(isinstance(g, dict) and {"ranges", "hyper"} <= set(g)
+                  <= {"ranges", "hyper", "lr", "lr_scale"},
+                  f"{where}: expected an object with ranges, hyper, lr and lr_scale")
+            _need(isinstance(g["ranges"], list) and all(
+                isinstance(r, list) and len(r) == 2 and all(
+                    isinstance(x, int) and not isinstance(x, bool) for x in r)
+                for r in g["ranges"]), f"{where}.ranges: expected [lo, hi] integer pairs")
+            _need(isinstance(g["hyper"], dict), f"{where}.hyper: expected an object")
+            _need(g.get("lr") is None or isinstance(g["lr"], dict),
+                  f"{where}.lr: expected null or a schedule config")
+            sc = g.get("lr_scale")
+            _need(sc is None or (isinstance(sc, list) and len(sc) == 2 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in sc)),
+                f"{where}.lr_scale: expected null or two numbers")
     state = _get(o, "state", list, "optimizer")
     _need(all(isinstance(s, str) for s in state), "optimizer.state: expected a list of names")
     stored = {n[len(OPT_PREFIX):] for n in tensor_names if n.startswith(OPT_PREFIX)}
@@ -561,6 +586,8 @@ def _load(path, dev):
         sd = {"kind": o["kind"], "step": o["step"], "n_skipped": o["n_skipped"],
               "n_calls": o["n_calls"], "hyper": o["hyper"],
               "state": {s: arrays[OPT_PREFIX + s] for s in o["state"]}}
+        if o.get("groups") is not None:
+            sd["groups"] = o["groups"]
         opt.load_state_dict(sd)
         _need(set(opt.state) == set(o["state"]),
               f"optimizer state {sorted(o['state'])} does not fit its hyper-parameters "

@@ -12,6 +12,7 @@ import collections
 import math
 import numbers
 import threading
+import weakref
 
 import numpy as np
 
@@ -285,6 +286,21 @@ def _layer_parameters(layer):
     return out
 
 
+# Models by their flat parameter buffer, so that torch's spelling
+# ``fg.Adam([{"params": model.weights()}, ...])`` finds the model from views.
+_MODELS = weakref.WeakValueDictionary()
+
+
+def model_of(array):
+    """The fastgrad model whose flat parameter buffer ``array`` is a view
+    of (or is), else None."""
+    base = array
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    model = _MODELS.get(id(base))
+    return model if model is not None and model.params is base else None
+
+
 class Sequential:
     """A stack of :class:`Dense` layers on one flat parameter buffer.
 
@@ -345,6 +361,7 @@ class Sequential:
         self._layer_offsets = np.asarray(offsets, dtype=np.int64)
         self._params = xp.zeros(offsets[-1], self.dtype)
         self._grads = xp.zeros(offsets[-1], self.dtype)
+        _MODELS[id(self._params)] = self
         for layer, off in zip(layers, offsets):
             layer._bind(self.params, self.grads, off)
         self.seed = seed
@@ -653,6 +670,27 @@ class Sequential:
         :meth:`named_parameters` for their order."""
         for _, arr in self.named_parameters():
             yield arr
+
+    def weights(self):
+        """The dense weight of every layer, as a list of views: ``W``, or
+        ``v`` for a weight-normalised layer (see :meth:`named_parameters`).
+
+        With :meth:`biases_and_norms` it splits the parameters for the usual
+        AdamW recipe, weight decay on the weights only::
+
+            fg.AdamW(model, param_groups=[
+                {"params": model.weights(), "weight_decay": 0.1},
+                {"params": model.biases_and_norms(), "weight_decay": 0.0}])
+        """
+        return [arr for name, arr in self.named_parameters()
+                if name.rsplit(".", 1)[1] in ("W", "v")]
+
+    def biases_and_norms(self):
+        """Every parameter :meth:`weights` leaves out, as a list of views:
+        biases ``b``, normalisation gains and shifts ``gamma``/``beta``, and
+        the magnitudes ``g`` of weight-normalised layers."""
+        return [arr for name, arr in self.named_parameters()
+                if name.rsplit(".", 1)[1] not in ("W", "v")]
 
     def named_buffers(self):
         """Yield ``(name, view)`` for the state that is not a parameter: the

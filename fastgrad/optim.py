@@ -25,7 +25,11 @@ Kernel contract (used by ``fastgrad.step.TrainStep``)
     stats = opt._commit(norm, scale, skipped, opt._layer_sq)
 
 ``_kernel_args()`` fills ``hp`` for the next update ``k = opt.step_count``
-(learning rate ``schedule(k)``) and has no other effect; ``_commit`` advances
+(learning rate ``schedule(k)``) and has no other effect: one row, or with
+several parameter groups one row per contiguous segment of the flat buffer
+(each group's values, the segment's end in ``HP_END``; see
+``fastgrad.kernels.cpu.optim``), so every step kernel takes the same five
+values whatever the groups; ``_commit`` advances
 the step count unless skipped, raises if asked to, and returns the
 :class:`StepStats`.  ``opt._clip_norm`` and ``opt._clip_value`` are floats,
 ``0.0`` meaning "off".  (For ``(param, grad)`` pairs, ``step()`` updates the
@@ -43,11 +47,13 @@ a table of ``hp`` rows for every count the device can be at (from the last
 count the host has read back to that plus the number of updates still in
 flight; a fixed 17 rows, the unused ones marked -1, so that a CUDA graph can
 replay it), and the clip kernel picks the row of its count (see
-``fastgrad.kernels.cuda.optim``).  ``_commit`` queues an asynchronous copy of
-the update's control block and layer norms into pinned host memory and
-returns a :class:`StepStats` that fills itself from it when first read.  The
-host reads records back without waiting whenever they have arrived (at each
-``_kernel_args``), and waits only when 16 updates are in flight, when a
+``fastgrad.kernels.cuda.optim``); with several parameter groups each row
+holds one block per segment of the flat buffer.  ``_commit`` queues an
+asynchronous copy of the update's control block and layer norms into pinned
+host memory and returns a :class:`StepStats` that fills itself from it when
+first read.  The host reads records back without waiting whenever they have
+arrived (at each ``_kernel_args``), and waits only when 16 updates are in
+flight, when a
 user reads a value that depends on them (a StepStats field, ``step_count``,
 ``n_skipped``, ``lr``, ``state_dict``), or after every update with
 ``skip_nonfinite=False`` (it must raise at the update that failed).
@@ -66,7 +72,7 @@ from . import device as _device
 from .errors import NonFiniteGradientError
 from .kernels.cpu import multi_tensor as _mt
 from .kernels.cpu import optim as _k
-from .schedules import Schedule, as_schedule, from_config
+from .schedules import Schedule, as_schedule, constant, from_config
 
 clipped_update = _k.clipped_update
 
@@ -235,6 +241,9 @@ class _Hyper:
     def __get__(self, opt, owner=None):
         if opt is None:
             return self
+        groups = opt._groups
+        if groups and self.name in groups[0].values:
+            return groups[0].values[self.name]      # per-group keys: group 0's
         return opt._values[self.name]
 
     def __set__(self, opt, value):
@@ -301,14 +310,15 @@ def _lr_arg(name, x):
 
 
 class _LearningRate(_Hyper):
-    """``opt.lr``: reads the learning rate of the next update (a float);
-    writing a float or a Schedule replaces the schedule (validated), as
-    writing ``group["lr"]`` does in torch."""
+    """``opt.lr``: reads the learning rate of the next update (a float; group
+    0's with several groups); writing a float or a Schedule replaces the
+    schedule of every group (validated), as writing ``group["lr"]`` does in
+    torch."""
 
     def __get__(self, opt, owner=None):
         if opt is None:
             return self
-        return float(opt.lr_schedule(opt.step_count))
+        return opt._group_lr(0, opt.step_count)
 
 
 # PyTorch's implementation switches, accepted at the values that mean what
@@ -329,6 +339,23 @@ def _to_host(x):
     return x
 
 
+def _offset_in(arr, flat):
+    """Where the array ``arr`` starts in the 1-D buffer ``flat`` (in
+    elements), or None when it is not a contiguous view into it."""
+    if getattr(arr, "dtype", None) != flat.dtype or not arr.flags.c_contiguous:
+        return None
+    if isinstance(arr, np.ndarray) and isinstance(flat, np.ndarray):
+        a, f = arr.__array_interface__["data"][0], flat.__array_interface__["data"][0]
+    elif hasattr(arr, "data") and hasattr(arr.data, "ptr") and hasattr(flat.data, "ptr"):
+        a, f = arr.data.ptr, flat.data.ptr          # CuPy
+    else:
+        return None
+    off, rem = divmod(a - f, flat.itemsize)
+    if rem or off < 0 or off + arr.size > flat.size:
+        return None
+    return int(off)
+
+
 def _check_torch_flags(flags):
     """Refuse a PyTorch switch set to a value fastgrad does not implement."""
     for name, value in flags.items():
@@ -338,21 +365,22 @@ def _check_torch_flags(flags):
 
 
 class _ParamGroup(MutableMapping):
-    """One entry of ``opt.param_groups``: a live view of the optimizer's
-    hyper-parameters under torch's keys.
+    """One entry of ``opt.param_groups``: a live view of one parameter
+    group's hyper-parameters under torch's keys.
 
-    Reading gives the current values (``"lr"``: the learning rate of the
-    next update); writing a key goes through the optimizer's validation
-    (TypeError/ValueError naming it; nothing changes when refused) and takes
-    effect at the next update, so torch's ``for g in opt.param_groups:
-    g["lr"] *= 0.5`` works as in torch.  ``"params"`` is read-only; keys
-    cannot be added or deleted.
+    Reading gives the current values (``"lr"``: the group's learning rate
+    of the next update); writing a key goes through the optimizer's
+    validation (TypeError/ValueError naming it; nothing changes when
+    refused) and takes effect at the next update, so torch's ``for g in
+    opt.param_groups: g["lr"] *= 0.5`` works as in torch.  Writing
+    ``"lr"`` (a float or a Schedule) replaces this group's schedule.
+    ``"params"`` is read-only; keys cannot be added or deleted.
     """
 
-    __slots__ = ("_opt",)
+    __slots__ = ("_opt", "_index")
 
-    def __init__(self, opt):
-        self._opt = opt
+    def __init__(self, opt, index=0):
+        self._opt, self._index = opt, index
 
     def _keys(self):
         return ("lr",) + tuple(self._opt._specs) + ("maximize", "params")
@@ -360,18 +388,18 @@ class _ParamGroup(MutableMapping):
     def __getitem__(self, key):
         opt = self._opt
         if key == "lr":
-            return opt.lr
+            return opt._group_lr(self._index, opt.step_count)
         if key == "params":
-            return opt._group_params()
+            return opt._group_params(self._index)
         if key in self._keys():
-            return opt._values[key]
+            return opt._groups[self._index].values[key]
         raise KeyError(key)
 
     def __setitem__(self, key, value):
         if key == "params" or key not in self._keys():
             raise KeyError(f"param_groups entries have the keys {list(self._keys())}; "
                            f"{key!r} cannot be set" + (" (read-only)" if key == "params" else ""))
-        self._opt._set_hyper({key: value})
+        self._opt._set_group(self._index, {key: value})
 
     def __delitem__(self, key):
         raise TypeError("param_groups entries cannot lose keys")
@@ -443,6 +471,79 @@ _TORCH_GROUP_EXTRA = {
 }
 
 
+# Keys a parameter group may set: the rule's own hyper-parameters plus these
+# (torch's per-group keys).  Clipping and the non-finite policy are the
+# optimizer's: norm clipping is global, as ``clip_grad_norm_`` over all
+# parameters before ``opt.step()``.
+_GROUP_COMMON = ("lr", "maximize")
+_OPTIMIZER_WIDE = ("clip_norm", "clip_value", "skip_nonfinite")
+
+
+class _Group:
+    """One parameter group of an optimizer: where its parameters lie in the
+    flat buffer and its hyper-parameters.
+
+    ``values`` holds the rule's hyper-parameters and ``maximize``, and
+    ``"lr"``: the group's own Schedule, or None when the group follows the
+    optimizer's schedule (``opt.lr_schedule``), times ``num / den`` when
+    ``lr_scale = (num, den)`` (a float lr given to a group of an optimizer
+    whose lr is a schedule: torch's schedulers scale each group's initial
+    lr).
+    """
+
+    __slots__ = ("ranges", "values", "lr_scale")
+
+    def __init__(self, ranges, values, lr_scale=None):
+        self.ranges, self.values, self.lr_scale = ranges, values, lr_scale
+
+
+def _is_group_list(x):
+    """torch's spelling: a list (or tuple) of dicts, one per group."""
+    return isinstance(x, (list, tuple)) and bool(x) and all(isinstance(d, Mapping) for d in x)
+
+
+def _as_items(x):
+    """A group's ``"params"`` as a list (a single array, name or pair is one)."""
+    if isinstance(x, (str, bytes)) or hasattr(x, "shape"):
+        return [x]
+    if isinstance(x, tuple) and len(x) == 2 and all(hasattr(a, "shape") for a in x):
+        return [x]                               # one (param, grad) pair
+    if isinstance(x, Mapping):
+        raise TypeError("a group's 'params' must be arrays or names, got a dict")
+    try:
+        return list(x)
+    except TypeError:
+        raise TypeError(f"a group's 'params' must be a list of arrays or names, got "
+                        f"{type(x).__name__}") from None
+
+
+def _resolve_torch_spelling(groups):
+    """``fg.Adam([{"params": ...}, ...])``: the thing to bind (a model found
+    from the views, or the (param, grad) pairs in group order) and the
+    groups with their ``"params"`` as given."""
+    from .layers import model_of
+    groups = [dict(d) for d in groups]
+    for i, d in enumerate(groups):
+        if "params" not in d:
+            raise ValueError(f"param group {i} has no 'params'")
+        d["params"] = _as_items(d["params"])
+    items = [x for d in groups for x in d["params"]]
+    if items and all(isinstance(x, tuple) and len(x) == 2 for x in items):
+        return items, groups                    # (param, grad) pairs, group by group
+    model = None
+    for x in items:
+        if hasattr(x, "shape"):
+            model = model_of(x)
+            if model is not None:
+                break
+    if model is None:
+        raise TypeError("fg.<Optimizer>([{'params': ...}, ...]): the groups' params must be "
+                        "views of one fastgrad model (model.weights(), model.parameters(), "
+                        "...) or (param, grad) pairs; for parameter names pass the model: "
+                        "fg.<Optimizer>(model, param_groups=[...])")
+    return model, groups
+
+
 class _DeviceBook:
     """A CUDA optimizer's device-side book-keeping (see the module docstring).
 
@@ -454,7 +555,7 @@ class _DeviceBook:
 
     DEPTH = 16              # updates in flight before the host waits
 
-    def __init__(self, offsets):
+    def __init__(self, offsets, max_segments=1):
         import cupy
         from .kernels.cuda import optim as kopt
         from .kernels.cuda import reduce as kreduce
@@ -463,8 +564,13 @@ class _DeviceBook:
         self.record = cupy.zeros(kopt.CTL_SIZE + offsets.size - 1, np.float64)
         self.buffers = {"ctl": self.record[:kopt.CTL_SIZE],
                         "step": cupy.zeros(1, np.float64),
-                        "hp": cupy.zeros(_k.HP_SIZE, np.float64),
-                        "table": cupy.zeros((self.DEPTH + 1) * _k.HP_SIZE, np.float64),
+                        # room for one hp block per segment (parameter groups)
+                        "hp": cupy.zeros(max_segments * _k.HP_SIZE, np.float64),
+                        "table": cupy.zeros((self.DEPTH + 1) * max_segments * _k.HP_SIZE,
+                                            np.float64),
+                        # the segment whose lr the record reports (group 0's);
+                        # a host array, updated in place when groups change
+                        "lr_segment": np.zeros(1, np.int64),
                         "total": cupy.zeros(1, np.float64),
                         "norm_work": cupy.zeros(kreduce.partial_size(offsets), np.float64)}
         self.layer_sq = self.record[kopt.CTL_SIZE:]
@@ -478,11 +584,15 @@ class Optimizer:
 
     Parameters
     ----------
-    params : model or list of (param, grad) pairs
+    params : model, list of (param, grad) pairs, or list of group dicts
         A model with flat 1-D contiguous ``params`` and ``grads`` of one
         dtype (float32 or float64) and optional ``layer_offsets`` (int64,
         ``n_layers + 1`` boundaries); or a list of ``(param, grad)`` NumPy
-        arrays of any shapes, updated in place, each pair one "layer".
+        arrays of any shapes, updated in place, each pair one "layer"; or
+        torch's spelling, a list of group dicts (as ``param_groups``) whose
+        ``"params"`` are views of one fastgrad model (the model is found
+        from them; names alone need the model and ``param_groups=``) or
+        ``(param, grad)`` pairs (listed group after group).
     lr : float or fastgrad.schedules.Schedule
         Update ``k`` (from 0) uses ``lr(k)``.
     clip_norm : float or None
@@ -498,6 +608,26 @@ class Optimizer:
         sees the negated (clipped) gradient.  Clipping and the reported
         norms are those of the gradient as given, as with torch's
         ``clip_grad_norm_`` before a maximizing step.
+    param_groups : list of dict, optional
+        Parameter groups, as torch's: ``[{"params": [...], "weight_decay":
+        0.0, ...}, ...]``.  ``"params"`` lists parameters of ``params`` by
+        view (``model.weights()``, ``model.biases_and_norms()``,
+        ``model.parameters()``; the arrays of (param, grad) pairs) or by
+        name (``model.named_parameters()``; ``params[i]`` for pairs); every
+        parameter must be in exactly one group (ValueError naming it).
+        The other keys are the rule's hyper-parameters, ``lr`` and
+        ``maximize``; unset keys take the optimizer's values (the
+        constructor's arguments), unknown keys raise ValueError naming
+        them.  ``clip_norm``, ``clip_value`` and ``skip_nonfinite`` are the
+        optimizer's: norm clipping is over all groups, as
+        ``clip_grad_norm_`` over all parameters, and a non-finite gradient
+        anywhere skips the whole update.  A group's ``"lr"`` may be a
+        Schedule (its own); a float under a scheduled optimizer lr scales
+        that schedule by ``lr / schedule(0)``, as torch's LR schedulers
+        scale each group's initial lr (a float under a float lr is simply
+        the group's).  One update runs all groups (on CUDA one launch of
+        pass 2 per contiguous segment; ``TrainStep(cuda_graph=True)``
+        needs one group).
     foreach, fused, capturable, differentiable
         PyTorch's implementation switches, accepted only at the values that
         describe what fastgrad always does (``foreach``/``fused``: None or
@@ -505,13 +635,15 @@ class Optimizer:
         spelling them out runs unchanged; they have no effect.  Any other
         value raises ValueError naming the argument.
 
-    ``opt.lr`` reads the learning rate of the next update; writing it
-    (a float >= 0 or a Schedule) replaces the schedule, validated, from the
-    next update on: a float where a schedule was makes the rate constant,
-    as writing ``group["lr"]`` does in torch.
+    ``opt.lr`` reads the learning rate of the next update (group 0's);
+    writing it (a float >= 0 or a Schedule) replaces the schedule of every
+    group, validated, from the next update on: a float where a schedule was
+    makes the rate constant, as writing ``group["lr"]`` does in torch.
+    ``StepStats.lr`` is group 0's rate.
 
     Every hyper-parameter (``clip_norm``, ``momentum``, ``betas``,
-    ``amsgrad``, ...) is an attribute that can be set after construction:
+    ``amsgrad``, ...) is an attribute that can be set after construction
+    (per-group ones: read from group 0, written to every group):
     the value is validated as in the constructor (TypeError/ValueError
     naming it) and takes effect at the next update and in checkpoints;
     state buffers a new value needs start at zero, as in a fresh optimizer.
@@ -552,17 +684,30 @@ class Optimizer:
 
     def __init__(self, params, lr, *, clip_norm=None, clip_value=None,
                  skip_nonfinite=True, maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False, **hyper):
+                 capturable=False, differentiable=False, param_groups=None, **hyper):
         _check_torch_flags({"foreach": foreach, "fused": fused, "capturable": capturable,
                             "differentiable": differentiable})
+        if _is_group_list(params):
+            if param_groups is not None:
+                raise TypeError("the parameter groups are given twice: pass a list of group "
+                                "dicts or a model with param_groups=[...], not both")
+            params, param_groups = _resolve_torch_spelling(params)
+        elif param_groups is not None:
+            if isinstance(param_groups, (str, bytes, Mapping)) or not _is_group_list(
+                    list(param_groups) if hasattr(param_groups, "__iter__") else None):
+                raise TypeError("param_groups must be a non-empty list of dicts "
+                                "({'params': [...], <hyper-parameter>: value, ...}), got "
+                                f"{type(param_groups).__name__}")
+            param_groups = list(param_groups)
         self._book = None
         self._values = {}
         self._state = {}
+        self._groups = None
+        self._seg_group = None
         self._bind(params)
         self._step_count = 0
         self._n_skipped = 0
         self.n_calls = 0
-        self._hp = np.zeros(_k.HP_SIZE, np.float64)
         self._layer_sq = (self._book.layer_sq if self._book is not None
                           else np.zeros(self.layer_offsets.size - 1, np.float64))
         self._lr_now = float("nan")
@@ -570,6 +715,16 @@ class Optimizer:
         self._configure(dict(self._defaults, lr=lr, clip_norm=clip_norm,
                              clip_value=clip_value, skip_nonfinite=skip_nonfinite,
                              maximize=maximize, **hyper))
+        groups = self._build_groups(param_groups)
+        if len(groups) == 1 and param_groups is not None:
+            # One group spans everything: its values become the optimizer's.
+            g = groups[0]
+            changes = {k: v for k, v in g.values.items() if k != "lr"}
+            if g.values["lr"] is not None:
+                changes["lr"] = g.values["lr"]
+            self._set_hyper(changes)
+            g.values = {k: (self._values[k] if k != "lr" else None) for k in g.values}
+        self._install_groups(groups)
 
     # -- binding ------------------------------------------------------------
     def _bind(self, params):
@@ -651,7 +806,8 @@ class Optimizer:
         self._xp = _device.array_module(dev)
         self._update = self._serial_update = _device.kernels(dev).clipped_update
         if dev == "cuda":
-            self._book = _DeviceBook(self._offsets)
+            # at most one segment per parameter, whatever the groups
+            self._book = _DeviceBook(self._offsets, len(self._param_entries()))
 
     # Read-only: the kernel indexes all of them over the same length.
     @property
@@ -818,7 +974,8 @@ class Optimizer:
 
     def _set_hyper(self, changes):
         """Validate the configuration with ``changes`` applied, then commit it:
-        nothing changes when a value is refused."""
+        nothing changes when a value is refused.  A per-group key (the rule's
+        hyper-parameters, ``maximize``, ``lr``) is set in every group."""
         specs = dict(_COMMON_SPECS, **self._specs)
         values = dict(self._values, **changes)
         missing = set(specs) - set(values)
@@ -826,20 +983,71 @@ class Optimizer:
             raise TypeError(f"{type(self).__name__}: missing hyper-parameter(s) {sorted(missing)}")
         checked = {name: specs[name].check(name, values[name]) for name in specs}
         self._check_combination(checked)
+        groups = self._groups or []
+        new_values = []
+        for g in groups:
+            v = dict(g.values, **{k: checked[k] for k in changes if k in g.values})
+            if "lr" in changes:
+                v["lr"] = None              # every group follows the new schedule
+            self._check_combination(self._merged(v, checked))
+            new_values.append(v)
         with self._lock:
             self._settle()      # updates in flight finish on the old buffers
             self._values = checked
+            for g, v in zip(groups, new_values):
+                g.values = v
+                if "lr" in changes:
+                    g.lr_scale = None
             # The kernel reads plain floats, 0.0 meaning "off".
             self._clip_norm = checked["clip_norm"] or 0.0
             self._clip_value = checked["clip_value"] or 0.0
             self._alloc_state()
 
+    @staticmethod
+    def _merged(group_values, values):
+        """A group's values over the optimizer's (``lr`` stays the optimizer's)."""
+        return dict(values, **{k: v for k, v in group_values.items() if k != "lr"})
+
+    def _check_group_value(self, i, key, value):
+        """One per-group value validated (the group's lr: its Schedule)."""
+        if key == "lr":
+            return _lr_arg("lr", value)
+        spec = self._specs.get(key) or _COMMON_SPECS[key]
+        return spec.check(key, value)
+
+    def _set_group(self, i, changes):
+        """Write per-group keys of group ``i`` (validated; all or nothing)."""
+        if len(self._groups) == 1:
+            # One group spans everything: its values are the optimizer's.
+            return self._set_hyper(changes)
+        g = self._groups[i]
+        v, lr_scale = dict(g.values), g.lr_scale
+        for key, value in changes.items():
+            v[key] = self._check_group_value(i, key, value)
+            if key == "lr":
+                lr_scale = None
+        self._check_combination(self._merged(v, self._values))
+        with self._lock:
+            self._settle()
+            g.values, g.lr_scale = v, lr_scale
+            self._alloc_state()
+
     def _check_combination(self, values):
         """Checks that involve several hyper-parameters (ValueError)."""
 
-    def _needed_state(self):
-        """Names of the state buffers the current hyper-parameters use."""
+    def _needed_state_of(self, values):
+        """Names of the state buffers the hyper-parameters ``values`` use."""
         raise NotImplementedError
+
+    def _needed_state(self):
+        """Names of the state buffers the current hyper-parameters use: of
+        every group (a buffer spans all parameters; unused parts stay 0)."""
+        if not self._groups:
+            return self._needed_state_of(self._values)
+        need = set()
+        for g in self._groups:
+            need |= self._needed_state_of(self._merged(g.values, self._values))
+        return need
 
     def _alloc_state(self):
         need = self._needed_state()
@@ -855,41 +1063,273 @@ class Optimizer:
         return tuple(self._state.get(n, self._empty) for n in self.state_names) + \
             (self._empty,) * (3 - len(self.state_names))
 
+    # -- parameter groups --------------------------------------------------------
+    def _param_entries(self):
+        """``[(name, lo, hi, array)]`` of every parameter in buffer order,
+        covering the flat buffer: the model's ``named_parameters()``, the
+        (param, grad) pairs (``params[i]``), else one entry per layer."""
+        if self._pairs is not None:
+            return [(f"params[{i}]", int(self._offsets[i]), int(self._offsets[i + 1]), p)
+                    for i, (p, _) in enumerate(self._pairs)]
+        if self._model is not None:
+            entries = []
+            for name, arr in self._model.named_parameters():
+                lo = _offset_in(arr, self.params)
+                if lo is None:
+                    break
+                entries.append((name, lo, lo + arr.size, arr))
+            entries.sort(key=lambda e: e[1])
+            ends = [0] + [e[2] for e in entries]
+            if entries and all(e[1] == end for e, end in zip(entries, ends)) \
+                    and ends[-1] == self.params.size:
+                return entries
+        off = self._offsets
+        return [(f"layer {i}", int(off[i]), int(off[i + 1]), self.params[off[i]:off[i + 1]])
+                for i in range(off.size - 1)]
+
+    def _match(self, item, entries, by_name, gi):
+        """Index in ``entries`` of one item of group ``gi``'s ``"params"``."""
+        if isinstance(item, str):
+            if item not in by_name:
+                raise ValueError(f"param group {gi}: {item!r} is not a parameter of this "
+                                 f"optimizer (names: {[e[0] for e in entries][:8]}...)")
+            return by_name[item]
+        if isinstance(item, tuple) and len(item) == 2 and self._pairs is not None:
+            item = item[0]                           # a (param, grad) pair
+        if not hasattr(item, "shape"):
+            raise TypeError(f"param group {gi}: 'params' holds a {type(item).__name__}; "
+                            "expected arrays (model.weights(), ...) or parameter names")
+        for i, e in enumerate(entries):
+            if e[3] is item:
+                return i
+        lo = None if self._pairs is not None else _offset_in(item, self.params)
+        for i, e in enumerate(entries):
+            if lo == e[1] and item.size == e[2] - e[1]:
+                return i
+        raise ValueError(f"param group {gi}: an array of shape {tuple(item.shape)} is not a "
+                         "parameter of this optimizer (pass the views model.parameters(), "
+                         "model.weights(), model.biases_and_norms() return, or names)")
+
+    def _build_groups(self, spec):
+        """The :class:`_Group` list of ``param_groups`` (None: one group of
+        everything following the optimizer's values); everything checked."""
+        n = self.params.size
+        base = {k: self._values[k] for k in self._specs}
+        base["maximize"] = self._values["maximize"]
+        base["lr"] = None
+        if spec is None:
+            return [_Group([(0, n)], base)]
+        entries = self._param_entries()
+        by_name = {e[0]: i for i, e in enumerate(entries)}
+        owner = {}
+        groups = []
+        for gi, d in enumerate(spec):
+            if not isinstance(d, Mapping):
+                raise TypeError(f"param group {gi} must be a dict, got {type(d).__name__}")
+            if "params" not in d:
+                raise ValueError(f"param group {gi} has no 'params'")
+            items = _as_items(d["params"])
+            if not items:
+                raise ValueError(f"param group {gi} has no parameters")
+            for item in items:
+                i = self._match(item, entries, by_name, gi)
+                if i in owner:
+                    raise ValueError(f"parameter {entries[i][0]} is in param groups "
+                                     f"{owner[i]} and {gi}; every parameter must be in "
+                                     "exactly one group")
+                owner[i] = gi
+            values, lr_scale, unknown = dict(base), None, []
+            for key, x in d.items():
+                if key == "params":
+                    continue
+                if key in _TORCH_NOOP_FLAGS:
+                    _check_torch_flags({key: x})
+                elif key in _OPTIMIZER_WIDE:
+                    raise ValueError(f"param group {gi}: {key} is set on the optimizer, not "
+                                     "per group (clipping is over all parameters, as "
+                                     "clip_grad_norm_ before opt.step())")
+                elif key == "lr":
+                    values["lr"], lr_scale = self._group_lr_arg(gi, x)
+                elif key in values:
+                    values[key] = self._check_group_value(gi, key, x)
+                else:
+                    unknown.append(key)
+            if unknown:
+                raise ValueError(f"param group {gi}: {type(self).__name__} has no "
+                                 f"hyper-parameter(s) {sorted(unknown)}")
+            self._check_combination(self._merged(values, self._values))
+            groups.append(_Group([], values, lr_scale))
+        missing = [entries[i][0] for i in range(len(entries)) if i not in owner]
+        if missing:
+            raise ValueError(f"parameter(s) {missing} are in no param group; every parameter "
+                             "must be in exactly one group")
+        for i, (_, lo, hi, _) in enumerate(entries):
+            ranges = groups[owner[i]].ranges
+            if ranges and ranges[-1][1] == lo:
+                ranges[-1] = (ranges[-1][0], hi)      # adjacent: one segment
+            else:
+                ranges.append((lo, hi))
+        return groups
+
+    def _group_lr_arg(self, gi, x):
+        """``(own schedule, lr_scale)`` of a group's ``"lr"``: a Schedule (or
+        its config) is the group's own; a float under a constant optimizer lr
+        is a constant; a float under a schedule scales that schedule by
+        ``x / schedule(0)`` (torch's schedulers scale each group's initial
+        lr), which needs ``schedule(0) > 0``."""
+        if isinstance(x, (Schedule, Mapping)):
+            return _lr_arg("lr", x), None
+        x = _nonneg(f"param group {gi}: lr", x)
+        default = self._values["lr"]
+        if isinstance(default, constant):
+            return constant(x), None
+        s0 = float(default(0))
+        if not s0 > 0.0:
+            raise ValueError(f"param group {gi}: lr={x!r} would scale the optimizer's schedule "
+                             f"by lr / schedule(0), but the schedule starts at {s0!r}; give the "
+                             "group its own schedule ({'lr': fg.schedules...})")
+        return None, (x, s0)
+
+    def _install_groups(self, groups):
+        """Make ``groups`` the optimizer's (the kernel's segment rows, the
+        torch order of the parameters, the state buffers they need)."""
+        segs = sorted((lo, hi, gi) for gi, g in enumerate(groups) for lo, hi in g.ranges)
+        end = 0
+        for lo, hi, _ in segs:
+            if lo != end or hi < lo:
+                raise ValueError(f"parameter groups must cover the {self.params.size} "
+                                 f"parameters once, in ranges; got {[s[:2] for s in segs]}")
+            end = hi
+        if end != self.params.size:
+            raise ValueError(f"parameter groups cover {end} of {self.params.size} parameters")
+        n_seg = 1 if len(groups) == 1 else sum(hi > lo for lo, hi, _ in segs)
+        book = self._book
+        if book is not None and n_seg * _k.HP_SIZE > book.buffers["hp"].size:
+            raise ValueError(f"parameter groups: {n_seg} segments do not fit this CUDA "
+                             "optimizer (one per parameter at most)")
+        with self._lock:
+            self._settle()
+            self._groups = groups
+            if len(groups) == 1:
+                self._hp = np.zeros(_k.HP_SIZE, np.float64)
+                self._seg_group = None
+            else:
+                segs = [s for s in segs if s[1] > s[0]]
+                self._seg_group = np.array([gi for _, _, gi in segs], np.int64)
+                self._seg_ends = np.array([hi for _, hi, _ in segs], np.float64)
+                self._hp = np.zeros((len(segs), _k.HP_SIZE), np.float64)
+                self._group_rows = np.zeros((len(groups), _k.HP_SIZE), np.float64)
+            if book is not None:
+                # a table row per update count the device may be at, holding
+                # one hp block per segment with several groups
+                shape = (book.DEPTH + 1,) + self._hp.shape
+                book.table = np.zeros(shape, np.float64)
+                book.buffers["lr_segment"][0] = (0 if self._seg_group is None else
+                                                 int(np.flatnonzero(self._seg_group == 0)[0]))
+            # torch numbers the parameters group after group.
+            starts = np.array([lo for lo, _, _ in segs], np.int64)
+            seg_of = [segs[int(np.searchsorted(starts, off, "right")) - 1][2]
+                      for off, _, _ in self._torch_layout]
+            self._torch_order = [[pos for pos, g in enumerate(seg_of) if g == gi]
+                                 for gi in range(len(groups))]
+            self._alloc_state()
+
     @property
     def hyper(self):
-        """Hyper-parameters as a JSON-able dict (the schedule as its config)."""
+        """Hyper-parameters as a JSON-able dict (the schedule as its config):
+        the optimizer's own, which groups take unless they set theirs."""
         h = dict(self._values)
         h["lr"] = self.lr_schedule.to_config()
         return h
 
     @property
     def param_groups(self):
-        """torch's ``param_groups``: a list of one live dict-like group (see
-        below); ``group["lr"] = x`` is ``opt.lr = x``, ``group[name] = v``
-        is ``setattr(opt, name, v)``, both validated and in effect from the
-        next update.  Several groups (e.g. no weight decay on biases) are
-        not supported yet: one group spans all parameters."""
-        return [_ParamGroup(self)]
+        """torch's ``param_groups``: a list of live dict-like groups.
 
-    def _group_params(self):
-        """The parameters as arrays: the user's for (param, grad) pairs, else
-        the model's ``parameters()`` views, else one flat view per layer."""
-        if self._pairs is not None:
-            return [p for p, _ in self._pairs]
-        if self._model is not None:
-            return list(self._model.parameters())
-        return [self.params[self._offsets[i]:self._offsets[i + 1]]
-                for i in range(self._offsets.size - 1)]
+        One group spanning every parameter unless the optimizer was built
+        with several (``param_groups=[...]`` or torch's list of dicts).
+        ``group[name] = v`` validates ``v`` and sets that group's value from
+        the next update on (``group["lr"]``: a float or a Schedule replaces
+        the group's schedule).  With one group, ``group[name] = v`` is
+        ``setattr(opt, name, v)``.  ``opt.<name> = v`` (``opt.lr`` too)
+        sets every group; reading ``opt.<name>`` gives group 0's value.
+        """
+        return [_ParamGroup(self, i) for i in range(len(self._groups))]
+
+    def _group_params(self, i=0):
+        """The parameters of group ``i`` as arrays: the user's for (param,
+        grad) pairs, else the model's ``parameters()`` views, else flat
+        views."""
+        ranges = self._groups[i].ranges
+        return [e[3] for e in self._param_entries()
+                if any(lo <= e[1] and e[2] <= hi for lo, hi in ranges)]
+
+    def _group_lr(self, i, k):
+        """Group ``i``'s learning rate at update ``k``."""
+        g = self._groups[i] if self._groups else None
+        own = None if g is None else g.values["lr"]
+        if own is not None:
+            return float(own(k))
+        lr = float(self._values["lr"](k))
+        if g is not None and g.lr_scale is not None:
+            num, den = g.lr_scale
+            lr = num * (lr / den)
+        return lr
 
     @property
     def lr_schedule(self):
-        """The learning-rate schedule (update ``k`` uses ``lr_schedule(k)``);
-        settable like ``lr``."""
+        """The optimizer's learning-rate schedule (update ``k`` uses
+        ``lr_schedule(k)``): every group's unless it has its own (a group
+        given a float lr under a schedule follows it scaled by
+        ``lr / lr_schedule(0)``).  Settable like ``lr`` (sets every group)."""
         return self._values["lr"]
 
     @lr_schedule.setter
     def lr_schedule(self, schedule):
         self._set_hyper({"lr": schedule})
+
+    def _groups_state(self):
+        """The groups as JSON-able data (fastgrad checkpoints)."""
+        out = []
+        for g in self._groups:
+            hyper = {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in g.values.items() if k != "lr"}
+            own = g.values["lr"]
+            out.append({"ranges": [[int(lo), int(hi)] for lo, hi in g.ranges], "hyper": hyper,
+                        "lr": None if own is None else own.to_config(),
+                        "lr_scale": None if g.lr_scale is None else list(g.lr_scale)})
+        return out
+
+    def _groups_from_state(self, data):
+        """:meth:`_groups_state` output back as checked :class:`_Group` s."""
+        if not isinstance(data, (list, tuple)) or not data:
+            raise ValueError("checkpoint groups: expected a non-empty list")
+        groups = []
+        for gi, d in enumerate(data):
+            if not isinstance(d, Mapping) or not {"ranges", "hyper"} <= set(d):
+                raise ValueError(f"checkpoint group {gi}: expected ranges and hyper")
+            try:
+                ranges = [(int(lo), int(hi)) for lo, hi in d["ranges"]]
+            except (TypeError, ValueError):
+                raise ValueError(f"checkpoint group {gi}: ranges must be [lo, hi] pairs") \
+                    from None
+            hyper = dict(d["hyper"])
+            keys = set(self._specs) | {"maximize"}
+            if set(hyper) != keys:
+                raise ValueError(f"checkpoint group {gi}: fields {sorted(hyper)} do not match "
+                                 f"{sorted(keys)}")
+            values = {k: self._check_group_value(gi, k, tuple(x) if k == "betas" else x)
+                      for k, x in hyper.items()}
+            values["lr"] = None if d.get("lr") is None else _lr_arg("lr", d["lr"])
+            scale = d.get("lr_scale")
+            if scale is not None:
+                num, den = (_nonneg("lr_scale", x) for x in scale)
+                if not den > 0:
+                    raise ValueError(f"checkpoint group {gi}: lr_scale needs a positive base")
+                scale = (num, den)
+            self._check_combination(self._merged(values, self._values))
+            groups.append(_Group(ranges, values, scale))
+        return groups
 
     def state_dict(self, format="fastgrad"):
         """The optimizer's state.
@@ -900,13 +1340,18 @@ class Optimizer:
             ``"fastgrad"``: the checkpoint ``{"kind", "step", "n_skipped",
             "n_calls", "hyper", "state"}``; ``state`` maps names to flat
             array copies, everything else is JSON-able (tuples become
-            lists).  No pickle needed.
+            lists).  No pickle needed.  With several parameter groups (or a
+            group with its own lr) also ``"groups"``: per group its
+            ``ranges`` in the flat buffer, ``hyper``, own ``lr`` schedule
+            config (or None) and ``lr_scale``.
 
             ``"torch"``: torch's structure, loadable by the matching
             ``torch.optim`` class built on ``model.to_torch().parameters()``
-            (or on the (param, grad) pairs' tensors, in order):
+            (or on the (param, grad) pairs' tensors, in order), grouped as
+            this optimizer (torch numbers the parameters group after group,
+            each group's in ``to_torch()`` order):
             ``{"state": {i: {...}}, "param_groups": [{..., "params": [0, 1,
-            ...]}]}``, state tensors under torch's names (``exp_avg``,
+            ...]}, ...]}``, state tensors under torch's names (``exp_avg``,
             ``exp_avg_sq``, ``max_exp_avg_sq``, ``momentum_buffer``,
             ``square_avg``, ``grad_avg``; ``step`` as a float32 scalar
             tensor, none for SGD) with torch's shapes (weights transposed),
@@ -921,10 +1366,14 @@ class Optimizer:
         if format != "fastgrad":
             raise ValueError(f'format must be "fastgrad" or "torch", got {format!r}')
         hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hyper.items()}
-        return {"kind": self.kind, "step": int(self.step_count),
-                "n_skipped": int(self.n_skipped), "n_calls": int(self.n_calls),
-                "hyper": hyper,
-                "state": {k: _device.to_numpy(v).copy() for k, v in self.state.items()}}
+        sd = {"kind": self.kind, "step": int(self.step_count),
+              "n_skipped": int(self.n_skipped), "n_calls": int(self.n_calls),
+              "hyper": hyper,
+              "state": {k: _device.to_numpy(v).copy() for k, v in self.state.items()}}
+        g = self._groups[0]
+        if len(self._groups) > 1 or g.lr_scale is not None or g.values["lr"] is not None:
+            sd["groups"] = self._groups_state()
+        return sd
 
     def load_state_dict(self, sd):
         """Restore :meth:`state_dict` output, in either format; arrays are
@@ -933,14 +1382,21 @@ class Optimizer:
 
         A dict with ``param_groups`` is read as torch's structure (from
         ``torch.optim.<Rule>.state_dict()`` over ``model.to_torch()``'s
-        parameters, or ``state_dict(format="torch")``): its one group's
-        hyper-parameters replace this optimizer's (``lr`` becomes a constant
-        learning rate; ``clip_norm``, ``clip_value`` and ``skip_nonfinite``
-        are kept), the state tensors are copied in (transposed back) and
+        parameters, or ``state_dict(format="torch")``): it must have as
+        many groups as this optimizer, each with as many parameters (torch
+        numbers them group after group, each group's in ``to_torch()``
+        order); each group's hyper-parameters replace this optimizer's
+        group's (``lr`` becomes a constant learning rate; ``clip_norm``,
+        ``clip_value`` and ``skip_nonfinite`` are kept; with one group they
+        are the optimizer's), the state tensors are copied in (transposed back) and
         ``step`` becomes ``step_count``.  torch's SGD keeps no step count:
         ``step_count`` becomes 1 when it holds momentum buffers (only
         "buffer set or not" matters to the rule), else 0.  Everything is
         checked before anything changes (ValueError/TypeError).
+
+        A fastgrad checkpoint with ``"groups"`` restores its parameter
+        groups; one without (a single group, or written before groups
+        existed) loads as one group.
         """
         if isinstance(sd, Mapping) and "param_groups" in sd:
             return self._load_torch_state_dict(sd)
@@ -953,6 +1409,11 @@ class Optimizer:
         arrays = sd.get("state", {})
         self._settle()          # updates in flight finish before the state is replaced
         self._configure(hyper)
+        # A checkpoint without groups (one group, or written before groups
+        # existed) loads as one group.
+        data = sd.get("groups")
+        self._install_groups(self._build_groups(None) if data is None
+                             else self._groups_from_state(data))
         for name, buf in self.state.items():
             if name not in arrays:
                 raise ValueError(f"checkpoint lacks state {name!r}")
@@ -967,13 +1428,13 @@ class Optimizer:
         self.n_calls = int(sd.get("n_calls", 0))
 
     # -- torch's state-dict structure ---------------------------------------------
-    def _torch_group(self):
-        """This optimizer's hyper-parameters as torch's param_groups entry."""
-        group = {"lr": self.lr}
-        group.update((name, self._values[name]) for name in self._specs)
-        group["maximize"] = self.maximize
+    def _torch_group(self, i=0):
+        """Group ``i``'s hyper-parameters as torch's param_groups entry."""
+        values = self._groups[i].values
+        group = {"lr": self._group_lr(i, self.step_count)}
+        group.update((name, values[name]) for name in self._specs)
+        group["maximize"] = values["maximize"]
         group.update(_TORCH_GROUP_EXTRA[self.kind])
-        group["params"] = list(range(len(self._torch_layout)))
         return group
 
     def _torch_state_dict(self):
@@ -984,19 +1445,28 @@ class Optimizer:
                               "(pip install 'fastgrad[peers]')") from None
         with self._lock:
             step = self.step_count          # settles updates in flight
-            state = {}
-            if step > 0:
-                for i, (off, shape, transposed) in enumerate(self._torch_layout):
-                    entry = {}
-                    if self.kind != "sgd":
-                        entry["step"] = torch.tensor(float(step), dtype=torch.float32)
-                    for name in (n for n in self.state_names if n in self._state):
-                        entry[name] = torch.from_numpy(
-                            self._tensor_of(self._state[name], off, shape, transposed))
-                    if self.kind == "sgd" and not entry:
-                        entry["momentum_buffer"] = None
-                    state[i] = entry
-            return {"state": state, "param_groups": [self._torch_group()]}
+            state, groups, idx = {}, [], 0
+            # torch numbers the parameters group after group
+            for gi, positions in enumerate(self._torch_order):
+                ids = []
+                for pos in positions:
+                    off, shape, transposed = self._torch_layout[pos]
+                    if step > 0:
+                        entry = {}
+                        if self.kind != "sgd":
+                            entry["step"] = torch.tensor(float(step), dtype=torch.float32)
+                        for name in (n for n in self.state_names if n in self._state):
+                            entry[name] = torch.from_numpy(
+                                self._tensor_of(self._state[name], off, shape, transposed))
+                        if self.kind == "sgd" and not entry:
+                            entry["momentum_buffer"] = None
+                        state[idx] = entry
+                    ids.append(idx)
+                    idx += 1
+                group = self._torch_group(gi)
+                group["params"] = ids
+                groups.append(group)
+            return {"state": state, "param_groups": groups}
 
     def _tensor_of(self, flat, off, shape, transposed):
         """The tensor at ``off`` of a flat buffer, in torch's shape (a copy)."""
@@ -1005,18 +1475,10 @@ class Optimizer:
         a = a.reshape(shape[::-1]).T if transposed else a.reshape(shape)
         return np.ascontiguousarray(a).copy()
 
-    def _load_torch_state_dict(self, sd):
-        groups = sd["param_groups"]
-        if not isinstance(groups, (list, tuple)) or len(groups) != 1:
-            n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
-            raise ValueError(f"torch state dict: fastgrad optimizers have one parameter "
-                             f"group, got {n}")
-        group = dict(groups[0])
-        ids = list(group.pop("params", []))
-        n = len(self._torch_layout)
-        if len(ids) != n:
-            raise ValueError(f"torch state dict: the group has {len(ids)} parameters, this "
-                             f"optimizer {n} (built on model.to_torch().parameters()?)")
+    def _torch_group_values(self, gi, group):
+        """A torch param_groups entry (without ``params``) as checked values
+        of this optimizer (``lr`` a float)."""
+        group = dict(group)
         decoupled = group.pop("decoupled_weight_decay", self.kind == "adamw")
         if self.kind in ("adam", "adamw") and bool(decoupled) != (self.kind == "adamw"):
             raise ValueError(f"torch state dict is for {'AdamW' if decoupled else 'Adam'}, "
@@ -1027,22 +1489,51 @@ class Optimizer:
         unknown = set(group) - set(self._specs) - {"lr", "maximize"}
         if unknown:
             raise ValueError(f"torch state dict: {type(self).__name__} has no "
-                             f"hyper-parameter(s) {sorted(unknown)}")
-        hyper = dict(self._values, **group)
+                             f"hyper-parameter(s) {sorted(unknown)} (param group {gi})")
+        hyper = dict(self._values, **self._groups[gi].values) if len(self._groups) > 1 \
+            else dict(self._values)
+        hyper["lr"] = self._group_lr(gi, self._step_count)
+        hyper.update(group)
         if "betas" in hyper:
             hyper["betas"] = tuple(hyper["betas"])
         for name in ("weight_decay", "momentum", "dampening", "alpha", "eps"):
             if name in hyper and isinstance(hyper[name], numbers.Integral) \
                     and not isinstance(hyper[name], bool):
                 hyper[name] = float(hyper[name])     # torch writes 0 for 0.0
-        # Validate the whole configuration on a scratch copy first.
         specs = dict(_COMMON_SPECS, **self._specs)
         checked = {k: specs[k].check(k, hyper[k]) for k in specs}
         self._check_combination(checked)
-        need = self._needed_state_for(checked)
+        return checked
+
+    def _load_torch_state_dict(self, sd):
+        groups = sd["param_groups"]
+        n_groups = len(self._groups)
+        if not isinstance(groups, (list, tuple)) or len(groups) != n_groups:
+            n = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
+            have = "one parameter group" if n_groups == 1 else f"{n_groups} parameter groups"
+            raise ValueError(f"torch state dict: this optimizer has {have}, got {n}")
+        # Validate every group on a scratch copy first.
+        pos_of, checked_groups = {}, []
+        for gi, group in enumerate(groups):
+            if not isinstance(group, Mapping):
+                raise TypeError(f"torch state dict: param_groups[{gi}] must be a dict")
+            group = dict(group)
+            ids = list(group.pop("params", []))
+            positions = self._torch_order[gi]
+            if len(ids) != len(positions):
+                which = "the group" if n_groups == 1 else f"param group {gi}"
+                raise ValueError(f"torch state dict: {which} has {len(ids)} parameters, this "
+                                 f"optimizer {len(positions)} (built on "
+                                 "model.to_torch().parameters(), grouped alike?)")
+            for idx, pos in zip(ids, positions):
+                pos_of[idx] = pos
+            checked_groups.append(self._torch_group_values(gi, group))
+        need = set()
+        for checked in checked_groups:
+            need |= self._needed_state_for(checked)
         state = sd.get("state", {})
         arrays, steps = {}, set()
-        for pos, idx in enumerate(ids):
+        for idx, pos in pos_of.items():
             entry = state.get(idx, {}) if isinstance(state, Mapping) else None
             if entry is None or not isinstance(entry, Mapping):
                 raise TypeError(f"torch state dict: state[{idx}] must be a dict")
@@ -1063,6 +1554,7 @@ class Optimizer:
                     raise ValueError(f"torch state dict: state[{idx}][{name!r}] dtype "
                                      f"{a.dtype} does not fit {self.params.dtype}")
                 arrays.setdefault(name, {})[pos] = a.T.ravel() if transposed else a.ravel()
+        n = len(self._torch_layout)
         for name, parts in arrays.items():
             if len(parts) != n:
                 raise ValueError(f"torch state dict: {name!r} is kept for {len(parts)} of "
@@ -1086,7 +1578,16 @@ class Optimizer:
             raise ValueError(f"torch state dict lacks state {sorted(missing)}")
         with self._lock:
             self._settle()
-            self._set_hyper(dict(checked))
+            if n_groups == 1:
+                self._set_hyper(dict(checked_groups[0]))
+            else:
+                # The optimizer's own values stay; each group gets its own,
+                # its lr as a constant (torch keeps schedules outside).
+                for g, checked in zip(self._groups, checked_groups):
+                    g.values = {k: checked[k] for k in g.values if k != "lr"}
+                    g.values["lr"] = checked["lr"]
+                    g.lr_scale = None
+                self._alloc_state()
             for name, buf in self._state.items():
                 buf[...] = 0
                 for pos, flat in arrays.get(name, {}).items():
@@ -1095,45 +1596,64 @@ class Optimizer:
             self.step_count = step
 
     def _needed_state_for(self, values):
-        """:meth:`_needed_state` under the hyper-parameters ``values``."""
-        saved = self._values
-        self._values = values
-        try:
-            return self._needed_state()
-        finally:
-            self._values = saved
+        """Names of the state buffers the hyper-parameters ``values`` use."""
+        return self._needed_state_of(values)
 
     # -- the update -------------------------------------------------------------
-    def _fill_hp(self, hp, k):
+    def _fill_hp(self, hp, k, v):
+        """The rule's slots of ``hp`` for update ``k`` under the values ``v``."""
         raise NotImplementedError
 
-    def _fill_row(self, hp, k):
-        """Fill ``hp`` for update ``k``; returns its learning rate."""
-        lr = float(self.lr_schedule(k))
+    def _fill_row(self, hp, k, group=0):
+        """Fill ``hp`` for update ``k`` with group ``group``'s values;
+        returns its learning rate."""
+        lr = self._group_lr(group, k)
         if not (lr >= 0.0 and math.isfinite(lr)):
             raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
+        v = self._merged(self._groups[group].values, self._values)
         hp[:] = 0.0
         hp[_k.HP_LR] = lr
-        hp[_k.HP_MAXIMIZE] = float(self.maximize)
-        self._fill_hp(hp, k)
+        hp[_k.HP_MAXIMIZE] = float(v["maximize"])
+        self._fill_hp(hp, k, v)
         hp[_k.HP_UPDATE] = k
         return lr
 
     def _kernel_args(self):
-        """``(rule, s0, s1, s2, hp)`` for the next update ``k = step_count``;
-        on CUDA ``hp`` is the table of rows for every ``k`` the device can be
-        at (see the module docstring)."""
+        """``(rule, s0, s1, s2, hp)`` for the next update ``k = step_count``:
+        the arguments every update and step kernel takes after the buffers.
+        ``hp`` is one row, or with several parameter groups one row per
+        segment of the flat buffer (``kernels.cpu.optim``); on CUDA the
+        table of rows for every ``k`` the device can be at (see the module
+        docstring)."""
         s0, s1, s2 = self._buffers()
         if self._book is None:
-            self._lr_now = self._fill_row(self._hp, self._step_count)
+            k = self._step_count
+            if self._seg_group is None:
+                self._lr_now = self._fill_row(self._hp, k)
+                return self.rule, s0, s1, s2, self._hp
+            rows = self._group_rows
+            for gi in range(rows.shape[0]):
+                lr = self._fill_row(rows[gi], k, gi)
+                if gi == 0:
+                    self._lr_now = lr
+            np.take(rows, self._seg_group, axis=0, out=self._hp)
+            self._hp[:, _k.HP_END] = self._seg_ends
             return self.rule, s0, s1, s2, self._hp
         self._poll()
         table = self._book.table
         used = len(self._book.queue) + 1
         for r in range(used):
-            self._fill_row(table[r], self._step_count + r)
+            k = self._step_count + r
+            if self._seg_group is None:
+                self._fill_row(table[r], k)
+                continue
+            rows = self._group_rows
+            for gi in range(rows.shape[0]):
+                self._fill_row(rows[gi], k, gi)
+            np.take(rows, self._seg_group, axis=0, out=table[r])
+            table[r, :, _k.HP_END] = self._seg_ends
         table[used:] = 0.0
-        table[used:, _k.HP_UPDATE] = -1.0       # no update index: never chosen
+        table[used:, ..., _k.HP_UPDATE] = -1.0       # no update index: never chosen
         return self.rule, s0, s1, s2, table
 
     def _commit(self, norm, scale, skipped, layer_sq, with_loss=False):
@@ -1252,10 +1772,11 @@ class SGD(Optimizer):
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
                  maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False):
+                 capturable=False, differentiable=False, param_groups=None):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
                          skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
                          capturable=capturable, differentiable=differentiable,
+                         param_groups=param_groups,
                          momentum=momentum,
                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
 
@@ -1263,14 +1784,14 @@ class SGD(Optimizer):
         if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def _needed_state(self):
-        return {"momentum_buffer"} if self.momentum != 0 else set()
+    def _needed_state_of(self, v):
+        return {"momentum_buffer"} if v["momentum"] != 0 else set()
 
-    def _fill_hp(self, hp, k):
-        hp[_k.HP_WEIGHT_DECAY] = self.weight_decay
-        hp[_k.HP_MOMENTUM] = self.momentum
-        hp[_k.HP_DAMPENING] = self.dampening
-        hp[_k.HP_NESTEROV] = float(self.nesterov)
+    def _fill_hp(self, hp, k, v):
+        hp[_k.HP_WEIGHT_DECAY] = v["weight_decay"]
+        hp[_k.HP_MOMENTUM] = v["momentum"]
+        hp[_k.HP_DAMPENING] = v["dampening"]
+        hp[_k.HP_NESTEROV] = float(v["nesterov"])
         hp[_k.HP_FIRST] = float(k == 0)
 
 
@@ -1297,26 +1818,27 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
                  maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False):
+                 capturable=False, differentiable=False, param_groups=None):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
                          skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
                          capturable=capturable, differentiable=differentiable,
+                         param_groups=param_groups,
                          betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad)
 
-    def _needed_state(self):
-        return set(self.state_names) if self.amsgrad else {"exp_avg", "exp_avg_sq"}
+    def _needed_state_of(self, v):
+        return set(self.state_names) if v["amsgrad"] else {"exp_avg", "exp_avg_sq"}
 
-    def _fill_hp(self, hp, k):
-        b1, b2 = self.betas
+    def _fill_hp(self, hp, k, v):
+        b1, b2 = v["betas"]
         t = k + 1
-        hp[_k.HP_WEIGHT_DECAY] = self.weight_decay
+        hp[_k.HP_WEIGHT_DECAY] = v["weight_decay"]
         hp[_k.HP_BETA1] = b1
         hp[_k.HP_BETA2] = b2
-        hp[_k.HP_EPS] = self.eps
+        hp[_k.HP_EPS] = v["eps"]
         hp[_k.HP_BIAS_CORR1] = 1.0 - b1 ** t
         hp[_k.HP_BIAS_CORR2] = 1.0 - b2 ** t
-        hp[_k.HP_AMSGRAD] = float(self.amsgrad)
+        hp[_k.HP_AMSGRAD] = float(v["amsgrad"])
 
 
 class AdamW(Adam):
@@ -1333,11 +1855,12 @@ class AdamW(Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
                  maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False):
+                 capturable=False, differentiable=False, param_groups=None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, clip_norm=clip_norm,
                          clip_value=clip_value, skip_nonfinite=skip_nonfinite,
                          maximize=maximize, foreach=foreach, fused=fused,
-                         capturable=capturable, differentiable=differentiable)
+                         capturable=capturable, differentiable=differentiable,
+                         param_groups=param_groups)
 
 
 class RMSprop(Optimizer):
@@ -1365,24 +1888,25 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, *, clip_norm=None, clip_value=None,
                  skip_nonfinite=True, maximize=False, foreach=None, fused=None,
-                 capturable=False, differentiable=False):
+                 capturable=False, differentiable=False, param_groups=None):
         super().__init__(params, lr, clip_norm=clip_norm, clip_value=clip_value,
                          skip_nonfinite=skip_nonfinite, maximize=maximize, foreach=foreach, fused=fused,
                          capturable=capturable, differentiable=differentiable,
+                         param_groups=param_groups,
                          alpha=alpha, eps=eps,
                          weight_decay=weight_decay, momentum=momentum, centered=centered)
 
-    def _needed_state(self):
+    def _needed_state_of(self, v):
         need = {"square_avg"}
-        if self.momentum > 0:
+        if v["momentum"] > 0:
             need.add("momentum_buffer")
-        if self.centered:
+        if v["centered"]:
             need.add("grad_avg")
         return need
 
-    def _fill_hp(self, hp, k):
-        hp[_k.HP_WEIGHT_DECAY] = self.weight_decay
-        hp[_k.HP_ALPHA] = self.alpha
-        hp[_k.HP_EPS] = self.eps
-        hp[_k.HP_MOMENTUM] = self.momentum
-        hp[_k.HP_CENTERED] = float(self.centered)
+    def _fill_hp(self, hp, k, v):
+        hp[_k.HP_WEIGHT_DECAY] = v["weight_decay"]
+        hp[_k.HP_ALPHA] = v["alpha"]
+        hp[_k.HP_EPS] = v["eps"]
+        hp[_k.HP_MOMENTUM] = v["momentum"]
+        hp[_k.HP_CENTERED] = float(v["centered"])

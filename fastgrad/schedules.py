@@ -12,6 +12,13 @@ The formulas are optax's (``optax.constant_schedule``,
 ``StepLR`` for :func:`step_decay`; :class:`cosine_annealing`,
 :class:`polynomial_decay`, :class:`one_cycle` and :class:`reduce_on_plateau`
 follow ``torch.optim.lr_scheduler`` (also under torch's class names).
+
+With parameter groups (``fastgrad.optim``), the optimizer's schedule drives
+every group as torch's schedulers drive ``param_groups``: a group that sets
+a float ``lr`` follows the schedule scaled by ``lr / schedule(0)`` (torch
+scales each group's ``initial_lr``; e.g. ``StepLR`` or ``OneCycleLR`` with
+one ``max_lr`` per group), a group may carry a schedule of its own, and a
+:class:`reduce_on_plateau` stepped once reduces every group that follows it.
 """
 import math
 

@@ -126,6 +126,8 @@ class TrainStep:
         self.cuda_graph = bool(cuda_graph)
         if self.cuda_graph and (model.device != "cuda" or self._blocks):
             raise ValueError("cuda_graph=True needs a CUDA model without toolkit layers")
+        if self.cuda_graph and opt._seg_group is not None:
+            raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
         self._graphs = {}
         self.threads = self._threads_arg(threads, model)
         if model.device == "cuda":
@@ -247,6 +249,9 @@ class TrainStep:
         one when anything frozen into a graph changed (clipping, rule,
         optimizer state buffers after a load)."""
         opt = self.opt
+        if opt._seg_group is not None:
+            # the graph replays a device table of single hp rows
+            raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
         key = (B, int(rule), opt._clip_norm, opt._clip_value, id(s0), id(s1), id(s2))
         g = self._graphs.get(key)
         if g is None:

@@ -1,5 +1,6 @@
 """PyTorch habits on the optimizers (issue #17): ``maximize``, the settable
-learning rate, and PyTorch's implementation switches at their no-op values.
+learning rate, PyTorch's implementation switches at their no-op values, and
+parameter groups (several sets of hyper-parameters in the one fused update).
 
 Parity is against ``torch.optim`` 2.13 in float64 on (param, grad) pairs of
 odd shapes, with and without clipping (``clip_grad_norm_`` /
@@ -523,3 +524,514 @@ def test_param_groups_params_of_a_model():
     params = fg.Adam(model).param_groups[0]["params"]
     assert [a.shape for a in params] == [a.shape for a in model.parameters()]
     assert all(np.shares_memory(a, model.params) for a in params)
+
+
+# -- several parameter groups in the one fused update --------------------------
+#
+# fastgrad on (param, grad) pairs spelled as torch's list of group dicts, and
+# torch on copies with the same groups; the groups interleave in the flat
+# buffer (group 0 owns pairs 0 and 2, group 1 pairs 1 and 3), so each group
+# owns non-adjacent segments.
+
+GROUP_OF = [0, 1, 0, 1]
+GROUP_CONFIGS = [
+    ("adam", dict(lr=1e-2), [dict(lr=2e-2, betas=(0.8, 0.99)), dict(weight_decay=1e-2)]),
+    ("adamw", dict(lr=1e-2), [dict(weight_decay=0.1), dict(weight_decay=0.0)]),
+    ("adamw", dict(lr=1e-2, amsgrad=True), [dict(weight_decay=0.1), dict(amsgrad=False)]),
+    ("sgd", dict(lr=0.05, momentum=0.9), [dict(nesterov=True), dict(lr=0.01, dampening=0.1)]),
+    ("sgd", dict(lr=0.05), [dict(momentum=0.9), dict(lr=0.02)]),
+    ("rmsprop", dict(lr=1e-3, centered=True), [dict(momentum=0.9), dict(lr=3e-3, alpha=0.9)]),
+    ("rmsprop", dict(lr=1e-3), [dict(centered=True, weight_decay=1e-2), dict(maximize=True)]),
+]
+GROUP_IDS = [f"{k}-{i}" for i, (k, _, _) in enumerate(GROUP_CONFIGS)]
+
+
+class _Groups(_Pair):
+    """:class:`_Pair` with two interleaved parameter groups on both sides."""
+
+    def __init__(self, kind, hyper, groups, clip_norm, clip_value, seed=2, fg_groups=None):
+        torch = _torch()
+        rng = np.random.default_rng(seed)
+        self.arrays = [rng.standard_normal(s) for s in SHAPES]
+        self.tparams = [torch.nn.Parameter(torch.tensor(a)) for a in self.arrays]
+        self.grads = [np.zeros(s) for s in SHAPES]
+        tcls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+                "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[kind]
+        members = [[i for i, g in enumerate(GROUP_OF) if g == gi] for gi in range(2)]
+        thyper = {k: v for k, v in hyper.items()       # a test sets torch's scheduler
+                  if not isinstance(v, fg.schedules.Schedule)}
+        self.topt = tcls([dict(params=[self.tparams[i] for i in m], **h)
+                          for m, h in zip(members, groups)], foreach=False, **thyper)
+        fg_groups = fg_groups or groups
+        self.opt = CLASSES[kind](
+            [dict(params=[(self.arrays[i], self.grads[i]) for i in m], **h)
+             for m, h in zip(members, fg_groups)],
+            clip_norm=clip_norm, clip_value=clip_value, **hyper)
+        # both sides list the pairs group by group
+        order = members[0] + members[1]
+        self.arrays = [self.arrays[i] for i in order]
+        self.grads = [self.grads[i] for i in order]
+        self.tparams = [self.tparams[i] for i in order]
+        self.clip_norm, self.clip_value = clip_norm, clip_value
+        self.n = sum(a.size for a in self.arrays)
+
+
+@pytest.mark.parametrize("clip_norm,clip_value", CLIPS, ids=["noclip", "norm", "norm+value"])
+@pytest.mark.parametrize("kind,hyper,groups", GROUP_CONFIGS, ids=GROUP_IDS)
+def test_param_groups_match_torch(kind, hyper, groups, clip_norm, clip_value):
+    """Per-group hyper-parameters, clipping over all groups, 30 steps."""
+    pair = _Groups(kind, hyper, groups, clip_norm, clip_value)
+    assert len(pair.opt.param_groups) == 2 and pair.opt._hp.ndim == 2
+    start = [a.copy() for a in pair.arrays]
+    for g in _grads(pair.n):
+        stats = pair.step(g)
+        assert stats.lr == pair.topt.param_groups[0]["lr"]
+    for group, tgroup in zip(pair.opt.param_groups, pair.topt.param_groups):
+        for key, value in group.items():
+            if key != "params":
+                assert value == (tuple(tgroup[key]) if key == "betas" else tgroup[key]), key
+    assert all(not np.array_equal(a, s) for a, s in zip(pair.arrays, start))
+
+
+def test_param_groups_kernel_matches_the_reference_per_segment():
+    """The segment rows of the kernel against ``fastgrad.reference``: each
+    segment gets its group's rule values, the clip scale is global."""
+    from fastgrad import reference as ref
+    from fastgrad.kernels.cpu import optim as K
+    rng = np.random.default_rng(11)
+    n = 1001
+    ends = [3, 130, 131, 600, 1001]
+    group = [0, 1, 0, 2, 1]
+    lrs, wds = [1e-2, 3e-3, 0.1], [0.1, 0.0, 1e-2]
+    p = rng.standard_normal(n)
+    g = rng.standard_normal(n) * 3
+    m, v = np.zeros(n), np.zeros(n)
+    hp = np.zeros((len(ends), K.HP_SIZE))
+    for s, (end, gi) in enumerate(zip(ends, group)):
+        hp[s, [K.HP_LR, K.HP_WEIGHT_DECAY, K.HP_BETA1, K.HP_BETA2, K.HP_EPS, K.HP_BIAS_CORR1,
+               K.HP_BIAS_CORR2, K.HP_END]] = [lrs[gi], wds[gi], 0.9, 0.999, 1e-8, 0.1,
+                                             0.001, end]
+    offsets = np.array([0, 500, n], np.int64)
+    layer_sq = np.zeros(2)
+    want_g, norm = ref.clip_grad(g, clip_norm=1.0)
+    want = p.copy()
+    lo = 0
+    for end, gi in zip(ends, group):
+        want[lo:end] = ref.optimizer_step("adamw", p[lo:end], want_g[lo:end], {}, 1, lrs[gi],
+                                          weight_decay=wds[gi])
+        lo = end
+    got_norm, scale, skipped = K.clipped_update(K.ADAMW, p, g, m, v, p[:0], hp, offsets,
+                                                layer_sq, 1.0, 0.0)
+    assert not skipped and got_norm == pytest.approx(norm, rel=1e-14)
+    np.testing.assert_allclose(p, want, rtol=1e-13, atol=1e-15)
+
+
+def _adamw_recipe(model, **kw):
+    return fg.AdamW(model, lr=1e-2, param_groups=[
+        {"params": model.weights(), "weight_decay": 0.1},
+        {"params": model.biases_and_norms(), "weight_decay": 0.0}], **kw)
+
+
+def _torch_groups_of(model, tmodel):
+    """torch's parameters of ``model.to_torch()`` split as weights() and
+    biases_and_norms() split fastgrad's: a Linear's weight (for weight norm
+    its direction ``original1``) against everything else."""
+    torch = _torch()
+    linear = {id(m.parametrizations.weight.original1 if hasattr(m, "parametrizations")
+                 else m.weight) for m in tmodel.modules() if isinstance(m, torch.nn.Linear)}
+    weights = [p for p in tmodel.parameters() if id(p) in linear]
+    rest = [p for p in tmodel.parameters() if id(p) not in linear]
+    assert len(weights) == len(model.weights())
+    return weights, rest
+
+
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_adamw_no_decay_on_biases_recipe_matches_torch(clip_norm):
+    """The common AdamW recipe on a model (weights decayed, biases and
+    layer-norm gains not), real forward/backward on both sides."""
+    torch = _torch()
+    model = fg.Sequential([fg.Dense(6, 9, activation="tanh", norm="layer"),
+                           fg.Dense(9, 9, activation="tanh"),
+                           fg.Dense(9, 4, activation=None)], dtype="float64", seed=3)
+    tmodel = model.to_torch().double()
+    opt = _adamw_recipe(model, clip_norm=clip_norm)
+    tw, trest = _torch_groups_of(model, tmodel)
+    topt = torch.optim.AdamW([{"params": tw, "weight_decay": 0.1},
+                              {"params": trest, "weight_decay": 0.0}], lr=1e-2, foreach=False)
+    assert [a.shape for a in model.weights()] == [(6, 9), (9, 9), (9, 4)]
+    assert len(model.biases_and_norms()) == 5
+    loss_fn = fg.SoftmaxCrossEntropy()
+    rng = np.random.default_rng(4)
+    for _ in range(25):
+        x, y = rng.standard_normal((7, 6)) * 3, rng.integers(0, 4, 7)
+        _, dy = loss_fn(model.forward(x), y)
+        model.backward(dy, input_grad=False)
+        stats = opt.step()
+        topt.zero_grad()
+        tl = torch.nn.functional.cross_entropy(tmodel(torch.tensor(x)), torch.tensor(y))
+        tl.backward()
+        if clip_norm is not None:
+            total = torch.nn.utils.clip_grad_norm_(tmodel.parameters(), clip_norm, foreach=False)
+            assert stats.grad_norm == pytest.approx(float(total), rel=1e-10)
+        topt.step()
+    for a, (name, t) in zip(model.parameters(), tmodel.named_parameters()):
+        t = t.detach().numpy()
+        np.testing.assert_allclose(a, t.T if a.ndim == 2 else t, rtol=1e-11, atol=1e-12,
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("which", ["step_decay", "one_cycle"])
+def test_param_groups_with_a_torch_scheduler(which):
+    """A fastgrad schedule scales each group's initial lr, as torch's
+    StepLR / OneCycleLR do per group; a group may also carry its own."""
+    torch = _torch()
+    from fastgrad import schedules
+    n = 30
+    if which == "step_decay":
+        sched = schedules.step_decay(1e-2, 4, 0.5)
+        groups = [dict(lr=1e-2), dict(lr=3e-3)]        # initial lrs, as torch's
+        fg_groups = [dict(), dict(lr=3e-3)]             # group 0 follows the schedule
+    else:
+        sched = schedules.one_cycle(1e-2, n, anneal_strategy="linear")
+        groups = [dict(), dict()]
+        # group 1 peaks at 4e-3: its initial lr 4e-3 / 25 scales the schedule,
+        # or it carries its own one_cycle (both are torch's max_lr=[.., 4e-3])
+        fg_groups = [dict(), dict(lr=schedules.one_cycle(4e-3, n, anneal_strategy="linear"))]
+    pair = _Groups("adam", dict(lr=sched), groups, 1.0, None, fg_groups=fg_groups)
+    if which == "step_decay":
+        pair.topt = torch.optim.Adam(
+            [dict(params=pair.tparams[:2], lr=1e-2), dict(params=pair.tparams[2:], lr=3e-3)],
+            foreach=False)
+        tsched = torch.optim.lr_scheduler.StepLR(pair.topt, 4, 0.5)
+    else:
+        pair.topt = torch.optim.Adam([dict(params=pair.tparams[:2]),
+                                      dict(params=pair.tparams[2:])], foreach=False)
+        tsched = torch.optim.lr_scheduler.OneCycleLR(
+            pair.topt, max_lr=[1e-2, 4e-3], total_steps=n, anneal_strategy="linear",
+            cycle_momentum=False)
+    for g in _grads(pair.n, steps=n):
+        for group, tgroup in zip(pair.opt.param_groups, pair.topt.param_groups):
+            assert group["lr"] == pytest.approx(tgroup["lr"], rel=1e-13)
+        pair.step(g)
+        tsched.step()
+    if which == "one_cycle":                # the scaled spelling gives the same lrs
+        opt = Adam([{"params": [(np.zeros(2), np.zeros(2))]},
+                    {"params": [(np.zeros(3), np.zeros(3))], "lr": 4e-3 / 25}], lr=sched)
+        for k in range(n):
+            opt.step_count = k
+            assert opt.param_groups[1]["lr"] == pytest.approx(
+                pair.opt._group_lr(1, k), rel=1e-13)
+
+
+def test_param_groups_follow_a_plateau_schedule_together():
+    """ReduceLROnPlateau (driven through opt.lr_schedule, as fit's callback
+    does) reduces every group that follows the optimizer's schedule, as
+    torch's reduces every group; a group with its own schedule keeps it."""
+    torch = _torch()
+    sched = fg.schedules.reduce_on_plateau(1e-2, patience=0, factor=0.5)
+    pairs = [(np.zeros(n), np.zeros(n)) for n in (2, 3, 4)]
+    opt = Adam([{"params": [pairs[0]]}, {"params": [pairs[1]], "lr": 1e-3},
+                {"params": [pairs[2]], "lr": fg.schedules.constant(0.1)}], lr=sched)
+    tps = [torch.nn.Parameter(torch.zeros(n)) for n in (2, 3, 4)]
+    topt = torch.optim.Adam([{"params": [tps[0]]}, {"params": [tps[1]], "lr": 1e-3}], lr=1e-2)
+    tsched = torch.optim.lr_scheduler.ReduceLROnPlateau(topt, patience=0, factor=0.5)
+    for metric in (1.0, 2.0, 3.0, 0.5, 0.7):
+        opt.lr_schedule.step(metric)
+        tsched.step(metric)
+        got = [g["lr"] for g in opt.param_groups]
+        assert got[:2] == pytest.approx([g["lr"] for g in topt.param_groups], rel=1e-15)
+        assert got[2] == 0.1
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-3 * 0.5 ** 3, rel=1e-15)
+
+
+def test_param_groups_lr_written_mid_run_matches_torch():
+    pair = _Groups("sgd", dict(lr=0.05, momentum=0.9), [dict(), dict(lr=0.01)], 1.0, None)
+    for t, g in enumerate(_grads(pair.n)):
+        if t == 6:
+            for group, tgroup in zip(pair.opt.param_groups, pair.topt.param_groups):
+                group["lr"] *= 0.5
+                tgroup["lr"] *= 0.5
+        if t == 13:
+            pair.opt.param_groups[1]["momentum"] = 0.5
+            pair.topt.param_groups[1]["momentum"] = 0.5
+            pair.opt.param_groups[0]["nesterov"] = True
+            pair.topt.param_groups[0]["nesterov"] = True
+        pair.step(g)
+    assert pair.opt.param_groups[1]["lr"] == pytest.approx(0.005, rel=1e-15)
+    assert pair.opt.lr == pair.opt.param_groups[0]["lr"] == pytest.approx(0.025, rel=1e-15)
+    # opt.lr and opt.<name> set every group
+    pair.opt.lr = 0.1
+    pair.opt.momentum = 0.8
+    assert [(g["lr"], g["momentum"]) for g in pair.opt.param_groups] == [(0.1, 0.8)] * 2
+
+
+def test_param_groups_by_name_and_by_view_are_the_same():
+    model = fg.MLP([4, 6, 3], dtype="float64", seed=0)
+    names = [n for n, _ in model.named_parameters()]
+    by_view = _adamw_recipe(model)
+    by_name = fg.AdamW(model, lr=1e-2, param_groups=[
+        {"params": [n for n in names if n.endswith(".W")], "weight_decay": 0.1},
+        {"params": [n for n in names if n.endswith(".b")], "weight_decay": 0.0}])
+    torch_spelling = fg.AdamW([{"params": model.weights(), "weight_decay": 0.1},
+                               {"params": model.biases_and_norms(), "weight_decay": 0.0}],
+                              lr=1e-2)
+    for opt in (by_name, torch_spelling):
+        assert opt.params is model.params
+        assert [g.ranges for g in opt._groups] == [g.ranges for g in by_view._groups]
+        np.testing.assert_array_equal(opt._kernel_args()[4], by_view._kernel_args()[4])
+    got = by_view.param_groups[1]["params"]
+    assert len(got) == 2 and all(a is b for a, b in zip(got, model.biases_and_norms()))
+
+
+def _toolkit_model(seed):
+    return fg.Sequential([fg.Dense(5, 8, activation="tanh", norm="layer", dropout=0.0),
+                          fg.Residual(fg.Dense(8, 8, activation="relu")),
+                          fg.Dense(8, 3, activation=None, weight_norm=True)],
+                         dtype="float64", seed=seed)
+
+
+@pytest.mark.parametrize("build", [_toolkit_model,
+                                   lambda s: fg.MLP([5, 8, 3], dtype="float64", seed=s)],
+                         ids=["toolkit", "plain"])
+def test_param_groups_train_step_matches_opt_step_bitwise(build):
+    rng = np.random.default_rng(6)
+    loss_fn = fg.SoftmaxCrossEntropy()
+    m1, m2 = build(1), build(1)
+    opt1, opt2 = (_adamw_recipe(m, clip_norm=0.5) for m in (m1, m2))
+    opt1.param_groups[1]["lr"] = opt2.param_groups[1]["lr"] = 3e-2
+    step = fg.TrainStep(m2, loss_fn, opt2)
+    for _ in range(6):
+        x, y = rng.standard_normal((9, 5)), rng.integers(0, 3, 9)
+        _, dy = loss_fn(m1.forward(x), y)
+        m1.backward(dy, input_grad=False)
+        s1 = opt1.step()
+        step(x, y)
+        assert step.stats == s1
+    np.testing.assert_array_equal(m2.params, m1.params)
+    for name in opt1.state:
+        np.testing.assert_array_equal(opt2.state[name], opt1.state[name])
+
+
+def test_param_groups_parallel_update_is_bitwise_serial():
+    """Chunks of the parallel update cut across segments (> 2 chunks)."""
+    m1, m2 = (fg.MLP([300, 256, 257, 10], dtype="float32", seed=2) for _ in range(2))
+    opt1, opt2 = (_adamw_recipe(m, clip_norm=1.0) for m in (m1, m2))
+    opt2.parallel = True
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        g = rng.standard_normal(m1.params.size).astype(np.float32)
+        m1.grads[...] = g
+        m2.grads[...] = g
+        assert opt1.step() == opt2.step()
+    np.testing.assert_array_equal(m2.params, m1.params)
+
+
+def test_param_groups_refusals():
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
+    W, b = model.weights(), model.biases_and_norms()
+    with pytest.raises(ValueError, match=r"parameter layers\.0\.W is in param groups 0 and 1"):
+        fg.AdamW(model, param_groups=[{"params": W}, {"params": W + b}])
+    with pytest.raises(ValueError, match=r"\['layers\.0\.b', 'layers\.1\.b'\] are in no param"):
+        fg.AdamW(model, param_groups=[{"params": W}])
+    with pytest.raises(ValueError, match=r"AdamW has no hyper-parameter\(s\) \['momentum'\]"):
+        fg.AdamW(model, param_groups=[{"params": W, "momentum": 0.9}, {"params": b}])
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        fg.AdamW(model, param_groups=[{"params": W, "weight_decay": -1}, {"params": b}])
+    with pytest.raises(ValueError, match="beta2 must be in"):
+        fg.AdamW(model, param_groups=[{"params": W, "betas": (0.9, 1.0)}, {"params": b}])
+    with pytest.raises(ValueError, match="clip_norm is set on the optimizer"):
+        fg.AdamW(model, param_groups=[{"params": W, "clip_norm": 1.0}, {"params": b}])
+    with pytest.raises(ValueError, match="Nesterov momentum requires"):
+        fg.SGD(model, param_groups=[{"params": W, "nesterov": True}, {"params": b}])
+    with pytest.raises(ValueError, match="'layers.7.W' is not a parameter"):
+        fg.AdamW(model, param_groups=[{"params": ["layers.7.W"]}, {"params": W + b}])
+    with pytest.raises(ValueError, match=r"shape \(4, 5\) is not a parameter"):
+        fg.AdamW(model, param_groups=[{"params": [np.zeros((4, 5))]}, {"params": W + b}])
+    with pytest.raises(ValueError, match="param group 1 has no parameters"):
+        fg.AdamW(model, param_groups=[{"params": W + b}, {"params": []}])
+    with pytest.raises(ValueError, match="param group 0 has no 'params'"):
+        fg.AdamW(model, param_groups=[{"lr": 0.1}])
+    with pytest.raises(TypeError, match="param_groups must be a non-empty list of dicts"):
+        fg.AdamW(model, param_groups={"params": W})
+    with pytest.raises(TypeError, match="given twice"):
+        fg.AdamW([{"params": W + b}], param_groups=[{"params": W + b}])
+    with pytest.raises(TypeError, match="pass the model"):
+        fg.AdamW([{"params": ["layers.0.W"]}])
+    with pytest.raises(ValueError, match="schedule starts at 0.0"):
+        fg.AdamW(model, lr=fg.schedules.linear_warmup(0.0, 1e-2, 5),
+                 param_groups=[{"params": W, "lr": 1e-3}, {"params": b}])
+    with pytest.raises(ValueError, match="fused=True"):
+        fg.AdamW(model, param_groups=[{"params": W, "fused": True}, {"params": b}])
+    opt = _adamw_recipe(model)
+    group = opt.param_groups[0]
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        group["lr"] = float("nan")
+    with pytest.raises(TypeError, match="amsgrad must be True or False"):
+        group["amsgrad"] = 1
+    with pytest.raises(KeyError, match="'momentum' cannot be set"):
+        group["momentum"] = 0.9
+    after = opt.state_dict()
+    assert after["groups"] == before["groups"] and after["hyper"] == before["hyper"]
+
+
+def test_one_explicit_group_is_the_optimizer():
+    """One group over everything: its values become the optimizer's, the
+    kernel keeps the single row, checkpoints keep the plain form."""
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
+    opt = fg.AdamW(model, param_groups=[{"params": list(model.parameters()),
+                                         "weight_decay": 0.0, "lr": 3e-3}])
+    plain = fg.AdamW(model, weight_decay=0.0, lr=3e-3)
+    assert opt.weight_decay == 0.0 and opt.lr == 3e-3 and opt._hp.ndim == 1
+    sd, sd_plain = opt.state_dict(), plain.state_dict()
+    assert sd.pop("state").keys() == sd_plain.pop("state").keys() and sd == sd_plain
+    np.testing.assert_array_equal(opt._kernel_args()[4], plain._kernel_args()[4])
+    opt.param_groups[0]["lr"] = 1e-3
+    assert opt.lr == opt.lr_schedule(0) == 1e-3
+
+
+def test_param_groups_state_follows_the_groups():
+    """A state buffer exists when some group needs it (amsgrad in one group)."""
+    p = [np.zeros(3), np.zeros(4)]
+    opt = Adam([{"params": [(p[0], np.ones(3))]}, {"params": [(p[1], np.ones(4))]}])
+    assert set(opt.state) == {"exp_avg", "exp_avg_sq"}
+    opt.param_groups[1]["amsgrad"] = True
+    assert set(opt.state) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    assert opt.amsgrad is False and opt.param_groups[1]["amsgrad"] is True
+
+
+def test_param_groups_checkpoint_round_trip(tmp_path):
+    """fg.save / fg.load keep the groups; the resumed run equals an
+    uninterrupted one bitwise.  Files without groups load as one group."""
+    from fastgrad import schedules
+    rng = np.random.default_rng(3)
+    data = [(rng.standard_normal((8, 5)), rng.integers(0, 3, 8)) for _ in range(8)]
+    loss_fn = fg.SoftmaxCrossEntropy()
+
+    def build():
+        model = _toolkit_model(5)
+        opt = fg.AdamW(model, lr=schedules.step_decay(1e-2, 3, 0.5), clip_norm=1.0,
+                       param_groups=[{"params": model.weights(), "weight_decay": 0.1},
+                                     {"params": model.biases_and_norms(), "lr": 2e-3,
+                                      "weight_decay": 0.0, "betas": (0.8, 0.9)}])
+        opt.param_groups[0]["eps"] = 1e-7          # a write through a group is kept too
+        return model, opt
+
+    def run(model, opt, batches):
+        step = fg.TrainStep(model, loss_fn, opt)
+        for x, y in batches:
+            step(x, y)
+
+    m1, o1 = build()
+    run(m1, o1, data)
+    m2, o2 = build()
+    run(m2, o2, data[:4])
+    fg.save(tmp_path / "g.fgz", m2, o2)
+    m3, o3 = fg.load(tmp_path / "g.fgz")
+    assert [dict((k, v) for k, v in g.items() if k != "params") for g in o3.param_groups] == \
+        [dict((k, v) for k, v in g.items() if k != "params") for g in o2.param_groups]
+    assert o3.param_groups[0]["eps"] == 1e-7 and o3._groups[1].lr_scale == (2e-3, 1e-2)
+    run(m3, o3, data[4:])
+    np.testing.assert_array_equal(m3.params, m1.params)
+    assert o3.step_count == o1.step_count == 8
+    # a checkpoint without groups (one group, or older) loads as one group
+    m4, o4 = build()
+    sd = o4.state_dict()
+    del sd["groups"]
+    o4.load_state_dict(sd)
+    assert len(o4.param_groups) == 1 and o4._hp.ndim == 1
+    assert o4.weight_decay == 1e-2 and o4.lr == 1e-2
+
+
+def test_param_groups_torch_state_dict_both_ways():
+    """torch AdamW with two groups -> fastgrad -> torch, trajectories equal."""
+    torch = _torch()
+    model = fg.Sequential([fg.Dense(5, 7, activation="tanh", norm="layer"),
+                           fg.Dense(7, 3, activation=None, weight_norm=True)],
+                          dtype="float64", seed=0)
+    tmodel = model.to_torch().double()
+    tw, trest = _torch_groups_of(model, tmodel)
+    topt = torch.optim.AdamW([{"params": tw, "weight_decay": 0.1, "lr": 2e-2},
+                              {"params": trest, "weight_decay": 0.0}], lr=1e-2, foreach=False)
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((6, 5)), rng.integers(0, 3, 6)
+    loss_fn = fg.SoftmaxCrossEntropy()
+
+    def torch_step():
+        topt.zero_grad()
+        torch.nn.functional.cross_entropy(tmodel(torch.tensor(x)), torch.tensor(y)).backward()
+        topt.step()
+
+    for _ in range(5):
+        torch_step()
+    # torch -> fastgrad (parameters copied over, state by load_state_dict)
+    model.load_state_dict({k: v for k, v in fg.from_torch(tmodel, dtype="float64")
+                           .state_dict().items()})
+    opt = _adamw_recipe(model)
+    opt.load_state_dict(topt.state_dict())
+    assert opt.step_count == 5
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(2e-2, 0.1),
+                                                                       (1e-2, 0.0)]
+    for _ in range(20):
+        _, dy = loss_fn(model.forward(x), y)
+        model.backward(dy, input_grad=False)
+        opt.step()
+        torch_step()
+    back = fg.from_torch(tmodel, dtype="float64")
+    np.testing.assert_allclose(model.params, back.params, rtol=1e-11, atol=1e-12)
+    # fastgrad -> torch: the state dict loads into torch's grouped AdamW
+    sd = opt.state_dict(format="torch")
+    assert [g["params"] for g in sd["param_groups"]] == [[0, 1], [2, 3, 4, 5, 6]]
+    t2 = model.to_torch().double()
+    w2, r2 = _torch_groups_of(model, t2)
+    topt2 = torch.optim.AdamW([{"params": w2}, {"params": r2}], foreach=False)
+    topt2.load_state_dict(sd)
+    assert [(g["lr"], g["weight_decay"]) for g in topt2.param_groups] == [(2e-2, 0.1),
+                                                                         (1e-2, 0.0)]
+    for p1, p2 in zip(tw + trest, w2 + r2):
+        s1, s2 = topt.state[p1], topt2.state[p2]
+        assert float(s1["step"]) == float(s2["step"]) == 25.0
+        for name in ("exp_avg", "exp_avg_sq"):
+            np.testing.assert_allclose(s2[name].numpy(), s1[name].numpy(), rtol=1e-10,
+                                       atol=1e-13)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind,hyper,groups", [GROUP_CONFIGS[1], GROUP_CONFIGS[3],
+                                               GROUP_CONFIGS[5]], ids=["adamw", "sgd", "rmsprop"])
+def test_cuda_param_groups_match_cpu(cp, kind, hyper, groups):
+    """Several groups in the CUDA update (one launch per segment, the table
+    of segment rows chosen on the device) against the CPU, opt.step() and
+    the fused CUDA TrainStep, with group writes mid-run."""
+    rng = np.random.default_rng(9)
+    loss_fn = fg.SoftmaxCrossEntropy()
+
+    def build(device):
+        model = fg.MLP([5, 8, 7, 3], dtype="float64", seed=4, device=device)
+        parts = [model.weights(), model.biases_and_norms()]
+        if kind == "sgd":       # group 0 (whose lr the stats report) starts at segment 1
+            parts.reverse()
+        opt = CLASSES[kind](model, clip_norm=0.5, param_groups=[
+            dict(params=parts[0], **groups[0]), dict(params=parts[1], **groups[1])], **hyper)
+        return model, opt
+
+    (mc, oc), (mg, og), (ms, os_) = build("cpu"), build("cuda"), build("cuda")
+    step = fg.TrainStep(ms, loss_fn, os_)
+    for t in range(12):
+        if t == 5:
+            for o in (oc, og, os_):
+                o.param_groups[1]["lr"] = 2 * o.param_groups[1]["lr"]
+                o.param_groups[0]["weight_decay"] = 0.05
+        x, y = rng.standard_normal((6, 5)), rng.integers(0, 3, 6)
+        for m, o in ((mc, oc), (mg, og)):
+            _, dy = loss_fn(m.forward(m._xp.asarray(x)), m._xp.asarray(y))
+            m.backward(dy, input_grad=False)
+        s_cpu, s_gpu = oc.step(), og.step()
+        step(x, y)
+        assert s_gpu.lr == s_cpu.lr == step.stats.lr
+        assert s_gpu.grad_norm == pytest.approx(s_cpu.grad_norm, rel=1e-12)
+    for m in (mg, ms):
+        np.testing.assert_allclose(cp.asnumpy(m.params), mc.params, rtol=1e-12, atol=1e-14)
+    assert og.step_count == os_.step_count == 12
+    with pytest.raises(ValueError, match="one parameter group"):
+        fg.TrainStep(mg, loss_fn, og, cuda_graph=True)

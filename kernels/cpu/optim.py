@@ -31,7 +31,14 @@ RMSPROP   square_avg      momentum_buffer      grad_avg (centered)
 
 ``hp`` is a float64 array of ``HP_SIZE`` per-update hyper-parameters, filled
 on the host (``fastgrad.optim``) for the update about to be made; each rule
-reads only its own slots (indices ``HP_*`` below).
+reads only its own slots (indices ``HP_*`` below).  With parameter groups
+(several sets of hyper-parameters in one update) ``hp`` is 2-D instead: one
+row per contiguous segment of the flat buffer, in buffer order, each row's
+``HP_END`` holding the end of its segment (the first starts at 0, each next
+one where the previous ended; the last ends at ``p.size``).  A group owning
+several non-adjacent segments repeats its row.  The 1-D row stays the
+single-group case, compiled as before: the dimension is a compile-time
+constant in Numba, so a single-group step never compiles the segment loop.
 
 No ``fastmath`` anywhere: the non-finite test must see NaN and Inf, and the
 float64 path must round like PyTorch.  The passes are memory bound, so the
@@ -71,7 +78,8 @@ HP_ALPHA = 12        # RMSprop smoothing constant
 HP_CENTERED = 13     # RMSprop: 1.0 keeps grad_avg in s2
 HP_UPDATE = 14       # the update index k the row was filled for (CUDA picks its row by it)
 HP_MAXIMIZE = 15     # 1.0: ascend (torch's maximize=True), the clipped gradient is negated
-HP_SIZE = 16
+HP_END = 16          # one row per segment (parameter groups): the segment's end in p
+HP_SIZE = 17
 
 
 @njit(**dict(JIT, **INLINE))
@@ -218,6 +226,23 @@ def update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
 
 
 @njit(**JIT)
+def update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
+    """Pass 2 on elements ``[lo, hi)`` under ``hp``: one row (every element),
+    or one row per segment (see the module docstring)."""
+    if hp.ndim == 1:
+        update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi)
+    else:
+        start = 0
+        for s in range(hp.shape[0]):
+            end = np.int64(hp[s, HP_END])
+            a = max(start, lo)
+            b = min(end, hi)
+            if a < b:
+                update_range(rule, p, g, s0, s1, s2, hp[s], scale, clip_value, a, b)
+            start = end
+
+
+@njit(**JIT)
 def clip_scale(norm, clip_norm):
     """``min(1, clip_norm / (norm + 1e-6))`` as ``clip_grad_norm_``; 1 if off."""
     if clip_norm > 0:
@@ -237,8 +262,11 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
         Flat parameters (updated in place) and gradient (read only).
     s0, s1, s2 : 1-D arrays of ``p``'s dtype
         State buffers of the rule (see the module docstring), size 0 if unused.
-    hp : 1-D float64 array of length ``HP_SIZE``
-        Hyper-parameters of this update (slots ``HP_*``).
+    hp : float64 array, ``(HP_SIZE,)`` or ``(n_segments, HP_SIZE)``
+        Hyper-parameters of this update (slots ``HP_*``): one row, or one
+        row per segment of ``p`` (parameter groups; module docstring).
+        Norm clipping and the skip decision are global either way, as
+        ``clip_grad_norm_`` over all parameters.
     offsets : 1-D int64 array, ``n_layers + 1`` layer boundaries in ``p``.
     layer_sq : 1-D float64 array of length ``n_layers``
         Output: squared L2 norm of each layer's gradient (written even when
@@ -259,7 +287,7 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     if not np.isfinite(norm):
         return norm, 0.0, True
     scale = clip_scale(norm, clip_norm)
-    update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, 0, p.shape[0])
+    update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, 0, p.shape[0])
     return norm, scale, False
 
 
@@ -273,7 +301,7 @@ def _update_parallel(rule, p, g, s0, s1, s2, hp, scale, clip_value):
     n = p.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
         lo = c * CHUNK
-        update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, min(lo + CHUNK, n))
+        update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, min(lo + CHUNK, n))
 
 
 @njit(**JIT)

@@ -36,7 +36,8 @@ enum { SGD = 0, ADAM = 1, ADAMW = 2, RMSPROP = 3 };
 enum { HP_LR = 0, HP_WEIGHT_DECAY = 1, HP_BETA1 = 2, HP_BETA2 = 3, HP_EPS = 4,
        HP_BIAS_CORR1 = 5, HP_BIAS_CORR2 = 6, HP_AMSGRAD = 7, HP_MOMENTUM = 8,
        HP_DAMPENING = 9, HP_NESTEROV = 10, HP_FIRST = 11, HP_ALPHA = 12,
-       HP_CENTERED = 13, HP_UPDATE = 14, HP_MAXIMIZE = 15, HP_SIZE = 16 };
+       HP_CENTERED = 13, HP_UPDATE = 14, HP_MAXIMIZE = 15, HP_END = 16,
+       HP_SIZE = 17 };
 
 // Control block of one update (kernels/cuda/optim.py CTL_*), the record the
 // host reads back without a sync.  The clip kernel writes norm, scale, skip

@@ -12,7 +12,10 @@
 // it uploads a table of hp rows, one per update index it may be at (row r
 // made for k = table[0][HP_UPDATE] + r; unused rows -1), and fg_clip_control
 // copies the row of the device's count into hp.  A captured CUDA graph thus
-// replays with each step's learning rate and bias corrections.
+// replays with each step's learning rate and bias corrections.  With
+// parameter groups a table row holds one HP_SIZE block per segment of the
+// flat buffer (width = n_segments * HP_SIZE; the first block's HP_UPDATE
+// names the count) and fg_update runs once per segment on its block.
 //
 // Compiled with --fmad=false (see common.cuh): every + and * rounds as in
 // Numba without fastmath, sqrt and / are IEEE-rounded, so given the same
@@ -27,9 +30,11 @@
 // or when the table has no row for the device's step count (a host bug,
 // reported as ERR_NO_HP_ROW).  With match_step == 0 the table's one row is
 // used as it is.  step[0] (updates applied so far) advances unless skipped.
+// A row is width values (HP_SIZE per segment); ctl's lr is hp[lr_slot].
 template <typename T>
 __global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm, const T* table,
-                                long long n_rows, long long match_step, T* hp, T* step)
+                                long long n_rows, long long width, long long lr_slot,
+                                long long match_step, T* hp, T* step)
 {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     long long row = 0;
@@ -38,10 +43,10 @@ __global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm, con
         row = (long long)(step[0] - table[fg::HP_UPDATE]);
         // Unused rows carry HP_UPDATE = -1 (the table has a fixed size so
         // that a captured graph can replay it): a row must name the count.
-        lost = row < 0 || row >= n_rows || table[row * fg::HP_SIZE + fg::HP_UPDATE] != step[0];
+        lost = row < 0 || row >= n_rows || table[row * width + fg::HP_UPDATE] != step[0];
     }
     if (lost) row = 0;
-    for (int k = 0; k < fg::HP_SIZE; ++k) hp[k] = table[row * fg::HP_SIZE + k];
+    for (long long k = 0; k < width; ++k) hp[k] = table[row * width + k];
     const double status = ctl[fg::CTL_STATUS];
     ctl[fg::CTL_STATUS] = T(0.0);                   // consumed: the next step starts clean
     const double norm = sqrt((double)total_sq[0]);
@@ -54,7 +59,7 @@ __global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm, con
     ctl[fg::CTL_SCALE] = T(scale);
     ctl[fg::CTL_SKIP] = T(skip ? 1.0 : 0.0);
     ctl[fg::CTL_STEP] = step[0];
-    ctl[fg::CTL_LR] = hp[fg::HP_LR];
+    ctl[fg::CTL_LR] = hp[lr_slot];
     ctl[fg::CTL_ERROR] = T(lost ? double(fg::ERR_NO_HP_ROW) : status);
 }
 
@@ -198,5 +203,6 @@ __global__ void fg_update(T* p, const T* g, T* s0, T* s1, T* s2, const double* h
 FG_INST(float, 0) FG_INST(float, 1) FG_INST(float, 2) FG_INST(float, 3)
 FG_INST(double, 0) FG_INST(double, 1) FG_INST(double, 2) FG_INST(double, 3)
 template __global__ void fg_clip_control<double>(const double*, double*, double, const double*,
-                                                 long long, long long, double*, double*);
+                                                 long long, long long, long long, long long,
+                                                 double*, double*);
 #endif

@@ -14,7 +14,11 @@ Hyper-parameters: ``hp`` is one row of ``HP_SIZE`` float64 (used as is) or
 a table of rows for consecutive update indices ``k`` (``HP_UPDATE`` holds
 each row's ``k``) together with a device step counter ``ws["step"]``: the
 row of the device's count is used and the count advances unless the update
-is skipped.  That is how ``fastgrad.optim`` keeps the step count and the
+is skipped.  With parameter groups a row is itself ``(n_segments,
+HP_SIZE)``, one block per contiguous segment of the flat buffer with its
+end in ``HP_END`` (the CPU's segment rows, ``kernels.cpu.optim``), so a
+host ``hp`` is 3-D ``(rows, n_segments, HP_SIZE)``; the segments are read
+from its first row on the host and pass 2 runs once per segment.  That is how ``fastgrad.optim`` keeps the step count and the
 bias corrections on the device: the host need not know whether the updates
 it queued were skipped.  A host ``hp`` is sent by an asynchronous copy from
 pinned memory (``transfer.Uploader``; ``cupy.asarray`` would wait for the
@@ -30,8 +34,8 @@ import numpy as np
 
 from ..cpu.optim import (ADAM, ADAMW, HP_ALPHA, HP_AMSGRAD, HP_BETA1, HP_BETA2,
                          HP_BIAS_CORR1, HP_BIAS_CORR2, HP_CENTERED, HP_DAMPENING,
-                         HP_EPS, HP_FIRST, HP_LR, HP_MOMENTUM, HP_NESTEROV, HP_SIZE,
-                         HP_UPDATE, HP_WEIGHT_DECAY, RMSPROP, RULES, SGD)
+                         HP_END, HP_EPS, HP_FIRST, HP_LR, HP_MOMENTUM, HP_NESTEROV,
+                         HP_SIZE, HP_UPDATE, HP_WEIGHT_DECAY, RMSPROP, RULES, SGD)
 from . import _module as _m
 from .reduce import layer_sumsq
 from .transfer import uploader
@@ -42,7 +46,7 @@ __all__ = ["SGD", "ADAM", "ADAMW", "RMSPROP", "RULES", "HP_SIZE", "clipped_updat
            "ERR_NONE", "ERR_BAD_LABEL", "ERR_NO_HP_ROW",
            "HP_LR", "HP_WEIGHT_DECAY", "HP_BETA1", "HP_BETA2", "HP_EPS", "HP_BIAS_CORR1",
            "HP_BIAS_CORR2", "HP_AMSGRAD", "HP_MOMENTUM", "HP_DAMPENING", "HP_NESTEROV",
-           "HP_FIRST", "HP_ALPHA", "HP_CENTERED", "HP_UPDATE"]
+           "HP_FIRST", "HP_ALPHA", "HP_CENTERED", "HP_UPDATE", "HP_END"]
 
 _FILE = "optim.cu"
 
@@ -64,9 +68,9 @@ def upload_hp(hp, dst=None):
         dst[...] = hp                   # device-to-device, stream-ordered
         return dst
     host = np.ascontiguousarray(hp, dtype=np.float64)
-    if host.ndim not in (1, 2) or host.shape[-1] != HP_SIZE or host.size == 0:
-        raise ValueError(f"hp: expected shape ({HP_SIZE},) or (rows, {HP_SIZE}), "
-                         f"got {host.shape}")
+    if host.ndim not in (1, 2, 3) or host.shape[-1] != HP_SIZE or host.size == 0:
+        raise ValueError(f"hp: expected shape ({HP_SIZE},), (rows, {HP_SIZE}) or (rows, "
+                         f"segments, {HP_SIZE}), got {host.shape}")
     if dst is None:
         dst = cupy.empty(host.shape, np.float64)
     else:
@@ -77,29 +81,57 @@ def upload_hp(hp, dst=None):
     return uploader().upload(host, dst)
 
 
-def clip_control(total_sq, ctl, clip_norm, table, hp_dev, step=None):
+def clip_control(total_sq, ctl, clip_norm, table, hp_dev, step=None, n_segments=1,
+                 lr_segment=0):
     """Enqueue ctl (``CTL_*``) from the squared norm and copy this update's
     row of ``table`` into ``hp_dev``: the row of the device count ``step``
-    when given (and advance it unless skipped), else the table's one row."""
-    rows = table.reshape(-1, HP_SIZE)
+    when given (and advance it unless skipped), else the table's one row.
+    A row holds ``n_segments`` blocks of ``HP_SIZE``; ctl's lr is block
+    ``lr_segment``'s."""
+    width = n_segments * HP_SIZE
+    rows = table.reshape(-1, width)
     match = step is not None
     if step is None:
         step = _m.scratch("step")
     k = _m.kernel(_FILE, "fg_clip_control<double>")
     k((1,), (32,), (total_sq, ctl, _m.f64(clip_norm), rows, _m.i64(rows.shape[0]),
-                    _m.i64(int(match)), hp_dev, step))
+                    _m.i64(width), _m.i64(lr_segment * HP_SIZE + HP_LR), _m.i64(int(match)),
+                    hp_dev, step))
 
 
-def update(rule, p, g, s0, s1, s2, hp_dev, ctl, clip_value):
-    """Enqueue pass 2 (clip + rule) reading scale/skip from ``ctl``."""
-    n = p.size
-    if n == 0:
-        return
+def update(rule, p, g, s0, s1, s2, hp_dev, ctl, clip_value, segments=None):
+    """Enqueue pass 2 (clip + rule) reading scale/skip from ``ctl``; with
+    ``segments`` (``[(lo, hi), ...]``, one ``HP_SIZE`` block of ``hp_dev``
+    each) once per segment on its slice."""
     if int(rule) not in (SGD, ADAM, ADAMW, RMSPROP):
         raise ValueError(f"unknown optimizer rule {rule!r}")
     k = _m.kernel(_FILE, f"fg_update<{_m.ctype(p.dtype)}, {int(rule)}>")
-    k((_m.blocks(n),), (_m.THREADS,),
-      (p, g, s0, s1, s2, hp_dev, ctl, _m.f64(clip_value), _m.i64(n)))
+    if segments is None:
+        segments = [(0, p.size)]
+    for s, (lo, hi) in enumerate(segments):
+        n = hi - lo
+        if n <= 0:
+            continue
+        # unused state buffers are size 0 and never read: passed as they are
+        s0_, s1_, s2_ = (b[lo:hi] if b.size else b for b in (s0, s1, s2))
+        k((_m.blocks(n),), (_m.THREADS,),
+          (p[lo:hi], g[lo:hi], s0_, s1_, s2_, hp_dev[s * HP_SIZE:(s + 1) * HP_SIZE], ctl,
+           _m.f64(clip_value), _m.i64(n)))
+
+
+def segments_of(hp):
+    """``[(lo, hi), ...]`` of a host 3-D ``hp`` table (its first row's
+    ``HP_END``), or None for one row / a table of single rows."""
+    if isinstance(hp, cupy.ndarray):
+        if hp.ndim == 3:
+            raise ValueError("a device hp table of segment rows needs its segments on the "
+                             "host: pass the host table")
+        return None
+    hp = np.asarray(hp)
+    if hp.ndim != 3:
+        return None
+    ends = [int(e) for e in hp[0, :, HP_END]]
+    return list(zip([0] + ends[:-1], ends))
 
 
 def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value,
@@ -109,13 +141,16 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     Arguments as the CPU twin, on the device: ``p, g, s0, s1, s2`` cupy
     arrays (unused state buffers of size 0), ``layer_sq`` a float64 cupy
     array (written even when skipped), ``offsets`` a host int64 array,
-    ``hp`` a host or device float64 row (``HP_SIZE``) or table of rows (see
-    the module docstring).  ``ws`` (optional) is a dict of preallocated
-    device buffers: ``"hp"`` (HP_SIZE float64, the row in use), ``"table"``
-    (room for the uploaded table), ``"ctl"`` (CTL_SIZE float64), ``"total"``
-    (1 float64), ``"norm_work"`` (``reduce.partial_size(offsets)`` float64)
-    and ``"step"`` (1 float64: the device step count a table is matched
-    against; without it a table must have one row).
+    ``hp`` a host or device float64 row (``HP_SIZE``) or table of rows, or
+    a host table of segment rows (parameter groups; see the module
+    docstring).  ``ws`` (optional) is a dict of preallocated device
+    buffers: ``"hp"`` (HP_SIZE float64 per segment, the row in use),
+    ``"table"`` (room for the uploaded table), ``"ctl"`` (CTL_SIZE
+    float64), ``"total"`` (1 float64), ``"norm_work"``
+    (``reduce.partial_size(offsets)`` float64) and ``"step"`` (1 float64:
+    the device step count a table is matched against; without it a table
+    must have one row); and ``"lr_segment"`` (a 1-element host int64 array:
+    the segment whose lr the control block reports, default 0).
 
     Returns
     -------
@@ -123,16 +158,20 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     """
     ws = ws or {}
     step = ws.get("step")
-    if step is None and getattr(hp, "ndim", 1) == 2 and hp.shape[0] != 1:
+    if step is None and getattr(hp, "ndim", 1) >= 2 and hp.shape[0] != 1:
         raise ValueError("a table of hp rows needs the device step count ws['step']")
+    segments = segments_of(hp)
+    n_seg = 1 if segments is None else len(segments)
     total = layer_sumsq(g, offsets, layer_sq, total=ws.get("total"), work=ws.get("norm_work"))
     ctl = ws.get("ctl")
     if ctl is None:
         ctl = cupy.zeros(CTL_SIZE, np.float64)
     table = upload_hp(hp, ws.get("table"))
     hp_dev = ws.get("hp")
-    if hp_dev is None:
-        hp_dev = cupy.empty(HP_SIZE, np.float64)
-    clip_control(total, ctl, clip_norm, table, hp_dev, step)
-    update(rule, p, g, s0, s1, s2, hp_dev, ctl, clip_value)
+    if hp_dev is None or hp_dev.size < n_seg * HP_SIZE:
+        hp_dev = cupy.empty(n_seg * HP_SIZE, np.float64)
+    lr_segment = ws.get("lr_segment")
+    lr_segment = 0 if lr_segment is None or segments is None else int(lr_segment[0])
+    clip_control(total, ctl, clip_norm, table, hp_dev, step, n_seg, lr_segment)
+    update(rule, p, g, s0, s1, s2, hp_dev, ctl, clip_value, segments)
     return ctl[CTL_NORM], ctl[CTL_SCALE], ctl[CTL_SKIP]
