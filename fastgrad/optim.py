@@ -1729,10 +1729,16 @@ class Optimizer:
                     s_addr[j] = _mt.address(s) + self._offsets[:-1] * step
             cached = self._multi_state = (s0, s1, s2, s_addr)
         s_addr = cached[3]
+        if hp.ndim == 2:
+            # parameter groups: one row per segment of the flat layout, and a
+            # group holds whole pairs, so each pair lies in one segment
+            rows = np.searchsorted(hp[:, _k.HP_END], self._offsets[:-1], side="right")
+        else:
+            hp = hp.reshape(1, -1)
         update = (_mt.multi_clipped_update_parallel if self.parallel
                   else _mt.multi_clipped_update)
         norm, scale, skipped = update(
-            rule, self._empty, p_addr, g_addr, s_addr, sizes, hp.reshape(1, -1), rows,
+            rule, self._empty, p_addr, g_addr, s_addr, sizes, hp, rows,
             self._layer_sq, self._clip_norm, self._clip_value)
         return self._commit(norm, scale, skipped, self._layer_sq)
 

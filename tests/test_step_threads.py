@@ -144,3 +144,19 @@ def test_threads_refuses_what_it_cannot_shard():
     m = fg.MLP([3, 4, 2])
     with pytest.raises(ValueError, match="loss options"):
         fg.TrainStep(m, fg.SoftmaxCrossEntropy(label_smoothing=0.1), fg.Adam(m), threads=2)
+
+
+def test_sharded_step_with_parameter_groups():
+    rng = np.random.default_rng()
+    runs = []
+    for threads in (None, 2):
+        m = fg.MLP([7, 12, 5], dtype="float64", seed=4)
+        opt = fg.AdamW(m, lr=1e-2, clip_norm=0.5, param_groups=[
+            {"params": m.weights(), "weight_decay": 0.1},
+            {"params": m.biases_and_norms(), "weight_decay": 0.0, "lr": 3e-2}])
+        runs.append((m, fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt, threads=threads)))
+    for _ in range(8):
+        x, y = rng.standard_normal((10, 7)), rng.integers(0, 5, 10)
+        for _, step in runs:
+            step(x, y)
+    np.testing.assert_allclose(runs[1][0].params, runs[0][0].params, rtol=1e-12, atol=1e-13)
