@@ -60,7 +60,9 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
     B = x.shape[0]
     L = codes.shape[0]
     h = x
-    act_off = 0
+    # Not a literal 0: Numba would type the first _views call with
+    # Literal[int](0) and compile _views a second time for it (~0.6 s cold).
+    act_off = np.int64(0)
     for l in range(L):
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
         if not needs_z(codes[l]):
