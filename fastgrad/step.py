@@ -16,8 +16,12 @@ training-mode call advances ``model.dropout_step`` once, as
 ``model.forward`` does, so both paths draw the same dropout masks.
 """
 from collections import OrderedDict
+import contextlib
+import sys
+import threading
 import time
 
+from numba.core import event as _numba_event
 import numpy as np
 
 from . import device as _device
@@ -682,6 +686,87 @@ def _newest_ready(done, look_back=20):
     return None
 
 
+COMPILE_MESSAGE = "compiling kernels for this model (first run only)"
+
+
+class CompileNotice(_numba_event.Listener):
+    """Tell the user when Numba compiles for more than ``after`` seconds.
+
+    A context manager: while it is open, a daemon thread watches Numba's
+    ``numba:compile`` events (``numba.core.event``), and once one compile
+    (with the compiles it sets off) has run for ``after`` seconds it calls
+    ``show(COMPILE_MESSAGE)``; when that compile ends it calls ``done()``
+    (if given).  Kernels loaded from the on-disk cache raise no compile
+    event, so a warm cache shows nothing.  ``fit`` uses it for its progress
+    bar; ``fastgrad demo`` prints the line.
+
+    Parameters
+    ----------
+    show : callable ``show(message)``, called from the watching thread
+    done : callable or None, called (from that thread) when the compile ends
+    after : seconds of compiling before ``show`` is called
+    """
+
+    poll = 0.05          # seconds between two looks of the watching thread
+
+    def __init__(self, show, done=None, after=1.0):
+        self._show, self._done, self._after = show, done, float(after)
+        self._depth, self._since = 0, 0.0
+        self._stop = threading.Event()
+        self._thread = None
+        self.shown = False          # True once show was called
+
+    # numba.core.event.Listener: called by the compiling thread
+    def on_start(self, event):
+        if self._depth == 0:
+            self._since = time.perf_counter()
+        self._depth += 1
+
+    def on_end(self, event):
+        self._depth = max(self._depth - 1, 0)
+
+    def _watch(self):
+        showing = False
+        while not self._stop.wait(self.poll):
+            compiling = self._depth > 0
+            if compiling and not showing and time.perf_counter() - self._since >= self._after:
+                showing = self.shown = True
+                self._show(COMPILE_MESSAGE)
+            elif showing and not compiling:
+                showing = False
+                if self._done is not None:
+                    self._done()
+        if showing and self._done is not None:
+            self._done()
+
+    def __enter__(self):
+        _numba_event.register("numba:compile", self)
+        self._thread = threading.Thread(target=self._watch, name="fastgrad-compile-notice",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        _numba_event.unregister("numba:compile", self)
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
+def _bar_notice(bar, desc):
+    """A CompileNotice that shows in ``bar`` (tqdm) or, without a bar, as a
+    line on stderr."""
+    if bar is None:
+        return CompileNotice(lambda msg: print(f"fastgrad: {msg}", file=sys.stderr, flush=True))
+
+    def show(msg):
+        bar.set_description_str(msg, refresh=True)
+
+    def done():
+        bar.set_description_str(desc, refresh=True)
+    return CompileNotice(show, done)
+
+
 def _progress_bar(total, enabled, desc):
     if not enabled:
         return None
@@ -810,10 +895,13 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                     cb(k_epoch + j, float(res["loss"][j]), st)
             k = k_epoch + j + 1
         if bar is not None and done > first:
+            if first == 0 and k_epoch == 0:
+                bar.unpause()       # the rate and ETA leave out the first (compiling) step
             bar.update(done - first)
             show(epoch, float(res["loss"][done - 1]), _stats_of(res, done - 1))
 
-    try:
+    def train():
+        nonlocal k, shown_val
         for epoch in range(epochs):
             if shuffle:
                 rng.shuffle(order)
@@ -840,6 +928,8 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                         cb(k, loss, st)
                     k += 1
                     if bar is not None:
+                        if k == 1:
+                            bar.unpause()   # the rate and ETA leave out the first step
                         bar.update(1)
                         shown = _newest_ready(done) if k % 10 == 0 or k == total else None
                         if shown is not None:
@@ -875,6 +965,12 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         for cb in epoch_hooks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(step, history)
+
+    # A cold first step compiles for seconds: say so (in the bar) after 1 s.
+    notice = _bar_notice(bar, "fit") if progress else contextlib.nullcontext()
+    try:
+        with notice:
+            train()
     finally:
         if bar is not None:
             bar.close()
