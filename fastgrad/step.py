@@ -548,6 +548,10 @@ class TrainStep:
         lbuf = np.empty(B if labels.shape[0] else 0, np.int64)
         tbuf = np.empty((B, target.shape[1]) if target.shape[0] else (0, 0), target.dtype)
         layer_sq = np.zeros((n_steps, len(model.layers)))
+        # The kernel only reads these: read-only views, so that one compiled
+        # signature serves writable and read-only datasets (np.load with
+        # mmap_mode="r", broadcast arrays) alike.
+        X, labels, target, order = (_read_only(a) for a in (X, labels, target, order))
         pos, chunk = 0, 1      # the first chunk is one step: it may compile
         while pos < n_steps:
             size = min(chunk, n_steps - pos)
@@ -636,6 +640,12 @@ class TrainStep:
                 callback(b + 1, n_steps, {key: val[:b + 1] for key, val in res.items()})
                 t = time.perf_counter()
         fill(n_steps)
+
+
+def _read_only(a):
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def _positive_int(name, val):

@@ -308,3 +308,19 @@ def test_cuda_run_epoch_matches_cpu(cp, rng):
                                atol=1e-5)
     with pytest.raises(ValueError, match="labels"):
         sg.run_epoch(X, np.full(90, N_OUT), 16)
+
+
+def test_one_compiled_signature_for_read_only_and_writable_data(rng):
+    """A read-only dataset (np.load(mmap_mode="r"), broadcast views) runs the
+    same compiled epoch as a writable one: no second compile."""
+    X, Y = _data(rng, 40, "softmax_cross_entropy")
+    a, b = _pair(lambda m: fg.SGD(m, lr=0.1))
+    a.run_epoch(X, Y, 8, shuffle=False)
+    n_sigs = len(kstep.train_steps.signatures)
+    Xr, Yr = X.copy(), Y.copy()
+    Xr.flags.writeable = Yr.flags.writeable = False
+    a.run_epoch(Xr, Yr, 8, shuffle=False)
+    assert len(kstep.train_steps.signatures) == n_sigs
+    for _ in range(2):
+        _loop(b, X, Y, np.arange(40), 8)
+    np.testing.assert_array_equal(a.model.params, b.model.params)
