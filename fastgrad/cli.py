@@ -202,7 +202,8 @@ def cmd_demo(args):
     # progress bar says so; without a bar, one line on stderr does.
     from contextlib import nullcontext
     from .step import CompileNotice
-    notice = (CompileNotice(lambda msg: print(f"fastgrad: {msg}", file=sys.stderr, flush=True))
+    notice = (CompileNotice(lambda msg: print(f"fastgrad: {msg}", file=sys.stderr, flush=True),
+                            once=True)
               if args.no_progress and is_root else nullcontext())
     t0 = time.perf_counter()
     with notice:

@@ -715,12 +715,14 @@ class CompileNotice(_numba_event.Listener):
     show : callable ``show(message)``, called from the watching thread
     done : callable or None, called (from that thread) when the compile ends
     after : seconds of compiling before ``show`` is called
+    once : call ``show`` for the first long compile only (a printed line)
     """
 
     poll = 0.05          # seconds between two looks of the watching thread
 
-    def __init__(self, show, done=None, after=1.0):
+    def __init__(self, show, done=None, after=1.0, once=False):
         self._show, self._done, self._after = show, done, float(after)
+        self._once = bool(once)
         self._depth, self._since = 0, 0.0
         self._stop = threading.Event()
         self._thread = None
@@ -739,7 +741,8 @@ class CompileNotice(_numba_event.Listener):
         showing = False
         while not self._stop.wait(self.poll):
             compiling = self._depth > 0
-            if compiling and not showing and time.perf_counter() - self._since >= self._after:
+            if (compiling and not showing and not (self._once and self.shown)
+                    and time.perf_counter() - self._since >= self._after):
                 showing = self.shown = True
                 self._show(COMPILE_MESSAGE)
             elif showing and not compiling:
@@ -767,7 +770,8 @@ def _bar_notice(bar, desc):
     """A CompileNotice that shows in ``bar`` (tqdm) or, without a bar, as a
     line on stderr."""
     if bar is None:
-        return CompileNotice(lambda msg: print(f"fastgrad: {msg}", file=sys.stderr, flush=True))
+        return CompileNotice(lambda msg: print(f"fastgrad: {msg}", file=sys.stderr, flush=True),
+                             once=True)
 
     def show(msg):
         bar.set_description_str(msg, refresh=True)

@@ -64,6 +64,13 @@ def test_notice_after_one_second_of_compiling():
             time.sleep(0.05)            # a short compile: no message
         time.sleep(0.4)
     assert quick == []
+    printed = []
+    with fstep.CompileNotice(printed.append, after=0.2, once=True):
+        for _ in range(2):              # two long compiles: one line
+            with event.trigger_event("numba:compile", data=None):
+                time.sleep(0.4)
+            time.sleep(0.15)
+    assert printed == [MESSAGE]
     assert all(not isinstance(lis, fstep.CompileNotice)
                for lis in event._registered["numba:compile"]), "listener left registered"
 
