@@ -842,6 +842,23 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         metric, restoring the best weights), ``ModelCheckpoint`` (through
         ``fastgrad.save`` every N epochs), ``ReduceLROnPlateau``
 
+    Notes
+    -----
+    On the CPU, models without toolkit layers and with a default loss train
+    each epoch with :meth:`TrainStep.run_epoch` (compiled chunks of about
+    0.1 s; the same parameters and history as the per-step loop).  The
+    per-step callbacks are then called after each chunk, for each of its
+    steps in order, with the same ``(step_index, loss, stats)``; a callback
+    that changes the optimizer or model takes effect from the next chunk
+    rather than the next step.  ``step.fused_epochs = False`` runs the
+    per-step loop instead.  Labels and targets are checked for the whole
+    dataset before the first step.
+
+    With ``progress``, a compile that runs for more than a second (a cold
+    Numba cache) shows "compiling kernels for this model (first run only)"
+    in the bar (or on stderr without tqdm), and the bar's rate and ETA
+    leave out the first step.
+
     Returns
     -------
     dict of per-epoch lists: ``loss`` (mean over the epoch's batches),
