@@ -881,7 +881,9 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
     # Plain CPU models run each epoch as compiled chunks of steps
     # (TrainStep.run_epoch): the dataset is checked once, here.
-    fused = step._fused_epoch and step.fused_epochs
+    # Only a TrainStep itself: fit also drives duck-typed steps (a
+    # data-parallel rank's, which must all-reduce every step's gradient).
+    fused = isinstance(step, TrainStep) and step._fused_epoch and step.fused_epochs
     if fused:
         X, Y, labels, target = step._epoch_inputs(X, Y)
     n = len(X)
