@@ -766,6 +766,15 @@ class CompileNotice(_numba_event.Listener):
         return False
 
 
+def _unpause(bar):
+    """Restart the bar's clock (tqdm's ``unpause``): the time so far, the
+    first step's compile, leaves its rate and ETA.  A bar-like object
+    without ``unpause`` is left alone."""
+    unpause = getattr(bar, "unpause", None)
+    if unpause is not None:
+        unpause()
+
+
 def _bar_notice(bar, desc):
     """A CompileNotice that shows in ``bar`` (tqdm) or, without a bar, as a
     line on stderr."""
@@ -774,10 +783,12 @@ def _bar_notice(bar, desc):
                              once=True)
 
     def show(msg):
-        bar.set_description_str(msg, refresh=True)
+        if hasattr(bar, "set_description_str"):
+            bar.set_description_str(msg, refresh=True)
 
     def done():
-        bar.set_description_str(desc, refresh=True)
+        if hasattr(bar, "set_description_str"):
+            bar.set_description_str(desc, refresh=True)
     return CompileNotice(show, done)
 
 
@@ -929,7 +940,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
             k = k_epoch + j + 1
         if bar is not None and done > first:
             if first == 0 and k_epoch == 0:
-                bar.unpause()       # the rate and ETA leave out the first (compiling) step
+                _unpause(bar)       # the rate and ETA leave out the first (compiling) step
             bar.update(done - first)
             show(epoch, float(res["loss"][done - 1]), _stats_of(res, done - 1))
 
@@ -962,7 +973,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                     k += 1
                     if bar is not None:
                         if k == 1:
-                            bar.unpause()   # the rate and ETA leave out the first step
+                            _unpause(bar)   # the rate and ETA leave out the first step
                         bar.update(1)
                         shown = _newest_ready(done) if k % 10 == 0 or k == total else None
                         if shown is not None:
