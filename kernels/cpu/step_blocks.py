@@ -114,7 +114,9 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
     B = x.shape[0]
     L = codes.shape[0]
     h = x
-    act_off = 0
+    # Not a literal 0: the first _views call would be typed with
+    # Literal[int](0) and compile _views a second time (see step.py).
+    act_off = np.int64(0)
     stat_off = 0
     col_off = 0
     for l in range(L):
