@@ -401,17 +401,17 @@ class TrainStep:
 
     @property
     def _fused_epoch(self):
-        """True when an epoch runs as compiled chunks (plain CPU models with
-        a default loss); other steps run a Python loop over ``step(x, y)``."""
-        return self.model.device == "cpu" and not self._blocks and not self._composed
+        """True when an epoch runs as compiled chunks (CPU models with a
+        default loss); other steps run a Python loop over ``step(x, y)``."""
+        return self.model.device == "cpu" and not self._composed
 
     def run_epoch(self, X, Y, batch_size, shuffle=True, seed=None, drop_last=False,
                   callback=None):
         """Train one epoch over ``X, Y``: every mini-batch step in compiled code.
 
-        On the CPU, for models without toolkit layers (dropout, residual,
-        normalisation, weight normalisation) and with a default loss, the
-        epoch runs in compiled chunks of steps: each chunk gathers its
+        On the CPU, for every model with a default loss (toolkit layers
+        included: dropout, residual blocks, normalisation, weight
+        normalisation), the epoch runs in compiled chunks of steps: each chunk gathers its
         batches into one reused buffer, runs every step (forward, loss,
         backward, norm, clip, skip, update) and records its statistics
         without returning to Python; it returns about every
@@ -419,15 +419,16 @@ class TrainStep:
         to call ``callback``.  The parameters are bitwise those of calling
         ``step(x, y)`` on the same batches in the same order, and the
         optimizer's counters (``step_count``, ``n_skipped``), the learning
-        rate schedule, bias corrections and ``model.dropout_step`` advance
-        exactly as they would: the hyper-parameters of every update count
+        rate schedule, bias corrections, ``model.dropout_step`` (so the
+        dropout masks) and batch norm's running statistics advance exactly
+        as they would: the hyper-parameters of every update count
         the chunk can reach are computed on the host before the chunk, and
         the kernel picks the row of its current count, so a skipped step
         (non-finite gradient) leaves the next step the same row.
 
-        Toolkit models, losses with options and CUDA models run the same
-        API as a Python loop over ``step(x, y)`` (the same results; CUDA
-        statistics are read back when the callback or the end needs them).
+        Losses with options and CUDA models run the same API as a Python
+        loop over ``step(x, y)`` (the same results; CUDA statistics are read
+        back when the callback or the end needs them).
 
         Parameters
         ----------
@@ -464,8 +465,9 @@ class TrainStep:
         Raises
         ------
         TypeError, ValueError
-            Bad shapes, dtypes, ``batch_size``, ``shuffle`` indices or labels
-            out of range, before any step runs.
+            Bad shapes, dtypes, ``batch_size``, ``shuffle`` indices, labels
+            out of range, or a batch of 1 sample for batch norm in training
+            mode, before any step runs.
         NonFiniteGradientError
             With ``skip_nonfinite=False``, at the first non-finite gradient
             (the steps before it are applied, as in a per-step loop).
@@ -540,10 +542,37 @@ class TrainStep:
             self._looped_epoch(X, Y, order, batch_size, n_steps, res, callback)
         return res
 
+    def _chunk_kernel(self, B, n_order, batch_size, n_steps):
+        """``(kernel, model arguments)`` of the compiled epoch: the
+        arguments of ``train_steps`` (or ``train_steps_blocks``) between
+        the loss code and the optimizer's."""
+        model = self.model
+        common = (model.params, model.grads, self._sizes, self._codes, self._alphas)
+        if not self._blocks:
+            acts, zs, delta = self._buffers_for(B)
+            return self._kernels.train_steps, common + (self.opt._offsets, acts, zs, delta)
+        training = model.training
+        if training and self._batch_norm:
+            last = n_order - (n_steps - 1) * batch_size
+            if min(B, last) == 1:
+                raise ValueError("batch norm in training mode needs more than 1 sample per "
+                                 "batch (got a batch of 1), as in PyTorch; use model.eval() "
+                                 "or drop_last=True")
+            saved = (np.empty_like(model.running_mean), np.empty_like(model.running_var))
+        else:
+            saved = (model.running_mean[:0], model.running_var[:0])
+        acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
+        drops = self._drops if training else self._no_drops
+        counter = model.dropout_step if training else 0
+        return _kblocks.train_steps_blocks, common + (
+            drops, self._residual, self._norms, model._mask_seed, counter, training,
+            self.opt._offsets, acts, zs, fzs, xhats, model.running_mean, model.running_var)\
+            + saved + (nstats, nwork, self._wn, self._weff, self._dweff, self._wnorm, delta)
+
     def _compiled_epoch(self, X, labels, target, order, batch_size, n_steps, res, callback):
         model, opt = self.model, self.opt
         B = min(batch_size, order.shape[0])
-        acts, zs, delta = self._buffers_for(B)
+        self._chunk_kernel(B, order.shape[0], batch_size, n_steps)   # checks, buffers
         xbuf = np.empty((B, X.shape[1]), X.dtype)
         lbuf = np.empty(B if labels.shape[0] else 0, np.int64)
         tbuf = np.empty((B, target.shape[1]) if target.shape[0] else (0, 0), target.dtype)
@@ -559,10 +588,10 @@ class TrainStep:
             rule, s0, s1, s2, _ = opt._kernel_args()
             k0 = opt._step_count
             rows, row_lr = self._hp_rows(size)
-            ran = self._kernels.train_steps(
+            kernel, model_args = self._chunk_kernel(B, order.shape[0], batch_size, n_steps)
+            ran = kernel(
                 X, labels, target, order, pos, size, batch_size, order.shape[0],
-                xbuf, lbuf, tbuf, self._loss_kind, model.params, model.grads, self._sizes,
-                self._codes, self._alphas, opt._offsets, acts, zs, delta,
+                xbuf, lbuf, tbuf, self._loss_kind, *model_args,
                 rule, s0, s1, s2, rows, self._layer_sq, opt._clip_norm, opt._clip_value,
                 not opt.skip_nonfinite, res["loss"][pos:], res["grad_norm"][pos:],
                 res["clip_scale"][pos:], res["skipped"][pos:], layer_sq[pos:])
@@ -606,8 +635,8 @@ class TrainStep:
             chunk = int(min(max(1, self.progress_interval * ran / spent), 16 * ran))
 
     def _looped_epoch(self, X, Y, order, batch_size, n_steps, res, callback):
-        """The epoch as a Python loop over ``step(x, y)`` (toolkit models,
-        losses with options, CUDA)."""
+        """The epoch as a Python loop over ``step(x, y)`` (losses with
+        options, CUDA)."""
         xp = _device.array_module(_device.device_of(X))
         n_order = order.shape[0]
         B = min(batch_size, n_order)
@@ -855,8 +884,8 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
 
     Notes
     -----
-    On the CPU, models without toolkit layers and with a default loss train
-    each epoch with :meth:`TrainStep.run_epoch` (compiled chunks of about
+    On the CPU, models with a default loss train each epoch with
+    :meth:`TrainStep.run_epoch` (compiled chunks of about
     0.1 s; the same parameters and history as the per-step loop).  The
     per-step callbacks are then called after each chunk, for each of its
     steps in order, with the same ``(step_index, loss, stats)``; a callback
@@ -890,7 +919,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     Y = xp.asarray(Y)
     if len(Y) != len(X):
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
-    # Plain CPU models run each epoch as compiled chunks of steps
+    # CPU models (with a default loss) run each epoch as compiled chunks of steps
     # (TrainStep.run_epoch): the dataset is checked once, here.
     # Only a TrainStep itself: fit also drives duck-typed steps (a
     # data-parallel rank's, which must all-reduce every step's gradient).

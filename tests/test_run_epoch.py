@@ -146,20 +146,47 @@ def test_dropout_counter_and_eval_mode(rng):
     assert a.model.dropout_step == 7 and a.opt.step_count == 14
 
 
-@pytest.mark.parametrize("kw", [dict(dropout=0.2), dict(norm="batch", residual=True),
-                                dict(norm="layer", weight_norm=True)],
-                         ids=["dropout", "batchnorm-residual", "layernorm-weightnorm"])
-def test_toolkit_models_loop_with_the_same_results(rng, kw):
-    """Toolkit models run run_epoch as a Python loop over step(x, y): the
-    same dropout masks, running statistics and parameters as that loop."""
+TOOLKIT = [dict(dropout=0.2), dict(norm="batch", residual=True, dropout=0.1),
+           dict(norm="layer", weight_norm=True)]
+TOOLKIT_IDS = ["dropout", "batchnorm-residual-dropout", "layernorm-weightnorm"]
+
+
+@pytest.mark.parametrize("kw", TOOLKIT, ids=TOOLKIT_IDS)
+def test_toolkit_models_bitwise_with_a_skipped_step(rng, kw):
+    """Toolkit models run compiled epochs too: the same dropout masks (the
+    counter advances per applied step), batch-norm running statistics
+    (restored after the skipped step) and parameters as the per-step loop;
+    then an epoch in eval mode (no dropout, running statistics)."""
     X, Y = _data(rng, 70, "softmax_cross_entropy")
+    X[20, 1] = np.nan                       # batch 1 of 16 in this order: skipped
     a, b = _pair(lambda m: fg.AdamW(m, lr=1e-2, clip_norm=1.0), **kw)
-    assert not a._fused_epoch
+    assert a._fused_epoch
+    order = np.arange(70)
+    res = a.run_epoch(X, Y, 16, shuffle=order)
+    ref = _loop(b, X, Y, order, 16)
+    _assert_same(a, res, b, ref)
+    assert list(res["skipped"]) == [False, True, False, False, False]
+    np.testing.assert_array_equal(a.model.running_mean, b.model.running_mean)
+    np.testing.assert_array_equal(a.model.running_var, b.model.running_var)
+    X[20, 1] = 0.0
+    for s in (a, b):
+        s.model.eval()
     order = rng.permutation(70)
     res = a.run_epoch(X, Y, 16, shuffle=order)
     ref = _loop(b, X, Y, order, 16)
     _assert_same(a, res, b, ref)
-    np.testing.assert_array_equal(a.model.running_mean, b.model.running_mean)
+
+
+def test_batch_norm_batch_of_one_raises_before_any_step(rng):
+    X, Y = _data(rng, 33, "softmax_cross_entropy")
+    step = _pair(lambda m: fg.SGD(m, lr=0.1), norm="batch")[0]
+    before = step.model.params.copy()
+    with pytest.raises(ValueError, match="batch of 1"):
+        step.run_epoch(X, Y, 16, shuffle=False)            # 16 + 16 + 1
+    np.testing.assert_array_equal(step.model.params, before)
+    assert step.opt.step_count == 0
+    res = step.run_epoch(X, Y, 16, shuffle=False, drop_last=True)
+    assert len(res["loss"]) == 2
 
 
 def test_loss_with_options_loops(rng):

@@ -123,6 +123,42 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     return loss, norm, scale, skipped
 
 
+@njit(**INLINE)
+def gather_batch(X, labels, target, order, lo, batch_size, n_order, xbuf, lbuf, tbuf):
+    """The batch of samples ``order[lo : lo + batch_size]`` (cut at
+    ``n_order``) copied into the prefixes of ``xbuf`` and ``lbuf`` or
+    ``tbuf`` (whichever the loss reads; the other is size 0): the values
+    the per-step loop's ``np.take`` gives.  Element loops, not slice
+    assignment, whose shape checks cost seconds of compile time."""
+    B = min(n_order - lo, batch_size)
+    n_lab = labels.shape[0]
+    n_tgt = target.shape[0]
+    xb = xbuf[:B]
+    for i in range(B):
+        src = order[lo + i]
+        for c in range(X.shape[1]):
+            xb[i, c] = X[src, c]
+        if n_lab:
+            lbuf[i] = labels[src]
+        for c in range(target.shape[1] if n_tgt else 0):
+            tbuf[i, c] = target[src, c]
+    lb = lbuf[:B] if n_lab else lbuf
+    tb = tbuf[:B] if n_tgt else tbuf
+    return xb, lb, tb
+
+
+@njit(**INLINE)
+def record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
+                out_skipped, out_layer_sq):
+    """Step ``j``'s statistics into the output arrays of an epoch kernel."""
+    out_loss[j] = loss
+    out_norm[j] = norm
+    out_scale[j] = scale
+    out_skipped[j] = skipped
+    for l in range(layer_sq.shape[0]):
+        out_layer_sq[j, l] = layer_sq[l]
+
+
 @njit(**JIT)
 def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
                 xbuf, lbuf, tbuf, loss_kind, params, grads, sizes, codes, alphas,
@@ -149,36 +185,16 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     scale, skip flag and the squared per-layer norms (``out_layer_sq[j]``).
     Returns the number of steps run.
     """
-    n_lab = labels.shape[0]
-    n_tgt = target.shape[0]
     applied = 0
     for j in range(n_steps):
-        lo = (first + j) * batch_size
-        B = min(n_order - lo, batch_size)
-        xb = xbuf[:B]
-        # Gather the batch: a copy, the values the per-step loop's np.take
-        # gives.  Element loops, not slice assignment, whose shape checks
-        # cost seconds of compile time.
-        for i in range(B):
-            src = order[lo + i]
-            for c in range(X.shape[1]):
-                xb[i, c] = X[src, c]
-            if n_lab:
-                lbuf[i] = labels[src]
-            for c in range(target.shape[1] if n_tgt else 0):
-                tbuf[i, c] = target[src, c]
-        lb = lbuf[:B] if n_lab else lbuf
-        tb = tbuf[:B] if n_tgt else tbuf
+        xb, lb, tb = gather_batch(X, labels, target, order, (first + j) * batch_size,
+                                  batch_size, n_order, xbuf, lbuf, tbuf)
         loss = _forward_backward(xb, lb, tb, loss_kind, params, grads, sizes, codes,
                                  alphas, offsets, acts, zs, delta)
         norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp_rows[applied],
                                               offsets, layer_sq, clip_norm, clip_value)
-        out_loss[j] = loss
-        out_norm[j] = norm
-        out_scale[j] = scale
-        out_skipped[j] = skipped
-        for l in range(layer_sq.shape[0]):
-            out_layer_sq[j, l] = layer_sq[l]
+        record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
+                    out_skipped, out_layer_sq)
         if skipped:
             if stop_on_skip:
                 return j + 1
