@@ -262,13 +262,14 @@ def test_hyper_parameter_change_between_epochs(rng):
     assert (res["lr"] == 5e-2).all() and res["clipped"].all()
 
 
-def test_fit_uses_run_epoch_and_keeps_its_history(rng):
+@pytest.mark.parametrize("kw", [{}, dict(dropout=0.1, norm="batch")], ids=["plain", "toolkit"])
+def test_fit_uses_run_epoch_and_keeps_its_history(rng, kw):
     """fit's history, per-step callbacks and parameters are those of its
     per-step loop (fused_epochs=False), bit for bit."""
     X, Y = _data(rng, 130, "softmax_cross_entropy")
     runs = []
     for fused in (True, False):
-        step = _pair(lambda m: fg.Adam(m, lr=1e-2, clip_norm=0.5))[0]
+        step = _pair(lambda m: fg.Adam(m, lr=1e-2, clip_norm=0.5), **kw)[0]
         step.fused_epochs = fused
         seen = []
         hist = fg.fit(step, X, Y, epochs=3, batch_size=32, seed=4, progress=False,
