@@ -14,6 +14,10 @@ run their own compiled step (``fastgrad.kernels.cpu.step_blocks``): plain
 models never compile that code, so their cold first step stays as fast.  A
 training-mode call advances ``model.dropout_step`` once, as
 ``model.forward`` does, so both paths draw the same dropout masks.
+
+``step.run_epoch(X, Y, batch_size)`` runs a whole epoch's steps in compiled
+chunks (``train_steps`` / ``train_steps_blocks``: batch gathering, every step
+and its statistics), bitwise the per-step loop; ``fit`` uses it.
 """
 from collections import OrderedDict
 import contextlib
