@@ -1,6 +1,8 @@
 """Whole training step (forward + loss + backward + clip + Adam), float32,
 every contender side by side per workload:
 
+* ``fastgrad-epoch`` -- ``TrainStep.run_epoch`` over 64 batches (CPU): one
+  timed call is 64 steps (``extra_info["steps"]``);
 * ``fastgrad`` -- ``fg.TrainStep`` (one compiled call on the CPU; on CUDA
   the batch lives on the GPU), and ``fastgrad-graph``, the same step replayed
   from a CUDA graph (CUDA only);
@@ -29,7 +31,8 @@ from workloads import (CONTENDERS, SMOKE_WORKLOADS, WORKLOADS, gemm_flops,
 def _contenders(device):
     if device == "cuda":
         return ["fastgrad", "fastgrad-graph", "gemm-floor", "torch", "jax"]
-    return ["fastgrad", "gemm-floor", "numpy"] + conftest.torch_cpu_contenders() + ["jax"]
+    return (["fastgrad", "fastgrad-epoch", "gemm-floor", "numpy"]
+            + conftest.torch_cpu_contenders() + ["jax"])
 
 
 def _workload(name):
@@ -38,6 +41,8 @@ def _workload(name):
 
 def _make(workload, device, contender):
     sizes, batch, act, loss = _workload(workload)
+    if contender == "fastgrad-epoch":
+        return CONTENDERS[contender](sizes, batch, act, loss, steps=4 if conftest.SMOKE else 64)
     if contender.startswith("fastgrad"):
         return CONTENDERS["fastgrad"](sizes, batch, act, loss, device=device,
                                       cuda_graph=contender == "fastgrad-graph")
@@ -64,6 +69,8 @@ def bench_step(benchmark, workload, device, contender):
             step()
             wait()
         benchmark.extra_info["gemm_gflop"] = gemm_flops(sizes, batch) / 1e9
+        # fastgrad-epoch: one timed call runs this many steps (run_epoch)
+        benchmark.extra_info["steps"] = getattr(step, "steps", 1)
         if contender == "fastgrad-graph":
             benchmark.extra_info["captured"] = all(
                 g.graph is not None for g in step.train_step._graphs.values())

@@ -198,9 +198,17 @@ def cmd_demo(args):
         monitor.record(st)
         losses.append(loss)
 
+    # A cold Numba cache compiles for seconds before the first step: the
+    # progress bar says so; without a bar, one line on stderr does.
+    from contextlib import nullcontext
+    from .step import CompileNotice
+    notice = (CompileNotice(lambda msg: print(f"fastgrad: {msg}", file=sys.stderr, flush=True),
+                            once=True)
+              if args.no_progress and is_root else nullcontext())
     t0 = time.perf_counter()
-    history = fit(step, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
-                  seed=args.seed, progress=not args.no_progress, callbacks=[record])
+    with notice:
+        history = fit(step, Xtr, ytr, epochs=args.epochs, batch_size=args.batch_size,
+                      seed=args.seed, progress=not args.no_progress, callbacks=[record])
     seconds = time.perf_counter() - t0
     result = fg.evaluate(model, loss_fn, Xte, yte)
     n_steps = len(monitor)

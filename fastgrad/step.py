@@ -14,17 +14,26 @@ run their own compiled step (``fastgrad.kernels.cpu.step_blocks``): plain
 models never compile that code, so their cold first step stays as fast.  A
 training-mode call advances ``model.dropout_step`` once, as
 ``model.forward`` does, so both paths draw the same dropout masks.
+
+``step.run_epoch(X, Y, batch_size)`` runs a whole epoch's steps in compiled
+chunks (``train_steps`` / ``train_steps_blocks``: batch gathering, every step
+and its statistics), bitwise the per-step loop; ``fit`` uses it.
 """
 from collections import OrderedDict
+import contextlib
+import sys
+import threading
 import time
 
 import numba
+from numba.core import event as _numba_event
 import numpy as np
 
 from . import device as _device
 from . import ops
 from . import threads as _threads
 from .errors import NonFiniteGradientError
+from .optim import StepStats
 from .kernels.cpu import step as _kstep
 from .kernels.cpu import norm as _knorm
 from .kernels.cpu import step_blocks as _kblocks
@@ -463,6 +472,324 @@ class TrainStep:
             self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
             **self._extra(x.shape[0])))
 
+    # -- whole epochs -----------------------------------------------------------
+    #: Seconds of training between two returns to Python in :meth:`run_epoch`
+    #: (and so between two progress callbacks).
+    progress_interval = 0.1
+
+    #: False makes :func:`fit` run its per-step loop even where
+    #: :meth:`run_epoch`'s compiled epoch applies.
+    fused_epochs = True
+
+    @property
+    def _fused_epoch(self):
+        """True when an epoch runs as compiled chunks (CPU models with a
+        default loss); other steps run a Python loop over ``step(x, y)``."""
+        return self.model.device == "cpu" and not self._composed
+
+    def run_epoch(self, X, Y, batch_size, shuffle=True, seed=None, drop_last=False,
+                  callback=None):
+        """Train one epoch over ``X, Y``: every mini-batch step in compiled code.
+
+        On the CPU, for every model with a default loss (toolkit layers
+        included: dropout, residual blocks, normalisation, weight
+        normalisation), the epoch runs in compiled chunks of steps: each chunk gathers its
+        batches into one reused buffer, runs every step (forward, loss,
+        backward, norm, clip, skip, update) and records its statistics
+        without returning to Python; it returns about every
+        ``progress_interval`` seconds (0.1), sized by the measured step time,
+        to call ``callback``.  The parameters are bitwise those of calling
+        ``step(x, y)`` on the same batches in the same order, and the
+        optimizer's counters (``step_count``, ``n_skipped``), the learning
+        rate schedule, bias corrections, ``model.dropout_step`` (so the
+        dropout masks) and batch norm's running statistics advance exactly
+        as they would: the hyper-parameters of every update count
+        the chunk can reach are computed on the host before the chunk, and
+        the kernel picks the row of its current count, so a skipped step
+        (non-finite gradient) leaves the next step the same row.
+
+        Losses with options and CUDA models run the same API as a Python
+        loop over ``step(x, y)`` (the same results; CUDA statistics are read
+        back when the callback or the end needs them).
+
+        Parameters
+        ----------
+        X : (n, n_in) array
+        Y : labels (n,) for softmax cross-entropy, else targets (n, n_out)
+        batch_size : int
+            Samples per step; the last batch is smaller unless ``drop_last``.
+        shuffle : bool or 1-D integer array
+            True: a random permutation of the samples drawn from ``seed``;
+            False: the samples in order; an integer array: these sample
+            indices in this order (any length, repeats allowed; ``seed`` is
+            not used).
+        seed : None, int or numpy.random.Generator
+            Source of the permutation: ``np.random.default_rng(seed).
+            permutation(n)``, so an int gives the same order every call and
+            a Generator a new one per call (reproducible from its seed);
+            None draws fresh entropy.
+        drop_last : bool
+            Leave out the last batch when it is smaller than ``batch_size``.
+        callback : callable ``f(done, total, results)`` or None
+            Called after each chunk (about every ``progress_interval`` s) and
+            after the last step: ``done`` steps of ``total`` have run and
+            ``results`` holds the arrays below, cut to ``done`` steps.
+
+        Returns
+        -------
+        dict of per-step arrays: ``loss`` (float64, the batch's mean loss
+        before the update), ``grad_norm``, ``clip_scale`` (float64),
+        ``clipped``, ``skipped`` (bool), ``step`` (int64, updates applied
+        so far as in ``StepStats.step``), ``lr`` (float64) and
+        ``layer_norms`` (float64, steps x layers).  ``step.stats`` holds the
+        last step's StepStats.
+
+        Raises
+        ------
+        TypeError, ValueError
+            Bad shapes, dtypes, ``batch_size``, ``shuffle`` indices, labels
+            out of range, or a batch of 1 sample for batch norm in training
+            mode, before any step runs.
+        NonFiniteGradientError
+            With ``skip_nonfinite=False``, at the first non-finite gradient
+            (the steps before it are applied, as in a per-step loop).
+        """
+        batch_size = _positive_int("batch_size", batch_size)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
+        with self.opt._lock:
+            X, Y, labels, target = self._epoch_inputs(X, Y)
+            order = _epoch_order(len(X), shuffle, seed)
+            return self._epoch(X, Y, labels, target, order, batch_size, bool(drop_last), callback)
+
+    def _epoch_inputs(self, X, Y):
+        """``(X, Y, labels, target)`` of a whole dataset, checked once.
+
+        For the compiled epoch ``labels`` (int64, range-checked) or
+        ``target`` (model dtype, ``(n, n_out)``) is the loss's input and the
+        other a placeholder; the other paths check host labels here too, so
+        that a bad label raises before the first step."""
+        model, n_out = self.model, int(self._sizes[-1])
+        on_device = _device.device_of(X) == "cuda"
+        if on_device and model.device != "cuda":
+            raise TypeError(f"X is a CUDA array but the model is on {model.device}")
+        xp = model._xp if on_device else np
+        X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]), xp=xp)
+        n = X.shape[0]
+        if n == 0:
+            raise ValueError("X: empty dataset")
+        if on_device:
+            Y = xp.asarray(Y)
+        elif _device.device_of(Y) == "cuda":
+            raise TypeError("Y is a CUDA array but X is on the host")
+        else:
+            Y = np.asarray(Y)
+        if Y.ndim == 0 or len(Y) != n:
+            raise ValueError(f"X has {n} samples but Y has shape {tuple(Y.shape)}")
+        labels, target = self._no_labels, self._no_target
+        if on_device or self._loss_options:
+            return X, Y, labels, target       # checked per batch by step(x, y)
+        if self._loss_kind == _kstep.CROSS_ENTROPY:
+            labels = ops.as_labels(Y, n, n_out)
+        else:
+            target = ops.as_array(Y, "target", model.dtype, shape=(n, n_out))
+        return X, Y, labels, target
+
+    def _hp_rows(self, n):
+        """The optimizer's hyper-parameter rows of the next ``n`` update
+        counts (from ``step_count`` on) and their learning rates."""
+        opt = self.opt
+        k0 = opt._step_count
+        rows = getattr(self, "_rows", None)
+        if rows is None or rows.shape[0] < n or rows.shape[1:] != opt._hp.shape:
+            rows = self._rows = np.zeros((max(n, 16),) + opt._hp.shape, np.float64)
+            self._row_lr = np.zeros(rows.shape[0])
+        for r in range(n):
+            self._row_lr[r] = opt._fill_row(rows[r], k0 + r)
+        return rows, self._row_lr
+
+    def _epoch(self, X, Y, labels, target, order, batch_size, drop_last, callback):
+        n_order = order.shape[0]
+        n_steps = n_order // batch_size if drop_last else -(-n_order // batch_size)
+        L = len(self.model.layers)
+        res = {"loss": np.zeros(n_steps), "grad_norm": np.zeros(n_steps),
+               "clip_scale": np.zeros(n_steps), "clipped": np.zeros(n_steps, bool),
+               "skipped": np.zeros(n_steps, bool), "step": np.zeros(n_steps, np.int64),
+               "lr": np.zeros(n_steps), "layer_norms": np.zeros((n_steps, L))}
+        if n_steps == 0:
+            return res
+        if self._fused_epoch:
+            self._compiled_epoch(X, labels, target, order, batch_size, n_steps, res, callback)
+        else:
+            self._looped_epoch(X, Y, order, batch_size, n_steps, res, callback)
+        return res
+
+    def _chunk_kernel(self, B, n_order, batch_size, n_steps):
+        """``(kernel, model arguments)`` of the compiled epoch: the
+        arguments of ``train_steps`` (or ``train_steps_blocks``) between
+        the loss code and the optimizer's."""
+        model = self.model
+        common = (model.params, model.grads, self._sizes, self._codes, self._alphas)
+        if not self._blocks:
+            acts, zs, delta = self._buffers_for(B)
+            return self._kernels.train_steps, common + (self.opt._offsets, acts, zs, delta)
+        training = model.training
+        if training and self._batch_norm:
+            last = n_order - (n_steps - 1) * batch_size
+            if min(B, last) == 1:
+                raise ValueError("batch norm in training mode needs more than 1 sample per "
+                                 "batch (got a batch of 1), as in PyTorch; use model.eval() "
+                                 "or drop_last=True")
+            saved = (np.empty_like(model.running_mean), np.empty_like(model.running_var))
+        else:
+            saved = (model.running_mean[:0], model.running_var[:0])
+        acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
+        drops = self._drops if training else self._no_drops
+        counter = model.dropout_step if training else 0
+        return _kblocks.train_steps_blocks, common + (
+            drops, self._residual, self._norms, model._mask_seed, counter, training,
+            self.opt._offsets, acts, zs, fzs, xhats, model.running_mean, model.running_var)\
+            + saved + (nstats, nwork, self._wn, self._weff, self._dweff, self._wnorm, delta)
+
+    def _compiled_epoch(self, X, labels, target, order, batch_size, n_steps, res, callback):
+        model, opt = self.model, self.opt
+        B = min(batch_size, order.shape[0])
+        self._chunk_kernel(B, order.shape[0], batch_size, n_steps)   # checks, buffers
+        xbuf = np.empty((B, X.shape[1]), X.dtype)
+        lbuf = np.empty(B if labels.shape[0] else 0, np.int64)
+        tbuf = np.empty((B, target.shape[1]) if target.shape[0] else (0, 0), target.dtype)
+        layer_sq = np.zeros((n_steps, len(model.layers)))
+        # The kernel only reads these: read-only views, so that one compiled
+        # signature serves writable and read-only datasets (np.load with
+        # mmap_mode="r", broadcast arrays) alike.
+        X, labels, target, order = (_read_only(a) for a in (X, labels, target, order))
+        pos, chunk = 0, 1      # the first chunk is one step: it may compile
+        while pos < n_steps:
+            size = min(chunk, n_steps - pos)
+            t = time.perf_counter()
+            rule, s0, s1, s2, _ = opt._kernel_args()
+            k0 = opt._step_count
+            rows, row_lr = self._hp_rows(size)
+            kernel, model_args = self._chunk_kernel(B, order.shape[0], batch_size, n_steps)
+            ran = kernel(
+                X, labels, target, order, pos, size, batch_size, order.shape[0],
+                xbuf, lbuf, tbuf, self._loss_kind, *model_args,
+                rule, s0, s1, s2, rows, self._layer_sq, opt._clip_norm, opt._clip_value,
+                not opt.skip_nonfinite, res["loss"][pos:], res["grad_norm"][pos:],
+                res["clip_scale"][pos:], res["skipped"][pos:], layer_sq[pos:])
+            end = pos + ran
+            # The optimizer's book-keeping, as _commit would have done step by step.
+            skipped = res["skipped"][pos:end]
+            applied = ~skipped
+            before = np.cumsum(applied) - applied     # updates applied before each step
+            res["step"][pos:end] = k0 + before + applied
+            res["lr"][pos:end] = row_lr[before]
+            res["clipped"][pos:end] = applied & (res["clip_scale"][pos:end] < 1.0)
+            res["layer_norms"][pos:end] = np.sqrt(layer_sq[pos:end])
+            n_applied = int(applied.sum())
+            opt._step_count += n_applied
+            opt._n_skipped += ran - n_applied
+            opt.n_calls += ran
+            if model.training:
+                model.dropout_step += n_applied
+            last = end - 1
+            opt._lr_now = float(res["lr"][last])
+            opt.last_stats = _stats_of(res, last)
+            if skipped.size and skipped[-1] and not opt.skip_nonfinite:
+                # As a per-step loop: the steps before the failing one were
+                # applied (and reported), then the failing one raises
+                # (leaving step.stats at the step before it).
+                if last > 0:
+                    self.stats = _stats_of(res, last - 1)
+                if callback is not None and last > pos:
+                    callback(last, n_steps, {key: val[:last] for key, val in res.items()})
+                raise NonFiniteGradientError(
+                    f"non-finite gradient norm {res['grad_norm'][last]} at update "
+                    f"{opt._step_count}; parameters and optimizer state were left unchanged")
+            self.stats = opt.last_stats
+            pos = end
+            if callback is not None:
+                callback(pos, n_steps, {key: val[:pos] for key, val in res.items()})
+            # Size the next chunk to take about progress_interval seconds
+            # (at most 16 times the last one: a fluke of the clock cannot
+            # make the progress freeze).
+            spent = max(time.perf_counter() - t, 1e-9)
+            chunk = int(min(max(1, self.progress_interval * ran / spent), 16 * ran))
+
+    def _looped_epoch(self, X, Y, order, batch_size, n_steps, res, callback):
+        """The epoch as a Python loop over ``step(x, y)`` (losses with
+        options, CUDA)."""
+        xp = _device.array_module(_device.device_of(X))
+        n_order = order.shape[0]
+        B = min(batch_size, n_order)
+        xbuf = xp.empty((B,) + X.shape[1:], X.dtype)
+        ybuf = xp.empty((B,) + Y.shape[1:], Y.dtype)
+        done, filled = [], 0
+        t = time.perf_counter()
+
+        def fill(upto):
+            for j in range(filled, upto):
+                loss, st = done[j]
+                res["loss"][j] = _host_loss(loss, st)
+                res["grad_norm"][j], res["clip_scale"][j] = st.grad_norm, st.clip_scale
+                res["clipped"][j], res["skipped"][j] = st.clipped, st.skipped
+                res["step"][j], res["lr"][j] = st.step, st.lr
+                res["layer_norms"][j] = st.layer_norms
+            return upto
+
+        for b in range(n_steps):
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
+            if xp is not np:
+                idx = xp.asarray(idx)
+            xp.take(X, idx, axis=0, out=xb)
+            xp.take(Y, idx, axis=0, out=yb)
+            done.append((self._step(xb, yb), self.stats))
+            if callback is not None and (b + 1 == n_steps
+                                         or time.perf_counter() - t >= self.progress_interval):
+                filled = fill(b + 1)
+                callback(b + 1, n_steps, {key: val[:b + 1] for key, val in res.items()})
+                t = time.perf_counter()
+        fill(n_steps)
+
+
+def _read_only(a):
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _positive_int(name, val):
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
+        raise ValueError(f"{name} must be a positive integer, got {val!r}")
+    return int(val)
+
+
+def _epoch_order(n, shuffle, seed):
+    """The sample order of an epoch (see ``TrainStep.run_epoch``): int64."""
+    if isinstance(shuffle, (bool, np.bool_)):
+        if not shuffle:
+            return np.arange(n, dtype=np.int64)
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        return rng.permutation(n).astype(np.int64, copy=False)
+    order = np.asarray(shuffle)
+    if order.dtype.kind not in "iu" or order.ndim != 1:
+        raise TypeError(f"shuffle must be a bool or a 1-D integer array of sample indices, "
+                        f"got {order.dtype} of shape {order.shape}")
+    if order.size == 0:
+        raise ValueError("shuffle: empty sample order")
+    lo, hi = int(order.min()), int(order.max())
+    if lo < 0 or hi >= n:
+        raise ValueError(f"shuffle: sample indices must lie in [0, {n}), got min {lo}, max {hi}")
+    return np.ascontiguousarray(order, dtype=np.int64)
+
+
+def _stats_of(res, j):
+    """StepStats of step ``j`` of ``run_epoch``'s results."""
+    return StepStats(step=res["step"][j], lr=res["lr"][j], grad_norm=res["grad_norm"][j],
+                     clip_scale=res["clip_scale"][j], clipped=res["clipped"][j],
+                     skipped=res["skipped"][j], layer_norms=res["layer_norms"][j])
+
 
 def _host_loss(loss, stats):
     """A step's loss as a float: from its record when the stats carry it
@@ -478,6 +805,102 @@ def _newest_ready(done, look_back=20):
         if st.ready:
             return loss, st
     return None
+
+
+COMPILE_MESSAGE = "compiling kernels for this model (first run only)"
+
+
+class CompileNotice(_numba_event.Listener):
+    """Tell the user when Numba compiles for more than ``after`` seconds.
+
+    A context manager: while it is open, a daemon thread watches Numba's
+    ``numba:compile`` events (``numba.core.event``), and once one compile
+    (with the compiles it sets off) has run for ``after`` seconds it calls
+    ``show(COMPILE_MESSAGE)``; when that compile ends it calls ``done()``
+    (if given).  Kernels loaded from the on-disk cache raise no compile
+    event, so a warm cache shows nothing.  ``fit`` uses it for its progress
+    bar; ``fastgrad demo`` prints the line.
+
+    Parameters
+    ----------
+    show : callable ``show(message)``, called from the watching thread
+    done : callable or None, called (from that thread) when the compile ends
+    after : seconds of compiling before ``show`` is called
+    once : call ``show`` for the first long compile only (a printed line)
+    """
+
+    poll = 0.05          # seconds between two looks of the watching thread
+
+    def __init__(self, show, done=None, after=1.0, once=False):
+        self._show, self._done, self._after = show, done, float(after)
+        self._once = bool(once)
+        self._depth, self._since = 0, 0.0
+        self._stop = threading.Event()
+        self._thread = None
+        self.shown = False          # True once show was called
+
+    # numba.core.event.Listener: called by the compiling thread
+    def on_start(self, event):
+        if self._depth == 0:
+            self._since = time.perf_counter()
+        self._depth += 1
+
+    def on_end(self, event):
+        self._depth = max(self._depth - 1, 0)
+
+    def _watch(self):
+        showing = False
+        while not self._stop.wait(self.poll):
+            compiling = self._depth > 0
+            if (compiling and not showing and not (self._once and self.shown)
+                    and time.perf_counter() - self._since >= self._after):
+                showing = self.shown = True
+                self._show(COMPILE_MESSAGE)
+            elif showing and not compiling:
+                showing = False
+                if self._done is not None:
+                    self._done()
+        if showing and self._done is not None:
+            self._done()
+
+    def __enter__(self):
+        _numba_event.register("numba:compile", self)
+        self._thread = threading.Thread(target=self._watch, name="fastgrad-compile-notice",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        _numba_event.unregister("numba:compile", self)
+        self._stop.set()
+        self._thread.join()
+        return False
+
+
+def _unpause(bar):
+    """Restart the bar's clock (tqdm's ``unpause``): the time so far, the
+    first step's compile, leaves its rate and ETA.  A bar-like object
+    without ``unpause`` is left alone."""
+    unpause = getattr(bar, "unpause", None)
+    if unpause is not None:
+        unpause()
+
+
+def _bar_notice(bar, desc):
+    """A CompileNotice that shows in ``bar`` (tqdm) or, without a bar, as a
+    line on stderr."""
+    if bar is None:
+        return CompileNotice(lambda msg: print(f"fastgrad: {msg}", file=sys.stderr, flush=True),
+                             once=True)
+
+    def show(msg):
+        if hasattr(bar, "set_description_str"):
+            bar.set_description_str(msg, refresh=True)
+
+    def done():
+        if hasattr(bar, "set_description_str"):
+            bar.set_description_str(desc, refresh=True)
+    return CompileNotice(show, done)
 
 
 def _progress_bar(total, enabled, desc):
@@ -541,6 +964,23 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         metric, restoring the best weights), ``ModelCheckpoint`` (through
         ``fastgrad.save`` every N epochs), ``ReduceLROnPlateau``
 
+    Notes
+    -----
+    On the CPU, models with a default loss train each epoch with
+    :meth:`TrainStep.run_epoch` (compiled chunks of about
+    0.1 s; the same parameters and history as the per-step loop).  The
+    per-step callbacks are then called after each chunk, for each of its
+    steps in order, with the same ``(step_index, loss, stats)``; a callback
+    that changes the optimizer or model takes effect from the next chunk
+    rather than the next step.  ``step.fused_epochs = False`` runs the
+    per-step loop instead.  Labels and targets are checked for the whole
+    dataset before the first step.
+
+    With ``progress``, a compile that runs for more than a second (a cold
+    Numba cache) shows "compiling kernels for this model (first run only)"
+    in the bar (or on stderr without tqdm), and the bar's rate and ETA
+    leave out the first step.
+
     Returns
     -------
     dict of per-epoch lists: ``loss`` (mean over the epoch's batches),
@@ -550,8 +990,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     """
     model = step.model
     for name, val in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 1:
-            raise ValueError(f"{name} must be a positive integer, got {val!r}")
+        _positive_int(name, val)
     # A dataset already on the GPU stays there: batches are gathered on the
     # device (the batch's indices go up by an asynchronous pinned copy).
     on_device = _device.device_of(X) == "cuda"
@@ -562,12 +1001,21 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     Y = xp.asarray(Y)
     if len(Y) != len(X):
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
+    # CPU models (with a default loss) run each epoch as compiled chunks of steps
+    # (TrainStep.run_epoch): the dataset is checked once, here.
+    # Only a TrainStep itself: fit also drives duck-typed steps (a
+    # data-parallel rank's, which must all-reduce every step's gradient).
+    fused = isinstance(step, TrainStep) and step._fused_epoch and step.fused_epochs
+    if fused:
+        X, Y, labels, target = step._epoch_inputs(X, Y)
     n = len(X)
     rng = np.random.default_rng(seed)
     order = np.arange(n, dtype=np.int64)
     n_batches = -(-n // batch_size)
-    xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
-    ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
+    total = epochs * n_batches
+    if not fused:
+        xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
+        ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
     if on_device:
         from .kernels.cuda.transfer import uploader
         ibuf = xp.empty(min(batch_size, n), np.int64)
@@ -581,45 +1029,77 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     for cb in epoch_hooks:
         if hasattr(cb, "on_train_begin"):
             cb.on_train_begin(step, history)
-    bar = _progress_bar(epochs * n_batches, progress, "fit")
+    bar = _progress_bar(total, progress, "fit")
     t0, k = time.perf_counter(), 0
     shown_val = {}          # the last epoch's validation figures, kept in the bar
-    try:
+
+    def show(epoch, loss, stats):
+        bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}",
+                        grad_norm=f"{stats.grad_norm:.3g}",
+                        steps_s=f"{k / (time.perf_counter() - t0):.0f}", **shown_val)
+
+    def chunk_done(epoch, k_epoch, done, res):
+        """After a compiled chunk: the per-step callbacks of its steps, in
+        order, with the (k, loss, stats) a per-step loop passes, and the bar."""
+        nonlocal k
+        first = k - k_epoch
+        for j in range(first, done):
+            if step_hooks:
+                st = _stats_of(res, j)
+                for cb in step_hooks:
+                    cb(k_epoch + j, float(res["loss"][j]), st)
+            k = k_epoch + j + 1
+        if bar is not None and done > first:
+            if first == 0 and k_epoch == 0:
+                _unpause(bar)       # the rate and ETA leave out the first (compiling) step
+            bar.update(done - first)
+            show(epoch, float(res["loss"][done - 1]), _stats_of(res, done - 1))
+
+    def train():
+        nonlocal k, shown_val
         for epoch in range(epochs):
             if shuffle:
                 rng.shuffle(order)
-            done = []               # (loss, stats) of this epoch's steps
-            for bi in range(n_batches):
-                idx = order[bi * batch_size:(bi + 1) * batch_size]
-                xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
-                if on_device:
-                    idx = uploader().upload(idx, ibuf[:len(idx)])
-                xp.take(X, idx, axis=0, out=xb)
-                xp.take(Y, idx, axis=0, out=yb)
-                loss = step(xb, yb)
-                st = step.stats
-                done.append((loss, st))
-                for cb in step_hooks:
-                    cb(k, loss, st)
-                k += 1
-                if bar is not None:
-                    bar.update(1)
-                    shown = _newest_ready(done) if k % 10 == 0 or k == epochs * n_batches \
-                        else None
-                    if shown is not None:
-                        bar.set_postfix(epoch=epoch + 1, loss=f"{_host_loss(*shown):.4f}",
-                                        grad_norm=f"{shown[1].grad_norm:.3g}",
-                                        steps_s=f"{k / (time.perf_counter() - t0):.0f}",
-                                        **shown_val)
-            # The epoch's figures: on CUDA the one wait for the device per epoch.
-            losses = [_host_loss(loss, st) for loss, st in done]
-            norms = [st.grad_norm for _, st in done]
-            clipped = sum(st.clipped for _, st in done)
-            skipped = sum(st.skipped for _, st in done)
-            finite = [v for v in norms if np.isfinite(v)]
+            if fused:
+                k_epoch = k
+                res = step.run_epoch(
+                    X, labels if labels.shape[0] else target, batch_size, shuffle=order,
+                    callback=lambda done, _, res: chunk_done(epoch, k_epoch, done, res))
+                losses, norms = res["loss"], res["grad_norm"]
+                clipped, skipped = int(res["clipped"].sum()), int(res["skipped"].sum())
+            else:
+                done = []               # (loss, stats) of this epoch's steps
+                for bi in range(n_batches):
+                    idx = order[bi * batch_size:(bi + 1) * batch_size]
+                    xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
+                    if on_device:
+                        idx = uploader().upload(idx, ibuf[:len(idx)])
+                    xp.take(X, idx, axis=0, out=xb)
+                    xp.take(Y, idx, axis=0, out=yb)
+                    loss = step(xb, yb)
+                    st = step.stats
+                    done.append((loss, st))
+                    for cb in step_hooks:
+                        cb(k, loss, st)
+                    k += 1
+                    if bar is not None:
+                        if k == 1:
+                            _unpause(bar)   # the rate and ETA leave out the first step
+                        bar.update(1)
+                        shown = _newest_ready(done) if k % 10 == 0 or k == total else None
+                        if shown is not None:
+                            show(epoch, _host_loss(*shown), shown[1])
+                # The epoch's figures: on CUDA the one wait for the device per epoch.
+                losses = np.asarray([_host_loss(loss, st) for loss, st in done])
+                norms = np.asarray([st.grad_norm for _, st in done])
+                clipped = sum(st.clipped for _, st in done)
+                skipped = sum(st.skipped for _, st in done)
+            finite = norms[np.isfinite(norms)]
             history["loss"].append(float(np.mean(losses)))
-            history["grad_norm_mean"].append(float(np.mean(finite)) if finite else float("nan"))
-            history["grad_norm_max"].append(float(np.max(finite)) if finite else float("nan"))
+            history["grad_norm_mean"].append(float(np.mean(finite)) if finite.size
+                                             else float("nan"))
+            history["grad_norm_max"].append(float(np.max(finite)) if finite.size
+                                            else float("nan"))
             history["clipped"].append(clipped)
             history["skipped"].append(skipped)
             if validation_data is not None:
@@ -640,6 +1120,12 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         for cb in epoch_hooks:
             if hasattr(cb, "on_train_end"):
                 cb.on_train_end(step, history)
+
+    # A cold first step compiles for seconds: say so (in the bar) after 1 s.
+    notice = _bar_notice(bar, "fit") if progress else contextlib.nullcontext()
+    try:
+        with notice:
+            train()
     finally:
         if bar is not None:
             bar.close()

@@ -215,10 +215,10 @@ def update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
     # symmetric, so negating the clip scale is exactly negating the clipped g.
     if hp[HP_MAXIMIZE] != 0.0:
         scale = -scale
-    if rule == ADAM:
-        _adam_range(p, g, s0, s1, s2, scale, clip_value, hp, False)
-    elif rule == ADAMW:
-        _adam_range(p, g, s0, s1, s2, scale, clip_value, hp, True)
+    if rule == ADAM or rule == ADAMW:
+        # A run-time flag, not the literals True/False: Numba would compile
+        # _adam_range twice (once per Literal[bool]), ~0.6 s of a cold start.
+        _adam_range(p, g, s0, s1, s2, scale, clip_value, hp, rule == ADAMW)
     elif rule == SGD:
         _sgd_range(p, g, s0, scale, clip_value, hp)
     elif rule == RMSPROP:

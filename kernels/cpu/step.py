@@ -60,7 +60,9 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
     B = x.shape[0]
     L = codes.shape[0]
     h = x
-    act_off = 0
+    # Not a literal 0: Numba would type the first _views call with
+    # Literal[int](0) and compile _views a second time for it (~0.6 s cold).
+    act_off = np.int64(0)
     for l in range(L):
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
         if not needs_z(codes[l]):
@@ -119,3 +121,83 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                           layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
+
+
+@njit(**INLINE)
+def gather_batch(X, labels, target, order, lo, batch_size, n_order, xbuf, lbuf, tbuf):
+    """The batch of samples ``order[lo : lo + batch_size]`` (cut at
+    ``n_order``) copied into the prefixes of ``xbuf`` and ``lbuf`` or
+    ``tbuf`` (whichever the loss reads; the other is size 0): the values
+    the per-step loop's ``np.take`` gives.  Element loops, not slice
+    assignment, whose shape checks cost seconds of compile time."""
+    B = min(n_order - lo, batch_size)
+    n_lab = labels.shape[0]
+    n_tgt = target.shape[0]
+    xb = xbuf[:B]
+    for i in range(B):
+        src = order[lo + i]
+        for c in range(X.shape[1]):
+            xb[i, c] = X[src, c]
+        if n_lab:
+            lbuf[i] = labels[src]
+        for c in range(target.shape[1] if n_tgt else 0):
+            tbuf[i, c] = target[src, c]
+    lb = lbuf[:B] if n_lab else lbuf
+    tb = tbuf[:B] if n_tgt else tbuf
+    return xb, lb, tb
+
+
+@njit(**INLINE)
+def record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
+                out_skipped, out_layer_sq):
+    """Step ``j``'s statistics into the output arrays of an epoch kernel."""
+    out_loss[j] = loss
+    out_norm[j] = norm
+    out_scale[j] = scale
+    out_skipped[j] = skipped
+    for l in range(layer_sq.shape[0]):
+        out_layer_sq[j, l] = layer_sq[l]
+
+
+@njit(**JIT)
+def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
+                xbuf, lbuf, tbuf, loss_kind, params, grads, sizes, codes, alphas,
+                offsets, acts, zs, delta,
+                rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip,
+                out_loss, out_norm, out_scale, out_skipped, out_layer_sq):
+    """Steps ``first .. first + n_steps - 1`` of an epoch, in one call.
+
+    Step ``b`` trains on the samples ``order[b * batch_size : (b + 1) *
+    batch_size]`` (cut at ``n_order``), gathered into the prefix of
+    ``xbuf`` (and ``lbuf`` / ``tbuf``, the loss's labels or target) --
+    the buffers of one full batch, reused.  Each step is exactly
+    :func:`train_step` on that batch; ``acts``, ``zs`` and ``delta`` are
+    sized for a full batch and a smaller last batch uses their prefix.
+
+    ``hp_rows[r]`` is the optimizer's hyper-parameter row for the update
+    made after ``r`` updates of this call were applied: a skipped step
+    (non-finite gradient) does not advance the count, so the next step
+    reuses its row, as the per-step loop would.  ``stop_on_skip`` (the
+    optimizer's ``skip_nonfinite=False``) returns right after a skipped
+    step so that the caller can raise there.
+
+    Per step ``j`` of the call: ``out_loss[j]``, the gradient norm, clip
+    scale, skip flag and the squared per-layer norms (``out_layer_sq[j]``).
+    Returns the number of steps run.
+    """
+    applied = 0
+    for j in range(n_steps):
+        xb, lb, tb = gather_batch(X, labels, target, order, (first + j) * batch_size,
+                                  batch_size, n_order, xbuf, lbuf, tbuf)
+        loss = _forward_backward(xb, lb, tb, loss_kind, params, grads, sizes, codes,
+                                 alphas, offsets, acts, zs, delta)
+        norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp_rows[applied],
+                                              offsets, layer_sq, clip_norm, clip_value)
+        record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
+                    out_skipped, out_layer_sq)
+        if skipped:
+            if stop_on_skip:
+                return j + 1
+        else:
+            applied += 1
+    return n_steps

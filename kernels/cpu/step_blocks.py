@@ -39,7 +39,7 @@ from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
 from .wnorm import weight_norm_backward, weight_norm_forward
 from .optim import clipped_update
-from .step import _views, loss_and_grad
+from .step import _views, gather_batch, loss_and_grad, record_step
 
 _TWO53 = 9007199254740992.0
 
@@ -114,7 +114,9 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
     B = x.shape[0]
     L = codes.shape[0]
     h = x
-    act_off = 0
+    # Not a literal 0: the first _views call would be typed with
+    # Literal[int](0) and compile _views a second time (see step.py).
+    act_off = np.int64(0)
     stat_off = 0
     col_off = 0
     for l in range(L):
@@ -231,3 +233,51 @@ def train_step_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
     norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                           layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
+
+
+@njit(**JIT)
+def train_steps_blocks(X, labels, target, order, first, n_steps, batch_size, n_order,
+                       xbuf, lbuf, tbuf, loss_kind, params, grads, sizes, codes, alphas,
+                       drops, residual, norms, seed, counter, training, offsets, acts, zs, fzs,
+                       xhats, run_mean, run_var, saved_mean, saved_var, nstats, nwork, wn, weff,
+                       dweff, wnorm, delta,
+                       rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip,
+                       out_loss, out_norm, out_scale, out_skipped, out_layer_sq):
+    """``step.train_steps`` for the block models: steps ``first ..
+    first + n_steps - 1`` of an epoch, each exactly :func:`train_step_blocks`
+    on its gathered batch.
+
+    ``counter`` is the dropout counter of the first step; like the model's
+    ``dropout_step`` it advances with every applied update (a skipped one
+    restores it).  With ``saved_mean``/``saved_var`` of run_mean's size
+    (training with batch norm) the running statistics are saved before each
+    step and restored when its update is skipped, as the per-step
+    TrainStep does; size 0 leaves them alone.  Returns the number of steps
+    run (see ``step.train_steps`` for the other arguments)."""
+    applied = 0
+    keep = saved_mean.shape[0] > 0
+    for j in range(n_steps):
+        xb, lb, tb = gather_batch(X, labels, target, order, (first + j) * batch_size,
+                                  batch_size, n_order, xbuf, lbuf, tbuf)
+        if keep:
+            for i in range(run_mean.shape[0]):
+                saved_mean[i] = run_mean[i]
+                saved_var[i] = run_var[i]
+        loss = _forward_backward_blocks(xb, lb, tb, loss_kind, params, grads, sizes, codes,
+                                        alphas, drops, residual, norms, seed, counter + applied,
+                                        training, offsets, acts, zs, fzs, xhats, run_mean,
+                                        run_var, nstats, nwork, wn, weff, dweff, wnorm, delta)
+        norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp_rows[applied],
+                                              offsets, layer_sq, clip_norm, clip_value)
+        record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
+                    out_skipped, out_layer_sq)
+        if skipped:
+            if keep:
+                for i in range(run_mean.shape[0]):
+                    run_mean[i] = saved_mean[i]
+                    run_var[i] = saved_var[i]
+            if stop_on_skip:
+                return j + 1
+        else:
+            applied += 1
+    return n_steps
