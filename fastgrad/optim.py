@@ -1618,6 +1618,21 @@ class Optimizer:
         hp[_k.HP_UPDATE] = k
         return lr
 
+    def _fill_update(self, hp, k):
+        """Fill ``hp`` (shaped as ``self._hp``: one row, or one row per
+        segment with parameter groups) for update ``k``; returns group 0's
+        learning rate."""
+        if self._seg_group is None:
+            return self._fill_row(hp, k)
+        rows = self._group_rows
+        lr = None
+        for gi in range(rows.shape[0]):
+            lr_g = self._fill_row(rows[gi], k, gi)
+            lr = lr_g if lr is None else lr
+        np.take(rows, self._seg_group, axis=0, out=hp)
+        hp[:, _k.HP_END] = self._seg_ends
+        return lr
+
     def _kernel_args(self):
         """``(rule, s0, s1, s2, hp)`` for the next update ``k = step_count``:
         the arguments every update and step kernel takes after the buffers.
@@ -1627,31 +1642,13 @@ class Optimizer:
         docstring)."""
         s0, s1, s2 = self._buffers()
         if self._book is None:
-            k = self._step_count
-            if self._seg_group is None:
-                self._lr_now = self._fill_row(self._hp, k)
-                return self.rule, s0, s1, s2, self._hp
-            rows = self._group_rows
-            for gi in range(rows.shape[0]):
-                lr = self._fill_row(rows[gi], k, gi)
-                if gi == 0:
-                    self._lr_now = lr
-            np.take(rows, self._seg_group, axis=0, out=self._hp)
-            self._hp[:, _k.HP_END] = self._seg_ends
+            self._lr_now = self._fill_update(self._hp, self._step_count)
             return self.rule, s0, s1, s2, self._hp
         self._poll()
         table = self._book.table
         used = len(self._book.queue) + 1
         for r in range(used):
-            k = self._step_count + r
-            if self._seg_group is None:
-                self._fill_row(table[r], k)
-                continue
-            rows = self._group_rows
-            for gi in range(rows.shape[0]):
-                self._fill_row(rows[gi], k, gi)
-            np.take(rows, self._seg_group, axis=0, out=table[r])
-            table[r, :, _k.HP_END] = self._seg_ends
+            self._fill_update(table[r], self._step_count + r)
         table[used:] = 0.0
         table[used:, ..., _k.HP_UPDATE] = -1.0       # no update index: never chosen
         return self.rule, s0, s1, s2, table

@@ -484,8 +484,9 @@ class TrainStep:
     @property
     def _fused_epoch(self):
         """True when an epoch runs as compiled chunks (CPU models with a
-        default loss); other steps run a Python loop over ``step(x, y)``."""
-        return self.model.device == "cpu" and not self._composed
+        default loss, serial step); other steps, the sharded ``threads=n``
+        step included, run a Python loop over ``step(x, y)``."""
+        return self.model.device == "cpu" and not self._composed and self.threads is None
 
     def run_epoch(self, X, Y, batch_size, shuffle=True, seed=None, drop_last=False,
                   callback=None):
@@ -605,7 +606,7 @@ class TrainStep:
             rows = self._rows = np.zeros((max(n, 16),) + opt._hp.shape, np.float64)
             self._row_lr = np.zeros(rows.shape[0])
         for r in range(n):
-            self._row_lr[r] = opt._fill_row(rows[r], k0 + r)
+            self._row_lr[r] = opt._fill_update(rows[r], k0 + r)
         return rows, self._row_lr
 
     def _epoch(self, X, Y, labels, target, order, batch_size, drop_last, callback):

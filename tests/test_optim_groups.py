@@ -1035,3 +1035,27 @@ def test_cuda_param_groups_match_cpu(cp, kind, hyper, groups):
     assert og.step_count == os_.step_count == 12
     with pytest.raises(ValueError, match="one parameter group"):
         fg.TrainStep(mg, loss_fn, og, cuda_graph=True)
+
+
+def test_run_epoch_with_groups_is_the_step_loop():
+    """The compiled epoch fills one row per segment for every update count."""
+    rng = np.random.default_rng()
+    X, Y = rng.standard_normal((70, 6)), rng.integers(0, 4, 70)
+    X[33, 2] = np.nan                       # one skipped step inside the epoch
+    out = []
+    for mode in ("epoch", "loop"):
+        m = fg.MLP([6, 9, 4], dtype="float64", seed=2)
+        opt = fg.AdamW(m, lr=fg.schedules.cosine_decay(1e-2, 10), clip_norm=0.5, param_groups=[
+            {"params": m.weights(), "weight_decay": 0.1},
+            {"params": m.biases_and_norms(), "weight_decay": 0.0, "lr": 2e-2}])
+        step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt)
+        if mode == "epoch":
+            res = step.run_epoch(X, Y, 16, seed=5)
+            assert res["skipped"].sum() == 1
+        else:
+            order = np.random.default_rng(5).permutation(70)
+            for i in range(0, 70, 16):
+                step(X[order[i:i + 16]], Y[order[i:i + 16]])
+        out.append((m.params.copy(), opt.step_count))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    assert out[0][1] == out[1][1] == 4

@@ -160,3 +160,20 @@ def test_sharded_step_with_parameter_groups():
         for _, step in runs:
             step(x, y)
     np.testing.assert_allclose(runs[1][0].params, runs[0][0].params, rtol=1e-12, atol=1e-13)
+
+
+def test_run_epoch_of_a_sharded_step_is_its_step_loop():
+    rng = np.random.default_rng()
+    X, Y = rng.standard_normal((50, 6)), rng.integers(0, 4, 50)
+    runs = []
+    for loop in (False, True):
+        m = fg.MLP([6, 9, 4], dtype="float64", seed=2)
+        step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m, clip_norm=0.5), threads=2)
+        if loop:
+            order = np.random.default_rng(5).permutation(50)
+            for i in range(0, 50, 16):
+                step(X[order[i:i + 16]], Y[order[i:i + 16]])
+        else:
+            step.run_epoch(X, Y, 16, seed=5)
+        runs.append(m.params.copy())
+    np.testing.assert_array_equal(runs[0], runs[1])
