@@ -29,12 +29,14 @@ import re
 import cupy
 import numpy as np
 
+from ..spec import N_ACTIVATIONS, N_RULES
+
 _OPTIONS = ("--std=c++17", "--fmad=false")
 _INCLUDE = re.compile(r'^\s*#include\s+"([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
 
 _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-N_ACTIVATIONS = 9
-N_RULES = 4
+# N_ACTIVATIONS, N_RULES: kernels/spec.py (the instantiation lists below
+# cover every code there; common.cuh's enums are checked against it).
 
 
 def _names():

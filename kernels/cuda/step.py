@@ -48,8 +48,7 @@ host timer around a launch):
 import cupy
 import numpy as np
 
-from ..cpu.activations import NEEDS_Z
-from ..cpu.step import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE
+from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE, NEEDS_Z
 from . import losses as _losses
 from . import optim as _optim
 from . import reduce as _reduce
