@@ -58,17 +58,24 @@ def needs_z(code):
 def kernels_for(dev, codes):
     """The kernel package of ``dev`` that serves activation ``codes``: the
     device's own, or for registered activations on the CPU the registry's
-    copy (``fastgrad.registry.cpu_kernels``).  A CUDA model with a
-    registered activation raises (registered activations run on the CPU)."""
+    copy (``fastgrad.registry.cpu_kernels``).  On CUDA, registered
+    activations need their CUDA forms (compiled into the device's kernels
+    here); without them this raises ValueError."""
     if _registry.uses_registered(codes):
         for c in codes:
             if int(c) >= FIRST_CUSTOM_CODE and _registry.by_code(int(c)) is None:
                 raise ValueError(f"unknown activation code {int(c)} (not registered)")
         if dev == "cuda":
-            names = sorted({_registry.by_code(int(c)).name for c in codes
-                            if int(c) >= FIRST_CUSTOM_CODE})
-            raise ValueError(f"registered activation(s) {names} cannot run on CUDA: "
-                             "fastgrad's registered activations run on the CPU only")
+            missing = sorted({_registry.by_code(int(c)).name for c in codes
+                              if int(c) >= FIRST_CUSTOM_CODE
+                              and _registry.by_code(int(c)).cuda is None})
+            if missing:
+                raise ValueError(f"registered activation(s) {missing} cannot run on CUDA: "
+                                 "registered without CUDA forms (register_activation(..., "
+                                 "cuda=(forward_expr, derivative_expr)))")
+            from .kernels.cuda import _module
+            _module.set_registered_activations(_registry.cuda_table())
+            return _device.kernels(dev)
         return _registry.cpu_kernels()
     return _device.kernels(dev)
 

@@ -23,7 +23,9 @@ loaded again under another package name with the registered activations
 appended to their ladders, without the disk cache: Numba cannot tell when a
 user's function changed), which models using a registered activation run
 on.  Models using built-ins only never see that copy: their kernels, and
-their on-disk cache, are the ones they had.
+their on-disk cache, are the ones they had.  On CUDA, an activation
+registered with ``cuda=`` expressions becomes one more ``fg::Act<code>``
+specialisation of the device kernels (``kernels/cuda/_module.py``).
 """
 import importlib
 import os
@@ -70,7 +72,7 @@ class ActivationSpec:
     reference : (callable, callable) or None
         float64 NumPy ``f(z, alpha)`` and ``f'(z, alpha)`` (from z).
     cuda : str or (str, str) or None
-        Built-ins: the C++ enum name (``common.cuh``).  Registered: the
+        Built-ins: the C++ enum name (``activation.cuh``).  Registered: the
         forward and derivative as CUDA C expressions, or None (CPU only).
     builtin : bool
     """
@@ -187,8 +189,10 @@ def register_activation(name, f, df, *, needs="a", alpha=None, torch=None, jax=N
     jax : JaxTwin, optional
     cuda : (str, str), optional
         The forward and derivative as CUDA C expressions of ``z``, ``a`` and
-        ``alpha`` (type ``T``).  Without them a CUDA model using the
-        activation raises when it is built.
+        ``alpha`` (all of the kernel's float type ``T``; ``exp_``,
+        ``expm1_``, ``log1p_``, ``tanh_``, ``erfc_``, ``abs_`` are CUDA's
+        libm for ``T``), e.g. ``("z / (T(1) + exp_(-z))", ...)``.  Without
+        them a CUDA model using the activation raises when it is built.
     reference : (callable, callable), optional
         float64 NumPy ``f(z, alpha)`` and ``f'(z, alpha)``: what
         ``fastgrad.reference`` (and so gradient checks) use for it.
@@ -248,6 +252,13 @@ def _forget(name):
 
 _variant = []          # [(package module)] for the current registrations
 _generation = [0]
+
+
+def cuda_table():
+    """{code: (needs_z, forward, derivative)} of the registered activations
+    that have CUDA forms (``kernels/cuda/_module.py`` compiles them)."""
+    return {s.code: (s.needs_z, s.cuda[0], s.cuda[1]) for s in _specs.values()
+            if not s.builtin and s.cuda is not None}
 
 
 def uses_registered(codes):

@@ -65,11 +65,11 @@ def _check_dropped(y_gpu, y_cpu, x, kept, residual, what):
 
 def _grad_terms(activation, alpha, pre, da, kept, scale):
     """|da * mask * scale| times the size of f'(pre): |f'| itself, or 1 + |pre|
-    for gelu and silu, whose derivatives are sums of terms of that size that
-    cancel near pre = -0.75 (gelu) and -1.28 (silu), where float32 libm and
+    for gelu, gelu_tanh and silu, whose derivatives are sums of terms of that
+    size that cancel near pre = -0.75 (gelu) and -1.28 (silu), where float32 libm and
     the CPU's polynomial tanh / exp then differ by far more than rtol
     relative to the small result."""
-    if activation in ("gelu", "silu"):
+    if activation in ("gelu", "gelu_tanh", "silu"):
         d = 1.0 + np.abs(pre)
     else:
         d = np.abs(reference.activation_grad(pre, activation, alpha))

@@ -21,7 +21,7 @@ from fastgrad import ops, reference, registry
 from fastgrad.kernels import spec
 from fastgrad.kernels.cpu import activations as A
 
-from conftest import ACTIVATIONS, torch_activation
+from conftest import ACTIVATIONS, to_numpy, torch_activation
 
 KERNELS = pathlib.Path(spec.__file__).parent
 
@@ -63,6 +63,8 @@ def test_every_activation_has_its_cuda_specialisation():
     text = (KERNELS / "cuda" / "activation.cuh").read_text()
     found = re.findall(r"template <> struct Act<(\w+)>", text)
     assert sorted(found) == sorted(n.upper() for n in spec.CODES)
+    each = re.search(r"#define FG_EACH_ACTIVATION\(M, T\)(.*?)\n\n", text, re.S).group(1)
+    assert re.findall(r"M\(T, fg::(\w+)\)", each) == [n.upper() for n in spec.CODES]
     assert re.search(r"template <int ACT> struct Act;", text)
     assert not re.search(r"template <int ACT> struct Act\s*\{", text)
     assert registry.get("gelu").cuda == "GELU"
@@ -99,9 +101,44 @@ def test_cuda_instantiation_lists_cover_the_spec():
 
 
 @pytest.mark.cuda
-def test_cuda_model_refuses_a_registered_activation(swish):
-    with pytest.raises(ValueError, match="cannot run on CUDA"):
+def test_cuda_model_refuses_a_registered_activation_without_cuda_forms(cp, swish):
+    with pytest.raises(ValueError, match="cannot run on CUDA.*cuda="):
         fg.MLP([3, 4, 2], activation=swish, device="cuda")
+
+
+@pytest.mark.cuda
+def test_registered_activation_with_cuda_forms_runs_on_cuda(cp, rng):
+    """swish's CUDA forms, compiled into the activation kernels: a plain and
+    a toolkit CUDA model give the CPU's silu model's forward, backward and
+    3 TrainSteps to 1e-10 (float64)."""
+    f, df = _swish_functions()
+    cuda = ("z / (T(1) + exp_(-z))",
+            "(T(1) / (T(1) + exp_(-z))) * (T(1) + z * (T(1) - T(1) / (T(1) + exp_(-z))))")
+    name = "swish_cuda"
+    registry.register_activation(name, f, df, needs="z", cuda=cuda)
+    try:
+        x = rng.standard_normal((6, 5))
+        y = rng.integers(0, 3, 6)
+        for kw in ({}, {"norm": "layer", "residual": True}):
+            sizes = [5, 7, 7, 3] if kw else [5, 7, 3]
+            gpu = fg.MLP(sizes, activation=name, dtype="float64", seed=2, device="cuda", **kw)
+            cpu = fg.MLP(sizes, activation="silu", dtype="float64", seed=2, **kw)
+            cpu.params[...] = to_numpy(gpu.params)
+            close = dict(rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(to_numpy(gpu.forward(cp.asarray(x))), cpu.forward(x),
+                                       **close)
+            dy = rng.standard_normal((6, 3))
+            np.testing.assert_allclose(to_numpy(gpu.backward(cp.asarray(dy))), cpu.backward(dy),
+                                       **close)
+            np.testing.assert_allclose(to_numpy(gpu.grads), cpu.grads, **close)
+            steps = [fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.SGD(m, lr=0.1))
+                     for m in (cpu, gpu)]
+            for _ in range(3):
+                for st in steps:
+                    st(x, y)
+            np.testing.assert_allclose(to_numpy(gpu.params), cpu.params, **close)
+    finally:
+        registry._forget(name)
 
 
 # --- unknown codes raise -----------------------------------------------------------------

@@ -24,6 +24,14 @@ constexpr double INV_SQRT_2PI = 0.3989422804014327;
 enum { IDENTITY = 0, RELU = 1, LEAKY_RELU = 2, ELU = 3, SIGMOID = 4, TANH = 5,
        SOFTPLUS = 6, GELU = 7, SILU = 8, GELU_TANH = 9 };
 
+// Every code above, for the explicit instantiations that nvcc compiles in the
+// .cu files (NVRTC instantiates kernels/cuda/_module.py's name_expressions,
+// which come from kernels/spec.py).
+#define FG_EACH_ACTIVATION(M, T)                                                   \
+    M(T, fg::IDENTITY) M(T, fg::RELU) M(T, fg::LEAKY_RELU) M(T, fg::ELU)             \
+    M(T, fg::SIGMOID) M(T, fg::TANH) M(T, fg::SOFTPLUS) M(T, fg::GELU) M(T, fg::SILU) \
+    M(T, fg::GELU_TANH)
+
 // One specialisation per activation code:
 // f(z, alpha), df(a, z, alpha) -- f'(z) from the output a, or from z when
 // needs_z (then the kernels keep the pre-activation).  There is no primary

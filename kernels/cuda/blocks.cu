@@ -82,9 +82,7 @@ __global__ void fg_block_grad(const T* da, const T* fz, const T* z, T* dz, doubl
                                                  unsigned long long, unsigned long long,      \
                                                  double, int);
 #define FG_INST_ALL(T)                                                                        \
-    FG_INST_ACT(T, 0) FG_INST_ACT(T, 1) FG_INST_ACT(T, 2) FG_INST_ACT(T, 3)                   \
-    FG_INST_ACT(T, 4) FG_INST_ACT(T, 5) FG_INST_ACT(T, 6) FG_INST_ACT(T, 7)                   \
-    FG_INST_ACT(T, 8)                                                                         \
+    FG_EACH_ACTIVATION(FG_INST_ACT, T)                                            \
     template __global__ void fg_dropout_mask<T>(T*, long long, unsigned long long,            \
                                                 unsigned long long);                          \
     template __global__ void fg_colsum_cast<T>(const double*, long long, long long, T*);

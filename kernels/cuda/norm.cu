@@ -254,9 +254,7 @@ __global__ void fg_norm_grad_input(T* dz, const T* xhat, const T* gamma, const T
                                                      unsigned long long, unsigned long long,   \
                                                      double, int);
 #define FG_INST_ALL(T)                                                                         \
-    FG_INST_ACT(T, 0) FG_INST_ACT(T, 1) FG_INST_ACT(T, 2) FG_INST_ACT(T, 3)                    \
-    FG_INST_ACT(T, 4) FG_INST_ACT(T, 5) FG_INST_ACT(T, 6) FG_INST_ACT(T, 7)                    \
-    FG_INST_ACT(T, 8)                                                                          \
+    FG_EACH_ACTIVATION(FG_INST_ACT, T)                                            \
     template __global__ void fg_layer_stats<T>(const T*, const T*, T*, T*, long long, double); \
     template __global__ void fg_batch_stats_partial<T>(const T*, const T*, double*, long long, \
                                                        long long);                             \
