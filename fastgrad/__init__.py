@@ -5,7 +5,7 @@ gradient clipping and gradient-health reporting built in.
 >>> model = fg.MLP([784, 256, 10], activation="relu")
 >>> step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, clip_norm=1.0))
 """
-from . import callbacks, health, interop, ops, schedules
+from . import callbacks, health, interop, ops, registry, schedules
 from .device import (DeviceUnavailableError, available_devices, get_device,
                      set_device)
 from .errors import NonFiniteGradientError
@@ -14,6 +14,7 @@ from .io import load, save
 from .layers import MLP, Dense, Residual, Sequential
 from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
 from .optim import SGD, Adam, AdamW, RMSprop, StepStats
+from .registry import register_activation
 from .step import TrainStep, evaluate, fit
 from .threads import get_num_threads, set_num_threads
 
@@ -24,5 +25,5 @@ __all__ = [
     "get_device", "set_device", "NonFiniteGradientError", "MLP", "Dense", "Residual",
     "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
     "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",
-    "get_num_threads", "set_num_threads",
+    "get_num_threads", "set_num_threads", "registry", "register_activation",
 ]

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .kernels.cpu.activations import CODES as ACTIVATION_CODES
+from . import registry as _registry
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
@@ -567,7 +567,7 @@ def build_parser():
     demo.add_argument("--hidden", type=_hidden, default=[128, 128],
                       help="hidden widths, comma-separated (default 128,128)")
     demo.add_argument("--activation", default="relu",
-                      choices=list(ACTIVATION_CODES))
+                      choices=_registry.names())
     demo.add_argument("--init", default="he_normal",
                       choices=["xavier_uniform", "xavier_normal", "he_uniform", "he_normal"])
     demo.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)

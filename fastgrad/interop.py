@@ -23,7 +23,8 @@ Activations map as::
     nn.ELU(alpha)                elu(alpha), alpha >= 0
     nn.Sigmoid, nn.Tanh          sigmoid, tanh
     nn.Softplus()                softplus (beta=1, threshold=20 only)
-    nn.GELU(approximate="tanh")  gelu
+    nn.GELU()                    gelu (exact, erf)
+    nn.GELU(approximate="tanh")  gelu_tanh
     nn.SiLU                      silu
     nn.Identity / nothing        identity
 
@@ -32,11 +33,15 @@ softplus is ``max(z, 0) + log1p(exp(-|z|))`` everywhere, which differs from
 ``z`` by less than ``exp(-20) ~ 2.1e-9`` there: below float32 rounding of
 ``z > 20`` (one ulp is ~1.9e-6), but visible in float64.
 
+The table is ``fastgrad.registry`` (each activation's ``torch`` twin); an
+activation registered with ``torch=`` maps both ways too.
+
 torch is imported only inside these functions: fastgrad does not need it.
 """
 import numpy as np
 
 from . import device as _device
+from . import registry as _registry
 
 __all__ = ["from_torch", "to_torch", "as_torch", "from_dlpack"]
 
@@ -53,35 +58,28 @@ def _torch():
 
 # --- torch -> fastgrad --------------------------------------------------------
 
+def _kwargs_text(kwargs):
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
 def _activation_of(mod, torch):
-    """(name, alpha) for a supported activation module, else ValueError."""
-    nn = torch.nn
-    t = type(mod)
-    if t is nn.Identity:
-        return "identity", None
-    if t is nn.ReLU:
-        return "relu", None
-    if t is nn.LeakyReLU:
-        return "leaky_relu", float(mod.negative_slope)
-    if t is nn.ELU:
-        return "elu", float(mod.alpha)
-    if t is nn.Sigmoid:
-        return "sigmoid", None
-    if t is nn.Tanh:
-        return "tanh", None
-    if t is nn.Softplus:
-        if float(mod.beta) != 1.0 or float(mod.threshold) != 20.0:
-            raise ValueError(f"unsupported module {mod!r}: fastgrad's softplus is "
-                             "nn.Softplus(beta=1, threshold=20) only")
-        return "softplus", None
-    if t is nn.GELU:
-        if mod.approximate != "tanh":
-            raise ValueError(f"unsupported module {mod!r}: fastgrad's gelu is the tanh "
-                             "approximation, nn.GELU(approximate='tanh'); exact erf GELU "
-                             "is not implemented")
-        return "gelu", None
-    if t is nn.SiLU:
-        return "silu", None
+    """(name, alpha) for a module an activation of ``fastgrad.registry``
+    names as its torch twin, else None; ValueError when the class matches
+    but a setting does not (e.g. Softplus(beta=2))."""
+    cls = type(mod)
+    if getattr(torch.nn, cls.__name__, None) is not cls:
+        cls_matches = []
+    else:
+        cls_matches = [s for s in _registry.specs()
+                       if s.torch is not None and s.torch.module == cls.__name__]
+    for spec in cls_matches:
+        if all(getattr(mod, k, None) == v for k, v in spec.torch.kwargs.items()):
+            alpha = None if spec.torch.alpha is None else float(getattr(mod, spec.torch.alpha))
+            return spec.name, alpha
+    if cls_matches:
+        forms = " or ".join(f"nn.{s.torch.module}({_kwargs_text(s.torch.kwargs)}) ({s.name})"
+                            for s in cls_matches)
+        raise ValueError(f"unsupported module {mod!r}: fastgrad has {forms} only")
     return None
 
 
@@ -223,8 +221,7 @@ def _read_layers(mods, torch, where=""):
             raise ValueError(f"unsupported module {name}: {mod!r}; from_torch converts "
                              "nn.Linear (plain or weight-normalised), BatchNorm1d, LayerNorm, "
                              "Dropout, fastgrad.interop.ResidualBlock and the activations "
-                             "ReLU, LeakyReLU, ELU, Sigmoid, Tanh, Softplus, "
-                             "GELU(approximate='tanh'), SiLU, Identity")
+                             f"{_torch_activation_list()}")
         if act[0] == "identity":
             continue
         if last.stage >= 2:
@@ -271,8 +268,8 @@ def from_torch(seq, dtype=None, device=None):
         ``seq`` is not an nn.Sequential, or the weights' dtype is not
         float32/float64 (with ``dtype=None``) or differs between layers.
     ValueError
-        An unsupported module or setting (named in the message: exact
-        nn.GELU(), Softplus with beta != 1, BatchNorm1d with another
+        An unsupported module or setting (named in the message: Softplus
+        with beta != 1, BatchNorm1d with another
         momentum, ...), modules out of fastgrad's order, or no Linear at all.
     """
     torch = _torch()
@@ -331,28 +328,22 @@ def from_torch(seq, dtype=None, device=None):
 
 # --- fastgrad -> torch --------------------------------------------------------
 
+def _torch_activation_list():
+    return ", ".join(f"{s.torch.module}({_kwargs_text(s.torch.kwargs)})"
+                     for s in _registry.specs() if s.torch is not None)
+
+
 def _torch_activation(layer, torch):
-    nn = torch.nn
-    name = layer.activation
-    if name == "identity":
+    spec = _registry.get(layer.activation)
+    if spec is None or spec.torch is None:
+        raise ValueError(f"activation {layer.activation!r} has no torch equivalent "
+                         "(register it with torch=TorchTwin(...))")
+    if spec.name == "identity":
         return None
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(negative_slope=layer.alpha)
-    if name == "elu":
-        return nn.ELU(alpha=layer.alpha)
-    if name == "sigmoid":
-        return nn.Sigmoid()
-    if name == "tanh":
-        return nn.Tanh()
-    if name == "softplus":
-        return nn.Softplus()
-    if name == "gelu":
-        return nn.GELU(approximate="tanh")
-    if name == "silu":
-        return nn.SiLU()
-    raise ValueError(f"activation {name!r} has no torch equivalent")   # pragma: no cover
+    kwargs = dict(spec.torch.kwargs)
+    if spec.torch.alpha is not None:
+        kwargs[spec.torch.alpha] = layer.alpha
+    return getattr(torch.nn, spec.torch.module)(**kwargs)
 
 
 _RESIDUAL_CLASS = []

@@ -19,7 +19,7 @@ Tensors
 Metadata
     ``"fastgrad"``        one JSON document::
 
-        {"format": "fastgrad-checkpoint", "format_version": 1,
+        {"format": "fastgrad-checkpoint", "format_version": 2,
          "fastgrad_version": "0.1.0",
          "model": {"class": "MLP", "dtype": "float32", "seed": 0,
                    "dropout_step": 0, "mask_seed": 0, "training": true,
@@ -50,6 +50,12 @@ Metadata
     then ``gamma`` and ``beta`` in ``params``; a layer with ``weight_norm``
     keeps ``v`` where ``W`` would be and ends with ``g``.
 
+    Format versions: 2 is written.  1 is read too: its ``"gelu"`` was the
+    tanh approximation and loads as ``"gelu_tanh"`` (version 2's ``"gelu"``
+    is the exact erf GELU).  An activation added by
+    ``fastgrad.register_activation`` is saved by name; loading the file
+    needs it registered again first.
+
 The file opens in plain safetensors, from NumPy, PyTorch
 (``safetensors.torch.load_file``), JAX or Hugging Face tools.
 
@@ -77,7 +83,11 @@ from . import device as _device
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "fastgrad-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 (fastgrad 0.1) named the tanh approximation of GELU "gelu"; from
+# version 2 "gelu" is the exact (erf) GELU and the approximation "gelu_tanh".
+# Older files load as what they were trained with.
+_RENAMED_BEFORE_2 = {"gelu": "gelu_tanh"}
 META_KEY = "fastgrad"
 PARAMS = "params"
 OPT_PREFIX = "opt."
@@ -304,7 +314,7 @@ def _reject_constant(name):
     raise _Bad(f"metadata JSON holds the non-standard number {name}")
 
 
-def _parse_model(m):
+def _parse_model(m, version=FORMAT_VERSION):
     from . import ops
     from .layers import INITIALIZERS
 
@@ -338,6 +348,8 @@ def _parse_model(m):
             _need(n_in == specs[-1]["n_out"], f"{where}.n_in: {n_in} does not match the "
                   f"previous layer's n_out {specs[-1]['n_out']}")
         act = _get(spec, "activation", str, where)
+        if version < 2:
+            act = _RENAMED_BEFORE_2.get(act, act)
         alpha = _get(spec, "alpha", (int, float), where)
         _need(math.isfinite(alpha), f"{where}.alpha: must be finite, got {alpha!r}")
         try:
@@ -535,10 +547,10 @@ def _load(path, dev):
         version = doc.get("format_version")
         _need(isinstance(version, int) and not isinstance(version, bool),
               f"format_version must be an integer, got {version!r:.80}")
-        _need(version == FORMAT_VERSION,
+        _need(1 <= version <= FORMAT_VERSION,
               f"format version {version} is not supported (this fastgrad reads version "
               f"{FORMAT_VERSION}{'; upgrade fastgrad' if version > FORMAT_VERSION else ''})")
-        cls_name, dtype, seed, specs, n_params, state = _parse_model(doc.get("model"))
+        cls_name, dtype, seed, specs, n_params, state = _parse_model(doc.get("model"), version)
         o = doc.get("optimizer")
         opt_cls = None if o is None else _parse_optimizer(o, names)
         expected = {PARAMS} | {OPT_PREFIX + s for s in (o["state"] if o else ())}

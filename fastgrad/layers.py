@@ -45,8 +45,12 @@ def _init_weights(name, n_in, n_out, rng):
     return np.zeros(shape)
 
 
-def _toolkit(device):
-    """The block, norm and weight-norm kernel modules of ``device`` (twins)."""
+def _toolkit(device, codes=()):
+    """The block, norm and weight-norm kernel modules of ``device`` (twins);
+    those of the registry's kernels when ``codes`` use a registered activation."""
+    if ops.kernels_for(device, codes) is not _device.kernels(device):
+        pkg = ops.kernels_for(device, codes)
+        return pkg.blocks, pkg.norm, pkg.wnorm
     if device == "cuda":
         from .kernels.cuda import blocks, norm, wnorm
     else:
@@ -94,8 +98,9 @@ class Dense:
     n_in, n_out : int
         Input and output widths (``W`` is ``(n_in, n_out)``, as in Keras/Flax).
     activation : str or None
-        identity (None), relu, leaky_relu, elu, sigmoid, tanh, softplus, gelu,
-        silu.
+        identity (None), relu, leaky_relu, elu, sigmoid, tanh, softplus, gelu
+        (exact, erf), gelu_tanh (tanh approximation), silu, or a name added by
+        :func:`fastgrad.register_activation` (``fastgrad.registry.names()``).
     alpha : float, optional
         Slope of leaky_relu (default 0.01) or scale of elu (default 1.0).
     init : str
@@ -350,6 +355,8 @@ class Sequential:
         self.layers = layers
         self.dtype = ops.check_dtype(dtype)
         self.device = _device.resolve(device)
+        if self.device == "cuda":       # refuses registered activations, saying so
+            ops.kernels_for(self.device, [layer.code for layer in layers])
         xp = _device.array_module(self.device)
         self._xp = xp
         offsets = [0]
@@ -453,7 +460,7 @@ class Sequential:
         return arr
 
     def _kernels(self):
-        return _device.kernels(self.device)
+        return ops.kernels_for(self.device, [layer.code for layer in self.layers])
 
     # -- compute -------------------------------------------------------------
     def _run(self, x, keep, counter=None):
@@ -463,7 +470,7 @@ class Sequential:
         h, cache = x, []
         for layer in self.layers:
             a = xp.empty((h.shape[0], layer.n_out), self.dtype)
-            z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
+            z = xp.empty_like(a) if ops.needs_z(layer.code) else a
             k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
             if keep:
                 cache.append((h, z, a))
@@ -474,10 +481,10 @@ class Sequential:
         """The layer loop of a model with dropout or residual blocks.
 
         Plain layers run the plain kernels; the others the block kernels,
-        which keep ``z`` (gelu, silu), ``f(z)`` (residual blocks) and ``xhat``
+        which keep ``z`` (activations that need it), ``f(z)`` (residual blocks) and ``xhat``
         (normalised layers) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
-        blocks, norm, _ = _toolkit(self.device)
+        blocks, norm, _ = _toolkit(self.device, [layer.code for layer in self.layers])
         k, xp = self._kernels(), self._xp
         drop_on = counter is not None
         B = x.shape[0]
@@ -509,11 +516,11 @@ class Sequential:
                                            layer.alpha, drop, key, thresh, scale, layer.residual)
                 entry = (h, None, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
             elif not layer.extended:
-                z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
+                z = xp.empty_like(a) if ops.needs_z(layer.code) else a
                 k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
                 entry = (h, z, a, a, None)
             else:
-                z = xp.empty_like(a) if layer.code in ops.NEEDS_Z else a
+                z = xp.empty_like(a) if ops.needs_z(layer.code) else a
                 drop = drop_on and layer.dropout > 0
                 key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
                                                    layer.dropout if drop else 0.0)
@@ -581,7 +588,7 @@ class Sequential:
         return da if input_grad else None
 
     def _backward_extended(self, da, accumulate, input_grad):
-        blocks, norm, wnorm = _toolkit(self.device)
+        blocks, norm, wnorm = _toolkit(self.device, [layer.code for layer in self.layers])
         k, xp = self._kernels(), self._xp
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]

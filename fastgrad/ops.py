@@ -12,7 +12,8 @@ Shapes follow DESIGN.md: batches are ``(batch, features)``, ``W`` is
 import numpy as np
 
 from . import device as _device
-from .kernels.cpu.activations import CODES, DEFAULT_ALPHA, NEEDS_Z
+from . import registry as _registry
+from .kernels.spec import CODES, DEFAULT_ALPHA, FIRST_CUSTOM_CODE, NEEDS_Z  # noqa: F401
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -26,17 +27,57 @@ __all__ = [
 # --- checks ----------------------------------------------------------------
 
 def resolve_activation(name, alpha=None):
-    """(code, alpha) for an activation name; ValueError for unknown names."""
+    """(code, alpha) for an activation name (``fastgrad.registry``: built-in or
+    registered); ValueError for unknown names."""
     if name is None:
         name = "identity"
-    if not isinstance(name, str) or name not in CODES:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(CODES)}")
+    spec = _registry.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise ValueError(f"unknown activation {name!r}; expected one of "
+                         f"{sorted(_registry.names())}")
     if alpha is None:
-        alpha = DEFAULT_ALPHA.get(name, 0.0)
+        alpha = 0.0 if spec.alpha is None else spec.alpha
     alpha = float(alpha)
-    if name in DEFAULT_ALPHA and not (np.isfinite(alpha) and alpha >= 0):
+    if spec.builtin and name in DEFAULT_ALPHA and not (np.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"{name} needs a finite alpha >= 0, got {alpha}")
-    return CODES[name], alpha
+    if not np.isfinite(alpha):
+        raise ValueError(f"{name} needs a finite alpha, got {alpha}")
+    return spec.code, alpha
+
+
+def needs_z(code):
+    """True when activation ``code``'s derivative reads the pre-activation z
+    (layers then keep it); built-in or registered."""
+    code = int(code)
+    if code < FIRST_CUSTOM_CODE:
+        return code in NEEDS_Z
+    spec = _registry.by_code(code)
+    return spec is not None and spec.needs_z
+
+
+def kernels_for(dev, codes):
+    """The kernel package of ``dev`` that serves activation ``codes``: the
+    device's own, or for registered activations on the CPU the registry's
+    copy (``fastgrad.registry.cpu_kernels``).  On CUDA, registered
+    activations need their CUDA forms (compiled into the device's kernels
+    here); without them this raises ValueError."""
+    if _registry.uses_registered(codes):
+        for c in codes:
+            if int(c) >= FIRST_CUSTOM_CODE and _registry.by_code(int(c)) is None:
+                raise ValueError(f"unknown activation code {int(c)} (not registered)")
+        if dev == "cuda":
+            missing = sorted({_registry.by_code(int(c)).name for c in codes
+                              if int(c) >= FIRST_CUSTOM_CODE
+                              and _registry.by_code(int(c)).cuda is None})
+            if missing:
+                raise ValueError(f"registered activation(s) {missing} cannot run on CUDA: "
+                                 "registered without CUDA forms (register_activation(..., "
+                                 "cuda=(forward_expr, derivative_expr)))")
+            from .kernels.cuda import _module
+            _module.set_registered_activations(_registry.cuda_table())
+            return _device.kernels(dev)
+        return _registry.cpu_kernels()
+    return _device.kernels(dev)
 
 
 def check_dtype(dtype):
@@ -134,39 +175,40 @@ def dense_forward(x, W, b, activation="identity", alpha=None):
     x : (batch, n_in) array, converted to W's dtype.
     W : (n_in, n_out) float32/float64 array.
     b : (n_out,) array of W's dtype.
-    activation : str, one of ``CODES``; ``alpha`` for leaky_relu / elu.
+    activation : str, a name of ``fastgrad.registry``; ``alpha`` for leaky_relu / elu.
 
     Returns
     -------
     a : (batch, n_out) array
     z : the pre-activation (batch, n_out) when the activation's derivative
-        needs it (gelu, silu), else None.  Pass both to :func:`dense_backward`.
+        needs it (gelu, gelu_tanh, silu, registered ones with needs="z"), else
+        None.  Pass both to :func:`dense_backward`.
     """
     dev = _device_of(x, W, b)
-    xp, k = _device.array_module(dev), _device.kernels(dev)
     code, alpha = resolve_activation(activation, alpha)
+    xp, k = _device.array_module(dev), kernels_for(dev, (code,))
     W = as_param(W, "W", 2, xp=xp)
     n_in, n_out = W.shape
     b = as_param(b, "b", 1, shape=(n_out,), xp=xp).astype(W.dtype, copy=False)
     x = as_array(x, "x", W.dtype, shape=(None, n_in), xp=xp)
     _nonempty(x, "x")
     a = xp.empty((x.shape[0], n_out), W.dtype)
-    z = xp.empty_like(a) if code in NEEDS_Z else a
+    z = xp.empty_like(a) if needs_z(code) else a
     k.dense_forward(x, W, b, z, a, code, alpha)
-    return a, (z if code in NEEDS_Z else None)
+    return a, (z if needs_z(code) else None)
 
 
 def dense_backward(x, W, a, z, da, activation="identity", alpha=None, need_dx=True):
     """Gradients of ``a = f(x @ W + b)`` given ``da = dL/da``.
 
-    One pass computes ``dz = da * f'`` (from ``a``, or ``z`` for gelu, silu) and
+    One pass computes ``dz = da * f'`` (from ``a``, or ``z`` when it needs z) and
     ``db``; then two GEMMs give ``dW = x^T dz`` and ``dx = dz W^T``.
 
     Returns ``(dW, db, dx)``; ``dx`` is None when ``need_dx`` is False.
     """
     dev = _device_of(x, W, a, z, da)
-    xp, k = _device.array_module(dev), _device.kernels(dev)
     code, alpha = resolve_activation(activation, alpha)
+    xp, k = _device.array_module(dev), kernels_for(dev, (code,))
     W = as_param(W, "W", 2, xp=xp)
     n_in, n_out = W.shape
     x = as_array(x, "x", W.dtype, shape=(None, n_in), xp=xp)
@@ -174,7 +216,7 @@ def dense_backward(x, W, a, z, da, activation="identity", alpha=None, need_dx=Tr
     rows = (x.shape[0], n_out)
     a = as_array(a, "a", W.dtype, shape=rows, xp=xp)
     da = as_array(da, "da", W.dtype, shape=rows, xp=xp)
-    if code in NEEDS_Z:
+    if needs_z(code):
         if z is None:
             raise ValueError(f"{activation} backward needs z from dense_forward")
         z = as_array(z, "z", W.dtype, shape=rows, xp=xp)
@@ -196,8 +238,8 @@ def _as_2d(arr):
 def activation_forward(z, activation, alpha=None, dtype=None):
     """``f(z)`` elementwise (any shape; float dtypes kept, others -> float32)."""
     dev = _device_of(z)
-    xp, k = _device.array_module(dev), _device.kernels(dev)
     code, alpha = resolve_activation(activation, alpha)
+    xp, k = _device.array_module(dev), kernels_for(dev, (code,))
     zz = xp.asarray(z)
     dt = check_dtype(dtype) if dtype is not None else (zz.dtype if zz.dtype in FLOAT_DTYPES else np.dtype(np.float32))
     zz = as_array(zz, "z", dt, xp=xp)
@@ -208,15 +250,15 @@ def activation_forward(z, activation, alpha=None, dtype=None):
 
 
 def activation_backward(da, a, z, activation, alpha=None):
-    """``da * f'(z)``, with f' read from the output ``a`` (``z`` for gelu, silu)."""
+    """``da * f'(z)``, with f' read from the output ``a`` (or ``z`` when it needs z)."""
     dev = _device_of(da, a, z)
-    xp, k = _device.array_module(dev), _device.kernels(dev)
     code, alpha = resolve_activation(activation, alpha)
+    xp, k = _device.array_module(dev), kernels_for(dev, (code,))
     a_arr = xp.asarray(a)
     dt = a_arr.dtype if a_arr.dtype in FLOAT_DTYPES else np.dtype(np.float32)
     a_arr = as_array(a_arr, "a", dt, xp=xp)
     da = as_array(da, "da", dt, shape=a_arr.shape, xp=xp)
-    if code in NEEDS_Z:
+    if needs_z(code):
         if z is None:
             raise ValueError(f"{activation} backward needs the pre-activation z")
         z = as_array(z, "z", dt, shape=a_arr.shape, xp=xp)

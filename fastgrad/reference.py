@@ -3,6 +3,8 @@
 Nothing here is fast or clever on purpose: each function is the textbook
 formula in float64, written so that a reader can check it by eye.
 """
+import math
+
 import numpy as np
 
 # --- activations -----------------------------------------------------------
@@ -19,58 +21,76 @@ def _logistic(z):
     return np.where(pos, 1.0, e) / (1.0 + e), np.where(pos, e, 1.0) / (1.0 + e)
 
 
+_SQRT1_2 = 1.0 / np.sqrt(2.0)
+_erfc = np.vectorize(math.erfc, otypes=[np.float64])     # libm's, exact to rounding
+
+
+def _gelu(z, alpha):
+    # z Phi(z), Phi(z) = erfc(-z / sqrt 2) / 2: no cancellation for z << 0
+    return 0.5 * z * _erfc(-z * _SQRT1_2)
+
+
+def _gelu_grad(z, alpha):
+    with np.errstate(invalid="ignore"):
+        return 0.5 * _erfc(-z * _SQRT1_2) + z * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+
+
+def _gelu_tanh(z, alpha):
+    return 0.5 * z * (1.0 + np.tanh(_GELU_K * (z + _GELU_C * z ** 3)))
+
+
+def _gelu_tanh_grad(z, alpha):
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = np.tanh(_GELU_K * (z + _GELU_C * z ** 3))
+        sech2 = 1.0 - t * t
+        return 0.5 * (1.0 + t) + 0.5 * z * sech2 * _GELU_K * (1.0 + 3 * _GELU_C * z ** 2)
+
+
+def _sigmoid(z):
+    return 0.5 * (1.0 + np.tanh(0.5 * z))      
+
+def _alpha(alpha, default):
+    return default if alpha is None else alpha
+
+
+# name -> (f(z, alpha), f'(z, alpha)), both from z; fastgrad.registry points here.
+ACTIVATIONS = {
+    "identity": (lambda z, al: z.copy(), lambda z, al: np.ones_like(z)),
+    "relu": (lambda z, al: np.where(z < 0, 0.0, z), lambda z, al: (z > 0).astype(np.float64)),
+    "leaky_relu": (lambda z, al: np.where(z < 0, _alpha(al, 0.01) * z, z),
+                   lambda z, al: np.where(z > 0, 1.0, _alpha(al, 0.01))),
+    "elu": (lambda z, al: np.where(z <= 0, _alpha(al, 1.0) * np.expm1(np.minimum(z, 0)), z),
+            lambda z, al: np.where(z > 0, 1.0, _alpha(al, 1.0) * np.exp(np.minimum(z, 0)))),
+    "sigmoid": (lambda z, al: _sigmoid(z), lambda z, al: _sigmoid(z) * (1.0 - _sigmoid(z))),
+    "tanh": (lambda z, al: np.tanh(z), lambda z, al: 1.0 - np.tanh(z) ** 2),
+    "softplus": (lambda z, al: np.logaddexp(0.0, z), lambda z, al: _sigmoid(z)),
+    "gelu": (_gelu, _gelu_grad),
+    "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
+    "silu": (lambda z, al: z * _logistic(z)[0],
+             lambda z, al: _logistic(z)[0] * (1.0 + z * _logistic(z)[1])),
+}
+
+
+def _pair(name):
+    pair = ACTIVATIONS.get(name)
+    if pair is None:
+        from . import registry          # a registered activation's own reference
+        spec = registry.get(name) if isinstance(name, str) else None
+        if spec is None or spec.reference is None:
+            raise ValueError(f"unknown activation {name!r}"
+                             + ("" if spec is None else " (registered without a reference)"))
+        pair = spec.reference
+    return pair
+
+
 def activation(z, name, alpha=None):
     """f(z) for the activation ``name``."""
-    z = np.asarray(z, dtype=np.float64)
-    if name == "identity":
-        return z.copy()
-    if name == "relu":
-        return np.where(z < 0, 0.0, z)
-    if name == "leaky_relu":
-        return np.where(z < 0, (0.01 if alpha is None else alpha) * z, z)
-    if name == "elu":
-        return np.where(z <= 0, (1.0 if alpha is None else alpha) * np.expm1(np.minimum(z, 0)), z)
-    if name == "sigmoid":
-        return 0.5 * (1.0 + np.tanh(0.5 * z))          # overflow-free logistic
-    if name == "tanh":
-        return np.tanh(z)
-    if name == "softplus":
-        return np.logaddexp(0.0, z)
-    if name == "gelu":
-        return 0.5 * z * (1.0 + np.tanh(_GELU_K * (z + _GELU_C * z ** 3)))
-    if name == "silu":
-        return z * _logistic(z)[0]
-    raise ValueError(f"unknown activation {name!r}")
+    return _pair(name)[0](np.asarray(z, dtype=np.float64), alpha)
 
 
 def activation_grad(z, name, alpha=None):
     """f'(z), computed from z (not from the output, unlike the kernels)."""
-    z = np.asarray(z, dtype=np.float64)
-    if name == "identity":
-        return np.ones_like(z)
-    if name == "relu":
-        return (z > 0).astype(np.float64)
-    if name == "leaky_relu":
-        return np.where(z > 0, 1.0, 0.01 if alpha is None else alpha)
-    if name == "elu":
-        a = 1.0 if alpha is None else alpha
-        return np.where(z > 0, 1.0, a * np.exp(np.minimum(z, 0)))
-    if name == "sigmoid":
-        s = activation(z, "sigmoid")
-        return s * (1.0 - s)
-    if name == "tanh":
-        return 1.0 - np.tanh(z) ** 2
-    if name == "softplus":
-        return activation(z, "sigmoid")
-    if name == "gelu":
-        with np.errstate(over="ignore", invalid="ignore"):
-            t = np.tanh(_GELU_K * (z + _GELU_C * z ** 3))
-            sech2 = 1.0 - t * t
-            return 0.5 * (1.0 + t) + 0.5 * z * sech2 * _GELU_K * (1.0 + 3 * _GELU_C * z ** 2)
-    if name == "silu":
-        s, one_minus_s = _logistic(z)
-        return s * (1.0 + z * one_minus_s)
-    raise ValueError(f"unknown activation {name!r}")
+    return _pair(name)[1](np.asarray(z, dtype=np.float64), alpha)
 
 
 # --- dense layer -----------------------------------------------------------

@@ -38,7 +38,6 @@ from .kernels.cpu import step as _kstep
 from .kernels.cpu import norm as _knorm
 from .kernels.cpu import step_blocks as _kblocks
 from .kernels.cpu import step_sharded as _ksharded
-from .kernels.cpu.activations import NEEDS_Z
 from .layers import Sequential
 
 
@@ -151,7 +150,12 @@ class TrainStep:
         self._sizes = np.asarray(model.sizes, np.int64)
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
-        self._needs_z = any(int(c) in NEEDS_Z for c in self._codes)
+        self._needs_z = any(ops.needs_z(c) for c in self._codes)
+        self._kblocks = _kblocks
+        pkg = ops.kernels_for(model.device, self._codes)
+        if model.device == "cpu" and pkg is not _device.kernels("cpu"):
+            # a registered activation: the registry's copy of the step kernels
+            self._kernels, self._kblocks = pkg.step, pkg.step_blocks
         if self._blocks and not self._composed:
             self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
             self._no_drops = np.zeros_like(self._drops)
@@ -394,7 +398,7 @@ class TrainStep:
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
             drops, residual, norms, seed, counter, training = self._block_args(B)
-            loss, norm, scale, skipped = _kblocks.train_step_blocks(
+            loss, norm, scale, skipped = self._kblocks.train_step_blocks(
                 x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
                 self.opt._offsets, acts, zs, fzs, xhats, model.running_mean,
@@ -451,7 +455,7 @@ class TrainStep:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(x.shape[0])
             drops, residual, norms, seed, counter, training = self._block_args(x.shape[0])
             m = self.model
-            return float(_kblocks.forward_backward_blocks(
+            return float(self._kblocks.forward_backward_blocks(
                 x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
                 self.opt._offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,

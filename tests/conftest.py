@@ -25,8 +25,8 @@ os.environ.setdefault("FASTGRAD_DEVICE", "cpu")
 import fastgrad  # noqa: E402
 from fastgrad import device as fg_device  # noqa: E402
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh", "softplus", "gelu",
-               "silu")
+# Every built-in activation, from the registry (the one list).
+ACTIVATIONS = tuple(spec.name for spec in fastgrad.registry.specs() if spec.builtin)
 LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")
 DTYPES = (np.float32, np.float64)
 WIDTHS = (1, 3, 17, 129, 1000)
@@ -181,3 +181,14 @@ def dense_inputs(rng, batch, n_in, n_out, dtype):
     W = dyadic(rng, (n_in, n_out), dtype, scale=2.0 / np.sqrt(n_in))
     b = rng.uniform(-1.0, 1.0, n_out).astype(dtype)
     return x, W, b
+
+
+def torch_activation(name, alpha=None):
+    """The torch module of activation ``name`` (its registry twin), with
+    ``alpha`` (default: the activation's own)."""
+    import torch
+    twin = fastgrad.registry.get(name).torch
+    kwargs = dict(twin.kwargs)
+    if twin.alpha is not None:
+        kwargs[twin.alpha] = fastgrad.registry.get(name).alpha if alpha is None else alpha
+    return getattr(torch.nn, twin.module)(**kwargs)

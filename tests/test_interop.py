@@ -21,7 +21,8 @@ TORCH_ACTS = {
     "sigmoid": (lambda: nn.Sigmoid(), "sigmoid", 0.0),
     "tanh": (lambda: nn.Tanh(), "tanh", 0.0),
     "softplus": (lambda: nn.Softplus(), "softplus", 0.0),
-    "gelu": (lambda: nn.GELU(approximate="tanh"), "gelu", 0.0),
+    "gelu": (lambda: nn.GELU(), "gelu", 0.0),
+    "gelu_tanh": (lambda: nn.GELU(approximate="tanh"), "gelu_tanh", 0.0),
     "silu": (lambda: nn.SiLU(), "silu", 0.0),
 }
 
@@ -97,7 +98,7 @@ def test_from_torch_dtype_conversion_and_nesting(rng):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU()), "GELU"),
+    (lambda: nn.Sequential(nn.Linear(3, 4), nn.Hardtanh()), "Hardtanh"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.1), nn.Dropout(0.1)), "Dropout"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.2)), "BatchNorm1d"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Softplus(beta=2.0)), "Softplus"),

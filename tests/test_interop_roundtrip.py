@@ -149,7 +149,6 @@ def test_from_torch_reads_torch_spellings(rng):
      "follows a residual block"),
     (lambda: nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4), dim=1)),
      "dim=0"),
-    (lambda: nn.Sequential(nn.Linear(3, 4), nn.GELU()), "GELU"),
     (lambda: nn.Sequential(nn.Linear(3, 4), nn.Mish()), "Mish"),   # silu is supported now
 ])
 def test_from_torch_refuses(bad, match):

@@ -320,7 +320,7 @@ L0 = ("model", "layers", 0)
 HYPER = ("optimizer", "hyper")
 
 CRAFTED = {
-    "version_2": (("format_version",), 2, "format version 2 is not supported.*upgrade"),
+    "version_3": (("format_version",), 3, "format version 3 is not supported.*upgrade"),
     "version_0": (("format_version",), 0, "format version 0 is not supported"),
     "version_str": (("format_version",), "1", "format_version must be an integer"),
     "format_name": (("format",), "something-else", "metadata format"),
@@ -440,7 +440,46 @@ def test_random_corruption_never_escapes(good, tmp_path, rng):
 
 
 def test_version_constant():
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2
+
+
+def _rewrite(path, out, edit):
+    """Copy checkpoint ``path`` to ``out`` with its metadata doc edited."""
+    with safe_open(str(path), "np") as f:
+        doc = json.loads(f.metadata()["fastgrad"])
+    edit(doc)
+    return _write(out, load_file(str(path)), doc)
+
+
+def test_version_1_gelu_loads_as_gelu_tanh(tmp_path, rng):
+    """A version-1 file's "gelu" was the tanh approximation (fastgrad 0.1):
+    it loads as gelu_tanh and predicts what it was trained to; a version-2
+    file's "gelu" is the exact one."""
+    model = fg.Sequential([fg.Dense(4, 6, activation="gelu_tanh"),
+                           fg.Dense(6, 2, activation="gelu_tanh")], dtype="float64", seed=3)
+    model.params[...] = rng.standard_normal(model.n_params)
+    path = tmp_path / "new.fgz"
+    save(path, model)
+
+    def as_version_1(doc):            # what fastgrad 0.1 wrote for this model
+        doc["format_version"] = 1
+        for layer in doc["model"]["layers"]:
+            assert layer["activation"] == "gelu_tanh"
+            layer["activation"] = "gelu"
+        doc.pop("checksums", None)    # the bytes are unchanged; keep the test to names
+
+    old = _rewrite(path, tmp_path / "old.fgz", as_version_1)
+    model1, _ = load(old, device="cpu")
+    assert [l.activation for l in model1.layers] == ["gelu_tanh", "gelu_tanh"]
+    x = rng.standard_normal((5, 4))
+    np.testing.assert_array_equal(model1.predict(x), model.predict(x))
+
+    exact = fg.Sequential([fg.Dense(4, 6, activation="gelu")], dtype="float64", seed=3)
+    save(tmp_path / "exact.fgz", exact)
+    with safe_open(str(tmp_path / "exact.fgz"), "np") as f:
+        doc = json.loads(f.metadata()["fastgrad"])
+    assert doc["format_version"] == 2 and doc["model"]["layers"][0]["activation"] == "gelu"
+    assert load(tmp_path / "exact.fgz", device="cpu")[0].layers[0].activation == "gelu"
 
 
 # --- (e) readable from PyTorch -------------------------------------------------------

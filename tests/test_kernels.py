@@ -247,7 +247,7 @@ def test_softmax_cross_entropy_known_value(device, xp):
 
 # --- numerical safety --------------------------------------------------------------
 
-SAFE = ("sigmoid", "softplus", "elu", "gelu", "tanh", "silu")
+SAFE = ("sigmoid", "softplus", "elu", "gelu", "gelu_tanh", "tanh", "silu")
 EXTREMES = np.array([-1e6, -3e4, -1e3, -100.0, -88.8, -20.0, -1e-30, 0.0,
                      1e-30, 20.0, 88.8, 100.0, 1e3, 3e4, 1e6])
 

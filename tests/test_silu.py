@@ -31,10 +31,10 @@ def _logistic64(z):
 
 def test_needs_z_helper_matches_needs_z():
     """The compiled steps select 'keep z' with needs_z(); the Python side
-    with NEEDS_Z.  Both must name the same activations (gelu and silu)."""
+    with NEEDS_Z.  Both must name the same activations (gelu, gelu_tanh, silu)."""
     for name, code in A.CODES.items():
         assert bool(A.needs_z(code)) == (code in A.NEEDS_Z), name
-    assert A.NEEDS_Z == {A.CODES["gelu"], A.CODES["silu"]}
+    assert A.NEEDS_Z == {A.CODES["gelu"], A.CODES["gelu_tanh"], A.CODES["silu"]}
 
 
 def test_silu_float32_whole_range():

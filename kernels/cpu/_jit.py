@@ -14,8 +14,17 @@ one RuntimeWarning.  A cache entry that cannot be read back (a truncated or
 garbled file) is treated as a miss for fastgrad's kernels: the entry is
 dropped, the kernel recompiled and the entry written again, with one
 RuntimeWarning, instead of every later run failing.
+
+Numba keys a cache entry on the function's own bytecode and file stamp
+only, so a kernel would not see an edit to a module it calls (mathfn, the
+activation table in ``kernels/spec.py`` its ladders are generated from).
+For this package's kernels the key also holds a hash of the sources of
+``kernels/spec.py`` and ``kernels/cpu/*.py``: any edit there recompiles
+every kernel instead of reusing stale code.
 """
+import hashlib
 import os
+import sys
 import warnings
 
 _PACKAGE = __name__.rpartition(".")[0]      # fastgrad.kernels.cpu
@@ -82,9 +91,47 @@ def _tolerate_bad_entries():
     Cache.load_overload = load_overload
 
 
-_tolerate_bad_entries()
+_fingerprint = []
 
-JIT = dict(cache=_cache_available(), error_model="numpy", nogil=True)
+
+def _sources_fingerprint():
+    if not _fingerprint:
+        here = os.path.dirname(os.path.abspath(__file__))
+        h = hashlib.sha256()
+        for path in [os.path.join(os.path.dirname(here), "spec.py")] + sorted(
+                os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py")):
+            with open(path, "rb") as fh:
+                h.update(fh.read())
+        _fingerprint.append(h.hexdigest())
+    return _fingerprint[0]
+
+
+def _key_on_sources():
+    """Add the sources' fingerprint to the cache key of this package's kernels."""
+    from numba.core.caching import Cache
+    if getattr(Cache._index_key, "_fastgrad_sources", False):
+        return
+    original = Cache._index_key
+
+    def _index_key(self, sig, codegen):
+        key = original(self, sig, codegen)
+        module = getattr(getattr(self, "_py_func", None), "__module__", "") or ""
+        if module.startswith(_PACKAGE):
+            key = key + (_sources_fingerprint(),)
+        return key
+
+    _index_key._fastgrad_sources = True
+    Cache._index_key = _index_key
+
+
+_tolerate_bad_entries()
+_key_on_sources()
+
+# A private copy of this package built for registered activations
+# (fastgrad.registry) says _NO_DISK_CACHE: Numba could not tell when a
+# user's scalar function changed.
+_NO_DISK_CACHE = getattr(sys.modules.get(_PACKAGE), "_NO_DISK_CACHE", False)
+JIT = dict(cache=not _NO_DISK_CACHE and _cache_available(), error_model="numpy", nogil=True)
 
 # Scalar helpers are inlined into their callers at Numba IR level, so that an
 # activation code passed as a constant is folded away and each loop compiles

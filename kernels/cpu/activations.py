@@ -1,35 +1,42 @@
 """Activation functions: one scalar function (and derivative) per activation,
 and the fused elementwise passes of the dense layer.
 
-An activation is an integer code (``CODES``).  Each kernel below branches on
-the code ONCE, outside its loops, and each branch runs the one generic loop
-with that activation's scalar function inlined into it: the compiled loop
-bodies are branch-free and vectorised, one per activation, and one compiled
-kernel per dtype serves every activation (a small, generic on-disk cache).
+An activation is an integer code (``kernels/spec.py``: ``CODES``, the row
+of ``spec.ACTIVATIONS``).  Its scalar functions here are named after it:
+``<name>(z, alpha)`` and ``d_<name>(a, z, alpha)``.  Each kernel branches on
+the code ONCE, outside its loops, through a *ladder* (:func:`ladder`) built
+from that table when this module loads: one branch per activation, each
+running the one generic loop with that activation's scalar function inlined
+into it, so the compiled loop bodies are branch-free and vectorised and one
+compiled kernel per dtype serves every activation.  A code outside the
+table raises ValueError in every ladder: nothing falls through to a default.
 
-Derivatives are written in terms of the saved output ``a`` (all activations
-but gelu and silu) or the pre-activation ``z`` (gelu, silu), as DESIGN.md's
-data layout asks.
+Derivatives are written in terms of the saved output ``a`` or, for the
+activations whose spec row says ``needs="z"`` (gelu, gelu_tanh, silu), the
+pre-activation ``z``, as DESIGN.md's data layout asks.
 NaN propagates through every forward (relu(NaN) is NaN, as in PyTorch), so the
 non-finite guards downstream see it.
+
+Activations registered at run time (``fastgrad.register_activation``) are
+compiled into a private copy of these kernel modules (``fastgrad.registry``
+explains how), whose ladders this module also builds, from
+``_EXTRA_ACTIVATIONS`` of its package.
 """
+import sys
+
 import numpy as np
 from numba import njit
 
+from .. import spec
+from ..spec import (CODES, DEFAULT_ALPHA, ELU, GELU, GELU_TANH, IDENTITY,  # noqa: F401
+                    LEAKY_RELU, NEEDS_Z, RELU, SIGMOID, SILU, SOFTPLUS, TANH)
 from . import mathfn
 from ._jit import INLINE, JIT
 
-IDENTITY, RELU, LEAKY_RELU, ELU, SIGMOID, TANH, SOFTPLUS, GELU, SILU = range(9)
-CODES = {
-    "identity": IDENTITY, "relu": RELU, "leaky_relu": LEAKY_RELU, "elu": ELU,
-    "sigmoid": SIGMOID, "tanh": TANH, "softplus": SOFTPLUS, "gelu": GELU,
-    "silu": SILU,
-}
-DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
-NEEDS_Z = frozenset([GELU, SILU])   # derivative needs the pre-activation
-
 _GELU_K = 0.7978845608028654      # sqrt(2 / pi)
 _GELU_C = 0.044715
+_SQRT1_2 = 0.7071067811865476     # 1 / sqrt(2)
+_INV_SQRT_2PI = 0.3989422804014327
 
 like = mathfn.like
 
@@ -76,6 +83,13 @@ def softplus(z, alpha):
 
 @njit(**INLINE)
 def gelu(z, alpha):
+    # exact: z Phi(z) = z erfc(-z / sqrt 2) / 2 (erfc, not 1 + erf: no
+    # cancellation for z << 0)
+    return like(z, 0.5) * z * mathfn.erfc(-z * like(z, _SQRT1_2))
+
+
+@njit(**INLINE)
+def gelu_tanh(z, alpha):
     # tanh approximation: 0.5 z (1 + tanh(k (z + c z^3)))
     inner = like(z, _GELU_K) * (z + like(z, _GELU_C) * z * z * z)
     return like(z, 0.5) * z * (like(z, 1.0) + mathfn.tanh(inner))
@@ -90,13 +104,7 @@ def silu(z, alpha):
     return z * ((one if z >= like(z, 0.0) else e) / (one + e))
 
 
-@njit(**INLINE)
-def needs_z(act):
-    """True for the activations whose derivative reads ``z`` (``NEEDS_Z``)."""
-    return act == GELU or act == SILU
-
-
-# --- derivative: f'(z) from the output a (and z for gelu, silu) ----------------
+# --- derivative: f'(z) from the output a (or z, for needs="z") ------------------
 
 @njit(**INLINE)
 def d_identity(a, z, alpha):
@@ -135,6 +143,15 @@ def d_softplus(a, z, alpha):
 
 @njit(**INLINE)
 def d_gelu(a, z, alpha):
+    # Phi(z) + z phi(z); phi(z) = exp(-z^2/2) / sqrt(2 pi) is 0 before z is
+    # large enough for z * 0 to be a problem (|z| to 1e18).
+    half = like(z, 0.5)
+    return (half * mathfn.erfc(-z * like(z, _SQRT1_2))
+            + z * (like(z, _INV_SQRT_2PI) * mathfn.exp(-(half * z * z))))
+
+
+@njit(**INLINE)
+def d_gelu_tanh(a, z, alpha):
     # 0.5 (1 + t) + 0.5 z (1 - t^2) k (1 + 3 c z^2).  (1 - t^2) multiplies z
     # first, so a saturated unit gives 0 rather than inf * 0 for |z| to 1e6.
     one, half, k, c = like(z, 1.0), like(z, 0.5), like(z, _GELU_K), like(z, _GELU_C)
@@ -197,72 +214,103 @@ def _bias_act_keep_z(z, b, out, alpha, f):
             out[i, j] = f(t, alpha)
 
 
+# --- the ladders: from the activation table to the loops ---------------------------
+
+def _entries():
+    """(code, forward, derivative, needs z) per activation these kernels
+    serve: the built-ins of ``spec.ACTIVATIONS`` (scalar functions found
+    here by name), then those the package was loaded with (registered ones,
+    see the module docstring)."""
+    here = globals()
+    table = [(code, here[a.name], here["d_" + a.name], a.needs == "z")
+             for code, a in enumerate(spec.ACTIVATIONS)]
+    extra = getattr(sys.modules[__package__], "_EXTRA_ACTIVATIONS", ())
+    return tuple(table) + tuple(extra)
+
+
+ENTRIES = _entries()
+
+
+@njit(**INLINE)
+def _unknown(act):
+    raise ValueError("unknown activation code (not in kernels/spec.py ACTIVATIONS "
+                     "nor registered)")
+
+
+def ladder(loop, params, call, only_z=False):
+    """An inlined ``ladder(<params>)`` that runs ``loop(<call>)`` once, for
+    the activation whose code is the parameter ``act``.
+
+    ``call`` names the activation's functions ``{f}`` (forward), ``{df}``
+    (derivative) and ``{keep_z}`` (``True`` when its derivative reads z, a
+    constant in each branch).  ``only_z``: branches for the needs-z
+    activations only.  The source is generated from ``ENTRIES`` -- an
+    ``if``/``elif`` per code, then a ``raise`` -- and compiled with
+    ``inline="always"``, so a kernel that calls the ladder is cached on disk
+    as one function (``_jit`` keys the cache on the table's sources too).
+    """
+    env = {"_loop": loop, "_unknown": _unknown}
+    lines = [f"def _ladder({params}):"]
+    for code, f, df, keep_z in ENTRIES:
+        if only_z and not keep_z:
+            continue
+        env[f"_f{code}"], env[f"_df{code}"] = f, df
+        args = call.format(f=f"_f{code}", df=f"_df{code}", keep_z=keep_z)
+        lines += [f"    {'if' if len(lines) == 1 else 'elif'} act == {code}:",
+                  f"        _loop({args})"]
+    lines += ["    else:" if len(lines) > 1 else "    if True:", "        _unknown(act)"]
+    name = f"<fastgrad ladder of {loop.__name__}>"
+    exec(compile("\n".join(lines), name, "exec"), env)
+    return njit(**INLINE)(env["_ladder"])
+
+
+def _needs_z_source():
+    codes = [code for code, _, _, keep_z in ENTRIES if keep_z]
+    test = " or ".join(f"act == {c}" for c in codes) or "False"
+    env = {}
+    exec(compile(f"def needs_z(act):\n    return {test}\n", "<fastgrad needs_z>", "exec"), env)
+    return env["needs_z"]
+
+
+needs_z = njit(**INLINE)(_needs_z_source())
+needs_z.__doc__ = "True for the activations whose derivative reads ``z`` (``NEEDS_Z``)."
+
+_bias_act_ladder = ladder(_bias_act_loop, "y, b, alpha, act", "y, b, alpha, {f}")
+_keep_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}",
+                        only_z=True)
+_grad_ladder = ladder(_grad_loop, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}")
+
+
 @njit(**JIT)
 def bias_act(z, b, out, act, alpha):
     """One pass: ``z += b`` (row-broadcast bias), ``out = f(z)``.
 
     2-D C-contiguous arrays.  ``out`` may be ``z`` itself (the dense forward
     runs in place on the GEMM's output); a separate ``out`` keeps ``z`` for
-    activations whose derivative needs it (gelu, silu).
+    activations whose derivative needs it (``NEEDS_Z``).  An unknown ``act``
+    raises ValueError.
     """
     y, bias = z, b
     if out.ctypes.data != z.ctypes.data:
-        if act == GELU:
-            _bias_act_keep_z(z, b, out, alpha, gelu)
-            return
-        if act == SILU:
-            _bias_act_keep_z(z, b, out, alpha, silu)
+        if needs_z(act):
+            _keep_z_ladder(z, b, out, alpha, act)
             return
         for i in range(z.shape[0]):         # rare: z kept though not needed
             for j in range(z.shape[1]):
                 z[i, j] += b[j]
         _copy(z, out)
         y, bias = out, np.zeros_like(b)
-    if act == IDENTITY:
-        _bias_act_loop(y, bias, alpha, identity)
-    elif act == RELU:
-        _bias_act_loop(y, bias, alpha, relu)
-    elif act == LEAKY_RELU:
-        _bias_act_loop(y, bias, alpha, leaky_relu)
-    elif act == ELU:
-        _bias_act_loop(y, bias, alpha, elu)
-    elif act == SIGMOID:
-        _bias_act_loop(y, bias, alpha, sigmoid)
-    elif act == TANH:
-        _bias_act_loop(y, bias, alpha, tanh)
-    elif act == SOFTPLUS:
-        _bias_act_loop(y, bias, alpha, softplus)
-    elif act == SILU:
-        _bias_act_loop(y, bias, alpha, silu)
-    else:
-        _bias_act_loop(y, bias, alpha, gelu)
+    _bias_act_ladder(y, bias, alpha, act)
 
 
 @njit(**JIT)
 def bias_act_grad(da, a, z, dz, db, act, alpha):
-    """One pass: ``dz = da * f'`` (from ``a``, or ``z`` for gelu, silu) and
+    """One pass: ``dz = da * f'`` (from ``a``, or ``z`` for ``NEEDS_Z``) and
     ``db = dz.sum(axis=0)``.  ``dz`` may be ``da`` itself (one pass); a
-    separate ``dz`` costs a copy first."""
+    separate ``dz`` costs a copy first.  An unknown ``act`` raises ValueError."""
     if dz.ctypes.data != da.ctypes.data:
         _copy(da, dz)
-    if act == IDENTITY:
-        _grad_loop(dz, a, z, db, alpha, d_identity)
-    elif act == RELU:
-        _grad_loop(dz, a, z, db, alpha, d_relu)
-    elif act == LEAKY_RELU:
-        _grad_loop(dz, a, z, db, alpha, d_leaky_relu)
-    elif act == ELU:
-        _grad_loop(dz, a, z, db, alpha, d_elu)
-    elif act == SIGMOID:
-        _grad_loop(dz, a, z, db, alpha, d_sigmoid)
-    elif act == TANH:
-        _grad_loop(dz, a, z, db, alpha, d_tanh)
-    elif act == SOFTPLUS:
-        _grad_loop(dz, a, z, db, alpha, d_softplus)
-    elif act == SILU:
-        _grad_loop(dz, a, z, db, alpha, d_silu)
-    else:
-        _grad_loop(dz, a, z, db, alpha, d_gelu)
+    _grad_ladder(dz, a, z, db, alpha, act)
 
 
 @njit(**JIT)
@@ -274,5 +322,5 @@ def activation_forward(z, out, act, alpha):
 
 @njit(**JIT)
 def activation_backward(da, a, z, dz, act, alpha):
-    """dz = da * f'(z), with f' read from the output ``a`` (``z`` for gelu, silu)."""
+    """dz = da * f'(z), with f' read from the output ``a`` (``z`` for ``NEEDS_Z``)."""
     bias_act_grad(da, a, z, dz, np.empty(da.shape[1], da.dtype), act, alpha)

@@ -1,7 +1,7 @@
 """Residual blocks and inverted dropout: the extended dense layer.
 
 forward:  y = x @ W (BLAS), then ONE pass:
-          z = y + b, f = act(z) (z kept for gelu, silu only, f for a residual
+          z = y + b, f = act(z) (z kept for needs-z activations only, f for a residual
           block only), y = f * mask / (1 - p) (dropout, training only),
           y += x (residual)
 backward: ONE pass dz = da * mask / (1 - p) * f'(f, z) summing db (the
@@ -28,13 +28,12 @@ purpose: plain models never compile them, so the plain step's cold compile
 time does not grow.  Every function keeps the twin-friendly style of the
 other kernels (arrays and scalars only, outputs passed in).
 """
-import math
-
 import numpy as np
 from numba import njit
 
 from . import activations as A
 from ._jit import INLINE, JIT
+from ..spec import dropout_threshold  # noqa: F401  (re-exported: the twins share it)
 from .mathfn import like
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -69,9 +68,6 @@ def dropout_key(seed, layer, counter):
     return _fin((k ^ np.uint64(counter)) + _GOLDEN)
 
 
-def dropout_threshold(p):
-    """uint64 threshold on the 53 drawn bits: keep iff bits >= it (0: keep all)."""
-    return np.uint64(math.ceil(float(p) * 2.0 ** 53))
 
 
 @njit(**JIT)
@@ -95,8 +91,8 @@ def dropout_mask(key, thresh, out):
 
 @njit(**INLINE)
 def _act_row(y, b, z, i, alpha, f, keep_z):
-    # keep_z is a constant at every call site (only gelu's and silu's
-    # derivatives read z), so the store folds away for the other activations.
+    # keep_z is a constant at every call site (True only for the
+    # activations whose derivatives read z), so the store folds away for the other activations.
     for j in range(y.shape[1]):
         t = y[i, j] + b[j]
         if keep_z:
@@ -104,26 +100,7 @@ def _act_row(y, b, z, i, alpha, f, keep_z):
         y[i, j] = f(t, alpha)
 
 
-@njit(**INLINE)
-def _act_row_ladder(y, b, z, i, act, alpha):
-    if act == A.IDENTITY:
-        _act_row(y, b, z, i, alpha, A.identity, False)
-    elif act == A.RELU:
-        _act_row(y, b, z, i, alpha, A.relu, False)
-    elif act == A.LEAKY_RELU:
-        _act_row(y, b, z, i, alpha, A.leaky_relu, False)
-    elif act == A.ELU:
-        _act_row(y, b, z, i, alpha, A.elu, False)
-    elif act == A.SIGMOID:
-        _act_row(y, b, z, i, alpha, A.sigmoid, False)
-    elif act == A.TANH:
-        _act_row(y, b, z, i, alpha, A.tanh, False)
-    elif act == A.SOFTPLUS:
-        _act_row(y, b, z, i, alpha, A.softplus, False)
-    elif act == A.SILU:
-        _act_row(y, b, z, i, alpha, A.silu, True)
-    else:
-        _act_row(y, b, z, i, alpha, A.gelu, True)
+_act_row_ladder = A.ladder(_act_row, "y, b, z, i, act, alpha", "y, b, z, i, alpha, {f}, {keep_z}")
 
 
 @njit(**INLINE)
@@ -179,32 +156,14 @@ def _grad_row(dz, fz, z, db, i, alpha, df, unscale):
         db[j] += t
 
 
-@njit(**INLINE)
-def _grad_row_ladder(dz, fz, z, db, i, act, alpha, u):
-    if act == A.IDENTITY:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_identity, u)
-    elif act == A.RELU:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_relu, u)
-    elif act == A.LEAKY_RELU:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_leaky_relu, u)
-    elif act == A.ELU:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_elu, u)
-    elif act == A.SIGMOID:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_sigmoid, u)
-    elif act == A.TANH:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_tanh, u)
-    elif act == A.SOFTPLUS:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_softplus, u)
-    elif act == A.SILU:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_silu, u)
-    else:
-        _grad_row(dz, fz, z, db, i, alpha, A.d_gelu, u)
+_grad_row_ladder = A.ladder(_grad_row, "dz, fz, z, db, i, act, alpha, u",
+                            "dz, fz, z, db, i, alpha, {df}, u")
 
 
 @njit(**JIT)
 def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
     """One pass over the GEMM output ``y`` (in place): ``z = y + b`` (kept
-    for gelu, silu only, whose derivatives read it), ``f = f(z)`` (kept in ``fz``
+    for needs-z activations only, whose derivatives read it), ``f = f(z)`` (kept in ``fz``
     for a residual block only), ``y = f * mask * scale`` when ``drop``,
     ``y += x`` when ``residual``.  ``z`` and ``fz`` must not be ``y``;
     ``x`` is read only for a residual block."""
@@ -244,7 +203,7 @@ def _add_into(dst, src):
 
 @njit(**JIT)
 def block_forward(x, W, b, z, fz, y, act, alpha, drop, key, thresh, scale, residual):
-    """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z (gelu, silu)
+    """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z (``NEEDS_Z``)
     and fz (residual)."""
     np.dot(x, W, y)
     block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual)

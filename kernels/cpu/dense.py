@@ -1,7 +1,7 @@
 """Fused dense layer: BLAS GEMM plus one elementwise pass each way.
 
 forward:  z = x @ W (BLAS), then ONE pass: z += b, a = f(z)
-backward: ONE pass dz = da * f'(a) (f'(z) for gelu, silu) summing db,
+backward: ONE pass dz = da * f'(a) (f'(z) when it needs z) summing db,
           then dW = x^T dz and dx = dz W^T (BLAS; dx skipped for the first
           layer).
 

@@ -17,7 +17,7 @@ backward:
           the per-row sums layer norm needs;
   pass 2: ``dz`` through the normalisation, summing the Linear's db.
 Only ``xhat`` is kept beside the output: ``u`` is recomputed from it where
-needed (gelu's, silu's derivatives), and ``f`` is read from the output as in
+needed (the derivatives that read z), and ``f`` is read from the output as in
 ``blocks`` (kept separately for a residual block only).  Each extra kept
 array is a cold buffer written per layer, which dominated the layer's cost.
 
@@ -39,10 +39,8 @@ from ._jit import INLINE, JIT
 from .blocks import _drop_add_row, _grad_rows_in
 from .mathfn import like
 
-NO_NORM, LAYER, BATCH = 0, 1, 2
-KINDS = {None: NO_NORM, "layer": LAYER, "batch": BATCH}
-EPS = 1e-5
-MOMENTUM = 0.1
+from ..spec import BATCH, LAYER, NO_NORM  # noqa: E402  (shared with the CUDA twin)
+from ..spec import NORM_EPS as EPS, NORM_KINDS as KINDS, NORM_MOMENTUM as MOMENTUM  # noqa: E402
 _ROWS = 16          # rows summed in the dtype before the float64 batch sums
 
 
@@ -121,26 +119,8 @@ def _affine_act_row(y, xhat, gamma, beta, i, alpha, f):
         y[i, j] = f(gamma[j] * xhat[i, j] + beta[j], alpha)
 
 
-@njit(**INLINE)
-def _affine_act_ladder(y, xhat, gamma, beta, i, act, alpha):
-    if act == A.IDENTITY:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.identity)
-    elif act == A.RELU:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.relu)
-    elif act == A.LEAKY_RELU:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.leaky_relu)
-    elif act == A.ELU:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.elu)
-    elif act == A.SIGMOID:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.sigmoid)
-    elif act == A.TANH:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.tanh)
-    elif act == A.SOFTPLUS:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.softplus)
-    elif act == A.SILU:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.silu)
-    else:
-        _affine_act_row(y, xhat, gamma, beta, i, alpha, A.gelu)
+_affine_act_ladder = A.ladder(_affine_act_row, "y, xhat, gamma, beta, i, act, alpha",
+                              "y, xhat, gamma, beta, i, alpha, {f}")
 
 
 @njit(**JIT)
@@ -173,7 +153,7 @@ def _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, df, unscale):
     for j in range(dz.shape[1]):
         g = dz[i, j]
         xh = xhat[i, j]
-        # u is only read by gelu's and silu's derivatives (dead code for the others)
+        # u is only read by the derivatives that need z (dead code for the others)
         u = gamma[j] * xh + beta[j]
         t = g * df(fz[i, j] * like(g, unscale), u, alpha)
         dz[i, j] = t
@@ -181,26 +161,8 @@ def _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, df, unscale):
         dbeta[j] += t
 
 
-@njit(**INLINE)
-def _du_row_ladder(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, act, alpha, us):
-    if act == A.IDENTITY:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_identity, us)
-    elif act == A.RELU:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_relu, us)
-    elif act == A.LEAKY_RELU:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_leaky_relu, us)
-    elif act == A.ELU:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_elu, us)
-    elif act == A.SIGMOID:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_sigmoid, us)
-    elif act == A.TANH:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_tanh, us)
-    elif act == A.SOFTPLUS:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_softplus, us)
-    elif act == A.SILU:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_silu, us)
-    else:
-        _du_row(dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, A.d_gelu, us)
+_du_row_ladder = A.ladder(_du_row, "dz, fz, xhat, gamma, beta, dgamma, dbeta, i, act, alpha, us",
+                          "dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, {df}, us")
 
 
 @njit(**JIT)

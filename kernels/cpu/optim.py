@@ -54,32 +54,11 @@ from numba import njit, prange
 from ._jit import INLINE, JIT
 from .reduce import layer_sumsq, layer_sumsq_parallel
 
-# rule codes
-SGD = 0
-ADAM = 1
-ADAMW = 2
-RMSPROP = 3
-RULES = {"sgd": SGD, "adam": ADAM, "adamw": ADAMW, "rmsprop": RMSPROP}
-
-# hp slots
-HP_LR = 0            # learning rate of this update (the schedule's value)
-HP_WEIGHT_DECAY = 1  # L2 (SGD, Adam, RMSprop) or decoupled (AdamW) decay
-HP_BETA1 = 2         # Adam
-HP_BETA2 = 3         # Adam
-HP_EPS = 4           # Adam, RMSprop
-HP_BIAS_CORR1 = 5    # Adam: 1 - beta1 ** t, t = update number + 1
-HP_BIAS_CORR2 = 6    # Adam: 1 - beta2 ** t
-HP_AMSGRAD = 7       # Adam: 1.0 keeps max_exp_avg_sq in s2
-HP_MOMENTUM = 8      # SGD, RMSprop
-HP_DAMPENING = 9     # SGD
-HP_NESTEROV = 10     # SGD: 1.0 for Nesterov momentum
-HP_FIRST = 11        # SGD: 1.0 when the momentum buffer is not yet set (t = 1)
-HP_ALPHA = 12        # RMSprop smoothing constant
-HP_CENTERED = 13     # RMSprop: 1.0 keeps grad_avg in s2
-HP_UPDATE = 14       # the update index k the row was filled for (CUDA picks its row by it)
-HP_MAXIMIZE = 15     # 1.0: ascend (torch's maximize=True), the clipped gradient is negated
-HP_END = 16          # one row per segment (parameter groups): the segment's end in p
-HP_SIZE = 17
+# Rule codes and hp slots are shared with the CUDA twin: kernels/spec.py.
+from ..spec import (ADAM, ADAMW, HP_ALPHA, HP_AMSGRAD, HP_BETA1, HP_BETA2,  # noqa: E402,F401
+                    HP_BIAS_CORR1, HP_BIAS_CORR2, HP_CENTERED, HP_DAMPENING, HP_EPS,
+                    HP_END, HP_FIRST, HP_LR, HP_MAXIMIZE, HP_MOMENTUM, HP_NESTEROV, HP_SIZE,
+                    HP_UPDATE, HP_WEIGHT_DECAY, RMSPROP, RULES, SGD)
 
 
 @njit(**dict(JIT, **INLINE))

@@ -25,9 +25,7 @@ from .activations import bias_act, bias_act_grad, needs_z
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .optim import clipped_update
 
-CROSS_ENTROPY, MSE, BCE_WITH_LOGITS = range(3)
-LOSS_CODES = {"softmax_cross_entropy": CROSS_ENTROPY, "mse": MSE,
-              "bce_with_logits": BCE_WITH_LOGITS}
+from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE  # noqa: E402,F401
 
 
 @njit(**JIT)

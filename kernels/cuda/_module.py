@@ -29,19 +29,65 @@ import re
 import cupy
 import numpy as np
 
+from ..spec import N_ACTIVATIONS, N_RULES, NEEDS_Z
+
 _OPTIONS = ("--std=c++17", "--fmad=false")
 _INCLUDE = re.compile(r'^\s*#include\s+"([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
 
 _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-N_ACTIVATIONS = 9
-N_RULES = 4
+# N_ACTIVATIONS, N_RULES: kernels/spec.py (the instantiation lists below
+# cover every code there; the C++ enums are checked against it).
+
+# Activations registered at run time with CUDA forms (fastgrad.registry sets
+# them through set_registered_activations): code -> (needs_z, f, df), f and
+# df CUDA C expressions of T z, a, alpha.  Each becomes an fg::Act<code>
+# specialisation pasted after activation.cuh, instantiated like a built-in.
+_REGISTERED = {}
+
+
+def _act_codes():
+    return list(range(N_ACTIVATIONS)) + sorted(_REGISTERED)
+
+
+def needs_z(code):
+    """True when activation ``code`` (built-in or registered) keeps z."""
+    code = int(code)
+    return code in NEEDS_Z or (code in _REGISTERED and _REGISTERED[code][0])
+
+
+def _registered_source():
+    out = ["namespace fg {"]
+    for code, (keep_z, f, df) in sorted(_REGISTERED.items()):
+        out += [f"template <> struct Act<{code}> {{",
+                f"    static constexpr bool needs_z = {'true' if keep_z else 'false'};",
+                "    template <typename T> __device__ __forceinline__ static T f(T z, T alpha)",
+                f"    {{ (void)alpha; return ({f}); }}",
+                "    template <typename T> __device__ __forceinline__ static T df(T a, T z, "
+                "T alpha)",
+                f"    {{ (void)a; (void)z; (void)alpha; return ({df}); }}",
+                "};"]
+    return "\n".join(out + ["}  // namespace fg", ""])
+
+
+def set_registered_activations(table):
+    """Compile ``table`` ({code: (needs_z, f_expr, df_expr)}) into the
+    activation kernels from the next launch on (modules are rebuilt)."""
+    global NAMES
+    table = {int(c): (bool(v[0]), str(v[1]), str(v[2])) for c, v in table.items()}
+    if table == _REGISTERED:
+        return
+    _REGISTERED.clear()
+    _REGISTERED.update(table)
+    NAMES = _names()
+    _modules.clear()
+    _kernels.clear()
 
 
 def _names():
     """name_expressions per source file (every instantiation a wrapper uses)."""
     acts, losses, reduce_, optim = [], [], [], []
     for t in _DTYPES.values():
-        for a in range(N_ACTIVATIONS):
+        for a in _act_codes():
             acts += [f"fg_bias_act<{t}, {a}>", f"fg_bias_act_grad<{t}, {a}>"]
         acts.append(f"fg_colsum<{t}>")
         losses += [f"fg_softmax_xent<{t}>", f"fg_mse<{t}>", f"fg_bce_with_logits<{t}>"]
@@ -61,7 +107,7 @@ def _toolkit_names():
     """name_expressions of the explosion-toolkit sources (blocks, norm, wnorm)."""
     blocks, norm, wnorm = [], [], []
     for t in _DTYPES.values():
-        for a in range(N_ACTIVATIONS):
+        for a in _act_codes():
             blocks += [f"fg_block_fwd<{t}, {a}>", f"fg_block_grad<{t}, {a}>"]
             norm += [f"fg_norm_fwd<{t}, {a}>", f"fg_norm_grad_unit<{t}, {a}>"]
         blocks += [f"fg_dropout_mask<{t}>", f"fg_colsum_cast<{t}>"]
@@ -89,7 +135,10 @@ def source(filename):
             if name in seen:
                 return ""
             seen.add(name)
-            return expand(pkg.joinpath(name).read_text(encoding="utf-8"))
+            text = expand(pkg.joinpath(name).read_text(encoding="utf-8"))
+            if name == "activation.cuh" and _REGISTERED:
+                text += "\n" + _registered_source()
+            return text
         return _INCLUDE.sub(repl, text)
 
     return expand(pkg.joinpath(filename).read_text(encoding="utf-8"))

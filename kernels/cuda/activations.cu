@@ -92,9 +92,7 @@ __global__ void fg_colsum(const T* part, T* out, long long nrows, long long cols
     template __global__ void fg_bias_act_grad<T, A>(const T*, const T*, const T*, T*, T*,        \
                                                     long long, long long, double);
 #define FG_INST_ALL(T)                                                            \
-    FG_INST_ACT(T, 0) FG_INST_ACT(T, 1) FG_INST_ACT(T, 2) FG_INST_ACT(T, 3)       \
-    FG_INST_ACT(T, 4) FG_INST_ACT(T, 5) FG_INST_ACT(T, 6) FG_INST_ACT(T, 7)       \
-    FG_INST_ACT(T, 8)                                                             \
+    FG_EACH_ACTIVATION(FG_INST_ACT, T)                                            \
     template __global__ void fg_colsum<T>(const T*, T*, long long, long long);
 FG_INST_ALL(float)
 FG_INST_ALL(double)

@@ -6,7 +6,7 @@ stream: nothing waits for the device.  Sources: ``activations.cu``.
 """
 import cupy
 
-from ..cpu.activations import CODES, DEFAULT_ALPHA, NEEDS_Z
+from ..spec import CODES, DEFAULT_ALPHA, NEEDS_Z
 from . import _module as _m
 
 __all__ = ["CODES", "DEFAULT_ALPHA", "NEEDS_Z", "bias_act", "bias_act_grad",
@@ -30,7 +30,7 @@ def bias_act(z, b, out, act, alpha):
     """One pass: ``z += b`` (row-broadcast bias), ``out = f(z)``.
 
     ``out`` may be ``z`` itself (in place on the GEMM's output); a separate
-    ``out`` keeps ``z`` for activations whose derivative needs it (gelu, silu).
+    ``out`` keeps ``z`` for activations whose derivative needs it (``NEEDS_Z``).
     """
     inplace = out.data.ptr == z.data.ptr
     _launch_bias_act(z, b, None if inplace else z, out, act, alpha)
@@ -44,7 +44,7 @@ def grad_partials_shape(rows, cols):
 
 
 def bias_act_grad(da, a, z, dz, db, act, alpha, work=None):
-    """One pass: ``dz = da * f'`` (from ``a``, or ``z`` for gelu, silu) and
+    """One pass: ``dz = da * f'`` (from ``a``, or ``z`` when it needs z) and
     ``db = dz.sum(axis=0)``.  ``dz`` may be ``da`` itself.
 
     ``db`` is deterministic: rows are summed in blocks of 64 in a fixed tree,
@@ -83,5 +83,5 @@ def activation_forward(z, out, act, alpha):
 
 
 def activation_backward(da, a, z, dz, act, alpha):
-    """dz = da * f'(z), with f' read from the output ``a`` (``z`` for gelu, silu)."""
+    """dz = da * f'(z), with f' read from the output ``a`` (``z`` when it needs z)."""
     bias_act_grad(da, a, z, dz, None, act, alpha)

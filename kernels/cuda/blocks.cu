@@ -1,7 +1,7 @@
 // Residual blocks and inverted dropout: twins of kernels/cpu/blocks.py.
 //
 // forward:  after the GEMM y = x @ W (cuBLAS), ONE pass in place on y:
-//           t = y + b, z = t (gelu, silu only), v = f(t), fz = v (residual only),
+//           t = y + b, z = t (needs-z activations only), v = f(t), fz = v (residual only),
 //           v = mask ? v * scale : 0 (dropout), v += x (residual), y = v.
 // backward: ONE pass dz = da * mask * scale * f'(f, z) with the bias
 //           gradient's column sums (blocks.cuh: deterministic, no atomics);
@@ -23,7 +23,7 @@ __global__ void fg_dropout_mask(T* out, long long n, unsigned long long key,
 }
 
 // The forward epilogue, grid-stride over rows * cols.  z is written for
-// gelu and silu only (the derivatives that read it) and fz for a residual block
+// the needs-z activations only (the derivatives that read it) and fz for a residual block
 // only (any other layer's backward reads f back from y, which fz may be).
 template <typename T, int ACT>
 __global__ void fg_block_fwd(T* y, const T* b, const T* x, T* z, T* fz, long long rows,
@@ -82,9 +82,7 @@ __global__ void fg_block_grad(const T* da, const T* fz, const T* z, T* dz, doubl
                                                  unsigned long long, unsigned long long,      \
                                                  double, int);
 #define FG_INST_ALL(T)                                                                        \
-    FG_INST_ACT(T, 0) FG_INST_ACT(T, 1) FG_INST_ACT(T, 2) FG_INST_ACT(T, 3)                   \
-    FG_INST_ACT(T, 4) FG_INST_ACT(T, 5) FG_INST_ACT(T, 6) FG_INST_ACT(T, 7)                   \
-    FG_INST_ACT(T, 8)                                                                         \
+    FG_EACH_ACTIVATION(FG_INST_ACT, T)                                            \
     template __global__ void fg_dropout_mask<T>(T*, long long, unsigned long long,            \
                                                 unsigned long long);                          \
     template __global__ void fg_colsum_cast<T>(const double*, long long, long long, T*);

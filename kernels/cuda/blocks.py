@@ -8,8 +8,8 @@ backward: ONE pass dz = da * mask * scale * f' summing db, then cuBLAS
 
 The mask is drawn by the CPU's counter-based hash on 64-bit integers
 (``blocks.cuh``), so both devices drop exactly the same units for the same
-key.  ``dropout_key`` and ``dropout_threshold`` are the CPU's host functions:
-the key and threshold are host scalars, passed to the kernels by value.
+key.  ``dropout_key`` and ``dropout_threshold`` come from ``kernels/spec.py``
+(the CPU's compiled ``dropout_key`` gives the same keys): they are host scalars, passed to the kernels by value.
 
 Column sums (db here, the norms' sums in ``norm``) are deterministic: float64
 within row blocks of 64 in a fixed tree, then the blocks' partials in order
@@ -21,7 +21,7 @@ here waits for the device.
 import cupy
 import numpy as np
 
-from ..cpu.blocks import dropout_key, dropout_threshold
+from ..spec import dropout_key, dropout_threshold
 from . import _module as _m
 
 __all__ = ["dropout_key", "dropout_threshold", "dropout_mask", "block_forward_epilogue",
@@ -86,7 +86,7 @@ def dropout_mask(key, thresh, out):
 
 def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
     """One pass over the GEMM output ``y`` (in place): ``t = y + b``, ``z = t``
-    (gelu, silu only), ``fz = f(t)`` (residual blocks only: any other layer's fz
+    (needs-z activations only), ``fz = f(t)`` (residual blocks only: any other layer's fz
     may be ``y`` itself), ``y = fz * mask * scale`` when ``drop``, ``y += x``
     when ``residual`` (``x`` is read only then)."""
     rows, cols = y.shape

@@ -27,11 +27,9 @@
 
 namespace fg {
 
-// Activation codes: kernels/cpu/activations.py CODES.
-enum { IDENTITY = 0, RELU = 1, LEAKY_RELU = 2, ELU = 3, SIGMOID = 4, TANH = 5,
-       SOFTPLUS = 6, GELU = 7, SILU = 8 };
-
-// Optimizer rule codes and hp slots: kernels/cpu/optim.py.
+// The C++ mirrors of kernels/spec.py (tests/test_registry.py parses these
+// enums and fails on any difference; the activation codes are in
+// activation.cuh).  Optimizer rule codes and hp slots: spec.RULES, spec.HP_*.
 enum { SGD = 0, ADAM = 1, ADAMW = 2, RMSPROP = 3 };
 enum { HP_LR = 0, HP_WEIGHT_DECAY = 1, HP_BETA1 = 2, HP_BETA2 = 3, HP_EPS = 4,
        HP_BIAS_CORR1 = 5, HP_BIAS_CORR2 = 6, HP_AMSGRAD = 7, HP_MOMENTUM = 8,
@@ -61,6 +59,8 @@ __device__ __forceinline__ float  log1p_(float x)  { return log1pf(x); }
 __device__ __forceinline__ double log1p_(double x) { return log1p(x); }
 __device__ __forceinline__ float  tanh_(float x)   { return tanhf(x); }
 __device__ __forceinline__ double tanh_(double x)  { return tanh(x); }
+__device__ __forceinline__ float  erfc_(float x)   { return erfcf(x); }
+__device__ __forceinline__ double erfc_(double x)  { return erfc(x); }
 __device__ __forceinline__ float  sqrt_(float x)   { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_(double x)  { return sqrt(x); }
 __device__ __forceinline__ float  abs_(float x)    { return fabsf(x); }

@@ -25,7 +25,7 @@
 
 namespace fg {
 
-// Norm kinds: kernels/cpu/norm.py.
+// Norm kinds: kernels/spec.py NO_NORM, LAYER, BATCH.
 enum { NO_NORM = 0, LAYER = 1, BATCH = 2 };
 
 // Mean and biased variance of ``count`` values from the sums of their
@@ -148,7 +148,7 @@ __global__ void fg_norm_fwd(T* y, const T* b, const T* x, T* xhat, T* fz, const 
 // Pass 1: t = g * f'(f, u) into dz (dz may be da), with the column sums
 // dgamma = sum t xhat and dbeta = sum t (into part[0], part[1] when the rows
 // span several row blocks).  u = gamma xhat + beta is recomputed (the same
-// bits as the forward's) for gelu and silu only.
+// bits as the forward's) for the needs-z activations only.
 template <typename T, int ACT>
 __global__ void fg_norm_grad_unit(const T* da, const T* fz, const T* xhat, const T* gamma,
                                   const T* beta, T* dz, double* part, T* dgamma, T* dbeta,
@@ -254,9 +254,7 @@ __global__ void fg_norm_grad_input(T* dz, const T* xhat, const T* gamma, const T
                                                      unsigned long long, unsigned long long,   \
                                                      double, int);
 #define FG_INST_ALL(T)                                                                         \
-    FG_INST_ACT(T, 0) FG_INST_ACT(T, 1) FG_INST_ACT(T, 2) FG_INST_ACT(T, 3)                    \
-    FG_INST_ACT(T, 4) FG_INST_ACT(T, 5) FG_INST_ACT(T, 6) FG_INST_ACT(T, 7)                    \
-    FG_INST_ACT(T, 8)                                                                          \
+    FG_EACH_ACTIVATION(FG_INST_ACT, T)                                            \
     template __global__ void fg_layer_stats<T>(const T*, const T*, T*, T*, long long, double); \
     template __global__ void fg_batch_stats_partial<T>(const T*, const T*, double*, long long, \
                                                        long long);                             \

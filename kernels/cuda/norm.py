@@ -23,7 +23,8 @@ float64 scratch for the column partials from ``work`` (optional, see
 import cupy
 import numpy as np
 
-from ..cpu.norm import BATCH, EPS, KINDS, LAYER, MOMENTUM, NO_NORM
+from ..spec import BATCH, LAYER, NO_NORM
+from ..spec import NORM_EPS as EPS, NORM_KINDS as KINDS, NORM_MOMENTUM as MOMENTUM
 from . import _module as _m
 from .blocks import col_partials, col_partials_size, drop_args, finish_col_sums, null
 

@@ -32,10 +32,10 @@ block back asynchronously instead (``transfer.RecordReader``).
 import cupy
 import numpy as np
 
-from ..cpu.optim import (ADAM, ADAMW, HP_ALPHA, HP_AMSGRAD, HP_BETA1, HP_BETA2,
-                         HP_BIAS_CORR1, HP_BIAS_CORR2, HP_CENTERED, HP_DAMPENING,
-                         HP_END, HP_EPS, HP_FIRST, HP_LR, HP_MOMENTUM, HP_NESTEROV,
-                         HP_SIZE, HP_UPDATE, HP_WEIGHT_DECAY, RMSPROP, RULES, SGD)
+from ..spec import (ADAM, ADAMW, HP_ALPHA, HP_AMSGRAD, HP_BETA1, HP_BETA2,
+                    HP_BIAS_CORR1, HP_BIAS_CORR2, HP_CENTERED, HP_DAMPENING,
+                    HP_END, HP_EPS, HP_FIRST, HP_LR, HP_MOMENTUM, HP_NESTEROV, HP_SIZE,
+                    HP_UPDATE, HP_WEIGHT_DECAY, RMSPROP, RULES, SGD)
 from . import _module as _m
 from .reduce import layer_sumsq
 from .transfer import uploader

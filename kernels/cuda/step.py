@@ -48,8 +48,8 @@ host timer around a launch):
 import cupy
 import numpy as np
 
-from ..cpu.activations import NEEDS_Z
-from ..cpu.step import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE
+from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE
+from . import _module as _m
 from . import losses as _losses
 from . import optim as _optim
 from . import reduce as _reduce
@@ -146,7 +146,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     act_off = 0
     for l in range(L):
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if int(codes[l]) not in NEEDS_Z:
+        if not _m.needs_z(codes[l]):
             z = a
         mm(h, W, z)
         bias_act(z, b, a, int(codes[l]), float(alphas[l]))
@@ -169,7 +169,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     for l in range(L - 1, -1, -1):
         act_off -= B * int(sizes[l + 1])
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if int(codes[l]) not in NEEDS_Z:
+        if not _m.needs_z(codes[l]):
             z = a
         bias_act_grad(da, a, z, da, db, int(codes[l]), float(alphas[l]),
                       ws.grad_partials(B, int(sizes[l + 1])))
