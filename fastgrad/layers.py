@@ -47,14 +47,16 @@ def _init_weights(name, n_in, n_out, rng):
 
 def _toolkit(device, codes=()):
     """The block, norm and weight-norm kernel modules of ``device`` (twins);
-    those of the registry's kernels when ``codes`` use a registered activation."""
-    if ops.kernels_for(device, codes) is not _device.kernels(device):
-        pkg = ops.kernels_for(device, codes)
+    on the CPU those of the package compiled for activations ``codes``
+    (``ops.model_kernels``)."""
+    if device == "cpu":
+        if not len(codes):                  # no activation involved (weight norm alone)
+            from .kernels.cpu import blocks, norm, wnorm
+            return blocks, norm, wnorm
+        pkg = ops.model_kernels(device, codes)
         return pkg.blocks, pkg.norm, pkg.wnorm
-    if device == "cuda":
-        from .kernels.cuda import blocks, norm, wnorm
-    else:
-        from .kernels.cpu import blocks, norm, wnorm
+    ops.kernels_for(device, codes)          # refuses registered activations without CUDA forms
+    from .kernels.cuda import blocks, norm, wnorm
     return blocks, norm, wnorm
 
 
@@ -460,7 +462,7 @@ class Sequential:
         return arr
 
     def _kernels(self):
-        return ops.kernels_for(self.device, [layer.code for layer in self.layers])
+        return ops.model_kernels(self.device, [layer.code for layer in self.layers])
 
     # -- compute -------------------------------------------------------------
     def _run(self, x, keep, counter=None):

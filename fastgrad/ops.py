@@ -80,6 +80,17 @@ def kernels_for(dev, codes):
     return _device.kernels(dev)
 
 
+def model_kernels(dev, codes):
+    """The kernel package a model with activation ``codes`` runs on: on the
+    CPU a copy of the package compiled for those activations alone
+    (``fastgrad.registry.cpu_kernels``: a cold first step compiles only the
+    model's activation loops), on CUDA :func:`kernels_for`'s."""
+    if dev == "cpu":
+        kernels_for(dev, codes)             # unknown registered codes raise
+        return _registry.cpu_kernels(codes)
+    return kernels_for(dev, codes)
+
+
 def check_dtype(dtype):
     """np.dtype of a supported parameter dtype (float32/float64) or TypeError."""
     try:

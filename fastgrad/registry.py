@@ -266,34 +266,78 @@ def uses_registered(codes):
     return any(int(c) >= _spec.FIRST_CUSTOM_CODE for c in codes)
 
 
-def cpu_kernels():
-    """The CPU kernel package that serves registered activations as well as
-    the built-ins: a module with the attributes of ``fastgrad.kernels.cpu``
-    and its submodules ``step``, ``step_blocks``, ``blocks``, ``norm``,
-    ``wnorm``, ``dense``, ``activations``.  Built once per set of
-    registrations, compiled on first use, not cached on disk."""
+_SUBMODULES = ("step", "step_blocks", "step_sharded", "blocks", "norm", "wnorm", "dense")
+# Modules that do not depend on the activations: a copy uses the package's
+# own, so their kernels (losses, the update rules, norms) compile once per
+# process and disk cache, whatever the number of copies.
+_SHARED = ("mathfn", "losses", "reduce", "optim", "wnorm")
+_subsets = {}          # frozenset of built-in codes -> package module
+
+
+def cpu_kernels(codes=None):
+    """The CPU kernel package for a model's activation ``codes``: a module
+    with the attributes of ``fastgrad.kernels.cpu`` and its submodules
+    ``step``, ``step_blocks``, ``step_sharded``, ``blocks``, ``norm``,
+    ``wnorm``, ``dense``, ``activations``.
+
+    With a registered activation among them (or ``codes=None`` while some
+    are registered): one copy serving the built-ins and every registered
+    activation, built once per set of registrations, compiled on first use,
+    not cached on disk (Numba could not tell when a user's function
+    changed).  Built-in codes only: a copy that compiles the loops of those
+    activations alone, cached on disk like the package itself -- a model's
+    first step then compiles 2 activation loops instead of every one.
+    """
+    if codes is not None and not uses_registered(codes):
+        return _subset_kernels(frozenset(int(c) for c in codes))
     with _lock:
         if _variant:
             return _variant[0]
-        import fastgrad.kernels.cpu as base
         _generation[0] += 1
-        pkgname = f"fastgrad.kernels._registered{_generation[0]}"
-        pkg = types.ModuleType(pkgname, "fastgrad.kernels.cpu with registered activations")
-        pkg.__path__ = list(base.__path__)
-        pkg.__package__ = pkgname
-        pkg._EXTRA_ACTIVATIONS = tuple(
-            (s.code, _inline(s.f), _inline(s.df), s.needs_z)
-            for s in _specs.values() if not s.builtin)
-        pkg._NO_DISK_CACHE = True
-        sys.modules[pkgname] = pkg
-        try:
-            init = os.path.join(base.__path__[0], "__init__.py")
-            with open(init, encoding="utf-8") as fh:
-                exec(compile(fh.read(), init, "exec"), pkg.__dict__)
-            for sub in ("step", "step_blocks", "blocks", "norm", "wnorm", "dense"):
-                setattr(pkg, sub, importlib.import_module(f"{pkgname}.{sub}"))
-        except BaseException:
-            sys.modules.pop(pkgname, None)
-            raise
+        pkg = _load_copy(f"fastgrad.kernels._registered{_generation[0]}",
+                         "fastgrad.kernels.cpu with registered activations",
+                         _EXTRA_ACTIVATIONS=tuple(
+                             (s.code, _inline(s.f), _inline(s.df), s.needs_z)
+                             for s in _specs.values() if not s.builtin),
+                         _NO_DISK_CACHE=True)
         _variant.append(pkg)
         return pkg
+
+
+def _subset_kernels(codes):
+    with _lock:
+        pkg = _subsets.get(codes)
+        if pkg is None:
+            tag = "_".join(str(c) for c in sorted(codes))
+            pkg = _subsets[codes] = _load_copy(
+                f"fastgrad.kernels._cpu_{tag}",
+                f"fastgrad.kernels.cpu compiled for activation codes {sorted(codes)}",
+                _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}")
+        return pkg
+
+
+def _load_copy(pkgname, doc, **attrs):
+    """``fastgrad.kernels.cpu`` loaded again from its files as ``pkgname``,
+    with ``attrs`` set on the package before its modules run."""
+    import fastgrad.kernels.cpu as base
+    pkg = types.ModuleType(pkgname, doc)
+    pkg.__path__ = list(base.__path__)
+    pkg.__package__ = pkgname
+    for key, value in attrs.items():
+        setattr(pkg, key, value)
+    for name in _SHARED:
+        module = importlib.import_module(f"{base.__name__}.{name}")
+        sys.modules[f"{pkgname}.{name}"] = module
+        setattr(pkg, name, module)
+    sys.modules[pkgname] = pkg
+    try:
+        init = os.path.join(base.__path__[0], "__init__.py")
+        with open(init, encoding="utf-8") as fh:
+            exec(compile(fh.read(), init, "exec"), pkg.__dict__)
+        for sub in _SUBMODULES:
+            setattr(pkg, sub, importlib.import_module(f"{pkgname}.{sub}"))
+    except BaseException:
+        for name in [pkgname] + [f"{pkgname}.{n}" for n in _SHARED]:
+            sys.modules.pop(name, None)
+        raise
+    return pkg

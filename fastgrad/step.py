@@ -151,11 +151,13 @@ class TrainStep:
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(ops.needs_z(c) for c in self._codes)
-        self._kblocks = _kblocks
-        pkg = ops.kernels_for(model.device, self._codes)
-        if model.device == "cpu" and pkg is not _device.kernels("cpu"):
-            # a registered activation: the registry's copy of the step kernels
+        self._kblocks, self._ksharded = _kblocks, _ksharded
+        pkg = ops.model_kernels(model.device, self._codes)
+        if model.device == "cpu":
+            # the step kernels compiled for this model's activations
+            # (fastgrad.registry.cpu_kernels), as model.forward's
             self._kernels, self._kblocks = pkg.step, pkg.step_blocks
+            self._ksharded = pkg.step_sharded
         if self._blocks and not self._composed:
             self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
             self._no_drops = np.zeros_like(self._drops)
@@ -414,7 +416,7 @@ class TrainStep:
         if self.threads is not None:
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
             with _threads.one_blas_thread():
-                loss, norm, scale, skipped = _ksharded.sharded_train_step(
+                loss, norm, scale, skipped = self._ksharded.sharded_train_step(
                     x, labels, target, self._loss_kind, model.params, model.grads,
                     shard_grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
                     acts, zs, delta, bounds, losses,
@@ -466,7 +468,7 @@ class TrainStep:
             m = self.model
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(x.shape[0])
             with _threads.one_blas_thread():
-                return float(_ksharded.sharded_forward_backward(
+                return float(self._ksharded.sharded_forward_backward(
                     x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
                     self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
                     bounds, losses))
@@ -651,7 +653,7 @@ class TrainStep:
         acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
         drops = self._drops if training else self._no_drops
         counter = model.dropout_step if training else 0
-        return _kblocks.train_steps_blocks, common + (
+        return self._kblocks.train_steps_blocks, common + (
             drops, self._residual, self._norms, model._mask_seed, counter, training,
             self.opt._offsets, acts, zs, fzs, xhats, model.running_mean, model.running_var)\
             + saved + (nstats, nwork, self._wn, self._weff, self._dweff, self._wnorm, delta)

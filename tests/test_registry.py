@@ -413,11 +413,51 @@ def test_registered_swish_matches_torch_silu(rng, swish):
 
 def test_builtin_models_keep_the_builtin_kernels(swish):
     """Registering an activation changes nothing for models without it: they
-    run the package's own (disk-cached) kernels, not the registry's copy."""
-    from fastgrad.kernels.cpu import step as kstep
+    run the disk-cached copy compiled for their own activations (built-in
+    codes only), not the registry's uncached copy."""
     model = fg.MLP([4, 5, 3], activation="relu", dtype="float64")
     step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, lr=0.1))
-    assert step._kernels is kstep and model._kernels() is __import__(
-        "fastgrad.kernels.cpu", fromlist=["x"])
+    pkg = model._kernels()
+    assert pkg.__name__.startswith("fastgrad.kernels._cpu_")
+    assert pkg._ONLY_ACTIVATIONS == {spec.CODES["relu"], spec.CODES["identity"]}
+    assert step._kernels is pkg.step and step._kblocks is pkg.step_blocks
+    assert "_NO_DISK_CACHE" not in vars(pkg)
     assert registry.cpu_kernels().__name__.startswith("fastgrad.kernels._registered")
 
+
+
+# -- copies of the kernels compiled for one model's activations ----------------
+
+def test_model_kernels_compile_only_the_model_activations():
+    relu = fg.MLP([3, 4, 2], activation="relu")._kernels()
+    assert fg.MLP([5, 6, 6, 2], activation="relu")._kernels() is relu      # same set, same copy
+    tanh = fg.MLP([3, 4, 2], activation="tanh")._kernels()
+    assert tanh is not relu and tanh._ONLY_ACTIVATIONS == {spec.CODES["tanh"],
+                                                           spec.CODES["identity"]}
+    z = np.zeros((2, 3))
+    with pytest.raises(ValueError, match="unknown activation"):
+        relu.bias_act(z, np.zeros(3), z, spec.CODES["tanh"], 0.0)
+
+
+_SUBSET_PROBE = """
+import sys, numpy as np
+from fastgrad import ops, reference
+name = sys.argv[1]
+pkg = ops.model_kernels("cpu", [ops.resolve_activation(name)[0]])
+z = np.linspace(-3, 3, 12).reshape(3, 4)
+out = np.empty_like(z)
+pkg.bias_act(z.copy(), np.zeros(4), out, ops.resolve_activation(name)[0], 0.0)
+np.testing.assert_allclose(out, reference.activation(z, name), rtol=1e-12)
+"""
+
+
+def test_subset_copies_do_not_share_cache_entries(tmp_path):
+    """Two copies compile the same files to different code: a second process
+    with the same disk cache must load its own entry, not the first's."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for name in ("relu", "tanh", "relu", "tanh"):
+        subprocess.run([sys.executable, "-c", _SUBSET_PROBE, name], env=env, check=True,
+                       timeout=300)

@@ -28,6 +28,7 @@ import sys
 import warnings
 
 _PACKAGE = __name__.rpartition(".")[0]      # fastgrad.kernels.cpu
+_KERNELS = _PACKAGE.rpartition(".")[0] + "."  # fastgrad.kernels. (and its copies of cpu)
 
 
 def _probe():      # pragma: no cover - never called; a function to locate a cache for
@@ -36,17 +37,24 @@ def _probe():      # pragma: no cover - never called; a function to locate a cac
 
 def _cache_available():
     """True when Numba finds a writable cache location for this package's
-    kernels (they all live in this directory, as ``_probe`` does)."""
-    from numba.core.caching import FunctionCache
+    kernels (they all live in this directory, as ``_probe`` does).  Probed
+    once per process: the copies of this package built per model
+    (``fastgrad.registry``) run this module again and take the answer (and
+    the one warning) of the first."""
+    from numba.core.caching import Cache, FunctionCache
+    known = getattr(Cache, "_fastgrad_cache_available", None)
+    if known is not None:
+        return known
     try:
         FunctionCache(_probe)
+        Cache._fastgrad_cache_available = True
     except RuntimeError as exc:        # "cannot cache function ...: no locator available"
         warnings.warn(f"fastgrad: no writable Numba cache directory ({exc}); the kernels are "
                       "compiled without a disk cache in this process. Set NUMBA_CACHE_DIR to "
                       "a writable directory to keep them across runs.", RuntimeWarning,
                       stacklevel=2)
-        return False
-    return True
+        Cache._fastgrad_cache_available = False
+    return Cache._fastgrad_cache_available
 
 
 _warned_corrupt = []
@@ -70,7 +78,7 @@ def _tolerate_bad_entries():
             return original(self, sig, target_context)
         except Exception as exc:
             module = getattr(getattr(self, "_py_func", None), "__module__", "") or ""
-            if not module.startswith(_PACKAGE):
+            if not module.startswith(_KERNELS):
                 raise
             # Drop the index so that the recompiled kernel writes a fresh one
             # (saving reads the index first and would fail on it again).
@@ -116,8 +124,14 @@ def _key_on_sources():
     def _index_key(self, sig, codegen):
         key = original(self, sig, codegen)
         module = getattr(getattr(self, "_py_func", None), "__module__", "") or ""
-        if module.startswith(_PACKAGE):
-            key = key + (_sources_fingerprint(),)
+        if module.startswith(_KERNELS):
+            # Copies of this package built for a subset of the activations
+            # (fastgrad.registry.cpu_kernels) compile the same files to other
+            # code.  Numba names cache files after the module, which already
+            # parts them; the variant in the key keeps them apart even if
+            # two copies ever shared a name.
+            package = sys.modules.get(module.rpartition(".")[0])
+            key = key + (_sources_fingerprint(), getattr(package, "_VARIANT", ""))
         return key
 
     _index_key._fastgrad_sources = True

@@ -222,9 +222,14 @@ def _entries():
     here by name), then those the package was loaded with (registered ones,
     see the module docstring)."""
     here = globals()
+    package = sys.modules[__package__]
+    # A copy of the package built for the activations one model uses
+    # (fastgrad.registry.cpu_kernels) compiles only their loops: every
+    # other code raises, and a cold first step compiles far less.
+    only = getattr(package, "_ONLY_ACTIVATIONS", None)
     table = [(code, here[a.name], here["d_" + a.name], a.needs == "z")
-             for code, a in enumerate(spec.ACTIVATIONS)]
-    extra = getattr(sys.modules[__package__], "_EXTRA_ACTIVATIONS", ())
+             for code, a in enumerate(spec.ACTIVATIONS) if only is None or code in only]
+    extra = getattr(package, "_EXTRA_ACTIVATIONS", ())
     return tuple(table) + tuple(extra)
 
 
