@@ -1,0 +1,119 @@
+"""The CUDA multi-tensor update (fastgrad.kernels.cuda.multi_tensor) against
+the flat CUDA update on the same data, bitwise, and CuPy (param, grad) pairs
+in fastgrad's optimizers against the CPU pair path.
+
+Run without a GPU on the host emulator:
+``PYTHONPATH=tools/cuda_emulator python -m pytest -q -p conftest_plugin -m cuda
+tests/test_cuda_multi_tensor.py``.
+"""
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad.kernels.cpu import optim as cpu_optim
+
+from conftest import DTYPES, to_numpy
+
+pytestmark = pytest.mark.cuda
+
+# every rule, with the options that take other code paths in its kernel
+CONFIGS = [
+    (fg.SGD, dict(lr=0.1)),
+    (fg.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    (fg.Adam, dict(lr=1e-2, weight_decay=0.01)),
+    (fg.Adam, dict(lr=1e-2, amsgrad=True, maximize=True)),
+    (fg.AdamW, dict(lr=1e-2)),
+    (fg.RMSprop, dict(lr=1e-2, momentum=0.5, centered=True)),
+    (fg.RMSprop, dict(lr=1e-2)),
+]
+CLIPS = [dict(clip_norm=1.5), dict(clip_value=0.05), dict(clip_norm=0.7, clip_value=0.2)]
+
+
+def _shapes(rng, n):
+    """n tensors of odd sizes, one empty and one above a norm chunk (8192)."""
+    shapes = [tuple(int(d) for d in rng.integers(1, 9, size=rng.integers(1, 3)))
+              for _ in range(n)]
+    if n >= 3:
+        shapes[1] = (0,)
+        shapes[2] = (8193 + 17,)
+    return shapes
+
+
+def _ids(c):
+    return f"{c[0].__name__}-{'-'.join(sorted(c[1]))}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[np.dtype(d).name for d in DTYPES])
+@pytest.mark.parametrize("config", CONFIGS, ids=[_ids(c) for c in CONFIGS])
+def test_kernel_matches_flat_kernel_bitwise(cp, rng, config, dtype):
+    from fastgrad.kernels.cuda import multi_tensor as kmt
+    from fastgrad.kernels.cuda import optim as kopt
+    cls, kw = config
+    for n, clip in ((1, CLIPS[0]), (3, CLIPS[1]), (7, CLIPS[2]), (20, CLIPS[0])):
+        shapes = _shapes(rng, n)
+        sizes = np.array([int(np.prod(s)) for s in shapes], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        host_p = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        # a CPU optimizer only to make the hp rows and state buffers
+        opt = cls([(p.copy(), np.zeros_like(p)) for p in host_p], **kw, **clip)
+        rule, s0, s1, s2, _ = opt._kernel_args()
+        flat_p = cp.asarray(np.concatenate([p.ravel() for p in host_p]))
+        flat_s = [cp.zeros(s.size, dtype) for s in (s0, s1, s2)]
+        ps = [cp.asarray(p) for p in host_p]
+        gs = [cp.empty(s, dtype) for s in shapes]
+        # each tensor's state: a separate array (not slices of a flat one)
+        ss = [[cp.zeros(sz, dtype) if s.size else None for sz in sizes]
+              for s in (s0, s1, s2)]
+        p_addr = cp.asarray(kmt.addresses(ps, dtype))
+        g_addr = cp.asarray(kmt.addresses(gs, dtype))
+        s_addr = cp.asarray(np.stack([kmt.addresses(col, dtype) for col in ss]))
+        rows = cp.zeros(n, np.int64)
+        lsq_flat = cp.empty(n, np.float64)
+        lsq_multi = cp.empty(n, np.float64)
+        for t in range(6):
+            opt._step_count = t
+            hp = opt._kernel_args()[4]
+            host_g = [(rng.standard_normal(s) * (4.0 if t % 2 else 0.3)).astype(dtype)
+                      for s in shapes]
+            nan_step = t == 4
+            if nan_step:
+                host_g[-1].reshape(-1)[0] = np.nan
+            for g, h in zip(gs, host_g):
+                g[...] = cp.asarray(h)
+            flat_g = cp.asarray(np.concatenate([h.ravel() for h in host_g]))
+            before = [to_numpy(p).copy() for p in ps]
+            nf, sf, kf = kopt.clipped_update(rule, flat_p, flat_g, *flat_s, hp, offsets,
+                                             lsq_flat, opt._clip_norm, opt._clip_value)
+            nm, sm, km = kmt.multi_clipped_update(rule, dtype, p_addr, g_addr, s_addr, sizes,
+                                                  hp, rows, lsq_multi, opt._clip_norm,
+                                                  opt._clip_value)
+            assert bool(km) == bool(kf) == nan_step
+            assert to_numpy(lsq_multi).tobytes() == to_numpy(lsq_flat).tobytes()
+            if nan_step:
+                assert not np.isfinite(float(nm))
+                for p, b in zip(ps, before):
+                    assert to_numpy(p).tobytes() == b.tobytes(), "a skipped update wrote"
+            else:
+                assert float(nm) == float(nf) and float(sm) == float(sf)
+            got = np.concatenate([to_numpy(p).ravel() for p in ps])
+            assert got.tobytes() == to_numpy(flat_p).tobytes(), f"params at update {t}"
+            for j, col in enumerate(ss):
+                if flat_s[j].size:
+                    got = np.concatenate([to_numpy(a) for a in col])
+                    assert got.tobytes() == to_numpy(flat_s[j]).tobytes(), f"s{j} at {t}"
+
+
+def test_kernel_rejects_bad_input(cp):
+    from fastgrad.kernels.cuda import multi_tensor as kmt
+    a = cp.zeros(3, np.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        kmt.addresses([a], np.float64)
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        kmt.addresses([np.zeros(3)])
+    with pytest.raises(ValueError, match="contiguous"):
+        kmt.addresses([cp.zeros((4, 4), np.float32)[:, 1]])
+    with pytest.raises(ValueError, match="sizes"):
+        kmt.layout(np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="rule"):
+        kmt.multi_clipped_update(9, np.float32, [0], [0], np.zeros((3, 1)), [3],
+                                 np.zeros(17), [0], cp.zeros(1), 0.0, 0.0)
