@@ -12,7 +12,7 @@ import pytest
 import fastgrad as fg
 from fastgrad.kernels.cpu import optim as cpu_optim
 
-from conftest import DTYPES, to_numpy
+from conftest import DTYPES, assert_close, to_numpy
 
 pytestmark = pytest.mark.cuda
 
@@ -117,3 +117,95 @@ def test_kernel_rejects_bad_input(cp):
     with pytest.raises(ValueError, match="rule"):
         kmt.multi_clipped_update(9, np.float32, [0], [0], np.zeros((3, 1)), [3],
                                  np.zeros(17), [0], cp.zeros(1), 0.0, 0.0)
+
+
+def _pair_run(xp, cls, kw, host_p, host_gs, groups=None):
+    """Run ``cls`` on (param, grad) pairs of ``xp`` arrays over the gradient
+    list; returns the params after each update and the StepStats."""
+    ps = [xp.asarray(p.copy()) for p in host_p]
+    gs = [xp.zeros_like(p) for p in ps]
+    pairs = list(zip(ps, gs))
+    if groups is not None:
+        pairs = [dict(g, params=[pairs[i] for i in idx]) for idx, g in groups]
+    opt = cls(pairs, **kw)
+    params, stats = [], []
+    for step_g in host_gs:
+        for g, h in zip(gs, step_g):
+            g[...] = xp.asarray(h)
+        stats.append(opt.step())
+        params.append([to_numpy(p).copy() for p in ps])
+    return opt, params, stats
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=[np.dtype(d).name for d in DTYPES])
+@pytest.mark.parametrize("config", CONFIGS, ids=[_ids(c) for c in CONFIGS])
+def test_cupy_pairs_match_cpu_pairs(cp, rng, config, dtype):
+    """fg.<Optimizer> on CuPy pairs (CUDA multi-tensor path) against NumPy
+    pairs (CPU multi-tensor path): params, state, StepStats and counters,
+    incl. a skipped NaN update.  The GPU sums the norm's blocks in a tree,
+    the CPU in order, so norms agree to 1e-13 and the updates to the
+    dtype's tolerance (GPU multi == GPU flat is the bitwise test above)."""
+    cls, kw = config
+    shapes = _shapes(rng, 5)
+    host_p = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    host_gs = [[(rng.standard_normal(s) * (3.0 if t % 3 == 0 else 0.2)).astype(dtype)
+                for s in shapes] for t in range(7)]
+    host_gs[3][0].reshape(-1)[0] = np.nan
+    kw = dict(kw, clip_norm=1.0, clip_value=0.5)
+    gpu, gp, gst = _pair_run(cp, cls, kw, host_p, host_gs)
+    cpu, cpp, cst = _pair_run(np, cls, kw, host_p, host_gs)
+    assert gpu.device == "cuda" and cpu.device == "cpu"
+    for t in range(len(host_gs)):
+        for a, b in zip(gp[t], cpp[t]):
+            assert_close(a, b, dtype, what=f"params after update {t}")
+        g, c = gst[t], cst[t]
+        assert (g.step, g.skipped, g.clipped) == (c.step, c.skipped, c.clipped)
+        assert g.lr == c.lr
+        if c.skipped:
+            assert np.isnan(g.grad_norm) and np.isnan(c.grad_norm)
+        else:
+            assert_close(g.grad_norm, c.grad_norm, np.float64, rtol=1e-13, what="norm")
+            assert_close(g.clip_scale, c.clip_scale, np.float64, rtol=1e-13, what="scale")
+            assert_close(g.layer_norms, c.layer_norms, np.float64, rtol=1e-13, what="norms")
+    assert (gpu.step_count, gpu.n_skipped) == (cpu.step_count, cpu.n_skipped) == (6, 1)
+    for name in gpu.state:
+        assert_close(gpu.state[name], cpu.state[name], dtype, what=name)
+
+
+def test_cupy_pairs_with_param_groups(cp, rng):
+    """Groups of CuPy pairs: each pair updated with its group's hp block."""
+    shapes = [(3, 5), (7,), (2, 2), (11,)]
+    host_p = [rng.standard_normal(s) for s in shapes]
+    host_gs = [[rng.standard_normal(s) for s in shapes] for _ in range(4)]
+    groups = [([0, 2], {"lr": 0.05}), ([1, 3], {"weight_decay": 0.1, "lr": 0.001})]
+    kw = dict(lr=0.01, clip_norm=2.0)
+    gpu, gp, gst = _pair_run(cp, fg.AdamW, kw, host_p, host_gs, groups)
+    cpu, cpp, cst = _pair_run(np, fg.AdamW, kw, host_p, host_gs, groups)
+    for t in range(4):
+        for a, b in zip(gp[t], cpp[t]):
+            assert_close(a, b, np.float64, what=f"params after update {t}")
+        assert gst[t].lr == cst[t].lr
+        assert_close(gst[t].grad_norm, cst[t].grad_norm, np.float64, rtol=1e-13, what="norm")
+    # the groups' rates differ, so a wrong row per pair would show
+    assert not np.allclose(gp[-1][0] - host_p[0], 0.0)
+
+
+def test_cupy_pairs_bad_input(cp):
+    p = cp.zeros((4, 4))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        fg.Adam([(p[:, 1], cp.zeros(4))], lr=0.1)
+    with pytest.raises(TypeError, match="one device"):
+        fg.Adam([(cp.zeros(3), cp.zeros(3)), (np.zeros(3), np.zeros(3))], lr=0.1)
+    with pytest.raises(TypeError, match="NumPy arrays or CuPy"):
+        fg.Adam([(cp.zeros(3), np.zeros(3))], lr=0.1)
+    with pytest.raises(TypeError, match="dtype"):
+        fg.Adam([(cp.zeros(3, np.float32), cp.zeros(3, np.float64))], lr=0.1)
+
+
+def test_cupy_pairs_skip_nonfinite_false_raises(cp):
+    p, g = cp.ones(5), cp.ones(5)
+    opt = fg.SGD([(p, g)], lr=0.1, skip_nonfinite=False)
+    g[2] = np.nan
+    with pytest.raises(fg.NonFiniteGradientError):
+        opt.step()
+    np.testing.assert_array_equal(to_numpy(p), np.ones(5))
