@@ -36,7 +36,8 @@ the step count unless skipped, raises if asked to, and returns the
 user's arrays in place with ``kernels.cpu.multi_tensor.multi_clipped_update``,
 bitwise the same result (``opt.parallel``: its parallel twin); only pairs
 that are not contiguous are still copied into ``opt.params``/``opt.grads``
-before and back after.)
+before and back after.  CuPy pairs, which must be contiguous, go through
+``kernels.cuda.multi_tensor`` with the CUDA book-keeping described next.)
 
 On CUDA nothing in a step waits for the device
 ----------------------------------------------
@@ -588,7 +589,9 @@ class Optimizer:
         A model with flat 1-D contiguous ``params`` and ``grads`` of one
         dtype (float32 or float64) and optional ``layer_offsets`` (int64,
         ``n_layers + 1`` boundaries); or a list of ``(param, grad)`` NumPy
-        arrays of any shapes, updated in place, each pair one "layer"; or
+        arrays of any shapes, updated in place, each pair one "layer" (or
+        C-contiguous CuPy arrays, all on the GPU: updated in place by the
+        CUDA multi-tensor kernel); or
         torch's spelling, a list of group dicts (as ``param_groups``) whose
         ``"params"`` are views of one fastgrad model (the model is found
         from them; names alone need the model and ``param_groups=``) or
