@@ -232,3 +232,36 @@ def test_cupy_pairs_checkpoint_round_trip(cp, rng):
         assert to_numpy(a).tobytes() == to_numpy(b).tobytes()
     opt.zero_grad()
     assert all(float(abs(g).sum()) == 0.0 for g in gs)
+
+
+def test_kernel_strides_over_tensors_past_grid_y(cp, rng, monkeypatch):
+    """More tensors than grid y allows (lowered here to 2 after the flat
+    reference ran, whose norm pass launches one grid row per layer): both
+    kernels loop over tensors, and the result is still the flat kernel's."""
+    from fastgrad.kernels.cuda import _module
+    from fastgrad.kernels.cuda import multi_tensor as kmt
+    from fastgrad.kernels.cuda import optim as kopt
+    sizes = np.array([5, 1, 9000, 3, 0, 17, 2], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    host_p = [rng.standard_normal(n) for n in sizes]
+    host_g = [rng.standard_normal(n) for n in sizes]
+    opt = fg.SGD([(p.copy(), np.zeros_like(p)) for p in host_p], lr=0.1, momentum=0.9,
+                 clip_norm=1.0)
+    rule, s0, _, _, hp = opt._kernel_args()
+    ps, gs = [cp.asarray(p) for p in host_p], [cp.asarray(g) for g in host_g]
+    bufs = [cp.zeros(int(n)) for n in sizes]
+    s_addr = np.stack([kmt.addresses(bufs), np.zeros(7, np.int64), np.zeros(7, np.int64)])
+    flat_p = cp.asarray(np.concatenate(host_p))
+    flat_s = cp.zeros(s0.size)
+    lsq_f, lsq_m = cp.empty(7, np.float64), cp.empty(7, np.float64)
+    empty = cp.empty(0)
+    kopt.clipped_update(rule, flat_p, cp.asarray(np.concatenate(host_g)), flat_s, empty,
+                        empty, hp, offsets, lsq_f, opt._clip_norm, opt._clip_value)
+    monkeypatch.setattr(_module, "MAX_GRID_Y", 2)
+    kmt.multi_clipped_update(rule, np.float64, kmt.addresses(ps), kmt.addresses(gs), s_addr,
+                             sizes, hp, np.zeros(7, np.int64), lsq_m, opt._clip_norm,
+                             opt._clip_value)
+    assert to_numpy(lsq_m).tobytes() == to_numpy(lsq_f).tobytes()
+    got = np.concatenate([to_numpy(p) for p in ps])
+    assert got.tobytes() == to_numpy(flat_p).tobytes()
+    assert np.concatenate([to_numpy(b) for b in bufs]).tobytes() == to_numpy(flat_s).tobytes()
