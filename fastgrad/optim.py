@@ -36,7 +36,8 @@ the step count unless skipped, raises if asked to, and returns the
 user's arrays in place with ``kernels.cpu.multi_tensor.multi_clipped_update``,
 bitwise the same result (``opt.parallel``: its parallel twin); only pairs
 that are not contiguous are still copied into ``opt.params``/``opt.grads``
-before and back after.)
+before and back after.  CuPy pairs, which must be contiguous, go through
+``kernels.cuda.multi_tensor`` with the CUDA book-keeping described next.)
 
 On CUDA nothing in a step waits for the device
 ----------------------------------------------
@@ -588,7 +589,9 @@ class Optimizer:
         A model with flat 1-D contiguous ``params`` and ``grads`` of one
         dtype (float32 or float64) and optional ``layer_offsets`` (int64,
         ``n_layers + 1`` boundaries); or a list of ``(param, grad)`` NumPy
-        arrays of any shapes, updated in place, each pair one "layer"; or
+        arrays of any shapes, updated in place, each pair one "layer" (or
+        C-contiguous CuPy arrays, all on the GPU: updated in place by the
+        CUDA multi-tensor kernel); or
         torch's spelling, a list of group dicts (as ``param_groups``) whose
         ``"params"`` are views of one fastgrad model (the model is found
         from them; names alone need the model and ``param_groups=``) or
@@ -766,16 +769,29 @@ class Optimizer:
         if not pairs:
             raise ValueError("no parameters to optimize")
         checked = []
+        dev = None
         for i, pair in enumerate(pairs):
             try:
                 p, g = pair
             except (TypeError, ValueError):
                 raise TypeError(f"entry {i}: expected a (param, grad) pair") from None
-            if not (isinstance(p, np.ndarray) and isinstance(g, np.ndarray)):
-                raise TypeError(f"pair {i}: param and grad must be NumPy arrays")
+            pd, gd = _device.device_of(p), _device.device_of(g)
+            if not ((isinstance(p, np.ndarray) and isinstance(g, np.ndarray))
+                    or (pd == gd == "cuda")):
+                raise TypeError(f"pair {i}: param and grad must be NumPy arrays or CuPy "
+                                f"arrays, got {type(p).__name__} and {type(g).__name__}")
+            if dev is not None and pd != dev:
+                raise TypeError(f"pair {i}: on {pd}, but pair 0 is on {dev}: all pairs must "
+                                "be on one device")
+            dev = pd
             if p.shape != g.shape:
                 raise ValueError(f"pair {i}: grad shape {g.shape} != param shape {p.shape}")
-            if not p.flags.writeable:
+            if dev == "cuda":
+                # CuPy has no read-only arrays; the CUDA kernel takes data
+                # addresses, so the arrays must be contiguous
+                if not (p.flags.c_contiguous and g.flags.c_contiguous):
+                    raise ValueError(f"pair {i}: CuPy param and grad must be C-contiguous")
+            elif not p.flags.writeable:
                 raise ValueError(f"pair {i}: param is read-only")
             checked.append((p, g))
         dt = checked[0][0].dtype
@@ -787,10 +803,14 @@ class Optimizer:
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._torch_layout = [(int(o), p.shape, False)
                               for o, (p, _) in zip(self._offsets, checked)]
-        self._params = np.empty(self._offsets[-1], dt)
-        self._grads = np.empty_like(self._params)
-        self._use_device("cpu")
+        xp = _device.array_module(dev)
+        self._params = xp.empty(int(self._offsets[-1]), dt)
+        self._grads = xp.empty_like(self._params)
+        self._use_device(dev)
         self._gather_params()
+        if dev == "cuda":
+            self._bind_cuda_pairs(checked)
+            return
         # Contiguous pairs are updated where they are (kernels.cpu.multi_tensor),
         # their addresses taken once: the pairs are held here, so NumPy cannot
         # move their data (resize refuses arrays with other references).
@@ -799,6 +819,19 @@ class Optimizer:
             self._multi = (_mt.addresses([p for p, _ in checked]),
                            _mt.addresses([g for _, g in checked]),
                            np.diff(self._offsets), np.zeros(len(checked), np.int64))
+
+    def _bind_cuda_pairs(self, checked):
+        """The device address arrays of CuPy pairs for the CUDA multi-tensor
+        update (``kernels.cuda.multi_tensor``), uploaded once here: the pairs
+        are held, so their memory stays where it is."""
+        import cupy
+        from .kernels.cuda import multi_tensor as kmt
+        dt = self._params.dtype
+        sizes = np.diff(self._offsets)
+        self._multi = (cupy.asarray(kmt.addresses([p for p, _ in checked], dt)),
+                       cupy.asarray(kmt.addresses([g for _, g in checked], dt)),
+                       sizes, cupy.asarray(sizes))
+        self._multi_rows = None
 
     def _use_device(self, dev):
         """The array module and update kernel of the parameters' device."""
@@ -1713,6 +1746,8 @@ class Optimizer:
         """``step()`` for contiguous (param, grad) pairs: one multi-tensor
         kernel call on the user's arrays and per-pair views of the flat state
         buffers, bitwise the flat kernel's result, with no copies."""
+        if self._device == "cuda":
+            return self._step_in_place_cuda()
         rule, s0, s1, s2, hp = self._kernel_args()
         p_addr, g_addr, sizes, rows = self._multi
         cached = self._multi_state
@@ -1737,6 +1772,40 @@ class Optimizer:
         norm, scale, skipped = update(
             rule, self._empty, p_addr, g_addr, s_addr, sizes, hp, rows,
             self._layer_sq, self._clip_norm, self._clip_value)
+        return self._commit(norm, scale, skipped, self._layer_sq)
+
+    def _step_in_place_cuda(self):
+        """``step()`` for CuPy pairs: the CUDA multi-tensor update on the
+        user's arrays and per-pair slices of the flat state buffers, with the
+        table of hp rows and the read-back of a CUDA optimizer (``_DeviceBook``);
+        nothing waits for the device."""
+        import cupy
+        from .kernels.cuda import multi_tensor as kmt
+        rule, s0, s1, s2, table = self._kernel_args()
+        p_addr, g_addr, sizes, dev_sizes = self._multi
+        cached = self._multi_state
+        if cached is None or cached[0] is not s0 or cached[1] is not s1 or cached[2] is not s2:
+            # the buffers change only when a hyper-parameter needs new ones
+            step = np.dtype(self._params.dtype).itemsize
+            s_addr = np.zeros((3, sizes.size), np.int64)
+            for j, s in enumerate((s0, s1, s2)):
+                if s.size:
+                    s_addr[j] = s.data.ptr + self._offsets[:-1] * step
+            cached = self._multi_state = (s0, s1, s2, cupy.asarray(s_addr))
+        if self._seg_group is None:
+            seg_ends = None
+        else:
+            # parameter groups hold whole pairs: each pair lies in one segment
+            seg_ends = self._seg_ends
+        if self._multi_rows is None or self._multi_rows[0] is not seg_ends:
+            rows = (np.zeros(sizes.size, np.int64) if seg_ends is None else
+                    np.searchsorted(seg_ends, self._offsets[:-1], side="right").astype(np.int64))
+            self._multi_rows = (seg_ends, cupy.asarray(rows))
+        book = self._book
+        norm, scale, skipped = kmt.multi_clipped_update(
+            rule, self._params.dtype, p_addr, g_addr, cached[3], sizes, table,
+            self._multi_rows[1], self._layer_sq, self._clip_norm, self._clip_value,
+            ws=book.buffers, dev_sizes=dev_sizes)
         return self._commit(norm, scale, skipped, self._layer_sq)
 
     def zero_grad(self):

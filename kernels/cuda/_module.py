@@ -85,7 +85,7 @@ def set_registered_activations(table):
 
 def _names():
     """name_expressions per source file (every instantiation a wrapper uses)."""
-    acts, losses, reduce_, optim = [], [], [], []
+    acts, losses, reduce_, optim, multi = [], [], [], [], []
     for t in _DTYPES.values():
         for a in _act_codes():
             acts += [f"fg_bias_act<{t}, {a}>", f"fg_bias_act_grad<{t}, {a}>"]
@@ -94,13 +94,15 @@ def _names():
         losses += [f"fg_softmax_xent_ex<{t}>", f"fg_bce_with_logits_ex<{t}>", f"fg_mse_ex<{t}>"]
         reduce_.append(f"fg_seg_sumsq_partial<{t}>")
         optim += [f"fg_update<{t}, {r}>" for r in range(N_RULES)]
+        multi.append(f"fg_mt_sumsq_partial<{t}>")
+        multi += [f"fg_mt_update<{t}, {r}>" for r in range(N_RULES)]
     losses += ["fg_mean<double>", "fg_xent_weight_sum<double>", "fg_sum_over<double>"]
     reduce_.append("fg_seg_sumsq_final<double>")
     optim.append("fg_clip_control<double>")
     gemm = [f"fg_gemm<{t}, {ta}, {tb}>" for t in _DTYPES.values()
             for ta, tb in ((0, 0), (1, 0), (0, 1))]
     return {"activations.cu": acts, "losses.cu": losses, "reduce.cu": reduce_,
-            "optim.cu": optim, "gemm.cu": gemm, **_toolkit_names()}
+            "optim.cu": optim, "multi_tensor.cu": multi, "gemm.cu": gemm, **_toolkit_names()}
 
 
 def _toolkit_names():
@@ -270,7 +272,7 @@ MAX_BLOCKS = 8192
 # Must match the .cu files.
 RED_THREADS = 256          # common.cuh fg::RED_THREADS
 GRAD_ROWS = 64             # activations.cu FG_GRAD_ROWS
-SUMSQ_CHUNK = 8192         # reduce.cu FG_SUMSQ_CHUNK
+SUMSQ_CHUNK = 8192         # common.cuh FG_SUMSQ_CHUNK
 # Column sums of the toolkit kernels (blocks.cuh): blocks of (32, 8)
 # threads, each over COL_ROWS rows of 32 columns.
 TILE = (32, 8)             # blocks.cuh fg::TILE_COLS, fg::TILE_ROWS

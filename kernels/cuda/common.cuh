@@ -51,6 +51,10 @@ enum { ERR_NONE = 0, ERR_BAD_LABEL = 1, ERR_NO_HP_ROW = 2 };
 // Threads per block of the reductions; their trees assume exactly this.
 constexpr int RED_THREADS = 256;
 
+// Gradient elements per block of the squared-norm pass (reduce.cu and
+// multi_tensor.cu: both cut each layer / tensor at the same points).
+#define FG_SUMSQ_CHUNK 8192
+
 __device__ __forceinline__ float  exp_(float x)    { return expf(x); }
 __device__ __forceinline__ double exp_(double x)   { return exp(x); }
 __device__ __forceinline__ float  expm1_(float x)  { return expm1f(x); }

@@ -22,6 +22,7 @@
 // inputs the update is bitwise the CPU's: float64 always, float32 while no
 // value is subnormal (float32 subnormals flush to zero here, common.cuh).
 #include "common.cuh"
+#include "optim.cuh"
 
 // One thread.  From the squared norm: ctl = {norm, scale, skip, step, lr,
 // error}; scale is min(1, clip_norm / (norm + 1e-6)) as torch's
@@ -63,120 +64,6 @@ __global__ void fg_clip_control(const T* total_sq, T* ctl, double clip_norm, con
     ctl[fg::CTL_ERROR] = T(lost ? double(fg::ERR_NO_HP_ROW) : status);
 }
 
-namespace fg {
-
-// torch.lerp's CPU formula, branch-free as in kernels/cpu/optim.py _lerp.
-template <typename T>
-__device__ __forceinline__ T lerp_(T a, T b, bool lt, T c) { return (lt ? a : b) + c * (b - a); }
-
-template <typename T>
-__device__ __forceinline__ T clip_(T g, T sc, T ncv, T cv) { return pymin(pymax(g * sc, ncv), cv); }
-
-template <typename T, bool DECOUPLED>
-__device__ __forceinline__ void adam(T* p, const T* g, T* m, T* v, T* vmax, const double* hp,
-                                     T sc, T cv, long long i0, long long n, long long stride)
-{
-    const T ncv = -cv;
-    const double lr = hp[HP_LR];
-    const double wd = hp[HP_WEIGHT_DECAY];
-    const T l2 = DECOUPLED ? T(0.0) : T(wd);
-    const T decay = DECOUPLED ? T(1.0 - lr * wd) : T(1.0);
-    const double w1 = 1.0 - hp[HP_BETA1];
-    const bool lt1 = w1 < 0.5;
-    const T c1 = lt1 ? T(w1) : T(-(1.0 - w1));
-    const T b2 = T(hp[HP_BETA2]);
-    const T w2 = T(1.0 - hp[HP_BETA2]);
-    const T eps = T(hp[HP_EPS]);
-    const T nstep = T(-(lr / hp[HP_BIAS_CORR1]));
-    const T bc2s = T(sqrt(hp[HP_BIAS_CORR2]));
-    const bool ams = hp[HP_AMSGRAD] != 0.0;
-    for (long long i = i0; i < n; i += stride) {
-        T gi = clip_(g[i], sc, ncv, cv);
-        const T pi = p[i] * decay;
-        gi = gi + l2 * pi;
-        const T mi = lerp_(m[i], gi, lt1, c1);
-        const T vi = v[i] * b2 + w2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        T vd = vi;
-        if (ams) {
-            vd = pymax(vmax[i], vi);
-            vmax[i] = vd;
-        }
-        p[i] = pi + nstep * (mi / (sqrt_(vd) / bc2s + eps));
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ void sgd(T* p, const T* g, T* buf, const double* hp, T sc, T cv,
-                                    long long i0, long long n, long long stride)
-{
-    const T ncv = -cv;
-    const T nlr = T(-hp[HP_LR]);
-    const T wd = T(hp[HP_WEIGHT_DECAY]);
-    const T mom = T(hp[HP_MOMENTUM]);
-    const T w = T(1.0 - hp[HP_DAMPENING]);
-    if (hp[HP_MOMENTUM] == 0.0) {
-        for (long long i = i0; i < n; i += stride) {
-            const T pi = p[i];
-            const T gi = clip_(g[i], sc, ncv, cv) + wd * pi;
-            p[i] = pi + nlr * gi;
-        }
-        return;
-    }
-    const bool first = hp[HP_FIRST] != 0.0;
-    const bool nesterov = hp[HP_NESTEROV] != 0.0;
-    for (long long i = i0; i < n; i += stride) {
-        const T pi = p[i];
-        const T gi = clip_(g[i], sc, ncv, cv) + wd * pi;
-        const T bi = first ? gi : buf[i] * mom + w * gi;   // torch: first buffer = g, undampened
-        buf[i] = bi;
-        const T d = nesterov ? gi + mom * bi : bi;
-        p[i] = pi + nlr * d;
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ void rmsprop(T* p, const T* g, T* sq, T* buf, T* gavg, const double* hp,
-                                        T sc, T cv, long long i0, long long n, long long stride)
-{
-    const T ncv = -cv;
-    const T nlr = T(-hp[HP_LR]);
-    const T wd = T(hp[HP_WEIGHT_DECAY]);
-    const T alpha = T(hp[HP_ALPHA]);
-    const double wa = 1.0 - hp[HP_ALPHA];
-    const T wsq = T(wa);
-    const bool lta = wa < 0.5;
-    const T ca = lta ? T(wa) : T(-(1.0 - wa));
-    const T eps = T(hp[HP_EPS]);
-    const T mom = T(hp[HP_MOMENTUM]);
-    const bool centered = hp[HP_CENTERED] != 0.0;
-    const bool use_mom = hp[HP_MOMENTUM] > 0.0;
-    for (long long i = i0; i < n; i += stride) {
-        const T pi = p[i];
-        const T gi = clip_(g[i], sc, ncv, cv) + wd * pi;
-        const T si = sq[i] * alpha + wsq * gi * gi;
-        sq[i] = si;
-        T avg;
-        if (centered) {
-            const T ai = lerp_(gavg[i], gi, lta, ca);
-            gavg[i] = ai;
-            avg = sqrt_(si + (-ai) * ai) + eps;
-        } else {
-            avg = sqrt_(si) + eps;
-        }
-        if (use_mom) {
-            const T bi = buf[i] * mom + gi / avg;
-            buf[i] = bi;
-            p[i] = pi + nlr * bi;
-        } else {
-            p[i] = pi + nlr * (gi / avg);
-        }
-    }
-}
-
-}  // namespace fg
-
 // Pass 2: clip by the scale in ctl, clip by value, then rule RULE, in place
 // on p and the state buffers (unused ones may be null / size 0: never read).
 // clip_value <= 0 disables clip-by-value (an infinite bound).
@@ -185,15 +72,9 @@ __global__ void fg_update(T* p, const T* g, T* s0, T* s1, T* s2, const double* h
                           const double* ctl, double clip_value, long long n)
 {
     if (ctl[fg::CTL_SKIP] != 0.0) return;          // non-finite norm: touch nothing
-    // maximize (torch): the rule sees -g; clipping is symmetric, so negate the scale
-    const T sc = hp[fg::HP_MAXIMIZE] != 0.0 ? T(-ctl[fg::CTL_SCALE]) : T(ctl[fg::CTL_SCALE]);
-    const T cv = clip_value > 0.0 ? T(clip_value) : fg::inf<T>();
     const long long i0 = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    if (RULE == fg::ADAM) fg::adam<T, false>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
-    else if (RULE == fg::ADAMW) fg::adam<T, true>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
-    else if (RULE == fg::SGD) fg::sgd<T>(p, g, s0, hp, sc, cv, i0, n, stride);
-    else fg::rmsprop<T>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+    fg::rule_update<T, RULE>(p, g, s0, s1, s2, hp, ctl, clip_value, i0, n, stride);
 }
 
 #ifndef __CUDACC_RTC__

@@ -14,8 +14,6 @@
 // The result depends on the layout (offsets) only, never on the launch order.
 #include "common.cuh"
 
-#define FG_SUMSQ_CHUNK 8192
-
 template <typename T>
 __global__ void fg_seg_sumsq_partial(const T* g, const long long* offsets, double* partial)
 {
