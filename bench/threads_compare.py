@@ -98,6 +98,10 @@ def main():
         for _ in range(args.rounds):
             for c, (fn, n) in fns.items():
                 fg.set_num_threads(n)
+                # untimed calls first: the previous contender's BLAS threads
+                # spin on for a while after its last GEMM and would steal a
+                # core from this one (the fight DESIGN.md "Threads" describes)
+                timed(fn, max(1, reps // 3))
                 per[c].append(timed(fn, reps))
         fg.set_num_threads(cores)
         base = np.array(per["serial-1t"])
