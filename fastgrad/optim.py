@@ -1742,6 +1742,17 @@ class Optimizer:
                 self._scatter_params()
             return self._commit(norm, scale, skipped, self._layer_sq)
 
+    def _pair_state_addresses(self, buffers, address):
+        """(3, n_pairs) int64: where each pair's slice of the flat state
+        buffers ``s0, s1, s2`` starts (``address(buffer)`` its data pointer);
+        0 for a buffer the rule does not keep."""
+        itemsize = np.dtype(self._params.dtype).itemsize
+        s_addr = np.zeros((len(buffers), len(self._pairs)), np.int64)
+        for j, s in enumerate(buffers):
+            if s.size:
+                s_addr[j] = address(s) + self._offsets[:-1] * itemsize
+        return s_addr
+
     def _step_in_place(self):
         """``step()`` for contiguous (param, grad) pairs: one multi-tensor
         kernel call on the user's arrays and per-pair views of the flat state
@@ -1752,14 +1763,9 @@ class Optimizer:
         p_addr, g_addr, sizes, rows = self._multi
         cached = self._multi_state
         if cached is None or cached[0] is not s0 or cached[1] is not s1 or cached[2] is not s2:
-            # where each pair's slice of the flat state buffers starts (the
-            # buffers change only when a hyper-parameter needs new ones)
-            step = np.dtype(self._params.dtype).itemsize
-            s_addr = np.zeros((3, sizes.size), np.int64)
-            for j, s in enumerate((s0, s1, s2)):
-                if s.size:
-                    s_addr[j] = _mt.address(s) + self._offsets[:-1] * step
-            cached = self._multi_state = (s0, s1, s2, s_addr)
+            # the buffers change only when a hyper-parameter needs new ones
+            cached = self._multi_state = (s0, s1, s2, self._pair_state_addresses(
+                (s0, s1, s2), _mt.address))
         s_addr = cached[3]
         if hp.ndim == 2:
             # parameter groups: one row per segment of the flat layout, and a
@@ -1786,12 +1792,8 @@ class Optimizer:
         cached = self._multi_state
         if cached is None or cached[0] is not s0 or cached[1] is not s1 or cached[2] is not s2:
             # the buffers change only when a hyper-parameter needs new ones
-            step = np.dtype(self._params.dtype).itemsize
-            s_addr = np.zeros((3, sizes.size), np.int64)
-            for j, s in enumerate((s0, s1, s2)):
-                if s.size:
-                    s_addr[j] = s.data.ptr + self._offsets[:-1] * step
-            cached = self._multi_state = (s0, s1, s2, cupy.asarray(s_addr))
+            cached = self._multi_state = (s0, s1, s2, cupy.asarray(self._pair_state_addresses(
+                (s0, s1, s2), lambda s: s.data.ptr)))
         if self._seg_group is None:
             seg_ends = None
         else:

@@ -192,3 +192,12 @@ def torch_activation(name, alpha=None):
     if twin.alpha is not None:
         kwargs[twin.alpha] = fastgrad.registry.get(name).alpha if alpha is None else alpha
     return getattr(torch.nn, twin.module)(**kwargs)
+
+
+def loss_targets(loss, rng, batch, n_out):
+    """Random targets of ``loss``: class labels, 0/1 targets, or reals."""
+    if loss == "softmax_cross_entropy":
+        return rng.integers(0, n_out, batch)
+    if loss == "bce_with_logits":
+        return (rng.random((batch, n_out)) > 0.5).astype(np.float64)
+    return rng.standard_normal((batch, n_out))

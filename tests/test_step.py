@@ -11,16 +11,11 @@ import fastgrad as fg
 from fastgrad.kernels.cpu import step as kstep
 from fastgrad.losses import LOSSES
 
-from conftest import ACTIVATIONS
+from conftest import ACTIVATIONS, loss_targets
 
 
 
-def _targets(loss, rng, batch, n_out):
-    if loss == "softmax_cross_entropy":
-        return rng.integers(0, n_out, batch)
-    if loss == "bce_with_logits":
-        return (rng.random((batch, n_out)) > 0.5).astype(np.float64)
-    return rng.standard_normal((batch, n_out))
+_targets = loss_targets
 
 
 def _optimizer(name, model, **kw):

@@ -9,18 +9,13 @@ from fastgrad.kernels.cpu import step_sharded
 from fastgrad.losses import LOSSES
 from fastgrad.threads import _blas_of_kernels, one_blas_thread
 
-from conftest import ACTIVATIONS
+from conftest import ACTIVATIONS, loss_targets
 
 N_THREADS = numba.config.NUMBA_NUM_THREADS
 SHARDS = sorted({1, 2, N_THREADS})
 
 
-def _targets(loss, rng, batch, n_out):
-    if loss == "softmax_cross_entropy":
-        return rng.integers(0, n_out, batch)
-    if loss == "bce_with_logits":
-        return (rng.random((batch, n_out)) > 0.5).astype(np.float64)
-    return rng.standard_normal((batch, n_out))
+_targets = loss_targets
 
 
 def _step(sizes, act, loss, dtype, threads, opt="adam", seed=3):
