@@ -137,7 +137,7 @@ class TrainStep:
         if self.cuda_graph and opt._seg_group is not None:
             raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
         self._graphs = {}
-        self.threads = self._threads_arg(threads, model)
+        self._threads = self._threads_arg(threads, model)
         if model.device == "cuda":
             # One Python function issuing the step's launches on the current
             # stream (no host sync inside); see kernels/cuda/step.py.
@@ -182,6 +182,12 @@ class TrainStep:
         self._no_target = xp.zeros((0, 0), model.dtype)
         self.stats = None
 
+    @property
+    def threads(self):
+        """``threads=`` of the constructor (read-only: the shard buffers
+        and the checks of the model were made for it)."""
+        return self._threads
+
     def _threads_arg(self, threads, model):
         if threads is None:
             return None
@@ -210,7 +216,7 @@ class TrainStep:
             return buf
         self._evict(keep=self.max_cached_batch_sizes - 1)
         dt, widths = self.model.dtype, self._sizes[1:]
-        bounds = _ksharded.shard_bounds(B, self.threads)
+        bounds = _ksharded.shard_bounds(B, self._threads)
         T, rows = len(bounds) - 1, int(np.diff(bounds).max())
         acts = np.empty((T, rows * int(widths.sum())), dt)
         zs = np.empty_like(acts) if self._needs_z else acts

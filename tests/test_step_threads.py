@@ -172,3 +172,12 @@ def test_run_epoch_of_a_sharded_step_is_its_step_loop():
             step.run_epoch(X, Y, 16, seed=5)
         runs.append(m.params.copy())
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_threads_is_read_only():
+    m = fg.MLP([3, 4, 2])
+    step = fg.TrainStep(m, fg.MSE(), fg.Adam(m), threads=2)
+    assert step.threads == 2
+    with pytest.raises(AttributeError):
+        step.threads = 1
+    assert fg.TrainStep(m, fg.MSE(), fg.Adam(m)).threads is None
