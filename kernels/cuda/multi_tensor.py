@@ -23,10 +23,8 @@ arrays).
 import cupy
 import numpy as np
 
-from ..spec import HP_SIZE
 from . import _module as _m
-from .optim import (ADAM, ADAMW, CTL_NORM, CTL_SCALE, CTL_SIZE, CTL_SKIP, RMSPROP, SGD,
-                    clip_control, upload_hp)
+from .optim import ADAM, ADAMW, CTL_NORM, CTL_SCALE, CTL_SKIP, RMSPROP, SGD, control
 
 __all__ = ["multi_clipped_update", "addresses", "layout", "partial_size"]
 
@@ -149,16 +147,7 @@ def multi_clipped_update(rule, dtype, p_addr, g_addr, s_addr, sizes, hp, rows, t
     kf((1,), (_m.RED_THREADS,), (work, _m.i64(gx), _m.i64(n), tensor_sq, total))
 
     # the control block and this update's hp, as the flat update
-    ctl = ws.get("ctl")
-    if ctl is None:
-        ctl = cupy.zeros(CTL_SIZE, np.float64)
-    table = upload_hp(hp, ws.get("table"))
-    hp_dev = ws.get("hp")
-    if hp_dev is None or hp_dev.size < n_seg * HP_SIZE:
-        hp_dev = cupy.empty(n_seg * HP_SIZE, np.float64)
-    lr_segment = ws.get("lr_segment")
-    lr_segment = 0 if lr_segment is None or n_seg == 1 else int(lr_segment[0])
-    clip_control(total, ctl, clip_norm, table, hp_dev, step, n_seg, lr_segment)
+    ctl, hp_dev = control(total, ws, hp, clip_norm, step, n_seg)
 
     # pass 2: every tensor, one launch
     ku = _m.kernel(_FILE, f"fg_mt_update<{ctype}, {int(rule)}>")

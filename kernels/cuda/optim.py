@@ -81,6 +81,24 @@ def upload_hp(hp, dst=None):
     return uploader().upload(host, dst)
 
 
+def control(total, ws, hp, clip_norm, step, n_seg):
+    """The clip/skip decision of one update on the device, shared by the flat
+    and the multi-tensor update: ``(ctl, hp_dev)``, the control block (from
+    ``ws`` or new) and this update's hp rows chosen from the uploaded table by
+    the device step count (``clip_control``); no host wait."""
+    ctl = ws.get("ctl")
+    if ctl is None:
+        ctl = cupy.zeros(CTL_SIZE, np.float64)
+    table = upload_hp(hp, ws.get("table"))
+    hp_dev = ws.get("hp")
+    if hp_dev is None or hp_dev.size < n_seg * HP_SIZE:
+        hp_dev = cupy.empty(n_seg * HP_SIZE, np.float64)
+    lr_segment = ws.get("lr_segment")
+    lr_segment = 0 if lr_segment is None or n_seg == 1 else int(lr_segment[0])
+    clip_control(total, ctl, clip_norm, table, hp_dev, step, n_seg, lr_segment)
+    return ctl, hp_dev
+
+
 def clip_control(total_sq, ctl, clip_norm, table, hp_dev, step=None, n_segments=1,
                  lr_segment=0):
     """Enqueue ctl (``CTL_*``) from the squared norm and copy this update's
@@ -163,15 +181,6 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     segments = segments_of(hp)
     n_seg = 1 if segments is None else len(segments)
     total = layer_sumsq(g, offsets, layer_sq, total=ws.get("total"), work=ws.get("norm_work"))
-    ctl = ws.get("ctl")
-    if ctl is None:
-        ctl = cupy.zeros(CTL_SIZE, np.float64)
-    table = upload_hp(hp, ws.get("table"))
-    hp_dev = ws.get("hp")
-    if hp_dev is None or hp_dev.size < n_seg * HP_SIZE:
-        hp_dev = cupy.empty(n_seg * HP_SIZE, np.float64)
-    lr_segment = ws.get("lr_segment")
-    lr_segment = 0 if lr_segment is None or segments is None else int(lr_segment[0])
-    clip_control(total, ctl, clip_norm, table, hp_dev, step, n_seg, lr_segment)
+    ctl, hp_dev = control(total, ws, hp, clip_norm, step, n_seg)
     update(rule, p, g, s0, s1, s2, hp_dev, ctl, clip_value, segments)
     return ctl[CTL_NORM], ctl[CTL_SCALE], ctl[CTL_SKIP]
