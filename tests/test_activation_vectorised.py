@@ -1,0 +1,115 @@
+"""Every activation's float32 passes compile to vector code.
+
+The fused passes are fast only if LLVM vectorises their loops: a scalar
+libm call or a construct the loop vectoriser gives up on turns a pass that
+runs at memory speed into one 10-40x slower, with identical results, so no
+accuracy test would notice.  These tests read the optimised LLVM IR of each
+activation's loops (the loop functions of ``kernels/cpu/activations.py``
+with the activation's scalar functions inlined, exactly what each ladder
+branch runs) and require every floating-point operation of the scalar loop
+body to appear in a vector loop at least 8 lanes wide as well.
+"""
+import math
+import re
+
+import numpy as np
+import pytest
+from llvmlite import binding as llvm
+from numba import njit
+from numba.core import config
+
+from fastgrad.kernels import spec
+from fastgrad.kernels.cpu import activations as acts
+
+pytestmark = pytest.mark.skipif(
+    not (llvm.get_host_cpu_features().get("avx2", False) or "+avx2" in (config.CPU_FEATURES or "")),
+    reason="the vector-width check expects AVX2 (8 float32 lanes) or wider; this CPU has no AVX2")
+
+_FLOAT_OP = re.compile(r"^\s*%([\w.$\"]+) = (?:fadd|fsub|fmul|fdiv|fneg|fcmp \w+|select i1"
+                       r"|select <\d+ x i1>)(?: \w+)*? (float|<(\d+) x float>)", re.M)
+_SCALAR_CALL = re.compile(r"call [^@\n]*float @(?!llvm\.)([\w.]+)")
+
+
+def _float_ops(ir):
+    """(distinct scalar float ops, float ops in vectors of >= 8 lanes, calls
+    of non-intrinsic float functions).
+
+    LLVM unrolls the scalar remainder loop and interleaves the vector one,
+    so ops are counted differently: a scalar op is counted once per value
+    Numba named (``%.428``; the unrolled copies are ``%.428.us.3`` and so
+    on), a vector op once per copy (interleaving only adds to them).
+    """
+    named = set()
+    vector = 0
+    for name, kind, lanes in _FLOAT_OP.findall(ir):
+        if kind == "float":
+            source = re.match(r"\.(\d+)", name)
+            if source:
+                named.add(source.group(1))
+        elif int(lanes) >= 8:
+            vector += 1
+    return len(named), vector, sorted(set(_SCALAR_CALL.findall(ir)))
+
+
+def _compiled_loops(f, df, needs_z):
+    """The optimised IR of the forward, (keep-z forward) and gradient loops
+    of one activation, compiled for float32 without the disk cache (cached
+    code cannot be inspected)."""
+    @njit(error_model="numpy")
+    def forward(y, b, alpha):
+        acts._bias_act_loop(y, b, alpha, f)
+
+    @njit(error_model="numpy")
+    def forward_keep_z(z, b, out, alpha):
+        acts._bias_act_keep_z(z, b, out, alpha, f)
+
+    @njit(error_model="numpy")
+    def gradient(g, a, z, db, alpha):
+        acts._grad_loop(g, a, z, db, alpha, df)
+
+    x = np.ones((2, 3), np.float32)
+    b = np.ones(3, np.float32)
+    alpha = np.float32(0.5)
+    loops = {"forward": (forward, (x.copy(), b, alpha)),
+             "gradient": (gradient, (x.copy(), x, x, b.copy(), alpha))}
+    if needs_z:
+        loops["forward keeping z"] = (forward_keep_z, (x.copy(), b, x.copy(), alpha))
+    out = {}
+    for name, (kernel, args) in loops.items():
+        kernel(*args)
+        (ir,) = kernel.inspect_llvm().values()
+        out[name] = ir
+    return out
+
+
+def _assert_vectorised(loops, label):
+    for name, ir in loops.items():
+        scalar, vector, calls = _float_ops(ir)
+        assert not calls, f"{label} {name}: the float32 loop calls {calls} (scalar code)"
+        assert vector >= scalar > 0, (
+            f"{label} {name}: {scalar} float ops in the scalar loop but only {vector} in "
+            f"vectors of 8+ lanes: the loop is not (fully) vectorised")
+
+
+@pytest.mark.parametrize("code", range(spec.N_ACTIVATIONS),
+                         ids=[a.name for a in spec.ACTIVATIONS])
+def test_float32_passes_vectorise(code):
+    a = spec.ACTIVATIONS[code]
+    loops = _compiled_loops(getattr(acts, a.name), getattr(acts, "d_" + a.name), a.needs == "z")
+    _assert_vectorised(loops, a.name)
+
+
+def test_a_scalar_activation_is_caught():
+    """The check fails on a loop that does not vectorise: erf through libm."""
+    @njit(inline="always")
+    def scalar_gelu(z, alpha):
+        return z * (np.float32(1.0) + math.erf(z * np.float32(0.7071067811865476))) * np.float32(0.5)
+
+    @njit(inline="always")
+    def d_scalar_gelu(a, z, alpha):
+        return np.float32(0.5) * (np.float32(1.0) + math.erf(z * np.float32(0.7071067811865476)))
+
+    loops = _compiled_loops(scalar_gelu, d_scalar_gelu, True)
+    for name, ir in loops.items():
+        with pytest.raises(AssertionError, match="calls|not .*vectorised"):
+            _assert_vectorised({name: ir}, "scalar_gelu")
