@@ -72,7 +72,8 @@ class ActivationSpec:
     reference : (callable, callable) or None
         float64 NumPy ``f(z, alpha)`` and ``f'(z, alpha)`` (from z).
     cuda : str or (str, str) or None
-        Built-ins: the C++ enum name (``activation.cuh``).  Registered: the
+        Built-ins: the C++ enum name (generated from ``kernels/spec.py`` by
+        ``kernels/cuda/_module.py``, with their CUDA forms).  Registered: the
         forward and derivative as CUDA C expressions, or None (CPU only).
     builtin : bool
     """

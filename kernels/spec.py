@@ -14,11 +14,13 @@ file -- checkpoints store names -- but appending keeps every other code
 still).  Each row says what its derivative reads: ``"a"`` (the layer's
 output, kept anyway) or ``"z"`` (the pre-activation, which its layers then
 keep as well), and its default ``alpha`` (None: the activation has no
-parameter), and its PyTorch and JAX twins (names: plain data).  Its scalar
-CPU functions are ``<name>``/``d_<name>`` in ``cpu/activations.py``, its
-CUDA form ``fg::Act<NAME>`` in ``cuda/activation.cuh``, its float64
-reference in ``fastgrad/reference.py``; ``fastgrad.registry`` puts the four
-together (CONTRIBUTING.md has the recipe).
+parameter), its PyTorch and JAX twins (names: plain data) and its CUDA
+forms (C++ source text, from which ``cuda/_module.py`` generates the C++
+enum, the ``fg::Act<NAME>`` specialisations and nvcc's instantiation list).
+Its scalar CPU functions are ``<name>``/``d_<name>`` in
+``cpu/activations.py``, its float64 reference in ``fastgrad/reference.py``;
+``fastgrad.registry`` puts the three together (CONTRIBUTING.md has the
+recipe).
 
 Activations registered at run time (``fastgrad.register_activation``) take
 codes from ``FIRST_CUSTOM_CODE`` up, so built-in codes can grow without
@@ -26,27 +28,55 @@ meeting them.
 """
 from collections import namedtuple
 
-Activation = namedtuple("Activation", "name needs alpha torch jax")
+Activation = namedtuple("Activation", "name needs alpha torch jax cuda")
 
 # name, what f' reads, default alpha, PyTorch twin (torch.nn class, the
 # settings it must have, the attribute holding alpha), JAX twin (jax.nn
-# function, its keyword arguments).
+# function, its keyword arguments), CUDA forms (f, f'): C++ of ``T z``,
+# ``T a``, ``T alpha`` (T float or double), each an expression or a body
+# with ``return`` -- the CPU's formula operation by operation, with
+# common.cuh's exp_/expm1_/log1p_/tanh_/erfc_/abs_ and activation.cuh's
+# constants (kernels/cuda/_module.py makes each row an fg::Act<NAME>).
 ACTIVATIONS = (
-    Activation("identity", "a", None, ("Identity", {}, None), None),
-    Activation("relu", "a", None, ("ReLU", {}, None), ("relu", {})),
-    Activation("leaky_relu", "a", 0.01, ("LeakyReLU", {}, "negative_slope"), ("leaky_relu", {})),
-    Activation("elu", "a", 1.0, ("ELU", {}, "alpha"), ("elu", {})),
-    Activation("sigmoid", "a", None, ("Sigmoid", {}, None), ("sigmoid", {})),
-    Activation("tanh", "a", None, ("Tanh", {}, None), ("tanh", {})),
+    Activation("identity", "a", None, ("Identity", {}, None), None,
+               ("z", "T(1)")),
+    Activation("relu", "a", None, ("ReLU", {}, None), ("relu", {}),
+               ("z < T(0) ? T(0) : z", "a > T(0) ? T(1) : T(0)")),
+    Activation("leaky_relu", "a", 0.01, ("LeakyReLU", {}, "negative_slope"), ("leaky_relu", {}),
+               ("z < T(0) ? alpha * z : z", "a > T(0) ? T(1) : alpha")),
+    Activation("elu", "a", 1.0, ("ELU", {}, "alpha"), ("elu", {}),
+               ("z <= T(0) ? alpha * expm1_(z) : z", "a > T(0) ? T(1) : a + alpha")),
+    Activation("sigmoid", "a", None, ("Sigmoid", {}, None), ("sigmoid", {}),
+               ("T(1) / (T(1) + exp_(-z))", "a * (T(1) - a)")),
+    Activation("tanh", "a", None, ("Tanh", {}, None), ("tanh", {}),
+               ("tanh_(z)", "T(1) - a * a")),
     Activation("softplus", "a", None, ("Softplus", {"beta": 1.0, "threshold": 20.0}, None),
-               ("softplus", {})),
+               ("softplus", {}),
+               ("(z > T(0) ? z : T(0)) + log1p_(exp_(-abs_(z)))", "-expm1_(-a)")),
     # exact: z Phi(z), with erf -- PyTorch's nn.GELU() and Keras's default
     Activation("gelu", "z", None, ("GELU", {"approximate": "none"}, None),
-               ("gelu", {"approximate": False})),
-    Activation("silu", "z", None, ("SiLU", {}, None), ("silu", {})),
+               ("gelu", {"approximate": False}),
+               ("T(0.5) * z * erfc_(-z * T(SQRT1_2))",
+                "const T half = T(0.5);\n"
+                "return half * erfc_(-z * T(SQRT1_2)) + z * (T(INV_SQRT_2PI) * exp_(-(half * z * z)));")),
+    Activation("silu", "z", None, ("SiLU", {}, None), ("silu", {}),
+               ("const T e = exp_(-abs_(z));\n"
+                "return z * ((z >= T(0) ? T(1) : e) / (T(1) + e));",
+                "const T one = T(1);\n"
+                "const T e = exp_(-abs_(z));\n"
+                "const bool pos = z >= T(0);\n"
+                "const T d = one + e;\n"
+                "const T s = (pos ? one : e) / d;\n"
+                "return s * (one + z * ((pos ? e : one) / d));")),
     # the tanh approximation (fastgrad's "gelu" in checkpoint format 1)
     Activation("gelu_tanh", "z", None, ("GELU", {"approximate": "tanh"}, None),
-                ("gelu", {"approximate": True})),
+               ("gelu", {"approximate": True}),
+               ("const T inner = T(GELU_K) * (z + T(GELU_C) * z * z * z);\n"
+                "return T(0.5) * z * (T(1) + tanh_(inner));",
+                "const T one = T(1), half = T(0.5), k = T(GELU_K), c = T(GELU_C);\n"
+                "const T t = tanh_(k * (z + c * z * z * z));\n"
+                "return half * (one + t) + ((half * (one - t * t)) * z)"
+                " * (k * (one + T(3.0) * c * z * z));")),
 )
 FIRST_CUSTOM_CODE = 64
 

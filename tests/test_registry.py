@@ -33,9 +33,9 @@ def _torch():
 
 # --- the spec and its C++ mirrors ------------------------------------------------------
 
-def _enums(path):
+def _enums(path, text=None):
     """{NAME: value} of every ``enum { A = 0, B = 1, ... };`` in a CUDA source."""
-    text = re.sub(r"//[^\n]*", "", (KERNELS / "cuda" / path).read_text())
+    text = re.sub(r"//[^\n]*", "", (KERNELS / "cuda" / path).read_text() if text is None else text)
     out = {}
     for body in re.findall(r"enum\s*\{([^}]*)\}", text):
         for item in body.split(","):
@@ -46,9 +46,19 @@ def _enums(path):
     return out
 
 
+def _cuda_module():
+    return pytest.importorskip("fastgrad.kernels.cuda._module",
+                               reason="the CUDA loader needs CuPy (pip install 'fastgrad[cuda]')")
+
+
 def test_cuda_enums_match_the_spec():
     common = _enums("common.cuh")
-    assert _enums("activation.cuh") == {name.upper(): code for name, code in spec.CODES.items()}
+    # the activation codes: generated from the spec into what NVRTC compiles
+    # (and nvcc checks); no hand-written copy may remain beside them
+    compiled = _enums("activations.cu", _cuda_module().source("activations.cu"))
+    assert {k: compiled[k] for k in map(str.upper, spec.CODES)} == \
+        {name.upper(): code for name, code in spec.CODES.items()}
+    assert _enums("activation.cuh") == {}
     assert {k: common[k] for k in ("SGD", "ADAM", "ADAMW", "RMSPROP")} == \
         {k.upper(): v for k, v in spec.RULES.items()}
     hp = {k: v for k, v in common.items() if k.startswith("HP_")}
@@ -57,17 +67,45 @@ def test_cuda_enums_match_the_spec():
     assert (norm["NO_NORM"], norm["LAYER"], norm["BATCH"]) == (spec.NO_NORM, spec.LAYER, spec.BATCH)
 
 
-def test_every_activation_has_its_cuda_specialisation():
-    """activation.cuh has one fg::Act<NAME> per spec row and no primary
-    definition (an unknown code cannot compile, let alone fall through)."""
-    text = (KERNELS / "cuda" / "activation.cuh").read_text()
+@pytest.mark.parametrize("filename", ["activations.cu", "blocks.cu", "norm.cu"])
+def test_every_activation_has_its_cuda_specialisation(filename):
+    """What NVRTC compiles (and nvcc checks) has one fg::Act<NAME> per spec
+    row, generated from its CUDA forms, and FG_EACH_ACTIVATION lists every
+    code in spec order; activation.cuh has no primary definition (an
+    unknown code cannot compile, let alone fall through) and no hand-written
+    specialisation."""
+    m = _cuda_module()
+    text = m.source(filename)
     found = re.findall(r"template <> struct Act<(\w+)>", text)
-    assert sorted(found) == sorted(n.upper() for n in spec.CODES)
-    each = re.search(r"#define FG_EACH_ACTIVATION\(M, T\)(.*?)\n\n", text, re.S).group(1)
+    assert found == [n.upper() for n in spec.CODES]
+    each = re.search(r"#define FG_EACH_ACTIVATION\(M, T\)([^\n]*)", text).group(1)
     assert re.findall(r"M\(T, fg::(\w+)\)", each) == [n.upper() for n in spec.CODES]
-    assert re.search(r"template <int ACT> struct Act;", text)
-    assert not re.search(r"template <int ACT> struct Act\s*\{", text)
+    for a in spec.ACTIVATIONS:
+        assert len(a.cuda) == 2 and all(isinstance(form, str) and form for form in a.cuda)
+        block = text[text.index(f"struct Act<{a.name.upper()}>"):]
+        block = block[:block.index("};")]
+        assert f"needs_z = {'true' if a.needs == 'z' else 'false'};" in block
+        for form in a.cuda:
+            assert all(line in block for line in form.splitlines()), (a.name, form)
+    cuh = re.sub(r"//[^\n]*", "", (KERNELS / "cuda" / "activation.cuh").read_text())
+    assert re.search(r"template <int ACT> struct Act;", cuh)
+    assert not re.search(r"template <int ACT> struct Act\s*\{", cuh)
+    assert not re.search(r"struct Act<\w+>", cuh) and "FG_EACH_ACTIVATION" not in cuh
     assert registry.get("gelu").cuda == "GELU"
+
+
+def test_emitted_cuda_sources_are_what_nvrtc_compiles(tmp_path):
+    """_module.emit writes every .cu as NVRTC gets it, self-contained (no
+    local include left): the files .ci/run compiles with nvcc."""
+    m = _cuda_module()
+    written = m.emit(tmp_path)
+    names = sorted(p.name for p in (KERNELS / "cuda").glob("*.cu"))
+    assert [p.name for p in written] == names
+    for path in written:
+        text = path.read_text()
+        assert text == m.source(path.name)
+        assert not re.search(r'^\s*#include\s+"', text, re.M), path.name
+    assert "FG_EACH_ACTIVATION(M, T) M(T, fg::IDENTITY)" in (tmp_path / "activations.cu").read_text()
 
 
 def test_kernels_cuda_never_imports_kernels_cpu():
