@@ -58,7 +58,8 @@ ACTIVATIONS = (
                ("gelu", {"approximate": False}),
                ("T(0.5) * z * erfc_(-z * T(SQRT1_2))",
                 "const T half = T(0.5);\n"
-                "return half * erfc_(-z * T(SQRT1_2)) + z * (T(INV_SQRT_2PI) * exp_(-(half * z * z)));")),
+                "return half * erfc_(-z * T(SQRT1_2))"
+                " + z * (T(INV_SQRT_2PI) * exp_(-(half * z * z)));")),
     Activation("silu", "z", None, ("SiLU", {}, None), ("silu", {}),
                ("const T e = exp_(-abs_(z));\n"
                 "return z * ((z >= T(0) ? T(1) : e) / (T(1) + e));",

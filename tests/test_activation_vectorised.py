@@ -103,7 +103,8 @@ def test_a_scalar_activation_is_caught():
     """The check fails on a loop that does not vectorise: erf through libm."""
     @njit(inline="always")
     def scalar_gelu(z, alpha):
-        return z * (np.float32(1.0) + math.erf(z * np.float32(0.7071067811865476))) * np.float32(0.5)
+        half = np.float32(0.5)
+        return z * (np.float32(1.0) + math.erf(z * np.float32(0.7071067811865476))) * half
 
     @njit(inline="always")
     def d_scalar_gelu(a, z, alpha):
