@@ -70,14 +70,15 @@ EPOCH_STEPS = 64               # batches per run_epoch call
 # The peers' losses over the first CHECK_STEPS steps must agree with
 # fastgrad's to CHECK_RTOL of the loss's scale (the larger of the first and
 # the current loss: a net memorising its batch drives the loss towards 0,
-# where float32 rounding in Adam's first updates -- tiny gradients' signs --
-# is a large relative change).  Measured on the default draws: within
-# 1e-8..3e-5 over 4 steps, except JAX on a deep relu net whose loss fell
-# from 5.9 to ~0.5 (about 4e-5).  A wrong activation, loss, initial weight
-# or learning rate is off from step 1 or 2; a missing clip (Adam barely sees
-# a rescaled gradient) by 1e-4..1e-1 at step 4 where the clip acts.
-CHECK_STEPS = 4
-CHECK_RTOL = 2e-4
+# where float32 rounding in Adam's first updates -- the signs of tiny
+# gradients -- is a large relative change).  Measured on the default draws
+# (2026-12-02): within 1e-8..1.2e-5 over 3 steps, but up to 1e-4 at step 4
+# (JAX on u1, a deep relu net whose loss falls from 5.9 to ~0.5), hence 3.
+# A wrong activation, loss, initial weight or learning rate is off from
+# step 1 or 2; a missing clip (Adam barely sees a rescaled gradient) by
+# 1e-4..6e-2 at step 3 where the clip acts.
+CHECK_STEPS = 3
+CHECK_RTOL = 1e-4
 CHECK_ATOL = 1e-6
 
 # (widths, hidden layers, batch): the full run and the smoke run's
@@ -303,9 +304,11 @@ def run_all(workloads, small_nets, rounds, budget_s):
             fns = contenders(w, small)
             agree, bad = check_losses(checked_warm_up(fns, threads))
             problems += [f"{name} ({describe(w)}): {p}" for p in bad]
+            t1 = time.perf_counter()
             per = measure(fns, threads, rounds, share)
             out.append((name, w, per, agree))
-            print(f"# {name}: {describe(w)} done in {time.perf_counter() - t0:.1f} s",
+            print(f"# {name}: {describe(w)}: set-up, compiles and check {t1 - t0:.1f} s, "
+                  f"timing {time.perf_counter() - t1:.1f} s" + (" (CHECK FAILED)" if bad else ""),
                   file=sys.stderr, flush=True)
     return rows, small_rows, problems
 
@@ -317,7 +320,7 @@ def main(argv=None):
     ap.add_argument("--small", type=int, default=4, help="small nets (width <= 64) drawn")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--budget", type=float, default=180.0,
+    ap.add_argument("--budget", type=float, default=150.0,
                     help="seconds of timing for the whole run (setup and compiles come on top)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny workloads, one short round: checks that the harness runs")
