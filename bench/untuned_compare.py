@@ -328,6 +328,8 @@ def main(argv=None):
     ap.add_argument("--write", action="store_true",
                     help="replace the untuned_compare block of bench/RESULTS.md")
     args = ap.parse_args(argv)
+    if args.smoke and args.write:
+        ap.error("--write records a measurement; a --smoke run measures nothing")
     n_acts = len(builtin_activations())
     if args.smoke:
         draws = 2 if args.draws is None else args.draws   # + the small net: every loss
@@ -344,7 +346,8 @@ def main(argv=None):
     note = f"  {args.note}" if args.note else ""
     text = "\n".join([
         f"    {COMMAND}", "", f"`{header()}`", "",
-        f"Seed {args.seed}, {args.rounds} rounds, {args.budget:g} s of timing"
+        f"Seed {args.seed}, {args.rounds} round{'s' * (args.rounds != 1)}, "
+        f"{args.budget:g} s of timing"
         + (" (smoke run: tiny sizes, figures meaningless)" if args.smoke else "")
         + ".  Times are medians over rounds; \"x\" columns are fastgrad's time over the "
         "peer's in the same round (median over rounds; < 1: fastgrad faster), marked "
