@@ -43,7 +43,6 @@ host are noise: the lead measures on a quiet one.
 """
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -330,6 +329,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.smoke and args.write:
         ap.error("--write records a measurement; a --smoke run measures nothing")
+    if args.rounds < 1 or args.budget <= 0 or (args.draws or 0) < 0 or args.small < 0:
+        ap.error("--rounds must be >= 1, --budget > 0, --draws and --small >= 0")
     n_acts = len(builtin_activations())
     if args.smoke:
         draws = 2 if args.draws is None else args.draws   # + the small net: every loss
