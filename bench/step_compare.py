@@ -26,6 +26,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from report import write_block  # noqa: E402
+from timing import timed  # noqa: E402
 from workloads import CONTENDERS, WORKLOADS, gemm_flops  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
@@ -37,15 +38,6 @@ DESCRIBE = {
     "deep": "deep 256-8x256-10, batch 256, tanh, CE",
     "wide": "wide 1024-2048-2048-1024, batch 256, relu, MSE",
 }
-
-
-def timed(fn, reps):
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return float(np.median(out))
 
 
 def thread_counts():

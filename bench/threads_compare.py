@@ -51,9 +51,7 @@ def make_step(sizes, batch, act, loss, threads):
     model = fg.MLP(sizes, activation=act, seed=0)
     step = fg.TrainStep(model, L[loss](), fg.Adam(model, lr=1e-3, clip_norm=1.0),
                         threads=threads)
-    x, y = data(sizes, batch, loss)
-    if loss == "bce_with_logits":
-        y = (y > 0).astype(np.float32)
+    x, y = data(sizes, batch, loss)          # binary targets for bce_with_logits
     return functools.partial(step, x, y)
 
 

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_compare import timed  # noqa: E402
+from timing import timed  # noqa: E402
 from toolkit_workloads import CONTENDERS, DEEP, VARIANTS  # noqa: E402
 
 TARGET = 1.15      # a layer kind may cost at most 15 % over fastgrad's plain step

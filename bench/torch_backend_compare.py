@@ -34,6 +34,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))          # also under `python -P`
+from timing import timed  # noqa: E402
+
 RESULTS = HERE / "RESULTS.md"
 COMMAND = ("env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -P "
            "bench/torch_backend_compare.py --write")
@@ -114,15 +117,6 @@ def _threads(lib, n):
         fg.set_num_threads(n)          # BLAS (and Numba) threads of FusedMLP's GEMMs
     else:
         torch.set_num_threads(n)
-
-
-def timed(fn, reps):
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return float(np.median(out))
 
 
 def run(rounds, budget_s, smoke=False, workloads=None):
@@ -209,7 +203,6 @@ def main():
         args.json.write_text(json.dumps({"header": header(), "note": args.note,
                                          "results": results}, indent=1))
     if args.write:
-        sys.path.insert(0, str(HERE))
         from report import write_block
         write_block(RESULTS, "torch_backend", text)
         print(f"\nwrote {RESULTS}", file=sys.stderr)

@@ -2,7 +2,11 @@
 
 Every contender runs the same step: forward, loss, backward, clip by global
 norm 1.0, Adam(lr=1e-3), all parameters updated, float32.  Each ``make_*``
-returns a zero-argument callable that runs one step on fixed data.
+returns a zero-argument callable that runs one step on fixed data.  The
+PyTorch and JAX peers take any built-in activation (through its twin in
+``fastgrad.registry``) and any of the three losses, and ``init=``: the
+weights to start from (:func:`initial_params`, fastgrad's own initial
+weights, so that their losses can be compared with fastgrad's step by step).
 """
 import functools
 
@@ -30,7 +34,17 @@ def data(sizes, batch, loss, seed=0):
         y = rng.integers(0, sizes[-1], batch).astype(np.int64)
     else:
         y = rng.standard_normal((batch, sizes[-1])).astype(np.float32)
+        if loss == "bce_with_logits":
+            y = (y > 0).astype(np.float32)        # binary targets
     return x, y
+
+
+def initial_params(sizes, act, seed=0):
+    """The initial ``[(W, b), ...]`` (NumPy float32, W as ``(in, out)``) of
+    the model :func:`make_fastgrad` builds."""
+    import fastgrad as fg
+    model = fg.MLP(sizes, activation=act, seed=seed)
+    return [(np.array(layer.W), np.array(layer.b)) for layer in model.layers]
 
 
 def gemm_flops(sizes, batch):
@@ -167,15 +181,53 @@ def make_numpy(sizes, batch, act, loss):
     return step
 
 
-def make_torch(sizes, batch, act, loss, device="cpu"):
+def torch_activation(act):
+    """A new ``torch.nn`` module for the built-in activation ``act`` (its
+    registry twin, alpha at fastgrad's default), None for identity."""
+    import torch
+    from fastgrad import registry
+    spec = registry.get(act)
+    if spec is None or spec.torch is None:
+        raise ValueError(f"activation {act!r} has no PyTorch twin in fastgrad.registry")
+    if spec.torch.module == "Identity":
+        return None
+    kwargs = dict(spec.torch.kwargs)
+    if spec.torch.alpha is not None:
+        kwargs[spec.torch.alpha] = spec.alpha
+    return getattr(torch.nn, spec.torch.module)(**kwargs)
+
+
+def jax_activation(act):
+    """The JAX function of the built-in activation ``act`` (its registry
+    twin; alpha at JAX's default, which is fastgrad's: the peers' step check
+    in bench/untuned_compare.py would catch a difference)."""
+    import jax
+    from fastgrad import registry
+    spec = registry.get(act)
+    if spec is None:
+        raise ValueError(f"unknown activation {act!r}")
+    if spec.jax is None:
+        if act != "identity":
+            raise ValueError(f"activation {act!r} has no JAX twin in fastgrad.registry")
+        return lambda z: z
+    return functools.partial(getattr(jax.nn, spec.jax.function), **spec.jax.kwargs)
+
+
+def make_torch(sizes, batch, act, loss, device="cpu", init=None):
     import torch
     torch.manual_seed(0)
     L = len(sizes) - 1
     layers = []
     for i in range(L):
-        layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
-        if i < L - 1:
-            layers.append(torch.nn.Tanh() if act == "tanh" else torch.nn.ReLU())
+        lin = torch.nn.Linear(sizes[i], sizes[i + 1])
+        if init is not None:
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(init[i][0].T)))
+                lin.bias.copy_(torch.from_numpy(init[i][1]))
+        layers.append(lin)
+        f = torch_activation(act) if i < L - 1 else None
+        if f is not None:
+            layers.append(f)
     return torch_step(torch.nn.Sequential(*layers).to(device), sizes, batch, loss, device)
 
 
@@ -185,14 +237,17 @@ def torch_step(net, sizes, batch, loss, device="cpu"):
     else foreach."""
     import torch
     params = list(net.parameters())
+    # Probe fused Adam on a throwaway parameter: a probe step on the net's
+    # own would move it away from the initial weights the peers share.
+    probe = torch.nn.Parameter(torch.zeros(1, device=device))
+    probe.grad = torch.ones_like(probe)
     try:
+        torch.optim.Adam([probe], lr=1e-3, fused=True).step()
         opt = torch.optim.Adam(params, lr=1e-3, fused=True)
-        opt.zero_grad()
-        net(torch.zeros(2, sizes[0], device=device)).sum().backward()
-        opt.step()
     except (RuntimeError, TypeError):
         opt = torch.optim.Adam(params, lr=1e-3, foreach=True)
-    lossf = torch.nn.CrossEntropyLoss() if loss == "softmax_cross_entropy" else torch.nn.MSELoss()
+    lossf = {"softmax_cross_entropy": torch.nn.CrossEntropyLoss, "mse": torch.nn.MSELoss,
+             "bce_with_logits": torch.nn.BCEWithLogitsLoss}[loss]()
     xn, yn = data(sizes, batch, loss)
     x, y = torch.from_numpy(xn).to(device), torch.from_numpy(yn).to(device)
 
@@ -206,7 +261,8 @@ def torch_step(net, sizes, batch, loss, device="cpu"):
     return step
 
 
-def make_jax(sizes, batch, act, loss, device="cpu"):
+def make_jax(sizes, batch, act, loss, device="cpu", init=None):
+    """JAX jit + optax; the step returns its loss (a JAX scalar, ready)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -215,10 +271,13 @@ def make_jax(sizes, batch, act, loss, device="cpu"):
     key = jax.random.PRNGKey(0)
     params = []
     for i in range(L):
+        if init is not None:
+            params.append((jnp.asarray(init[i][0]), jnp.asarray(init[i][1])))
+            continue
         key, sub = jax.random.split(key)
         params.append((jax.random.normal(sub, (sizes[i], sizes[i + 1]), jnp.float32)
                        * np.sqrt(2 / sizes[i]), jnp.zeros(sizes[i + 1], jnp.float32)))
-    f = jnp.tanh if act == "tanh" else jax.nn.relu
+    f = jax_activation(act)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
     params = jax.device_put(params, where)
     state = [params, tx.init(params)]
@@ -233,6 +292,8 @@ def make_jax(sizes, batch, act, loss, device="cpu"):
                 h = f(h)
         if loss == "softmax_cross_entropy":
             return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+        if loss == "bce_with_logits":
+            return optax.sigmoid_binary_cross_entropy(h, y).mean()
         return jnp.mean((h - y) ** 2)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))   # update in place, as a tuned user would
@@ -243,7 +304,7 @@ def make_jax(sizes, batch, act, loss, device="cpu"):
 
     def step():
         state[0], state[1], lv = jstep(state[0], state[1], x, y)
-        lv.block_until_ready()
+        return lv.block_until_ready()
     return step
 
 
