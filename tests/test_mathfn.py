@@ -303,3 +303,20 @@ def test_erfc_float32_max_error_whole_range():
 def test_erfc_float64_is_libm(rng):
     x = np.concatenate([rng.standard_normal(10000) * 4, [0.0, 1e-300, 27.0, -27.0, 40.0]])
     np.testing.assert_array_equal(run("erfc", x), np.vectorize(__import__("math").erfc)(x))
+
+
+def test_exp_in_scalar_loop_is_exp(rng):
+    """float32: the same polynomial as exp; float64: libm (to rounding)."""
+    @njit(error_model="numpy")
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = mathfn.exp_in_scalar_loop(x[i])
+
+    x32 = rng.uniform(-80, 80, 1001).astype(np.float32)
+    out32 = np.empty_like(x32)
+    apply(x32, out32)
+    np.testing.assert_array_equal(out32, run("exp", x32))
+    x64 = rng.uniform(-700, 700, 1001)
+    out64 = np.empty_like(x64)
+    apply(x64, out64)
+    np.testing.assert_array_equal(out64, np.vectorize(__import__("math").exp)(x64))

@@ -413,6 +413,11 @@ log1p = _unary(_log1p_f32, _log1p_f64, "log1p",
                "log(1 + u); the float32 version assumes u in [0, 1] (all callers), "
                "the float64 one takes any u.")
 tanh = _unary(_tanh_f32, _tanh_f64, "tanh", "tanh(x); vectorisable for float32 and float64.")
+# In a float64 loop that cannot vectorise anyway (beside a libm call, or an
+# ordered float sum), libm's table-driven exp is ~3x faster than the
+# polynomial (measured 4.2 against 13 ns per element, sum of exp over 256K).
+exp_in_scalar_loop = _unary(_exp_f32, None, "exp",
+                            "exp(x); for float64 libm's, for loops that stay scalar anyway.")
 erfc = _unary(_erfc_f32, None, "erfc", "1 - erf(x) without cancellation; Chebyshev fit for "
               "float32, libm for float64.")
 
@@ -435,4 +440,4 @@ def like(typingctx, x, value):
     return sig, codegen
 
 
-__all__ = ["exp", "expm1", "log1p", "tanh", "erfc", "like"]
+__all__ = ["exp", "expm1", "log1p", "tanh", "erfc", "exp_in_scalar_loop", "like"]
