@@ -689,7 +689,7 @@ class Optimizer:
             cls.state_names = tuple(s.name for s in row.state)
             cls._specs = {h.name: _Spec(h.default, _CHECKS[h.check]) for h in row.hyper}
             cls._torch = row.torch
-            _CLASSES[kind] = cls
+            _CLASSES.setdefault(kind, cls)      # the built-in class; a user's subclass is not
         for name in ("kind", "rule", "state_names"):
             value = cls.__dict__.get(name)
             if name in cls.__dict__ and not isinstance(value, _ReadOnly):

@@ -306,6 +306,8 @@ def test_optimizer_classes_follow_the_rule_table():
     with pytest.raises(ValueError, match="'lion' is not an update rule"):
         type("Lion", (fg.optim.Optimizer,), {"kind": "lion"})
     assert "lion" not in fg.optim.optimizer_classes()
+    mine = type("MyAdam", (fg.Adam,), {"kind": "adam"})      # a user's subclass
+    assert mine.state_names == fg.Adam.state_names and fg.optim.optimizer_classes() == classes
 
 
 def _on_value(row, name):
