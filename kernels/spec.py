@@ -202,21 +202,33 @@ def rule_state(rule, values):
                  if s.when is None or values[s.when])
 
 
-def fill_hp(rule, hp, values, t):
-    """Write rule ``rule``'s own slots of the ``hp`` row for update ``t = 1,
-    2, ...`` under the hyper-parameters ``values`` (name -> value; the
-    other slots -- lr, maximize, update index, segment end -- are the
-    caller's)."""
-    r = UPDATE_RULES[rule]
-    for h in r.hyper:
-        value = values[h.name]
+def _hp_filler(row):
+    # Straight-line code per rule, generated once: a CUDA optimizer fills up
+    # to 17 rows per step on the host, so this is in the step's critical path
+    # (a loop over the row's fields costs twice the hand-written assignments).
+    body, env = [], {}
+    for h in row.hyper:
         if len(h.slots) == 1:
-            hp[h.slots[0]] = float(value)
+            body.append(f"hp[{h.slots[0]}] = float(values[{h.name!r}])")
         else:
-            for slot, item in zip(h.slots, value):
-                hp[slot] = float(item)
-    for slot, term in r.per_update:
-        hp[slot] = term(values, t)
+            body.append(", ".join(f"hp[{slot}]" for slot in h.slots) + f" = values[{h.name!r}]")
+    for i, (slot, term) in enumerate(row.per_update):
+        env[f"term{i}"] = term
+        body.append(f"hp[{slot}] = term{i}(values, t)")
+    src = "def fill(hp, values, t):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
+    exec(compile(src, f"<fill_hp {row.name}>", "exec"), env)
+    return env["fill"]
+
+
+_HP_FILLERS = tuple(_hp_filler(r) for r in UPDATE_RULES)
+
+
+def fill_hp(rule, hp, values, t):
+    """Write rule ``rule``'s own slots of the float64 ``hp`` row for update
+    ``t = 1, 2, ...`` under the hyper-parameters ``values`` (name -> value;
+    the other slots -- lr, maximize, update index, segment end -- are the
+    caller's)."""
+    _HP_FILLERS[rule](hp, values, t)
 
 
 def check_rule_values(rule, values):
