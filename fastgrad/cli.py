@@ -17,8 +17,9 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import registry as _registry
+from .kernels import spec as _spec
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+OPTIMIZERS = tuple(_spec.RULES)          # kernels/spec.py UPDATE_RULES, in code order
 
 
 def _positive_int(text):
@@ -67,7 +68,7 @@ def load_digits_split(seed, test_fraction=0.2):
 
 def make_optimizer(name, model, lr, clip_norm, clip_value=None):
     import fastgrad as fg
-    cls = {"adam": fg.Adam, "adamw": fg.AdamW, "sgd": fg.SGD, "rmsprop": fg.RMSprop}[name]
+    cls = fg.optim.optimizer_classes()[name]
     kw = {}
     if name == "sgd":
         kw["momentum"] = 0.9

@@ -11,8 +11,9 @@ Tensors
     ``running_mean``, ``running_var``  float64, one entry per output unit of
                           every layer: batch-norm running statistics (only
                           when some layer has ``norm == "batch"``)
-    ``opt.<name>``        each optimizer state buffer, same length and dtype
-                          (``opt.exp_avg``, ``opt.exp_avg_sq``,
+    ``opt.<name>``        each optimizer state buffer, same length and dtype,
+                          under its rule's state names (kernels/spec.py
+                          ``UPDATE_RULES``: ``opt.exp_avg``, ``opt.exp_avg_sq``,
                           ``opt.max_exp_avg_sq``, ``opt.momentum_buffer``,
                           ``opt.square_avg``, ``opt.grad_avg``)
 
@@ -111,8 +112,8 @@ def _to_host(a):
 
 
 def _optimizer_classes():
-    from .optim import SGD, Adam, AdamW, RMSprop
-    return {cls.kind: cls for cls in (SGD, Adam, AdamW, RMSprop)}
+    from .optim import optimizer_classes
+    return optimizer_classes()
 
 
 def _fsync_dir(dirname):
@@ -414,10 +415,10 @@ def _parse_optimizer(o, tensor_names):
             except Exception as exc:
                 raise _Bad(f"optimizer.hyper.lr: not a valid schedule "
                            f"({type(exc).__name__}: {exc})") from None
-        elif key == "betas":
+        elif isinstance(cls._defaults.get(key), tuple):         # betas: a pair
             _need(isinstance(v, list) and len(v) == 2 and all(
                 isinstance(b, (int, float)) and not isinstance(b, bool) for b in v),
-                f"optimizer.hyper.betas: expected two numbers, got {v!r:.80}")
+                f"optimizer.hyper.{key}: expected two numbers, got {v!r:.80}")
         else:
             want = bool if isinstance(cls._defaults.get(key), bool) or key in (
                 "skip_nonfinite", "maximize") \

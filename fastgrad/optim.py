@@ -71,6 +71,7 @@ import numpy as np
 
 from . import device as _device
 from .errors import NonFiniteGradientError
+from .kernels import spec as _spec
 from .kernels.cpu import multi_tensor as _mt
 from .kernels.cpu import optim as _k
 from .schedules import Schedule, as_schedule, constant, from_config
@@ -171,8 +172,10 @@ class StepStats:
 # two values, e.g. Nesterov needs momentum) and then re-derives everything the
 # kernel reads from it (the clip floats, which state buffers exist), so that a
 # write takes effect at the next update and in checkpoints, and no write can
-# leave the kernel a buffer of the wrong size.  A class lists its own in
-# ``_specs``; ``Optimizer.__init_subclass__`` installs the attributes.
+# leave the kernel a buffer of the wrong size.  A class names its rule in
+# ``kind``; ``Optimizer.__init_subclass__`` reads the rule's row of
+# kernels/spec.py UPDATE_RULES (code, state buffers, hyper-parameters) and
+# installs the attributes.
 
 def _real(name, x):
     """``x`` as a float; TypeError for anything but a real number."""
@@ -221,6 +224,10 @@ def _betas(name, x):
             raise ValueError(f"beta{i + 1} must be in [0, 1) ({name}[{i}]), got {b!r}")
         out.append(b)
     return tuple(out)
+
+
+# The validators a rule's hyper-parameter names in kernels/spec.py UPDATE_RULES.
+_CHECKS = {"nonneg": _nonneg, "fraction": _fraction, "flag": _flag, "betas": _betas}
 
 
 class _Spec:
@@ -461,17 +468,6 @@ def _torch_layout_of(model, offsets):
     return layout
 
 
-# torch's param_groups keys per kind, beyond the rule's own hyper-parameters
-_TORCH_GROUP_EXTRA = {
-    "adam": {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
-             "decoupled_weight_decay": False},
-    "adamw": {"foreach": None, "capturable": False, "differentiable": False, "fused": None,
-              "decoupled_weight_decay": True},
-    "sgd": {"foreach": None, "differentiable": False, "fused": None},
-    "rmsprop": {"capturable": False, "foreach": None, "differentiable": False},
-}
-
-
 # Keys a parameter group may set: the rule's own hyper-parameters plus these
 # (torch's per-group keys).  Clipping and the non-finite policy are the
 # optimizer's: norm clipping is global, as ``clip_grad_norm_`` over all
@@ -580,6 +576,15 @@ class _DeviceBook:
         self.queue = deque()
 
 
+_CLASSES = {}        # kind -> the Optimizer class of that update rule
+
+
+def optimizer_classes():
+    """``{kind: class}``: the optimizer class of every update rule, in the
+    order of kernels/spec.py ``UPDATE_RULES``."""
+    return {name: _CLASSES[name] for name in _spec.RULES}
+
+
 class Optimizer:
     """Base class: binds the parameters, holds state, runs the fused kernel.
 
@@ -669,9 +674,22 @@ class Optimizer:
     maximize = _Hyper()
     _specs = {}          # the rule's own hyper-parameters: name -> _Spec
     _defaults = {}       # name -> default, derived from _specs
+    _torch = None        # the rule's spec.TorchOptim
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is not None:
+            # everything rule-specific comes from the rule's spec row
+            if kind not in _spec.RULES:
+                raise ValueError(f"{cls.__name__}.kind: {kind!r} is not an update rule of "
+                                 f"kernels/spec.py UPDATE_RULES {sorted(_spec.RULES)}")
+            row = _spec.UPDATE_RULES[_spec.RULES[kind]]
+            cls.rule = _spec.RULES[kind]
+            cls.state_names = tuple(s.name for s in row.state)
+            cls._specs = {h.name: _Spec(h.default, _CHECKS[h.check]) for h in row.hyper}
+            cls._torch = row.torch
+            _CLASSES.setdefault(kind, cls)      # the built-in class; a user's subclass is not
         for name in ("kind", "rule", "state_names"):
             value = cls.__dict__.get(name)
             if name in cls.__dict__ and not isinstance(value, _ReadOnly):
@@ -1067,10 +1085,11 @@ class Optimizer:
 
     def _check_combination(self, values):
         """Checks that involve several hyper-parameters (ValueError)."""
+        _spec.check_rule_values(self.rule, values)
 
     def _needed_state_of(self, values):
         """Names of the state buffers the hyper-parameters ``values`` use."""
-        raise NotImplementedError
+        return set(_spec.rule_state(self.rule, values))
 
     def _needed_state(self):
         """Names of the state buffers the current hyper-parameters use: of
@@ -1351,8 +1370,7 @@ class Optimizer:
             if set(hyper) != keys:
                 raise ValueError(f"checkpoint group {gi}: fields {sorted(hyper)} do not match "
                                  f"{sorted(keys)}")
-            values = {k: self._check_group_value(gi, k, tuple(x) if k == "betas" else x)
-                      for k, x in hyper.items()}
+            values = {k: self._check_group_value(gi, k, x) for k, x in hyper.items()}
             values["lr"] = None if d.get("lr") is None else _lr_arg("lr", d["lr"])
             scale = d.get("lr_scale")
             if scale is not None:
@@ -1437,8 +1455,6 @@ class Optimizer:
             raise ValueError(f"checkpoint is for {sd.get('kind')!r}, not {self.kind!r}")
         hyper = dict(sd["hyper"])
         hyper.setdefault("maximize", False)     # checkpoints from before maximize
-        if "betas" in hyper:
-            hyper["betas"] = tuple(hyper["betas"])
         arrays = sd.get("state", {})
         self._settle()          # updates in flight finish before the state is replaced
         self._configure(hyper)
@@ -1467,10 +1483,16 @@ class Optimizer:
         group = {"lr": self._group_lr(i, self.step_count)}
         group.update((name, values[name]) for name in self._specs)
         group["maximize"] = values["maximize"]
-        group.update(_TORCH_GROUP_EXTRA[self.kind])
+        group.update(self._torch.group_keys)
         return group
 
+    def _no_torch_twin(self):
+        if self._torch is None:
+            raise ValueError(f"{type(self).__name__} has no torch.optim counterpart: its state "
+                             "has no torch structure")
+
     def _torch_state_dict(self):
+        self._no_torch_twin()
         try:
             import torch
         except ImportError:
@@ -1486,13 +1508,14 @@ class Optimizer:
                     off, shape, transposed = self._torch_layout[pos]
                     if step > 0:
                         entry = {}
-                        if self.kind != "sgd":
+                        if self._torch.counts_steps:
                             entry["step"] = torch.tensor(float(step), dtype=torch.float32)
                         for name in (n for n in self.state_names if n in self._state):
                             entry[name] = torch.from_numpy(
                                 self._tensor_of(self._state[name], off, shape, transposed))
-                        if self.kind == "sgd" and not entry:
-                            entry["momentum_buffer"] = None
+                        if not self._torch.counts_steps and not entry:
+                            # torch's SGD says "no buffer" explicitly
+                            entry.update((name, None) for name in self.state_names)
                         state[idx] = entry
                     ids.append(idx)
                     idx += 1
@@ -1512,10 +1535,18 @@ class Optimizer:
         """A torch param_groups entry (without ``params``) as checked values
         of this optimizer (``lr`` a float)."""
         group = dict(group)
-        decoupled = group.pop("decoupled_weight_decay", self.kind == "adamw")
-        if self.kind in ("adam", "adamw") and bool(decoupled) != (self.kind == "adamw"):
-            raise ValueError(f"torch state dict is for {'AdamW' if decoupled else 'Adam'}, "
-                             f"not {type(self).__name__}")
+        # torch keys that tell rules apart (Adam's decoupled_weight_decay:
+        # AdamW); absent ones are taken as this rule's
+        for key, want in self._torch.group_keys.items():
+            if key in _TORCH_NOOP_FLAGS or key not in group:
+                continue
+            got = group.pop(key)
+            if got != want:
+                twins = (r.torch for r in _spec.UPDATE_RULES if r.torch)
+                other = next((t.cls for t in twins
+                              if key in t.group_keys and t.group_keys[key] == got),
+                             f"{key}={got!r}")
+                raise ValueError(f"torch state dict is for {other}, not {type(self).__name__}")
         flags = {k: group.pop(k) for k in list(group) if k in _TORCH_NOOP_FLAGS}
         _check_torch_flags(flags)
         group.pop("initial_lr", None)        # set by torch's LR schedulers
@@ -1526,19 +1557,14 @@ class Optimizer:
         hyper = dict(self._values, **self._groups[gi].values) if len(self._groups) > 1 \
             else dict(self._values)
         hyper["lr"] = self._group_lr(gi, self._step_count)
-        hyper.update(group)
-        if "betas" in hyper:
-            hyper["betas"] = tuple(hyper["betas"])
-        for name in ("weight_decay", "momentum", "dampening", "alpha", "eps"):
-            if name in hyper and isinstance(hyper[name], numbers.Integral) \
-                    and not isinstance(hyper[name], bool):
-                hyper[name] = float(hyper[name])     # torch writes 0 for 0.0
+        hyper.update(group)       # the validators make torch's 0 (for 0.0) a float
         specs = dict(_COMMON_SPECS, **self._specs)
         checked = {k: specs[k].check(k, hyper[k]) for k in specs}
         self._check_combination(checked)
         return checked
 
     def _load_torch_state_dict(self, sd):
+        self._no_torch_twin()
         groups = sd["param_groups"]
         n_groups = len(self._groups)
         if not isinstance(groups, (list, tuple)) or len(groups) != n_groups:
@@ -1607,7 +1633,7 @@ class Optimizer:
         else:
             step = 1 if arrays else 0
         missing = need - set(arrays)
-        if step > 0 and missing and self.kind != "sgd":
+        if step > 0 and missing and self._torch.counts_steps:
             raise ValueError(f"torch state dict lacks state {sorted(missing)}")
         with self._lock:
             self._settle()
@@ -1635,7 +1661,7 @@ class Optimizer:
     # -- the update -------------------------------------------------------------
     def _fill_hp(self, hp, k, v):
         """The rule's slots of ``hp`` for update ``k`` under the values ``v``."""
-        raise NotImplementedError
+        _spec.fill_hp(self.rule, hp, v, k + 1)
 
     def _fill_row(self, hp, k, group=0):
         """Fill ``hp`` for update ``k`` with group ``group``'s values;
@@ -1838,10 +1864,6 @@ class SGD(Optimizer):
     """
 
     kind = "sgd"
-    rule = _k.SGD
-    state_names = ("momentum_buffer",)
-    _specs = {"momentum": _Spec(0.0, _nonneg), "dampening": _Spec(0.0, _fraction),
-              "nesterov": _Spec(False, _flag), "weight_decay": _Spec(0.0, _nonneg)}
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
@@ -1853,20 +1875,6 @@ class SGD(Optimizer):
                          param_groups=param_groups,
                          momentum=momentum,
                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-
-    def _check_combination(self, h):
-        if h["nesterov"] and (h["momentum"] <= 0 or h["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-    def _needed_state_of(self, v):
-        return {"momentum_buffer"} if v["momentum"] != 0 else set()
-
-    def _fill_hp(self, hp, k, v):
-        hp[_k.HP_WEIGHT_DECAY] = v["weight_decay"]
-        hp[_k.HP_MOMENTUM] = v["momentum"]
-        hp[_k.HP_DAMPENING] = v["dampening"]
-        hp[_k.HP_NESTEROV] = float(v["nesterov"])
-        hp[_k.HP_FIRST] = float(k == 0)
 
 
 class Adam(Optimizer):
@@ -1884,10 +1892,6 @@ class Adam(Optimizer):
     """
 
     kind = "adam"
-    rule = _k.ADAM
-    state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _specs = {"betas": _Spec((0.9, 0.999), _betas), "eps": _Spec(1e-8, _nonneg),
-              "weight_decay": _Spec(0.0, _nonneg), "amsgrad": _Spec(False, _flag)}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
@@ -1900,20 +1904,6 @@ class Adam(Optimizer):
                          betas=betas, eps=eps,
                          weight_decay=weight_decay, amsgrad=amsgrad)
 
-    def _needed_state_of(self, v):
-        return set(self.state_names) if v["amsgrad"] else {"exp_avg", "exp_avg_sq"}
-
-    def _fill_hp(self, hp, k, v):
-        b1, b2 = v["betas"]
-        t = k + 1
-        hp[_k.HP_WEIGHT_DECAY] = v["weight_decay"]
-        hp[_k.HP_BETA1] = b1
-        hp[_k.HP_BETA2] = b2
-        hp[_k.HP_EPS] = v["eps"]
-        hp[_k.HP_BIAS_CORR1] = 1.0 - b1 ** t
-        hp[_k.HP_BIAS_CORR2] = 1.0 - b2 ** t
-        hp[_k.HP_AMSGRAD] = float(v["amsgrad"])
-
 
 class AdamW(Adam):
     r"""AdamW: Adam with decoupled weight decay (Loshchilov & Hutter,
@@ -1923,8 +1913,6 @@ class AdamW(Adam):
     """
 
     kind = "adamw"
-    rule = _k.ADAMW
-    _specs = dict(Adam._specs, weight_decay=_Spec(1e-2, _nonneg))
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, clip_norm=None, clip_value=None, skip_nonfinite=True,
@@ -1953,11 +1941,6 @@ class RMSprop(Optimizer):
     """
 
     kind = "rmsprop"
-    rule = _k.RMSPROP
-    state_names = ("square_avg", "momentum_buffer", "grad_avg")
-    _specs = {"alpha": _Spec(0.99, _fraction), "eps": _Spec(1e-8, _nonneg),
-              "weight_decay": _Spec(0.0, _nonneg), "momentum": _Spec(0.0, _nonneg),
-              "centered": _Spec(False, _flag)}
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False, *, clip_norm=None, clip_value=None,
@@ -1969,18 +1952,3 @@ class RMSprop(Optimizer):
                          param_groups=param_groups,
                          alpha=alpha, eps=eps,
                          weight_decay=weight_decay, momentum=momentum, centered=centered)
-
-    def _needed_state_of(self, v):
-        need = {"square_avg"}
-        if v["momentum"] > 0:
-            need.add("momentum_buffer")
-        if v["centered"]:
-            need.add("grad_avg")
-        return need
-
-    def _fill_hp(self, hp, k, v):
-        hp[_k.HP_WEIGHT_DECAY] = v["weight_decay"]
-        hp[_k.HP_ALPHA] = v["alpha"]
-        hp[_k.HP_EPS] = v["eps"]
-        hp[_k.HP_MOMENTUM] = v["momentum"]
-        hp[_k.HP_CENTERED] = float(v["centered"])

@@ -25,6 +25,15 @@ recipe).
 Activations registered at run time (``fastgrad.register_activation``) take
 codes from ``FIRST_CUSTOM_CODE`` up, so built-in codes can grow without
 meeting them.
+
+Update rules
+------------
+``UPDATE_RULES`` lists the optimizer update rules in code order, each with
+its state buffers, hyper-parameters and their ``hp`` slots, and its
+``torch.optim`` twin (the comment above the table says how); ``rule_state``,
+``fill_hp`` and ``check_rule_values`` read a row.  The optimizer classes of
+``fastgrad.optim`` and ``fastgrad.torch`` are built from it; the kernels are
+``cpu/optim.py`` and ``cuda/optim.cuh`` (CONTRIBUTING.md has the recipe).
 """
 from collections import namedtuple
 
@@ -100,12 +109,9 @@ NORM_KINDS = {None: NO_NORM, "layer": LAYER, "batch": BATCH}
 NORM_EPS = 1e-5
 NORM_MOMENTUM = 0.1
 
-# Optimizer update rules (kernels/*/optim) and the slots of their per-update
-# hyper-parameter row ``hp`` (float64, HP_SIZE long; each rule reads its own).
-SGD, ADAM, ADAMW, RMSPROP = range(4)
-RULES = {"sgd": SGD, "adam": ADAM, "adamw": ADAMW, "rmsprop": RMSPROP}
-N_RULES = len(RULES)
-
+# The slots of the per-update hyper-parameter row ``hp`` of the optimizer
+# kernels (kernels/*/optim; float64, HP_SIZE long; each rule reads its own,
+# as UPDATE_RULES below says).
 HP_LR = 0            # learning rate of this update (the schedule's value)
 HP_WEIGHT_DECAY = 1  # L2 (SGD, Adam, RMSprop) or decoupled (AdamW) decay
 HP_BETA1 = 2         # Adam
@@ -124,6 +130,144 @@ HP_UPDATE = 14       # the update index k the row was filled for (CUDA picks its
 HP_MAXIMIZE = 15     # 1.0: ascend (torch's maximize=True), the clipped gradient is negated
 HP_END = 16          # one row per segment (parameter groups): the segment's end in p
 HP_SIZE = 17
+
+# Optimizer update rules
+# ----------------------
+# ``UPDATE_RULES`` lists them in code order (a code is the row index:
+# append, never insert; checkpoints store names).  A row says everything
+# fastgrad's Python side needs about a rule -- the optimizer classes of
+# ``fastgrad.optim`` and ``fastgrad.torch``, checkpoints and the CLI read it
+# -- while its per-element update is ``_<name>_range`` in ``cpu/optim.py``
+# and a device function in ``cuda/optim.cuh`` (CONTRIBUTING.md has the
+# recipe).
+#
+# ``state``: the rule's buffers in the kernels' slot order ``s0, s1, s2``,
+# named as torch's state keys; ``when`` is the hyper-parameter whose truth
+# (nonzero, True) makes the rule keep the buffer, None: always kept.
+# ``hyper``: its own hyper-parameters (beyond ``lr`` and ``maximize``, which
+# every rule has): name, default (torch's), validator (``"nonneg"``: a
+# finite float >= 0, ``"fraction"``: in [0, 1], ``"flag"``: a bool,
+# ``"betas"``: a pair in [0, 1); ``fastgrad.optim._CHECKS``) and the hp
+# slots its value fills (a pair fills one slot per item).  ``per_update``:
+# the hp slots computed for update ``t = 1, 2, ...`` as ``term(values, t)``
+# (a rule whose torch twin keeps no step count may only ask whether
+# ``t == 1``: torch knows no more).  ``requires``: ``(test(values),
+# message)`` pairs over several hyper-parameters (ValueError when a test
+# fails).  ``torch``: the ``torch.optim`` class it mirrors, the fixed keys
+# torch writes in its param_groups beyond the hyper-parameters, and whether
+# torch keeps ``state["step"]`` for it (a rule without one: None; it then
+# has no ``fastgrad.torch`` class nor torch-format state dicts).
+RuleState = namedtuple("RuleState", "name when")
+RuleHyper = namedtuple("RuleHyper", "name default check slots")
+TorchOptim = namedtuple("TorchOptim", "cls group_keys counts_steps")
+UpdateRule = namedtuple("UpdateRule", "name lr state hyper per_update requires torch")
+
+N_STATE_SLOTS = 3      # s0, s1, s2: every update kernel's signature
+
+_TORCH_FLAGS = {"foreach": None, "capturable": False, "differentiable": False, "fused": None}
+
+
+def _first(values, t):
+    return float(t == 1)
+
+
+def _bias_corr1(values, t):
+    return 1.0 - values["betas"][0] ** t
+
+
+def _bias_corr2(values, t):
+    return 1.0 - values["betas"][1] ** t
+
+
+def _adam_like(name, weight_decay, decoupled, torch_cls):
+    return UpdateRule(
+        name, 1e-3,
+        (RuleState("exp_avg", None), RuleState("exp_avg_sq", None),
+         RuleState("max_exp_avg_sq", "amsgrad")),
+        (RuleHyper("betas", (0.9, 0.999), "betas", (HP_BETA1, HP_BETA2)),
+         RuleHyper("eps", 1e-8, "nonneg", (HP_EPS,)),
+         RuleHyper("weight_decay", weight_decay, "nonneg", (HP_WEIGHT_DECAY,)),
+         RuleHyper("amsgrad", False, "flag", (HP_AMSGRAD,))),
+        ((HP_BIAS_CORR1, _bias_corr1), (HP_BIAS_CORR2, _bias_corr2)), (),
+        TorchOptim(torch_cls, dict(_TORCH_FLAGS, decoupled_weight_decay=decoupled), True))
+
+
+UPDATE_RULES = (
+    UpdateRule(
+        "sgd", 1e-3,
+        (RuleState("momentum_buffer", "momentum"),),
+        (RuleHyper("momentum", 0.0, "nonneg", (HP_MOMENTUM,)),
+         RuleHyper("dampening", 0.0, "fraction", (HP_DAMPENING,)),
+         RuleHyper("nesterov", False, "flag", (HP_NESTEROV,)),
+         RuleHyper("weight_decay", 0.0, "nonneg", (HP_WEIGHT_DECAY,))),
+        # torch's first update sets the momentum buffer to the gradient, undampened
+        ((HP_FIRST, _first),),
+        ((lambda v: not v["nesterov"] or (v["momentum"] > 0 and v["dampening"] == 0),
+          "Nesterov momentum requires a momentum and zero dampening"),),
+        TorchOptim("SGD", {"foreach": None, "differentiable": False, "fused": None}, False)),
+    _adam_like("adam", 0.0, False, "Adam"),
+    _adam_like("adamw", 1e-2, True, "AdamW"),
+    UpdateRule(
+        "rmsprop", 1e-2,
+        (RuleState("square_avg", None), RuleState("momentum_buffer", "momentum"),
+         RuleState("grad_avg", "centered")),
+        (RuleHyper("alpha", 0.99, "fraction", (HP_ALPHA,)),
+         RuleHyper("eps", 1e-8, "nonneg", (HP_EPS,)),
+         RuleHyper("weight_decay", 0.0, "nonneg", (HP_WEIGHT_DECAY,)),
+         RuleHyper("momentum", 0.0, "nonneg", (HP_MOMENTUM,)),
+         RuleHyper("centered", False, "flag", (HP_CENTERED,))),
+        (), (),
+        TorchOptim("RMSprop", {"capturable": False, "foreach": None, "differentiable": False},
+                   True)),
+)
+
+RULES = {r.name: code for code, r in enumerate(UPDATE_RULES)}
+N_RULES = len(UPDATE_RULES)
+SGD, ADAM, ADAMW, RMSPROP = (RULES[r.name] for r in UPDATE_RULES)
+
+
+def rule_state(rule, values):
+    """The names of the state buffers update rule ``rule`` (a code) keeps
+    under the hyper-parameters ``values`` (name -> value), in slot order."""
+    return tuple(s.name for s in UPDATE_RULES[rule].state
+                 if s.when is None or values[s.when])
+
+
+def _hp_filler(row):
+    # Straight-line code per rule, generated once: a CUDA optimizer fills up
+    # to 17 rows per step on the host, so this is in the step's critical path
+    # (a loop over the row's fields costs twice the hand-written assignments).
+    body, env = [], {}
+    for h in row.hyper:
+        if len(h.slots) == 1:
+            body.append(f"hp[{h.slots[0]}] = float(values[{h.name!r}])")
+        else:
+            body.append(", ".join(f"hp[{slot}]" for slot in h.slots) + f" = values[{h.name!r}]")
+    for i, (slot, term) in enumerate(row.per_update):
+        env[f"term{i}"] = term
+        body.append(f"hp[{slot}] = term{i}(values, t)")
+    src = "def fill(hp, values, t):\n" + "".join(f"    {line}\n" for line in body or ["pass"])
+    exec(compile(src, f"<fill_hp {row.name}>", "exec"), env)
+    return env["fill"]
+
+
+_HP_FILLERS = tuple(_hp_filler(r) for r in UPDATE_RULES)
+
+
+def fill_hp(rule, hp, values, t):
+    """Write rule ``rule``'s own slots of the float64 ``hp`` row for update
+    ``t = 1, 2, ...`` under the hyper-parameters ``values`` (name -> value;
+    the other slots -- lr, maximize, update index, segment end -- are the
+    caller's)."""
+    _HP_FILLERS[rule](hp, values, t)
+
+
+def check_rule_values(rule, values):
+    """ValueError when the hyper-parameters ``values`` break one of rule
+    ``rule``'s ``requires``."""
+    for test, message in UPDATE_RULES[rule].requires:
+        if not test(values):
+            raise ValueError(message)
 
 
 def hp_slots():

@@ -27,6 +27,11 @@ from fastgrad import device as fg_device  # noqa: E402
 
 # Every built-in activation, from the registry (the one list).
 ACTIVATIONS = tuple(spec.name for spec in fastgrad.registry.specs() if spec.builtin)
+# Every optimizer update rule (kernels/spec.py UPDATE_RULES, in code order),
+# its fastgrad.optim class and the name of the torch.optim class it mirrors.
+RULES = tuple(fastgrad.kernels.spec.RULES)
+OPTIMIZERS = fastgrad.optim.optimizer_classes()
+TORCH_OPTIMIZERS = {r.name: r.torch.cls for r in fastgrad.kernels.spec.UPDATE_RULES if r.torch}
 LOSSES = ("softmax_cross_entropy", "mse", "bce_with_logits")
 DTYPES = (np.float32, np.float64)
 WIDTHS = (1, 3, 17, 129, 1000)

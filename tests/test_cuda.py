@@ -27,10 +27,10 @@ from fastgrad.kernels.cpu import reduce as cpu_reduce
 from fastgrad.kernels.cpu import step as cpu_step
 from fastgrad.kernels.cpu.activations import CODES
 
-from conftest import ACTIVATIONS, DTYPES, assert_close, dense_inputs, rtol_of, to_numpy
+from conftest import ACTIVATIONS, DTYPES, RULES, assert_close, dense_inputs, rtol_of, to_numpy
+from conftest import OPTIMIZERS as _OPT_CLS
 
 CU_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "kernels", "cuda")
-RULES = ("sgd", "adam", "adamw", "rmsprop")
 
 
 def _ids(values):
@@ -231,7 +231,6 @@ _OPT_KW = {
     "adamw": [dict(lr=1e-2), dict(lr=1e-2, amsgrad=True)],
     "rmsprop": [dict(lr=1e-2), dict(lr=1e-2, momentum=0.9, centered=True, weight_decay=1e-3)],
 }
-_OPT_CLS = {"sgd": fg.SGD, "adam": fg.Adam, "adamw": fg.AdamW, "rmsprop": fg.RMSprop}
 
 
 @pytest.mark.cuda

@@ -29,12 +29,11 @@ from fastgrad.kernels.cpu import activations as cpu_act
 from fastgrad.kernels.cpu import optim as cpu_optim
 from fastgrad.kernels.cpu.activations import CODES
 
-from conftest import ACTIVATIONS, rtol_of, to_numpy
+from conftest import ACTIVATIONS, RULES, rtol_of, to_numpy
+from conftest import OPTIMIZERS as _OPT_CLS
 
 TINY = float(np.finfo(np.float32).tiny)          # smallest normal float32, 2**-126
 TINY64 = float(np.finfo(np.float64).tiny)
-RULES = ("sgd", "adam", "adamw", "rmsprop")
-_OPT_CLS = {"sgd": fg.SGD, "adam": fg.Adam, "adamw": fg.AdamW, "rmsprop": fg.RMSprop}
 # Without weight decay, a gradient element reaches the state alone (a decay
 # term p * wd would swallow a subnormal one); with it, p is read twice.
 _OPT_KW = {"sgd": dict(lr=0.05, momentum=0.9), "adam": dict(lr=1e-2),

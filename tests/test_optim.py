@@ -12,7 +12,8 @@ from fastgrad import schedules
 from fastgrad.errors import NonFiniteGradientError
 from fastgrad.optim import SGD, Adam, AdamW, RMSprop, clipped_update
 
-CLASSES = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+from conftest import OPTIMIZERS as CLASSES
+from conftest import RULES
 
 # (kind, hyper-parameters, clip_norm, clip_value): every branch of every rule
 CONFIGS = [
@@ -29,6 +30,11 @@ CONFIGS = [
     ("rmsprop", dict(lr=1e-3, alpha=0.3, centered=True), None, None),
 ]
 IDS = [f"{k}-{i}" for i, (k, *_) in enumerate(CONFIGS)]
+
+
+def test_configs_cover_every_rule():
+    # a new rule in kernels/spec.py must bring its trajectory configurations
+    assert {k for k, *_ in CONFIGS} == set(RULES)
 SHAPES = [(5, 7), (7,), (7, 3), (3,)]     # two dense layers: W, b each
 N_STEPS = 60
 

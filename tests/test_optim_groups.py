@@ -12,7 +12,8 @@ import pytest
 import fastgrad as fg
 from fastgrad.optim import SGD, Adam, AdamW, RMSprop
 
-CLASSES = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop}
+from conftest import OPTIMIZERS as CLASSES
+from conftest import RULES, TORCH_OPTIMIZERS as TORCH_CLS
 
 # every branch of every rule: (kind, hyper-parameters)
 RULE_CONFIGS = [
@@ -54,8 +55,7 @@ class _Pair:
         rng = np.random.default_rng(seed)
         self.arrays = [rng.standard_normal(s) for s in SHAPES]
         self.tparams = [torch.nn.Parameter(torch.tensor(a)) for a in self.arrays]
-        tcls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-                "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[kind]
+        tcls = getattr(torch.optim, TORCH_CLS[kind])
         self.topt = tcls(self.tparams, foreach=False, **hyper, **extra)
         self.grads = [np.zeros(s) for s in SHAPES]
         self.opt = CLASSES[kind](list(zip(self.arrays, self.grads)), clip_norm=clip_norm,
@@ -340,7 +340,6 @@ TORCH_SD_CONFIGS = [
     ("sgd", dict(lr=0.05, momentum=0.9, nesterov=True)),
     ("rmsprop", dict(lr=1e-3, momentum=0.5, centered=True)),
 ]
-TORCH_CLS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
 MODELS = {
     "plain": dict(sizes=[5, 7, 4, 3]),
     "layernorm+wnorm": dict(sizes=[5, 7, 4, 3], norm="layer", weight_norm=True),
@@ -546,6 +545,12 @@ GROUP_CONFIGS = [
 GROUP_IDS = [f"{k}-{i}" for i, (k, _, _) in enumerate(GROUP_CONFIGS)]
 
 
+def test_configs_cover_every_rule():
+    # a new rule in kernels/spec.py must bring its configurations here
+    for configs in (RULE_CONFIGS, TORCH_SD_CONFIGS, GROUP_CONFIGS):
+        assert {c[0] for c in configs} == set(RULES)
+
+
 class _Groups(_Pair):
     """:class:`_Pair` with two interleaved parameter groups on both sides."""
 
@@ -555,8 +560,7 @@ class _Groups(_Pair):
         self.arrays = [rng.standard_normal(s) for s in SHAPES]
         self.tparams = [torch.nn.Parameter(torch.tensor(a)) for a in self.arrays]
         self.grads = [np.zeros(s) for s in SHAPES]
-        tcls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-                "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[kind]
+        tcls = getattr(torch.optim, TORCH_CLS[kind])
         members = [[i for i, g in enumerate(GROUP_OF) if g == gi] for gi in range(2)]
         thyper = {k: v for k, v in hyper.items()       # a test sets torch's scheduler
                   if not isinstance(v, fg.schedules.Schedule)}

@@ -2,6 +2,9 @@
 
 * kernels/spec.py against the C++ enums (common.cuh, norm.cu) and the CUDA
   instantiation lists; kernels/cuda never imports kernels/cpu;
+* the update-rule table (spec.UPDATE_RULES) against the CUDA rule lists, the
+  optimizer classes of fastgrad.optim and fastgrad.torch, torch.optim's own
+  classes (defaults, group keys, state names) and the CLI;
 * every ladder refuses an unknown code instead of computing some activation;
 * the registry against its readers (ops, CLI, interop, reference);
 * exact GELU against PyTorch and JAX, gelu_tanh against the tanh form;
@@ -59,8 +62,8 @@ def test_cuda_enums_match_the_spec():
     assert {k: compiled[k] for k in map(str.upper, spec.CODES)} == \
         {name.upper(): code for name, code in spec.CODES.items()}
     assert _enums("activation.cuh") == {}
-    assert {k: common[k] for k in ("SGD", "ADAM", "ADAMW", "RMSPROP")} == \
-        {k.upper(): v for k, v in spec.RULES.items()}
+    rules = {k: v for k, v in common.items() if not k.startswith(("HP_", "CTL_", "ERR_"))}
+    assert rules == {k.upper(): v for k, v in spec.RULES.items()}
     hp = {k: v for k, v in common.items() if k.startswith("HP_")}
     assert hp == spec.hp_slots()
     norm = _enums("norm.cu")
@@ -125,9 +128,32 @@ def test_kernels_cuda_never_imports_kernels_cpu():
                     assert "kernels.cpu" not in a.name, f"{path.name}:{node.lineno}"
 
 
+def test_every_rule_has_its_cuda_update():
+    """FG_EACH_RULE (nvcc's instantiation lists of optim.cu and
+    multi_tensor.cu) names every rule in code order, and fg::rule_update has
+    one branch per rule and no default: another code does not compile."""
+    common = re.sub(r"//[^\n]*", "", (KERNELS / "cuda" / "common.cuh").read_text())
+    each = re.search(r"#define FG_EACH_RULE\(M, T\)(.*)", common).group(1)
+    assert re.findall(r"M\(T, fg::(\w+)\)", each) == [n.upper() for n in spec.RULES]
+    for path, inst in (("optim.cu", "FG_INST"), ("multi_tensor.cu", "FG_MT_INST")):
+        text = (KERNELS / "cuda" / path).read_text()
+        for t in ("float", "double"):
+            assert f"FG_EACH_RULE({inst}, {t})" in text, path
+        assert not re.search(inst + r"\((float|double), \d+\)", text), path
+    text = (KERNELS / "cuda" / "optim.cuh").read_text()
+    body = text[text.index("void rule_update"):]
+    assert sorted(re.findall(r"if constexpr \(RULE == (\w+)\)", body)) == \
+        sorted(n.upper() for n in spec.RULES)
+    assert re.search(r"else static_assert\(unknown_rule<RULE>", body)
+
+
 @pytest.mark.cuda
 def test_cuda_instantiation_lists_cover_the_spec():
     from fastgrad.kernels.cuda import _module
+    for t in ("float", "double"):
+        for kernel, fname in (("fg_update", "optim.cu"), ("fg_mt_update", "multi_tensor.cu")):
+            have = [n for n in _module.NAMES[fname] if n.startswith(f"{kernel}<{t}, ")]
+            assert have == [f"{kernel}<{t}, {r}>" for r in range(spec.N_RULES)]
     for t in ("float", "double"):
         for code in range(spec.N_ACTIVATIONS):
             for name, fname in ((f"fg_bias_act<{t}, {code}>", "activations.cu"),
@@ -243,6 +269,8 @@ def test_registry_is_the_one_list(rng):
     demo = cli.build_parser()._subparsers._group_actions[0].choices["demo"]
     act = next(a for a in demo._actions if a.dest == "activation")
     assert list(act.choices) == registry.names()
+    opt = next(a for a in demo._actions if a.dest == "optimizer")
+    assert tuple(opt.choices) == tuple(spec.RULES)
     with pytest.raises(ValueError,
                        match=r"unknown activation 'nope'; expected one of \[.*'gelu_tanh'"):
         ops.resolve_activation("nope")
@@ -264,6 +292,118 @@ def test_torch_twins_map_both_ways():
     assert approx.layers[0].activation == "gelu_tanh"
     assert fg.interop.to_torch(gelu)[1].approximate == "none"
     assert fg.interop.to_torch(approx)[1].approximate == "tanh"
+
+
+# --- the update-rule table and its readers -------------------------------------------------
+
+_COMMON_HYPER = {"lr", "maximize", "clip_norm", "clip_value", "skip_nonfinite"}
+_CALLER_SLOTS = {spec.HP_LR, spec.HP_UPDATE, spec.HP_MAXIMIZE, spec.HP_END}
+
+
+def test_rule_table_is_consistent():
+    """Codes are row indices; each rule's values fill distinct slots of hp
+    (none of the caller's), exactly the ones it declares; its buffers fit
+    the kernels' three slots and depend on its own hyper-parameters."""
+    for code, row in enumerate(spec.UPDATE_RULES):
+        assert spec.RULES[row.name] == code
+        names = [h.name for h in row.hyper]
+        assert len(set(names)) == len(names) and not set(names) & _COMMON_HYPER, row.name
+        slots = [s for h in row.hyper for s in h.slots] + [s for s, _ in row.per_update]
+        assert len(set(slots)) == len(slots), row.name
+        assert all(0 <= s < spec.HP_SIZE for s in slots) and not set(slots) & _CALLER_SLOTS
+        for h in row.hyper:
+            assert h.check in fg.optim._CHECKS, (row.name, h.name)
+            assert len(h.slots) == (len(h.default) if isinstance(h.default, tuple) else 1)
+        assert len(row.state) <= spec.N_STATE_SLOTS
+        assert all(st.when is None or st.when in names for st in row.state)
+        hp = np.full(spec.HP_SIZE, np.nan)
+        spec.fill_hp(code, hp, {h.name: h.default for h in row.hyper}, 1)
+        assert set(np.flatnonzero(~np.isnan(hp))) == set(slots), row.name
+        assert spec.rule_state(code, {h.name: h.default for h in row.hyper}) == tuple(
+            st.name for st in row.state if st.when is None)
+
+
+def test_optimizer_classes_follow_the_rule_table():
+    """fastgrad.optim has one class per rule, its code, state names and
+    hyper-parameters (the constructor's defaults too) from the table; the
+    CLI and checkpoints read the same classes; a class naming no rule of
+    the table is refused when it is defined."""
+    import inspect
+    from fastgrad import cli, io
+    classes = fg.optim.optimizer_classes()
+    assert list(classes) == list(spec.RULES) == list(cli.OPTIMIZERS)
+    assert io._optimizer_classes() == classes
+    for code, row in enumerate(spec.UPDATE_RULES):
+        cls = classes[row.name]
+        assert getattr(fg, cls.__name__) is cls
+        assert cls.kind == row.name and cls.rule == code
+        assert cls.state_names == tuple(st.name for st in row.state)
+        assert cls._defaults == {h.name: h.default for h in row.hyper}
+        sig = inspect.signature(cls).parameters
+        assert sig["lr"].default == row.lr
+        assert {h.name: sig[h.name].default for h in row.hyper} == cls._defaults
+    with pytest.raises(ValueError, match="'lion' is not an update rule"):
+        type("Lion", (fg.optim.Optimizer,), {"kind": "lion"})
+    assert "lion" not in fg.optim.optimizer_classes()
+    mine = type("MyAdam", (fg.Adam,), {"kind": "adam"})      # a user's subclass
+    assert mine.state_names == fg.Adam.state_names and fg.optim.optimizer_classes() == classes
+
+
+def _on_value(row, name):
+    """A value of hyper-parameter ``name`` that turns its buffers on."""
+    h = next(h for h in row.hyper if h.name == name)
+    return True if h.check == "flag" else 0.5
+
+
+@pytest.mark.parametrize("name", [r.name for r in spec.UPDATE_RULES if r.torch])
+def test_rule_table_matches_torch(name):
+    """Each rule's row against the torch.optim class it mirrors: defaults,
+    param_groups keys, and the state torch keeps after a step with every
+    buffer-switching option off and each one on -- which fastgrad.optim
+    keeps too, and fastgrad.torch under torch's own names."""
+    import inspect
+    torch = _torch()
+    import fastgrad.torch as fgt
+    code, row = spec.RULES[name], spec.UPDATE_RULES[spec.RULES[name]]
+    tcls = getattr(torch.optim, row.torch.cls)
+    sig = inspect.signature(tcls).parameters
+    assert sig["lr"].default == row.lr
+    assert {h.name: sig[h.name].default for h in row.hyper} == {h.name: h.default for h in row.hyper}
+    ours = getattr(fgt, row.torch.cls)
+    assert name in ours._rules
+    ours_sig = inspect.signature(ours).parameters
+    assert {k: ours_sig[k].default for k in sig if k != "params"} == \
+        {k: v.default for k, v in sig.items() if k != "params"}
+    group = tcls([torch.nn.Parameter(torch.zeros(3))]).param_groups[0]
+    assert set(group) == {"params", "lr", "maximize"} | {h.name for h in row.hyper} | set(
+        row.torch.group_keys)
+    assert {k: group[k] for k in row.torch.group_keys} == row.torch.group_keys
+    options = [{}] + [{st.when: _on_value(row, st.when)} for st in row.state if st.when]
+    for opt in options:
+        g = np.linspace(-1.0, 1.0, 3)
+        tp = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        tp.grad = torch.tensor(g)
+        topt = tcls([tp], **opt)
+        topt.step()
+        kept = {k for k, v in topt.state[tp].items() if v is not None}
+        assert ("step" in kept) == row.torch.counts_steps, opt
+        fopt = fg.optim.optimizer_classes()[name]([(np.ones(3), g.copy())], **opt)
+        fopt.step()
+        assert set(fopt.state) == kept - {"step"}, opt
+        values = dict(fopt.hyper)
+        assert set(spec.rule_state(code, values)) == set(fopt.state), opt
+        fp = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+        fp.grad = torch.tensor(g)
+        f_topt = ours([fp], **opt)
+        f_topt.step()
+        assert {k for k, v in f_topt.state[fp].items() if v is not None} == kept, opt
+
+
+def test_fastgrad_torch_covers_every_rule():
+    _torch()
+    import fastgrad.torch as fgt
+    covered = [r for n in fgt.__all__ for r in getattr(getattr(fgt, n), "_rules", ())]
+    assert sorted(set(covered)) == sorted(r.name for r in spec.UPDATE_RULES if r.torch)
 
 
 # --- exact GELU --------------------------------------------------------------------------

@@ -11,21 +11,24 @@ import fastgrad as fg
 from fastgrad.kernels.cpu import step as kstep
 from fastgrad.losses import LOSSES
 
-from conftest import ACTIVATIONS, loss_targets
+from conftest import ACTIVATIONS, OPTIMIZERS, RULES, loss_targets
 
 
 
 _targets = loss_targets
 
 
+# one configuration per update rule (a rule missing here fails its test)
+_OPTIMIZER_KW = {
+    "adam": dict(lr=1e-2, clip_norm=0.5),
+    "adamw": dict(lr=1e-2, weight_decay=0.1, clip_norm=0.3, clip_value=0.05, amsgrad=True),
+    "sgd": dict(lr=0.1, momentum=0.9, nesterov=True, clip_norm=0.3),
+    "rmsprop": dict(lr=1e-2, momentum=0.5, centered=True, clip_norm=1.0),
+}
+
+
 def _optimizer(name, model, **kw):
-    if name == "adam":
-        return fg.Adam(model, lr=1e-2, clip_norm=0.5, **kw)
-    if name == "adamw":
-        return fg.AdamW(model, lr=1e-2, weight_decay=0.1, clip_norm=0.3, clip_value=0.05, amsgrad=True, **kw)
-    if name == "sgd":
-        return fg.SGD(model, lr=0.1, momentum=0.9, nesterov=True, clip_norm=0.3, **kw)
-    return fg.RMSprop(model, lr=1e-2, momentum=0.5, centered=True, clip_norm=1.0, **kw)
+    return OPTIMIZERS[name](model, **_OPTIMIZER_KW[name], **kw)
 
 
 def _pair(sizes, act, loss, opt, dtype, seed=3):
@@ -68,7 +71,7 @@ def test_step_equals_layer_path_float64(act, loss):
     np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12, atol=1e-12 * np.abs(m1.params).max())
 
 
-@pytest.mark.parametrize("opt", ["adam", "adamw", "sgd", "rmsprop"])
+@pytest.mark.parametrize("opt", RULES)
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
 def test_step_every_optimizer(opt, dtype, rtol):
     rng = np.random.default_rng()

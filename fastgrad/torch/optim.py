@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from ..errors import NonFiniteGradientError
+from ..kernels import spec as _spec
 from ..kernels.cpu import multi_tensor as _mt
 from ..kernels.cpu import optim as _k
-from ..optim import StepStats, _betas, _check_torch_flags, _clip_arg, _flag, _fraction, _nonneg
+from ..optim import _CHECKS, _TORCH_NOOP_FLAGS, StepStats, _check_torch_flags, _clip_arg, _flag, \
+    _nonneg
 
 __all__ = ["Adam", "AdamW", "SGD", "RMSprop"]
 
@@ -48,19 +50,36 @@ def _check_param(p, where):
 
 
 class _FusedOptimizer(torch.optim.Optimizer):
-    """The step shared by every rule; subclasses say which state they keep.
+    """The step shared by every rule; a subclass names its update rules.
 
     ``opt.parallel = True`` runs both passes on Numba's threads (bitwise
     the same result; off by default: next to PyTorch's own intra-op thread
     pool a parallel region can lose more than it gains, see bench/RESULTS.md).
 
-    ``_names``: the torch state names in the kernel's slot order (s0, s1,
-    s2; see ``fastgrad.kernels.cpu.optim``), ``_counts_steps``: whether torch
-    keeps ``state["step"]`` for the rule.
+    ``_rules``: the names of the update rules the class runs (rows of
+    kernels/spec.py ``UPDATE_RULES`` with one torch class, one state layout
+    and one set of hyper-parameters); when there are several, torch's keys
+    that tell them apart (Adam's ``decoupled_weight_decay``) pick one.
+    Everything else is derived from their spec rows when the class is made:
+    ``_names``, the torch state names in the kernel's slot order (s0, s1,
+    s2; see ``fastgrad.kernels.cpu.optim``); ``_counts_steps``, whether torch
+    keeps ``state["step"]`` for the rule; the hyper-parameters' validators.
     """
 
-    _names = ()
-    _counts_steps = True
+    _rules = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        rows = [_spec.UPDATE_RULES[_spec.RULES[name]] for name in cls._rules]
+        first = rows[0]
+        cls._names = tuple(st.name for st in first.state)
+        cls._counts_steps = first.torch.counts_steps
+        cls._hyper = tuple((h.name, h.check, _CHECKS[h.check]) for h in first.hyper)
+        cls._uses_step = bool(first.per_update)
+        # torch's group keys that tell the rules apart, and each rule's values of them
+        cls._selectors = tuple(k for k in first.torch.group_keys if k not in _TORCH_NOOP_FLAGS)
+        cls._by_selectors = {tuple(r.torch.group_keys[k] for k in cls._selectors):
+                             _spec.RULES[r.name] for r in rows}
 
     def __init__(self, params, defaults, clip_norm, clip_value, skip_nonfinite):
         _check_torch_flags({k: defaults[k] for k in ("foreach", "fused", "capturable",
@@ -108,31 +127,52 @@ class _FusedOptimizer(torch.optim.Optimizer):
             if "step" in st and not isinstance(st["step"], torch.Tensor):
                 st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
 
-    # -- per-rule hooks ---------------------------------------------------------
+    # -- what the rule's spec says -------------------------------------------------
     def _check_group(self, group):
-        """Validate a group's hyper-parameters (ValueError/TypeError naming them)."""
+        """Validate a group's hyper-parameters (ValueError/TypeError naming
+        them); returns the rule's own as checked values."""
         _lr(group)
         _flag("maximize", group["maximize"])
+        for key in self._selectors:
+            _flag(key, group[key])
+            if group[key] != self.param_groups[0][key]:
+                raise ValueError(f"{key} must be the same in every group (one fused update "
+                                 "runs one rule)")
+        values = {}
+        for name, kind, check in self._hyper:
+            x = group[name]
+            if kind == "betas" and isinstance(x, (tuple, list)):
+                x = tuple(float(b) for b in x)      # torch accepts tensors there
+            values[name] = check(name, x)
+        _spec.check_rule_values(self._rule(), values)
+        return values
 
-    def _new_state(self, p, group):
-        """The state torch creates for ``p`` at its first step."""
-        st = {"step": torch.tensor(0.0, dtype=torch.float32)} if self._counts_steps else {}
-        for name in self._wanted(group):
+    def _new_state(self, p, values):
+        """The state torch creates for ``p`` at its first step: with a step
+        count, the step and the buffers; without (SGD), nothing yet -- its
+        buffers are made at the step, their absence telling the first one."""
+        if not self._counts_steps:
+            return {}
+        st = {"step": torch.tensor(0.0, dtype=torch.float32)}
+        for name in self._wanted(values):
             st[name] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return st
 
-    def _wanted(self, group):
-        raise NotImplementedError
+    def _wanted(self, values):
+        return _spec.rule_state(self._rule(), values)
 
     def _row_key(self, state):
-        """What besides the group selects the tensor's hp row (its step)."""
-        return float(state["step"]) if self._counts_steps else 0.0
-
-    def _fill(self, hp, group, key):
-        raise NotImplementedError
+        """The update number ``t`` of the tensor's next update, which with
+        its group selects its hp row (0 when the rule does not read it)."""
+        if not self._uses_step:
+            return 0.0
+        if self._counts_steps:
+            return float(state["step"]) + 1.0       # torch increments step before using it
+        return 1.0 if all(state.get(n) is None for n in self._names) else 2.0
 
     def _rule(self):
-        raise NotImplementedError
+        group = self.param_groups[0]
+        return self._by_selectors[tuple(bool(group[k]) for k in self._selectors)]
 
     def _refuse(self, ps, gs, first):
         """Raise the precise error for the first unusable parameter or gradient."""
@@ -182,13 +222,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
         # comprehensions: at 64 tensors the Python bookkeeping would cost
         # as much as the kernel's pass over 1M parameters otherwise.
         params, grads, states, rows, keys, new = [], [], [], [], {}, []
-        slots = ([], [], [])
+        slots = tuple([] for _ in range(_spec.N_STATE_SLOTS))
         dt, all_state = self._dtype, self.state
+        group_values = {}
         for gi, group in enumerate(self.param_groups):
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
-            self._check_group(group)
+            values = group_values[gi] = self._check_group(group)
             gs = [p.grad for p in ps]
             ns = [p.numel() for p in ps]
             # p.data and p.grad can be replaced at any time: checked at every step
@@ -199,13 +240,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
             sts = [all_state[p] for p in ps]
             for p, st in zip(ps, sts):
                 if not st:
-                    st.update(self._new_state(p, group))
+                    st.update(self._new_state(p, values))
                     new.append(p)
             for st in sts:                # read before any buffer is made below
                 key = (gi, self._row_key(st))
                 rows.append(keys.setdefault(key, len(keys)))
-            wanted = self._wanted(group)
-            for j, name in enumerate(self._names + (None,) * (3 - len(self._names))):
+            wanted = self._wanted(values)
+            for j, name in enumerate(self._names + (None,) * (len(slots) - len(self._names))):
                 if name not in wanted:
                     slots[j].extend([0] * len(ps))
                     continue
@@ -226,11 +267,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         if not params:
             return loss
         hp = np.zeros((len(keys), _k.HP_SIZE), np.float64)
-        for (gi, key), r in keys.items():
+        rule = self._rule()
+        for (gi, t), r in keys.items():
             group = self.param_groups[gi]
             hp[r, _k.HP_LR] = _lr(group)
             hp[r, _k.HP_MAXIMIZE] = float(group["maximize"])
-            self._fill(hp[r], group, key)
+            _spec.fill_hp(rule, hp[r], group_values[gi], t)
         n = len(params)
         sizes = np.array([p.numel() for p in params], np.int64)
         p_addr = np.array([p.data_ptr() for p in params], np.int64)
@@ -239,7 +281,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         tensor_sq = np.zeros(n, np.float64)
         update = _mt.multi_clipped_update_parallel if self.parallel else _mt.multi_clipped_update
         norm, scale, skipped = update(
-            self._rule(), _LIKE[dt], p_addr, g_addr, s_addr, sizes, hp,
+            rule, _LIKE[dt], p_addr, g_addr, s_addr, sizes, hp,
             np.asarray(rows, np.int64), tensor_sq, self.clip_norm or 0.0,
             self.clip_value or 0.0)
         norm, scale, skipped = float(norm), float(scale), bool(skipped)
@@ -320,7 +362,7 @@ class Adam(_FusedOptimizer):
         As ``torch.optim.Adam``; per group, read at every step.
     """
 
-    _names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _rules = ("adam", "adamw")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -331,35 +373,6 @@ class Adam(_FusedOptimizer):
                         capturable=capturable, differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, clip_norm, clip_value, skip_nonfinite)
-
-    def _check_group(self, group):
-        super()._check_group(group)
-        _betas("betas", tuple(float(b) for b in group["betas"])
-               if isinstance(group["betas"], (tuple, list)) else group["betas"])
-        _nonneg("eps", group["eps"])
-        _nonneg("weight_decay", group["weight_decay"])
-        _flag("amsgrad", group["amsgrad"])
-        _flag("decoupled_weight_decay", group["decoupled_weight_decay"])
-        if group["decoupled_weight_decay"] != self.param_groups[0]["decoupled_weight_decay"]:
-            raise ValueError("decoupled_weight_decay must be the same in every group (one "
-                             "fused update runs one rule)")
-
-    def _wanted(self, group):
-        return self._names if group["amsgrad"] else self._names[:2]
-
-    def _rule(self):
-        return _k.ADAMW if self.param_groups[0]["decoupled_weight_decay"] else _k.ADAM
-
-    def _fill(self, hp, group, step):
-        b1, b2 = (float(b) for b in group["betas"])
-        t = step + 1.0              # torch increments step before using it
-        hp[_k.HP_WEIGHT_DECAY] = float(group["weight_decay"])
-        hp[_k.HP_BETA1] = b1
-        hp[_k.HP_BETA2] = b2
-        hp[_k.HP_EPS] = float(group["eps"])
-        hp[_k.HP_BIAS_CORR1] = 1.0 - b1 ** t
-        hp[_k.HP_BIAS_CORR2] = 1.0 - b2 ** t
-        hp[_k.HP_AMSGRAD] = float(group["amsgrad"])
 
 
 class AdamW(Adam):
@@ -390,8 +403,7 @@ class SGD(_FusedOptimizer):
         As ``torch.optim.SGD``; per group, read at every step.
     """
 
-    _names = ("momentum_buffer",)
-    _counts_steps = False
+    _rules = ("sgd",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
@@ -400,35 +412,6 @@ class SGD(_FusedOptimizer):
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused)
         super().__init__(params, defaults, clip_norm, clip_value, skip_nonfinite)
-
-    def _check_group(self, group):
-        super()._check_group(group)
-        _nonneg("momentum", group["momentum"])
-        _fraction("dampening", group["dampening"])
-        _nonneg("weight_decay", group["weight_decay"])
-        if _flag("nesterov", group["nesterov"]) and (group["momentum"] <= 0
-                                                     or group["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
-
-    def _new_state(self, p, group):
-        return {}           # torch makes the momentum buffer at the first step
-
-    def _wanted(self, group):
-        return self._names if group["momentum"] != 0 else ()
-
-    def _row_key(self, state):
-        # torch's first step sets the buffer to the gradient, undampened
-        return float(state.get("momentum_buffer") is None)
-
-    def _fill(self, hp, group, first):
-        hp[_k.HP_WEIGHT_DECAY] = float(group["weight_decay"])
-        hp[_k.HP_MOMENTUM] = float(group["momentum"])
-        hp[_k.HP_DAMPENING] = float(group["dampening"])
-        hp[_k.HP_NESTEROV] = float(group["nesterov"])
-        hp[_k.HP_FIRST] = first
-
-    def _rule(self):
-        return _k.SGD
 
 
 class RMSprop(_FusedOptimizer):
@@ -442,7 +425,7 @@ class RMSprop(_FusedOptimizer):
         As ``torch.optim.RMSprop``; per group, read at every step.
     """
 
-    _names = ("square_avg", "momentum_buffer", "grad_avg")
+    _rules = ("rmsprop",)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False, capturable=False, foreach=None, maximize=False,
@@ -452,35 +435,6 @@ class RMSprop(_FusedOptimizer):
                         weight_decay=weight_decay, capturable=capturable, foreach=foreach,
                         maximize=maximize, differentiable=differentiable)
         super().__init__(params, defaults, clip_norm, clip_value, skip_nonfinite)
-
-    def _check_group(self, group):
-        super()._check_group(group)
-        _fraction("alpha", group["alpha"])
-        _nonneg("eps", group["eps"])
-        _nonneg("weight_decay", group["weight_decay"])
-        _nonneg("momentum", group["momentum"])
-        _flag("centered", group["centered"])
-
-    def _wanted(self, group):
-        want = ["square_avg"]
-        if group["momentum"] > 0:
-            want.append("momentum_buffer")
-        if group["centered"]:
-            want.append("grad_avg")
-        return tuple(want)
-
-    def _row_key(self, state):
-        return 0.0          # RMSprop's rule does not use the step count
-
-    def _fill(self, hp, group, _):
-        hp[_k.HP_WEIGHT_DECAY] = float(group["weight_decay"])
-        hp[_k.HP_ALPHA] = float(group["alpha"])
-        hp[_k.HP_EPS] = float(group["eps"])
-        hp[_k.HP_MOMENTUM] = float(group["momentum"])
-        hp[_k.HP_CENTERED] = float(group["centered"])
-
-    def _rule(self):
-        return _k.RMSPROP
 
 
 for _cls in (Adam, SGD, RMSprop):

@@ -29,8 +29,12 @@ namespace fg {
 
 // The C++ mirrors of kernels/spec.py (tests/test_registry.py parses these
 // enums and fails on any difference; the activation codes are in
-// activation.cuh).  Optimizer rule codes and hp slots: spec.RULES, spec.HP_*.
+// activation.cuh).  Optimizer rule codes and hp slots: spec.UPDATE_RULES
+// (its row index is the code), spec.HP_*.
 enum { SGD = 0, ADAM = 1, ADAMW = 2, RMSPROP = 3 };
+// Every rule in code order: nvcc's instantiation lists of optim.cu and
+// multi_tensor.cu (checked against spec.UPDATE_RULES too).
+#define FG_EACH_RULE(M, T) M(T, fg::SGD) M(T, fg::ADAM) M(T, fg::ADAMW) M(T, fg::RMSPROP)
 enum { HP_LR = 0, HP_WEIGHT_DECAY = 1, HP_BETA1 = 2, HP_BETA2 = 3, HP_EPS = 4,
        HP_BIAS_CORR1 = 5, HP_BIAS_CORR2 = 6, HP_AMSGRAD = 7, HP_MOMENTUM = 8,
        HP_DAMPENING = 9, HP_NESTEROV = 10, HP_FIRST = 11, HP_ALPHA = 12,

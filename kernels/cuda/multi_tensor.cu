@@ -73,6 +73,6 @@ template __global__ void fg_mt_sumsq_partial<double>(const long long*, const lon
                                                 const long long*, const long long*,          \
                                                 const long long*, long long, const double*,  \
                                                 const double*, double);
-FG_MT_INST(float, 0) FG_MT_INST(float, 1) FG_MT_INST(float, 2) FG_MT_INST(float, 3)
-FG_MT_INST(double, 0) FG_MT_INST(double, 1) FG_MT_INST(double, 2) FG_MT_INST(double, 3)
+FG_EACH_RULE(FG_MT_INST, float)
+FG_EACH_RULE(FG_MT_INST, double)
 #endif

@@ -24,7 +24,8 @@ import cupy
 import numpy as np
 
 from . import _module as _m
-from .optim import ADAM, ADAMW, CTL_NORM, CTL_SCALE, CTL_SKIP, RMSPROP, SGD, control
+from ..spec import N_RULES
+from .optim import CTL_NORM, CTL_SCALE, CTL_SKIP, control
 
 __all__ = ["multi_clipped_update", "addresses", "layout", "partial_size"]
 
@@ -114,7 +115,7 @@ def multi_clipped_update(rule, dtype, p_addr, g_addr, s_addr, sizes, hp, rows, t
     (norm, scale, skipped) : 0-d float64 cupy arrays, views of the control
         block, as ``optim.clipped_update``.
     """
-    if int(rule) not in (SGD, ADAM, ADAMW, RMSPROP):
+    if not 0 <= int(rule) < N_RULES:
         raise ValueError(f"unknown optimizer rule {rule!r}")
     ctype = _m.ctype(dtype)
     host_sizes, gx = layout(sizes)

@@ -81,8 +81,8 @@ __global__ void fg_update(T* p, const T* g, T* s0, T* s1, T* s2, const double* h
 #define FG_INST(T, R)                                                                        \
     template __global__ void fg_update<T, R>(T*, const T*, T*, T*, T*, const double*,       \
                                              const double*, double, long long);
-FG_INST(float, 0) FG_INST(float, 1) FG_INST(float, 2) FG_INST(float, 3)
-FG_INST(double, 0) FG_INST(double, 1) FG_INST(double, 2) FG_INST(double, 3)
+FG_EACH_RULE(FG_INST, float)
+FG_EACH_RULE(FG_INST, double)
 template __global__ void fg_clip_control<double>(const double*, double*, double, const double*,
                                                  long long, long long, long long, long long,
                                                  double*, double*);

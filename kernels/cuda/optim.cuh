@@ -119,6 +119,8 @@ __device__ __forceinline__ void rmsprop(T* p, const T* g, T* sq, T* buf, T* gavg
 
 namespace fg {
 
+template <int RULE> constexpr bool unknown_rule = false;
+
 // Pass 2's per-element work on elements [i0, n) step stride of one buffer:
 // clip by ctl's scale, clip by value, then rule RULE (fg_update and the
 // multi-tensor fg_mt_update both run exactly this, so their results are
@@ -132,10 +134,12 @@ __device__ __forceinline__ void rule_update(T* p, const T* g, T* s0, T* s1, T* s
     // maximize (torch): the rule sees -g; clipping is symmetric, so negate the scale
     const T sc = hp[HP_MAXIMIZE] != 0.0 ? T(-ctl[CTL_SCALE]) : T(ctl[CTL_SCALE]);
     const T cv = clip_value > 0.0 ? T(clip_value) : inf<T>();
-    if (RULE == ADAM) adam<T, false>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
-    else if (RULE == ADAMW) adam<T, true>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
-    else if (RULE == SGD) sgd<T>(p, g, s0, hp, sc, cv, i0, n, stride);
-    else rmsprop<T>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+    // one branch per rule code (tests/test_registry.py); another code does not compile
+    if constexpr (RULE == ADAM) adam<T, false>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+    else if constexpr (RULE == ADAMW) adam<T, true>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+    else if constexpr (RULE == SGD) sgd<T>(p, g, s0, hp, sc, cv, i0, n, stride);
+    else if constexpr (RULE == RMSPROP) rmsprop<T>(p, g, s0, s1, s2, hp, sc, cv, i0, n, stride);
+    else static_assert(unknown_rule<RULE>, "fg::rule_update: no update for this rule code");
 }
 
 }  // namespace fg

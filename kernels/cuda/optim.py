@@ -35,7 +35,7 @@ import numpy as np
 from ..spec import (ADAM, ADAMW, HP_ALPHA, HP_AMSGRAD, HP_BETA1, HP_BETA2,
                     HP_BIAS_CORR1, HP_BIAS_CORR2, HP_CENTERED, HP_DAMPENING,
                     HP_END, HP_EPS, HP_FIRST, HP_LR, HP_MOMENTUM, HP_NESTEROV, HP_SIZE,
-                    HP_UPDATE, HP_WEIGHT_DECAY, RMSPROP, RULES, SGD)
+                    HP_UPDATE, HP_WEIGHT_DECAY, N_RULES, RMSPROP, RULES, SGD)
 from . import _module as _m
 from .reduce import layer_sumsq
 from .transfer import uploader
@@ -121,7 +121,7 @@ def update(rule, p, g, s0, s1, s2, hp_dev, ctl, clip_value, segments=None):
     """Enqueue pass 2 (clip + rule) reading scale/skip from ``ctl``; with
     ``segments`` (``[(lo, hi), ...]``, one ``HP_SIZE`` block of ``hp_dev``
     each) once per segment on its slice."""
-    if int(rule) not in (SGD, ADAM, ADAMW, RMSPROP):
+    if not 0 <= int(rule) < N_RULES:
         raise ValueError(f"unknown optimizer rule {rule!r}")
     k = _m.kernel(_FILE, f"fg_update<{_m.ctype(p.dtype)}, {int(rule)}>")
     if segments is None:
