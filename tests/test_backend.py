@@ -5,7 +5,6 @@ Models, optimizers and TrainSteps hold their device's backend
 a value on the CPU and a pending result on CUDA that waits only when read.
 """
 import ast
-import os
 import pathlib
 
 import numpy as np
