@@ -291,8 +291,7 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
         # What a first attempt often does: unit-variance weights whatever the
         # fan-in.  Each relu layer then multiplies the signal by ~sqrt(width/2).
         rng = np.random.default_rng(seed)
-        from fastgrad.device import array_module
-        xp = array_module(model.device)    # CuPy takes no NumPy array in a[...] =
+        xp = model.backend.xp    # CuPy takes no NumPy array in a[...] =
         for layer in model.layers:
             w = rng.normal(0.0, row.naive_std, layer.W.shape)
             if layer.weight_norm:

@@ -93,6 +93,11 @@ def device_of(array):
     return "cpu"
 
 
+def is_host_array(array):
+    """True for an array in host memory (NumPy, lists, CPU tensors)."""
+    return device_of(array) == "cpu"
+
+
 def to_numpy(array):
     """A NumPy view or copy of ``array`` (copies device arrays to the host)."""
     if device_of(array) == "cuda" and hasattr(array, "get"):

@@ -450,10 +450,9 @@ class DataParallel:
         self._watch = _watch_for(self.comm)
         self.global_loss = bool(global_loss)
         opt = self.opt
-        from .device import device_of
-        self.device = device_of(opt.grads)
+        self.device = opt.backend.name
         self._check_same_everywhere()
-        if self.device == "cuda":
+        if opt.backend.holds(opt.grads, "grads"):       # device memory: NCCL
             self._reducer = _NCCLReducer(self.comm, opt.grads.dtype)
         else:
             self._reducer = _MPIReducer(self.comm)
@@ -537,7 +536,7 @@ class DataParallel:
         # What the forward changes besides the parameters (dropout counter,
         # batch-norm running statistics), restored if the update is skipped.
         model = self.model
-        snap = model._step_snapshot() if model.device == "cpu" else None
+        snap = model._step_snapshot() if model.backend.skip_known_on_host else None
         if n == 0:
             if global_batch is None:
                 raise ValueError("an empty local batch needs global_batch")

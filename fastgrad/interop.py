@@ -42,6 +42,7 @@ import numpy as np
 
 from . import device as _device
 from . import registry as _registry
+from .backend import backend_of
 
 __all__ = ["from_torch", "to_torch", "as_torch", "from_dlpack"]
 
@@ -481,7 +482,4 @@ def from_dlpack(tensor, device=None):
     if device is not None and _device.resolve(device) != where:
         raise ValueError(f"from_dlpack: the tensor lives on {where!r}, not {device!r}; "
                          "move it first (a copy)")
-    if where == "cuda":
-        import cupy
-        return cupy.from_dlpack(tensor)
-    return np.from_dlpack(tensor)
+    return backend_of(tensor).xp.from_dlpack(tensor)      # numpy or cupy

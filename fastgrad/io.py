@@ -106,9 +106,7 @@ _MAX_LAYERS = 1_000_000
 
 def _to_host(a):
     """A C-contiguous NumPy copy-free view (NumPy) or copy (CuPy) of ``a``."""
-    if _device.device_of(a) == "cuda":
-        return a.get()
-    return np.ascontiguousarray(a)
+    return np.ascontiguousarray(_device.to_numpy(a))
 
 
 def _optimizer_classes():

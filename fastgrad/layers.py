@@ -16,8 +16,8 @@ import weakref
 
 import numpy as np
 
-from . import device as _device
 from . import ops
+from .backend import backend_for, backend_of
 
 _SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
 
@@ -43,21 +43,6 @@ def _init_weights(name, n_in, n_out, rng):
     if name == "he_normal":
         return rng.normal(0.0, math.sqrt(2.0 / n_in), shape)
     return np.zeros(shape)
-
-
-def _toolkit(device, codes=()):
-    """The block, norm and weight-norm kernel modules of ``device`` (twins);
-    on the CPU those of the package compiled for activations ``codes``
-    (``ops.model_kernels``)."""
-    if device == "cpu":
-        if not len(codes):                  # no activation involved (weight norm alone)
-            from .kernels.cpu import blocks, norm, wnorm
-            return blocks, norm, wnorm
-        pkg = ops.model_kernels(device, codes)
-        return pkg.blocks, pkg.norm, pkg.wnorm
-    ops.kernels_for(device, codes)          # refuses registered activations without CUDA forms
-    from .kernels.cuda import blocks, norm, wnorm
-    return blocks, norm, wnorm
 
 
 def _dropout_args(seed, layer, counter, p):
@@ -197,14 +182,14 @@ class Dense:
             end += 2 * n
         if self.weight_norm:
             n = self.n_out
-            dev = _device.device_of(params)
-            xp = _device.array_module(dev)
+            be = backend_of(params)
+            xp = be.xp
             self.v, self.dv = self.W, self.dW
             self.g, self.dg = params[end:end + n], grads[end:end + n]
             # The effective weight and its gradient: scratch, not parameters.
             self.W, self.dW = xp.empty_like(self.v), xp.empty_like(self.v)
             self._inv_norm = xp.empty(n)
-            self._wnorm = _toolkit(dev)[2]
+            self._wnorm = be.toolkit_kernels()[2]
             end += n
         return end
 
@@ -356,11 +341,10 @@ class Sequential:
                 raise ValueError(f"layer {i} already belongs to a model")
         self.layers = layers
         self.dtype = ops.check_dtype(dtype)
-        self.device = _device.resolve(device)
-        if self.device == "cuda":       # refuses registered activations, saying so
-            ops.kernels_for(self.device, [layer.code for layer in layers])
-        xp = _device.array_module(self.device)
-        self._xp = xp
+        self._backend = backend_for(device)
+        # CUDA refuses registered activations without CUDA forms, saying so
+        self._backend.check_activations([layer.code for layer in layers])
+        xp = self._xp = self._backend.xp
         offsets = [0]
         for layer in layers:
             offsets.append(offsets[-1] + layer.n_params)
@@ -451,6 +435,11 @@ class Sequential:
         """Layer widths, input first: ``[n_in, hidden..., n_out]``."""
         return [self.layers[0].n_in] + [layer.n_out for layer in self.layers]
 
+    device = property(lambda self: self._backend.name,
+                      doc='The device the model lives on, "cpu" or "cuda" (read-only).')
+    backend = property(lambda self: self._backend,
+                       doc="The device's backend (``fastgrad.backend``), chosen once.")
+
     @property
     def n_params(self):
         return int(self.layer_offsets[-1])
@@ -462,7 +451,7 @@ class Sequential:
         return arr
 
     def _kernels(self):
-        return ops.model_kernels(self.device, [layer.code for layer in self.layers])
+        return self._backend.model_kernels([layer.code for layer in self.layers])
 
     # -- compute -------------------------------------------------------------
     def _run(self, x, keep, counter=None):
@@ -486,7 +475,7 @@ class Sequential:
         which keep ``z`` (activations that need it), ``f(z)`` (residual blocks) and ``xhat``
         (normalised layers) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
-        blocks, norm, _ = _toolkit(self.device, [layer.code for layer in self.layers])
+        blocks, norm, _ = self._backend.toolkit_kernels([layer.code for layer in self.layers])
         k, xp = self._kernels(), self._xp
         drop_on = counter is not None
         B = x.shape[0]
@@ -590,7 +579,7 @@ class Sequential:
         return da if input_grad else None
 
     def _backward_extended(self, da, accumulate, input_grad):
-        blocks, norm, wnorm = _toolkit(self.device, [layer.code for layer in self.layers])
+        blocks, norm, wnorm = self._backend.toolkit_kernels([layer.code for layer in self.layers])
         k, xp = self._kernels(), self._xp
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import device as _device
 from . import registry as _registry
+from .backend import backend_for
 from .kernels.spec import CODES, DEFAULT_ALPHA, FIRST_CUSTOM_CODE, NEEDS_Z  # noqa: F401
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -60,35 +61,17 @@ def kernels_for(dev, codes):
     device's own, or for registered activations on the CPU the registry's
     copy (``fastgrad.registry.cpu_kernels``).  On CUDA, registered
     activations need their CUDA forms (compiled into the device's kernels
-    here); without them this raises ValueError."""
-    if _registry.uses_registered(codes):
-        for c in codes:
-            if int(c) >= FIRST_CUSTOM_CODE and _registry.by_code(int(c)) is None:
-                raise ValueError(f"unknown activation code {int(c)} (not registered)")
-        if dev == "cuda":
-            missing = sorted({_registry.by_code(int(c)).name for c in codes
-                              if int(c) >= FIRST_CUSTOM_CODE
-                              and _registry.by_code(int(c)).cuda is None})
-            if missing:
-                raise ValueError(f"registered activation(s) {missing} cannot run on CUDA: "
-                                 "registered without CUDA forms (register_activation(..., "
-                                 "cuda=(forward_expr, derivative_expr)))")
-            from .kernels.cuda import _module
-            _module.set_registered_activations(_registry.cuda_table())
-            return _device.kernels(dev)
-        return _registry.cpu_kernels()
-    return _device.kernels(dev)
+    here); without them this raises ValueError.  (``Backend.kernels_for``.)"""
+    return backend_for(dev).kernels_for(codes)
 
 
 def model_kernels(dev, codes):
     """The kernel package a model with activation ``codes`` runs on: on the
     CPU a copy of the package compiled for those activations alone
     (``fastgrad.registry.cpu_kernels``: a cold first step compiles only the
-    model's activation loops), on CUDA :func:`kernels_for`'s."""
-    if dev == "cpu":
-        kernels_for(dev, codes)             # unknown registered codes raise
-        return _registry.cpu_kernels(codes)
-    return kernels_for(dev, codes)
+    model's activation loops), on CUDA :func:`kernels_for`'s.
+    (``Backend.model_kernels``.)"""
+    return backend_for(dev).model_kernels(codes)
 
 
 def check_dtype(dtype):

@@ -59,9 +59,11 @@ user reads a value that depends on them (a StepStats field, ``step_count``,
 ``n_skipped``, ``lr``, ``state_dict``), or after every update with
 ``skip_nonfinite=False`` (it must raise at the update that failed).
 TrainStep passes ``opt._device_buffers()`` to its fused CUDA step, so that
-the step writes the optimizer's record (and its loss into it).
+the step writes the optimizer's record (and its loss into it).  This
+book-keeping is the device's: the optimizer holds its backend's update
+records (``fastgrad.backend``: ``HostRecords`` on the CPU, ``DeviceRecords``
+on CUDA) and never tests the device.
 """
-from collections import deque
 from collections.abc import Mapping, MutableMapping
 import math
 import numbers
@@ -70,9 +72,9 @@ import threading
 import numpy as np
 
 from . import device as _device
+from .backend import backend_of
 from .errors import NonFiniteGradientError
 from .kernels import spec as _spec
-from .kernels.cpu import multi_tensor as _mt
 from .kernels.cpu import optim as _k
 from .schedules import Schedule, as_schedule, constant, from_config
 
@@ -541,41 +543,6 @@ def _resolve_torch_spelling(groups):
     return model, groups
 
 
-class _DeviceBook:
-    """A CUDA optimizer's device-side book-keeping (see the module docstring).
-
-    ``record`` is one device buffer: the control block (``CTL_*``) followed
-    by the squared layer norms, so that one asynchronous copy brings an
-    update's StepStats back.  ``queue`` lists the updates in flight, oldest
-    first: ``(slot, stats, call, with_loss)``.
-    """
-
-    DEPTH = 16              # updates in flight before the host waits
-
-    def __init__(self, offsets, max_segments=1):
-        import cupy
-        from .kernels.cuda import optim as kopt
-        from .kernels.cuda import reduce as kreduce
-        from .kernels.cuda import transfer
-        self.k = kopt
-        self.record = cupy.zeros(kopt.CTL_SIZE + offsets.size - 1, np.float64)
-        self.buffers = {"ctl": self.record[:kopt.CTL_SIZE],
-                        "step": cupy.zeros(1, np.float64),
-                        # room for one hp block per segment (parameter groups)
-                        "hp": cupy.zeros(max_segments * _k.HP_SIZE, np.float64),
-                        "table": cupy.zeros((self.DEPTH + 1) * max_segments * _k.HP_SIZE,
-                                            np.float64),
-                        # the segment whose lr the record reports (group 0's);
-                        # a host array, updated in place when groups change
-                        "lr_segment": np.zeros(1, np.int64),
-                        "total": cupy.zeros(1, np.float64),
-                        "norm_work": cupy.zeros(kreduce.partial_size(offsets), np.float64)}
-        self.layer_sq = self.record[kopt.CTL_SIZE:]
-        self.table = np.zeros((self.DEPTH + 1, _k.HP_SIZE), np.float64)
-        self.reader = transfer.RecordReader(self.record.size, self.DEPTH)
-        self.queue = deque()
-
-
 _CLASSES = {}        # kind -> the Optimizer class of that update rule
 
 
@@ -720,7 +687,7 @@ class Optimizer:
                                 "({'params': [...], <hyper-parameter>: value, ...}), got "
                                 f"{type(param_groups).__name__}")
             param_groups = list(param_groups)
-        self._book = None
+        self._records = None
         self._values = {}
         self._state = {}
         self._groups = None
@@ -729,8 +696,7 @@ class Optimizer:
         self._step_count = 0
         self._n_skipped = 0
         self.n_calls = 0
-        self._layer_sq = (self._book.layer_sq if self._book is not None
-                          else np.zeros(self.layer_offsets.size - 1, np.float64))
+        self._layer_sq = self._records.layer_sq
         self._lr_now = float("nan")
         self._empty = self._xp.empty(0, self.params.dtype)
         self._configure(dict(self._defaults, lr=lr, clip_norm=clip_norm,
@@ -754,10 +720,10 @@ class Optimizer:
         self._lock = getattr(params, "_lock", None) or threading.RLock()
         if hasattr(params, "params") and hasattr(params, "grads"):
             p, g = params.params, params.grads
-            dev = _device.device_of(p)
-            if _device.device_of(g) != dev:
-                raise TypeError(f"params on {dev} but grads on {_device.device_of(g)}")
-            if not (isinstance(p, np.ndarray) or dev == "cuda"):
+            be = backend_of(p)
+            if backend_of(g) is not be:
+                raise TypeError(f"params on {be.name} but grads on {backend_of(g).name}")
+            if not be.is_array(p):
                 raise TypeError(f"model.params must be a NumPy or CuPy array, got {type(p).__name__}")
             if p.dtype not in (np.float32, np.float64) or g.dtype != p.dtype:
                 raise TypeError(f"params and grads must share dtype float32 or float64, "
@@ -767,8 +733,7 @@ class Optimizer:
                                  f"got shapes {p.shape} and {g.shape}")
             # CuPy arrays have no read-only flag (their flags are c_contiguous,
             # f_contiguous and owndata only): only NumPy params can be read-only.
-            writeable = dev == "cuda" or p.flags.writeable
-            if not (p.flags.c_contiguous and g.flags.c_contiguous and writeable):
+            if not (p.flags.c_contiguous and g.flags.c_contiguous and be.writeable(p)):
                 raise ValueError("params and grads must be contiguous and params writeable")
             off = getattr(params, "layer_offsets", None)
             off = (np.array([0, p.size], np.int64) if off is None
@@ -781,36 +746,29 @@ class Optimizer:
             self._params, self._grads, self._offsets = p, g, off.copy()
             self._torch_layout = _torch_layout_of(params, self._offsets)
             self._model = params if hasattr(params, "parameters") else None
-            self._use_device(dev)
+            self._use_backend(be)
             return
         pairs = list(params)
         if not pairs:
             raise ValueError("no parameters to optimize")
         checked = []
-        dev = None
+        be = None
         for i, pair in enumerate(pairs):
             try:
                 p, g = pair
             except (TypeError, ValueError):
                 raise TypeError(f"entry {i}: expected a (param, grad) pair") from None
-            pd, gd = _device.device_of(p), _device.device_of(g)
-            if not ((isinstance(p, np.ndarray) and isinstance(g, np.ndarray))
-                    or (pd == gd == "cuda")):
+            pair_be = backend_of(p)
+            if not (pair_be.is_array(p) and pair_be.is_array(g)):
                 raise TypeError(f"pair {i}: param and grad must be NumPy arrays or CuPy "
                                 f"arrays, got {type(p).__name__} and {type(g).__name__}")
-            if dev is not None and pd != dev:
-                raise TypeError(f"pair {i}: on {pd}, but pair 0 is on {dev}: all pairs must "
-                                "be on one device")
-            dev = pd
+            if be is not None and pair_be is not be:
+                raise TypeError(f"pair {i}: on {pair_be.name}, but pair 0 is on {be.name}: "
+                                "all pairs must be on one device")
+            be = pair_be
             if p.shape != g.shape:
                 raise ValueError(f"pair {i}: grad shape {g.shape} != param shape {p.shape}")
-            if dev == "cuda":
-                # CuPy has no read-only arrays; the CUDA kernel takes data
-                # addresses, so the arrays must be contiguous
-                if not (p.flags.c_contiguous and g.flags.c_contiguous):
-                    raise ValueError(f"pair {i}: CuPy param and grad must be C-contiguous")
-            elif not p.flags.writeable:
-                raise ValueError(f"pair {i}: param is read-only")
+            be.check_pair(i, p, g)
             checked.append((p, g))
         dt = checked[0][0].dtype
         if dt not in (np.float32, np.float64) or any(
@@ -821,44 +779,20 @@ class Optimizer:
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._torch_layout = [(int(o), p.shape, False)
                               for o, (p, _) in zip(self._offsets, checked)]
-        xp = _device.array_module(dev)
-        self._params = xp.empty(int(self._offsets[-1]), dt)
-        self._grads = xp.empty_like(self._params)
-        self._use_device(dev)
+        self._params = be.xp.empty(int(self._offsets[-1]), dt)
+        self._grads = be.xp.empty_like(self._params)
+        self._use_backend(be)
         self._gather_params()
-        if dev == "cuda":
-            self._bind_cuda_pairs(checked)
-            return
-        # Contiguous pairs are updated where they are (kernels.cpu.multi_tensor),
-        # their addresses taken once: the pairs are held here, so NumPy cannot
-        # move their data (resize refuses arrays with other references).
-        if all(p.flags.c_contiguous and p.flags.aligned and g.flags.c_contiguous
-               and g.flags.aligned for p, g in checked):
-            self._multi = (_mt.addresses([p for p, _ in checked]),
-                           _mt.addresses([g for _, g in checked]),
-                           np.diff(self._offsets), np.zeros(len(checked), np.int64))
+        # pairs updated in place (their addresses taken once), else copied
+        self._multi = be.bind_pairs(checked, self._offsets)
 
-    def _bind_cuda_pairs(self, checked):
-        """The device address arrays of CuPy pairs for the CUDA multi-tensor
-        update (``kernels.cuda.multi_tensor``), uploaded once here: the pairs
-        are held, so their memory stays where it is."""
-        import cupy
-        from .kernels.cuda import multi_tensor as kmt
-        dt = self._params.dtype
-        sizes = np.diff(self._offsets)
-        self._multi = (cupy.asarray(kmt.addresses([p for p, _ in checked], dt)),
-                       cupy.asarray(kmt.addresses([g for _, g in checked], dt)),
-                       sizes, cupy.asarray(sizes))
-        self._multi_rows = None
-
-    def _use_device(self, dev):
-        """The array module and update kernel of the parameters' device."""
-        self._device = dev
-        self._xp = _device.array_module(dev)
-        self._update = self._serial_update = _device.kernels(dev).clipped_update
-        if dev == "cuda":
-            # at most one segment per parameter, whatever the groups
-            self._book = _DeviceBook(self._offsets, len(self._param_entries()))
+    def _use_backend(self, be):
+        """The array module, update kernel and read-back of the parameters' device."""
+        self._backend = be
+        self._xp = be.xp
+        self._update = self._serial_update = be.kernels.clipped_update
+        # at most one segment per parameter, whatever the groups
+        self._records = be.update_records(self, len(self._param_entries()))
 
     # Read-only: the kernel indexes all of them over the same length.
     @property
@@ -884,7 +818,9 @@ class Optimizer:
         view = self._offsets.view()
         view.flags.writeable = False
         return view
-    device = property(lambda self: self._device, doc='"cpu" or "cuda".')
+    device = property(lambda self: self._backend.name, doc='"cpu" or "cuda".')
+    backend = property(lambda self: self._backend,
+                       doc="The device's backend (``fastgrad.backend``).")
 
     @property
     def state(self):
@@ -893,7 +829,7 @@ class Optimizer:
 
     def _device_buffers(self):
         """The device buffers the CUDA update kernel works in (``ws``)."""
-        return self._book.buffers
+        return self._records.buffers
 
     # -- counters (on CUDA, read back from the device) ------------------------
     @property
@@ -908,8 +844,7 @@ class Optimizer:
             raise ValueError(f"step_count must be an integer >= 0, got {k!r}")
         self._settle()
         self._step_count = int(k)
-        if self._book is not None:
-            self._book.buffers["step"].fill(float(self._step_count))
+        self._records.set_step(self._step_count)
 
     @property
     def n_skipped(self):
@@ -926,58 +861,7 @@ class Optimizer:
 
     def _settle(self):
         """Read back every update in flight (CUDA; waits for the device)."""
-        while self._book is not None and self._book.queue:
-            self._read_oldest()
-
-    def _poll(self):
-        """Read back the updates that have finished, without waiting; wait
-        for the oldest only when the ring of records is full."""
-        book = self._book
-        while book.queue and book.reader.ready(book.queue[0][0]):
-            self._read_oldest()
-        if book.reader.full:
-            self._read_oldest()
-
-    def _read_oldest(self):
-        """Fill the oldest in-flight StepStats from its record and book it;
-        raise what that update reported."""
-        book = self._book
-        slot, stats, call, with_loss = book.queue.popleft()
-        rec = book.reader.take(slot)
-        k = book.k
-        skipped = rec[k.CTL_SKIP] != 0.0
-        error = int(rec[k.CTL_ERROR])
-        scale = float(rec[k.CTL_SCALE])
-        self._step_count = int(rec[k.CTL_STEP])
-        if skipped and error == k.ERR_NONE:
-            self._n_skipped += 1
-        stats._fill((self._step_count, float(rec[k.CTL_LR]), float(rec[k.CTL_NORM]), scale,
-                     (not skipped) and scale < 1.0, bool(skipped),
-                     np.sqrt(rec[k.CTL_SIZE:])),
-                    float(rec[k.CTL_LOSS]) if with_loss else None)
-        if error == k.ERR_BAD_LABEL:
-            raise ValueError(
-                f"labels: a class index outside [0, n_classes) reached the GPU in training "
-                f"call {call}; that update was not applied (parameters and optimizer state "
-                "unchanged)")
-        if error != k.ERR_NONE:
-            raise RuntimeError(f"fastgrad: the device found no hyper-parameters for its step "
-                               f"count in call {call} (error {error}); the update was skipped")
-        if skipped and not self.skip_nonfinite:
-            raise NonFiniteGradientError(
-                f"non-finite gradient norm {stats.grad_norm} at update {self._step_count}; "
-                "parameters and optimizer state were left unchanged")
-
-    # what a pending StepStats calls
-    def _fetch_stats(self, stats):
-        while stats._values is None:
-            self._read_oldest()
-
-    def _stats_ready(self, stats):
-        for slot, queued, _, _ in self._book.queue:
-            if queued is stats:
-                return self._book.reader.ready(slot)
-        return stats._values is not None
+        self._records.settle()
 
     @property
     def parallel(self):
@@ -995,9 +879,7 @@ class Optimizer:
 
     @parallel.setter
     def parallel(self, on):
-        if on and self.device != "cpu":
-            raise ValueError("parallel applies to the CPU kernels; CUDA runs on the GPU anyway")
-        self._update = _k.clipped_update_parallel if on else self._serial_update
+        self._update = self._backend.parallel_update() if on else self._serial_update
 
     # (the flat buffers directly: reading the params property gathers)
     def _gather_params(self):
@@ -1255,10 +1137,7 @@ class Optimizer:
         if end != self.params.size:
             raise ValueError(f"parameter groups cover {end} of {self.params.size} parameters")
         n_seg = 1 if len(groups) == 1 else sum(hi > lo for lo, hi, _ in segs)
-        book = self._book
-        if book is not None and n_seg * _k.HP_SIZE > book.buffers["hp"].size:
-            raise ValueError(f"parameter groups: {n_seg} segments do not fit this CUDA "
-                             "optimizer (one per parameter at most)")
+        self._records.check_segments(n_seg)
         with self._lock:
             self._settle()
             self._groups = groups
@@ -1271,13 +1150,8 @@ class Optimizer:
                 self._seg_ends = np.array([hi for _, hi, _ in segs], np.float64)
                 self._hp = np.zeros((len(segs), _k.HP_SIZE), np.float64)
                 self._group_rows = np.zeros((len(groups), _k.HP_SIZE), np.float64)
-            if book is not None:
-                # a table row per update count the device may be at, holding
-                # one hp block per segment with several groups
-                shape = (book.DEPTH + 1,) + self._hp.shape
-                book.table = np.zeros(shape, np.float64)
-                book.buffers["lr_segment"][0] = (0 if self._seg_group is None else
-                                                 int(np.flatnonzero(self._seg_group == 0)[0]))
+            self._records.set_layout(self._hp.shape, 0 if self._seg_group is None else
+                                     int(np.flatnonzero(self._seg_group == 0)[0]))
             # torch numbers the parameters group after group.
             starts = np.array([lo for lo, _, _ in segs], np.int64)
             seg_of = [segs[int(np.searchsorted(starts, off, "right")) - 1][2]
@@ -1700,17 +1574,7 @@ class Optimizer:
         table of rows for every ``k`` the device can be at (see the module
         docstring)."""
         s0, s1, s2 = self._buffers()
-        if self._book is None:
-            self._lr_now = self._fill_update(self._hp, self._step_count)
-            return self.rule, s0, s1, s2, self._hp
-        self._poll()
-        table = self._book.table
-        used = len(self._book.queue) + 1
-        for r in range(used):
-            self._fill_update(table[r], self._step_count + r)
-        table[used:] = 0.0
-        table[used:, ..., _k.HP_UPDATE] = -1.0       # no update index: never chosen
-        return self.rule, s0, s1, s2, table
+        return self.rule, s0, s1, s2, self._records.hp_rows()
 
     def _commit(self, norm, scale, skipped, layer_sq, with_loss=False):
         """Book-keep one kernel call; returns its :class:`StepStats`.
@@ -1720,31 +1584,7 @@ class Optimizer:
         themselves from it (``with_loss``: the record holds the step's loss).
         """
         self.n_calls += 1
-        book = self._book
-        if book is not None:
-            if book.reader.full:
-                self._read_oldest()
-            stats = StepStats._pending(self)
-            book.queue.append((book.reader.push(book.record), stats, self.n_calls, with_loss))
-            self.last_stats = stats
-            if not self.skip_nonfinite:
-                self._settle()        # raise at the update that failed, as on the CPU
-            return stats
-        skipped = bool(skipped)
-        norm, scale = float(norm), float(scale)
-        if skipped:
-            self._n_skipped += 1
-        else:
-            self._step_count += 1
-        stats = StepStats(step=self._step_count, lr=self._lr_now, grad_norm=norm,
-                          clip_scale=scale, clipped=(not skipped) and scale < 1.0,
-                          skipped=skipped, layer_norms=np.sqrt(layer_sq))
-        self.last_stats = stats
-        if skipped and not self.skip_nonfinite:
-            raise NonFiniteGradientError(
-                f"non-finite gradient norm {norm} at update {self._step_count}; "
-                "parameters and optimizer state were left unchanged")
-        return stats
+        return self._records.commit(norm, scale, skipped, layer_sq, with_loss)
 
     def step(self):
         """Apply one clipped update from the current gradients.
@@ -1760,80 +1600,20 @@ class Optimizer:
                 self._gather_params()
                 self._gather_grads()
             rule, s0, s1, s2, hp = self._kernel_args()
-            extra = {} if self._book is None else {"ws": self._book.buffers}
             norm, scale, skipped = self._update(
                 rule, self.params, self.grads, s0, s1, s2, hp, self._offsets,
-                self._layer_sq, self._clip_norm, self._clip_value, **extra)
+                self._layer_sq, self._clip_norm, self._clip_value,
+                **self._records.update_kwargs)
             if self._pairs is not None and not skipped:
                 self._scatter_params()
             return self._commit(norm, scale, skipped, self._layer_sq)
 
-    def _pair_state_addresses(self, buffers, address):
-        """(3, n_pairs) int64: where each pair's slice of the flat state
-        buffers ``s0, s1, s2`` starts (``address(buffer)`` its data pointer);
-        0 for a buffer the rule does not keep."""
-        itemsize = np.dtype(self._params.dtype).itemsize
-        s_addr = np.zeros((len(buffers), len(self._pairs)), np.int64)
-        for j, s in enumerate(buffers):
-            if s.size:
-                s_addr[j] = address(s) + self._offsets[:-1] * itemsize
-        return s_addr
-
     def _step_in_place(self):
         """``step()`` for contiguous (param, grad) pairs: one multi-tensor
         kernel call on the user's arrays and per-pair views of the flat state
-        buffers, bitwise the flat kernel's result, with no copies."""
-        if self._device == "cuda":
-            return self._step_in_place_cuda()
-        rule, s0, s1, s2, hp = self._kernel_args()
-        p_addr, g_addr, sizes, rows = self._multi
-        cached = self._multi_state
-        if cached is None or cached[0] is not s0 or cached[1] is not s1 or cached[2] is not s2:
-            # the buffers change only when a hyper-parameter needs new ones
-            cached = self._multi_state = (s0, s1, s2, self._pair_state_addresses(
-                (s0, s1, s2), _mt.address))
-        s_addr = cached[3]
-        if hp.ndim == 2:
-            # parameter groups: one row per segment of the flat layout, and a
-            # group holds whole pairs, so each pair lies in one segment
-            rows = np.searchsorted(hp[:, _k.HP_END], self._offsets[:-1], side="right")
-        else:
-            hp = hp.reshape(1, -1)
-        update = (_mt.multi_clipped_update_parallel if self.parallel
-                  else _mt.multi_clipped_update)
-        norm, scale, skipped = update(
-            rule, self._empty, p_addr, g_addr, s_addr, sizes, hp, rows,
-            self._layer_sq, self._clip_norm, self._clip_value)
-        return self._commit(norm, scale, skipped, self._layer_sq)
-
-    def _step_in_place_cuda(self):
-        """``step()`` for CuPy pairs: the CUDA multi-tensor update on the
-        user's arrays and per-pair slices of the flat state buffers, with the
-        table of hp rows and the read-back of a CUDA optimizer (``_DeviceBook``);
-        nothing waits for the device."""
-        import cupy
-        from .kernels.cuda import multi_tensor as kmt
-        rule, s0, s1, s2, table = self._kernel_args()
-        p_addr, g_addr, sizes, dev_sizes = self._multi
-        cached = self._multi_state
-        if cached is None or cached[0] is not s0 or cached[1] is not s1 or cached[2] is not s2:
-            # the buffers change only when a hyper-parameter needs new ones
-            cached = self._multi_state = (s0, s1, s2, cupy.asarray(self._pair_state_addresses(
-                (s0, s1, s2), lambda s: s.data.ptr)))
-        if self._seg_group is None:
-            seg_ends = None
-        else:
-            # parameter groups hold whole pairs: each pair lies in one segment
-            seg_ends = self._seg_ends
-        if self._multi_rows is None or self._multi_rows[0] is not seg_ends:
-            rows = (np.zeros(sizes.size, np.int64) if seg_ends is None else
-                    np.searchsorted(seg_ends, self._offsets[:-1], side="right").astype(np.int64))
-            self._multi_rows = (seg_ends, cupy.asarray(rows))
-        book = self._book
-        norm, scale, skipped = kmt.multi_clipped_update(
-            rule, self._params.dtype, p_addr, g_addr, cached[3], sizes, table,
-            self._multi_rows[1], self._layer_sq, self._clip_norm, self._clip_value,
-            ws=book.buffers, dev_sizes=dev_sizes)
+        buffers (the backend's ``update_pairs``), bitwise the flat kernel's
+        result, with no copies; on CUDA nothing waits for the device."""
+        norm, scale, skipped = self._backend.update_pairs(self)
         return self._commit(norm, scale, skipped, self._layer_sq)
 
     def zero_grad(self):

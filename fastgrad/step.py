@@ -36,7 +36,6 @@ from .errors import NonFiniteGradientError
 from .optim import StepStats
 from .kernels.cpu import step as _kstep
 from .kernels.cpu import norm as _knorm
-from .kernels.cpu import step_blocks as _kblocks
 from .kernels.cpu import step_sharded as _ksharded
 from .layers import Sequential
 
@@ -120,44 +119,33 @@ class TrainStep:
                 opt._offsets, model.layer_offsets):
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
+        be = self._backend = model.backend
         # Models with dropout or residual blocks get their own compiled step:
         # plain models never compile (nor pay for) the block code.
         self._blocks = model.extended
-        # A CUDA model with toolkit layers runs the layer path (forward, loss,
-        # backward, update: the same twin kernels, launched one by one; the
-        # loss is read back each step).  A fused CUDA step for them is not
-        # written yet.
-        self._composed = (self._blocks and model.device == "cuda") or self._loss_options
+        # Where the device has no fused step for toolkit layers (CUDA), the
+        # model runs the layer path (forward, loss, backward, update: the same
+        # twin kernels, launched one by one; the loss is read back each step).
+        self._composed = (self._blocks and not be.fuses_toolkit_layers) or self._loss_options
         # CUDA graphs: the step's launches replayed as one graph per batch
         # size (GEMMs through fastgrad's own kernel: CuPy refuses cuBLAS in a
         # capture).  Off by default until it has been measured on a GPU.
         self.cuda_graph = bool(cuda_graph)
-        if self.cuda_graph and (model.device != "cuda" or self._blocks):
+        if self.cuda_graph and (not be.graphs_steps or self._blocks):
             raise ValueError("cuda_graph=True needs a CUDA model without toolkit layers")
         if self.cuda_graph and opt._seg_group is not None:
             raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
         self._graphs = {}
         self._threads = self._threads_arg(threads, model)
-        if model.device == "cuda":
-            # One Python function issuing the step's launches on the current
-            # stream (no host sync inside); see kernels/cuda/step.py.
-            from .kernels.cuda import step as kernels
-            self._kernels = kernels
-        else:
-            self._kernels = _kstep
-        xp = self._xp = model._xp
+        xp = self._xp = be.xp
         self._loss_kind = _kstep.LOSS_CODES[name]
         self._sizes = np.asarray(model.sizes, np.int64)
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(ops.needs_z(c) for c in self._codes)
-        self._kblocks, self._ksharded = _kblocks, _ksharded
-        pkg = ops.model_kernels(model.device, self._codes)
-        if model.device == "cpu":
-            # the step kernels compiled for this model's activations
-            # (fastgrad.registry.cpu_kernels), as model.forward's
-            self._kernels, self._kblocks = pkg.step, pkg.step_blocks
-            self._ksharded = pkg.step_sharded
+        # the step kernels of this model's activations, as model.forward's
+        # (on the CPU compiled for those alone: fastgrad.registry.cpu_kernels)
+        self._kernels, self._kblocks, self._ksharded = be.step_kernels(self._codes)
         if self._blocks and not self._composed:
             self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
             self._no_drops = np.zeros_like(self._drops)
@@ -194,7 +182,7 @@ class TrainStep:
         if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) \
                 or threads < 1:
             raise ValueError(f"threads must be None or a positive integer, got {threads!r}")
-        if model.device != "cpu" or self._blocks or self._loss_options:
+        if not model.backend.shards_threads or self._blocks or self._loss_options:
             raise ValueError("threads= shards the fused CPU step of a plain model (no dropout, "
                              "normalisation, residual or weight norm, default loss options); "
                              f"this step runs on {model.device}"
@@ -246,10 +234,10 @@ class TrainStep:
             zs = xp.empty_like(acts) if self._needs_z else acts
             delta = xp.empty(2 * B * int(widths.max()), dt)
             buf = self._buffers[B] = (acts, zs, delta)
-            if self.model.device == "cuda":
-                self._workspaces[B] = self._kernels.Workspace(
-                    B, self._sizes, self.opt._offsets, self._loss_kind, dt,
-                    optim=self.opt._device_buffers())
+            ws = self._backend.step_workspace(B, self._sizes, self.opt._offsets,
+                                              self._loss_kind, dt, self.opt._records)
+            if ws is not None:
+                self._workspaces[B] = ws
         return buf
 
     def _evict(self, keep):
@@ -286,7 +274,7 @@ class TrainStep:
         return g
 
     def _extra(self, B):
-        """Keyword arguments only the CUDA twin takes (its scratch space)."""
+        """Keyword arguments only a device that needs scratch space takes."""
         return {"ws": self._workspaces[B]} if self._workspaces else {}
 
     def _inputs(self, x, y):
@@ -299,45 +287,40 @@ class TrainStep:
         by the loss kernel, which makes the update skip and the optimizer
         raise ValueError when the step's record is read back.
         """
-        model, n_out = self.model, int(self._sizes[-1])
-        cuda = model.device == "cuda"
-        if not cuda or _device.device_of(x) == "cuda":
-            x = model._input(x)
-        else:
+        model, n_out, be = self.model, int(self._sizes[-1]), self._backend
+        if be.needs_staging(x):
             x = self._stage("x", ops.as_array(x, "x", model.dtype, shape=(None, model.sizes[0])))
             if x.shape[0] == 0:
                 raise ValueError("x: empty batch")
+        else:
+            x = model._input(x)
         B = x.shape[0]
-        on_device = cuda and _device.device_of(y) == "cuda"
+        stage_y = be.needs_staging(y)
         if self._loss_kind == _kstep.CROSS_ENTROPY:
-            if not cuda:
-                return x, ops.as_labels(y, B, n_out), self._no_target
-            if on_device:
-                return x, ops.as_labels(y, B, n_out, xp=self._xp, check_range=False), \
-                    self._no_target
-            return x, self._stage("labels", ops.as_labels(y, B, n_out)), self._no_target
-        if not cuda or on_device:
-            return x, self._no_labels, ops.as_array(y, "target", model.dtype, shape=(B, n_out),
-                                                    xp=self._xp)
-        return x, self._no_labels, self._stage(
-            "target", ops.as_array(y, "target", model.dtype, shape=(B, n_out)))
+            if stage_y:
+                return x, self._stage("labels", ops.as_labels(y, B, n_out)), self._no_target
+            return x, ops.as_labels(y, B, n_out, xp=self._xp,
+                                    check_range=not be.labels_checked_by_kernel), \
+                self._no_target
+        if stage_y:
+            return x, self._no_labels, self._stage(
+                "target", ops.as_array(y, "target", model.dtype, shape=(B, n_out)))
+        return x, self._no_labels, ops.as_array(y, "target", model.dtype, shape=(B, n_out),
+                                                xp=self._xp)
 
     def _stage(self, name, host):
         """Queue the copy of the host array ``host`` into this step's device
         buffer for it (no sync; the buffer is reused in stream order)."""
-        from .kernels.cuda.transfer import uploader
         key = (name, host.shape, host.dtype.str)
         dst = self._staged.get(key)
         if dst is None:
             dst = self._staged[key] = self._xp.empty(host.shape, host.dtype)
-        return uploader().upload(host, dst)
+        return self._backend.upload(host, dst)
 
     def _result(self, loss):
         """The loss a call returns: a float on the CPU; on CUDA a 0-d float64
         CuPy array (reading it waits for the step, like ``loss.item()``)."""
-        if self.model.device == "cuda":
-            return self._xp.array(loss, dtype=np.float64)
-        return float(loss)
+        return self._backend.loss_result(loss)
 
     def _block_args(self, B):
         """(drops, residual, norms, seed, counter, training) of this training
@@ -371,23 +354,13 @@ class TrainStep:
 
     def _undo_forward(self, snap, skipped=None):
         """After a skipped update, undo what the forward changed besides the
-        parameters (``model._step_snapshot``).  On CUDA the skip decision
-        is in device memory: the running statistics are restored by a
-        device-side select on it (no host wait); the dropout counter lives
-        on the host and keeps its advance."""
-        model = self.model
-        if model.device == "cpu":
-            if skipped or (skipped is None and self.stats.skipped):
-                model._restore_snapshot(snap)
-            return
-        _, mean, var = snap
-        if mean is None:
-            return
-        book = self.opt._book
-        skip = book.buffers["ctl"][book.k.CTL_SKIP] != 0
-        xp = model._xp
-        model._running_mean[...] = xp.where(skip, mean, model._running_mean)
-        model._running_var[...] = xp.where(skip, var, model._running_var)
+        parameters (``model._step_snapshot``), as the backend can: on CUDA
+        the skip decision is in device memory, the running statistics are
+        restored by a device-side select on it (no host wait) and the
+        dropout counter, on the host, keeps its advance."""
+        self._backend.undo_skipped_forward(
+            self.model, snap,
+            (lambda: self.stats.skipped) if skipped is None else skipped, self.opt._records)
 
     def __call__(self, x, y):
         with self.opt._lock:
@@ -402,7 +375,7 @@ class TrainStep:
         rule, s0, s1, s2, hp = self.opt._kernel_args()
         # On the CPU the skip decision is known when the kernel returns:
         # undo what the forward changed outside the parameters.
-        snap = model._step_snapshot() if model.device == "cpu" else None
+        snap = model._step_snapshot() if self._backend.skip_known_on_host else None
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
             drops, residual, norms, seed, counter, training = self._block_args(B)
@@ -446,7 +419,7 @@ class TrainStep:
         if snap is not None and skipped:
             model._restore_snapshot(snap)
         self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq,
-                                      with_loss=model.device == "cuda")
+                                      with_loss=self._backend.loss_in_record)
         return self._result(loss)
 
     def gradients(self, x, y):
@@ -498,7 +471,8 @@ class TrainStep:
         """True when an epoch runs as compiled chunks (CPU models with a
         default loss, serial step); other steps, the sharded ``threads=n``
         step included, run a Python loop over ``step(x, y)``."""
-        return self.model.device == "cpu" and not self._composed and self.threads is None
+        return (self._backend.compiled_epochs and not self._composed
+                and self.threads is None)
 
     def run_epoch(self, X, Y, batch_size, shuffle=True, seed=None, drop_last=False,
                   callback=None):
@@ -583,9 +557,7 @@ class TrainStep:
         other a placeholder; the other paths check host labels here too, so
         that a bad label raises before the first step."""
         model, n_out = self.model, int(self._sizes[-1])
-        on_device = _device.device_of(X) == "cuda"
-        if on_device and model.device != "cuda":
-            raise TypeError(f"X is a CUDA array but the model is on {model.device}")
+        on_device = self._backend.holds(X, "X")
         xp = model._xp if on_device else np
         X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]), xp=xp)
         n = X.shape[0]
@@ -593,7 +565,7 @@ class TrainStep:
             raise ValueError("X: empty dataset")
         if on_device:
             Y = xp.asarray(Y)
-        elif _device.device_of(Y) == "cuda":
+        elif not _device.is_host_array(Y):
             raise TypeError("Y is a CUDA array but X is on the host")
         else:
             Y = np.asarray(Y)
@@ -732,7 +704,7 @@ class TrainStep:
     def _looped_epoch(self, X, Y, order, batch_size, n_steps, res, callback):
         """The epoch as a Python loop over ``step(x, y)`` (losses with
         options, CUDA)."""
-        xp = _device.array_module(_device.device_of(X))
+        xp = self._backend.xp if self._backend.holds(X, "X") else np
         n_order = order.shape[0]
         B = min(batch_size, n_order)
         xbuf = xp.empty((B,) + X.shape[1:], X.dtype)
@@ -1006,10 +978,9 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         _positive_int(name, val)
     # A dataset already on the GPU stays there: batches are gathered on the
     # device (the batch's indices go up by an asynchronous pinned copy).
-    on_device = _device.device_of(X) == "cuda"
-    if on_device and model.device != "cuda":
-        raise TypeError(f"X is a CUDA array but the model is on {model.device}")
-    xp = model._xp if on_device else np
+    be = model.backend
+    on_device = be.holds(X, "X")
+    xp = be.xp if on_device else np
     X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]), xp=xp)
     Y = xp.asarray(Y)
     if len(Y) != len(X):
@@ -1030,7 +1001,6 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
         ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
     if on_device:
-        from .kernels.cuda.transfer import uploader
         ibuf = xp.empty(min(batch_size, n), np.int64)
     history = {"loss": [], "grad_norm_mean": [], "grad_norm_max": [], "clipped": [], "skipped": []}
     if validation_data is not None:
@@ -1086,7 +1056,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                     idx = order[bi * batch_size:(bi + 1) * batch_size]
                     xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
                     if on_device:
-                        idx = uploader().upload(idx, ibuf[:len(idx)])
+                        idx = be.upload(idx, ibuf[:len(idx)])
                     xp.take(X, idx, axis=0, out=xb)
                     xp.take(Y, idx, axis=0, out=yb)
                     loss = step(xb, yb)

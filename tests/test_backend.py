@@ -1,0 +1,176 @@
+"""The backend seam: one object per device, chosen once, and its read-back.
+
+Models, optimizers and TrainSteps hold their device's backend
+(``fastgrad.backend``) and never test the device string; the read-back is
+a value on the CPU and a pending result on CUDA that waits only when read.
+"""
+import ast
+import pathlib
+
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import backend as fb
+from fastgrad import device as fg_device
+from fastgrad.errors import NonFiniteGradientError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _model_step(device, dtype="float64", **opt_kw):
+    model = fg.MLP([5, 7, 3], activation="tanh", dtype=dtype, device=device, seed=3)
+    opt = fg.Adam(model, lr=1e-2, **opt_kw)
+    return model, opt, fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+
+
+def _batch(rng, B=9):
+    return rng.standard_normal((B, 5)), rng.integers(0, 3, B)
+
+
+def test_one_backend_per_device(device):
+    be = fb.backend_for(device)
+    assert be.name == device
+    assert fb.backend_for(device) is be
+    assert fb.backend_for(device.upper()) is be          # resolved, then the same object
+    assert fb.backend_for(be) is be
+    model, opt, step = _model_step(device)
+    assert model.backend is be and opt.backend is be and step._backend is be
+    assert fb.backend_of(model.params) is be
+    assert model.device == opt.device == device
+    assert isinstance(model.params, be.xp.ndarray)
+
+
+def test_backend_chosen_once_at_construction(monkeypatch):
+    """A model keeps the backend it was built with when the default device changes."""
+    monkeypatch.setattr(fg_device, "_current", None)
+    model = fg.MLP([3, 2], device="cpu")
+    calls = []
+    real = fg_device.resolve
+    monkeypatch.setattr(fg_device, "resolve", lambda name: calls.append(name) or real(name))
+    opt = fg.SGD(model, lr=0.1)
+    step = fg.TrainStep(model, fg.MSE(), opt)
+    step(np.ones((4, 3)), np.zeros((4, 2)))
+    assert calls == []             # no device probe after the model was built
+    assert opt.backend is model.backend is fb.backend_for("cpu")
+
+
+def test_device_strings_are_read_only(device):
+    model, opt, _ = _model_step(device)
+    with pytest.raises(AttributeError):
+        model.device = "cpu"
+    with pytest.raises(AttributeError):
+        opt.device = "cpu"
+    with pytest.raises(AttributeError):
+        model.backend = None
+
+
+def test_unknown_device_raises():
+    with pytest.raises(ValueError, match="unknown device"):
+        fb.backend_for("tpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        fg.MLP([3, 2], device="tpu")
+
+
+def test_cpu_backend_arrays_and_predicates():
+    be = fb.backend_for("cpu")
+    assert be.xp is np
+    assert be.holds(np.zeros(3)) is False and not be.needs_staging(np.zeros(3))
+    assert be.is_array(np.zeros(3)) and not be.is_array([1.0])
+    ro = np.zeros(3)
+    ro.flags.writeable = False
+    assert be.writeable(np.zeros(3)) and not be.writeable(ro)
+    assert be.skip_known_on_host and be.compiled_epochs and be.fuses_toolkit_layers
+    assert not be.graphs_steps and not be.loss_in_record
+    loss = be.loss_result(np.float32(1.5))
+    assert type(loss) is float and loss == 1.5
+    assert be.step_workspace(4, np.array([5, 3]), np.array([0, 18]), 0, np.float32,
+                             None) is None
+
+
+def test_cpu_readback_is_a_value(rng):
+    """On the CPU every update's StepStats is on the host when the call returns."""
+    model, opt, step = _model_step("cpu")
+    x, y = _batch(rng)
+    for k in range(1, 4):
+        loss = step(x, y)
+        assert type(loss) is float
+        assert step.stats._values is not None and step.stats.ready
+        assert step.stats.step == k == opt.step_count
+    stats = opt.step()
+    assert stats.ready and stats.step == 4
+
+
+def test_cpu_readback_books_skips_and_raises(rng):
+    model, opt, step = _model_step("cpu")
+    x, y = _batch(rng)
+    step.gradients(x, y)
+    model.grads[0] = np.nan
+    before = model.params.copy()
+    st = opt.step()
+    assert st.skipped and st.ready and opt.n_skipped == 1 and opt.step_count == 0
+    assert np.array_equal(model.params, before)
+    opt.skip_nonfinite = False
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+
+
+@pytest.mark.cuda
+def test_cuda_readback_waits_only_when_read(rng):
+    """On CUDA a step leaves its StepStats pending (no host wait) and its
+    loss a 0-d device array; reading a field fills it from the record."""
+    model, opt, step = _model_step("cuda")
+    be = model.backend
+    assert not be.skip_known_on_host and be.loss_in_record and be.graphs_steps
+    x, y = _batch(rng)
+    loss = step(x, y)
+    assert isinstance(loss, be.xp.ndarray) and loss.shape == () and loss.dtype == np.float64
+    stats = step.stats
+    assert stats._values is None                 # pending: nothing was read back
+    assert len(opt._records.queue) == 1
+    assert stats.step == 1                       # reading waits and fills it
+    assert stats._values is not None and not opt._records.queue
+    assert stats._loss == pytest.approx(float(loss))
+    # the update's record and the host agree
+    host = fg.MLP([5, 7, 3], activation="tanh", dtype="float64", device="cpu", seed=3)
+    hopt = fg.Adam(host, lr=1e-2)
+    hloss = fg.TrainStep(host, fg.SoftmaxCrossEntropy(), hopt)(x, y)
+    assert float(loss) == pytest.approx(hloss, rel=1e-12)
+    assert stats.grad_norm == pytest.approx(hopt.last_stats.grad_norm, rel=1e-10)
+
+
+@pytest.mark.cuda
+def test_cuda_readback_of_opt_step_is_pending(rng):
+    model, opt, _ = _model_step("cuda")
+    model.grads[...] = model.backend.xp.asarray(rng.standard_normal(model.n_params))
+    st = opt.step()
+    assert st._values is None
+    assert opt.step_count == 1 and st._values is not None     # step_count settles
+    st2 = opt.step()
+    assert st2.step == 2 and not st2.skipped
+
+
+def _device_string_tests(path):
+    """Comparisons with "cpu"/"cuda" string literals in a module's code."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left] + node.comparators
+            if any(isinstance(o, ast.Constant) and o.value in ("cpu", "cuda") for o in operands):
+                found.append(node.lineno)
+    return found
+
+
+@pytest.mark.parametrize("module", ["step.py", "optim.py", "layers.py", "ops.py",
+                                    "distributed.py", "io.py", "interop.py", "health.py"])
+def test_callers_never_test_the_device_string(module):
+    """The device's differences live in fastgrad/backend.py: the modules that
+    hold a backend compare no device name."""
+    assert _device_string_tests(ROOT / "fastgrad" / module) == []
+
+
+def test_the_scan_finds_a_device_test(tmp_path):
+    p = tmp_path / "m.py"
+    p.write_text('def f(m):\n    return 1 if m.device == "cuda" else 0\n')
+    assert _device_string_tests(p) == [2]
