@@ -80,14 +80,15 @@ def kernels_for(dev, codes):
     return _device.kernels(dev)
 
 
-def model_kernels(dev, codes):
+def model_kernels(dev, codes, rules=None, losses=None):
     """The kernel package a model with activation ``codes`` runs on: on the
-    CPU a copy of the package compiled for those activations alone
-    (``fastgrad.registry.cpu_kernels``: a cold first step compiles only the
-    model's activation loops), on CUDA :func:`kernels_for`'s."""
+    CPU a copy of the package compiled for those activations alone, and for
+    the update ``rules`` and ``losses`` codes given (None: all;
+    ``fastgrad.registry.cpu_kernels``: a cold first step compiles only what
+    the model uses), on CUDA :func:`kernels_for`'s."""
     if dev == "cpu":
         kernels_for(dev, codes)             # unknown registered codes raise
-        return _registry.cpu_kernels(codes)
+        return _registry.cpu_kernels(codes, rules=rules, losses=losses)
     return kernels_for(dev, codes)
 
 

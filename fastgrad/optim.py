@@ -70,6 +70,7 @@ import threading
 import numpy as np
 
 from . import device as _device
+from . import registry as _registry
 from .errors import NonFiniteGradientError
 from .kernels.cpu import multi_tensor as _mt
 from .kernels.cpu import optim as _k
@@ -837,10 +838,18 @@ class Optimizer:
         """The array module and update kernel of the parameters' device."""
         self._device = dev
         self._xp = _device.array_module(dev)
-        self._update = self._serial_update = _device.kernels(dev).clipped_update
+        self._update = self._serial_update = self._kernels(dev).clipped_update
         if dev == "cuda":
             # at most one segment per parameter, whatever the groups
             self._book = _DeviceBook(self._offsets, len(self._param_entries()))
+
+    def _kernels(self, dev):
+        """The update kernels of ``dev``; on the CPU a copy compiled for this
+        optimizer's rule alone (``fastgrad.registry.cpu_kernels``)."""
+        if dev == "cpu":
+            rules = None if self.rule is None else (self.rule,)
+            return _registry.cpu_kernels((), rules=rules, losses=()).optim
+        return _device.kernels(dev)
 
     # Read-only: the kernel indexes all of them over the same length.
     @property
@@ -979,7 +988,8 @@ class Optimizer:
     def parallel(self, on):
         if on and self.device != "cpu":
             raise ValueError("parallel applies to the CPU kernels; CUDA runs on the GPU anyway")
-        self._update = _k.clipped_update_parallel if on else self._serial_update
+        self._update = (self._kernels("cpu").clipped_update_parallel if on
+                        else self._serial_update)
 
     # (the flat buffers directly: reading the params property gathers)
     def _gather_params(self):

@@ -152,10 +152,11 @@ class TrainStep:
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(ops.needs_z(c) for c in self._codes)
         self._kblocks, self._ksharded = _kblocks, _ksharded
-        pkg = ops.model_kernels(model.device, self._codes)
+        pkg = ops.model_kernels(model.device, self._codes, rules=(opt.rule,),
+                                losses=(self._loss_kind,))
         if model.device == "cpu":
-            # the step kernels compiled for this model's activations
-            # (fastgrad.registry.cpu_kernels), as model.forward's
+            # the step kernels compiled for this model's activations, update
+            # rule and loss alone (fastgrad.registry.cpu_kernels)
             self._kernels, self._kblocks = pkg.step, pkg.step_blocks
             self._ksharded = pkg.step_sharded
         if self._blocks and not self._composed:
