@@ -109,14 +109,20 @@ class Backend:
             return self._registered_kernels(codes)
         return self.kernels
 
-    def model_kernels(self, codes):
-        """The kernel package a model with activation ``codes`` runs on."""
+    def model_kernels(self, codes, rules=None, losses=None):
+        """The kernel package a model with activation ``codes`` runs on
+        (``rules``/``losses``: the update-rule and loss codes it needs, None
+        for all)."""
         return self.kernels_for(codes)
 
-    def step_kernels(self, codes):
+    def step_kernels(self, codes, rules=None, losses=None):
         """``(step, step_blocks, step_sharded)`` kernel modules of a model
         with activation ``codes`` (None where the device has no such step)."""
         raise NotImplementedError
+
+    def update_kernels(self, rule=None):
+        """The optimizer kernel module of update rule ``rule`` (None: all)."""
+        return self.kernels.optim
 
     def toolkit_kernels(self, codes=()):
         """The ``(blocks, norm, wnorm)`` kernel modules (twins)."""
@@ -132,7 +138,7 @@ class Backend:
         """The read-back of ``opt``'s updates (see :class:`HostRecords`)."""
         raise NotImplementedError
 
-    def parallel_update(self):
+    def parallel_update(self, rule=None):
         """The parallel twin of the update kernel; ValueError where there is none."""
         raise ValueError(f"parallel applies to the CPU kernels; {self.name} runs its own")
 
@@ -211,15 +217,20 @@ class CpuBackend(Backend):
     def check_activations(self, codes):
         pass                    # any registered activation runs on the CPU
 
-    def model_kernels(self, codes):
-        # a copy of the package compiled for these activations alone: a cold
-        # first step compiles only the model's activation loops
+    def model_kernels(self, codes, rules=None, losses=None):
+        # a copy of the package compiled for these activations, rules and
+        # losses alone: a cold first step compiles only what the model uses
         self.kernels_for(codes)             # unknown registered codes raise
-        return _registry.cpu_kernels(codes)
+        return _registry.cpu_kernels(codes, rules=rules, losses=losses)
 
-    def step_kernels(self, codes):
-        pkg = self.model_kernels(codes)
+    def step_kernels(self, codes, rules=None, losses=None):
+        pkg = self.model_kernels(codes, rules=rules, losses=losses)
         return pkg.step, pkg.step_blocks, pkg.step_sharded
+
+    def update_kernels(self, rule=None):
+        # a copy compiled for this rule alone (no activation, no loss)
+        return _registry.cpu_kernels((), rules=None if rule is None else (rule,),
+                                     losses=()).optim
 
     def toolkit_kernels(self, codes=()):
         if not len(codes):                  # no activation involved (weight norm alone)
@@ -231,9 +242,8 @@ class CpuBackend(Backend):
     def update_records(self, opt, n_entries):
         return HostRecords(opt)
 
-    def parallel_update(self):
-        from .kernels.cpu import optim
-        return optim.clipped_update_parallel
+    def parallel_update(self, rule=None):
+        return self.update_kernels(rule).clipped_update_parallel
 
     def bind_pairs(self, pairs, offsets):
         # Contiguous pairs are updated where they are (kernels.cpu.multi_tensor),
@@ -315,7 +325,7 @@ class CudaBackend(Backend):
         _module.set_registered_activations(_registry.cuda_table())
         return self.kernels
 
-    def step_kernels(self, codes):
+    def step_kernels(self, codes, rules=None, losses=None):
         # One Python function issuing the step's launches on the current
         # stream (no host sync inside); toolkit layers and threads= have no
         # fused CUDA step.

@@ -4,7 +4,10 @@ The device is chosen once (``set_device`` or the ``FASTGRAD_DEVICE``
 environment variable) and each model keeps the device it was built on.
 Importing fastgrad never imports CuPy: CUDA is probed only when asked for.
 """
+import ctypes
+import importlib.util
 import os
+import sys
 
 import numpy as np
 
@@ -17,8 +20,33 @@ class DeviceUnavailableError(RuntimeError):
     """The requested device cannot run here; the message says why."""
 
 
+def _no_driver_library():
+    """Why CUDA cannot run, found without importing CuPy (which takes about
+    a second: a cold start of a CPU-only host with CuPy installed paid it for
+    the "auto" device): on Linux, the driver's library ``libcuda.so.1``
+    does not load.  None when it loads, off Linux, and when ``cupy`` is not
+    the installed package (already in ``sys.modules``, or supplied by an
+    import hook such as tools/cuda_emulator): CuPy itself is asked then."""
+    if not sys.platform.startswith("linux") or "cupy" in sys.modules:
+        return None
+    try:
+        spec = importlib.util.find_spec("cupy")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        return f"no usable NVIDIA driver: {exc}"
+    return None
+
+
 def _cuda_problem():
     """None if CUDA can run, else the concrete reason it cannot."""
+    problem = _no_driver_library()
+    if problem:
+        return problem
     try:
         import cupy
     except ImportError:

@@ -65,13 +65,14 @@ def kernels_for(dev, codes):
     return backend_for(dev).kernels_for(codes)
 
 
-def model_kernels(dev, codes):
+def model_kernels(dev, codes, rules=None, losses=None):
     """The kernel package a model with activation ``codes`` runs on: on the
-    CPU a copy of the package compiled for those activations alone
-    (``fastgrad.registry.cpu_kernels``: a cold first step compiles only the
-    model's activation loops), on CUDA :func:`kernels_for`'s.
+    CPU a copy of the package compiled for those activations alone, and for
+    the update ``rules`` and ``losses`` codes given (None: all;
+    ``fastgrad.registry.cpu_kernels``: a cold first step compiles only what
+    the model uses), on CUDA :func:`kernels_for`'s.
     (``Backend.model_kernels``.)"""
-    return backend_for(dev).model_kernels(codes)
+    return backend_for(dev).model_kernels(codes, rules=rules, losses=losses)
 
 
 def check_dtype(dtype):

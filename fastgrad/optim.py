@@ -790,7 +790,7 @@ class Optimizer:
         """The array module, update kernel and read-back of the parameters' device."""
         self._backend = be
         self._xp = be.xp
-        self._update = self._serial_update = be.kernels.clipped_update
+        self._update = self._serial_update = be.update_kernels(self.rule).clipped_update
         # at most one segment per parameter, whatever the groups
         self._records = be.update_records(self, len(self._param_entries()))
 
@@ -879,7 +879,7 @@ class Optimizer:
 
     @parallel.setter
     def parallel(self, on):
-        self._update = self._backend.parallel_update() if on else self._serial_update
+        self._update = self._backend.parallel_update(self.rule) if on else self._serial_update
 
     # (the flat buffers directly: reading the params property gathers)
     def _gather_params(self):

@@ -251,7 +251,7 @@ def _forget(name):
 
 # --- the kernels of registered activations -------------------------------------------
 
-_variant = []          # [(package module)] for the current registrations
+_variant = {}          # (rule, loss codes) -> package module, for the current registrations
 _generation = [0]
 
 
@@ -267,53 +267,83 @@ def uses_registered(codes):
     return any(int(c) >= _spec.FIRST_CUSTOM_CODE for c in codes)
 
 
-_SUBMODULES = ("step", "step_blocks", "step_sharded", "blocks", "norm", "wnorm", "dense")
-# Modules that do not depend on the activations: a copy uses the package's
-# own, so their kernels (losses, the update rules, norms) compile once per
+_SUBMODULES = ("step", "step_blocks", "step_sharded", "blocks", "norm", "wnorm", "dense",
+               "optim")
+# Modules that depend on none of the codes a copy is built for: a copy uses
+# the package's own, so their kernels (the losses, norms) compile once per
 # process and disk cache, whatever the number of copies.
-_SHARED = ("mathfn", "losses", "reduce", "optim", "wnorm")
-_subsets = {}          # frozenset of built-in codes -> package module
+_SHARED = ("mathfn", "losses", "reduce", "wnorm")
+_subsets = {}          # (activation, rule, loss codes) -> package module
 
 
-def cpu_kernels(codes=None):
-    """The CPU kernel package for a model's activation ``codes``: a module
-    with the attributes of ``fastgrad.kernels.cpu`` and its submodules
-    ``step``, ``step_blocks``, ``step_sharded``, ``blocks``, ``norm``,
-    ``wnorm``, ``dense``, ``activations``.
+def _code_set(codes, every, what):
+    if codes is None:
+        return frozenset(every)
+    out = frozenset(int(c) for c in codes)
+    unknown = sorted(out - set(every))
+    if unknown:
+        raise ValueError(f"unknown {what} code(s) {unknown}; known: {sorted(every)}")
+    return out
 
-    With a registered activation among them (or ``codes=None`` while some
-    are registered): one copy serving the built-ins and every registered
-    activation, built once per set of registrations, compiled on first use,
-    not cached on disk (Numba could not tell when a user's function
-    changed).  Built-in codes only: a copy that compiles the loops of those
-    activations alone, cached on disk like the package itself -- a model's
-    first step then compiles 2 activation loops instead of every one.
+
+def cpu_kernels(codes=None, rules=None, losses=None):
+    """The CPU kernel package for a model's activation ``codes``, update
+    ``rules`` and ``losses`` (codes of ``kernels/spec.py``; None: every
+    one): a module with the attributes of ``fastgrad.kernels.cpu`` and its
+    submodules ``step``, ``step_blocks``, ``step_sharded``, ``blocks``,
+    ``norm``, ``wnorm``, ``dense``, ``optim``, ``activations``.  Its kernels
+    serve those codes alone: any other raises ValueError in them.
+
+    With a registered activation among ``codes`` (or ``codes=None`` while
+    some are registered): one copy serving the built-ins and every
+    registered activation, built once per set of registrations (and of rules
+    and losses), compiled on first use, not cached on disk (Numba could not
+    tell when a user's function changed).  Built-in codes only: a copy that
+    compiles the loops of those activations, rules and losses alone, cached
+    on disk like the package itself -- a model's first step then compiles
+    2 activation loops, one rule and one loss instead of all of them.
     """
+    rules = _code_set(rules, _spec.RULES.values(), "update rule")
+    losses = _code_set(losses, _spec.LOSS_CODES.values(), "loss")
     if codes is not None and not uses_registered(codes):
-        return _subset_kernels(frozenset(int(c) for c in codes))
+        return _subset_kernels(frozenset(int(c) for c in codes), rules, losses)
     with _lock:
-        if _variant:
-            return _variant[0]
-        _generation[0] += 1
-        pkg = _load_copy(f"fastgrad.kernels._registered{_generation[0]}",
-                         "fastgrad.kernels.cpu with registered activations",
-                         _EXTRA_ACTIVATIONS=tuple(
-                             (s.code, _inline(s.f), _inline(s.df), s.needs_z)
-                             for s in _specs.values() if not s.builtin),
-                         _NO_DISK_CACHE=True)
-        _variant.append(pkg)
+        pkg = _variant.get((rules, losses))
+        if pkg is None:
+            _generation[0] += 1
+            pkg = _variant[rules, losses] = _load_copy(
+                f"fastgrad.kernels._registered{_generation[0]}",
+                "fastgrad.kernels.cpu with registered activations",
+                _EXTRA_ACTIVATIONS=tuple(
+                    (s.code, _inline(s.f), _inline(s.df), s.needs_z)
+                    for s in _specs.values() if not s.builtin),
+                _NO_DISK_CACHE=True, **_only("RULES", rules, _spec.RULES.values()),
+                **_only("LOSSES", losses, _spec.LOSS_CODES.values()))
         return pkg
 
 
-def _subset_kernels(codes):
+def _only(kind, codes, every):
+    """The package attribute restricting a copy to ``codes`` of ``kind``
+    (none when it serves every one: the package's own code)."""
+    return {} if codes == frozenset(every) else {f"_ONLY_{kind}": codes}
+
+
+def _subset_kernels(codes, rules, losses):
     with _lock:
-        pkg = _subsets.get(codes)
+        pkg = _subsets.get((codes, rules, losses))
         if pkg is None:
             tag = "_".join(str(c) for c in sorted(codes))
-            pkg = _subsets[codes] = _load_copy(
+            attrs = dict(_only("RULES", rules, _spec.RULES.values()),
+                         **_only("LOSSES", losses, _spec.LOSS_CODES.values()))
+            # A copy for every rule and loss keeps its earlier name (and cache files).
+            for kind, letter in (("RULES", "r"), ("LOSSES", "l")):
+                if f"_ONLY_{kind}" in attrs:
+                    tag += f"_{letter}" + "_".join(str(c) for c in sorted(attrs[f"_ONLY_{kind}"]))
+            pkg = _subsets[codes, rules, losses] = _load_copy(
                 f"fastgrad.kernels._cpu_{tag}",
-                f"fastgrad.kernels.cpu compiled for activation codes {sorted(codes)}",
-                _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}")
+                f"fastgrad.kernels.cpu compiled for activation codes {sorted(codes)}, rules "
+                f"{sorted(rules)}, losses {sorted(losses)}",
+                _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}", **attrs)
         return pkg
 
 

@@ -143,9 +143,11 @@ class TrainStep:
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(ops.needs_z(c) for c in self._codes)
-        # the step kernels of this model's activations, as model.forward's
-        # (on the CPU compiled for those alone: fastgrad.registry.cpu_kernels)
-        self._kernels, self._kblocks, self._ksharded = be.step_kernels(self._codes)
+        # the step kernels of this model's activations, update rule and loss,
+        # as model.forward's (on the CPU compiled for those alone:
+        # fastgrad.registry.cpu_kernels)
+        self._kernels, self._kblocks, self._ksharded = be.step_kernels(
+            self._codes, rules=(opt.rule,), losses=(self._loss_kind,))
         if self._blocks and not self._composed:
             self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
             self._no_drops = np.zeros_like(self._drops)

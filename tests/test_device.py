@@ -1,4 +1,5 @@
 """Device selection: names, FASTGRAD_DEVICE, reasons when CUDA cannot run."""
+import os
 import subprocess
 import sys
 import types
@@ -124,3 +125,21 @@ def test_import_does_not_import_cupy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={"FASTGRAD_DEVICE": "cpu", "PATH": ""})
     assert out.stdout.strip() == "False"
+
+
+def test_no_driver_is_found_without_importing_cupy():
+    """Where the CUDA driver's library does not load, the "auto" device
+    resolves without importing CuPy (about a second of a cold start)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("a CUDA driver library loads here")
+    except OSError:
+        pass
+    code = ("import sys, fastgrad as fg; dev = fg.set_device('auto'); "
+            "print(dev, 'cupy' in sys.modules, fg.device._cuda_problem())")
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTGRAD_DEVICE", "EMU_CUPY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout.split(" ", 2)
+    assert out[:2] == ["cpu", "False"]
+    assert out[2].startswith("no usable NVIDIA driver: ")

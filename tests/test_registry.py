@@ -599,8 +599,14 @@ def test_builtin_models_keep_the_builtin_kernels(swish):
     pkg = model._kernels()
     assert pkg.__name__.startswith("fastgrad.kernels._cpu_")
     assert pkg._ONLY_ACTIVATIONS == {spec.CODES["relu"], spec.CODES["identity"]}
-    assert step._kernels is pkg.step and step._kblocks is pkg.step_blocks
-    assert "_NO_DISK_CACHE" not in vars(pkg)
+    # the step's copy: the same activations, and SGD and the loss alone
+    stepkg = ops.model_kernels("cpu", [spec.RELU, spec.IDENTITY], rules=[spec.SGD],
+                               losses=[spec.CROSS_ENTROPY])
+    assert step._kernels is stepkg.step and step._kblocks is stepkg.step_blocks
+    assert stepkg._ONLY_ACTIVATIONS == pkg._ONLY_ACTIVATIONS
+    assert stepkg._ONLY_RULES == {spec.SGD} and stepkg._ONLY_LOSSES == {spec.CROSS_ENTROPY}
+    for p in (pkg, stepkg):
+        assert "_NO_DISK_CACHE" not in vars(p)
     assert registry.cpu_kernels().__name__.startswith("fastgrad.kernels._registered")
 
 

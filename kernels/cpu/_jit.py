@@ -151,3 +151,29 @@ JIT = dict(cache=not _NO_DISK_CACHE and _cache_available(), error_model="numpy",
 # activation code passed as a constant is folded away and each loop compiles
 # to a branch-free, vectorisable body.
 INLINE = dict(inline="always")
+
+
+def served_codes(package, kind, every):
+    """The ``kind`` codes (``"RULES"``, ``"LOSSES"``) the kernels of
+    ``package`` serve: ``every`` one, or in a copy of this package built for
+    one model (``fastgrad.registry.cpu_kernels``) its ``_ONLY_<kind>``."""
+    only = getattr(sys.modules.get(package), "_ONLY_" + kind, None)
+    return tuple(c for c in sorted(every) if only is None or c in only)
+
+
+def code_ladder(name, params, key, branches, error):
+    """An inlined function ``name(<params>)`` returning ``kernel(<args>)``
+    of the branch in ``branches`` (``(code, kernel, args)`` triples) whose
+    code equals the parameter ``key``; any other code raises
+    ``ValueError(error)``.  Generated source, so that a copy of the package
+    serving fewer codes has no call to (and compiles none of) the others'
+    kernels: Numba types every call in a function, taken or not."""
+    from numba import njit
+    env = {}
+    lines = [f"def {name}({params}):"]
+    for i, (code, kernel, args) in enumerate(branches):
+        env[f"_kernel{i}"] = kernel
+        lines += [f"    if {key} == {int(code)}:", f"        return _kernel{i}({args})"]
+    lines.append(f"    raise ValueError({error!r})")
+    exec(compile("\n".join(lines), f"<fastgrad {name}>", "exec"), env)
+    return njit(**INLINE)(env[name])

@@ -51,7 +51,7 @@ optimizers' own ``step()`` when asked (``opt.parallel = True``), is bitwise equa
 import numpy as np
 from numba import njit, prange
 
-from ._jit import INLINE, JIT
+from ._jit import INLINE, JIT, code_ladder, served_codes
 from .reduce import layer_sumsq, layer_sumsq_parallel
 
 # Rule codes and hp slots are shared with the CUDA twin: kernels/spec.py.
@@ -179,9 +179,29 @@ def _rmsprop_range(p, g, sq, buf, gavg, scale, clip_value, hp):
             p[i] = pi + nlr * (gi / avg)
 
 
-@njit(**JIT)
-def update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
-    """Pass 2 on elements ``[lo, hi)``: clip (scale, value) then the rule."""
+# Each rule's kernel and its arguments in the rule ladder.  Adam and AdamW
+# pass a run-time flag, not the literals True/False: Numba would compile
+# _adam_range twice (once per Literal[bool]), ~0.6 s of a cold start.
+_RULE_KERNELS = {
+    SGD: (_sgd_range, "p, g, s0, scale, clip_value, hp"),
+    ADAM: (_adam_range, f"p, g, s0, s1, s2, scale, clip_value, hp, rule == {ADAMW}"),
+    ADAMW: (_adam_range, f"p, g, s0, s1, s2, scale, clip_value, hp, rule == {ADAMW}"),
+    RMSPROP: (_rmsprop_range, "p, g, s0, s1, s2, scale, clip_value, hp"),
+}
+assert set(_RULE_KERNELS) == set(RULES.values()), "a rule of kernels/spec.py has no kernel here"
+# The rules these kernels serve: all of them, or in a model's copy of the
+# package (fastgrad.registry.cpu_kernels) the model's own; others raise.
+SERVED_RULES = served_codes(__package__, "RULES", RULES.values())
+_rule_ladder = code_ladder(
+    "_rule_ladder", "rule, p, g, s0, s1, s2, hp, scale, clip_value", "rule",
+    [(code,) + _RULE_KERNELS[code] for code in SERVED_RULES],
+    "update rule code not served by these kernels: they serve "
+    f"{[n for n, c in RULES.items() if c in SERVED_RULES]} (kernels/spec.py RULES; a "
+    "model's copy of the kernels serves the model's rule alone)")
+
+
+@njit(**dict(JIT, **INLINE))
+def _update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
     # The rules loop over views from 0: with a loop index starting at an
     # arbitrary lo, Numba's negative-index wraparound stays in the loop body
     # and LLVM does not vectorise it (3.6 ms instead of 0.7 ms per 1M float32).
@@ -194,39 +214,58 @@ def update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
     # symmetric, so negating the clip scale is exactly negating the clipped g.
     if hp[HP_MAXIMIZE] != 0.0:
         scale = -scale
-    if rule == ADAM or rule == ADAMW:
-        # A run-time flag, not the literals True/False: Numba would compile
-        # _adam_range twice (once per Literal[bool]), ~0.6 s of a cold start.
-        _adam_range(p, g, s0, s1, s2, scale, clip_value, hp, rule == ADAMW)
-    elif rule == SGD:
-        _sgd_range(p, g, s0, scale, clip_value, hp)
-    elif rule == RMSPROP:
-        _rmsprop_range(p, g, s0, s1, s2, scale, clip_value, hp)
+    _rule_ladder(rule, p, g, s0, s1, s2, hp, scale, clip_value)
 
 
 @njit(**JIT)
+def update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
+    """Pass 2 on elements ``[lo, hi)``: clip (scale, value) then the rule."""
+    # A call, not inlined code, for the prange loops of the multi-tensor
+    # update: the ladder's raise inlined there would be a second exit from
+    # the loop, and Numba then runs the loop serially.
+    _update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi)
+
+
+@njit(**dict(JIT, **INLINE))
 def update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
     """Pass 2 on elements ``[lo, hi)`` under ``hp``: one row (every element),
     or one row per segment (see the module docstring)."""
-    if hp.ndim == 1:
-        update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi)
-    else:
-        start = 0
-        for s in range(hp.shape[0]):
-            end = np.int64(hp[s, HP_END])
-            a = max(start, lo)
-            b = min(end, hi)
-            if a < b:
-                update_range(rule, p, g, s0, s1, s2, hp[s], scale, clip_value, a, b)
-            start = end
+    # One loop for both forms, over hp seen as rows: inlined into its caller,
+    # a branch on hp.ndim would not be pruned (Numba folds .ndim for a
+    # compiled function's own arguments only) and the 2-D branch would not
+    # type for a 1-D hp.  The one row of a 1-D hp covers [lo, hi).
+    rows = np.atleast_2d(hp)
+    start = lo
+    for s in range(rows.shape[0]):
+        end = np.int64(rows[s, HP_END]) if hp.ndim == 2 else hi
+        a = max(start, lo)
+        b = min(end, hi)
+        if a < b:
+            _update_range(rule, p, g, s0, s1, s2, rows[s], scale, clip_value, a, b)
+        start = end
 
 
-@njit(**JIT)
+@njit(**dict(JIT, **INLINE))
 def clip_scale(norm, clip_norm):
     """``min(1, clip_norm / (norm + 1e-6))`` as ``clip_grad_norm_``; 1 if off."""
     if clip_norm > 0:
         return min(1.0, clip_norm / (norm + 1e-6))
     return 1.0
+
+
+@njit(**dict(JIT, **INLINE))
+def clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                          clip_value):
+    """:func:`clipped_update` inlined into its caller (the whole-step
+    kernels): the update chain is then lowered and optimised once, in the
+    caller, instead of once per level of calls (Numba links each callee's
+    code into its caller and optimises the linked module again)."""
+    norm = np.sqrt(layer_sumsq(g, offsets, layer_sq))
+    if not np.isfinite(norm):
+        return norm, 0.0, True
+    scale = clip_scale(norm, clip_norm)
+    update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, 0, p.shape[0])
+    return norm, scale, False
 
 
 @njit(**JIT)
@@ -262,12 +301,8 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     skipped : bool
         True when ``norm`` is NaN or Inf; then nothing else was written.
     """
-    norm = np.sqrt(layer_sumsq(g, offsets, layer_sq))
-    if not np.isfinite(norm):
-        return norm, 0.0, True
-    scale = clip_scale(norm, clip_norm)
-    update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, 0, p.shape[0])
-    return norm, scale, False
+    return clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                                 clip_value)
 
 
 # Elements per parallel chunk: large enough that a chunk's bookkeeping
@@ -275,12 +310,18 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
 CHUNK = 1 << 16
 
 
+@njit(**JIT)
+def _update_chunk(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
+    # A call in the prange loop below, for the reason update_range gives.
+    update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi)
+
+
 @njit(**dict(JIT, parallel=True))
 def _update_parallel(rule, p, g, s0, s1, s2, hp, scale, clip_value):
     n = p.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
         lo = c * CHUNK
-        update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, min(lo + CHUNK, n))
+        _update_chunk(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, min(lo + CHUNK, n))
 
 
 @njit(**JIT)

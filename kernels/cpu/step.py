@@ -6,7 +6,9 @@ update (norm pass + update pass) -- no Python between layers, no allocation:
 every buffer is a view into flat arrays the caller allocated once per batch
 size.  The network is described by small integer/float arrays, so one
 compiled function per dtype serves every depth, width, activation, loss and
-optimizer (and caches on disk across processes).
+optimizer (and caches on disk across processes); a model's copy of this
+package (``fastgrad.registry.cpu_kernels``) compiles its own activations,
+loss and update rule alone.
 
 Layout of the arguments
 -----------------------
@@ -20,10 +22,10 @@ delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da
 import numpy as np
 from numba import njit
 
-from ._jit import INLINE, JIT
+from ._jit import INLINE, JIT, code_ladder, served_codes
 from .activations import bias_act, bias_act_grad, needs_z
 from .losses import bce_with_logits, mse, softmax_cross_entropy
-from .optim import clipped_update
+from .optim import clipped_update_inline as clipped_update
 
 from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE  # noqa: E402,F401
 
@@ -41,15 +43,23 @@ def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     return W, b, dW, db, a, z
 
 
-@njit(**INLINE)
-def loss_and_grad(loss_kind, out, labels, target, grad):
-    """The mean loss of ``out`` (labels or target, as the loss reads) and its
-    gradient into ``grad``."""
-    if loss_kind == CROSS_ENTROPY:
-        return softmax_cross_entropy(out, labels, grad)
-    if loss_kind == MSE:
-        return mse(out, target, grad)
-    return bce_with_logits(out, target, grad)
+_LOSS_KERNELS = {
+    CROSS_ENTROPY: (softmax_cross_entropy, "out, labels, grad"),
+    MSE: (mse, "out, target, grad"),
+    BCE_WITH_LOGITS: (bce_with_logits, "out, target, grad"),
+}
+assert set(_LOSS_KERNELS) == set(LOSS_CODES.values()), "a loss of kernels/spec.py has no kernel"
+# The losses these kernels serve: all, or in a model's copy of the package
+# (fastgrad.registry.cpu_kernels) the model's own; others raise.
+SERVED_LOSSES = served_codes(__package__, "LOSSES", LOSS_CODES.values())
+loss_and_grad = code_ladder(
+    "loss_and_grad", "loss_kind, out, labels, target, grad", "loss_kind",
+    [(code,) + _LOSS_KERNELS[code] for code in SERVED_LOSSES],
+    "loss code not served by these kernels: they serve "
+    f"{[n for n, c in LOSS_CODES.items() if c in SERVED_LOSSES]} (kernels/spec.py "
+    "LOSS_CODES; a model's copy of the kernels serves the model's loss alone)")
+loss_and_grad.__doc__ = """The mean loss of ``out`` (labels or target, as the
+loss ``loss_kind`` reads) and its gradient into ``grad``."""
 
 
 @njit(**INLINE)

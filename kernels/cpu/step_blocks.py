@@ -38,7 +38,7 @@ from .activations import bias_act, bias_act_grad, needs_z
 from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
 from .wnorm import weight_norm_backward, weight_norm_forward
-from .optim import clipped_update
+from .optim import clipped_update_inline as clipped_update
 from .step import _views, gather_batch, loss_and_grad, record_step
 
 _TWO53 = 9007199254740992.0
