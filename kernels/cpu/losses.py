@@ -10,6 +10,9 @@ from . import mathfn
 from ._jit import JIT
 
 like = mathfn.like
+# The row loops below sum as they go, so they stay scalar: their exp is
+# mathfn.exp_in_scalar_loop (libm's table-driven exp in float64, ~3x the
+# vector polynomial's speed one element at a time; the same float32 code).
 
 
 @njit(**JIT)
@@ -37,7 +40,7 @@ def softmax_cross_entropy(logits, labels, grad):
         # off by ~6e-8 absolute: large against a loss of 1e-4).
         s = 0.0
         for j in range(C):
-            e = mathfn.exp(row[j] - m)
+            e = mathfn.exp_in_scalar_loop(row[j] - m)
             g[j] = e
             s += np.float64(e)
         total += np.log(s) - (x_label - np.float64(m))   # one scalar log per row
@@ -47,7 +50,7 @@ def softmax_cross_entropy(logits, labels, grad):
         # The label's (p - 1) / B as -(s - e) / (s B) in float64: p - 1 in
         # the dtype cancels when p is near 1 (float32: 1e-3 relative error
         # for p = 0.99993).  e is recomputed exactly as the loop drew it.
-        e_lab = np.float64(mathfn.exp(x_lab - m))
+        e_lab = np.float64(mathfn.exp_in_scalar_loop(x_lab - m))
         g[labels[i]] = -((s - e_lab) / s) * inv_b
     return total / B
 
@@ -78,7 +81,7 @@ def bce_with_logits(logits, target, grad):
     total = 0.0
     for i in range(xf.size):
         x, t = xf[i], tf[i]
-        e = mathfn.exp(-abs(x))                    # in (0, 1]
+        e = mathfn.exp_in_scalar_loop(-abs(x))                    # in (0, 1]
         total += np.float64((x if x > zero else zero) - x * t + mathfn.log1p(e))
         sig = one / (one + e) if x >= zero else e / (one + e)
         gf[i] = (sig - t) * inv_n
@@ -152,7 +155,7 @@ def softmax_cross_entropy_ex(logits, labels, weight, ignore_index, smoothing, re
         for j in range(C):
             d = row[j] - m
             wz += weight[j] * np.float64(d)
-            e = mathfn.exp(d)
+            e = mathfn.exp_in_scalar_loop(d)
             g[j] = e
             s += np.float64(e)
         log_s = np.log(s)
@@ -167,7 +170,7 @@ def softmax_cross_entropy_ex(logits, labels, weight, ignore_index, smoothing, re
             g[j] = (A * (np.float64(g[j]) / s) - eps_c * weight[j]) * gscale
         # The label's term as -a_y (1 - p_y) + (A - a_y) p_y with 1 - p_y =
         # (s - e_y) / s in float64: A p_y - a_y cancels when p_y is near 1.
-        e_lab = np.float64(mathfn.exp(x_lab - m))
+        e_lab = np.float64(mathfn.exp_in_scalar_loop(x_lab - m))
         g[y] = (-a_y * ((s - e_lab) / s) + (A - a_y) * (e_lab / s)) * gscale
     if reduction == MEAN:
         return total / denom
@@ -194,7 +197,7 @@ def bce_with_logits_ex(logits, target, pos_weight, reduction, grad, terms):
             x, t = logits[i, j], target[i, j]
             pw = like(x, pos_weight[j])
             lw = one + (pw - one) * t
-            e = mathfn.exp(-abs(x))                         # in (0, 1]
+            e = mathfn.exp_in_scalar_loop(-abs(x))                         # in (0, 1]
             sp_neg = mathfn.log1p(e) + (-x if x < zero else zero)   # softplus(-x)
             li = np.float64((one - t) * x) + np.float64(lw) * np.float64(sp_neg)
             terms[i, j] = li
