@@ -45,9 +45,9 @@ def _cu_files():
 
 def test_cu_sources_compile(tmp_path):
     """Every .cu, as the loader hands it to NVRTC (local includes pasted, the
-    activations generated from kernels/spec.py), compiles warning-free for
-    sm_80 as .ci/run checks it; that text includes no file, and nvcc's
-    instantiations are exactly the loader's name_expressions."""
+    activation table generated from kernels/spec.py) and as the file stands,
+    compiles warning-free for sm_80; the NVRTC text includes no file, and
+    nvcc's instantiations are exactly the loader's name_expressions."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
@@ -67,6 +67,12 @@ def test_cu_sources_compile(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, f"{f} as NVRTC sees it:\n{res.stderr}"
         assert "warning" not in res.stderr.lower(), res.stderr
+        # and as it stands in the package, with its includes (nvcc on the file)
+        raw = subprocess.run([nvcc, "--ptx", "-arch=sm_80", "-std=c++17", "-Werror",
+                              "all-warnings", "-o", os.devnull, os.path.join(CU_DIR, f)],
+                             capture_output=True, text=True, timeout=120)
+        assert raw.returncode == 0, f"{f}:\n{raw.stderr}"
+        assert "warning" not in raw.stderr.lower(), raw.stderr
         entries = re.findall(r"\.entry\s+(\w+)\(", ptx.read_text())
         want = _module.NAMES.get(f)
         assert want is not None, f"{f} has no name_expressions in the loader"

@@ -97,6 +97,16 @@ def test_every_activation_has_its_cuda_specialisation(filename):
     assert registry.get("gelu").cuda == "GELU"
 
 
+def test_committed_activation_table_is_the_generated_one():
+    """kernels/cuda/activation_table.cuh (what nvcc reads when it compiles a
+    .cu as it stands) is exactly what the spec generates for the built-ins."""
+    m = _cuda_module()
+    committed = (KERNELS / "cuda" / "activation_table.cuh").read_text()
+    assert committed == m.activation_source(registered=False), (
+        "activation_table.cuh is stale: run python -c \"from fastgrad.kernels.cuda "
+        "import _module; _module.write_activation_table()\"")
+
+
 def test_emitted_cuda_sources_are_what_nvrtc_compiles(tmp_path):
     """_module.emit writes every .cu as NVRTC gets it, self-contained (no
     local include left): the files .ci/run compiles with nvcc."""

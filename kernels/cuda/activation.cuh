@@ -6,12 +6,11 @@
 // kernels/spec.py ACTIVATIONS carries its CUDA forms (f and f' as C++ text,
 // the CPU's formulas operation by operation, with CUDA's precise libm in
 // place of the CPU's float32 polynomials, see common.cuh), and
-// kernels/cuda/_module.py pastes after this header the code generated from
-// that table: the enum of activation codes (IDENTITY = 0, ...), one
-// fg::Act<NAME> specialisation per row (then one per activation registered
-// with CUDA forms) and FG_EACH_ACTIVATION, nvcc's instantiation list.  So
-// this file alone does not compile the kernels: nvcc checks the sources
-// _module.emit(DIR) writes (.ci/run), which are exactly what NVRTC compiles.
+// kernels/cuda/_module.py generates from that table activation_table.cuh
+// (included at the end): the enum of activation codes (IDENTITY = 0, ...),
+// one fg::Act<NAME> specialisation per row and FG_EACH_ACTIVATION, nvcc's
+// instantiation list.  The loader generates the same text at run time, with
+// one specialisation per activation registered with CUDA forms added.
 #ifndef FASTGRAD_ACTIVATION_CUH
 #define FASTGRAD_ACTIVATION_CUH
 
@@ -47,5 +46,7 @@ __device__ __forceinline__ T act_deriv(T a, T z, T alpha)
 }
 
 }  // namespace fg
+
+#include "activation_table.cuh"
 
 #endif  // FASTGRAD_ACTIVATION_CUH
