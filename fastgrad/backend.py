@@ -220,7 +220,10 @@ class CpuBackend(Backend):
     def model_kernels(self, codes, rules=None, losses=None):
         # a copy of the package compiled for these activations, rules and
         # losses alone: a cold first step compiles only what the model uses
-        self.kernels_for(codes)             # unknown registered codes raise
+        pkg = self.kernels_for(codes)       # unknown registered codes raise
+        if _device.kernel_copies() == "shared":
+            # one package for every model of the process (test suites, sweeps)
+            return _registry.full_cpu_kernels() if pkg is self.kernels else pkg
         return _registry.cpu_kernels(codes, rules=rules, losses=losses)
 
     def step_kernels(self, codes, rules=None, losses=None):
@@ -229,6 +232,8 @@ class CpuBackend(Backend):
 
     def update_kernels(self, rule=None):
         # a copy compiled for this rule alone (no activation, no loss)
+        if _device.kernel_copies() == "shared":
+            return self.kernels.optim
         return _registry.cpu_kernels((), rules=None if rule is None else (rule,),
                                      losses=()).optim
 

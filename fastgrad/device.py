@@ -98,6 +98,23 @@ def get_device():
     return _current
 
 
+_COPIES_ENV = "FASTGRAD_KERNEL_COPIES"
+KERNEL_COPIES = ("model", "shared")
+
+
+def kernel_copies():
+    """How CPU models get their compiled kernels, from FASTGRAD_KERNEL_COPIES:
+    "model" (the default) compiles a copy for each model's activations,
+    update rule and loss alone, so a cold first step compiles only what it
+    uses; "shared" gives every model the one package serving every code, so
+    a process that builds many different models (a test suite, a sweep)
+    compiles once."""
+    mode = os.environ.get(_COPIES_ENV, "") or "model"
+    if mode not in KERNEL_COPIES:
+        raise ValueError(f"{_COPIES_ENV}={mode!r}: expected one of {KERNEL_COPIES}")
+    return mode
+
+
 def array_module(device):
     """numpy for "cpu", cupy for "cuda"."""
     if device == "cuda":

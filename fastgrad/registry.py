@@ -322,6 +322,15 @@ def cpu_kernels(codes=None, rules=None, losses=None):
         return pkg
 
 
+def full_cpu_kernels():
+    """``fastgrad.kernels.cpu`` itself, serving every built-in code, with the
+    submodules of :func:`cpu_kernels`'s copies imported."""
+    import fastgrad.kernels.cpu as base
+    for sub in _SUBMODULES:
+        importlib.import_module(f"{base.__name__}.{sub}")
+    return base
+
+
 def _only(kind, codes, every):
     """The package attribute restricting a copy to ``codes`` of ``kind``
     (none when it serves every one: the package's own code)."""

@@ -21,6 +21,10 @@ import pytest
 # name theirs.  Without this, "auto" would build CUDA models in CPU-only
 # tests on a GPU machine.  An explicit FASTGRAD_DEVICE still wins.
 os.environ.setdefault("FASTGRAD_DEVICE", "cpu")
+# The suite builds hundreds of different models: one shared kernel package
+# compiles once, where per-model copies compiled ~20 minutes more on a cold
+# cache.  The copies are tested where they are asked for (``per_model_copies``).
+os.environ.setdefault("FASTGRAD_KERNEL_COPIES", "shared")
 
 import fastgrad  # noqa: E402
 from fastgrad import device as fg_device  # noqa: E402
@@ -206,3 +210,10 @@ def loss_targets(loss, rng, batch, n_out):
     if loss == "bce_with_logits":
         return (rng.random((batch, n_out)) > 0.5).astype(np.float64)
     return rng.standard_normal((batch, n_out))
+
+
+@pytest.fixture
+def per_model_copies(monkeypatch):
+    """Models built in the test get kernel copies compiled for their own
+    activations, rule and loss (fastgrad's default outside the suite)."""
+    monkeypatch.setenv("FASTGRAD_KERNEL_COPIES", "model")

@@ -28,6 +28,8 @@ CONFIGS = [
 ]
 SIZES = [7, 13, 5]
 
+pytestmark = pytest.mark.usefixtures("per_model_copies")
+
 
 def _batch(rng, loss, dtype, B=9):
     x = rng.standard_normal((B, SIZES[0])).astype(dtype)
@@ -177,3 +179,19 @@ def test_two_rules_share_a_warm_disk_cache_across_processes(tmp_path):
     for kind in ("adam", "sgd"):
         np.testing.assert_array_equal(cold[kind], warm[kind])
     assert not np.array_equal(cold["adam"], cold["sgd"])
+
+
+def test_shared_mode_gives_every_model_the_one_package(monkeypatch):
+    """FASTGRAD_KERNEL_COPIES=shared: every CPU model, step and optimizer
+    runs the package serving every code (one compile for a whole sweep);
+    a value it does not know raises."""
+    import fastgrad.kernels.cpu as full
+    monkeypatch.setenv("FASTGRAD_KERNEL_COPIES", "shared")
+    model = fg.MLP([3, 4, 2], activation="softplus")
+    opt = fg.RMSprop(model, lr=0.1)
+    step = fg.TrainStep(model, fg.MSE(), opt)
+    assert model._kernels() is full and step._kernels is full.step
+    assert opt.backend.update_kernels(opt.rule) is full.optim
+    monkeypatch.setenv("FASTGRAD_KERNEL_COPIES", "per-layer")
+    with pytest.raises(ValueError, match="FASTGRAD_KERNEL_COPIES='per-layer'"):
+        fg.MLP([3, 4, 2], activation="softplus")._kernels()

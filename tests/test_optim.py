@@ -343,7 +343,7 @@ def test_parallel_update_is_bitwise_serial(rule):
         np.testing.assert_array_equal(x, y)
 
 
-def test_parallel_is_opt_in_and_gives_the_same_trajectory():
+def test_parallel_is_opt_in_and_gives_the_same_trajectory(per_model_copies):
     rng = np.random.default_rng()
     models = [fg.MLP([300, 700, 9], dtype="float32", seed=1) for _ in range(2)]
     opts = [fg.Adam(m, lr=1e-2, clip_norm=0.5) for m in models]

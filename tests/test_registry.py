@@ -600,7 +600,7 @@ def test_registered_swish_matches_torch_silu(rng, swish):
                                **close)
 
 
-def test_builtin_models_keep_the_builtin_kernels(swish):
+def test_builtin_models_keep_the_builtin_kernels(swish, per_model_copies):
     """Registering an activation changes nothing for models without it: they
     run the disk-cached copy compiled for their own activations (built-in
     codes only), not the registry's uncached copy."""
