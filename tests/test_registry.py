@@ -623,7 +623,7 @@ def test_builtin_models_keep_the_builtin_kernels(swish, per_model_copies):
 
 # -- copies of the kernels compiled for one model's activations ----------------
 
-def test_model_kernels_compile_only_the_model_activations():
+def test_model_kernels_compile_only_the_model_activations(per_model_copies):
     relu = fg.MLP([3, 4, 2], activation="relu")._kernels()
     assert fg.MLP([5, 6, 6, 2], activation="relu")._kernels() is relu      # same set, same copy
     tanh = fg.MLP([3, 4, 2], activation="tanh")._kernels()
