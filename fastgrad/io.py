@@ -80,6 +80,7 @@ import secrets
 import numpy as np
 
 from . import device as _device
+from .kernels.layout import layer_size
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -366,7 +367,7 @@ def _parse_model(m, version=FORMAT_VERSION):
         _need(norm in (None, "layer", "batch"),
               f"{where}.norm: expected null, 'layer' or 'batch', got {norm!r:.80}")
         wn = _get(spec, "weight_norm", bool, where) if "weight_norm" in spec else False
-        n_params += n_in * n_out + n_out * (3 if norm else 1) + (n_out if wn else 0)
+        n_params += layer_size(n_in, n_out, bool(norm), wn)
         specs.append({"n_in": n_in, "n_out": n_out, "activation": act,
                       "alpha": float(alpha), "init": init, "dropout": float(dropout),
                       "residual": residual, "norm": norm, "weight_norm": wn})

@@ -18,6 +18,7 @@ import numpy as np
 
 from . import ops
 from .backend import backend_for, backend_of
+from .kernels.layout import layer_size, layer_slots
 
 _SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
 
@@ -163,34 +164,31 @@ class Dense:
 
     @property
     def n_params(self):
-        return (self.n_in * self.n_out + self.n_out * (3 if self.norm else 1)
-                + (self.n_out if self.weight_norm else 0))
+        return layer_size(self.n_in, self.n_out, bool(self.norm), self.weight_norm)
 
     def _bind(self, params, grads, offset):
-        """Make W, b, dW, db views into the flat buffers at ``offset``."""
-        nw = self.n_in * self.n_out
-        end = offset + nw + self.n_out
-        self.W = params[offset:offset + nw].reshape(self.n_in, self.n_out)
-        self.b = params[offset + nw:end]
-        self.dW = grads[offset:offset + nw].reshape(self.n_in, self.n_out)
-        self.db = grads[offset + nw:end]
+        """Make W, b, dW, db (and gamma, beta, g) views into the flat buffers
+        at ``offset`` (the order of ``kernels/layout.py``); returns the end."""
+        n = self.n_out
+        w, b, gamma, beta, g, end = layer_slots(offset, self.n_in, n, bool(self.norm),
+                                                self.weight_norm)
+        self.W = params[w:b].reshape(self.n_in, n)
+        self.b = params[b:b + n]
+        self.dW = grads[w:b].reshape(self.n_in, n)
+        self.db = grads[b:b + n]
         if self.norm:
-            n = self.n_out
-            self.gamma, self.beta = params[end:end + n], params[end + n:end + 2 * n]
-            self.dgamma, self.dbeta = grads[end:end + n], grads[end + n:end + 2 * n]
+            self.gamma, self.beta = params[gamma:gamma + n], params[beta:beta + n]
+            self.dgamma, self.dbeta = grads[gamma:gamma + n], grads[beta:beta + n]
             self.gamma[...] = 1
-            end += 2 * n
         if self.weight_norm:
-            n = self.n_out
             be = backend_of(params)
             xp = be.xp
             self.v, self.dv = self.W, self.dW
-            self.g, self.dg = params[end:end + n], grads[end:end + n]
+            self.g, self.dg = params[g:g + n], grads[g:g + n]
             # The effective weight and its gradient: scratch, not parameters.
             self.W, self.dW = xp.empty_like(self.v), xp.empty_like(self.v)
             self._inv_norm = xp.empty(n)
             self._wnorm = be.toolkit_kernels()[2]
-            end += n
         return end
 
     def _weight_norm_forward(self):

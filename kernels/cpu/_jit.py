@@ -106,7 +106,7 @@ def _sources_fingerprint():
     if not _fingerprint:
         here = os.path.dirname(os.path.abspath(__file__))
         h = hashlib.sha256()
-        for path in [os.path.join(os.path.dirname(here), "spec.py")] + sorted(
+        for path in [os.path.join(os.path.dirname(here), f) for f in ("spec.py", "layout.py")] + sorted(
                 os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py")):
             with open(path, "rb") as fh:
                 h.update(fh.read())

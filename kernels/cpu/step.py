@@ -15,6 +15,7 @@ Layout of the arguments
 sizes   int64 (L+1,)   widths, input first
 codes   int64 (L,)     activation codes; alphas float64 (L,)
 offsets int64 (L+1,)   layer i's W then b in params[offsets[i]:offsets[i+1]]
+                       (kernels/layout.py)
 acts    flat, B * sum(sizes[1:]) -- layer outputs, layer after layer
 zs      flat, same length as acts when some layer needs z (gelu, silu), else acts
 delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da
@@ -27,17 +28,21 @@ from .activations import bias_act, bias_act_grad, needs_z
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .optim import clipped_update_inline as clipped_update
 
+from .. import layout as _layout  # noqa: E402
 from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE  # noqa: E402,F401
+
+
+layer_slots = njit(**INLINE)(_layout.layer_slots)
 
 
 @njit(**JIT)
 def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     n_in, n_out = sizes[l], sizes[l + 1]
-    o, nw = offsets[l], sizes[l] * sizes[l + 1]
-    W = params[o:o + nw].reshape((n_in, n_out))
-    b = params[o + nw:o + nw + n_out]
-    dW = grads[o:o + nw].reshape((n_in, n_out))
-    db = grads[o + nw:o + nw + n_out]
+    o, ob, _, _, _, _ = layer_slots(offsets[l], n_in, n_out, False, False)
+    W = params[o:ob].reshape((n_in, n_out))
+    b = params[ob:ob + n_out]
+    dW = grads[o:ob].reshape((n_in, n_out))
+    db = grads[ob:ob + n_out]
     a = acts[act_off:act_off + B * n_out].reshape((B, n_out))
     z = zs[act_off:act_off + B * n_out].reshape((B, n_out))
     return W, b, dW, db, a, z

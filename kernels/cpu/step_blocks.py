@@ -39,7 +39,7 @@ from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .norm import BATCH, norm_backward_epilogue, norm_forward_epilogue
 from .wnorm import weight_norm_backward, weight_norm_forward
 from .optim import clipped_update_inline as clipped_update
-from .step import _views, gather_batch, loss_and_grad, record_step
+from .step import _views, gather_batch, layer_slots, loss_and_grad, record_step
 
 _TWO53 = 9007199254740992.0
 
@@ -72,9 +72,9 @@ def _add_into(dst, src):
 def _norm_views(params, grads, xhats, nstats, run_mean, run_var, offsets, sizes, norms, B, l,
                 act_off, stat_off, col_off):
     n_out = sizes[l + 1]
-    o = offsets[l] + sizes[l] * n_out + n_out
-    gamma, beta = params[o:o + n_out], params[o + n_out:o + 2 * n_out]
-    dgamma, dbeta = grads[o:o + n_out], grads[o + n_out:o + 2 * n_out]
+    _, _, o, ob, _, _ = layer_slots(offsets[l], sizes[l], n_out, True, False)
+    gamma, beta = params[o:o + n_out], params[ob:ob + n_out]
+    dgamma, dbeta = grads[o:o + n_out], grads[ob:ob + n_out]
     xhat = xhats[act_off:act_off + B * n_out].reshape((B, n_out))
     ns = n_out if norms[l] == BATCH else B
     mean, rstd = nstats[stat_off:stat_off + ns], nstats[stat_off + ns:stat_off + 2 * ns]
@@ -83,26 +83,26 @@ def _norm_views(params, grads, xhats, nstats, run_mean, run_var, offsets, sizes,
 
 
 @njit(**INLINE)
-def _weight_norm_views(params, weff, wnorm, offsets, sizes, l, col_off, compute):
+def _weight_norm_views(params, weff, wnorm, offsets, sizes, norms, l, col_off, compute):
     """The effective W of layer l in ``weff`` (recomputed when ``compute``)."""
     n_in, n_out = sizes[l], sizes[l + 1]
-    o, nw = offsets[l], n_in * n_out
-    W = weff[o:o + nw].reshape((n_in, n_out))
+    o, ob, _, _, og, _ = layer_slots(offsets[l], n_in, n_out, norms[l] != 0, True)
+    W = weff[o:ob].reshape((n_in, n_out))
     if compute:
-        v = params[o:o + nw].reshape((n_in, n_out))
-        g = params[offsets[l + 1] - n_out:offsets[l + 1]]
+        v = params[o:ob].reshape((n_in, n_out))
+        g = params[og:og + n_out]
         weight_norm_forward(v, g, W, wnorm[col_off:col_off + n_out])
     return W
 
 
 @njit(**INLINE)
-def _weight_norm_grads(params, grads, dW, wnorm, offsets, sizes, l, col_off):
+def _weight_norm_grads(params, grads, dW, wnorm, offsets, sizes, norms, l, col_off):
     n_in, n_out = sizes[l], sizes[l + 1]
-    o, nw = offsets[l], n_in * n_out
-    v = params[o:o + nw].reshape((n_in, n_out))
-    g = params[offsets[l + 1] - n_out:offsets[l + 1]]
-    dv = grads[o:o + nw].reshape((n_in, n_out))
-    dg = grads[offsets[l + 1] - n_out:offsets[l + 1]]
+    o, ob, _, _, og, _ = layer_slots(offsets[l], n_in, n_out, norms[l] != 0, True)
+    v = params[o:ob].reshape((n_in, n_out))
+    g = params[og:og + n_out]
+    dv = grads[o:ob].reshape((n_in, n_out))
+    dg = grads[og:og + n_out]
     weight_norm_backward(v, g, wnorm[col_off:col_off + n_out], dW, dv, dg)
 
 
@@ -123,7 +123,7 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
         W, b, dW, db, a, z, fz = _layer_views(params, grads, acts, zs, fzs, offsets, sizes,
                                               B, l, act_off)
         if wn[l] != 0:
-            W = _weight_norm_views(params, weff, wnorm, offsets, sizes, l, col_off, True)
+            W = _weight_norm_views(params, weff, wnorm, offsets, sizes, norms, l, col_off, True)
         if norms[l] != 0:
             gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
                 params, grads, xhats, nstats, run_mean, run_var, offsets, sizes, norms, B, l,
@@ -162,8 +162,8 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
                                               B, l, act_off)
         dWt = dW
         if wn[l] != 0:
-            W = _weight_norm_views(params, weff, wnorm, offsets, sizes, l, col_off, False)
-            dWt = _weight_norm_views(grads, dweff, wnorm, offsets, sizes, l, col_off, False)
+            W = _weight_norm_views(params, weff, wnorm, offsets, sizes, norms, l, col_off, False)
+            dWt = _weight_norm_views(grads, dweff, wnorm, offsets, sizes, norms, l, col_off, False)
         res = residual[l] != 0
         if not res:
             fz = a      # f is read back from the layer's output (see blocks)
@@ -203,7 +203,7 @@ def _forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes,
         else:
             np.dot(x.T, dz, dWt)
         if wn[l] != 0:
-            _weight_norm_grads(params, grads, dWt, wnorm, offsets, sizes, l, col_off)
+            _weight_norm_grads(params, grads, dWt, wnorm, offsets, sizes, norms, l, col_off)
     return loss
 
 

@@ -48,6 +48,7 @@ host timer around a launch):
 import cupy
 import numpy as np
 
+from ..layout import layer_slots
 from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE
 from . import _module as _m
 from . import losses as _losses
@@ -115,11 +116,11 @@ class Workspace:
 
 def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     n_in, n_out = int(sizes[l]), int(sizes[l + 1])
-    o, nw = int(offsets[l]), n_in * n_out
-    W = params[o:o + nw].reshape(n_in, n_out)
-    b = params[o + nw:o + nw + n_out]
-    dW = grads[o:o + nw].reshape(n_in, n_out)
-    db = grads[o + nw:o + nw + n_out]
+    o, ob, _, _, _, _ = layer_slots(int(offsets[l]), n_in, n_out, False, False)
+    W = params[o:ob].reshape(n_in, n_out)
+    b = params[ob:ob + n_out]
+    dW = grads[o:ob].reshape(n_in, n_out)
+    db = grads[ob:ob + n_out]
     a = acts[act_off:act_off + B * n_out].reshape(B, n_out)
     z = zs[act_off:act_off + B * n_out].reshape(B, n_out)
     return W, b, dW, db, a, z
