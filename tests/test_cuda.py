@@ -1,5 +1,7 @@
-"""The CUDA kernels (fastgrad.kernels.cuda) against fastgrad.reference and
-against their CPU twins, plus a compile check of every kernels/cuda/*.cu.
+"""What only the CUDA kernels (fastgrad.kernels.cuda) have: their reductions,
+updates and whole steps against their CPU twins, the own GEMM, and a compile
+check of every kernels/cuda/*.cu.  The activation, dense and loss kernels are
+tested once for every device in tests/test_kernels.py.
 
 Tests marked ``cuda`` need CuPy and a GPU (skipped otherwise, by conftest and
 by the ``cp`` fixture).  ``test_cu_sources_compile`` needs only ``nvcc``.
@@ -20,14 +22,14 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
-from fastgrad import ops, reference
+from fastgrad import ops
 from fastgrad.kernels import cpu as kcpu
 from fastgrad.kernels.cpu import optim as cpu_optim
 from fastgrad.kernels.cpu import reduce as cpu_reduce
 from fastgrad.kernels.cpu import step as cpu_step
 from fastgrad.kernels.cpu.activations import CODES
 
-from conftest import ACTIVATIONS, DTYPES, RULES, assert_close, dense_inputs, rtol_of, to_numpy
+from conftest import DTYPES, RULES, assert_close, dense_inputs, to_numpy
 from conftest import OPTIMIZERS as _OPT_CLS
 
 CU_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "kernels", "cuda")
@@ -92,114 +94,6 @@ def test_import_without_cupy_is_clear(monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert "ERR" in out.stdout and "fastgrad[cuda]" in out.stdout, out.stdout + out.stderr
-
-
-# --- activations -------------------------------------------------------------------
-
-def _gpu(cp, *arrays):
-    return [None if a is None else cp.asarray(a) for a in arrays]
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
-@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (130, 17), (3, 1000), (257, 129)])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_bias_act_and_grad(cp, kc, rng, activation, shape, dtype):
-    code = CODES[activation]
-    alpha = ops.resolve_activation(activation)[1]
-    B, n = shape
-    z0 = (rng.standard_normal(shape) * 3).astype(dtype)
-    b = rng.uniform(-1, 1, n).astype(dtype)
-    da = rng.standard_normal(shape).astype(dtype)
-    z_ref = z0.astype(np.float64) + b
-    a_ref = reference.activation(z_ref, activation, alpha)
-    fwd_atol = rtol_of(dtype) * max(1.0, float(np.abs(z_ref).max()))
-    # out of place (z kept) and in place
-    zg, bg = _gpu(cp, z0, b)
-    ag = cp.empty_like(zg)
-    kc.bias_act(zg, bg, ag, code, alpha)
-    zi = cp.asarray(z0)
-    kc.bias_act(zi, bg, zi, code, alpha)
-    zc, ac = z0.copy(), np.empty_like(z0)
-    kcpu.bias_act(zc, b, ac, code, alpha)
-    for got, what in ((ag, "a"), (zi, "a in place")):
-        assert_close(got, a_ref, dtype, atol=fwd_atol, what=f"{activation} {what} vs reference")
-        assert_close(got, ac, dtype, atol=fwd_atol, what=f"{activation} {what} vs CPU")
-    assert_close(zg, zc, dtype, what="z")
-    # backward from the GPU's own a (and z for gelu)
-    a_np = to_numpy(ag)
-    dz_ref = da.astype(np.float64) * reference.activation_grad(z_ref, activation, alpha)
-    dzg, dbg = cp.empty_like(zg), cp.empty(n, dtype)
-    kc.bias_act_grad(cp.asarray(da), ag, zg, dzg, dbg, code, alpha)
-    dzc, dbc = np.empty_like(da), np.empty(n, dtype)
-    kcpu.bias_act_grad(da, a_np, to_numpy(zg), dzc, dbc, code, alpha)
-    d_atol = rtol_of(dtype) * float((np.abs(da) * (1 + np.abs(z_ref))).max())
-    db_atol = rtol_of(dtype) * float((np.abs(da) * (1 + np.abs(z_ref))).sum(axis=0).max())
-    assert_close(dzg, dz_ref, dtype, atol=d_atol, what=f"{activation} dz vs reference")
-    assert_close(dzg, dzc, dtype, atol=d_atol, what=f"{activation} dz vs CPU")
-    assert_close(dbg, dz_ref.sum(axis=0), dtype, atol=db_atol, what=f"{activation} db vs ref")
-    assert_close(dbg, dbc, dtype, atol=db_atol, what=f"{activation} db vs CPU")
-    # in place (dz is da), activation_forward / activation_backward
-    dai = cp.asarray(da)
-    db2 = cp.empty(n, dtype)
-    kc.bias_act_grad(dai, ag, zg, dai, db2, code, alpha)
-    assert cp.array_equal(dai, dzg) and cp.array_equal(db2, dbg)
-    out = cp.empty_like(zg)
-    kc.activation_forward(cp.asarray(z_ref.astype(dtype)), out, code, alpha)
-    assert_close(out, a_ref, dtype, atol=fwd_atol, what="activation_forward")
-    dz3 = cp.empty_like(zg)
-    kc.activation_backward(cp.asarray(da), ag, zg, dz3, code, alpha)
-    assert cp.array_equal(dz3, dzg)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
-def test_dense_vs_reference_and_cpu(cp, kc, rng, dtype):
-    for activation in ACTIVATIONS:
-        code, alpha = ops.resolve_activation(activation)
-        x, W, b = dense_inputs(rng, 67, 129, 33, dtype)
-        z_ref, a_ref = reference.dense_forward(x, W, b, activation)
-        a, z = ops.dense_forward(cp.asarray(x), cp.asarray(W), cp.asarray(b), activation)
-        ac, zc = ops.dense_forward(x, W, b, activation)
-        atol = rtol_of(dtype) * max(1.0, float(np.abs(z_ref).max()))
-        assert_close(a, a_ref, dtype, atol=atol, what=f"{activation} a vs ref")
-        assert_close(a, ac, dtype, atol=atol, what=f"{activation} a vs CPU")
-        da = rng.standard_normal(a_ref.shape).astype(dtype)
-        dW, db, dx = ops.dense_backward(cp.asarray(x), cp.asarray(W), a, z, cp.asarray(da),
-                                        activation)
-        dWr, dbr, dxr = reference.dense_backward(x, W, z_ref, da, activation)
-        scale = np.abs(da) * (1 + np.abs(z_ref))
-        r = rtol_of(dtype)
-        assert_close(dW, dWr, dtype, atol=r * float((np.abs(x).T @ scale).max()), what="dW")
-        assert_close(db, dbr, dtype, atol=r * float(scale.sum(axis=0).max()), what="db")
-        assert_close(dx, dxr, dtype, atol=r * float((scale @ np.abs(W).T).max()), what="dx")
-
-
-# --- losses ------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
-@pytest.mark.parametrize("shape", [(1, 1), (7, 10), (300, 3), (33, 1000)])
-def test_losses(cp, kc, rng, shape, dtype):
-    logits = (rng.standard_normal(shape) * 4).astype(dtype)
-    labels = rng.integers(0, shape[1], shape[0]).astype(np.int64)
-    target = rng.uniform(0, 1, shape).astype(dtype)
-    cases = [("softmax_cross_entropy", labels), ("mse", target), ("bce_with_logits", target)]
-    for name, y in cases:
-        ref_loss, ref_grad = reference.LOSSES[name](logits, y)
-        g_gpu = cp.empty(shape, dtype)
-        loss = getattr(kc, name)(cp.asarray(logits), cp.asarray(y), g_gpu)
-        assert isinstance(loss, cp.ndarray) and loss.dtype == np.float64
-        g_cpu = np.empty(shape, dtype)
-        loss_cpu = getattr(kcpu, name)(logits, y, g_cpu)
-        assert_close(float(loss), ref_loss, dtype, what=f"{name} loss vs ref")
-        assert_close(float(loss), loss_cpu, dtype, what=f"{name} loss vs CPU")
-        assert_close(g_gpu, ref_grad, dtype, what=f"{name} grad vs ref")
-        assert_close(g_gpu, g_cpu, dtype, what=f"{name} grad vs CPU")
-        # aliasing: grad written over the input
-        al = cp.asarray(logits)
-        loss2 = getattr(kc, name)(al, cp.asarray(y), al)
-        assert float(loss2) == float(loss) and cp.array_equal(al, g_gpu)
 
 
 # --- norms and optimizer updates ------------------------------------------------------

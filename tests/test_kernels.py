@@ -1,4 +1,4 @@
-"""Every CPU kernel against fastgrad.reference (plain NumPy float64).
+"""Every kernel, on every device, against fastgrad.reference (plain NumPy float64).
 
 Bodies are device-agnostic: inputs are drawn with NumPy, moved to the
 device's array module, and results come back through ``to_numpy``.
@@ -168,6 +168,54 @@ def test_activation_forward_backward(device, xp, rng, activation, shape, dtype):
                  what=f"{activation} backward")
 
 
+# (7, 3) and (257, 129) straddle the CUDA kernels' block and grid sizes
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (130, 17), (3, 1000), (257, 129)])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bias_act_kernels(device, rng, activation, shape, dtype):
+    """The raw epilogue kernels: ``bias_act`` out of place (z kept) and in
+    place, ``bias_act_grad`` (dz and the bias gradient db, also with dz
+    written over da), ``activation_forward`` / ``activation_backward``."""
+    xp, k = fg_device.array_module(device), fg_device.kernels(device)
+    code, alpha = ops.resolve_activation(activation)
+    n = shape[1]
+    z0 = (rng.standard_normal(shape) * 3).astype(dtype)
+    b = rng.uniform(-1, 1, n).astype(dtype)
+    da = rng.standard_normal(shape).astype(dtype)
+    z_ref = z0.astype(np.float64) + b
+    a_ref = reference.activation(z_ref, activation, alpha)
+    fwd_atol = _fwd_atol(z_ref, dtype)
+    z, bd = xp.array(z0), xp.asarray(b)      # copies: the kernels write z
+    a = xp.full(shape, np.nan, dtype)
+    k.bias_act(z, bd, a, code, alpha)
+    in_place = xp.array(z0)
+    k.bias_act(in_place, bd, in_place, code, alpha)
+    assert_close(a, a_ref, dtype, atol=fwd_atol, what=f"{activation} a")
+    assert_close(in_place, a_ref, dtype, atol=fwd_atol, what=f"{activation} a in place")
+    assert_close(z, z_ref, dtype, what="z = z + b kept")
+
+    dz_ref = da.astype(np.float64) * reference.activation_grad(z_ref, activation, alpha)
+    scale = np.abs(da) * (1 + np.abs(z_ref))
+    dz_atol = rtol_of(dtype) * float(scale.max())
+    db_atol = rtol_of(dtype) * float(scale.sum(axis=0).max())
+    dz, db = xp.full(shape, np.nan, dtype), xp.full(n, np.nan, dtype)
+    k.bias_act_grad(xp.array(da), a, z, dz, db, code, alpha)
+    assert_close(dz, dz_ref, dtype, atol=dz_atol, what=f"{activation} dz")
+    assert_close(db, dz_ref.sum(axis=0), dtype, atol=db_atol, what=f"{activation} db")
+    over = xp.array(da)
+    db2 = xp.full(n, np.nan, dtype)
+    k.bias_act_grad(over, a, z, over, db2, code, alpha)
+    np.testing.assert_array_equal(to_numpy(over), to_numpy(dz))
+    np.testing.assert_array_equal(to_numpy(db2), to_numpy(db))
+
+    out = xp.full(shape, np.nan, dtype)
+    k.activation_forward(xp.asarray(z_ref.astype(dtype)), out, code, alpha)
+    assert_close(out, a_ref, dtype, atol=fwd_atol, what="activation_forward")
+    dz3 = xp.full(shape, np.nan, dtype)
+    k.activation_backward(xp.array(da), a, z, dz3, code, alpha)
+    np.testing.assert_array_equal(to_numpy(dz3), to_numpy(dz))
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_activation_forward_keeps_float_dtype(device, xp, activation):
     z = np.linspace(-3, 3, 12).reshape(3, 4)
@@ -193,6 +241,16 @@ def _loss_inputs(rng, name, batch, width, dtype):
     return pred, target
 
 
+def _grad_atol(name, pred, target, grad_ref, dtype):
+    """Each gradient element is a difference of terms of size ~max(1, |pred|,
+    |target|) over the divisor (rows for cross-entropy, elements else): its
+    rounding scales with them, not with a difference that cancels to ~0
+    (bce at sigmoid(x) ~ target: 1 ulp of 1/n against a 4e-5 result)."""
+    terms = max(1.0, float(np.abs(pred).max()), float(np.abs(target).max()))
+    divisor = pred.shape[0] if name == "softmax_cross_entropy" else pred.size
+    return rtol_of(dtype) * max(float(np.abs(grad_ref).max()), 2 * terms / divisor)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("width", WIDTHS)
@@ -204,14 +262,8 @@ def test_loss(device, xp, rng, name, width, batch, dtype):
     assert isinstance(loss, float)
     assert grad.shape == pred.shape and grad.dtype == np.dtype(dtype)
     assert_close(loss, loss_ref, dtype, what=f"{name} loss")
-    # Each gradient element is a difference of terms of size ~max(1, |pred|,
-    # |target|) over the divisor (rows for cross-entropy, elements else): its
-    # rounding scales with them, not with a difference that cancels to ~0
-    # (bce at sigmoid(x) ~ target: 1 ulp of 1/n against a 4e-5 result).
-    terms = max(1.0, float(np.abs(pred).max()), float(np.abs(target).max()))
-    divisor = batch if name == "softmax_cross_entropy" else pred.size
-    atol = rtol_of(dtype) * max(float(np.abs(grad_ref).max()), 2 * terms / divisor)
-    assert_close(grad, grad_ref, dtype, atol=atol, what=f"{name} grad")
+    assert_close(grad, grad_ref, dtype, atol=_grad_atol(name, pred, target, grad_ref, dtype),
+                 what=f"{name} grad")
     # the loss objects call the same kernels
     cls = {"softmax_cross_entropy": fg.SoftmaxCrossEntropy, "mse": fg.MSE,
            "bce_with_logits": fg.BCEWithLogits}[name]
@@ -221,17 +273,26 @@ def test_loss(device, xp, rng, name, width, batch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
+@pytest.mark.parametrize("shape", [(1, 1), (6, 5), (300, 3), (33, 1000)])
 @pytest.mark.parametrize("name", LOSSES)
-def test_loss_kernels_direct_in_place(device, rng, name, dtype):
-    """The raw loss kernels may write the gradient over their input."""
+def test_loss_kernels_direct_in_place(device, rng, name, shape, dtype):
+    """The raw loss kernels, into a separate gradient and written over their
+    input; on CUDA the loss stays on the device (a float64 0-d array: the
+    step reads it only when asked)."""
     xp, k = fg_device.array_module(device), fg_device.kernels(device)
-    pred, target = _loss_inputs(rng, name, 6, 5, dtype)
+    pred, target = _loss_inputs(rng, name, *shape, dtype)
     loss_ref, grad_ref = reference.LOSSES[name](pred, target)
-    buf = xp.asarray(pred.copy())
     tgt = xp.asarray(target.astype(np.int64) if name == "softmax_cross_entropy" else target)
-    loss = getattr(k, name)(buf, tgt, buf)
+    grad = xp.full(shape, np.nan, dtype)
+    loss = getattr(k, name)(xp.array(pred), tgt, grad)
+    if device == "cuda":
+        assert isinstance(loss, xp.ndarray) and loss.dtype == np.float64 and loss.ndim == 0
     assert_close(float(loss), loss_ref, dtype, what="loss")
-    assert_close(buf, grad_ref, dtype, what="grad written over the input")
+    assert_close(grad, grad_ref, dtype, atol=_grad_atol(name, pred, target, grad_ref, dtype),
+                 what="grad")
+    buf = xp.asarray(pred.copy())
+    assert float(getattr(k, name)(buf, tgt, buf)) == float(loss)
+    np.testing.assert_array_equal(to_numpy(buf), to_numpy(grad))
 
 
 def test_softmax_cross_entropy_known_value(device, xp):
