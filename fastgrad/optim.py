@@ -193,6 +193,32 @@ def _nonneg(name, x):
     return x
 
 
+def _count(name, x):
+    """``x`` as an int >= 0 (a counter); ValueError otherwise."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {x!r}")
+    return int(x)
+
+
+def _settled_counter(name, doc, on_set=None):
+    """The optimizer property ``name`` over the attribute ``_<name>``: every
+    update in flight is read back first (``_settle``), a value set must be
+    an integer >= 0 and is passed to ``on_set(opt, value)`` too."""
+    attr = "_" + name
+
+    def get(self):
+        self._settle()
+        return getattr(self, attr)
+
+    def set(self, value):
+        value = _count(name, value)
+        self._settle()
+        setattr(self, attr, value)
+        if on_set is not None:
+            on_set(self, value)
+    return property(get, set, doc=doc)
+
+
 def _fraction(name, x):
     x = _real(name, x)
     if not 0.0 <= x <= 1.0:          # also refuses NaN
@@ -832,32 +858,10 @@ class Optimizer:
         return self._records.buffers
 
     # -- counters (on CUDA, read back from the device) ------------------------
-    @property
-    def step_count(self):
-        """Updates applied so far (skipped ones not counted)."""
-        self._settle()
-        return self._step_count
-
-    @step_count.setter
-    def step_count(self, k):
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
-            raise ValueError(f"step_count must be an integer >= 0, got {k!r}")
-        self._settle()
-        self._step_count = int(k)
-        self._records.set_step(self._step_count)
-
-    @property
-    def n_skipped(self):
-        """Updates skipped for a non-finite gradient."""
-        self._settle()
-        return self._n_skipped
-
-    @n_skipped.setter
-    def n_skipped(self, n):
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-            raise ValueError(f"n_skipped must be an integer >= 0, got {n!r}")
-        self._settle()
-        self._n_skipped = int(n)
+    step_count = _settled_counter("step_count",
+                                  "Updates applied so far (skipped ones not counted).",
+                                  lambda self, k: self._records.set_step(k))
+    n_skipped = _settled_counter("n_skipped", "Updates skipped for a non-finite gradient.")
 
     def _settle(self):
         """Read back every update in flight (CUDA; waits for the device)."""

@@ -45,11 +45,26 @@ def _positive_int(name, x):
     return int(x)
 
 
+# How a field is checked, by name: a name means the same in every schedule.
+_FIELD_CHECKS = {
+    **dict.fromkeys(("value", "lr0", "max_lr", "decay_rate", "gamma", "alpha", "eta_min",
+                     "power", "start", "end", "div_factor", "final_div_factor", "threshold",
+                     "min_lr", "eps"), _finite_nonneg),
+    **dict.fromkeys(("step_size", "decay_steps", "warmup_steps", "T_max", "total_iters",
+                     "total_steps"), _positive_int),
+}
+
+
 class Schedule:
     """Base of all schedules: ``sched(k) -> float`` plus a config round trip."""
 
     kind = None
     _fields = ()
+
+    def _set_checked(self, **fields):
+        # each field checked as _FIELD_CHECKS says, in the order given
+        for name, value in fields.items():
+            setattr(self, name, _FIELD_CHECKS[name](name, value))
 
     def __call__(self, k):
         raise NotImplementedError
@@ -85,7 +100,7 @@ class constant(Schedule):
     _fields = ("value",)
 
     def __init__(self, value):
-        self.value = _finite_nonneg("value", value)
+        self._set_checked(value=value)
 
     def __call__(self, k):
         return self.value
@@ -101,10 +116,9 @@ class exponential_decay(Schedule):
     _fields = ("lr0", "decay_rate", "decay_steps", "staircase")
 
     def __init__(self, lr0, decay_rate, decay_steps, staircase=False):
-        self.lr0 = _finite_nonneg("lr0", lr0)
-        self.decay_rate = _finite_nonneg("decay_rate", decay_rate)
+        self._set_checked(lr0=lr0, decay_rate=decay_rate)
         _check(self.decay_rate > 0, "decay_rate must be > 0")
-        self.decay_steps = _positive_int("decay_steps", decay_steps)
+        self._set_checked(decay_steps=decay_steps)
         self.staircase = bool(staircase)
 
     def __call__(self, k):
@@ -121,9 +135,7 @@ class step_decay(Schedule):
     _fields = ("lr0", "step_size", "gamma")
 
     def __init__(self, lr0, step_size, gamma=0.1):
-        self.lr0 = _finite_nonneg("lr0", lr0)
-        self.step_size = _positive_int("step_size", step_size)
-        self.gamma = _finite_nonneg("gamma", gamma)
+        self._set_checked(lr0=lr0, step_size=step_size, gamma=gamma)
 
     def __call__(self, k):
         return self.lr0 * self.gamma ** (k // self.step_size)
@@ -139,9 +151,7 @@ class cosine_decay(Schedule):
     _fields = ("lr0", "decay_steps", "alpha")
 
     def __init__(self, lr0, decay_steps, alpha=0.0):
-        self.lr0 = _finite_nonneg("lr0", lr0)
-        self.decay_steps = _positive_int("decay_steps", decay_steps)
-        self.alpha = _finite_nonneg("alpha", alpha)
+        self._set_checked(lr0=lr0, decay_steps=decay_steps, alpha=alpha)
 
     def __call__(self, k):
         t = min(k, self.decay_steps) / self.decay_steps
@@ -157,9 +167,7 @@ class linear_warmup(Schedule):
     _fields = ("start", "end", "warmup_steps")
 
     def __init__(self, start, end, warmup_steps):
-        self.start = _finite_nonneg("start", start)
-        self.end = _finite_nonneg("end", end)
-        self.warmup_steps = _positive_int("warmup_steps", warmup_steps)
+        self._set_checked(start=start, end=end, warmup_steps=warmup_steps)
 
     def __call__(self, k):
         frac = 1.0 - min(max(k, 0), self.warmup_steps) / self.warmup_steps
@@ -226,9 +234,7 @@ class cosine_annealing(Schedule):
     _fields = ("lr0", "T_max", "eta_min")
 
     def __init__(self, lr0, T_max, eta_min=0.0):
-        self.lr0 = _finite_nonneg("lr0", lr0)
-        self.T_max = _positive_int("T_max", T_max)
-        self.eta_min = _finite_nonneg("eta_min", eta_min)
+        self._set_checked(lr0=lr0, T_max=T_max, eta_min=eta_min)
 
     def __call__(self, k):
         return self.eta_min + (self.lr0 - self.eta_min) * (
@@ -243,9 +249,7 @@ class polynomial_decay(Schedule):
     _fields = ("lr0", "total_iters", "power")
 
     def __init__(self, lr0, total_iters=5, power=1.0):
-        self.lr0 = _finite_nonneg("lr0", lr0)
-        self.total_iters = _positive_int("total_iters", total_iters)
-        self.power = _finite_nonneg("power", power)
+        self._set_checked(lr0=lr0, total_iters=total_iters, power=power)
 
     def __call__(self, k):
         return self.lr0 * (1.0 - min(k, self.total_iters) / self.total_iters) ** self.power
@@ -271,16 +275,14 @@ class one_cycle(Schedule):
 
     def __init__(self, max_lr, total_steps, pct_start=0.3, anneal_strategy="cos",
                  div_factor=25.0, final_div_factor=1e4, three_phase=False):
-        self.max_lr = _finite_nonneg("max_lr", max_lr)
-        self.total_steps = _positive_int("total_steps", total_steps)
+        self._set_checked(max_lr=max_lr, total_steps=total_steps)
         pct_start = float(pct_start)
         _check(0.0 <= pct_start <= 1.0, f"pct_start must be in [0, 1], got {pct_start!r}")
         self.pct_start = pct_start
         _check(anneal_strategy in ("cos", "linear"),
                f"anneal_strategy must be 'cos' or 'linear', got {anneal_strategy!r}")
         self.anneal_strategy = anneal_strategy
-        self.div_factor = _finite_nonneg("div_factor", div_factor)
-        self.final_div_factor = _finite_nonneg("final_div_factor", final_div_factor)
+        self._set_checked(div_factor=div_factor, final_div_factor=final_div_factor)
         _check(self.div_factor > 0 and self.final_div_factor > 0,
                "div_factor and final_div_factor must be > 0")
         self.three_phase = bool(three_phase)
@@ -343,9 +345,7 @@ class reduce_on_plateau(Schedule):
         _check(int(cooldown) == cooldown and cooldown >= 0,
                f"cooldown must be an integer >= 0, got {cooldown!r}")
         self.patience, self.cooldown = int(patience), int(cooldown)
-        self.threshold = _finite_nonneg("threshold", threshold)
-        self.min_lr = _finite_nonneg("min_lr", min_lr)
-        self.eps = _finite_nonneg("eps", eps)
+        self._set_checked(threshold=threshold, min_lr=min_lr, eps=eps)
         st = dict(state or {})
         self.scale = float(st.get("scale", 1.0))
         best = st.get("best")

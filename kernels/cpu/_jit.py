@@ -177,3 +177,21 @@ def code_ladder(name, params, key, branches, error):
     lines.append(f"    raise ValueError({error!r})")
     exec(compile("\n".join(lines), f"<fastgrad {name}>", "exec"), env)
     return njit(**INLINE)(env[name])
+
+
+def served_ladder(name, params, key, kernels, package, kind, codes, table, what):
+    """The ladder (:func:`code_ladder`) over a table's codes served by the
+    kernels of ``package`` (:func:`served_codes`), and those codes.
+
+    ``kernels`` maps every code of ``codes`` (``{name: code}``, the table
+    ``kernels/spec.py`` calls ``table``) to its ``(kernel, args)``; a code
+    missing there fails at import.  ``what`` names a code in the error
+    message (``"update rule"``, ``"loss"``)."""
+    assert set(kernels) == set(codes.values()), f"a {what} of kernels/spec.py has no kernel here"
+    served = served_codes(package, kind, codes.values())
+    ladder = code_ladder(
+        name, params, key, [(code,) + kernels[code] for code in served],
+        f"{what} code not served by these kernels: they serve "
+        f"{[n for n, c in codes.items() if c in served]} (kernels/spec.py {table}; a "
+        f"model's copy of the kernels serves the model's {what} alone)")
+    return ladder, served

@@ -38,7 +38,7 @@ from numba.extending import intrinsic
 
 from ._jit import INLINE, JIT
 from .optim import clip_scale, update_range
-from .reduce import BLOCK, block_sumsq
+from .reduce import BLOCK, add_block_sums, block_sumsq
 
 
 @intrinsic
@@ -161,14 +161,7 @@ def _multi_sumsq_parallel(like, g_addr, sizes, tensor_sq):
         g = _view(g_addr[i], sizes[i], like)
         parts[c] = block_sumsq(g[b:min(b + BLOCK, sizes[i])])
     # the same block sums added in the same order as multi_sumsq: bitwise equal
-    total = 0.0
-    for i in range(n):
-        s = 0.0
-        for c in range(first[i], first[i + 1]):
-            s += parts[c]
-        tensor_sq[i] = s
-        total += s
-    return total
+    return add_block_sums(parts, first, tensor_sq)
 
 
 @njit(**dict(JIT, parallel=True))

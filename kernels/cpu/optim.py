@@ -51,7 +51,7 @@ optimizers' own ``step()`` when asked (``opt.parallel = True``), is bitwise equa
 import numpy as np
 from numba import njit, prange
 
-from ._jit import INLINE, JIT, code_ladder, served_codes
+from ._jit import INLINE, JIT, served_ladder
 from .reduce import layer_sumsq, layer_sumsq_parallel
 
 # Rule codes and hp slots are shared with the CUDA twin: kernels/spec.py.
@@ -70,13 +70,26 @@ def _lerp(a, b, lt, c):
     return (a if lt else b) + c * (b - a)
 
 
+@njit(**dict(JIT, **INLINE))
+def _clip_bounds(p, scale, clip_value):
+    """The clip scale and the clip-by-value bounds ``(scale, -cv, cv)`` in
+    ``p``'s dtype.  Clip-by-value always runs: an infinite bound leaves the
+    (finite) gradient alone."""
+    f = p.dtype.type
+    cv = f(clip_value) if clip_value > 0 else f(np.inf)
+    return f(scale), -cv, cv
+
+
+@njit(**dict(JIT, **INLINE))
+def _clip(gi, sc, lo, hi):
+    # clip by norm (the scale), then by value
+    return min(max(gi * sc, lo), hi)
+
+
 @njit(**JIT)
 def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
     f = p.dtype.type
-    sc = f(scale)
-    # clip-by-value always runs: an infinite bound leaves the (finite) g alone
-    cv = f(clip_value) if clip_value > 0 else f(np.inf)
-    ncv = -cv
+    sc, ncv, cv = _clip_bounds(p, scale, clip_value)
     lr = hp[HP_LR]
     wd = hp[HP_WEIGHT_DECAY]
     # AdamW multiplies p by (1 - lr*wd), Adam adds wd*p to the gradient; the
@@ -93,9 +106,8 @@ def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
     bc2s = f(np.sqrt(hp[HP_BIAS_CORR2]))
     if hp[HP_AMSGRAD] != 0.0:
         for i in range(p.shape[0]):
-            gi = min(max(g[i] * sc, ncv), cv)
             pi = p[i] * decay
-            gi = gi + l2 * pi
+            gi = _clip(g[i], sc, ncv, cv) + l2 * pi
             mi = _lerp(m[i], gi, lt1, c1)
             vi = v[i] * b2 + w2 * gi * gi
             vm = max(vmax[i], vi)
@@ -105,9 +117,8 @@ def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
             p[i] = pi + nstep * (mi / (np.sqrt(vm) / bc2s + eps))
     else:
         for i in range(p.shape[0]):
-            gi = min(max(g[i] * sc, ncv), cv)
             pi = p[i] * decay
-            gi = gi + l2 * pi
+            gi = _clip(g[i], sc, ncv, cv) + l2 * pi
             mi = _lerp(m[i], gi, lt1, c1)
             vi = v[i] * b2 + w2 * gi * gi
             m[i] = mi
@@ -118,9 +129,7 @@ def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
 @njit(**JIT)
 def _sgd_range(p, g, buf, scale, clip_value, hp):
     f = p.dtype.type
-    sc = f(scale)
-    cv = f(clip_value) if clip_value > 0 else f(np.inf)
-    ncv = -cv
+    sc, ncv, cv = _clip_bounds(p, scale, clip_value)
     nlr = f(-hp[HP_LR])
     wd = f(hp[HP_WEIGHT_DECAY])
     mom = f(hp[HP_MOMENTUM])
@@ -128,14 +137,14 @@ def _sgd_range(p, g, buf, scale, clip_value, hp):
     if hp[HP_MOMENTUM] == 0.0:
         for i in range(p.shape[0]):
             pi = p[i]
-            gi = min(max(g[i] * sc, ncv), cv) + wd * pi
+            gi = _clip(g[i], sc, ncv, cv) + wd * pi
             p[i] = pi + nlr * gi
         return
     first = hp[HP_FIRST] != 0.0
     nesterov = hp[HP_NESTEROV] != 0.0
     for i in range(p.shape[0]):
         pi = p[i]
-        gi = min(max(g[i] * sc, ncv), cv) + wd * pi
+        gi = _clip(g[i], sc, ncv, cv) + wd * pi
         # torch sets the buffer to the first gradient, undampened
         bi = gi if first else buf[i] * mom + w * gi
         buf[i] = bi
@@ -146,9 +155,7 @@ def _sgd_range(p, g, buf, scale, clip_value, hp):
 @njit(**JIT)
 def _rmsprop_range(p, g, sq, buf, gavg, scale, clip_value, hp):
     f = p.dtype.type
-    sc = f(scale)
-    cv = f(clip_value) if clip_value > 0 else f(np.inf)
-    ncv = -cv
+    sc, ncv, cv = _clip_bounds(p, scale, clip_value)
     nlr = f(-hp[HP_LR])
     wd = f(hp[HP_WEIGHT_DECAY])
     alpha = f(hp[HP_ALPHA])
@@ -162,7 +169,7 @@ def _rmsprop_range(p, g, sq, buf, gavg, scale, clip_value, hp):
     use_mom = hp[HP_MOMENTUM] > 0.0
     for i in range(p.shape[0]):
         pi = p[i]
-        gi = min(max(g[i] * sc, ncv), cv) + wd * pi
+        gi = _clip(g[i], sc, ncv, cv) + wd * pi
         si = sq[i] * alpha + wsq * gi * gi
         sq[i] = si
         if centered:
@@ -188,16 +195,11 @@ _RULE_KERNELS = {
     ADAMW: (_adam_range, f"p, g, s0, s1, s2, scale, clip_value, hp, rule == {ADAMW}"),
     RMSPROP: (_rmsprop_range, "p, g, s0, s1, s2, scale, clip_value, hp"),
 }
-assert set(_RULE_KERNELS) == set(RULES.values()), "a rule of kernels/spec.py has no kernel here"
 # The rules these kernels serve: all of them, or in a model's copy of the
 # package (fastgrad.registry.cpu_kernels) the model's own; others raise.
-SERVED_RULES = served_codes(__package__, "RULES", RULES.values())
-_rule_ladder = code_ladder(
-    "_rule_ladder", "rule, p, g, s0, s1, s2, hp, scale, clip_value", "rule",
-    [(code,) + _RULE_KERNELS[code] for code in SERVED_RULES],
-    "update rule code not served by these kernels: they serve "
-    f"{[n for n, c in RULES.items() if c in SERVED_RULES]} (kernels/spec.py RULES; a "
-    "model's copy of the kernels serves the model's rule alone)")
+_rule_ladder, SERVED_RULES = served_ladder(
+    "_rule_ladder", "rule, p, g, s0, s1, s2, hp, scale, clip_value", "rule", _RULE_KERNELS,
+    __package__, "RULES", RULES, "RULES", "update rule")
 
 
 @njit(**dict(JIT, **INLINE))

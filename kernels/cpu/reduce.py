@@ -20,7 +20,7 @@ buffers on their own (bench/RESULTS.md has the measurements).
 import numpy as np
 from numba import njit, prange
 
-from ._jit import JIT
+from ._jit import INLINE, JIT
 
 # Elements per block: the vectorised block loop dominates the bookkeeping,
 # and a block of float32 stays within L1/L2 while being summed.
@@ -76,6 +76,22 @@ def layer_sumsq(g, offsets, layer_sq):
     return total
 
 
+@njit(**dict(JIT, **INLINE))
+def add_block_sums(parts, first, seg_sq):
+    """``seg_sq[i]`` = the sum of segment ``i``'s block sums
+    ``parts[first[i]:first[i + 1]]``, and the sum of ``seg_sq``, each added
+    in order: the serial kernels' order, so the parallel ones match them
+    bitwise."""
+    total = 0.0
+    for i in range(first.shape[0] - 1):
+        s = 0.0
+        for k in range(first[i], first[i + 1]):
+            s += parts[k]
+        seg_sq[i] = s
+        total += s
+    return total
+
+
 @njit(**dict(JIT, parallel=True))
 def layer_sumsq_parallel(g, offsets, layer_sq):
     """:func:`layer_sumsq` with the block sums computed in parallel."""
@@ -91,14 +107,7 @@ def layer_sumsq_parallel(g, offsets, layer_sq):
         for k in prange(nb):
             b = lo + k * BLOCK
             parts[first[li] + k] = block_sumsq(g[b:min(b + BLOCK, hi)])
-    total = 0.0
-    for li in range(n_layers):
-        s = 0.0
-        for k in range(first[li], first[li + 1]):
-            s += parts[k]
-        layer_sq[li] = s
-        total += s
-    return total
+    return add_block_sums(parts, first, layer_sq)
 
 
 @njit(**JIT)

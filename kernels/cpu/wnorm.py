@@ -16,7 +16,19 @@ import math
 
 from numba import njit
 
-from ._jit import JIT
+from ._jit import INLINE, JIT
+
+
+@njit(**dict(JIT, **INLINE))
+def _column_dots(x, y, out):
+    # out[j] = sum_i x[i, j] y[i, j], added row by row (vectorises across
+    # columns)
+    n_in, n_out = x.shape
+    for j in range(n_out):
+        out[j] = 0.0
+    for i in range(n_in):
+        for j in range(n_out):
+            out[j] += x[i, j] * y[i, j]
 
 
 @njit(**JIT)
@@ -25,11 +37,7 @@ def weight_norm_forward(v, g, W, inv_norm):
     receives ``1 / ||v_j||`` for backward.  Row-major loops: the column
     sums accumulate along rows, which vectorises across columns."""
     n_in, n_out = v.shape
-    for j in range(n_out):
-        inv_norm[j] = 0.0
-    for i in range(n_in):
-        for j in range(n_out):
-            inv_norm[j] += v[i, j] * v[i, j]
+    _column_dots(v, v, inv_norm)
     for j in range(n_out):
         inv_norm[j] = 1.0 / math.sqrt(inv_norm[j])
     for i in range(n_in):
@@ -41,11 +49,7 @@ def weight_norm_forward(v, g, W, inv_norm):
 def weight_norm_backward(v, g, inv_norm, dW, dv, dg):
     """``dv`` and ``dg`` from ``dW`` = dL/dW of the effective weight."""
     n_in, n_out = v.shape
-    for j in range(n_out):
-        dg[j] = 0.0
-    for i in range(n_in):
-        for j in range(n_out):
-            dg[j] += dW[i, j] * v[i, j]
+    _column_dots(dW, v, dg)
     for j in range(n_out):
         dg[j] = dg[j] * inv_norm[j]
     for i in range(n_in):

@@ -373,6 +373,13 @@ def blocks(n, cap=MAX_BLOCKS):
     return int(max(1, min(cap, -(-int(n) // THREADS))))
 
 
+def launch_elementwise(filename, name, n, args):
+    """Launch the grid-stride kernel ``name`` of ``filename`` over ``n`` items
+    (``blocks(n)`` blocks of ``THREADS``); nothing when ``n`` is 0."""
+    if n:
+        kernel(filename, name)((blocks(n),), (THREADS,), args)
+
+
 def cover(n):
     """Blocks of THREADS giving each of ``n`` items its own thread (no cap:
     for kernels that are not grid-stride, e.g. one thread a column)."""

@@ -17,13 +17,10 @@ _FILE = "activations.cu"
 
 def _launch_bias_act(z, b, zout, out, act, alpha):
     rows, cols = z.shape
-    n = rows * cols
-    if n == 0:
-        return
-    k = _m.kernel(_FILE, f"fg_bias_act<{_m.ctype(z.dtype)}, {int(act)}>")
-    k((_m.blocks(n),), (_m.THREADS,),
-      (z, _m.NULL if b is None else b, _m.NULL if zout is None else zout, out,
-       _m.i64(rows), _m.i64(cols), _m.f64(alpha)))
+    _m.launch_elementwise(
+        _FILE, f"fg_bias_act<{_m.ctype(z.dtype)}, {int(act)}>", rows * cols,
+        (z, _m.NULL if b is None else b, _m.NULL if zout is None else zout, out,
+         _m.i64(rows), _m.i64(cols), _m.f64(alpha)))
 
 
 def bias_act(z, b, out, act, alpha):

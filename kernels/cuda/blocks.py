@@ -76,10 +76,8 @@ def drop_args(drop, key, thresh, scale):
 def dropout_mask(key, thresh, out):
     """out[i, j] = 1 where the unit is kept, else 0 (the CPU's mask, bit for bit)."""
     n = out.size
-    if n == 0:
-        return
-    k = _m.kernel(_FILE, f"fg_dropout_mask<{_m.ctype(out.dtype)}>")
-    k((_m.blocks(n),), (_m.THREADS,), (out, _m.i64(n), _m.u64(key), _m.u64(thresh)))
+    _m.launch_elementwise(_FILE, f"fg_dropout_mask<{_m.ctype(out.dtype)}>", n,
+                          (out, _m.i64(n), _m.u64(key), _m.u64(thresh)))
 
 
 # --- the fused passes -----------------------------------------------------------------
@@ -90,13 +88,10 @@ def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale,
     may be ``y`` itself), ``y = fz * mask * scale`` when ``drop``, ``y += x``
     when ``residual`` (``x`` is read only then)."""
     rows, cols = y.shape
-    n = rows * cols
-    if n == 0:
-        return
-    k = _m.kernel(_FILE, f"fg_block_fwd<{_m.ctype(y.dtype)}, {int(act)}>")
-    k((_m.blocks(n),), (_m.THREADS,),
-      (y, b, x, z, fz, _m.i64(rows), _m.i64(cols), _m.f64(alpha),
-       *drop_args(drop, key, thresh, scale), _m.flag(residual)))
+    _m.launch_elementwise(
+        _FILE, f"fg_block_fwd<{_m.ctype(y.dtype)}, {int(act)}>", rows * cols,
+        (y, b, x, z, fz, _m.i64(rows), _m.i64(cols), _m.f64(alpha),
+         *drop_args(drop, key, thresh, scale), _m.flag(residual)))
 
 
 def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale, residual,

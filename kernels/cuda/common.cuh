@@ -99,6 +99,23 @@ __device__ __forceinline__ double block_sum(double v, double* sh)
     return sh[0];
 }
 
+// Sum of squares, in double, of g[lo, min(lo + FG_SUMSQ_CHUNK, end)) over a
+// block of RED_THREADS threads: each thread adds its strided elements in
+// order, then block_sum's tree.  The one chunk sum of reduce.cu and
+// multi_tensor.cu, so both give the same partials for the same data.
+// Every thread must call it; thread 0 gets the total.
+template <typename T>
+__device__ __forceinline__ double chunk_sumsq(const T* g, long long lo, long long end, double* sh)
+{
+    const long long hi = lo + FG_SUMSQ_CHUNK < end ? lo + FG_SUMSQ_CHUNK : end;
+    double acc = 0.0;
+    for (long long i = lo + threadIdx.x; i < hi; i += RED_THREADS) {
+        const double x = (double)g[i];
+        acc += x * x;
+    }
+    return block_sum(acc, sh);
+}
+
 // Warp butterflies: x + y == y + x bitwise, so every lane ends with the same
 // value and the order is fixed by the lane layout.
 template <typename T> __device__ __forceinline__ T warp_sum(T v)

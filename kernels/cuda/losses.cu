@@ -5,38 +5,62 @@
 // the input).  The mean stays on the device: nothing syncs.
 #include "common.cuh"
 
-// Softmax cross-entropy, one warp per row (blockDim.x a multiple of 32).
-// Stable log-sum-exp: the largest shifted logit is 0, so s lies in
-// [1, cols].  row_loss[i] = log(s) - (x_label - max), in float64 as the CPU.
+// The softmax kernels run one warp per row (blockDim.x a multiple of 32):
+// the row of this thread's warp.
+__device__ __forceinline__ long long warp_row()
+{
+    return (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+}
+
 // A label outside [0, cols) (labels already on the device are not checked
 // on the host: that would be a read, a sync) is never dereferenced: its row
 // gets a NaN loss and gradient and status[0] is set to ERR_BAD_LABEL, which
-// makes fg_clip_control skip the update and the host raise.
+// makes fg_clip_control skip the update and the host raise.  True then.
+template <typename T>
+__device__ __forceinline__ bool poison_bad_label(long long lab, long long cols, int lane, T* g,
+                                                 double* loss, double* status)
+{
+    if (lab < 0 || lab >= cols) {
+        const T nan = T(fg::inf_d() - fg::inf_d());
+        for (long long j = lane; j < cols; j += 32) g[j] = nan;
+        if (lane == 0) {
+            *loss = (double)nan;
+            status[0] = double(fg::ERR_BAD_LABEL);  // every writer writes the same value
+        }
+        return true;
+    }
+    return false;
+}
+
+// The largest entry of a row, on every lane of its warp.
+template <typename T>
+__device__ __forceinline__ T warp_row_max(const T* row, long long cols, int lane)
+{
+    T m = -fg::inf<T>();
+    for (long long j = lane; j < cols; j += 32) m = fg::pymax(m, row[j]);
+    m = fg::warp_max(m);
+    __syncwarp();
+    return m;
+}
+
+// Softmax cross-entropy, one warp per row (blockDim.x a multiple of 32).
+// Stable log-sum-exp: the largest shifted logit is 0, so s lies in
+// [1, cols].  row_loss[i] = log(s) - (x_label - max), in float64 as the CPU.
+// A label outside [0, cols): poison_bad_label.
 template <typename T>
 __global__ void fg_softmax_xent(const T* logits, const long long* labels, T* grad,
                                 double* row_loss, long long rows, long long cols,
                                 double* status)
 {
     const int lane = threadIdx.x & 31;
-    const long long i = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const long long i = warp_row();
     if (i >= rows) return;                          // whole warps leave together
     const T* row = logits + i * cols;
     T* g = grad + i * cols;
     const long long lab = labels[i];
-    if (lab < 0 || lab >= cols) {
-        const T nan = T(fg::inf_d() - fg::inf_d());
-        for (long long j = lane; j < cols; j += 32) g[j] = nan;
-        if (lane == 0) {
-            row_loss[i] = (double)nan;
-            status[0] = double(fg::ERR_BAD_LABEL);  // every writer writes the same value
-        }
-        return;
-    }
+    if (poison_bad_label(lab, cols, lane, g, row_loss + i, status)) return;
     const T x_label = row[lab];                     // before grad (maybe logits) is written
-    T m = -fg::inf<T>();
-    for (long long j = lane; j < cols; j += 32) m = fg::pymax(m, row[j]);
-    m = fg::warp_max(m);
-    __syncwarp();
+    const T m = warp_row_max(row, cols, lane);
     // The sum in double, as the CPU: near-certain rows have s = 1 + tiny.
     double s = 0.0;
     for (long long j = lane; j < cols; j += 32) {
@@ -147,7 +171,7 @@ __global__ void fg_softmax_xent_ex(const T* logits, const long long* labels,
                                    double* status)
 {
     const int lane = threadIdx.x & 31;
-    const long long i = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const long long i = warp_row();
     if (i >= rows) return;                          // whole warps leave together
     const T* row = logits + i * cols;
     T* g = grad + i * cols;
@@ -157,20 +181,9 @@ __global__ void fg_softmax_xent_ex(const T* logits, const long long* labels,
         if (lane == 0) row_loss[i] = 0.0;
         return;
     }
-    if (lab < 0 || lab >= cols) {
-        const T nan = T(fg::inf_d() - fg::inf_d());
-        for (long long j = lane; j < cols; j += 32) g[j] = nan;
-        if (lane == 0) {
-            row_loss[i] = (double)nan;
-            status[0] = double(fg::ERR_BAD_LABEL);
-        }
-        return;
-    }
+    if (poison_bad_label(lab, cols, lane, g, row_loss + i, status)) return;
     const T x_label = row[lab];                     // before grad (maybe logits) is written
-    T m = -fg::inf<T>();
-    for (long long j = lane; j < cols; j += 32) m = fg::pymax(m, row[j]);
-    m = fg::warp_max(m);
-    __syncwarp();
+    const T m = warp_row_max(row, cols, lane);
     double s = 0.0, wz = 0.0, w_all = 0.0;          // wz: sum_c w_c (x_c - max)
     for (long long j = lane; j < cols; j += 32) {
         const T d = row[j] - m;

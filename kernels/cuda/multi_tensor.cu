@@ -25,16 +25,8 @@ __global__ void fg_mt_sumsq_partial(const long long* g_addr, const long long* si
 {
     __shared__ double sh[fg::RED_THREADS];
     for (long long t = blockIdx.y; t < n_tensors; t += gridDim.y) {
-        const T* g = reinterpret_cast<const T*>(g_addr[t]);
-        const long long end = sizes[t];
-        const long long lo = (long long)blockIdx.x * FG_SUMSQ_CHUNK;
-        const long long hi = lo + FG_SUMSQ_CHUNK < end ? lo + FG_SUMSQ_CHUNK : end;
-        double acc = 0.0;
-        for (long long i = lo + threadIdx.x; i < hi; i += fg::RED_THREADS) {
-            const double x = (double)g[i];
-            acc += x * x;
-        }
-        const double tot = fg::block_sum(acc, sh);
+        const double tot = fg::chunk_sumsq(reinterpret_cast<const T*>(g_addr[t]),
+                                           (long long)blockIdx.x * FG_SUMSQ_CHUNK, sizes[t], sh);
         if (threadIdx.x == 0) partial[t * gridDim.x + blockIdx.x] = tot;
         __syncthreads();                   // sh is reused by the next tensor
     }

@@ -98,11 +98,11 @@ def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_m
     if n == 0:
         return
     _statistics(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, work)
-    k = _m.kernel(_FILE, f"fg_norm_fwd<{_m.ctype(y.dtype)}, {int(act)}>")
-    k((_m.blocks(n),), (_m.THREADS,),
-      (y, b, x, xhat, fz, gamma, beta, mean, rstd, _m.i64(rows), _m.i64(cols),
-       _m.flag(kind == LAYER), _m.f64(alpha), *drop_args(drop, key, thresh, scale),
-       _m.flag(residual)))
+    _m.launch_elementwise(
+        _FILE, f"fg_norm_fwd<{_m.ctype(y.dtype)}, {int(act)}>", n,
+        (y, b, x, xhat, fz, gamma, beta, mean, rstd, _m.i64(rows), _m.i64(cols),
+         _m.flag(kind == LAYER), _m.f64(alpha), *drop_args(drop, key, thresh, scale),
+         _m.flag(residual)))
 
 
 def norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta, r1, r2, kind,

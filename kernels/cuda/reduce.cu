@@ -19,15 +19,8 @@ __global__ void fg_seg_sumsq_partial(const T* g, const long long* offsets, doubl
 {
     __shared__ double sh[fg::RED_THREADS];
     const int l = blockIdx.y;
-    const long long end = offsets[l + 1];
-    const long long lo = offsets[l] + (long long)blockIdx.x * FG_SUMSQ_CHUNK;
-    const long long hi = lo + FG_SUMSQ_CHUNK < end ? lo + FG_SUMSQ_CHUNK : end;
-    double acc = 0.0;
-    for (long long i = lo + threadIdx.x; i < hi; i += fg::RED_THREADS) {
-        const double x = (double)g[i];
-        acc += x * x;
-    }
-    const double tot = fg::block_sum(acc, sh);
+    const double tot = fg::chunk_sumsq(g, offsets[l] + (long long)blockIdx.x * FG_SUMSQ_CHUNK,
+                                       offsets[l + 1], sh);
     if (threadIdx.x == 0) partial[(long long)l * gridDim.x + blockIdx.x] = tot;
 }
 

@@ -49,10 +49,8 @@ def weight_norm_forward(v, g, W, inv_norm, work=None):
     kn = _m.kernel(_FILE, "fg_wn_inv_norm<double>")
     kn((_m.cover(cols),), (_m.THREADS,), (part, _m.i64(nblk), _m.i64(cols), inv_norm))
     n = rows * cols
-    if n == 0:
-        return
-    ka = _m.kernel(_FILE, f"fg_wn_apply<{_m.ctype(v.dtype)}>")
-    ka((_m.blocks(n),), (_m.THREADS,), (v, g, inv_norm, W, _m.i64(n), _m.i64(cols)))
+    _m.launch_elementwise(_FILE, f"fg_wn_apply<{_m.ctype(v.dtype)}>", n,
+                          (v, g, inv_norm, W, _m.i64(n), _m.i64(cols)))
 
 
 def weight_norm_backward(v, g, inv_norm, dW, dv, dg, work=None):
@@ -65,7 +63,5 @@ def weight_norm_backward(v, g, inv_norm, dW, dv, dg, work=None):
     kg = _m.kernel(_FILE, f"fg_wn_dg<{t}>")
     kg((_m.cover(cols),), (_m.THREADS,), (part, _m.i64(nblk), _m.i64(cols), inv_norm, dg))
     n = rows * cols
-    if n == 0:
-        return
-    kv = _m.kernel(_FILE, f"fg_wn_grad<{t}>")
-    kv((_m.blocks(n),), (_m.THREADS,), (v, g, inv_norm, dW, dg, dv, _m.i64(n), _m.i64(cols)))
+    _m.launch_elementwise(_FILE, f"fg_wn_grad<{t}>", n,
+                          (v, g, inv_norm, dW, dg, dv, _m.i64(n), _m.i64(cols)))
