@@ -10,6 +10,8 @@ The mask is drawn by the CPU's counter-based hash on 64-bit integers
 (``blocks.cuh``), so both devices drop exactly the same units for the same
 key.  ``dropout_key`` and ``dropout_threshold`` come from ``kernels/spec.py``
 (the CPU's compiled ``dropout_key`` gives the same keys): they are host scalars, passed to the kernels by value.
+The fused step passes instead the layer's key and a device counter
+(``counter=``, see ``drop_args``): its dropout step lives on the device.
 
 Column sums (db here, the norms' sums in ``norm``) are deterministic: float64
 within row blocks of 64 in a fixed tree, then the blocks' partials in order
