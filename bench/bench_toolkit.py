@@ -1,6 +1,6 @@
 """The explosion-toolkit layers on the deep workload, float32: fastgrad's
-TrainStep (on every available device; on CUDA these models run the composed
-layer path) with batch norm, residual blocks or dropout 0.1 on the hidden
+TrainStep (on every available device; on CUDA the fused step, eager and
+replayed from a CUDA graph) with batch norm, residual blocks or dropout 0.1 on the hidden
 layers, against its own plain step (the overhead each layer kind adds),
 PyTorch eager (nn.BatchNorm1d / a residual module / nn.Dropout; Adam fused +
 clip_grad_norm_) and JAX jit + optax (the same layers in jax.numpy).
@@ -9,8 +9,8 @@ clip_grad_norm_) and JAX jit + optax (the same layers in jax.numpy).
     python bench/toolkit_compare.py      # interleaved rounds: the ratios in RESULTS.md
 
 Workloads ``deep-plain``, ``deep-batchnorm``, ``deep-residual``,
-``deep-dropout``; contenders ``fastgrad``, ``torch-<n>t`` (``torch`` on
-CUDA), ``jax`` (CPU).  Smoke runs (``--benchmark-disable``) use a miniature deep
+``deep-dropout``; contenders ``fastgrad``, ``fastgrad-graph`` (CUDA),
+``torch-<n>t`` (``torch`` on CUDA), ``jax`` (CPU).  Smoke runs (``--benchmark-disable``) use a miniature deep
 network.
 """
 import pytest
@@ -29,7 +29,7 @@ WORKLOADS = {f"deep-{v}": v for v in VARIANTS}
 
 def _contenders(device):
     if device == "cuda":
-        return ["fastgrad", "torch"]
+        return ["fastgrad", "fastgrad-graph", "torch"]
     return ["fastgrad"] + conftest.torch_cpu_contenders() + ["jax"]
 
 
@@ -39,8 +39,9 @@ def bench_toolkit_step(benchmark, workload, device, contender):
     variant = WORKLOADS[workload]
     sizes, batch, act, loss = _workload()
     with conftest.torch_threads(contender):
-        if contender == "fastgrad":
-            step = CONTENDERS["fastgrad"](variant, sizes, batch, act, loss, device=device)
+        if contender.startswith("fastgrad"):
+            step = CONTENDERS["fastgrad"](variant, sizes, batch, act, loss, device=device,
+                                          cuda_graph=contender == "fastgrad-graph")
         elif contender.startswith("torch"):
             step = CONTENDERS["torch"](variant, sizes, batch, act, loss, device=device)
         else:

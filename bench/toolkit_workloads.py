@@ -32,13 +32,13 @@ def _layer_kwargs(variant):
             "dropout": {"dropout": DROPOUT}}[variant]
 
 
-def make_fastgrad(variant, sizes, batch, act, loss, device="cpu"):
+def make_fastgrad(variant, sizes, batch, act, loss, device="cpu", cuda_graph=False):
     import fastgrad as fg
     from fastgrad.losses import LOSSES
     model = fg.MLP(sizes, activation=act, seed=0, device=device,
                    **_layer_kwargs(variant)).train()
     opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
-    step = fg.TrainStep(model, LOSSES[loss](), opt)
+    step = fg.TrainStep(model, LOSSES[loss](), opt, cuda_graph=cuda_graph)
     x, y = data(sizes, batch, loss)
     x, y = model._xp.asarray(x), model._xp.asarray(y)     # on the device once
     return lambda: step(x, y)

@@ -128,9 +128,10 @@ class Backend:
         """The ``(blocks, norm, wnorm)`` kernel modules (twins)."""
         raise NotImplementedError
 
-    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records):
+    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, toolkit_stats=None):
         """The scratch space of a fused step at batch size ``B`` (None when
-        the device's step needs none)."""
+        the device's step needs none); ``toolkit_stats``: for the step of a
+        model with toolkit layers, the number of its running statistics."""
         return None
 
     # -- the optimizer ------------------------------------------------------------
@@ -291,6 +292,7 @@ class CudaBackend(Backend):
     is read."""
 
     name = "cuda"
+    fuses_toolkit_layers = True
     graphs_steps = True
     skip_known_on_host = False
     loss_in_record = True
@@ -332,19 +334,22 @@ class CudaBackend(Backend):
 
     def step_kernels(self, codes, rules=None, losses=None):
         # One Python function issuing the step's launches on the current
-        # stream (no host sync inside); toolkit layers and threads= have no
-        # fused CUDA step.
+        # stream (no host sync inside), for plain models and for models with
+        # toolkit layers (step_blocks); threads= has no CUDA step.
         self.kernels_for(codes)
-        from .kernels.cuda import step
-        return step, None, None
+        from .kernels.cuda import step, step_blocks
+        return step, step_blocks, None
 
     def toolkit_kernels(self, codes=()):
         self.kernels_for(codes)             # refuses registered activations without CUDA forms
         from .kernels.cuda import blocks, norm, wnorm
         return blocks, norm, wnorm
 
-    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records):
-        from .kernels.cuda import step
+    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, toolkit_stats=None):
+        from .kernels.cuda import step, step_blocks
+        if toolkit_stats is not None:
+            return step_blocks.BlocksWorkspace(B, sizes, offsets, loss_kind, dtype,
+                                               n_stats=toolkit_stats, optim=records.buffers)
         return step.Workspace(B, sizes, offsets, loss_kind, dtype, optim=records.buffers)
 
     def update_records(self, opt, n_entries):
@@ -389,9 +394,11 @@ class CudaBackend(Backend):
             dev_sizes=dev_sizes)
 
     def undo_skipped_forward(self, model, snap, skipped, records):
-        # The skip decision is in device memory: the running statistics are
-        # restored by a device-side select on it (no host wait); the dropout
-        # counter lives on the host and keeps its advance.
+        # The layer path (TrainStep with loss options): the skip decision is
+        # in device memory, the running statistics are restored by a
+        # device-side select on it (no host wait); the dropout counter lives
+        # on the host there and keeps its advance.  (The fused step settles
+        # both on the device: kernels/cuda/step_blocks.py.)
         _, mean, var = snap
         if mean is None:
             return

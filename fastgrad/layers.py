@@ -380,6 +380,7 @@ class Sequential:
             off += layer.n_out
             _unwrap(layer)._placed = True      # its arrays are views from now on
         self.training = True
+        self._dropout_on_device = None
         self.dropout_step = 0
         if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
             self._mask_seed = int(seed) & _SEED_MASK
@@ -416,6 +417,23 @@ class Sequential:
         if mean is not None:
             self._running_mean[...] = mean
             self._running_var[...] = var
+
+    @property
+    def dropout_step(self):
+        """The dropout counter: masks are drawn from it and every training
+        step advances it (a skipped update does not).  A fused CUDA
+        TrainStep keeps it in device memory, where its skip decision is:
+        reading it then waits for the steps queued so far."""
+        dev = self._dropout_on_device
+        if dev is not None:
+            self._dropout_on_device = None
+            self._dropout_step = int(dev[0])
+        return self._dropout_step
+
+    @dropout_step.setter
+    def dropout_step(self, value):
+        self._dropout_on_device = None        # the host's value rules from now on
+        self._dropout_step = value
 
     def _next_dropout_step(self):
         """The counter value this training forward draws its masks from.

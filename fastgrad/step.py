@@ -10,8 +10,9 @@ both paths give the same parameters, and ``step.stats`` is the StepStats
 ``opt.step()`` would have returned.
 
 Models with dropout, residual blocks, normalisation or weight normalisation
-run their own compiled step (``fastgrad.kernels.cpu.step_blocks``): plain
-models never compile that code, so their cold first step stays as fast.  A
+run their own compiled step (``fastgrad.kernels.cpu.step_blocks``; on CUDA
+its twin ``fastgrad.kernels.cuda.step_blocks``): plain models never compile
+that code, so their cold first step stays as fast.  A
 training-mode call advances ``model.dropout_step`` once, as
 ``model.forward`` does, so both paths draw the same dropout masks.
 
@@ -60,11 +61,14 @@ class TrainStep:
     update, as in a PyTorch loop) and leaves the update's statistics in
     ``step.stats``.
 
-    ``cuda_graph=True`` (CUDA, plain models) replays each batch size's step
-    from a CUDA graph captured on its second call, with fastgrad's own GEMM
-    kernel (CuPy cannot capture cuBLAS); ``step._graphs`` holds the graphed
-    steps (``.graph`` is None and ``.fallback_reason`` says why if capture
-    failed: the step then runs eagerly).  Not yet measured on a GPU.
+    ``cuda_graph=True`` (CUDA, default losses) replays each batch size's
+    step from a CUDA graph captured on its second call, with fastgrad's own
+    GEMM kernel (CuPy cannot capture cuBLAS); ``step._graphs`` holds the
+    graphed steps (``.graph`` is None and ``.fallback_reason`` says why if
+    capture failed: the step then runs eagerly).  Models with toolkit layers
+    are graphed too: their dropout step and running statistics live in
+    device memory, which the graphed kernels read, and the train/eval mode
+    gets a graph of its own.  Not yet measured on a GPU.
 
     On CUDA a call only queues work: the loss is a 0-d float64 CuPy array
     and ``step.stats`` fills itself when first read (see
@@ -75,12 +79,14 @@ class TrainStep:
     step's stats are read back (host labels raise at once, as on the CPU).
 
     A skipped update (non-finite gradient) leaves everything as it was: the
-    parameters, the optimizer state and step count, and on the CPU also
-    the model's dropout counter (``model.dropout_step``) and batch-norm
-    running statistics, which the forward had already advanced.  (On CUDA
-    the skip is decided on the device without the host waiting: the running
-    statistics are restored there by a device-side select, but the dropout
-    counter, kept on the host, does advance.)
+    parameters, the optimizer state and step count, the model's dropout
+    counter (``model.dropout_step``) and batch-norm running statistics,
+    which the forward had already advanced.  (On CUDA the skip is decided on
+    the device without the host waiting: the fused step keeps the dropout
+    counter in device memory while it trains, and reading
+    ``model.dropout_step`` waits for the steps queued.  Only the layer path
+    of a loss with options keeps the counter on the host, where it does
+    advance on a skipped update.)
 
     Calls from several threads run one at a time (the model's lock, shared
     with its optimizer), so no thread sees or writes a half-done step.
@@ -123,16 +129,17 @@ class TrainStep:
         # Models with dropout or residual blocks get their own compiled step:
         # plain models never compile (nor pay for) the block code.
         self._blocks = model.extended
-        # Where the device has no fused step for toolkit layers (CUDA), the
-        # model runs the layer path (forward, loss, backward, update: the same
-        # twin kernels, launched one by one; the loss is read back each step).
+        # Where the device has no fused step for toolkit layers, the model
+        # runs the layer path (forward, loss, backward, update: the same twin
+        # kernels, launched one by one).
         self._composed = (self._blocks and not be.fuses_toolkit_layers) or self._loss_options
         # CUDA graphs: the step's launches replayed as one graph per batch
-        # size (GEMMs through fastgrad's own kernel: CuPy refuses cuBLAS in a
-        # capture).  Off by default until it has been measured on a GPU.
+        # size and mode (GEMMs through fastgrad's own kernel: CuPy refuses
+        # cuBLAS in a capture).  Off by default until it has been measured
+        # on a GPU.
         self.cuda_graph = bool(cuda_graph)
-        if self.cuda_graph and (not be.graphs_steps or self._blocks):
-            raise ValueError("cuda_graph=True needs a CUDA model without toolkit layers")
+        if self.cuda_graph and not be.graphs_steps:
+            raise ValueError(f"cuda_graph=True needs a CUDA model; this one is on {be.name}")
         if self.cuda_graph and opt._seg_group is not None:
             raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
         self._graphs = {}
@@ -157,11 +164,15 @@ class TrainStep:
             self._batch_norm = bool((self._norms == _knorm.BATCH).any())
             self._wn = np.asarray([int(layer.weight_norm) for layer in model.layers], np.int64)
             if self._wn.any():
-                self._weff = np.empty_like(model.params)
-                self._dweff = np.empty_like(model.params)
+                self._weff = xp.empty_like(model.params)
+                self._dweff = xp.empty_like(model.params)
             else:
                 self._weff = self._dweff = model.params[:0]
-            self._wnorm = np.empty(int(self._sizes[1:].sum()))
+            self._wnorm = xp.empty(int(self._sizes[1:].sum()))
+            # CUDA: the dropout step, in device memory while fused steps run
+            # (their skip decisions are there; see model.dropout_step)
+            self._device_step = (None if be.skip_known_on_host
+                                 else xp.zeros(1, np.int64))
         # The optimizer's: on CUDA they are part of the record it reads back.
         self._layer_sq = opt._layer_sq
         self._buffers = OrderedDict()     # batch size -> buffers, least recently used first
@@ -229,9 +240,14 @@ class TrainStep:
                 zs, fzs = xp.empty_like(acts), xp.empty_like(acts)
                 xhats = xp.empty_like(acts) if self._norms.any() else acts
                 delta = xp.empty(3 * B * int(widths.max()), dt)
-                nstats = np.empty(2 * int((B + widths).sum()), dt)
-                nwork = np.empty(2 * max(B, int(widths.max())))
+                nstats = xp.empty(2 * int((B + widths).sum()), dt)
+                nwork = xp.empty(2 * max(B, int(widths.max())))
                 buf = self._buffers[B] = (acts, zs, fzs, xhats, nstats, nwork, delta)
+                ws = self._backend.step_workspace(
+                    B, self._sizes, self.opt._offsets, self._loss_kind, dt, self.opt._records,
+                    toolkit_stats=int(self.model.running_mean.size))
+                if ws is not None:
+                    self._workspaces[B] = ws
                 return buf
             zs = xp.empty_like(acts) if self._needs_z else acts
             delta = xp.empty(2 * B * int(widths.max()), dt)
@@ -263,11 +279,25 @@ class TrainStep:
         if opt._seg_group is not None:
             # the graph replays a device table of single hp rows
             raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
+        model = self.model
+        # the mode is frozen in a graph (dropout on or off, batch or running
+        # statistics): one graph per mode
         key = (B, int(rule), opt._clip_norm, opt._clip_value, id(s0), id(s1), id(s2))
+        if self._blocks:
+            key += (bool(model.training),)
         g = self._graphs.get(key)
-        if g is None:
+        if g is None and self._blocks:
+            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
+            drops, residual, norms, seed, counter, training = self._block_args(B, on_device=True)
+            g = self._graphs[key] = self._kblocks.GraphedTrainStepBlocks(
+                self._loss_kind, model.params, model.grads, self._sizes, self._codes,
+                self._alphas, drops, residual, norms, seed, counter, training, opt._offsets,
+                acts, zs, fzs, xhats, model.running_mean, model.running_var, nstats, nwork,
+                self._wn, self._weff, self._dweff, self._wnorm, delta, rule, s0, s1, s2,
+                self._layer_sq, opt._clip_norm, opt._clip_value, B,
+                optim=opt._device_buffers())
+        elif g is None:
             acts, zs, delta = self._buffers_for(B)
-            model = self.model
             g = self._graphs[key] = self._kernels.GraphedTrainStep(
                 self._loss_kind, model.params, model.grads, self._sizes, self._codes,
                 self._alphas, self.opt._offsets, acts, zs, delta, rule, s0, s1, s2,
@@ -324,18 +354,32 @@ class TrainStep:
         CuPy array (reading it waits for the step, like ``loss.item()``)."""
         return self._backend.loss_result(loss)
 
-    def _block_args(self, B):
+    def _block_args(self, B, on_device=False):
         """(drops, residual, norms, seed, counter, training) of this training
         forward: the dropout counter advances as in ``model.forward``; eval
-        mode drops nothing and batch norm uses its running statistics."""
+        mode drops nothing and batch norm uses its running statistics.
+
+        ``on_device`` (a fused CUDA step, which settles the counter on the
+        device by its skip decision): the counter is the device array that
+        holds the model's dropout step, not advanced here."""
         model = self.model
         if model.training:
             if B == 1 and self._batch_norm:
                 raise ValueError("batch norm in training mode needs more than 1 sample per "
                                  "batch (got a batch of 1), as in PyTorch; use model.eval()")
-            return (self._drops, self._residual, self._norms, model._mask_seed,
-                    model._next_dropout_step(), True)
+            counter = self._dropout_on_device() if on_device else model._next_dropout_step()
+            return self._drops, self._residual, self._norms, model._mask_seed, counter, True
         return self._no_drops, self._residual, self._norms, model._mask_seed, 0, False
+
+    def _dropout_on_device(self):
+        """This step's device copy of ``model.dropout_step``, made the
+        model's counter (its value sent up first when the host's rules:
+        set by the user, a layer-path forward or another step)."""
+        model, dev = self.model, self._device_step
+        if model._dropout_on_device is not dev:
+            self._backend.upload(np.array([model.dropout_step], np.int64), dev)
+            model._dropout_on_device = dev
+        return dev
 
     def _composed_step(self, x, y, update):
         # model.forward is the training forward in train mode (dropout, batch
@@ -378,6 +422,8 @@ class TrainStep:
         # On the CPU the skip decision is known when the kernel returns:
         # undo what the forward changed outside the parameters.
         snap = model._step_snapshot() if self._backend.skip_known_on_host else None
+        if self._blocks and self._device_step is not None:
+            return self._device_blocks_step(x, labels, target, B, rule, s0, s1, s2, hp)
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
             drops, residual, norms, seed, counter, training = self._block_args(B)
@@ -424,6 +470,30 @@ class TrainStep:
                                       with_loss=self._backend.loss_in_record)
         return self._result(loss)
 
+    def _device_blocks_step(self, x, labels, target, B, rule, s0, s1, s2, hp):
+        """The fused step of a model with toolkit layers on CUDA: the
+        dropout step and the running statistics are settled on the device
+        by the update's skip decision (``commit``), so nothing waits."""
+        model, opt = self.model, self.opt
+        if self.cuda_graph:
+            self._block_args(B, on_device=True)         # checks; the counter on the device
+            loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
+                x, labels, target, hp)
+        else:
+            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
+            drops, residual, norms, seed, counter, training = self._block_args(
+                B, on_device=True)
+            loss, norm, scale, skipped = self._kblocks.train_step_blocks(
+                x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
+                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
+                opt._offsets, acts, zs, fzs, xhats, model.running_mean, model.running_var,
+                nstats, nwork, self._wn, self._weff, self._dweff, self._wnorm, delta,
+                rule, s0, s1, s2, hp, self._layer_sq, opt._clip_norm, opt._clip_value,
+                commit=True, **self._extra(B))
+        self.stats = opt._commit(norm, scale, skipped, self._layer_sq,
+                                 with_loss=self._backend.loss_in_record)
+        return self._result(loss)
+
     def gradients(self, x, y):
         """Forward + loss + backward only (no update): fills ``model.grads``
         and returns the loss.  Useful for checks and data-parallel training."""
@@ -438,11 +508,12 @@ class TrainStep:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(x.shape[0])
             drops, residual, norms, seed, counter, training = self._block_args(x.shape[0])
             m = self.model
-            return float(self._kblocks.forward_backward_blocks(
+            return self._result(self._kblocks.forward_backward_blocks(
                 x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
                 self.opt._offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
-                nwork, self._wn, self._weff, self._dweff, self._wnorm, delta))
+                nwork, self._wn, self._weff, self._dweff, self._wnorm, delta,
+                **self._extra(x.shape[0])))
         if self.model.training:
             self.model._next_dropout_step()
         if self.threads is not None:

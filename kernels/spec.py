@@ -290,12 +290,18 @@ def _fin(z):
     return z ^ (z >> 31)
 
 
+def dropout_layer_key(seed, layer):
+    """The key of ``layer``'s masks before the dropout step is mixed in: the
+    fused CUDA step passes it and its kernels derive each step's key from a
+    counter in device memory (blocks.cuh ``step_key``)."""
+    k = _fin((int(seed) + _GOLDEN) & _M64)
+    return _fin(((k ^ int(layer)) + _GOLDEN) & _M64)
+
+
 def dropout_key(seed, layer, counter):
     """The 64-bit key (an int) of ``layer``'s mask at dropout step ``counter``
     of a model seeded ``seed``; pass it on as ``np.uint64``."""
-    k = _fin((int(seed) + _GOLDEN) & _M64)
-    k = _fin(((k ^ int(layer)) + _GOLDEN) & _M64)
-    return _fin(((k ^ int(counter)) + _GOLDEN) & _M64)
+    return _fin(((dropout_layer_key(seed, layer) ^ int(counter)) + _GOLDEN) & _M64)
 
 
 def dropout_threshold(p):

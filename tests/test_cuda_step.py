@@ -316,3 +316,48 @@ def test_cuda_graph_regression_losses(cp, rng, lagging, loss):
     assert all(g.graph is not None for g in steps[1]._graphs.values())
     assert_close(steps[1].model.params, to_numpy(steps[0].model.params), np.float32,
                  rtol=1e-4, what="params")
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+def test_toolkit_model_steps_without_a_sync(cp, rng, lagging, cuda_graph):
+    """A model with every toolkit feature (batch norm, dropout, residual
+    blocks, weight norm) runs the fused CUDA step: no wait for the device
+    per step (no loss read-back; the skip decision settles the dropout step
+    and the running statistics on the device), eagerly or replayed from a
+    graph, with skips in flight -- and the CPU's stats, parameters, running
+    statistics and dropout step once read."""
+    steps = []
+    for dev in ("cpu", "cuda"):
+        m = fg.MLP(SIZES, activation="tanh", device=dev, seed=4, norm="batch", dropout=0.2,
+                   residual=True, weight_norm=True)
+        # SGD: the bias before a batch norm has a gradient of rounding noise,
+        # which Adam would turn into +-lr steps
+        opt = fg.SGD(m, lr=warmup_cosine(3e-2, warmup_steps=3, decay_steps=20), momentum=0.9,
+                     clip_norm=0.5)
+        steps.append(fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt,
+                                  cuda_graph=cuda_graph and dev == "cuda"))
+    cpu, gpu = steps
+    data = _batches(rng, 10, bad={3, 6})
+    losses, stats = [], []
+    for t, (x, y) in enumerate(data):
+        if t == 2:                      # after the eager call and the capture
+            syncs0 = lagging()
+        losses.append(gpu(x, y))
+        stats.append(gpu.stats)
+    if syncs0 is not None:
+        assert lagging() == syncs0, "a fused toolkit step waited for the device"
+        assert not stats[-1].ready
+    if cuda_graph:
+        (graphed,) = gpu._graphs.values()
+        assert graphed.graph is not None, graphed.fallback_reason
+    for t, (x, y) in enumerate(data):
+        lc = cpu(x, y)
+        _same_stats(stats[t], cpu.stats, t)
+        if t not in (3, 6):
+            assert_close(float(losses[t]), lc, np.float32, rtol=1e-4, what=f"loss {t}")
+    assert gpu.model.dropout_step == cpu.model.dropout_step == 8
+    assert gpu.opt.step_count == cpu.opt.step_count == 8
+    assert_close(gpu.model.params, to_numpy(cpu.model.params), np.float32, rtol=1e-3,
+                 what="params after 10 steps")
+    assert_close(gpu.model.running_mean, cpu.model.running_mean, np.float32, rtol=1e-3,
+                 what="running mean")

@@ -182,6 +182,7 @@ def _toolkit_names():
                                           "norm_grad_input", "colsum_cast")]
         wnorm += [f"fg_{k}<{t}>" for k in ("coldot_partial", "wn_dg", "wn_apply", "wn_grad")]
     wnorm.append("fg_wn_inv_norm<double>")
+    blocks.append("fg_commit_forward")
     return {"blocks.cu": blocks, "norm.cu": norm, "wnorm.cu": wnorm}
 
 

@@ -28,8 +28,10 @@ __global__ void fg_dropout_mask(T* out, long long n, unsigned long long key,
 template <typename T, int ACT>
 __global__ void fg_block_fwd(T* y, const T* b, const T* x, T* z, T* fz, long long rows,
                              long long cols, double alpha, int drop, unsigned long long key,
-                             unsigned long long thresh, double scale, int residual)
+                             const long long* counter, unsigned long long thresh, double scale,
+                             int residual)
 {
+    key = fg::step_key(key, counter);
     const long long n = rows * cols;
     const T al = T(alpha), sc = T(scale);
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -49,9 +51,10 @@ __global__ void fg_block_fwd(T* y, const T* b, const T* x, T* z, T* fz, long lon
 template <typename T, int ACT>
 __global__ void fg_block_grad(const T* da, const T* fz, const T* z, T* dz, double* part, T* db,
                               long long rows, long long cols, double alpha, int drop,
-                              unsigned long long key, unsigned long long thresh, double scale,
-                              int residual)
+                              unsigned long long key, const long long* counter,
+                              unsigned long long thresh, double scale, int residual)
 {
+    key = fg::step_key(key, counter);
     __shared__ double sh[fg::TILE_ROWS][fg::TILE_COLS + 1];
     const T al = T(alpha), sc = T(scale), inv = T(1.0 / scale);
     const fg::ColTile tile = fg::col_tile(rows);
@@ -70,17 +73,36 @@ __global__ void fg_block_grad(const T* da, const T* fz, const T* z, T* dz, doubl
     fg::store_col_sum(s, sh, part, 0, db, cols, tile.j);
 }
 
+// What a fused training step (kernels/cuda/step_blocks.py) changes outside
+// the parameters, settled by its update's skip decision ctl[CTL_SKIP] on the
+// device: an applied update advances the dropout step ``*counter`` (null:
+// none kept), a skipped one puts back the batch-norm running statistics
+// saved before the forward (n = 0: none).  One thread an element.
+__global__ void fg_commit_forward(const double* ctl, long long* counter, double* run_mean,
+                                  double* run_var, const double* saved_mean,
+                                  const double* saved_var, long long n)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool skipped = ctl[fg::CTL_SKIP] != 0.0;
+    if (i == 0 && counter && !skipped) *counter += 1;
+    if (i < n && skipped) {
+        run_mean[i] = saved_mean[i];
+        run_var[i] = saved_var[i];
+    }
+}
+
 #ifndef __CUDACC_RTC__
 // nvcc compile check only (.ci/run): instantiate every kernel the Python
 // loader names (_module.py), so that nvcc --ptx type-checks each body.
 #define FG_INST_ACT(T, A)                                                                     \
     template __global__ void fg_block_fwd<T, A>(T*, const T*, const T*, T*, T*, long long,    \
                                                 long long, double, int, unsigned long long,   \
-                                                unsigned long long, double, int);             \
+                                                const long long*, unsigned long long, double, \
+                                                int);                                         \
     template __global__ void fg_block_grad<T, A>(const T*, const T*, const T*, T*, double*,   \
                                                  T*, long long, long long, double, int,       \
-                                                 unsigned long long, unsigned long long,      \
-                                                 double, int);
+                                                 unsigned long long, const long long*,        \
+                                                 unsigned long long, double, int);
 #define FG_INST_ALL(T)                                                                        \
     FG_EACH_ACTIVATION(FG_INST_ACT, T)                                            \
     template __global__ void fg_dropout_mask<T>(T*, long long, unsigned long long,            \

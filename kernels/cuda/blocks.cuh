@@ -30,6 +30,18 @@ __device__ __forceinline__ bool keep(unsigned long long key, long long e, unsign
     return (splitmix_fin(key + ((unsigned long long)e + 1ull) * GOLDEN) >> 11) >= thresh;
 }
 
+// The key of a mask whose dropout step lives in device memory (a fused step:
+// the step advances only when its update is applied, which the host does not
+// know yet): ``key`` is then the layer's key (kernels/spec.py
+// dropout_layer_key) and the step's key is derived from ``*counter`` as the
+// CPU's dropout_key derives it.  A null ``counter`` keeps ``key``, a step key
+// passed by value.
+__device__ __forceinline__ unsigned long long step_key(unsigned long long key,
+                                                       const long long* counter)
+{
+    return counter ? splitmix_fin((key ^ (unsigned long long)*counter) + GOLDEN) : key;
+}
+
 // The tail of a forward unit after the activation: v * scale or 0 (dropout),
 // then + x[e] (residual).  ``scale`` is already the dtype's, as the CPU's
 // like(v, scale).

@@ -10,6 +10,8 @@ The mask is drawn by the CPU's counter-based hash on 64-bit integers
 (``blocks.cuh``), so both devices drop exactly the same units for the same
 key.  ``dropout_key`` and ``dropout_threshold`` come from ``kernels/spec.py``
 (the CPU's compiled ``dropout_key`` gives the same keys): they are host scalars, passed to the kernels by value.
+The fused step passes instead the layer's key and a device counter
+(``counter=``, see ``drop_args``): its dropout step lives on the device.
 
 Column sums (db here, the norms' sums in ``norm``) are deterministic: float64
 within row blocks of 64 in a fixed tree, then the blocks' partials in order
@@ -66,9 +68,16 @@ def null(a):
     return _m.NULL if a is None else a
 
 
-def drop_args(drop, key, thresh, scale):
-    """The kernels' trailing dropout arguments (flag, key, threshold, scale)."""
-    return _m.flag(drop), _m.u64(key), _m.u64(thresh), _m.f64(scale)
+def drop_args(drop, key, thresh, scale, counter=None):
+    """The kernels' trailing dropout arguments (flag, key, counter, threshold,
+    scale).  ``counter``: None (``key`` is the step's key), or a 1-element
+    int64 device array holding the dropout step, ``key`` being then the
+    layer's key (``spec.dropout_layer_key``): the fused step's masks follow
+    a counter the device advances."""
+    if counter is not None and (counter.dtype != np.int64 or counter.size != 1):
+        raise ValueError(f"counter: a 1-element int64 device array, got {counter.size} "
+                         f"of {counter.dtype}")
+    return _m.flag(drop), _m.u64(key), null(counter), _m.u64(thresh), _m.f64(scale)
 
 
 # --- dropout --------------------------------------------------------------------------
@@ -82,27 +91,30 @@ def dropout_mask(key, thresh, out):
 
 # --- the fused passes -----------------------------------------------------------------
 
-def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
+def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual,
+                           counter=None):
     """One pass over the GEMM output ``y`` (in place): ``t = y + b``, ``z = t``
     (needs-z activations only), ``fz = f(t)`` (residual blocks only: any other layer's fz
     may be ``y`` itself), ``y = fz * mask * scale`` when ``drop``, ``y += x``
-    when ``residual`` (``x`` is read only then)."""
+    when ``residual`` (``x`` is read only then).  ``counter``: see
+    :func:`drop_args`."""
     rows, cols = y.shape
     _m.launch_elementwise(
         _FILE, f"fg_block_fwd<{_m.ctype(y.dtype)}, {int(act)}>", rows * cols,
         (y, b, x, z, fz, _m.i64(rows), _m.i64(cols), _m.f64(alpha),
-         *drop_args(drop, key, thresh, scale), _m.flag(residual)))
+         *drop_args(drop, key, thresh, scale, counter), _m.flag(residual)))
 
 
 def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale, residual,
-                            work=None):
+                            work=None, counter=None):
     """One pass: ``dz = g * f'(f, z)`` with ``g = da * mask * scale`` (0 where
     dropped; the mask regenerated from ``key``) and ``db = dz.sum(axis=0)``.
 
     ``fz`` holds f(z) for a residual block and the forward's output ``y``
     otherwise (f = y / scale where kept).  ``dz`` may be ``da`` unless the
     block is residual (the skip gradient still needs ``da``).  ``work``:
-    optional float64 scratch of ``col_partials_size(*da.shape)`` elements.
+    optional float64 scratch of ``col_partials_size(*da.shape)`` elements;
+    ``counter``: see :func:`drop_args`.
     """
     rows, cols = da.shape
     if cols == 0:
@@ -111,7 +123,7 @@ def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, sc
     grid, block = _m.col_grid(rows, cols)
     k = _m.kernel(_FILE, f"fg_block_grad<{_m.ctype(da.dtype)}, {int(act)}>")
     k(grid, block, (da, fz, z, dz, null(part), db, _m.i64(rows), _m.i64(cols), _m.f64(alpha),
-                    *drop_args(drop, key, thresh, scale), _m.flag(residual)))
+                    *drop_args(drop, key, thresh, scale, counter), _m.flag(residual)))
     if part is not None:
         finish_col_sums(_FILE, part, grid[1], 0, db)
 

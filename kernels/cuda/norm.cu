@@ -128,9 +128,10 @@ template <typename T, int ACT>
 __global__ void fg_norm_fwd(T* y, const T* b, const T* x, T* xhat, T* fz, const T* gamma,
                             const T* beta, const T* mean, const T* rstd, long long rows,
                             long long cols, int per_row, double alpha, int drop,
-                            unsigned long long key, unsigned long long thresh, double scale,
-                            int residual)
+                            unsigned long long key, const long long* counter,
+                            unsigned long long thresh, double scale, int residual)
 {
+    key = fg::step_key(key, counter);
     const long long n = rows * cols;
     const T al = T(alpha), sc = T(scale);
     const long long stride = (long long)gridDim.x * blockDim.x;
@@ -153,9 +154,10 @@ template <typename T, int ACT>
 __global__ void fg_norm_grad_unit(const T* da, const T* fz, const T* xhat, const T* gamma,
                                   const T* beta, T* dz, double* part, T* dgamma, T* dbeta,
                                   long long rows, long long cols, double alpha, int drop,
-                                  unsigned long long key, unsigned long long thresh, double scale,
-                                  int residual)
+                                  unsigned long long key, const long long* counter,
+                                  unsigned long long thresh, double scale, int residual)
 {
+    key = fg::step_key(key, counter);
     __shared__ double shg[fg::TILE_ROWS][fg::TILE_COLS + 1];
     __shared__ double shb[fg::TILE_ROWS][fg::TILE_COLS + 1];
     const T al = T(alpha), sc = T(scale), inv = T(1.0 / scale);
@@ -246,13 +248,13 @@ __global__ void fg_norm_grad_input(T* dz, const T* xhat, const T* gamma, const T
     template __global__ void fg_norm_fwd<T, A>(T*, const T*, const T*, T*, T*, const T*,       \
                                                const T*, const T*, const T*, long long,        \
                                                long long, int, double, int,                    \
-                                               unsigned long long, unsigned long long, double, \
-                                               int);                                           \
+                                               unsigned long long, const long long*,           \
+                                               unsigned long long, double, int);               \
     template __global__ void fg_norm_grad_unit<T, A>(const T*, const T*, const T*, const T*,   \
                                                      const T*, T*, double*, T*, T*, long long, \
                                                      long long, double, int,                   \
-                                                     unsigned long long, unsigned long long,   \
-                                                     double, int);
+                                                     unsigned long long, const long long*,     \
+                                                     unsigned long long, double, int);
 #define FG_INST_ALL(T)                                                                         \
     FG_EACH_ACTIVATION(FG_INST_ACT, T)                                            \
     template __global__ void fg_layer_stats<T>(const T*, const T*, T*, T*, long long, double); \

@@ -81,7 +81,7 @@ def _statistics(y, b, mean, rstd, acc, run_mean, run_var, kind, batch_stats, wor
 
 def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_mean, run_var,
                           kind, batch_stats, act, alpha, drop, key, thresh, scale, residual,
-                          work=None):
+                          work=None, counter=None):
     """Passes A and B over the GEMM output ``y`` (in place).
 
     ``mean``/``rstd`` (the model dtype) receive the statistics used: length
@@ -90,7 +90,8 @@ def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_m
     of 64).  ``batch_stats``: batch norm normalises with (and updates the
     float64 running statistics ``run_mean``/``run_var`` from) this batch;
     False: with the running statistics.  ``fz`` is written for a residual
-    block only; ``x`` is read for a residual block only.
+    block only; ``x`` is read for a residual block only.  ``counter``:
+    the dropout step in device memory (``blocks.drop_args``).
     """
     kind = _check_kind(kind)
     rows, cols = y.shape
@@ -101,20 +102,21 @@ def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_m
     _m.launch_elementwise(
         _FILE, f"fg_norm_fwd<{_m.ctype(y.dtype)}, {int(act)}>", n,
         (y, b, x, xhat, fz, gamma, beta, mean, rstd, _m.i64(rows), _m.i64(cols),
-         _m.flag(kind == LAYER), _m.f64(alpha), *drop_args(drop, key, thresh, scale),
+         _m.flag(kind == LAYER), _m.f64(alpha), *drop_args(drop, key, thresh, scale, counter),
          _m.flag(residual)))
 
 
 def norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta, r1, r2, kind,
                            batch_stats, act, alpha, drop, key, thresh, scale, residual,
-                           work=None):
+                           work=None, counter=None):
     """Passes 1 and 2: ``dz = dL/d(x W + b)`` from ``da = dL/dy``, with
     ``db``, ``dgamma``, ``dbeta``.
 
     ``fz`` holds f(u) for a residual block and the forward's output ``y``
     otherwise (as in ``blocks.block_backward_epilogue``).  ``r1``, ``r2``:
     float64 scratch of length B (layer norm's row sums; unused otherwise).
-    ``dz`` may be ``da`` unless the block is residual.
+    ``dz`` may be ``da`` unless the block is residual.  ``counter``: as in
+    :func:`norm_forward_epilogue`.
     """
     kind = _check_kind(kind)
     rows, cols = da.shape
@@ -126,7 +128,8 @@ def norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbet
     part = col_partials(rows, cols, 2, work)
     k1 = _m.kernel(_FILE, f"fg_norm_grad_unit<{t}, {int(act)}>")
     k1(grid, block, (da, fz, xhat, gamma, beta, dz, null(part), dgamma, dbeta, _m.i64(rows),
-                     _m.i64(cols), _m.f64(alpha), *drop_args(drop, key, thresh, scale),
+                     _m.i64(cols), _m.f64(alpha),
+                     *drop_args(drop, key, thresh, scale, counter),
                      _m.flag(residual)))
     if part is not None:
         finish_col_sums(_FILE, part, nblk, 0, dgamma)

@@ -250,7 +250,7 @@ class GraphedTrainStep:
         else:
             self.labels = cupy.zeros(0, np.int64)
             self.target = cupy.empty((self.B, int(self.sizes[-1])), dt)
-        self.ws = Workspace(self.B, self.sizes, self.offsets, self.loss_kind, dt, optim=optim)
+        self.ws = self._workspace(dt, optim)
         # Where each call's hp goes: the row buffer, or the optimizer's table.
         self._hp = self.ws.hp if optim is None else optim["table"].reshape(-1, _optim.HP_SIZE)
         self._bufs = (params, grads, acts, zs, delta, rule, s0, s1, s2, layer_sq,
@@ -259,6 +259,9 @@ class GraphedTrainStep:
         self.graph = None
         self.fallback_reason = None if use_graph else "use_graph=False"
         self._calls = 0
+
+    def _workspace(self, dtype, optim):
+        return Workspace(self.B, self.sizes, self.offsets, self.loss_kind, dtype, optim=optim)
 
     def _launch(self):
         (params, grads, acts, zs, delta, rule, s0, s1, s2, layer_sq,
