@@ -280,11 +280,12 @@ class TrainStep:
             # the graph replays a device table of single hp rows
             raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
         model = self.model
-        # the mode is frozen in a graph (dropout on or off, batch or running
-        # statistics): one graph per mode
         key = (B, int(rule), opt._clip_norm, opt._clip_value, id(s0), id(s1), id(s2))
         if self._blocks:
-            key += (bool(model.training),)
+            # frozen in a toolkit graph: the mode (dropout on or off, batch or
+            # running statistics) and the mask seed (the layers' keys; the
+            # dropout step is read from device memory); mode last
+            key += (model._mask_seed, bool(model.training))
         g = self._graphs.get(key)
         if g is None and self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)

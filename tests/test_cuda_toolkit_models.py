@@ -142,15 +142,17 @@ def _fused_pair(variant, dtype, cuda_graph=False, act="tanh", opt=fg.SGD, **opt_
     return steps
 
 
-def _fused_batches(rng, n, dtype, bad=(), B=67):
+def _fused_batches(rng, n, dtype, bad=(), B=67, last=None):
     """n batches of B (67: over one row block of 64, so the column sums take
-    their partials); those in ``bad`` hold a NaN."""
+    their partials), the last one of ``last`` rows if given (an epoch's
+    smaller last batch); those in ``bad`` hold a NaN."""
     out = []
     for t in range(n):
-        x = rng.standard_normal((B, FUSED_SIZES[0])).astype(dtype)
+        rows = last if last is not None and t == n - 1 else B
+        x = rng.standard_normal((rows, FUSED_SIZES[0])).astype(dtype)
         if t in bad:
             x[5, 3] = np.nan
-        out.append((x, rng.integers(0, FUSED_SIZES[-1], B)))
+        out.append((x, rng.integers(0, FUSED_SIZES[-1], rows)))
     return out
 
 
@@ -186,9 +188,9 @@ def test_fused_step_matches_cpu(cp, rng, variant, dtype, cuda_graph):
     fused step's losses, norms, skips, parameters, optimizer state, running
     statistics and dropout step, a non-finite batch (skipped: the dropout
     step and running statistics put back) included; eagerly and replayed
-    from a CUDA graph."""
+    from a CUDA graph; the last batch is smaller (its own buffers and graph)."""
     cpu, gpu = _fused_pair(variant, dtype, cuda_graph)
-    for t, (x, y) in enumerate(_fused_batches(rng, 5, dtype, bad={2})):
+    for t, (x, y) in enumerate(_fused_batches(rng, 5, dtype, bad={2}, last=29)):
         lg = gpu(x, y)
         assert isinstance(lg, cp.ndarray)
         lc = cpu(x, y)
@@ -196,8 +198,8 @@ def test_fused_step_matches_cpu(cp, rng, variant, dtype, cuda_graph):
     _same_state(gpu, cpu, dtype, "after 5 steps")
     assert cpu.model.dropout_step == 4 and cpu.opt.n_skipped == 1
     if cuda_graph:
-        (graphed,) = gpu._graphs.values()
-        assert graphed.graph is not None, graphed.fallback_reason
+        assert sorted(key[0] for key in gpu._graphs) == [29, 67]
+        assert gpu._graphs[max(gpu._graphs)].graph is not None       # B=67, replayed
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
