@@ -402,6 +402,10 @@ def cmd_explode(args):
 
 
 def cmd_lab(args):
+    # The lab builds dozens of different models: one kernel package for all of
+    # them compiles once (a cold quick run took 58-62 s against 130-132 s with a
+    # copy per model; bench/RESULTS.md).  An explicit setting wins.
+    os.environ.setdefault("FASTGRAD_KERNEL_COPIES", "shared")
     import fastgrad as fg
     from . import lab
     device = fg.set_device(args.device)

@@ -2,6 +2,7 @@
 seed list, JSON schema, and a tiny run of the command."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -235,6 +236,8 @@ def test_run_study_checks_its_input():
 
 def test_cli_lab_tiny_run(tmp_path, capsys, monkeypatch):
     # The tiny run checks the wiring, not the numbers: two rows of each study.
+    # Unset, the command picks the shared kernel package (its workers inherit it).
+    monkeypatch.delenv("FASTGRAD_KERNEL_COPIES")
     keep = {"V2", "V8", "E4", "E5"}
     for name in ("vanishing", "explosion", "all"):
         monkeypatch.setitem(lab.STUDIES, name,
@@ -252,6 +255,7 @@ def test_cli_lab_tiny_run(tmp_path, capsys, monkeypatch):
     md = (out / "lab.md").read_text()
     assert md.strip() == lab.format_markdown(doc).strip() and md.strip() in text
     assert (out / "h.png").exists() and (out / "s.png").exists()
+    assert os.environ["FASTGRAD_KERNEL_COPIES"] == "shared"
 
 
 def test_cli_lab_study_choice_and_bad_options(capsys):
