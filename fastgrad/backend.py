@@ -234,7 +234,7 @@ class CpuBackend(Backend):
     def update_kernels(self, rule=None):
         # a copy compiled for this rule alone (no activation, no loss)
         if _device.kernel_copies() == "shared":
-            return self.kernels.optim
+            return _registry.full_cpu_kernels().optim
         return _registry.cpu_kernels((), rules=None if rule is None else (rule,),
                                      losses=()).optim
 

@@ -423,22 +423,8 @@ class TrainStep:
         # On the CPU the skip decision is known when the kernel returns:
         # undo what the forward changed outside the parameters.
         snap = model._step_snapshot() if self._backend.skip_known_on_host else None
-        if self._blocks and self._device_step is not None:
-            return self._device_blocks_step(x, labels, target, B, rule, s0, s1, s2, hp)
         if self._blocks:
-            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
-            drops, residual, norms, seed, counter, training = self._block_args(B)
-            loss, norm, scale, skipped = self._kblocks.train_step_blocks(
-                x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
-                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
-                self.opt._offsets, acts, zs, fzs, xhats, model.running_mean,
-                model.running_var, nstats, nwork, self._wn, self._weff, self._dweff,
-                self._wnorm, delta,
-                rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
-            if skipped:
-                model._restore_snapshot(snap)
-            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
-            return float(loss)
+            return self._blocks_step(x, labels, target, B, rule, s0, s1, s2, hp, snap)
         if model.training:
             model._next_dropout_step()
         if self.threads is not None:
@@ -471,11 +457,14 @@ class TrainStep:
                                       with_loss=self._backend.loss_in_record)
         return self._result(loss)
 
-    def _device_blocks_step(self, x, labels, target, B, rule, s0, s1, s2, hp):
-        """The fused step of a model with toolkit layers on CUDA: the
-        dropout step and the running statistics are settled on the device
-        by the update's skip decision (``commit``), so nothing waits."""
+    def _blocks_step(self, x, labels, target, B, rule, s0, s1, s2, hp, snap):
+        """The fused step of a model with toolkit layers.  On the CPU the
+        skip is known when the kernel returns and ``snap`` is put back on
+        the host; on CUDA (``snap`` None) the dropout step and the running
+        statistics are settled on the device by the update's skip decision
+        (``commit``), so nothing waits."""
         model, opt = self.model, self.opt
+        on_device = self._device_step is not None
         if self.cuda_graph:
             self._block_args(B, on_device=True)         # checks; the counter on the device
             loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
@@ -483,14 +472,17 @@ class TrainStep:
         else:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
             drops, residual, norms, seed, counter, training = self._block_args(
-                B, on_device=True)
+                B, on_device=on_device)
+            device_only = dict(self._extra(B), commit=True) if on_device else {}
             loss, norm, scale, skipped = self._kblocks.train_step_blocks(
                 x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
                 self._codes, self._alphas, drops, residual, norms, seed, counter, training,
                 opt._offsets, acts, zs, fzs, xhats, model.running_mean, model.running_var,
                 nstats, nwork, self._wn, self._weff, self._dweff, self._wnorm, delta,
                 rule, s0, s1, s2, hp, self._layer_sq, opt._clip_norm, opt._clip_value,
-                commit=True, **self._extra(B))
+                **device_only)
+        if snap is not None and skipped:
+            model._restore_snapshot(snap)
         self.stats = opt._commit(norm, scale, skipped, self._layer_sq,
                                  with_loss=self._backend.loss_in_record)
         return self._result(loss)

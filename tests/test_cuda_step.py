@@ -361,3 +361,17 @@ def test_toolkit_model_steps_without_a_sync(cp, rng, lagging, cuda_graph):
                  what="params after 10 steps")
     assert_close(gpu.model.running_mean, cpu.model.running_mean, np.float32, rtol=1e-3,
                  what="running mean")
+
+
+def test_unknown_loss_code_raises(cp):
+    """The CUDA step's loss dispatch (shared by the plain and toolkit steps)
+    refuses a code it does not know instead of running some loss."""
+    from fastgrad.kernels.cuda import step as kstep
+    from fastgrad.kernels.spec import LOSS_CODES
+    ws = kstep.Workspace(4, np.array([3, 5]), np.array([0, 20]), LOSS_CODES["mse"], np.float32)
+    h = cp.zeros((4, 5), np.float32)
+    with pytest.raises(ValueError, match="unknown loss code 7"):
+        kstep.loss_and_grad(7, h, cp.zeros(4, np.int64), h, cp.empty_like(h), ws)
+    loss = kstep.loss_and_grad(LOSS_CODES["mse"], h, None, cp.ones((4, 5), np.float32),
+                               cp.empty_like(h), ws)
+    assert float(loss[0]) == 1.0          # ws.loss: a 1-element view of the step record

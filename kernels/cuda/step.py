@@ -114,6 +114,21 @@ class Workspace:
         return self._optim
 
 
+def loss_and_grad(loss_kind, h, labels, target, grad, ws):
+    """The mean loss of the network output ``h`` into ``ws.loss`` (returned)
+    and its gradient into ``grad``: twin of the CPU step's ``loss_and_grad``."""
+    if loss_kind == CROSS_ENTROPY:
+        _losses.softmax_cross_entropy(h, labels, grad, out=ws.loss, work=ws.loss_work,
+                                      status=ws.status)
+    elif loss_kind == MSE:
+        _losses.mse(h, target, grad, out=ws.loss, work=ws.loss_work)
+    elif loss_kind == BCE_WITH_LOGITS:
+        _losses.bce_with_logits(h, target, grad, out=ws.loss, work=ws.loss_work)
+    else:
+        raise ValueError(f"unknown loss code {loss_kind}; known: {LOSS_CODES}")
+    return ws.loss
+
+
 def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     n_in, n_out = int(sizes[l]), int(sizes[l + 1])
     o, ob, _, _, _, _ = layer_slots(int(offsets[l]), n_in, n_out, False, False)
@@ -157,14 +172,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     n_out = int(sizes[L])
     half = delta.shape[0] // 2
     da = delta[:B * n_out].reshape(B, n_out)
-    loss = ws.loss
-    if loss_kind == CROSS_ENTROPY:
-        _losses.softmax_cross_entropy(h, labels, da, out=loss, work=ws.loss_work,
-                                      status=ws.status)
-    elif loss_kind == MSE:
-        _losses.mse(h, target, da, out=loss, work=ws.loss_work)
-    else:
-        _losses.bce_with_logits(h, target, da, out=loss, work=ws.loss_work)
+    loss = loss_and_grad(loss_kind, h, labels, target, da, ws)
 
     ping = 0
     for l in range(L - 1, -1, -1):

@@ -28,15 +28,14 @@ import cupy
 import numpy as np
 
 from ..layout import layer_slots
-from ..spec import BATCH, CROSS_ENTROPY, MSE, dropout_layer_key, dropout_threshold
+from ..spec import BATCH, dropout_layer_key, dropout_threshold
 from . import _module as _m
 from . import blocks as _blocks
-from . import losses as _losses
 from . import norm as _norm
 from . import optim as _optim
 from . import wnorm as _wnorm
 from .activations import bias_act, bias_act_grad
-from .step import GraphedTrainStep, Workspace, _cublas, _host, _views
+from .step import GraphedTrainStep, Workspace, _cublas, _host, _views, loss_and_grad
 
 __all__ = ["BlocksWorkspace", "forward_backward_blocks", "train_step_blocks",
            "GraphedTrainStepBlocks"]
@@ -163,13 +162,7 @@ def forward_backward_blocks(x, labels, target, loss_kind, params, grads, sizes, 
     n_out = int(sizes[L])
     third = delta.shape[0] // 3
     da = delta[:B * n_out].reshape(B, n_out)
-    if loss_kind == CROSS_ENTROPY:
-        _losses.softmax_cross_entropy(h, labels, da, out=ws.loss, work=ws.loss_work,
-                                      status=ws.status)
-    elif loss_kind == MSE:
-        _losses.mse(h, target, da, out=ws.loss, work=ws.loss_work)
-    else:
-        _losses.bce_with_logits(h, target, da, out=ws.loss, work=ws.loss_work)
+    loss_and_grad(loss_kind, h, labels, target, da, ws)
 
     ping = 0
     for l in range(L - 1, -1, -1):
