@@ -360,3 +360,56 @@ def test_parallel_is_opt_in_and_gives_the_same_trajectory(per_model_copies):
     np.testing.assert_array_equal(models[0].params, models[1].params)
     opts[1].parallel = False
     assert opts[1]._update is K.clipped_update
+
+
+@pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("lr", ["constant", "schedule"])
+def test_fill_updates_gives_the_rows_of_fill_update(kind, hyper, clip_norm, clip_value, lr):
+    """The compiled epoch's hyper-parameter rows (one per step, filled at
+    once) equal the rows the per-step path fills, for every update count."""
+    model = fg.MLP([5, 7, 3], seed=0)
+    if lr == "schedule":
+        hyper = dict(hyper, lr=schedules.warmup_cosine_decay(0.01, 3, 15))
+    opt = CLASSES[kind](model, clip_norm=clip_norm, clip_value=clip_value, **hyper)
+    for k0 in (0, 1, 7):
+        n = 20
+        rows = np.full((n,) + opt._hp.shape, np.nan)
+        lrs = np.full(n, np.nan)
+        opt._fill_updates(rows, lrs, k0)
+        for r in range(n):
+            want = np.full(opt._hp.shape, np.nan)
+            want_lr = opt._fill_update(want, k0 + r)
+            np.testing.assert_array_equal(rows[r], want, err_msg=f"row {r}, k0 {k0}")
+            assert lrs[r] == want_lr
+
+
+def test_fill_updates_with_param_groups_and_a_bad_schedule():
+    model = fg.MLP([5, 7, 3], seed=0)
+    opt = Adam([{"params": model.weights(), "weight_decay": 0.1},
+                {"params": model.biases_and_norms(), "lr": 0.5}], lr=1e-2)
+    rows, lrs = np.zeros((4,) + opt._hp.shape), np.zeros(4)
+    opt._fill_updates(rows, lrs, 3)
+    for r in range(4):
+        want = np.zeros(opt._hp.shape)
+        assert lrs[r] == opt._fill_update(want, 3 + r)
+        np.testing.assert_array_equal(rows[r], want)
+
+
+class _NegativeFrom(schedules.Schedule):
+    """A user schedule that turns negative at update ``k_bad``."""
+    kind = "negative_from"
+
+    def __init__(self, k_bad):
+        self.k_bad = k_bad
+
+    def __call__(self, k):
+        return -1.0 if k >= self.k_bad else 0.01
+
+
+@pytest.mark.parametrize("k_bad", [0, 2])
+def test_fill_updates_refuses_a_bad_lr_at_its_update(k_bad):
+    model = fg.MLP([5, 7, 3], seed=0)
+    opt = Adam(model, lr=_NegativeFrom(k_bad))
+    rows, lrs = np.zeros((4,) + opt._hp.shape), np.zeros(4)
+    with pytest.raises(ValueError, match=f"lr=-1.0 at update {k_bad}"):
+        opt._fill_updates(rows, lrs, 0)
