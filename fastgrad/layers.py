@@ -198,7 +198,7 @@ class Dense:
 _dropout_rate = epilogue.dropout_rate
 
 
-class Residual:
+class Residual(Dense):
     """Residual block ``y = x + layer(x)`` around a square :class:`Dense`.
 
     Parameters
@@ -207,9 +207,14 @@ class Residual:
         With ``n_in == n_out``; its dropout (if any) applies to ``f(z)``
         before the skip is added: ``y = x + dropout(f(x W + b))``.
 
-    The block reads as its Dense (``block.W``, ``block.n_out``, ...); the
-    wrapped layer itself is ``block.layer``.
+    The block is its Dense with the residual epilogue piece on
+    (``fastgrad.epilogue``): it is a Dense itself and shares the wrapped
+    layer's state, so ``block.W is block.layer.W`` and an attribute set on
+    one is set on the other.  The wrapped layer itself is ``block.layer``.
     """
+
+    # the wrapped Dense, kept outside the shared __dict__
+    __slots__ = ("_layer",)
 
     def __init__(self, layer):
         if not isinstance(layer, Dense):
@@ -222,17 +227,31 @@ class Residual:
         if layer.W is not None:
             raise ValueError("this Dense already belongs to a model")
         layer.residual = True
-        object.__setattr__(self, "layer", layer)
+        _share_state(self, layer)
 
-    def __getattr__(self, name):
-        # Only reached for names the block itself lacks: the Dense's.
-        return getattr(object.__getattribute__(self, "layer"), name)
+    def __reduce__(self):
+        # copies and pickles keep the block and its Dense one state
+        return _residual_around, (self._layer,)
 
-    def __setattr__(self, name, value):
-        setattr(self.layer, name, value)
+    @property
+    def layer(self):
+        """The wrapped :class:`Dense` (same state as the block)."""
+        return self._layer
 
     def __repr__(self):
-        return f"Residual({self.layer!r})"
+        return f"Residual({Dense.__repr__(self)})"
+
+
+def _share_state(block, layer):
+    """One state under two names: the block's attributes are the layer's."""
+    object.__setattr__(block, "__dict__", layer.__dict__)
+    object.__setattr__(block, "_layer", layer)
+    return block
+
+
+def _residual_around(layer):
+    """The Residual of a Dense that already is a residual block's (unpickling)."""
+    return _share_state(Residual.__new__(Residual), layer)
 
 
 def dense_from_settings(n_in, n_out, init, settings):
@@ -316,14 +335,14 @@ class Sequential:
         if not layers:
             raise ValueError("a model needs at least one layer")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, (Dense, Residual)):
+            if not isinstance(layer, Dense):
                 raise TypeError(f"layer {i} is a {type(layer).__name__}, expected fastgrad.Dense")
             if i and layer.n_in != layers[i - 1].n_out:
                 raise ValueError(f"layer {i} expects {layer.n_in} inputs but layer {i - 1} "
                                  f"gives {layers[i - 1].n_out}")
             if any(_unwrap(layer) is _unwrap(other) for other in layers[:i]):
                 raise ValueError(f"layer {i} appears twice; create a new Dense per position")
-            if isinstance(layer, Dense) and layer.residual:
+            if not isinstance(layer, Residual) and layer.residual:
                 raise ValueError(f"layer {i} is the Dense of a Residual; pass the Residual")
             if layer.W is not None:
                 raise ValueError(f"layer {i} already belongs to a model")

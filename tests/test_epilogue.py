@@ -186,3 +186,28 @@ def test_has_epilogue_and_its_old_name():
     block = fg.Residual(fg.Dense(3, 3))
     assert block.has_epilogue and block.extended
     assert fg.Sequential([block, fg.Dense(3, 2)]).has_epilogue
+
+
+def test_residual_is_a_dense_with_the_residual_piece():
+    import copy
+    import pickle
+    inner = fg.Dense(4, 4, activation="tanh", dropout=0.1)
+    block = fg.Residual(inner)
+    assert "__getattr__" not in vars(fg.Residual)          # no proxy
+    assert isinstance(block, fg.Residual) and isinstance(block, fg.Dense)
+    assert block.layer is inner and block.residual and inner.residual
+    assert repr(block) == f"Residual({inner!r})"
+    block.init = "zeros"                                   # writes reach the wrapped Dense
+    assert inner.init == "zeros"
+    inner.alpha = 0.25                                     # and back
+    assert block.alpha == 0.25
+    for twin in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert type(twin) is fg.Residual and twin.layer is not inner
+        assert vars(twin) is vars(twin.layer) and repr(twin) == repr(block)
+    model = fg.Sequential([block, fg.Dense(4, 2)], dtype="float64")
+    assert model.layers[0] is block and block.W is inner.W and block.dW is inner.dW
+    assert [name for name, _ in model.named_parameters()][:2] == ["layers.0.W", "layers.0.b"]
+    with pytest.raises(AttributeError, match="cannot be replaced"):
+        block.W = np.zeros((4, 4))
+    with pytest.raises(ValueError, match="already"):
+        fg.Residual(block)
