@@ -1,7 +1,7 @@
 """A dense layer's epilogue pieces: the one table of its features.
 
 A :class:`~fastgrad.Dense` computes ``z = x W + b`` and then its *epilogue*,
-the pieces of :data:`PIECES`, applied in this order::
+the pieces of :data:`PIECES`, which apply in this order::
 
     weight_norm   W = g v / ||v||, before the GEMM      (Dense(weight_norm=True))
     norm          u = gamma xhat + beta                  (Dense(norm="layer"/"batch"))
@@ -9,7 +9,9 @@ the pieces of :data:`PIECES`, applied in this order::
     dropout       f * mask / (1 - p)                     (Dense(dropout=p))
     residual      y = x + ...                            (Residual(Dense(n, n)))
 
-Each piece declares, in one :class:`Piece` entry:
+:data:`PIECES` lists them as their parameters lie in a layer's slice (norm's
+``gamma``, ``beta`` before weight norm's ``g``).  Each piece declares, in
+one :class:`Piece` entry:
 
 * its settings: the ``Dense`` attributes, constructor arguments and
   checkpoint fields (:class:`Field`: name, JSON types, the value of a file
@@ -97,6 +99,7 @@ class TorchMapping(NamedTuple):
 
 
 class Piece(NamedTuple):
+    """One epilogue piece: everything fastgrad knows of it outside its kernels."""
     name: str
     fields: Tuple[Field, ...]
     check: Callable           # (settings dict, n_in, n_out) -> dict of layer attributes
@@ -115,7 +118,7 @@ class Piece(NamedTuple):
 
 def _check_norm(s, n_in, n_out):
     norm = s["norm"]
-    if norm not in NORM_KINDS:
+    if not (norm is None or (isinstance(norm, str) and norm in NORM_KINDS)):
         raise ValueError(f"norm must be None, 'layer' or 'batch', got {norm!r}")
     return {"norm": norm}
 
@@ -371,9 +374,9 @@ def piece(name):
 # --- settings ----------------------------------------------------------------
 
 def defaults():
-    """The settings of a layer with no piece but the default activation
-    absent: every field at the value of a file without it (activation and
-    alpha have none and are left out)."""
+    """``{field: value}`` of every field that has an ``absent`` value (the
+    value of a file without it: the piece off); the activation's fields,
+    which every file has, are left out."""
     return {f.name: f.absent for f in FIELDS if f.absent is not REQUIRED}
 
 
@@ -443,7 +446,7 @@ def layer_size(layer_or_config, n_in, n_out):
 
 
 def layer_buffers(layer_or_config):
-    """The :class:`Buffer` s a layer views in its model's state."""
+    """The buffers (:class:`Buffer`) a layer views in its model's state."""
     s = _settings(layer_or_config)
     return tuple(b for p in PIECES if (p.on if p.buffers_on is None else p.buffers_on)(s)
                  for b in p.buffers)
