@@ -311,8 +311,9 @@ PIECES = (
                   Field("alpha", _NUMBER)),
           check=_check_activation,
           on=lambda s: True,
-          torch=TorchMapping(("ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh", "Softplus", "GELU",
-                              "SiLU", "fastgrad.registry twins"), "after",
+          # the built-ins' modules; each activation's twin is its registry entry's
+          torch=TorchMapping(("Identity", "ReLU", "LeakyReLU", "ELU", "Sigmoid", "Tanh",
+                              "Softplus", "GELU", "SiLU"), "after",
                              _activation_to_torch, _activation_read, None,
                              "follows another activation or a Dropout; fastgrad layers take "
                              "one activation, before dropout"),
