@@ -359,7 +359,7 @@ FIELD_NAMES = tuple(f.name for f in FIELDS)
 
 
 def names():
-    """The piece names, in epilogue order."""
+    """The piece names, in :data:`PIECES` order (their slots' order)."""
     return tuple(_BY_NAME)
 
 
