@@ -2,7 +2,7 @@
 over the whole float32 line, float64 to rounding, the extremes and the
 non-finite inputs as PyTorch has them, and whole-MLP parity with PyTorch in
 float64.  The generic parametrised suites (test_kernels, test_step,
-test_explosion_toolkit, the CUDA twins) cover silu through ACTIVATIONS."""
+test_epilogue_pieces, the CUDA twins) cover silu through ACTIVATIONS."""
 import numpy as np
 import pytest
 
