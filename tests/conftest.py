@@ -133,10 +133,7 @@ def to_numpy(a):
     """A NumPy copy/view of a NumPy or CuPy array (None stays None)."""
     if a is None:
         return None
-    if fg_device.device_of(a) == "cuda":
-        import cupy
-        return cupy.asnumpy(a)
-    return np.asarray(a)
+    return fastgrad.backend.backend_of(a).to_host(a)
 
 
 def rtol_of(dtype):
