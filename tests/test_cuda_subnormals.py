@@ -118,7 +118,7 @@ def _gpu_backward(cp, kc, da, a, z, code, alpha):
 def _forward_atol(z, activation, alpha):
     """Per-element bound of |GPU - CPU| for f(z) in float32: TINY where the
     flush acts (z or the exact f(z) subnormal), else the usual agreement of
-    the two float32 libms (test_cuda.py: 1e-5 times max(1, |z|))."""
+    the two float32 libms (conftest.RTOL: 1e-5 times max(1, |z|))."""
     exact = np.abs(reference.activation(z, activation, alpha))
     z = np.abs(np.asarray(z, np.float64))
     return np.where((z < TINY) | (exact < TINY), TINY, rtol_of(np.float32) * np.maximum(1.0, z))
@@ -192,7 +192,7 @@ def test_float32_backward_subnormal_outputs(cp, kc, rng, activation):
     dz, db = _gpu_backward(cp, kc, da, a, z, code, alpha)
     dz_f, db_f = _cpu_backward(da, flush(a), flush(z), code, alpha)
     rtol = rtol_of(np.float32)
-    atol = TINY + rtol * np.abs(da) * (1 + np.abs(z))      # test_cuda.py's bound, per element
+    atol = TINY + rtol * np.abs(da) * (1 + np.abs(z))      # the float32 bound, per element
     assert_within(dz, flush(dz_f), atol, rtol, f"{activation} dz vs CPU on flushed a, z")
     db_atol = atol.sum(axis=0)
     assert_within(db, db_f, db_atol, rtol, f"{activation} db vs CPU on flushed a, z")
