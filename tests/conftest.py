@@ -117,6 +117,13 @@ def cp():
 
 
 @pytest.fixture
+def cuda_be(cp):
+    """fastgrad's CUDA backend (needs ``cp``): tests reach device arrays
+    through its ``to_device`` / ``to_host`` / ``alloc``, not CuPy at large."""
+    return fastgrad.backend.backend_for("cuda")
+
+
+@pytest.fixture
 def kc(cp):
     """fastgrad.kernels.cuda (needs ``cp``)."""
     import fastgrad.kernels.cuda as kcuda

@@ -121,15 +121,15 @@ def _mlp_args(rng, sizes, act, dtype, B, loss):
     return x, labels, target, params, sizes, codes, alphas, offsets, acts, zs, delta
 
 
-def _to_gpu(cp, arrays):
+def _to_gpu(be, arrays):
     out, seen = [], {}
     for a in arrays:                 # keep zs aliasing acts on the device too
-        out.append(seen.setdefault(id(a), cp.asarray(a)))
+        out.append(seen.setdefault(id(a), be.to_device(a)))
     return out
 
 
 @pytest.mark.cuda
-def test_step_determinism_and_graph(cp, rng):
+def test_step_determinism_and_graph(cuda_be, rng):
     """Two identical runs give bitwise-equal norms, bias gradients and
     parameters; the graphed step (or its eager fallback) equals the eager one."""
     from fastgrad.kernels.cuda import step as kstep
@@ -140,10 +140,10 @@ def test_step_determinism_and_graph(cp, rng):
     opt = fg.Adam(_Flat(params.copy(), np.zeros_like(params), offsets), lr=1e-3, clip_norm=1.0)
 
     def run(graphed, gemm="fastgrad"):
-        xg, lg, tg, pg, ag, zg, dg = _to_gpu(cp, [x, labels, target, params, acts, zs, delta])
-        gg = cp.zeros_like(pg)
-        m, v, e = cp.zeros_like(pg), cp.zeros_like(pg), cp.zeros(0, dtype)
-        lsq = cp.empty(offsets.size - 1, np.float64)
+        xg, lg, tg, pg, ag, zg, dg = _to_gpu(cuda_be, [x, labels, target, params, acts, zs, delta])
+        gg, m, v = (cuda_be.alloc(pg.shape, dtype, fill=0) for _ in range(3))
+        e = cuda_be.alloc(0, dtype)
+        lsq = cuda_be.alloc(offsets.size - 1, np.float64)
         norms = []
         gs = kstep.GraphedTrainStep(loss, pg, gg, sizes, codes, alphas, offsets, ag, zg, dg,
                                     cpu_optim.ADAM, m, v, e, lsq, 1.0, 0.0, x.shape[0],
@@ -177,7 +177,7 @@ def test_step_determinism_and_graph(cp, rng):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("shape", [(1, 1, 1), (7, 65, 130), (129, 3, 64), (200, 33, 17)])
-def test_own_gemm(cp, rng, shape, dtype):
+def test_own_gemm(cuda_be, rng, shape, dtype):
     """kernels.cuda.gemm (the capturable GEMM): a @ b, a.T @ b and a @ b.T
     as the step uses them, against float64, at sizes off the 64 x 64 tile;
     bitwise the same on a second call."""
@@ -185,26 +185,27 @@ def test_own_gemm(cp, rng, shape, dtype):
     M, K, N = shape
     a = rng.standard_normal((M, K)).astype(dtype)
     b = rng.standard_normal((K, N)).astype(dtype)
-    cases = [(a, b, cp.asarray(a), cp.asarray(b)),
-             (a, b, cp.asarray(a.T.copy()).T, cp.asarray(b)),
-             (a, b, cp.asarray(a), cp.asarray(b.T.copy()).T)]
+    dev = cuda_be.to_device
+    cases = [(a, b, dev(a), dev(b)),
+             (a, b, dev(a.T.copy()).T, dev(b)),
+             (a, b, dev(a), dev(b.T.copy()).T)]
     for ah, bh, ad, bd in cases:
-        out = cp.full((M, N), np.nan, dtype)
+        out = cuda_be.alloc((M, N), dtype, fill=np.nan)
         gemm(ad, bd, out)
         ref = ah.astype(np.float64) @ bh.astype(np.float64)
         tol = 1e-5 if dtype == np.float32 else 1e-13
         np.testing.assert_allclose(to_numpy(out), ref, rtol=tol, atol=tol * np.sqrt(K) * 4)
-        again = cp.empty_like(out)
+        again = cuda_be.alloc(out.shape, dtype)
         gemm(ad, bd, again)
         np.testing.assert_array_equal(to_numpy(again), to_numpy(out))
     with pytest.raises(ValueError, match="shapes"):
-        gemm(cp.asarray(a), cp.asarray(b), cp.empty((M, N + 1), dtype))
+        gemm(dev(a), dev(b), cuda_be.alloc((M, N + 1), dtype))
 
 
 @pytest.mark.cuda
-def test_mixed_devices_refused(cp, rng):
+def test_mixed_devices_refused(cuda_be, rng):
     x, W, b = dense_inputs(rng, 4, 3, 2, np.float32)
     with pytest.raises(TypeError, match="different devices"):
-        ops.dense_forward(cp.asarray(x), W, b, "relu")
+        ops.dense_forward(cuda_be.to_device(x), W, b, "relu")
     with pytest.raises(TypeError, match="different devices"):
-        ops.softmax_cross_entropy(cp.asarray(x), np.zeros(4, np.int64))
+        ops.softmax_cross_entropy(cuda_be.to_device(x), np.zeros(4, np.int64))
