@@ -203,8 +203,10 @@ def _with_out(name, fn, args, kw):
     return _compute(lambda: fn(*a, **k))
 
 
-# The operators offered: those fastgrad and its tests use (README: the audit).
-_BIN = ["pow"]
+# The operators offered: those fastgrad, its tests and tools use (README: the
+# audit; mul and add: tools/gpu_preflight.py's probe of CuPy's own
+# elementwise kernel, which runs in a subprocess the audit missed).
+_BIN = ["pow", "mul", "add"]
 _IN_PLACE = ["add"]
 _CMP = ["eq", "ne"]
 
