@@ -203,6 +203,14 @@ def _to_gpu(cp, arrays):
     return out
 
 
+def _cpu_plan(sizes):
+    """The CPU driver's step-plan arguments of a plain model: (plan,
+    fplan, run_mean, run_var)."""
+    off = np.zeros(len(sizes) - 1)
+    plan, fplan, _ = cpu_step.step_plan(sizes, 1, 0, off, off, off, off, np.float64)
+    return plan, fplan, np.zeros(0), np.zeros(0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("loss", [cpu_step.CROSS_ENTROPY, cpu_step.MSE, cpu_step.BCE_WITH_LOGITS])
 @pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "silu"])
@@ -215,7 +223,7 @@ def test_forward_backward_matches_cpu(cp, rng, act, loss):
     xg, lg, tg, pg, ag, zg, dg = _to_gpu(cp, [x, labels, target, params, acts, zs, delta])
     gg = cp.zeros_like(pg)
     loss_c = cpu_step.forward_backward(x, labels, target, loss, params, grads, sizes, codes,
-                                       alphas, offsets, acts, zs, delta)
+                                       alphas, offsets, acts, zs, delta, *_cpu_plan(sizes))
     loss_g = kstep.forward_backward(xg, lg, tg, loss, pg, gg, sizes, codes, alphas, offsets,
                                     ag, zg, dg)
     assert_close(float(loss_g), loss_c, dtype, what="loss")
@@ -254,8 +262,8 @@ def test_train_steps_match_cpu(cp, rng, rule):
     for t in range(50):
         rc, s0, s1, s2, hp = opt._kernel_args()
         out_c = cpu_step.train_step(x, labels, target, loss, params, grads, sizes, codes, alphas,
-                                    offsets, acts, zs, delta, rc, s0, s1, s2, hp, opt._layer_sq,
-                                    opt._clip_norm, opt._clip_value)
+                                    offsets, acts, zs, delta, *_cpu_plan(sizes), rc, s0, s1, s2,
+                                    hp, opt._layer_sq, opt._clip_norm, opt._clip_value)
         opt._commit(*out_c[1:], opt._layer_sq)
         out_g = kstep.train_step(xg, lg, tg, loss, pg, gg, sizes, codes, alphas, offsets,
                                  ag, zg, dg, rc, *sg, hp, lsq, opt._clip_norm, opt._clip_value,
