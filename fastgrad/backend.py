@@ -94,6 +94,28 @@ class Backend:
         float64 device array (reading it waits for the step)."""
         raise NotImplementedError
 
+    def to_device(self, array, dtype=None):
+        """A C-contiguous array of this device holding ``array`` (a host or
+        device array, a list or a scalar), converted to ``dtype`` if given;
+        ``array`` itself when it is one already.  On CUDA a host array is
+        copied synchronously."""
+        raise NotImplementedError
+
+    def to_host(self, array):
+        """A NumPy array holding ``array`` (a host or device array); on
+        CUDA this waits for the device."""
+        raise NotImplementedError
+
+    def alloc(self, shape, dtype, fill=None):
+        """A new C-contiguous array of this device: uninitialised, or every
+        element ``fill`` (a scalar)."""
+        if fill is not None and np.ndim(fill) != 0:
+            raise TypeError(f"alloc: fill must be a scalar, got {type(fill).__name__}")
+        xp = self.xp
+        if fill is None:
+            return xp.empty(shape, dtype)
+        return xp.full(shape, fill, dtype)
+
     # -- kernels -----------------------------------------------------------------
     @property
     def kernels(self):
@@ -220,6 +242,17 @@ class CpuBackend(Backend):
     def loss_result(self, loss):
         return float(loss)
 
+    def to_device(self, array, dtype=None):
+        if _device.device_of(array) == "cuda":
+            raise TypeError("to_device: a CUDA array given to the cpu backend "
+                            "(use backend_for('cuda').to_host)")
+        return np.ascontiguousarray(array, dtype=dtype)
+
+    def to_host(self, array):
+        if _device.device_of(array) == "cuda":
+            raise TypeError("to_host: a CUDA array given to the cpu backend")
+        return np.asarray(array)
+
     def _registered_kernels(self, codes):
         return _registry.cpu_kernels()
 
@@ -329,6 +362,14 @@ class CudaBackend(Backend):
 
     def loss_result(self, loss):
         return self.xp.array(loss, dtype=np.float64)
+
+    def to_device(self, array, dtype=None):
+        return self.xp.ascontiguousarray(self.xp.asarray(array, dtype=dtype))
+
+    def to_host(self, array):
+        if _device.device_of(array) == "cuda":
+            return self.xp.asnumpy(array)
+        return np.asarray(array)
 
     def _registered_kernels(self, codes):
         missing = sorted({_registry.by_code(int(c)).name for c in codes

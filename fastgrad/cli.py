@@ -632,7 +632,7 @@ def build_parser():
                            "x fastgrad) and write a bar chart.  Quick mode (whole training steps, "
                            "about 2 minutes on 2 cores) unless --full.")
     bench.add_argument("--full", action="store_true",
-                       help="every benchmark (dense layer, optimizers, toolkit layers too)")
+                       help="every benchmark (dense layer, optimizers, epilogue pieces too)")
     bench.add_argument("--smoke", action="store_true", help="run each benchmark once, untimed")
     bench.add_argument("-k", dest="filter", default=None, help="only benchmarks matching this")
     bench.add_argument("--out", default="fastgrad-bench.png", help="path of the bar chart (PNG)")

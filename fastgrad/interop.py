@@ -41,6 +41,7 @@ torch is imported only inside these functions: fastgrad does not need it.
 import numpy as np
 
 from . import device as _device
+from . import epilogue as _epilogue
 from . import registry as _registry
 from .backend import backend_of
 
@@ -102,82 +103,47 @@ def _flatten(seq, torch):
     return out
 
 
-def _linear_weights(lin, torch):
-    """(W_or_v as (out, in) float64, g as (out,) float64 or None) of a Linear.
-
-    Reads plain weights, ``torch.nn.utils.parametrizations.weight_norm``
-    (``parametrizations.weight.original0/1``) and the older
-    ``torch.nn.utils.weight_norm`` (``weight_g``, ``weight_v``), both over
-    ``dim=0`` (one norm per output unit, fastgrad's)."""
-    def host(t):
-        return t.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-    n_out = lin.out_features
-    par = getattr(lin, "parametrizations", None)
-    if par is not None and "weight" in par:
-        plist = par["weight"]
-        names = [type(p).__name__ for p in plist]
-        if names != ["_WeightNorm"] or getattr(plist[0], "dim", 0) != 0:
-            raise ValueError(f"unsupported parametrization {names} of {lin!r}: fastgrad reads "
-                             "weight_norm(module, dim=0) only")
-        g, v = plist.original0, plist.original1
-        if tuple(g.shape) != (n_out, 1):
-            raise ValueError(f"weight_norm of {lin!r} is not over dim=0 (g has shape "
-                             f"{tuple(g.shape)})")
-        return host(v), host(g).reshape(n_out)
-    if hasattr(lin, "weight_g") and hasattr(lin, "weight_v"):
-        g = lin.weight_g
-        if tuple(g.shape) != (n_out, 1):
-            raise ValueError(f"weight_norm of {lin!r} is not over dim=0 (weight_g has shape "
-                             f"{tuple(g.shape)})")
-        return host(lin.weight_v), host(g).reshape(n_out)
-    return host(lin.weight), None
+def _host(t, torch):
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
-def _norm_of(mod, torch):
-    """"batch" / "layer" for a norm module fastgrad can express, None for
-    other modules; ValueError for a norm with other settings."""
-    nn = torch.nn
-    if type(mod) is nn.BatchNorm1d:
-        if not (mod.affine and mod.track_running_stats and mod.eps == 1e-5
-                and mod.momentum == 0.1):
-            raise ValueError(f"unsupported module {mod!r}: fastgrad's batch norm is "
-                             "BatchNorm1d(n, eps=1e-5, momentum=0.1, affine=True, "
-                             "track_running_stats=True)")
-        return "batch"
-    if type(mod) is nn.LayerNorm:
-        if not (mod.elementwise_affine and mod.bias is not None and mod.eps == 1e-5
-                and len(mod.normalized_shape) == 1):
-            raise ValueError(f"unsupported module {mod!r}: fastgrad's layer norm is "
-                             "LayerNorm(n, eps=1e-5) with its affine weight and bias")
-        return "layer"
-    return None
+def _pieces(place):
+    return [p for p in _epilogue.PIECES if p.torch.place == place]
 
 
 class _Spec:
-    """One fastgrad Dense being read from torch modules."""
+    """One fastgrad Dense being read from torch modules: its Linear, the
+    epilogue pieces' settings and the module each piece was read from."""
 
-    def __init__(self, lin):
-        self.lin, self.norm_mod, self.norm = lin, None, None
-        self.activation, self.alpha = "identity", None
-        self.dropout, self.residual = 0.0, False
-        # What came last: 0 Linear, 1 norm, 2 activation, 3 dropout, 4 a
-        # whole residual block (nothing may follow it in the same layer).
+    def __init__(self, lin, torch):
+        self.lin = lin
+        self.settings = _epilogue.defaults()
+        self.settings.update(activation="identity", alpha=None)
+        self.found = {}                # piece name -> its module (or what it read)
+        for piece in _pieces("linear"):
+            got = piece.torch.read(lin, torch, lin.out_features)
+            if got is not None:
+                self.found[piece.name] = got
+                self.settings.update({f.name: got[f.name] for f in piece.fields})
+        # What came last: 0 the Linear, i + 1 the i-th "after" piece, a
+        # whole wrapping block (nothing may follow it in the same layer).
         self.stage = 0
+
+
+_AFTER = _pieces("after")
+_WRAPPED = len(_AFTER) + 1
 
 
 def _read_layers(mods, torch, where=""):
     """[_Spec] of a flat list of torch modules, in fastgrad's layer grammar:
     Linear, then optionally a norm, an activation, a Dropout."""
-    from . import ops
-
     nn = torch.nn
     specs = []
     for i, mod in enumerate(mods):
         name = f"{where}{i}"
         if type(mod) is nn.Linear or (isinstance(mod, nn.Linear)
                                       and nn.utils.parametrize.is_parametrized(mod)):
-            specs.append(_Spec(mod))       # parametrized: weight_norm's ParametrizedLinear
+            specs.append(_Spec(mod, torch))   # parametrized: weight_norm's ParametrizedLinear
             continue
         if _is_residual_block(mod):
             inner = _read_layers(_flatten(mod.body, torch), torch, where=f"{name}.body.")
@@ -188,51 +154,40 @@ def _read_layers(mods, torch, where=""):
             if spec.lin.in_features != spec.lin.out_features:
                 raise ValueError(f"module {name}: a residual block needs a square Linear, got "
                                  f"{spec.lin!r}")
-            spec.residual, spec.stage = True, 4
+            spec.settings["residual"], spec.stage = True, _WRAPPED
             specs.append(spec)
             continue
         last = specs[-1] if specs else None
         if last is None:
             raise ValueError(f"module {name} ({mod!r}) comes before any nn.Linear; "
                              "fastgrad layers start with a Linear")
-        if last.stage == 4:
+        if last.stage == _WRAPPED:
             raise ValueError(f"module {name} ({mod!r}) follows a residual block; put it "
                              "inside the block's body or after a Linear")
-        if type(mod) is nn.Dropout:
-            if last.stage >= 3:
-                raise ValueError(f"module {name} ({mod!r}) follows another Dropout")
-            p = float(mod.p)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"module {name} ({mod!r}): fastgrad's dropout needs p in [0, 1)")
-            last.dropout, last.stage = p, 3
-            continue
-        norm = _norm_of(mod, torch)
-        if norm is not None:
-            if last.stage != 0:
-                raise ValueError(f"module {name} ({mod!r}) must directly follow its nn.Linear "
-                                 "(fastgrad normalises before the activation)")
-            width = mod.num_features if norm == "batch" else mod.normalized_shape[0]
-            if width != last.lin.out_features:
-                raise ValueError(f"module {name} ({mod!r}) normalises {width} features but "
-                                 f"its Linear gives {last.lin.out_features}")
-            last.norm, last.norm_mod, last.stage = norm, mod, 1
-            continue
-        act = _activation_of(mod, torch)
-        if act is None:
+        for stage, piece in enumerate(_AFTER, 1):
+            try:
+                got = piece.torch.read(mod, torch, last.lin.out_features)
+            except ValueError as exc:
+                raise ValueError(f"module {name}: {exc}") from None
+            if got is not None:
+                break
+        else:
             raise ValueError(f"unsupported module {name}: {mod!r}; from_torch converts "
                              "nn.Linear (plain or weight-normalised), BatchNorm1d, LayerNorm, "
                              "Dropout, fastgrad.interop.ResidualBlock and the activations "
                              f"{_torch_activation_list()}")
-        if act[0] == "identity":
-            continue
-        if last.stage >= 2:
-            raise ValueError(f"module {name} ({mod!r}) follows another activation or a "
-                             "Dropout; fastgrad layers take one activation, before dropout")
+        if got == {"activation": "identity", "alpha": None}:
+            continue                         # nn.Identity: nothing to record
+        if last.stage >= stage:
+            raise ValueError(f"module {name} ({mod!r}) {piece.torch.misplaced}")
+        last.settings.update(got)
+        last.found[piece.name], last.stage = mod, stage
         try:
-            ops.resolve_activation(act[0], act[1])
+            piece.check(
+                {f.name: last.settings[f.name] for f in piece.fields},
+                last.lin.in_features, last.lin.out_features)
         except ValueError as exc:
             raise ValueError(f"module {name} ({mod!r}): {exc}") from None
-        last.activation, last.alpha, last.stage = act[0], act[1], 2
     return specs
 
 
@@ -274,7 +229,7 @@ def from_torch(seq, dtype=None, device=None):
         momentum, ...), modules out of fastgrad's order, or no Linear at all.
     """
     torch = _torch()
-    from .layers import Dense, Residual, Sequential
+    from .layers import Sequential, dense_from_settings
 
     nn = torch.nn
     if not isinstance(seq, (nn.Sequential, nn.ModuleList)):
@@ -282,7 +237,6 @@ def from_torch(seq, dtype=None, device=None):
     specs = _read_layers(_flatten(seq, torch), torch)
     if not specs:
         raise ValueError("the torch model holds no nn.Linear layer")
-    weights = [_linear_weights(sp.lin, torch) for sp in specs]
     if dtype is None:
         names = set()
         for sp in specs:
@@ -295,33 +249,23 @@ def from_torch(seq, dtype=None, device=None):
             raise TypeError(f"unsupported weight dtype {name}; expected float32 or float64 "
                             "(or pass dtype= to convert)")
         dtype = name
-    layers = []
-    for sp, (_, g) in zip(specs, weights):
-        d = Dense(sp.lin.in_features, sp.lin.out_features, activation=sp.activation,
-                  alpha=sp.alpha, init="zeros", dropout=sp.dropout, norm=sp.norm,
-                  weight_norm=g is not None)
-        layers.append(Residual(d) if sp.residual else d)
+    layers = [dense_from_settings(sp.lin.in_features, sp.lin.out_features, "zeros",
+                                  sp.settings) for sp in specs]
     model = Sequential(layers, dtype=dtype, device=device)
     xp = model._xp
 
-    def host(t):
-        return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    def copy(dst, t):
+        dst[...] = xp.asarray(_host(t, torch))
 
     with torch.no_grad():
-        for layer, sp, (w, g) in zip(model.layers, specs, weights):
-            if g is None:
-                layer.W[...] = xp.asarray(w.T)
-            else:
-                layer.v[...] = xp.asarray(w.T)
-                layer.g[...] = xp.asarray(g)
+        for layer, sp in zip(model.layers, specs):
+            if not layer.weight_norm:
+                copy(layer.W, sp.lin.weight.T)
             if sp.lin.bias is not None:
-                layer.b[...] = xp.asarray(host(sp.lin.bias))
-            if sp.norm:
-                layer.gamma[...] = xp.asarray(host(sp.norm_mod.weight))
-                layer.beta[...] = xp.asarray(host(sp.norm_mod.bias))
-                if sp.norm == "batch":
-                    layer.running_mean[...] = xp.asarray(host(sp.norm_mod.running_mean))
-                    layer.running_var[...] = xp.asarray(host(sp.norm_mod.running_var))
+                copy(layer.b, sp.lin.bias)
+            for piece in _epilogue.PIECES:
+                if piece.name in sp.found and piece.torch.load is not None:
+                    piece.torch.load(layer, sp.found[piece.name], copy)
     model._refresh_weight_norm()
     model.train(bool(seq.training))
     return model
@@ -335,16 +279,11 @@ def _torch_activation_list():
 
 
 def _torch_activation(layer, torch):
-    spec = _registry.get(layer.activation)
-    if spec is None or spec.torch is None:
-        raise ValueError(f"activation {layer.activation!r} has no torch equivalent "
-                         "(register it with torch=TorchTwin(...))")
-    if spec.name == "identity":
-        return None
-    kwargs = dict(spec.torch.kwargs)
-    if spec.torch.alpha is not None:
-        kwargs[spec.torch.alpha] = layer.alpha
-    return getattr(torch.nn, spec.torch.module)(**kwargs)
+    """The activation module of ``layer`` (anything with ``activation`` and
+    ``alpha``), None for identity: the activation piece's torch mapping
+    (``fastgrad.torch`` builds its children with it)."""
+    mods = _epilogue.piece("activation").torch.to_torch(layer, [], torch)
+    return mods[0] if mods else None
 
 
 _RESIDUAL_CLASS = []
@@ -411,40 +350,21 @@ def to_torch(model):
     dtype = getattr(torch, np.dtype(model.dtype).name)
     blocks = []
     model._refresh_weight_norm()     # the effective W of weight-normalised layers
+    # The Linear, then each piece on: those changing the Linear, those
+    # following it (in epilogue order), those wrapping the layer's modules.
+    order = _pieces("linear") + _pieces("after") + _pieces("wrap")
     with torch.no_grad():
         for layer in model.layers:
-            mods = []
             W = as_torch(layer.W)
             lin = nn.Linear(layer.n_in, layer.n_out, dtype=dtype, device=W.device)
             lin.bias.copy_(as_torch(layer.b))
-            if layer.weight_norm:
-                lin = nn.utils.parametrizations.weight_norm(lin, dim=0)
-                plist = lin.parametrizations.weight
-                plist.original0.copy_(as_torch(layer.g).reshape(layer.n_out, 1))
-                plist.original1.copy_(as_torch(layer.v).T)
-            else:
-                lin.weight.copy_(W.T)
-            mods.append(lin)
-            if layer.norm:
-                nm = (nn.BatchNorm1d(layer.n_out, dtype=dtype, device=W.device)
-                      if layer.norm == "batch"
-                      else nn.LayerNorm(layer.n_out, dtype=dtype, device=W.device))
-                nm.weight.copy_(as_torch(layer.gamma))
-                nm.bias.copy_(as_torch(layer.beta))
-                if layer.norm == "batch":
-                    nm.running_mean.copy_(torch.as_tensor(_device.to_numpy(layer.running_mean).copy()))
-                    nm.running_var.copy_(torch.as_tensor(_device.to_numpy(layer.running_var).copy()))
-                mods.append(nm)
-            act = _torch_activation(layer, torch)
-            if act is not None:
-                mods.append(act)
-            if layer.dropout > 0:
-                # Same rate and placement; torch draws its own masks.
-                mods.append(nn.Dropout(layer.dropout))
-            if layer.residual:
-                blocks.append(_residual_class()(nn.Sequential(*mods)))
-            else:
-                blocks.extend(mods)
+            lin.weight.copy_(W.T)
+            mods = [lin]
+            settings = _epilogue.config_of(layer)
+            for piece in order:
+                if piece.on(settings):
+                    mods = piece.torch.to_torch(layer, mods, torch)
+            blocks.extend(mods)
     return nn.Sequential(*blocks).train(model.training)
 
 

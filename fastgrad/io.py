@@ -80,7 +80,7 @@ import secrets
 import numpy as np
 
 from . import device as _device
-from .kernels.layout import layer_size
+from . import epilogue
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -88,8 +88,10 @@ FORMAT = "fastgrad-checkpoint"
 FORMAT_VERSION = 2
 # Version 1 (fastgrad 0.1) named the tanh approximation of GELU "gelu"; from
 # version 2 "gelu" is the exact (erf) GELU and the approximation "gelu_tanh".
-# Older files load as what they were trained with.
-_RENAMED_BEFORE_2 = {"gelu": "gelu_tanh"}
+# Older files load as what they were trained with.  The table is the
+# activation field's (fastgrad.epilogue): each piece's fields say how
+# older versions' values read.
+_RENAMED_BEFORE_2 = epilogue.piece("activation").fields[0].renamed_before[2]
 META_KEY = "fastgrad"
 PARAMS = "params"
 OPT_PREFIX = "opt."
@@ -212,11 +214,27 @@ def _model_meta(model):
         "dropout_step": int(model.dropout_step),
         "mask_seed": int(model._mask_seed),
         "training": bool(model.training),
-        "layers": [{"n_in": int(l.n_in), "n_out": int(l.n_out), "activation": l.activation,
-                    "alpha": float(l.alpha), "init": l.init, "dropout": float(l.dropout),
-                    "residual": bool(l.residual), "norm": l.norm,
-                    "weight_norm": bool(l.weight_norm)} for l in model.layers],
+        "layers": [_layer_meta(l) for l in model.layers],
     }
+
+
+def _json_value(v):
+    """A layer setting as plain JSON (NumPy scalars become Python's)."""
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
+
+
+def _layer_meta(layer):
+    """A layer's entry: its widths, initializer and every epilogue piece's
+    checkpoint fields (``fastgrad.epilogue``)."""
+    meta = {"n_in": int(layer.n_in), "n_out": int(layer.n_out), "init": layer.init}
+    meta.update((k, _json_value(v)) for k, v in epilogue.config_of(layer).items())
+    return meta
 
 
 def save(path, model, opt=None):
@@ -246,9 +264,8 @@ def save(path, model, opt=None):
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
             "fastgrad_version": _version(), "model": _model_meta(model), "optimizer": None}
     tensors = {PARAMS: _to_host(model.params)}
-    if any(l.norm == "batch" for l in model.layers):
-        tensors[RUNNING_MEAN] = _to_host(model.running_mean)
-        tensors[RUNNING_VAR] = _to_host(model.running_var)
+    for name in _buffer_names(model.layers):
+        tensors[name] = _to_host(getattr(model, name))
     if opt is not None:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"opt must be a fastgrad optimizer, got {type(opt).__name__}")
@@ -310,12 +327,36 @@ def _pos_int(d, key, where):
     return v
 
 
+def _buffer_names(layers):
+    """The model buffers (checkpoint tensors) some layer's pieces use."""
+    return sorted({b.name for layer in layers for b in epilogue.layer_buffers(layer)})
+
+
+def _layer_settings(spec, version, where, n_in, n_out):
+    """Every epilogue piece's settings of a layer entry, checked: a field a
+    file lacks takes its ``absent`` value (files written before it existed),
+    older versions' values are renamed."""
+    settings = {}
+    for field in epilogue.FIELDS:
+        if field.absent is epilogue.REQUIRED or field.name in spec:
+            settings[field.name] = _get(spec, field.name, field.types, where)
+        else:
+            settings[field.name] = field.absent
+    settings = epilogue.upgrade(settings, version)
+    alpha = settings.get("alpha")
+    _need(alpha is None or math.isfinite(alpha), f"{where}.alpha: must be finite, got {alpha!r}")
+    try:
+        attrs = epilogue.check_config(settings, n_in, n_out)
+    except ValueError as exc:
+        raise _Bad(f"{where}: {exc}") from None
+    return {name: attrs[name] for name in epilogue.FIELD_NAMES}
+
+
 def _reject_constant(name):
     raise _Bad(f"metadata JSON holds the non-standard number {name}")
 
 
 def _parse_model(m, version=FORMAT_VERSION):
-    from . import ops
     from .layers import INITIALIZERS
 
     _need(isinstance(m, dict), "model: expected an object")
@@ -347,30 +388,11 @@ def _parse_model(m, version=FORMAT_VERSION):
         if i:
             _need(n_in == specs[-1]["n_out"], f"{where}.n_in: {n_in} does not match the "
                   f"previous layer's n_out {specs[-1]['n_out']}")
-        act = _get(spec, "activation", str, where)
-        if version < 2:
-            act = _RENAMED_BEFORE_2.get(act, act)
-        alpha = _get(spec, "alpha", (int, float), where)
-        _need(math.isfinite(alpha), f"{where}.alpha: must be finite, got {alpha!r}")
-        try:
-            ops.resolve_activation(act, alpha)
-        except ValueError as exc:
-            raise _Bad(f"{where}: {exc}") from None
+        settings = _layer_settings(spec, version, where, n_in, n_out)
         init = _get(spec, "init", str, where)
         _need(init in INITIALIZERS, f"{where}.init: unknown initializer {init!r:.80}")
-        dropout = _get(spec, "dropout", (int, float), where) if "dropout" in spec else 0.0
-        _need(0.0 <= dropout < 1.0, f"{where}.dropout: must be in [0, 1), got {dropout!r}")
-        residual = _get(spec, "residual", bool, where) if "residual" in spec else False
-        _need(not residual or n_in == n_out,
-              f"{where}.residual: a residual block needs n_in == n_out, got {n_in}, {n_out}")
-        norm = spec.get("norm")
-        _need(norm in (None, "layer", "batch"),
-              f"{where}.norm: expected null, 'layer' or 'batch', got {norm!r:.80}")
-        wn = _get(spec, "weight_norm", bool, where) if "weight_norm" in spec else False
-        n_params += layer_size(n_in, n_out, bool(norm), wn)
-        specs.append({"n_in": n_in, "n_out": n_out, "activation": act,
-                      "alpha": float(alpha), "init": init, "dropout": float(dropout),
-                      "residual": residual, "norm": norm, "weight_norm": wn})
+        n_params += epilogue.layer_size(settings, n_in, n_out)
+        specs.append({"n_in": n_in, "n_out": n_out, "init": init, **settings})
     return cls, np.dtype(dtype), seed, specs, n_params, state
 
 
@@ -555,8 +577,8 @@ def _load(path, dev):
         opt_cls = None if o is None else _parse_optimizer(o, names)
         expected = {PARAMS} | {OPT_PREFIX + s for s in (o["state"] if o else ())}
         n_units = sum(s["n_out"] for s in specs)
-        if any(s["norm"] == "batch" for s in specs):
-            expected |= {RUNNING_MEAN, RUNNING_VAR}
+        buffers = _buffer_names(specs)
+        expected |= set(buffers)
         _need(names == expected, f"tensors {sorted(names)!r:.200} do not match the "
               f"expected {sorted(expected)}")
         sums = _parse_checksums(doc.get("checksums"), names)
@@ -564,7 +586,7 @@ def _load(path, dev):
         for name in sorted(names):
             sl = f.get_slice(name)
             shape, st_dtype = tuple(sl.get_shape()), sl.get_dtype()
-            if name in (RUNNING_MEAN, RUNNING_VAR):
+            if name in buffers:
                 _need(st_dtype == "F64" and shape == (n_units,),
                       f"tensor {name!r}: expected F64[{n_units}], got {st_dtype}{list(shape)}")
                 arrays[name] = f.get_tensor(name)
@@ -588,9 +610,8 @@ def _load(path, dev):
     if "mask_seed" in state:
         model._mask_seed = state["mask_seed"]
     xp = _device.array_module(dev)
-    if RUNNING_MEAN in arrays:
-        model.running_mean[...] = xp.asarray(arrays[RUNNING_MEAN])
-        model.running_var[...] = xp.asarray(arrays[RUNNING_VAR])
+    for name in buffers:
+        getattr(model, name)[...] = xp.asarray(arrays[name])
     model.params[...] = xp.asarray(arrays[PARAMS])
     opt = None
     if opt_cls is not None:
@@ -608,12 +629,10 @@ def _load(path, dev):
 
 
 def _build_model(cls_name, dtype, seed, specs, dev):
-    from .layers import MLP, Dense, Residual, Sequential
+    from .layers import MLP, Sequential, dense_from_settings
 
-    layers = [Dense(s["n_in"], s["n_out"], activation=s["activation"], alpha=s["alpha"],
-                    init="zeros", dropout=s["dropout"], norm=s["norm"],
-                    weight_norm=s["weight_norm"]) for s in specs]
-    layers = [Residual(l) if s["residual"] else l for l, s in zip(layers, specs)]
+    layers = [dense_from_settings(s["n_in"], s["n_out"], "zeros",
+                                  {k: s[k] for k in epilogue.FIELD_NAMES}) for s in specs]
     cls = MLP if cls_name == "MLP" else Sequential
     model = cls.__new__(cls)
     # Built with zeros (no random draws: the parameters are overwritten next),

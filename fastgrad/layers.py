@@ -6,7 +6,8 @@ twin buffer (``model.grads``).  So one kernel updates every parameter, one
 reduction gives the global gradient norm, and a checkpoint is a few arrays.
 
 Layer i owns ``params[layer_offsets[i]:layer_offsets[i+1]]``: its ``W``
-(row-major ``(n_in, n_out)``) followed by its ``b``.
+(row-major ``(n_in, n_out)``) followed by its ``b``, then the parameters of
+its epilogue pieces (``fastgrad.epilogue``: norm, weight norm).
 """
 import collections
 import math
@@ -16,9 +17,8 @@ import weakref
 
 import numpy as np
 
-from . import ops
+from . import epilogue, ops
 from .backend import backend_for, backend_of
-from .kernels.layout import layer_size, layer_slots
 
 _SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
 
@@ -121,8 +121,9 @@ class Dense:
     place.
     """
 
-    _VIEWS = frozenset(("W", "b", "dW", "db", "v", "g", "dv", "dg", "gamma", "beta", "dgamma",
-                        "dbeta", "running_mean", "running_var"))
+    # every array a placed layer views: its parameter slots, their
+    # gradients and its buffers, whatever its pieces (fastgrad.epilogue)
+    _VIEWS = epilogue.view_names()
 
     def __setattr__(self, name, value):
         # ``layer.dW += x`` adds in place, then sets the same array back: allowed.
@@ -137,57 +138,49 @@ class Dense:
                  dropout=0.0, norm=None, weight_norm=False):
         self.n_in = _positive_int(n_in, "n_in")
         self.n_out = _positive_int(n_out, "n_out")
-        self.activation = "identity" if activation is None else activation
-        self.code, self.alpha = ops.resolve_activation(self.activation, alpha)
         if init not in INITIALIZERS:
             raise ValueError(f"unknown initializer {init!r}; expected one of {list(INITIALIZERS)}")
+        # The epilogue pieces' settings (residual: set by Residual, y = x + layer(x)).
+        settings = {"activation": activation, "alpha": alpha, "dropout": dropout, "norm": norm,
+                    "residual": False, "weight_norm": weight_norm}
+        for name, value in epilogue.check_config(settings, self.n_in, self.n_out).items():
+            setattr(self, name, value)
         self.init = init
-        self.dropout = _dropout_rate(dropout)
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be None, 'layer' or 'batch', got {norm!r}")
-        self.norm = norm
-        if not isinstance(weight_norm, (bool, np.bool_)):
-            raise ValueError(f"weight_norm must be True or False, got {weight_norm!r}")
-        self.weight_norm = bool(weight_norm)
-        self.v = self.g = self.dv = self.dg = None
-        # Set by Residual: y = x + layer(x).
-        self.residual = False
-        self.W = self.b = self.dW = self.db = None
-        self.gamma = self.beta = self.dgamma = self.dbeta = None
-        self.running_mean = self.running_var = None
+        for name in Dense._VIEWS:
+            setattr(self, name, None)
 
     @property
-    def extended(self):
-        """True when this layer needs the block kernels (dropout, residual, norm)."""
-        return (self.dropout > 0 or self.residual or self.norm is not None
-                or self.weight_norm)
+    def has_epilogue(self):
+        """True when this layer has epilogue pieces beyond its activation
+        (dropout, residual, norm, weight norm: ``fastgrad.epilogue``), which
+        run in the epilogue kernels."""
+        return epilogue.has_epilogue(self)
+
+    extended = property(lambda self: self.has_epilogue,
+                        doc="The former name of :attr:`has_epilogue` (kept).")
 
     @property
     def n_params(self):
-        return layer_size(self.n_in, self.n_out, bool(self.norm), self.weight_norm)
+        return epilogue.layer_size(self, self.n_in, self.n_out)
 
     def _bind(self, params, grads, offset):
-        """Make W, b, dW, db (and gamma, beta, g) views into the flat buffers
-        at ``offset`` (the order of ``kernels/layout.py``); returns the end."""
-        n = self.n_out
-        w, b, gamma, beta, g, end = layer_slots(offset, self.n_in, n, bool(self.norm),
-                                                self.weight_norm)
-        self.W = params[w:b].reshape(self.n_in, n)
-        self.b = params[b:b + n]
-        self.dW = grads[w:b].reshape(self.n_in, n)
-        self.db = grads[b:b + n]
-        if self.norm:
-            self.gamma, self.beta = params[gamma:gamma + n], params[beta:beta + n]
-            self.dgamma, self.dbeta = grads[gamma:gamma + n], grads[beta:beta + n]
-            self.gamma[...] = 1
+        """Make the layer's parameter slots (W, b, then its pieces': gamma,
+        beta, g; ``fastgrad.epilogue.param_slots``, the order of
+        ``kernels/layout.py``) views into the flat buffers at ``offset``;
+        returns the end."""
+        end = offset
+        for slot, start, end in epilogue.param_slots(self, self.n_in, self.n_out, offset):
+            shape = (self.n_in, self.n_out) if slot.matrix else (self.n_out,)
+            setattr(self, slot.name, params[start:end].reshape(shape))
+            setattr(self, slot.grad, grads[start:end].reshape(shape))
+            if slot.fill is not None:
+                getattr(self, slot.name)[...] = slot.fill
         if self.weight_norm:
             be = backend_of(params)
             xp = be.xp
-            self.v, self.dv = self.W, self.dW
-            self.g, self.dg = params[g:g + n], grads[g:g + n]
             # The effective weight and its gradient: scratch, not parameters.
             self.W, self.dW = xp.empty_like(self.v), xp.empty_like(self.v)
-            self._inv_norm = xp.empty(n)
+            self._inv_norm = xp.empty(self.n_out)
             self._wnorm = be.toolkit_kernels()[2]
         return end
 
@@ -202,16 +195,10 @@ class Dense:
                 f"init={self.init!r}{extra})")
 
 
-_NORMS = (None, "layer", "batch")
+_dropout_rate = epilogue.dropout_rate
 
 
-def _dropout_rate(p):
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
-    return float(p)
-
-
-class Residual:
+class Residual(Dense):
     """Residual block ``y = x + layer(x)`` around a square :class:`Dense`.
 
     Parameters
@@ -220,9 +207,14 @@ class Residual:
         With ``n_in == n_out``; its dropout (if any) applies to ``f(z)``
         before the skip is added: ``y = x + dropout(f(x W + b))``.
 
-    The block reads as its Dense (``block.W``, ``block.n_out``, ...); the
-    wrapped layer itself is ``block.layer``.
+    The block is its Dense with the residual epilogue piece on
+    (``fastgrad.epilogue``): it is a Dense itself and shares the wrapped
+    layer's state, so ``block.W is block.layer.W`` and an attribute set on
+    one is set on the other.  The wrapped layer itself is ``block.layer``.
     """
+
+    # the wrapped Dense, kept outside the shared __dict__
+    __slots__ = ("_layer",)
 
     def __init__(self, layer):
         if not isinstance(layer, Dense):
@@ -235,17 +227,40 @@ class Residual:
         if layer.W is not None:
             raise ValueError("this Dense already belongs to a model")
         layer.residual = True
-        object.__setattr__(self, "layer", layer)
+        _share_state(self, layer)
 
-    def __getattr__(self, name):
-        # Only reached for names the block itself lacks: the Dense's.
-        return getattr(object.__getattribute__(self, "layer"), name)
+    def __reduce__(self):
+        # copies and pickles keep the block and its Dense one state
+        return _residual_around, (self._layer,)
 
-    def __setattr__(self, name, value):
-        setattr(self.layer, name, value)
+    @property
+    def layer(self):
+        """The wrapped :class:`Dense` (same state as the block)."""
+        return self._layer
 
     def __repr__(self):
-        return f"Residual({self.layer!r})"
+        return f"Residual({Dense.__repr__(self)})"
+
+
+def _share_state(block, layer):
+    """One state under two names: the block's attributes are the layer's."""
+    object.__setattr__(block, "__dict__", layer.__dict__)
+    object.__setattr__(block, "_layer", layer)
+    return block
+
+
+def _residual_around(layer):
+    """The Residual of a Dense that already is a residual block's (unpickling)."""
+    return _share_state(Residual.__new__(Residual), layer)
+
+
+def dense_from_settings(n_in, n_out, init, settings):
+    """A Dense (in a :class:`Residual` when ``settings["residual"]``) with
+    the epilogue pieces' ``settings`` (``fastgrad.epilogue.FIELD_NAMES``):
+    how checkpoints and ``from_torch`` build layers."""
+    kwargs = {k: v for k, v in settings.items() if k != "residual"}
+    layer = Dense(n_in, n_out, init=init, **kwargs)
+    return Residual(layer) if settings.get("residual") else layer
 
 
 def _unwrap(layer):
@@ -263,17 +278,11 @@ IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "
 
 
 def _layer_parameters(layer):
-    """(short name, view) of a layer's parameters, in buffer order."""
+    """(short name, view, is the dense weight) of a layer's parameters, in
+    buffer order (``fastgrad.epilogue.param_slots``)."""
     layer = _unwrap(layer)
-    if layer.weight_norm:
-        out = [("v", layer.v), ("b", layer.b)]
-    else:
-        out = [("W", layer.W), ("b", layer.b)]
-    if layer.norm:
-        out += [("gamma", layer.gamma), ("beta", layer.beta)]
-    if layer.weight_norm:
-        out.append(("g", layer.g))
-    return out
+    return [(slot.name, getattr(layer, slot.name), slot.matrix)
+            for slot, _, _ in epilogue.param_slots(layer, layer.n_in, layer.n_out)]
 
 
 # Models by their flat parameter buffer, so that torch's spelling
@@ -326,14 +335,14 @@ class Sequential:
         if not layers:
             raise ValueError("a model needs at least one layer")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, (Dense, Residual)):
+            if not isinstance(layer, Dense):
                 raise TypeError(f"layer {i} is a {type(layer).__name__}, expected fastgrad.Dense")
             if i and layer.n_in != layers[i - 1].n_out:
                 raise ValueError(f"layer {i} expects {layer.n_in} inputs but layer {i - 1} "
                                  f"gives {layers[i - 1].n_out}")
             if any(_unwrap(layer) is _unwrap(other) for other in layers[:i]):
                 raise ValueError(f"layer {i} appears twice; create a new Dense per position")
-            if isinstance(layer, Dense) and layer.residual:
+            if not isinstance(layer, Residual) and layer.residual:
                 raise ValueError(f"layer {i} is the Dense of a Residual; pass the Residual")
             if layer.W is not None:
                 raise ValueError(f"layer {i} already belongs to a model")
@@ -371,12 +380,11 @@ class Sequential:
         width = sum(layer.n_out for layer in layers)
         self._running_mean = xp.zeros(width, np.float64)
         self._running_var = xp.ones(width, np.float64)
-        self._has_batch_norm = any(layer.norm == "batch" for layer in layers)
+        self._has_batch_norm = any(epilogue.layer_buffers(layer) for layer in layers)
         off = 0
         for layer in layers:
-            if layer.norm == "batch":
-                layer.running_mean = self.running_mean[off:off + layer.n_out]
-                layer.running_var = self.running_var[off:off + layer.n_out]
+            for buf in epilogue.layer_buffers(layer):
+                setattr(layer, buf.name, getattr(self, buf.name)[off:off + layer.n_out])
             off += layer.n_out
             _unwrap(layer)._placed = True      # its arrays are views from now on
         self.training = True
@@ -391,9 +399,13 @@ class Sequential:
 
     # -- modes -----------------------------------------------------------------
     @property
-    def extended(self):
-        """True when some layer has dropout or is a residual block."""
-        return any(layer.extended for layer in self.layers)
+    def has_epilogue(self):
+        """True when some layer has epilogue pieces beyond its activation
+        (dropout, residual, norm, weight norm)."""
+        return any(layer.has_epilogue for layer in self.layers)
+
+    extended = property(lambda self: self.has_epilogue,
+                        doc="The former name of :attr:`has_epilogue` (kept).")
 
     def train(self, mode=True):
         """Training mode (dropout on); returns the model, as in PyTorch."""
@@ -471,8 +483,8 @@ class Sequential:
 
     # -- compute -------------------------------------------------------------
     def _run(self, x, keep, counter=None):
-        if self.extended:
-            return self._run_extended(x, keep, counter)
+        if self.has_epilogue:
+            return self._run_epilogue(x, keep, counter)
         k, xp = self._kernels(), self._xp
         h, cache = x, []
         for layer in self.layers:
@@ -484,10 +496,10 @@ class Sequential:
             h = a
         return h, cache
 
-    def _run_extended(self, x, keep, counter):
-        """The layer loop of a model with dropout or residual blocks.
+    def _run_epilogue(self, x, keep, counter):
+        """The layer loop of a model with epilogue pieces.
 
-        Plain layers run the plain kernels; the others the block kernels,
+        Plain layers run the plain kernels; the others the epilogue kernels,
         which keep ``z`` (activations that need it), ``f(z)`` (residual blocks) and ``xhat``
         (normalised layers) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
@@ -522,7 +534,7 @@ class Sequential:
                                            norm.KINDS[layer.norm], drop_on, layer.code,
                                            layer.alpha, drop, key, thresh, scale, layer.residual)
                 entry = (h, None, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
-            elif not layer.extended:
+            elif not layer.has_epilogue:
                 z = xp.empty_like(a) if ops.needs_z(layer.code) else a
                 k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
                 entry = (h, z, a, a, None)
@@ -580,8 +592,8 @@ class Sequential:
         da = ops.as_array(dy, "dy", self.dtype, shape=out_shape, xp=xp)
         if da is dy:
             da = da.copy()          # the pass below works in place on da
-        if self.extended:
-            return self._backward_extended(da, accumulate, input_grad)
+        if self.has_epilogue:
+            return self._backward_epilogue(da, accumulate, input_grad)
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, a) = self.layers[i], self._cache[i]
             need_dx = i > 0 or input_grad
@@ -594,7 +606,7 @@ class Sequential:
             da = dx
         return da if input_grad else None
 
-    def _backward_extended(self, da, accumulate, input_grad):
+    def _backward_epilogue(self, da, accumulate, input_grad):
         blocks, norm, wnorm = self._backend.toolkit_kernels([layer.code for layer in self.layers])
         k, xp = self._kernels(), self._xp
         for i in range(len(self.layers) - 1, -1, -1):
@@ -676,7 +688,7 @@ class Sequential:
         through one changes the model.
         """
         for i, layer in enumerate(self.layers):
-            for name, arr in _layer_parameters(layer):
+            for name, arr, _ in _layer_parameters(layer):
                 yield f"layers.{i}.{name}", arr
 
     def parameters(self):
@@ -696,15 +708,15 @@ class Sequential:
                 {"params": model.weights(), "weight_decay": 0.1},
                 {"params": model.biases_and_norms(), "weight_decay": 0.0}])
         """
-        return [arr for name, arr in self.named_parameters()
-                if name.rsplit(".", 1)[1] in ("W", "v")]
+        return [arr for layer in self.layers for _, arr, weight in _layer_parameters(layer)
+                if weight]
 
     def biases_and_norms(self):
         """Every parameter :meth:`weights` leaves out, as a list of views:
         biases ``b``, normalisation gains and shifts ``gamma``/``beta``, and
         the magnitudes ``g`` of weight-normalised layers."""
-        return [arr for name, arr in self.named_parameters()
-                if name.rsplit(".", 1)[1] not in ("W", "v")]
+        return [arr for layer in self.layers for _, arr, weight in _layer_parameters(layer)
+                if not weight]
 
     def named_buffers(self):
         """Yield ``(name, view)`` for the state that is not a parameter: the
@@ -712,9 +724,8 @@ class Sequential:
         ``layers.{i}.running_var`` (float64, views into ``model.running_mean``
         / ``model.running_var``)."""
         for i, layer in enumerate(self.layers):
-            if layer.norm == "batch":
-                yield f"layers.{i}.running_mean", layer.running_mean
-                yield f"layers.{i}.running_var", layer.running_var
+            for buf in epilogue.layer_buffers(layer):
+                yield f"layers.{i}.{buf.name}", getattr(layer, buf.name)
 
     def state_dict(self):
         """The model's state as a plain ``dict`` of arrays, name -> array.

@@ -1570,6 +1570,36 @@ class Optimizer:
         hp[:, _k.HP_END] = self._seg_ends
         return lr
 
+    def _fill_updates(self, rows, lrs, k0):
+        """Fill ``rows[r]`` for update ``k0 + r`` as :meth:`_fill_update`
+        does, and ``lrs[r]`` with its learning rate, for every row.
+
+        For a compiled epoch, which takes a row per step: with one group the
+        first row is filled in full and the others copy it, rewriting only
+        what changes with the update count (lr, the rule's per-update terms,
+        the update index) -- the same values at a third of the cost.
+        """
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if self._seg_group is not None:
+            for r in range(n):
+                lrs[r] = self._fill_update(rows[r], k0 + r)
+            return
+        lrs[0] = self._fill_row(rows[0], k0)
+        rows[1:] = rows[0]
+        v = self._merged(self._groups[0].values, self._values)
+        for r in range(1, n):
+            k = k0 + r
+            lr = self._group_lr(0, k)
+            if not (lr >= 0.0 and math.isfinite(lr)):
+                raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
+            row = rows[r]
+            row[_k.HP_LR] = lr
+            _spec.fill_hp_per_update(self.rule, row, v, k + 1)
+            row[_k.HP_UPDATE] = k
+            lrs[r] = lr
+
     def _kernel_args(self):
         """``(rule, s0, s1, s2, hp)`` for the next update ``k = step_count``:
         the arguments every update and step kernel takes after the buffers.

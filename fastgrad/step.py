@@ -742,8 +742,7 @@ class TrainStep:
         if rows is None or rows.shape[0] < n or rows.shape[1:] != opt._hp.shape:
             rows = self._rows = np.zeros((max(n, 16),) + opt._hp.shape, np.float64)
             self._row_lr = np.zeros(rows.shape[0])
-        for r in range(n):
-            self._row_lr[r] = opt._fill_update(rows[r], k0 + r)
+        opt._fill_updates(rows[:n], self._row_lr[:n], k0)
         return rows, self._row_lr
 
     def _epoch(self, X, Y, labels, target, order, batch_size, drop_last, callback):

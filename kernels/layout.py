@@ -1,4 +1,4 @@
-"""Where a layer's parameters lie in a model's flat buffers: the one place.
+"""Where a layer's parameters lie in a model's flat buffers: the kernels' copy.
 
 Layer ``l`` of a model owns ``params[offsets[l]:offsets[l + 1]]`` (and the
 same slice of ``grads``), in this order:
@@ -9,9 +9,13 @@ same slice of ``grads``), in this order:
     beta   n_out        with a batch or layer norm
     g      n_out        with weight norm (the per-column magnitude)
 
-The functions are integer arithmetic alone, so the Python layers and
-checkpoints call them as they are, the Numba kernels inline them
-(``kernels/cpu/step*.py``) and the CUDA step calls them on the host.
+The epilogue pieces that own gamma, beta (norm) and g (weight norm) declare
+their slots in ``fastgrad/epilogue.py``, from which the layers and the
+checkpoints place them (``param_slots``); ``tests/test_epilogue.py`` checks
+that these functions give the same offsets for every combination.  They are
+integer arithmetic alone, so the Numba kernels inline them
+(``kernels/cpu/step*.py``) and the CUDA step calls them on the host;
+``kernels/`` never imports ``fastgrad``, hence the copy.
 """
 
 

@@ -233,12 +233,12 @@ def rule_state(rule, values):
                  if s.when is None or values[s.when])
 
 
-def _hp_filler(row):
+def _hp_filler(row, per_update_only=False):
     # Straight-line code per rule, generated once: a CUDA optimizer fills up
     # to 17 rows per step on the host, so this is in the step's critical path
     # (a loop over the row's fields costs twice the hand-written assignments).
     body, env = [], {}
-    for h in row.hyper:
+    for h in () if per_update_only else row.hyper:
         if len(h.slots) == 1:
             body.append(f"hp[{h.slots[0]}] = float(values[{h.name!r}])")
         else:
@@ -252,6 +252,7 @@ def _hp_filler(row):
 
 
 _HP_FILLERS = tuple(_hp_filler(r) for r in UPDATE_RULES)
+_HP_PER_UPDATE_FILLERS = tuple(_hp_filler(r, per_update_only=True) for r in UPDATE_RULES)
 
 
 def fill_hp(rule, hp, values, t):
@@ -260,6 +261,13 @@ def fill_hp(rule, hp, values, t):
     the other slots -- lr, maximize, update index, segment end -- are the
     caller's)."""
     _HP_FILLERS[rule](hp, values, t)
+
+
+def fill_hp_per_update(rule, hp, values, t):
+    """Rewrite only the slots of ``hp`` that :func:`fill_hp` derives from
+    the update count ``t`` (e.g. Adam's bias corrections): the rest of a row
+    filled for another count under the same ``values`` stays right."""
+    _HP_PER_UPDATE_FILLERS[rule](hp, values, t)
 
 
 def check_rule_values(rule, values):

@@ -117,6 +117,13 @@ def cp():
 
 
 @pytest.fixture
+def cuda_be(cp):
+    """fastgrad's CUDA backend (needs ``cp``): tests reach device arrays
+    through its ``to_device`` / ``to_host`` / ``alloc``, not CuPy at large."""
+    return fastgrad.backend.backend_for("cuda")
+
+
+@pytest.fixture
 def kc(cp):
     """fastgrad.kernels.cuda (needs ``cp``)."""
     import fastgrad.kernels.cuda as kcuda
@@ -133,10 +140,7 @@ def to_numpy(a):
     """A NumPy copy/view of a NumPy or CuPy array (None stays None)."""
     if a is None:
         return None
-    if fg_device.device_of(a) == "cuda":
-        import cupy
-        return cupy.asnumpy(a)
-    return np.asarray(a)
+    return fastgrad.backend.backend_of(a).to_host(a)
 
 
 def rtol_of(dtype):

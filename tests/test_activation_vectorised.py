@@ -1,5 +1,6 @@
 """Every activation's float32 and float64 passes compile to vector code
-(float64: all but the exact gelu, whose erfc is libm's).
+(float64: all but the exact gelu, whose erfc is libm's), and so do the
+elementwise loops of the loss kernels.
 
 The fused passes are fast only if LLVM vectorises their loops: a scalar
 libm call or a construct the loop vectoriser gives up on turns a pass that
@@ -143,3 +144,61 @@ def test_a_scalar_activation_is_caught():
     for name, ir in loops.items():
         with pytest.raises(AssertionError, match="calls|not .*vectorised"):
             _assert_vectorised({name: ir}, "scalar_gelu")
+
+
+# --- losses -----------------------------------------------------------------------------------
+# A loss kernel sums its float64 terms in element order (a scalar loop, by
+# design: the sum must not depend on the vector width); its elementwise work
+# (exp, log1p, the gradient) runs in loops of its own that must vectorise.
+# The test: no scalar exp / log1p call is left, and the vector loops hold at
+# least the exp polynomial's worth of float operations.
+
+def _loss_ir(kernel, dtype):
+    from fastgrad.kernels.cpu import losses
+    f = njit(error_model="numpy")(getattr(losses, kernel).py_func)
+    x = np.ones((3, 5), dtype)
+    if kernel.startswith("softmax_cross_entropy"):
+        labels = np.zeros(3, np.int64)
+        args = ((x, labels, x.copy()) if kernel == "softmax_cross_entropy" else
+                (x, labels, np.ones(5), -100, 0.1, losses.MEAN, x.copy(), np.zeros(3)))
+    else:
+        args = ((x, x, x.copy()) if kernel == "bce_with_logits" else
+                (x, x, np.ones(5), losses.MEAN, x.copy(), np.zeros((3, 5))))
+    f(*args)
+    (ir,) = f.inspect_llvm().values()
+    return ir
+
+
+def _assert_loss_vectorised(ir, label, dtype):
+    _, vector, calls = _float_ops(ir, _MIN_LANES[dtype])
+    scalar_math = [c for c in calls if re.search(r"exp|log1p", c)]
+    assert not scalar_math, f"{label}: scalar {scalar_math} calls left in the loss"
+    assert vector >= 15, f"{label}: only {vector} vector float ops: the elementwise loops are scalar"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kernel", ["softmax_cross_entropy", "bce_with_logits",
+                                    "softmax_cross_entropy_ex", "bce_with_logits_ex"])
+def test_loss_elementwise_loops_vectorise(kernel, dtype):
+    _assert_loss_vectorised(_loss_ir(kernel, dtype), kernel, dtype)
+
+
+def test_a_one_pass_loss_is_caught():
+    """The check fails on the one-pass form (exp and the float64 sum in one
+    loop), which LLVM leaves scalar."""
+    from fastgrad.kernels.cpu import mathfn
+
+    @njit(error_model="numpy")
+    def one_pass_bce(x, t, g):
+        total = 0.0
+        for i in range(x.size):
+            e = mathfn.exp(-abs(x[i]))
+            total += np.float64(max(x[i], np.float32(0)) - x[i] * t[i] + mathfn.log1p(e))
+            g[i] = np.float32(1) / (np.float32(1) + e) - t[i]
+        return total
+
+    x = np.ones(7, np.float32)
+    one_pass_bce(x, x, x.copy())
+    (ir,) = one_pass_bce.inspect_llvm().values()
+    with pytest.raises(AssertionError, match="vector float ops"):
+        _assert_loss_vectorised(ir, "one_pass_bce", np.float32)

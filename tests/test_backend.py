@@ -174,3 +174,39 @@ def test_the_scan_finds_a_device_test(tmp_path):
     p = tmp_path / "m.py"
     p.write_text('def f(m):\n    return 1 if m.device == "cuda" else 0\n')
     assert _device_string_tests(p) == [2]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_array_helpers_round_trip(device, rng, dtype):
+    """to_device / to_host / alloc: the same names on every backend, the
+    array on the backend's device, values and dtype kept, C-contiguous."""
+    be = fb.backend_for(device)
+    host = (rng.standard_normal((7, 5)) * 100).astype(dtype)
+    dev = be.to_device(host[:, ::2])                     # a strided host view
+    assert fg_device.device_of(dev) == device and be.is_array(dev)
+    assert dev.flags.c_contiguous and dev.dtype == dtype and dev.shape == (7, 3)
+    back = be.to_host(dev)
+    assert isinstance(back, np.ndarray) and back.dtype == dtype
+    np.testing.assert_array_equal(back, host[:, ::2])
+    assert be.to_device(dev) is dev                      # already there: no copy
+    converted = be.to_device(host, dtype=np.float64)
+    assert converted.dtype == np.float64
+    np.testing.assert_array_equal(be.to_host(converted), host.astype(np.float64))
+    np.testing.assert_array_equal(be.to_host(be.to_device([1.5, -2.0])), [1.5, -2.0])
+    full = be.alloc((3, 4), dtype, fill=7)
+    assert fg_device.device_of(full) == device and full.dtype == dtype
+    np.testing.assert_array_equal(be.to_host(full), np.full((3, 4), 7, dtype))
+    empty = be.alloc(11, dtype)
+    assert empty.shape == (11,) and empty.dtype == dtype and be.is_array(empty)
+    with pytest.raises(TypeError, match="scalar"):
+        be.alloc(3, dtype, fill=np.ones(3))
+
+
+@pytest.mark.cuda
+def test_cpu_array_helpers_refuse_cuda_arrays(cp):
+    be = fb.backend_for("cpu")
+    dev = cp.zeros(3)
+    with pytest.raises(TypeError, match="CUDA array"):
+        be.to_device(dev)
+    with pytest.raises(TypeError, match="CUDA array"):
+        be.to_host(dev)

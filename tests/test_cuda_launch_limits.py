@@ -40,7 +40,7 @@ GRAD_SHAPES = [(453, 37, 3), (129, 5, 2), (385, 1, 3), (64 * 4, 33, 2)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("rows,cols,max_y", GRAD_SHAPES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_bias_act_grad_strides_over_row_blocks(cp, kc, mod, rng, monkeypatch, activation,
+def test_bias_act_grad_strides_over_row_blocks(cuda_be, kc, mod, rng, monkeypatch, activation,
                                                rows, cols, max_y, dtype, with_db):
     code = CODES[activation]
     alpha = ops.resolve_activation(activation)[1]
@@ -48,11 +48,11 @@ def test_bias_act_grad_strides_over_row_blocks(cp, kc, mod, rng, monkeypatch, ac
     a = reference.activation(z, activation, alpha).astype(dtype)
     da = rng.standard_normal((rows, cols)).astype(dtype)
     dz_ref = da.astype(np.float64) * reference.activation_grad(z, activation, alpha)
-    zg, ag, dag = cp.asarray(z), cp.asarray(a), cp.asarray(da)
+    zg, ag, dag = cuda_be.to_device(z), cuda_be.to_device(a), cuda_be.to_device(da)
 
     def run():
-        dz = cp.full((rows, cols), np.nan, dtype)
-        db = cp.full(cols, np.nan, dtype) if with_db else None
+        dz = cuda_be.alloc((rows, cols), dtype, fill=np.nan)
+        db = cuda_be.alloc(cols, dtype, fill=np.nan) if with_db else None
         kc.bias_act_grad(dag, ag, zg, dz, db, code, alpha)
         return to_numpy(dz), None if db is None else to_numpy(db)
 
@@ -68,10 +68,10 @@ def test_bias_act_grad_strides_over_row_blocks(cp, kc, mod, rng, monkeypatch, ac
                      what=f"{activation} db vs reference")
         np.testing.assert_array_equal(db, db_full)
     # in place (dz is da), with a caller's partials buffer
-    dai = cp.asarray(da)
-    db2 = cp.empty(cols, dtype) if with_db else None
+    dai = cuda_be.to_device(da)
+    db2 = cuda_be.alloc(cols, dtype) if with_db else None
     shape = kc.activations.grad_partials_shape(rows, cols) if with_db else None
-    work = None if shape is None else cp.full(shape, np.nan, dtype)
+    work = None if shape is None else cuda_be.alloc(shape, dtype, fill=np.nan)
     kc.bias_act_grad(dai, ag, zg, dai, db2, code, alpha, work=work)
     np.testing.assert_array_equal(to_numpy(dai), dz)
     if with_db:
@@ -84,22 +84,22 @@ GEMM_SHAPES = [(327, 19, 65, 3), (129, 1, 3, 2), (200, 33, 17, 2)]    # M, K, N,
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("M,K,N,max_y", GEMM_SHAPES)
-def test_own_gemm_strides_over_row_tiles(cp, mod, rng, monkeypatch, M, K, N, max_y, dtype):
+def test_own_gemm_strides_over_row_tiles(cuda_be, mod, rng, monkeypatch, M, K, N, max_y, dtype):
     """a @ b, a.T @ b and a @ b.T with more 64-row tiles than grid y allows."""
     from fastgrad.kernels.cuda.gemm import gemm
     a = rng.standard_normal((M, K)).astype(dtype)
     b = rng.standard_normal((K, N)).astype(dtype)
     ref = a.astype(np.float64) @ b.astype(np.float64)
     tol = 1e-5 if dtype == np.float32 else 1e-13
-    cases = {"a @ b": (cp.asarray(a), cp.asarray(b)),
-             "a.T @ b": (cp.asarray(a.T.copy()).T, cp.asarray(b)),
-             "a @ b.T": (cp.asarray(a), cp.asarray(b.T.copy()).T)}
+    cases = {"a @ b": (cuda_be.to_device(a), cuda_be.to_device(b)),
+             "a.T @ b": (cuda_be.to_device(a.T.copy()).T, cuda_be.to_device(b)),
+             "a @ b.T": (cuda_be.to_device(a), cuda_be.to_device(b.T.copy()).T)}
     full = {}
     for what, (ad, bd) in cases.items():
-        full[what] = to_numpy(gemm(ad, bd, cp.full((M, N), np.nan, dtype)))
+        full[what] = to_numpy(gemm(ad, bd, cuda_be.alloc((M, N), dtype, fill=np.nan)))
     monkeypatch.setattr(mod, "MAX_GRID_Y", max_y)
     for what, (ad, bd) in cases.items():
-        out = to_numpy(gemm(ad, bd, cp.full((M, N), np.nan, dtype)))
+        out = to_numpy(gemm(ad, bd, cuda_be.alloc((M, N), dtype, fill=np.nan)))
         np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * np.sqrt(K) * 4, err_msg=what)
         np.testing.assert_array_equal(out, full[what], err_msg=what)
 
@@ -134,7 +134,7 @@ BAD_LAUNCHES = [
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("grid,block,message", BAD_LAUNCHES)
-def test_launch_check_refuses_before_launching(cp, mod, grid, block, message):
+def test_launch_check_refuses_before_launching(cuda_be, mod, grid, block, message):
     spy = _Spy()
     k = mod.CheckedKernel(spy, "fg_spy<float, 1>")
     with pytest.raises(ValueError, match=message) as info:
@@ -144,7 +144,7 @@ def test_launch_check_refuses_before_launching(cp, mod, grid, block, message):
 
 
 @pytest.mark.cuda
-def test_launch_check_passes_the_limits_themselves(cp, mod):
+def test_launch_check_passes_the_limits_themselves(cuda_be, mod):
     spy = _Spy()
     k = mod.CheckedKernel(spy, "fg_spy")
     ok = [((2**31 - 1, 65535, 65535), (1024,)), ((1,), (1, 1024)), ((1,), (16, 1, 64)),
@@ -160,7 +160,7 @@ def test_launch_check_passes_the_limits_themselves(cp, mod):
 
 
 @pytest.mark.cuda
-def test_every_loaded_kernel_is_checked(cp, mod):
+def test_every_loaded_kernel_is_checked(cuda_be, mod):
     """kernel() hands out checked kernels: an oversized grid of a real
     kernel raises the clear error (the arguments are never looked at)."""
     k = mod.kernel("activations.cu", "fg_colsum<float>")
@@ -170,7 +170,7 @@ def test_every_loaded_kernel_is_checked(cp, mod):
 
 
 @pytest.mark.cuda
-def test_grids_growing_with_rows_elsewhere_fail_clearly(cp, mod, monkeypatch):
+def test_grids_growing_with_rows_elsewhere_fail_clearly(cuda_be, mod, monkeypatch):
     """The kernels that are not grid-stride in y refuse clearly past the
     limit: the column-sum passes (col_grid) and the per-layer norm (one
     row of blocks per layer)."""
@@ -178,14 +178,14 @@ def test_grids_growing_with_rows_elsewhere_fail_clearly(cp, mod, monkeypatch):
     monkeypatch.setattr(mod, "MAX_GRID_Y", 2)
     with pytest.raises(ValueError, match="column sums over 129 rows: at most 128 supported"):
         blocks.col_partials_size(129, 5)
-    g = cp.ones(10, np.float32)
+    g = cuda_be.alloc(10, np.float32, fill=1)
     offsets = np.array([0, 2, 4, 6, 10], np.int64)          # 4 layers on grid y
     with pytest.raises(ValueError, match=r"fg_seg_sumsq_partial<float>.*grid y .* got 4"):
-        reduce.layer_sumsq(g, offsets, cp.empty(4, np.float64))
+        reduce.layer_sumsq(g, offsets, cuda_be.alloc(4, np.float64))
 
 
 @pytest.mark.cuda
-def test_wrappers_cap_grid_y_at_the_real_limit(cp, kc, mod, monkeypatch):
+def test_wrappers_cap_grid_y_at_the_real_limit(cuda_be, kc, mod, monkeypatch):
     """Shapes past 65535 row blocks (4194305 rows): the launches the
     wrappers ask for stay inside CUDA's limits (recorded, not run: the
     emulator would take hours over 65535 blocks)."""
@@ -193,15 +193,16 @@ def test_wrappers_cap_grid_y_at_the_real_limit(cp, kc, mod, monkeypatch):
     spy = _Spy()
     monkeypatch.setattr(mod, "kernel", lambda filename, name: mod.CheckedKernel(spy, name))
     rows = 65535 * 64 + 1
-    x = cp.zeros((rows, 1), np.float32)
-    kc.bias_act_grad(x, x, x, x, cp.zeros(1, np.float32), CODES["relu"], 0.0)
-    gemm(x, cp.zeros((1, 3), np.float32), cp.zeros((rows, 3), np.float32))
+    x = cuda_be.alloc((rows, 1), np.float32, fill=0)
+    kc.bias_act_grad(x, x, x, x, cuda_be.alloc(1, np.float32, fill=0), CODES["relu"], 0.0)
+    gemm(x, cuda_be.alloc((1, 3), np.float32, fill=0),
+         cuda_be.alloc((rows, 3), np.float32, fill=0))
     grids = [g for g, _, _, _ in spy.launches]
     assert grids == [(1, 65535), (1,), (1, 65535)]       # grad, its column sums, GEMM
 
 
 @pytest.mark.cuda
-def test_checked_kernel_copies(cp, mod):
+def test_checked_kernel_copies(cuda_be, mod):
     import copy
     k = mod.CheckedKernel(_Spy(), "fg_spy")
     k2 = copy.copy(k)

@@ -71,7 +71,7 @@ def _same_stats(sg, sc, t):
 
 @pytest.mark.parametrize("labels_on_device", [False, True])
 @pytest.mark.parametrize("lag", [12, 80])
-def test_skips_in_flight_match_cpu_without_a_sync(cp, rng, lagging, monkeypatch, lag,
+def test_skips_in_flight_match_cpu_without_a_sync(cuda_be, rng, lagging, monkeypatch, lag,
                                                   labels_on_device):
     """Adam (bias corrections) + warmup-cosine schedule + clipping, NaN
     batches at updates 3, 4 and 17: the device picks the right learning rate
@@ -82,7 +82,7 @@ def test_skips_in_flight_match_cpu_without_a_sync(cp, rng, lagging, monkeypatch,
         lagging = lambda: None          # noqa: E731  (waits expected: the rings are full)
     cpu, gpu = _pair(lr=warmup_cosine(3e-2, warmup_steps=5, decay_steps=30), clip_norm=0.5)
     data = _batches(rng, 30, bad={3, 4, 17})
-    dev_data = [(cp.asarray(x), cp.asarray(y)) for x, y in data]
+    dev_data = [(cuda_be.to_device(x), cuda_be.to_device(y)) for x, y in data]
     syncs0 = lagging()
     losses, stats = [], []
     for (x, y), (xd, yd) in zip(data, dev_data):
@@ -91,7 +91,7 @@ def test_skips_in_flight_match_cpu_without_a_sync(cp, rng, lagging, monkeypatch,
     if syncs0 is not None:
         assert lagging() == syncs0, "a CUDA training step waited for the device"
         assert not stats[-1].ready        # the emulated device is still ~10 steps behind
-    assert isinstance(losses[0], cp.ndarray) and losses[0].shape == ()
+    assert cuda_be.is_array(losses[0]) and losses[0].shape == ()
     for t, (x, y) in enumerate(data):
         lc = cpu(x, y)
         _same_stats(stats[t], cpu.stats, t)
@@ -108,7 +108,7 @@ def test_skips_in_flight_match_cpu_without_a_sync(cp, rng, lagging, monkeypatch,
 
 
 @pytest.mark.parametrize("rule", [fg.SGD, fg.RMSprop, fg.AdamW])
-def test_layer_path_step_stats_match_cpu(cp, rng, lagging, rule):
+def test_layer_path_step_stats_match_cpu(cuda_be, rng, lagging, rule):
     """opt.step() after model.backward on CUDA: the same lazy StepStats
     (SGD's first-update flag and every rule's step count on the device)."""
     kw = {"momentum": 0.9} if rule is not fg.AdamW else {}
@@ -132,7 +132,7 @@ def test_layer_path_step_stats_match_cpu(cp, rng, lagging, rule):
                  what="params")
 
 
-def test_bad_device_labels_skip_and_raise_when_read(cp, rng, lagging):
+def test_bad_device_labels_skip_and_raise_when_read(cuda_be, rng, lagging):
     """Device labels are range-checked by the loss kernel, not read back:
     the update is skipped on the device and ValueError comes when the step's
     record is read; parameters, moments and the step count stay as they were."""
@@ -143,7 +143,7 @@ def test_bad_device_labels_skip_and_raise_when_read(cp, rng, lagging):
     moments = {k: to_numpy(v).copy() for k, v in gpu.opt.state.items()}
     bad = y.copy()
     bad[7] = SIZES[-1]
-    gpu(cp.asarray(x), cp.asarray(bad))
+    gpu(cuda_be.to_device(x), cuda_be.to_device(bad))
     with pytest.raises(ValueError, match="class index outside"):
         gpu.stats.grad_norm
     st = gpu.stats
@@ -159,7 +159,7 @@ def test_bad_device_labels_skip_and_raise_when_read(cp, rng, lagging):
         gpu(x, bad)
 
 
-def test_raise_mode_raises_at_the_failing_call(cp, rng, lagging):
+def test_raise_mode_raises_at_the_failing_call(cuda_be, rng, lagging):
     _, gpu = _pair(lr=1e-2, skip_nonfinite=False)
     data = _batches(rng, 3, bad={1})
     gpu(*data[0])
@@ -171,7 +171,7 @@ def test_raise_mode_raises_at_the_failing_call(cp, rng, lagging):
     assert gpu.opt.step_count == 2
 
 
-def test_counters_and_state_dict_in_flight(cp, rng, lagging):
+def test_counters_and_state_dict_in_flight(cuda_be, rng, lagging):
     """Setting step_count or loading a state dict while updates are in
     flight lets them finish first and then moves the device count too:
     resuming gives the same updates as an uninterrupted run."""
@@ -186,7 +186,7 @@ def test_counters_and_state_dict_in_flight(cp, rng, lagging):
     assert sd["step"] == 5 and sd["n_skipped"] == 1 and sd["n_calls"] == 6
     params = to_numpy(run.model.params).copy()
     fresh = fg.MLP(SIZES, activation="tanh", device="cuda", seed=4)
-    fresh.params[...] = cp.asarray(params)
+    fresh.params[...] = cuda_be.to_device(params)
     opt = fg.Adam(fresh, lr=warmup_cosine(3e-2, warmup_steps=4, decay_steps=12))
     opt.load_state_dict(sd)
     resumed = fg.TrainStep(fresh, fg.SoftmaxCrossEntropy(), opt)
@@ -200,7 +200,7 @@ def test_counters_and_state_dict_in_flight(cp, rng, lagging):
     assert run.stats.step == 1 and run.stats.lr == ref.opt.lr_schedule(0)
 
 
-def test_fit_on_cuda_matches_cpu(cp, rng, lagging):
+def test_fit_on_cuda_matches_cpu(cuda_be, rng, lagging):
     X = rng.standard_normal((200, SIZES[0])).astype(np.float32)
     Y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
     hist = []
@@ -212,7 +212,7 @@ def test_fit_on_cuda_matches_cpu(cp, rng, lagging):
                      np.float32, rtol=1e-4, what=key)
 
 
-def test_step_stats_are_read_only(cp, rng, lagging):
+def test_step_stats_are_read_only(cuda_be, rng, lagging):
     _, gpu = _pair()
     gpu(*_batches(rng, 1)[0])
     with pytest.raises(AttributeError):
@@ -223,14 +223,14 @@ def test_step_stats_are_read_only(cp, rng, lagging):
     assert pickle.loads(pickle.dumps(gpu.stats)) == gpu.stats     # a pending one too
 
 
-def test_fit_on_a_dataset_on_the_gpu(cp, rng, lagging):
+def test_fit_on_a_dataset_on_the_gpu(cuda_be, rng, lagging):
     """fit with CuPy X, Y gathers batches on the device: the same history
     and parameters as fit with the NumPy dataset, and no wait inside an
     epoch (records are read once, at its end)."""
     X = rng.standard_normal((150, SIZES[0])).astype(np.float32)
     Y = rng.integers(0, SIZES[-1], 150)
     runs = []
-    for data in ((X, Y), (cp.asarray(X), cp.asarray(Y))):
+    for data in ((X, Y), (cuda_be.to_device(X), cuda_be.to_device(Y))):
         step = _pair(lr=1e-2, clip_norm=1.0)[1]
         syncs = []
 
@@ -244,10 +244,10 @@ def test_fit_on_a_dataset_on_the_gpu(cp, rng, lagging):
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
     cpu = fg.MLP(SIZES, device="cpu")
     with pytest.raises(TypeError, match="CUDA array but the model is on cpu"):
-        fg.fit(fg.TrainStep(cpu, fg.SoftmaxCrossEntropy(), fg.Adam(cpu)), cp.asarray(X), Y)
+        fg.fit(fg.TrainStep(cpu, fg.SoftmaxCrossEntropy(), fg.Adam(cpu)), cuda_be.to_device(X), Y)
 
 
-def test_gpu_targets_script_runs(cp, tmp_path):
+def test_gpu_targets_script_runs(cuda_be, tmp_path):
     """bench/gpu_targets.py (the first GPU session's measurements) runs its
     miniature sizes end to end and writes every section."""
     import importlib.util
@@ -263,7 +263,7 @@ def test_gpu_targets_script_runs(cp, tmp_path):
     assert res["forward"][0]["rel_error_vs_float64"] < 1e-5
 
 
-def test_cuda_graph_step_matches_cpu(cp, rng, lagging):
+def test_cuda_graph_step_matches_cpu(cuda_be, rng, lagging):
     """TrainStep(cuda_graph=True): captured on its second call (fastgrad's
     own GEMM), replayed afterwards with each step's hp row chosen on the
     device -- the same stats and parameters as the CPU, skips in flight
@@ -296,7 +296,7 @@ def test_cuda_graph_step_matches_cpu(cp, rng, lagging):
 
 
 @pytest.mark.parametrize("loss", ["mse", "bce"])
-def test_cuda_graph_regression_losses(cp, rng, lagging, loss):
+def test_cuda_graph_regression_losses(cuda_be, rng, lagging, loss):
     """cuda_graph=True with target losses, targets on the host and on the
     device: the eager CUDA step's numbers (different GEMM, so to rounding)."""
     loss_fn = fg.MSE() if loss == "mse" else fg.BCEWithLogits()
@@ -309,7 +309,7 @@ def test_cuda_graph_regression_losses(cp, rng, lagging, loss):
         x = rng.standard_normal((16, SIZES[0])).astype(np.float32)
         y = rng.uniform(0, 1, (16, SIZES[-1])).astype(np.float32)
         if t % 2:
-            x, y = cp.asarray(x), cp.asarray(y)
+            x, y = cuda_be.to_device(x), cuda_be.to_device(y)
         le, lg = (float(s(x, y)) for s in steps)
         assert_close(lg, le, np.float32, rtol=1e-4, what=f"loss {t}")
         _same_stats(steps[1].stats, steps[0].stats, t)
@@ -319,7 +319,7 @@ def test_cuda_graph_regression_losses(cp, rng, lagging, loss):
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
-def test_toolkit_model_steps_without_a_sync(cp, rng, lagging, cuda_graph):
+def test_toolkit_model_steps_without_a_sync(cuda_be, rng, lagging, cuda_graph):
     """A model with every toolkit feature (batch norm, dropout, residual
     blocks, weight norm) runs the fused CUDA step: no wait for the device
     per step (no loss read-back; the skip decision settles the dropout step
@@ -363,15 +363,17 @@ def test_toolkit_model_steps_without_a_sync(cp, rng, lagging, cuda_graph):
                  what="running mean")
 
 
-def test_unknown_loss_code_raises(cp):
+def test_unknown_loss_code_raises(cuda_be):
     """The CUDA step's loss dispatch (shared by the plain and toolkit steps)
     refuses a code it does not know instead of running some loss."""
     from fastgrad.kernels.cuda import step as kstep
     from fastgrad.kernels.spec import LOSS_CODES
     ws = kstep.Workspace(4, np.array([3, 5]), np.array([0, 20]), LOSS_CODES["mse"], np.float32)
-    h = cp.zeros((4, 5), np.float32)
+    h = cuda_be.alloc((4, 5), np.float32, fill=0)
     with pytest.raises(ValueError, match="unknown loss code 7"):
-        kstep.loss_and_grad(7, h, cp.zeros(4, np.int64), h, cp.empty_like(h), ws)
-    loss = kstep.loss_and_grad(LOSS_CODES["mse"], h, None, cp.ones((4, 5), np.float32),
-                               cp.empty_like(h), ws)
+        kstep.loss_and_grad(7, h, cuda_be.alloc(4, np.int64, fill=0), h,
+                            cuda_be.alloc(h.shape, h.dtype), ws)
+    loss = kstep.loss_and_grad(LOSS_CODES["mse"], h, None,
+                               cuda_be.alloc((4, 5), np.float32, fill=1),
+                               cuda_be.alloc(h.shape, h.dtype), ws)
     assert float(loss[0]) == 1.0          # ws.loss: a 1-element view of the step record

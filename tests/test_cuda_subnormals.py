@@ -107,9 +107,10 @@ def _cpu_backward(da, a, z, code, alpha):
     return dz, db
 
 
-def _gpu_backward(cp, kc, da, a, z, code, alpha):
-    dz, db = cp.empty(da.shape, da.dtype), cp.empty(da.shape[1], da.dtype)
-    kc.bias_act_grad(cp.asarray(da), cp.asarray(a), cp.asarray(z), dz, db, code, alpha)
+def _gpu_backward(cuda_be, kc, da, a, z, code, alpha):
+    dz, db = cuda_be.alloc(da.shape, da.dtype), cuda_be.alloc(da.shape[1], da.dtype)
+    dev = cuda_be.to_device
+    kc.bias_act_grad(dev(da), dev(a), dev(z), dz, db, code, alpha)
     return to_numpy(dz), to_numpy(db)
 
 
@@ -118,7 +119,7 @@ def _gpu_backward(cp, kc, da, a, z, code, alpha):
 def _forward_atol(z, activation, alpha):
     """Per-element bound of |GPU - CPU| for f(z) in float32: TINY where the
     flush acts (z or the exact f(z) subnormal), else the usual agreement of
-    the two float32 libms (test_cuda.py: 1e-5 times max(1, |z|))."""
+    the two float32 libms (conftest.RTOL: 1e-5 times max(1, |z|))."""
     exact = np.abs(reference.activation(z, activation, alpha))
     z = np.abs(np.asarray(z, np.float64))
     return np.where((z < TINY) | (exact < TINY), TINY, rtol_of(np.float32) * np.maximum(1.0, z))
@@ -126,15 +127,15 @@ def _forward_atol(z, activation, alpha):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float32_forward_flushes_within_tiny(cp, kc, rng, activation):
+def test_float32_forward_flushes_within_tiny(cuda_be, kc, rng, activation):
     """f(z) on the GPU vs the CPU, z in and around the subnormal range: within
     TINY (plus 1e-5 relative) wherever z or the CPU's f(z) is subnormal,
     the usual float32 agreement elsewhere; the same against the CPU on
     flushed z; never a subnormal result."""
     code, alpha = CODES[activation], ops.resolve_activation(activation)[1]
     z = _pre_activations(rng, (13, 97))
-    out = cp.empty(z.shape, np.float32)
-    kc.activation_forward(cp.asarray(z), out, code, alpha)
+    out = cuda_be.alloc(z.shape, np.float32)
+    kc.activation_forward(cuda_be.to_device(z), out, code, alpha)
     rtol = rtol_of(np.float32)
     atol = _forward_atol(z, activation, alpha)
     assert_within(out, _cpu_forward(z, code, alpha), atol, rtol, f"{activation} vs CPU")
@@ -143,8 +144,8 @@ def test_float32_forward_flushes_within_tiny(cp, kc, rng, activation):
     assert_no_subnormal(out, activation)
     # bias_act adds a subnormal bias first: z + b is flushed, then f
     b = subnormal32(rng, z.shape[1])
-    zg = cp.asarray(z)
-    kc.bias_act(zg, cp.asarray(b), out, code, alpha)
+    zg = cuda_be.to_device(z)
+    kc.bias_act(zg, cuda_be.to_device(b), out, code, alpha)
     zc, ac = z.copy(), np.empty_like(z)
     cpu_act.bias_act(zc, b, ac, code, alpha)
     assert_within(zg, zc, 2 * TINY, 0.0, f"{activation}: z + b")
@@ -157,7 +158,7 @@ def test_float32_forward_flushes_within_tiny(cp, kc, rng, activation):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float32_backward_subnormal_gradients(cp, kc, rng, activation):
+def test_float32_backward_subnormal_gradients(cuda_be, kc, rng, activation):
     """Subnormal upstream gradients da through ordinary a, z: dz within
     TINY * max(1, |f'|) of the CPU's (|f'| <= 1.13, gelu), db within that
     per summed row.  Element by element dz is the CPU's on the flushed da
@@ -168,7 +169,7 @@ def test_float32_backward_subnormal_gradients(cp, kc, rng, activation):
     z = (rng.standard_normal((rows, cols)) * 3).astype(np.float32)
     a = _cpu_forward(z, code, alpha)
     da = subnormal32(rng, rows * cols).reshape(rows, cols)
-    dz, db = _gpu_backward(cp, kc, da, a, z, code, alpha)
+    dz, db = _gpu_backward(cuda_be, kc, da, a, z, code, alpha)
     dz_c, db_c = _cpu_backward(da, a, z, code, alpha)
     slope = np.maximum(1.0, np.abs(reference.activation_grad(z, activation, alpha)))
     assert_within(dz, dz_c, TINY * slope, 0.0, f"{activation} dz vs CPU")
@@ -180,7 +181,7 @@ def test_float32_backward_subnormal_gradients(cp, kc, rng, activation):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float32_backward_subnormal_outputs(cp, kc, rng, activation):
+def test_float32_backward_subnormal_outputs(cuda_be, kc, rng, activation):
     """Subnormal forward outputs a (and z for gelu) with ordinary da: the GPU
     computes the CPU's derivative at the flushed a, z -- for relu,
     leaky_relu and elu the branch of a == 0, which the CPU on raw subnormal
@@ -189,10 +190,10 @@ def test_float32_backward_subnormal_outputs(cp, kc, rng, activation):
     z = _pre_activations(rng, (64 * 2 + 3, 29))
     a = _cpu_forward(z, code, alpha)                 # the CPU's own, subnormals kept
     da = rng.standard_normal(z.shape).astype(np.float32)
-    dz, db = _gpu_backward(cp, kc, da, a, z, code, alpha)
+    dz, db = _gpu_backward(cuda_be, kc, da, a, z, code, alpha)
     dz_f, db_f = _cpu_backward(da, flush(a), flush(z), code, alpha)
     rtol = rtol_of(np.float32)
-    atol = TINY + rtol * np.abs(da) * (1 + np.abs(z))      # test_cuda.py's bound, per element
+    atol = TINY + rtol * np.abs(da) * (1 + np.abs(z))      # the float32 bound, per element
     assert_within(dz, flush(dz_f), atol, rtol, f"{activation} dz vs CPU on flushed a, z")
     db_atol = atol.sum(axis=0)
     assert_within(db, db_f, db_atol, rtol, f"{activation} db vs CPU on flushed a, z")
@@ -212,7 +213,7 @@ class _Flat:
         self.params, self.grads, self.layer_offsets = p, g, offsets
 
 
-def _run_updates(cp, rule, p, grads, cpu_grads, kw):
+def _run_updates(cuda_be, rule, p, grads, cpu_grads, kw):
     """Updates on the GPU with ``grads`` and on the CPU with ``cpu_grads``
     (one per step), from the same ``p``; returns the host copies of (GPU p
     and state, CPU p and state, GPU norms, CPU norms)."""
@@ -222,14 +223,15 @@ def _run_updates(cp, rule, p, grads, cpu_grads, kw):
     # clip_norm far above the norm: the norm path runs and the scale is
     # exactly 1 on both sides, so the updates can be compared bitwise
     opt = _OPT_CLS[rule](flat, clip_norm=1e6, **kw)
-    pg = cp.asarray(p)
-    sg = [cp.asarray(s) for s in opt._kernel_args()[1:4]]
-    lsq = cp.empty(offsets.size - 1, np.float64)
+    pg = cuda_be.to_device(p)
+    sg = [cuda_be.to_device(s) for s in opt._kernel_args()[1:4]]
+    lsq = cuda_be.alloc(offsets.size - 1, np.float64)
     norms_g, norms_c = [], []
     for g_gpu, g_cpu in zip(grads, cpu_grads):
         flat.grads[:] = g_cpu
         rule_code, s0, s1, s2, hp = opt._kernel_args()
-        ng, _, sk = kopt.clipped_update(rule_code, pg, cp.asarray(g_gpu), *sg, hp, offsets, lsq,
+        ng, _, sk = kopt.clipped_update(rule_code, pg, cuda_be.to_device(g_gpu), *sg, hp,
+                                        offsets, lsq,
                                         opt._clip_norm, opt._clip_value)
         norm, scale, skipped = cpu_optim.clipped_update(
             rule_code, flat.params, flat.grads, s0, s1, s2, hp, offsets, opt._layer_sq,
@@ -245,7 +247,7 @@ def _run_updates(cp, rule, p, grads, cpu_grads, kw):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", RULES)
-def test_float32_update_with_subnormal_gradients(cp, rng, rule):
+def test_float32_update_with_subnormal_gradients(cuda_be, rng, rule):
     """Gradients with subnormal elements: the GPU update is bitwise the CPU
     update on the flushed gradients (those elements update as for g = 0)."""
     n = 1000
@@ -256,7 +258,7 @@ def test_float32_update_with_subnormal_gradients(cp, rng, rule):
         idx = rng.choice(n, n // 3, replace=False)
         g[idx] = subnormal32(rng, idx.size)
         grads.append(g)
-    gpu, cpu, ng, nc = _run_updates(cp, rule, p, grads, [flush(g) for g in grads],
+    gpu, cpu, ng, nc = _run_updates(cuda_be, rule, p, grads, [flush(g) for g in grads],
                                     _OPT_KW[rule])
     for got, want, what in zip(gpu, cpu, ("p", "s0", "s1", "s2")):
         np.testing.assert_array_equal(got, want, err_msg=f"{rule} {what}")
@@ -266,7 +268,7 @@ def test_float32_update_with_subnormal_gradients(cp, rng, rule):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", RULES)
-def test_float32_update_with_subnormal_parameters(cp, rng, rule):
+def test_float32_update_with_subnormal_parameters(cuda_be, rng, rule):
     """Parameters with subnormal elements (read as zero by the GPU, also in
     weight decay): within TINY of the CPU's update on the raw parameters."""
     n = 1000
@@ -274,7 +276,7 @@ def test_float32_update_with_subnormal_parameters(cp, rng, rule):
     idx = rng.choice(n, n // 3, replace=False)
     p[idx] = subnormal32(rng, idx.size)
     grads = [rng.standard_normal(n).astype(np.float32) for _ in range(4)]
-    gpu, cpu, ng, nc = _run_updates(cp, rule, p, grads, grads, _OPT_KW_DECAY[rule])
+    gpu, cpu, ng, nc = _run_updates(cuda_be, rule, p, grads, grads, _OPT_KW_DECAY[rule])
     for got, want, what in zip(gpu, cpu, ("p", "s0", "s1", "s2")):
         assert_within(got, want, TINY, 0.0, f"{rule} {what}")
     np.testing.assert_allclose(ng, nc, rtol=1e-13)
@@ -284,7 +286,7 @@ def test_float32_update_with_subnormal_parameters(cp, rng, rule):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", RULES)
-def test_float64_update_keeps_subnormals_bitwise(cp, rng, rule):
+def test_float64_update_keeps_subnormals_bitwise(cuda_be, rng, rule):
     n = 1000
     p = rng.standard_normal(n)
     p[rng.choice(n, n // 3, replace=False)] = subnormal64(rng, n // 3)
@@ -293,7 +295,7 @@ def test_float64_update_keeps_subnormals_bitwise(cp, rng, rule):
         g = rng.standard_normal(n)
         g[rng.choice(n, n // 3, replace=False)] = subnormal64(rng, n // 3)
         grads.append(g)
-    gpu, cpu, ng, nc = _run_updates(cp, rule, p, grads, grads, _OPT_KW_DECAY[rule])
+    gpu, cpu, ng, nc = _run_updates(cuda_be, rule, p, grads, grads, _OPT_KW_DECAY[rule])
     for got, want, what in zip(gpu, cpu, ("p", "s0", "s1", "s2")):
         np.testing.assert_array_equal(got, want, err_msg=f"{rule} {what}")
     np.testing.assert_allclose(ng, nc, rtol=1e-13)
@@ -301,19 +303,19 @@ def test_float64_update_keeps_subnormals_bitwise(cp, rng, rule):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float64_activations_keep_subnormals(cp, kc, rng, activation):
+def test_float64_activations_keep_subnormals(cuda_be, kc, rng, activation):
     """float64 subnormal inputs are not flushed: forward and backward agree
     with the CPU to float64's tolerance relative to each element (a flushed
     result would be 100% off)."""
     code, alpha = CODES[activation], ops.resolve_activation(activation)[1]
     rows, cols = 70, 33
     z = subnormal64(rng, rows * cols).reshape(rows, cols)
-    out = cp.empty(z.shape, np.float64)
-    kc.activation_forward(cp.asarray(z), out, code, alpha)
+    out = cuda_be.alloc(z.shape, np.float64)
+    kc.activation_forward(cuda_be.to_device(z), out, code, alpha)
     a = _cpu_forward(z, code, alpha)
     assert_within(out, a, 0.0, rtol_of(np.float64), f"{activation} forward")
     da = subnormal64(rng, rows * cols).reshape(rows, cols)
-    dz, db = _gpu_backward(cp, kc, da, a, z, code, alpha)
+    dz, db = _gpu_backward(cuda_be, kc, da, a, z, code, alpha)
     dz_c, db_c = _cpu_backward(da, a, z, code, alpha)
     assert_within(dz, dz_c, 0.0, rtol_of(np.float64), f"{activation} dz")
     assert_within(db, db_c, 0.0, 1e-11, f"{activation} db")
@@ -339,19 +341,21 @@ __global__ void fg_probe(const T* x, T* out, double s)
 
 
 @pytest.mark.cuda
-def test_flush_applies_to_float_instantiations_only(cp, rng):
+def test_flush_applies_to_float_instantiations_only(cp, cuda_be, rng):
     """A float32 kernel flushes through its barriers; its double twin keeps
     subnormals; the host's own float32 arithmetic keeps them after the
     launch (the emulator restores the host's floating-point mode)."""
     mod = cp.RawModule(code=_PROBE, options=("--std=c++17",),
                        name_expressions=["fg_probe<float>", "fg_probe<double>"])
     x32 = np.concatenate([subnormal32(rng, 29), np.float32([1.5, -TINY, 0.0])])
-    out32 = cp.full(3 * x32.size, np.nan, np.float32)
-    mod.get_function("fg_probe<float>")((1,), (x32.size,), (cp.asarray(x32), out32, np.float64(1.0)))
+    out32 = cuda_be.alloc(3 * x32.size, np.float32, fill=np.nan)
+    mod.get_function("fg_probe<float>")((1,), (x32.size,),
+                                        (cuda_be.to_device(x32), out32, np.float64(1.0)))
     np.testing.assert_array_equal(to_numpy(out32), np.tile(flush(x32), 3))
     x64 = subnormal64(rng, 32)
-    out64 = cp.full(3 * x64.size, np.nan, np.float64)
-    mod.get_function("fg_probe<double>")((1,), (x64.size,), (cp.asarray(x64), out64, np.float64(1.0)))
+    out64 = cuda_be.alloc(3 * x64.size, np.float64, fill=np.nan)
+    mod.get_function("fg_probe<double>")((1,), (x64.size,),
+                                         (cuda_be.to_device(x64), out64, np.float64(1.0)))
     np.testing.assert_array_equal(to_numpy(out64), np.tile(x64, 3))
     half = np.float32(TINY) * np.float32(0.5)        # host arithmetic after a float32 launch
     assert half == np.float32(2.0 ** -127)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastgrad import ops, reference
+from fastgrad.backend import backend_for
 from fastgrad.kernels.cpu import blocks as cpu_blocks
 from fastgrad.kernels.cpu import norm as cpu_norm
 from fastgrad.kernels.cpu import wnorm as cpu_wnorm
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.cuda
 LAYER, BATCH = cpu_norm.LAYER, cpu_norm.BATCH
 # (B, n): B in {1, 3, 17, 130} (130 spans three row blocks of the column
 # sums, 17 one), n in {1, 5, 129} (129 spans five column tiles of 32).
+_CPU = backend_for("cpu")
 SHAPES = [(1, 5), (3, 1), (17, 129), (130, 5), (130, 129)]
 MASK_SHAPES = [(1, 1), (3, 5), (17, 129), (130, 129), (1000, 1000)]
 WN_SHAPES = [(1, 1), (3, 5), (17, 129), (130, 5), (129, 17)]      # (n_in, n_out)
@@ -80,7 +82,7 @@ def _grad_terms(activation, alpha, pre, da, kept, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("shape", MASK_SHAPES, ids=_ids(MASK_SHAPES))
-def test_dropout_mask_identical_on_both_devices(cp, kc, rng, shape, dtype):
+def test_dropout_mask_identical_on_both_devices(cuda_be, kc, rng, shape, dtype):
     """The GPU's mask is the CPU's bit for bit, for several (seed, layer,
     counter, p) -- keys of all 64 bits, p = 0 (keep all) and p = 1 (drop all)."""
     assert kc.dropout_threshold is cpu_blocks.dropout_threshold
@@ -94,7 +96,7 @@ def test_dropout_mask_identical_on_both_devices(cp, kc, rng, shape, dtype):
         thresh = cpu_blocks.dropout_threshold(p)
         out_c = np.empty(shape, dtype)
         cpu_blocks.dropout_mask(key, thresh, out_c)
-        out_g = cp.empty(shape, dtype)
+        out_g = cuda_be.alloc(shape, dtype)
         kc.dropout_mask(key, thresh, out_g)
         what = f"seed {seed} layer {layer} counter {counter} p {p}"
         assert np.array_equal(to_numpy(out_g), out_c), f"{what}: masks differ"
@@ -105,10 +107,11 @@ def test_dropout_mask_identical_on_both_devices(cp, kc, rng, shape, dtype):
         # the block forward zeroes exactly the masked units on both devices:
         # identity of ones, so y is scale where kept and 0 where dropped
         outs = []
-        for xp, k in ((np, cpu_blocks), (cp, kc)):
-            y, unused = xp.ones(shape, dtype), xp.zeros(shape, dtype)   # x, z, fz: not read
-            k.block_forward_epilogue(y, xp.zeros(shape[1], dtype), unused, unused, unused, 0, 0.0,
-                                     True, key, thresh, 1.0 / (1.0 - p), False)
+        for be, k in ((_CPU, cpu_blocks), (cuda_be, kc)):
+            # x, z, fz: not read
+            y, unused = be.alloc(shape, dtype, fill=1), be.alloc(shape, dtype, fill=0)
+            k.block_forward_epilogue(y, be.alloc(shape[1], dtype, fill=0), unused, unused, unused,
+                                     0, 0.0, True, key, thresh, 1.0 / (1.0 - p), False)
             assert not to_numpy(unused).any(), "z or fz written by a non-gelu, non-residual layer"
             outs.append(to_numpy(y))
         assert np.array_equal(outs[0] == 0, out_c == 0), f"{what}: CPU forward vs its mask"
@@ -117,21 +120,22 @@ def test_dropout_mask_identical_on_both_devices(cp, kc, rng, shape, dtype):
 
 # --- dropout / residual blocks ---------------------------------------------------------
 
-def _block_forward(xp, k, x, W, b, code, alpha, drop, key, thresh, scale, residual):
+def _block_forward(be, k, x, W, b, code, alpha, drop, key, thresh, scale, residual):
     """(y, z, fz) of k.block_forward, fz as backward takes it: f(z) for a
     residual block, else the output y (the forward writes fz only when
     residual)."""
-    y = xp.empty((x.shape[0], W.shape[1]), x.dtype)
-    z, fz = xp.zeros_like(y), xp.zeros_like(y)
+    y = be.alloc((x.shape[0], W.shape[1]), x.dtype)
+    z, fz = be.alloc(y.shape, y.dtype, fill=0), be.alloc(y.shape, y.dtype, fill=0)
     k.block_forward(x, W, b, z, fz, y, code, alpha, drop, key, thresh, scale, residual)
     return y, z, fz if residual else y
 
 
-def _block_backward(xp, k, x, W, fz, z, da, code, alpha, drop, key, thresh, scale, residual):
+def _block_backward(be, k, x, W, fz, z, da, code, alpha, drop, key, thresh, scale, residual):
     """(dz, dW, db, dx) of k.block_backward; dz is da itself unless residual."""
     da = da.copy()
-    dz = xp.empty_like(da) if residual else da
-    dW, db, dx = xp.empty_like(W), xp.empty(W.shape[1], W.dtype), xp.empty_like(x)
+    dz = be.alloc(da.shape, da.dtype) if residual else da
+    dW, db = be.alloc(W.shape, W.dtype), be.alloc(W.shape[1], W.dtype)
+    dx = be.alloc(x.shape, x.dtype)
     k.block_backward(x, W, fz, z, da, dz, dW, db, dx, code, alpha, drop, key, thresh, scale,
                      residual, True)
     return dz, dW, db, dx
@@ -141,14 +145,14 @@ def _block_backward(xp, k, x, W, fz, z, da, code, alpha, drop, key, thresh, scal
 @pytest.mark.parametrize("drop,residual", DROP_RESIDUAL, ids=_DR_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_block_matches_cpu(cp, kc, rng, activation, shape, drop, residual, dtype):
+def test_block_matches_cpu(cuda_be, kc, rng, activation, shape, drop, residual, dtype):
     B, n = shape
     code, alpha = ops.resolve_activation(activation)
     x, W, b = dense_inputs(rng, B, n if residual else 7, n, dtype)     # exact GEMM
     key, thresh, scale = _dropout(rng, drop)
     args = (code, alpha, drop, key, thresh, scale, residual)
-    y_c, z_c, fz_c = _block_forward(np, cpu_blocks, x, W, b, *args)
-    y_g, z_g, fz_g = _block_forward(cp, kc, *(cp.asarray(a) for a in (x, W, b)), *args)
+    y_c, z_c, fz_c = _block_forward(_CPU, cpu_blocks, x, W, b, *args)
+    y_g, z_g, fz_g = _block_forward(cuda_be, kc, *(cuda_be.to_device(a) for a in (x, W, b)), *args)
     r = rtol_of(dtype)
     t_ref = x.astype(np.float64) @ W + b
     atol = r * max(1.0, float(np.abs(t_ref).max()) + (float(np.abs(x).max()) if residual else 0))
@@ -162,8 +166,8 @@ def test_block_matches_cpu(cp, kc, rng, activation, shape, drop, residual, dtype
 
     # backward from the same (CPU) forward state on both devices
     da = rng.standard_normal((B, n)).astype(dtype)
-    dz_c, dW_c, db_c, dx_c = _block_backward(np, cpu_blocks, x, W, fz_c, z_c, da, *args)
-    dz_g, dW_g, db_g, dx_g = _block_backward(cp, kc, *(cp.asarray(a) for a in
+    dz_c, dW_c, db_c, dx_c = _block_backward(_CPU, cpu_blocks, x, W, fz_c, z_c, da, *args)
+    dz_g, dW_g, db_g, dx_g = _block_backward(cuda_be, kc, *(cuda_be.to_device(a) for a in
                                                          (x, W, fz_c, z_c, da)), *args)
     kept = _kept(key, thresh, da.shape) if drop else np.ones(da.shape, bool)
     dza = _grad_terms(activation, alpha, t_ref, da, kept, scale)
@@ -192,28 +196,29 @@ def _norm_inputs(rng, B, n, dtype):
     return y0, b, x, gamma, beta, run_mean, run_var
 
 
-def _norm_forward(xp, k, y0, b, x, gamma, beta, run_mean, run_var, kind, batch_stats, *args):
+def _norm_forward(be, k, y0, b, x, gamma, beta, run_mean, run_var, kind, batch_stats, *args):
     """Everything k.norm_forward_epilogue writes, as a dict."""
     B, n = y0.shape
     y = y0.copy()
-    xhat, fz = xp.empty_like(y), xp.zeros_like(y)       # fz: written when residual only
+    # fz: written when residual only
+    xhat, fz = be.alloc(y.shape, y.dtype), be.alloc(y.shape, y.dtype, fill=0)
     ns = B if kind == LAYER else n
-    mean, rstd = xp.empty(ns, y.dtype), xp.empty(ns, y.dtype)
-    acc = xp.empty(2 * n, np.float64)
+    mean, rstd = be.alloc(ns, y.dtype), be.alloc(ns, y.dtype)
+    acc = be.alloc(2 * n, np.float64)
     rm, rv = run_mean.copy(), run_var.copy()
     k.norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, rm, rv, kind,
                             batch_stats, *args)
     return dict(y=y, xhat=xhat, fz=fz, mean=mean, rstd=rstd, run_mean=rm, run_var=rv)
 
 
-def _norm_backward(xp, k, da, fz, xhat, gamma, beta, rstd, kind, batch_stats, *args):
+def _norm_backward(be, k, da, fz, xhat, gamma, beta, rstd, kind, batch_stats, *args):
     """(dz, db, dgamma, dbeta) of k.norm_backward_epilogue; dz is da unless residual."""
     B, n = da.shape
     residual = args[-1]
     da = da.copy()
-    dz = xp.empty_like(da) if residual else da
-    db, dgamma, dbeta = (xp.empty(n, da.dtype) for _ in range(3))
-    r1, r2 = xp.empty(B, np.float64), xp.empty(B, np.float64)
+    dz = be.alloc(da.shape, da.dtype) if residual else da
+    db, dgamma, dbeta = (be.alloc(n, da.dtype) for _ in range(3))
+    r1, r2 = be.alloc(B, np.float64), be.alloc(B, np.float64)
     k.norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta, r1, r2, kind,
                              batch_stats, *args)
     return dz, db, dgamma, dbeta
@@ -245,7 +250,7 @@ def _norm_backward_scales(activation, alpha, kind, batch_stats, da, kept, scale,
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids(SHAPES))
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_norm_matches_cpu(cp, kc, rng, activation, mode, shape, drop, residual, dtype):
+def test_norm_matches_cpu(cuda_be, kc, rng, activation, mode, shape, drop, residual, dtype):
     kind, batch_stats = MODES[mode]
     B, n = shape
     if mode == "batch" and B == 1:
@@ -254,8 +259,8 @@ def test_norm_matches_cpu(cp, kc, rng, activation, mode, shape, drop, residual, 
     inputs = _norm_inputs(rng, B, n, dtype)
     key, thresh, scale = _dropout(rng, drop)
     args = (kind, batch_stats, code, alpha, drop, key, thresh, scale, residual)
-    out_c = _norm_forward(np, cpu_norm, *inputs, *args)
-    out_g = _norm_forward(cp, kc, *(cp.asarray(a) for a in inputs), *args)
+    out_c = _norm_forward(_CPU, cpu_norm, *inputs, *args)
+    out_g = _norm_forward(cuda_be, kc, *(cuda_be.to_device(a) for a in inputs), *args)
     r = rtol_of(dtype)
     for name in ("mean", "rstd", "xhat"):
         assert_close(out_g[name], out_c[name], dtype, what=f"{mode} {name}")
@@ -284,9 +289,9 @@ def test_norm_matches_cpu(cp, kc, rng, activation, mode, shape, drop, residual, 
     fz = out_c["fz"] if residual else out_c["y"]
     state = (fz, out_c["xhat"], gamma, beta, out_c["rstd"])
     da = rng.standard_normal((B, n)).astype(dtype)
-    dz_c, db_c, dg_c, dbt_c = _norm_backward(np, cpu_norm, da, *state, *args)
-    dz_g, db_g, dg_g, dbt_g = _norm_backward(cp, kc, *(cp.asarray(a) for a in (da,) + state),
-                                             *args)
+    dz_c, db_c, dg_c, dbt_c = _norm_backward(_CPU, cpu_norm, da, *state, *args)
+    dz_g, db_g, dg_g, dbt_g = _norm_backward(cuda_be, kc, *(cuda_be.to_device(a)
+                                                            for a in (da,) + state), *args)
     cols, dz_mag, db_mag = _norm_backward_scales(activation, alpha, kind, batch_stats, da, kept,
                                                  scale, out_c["xhat"], gamma, beta, out_c["rstd"])
     assert_close(dg_g, dg_c, dtype, atol=r * cols, what=f"{mode} {activation} dgamma")
@@ -299,14 +304,14 @@ def test_norm_matches_cpu(cp, kc, rng, activation, mode, shape, drop, residual, 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("shape", WN_SHAPES, ids=_ids(WN_SHAPES))
-def test_weight_norm_matches_cpu(cp, kc, rng, shape, dtype):
+def test_weight_norm_matches_cpu(cuda_be, kc, rng, shape, dtype):
     n_in, n_out = shape
     v = rng.standard_normal(shape).astype(dtype)
     g = rng.uniform(0.5, 2.0, n_out).astype(dtype)
     W_c, inv_c = np.empty_like(v), np.empty(n_out)
     cpu_wnorm.weight_norm_forward(v, g, W_c, inv_c)
-    vg, gg = cp.asarray(v), cp.asarray(g)
-    W_g, inv_g = cp.empty_like(vg), cp.empty(n_out, np.float64)
+    vg, gg = cuda_be.to_device(v), cuda_be.to_device(g)
+    W_g, inv_g = cuda_be.alloc(vg.shape, vg.dtype), cuda_be.alloc(n_out, np.float64)
     kc.weight_norm_forward(vg, gg, W_g, inv_g)
     r = rtol_of(dtype)
     assert_close(inv_g, inv_c, dtype, what="1/||v||")
@@ -315,8 +320,8 @@ def test_weight_norm_matches_cpu(cp, kc, rng, shape, dtype):
     dW = rng.standard_normal(shape).astype(dtype)
     dv_c, dg_c = np.empty_like(v), np.empty_like(g)
     cpu_wnorm.weight_norm_backward(v, g, inv_c, dW, dv_c, dg_c)
-    dv_g, dg_g = cp.empty_like(vg), cp.empty_like(gg)
-    kc.weight_norm_backward(vg, gg, cp.asarray(inv_c), cp.asarray(dW), dv_g, dg_g)
+    dv_g, dg_g = cuda_be.alloc(vg.shape, vg.dtype), cuda_be.alloc(gg.shape, gg.dtype)
+    kc.weight_norm_backward(vg, gg, cuda_be.to_device(inv_c), cuda_be.to_device(dW), dv_g, dg_g)
     terms = np.abs(dW.astype(np.float64) * v)
     assert_close(dg_g, dg_c, dtype, atol=r * (terms.sum(axis=0) * inv_c).max(), what="dg")
     a = np.abs(g * inv_c)
@@ -327,30 +332,30 @@ def test_weight_norm_matches_cpu(cp, kc, rng, shape, dtype):
 # --- determinism ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
-def test_sums_are_deterministic(cp, kc, rng, dtype):
+def test_sums_are_deterministic(cuda_be, kc, rng, dtype):
     """Two runs on the same inputs give the same bits (fixed-order sums over
     several row blocks and column tiles, no atomics)."""
     B, n = 257, 129
     code, alpha = ops.resolve_activation("tanh")
     key, thresh, scale = _dropout(rng, True)
-    x, W, b = (cp.asarray(a) for a in dense_inputs(rng, B, n, n, dtype))
-    da = cp.asarray(rng.standard_normal((B, n)).astype(dtype))
-    inputs = [cp.asarray(a) for a in _norm_inputs(rng, B, n, dtype)]
+    x, W, b = (cuda_be.to_device(a) for a in dense_inputs(rng, B, n, n, dtype))
+    da = cuda_be.to_device(rng.standard_normal((B, n)).astype(dtype))
+    inputs = [cuda_be.to_device(a) for a in _norm_inputs(rng, B, n, dtype)]
     runs = []
     for _ in range(2):
         out = []
         bargs = (code, alpha, True, key, thresh, scale, True)
-        y, z, fz = _block_forward(cp, kc, x, W, b, *bargs)
-        out += [y, *_block_backward(cp, kc, x, W, fz, z, da, *bargs)]
+        y, z, fz = _block_forward(cuda_be, kc, x, W, b, *bargs)
+        out += [y, *_block_backward(cuda_be, kc, x, W, fz, z, da, *bargs)]
         for kind, batch_stats in MODES.values():
             nargs = (kind, batch_stats, code, alpha, True, key, thresh, scale, True)
-            f = _norm_forward(cp, kc, *inputs, *nargs)
+            f = _norm_forward(cuda_be, kc, *inputs, *nargs)
             out += list(f.values())
-            out += _norm_backward(cp, kc, da, f["fz"], f["xhat"], inputs[3], inputs[4],
+            out += _norm_backward(cuda_be, kc, da, f["fz"], f["xhat"], inputs[3], inputs[4],
                                   f["rstd"], *nargs)
-        W2, inv = cp.empty_like(W), cp.empty(n, np.float64)
+        W2, inv = cuda_be.alloc(W.shape, W.dtype), cuda_be.alloc(n, np.float64)
         kc.weight_norm_forward(W, b, W2, inv)
-        dv, dg = cp.empty_like(W), cp.empty_like(b)
+        dv, dg = cuda_be.alloc(W.shape, W.dtype), cuda_be.alloc(b.shape, b.dtype)
         kc.weight_norm_backward(W, b, inv, da[:n], dv, dg)
         out += [W2, inv, dv, dg]
         runs.append([to_numpy(a) for a in out])

@@ -41,25 +41,26 @@ def _data(rng, B=32, n_in=12, n_out=5):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "silu"])
-def test_layer_path_matches_cpu(cp, rng, variant, act):
+def test_layer_path_matches_cpu(cuda_be, rng, variant, act):
     cpu, gpu = _pair(variant, act)
     assert_close(gpu.params, to_numpy(cpu.params), np.float32, what="initial params")
     x, y = _data(rng)
     dy = rng.standard_normal((x.shape[0], 5)).astype(np.float32)
-    out_c, out_g = cpu.forward(x), gpu.forward(cp.asarray(x))
-    assert isinstance(out_g, cp.ndarray)
+    out_c, out_g = cpu.forward(x), gpu.forward(cuda_be.to_device(x))
+    assert cuda_be.is_array(out_g)
     assert_close(out_g, out_c, np.float32, what="forward")
     dx_c = cpu.backward(dy)
-    dx_g = gpu.backward(cp.asarray(dy))
+    dx_g = gpu.backward(cuda_be.to_device(dy))
     assert_close(gpu.grads, cpu.grads, np.float32, what="gradients")
     assert_close(dx_g, dx_c, np.float32, what="dL/dx")
     assert_close(gpu.running_mean, cpu.running_mean, np.float32, what="running mean")
     assert_close(gpu.running_var, cpu.running_var, np.float32, what="running var")
     gpu.eval(), cpu.eval()
-    assert_close(gpu.predict(cp.asarray(x)), cpu.predict(x), np.float32, what="eval predict")
+    assert_close(gpu.predict(cuda_be.to_device(x)), cpu.predict(x), np.float32,
+                 what="eval predict")
 
 
-def test_dropout_zeroes_the_same_units(cp, rng):
+def test_dropout_zeroes_the_same_units(cuda_be, rng):
     """The exact mask identity at model level: identity activation, so a
     unit is 0 after dropout exactly where the mask dropped it."""
     kw = dict(activation=None, dropout=0.5, seed=11, dtype="float64")
@@ -67,7 +68,7 @@ def test_dropout_zeroes_the_same_units(cp, rng):
     gpu = fg.MLP([7, 40, 3], device="cuda", **kw)
     x = rng.standard_normal((9, 7))
     for _ in range(3):                          # three steps: three masks
-        cpu.forward(x), gpu.forward(cp.asarray(x))
+        cpu.forward(x), gpu.forward(cuda_be.to_device(x))
         h_c = cpu._cache[1][0]                  # input of layer 1 = output of layer 0
         h_g = to_numpy(gpu._cache[1][0])
         np.testing.assert_array_equal(h_g == 0, h_c == 0)
@@ -75,7 +76,7 @@ def test_dropout_zeroes_the_same_units(cp, rng):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_train_steps_match_cpu(cp, rng, variant):
+def test_train_steps_match_cpu(cuda_be, rng, variant):
     """20 TrainSteps with SGD + momentum + clipping on both devices from the
     same start.  (SGD, not Adam: Adam's update of a near-zero gradient
     component is +-lr whatever its size, so rounding-level differences in
@@ -96,7 +97,7 @@ def test_train_steps_match_cpu(cp, rng, variant):
     assert_close(gpu.running_var, cpu.running_var, np.float32, rtol=1e-3, what="running var")
 
 
-def test_checkpoint_round_trip_on_gpu(cp, rng, tmp_path):
+def test_checkpoint_round_trip_on_gpu(cuda_be, rng, tmp_path):
     m = fg.MLP([6, 16, 16, 3], activation="relu", device="cuda", norm="batch", dropout=0.1,
                residual=True)
     step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.SGD(m, lr=0.1))
@@ -183,7 +184,7 @@ def _same_state(gpu, cpu, dtype, what=""):
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("variant", sorted(FUSED_VARIANTS))
-def test_fused_step_matches_cpu(cp, rng, variant, dtype, cuda_graph):
+def test_fused_step_matches_cpu(cuda_be, rng, variant, dtype, cuda_graph):
     """The fused CUDA step of every feature and combination gives the CPU
     fused step's losses, norms, skips, parameters, optimizer state, running
     statistics and dropout step, a non-finite batch (skipped: the dropout
@@ -192,7 +193,7 @@ def test_fused_step_matches_cpu(cp, rng, variant, dtype, cuda_graph):
     cpu, gpu = _fused_pair(variant, dtype, cuda_graph)
     for t, (x, y) in enumerate(_fused_batches(rng, 5, dtype, bad={2}, last=29)):
         lg = gpu(x, y)
-        assert isinstance(lg, cp.ndarray)
+        assert cuda_be.is_array(lg)
         lc = cpu(x, y)
         _same_step(gpu, cpu, lg, lc, dtype, t)
     _same_state(gpu, cpu, dtype, "after 5 steps")
@@ -203,7 +204,7 @@ def test_fused_step_matches_cpu(cp, rng, variant, dtype, cuda_graph):
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
-def test_fused_step_modes_and_counter_changes(cp, rng, cuda_graph):
+def test_fused_step_modes_and_counter_changes(cuda_be, rng, cuda_graph):
     """Train, eval (no dropout, running statistics), train again, and the
     dropout step set by hand, a layer-path forward and a checkpoint-style
     assignment in between: the device's counter follows the host's each
@@ -232,7 +233,7 @@ def test_fused_step_modes_and_counter_changes(cp, rng, cuda_graph):
         assert all(g.graph is not None for g in gpu._graphs.values())
 
 
-def test_fused_gradients_match_cpu(cp, rng):
+def test_fused_gradients_match_cpu(cuda_be, rng):
     """TrainStep.gradients (forward and backward without the update) on the
     toolkit driver: the CPU's gradients and loss, and the dropout step
     advances on both (after a fused step, whose counter was on the device)."""
@@ -245,7 +246,7 @@ def test_fused_gradients_match_cpu(cp, rng):
     assert gpu.model.dropout_step == cpu.model.dropout_step == 2
 
 
-def test_fused_dropout_masks_follow_the_cpu(cp, rng):
+def test_fused_dropout_masks_follow_the_cpu(cuda_be, rng):
     """The masks of the fused step are the CPU's: with identity layers and a
     rate of 0.5, the first layer's output is 0 exactly where its mask drops,
     and it is read from the step's own buffer after steps with a skip."""
@@ -267,7 +268,7 @@ def test_fused_dropout_masks_follow_the_cpu(cp, rng):
     assert steps[0].model.dropout_step == 3
 
 
-def test_graph_refuses_a_frozen_dropout_step(cp):
+def test_graph_refuses_a_frozen_dropout_step(cuda_be):
     """A graphed toolkit step with dropout in training mode reads its
     dropout step from device memory; a host int would freeze one mask into
     every replay, so the graph class refuses it."""

@@ -128,7 +128,7 @@ def test_dense_kernels_direct_in_place(device, rng, activation, dtype):
 
     da_np = rng.standard_normal((4, 3)).astype(dtype)
     da = xp.asarray(da_np.copy())
-    dW, db = xp.full_like(Wd, np.nan), xp.full_like(bd, np.nan)
+    dW, db = xp.full(Wd.shape, np.nan, dtype), xp.full(bd.shape, np.nan, dtype)
     dx_sentinel = xp.full((4, 17), 7.0, dtype)
     k.dense_backward(xd, Wd, a, z, da, da, dW, db, dx_sentinel, code, alpha, False)
     dW_ref, db_ref, dx_ref = reference.dense_backward(x, W, z_ref, da_np, activation)

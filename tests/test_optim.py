@@ -1,6 +1,7 @@
 """fastgrad.optim: every rule against the float64 reference and PyTorch,
 clipping, the non-finite skip, checkpoints and the kernel contract."""
 import json
+import math
 import pickle
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import fastgrad as fg
 from fastgrad import reference as ref
 from fastgrad import schedules
+from fastgrad.backend import backend_for
 from fastgrad.errors import NonFiniteGradientError
 from fastgrad.optim import SGD, Adam, AdamW, RMSprop, clipped_update
 
@@ -40,13 +42,22 @@ N_STEPS = 60
 
 
 class FlatModel:
-    """The model contract: flat params/grads plus layer offsets."""
+    """The model contract: flat params/grads plus layer offsets, on ``device``."""
 
-    def __init__(self, n_per_layer, dtype=np.float64, seed=0):
+    def __init__(self, n_per_layer, dtype=np.float64, seed=0, device="cpu"):
+        self.backend = backend_for(device)
         self.layer_offsets = np.concatenate([[0], np.cumsum(n_per_layer)]).astype(np.int64)
         rng = np.random.default_rng(seed)
-        self.params = rng.standard_normal(self.layer_offsets[-1]).astype(dtype)
-        self.grads = np.zeros_like(self.params)
+        self.params = self.backend.to_device(rng.standard_normal(self.layer_offsets[-1]), dtype)
+        self.grads = self.backend.alloc(self.params.shape, dtype, fill=0)
+
+    def set_grads(self, g):
+        """Copy the host gradient ``g`` (or a scalar) into ``grads``."""
+        self.grads[...] = self.backend.to_device(np.broadcast_to(g, self.grads.shape),
+                                                 self.grads.dtype)
+
+    def host_params(self):
+        return self.backend.to_host(self.params)
 
 
 def grad_sequence(n, steps=N_STEPS, seed=1):
@@ -58,22 +69,25 @@ def grad_sequence(n, steps=N_STEPS, seed=1):
 
 
 @pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
-def test_trajectory_matches_reference(kind, hyper, clip_norm, clip_value):
-    model = FlatModel([35, 7, 21, 3])
+def test_trajectory_matches_reference(device, kind, hyper, clip_norm, clip_value):
+    model = FlatModel([35, 7, 21, 3], device=device)
     opt = CLASSES[kind](model, clip_norm=clip_norm, clip_value=clip_value, **hyper)
-    p_ref, state = model.params.copy(), {}
+    p_ref, state = model.host_params().copy(), {}
     h = dict(hyper)
     lr = h.pop("lr")
     n_clipped = 0
     for t, g in enumerate(grad_sequence(model.params.size), start=1):
-        model.grads[:] = g
+        model.set_grads(g)
         stats = opt.step()
         gc, norm = ref.clip_grad(g, clip_norm, clip_value)
         p_ref = ref.optimizer_step(kind, p_ref, gc, state, t, lr, **h)
         n_clipped += stats.clipped
         assert stats.step == t and not stats.skipped
         assert stats.grad_norm == pytest.approx(norm, rel=1e-13)
-        np.testing.assert_allclose(model.params, p_ref, rtol=1e-10, atol=1e-13)
+        segments = np.split(g, model.layer_offsets[1:-1])
+        np.testing.assert_allclose(stats.layer_norms, [np.linalg.norm(s) for s in segments],
+                                   rtol=1e-13)
+        np.testing.assert_allclose(model.host_params(), p_ref, rtol=1e-10, atol=1e-13)
     if clip_norm is not None:
         assert n_clipped >= N_STEPS // 7      # the spikes were clipped
 
@@ -112,25 +126,29 @@ def test_trajectory_matches_torch(kind, hyper, clip_norm, clip_value):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nonfinite_gradient_touches_nothing(dtype, bad):
-    model = FlatModel([10, 6], dtype=dtype)
+def test_nonfinite_gradient_touches_nothing(device, dtype, bad):
+    model = FlatModel([10, 6], dtype=dtype, device=device)
+    host = model.backend.to_host
     opt = Adam(model, lr=1e-2, amsgrad=True, clip_norm=1.0)
+    g = np.linspace(-1, 1, 16)
     for _ in range(3):
-        model.grads[:] = np.linspace(-1, 1, 16)
+        model.set_grads(g)
         opt.step()
-    before = {k: v.copy() for k, v in opt.state.items()}
-    p_before = model.params.copy()
-    model.grads[12] = bad
+    before = {k: host(v).copy() for k, v in opt.state.items()}
+    p_before = model.host_params().copy()
+    g[12] = bad
+    model.set_grads(g)
     stats = opt.step()
     assert stats.skipped and not stats.clipped and stats.step == 3
     assert not np.isfinite(stats.grad_norm)
     assert np.isfinite(stats.layer_norms[0]) and not np.isfinite(stats.layer_norms[1])
     assert opt.step_count == 3 and opt.n_skipped == 1 and opt.n_calls == 4
-    np.testing.assert_array_equal(model.params, p_before)
+    np.testing.assert_array_equal(model.host_params(), p_before)
     for k, v in opt.state.items():
-        np.testing.assert_array_equal(v, before[k])
+        np.testing.assert_array_equal(host(v), before[k])
     # the next finite step goes on as if the bad one never happened
-    model.grads[12] = 0.5
+    g[12] = 0.5
+    model.set_grads(g)
     assert not opt.step().skipped and opt.step_count == 4
 
 
@@ -163,11 +181,11 @@ def test_clipped_sgd_step_has_the_clip_norm(dtype):
     assert opt.step().clip_scale == 1.0
 
 
-def test_stats_layer_norms_and_flags():
-    model = FlatModel([30, 5, 0, 9], dtype=np.float32)
+def test_stats_layer_norms_and_flags(device):
+    model = FlatModel([30, 5, 0, 9], dtype=np.float32, device=device)
     opt = Adam(model, clip_norm=1.0)
     g = np.random.default_rng(5).standard_normal(44).astype(np.float32)
-    model.grads[:] = g
+    model.set_grads(g)
     stats = opt.step()
     segs = np.split(g.astype(np.float64), model.layer_offsets[1:-1])
     np.testing.assert_allclose(stats.layer_norms, [np.linalg.norm(s) for s in segs], rtol=1e-12)
@@ -193,16 +211,44 @@ def test_step_stats_value_semantics():
     assert pickle.loads(pickle.dumps(a)) == a
 
 
-def test_float32_follows_float64_reference():
-    model = FlatModel([35, 7, 21, 3], dtype=np.float32)
-    opt = Adam(model, lr=1e-2, clip_norm=1.0)
-    p_ref, state = model.params.astype(np.float64), {}
+@pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
+def test_float32_follows_float64_reference(device, kind, hyper, clip_norm, clip_value):
+    model = FlatModel([35, 7, 21, 3], dtype=np.float32, device=device)
+    opt = CLASSES[kind](model, clip_norm=clip_norm, clip_value=clip_value, **hyper)
+    p_ref, state = model.host_params().astype(np.float64), {}
+    h = dict(hyper)
+    lr = h.pop("lr")
     for t, g in enumerate(grad_sequence(66), start=1):
-        model.grads[:] = g
+        model.set_grads(g)
         opt.step()
-        gc, _ = ref.clip_grad(g.astype(np.float32), 1.0)
-        p_ref = ref.optimizer_step("adam", p_ref, gc, state, t, 1e-2)
-    np.testing.assert_allclose(model.params, p_ref, rtol=1e-4, atol=1e-5)
+        gc, _ = ref.clip_grad(g.astype(np.float32), clip_norm, clip_value)
+        p_ref = ref.optimizer_step(kind, p_ref, gc, state, t, lr, **h)
+    np.testing.assert_allclose(model.host_params(), p_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_sumsq_is_exact_and_deterministic(device, rng, dtype):
+    """The per-layer sums of squares behind the gradient norm: against an
+    exact sum, with an empty layer and layers past one block's reach,
+    bitwise the same twice; a NaN makes the total non-finite."""
+    import importlib
+    be = backend_for(device)
+    layer_sumsq = importlib.import_module(be.kernels.__name__ + ".reduce").layer_sumsq
+    offsets = np.array([0, 5, 5, 100_003, 100_013, 300_000], np.int64)
+    g = rng.standard_normal(offsets[-1]).astype(dtype)
+    exact = [math.fsum(s.astype(np.float64) ** 2) for s in np.split(g, offsets[1:-1])]
+    gd = be.to_device(g)
+    runs = []
+    for _ in range(2):
+        lsq = be.alloc(offsets.size - 1, np.float64)
+        total = layer_sumsq(gd, offsets, lsq)
+        runs.append((float(total), be.to_host(lsq)))
+    assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
+    np.testing.assert_allclose(runs[0][1], exact, rtol=1e-13)
+    assert runs[0][0] == pytest.approx(math.fsum(exact), rel=1e-13)
+    gd[7] = np.nan
+    assert not np.isfinite(float(layer_sumsq(gd, offsets, be.alloc(offsets.size - 1,
+                                                                     np.float64))))
 
 
 def test_schedule_drives_the_learning_rate():
@@ -360,3 +406,56 @@ def test_parallel_is_opt_in_and_gives_the_same_trajectory(per_model_copies):
     np.testing.assert_array_equal(models[0].params, models[1].params)
     opts[1].parallel = False
     assert opts[1]._update is K.clipped_update
+
+
+@pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("lr", ["constant", "schedule"])
+def test_fill_updates_gives_the_rows_of_fill_update(kind, hyper, clip_norm, clip_value, lr):
+    """The compiled epoch's hyper-parameter rows (one per step, filled at
+    once) equal the rows the per-step path fills, for every update count."""
+    model = fg.MLP([5, 7, 3], seed=0)
+    if lr == "schedule":
+        hyper = dict(hyper, lr=schedules.warmup_cosine_decay(0.01, 3, 15))
+    opt = CLASSES[kind](model, clip_norm=clip_norm, clip_value=clip_value, **hyper)
+    for k0 in (0, 1, 7):
+        n = 20
+        rows = np.full((n,) + opt._hp.shape, np.nan)
+        lrs = np.full(n, np.nan)
+        opt._fill_updates(rows, lrs, k0)
+        for r in range(n):
+            want = np.full(opt._hp.shape, np.nan)
+            want_lr = opt._fill_update(want, k0 + r)
+            np.testing.assert_array_equal(rows[r], want, err_msg=f"row {r}, k0 {k0}")
+            assert lrs[r] == want_lr
+
+
+def test_fill_updates_with_param_groups_and_a_bad_schedule():
+    model = fg.MLP([5, 7, 3], seed=0)
+    opt = Adam([{"params": model.weights(), "weight_decay": 0.1},
+                {"params": model.biases_and_norms(), "lr": 0.5}], lr=1e-2)
+    rows, lrs = np.zeros((4,) + opt._hp.shape), np.zeros(4)
+    opt._fill_updates(rows, lrs, 3)
+    for r in range(4):
+        want = np.zeros(opt._hp.shape)
+        assert lrs[r] == opt._fill_update(want, 3 + r)
+        np.testing.assert_array_equal(rows[r], want)
+
+
+class _NegativeFrom(schedules.Schedule):
+    """A user schedule that turns negative at update ``k_bad``."""
+    kind = "negative_from"
+
+    def __init__(self, k_bad):
+        self.k_bad = k_bad
+
+    def __call__(self, k):
+        return -1.0 if k >= self.k_bad else 0.01
+
+
+@pytest.mark.parametrize("k_bad", [0, 2])
+def test_fill_updates_refuses_a_bad_lr_at_its_update(k_bad):
+    model = fg.MLP([5, 7, 3], seed=0)
+    opt = Adam(model, lr=_NegativeFrom(k_bad))
+    rows, lrs = np.zeros((4,) + opt._hp.shape), np.zeros(4)
+    with pytest.raises(ValueError, match=f"lr=-1.0 at update {k_bad}"):
+        opt._fill_updates(rows, lrs, 0)

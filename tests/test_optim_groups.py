@@ -787,16 +787,16 @@ def test_param_groups_by_name_and_by_view_are_the_same():
     assert len(got) == 2 and all(a is b for a, b in zip(got, model.biases_and_norms()))
 
 
-def _toolkit_model(seed):
+def _epilogue_model(seed):
     return fg.Sequential([fg.Dense(5, 8, activation="tanh", norm="layer", dropout=0.0),
                           fg.Residual(fg.Dense(8, 8, activation="relu")),
                           fg.Dense(8, 3, activation=None, weight_norm=True)],
                          dtype="float64", seed=seed)
 
 
-@pytest.mark.parametrize("build", [_toolkit_model,
+@pytest.mark.parametrize("build", [_epilogue_model,
                                    lambda s: fg.MLP([5, 8, 3], dtype="float64", seed=s)],
-                         ids=["toolkit", "plain"])
+                         ids=["epilogue", "plain"])
 def test_param_groups_train_step_matches_opt_step_bitwise(build):
     rng = np.random.default_rng(6)
     loss_fn = fg.SoftmaxCrossEntropy()
@@ -913,7 +913,7 @@ def test_param_groups_checkpoint_round_trip(tmp_path):
     loss_fn = fg.SoftmaxCrossEntropy()
 
     def build():
-        model = _toolkit_model(5)
+        model = _epilogue_model(5)
         opt = fg.AdamW(model, lr=schedules.step_decay(1e-2, 3, 0.5), clip_norm=1.0,
                        param_groups=[{"params": model.weights(), "weight_decay": 0.1},
                                      {"params": model.biases_and_norms(), "lr": 2e-3,

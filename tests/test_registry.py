@@ -10,7 +10,7 @@
 * exact GELU against PyTorch and JAX, gelu_tanh against the tanh form;
 * fg.register_activation end to end: swish written as two Numba scalar
   functions matches PyTorch's SiLU to 1e-10 in float64 through TrainStep,
-  forward/backward and a toolkit layer.
+  forward/backward and a layer with epilogue pieces.
 """
 import ast
 import pathlib
@@ -184,7 +184,7 @@ def test_cuda_model_refuses_a_registered_activation_without_cuda_forms(cp, swish
 @pytest.mark.cuda
 def test_registered_activation_with_cuda_forms_runs_on_cuda(cp, rng):
     """swish's CUDA forms, compiled into the activation kernels: a plain and
-    a toolkit CUDA model give the CPU's silu model's forward, backward and
+    a CUDA model with epilogue pieces give the CPU's silu model's forward, backward and
     3 TrainSteps to 1e-10 (float64)."""
     f, df = _swish_functions()
     cuda = ("z / (T(1) + exp_(-z))",
@@ -554,7 +554,7 @@ def test_register_refuses_clashes_and_bad_arguments(swish):
 def test_registered_swish_matches_torch_silu(rng, swish):
     """The issue's "done when": swish as two Numba scalar functions, in
     float64, matches PyTorch's SiLU to 1e-10 through TrainStep (5 SGD steps),
-    forward/backward, the functional ops, and a toolkit model (layer norm,
+    forward/backward, the functional ops, and a model with epilogue pieces (layer norm,
     residual block, dropout off) through its own fused step."""
     torch = _torch()
     x = rng.standard_normal((6, 5))

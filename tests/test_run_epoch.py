@@ -146,14 +146,14 @@ def test_dropout_counter_and_eval_mode(rng):
     assert a.model.dropout_step == 7 and a.opt.step_count == 14
 
 
-TOOLKIT = [dict(dropout=0.2), dict(norm="batch", residual=True, dropout=0.1),
+EPILOGUE = [dict(dropout=0.2), dict(norm="batch", residual=True, dropout=0.1),
            dict(norm="layer", weight_norm=True)]
-TOOLKIT_IDS = ["dropout", "batchnorm-residual-dropout", "layernorm-weightnorm"]
+EPILOGUE_IDS = ["dropout", "batchnorm-residual-dropout", "layernorm-weightnorm"]
 
 
-@pytest.mark.parametrize("kw", TOOLKIT, ids=TOOLKIT_IDS)
-def test_toolkit_models_bitwise_with_a_skipped_step(rng, kw):
-    """Toolkit models run compiled epochs too: the same dropout masks (the
+@pytest.mark.parametrize("kw", EPILOGUE, ids=EPILOGUE_IDS)
+def test_epilogue_models_bitwise_with_a_skipped_step(rng, kw):
+    """Models with epilogue pieces run compiled epochs too: the same dropout masks (the
     counter advances per applied step), batch-norm running statistics
     (restored after the skipped step) and parameters as the per-step loop;
     then an epoch in eval mode (no dropout, running statistics)."""
@@ -262,7 +262,7 @@ def test_hyper_parameter_change_between_epochs(rng):
     assert (res["lr"] == 5e-2).all() and res["clipped"].all()
 
 
-@pytest.mark.parametrize("kw", [{}, dict(dropout=0.1, norm="batch")], ids=["plain", "toolkit"])
+@pytest.mark.parametrize("kw", [{}, dict(dropout=0.1, norm="batch")], ids=["plain", "epilogue"])
 def test_fit_uses_run_epoch_and_keeps_its_history(rng, kw):
     """fit's history, per-step callbacks and parameters are those of its
     per-step loop (fused_epochs=False), bit for bit."""

@@ -2,7 +2,7 @@
 over the whole float32 line, float64 to rounding, the extremes and the
 non-finite inputs as PyTorch has them, and whole-MLP parity with PyTorch in
 float64.  The generic parametrised suites (test_kernels, test_step,
-test_explosion_toolkit, the CUDA twins) cover silu through ACTIVATIONS."""
+test_epilogue_pieces, the CUDA twins) cover silu through ACTIVATIONS."""
 import numpy as np
 import pytest
 
@@ -20,7 +20,7 @@ def _kernels(z, xp=np):
     """(f(z), f'(z)) from the fused kernels on a 1-D float array."""
     z2 = xp.asarray(np.ascontiguousarray(z).reshape(1, -1))
     a = ops.activation_forward(z2, "silu")
-    g = ops.activation_backward(xp.ones_like(z2), a, z2, "silu")
+    g = ops.activation_backward(xp.ones(z2.shape, z2.dtype), a, z2, "silu")
     return to_numpy(a).ravel(), to_numpy(g).ravel()
 
 

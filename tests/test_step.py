@@ -11,7 +11,7 @@ import fastgrad as fg
 from fastgrad.kernels.cpu import step as kstep
 from fastgrad.losses import LOSSES
 
-from conftest import ACTIVATIONS, OPTIMIZERS, RULES, loss_targets
+from conftest import ACTIVATIONS, OPTIMIZERS, RULES, assert_close, loss_targets, to_numpy
 
 
 
@@ -31,15 +31,17 @@ def _optimizer(name, model, **kw):
     return OPTIMIZERS[name](model, **_OPTIMIZER_KW[name], **kw)
 
 
-def _pair(sizes, act, loss, opt, dtype, seed=3):
+def _pair(sizes, act, loss, opt, dtype, seed=3, device="cpu"):
     out = []
     for _ in range(2):
-        m = fg.MLP(sizes, activation=act, output_activation=None, dtype=dtype, seed=seed)
+        m = fg.MLP(sizes, activation=act, output_activation=None, dtype=dtype, seed=seed,
+                   device=device)
         out.append((m, _optimizer(opt, m)))
     return out
 
 
 def _layerwise(model, loss_fn, opt, x, y):
+    x, y = model.backend.to_device(x), model.backend.to_device(y)
     out = model.forward(x)
     loss, dy = loss_fn(out, y)
     model.backward(dy, input_grad=False)
@@ -47,7 +49,8 @@ def _layerwise(model, loss_fn, opt, x, y):
 
 
 def _assert_same_stats(a, b, rtol):
-    assert a.step == b.step and a.skipped == b.skipped and a.clipped == b.clipped
+    assert a.step == b.step and bool(a.skipped) == bool(b.skipped)
+    assert bool(a.clipped) == bool(b.clipped)
     np.testing.assert_allclose(a.grad_norm, b.grad_norm, rtol=rtol)
     np.testing.assert_allclose(a.clip_scale, b.clip_scale, rtol=rtol)
     np.testing.assert_allclose(a.layer_norms, b.layer_norms, rtol=rtol)
@@ -55,10 +58,10 @@ def _assert_same_stats(a, b, rtol):
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_step_equals_layer_path_float64(act, loss):
+def test_step_equals_layer_path_float64(device, act, loss):
     rng = np.random.default_rng()
     sizes = [5, 7, 6, 3]
-    (m1, o1), (m2, o2) = _pair(sizes, act, loss, "adam", "float64")
+    (m1, o1), (m2, o2) = _pair(sizes, act, loss, "adam", "float64", device=device)
     loss_fn = LOSSES[loss]()
     step = fg.TrainStep(m2, loss_fn, o2)
     for _ in range(20):
@@ -66,17 +69,18 @@ def test_step_equals_layer_path_float64(act, loss):
         y = _targets(loss, rng, 9, sizes[-1])
         l1, s1 = _layerwise(m1, loss_fn, o1, x, y)
         l2 = step(x, y)
-        np.testing.assert_allclose(l2, l1, rtol=1e-12)
+        np.testing.assert_allclose(float(l2), float(l1), rtol=1e-12)
         _assert_same_stats(step.stats, s1, 1e-12)
-    np.testing.assert_allclose(m2.params, m1.params, rtol=1e-12, atol=1e-12 * np.abs(m1.params).max())
+    p1, p2 = to_numpy(m1.params), to_numpy(m2.params)
+    np.testing.assert_allclose(p2, p1, rtol=1e-12, atol=1e-12 * np.abs(p1).max())
 
 
 @pytest.mark.parametrize("opt", RULES)
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
-def test_step_every_optimizer(opt, dtype, rtol):
+def test_step_every_optimizer(device, opt, dtype, rtol):
     rng = np.random.default_rng()
     sizes = [6, 17, 4]
-    (m1, o1), (m2, o2) = _pair(sizes, "tanh", "softmax_cross_entropy", opt, dtype)
+    (m1, o1), (m2, o2) = _pair(sizes, "tanh", "softmax_cross_entropy", opt, dtype, device=device)
     loss_fn = fg.SoftmaxCrossEntropy()
     step = fg.TrainStep(m2, loss_fn, o2)
     clipped = 0
@@ -87,8 +91,66 @@ def test_step_every_optimizer(opt, dtype, rtol):
         step(x, y)
         clipped += step.stats.clipped
     assert clipped > 0, "the test must exercise clipping"
-    np.testing.assert_allclose(m2.params, m1.params, rtol=rtol, atol=rtol * np.abs(m1.params).max())
+    p1, p2 = to_numpy(m1.params), to_numpy(m2.params)
+    np.testing.assert_allclose(p2, p1, rtol=rtol, atol=rtol * np.abs(p1).max())
     assert o1.state_dict()["step"] == o2.state_dict()["step"] == 20
+
+
+def _flat_mlp(rng, sizes, act, dtype, batch, loss):
+    """The flat arguments of the step kernels for an MLP, as NumPy arrays."""
+    codes = np.array([fg.registry.get(act).code] * (len(sizes) - 2)
+                     + [fg.registry.get("identity").code], np.int64)
+    alphas = np.array([fg.ops.resolve_activation(act)[1]] * (len(sizes) - 2) + [0.0], np.float64)
+    sizes = np.array(sizes, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes[:-1] * sizes[1:] + sizes[1:])]).astype(np.int64)
+    params = (rng.standard_normal(offsets[-1]) * 0.3).astype(dtype)
+    x = rng.standard_normal((batch, sizes[0])).astype(dtype)
+    labels = rng.integers(0, sizes[-1], batch).astype(np.int64)
+    target = rng.uniform(0, 1, (batch, sizes[-1])).astype(dtype)
+    if loss == kstep.CROSS_ENTROPY:
+        target = np.zeros((0, 0), dtype)
+    else:
+        labels = np.zeros(0, np.int64)
+    acts = np.zeros(batch * int(sizes[1:].sum()), dtype)
+    zs = np.zeros_like(acts) if fg.registry.get(act).needs_z else acts
+    delta = np.zeros(2 * batch * int(sizes[1:].max()), dtype)
+    return x, labels, target, params, sizes, codes, alphas, offsets, acts, zs, delta
+
+
+def _plain_plan(sizes):
+    """The CPU driver's step-plan arguments of a plain model: (plan, fplan,
+    run_mean, run_var)."""
+    off = np.zeros(len(sizes) - 1)
+    plan, fplan, _ = kstep.step_plan(sizes, 1, 0, off, off, off, off, np.float64)
+    return plan, fplan, np.zeros(0), np.zeros(0)
+
+
+@pytest.mark.parametrize("loss", [kstep.CROSS_ENTROPY, kstep.MSE, kstep.BCE_WITH_LOGITS])
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "silu"])
+def test_forward_backward_kernel_float32(device, rng, act, loss):
+    """The device's float32 ``step.forward_backward`` (loss, activations,
+    gradients) against the CPU kernel in float64 on the same inputs."""
+    import importlib
+    be = fg.backend.backend_for(device)
+    kernel = importlib.import_module(be.kernels.__name__ + ".step").forward_backward
+    args = _flat_mlp(rng, [20, 64, 130, 10], act, np.float32, 100, loss)
+    x, labels, target, params, sizes, codes, alphas, offsets, acts, zs, delta = args
+    wide = [a.astype(np.float64) for a in (x, target, params, acts, delta)]
+    x64, t64, p64, a64, d64 = wide
+    z64 = a64 if zs is acts else zs.astype(np.float64)
+    g64 = np.zeros_like(p64)
+    loss_ref = kstep.forward_backward(x64, labels, t64, loss, p64, g64, sizes, codes, alphas,
+                                      offsets, a64, z64, d64, *_plain_plan(sizes))
+    dev, seen = [], {}
+    for a in (x, labels, target, params, acts, zs, delta):   # zs may alias acts: keep it
+        dev.append(seen.setdefault(id(a), be.to_device(a)))
+    xd, ld, td, pd, ad, zd, dd = dev
+    gd = be.alloc(params.shape, np.float32, fill=0)
+    plan = _plain_plan(sizes) if be.steps_by_plan else ()
+    got = kernel(xd, ld, td, loss, pd, gd, sizes, codes, alphas, offsets, ad, zd, dd, *plan)
+    assert_close(float(got), loss_ref, np.float32, what="loss")
+    assert_close(ad, a64, np.float32, what="activations")
+    assert_close(gd, g64, np.float32, what="gradients")
 
 
 def test_deep_and_wide_shapes():

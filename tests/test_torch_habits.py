@@ -9,7 +9,7 @@ from fastgrad import schedules
 from fastgrad.layers import StateDictError
 
 
-def _toolkit_model(dtype="float64", seed=0):
+def _epilogue_model(dtype="float64", seed=0):
     return fg.Sequential([
         fg.Dense(5, 8, activation="tanh", norm="batch", dropout=0.2),
         fg.Residual(fg.Dense(8, 8, activation="relu", norm="layer")),
@@ -20,13 +20,13 @@ def _toolkit_model(dtype="float64", seed=0):
 # --- model(x) ------------------------------------------------------------------
 
 def test_call_follows_the_mode(rng):
-    model = _toolkit_model()
+    model = _epilogue_model()
     x = rng.standard_normal((7, 5))
     step0 = model.dropout_step
     y = model(x)                          # training: forward, masks drawn, cache kept
     assert model.dropout_step == step0 + 1
     model.backward(np.ones_like(y))       # works: the cache is the call's
-    ref = _toolkit_model()
+    ref = _epilogue_model()
     ref.forward(x)
     assert np.array_equal(y, ref._run(ref._input(x), keep=False, counter=step0)[0])
     model.eval()
@@ -40,7 +40,7 @@ def test_call_follows_the_mode(rng):
 # --- parameters / named_parameters / state_dict ---------------------------------
 
 def test_named_parameters_are_views_in_buffer_order():
-    model = _toolkit_model()
+    model = _epilogue_model()
     named = list(model.named_parameters())
     names = [n for n, _ in named]
     assert names == ["layers.0.W", "layers.0.b", "layers.0.gamma", "layers.0.beta",
@@ -62,7 +62,7 @@ def test_named_parameters_are_views_in_buffer_order():
 
 
 def test_state_dict_round_trip(rng):
-    a, b = _toolkit_model(seed=1), _toolkit_model(seed=2)
+    a, b = _epilogue_model(seed=1), _epilogue_model(seed=2)
     x = rng.standard_normal((9, 5))
     a(x)                                   # moves the running statistics
     sd = a.state_dict()
@@ -76,7 +76,7 @@ def test_state_dict_round_trip(rng):
     a.eval(), b.eval()
     assert np.array_equal(a(x), b(x))      # weight norm's W refreshed from v, g
     # float32 arrays into a float64 model (and back) convert
-    c = _toolkit_model(dtype="float32", seed=3)
+    c = _epilogue_model(dtype="float32", seed=3)
     c.load_state_dict({k: v.astype(np.float32) for k, v in sd.items()})
     np.testing.assert_allclose(c.params, a.params.astype(np.float32))
 
@@ -93,7 +93,7 @@ def test_state_dict_snapshot_survives_training(rng):
 
 
 def test_load_state_dict_strict_and_not(rng):
-    model = _toolkit_model()
+    model = _epilogue_model()
     before = model.params.copy()
     sd = {k: v.copy() + 1.0 for k, v in model.state_dict().items()}
     del sd["layers.1.gamma"]
@@ -119,7 +119,7 @@ def test_load_state_dict_strict_and_not(rng):
     ([("layers.0.b", np.zeros(8))], TypeError, "mapping"),
 ])
 def test_load_state_dict_bad_values(bad, exc, match):
-    model = _toolkit_model()
+    model = _epilogue_model()
     before = model.params.copy()
     with pytest.raises(exc, match=match):
         model.load_state_dict(bad, strict=False)
@@ -307,7 +307,7 @@ def test_state_dict_on_every_device(device, rng):
     from conftest import to_numpy
     from fastgrad import device as fgd
     xp = fgd.array_module(device)
-    a = _toolkit_model(seed=1)                                  # on the CPU
+    a = _epilogue_model(seed=1)                                  # on the CPU
     a(rng.standard_normal((6, 5)))
     m = fg.Sequential([fg.Dense(5, 8, activation="tanh", norm="batch", dropout=0.2),
                        fg.Residual(fg.Dense(8, 8, activation="relu", norm="layer")),

@@ -1,8 +1,11 @@
 """A strict fake ``cupy`` for the host emulator.
 
-It defines exactly the part of CuPy's surface that fastgrad, its tests and
-its benchmarks use -- nothing falls through to NumPy -- and refuses what
-real CuPy refuses.  ``tests/test_emulator_surface.py`` checks every name,
+It defines only the part of CuPy's surface that fastgrad, its tests, its
+benchmarks and GPU tools reach (README.md: the audit, ``EMU_AUDIT``) --
+nothing falls through to NumPy -- and refuses what real CuPy refuses: a name
+left out is an AttributeError, an operator left out a TypeError.  Tests reach
+device arrays through fastgrad's backend (``to_device``, ``to_host``,
+``alloc``), not CuPy arithmetic.  ``tests/test_cupy_surface.py`` checks every name,
 method, attribute and keyword offered here against the real ``cupy-cuda13x``
 wheel (which imports without a GPU), so a call the real package lacks fails
 in CI instead of on a GPU's first contact.
@@ -100,17 +103,10 @@ class MemoryPointer:
         src = _address(mem)
         device_work(lambda: ctypes.memmove(self.ptr, src, int(size)))
 
-    def copy_from_host(self, mem, size):
-        _host_sync("synchronous host->device copy")
-        ctypes.memmove(self.ptr, _address(mem), int(size))
-
     def copy_to_host_async(self, mem, size, stream=None):
         _refuse_during_capture("asynchronous device->host copy")
         dst = _address(mem)
         device_work(lambda: ctypes.memmove(dst, self.ptr, int(size)))
-
-    def copy_from_device_async(self, src, size, stream=None):
-        device_work(lambda: ctypes.memmove(self.ptr, src.ptr, int(size)))
 
 
 class Flags:
@@ -207,30 +203,19 @@ def _with_out(name, fn, args, kw):
     return _compute(lambda: fn(*a, **k))
 
 
-_BIN = ["add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor",
-        "lshift", "rshift"]
-_CMP = ["eq", "ne", "lt", "le", "gt", "ge"]
+# The operators offered: those fastgrad and its tests use (README: the audit).
+_BIN = ["pow"]
+_IN_PLACE = ["add"]
+_CMP = ["eq", "ne"]
 
 # The ndarray methods offered beyond the hand-written ones: name -> the
 # keywords each takes (all of them CuPy's; the surface test checks).
 _REDUCTIONS = {
     "sum": ("axis", "dtype", "out", "keepdims"),
-    "prod": ("axis", "dtype", "out", "keepdims"),
-    "mean": ("axis", "dtype", "out", "keepdims"),
     "max": ("axis", "out", "keepdims"),
     "min": ("axis", "out", "keepdims"),
     "all": ("axis", "out", "keepdims"),
-    "any": ("axis", "out", "keepdims"),
     "argmax": ("axis", "out", "dtype", "keepdims"),
-    "argmin": ("axis", "out", "dtype", "keepdims"),
-    "take": ("indices", "axis", "out"),
-    "clip": ("min", "max", "out"),
-    "round": ("decimals", "out"),
-    "dot": ("b", "out"),
-    "cumsum": ("axis", "dtype", "out"),
-    "var": ("axis", "dtype", "out", "ddof", "keepdims"),
-    "std": ("axis", "dtype", "out", "ddof", "keepdims"),
-    "flatten": ("order",),
 }
 
 
@@ -252,20 +237,6 @@ class ndarray:
             return out
         return np.array(self._a, copy=True, order=order)
 
-    def set(self, arr, stream=None):
-        _host_sync("ndarray.set()")
-        if not isinstance(arr, np.ndarray) or arr.shape != self.shape or arr.dtype != self.dtype:
-            raise ValueError("ndarray.set: a NumPy array of the same shape and dtype expected")
-        self._a[...] = arr
-
-    def item(self):
-        _host_sync("ndarray.item()")
-        return self._a.item()
-
-    def tolist(self):
-        _host_sync("ndarray.tolist()")
-        return self._a.tolist()
-
     def __float__(self):
         _host_sync("float(ndarray)")
         return float(self._a)
@@ -273,10 +244,6 @@ class ndarray:
     def __int__(self):
         _host_sync("int(ndarray)")
         return int(self._a)
-
-    def __complex__(self):
-        _host_sync("complex(ndarray)")
-        return complex(self._a)
 
     def __bool__(self):
         _host_sync("bool(ndarray)")
@@ -287,33 +254,18 @@ class ndarray:
 
     __str__ = __repr__
 
-    def __format__(self, spec):
-        _host_sync("format(ndarray)")
-        return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
-
     # metadata
     shape = property(lambda s: s._a.shape)
     dtype = property(lambda s: s._a.dtype)
     size = property(lambda s: s._a.size)
     ndim = property(lambda s: s._a.ndim)
     itemsize = property(lambda s: s._a.itemsize)
-    nbytes = property(lambda s: s._a.nbytes)
-    strides = property(lambda s: s._a.strides)
     flags = property(lambda s: Flags(s._a))
     T = property(lambda s: _mk(s._a.T))
     data = property(lambda s: MemoryPointer(s._a))
-    device = property(lambda s: Device(0))
-
-    @property
-    def base(self):
-        return None if self._a.base is None else _mk(self._a.base)
 
     def __len__(self):
         return len(self._a)
-
-    def __iter__(self):
-        for i in range(len(self._a)):
-            yield self[i]
 
     def __hash__(self):
         raise TypeError("unhashable type: 'cupy.ndarray'")
@@ -330,18 +282,6 @@ class ndarray:
         if not np.shares_memory(r, self._a) and r.size:
             return _compute(lambda: self._a.reshape(*shape, order=order))
         return _mk(r)
-
-    def view(self, dtype=None, type=None):
-        return _mk(self._a.view() if dtype is None else self._a.view(dtype))
-
-    def transpose(self, *axes):
-        return _mk(self._a.transpose(*axes))
-
-    def swapaxes(self, axis1, axis2):
-        return _mk(self._a.swapaxes(axis1, axis2))
-
-    def squeeze(self, axis=None):
-        return _mk(self._a.squeeze(axis))
 
     def ravel(self, order="C"):
         return self.reshape(-1, order=order)
@@ -422,14 +362,10 @@ def _iop(name):
 
 for _n in _BIN:
     setattr(ndarray, f"__{_n}__", _binop(_n))
-    setattr(ndarray, f"__r{_n}__", _binop("r" + _n))
-    if _n != "matmul":          # CuPy has no in-place @=
-        setattr(ndarray, f"__i{_n}__", _iop(_n))
+for _n in _IN_PLACE:
+    setattr(ndarray, f"__i{_n}__", _iop(_n))
 for _n in _CMP:
     setattr(ndarray, f"__{_n}__", _binop(_n))
-for _n in ("neg", "pos", "abs", "invert"):
-    setattr(ndarray, f"__{_n}__", (lambda n: lambda self: _compute(
-        lambda: getattr(self._a, f"__{n}__")()))(_n))
 ndarray.__module__ = "cupy"
 ndarray.__qualname__ = ndarray.__name__ = "ndarray"
 
@@ -456,12 +392,9 @@ class ufunc:
         return f"<ufunc '{self.__name__}'>"
 
 
-# The ufuncs offered (CuPy has each; the surface test checks).
-_UFUNC_NAMES = ("add", "subtract", "multiply", "divide", "true_divide", "negative", "sqrt",
-                "square", "exp", "log", "log1p", "expm1", "tanh", "absolute", "abs", "maximum",
-                "minimum", "isfinite", "isnan", "isinf", "greater", "greater_equal", "less",
-                "less_equal", "equal", "not_equal", "logical_and", "logical_or", "logical_not",
-                "sign", "floor", "ceil", "power", "reciprocal")
+# The ufuncs offered: those fastgrad and its benchmarks call (CuPy has each;
+# the surface test checks).
+_UFUNC_NAMES = ("add", "sqrt", "maximum", "isfinite")
 _UFUNCS = {n: ufunc(n) for n in _UFUNC_NAMES}
 
 
@@ -516,11 +449,11 @@ def zeros_like(a, dtype=None, order="K", subok=None, shape=None):
                                        shape=shape))
 
 
-def ones_like(a, dtype=None, order="K", subok=None, shape=None):
+def _ones_like(a, dtype=None, order="K", subok=None, shape=None):
     return _alloc_result(np.ones_like(_device_operand(a, "ones_like"), dtype, order, shape=shape))
 
 
-def full_like(a, fill_value, dtype=None, order="K", subok=None, shape=None):
+def _full_like(a, fill_value, dtype=None, order="K", subok=None, shape=None):
     return _alloc_result(np.full_like(_device_operand(a, "full_like"), fill_value, dtype, order,
                                       shape=shape))
 
@@ -653,24 +586,13 @@ for _f in (cp_all, cp_any, cp_sum, cp_round):
     _f.__name__ = _f.__name__[3:]
 
 
-def get_array_module(*args):
-    return _module if any(isinstance(a, ndarray) for a in args) else np
-
-
-_module = None       # the fake module made last by fake_cupy()
-
-
-def from_dlpack(array, *, device=None, copy=None):
-    return asarray(np.from_dlpack(array))
-
-
 # numpy functions on device arrays dispatch here (__array_function__), as in
 # CuPy for the functions it implements; anything else is a TypeError.
 _ARRAY_FUNCTIONS = {
     "dot": dot, "take": take, "stack": stack, "concatenate": concatenate, "copyto": copyto,
     "where": where, "all": cp_all, "any": cp_any, "sum": cp_sum, "round": cp_round,
     "array_equal": array_equal, "allclose": allclose, "empty_like": empty_like,
-    "zeros_like": zeros_like, "ones_like": ones_like, "full_like": full_like,
+    "zeros_like": zeros_like, "ones_like": _ones_like, "full_like": _full_like,
     "ascontiguousarray": ascontiguousarray, "matmul": matmul,
 }
 
@@ -692,16 +614,8 @@ class Stream:
     def __exit__(self, *exc):
         Stream._stack.pop()
 
-    def use(self):
-        Stream._stack[:] = [self]
-        return self
-
     def synchronize(self):
         _host_sync("Stream.synchronize()")
-
-    @property
-    def done(self):
-        return True
 
     def begin_capture(self, mode=None):
         global _capture
@@ -725,18 +639,6 @@ class Stream:
             raise RuntimeError(f"cudaErrorStreamCaptureInvalidated ({g.bad})")
         return g
 
-    def is_capturing(self):
-        return _capture is not None and _capture is self._graph
-
-    def record(self, event=None):
-        event = event or Event()
-        event.record(self)
-        return event
-
-    def wait_event(self, event):
-        pass
-
-
 class Graph:
     def __init__(self):
         self.ops = []
@@ -748,9 +650,6 @@ class Graph:
         stats["replays"] += 1
         for op in self.ops:
             op()
-
-    def upload(self, stream=None):
-        pass
 
 
 _NULL = Stream(null=True)
@@ -809,15 +708,6 @@ class Device:
     def synchronize(self):
         _host_sync("Device.synchronize()")
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *e):
-        pass
-
-    def __int__(self):
-        return self.id
-
 
 class PinnedMemoryPointer(bytearray):
     @property
@@ -833,55 +723,6 @@ def alloc_pinned_memory(size):
     return PinnedMemoryPointer(int(size))
 
 
-def set_pinned_memory_allocator(allocator=None):
-    pass
-
-
-def set_allocator(allocator=None):
-    pass
-
-
-class MemoryPool:
-    def __init__(self, allocator=None):
-        pass
-
-    def used_bytes(self):
-        return 0
-
-    def total_bytes(self):
-        return 0
-
-    def free_all_blocks(self, stream=None):
-        pass
-
-
-class PinnedMemoryPool:
-    def __init__(self, allocator=None):
-        pass
-
-    def n_free_blocks(self):
-        return 0
-
-    def free_all_blocks(self):
-        pass
-
-
-_memory_pool = MemoryPool()
-_pinned_pool = PinnedMemoryPool()
-
-
-def get_default_memory_pool():
-    return _memory_pool
-
-
-def get_default_pinned_memory_pool():
-    return _pinned_pool
-
-
-def is_available():
-    return True
-
-
 def unwrap_kernel_arg(name, i, a):
     if isinstance(a, ndarray):
         return a._a
@@ -892,13 +733,11 @@ def unwrap_kernel_arg(name, i, a):
 
 # --- the module -----------------------------------------------------------------
 
-# Names taken from NumPy unchanged (CuPy exports the same objects or values).
-_NUMPY_NAMES = ("float16", "float32", "float64", "int8", "int32", "int64", "uint8", "uint64",
-                "bool_", "nan", "inf", "pi", "newaxis", "dtype", "finfo", "iinfo", "result_type")
-_FUNCTIONS = (empty, zeros, ones, full, arange, empty_like, zeros_like, ones_like, full_like,
-              asarray, array, ascontiguousarray, asnumpy, matmul, dot, take, stack, concatenate,
-              copyto, where, cp_all, cp_any, cp_sum, cp_round, array_equal, allclose, get_array_module,
-              from_dlpack, get_default_memory_pool, get_default_pinned_memory_pool)
+# The module's functions: allocation, copies, GEMM and the few array functions
+# fastgrad, its tests, benchmarks and GPU tools call (README: the audit).
+_FUNCTIONS = (empty, zeros, ones, full, arange, empty_like, zeros_like, asarray, array,
+              ascontiguousarray, asnumpy, matmul, dot, take, stack, concatenate, copyto, where,
+              cp_all, cp_any, cp_sum, cp_round, array_equal, allclose)
 
 
 def fake_cupy():
@@ -906,39 +745,117 @@ def fake_cupy():
     cp = types.ModuleType("cupy")
     cp.__emulated__ = True
     cp.ndarray = ndarray
-    cp.ufunc = ufunc
     for f in _FUNCTIONS:
         setattr(cp, f.__name__, f)
     for n, u in _UFUNCS.items():
         setattr(cp, n, u)
-    for n in _NUMPY_NAMES:
-        setattr(cp, n, getattr(np, n))
-    global _module
-    _module = cp
 
     rt = types.ModuleType("cupy.cuda.runtime")
     rt.getDeviceCount = lambda: 1
     rt.getDevice = lambda: 0
-    rt.deviceSynchronize = lambda: _host_sync("deviceSynchronize")
-    rt.CUDARuntimeError = type("CUDARuntimeError", (RuntimeError,), {})
     nccl = types.ModuleType("cupy.cuda.nccl")
     nccl.available = False      # as a wheel without libnccl: the module imports, empty
-    graph = types.ModuleType("cupy.cuda.graph")
-    graph.Graph = Graph
     cuda = types.ModuleType("cupy.cuda")
     # cupy.cuda.nccl is reached only by importing it, as in CuPy
-    cuda.runtime, cuda.graph, cuda._nccl = rt, graph, nccl
+    cuda.runtime, cuda._nccl = rt, nccl
     cuda.Stream, cuda.Event, cuda.Device = Stream, Event, Device
-    cuda.MemoryPointer, cuda.PinnedMemoryPointer = MemoryPointer, PinnedMemoryPointer
-    cuda.MemoryPool, cuda.PinnedMemoryPool = MemoryPool, PinnedMemoryPool
-    for f in (get_current_stream, get_elapsed_time, alloc_pinned_memory,
-              set_pinned_memory_allocator, set_allocator, is_available):
+    for f in (get_current_stream, get_elapsed_time, alloc_pinned_memory):
         setattr(cuda, f.__name__, f)
     cp.cuda = cuda
+    if _AUDIT_PATH:
+        _audit_install(cp)
     return cp
 
 
 def submodules(cp):
     """The ``sys.modules`` entries that importing the fake must add."""
     return {"cupy": cp, "cupy.cuda": cp.cuda, "cupy.cuda.runtime": cp.cuda.runtime,
-            "cupy.cuda.nccl": cp.cuda._nccl, "cupy.cuda.graph": cp.cuda.graph}
+            "cupy.cuda.nccl": cp.cuda._nccl}
+
+
+# --- usage audit (EMU_AUDIT=file) -------------------------------------------------
+#
+# Which of the names above are reached, and from where: the first frame outside
+# this emulator and NumPy, classified as the library (fastgrad/, kernels/), the
+# tests or the benchmarks.  One "name<TAB>caller-kind" line per distinct pair is
+# appended to the file at exit (tools/cuda_emulator/README.md, the audit).
+
+_AUDIT_PATH = os.environ.get("EMU_AUDIT")
+_audit_seen = set()
+
+
+def _caller_kind():
+    here = os.path.dirname(os.path.abspath(__file__))
+    f = sys._getframe(2)
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if not fn.startswith(here) and f"{os.sep}numpy{os.sep}" not in fn:
+            rel = os.path.relpath(fn, _REPO)
+            top = rel.split(os.sep)[0]
+            if top in ("fastgrad", "kernels"):       # fastgrad/kernels included
+                return "library"
+            return top if top in ("tests", "bench", "tools") else "other"
+        f = f.f_back
+    return "other"
+
+
+def _audited(name, fn):
+    def wrapper(*args, **kw):
+        key = (name, _caller_kind())
+        _audit_seen.add(key)
+        return fn(*args, **kw)
+    wrapper.__name__ = getattr(fn, "__name__", name)
+    wrapper.__qualname__ = getattr(fn, "__qualname__", name)
+    wrapper.__wrapped__ = fn
+    if hasattr(fn, "keywords"):
+        wrapper.keywords = fn.keywords
+    return wrapper
+
+
+def _audit_install(cp):
+    import atexit
+    global _audit_classes_done
+    if _audit_classes_done:     # the classes are shared by every fake module made
+        return _audit_module(cp)
+    _audit_classes_done = True
+    _audit_module(cp)
+    for cls, prefix in ((ndarray, "ndarray."), (Stream, "cuda.Stream."), (Event, "cuda.Event."),
+                        (Graph, "cuda.graph.Graph."), (MemoryPointer, "cuda.MemoryPointer."),
+                        (Device, "cuda.Device."), (PinnedMemoryPointer,
+                                                   "cuda.PinnedMemoryPointer.")):
+        for n, obj in list(vars(cls).items()):
+            if n in ("__init__", "__repr__", "__str__", "__array_ufunc__",
+                     "__array_function__", "__hash__") or n.startswith("_") and \
+                    not n.startswith("__"):
+                continue
+            if isinstance(obj, property):
+                setattr(cls, n, property(_audited(prefix + n, obj.fget)))
+            elif callable(obj) and not isinstance(obj, type):
+                setattr(cls, n, _audited(prefix + n, obj))
+        if cls is not ndarray:
+            cls.__init__ = _audited(prefix + "__init__", cls.__init__)
+    ufunc.__call__ = _audited_ufunc_call
+
+    def dump():
+        with open(_AUDIT_PATH, "a") as fh:
+            for name, kind in sorted(_audit_seen):
+                fh.write(f"{name}\t{kind}\n")
+    atexit.register(dump)
+
+
+_ufunc_call = ufunc.__call__
+_audit_classes_done = False
+
+
+def _audit_module(cp):
+    for mod, prefix in ((cp, ""), (cp.cuda, "cuda."), (cp.cuda.runtime, "cuda.runtime.")):
+        for n in list(vars(mod)):
+            obj = getattr(mod, n)
+            if callable(obj) and not isinstance(obj, (type, ufunc, types.ModuleType)) \
+                    and not n.startswith("_"):
+                setattr(mod, n, _audited(prefix + n, obj))
+
+
+def _audited_ufunc_call(self, *args, **kw):
+    _audit_seen.add((self.__name__, _caller_kind()))
+    return _ufunc_call(self, *args, **kw)

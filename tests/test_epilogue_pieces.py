@@ -1,6 +1,8 @@
-"""Residual blocks and dropout (issue 9): kernels against fastgrad.reference
-and PyTorch, gradients against central differences, the counter-based mask,
-TrainStep equality and checkpoints."""
+"""The epilogue pieces at work (fastgrad/epilogue.py; formerly the
+"explosion toolkit", issue 9): residual blocks, dropout, batch/layer norm and
+weight norm -- their kernels against fastgrad.reference and PyTorch,
+gradients against central differences, the counter-based mask, TrainStep
+equality and checkpoints.  The table itself is tested in test_epilogue.py."""
 import importlib.util
 import json
 
@@ -243,7 +245,7 @@ def test_train_eval_modes(rng):
 def test_p_zero_is_bit_identical(rng):
     plain = fg.MLP([6, 9, 9, 3], activation="gelu", dtype="float32", seed=5)
     zero = fg.MLP([6, 9, 9, 3], activation="gelu", dtype="float32", seed=5, dropout=0.0)
-    assert not zero.extended
+    assert not zero.has_epilogue
     x = rng.standard_normal((7, 6)).astype(np.float32)
     y = rng.integers(0, 3, 7)
     np.testing.assert_array_equal(plain.forward(x), zero.forward(x))
@@ -391,7 +393,7 @@ def test_old_checkpoint_without_new_fields_loads(tmp_path):
     save_file({"params": params}, str(tmp_path / "old.fgz"),
               metadata={"fastgrad": json.dumps(meta)})
     m2, _ = fg.load(tmp_path / "old.fgz")
-    assert not m2.extended and m2.dropout_step == 0 and m2.training
+    assert not m2.has_epilogue and m2.dropout_step == 0 and m2.training
     np.testing.assert_array_equal(m2.params, m.params)
 
 
