@@ -44,6 +44,10 @@ class Backend:
     graphs_steps = False
     #: run_epoch can run whole chunks of steps in one compiled call
     compiled_epochs = False
+    #: plain and toolkit models run ONE step driver reading a step plan
+    #: (``kernels/cpu/step.py`` ``step_plan``); else plain models run the
+    #: plain step and toolkit models ``step_blocks``
+    steps_by_plan = False
     #: a step's skip decision is a host value when its kernel returns (so
     #: the host may undo what the forward changed); else it stays on the device
     skip_known_on_host = True
@@ -137,9 +141,12 @@ class Backend:
         for all)."""
         return self.kernels_for(codes)
 
-    def step_kernels(self, codes, rules=None, losses=None):
+    def step_kernels(self, codes, rules=None, losses=None, features=None):
         """``(step, step_blocks, step_sharded)`` kernel modules of a model
-        with activation ``codes`` (None where the device has no such step)."""
+        with activation ``codes`` and layer ``features`` (None where the
+        device has no such step; where the device fuses toolkit layers,
+        ``step`` is the one driver of plain and toolkit models and
+        ``step_blocks`` is ``step``)."""
         raise NotImplementedError
 
     def update_kernels(self, rule=None):
@@ -215,6 +222,7 @@ class CpuBackend(Backend):
     fuses_toolkit_layers = True
     shards_threads = True
     compiled_epochs = True
+    steps_by_plan = True
 
     @property
     def xp(self):
@@ -251,18 +259,20 @@ class CpuBackend(Backend):
     def check_activations(self, codes):
         pass                    # any registered activation runs on the CPU
 
-    def model_kernels(self, codes, rules=None, losses=None):
-        # a copy of the package compiled for these activations, rules and
-        # losses alone: a cold first step compiles only what the model uses
+    def model_kernels(self, codes, rules=None, losses=None, features=None):
+        # a copy of the package compiled for these activations, rules,
+        # losses and layer features alone: a cold first step compiles only
+        # what the model uses
         pkg = self.kernels_for(codes)       # unknown registered codes raise
         if _device.kernel_copies() == "shared":
             # one package for every model of the process (test suites, sweeps)
             return _registry.full_cpu_kernels() if pkg is self.kernels else pkg
-        return _registry.cpu_kernels(codes, rules=rules, losses=losses)
+        return _registry.cpu_kernels(codes, rules=rules, losses=losses, features=features)
 
-    def step_kernels(self, codes, rules=None, losses=None):
-        pkg = self.model_kernels(codes, rules=rules, losses=losses)
-        return pkg.step, pkg.step_blocks, pkg.step_sharded
+    def step_kernels(self, codes, rules=None, losses=None, features=None):
+        # one driver for plain and toolkit models (kernels/cpu/step.py)
+        pkg = self.model_kernels(codes, rules=rules, losses=losses, features=features)
+        return pkg.step, pkg.step, pkg.step_sharded
 
     def update_kernels(self, rule=None):
         # a copy compiled for this rule alone (no activation, no loss)
@@ -373,7 +383,7 @@ class CudaBackend(Backend):
         _module.set_registered_activations(_registry.cuda_table())
         return self.kernels
 
-    def step_kernels(self, codes, rules=None, losses=None):
+    def step_kernels(self, codes, rules=None, losses=None, features=None):
         # One Python function issuing the step's launches on the current
         # stream (no host sync inside), for plain models and for models with
         # toolkit layers (step_blocks); threads= has no CUDA step.

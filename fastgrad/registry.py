@@ -251,7 +251,7 @@ def _forget(name):
 
 # --- the kernels of registered activations -------------------------------------------
 
-_variant = {}          # (rule, loss codes) -> package module, for the current registrations
+_variant = {}          # (rules, losses, features) -> package module, for the current registrations
 _generation = [0]
 
 
@@ -273,7 +273,7 @@ _SUBMODULES = ("step", "step_blocks", "step_sharded", "blocks", "norm", "wnorm",
 # the package's own, so their kernels (the losses, norms) compile once per
 # process and disk cache, whatever the number of copies.
 _SHARED = ("mathfn", "losses", "reduce", "wnorm")
-_subsets = {}          # (activation, rule, loss codes) -> package module
+_subsets = {}          # (activations, rules, losses, features) -> package module
 
 
 def _code_set(codes, every, what):
@@ -286,13 +286,19 @@ def _code_set(codes, every, what):
     return out
 
 
-def cpu_kernels(codes=None, rules=None, losses=None):
+def cpu_kernels(codes=None, rules=None, losses=None, features=None):
     """The CPU kernel package for a model's activation ``codes``, update
     ``rules`` and ``losses`` (codes of ``kernels/spec.py``; None: every
+    one) and layer ``features`` (names of ``kernels/cpu/step.py``
+    ``FEATURES``: "dropout", "norm", "residual", "weight_norm"; None: every
     one): a module with the attributes of ``fastgrad.kernels.cpu`` and its
     submodules ``step``, ``step_blocks``, ``step_sharded``, ``blocks``,
     ``norm``, ``wnorm``, ``dense``, ``optim``, ``activations``.  Its kernels
-    serve those codes alone: any other raises ValueError in them.
+    serve those codes alone: any other raises ValueError in them.  Its step
+    driver is compiled for those features alone (a plain model's, for
+    ``features=()``, compiles no toolkit code) and runs a layer with another
+    feature as a plain one: ``TrainStep`` checks that its model's features
+    are served before it calls the driver.
 
     With a registered activation among ``codes`` (or ``codes=None`` while
     some are registered): one copy serving the built-ins and every
@@ -305,21 +311,41 @@ def cpu_kernels(codes=None, rules=None, losses=None):
     """
     rules = _code_set(rules, _spec.RULES.values(), "update rule")
     losses = _code_set(losses, _spec.LOSS_CODES.values(), "loss")
+    features = _feature_set(features)
     if codes is not None and not uses_registered(codes):
-        return _subset_kernels(frozenset(int(c) for c in codes), rules, losses)
+        return _subset_kernels(frozenset(int(c) for c in codes), rules, losses, features)
     with _lock:
-        pkg = _variant.get((rules, losses))
+        pkg = _variant.get((rules, losses, features))
         if pkg is None:
             _generation[0] += 1
-            pkg = _variant[rules, losses] = _load_copy(
+            pkg = _variant[rules, losses, features] = _load_copy(
                 f"fastgrad.kernels._registered{_generation[0]}",
                 "fastgrad.kernels.cpu with registered activations",
                 _EXTRA_ACTIVATIONS=tuple(
                     (s.code, _inline(s.f), _inline(s.df), s.needs_z)
                     for s in _specs.values() if not s.builtin),
                 _NO_DISK_CACHE=True, **_only("RULES", rules, _spec.RULES.values()),
-                **_only("LOSSES", losses, _spec.LOSS_CODES.values()))
+                **_only("LOSSES", losses, _spec.LOSS_CODES.values()),
+                **_only("FEATURES", features, _step_features()))
         return pkg
+
+
+def _step_features():
+    from .kernels.cpu.step import FEATURES
+    return FEATURES
+
+
+def _feature_set(features):
+    every = _step_features()
+    if features is None:
+        return frozenset(every)
+    if isinstance(features, str):
+        raise TypeError(f"features must be a collection of names, got {features!r}")
+    out = frozenset(features)
+    unknown = sorted(out - set(every))
+    if unknown:
+        raise ValueError(f"unknown layer feature(s) {unknown}; known: {list(every)}")
+    return out
 
 
 def full_cpu_kernels():
@@ -337,21 +363,26 @@ def _only(kind, codes, every):
     return {} if codes == frozenset(every) else {f"_ONLY_{kind}": codes}
 
 
-def _subset_kernels(codes, rules, losses):
+def _subset_kernels(codes, rules, losses, features):
     with _lock:
-        pkg = _subsets.get((codes, rules, losses))
+        pkg = _subsets.get((codes, rules, losses, features))
         if pkg is None:
             tag = "_".join(str(c) for c in sorted(codes))
             attrs = dict(_only("RULES", rules, _spec.RULES.values()),
-                         **_only("LOSSES", losses, _spec.LOSS_CODES.values()))
-            # A copy for every rule and loss keeps its earlier name (and cache files).
+                         **_only("LOSSES", losses, _spec.LOSS_CODES.values()),
+                         **_only("FEATURES", features, _step_features()))
+            # A copy for every rule, loss and feature keeps its earlier name
+            # (and cache files).
             for kind, letter in (("RULES", "r"), ("LOSSES", "l")):
                 if f"_ONLY_{kind}" in attrs:
                     tag += f"_{letter}" + "_".join(str(c) for c in sorted(attrs[f"_ONLY_{kind}"]))
-            pkg = _subsets[codes, rules, losses] = _load_copy(
+            if "_ONLY_FEATURES" in attrs:
+                tag += "_f" + ("_".join(sorted(features)) or "plain")
+            pkg = _subsets[codes, rules, losses, features] = _load_copy(
                 f"fastgrad.kernels._cpu_{tag}",
                 f"fastgrad.kernels.cpu compiled for activation codes {sorted(codes)}, rules "
-                f"{sorted(rules)}, losses {sorted(losses)}",
+                f"{sorted(rules)}, losses {sorted(losses)}, layer features "
+                f"{sorted(features)}",
                 _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}", **attrs)
         return pkg
 

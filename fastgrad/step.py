@@ -9,16 +9,19 @@ without a recompile.  The update is the very kernel ``opt.step()`` runs, so
 both paths give the same parameters, and ``step.stats`` is the StepStats
 ``opt.step()`` would have returned.
 
-Models with dropout, residual blocks, normalisation or weight normalisation
-run their own compiled step (``fastgrad.kernels.cpu.step_blocks``; on CUDA
-its twin ``fastgrad.kernels.cuda.step_blocks``): plain models never compile
-that code, so their cold first step stays as fast.  A
-training-mode call advances ``model.dropout_step`` once, as
-``model.forward`` does, so both paths draw the same dropout masks.
+On the CPU, plain models and models with dropout, residual blocks,
+normalisation or weight normalisation run the same driver, reading the
+model's step plan (``fastgrad.kernels.cpu.step.step_plan``) and compiled for
+the layer features the model uses (its copy of the kernels:
+``fastgrad.registry.cpu_kernels``): plain models never compile toolkit code,
+so their cold first step stays as fast.  On CUDA, toolkit models run the
+fused step ``fastgrad.kernels.cuda.step_blocks``.  A training-mode call
+advances ``model.dropout_step`` once, as ``model.forward`` does, so both
+paths draw the same dropout masks.
 
 ``step.run_epoch(X, Y, batch_size)`` runs a whole epoch's steps in compiled
-chunks (``train_steps`` / ``train_steps_blocks``: batch gathering, every step
-and its statistics), bitwise the per-step loop; ``fit`` uses it.
+chunks (``train_steps``: batch gathering, every step and its statistics),
+bitwise the per-step loop; ``fit`` uses it.
 """
 from collections import OrderedDict
 import contextlib
@@ -39,6 +42,23 @@ from .kernels.cpu import step as _kstep
 from .kernels.cpu import norm as _knorm
 from .kernels.cpu import step_sharded as _ksharded
 from .layers import Sequential
+
+
+def layer_features(model):
+    """The layer features ``model`` uses (names of
+    ``fastgrad.kernels.cpu.step.FEATURES``): what its step driver is
+    compiled for."""
+    used = set()
+    for layer in model.layers:
+        if layer.dropout > 0:
+            used.add("dropout")
+        if layer.residual:
+            used.add("residual")
+        if layer.norm is not None:
+            used.add("norm")
+        if layer.weight_norm:
+            used.add("weight_norm")
+    return frozenset(used)
 
 
 class TrainStep:
@@ -150,12 +170,16 @@ class TrainStep:
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(ops.needs_z(c) for c in self._codes)
-        # the step kernels of this model's activations, update rule and loss,
-        # as model.forward's (on the CPU compiled for those alone:
-        # fastgrad.registry.cpu_kernels)
+        # The step kernels of this model's activations, update rule, loss and
+        # layer features (on the CPU compiled for those alone:
+        # fastgrad.registry.cpu_kernels).
         self._kernels, self._kblocks, self._ksharded = be.step_kernels(
-            self._codes, rules=(opt.rule,), losses=(self._loss_kind,))
-        if self._blocks and not self._composed:
+            self._codes, rules=(opt.rule,), losses=(self._loss_kind,),
+            features=layer_features(model))
+        # A device that steps by plan has ONE step driver for plain and
+        # toolkit models (kernels/cpu/step.py).
+        self._by_plan = be.steps_by_plan and not self._composed
+        if self._by_plan or (self._blocks and not self._composed):
             self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
             self._no_drops = np.zeros_like(self._drops)
             self._residual = np.asarray([int(layer.residual) for layer in model.layers], np.int64)
@@ -163,6 +187,7 @@ class TrainStep:
                                      np.int64)
             self._batch_norm = bool((self._norms == _knorm.BATCH).any())
             self._wn = np.asarray([int(layer.weight_norm) for layer in model.layers], np.int64)
+        if self._blocks and not self._composed and not self._by_plan:
             if self._wn.any():
                 self._weff = xp.empty_like(model.params)
                 self._dweff = xp.empty_like(model.params)
@@ -176,6 +201,7 @@ class TrainStep:
         # The optimizer's: on CUDA they are part of the record it reads back.
         self._layer_sq = opt._layer_sq
         self._buffers = OrderedDict()     # batch size -> buffers, least recently used first
+        self._fixed_args = None           # (buffers, kernels, driver arguments): _driver_args
         self._workspaces = {}
         self._staged = {}           # CUDA: device buffers of host inputs, by (name, shape)
         # Placeholders for the loss input the chosen loss does not read.
@@ -234,9 +260,20 @@ class TrainStep:
             self._evict(keep=self.max_cached_batch_sizes - 1)
             xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
             acts = xp.empty(B * int(widths.sum()), dt)
+            if self._by_plan:
+                # the driver's: z always kept and a third delta stride (a
+                # residual block's dz) for toolkit layers; the step plan and
+                # its scratch (see kernels/cpu/step.py)
+                zs = xp.empty_like(acts) if self._needs_z or self._blocks else acts
+                delta = xp.empty((3 if self._blocks else 2) * B * int(widths.max()), dt)
+                plan, fplan, acts = _kstep.step_plan(
+                    self._sizes, B, self.model.params.size, self._drops, self._residual,
+                    self._norms, self._wn, dt, self.model._mask_seed)
+                buf = self._buffers[B] = (acts, zs, delta, plan, fplan)
+                return buf
             if self._blocks:
                 # z and f(z) always kept; a third delta buffer for dz of a
-                # residual block (see kernels/cpu/step_blocks.py).
+                # residual block (see kernels/cuda/step_blocks.py).
                 zs, fzs = xp.empty_like(acts), xp.empty_like(acts)
                 xhats = xp.empty_like(acts) if self._norms.any() else acts
                 delta = xp.empty(3 * B * int(widths.max()), dt)
@@ -372,6 +409,45 @@ class TrainStep:
             return self._drops, self._residual, self._norms, model._mask_seed, counter, True
         return self._no_drops, self._residual, self._norms, model._mask_seed, 0, False
 
+    def _driver_args(self, B, counter=None):
+        """The driver's arguments between the loss code and the optimizer's
+        (``kernels/cpu/step.py``), on the buffers of batch size ``B``, their
+        step plan set for this forward: in training mode the dropout counter
+        advances as in ``model.forward`` (``counter``: the one to use
+        instead, not advanced); eval mode drops nothing and batch norm uses
+        its running statistics.  Raises before anything changes when the
+        kernels do not serve a layer feature of the model."""
+        m = self.model
+        buf = self._buffers_for(B)
+        # kept for the last buffers and kernels used: building the tuple is
+        # ~1 us of a tiny net's ~20 us step
+        cached = self._fixed_args
+        if cached is None or cached[0] is not buf or cached[1] is not self._kernels:
+            missing = layer_features(m) - set(self._kernels.SERVED_FEATURES)
+            if missing:
+                # the driver would run such a layer as a plain one
+                raise ValueError(f"a layer feature not served by these kernels: "
+                                 f"{sorted(missing)} (they serve "
+                                 f"{list(self._kernels.SERVED_FEATURES)})")
+            acts, zs, delta, plan, fplan = buf
+            cached = self._fixed_args = (buf, self._kernels, (
+                m.params, m.grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
+                acts, zs, delta, plan, fplan, m.running_mean, m.running_var))
+        if self._blocks:
+            plan, k = buf[3], _kstep
+            if m.training:
+                if B == 1 and self._batch_norm:
+                    raise ValueError("batch norm in training mode needs more than 1 sample per "
+                                     "batch (got a batch of 1), as in PyTorch; use model.eval()")
+                plan[k.PLAN_COUNTER] = m._next_dropout_step() if counter is None else counter
+                plan[k.PLAN_TRAINING] = 1
+            else:
+                plan[k.PLAN_COUNTER] = plan[k.PLAN_TRAINING] = 0
+            plan[k.PLAN_SEED] = m._mask_seed
+        elif m.training and counter is None:
+            m._next_dropout_step()
+        return cached[2]
+
     def _dropout_on_device(self):
         """This step's device copy of ``model.dropout_step``, made the
         model's counter (its value sent up first when the host's rules:
@@ -423,8 +499,16 @@ class TrainStep:
         # On the CPU the skip decision is known when the kernel returns:
         # undo what the forward changed outside the parameters.
         snap = model._step_snapshot() if self._backend.skip_known_on_host else None
-        if self._blocks:
+        if self._blocks and not self._by_plan:
             return self._blocks_step(x, labels, target, B, rule, s0, s1, s2, hp, snap)
+        if self._by_plan and self.threads is None:
+            loss, norm, scale, skipped = self._kernels.train_step(
+                x, labels, target, self._loss_kind, *self._driver_args(B),
+                rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
+            if skipped:
+                model._restore_snapshot(snap)
+            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
+            return float(loss)
         if model.training:
             model._next_dropout_step()
         if self.threads is not None:
@@ -497,6 +581,9 @@ class TrainStep:
         if self._composed:
             return self._composed_step(x, y, False)
         x, labels, target = self._inputs(x, y)
+        if self._by_plan and self.threads is None:
+            return float(self._kernels.forward_backward(
+                x, labels, target, self._loss_kind, *self._driver_args(x.shape[0])))
         if self._blocks:
             acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(x.shape[0])
             drops, residual, norms, seed, counter, training = self._block_args(x.shape[0])
@@ -676,30 +763,16 @@ class TrainStep:
 
     def _chunk_kernel(self, B, n_order, batch_size, n_steps):
         """``(kernel, model arguments)`` of the compiled epoch: the
-        arguments of ``train_steps`` (or ``train_steps_blocks``) between
-        the loss code and the optimizer's."""
+        arguments of ``train_steps`` between the loss code and the
+        optimizer's (the step plan's dropout counter: the first step's)."""
         model = self.model
-        common = (model.params, model.grads, self._sizes, self._codes, self._alphas)
-        if not self._blocks:
-            acts, zs, delta = self._buffers_for(B)
-            return self._kernels.train_steps, common + (self.opt._offsets, acts, zs, delta)
-        training = model.training
-        if training and self._batch_norm:
+        if model.training and self._batch_norm:
             last = n_order - (n_steps - 1) * batch_size
             if min(B, last) == 1:
                 raise ValueError("batch norm in training mode needs more than 1 sample per "
                                  "batch (got a batch of 1), as in PyTorch; use model.eval() "
                                  "or drop_last=True")
-            saved = (np.empty_like(model.running_mean), np.empty_like(model.running_var))
-        else:
-            saved = (model.running_mean[:0], model.running_var[:0])
-        acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
-        drops = self._drops if training else self._no_drops
-        counter = model.dropout_step if training else 0
-        return self._kblocks.train_steps_blocks, common + (
-            drops, self._residual, self._norms, model._mask_seed, counter, training,
-            self.opt._offsets, acts, zs, fzs, xhats, model.running_mean, model.running_var)\
-            + saved + (nstats, nwork, self._wn, self._weff, self._dweff, self._wnorm, delta)
+        return self._kernels.train_steps, self._driver_args(B, counter=model.dropout_step)
 
     def _compiled_epoch(self, X, labels, target, order, batch_size, n_steps, res, callback):
         model, opt = self.model, self.opt

@@ -325,13 +325,13 @@ def test_trainstep_equals_layer_path(rng, act, loss):
                                atol=1e-12 * np.abs(m1.params).max())
 
 
-def test_plain_model_never_compiles_the_block_step():
-    from fastgrad.kernels.cpu import step_blocks
+def test_plain_model_never_compiles_toolkit_code(per_model_copies):
+    """A plain model's step driver is compiled with every layer feature off
+    (tests/test_kernel_copies.py checks its compiled code)."""
     m = fg.MLP([4, 5, 3], dtype="float32")
-    before = len(step_blocks.train_step_blocks.signatures)
     step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m))
     step(np.ones((2, 4), np.float32), [0, 1])
-    assert not step._blocks and len(step_blocks.train_step_blocks.signatures) == before
+    assert not step._blocks and step._kernels.SERVED_FEATURES == ()
     assert m.dropout_step == 1
 
 
@@ -706,13 +706,9 @@ def test_block_step_allocates_nothing():
     x, y = rng.standard_normal((16, 20)).astype(np.float32), rng.integers(0, 5, 16)
     step(x, y)
     x, labels, target = step._inputs(x, y)
-    acts, zs, fzs, xhats, nstats, nwork, delta = step._buffers_for(16)
     rule, s0, s1, s2, hp = opt._kernel_args()
-    args = (x, labels, target, 0, m.params, m.grads, step._sizes, step._codes, step._alphas,
-            step._drops, step._residual, step._norms, m._mask_seed, 3, True, m.layer_offsets,
-            acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats, nwork, step._wn,
-            step._weff, step._dweff, step._wnorm, delta, rule, s0, s1, s2, hp, step._layer_sq,
-            0.1, 0.0)
+    args = (x, labels, target, 0) + step._driver_args(16) + (
+        rule, s0, s1, s2, hp, step._layer_sq, 0.1, 0.0)
     noop(*args)
 
     def growth(fn, n=50):

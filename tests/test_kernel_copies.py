@@ -159,6 +159,103 @@ np.savez(sys.argv[1], **out)
 """
 
 
+# The compiled (not inlined) kernels of each layer feature: a call to one
+# leaves its name in the LLVM IR of the driver that makes it.
+_FEATURE_KERNELS = ("block_forward_epilogue", "block_backward_epilogue",
+                    "norm_forward_epilogue", "norm_backward_epilogue", "weight_norm_forward",
+                    "weight_norm_backward", "dropout_key")
+
+
+def _toolkit_model(dtype, seed=5):
+    return fg.Sequential([fg.Dense(SIZES[0], 11, activation="tanh", norm="layer", dropout=0.2),
+                          fg.Residual(fg.Dense(11, 11, activation="gelu", dropout=0.1)),
+                          fg.Dense(11, SIZES[-1], activation=None)], dtype=dtype, seed=seed)
+
+
+def _uncached_copy(name, features):
+    """A copy of the kernels for tanh, SGD, MSE and ``features`` that
+    compiles afresh (a copy loaded from the disk cache has no LLVM IR to
+    read)."""
+    return registry._load_copy(
+        f"fastgrad.kernels._test_{name}", "an uncached copy for a test", _NO_DISK_CACHE=True,
+        _ONLY_ACTIVATIONS=frozenset([spec.TANH, spec.IDENTITY]),
+        _ONLY_RULES=frozenset([spec.SGD]), _ONLY_LOSSES=frozenset([spec.MSE]),
+        _ONLY_FEATURES=frozenset(features))
+
+
+def test_a_plain_models_copy_compiles_no_toolkit_code(rng):
+    """The step driver of a plain model's copy is compiled with every layer
+    feature off: no toolkit kernel is typed into it (their branches are
+    pruned before typing), while a driver built for a feature calls its
+    kernels."""
+    model = _model(np.float64)
+    step = fg.TrainStep(model, fg.MSE(), fg.SGD(model, lr=0.1))
+    kstep = step._kernels
+    assert kstep.SERVED_FEATURES == ()
+    assert not (kstep._DROPOUT or kstep._NORM or kstep._RESIDUAL or kstep._WEIGHT_NORM)
+    assert kstep.__package__.endswith("_fplain")
+
+    x, y = _batch(rng, fg.MSE, np.float64)
+    wn_model = fg.Sequential([fg.Dense(SIZES[0], 11, activation="tanh", weight_norm=True),
+                              fg.Dense(11, SIZES[-1], activation=None)], dtype="float64")
+    wn_step = fg.TrainStep(wn_model, fg.MSE(), fg.SGD(wn_model, lr=0.1))
+    seen = []
+    for name, features, st in (("plain", (), step), ("wn", ("weight_norm",), wn_step)):
+        st._kernels = _uncached_copy(name, features).step
+        st(x, y)
+        (sig,) = st._kernels.train_step.signatures
+        ir = st._kernels.train_step.inspect_llvm(sig)
+        assert "softmax" not in ir and len(ir) > 10_000      # the copy's code, and IR to read
+        seen.append([k for k in _FEATURE_KERNELS if k in ir])
+    assert seen == [[], ["weight_norm_forward", "weight_norm_backward"]]
+
+
+def test_a_copy_refuses_the_layer_features_it_lacks(rng):
+    """A toolkit model's step on a copy compiled without one of its features
+    raises ValueError before anything changes, instead of running the layer
+    as a plain one."""
+    codes = [spec.TANH, spec.GELU, spec.IDENTITY]
+    x, y = _batch(rng, fg.MSE, np.float64)
+    for features in ((), ("dropout", "residual"), ("dropout", "norm")):
+        model = _toolkit_model(np.float64)
+        step = fg.TrainStep(model, fg.MSE(), fg.SGD(model, lr=0.1))
+        step._kernels = registry.cpu_kernels(codes, rules=[spec.SGD], losses=[spec.MSE],
+                                             features=features).step
+        params, grads = model.params.copy(), model.grads.copy()
+        for run in (lambda: step(x, y), lambda: step.gradients(x, y),
+                    lambda: step.run_epoch(x, y, 4)):
+            with pytest.raises(ValueError, match="layer feature not served"):
+                run()
+            np.testing.assert_array_equal(model.params, params)
+            np.testing.assert_array_equal(model.grads, grads)
+            assert model.dropout_step == 0
+    with pytest.raises(ValueError, match="unknown layer feature"):
+        registry.cpu_kernels(codes, features=["dropout", "batchnorm"])
+    with pytest.raises(TypeError, match="collection of names"):
+        registry.cpu_kernels(codes, features="dropout")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_toolkit_copies_match_the_full_package_bitwise(rng, dtype):
+    """A toolkit model's driver compiled for its own features gives the bits
+    of the driver serving every feature, per step and per compiled epoch."""
+    X, Y = _batch(rng, fg.MSE, dtype, B=23)
+    runs = []
+    for full in (False, True):
+        model = _toolkit_model(dtype)
+        step = fg.TrainStep(model, fg.MSE(), fg.Adam(model, lr=1e-2, clip_norm=0.5))
+        if full:
+            step._kernels = full_step
+        else:
+            assert len(step._kernels.SERVED_FEATURES) == 3
+        losses = [step(X[:9], Y[:9]), step.gradients(X[9:], Y[9:])]
+        res = step.run_epoch(X, Y, 5, seed=1)
+        runs.append((model.params.copy(), losses, res["loss"], model.dropout_step))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and runs[0][3] == runs[1][3]
+    np.testing.assert_array_equal(runs[0][2], runs[1][2])
+
+
 def test_two_rules_share_a_warm_disk_cache_across_processes(tmp_path):
     """Two models with the same activations and different rules and losses,
     in one process and then in others on the same disk cache: each loads

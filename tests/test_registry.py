@@ -609,10 +609,12 @@ def test_builtin_models_keep_the_builtin_kernels(swish, per_model_copies):
     pkg = model._kernels()
     assert pkg.__name__.startswith("fastgrad.kernels._cpu_")
     assert pkg._ONLY_ACTIVATIONS == {spec.CODES["relu"], spec.CODES["identity"]}
-    # the step's copy: the same activations, and SGD and the loss alone
-    stepkg = ops.model_kernels("cpu", [spec.RELU, spec.IDENTITY], rules=[spec.SGD],
-                               losses=[spec.CROSS_ENTROPY])
-    assert step._kernels is stepkg.step and step._kblocks is stepkg.step_blocks
+    # the step's copy: the same activations, and SGD, the loss and no layer
+    # feature alone
+    stepkg = registry.cpu_kernels([spec.RELU, spec.IDENTITY], rules=[spec.SGD],
+                                  losses=[spec.CROSS_ENTROPY], features=())
+    assert step._kernels is stepkg.step and step._kblocks is stepkg.step
+    assert stepkg.step.SERVED_FEATURES == ()
     assert stepkg._ONLY_ACTIVATIONS == pkg._ONLY_ACTIVATIONS
     assert stepkg._ONLY_RULES == {spec.SGD} and stepkg._ONLY_LOSSES == {spec.CROSS_ENTROPY}
     for p in (pkg, stepkg):

@@ -296,7 +296,8 @@ def test_chunk_kernel_allocates_nothing_per_step(rng):
     def spy(*args):
         captured["args"] = args
         return real(*args)
-    step._kernels = type("K", (), {"train_steps": staticmethod(spy)})
+    step._kernels = type("K", (), {"train_steps": staticmethod(spy),
+                                   "SERVED_FEATURES": kstep.SERVED_FEATURES})
     step.run_epoch(X, Y, 8, shuffle=False)
     args = list(captured["args"])
     _nrt_python.memsys_enable_stats()

@@ -117,6 +117,14 @@ def _flat_mlp(rng, sizes, act, dtype, batch, loss):
     return x, labels, target, params, sizes, codes, alphas, offsets, acts, zs, delta
 
 
+def _plain_plan(sizes):
+    """The CPU driver's step-plan arguments of a plain model: (plan, fplan,
+    run_mean, run_var)."""
+    off = np.zeros(len(sizes) - 1)
+    plan, fplan, _ = kstep.step_plan(sizes, 1, 0, off, off, off, off, np.float64)
+    return plan, fplan, np.zeros(0), np.zeros(0)
+
+
 @pytest.mark.parametrize("loss", [kstep.CROSS_ENTROPY, kstep.MSE, kstep.BCE_WITH_LOGITS])
 @pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "silu"])
 def test_forward_backward_kernel_float32(device, rng, act, loss):
@@ -132,13 +140,14 @@ def test_forward_backward_kernel_float32(device, rng, act, loss):
     z64 = a64 if zs is acts else zs.astype(np.float64)
     g64 = np.zeros_like(p64)
     loss_ref = kstep.forward_backward(x64, labels, t64, loss, p64, g64, sizes, codes, alphas,
-                                      offsets, a64, z64, d64)
+                                      offsets, a64, z64, d64, *_plain_plan(sizes))
     dev, seen = [], {}
     for a in (x, labels, target, params, acts, zs, delta):   # zs may alias acts: keep it
         dev.append(seen.setdefault(id(a), be.to_device(a)))
     xd, ld, td, pd, ad, zd, dd = dev
     gd = be.alloc(params.shape, np.float32, fill=0)
-    got = kernel(xd, ld, td, loss, pd, gd, sizes, codes, alphas, offsets, ad, zd, dd)
+    plan = _plain_plan(sizes) if be.steps_by_plan else ()
+    got = kernel(xd, ld, td, loss, pd, gd, sizes, codes, alphas, offsets, ad, zd, dd, *plan)
     assert_close(float(got), loss_ref, np.float32, what="loss")
     assert_close(ad, a64, np.float32, what="activations")
     assert_close(gd, g64, np.float32, what="gradients")
@@ -226,10 +235,9 @@ def test_steady_state_allocates_nothing():
     x, y = rng.standard_normal((16, 20)).astype(np.float32), rng.integers(0, 5, 16)
     step(x, y)
     x, labels, target = step._inputs(x, y)
-    acts, zs, delta = step._buffers_for(16)
     rule, s0, s1, s2, hp = opt._kernel_args()
-    args = (x, labels, target, 0, m.params, m.grads, step._sizes, step._codes, step._alphas,
-            m.layer_offsets, acts, zs, delta, rule, s0, s1, s2, hp, step._layer_sq, 0.1, 0.0)
+    args = (x, labels, target, 0) + step._driver_args(16) + (
+        rule, s0, s1, s2, hp, step._layer_sq, 0.1, 0.0)
     noop(*args)
 
     def growth(fn, n=100):
@@ -325,3 +333,44 @@ def test_cache_falls_back_for_read_only_install(tmp_path):
     assert np.isfinite(float(out.stdout.strip().splitlines()[-1]))
     cached = [p for p in tmp_path.rglob("*.nbi")]
     assert any("step" in p.name for p in cached), sorted(p.name for p in cached)
+
+
+def test_step_plan_layout():
+    """The step plan of kernels/cpu/step.py: a plain model's has every
+    flag off and no scratch; a toolkit model's scratch slices lie after the
+    layer outputs, do not overlap and fit in ``acts``; a length mismatch
+    raises."""
+    from fastgrad.kernels.cpu import step as k
+    sizes, B, n_params = [5, 7, 9, 3], 4, 200
+    plan, fplan, acts = k.step_plan(sizes, B, n_params, np.zeros(3), [0, 0, 0], [0, 0, 0],
+                                    [0, 0, 0], np.float32, seed=11)
+    n_out = B * (7 + 9 + 3)
+    assert acts.dtype == np.float32 and acts.size == n_out and fplan.size == 3
+    assert not plan[k.PLAN_HEADER:].any() and plan[k.PLAN_SEED] == 11
+    assert plan[k.PLAN_SAVED] == -1
+
+    drops, res, norms, wn = [0.1, 0.0, 0.0], [0, 1, 0], [k.BATCH, 1, 0], [1, 0, 0]
+    plan, fplan, acts = k.step_plan(sizes, B, n_params, drops, res, norms, wn, np.float64)
+    rows = plan[k.PLAN_HEADER:].reshape(3, k.PLAN_ROW)
+    np.testing.assert_array_equal(rows[:, k.PLAN_RESIDUAL], res)
+    np.testing.assert_array_equal(rows[:, k.PLAN_NORM], norms)
+    np.testing.assert_array_equal(rows[:, k.PLAN_WN], wn)
+    np.testing.assert_array_equal(fplan[:3], drops)
+    widths = np.array(sizes[1:])
+    spans = [(plan[k.PLAN_FZS], n_out), (plan[k.PLAN_XHATS], n_out),
+             (plan[k.PLAN_NSTATS], 2 * int((B + widths).sum())),
+             (plan[k.PLAN_WEFF], n_params), (plan[k.PLAN_DWEFF], n_params)]
+    end = n_out
+    for start, n in spans:              # in order, after the outputs, disjoint
+        assert start == end
+        end += n
+    assert acts.size == end
+    fspans = [(plan[k.PLAN_NWORK], 2 * max(B, 9)), (plan[k.PLAN_WNORM], int(widths.sum())),
+              (plan[k.PLAN_SAVED], 2 * int(widths.sum()))]
+    end = 3
+    for start, n in fspans:
+        assert start == end
+        end += n
+    assert fplan.size == end
+    with pytest.raises(ValueError, match="one dropout rate"):
+        k.step_plan(sizes, B, n_params, [0.1, 0.0], res, norms, wn, np.float64)

@@ -181,3 +181,18 @@ def test_threads_is_read_only():
     with pytest.raises(AttributeError):
         step.threads = 1
     assert fg.TrainStep(m, fg.MSE(), fg.Adam(m)).threads is None
+
+
+def test_shards_and_the_serial_step_share_one_compiled_driver(rng, per_model_copies):
+    """The shards call the one driver (``step.forward_backward``) with its
+    toolkit arguments off, typed as ``gradients()`` passes them (no literal
+    types): one compiled driver per dtype, not two."""
+    from numba.core import types
+    m, o, step = _step([5, 9, 3], "tanh", "mse", np.float64, threads=2, opt="sgd", seed=4)
+    serial = fg.TrainStep(m, fg.MSE(), o)
+    x, y = rng.standard_normal((7, 5)), rng.standard_normal((7, 3))
+    step(x, y)
+    serial.gradients(x, y)
+    assert step._kernels is serial._kernels and step._kernels.SERVED_FEATURES == ()
+    sigs = step._kernels.forward_backward.signatures
+    assert sigs and not [t for sig in sigs for t in sig if isinstance(t, types.Literal)]

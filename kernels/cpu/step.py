@@ -1,4 +1,4 @@
-"""The whole training step of an MLP as ONE compiled call.
+"""The whole training step of an MLP as ONE compiled call: the CPU driver.
 
 forward (GEMM + fused epilogue per layer), loss, backward (fused dz/db pass +
 GEMMs per layer, no dx for the first layer), then the optimizer's clipped
@@ -6,33 +6,145 @@ update (norm pass + update pass) -- no Python between layers, no allocation:
 every buffer is a view into flat arrays the caller allocated once per batch
 size.  The network is described by small integer/float arrays, so one
 compiled function per dtype serves every depth, width, activation, loss and
-optimizer (and caches on disk across processes); a model's copy of this
-package (``fastgrad.registry.cpu_kernels``) compiles its own activations,
-loss and update rule alone.
+optimizer (and caches on disk across processes).
+
+One driver serves plain models and models with toolkit layers (dropout,
+residual blocks, batch/layer norm, weight norm).  It is specialised at
+compile time on the layer features its package serves (``SERVED_FEATURES``):
+each feature's code sits under ``if _<FEATURE>:``, a module constant that
+Numba's dead-branch pruning removes before typing, so code of a feature the
+package does not serve is never typed nor compiled.  A model's copy of this
+package (``fastgrad.registry.cpu_kernels``) serves the model's activations,
+loss, update rule and layer features alone: a plain model compiles plain
+code only.  The package itself (``FASTGRAD_KERNEL_COPIES=shared``) serves
+every feature; a layer without features runs the plain code there too, so
+both give the same bits.  A copy must not be given a layer with a feature it
+does not serve: it would run that layer as a plain one (TrainStep checks
+before it calls; a check in here would cost every cold compile).
 
 Layout of the arguments
 -----------------------
 sizes   int64 (L+1,)   widths, input first
 codes   int64 (L,)     activation codes; alphas float64 (L,)
-offsets int64 (L+1,)   layer i's W then b in params[offsets[i]:offsets[i+1]]
-                       (kernels/layout.py)
-acts    flat, B * sum(sizes[1:]) -- layer outputs, layer after layer
-zs      flat, same length as acts when some layer needs z (gelu, silu), else acts
-delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da
+offsets int64 (L+1,)   layer i's W, b (gamma, beta, g) in
+                       params[offsets[i]:offsets[i+1]] (kernels/layout.py)
+acts    flat, B * sum(sizes[1:]) -- layer outputs, layer after layer; for
+        toolkit layers followed by their scratch (below)
+zs      flat, B * sum(sizes[1:]) when some layer needs z (gelu, silu) or
+        the model has toolkit layers, else acts
+delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da; a third
+        such stride with a residual block (its dz: the skip gradient still
+        needs dL/da)
+
+The toolkit layers' data is packed into few arguments, laid out by
+:func:`step_plan`: each array argument costs the compiled wrapper's unboxing
+code, in every cold compile (a plain model's too) and every call.
+
+plan    int64   the step plan: a header (``PLAN_*`` slots: the dropout mask
+                seed, this step's dropout counter, training mode, the
+                offsets of the scratch slices) then ``PLAN_ROW`` ints per
+                layer (residual flag, norm kind of kernels/spec.py, weight
+                norm flag)
+fplan   float64 dropout rate per layer (L), then float64 scratch: batch
+                norm's column sums / layer norm's row sums (``nwork``),
+                weight norm's 1 / ||v_j|| per output unit (``wnorm``) and,
+                with batch norm, ``train_steps``' copy of the running
+                statistics (``PLAN_SAVED``; -1 without batch norm)
+run_mean, run_var      float64, sum(sizes[1:]): batch norm running statistics
+                (the model's state)
+
+The model-dtype scratch of toolkit layers lies in ``acts`` after the layer
+outputs, at the plan's offsets: f(z) of residual blocks (``PLAN_FZS``, like
+the outputs), normalised pre-activations (``PLAN_XHATS``), per layer mean
+and 1/std (``PLAN_NSTATS``), the effective W of weight-normalised layers and
+its gradient (``PLAN_WEFF``, ``PLAN_DWEFF``, like params).
+
+A plain model passes the plan of :func:`step_plan` with every flag off (the
+package serving every feature reads it) and no scratch.
 """
+import math
+
 import numpy as np
 from numba import njit
 
 from ._jit import INLINE, JIT, code_ladder, served_codes
 from .activations import bias_act, bias_act_grad, needs_z
+from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
+from .norm import norm_backward_epilogue, norm_forward_epilogue
 from .optim import clipped_update_inline as clipped_update
+from .wnorm import weight_norm_backward, weight_norm_forward
 
 from .. import layout as _layout  # noqa: E402
-from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE  # noqa: E402,F401
+from ..spec import BATCH, BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE  # noqa: E402,F401
 
 
 layer_slots = njit(**INLINE)(_layout.layer_slots)
+
+#: The layer features the driver can be specialised on (a package's
+#: ``_ONLY_FEATURES``, ``fastgrad.registry.cpu_kernels(features=...)``).
+FEATURES = ("dropout", "norm", "residual", "weight_norm")
+# The features these kernels serve: all, or in a model's copy of the package
+# the model's own.  Module constants: Numba prunes the branches of the
+# others before typing them.
+SERVED_FEATURES = served_codes(__package__, "FEATURES", FEATURES)
+_DROPOUT = "dropout" in SERVED_FEATURES
+_NORM = "norm" in SERVED_FEATURES
+_RESIDUAL = "residual" in SERVED_FEATURES
+_WEIGHT_NORM = "weight_norm" in SERVED_FEATURES
+_BLOCKS = _DROPOUT or _RESIDUAL           # the block epilogue (blocks.py)
+
+# The step plan's header slots (plan[PLAN_*]) and per-layer row.
+PLAN_SEED, PLAN_COUNTER, PLAN_TRAINING = 0, 1, 2
+PLAN_FZS, PLAN_XHATS, PLAN_NSTATS, PLAN_WEFF, PLAN_DWEFF = 3, 4, 5, 6, 7   # in acts
+PLAN_NWORK, PLAN_WNORM, PLAN_SAVED = 8, 9, 10                            # in fplan
+PLAN_HEADER = 11
+PLAN_RESIDUAL, PLAN_NORM, PLAN_WN = 0, 1, 2          # plan[PLAN_HEADER + PLAN_ROW * l + k]
+PLAN_ROW = 3
+
+_TWO53 = 9007199254740992.0
+
+
+def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, seed=0):
+    """``(plan, fplan, acts)`` of a batch of ``B`` rows (see the module
+    docstring): the step plan of layers with dropout rates ``drops``,
+    ``residual`` flags, ``norms`` kinds and ``weight_norm`` flags, and the
+    driver's ``acts`` of ``dtype``: the layer outputs, then the scratch of
+    what those layers use (none for a plain model)."""
+    sizes = np.asarray(sizes, np.int64)
+    L = sizes.shape[0] - 1
+    widths = sizes[1:]
+    residual, norms, weight_norm = (np.asarray(a, np.int64) for a in
+                                    (residual, norms, weight_norm))
+    drops = np.asarray(drops, np.float64)
+    if not (drops.shape == residual.shape == norms.shape == weight_norm.shape == (L,)):
+        raise ValueError(f"step_plan: one dropout rate, residual flag, norm kind and weight "
+                         f"norm flag per layer ({L} layers)")
+    plan = np.zeros(PLAN_HEADER + PLAN_ROW * L, np.int64)
+    rows = plan[PLAN_HEADER:].reshape((L, PLAN_ROW))
+    rows[:, PLAN_RESIDUAL] = residual != 0
+    rows[:, PLAN_NORM] = norms
+    rows[:, PLAN_WN] = weight_norm != 0
+    plan[PLAN_SEED] = seed
+    toolkit = bool(drops.any() or residual.any() or norms.any() or weight_norm.any())
+    acts = B * int(widths.sum()) if toolkit else 0
+    n_x = acts if norms.any() else 0
+    n_s = 2 * int((B + widths).sum()) if norms.any() else 0
+    n_w = int(n_params) if weight_norm.any() else 0
+    end = B * int(widths.sum())          # the layer outputs come first
+    for slot, n in ((PLAN_FZS, acts), (PLAN_XHATS, n_x), (PLAN_NSTATS, n_s),
+                    (PLAN_WEFF, n_w), (PLAN_DWEFF, n_w)):
+        plan[slot] = end
+        end += n
+    n_work = 2 * max(B, int(widths.max())) if norms.any() else 0
+    n_wnorm = int(widths.sum()) if weight_norm.any() else 0
+    batch_norm = bool((norms == BATCH).any())
+    plan[PLAN_NWORK] = L
+    plan[PLAN_WNORM] = L + n_work
+    plan[PLAN_SAVED] = L + n_work + n_wnorm if batch_norm else -1
+    fplan = np.zeros(L + n_work + n_wnorm + (2 * int(widths.sum()) if batch_norm else 0))
+    fplan[:L] = drops
+    return plan, fplan, np.empty(end, dtype)
 
 
 @njit(**JIT)
@@ -46,6 +158,80 @@ def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     a = acts[act_off:act_off + B * n_out].reshape((B, n_out))
     z = zs[act_off:act_off + B * n_out].reshape((B, n_out))
     return W, b, dW, db, a, z
+
+
+@njit(**INLINE)
+def _rows(buf, off, B, n):
+    return buf[off:off + B * n].reshape((B, n))
+
+
+@njit(**INLINE)
+def _layer(plan, l, k):
+    return plan[PLAN_HEADER + PLAN_ROW * l + k]
+
+
+@njit(**INLINE)
+def _drop_rate(plan, fplan, l):
+    # eval mode drops nothing
+    return fplan[l] if plan[PLAN_TRAINING] != 0 else 0.0
+
+
+@njit(**INLINE)
+def _drop_args(plan, p, l):
+    if p > 0.0:
+        return (True, dropout_key(plan[PLAN_SEED], l, plan[PLAN_COUNTER]),
+                np.uint64(math.ceil(p * _TWO53)), 1.0 / (1.0 - p))
+    return False, np.uint64(0), np.uint64(0), 1.0
+
+
+@njit(**INLINE)
+def _add_into(dst, src):
+    for i in range(dst.shape[0]):
+        for j in range(dst.shape[1]):
+            dst[i, j] += src[i, j]
+
+
+@njit(**INLINE)
+def _norm_views(params, grads, plan, acts, run_mean, run_var, offsets, sizes, kind, B, l,
+                act_off, stat_off, col_off):
+    n_out = sizes[l + 1]
+    _, _, o, ob, _, _ = layer_slots(offsets[l], sizes[l], n_out, True, False)
+    gamma, beta = params[o:o + n_out], params[ob:ob + n_out]
+    dgamma, dbeta = grads[o:o + n_out], grads[ob:ob + n_out]
+    xhat = _rows(acts, plan[PLAN_XHATS] + act_off, B, n_out)
+    ns = n_out if kind == BATCH else B
+    s = plan[PLAN_NSTATS] + stat_off
+    mean, rstd = acts[s:s + ns], acts[s + ns:s + 2 * ns]
+    rm, rv = run_mean[col_off:col_off + n_out], run_var[col_off:col_off + n_out]
+    return gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv
+
+
+@njit(**INLINE)
+def _weight_norm_views(params, weff, plan, fplan, offsets, sizes, l, col_off, compute):
+    """The effective W of layer l in ``weff`` (recomputed when ``compute``)."""
+    n_in, n_out = sizes[l], sizes[l + 1]
+    o, ob, _, _, og, _ = layer_slots(offsets[l], n_in, n_out, _layer(plan, l, PLAN_NORM) != 0,
+                                     True)
+    W = weff[o:ob].reshape((n_in, n_out))
+    if compute:
+        v = params[o:ob].reshape((n_in, n_out))
+        g = params[og:og + n_out]
+        w = plan[PLAN_WNORM] + col_off
+        weight_norm_forward(v, g, W, fplan[w:w + n_out])
+    return W
+
+
+@njit(**INLINE)
+def _weight_norm_grads(params, grads, dW, plan, fplan, offsets, sizes, l, col_off):
+    n_in, n_out = sizes[l], sizes[l + 1]
+    o, ob, _, _, og, _ = layer_slots(offsets[l], n_in, n_out, _layer(plan, l, PLAN_NORM) != 0,
+                                     True)
+    v = params[o:ob].reshape((n_in, n_out))
+    g = params[og:og + n_out]
+    dv = grads[o:ob].reshape((n_in, n_out))
+    dg = grads[og:og + n_out]
+    w = plan[PLAN_WNORM] + col_off
+    weight_norm_backward(v, g, fplan[w:w + n_out], dW, dv, dg)
 
 
 _LOSS_KERNELS = {
@@ -69,24 +255,65 @@ loss ``loss_kind`` reads) and its gradient into ``grad``."""
 
 @njit(**INLINE)
 def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                      offsets, acts, zs, delta):
+                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
+    # Each feature's code is under `if _FEATURE`: pruned unless served (see
+    # the module docstring).  A layer without features runs the plain code.
     B = x.shape[0]
     L = codes.shape[0]
     h = x
     # Not a literal 0: Numba would type the first _views call with
     # Literal[int](0) and compile _views a second time for it (~0.6 s cold).
     act_off = np.int64(0)
+    if _BLOCKS or _NORM or _WEIGHT_NORM:
+        stat_off = 0
+        col_off = 0
+        widest = 0
+        training = plan[PLAN_TRAINING] != 0
+        nwork = fplan[plan[PLAN_NWORK]:plan[PLAN_WNORM]]
     for l in range(L):
+        n_out = sizes[l + 1]
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if not needs_z(codes[l]):
-            z = a
-        np.dot(h, W, z)
-        bias_act(z, b, a, codes[l], alphas[l])
+        if _WEIGHT_NORM:
+            if _layer(plan, l, PLAN_WN) != 0:
+                W = _weight_norm_views(params, acts[plan[PLAN_WEFF]:], plan, fplan, offsets,
+                                       sizes, l, col_off, True)
+        if _NORM and _layer(plan, l, PLAN_NORM) != 0:
+            kind = _layer(plan, l, PLAN_NORM)
+            gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
+                params, grads, plan, acts, run_mean, run_var, offsets, sizes, kind, B, l,
+                act_off, stat_off, col_off)
+            drop, key, thresh, scale = _drop_args(plan, _drop_rate(plan, fplan, l), l)
+            np.dot(h, W, a)
+            norm_forward_epilogue(a, b, h, xhat, _rows(acts, plan[PLAN_FZS] + act_off, B,
+                                                       n_out),
+                                  gamma, beta, mean, rstd, nwork, rm, rv, kind, training,
+                                  codes[l], alphas[l], drop, key, thresh, scale,
+                                  _layer(plan, l, PLAN_RESIDUAL) != 0)
+        elif _BLOCKS and (_drop_rate(plan, fplan, l) > 0.0
+                          or _layer(plan, l, PLAN_RESIDUAL) != 0):
+            drop, key, thresh, scale = _drop_args(plan, _drop_rate(plan, fplan, l), l)
+            np.dot(h, W, a)
+            block_forward_epilogue(a, b, h, z, _rows(acts, plan[PLAN_FZS] + act_off, B, n_out),
+                                   codes[l], alphas[l], drop, key, thresh, scale,
+                                   _layer(plan, l, PLAN_RESIDUAL) != 0)
+        else:
+            if not needs_z(codes[l]):
+                z = a
+            np.dot(h, W, z)
+            bias_act(z, b, a, codes[l], alphas[l])
         h = a
-        act_off += B * sizes[l + 1]
+        act_off += B * n_out
+        if _BLOCKS or _NORM or _WEIGHT_NORM:
+            widest = max(widest, n_out)
+            stat_off += 2 * (B + n_out)
+            col_off += n_out
 
     n_out = sizes[L]
     half = delta.shape[0] // 2
+    if _BLOCKS:
+        # dL/da ping-pongs between delta's first two strides; the third holds
+        # the dz of a residual block.
+        half = B * widest
     da = delta[:B * n_out].reshape((B, n_out))
     loss = loss_and_grad(loss_kind, h, labels, target, da)
 
@@ -94,33 +321,74 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
     for l in range(L - 1, -1, -1):
         act_off -= B * sizes[l + 1]
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
-        if not needs_z(codes[l]):
-            z = a
-        bias_act_grad(da, a, z, da, db, codes[l], alphas[l])
+        dWt = dW
+        if _BLOCKS or _NORM or _WEIGHT_NORM:
+            n_out = sizes[l + 1]
+            stat_off -= 2 * (B + n_out)
+            col_off -= n_out
+        if _WEIGHT_NORM:
+            if _layer(plan, l, PLAN_WN) != 0:
+                W = _weight_norm_views(params, acts[plan[PLAN_WEFF]:], plan, fplan, offsets,
+                                       sizes, l, col_off, False)
+                dWt = _weight_norm_views(grads, acts[plan[PLAN_DWEFF]:], plan, fplan,
+                                         offsets, sizes, l, col_off, False)
+        res = False
+        if _NORM and _layer(plan, l, PLAN_NORM) != 0:
+            kind = _layer(plan, l, PLAN_NORM)
+            res = _layer(plan, l, PLAN_RESIDUAL) != 0
+            # f is read back from the layer's output, or kept for a block (see blocks)
+            fz = _rows(acts, plan[PLAN_FZS] + act_off, B, n_out) if res else a
+            gamma, beta, dgamma, dbeta, xhat, mean, rstd, rm, rv = _norm_views(
+                params, grads, plan, acts, run_mean, run_var, offsets, sizes, kind, B, l,
+                act_off, stat_off, col_off)
+            drop, key, thresh, scale = _drop_args(plan, _drop_rate(plan, fplan, l), l)
+            dz = _rows(delta, 2 * half, B, n_out) if res else da
+            norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta,
+                                   nwork[:B], nwork[B:2 * B], kind, training, codes[l],
+                                   alphas[l], drop, key, thresh, scale, res)
+        elif _BLOCKS and (_drop_rate(plan, fplan, l) > 0.0
+                          or _layer(plan, l, PLAN_RESIDUAL) != 0):
+            res = _layer(plan, l, PLAN_RESIDUAL) != 0
+            fz = _rows(acts, plan[PLAN_FZS] + act_off, B, n_out) if res else a
+            drop, key, thresh, scale = _drop_args(plan, _drop_rate(plan, fplan, l), l)
+            dz = _rows(delta, 2 * half, B, n_out) if res else da
+            block_backward_epilogue(da, fz, z, dz, db, codes[l], alphas[l], drop, key, thresh,
+                                    scale, res)
+        else:
+            if not needs_z(codes[l]):
+                z = a
+            bias_act_grad(da, a, z, da, db, codes[l], alphas[l])
+            dz = da
         if l > 0:
             h = acts[act_off - B * sizes[l]:act_off].reshape((B, sizes[l]))
-            np.dot(h.T, da, dW)
+            np.dot(h.T, dz, dWt)
             nxt = (1 - ping) * half
             dx = delta[nxt:nxt + B * sizes[l]].reshape((B, sizes[l]))
-            np.dot(da, W.T, dx)
+            np.dot(dz, W.T, dx)
+            if _BLOCKS:
+                if res:
+                    _add_into(dx, da)
             da = dx
             ping = 1 - ping
         else:
-            np.dot(x.T, da, dW)
+            np.dot(x.T, dz, dWt)
+        if _WEIGHT_NORM:
+            if _layer(plan, l, PLAN_WN) != 0:
+                _weight_norm_grads(params, grads, dWt, plan, fplan, offsets, sizes, l, col_off)
     return loss
 
 
 @njit(**JIT)
 def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                     offsets, acts, zs, delta):
+                     offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
     return _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
-                             alphas, offsets, acts, zs, delta)
+                             alphas, offsets, acts, zs, delta, plan, fplan, run_mean, run_var)
 
 
 @njit(**JIT)
 def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-               offsets, acts, zs, delta,
+               offsets, acts, zs, delta, plan, fplan, run_mean, run_var,
                rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
     """forward_backward, then the optimizer's clipped update in place.
 
@@ -130,7 +398,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     # Inlined rather than called: LLVM then optimises the step's code once,
     # instead of once for forward_backward and again when linking it here.
     loss = _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
-                             alphas, offsets, acts, zs, delta)
+                             alphas, offsets, acts, zs, delta, plan, fplan, run_mean, run_var)
     norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                           layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
@@ -172,10 +440,16 @@ def record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out
         out_layer_sq[j, l] = layer_sq[l]
 
 
+@njit(**INLINE)
+def _copy_into(dst, src):
+    for i in range(dst.shape[0]):
+        dst[i] = src[i]
+
+
 @njit(**JIT)
 def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
                 xbuf, lbuf, tbuf, loss_kind, params, grads, sizes, codes, alphas,
-                offsets, acts, zs, delta,
+                offsets, acts, zs, delta, plan, fplan, run_mean, run_var,
                 rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip,
                 out_loss, out_norm, out_scale, out_skipped, out_layer_sq):
     """Steps ``first .. first + n_steps - 1`` of an epoch, in one call.
@@ -197,18 +471,44 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     Per step ``j`` of the call: ``out_loss[j]``, the gradient norm, clip
     scale, skip flag and the squared per-layer norms (``out_layer_sq[j]``).
     Returns the number of steps run.
+
+    ``plan[PLAN_COUNTER]`` is the dropout counter of the first step; like
+    the model's ``dropout_step`` it advances with every applied update (a
+    skipped one restores it; it is left at the last step's).  In training
+    mode with batch norm the running statistics are saved before each step
+    (in ``fplan`` at ``plan[PLAN_SAVED]``) and restored when its update is
+    skipped, as the per-step TrainStep does.
     """
     applied = 0
+    if _DROPOUT:
+        counter = plan[PLAN_COUNTER]
+    if _NORM:
+        saved = plan[PLAN_SAVED]
+        keep = plan[PLAN_TRAINING] != 0 and saved >= 0
+        n_stats = run_mean.shape[0]
+        saved_mean = fplan[saved:saved + n_stats]
+        saved_var = fplan[saved + n_stats:saved + 2 * n_stats]
     for j in range(n_steps):
         xb, lb, tb = gather_batch(X, labels, target, order, (first + j) * batch_size,
                                   batch_size, n_order, xbuf, lbuf, tbuf)
+        if _DROPOUT:
+            plan[PLAN_COUNTER] = counter + applied
+        if _NORM:
+            if keep:
+                _copy_into(saved_mean, run_mean)
+                _copy_into(saved_var, run_var)
         loss = _forward_backward(xb, lb, tb, loss_kind, params, grads, sizes, codes,
-                                 alphas, offsets, acts, zs, delta)
+                                 alphas, offsets, acts, zs, delta, plan, fplan, run_mean,
+                                 run_var)
         norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp_rows[applied],
                                               offsets, layer_sq, clip_norm, clip_value)
         record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
                     out_skipped, out_layer_sq)
         if skipped:
+            if _NORM:
+                if keep:
+                    _copy_into(run_mean, saved_mean)
+                    _copy_into(run_var, saved_var)
             if stop_on_skip:
                 return j + 1
         else:

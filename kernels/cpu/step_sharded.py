@@ -19,14 +19,15 @@ the cores for the whole step:
 The result is deterministic for a given number of shards.  It differs from
 the one-shard step by rounding only (the batch mean is a sum of shard means),
 and is bitwise the serial step for one shard.  Batch normalisation couples
-the rows of a batch, so only plain models run sharded.
+the rows of a batch, so only plain models run sharded: each shard runs the
+driver ``step.forward_backward`` with every layer feature off.
 """
 import numpy as np
 from numba import njit, prange
 
 from ._jit import JIT
 from .optim import clipped_update_parallel
-from .step import forward_backward
+from .step import PLAN_HEADER, PLAN_ROW, forward_backward
 
 PARALLEL = dict(JIT, parallel=True)
 
@@ -55,6 +56,14 @@ def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_
     """
     T = bounds.shape[0] - 1
     B = bounds[T]
+    # The driver's plan of a plain model (no layer feature on; the package
+    # serving every feature reads it) and no toolkit scratch, of the types
+    # TrainStep passes, so that gradients() and the shards share one
+    # compiled driver.
+    L = codes.shape[0]
+    plan = np.zeros(PLAN_HEADER + PLAN_ROW * L, np.int64)
+    fplan = np.zeros(L)
+    no_stats = fplan[:0]
     for s in prange(T):
         lo, hi = bounds[s], bounds[s + 1]
         g = grads if s == 0 else shard_grads[s - 1]
@@ -63,7 +72,8 @@ def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_
         # (labels or target is size 0 when the loss does not read it: its
         # slice stays size 0)
         losses[s] = forward_backward(x[lo:hi], labels[lo:hi], target[lo:hi], loss_kind, params,
-                                     g, sizes, codes, alphas, offsets, acts[s], zs[s], delta[s])
+                                     g, sizes, codes, alphas, offsets, acts[s], zs[s], delta[s],
+                                     plan, fplan, no_stats, no_stats)
     if T > 1:
         n = grads.shape[0]
         dt = grads.dtype.type

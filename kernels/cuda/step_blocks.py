@@ -1,14 +1,32 @@
 """The whole training step of a model with toolkit layers (dropout, residual
-blocks, batch/layer norm, weight norm) on the GPU: twin of
-``fastgrad.kernels.cpu.step_blocks``.
+blocks, batch/layer norm, weight norm) on the GPU.
 
-``forward_backward_blocks`` and ``train_step_blocks`` take the CPU twins'
-arguments in the same order (see that module for their layout), plus the
-CUDA step's keywords ``ws`` (a :class:`BlocksWorkspace`) and ``gemm`` (see
-``step``).  Arrays the kernels touch are cupy arrays; ``sizes, codes,
-alphas, drops, residual, norms, wn, offsets`` are host NumPy arrays (they
-drive launch shapes).  Every launch goes, in order, on the current stream;
-nothing waits for the device.
+The CPU runs plain and toolkit models through ONE driver reading a packed
+step plan (``fastgrad.kernels.cpu.step``); this step still takes the
+per-layer feature arrays below (the CPU toolkit step's former arguments),
+plus the CUDA step's keywords ``ws`` (a :class:`BlocksWorkspace`) and
+``gemm`` (see ``step``).  Arrays the kernels touch are cupy arrays; ``sizes,
+codes, alphas, drops, residual, norms, wn, offsets`` are host NumPy arrays
+(they drive launch shapes).  Every launch goes, in order, on the current
+stream; nothing waits for the device.
+
+Layout of the arguments (beyond ``step.train_step``'s)
+------------------------------------------------------
+drops    float64 (L,)  dropout rate per layer, 0 where off (all 0 in eval mode)
+residual int64 (L,)    1 for a residual block
+norms    int64 (L,)    0, or spec.LAYER / spec.BATCH (gamma, beta follow b in params)
+seed, counter          the model's mask seed and this step's dropout counter
+training               batch norm uses (and updates) batch statistics
+run_mean, run_var      float64, sum(sizes[1:]): batch norm running statistics
+xhats    flat like acts (normalised pre-activations; may be acts when no norm)
+nstats   model dtype, 2 * sum(B + sizes[1:]): per layer mean and 1/std used
+nwork    float64, 2 * max(B, max(sizes[1:])): norm scratch
+wn       int64 (L,)    1 for a weight-normalised layer (v where W would be, g last)
+weff, dweff            flat like params: effective W and its gradient (scratch)
+wnorm    float64, sum(sizes[1:]): 1 / ||v_j|| per output unit
+zs, fzs  flat like acts -- pre-activations, and f(z) of residual blocks
+delta    flat, 3 * B * max(sizes[1:]) -- dL/da ping-pong, plus dz of a
+         residual block
 
 The dropout step
 ----------------
