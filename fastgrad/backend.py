@@ -4,12 +4,12 @@ A model, its optimizers and its TrainSteps hold the backend of the device
 the model was built on (``model.backend``, :func:`backend_for`) and ask it
 for everything that differs between devices: the array module (``xp``),
 the kernel modules (``kernels_for``, ``model_kernels``, ``step_kernels``,
-``toolkit_kernels``), scratch space (``step_workspace``), staging of host
+``epilogue_kernels``), scratch space (``step_workspace``), staging of host
 inputs (``needs_staging``, ``upload``), read-back (``loss_result`` and the
 optimizer's ``update_records``: a value on the CPU, a pending result on
 CUDA that waits only when read) and the device's update entry points
 (``update_pairs``).  Small predicates say which paths the device has
-(``fuses_toolkit_layers``, ``shards_threads``, ``graphs_steps``,
+(``fuses_epilogue``, ``shards_threads``, ``graphs_steps``,
 ``compiled_epochs``, ``skip_known_on_host``).  Callers never test the
 device string; ``name`` ("cpu" | "cuda") is for messages and
 ``model.device`` / ``opt.device``.
@@ -35,18 +35,18 @@ class Backend:
     """What every device provides; see the module docstring."""
 
     name = None
-    #: the model's toolkit layers (dropout, residual, norm, weight norm) run
+    #: the model's epilogue pieces (dropout, residual, norm, weight norm) run
     #: inside the fused compiled step (else TrainStep composes the layer path)
-    fuses_toolkit_layers = False
+    fuses_epilogue = False
     #: TrainStep(threads=n) can shard the fused step over one thread pool
     shards_threads = False
     #: TrainStep(cuda_graph=True) can replay steps from a captured graph
     graphs_steps = False
     #: run_epoch can run whole chunks of steps in one compiled call
     compiled_epochs = False
-    #: plain and toolkit models run ONE step driver reading a step plan
+    #: plain models and models with epilogue pieces run ONE step driver reading a step plan
     #: (``kernels/cpu/step.py`` ``step_plan``); else plain models run the
-    #: plain step and toolkit models ``step_blocks``
+    #: plain step and models with epilogue pieces ``step_blocks``
     steps_by_plan = False
     #: a step's skip decision is a host value when its kernel returns (so
     #: the host may undo what the forward changed); else it stays on the device
@@ -144,8 +144,8 @@ class Backend:
     def step_kernels(self, codes, rules=None, losses=None, features=None):
         """``(step, step_blocks, step_sharded)`` kernel modules of a model
         with activation ``codes`` and layer ``features`` (None where the
-        device has no such step; where the device fuses toolkit layers,
-        ``step`` is the one driver of plain and toolkit models and
+        device has no such step; where the device fuses epilogue pieces,
+        ``step`` is the one driver of plain models and models with epilogue pieces and
         ``step_blocks`` is ``step``)."""
         raise NotImplementedError
 
@@ -153,14 +153,14 @@ class Backend:
         """The optimizer kernel module of update rule ``rule`` (None: all)."""
         return self.kernels.optim
 
-    def toolkit_kernels(self, codes=()):
+    def epilogue_kernels(self, codes=()):
         """The ``(blocks, norm, wnorm)`` kernel modules (twins)."""
         raise NotImplementedError
 
-    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, toolkit_stats=None):
+    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, epilogue_stats=None):
         """The scratch space of a fused step at batch size ``B`` (None when
-        the device's step needs none); ``toolkit_stats``: for the step of a
-        model with toolkit layers, the number of its running statistics."""
+        the device's step needs none); ``epilogue_stats``: for the step of a
+        model with epilogue pieces, the number of its running statistics."""
         return None
 
     # -- the optimizer ------------------------------------------------------------
@@ -219,7 +219,7 @@ class CpuBackend(Backend):
     """NumPy arrays and the Numba kernels of ``fastgrad.kernels.cpu``."""
 
     name = "cpu"
-    fuses_toolkit_layers = True
+    fuses_epilogue = True
     shards_threads = True
     compiled_epochs = True
     steps_by_plan = True
@@ -270,7 +270,7 @@ class CpuBackend(Backend):
         return _registry.cpu_kernels(codes, rules=rules, losses=losses, features=features)
 
     def step_kernels(self, codes, rules=None, losses=None, features=None):
-        # one driver for plain and toolkit models (kernels/cpu/step.py)
+        # one driver for plain models and models with epilogue pieces (kernels/cpu/step.py)
         pkg = self.model_kernels(codes, rules=rules, losses=losses, features=features)
         return pkg.step, pkg.step, pkg.step_sharded
 
@@ -281,7 +281,7 @@ class CpuBackend(Backend):
         return _registry.cpu_kernels((), rules=None if rule is None else (rule,),
                                      losses=()).optim
 
-    def toolkit_kernels(self, codes=()):
+    def epilogue_kernels(self, codes=()):
         if not len(codes):                  # no activation involved (weight norm alone)
             from .kernels.cpu import blocks, norm, wnorm
             return blocks, norm, wnorm
@@ -335,7 +335,7 @@ class CudaBackend(Backend):
     is read."""
 
     name = "cuda"
-    fuses_toolkit_layers = True
+    fuses_epilogue = True
     graphs_steps = True
     skip_known_on_host = False
     loss_in_record = True
@@ -386,21 +386,21 @@ class CudaBackend(Backend):
     def step_kernels(self, codes, rules=None, losses=None, features=None):
         # One Python function issuing the step's launches on the current
         # stream (no host sync inside), for plain models and for models with
-        # toolkit layers (step_blocks); threads= has no CUDA step.
+        # epilogue pieces (step_blocks); threads= has no CUDA step.
         self.kernels_for(codes)
         from .kernels.cuda import step, step_blocks
         return step, step_blocks, None
 
-    def toolkit_kernels(self, codes=()):
+    def epilogue_kernels(self, codes=()):
         self.kernels_for(codes)             # refuses registered activations without CUDA forms
         from .kernels.cuda import blocks, norm, wnorm
         return blocks, norm, wnorm
 
-    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, toolkit_stats=None):
+    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, epilogue_stats=None):
         from .kernels.cuda import step, step_blocks
-        if toolkit_stats is not None:
+        if epilogue_stats is not None:
             return step_blocks.BlocksWorkspace(B, sizes, offsets, loss_kind, dtype,
-                                               n_stats=toolkit_stats, optim=records.buffers)
+                                               n_stats=epilogue_stats, optim=records.buffers)
         return step.Workspace(B, sizes, offsets, loss_kind, dtype, optim=records.buffers)
 
     def update_records(self, opt, n_entries):

@@ -45,7 +45,7 @@ import numpy as np
 from .kernels.spec import NORM_EPS, NORM_KINDS, NORM_MOMENTUM
 
 __all__ = ["Piece", "Slot", "Buffer", "Field", "TorchMapping", "PIECES", "piece", "names",
-           "CORE_SLOTS", "param_slots", "layer_size", "layer_buffers", "plan_flags",
+           "CORE_SLOTS", "param_slots", "layer_size", "layer_buffers", "plan_flags", "used_pieces",
            "check_config", "config_of", "has_epilogue", "REQUIRED"]
 
 REQUIRED = object()
@@ -471,6 +471,14 @@ def plan_flags(layers):
         name, value, dtype = p.plan
         out[name] = np.asarray([value(_settings(layer)) for layer in layers], dtype)
     return out
+
+
+def used_pieces(layers):
+    """The pieces beyond the plain kernels' that some of ``layers`` has on
+    (a frozenset of names): what a model's step is compiled for."""
+    settings = [_settings(layer) for layer in layers]
+    return frozenset(p.name for p in PIECES
+                     if not p.plain and any(p.on(s) for s in settings))
 
 
 def describe():

@@ -181,7 +181,7 @@ class Dense:
             # The effective weight and its gradient: scratch, not parameters.
             self.W, self.dW = xp.empty_like(self.v), xp.empty_like(self.v)
             self._inv_norm = xp.empty(self.n_out)
-            self._wnorm = be.toolkit_kernels()[2]
+            self._wnorm = be.epilogue_kernels()[2]
         return end
 
     def _weight_norm_forward(self):
@@ -503,7 +503,7 @@ class Sequential:
         which keep ``z`` (activations that need it), ``f(z)`` (residual blocks) and ``xhat``
         (normalised layers) beside the layer output.  Dropout
         draws its masks from ``counter``; None: no dropout."""
-        blocks, norm, _ = self._backend.toolkit_kernels([layer.code for layer in self.layers])
+        blocks, norm, _ = self._backend.epilogue_kernels([layer.code for layer in self.layers])
         k, xp = self._kernels(), self._xp
         drop_on = counter is not None
         B = x.shape[0]
@@ -607,7 +607,7 @@ class Sequential:
         return da if input_grad else None
 
     def _backward_epilogue(self, da, accumulate, input_grad):
-        blocks, norm, wnorm = self._backend.toolkit_kernels([layer.code for layer in self.layers])
+        blocks, norm, wnorm = self._backend.epilogue_kernels([layer.code for layer in self.layers])
         k, xp = self._kernels(), self._xp
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]

@@ -166,8 +166,8 @@ def register_activation(name, f, df, *, needs="a", alpha=None, torch=None, jax=N
     ``fg.MLP(..., activation="swish")`` trains through the compiled
     :class:`fastgrad.TrainStep` like a built-in: ``f`` and ``df`` are
     inlined into the same fused loops (a private, uncached copy of the CPU
-    kernels; see the module docstring), in a plain model and in toolkit
-    layers (norm, dropout, residual, weight norm) alike.
+    kernels; see the module docstring), in a plain model and one with epilogue
+    pieces (norm, dropout, residual, weight norm) alike.
 
     Parameters
     ----------
@@ -296,7 +296,7 @@ def cpu_kernels(codes=None, rules=None, losses=None, features=None):
     ``norm``, ``wnorm``, ``dense``, ``optim``, ``activations``.  Its kernels
     serve those codes alone: any other raises ValueError in them.  Its step
     driver is compiled for those features alone (a plain model's, for
-    ``features=()``, compiles no toolkit code) and runs a layer with another
+    ``features=()``, compiles no epilogue code) and runs a layer with another
     feature as a plain one: ``TrainStep`` checks that its model's features
     are served before it calls the driver.
 

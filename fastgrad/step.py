@@ -13,8 +13,8 @@ On the CPU, plain models and models with dropout, residual blocks,
 normalisation or weight normalisation run the same driver, reading the
 model's step plan (``fastgrad.kernels.cpu.step.step_plan``) and compiled for
 the layer features the model uses (its copy of the kernels:
-``fastgrad.registry.cpu_kernels``): plain models never compile toolkit code,
-so their cold first step stays as fast.  On CUDA, toolkit models run the
+``fastgrad.registry.cpu_kernels``): plain models never compile epilogue code,
+so their cold first step stays as fast.  On CUDA, models with epilogue pieces run the
 fused step ``fastgrad.kernels.cuda.step_blocks``.  A training-mode call
 advances ``model.dropout_step`` once, as ``model.forward`` does, so both
 paths draw the same dropout masks.
@@ -34,6 +34,7 @@ from numba.core import event as _numba_event
 import numpy as np
 
 from . import device as _device
+from . import epilogue
 from . import ops
 from . import threads as _threads
 from .errors import NonFiniteGradientError
@@ -45,20 +46,10 @@ from .layers import Sequential
 
 
 def layer_features(model):
-    """The layer features ``model`` uses (names of
-    ``fastgrad.kernels.cpu.step.FEATURES``): what its step driver is
-    compiled for."""
-    used = set()
-    for layer in model.layers:
-        if layer.dropout > 0:
-            used.add("dropout")
-        if layer.residual:
-            used.add("residual")
-        if layer.norm is not None:
-            used.add("norm")
-        if layer.weight_norm:
-            used.add("weight_norm")
-    return frozenset(used)
+    """The epilogue pieces ``model`` uses beyond the plain kernels' (names
+    of ``fastgrad.kernels.cpu.step.FEATURES``, which are the pieces'):
+    what its step driver is compiled for."""
+    return epilogue.used_pieces(model.layers)
 
 
 class TrainStep:
@@ -85,7 +76,7 @@ class TrainStep:
     step from a CUDA graph captured on its second call, with fastgrad's own
     GEMM kernel (CuPy cannot capture cuBLAS); ``step._graphs`` holds the
     graphed steps (``.graph`` is None and ``.fallback_reason`` says why if
-    capture failed: the step then runs eagerly).  Models with toolkit layers
+    capture failed: the step then runs eagerly).  Models with epilogue pieces
     are graphed too: their dropout step and running statistics live in
     device memory, which the graphed kernels read, and the train/eval mode
     gets a graph of its own.  Not yet measured on a GPU.
@@ -149,10 +140,10 @@ class TrainStep:
         # Models with dropout or residual blocks get their own compiled step:
         # plain models never compile (nor pay for) the block code.
         self._blocks = model.extended
-        # Where the device has no fused step for toolkit layers, the model
+        # Where the device has no fused step for epilogue pieces, the model
         # runs the layer path (forward, loss, backward, update: the same twin
         # kernels, launched one by one).
-        self._composed = (self._blocks and not be.fuses_toolkit_layers) or self._loss_options
+        self._composed = (self._blocks and not be.fuses_epilogue) or self._loss_options
         # CUDA graphs: the step's launches replayed as one graph per batch
         # size and mode (GEMMs through fastgrad's own kernel: CuPy refuses
         # cuBLAS in a capture).  Off by default until it has been measured
@@ -177,16 +168,15 @@ class TrainStep:
             self._codes, rules=(opt.rule,), losses=(self._loss_kind,),
             features=layer_features(model))
         # A device that steps by plan has ONE step driver for plain and
-        # toolkit models (kernels/cpu/step.py).
+        # models with epilogue pieces (kernels/cpu/step.py).
         self._by_plan = be.steps_by_plan and not self._composed
         if self._by_plan or (self._blocks and not self._composed):
-            self._drops = np.asarray([layer.dropout for layer in model.layers], np.float64)
+            # the per-layer values the step reads, from the pieces' table
+            flags = epilogue.plan_flags(model.layers)
+            self._drops, self._residual = flags["drops"], flags["residual"]
+            self._norms, self._wn = flags["norms"], flags["wn"]
             self._no_drops = np.zeros_like(self._drops)
-            self._residual = np.asarray([int(layer.residual) for layer in model.layers], np.int64)
-            self._norms = np.asarray([_knorm.KINDS[layer.norm] for layer in model.layers],
-                                     np.int64)
             self._batch_norm = bool((self._norms == _knorm.BATCH).any())
-            self._wn = np.asarray([int(layer.weight_norm) for layer in model.layers], np.int64)
         if self._blocks and not self._composed and not self._by_plan:
             if self._wn.any():
                 self._weff = xp.empty_like(model.params)
@@ -225,7 +215,7 @@ class TrainStep:
             raise ValueError("threads= shards the fused CPU step of a plain model (no dropout, "
                              "normalisation, residual or weight norm, default loss options); "
                              f"this step runs on {model.device}"
-                             + (" with toolkit layers" if self._blocks else "")
+                             + (" with epilogue pieces" if self._blocks else "")
                              + (" with loss options" if self._loss_options else ""))
         limit = numba.config.NUMBA_NUM_THREADS
         if threads > limit:
@@ -262,7 +252,7 @@ class TrainStep:
             acts = xp.empty(B * int(widths.sum()), dt)
             if self._by_plan:
                 # the driver's: z always kept and a third delta stride (a
-                # residual block's dz) for toolkit layers; the step plan and
+                # residual block's dz) for epilogue pieces; the step plan and
                 # its scratch (see kernels/cpu/step.py)
                 zs = xp.empty_like(acts) if self._needs_z or self._blocks else acts
                 delta = xp.empty((3 if self._blocks else 2) * B * int(widths.max()), dt)
@@ -282,7 +272,7 @@ class TrainStep:
                 buf = self._buffers[B] = (acts, zs, fzs, xhats, nstats, nwork, delta)
                 ws = self._backend.step_workspace(
                     B, self._sizes, self.opt._offsets, self._loss_kind, dt, self.opt._records,
-                    toolkit_stats=int(self.model.running_mean.size))
+                    epilogue_stats=int(self.model.running_mean.size))
                 if ws is not None:
                     self._workspaces[B] = ws
                 return buf
@@ -319,7 +309,7 @@ class TrainStep:
         model = self.model
         key = (B, int(rule), opt._clip_norm, opt._clip_value, id(s0), id(s1), id(s2))
         if self._blocks:
-            # frozen in a toolkit graph: the mode (dropout on or off, batch or
+            # frozen in a epilogue graph: the mode (dropout on or off, batch or
             # running statistics) and the mask seed (the layers' keys; the
             # dropout step is read from device memory); mode last
             key += (model._mask_seed, bool(model.training))
@@ -542,7 +532,7 @@ class TrainStep:
         return self._result(loss)
 
     def _blocks_step(self, x, labels, target, B, rule, s0, s1, s2, hp, snap):
-        """The fused step of a model with toolkit layers.  On the CPU the
+        """The fused step of a model with epilogue pieces.  On the CPU the
         skip is known when the kernel returns and ``snap`` is put back on
         the host; on CUDA (``snap`` None) the dropout step and the running
         statistics are settled on the device by the update's skip decision
@@ -631,7 +621,7 @@ class TrainStep:
                   callback=None):
         """Train one epoch over ``X, Y``: every mini-batch step in compiled code.
 
-        On the CPU, for every model with a default loss (toolkit layers
+        On the CPU, for every model with a default loss (epilogue pieces
         included: dropout, residual blocks, normalisation, weight
         normalisation), the epoch runs in compiled chunks of steps: each chunk gathers its
         batches into one reused buffer, runs every step (forward, loss,

@@ -80,7 +80,7 @@ def test_cpu_backend_arrays_and_predicates():
     ro = np.zeros(3)
     ro.flags.writeable = False
     assert be.writeable(np.zeros(3)) and not be.writeable(ro)
-    assert be.skip_known_on_host and be.compiled_epochs and be.fuses_toolkit_layers
+    assert be.skip_known_on_host and be.compiled_epochs and be.fuses_epilogue
     assert not be.graphs_steps and not be.loss_in_record
     loss = be.loss_result(np.float32(1.5))
     assert type(loss) is float and loss == 1.5

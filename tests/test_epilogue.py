@@ -139,9 +139,11 @@ def test_plan_flags_are_what_the_step_reads():
     step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, lr=0.1))
     # the compiled step's per-layer arrays (fastgrad/step.py) hold the same values
     for name, attr in (("drops", "_drops"), ("residual", "_residual"), ("norms", "_norms"),
-                       ("wn", "_wn")):
-        if hasattr(step, attr):
-            np.testing.assert_array_equal(np.asarray(getattr(step, attr)), flags[name])
+                       ("wn", "_wn"), ("codes", "_codes")):
+        np.testing.assert_array_equal(np.asarray(getattr(step, attr)), flags[name])
+    # and its driver is compiled for the pieces the model uses
+    assert fg.step.layer_features(model) == {"dropout", "norm", "residual", "weight_norm"}
+    assert epilogue.used_pieces([fg.Dense(3, 4)]) == frozenset()
 
 
 def test_every_piece_points_at_its_reference_and_torch_modules():

@@ -8,7 +8,7 @@ size.  The network is described by small integer/float arrays, so one
 compiled function per dtype serves every depth, width, activation, loss and
 optimizer (and caches on disk across processes).
 
-One driver serves plain models and models with toolkit layers (dropout,
+One driver serves plain models and models with epilogue pieces (dropout,
 residual blocks, batch/layer norm, weight norm).  It is specialised at
 compile time on the layer features its package serves (``SERVED_FEATURES``):
 each feature's code sits under ``if _<FEATURE>:``, a module constant that
@@ -29,14 +29,14 @@ codes   int64 (L,)     activation codes; alphas float64 (L,)
 offsets int64 (L+1,)   layer i's W, b (gamma, beta, g) in
                        params[offsets[i]:offsets[i+1]] (kernels/layout.py)
 acts    flat, B * sum(sizes[1:]) -- layer outputs, layer after layer; for
-        toolkit layers followed by their scratch (below)
+        epilogue pieces followed by their scratch (below)
 zs      flat, B * sum(sizes[1:]) when some layer needs z (gelu, silu) or
-        the model has toolkit layers, else acts
+        the model has epilogue pieces, else acts
 delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da; a third
         such stride with a residual block (its dz: the skip gradient still
         needs dL/da)
 
-The toolkit layers' data is packed into few arguments, laid out by
+The epilogue pieces' data is packed into few arguments, laid out by
 :func:`step_plan`: each array argument costs the compiled wrapper's unboxing
 code, in every cold compile (a plain model's too) and every call.
 
@@ -53,7 +53,7 @@ fplan   float64 dropout rate per layer (L), then float64 scratch: batch
 run_mean, run_var      float64, sum(sizes[1:]): batch norm running statistics
                 (the model's state)
 
-The model-dtype scratch of toolkit layers lies in ``acts`` after the layer
+The model-dtype scratch of epilogue pieces lies in ``acts`` after the layer
 outputs, at the plan's offsets: f(z) of residual blocks (``PLAN_FZS``, like
 the outputs), normalised pre-activations (``PLAN_XHATS``), per layer mean
 and 1/std (``PLAN_NSTATS``), the effective W of weight-normalised layers and
@@ -126,8 +126,8 @@ def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, se
     rows[:, PLAN_NORM] = norms
     rows[:, PLAN_WN] = weight_norm != 0
     plan[PLAN_SEED] = seed
-    toolkit = bool(drops.any() or residual.any() or norms.any() or weight_norm.any())
-    acts = B * int(widths.sum()) if toolkit else 0
+    has_epilogue = bool(drops.any() or residual.any() or norms.any() or weight_norm.any())
+    acts = B * int(widths.sum()) if has_epilogue else 0
     n_x = acts if norms.any() else 0
     n_s = 2 * int((B + widths).sum()) if norms.any() else 0
     n_w = int(n_params) if weight_norm.any() else 0

@@ -1,7 +1,7 @@
-"""Former home of the toolkit layers' step (dropout, residual blocks, norm,
+"""Former home of the epilogue pieces' step (dropout, residual blocks, norm,
 weight norm), kept so that imports of its names go on working.
 
-Plain and toolkit models now run ONE driver, ``step`` (``forward_backward``,
+Plain and models with epilogue pieces now run ONE driver, ``step`` (``forward_backward``,
 ``train_step``, ``train_steps``), specialised at compile time on the layer
 features its package serves; the names below are that driver (its
 arguments: the step plan of ``step.step_plan`` after the plain step's).

@@ -57,7 +57,7 @@ def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_
     T = bounds.shape[0] - 1
     B = bounds[T]
     # The driver's plan of a plain model (no layer feature on; the package
-    # serving every feature reads it) and no toolkit scratch, of the types
+    # serving every feature reads it) and no epilogue scratch, of the types
     # TrainStep passes, so that gradients() and the shards share one
     # compiled driver.
     L = codes.shape[0]

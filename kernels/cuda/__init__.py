@@ -28,7 +28,7 @@ __all__ = [
     "activation_forward", "bias_act", "bias_act_grad", "dense_backward",
     "dense_forward", "bce_with_logits", "mse", "softmax_cross_entropy",
     "clipped_update", "layer_sumsq",
-    # the explosion toolkit (twins of kernels/cpu/blocks.py, norm.py, wnorm.py)
+    # the epilogue pieces (twins of kernels/cpu/blocks.py, norm.py, wnorm.py)
     "dropout_key", "dropout_threshold", "dropout_mask", "block_forward_epilogue",
     "block_backward_epilogue", "block_forward", "block_backward",
     "norm_forward_epilogue", "norm_backward_epilogue",

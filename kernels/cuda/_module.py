@@ -166,11 +166,11 @@ def _names():
     gemm = [f"fg_gemm<{t}, {ta}, {tb}>" for t in _DTYPES.values()
             for ta, tb in ((0, 0), (1, 0), (0, 1))]
     return {"activations.cu": acts, "losses.cu": losses, "reduce.cu": reduce_,
-            "optim.cu": optim, "multi_tensor.cu": multi, "gemm.cu": gemm, **_toolkit_names()}
+            "optim.cu": optim, "multi_tensor.cu": multi, "gemm.cu": gemm, **_epilogue_names()}
 
 
-def _toolkit_names():
-    """name_expressions of the explosion-toolkit sources (blocks, norm, wnorm)."""
+def _epilogue_names():
+    """name_expressions of the epilogue sources (blocks, norm, wnorm)."""
     blocks, norm, wnorm = [], [], []
     for t in _DTYPES.values():
         for a in _act_codes():
@@ -358,7 +358,7 @@ MAX_BLOCKS = 8192
 RED_THREADS = 256          # common.cuh fg::RED_THREADS
 GRAD_ROWS = 64             # activations.cu FG_GRAD_ROWS
 SUMSQ_CHUNK = 8192         # common.cuh FG_SUMSQ_CHUNK
-# Column sums of the toolkit kernels (blocks.cuh): blocks of (32, 8)
+# Column sums of the epilogue kernels (blocks.cuh): blocks of (32, 8)
 # threads, each over COL_ROWS rows of 32 columns.
 TILE = (32, 8)             # blocks.cuh fg::TILE_COLS, fg::TILE_ROWS
 COL_ROWS = 64              # blocks.cuh fg::COL_ROWS

@@ -1,4 +1,4 @@
-// Device helpers shared by the explosion-toolkit kernels (blocks.cu, norm.cu,
+// Device helpers shared by the epilogue kernels (blocks.cu, norm.cu,
 // wnorm.cu): the counter-based dropout mask, the dropout/residual tail of a
 // forward unit and the dropout head of its backward, and the deterministic
 // column sums over (32 x 8)-thread tiles.

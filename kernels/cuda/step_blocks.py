@@ -1,9 +1,9 @@
-"""The whole training step of a model with toolkit layers (dropout, residual
+"""The whole training step of a model with epilogue pieces (dropout, residual
 blocks, batch/layer norm, weight norm) on the GPU.
 
-The CPU runs plain and toolkit models through ONE driver reading a packed
+The CPU runs plain models and models with epilogue pieces through ONE driver reading a packed
 step plan (``fastgrad.kernels.cpu.step``); this step still takes the
-per-layer feature arrays below (the CPU toolkit step's former arguments),
+per-layer feature arrays below (the CPU epilogue step's former arguments),
 plus the CUDA step's keywords ``ws`` (a :class:`BlocksWorkspace`) and
 ``gemm`` (see ``step``).  Arrays the kernels touch are cupy arrays; ``sizes,
 codes, alphas, drops, residual, norms, wn, offsets`` are host NumPy arrays
@@ -60,7 +60,7 @@ __all__ = ["BlocksWorkspace", "forward_backward_blocks", "train_step_blocks",
 
 
 class BlocksWorkspace(Workspace):
-    """:class:`step.Workspace` plus the toolkit layers' scratch at batch size
+    """:class:`step.Workspace` plus the epilogue pieces' scratch at batch size
     ``B``: ``work`` (float64 column partials of the blocks, norm and weight
     norm passes, sized for the largest layer) and ``saved_mean``,
     ``saved_var`` (the running statistics before a step's forward, for
@@ -288,7 +288,7 @@ def train_step_blocks(x, labels, target, loss_kind, params, grads, sizes, codes,
 class GraphedTrainStepBlocks(GraphedTrainStep):
     """:func:`train_step_blocks` (``commit=True``) at one batch size,
     replayed from a CUDA graph when possible: :class:`step.GraphedTrainStep`
-    for models with toolkit layers.
+    for models with epilogue pieces.
 
     Parameters: those of :func:`train_step_blocks` without ``x, labels,
     target, hp``, then ``batch`` and the keywords of ``GraphedTrainStep``.
@@ -314,7 +314,7 @@ class GraphedTrainStepBlocks(GraphedTrainStep):
         super().__init__(loss_kind, params, grads, sizes, codes, alphas, offsets, acts, zs,
                          delta, rule, s0, s1, s2, layer_sq, clip_norm, clip_value, batch,
                          use_graph=use_graph, gemm=gemm, optim=optim)
-        self._toolkit = (drops, _host(residual, np.int64), _host(norms, np.int64), int(seed),
+        self._epilogue = (drops, _host(residual, np.int64), _host(norms, np.int64), int(seed),
                          counter, training, fzs, xhats, run_mean, run_var, nstats, nwork,
                          _host(wn, np.int64), weff, dweff, wnorm)
 
@@ -326,7 +326,7 @@ class GraphedTrainStepBlocks(GraphedTrainStep):
         (params, grads, acts, zs, delta, rule, s0, s1, s2, layer_sq,
          clip_norm, clip_value) = self._bufs
         (drops, residual, norms, seed, counter, training, fzs, xhats, run_mean, run_var, nstats,
-         nwork, wn, weff, dweff, wnorm) = self._toolkit
+         nwork, wn, weff, dweff, wnorm) = self._epilogue
         return train_step_blocks(self.x, self.labels, self.target, self.loss_kind, params, grads,
                                  self.sizes, self.codes, self.alphas, drops, residual, norms,
                                  seed, counter, training, self.offsets, acts, zs, fzs, xhats,
