@@ -211,7 +211,21 @@ def test_nonfinite_step_is_skipped_and_reported():
         fg.TrainStep(m, fg.SoftmaxCrossEntropy(), strict)(x, [1])
 
 
-def test_steady_state_allocates_nothing():
+def _plain_gelu_model():
+    return fg.MLP([20, 33, 33, 5], activation="gelu", dtype="float32")
+
+
+def _every_piece_model():
+    return fg.Sequential([fg.Dense(20, 33, activation="gelu", norm="batch", dropout=0.2,
+                                   weight_norm=True),
+                          fg.Residual(fg.Dense(33, 33, activation="relu", norm="layer",
+                                               dropout=0.1)),
+                          fg.Dense(33, 5, activation=None)], dtype="float32")
+
+
+@pytest.mark.parametrize("make_model", [_plain_gelu_model, _every_piece_model],
+                         ids=["plain", "epilogue"])
+def test_steady_state_allocates_nothing(make_model):
     """Numba's runtime counters grow inside the step by nothing at all.
 
     Numba wraps each NumPy array argument in a runtime MemInfo when a compiled
@@ -228,7 +242,7 @@ def test_steady_state_allocates_nothing():
     def noop(*args):
         return 0.0
 
-    m = fg.MLP([20, 33, 33, 5], activation="gelu", dtype="float32")
+    m = make_model()
     opt = fg.Adam(m, clip_norm=0.1)
     step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt)
     rng = np.random.default_rng()

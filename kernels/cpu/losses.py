@@ -17,6 +17,9 @@ like = mathfn.like
 # one-pass form, so the loss is the same sum.  2-6x faster on wide outputs
 # (bench/RESULTS.md, "Losses at vector speed").
 # Elements per chunk of the split loops: the chunk's scratch stays in L1.
+# bce_with_logits allocates that scratch (two CHUNK-long arrays) per call:
+# the one allocation of the fused step (tests/test_step.py checks the
+# cross-entropy step allocates nothing).
 CHUNK = 512
 
 

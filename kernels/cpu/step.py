@@ -69,7 +69,7 @@ from numba import njit
 
 from ._jit import INLINE, JIT, code_ladder, served_codes
 from .activations import bias_act, bias_act_grad, needs_z
-from .blocks import block_backward_epilogue, block_forward_epilogue, dropout_key
+from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
 from .optim import clipped_update_inline as clipped_update
@@ -182,13 +182,6 @@ def _drop_args(plan, p, l):
         return (True, dropout_key(plan[PLAN_SEED], l, plan[PLAN_COUNTER]),
                 np.uint64(math.ceil(p * _TWO53)), 1.0 / (1.0 - p))
     return False, np.uint64(0), np.uint64(0), 1.0
-
-
-@njit(**INLINE)
-def _add_into(dst, src):
-    for i in range(dst.shape[0]):
-        for j in range(dst.shape[1]):
-            dst[i, j] += src[i, j]
 
 
 @njit(**INLINE)
