@@ -1,8 +1,12 @@
 """The epilogue pieces at work (fastgrad/epilogue.py; formerly the
 "explosion toolkit", issue 9): residual blocks, dropout, batch/layer norm and
-weight norm -- their kernels against fastgrad.reference and PyTorch,
-gradients against central differences, the counter-based mask, TrainStep
-equality and checkpoints.  The table itself is tested in test_epilogue.py."""
+weight norm in layers and models -- against fastgrad.reference and PyTorch,
+gradients against central differences, TrainStep against the layer path,
+and checkpoints.  Models with every piece run on every device (the
+``device`` fixture) against a float64 NumPy twin of the layer path and a
+float64 CPU layer-path trajectory; the fused step is also replayed from a
+CUDA graph.  Their kernels are tested in test_epilogue_kernels.py, the
+table itself in test_epilogue.py."""
 import importlib.util
 import json
 
@@ -10,102 +14,14 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
-from fastgrad import ops, reference
-from fastgrad.kernels.cpu import blocks
+from fastgrad import epilogue, reference
 
-from conftest import ACTIVATIONS, assert_close, dense_inputs, torch_activation
-
+from conftest import ACTIVATIONS, assert_close, to_numpy, torch_activation
 
 
 def _torch():
     return pytest.importorskip(
         "torch", reason="PyTorch parity test: torch is not installed (pip install 'fastgrad[peers]')")
-
-
-def _run_block(x, W, b, act, alpha, p, residual, key, dy):
-    """The block kernels on NumPy inputs: (z, fz, y, dW, db, dx)."""
-    B, n = x.shape[0], W.shape[1]
-    dt = x.dtype
-    z, fz, y = (np.empty((B, n), dt) for _ in range(3))
-    code, alpha = fg.ops.resolve_activation(act, alpha)
-    drop = p > 0
-    thresh = blocks.dropout_threshold(p)
-    scale = 1.0 / (1.0 - p)
-    blocks.block_forward(x, W, b, z, fz, y, code, alpha, drop, np.uint64(key), thresh, scale,
-                         residual)
-    da = dy.astype(dt).copy()
-    dz = np.empty_like(da)
-    dW, db, dx = np.empty_like(W), np.empty_like(b), np.empty_like(x)
-    # what the forward kept of f: fz for a residual block, else the output
-    kept_f = fz if residual else y
-    blocks.block_backward(x, W, kept_f, z, da, dz, dW, db, dx, code, alpha, drop,
-                          np.uint64(key), thresh, scale, residual, True)
-    return z, fz, y, dW, db, dx
-
-
-# --- kernels against the float64 reference -----------------------------------------
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("act", ACTIVATIONS)
-@pytest.mark.parametrize("p,residual", [(0.0, True), (0.3, False), (0.5, True)])
-def test_block_matches_reference(rng, dtype, act, p, residual):
-    B, n = 7, 17
-    x, W, b = dense_inputs(rng, B, n, n, dtype)
-    dy = rng.standard_normal((B, n))
-    seed, layer, counter = int(rng.integers(2 ** 62)), 2, int(rng.integers(1000))
-    key = reference.dropout_key(seed, layer, counter)
-    assert int(blocks.dropout_key(seed, layer, counter)) == key
-    mask = reference.dropout_mask(seed, layer, counter, (B, n), p) if p else None
-    z, fz, y, dW, db, dx = _run_block(x, W, b, act, None, p, residual, key, dy)
-    rz, rf, ry = reference.block_forward(x, W, b, act, mask=mask, p=p, residual=residual)
-    rdW, rdb, rdx = reference.block_backward(x, W, rz, dy, act, mask=mask, p=p,
-                                             residual=residual)
-    checks = [(y, ry, "y"), (dW, rdW, "dW"), (db, rdb, "db"), (dx, rdx, "dx")]
-    if residual:                         # only residual blocks keep f(z) apart
-        checks.append((fz, rf, "f(z)"))
-    if ops.needs_z(ops.resolve_activation(act)[0]):      # the activations that keep z
-        checks.append((z, rz, "z"))
-    for got, ref, what in checks:
-        assert_close(got, ref, dtype, what=what)
-
-
-def test_mask_kernel_matches_reference(rng):
-    seed, layer, counter, p = int(rng.integers(2 ** 63)), 3, 41, 0.37
-    out = np.empty((33, 65))
-    blocks.dropout_mask(np.uint64(blocks.dropout_key(seed, layer, counter)),
-                        blocks.dropout_threshold(p), out)
-    np.testing.assert_array_equal(out, reference.dropout_mask(seed, layer, counter, out.shape, p))
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_rate_over_a_million_draws(p):
-    n = 1000 * 1000
-    out = np.empty((1000, 1000))
-    blocks.dropout_mask(np.uint64(blocks.dropout_key(12345, 0, 7)), blocks.dropout_threshold(p),
-                        out)
-    sigma = np.sqrt(p * (1 - p) / n)
-    assert abs(out.mean() - (1 - p)) < 4 * sigma, (out.mean(), 1 - p, sigma)
-    # different layers and counters draw different masks
-    other = np.empty_like(out)
-    blocks.dropout_mask(np.uint64(blocks.dropout_key(12345, 1, 7)), blocks.dropout_threshold(p),
-                        other)
-    assert (other != out).mean() > 0.5 * 2 * p * (1 - p)
-
-
-def test_backward_regenerates_the_forward_mask(rng):
-    """Identity activation, dy = 1: the backward's dz is mask * scale exactly,
-    so db counts the kept units the forward let through."""
-    B, n, p = 64, 33, 0.4
-    x = rng.standard_normal((B, n))
-    W = rng.standard_normal((n, n))
-    b = rng.standard_normal(n)
-    key = blocks.dropout_key(99, 1, 5)
-    z, fz, y, dW, db, dx = _run_block(x, W, b, "identity", None, p, False, key, np.ones((B, n)))
-    kept = y != 0
-    assert 0.4 < kept.mean() < 0.8
-    np.testing.assert_allclose(y[kept], (x @ W + b)[kept] / (1 - p), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(db, kept.sum(axis=0) / (1 - p), rtol=1e-14)
-    np.testing.assert_allclose(dW, x.T @ (kept / (1 - p)), rtol=1e-12, atol=1e-12)
 
 
 # --- against PyTorch ------------------------------------------------------------
@@ -335,18 +251,6 @@ def test_plain_model_never_compiles_toolkit_code(per_model_copies):
     assert m.dropout_step == 1
 
 
-def test_trainstep_gradients_match_layer_path(rng):
-    m1 = fg.MLP([4, 6, 6, 2], activation="tanh", dtype="float64", dropout=0.2, residual=True)
-    m2 = fg.MLP([4, 6, 6, 2], activation="tanh", dtype="float64", dropout=0.2, residual=True)
-    x, y = rng.standard_normal((5, 4)), rng.integers(0, 2, 5)
-    step = fg.TrainStep(m2, fg.SoftmaxCrossEntropy(), fg.SGD(m2, lr=0.1))
-    l2 = step.gradients(x, y)
-    l1, dy = fg.SoftmaxCrossEntropy()(m1.forward(x), y)
-    m1.backward(dy, input_grad=False)
-    assert abs(l1 - l2) <= 1e-12 * abs(l1)
-    np.testing.assert_allclose(m2.grads, m1.grads, rtol=1e-12, atol=1e-14)
-
-
 # --- checkpoints ------------------------------------------------------------------------
 
 def _train(step, rng_seed, n, start=0):
@@ -417,11 +321,11 @@ def test_bad_checkpoint_fields(tmp_path, field, value, match):
 
 # --- LayerNorm and BatchNorm1d ------------------------------------------------------
 
-def _norm_model(kind, act, dtype="float64", residual=False, dropout=0.0, seed=0):
+def _norm_model(kind, act, dtype="float64", residual=False, dropout=0.0, seed=0, device=None):
     first = fg.Dense(5, 6, activation=act, norm=kind, dropout=dropout)
     hidden = fg.Dense(6, 6, activation=act, norm=kind)
     return fg.Sequential([first, fg.Residual(hidden) if residual else hidden,
-                          fg.Dense(6, 3, activation=None)], dtype=dtype, seed=seed)
+                          fg.Dense(6, 3, activation=None)], dtype=dtype, seed=seed, device=device)
 
 
 @pytest.mark.parametrize("kind", ["layer", "batch"])
@@ -564,24 +468,30 @@ def test_trainstep_with_norms_equals_layer_path(rng, kinds):
     np.testing.assert_allclose(m2.running_mean, m1.running_mean, rtol=1e-12, atol=1e-14)
 
 
-def test_norm_checkpoint_round_trip(tmp_path, rng):
-    m = _norm_model("batch", "relu")
+def test_norm_checkpoint_round_trip(device, tmp_path, rng):
+    """A model with batch norm, dropout and a residual block, trained on the
+    device, comes back from its checkpoint on the device with the same
+    parameters, running statistics and dropout step."""
+    m = _norm_model("batch", "relu", residual=True, dropout=0.1, device=device)
+    be = m.backend
     opt = fg.Adam(m)
     step = fg.TrainStep(m, fg.MSE(), opt)
     for _ in range(3):
         step(rng.standard_normal((5, 5)), rng.standard_normal((5, 3)))
     fg.save(tmp_path / "n.fgz", m, opt)
-    m2, o2 = fg.load(tmp_path / "n.fgz")
+    m2, o2 = fg.load(tmp_path / "n.fgz", device=device)
+    assert m2.device == device
     assert [l.norm for l in m2.layers] == ["batch", "batch", None]
-    np.testing.assert_array_equal(m2.params, m.params)
-    np.testing.assert_array_equal(m2.running_mean, m.running_mean)
-    np.testing.assert_array_equal(m2.running_var, m.running_var)
-    x = rng.standard_normal((4, 5))
-    np.testing.assert_array_equal(m2.predict(x), m.predict(x))
-    ln = _norm_model("layer", "tanh")
+    assert m2.dropout_step == m.dropout_step == 3 and m2._mask_seed == m._mask_seed
+    np.testing.assert_array_equal(to_numpy(m2.params), to_numpy(m.params))
+    np.testing.assert_array_equal(to_numpy(m2.running_mean), to_numpy(m.running_mean))
+    np.testing.assert_array_equal(to_numpy(m2.running_var), to_numpy(m.running_var))
+    x = be.to_device(rng.standard_normal((4, 5)))
+    np.testing.assert_array_equal(to_numpy(m2.predict(x)), to_numpy(m.predict(x)))
+    ln = _norm_model("layer", "tanh", device=device)
     fg.save(tmp_path / "l.fgz", ln)
-    ln2, _ = fg.load(tmp_path / "l.fgz")
-    np.testing.assert_array_equal(ln2.predict(x), ln.predict(x))
+    ln2, _ = fg.load(tmp_path / "l.fgz", device=device)
+    np.testing.assert_array_equal(to_numpy(ln2.predict(x)), to_numpy(ln.predict(x)))
 
 
 # --- weight normalisation -------------------------------------------------------------
@@ -682,3 +592,362 @@ def test_weight_norm_trainstep_and_checkpoint(rng, tmp_path):
         fg.Dense(3, 3, weight_norm="yes")
 
 
+
+
+# --- every piece on every device: the layer path against a float64 NumPy twin ----------
+
+VARIANTS = {
+    "batchnorm": dict(norm="batch"),
+    "layernorm": dict(norm="layer"),
+    "dropout": dict(dropout=0.2),
+    "residual": dict(residual=True),
+    "weight_norm": dict(weight_norm=True),
+    "all": dict(norm="batch", dropout=0.1, residual=True, weight_norm=True),
+}
+
+
+def _f64(a):
+    return np.asarray(to_numpy(a), np.float64)
+
+
+def _numpy_forward(model, x, counter):
+    """The float64 NumPy twin of ``model.forward(x)`` at dropout step
+    ``counter`` (None: eval mode, no dropout), from the model's parameters
+    and running statistics, which it reads and leaves alone.  Returns the
+    output, what :func:`_numpy_backward` needs per layer, and the running
+    mean and variance the forward leaves."""
+    training = counter is not None
+    run_mean, run_var = _f64(model.running_mean).copy(), _f64(model.running_var).copy()
+    h, cache, col = np.asarray(x, np.float64), [], 0
+    for l, layer in enumerate(model.layers):
+        W = (reference.weight_norm(_f64(layer.v), _f64(layer.g)) if layer.weight_norm
+             else _f64(layer.W))
+        z = h @ W + _f64(layer.b)
+        u, xhat, rstd = z, None, None
+        if layer.norm:
+            units = slice(col, col + layer.n_out)
+            xhat, u, rstd, rm, rv = reference.norm_forward(
+                z, layer.norm, _f64(layer.gamma), _f64(layer.beta), run_mean[units],
+                run_var[units], training=training or layer.norm == "layer")
+            if layer.norm == "batch" and training:
+                run_mean[units], run_var[units] = rm, rv
+        f = reference.activation(u, layer.activation, layer.alpha)
+        scaled_mask = None
+        if training and layer.dropout:
+            scaled_mask = reference.dropout_mask(model._mask_seed, l, counter, f.shape,
+                                                 layer.dropout) / (1.0 - layer.dropout)
+        y = f if scaled_mask is None else f * scaled_mask
+        cache.append((h, W, u, xhat, rstd, scaled_mask, training))
+        h = y + h if layer.residual else y
+        col += layer.n_out
+    return h, cache, run_mean, run_var
+
+
+def _numpy_backward(model, cache, dy):
+    """(the flat gradient of ``model.params``, dL/dx) of the twin's forward."""
+    grads = np.zeros(model.n_params)
+    offsets = to_numpy(model.layer_offsets)
+    d = np.asarray(dy, np.float64)
+    for l in range(len(model.layers) - 1, -1, -1):
+        layer, (h, W, u, xhat, rstd, scaled_mask, training) = model.layers[l], cache[l]
+        df = d if scaled_mask is None else d * scaled_mask
+        dz = df * reference.activation_grad(u, layer.activation, layer.alpha)
+        slot_grads = {}
+        if layer.norm:
+            dz, slot_grads["gamma"], slot_grads["beta"] = reference.norm_backward(
+                dz, xhat, rstd, _f64(layer.gamma), layer.norm,
+                training=training or layer.norm == "layer")
+        dW = h.T @ dz
+        slot_grads["b"] = dz.sum(axis=0)
+        if layer.weight_norm:
+            slot_grads["v"], slot_grads["g"] = reference.weight_norm_backward(
+                _f64(layer.v), _f64(layer.g), dW)
+        else:
+            slot_grads["W"] = dW
+        for slot, start, stop in epilogue.param_slots(layer, layer.n_in, layer.n_out,
+                                                      int(offsets[l])):
+            grads[start:stop] = slot_grads.pop(slot.name).ravel()
+        assert not slot_grads, f"layer {l}: gradients of no slot: {sorted(slot_grads)}"
+        d = dz @ W.T + d if layer.residual else dz @ W.T
+    return grads, d
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu", "silu"])
+def test_layer_path_matches_numpy(device, rng, variant, act):
+    """A float32 model's forward, every parameter's gradient, dL/dx and the
+    running statistics, then its eval-mode predict, against the float64
+    NumPy twin of the same weights and masks."""
+    model = fg.MLP([12, 24, 24, 24, 5], activation=act, dtype="float32", device=device, seed=3,
+                   **VARIANTS[variant])
+    be = model.backend
+    x = rng.standard_normal((32, 12)).astype(np.float32)
+    dy = rng.standard_normal((32, 5)).astype(np.float32)
+    want, cache, run_mean, run_var = _numpy_forward(model, x, model.dropout_step)
+    out = model.forward(be.to_device(x))
+    assert be.is_array(out)
+    assert_close(out, want, np.float32, what="forward")
+    dx = model.backward(be.to_device(dy))
+    grads, want_dx = _numpy_backward(model, cache, dy)
+    assert_close(model.grads, grads, np.float32, what="gradients")
+    assert_close(dx, want_dx, np.float32, what="dL/dx")
+    assert_close(model.running_mean, run_mean, np.float32, what="running mean")
+    assert_close(model.running_var, run_var, np.float32, what="running var")
+    model.eval()
+    assert_close(model.predict(be.to_device(x)), _numpy_forward(model, x, None)[0], np.float32,
+                 what="eval predict")
+
+
+def test_layer_dropout_drops_the_reference_mask(device, rng):
+    """Identity activation: a unit is 0 after dropout exactly where the
+    reference mask of (seed, layer, dropout step) drops it, step after step."""
+    model = fg.MLP([7, 40, 3], activation=None, dropout=0.5, seed=11, dtype="float64",
+                   device=device)
+    x = model.backend.to_device(rng.standard_normal((9, 7)))
+    for step in range(3):                       # three steps: three masks
+        model.forward(x)
+        h = to_numpy(model._cache[1][0])        # input of layer 1 = output of layer 0
+        mask = reference.dropout_mask(model._mask_seed, 0, step, h.shape, 0.5)
+        np.testing.assert_array_equal(h == 0, mask == 0, err_msg=f"step {step}")
+    assert model.dropout_step == 3
+
+
+# --- every piece on every device: TrainStep against a float64 layer-path trajectory ------
+
+# every piece alone and in combinations (residual blocks need equal widths:
+# the hidden layers of FUSED_SIZES)
+FUSED_VARIANTS = dict(VARIANTS, **{
+    "layernorm+dropout": dict(norm="layer", dropout=0.3),
+    "residual+dropout": dict(residual=True, dropout=0.25),
+    "weight_norm+layernorm+residual": dict(weight_norm=True, norm="layer", residual=True),
+    "batchnorm+dropout+weight_norm": dict(norm="batch", dropout=0.2, weight_norm=True),
+})
+FUSED_SIZES = (13, 19, 19, 7)
+# per-step tolerances against the float64 trajectory: float32 rounding
+# (CPU float32 transcendentals are polynomials, CUDA's libm) compounds
+# over the steps
+FUSED_TOL = {"float32": 2e-4, "float64": 1e-10}
+
+
+class _LayerPath:
+    """The float64 CPU twin of a TrainStep, trained by the layer path
+    (forward, loss, backward, ``opt.step``): the reference trajectory.  A
+    skipped update leaves no trace, as TrainStep's does: the dropout step
+    and the running statistics are put back."""
+
+    def __init__(self, model, loss_fn, opt):
+        self.model, self.loss_fn, self.opt, self.stats = model, loss_fn, opt, None
+
+    def gradients(self, x, y):
+        loss, dy = self.loss_fn(self.model.forward(np.asarray(x, np.float64)), y)
+        self.model.backward(dy, input_grad=False)
+        return loss
+
+    def __call__(self, x, y):
+        m = self.model
+        before = (m.dropout_step, m.running_mean.copy(), m.running_var.copy())
+        loss = self.gradients(x, y)
+        self.stats = self.opt.step()
+        if self.stats.skipped:
+            m.dropout_step = before[0]
+            m.running_mean[...], m.running_var[...] = before[1:]
+        return loss
+
+
+def _step_and_reference(device, variant, dtype, cuda_graph=False, sizes=FUSED_SIZES, seed=5,
+                        **opt_kw):
+    """A TrainStep of a model on ``device`` and its float64 CPU layer-path
+    twin (same seed: same dropout masks; the twin starts from the model's
+    own, possibly float32, weights).  SGD with momentum: the bias before a
+    batch norm has a gradient of rounding noise only, which Adam would turn
+    into +-lr steps."""
+    opt_kw = opt_kw or dict(lr=0.05, momentum=0.9, clip_norm=0.5)
+    pieces = FUSED_VARIANTS[variant]
+    model = fg.MLP(list(sizes), activation="tanh", dtype=dtype, device=device, seed=seed,
+                   **pieces)
+    twin = fg.MLP(list(sizes), activation="tanh", dtype="float64", device="cpu", seed=seed,
+                  **pieces)
+    twin.params[...] = to_numpy(model.params)
+    assert twin._mask_seed == model._mask_seed
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, **opt_kw),
+                        cuda_graph=cuda_graph)
+    assert step._kblocks is not None and not step._composed      # the fused step
+    return step, _LayerPath(twin, fg.SoftmaxCrossEntropy(), fg.SGD(twin, **opt_kw))
+
+
+def _batches(rng, n, dtype, bad=(), B=67, last=None, sizes=FUSED_SIZES):
+    """n batches of B (67: over one of CUDA's row blocks of 64, so the column
+    sums take their partials), the last one of ``last`` rows if given (an
+    epoch's smaller last batch); those in ``bad`` hold a NaN."""
+    out = []
+    for t in range(n):
+        rows = last if last is not None and t == n - 1 else B
+        x = rng.standard_normal((rows, sizes[0])).astype(dtype)
+        if t in bad:
+            x[5 % rows, 3] = np.nan
+        out.append((x, rng.integers(0, sizes[-1], rows)))
+    return out
+
+
+def _same_step(step, ref, loss, ref_loss, dtype, t, rtol=None):
+    rtol = rtol or FUSED_TOL[dtype]
+    got, want = step.stats, ref.stats
+    assert (bool(got.skipped), int(got.step)) == (bool(want.skipped), int(want.step)), f"step {t}"
+    if want.skipped:
+        assert np.isnan(float(loss)) and np.isnan(ref_loss)
+        return
+    assert_close(float(loss), ref_loss, dtype, rtol=rtol, what=f"loss at step {t}")
+    assert_close(got.grad_norm, want.grad_norm, dtype, rtol=rtol, what=f"grad norm {t}")
+    assert_close(got.layer_norms, want.layer_norms, dtype, rtol=rtol, what=f"layer norms {t}")
+
+
+def _same_state(step, ref, dtype, what="", rtol=None):
+    rtol = rtol or FUSED_TOL[dtype]
+    m, mr = step.model, ref.model
+    assert_close(m.params, mr.params, dtype, rtol=rtol, what=f"params {what}")
+    for name, want in ref.opt.state.items():
+        assert_close(step.opt.state[name], want, dtype, rtol=rtol, what=f"{name} {what}")
+    assert_close(m.running_mean, mr.running_mean, dtype, rtol=rtol, what=f"running mean {what}")
+    assert_close(m.running_var, mr.running_var, dtype, rtol=rtol, what=f"running var {what}")
+    assert m.dropout_step == mr.dropout_step, f"dropout step {what}"
+    assert (step.opt.step_count, step.opt.n_skipped) == (ref.opt.step_count, ref.opt.n_skipped)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_train_steps_track_the_float64_layer_path(device, rng, variant):
+    """20 float32 TrainSteps with SGD + momentum + clipping stay with the
+    float64 layer path from the same start.  (SGD, not Adam: Adam's update
+    of a near-zero gradient component is +-lr whatever its size, so
+    rounding-level differences would show as lr-sized parameter
+    differences.)"""
+    sizes = (12, 24, 24, 24, 5)
+    step, ref = _step_and_reference(device, variant, "float32", sizes=sizes, seed=3, lr=0.05,
+                                    momentum=0.9, clip_norm=1.0)
+    for t, (x, y) in enumerate(_batches(rng, 20, np.float32, B=32, sizes=sizes)):
+        _same_step(step, ref, step(x, y), ref(x, y), "float32", t, rtol=1e-4)
+    _same_state(step, ref, "float32", "after 20 steps", rtol=1e-3)
+
+
+def _fused_steps(device, rng, variant, dtype, cuda_graph):
+    """Five steps, the third on a non-finite batch (skipped: the dropout
+    step and running statistics put back), the last on a smaller batch (its
+    own buffers, and graph): losses, norms, skips, then parameters,
+    optimizer state, running statistics and dropout step."""
+    step, ref = _step_and_reference(device, variant, dtype, cuda_graph)
+    for t, (x, y) in enumerate(_batches(rng, 5, dtype, bad={2}, last=29)):
+        loss = step(x, y)
+        if device == "cuda":
+            assert step.model.backend.is_array(loss)        # read back only when asked
+        _same_step(step, ref, loss, ref(x, y), dtype, t)
+    _same_state(step, ref, dtype, "after 5 steps")
+    assert ref.model.dropout_step == 4 and ref.opt.n_skipped == 1
+    return step
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("variant", sorted(FUSED_VARIANTS))
+def test_fused_step_matches_the_layer_path(device, rng, variant, dtype):
+    """The fused step of every piece and combination (CPU: the one step
+    driver; CUDA: kernels/cuda/step_blocks.py) against the float64 layer
+    path."""
+    _fused_steps(device, rng, variant, dtype, cuda_graph=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("variant", sorted(FUSED_VARIANTS))
+def test_graphed_step_matches_the_layer_path(cuda_be, rng, variant, dtype):
+    """The same, replayed from CUDA graphs: one per batch size."""
+    step = _fused_steps("cuda", rng, variant, dtype, cuda_graph=True)
+    assert sorted(key[0] for key in step._graphs) == [29, 67]
+    assert step._graphs[max(step._graphs)].graph is not None      # B=67, replayed
+
+
+def _modes_and_counter_changes(device, rng, cuda_graph):
+    """Train, eval (no dropout, running statistics), train again with the
+    dropout step set by hand, and a layer-path forward in between: the
+    step's counter follows the host's each time, and every step matches the
+    layer path."""
+    step, ref = _step_and_reference(device, "batchnorm+dropout+weight_norm", "float64",
+                                    cuda_graph, lr=0.05, momentum=0.9, clip_norm=1.0)
+    for t, (x, y) in enumerate(_batches(rng, 9, "float64", bad={4})):
+        for s in (step, ref):
+            if t == 3:
+                s.model.eval()
+            if t == 5:
+                s.model.train()
+                s.model.dropout_step = 11
+            if t == 7:
+                s.model.forward(s.model.backend.to_device(x))    # advances the host counter
+        _same_step(step, ref, step(x, y), ref(x, y), "float64", t)
+    _same_state(step, ref, "float64", "after the mode changes")
+    assert ref.model.dropout_step == 16
+    return step
+
+
+def test_fused_step_modes_and_counter_changes(device, rng):
+    _modes_and_counter_changes(device, rng, cuda_graph=False)
+
+
+@pytest.mark.cuda
+def test_graphed_step_modes_and_counter_changes(cuda_be, rng):
+    """The same from CUDA graphs: one per mode, each replayed."""
+    step = _modes_and_counter_changes("cuda", rng, cuda_graph=True)
+    assert sorted(key[-1] for key in step._graphs) == [False, True]
+    assert all(g.graph is not None for g in step._graphs.values())
+
+
+def test_trainstep_gradients_match_layer_path(device, rng):
+    """TrainStep.gradients (forward and backward, no update) on a model
+    with every piece gives the layer path's loss and gradients, before and
+    after a fused step (whose dropout step may live on the device), and
+    advances the dropout step."""
+    step, ref = _step_and_reference(device, "all", "float64")
+    for t, (x, y) in enumerate(_batches(rng, 3, "float64")):
+        if t == 1:
+            _same_step(step, ref, step(x, y), ref(x, y), "float64", t)
+            continue
+        loss, want = step.gradients(x, y), ref.gradients(x, y)
+        assert_close(float(loss), want, np.float64, rtol=1e-10, what=f"loss {t}")
+        assert_close(step.model.grads, ref.model.grads, np.float64, rtol=1e-10,
+                     what=f"gradients {t}")
+    assert step.model.dropout_step == ref.model.dropout_step == 3
+
+
+def test_fused_step_drops_the_reference_mask(device, rng):
+    """Identity layers at rate 0.5: the fused step's first layer output is 0
+    exactly where the reference mask of its dropout step drops, read from
+    the step's own buffer, a skipped step (which reuses its dropout step)
+    included."""
+    model = fg.MLP([7, 40, 3], activation=None, dropout=0.5, seed=11, dtype="float64",
+                   device=device)
+    step = fg.TrainStep(model, fg.MSE(), fg.SGD(model, lr=0.01))
+    for t in range(4):
+        x = rng.standard_normal((9, 7))
+        if t == 1:
+            x[0, 0] = np.nan
+        counter = model.dropout_step
+        step(x, rng.standard_normal((9, 3)))
+        h = to_numpy(step._buffers[9][0])[:9 * 40].reshape(9, 40)
+        mask = reference.dropout_mask(model._mask_seed, 0, counter, h.shape, 0.5)
+        np.testing.assert_array_equal(h == 0, mask == 0, err_msg=f"step {t}")
+        assert model.dropout_step == counter + (t != 1)
+    assert model.dropout_step == 3
+
+
+@pytest.mark.cuda
+def test_graph_refuses_a_frozen_dropout_step(cuda_be):
+    """A graphed step with dropout in training mode reads its dropout step
+    from device memory; a host int would freeze one mask into every replay,
+    so the graph class refuses it."""
+    from fastgrad.kernels.cuda import step_blocks
+    m = fg.MLP([4, 6, 2], dropout=0.5, device="cuda")
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.SGD(m, lr=0.1), cuda_graph=True)
+    acts, zs, fzs, xhats, nstats, nwork, delta = step._buffers_for(3)
+    args = (step._loss_kind, m.params, m.grads, step._sizes, step._codes, step._alphas,
+            step._drops, step._residual, step._norms, 1, 5, True, m.layer_offsets, acts, zs,
+            fzs, xhats, m.running_mean, m.running_var, nstats, nwork, step._wn, step._weff,
+            step._dweff, step._wnorm, delta, 1, m.params[:0], m.params[:0], m.params[:0],
+            step._layer_sq, 0.0, 0.0, 3)
+    with pytest.raises(ValueError, match="freeze one mask"):
+        step_blocks.GraphedTrainStepBlocks(*args)
