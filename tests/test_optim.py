@@ -1,5 +1,6 @@
 """fastgrad.optim: every rule against the float64 reference and PyTorch,
-clipping, the non-finite skip, checkpoints and the kernel contract."""
+clipping, the non-finite skip, checkpoints, the kernel contract, (param,
+grad) pairs on every device and the CUDA multi-tensor kernel."""
 import json
 import math
 import pickle

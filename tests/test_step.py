@@ -1,4 +1,7 @@
-"""TrainStep: the whole step in one compiled call equals the layer-by-layer path."""
+"""TrainStep on every device: the whole step in one compiled call equals the
+layer-by-layer path; skips, counters, StepStats and fit follow a float64 CPU
+run; and what only CUDA has (no host wait per step, device-side label
+checks, datasets on the GPU, CUDA graphs)."""
 import os
 import subprocess
 import sys
