@@ -1,5 +1,5 @@
 """Timing helpers shared by the interleaved-rounds scripts (step_compare,
-torch_backend_compare, toolkit_compare, untuned_compare)."""
+torch_backend_compare, epilogue_compare, untuned_compare)."""
 import time
 
 import numpy as np

@@ -473,7 +473,7 @@ class Sequential:
         return int(self.layer_offsets[-1])
 
     def _input(self, x):
-        arr = ops.as_array(x, "x", self.dtype, shape=(None, self.sizes[0]), xp=self._xp)
+        arr = ops.as_array(x, "x", self.dtype, shape=(None, self.layers[0].n_in), xp=self._xp)
         if arr.shape[0] == 0:
             raise ValueError("x: empty batch")
         return arr

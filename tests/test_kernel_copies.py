@@ -166,7 +166,7 @@ _FEATURE_KERNELS = ("block_forward_epilogue", "block_backward_epilogue",
                     "weight_norm_backward", "dropout_key")
 
 
-def _toolkit_model(dtype, seed=5):
+def _epilogue_model(dtype, seed=5):
     return fg.Sequential([fg.Dense(SIZES[0], 11, activation="tanh", norm="layer", dropout=0.2),
                           fg.Residual(fg.Dense(11, 11, activation="gelu", dropout=0.1)),
                           fg.Dense(11, SIZES[-1], activation=None)], dtype=dtype, seed=seed)
@@ -183,9 +183,9 @@ def _uncached_copy(name, features):
         _ONLY_FEATURES=frozenset(features))
 
 
-def test_a_plain_models_copy_compiles_no_toolkit_code(rng):
+def test_a_plain_models_copy_compiles_no_epilogue_code(rng):
     """The step driver of a plain model's copy is compiled with every layer
-    feature off: no toolkit kernel is typed into it (their branches are
+    feature off: no epilogue kernel is typed into it (their branches are
     pruned before typing), while a driver built for a feature calls its
     kernels."""
     model = _model(np.float64)
@@ -211,13 +211,13 @@ def test_a_plain_models_copy_compiles_no_toolkit_code(rng):
 
 
 def test_a_copy_refuses_the_layer_features_it_lacks(rng):
-    """A toolkit model's step on a copy compiled without one of its features
-    raises ValueError before anything changes, instead of running the layer
-    as a plain one."""
+    """The step of a model with epilogue pieces, on a copy compiled without
+    one of its features, raises ValueError before anything changes, instead
+    of running the layer as a plain one."""
     codes = [spec.TANH, spec.GELU, spec.IDENTITY]
     x, y = _batch(rng, fg.MSE, np.float64)
     for features in ((), ("dropout", "residual"), ("dropout", "norm")):
-        model = _toolkit_model(np.float64)
+        model = _epilogue_model(np.float64)
         step = fg.TrainStep(model, fg.MSE(), fg.SGD(model, lr=0.1))
         step._kernels = registry.cpu_kernels(codes, rules=[spec.SGD], losses=[spec.MSE],
                                              features=features).step
@@ -236,13 +236,14 @@ def test_a_copy_refuses_the_layer_features_it_lacks(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_toolkit_copies_match_the_full_package_bitwise(rng, dtype):
-    """A toolkit model's driver compiled for its own features gives the bits
-    of the driver serving every feature, per step and per compiled epoch."""
+def test_epilogue_copies_match_the_full_package_bitwise(rng, dtype):
+    """The driver of a model with epilogue pieces, compiled for its own
+    features, gives the bits of the driver serving every feature, per step
+    and per compiled epoch."""
     X, Y = _batch(rng, fg.MSE, dtype, B=23)
     runs = []
     for full in (False, True):
-        model = _toolkit_model(dtype)
+        model = _epilogue_model(dtype)
         step = fg.TrainStep(model, fg.MSE(), fg.Adam(model, lr=1e-2, clip_norm=0.5))
         if full:
             step._kernels = full_step

@@ -185,7 +185,7 @@ def test_threads_is_read_only():
 
 def test_shards_and_the_serial_step_share_one_compiled_driver(rng, per_model_copies):
     """The shards call the one driver (``step.forward_backward``) with its
-    toolkit arguments off, typed as ``gradients()`` passes them (no literal
+    epilogue-piece arguments off, typed as ``gradients()`` passes them (no literal
     types): one compiled driver per dtype, not two."""
     from numba.core import types
     m, o, step = _step([5, 9, 3], "tanh", "mse", np.float64, threads=2, opt="sgd", seed=4)

@@ -14,7 +14,7 @@ can overwrite each other's entries.  Hence one process, Numba's work serial.
    releases the GIL.
 2. Numba (``cache=True``: ``__pycache__`` beside ``kernels/cpu``) while
    NVRTC runs: a few training steps of small CPU models in float32 and
-   float64 over every loss, optimizer rule and toolkit layer -- the CPU
+   float64 over every loss, optimizer rule and epilogue piece -- the CPU
    twins the cuda tests compare against.
 3. The same steps on CUDA (eager and graphed), which also fills CuPy's
    cache with its own elementwise kernels that fastgrad calls.
@@ -115,7 +115,7 @@ def workloads(device):
             runs.append((f"{device} {d} TrainStep {opt[0]}",
                          lambda dtype=dtype, opt=opt: train(device, dtype, opt=opt)))
         for layers in TOOLKIT:
-            runs.append((f"{device} {d} toolkit {layers}",
+            runs.append((f"{device} {d} epilogue {layers}",
                          lambda dtype=dtype, layers=layers: train(device, dtype, layers=layers)))
     if device == "cuda":
         runs.append(("cuda float32 TrainStep(cuda_graph=True)",

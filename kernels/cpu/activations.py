@@ -243,14 +243,13 @@ def _unknown(act):
                      "nor registered)")
 
 
-def ladder(loop, params, call, only_z=False):
+def ladder(loop, params, call):
     """An inlined ``ladder(<params>)`` that runs ``loop(<call>)`` once, for
     the activation whose code is the parameter ``act``.
 
     ``call`` names the activation's functions ``{f}`` (forward), ``{df}``
     (derivative) and ``{keep_z}`` (``True`` when its derivative reads z, a
-    constant in each branch).  ``only_z``: branches for the needs-z
-    activations only.  The source is generated from ``ENTRIES`` -- an
+    constant in each branch).  The source is generated from ``ENTRIES`` -- an
     ``if``/``elif`` per code, then a ``raise`` -- and compiled with
     ``inline="always"``, so a kernel that calls the ladder is cached on disk
     as one function (``_jit`` keys the cache on the table's sources too).
@@ -258,8 +257,6 @@ def ladder(loop, params, call, only_z=False):
     env = {"_loop": loop, "_unknown": _unknown}
     lines = [f"def _ladder({params}):"]
     for code, f, df, keep_z in ENTRIES:
-        if only_z and not keep_z:
-            continue
         env[f"_f{code}"], env[f"_df{code}"] = f, df
         args = call.format(f=f"_f{code}", df=f"_df{code}", keep_z=keep_z)
         lines += [f"    {'if' if len(lines) == 1 else 'elif'} act == {code}:",
@@ -282,8 +279,10 @@ needs_z = njit(**INLINE)(_needs_z_source())
 needs_z.__doc__ = "True for the activations whose derivative reads ``z`` (``NEEDS_Z``)."
 
 _bias_act_ladder = ladder(_bias_act_loop, "y, b, alpha, act", "y, b, alpha, {f}")
-_keep_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}",
-                        only_z=True)
+# Every activation: a separate ``out`` keeps z even where the derivative does
+# not read it (a copy and a zero bias instead cost ~0.3 s of every cold
+# compile for a branch the step never takes).
+_keep_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}")
 _grad_ladder = ladder(_grad_loop, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}")
 
 
@@ -296,17 +295,10 @@ def bias_act(z, b, out, act, alpha):
     activations whose derivative needs it (``NEEDS_Z``).  An unknown ``act``
     raises ValueError.
     """
-    y, bias = z, b
     if out.ctypes.data != z.ctypes.data:
-        if needs_z(act):
-            _keep_z_ladder(z, b, out, alpha, act)
-            return
-        for i in range(z.shape[0]):         # rare: z kept though not needed
-            for j in range(z.shape[1]):
-                z[i, j] += b[j]
-        _copy(z, out)
-        y, bias = out, np.zeros_like(b)
-    _bias_act_ladder(y, bias, alpha, act)
+        _keep_z_ladder(z, b, out, alpha, act)
+    else:
+        _bias_act_ladder(z, b, alpha, act)
 
 
 @njit(**JIT)
@@ -317,6 +309,13 @@ def bias_act_grad(da, a, z, dz, db, act, alpha):
     if dz.ctypes.data != da.ctypes.data:
         _copy(da, dz)
     _grad_ladder(dz, a, z, db, alpha, act)
+
+
+@njit(**JIT)
+def bias_act_grad_inplace(da, a, z, db, act, alpha):
+    """:func:`bias_act_grad` with ``dz`` = ``da``: the training step's form,
+    which does not compile the copy it never needs."""
+    _grad_ladder(da, a, z, db, alpha, act)
 
 
 @njit(**JIT)

@@ -68,7 +68,7 @@ import numpy as np
 from numba import njit
 
 from ._jit import INLINE, JIT, code_ladder, served_codes
-from .activations import bias_act, bias_act_grad, needs_z
+from .activations import bias_act, bias_act_grad_inplace, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
@@ -350,7 +350,7 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
         else:
             if not needs_z(codes[l]):
                 z = a
-            bias_act_grad(da, a, z, da, db, codes[l], alphas[l])
+            bias_act_grad_inplace(da, a, z, db, codes[l], alphas[l])
             dz = da
         if l > 0:
             h = acts[act_off - B * sizes[l]:act_off].reshape((B, sizes[l]))

@@ -1,4 +1,4 @@
-"""The explosion-toolkit layer variants of the deep workload, and their peers.
+"""The epilogue-piece variants of the deep workload, and their peers.
 
 The deep workload (256 -> 8 x 256 -> 10, batch 256, tanh, softmax
 cross-entropy, float32; Adam lr 1e-3 after clipping the global gradient norm

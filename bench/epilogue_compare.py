@@ -1,9 +1,9 @@
-"""Explosion-toolkit layers on the deep workload, interleaved rounds; prints a
-markdown table.
+"""Epilogue pieces (dropout, residual, norms, weight norm) on the deep
+workload, interleaved rounds; prints a markdown table.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/toolkit_compare.py [--threads 2]
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/epilogue_compare.py [--threads 2]
 
-Variants (bench/toolkit_workloads.py): plain, batch norm on every hidden
+Variants (bench/epilogue_workloads.py): plain, batch norm on every hidden
 layer, residual blocks on the 8 x 256 hidden layers, dropout 0.1 after every
 hidden activation.  As in step_compare.py the contenders run round-robin in
 short rounds (the host alternates fast and slow phases); every round's median
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import timed  # noqa: E402
-from toolkit_workloads import CONTENDERS, DEEP, VARIANTS  # noqa: E402
+from epilogue_workloads import CONTENDERS, DEEP, VARIANTS  # noqa: E402
 
 TARGET = 1.15      # a layer kind may cost at most 15 % over fastgrad's plain step
 

@@ -1,12 +1,13 @@
-"""The explosion-toolkit layers on the deep workload, float32: fastgrad's
-TrainStep (on every available device; on CUDA the fused step, eager and
-replayed from a CUDA graph) with batch norm, residual blocks or dropout 0.1 on the hidden
-layers, against its own plain step (the overhead each layer kind adds),
-PyTorch eager (nn.BatchNorm1d / a residual module / nn.Dropout; Adam fused +
+"""The epilogue pieces (dropout, residual, batch/layer norm, weight norm) on
+the deep workload, float32: fastgrad's TrainStep (on every available
+device; on CUDA the fused step, eager and replayed from a CUDA graph) with
+batch norm, residual blocks or dropout 0.1 on the hidden layers, against
+its own plain step (the overhead each layer kind adds), PyTorch eager
+(nn.BatchNorm1d / a residual module / nn.Dropout; Adam fused +
 clip_grad_norm_) and JAX jit + optax (the same layers in jax.numpy).
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest bench/bench_toolkit.py
-    python bench/toolkit_compare.py      # interleaved rounds: the ratios in RESULTS.md
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -m pytest bench/bench_epilogue.py
+    python bench/epilogue_compare.py      # interleaved rounds: the ratios in RESULTS.md
 
 Workloads ``deep-plain``, ``deep-batchnorm``, ``deep-residual``,
 ``deep-dropout``; contenders ``fastgrad``, ``fastgrad-graph`` (CUDA),
@@ -16,7 +17,7 @@ network.
 import pytest
 
 import conftest
-from toolkit_workloads import CONTENDERS, DEEP, SMOKE_DEEP, VARIANTS
+from epilogue_workloads import CONTENDERS, DEEP, SMOKE_DEEP, VARIANTS
 from workloads import gemm_flops
 
 
@@ -34,7 +35,7 @@ def _contenders(device):
 
 
 @pytest.mark.parametrize("workload,device,contender", conftest.cases(WORKLOADS, _contenders))
-def bench_toolkit_step(benchmark, workload, device, contender):
+def bench_epilogue_step(benchmark, workload, device, contender):
     conftest.require(device, contender)
     variant = WORKLOADS[workload]
     sizes, batch, act, loss = _workload()
