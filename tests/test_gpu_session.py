@@ -242,7 +242,7 @@ def test_session_end_to_end_on_the_emulator(tmp_path):
     _module(shadow, "setuptools", "raise ImportError('simulated: no setuptools')\n")
     env = _env(shadow=shadow)
     env.update(FG_GPU_EMULATE="1", PY=sys.executable, FG_GPU_WORKERS="1",
-               FG_GPU_TESTS="tests/test_cuda_step.py::test_step_stats_are_read_only")
+               FG_GPU_TESTS="tests/test_step.py::test_step_stats_are_read_only_values[cuda]")
     out = tmp_path / "out"
     res, _ = _session(env, out, timeout=900)
     log = res.stdout + res.stderr

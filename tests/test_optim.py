@@ -1,5 +1,6 @@
 """fastgrad.optim: every rule against the float64 reference and PyTorch,
-clipping, the non-finite skip, checkpoints and the kernel contract."""
+clipping, the non-finite skip, checkpoints, the kernel contract, (param,
+grad) pairs on every device and the CUDA multi-tensor kernel."""
 import json
 import math
 import pickle
@@ -15,7 +16,7 @@ from fastgrad.errors import NonFiniteGradientError
 from fastgrad.optim import SGD, Adam, AdamW, RMSprop, clipped_update
 
 from conftest import OPTIMIZERS as CLASSES
-from conftest import RULES
+from conftest import RULES, assert_close, to_numpy
 
 # (kind, hyper-parameters, clip_norm, clip_value): every branch of every rule
 CONFIGS = [
@@ -459,3 +460,325 @@ def test_fill_updates_refuses_a_bad_lr_at_its_update(k_bad):
     rows, lrs = np.zeros((4,) + opt._hp.shape), np.zeros(4)
     with pytest.raises(ValueError, match=f"lr=-1.0 at update {k_bad}"):
         opt._fill_updates(rows, lrs, 0)
+
+
+# --- (param, grad) pairs on every device: the multi-tensor path ---------------------------
+
+# every rule, with the options that take other code paths in its kernel
+PAIR_CONFIGS = [
+    ("sgd", dict(lr=0.1)),
+    ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("adam", dict(lr=1e-2, weight_decay=0.01)),
+    ("adam", dict(lr=1e-2, amsgrad=True, maximize=True)),
+    ("adamw", dict(lr=1e-2)),
+    ("rmsprop", dict(lr=1e-2, momentum=0.5, centered=True)),
+    ("rmsprop", dict(lr=1e-2)),
+]
+PAIR_IDS = [f"{k}-{'-'.join(sorted(h))}" for k, h in PAIR_CONFIGS]
+# fastgrad's (torch's) state names -> fastgrad.reference.optimizer_step's
+REF_STATE = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax",
+             "momentum_buffer": "b", "square_avg": "s", "grad_avg": "a"}
+
+
+def test_pair_configs_cover_every_rule():
+    assert {k for k, _ in PAIR_CONFIGS} == set(RULES)
+
+
+def _pair_shapes(rng, n):
+    """n tensors of odd shapes, one empty and one above a norm chunk (8192)."""
+    shapes = [tuple(int(d) for d in rng.integers(1, 9, size=rng.integers(1, 3)))
+              for _ in range(n)]
+    if n >= 3:
+        shapes[1] = (0,)
+        shapes[2] = (8193 + 17,)
+    return shapes
+
+
+def _run_pairs(device, cls, kw, host_p, host_gs, groups=None):
+    """``cls`` on (param, grad) pairs of ``device`` arrays over the gradient
+    list: the optimizer, the host params after each update, the StepStats."""
+    be = backend_for(device)
+    ps = [be.to_device(p.copy()) for p in host_p]
+    gs = [be.alloc(p.shape, p.dtype, fill=0) for p in ps]
+    pairs = list(zip(ps, gs))
+    if groups is not None:
+        pairs = [dict(g, params=[pairs[i] for i in idx]) for idx, g in groups]
+    opt = cls(pairs, **kw)
+    params, stats = [], []
+    for step_g in host_gs:
+        for g, h in zip(gs, step_g):
+            g[...] = be.to_device(h)
+        stats.append(opt.step())
+        params.append([to_numpy(p).copy() for p in ps])
+    return opt, params, stats
+
+
+def _reference_pairs(kind, hypers, host_p, host_gs, clip_norm, clip_value):
+    """The float64 reference of ``_run_pairs``: tensor i updated with
+    ``hypers[i]`` (lr and the rest) after the global clip; a non-finite
+    gradient skips the update.  Returns the params after each update,
+    (norm, skipped) per update, and each state buffer, flat."""
+    ps = [p.astype(np.float64) for p in host_p]
+    states = [{} for _ in ps]
+    params, norms, t = [], [], 0
+    for step_g in host_gs:
+        gc, norm = ref.clip_grad(np.concatenate([g.ravel() for g in step_g]),
+                                 clip_norm, clip_value)
+        norms.append((norm, gc is None))
+        if gc is not None:
+            t += 1
+            parts = np.split(gc, np.cumsum([p.size for p in ps])[:-1])
+            for i, (p, g) in enumerate(zip(ps, parts)):
+                h = dict(hypers[i])
+                lr = h.pop("lr")
+                if h.pop("maximize", False):
+                    g = -g
+                ps[i] = ref.optimizer_step(kind, p.ravel(), g, states[i], t, lr,
+                                           **h).reshape(p.shape)
+        params.append([p.copy() for p in ps])
+    names = {k for s in states for k in s}
+    flat_state = {k: np.concatenate([s[k] for s in states if k in s]) for k in names}
+    return params, norms, flat_state
+
+
+def _flat(state):
+    if isinstance(state, (list, tuple)):
+        return np.concatenate([to_numpy(a).ravel() for a in state if a is not None])
+    return to_numpy(state).ravel()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind,hyper", PAIR_CONFIGS, ids=PAIR_IDS)
+def test_pairs_match_reference(device, rng, kind, hyper, dtype):
+    """fg.<Optimizer> on the device's (param, grad) pairs (an empty tensor,
+    one over a norm chunk, a skipped NaN update) against the float64
+    reference: params, state, StepStats and counters."""
+    shapes = _pair_shapes(rng, 5)
+    host_p = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    host_gs = [[(rng.standard_normal(s) * (3.0 if t % 3 == 0 else 0.2)).astype(dtype)
+                for s in shapes] for t in range(7)]
+    host_gs[3][0].reshape(-1)[0] = np.nan
+    kw = dict(hyper, clip_norm=1.0, clip_value=0.5)
+    opt, got, stats = _run_pairs(device, CLASSES[kind], kw, host_p, host_gs)
+    want, norms, state = _reference_pairs(kind, [hyper] * len(shapes), host_p, host_gs,
+                                          1.0, 0.5)
+    assert opt.device == device
+    for t, st in enumerate(stats):
+        norm, skipped = norms[t]
+        assert st.skipped == skipped and st.lr == hyper["lr"]
+        assert st.step == t + (t < 3), f"update {t}"
+        for a, b in zip(got[t], want[t]):
+            assert_close(a, b, dtype, what=f"params after update {t}")
+        if skipped:
+            assert np.isnan(st.grad_norm)
+            continue
+        assert_close(st.grad_norm, norm, np.float64, rtol=1e-12, what="norm")
+        assert_close(st.clip_scale, min(1.0, 1.0 / (norm + 1e-6)), np.float64, rtol=1e-12,
+                     what="scale")
+        layer = [np.linalg.norm(g.astype(np.float64)) for g in host_gs[t]]
+        assert_close(st.layer_norms, layer, np.float64, rtol=1e-12, what="layer norms")
+    assert (opt.step_count, opt.n_skipped) == (6, 1)
+    assert {REF_STATE[k] for k in opt.state} == set(state)
+    for name, buf in opt.state.items():
+        assert_close(_flat(buf), state[REF_STATE[name]], dtype, what=name)
+
+
+def test_pairs_with_param_groups_match_reference(device, rng):
+    """Groups of pairs: each pair updated with its group's hp row (the
+    groups' rates differ, so a wrong row per pair would show)."""
+    shapes = [(3, 5), (7,), (2, 2), (11,)]
+    host_p = [rng.standard_normal(s) for s in shapes]
+    host_gs = [[rng.standard_normal(s) for s in shapes] for _ in range(4)]
+    groups = [([0, 2], {"lr": 0.05}), ([1, 3], {"weight_decay": 0.1, "lr": 0.001})]
+    _, got, stats = _run_pairs(device, AdamW, dict(lr=0.01, clip_norm=2.0), host_p, host_gs,
+                               groups)
+    hypers = [{"lr": 0.05}, {"lr": 0.001, "weight_decay": 0.1}] * 2
+    want, norms, _ = _reference_pairs("adamw", hypers, host_p, host_gs, 2.0, None)
+    for t in range(4):
+        for a, b in zip(got[t], want[t]):
+            assert_close(a, b, np.float64, what=f"params after update {t}")
+        assert_close(stats[t].grad_norm, norms[t][0], np.float64, rtol=1e-12, what="norm")
+
+
+def test_pairs_of_mixed_dtypes_and_strided_views(device):
+    be = backend_for(device)
+    with pytest.raises(TypeError, match="dtype"):
+        Adam([(be.alloc(3, np.float32, fill=0), be.alloc(3, np.float64, fill=0))], lr=0.1)
+    p = be.alloc((4, 4), np.float64, fill=0)
+    pair = (p[:, 1], be.alloc(4, np.float64, fill=1))
+    if device == "cuda":
+        # CuPy pairs go to the multi-tensor kernel by address: no copies
+        with pytest.raises(ValueError, match="C-contiguous"):
+            Adam([pair], lr=0.1)
+    else:
+        # NumPy views are copied into the flat buffer and back
+        SGD([pair], lr=0.5).step()
+        want = np.zeros((4, 4))
+        want[:, 1] = -0.5
+        np.testing.assert_array_equal(to_numpy(p), want)
+
+
+# CUDA only: a mix of devices needs a second one
+@pytest.mark.cuda
+def test_cuda_pairs_mixed_with_numpy_are_refused(cuda_be):
+    with pytest.raises(TypeError, match="one device"):
+        Adam([(cuda_be.alloc(3, np.float64, fill=0), cuda_be.alloc(3, np.float64, fill=0)),
+              (np.zeros(3), np.zeros(3))], lr=0.1)
+    with pytest.raises(TypeError, match="NumPy arrays or CuPy"):
+        Adam([(cuda_be.alloc(3, np.float64, fill=0), np.zeros(3))], lr=0.1)
+
+
+def test_pairs_skip_nonfinite_false_raises(device):
+    be = backend_for(device)
+    p, g = be.alloc(5, np.float64, fill=1), be.alloc(5, np.float64, fill=1)
+    opt = SGD([(p, g)], lr=0.1, skip_nonfinite=False)
+    g[2] = np.nan
+    with pytest.raises(NonFiniteGradientError):
+        opt.step()
+    np.testing.assert_array_equal(to_numpy(p), np.ones(5))
+    g[2] = 1.0
+    opt.step()
+    np.testing.assert_allclose(to_numpy(p), np.full(5, 0.9), rtol=1e-15)
+
+
+def test_pairs_checkpoint_round_trip(device, rng):
+    """state_dict of an optimizer on pairs loads into a fresh one, which
+    then continues bitwise as the original."""
+    be = backend_for(device)
+    shapes = [(3, 4), (5,), (1,)]
+    ps = [be.to_device(rng.standard_normal(s)) for s in shapes]
+    gs = [be.to_device(rng.standard_normal(s)) for s in shapes]
+    opt = Adam(list(zip(ps, gs)), lr=0.1, clip_norm=1.0)
+    opt.step()
+    opt.step()
+    assert to_numpy(opt.params).tobytes() == np.concatenate(
+        [to_numpy(p).ravel() for p in ps]).tobytes()
+    ps2 = [p.copy() for p in ps]
+    opt2 = Adam(list(zip(ps2, [g.copy() for g in gs])), lr=0.1, clip_norm=1.0)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.step_count == 2
+    opt.step()
+    opt2.step()
+    for a, b in zip(ps, ps2):
+        assert to_numpy(a).tobytes() == to_numpy(b).tobytes()
+    opt.zero_grad()
+    assert not any(to_numpy(g).any() for g in gs)
+
+
+# --- the CUDA multi-tensor kernel itself --------------------------------------------------
+# CUDA only: its signature (a dtype, device address tables, a grid) is the
+# CUDA backend's own; the CPU twin's bitwise test against the flat kernel
+# is tests/test_torch_backend.py's.
+
+_CLIPS = [dict(clip_norm=1.5), dict(clip_value=0.05), dict(clip_norm=0.7, clip_value=0.2)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind,hyper", PAIR_CONFIGS, ids=PAIR_IDS)
+def test_cuda_multi_tensor_kernel_is_bitwise_the_flat_kernel(cuda_be, rng, kind, hyper, dtype):
+    from fastgrad.kernels.cuda import multi_tensor as kmt
+    from fastgrad.kernels.cuda import optim as kopt
+    for n, clip in ((1, _CLIPS[0]), (3, _CLIPS[1]), (7, _CLIPS[2]), (20, _CLIPS[0])):
+        shapes = _pair_shapes(rng, n)
+        sizes = np.array([int(np.prod(s)) for s in shapes], np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        host_p = [rng.standard_normal(s).astype(dtype) for s in shapes]
+        # a CPU optimizer only to make the hp rows and state buffers
+        opt = CLASSES[kind]([(p.copy(), np.zeros_like(p)) for p in host_p], **hyper, **clip)
+        rule, s0, s1, s2, _ = opt._kernel_args()
+        flat_p = cuda_be.to_device(np.concatenate([p.ravel() for p in host_p]))
+        flat_s = [cuda_be.alloc(s.size, dtype, fill=0) for s in (s0, s1, s2)]
+        ps = [cuda_be.to_device(p) for p in host_p]
+        gs = [cuda_be.alloc(s, dtype) for s in shapes]
+        # each tensor's state: a separate array (not slices of a flat one)
+        ss = [[cuda_be.alloc(sz, dtype, fill=0) if s.size else None for sz in sizes]
+              for s in (s0, s1, s2)]
+        p_addr = cuda_be.to_device(kmt.addresses(ps, dtype))
+        g_addr = cuda_be.to_device(kmt.addresses(gs, dtype))
+        s_addr = cuda_be.to_device(np.stack([kmt.addresses(col, dtype) for col in ss]))
+        rows = cuda_be.alloc(n, np.int64, fill=0)
+        lsq_flat = cuda_be.alloc(n, np.float64)
+        lsq_multi = cuda_be.alloc(n, np.float64)
+        for t in range(6):
+            opt._step_count = t
+            hp = opt._kernel_args()[4]
+            host_g = [(rng.standard_normal(s) * (4.0 if t % 2 else 0.3)).astype(dtype)
+                      for s in shapes]
+            nan_step = t == 4
+            if nan_step:
+                host_g[-1].reshape(-1)[0] = np.nan
+            for g, h in zip(gs, host_g):
+                g[...] = cuda_be.to_device(h)
+            flat_g = cuda_be.to_device(np.concatenate([h.ravel() for h in host_g]))
+            before = [to_numpy(p).copy() for p in ps]
+            nf, sf, kf = kopt.clipped_update(rule, flat_p, flat_g, *flat_s, hp, offsets,
+                                             lsq_flat, opt._clip_norm, opt._clip_value)
+            nm, sm, km = kmt.multi_clipped_update(rule, dtype, p_addr, g_addr, s_addr, sizes,
+                                                  hp, rows, lsq_multi, opt._clip_norm,
+                                                  opt._clip_value)
+            assert bool(km) == bool(kf) == nan_step
+            assert to_numpy(lsq_multi).tobytes() == to_numpy(lsq_flat).tobytes()
+            if nan_step:
+                assert not np.isfinite(float(nm))
+                for p, b in zip(ps, before):
+                    assert to_numpy(p).tobytes() == b.tobytes(), "a skipped update wrote"
+            else:
+                assert float(nm) == float(nf) and float(sm) == float(sf)
+            got = np.concatenate([to_numpy(p).ravel() for p in ps])
+            assert got.tobytes() == to_numpy(flat_p).tobytes(), f"params at update {t}"
+            for j, col in enumerate(ss):
+                if flat_s[j].size:
+                    got = np.concatenate([to_numpy(a) for a in col])
+                    assert got.tobytes() == to_numpy(flat_s[j]).tobytes(), f"s{j} at {t}"
+
+
+@pytest.mark.cuda
+def test_cuda_multi_tensor_kernel_rejects_bad_input(cuda_be):
+    from fastgrad.kernels.cuda import multi_tensor as kmt
+    a = cuda_be.alloc(3, np.float32, fill=0)
+    with pytest.raises(TypeError, match="dtype"):
+        kmt.addresses([a], np.float64)
+    with pytest.raises(TypeError, match="cupy.ndarray"):
+        kmt.addresses([np.zeros(3)])
+    with pytest.raises(ValueError, match="contiguous"):
+        kmt.addresses([cuda_be.alloc((4, 4), np.float32, fill=0)[:, 1]])
+    with pytest.raises(ValueError, match="sizes"):
+        kmt.layout(np.zeros(0, np.int64))
+    with pytest.raises(ValueError, match="rule"):
+        kmt.multi_clipped_update(9, np.float32, [0], [0], np.zeros((3, 1)), [3],
+                                 np.zeros(17), [0], cuda_be.alloc(1, np.float64, fill=0), 0.0, 0.0)
+
+
+@pytest.mark.cuda
+def test_cuda_multi_tensor_kernel_strides_over_tensors_past_grid_y(cuda_be, rng, monkeypatch):
+    """More tensors than grid y allows (lowered here to 2 after the flat
+    reference ran, whose norm pass launches one grid row per layer): both
+    kernels loop over tensors, and the result is still the flat kernel's."""
+    from fastgrad.kernels.cuda import _module
+    from fastgrad.kernels.cuda import multi_tensor as kmt
+    from fastgrad.kernels.cuda import optim as kopt
+    sizes = np.array([5, 1, 9000, 3, 0, 17, 2], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    host_p = [rng.standard_normal(n) for n in sizes]
+    host_g = [rng.standard_normal(n) for n in sizes]
+    opt = SGD([(p.copy(), np.zeros_like(p)) for p in host_p], lr=0.1, momentum=0.9,
+              clip_norm=1.0)
+    rule, s0, _, _, hp = opt._kernel_args()
+    ps, gs = [cuda_be.to_device(p) for p in host_p], [cuda_be.to_device(g) for g in host_g]
+    bufs = [cuda_be.alloc(int(n), np.float64, fill=0) for n in sizes]
+    s_addr = np.stack([kmt.addresses(bufs), np.zeros(7, np.int64), np.zeros(7, np.int64)])
+    flat_p = cuda_be.to_device(np.concatenate(host_p))
+    flat_s = cuda_be.alloc(s0.size, np.float64, fill=0)
+    lsq_f, lsq_m = cuda_be.alloc(7, np.float64), cuda_be.alloc(7, np.float64)
+    empty = cuda_be.alloc(0, np.float64)
+    kopt.clipped_update(rule, flat_p, cuda_be.to_device(np.concatenate(host_g)), flat_s, empty,
+                        empty, hp, offsets, lsq_f, opt._clip_norm, opt._clip_value)
+    monkeypatch.setattr(_module, "MAX_GRID_Y", 2)
+    kmt.multi_clipped_update(rule, np.float64, kmt.addresses(ps), kmt.addresses(gs), s_addr,
+                             sizes, hp, np.zeros(7, np.int64), lsq_m, opt._clip_norm,
+                             opt._clip_value)
+    assert to_numpy(lsq_m).tobytes() == to_numpy(lsq_f).tobytes()
+    got = np.concatenate([to_numpy(p) for p in ps])
+    assert got.tobytes() == to_numpy(flat_p).tobytes()
+    assert np.concatenate([to_numpy(b) for b in bufs]).tobytes() == to_numpy(flat_s).tobytes()

@@ -1,4 +1,7 @@
-"""TrainStep: the whole step in one compiled call equals the layer-by-layer path."""
+"""TrainStep on every device: the whole step in one compiled call equals the
+layer-by-layer path; skips, counters, StepStats and fit follow a float64 CPU
+run; and what only CUDA has (no host wait per step, device-side label
+checks, datasets on the GPU, CUDA graphs)."""
 import os
 import subprocess
 import sys
@@ -10,6 +13,7 @@ import pytest
 import fastgrad as fg
 from fastgrad.kernels.cpu import step as kstep
 from fastgrad.losses import LOSSES
+from fastgrad.schedules import warmup_cosine_decay as warmup_cosine
 
 from conftest import ACTIVATIONS, OPTIMIZERS, RULES, assert_close, loss_targets, to_numpy
 
@@ -388,3 +392,396 @@ def test_step_plan_layout():
     assert fplan.size == end
     with pytest.raises(ValueError, match="one dropout rate"):
         k.step_plan(sizes, B, n_params, [0.1, 0.0], res, norms, wn, np.float64)
+
+
+# --- the step's bookkeeping on every device: skips, counters, stats, fit ------------------
+#
+# On CUDA the step count, the hyper-parameter row (learning rate, bias
+# corrections) and the skip decision live on the device, and StepStats
+# arrive by an asynchronous copy that fills them when read; on the CPU they
+# are settled before the call returns.  Every device's float32 training is
+# compared with a float64 CPU run of the same model from the same start.
+
+SIZES = [12, 24, 24, 5]
+
+
+@pytest.fixture
+def host_waits(monkeypatch):
+    """The host emulator's count of device-to-host waits so far (a function;
+    it gives None without the emulator).  Events complete 12 events late (3
+    training steps: each queues 3 uploads and 1 record), so records are
+    still in flight when the next steps are queued; a CUDA training loop
+    must cause no wait.  (EMU_EVENT_LAG above 16 makes the host run into its
+    rings' limits, 16 uploads and 16 records, and wait.)"""
+    monkeypatch.setenv("EMU_EVENT_LAG", "12")
+    try:
+        import fakecupy
+    except ImportError:
+        return lambda: None
+    return lambda: fakecupy.stats["syncs"]
+
+
+def _waits_of(device, host_waits):
+    # only CUDA defers anything: elsewhere there is no wait to count
+    return host_waits if device == "cuda" else (lambda: None)
+
+
+def _trainer(device, dtype=np.float32, opt_cls=fg.Adam, cuda_graph=False, model_kw=None,
+             **opt_kw):
+    m = fg.MLP(SIZES, activation="tanh", device=device, dtype=dtype, seed=4,
+               **(model_kw or {}))
+    return fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt_cls(m, **opt_kw),
+                        cuda_graph=cuda_graph)
+
+
+def _float64_twin(step, opt_cls=fg.Adam, model_kw=None, **opt_kw):
+    """A float64 CPU TrainStep of ``step``'s model and optimizer settings,
+    starting from ``step``'s (untrained) parameters."""
+    twin = _trainer("cpu", np.float64, opt_cls, model_kw=model_kw, **opt_kw)
+    twin.model.params[...] = to_numpy(step.model.params)
+    return twin
+
+
+def _batches(rng, n, bad=(), B=32):
+    """n batches; those in ``bad`` hold a NaN (their update must be skipped)."""
+    out = []
+    for t in range(n):
+        x = rng.standard_normal((B, SIZES[0])).astype(np.float32)
+        if t in bad:
+            x[3, 2] = np.nan
+        out.append((x, rng.integers(0, SIZES[-1], B)))
+    return out
+
+
+def _same_stats(got, want, t):
+    assert (got.step, got.skipped, got.clipped) == (want.step, want.skipped, want.clipped), \
+        f"step {t}"
+    assert got.lr == want.lr, f"lr at step {t}"
+    if not want.skipped:
+        assert_close(got.grad_norm, want.grad_norm, np.float64, rtol=1e-4, what=f"norm {t}")
+        assert_close(got.layer_norms, want.layer_norms, np.float64, rtol=1e-4,
+                     what=f"layer norms {t}")
+    else:
+        assert got.clip_scale == want.clip_scale == 0.0
+
+
+def _train_then_compare(run, twin, data, bad, waits, inputs=None, first_counted=0):
+    """Queue every batch on ``run`` reading nothing back, check that no step
+    after the first ``first_counted`` waited for the device, then compare
+    each step's stats and loss with ``twin``'s (float64, CPU) and the
+    parameters at the end."""
+    losses, stats = [], []
+    for t, (x, y) in enumerate(inputs or data):
+        if t == first_counted:
+            waits0 = waits()
+        losses.append(run(x, y))
+        stats.append(run.stats)
+    if waits0 is not None:
+        assert waits() == waits0, "a training step waited for the device"
+        assert not stats[-1].ready          # the emulated device is still steps behind
+    for t, (x, y) in enumerate(data):
+        want = twin(x, y)
+        _same_stats(stats[t], twin.stats, t)
+        if t in bad:
+            assert np.isnan(float(losses[t]))
+        else:
+            assert_close(float(losses[t]), want, np.float32, rtol=1e-4, what=f"loss {t}")
+    assert (run.opt.step_count, run.opt.n_skipped, run.opt.n_calls) == \
+        (twin.opt.step_count, twin.opt.n_skipped, twin.opt.n_calls) == \
+        (len(data) - len(bad), len(bad), len(data))
+    assert run.opt.lr == twin.opt.lr
+    assert_close(run.model.params, to_numpy(twin.model.params), np.float32, rtol=1e-3,
+                 what=f"params after {len(data)} steps")
+    return losses
+
+
+def _schedule_and_clip():
+    return dict(lr=warmup_cosine(3e-2, warmup_steps=5, decay_steps=30), clip_norm=0.5)
+
+
+def test_skips_with_a_schedule_and_clipping_match_float64(device, rng, host_waits):
+    """Adam (bias corrections) + warmup-cosine schedule + clipping, NaN
+    batches at updates 3, 4 and 17: the skipped updates leave the schedule
+    and the bias corrections where they were.  On CUDA the host has queued
+    the later steps before the device knows of the skips, and none waits."""
+    run = _trainer(device, **_schedule_and_clip())
+    twin = _float64_twin(run, **_schedule_and_clip())
+    bad = {3, 4, 17}
+    losses = _train_then_compare(run, twin, _batches(rng, 30, bad), bad,
+                                 _waits_of(device, host_waits))
+    if device == "cuda":                # the loss stays on the device: reading it would wait
+        assert run.model.backend.is_array(losses[0]) and losses[0].shape == ()
+
+
+# CUDA only: labels already on the device, and a host far enough ahead to
+# fill the device rings (lag 80), exist only where the step runs asynchronously.
+@pytest.mark.cuda
+@pytest.mark.parametrize("lag,labels_on_device", [(12, True), (80, False), (80, True)])
+def test_cuda_skips_in_flight_with_full_rings_and_device_labels(cuda_be, rng, host_waits,
+                                                                monkeypatch, lag,
+                                                                labels_on_device):
+    monkeypatch.setenv("EMU_EVENT_LAG", str(lag))
+    run = _trainer("cuda", **_schedule_and_clip())
+    twin = _float64_twin(run, **_schedule_and_clip())
+    bad = {3, 4, 17}
+    data = _batches(rng, 30, bad)
+    inputs = [(cuda_be.to_device(x), cuda_be.to_device(y)) if labels_on_device
+              else (x, y) for x, y in data]
+    waits = host_waits if lag <= 12 else (lambda: None)     # full rings: waits expected
+    _train_then_compare(run, twin, data, bad, waits, inputs=inputs)
+
+
+@pytest.mark.parametrize("rule", [fg.SGD, fg.RMSprop, fg.AdamW])
+def test_layer_path_step_stats_match_float64(device, rng, host_waits, rule):
+    """opt.step() after model.backward: the StepStats (SGD's first-update
+    flag and every rule's step count, on the device on CUDA) and parameters
+    of a float64 CPU run, NaN batches at updates 0 and 5 skipped."""
+    kw = {"momentum": 0.9} if rule is not fg.AdamW else {}
+    models, opts = [], []
+    for dev, dtype in ((device, np.float32), ("cpu", np.float64)):
+        m = fg.MLP(SIZES, activation="relu", device=dev, dtype=dtype, seed=1)
+        if models:
+            m.params[...] = to_numpy(models[0].params)
+        models.append(m)
+        opts.append(rule(m, lr=1e-2, clip_norm=1.0, **kw))
+    loss_fn = fg.SoftmaxCrossEntropy()
+    pending = []
+    for x, y in _batches(rng, 12, bad={0, 5}):
+        for m, opt in zip(models, opts):
+            out = m.forward(m.backend.to_device(x, m.dtype))
+            _, grad = loss_fn(out, m.backend.to_device(y))
+            m.backward(grad, input_grad=False)
+            pending.append(opt.step())
+    for t in range(12):
+        _same_stats(pending[2 * t], pending[2 * t + 1], t)
+    assert opts[0].step_count == opts[1].step_count == 10
+    assert_close(models[0].params, to_numpy(models[1].params), np.float32, rtol=1e-4,
+                 what="params")
+
+
+def test_raise_mode_raises_at_the_failing_call(device, rng, host_waits):
+    """skip_nonfinite=False: the call with the NaN batch raises and changes
+    nothing; training goes on afterwards."""
+    step = _trainer(device, lr=1e-2, skip_nonfinite=False)
+    data = _batches(rng, 3, bad={1})
+    step(*data[0])
+    before = to_numpy(step.model.params).copy()
+    with pytest.raises(fg.optim.NonFiniteGradientError):
+        step(*data[1])
+    np.testing.assert_array_equal(to_numpy(step.model.params), before)
+    step(*data[2])
+    assert step.opt.step_count == 2
+    assert not np.array_equal(to_numpy(step.model.params), before)
+
+
+def test_counters_and_state_dict_mid_run(device, rng, host_waits):
+    """Reading a state dict or setting step_count mid-run (on CUDA with
+    updates in flight: they finish first, then the device's count moves
+    too): resuming gives bitwise the updates of an uninterrupted run."""
+    sched = dict(lr=warmup_cosine(3e-2, warmup_steps=4, decay_steps=12))
+    data = _batches(rng, 12, bad={2})
+    ref = _trainer(device, **sched)
+    for x, y in data:
+        ref(x, y)
+    run = _trainer(device, **sched)
+    for x, y in data[:6]:
+        run(x, y)
+    sd = run.opt.state_dict()
+    assert sd["step"] == 5 and sd["n_skipped"] == 1 and sd["n_calls"] == 6
+    fresh = fg.MLP(SIZES, activation="tanh", device=device, seed=4)
+    fresh.params[...] = fresh.backend.to_device(to_numpy(run.model.params))
+    opt = fg.Adam(fresh, **sched)
+    opt.load_state_dict(sd)
+    resumed = fg.TrainStep(fresh, fg.SoftmaxCrossEntropy(), opt)
+    for x, y in data[6:]:
+        resumed(x, y)
+    assert resumed.stats.step == ref.stats.step == 11
+    np.testing.assert_array_equal(to_numpy(fresh.params), to_numpy(ref.model.params))
+    # step_count = k moves the count: the next update is k's
+    run.opt.step_count = 0
+    run(*data[0])
+    assert run.stats.step == 1 and run.stats.lr == ref.opt.lr_schedule(0)
+
+
+def test_fit_matches_float64(device, rng, host_waits):
+    X = rng.standard_normal((200, SIZES[0])).astype(np.float32)
+    Y = (X[:, 0] > 0).astype(np.int64) + 2 * (X[:, 1] > 0)
+    run = _trainer(device, lr=1e-2, clip_norm=1.0)
+    hist = [fg.fit(step, X, Y, epochs=2, batch_size=32, progress=False,
+                   validation_data=(X[:50], Y[:50]))
+            for step in (run, _float64_twin(run, lr=1e-2, clip_norm=1.0))]
+    assert set(hist[0]) == set(hist[1])
+    for key in hist[1]:
+        assert_close(np.asarray(hist[0][key], float), np.asarray(hist[1][key], float),
+                     np.float32, rtol=1e-4, what=key)
+
+
+def test_step_stats_are_read_only_values(device, rng, host_waits):
+    step = _trainer(device)
+    step(*_batches(rng, 1)[0])
+    with pytest.raises(AttributeError):
+        step.stats.step = 3
+    assert step.stats == step.opt.last_stats and "grad_norm=" in repr(step.stats)
+    step(*_batches(rng, 1)[0])
+    import pickle
+    assert pickle.loads(pickle.dumps(step.stats)) == step.stats     # a pending one on CUDA
+    assert step.stats.step == 2
+
+
+# --- CUDA only: device-side label checks, datasets on the GPU, CUDA graphs -----------------
+
+@pytest.mark.cuda
+def test_cuda_bad_device_labels_skip_and_raise_when_read(cuda_be, rng, host_waits):
+    """Device labels are range-checked by the loss kernel, not read back
+    (the CPU checks every label before it runs): the update is skipped on
+    the device and ValueError comes when the step's record is read;
+    parameters, moments and the step count stay as they were."""
+    step = _trainer("cuda", lr=1e-2)
+    x, y = _batches(rng, 1)[0]
+    step(x, y)
+    before = to_numpy(step.model.params).copy()
+    moments = {k: to_numpy(v).copy() for k, v in step.opt.state.items()}
+    bad = y.copy()
+    bad[7] = SIZES[-1]
+    step(cuda_be.to_device(x), cuda_be.to_device(bad))
+    with pytest.raises(ValueError, match="class index outside"):
+        step.stats.grad_norm
+    st = step.stats
+    assert st.skipped and st.step == 1              # filled, readable again
+    np.testing.assert_array_equal(to_numpy(step.model.params), before)
+    for k, v in step.opt.state.items():
+        np.testing.assert_array_equal(to_numpy(v), moments[k])
+    assert step.opt.step_count == 1 and step.opt.n_skipped == 0
+    step(x, y)                                      # training goes on
+    assert step.stats.step == 2 and not step.stats.skipped
+    # host labels are still checked on the host, before anything runs
+    with pytest.raises(ValueError, match=r"class indices must lie in \[0, 5\)"):
+        step(x, bad)
+
+
+@pytest.mark.cuda
+def test_cuda_fit_on_a_dataset_on_the_gpu(cuda_be, rng, host_waits):
+    """fit with CuPy X, Y gathers batches on the device: the same history
+    and parameters as fit with the NumPy dataset, and no wait inside an
+    epoch (records are read once, at its end)."""
+    X = rng.standard_normal((150, SIZES[0])).astype(np.float32)
+    Y = rng.integers(0, SIZES[-1], 150)
+    runs = []
+    for data in ((X, Y), (cuda_be.to_device(X), cuda_be.to_device(Y))):
+        step = _trainer("cuda", lr=1e-2, clip_norm=1.0)
+        waits = []
+        hist = fg.fit(step, *data, epochs=1, batch_size=32, progress=False,
+                      callbacks=[lambda k, loss, st: waits.append(host_waits())])
+        runs.append((hist, to_numpy(step.model.params)))
+        if waits[0] is not None:
+            assert len(set(waits)) == 1, "a step inside the epoch waited for the device"
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    cpu = fg.MLP(SIZES, device="cpu")
+    with pytest.raises(TypeError, match="CUDA array but the model is on cpu"):
+        fg.fit(fg.TrainStep(cpu, fg.SoftmaxCrossEntropy(), fg.Adam(cpu)),
+               cuda_be.to_device(X), Y)
+
+
+@pytest.mark.cuda
+def test_cuda_gpu_targets_script_runs(cuda_be, tmp_path):
+    """bench/gpu_targets.py (the first GPU session's measurements) runs its
+    miniature sizes end to end and writes every section."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_targets.py"
+    spec = importlib.util.spec_from_file_location("gpu_targets", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--smoke", "--json", str(tmp_path / "t.json")]) == 0
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert len(res["adam"]) == 1 and len(res["forward"]) == 1 and len(res["step"]) == 3
+    assert res["forward"][0]["rel_error_vs_float64"] < 1e-5
+
+
+@pytest.mark.cuda
+def test_cuda_graph_step_matches_float64(cuda_be, rng, host_waits):
+    """TrainStep(cuda_graph=True): captured on its second call (fastgrad's
+    own GEMM), replayed afterwards with each step's hp row chosen on the
+    device: the float64 run's stats and parameters, skips in flight
+    included, and no wait for the device after the capture."""
+    run = _trainer("cuda", cuda_graph=True, **_schedule_and_clip())
+    twin = _float64_twin(run, **_schedule_and_clip())
+    bad = {3, 4, 15}
+    _train_then_compare(run, twin, _batches(rng, 24, bad), bad, host_waits, first_counted=2)
+    (graphed,) = run._graphs.values()
+    assert graphed.graph is not None, graphed.fallback_reason
+    with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA model"):
+        fg.TrainStep(twin.model, fg.SoftmaxCrossEntropy(), twin.opt, cuda_graph=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_cuda_graph_regression_losses(cuda_be, rng, host_waits, loss):
+    """cuda_graph=True with target losses, targets on the host and on the
+    device: the eager CUDA step's numbers (different GEMM, so to rounding)."""
+    loss_fn = fg.MSE() if loss == "mse" else fg.BCEWithLogits()
+    steps = []
+    for graph in (False, True):
+        m = fg.MLP(SIZES, activation="relu", device="cuda", seed=2)
+        steps.append(fg.TrainStep(m, loss_fn, fg.SGD(m, lr=0.05, momentum=0.9, clip_norm=1.0),
+                                  cuda_graph=graph))
+    for t in range(6):
+        x = rng.standard_normal((16, SIZES[0])).astype(np.float32)
+        y = rng.uniform(0, 1, (16, SIZES[-1])).astype(np.float32)
+        if t % 2:
+            x, y = cuda_be.to_device(x), cuda_be.to_device(y)
+        le, lg = (float(s(x, y)) for s in steps)
+        assert_close(lg, le, np.float32, rtol=1e-4, what=f"loss {t}")
+        _same_stats(steps[1].stats, steps[0].stats, t)
+    assert all(g.graph is not None for g in steps[1]._graphs.values())
+    assert_close(steps[1].model.params, to_numpy(steps[0].model.params), np.float32,
+                 rtol=1e-4, what="params")
+
+
+_EVERY_PIECE = dict(norm="batch", dropout=0.2, residual=True, weight_norm=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+def test_cuda_epilogue_model_steps_without_a_wait(cuda_be, rng, host_waits, cuda_graph):
+    """A model with every epilogue piece (batch norm, dropout, residual
+    blocks, weight norm) runs the fused CUDA step with no wait for the
+    device per step (the skip decision settles the dropout step and the
+    running statistics on the device), eagerly or replayed from a graph,
+    skips in flight included; once read: the float64 run's stats,
+    parameters, running statistics and dropout step."""
+    # SGD: the bias before a batch norm has a gradient of rounding noise,
+    # which Adam would turn into +-lr steps
+    kw = dict(opt_cls=fg.SGD, model_kw=_EVERY_PIECE, momentum=0.9, clip_norm=0.5,
+              lr=warmup_cosine(3e-2, warmup_steps=3, decay_steps=20))
+    run = _trainer("cuda", cuda_graph=cuda_graph, **kw)
+    twin = _float64_twin(run, **kw)
+    bad = {3, 6}
+    _train_then_compare(run, twin, _batches(rng, 10, bad), bad, host_waits, first_counted=2)
+    if cuda_graph:
+        (graphed,) = run._graphs.values()
+        assert graphed.graph is not None, graphed.fallback_reason
+    assert run.model.dropout_step == twin.model.dropout_step == 8
+    assert_close(run.model.running_mean, twin.model.running_mean, np.float32, rtol=1e-3,
+                 what="running mean")
+
+
+@pytest.mark.cuda
+def test_cuda_unknown_loss_code_raises(cuda_be):
+    """The CUDA step's loss dispatch (shared by the plain and epilogue
+    steps; the CPU's is compiled into its step) refuses a code it does not
+    know instead of running some loss."""
+    from fastgrad.kernels.cuda import step as cuda_step
+    from fastgrad.kernels.spec import LOSS_CODES
+    ws = cuda_step.Workspace(4, np.array([3, 5]), np.array([0, 20]), LOSS_CODES["mse"],
+                             np.float32)
+    h = cuda_be.alloc((4, 5), np.float32, fill=0)
+    with pytest.raises(ValueError, match="unknown loss code 7"):
+        cuda_step.loss_and_grad(7, h, cuda_be.alloc(4, np.int64, fill=0), h,
+                                cuda_be.alloc(h.shape, h.dtype), ws)
+    loss = cuda_step.loss_and_grad(LOSS_CODES["mse"], h, None,
+                                   cuda_be.alloc((4, 5), np.float32, fill=1),
+                                   cuda_be.alloc(h.shape, h.dtype), ws)
+    assert float(loss[0]) == 1.0          # ws.loss: a 1-element view of the step record

@@ -60,7 +60,7 @@ if [ "$EMULATE" = 1 ]; then
   fi
   export PYTHONPATH="$ROOT/tools/cuda_emulator${PYTHONPATH:+:$PYTHONPATH}" EMU_CUPY=1
   PLUGIN=(-p conftest_plugin)
-  read -r -a TESTS <<<"${FG_GPU_TESTS:-tests/test_cuda_step.py}"
+  read -r -a TESTS <<<"${FG_GPU_TESTS:-tests/test_step.py}"
   WORKERS=${FG_GPU_WORKERS:-2}
   TARGET_ARGS=(--smoke)
   BENCH_ARGS=(--benchmark-disable -k "mnist or tiny")

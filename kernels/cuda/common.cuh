@@ -21,7 +21,7 @@
 // is then the CPU's on the flushed inputs, within the smallest normal
 // float32 of the CPU's own for the activations and updates (a derivative
 // that branches at 0, e.g. relu's, takes the a == 0 branch for a subnormal
-// output).  float64 is never flushed.  tests/test_cuda_subnormals.py.
+// output).  float64 is never flushed.  tests/test_subnormals.py.
 #ifndef FASTGRAD_COMMON_CUH
 #define FASTGRAD_COMMON_CUH
 

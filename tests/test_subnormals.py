@@ -1,4 +1,5 @@
-"""Subnormal numbers on the GPU: the contract, checked against the CPU.
+"""Subnormal numbers on every device: float64 keeps them everywhere, float32
+keeps them on the CPU and flushes them on CUDA.
 
 CuPy compiles every RawModule with ``-ftz=true`` (appended after the
 loader's options, so it cannot be turned off there): in float32 kernels
@@ -7,15 +8,16 @@ subnormal input as zero and writes a subnormal result as zero (a plain copy,
 or a product by 1 the compiler removed, keeps it).  float64 is never
 flushed.  The CPU (Numba) keeps subnormals in both.  Hence:
 
-* float32: a GPU result equals the CPU's computed on the flushed inputs (up
-  to the usual float32 agreement of the two libms).  Against the CPU on the
-  raw inputs, a result moves by at most the flushed input times the local
-  slope -- about the smallest normal float32 (``TINY``) for the activations
-  and the updates -- except where a derivative branches at zero: at a
-  subnormal forward output ``a``, relu, leaky_relu and elu backward take
-  the branch of ``a == 0`` on the GPU.
-* float64: the GPU keeps subnormals: results as before (the update bitwise
-  the CPU's).
+* float64, every device: results are the float64 reference's on the raw
+  inputs, subnormal ones included (a flushed result would be 100% off).
+* float32 on CUDA (the tests marked ``cuda`` below; the flush exists on
+  that device only): a result equals the CPU's computed on the flushed
+  inputs (up to the usual float32 agreement of the two libms).  Against the
+  CPU on the raw inputs, a result moves by at most the flushed input times
+  the local slope -- about the smallest normal float32 (``TINY``) for the
+  activations and the updates -- except where a derivative branches at
+  zero: at a subnormal forward output ``a``, relu, leaky_relu and elu
+  backward take the branch of ``a == 0`` on the GPU.
 
 The host emulator (tools/cuda_emulator) flushes the same way, through x86's
 FTZ/DAZ bits during float32 launches.
@@ -24,7 +26,9 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
+from fastgrad import device as fg_device
 from fastgrad import ops, reference
+from fastgrad.backend import backend_for
 from fastgrad.kernels.cpu import activations as cpu_act
 from fastgrad.kernels.cpu import optim as cpu_optim
 from fastgrad.kernels.cpu.activations import CODES
@@ -80,6 +84,13 @@ def assert_within(got, want, atol, rtol, what):
                              f"{i}: got {got[i]!r}, want {want[i]!r}")
 
 
+class _Flat:
+    """The model contract of an optimizer: flat params and grads, layer offsets."""
+
+    def __init__(self, p, g, offsets):
+        self.params, self.grads, self.layer_offsets = p, g, offsets
+
+
 def _pre_activations(rng, shape):
     """float32 z: subnormals, +-0, values whose activation is subnormal on
     the CPU (leaky_relu and gelu just above TINY, sigmoid/softplus near
@@ -114,7 +125,74 @@ def _gpu_backward(cuda_be, kc, da, a, z, code, alpha):
     return to_numpy(dz), to_numpy(db)
 
 
-# --- float32 activations -----------------------------------------------------------------
+# --- float64 on every device: kept ---------------------------------------------------------
+
+# a few units in the last place of a subnormal float64 (4.9e-324 each): the
+# kernels and the reference may round a subnormal result differently
+SUB64_ATOL = 8 * float(np.nextafter(0.0, 1.0))
+# fastgrad's (torch's) state names -> fastgrad.reference.optimizer_step's
+REF_STATE = {"exp_avg": "m", "exp_avg_sq": "v", "max_exp_avg_sq": "vmax",
+             "momentum_buffer": "b", "square_avg": "s", "grad_avg": "a"}
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_float64_update_keeps_subnormals(device, rng, rule):
+    """Subnormal parameters and gradients (weight decay on, so p is read
+    twice): the device's params and state follow the float64 reference,
+    the subnormal state elements (e.g. Adam's m = (1 - beta1) g) kept."""
+    n = 1000
+    p = rng.standard_normal(n)
+    p[rng.choice(n, n // 3, replace=False)] = subnormal64(rng, n // 3)
+    grads = []
+    for _ in range(4):
+        g = rng.standard_normal(n)
+        g[rng.choice(n, n // 3, replace=False)] = subnormal64(rng, n // 3)
+        grads.append(g)
+    be = backend_for(device)
+    flat = _Flat(be.to_device(p.copy()), be.alloc(n, np.float64, fill=0),
+                 np.array([0, 100, 101, n], np.int64))
+    kw = dict(_OPT_KW_DECAY[rule])
+    # clip_norm far above the norm: the norm path runs and the scale is 1
+    opt = _OPT_CLS[rule](flat, clip_norm=1e6, **kw)
+    lr = kw.pop("lr")
+    p_ref, state, kept = p.copy(), {}, 0
+    for t, g in enumerate(grads, start=1):
+        flat.grads[...] = be.to_device(g)
+        st = opt.step()
+        assert not st.skipped and st.clip_scale == 1.0
+        p_ref = reference.optimizer_step(rule, p_ref, g, state, t, lr, **kw)
+        assert st.grad_norm == pytest.approx(np.linalg.norm(g), rel=1e-13)
+        assert_within(flat.params, p_ref, 1e-13, 1e-10, f"{rule} p at update {t}")
+        for name, buf in opt.state.items():
+            want = state[REF_STATE[name]]
+            assert_within(buf, want, SUB64_ATOL, 1e-10, f"{rule} {name} at update {t}")
+            kept += int(((want != 0) & (np.abs(want) < TINY64)).sum())
+    assert kept > 0, "no subnormal state to keep"
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_float64_activations_keep_subnormals(device, rng, activation):
+    """float64 subnormal inputs are not flushed: forward and backward
+    (subnormal z and upstream gradients) are the reference's to float64's
+    tolerance relative to each element."""
+    xp, k = fg_device.array_module(device), fg_device.kernels(device)
+    code, alpha = CODES[activation], ops.resolve_activation(activation)[1]
+    rows, cols = 70, 33
+    z = subnormal64(rng, rows * cols).reshape(rows, cols)
+    a = xp.full(z.shape, np.nan)
+    k.activation_forward(xp.asarray(z), a, code, alpha)
+    assert_within(a, reference.activation(z, activation, alpha), SUB64_ATOL,
+                  rtol_of(np.float64), f"{activation} forward")
+    da = subnormal64(rng, rows * cols).reshape(rows, cols)
+    dz, db = xp.full(z.shape, np.nan), xp.full(cols, np.nan)
+    k.bias_act_grad(xp.asarray(da), a, xp.asarray(z), dz, db, code, alpha)
+    dz_ref = da * reference.activation_grad(z, activation, alpha)
+    assert_within(dz, dz_ref, SUB64_ATOL, rtol_of(np.float64), f"{activation} dz")
+    assert_within(db, dz_ref.sum(axis=0), rows * SUB64_ATOL, 1e-11, f"{activation} db")
+    assert (to_numpy(dz) != 0).any()
+
+
+# --- float32 activations on CUDA: flushed ----------------------------------------------------
 
 def _forward_atol(z, activation, alpha):
     """Per-element bound of |GPU - CPU| for f(z) in float32: TINY where the
@@ -127,7 +205,7 @@ def _forward_atol(z, activation, alpha):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float32_forward_flushes_within_tiny(cuda_be, kc, rng, activation):
+def test_cuda_float32_forward_flushes_within_tiny(cuda_be, kc, rng, activation):
     """f(z) on the GPU vs the CPU, z in and around the subnormal range: within
     TINY (plus 1e-5 relative) wherever z or the CPU's f(z) is subnormal,
     the usual float32 agreement elsewhere; the same against the CPU on
@@ -158,7 +236,7 @@ def test_float32_forward_flushes_within_tiny(cuda_be, kc, rng, activation):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float32_backward_subnormal_gradients(cuda_be, kc, rng, activation):
+def test_cuda_float32_backward_subnormal_gradients(cuda_be, kc, rng, activation):
     """Subnormal upstream gradients da through ordinary a, z: dz within
     TINY * max(1, |f'|) of the CPU's (|f'| <= 1.13, gelu), db within that
     per summed row.  Element by element dz is the CPU's on the flushed da
@@ -181,7 +259,7 @@ def test_float32_backward_subnormal_gradients(cuda_be, kc, rng, activation):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float32_backward_subnormal_outputs(cuda_be, kc, rng, activation):
+def test_cuda_float32_backward_subnormal_outputs(cuda_be, kc, rng, activation):
     """Subnormal forward outputs a (and z for gelu) with ordinary da: the GPU
     computes the CPU's derivative at the flushed a, z -- for relu,
     leaky_relu and elu the branch of a == 0, which the CPU on raw subnormal
@@ -206,12 +284,7 @@ def test_float32_backward_subnormal_outputs(cuda_be, kc, rng, activation):
         np.testing.assert_array_equal(dz[pos], 0.0)
 
 
-# --- float32 updates -----------------------------------------------------------------
-
-class _Flat:
-    def __init__(self, p, g, offsets):
-        self.params, self.grads, self.layer_offsets = p, g, offsets
-
+# --- float32 updates on CUDA: flushed ------------------------------------------------------
 
 def _run_updates(cuda_be, rule, p, grads, cpu_grads, kw):
     """Updates on the GPU with ``grads`` and on the CPU with ``cpu_grads``
@@ -247,7 +320,7 @@ def _run_updates(cuda_be, rule, p, grads, cpu_grads, kw):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", RULES)
-def test_float32_update_with_subnormal_gradients(cuda_be, rng, rule):
+def test_cuda_float32_update_with_subnormal_gradients(cuda_be, rng, rule):
     """Gradients with subnormal elements: the GPU update is bitwise the CPU
     update on the flushed gradients (those elements update as for g = 0)."""
     n = 1000
@@ -268,7 +341,7 @@ def test_float32_update_with_subnormal_gradients(cuda_be, rng, rule):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", RULES)
-def test_float32_update_with_subnormal_parameters(cuda_be, rng, rule):
+def test_cuda_float32_update_with_subnormal_parameters(cuda_be, rng, rule):
     """Parameters with subnormal elements (read as zero by the GPU, also in
     weight decay): within TINY of the CPU's update on the raw parameters."""
     n = 1000
@@ -282,47 +355,7 @@ def test_float32_update_with_subnormal_parameters(cuda_be, rng, rule):
     np.testing.assert_allclose(ng, nc, rtol=1e-13)
 
 
-# --- float64: kept ------------------------------------------------------------------------
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("rule", RULES)
-def test_float64_update_keeps_subnormals_bitwise(cuda_be, rng, rule):
-    n = 1000
-    p = rng.standard_normal(n)
-    p[rng.choice(n, n // 3, replace=False)] = subnormal64(rng, n // 3)
-    grads = []
-    for _ in range(4):
-        g = rng.standard_normal(n)
-        g[rng.choice(n, n // 3, replace=False)] = subnormal64(rng, n // 3)
-        grads.append(g)
-    gpu, cpu, ng, nc = _run_updates(cuda_be, rule, p, grads, grads, _OPT_KW_DECAY[rule])
-    for got, want, what in zip(gpu, cpu, ("p", "s0", "s1", "s2")):
-        np.testing.assert_array_equal(got, want, err_msg=f"{rule} {what}")
-    np.testing.assert_allclose(ng, nc, rtol=1e-13)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_float64_activations_keep_subnormals(cuda_be, kc, rng, activation):
-    """float64 subnormal inputs are not flushed: forward and backward agree
-    with the CPU to float64's tolerance relative to each element (a flushed
-    result would be 100% off)."""
-    code, alpha = CODES[activation], ops.resolve_activation(activation)[1]
-    rows, cols = 70, 33
-    z = subnormal64(rng, rows * cols).reshape(rows, cols)
-    out = cuda_be.alloc(z.shape, np.float64)
-    kc.activation_forward(cuda_be.to_device(z), out, code, alpha)
-    a = _cpu_forward(z, code, alpha)
-    assert_within(out, a, 0.0, rtol_of(np.float64), f"{activation} forward")
-    da = subnormal64(rng, rows * cols).reshape(rows, cols)
-    dz, db = _gpu_backward(cuda_be, kc, da, a, z, code, alpha)
-    dz_c, db_c = _cpu_backward(da, a, z, code, alpha)
-    assert_within(dz, dz_c, 0.0, rtol_of(np.float64), f"{activation} dz")
-    assert_within(db, db_c, 0.0, 1e-11, f"{activation} db")
-    assert (dz != 0).any()
-
-
-# --- the flush itself, on any kernel ------------------------------------------------------
+# --- the flush itself, on any CUDA kernel ------------------------------------------------------
 
 _PROBE = r"""
 template <typename T>
