@@ -500,9 +500,8 @@ class HostRecords:
             opt._n_skipped += 1
         else:
             opt._step_count += 1
-        stats = self._stats(step=opt._step_count, lr=opt._lr_now, grad_norm=norm,
-                          clip_scale=scale, clipped=(not skipped) and scale < 1.0,
-                          skipped=skipped, layer_norms=np.sqrt(layer_sq))
+        stats = self._stats._of(int(opt._step_count), float(opt._lr_now), norm, scale,
+                                (not skipped) and scale < 1.0, skipped, np.sqrt(layer_sq))
         opt.last_stats = stats
         if skipped and not opt.skip_nonfinite:
             raise NonFiniteGradientError(

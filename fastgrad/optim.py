@@ -124,6 +124,16 @@ class StepStats:
                     bool(skipped), np.asarray(layer_norms, np.float64)), None)
 
     @classmethod
+    def _of(cls, step, lr, grad_norm, clip_scale, clipped, skipped, layer_norms):
+        """Stats of values already of their types (int, float, float, float,
+        bool, bool, a float64 array of their own): the per-step path, without
+        the constructor's conversions."""
+        stats = object.__new__(cls)
+        stats._values = (step, lr, grad_norm, clip_scale, clipped, skipped, layer_norms)
+        stats._loss = stats._source = None
+        return stats
+
+    @classmethod
     def _pending(cls, source):
         """Stats that ``source._fetch_stats(stats)`` will fill (via ``_fill``)."""
         stats = object.__new__(cls)
