@@ -210,3 +210,25 @@ def test_cpu_array_helpers_refuse_cuda_arrays(cp):
         be.to_device(dev)
     with pytest.raises(TypeError, match="CUDA array"):
         be.to_host(dev)
+
+
+@pytest.mark.cuda
+def test_cpu_and_cuda_kernels_are_twins(kc):
+    """Both kernel packages export the same names, and each CUDA kernel
+    takes its CPU twin's parameters first, in order, adding only defaulted
+    ones (the scratch a device needs: ``work``, ``out``, ``ws``, ...)."""
+    import inspect
+
+    import fastgrad.kernels.cpu as kcpu
+
+    assert sorted(kcpu.__all__) == sorted(kc.__all__)
+    for name in kcpu.__all__:
+        cpu, cuda = getattr(kcpu, name), getattr(kc, name)
+        if not callable(cuda):
+            assert cuda == cpu, name                 # the tables: CODES, NEEDS_Z, ...
+            continue
+        want = list(inspect.signature(getattr(cpu, "py_func", cpu)).parameters)
+        got = list(inspect.signature(cuda).parameters.values())
+        assert [p.name for p in got[:len(want)]] == want, name
+        extra = [p.name for p in got[len(want):] if p.default is inspect.Parameter.empty]
+        assert not extra, f"{name}: CUDA-only parameters without a default: {extra}"
