@@ -243,13 +243,14 @@ def _unknown(act):
                      "nor registered)")
 
 
-def ladder(loop, params, call):
+def ladder(loop, params, call, only_z=False):
     """An inlined ``ladder(<params>)`` that runs ``loop(<call>)`` once, for
     the activation whose code is the parameter ``act``.
 
     ``call`` names the activation's functions ``{f}`` (forward), ``{df}``
     (derivative) and ``{keep_z}`` (``True`` when its derivative reads z, a
-    constant in each branch).  The source is generated from ``ENTRIES`` -- an
+    constant in each branch).  ``only_z``: branches for the activations
+    whose derivative reads z alone.  The source is generated from ``ENTRIES`` -- an
     ``if``/``elif`` per code, then a ``raise`` -- and compiled with
     ``inline="always"``, so a kernel that calls the ladder is cached on disk
     as one function (``_jit`` keys the cache on the table's sources too).
@@ -257,6 +258,8 @@ def ladder(loop, params, call):
     env = {"_loop": loop, "_unknown": _unknown}
     lines = [f"def _ladder({params}):"]
     for code, f, df, keep_z in ENTRIES:
+        if only_z and not keep_z:
+            continue
         env[f"_f{code}"], env[f"_df{code}"] = f, df
         args = call.format(f=f"_f{code}", df=f"_df{code}", keep_z=keep_z)
         lines += [f"    {'if' if len(lines) == 1 else 'elif'} act == {code}:",
@@ -283,6 +286,8 @@ _bias_act_ladder = ladder(_bias_act_loop, "y, b, alpha, act", "y, b, alpha, {f}"
 # not read it (a copy and a zero bias instead cost ~0.3 s of every cold
 # compile for a branch the step never takes).
 _keep_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}")
+_needs_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}",
+                         only_z=True)
 _grad_ladder = ladder(_grad_loop, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}")
 
 
@@ -297,6 +302,18 @@ def bias_act(z, b, out, act, alpha):
     """
     if out.ctypes.data != z.ctypes.data:
         _keep_z_ladder(z, b, out, alpha, act)
+    else:
+        _bias_act_ladder(z, b, alpha, act)
+
+
+@njit(**JIT)
+def bias_act_step(z, b, out, act, alpha):
+    """:func:`bias_act` as the training step calls it: ``out`` is ``z``
+    unless the activation's derivative reads z (``NEEDS_Z``), so only those
+    activations' keep-z loops are compiled (any other with a separate
+    ``out`` raises ValueError)."""
+    if out.ctypes.data != z.ctypes.data:
+        _needs_z_ladder(z, b, out, alpha, act)
     else:
         _bias_act_ladder(z, b, alpha, act)
 

@@ -68,7 +68,7 @@ import numpy as np
 from numba import njit
 
 from ._jit import INLINE, JIT, code_ladder, served_codes
-from .activations import bias_act, bias_act_grad_inplace, needs_z
+from .activations import bias_act_grad_inplace, bias_act_step, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
@@ -293,7 +293,7 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
             if not needs_z(codes[l]):
                 z = a
             np.dot(h, W, z)
-            bias_act(z, b, a, codes[l], alphas[l])
+            bias_act_step(z, b, a, codes[l], alphas[l])
         h = a
         act_off += B * n_out
         if _BLOCKS or _NORM or _WEIGHT_NORM:
