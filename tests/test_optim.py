@@ -782,3 +782,39 @@ def test_cuda_multi_tensor_kernel_strides_over_tensors_past_grid_y(cuda_be, rng,
     got = np.concatenate([to_numpy(p) for p in ps])
     assert got.tobytes() == to_numpy(flat_p).tobytes()
     assert np.concatenate([to_numpy(b) for b in bufs]).tobytes() == to_numpy(flat_s).tobytes()
+
+
+_NEW_VALUE = {"nonneg": 0.3, "fraction": 0.5, "flag": True, "betas": (0.5, 0.9)}
+
+
+@pytest.mark.parametrize("name", sorted(CLASSES))
+def test_hp_row_follows_every_hyper_parameter_write(name, rng):
+    """The optimizer reuses the hp row it filled while its values are
+    unchanged; after each write (attribute, param_groups entry, lr, a
+    schedule) its row is the one a fresh optimizer with those values fills
+    at the same update count."""
+    cls = CLASSES[name]
+    model = fg.MLP([5, 7, 3], seed=1, dtype="float64")
+    opt = cls(model, lr=1e-2)
+    model.grads[:] = rng.standard_normal(model.grads.size)
+    writes = [("param_groups", h.name, _NEW_VALUE[h.check])
+              for h in fg.kernels.spec.UPDATE_RULES[cls.rule].hyper]
+    writes += [("attr", "lr", 3e-3), ("attr", "lr", schedules.cosine_decay(1e-2, 50)),
+               ("param_groups", "lr", 5e-3)]
+    for where, key, value in writes:
+        for _ in range(2):                       # the row filled once, then reused
+            opt.step()
+        try:
+            if where == "attr":
+                setattr(opt, key, value)
+            else:
+                opt.param_groups[0][key] = value
+        except ValueError:                       # a combination the rule refuses
+            continue
+        got = opt._kernel_args()[4].copy()
+        values = {h.name: getattr(opt, h.name)
+                  for h in fg.kernels.spec.UPDATE_RULES[cls.rule].hyper}
+        fresh = cls(fg.MLP([5, 7, 3], seed=1, dtype="float64"), lr=opt.lr_schedule,
+                    **values)
+        fresh.step_count = opt.step_count
+        np.testing.assert_array_equal(got, fresh._kernel_args()[4], err_msg=f"{key}={value!r}")
