@@ -16,7 +16,15 @@ that these functions give the same offsets for every combination.  They are
 integer arithmetic alone, so the Numba kernels inline them
 (``kernels/cpu/step*.py``) and the CUDA step calls them on the host;
 ``kernels/`` never imports ``fastgrad``, hence the copy.
+
+The step plan (:func:`step_plan`) is the per-step half of the layout: the
+layer features and scratch offsets a step driver reads, computed once per
+batch size in Python, device-neutral (``kernels/cpu/step.py`` explains how
+the CPU driver reads it).
 """
+import numpy as np
+
+from .spec import BATCH
 
 
 def layer_size(n_in, n_out, norm, weight_norm):
@@ -34,3 +42,54 @@ def layer_slots(offset, n_in, n_out, norm, weight_norm):
     g = beta + n_out if norm else beta
     end = g + n_out if weight_norm else g
     return offset, b, gamma, beta, g, end
+
+
+# The step plan's header slots (plan[PLAN_*]) and per-layer row.
+PLAN_SEED, PLAN_COUNTER, PLAN_TRAINING = 0, 1, 2
+PLAN_FZS, PLAN_XHATS, PLAN_NSTATS, PLAN_WEFF, PLAN_DWEFF = 3, 4, 5, 6, 7   # in acts
+PLAN_NWORK, PLAN_WNORM, PLAN_SAVED = 8, 9, 10                            # in fplan
+PLAN_HEADER = 11
+PLAN_RESIDUAL, PLAN_NORM, PLAN_WN = 0, 1, 2          # plan[PLAN_HEADER + PLAN_ROW * l + k]
+PLAN_ROW = 3
+
+
+def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, seed=0):
+    """``(plan, fplan, acts)`` of a batch of ``B`` rows (laid out as
+    ``kernels/cpu/step.py``'s docstring says): the step plan of layers with dropout rates ``drops``,
+    ``residual`` flags, ``norms`` kinds and ``weight_norm`` flags, and the
+    driver's ``acts`` of ``dtype``: the layer outputs, then the scratch of
+    what those layers use (none for a plain model)."""
+    sizes = np.asarray(sizes, np.int64)
+    L = sizes.shape[0] - 1
+    widths = sizes[1:]
+    residual, norms, weight_norm = (np.asarray(a, np.int64) for a in
+                                    (residual, norms, weight_norm))
+    drops = np.asarray(drops, np.float64)
+    if not (drops.shape == residual.shape == norms.shape == weight_norm.shape == (L,)):
+        raise ValueError(f"step_plan: one dropout rate, residual flag, norm kind and weight "
+                         f"norm flag per layer ({L} layers)")
+    plan = np.zeros(PLAN_HEADER + PLAN_ROW * L, np.int64)
+    rows = plan[PLAN_HEADER:].reshape((L, PLAN_ROW))
+    rows[:, PLAN_RESIDUAL] = residual != 0
+    rows[:, PLAN_NORM] = norms
+    rows[:, PLAN_WN] = weight_norm != 0
+    plan[PLAN_SEED] = seed
+    has_epilogue = bool(drops.any() or residual.any() or norms.any() or weight_norm.any())
+    acts = B * int(widths.sum()) if has_epilogue else 0
+    n_x = acts if norms.any() else 0
+    n_s = 2 * int((B + widths).sum()) if norms.any() else 0
+    n_w = int(n_params) if weight_norm.any() else 0
+    end = B * int(widths.sum())          # the layer outputs come first
+    for slot, n in ((PLAN_FZS, acts), (PLAN_XHATS, n_x), (PLAN_NSTATS, n_s),
+                    (PLAN_WEFF, n_w), (PLAN_DWEFF, n_w)):
+        plan[slot] = end
+        end += n
+    n_work = 2 * max(B, int(widths.max())) if norms.any() else 0
+    n_wnorm = int(widths.sum()) if weight_norm.any() else 0
+    batch_norm = bool((norms == BATCH).any())
+    plan[PLAN_NWORK] = L
+    plan[PLAN_WNORM] = L + n_work
+    plan[PLAN_SAVED] = L + n_work + n_wnorm if batch_norm else -1
+    fplan = np.zeros(L + n_work + n_wnorm + (2 * int(widths.sum()) if batch_norm else 0))
+    fplan[:L] = drops
+    return plan, fplan, np.empty(end, dtype)
