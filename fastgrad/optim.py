@@ -727,7 +727,7 @@ class Optimizer:
         self._values = {}
         self._state = {}
         self._state_args = None      # _buffers(), kept until the state changes
-        self._hp_rows_known = {}     # group -> (values, group values, rule, merged, row)
+        self._hp_rows_known = {}     # group -> (values, group values, merged, row)
         self._groups = None
         self._seg_group = None
         self._bind(params)
@@ -1565,14 +1565,13 @@ class Optimizer:
             raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
         values = self._groups[group].values
         # Values are never changed in place (every write installs new
-        # dicts), so a row filled under the same dicts and rule needs only
-        # what changes with the update count: a third of the time, which is
-        # a tiny net's step's critical path.
+        # dicts), so a row filled under the same dicts needs only what
+        # changes with the update count: a third of the time, which is a
+        # tiny net's step's critical path.  (The rule is a class constant.)
         known = self._hp_rows_known.get(group)
-        if (known is not None and known[0] is self._values and known[1] is values
-                and known[2] == self.rule):
-            v = known[3]
-            hp[:] = known[4]
+        if known is not None and known[0] is self._values and known[1] is values:
+            v = known[2]
+            hp[:] = known[3]
             hp[_k.HP_LR] = lr
             _spec.fill_hp_per_update(self.rule, hp, v, k + 1)
         else:
@@ -1581,7 +1580,7 @@ class Optimizer:
             hp[_k.HP_LR] = lr
             hp[_k.HP_MAXIMIZE] = float(v["maximize"])
             self._fill_hp(hp, k, v)
-            self._hp_rows_known[group] = (self._values, values, self.rule, v, hp.copy())
+            self._hp_rows_known[group] = (self._values, values, v, hp.copy())
         hp[_k.HP_UPDATE] = k
         return lr
 

@@ -55,8 +55,9 @@ PLAN_ROW = 3
 
 def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, seed=0):
     """``(plan, fplan, acts)`` of a batch of ``B`` rows (laid out as
-    ``kernels/cpu/step.py``'s docstring says): the step plan of layers with dropout rates ``drops``,
-    ``residual`` flags, ``norms`` kinds and ``weight_norm`` flags, and the
+    ``kernels/cpu/step.py``'s docstring says): the step plan of layers with
+    dropout rates ``drops``, ``residual`` flags, ``norms`` kinds and
+    ``weight_norm`` flags, and the
     driver's ``acts`` of ``dtype``: the layer outputs, then the scratch of
     what those layers use (none for a plain model)."""
     sizes = np.asarray(sizes, np.int64)

@@ -250,8 +250,8 @@ def ladder(loop, params, call, only_z=False):
     ``call`` names the activation's functions ``{f}`` (forward), ``{df}``
     (derivative) and ``{keep_z}`` (``True`` when its derivative reads z, a
     constant in each branch).  ``only_z``: branches for the activations
-    whose derivative reads z alone.  The source is generated from ``ENTRIES`` -- an
-    ``if``/``elif`` per code, then a ``raise`` -- and compiled with
+    whose derivative reads z alone.  The source is generated from
+    ``ENTRIES`` -- an ``if``/``elif`` per code, then a ``raise`` -- and compiled with
     ``inline="always"``, so a kernel that calls the ladder is cached on disk
     as one function (``_jit`` keys the cache on the table's sources too).
     """
@@ -282,9 +282,8 @@ needs_z = njit(**INLINE)(_needs_z_source())
 needs_z.__doc__ = "True for the activations whose derivative reads ``z`` (``NEEDS_Z``)."
 
 _bias_act_ladder = ladder(_bias_act_loop, "y, b, alpha, act", "y, b, alpha, {f}")
-# Every activation: a separate ``out`` keeps z even where the derivative does
-# not read it (a copy and a zero bias instead cost ~0.3 s of every cold
-# compile for a branch the step never takes).
+# bias_act (the public kernel): a separate ``out`` keeps z for every
+# activation; the step's bias_act_step compiles the needs-z loops alone.
 _keep_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}")
 _needs_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}",
                          only_z=True)
@@ -310,8 +309,8 @@ def bias_act(z, b, out, act, alpha):
 def bias_act_step(z, b, out, act, alpha):
     """:func:`bias_act` as the training step calls it: ``out`` is ``z``
     unless the activation's derivative reads z (``NEEDS_Z``), so only those
-    activations' keep-z loops are compiled (any other with a separate
-    ``out`` raises ValueError)."""
+    activations' keep-z loops are compiled (any other activation with a
+    separate ``out`` raises ValueError, as an unknown code does)."""
     if out.ctypes.data != z.ctypes.data:
         _needs_z_ladder(z, b, out, alpha, act)
     else:
