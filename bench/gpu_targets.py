@@ -155,11 +155,10 @@ def _graphed(sizes, batch, act, loss, gemm="cublas"):
     model = fg.MLP(sizes, activation=act, seed=0, device="cuda")
     opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
     ts = fg.TrainStep(model, LOSSES[loss](), opt)
-    acts, zs, delta = ts._buffers_for(batch)
+    args, _ = ts._driver_args(batch)       # model, buffers and step plan
     s0, s1, s2 = opt._buffers()
-    g = GraphedTrainStep(ts._loss_kind, model.params, model.grads, ts._sizes, ts._codes,
-                         ts._alphas, model.layer_offsets, acts, zs, delta, opt.rule, s0, s1, s2,
-                         opt._layer_sq, opt._clip_norm, opt._clip_value, batch, gemm=gemm)
+    g = GraphedTrainStep(ts._loss_kind, *args, opt.rule, s0, s1, s2, opt._layer_sq,
+                         opt._clip_norm, opt._clip_value, batch, gemm=gemm)
     xn, yn = data(sizes, batch, loss)
     x = model._xp.asarray(xn)
     labels = model._xp.asarray(yn) if yn.dtype.kind == "i" else g.labels

@@ -44,9 +44,8 @@ class Backend:
     graphs_steps = False
     #: run_epoch can run whole chunks of steps in one compiled call
     compiled_epochs = False
-    #: plain models and models with epilogue pieces run ONE step driver reading a step plan
-    #: (``kernels/cpu/step.py`` ``step_plan``); else plain models run the
-    #: plain step and models with epilogue pieces ``step_blocks``
+    #: plain models and models with epilogue pieces run ONE step driver
+    #: reading a step plan (``kernels/layout.py`` ``step_plan``)
     steps_by_plan = False
     #: a step's skip decision is a host value when its kernel returns (so
     #: the host may undo what the forward changed); else it stays on the device
@@ -157,10 +156,10 @@ class Backend:
         """The ``(blocks, norm, wnorm)`` kernel modules (twins)."""
         raise NotImplementedError
 
-    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, epilogue_stats=None):
+    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, plan=None):
         """The scratch space of a fused step at batch size ``B`` (None when
-        the device's step needs none); ``epilogue_stats``: for the step of a
-        model with epilogue pieces, the number of its running statistics."""
+        the device's step needs none); ``plan``: the step plan's ``(plan,
+        fplan)`` of that batch size (``kernels/layout.py``)."""
         return None
 
     # -- the optimizer ------------------------------------------------------------
@@ -337,6 +336,7 @@ class CudaBackend(Backend):
     name = "cuda"
     fuses_epilogue = True
     graphs_steps = True
+    steps_by_plan = True
     skip_known_on_host = False
     loss_in_record = True
     labels_checked_by_kernel = True
@@ -384,24 +384,23 @@ class CudaBackend(Backend):
         return self.kernels
 
     def step_kernels(self, codes, rules=None, losses=None, features=None):
-        # One Python function issuing the step's launches on the current
-        # stream (no host sync inside), for plain models and for models with
-        # epilogue pieces (step_blocks); threads= has no CUDA step.
+        # One Python driver issuing the step's launches on the current
+        # stream (no host sync inside), for plain models and models with
+        # epilogue pieces, as on the CPU; threads= has no CUDA step.
         self.kernels_for(codes)
-        from .kernels.cuda import step, step_blocks
-        return step, step_blocks, None
+        from .kernels.cuda import step
+        return step, step, None
 
     def epilogue_kernels(self, codes=()):
         self.kernels_for(codes)             # refuses registered activations without CUDA forms
         from .kernels.cuda import blocks, norm, wnorm
         return blocks, norm, wnorm
 
-    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, epilogue_stats=None):
-        from .kernels.cuda import step, step_blocks
-        if epilogue_stats is not None:
-            return step_blocks.BlocksWorkspace(B, sizes, offsets, loss_kind, dtype,
-                                               n_stats=epilogue_stats, optim=records.buffers)
-        return step.Workspace(B, sizes, offsets, loss_kind, dtype, optim=records.buffers)
+    def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, plan=None):
+        from .kernels.cuda import step
+        plan, fplan = plan if plan is not None else (None, None)
+        return step.Workspace(B, sizes, offsets, loss_kind, dtype, optim=records.buffers,
+                              plan=plan, fplan=fplan)
 
     def update_records(self, opt, n_entries):
         # at most one segment per parameter, whatever the groups
@@ -449,7 +448,7 @@ class CudaBackend(Backend):
         # in device memory, the running statistics are restored by a
         # device-side select on it (no host wait); the dropout counter lives
         # on the host there and keeps its advance.  (The fused step settles
-        # both on the device: kernels/cuda/step_blocks.py.)
+        # both on the device: kernels/cuda/step.py, commit.)
         _, mean, var = snap
         if mean is None:
             return

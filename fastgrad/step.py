@@ -11,11 +11,11 @@ both paths give the same parameters, and ``step.stats`` is the StepStats
 
 On the CPU, plain models and models with dropout, residual blocks,
 normalisation or weight normalisation run the same driver, reading the
-model's step plan (``fastgrad.kernels.cpu.step.step_plan``) and compiled for
+model's step plan (``fastgrad.kernels.layout.step_plan``) and compiled for
 the layer features the model uses (its copy of the kernels:
 ``fastgrad.registry.cpu_kernels``): plain models never compile epilogue code,
-so their cold first step stays as fast.  On CUDA, models with epilogue pieces run the
-fused step ``fastgrad.kernels.cuda.step_blocks``.  A training-mode call
+so their cold first step stays as fast.  CUDA has the twin driver
+(``fastgrad.kernels.cuda.step``), reading the same plan.  A training-mode call
 advances ``model.dropout_step`` once, as ``model.forward`` does, so both
 paths draw the same dropout masks.
 
@@ -39,15 +39,18 @@ from . import ops
 from . import threads as _threads
 from .errors import NonFiniteGradientError
 from .optim import StepStats
-from .kernels.cpu import step as _kstep
-from .kernels.cpu import norm as _knorm
+from .kernels import layout as _layout
+from .kernels import spec as _spec
 from .kernels.cpu import step_sharded as _ksharded
 from .layers import Sequential
 
 
+_NO_KEYWORDS = {}
+
+
 def layer_features(model):
     """The epilogue pieces ``model`` uses beyond the plain kernels' (names
-    of ``fastgrad.kernels.cpu.step.FEATURES``, which are the pieces'):
+    of ``fastgrad.kernels.layout.FEATURES``, which are the pieces'):
     what its step driver is compiled for."""
     return epilogue.used_pieces(model.layers)
 
@@ -122,7 +125,7 @@ class TrainStep:
         if not isinstance(model, Sequential):
             raise TypeError(f"model must be a fastgrad Sequential/MLP, got {type(model).__name__}")
         name = getattr(loss_fn, "name", None)
-        if name not in _kstep.LOSS_CODES:
+        if name not in _spec.LOSS_CODES:
             raise TypeError(f"loss_fn must be one of fastgrad's losses, got {loss_fn!r}")
         # A loss with options (label smoothing, class weights, ...) runs the
         # composed step below: the same kernels as model(x) / loss_fn /
@@ -137,8 +140,9 @@ class TrainStep:
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
         self.model, self.loss_fn, self.opt = model, loss_fn, opt
         be = self._backend = model.backend
-        # Models with dropout or residual blocks get their own compiled step:
-        # plain models never compile (nor pay for) the block code.
+        # Models with epilogue pieces (dropout, residual, norm, weight norm):
+        # the step plan carries them; plain models never compile (nor pay
+        # for) their code.
         self._blocks = model.extended
         # Where the device has no fused step for epilogue pieces, the model
         # runs the layer path (forward, loss, backward, update: the same twin
@@ -156,7 +160,7 @@ class TrainStep:
         self._graphs = {}
         self._threads = self._threads_arg(threads, model)
         xp = self._xp = be.xp
-        self._loss_kind = _kstep.LOSS_CODES[name]
+        self._loss_kind = _spec.LOSS_CODES[name]
         self._sizes = np.asarray(model.sizes, np.int64)
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
@@ -167,27 +171,20 @@ class TrainStep:
         self._kernels, self._kblocks, self._ksharded = be.step_kernels(
             self._codes, rules=(opt.rule,), losses=(self._loss_kind,),
             features=layer_features(model))
-        # A device that steps by plan has ONE step driver for plain and
-        # models with epilogue pieces (kernels/cpu/step.py).
+        # Every device steps by plan: ONE step driver for plain models and
+        # models with epilogue pieces (kernels/cpu/step.py, kernels/cuda/step.py).
         self._by_plan = be.steps_by_plan and not self._composed
-        if self._by_plan or (self._blocks and not self._composed):
+        if self._by_plan:
             # the per-layer values the step reads, from the pieces' table
             flags = epilogue.plan_flags(model.layers)
             self._drops, self._residual = flags["drops"], flags["residual"]
             self._norms, self._wn = flags["norms"], flags["wn"]
-            self._no_drops = np.zeros_like(self._drops)
-            self._batch_norm = bool((self._norms == _knorm.BATCH).any())
-        if self._blocks and not self._composed and not self._by_plan:
-            if self._wn.any():
-                self._weff = xp.empty_like(model.params)
-                self._dweff = xp.empty_like(model.params)
-            else:
-                self._weff = self._dweff = model.params[:0]
-            self._wnorm = xp.empty(int(self._sizes[1:].sum()))
-            # CUDA: the dropout step, in device memory while fused steps run
-            # (their skip decisions are there; see model.dropout_step)
-            self._device_step = (None if be.skip_known_on_host
-                                 else xp.zeros(1, np.int64))
+            self._batch_norm = bool((self._norms == _spec.BATCH).any())
+        # Where the skip decision stays on the device, the fused step of a
+        # model with epilogue pieces keeps the dropout step there too, and
+        # settles both there (see model.dropout_step).
+        self._device_step = (xp.zeros(1, np.int64) if self._by_plan and self._blocks
+                             and not be.skip_known_on_host else None)
         # The optimizer's: on CUDA they are part of the record it reads back.
         self._layer_sq = opt._layer_sq
         self._buffers = OrderedDict()     # batch size -> buffers, least recently used first
@@ -243,46 +240,28 @@ class TrainStep:
         return buf
 
     def _buffers_for(self, B):
+        """``(acts, zs, delta, plan, fplan)`` of batch size B: the driver's
+        buffers and step plan (see kernels/cpu/step.py), with the device's
+        workspace where it has one; cached for the last
+        ``max_cached_batch_sizes`` batch sizes."""
         buf = self._buffers.get(B)
         if buf is not None:
             self._buffers.move_to_end(B)
-        else:
-            self._evict(keep=self.max_cached_batch_sizes - 1)
-            xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
-            acts = xp.empty(B * int(widths.sum()), dt)
-            if self._by_plan:
-                # the driver's: z always kept and a third delta stride (a
-                # residual block's dz) for epilogue pieces; the step plan and
-                # its scratch (see kernels/cpu/step.py)
-                zs = xp.empty_like(acts) if self._needs_z or self._blocks else acts
-                delta = xp.empty((3 if self._blocks else 2) * B * int(widths.max()), dt)
-                plan, fplan, acts = _kstep.step_plan(
-                    self._sizes, B, self.model.params.size, self._drops, self._residual,
-                    self._norms, self._wn, dt, self.model._mask_seed)
-                buf = self._buffers[B] = (acts, zs, delta, plan, fplan)
-                return buf
-            if self._blocks:
-                # z and f(z) always kept; a third delta buffer for dz of a
-                # residual block (see kernels/cuda/step_blocks.py).
-                zs, fzs = xp.empty_like(acts), xp.empty_like(acts)
-                xhats = xp.empty_like(acts) if self._norms.any() else acts
-                delta = xp.empty(3 * B * int(widths.max()), dt)
-                nstats = xp.empty(2 * int((B + widths).sum()), dt)
-                nwork = xp.empty(2 * max(B, int(widths.max())))
-                buf = self._buffers[B] = (acts, zs, fzs, xhats, nstats, nwork, delta)
-                ws = self._backend.step_workspace(
-                    B, self._sizes, self.opt._offsets, self._loss_kind, dt, self.opt._records,
-                    epilogue_stats=int(self.model.running_mean.size))
-                if ws is not None:
-                    self._workspaces[B] = ws
-                return buf
-            zs = xp.empty_like(acts) if self._needs_z else acts
-            delta = xp.empty(2 * B * int(widths.max()), dt)
-            buf = self._buffers[B] = (acts, zs, delta)
-            ws = self._backend.step_workspace(B, self._sizes, self.opt._offsets,
-                                              self._loss_kind, dt, self.opt._records)
-            if ws is not None:
-                self._workspaces[B] = ws
+            return buf
+        self._evict(keep=self.max_cached_batch_sizes - 1)
+        xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
+        # z always kept and a third delta stride (a residual block's dz) for
+        # epilogue pieces; their scratch lies in acts behind the outputs
+        plan, fplan, acts = _layout.step_plan(
+            self._sizes, B, self.model.params.size, self._drops, self._residual,
+            self._norms, self._wn, dt, self.model._mask_seed, empty=xp.empty)
+        zs = xp.empty(B * int(widths.sum()), dt) if self._needs_z or self._blocks else acts
+        delta = xp.empty((3 if self._blocks else 2) * B * int(widths.max()), dt)
+        buf = self._buffers[B] = (acts, zs, delta, plan, fplan)
+        ws = self._backend.step_workspace(B, self._sizes, self.opt._offsets, self._loss_kind,
+                                          dt, self.opt._records, plan=(plan, fplan))
+        if ws is not None:
+            self._workspaces[B] = ws
         return buf
 
     def _evict(self, keep):
@@ -301,41 +280,26 @@ class TrainStep:
     def _graph_for(self, B, rule, s0, s1, s2):
         """The graphed step of batch size B on the current buffers; a new
         one when anything frozen into a graph changed (clipping, rule,
-        optimizer state buffers after a load)."""
+        optimizer state buffers after a load; with epilogue pieces the mode
+        and mask seed).  Sets this call's plan as :meth:`_driver_args`."""
         opt = self.opt
         if opt._seg_group is not None:
             # the graph replays a device table of single hp rows
             raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
         model = self.model
+        args, kw = self._driver_args(B, update=True)
         key = (B, int(rule), opt._clip_norm, opt._clip_value, id(s0), id(s1), id(s2))
         if self._blocks:
-            # frozen in a epilogue graph: the mode (dropout on or off, batch or
+            # frozen in the graph's plan: the mode (dropout on or off, batch or
             # running statistics) and the mask seed (the layers' keys; the
             # dropout step is read from device memory); mode last
             key += (model._mask_seed, bool(model.training))
         g = self._graphs.get(key)
-        if g is None and self._blocks:
-            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
-            drops, residual, norms, seed, counter, training = self._block_args(B, on_device=True)
-            g = self._graphs[key] = self._kblocks.GraphedTrainStepBlocks(
-                self._loss_kind, model.params, model.grads, self._sizes, self._codes,
-                self._alphas, drops, residual, norms, seed, counter, training, opt._offsets,
-                acts, zs, fzs, xhats, model.running_mean, model.running_var, nstats, nwork,
-                self._wn, self._weff, self._dweff, self._wnorm, delta, rule, s0, s1, s2,
-                self._layer_sq, opt._clip_norm, opt._clip_value, B,
-                optim=opt._device_buffers())
-        elif g is None:
-            acts, zs, delta = self._buffers_for(B)
+        if g is None:
             g = self._graphs[key] = self._kernels.GraphedTrainStep(
-                self._loss_kind, model.params, model.grads, self._sizes, self._codes,
-                self._alphas, self.opt._offsets, acts, zs, delta, rule, s0, s1, s2,
-                self._layer_sq, opt._clip_norm, opt._clip_value, B,
-                optim=opt._device_buffers())
+                self._loss_kind, *args, rule, s0, s1, s2, self._layer_sq, opt._clip_norm,
+                opt._clip_value, B, optim=opt._device_buffers(), counter=kw.get("counter"))
         return g
-
-    def _extra(self, B):
-        """Keyword arguments only a device that needs scratch space takes."""
-        return {"ws": self._workspaces[B]} if self._workspaces else {}
 
     def _inputs(self, x, y):
         """``(x, labels, target)`` checked and on the model's device.
@@ -356,7 +320,7 @@ class TrainStep:
             x = model._input(x)
         B = x.shape[0]
         stage_y = be.needs_staging(y)
-        if self._loss_kind == _kstep.CROSS_ENTROPY:
+        if self._loss_kind == _spec.CROSS_ENTROPY:
             if stage_y:
                 return x, self._stage("labels", ops.as_labels(y, B, n_out)), self._no_target
             return x, ops.as_labels(y, B, n_out, xp=self._xp,
@@ -382,30 +346,18 @@ class TrainStep:
         CuPy array (reading it waits for the step, like ``loss.item()``)."""
         return self._backend.loss_result(loss)
 
-    def _block_args(self, B, on_device=False):
-        """(drops, residual, norms, seed, counter, training) of this training
-        forward: the dropout counter advances as in ``model.forward``; eval
-        mode drops nothing and batch norm uses its running statistics.
+    def _driver_args(self, B, counter=None, update=False):
+        """``(args, kwargs)`` of the driver: its arguments between the loss
+        code and the optimizer's (``kernels/cpu/step.py``) on the buffers of
+        batch size ``B``, their step plan set for this forward, and the
+        keywords only the device's driver takes (CUDA: its workspace; for an
+        update, ``commit`` and the device dropout step).
 
-        ``on_device`` (a fused CUDA step, which settles the counter on the
-        device by its skip decision): the counter is the device array that
-        holds the model's dropout step, not advanced here."""
-        model = self.model
-        if model.training:
-            if B == 1 and self._batch_norm:
-                raise ValueError("batch norm in training mode needs more than 1 sample per "
-                                 "batch (got a batch of 1), as in PyTorch; use model.eval()")
-            counter = self._dropout_on_device() if on_device else model._next_dropout_step()
-            return self._drops, self._residual, self._norms, model._mask_seed, counter, True
-        return self._no_drops, self._residual, self._norms, model._mask_seed, 0, False
-
-    def _driver_args(self, B, counter=None):
-        """The driver's arguments between the loss code and the optimizer's
-        (``kernels/cpu/step.py``), on the buffers of batch size ``B``, their
-        step plan set for this forward: in training mode the dropout counter
-        advances as in ``model.forward`` (``counter``: the one to use
-        instead, not advanced); eval mode drops nothing and batch norm uses
-        its running statistics.  Raises before anything changes when the
+        In training mode the dropout counter advances as in
+        ``model.forward`` (``counter``: the one to use instead, not
+        advanced; an update that keeps the counter on the device leaves it
+        to the device); eval mode drops nothing and batch norm uses its
+        running statistics.  Raises before anything changes when the
         kernels do not serve a layer feature of the model."""
         m = self.model
         buf = self._buffers_for(B)
@@ -420,23 +372,31 @@ class TrainStep:
                                  f"{sorted(missing)} (they serve "
                                  f"{list(self._kernels.SERVED_FEATURES)})")
             acts, zs, delta, plan, fplan = buf
+            ws = self._workspaces.get(B)
             cached = self._fixed_args = (buf, self._kernels, (
                 m.params, m.grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
-                acts, zs, delta, plan, fplan, m.running_mean, m.running_var))
+                acts, zs, delta, plan, fplan, m.running_mean, m.running_var),
+                _NO_KEYWORDS if ws is None else {"ws": ws})
+        kw = cached[3]
+        on_device = update and self._device_step is not None
         if self._blocks:
-            plan, k = buf[3], _kstep
+            plan, k = buf[3], _layout
             if m.training:
                 if B == 1 and self._batch_norm:
                     raise ValueError("batch norm in training mode needs more than 1 sample per "
                                      "batch (got a batch of 1), as in PyTorch; use model.eval()")
-                plan[k.PLAN_COUNTER] = m._next_dropout_step() if counter is None else counter
+                if on_device:
+                    plan[k.PLAN_COUNTER] = 0        # read from the device counter instead
+                    kw = dict(kw, counter=self._dropout_on_device(), commit=True)
+                else:
+                    plan[k.PLAN_COUNTER] = m._next_dropout_step() if counter is None else counter
                 plan[k.PLAN_TRAINING] = 1
             else:
                 plan[k.PLAN_COUNTER] = plan[k.PLAN_TRAINING] = 0
             plan[k.PLAN_SEED] = m._mask_seed
         elif m.training and counter is None:
             m._next_dropout_step()
-        return cached[2]
+        return cached[2], kw
 
     def _dropout_on_device(self):
         """This step's device copy of ``model.dropout_step``, made the
@@ -486,22 +446,12 @@ class TrainStep:
         x, labels, target = self._inputs(x, y)
         B = x.shape[0]
         rule, s0, s1, s2, hp = self.opt._kernel_args()
-        # On the CPU the skip decision is known when the kernel returns:
-        # undo what the forward changed outside the parameters.
+        # Where the skip decision is known when the kernel returns: undo
+        # what the forward changed outside the parameters on the host.
         snap = model._step_snapshot() if self._backend.skip_known_on_host else None
-        if self._blocks and not self._by_plan:
-            return self._blocks_step(x, labels, target, B, rule, s0, s1, s2, hp, snap)
-        if self._by_plan and self.threads is None:
-            loss, norm, scale, skipped = self._kernels.train_step(
-                x, labels, target, self._loss_kind, *self._driver_args(B),
-                rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value)
-            if skipped:
-                model._restore_snapshot(snap)
-            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
-            return float(loss)
-        if model.training:
-            model._next_dropout_step()
         if self.threads is not None:
+            if model.training:
+                model._next_dropout_step()
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
             with _threads.one_blas_thread():
                 loss, norm, scale, skipped = self._ksharded.sharded_train_step(
@@ -510,55 +460,19 @@ class TrainStep:
                     acts, zs, delta, bounds, losses,
                     rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm,
                     self.opt._clip_value)
-            if skipped:
-                model._restore_snapshot(snap)
-            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq)
-            return float(loss)
-        acts, zs, delta = self._buffers_for(B)
-        if self.cuda_graph:
+        elif self.cuda_graph:
             loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
                 x, labels, target, hp)
-            self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq, with_loss=True)
-            return loss
-        loss, norm, scale, skipped = self._kernels.train_step(
-            x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
-            self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
-            rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
-            **self._extra(B))
+        else:
+            args, kw = self._driver_args(B, update=True)
+            loss, norm, scale, skipped = self._kernels.train_step(
+                x, labels, target, self._loss_kind, *args,
+                rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
+                **kw)
         if snap is not None and skipped:
             model._restore_snapshot(snap)
         self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq,
                                       with_loss=self._backend.loss_in_record)
-        return self._result(loss)
-
-    def _blocks_step(self, x, labels, target, B, rule, s0, s1, s2, hp, snap):
-        """The fused step of a model with epilogue pieces.  On the CPU the
-        skip is known when the kernel returns and ``snap`` is put back on
-        the host; on CUDA (``snap`` None) the dropout step and the running
-        statistics are settled on the device by the update's skip decision
-        (``commit``), so nothing waits."""
-        model, opt = self.model, self.opt
-        on_device = self._device_step is not None
-        if self.cuda_graph:
-            self._block_args(B, on_device=True)         # checks; the counter on the device
-            loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
-                x, labels, target, hp)
-        else:
-            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(B)
-            drops, residual, norms, seed, counter, training = self._block_args(
-                B, on_device=on_device)
-            device_only = dict(self._extra(B), commit=True) if on_device else {}
-            loss, norm, scale, skipped = self._kblocks.train_step_blocks(
-                x, labels, target, self._loss_kind, model.params, model.grads, self._sizes,
-                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
-                opt._offsets, acts, zs, fzs, xhats, model.running_mean, model.running_var,
-                nstats, nwork, self._wn, self._weff, self._dweff, self._wnorm, delta,
-                rule, s0, s1, s2, hp, self._layer_sq, opt._clip_norm, opt._clip_value,
-                **device_only)
-        if snap is not None and skipped:
-            model._restore_snapshot(snap)
-        self.stats = opt._commit(norm, scale, skipped, self._layer_sq,
-                                 with_loss=self._backend.loss_in_record)
         return self._result(loss)
 
     def gradients(self, x, y):
@@ -571,34 +485,19 @@ class TrainStep:
         if self._composed:
             return self._composed_step(x, y, False)
         x, labels, target = self._inputs(x, y)
-        if self._by_plan and self.threads is None:
-            return float(self._kernels.forward_backward(
-                x, labels, target, self._loss_kind, *self._driver_args(x.shape[0])))
-        if self._blocks:
-            acts, zs, fzs, xhats, nstats, nwork, delta = self._buffers_for(x.shape[0])
-            drops, residual, norms, seed, counter, training = self._block_args(x.shape[0])
-            m = self.model
-            return self._result(self._kblocks.forward_backward_blocks(
-                x, labels, target, self._loss_kind, m.params, m.grads, self._sizes,
-                self._codes, self._alphas, drops, residual, norms, seed, counter, training,
-                self.opt._offsets, acts, zs, fzs, xhats, m.running_mean, m.running_var, nstats,
-                nwork, self._wn, self._weff, self._dweff, self._wnorm, delta,
-                **self._extra(x.shape[0])))
-        if self.model.training:
-            self.model._next_dropout_step()
         if self.threads is not None:
             m = self.model
+            if m.training:
+                m._next_dropout_step()
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(x.shape[0])
             with _threads.one_blas_thread():
                 return float(self._ksharded.sharded_forward_backward(
                     x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
                     self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
                     bounds, losses))
-        acts, zs, delta = self._buffers_for(x.shape[0])
+        args, kw = self._driver_args(x.shape[0])
         return self._result(self._kernels.forward_backward(
-            x, labels, target, self._loss_kind, self.model.params, self.model.grads,
-            self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
-            **self._extra(x.shape[0])))
+            x, labels, target, self._loss_kind, *args, **kw))
 
     # -- whole epochs -----------------------------------------------------------
     #: Seconds of training between two returns to Python in :meth:`run_epoch`
@@ -717,7 +616,7 @@ class TrainStep:
         labels, target = self._no_labels, self._no_target
         if on_device or self._loss_options:
             return X, Y, labels, target       # checked per batch by step(x, y)
-        if self._loss_kind == _kstep.CROSS_ENTROPY:
+        if self._loss_kind == _spec.CROSS_ENTROPY:
             labels = ops.as_labels(Y, n, n_out)
         else:
             target = ops.as_array(Y, "target", model.dtype, shape=(n, n_out))
@@ -762,7 +661,7 @@ class TrainStep:
                 raise ValueError("batch norm in training mode needs more than 1 sample per "
                                  "batch (got a batch of 1), as in PyTorch; use model.eval() "
                                  "or drop_last=True")
-        return self._kernels.train_steps, self._driver_args(B, counter=model.dropout_step)
+        return self._kernels.train_steps, self._driver_args(B, counter=model.dropout_step)[0]
 
     def _compiled_epoch(self, X, labels, target, order, batch_size, n_steps, res, callback):
         model, opt = self.model, self.opt

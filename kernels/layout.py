@@ -53,13 +53,20 @@ PLAN_RESIDUAL, PLAN_NORM, PLAN_WN = 0, 1, 2          # plan[PLAN_HEADER + PLAN_R
 PLAN_ROW = 3
 
 
-def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, seed=0):
+#: The layer features a step driver can be specialised on (the CPU kernels'
+#: ``_ONLY_FEATURES``, ``fastgrad.registry.cpu_kernels(features=...)``).
+FEATURES = ("dropout", "norm", "residual", "weight_norm")
+
+
+def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, seed=0,
+              empty=np.empty):
     """``(plan, fplan, acts)`` of a batch of ``B`` rows (laid out as
     ``kernels/cpu/step.py``'s docstring says): the step plan of layers with
     dropout rates ``drops``, ``residual`` flags, ``norms`` kinds and
-    ``weight_norm`` flags, and the
-    driver's ``acts`` of ``dtype``: the layer outputs, then the scratch of
-    what those layers use (none for a plain model)."""
+    ``weight_norm`` flags (host arrays), and the driver's ``acts`` of
+    ``dtype`` from ``empty`` (the device's, e.g. ``cupy.empty``): the layer
+    outputs, then the scratch of what those layers use (none for a plain
+    model)."""
     sizes = np.asarray(sizes, np.int64)
     L = sizes.shape[0] - 1
     widths = sizes[1:]
@@ -93,4 +100,4 @@ def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, se
     plan[PLAN_SAVED] = L + n_work + n_wnorm if batch_norm else -1
     fplan = np.zeros(L + n_work + n_wnorm + (2 * int(widths.sum()) if batch_norm else 0))
     fplan[:L] = drops
-    return plan, fplan, np.empty(end, dtype)
+    return plan, fplan, empty(end, dtype)

@@ -217,8 +217,6 @@ def test_cpu_and_cuda_kernels_are_twins(kc):
     """Both kernel packages export the same names, and each CUDA kernel
     takes its CPU twin's parameters first, in order, adding only defaulted
     ones (the scratch a device needs: ``work``, ``out``, ``ws``, ...)."""
-    import inspect
-
     import fastgrad.kernels.cpu as kcpu
 
     assert sorted(kcpu.__all__) == sorted(kc.__all__)
@@ -227,8 +225,34 @@ def test_cpu_and_cuda_kernels_are_twins(kc):
         if not callable(cuda):
             assert cuda == cpu, name                 # the tables: CODES, NEEDS_Z, ...
             continue
-        want = list(inspect.signature(getattr(cpu, "py_func", cpu)).parameters)
-        got = list(inspect.signature(cuda).parameters.values())
-        assert [p.name for p in got[:len(want)]] == want, name
-        extra = [p.name for p in got[len(want):] if p.default is inspect.Parameter.empty]
-        assert not extra, f"{name}: CUDA-only parameters without a default: {extra}"
+        _assert_twin_signature(name, cpu, cuda)
+
+
+def _assert_twin_signature(name, cpu, cuda):
+    import inspect
+    want = list(inspect.signature(getattr(cpu, "py_func", cpu)).parameters)
+    got = list(inspect.signature(cuda).parameters.values())
+    assert [p.name for p in got[:len(want)]] == want, name
+    extra = [p.name for p in got[len(want):] if p.default is inspect.Parameter.empty]
+    assert not extra, f"{name}: CUDA-only parameters without a default: {extra}"
+
+
+@pytest.mark.cuda
+def test_cpu_and_cuda_step_drivers_are_twins(kc):
+    """One step driver per device, called alike: the CUDA driver takes the
+    CPU driver's parameters, step plan included, first and in order, and
+    adds only defaulted keywords (``ws``, ``gemm``, ``counter``,
+    ``commit``); both read the one plan of kernels/layout.py."""
+    import importlib
+
+    from fastgrad.kernels import layout
+    from fastgrad.kernels.cpu import step as cpu_step
+    cuda_step = importlib.import_module(kc.__name__ + ".step")
+    for name in ("forward_backward", "train_step"):
+        _assert_twin_signature(name, getattr(cpu_step, name), getattr(cuda_step, name))
+    assert cpu_step.step_plan is cuda_step.step_plan is layout.step_plan
+    assert cuda_step.SERVED_FEATURES == layout.FEATURES
+    # the former epilogue-step modules are that driver under their old names
+    blocks = importlib.import_module(kc.__name__ + ".step_blocks")
+    assert blocks.train_step_blocks is cuda_step.train_step
+    assert blocks.forward_backward_blocks is cuda_step.forward_backward

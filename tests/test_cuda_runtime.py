@@ -145,9 +145,13 @@ def test_step_determinism_and_graph(cuda_be, rng):
         e = cuda_be.alloc(0, dtype)
         lsq = cuda_be.alloc(offsets.size - 1, np.float64)
         norms = []
+        off = np.zeros(len(sizes) - 1)          # a plain model's step plan
+        plan, fplan, _ = kstep.step_plan(sizes, x.shape[0], params.size, off, off, off, off,
+                                         dtype)
+        stats = cuda_be.alloc(0, np.float64)
         gs = kstep.GraphedTrainStep(loss, pg, gg, sizes, codes, alphas, offsets, ag, zg, dg,
-                                    cpu_optim.ADAM, m, v, e, lsq, 1.0, 0.0, x.shape[0],
-                                    use_graph=graphed, gemm=gemm)
+                                    plan, fplan, stats, stats, cpu_optim.ADAM, m, v, e, lsq,
+                                    1.0, 0.0, x.shape[0], use_graph=graphed, gemm=gemm)
         for t in range(5):
             opt.step_count = t
             _, _, _, _, hp = opt._kernel_args()

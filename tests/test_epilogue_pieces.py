@@ -848,7 +848,7 @@ def _fused_steps(device, rng, variant, dtype, cuda_graph):
 @pytest.mark.parametrize("variant", sorted(FUSED_VARIANTS))
 def test_fused_step_matches_the_layer_path(device, rng, variant, dtype):
     """The fused step of every piece and combination (CPU: the one step
-    driver; CUDA: kernels/cuda/step_blocks.py) against the float64 layer
+    driver; CUDA: kernels/cuda/step.py) against the float64 layer
     path."""
     _fused_steps(device, rng, variant, dtype, cuda_graph=False)
 
@@ -940,14 +940,16 @@ def test_graph_refuses_a_frozen_dropout_step(cuda_be):
     """A graphed step with dropout in training mode reads its dropout step
     from device memory; a host int would freeze one mask into every replay,
     so the graph class refuses it."""
-    from fastgrad.kernels.cuda import step_blocks
+    from fastgrad.kernels.cuda import step as cuda_step
     m = fg.MLP([4, 6, 2], dropout=0.5, device="cuda")
     step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.SGD(m, lr=0.1), cuda_graph=True)
-    acts, zs, fzs, xhats, nstats, nwork, delta = step._buffers_for(3)
-    args = (step._loss_kind, m.params, m.grads, step._sizes, step._codes, step._alphas,
-            step._drops, step._residual, step._norms, 1, 5, True, m.layer_offsets, acts, zs,
-            fzs, xhats, m.running_mean, m.running_var, nstats, nwork, step._wn, step._weff,
-            step._dweff, step._wnorm, delta, 1, m.params[:0], m.params[:0], m.params[:0],
-            step._layer_sq, 0.0, 0.0, 3)
+    args, kw = step._driver_args(3, update=True)      # training mode: the plan drops
+    assert kw["counter"] is not None
+    update = (1, m.params[:0], m.params[:0], m.params[:0], step._layer_sq, 0.0, 0.0, 3)
     with pytest.raises(ValueError, match="freeze one mask"):
-        step_blocks.GraphedTrainStepBlocks(*args)
+        cuda_step.GraphedTrainStep(step._loss_kind, *args, *update)
+    # with the device counter it builds; in eval mode nothing drops
+    cuda_step.GraphedTrainStep(step._loss_kind, *args, *update, counter=kw["counter"])
+    m.eval()
+    args, _ = step._driver_args(3, update=True)
+    cuda_step.GraphedTrainStep(step._loss_kind, *args, *update)

@@ -122,7 +122,7 @@ def _flat_mlp(rng, sizes, act, dtype, batch, loss):
 
 
 def _plain_plan(sizes):
-    """The CPU driver's step-plan arguments of a plain model: (plan, fplan,
+    """The step drivers' plan arguments of a plain model: (plan, fplan,
     run_mean, run_var)."""
     off = np.zeros(len(sizes) - 1)
     plan, fplan, _ = kstep.step_plan(sizes, 1, 0, off, off, off, off, np.float64)
@@ -150,8 +150,8 @@ def test_forward_backward_kernel_float32(device, rng, act, loss):
         dev.append(seen.setdefault(id(a), be.to_device(a)))
     xd, ld, td, pd, ad, zd, dd = dev
     gd = be.alloc(params.shape, np.float32, fill=0)
-    plan = _plain_plan(sizes) if be.steps_by_plan else ()
-    got = kernel(xd, ld, td, loss, pd, gd, sizes, codes, alphas, offsets, ad, zd, dd, *plan)
+    got = kernel(xd, ld, td, loss, pd, gd, sizes, codes, alphas, offsets, ad, zd, dd,
+                 *_plain_plan(sizes))
     assert_close(float(got), loss_ref, np.float32, what="loss")
     assert_close(ad, a64, np.float32, what="activations")
     assert_close(gd, g64, np.float32, what="gradients")
@@ -254,7 +254,7 @@ def test_steady_state_allocates_nothing(make_model):
     step(x, y)
     x, labels, target = step._inputs(x, y)
     rule, s0, s1, s2, hp = opt._kernel_args()
-    args = (x, labels, target, 0) + step._driver_args(16) + (
+    args = (x, labels, target, 0) + step._driver_args(16)[0] + (
         rule, s0, s1, s2, hp, step._layer_sq, 0.1, 0.0)
     noop(*args)
 

@@ -78,18 +78,15 @@ from .wnorm import weight_norm_backward, weight_norm_forward
 
 from .. import layout as _layout  # noqa: E402
 # the step plan (device-neutral: kernels/layout.py); re-exported here
-from ..layout import (PLAN_COUNTER, PLAN_DWEFF, PLAN_FZS, PLAN_HEADER, PLAN_NORM,  # noqa: E402,F401
-                      PLAN_NSTATS, PLAN_NWORK, PLAN_RESIDUAL, PLAN_ROW, PLAN_SAVED,
-                      PLAN_SEED, PLAN_TRAINING, PLAN_WEFF, PLAN_WN, PLAN_WNORM,
-                      PLAN_XHATS, step_plan)
+from ..layout import (FEATURES, PLAN_COUNTER, PLAN_DWEFF, PLAN_FZS,  # noqa: E402,F401
+                      PLAN_HEADER, PLAN_NORM, PLAN_NSTATS, PLAN_NWORK, PLAN_RESIDUAL,
+                      PLAN_ROW, PLAN_SAVED, PLAN_SEED, PLAN_TRAINING, PLAN_WEFF, PLAN_WN,
+                      PLAN_WNORM, PLAN_XHATS, step_plan)
 from ..spec import BATCH, BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE  # noqa: E402,F401
 
 
 layer_slots = njit(**INLINE)(_layout.layer_slots)
 
-#: The layer features the driver can be specialised on (a package's
-#: ``_ONLY_FEATURES``, ``fastgrad.registry.cpu_kernels(features=...)``).
-FEATURES = ("dropout", "norm", "residual", "weight_norm")
 # The features these kernels serve: all, or in a model's copy of the package
 # the model's own.  Module constants: Numba prunes the branches of the
 # others before typing them.
