@@ -483,69 +483,58 @@ class Sequential:
 
     # -- compute -------------------------------------------------------------
     def _run(self, x, keep, counter=None):
-        if self.has_epilogue:
-            return self._run_epilogue(x, keep, counter)
-        k, xp = self._kernels(), self._xp
-        h, cache = x, []
-        for layer in self.layers:
-            a = xp.empty((h.shape[0], layer.n_out), self.dtype)
-            z = xp.empty_like(a) if ops.needs_z(layer.code) else a
-            k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
-            if keep:
-                cache.append((h, z, a))
-            h = a
-        return h, cache
+        """The layer loop of the layer path: ``(output, cache)``.
 
-    def _run_epilogue(self, x, keep, counter):
-        """The layer loop of a model with epilogue pieces.
-
-        Plain layers run the plain kernels; the others the epilogue kernels,
-        which keep ``z`` (activations that need it), ``f(z)`` (residual blocks) and ``xhat``
-        (normalised layers) beside the layer output.  Dropout
-        draws its masks from ``counter``; None: no dropout."""
-        blocks, norm, _ = self._backend.epilogue_kernels([layer.code for layer in self.layers])
+        Plain layers run the fused dense kernel; layers with epilogue pieces
+        their kernels, which keep ``z`` (activations that need it),
+        ``f(z)`` (residual blocks) and ``xhat`` (normalised layers) beside
+        the layer output.  Dropout draws its masks from ``counter``; None:
+        no dropout, and batch norm uses its running statistics."""
         k, xp = self._kernels(), self._xp
         drop_on = counter is not None
         B = x.shape[0]
-        if drop_on and B == 1 and any(layer.norm == "batch" for layer in self.layers):
-            raise ValueError("batch norm in training mode needs more than 1 sample per batch "
-                             "(got a batch of 1), as in PyTorch; use model.eval()")
-        self._refresh_weight_norm()
+        any_epilogue = self.has_epilogue
+        if any_epilogue:
+            blocks, norm, _ = self._backend.epilogue_kernels([layer.code for layer in self.layers])
+            if drop_on and B == 1 and any(layer.norm == "batch" for layer in self.layers):
+                raise ValueError("batch norm in training mode needs more than 1 sample per "
+                                 "batch (got a batch of 1), as in PyTorch; use model.eval()")
+            self._refresh_weight_norm()
         h, cache = x, []
         for l, layer in enumerate(self.layers):
             a = xp.empty((h.shape[0], layer.n_out), self.dtype)
-            # f(z) is kept apart from the output for residual blocks only;
-            # the other layers' backward reads it from the output (blocks).
-            fz = xp.empty_like(a) if layer.residual else a
-            if layer.norm:
-                xhat = xp.empty_like(a)
-                ns = B if layer.norm == "layer" else layer.n_out
-                mean, rstd = xp.empty(ns, self.dtype), xp.empty(ns, self.dtype)
-                acc = xp.empty(2 * layer.n_out)
-                drop = drop_on and layer.dropout > 0
-                key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
-                                                   layer.dropout if drop else 0.0)
-                batch = layer.norm == "batch"
-                rm = layer.running_mean if batch else acc[:0]
-                rv = layer.running_var if batch else acc[:0]
-                xp.dot(h, layer.W, out=a)
-                norm.norm_forward_epilogue(a, layer.b, h, xhat, fz, layer.gamma, layer.beta,
-                                           mean, rstd, acc, rm, rv,
-                                           norm.KINDS[layer.norm], drop_on, layer.code,
-                                           layer.alpha, drop, key, thresh, scale, layer.residual)
-                entry = (h, None, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
-            elif not layer.has_epilogue:
+            if not (any_epilogue and layer.has_epilogue):
                 z = xp.empty_like(a) if ops.needs_z(layer.code) else a
                 k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
                 entry = (h, z, a, a, None)
             else:
-                z = xp.empty_like(a) if ops.needs_z(layer.code) else a
+                # f(z) is kept apart from the output for residual blocks
+                # only; the other layers' backward reads it from the output
+                # (blocks).
+                fz = xp.empty_like(a) if layer.residual else a
                 drop = drop_on and layer.dropout > 0
                 key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
                                                    layer.dropout if drop else 0.0)
-                blocks.block_forward(h, layer.W, layer.b, z, fz, a, layer.code, layer.alpha,
-                                     drop, key, thresh, scale, layer.residual)
-                entry = (h, z, fz, a, (drop, key, thresh, scale))
+                if layer.norm:
+                    xhat = xp.empty_like(a)
+                    ns = B if layer.norm == "layer" else layer.n_out
+                    mean, rstd = xp.empty(ns, self.dtype), xp.empty(ns, self.dtype)
+                    acc = xp.empty(2 * layer.n_out)
+                    batch = layer.norm == "batch"
+                    rm = layer.running_mean if batch else acc[:0]
+                    rv = layer.running_var if batch else acc[:0]
+                    xp.dot(h, layer.W, out=a)
+                    norm.norm_forward_epilogue(a, layer.b, h, xhat, fz, layer.gamma, layer.beta,
+                                               mean, rstd, acc, rm, rv,
+                                               norm.KINDS[layer.norm], drop_on, layer.code,
+                                               layer.alpha, drop, key, thresh, scale,
+                                               layer.residual)
+                    entry = (h, None, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
+                else:
+                    z = xp.empty_like(a) if ops.needs_z(layer.code) else a
+                    blocks.block_forward(h, layer.W, layer.b, z, fz, a, layer.code, layer.alpha,
+                                         drop, key, thresh, scale, layer.residual)
+                    entry = (h, z, fz, a, (drop, key, thresh, scale))
             if keep:
                 cache.append(entry)
             h = a
@@ -588,32 +577,19 @@ class Sequential:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
         k, xp = self._kernels(), self._xp
-        out_shape = self._cache[-1][2].shape
+        out_shape = self._cache[-1][3].shape
         da = ops.as_array(dy, "dy", self.dtype, shape=out_shape, xp=xp)
         if da is dy:
             da = da.copy()          # the pass below works in place on da
         if self.has_epilogue:
-            return self._backward_epilogue(da, accumulate, input_grad)
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer, (h, z, a) = self.layers[i], self._cache[i]
-            need_dx = i > 0 or input_grad
-            dx = xp.empty_like(h) if need_dx else da[:0, :0]
-            dW, db = (xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate else (layer.dW, layer.db)
-            k.dense_backward(h, layer.W, a, z, da, da, dW, db, dx, layer.code, layer.alpha, need_dx)
-            if accumulate:
-                layer.dW += dW
-                layer.db += db
-            da = dx
-        return da if input_grad else None
-
-    def _backward_epilogue(self, da, accumulate, input_grad):
-        blocks, norm, wnorm = self._backend.epilogue_kernels([layer.code for layer in self.layers])
-        k, xp = self._kernels(), self._xp
+            blocks, norm, wnorm = self._backend.epilogue_kernels(
+                [layer.code for layer in self.layers])
         for i in range(len(self.layers) - 1, -1, -1):
             layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]
             need_dx = i > 0 or input_grad
             dx = xp.empty_like(h) if need_dx else da[:0, :0]
-            dW, db = (xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate else (layer.dW, layer.db)
+            dW, db = ((xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate
+                      else (layer.dW, layer.db))
             if layer.weight_norm:
                 dW = layer.dW           # the effective weight's gradient (scratch)
             if drop_args is None:
