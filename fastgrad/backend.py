@@ -134,10 +134,10 @@ class Backend:
             return self._registered_kernels(codes)
         return self.kernels
 
-    def model_kernels(self, codes, rules=None, losses=None):
+    def model_kernels(self, codes, rules=None, losses=None, features=None):
         """The kernel package a model with activation ``codes`` runs on
         (``rules``/``losses``: the update-rule and loss codes it needs, None
-        for all)."""
+        for all; ``features``: the layer features, None for all)."""
         return self.kernels_for(codes)
 
     def step_kernels(self, codes, rules=None, losses=None, features=None):
@@ -157,9 +157,11 @@ class Backend:
         raise NotImplementedError
 
     def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, plan=None):
-        """The scratch space of a fused step at batch size ``B`` (None when
-        the device's step needs none); ``plan``: the step plan's ``(plan,
-        fplan)`` of that batch size (``kernels/layout.py``)."""
+        """The scratch space of a step driver's call at batch size ``B``
+        (None when the device's driver needs none); ``plan``: the step
+        plan's ``(plan, fplan)`` of that batch size (``kernels/layout.py``);
+        ``loss_kind`` and ``records`` (the optimizer's read-back) may be
+        None for the layer path's forward and backward."""
         return None
 
     # -- the optimizer ------------------------------------------------------------
@@ -399,7 +401,8 @@ class CudaBackend(Backend):
     def step_workspace(self, B, sizes, offsets, loss_kind, dtype, records, plan=None):
         from .kernels.cuda import step
         plan, fplan = plan if plan is not None else (None, None)
-        return step.Workspace(B, sizes, offsets, loss_kind, dtype, optim=records.buffers,
+        return step.Workspace(B, sizes, offsets, loss_kind, dtype,
+                              optim=None if records is None else records.buffers,
                               plan=plan, fplan=fplan)
 
     def update_records(self, opt, n_entries):

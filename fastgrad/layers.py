@@ -18,6 +18,8 @@ import weakref
 import numpy as np
 
 from . import epilogue, ops
+from .kernels import layout as _layout
+from .kernels import spec as _spec
 from .backend import backend_for, backend_of
 
 _SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
@@ -44,6 +46,11 @@ def _init_weights(name, n_in, n_out, rng):
     if name == "he_normal":
         return rng.normal(0.0, math.sqrt(2.0 / n_in), shape)
     return np.zeros(shape)
+
+
+# The layer path keeps the step plans of this many batch sizes per mode
+# (training forward, predict), least recently used dropped first.
+_MAX_CACHED_BATCH_SIZES = 8
 
 
 def _dropout_args(seed, layer, counter, p):
@@ -375,6 +382,8 @@ class Sequential:
                 layer.g[...] = np.sqrt((layer.v.astype(np.float64) ** 2).sum(axis=0))
                 layer._weight_norm_forward()
         self._cache = None
+        self._driver_config = None        # the layer path's driver: _layer_driver
+        self._step_driver = (None, None)  # (codes, pieces), a TrainStep's driver of them
         # Batch-norm running statistics: model state outside the parameters
         # (no gradient, not updated by the optimizer), one pair per layer.
         width = sum(layer.n_out for layer in layers)
@@ -482,63 +491,79 @@ class Sequential:
         return self._backend.model_kernels([layer.code for layer in self.layers])
 
     # -- compute -------------------------------------------------------------
-    def _run(self, x, keep, counter=None):
-        """The layer loop of the layer path: ``(output, cache)``.
+    # The layer path (forward, backward, predict) runs the device's step
+    # driver without its loss and update: the driver's forward and backward
+    # (kernels/cpu/step.py, kernels/cuda/step.py) on the step plan of these
+    # layers, compiled for their pieces alone.
 
-        Plain layers run the fused dense kernel; layers with epilogue pieces
-        their kernels, which keep ``z`` (activations that need it),
-        ``f(z)`` (residual blocks) and ``xhat`` (normalised layers) beside
-        the layer output.  Dropout draws its masks from ``counter``; None:
-        no dropout, and batch norm uses its running statistics."""
-        k, xp = self._kernels(), self._xp
-        drop_on = counter is not None
-        B = x.shape[0]
-        any_epilogue = self.has_epilogue
-        if any_epilogue:
-            blocks, norm, _ = self._backend.epilogue_kernels([layer.code for layer in self.layers])
-            if drop_on and B == 1 and any(layer.norm == "batch" for layer in self.layers):
-                raise ValueError("batch norm in training mode needs more than 1 sample per "
-                                 "batch (got a batch of 1), as in PyTorch; use model.eval()")
-            self._refresh_weight_norm()
-        h, cache = x, []
-        for l, layer in enumerate(self.layers):
-            a = xp.empty((h.shape[0], layer.n_out), self.dtype)
-            if not (any_epilogue and layer.has_epilogue):
-                z = xp.empty_like(a) if ops.needs_z(layer.code) else a
-                k.dense_forward(h, layer.W, layer.b, z, a, layer.code, layer.alpha)
-                entry = (h, z, a, a, None)
-            else:
-                # f(z) is kept apart from the output for residual blocks
-                # only; the other layers' backward reads it from the output
-                # (blocks).
-                fz = xp.empty_like(a) if layer.residual else a
-                drop = drop_on and layer.dropout > 0
-                key, thresh, scale = _dropout_args(self._mask_seed, l, counter,
-                                                   layer.dropout if drop else 0.0)
-                if layer.norm:
-                    xhat = xp.empty_like(a)
-                    ns = B if layer.norm == "layer" else layer.n_out
-                    mean, rstd = xp.empty(ns, self.dtype), xp.empty(ns, self.dtype)
-                    acc = xp.empty(2 * layer.n_out)
-                    batch = layer.norm == "batch"
-                    rm = layer.running_mean if batch else acc[:0]
-                    rv = layer.running_var if batch else acc[:0]
-                    xp.dot(h, layer.W, out=a)
-                    norm.norm_forward_epilogue(a, layer.b, h, xhat, fz, layer.gamma, layer.beta,
-                                               mean, rstd, acc, rm, rv,
-                                               norm.KINDS[layer.norm], drop_on, layer.code,
-                                               layer.alpha, drop, key, thresh, scale,
-                                               layer.residual)
-                    entry = (h, None, fz, a, (drop, key, thresh, scale, xhat, rstd, drop_on))
-                else:
-                    z = xp.empty_like(a) if ops.needs_z(layer.code) else a
-                    blocks.block_forward(h, layer.W, layer.b, z, fz, a, layer.code, layer.alpha,
-                                         drop, key, thresh, scale, layer.residual)
-                    entry = (h, z, fz, a, (drop, key, thresh, scale))
-            if keep:
-                cache.append(entry)
-            h = a
-        return h, cache
+    def _layer_driver(self):
+        """``(driver, sizes, codes, alphas, flags, needs_z, plans)`` of the
+        layers as they are now, rebuilt when an activation or a piece
+        setting changes; ``plans`` caches the step plans by (batch size,
+        keep)."""
+        key = tuple((layer.code, layer.alpha, layer.dropout, layer.norm, layer.residual,
+                     layer.weight_norm) for layer in self.layers)
+        cfg = self._driver_config
+        if cfg is None or cfg[0] != key:
+            codes = np.asarray([k[0] for k in key], np.int64)
+            features = epilogue.used_pieces(self.layers)
+            # The driver of this model's TrainStep when it was built for the
+            # same activations and pieces: its helpers are compiled already
+            # (a cold predict after training compiles the forward alone).
+            built_for, driver = self._step_driver
+            if built_for != (tuple(codes.tolist()), features):
+                driver = self._backend.step_kernels(codes, rules=(), losses=(),
+                                                    features=features)[0]
+            cfg = self._driver_config = (
+                key, driver, np.asarray(self.sizes, np.int64), codes,
+                np.asarray([k[1] for k in key], np.float64), epilogue.plan_flags(self.layers),
+                any(ops.needs_z(c) for c in codes), collections.OrderedDict())
+        return cfg[1:]
+
+    def _run(self, x, keep, counter=None):
+        """The layer path's forward: ``(output, cache)``.  Dropout draws its
+        masks from ``counter``; None: no dropout, and batch norm uses its
+        running statistics."""
+        driver, sizes, codes, alphas, flags, needs_z, plans = self._layer_driver()
+        xp, B = self._xp, x.shape[0]
+        training = counter is not None
+        if training and B == 1 and (flags["norms"] == _spec.BATCH).any():
+            raise ValueError("batch norm in training mode needs more than 1 sample per batch "
+                             "(got a batch of 1), as in PyTorch; use model.eval()")
+        entry = plans.get((B, keep))
+        if entry is None:
+            # the last few batch sizes' plans (and device workspaces)
+            while len(plans) >= 2 * _MAX_CACHED_BATCH_SIZES:
+                plans.popitem(last=False)
+            entry = plans[(B, keep)] = self._layer_plan(driver, sizes, flags, B)
+        else:
+            plans.move_to_end((B, keep))
+        plan, fplan, n_acts, kw = entry
+        plan[_layout.PLAN_SEED] = self._mask_seed
+        plan[_layout.PLAN_COUNTER] = counter if training else 0
+        plan[_layout.PLAN_TRAINING] = training
+        # per call: the output and what backward reads are this call's own
+        acts = xp.empty(n_acts, self.dtype)
+        epilogue_scratch = n_acts > B * int(sizes[1:].sum())
+        zs = xp.empty(B * int(sizes[1:].sum()), self.dtype) if needs_z or epilogue_scratch \
+            else acts
+        if epilogue_scratch:
+            self._refresh_weight_norm()       # layer.W: the effective weight, as documented
+        out = driver.forward(x, self._params, sizes, codes, alphas, self._layer_offsets, acts, zs,
+                             plan, fplan, self._running_mean, self._running_var, **kw)
+        return out, ((x, acts, zs, entry) if keep else None)
+
+    def _layer_plan(self, driver, sizes, flags, B):
+        """``(plan, fplan, n_acts, driver keywords)`` of the layer path at
+        batch size B (the device's workspace where it has one)."""
+        plan, fplan, acts = _layout.step_plan(
+            sizes, B, self.n_params, flags["drops"], flags["residual"], flags["norms"],
+            flags["wn"], self.dtype, self._mask_seed, empty=lambda n, dt: None)
+        n_acts = int(2 * plan[_layout.PLAN_DWEFF] - plan[_layout.PLAN_WEFF])
+        ws = self._backend.step_workspace(B, sizes, self._layer_offsets, None, self.dtype, None,
+                                          plan=(plan, fplan))
+        return plan, fplan, max(n_acts, B * int(sizes[1:].sum())), \
+            ({} if ws is None else {"ws": ws})
 
     def _refresh_weight_norm(self):
         """Recompute the effective W of every weight-normalised layer."""
@@ -576,63 +601,20 @@ class Sequential:
     def _backward(self, dy, accumulate, input_grad):
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first")
-        k, xp = self._kernels(), self._xp
-        out_shape = self._cache[-1][3].shape
-        da = ops.as_array(dy, "dy", self.dtype, shape=out_shape, xp=xp)
-        if da is dy:
-            da = da.copy()          # the pass below works in place on da
-        if self.has_epilogue:
-            blocks, norm, wnorm = self._backend.epilogue_kernels(
-                [layer.code for layer in self.layers])
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer, (h, z, fz, a, drop_args) = self.layers[i], self._cache[i]
-            need_dx = i > 0 or input_grad
-            dx = xp.empty_like(h) if need_dx else da[:0, :0]
-            dW, db = ((xp.empty_like(layer.W), xp.empty_like(layer.b)) if accumulate
-                      else (layer.dW, layer.db))
-            if layer.weight_norm:
-                dW = layer.dW           # the effective weight's gradient (scratch)
-            if drop_args is None:
-                k.dense_backward(h, layer.W, a, z, da, da, dW, db, dx, layer.code, layer.alpha,
-                                 need_dx)
-            elif layer.norm:
-                drop, key, thresh, scale, xhat, rstd, batch_stats = drop_args
-                dz = xp.empty_like(da) if layer.residual else da
-                r1, r2 = xp.empty(da.shape[0]), xp.empty(da.shape[0])
-                dg, dbt = ((xp.empty_like(layer.gamma), xp.empty_like(layer.beta)) if accumulate
-                           else (layer.dgamma, layer.dbeta))
-                norm.norm_backward_epilogue(da, fz, xhat, layer.gamma, layer.beta, rstd, dz, db,
-                                            dg, dbt, r1, r2, norm.KINDS[layer.norm], batch_stats,
-                                            layer.code, layer.alpha, drop, key, thresh, scale,
-                                            layer.residual)
-                xp.dot(h.T, dz, out=dW)
-                if need_dx:
-                    xp.dot(dz, layer.W.T, out=dx)
-                    if layer.residual:
-                        dx += da
-                if accumulate:
-                    layer.dgamma += dg
-                    layer.dbeta += dbt
-            else:
-                drop, key, thresh, scale = drop_args
-                # dz apart from da: the skip gradient dx += da still reads da.
-                dz = xp.empty_like(da) if layer.residual else da
-                blocks.block_backward(h, layer.W, fz, z, da, dz, dW, db, dx, layer.code,
-                                      layer.alpha, drop, key, thresh, scale, layer.residual,
-                                      need_dx)
-            if layer.weight_norm:
-                dv, dg = ((xp.empty_like(layer.v), xp.empty_like(layer.g)) if accumulate
-                          else (layer.dv, layer.dg))
-                wnorm.weight_norm_backward(layer.v, layer.g, layer._inv_norm, dW, dv, dg)
-                if accumulate:
-                    layer.dv += dv
-                    layer.dg += dg
-                    layer.db += db
-            elif accumulate:
-                layer.dW += dW
-                layer.db += db
-            da = dx
-        return da if input_grad else None
+        x, acts, zs, (plan, fplan, n_acts, kw) = self._cache
+        driver, sizes, codes, alphas, flags, _, _ = self._layer_driver()
+        xp, B, n_out = self._xp, x.shape[0], int(sizes[-1])
+        da = ops.as_array(dy, "dy", self.dtype, shape=(B, n_out), xp=xp)
+        strides = 3 if flags["residual"].any() else 2
+        delta = xp.empty(strides * B * int(sizes[1:].max()), self.dtype)
+        delta[:B * n_out] = da.reshape(-1)
+        grads = xp.empty_like(self._grads) if accumulate else self._grads
+        dx = xp.empty((B if input_grad else 0, int(sizes[0])), self.dtype)
+        driver.backward(x, self._params, grads, sizes, codes, alphas, self._layer_offsets, acts,
+                        zs, delta, plan, fplan, self._running_mean, self._running_var, dx, **kw)
+        if accumulate:
+            self._grads += grads
+        return dx if input_grad else None
 
     def zero_grad(self, set_to_none=True):
         """Zero every gradient (``model.grads``, the flat buffer).

@@ -171,6 +171,11 @@ class TrainStep:
         self._kernels, self._kblocks, self._ksharded = be.step_kernels(
             self._codes, rules=(opt.rule,), losses=(self._loss_kind,),
             features=layer_features(model))
+        # the model's layer path (forward, backward, predict) runs the same
+        # driver, whose helpers this step compiles
+        model._step_driver = ((tuple(self._codes.tolist()), layer_features(model)),
+                              self._kernels)
+        model._driver_config = None
         # Every device steps by plan: ONE step driver for plain models and
         # models with epilogue pieces (kernels/cpu/step.py, kernels/cuda/step.py).
         self._by_plan = be.steps_by_plan and not self._composed

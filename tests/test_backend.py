@@ -248,7 +248,7 @@ def test_cpu_and_cuda_step_drivers_are_twins(kc):
     from fastgrad.kernels import layout
     from fastgrad.kernels.cpu import step as cpu_step
     cuda_step = importlib.import_module(kc.__name__ + ".step")
-    for name in ("forward_backward", "train_step"):
+    for name in ("forward", "backward", "forward_backward", "train_step"):
         _assert_twin_signature(name, getattr(cpu_step, name), getattr(cuda_step, name))
     assert cpu_step.step_plan is cuda_step.step_plan is layout.step_plan
     assert cuda_step.SERVED_FEATURES == layout.FEATURES

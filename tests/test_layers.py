@@ -168,6 +168,26 @@ def test_predict_equals_forward_and_keeps_nothing(device, xp, rng):
     np.testing.assert_array_equal(to_numpy(model.predict(x1)), to_numpy(y))
 
 
+def test_layer_path_runs_the_step_driver(device, xp, rng):
+    """model.forward / backward are the device's step driver without its
+    loss and update: a driver for the model's pieces, then the one of the
+    model's TrainStep (whose helpers that step compiled), with the same
+    results."""
+    model = fg.MLP([5, 7, 3], activation="tanh", dropout=0.2, device=device, dtype="float64")
+    driver = model._layer_driver()[0]
+    assert "dropout" in driver.SERVED_FEATURES and hasattr(driver, "backward")
+    x = xp.asarray(rng.standard_normal((4, 5)))
+    dy = xp.asarray(rng.standard_normal((4, 3)))
+    model.dropout_step = 7
+    y1, dx1 = to_numpy(model.forward(x)), to_numpy(model.backward(dy))
+    step = fg.TrainStep(model, fg.MSE(), fg.SGD(model, lr=0.1))
+    assert model._layer_driver()[0] is step._kernels
+    model.dropout_step = 7
+    y2, dx2 = to_numpy(model.forward(x)), to_numpy(model.backward(dy))
+    np.testing.assert_array_equal(y2, y1)
+    np.testing.assert_array_equal(dx2, dx1)
+
+
 # --- flat buffer, views ----------------------------------------------------------------
 
 def test_params_and_grads_are_views(device, xp):

@@ -8,6 +8,12 @@ size.  The network is described by small integer/float arrays, so one
 compiled function per dtype serves every depth, width, activation, loss and
 optimizer (and caches on disk across processes).
 
+Its entry points: ``train_step`` (the step), ``forward_backward`` (without
+the update: ``TrainStep.gradients``), ``train_steps`` (an epoch's steps),
+and ``forward`` / ``backward`` apart -- the layer path (``model.forward``,
+``model.backward``, ``model.predict``) runs those, the backward from a
+given dL/d(output) and with the first layer's dL/dx on request.
+
 One driver serves plain models and models with epilogue pieces (dropout,
 residual blocks, batch/layer norm, weight norm).  It is specialised at
 compile time on the layer features its package serves (``SERVED_FEATURES``):
@@ -200,8 +206,8 @@ loss ``loss_kind`` reads) and its gradient into ``grad``."""
 
 
 @njit(**INLINE)
-def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
+def _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run_mean,
+             run_var):
     # Each feature's code is under `if _FEATURE`: pruned unless served (see
     # the module docstring).  A layer without features runs the plain code.
     B = x.shape[0]
@@ -213,7 +219,6 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
     if _BLOCKS or _NORM or _WEIGHT_NORM:
         stat_off = 0
         col_off = 0
-        widest = 0
         training = plan[PLAN_TRAINING] != 0
         nwork = fplan[plan[PLAN_NWORK]:plan[PLAN_WNORM]]
     for l in range(L):
@@ -250,10 +255,33 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
         h = a
         act_off += B * n_out
         if _BLOCKS or _NORM or _WEIGHT_NORM:
-            widest = max(widest, n_out)
             stat_off += 2 * (B + n_out)
             col_off += n_out
+    return h
 
+
+
+@njit(**INLINE)
+def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+              run_mean, run_var):
+    # dL/d(output) is in delta's first stride; the forward's buffers are
+    # read back.  The first layer's dz and dL/da are left in delta, where
+    # backward() reads them for dL/dx (the step needs none).
+    B = x.shape[0]
+    L = codes.shape[0]
+    act_off = np.int64(0)
+    for l in range(L):
+        act_off += B * sizes[l + 1]
+    if _BLOCKS or _NORM or _WEIGHT_NORM:
+        stat_off = 0
+        col_off = 0
+        widest = 0
+        training = plan[PLAN_TRAINING] != 0
+        nwork = fplan[plan[PLAN_NWORK]:plan[PLAN_WNORM]]
+        for l in range(L):
+            widest = max(widest, sizes[l + 1])
+            stat_off += 2 * (B + sizes[l + 1])
+            col_off += sizes[l + 1]
     n_out = sizes[L]
     half = delta.shape[0] // 2
     if _BLOCKS:
@@ -261,7 +289,6 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
         # the dz of a residual block.
         half = B * widest
     da = delta[:B * n_out].reshape((B, n_out))
-    loss = loss_and_grad(loss_kind, h, labels, target, da)
 
     ping = 0
     for l in range(L - 1, -1, -1):
@@ -321,15 +348,74 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
         if _WEIGHT_NORM:
             if _layer(plan, l, PLAN_WN) != 0:
                 _weight_norm_grads(params, grads, dWt, plan, fplan, offsets, sizes, l, col_off)
-    return loss
+
+
 
 
 @njit(**JIT)
 def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
-    return _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
-                             alphas, offsets, acts, zs, delta, plan, fplan, run_mean, run_var)
+    h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
+                 run_mean, run_var)
+    loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
+    _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+              run_mean, run_var)
+    return loss
+
+
+@njit(**JIT)
+def forward(x, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run_mean, run_var):
+    """The forward alone (the layer path's ``model.forward`` and
+    ``predict``): writes ``acts`` (and, training with batch norm, the
+    running statistics); returns the output, a view of ``acts``."""
+    # params stands in for grads: the views the forward takes of them go unused
+    return _forward(x, params, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
+                    run_mean, run_var)
+
+
+@njit(**JIT)
+def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+             run_mean, run_var, dx):
+    """The backward alone, after :func:`forward` on the same buffers and
+    plan: reads dL/d(output) from ``delta``'s first ``B * sizes[-1]``
+    elements (and overwrites ``delta``), writes ``grads`` and, when ``dx``
+    has rows, dL/dx into it."""
+    _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+              run_mean, run_var)
+    if dx.shape[0] > 0:
+        _first_layer_dx(params, sizes, offsets, acts, delta, plan, x.shape[0], dx)
+
+
+@njit(**INLINE)
+def _first_layer_dx(params, sizes, offsets, acts, delta, plan, B, dx):
+    # Where _backward left the first layer's dL/da (after L - 1 swaps of the
+    # ping-pong strides) and, for a residual block, its dz (third stride).
+    L = sizes.shape[0] - 1
+    n_in, n_out = sizes[0], sizes[1]
+    half = delta.shape[0] // 2
+    if _BLOCKS:
+        widest = 0
+        for l in range(L):
+            widest = max(widest, sizes[l + 1])
+        half = B * widest
+    da = _rows(delta, ((L - 1) % 2) * half, B, n_out)
+    dz = da
+    res = False
+    if _RESIDUAL:
+        res = _layer(plan, 0, PLAN_RESIDUAL) != 0
+        if res:
+            dz = _rows(delta, 2 * half, B, n_out)
+    o, ob, _, _, _, _ = layer_slots(offsets[0], n_in, n_out, _layer(plan, 0, PLAN_NORM) != 0,
+                                    _layer(plan, 0, PLAN_WN) != 0)
+    W = params[o:ob].reshape((n_in, n_out))
+    if _WEIGHT_NORM:
+        if _layer(plan, 0, PLAN_WN) != 0:
+            W = acts[plan[PLAN_WEFF] + o:plan[PLAN_WEFF] + ob].reshape((n_in, n_out))
+    np.dot(dz, W.T, dx)
+    if _RESIDUAL:
+        if res:
+            _add_into(dx, da)
 
 
 @njit(**JIT)
@@ -343,8 +429,11 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     """
     # Inlined rather than called: LLVM then optimises the step's code once,
     # instead of once for forward_backward and again when linking it here.
-    loss = _forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
-                             alphas, offsets, acts, zs, delta, plan, fplan, run_mean, run_var)
+    h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
+                 run_mean, run_var)
+    loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
+    _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+              run_mean, run_var)
     norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
                                           layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
@@ -443,9 +532,11 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
             if keep:
                 _copy_into(saved_mean, run_mean)
                 _copy_into(saved_var, run_var)
-        loss = _forward_backward(xb, lb, tb, loss_kind, params, grads, sizes, codes,
-                                 alphas, offsets, acts, zs, delta, plan, fplan, run_mean,
-                                 run_var)
+        h = _forward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
+                     run_mean, run_var)
+        loss = loss_and_grad(loss_kind, h, lb, tb, _rows(delta, 0, xb.shape[0], sizes[-1]))
+        _backward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan,
+                  fplan, run_mean, run_var)
         norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp_rows[applied],
                                               offsets, layer_sq, clip_norm, clip_value)
         record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,

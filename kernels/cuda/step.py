@@ -2,9 +2,10 @@
 ``fastgrad.kernels.cpu.step``.
 
 One driver serves plain models and models with epilogue pieces (dropout,
-residual blocks, batch/layer norm, weight norm), as on the CPU:
-``forward_backward`` and ``train_step`` take the CPU driver's arguments in
-the same order, the step plan included (``kernels/cpu/step.py`` explains
+residual blocks, batch/layer norm, weight norm), as on the CPU, and its
+entry points are the CPU's (``forward``, ``backward``, ``forward_backward``,
+``train_step``; the layer path runs ``forward`` and ``backward``).  They
+take the CPU driver's arguments in the same order, the step plan included (``kernels/cpu/step.py`` explains
 the layout of ``sizes, codes, alphas, offsets, acts, zs, delta, plan,
 fplan, run_mean, run_var``; :func:`step_plan` of ``kernels/layout.py``
 computes the plan), then keywords only the GPU has:
@@ -91,7 +92,7 @@ from . import wnorm as _wnorm
 from .activations import bias_act, bias_act_grad, grad_partials_shape
 
 __all__ = ["CROSS_ENTROPY", "MSE", "BCE_WITH_LOGITS", "LOSS_CODES", "step_plan", "Workspace",
-           "forward_backward", "train_step", "GraphedTrainStep"]
+           "forward", "backward", "forward_backward", "train_step", "GraphedTrainStep"]
 
 _LOSS_NAMES = {v: k for k, v in LOSS_CODES.items()}
 #: The layer features this driver serves: all (it is one Python function;
@@ -147,8 +148,9 @@ class Workspace:
     ``ctl[CTL_STATUS]``; results are 0-d views of ``ctl``, overwritten by
     the next step (copy them to keep them).
 
-    ``plan, fplan`` (the step plan, host arrays): the epilogue pieces'
-    scratch for it -- ``work`` (float64 column partials of the blocks, norm
+    ``loss_kind`` None: no loss scratch (the layer path's forward and
+    backward).  ``plan, fplan`` (the step plan, host arrays): the epilogue
+    pieces' scratch for it -- ``work`` (float64 column partials of the blocks, norm
     and weight norm passes, sized for the largest layer) and ``fplan``, the
     device float64 array laid out as the host ``fplan`` (its scratch slots
     are used on the device).  Without a plan the workspace serves plain
@@ -166,6 +168,7 @@ class Workspace:
                 grad_elems = max(grad_elems, shape[0] * shape[1])
         self.grad_work = cupy.empty(grad_elems, dtype)
         self.loss_work = cupy.empty(
+            0 if loss_kind is None else
             _losses.work_size(_LOSS_NAMES[int(loss_kind)], (B, int(sizes[-1]))), np.float64)
         # The update's buffers: the optimizer's when given (they depend on
         # the layer offsets only, not on B), else this workspace's own.
@@ -277,54 +280,62 @@ def _check_buffers(acts, zs, delta, plan, B, sizes, layers, ws):
     strides = 3 if any(layer.residual for layer in layers) else 2
     for name, a, size in (("acts", acts, max(flat, end)), ("zs", zs, flat),
                           ("delta", delta, strides * B * int(widths.max()))):
-        if a.size < size:
+        if a is not None and a.size < size:
             raise ValueError(f"{name}: need {size} elements, got {a.size}")
     if ws.fplan is None and scratch:
         raise ValueError("ws: a Workspace built without this step plan (it has epilogue "
                          "pieces: Workspace(..., plan=plan, fplan=fplan))")
 
 
-def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
-                     offsets, acts, zs, delta, plan, fplan, run_mean, run_var,
-                     ws=None, gemm=None, counter=None):
-    """Forward, loss and backward; writes ``grads`` (and, training with batch
-    norm, the running statistics); returns the mean loss (0-d float64 cupy
-    array, a view of ``ws.ctl``)."""
-    mm = _cublas if gemm is None else gemm
-    sizes, codes = _host(sizes, np.int64), _host(codes, np.int64)
-    alphas, offsets = _host(alphas, np.float64), _host(offsets, np.int64)
-    plan, fplan = _host(plan, np.int64), _host(fplan, np.float64)
-    if counter is not None and not isinstance(counter, cupy.ndarray):
-        raise TypeError("counter: the dropout step as a 1-element int64 device array (a host "
-                        "counter goes in plan[PLAN_COUNTER])")
-    B = x.shape[0]
-    L = codes.shape[0]
-    layers = _plan_layers(plan, fplan, L)
-    if ws is None:
-        ws = Workspace(B, sizes, offsets, loss_kind, params.dtype, plan=plan, fplan=fplan)
-    _check_buffers(acts, zs, delta, plan, B, sizes, layers, ws)
-    training = plan[PLAN_TRAINING] != 0
-    work, dfplan = ws.work, ws.fplan
-    if dfplan is not None:
-        nwork = dfplan[int(plan[PLAN_NWORK]):int(plan[PLAN_WNORM])]
-        weff = acts[int(plan[PLAN_WEFF]):]
-        dweff = acts[int(plan[PLAN_DWEFF]):]
-    # dL/da ping-pongs between delta's first two strides; the third holds
-    # the dz of a residual block
-    half = B * int(sizes[1:].max())
+class _Call:
+    """One driver call's arguments, checked, with the host arrays as NumPy
+    and the workspace (a new one when none is given)."""
+
+    def __init__(self, x, params, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+                 ws, gemm, counter, loss_kind=None):
+        self.mm = _cublas if gemm is None else gemm
+        self.sizes, self.codes = _host(sizes, np.int64), _host(codes, np.int64)
+        self.alphas, self.offsets = _host(alphas, np.float64), _host(offsets, np.int64)
+        self.plan, self.fplan = _host(plan, np.int64), _host(fplan, np.float64)
+        if counter is not None and not isinstance(counter, cupy.ndarray):
+            raise TypeError("counter: the dropout step as a 1-element int64 device array (a "
+                            "host counter goes in plan[PLAN_COUNTER])")
+        self.counter = counter
+        self.B = B = x.shape[0]
+        self.layers = _plan_layers(self.plan, self.fplan, self.codes.shape[0])
+        if ws is None:
+            ws = Workspace(B, self.sizes, self.offsets, loss_kind, params.dtype, plan=self.plan,
+                           fplan=self.fplan)
+        self.ws = ws
+        _check_buffers(acts, zs, delta, self.plan, B, self.sizes, self.layers, ws)
+        self.training = bool(self.plan[PLAN_TRAINING] != 0)
+        plan, dfplan = self.plan, ws.fplan
+        if dfplan is not None:
+            self.nwork = dfplan[int(plan[PLAN_NWORK]):int(plan[PLAN_WNORM])]
+            self.weff = acts[int(plan[PLAN_WEFF]):]
+            self.dweff = acts[int(plan[PLAN_DWEFF]):]
+        # dL/da ping-pongs between delta's first two strides; the third holds
+        # the dz of a residual block
+        self.half = B * int(self.sizes[1:].max())
+
+
+def _forward(c, x, params, grads, acts, zs, run_mean, run_var):
+    """The forward of call ``c``; returns the output (a view of ``acts``)."""
+    sizes, codes, alphas, offsets, plan = c.sizes, c.codes, c.alphas, c.offsets, c.plan
+    B, mm, work, dfplan = c.B, c.mm, c.ws.work, c.ws.fplan
     h = x
     act_off = stat_off = col_off = 0
-    for l, layer in enumerate(layers):
+    for l, layer in enumerate(c.layers):
         n_in, n_out = int(sizes[l]), int(sizes[l + 1])
         W, b, dW, db, a, z = _views(params, grads, acts, zs, offsets, sizes, B, l, act_off)
         code, alpha = int(codes[l]), float(alphas[l])
         if layer.wn:
             _, _, o, ob, og = _weight_norm_slots(offsets, sizes, layer, l)
-            W = weff[o:ob].reshape(n_in, n_out)
+            W = c.weff[o:ob].reshape(n_in, n_out)
             w = int(plan[PLAN_WNORM]) + col_off
             _wnorm.weight_norm_forward(params[o:ob].reshape(n_in, n_out), params[og:og + n_out],
                                        W, dfplan[w:w + n_out], work=work)
-        drop, key, thresh, scale, dctr = _drop_args(layer, plan, counter, l)
+        drop, key, thresh, scale, dctr = _drop_args(layer, plan, c.counter, l)
         if layer.norm:
             gamma, beta, _, _, xhat, mean, rstd, rm, rv = _norm_views(
                 params, grads, plan, acts, run_mean, run_var, offsets, sizes, layer.norm, B, l,
@@ -332,8 +343,8 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
             mm(h, W, a)
             _norm.norm_forward_epilogue(a, b, h, xhat, _rows(acts, int(plan[PLAN_FZS]) + act_off,
                                                              B, n_out),
-                                        gamma, beta, mean, rstd, nwork, rm, rv, layer.norm,
-                                        bool(training), code, alpha, drop, key, thresh, scale,
+                                        gamma, beta, mean, rstd, c.nwork, rm, rv, layer.norm,
+                                        c.training, code, alpha, drop, key, thresh, scale,
                                         layer.residual, work=work, counter=dctr)
         elif drop or layer.residual:
             mm(h, W, a)
@@ -350,14 +361,23 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
         act_off += B * n_out
         stat_off += 2 * (B + n_out)
         col_off += n_out
+    return h
 
+
+def _backward(c, x, params, grads, acts, zs, delta, run_mean, run_var):
+    """The backward of call ``c`` from dL/d(output) in ``delta``'s first
+    stride; returns the first layer's (dz, dL/da, W, residual flag)."""
+    sizes, codes, alphas, offsets, plan = c.sizes, c.codes, c.alphas, c.offsets, c.plan
+    B, mm, work, dfplan, half = c.B, c.mm, c.ws.work, c.ws.fplan, c.half
+    L = codes.shape[0]
+    act_off = B * int(sizes[1:].sum())
+    stat_off = 2 * int((B + sizes[1:]).sum())
+    col_off = int(sizes[1:].sum())
     n_out = int(sizes[L])
     da = delta[:B * n_out].reshape(B, n_out)
-    loss_and_grad(loss_kind, h, labels, target, da, ws)
-
     ping = 0
     for l in range(L - 1, -1, -1):
-        layer = layers[l]
+        layer = c.layers[l]
         n_in, n_out = int(sizes[l]), int(sizes[l + 1])
         code, alpha = int(codes[l]), float(alphas[l])
         act_off -= B * n_out
@@ -367,12 +387,12 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
         dWt = dW
         if layer.wn:
             _, _, o, ob, og = _weight_norm_slots(offsets, sizes, layer, l)
-            W = weff[o:ob].reshape(n_in, n_out)
-            dWt = dweff[o:ob].reshape(n_in, n_out)
+            W = c.weff[o:ob].reshape(n_in, n_out)
+            dWt = c.dweff[o:ob].reshape(n_in, n_out)
         res = layer.residual
         # f is read back from the layer's output, or kept for a block (see blocks)
         fz = _rows(acts, int(plan[PLAN_FZS]) + act_off, B, n_out) if res else a
-        drop, key, thresh, scale, dctr = _drop_args(layer, plan, counter, l)
+        drop, key, thresh, scale, dctr = _drop_args(layer, plan, c.counter, l)
         # dz apart from da in a residual block: the skip gradient still needs da
         dz = _rows(delta, 2 * half, B, n_out) if res else da
         if layer.norm:
@@ -380,7 +400,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
                 params, grads, plan, acts, run_mean, run_var, offsets, sizes, layer.norm, B, l,
                 act_off, stat_off, col_off)
             _norm.norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta,
-                                         nwork[:B], nwork[B:2 * B], layer.norm, bool(training),
+                                         c.nwork[:B], c.nwork[B:2 * B], layer.norm, c.training,
                                          code, alpha, drop, key, thresh, scale, res, work=work,
                                          counter=dctr)
         elif drop or res:
@@ -389,7 +409,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
         else:
             if not _m.needs_z(code):
                 z = a
-            bias_act_grad(da, a, z, da, db, code, alpha, ws.grad_partials(B, n_out))
+            bias_act_grad(da, a, z, da, db, code, alpha, c.ws.grad_partials(B, n_out))
         if l > 0:
             hprev = acts[act_off - B * n_in:act_off].reshape(B, n_in)
             mm(hprev.T, dz, dWt)
@@ -408,7 +428,53 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
                                         dfplan[w:w + n_out], dWt,
                                         grads[o:ob].reshape(n_in, n_out), grads[og:og + n_out],
                                         work=work)
-    return ws.loss[0]
+    return dz, da, W, res
+
+
+def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
+                     offsets, acts, zs, delta, plan, fplan, run_mean, run_var,
+                     ws=None, gemm=None, counter=None):
+    """Forward, loss and backward; writes ``grads`` (and, training with batch
+    norm, the running statistics); returns the mean loss (0-d float64 cupy
+    array, a view of ``ws.ctl``)."""
+    c = _Call(x, params, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan, ws, gemm,
+              counter, loss_kind)
+    h = _forward(c, x, params, grads, acts, zs, run_mean, run_var)
+    B, n_out = h.shape
+    loss_and_grad(loss_kind, h, labels, target, delta[:B * n_out].reshape(B, n_out), c.ws)
+    _backward(c, x, params, grads, acts, zs, delta, run_mean, run_var)
+    return c.ws.loss[0]
+
+
+def forward(x, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run_mean, run_var,
+            ws=None, gemm=None, counter=None):
+    """The forward alone (the layer path's ``model.forward`` and ``predict``):
+    writes ``acts`` (and, training with batch norm, the running statistics);
+    returns the output, a view of ``acts``.  A backward of this forward
+    needs the same ``ws`` when the plan has epilogue pieces (their float64
+    scratch is in it)."""
+    c = _Call(x, params, sizes, codes, alphas, offsets, acts, zs, None, plan, fplan, ws, gemm,
+              counter)
+    # params stands in for grads: the views the forward takes of them go unused
+    return _forward(c, x, params, params, acts, zs, run_mean, run_var)
+
+
+def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+             run_mean, run_var, dx, ws=None, gemm=None, counter=None):
+    """The backward alone, after :func:`forward` on the same buffers, plan
+    (and ``ws``): reads dL/d(output) from ``delta``'s first ``B * sizes[-1]``
+    elements (and overwrites ``delta``), writes ``grads`` and, when ``dx``
+    has rows, dL/dx into it."""
+    c = _Call(x, params, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan, ws, gemm,
+              counter)
+    if ws is None and c.ws.fplan is not None:
+        raise ValueError("ws: backward of a plan with epilogue pieces needs its forward's "
+                         "Workspace (their scratch is in it)")
+    dz, da, W, res = _backward(c, x, params, grads, acts, zs, delta, run_mean, run_var)
+    if dx.shape[0] > 0:
+        c.mm(dz, W.T, dx)
+        if res:
+            cupy.add(dx, da, out=dx)
 
 
 def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
