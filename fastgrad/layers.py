@@ -535,7 +535,7 @@ class Sequential:
             # the last few batch sizes' plans (and device workspaces)
             while len(plans) >= 2 * _MAX_CACHED_BATCH_SIZES:
                 plans.popitem(last=False)
-            entry = plans[(B, keep)] = self._layer_plan(driver, sizes, flags, B)
+            entry = plans[(B, keep)] = self._layer_plan(sizes, flags, B)
         else:
             plans.move_to_end((B, keep))
         plan, fplan, n_acts, kw = entry
@@ -553,17 +553,16 @@ class Sequential:
                              plan, fplan, self._running_mean, self._running_var, **kw)
         return out, ((x, acts, zs, entry) if keep else None)
 
-    def _layer_plan(self, driver, sizes, flags, B):
+    def _layer_plan(self, sizes, flags, B):
         """``(plan, fplan, n_acts, driver keywords)`` of the layer path at
         batch size B (the device's workspace where it has one)."""
-        plan, fplan, acts = _layout.step_plan(
+        # acts are allocated per call (_run): the plan alone here
+        plan, fplan, _ = _layout.step_plan(
             sizes, B, self.n_params, flags["drops"], flags["residual"], flags["norms"],
             flags["wn"], self.dtype, self._mask_seed, empty=lambda n, dt: None)
-        n_acts = int(2 * plan[_layout.PLAN_DWEFF] - plan[_layout.PLAN_WEFF])
         ws = self._backend.step_workspace(B, sizes, self._layer_offsets, None, self.dtype, None,
                                           plan=(plan, fplan))
-        return plan, fplan, max(n_acts, B * int(sizes[1:].sum())), \
-            ({} if ws is None else {"ws": ws})
+        return plan, fplan, _layout.acts_size(plan), ({} if ws is None else {"ws": ws})
 
     def _refresh_weight_norm(self):
         """Recompute the effective W of every weight-normalised layer."""

@@ -58,6 +58,12 @@ PLAN_ROW = 3
 FEATURES = ("dropout", "norm", "residual", "weight_norm")
 
 
+def acts_size(plan):
+    """The elements of a driver's ``acts`` under ``plan``: the layer outputs,
+    then the scratch, which ends with dweff, of weff's size."""
+    return int(2 * plan[PLAN_DWEFF] - plan[PLAN_WEFF])
+
+
 def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, seed=0,
               empty=np.empty):
     """``(plan, fplan, acts)`` of a batch of ``B`` rows (laid out as
@@ -100,4 +106,5 @@ def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, se
     plan[PLAN_SAVED] = L + n_work + n_wnorm if batch_norm else -1
     fplan = np.zeros(L + n_work + n_wnorm + (2 * int(widths.sum()) if batch_norm else 0))
     fplan[:L] = drops
+    assert acts_size(plan) == end
     return plan, fplan, empty(end, dtype)

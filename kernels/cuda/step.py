@@ -78,8 +78,8 @@ import numpy as np
 
 from ..layout import (FEATURES, PLAN_COUNTER, PLAN_DWEFF, PLAN_FZS, PLAN_HEADER, PLAN_NORM,
                       PLAN_NSTATS, PLAN_NWORK, PLAN_RESIDUAL, PLAN_ROW, PLAN_SAVED, PLAN_SEED,
-                      PLAN_TRAINING, PLAN_WEFF, PLAN_WN, PLAN_WNORM, PLAN_XHATS, layer_slots,
-                      step_plan)
+                      PLAN_TRAINING, PLAN_WEFF, PLAN_WN, PLAN_WNORM, PLAN_XHATS, acts_size,
+                      layer_slots, step_plan)
 from ..spec import (BATCH, BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE, dropout_layer_key,
                     dropout_threshold)
 from . import _module as _m
@@ -273,12 +273,10 @@ def _weight_norm_slots(offsets, sizes, layer, l):
 def _check_buffers(acts, zs, delta, plan, B, sizes, layers, ws):
     widths = sizes[1:]
     flat = B * int(widths.sum())
-    # epilogue pieces have scratch behind the outputs, f(z) first; it ends
-    # with dweff, of weff's size (kernels/layout.py step_plan)
+    # epilogue pieces have scratch behind the outputs, f(z) first
     scratch = plan[PLAN_XHATS] > plan[PLAN_FZS]
-    end = 2 * int(plan[PLAN_DWEFF]) - int(plan[PLAN_WEFF]) if scratch else flat
     strides = 3 if any(layer.residual for layer in layers) else 2
-    for name, a, size in (("acts", acts, max(flat, end)), ("zs", zs, flat),
+    for name, a, size in (("acts", acts, acts_size(plan)), ("zs", zs, flat),
                           ("delta", delta, strides * B * int(widths.max()))):
         if a is not None and a.size < size:
             raise ValueError(f"{name}: need {size} elements, got {a.size}")
