@@ -115,6 +115,16 @@ class Backend:
             return xp.empty(shape, dtype)
         return xp.full(shape, fill, dtype)
 
+    def add_into(self, dst, src):
+        """``dst += src`` in place (arrays of this device, one shape and dtype)."""
+        raise NotImplementedError
+
+    def gather_rows(self, src, idx, out):
+        """``out[r] = src[idx[r]]`` (numpy.take along axis 0 into ``out``);
+        ``idx`` a host int64 array of indices in ``[0, len(src))``, or on
+        CUDA one already uploaded; returns ``out``."""
+        raise NotImplementedError
+
     # -- kernels -----------------------------------------------------------------
     @property
     def kernels(self):
@@ -254,6 +264,13 @@ class CpuBackend(Backend):
             raise TypeError("to_host: a CUDA array given to the cpu backend")
         return np.asarray(array)
 
+    def add_into(self, dst, src):
+        np.add(dst, src, out=dst)
+        return dst
+
+    def gather_rows(self, src, idx, out):
+        return np.take(src, idx, axis=0, out=out)
+
     def _registered_kernels(self, codes):
         return _registry.cpu_kernels()
 
@@ -373,6 +390,16 @@ class CudaBackend(Backend):
             return self.xp.asnumpy(array)
         return np.asarray(array)
 
+    def add_into(self, dst, src):
+        from .kernels.cuda import arrays
+        return arrays.add_into(dst, src)
+
+    def gather_rows(self, src, idx, out):
+        from .kernels.cuda import arrays
+        if not self.is_array(idx):
+            idx = self.to_device(idx, np.int64)     # a synchronous copy: upload it yourself
+        return arrays.gather_rows(src, idx, out)
+
     def _registered_kernels(self, codes):
         missing = sorted({_registry.by_code(int(c)).name for c in codes
                           if int(c) >= FIRST_CUSTOM_CODE
@@ -455,10 +482,10 @@ class CudaBackend(Backend):
         _, mean, var = snap
         if mean is None:
             return
+        from .kernels.cuda import arrays
         skip = records.skip_flag()
-        xp = self.xp
-        model._running_mean[...] = xp.where(skip, mean, model._running_mean)
-        model._running_var[...] = xp.where(skip, var, model._running_var)
+        arrays.copy_if(model._running_mean, mean, skip)
+        arrays.copy_if(model._running_var, var, skip)
 
 
 # -- read-back of an optimizer's updates --------------------------------------------
@@ -554,8 +581,9 @@ class DeviceRecords:
     update_kwargs = property(lambda self: {"ws": self.buffers})
 
     def skip_flag(self):
-        """The last update's skip decision, a device boolean (no wait)."""
-        return self.buffers["ctl"][self.k.CTL_SKIP] != 0
+        """The last update's skip decision (no wait): a one-element float64
+        device view, nonzero when the update was skipped."""
+        return self.buffers["ctl"][self.k.CTL_SKIP:self.k.CTL_SKIP + 1]
 
     def check_segments(self, n_seg):
         if n_seg * HP_SIZE > self.buffers["hp"].size:

@@ -327,7 +327,7 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
         "label": row.label, "final_loss": history["loss"][-1], "accuracy": test["accuracy"],
         "first_nonfinite": first_bad[0], "skipped": int(sum(monitor.skipped)),
         "max_grad_norm": float(finite.max()) if finite.size else float("nan"),
-        "params_finite": bool(np.isfinite(model.params).all()),
+        "params_finite": bool(np.isfinite(model.backend.to_host(model.params)).all()),
         "losses": losses,
     }, monitor
 

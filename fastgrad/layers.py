@@ -374,12 +374,14 @@ class Sequential:
         self.seed = seed
         rng = np.random.default_rng(seed)
         for layer in layers:
-            layer.W[...] = xp.asarray(_init_weights(layer.init, layer.n_in, layer.n_out, rng))
+            W = _init_weights(layer.init, layer.n_in, layer.n_out, rng).astype(self.dtype)
+            layer.W[...] = xp.asarray(W)
             if layer.weight_norm:
                 # v as drawn, g = ||v|| per column: W starts as drawn (as
                 # torch.nn.utils.weight_norm starts).
                 layer.v[...] = layer.W
-                layer.g[...] = np.sqrt((layer.v.astype(np.float64) ** 2).sum(axis=0))
+                g = np.sqrt((W.astype(np.float64) ** 2).sum(axis=0)).astype(self.dtype)
+                layer.g[...] = xp.asarray(g)
                 layer._weight_norm_forward()
         self._cache = None
         self._driver_config = None        # the layer path's driver: _layer_driver
@@ -612,7 +614,7 @@ class Sequential:
         driver.backward(x, self._params, grads, sizes, codes, alphas, self._layer_offsets, acts,
                         zs, delta, plan, fplan, self._running_mean, self._running_var, dx, **kw)
         if accumulate:
-            self._grads += grads
+            self._backend.add_into(self._grads, grads)
         return dx if input_grad else None
 
     def zero_grad(self, set_to_none=True):

@@ -142,18 +142,18 @@ def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
     step checks device labels in its loss kernel instead of reading them
     back (a sync)."""
     lab = xp.asarray(labels)
+    host = None         # the labels on the host, read at most once from a device
     if lab.dtype.kind not in "iu":
-        if lab.dtype.kind == "f" and lab.size and bool(xp.all(lab == xp.round(lab))):
-            lab = lab.astype(np.int64)
-        else:
+        if lab.dtype.kind == "f" and lab.size:
+            host = _device.to_numpy(lab)
+        if host is None or not np.all(host == np.round(host)):
             raise TypeError(f"labels: expected integer class indices, got dtype {lab.dtype}")
+        lab = lab.astype(np.int64)
     if lab.ndim != 1 or lab.shape[0] != n_rows:
         raise ValueError(f"labels: expected shape ({n_rows},), got {tuple(lab.shape)}")
     if lab.size and check_range:
-        if xp is np:
-            lo, hi = int(lab.min()), int(lab.max())
-        else:   # one device-to-host read for both bounds, not two
-            lo, hi = (int(v) for v in _device.to_numpy(xp.stack([lab.min(), lab.max()])))
+        host = _device.to_numpy(lab) if host is None else host
+        lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= n_classes:
             raise ValueError(f"labels: class indices must lie in [0, {n_classes}), "
                              f"got min {lo}, max {hi}")
@@ -364,16 +364,14 @@ def softmax_cross_entropy(logits, labels, weight=None, ignore_index=-100, label_
     B, C = logits.shape
     plain = weight is None and label_smoothing == 0.0 and reduction == "mean"
     lab = as_labels(labels, B, C, xp=xp, check_range=False)
-    if xp is np:
-        lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
-    else:   # one device-to-host read for both bounds, not two
-        lo, hi = (int(v) for v in _device.to_numpy(xp.stack([lab.min(), lab.max()])))
+    host = _device.to_numpy(lab)        # device labels: one read of B integers
+    lo, hi = (int(host.min()), int(host.max())) if host.size else (0, 0)
     if plain and lo >= 0 and hi < C and not (lo <= ignore_index <= hi
-                                             and bool(xp.any(lab == ignore_index))):
+                                             and bool((host == ignore_index).any())):
         grad = xp.empty_like(logits)
         return float(k.softmax_cross_entropy(logits, lab, grad)), grad
     if lo < 0 or hi >= C:
-        kept = lab[lab != ignore_index]
+        kept = host[host != ignore_index]
         if kept.size:
             lo, hi = int(kept.min()), int(kept.max())
             if lo < 0 or hi >= C:

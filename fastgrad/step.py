@@ -611,7 +611,7 @@ class TrainStep:
         if n == 0:
             raise ValueError("X: empty dataset")
         if on_device:
-            Y = xp.asarray(Y)
+            Y = _gatherable(xp.asarray(Y), model.dtype)
         elif not _device.is_host_array(Y):
             raise TypeError("Y is a CUDA array but X is on the host")
         else:
@@ -736,11 +736,15 @@ class TrainStep:
     def _looped_epoch(self, X, Y, order, batch_size, n_steps, res, callback):
         """The epoch as a Python loop over ``step(x, y)`` (losses with
         options, CUDA)."""
-        xp = self._backend.xp if self._backend.holds(X, "X") else np
+        be = self._backend
+        on_device = be.holds(X, "X")
+        xp = be.xp if on_device else np
         n_order = order.shape[0]
         B = min(batch_size, n_order)
         xbuf = xp.empty((B,) + X.shape[1:], X.dtype)
         ybuf = xp.empty((B,) + Y.shape[1:], Y.dtype)
+        if on_device:
+            ibuf = xp.empty(B, np.int64)
         done, filled = [], 0
         t = time.perf_counter()
 
@@ -757,10 +761,13 @@ class TrainStep:
         for b in range(n_steps):
             idx = order[b * batch_size:(b + 1) * batch_size]
             xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
-            if xp is not np:
-                idx = xp.asarray(idx)
-            xp.take(X, idx, axis=0, out=xb)
-            xp.take(Y, idx, axis=0, out=yb)
+            if on_device:       # gathered on the device; the indices go up asynchronously
+                idx = be.upload(np.ascontiguousarray(idx, np.int64), ibuf[:len(idx)])
+                be.gather_rows(X, idx, xb)
+                be.gather_rows(Y, idx, yb)
+            else:
+                np.take(X, idx, axis=0, out=xb)
+                np.take(Y, idx, axis=0, out=yb)
             done.append((self._step(xb, yb), self.stats))
             if callback is not None and (b + 1 == n_steps
                                          or time.perf_counter() - t >= self.progress_interval):
@@ -930,6 +937,15 @@ def _progress_bar(total, enabled, desc):
     return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
 
 
+def _gatherable(Y, dtype):
+    """Device labels or targets as a contiguous array the device's row
+    gather takes: float32/float64 and int32/int64 as they are, other
+    integer (or bool) labels as int64, other floats as the model's ``dtype``."""
+    if np.dtype(Y.dtype) not in (np.float32, np.float64, np.int32, np.int64):
+        Y = Y.astype(np.int64 if Y.dtype.kind in "biu" else dtype)
+    return Y if Y.flags.c_contiguous else Y.copy()
+
+
 def evaluate(model, loss_fn, X, Y, batch_size=1024):
     """Mean loss (and accuracy for softmax cross-entropy) of ``model`` on X, Y.
 
@@ -947,8 +963,9 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
         target = xp.asarray(Y[lo:lo + batch_size])
         loss, _ = loss_fn(out, target)
         total += loss if summed else loss * len(out)
-        if classify:
-            correct += int((out.argmax(axis=1) == target).sum())
+        if classify:        # a small host read: the batch's outputs and labels
+            be = model.backend
+            correct += int((be.to_host(out).argmax(axis=1) == be.to_host(target)).sum())
     result = {"loss": total / n}
     if classify:
         result["accuracy"] = correct / n
@@ -1014,7 +1031,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     on_device = be.holds(X, "X")
     xp = be.xp if on_device else np
     X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]), xp=xp)
-    Y = xp.asarray(Y)
+    Y = _gatherable(xp.asarray(Y), model.dtype) if on_device else np.asarray(Y)
     if len(Y) != len(X):
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
     # CPU models (with a default loss) run each epoch as compiled chunks of steps
@@ -1087,10 +1104,13 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 for bi in range(n_batches):
                     idx = order[bi * batch_size:(bi + 1) * batch_size]
                     xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
-                    if on_device:
+                    if on_device:   # gathered on the device
                         idx = be.upload(idx, ibuf[:len(idx)])
-                    xp.take(X, idx, axis=0, out=xb)
-                    xp.take(Y, idx, axis=0, out=yb)
+                        be.gather_rows(X, idx, xb)
+                        be.gather_rows(Y, idx, yb)
+                    else:
+                        np.take(X, idx, axis=0, out=xb)
+                        np.take(Y, idx, axis=0, out=yb)
                     loss = step(xb, yb)
                     st = step.stats
                     done.append((loss, st))

@@ -202,6 +202,56 @@ def test_array_helpers_round_trip(device, rng, dtype):
         be.alloc(3, dtype, fill=np.ones(3))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.int32])
+def test_add_into_and_gather_rows_match_numpy(device, rng, dtype):
+    """The backend's array operations (CUDA: kernels/cuda/arrays.py) against
+    NumPy on fresh odd sizes: ``dst += src`` in place, and the row gather
+    of a batch (with repeats, 1-D and 2-D rows)."""
+    be = fb.backend_for(device)
+    n, m = int(rng.integers(1, 40)), int(rng.integers(1, 9))
+    a = (rng.standard_normal((n, m)) * 50).astype(dtype)
+    b = (rng.standard_normal((n, m)) * 50).astype(dtype)
+    dst = be.to_device(a.copy())            # (on the CPU to_device returns a itself)
+    assert be.add_into(dst, be.to_device(b)) is dst
+    np.testing.assert_array_equal(be.to_host(dst), a + b)
+    idx = rng.integers(0, n, int(rng.integers(1, 2 * n + 2)))
+    for src in (a, a[:, 0].copy()):
+        out = be.alloc((idx.size,) + src.shape[1:], dtype)
+        got = be.gather_rows(be.to_device(src), idx, out)
+        assert got is out
+        np.testing.assert_array_equal(be.to_host(out), src[idx])
+
+
+@pytest.mark.cuda
+def test_cuda_array_kernels_check_and_select(cuda_be, rng):
+    """copy_into, copy_if on a device flag (neither reads back), and the
+    refusals: mixed dtypes, other shapes, an unsupported dtype, a host idx;
+    an index outside the source leaves its row alone (no read out of bounds)."""
+    from fastgrad.kernels.cuda import arrays
+    be = cuda_be
+    a, b = rng.standard_normal(13), rng.standard_normal(13)
+    dst, src = be.to_device(a), be.to_device(b)
+    flag = be.to_device(np.zeros(1))
+    arrays.copy_if(dst, src, flag)
+    np.testing.assert_array_equal(be.to_host(dst), a)           # flag 0: untouched
+    arrays.copy_if(dst, src, be.to_device(np.array([1.0])))
+    np.testing.assert_array_equal(be.to_host(dst), b)
+    dst = be.to_device(a)
+    arrays.copy_into(dst, src)
+    np.testing.assert_array_equal(be.to_host(dst), b)
+    with pytest.raises(TypeError, match="one dtype"):
+        arrays.add_into(dst, be.to_device(b.astype(np.float32)))
+    with pytest.raises(ValueError, match="shapes"):
+        arrays.add_into(dst, be.to_device(b[:5]))
+    with pytest.raises(TypeError, match="take"):
+        arrays.add_into(be.alloc(3, np.uint8), be.alloc(3, np.uint8))
+    with pytest.raises(TypeError, match="idx"):
+        arrays.gather_rows(src, np.arange(3), be.alloc(3, np.float64))
+    out = be.to_device(np.full(3, -7.0))
+    arrays.gather_rows(src, be.to_device(np.array([2, 13, -1])), out)
+    np.testing.assert_array_equal(be.to_host(out), [b[2], -7.0, -7.0])
+
+
 @pytest.mark.cuda
 def test_cpu_array_helpers_refuse_cuda_arrays(cp):
     be = fb.backend_for("cpu")

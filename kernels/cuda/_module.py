@@ -46,6 +46,8 @@ _OPTIONS = ("--std=c++17", "--fmad=false")
 _INCLUDE = re.compile(r'^\s*#include\s+"([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
 
 _DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+# element types of the device-array helpers (arrays.cu)
+ARRAY_CTYPES = {**_DTYPES, np.dtype(np.int64): "long long", np.dtype(np.int32): "int"}
 # N_ACTIVATIONS, N_RULES: kernels/spec.py (the instantiation lists below
 # cover every code there; the C++ enums are checked against it).
 
@@ -165,7 +167,9 @@ def _names():
     optim.append("fg_clip_control<double>")
     gemm = [f"fg_gemm<{t}, {ta}, {tb}>" for t in _DTYPES.values()
             for ta, tb in ((0, 0), (1, 0), (0, 1))]
-    return {"activations.cu": acts, "losses.cu": losses, "reduce.cu": reduce_,
+    arrays = [f"fg_{k}<{t}>" for t in ARRAY_CTYPES.values()
+              for k in ("add_into", "copy_into", "copy_if", "gather_rows")]
+    return {"arrays.cu": arrays, "activations.cu": acts, "losses.cu": losses, "reduce.cu": reduce_,
             "optim.cu": optim, "multi_tensor.cu": multi, "gemm.cu": gemm, **_epilogue_names()}
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..spec import dropout_key, dropout_threshold
 from . import _module as _m
+from .arrays import add_into
 
 __all__ = ["dropout_key", "dropout_threshold", "dropout_mask", "block_forward_epilogue",
            "block_backward_epilogue", "block_forward", "block_backward", "col_partials_size"]
@@ -147,4 +148,4 @@ def block_backward(x, W, fz, z, da, dz, dW, db, dx, act, alpha, drop, key, thres
     if need_dx:
         cupy.matmul(dz, W.T, out=dx)
         if residual:
-            cupy.add(dx, da, out=dx)
+            add_into(dx, da)

@@ -83,6 +83,7 @@ from ..layout import (FEATURES, PLAN_COUNTER, PLAN_DWEFF, PLAN_FZS, PLAN_HEADER,
 from ..spec import (BATCH, BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE, dropout_layer_key,
                     dropout_threshold)
 from . import _module as _m
+from . import arrays as _arrays
 from . import blocks as _blocks
 from . import losses as _losses
 from . import norm as _norm
@@ -415,7 +416,7 @@ def _backward(c, x, params, grads, acts, zs, delta, run_mean, run_var):
             dx = delta[nxt:nxt + B * n_in].reshape(B, n_in)
             mm(dz, W.T, dx)
             if res:
-                cupy.add(dx, da, out=dx)
+                _arrays.add_into(dx, da)
             da = dx
             ping = 1 - ping
         else:
@@ -472,7 +473,7 @@ def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, p
     if dx.shape[0] > 0:
         c.mm(dz, W.T, dx)
         if res:
-            cupy.add(dx, da, out=dx)
+            _arrays.add_into(dx, da)
 
 
 def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
@@ -500,8 +501,8 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     n = int(run_mean.size) if commit and training and saved >= 0 and ws.fplan is not None else 0
     if n:
         saved_mean, saved_var = ws.fplan[saved:saved + n], ws.fplan[saved + n:saved + 2 * n]
-        cupy.copyto(saved_mean, run_mean)
-        cupy.copyto(saved_var, run_var)
+        _arrays.copy_into(saved_mean, run_mean)
+        _arrays.copy_into(saved_var, run_var)
     loss = forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes,
                             alphas, offsets, acts, zs, delta, plan, fplan, run_mean, run_var,
                             ws=ws, gemm=gemm, counter=counter)

@@ -57,7 +57,7 @@ def _lib(filename, code=None, names=None):
     return table
 
 
-_PTR = {"f": np.float32, "d": np.float64, "l": np.int64}
+_PTR = {"f": np.float32, "d": np.float64, "l": np.int64, "n": np.int32}
 _SCALAR = {"i": (np.int32, ctypes.c_int), "q": (np.int64, ctypes.c_longlong),
            "Q": (np.uint64, ctypes.c_ulonglong), "D": (np.float64, ctypes.c_double)}
 

@@ -1,32 +1,35 @@
-"""A strict fake ``cupy`` for the host emulator.
+"""A strict fake ``cupy`` for the host emulator: the backend's surface only.
 
-It defines only the part of CuPy's surface that fastgrad, its tests, its
-benchmarks and GPU tools reach (README.md: the audit, ``EMU_AUDIT``) --
-nothing falls through to NumPy -- and refuses what real CuPy refuses: a name
-left out is an AttributeError, an operator left out a TypeError.  Tests reach
-device arrays through fastgrad's backend (``to_device``, ``to_host``,
-``alloc``), not CuPy arithmetic.  ``tests/test_cupy_surface.py`` checks every name,
-method, attribute and keyword offered here against the real ``cupy-cuda13x``
-wheel (which imports without a GPU), so a call the real package lacks fails
-in CI instead of on a GPU's first contact.
+fastgrad's CUDA backend touches CuPy for allocation and copies (``empty``,
+``zeros``, ``asarray``, ``asnumpy``, the ``ndarray`` metadata and views,
+``get``, ``fill``, ``astype``), kernel launch (``RawModule``, emu.py), GEMM
+(``matmul``: cuBLAS) and streams, events, graphs and pinned memory.  Every
+other array operation is one of fastgrad's own kernels (the CUDA backend's
+``arrays.py``), so this fake offers no array arithmetic at all: no ufuncs,
+operators, reductions or array functions -- a name left out is an
+AttributeError, an operator or NumPy function on a device array a
+TypeError.  What it offers it checks as CuPy does, and
+``tests/test_cupy_surface.py`` checks every name, method, attribute and
+keyword offered here against the real ``cupy-cuda13x`` wheel (which imports
+without a GPU), and every CuPy name the package uses against this fake.
 
 ``ndarray`` WRAPS a NumPy array (it is not an np.ndarray subclass), so the
 host/device boundary behaves as in CuPy:
   * ``np.asarray(cupy_array)`` raises TypeError (no implicit conversion);
-  * cupy ops / ufuncs with a NumPy array operand raise TypeError, and so
-    does ``device_array[...] = numpy_array`` (CuPy accepts scalars only);
+  * ``device_array[...] = numpy_array`` raises TypeError (CuPy accepts
+    scalars and device arrays only), and so does a NumPy operand of matmul;
   * ``flags`` has only ``c_contiguous``, ``f_contiguous``, ``owndata``;
-  * reductions and indexing return 0-d device arrays, never NumPy scalars;
+  * indexing returns device arrays, never NumPy scalars;
   * ``.get()``, ``cupy.asnumpy``, ``float()``/``bool()``/``int()`` are the
     device->host transfers (counted as syncs; illegal while capturing).
 Streams, events, pinned memory and CUDA-graph capture are emulated: while a
-stream captures, device work (kernel launches, GEMMs, elementwise ops,
-device-to-device copies) is RECORDED, not run (outputs of recorded ops are
-NaN-filled until a replay), and ``graph.launch()`` replays it.  Host syncs and
-asynchronous host<->device copies during a capture raise and poison the
-capture.  EMU_CAPTURE_MATMUL=raise makes GEMMs refuse capture (cupy issue
-6290).  ``cupy.cuda.nccl`` is present with ``available = False``, as in a
-wheel installed without libnccl.
+stream captures, device work (kernel launches, GEMMs, device-to-device
+copies) is RECORDED, not run (outputs of recorded ops are NaN-filled until
+a replay), and ``graph.launch()`` replays it.  Host syncs and asynchronous
+host<->device copies during a capture raise and poison the capture.
+EMU_CAPTURE_MATMUL=raise makes GEMMs refuse capture (cupy issue 6290).
+``cupy.cuda.nccl`` is present with ``available = False``, as in a wheel
+installed without libnccl.
 """
 import ctypes
 import os
@@ -75,13 +78,6 @@ def _refuse_during_capture(what):
                            "capturing (CuPy refuses host<->device copies during capture)")
 
 
-def _check_kwargs(where, given, allowed):
-    bad = sorted(set(given) - set(allowed))
-    if bad:
-        raise TypeError(f"{where}() got an unexpected keyword argument {bad[0]!r} "
-                        "(not offered by the emulated CuPy)")
-
-
 # --- memory -------------------------------------------------------------------
 
 def _address(mem):
@@ -107,6 +103,12 @@ class MemoryPointer:
         _refuse_during_capture("asynchronous device->host copy")
         dst = _address(mem)
         device_work(lambda: ctypes.memmove(dst, self.ptr, int(size)))
+
+    def copy_from_device_async(self, src, size, stream=None):
+        if not isinstance(src, MemoryPointer):
+            raise TypeError(f"a cupy.cuda.MemoryPointer expected, got {type(src)}")
+        src_ptr = src.ptr           # a device-to-device copy: capturable
+        device_work(lambda: ctypes.memmove(self.ptr, src_ptr, int(size)))
 
 
 class Flags:
@@ -137,6 +139,18 @@ def _strict(x, where):
     if isinstance(x, (list, tuple)):
         return type(x)(_strict(v, where) for v in x)
     return x
+
+
+def _basic_key(key, where):
+    """Basic indexing only (integers, slices, ``...``, None): an index
+    array or mask is a gather or scatter, array arithmetic the backend does
+    with its own kernels."""
+    for k in key if isinstance(key, tuple) else (key,):
+        if not (k is None or k is Ellipsis or isinstance(k, (slice, int, np.integer))) \
+                or isinstance(k, bool):
+            raise TypeError(f"{where}: the emulated CuPy offers basic indexing only, got "
+                            f"{type(k).__name__}")
+    return key
 
 
 def _lenient(x):
@@ -187,38 +201,6 @@ def _compute(fn, *args, **kw):
     _capture.ops.append(replay)
     res = tuple(_mk(h) for h in holders)
     return res if isinstance(r, tuple) else res[0]
-
-
-def _with_out(name, fn, args, kw):
-    """Run a NumPy function on unwrapped operands: in place when ``out`` is a
-    device array, else into new device arrays."""
-    a = _strict(args, name)
-    out = kw.get("out")
-    if out is not None and not isinstance(out, ndarray):
-        raise TypeError(f"cupy {name}: out must be a cupy.ndarray, got {type(out)}")
-    k = {kk: _strict(v, name) for kk, v in kw.items()}
-    if out is not None:
-        device_work(lambda: fn(*a, **k))
-        return out
-    return _compute(lambda: fn(*a, **k))
-
-
-# The operators offered: those fastgrad, its tests and tools use (README: the
-# audit; mul and add: tools/gpu_preflight.py's probe of CuPy's own
-# elementwise kernel, which runs in a subprocess the audit missed).
-_BIN = ["pow", "mul", "add"]
-_IN_PLACE = ["add"]
-_CMP = ["eq", "ne"]
-
-# The ndarray methods offered beyond the hand-written ones: name -> the
-# keywords each takes (all of them CuPy's; the surface test checks).
-_REDUCTIONS = {
-    "sum": ("axis", "dtype", "out", "keepdims"),
-    "max": ("axis", "out", "keepdims"),
-    "min": ("axis", "out", "keepdims"),
-    "all": ("axis", "out", "keepdims"),
-    "argmax": ("axis", "out", "dtype", "keepdims"),
-}
 
 
 class ndarray:
@@ -272,6 +254,13 @@ class ndarray:
     def __hash__(self):
         raise TypeError("unhashable type: 'cupy.ndarray'")
 
+    # CuPy compares elementwise, which this fake does not offer; Python's
+    # identity fallback would answer silently instead
+    def __eq__(self, other):
+        raise TypeError("the emulated CuPy has no array comparisons")
+
+    __ne__ = __eq__
+
     def __dlpack_device__(self):
         return (2, 0)
 
@@ -289,7 +278,7 @@ class ndarray:
         return self.reshape(-1, order=order)
 
     def __getitem__(self, key):
-        k = _strict(key, "ndarray.__getitem__")
+        k = _basic_key(key, "ndarray.__getitem__")
         r = self._a[k]
         if isinstance(r, np.ndarray) and (r.size == 0 or np.shares_memory(r, self._a)):
             return _mk(r)
@@ -301,7 +290,7 @@ class ndarray:
             raise TypeError(f"Unsupported type {type(value)} (cupy refuses a host array as the "
                             "value of __setitem__: copy it to the device first, e.g. "
                             "cupy.asarray)")
-        k = _strict(key, "ndarray.__setitem__")
+        k = _basic_key(key, "ndarray.__setitem__")
         v = _lenient(value)
         self._a[k]   # shape check now
         device_work(lambda: self._a.__setitem__(k, v))
@@ -319,85 +308,18 @@ class ndarray:
             return self
         return _compute(lambda: self._a.astype(dtype, order=order))
 
-    # numpy protocol: only what CuPy implements
+    # NumPy's ufuncs and functions on a device array: the emulator offers
+    # no array arithmetic, so every one is a TypeError (real CuPy computes
+    # some; fastgrad reaches the device through its backend instead)
     def __array_ufunc__(self, ufunc, method, *inputs, **kw):
-        if method != "__call__" or ufunc.__name__ not in _UFUNCS:
-            return NotImplemented
-        return _UFUNCS[ufunc.__name__](*inputs, **kw)
+        return NotImplemented
 
     def __array_function__(self, func, types_, args, kw):
-        impl = _ARRAY_FUNCTIONS.get(func.__name__)
-        if impl is None:
-            return NotImplemented
-        return impl(*args, **kw)
+        return NotImplemented
 
 
-def _method(name, keywords):
-    def method(self, *args, **kw):
-        _check_kwargs(f"cupy.ndarray.{name}", kw, keywords)
-        return _with_out(f"ndarray.{name}", getattr(np.ndarray, name), (self,) + args, kw)
-    method.__name__ = name
-    method.__qualname__ = f"ndarray.{name}"
-    method.keywords = keywords
-    return method
-
-
-for _n, _kws in _REDUCTIONS.items():
-    setattr(ndarray, _n, _method(_n, _kws))
-
-
-def _binop(name):
-    def f(self, other):
-        o = _strict(other, f"operator __{name}__")
-        return _compute(lambda: getattr(self._a, f"__{name}__")(o))
-    f.__name__ = f"__{name}__"
-    return f
-
-
-def _iop(name):
-    def f(self, other):
-        o = _strict(other, f"operator __i{name}__")
-        device_work(lambda: getattr(self._a, f"__i{name}__")(o))
-        return self
-    return f
-
-
-for _n in _BIN:
-    setattr(ndarray, f"__{_n}__", _binop(_n))
-for _n in _IN_PLACE:
-    setattr(ndarray, f"__i{_n}__", _iop(_n))
-for _n in _CMP:
-    setattr(ndarray, f"__{_n}__", _binop(_n))
 ndarray.__module__ = "cupy"
 ndarray.__qualname__ = ndarray.__name__ = "ndarray"
-
-
-# --- ufuncs ---------------------------------------------------------------------
-
-class ufunc:
-    """A CuPy ufunc: device operands (or scalars) only; ``out``, ``dtype``,
-    ``casting`` as keywords."""
-
-    keywords = ("out", "dtype", "casting")
-
-    def __init__(self, name):
-        self.__name__ = name
-        self._np = getattr(np, name)
-
-    def __call__(self, *args, **kw):
-        _check_kwargs(f"cupy.{self.__name__}", kw, self.keywords)
-        if isinstance(kw.get("out"), tuple):
-            kw["out"], = kw["out"]
-        return _with_out(self.__name__, self._np, args, kw)
-
-    def __repr__(self):
-        return f"<ufunc '{self.__name__}'>"
-
-
-# The ufuncs offered: those fastgrad and its benchmarks call (CuPy has each;
-# the surface test checks).
-_UFUNC_NAMES = ("add", "sqrt", "maximum", "isfinite")
-_UFUNCS = {n: ufunc(n) for n in _UFUNC_NAMES}
 
 
 # --- module functions -----------------------------------------------------------
@@ -431,10 +353,6 @@ def full(shape, fill_value, dtype=None, order="C"):
     return _alloc_result(np.full(shape, _lenient(fill_value), dtype, order=order))
 
 
-def arange(start, stop=None, step=1, dtype=None):
-    return _alloc_result(np.arange(start, stop, step, dtype=dtype))
-
-
 def _device_operand(a, where):
     if not isinstance(a, ndarray):
         raise TypeError(f"cupy.{where}: {type(a)} is not a cupy.ndarray")
@@ -449,15 +367,6 @@ def empty_like(prototype, dtype=None, order="K", subok=None, shape=None):
 def zeros_like(a, dtype=None, order="K", subok=None, shape=None):
     return _alloc_result(np.zeros_like(_device_operand(a, "zeros_like"), dtype, order,
                                        shape=shape))
-
-
-def _ones_like(a, dtype=None, order="K", subok=None, shape=None):
-    return _alloc_result(np.ones_like(_device_operand(a, "ones_like"), dtype, order, shape=shape))
-
-
-def _full_like(a, fill_value, dtype=None, order="K", subok=None, shape=None):
-    return _alloc_result(np.full_like(_device_operand(a, "full_like"), fill_value, dtype, order,
-                                      shape=shape))
 
 
 def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
@@ -514,89 +423,6 @@ def matmul(*args, out=None, dtype=None, casting="same_kind", axes=None, axis=Non
         device_work(go)
         return out
     return _compute(lambda: np.matmul(A, B_))
-
-
-def dot(a, b, out=None):
-    return _with_out("dot", np.dot, (a, b), {} if out is None else {"out": out})
-
-
-def take(a, indices, axis=None, out=None):
-    return _with_out("take", np.take, (a, indices), {"axis": axis, "out": out}
-                     if out is not None else {"axis": axis})
-
-
-def stack(tup, axis=0, out=None, *, dtype=None, casting="same_kind"):
-    kw = {"axis": axis}
-    if out is not None:
-        kw["out"] = out
-    return _with_out("stack", np.stack, (list(tup),), kw)
-
-
-def concatenate(tup, axis=0, out=None, *, dtype=None, casting="same_kind"):
-    kw = {"axis": axis}
-    if out is not None:
-        kw["out"] = out
-    return _with_out("concatenate", np.concatenate, (list(tup),), kw)
-
-
-def copyto(dst, src, casting="same_kind", where=None):
-    d = _device_operand(dst, "copyto")
-    s = _strict(src, "copyto")
-    w = None if where is None else _strict(where, "copyto")
-    device_work(lambda: np.copyto(d, s, casting=casting,
-                                  **({} if w is None else {"where": w})))
-
-
-def where(condition, x=None, y=None):
-    if x is None and y is None:
-        return _compute(lambda: np.nonzero(_strict(condition, "where")))
-    return _with_out("where", np.where, (condition, x, y), {})
-
-
-def cp_all(a, axis=None, out=None, keepdims=False):
-    return _with_out("all", np.all, (a,), {"axis": axis, "keepdims": keepdims,
-                                          **({} if out is None else {"out": out})})
-
-
-def cp_any(a, axis=None, out=None, keepdims=False):
-    return _with_out("any", np.any, (a,), {"axis": axis, "keepdims": keepdims,
-                                          **({} if out is None else {"out": out})})
-
-
-def cp_sum(a, axis=None, dtype=None, out=None, keepdims=False):
-    return _with_out("sum", np.sum, (a,), {"axis": axis, "dtype": dtype, "keepdims": keepdims,
-                                          **({} if out is None else {"out": out})})
-
-
-def cp_round(a, decimals=0, out=None):
-    return _with_out("round", np.round, (a,), {"decimals": decimals,
-                                              **({} if out is None else {"out": out})})
-
-
-def array_equal(a1, a2, equal_nan=False):
-    return _compute(lambda: np.asarray(np.array_equal(_strict(a1, "array_equal"),
-                                                      _strict(a2, "array_equal"),
-                                                      equal_nan=equal_nan)))
-
-
-def allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
-    return _compute(lambda: np.asarray(np.allclose(_strict(a, "allclose"), _strict(b, "allclose"),
-                                                   rtol=rtol, atol=atol, equal_nan=equal_nan)))
-
-
-for _f in (cp_all, cp_any, cp_sum, cp_round):
-    _f.__name__ = _f.__name__[3:]
-
-
-# numpy functions on device arrays dispatch here (__array_function__), as in
-# CuPy for the functions it implements; anything else is a TypeError.
-_ARRAY_FUNCTIONS = {
-    "dot": dot, "take": take, "stack": stack, "concatenate": concatenate, "copyto": copyto,
-    "where": where, "all": cp_all, "any": cp_any, "sum": cp_sum, "round": cp_round,
-    "array_equal": array_equal, "allclose": allclose, "empty_like": empty_like,
-    "zeros_like": zeros_like, "ones_like": _ones_like, "full_like": _full_like,
-    "ascontiguousarray": ascontiguousarray, "matmul": matmul,
-}
 
 
 # --- streams, events, graphs ----------------------------------------------------------
@@ -737,9 +563,8 @@ def unwrap_kernel_arg(name, i, a):
 
 # The module's functions: allocation, copies, GEMM and the few array functions
 # fastgrad, its tests, benchmarks and GPU tools call (README: the audit).
-_FUNCTIONS = (empty, zeros, ones, full, arange, empty_like, zeros_like, asarray, array,
-              ascontiguousarray, asnumpy, matmul, dot, take, stack, concatenate, copyto, where,
-              cp_all, cp_any, cp_sum, cp_round, array_equal, allclose)
+_FUNCTIONS = (empty, zeros, ones, full, empty_like, zeros_like, asarray, array,
+              ascontiguousarray, asnumpy, matmul)
 
 
 def fake_cupy():
@@ -749,8 +574,6 @@ def fake_cupy():
     cp.ndarray = ndarray
     for f in _FUNCTIONS:
         setattr(cp, f.__name__, f)
-    for n, u in _UFUNCS.items():
-        setattr(cp, n, u)
 
     rt = types.ModuleType("cupy.cuda.runtime")
     rt.getDeviceCount = lambda: 1
@@ -836,7 +659,6 @@ def _audit_install(cp):
                 setattr(cls, n, _audited(prefix + n, obj))
         if cls is not ndarray:
             cls.__init__ = _audited(prefix + "__init__", cls.__init__)
-    ufunc.__call__ = _audited_ufunc_call
 
     def dump():
         with open(_AUDIT_PATH, "a") as fh:
@@ -845,7 +667,6 @@ def _audit_install(cp):
     atexit.register(dump)
 
 
-_ufunc_call = ufunc.__call__
 _audit_classes_done = False
 
 
@@ -853,11 +674,6 @@ def _audit_module(cp):
     for mod, prefix in ((cp, ""), (cp.cuda, "cuda."), (cp.cuda.runtime, "cuda.runtime.")):
         for n in list(vars(mod)):
             obj = getattr(mod, n)
-            if callable(obj) and not isinstance(obj, (type, ufunc, types.ModuleType)) \
+            if callable(obj) and not isinstance(obj, (type, types.ModuleType)) \
                     and not n.startswith("_"):
                 setattr(mod, n, _audited(prefix + n, obj))
-
-
-def _audited_ufunc_call(self, *args, **kw):
-    _audit_seen.add((self.__name__, _caller_kind()))
-    return _ufunc_call(self, *args, **kw)

@@ -128,6 +128,7 @@ template <typename A> constexpr char code()
         if constexpr (std::is_same_v<P, float>) return 'f';
         else if constexpr (std::is_same_v<P, double>) return 'd';
         else if constexpr (std::is_same_v<P, long long>) return 'l';
+        else if constexpr (std::is_same_v<P, int>) return 'n';
         else return '?';
     } else if constexpr (std::is_same_v<A, int>) return 'i';
     else if constexpr (std::is_same_v<A, long long>) return 'q';
