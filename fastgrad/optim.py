@@ -890,6 +890,9 @@ class Optimizer:
         threads the two thread pools fight for the cores and the loop got
         slower (0.56-0.86x; even with ``OMP_WAIT_POLICY=PASSIVE`` it gained
         nothing), so it is off by default and TrainStep always runs serial.
+        Started with ``OPENBLAS_THREAD_TIMEOUT=4 GOMP_SPINCOUNT=3000`` (neither
+        pool spins after its work), such a loop breaks even with it on 2
+        cores (bench/RESULTS.md, "The fight removed").
         """
         return self._update is not self._serial_update
 
