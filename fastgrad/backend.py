@@ -125,6 +125,12 @@ class Backend:
         CUDA one already uploaded; returns ``out``."""
         raise NotImplementedError
 
+    def gatherable(self, array, dtype):
+        """``array`` (this device's) as a source ``gather_rows`` takes: a
+        dataset's labels or targets converted once, if at all (integer or
+        bool labels to int64, other floats to ``dtype``, the model's)."""
+        return array
+
     # -- kernels -----------------------------------------------------------------
     @property
     def kernels(self):
@@ -399,6 +405,12 @@ class CudaBackend(Backend):
         if not self.is_array(idx):
             idx = self.to_device(idx, np.int64)     # a synchronous copy: upload it yourself
         return arrays.gather_rows(src, idx, out)
+
+    def gatherable(self, array, dtype):
+        from .kernels.cuda import arrays
+        if np.dtype(array.dtype) not in arrays.DTYPES:
+            array = array.astype(np.int64 if array.dtype.kind in "biu" else dtype)
+        return array if array.flags.c_contiguous else array.copy()
 
     def _registered_kernels(self, codes):
         missing = sorted({_registry.by_code(int(c)).name for c in codes

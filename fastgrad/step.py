@@ -611,7 +611,7 @@ class TrainStep:
         if n == 0:
             raise ValueError("X: empty dataset")
         if on_device:
-            Y = _gatherable(xp.asarray(Y), model.dtype)
+            Y = self._backend.gatherable(xp.asarray(Y), model.dtype)
         elif not _device.is_host_array(Y):
             raise TypeError("Y is a CUDA array but X is on the host")
         else:
@@ -743,8 +743,7 @@ class TrainStep:
         B = min(batch_size, n_order)
         xbuf = xp.empty((B,) + X.shape[1:], X.dtype)
         ybuf = xp.empty((B,) + Y.shape[1:], Y.dtype)
-        if on_device:
-            ibuf = xp.empty(B, np.int64)
+        ibuf = xp.empty(B, np.int64) if on_device else None
         done, filled = [], 0
         t = time.perf_counter()
 
@@ -761,13 +760,7 @@ class TrainStep:
         for b in range(n_steps):
             idx = order[b * batch_size:(b + 1) * batch_size]
             xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
-            if on_device:       # gathered on the device; the indices go up asynchronously
-                idx = be.upload(np.ascontiguousarray(idx, np.int64), ibuf[:len(idx)])
-                be.gather_rows(X, idx, xb)
-                be.gather_rows(Y, idx, yb)
-            else:
-                np.take(X, idx, axis=0, out=xb)
-                np.take(Y, idx, axis=0, out=yb)
+            _gather_batch(be, X, Y, np.ascontiguousarray(idx, np.int64), xb, yb, ibuf)
             done.append((self._step(xb, yb), self.stats))
             if callback is not None and (b + 1 == n_steps
                                          or time.perf_counter() - t >= self.progress_interval):
@@ -937,13 +930,17 @@ def _progress_bar(total, enabled, desc):
     return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True)
 
 
-def _gatherable(Y, dtype):
-    """Device labels or targets as a contiguous array the device's row
-    gather takes: float32/float64 and int32/int64 as they are, other
-    integer (or bool) labels as int64, other floats as the model's ``dtype``."""
-    if np.dtype(Y.dtype) not in (np.float32, np.float64, np.int32, np.int64):
-        Y = Y.astype(np.int64 if Y.dtype.kind in "biu" else dtype)
-    return Y if Y.flags.c_contiguous else Y.copy()
+def _gather_batch(be, X, Y, idx, xb, yb, ibuf):
+    """Rows ``idx`` (host int64) of X and Y into ``xb``, ``yb``: with NumPy
+    for a host dataset (``ibuf`` None), else on the device, the indices
+    going up asynchronously through ``ibuf``."""
+    if ibuf is None:
+        np.take(X, idx, axis=0, out=xb)
+        np.take(Y, idx, axis=0, out=yb)
+        return
+    idx = be.upload(idx, ibuf[:len(idx)])
+    be.gather_rows(X, idx, xb)
+    be.gather_rows(Y, idx, yb)
 
 
 def evaluate(model, loss_fn, X, Y, batch_size=1024):
@@ -1031,7 +1028,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     on_device = be.holds(X, "X")
     xp = be.xp if on_device else np
     X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]), xp=xp)
-    Y = _gatherable(xp.asarray(Y), model.dtype) if on_device else np.asarray(Y)
+    Y = be.gatherable(xp.asarray(Y), model.dtype) if on_device else np.asarray(Y)
     if len(Y) != len(X):
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
     # CPU models (with a default loss) run each epoch as compiled chunks of steps
@@ -1049,8 +1046,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     if not fused:
         xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
         ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
-    if on_device:
-        ibuf = xp.empty(min(batch_size, n), np.int64)
+    ibuf = xp.empty(min(batch_size, n), np.int64) if on_device else None
     history = {"loss": [], "grad_norm_mean": [], "grad_norm_max": [], "clipped": [], "skipped": []}
     if validation_data is not None:
         history["val_loss"] = []
@@ -1104,13 +1100,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 for bi in range(n_batches):
                     idx = order[bi * batch_size:(bi + 1) * batch_size]
                     xb, yb = xbuf[:len(idx)], ybuf[:len(idx)]
-                    if on_device:   # gathered on the device
-                        idx = be.upload(idx, ibuf[:len(idx)])
-                        be.gather_rows(X, idx, xb)
-                        be.gather_rows(Y, idx, yb)
-                    else:
-                        np.take(X, idx, axis=0, out=xb)
-                        np.take(Y, idx, axis=0, out=yb)
+                    _gather_batch(be, X, Y, idx, xb, yb, ibuf)
                     loss = step(xb, yb)
                     st = step.stats
                     done.append((loss, st))

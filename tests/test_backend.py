@@ -222,6 +222,22 @@ def test_add_into_and_gather_rows_match_numpy(device, rng, dtype):
         np.testing.assert_array_equal(be.to_host(out), src[idx])
 
 
+def test_gatherable_keeps_values_and_feeds_gather_rows(device, rng):
+    """A dataset's labels or targets in any dtype become a source the row
+    gather takes (values kept; on CUDA uint8/bool labels as int64, float16
+    targets as the model's dtype), so fit and run_epoch gather them."""
+    be = fb.backend_for(device)
+    idx = np.array([3, 0, 3, 1], np.int64)
+    for host, dtype in ((rng.integers(0, 9, 6).astype(np.uint8), np.float32),
+                        (rng.integers(0, 2, 6).astype(bool), np.float32),
+                        (rng.standard_normal((6, 2)).astype(np.float16), np.float64),
+                        (rng.integers(0, 9, 6).astype(np.int32), np.float32)):
+        src = be.gatherable(be.to_device(host), dtype)
+        out = be.alloc((idx.size,) + src.shape[1:], src.dtype)
+        be.gather_rows(src, idx, out)
+        np.testing.assert_array_equal(be.to_host(out), host[idx].astype(src.dtype))
+
+
 @pytest.mark.cuda
 def test_cuda_array_kernels_check_and_select(cuda_be, rng):
     """copy_into, copy_if on a device flag (neither reads back), and the

@@ -136,8 +136,6 @@ def _strict(x, where):
         return x._a
     if isinstance(x, np.ndarray):
         raise TypeError(f"Unsupported type {type(x)} (a NumPy array passed to cupy {where})")
-    if isinstance(x, (list, tuple)):
-        return type(x)(_strict(v, where) for v in x)
     return x
 
 
@@ -161,46 +159,23 @@ def _lenient(x):
     return x
 
 
-def _wrap(r):
-    if isinstance(r, np.ndarray):
-        return _mk(r)
-    if isinstance(r, np.generic) and not isinstance(r, (np.str_, np.bytes_)):
-        return _mk(np.asarray(r))
-    if isinstance(r, tuple):
-        return tuple(_wrap(v) for v in r)
-    if isinstance(r, list):
-        return [_wrap(v) for v in r]
-    return r
-
-
 def _mk(a):
     w = object.__new__(ndarray)
     w._a = a
     return w
 
 
-def _compute(fn, *args, **kw):
-    """A device op producing new arrays: run now, or (capturing) allocate the
-    outputs now (NaN) and record the computation into them."""
-    r = fn(*args, **kw)
+def _compute(fn):
+    """A device op producing a new array: run now, or (capturing) allocate
+    the output now (NaN) and record the computation into it."""
+    r = np.asarray(fn())
     if _capture is None:
-        return _wrap(r)
-    outs = r if isinstance(r, tuple) else (r,)
-    holders = []
-    for o in outs:
-        o = np.asarray(o)
-        h = np.empty(o.shape, o.dtype)
-        if h.dtype.kind == "f":
-            h[...] = np.nan
-        holders.append(h)
-
-    def replay():
-        rr = fn(*args, **kw)
-        for h, o in zip(holders, rr if isinstance(rr, tuple) else (rr,)):
-            h[...] = o
-    _capture.ops.append(replay)
-    res = tuple(_mk(h) for h in holders)
-    return res if isinstance(r, tuple) else res[0]
+        return _mk(r)
+    h = np.empty(r.shape, r.dtype)
+    if h.dtype.kind == "f":
+        h[...] = np.nan
+    _capture.ops.append(lambda: h.__setitem__(Ellipsis, fn()))
+    return _mk(h)
 
 
 class ndarray:
