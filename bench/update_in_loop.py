@@ -7,6 +7,9 @@ OpenBLAS's threads (``TrainStep.gradients`` then ``opt.step()``), and
 spinning).  Interleaved rounds; ratios to the serial kernel in each round.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -P bench/update_in_loop.py [ROUNDS] [270K,1M,4M,16M]
+
+With ``FASTGRAD_SHARE_BLAS_POOL=1`` the GEMMs' jobs run on Numba's pool
+(``fastgrad.share_blas_pool``): one pool instead of two.
 """
 import sys, time
 import numpy as np
@@ -56,6 +59,7 @@ def main(rounds=9, which=None):
         res.update({("alone", k): [] for k in kinds})
         for r in range(rounds + 1):
             for k, fn in kinds.items():
+                opt._parallel_asked = k != "serial"     # a fixed choice, then its kernel
                 opt._update = fn
                 step.gradients(x, y); opt.step()
                 t = time.perf_counter()

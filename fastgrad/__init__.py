@@ -16,7 +16,7 @@ from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
 from .optim import SGD, Adam, AdamW, RMSprop, StepStats
 from .registry import register_activation
 from .step import TrainStep, evaluate, fit
-from .threads import get_num_threads, set_num_threads
+from .threads import blas_pool_status, get_num_threads, set_num_threads, share_blas_pool
 
 __version__ = "0.1.0"
 
@@ -25,5 +25,6 @@ __all__ = [
     "get_device", "set_device", "NonFiniteGradientError", "MLP", "Dense", "Residual",
     "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
     "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",
-    "get_num_threads", "set_num_threads", "registry", "register_activation",
+    "get_num_threads", "set_num_threads", "share_blas_pool", "blas_pool_status", "registry",
+    "register_activation",
 ]

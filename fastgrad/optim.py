@@ -72,6 +72,7 @@ import threading
 import numpy as np
 
 from . import device as _device
+from . import threads as _threads
 from .backend import backend_of
 from .errors import NonFiniteGradientError
 from .kernels import spec as _spec
@@ -829,6 +830,9 @@ class Optimizer:
         self._backend = be
         self._xp = be.xp
         self._update = self._serial_update = be.update_kernels(self.rule).clipped_update
+        self._parallel_asked = None         # None: chosen per step (``parallel``)
+        if be.name == "cpu":
+            _threads.share_blas_pool_if_asked()
         # at most one segment per parameter, whatever the groups
         self._records = be.update_records(self, len(self._param_entries()))
 
@@ -881,24 +885,43 @@ class Optimizer:
 
     @property
     def parallel(self):
-        """Run both passes of ``step()`` on Numba's threads (CPU; default off).
+        """Whether ``step()`` runs both passes on Numba's threads (CPU).
 
-        Bitwise the same result as the serial kernel.  It pays only where the
-        update runs on its own: the Adam update alone on 2 threads took
-        0.27 ms instead of 0.50 ms at 1M parameters and 9.1 instead of
-        10.4 ms at 16M, but in a training loop whose GEMMs run on OpenBLAS's
-        threads the two thread pools fight for the cores and the loop got
-        slower (0.56-0.86x; even with ``OMP_WAIT_POLICY=PASSIVE`` it gained
-        nothing), so it is off by default and TrainStep always runs serial.
-        Started with ``OPENBLAS_THREAD_TIMEOUT=4 GOMP_SPINCOUNT=3000`` (neither
-        pool spins after its work), such a loop breaks even with it on 2
-        cores (bench/RESULTS.md, "The fight removed").
+        Bitwise the same result as the serial kernel.  By default (``None``)
+        it is chosen per step: on when the kernels' BLAS shares Numba's
+        pool (``fastgrad.share_blas_pool``), Numba has more than one thread
+        and there are at least ``PARALLEL_MIN_PARAMS`` parameters; off
+        otherwise.  With two pools (OpenBLAS's threads spinning after each
+        GEMM, Numba's OpenMP threads after each pass) a parallel update in a
+        training loop made the loop 1.1-11x slower on 2 cores; with one pool
+        the loop takes 0.91-0.98x the serial update's time and the update
+        alone 0.57-0.89x at 0.27-4M parameters (bench/RESULTS.md, "One
+        pool").  ``True`` or ``False`` fixes the choice; ``None`` restores
+        the default.  A TrainStep's own update is compiled into its step
+        and stays serial unless ``TrainStep(threads=n)``.
         """
-        return self._update is not self._serial_update
+        return self._chosen_update() is not self._serial_update
 
     @parallel.setter
     def parallel(self, on):
+        if on is not None and not isinstance(on, bool):
+            raise TypeError(f"parallel must be True, False or None, got {on!r}")
+        self._parallel_asked = on
         self._update = self._backend.parallel_update(self.rule) if on else self._serial_update
+
+    PARALLEL_MIN_PARAMS = 1 << 18
+    """Below this, a parallel region costs more than half an update saves
+    (2 cores: 134K parameters broke even, 67K took 1.22x the serial time)."""
+
+    def _chosen_update(self):
+        if self._parallel_asked is not None or self._backend.name != "cpu":
+            return self._update
+        if (self._params.size >= self.PARALLEL_MIN_PARAMS and _threads.blas_pool_shared()
+                and _threads.numba_threads() > 1):
+            if self._update is self._serial_update:
+                self._update = self._backend.parallel_update(self.rule)
+            return self._update
+        return self._serial_update
 
     # (the flat buffers directly: reading the params property gathers)
     def _gather_params(self):
@@ -1666,7 +1689,7 @@ class Optimizer:
                 self._gather_params()
                 self._gather_grads()
             rule, s0, s1, s2, hp = self._kernel_args()
-            norm, scale, skipped = self._update(
+            norm, scale, skipped = self._chosen_update()(
                 rule, self.params, self.grads, s0, s1, s2, hp, self._offsets,
                 self._layer_sq, self._clip_norm, self._clip_value,
                 **self._records.update_kwargs)

@@ -5,6 +5,8 @@ and Numba's own pool, are set together so they do not oversubscribe the
 cores (DESIGN.md "Threads": on 2 cores spinning pools starve each other).
 """
 from contextlib import contextmanager
+import ctypes
+import os
 import threading
 
 import numba
@@ -64,3 +66,133 @@ def one_blas_thread():
     finally:
         for lib, n in zip(libs, before):
             lib.set_num_threads(n)
+
+
+# -- one pool: the kernels' BLAS runs its parallel jobs on Numba's threads ------
+
+_pool_lock = threading.Lock()
+_pool = {"libraries": None, "why_not": None, "fork_hook": False}
+_pool_lock_word = None      # the callback's spin lock (an int32 it reaches by symbol)
+
+
+def _pool_libraries():
+    """The kernels' OpenBLAS libraries that accept a threads callback, or
+    raise RuntimeError saying why the pool cannot be shared."""
+    from numba.np.ufunc.parallel import _launch_threads
+    _launch_threads()
+    if numba.threading_layer() != "omp":
+        raise RuntimeError(f"Numba's threading layer is {numba.threading_layer()!r}, "
+                           "not 'omp' (OpenMP's teams run every job at once)")
+    try:
+        gomp = ctypes.CDLL("libgomp.so.1")
+        libc = ctypes.CDLL(None)
+        system = {name: ctypes.cast(function, ctypes.c_void_p).value for name, function in (
+            ("IN_PARALLEL", gomp.omp_in_parallel), ("THREAD_NUM", gomp.omp_get_thread_num),
+            ("PARALLEL", gomp.GOMP_parallel), ("YIELD", libc.sched_yield))}
+    except (OSError, AttributeError) as exc:
+        raise RuntimeError(f"GNU OpenMP (libgomp.so.1) not usable here ({exc})") from None
+    found = []
+    for lib in _blas_of_kernels():
+        if lib.internal_api != "openblas" or lib.threading_layer != "pthreads":
+            continue
+        handle = ctypes.CDLL(lib.filepath)
+        try:
+            found.append((lib, handle.openblas_set_threads_callback_function,
+                          ctypes.cast(handle.exec_blas_async, ctypes.c_void_p).value,
+                          ctypes.cast(handle.exec_blas_async_wait, ctypes.c_void_p).value,
+                          ctypes.addressof(ctypes.c_int.in_dll(handle, "blas_num_threads"))))
+        except AttributeError:      # OpenBLAS before 0.3.27
+            continue
+    if len(found) != 1:
+        raise RuntimeError(f"{len(found)} pthreads OpenBLAS libraries with a threads callback "
+                           "under Numba's np.dot (one expected)")
+    return system, found[0]
+
+
+def share_blas_pool(on=True):
+    """Run the kernels' OpenBLAS parallel jobs on Numba's OpenMP threads.
+
+    With it on, one thread pool owns the cores: the threads that run a
+    GEMM's jobs are the ones fastgrad's parallel passes use next, and
+    OpenBLAS's own workers, which spin after each call and slowed the
+    passes that followed (DESIGN.md "Threads"), stay asleep.  GEMM results
+    are bitwise those of OpenBLAS's own threads (the same split of the work).
+    It then lets a CPU optimizer's ``step()`` run its update in parallel
+    (``Optimizer.parallel``).
+
+    Off by default, because it changes the process, not only fastgrad:
+    every caller of SciPy's BLAS then runs on GNU OpenMP's threads, and a
+    process that has used GNU OpenMP cannot run an OpenMP region in a child
+    it forks (Numba's OpenMP layer stops such a child: "fork() called
+    from a process already using GNU OpenMP").  A forked child gets
+    OpenBLAS's own threads back and fastgrad's serial update; code of
+    its own that runs Numba's parallel loops there would be stopped.
+    Use the "spawn" or "forkserver" start method with it.  Also turned on
+    when the first CPU optimizer is built if ``FASTGRAD_SHARE_BLAS_POOL=1``.
+    ``share_blas_pool(False)`` gives OpenBLAS its own threads back.
+
+    Returns whether the pool is shared now; where it cannot be (Numba's
+    threading layer is not OpenMP, no OpenBLAS 0.3.27+ with pthreads
+    under Numba's ``np.dot``), ``blas_pool_status()`` says why.
+    """
+    with _pool_lock:
+        if not on:
+            if _pool["libraries"]:
+                _pool["libraries"][1](None)
+                _pool["libraries"] = None
+            return False
+        if _pool["libraries"]:
+            return True
+        try:
+            system, (lib, set_callback, run_async, wait, workers) = _pool_libraries()
+        except RuntimeError as exc:
+            _pool["why_not"] = str(exc)
+            return False
+        import llvmlite.binding as llvm
+        from .kernels.cpu import blas_pool
+        global _pool_lock_word
+        if _pool_lock_word is None:
+            _pool_lock_word = ctypes.c_int32(0)
+        for name, address in system.items():
+            llvm.add_symbol(getattr(blas_pool, name), address)
+        for symbol, address in ((blas_pool.BLAS_ASYNC, run_async),
+                                (blas_pool.BLAS_WAIT, wait),
+                                (blas_pool.BLAS_WORKERS, workers),
+                                (blas_pool.LOCK, ctypes.addressof(_pool_lock_word))):
+            llvm.add_symbol(symbol, address)
+        llvm.add_symbol(blas_pool.MEMBER, blas_pool.team_member_address())
+        set_callback(ctypes.c_void_p(blas_pool.run_jobs_address()))
+        _pool["libraries"] = (lib, set_callback)
+        _pool["why_not"] = None
+        if not _pool["fork_hook"]:
+            os.register_at_fork(after_in_child=_unshare_in_child)
+            _pool["fork_hook"] = True
+        return True
+
+
+def _unshare_in_child():
+    # the lock may be held by a thread that does not exist in the child
+    if _pool["libraries"]:
+        _pool["libraries"][1](None)
+        _pool["libraries"] = None
+        _pool["why_not"] = "forked child: GNU OpenMP cannot be used after a fork"
+
+
+def share_blas_pool_if_asked():
+    """``share_blas_pool()`` when ``FASTGRAD_SHARE_BLAS_POOL=1`` (once)."""
+    if _pool["why_not"] is None and not _pool["libraries"] and \
+            os.environ.get("FASTGRAD_SHARE_BLAS_POOL", "").strip() == "1":
+        share_blas_pool()
+
+
+def blas_pool_shared():
+    return bool(_pool["libraries"])
+
+
+numba_threads = numba.get_num_threads
+
+
+def blas_pool_status():
+    """``(shared, why_not)``: whether the kernels' BLAS runs on Numba's
+    threads, and if not, why (``None`` before anything asked)."""
+    return bool(_pool["libraries"]), _pool["why_not"]
