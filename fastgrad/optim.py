@@ -831,6 +831,7 @@ class Optimizer:
         self._xp = be.xp
         self._update = self._serial_update = be.update_kernels(self.rule).clipped_update
         self._parallel_asked = None         # None: chosen per step (``parallel``)
+        self._parallel_kernel = None
         if be.name == "cpu":
             _threads.share_blas_pool_if_asked()
         # at most one segment per parameter, whatever the groups
@@ -914,13 +915,18 @@ class Optimizer:
     (2 cores: 134K parameters broke even, 67K took 1.22x the serial time)."""
 
     def _chosen_update(self):
-        if self._parallel_asked is not None or self._backend.name != "cpu":
-            return self._update
-        if (self._params.size >= self.PARALLEL_MIN_PARAMS and _threads.blas_pool_shared()
+        """The update kernel ``step()`` runs now."""
+        if self._parallel_asked is None and _threads.blas_pool_shared():
+            return self._automatic_update()
+        return self._update
+
+    def _automatic_update(self):
+        # with the pool shared: parallel for a large enough model on > 1 thread
+        if (self._backend.name == "cpu" and self._params.size >= self.PARALLEL_MIN_PARAMS
                 and _threads.numba_threads() > 1):
-            if self._update is self._serial_update:
-                self._update = self._backend.parallel_update(self.rule)
-            return self._update
+            if self._parallel_kernel is None:
+                self._parallel_kernel = self._backend.parallel_update(self.rule)
+            return self._parallel_kernel
         return self._serial_update
 
     # (the flat buffers directly: reading the params property gathers)
@@ -1689,7 +1695,10 @@ class Optimizer:
                 self._gather_params()
                 self._gather_grads()
             rule, s0, s1, s2, hp = self._kernel_args()
-            norm, scale, skipped = self._chosen_update()(
+            update = self._update
+            if self._parallel_asked is None and _threads.blas_pool_shared():
+                update = self._automatic_update()
+            norm, scale, skipped = update(
                 rule, self.params, self.grads, s0, s1, s2, hp, self._offsets,
                 self._layer_sq, self._clip_norm, self._clip_value,
                 **self._records.update_kwargs)

@@ -186,7 +186,7 @@ def share_blas_pool_if_asked():
 
 
 def blas_pool_shared():
-    return bool(_pool["libraries"])
+    return _pool["libraries"] is not None
 
 
 numba_threads = numba.get_num_threads
