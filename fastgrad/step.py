@@ -112,7 +112,10 @@ class TrainStep:
     threads (``fastgrad.kernels.cpu.step_sharded``).  Results are
     deterministic for a given ``n`` and equal the one-thread step up to
     rounding (a batch mean summed from shard means), bitwise for ``n=1``.
-    ``threads=None`` (default) leaves the GEMMs to BLAS's own threads.
+    ``threads=None`` (default) leaves the GEMMs to BLAS's own threads; with
+    the BLAS pool shared (``fastgrad.share_blas_pool``) the update of a
+    model of 2^18 parameters or more then runs on those same threads
+    (``Optimizer.parallel``), bitwise the serial update.
 
     Buffers are kept per batch size for the last ``max_cached_batch_sizes``
     (default 8) distinct batch sizes used; a ninth releases the least
@@ -468,6 +471,16 @@ class TrainStep:
         elif self.cuda_graph:
             loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
                 x, labels, target, hp)
+        elif self.opt._parallel_asked is None and _threads.blas_pool_shared() and \
+                self.opt._automatic_update() is not self.opt._serial_update:
+            # One pool (fastgrad.share_blas_pool): the update runs on its
+            # threads, after the driver's forward and backward.
+            args, kw = self._driver_args(B)
+            loss = self._kernels.forward_backward(x, labels, target, self._loss_kind, *args, **kw)
+            opt = self.opt
+            norm, scale, skipped = opt._automatic_update()(
+                rule, opt._params, opt._grads, s0, s1, s2, hp, opt._offsets, self._layer_sq,
+                opt._clip_norm, opt._clip_value)
         else:
             args, kw = self._driver_args(B, update=True)
             loss, norm, scale, skipped = self._kernels.train_step(

@@ -171,7 +171,17 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
             for _ in range(3):
                 step.gradients(x, y)
                 opt.step()
-            runs[shared] = opt.params.copy()
+            for _ in range(3):
+                step(x, y)              # TrainStep takes the same choice
+                assert np.isfinite(step.stats.grad_norm) and not step.stats.skipped
+            assert opt.step_count == 6
+            before = opt.params.copy()
+            bad = x.copy()
+            bad[1, 2] = np.nan
+            step(bad, y)                    # a non-finite gradient: skipped, nothing written
+            assert step.stats.skipped and opt.step_count == 6
+            assert np.array_equal(opt.params, before)
+            runs[shared] = (before, step.stats.layer_norms.copy())
             opt.parallel = False
             assert not opt.parallel
             opt.parallel = None
@@ -181,4 +191,5 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
         finally:
             fg.share_blas_pool(False)
     # the parallel kernel and the shared pool's GEMMs are bitwise the serial path
-    assert np.array_equal(runs[False], runs[True])
+    assert np.array_equal(runs[False][0], runs[True][0])
+    assert np.array_equal(runs[False][1], runs[True][1], equal_nan=True)
