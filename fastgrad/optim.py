@@ -895,11 +895,13 @@ class Optimizer:
         otherwise.  With two pools (OpenBLAS's threads spinning after each
         GEMM, Numba's OpenMP threads after each pass) a parallel update in a
         training loop made the loop 1.1-11x slower on 2 cores; with one pool
-        the loop takes 0.91-0.98x the serial update's time and the update
-        alone 0.57-0.89x at 0.27-4M parameters (bench/RESULTS.md, "One
-        pool").  ``True`` or ``False`` fixes the choice; ``None`` restores
-        the default.  A TrainStep's own update is compiled into its step
-        and stays serial unless ``TrainStep(threads=n)``.
+        the loop takes 0.91-1.12x (median about 0.97) the serial update's
+        time and the update alone 0.50-0.90x at 0.27-4M parameters
+        (bench/RESULTS.md, "One pool").  ``True`` or ``False`` fixes the
+        choice; ``None`` restores the default.  A default ``TrainStep``
+        follows the same automatic choice (a fixed one does not change its
+        compiled serial update); ``TrainStep(threads=n)`` always runs the
+        update on its own threads.
         """
         return self._chosen_update() is not self._serial_update
 
