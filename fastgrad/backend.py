@@ -25,6 +25,7 @@ import numpy as np
 
 from . import device as _device
 from . import registry as _registry
+from . import threads as _threads
 from .errors import NonFiniteGradientError
 from .kernels.spec import FIRST_CUSTOM_CODE, HP_END, HP_SIZE, HP_UPDATE
 
@@ -189,6 +190,13 @@ class Backend:
         """The parallel twin of the update kernel; ValueError where there is none."""
         raise ValueError(f"parallel applies to the CPU kernels; {self.name} runs its own")
 
+    def optimizer_built(self):
+        """Called when an optimizer of this device is built."""
+
+    def wants_parallel_update(self, n_params):
+        """Whether an update of ``n_params`` left to choose runs in parallel."""
+        return False
+
     def bind_pairs(self, pairs, offsets):
         """What ``update_pairs`` needs to update ``(param, grad)`` pairs in
         place (their addresses), or None when they must be copied through
@@ -317,6 +325,14 @@ class CpuBackend(Backend):
 
     def parallel_update(self, rule=None):
         return self.update_kernels(rule).clipped_update_parallel
+
+    def optimizer_built(self):
+        _threads.share_blas_pool_if_asked()
+
+    def wants_parallel_update(self, n_params):
+        # only on one pool: with two, a parallel update slows the loop
+        return (n_params >= _threads.PARALLEL_UPDATE_MIN_PARAMS and _threads.blas_pool_shared()
+                and _threads.numba_threads() > 1)
 
     def bind_pairs(self, pairs, offsets):
         # Contiguous pairs are updated where they are (kernels.cpu.multi_tensor),

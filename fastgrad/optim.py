@@ -832,8 +832,7 @@ class Optimizer:
         self._update = self._serial_update = be.update_kernels(self.rule).clipped_update
         self._parallel_asked = None         # None: chosen per step (``parallel``)
         self._parallel_kernel = None
-        if be.name == "cpu":
-            _threads.share_blas_pool_if_asked()
+        be.optimizer_built()
         # at most one segment per parameter, whatever the groups
         self._records = be.update_records(self, len(self._param_entries()))
 
@@ -891,7 +890,8 @@ class Optimizer:
         Bitwise the same result as the serial kernel.  By default (``None``)
         it is chosen per step: on when the kernels' BLAS shares Numba's
         pool (``fastgrad.share_blas_pool``), Numba has more than one thread
-        and there are at least ``PARALLEL_MIN_PARAMS`` parameters; off
+        and there are at least ``fastgrad.threads.PARALLEL_UPDATE_MIN_PARAMS``
+        (2^18) parameters; off
         otherwise.  With two pools (OpenBLAS's threads spinning after each
         GEMM, Numba's OpenMP threads after each pass) a parallel update in a
         training loop made the loop 1.1-11x slower on 2 cores; with one pool
@@ -912,10 +912,6 @@ class Optimizer:
         self._parallel_asked = on
         self._update = self._backend.parallel_update(self.rule) if on else self._serial_update
 
-    PARALLEL_MIN_PARAMS = 1 << 18
-    """Below this, a parallel region costs more than half an update saves
-    (2 cores: 134K parameters broke even, 67K took 1.22x the serial time)."""
-
     def _chosen_update(self):
         """The update kernel ``step()`` runs now."""
         if self._parallel_asked is None and _threads.blas_pool_shared():
@@ -923,9 +919,7 @@ class Optimizer:
         return self._update
 
     def _automatic_update(self):
-        # with the pool shared: parallel for a large enough model on > 1 thread
-        if (self._backend.name == "cpu" and self._params.size >= self.PARALLEL_MIN_PARAMS
-                and _threads.numba_threads() > 1):
+        if self._backend.wants_parallel_update(self._params.size):
             if self._parallel_kernel is None:
                 self._parallel_kernel = self._backend.parallel_update(self.rule)
             return self._parallel_kernel

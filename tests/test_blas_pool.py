@@ -110,6 +110,21 @@ def test_jobs_that_cannot_all_run_on_the_pool_go_to_openblas_workers():
     assert "ok" in out
 
 
+@pytest.mark.parametrize("env", [{"OMP_DYNAMIC": "true"}, {"OMP_THREAD_LIMIT": "1"}])
+def test_a_team_openmp_may_shrink_is_not_used(env):
+    # libgomp free to give fewer threads than jobs: OpenBLAS's workers run them
+    _shareable()
+    out = _run(PRELUDE + """
+    a = np.random.default_rng().standard_normal((700, 500))
+    fg.share_blas_pool(False)
+    want = mm(a, a.T)
+    assert fg.share_blas_pool()
+    assert np.array_equal(mm(a, a.T), want)
+    print("ok")
+    """, **env)
+    assert "ok" in out
+
+
 def test_a_forked_child_gets_openblas_threads_and_the_serial_update():
     _shareable()
     out = _run(PRELUDE + """
@@ -122,7 +137,8 @@ def test_a_forked_child_gets_openblas_threads_and_the_serial_update():
     pid = os.fork()
     if pid == 0:
         ok = (np.array_equal(mm(a, a), want) and not fg.blas_pool_status()[0]
-              and not opt.parallel)
+              and not opt.parallel and not fg.share_blas_pool()
+              and "fork" in fg.blas_pool_status()[1])
         opt.grads[:] = 1.0
         opt.step()
         os._exit(0 if ok else 3)
@@ -165,7 +181,7 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
             model = fg.MLP(sizes, dtype=np.float32, seed=3)
             opt = fg.Adam(model, lr=1e-3, clip_norm=0.5)
             step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
-            big = opt.params.size >= opt.PARALLEL_MIN_PARAMS
+            big = opt.params.size >= fg.threads.PARALLEL_UPDATE_MIN_PARAMS
             import numba
             assert opt.parallel == (shared and big and numba.get_num_threads() > 1)
             for _ in range(3):

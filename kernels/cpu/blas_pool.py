@@ -13,8 +13,9 @@ waiting in OpenBLAS for this call may hold.
 
 The jobs of a level-3 routine wait for one another, so they must all run
 at once.  Inside an active OpenMP region a nested team would get one
-thread, so there the jobs go to OpenBLAS's own workers, as OpenBLAS would
-have sent them.  A job clears the slot of its number in OpenBLAS's thread
+thread (and with ``OMP_DYNAMIC`` or a thread limit below the job count it
+could get fewer than asked), so there the jobs go to OpenBLAS's own
+workers, as OpenBLAS would have sent them.  A job clears the slot of its number in OpenBLAS's thread
 table when it ends, so one callback runs at a time (a spin lock that
 yields): a team's job must not clear the slot of a worker that a fallback
 call gave work to.  OpenBLAS already runs one threaded level-3 call at a time.
@@ -34,6 +35,8 @@ from ._jit import JIT
 
 # Symbols registered with llvmlite before the callback is compiled or loaded.
 IN_PARALLEL = "fastgrad_omp_in_parallel"       # libgomp's omp_in_parallel
+DYNAMIC = "fastgrad_omp_get_dynamic"           # libgomp's omp_get_dynamic
+THREAD_LIMIT = "fastgrad_omp_get_thread_limit" # libgomp's omp_get_thread_limit
 THREAD_NUM = "fastgrad_omp_get_thread_num"     # libgomp's omp_get_thread_num
 PARALLEL = "fastgrad_gomp_parallel"            # libgomp's GOMP_parallel
 MEMBER = "fastgrad_blas_team_member"           # team_member below, once compiled
@@ -79,11 +82,19 @@ def _external_int(builder, symbol):
     return variable
 
 
-@intrinsic
-def _in_parallel(typingctx):
-    def codegen(context, builder, signature, args):
-        return builder.call(_external(builder, IN_PARALLEL, _I32), [])
-    return types.int32(), codegen
+def _omp_query(symbol):
+    """An intrinsic returning libgomp's ``int symbol(void)``."""
+    @intrinsic
+    def query(typingctx):
+        def codegen(context, builder, signature, args):
+            return builder.call(_external(builder, symbol, _I32), [])
+        return types.int32(), codegen
+    return query
+
+
+_in_parallel = _omp_query(IN_PARALLEL)
+_dynamic = _omp_query(DYNAMIC)
+_thread_limit = _omp_query(THREAD_LIMIT)
 
 
 @intrinsic
@@ -196,7 +207,9 @@ def _team_member(record):
 
 def _run_jobs(sync, dojob, numjobs, job_size, jobs, data):
     _lock()
-    if _in_parallel() == 0:
+    # A team of exactly numjobs threads: not nested in an active region, and
+    # libgomp neither free to give fewer (OMP_DYNAMIC) nor limited below it.
+    if _in_parallel() == 0 and _dynamic() == 0 and numjobs <= _thread_limit():
         _run_team(_pack(dojob, numjobs, job_size, jobs, data), numjobs)
     else:
         # OpenBLAS's own way: its workers take jobs 1..n-1 (linked through
