@@ -15,10 +15,11 @@ The jobs of a level-3 routine wait for one another, so they must all run
 at once.  Inside an active OpenMP region a nested team would get one
 thread (and with ``OMP_DYNAMIC`` or a thread limit below the job count it
 could get fewer than asked), so there the jobs go to OpenBLAS's own
-workers, as OpenBLAS would have sent them.  A job clears the slot of its number in OpenBLAS's thread
-table when it ends, so one callback runs at a time (a spin lock that
-yields): a team's job must not clear the slot of a worker that a fallback
-call gave work to.  OpenBLAS already runs one threaded level-3 call at a time.
+workers, as OpenBLAS would have sent them.  A job clears the slot of its
+number in OpenBLAS's thread table when it ends, so one callback runs at a
+time (a spin lock that yields): a team's job must not clear the slot of a
+worker that a fallback call gave work to.  OpenBLAS already runs one
+threaded level-3 call at a time.
 
 The external functions and variables are reached by symbol name,
 registered with llvmlite at run time (``fastgrad.threads``), so the
@@ -36,13 +37,13 @@ from ._jit import JIT
 # Symbols registered with llvmlite before the callback is compiled or loaded.
 IN_PARALLEL = "fastgrad_omp_in_parallel"       # libgomp's omp_in_parallel
 DYNAMIC = "fastgrad_omp_get_dynamic"           # libgomp's omp_get_dynamic
-THREAD_LIMIT = "fastgrad_omp_get_thread_limit" # libgomp's omp_get_thread_limit
+THREAD_LIMIT = "fastgrad_omp_get_thread_limit"  # libgomp's omp_get_thread_limit
 THREAD_NUM = "fastgrad_omp_get_thread_num"     # libgomp's omp_get_thread_num
 PARALLEL = "fastgrad_gomp_parallel"            # libgomp's GOMP_parallel
-MEMBER = "fastgrad_blas_team_member"           # team_member below, once compiled
+MEMBER = "fastgrad_blas_team_member"           # _team_member below, once compiled
 BLAS_ASYNC = "fastgrad_exec_blas_async"        # OpenBLAS's exec_blas_async
 BLAS_WAIT = "fastgrad_exec_blas_async_wait"    # OpenBLAS's exec_blas_async_wait
-BLAS_WORKERS = "fastgrad_blas_num_threads"      # OpenBLAS's int blas_num_threads
+BLAS_WORKERS = "fastgrad_blas_num_threads"     # OpenBLAS's int blas_num_threads
 LOCK = "fastgrad_blas_pool_lock"               # an int32 owned by fastgrad.threads
 YIELD = "fastgrad_sched_yield"                 # libc's sched_yield
 
