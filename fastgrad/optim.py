@@ -1691,10 +1691,7 @@ class Optimizer:
                 self._gather_params()
                 self._gather_grads()
             rule, s0, s1, s2, hp = self._kernel_args()
-            update = self._update
-            if self._parallel_asked is None and _threads.blas_pool_shared():
-                update = self._automatic_update()
-            norm, scale, skipped = update(
+            norm, scale, skipped = self._chosen_update()(
                 rule, self.params, self.grads, s0, s1, s2, hp, self._offsets,
                 self._layer_sq, self._clip_norm, self._clip_value,
                 **self._records.update_kwargs)

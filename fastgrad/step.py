@@ -471,14 +471,14 @@ class TrainStep:
         elif self.cuda_graph:
             loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
                 x, labels, target, hp)
-        elif self.opt._parallel_asked is None and _threads.blas_pool_shared() and \
-                self.opt._automatic_update() is not self.opt._serial_update:
+        elif self.opt._parallel_asked is None and \
+                self.opt._chosen_update() is not self.opt._serial_update:
             # One pool (fastgrad.share_blas_pool): the update runs on its
             # threads, after the driver's forward and backward.
             args, kw = self._driver_args(B)
             loss = self._kernels.forward_backward(x, labels, target, self._loss_kind, *args, **kw)
             opt = self.opt
-            norm, scale, skipped = opt._automatic_update()(
+            norm, scale, skipped = opt._chosen_update()(
                 rule, opt._params, opt._grads, s0, s1, s2, hp, opt._offsets, self._layer_sq,
                 opt._clip_norm, opt._clip_value)
         else:

@@ -208,4 +208,4 @@ numba_threads = numba.get_num_threads
 def blas_pool_status():
     """``(shared, why_not)``: whether the kernels' BLAS runs on Numba's
     threads, and if not, why (``None`` before anything asked)."""
-    return bool(_pool["libraries"]), _pool["why_not"]
+    return blas_pool_shared(), _pool["why_not"]
