@@ -181,6 +181,11 @@ class Backend:
         None for the layer path's forward and backward."""
         return None
 
+    def fill_pass_team(self, plan, kernels, dtype):
+        """Write the host thread team of the driver's activation passes into
+        a step ``plan`` (``kernels/layout.py`` ``PLAN_POOL_*``) for the step
+        module ``kernels``; devices without one leave the plan as it is."""
+
     # -- the optimizer ------------------------------------------------------------
     def update_records(self, opt, n_entries):
         """The read-back of ``opt``'s updates (see :class:`HostRecords`)."""
@@ -328,6 +333,12 @@ class CpuBackend(Backend):
 
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()
+
+    def fill_pass_team(self, plan, kernels, dtype):
+        # on one pool only: with OpenBLAS's own threads spinning, a team fights them
+        from .kernels import layout
+        team = _threads.pass_team(lambda: kernels.pass_team.member_addresses(dtype))
+        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_GRAD + 1] = team
 
     def wants_parallel_update(self, n_params):
         # only on one pool: with two, a parallel update slows the loop

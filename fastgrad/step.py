@@ -372,7 +372,8 @@ class TrainStep:
         # kept for the last buffers and kernels used: building the tuple is
         # ~1 us of a tiny net's ~20 us step
         cached = self._fixed_args
-        if cached is None or cached[0] is not buf or cached[1] is not self._kernels:
+        if cached is None or cached[0] is not buf or cached[1] is not self._kernels or \
+                cached[4] != _threads.pool_generation():
             missing = layer_features(m) - set(self._kernels.SERVED_FEATURES)
             if missing:
                 # the driver would run such a layer as a plain one
@@ -380,11 +381,13 @@ class TrainStep:
                                  f"{sorted(missing)} (they serve "
                                  f"{list(self._kernels.SERVED_FEATURES)})")
             acts, zs, delta, plan, fplan = buf
+            generation = _threads.pool_generation()
+            self._backend.fill_pass_team(plan, self._kernels, m.dtype)
             ws = self._workspaces.get(B)
             cached = self._fixed_args = (buf, self._kernels, (
                 m.params, m.grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
                 acts, zs, delta, plan, fplan, m.running_mean, m.running_var),
-                _NO_KEYWORDS if ws is None else {"ws": ws})
+                _NO_KEYWORDS if ws is None else {"ws": ws}, generation)
         kw = cached[3]
         on_device = update and self._device_step is not None
         if self._blocks:

@@ -25,6 +25,7 @@ def set_num_threads(n):
     n = min(n, numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(n)
     _limiter = threadpool_limits(limits=n)
+    _pool["generation"] += 1            # step plans refill their pass teams
     return n
 
 
@@ -71,7 +72,11 @@ def one_blas_thread():
 # -- one pool: the kernels' BLAS runs its parallel jobs on Numba's threads ------
 
 _pool_lock = threading.Lock()
-_pool = {"libraries": None, "why_not": None, "fork_hook": False, "forked": False}
+# "generation" counts the changes a step plan's pass team must follow
+# (sharing on or off, a fork, fastgrad.set_num_threads): TrainStep refills
+# its plan when it moved (kernels/cpu/pass_team.py).
+_pool = {"libraries": None, "why_not": None, "fork_hook": False, "forked": False,
+         "generation": 0, "start": None}
 _pool_lock_word = None      # the callback's spin lock (an int32 it reaches by symbol)
 
 
@@ -141,6 +146,7 @@ def share_blas_pool(on=True):
             if _pool["libraries"]:
                 _pool["libraries"][1](None)
                 _pool["libraries"] = None
+                _pool["generation"] += 1
             return False
         if _pool["libraries"]:
             return True
@@ -168,6 +174,8 @@ def share_blas_pool(on=True):
         set_callback(ctypes.c_void_p(blas_pool.run_jobs_address()))
         _pool["libraries"] = (lib, set_callback)
         _pool["why_not"] = None
+        _pool["start"] = system["PARALLEL"]
+        _pool["generation"] += 1
         if not _pool["fork_hook"]:
             os.register_at_fork(after_in_child=_unshare_in_child)
             _pool["fork_hook"] = True
@@ -181,6 +189,7 @@ def _unshare_in_child():
     _pool_lock = threading.Lock()
     _pool["forked"] = True
     _pool["why_not"] = "forked child: GNU OpenMP cannot be used after a fork"
+    _pool["generation"] += 1
     if _pool["libraries"]:
         _pool["libraries"][1](None)
         _pool["libraries"] = None
@@ -200,6 +209,23 @@ PARALLEL_UPDATE_MIN_PARAMS = 1 << 18
 
 def blas_pool_shared():
     return _pool["libraries"] is not None
+
+
+def pool_generation():
+    """A number that changes whenever a step's pass team must be chosen again."""
+    return _pool["generation"]
+
+
+def pass_team(member_addresses):
+    """``(threads, start, forward, gradient)`` for a step plan's activation
+    passes (kernels/cpu/pass_team.py): the shared pool's threads and
+    ``GOMP_parallel``'s address, with the members'; all 0 (serial passes)
+    when the pool is not shared or Numba runs one thread.
+    ``member_addresses()`` gives the members' addresses (compiled on first use)."""
+    threads = numba_threads()
+    if not blas_pool_shared() or threads < 2:
+        return 0, 0, 0, 0
+    return (threads, _pool["start"]) + tuple(member_addresses())
 
 
 numba_threads = numba.get_num_threads

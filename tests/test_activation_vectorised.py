@@ -73,7 +73,7 @@ def _compiled_loops(f, df, needs_z, dtype=np.float32):
 
     @njit(error_model="numpy")
     def gradient(g, a, z, db, alpha):
-        acts._grad_loop(g, a, z, db, alpha, df)
+        acts._grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
 
     x = np.ones((2, 3), dtype)
     b = np.ones(3, dtype)

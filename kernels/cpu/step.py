@@ -49,7 +49,8 @@ every cold compile (a plain model's too) and every call.
 
 plan    int64   the step plan: a header (``PLAN_*`` slots: the dropout mask
                 seed, this step's dropout counter, training mode, the
-                offsets of the scratch slices) then ``PLAN_ROW`` ints per
+                offsets of the scratch slices, the thread pool of the
+                activation passes: kernels/cpu/pass_team.py) then ``PLAN_ROW`` ints per
                 layer (residual flag, norm kind of kernels/spec.py, weight
                 norm flag)
 fplan   float64 dropout rate per layer (L), then float64 scratch: batch
@@ -74,6 +75,7 @@ import math
 import numpy as np
 from numba import njit
 
+from . import pass_team
 from ._jit import INLINE, JIT, code_ladder, served_codes
 from .activations import bias_act_grad_inplace, bias_act_step, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
@@ -251,7 +253,11 @@ def _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fp
             if not needs_z(codes[l]):
                 z = a
             np.dot(h, W, z)
-            bias_act_step(z, b, a, codes[l], alphas[l])
+            team = pass_team.team_size(plan, B * n_out)
+            if team:
+                pass_team.forward(plan, team, z, b, a, codes[l], alphas[l])
+            else:
+                bias_act_step(z, b, a, codes[l], alphas[l])
         h = a
         act_off += B * n_out
         if _BLOCKS or _NORM or _WEIGHT_NORM:
@@ -330,7 +336,11 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
         else:
             if not needs_z(codes[l]):
                 z = a
-            bias_act_grad_inplace(da, a, z, db, codes[l], alphas[l])
+            team = pass_team.gradient_team_size(plan, da.size, sizes[l + 1], codes[l])
+            if team:
+                pass_team.gradient(plan, team, da, a, z, db, codes[l], alphas[l])
+            else:
+                bias_act_grad_inplace(da, a, z, db, codes[l], alphas[l])
             dz = da
         if l > 0:
             h = acts[act_off - B * sizes[l]:act_off].reshape((B, sizes[l]))

@@ -1,0 +1,181 @@
+"""The step's activation passes on the shared pool's threads
+(kernels/cpu/pass_team.py): bitwise the serial passes, for any team."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+from numba import njit
+
+import fastgrad as fg
+from fastgrad import threads as fg_threads
+from fastgrad.kernels import layout as K
+from fastgrad.kernels import spec
+from fastgrad.kernels.cpu import activations as A
+from fastgrad.kernels.cpu import pass_team
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def shared_pool():
+    if not fg.share_blas_pool():
+        pytest.skip(f"the BLAS pool cannot be shared here: {fg.blas_pool_status()[1]}")
+    try:
+        yield
+    finally:
+        fg.share_blas_pool(False)
+
+
+def _plan(dtype, threads):
+    got = fg_threads.pass_team(lambda: pass_team.member_addresses(dtype))
+    assert got[0] == (numba.get_num_threads() if numba.get_num_threads() > 1 else 0)
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba runs one thread here: no team")
+    plan = np.zeros(K.PLAN_HEADER, np.int64)
+    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_GRAD + 1] = got
+    plan[K.PLAN_POOL_THREADS] = threads
+    return plan
+
+
+@njit
+def _forward(plan, threads, z, b, out, act, alpha):
+    pass_team.forward(plan, threads, z, b, out, act, alpha)
+
+
+@njit
+def _gradient(plan, threads, g, a, z, db, act, alpha):
+    pass_team.gradient(plan, threads, g, a, z, db, act, alpha)
+
+
+def _serial_and_team(plan, threads, code, dtype, rows, cols, rng):
+    """(serial, team) results of the forward and gradient passes from the
+    same fresh inputs: z, the output, dz, db."""
+    z0 = (rng.standard_normal((rows, cols)) * 3).astype(dtype)
+    b = rng.standard_normal(cols).astype(dtype)
+    g0 = rng.standard_normal((rows, cols)).astype(dtype)
+    alpha = 0.3
+    results = []
+    for team in (False, True):
+        z = z0.copy()
+        out = np.empty_like(z) if A.needs_z(code) else z
+        (_forward if team else _serial_forward)(plan, threads, z, b, out, code, alpha)
+        g, db = g0.copy(), np.full(cols, 7, dtype)
+        (_gradient if team else _serial_gradient)(plan, threads, g, out, z, db, code, alpha)
+        results.append((z, out.copy(), g, db))
+    return results
+
+
+def _serial_forward(plan, threads, z, b, out, act, alpha):
+    A.bias_act_step(z, b, out, act, alpha)
+
+
+def _serial_gradient(plan, threads, g, a, z, db, act, alpha):
+    A.bias_act_grad_inplace(g, a, z, db, act, alpha)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("code", range(spec.N_ACTIVATIONS),
+                         ids=[a.name for a in spec.ACTIVATIONS])
+def test_team_passes_are_bitwise_the_serial_passes(shared_pool, code, dtype):
+    rng = np.random.default_rng()
+    # odd sizes; fewer rows than threads; more threads than cores (a
+    # share per thread, whichever thread runs it)
+    for threads, rows, cols in [(2, 147, 301), (2, 9, 2053), (2, 1000, 33), (3, 517, 37),
+                                (7, 5, 211), (4, 1, 64)]:
+        plan = _plan(dtype, threads)
+        serial, team = _serial_and_team(plan, threads, code, dtype, rows, cols, rng)
+        for name, s, t in zip(("z", "output", "dz", "db"), serial, team):
+            assert np.array_equal(s, t), (name, threads, rows, cols)
+        assert np.isfinite(team[1]).all() and np.isfinite(team[2]).all()
+
+
+def test_a_team_smaller_than_asked_still_runs_every_share():
+    # OMP_THREAD_LIMIT=1: GOMP_parallel starts one thread, which claims every share
+    code = """
+        import numpy as np, numba
+        import fastgrad as fg
+        from fastgrad.kernels import spec
+        assert fg.share_blas_pool(), fg.blas_pool_status()
+        numba.set_num_threads(2) if numba.config.NUMBA_NUM_THREADS > 1 else None
+        import tests.test_pass_team as t
+        if numba.get_num_threads() < 2:
+            print("skip")
+        else:
+            rng = np.random.default_rng()
+            for name in ("gelu", "tanh"):
+                plan = t._plan(np.float32, 4)
+                serial, team = t._serial_and_team(plan, 4, spec.CODES[name], np.float32, 301,
+                                                  257, rng)
+                assert all(np.array_equal(s, x) for s, x in zip(serial, team)), name
+            print("ok")
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_THREAD_LIMIT="1")
+    try:
+        done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the child did not finish in 300 s (a hang)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.split() == ["skip"]:
+        pytest.skip("Numba runs one thread here: no team")
+    assert done.stdout.split() == ["ok"]
+
+
+def _train(sizes, act, shared, B=64, steps=3):
+    fg.share_blas_pool(shared)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((B, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], B)
+    model = fg.MLP(sizes, activation=act, dtype=np.float32, seed=3)
+    opt = fg.Adam(model, lr=1e-3, clip_norm=0.5)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    for _ in range(steps):
+        step(x, y)
+    loss = step.gradients(x, y)
+    return step, opt.params.copy(), model.grads.copy(), loss
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
+def test_train_step_on_the_team_is_bitwise_the_serial_step(shared_pool, act):
+    # 64 x 300 outputs: over MIN_ELEMENTS, a team forward (and for gelu and
+    # silu a team gradient) in the first layer; the others stay serial
+    sizes = [41, 300, 77, 5]
+    assert 64 * 300 >= pass_team.MIN_ELEMENTS > 64 * 77
+    serial = _train(sizes, act, False)
+    team = _train(sizes, act, True)
+    plan = team[0]._fixed_args[2][9]
+    threads = numba.get_num_threads()
+    assert plan[K.PLAN_POOL_THREADS] == (threads if threads > 1 else 0)
+    for s, t in zip(serial[1:], team[1:]):
+        assert np.array_equal(s, t)
+
+
+def test_the_plan_follows_the_pool_and_the_thread_count(shared_pool):
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba runs one thread here: no team")
+    before = numba.get_num_threads()
+    step, *_ = _train([20, 300, 3], "tanh", True, steps=1)
+    x = np.ones((64, 20), np.float32)
+    y = np.zeros(64, np.int64)
+
+    def team():
+        step(x, y)
+        return step._fixed_args[2][9][K.PLAN_POOL_THREADS]
+
+    try:
+        assert team() == before
+        fg.set_num_threads(1)
+        assert team() == 0
+        fg.set_num_threads(before)
+        assert team() == before
+        fg.share_blas_pool(False)
+        assert team() == 0
+        fg.share_blas_pool(True)
+        assert team() == before
+    finally:
+        fg.set_num_threads(before)
