@@ -1,0 +1,145 @@
+"""The step's activation passes on the shared pool's threads against the
+serial passes (kernels/cpu/pass_team.py), in one process with the pool shared.
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -P bench/pass_team_compare.py [--rounds 5]
+
+1. The passes alone: ``bias_act_step`` and the gradient pass, serial and on
+   the team (a plan with the pool's threads), per activation and shape,
+   best of interleaved rounds.
+2. Whole steps: each workload's ``TrainStep`` with its plan's team on and
+   off (the plan slot ``PLAN_POOL_THREADS`` toggled between rounds) and its
+   bare GEMMs, interleaved; ratios are medians over rounds.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from numba import njit
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from timing import timed  # noqa: E402
+from untuned_compare import draw  # noqa: E402
+from workloads import make_fastgrad, make_gemm_floor  # noqa: E402
+
+import fastgrad as fg  # noqa: E402
+from fastgrad import threads as fg_threads  # noqa: E402
+from fastgrad.kernels import layout as K  # noqa: E402
+from fastgrad.kernels.cpu import activations as A  # noqa: E402
+from fastgrad.kernels.cpu import pass_team  # noqa: E402
+from fastgrad.kernels.spec import CODES  # noqa: E402
+
+PASS_SHAPES = [(146, 999), (130, 265), (46, 1633), (256, 1024)]
+PASS_ACTIVATIONS = ["relu", "tanh", "softplus", "gelu", "silu"]
+# the untuned workloads (bench/untuned_compare.py) plus four wider ones
+EXTRA = {"w1": ([784, 1024, 1024, 10], 256, "gelu", "softmax_cross_entropy"),
+         "w2": ([256, 512, 512, 512, 256], 128, "silu", "mse"),
+         "w3": ([512, 2048, 512], 64, "gelu_tanh", "mse"),
+         "w4": ([784, 1024, 1024, 10], 256, "tanh", "softmax_cross_entropy")}
+
+
+@njit
+def _forward(plan, z, b, out, act, alpha):
+    threads = pass_team.team_size(plan, z.size)
+    if threads:
+        pass_team.forward(plan, threads, z, b, out, act, alpha)
+    else:
+        A.bias_act_step(z, b, out, act, alpha)
+
+
+@njit
+def _gradient(plan, g, a, z, db, act, alpha):
+    threads = plan[K.PLAN_POOL_THREADS]
+    if threads > 1 and g.size >= pass_team.MIN_ELEMENTS and g.shape[1] >= pass_team.MIN_COLUMNS:
+        pass_team.gradient(plan, threads, g, a, z, db, act, alpha)
+    else:
+        A.bias_act_grad_inplace(g, a, z, db, act, alpha)
+
+
+def passes(rounds, reps=200):
+    team = np.zeros(K.PLAN_HEADER, np.int64)
+    team[K.PLAN_POOL_THREADS:K.PLAN_POOL_GRAD + 1] = fg_threads.pass_team(
+        lambda: pass_team.member_addresses(np.float32))
+    serial = np.zeros_like(team)
+    rng = np.random.default_rng(0)
+    print(f"passes alone, float32, {team[K.PLAN_POOL_THREADS]} threads; us, best of {rounds} "
+          "rounds (gradient split forced for every activation)")
+    for act in PASS_ACTIVATIONS:
+        code = CODES[act]
+        for B, n in PASS_SHAPES:
+            z = rng.standard_normal((B, n)).astype(np.float32)
+            b = np.zeros(n, np.float32)
+            out = np.empty_like(z) if A.needs_z(code) else z
+            g, db, zero = z.copy(), b.copy(), np.zeros_like(z)   # a = z = 0: no underflow
+            best = {}
+            for _ in range(rounds):
+                for name, plan in (("serial", serial), ("team", team)):
+                    _forward(plan, z, b, out, code, 0.1)
+                    f = timed(lambda: _forward(plan, z, b, out, code, 0.1), reps)
+                    gr = timed(lambda: _gradient(plan, g, zero, zero, db, code, 0.1), reps)
+                    old = best.get(name, (f, gr))
+                    best[name] = (min(f, old[0]), min(gr, old[1]))
+            (sf, sg), (tf, tg) = best["serial"], best["team"]
+            print(f"  {act:9s} {B:4d}x{n:<5d} forward {sf * 1e6:7.1f} -> {tf * 1e6:7.1f} "
+                  f"({tf / sf:.2f}x)   gradient {sg * 1e6:7.1f} -> {tg * 1e6:7.1f} ({tg / sg:.2f}x)")
+
+
+def steps(names, rounds):
+    workloads = dict(draw(10), **EXTRA)
+    print(f"\nwhole steps, team on / off and bare GEMMs (2 threads), {rounds} interleaved "
+          "rounds; ms are medians")
+    print("| workload | team ms | serial ms | GEMMs ms | team / serial | team / GEMMs | "
+          "serial / GEMMs |\n|---|---|---|---|---|---|---|")
+    for name in names:
+        sizes, batch, act, loss = workloads[name]
+        run = make_fastgrad(sizes, batch, act, loss)
+        gemms = make_gemm_floor(sizes, batch, act, loss)
+        for _ in range(3):
+            run()
+            gemms()
+        plan = run.train_step._fixed_args[2][9]
+        threads = int(plan[K.PLAN_POOL_THREADS])
+        reps = max(5, int(0.3 / timed(run, 3)))
+        per = {"team": [], "serial": [], "gemm": []}
+        for _ in range(rounds):
+            for mode in per:
+                fn = gemms if mode == "gemm" else run
+                plan[K.PLAN_POOL_THREADS] = 0 if mode == "serial" else threads
+                timed(fn, 3)
+                per[mode].append(timed(fn, reps))
+        plan[K.PLAN_POOL_THREADS] = threads
+        t, s, g = (np.array(per[k]) for k in ("team", "serial", "gemm"))
+        print(f"| {name}: {'-'.join(map(str, sizes))} b{batch} {act} {loss} | "
+              f"{np.median(t) * 1e3:.3g} | {np.median(s) * 1e3:.3g} | {np.median(g) * 1e3:.3g} | "
+              f"{np.median(t / s):.2f} | {np.median(t / g):.2f} | {np.median(s / g):.2f} |",
+              flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--workloads", default="u0,u1,u2,u3,u4,u5,u6,u7,u8,u9,w1,w2,w3,w4")
+    ap.add_argument("--smoke", action="store_true", help="one shape, one workload, one round")
+    args = ap.parse_args(argv)
+    if not fg.share_blas_pool():
+        print(f"the pool cannot be shared here: {fg.blas_pool_status()[1]}")
+        return 0
+    try:
+        if fg.get_num_threads()[0] < 2:
+            print("Numba runs one thread here: no team to compare")
+        elif args.smoke:
+            global PASS_SHAPES, PASS_ACTIVATIONS
+            PASS_SHAPES, PASS_ACTIVATIONS = [(130, 265)], ["gelu"]
+            passes(1, reps=3)
+            steps(["u6"], 1)
+        else:
+            passes(args.rounds)
+            steps(args.workloads.split(","), args.rounds)
+    finally:
+        fg.share_blas_pool(False)       # the process's other callers get OpenBLAS's threads back
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
