@@ -179,3 +179,30 @@ def test_the_plan_follows_the_pool_and_the_thread_count(shared_pool):
         assert team() == before
     finally:
         fg.set_num_threads(before)
+
+
+def test_a_registered_activation_runs_on_the_team(shared_pool):
+    # its members come from the model's own copy of the kernels (uncached),
+    # with the activation's loops inlined: bitwise the serial step
+    from fastgrad import registry
+    from fastgrad.kernels.cpu import mathfn
+
+    def f(z, alpha):
+        return z / (mathfn.like(z, 1.0) + mathfn.exp(-z))
+
+    def df(a, z, alpha):
+        one = mathfn.like(z, 1.0)
+        s = one / (one + mathfn.exp(-z))
+        return s * (one + z * (one - s))
+
+    name = "swish_pass_team"
+    registry.register_activation(name, f, df, needs="z")
+    try:
+        serial = _train([41, 300, 77, 5], name, False)
+        team = _train([41, 300, 77, 5], name, True)
+        threads = numba.get_num_threads()
+        assert team[0]._fixed_args[2][9][K.PLAN_POOL_THREADS] == (threads if threads > 1 else 0)
+        for s, t in zip(serial[1:], team[1:]):
+            assert np.array_equal(s, t)
+    finally:
+        registry._forget(name)
