@@ -25,6 +25,8 @@ from ..layout import (PLAN_POOL_FORWARD, PLAN_POOL_GRAD, PLAN_POOL_START,  # noq
                       PLAN_POOL_THREADS)
 from ._jit import INLINE, JIT
 from .activations import bias_act_grad_columns, bias_act_step, needs_z
+# a record's int64 field k, and an int64 as a pointer: the callback's own
+from .blas_pool import _as_pointer, _field
 
 # Below these sizes a team costs more than it saves (2 cores, one pool;
 # bench/RESULTS.md "Activation passes on the pool").
@@ -54,14 +56,6 @@ def _record(typingctx, shares, share, p0, p1, p2, p3, rows, cols, act, alpha):
 
 
 @intrinsic
-def _field(typingctx, record, k):
-    def codegen(context, builder, signature, args):
-        base = builder.bitcast(args[0], _I64.as_pointer())
-        return builder.load(builder.gep(base, [args[1]]))
-    return types.int64(types.voidptr, k), codegen
-
-
-@intrinsic
 def _alpha(typingctx, record):
     def codegen(context, builder, signature, args):
         base = builder.bitcast(args[0], _I64.as_pointer())
@@ -77,13 +71,6 @@ def _claim(typingctx, record):
         counter = builder.bitcast(args[0], _I64.as_pointer())
         return builder.atomic_rmw("add", counter, _I64(1), "monotonic")
     return types.int64(types.voidptr), codegen
-
-
-@intrinsic
-def _as_pointer(typingctx, address):
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], _VOIDPTR)
-    return types.voidptr(types.int64), codegen
 
 
 @intrinsic
