@@ -98,15 +98,16 @@ def team_size(plan, elements):
 
 
 @njit(**INLINE)
-def gradient_team_size(plan, elements, cols, act):
-    """Threads for a gradient pass: 0 runs it serially.  Only derivatives
-    computed from z (gelu, gelu_tanh, silu: ``needs_z``) are split.  The
-    others read ``a`` and cost little; split by columns, their pass is
-    memory-bound, and the cache line at each share's edge, written by two
-    threads in every row, made it 1.0-4.5x slower."""
-    if cols < MIN_COLUMNS or not needs_z(act):
+def gradient_team_size(plan, g, act):
+    """Threads for the gradient pass over ``g``: 0 runs it serially.  Only
+    derivatives computed from z (gelu, gelu_tanh, silu: ``needs_z``) are
+    split.  The others read ``a`` and cost little; split by columns, their
+    pass is memory-bound, and the cache line at each share's edge, written
+    by two threads in every row, made it 2-16x slower (relu, tanh;
+    bench/RESULTS.md "Activation passes on the pool")."""
+    if g.shape[1] < MIN_COLUMNS or not needs_z(act):
         return 0
-    return team_size(plan, elements)
+    return team_size(plan, g.size)
 
 
 @njit(**INLINE)

@@ -336,7 +336,7 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
         else:
             if not needs_z(codes[l]):
                 z = a
-            team = pass_team.gradient_team_size(plan, da.size, sizes[l + 1], codes[l])
+            team = pass_team.gradient_team_size(plan, da, codes[l])
             if team:
                 pass_team.gradient(plan, team, da, a, z, db, codes[l], alphas[l])
             else:
