@@ -1,14 +1,19 @@
-"""The step's activation passes on the shared pool's threads against the
-serial passes (kernels/cpu/pass_team.py), in one process with the pool shared.
+"""The step's passes on the shared pool's threads against the serial passes
+(kernels/cpu/pass_team.py), in one process with the pool shared.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -P bench/pass_team_compare.py [--rounds 5]
 
-1. The passes alone: ``bias_act_step`` and the gradient pass, serial and on
-   the team (a plan with the pool's threads), per activation and shape,
-   best of interleaved rounds.
-2. Whole steps: each workload's ``TrainStep`` with its plan's team on and
-   off (the plan slot ``PLAN_POOL_THREADS`` toggled between rounds) and its
-   bare GEMMs, interleaved; ratios are medians over rounds.
+1. The activation passes alone: ``bias_act_step`` and the gradient pass,
+   serial and on the team (a plan with the pool's threads), per activation
+   and shape, best of interleaved rounds.
+2. The clipped Adam update alone: serial, on the team
+   (``pass_team.clipped_update``) and the optimizers' parallel kernel
+   (``optim.clipped_update_parallel``, Numba's parfor), per model size;
+   ratios are medians over interleaved rounds.
+3. Whole steps: each workload's ``TrainStep`` with every pass on its plan's
+   team, with the update kept serial (``PLAN_POOL_UPDATE`` 0), with every
+   pass serial (``PLAN_POOL_THREADS`` 0), and its bare GEMMs, interleaved;
+   ratios are medians over rounds.
 """
 import argparse
 import sys
@@ -27,6 +32,7 @@ import fastgrad as fg  # noqa: E402
 from fastgrad import threads as fg_threads  # noqa: E402
 from fastgrad.kernels import layout as K  # noqa: E402
 from fastgrad.kernels.cpu import activations as A  # noqa: E402
+from fastgrad.kernels.cpu import optim as O  # noqa: E402
 from fastgrad.kernels.cpu import pass_team  # noqa: E402
 from fastgrad.kernels.spec import CODES  # noqa: E402
 
@@ -37,6 +43,10 @@ EXTRA = {"w1": ([784, 1024, 1024, 10], 256, "gelu", "softmax_cross_entropy"),
          "w2": ([256, 512, 512, 512, 256], 128, "silu", "mse"),
          "w3": ([512, 2048, 512], 64, "gelu_tanh", "mse"),
          "w4": ([784, 1024, 1024, 10], 256, "tanh", "softmax_cross_entropy")}
+# models of 5K to 17M parameters for the update alone
+UPDATE_SIZES = [[40, 64, 40], [37, 211, 3, 64], [100, 128, 25], [41, 300, 77, 5],
+                [259, 265, 64], [37, 270, 48, 42, 999, 58, 643], [784, 512, 512, 10],
+                [784, 1024, 1024, 10], [512, 2048, 1024, 512], [2048] * 5]
 
 
 @njit
@@ -57,10 +67,50 @@ def _gradient(plan, g, a, z, db, act, alpha):
         A.bias_act_grad_inplace(g, a, z, db, act, alpha)
 
 
-def passes(rounds, reps=200):
-    team = np.zeros(K.PLAN_HEADER, np.int64)
-    team[K.PLAN_POOL_THREADS:K.PLAN_POOL_GRAD + 1] = fg_threads.pass_team(
+def _team_plan():
+    plan = np.zeros(K.PLAN_HEADER, np.int64)
+    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_UPDATE + 1] = fg_threads.pass_team(
         lambda: pass_team.member_addresses(np.float32))
+    return plan
+
+
+@njit
+def _team_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
+    return pass_team.clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq,
+                                    clip_norm, clip_value)
+
+
+def updates(rounds):
+    plan = _team_plan()
+    print(f"\nthe clipped Adam update alone, float32, {plan[K.PLAN_POOL_THREADS]} threads; "
+          f"medians of {rounds} interleaved rounds")
+    print("| layer sizes | parameters | serial us | team / serial | parfor / serial |\n"
+          "|---|---|---|---|---|")
+    for sizes in UPDATE_SIZES:
+        model = fg.MLP(sizes, seed=0)
+        opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
+        model.grads[...] = np.random.default_rng(0).standard_normal(model.grads.size) * 1e-3
+        opt.step()
+        rule, s0, s1, s2, hp = opt._kernel_args()
+        args = (rule, opt._params, opt._grads, s0, s1, s2, hp, opt._offsets,
+                np.zeros(len(opt._offsets) - 1), 1.0, 0.0)
+        kernels = {"serial": lambda: O.clipped_update(*args),
+                   "team": lambda: _team_update(plan, *args),
+                   "parfor": lambda: O.clipped_update_parallel(*args)}
+        for fn in kernels.values():
+            fn()
+        reps = max(5, int(0.05 / timed(kernels["serial"], 3)))
+        per = {k: [] for k in kernels}
+        for _ in range(rounds):
+            for name, fn in kernels.items():
+                per[name].append(timed(fn, reps))
+        t, s, p = (np.array(per[k]) for k in ("team", "serial", "parfor"))
+        print(f"| {'-'.join(map(str, sizes))} | {opt._params.size:,} | {np.median(s) * 1e6:.1f} | "
+              f"{np.median(t / s):.2f} | {np.median(p / s):.2f} |", flush=True)
+
+
+def passes(rounds, reps=200):
+    team = _team_plan()
     serial = np.zeros_like(team)
     rng = np.random.default_rng(0)
     print(f"passes alone, float32, {team[K.PLAN_POOL_THREADS]} threads; us, best of {rounds} "
@@ -87,10 +137,10 @@ def passes(rounds, reps=200):
 
 def steps(names, rounds):
     workloads = dict(draw(10), **EXTRA)
-    print(f"\nwhole steps, team on / off and bare GEMMs (2 threads), {rounds} interleaved "
-          "rounds; ms are medians")
-    print("| workload | team ms | serial ms | GEMMs ms | team / serial | team / GEMMs | "
-          "serial / GEMMs |\n|---|---|---|---|---|---|---|")
+    print(f"\nwhole steps: every pass on the team, the update kept serial, every pass "
+          f"serial, and the bare GEMMs (2 threads); {rounds} interleaved rounds; ms are medians")
+    print("| workload | team ms | serial update ms | serial ms | GEMMs ms | team / serial | "
+          "team / serial update | team / GEMMs | serial / GEMMs |\n|---|---|---|---|---|---|---|---|---|")
     for name in names:
         sizes, batch, act, loss = workloads[name]
         run = make_fastgrad(sizes, batch, act, loss)
@@ -99,28 +149,30 @@ def steps(names, rounds):
             run()
             gemms()
         plan = run.train_step._fixed_args[2][9]
-        threads = int(plan[K.PLAN_POOL_THREADS])
+        threads, member = int(plan[K.PLAN_POOL_THREADS]), int(plan[K.PLAN_POOL_UPDATE])
         reps = max(5, int(0.3 / timed(run, 3)))
-        per = {"team": [], "serial": [], "gemm": []}
+        per = {"team": [], "update": [], "serial": [], "gemm": []}
         for _ in range(rounds):
             for mode in per:
                 fn = gemms if mode == "gemm" else run
                 plan[K.PLAN_POOL_THREADS] = 0 if mode == "serial" else threads
+                plan[K.PLAN_POOL_UPDATE] = 0 if mode == "update" else member
                 timed(fn, 3)
                 per[mode].append(timed(fn, reps))
-        plan[K.PLAN_POOL_THREADS] = threads
-        t, s, g = (np.array(per[k]) for k in ("team", "serial", "gemm"))
+        plan[K.PLAN_POOL_THREADS], plan[K.PLAN_POOL_UPDATE] = threads, member
+        t, u, s, g = (np.array(per[k]) for k in ("team", "update", "serial", "gemm"))
         print(f"| {name}: {'-'.join(map(str, sizes))} b{batch} {act} {loss} | "
-              f"{np.median(t) * 1e3:.3g} | {np.median(s) * 1e3:.3g} | {np.median(g) * 1e3:.3g} | "
-              f"{np.median(t / s):.2f} | {np.median(t / g):.2f} | {np.median(s / g):.2f} |",
-              flush=True)
+              f"{np.median(t) * 1e3:.3g} | {np.median(u) * 1e3:.3g} | {np.median(s) * 1e3:.3g} | "
+              f"{np.median(g) * 1e3:.3g} | {np.median(t / s):.2f} | {np.median(t / u):.2f} | "
+              f"{np.median(t / g):.2f} | {np.median(s / g):.2f} |", flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workloads", default="u0,u1,u2,u3,u4,u5,u6,u7,u8,u9,w1,w2,w3,w4")
-    ap.add_argument("--smoke", action="store_true", help="one shape, one workload, one round")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one shape, one model, one workload, one round")
     args = ap.parse_args(argv)
     if not fg.share_blas_pool():
         print(f"the pool cannot be shared here: {fg.blas_pool_status()[1]}")
@@ -129,12 +181,15 @@ def main(argv=None):
         if fg.get_num_threads()[0] < 2:
             print("Numba runs one thread here: no team to compare")
         elif args.smoke:
-            global PASS_SHAPES, PASS_ACTIVATIONS
+            global PASS_SHAPES, PASS_ACTIVATIONS, UPDATE_SIZES
             PASS_SHAPES, PASS_ACTIVATIONS = [(130, 265)], ["gelu"]
+            UPDATE_SIZES = [[259, 265, 64]]
             passes(1, reps=3)
+            updates(1)
             steps(["u6"], 1)
         else:
             passes(args.rounds)
+            updates(args.rounds)
             steps(args.workloads.split(","), args.rounds)
     finally:
         fg.share_blas_pool(False)       # the process's other callers get OpenBLAS's threads back

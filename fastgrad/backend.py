@@ -181,10 +181,11 @@ class Backend:
         None for the layer path's forward and backward."""
         return None
 
-    def fill_pass_team(self, plan, kernels, dtype):
-        """Write the host thread team of the driver's activation passes into
-        a step ``plan`` (``kernels/layout.py`` ``PLAN_POOL_*``) for the step
-        module ``kernels``; devices without one leave the plan as it is."""
+    def fill_pass_team(self, plan, kernels, dtype, update=True):
+        """Write the host thread team of the driver's passes into a step
+        ``plan`` (``kernels/layout.py`` ``PLAN_POOL_*``) for the step module
+        ``kernels``, the optimizer's update among them unless ``update`` is
+        false; devices without one leave the plan as it is."""
 
     # -- the optimizer ------------------------------------------------------------
     def update_records(self, opt, n_entries):
@@ -334,11 +335,13 @@ class CpuBackend(Backend):
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()
 
-    def fill_pass_team(self, plan, kernels, dtype):
+    def fill_pass_team(self, plan, kernels, dtype, update=True):
         # on one pool only: with OpenBLAS's own threads spinning, a team fights them
         from .kernels import layout
         team = _threads.pass_team(lambda: kernels.pass_team.member_addresses(dtype))
-        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_GRAD + 1] = team
+        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_UPDATE + 1] = team
+        if not update:
+            plan[layout.PLAN_POOL_UPDATE] = 0
 
     def wants_parallel_update(self, n_params):
         # only on one pool: with two, a parallel update slows the loop

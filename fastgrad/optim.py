@@ -898,10 +898,11 @@ class Optimizer:
         the loop takes 0.91-1.12x (median about 0.97) the serial update's
         time and the update alone 0.50-0.90x at 0.27-4M parameters
         (bench/RESULTS.md, "One pool").  ``True`` or ``False`` fixes the
-        choice; ``None`` restores the default.  A default ``TrainStep``
-        follows the same automatic choice (a fixed one does not change its
-        compiled serial update); ``TrainStep(threads=n)`` always runs the
-        update on its own threads.
+        choice; ``None`` restores the default.  A ``TrainStep`` on the
+        shared pool runs its update on the step's own team of those threads
+        from 2^14 parameters (``fastgrad.kernels.cpu.pass_team``, also
+        bitwise the serial update) unless this is ``False``;
+        ``TrainStep(threads=n)`` always runs the update on its own threads.
         """
         return self._chosen_update() is not self._serial_update
 

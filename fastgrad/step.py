@@ -113,9 +113,10 @@ class TrainStep:
     deterministic for a given ``n`` and equal the one-thread step up to
     rounding (a batch mean summed from shard means), bitwise for ``n=1``.
     ``threads=None`` (default) leaves the GEMMs to BLAS's own threads; with
-    the BLAS pool shared (``fastgrad.share_blas_pool``) the update of a
-    model of 2^18 parameters or more then runs on those same threads
-    (``Optimizer.parallel``), bitwise the serial update.
+    the BLAS pool shared (``fastgrad.share_blas_pool``) the step's
+    activation passes and, from 2^14 parameters, its update run on those
+    same threads (``fastgrad.kernels.cpu.pass_team``), bitwise the serial
+    passes; ``opt.parallel = False`` keeps the update serial.
 
     Buffers are kept per batch size for the last ``max_cached_batch_sizes``
     (default 8) distinct batch sizes used; a ninth releases the least
@@ -373,7 +374,7 @@ class TrainStep:
         # ~1 us of a tiny net's ~20 us step
         cached = self._fixed_args
         if cached is None or cached[0] is not buf or cached[1] is not self._kernels or \
-                cached[4] != _threads.pool_generation():
+                cached[4] != (_threads.pool_generation(), self.opt._parallel_asked):
             missing = layer_features(m) - set(self._kernels.SERVED_FEATURES)
             if missing:
                 # the driver would run such a layer as a plain one
@@ -381,8 +382,11 @@ class TrainStep:
                                  f"{sorted(missing)} (they serve "
                                  f"{list(self._kernels.SERVED_FEATURES)})")
             acts, zs, delta, plan, fplan = buf
-            generation = _threads.pool_generation()
-            self._backend.fill_pass_team(plan, self._kernels, m.dtype)
+            # the plan's team, and whether the update runs on it (not when
+            # the user fixed opt.parallel = False)
+            generation = (_threads.pool_generation(), self.opt._parallel_asked)
+            self._backend.fill_pass_team(plan, self._kernels, m.dtype,
+                                         update=self.opt._parallel_asked is not False)
             ws = self._workspaces.get(B)
             cached = self._fixed_args = (buf, self._kernels, (
                 m.params, m.grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
@@ -474,16 +478,6 @@ class TrainStep:
         elif self.cuda_graph:
             loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
                 x, labels, target, hp)
-        elif self.opt._parallel_asked is None and \
-                self.opt._chosen_update() is not self.opt._serial_update:
-            # One pool (fastgrad.share_blas_pool): the update runs on its
-            # threads, after the driver's forward and backward.
-            args, kw = self._driver_args(B)
-            loss = self._kernels.forward_backward(x, labels, target, self._loss_kind, *args, **kw)
-            opt = self.opt
-            norm, scale, skipped = opt._chosen_update()(
-                rule, opt._params, opt._grads, s0, s1, s2, hp, opt._offsets, self._layer_sq,
-                opt._clip_norm, opt._clip_value)
         else:
             args, kw = self._driver_args(B, update=True)
             loss, norm, scale, skipped = self._kernels.train_step(

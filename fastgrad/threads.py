@@ -217,14 +217,15 @@ def pool_generation():
 
 
 def pass_team(member_addresses):
-    """``(threads, start, forward, gradient)`` for a step plan's activation
-    passes (kernels/cpu/pass_team.py): the shared pool's threads and
-    ``GOMP_parallel``'s address, with the members'; all 0 (serial passes)
-    when the pool is not shared or Numba runs one thread.
-    ``member_addresses()`` gives the members' addresses (compiled on first use)."""
+    """``(threads, start, forward, gradient, norm, update)`` for a step
+    plan's team (kernels/cpu/pass_team.py): the shared pool's threads and
+    ``GOMP_parallel``'s address, with the members' (activation passes, the
+    update's two passes); all 0 (serial passes) when the pool is not shared
+    or Numba runs one thread.  ``member_addresses()`` gives the members'
+    addresses (compiled on first use)."""
     threads = numba_threads()
     if not blas_pool_shared() or threads < 2:
-        return 0, 0, 0, 0
+        return (0,) * 6
     return (threads, _pool["start"]) + tuple(member_addresses())
 
 

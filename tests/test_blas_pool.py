@@ -188,7 +188,7 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
                 step.gradients(x, y)
                 opt.step()
             for _ in range(3):
-                step(x, y)              # TrainStep takes the same choice
+                step(x, y)              # TrainStep: its update on the step's team
                 assert np.isfinite(step.stats.grad_norm) and not step.stats.skipped
             assert opt.step_count == 6
             before = opt.params.copy()

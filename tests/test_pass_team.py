@@ -15,6 +15,7 @@ from fastgrad import threads as fg_threads
 from fastgrad.kernels import layout as K
 from fastgrad.kernels import spec
 from fastgrad.kernels.cpu import activations as A
+from fastgrad.kernels.cpu import optim as kc
 from fastgrad.kernels.cpu import pass_team
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def _plan(dtype, threads):
     if numba.get_num_threads() < 2:
         pytest.skip("Numba runs one thread here: no team")
     plan = np.zeros(K.PLAN_HEADER, np.int64)
-    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_GRAD + 1] = got
+    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_UPDATE + 1] = got
     plan[K.PLAN_POOL_THREADS] = threads
     return plan
 
@@ -206,3 +207,141 @@ def test_a_registered_activation_runs_on_the_team(shared_pool):
             assert np.array_equal(s, t)
     finally:
         registry._forget(name)
+
+
+# -- the optimizer's update on the team -----------------------------------------
+
+@njit
+def _team_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
+    return pass_team.clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq,
+                                    clip_norm, clip_value)
+
+
+def _grouped(model, **kw):
+    # two hp rows (weights, then biases): several segments per row
+    return fg.AdamW(model, lr=1e-2, param_groups=[
+        {"params": model.weights(), "weight_decay": 0.1, "lr": 3e-3},
+        {"params": model.biases_and_norms(), "weight_decay": 0.0}], **kw)
+
+
+OPTIMIZERS = {
+    "sgd": lambda m: fg.SGD(m, lr=0.1),
+    "sgd-nesterov": lambda m: fg.SGD(m, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3,
+                                     clip_norm=0.5),
+    "adam-amsgrad": lambda m: fg.Adam(m, lr=1e-3, amsgrad=True, clip_value=0.01),
+    "adamw-maximize": lambda m: fg.AdamW(m, lr=1e-3, maximize=True, clip_norm=1.0),
+    "rmsprop-centered": lambda m: fg.RMSprop(m, lr=1e-3, centered=True, momentum=0.5,
+                                             weight_decay=1e-2),
+    "adamw-groups": lambda m: _grouped(m, clip_norm=1.0),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_team_update_is_bitwise_the_serial_update(shared_pool, name, dtype):
+    rng = np.random.default_rng()
+    # 17,724 parameters (just over MIN_UPDATE; one share per thread) and
+    # 185,212 (shares of UPDATE_SHARE, more than threads); odd sizes
+    for sizes in ([37, 301, 17, 64], [517, 301, 97]):
+        model = fg.MLP(sizes, dtype=dtype, seed=int(rng.integers(1 << 30)))
+        opt = OPTIMIZERS[name](model)
+        for _ in range(2):                 # non-zero optimizer state
+            model.grads[...] = rng.standard_normal(model.grads.size)
+            opt.step()
+        g = (rng.standard_normal(model.grads.size) * 3).astype(dtype)
+        rule, s0, s1, s2, hp = opt._kernel_args()
+        assert (hp.ndim == 2) == (name == "adamw-groups")
+        n = g.size
+        assert n >= pass_team.MIN_UPDATE
+        for threads in (2, 3, 7):
+            plan = _plan(dtype, threads)
+            assert pass_team.update_team_size(plan, n) == threads
+            outs = []
+            for team in (False, True):
+                state = [opt._params.copy(), s0.copy(), s1.copy(), s2.copy()]
+                layer_sq = np.full(len(opt._offsets) - 1, -1.0)
+                args = (rule, state[0], g, *state[1:], hp, opt._offsets, layer_sq,
+                        opt._clip_norm, opt._clip_value)
+                got = _team_update(plan, *args) if team else kc.clipped_update(*args)
+                outs.append((got, state, layer_sq))
+            (want, want_state, want_sq), (got, got_state, got_sq) = outs
+            assert got == want and not got[2]
+            assert np.array_equal(got_sq, want_sq)
+            for s, t in zip(want_state, got_state):
+                assert np.array_equal(s, t), (name, sizes, threads)
+            assert not np.array_equal(got_state[0], opt._params)   # it did update
+
+
+def test_team_update_skips_a_non_finite_gradient_and_writes_nothing(shared_pool):
+    model = fg.MLP([517, 301, 97], seed=2)
+    opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
+    rng = np.random.default_rng()
+    model.grads[...] = rng.standard_normal(model.grads.size)
+    opt.step()
+    g = rng.standard_normal(model.grads.size).astype(np.float32)
+    g[170_001] = np.nan                     # in the second layer (from 155,918)
+    rule, s0, s1, s2, hp = opt._kernel_args()
+    plan = _plan(np.float32, 2)
+    p, m, v = opt._params.copy(), s0.copy(), s1.copy()
+    layer_sq = np.zeros(len(opt._offsets) - 1)
+    norm, scale, skipped = _team_update(plan, rule, p, g, m, v, s2, hp, opt._offsets, layer_sq,
+                                        1.0, 0.0)
+    assert skipped and np.isnan(norm) and scale == 0.0
+    assert np.array_equal(p, opt._params) and np.array_equal(m, s0) and np.array_equal(v, s1)
+    # the monitor still sees which layer blew up
+    assert np.isnan(layer_sq[1]) and np.isfinite(layer_sq[0])
+
+
+def _train_with(make_opt, shared, sizes=(41, 300, 77, 5), steps=3, epoch=False):
+    fg.share_blas_pool(shared)
+    rng = np.random.default_rng(5)
+    B = 64
+    x = rng.standard_normal((B * steps, sizes[0])).astype(np.float32)
+    y = rng.integers(0, sizes[-1], B * steps)
+    model = fg.MLP(list(sizes), activation="tanh", dtype=np.float32, seed=3)
+    opt = make_opt(model)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+    if epoch:
+        step.run_epoch(x, y, B, shuffle=False)
+    else:
+        for k in range(steps):
+            step(x[k * B:(k + 1) * B], y[k * B:(k + 1) * B])
+    return step, opt.params.copy(), [s.copy() for s in opt._kernel_args()[1:4]]
+
+
+@pytest.mark.parametrize("name", ["sgd-nesterov", "rmsprop-centered", "adamw-groups"])
+@pytest.mark.parametrize("epoch", [False, True], ids=["steps", "run_epoch"])
+def test_train_step_updates_on_the_team_bitwise(shared_pool, name, epoch):
+    # 36,167 parameters: the update runs on the team, in the step and in
+    # run_epoch's compiled epoch
+    serial = _train_with(OPTIMIZERS[name], False, epoch=epoch)
+    team = _train_with(OPTIMIZERS[name], True, epoch=epoch)
+    threads = numba.get_num_threads()
+    plan = team[0]._fixed_args[2][9]
+    assert plan[K.PLAN_POOL_THREADS] == (threads if threads > 1 else 0)
+    assert (plan[K.PLAN_POOL_UPDATE] != 0) == (threads > 1)
+    assert np.array_equal(serial[1], team[1])
+    for s, t in zip(serial[2], team[2]):
+        assert np.array_equal(s, t)
+
+
+def test_opt_parallel_false_keeps_the_step_update_serial(shared_pool):
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba runs one thread here: no team")
+    step, *_ = _train_with(OPTIMIZERS["sgd"], True, steps=1)
+    x = np.ones((64, 41), np.float32)
+    y = np.zeros(64, np.int64)
+
+    def update_member():
+        step(x, y)
+        plan = step._fixed_args[2][9]
+        assert plan[K.PLAN_POOL_THREADS] > 1      # the activation passes keep the team
+        return plan[K.PLAN_POOL_UPDATE]
+
+    assert update_member() != 0
+    step.opt.parallel = False
+    assert update_member() == 0
+    step.opt.parallel = True
+    assert update_member() != 0
+    step.opt.parallel = None
+    assert update_member() != 0

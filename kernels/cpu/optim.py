@@ -236,10 +236,18 @@ def update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
     # a branch on hp.ndim would not be pruned (Numba folds .ndim for a
     # compiled function's own arguments only) and the 2-D branch would not
     # type for a 1-D hp.  The one row of a 1-D hp covers [lo, hi).
-    rows = np.atleast_2d(hp)
+    update_rows(rule, p, g, s0, s1, s2, np.atleast_2d(hp), hp.ndim == 1, scale, clip_value,
+                lo, hi)
+
+
+@njit(**dict(JIT, **INLINE))
+def update_rows(rule, p, g, s0, s1, s2, rows, single, scale, clip_value, lo, hi):
+    """:func:`update_segments` on ``hp`` given as 2-D ``rows``: with
+    ``single`` the one row covers every element (a 1-D ``hp``), else each
+    row its segment.  (The step's team members see every ``hp`` this way.)"""
     start = lo
     for s in range(rows.shape[0]):
-        end = np.int64(rows[s, HP_END]) if hp.ndim == 2 else hi
+        end = hi if single else np.int64(rows[s, HP_END])
         a = max(start, lo)
         b = min(end, hi)
         if a < b:

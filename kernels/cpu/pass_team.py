@@ -1,12 +1,14 @@
-"""The step's activation passes on the shared pool's threads.
+"""The step's passes on the shared pool's threads.
 
 With one pool (``fastgrad.share_blas_pool``) the threads that just ran a
-GEMM's jobs can run the bias + activation pass after it and the gradient
-pass before the next: the driver (kernels/cpu/step.py) starts a GNU OpenMP
-team (``GOMP_parallel``) whose members take shares of the pass until none
-is left.  The forward is split by rows; the gradient by columns, so that
-each ``db[j]`` is summed over the rows in order by one thread: every split
-gives bitwise the serial pass's values, for any thread count.
+GEMM's jobs can run the bias + activation pass after it, the gradient pass
+before the next, and the optimizer's update after the last: the driver
+(kernels/cpu/step.py) starts a GNU OpenMP team (``GOMP_parallel``) whose
+members take shares of the pass until none is left.  The forward is split by
+rows; the gradient by columns, so that each ``db[j]`` is summed over the
+rows in order by one thread; the update's norm by layers (each layer summed
+as the serial kernel sums it) and its elementwise pass by ranges.  Every
+split gives bitwise the serial pass's values, for any thread count.
 
 Members claim shares from a counter (an atomic add), so a team smaller than
 asked (nested in an OpenMP region, ``OMP_DYNAMIC``, a thread limit) still
@@ -21,47 +23,65 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from ..layout import (PLAN_POOL_FORWARD, PLAN_POOL_GRAD, PLAN_POOL_START,  # noqa: F401
-                      PLAN_POOL_THREADS)
+from ..layout import (PLAN_POOL_FORWARD, PLAN_POOL_GRAD, PLAN_POOL_NORM,  # noqa: F401
+                      PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
+from ..spec import HP_SIZE
 from ._jit import INLINE, JIT
 from .activations import bias_act_grad_columns, bias_act_step, needs_z
+from .optim import SERVED_RULES, clip_scale, clipped_update_inline, update_rows
+from .reduce import segment_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
 from .blas_pool import _as_pointer, _field
 
 # Below these sizes a team costs more than it saves (2 cores, one pool;
-# bench/RESULTS.md "Activation passes on the pool").
+# bench/RESULTS.md "Activation passes on the pool", "The update on the pool").
 MIN_ELEMENTS = 1 << 14
 MIN_COLUMNS = 32          # a gradient share of 16+ columns: whole vectors
+MIN_UPDATE = 1 << 14
+UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a busy host
 
-# The record a team reads: int64 fields.
-_COUNTER, _SHARES, _SHARE, _P0, _P1, _P2, _P3, _ROWS, _COLS, _ACT, _ALPHA = range(11)
-_FIELDS = 11
+# A team's record: int64 fields (a float64 kept as its bits), the claim
+# counter at 0, then the number of shares and the share's size; then the
+# pass's own fields.
+_COUNTER, _SHARES, _SHARE = 0, 1, 2
+_P0, _P1, _P2, _P3, _ROWS, _COLS, _ACT, _ALPHA = range(3, 11)             # activation passes
+_N = 3                                                 # the update passes: elements
+_G, _OFFSETS, _LAYER_SQ = range(4, 7)                                      # the norm
+(_P, _GRAD, _S0, _S1, _S2, _N_S0, _N_S1, _N_S2, _HP, _HP_ROWS, _SINGLE, _RULE, _SCALE,
+ _CLIP) = range(4, 18)                                                     # the update
 
 _I64 = ir.IntType(64)
+_I32 = ir.IntType(32)
 _VOIDPTR = ir.IntType(8).as_pointer()
 
 
 @intrinsic
-def _record(typingctx, shares, share, p0, p1, p2, p3, rows, cols, act, alpha):
-    """A stack record of the team's fields, the counter at 0."""
+def _record(typingctx, values):
+    """A stack record: the counter (0), then ``values`` (a tuple of ints and
+    floats) from field 1 on."""
     def codegen(context, builder, signature, args):
-        record = cgutils.alloca_once(builder, ir.ArrayType(_I64, _FIELDS))
-        values = [_I64(0)] + list(args[:9]) + [builder.bitcast(args[9], _I64)]
-        for k, value in enumerate(values):
-            builder.store(value, builder.gep(record, [ir.IntType(32)(0), ir.IntType(32)(k)]))
+        record = cgutils.alloca_once(builder, ir.ArrayType(_I64, len(values) + 1))
+        builder.store(_I64(0), builder.gep(record, [_I32(0), _I32(0)]))
+        for k, ty in enumerate(values):
+            value = builder.extract_value(args[0], k)
+            if isinstance(ty, types.Float):
+                value = builder.bitcast(context.cast(builder, value, ty, types.float64), _I64)
+            else:
+                value = context.cast(builder, value, ty, types.int64)
+            builder.store(value, builder.gep(record, [_I32(0), _I32(k + 1)]))
         return builder.bitcast(record, _VOIDPTR)
-    int64 = types.int64
-    return types.voidptr(int64, int64, int64, int64, int64, int64, int64, int64, int64,
-                         types.float64), codegen
+    if not all(isinstance(ty, (types.Integer, types.Float, types.Boolean)) for ty in values):
+        return None
+    return types.voidptr(values), codegen
 
 
 @intrinsic
-def _alpha(typingctx, record):
+def _float(typingctx, record, k):
+    """A record's field ``k`` as the float64 it holds."""
     def codegen(context, builder, signature, args):
         base = builder.bitcast(args[0], _I64.as_pointer())
-        bits = builder.load(builder.gep(base, [_I64(_ALPHA)]))
-        return builder.bitcast(bits, ir.DoubleType())
-    return types.float64(types.voidptr), codegen
+        return builder.bitcast(builder.load(builder.gep(base, [args[1]])), ir.DoubleType())
+    return types.float64(types.voidptr, types.int64), codegen
 
 
 @intrinsic
@@ -79,11 +99,11 @@ def _start(typingctx, start, member, record, threads):
     returns when every member is done."""
     def codegen(context, builder, signature, args):
         member_ty = ir.FunctionType(ir.VoidType(), [_VOIDPTR]).as_pointer()
-        start_ty = ir.FunctionType(ir.VoidType(), [member_ty, _VOIDPTR, ir.IntType(32),
-                                                   ir.IntType(32)]).as_pointer()
+        start_ty = ir.FunctionType(ir.VoidType(), [member_ty, _VOIDPTR, _I32,
+                                                   _I32]).as_pointer()
         builder.call(builder.inttoptr(args[0], start_ty),
                      [builder.inttoptr(args[1], member_ty), args[2],
-                      builder.trunc(args[3], ir.IntType(32)), ir.IntType(32)(0)])
+                      builder.trunc(args[3], _I32), _I32(0)])
         return context.get_dummy_value()
     return types.void(types.int64, types.int64, types.voidptr, types.int64), codegen
 
@@ -115,8 +135,8 @@ def forward(plan, threads, z, b, out, act, alpha):
     """``bias_act_step(z, b, out, act, alpha)`` on ``threads`` threads, by rows."""
     rows, cols = z.shape
     share = (rows + threads - 1) // threads
-    record = _record((rows + share - 1) // share, share, z.ctypes.data, out.ctypes.data,
-                     b.ctypes.data, 0, rows, cols, act, alpha)
+    record = _record(((rows + share - 1) // share, share, z.ctypes.data, out.ctypes.data,
+                      b.ctypes.data, 0, rows, cols, act, alpha))
     _start(plan[PLAN_POOL_START], plan[PLAN_POOL_FORWARD], record, threads)
 
 
@@ -126,9 +146,50 @@ def gradient(plan, threads, g, a, z, db, act, alpha):
     threads, by columns (shares of whole 16-column vectors)."""
     rows, cols = g.shape
     share = ((cols + threads - 1) // threads + 15) // 16 * 16
-    record = _record((cols + share - 1) // share, share, g.ctypes.data, a.ctypes.data,
-                     z.ctypes.data, db.ctypes.data, rows, cols, act, alpha)
+    record = _record(((cols + share - 1) // share, share, g.ctypes.data, a.ctypes.data,
+                      z.ctypes.data, db.ctypes.data, rows, cols, act, alpha))
     _start(plan[PLAN_POOL_START], plan[PLAN_POOL_GRAD], record, threads)
+
+
+@njit(**INLINE)
+def update_team_size(plan, n):
+    """Threads for the update of ``n`` parameters: 0 runs it serially (no
+    team, an update member of 0, or fewer than ``MIN_UPDATE``)."""
+    threads = plan[PLAN_POOL_THREADS]
+    if threads < 2 or plan[PLAN_POOL_UPDATE] == 0 or n < MIN_UPDATE:
+        return 0
+    return threads
+
+
+@njit(**INLINE)
+def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
+    """``optim.clipped_update`` with both passes on the plan's team (the
+    serial kernel when :func:`update_team_size` says 0): the same outputs,
+    bitwise, and nothing written when the norm is not finite."""
+    threads = update_team_size(plan, p.shape[0])
+    # (an unserved rule goes to the serial kernel, which raises the error)
+    if threads == 0 or not hp.flags.c_contiguous or rule not in SERVED_RULES:
+        return clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                                     clip_value)
+    layers = offsets.shape[0] - 1
+    record = _record((layers, 1, g.shape[0], g.ctypes.data, offsets.ctypes.data,
+                      layer_sq.ctypes.data))
+    _start(plan[PLAN_POOL_START], plan[PLAN_POOL_NORM], record, min(threads, layers))
+    total = 0.0
+    for li in range(layers):              # in order, as reduce.layer_sumsq adds them
+        total += layer_sq[li]
+    norm = np.sqrt(total)
+    if not np.isfinite(norm):
+        return norm, 0.0, True
+    scale = clip_scale(norm, clip_norm)
+    n = p.shape[0]
+    share = (min((n + threads - 1) // threads, UPDATE_SHARE) + 15) // 16 * 16
+    rows = hp.shape[0] if hp.ndim == 2 else 1
+    record = _record(((n + share - 1) // share, share, n, p.ctypes.data, g.ctypes.data,
+                      s0.ctypes.data, s1.ctypes.data, s2.ctypes.data, s0.shape[0], s1.shape[0],
+                      s2.shape[0], hp.ctypes.data, rows, hp.ndim == 1, rule, scale, clip_value))
+    _start(plan[PLAN_POOL_START], plan[PLAN_POOL_UPDATE], record, threads)
+    return norm, scale, False
 
 
 # --- the members -----------------------------------------------------------------
@@ -139,7 +200,7 @@ def _forward_member(dtype):
         z = carray(_as_pointer(_field(record, _P0)), (rows, cols), dtype)
         out = carray(_as_pointer(_field(record, _P1)), (rows, cols), dtype)
         b = carray(_as_pointer(_field(record, _P2)), (cols,), dtype)
-        act, alpha = _field(record, _ACT), _alpha(record)
+        act, alpha = _field(record, _ACT), _float(record, _ALPHA)
         k = _claim(record)
         while k < _field(record, _SHARES):
             r0 = k * share
@@ -156,7 +217,7 @@ def _gradient_member(dtype):
         a = carray(_as_pointer(_field(record, _P1)), (rows, cols), dtype)
         z = carray(_as_pointer(_field(record, _P2)), (rows, cols), dtype)
         db = carray(_as_pointer(_field(record, _P3)), (cols,), dtype)
-        act, alpha = _field(record, _ACT), _alpha(record)
+        act, alpha = _field(record, _ACT), _float(record, _ALPHA)
         k = _claim(record)
         while k < _field(record, _SHARES):
             c0 = k * share
@@ -165,12 +226,47 @@ def _gradient_member(dtype):
     return member
 
 
+def _norm_member(dtype):
+    def member(record):
+        n, layers = _field(record, _N), _field(record, _SHARES)
+        g = carray(_as_pointer(_field(record, _G)), (n,), dtype)
+        offsets = carray(_as_pointer(_field(record, _OFFSETS)), (layers + 1,), np.int64)
+        layer_sq = carray(_as_pointer(_field(record, _LAYER_SQ)), (layers,), np.float64)
+        k = _claim(record)
+        while k < layers:
+            layer_sq[k] = segment_sumsq(g, offsets[k], offsets[k + 1])
+            k = _claim(record)
+    return member
+
+
+def _update_member(dtype):
+    def member(record):
+        n, share = _field(record, _N), _field(record, _SHARE)
+        p = carray(_as_pointer(_field(record, _P)), (n,), dtype)
+        g = carray(_as_pointer(_field(record, _GRAD)), (n,), dtype)
+        s0 = carray(_as_pointer(_field(record, _S0)), (_field(record, _N_S0),), dtype)
+        s1 = carray(_as_pointer(_field(record, _S1)), (_field(record, _N_S1),), dtype)
+        s2 = carray(_as_pointer(_field(record, _S2)), (_field(record, _N_S2),), dtype)
+        rows = carray(_as_pointer(_field(record, _HP)), (_field(record, _HP_ROWS), HP_SIZE),
+                      np.float64)
+        single, rule = _field(record, _SINGLE) != 0, _field(record, _RULE)
+        scale, clip_value = _float(record, _SCALE), _float(record, _CLIP)
+        k = _claim(record)
+        while k < _field(record, _SHARES):
+            lo = k * share
+            update_rows(rule, p, g, s0, s1, s2, rows, single, scale, clip_value, lo,
+                        min(n, lo + share))
+            k = _claim(record)
+    return member
+
+
 _members = {}
 
 
 def member_addresses(dtype):
-    """``(forward, gradient)``: the addresses of this package's members for
-    ``dtype``, compiled (or loaded from the disk cache) on first use."""
+    """``(forward, gradient, norm, update)``: the addresses of this
+    package's members for ``dtype``, compiled (or loaded from the disk
+    cache) on first use."""
     dtype = np.dtype(dtype)
     found = _members.get(dtype)
     if found is None:
@@ -178,5 +274,5 @@ def member_addresses(dtype):
         sig = types.void(types.voidptr)
         found = _members[dtype] = tuple(
             cfunc(sig, cache=JIT["cache"], error_model="numpy")(make(nb))
-            for make in (_forward_member, _gradient_member))
-    return found[0].address, found[1].address
+            for make in (_forward_member, _gradient_member, _norm_member, _update_member))
+    return tuple(member.address for member in found)

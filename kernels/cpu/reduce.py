@@ -66,14 +66,20 @@ def layer_sumsq(g, offsets, layer_sq):
     """
     total = 0.0
     for li in range(offsets.shape[0] - 1):
-        s = 0.0
-        lo = offsets[li]
-        hi = offsets[li + 1]
-        for b in range(lo, hi, BLOCK):
-            s += block_sumsq(g[b:min(b + BLOCK, hi)])
+        s = segment_sumsq(g, offsets[li], offsets[li + 1])
         layer_sq[li] = s
         total += s
     return total
+
+
+@njit(**dict(JIT, **INLINE))
+def segment_sumsq(g, lo, hi):
+    """The sum of squares of ``g[lo:hi]``: its blocks of ``BLOCK`` counted
+    from ``lo``, their sums added in order (one layer of :func:`layer_sumsq`)."""
+    s = 0.0
+    for b in range(lo, hi, BLOCK):
+        s += block_sumsq(g[b:min(b + BLOCK, hi)])
+    return s
 
 
 @njit(**dict(JIT, **INLINE))

@@ -81,7 +81,6 @@ from .activations import bias_act_grad_inplace, bias_act_step, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
-from .optim import clipped_update_inline as clipped_update
 from .wnorm import weight_norm_backward, weight_norm_forward
 
 from .. import layout as _layout  # noqa: E402
@@ -444,8 +443,8 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
-    norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
-                                          layer_sq, clip_norm, clip_value)
+    norm, scale, skipped = pass_team.clipped_update(plan, rule, params, grads, s0, s1, s2, hp,
+                                                    offsets, layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
 
 
@@ -547,8 +546,9 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
         loss = loss_and_grad(loss_kind, h, lb, tb, _rows(delta, 0, xb.shape[0], sizes[-1]))
         _backward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan,
                   fplan, run_mean, run_var)
-        norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp_rows[applied],
-                                              offsets, layer_sq, clip_norm, clip_value)
+        norm, scale, skipped = pass_team.clipped_update(
+            plan, rule, params, grads, s0, s1, s2, hp_rows[applied], offsets, layer_sq, clip_norm,
+            clip_value)
         record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
                     out_skipped, out_layer_sq)
         if skipped:
