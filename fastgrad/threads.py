@@ -124,7 +124,8 @@ def share_blas_pool(on=True):
     passes that followed (DESIGN.md "Threads"), stay asleep.  GEMM results
     are bitwise those of OpenBLAS's own threads (the same split of the work).
     It then lets a CPU optimizer's ``step()`` run its update in parallel
-    (``Optimizer.parallel``).
+    (``Optimizer.parallel``), and a ``TrainStep`` run its activation passes
+    and update on those threads (``fastgrad.kernels.cpu.pass_team``).
 
     Off by default, because it changes the process, not only fastgrad:
     every caller of SciPy's BLAS then runs on GNU OpenMP's threads, and a

@@ -42,11 +42,11 @@ constant in Numba, so a single-group step never compiles the segment loop.
 
 No ``fastmath`` anywhere: the non-finite test must see NaN and Inf, and the
 float64 path must round like PyTorch.  The passes are memory bound, so the
-fused arithmetic costs nothing measurable.  ``clipped_update`` is serial (the
-whole-step kernel calls it right after OpenBLAS's GEMMs, whose spinning
-threads a parallel region would fight); ``clipped_update_parallel``, for the
-optimizers' own ``step()`` when asked (``opt.parallel = True``), is bitwise equal
-(bench/RESULTS.md has both measured).
+fused arithmetic costs nothing measurable.  ``clipped_update`` is serial;
+``clipped_update_parallel`` (the optimizers' own ``step()``, ``opt.parallel``)
+and the whole-step kernel's team update on the shared pool
+(``pass_team.clipped_update``) are bitwise equal to it (bench/RESULTS.md has
+them measured).
 """
 import numpy as np
 from numba import njit, prange
@@ -340,10 +340,10 @@ def clipped_update_parallel(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_
     """:func:`clipped_update` with both passes spread over Numba's threads.
 
     Bitwise the same result as the serial entry (the update is elementwise,
-    the norm adds the same block sums in the same order).  Opt-in
-    (``opt.parallel = True``): it pays when the update runs on its own, but
-    right after GEMMs a parallel region competes with OpenBLAS's spinning
-    threads (DESIGN.md "Threads"), so the whole-step kernel stays serial.
+    the norm adds the same block sums in the same order).  ``opt.step()``
+    runs it from 2^18 parameters on the shared pool, or when asked
+    (``opt.parallel = True``): with OpenBLAS's own threads spinning after
+    each GEMM, a parallel region fights them (DESIGN.md "Threads").
     """
     norm = np.sqrt(layer_sumsq_parallel(g, offsets, layer_sq))
     if not np.isfinite(norm):

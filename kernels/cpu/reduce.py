@@ -10,12 +10,12 @@ matched to ~1e-15).  Each layer is summed in blocks of ``BLOCK`` elements
 counted from the layer's start and the block sums are added in order, so the
 result depends on the data layout and the compiled code only.
 
-``layer_sumsq`` is serial: it is what the whole-step kernel runs, where a
-parallel region right after OpenBLAS's GEMMs would fight BLAS's spinning
-threads for the cores (DESIGN.md "Threads").  ``layer_sumsq_parallel`` gives
-bitwise the same result (the same block sums, added in the same order) with
-the blocks spread over Numba's threads; the optimizers use it for large
-buffers on their own (bench/RESULTS.md has the measurements).
+``layer_sumsq`` is serial.  ``layer_sumsq_parallel`` gives bitwise the same
+result (the same block sums, added in the same order) with the blocks
+spread over Numba's threads; the optimizers use it for large buffers on
+their own.  The whole-step kernel's team on the shared pool sums whole
+layers with :func:`segment_sumsq` instead (``pass_team.clipped_update``),
+also bitwise equal (bench/RESULTS.md has the measurements).
 """
 import numpy as np
 from numba import njit, prange

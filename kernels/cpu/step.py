@@ -50,7 +50,8 @@ every cold compile (a plain model's too) and every call.
 plan    int64   the step plan: a header (``PLAN_*`` slots: the dropout mask
                 seed, this step's dropout counter, training mode, the
                 offsets of the scratch slices, the thread pool of the
-                activation passes: kernels/cpu/pass_team.py) then ``PLAN_ROW`` ints per
+                activation passes and the update: kernels/cpu/pass_team.py)
+                then ``PLAN_ROW`` ints per
                 layer (residual flag, norm kind of kernels/spec.py, weight
                 norm flag)
 fplan   float64 dropout rate per layer (L), then float64 scratch: batch
