@@ -162,13 +162,20 @@ def update_team_size(plan, n):
 
 
 @njit(**INLINE)
+def _contiguous(p, g, s0, s1, s2, hp):
+    return (p.flags.c_contiguous and g.flags.c_contiguous and s0.flags.c_contiguous
+            and s1.flags.c_contiguous and s2.flags.c_contiguous and hp.flags.c_contiguous)
+
+
+@njit(**INLINE)
 def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
     """``optim.clipped_update`` with both passes on the plan's team (the
     serial kernel when :func:`update_team_size` says 0): the same outputs,
     bitwise, and nothing written when the norm is not finite."""
     threads = update_team_size(plan, p.shape[0])
-    # (an unserved rule goes to the serial kernel, which raises the error)
-    if threads == 0 or not hp.flags.c_contiguous or rule not in SERVED_RULES:
+    # The members see the buffers through their addresses: contiguous ones
+    # only.  (An unserved rule goes to the serial kernel, which raises.)
+    if threads == 0 or not _contiguous(p, g, s0, s1, s2, hp) or rule not in SERVED_RULES:
         return clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
                                      clip_value)
     layers = offsets.shape[0] - 1
