@@ -19,6 +19,8 @@ backend_for("cuda")``.  Building the CUDA backend imports nothing; CuPy is
 imported when it is first used.
 """
 from collections import deque
+import functools
+import sys
 import threading
 
 import numpy as np
@@ -196,6 +198,11 @@ class Backend:
         """The parallel twin of the update kernel; ValueError where there is none."""
         raise ValueError(f"parallel applies to the CPU kernels; {self.name} runs its own")
 
+    def team_update(self, rule, dtype):
+        """The update kernel of ``rule`` on the shared pool's team (the
+        step's, ``kernels/cpu/pass_team.py``), or None where there is none."""
+        return None
+
     def optimizer_built(self):
         """Called when an optimizer of this device is built."""
 
@@ -331,6 +338,19 @@ class CpuBackend(Backend):
 
     def parallel_update(self, rule=None):
         return self.update_kernels(rule).clipped_update_parallel
+
+    def team_update(self, rule, dtype):
+        # a plan of the pool's threads and the update's two members (those
+        # alone are compiled: the rule's copy of the kernels has no activation)
+        from .kernels import layout
+        team_kernels = sys.modules[self.update_kernels(rule).__package__].pass_team
+        team = _threads.pass_team(
+            lambda: (0, 0) + team_kernels.member_addresses(dtype, ("norm", "update")))
+        if not team[0]:
+            return None
+        plan = np.zeros(layout.PLAN_HEADER, np.int64)
+        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_UPDATE + 1] = team
+        return functools.partial(team_kernels.clipped_update_on_team, plan)
 
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()

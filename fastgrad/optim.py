@@ -891,18 +891,18 @@ class Optimizer:
         it is chosen per step: on when the kernels' BLAS shares Numba's
         pool (``fastgrad.share_blas_pool``), Numba has more than one thread
         and there are at least ``fastgrad.threads.PARALLEL_UPDATE_MIN_PARAMS``
-        (2^18) parameters; off
-        otherwise.  With two pools (OpenBLAS's threads spinning after each
-        GEMM, Numba's OpenMP threads after each pass) a parallel update in a
-        training loop made the loop 1.1-11x slower on 2 cores; with one pool
-        the loop takes 0.91-1.12x (median about 0.97) the serial update's
-        time and the update alone 0.50-0.90x at 0.27-4M parameters
-        (bench/RESULTS.md, "One pool").  ``True`` or ``False`` fixes the
-        choice; ``None`` restores the default.  A ``TrainStep`` on the
-        shared pool runs its update on the step's own team of those threads
-        from 2^14 parameters (``fastgrad.kernels.cpu.pass_team``, also
-        bitwise the serial update) unless this is ``False``;
-        ``TrainStep(threads=n)`` always runs the update on its own threads.
+        (2^14) parameters; off otherwise.  The update then runs on the
+        pool's team, as a ``TrainStep``'s does (``fastgrad.kernels.cpu.
+        pass_team``: 0.52-0.70x the serial update's time at 36K-670K
+        parameters, 0.54-0.89x above; bench/RESULTS.md, "The update on the
+        pool").  ``False`` fixes the serial kernel, ``True`` Numba's parfor
+        kernel (with or without the shared pool; with two pools, OpenBLAS's
+        threads spinning after each GEMM and Numba's after each pass, it
+        made a training loop 1.1-11x slower on 2 cores: bench/RESULTS.md,
+        "One pool"); ``None`` restores the default.  A
+        ``TrainStep`` on the shared pool runs its update on the step's own
+        team unless this is ``False``; ``TrainStep(threads=n)`` always runs
+        the update on its own threads.
         """
         return self._chosen_update() is not self._serial_update
 
@@ -921,9 +921,14 @@ class Optimizer:
 
     def _automatic_update(self):
         if self._backend.wants_parallel_update(self._params.size):
-            if self._parallel_kernel is None:
-                self._parallel_kernel = self._backend.parallel_update(self.rule)
-            return self._parallel_kernel
+            # the team kernel on the shared pool (bound to its threads: chosen
+            # again when the pool or the thread count changes), else parfor's
+            generation = _threads.pool_generation()
+            if self._parallel_kernel is None or self._parallel_kernel[0] != generation:
+                kernel = self._backend.team_update(self.rule, self._params.dtype)
+                self._parallel_kernel = (generation, kernel or
+                                         self._backend.parallel_update(self.rule))
+            return self._parallel_kernel[1]
         return self._serial_update
 
     # (the flat buffers directly: reading the params property gathers)

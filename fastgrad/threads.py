@@ -203,9 +203,12 @@ def share_blas_pool_if_asked():
         share_blas_pool()
 
 
-PARALLEL_UPDATE_MIN_PARAMS = 1 << 18
-"""Below this a parallel update region costs more than half an update saves
-(one pool, 2 cores: 134K parameters broke even, 67K took 1.22x the serial time)."""
+PARALLEL_UPDATE_MIN_PARAMS = 1 << 14
+"""From this many parameters ``opt.step()`` on the shared pool runs its update
+on the pool's team (``kernels/cpu/pass_team.py``), as a ``TrainStep`` does
+(its ``MIN_UPDATE``): 0.68-0.70x the serial update at 36K parameters, where
+Numba's parfor kernel took 1.24-1.37x and broke even only at 100-200K
+(bench/RESULTS.md, "The update on the pool")."""
 
 
 def blas_pool_shared():

@@ -375,3 +375,37 @@ def test_opt_parallel_false_keeps_the_step_update_serial(shared_pool):
     assert update_member() != 0
     step.opt.parallel = None
     assert update_member() != 0
+
+
+def test_opt_step_on_the_shared_pool_runs_the_team_update_bitwise(shared_pool):
+    # opt.step() (no TrainStep) from PARALLEL_UPDATE_MIN_PARAMS: the team
+    # kernel, bitwise the serial kernel's result; re-bound after set_num_threads
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba runs one thread here: no team")
+    assert fg_threads.PARALLEL_UPDATE_MIN_PARAMS == pass_team.MIN_UPDATE
+    rng = np.random.default_rng()
+    grads = [rng.standard_normal(36_167) for _ in range(3)]
+    runs = []
+    for shared in (False, True):
+        fg.share_blas_pool(shared)
+        model = fg.MLP([41, 300, 77, 5], seed=3)           # 36,167 parameters
+        opt = OPTIMIZERS["adamw-groups"](model)
+        assert opt.parallel == shared
+        for k, g in enumerate(grads):
+            if shared and k == 1:
+                before = numba.get_num_threads()
+                fg.set_num_threads(1)
+                assert not opt.parallel
+                fg.set_num_threads(before)
+            model.grads[...] = g
+            stats = opt.step()
+        if shared:
+            kernel = opt._chosen_update()
+            assert kernel.func is pass_team_of(opt).clipped_update_on_team
+        runs.append((opt.params.copy(), stats.grad_norm, stats.layer_norms))
+    assert np.array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1] and np.array_equal(runs[0][2], runs[1][2])
+
+
+def pass_team_of(opt):
+    return sys.modules[opt._backend.update_kernels(opt.rule).__package__].pass_team

@@ -267,19 +267,32 @@ def _update_member(dtype):
     return member
 
 
+_MAKERS = {"forward": _forward_member, "gradient": _gradient_member, "norm": _norm_member,
+           "update": _update_member}
 _members = {}
 
 
-def member_addresses(dtype):
-    """``(forward, gradient, norm, update)``: the addresses of this
-    package's members for ``dtype``, compiled (or loaded from the disk
-    cache) on first use."""
+def member_addresses(dtype, kinds=("forward", "gradient", "norm", "update")):
+    """The addresses of this package's members of ``kinds`` for ``dtype``,
+    each compiled (or loaded from the disk cache) on first use."""
     dtype = np.dtype(dtype)
-    found = _members.get(dtype)
-    if found is None:
-        nb = types.float32 if dtype == np.float32 else types.float64
-        sig = types.void(types.voidptr)
-        found = _members[dtype] = tuple(
-            cfunc(sig, cache=JIT["cache"], error_model="numpy")(make(nb))
-            for make in (_forward_member, _gradient_member, _norm_member, _update_member))
-    return tuple(member.address for member in found)
+    nb = types.float32 if dtype == np.float32 else types.float64
+    found = []
+    for kind in kinds:
+        member = _members.get((dtype, kind))
+        if member is None:
+            member = _members[dtype, kind] = cfunc(types.void(types.voidptr),
+                                                  cache=JIT["cache"],
+                                                  error_model="numpy")(_MAKERS[kind](nb))
+        found.append(member.address)
+    return tuple(found)
+
+
+@njit(**JIT)
+def clipped_update_on_team(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                           clip_value):
+    """:func:`clipped_update` as a kernel of its own: an optimizer's
+    ``step()`` on the shared pool (``fastgrad.backend``; the plan's norm and
+    update members are all it reads)."""
+    return clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                          clip_value)
