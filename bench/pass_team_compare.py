@@ -74,12 +74,6 @@ def _team_plan():
     return plan
 
 
-@njit
-def _team_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
-    return pass_team.clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq,
-                                    clip_norm, clip_value)
-
-
 def updates(rounds):
     plan = _team_plan()
     print(f"\nthe clipped Adam update alone, float32, {plan[K.PLAN_POOL_THREADS]} threads; "
@@ -95,7 +89,7 @@ def updates(rounds):
         args = (rule, opt._params, opt._grads, s0, s1, s2, hp, opt._offsets,
                 np.zeros(len(opt._offsets) - 1), 1.0, 0.0)
         kernels = {"serial": lambda: O.clipped_update(*args),
-                   "team": lambda: _team_update(plan, *args),
+                   "team": lambda: pass_team.clipped_update_on_team(plan, *args),
                    "parfor": lambda: O.clipped_update_parallel(*args)}
         for fn in kernels.values():
             fn()

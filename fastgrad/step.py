@@ -384,14 +384,14 @@ class TrainStep:
             acts, zs, delta, plan, fplan = buf
             # the plan's team, and whether the update runs on it (not when
             # the user fixed opt.parallel = False)
-            generation = (_threads.pool_generation(), self.opt._parallel_asked)
+            team_key = (_threads.pool_generation(), self.opt._parallel_asked)
             self._backend.fill_pass_team(plan, self._kernels, m.dtype,
                                          update=self.opt._parallel_asked is not False)
             ws = self._workspaces.get(B)
             cached = self._fixed_args = (buf, self._kernels, (
                 m.params, m.grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
                 acts, zs, delta, plan, fplan, m.running_mean, m.running_var),
-                _NO_KEYWORDS if ws is None else {"ws": ws}, generation)
+                _NO_KEYWORDS if ws is None else {"ws": ws}, team_key)
         kw = cached[3]
         on_device = update and self._device_step is not None
         if self._blocks:

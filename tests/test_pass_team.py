@@ -211,10 +211,8 @@ def test_a_registered_activation_runs_on_the_team(shared_pool):
 
 # -- the optimizer's update on the team -----------------------------------------
 
-@njit
-def _team_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
-    return pass_team.clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq,
-                                    clip_norm, clip_value)
+# the update on a plan's team, as opt.step() runs it (TrainStep inlines it)
+_team_update = pass_team.clipped_update_on_team
 
 
 def _grouped(model, **kw):
