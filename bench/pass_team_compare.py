@@ -6,18 +6,14 @@
 1. The activation passes alone: ``bias_act_step`` and the gradient pass,
    serial and on the team (a plan with the pool's threads), per activation
    and shape, best of interleaved rounds.
-2. The losses alone: ``pass_team.loss`` on a plan without a team and on
-   the pool's team, per loss and output shape; ratios are medians over
-   interleaved rounds.
-3. The clipped Adam update alone: serial, on the team
+2. The clipped Adam update alone: serial, on the team
    (``pass_team.clipped_update``) and the optimizers' parallel kernel
    (``optim.clipped_update_parallel``, Numba's parfor), per model size;
    ratios are medians over interleaved rounds.
-4. Whole steps: each workload's ``TrainStep`` with every pass on its plan's
-   team, with the update kept serial (``PLAN_POOL_UPDATE`` 0), with the
-   loss kept serial (``PLAN_POOL_LOSS`` 0), with every pass serial
-   (``PLAN_POOL_THREADS`` 0), and its bare GEMMs, interleaved; ratios are
-   medians over rounds.
+3. Whole steps: each workload's ``TrainStep`` with every pass on its plan's
+   team, with the update kept serial (``PLAN_POOL_UPDATE`` 0), with every
+   pass serial (``PLAN_POOL_THREADS`` 0), and its bare GEMMs, interleaved;
+   ratios are medians over rounds.
 """
 import argparse
 import sys
@@ -38,7 +34,7 @@ from fastgrad.kernels import layout as K  # noqa: E402
 from fastgrad.kernels.cpu import activations as A  # noqa: E402
 from fastgrad.kernels.cpu import optim as O  # noqa: E402
 from fastgrad.kernels.cpu import pass_team  # noqa: E402
-from fastgrad.kernels.spec import CODES, LOSS_CODES  # noqa: E402
+from fastgrad.kernels.spec import CODES  # noqa: E402
 
 PASS_SHAPES = [(146, 999), (130, 265), (46, 1633), (256, 1024)]
 PASS_ACTIVATIONS = ["relu", "tanh", "softplus", "gelu", "silu"]
@@ -47,10 +43,6 @@ EXTRA = {"w1": ([784, 1024, 1024, 10], 256, "gelu", "softmax_cross_entropy"),
          "w2": ([256, 512, 512, 512, 256], 128, "silu", "mse"),
          "w3": ([512, 2048, 512], 64, "gelu_tanh", "mse"),
          "w4": ([784, 1024, 1024, 10], 256, "tanh", "softmax_cross_entropy")}
-# the untuned workloads' output layers, and two more, for the losses alone
-LOSS_SHAPES = {"softmax_cross_entropy": [(149, 324), (102, 201), (256, 1000), (2048, 10)],
-               "mse": [(135, 958), (126, 301), (256, 1024)],
-               "bce_with_logits": [(146, 643), (177, 302), (35, 1071)]}
 # models of 5K to 17M parameters for the update alone
 UPDATE_SIZES = [[40, 64, 40], [37, 211, 3, 64], [100, 128, 25], [41, 300, 77, 5],
                 [259, 265, 64], [37, 270, 48, 42, 999, 58, 643], [784, 512, 512, 10],
@@ -77,42 +69,9 @@ def _gradient(plan, g, a, z, db, act, alpha):
 
 def _team_plan():
     plan = np.zeros(K.PLAN_HEADER, np.int64)
-    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_LOSS + 1] = fg_threads.pass_team(
+    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_UPDATE + 1] = fg_threads.pass_team(
         lambda: pass_team.member_addresses(np.float32))
     return plan
-
-
-@njit
-def _loss(plan, kind, out, labels, target, grad):
-    return pass_team.loss(plan, kind, out, labels, target, grad)
-
-
-def losses_alone(rounds, reps=200):
-    team = _team_plan()
-    serial = np.zeros_like(team)
-    rng = np.random.default_rng(0)
-    print(f"\nthe losses alone, float32, {team[K.PLAN_POOL_THREADS]} threads; medians of "
-          f"{rounds} interleaved rounds")
-    print("| loss | output | serial us | team / serial |\n|---|---|---|---|")
-    for name, shapes in LOSS_SHAPES.items():
-        for shape in shapes:
-            out = (3 * rng.standard_normal(shape)).astype(np.float32)
-            grad = np.empty_like(out)
-            if name == "softmax_cross_entropy":
-                labels, target = rng.integers(0, shape[1], shape[0]), np.zeros((0, 0), np.float32)
-            else:
-                labels = np.zeros(0, np.int64)
-                target = (rng.random(shape) < 0.5).astype(np.float32)
-            fns = {k: (lambda plan=plan: _loss(plan, LOSS_CODES[name], out, labels, target, grad))
-                   for k, plan in (("serial", serial), ("team", team))}
-            per = {k: [] for k in fns}
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    fn()
-                    per[k].append(timed(fn, reps))
-            t, s = np.array(per["team"]), np.array(per["serial"])
-            print(f"| {name} | {shape[0]}x{shape[1]} | {np.median(s) * 1e6:.1f} | "
-                  f"{np.median(t / s):.2f} |", flush=True)
 
 
 def updates(rounds):
@@ -172,12 +131,10 @@ def passes(rounds, reps=200):
 
 def steps(names, rounds):
     workloads = dict(draw(10), **EXTRA)
-    print(f"\nwhole steps: every pass on the team, the update kept serial, the loss kept "
-          f"serial, every pass serial, and the bare GEMMs (2 threads); {rounds} interleaved "
-          "rounds; ms are medians")
+    print(f"\nwhole steps: every pass on the team, the update kept serial, every pass "
+          f"serial, and the bare GEMMs (2 threads); {rounds} interleaved rounds; ms are medians")
     print("| workload | team ms | serial update ms | serial ms | GEMMs ms | team / serial | "
-          "team / serial update | team / serial loss | team / GEMMs | serial / GEMMs |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "team / serial update | team / GEMMs | serial / GEMMs |\n|---|---|---|---|---|---|---|---|---|")
     for name in names:
         sizes, batch, act, loss = workloads[name]
         run = make_fastgrad(sizes, batch, act, loss)
@@ -187,25 +144,21 @@ def steps(names, rounds):
             gemms()
         plan = run.train_step._fixed_args[2][9]
         threads, member = int(plan[K.PLAN_POOL_THREADS]), int(plan[K.PLAN_POOL_UPDATE])
-        loss_member = int(plan[K.PLAN_POOL_LOSS])
         reps = max(5, int(0.3 / timed(run, 3)))
-        per = {"team": [], "update": [], "loss": [], "serial": [], "gemm": []}
+        per = {"team": [], "update": [], "serial": [], "gemm": []}
         for _ in range(rounds):
             for mode in per:
                 fn = gemms if mode == "gemm" else run
                 plan[K.PLAN_POOL_THREADS] = 0 if mode == "serial" else threads
                 plan[K.PLAN_POOL_UPDATE] = 0 if mode == "update" else member
-                plan[K.PLAN_POOL_LOSS] = 0 if mode == "loss" else loss_member
                 timed(fn, 3)
                 per[mode].append(timed(fn, reps))
         plan[K.PLAN_POOL_THREADS], plan[K.PLAN_POOL_UPDATE] = threads, member
-        plan[K.PLAN_POOL_LOSS] = loss_member
-        t, u, lo, s, g = (np.array(per[k]) for k in ("team", "update", "loss", "serial", "gemm"))
+        t, u, s, g = (np.array(per[k]) for k in ("team", "update", "serial", "gemm"))
         print(f"| {name}: {'-'.join(map(str, sizes))} b{batch} {act} {loss} | "
               f"{np.median(t) * 1e3:.3g} | {np.median(u) * 1e3:.3g} | {np.median(s) * 1e3:.3g} | "
               f"{np.median(g) * 1e3:.3g} | {np.median(t / s):.2f} | {np.median(t / u):.2f} | "
-              f"{np.median(t / lo):.2f} | {np.median(t / g):.2f} | {np.median(s / g):.2f} |",
-              flush=True)
+              f"{np.median(t / g):.2f} | {np.median(s / g):.2f} |", flush=True)
 
 
 def main(argv=None):
@@ -222,17 +175,14 @@ def main(argv=None):
         if fg.get_num_threads()[0] < 2:
             print("Numba runs one thread here: no team to compare")
         elif args.smoke:
-            global PASS_SHAPES, PASS_ACTIVATIONS, UPDATE_SIZES, LOSS_SHAPES
+            global PASS_SHAPES, PASS_ACTIVATIONS, UPDATE_SIZES
             PASS_SHAPES, PASS_ACTIVATIONS = [(130, 265)], ["gelu"]
             UPDATE_SIZES = [[259, 265, 64]]
-            LOSS_SHAPES = {"mse": [(135, 958)]}
             passes(1, reps=3)
-            losses_alone(1, reps=3)
             updates(1)
             steps(["u6"], 1)
         else:
             passes(args.rounds)
-            losses_alone(args.rounds)
             updates(args.rounds)
             steps(args.workloads.split(","), args.rounds)
     finally:

@@ -345,11 +345,11 @@ class CpuBackend(Backend):
         from .kernels import layout
         team_kernels = sys.modules[self.update_kernels(rule).__package__].pass_team
         team = _threads.pass_team(
-            lambda: team_kernels.member_addresses(dtype, ("norm", "update")))
+            lambda: (0, 0) + team_kernels.member_addresses(dtype, ("norm", "update")))
         if not team[0]:
             return None
         plan = np.zeros(layout.PLAN_HEADER, np.int64)
-        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_LOSS + 1] = team
+        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_UPDATE + 1] = team
         return functools.partial(team_kernels.clipped_update_on_team, plan)
 
     def optimizer_built(self):
@@ -359,7 +359,7 @@ class CpuBackend(Backend):
         # on one pool only: with OpenBLAS's own threads spinning, a team fights them
         from .kernels import layout
         team = _threads.pass_team(lambda: kernels.pass_team.member_addresses(dtype))
-        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_LOSS + 1] = team
+        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_UPDATE + 1] = team
         if not update:
             plan[layout.PLAN_POOL_UPDATE] = 0
 

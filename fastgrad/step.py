@@ -114,8 +114,8 @@ class TrainStep:
     rounding (a batch mean summed from shard means), bitwise for ``n=1``.
     ``threads=None`` (default) leaves the GEMMs to BLAS's own threads; with
     the BLAS pool shared (``fastgrad.share_blas_pool``) the step's
-    activation passes, its loss from 2^14 outputs and its update from 2^14
-    parameters run on those same threads (``fastgrad.kernels.cpu.pass_team``), bitwise the serial
+    activation passes and, from 2^14 parameters, its update run on those
+    same threads (``fastgrad.kernels.cpu.pass_team``), bitwise the serial
     passes; ``opt.parallel = False`` keeps the update serial.
 
     Buffers are kept per batch size for the last ``max_cached_batch_sizes``

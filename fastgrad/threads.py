@@ -124,8 +124,8 @@ def share_blas_pool(on=True):
     passes that followed (DESIGN.md "Threads"), stay asleep.  GEMM results
     are bitwise those of OpenBLAS's own threads (the same split of the work).
     It then lets a CPU optimizer's ``step()`` run its update in parallel
-    (``Optimizer.parallel``), and a ``TrainStep`` run its activation passes,
-    loss and update on those threads (``fastgrad.kernels.cpu.pass_team``).
+    (``Optimizer.parallel``), and a ``TrainStep`` run its activation passes
+    and update on those threads (``fastgrad.kernels.cpu.pass_team``).
 
     Off by default, because it changes the process, not only fastgrad:
     every caller of SciPy's BLAS then runs on GNU OpenMP's threads, and a
@@ -221,15 +221,15 @@ def pool_generation():
 
 
 def pass_team(member_addresses):
-    """``(threads, start, forward, gradient, norm, update, loss)`` for a
-    step plan's team (kernels/cpu/pass_team.py): the shared pool's threads
-    and ``GOMP_parallel``'s address, with the members' (activation passes,
-    the update's two passes, the loss); all 0 (serial passes) when the pool
-    is not shared or Numba runs one thread.  ``member_addresses()`` gives
-    the members' addresses (compiled on first use)."""
+    """``(threads, start, forward, gradient, norm, update)`` for a step
+    plan's team (kernels/cpu/pass_team.py): the shared pool's threads and
+    ``GOMP_parallel``'s address, with the members' (activation passes, the
+    update's two passes); all 0 (serial passes) when the pool is not shared
+    or Numba runs one thread.  ``member_addresses()`` gives the members'
+    addresses (compiled on first use)."""
     threads = numba_threads()
     if not blas_pool_shared() or threads < 2:
-        return (0,) * 7
+        return (0,) * 6
     return (threads, _pool["start"]) + tuple(member_addresses())
 
 

@@ -50,11 +50,11 @@ PLAN_FZS, PLAN_XHATS, PLAN_NSTATS, PLAN_WEFF, PLAN_DWEFF = 3, 4, 5, 6, 7   # in 
 PLAN_NWORK, PLAN_WNORM, PLAN_SAVED = 8, 9, 10                            # in fplan
 # The host's thread pool for the step's passes (CPU, kernels/cpu/
 # pass_team.py): threads (0: serial passes), then function addresses: the
-# team's start, its activation members, its update members (an update
-# member of 0: the serial update) and its loss member.
+# team's start, its activation members and its update members (an update
+# member of 0: the serial update).
 PLAN_POOL_THREADS, PLAN_POOL_START, PLAN_POOL_FORWARD, PLAN_POOL_GRAD = 11, 12, 13, 14
-PLAN_POOL_NORM, PLAN_POOL_UPDATE, PLAN_POOL_LOSS = 15, 16, 17
-PLAN_HEADER = 18
+PLAN_POOL_NORM, PLAN_POOL_UPDATE = 15, 16
+PLAN_HEADER = 17
 PLAN_RESIDUAL, PLAN_NORM, PLAN_WN = 0, 1, 2          # plan[PLAN_HEADER + PLAN_ROW * l + k]
 PLAN_ROW = 3
 

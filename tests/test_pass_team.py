@@ -1,6 +1,5 @@
-"""The step's passes on the shared pool's threads (kernels/cpu/pass_team.py):
-the activation passes, the loss and the update, bitwise the serial passes,
-for any team."""
+"""The step's activation passes on the shared pool's threads
+(kernels/cpu/pass_team.py): bitwise the serial passes, for any team."""
 import os
 import subprocess
 import sys
@@ -12,12 +11,10 @@ import pytest
 from numba import njit
 
 import fastgrad as fg
-from fastgrad import reference
 from fastgrad import threads as fg_threads
 from fastgrad.kernels import layout as K
 from fastgrad.kernels import spec
 from fastgrad.kernels.cpu import activations as A
-from fastgrad.kernels.cpu import losses
 from fastgrad.kernels.cpu import optim as kc
 from fastgrad.kernels.cpu import pass_team
 
@@ -40,7 +37,7 @@ def _plan(dtype, threads):
     if numba.get_num_threads() < 2:
         pytest.skip("Numba runs one thread here: no team")
     plan = np.zeros(K.PLAN_HEADER, np.int64)
-    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_LOSS + 1] = got
+    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_UPDATE + 1] = got
     plan[K.PLAN_POOL_THREADS] = threads
     return plan
 
@@ -410,97 +407,3 @@ def test_opt_step_on_the_shared_pool_runs_the_team_update_bitwise(shared_pool):
 
 def pass_team_of(opt):
     return sys.modules[opt._backend.update_kernels(opt.rule).__package__].pass_team
-
-
-# -- the loss on the team ---------------------------------------------------------
-
-@njit
-def _team_loss(plan, kind, out, labels, target, grad):
-    return pass_team.loss(plan, kind, out, labels, target, grad)
-
-
-def _loss_inputs(name, shape, dtype, rng):
-    out = (3 * rng.standard_normal(shape)).astype(dtype)
-    if name == "softmax_cross_entropy":
-        return out, rng.integers(0, shape[1], shape[0]), np.zeros((0, 0), dtype)
-    if name == "bce_with_logits":
-        return out, np.zeros(0, np.int64), (rng.random(shape) < 0.5).astype(dtype)
-    return out, np.zeros(0, np.int64), rng.standard_normal(shape).astype(dtype)
-
-
-SERIAL_LOSSES = {"softmax_cross_entropy": lambda out, labels, target, g:
-                 losses.softmax_cross_entropy(out, labels, g),
-                 "mse": lambda out, labels, target, g: losses.mse(out, target, g),
-                 "bce_with_logits": lambda out, labels, target, g:
-                 losses.bce_with_logits(out, target, g)}
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", list(spec.LOSS_CODES))
-def test_team_loss_is_bitwise_the_serial_loss(shared_pool, name, dtype):
-    # units of rows (cross-entropy) or CHUNKs (the others), odd counts and a
-    # last chunk cut short; 2, 3 and 7 threads (the members claim the shares)
-    rng = np.random.default_rng()
-    code = spec.LOSS_CODES[name]
-    for threads in (2, 3, 7):
-        plan = _plan(dtype, threads)
-        for shape in ((131, 257), (1000, 17), (17, 1025), (3, 5477)):
-            out, labels, target = _loss_inputs(name, shape, dtype, rng)
-            g_team, g_serial = np.empty_like(out), np.empty_like(out)
-            assert pass_team.loss_team_size(plan, out, labels, target, g_team) == threads
-            got = _team_loss(plan, code, out, labels, target, g_team)
-            want = SERIAL_LOSSES[name](out, labels, target, g_serial)
-            assert got == want, (shape, threads)
-            assert np.array_equal(g_team, g_serial), (shape, threads)
-            # and the loss is the float64 reference's (the units' sums right)
-            ref = getattr(reference, name)(out, labels if name == "softmax_cross_entropy"
-                                           else target)
-            np.testing.assert_allclose(got, ref[0], rtol=1e-5 if dtype == np.float32 else 1e-12)
-            np.testing.assert_allclose(g_team, ref[1], rtol=1e-4, atol=1e-9)
-
-
-def test_team_loss_of_few_outputs_or_strided_labels_is_the_serial_loss(shared_pool):
-    # the members reach the buffers by address: strided ones (labels taken
-    # every other element) go to the serial kernel, as do small outputs
-    rng = np.random.default_rng()
-    plan = _plan(np.float32, 2)
-    small = _loss_inputs("mse", (3, pass_team.MIN_LOSS // 3 - 1), np.float32, rng)
-    out, labels, target = _loss_inputs("softmax_cross_entropy", (130, 400), np.float32, rng)
-    strided = (out, np.repeat(labels, 2)[::2], target)
-    assert not strided[1].flags.c_contiguous
-    for name, (out, labels, target) in (("mse", small), ("softmax_cross_entropy", strided)):
-        g_team, g_serial = np.empty_like(out), np.empty_like(out)
-        assert pass_team.loss_team_size(plan, out, labels, target, g_team) == 0
-        assert _team_loss(plan, spec.LOSS_CODES[name], out, labels, target, g_team) == \
-            SERIAL_LOSSES[name](out, labels, target, g_serial)
-        assert np.array_equal(g_team, g_serial)
-
-
-def _train_loss(loss, shared, epoch, sizes=(41, 77, 300), B=64, steps=3):
-    # 64 x 300 outputs: over MIN_LOSS, so the loss runs on the team
-    fg.share_blas_pool(shared)
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal((B * steps, sizes[0])).astype(np.float32)
-    if loss is fg.SoftmaxCrossEntropy:
-        y = rng.integers(0, sizes[-1], B * steps)
-    else:
-        y = (rng.random((B * steps, sizes[-1])) < 0.5).astype(np.float32)
-    model = fg.MLP(list(sizes), activation="tanh", dtype=np.float32, seed=3)
-    step = fg.TrainStep(model, loss(), fg.Adam(model, lr=1e-3, clip_norm=0.5))
-    if epoch:
-        got = list(step.run_epoch(x, y, B, shuffle=False)["loss"])
-    else:
-        got = [step(x[k * B:(k + 1) * B], y[k * B:(k + 1) * B]) for k in range(steps)]
-    return step, model.params.copy(), got
-
-
-@pytest.mark.parametrize("loss", [fg.SoftmaxCrossEntropy, fg.MSE, fg.BCEWithLogits])
-@pytest.mark.parametrize("epoch", [False, True], ids=["steps", "run_epoch"])
-def test_train_step_loss_on_the_team_bitwise(shared_pool, loss, epoch):
-    assert 64 * 300 >= pass_team.MIN_LOSS
-    serial = _train_loss(loss, False, epoch)
-    team = _train_loss(loss, True, epoch)
-    plan = team[0]._fixed_args[2][9]
-    assert (plan[K.PLAN_POOL_LOSS] != 0) == (numba.get_num_threads() > 1)
-    assert serial[2] == team[2]
-    assert np.array_equal(serial[1], team[1])

@@ -8,7 +8,6 @@ from numba import njit
 
 from . import mathfn
 from ._jit import INLINE, JIT
-from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, MSE
 
 like = mathfn.like
 # A loop that sums in float64 as it goes stays scalar (LLVM may not reorder
@@ -47,96 +46,57 @@ def _sum8(a, n):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
-@njit(**INLINE)
-def _cross_entropy_row(row, g, label, inv_b):
-    """One row of :func:`softmax_cross_entropy`: its gradient into ``g``;
-    returns its loss term (float64)."""
-    C = row.shape[0]
-    m = row[0]
-    for j in range(1, C):
-        m = max(m, row[j])
-    # read the label's logit before the loop below overwrites it when
-    # grad aliases logits
-    x_lab = row[label]
-    x_label = np.float64(x_lab)
-    for j in range(C):
-        g[j] = mathfn.exp(row[j] - m)
-    # The sum in float64: near-certain rows have s = 1 + tiny, and a
-    # float32 sum would round the tiny part away (the loss, log s, then
-    # off by ~6e-8 absolute: large against a loss of 1e-4).
-    s = 0.0
-    for j in range(C):
-        s += np.float64(g[j])
-    term = np.log(s) - (x_label - np.float64(m))   # one scalar log per row
-    scale = like(m, inv_b / s)
-    for j in range(C):
-        g[j] *= scale
-    # The label's (p - 1) / B as -(s - e) / (s B) in float64: p - 1 in
-    # the dtype cancels when p is near 1 (float32: 1e-3 relative error
-    # for p = 0.99993).  e is recomputed exactly as the loop drew it.
-    e_lab = np.float64(mathfn.exp(x_lab - m))
-    g[label] = -((s - e_lab) / s) * inv_b
-    return term
-
-
 @njit(**JIT)
 def softmax_cross_entropy(logits, labels, grad):
     """Mean softmax cross-entropy over rows, integer ``labels``.
 
     Per row (in cache): max, then exp(l - max) into ``grad`` while summing,
     then the scale.  Stable for logits of any finite size: the largest
-    shifted logit is 0, so the sum lies in [1, n_classes].  The rows' terms
-    are added in row order (:func:`loss_units` computes the same terms).
+    shifted logit is 0, so the sum lies in [1, n_classes].
     """
-    B = logits.shape[0]
+    B, C = logits.shape
     inv_b = 1.0 / B
     total = 0.0
     for i in range(B):
-        total += _cross_entropy_row(logits[i], grad[i], labels[i], inv_b)
+        row, g = logits[i], grad[i]
+        m = row[0]
+        for j in range(1, C):
+            m = max(m, row[j])
+        # read the label's logit before the loop below overwrites it when
+        # grad aliases logits
+        x_lab = row[labels[i]]
+        x_label = np.float64(x_lab)
+        for j in range(C):
+            g[j] = mathfn.exp(row[j] - m)
+        # The sum in float64: near-certain rows have s = 1 + tiny, and a
+        # float32 sum would round the tiny part away (the loss, log s, then
+        # off by ~6e-8 absolute: large against a loss of 1e-4).
+        s = 0.0
+        for j in range(C):
+            s += np.float64(g[j])
+        total += np.log(s) - (x_label - np.float64(m))   # one scalar log per row
+        scale = like(m, inv_b / s)
+        for j in range(C):
+            g[j] *= scale
+        # The label's (p - 1) / B as -(s - e) / (s B) in float64: p - 1 in
+        # the dtype cancels when p is near 1 (float32: 1e-3 relative error
+        # for p = 0.99993).  e is recomputed exactly as the loop drew it.
+        e_lab = np.float64(mathfn.exp(x_lab - m))
+        g[labels[i]] = -((s - e_lab) / s) * inv_b
     return total / B
-
-
-@njit(**INLINE)
-def _mse_chunk(p, t, g, two_over_n):
-    """One chunk of :func:`mse`: its gradient into ``g``; returns the sum of
-    its squared differences (float64, in element order)."""
-    s = 0.0
-    for i in range(p.shape[0]):
-        d = p[i] - t[i]
-        s += np.float64(d) * np.float64(d)
-        g[i] = two_over_n * d
-    return s
 
 
 @njit(**JIT)
 def mse(pred, target, grad):
-    """Mean of (pred - target)^2 over all elements (torch.nn.MSELoss); the
-    sum by CHUNKs of elements, the chunks' sums added in order."""
+    """Mean of (pred - target)^2 over all elements (torch.nn.MSELoss)."""
     pf, tf, gf = pred.reshape(pred.size), target.reshape(target.size), grad.reshape(grad.size)
-    n = pf.size
-    two_over_n = like(pf[0], 2.0 / n)
+    two_over_n = like(pf[0], 2.0 / pf.size)
     total = 0.0
-    for lo in range(0, n, CHUNK):
-        hi = min(n, lo + CHUNK)
-        total += _mse_chunk(pf[lo:hi], tf[lo:hi], gf[lo:hi], two_over_n)
-    return total / n
-
-
-@njit(**INLINE)
-def _bce_chunk(x, t, g, e, terms, inv_n):
-    """One chunk of :func:`bce_with_logits` (``e`` and ``terms``: scratch of
-    the chunk's length at least): its gradient into ``g``; returns the sum
-    of its terms (float64)."""
-    zero, one = like(x[0], 0.0), like(x[0], 1.0)
-    m = x.shape[0]
-    for k in range(m):
-        e[k] = mathfn.exp(-abs(x[k]))                        # in (0, 1]
-    for k in range(m):
-        terms[k] = np.float64(max(x[k], zero) - x[k] * t[k] + mathfn.log1p(e[k]))
-    for k in range(m):                  # g may alias x: x[k] is read first
-        num = one if x[k] >= zero else e[k]
-        g[k] = (num / (one + e[k]) - t[k]) * inv_n
-    return _sum8(terms, m)
+    for i in range(pf.size):
+        d = pf[i] - tf[i]
+        total += np.float64(d) * np.float64(d)
+        gf[i] = two_over_n * d
+    return total / pf.size
 
 
 @njit(**JIT)
@@ -144,81 +104,27 @@ def bce_with_logits(logits, target, grad):
     """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss).
 
     loss = max(x, 0) - x t + log1p(exp(-|x|)), grad = (sigmoid(x) - t) / n;
-    both finite for any finite logit.  Summed by CHUNKs, added in order.
+    both finite for any finite logit.
     """
     xf, tf, gf = logits.reshape(logits.size), target.reshape(target.size), grad.reshape(grad.size)
+    zero, one = like(xf[0], 0.0), like(xf[0], 1.0)
     n = xf.size
     inv_n = like(xf[0], 1.0 / n)
     ebuf = np.empty(CHUNK, xf.dtype)
     terms = np.empty(CHUNK)
     total = 0.0
     for lo in range(0, n, CHUNK):
-        hi = min(n, lo + CHUNK)
-        total += _bce_chunk(xf[lo:hi], tf[lo:hi], gf[lo:hi], ebuf, terms, inv_n)
+        m = min(CHUNK, n - lo)
+        x, t, g, e = xf[lo:lo + m], tf[lo:lo + m], gf[lo:lo + m], ebuf[:m]
+        for k in range(m):
+            e[k] = mathfn.exp(-abs(x[k]))                        # in (0, 1]
+        for k in range(m):
+            terms[k] = np.float64(max(x[k], zero) - x[k] * t[k] + mathfn.log1p(e[k]))
+        for k in range(m):                  # g may alias x: x[k] is read first
+            num = one if x[k] >= zero else e[k]
+            g[k] = (num / (one + e[k]) - t[k]) * inv_n
+        total += _sum8(terms, m)
     return total / n
-
-
-# --- the default losses by units, for a thread team ---------------------------
-# A unit is a row of cross-entropy, a CHUNK of elements of the others: the
-# kernels above add their units' sums in unit order, so a team whose members
-# write each unit's sum (``loss_units``) and a caller that adds them in order
-# (``kernels/cpu/pass_team.py``) give the kernel's loss bitwise.
-
-@njit(**INLINE)
-def _cross_entropy_units(logits, labels, grad, sums, u0, u1):
-    inv_b = 1.0 / logits.shape[0]
-    for i in range(u0, u1):
-        sums[i] = _cross_entropy_row(logits[i], grad[i], labels[i], inv_b)
-
-
-@njit(**INLINE)
-def _mse_units(pred, target, grad, sums, u0, u1):
-    pf, tf, gf = pred.reshape(pred.size), target.reshape(target.size), grad.reshape(grad.size)
-    n = pf.size
-    two_over_n = like(pf[0], 2.0 / n)
-    for u in range(u0, u1):
-        lo = u * CHUNK
-        hi = min(n, lo + CHUNK)
-        sums[u] = _mse_chunk(pf[lo:hi], tf[lo:hi], gf[lo:hi], two_over_n)
-
-
-@njit(**INLINE)
-def _bce_units(logits, target, grad, sums, u0, u1):
-    xf, tf, gf = logits.reshape(logits.size), target.reshape(target.size), grad.reshape(grad.size)
-    n = xf.size
-    inv_n = like(xf[0], 1.0 / n)
-    ebuf = np.empty(CHUNK, xf.dtype)
-    terms = np.empty(CHUNK)
-    for u in range(u0, u1):
-        lo = u * CHUNK
-        hi = min(n, lo + CHUNK)
-        sums[u] = _bce_chunk(xf[lo:hi], tf[lo:hi], gf[lo:hi], ebuf, terms, inv_n)
-
-
-# each loss code's kernel and its units' (the ladders: kernels/cpu/pass_team.py,
-# which a model's copy of the package compiles for the model's loss alone)
-KERNELS = {
-    CROSS_ENTROPY: (softmax_cross_entropy, "out, labels, grad"),
-    MSE: (mse, "out, target, grad"),
-    BCE_WITH_LOGITS: (bce_with_logits, "out, target, grad"),
-}
-UNITS = {
-    CROSS_ENTROPY: (_cross_entropy_units, "out, labels, grad, sums, u0, u1"),
-    MSE: (_mse_units, "out, target, grad, sums, u0, u1"),
-    BCE_WITH_LOGITS: (_bce_units, "out, target, grad, sums, u0, u1"),
-}
-@njit(**INLINE)
-def n_units(loss_kind, out):
-    """How many units the loss ``loss_kind`` sums over ``out``."""
-    if loss_kind == CROSS_ENTROPY:
-        return out.shape[0]
-    return (out.size + CHUNK - 1) // CHUNK
-
-
-@njit(**INLINE)
-def mean_of(loss_kind, total, out):
-    """The mean loss from the sum of the units' sums."""
-    return total / (out.shape[0] if loss_kind == CROSS_ENTROPY else out.size)
 
 
 # --- losses with PyTorch's options --------------------------------------------

@@ -23,38 +23,21 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from ..layout import (PLAN_POOL_FORWARD, PLAN_POOL_GRAD, PLAN_POOL_LOSS,  # noqa: F401
-                      PLAN_POOL_NORM, PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
-from ..spec import HP_SIZE, LOSS_CODES
-from . import losses
-from ._jit import INLINE, JIT, served_ladder
+from ..layout import (PLAN_POOL_FORWARD, PLAN_POOL_GRAD, PLAN_POOL_NORM,  # noqa: F401
+                      PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
+from ..spec import HP_SIZE
+from ._jit import INLINE, JIT
 from .activations import bias_act_grad_columns, bias_act_step, needs_z
-from .losses import mean_of, n_units
 from .optim import SERVED_RULES, clip_scale, clipped_update_inline, update_rows
 from .reduce import segment_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
 from .blas_pool import _as_pointer, _field
-
-# The losses these kernels serve: all, or in a model's copy of the package
-# (fastgrad.registry.cpu_kernels) the model's own; others raise.
-loss_and_grad, SERVED_LOSSES = served_ladder(
-    "loss_and_grad", "loss_kind, out, labels, target, grad", "loss_kind", losses.KERNELS,
-    __package__, "LOSSES", LOSS_CODES, "LOSS_CODES", "loss")
-loss_and_grad.__doc__ = """The mean loss of ``out`` (labels or target, as the
-loss ``loss_kind`` reads) and its gradient into ``grad``."""
-loss_units = served_ladder(
-    "loss_units", "loss_kind, out, labels, target, grad, sums, u0, u1", "loss_kind", losses.UNITS,
-    __package__, "LOSSES", LOSS_CODES, "LOSS_CODES", "loss")[0]
-loss_units.__doc__ = """Units ``u0 <= u < u1`` of the loss ``loss_kind``:
-each unit's sum into ``sums[u]``, its gradient into ``grad``."""
-
 
 # Below these sizes a team costs more than it saves (2 cores, one pool;
 # bench/RESULTS.md "Activation passes on the pool", "The update on the pool").
 MIN_ELEMENTS = 1 << 14
 MIN_COLUMNS = 32          # a gradient share of 16+ columns: whole vectors
 MIN_UPDATE = 1 << 14
-MIN_LOSS = 1 << 14
 UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a busy host
 
 # A team's record: int64 fields (a float64 kept as its bits), the claim
@@ -66,8 +49,6 @@ _N = 3                                                 # the update passes: elem
 _G, _OFFSETS, _LAYER_SQ = range(4, 7)                                      # the norm
 (_P, _GRAD, _S0, _S1, _S2, _N_S0, _N_S1, _N_S2, _HP, _HP_ROWS, _SINGLE, _RULE, _SCALE,
  _CLIP) = range(4, 18)                                                     # the update
-(_UNITS, _KIND, _OUT, _ROWS_OUT, _COLS_OUT, _LABELS, _N_LABELS, _TARGET, _ROWS_T, _COLS_T,
- _GRAD_OUT, _SUMS) = range(3, 15)                                          # the loss
 
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
@@ -218,43 +199,6 @@ def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_nor
     return norm, scale, False
 
 
-@njit(**INLINE)
-def loss_team_size(plan, out, labels, target, grad):
-    """Threads for the loss over ``out``: 0 computes it serially (no team or
-    loss member, fewer than ``MIN_LOSS`` outputs, or a buffer the
-    members could not reach by address)."""
-    threads = plan[PLAN_POOL_THREADS]
-    if threads < 2 or plan[PLAN_POOL_LOSS] == 0 or out.size < MIN_LOSS:
-        return 0
-    if not (out.flags.c_contiguous and labels.flags.c_contiguous and target.flags.c_contiguous
-            and grad.flags.c_contiguous):
-        return 0
-    return threads
-
-
-@njit(**INLINE)
-def loss(plan, loss_kind, out, labels, target, grad):
-    """``losses.loss_and_grad(loss_kind, out, labels, target, grad)``, on
-    the plan's team where :func:`loss_team_size` says so: the members write
-    each unit's sum, added here in unit order as the serial kernel adds
-    them, so the loss and gradient are bitwise the serial kernel's."""
-    threads = loss_team_size(plan, out, labels, target, grad)
-    if threads == 0:
-        return loss_and_grad(loss_kind, out, labels, target, grad)
-    units = n_units(loss_kind, out)
-    sums = np.empty(units)
-    share = max(1, units // (4 * threads))   # a few shares a thread: balance on a busy host
-    record = _record(((units + share - 1) // share, share, units, loss_kind, out.ctypes.data,
-                      out.shape[0], out.shape[1], labels.ctypes.data, labels.shape[0],
-                      target.ctypes.data, target.shape[0], target.shape[1], grad.ctypes.data,
-                      sums.ctypes.data))
-    _start(plan[PLAN_POOL_START], plan[PLAN_POOL_LOSS], record, threads)
-    total = 0.0
-    for u in range(units):
-        total += sums[u]
-    return mean_of(loss_kind, total, out)
-
-
 # --- the members -----------------------------------------------------------------
 
 def _forward_member(dtype):
@@ -323,45 +267,18 @@ def _update_member(dtype):
     return member
 
 
-def _loss_member(dtype):
-    def member(record):
-        units, share = _field(record, _UNITS), _field(record, _SHARE)
-        out = carray(_as_pointer(_field(record, _OUT)),
-                     (_field(record, _ROWS_OUT), _field(record, _COLS_OUT)), dtype)
-        grad = carray(_as_pointer(_field(record, _GRAD_OUT)),
-                      (_field(record, _ROWS_OUT), _field(record, _COLS_OUT)), dtype)
-        labels = carray(_as_pointer(_field(record, _LABELS)), (_field(record, _N_LABELS),),
-                        np.int64)
-        target = carray(_as_pointer(_field(record, _TARGET)),
-                        (_field(record, _ROWS_T), _field(record, _COLS_T)), dtype)
-        sums = carray(_as_pointer(_field(record, _SUMS)), (units,), np.float64)
-        kind = _field(record, _KIND)
-        k = _claim(record)
-        while k < _field(record, _SHARES):
-            u0 = k * share
-            loss_units(kind, out, labels, target, grad, sums, u0, min(units, u0 + share))
-            k = _claim(record)
-    return member
-
-
 _MAKERS = {"forward": _forward_member, "gradient": _gradient_member, "norm": _norm_member,
-           "update": _update_member, "loss": _loss_member}
-# the plan's member slots, in order (kernels/layout.py PLAN_POOL_FORWARD on)
-MEMBER_KINDS = ("forward", "gradient", "norm", "update", "loss")
+           "update": _update_member}
 _members = {}
 
 
-def member_addresses(dtype, kinds=MEMBER_KINDS):
-    """The plan's member slots for ``dtype`` (one address per kind of
-    ``MEMBER_KINDS``, in order): the members of ``kinds``, each compiled (or
-    loaded from the disk cache) on first use, and 0 (serial) for the others."""
+def member_addresses(dtype, kinds=("forward", "gradient", "norm", "update")):
+    """The addresses of this package's members of ``kinds`` for ``dtype``,
+    each compiled (or loaded from the disk cache) on first use."""
     dtype = np.dtype(dtype)
     nb = types.float32 if dtype == np.float32 else types.float64
     found = []
-    for kind in MEMBER_KINDS:
-        if kind not in kinds:
-            found.append(0)
-            continue
+    for kind in kinds:
         member = _members.get((dtype, kind))
         if member is None:
             member = _members[dtype, kind] = cfunc(types.void(types.voidptr),

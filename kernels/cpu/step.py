@@ -77,10 +77,10 @@ import numpy as np
 from numba import njit
 
 from . import pass_team
-from ._jit import INLINE, JIT, served_codes
+from ._jit import INLINE, JIT, code_ladder, served_codes
 from .activations import bias_act_grad_inplace, bias_act_step, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
-from .pass_team import SERVED_LOSSES, loss_and_grad  # noqa: F401
+from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
 from .wnorm import weight_norm_backward, weight_norm_forward
 
@@ -188,8 +188,23 @@ def _weight_norm_grads(params, grads, dW, plan, fplan, offsets, sizes, l, col_of
     weight_norm_backward(v, g, fplan[w:w + n_out], dW, dv, dg)
 
 
-# The loss: kernels/cpu/losses.py (this package's SERVED_LOSSES), on the
-# plan's team where pass_team.loss_team_size says so.
+_LOSS_KERNELS = {
+    CROSS_ENTROPY: (softmax_cross_entropy, "out, labels, grad"),
+    MSE: (mse, "out, target, grad"),
+    BCE_WITH_LOGITS: (bce_with_logits, "out, target, grad"),
+}
+assert set(_LOSS_KERNELS) == set(LOSS_CODES.values()), "a loss of kernels/spec.py has no kernel"
+# The losses these kernels serve: all, or in a model's copy of the package
+# (fastgrad.registry.cpu_kernels) the model's own; others raise.
+SERVED_LOSSES = served_codes(__package__, "LOSSES", LOSS_CODES.values())
+loss_and_grad = code_ladder(
+    "loss_and_grad", "loss_kind, out, labels, target, grad", "loss_kind",
+    [(code,) + _LOSS_KERNELS[code] for code in SERVED_LOSSES],
+    "loss code not served by these kernels: they serve "
+    f"{[n for n, c in LOSS_CODES.items() if c in SERVED_LOSSES]} (kernels/spec.py "
+    "LOSS_CODES; a model's copy of the kernels serves the model's loss alone)")
+loss_and_grad.__doc__ = """The mean loss of ``out`` (labels or target, as the
+loss ``loss_kind`` reads) and its gradient into ``grad``."""
 
 
 @njit(**INLINE)
@@ -353,8 +368,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
-    loss = pass_team.loss(plan, loss_kind, h, labels, target,
-                          _rows(delta, 0, x.shape[0], sizes[-1]))
+    loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
     return loss
@@ -427,8 +441,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     # instead of once for forward_backward and again when linking it here.
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
-    loss = pass_team.loss(plan, loss_kind, h, labels, target,
-                          _rows(delta, 0, x.shape[0], sizes[-1]))
+    loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
     norm, scale, skipped = pass_team.clipped_update(plan, rule, params, grads, s0, s1, s2, hp,
@@ -531,7 +544,7 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
                 _copy_into(saved_var, run_var)
         h = _forward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                      run_mean, run_var)
-        loss = pass_team.loss(plan, loss_kind, h, lb, tb, _rows(delta, 0, xb.shape[0], sizes[-1]))
+        loss = loss_and_grad(loss_kind, h, lb, tb, _rows(delta, 0, xb.shape[0], sizes[-1]))
         _backward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan,
                   fplan, run_mean, run_var)
         norm, scale, skipped = pass_team.clipped_update(
