@@ -153,19 +153,27 @@ class Backend:
             return self._registered_kernels(codes)
         return self.kernels
 
-    def model_kernels(self, codes, rules=None, losses=None, features=None):
+    def model_kernels(self, codes, rules=None, losses=None, features=None, team=False):
         """The kernel package a model with activation ``codes`` runs on
         (``rules``/``losses``: the update-rule and loss codes it needs, None
-        for all; ``features``: the layer features, None for all)."""
+        for all; ``features``: the layer features, None for all; ``team``:
+        with the host thread team's branches, :meth:`step_team`)."""
         return self.kernels_for(codes)
 
-    def step_kernels(self, codes, rules=None, losses=None, features=None):
+    def step_kernels(self, codes, rules=None, losses=None, features=None, team=False):
         """``(step, step_blocks, step_sharded)`` kernel modules of a model
         with activation ``codes`` and layer ``features`` (None where the
         device has no such step; where the device fuses epilogue pieces,
         ``step`` is the one driver of plain models and models with epilogue pieces and
-        ``step_blocks`` is ``step``)."""
+        ``step_blocks`` is ``step``); ``team``: a driver that can run passes
+        on the host thread team (:meth:`step_team`)."""
         raise NotImplementedError
+
+    def step_team(self):
+        """Whether a step driver should have the host thread team's
+        branches now (CPU: while the BLAS pool is shared); False where the
+        device has no such team."""
+        return False
 
     def update_kernels(self, rule=None):
         """The optimizer kernel module of update rule ``rule`` (None: all)."""
@@ -304,7 +312,7 @@ class CpuBackend(Backend):
     def check_activations(self, codes):
         pass                    # any registered activation runs on the CPU
 
-    def model_kernels(self, codes, rules=None, losses=None, features=None):
+    def model_kernels(self, codes, rules=None, losses=None, features=None, team=False):
         # a copy of the package compiled for these activations, rules,
         # losses and layer features alone: a cold first step compiles only
         # what the model uses
@@ -312,12 +320,17 @@ class CpuBackend(Backend):
         if _device.kernel_copies() == "shared":
             # one package for every model of the process (test suites, sweeps)
             return _registry.full_cpu_kernels() if pkg is self.kernels else pkg
-        return _registry.cpu_kernels(codes, rules=rules, losses=losses, features=features)
+        return _registry.cpu_kernels(codes, rules=rules, losses=losses, features=features,
+                                     team=team)
 
-    def step_kernels(self, codes, rules=None, losses=None, features=None):
+    def step_kernels(self, codes, rules=None, losses=None, features=None, team=False):
         # one driver for plain models and models with epilogue pieces (kernels/cpu/step.py)
-        pkg = self.model_kernels(codes, rules=rules, losses=losses, features=features)
+        pkg = self.model_kernels(codes, rules=rules, losses=losses, features=features, team=team)
         return pkg.step, pkg.step, pkg.step_sharded
+
+    def step_team(self):
+        # the team's branches pay only with one pool (fill_pass_team)
+        return _threads.blas_pool_shared()
 
     def update_kernels(self, rule=None):
         # a copy compiled for this rule alone (no activation, no loss)
@@ -474,7 +487,7 @@ class CudaBackend(Backend):
         _module.set_registered_activations(_registry.cuda_table())
         return self.kernels
 
-    def step_kernels(self, codes, rules=None, losses=None, features=None):
+    def step_kernels(self, codes, rules=None, losses=None, features=None, team=False):
         # One Python driver issuing the step's launches on the current
         # stream (no host sync inside), for plain models and models with
         # epilogue pieces, as on the CPU; threads= has no CUDA step.

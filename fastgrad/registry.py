@@ -286,7 +286,7 @@ def _code_set(codes, every, what):
     return out
 
 
-def cpu_kernels(codes=None, rules=None, losses=None, features=None):
+def cpu_kernels(codes=None, rules=None, losses=None, features=None, team=False):
     """The CPU kernel package for a model's activation ``codes``, update
     ``rules`` and ``losses`` (codes of ``kernels/spec.py``; None: every
     one) and layer ``features`` (names of ``kernels/cpu/step.py``
@@ -308,23 +308,30 @@ def cpu_kernels(codes=None, rules=None, losses=None, features=None):
     compiles the loops of those activations, rules and losses alone, cached
     on disk like the package itself -- a model's first step then compiles
     2 activation loops, one rule and one loss instead of all of them.
+
+    ``team``: whether its step driver has the branches that run passes on
+    the shared pool's team (``kernels/cpu/pass_team.py``; a ``TrainStep``
+    asks for them while the pool is shared).  Without them the driver runs
+    every pass serially and a cold first step compiles ~1 s less.
     """
     rules = _code_set(rules, _spec.RULES.values(), "update rule")
     losses = _code_set(losses, _spec.LOSS_CODES.values(), "loss")
     features = _feature_set(features)
     if codes is not None and not uses_registered(codes):
-        return _subset_kernels(frozenset(int(c) for c in codes), rules, losses, features)
+        return _subset_kernels(frozenset(int(c) for c in codes), rules, losses, features,
+                               bool(team))
     with _lock:
-        pkg = _variant.get((rules, losses, features))
+        pkg = _variant.get((rules, losses, features, bool(team)))
         if pkg is None:
             _generation[0] += 1
-            pkg = _variant[rules, losses, features] = _load_copy(
+            pkg = _variant[rules, losses, features, bool(team)] = _load_copy(
                 f"fastgrad.kernels._registered{_generation[0]}",
                 "fastgrad.kernels.cpu with registered activations",
                 _EXTRA_ACTIVATIONS=tuple(
                     (s.code, _inline(s.f), _inline(s.df), s.needs_z)
                     for s in _specs.values() if not s.builtin),
-                _NO_DISK_CACHE=True, **_only("RULES", rules, _spec.RULES.values()),
+                _NO_DISK_CACHE=True, _TEAM=bool(team),
+                **_only("RULES", rules, _spec.RULES.values()),
                 **_only("LOSSES", losses, _spec.LOSS_CODES.values()),
                 **_only("FEATURES", features, _step_features()))
         return pkg
@@ -363,9 +370,9 @@ def _only(kind, codes, every):
     return {} if codes == frozenset(every) else {f"_ONLY_{kind}": codes}
 
 
-def _subset_kernels(codes, rules, losses, features):
+def _subset_kernels(codes, rules, losses, features, team):
     with _lock:
-        pkg = _subsets.get((codes, rules, losses, features))
+        pkg = _subsets.get((codes, rules, losses, features, team))
         if pkg is None:
             tag = "_".join(str(c) for c in sorted(codes))
             attrs = dict(_only("RULES", rules, _spec.RULES.values()),
@@ -378,12 +385,14 @@ def _subset_kernels(codes, rules, losses, features):
                     tag += f"_{letter}" + "_".join(str(c) for c in sorted(attrs[f"_ONLY_{kind}"]))
             if "_ONLY_FEATURES" in attrs:
                 tag += "_f" + ("_".join(sorted(features)) or "plain")
-            pkg = _subsets[codes, rules, losses, features] = _load_copy(
+            if team:
+                tag += "_team"
+            pkg = _subsets[codes, rules, losses, features, team] = _load_copy(
                 f"fastgrad.kernels._cpu_{tag}",
                 f"fastgrad.kernels.cpu compiled for activation codes {sorted(codes)}, rules "
                 f"{sorted(rules)}, losses {sorted(losses)}, layer features "
-                f"{sorted(features)}",
-                _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}", **attrs)
+                f"{sorted(features)}{', shared-pool team' if team else ''}",
+                _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}", _TEAM=team, **attrs)
         return pkg
 
 

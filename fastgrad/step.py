@@ -171,14 +171,10 @@ class TrainStep:
         self._needs_z = any(ops.needs_z(c) for c in self._codes)
         # The step kernels of this model's activations, update rule, loss and
         # layer features (on the CPU compiled for those alone:
-        # fastgrad.registry.cpu_kernels).
-        self._kernels, self._kblocks, self._ksharded = be.step_kernels(
-            self._codes, rules=(opt.rule,), losses=(self._loss_kind,),
-            features=layer_features(model))
-        # the model's layer path (forward, backward, predict) runs the same
-        # driver, whose helpers this step compiles
-        model._step_driver = ((tuple(self._codes.tolist()), layer_features(model)),
-                              self._kernels)
+        # fastgrad.registry.cpu_kernels), with the host team's branches
+        # while the BLAS pool is shared (_use_team).
+        self._team = None
+        self._use_team(be.step_team())
         model._driver_config = None
         # Every device steps by plan: ONE step driver for plain models and
         # models with epilogue pieces (kernels/cpu/step.py, kernels/cuda/step.py).
@@ -355,6 +351,22 @@ class TrainStep:
         CuPy array (reading it waits for the step, like ``loss.item()``)."""
         return self._backend.loss_result(loss)
 
+    def _use_team(self, team):
+        """Step on kernels whose driver has the host team's branches
+        (``team``) or not: a copy without them compiles ~1 s less on a cold
+        first step, and the pool can be shared or given back between steps."""
+        if team == self._team:
+            return
+        model = self.model
+        self._kernels, self._kblocks, self._ksharded = self._backend.step_kernels(
+            self._codes, rules=(self.opt.rule,), losses=(self._loss_kind,),
+            features=layer_features(model), team=team)
+        self._team = team
+        # the model's layer path (forward, backward, predict) runs the same
+        # driver, whose helpers this step compiles
+        model._step_driver = ((tuple(self._codes.tolist()), layer_features(model)),
+                              self._kernels)
+
     def _driver_args(self, B, counter=None, update=False):
         """``(args, kwargs)`` of the driver: its arguments between the loss
         code and the optimizer's (``kernels/cpu/step.py``) on the buffers of
@@ -375,6 +387,7 @@ class TrainStep:
         cached = self._fixed_args
         if cached is None or cached[0] is not buf or cached[1] is not self._kernels or \
                 cached[4] != (_threads.pool_generation(), self.opt._parallel_asked):
+            self._use_team(self._backend.step_team())
             missing = layer_features(m) - set(self._kernels.SERVED_FEATURES)
             if missing:
                 # the driver would run such a layer as a plain one
@@ -676,7 +689,8 @@ class TrainStep:
                 raise ValueError("batch norm in training mode needs more than 1 sample per "
                                  "batch (got a batch of 1), as in PyTorch; use model.eval() "
                                  "or drop_last=True")
-        return self._kernels.train_steps, self._driver_args(B, counter=model.dropout_step)[0]
+        args = self._driver_args(B, counter=model.dropout_step)[0]   # may change the kernels
+        return self._kernels.train_steps, args
 
     def _compiled_epoch(self, X, labels, target, order, batch_size, n_steps, res, callback):
         model, opt = self.model, self.opt

@@ -407,3 +407,35 @@ def test_opt_step_on_the_shared_pool_runs_the_team_update_bitwise(shared_pool):
 
 def pass_team_of(opt):
     return sys.modules[opt._backend.update_kernels(opt.rule).__package__].pass_team
+
+
+def test_a_model_copy_has_the_team_branches_only_while_the_pool_is_shared(per_model_copies):
+    # A model's copy of the kernels without the pool: a driver with no team
+    # branch (a cold first step compiles ~1 s less).  Sharing the pool
+    # between steps moves the step to a copy with them, giving it back moves
+    # it back; the parameters are bitwise those of a step never on the pool.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 41)).astype(np.float32)
+    y = rng.integers(0, 5, 64)
+
+    def run(share):
+        model = fg.MLP([41, 300, 77, 5], activation="gelu", dtype=np.float32, seed=3)
+        step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, clip_norm=0.5))
+        seen = []
+        try:
+            for k in range(4):
+                shared = fg.share_blas_pool(share and k % 2 == 1)
+                step(x, y)
+                seen.append((bool(shared), step._kernels.TEAM, step._kernels.__package__))
+        finally:
+            fg.share_blas_pool(False)
+        return model.params.copy(), seen
+
+    plain, seen = run(False)
+    assert all(not team for _, team, _ in seen)
+    toggled, seen = run(True)
+    assert np.array_equal(plain, toggled)
+    for shared, team, package in seen:
+        assert team == shared and package.endswith("_team") == shared
+    from fastgrad import registry
+    assert registry.full_cpu_kernels().step.TEAM     # the package itself has them

@@ -72,6 +72,7 @@ A plain model passes the plan of :func:`step_plan` with every flag off (the
 package serving every feature reads it) and no scratch.
 """
 import math
+import sys
 
 import numpy as np
 from numba import njit
@@ -82,6 +83,7 @@ from .activations import bias_act_grad_inplace, bias_act_step, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
+from .optim import clipped_update_inline
 from .wnorm import weight_norm_backward, weight_norm_forward
 
 from .. import layout as _layout  # noqa: E402
@@ -104,6 +106,12 @@ _NORM = "norm" in SERVED_FEATURES
 _RESIDUAL = "residual" in SERVED_FEATURES
 _WEIGHT_NORM = "weight_norm" in SERVED_FEATURES
 _BLOCKS = _DROPOUT or _RESIDUAL           # the block epilogue (blocks.py)
+# Whether the driver has the shared pool's team branches (pass_team.py): the
+# package itself yes; a model's copy only when built for the shared pool
+# (fastgrad.registry.cpu_kernels(team=True)).  Without them the driver runs
+# the serial passes and compiles ~1 s less on a cold first step
+# (bench/RESULTS.md, "The loss on the pool").
+TEAM = getattr(sys.modules.get(__package__), "_TEAM", True)
 
 _TWO53 = 9007199254740992.0
 
@@ -253,8 +261,8 @@ def _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fp
             if not needs_z(codes[l]):
                 z = a
             np.dot(h, W, z)
-            team = pass_team.team_size(plan, B * n_out)
-            if team:
+            team = pass_team.team_size(plan, B * n_out) if TEAM else 0
+            if TEAM and team:
                 pass_team.forward(plan, team, z, b, a, codes[l], alphas[l])
             else:
                 bias_act_step(z, b, a, codes[l], alphas[l])
@@ -336,8 +344,8 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
         else:
             if not needs_z(codes[l]):
                 z = a
-            team = pass_team.gradient_team_size(plan, da, codes[l])
-            if team:
+            team = pass_team.gradient_team_size(plan, da, codes[l]) if TEAM else 0
+            if TEAM and team:
                 pass_team.gradient(plan, team, da, a, z, db, codes[l], alphas[l])
             else:
                 bias_act_grad_inplace(da, a, z, db, codes[l], alphas[l])
@@ -428,6 +436,16 @@ def _first_layer_dx(params, sizes, offsets, acts, delta, plan, B, dx):
             _add_into(dx, da)
 
 
+@njit(**INLINE)
+def _update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
+    # the clipped update, on the plan's team where this driver has its branch
+    if TEAM:
+        return pass_team.clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq,
+                                        clip_norm, clip_value)
+    return clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                                 clip_value)
+
+
 @njit(**JIT)
 def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                offsets, acts, zs, delta, plan, fplan, run_mean, run_var,
@@ -444,8 +462,8 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
-    norm, scale, skipped = pass_team.clipped_update(plan, rule, params, grads, s0, s1, s2, hp,
-                                                    offsets, layer_sq, clip_norm, clip_value)
+    norm, scale, skipped = _update(plan, rule, params, grads, s0, s1, s2, hp, offsets, layer_sq,
+                                   clip_norm, clip_value)
     return loss, norm, scale, skipped
 
 
@@ -547,9 +565,8 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
         loss = loss_and_grad(loss_kind, h, lb, tb, _rows(delta, 0, xb.shape[0], sizes[-1]))
         _backward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan,
                   fplan, run_mean, run_var)
-        norm, scale, skipped = pass_team.clipped_update(
-            plan, rule, params, grads, s0, s1, s2, hp_rows[applied], offsets, layer_sq, clip_norm,
-            clip_value)
+        norm, scale, skipped = _update(plan, rule, params, grads, s0, s1, s2, hp_rows[applied],
+                                       offsets, layer_sq, clip_norm, clip_value)
         record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
                     out_skipped, out_layer_sq)
         if skipped:
