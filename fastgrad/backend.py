@@ -171,8 +171,8 @@ class Backend:
 
     def step_team(self):
         """Whether a step driver should have the host thread team's
-        branches now (CPU: while the BLAS pool is shared); False where the
-        device has no such team."""
+        branches now (CPU: while the BLAS pool is shared and Numba runs more
+        than one thread); False where the device has no such team."""
         return False
 
     def update_kernels(self, rule=None):
@@ -329,8 +329,8 @@ class CpuBackend(Backend):
         return pkg.step, pkg.step, pkg.step_sharded
 
     def step_team(self):
-        # the team's branches pay only with one pool (fill_pass_team)
-        return _threads.blas_pool_shared()
+        # the team's branches run only where fill_pass_team gives the plan a team
+        return _threads.team_threads() > 0
 
     def update_kernels(self, rule=None):
         # a copy compiled for this rule alone (no activation, no loss)

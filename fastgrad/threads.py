@@ -220,15 +220,22 @@ def pool_generation():
     return _pool["generation"]
 
 
+def team_threads():
+    """The threads a step's pass team gets: the shared pool's, or 0 (serial
+    passes) when the pool is not shared or Numba runs one thread."""
+    threads = numba_threads()
+    return threads if blas_pool_shared() and threads > 1 else 0
+
+
 def pass_team(member_addresses):
     """``(threads, start, forward, gradient, norm, update)`` for a step
-    plan's team (kernels/cpu/pass_team.py): the shared pool's threads and
+    plan's team (kernels/cpu/pass_team.py): :func:`team_threads` and
     ``GOMP_parallel``'s address, with the members' (activation passes, the
-    update's two passes); all 0 (serial passes) when the pool is not shared
-    or Numba runs one thread.  ``member_addresses()`` gives the members'
-    addresses (compiled on first use)."""
-    threads = numba_threads()
-    if not blas_pool_shared() or threads < 2:
+    update's two passes); all 0 (serial passes) without a team.
+    ``member_addresses()`` gives the members' addresses (compiled on first
+    use)."""
+    threads = team_threads()
+    if not threads:
         return (0,) * 6
     return (threads, _pool["start"]) + tuple(member_addresses())
 
