@@ -7,7 +7,7 @@ gradient clipping and gradient-health reporting built in.
 """
 from . import callbacks, health, interop, ops, registry, schedules
 from .device import (DeviceUnavailableError, available_devices, get_device,
-                     set_device)
+                     get_flush_denormal, set_device, set_flush_denormal)
 from .errors import NonFiniteGradientError
 from .interop import from_torch
 from .io import load, save
@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "callbacks", "health", "interop", "from_torch", "load", "save", "ops", "schedules", "DeviceUnavailableError", "available_devices",
-    "get_device", "set_device", "NonFiniteGradientError", "MLP", "Dense", "Residual",
+    "get_device", "set_device", "get_flush_denormal", "set_flush_denormal",
+    "NonFiniteGradientError", "MLP", "Dense", "Residual",
     "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
     "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",
     "get_num_threads", "set_num_threads", "share_blas_pool", "blas_pool_status", "registry",

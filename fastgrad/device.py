@@ -98,6 +98,35 @@ def get_device():
     return _current
 
 
+def set_flush_denormal(mode):
+    """Whether the CPU's float32 training kernels flush denormals to zero.
+
+    On (the default, as JAX and TensorFlow on the CPU, and as fastgrad's
+    float32 CUDA kernels always do): the float32 training step,
+    ``run_epoch``, the layer path's forward and backward and the
+    optimizer's update set the x86 FTZ and DAZ bits while they run, on
+    their own threads and the shared BLAS pool's (``share_blas_pool``; not
+    on OpenBLAS's own workers), and restore the caller's on return: values
+    below the smallest normal float32 (1.2e-38) read and are written as
+    zero there.  On Intel cores each denormal operation costs a microcode
+    assist of ~100 cycles, and a confident model's underflowing
+    probabilities and gradients made whole steps 2-6x slower
+    (bench/RESULTS.md "Denormals").  Off: IEEE gradual underflow, PyTorch's
+    default.  float64, NumPy, ``fastgrad.ops`` and anything else outside
+    those kernels are not affected.  Returns whether this CPU supports it
+    (x86-64), as ``torch.set_flush_denormal`` does.
+    """
+    from .kernels import denormals
+    return denormals.set_flush(bool(mode))
+
+
+def get_flush_denormal():
+    """Whether the CPU training kernels flush denormals (see
+    :func:`set_flush_denormal`)."""
+    from .kernels import denormals
+    return denormals.flushing()
+
+
 _COPIES_ENV = "FASTGRAD_KERNEL_COPIES"
 KERNEL_COPIES = ("model", "shared")
 

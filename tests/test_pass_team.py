@@ -16,6 +16,7 @@ from fastgrad import threads as fg_threads
 from fastgrad.kernels import layout as K
 from fastgrad.kernels import spec
 from fastgrad.kernels.cpu import activations as A
+from fastgrad.kernels.cpu import fpenv
 from fastgrad.kernels.cpu import optim as kc
 from fastgrad.kernels.cpu import pass_team
 
@@ -71,12 +72,20 @@ def _serial_and_team(plan, threads, code, dtype, rows, cols, rng):
     return results
 
 
+# The serial passes in the training kernels' floating-point mode, as the
+# driver runs them (the members set it themselves: kernels/cpu/fpenv.py).
+@njit
 def _serial_forward(plan, threads, z, b, out, act, alpha):
+    saved = fpenv.enter(z)
     A.bias_act_step(z, b, out, act, alpha)
+    fpenv.leave(saved)
 
 
+@njit
 def _serial_gradient(plan, threads, g, a, z, db, act, alpha):
+    saved = fpenv.enter(g)
     A.bias_act_grad_inplace(g, a, z, db, act, alpha)
+    fpenv.leave(saved)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

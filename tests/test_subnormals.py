@@ -1,12 +1,14 @@
 """Subnormal numbers on every device: float64 keeps them everywhere, float32
-keeps them on the CPU and flushes them on CUDA.
+keeps them in the CPU's ``fastgrad.ops`` kernels and flushes them on CUDA
+(the CPU's float32 training kernels flush them too unless
+``fg.set_flush_denormal(False)``: tests/test_denormals.py).
 
 CuPy compiles every RawModule with ``-ftz=true`` (appended after the
 loader's options, so it cannot be turned off there): in float32 kernels
 every arithmetic operation, comparison and float->double conversion reads a
 subnormal input as zero and writes a subnormal result as zero (a plain copy,
 or a product by 1 the compiler removed, keeps it).  float64 is never
-flushed.  The CPU (Numba) keeps subnormals in both.  Hence:
+flushed.  The CPU's kernels called here keep subnormals in both.  Hence:
 
 * float64, every device: results are the float64 reference's on the raw
   inputs, subnormal ones included (a flushed result would be 100% off).

@@ -32,6 +32,7 @@ from numba import cfunc, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from . import fpenv
 from ._jit import JIT
 
 # Symbols registered with llvmlite before the callback is compiled or loaded.
@@ -106,17 +107,19 @@ def _thread_num(typingctx):
 
 
 @intrinsic
-def _pack(typingctx, dojob, numjobs, job_size, jobs, data):
-    """The five arguments a team needs, in a stack record of 5 int64."""
+def _pack(typingctx, dojob, numjobs, job_size, jobs, data, mode):
+    """The five arguments a team needs and the caller's floating-point mode,
+    in a stack record of 6 int64."""
     def codegen(context, builder, signature, args):
-        record = cgutils.alloca_once(builder, ir.ArrayType(_I64, 5))
+        record = cgutils.alloca_once(builder, ir.ArrayType(_I64, 6))
         values = [builder.ptrtoint(args[0], _I64), builder.sext(args[1], _I64),
                   builder.zext(args[2], _I64) if args[2].type.width < 64 else args[2],
-                  builder.ptrtoint(args[3], _I64), builder.sext(args[4], _I64)]
+                  builder.ptrtoint(args[3], _I64), builder.sext(args[4], _I64),
+                  context.cast(builder, args[5], mode, types.int64)]
         for k, value in enumerate(values):
             builder.store(value, builder.gep(record, [_I32(0), _I32(k)]))
         return builder.bitcast(record, _VOIDPTR)
-    return types.voidptr(dojob, numjobs, job_size, jobs, data), codegen
+    return types.voidptr(dojob, numjobs, job_size, jobs, data, mode), codegen
 
 
 @intrinsic
@@ -201,9 +204,13 @@ _blas_wait = _blas_server_call(BLAS_WAIT)
 def _team_member(record):
     i = _thread_num()
     if i < _field(record, 1):
+        # the caller's FTZ/DAZ bits: a GEMM of the training kernels flushes
+        # denormals on every thread (kernels/cpu/fpenv.py), anyone else's not
+        own = fpenv.adopt(_field(record, 5))
         _call_job(_as_pointer(_field(record, 0)), i,
                   _job_at(_as_pointer(_field(record, 3)), i * _field(record, 2)),
                   np.int32(_field(record, 4)))
+        fpenv.leave(own)
 
 
 def _run_jobs(sync, dojob, numjobs, job_size, jobs, data):
@@ -211,7 +218,8 @@ def _run_jobs(sync, dojob, numjobs, job_size, jobs, data):
     # A team of exactly numjobs threads: not nested in an active region, and
     # libgomp neither free to give fewer (OMP_DYNAMIC) nor limited below it.
     if _in_parallel() == 0 and _dynamic() == 0 and numjobs <= _thread_limit():
-        _run_team(_pack(dojob, numjobs, job_size, jobs, data), numjobs)
+        _run_team(_pack(dojob, numjobs, job_size, jobs, data, fpenv.caller_mode()),
+                  numjobs)
     else:
         # OpenBLAS's own way: its workers take jobs 1..n-1 (linked through
         # each job's ``next``); this thread runs job 0 under the slot no

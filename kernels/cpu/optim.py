@@ -51,6 +51,7 @@ them measured).
 import numpy as np
 from numba import njit, prange
 
+from . import fpenv
 from ._jit import INLINE, JIT, served_ladder
 from .reduce import layer_sumsq, layer_sumsq_parallel
 
@@ -311,8 +312,11 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     skipped : bool
         True when ``norm`` is NaN or Inf; then nothing else was written.
     """
-    return clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
-                                 clip_value)
+    saved = fpenv.enter(p)
+    result = clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                                   clip_value)
+    fpenv.leave(saved)
+    return result
 
 
 # Elements per parallel chunk: large enough that a chunk's bookkeeping
@@ -322,8 +326,11 @@ CHUNK = 1 << 16
 
 @njit(**JIT)
 def _update_chunk(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
-    # A call in the prange loop below, for the reason update_range gives.
+    # A call in the prange loop below, for the reason update_range gives;
+    # on each of Numba's threads in the training kernels' floating-point mode.
+    saved = fpenv.enter(p)
     update_segments(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi)
+    fpenv.leave(saved)
 
 
 @njit(**dict(JIT, parallel=True))

@@ -26,6 +26,7 @@ from numba.core.extending import intrinsic
 from ..layout import (PLAN_POOL_FORWARD, PLAN_POOL_GRAD, PLAN_POOL_NORM,  # noqa: F401
                       PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
 from ..spec import HP_SIZE
+from . import fpenv
 from ._jit import INLINE, JIT
 from .activations import bias_act_grad_columns, bias_act_step, needs_z
 from .optim import SERVED_RULES, clip_scale, clipped_update_inline, update_rows
@@ -208,12 +209,14 @@ def _forward_member(dtype):
         out = carray(_as_pointer(_field(record, _P1)), (rows, cols), dtype)
         b = carray(_as_pointer(_field(record, _P2)), (cols,), dtype)
         act, alpha = _field(record, _ACT), _float(record, _ALPHA)
+        saved = fpenv.enter(z)
         k = _claim(record)
         while k < _field(record, _SHARES):
             r0 = k * share
             r1 = min(rows, r0 + share)
             bias_act_step(z[r0:r1], b, out[r0:r1], act, alpha)
             k = _claim(record)
+        fpenv.leave(saved)
     return member
 
 
@@ -225,11 +228,13 @@ def _gradient_member(dtype):
         z = carray(_as_pointer(_field(record, _P2)), (rows, cols), dtype)
         db = carray(_as_pointer(_field(record, _P3)), (cols,), dtype)
         act, alpha = _field(record, _ACT), _float(record, _ALPHA)
+        saved = fpenv.enter(g)
         k = _claim(record)
         while k < _field(record, _SHARES):
             c0 = k * share
             bias_act_grad_columns(g, a, z, db, act, alpha, c0, min(cols, c0 + share))
             k = _claim(record)
+        fpenv.leave(saved)
     return member
 
 
@@ -239,10 +244,12 @@ def _norm_member(dtype):
         g = carray(_as_pointer(_field(record, _G)), (n,), dtype)
         offsets = carray(_as_pointer(_field(record, _OFFSETS)), (layers + 1,), np.int64)
         layer_sq = carray(_as_pointer(_field(record, _LAYER_SQ)), (layers,), np.float64)
+        saved = fpenv.enter(g)
         k = _claim(record)
         while k < layers:
             layer_sq[k] = segment_sumsq(g, offsets[k], offsets[k + 1])
             k = _claim(record)
+        fpenv.leave(saved)
     return member
 
 
@@ -258,12 +265,14 @@ def _update_member(dtype):
                       np.float64)
         single, rule = _field(record, _SINGLE) != 0, _field(record, _RULE)
         scale, clip_value = _float(record, _SCALE), _float(record, _CLIP)
+        saved = fpenv.enter(p)
         k = _claim(record)
         while k < _field(record, _SHARES):
             lo = k * share
             update_rows(rule, p, g, s0, s1, s2, rows, single, scale, clip_value, lo,
                         min(n, lo + share))
             k = _claim(record)
+        fpenv.leave(saved)
     return member
 
 
@@ -294,5 +303,8 @@ def clipped_update_on_team(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, 
     """:func:`clipped_update` as a kernel of its own: an optimizer's
     ``step()`` on the shared pool (``fastgrad.backend``; the plan's norm and
     update members are all it reads)."""
-    return clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
-                          clip_value)
+    saved = fpenv.enter(p)
+    result = clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
+                            clip_value)
+    fpenv.leave(saved)
+    return result

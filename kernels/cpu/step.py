@@ -77,7 +77,7 @@ import sys
 import numpy as np
 from numba import njit
 
-from . import pass_team
+from . import fpenv, pass_team
 from ._jit import INLINE, JIT, code_ladder, served_codes
 from .activations import bias_act_grad_inplace, bias_act_step, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
@@ -374,11 +374,13 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
 def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
+    saved = fpenv.enter(params)
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
     loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
+    fpenv.leave(saved)
     return loss
 
 
@@ -387,9 +389,12 @@ def forward(x, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run
     """The forward alone (the layer path's ``model.forward`` and
     ``predict``): writes ``acts`` (and, training with batch norm, the
     running statistics); returns the output, a view of ``acts``."""
+    saved = fpenv.enter(params)
     # params stands in for grads: the views the forward takes of them go unused
-    return _forward(x, params, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
-                    run_mean, run_var)
+    h = _forward(x, params, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
+                 run_mean, run_var)
+    fpenv.leave(saved)
+    return h
 
 
 @njit(**JIT)
@@ -399,10 +404,12 @@ def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, p
     plan: reads dL/d(output) from ``delta``'s first ``B * sizes[-1]``
     elements (and overwrites ``delta``), writes ``grads`` and, when ``dx``
     has rows, dL/dx into it."""
+    saved = fpenv.enter(params)
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
     if dx.shape[0] > 0:
         _first_layer_dx(params, sizes, offsets, acts, delta, plan, x.shape[0], dx)
+    fpenv.leave(saved)
 
 
 @njit(**INLINE)
@@ -455,6 +462,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     Returns (loss, grad_norm, clip_scale, skipped) -- the update's outputs
     exactly as ``fastgrad.optim``'s ``step()`` gets them from the same kernel.
     """
+    saved = fpenv.enter(params)
     # Inlined rather than called: LLVM then optimises the step's code once,
     # instead of once for forward_backward and again when linking it here.
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
@@ -464,6 +472,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
               run_mean, run_var)
     norm, scale, skipped = _update(plan, rule, params, grads, s0, s1, s2, hp, offsets, layer_sq,
                                    clip_norm, clip_value)
+    fpenv.leave(saved)
     return loss, norm, scale, skipped
 
 
@@ -542,6 +551,7 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     (in ``fplan`` at ``plan[PLAN_SAVED]``) and restored when its update is
     skipped, as the per-step TrainStep does.
     """
+    saved_mode = fpenv.enter(params)
     applied = 0
     if _DROPOUT:
         counter = plan[PLAN_COUNTER]
@@ -575,7 +585,9 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
                     _copy_into(run_mean, saved_mean)
                     _copy_into(run_var, saved_var)
             if stop_on_skip:
+                fpenv.leave(saved_mode)
                 return j + 1
         else:
             applied += 1
+    fpenv.leave(saved_mode)
     return n_steps
