@@ -110,7 +110,7 @@ def set_flush_denormal(mode):
     below the smallest normal float32 (1.2e-38) read and are written as
     zero there.  On Intel cores each denormal operation costs a microcode
     assist of ~100 cycles, and a confident model's underflowing
-    probabilities and gradients made whole steps 2-6x slower
+    probabilities and gradients made whole steps up to 6x slower
     (bench/RESULTS.md "Denormals").  Off: IEEE gradual underflow, PyTorch's
     default.  float64, NumPy, ``fastgrad.ops`` and anything else outside
     those kernels are not affected.  Returns whether this CPU supports it

@@ -5,7 +5,7 @@ denormal.  On Intel cores an operation that reads or produces one takes a
 microcode assist of about a hundred cycles; a model that grows confident
 (softmax probabilities underflowing in the loss, their gradients in the
 GEMMs, squared gradients in Adam's second moment) made whole training steps
-2-10x slower on such a core (bench/RESULTS.md "Denormals").  With the flag
+up to 6x slower on such a core (bench/RESULTS.md "Denormals").  With the flag
 on (the default, as JAX/XLA and TensorFlow run on the CPU), the float32
 step, optimizer update and layer path set the x86 FTZ and DAZ bits of MXCSR
 on entry and restore the caller's bits on return: denormal inputs read as
