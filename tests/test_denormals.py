@@ -170,3 +170,54 @@ def test_the_shared_pools_threads_flush_a_gemm_of_the_step():
     if done.stdout.startswith("skip"):
         pytest.skip(done.stdout)
     assert "ok" in done.stdout
+
+
+def test_pool_threads_started_by_a_flushing_step_do_not_flush_other_code():
+    """A thread inherits its creator's mode: the step's teams start with the
+    caller's bits cleared, so GNU OpenMP's threads (first created by a
+    flushing step here) keep denormals in a user's own parallel code and
+    in fastgrad's kernels with the flag off."""
+    code = """
+    import numpy as np, numba, fastgrad as fg
+    if not fg.share_blas_pool():
+        print("skip", fg.blas_pool_status()[1]); raise SystemExit
+    numba.set_num_threads(2)
+    rng = np.random.default_rng()
+    # 64 x 512 outputs and 37K parameters: the activation and update teams run
+    model = fg.MLP([64, 512, 8], activation="tanh", dtype="float32", seed=0)
+    opt = fg.SGD(model, lr=1e-3)
+    step = fg.TrainStep(model, fg.MSE(), opt)
+    for _ in range(3):
+        step(rng.standard_normal((64, 64)).astype(np.float32),
+             rng.standard_normal((64, 8)).astype(np.float32))
+
+    @numba.njit(parallel=True)
+    def products(a, b):
+        out = np.empty_like(a)
+        for i in numba.prange(a.shape[0]):
+            out[i] = a[i] * b[i]
+        return out
+    a = (rng.uniform(0.5, 2.0, 1 << 16) * 1e-20).astype(np.float32)
+    out = products(a, a)
+    assert (out != 0).all(), int((out == 0).sum())
+
+    fg.set_flush_denormal(False)
+    big = fg.MLP([300_017, 1], activation="identity", dtype="float32", seed=0)
+    sgd = fg.SGD(big, lr=1.0)
+    sgd.parallel = True
+    tiny = float(np.finfo(np.float32).tiny)
+    p = (rng.uniform(2.0, 3.0, big.params.shape[0]) * tiny).astype(np.float32)
+    g = p - (rng.uniform(0.1, 0.9, p.shape[0]) * tiny).astype(np.float32)
+    big.params[:] = p
+    big.grads[:] = g
+    sgd.step()
+    assert np.array_equal(np.array(big.params), p - g)
+    print("ok")
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.startswith("skip"):
+        pytest.skip(done.stdout)
+    assert "ok" in done.stdout

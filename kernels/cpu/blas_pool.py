@@ -218,8 +218,12 @@ def _run_jobs(sync, dojob, numjobs, job_size, jobs, data):
     # A team of exactly numjobs threads: not nested in an active region, and
     # libgomp neither free to give fewer (OMP_DYNAMIC) nor limited below it.
     if _in_parallel() == 0 and _dynamic() == 0 and numjobs <= _thread_limit():
-        _run_team(_pack(dojob, numjobs, job_size, jobs, data, fpenv.caller_mode()),
-                  numjobs)
+        # The team starts with this thread's FTZ/DAZ cleared, so that GNU
+        # OpenMP never creates a pool thread flushing; each job adopts them.
+        mode = fpenv.caller_mode()
+        own = fpenv.adopt(0)
+        _run_team(_pack(dojob, numjobs, job_size, jobs, data, mode), numjobs)
+        fpenv.leave(own)
     else:
         # OpenBLAS's own way: its workers take jobs 1..n-1 (linked through
         # each job's ``next``); this thread runs job 0 under the slot no

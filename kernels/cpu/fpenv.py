@@ -7,7 +7,10 @@ return puts the caller's bits back.  float64 kernels never flush, as on
 CUDA (CuPy compiles float32 code with ``-ftz=true``, float64 without).  A
 BLAS job on another thread adopts its caller's bits (``adopt``), as
 OpenBLAS's CONSISTENT_FPCSR build does for its workers, and restores its
-own after.  Off x86-64 all of these do nothing.
+own after.  A new thread inherits its creator's MXCSR, so a team is
+started with the caller's bits cleared (``adopt(0)`` around the start):
+GNU OpenMP's pool threads, which other code in the process may use, are
+never created flushing.  Off x86-64 all of these do nothing.
 """
 from llvmlite import ir
 from numba import njit, types
@@ -71,11 +74,15 @@ def _flag(typingctx):
 @njit(**INLINE)
 def enter(like):
     """Flush denormals from here if the flag is on and ``like`` (an array of
-    the kernel's float type) is float32; returns the caller's MXCSR."""
+    the kernel's float type) is float32, else keep them; returns the
+    caller's MXCSR."""
     if X86:
         saved = _read_mxcsr()
+        # set both ways: a pool thread may have been created in another mode
         if like.itemsize == 4 and _flag() != 0:
             _write_mxcsr(saved | FTZ_DAZ)
+        else:
+            _write_mxcsr(saved & ~FTZ_DAZ)
         return saved
     return 0
 

@@ -112,6 +112,17 @@ def _start(typingctx, start, member, record, threads):
 # --- the driver's side ---------------------------------------------------------
 
 @njit(**INLINE)
+def _run(plan, member, record, threads):
+    """``member`` on a team of ``threads``; the team starts in the mode the
+    caller had before its kernel flushed (kernels/cpu/fpenv.py: GNU OpenMP
+    may create its threads here, and they keep the mode they are created
+    in); each member sets its own."""
+    flushed = fpenv.adopt(0)
+    _start(plan[PLAN_POOL_START], member, record, threads)
+    fpenv.leave(flushed)
+
+
+@njit(**INLINE)
 def team_size(plan, elements):
     """Threads for a forward pass over ``elements`` values: 0 runs it serially."""
     threads = plan[PLAN_POOL_THREADS]
@@ -138,7 +149,7 @@ def forward(plan, threads, z, b, out, act, alpha):
     share = (rows + threads - 1) // threads
     record = _record(((rows + share - 1) // share, share, z.ctypes.data, out.ctypes.data,
                       b.ctypes.data, 0, rows, cols, act, alpha))
-    _start(plan[PLAN_POOL_START], plan[PLAN_POOL_FORWARD], record, threads)
+    _run(plan, plan[PLAN_POOL_FORWARD], record, threads)
 
 
 @njit(**INLINE)
@@ -149,7 +160,7 @@ def gradient(plan, threads, g, a, z, db, act, alpha):
     share = ((cols + threads - 1) // threads + 15) // 16 * 16
     record = _record(((cols + share - 1) // share, share, g.ctypes.data, a.ctypes.data,
                       z.ctypes.data, db.ctypes.data, rows, cols, act, alpha))
-    _start(plan[PLAN_POOL_START], plan[PLAN_POOL_GRAD], record, threads)
+    _run(plan, plan[PLAN_POOL_GRAD], record, threads)
 
 
 @njit(**INLINE)
@@ -182,7 +193,7 @@ def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_nor
     layers = offsets.shape[0] - 1
     record = _record((layers, 1, g.shape[0], g.ctypes.data, offsets.ctypes.data,
                       layer_sq.ctypes.data))
-    _start(plan[PLAN_POOL_START], plan[PLAN_POOL_NORM], record, min(threads, layers))
+    _run(plan, plan[PLAN_POOL_NORM], record, min(threads, layers))
     total = 0.0
     for li in range(layers):              # in order, as reduce.layer_sumsq adds them
         total += layer_sq[li]
@@ -196,7 +207,7 @@ def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_nor
     record = _record(((n + share - 1) // share, share, n, p.ctypes.data, g.ctypes.data,
                       s0.ctypes.data, s1.ctypes.data, s2.ctypes.data, s0.shape[0], s1.shape[0],
                       s2.shape[0], hp.ctypes.data, rows, hp.ndim == 1, rule, scale, clip_value))
-    _start(plan[PLAN_POOL_START], plan[PLAN_POOL_UPDATE], record, threads)
+    _run(plan, plan[PLAN_POOL_UPDATE], record, threads)
     return norm, scale, False
 
 
