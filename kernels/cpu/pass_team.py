@@ -113,10 +113,10 @@ def _start(typingctx, start, member, record, threads):
 
 @njit(**INLINE)
 def _run(plan, member, record, threads):
-    """``member`` on a team of ``threads``; the team starts in the mode the
-    caller had before its kernel flushed (kernels/cpu/fpenv.py: GNU OpenMP
-    may create its threads here, and they keep the mode they are created
-    in); each member sets its own."""
+    """``member`` on a team of ``threads``, started with this thread's FTZ
+    and DAZ cleared: GNU OpenMP may create its threads here, and a thread
+    keeps the mode it is created in (kernels/cpu/fpenv.py); each member
+    sets its own."""
     flushed = fpenv.adopt(0)
     _start(plan[PLAN_POOL_START], member, record, threads)
     fpenv.leave(flushed)
