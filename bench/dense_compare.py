@@ -46,6 +46,9 @@ from fastgrad import ops
 from fastgrad.kernels import cpu as K
 from fastgrad.kernels.cpu.activations import RELU
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # also under `python -P`
+from report import cpu_model  # noqa: E402
+
 BATCH = 256
 SHAPES = [(64, 64), (784, 256), (1024, 1024)]
 TARGETS = {"fwd": 1.10, "fwd+bwd": 1.15}      # for 1024->1024, fastgrad kernel
@@ -210,17 +213,6 @@ def ratio_median(num, den):
 
 
 # --- report ------------------------------------------------------------------
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def header():
     lines = [

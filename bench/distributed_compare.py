@@ -19,7 +19,6 @@ process on the same global batch.
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import cpu_model  # noqa: E402
 from workloads import WORKLOADS, data  # noqa: E402
 
 HERE = os.path.abspath(__file__)
@@ -168,7 +168,7 @@ def main():
     ver = subprocess.run([launcher, "--version"], capture_output=True, text=True,
                          env=_env(1)).stdout.splitlines()[0]
     print(f"# {time.strftime('%Y-%m-%d')} · fastgrad {fg.__version__} · "
-          f"{platform.processor() or platform.machine()} · {os.cpu_count()} cores · "
+          f"{cpu_model()} · {os.cpu_count()} cores · "
           f"BLAS {blas} · {ver} · float32 · Adam + clip_norm · "
           f"{args.rounds} rounds x {args.steps} steps per side\n")
     print("| workload | params | global batch | 1 proc x 2 thr, ms | 2 proc x 1 thr, ms "

@@ -14,7 +14,6 @@ set) so that PyTorch's idle OpenMP workers do not spin between rounds.
 """
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -27,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from report import cpu_model  # noqa: E402
 from timing import timed  # noqa: E402
 from epilogue_workloads import CONTENDERS, DEEP, VARIANTS  # noqa: E402
 
@@ -75,7 +75,7 @@ def main():
     from threadpoolctl import threadpool_info
     blas = {(i["internal_api"], i.get("architecture")) for i in threadpool_info() if i["user_api"] == "blas"}
     sizes, batch, act, loss = DEEP
-    print(f"# {time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · "
+    print(f"# {time.strftime('%Y-%m-%d')} · {cpu_model()} · "
           f"{os.cpu_count()} cores · BLAS {sorted(blas)} · "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} · "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")

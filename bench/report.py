@@ -149,9 +149,24 @@ def markdown_tables(rows):
     return out
 
 
+def cpu_model():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform``
+    knows: timings on one host say little about another, and an Intel and
+    an AMD core of the same ISA can differ by several times on the same
+    step (RESULTS.md "Denormals")."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def machine_header_info():
     """Machine, BLAS and thread settings of this process, as a dict."""
-    info = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    info = {"machine": f"{cpu_model()}, {os.cpu_count()} cores, "
                        f"{platform.system()} {platform.release()}",
             "python": platform.python_version(),
             "load": f"load average {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} cores"}

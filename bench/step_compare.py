@@ -15,7 +15,6 @@ process's default thread count; JAX keeps its own thread pool.
 """
 import argparse
 import os
-import platform
 import re
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from report import write_block  # noqa: E402
+from report import cpu_model, write_block  # noqa: E402
 from timing import timed  # noqa: E402
 from workloads import CONTENDERS, WORKLOADS, gemm_flops  # noqa: E402
 
@@ -140,7 +139,7 @@ def header():
             peers.append(f"{mod} {__import__(mod).__version__}")
         except ImportError:
             pass
-    return (f"{time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · "
+    return (f"{time.strftime('%Y-%m-%d')} · {cpu_model()} · "
             f"{os.cpu_count()} cores · BLAS {'; '.join(blas)} · fastgrad {fg.__version__} · "
             f"numba {numba.__version__} · {' · '.join(peers)} · "
             f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')} · "

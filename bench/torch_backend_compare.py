@@ -26,7 +26,6 @@ these workloads are in bench/bench_torch_backend.py.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))          # also under `python -P`
+from report import cpu_model  # noqa: E402
 from timing import timed  # noqa: E402
 
 RESULTS = HERE / "RESULTS.md"
@@ -160,7 +160,7 @@ def header():
     import numba
     import torch
     import fastgrad as fg
-    return (f"{time.strftime('%Y-%m-%d')} · {platform.processor() or platform.machine()} · "
+    return (f"{time.strftime('%Y-%m-%d')} · {cpu_model()} · "
             f"{os.cpu_count()} cores · fastgrad {fg.__version__} · numba {numba.__version__} · "
             f"torch {torch.__version__} · load average {os.getloadavg()[0]:.1f} at the end")
 

@@ -125,3 +125,22 @@ def test_write_block_replaces_only_the_generated_part(tmp_path):
     assert md.read_text() == "# R\nkeep\n<!-- t:begin -->\nnew 1\nnew 2\n<!-- t:end -->\ntail\n"
     with pytest.raises(SystemExit, match="markers"):
         report.write_block(md, "absent", "x")
+
+
+def test_headers_name_the_cpu_model(monkeypatch):
+    """Timings belong to a host: the headers carry /proc/cpuinfo's model
+    name where there is one, else what ``platform`` says."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists() and "model name" in cpuinfo.read_text():
+        line = next(row for row in cpuinfo.read_text().splitlines()
+                    if row.startswith("model name"))
+        assert report.cpu_model() == line.split(":", 1)[1].strip()
+        assert report.machine_header_info()["machine"].startswith(report.cpu_model())
+    real_open = open
+
+    def no_cpuinfo(path, *args, **kw):
+        if str(path) == "/proc/cpuinfo":
+            raise OSError("no such file")
+        return real_open(path, *args, **kw)
+    monkeypatch.setattr("builtins.open", no_cpuinfo)
+    assert report.cpu_model()          # platform's answer, never empty

@@ -8,12 +8,15 @@ loader's options, so it cannot be turned off there): in float32 kernels
 every arithmetic operation, comparison and float->double conversion reads a
 subnormal input as zero and writes a subnormal result as zero (a plain copy,
 or a product by 1 the compiler removed, keeps it).  float64 is never
-flushed.  The CPU's kernels called here keep subnormals in both.  Hence:
+flushed.  On the CPU, ``fastgrad.ops``' kernels keep subnormals in both;
+its float32 update (``clipped_update``, the GPU's reference below) flushes
+them as the GPU does, so the comparisons on flushed inputs hold either way.
+Hence:
 
 * float64, every device: results are the float64 reference's on the raw
   inputs, subnormal ones included (a flushed result would be 100% off).
-* float32 on CUDA (the tests marked ``cuda`` below; the flush exists on
-  that device only): a result equals the CPU's computed on the flushed
+* float32 on CUDA (the tests marked ``cuda`` below; ``-ftz=true`` cannot
+  be turned off there): a result equals the CPU's computed on the flushed
   inputs (up to the usual float32 agreement of the two libms).  Against the
   CPU on the raw inputs, a result moves by at most the flushed input times
   the local slope -- about the smallest normal float32 (``TINY``) for the
