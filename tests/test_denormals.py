@@ -36,6 +36,18 @@ def _linear(n_in, n_out, dtype="float32"):
     return model
 
 
+def _in_a_child(code):
+    """Run ``code`` in a fresh interpreter (its own thread pools), which
+    prints "ok", or "skip" and why where the BLAS pool cannot be shared."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.startswith("skip"):
+        pytest.skip(done.stdout)
+    assert "ok" in done.stdout
+
+
 def _keeps_ieee_arithmetic():
     """The calling thread's own float32 arithmetic still has gradual underflow."""
     a = np.float32(1e-20) * np.float32(3e-20)
@@ -163,13 +175,7 @@ def test_the_shared_pools_threads_flush_a_gemm_of_the_step():
     assert (outside != 0).all()
     print("ok")
     """
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    if done.stdout.startswith("skip"):
-        pytest.skip(done.stdout)
-    assert "ok" in done.stdout
+    _in_a_child(code)
 
 
 def test_pool_threads_started_by_a_flushing_step_do_not_flush_other_code():
@@ -214,10 +220,4 @@ def test_pool_threads_started_by_a_flushing_step_do_not_flush_other_code():
     assert np.array_equal(np.array(big.params), p - g)
     print("ok")
     """
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    if done.stdout.startswith("skip"):
-        pytest.skip(done.stdout)
-    assert "ok" in done.stdout
+    _in_a_child(code)
