@@ -69,7 +69,7 @@ def _gradient(plan, g, a, z, db, act, alpha):
 
 def _team_plan():
     plan = np.zeros(K.PLAN_HEADER, np.int64)
-    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_UPDATE + 1] = fg_threads.pass_team(
+    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_BLAS + 1] = fg_threads.pass_team(
         lambda: pass_team.member_addresses(np.float32))
     return plan
 

@@ -1,16 +1,20 @@
-"""One pool or two: the same work with SciPy's OpenBLAS on its own threads
-and with its jobs on Numba's OpenMP pool (``fastgrad.share_blas_pool``).
+"""Where a step's parallel passes run, compared on the same work: each
+configuration in its own child process (the pool is a process-wide
+switch), two of them alternating round by round; ratios are the second
+over the first in neighbouring rounds, then the median over rounds.
 
-Sharing is a process-wide switch, so each configuration runs in its own
-child process, the two alternating round by round; ratios are shared over
-own in neighbouring rounds, then the median over rounds.
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/pool_compare.py \
+        [--rounds 3] [--modes own,blas]
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/pool_compare.py [--rounds 3]
+Modes: ``own``, OpenBLAS's own threads run the GEMMs and fastgrad's passes
+run serially (``FASTGRAD_PASS_TEAM=0``); ``blas``, the default: the passes
+on a team of OpenBLAS's own workers; ``shared``, OpenBLAS's jobs and the
+passes on Numba's OpenMP pool (``fastgrad.share_blas_pool``).
 
 Per workload (the four benchmark workloads and MLPs drawn at random):
 ``step``, a default ``TrainStep`` call; ``loop``, ``TrainStep.gradients``
-then ``opt.step()`` (with the pool shared, ``opt.step()`` chooses the
-parallel update from 2^18 parameters); ``gemms``, the step's bare GEMMs.
+then ``opt.step()`` (which runs its update on the team from 2^14
+parameters); ``gemms``, the step's bare GEMMs.
 """
 import argparse
 import functools
@@ -48,6 +52,7 @@ def _best_block(fn, budget):
 def child(mode, draws, budget):
     import fastgrad as fg
     from fastgrad.losses import LOSSES
+    os.environ["FASTGRAD_PASS_TEAM"] = "0" if mode == "own" else "1"
     shared = fg.share_blas_pool(mode == "shared")
     if mode == "shared" and not shared:
         raise SystemExit(f"cannot share the pool: {fg.blas_pool_status()[1]}")
@@ -75,11 +80,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--budget", type=float, default=0.4, help="seconds per timing")
-    ap.add_argument("--child", choices=["own", "shared"])
+    ap.add_argument("--child", choices=["own", "blas", "shared"])
+    ap.add_argument("--modes", default="own,blas", help="two of own, blas, shared")
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.draws, args.budget)
-    runs = {"own": [], "shared": []}
+    base, other = args.modes.split(",")
+    runs = {base: [], other: []}
     for _ in range(args.rounds):
         for mode in runs:
             done = subprocess.run([sys.executable, __file__, "--child", mode, "--draws",
@@ -88,15 +95,15 @@ def main():
             if done.returncode:
                 raise SystemExit(done.stderr)
             runs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    names = list(runs["own"][0])
-    print("| workload | what | own threads ms | one pool ms | one pool / own (per round) |")
+    names = list(runs[base][0])
+    print(f"| workload | what | {base} ms | {other} ms | {other} / {base} (per round) |")
     print("|---|---|---|---|---|")
     for name in names:
         for what in ("step", "loop", "gemms"):
-            own = [r[name][what] for r in runs["own"]]
-            shared = [r[name][what] for r in runs["shared"]]
+            own = [r[name][what] for r in runs[base]]
+            shared = [r[name][what] for r in runs[other]]
             ratios = [s / o for s, o in zip(shared, own)]
-            note = " (parallel update)" if what == "loop" and runs["shared"][0][name][
+            note = " (parallel update)" if what == "loop" and runs[other][0][name][
                 "parallel update"] else ""
             print(f"| {name} | {what}{note} | {statistics.median(own) * 1e3:.3g} | "
                   f"{statistics.median(shared) * 1e3:.3g} | {statistics.median(ratios):.2f} "

@@ -171,8 +171,8 @@ class Backend:
 
     def step_team(self):
         """Whether a step driver should have the host thread team's
-        branches now (CPU: while the BLAS pool is shared and Numba runs more
-        than one thread); False where the device has no such team."""
+        branches now (CPU: ``fastgrad.threads.team_threads``); False where
+        the device has no such team."""
         return False
 
     def update_kernels(self, rule=None):
@@ -207,7 +207,7 @@ class Backend:
         raise ValueError(f"parallel applies to the CPU kernels; {self.name} runs its own")
 
     def team_update(self, rule, dtype):
-        """The update kernel of ``rule`` on the shared pool's team (the
+        """The update kernel of ``rule`` on the host thread team (the
         step's, ``kernels/cpu/pass_team.py``), or None where there is none."""
         return None
 
@@ -362,24 +362,23 @@ class CpuBackend(Backend):
         if not team[0]:
             return None
         plan = np.zeros(layout.PLAN_HEADER, np.int64)
-        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_UPDATE + 1] = team
+        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_BLAS + 1] = team
         return functools.partial(team_kernels.clipped_update_on_team, plan)
 
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()
 
     def fill_pass_team(self, plan, kernels, dtype, update=True):
-        # on one pool only: with OpenBLAS's own threads spinning, a team fights them
+        # OpenBLAS's own workers, or the shared pool's threads: one pool either way
         from .kernels import layout
         team = _threads.pass_team(lambda: kernels.pass_team.member_addresses(dtype))
-        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_UPDATE + 1] = team
+        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_BLAS + 1] = team
         if not update:
             plan[layout.PLAN_POOL_UPDATE] = 0
 
     def wants_parallel_update(self, n_params):
-        # only on one pool: with two, a parallel update slows the loop
-        return (n_params >= _threads.PARALLEL_UPDATE_MIN_PARAMS and _threads.blas_pool_shared()
-                and _threads.numba_threads() > 1)
+        # on the step's team (one pool), never on a second one: that slowed the loop
+        return n_params >= _threads.PARALLEL_UPDATE_MIN_PARAMS and _threads.team_threads() > 0
 
     def bind_pairs(self, pairs, offsets):
         # Contiguous pairs are updated where they are (kernels.cpu.multi_tensor),
@@ -407,7 +406,12 @@ class CpuBackend(Backend):
             rows = np.searchsorted(hp[:, HP_END], opt._offsets[:-1], side="right")
         else:
             hp = hp.reshape(1, -1)
-        update = mt.multi_clipped_update_parallel if opt.parallel else mt.multi_clipped_update
+        # Numba's parfor kernel when asked for, or chosen on the shared pool
+        # (OpenMP's threads are the BLAS's there); never by default on
+        # OpenBLAS's own workers, whose spinning it would fight
+        asked = opt._parallel_asked
+        parallel = asked if asked is not None else _threads.blas_pool_shared() and opt.parallel
+        update = mt.multi_clipped_update_parallel if parallel else mt.multi_clipped_update
         return update(rule, opt._empty, p_addr, g_addr, s_addr, sizes, hp, rows,
                       opt._layer_sq, opt._clip_norm, opt._clip_value)
 

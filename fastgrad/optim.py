@@ -885,24 +885,23 @@ class Optimizer:
 
     @property
     def parallel(self):
-        """Whether ``step()`` runs both passes on Numba's threads (CPU).
+        """Whether ``step()`` runs both passes of the update on several
+        threads (CPU).
 
         Bitwise the same result as the serial kernel.  By default (``None``)
-        it is chosen per step: on when the kernels' BLAS shares Numba's
-        pool (``fastgrad.share_blas_pool``), Numba has more than one thread
-        and there are at least ``fastgrad.threads.PARALLEL_UPDATE_MIN_PARAMS``
-        (2^14) parameters; off otherwise.  The update then runs on the
-        pool's team, as a ``TrainStep``'s does (``fastgrad.kernels.cpu.
-        pass_team``: 0.52-0.70x the serial update's time at 36K-670K
-        parameters, 0.54-0.89x above; bench/RESULTS.md, "The update on the
-        pool").  ``False`` fixes the serial kernel, ``True`` Numba's parfor
-        kernel (with or without the shared pool; with two pools, OpenBLAS's
-        threads spinning after each GEMM and Numba's after each pass, it
-        made a training loop 1.1-11x slower on 2 cores: bench/RESULTS.md,
-        "One pool"); ``None`` restores the default.  A
-        ``TrainStep`` on the shared pool runs its update on the step's own
-        team unless this is ``False``; ``TrainStep(threads=n)`` always runs
-        the update on its own threads.
+        it is chosen per step: on when the step has a thread team
+        (``fastgrad.threads.team_threads``: more than one thread, OpenBLAS's
+        own workers or the shared pool of ``fastgrad.share_blas_pool``) and
+        there are at least ``fastgrad.threads.PARALLEL_UPDATE_MIN_PARAMS``
+        (2^14) parameters; off otherwise.  The update then runs on that
+        team, as a ``TrainStep``'s does (``fastgrad.kernels.cpu.pass_team``:
+        its norm split by layers, its elementwise pass by ranges).
+        ``False`` fixes the serial kernel, ``True`` Numba's parfor kernel
+        (its OpenMP threads spin against OpenBLAS's after each GEMM: in a
+        training loop on 2 cores it was 1.1-11x slower, bench/RESULTS.md
+        "One pool"); ``None`` restores the default.  A ``TrainStep`` runs its
+        update on the step's own team unless this is ``False``;
+        ``TrainStep(threads=n)`` always runs the update on its own threads.
         """
         return self._chosen_update() is not self._serial_update
 
@@ -915,7 +914,7 @@ class Optimizer:
 
     def _chosen_update(self):
         """The update kernel ``step()`` runs now."""
-        if self._parallel_asked is None and _threads.blas_pool_shared():
+        if self._parallel_asked is None and _threads.team_threads():
             return self._automatic_update()
         return self._update
 

@@ -112,11 +112,12 @@ class TrainStep:
     threads (``fastgrad.kernels.cpu.step_sharded``).  Results are
     deterministic for a given ``n`` and equal the one-thread step up to
     rounding (a batch mean summed from shard means), bitwise for ``n=1``.
-    ``threads=None`` (default) leaves the GEMMs to BLAS's own threads; with
-    the BLAS pool shared (``fastgrad.share_blas_pool``) the step's
-    activation passes and, from 2^14 parameters, its update run on those
-    same threads (``fastgrad.kernels.cpu.pass_team``), bitwise the serial
-    passes; ``opt.parallel = False`` keeps the update serial.
+    ``threads=None`` (default) leaves the GEMMs to BLAS's own threads, and
+    the step's activation passes and, from 2^14 parameters, its update run
+    on those same threads (OpenBLAS's workers, or the shared pool's with
+    ``fastgrad.share_blas_pool``; ``fastgrad.kernels.cpu.pass_team``),
+    bitwise the serial passes; ``opt.parallel = False`` keeps the update
+    serial.
 
     Buffers are kept per batch size for the last ``max_cached_batch_sizes``
     (default 8) distinct batch sizes used; a ninth releases the least

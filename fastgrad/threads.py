@@ -123,16 +123,18 @@ def share_blas_pool(on=True):
     OpenBLAS's own workers, which spin after each call and slowed the
     passes that followed (DESIGN.md "Threads"), stay asleep.  GEMM results
     are bitwise those of OpenBLAS's own threads (the same split of the work).
-    It then lets a CPU optimizer's ``step()`` run its update in parallel
-    (``Optimizer.parallel``), and a ``TrainStep`` run its activation passes
-    and update on those threads (``fastgrad.kernels.cpu.pass_team``).
+    fastgrad's parallel passes (``fastgrad.kernels.cpu.pass_team``) then
+    run on a GNU OpenMP team of those threads instead of OpenBLAS's own
+    workers (the default team): as fast, by measure.  It is for programs
+    that also run Numba's own parallel loops, whose OpenMP threads would
+    spin against OpenBLAS's.
 
     Off by default, because it changes the process, not only fastgrad:
     every caller of SciPy's BLAS then runs on GNU OpenMP's threads, and a
     process that has used GNU OpenMP cannot run an OpenMP region in a child
     it forks (Numba's OpenMP layer stops such a child: "fork() called
     from a process already using GNU OpenMP").  A forked child gets
-    OpenBLAS's own threads back and fastgrad's serial update; code of
+    OpenBLAS's own threads back (and fastgrad's team on them); code of
     its own that runs Numba's parallel loops there would be stopped.
     Use the "spawn" or "forkserver" start method with it.  Also turned on
     when the first CPU optimizer is built if ``FASTGRAD_SHARE_BLAS_POOL=1``.
@@ -204,9 +206,9 @@ def share_blas_pool_if_asked():
 
 
 PARALLEL_UPDATE_MIN_PARAMS = 1 << 14
-"""From this many parameters ``opt.step()`` on the shared pool runs its update
-on the pool's team (``kernels/cpu/pass_team.py``), as a ``TrainStep`` does
-(its ``MIN_UPDATE``): 0.68-0.70x the serial update at 36K parameters, where
+"""From this many parameters ``opt.step()`` runs its update on the step's
+thread team (``kernels/cpu/pass_team.py``), as a ``TrainStep`` does (its
+``MIN_UPDATE``): 0.68-0.70x the serial update at 36K parameters, where
 Numba's parfor kernel took 1.24-1.37x and broke even only at 100-200K
 (bench/RESULTS.md, "The update on the pool")."""
 
@@ -220,24 +222,71 @@ def pool_generation():
     return _pool["generation"]
 
 
+_blas_team_found = {}
+_blas_team_lock = threading.Lock()
+
+
+def _blas_team():
+    """``(gotoblas_pthread, &blas_cpu_number)``: what a step's pass team
+    needs to run on the kernels' OpenBLAS's own workers while the pool is
+    not shared (``kernels/cpu/pass_team.py``), or None where that BLAS is
+    not one pthreads OpenBLAS with at least one worker."""
+    with _blas_team_lock:
+        if not _blas_team_found:
+            _blas_team_found.update(_find_blas_team())
+    found = _blas_team_found
+    # gotoblas_pthread would hang without a worker (blas_num_threads 1);
+    # set_num_threads can add some later, and OpenBLAS never drops them
+    if found.get("threads") is None or found["threads"].value < 2:
+        return None
+    return found["run"], found["cpus"]
+
+
+def _find_blas_team():
+    libs = [lib for lib in _blas_of_kernels() if lib.internal_api == "openblas"
+            and lib.threading_layer == "pthreads"]
+    if len(libs) != 1:
+        return {"why_not": f"{len(libs)} pthreads OpenBLAS libraries under np.dot"}
+    handle = ctypes.CDLL(libs[0].filepath)
+    try:
+        return {"run": ctypes.cast(handle.gotoblas_pthread, ctypes.c_void_p).value,
+                "cpus": ctypes.addressof(ctypes.c_int.in_dll(handle, "blas_cpu_number")),
+                "threads": ctypes.c_int.in_dll(handle, "blas_num_threads")}
+    except (AttributeError, ValueError) as exc:
+        return {"why_not": f"OpenBLAS without gotoblas_pthread ({exc})"}
+
+
 def team_threads():
-    """The threads a step's pass team gets: the shared pool's, or 0 (serial
-    passes) when the pool is not shared or Numba runs one thread."""
+    """The threads a step's pass team gets: those of the shared pool, or
+    OpenBLAS's own workers plus the caller when the pool is not shared; 0
+    (serial passes) when Numba runs one thread, when OpenBLAS has no worker
+    to share, or with ``FASTGRAD_PASS_TEAM=0`` in the environment (read
+    whenever a step plan is filled)."""
     threads = numba_threads()
-    return threads if blas_pool_shared() and threads > 1 else 0
+    if threads < 2 or os.environ.get("FASTGRAD_PASS_TEAM", "").strip() == "0":
+        return 0
+    if blas_pool_shared() or _blas_team():
+        return threads
+    return 0
 
 
 def pass_team(member_addresses):
-    """``(threads, start, forward, gradient, norm, update)`` for a step
-    plan's team (kernels/cpu/pass_team.py): :func:`team_threads` and
-    ``GOMP_parallel``'s address, with the members' (activation passes, the
-    update's two passes); all 0 (serial passes) without a team.
-    ``member_addresses()`` gives the members' addresses (compiled on first
-    use)."""
+    """``(threads, start, forward, gradient, norm, update, blas)`` for a
+    step plan's team (kernels/cpu/pass_team.py, ``PLAN_POOL_*``):
+    :func:`team_threads`; the start, ``GOMP_parallel`` on the shared pool,
+    else OpenBLAS's ``gotoblas_pthread``; the members' addresses
+    (activation passes, the update's two passes); and for OpenBLAS's team
+    the address of its thread count (0 on the shared pool).  All 0 (serial
+    passes) without a team.  ``member_addresses()`` gives the members'
+    addresses (compiled on first use)."""
     threads = team_threads()
     if not threads:
-        return (0,) * 6
-    return (threads, _pool["start"]) + tuple(member_addresses())
+        return (0,) * 7
+    if blas_pool_shared():
+        start, blas = _pool["start"], 0
+    else:
+        start, blas = _blas_team()
+    return (threads, start) + tuple(member_addresses()) + (blas,)
 
 
 numba_threads = numba.get_num_threads

@@ -125,7 +125,10 @@ def test_a_team_openmp_may_shrink_is_not_used(env):
     assert "ok" in out
 
 
-def test_a_forked_child_gets_openblas_threads_and_the_serial_update():
+def test_a_forked_child_gets_openblas_threads_and_its_team():
+    # the child cannot use GNU OpenMP: OpenBLAS's own threads run its GEMMs
+    # and its parallel update (OpenBLAS starts them again after a fork),
+    # with the parent's bits
     _shareable()
     out = _run(PRELUDE + """
     import os
@@ -134,13 +137,23 @@ def test_a_forked_child_gets_openblas_threads_and_the_serial_update():
     model = fg.MLP([512, 512, 512, 10], dtype=np.float32, seed=0)
     opt = fg.Adam(model, lr=1e-3)
     assert opt.parallel
+    twin = fg.MLP([512, 512, 512, 10], dtype=np.float32, seed=0)
+    twin_opt = fg.Adam(twin, lr=1e-3)
+    twin_opt.parallel = False
+    twin_opt.grads[:] = 1.0
+    twin_opt.step()
     pid = os.fork()
     if pid == 0:
         ok = (np.array_equal(mm(a, a), want) and not fg.blas_pool_status()[0]
-              and not opt.parallel and not fg.share_blas_pool()
-              and "fork" in fg.blas_pool_status()[1])
+              and not fg.share_blas_pool() and "fork" in fg.blas_pool_status()[1])
+        team = fg.threads.team_threads() > 0
+        ok = ok and opt.parallel == team
         opt.grads[:] = 1.0
         opt.step()
+        ok = ok and np.array_equal(opt.params, twin_opt.params)
+        if team:
+            plan = opt._chosen_update().args[0]
+            ok = ok and plan[fg.kernels.layout.PLAN_POOL_BLAS] != 0
         os._exit(0 if ok else 3)
     assert os.waitpid(pid, 0)[1] == 0
     print("ok")
@@ -183,7 +196,7 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
             step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
             big = opt.params.size >= fg.threads.PARALLEL_UPDATE_MIN_PARAMS
             import numba
-            assert opt.parallel == (shared and big and numba.get_num_threads() > 1)
+            assert opt.parallel == (big and fg.threads.team_threads() > 0)
             for _ in range(3):
                 step.gradients(x, y)
                 opt.step()
@@ -201,7 +214,7 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
             opt.parallel = False
             assert not opt.parallel
             opt.parallel = None
-            assert opt.parallel == (shared and big and numba.get_num_threads() > 1)
+            assert opt.parallel == (big and fg.threads.team_threads() > 0)
             with pytest.raises(TypeError):
                 opt.parallel = 1
         finally:

@@ -390,10 +390,16 @@ def test_parallel_update_is_bitwise_serial(rule):
         np.testing.assert_array_equal(x, y)
 
 
-def test_parallel_is_opt_in_and_gives_the_same_trajectory(per_model_copies):
+def test_parallel_kernels_give_the_same_trajectory(per_model_copies, monkeypatch):
+    # by default parallel from 2^14 parameters where the step has a thread
+    # team (fastgrad.threads.team_threads); without one the serial kernel,
+    # and True fixes Numba's parfor kernel: all the same bits
     rng = np.random.default_rng()
-    models = [fg.MLP([300, 700, 9], dtype="float32", seed=1) for _ in range(2)]
+    models = [fg.MLP([300, 700, 9], dtype="float32", seed=1) for _ in range(3)]
     opts = [fg.Adam(m, lr=1e-2, clip_norm=0.5) for m in models]
+    assert models[0].n_params >= fg.threads.PARALLEL_UPDATE_MIN_PARAMS
+    assert opts[2].parallel == (fg.threads.team_threads() > 0)
+    monkeypatch.setenv("FASTGRAD_PASS_TEAM", "0")
     K = opts[0].backend.update_kernels(opts[0].rule)   # compiled for Adam alone
     assert K.SERVED_RULES == (K.ADAM,)
     assert not opts[0].parallel and opts[0]._update is K.clipped_update
@@ -401,10 +407,15 @@ def test_parallel_is_opt_in_and_gives_the_same_trajectory(per_model_copies):
     assert opts[1].parallel and opts[1]._update is K.clipped_update_parallel
     for _ in range(5):
         g = rng.standard_normal(models[0].n_params).astype(np.float32)
-        for m, o in zip(models, opts):
+        for k, (m, o) in enumerate(zip(models, opts)):
             m.grads[...] = g
+            if k == 2:
+                monkeypatch.delenv("FASTGRAD_PASS_TEAM")     # the default: a team if any
             o.step()
+            if k == 2:
+                monkeypatch.setenv("FASTGRAD_PASS_TEAM", "0")
     np.testing.assert_array_equal(models[0].params, models[1].params)
+    np.testing.assert_array_equal(models[0].params, models[2].params)
     opts[1].parallel = False
     assert opts[1]._update is K.clipped_update
 

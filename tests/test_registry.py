@@ -612,7 +612,8 @@ def test_builtin_models_keep_the_builtin_kernels(swish, per_model_copies):
     # the step's copy: the same activations, and SGD, the loss and no layer
     # feature alone
     stepkg = registry.cpu_kernels([spec.RELU, spec.IDENTITY], rules=[spec.SGD],
-                                  losses=[spec.CROSS_ENTROPY], features=())
+                                  losses=[spec.CROSS_ENTROPY], features=(),
+                                  team=fg.threads.team_threads() > 0)
     assert step._kernels is stepkg.step and step._kblocks is stepkg.step
     assert stepkg.step.SERVED_FEATURES == ()
     assert stepkg._ONLY_ACTIVATIONS == pkg._ONLY_ACTIVATIONS

@@ -1,21 +1,26 @@
-"""The step's passes on the shared pool's threads.
+"""The step's passes on the threads that run its GEMMs.
 
-With one pool (``fastgrad.share_blas_pool``) the threads that just ran a
-GEMM's jobs can run the bias + activation pass after it, the gradient pass
-before the next, and the optimizer's update after the last: the driver
-(kernels/cpu/step.py) starts a GNU OpenMP team (``GOMP_parallel``) whose
-members take shares of the pass until none is left.  The forward is split by
-rows; the gradient by columns, so that each ``db[j]`` is summed over the
-rows in order by one thread; the update's norm by layers (each layer summed
-as the serial kernel sums it) and its elementwise pass by ranges.  Every
-split gives bitwise the serial pass's values, for any thread count.
+The threads that just ran a GEMM's jobs run the bias + activation pass
+after it, the gradient pass before the next, and the optimizer's update
+after the last: the driver (kernels/cpu/step.py) starts a team whose
+members take shares of the pass until none is left.  By default the team
+is OpenBLAS's own workers, which spin waiting for work after each GEMM
+(OpenBLAS's ``gotoblas_pthread``: each worker, and the caller, calls the
+member); with the pool shared (``fastgrad.share_blas_pool``) it is a GNU
+OpenMP team (``GOMP_parallel``) of the threads OpenBLAS's jobs run on.
+Either way one pool owns the cores.  The forward is split by rows; the
+gradient by columns, so that each ``db[j]`` is summed over the rows in
+order by one thread; the update's norm by layers (each layer summed as the
+serial kernel sums it) and its elementwise pass by ranges.  Every split
+gives bitwise the serial pass's values, for any thread count.
 
 Members claim shares from a counter (an atomic add), so a team smaller than
-asked (nested in an OpenMP region, ``OMP_DYNAMIC``, a thread limit) still
-runs every share.  The driver reaches ``GOMP_parallel`` and the members
-through addresses in its step plan (``PLAN_POOL_*``, filled by the host,
-``fastgrad.backend``): none is compiled into the driver, which is cached
-on disk, and a plan without them (0 threads) runs the serial passes.
+asked (OpenBLAS told to use fewer threads, an OpenMP team nested in a
+region, ``OMP_DYNAMIC``, a thread limit) still runs every share.  The
+driver reaches the team's start and the members through addresses in its
+step plan (``PLAN_POOL_*``, filled by the host, ``fastgrad.threads``): none
+is compiled into the driver, which is cached on disk, and a plan without
+them (0 threads) runs the serial passes.
 """
 import numpy as np
 from llvmlite import ir
@@ -23,12 +28,12 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from ..layout import (PLAN_POOL_FORWARD, PLAN_POOL_GRAD, PLAN_POOL_NORM,  # noqa: F401
-                      PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
+from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa: F401
+                      PLAN_POOL_NORM, PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
 from ..spec import HP_SIZE
 from . import fpenv
 from ._jit import INLINE, JIT
-from .activations import bias_act_grad_columns, bias_act_step, needs_z
+from .activations import ENTRIES, bias_act_grad_columns, bias_act_step, needs_z
 from .optim import SERVED_RULES, clip_scale, clipped_update_inline, update_rows
 from .reduce import segment_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
@@ -109,14 +114,57 @@ def _start(typingctx, start, member, record, threads):
     return types.void(types.int64, types.int64, types.voidptr, types.int64), codegen
 
 
+@intrinsic
+def _start_on_blas(typingctx, start, threads, member, record):
+    """OpenBLAS's gotoblas_pthread(threads, member, record, 0) through its
+    address: its workers and this thread each call member(record)."""
+    def codegen(context, builder, signature, args):
+        start_ty = ir.FunctionType(_I32, [_I32, _VOIDPTR, _VOIDPTR, _I32]).as_pointer()
+        builder.call(builder.inttoptr(args[0], start_ty),
+                     [builder.trunc(args[1], _I32), builder.inttoptr(args[2], _VOIDPTR),
+                      args[3], _I32(0)])
+        return context.get_dummy_value()
+    return types.void(types.int64, types.int64, types.int64, types.voidptr), codegen
+
+
+@intrinsic
+def _int_at(typingctx, address):
+    """The int32 at ``address``, as an int64."""
+    def codegen(context, builder, signature, args):
+        value = builder.load_atomic(builder.inttoptr(args[0], _I32.as_pointer()),
+                                    "monotonic", 4)
+        return builder.sext(value, _I64)
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def _call(typingctx, member, record):
+    """member(record) through its address."""
+    def codegen(context, builder, signature, args):
+        member_ty = ir.FunctionType(ir.VoidType(), [_VOIDPTR]).as_pointer()
+        builder.call(builder.inttoptr(args[0], member_ty), [args[1]])
+        return context.get_dummy_value()
+    return types.void(types.int64, types.voidptr), codegen
+
+
 # --- the driver's side ---------------------------------------------------------
 
 @njit(**INLINE)
 def _run(plan, member, record, threads):
-    """``member`` on a team of ``threads``, started with this thread's FTZ
-    and DAZ cleared: GNU OpenMP may create its threads here, and a thread
-    keeps the mode it is created in (kernels/cpu/fpenv.py); each member
-    sets its own."""
+    """``member`` on a team of ``threads``.  Without the shared pool the
+    team is OpenBLAS's own workers, which ran the GEMM just before and spin
+    waiting for the next job, never more than OpenBLAS is told to use now
+    (its ``blas_cpu_number``).  On the shared pool it is a GNU OpenMP
+    team, started with this thread's FTZ and DAZ cleared: GNU OpenMP may
+    create its threads here, and a thread keeps the mode it is created in
+    (kernels/cpu/fpenv.py).  Each member sets its own."""
+    if plan[PLAN_POOL_BLAS] != 0:
+        threads = min(threads, _int_at(plan[PLAN_POOL_BLAS]))
+        if threads > 1:
+            _start_on_blas(plan[PLAN_POOL_START], threads, member, record)
+        else:
+            _call(member, record)
+        return
     flushed = fpenv.adopt(0)
     _start(plan[PLAN_POOL_START], member, record, threads)
     fpenv.leave(flushed)
@@ -290,15 +338,22 @@ def _update_member(dtype):
 _MAKERS = {"forward": _forward_member, "gradient": _gradient_member, "norm": _norm_member,
            "update": _update_member}
 _members = {}
+# whether this package serves an activation whose gradient pass is split
+# (gradient_team_size: those whose derivative reads z)
+_SPLIT_GRADIENTS = any(keep_z for *_, keep_z in ENTRIES)
 
 
 def member_addresses(dtype, kinds=("forward", "gradient", "norm", "update")):
     """The addresses of this package's members of ``kinds`` for ``dtype``,
-    each compiled (or loaded from the disk cache) on first use."""
+    each compiled (or loaded from the disk cache) on first use; 0 for the
+    gradient member of a package whose activations never split that pass."""
     dtype = np.dtype(dtype)
     nb = types.float32 if dtype == np.float32 else types.float64
     found = []
     for kind in kinds:
+        if kind == "gradient" and not _SPLIT_GRADIENTS:
+            found.append(0)             # never started: not compiled (a cold step's time)
+            continue
         member = _members.get((dtype, kind))
         if member is None:
             member = _members[dtype, kind] = cfunc(types.void(types.voidptr),
