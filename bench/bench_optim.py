@@ -1,8 +1,10 @@
 """Clipped Adam update alone, flat float32 buffers: fastgrad against NumPy,
 PyTorch (Adam fused=True, else foreach, + clip_grad_norm_), optax
 (chain(clip_by_global_norm, adam) under jax.jit) and the streaming ceiling.  Workloads ``adam-1M`` and ``adam-16M``
-(parameters); contenders ``fastgrad``, ``fastgrad-parallel``
-(``opt.parallel = True``), ``ceiling``, ``ceiling-parallel``, ``numpy``,
+(parameters); contenders ``fastgrad`` (the default: from 2^14 parameters
+on the step's thread team, OpenBLAS's workers), ``fastgrad-serial``
+(``opt.parallel = False``), ``fastgrad-parallel`` (``opt.parallel = True``,
+Numba's parfor kernel), ``ceiling``, ``ceiling-parallel``, ``numpy``,
 ``torch-<n>t`` (n threads) and ``jax`` (optax under jit).
 
 Throughput counts 32 bytes per parameter: the norm pass reads g (4), the
@@ -95,14 +97,18 @@ class _Flat:
         self.layer_offsets = np.array([0, p.size], np.int64)
 
 
-def make_fastgrad(n, parallel=False):
+def make_fastgrad(n, parallel=None):
     """What a user runs: ``fg.Adam(model, clip_norm=...).step()`` (Python
-    overhead included), serial as by default or with ``opt.parallel``."""
+    overhead included), with ``opt.parallel`` as given (None: the default)."""
     from fastgrad.optim import Adam
     p, g, m, v = _buffers(n)
     opt = Adam(_Flat(p, g), lr=LR, betas=BETAS, eps=EPS, clip_norm=CLIP)
     opt.parallel = parallel
     return opt.step
+
+
+def make_fastgrad_serial(n):
+    return make_fastgrad(n, parallel=False)
 
 
 def make_fastgrad_parallel(n):
@@ -176,7 +182,8 @@ def make_optax(n):
 
 
 CONTENDERS = {"ceiling": make_ceiling, "ceiling-parallel": make_ceiling_parallel,
-              "fastgrad": make_fastgrad, "fastgrad-parallel": make_fastgrad_parallel,
+              "fastgrad": make_fastgrad, "fastgrad-serial": make_fastgrad_serial,
+              "fastgrad-parallel": make_fastgrad_parallel,
               "numpy": make_numpy, "torch": make_torch, "jax": make_optax}
 WORKLOADS = {"adam-1M": 1 << 20, "adam-16M": 1 << 24}
 

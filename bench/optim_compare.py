@@ -5,7 +5,12 @@ run in short alternating rounds and every ratio is taken within a round,
 then the median over rounds is reported.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
-        python bench/optim_compare.py [--rounds 15] [--sizes 1M,16M] [--threads 1]
+        python bench/optim_compare.py [--rounds 15] [--sizes 1M,16M] [--threads 1] [--pause 0.3]
+
+``--pause`` waits that many seconds before each contender's turn and runs
+it once untimed: the previous contender's threads (OpenBLAS's workers,
+GNU OpenMP's, PyTorch's) stop spinning first, so each is timed as it runs
+alone rather than against the pool of whatever ran before it.
 """
 import argparse
 import os
@@ -27,6 +32,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--sizes", default="1M,16M")
     ap.add_argument("--threads", type=int, default=None, help="numba/torch/BLAS threads")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds of rest before each contender's turn (then one untimed call)")
     args = ap.parse_args()
     if args.threads:
         import numba
@@ -37,7 +44,7 @@ def main():
         except ImportError:
             pass
     print("| size | contender | median ms | GB/s (32 B/param) | % of its ceiling | "
-          "x fastgrad (serial) time | x fastgrad parallel time |")
+          "x fastgrad (default) time | x fastgrad serial time |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         n = _parse_size(size)
@@ -54,6 +61,9 @@ def main():
         times = {k: [] for k in runs}
         for _ in range(args.rounds):
             for k, run in runs.items():
+                if args.pause:
+                    time.sleep(args.pause)
+                    run()
                 t0 = time.perf_counter()
                 for _ in range(reps):
                     run()
@@ -62,12 +72,17 @@ def main():
         for k in runs:
             med = np.median(T[k])
             gbs = B.BYTES_PER_PARAM * n / med / 1e9
-            # the parallel contenders against the parallel ceiling
-            ref = "ceiling-parallel" if k.endswith("parallel") else "ceiling"
+            # the parallel contenders (fastgrad's default where it chose its
+            # team) against the parallel ceiling
+            parallel = k.endswith("parallel") or (k == "fastgrad"
+                                                  and runs[k].__self__.parallel)
+            ref = "ceiling-parallel" if parallel else "ceiling"
             ceil = np.median(T[ref] / T[k]) * 100
             speed = np.median(T[k] / T["fastgrad"])
-            speed_par = np.median(T[k] / T["fastgrad-parallel"])
+            speed_par = np.median(T[k] / T["fastgrad-serial"])
             label = k
+            if k == "fastgrad":
+                label = f"fastgrad (default: {'team' if parallel else 'serial'})"
             if k == "torch":
                 label = f"torch Adam({getattr(runs[k], 'torch_flavour', '?')}) + clip_grad_norm_"
             if k == "jax":
