@@ -265,6 +265,51 @@ def test_the_default_team_runs_on_openblas_workers():
     assert others >= 0.2 * (after[main] - before[main]), (others, after[main] - before[main])
 
 
+def test_two_steps_in_two_threads_share_the_team(team):
+    # two models trained at once from two Python threads (the kernels release
+    # the GIL): their GEMMs and team passes queue on the same workers without
+    # a hang, and each model ends bitwise where it ends trained alone
+    import threading
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba runs one thread here: no team")
+
+    def make(seed):
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((128, 41)).astype(np.float32)
+        y = rng.integers(0, 5, 128)
+        model = fg.MLP([41, 300, 400, 5], activation="gelu", dtype=np.float32, seed=seed)
+        step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(),
+                            fg.Adam(model, lr=1e-3, clip_norm=0.5))
+        return model, step, x, y
+
+    def train(run, errors=None):
+        try:
+            model, step, x, y = run
+            for _ in range(30):
+                step(x, y)
+        except BaseException as exc:            # reported below, not lost in the thread
+            if errors is None:
+                raise
+            errors.append(exc)
+
+    alone = []
+    for seed in (1, 2):
+        run = make(seed)
+        train(run)
+        assert run[1]._fixed_args[2][9][K.PLAN_POOL_THREADS] > 1
+        alone.append(run[0].params.copy())
+    runs, errors = [make(1), make(2)], []
+    threads = [threading.Thread(target=train, args=(run, errors)) for run in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not errors, errors
+    for (model, *_), want in zip(runs, alone):
+        assert np.array_equal(model.params, want)
+
+
 def test_openblas_told_to_use_one_thread_runs_the_team_serially():
     # the team never asks OpenBLAS for more threads than it is told to use
     # now: threadpoolctl's limit of 1 on the kernels' BLAS leaves the member
