@@ -2,6 +2,7 @@
 own workers by default, the shared pool's GNU OpenMP threads with
 ``fg.share_blas_pool()``; bitwise the serial passes, for any team."""
 from contextlib import contextmanager
+import functools
 import os
 import subprocess
 import sys
@@ -269,7 +270,7 @@ def test_two_steps_in_two_threads_share_the_team(team):
     # two models trained at once from two Python threads (the kernels release
     # the GIL): their GEMMs and team passes queue on the same workers without
     # a hang, and each model ends bitwise where it ends trained alone
-    import threading
+    from test_reliability import _hammer
     if numba.get_num_threads() < 2:
         pytest.skip("Numba runs one thread here: no team")
 
@@ -280,33 +281,18 @@ def test_two_steps_in_two_threads_share_the_team(team):
         model = fg.MLP([41, 300, 400, 5], activation="gelu", dtype=np.float32, seed=seed)
         step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(),
                             fg.Adam(model, lr=1e-3, clip_norm=0.5))
-        return model, step, x, y
-
-    def train(run, errors=None):
-        try:
-            model, step, x, y = run
-            for _ in range(30):
-                step(x, y)
-        except BaseException as exc:            # reported below, not lost in the thread
-            if errors is None:
-                raise
-            errors.append(exc)
+        return model, functools.partial(step, x, y)
 
     alone = []
     for seed in (1, 2):
-        run = make(seed)
-        train(run)
-        assert run[1]._fixed_args[2][9][K.PLAN_POOL_THREADS] > 1
-        alone.append(run[0].params.copy())
-    runs, errors = [make(1), make(2)], []
-    threads = [threading.Thread(target=train, args=(run, errors)) for run in runs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a thread hung"
-    assert not errors, errors
-    for (model, *_), want in zip(runs, alone):
+        model, step = make(seed)
+        for _ in range(30):
+            step()
+        assert step.func._fixed_args[2][9][K.PLAN_POOL_THREADS] > 1
+        alone.append(model.params.copy())
+    runs = [make(1), make(2)]
+    _hammer([step for _, step in runs], 30)
+    for (model, _), want in zip(runs, alone):
         assert np.array_equal(model.params, want)
 
 
