@@ -69,6 +69,13 @@ def one_blas_thread():
             lib.set_num_threads(n)
 
 
+def _pthreads_openblas():
+    """``[(controller, ctypes handle)]`` of the kernels' OpenBLAS libraries
+    built with pthreads: those whose threads fastgrad can share."""
+    return [(lib, ctypes.CDLL(lib.filepath)) for lib in _blas_of_kernels()
+            if lib.internal_api == "openblas" and lib.threading_layer == "pthreads"]
+
+
 # -- one pool: the kernels' BLAS runs its parallel jobs on Numba's threads ------
 
 _pool_lock = threading.Lock()
@@ -98,10 +105,7 @@ def _pool_libraries():
     except (OSError, AttributeError) as exc:
         raise RuntimeError(f"GNU OpenMP (libgomp.so.1) not usable here ({exc})") from None
     found = []
-    for lib in _blas_of_kernels():
-        if lib.internal_api != "openblas" or lib.threading_layer != "pthreads":
-            continue
-        handle = ctypes.CDLL(lib.filepath)
+    for lib, handle in _pthreads_openblas():
         try:
             found.append((lib, handle.openblas_set_threads_callback_function,
                           ctypes.cast(handle.exec_blas_async, ctypes.c_void_p).value,
@@ -243,11 +247,10 @@ def _blas_team():
 
 
 def _find_blas_team():
-    libs = [lib for lib in _blas_of_kernels() if lib.internal_api == "openblas"
-            and lib.threading_layer == "pthreads"]
+    libs = _pthreads_openblas()
     if len(libs) != 1:
         return {"why_not": f"{len(libs)} pthreads OpenBLAS libraries under np.dot"}
-    handle = ctypes.CDLL(libs[0].filepath)
+    handle = libs[0][1]
     try:
         return {"run": ctypes.cast(handle.gotoblas_pthread, ctypes.c_void_p).value,
                 "cpus": ctypes.addressof(ctypes.c_int.in_dll(handle, "blas_cpu_number")),

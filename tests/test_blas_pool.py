@@ -195,7 +195,6 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
             opt = fg.Adam(model, lr=1e-3, clip_norm=0.5)
             step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
             big = opt.params.size >= fg.threads.PARALLEL_UPDATE_MIN_PARAMS
-            import numba
             assert opt.parallel == (big and fg.threads.team_threads() > 0)
             for _ in range(3):
                 step.gradients(x, y)
