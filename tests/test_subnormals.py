@@ -161,16 +161,24 @@ def test_float64_update_keeps_subnormals(device, rng, rule):
     opt = _OPT_CLS[rule](flat, clip_norm=1e6, **kw)
     lr = kw.pop("lr")
     p_ref, state, kept = p.copy(), {}, 0
+    # A state element that is a sum of terms which nearly cancel (m = b1 m +
+    # (1 - b1) g) may be off by a few ulp of those terms, not of itself: its
+    # bound grows with what went into it (g, and p where weight decay adds
+    # it to g), and stays subnormal-tight where every term was subnormal.
+    coupled = 0.0 if rule == "adamw" else kw["weight_decay"]
+    terms = np.zeros(n)
     for t, g in enumerate(grads, start=1):
         flat.grads[...] = be.to_device(g)
         st = opt.step()
         assert not st.skipped and st.clip_scale == 1.0
+        terms += np.abs(g) + coupled * np.abs(p_ref)
         p_ref = reference.optimizer_step(rule, p_ref, g, state, t, lr, **kw)
         assert st.grad_norm == pytest.approx(np.linalg.norm(g), rel=1e-13)
         assert_within(flat.params, p_ref, 1e-13, 1e-10, f"{rule} p at update {t}")
+        atol = SUB64_ATOL + 4 * np.finfo(np.float64).eps * terms
         for name, buf in opt.state.items():
             want = state[REF_STATE[name]]
-            assert_within(buf, want, SUB64_ATOL, 1e-10, f"{rule} {name} at update {t}")
+            assert_within(buf, want, atol, 1e-10, f"{rule} {name} at update {t}")
             kept += int(((want != 0) & (np.abs(want) < TINY64)).sum())
     assert kept > 0, "no subnormal state to keep"
 
