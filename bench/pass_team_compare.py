@@ -11,7 +11,7 @@
    (``optim.clipped_update_parallel``, Numba's parfor), per model size;
    ratios are medians over interleaved rounds.
 3. Whole steps: each workload's ``TrainStep`` with every pass on its plan's
-   team, with the update kept serial (``PLAN_POOL_UPDATE`` 0), with every
+   team, with the update kept serial (``PLAN_POOL_SPLIT_UPDATE`` 0), with every
    pass serial (``PLAN_POOL_THREADS`` 0), and its bare GEMMs, interleaved;
    ratios are medians over rounds.
 """
@@ -69,8 +69,10 @@ def _gradient(plan, g, a, z, db, act, alpha):
 
 def _team_plan():
     plan = np.zeros(K.PLAN_HEADER, np.int64)
-    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_BLAS + 1] = fg_threads.pass_team(
-        lambda: pass_team.member_addresses(np.float32))
+    plan[K.PLAN_POOL_THREADS], plan[K.PLAN_POOL_START], plan[K.PLAN_POOL_BLAS] = \
+        fg_threads.pass_team()
+    pass_team.fill_members(plan, np.float32)
+    plan[K.PLAN_POOL_SPLIT_UPDATE] = 1
     return plan
 
 
@@ -143,17 +145,17 @@ def steps(names, rounds):
             run()
             gemms()
         plan = run.train_step._fixed_args[2][9]
-        threads, member = int(plan[K.PLAN_POOL_THREADS]), int(plan[K.PLAN_POOL_UPDATE])
+        threads, split = int(plan[K.PLAN_POOL_THREADS]), int(plan[K.PLAN_POOL_SPLIT_UPDATE])
         reps = max(5, int(0.3 / timed(run, 3)))
         per = {"team": [], "update": [], "serial": [], "gemm": []}
         for _ in range(rounds):
             for mode in per:
                 fn = gemms if mode == "gemm" else run
                 plan[K.PLAN_POOL_THREADS] = 0 if mode == "serial" else threads
-                plan[K.PLAN_POOL_UPDATE] = 0 if mode == "update" else member
+                plan[K.PLAN_POOL_SPLIT_UPDATE] = 0 if mode == "update" else split
                 timed(fn, 3)
                 per[mode].append(timed(fn, reps))
-        plan[K.PLAN_POOL_THREADS], plan[K.PLAN_POOL_UPDATE] = threads, member
+        plan[K.PLAN_POOL_THREADS], plan[K.PLAN_POOL_SPLIT_UPDATE] = threads, split
         t, u, s, g = (np.array(per[k]) for k in ("team", "update", "serial", "gemm"))
         print(f"| {name}: {'-'.join(map(str, sizes))} b{batch} {act} {loss} | "
               f"{np.median(t) * 1e3:.3g} | {np.median(u) * 1e3:.3g} | {np.median(s) * 1e3:.3g} | "

@@ -191,11 +191,12 @@ class Backend:
         None for the layer path's forward and backward."""
         return None
 
-    def fill_pass_team(self, plan, kernels, dtype, update=True):
+    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True):
         """Write the host thread team of the driver's passes into a step
         ``plan`` (``kernels/layout.py`` ``PLAN_POOL_*``) for the step module
         ``kernels``, the optimizer's update among them unless ``update`` is
-        false; devices without one leave the plan as it is."""
+        false; with ``team`` false, the members alone (every pass on the
+        calling thread).  Devices without one leave the plan as it is."""
 
     # -- the optimizer ------------------------------------------------------------
     def update_records(self, opt, n_entries):
@@ -261,6 +262,14 @@ def _pair_state(opt, s0, s1, s2, address, to_device=lambda a: a):
     return cached[3]
 
 
+def _fill_team(plan, threads, start, blas, split_update):
+    """A step plan's team (kernels/layout.py ``PLAN_POOL_*``): the members
+    are kernels/cpu/pass_team.py's ``fill_members``."""
+    from .kernels import layout as k
+    plan[k.PLAN_POOL_THREADS], plan[k.PLAN_POOL_START] = threads, start
+    plan[k.PLAN_POOL_BLAS], plan[k.PLAN_POOL_SPLIT_UPDATE] = blas, bool(split_update)
+
+
 class CpuBackend(Backend):
     """NumPy arrays and the Numba kernels of ``fastgrad.kernels.cpu``."""
 
@@ -307,7 +316,9 @@ class CpuBackend(Backend):
         return np.take(src, idx, axis=0, out=out)
 
     def _registered_kernels(self, codes):
-        return _registry.cpu_kernels()
+        # with the team's branches, as the package itself (the host fills
+        # every plan of such a driver with the team's members)
+        return _registry.cpu_kernels(team=True)
 
     def check_activations(self, codes):
         pass                    # any registered activation runs on the CPU
@@ -356,25 +367,26 @@ class CpuBackend(Backend):
         # a plan of the pool's threads and the update's two members (those
         # alone are compiled: the rule's copy of the kernels has no activation)
         from .kernels import layout
-        team_kernels = sys.modules[self.update_kernels(rule).__package__].pass_team
-        team = _threads.pass_team(
-            lambda: (0, 0) + team_kernels.member_addresses(dtype, ("norm", "update")))
-        if not team[0]:
+        threads, start, blas = _threads.pass_team()
+        if not threads:
             return None
+        team_kernels = sys.modules[self.update_kernels(rule).__package__].pass_team
         plan = np.zeros(layout.PLAN_HEADER, np.int64)
-        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_BLAS + 1] = team
+        team_kernels.fill_members(plan, dtype, ("norm", "update"))
+        _fill_team(plan, threads, start, blas, split_update=True)
         return functools.partial(team_kernels.clipped_update_on_team, plan)
 
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()
 
-    def fill_pass_team(self, plan, kernels, dtype, update=True):
-        # OpenBLAS's own workers, or the shared pool's threads: one pool either way
-        from .kernels import layout
-        team = _threads.pass_team(lambda: kernels.pass_team.member_addresses(dtype))
-        plan[layout.PLAN_POOL_THREADS:layout.PLAN_POOL_BLAS + 1] = team
-        if not update:
-            plan[layout.PLAN_POOL_UPDATE] = 0
+    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True):
+        # OpenBLAS's own workers, or the shared pool's threads: one pool
+        # either way.  A driver with the team's branches runs its forward
+        # and update through the members even without a team: always given.
+        if kernels.TEAM:
+            kernels.pass_team.fill_members(plan, dtype)
+            threads, start, blas = _threads.pass_team() if team else (0, 0, 0)
+            _fill_team(plan, threads, start, blas, split_update=update)
 
     def wants_parallel_update(self, n_params):
         # on the step's team (one pool), never on a second one: that slowed the loop

@@ -537,7 +537,7 @@ class Sequential:
             # the last few batch sizes' plans (and device workspaces)
             while len(plans) >= 2 * _MAX_CACHED_BATCH_SIZES:
                 plans.popitem(last=False)
-            entry = plans[(B, keep)] = self._layer_plan(sizes, flags, B)
+            entry = plans[(B, keep)] = self._layer_plan(driver, sizes, flags, B)
         else:
             plans.move_to_end((B, keep))
         plan, fplan, n_acts, kw = entry
@@ -555,13 +555,16 @@ class Sequential:
                              plan, fplan, self._running_mean, self._running_var, **kw)
         return out, ((x, acts, zs, entry) if keep else None)
 
-    def _layer_plan(self, sizes, flags, B):
+    def _layer_plan(self, driver, sizes, flags, B):
         """``(plan, fplan, n_acts, driver keywords)`` of the layer path at
-        batch size B (the device's workspace where it has one)."""
+        batch size B (the device's workspace where it has one).  Its passes
+        run on the calling thread (through the pass team's members where
+        ``driver`` runs them so: kernels/cpu/pass_team.py)."""
         # acts are allocated per call (_run): the plan alone here
         plan, fplan, _ = _layout.step_plan(
             sizes, B, self.n_params, flags["drops"], flags["residual"], flags["norms"],
             flags["wn"], self.dtype, self._mask_seed, empty=lambda n, dt: None)
+        self._backend.fill_pass_team(plan, driver, self.dtype, team=False)
         ws = self._backend.step_workspace(B, sizes, self._layer_offsets, None, self.dtype, None,
                                           plan=(plan, fplan))
         return plan, fplan, _layout.acts_size(plan), ({} if ws is None else {"ws": ws})

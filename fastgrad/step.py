@@ -173,7 +173,7 @@ class TrainStep:
         # The step kernels of this model's activations, update rule, loss and
         # layer features (on the CPU compiled for those alone:
         # fastgrad.registry.cpu_kernels), with the host team's branches
-        # while the BLAS pool is shared (_use_team).
+        # while there is a team (_use_team).
         self._team = None
         self._use_team(be.step_team())
         model._driver_config = None
@@ -225,6 +225,14 @@ class TrainStep:
             raise ValueError(f"threads={threads} exceeds Numba's {limit} threads "
                              "(NUMBA_NUM_THREADS)")
         return int(threads)
+
+    def _shard_plan_header(self):
+        """The head of the shards' step plans: no team (each shard runs on
+        its own thread), and the members of a driver with the team's
+        branches (``kernels/cpu/pass_team.py``)."""
+        header = np.zeros(_layout.PLAN_HEADER, np.int64)
+        self._backend.fill_pass_team(header, self._kernels, self.model.dtype, team=False)
+        return header
 
     def _shard_buffers_for(self, B):
         """Per-shard scratch of batch size B: (bounds, acts, zs, delta,
@@ -354,8 +362,9 @@ class TrainStep:
 
     def _use_team(self, team):
         """Step on kernels whose driver has the host team's branches
-        (``team``) or not: a copy without them compiles ~1 s less on a cold
-        first step, and the pool can be shared or given back between steps."""
+        (``team``) or not: a copy without them compiles no pass team member
+        (~0.8 s less on a cold first step), and the pool can be shared or
+        given back between steps."""
         if team == self._team:
             return
         model = self.model
@@ -486,7 +495,7 @@ class TrainStep:
                 loss, norm, scale, skipped = self._ksharded.sharded_train_step(
                     x, labels, target, self._loss_kind, model.params, model.grads,
                     shard_grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
-                    acts, zs, delta, bounds, losses,
+                    acts, zs, delta, bounds, losses, self._shard_plan_header(),
                     rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm,
                     self.opt._clip_value)
         elif self.cuda_graph:
@@ -523,7 +532,7 @@ class TrainStep:
                 return float(self._ksharded.sharded_forward_backward(
                     x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
                     self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
-                    bounds, losses))
+                    bounds, losses, self._shard_plan_header()))
         args, kw = self._driver_args(x.shape[0])
         return self._result(self._kernels.forward_backward(
             x, labels, target, self._loss_kind, *args, **kw))

@@ -273,23 +273,19 @@ def team_threads():
     return 0
 
 
-def pass_team(member_addresses):
-    """``(threads, start, forward, gradient, norm, update, blas)`` for a
-    step plan's team (kernels/cpu/pass_team.py, ``PLAN_POOL_*``):
-    :func:`team_threads`; the start, ``GOMP_parallel`` on the shared pool,
-    else OpenBLAS's ``gotoblas_pthread``; the members' addresses
-    (activation passes, the update's two passes); and for OpenBLAS's team
-    the address of its thread count (0 on the shared pool).  All 0 (serial
-    passes) without a team.  ``member_addresses()`` gives the members'
-    addresses (compiled on first use)."""
+def pass_team():
+    """``(threads, start, blas)`` of a step plan's team (kernels/cpu/
+    pass_team.py, ``PLAN_POOL_*``): :func:`team_threads`; the start,
+    ``GOMP_parallel`` on the shared pool, else OpenBLAS's
+    ``gotoblas_pthread``; and for OpenBLAS's team the address of its thread
+    count (0 on the shared pool).  All 0 (serial passes) without a team."""
     threads = team_threads()
     if not threads:
-        return (0,) * 7
+        return 0, 0, 0
     if blas_pool_shared():
-        start, blas = _pool["start"], 0
-    else:
-        start, blas = _blas_team()
-    return (threads, start) + tuple(member_addresses()) + (blas,)
+        return threads, _pool["start"], 0
+    start, blas = _blas_team()
+    return threads, start, blas
 
 
 numba_threads = numba.get_num_threads

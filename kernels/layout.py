@@ -50,12 +50,16 @@ PLAN_FZS, PLAN_XHATS, PLAN_NSTATS, PLAN_WEFF, PLAN_DWEFF = 3, 4, 5, 6, 7   # in 
 PLAN_NWORK, PLAN_WNORM, PLAN_SAVED = 8, 9, 10                            # in fplan
 # The host's thread pool for the step's passes (CPU, kernels/cpu/
 # pass_team.py): threads (0: serial passes), then function addresses: the
-# team's start, its activation members and its update members (an update
-# member of 0: the serial update); then where the team runs: the address of
-# OpenBLAS's thread count (its own workers) or 0 (GNU OpenMP's pool).
+# team's start, its activation members and its update members (a driver
+# with the team's branches runs its forward and update passes through the
+# members, serially too); then where the team runs: the address of
+# OpenBLAS's thread count (its own workers) or 0 (GNU OpenMP's pool); then
+# whether the update is split on the team (0: serial, ``opt.parallel =
+# False``) and the item size of the dtype the members were compiled for.
 PLAN_POOL_THREADS, PLAN_POOL_START, PLAN_POOL_FORWARD, PLAN_POOL_GRAD = 11, 12, 13, 14
-PLAN_POOL_NORM, PLAN_POOL_UPDATE, PLAN_POOL_BLAS = 15, 16, 17
-PLAN_HEADER = 18
+PLAN_POOL_NORM, PLAN_POOL_UPDATE, PLAN_POOL_BLAS, PLAN_POOL_SPLIT_UPDATE = 15, 16, 17, 18
+PLAN_POOL_ITEMSIZE = 19
+PLAN_HEADER = 20
 PLAN_RESIDUAL, PLAN_NORM, PLAN_WN = 0, 1, 2          # plan[PLAN_HEADER + PLAN_ROW * l + k]
 PLAN_ROW = 3
 

@@ -5,6 +5,7 @@ Models, optimizers and TrainSteps hold their device's backend
 a value on the CPU and a pending result on CUDA that waits only when read.
 """
 import ast
+import inspect
 import pathlib
 
 import numpy as np
@@ -316,7 +317,9 @@ def test_cpu_and_cuda_step_drivers_are_twins(kc):
     cuda_step = importlib.import_module(kc.__name__ + ".step")
     for name in ("forward", "backward", "forward_backward", "train_step"):
         _assert_twin_signature(name, getattr(cpu_step, name), getattr(cuda_step, name))
-    assert cpu_step.step_plan is cuda_step.step_plan is layout.step_plan
+    # the CPU's adds its pass team's members to the one plan (kernels/cpu/pass_team.py)
+    assert cuda_step.step_plan is layout.step_plan
+    assert inspect.signature(cpu_step.step_plan) == inspect.signature(layout.step_plan)
     assert cuda_step.SERVED_FEATURES == layout.FEATURES
     # the former epilogue-step modules are that driver under their old names
     blocks = importlib.import_module(kc.__name__ + ".step_blocks")

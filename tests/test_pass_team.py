@@ -58,12 +58,14 @@ def _passes(on):
 def _plan(dtype, threads):
     # (the team only asks for threads it may not get: OpenBLAS's never runs
     # more than OpenBLAS has, the shared pool's starts as many as asked)
-    got = fg_threads.pass_team(lambda: pass_team.member_addresses(dtype))
+    got = fg_threads.pass_team()
     assert got[0] == (numba.get_num_threads() if numba.get_num_threads() > 1 else 0)
     if numba.get_num_threads() < 2:
         pytest.skip("Numba runs one thread here: no team")
     plan = np.zeros(K.PLAN_HEADER, np.int64)
-    plan[K.PLAN_POOL_THREADS:K.PLAN_POOL_BLAS + 1] = got
+    plan[K.PLAN_POOL_THREADS], plan[K.PLAN_POOL_START], plan[K.PLAN_POOL_BLAS] = got
+    pass_team.fill_members(plan, dtype)
+    plan[K.PLAN_POOL_SPLIT_UPDATE] = 1
     plan[K.PLAN_POOL_THREADS] = threads
     return plan
 
@@ -417,8 +419,9 @@ def test_team_update_skips_a_non_finite_gradient_and_writes_nothing(team):
     assert np.isnan(layer_sq[1]) and np.isfinite(layer_sq[0])
 
 
-def test_team_update_of_strided_buffers_runs_the_serial_kernel(team):
-    # the members reach the buffers by address: a strided one stays serial
+def test_team_update_of_strided_buffers_raises_before_writing(team):
+    # the members reach the buffers by address: strided ones are refused
+    # before either pass runs (TrainStep and opt.step() pass contiguous ones)
     model = fg.MLP([199, 200], seed=4)           # 40,000 parameters, one layer
     opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
     rng = np.random.default_rng()
@@ -427,24 +430,19 @@ def test_team_update_of_strided_buffers_runs_the_serial_kernel(team):
     rule, s0, s1, s2, hp = opt._kernel_args()
     g = rng.standard_normal(model.grads.size).astype(np.float32)
     plan = _plan(np.float32, 2)
-
-    def strided():
-        wide = [np.zeros(2 * g.size, np.float32) for _ in range(4)]
-        for w, a in zip(wide, (opt._params, g, s0, s1)):
-            w[::2] = a
-        return [w[::2] for w in wide]
-
-    # (against the serial kernel on the same strided views: the norm's
-    # summation order follows the compiled code, which follows the layout)
-    p, gs, m, v = strided()
-    want_out = kc.clipped_update(rule, p, gs, m, v, s2, hp, opt._offsets, np.zeros(1), 1.0, 0.0)
-    tp, tgs, tm, tv = strided()
-    got_out = _team_update(plan, rule, tp, tgs, tm, tv, s2, hp, opt._offsets, np.zeros(1), 1.0,
-                           0.0)
-    assert got_out == want_out and not got_out[2]
-    for a, b in zip((p, m, v), (tp, tm, tv)):
-        assert np.array_equal(a, b)
-    assert not np.array_equal(tp, opt._params)
+    wide = [np.zeros(2 * g.size, np.float32) for _ in range(4)]
+    for w, a in zip(wide, (opt._params, g, s0, s1)):
+        w[::2] = a
+    before = [w.copy() for w in wide]
+    layer_sq = np.full(1, -1.0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _team_update(plan, rule, *(w[::2] for w in wide), s2, hp, opt._offsets, layer_sq,
+                     1.0, 0.0)
+    for w, b in zip(wide, before):
+        assert np.array_equal(w, b)
+    assert layer_sq[0] == -1.0
+    # refused before the kernel set this thread's floating-point mode
+    assert np.float32(1e-20) * np.float32(3e-20) != 0
 
 
 def _train_with(make_opt, on, sizes=(41, 300, 77, 5), steps=3, epoch=False):
@@ -452,12 +450,12 @@ def _train_with(make_opt, on, sizes=(41, 300, 77, 5), steps=3, epoch=False):
         return _train_with_now(make_opt, sizes, steps, epoch)
 
 
-def _train_with_now(make_opt, sizes, steps, epoch):
+def _train_with_now(make_opt, sizes, steps, epoch, activation="tanh", dtype=np.float32):
     rng = np.random.default_rng(5)
     B = 64
-    x = rng.standard_normal((B * steps, sizes[0])).astype(np.float32)
+    x = rng.standard_normal((B * steps, sizes[0])).astype(dtype)
     y = rng.integers(0, sizes[-1], B * steps)
-    model = fg.MLP(list(sizes), activation="tanh", dtype=np.float32, seed=3)
+    model = fg.MLP(list(sizes), activation=activation, dtype=dtype, seed=3)
     opt = make_opt(model)
     step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
     if epoch:
@@ -466,6 +464,52 @@ def _train_with_now(make_opt, sizes, steps, epoch):
         for k in range(steps):
             step(x[k * B:(k + 1) * B], y[k * B:(k + 1) * B])
     return step, opt.params.copy(), [s.copy() for s in opt._kernel_args()[1:4]]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("epoch", [False, True], ids=["steps", "run_epoch"])
+def test_members_on_the_calling_thread_equal_a_driver_without_them(monkeypatch, dtype, epoch):
+    # A driver with the team's branches runs its forward and update passes
+    # through the members, on the calling thread when the plan has no team;
+    # a model's copy without the branches runs its own serial passes.
+    # (gelu: a forward member that keeps z; layers under and over the split
+    # sizes; adamw-groups: several hp rows)
+    def train():
+        return _train_with_now(OPTIMIZERS["adamw-groups"], (41, 300, 77, 5), 3, epoch,
+                               activation="gelu", dtype=dtype)
+    with _passes(False):
+        members = train()                    # the suite's shared package
+        monkeypatch.setenv("FASTGRAD_KERNEL_COPIES", "model")
+        plain = train()                      # the model's copy, no team branches
+    plan = members[0]._fixed_args[2][9]
+    assert members[0]._kernels.TEAM and not plain[0]._kernels.TEAM
+    assert plan[K.PLAN_POOL_THREADS] == 0 and plan[K.PLAN_POOL_FORWARD] != 0
+    assert plain[0]._fixed_args[2][9][K.PLAN_POOL_FORWARD] == 0
+    assert np.array_equal(members[1], plain[1])
+    for s, t in zip(members[2], plain[2]):
+        assert np.array_equal(s, t)
+
+
+def test_a_plan_without_members_is_refused_before_the_step():
+    # a driver with the team's branches has no serial copy of those passes
+    model = fg.MLP([30, 40, 5], seed=1)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=1e-3))
+    x = np.ones((8, 30), np.float32)
+    y = np.zeros(8, np.int64)
+    step(x, y)
+    args = list(step._fixed_args[2])
+    assert step._kernels.TEAM
+    args[9] = plan = args[9].copy()
+    plan[K.PLAN_POOL_FORWARD] = 0
+    params = model.params.copy()
+    rule, s0, s1, s2, hp = step.opt._kernel_args()
+    x, labels, target = step._inputs(x, y)
+    with pytest.raises(ValueError, match="members"):
+        step._kernels.train_step(x, labels, target, step._loss_kind, *args,
+                                 rule, s0, s1, s2, hp, step._layer_sq, 0.0, 0.0)
+    with pytest.raises(ValueError, match="members"):
+        step._kernels.forward(x, args[0], *args[2:8], *args[9:])
+    assert np.array_equal(model.params, params)
 
 
 @pytest.mark.parametrize("name", ["sgd-nesterov", "rmsprop-centered", "adamw-groups"])
@@ -478,8 +522,8 @@ def test_train_step_updates_on_the_team_bitwise(team, name, epoch):
     threads = numba.get_num_threads()
     plan = on[0]._fixed_args[2][9]
     assert plan[K.PLAN_POOL_THREADS] == (threads if threads > 1 else 0)
-    assert (plan[K.PLAN_POOL_UPDATE] != 0) == (threads > 1)
-    assert serial[0]._fixed_args[2][9][K.PLAN_POOL_UPDATE] == 0
+    assert plan[K.PLAN_POOL_SPLIT_UPDATE] == 1 and plan[K.PLAN_POOL_UPDATE] != 0
+    assert serial[0]._fixed_args[2][9][K.PLAN_POOL_THREADS] == 0
     assert np.array_equal(serial[1], on[1])
     for s, t in zip(serial[2], on[2]):
         assert np.array_equal(s, t)
@@ -492,19 +536,20 @@ def test_opt_parallel_false_keeps_the_step_update_serial(team):
     x = np.ones((64, 41), np.float32)
     y = np.zeros(64, np.int64)
 
-    def update_member():
+    def split_update():
         step(x, y)
         plan = step._fixed_args[2][9]
         assert plan[K.PLAN_POOL_THREADS] > 1      # the activation passes keep the team
-        return plan[K.PLAN_POOL_UPDATE]
+        assert plan[K.PLAN_POOL_UPDATE] != 0      # the update runs through its member
+        return plan[K.PLAN_POOL_SPLIT_UPDATE]
 
-    assert update_member() != 0
+    assert split_update() == 1
     step.opt.parallel = False
-    assert update_member() == 0
+    assert split_update() == 0
     step.opt.parallel = True
-    assert update_member() != 0
+    assert split_update() == 1
     step.opt.parallel = None
-    assert update_member() != 0
+    assert split_update() == 1
 
 
 def test_opt_step_runs_the_team_update_bitwise(team):

@@ -298,7 +298,8 @@ def test_chunk_kernel_allocates_nothing_per_step(rng):
         return real(*args)
     step._kernels = type("K", (), {"train_steps": staticmethod(spy),
                                    "SERVED_FEATURES": kstep.SERVED_FEATURES,
-                                   "pass_team": step._kernels.pass_team})
+                                   "pass_team": step._kernels.pass_team,
+                                   "TEAM": step._kernels.TEAM})
     step.run_epoch(X, Y, 8, shuffle=False)
     args = list(captured["args"])
     _nrt_python.memsys_enable_stats()

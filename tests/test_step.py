@@ -121,11 +121,11 @@ def _flat_mlp(rng, sizes, act, dtype, batch, loss):
     return x, labels, target, params, sizes, codes, alphas, offsets, acts, zs, delta
 
 
-def _plain_plan(sizes):
-    """The step drivers' plan arguments of a plain model: (plan, fplan,
-    run_mean, run_var)."""
+def _plain_plan(sizes, dtype):
+    """The step drivers' plan arguments of a plain model of ``dtype``:
+    (plan, fplan, run_mean, run_var)."""
     off = np.zeros(len(sizes) - 1)
-    plan, fplan, _ = kstep.step_plan(sizes, 1, 0, off, off, off, off, np.float64)
+    plan, fplan, _ = kstep.step_plan(sizes, 1, 0, off, off, off, off, dtype)
     return plan, fplan, np.zeros(0), np.zeros(0)
 
 
@@ -144,14 +144,14 @@ def test_forward_backward_kernel_float32(device, rng, act, loss):
     z64 = a64 if zs is acts else zs.astype(np.float64)
     g64 = np.zeros_like(p64)
     loss_ref = kstep.forward_backward(x64, labels, t64, loss, p64, g64, sizes, codes, alphas,
-                                      offsets, a64, z64, d64, *_plain_plan(sizes))
+                                      offsets, a64, z64, d64, *_plain_plan(sizes, np.float64))
     dev, seen = [], {}
     for a in (x, labels, target, params, acts, zs, delta):   # zs may alias acts: keep it
         dev.append(seen.setdefault(id(a), be.to_device(a)))
     xd, ld, td, pd, ad, zd, dd = dev
     gd = be.alloc(params.shape, np.float32, fill=0)
     got = kernel(xd, ld, td, loss, pd, gd, sizes, codes, alphas, offsets, ad, zd, dd,
-                 *_plain_plan(sizes))
+                 *_plain_plan(sizes, np.float32))
     assert_close(float(got), loss_ref, np.float32, what="loss")
     assert_close(ad, a64, np.float32, what="activations")
     assert_close(gd, g64, np.float32, what="gradients")
@@ -358,6 +358,7 @@ def test_step_plan_layout():
     flag off and no scratch; a toolkit model's scratch slices lie after the
     layer outputs, do not overlap and fit in ``acts``; a length mismatch
     raises."""
+    from fastgrad.kernels import layout
     from fastgrad.kernels.cpu import step as k
     sizes, B, n_params = [5, 7, 9, 3], 4, 200
     plan, fplan, acts = k.step_plan(sizes, B, n_params, np.zeros(3), [0, 0, 0], [0, 0, 0],
@@ -366,6 +367,15 @@ def test_step_plan_layout():
     assert acts.dtype == np.float32 and acts.size == n_out and fplan.size == 3
     assert not plan[k.PLAN_HEADER:].any() and plan[k.PLAN_SEED] == 11
     assert plan[k.PLAN_SAVED] == -1
+    # this driver's plan holds its pass team's members for the dtype (no team)
+    assert plan[layout.PLAN_POOL_FORWARD] != 0 and plan[layout.PLAN_POOL_THREADS] == 0
+    assert plan[layout.PLAN_POOL_ITEMSIZE] == 4
+    device_neutral, _, _ = layout.step_plan(sizes, B, n_params, np.zeros(3), [0, 0, 0],
+                                            [0, 0, 0], [0, 0, 0], np.float32, seed=11)
+    pool = slice(layout.PLAN_POOL_THREADS, k.PLAN_HEADER)
+    assert not device_neutral[pool].any()
+    device_neutral[pool] = plan[pool]
+    np.testing.assert_array_equal(device_neutral, plan)
 
     drops, res, norms, wn = [0.1, 0.0, 0.0], [0, 1, 0], [k.BATCH, 1, 0], [1, 0, 0]
     plan, fplan, acts = k.step_plan(sizes, B, n_params, drops, res, norms, wn, np.float64)

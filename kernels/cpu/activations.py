@@ -288,6 +288,18 @@ def _needs_z_source():
 needs_z = njit(**INLINE)(_needs_z_source())
 needs_z.__doc__ = "True for the activations whose derivative reads ``z`` (``NEEDS_Z``)."
 
+
+def _served_source():
+    test = " or ".join(f"act == {code}" for code, *_ in ENTRIES) or "False"
+    env = {}
+    exec(compile(f"def served(act):\n    return {test}\n", "<fastgrad served>", "exec"), env)
+    return env["served"]
+
+
+served = njit(**INLINE)(_served_source())
+served.__doc__ = ("True for the activation codes these kernels serve (where the ladders "
+                  "raise for any other).")
+
 _bias_act_ladder = ladder(_bias_act_loop, "y, b, alpha, act", "y, b, alpha, {f}")
 # bias_act (the public kernel): a separate ``out`` keeps z for every
 # activation; the step's bias_act_step compiles the needs-z loops alone.

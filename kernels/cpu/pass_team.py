@@ -18,9 +18,14 @@ Members claim shares from a counter (an atomic add), so a team smaller than
 asked (OpenBLAS told to use fewer threads, an OpenMP team nested in a
 region, ``OMP_DYNAMIC``, a thread limit) still runs every share.  The
 driver reaches the team's start and the members through addresses in its
-step plan (``PLAN_POOL_*``, filled by the host, ``fastgrad.threads``): none
-is compiled into the driver, which is cached on disk, and a plan without
-them (0 threads) runs the serial passes.
+step plan (``PLAN_POOL_*``, filled by the host: ``fastgrad.backend``,
+``fastgrad.threads``): none is compiled into the driver, which is cached on
+disk.  A pass too small to split (or not split: the gradients that read
+``a``), or any pass of a plan of 0 threads, runs its member on the calling
+thread alone: the driver holds no second, serial copy of the activation
+and update passes (a cold first step compiles each once, in its member), so
+its plan must hold the members (:func:`check_members` raises before a step
+without them).
 """
 import numpy as np
 from llvmlite import ir
@@ -29,12 +34,13 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa: F401
-                      PLAN_POOL_NORM, PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
+                      PLAN_POOL_ITEMSIZE, PLAN_POOL_NORM, PLAN_POOL_SPLIT_UPDATE,
+                      PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
 from ..spec import HP_SIZE
 from . import fpenv
-from ._jit import INLINE, JIT
-from .activations import ENTRIES, bias_act_grad_columns, bias_act_step, needs_z
-from .optim import SERVED_RULES, clip_scale, clipped_update_inline, update_rows
+from ._jit import INLINE, INNER, JIT
+from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z, served
+from .optim import SERVED_RULES, clip_scale, update_rows
 from .reduce import segment_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
 from .blas_pool import _as_pointer, _field
@@ -149,15 +155,19 @@ def _call(typingctx, member, record):
 
 # --- the driver's side ---------------------------------------------------------
 
-@njit(**INLINE)
+@njit(**INNER)
 def _run(plan, member, record, threads):
-    """``member`` on a team of ``threads``.  Without the shared pool the
+    """``member`` on a team of ``threads`` (0 or 1: on this thread alone,
+    a plain call).  Without the shared pool the
     team is OpenBLAS's own workers, which ran the GEMM just before and spin
     waiting for the next job, never more than OpenBLAS is told to use now
     (its ``blas_cpu_number``).  On the shared pool it is a GNU OpenMP
     team, started with this thread's FTZ and DAZ cleared: GNU OpenMP may
     create its threads here, and a thread keeps the mode it is created in
     (kernels/cpu/fpenv.py).  Each member sets its own."""
+    if threads < 2:
+        _call(member, record)
+        return
     if plan[PLAN_POOL_BLAS] != 0:
         threads = min(threads, _int_at(plan[PLAN_POOL_BLAS]))
         if threads > 1:
@@ -171,15 +181,44 @@ def _run(plan, member, record, threads):
 
 
 @njit(**INLINE)
+def check_members(plan, params, codes):
+    """Raise unless ``plan`` holds the members of ``params``' dtype: a
+    driver with the team's branches runs its activation and update passes
+    through them alone (the plans of ``kernels/cpu/step.py``'s
+    ``step_plan`` and of the host hold them: :func:`fill_members`); and
+    unless these kernels serve every layer's activation ``codes``: a member
+    cannot raise (a C callback: Numba prints its exception and returns), so
+    the driver refuses first, before it sets the floating-point mode."""
+    for act in codes:
+        if not served(act):
+            raise ValueError("unknown activation code (not in kernels/spec.py ACTIVATIONS "
+                             "nor registered)")
+    if (plan[PLAN_POOL_FORWARD] == 0 or plan[PLAN_POOL_GRAD] == 0 or plan[PLAN_POOL_NORM] == 0
+            or plan[PLAN_POOL_UPDATE] == 0):
+        raise ValueError("this step driver runs its passes through the pass team's members: "
+                         "the step plan has none (make it with kernels/cpu/step.py's "
+                         "step_plan, or kernels/cpu/pass_team.py's fill_members)")
+    _check_itemsize(plan, params)
+
+
+@njit(**INLINE)
+def _check_itemsize(plan, a):
+    if plan[PLAN_POOL_ITEMSIZE] != a.itemsize:
+        raise ValueError("the step plan's pass team members were compiled for another dtype "
+                         "than the parameters'")
+
+
+@njit(**INLINE)
 def team_size(plan, elements):
-    """Threads for a forward pass over ``elements`` values: 0 runs it serially."""
+    """Threads for a forward pass over ``elements`` values: 0 runs it on
+    this thread."""
     threads = plan[PLAN_POOL_THREADS]
     return threads if threads > 1 and elements >= MIN_ELEMENTS else 0
 
 
 @njit(**INLINE)
 def gradient_team_size(plan, g, act):
-    """Threads for the gradient pass over ``g``: 0 runs it serially.  Only
+    """Threads for the gradient pass over ``g``: 0 runs it on this thread.  Only
     derivatives computed from z (gelu, gelu_tanh, silu: ``needs_z``) are
     split.  The others read ``a`` and cost little; split by columns, their
     pass is memory-bound, and the cache line at each share's edge, written
@@ -191,20 +230,44 @@ def gradient_team_size(plan, g, act):
 
 
 @njit(**INLINE)
+def check_update(plan, rule, p, g, s0, s1, s2, hp):
+    """Raise unless :func:`clipped_update` can run these buffers: the
+    members see them through their addresses (contiguous ones only) and
+    cannot raise themselves.  Called before the caller's floating-point mode
+    is set (fpenv.enter), which a raise would leave behind."""
+    if not _contiguous(p, g, s0, s1, s2, hp):
+        raise ValueError("the update on the pass team needs C-contiguous buffers")
+    if rule not in SERVED_RULES:
+        raise ValueError("update rule code not served by these kernels")
+    _check_itemsize(plan, p)
+
+
+# The passes below are compiled calls, not inlined: Numba's IR inliner
+# copies a callee's whole IR at every call site it reaches (~0.15 s of a
+# cold first step for these); and called from compiled code alone (INNER).
+
+@njit(**INNER)
 def forward(plan, threads, z, b, out, act, alpha):
-    """``bias_act_step(z, b, out, act, alpha)`` on ``threads`` threads, by rows."""
+    """``bias_act_step(z, b, out, act, alpha)`` on ``threads`` threads, by
+    rows (0 or 1: on this thread)."""
+    if not needs_z(act) and out.ctypes.data != z.ctypes.data:
+        raise ValueError("a separate out (z kept) for an activation whose derivative reads "
+                         "out (bias_act_step)")
     rows, cols = z.shape
+    threads = max(threads, 1)
     share = (rows + threads - 1) // threads
     record = _record(((rows + share - 1) // share, share, z.ctypes.data, out.ctypes.data,
                       b.ctypes.data, 0, rows, cols, act, alpha))
     _run(plan, plan[PLAN_POOL_FORWARD], record, threads)
 
 
-@njit(**INLINE)
+@njit(**INNER)
 def gradient(plan, threads, g, a, z, db, act, alpha):
     """``bias_act_grad_inplace(g, a, z, db, act, alpha)`` on ``threads``
-    threads, by columns (shares of whole 16-column vectors)."""
+    threads, by columns (shares of whole 16-column vectors; 0 or 1: on
+    this thread)."""
     rows, cols = g.shape
+    threads = max(threads, 1)
     share = ((cols + threads - 1) // threads + 15) // 16 * 16
     record = _record(((cols + share - 1) // share, share, g.ctypes.data, a.ctypes.data,
                       z.ctypes.data, db.ctypes.data, rows, cols, act, alpha))
@@ -213,11 +276,12 @@ def gradient(plan, threads, g, a, z, db, act, alpha):
 
 @njit(**INLINE)
 def update_team_size(plan, n):
-    """Threads for the update of ``n`` parameters: 0 runs it serially (no
-    team, an update member of 0, or fewer than ``MIN_UPDATE``)."""
+    """Threads for the update of ``n`` parameters: 1 runs it on this thread
+    (no team, the update not split: ``PLAN_POOL_SPLIT_UPDATE`` 0, or fewer
+    than ``MIN_UPDATE``)."""
     threads = plan[PLAN_POOL_THREADS]
-    if threads < 2 or plan[PLAN_POOL_UPDATE] == 0 or n < MIN_UPDATE:
-        return 0
+    if threads < 2 or plan[PLAN_POOL_SPLIT_UPDATE] == 0 or n < MIN_UPDATE:
+        return 1
     return threads
 
 
@@ -227,17 +291,13 @@ def _contiguous(p, g, s0, s1, s2, hp):
             and s1.flags.c_contiguous and s2.flags.c_contiguous and hp.flags.c_contiguous)
 
 
-@njit(**INLINE)
+@njit(**INNER)
 def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
-    """``optim.clipped_update`` with both passes on the plan's team (the
-    serial kernel when :func:`update_team_size` says 0): the same outputs,
-    bitwise, and nothing written when the norm is not finite."""
+    """``optim.clipped_update`` with both passes through the plan's members,
+    on its team (on this thread when :func:`update_team_size` says 1): the
+    same outputs, bitwise, and nothing written when the norm is not finite.
+    Its callers first run :func:`check_update`."""
     threads = update_team_size(plan, p.shape[0])
-    # The members see the buffers through their addresses: contiguous ones
-    # only.  (An unserved rule goes to the serial kernel, which raises.)
-    if threads == 0 or not _contiguous(p, g, s0, s1, s2, hp) or rule not in SERVED_RULES:
-        return clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
-                                     clip_value)
     layers = offsets.shape[0] - 1
     record = _record((layers, 1, g.shape[0], g.ctypes.data, offsets.ctypes.data,
                       layer_sq.ctypes.data))
@@ -268,12 +328,16 @@ def _forward_member(dtype):
         out = carray(_as_pointer(_field(record, _P1)), (rows, cols), dtype)
         b = carray(_as_pointer(_field(record, _P2)), (cols,), dtype)
         act, alpha = _field(record, _ACT), _float(record, _ALPHA)
+        keep_z = _field(record, _P0) != _field(record, _P1)
         saved = fpenv.enter(z)
         k = _claim(record)
         while k < _field(record, _SHARES):
             r0 = k * share
             r1 = min(rows, r0 + share)
-            bias_act_step(z[r0:r1], b, out[r0:r1], act, alpha)
+            if keep_z:
+                _needs_z_ladder(z[r0:r1], b, out[r0:r1], alpha, act)
+            else:
+                _bias_act_ladder(z[r0:r1], b, alpha, act)
             k = _claim(record)
         fpenv.leave(saved)
     return member
@@ -291,7 +355,7 @@ def _gradient_member(dtype):
         k = _claim(record)
         while k < _field(record, _SHARES):
             c0 = k * share
-            bias_act_grad_columns(g, a, z, db, act, alpha, c0, min(cols, c0 + share))
+            _grad_ladder(g, a, z, db, alpha, act, c0, min(cols, c0 + share))
             k = _claim(record)
         fpenv.leave(saved)
     return member
@@ -338,22 +402,15 @@ def _update_member(dtype):
 _MAKERS = {"forward": _forward_member, "gradient": _gradient_member, "norm": _norm_member,
            "update": _update_member}
 _members = {}
-# whether this package serves an activation whose gradient pass is split
-# (gradient_team_size: those whose derivative reads z)
-_SPLIT_GRADIENTS = any(keep_z for *_, keep_z in ENTRIES)
 
 
 def member_addresses(dtype, kinds=("forward", "gradient", "norm", "update")):
     """The addresses of this package's members of ``kinds`` for ``dtype``,
-    each compiled (or loaded from the disk cache) on first use; 0 for the
-    gradient member of a package whose activations never split that pass."""
+    each compiled (or loaded from the disk cache) on first use."""
     dtype = np.dtype(dtype)
     nb = types.float32 if dtype == np.float32 else types.float64
     found = []
     for kind in kinds:
-        if kind == "gradient" and not _SPLIT_GRADIENTS:
-            found.append(0)             # never started: not compiled (a cold step's time)
-            continue
         member = _members.get((dtype, kind))
         if member is None:
             member = _members[dtype, kind] = cfunc(types.void(types.voidptr),
@@ -363,12 +420,24 @@ def member_addresses(dtype, kinds=("forward", "gradient", "norm", "update")):
     return tuple(found)
 
 
+def fill_members(plan, dtype, kinds=("forward", "gradient", "norm", "update")):
+    """Write the addresses of this package's members of ``kinds`` for
+    ``dtype`` (compiled on first use) into ``plan`` (``PLAN_POOL_*``; the
+    others 0), with the dtype's item size.  Threads are the host's to set."""
+    found = dict(zip(kinds, member_addresses(dtype, kinds)))
+    for kind, slot in (("forward", PLAN_POOL_FORWARD), ("gradient", PLAN_POOL_GRAD),
+                       ("norm", PLAN_POOL_NORM), ("update", PLAN_POOL_UPDATE)):
+        plan[slot] = found.get(kind, 0)
+    plan[PLAN_POOL_ITEMSIZE] = np.dtype(dtype).itemsize
+
+
 @njit(**JIT)
 def clipped_update_on_team(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
                            clip_value):
     """:func:`clipped_update` as a kernel of its own: an optimizer's
-    ``step()`` on the shared pool (``fastgrad.backend``; the plan's norm and
+    ``step()`` on the team (``fastgrad.backend``; the plan's norm and
     update members are all it reads)."""
+    check_update(plan, rule, p, g, s0, s1, s2, hp)
     saved = fpenv.enter(p)
     result = clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
                             clip_value)

@@ -43,9 +43,10 @@ delta   flat, 2 * B * max(sizes[1:]) -- ping-pong buffers for dL/da; a third
         needs dL/da)
 
 The epilogue pieces' data is packed into few arguments, laid out by
-:func:`step_plan` (``kernels/layout.py``, device-neutral; re-exported
-here): each array argument costs the compiled wrapper's unboxing code, in
-every cold compile (a plain model's too) and every call.
+:func:`step_plan` (``kernels/layout.py``'s, device-neutral, with this
+driver's pass team members: see ``TEAM``): each array argument costs the
+compiled wrapper's unboxing code, in every cold compile (a plain model's
+too) and every call.
 
 plan    int64   the step plan: a header (``PLAN_*`` slots: the dropout mask
                 seed, this step's dropout counter, training mode, the
@@ -78,7 +79,7 @@ import numpy as np
 from numba import njit
 
 from . import fpenv, pass_team
-from ._jit import INLINE, JIT, code_ladder, served_codes
+from ._jit import INLINE, INNER, JIT, code_ladder, served_codes
 from .activations import bias_act_grad_inplace, bias_act_step, needs_z
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
@@ -91,7 +92,7 @@ from .. import layout as _layout  # noqa: E402
 from ..layout import (FEATURES, PLAN_COUNTER, PLAN_DWEFF, PLAN_FZS,  # noqa: E402,F401
                       PLAN_HEADER, PLAN_NORM, PLAN_NSTATS, PLAN_NWORK, PLAN_RESIDUAL,
                       PLAN_ROW, PLAN_SAVED, PLAN_SEED, PLAN_TRAINING, PLAN_WEFF, PLAN_WN,
-                      PLAN_WNORM, PLAN_XHATS, step_plan)
+                      PLAN_WNORM, PLAN_XHATS)
 from ..spec import BATCH, BCE_WITH_LOGITS, CROSS_ENTROPY, LOSS_CODES, MSE  # noqa: E402,F401
 
 
@@ -106,17 +107,32 @@ _NORM = "norm" in SERVED_FEATURES
 _RESIDUAL = "residual" in SERVED_FEATURES
 _WEIGHT_NORM = "weight_norm" in SERVED_FEATURES
 _BLOCKS = _DROPOUT or _RESIDUAL           # the block epilogue (blocks.py)
-# Whether the driver has the shared pool's team branches (pass_team.py): the
-# package itself yes; a model's copy only when built for the shared pool
-# (fastgrad.registry.cpu_kernels(team=True)).  Without them the driver runs
-# the serial passes and compiles ~1 s less on a cold first step
-# (bench/RESULTS.md, "The loss on the pool").
+# Whether the driver has the pass team's branches (pass_team.py): the
+# package itself yes; a model's copy only when built for a team
+# (fastgrad.registry.cpu_kernels(team=True)).  With them its activation and
+# update passes run through the members in its plan, split or not; without
+# them it runs its own serial passes and compiles no member.
 TEAM = getattr(sys.modules.get(__package__), "_TEAM", True)
+
+
+def step_plan(sizes, B, n_params, drops, residual, norms, weight_norm, dtype, seed=0,
+              empty=np.empty):
+    """``kernels/layout.py``'s :func:`~fastgrad.kernels.layout.step_plan`
+    for this driver: with the team's branches (``TEAM``) the plan holds the
+    pass team's members for ``dtype`` (compiled on first use), and its
+    passes run on the calling thread (the host gives a step plan its team:
+    ``fastgrad.backend``)."""
+    plan, fplan, acts = _layout.step_plan(sizes, B, n_params, drops, residual, norms,
+                                          weight_norm, dtype, seed, empty)
+    if TEAM:
+        pass_team.fill_members(plan, dtype)
+    return plan, fplan, acts
+
 
 _TWO53 = 9007199254740992.0
 
 
-@njit(**JIT)
+@njit(**INNER)
 def _views(params, grads, acts, zs, offsets, sizes, B, l, act_off):
     n_in, n_out = sizes[l], sizes[l + 1]
     o, ob, _, _, _, _ = layer_slots(offsets[l], n_in, n_out, False, False)
@@ -261,9 +277,9 @@ def _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fp
             if not needs_z(codes[l]):
                 z = a
             np.dot(h, W, z)
-            team = pass_team.team_size(plan, B * n_out) if TEAM else 0
-            if TEAM and team:
-                pass_team.forward(plan, team, z, b, a, codes[l], alphas[l])
+            if TEAM:      # on the team, or through its member on this thread
+                pass_team.forward(plan, pass_team.team_size(plan, B * n_out), z, b, a,
+                                  codes[l], alphas[l])
             else:
                 bias_act_step(z, b, a, codes[l], alphas[l])
         h = a
@@ -344,9 +360,9 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
         else:
             if not needs_z(codes[l]):
                 z = a
-            team = pass_team.gradient_team_size(plan, da, codes[l]) if TEAM else 0
-            if TEAM and team:
-                pass_team.gradient(plan, team, da, a, z, db, codes[l], alphas[l])
+            if TEAM:      # on the team, or through its member on this thread
+                pass_team.gradient(plan, pass_team.gradient_team_size(plan, da, codes[l]), da,
+                                   a, z, db, codes[l], alphas[l])
             else:
                 bias_act_grad_inplace(da, a, z, db, codes[l], alphas[l])
             dz = da
@@ -374,6 +390,8 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
 def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
+    if TEAM:
+        pass_team.check_members(plan, params, codes)
     saved = fpenv.enter(params)
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
@@ -389,6 +407,8 @@ def forward(x, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run
     """The forward alone (the layer path's ``model.forward`` and
     ``predict``): writes ``acts`` (and, training with batch norm, the
     running statistics); returns the output, a view of ``acts``."""
+    if TEAM:
+        pass_team.check_members(plan, params, codes)
     saved = fpenv.enter(params)
     # params stands in for grads: the views the forward takes of them go unused
     h = _forward(x, params, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
@@ -404,6 +424,8 @@ def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, p
     plan: reads dL/d(output) from ``delta``'s first ``B * sizes[-1]``
     elements (and overwrites ``delta``), writes ``grads`` and, when ``dx``
     has rows, dL/dx into it."""
+    if TEAM:
+        pass_team.check_members(plan, params, codes)
     saved = fpenv.enter(params)
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
@@ -445,7 +467,8 @@ def _first_layer_dx(params, sizes, offsets, acts, delta, plan, B, dx):
 
 @njit(**INLINE)
 def _update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, clip_value):
-    # the clipped update, on the plan's team where this driver has its branch
+    # the clipped update, through the plan's members where this driver has
+    # the team's branches
     if TEAM:
         return pass_team.clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq,
                                         clip_norm, clip_value)
@@ -462,6 +485,9 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     Returns (loss, grad_norm, clip_scale, skipped) -- the update's outputs
     exactly as ``fastgrad.optim``'s ``step()`` gets them from the same kernel.
     """
+    if TEAM:
+        pass_team.check_members(plan, params, codes)
+        pass_team.check_update(plan, rule, params, grads, s0, s1, s2, hp)
     saved = fpenv.enter(params)
     # Inlined rather than called: LLVM then optimises the step's code once,
     # instead of once for forward_backward and again when linking it here.
@@ -551,6 +577,9 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     (in ``fplan`` at ``plan[PLAN_SAVED]``) and restored when its update is
     skipped, as the per-step TrainStep does.
     """
+    if TEAM:
+        pass_team.check_members(plan, params, codes)
+        pass_team.check_update(plan, rule, params, grads, s0, s1, s2, hp_rows)
     saved_mode = fpenv.enter(params)
     applied = 0
     if _DROPOUT:

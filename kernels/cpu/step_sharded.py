@@ -45,14 +45,17 @@ def shard_bounds(batch, n_shards):
 
 @njit(**PARALLEL)
 def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
-                             codes, alphas, offsets, acts, zs, delta, bounds, losses):
+                             codes, alphas, offsets, acts, zs, delta, bounds, losses, header):
     """Forward, loss and backward of the batch in shards; writes ``grads``.
 
     ``acts``, ``zs``, ``delta`` are 2-D: one row of scratch per shard, laid out
     as ``step.forward_backward`` reads them (``zs`` may be ``acts``);
     ``shard_grads`` has one row per shard beyond the first.  ``losses``
-    (float64, one per shard) receives each shard's mean loss.  Returns the
-    mean loss of the batch.
+    (float64, one per shard) receives each shard's mean loss.  ``header``
+    (int64, ``PLAN_HEADER``) is the head of each shard's step plan: 0
+    threads, and the members a driver with the pass team's branches runs
+    its passes through on its own thread (``fastgrad.backend``'s
+    ``fill_pass_team``).  Returns the mean loss of the batch.
     """
     T = bounds.shape[0] - 1
     B = bounds[T]
@@ -62,6 +65,7 @@ def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_
     # compiled driver.
     L = codes.shape[0]
     plan = np.zeros(PLAN_HEADER + PLAN_ROW * L, np.int64)
+    plan[:PLAN_HEADER] = header
     fplan = np.zeros(L)
     no_stats = fplan[:0]
     for s in prange(T):
@@ -97,14 +101,14 @@ def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_
 
 @njit(**JIT)
 def sharded_train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes,
-                       alphas, offsets, acts, zs, delta, bounds, losses,
+                       alphas, offsets, acts, zs, delta, bounds, losses, header,
                        rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
     """``sharded_forward_backward``, then the clipped update on the same
     threads.  Returns (loss, grad_norm, clip_scale, skipped) as
     ``step.train_step`` does."""
     loss = sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_grads,
                                     sizes, codes, alphas, offsets, acts, zs, delta, bounds,
-                                    losses)
+                                    losses, header)
     norm, scale, skipped = clipped_update_parallel(rule, params, grads, s0, s1, s2, hp,
                                                    offsets, layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
