@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import fastgrad as fg
+from fastgrad.kernels import spec
 
 pytestmark = pytest.mark.skipif(not fg.set_flush_denormal(True),
                                 reason="flushing needs an x86-64 CPU")
@@ -80,6 +81,36 @@ def test_forward_flushes_denormal_results_and_inputs_only_while_on(rng, n_in):
     assert (np.array(model.predict(x_sub)) == 0).all()
     fg.set_flush_denormal(False)
     assert (np.abs(np.array(model.predict(x_sub))) > 1e-12).all()
+
+
+@pytest.mark.parametrize("team", [True, False], ids=["team-driver", "serial-driver"])
+def test_a_refused_step_leaves_the_callers_arithmetic_alone(monkeypatch, rng, team):
+    # The drivers refuse an unknown activation or loss code before they set
+    # FTZ/DAZ: raised from inside, the mode would stay on the caller's thread.
+    if not team:       # a model's own copy of the kernels, without the team's branches
+        monkeypatch.setenv("FASTGRAD_KERNEL_COPIES", "model")
+        monkeypatch.setenv("FASTGRAD_PASS_TEAM", "0")
+    fg.set_flush_denormal(True)
+    model = fg.MLP([6, 8, 3], activation="relu", dtype="float32", seed=0)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=1e-3))
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1])
+    step(x, y)
+    assert step._kernels.TEAM == team
+    params = model.params.copy()
+    identity = model.layers[1].code
+    model.layers[1].code = spec.N_ACTIVATIONS       # past the table: the kernels refuse it
+    bad_step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=1e-3))
+    for call in (lambda: bad_step(x, y), lambda: model.forward(x), lambda: model.predict(x)):
+        with pytest.raises(ValueError, match="unknown activation code"):
+            call()
+        assert _keeps_ieee_arithmetic()
+    model.layers[1].code = identity
+    step._loss_kind = len(spec.LOSS_CODES)         # past the table (a target, then)
+    with pytest.raises(ValueError, match="loss code not served"):
+        step(x, np.zeros((5, 3), np.float32))
+    assert _keeps_ieee_arithmetic()
+    np.testing.assert_array_equal(model.params, params)
 
 
 def test_float64_keeps_denormals_with_the_flag_on(rng):

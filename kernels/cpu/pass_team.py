@@ -39,7 +39,7 @@ from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa
 from ..spec import HP_SIZE
 from . import fpenv
 from ._jit import INLINE, INNER, JIT
-from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z, served
+from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z
 from .optim import SERVED_RULES, clip_scale, update_rows
 from .reduce import segment_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
@@ -181,18 +181,14 @@ def _run(plan, member, record, threads):
 
 
 @njit(**INLINE)
-def check_members(plan, params, codes):
+def check_members(plan, params):
     """Raise unless ``plan`` holds the members of ``params``' dtype: a
     driver with the team's branches runs its activation and update passes
     through them alone (the plans of ``kernels/cpu/step.py``'s
-    ``step_plan`` and of the host hold them: :func:`fill_members`); and
-    unless these kernels serve every layer's activation ``codes``: a member
-    cannot raise (a C callback: Numba prints its exception and returns), so
-    the driver refuses first, before it sets the floating-point mode."""
-    for act in codes:
-        if not served(act):
-            raise ValueError("unknown activation code (not in kernels/spec.py ACTIVATIONS "
-                             "nor registered)")
+    ``step_plan`` and of the host hold them: :func:`fill_members`).  A
+    member cannot raise (a C callback: Numba prints its exception and
+    returns), so the driver also refuses an activation code these kernels
+    do not serve before it starts (kernels/cpu/step.py)."""
     if (plan[PLAN_POOL_FORWARD] == 0 or plan[PLAN_POOL_GRAD] == 0 or plan[PLAN_POOL_NORM] == 0
             or plan[PLAN_POOL_UPDATE] == 0):
         raise ValueError("this step driver runs its passes through the pass team's members: "
@@ -231,10 +227,11 @@ def gradient_team_size(plan, g, act):
 
 @njit(**INLINE)
 def check_update(plan, rule, p, g, s0, s1, s2, hp):
-    """Raise unless :func:`clipped_update` can run these buffers: the
-    members see them through their addresses (contiguous ones only) and
-    cannot raise themselves.  Called before the caller's floating-point mode
-    is set (fpenv.enter), which a raise would leave behind."""
+    """Raise unless :func:`clipped_update` can run these buffers and rule:
+    the members see the buffers through their addresses (contiguous ones
+    only) and cannot raise themselves.  Called before the caller's
+    floating-point mode is set (fpenv.enter), which a raise would leave
+    behind."""
     if not _contiguous(p, g, s0, s1, s2, hp):
         raise ValueError("the update on the pass team needs C-contiguous buffers")
     if rule not in SERVED_RULES:

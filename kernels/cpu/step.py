@@ -80,11 +80,11 @@ from numba import njit
 
 from . import fpenv, pass_team
 from ._jit import INLINE, INNER, JIT, code_ladder, served_codes
-from .activations import bias_act_grad_inplace, bias_act_step, needs_z
+from .activations import bias_act_grad_inplace, bias_act_step, needs_z, served
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
-from .optim import clipped_update_inline
+from .optim import SERVED_RULES, clipped_update_inline
 from .wnorm import weight_norm_backward, weight_norm_forward
 
 from .. import layout as _layout  # noqa: E402
@@ -221,12 +221,12 @@ assert set(_LOSS_KERNELS) == set(LOSS_CODES.values()), "a loss of kernels/spec.p
 # The losses these kernels serve: all, or in a model's copy of the package
 # (fastgrad.registry.cpu_kernels) the model's own; others raise.
 SERVED_LOSSES = served_codes(__package__, "LOSSES", LOSS_CODES.values())
+_LOSS_REFUSED = ("loss code not served by these kernels: they serve "
+                 f"{[n for n, c in LOSS_CODES.items() if c in SERVED_LOSSES]} (kernels/spec.py "
+                 "LOSS_CODES; a model's copy of the kernels serves the model's loss alone)")
 loss_and_grad = code_ladder(
     "loss_and_grad", "loss_kind, out, labels, target, grad", "loss_kind",
-    [(code,) + _LOSS_KERNELS[code] for code in SERVED_LOSSES],
-    "loss code not served by these kernels: they serve "
-    f"{[n for n, c in LOSS_CODES.items() if c in SERVED_LOSSES]} (kernels/spec.py "
-    "LOSS_CODES; a model's copy of the kernels serves the model's loss alone)")
+    [(code,) + _LOSS_KERNELS[code] for code in SERVED_LOSSES], _LOSS_REFUSED)
 loss_and_grad.__doc__ = """The mean loss of ``out`` (labels or target, as the
 loss ``loss_kind`` reads) and its gradient into ``grad``."""
 
@@ -386,12 +386,39 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
 
 
 
+@njit(**INLINE)
+def _refuse_layers(plan, params, codes):
+    # What the kernels would refuse inside is refused before fpenv.enter: a
+    # raise after it would leave flush-to-zero set on the calling thread
+    # (kernels/cpu/fpenv.py), and a pass team member cannot raise at all.
+    for act in codes:
+        if not served(act):
+            raise ValueError("unknown activation code (not in kernels/spec.py ACTIVATIONS "
+                             "nor registered)")
+    if TEAM:
+        pass_team.check_members(plan, params)
+
+
+@njit(**INLINE)
+def _refuse_loss(loss_kind):
+    if loss_kind not in SERVED_LOSSES:
+        raise ValueError(_LOSS_REFUSED)
+
+
+@njit(**INLINE)
+def _refuse_update(plan, rule, params, grads, s0, s1, s2, hp):
+    if rule not in SERVED_RULES:
+        raise ValueError("update rule code not served by these kernels")
+    if TEAM:
+        pass_team.check_update(plan, rule, params, grads, s0, s1, s2, hp)
+
+
 @njit(**JIT)
 def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
-    if TEAM:
-        pass_team.check_members(plan, params, codes)
+    _refuse_layers(plan, params, codes)
+    _refuse_loss(loss_kind)
     saved = fpenv.enter(params)
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
@@ -407,8 +434,7 @@ def forward(x, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run
     """The forward alone (the layer path's ``model.forward`` and
     ``predict``): writes ``acts`` (and, training with batch norm, the
     running statistics); returns the output, a view of ``acts``."""
-    if TEAM:
-        pass_team.check_members(plan, params, codes)
+    _refuse_layers(plan, params, codes)
     saved = fpenv.enter(params)
     # params stands in for grads: the views the forward takes of them go unused
     h = _forward(x, params, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
@@ -424,8 +450,7 @@ def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, p
     plan: reads dL/d(output) from ``delta``'s first ``B * sizes[-1]``
     elements (and overwrites ``delta``), writes ``grads`` and, when ``dx``
     has rows, dL/dx into it."""
-    if TEAM:
-        pass_team.check_members(plan, params, codes)
+    _refuse_layers(plan, params, codes)
     saved = fpenv.enter(params)
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
@@ -485,9 +510,9 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     Returns (loss, grad_norm, clip_scale, skipped) -- the update's outputs
     exactly as ``fastgrad.optim``'s ``step()`` gets them from the same kernel.
     """
-    if TEAM:
-        pass_team.check_members(plan, params, codes)
-        pass_team.check_update(plan, rule, params, grads, s0, s1, s2, hp)
+    _refuse_layers(plan, params, codes)
+    _refuse_loss(loss_kind)
+    _refuse_update(plan, rule, params, grads, s0, s1, s2, hp)
     saved = fpenv.enter(params)
     # Inlined rather than called: LLVM then optimises the step's code once,
     # instead of once for forward_backward and again when linking it here.
@@ -577,9 +602,9 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     (in ``fplan`` at ``plan[PLAN_SAVED]``) and restored when its update is
     skipped, as the per-step TrainStep does.
     """
-    if TEAM:
-        pass_team.check_members(plan, params, codes)
-        pass_team.check_update(plan, rule, params, grads, s0, s1, s2, hp_rows)
+    _refuse_layers(plan, params, codes)
+    _refuse_loss(loss_kind)
+    _refuse_update(plan, rule, params, grads, s0, s1, s2, hp_rows)
     saved_mode = fpenv.enter(params)
     applied = 0
     if _DROPOUT:
