@@ -381,8 +381,9 @@ class CpuBackend(Backend):
 
     def fill_pass_team(self, plan, kernels, dtype, update=True, team=True):
         # OpenBLAS's own workers, or the shared pool's threads: one pool
-        # either way.  A driver with the team's branches runs its forward
-        # and update through the members even without a team: always given.
+        # either way.  A driver with the team's branches runs its activation
+        # and update passes through the members even without a team: always
+        # given.
         if kernels.TEAM:
             kernels.pass_team.fill_members(plan, dtype)
             threads, start, blas = _threads.pass_team() if team else (0, 0, 0)

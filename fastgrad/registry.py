@@ -313,7 +313,7 @@ def cpu_kernels(codes=None, rules=None, losses=None, features=None, team=False):
     activation and update passes through the pass team's members, split on
     the team or not (``kernels/cpu/pass_team.py``; a ``TrainStep`` asks for
     them while there is a team).  Without them the driver runs its own
-    serial passes and a cold first step compiles no member (~0.8 s less).
+    serial passes and a cold first step compiles no member (~0.7 s less).
     """
     rules = _code_set(rules, _spec.RULES.values(), "update rule")
     losses = _code_set(losses, _spec.LOSS_CODES.values(), "loss")

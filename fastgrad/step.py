@@ -363,7 +363,7 @@ class TrainStep:
     def _use_team(self, team):
         """Step on kernels whose driver has the host team's branches
         (``team``) or not: a copy without them compiles no pass team member
-        (~0.8 s less on a cold first step), and the pool can be shared or
+        (~0.7 s less on a cold first step), and the pool can be shared or
         given back between steps."""
         if team == self._team:
             return

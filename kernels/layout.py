@@ -51,8 +51,8 @@ PLAN_NWORK, PLAN_WNORM, PLAN_SAVED = 8, 9, 10                            # in fp
 # The host's thread pool for the step's passes (CPU, kernels/cpu/
 # pass_team.py): threads (0: serial passes), then function addresses: the
 # team's start, its activation members and its update members (a driver
-# with the team's branches runs its forward and update passes through the
-# members, serially too); then where the team runs: the address of
+# with the team's branches runs its activation and update passes through
+# the members, serially too); then where the team runs: the address of
 # OpenBLAS's thread count (its own workers) or 0 (GNU OpenMP's pool); then
 # whether the update is split on the team (0: serial, ``opt.parallel =
 # False``) and the item size of the dtype the members were compiled for.
