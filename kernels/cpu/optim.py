@@ -203,6 +203,14 @@ _rule_ladder, SERVED_RULES = served_ladder(
     __package__, "RULES", RULES, "RULES", "update rule")
 
 
+@njit(**INLINE)
+def refuse_rule(rule):
+    """Raise unless these kernels serve update ``rule`` (what the rule
+    ladder raises inside a kernel, checked before one starts)."""
+    if rule not in SERVED_RULES:
+        raise ValueError("update rule code not served by these kernels")
+
+
 @njit(**dict(JIT, **INLINE))
 def _update_range(rule, p, g, s0, s1, s2, hp, scale, clip_value, lo, hi):
     # The rules loop over views from 0: with a loop index starting at an

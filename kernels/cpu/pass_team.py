@@ -40,7 +40,7 @@ from ..spec import HP_SIZE
 from . import fpenv
 from ._jit import INLINE, INNER, JIT
 from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z
-from .optim import SERVED_RULES, clip_scale, update_rows
+from .optim import clip_scale, refuse_rule, update_rows
 from .reduce import segment_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
 from .blas_pool import _as_pointer, _field
@@ -234,8 +234,7 @@ def check_update(plan, rule, p, g, s0, s1, s2, hp):
     behind."""
     if not _contiguous(p, g, s0, s1, s2, hp):
         raise ValueError("the update on the pass team needs C-contiguous buffers")
-    if rule not in SERVED_RULES:
-        raise ValueError("update rule code not served by these kernels")
+    refuse_rule(rule)
     _check_itemsize(plan, p)
 
 

@@ -80,11 +80,11 @@ from numba import njit
 
 from . import fpenv, pass_team
 from ._jit import INLINE, INNER, JIT, code_ladder, served_codes
-from .activations import bias_act_grad_inplace, bias_act_step, needs_z, served
+from .activations import _unknown, bias_act_grad_inplace, bias_act_step, needs_z, served
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
-from .optim import SERVED_RULES, clipped_update_inline
+from .optim import clipped_update_inline, refuse_rule
 from .wnorm import weight_norm_backward, weight_norm_forward
 
 from .. import layout as _layout  # noqa: E402
@@ -393,8 +393,7 @@ def _refuse_layers(plan, params, codes):
     # (kernels/cpu/fpenv.py), and a pass team member cannot raise at all.
     for act in codes:
         if not served(act):
-            raise ValueError("unknown activation code (not in kernels/spec.py ACTIVATIONS "
-                             "nor registered)")
+            _unknown(act)
     if TEAM:
         pass_team.check_members(plan, params)
 
@@ -407,10 +406,10 @@ def _refuse_loss(loss_kind):
 
 @njit(**INLINE)
 def _refuse_update(plan, rule, params, grads, s0, s1, s2, hp):
-    if rule not in SERVED_RULES:
-        raise ValueError("update rule code not served by these kernels")
-    if TEAM:
+    if TEAM:        # the rule, and what the members need of the buffers
         pass_team.check_update(plan, rule, params, grads, s0, s1, s2, hp)
+    else:
+        refuse_rule(rule)
 
 
 @njit(**JIT)
