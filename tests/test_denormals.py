@@ -209,6 +209,42 @@ def test_the_shared_pools_threads_flush_a_gemm_of_the_step():
     _in_a_child(code)
 
 
+def test_openblas_workers_flush_the_steps_gemms_and_only_those():
+    """Without the shared pool a float32 step's GEMMs run partly on
+    OpenBLAS's own workers: the step gives them its mode for its span (a
+    weight gradient whose sums are denormal comes back zero in every
+    element, not just the caller's share) and clears it on return (a NumPy
+    GEMM afterwards keeps every denormal)."""
+    code = """
+    import numpy as np, fastgrad as fg
+    from fastgrad import threads
+    from threadpoolctl import threadpool_limits
+    if not threads.pass_team()[2]:
+        print("skip: no pass team on OpenBLAS's workers here"); raise SystemExit
+    rng = np.random.default_rng()
+    n = 256 + int(rng.integers(0, 40))
+    model = fg.MLP([n, n], activation="identity", dtype="float32", seed=0)
+    model.layers[0].W[:] = rng.uniform(0.5, 2.0, (n, n)) * 1e-21
+    step = fg.TrainStep(model, fg.MSE(), fg.SGD(model, lr=0.1))
+    x = (rng.uniform(0.5, 2.0, (n, n)) * 1e-21).astype(np.float32)
+    y = (rng.uniform(0.5, 2.0, (n, n)) * 1e-17).astype(np.float32)
+    # dW = x.T @ dz: products ~1e-43, sums ~1e-40, denormal unless flushed
+    with threadpool_limits(2, user_api="blas"):
+        for flush in (False, True, False, True):
+            fg.set_flush_denormal(flush)
+            step.gradients(x, y)
+            dW = np.array(model.layers[0].dW)
+            if flush:
+                assert (dW == 0).all(), int((dW != 0).sum())
+            else:
+                assert (dW != 0).all() and (np.abs(dW) < 1.2e-38).all()
+            after = x.T @ (y * np.float32(1e-5))
+            assert (after != 0).all(), int((after == 0).sum())
+    print("ok")
+    """
+    _in_a_child(code)
+
+
 def test_pool_threads_started_by_a_flushing_step_do_not_flush_other_code():
     """A thread inherits its creator's mode: the step's teams start with the
     caller's bits cleared, so GNU OpenMP's threads (first created by a

@@ -5,10 +5,12 @@ process's flag is on (``fastgrad.kernels.denormals``) and ``like`` (the
 kernel's parameters) is float32, sets FTZ and DAZ; ``leave(saved)`` on
 return puts the caller's bits back.  float64 kernels never flush, as on
 CUDA (CuPy compiles float32 code with ``-ftz=true``, float64 without).  A
-BLAS job on another thread adopts its caller's bits (``adopt``), as
+BLAS job on the shared pool adopts its caller's bits (``adopt``), as
 OpenBLAS's CONSISTENT_FPCSR build does for its workers, and restores its
-own after.  A new thread inherits its creator's MXCSR, so a team is
-started with the caller's bits cleared (``adopt(0)`` around the start):
+own after; OpenBLAS's own workers are given the mode for a step's span
+(kernels/cpu/pass_team.py, ``workers_take_mode``).  A new thread inherits
+its creator's MXCSR, so a team is started with the caller's bits cleared
+(``adopt(0)`` around the start):
 GNU OpenMP's pool threads, which other code in the process may use, are
 never created flushing.  Off x86-64 all of these do nothing.
 """
@@ -27,7 +29,7 @@ _I32 = ir.IntType(32)
 _BYTEPTR = ir.IntType(8).as_pointer()
 
 
-def _mxcsr_call(builder, name, slot):
+def mxcsr_call(builder, name, slot):
     fn = cgutils.get_or_insert_function(builder.module,
                                         ir.FunctionType(ir.VoidType(), [_BYTEPTR]), name)
     builder.call(fn, [builder.bitcast(slot, _BYTEPTR)])
@@ -37,7 +39,7 @@ def _mxcsr_call(builder, name, slot):
 def _read_mxcsr(typingctx):
     def codegen(context, builder, signature, args):
         slot = cgutils.alloca_once(builder, _I32)
-        _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", slot)
+        mxcsr_call(builder, "llvm.x86.sse.stmxcsr", slot)
         return builder.zext(builder.load(slot), ir.IntType(64))
     return types.int64(), codegen
 
@@ -52,7 +54,7 @@ def _write_mxcsr(typingctx, value):
             value = builder.zext(value, _I32)
         slot = cgutils.alloca_once(builder, _I32)
         builder.store(value, slot)
-        _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
+        mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
         return context.get_dummy_value()
     if not isinstance(value, types.Integer):
         return None

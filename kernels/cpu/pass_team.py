@@ -144,6 +144,30 @@ def _int_at(typingctx, address):
 
 
 @intrinsic
+def _mode_member(typingctx):
+    """The address of a member that gives its thread the FTZ and DAZ bits
+    of the record's field 1 (a small function of this module; x86-64 only)."""
+    def codegen(context, builder, signature, args):
+        name = "fastgrad_pass_team_take_mode"
+        member = builder.module.globals.get(name)
+        if member is None:
+            member = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [_VOIDPTR]),
+                                 name)
+            member.linkage = "internal"
+            body = ir.IRBuilder(member.append_basic_block())
+            fields = body.bitcast(member.args[0], _I64.as_pointer())
+            mode = body.trunc(body.load(body.gep(fields, [_I32(1)])), _I32)
+            slot = body.alloca(_I32)
+            fpenv.mxcsr_call(body, "llvm.x86.sse.stmxcsr", slot)
+            own = body.and_(body.load(slot), _I32(~fpenv.FTZ_DAZ & 0xFFFFFFFF))
+            body.store(body.or_(own, body.and_(mode, _I32(fpenv.FTZ_DAZ))), slot)
+            fpenv.mxcsr_call(body, "llvm.x86.sse.ldmxcsr", slot)
+            body.ret_void()
+        return builder.ptrtoint(member, _I64)
+    return types.int64(), codegen
+
+
+@intrinsic
 def _call(typingctx, member, record):
     """member(record) through its address."""
     def codegen(context, builder, signature, args):
@@ -178,6 +202,48 @@ def _run(plan, member, record, threads):
     flushed = fpenv.adopt(0)
     _start(plan[PLAN_POOL_START], member, record, threads)
     fpenv.leave(flushed)
+
+
+# OpenBLAS splits a GEMM over its workers only above m * n * k = 65536 *
+# GEMM_MULTITHREAD_THRESHOLD (4 in its builds; interface/gemm.c).
+BLAS_THREADED_MNK = 1 << 18
+
+
+@njit(**INNER)
+def workers_take_mode(plan, mode):
+    """OpenBLAS's workers (as many as it is told to use now, the caller
+    among them) take the FTZ and DAZ bits ``mode``; returns whether there
+    were any.  Its build does not pass the caller's floating-point mode to
+    its workers (no CONSISTENT_FPCSR), so a flushing step gives them its
+    own for its span, for its GEMMs' shares on those threads
+    (:func:`workers_flush`), and clears it on return (``mode`` 0: OpenBLAS
+    never sets it), so that other code's BLAS calls keep gradual
+    underflow.  A job queued to n - 1 workers takes the lowest-numbered
+    idle ones, as each GEMM's jobs do (OpenBLAS's ``exec_blas_async``).
+    Nothing on the shared pool, whose BLAS jobs adopt the caller's mode, or
+    off x86-64."""
+    if fpenv.X86:
+        if plan[PLAN_POOL_BLAS] != 0:
+            threads = _int_at(plan[PLAN_POOL_BLAS])
+            if threads > 1:
+                _start_on_blas(plan[PLAN_POOL_START], threads, _mode_member(),
+                               _record((mode,)))
+                return True
+    return False
+
+
+@njit(**INNER)
+def workers_flush(plan, sizes, batch):
+    """:func:`workers_take_mode` with this thread's FTZ and DAZ bits, if
+    they are set and a GEMM of a step of layer ``sizes`` and ``batch`` rows
+    is large enough for OpenBLAS to split over its workers."""
+    mode = fpenv.caller_mode()
+    if mode == 0:
+        return False
+    largest = 0
+    for l in range(sizes.shape[0] - 1):
+        largest = max(largest, batch * sizes[l] * sizes[l + 1])
+    return largest > BLAS_THREADED_MNK and workers_take_mode(plan, mode)
 
 
 @njit(**INLINE)

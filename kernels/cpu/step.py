@@ -412,19 +412,41 @@ def _refuse_update(plan, rule, params, grads, s0, s1, s2, hp):
         refuse_rule(rule)
 
 
+@njit(**INLINE)
+def _enter(params, plan, sizes, B):
+    """fpenv.enter, and OpenBLAS's workers flushing too when a GEMM of this
+    step may run on them (pass_team.workers_flush): where they keep
+    denormals, a confident classifier's last-layer GEMMs ran 3x slower
+    (bench/RESULTS.md "Denormals").  Returns the caller's mode and whether
+    the workers must be cleared on return (:func:`_leave`)."""
+    saved = fpenv.enter(params)
+    workers = False
+    if TEAM:
+        workers = pass_team.workers_flush(plan, sizes, B)
+    return saved, workers
+
+
+@njit(**INLINE)
+def _leave(plan, saved, workers):
+    if TEAM:
+        if workers:
+            pass_team.workers_take_mode(plan, 0)
+    fpenv.leave(saved)
+
+
 @njit(**JIT)
 def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, alphas,
                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
     _refuse_layers(plan, params, codes)
     _refuse_loss(loss_kind)
-    saved = fpenv.enter(params)
+    saved, workers = _enter(params, plan, sizes, x.shape[0])
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
     loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
-    fpenv.leave(saved)
+    _leave(plan, saved, workers)
     return loss
 
 
@@ -434,11 +456,11 @@ def forward(x, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run
     ``predict``): writes ``acts`` (and, training with batch norm, the
     running statistics); returns the output, a view of ``acts``."""
     _refuse_layers(plan, params, codes)
-    saved = fpenv.enter(params)
+    saved, workers = _enter(params, plan, sizes, x.shape[0])
     # params stands in for grads: the views the forward takes of them go unused
     h = _forward(x, params, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
-    fpenv.leave(saved)
+    _leave(plan, saved, workers)
     return h
 
 
@@ -450,12 +472,12 @@ def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, p
     elements (and overwrites ``delta``), writes ``grads`` and, when ``dx``
     has rows, dL/dx into it."""
     _refuse_layers(plan, params, codes)
-    saved = fpenv.enter(params)
+    saved, workers = _enter(params, plan, sizes, x.shape[0])
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
     if dx.shape[0] > 0:
         _first_layer_dx(params, sizes, offsets, acts, delta, plan, x.shape[0], dx)
-    fpenv.leave(saved)
+    _leave(plan, saved, workers)
 
 
 @njit(**INLINE)
@@ -512,7 +534,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     _refuse_layers(plan, params, codes)
     _refuse_loss(loss_kind)
     _refuse_update(plan, rule, params, grads, s0, s1, s2, hp)
-    saved = fpenv.enter(params)
+    saved, workers = _enter(params, plan, sizes, x.shape[0])
     # Inlined rather than called: LLVM then optimises the step's code once,
     # instead of once for forward_backward and again when linking it here.
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
@@ -522,7 +544,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
               run_mean, run_var)
     norm, scale, skipped = _update(plan, rule, params, grads, s0, s1, s2, hp, offsets, layer_sq,
                                    clip_norm, clip_value)
-    fpenv.leave(saved)
+    _leave(plan, saved, workers)
     return loss, norm, scale, skipped
 
 
@@ -604,7 +626,7 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     _refuse_layers(plan, params, codes)
     _refuse_loss(loss_kind)
     _refuse_update(plan, rule, params, grads, s0, s1, s2, hp_rows)
-    saved_mode = fpenv.enter(params)
+    saved_mode, workers = _enter(params, plan, sizes, batch_size)
     applied = 0
     if _DROPOUT:
         counter = plan[PLAN_COUNTER]
@@ -638,9 +660,9 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
                     _copy_into(run_mean, saved_mean)
                     _copy_into(run_var, saved_var)
             if stop_on_skip:
-                fpenv.leave(saved_mode)
+                _leave(plan, saved_mode, workers)
                 return j + 1
         else:
             applied += 1
-    fpenv.leave(saved_mode)
+    _leave(plan, saved_mode, workers)
     return n_steps
