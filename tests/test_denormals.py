@@ -113,6 +113,36 @@ def test_a_refused_step_leaves_the_callers_arithmetic_alone(monkeypatch, rng, te
     np.testing.assert_array_equal(model.params, params)
 
 
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+def test_a_refused_update_kernel_leaves_every_threads_mode_alone(rng, parallel):
+    # The update kernels refuse a rule code they do not serve before they
+    # set FTZ/DAZ: raised from inside (the parallel kernel's chunks on
+    # Numba's threads), the mode stayed on each thread that raised.
+    import numba
+    from fastgrad.kernels.cpu import optim as K
+    kernel = K.clipped_update_parallel if parallel else K.clipped_update
+    n = 5 * K.CHUNK + int(rng.integers(1, 100))
+    p = rng.standard_normal(n).astype(np.float32)
+    before = p.copy()
+    g = rng.standard_normal(n).astype(np.float32)
+    s = [np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(0, np.float32)]
+    with pytest.raises(ValueError, match="update rule code not served"):
+        kernel(max(spec.RULES.values()) + 1, p, g, *s, np.zeros(spec.HP_SIZE),
+               np.array([0, n]), np.zeros(1), 1.0, 0.0)
+    assert _keeps_ieee_arithmetic()
+    np.testing.assert_array_equal(p, before)
+
+    @numba.njit(parallel=True)
+    def products(a, b):
+        out = np.empty_like(a)
+        for i in numba.prange(a.shape[0]):
+            out[i] = a[i] * b[i]
+        return out
+    a = (rng.uniform(0.5, 2.0, n) * 1e-20).astype(np.float32)
+    out = products(a, a)                # on the threads the chunks ran on
+    assert (out != 0).all(), int((out == 0).sum())
+
+
 def test_float64_keeps_denormals_with_the_flag_on(rng):
     model = _linear(4, 3, dtype="float64")
     x = rng.uniform(0.5, 2.0, (2, 4)) * 1e-160

@@ -320,6 +320,7 @@ def clipped_update(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm, cli
     skipped : bool
         True when ``norm`` is NaN or Inf; then nothing else was written.
     """
+    refuse_rule(rule)       # before fpenv.enter: a raise after it would leave FTZ set
     saved = fpenv.enter(p)
     result = clipped_update_inline(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_norm,
                                    clip_value)
@@ -360,6 +361,7 @@ def clipped_update_parallel(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_
     (``opt.parallel = True``): with OpenBLAS's own threads spinning after
     each GEMM, a parallel region fights them (DESIGN.md "Threads").
     """
+    refuse_rule(rule)       # here, not raised in each thread's chunk after fpenv.enter
     norm = np.sqrt(layer_sumsq_parallel(g, offsets, layer_sq))
     if not np.isfinite(norm):
         return norm, 0.0, True
