@@ -895,7 +895,7 @@ class Optimizer:
         there are at least ``fastgrad.threads.PARALLEL_UPDATE_MIN_PARAMS``
         (2^14) parameters; off otherwise.  The update then runs on that
         team, as a ``TrainStep``'s does (``fastgrad.kernels.cpu.pass_team``:
-        its norm split by layers, its elementwise pass by ranges).
+        its norm split by blocks, its elementwise pass by ranges).
         ``False`` fixes the serial kernel, ``True`` Numba's parfor kernel
         (its OpenMP threads spin against OpenBLAS's after each GEMM: in a
         training loop on 2 cores it was 1.1-11x slower, bench/RESULTS.md

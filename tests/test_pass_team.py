@@ -399,6 +399,50 @@ def test_team_update_is_bitwise_the_serial_update(team, name, dtype):
             assert not np.array_equal(got_state[0], opt._params)   # it did update
 
 
+def test_team_norm_in_several_rounds_is_bitwise_the_serial_norm(tmp_path):
+    """The team sums the norm's blocks NORM_ROUND at a time into a stack
+    buffer and adds them in order across rounds: with the round made 3
+    blocks (a child with its own compile cache), layers that cross rounds
+    and shares give the serial kernel's bits."""
+    code = """
+    import numba, numpy as np
+    import fastgrad as fg
+    from fastgrad.kernels.cpu import optim as kc, pass_team
+    pass_team.NORM_ROUND = 3                 # before anything compiles
+    import tests.test_pass_team as t
+    if numba.get_num_threads() < 2:
+        print("skip"); raise SystemExit
+    rng = np.random.default_rng()
+    # 185,212 parameters: 12 blocks in 3 layers (10 + 2 + 1), 4 rounds
+    model = fg.MLP([517, 301, 97], dtype=np.float32, seed=int(rng.integers(1 << 30)))
+    opt = fg.Adam(model, clip_norm=1.0)
+    rule, s0, s1, s2, hp = opt._kernel_args()
+    for threads in (2, 3):
+        plan = t._plan(np.float32, threads)
+        g = (rng.standard_normal(model.grads.size) * 3).astype(np.float32)
+        outs = []
+        for team in (False, True):
+            state = [opt._params.copy(), s0.copy(), s1.copy(), s2.copy()]
+            layer_sq = np.full(len(opt._offsets) - 1, -1.0)
+            args = (rule, state[0], g, *state[1:], hp, opt._offsets, layer_sq,
+                    opt._clip_norm, opt._clip_value)
+            got = t._team_update(plan, *args) if team else kc.clipped_update(*args)
+            outs.append((got, layer_sq, state[0]))
+        (want, want_sq, want_p), (got, got_sq, got_p) = outs
+        assert got == want and np.array_equal(got_sq, want_sq), (got, want)
+        assert np.array_equal(got_p, want_p)
+    print("ok")
+    """
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if done.stdout.split() == ["skip"]:
+        pytest.skip("Numba runs one thread here: no team")
+    assert done.stdout.split() == ["ok"]
+
+
 def test_team_update_skips_a_non_finite_gradient_and_writes_nothing(team):
     model = fg.MLP([517, 301, 97], seed=2)
     opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)

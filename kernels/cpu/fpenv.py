@@ -8,7 +8,7 @@ CUDA (CuPy compiles float32 code with ``-ftz=true``, float64 without).  A
 BLAS job on the shared pool adopts its caller's bits (``adopt``), as
 OpenBLAS's CONSISTENT_FPCSR build does for its workers, and restores its
 own after; OpenBLAS's own workers are given the mode for a step's span
-(kernels/cpu/pass_team.py, ``workers_take_mode``).  A new thread inherits
+(kernels/cpu/pass_team.py, ``workers_mode``).  A new thread inherits
 its creator's MXCSR, so a team is started with the caller's bits cleared
 (``adopt(0)`` around the start):
 GNU OpenMP's pool threads, which other code in the process may use, are

@@ -10,8 +10,9 @@ member); with the pool shared (``fastgrad.share_blas_pool``) it is a GNU
 OpenMP team (``GOMP_parallel``) of the threads OpenBLAS's jobs run on.
 Either way one pool owns the cores.  The forward is split by rows; the
 gradient by columns, so that each ``db[j]`` is summed over the rows in
-order by one thread; the update's norm by layers (each layer summed as the
-serial kernel sums it) and its elementwise pass by ranges.  Every split
+order by one thread; the update's norm by runs of the serial kernel's
+blocks (their sums added in its order: ``reduce.layer_sumsq``) and its
+elementwise pass by ranges.  Every split
 gives bitwise the serial pass's values, for any thread count.
 
 Members claim shares from a counter (an atomic add), so a team smaller than
@@ -41,7 +42,7 @@ from . import fpenv
 from ._jit import INLINE, INNER, JIT
 from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z
 from .optim import clip_scale, refuse_rule, update_rows
-from .reduce import segment_sumsq
+from .reduce import BLOCK, block_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
 from .blas_pool import _as_pointer, _field
 
@@ -51,6 +52,8 @@ MIN_ELEMENTS = 1 << 14
 MIN_COLUMNS = 32          # a gradient share of 16+ columns: whole vectors
 MIN_UPDATE = 1 << 14
 UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a busy host
+NORM_SHARE = 64           # the most blocks per norm share (2^20 elements)
+NORM_ROUND = 4096         # blocks summed per team start: their sums on the stack (32 KB)
 
 # A team's record: int64 fields (a float64 kept as its bits), the claim
 # counter at 0, then the number of shares and the share's size; then the
@@ -58,7 +61,7 @@ UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a bus
 _COUNTER, _SHARES, _SHARE = 0, 1, 2
 _P0, _P1, _P2, _P3, _ROWS, _COLS, _ACT, _ALPHA = range(3, 11)             # activation passes
 _N = 3                                                 # the update passes: elements
-_G, _OFFSETS, _LAYER_SQ = range(4, 7)                                      # the norm
+_G, _OFFSETS, _PARTS, _LAYERS, _FIRST_BLOCK, _BLOCKS = range(4, 10)         # the norm
 (_P, _GRAD, _S0, _S1, _S2, _N_S0, _N_S1, _N_S2, _HP, _HP_ROWS, _SINGLE, _RULE, _SCALE,
  _CLIP) = range(4, 18)                                                     # the update
 
@@ -69,8 +72,8 @@ _VOIDPTR = ir.IntType(8).as_pointer()
 
 @intrinsic
 def _record(typingctx, values):
-    """A stack record: the counter (0), then ``values`` (a tuple of ints and
-    floats) from field 1 on."""
+    """A stack record: the counter (0), then ``values`` (a tuple of ints,
+    floats and pointers) from field 1 on."""
     def codegen(context, builder, signature, args):
         record = cgutils.alloca_once(builder, ir.ArrayType(_I64, len(values) + 1))
         builder.store(_I64(0), builder.gep(record, [_I32(0), _I32(0)]))
@@ -78,11 +81,14 @@ def _record(typingctx, values):
             value = builder.extract_value(args[0], k)
             if isinstance(ty, types.Float):
                 value = builder.bitcast(context.cast(builder, value, ty, types.float64), _I64)
+            elif isinstance(ty, types.RawPointer):
+                value = builder.ptrtoint(value, _I64)
             else:
                 value = context.cast(builder, value, ty, types.int64)
             builder.store(value, builder.gep(record, [_I32(0), _I32(k + 1)]))
         return builder.bitcast(record, _VOIDPTR)
-    if not all(isinstance(ty, (types.Integer, types.Float, types.Boolean)) for ty in values):
+    if not all(isinstance(ty, (types.Integer, types.Float, types.Boolean, types.RawPointer))
+               for ty in values):
         return None
     return types.voidptr(values), codegen
 
@@ -94,6 +100,19 @@ def _float(typingctx, record, k):
         base = builder.bitcast(args[0], _I64.as_pointer())
         return builder.bitcast(builder.load(builder.gep(base, [args[1]])), ir.DoubleType())
     return types.float64(types.voidptr, types.int64), codegen
+
+
+@intrinsic
+def _block_sums(typingctx, n):
+    """A stack buffer of ``n`` float64s (read with :func:`_float`), sized at
+    run time: LLVM spent 0.4 s of a cold first step on a constant-sized one
+    of 4096."""
+    def codegen(context, builder, signature, args):
+        buffer = builder.alloca(ir.DoubleType(), size=args[0])
+        return builder.bitcast(buffer, _VOIDPTR)
+    if not isinstance(n, types.Integer):
+        return None
+    return types.voidptr(n), codegen
 
 
 @intrinsic
@@ -210,40 +229,35 @@ BLAS_THREADED_MNK = 1 << 18
 
 
 @njit(**INNER)
-def workers_take_mode(plan, mode):
+def workers_mode(plan, sizes, batch, clear):
     """OpenBLAS's workers (as many as it is told to use now, the caller
-    among them) take the FTZ and DAZ bits ``mode``; returns whether there
-    were any.  Its build does not pass the caller's floating-point mode to
-    its workers (no CONSISTENT_FPCSR), so a flushing step gives them its
-    own for its span, for its GEMMs' shares on those threads
-    (:func:`workers_flush`), and clears it on return (``mode`` 0: OpenBLAS
-    never sets it), so that other code's BLAS calls keep gradual
-    underflow.  A job queued to n - 1 workers takes the lowest-numbered
-    idle ones, as each GEMM's jobs do (OpenBLAS's ``exec_blas_async``).
-    Nothing on the shared pool, whose BLAS jobs adopt the caller's mode, or
-    off x86-64."""
+    among them) take this thread's FTZ and DAZ bits if they are set and a
+    GEMM of a step of layer ``sizes`` and ``batch`` rows is large enough
+    for OpenBLAS to split; with ``clear``, whatever the step, they are
+    cleared.  Returns whether the workers were given the mode.  SciPy's
+    OpenBLAS does not pass the caller's floating-point mode to its workers
+    (no CONSISTENT_FPCSR), so a flushing step gives them its own for its
+    span, and clears it on return (OpenBLAS never sets it) so that other
+    code's BLAS calls keep gradual underflow (kernels/cpu/step.py).  A job
+    queued to n - 1 workers takes the lowest-numbered idle ones, as each
+    GEMM's jobs do (OpenBLAS's ``exec_blas_async``).  Nothing on the shared
+    pool, whose BLAS jobs adopt the caller's mode, or off x86-64.  One
+    compiled call, not inlined: inlined in the driver it cost a cold
+    first step 0.2 s more."""
     if fpenv.X86:
-        if plan[PLAN_POOL_BLAS] != 0:
-            threads = _int_at(plan[PLAN_POOL_BLAS])
-            if threads > 1:
-                _start_on_blas(plan[PLAN_POOL_START], threads, _mode_member(),
-                               _record((mode,)))
-                return True
+        if plan[PLAN_POOL_BLAS] == 0:
+            return False
+        mode = 0
+        if not clear:
+            mode = fpenv.caller_mode()
+            largest = 0
+            for l in range(sizes.shape[0] - 1):
+                largest = max(largest, batch * sizes[l] * sizes[l + 1])
+            if mode == 0 or largest <= BLAS_THREADED_MNK:
+                return False
+        _run(plan, _mode_member(), _record((mode,)), _int_at(plan[PLAN_POOL_BLAS]))
+        return True
     return False
-
-
-@njit(**INNER)
-def workers_flush(plan, sizes, batch):
-    """:func:`workers_take_mode` with this thread's FTZ and DAZ bits, if
-    they are set and a GEMM of a step of layer ``sizes`` and ``batch`` rows
-    is large enough for OpenBLAS to split over its workers."""
-    mode = fpenv.caller_mode()
-    if mode == 0:
-        return False
-    largest = 0
-    for l in range(sizes.shape[0] - 1):
-        largest = max(largest, batch * sizes[l] * sizes[l + 1])
-    return largest > BLAS_THREADED_MNK and workers_take_mode(plan, mode)
 
 
 @njit(**INLINE)
@@ -360,13 +374,38 @@ def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_nor
     same outputs, bitwise, and nothing written when the norm is not finite.
     Its callers first run :func:`check_update`."""
     threads = update_team_size(plan, p.shape[0])
+    # The norm by blocks of reduce.BLOCK counted from each layer's start,
+    # their sums added in order: reduce.layer_sumsq's sums, however split.
     layers = offsets.shape[0] - 1
-    record = _record((layers, 1, g.shape[0], g.ctypes.data, offsets.ctypes.data,
-                      layer_sq.ctypes.data))
-    _run(plan, plan[PLAN_POOL_NORM], record, min(threads, layers))
+    blocks = 0
+    for li in range(layers):
+        blocks += (offsets[li + 1] - offsets[li] + BLOCK - 1) // BLOCK
+    # Rounds of NORM_ROUND blocks, each summed by the team into a stack
+    # buffer (no allocation: run_epoch allocates nothing per step), then
+    # added here in order, layer by layer.
+    parts = _block_sums(min(blocks, NORM_ROUND))
     total = 0.0
-    for li in range(layers):              # in order, as reduce.layer_sumsq adds them
-        total += layer_sq[li]
+    li, left, s = -1, 0, 0.0          # the layer being added, its blocks not yet added
+    for first in range(0, blocks, NORM_ROUND):
+        count = min(NORM_ROUND, blocks - first)
+        share = max(1, min((count + threads - 1) // threads, NORM_SHARE))
+        record = _record(((count + share - 1) // share, share, g.shape[0], g.ctypes.data,
+                          offsets.ctypes.data, parts, layers, first, count))
+        _run(plan, plan[PLAN_POOL_NORM], record, threads)
+        for k in range(count):
+            while left == 0:
+                if li >= 0:
+                    layer_sq[li] = s
+                    total += s
+                li, s = li + 1, 0.0
+                left = (offsets[li + 1] - offsets[li] + BLOCK - 1) // BLOCK
+            s += _float(parts, k)
+            left -= 1
+    if li >= 0:
+        layer_sq[li] = s
+        total += s
+    for rest in range(li + 1, layers):      # empty layers after the last block
+        layer_sq[rest] = 0.0
     norm = np.sqrt(total)
     if not np.isfinite(norm):
         return norm, 0.0, True
@@ -425,14 +464,25 @@ def _gradient_member(dtype):
 
 def _norm_member(dtype):
     def member(record):
-        n, layers = _field(record, _N), _field(record, _SHARES)
+        n, layers, share = _field(record, _N), _field(record, _LAYERS), _field(record, _SHARE)
         g = carray(_as_pointer(_field(record, _G)), (n,), dtype)
         offsets = carray(_as_pointer(_field(record, _OFFSETS)), (layers + 1,), np.int64)
-        layer_sq = carray(_as_pointer(_field(record, _LAYER_SQ)), (layers,), np.float64)
+        first_block, count = _field(record, _FIRST_BLOCK), _field(record, _BLOCKS)
+        parts = carray(_as_pointer(_field(record, _PARTS)), (count,), np.float64)
         saved = fpenv.enter(g)
         k = _claim(record)
-        while k < layers:
-            layer_sq[k] = segment_sumsq(g, offsets[k], offsets[k + 1])
+        while k < _field(record, _SHARES):
+            b = first_block + k * share                # blocks counted over all layers
+            end = min(first_block + count, b + share)
+            li, first = 0, 0                    # the layer of block b, and its first block
+            while b < end:
+                n_li = (offsets[li + 1] - offsets[li] + BLOCK - 1) // BLOCK
+                if b >= first + n_li:
+                    li, first = li + 1, first + n_li
+                    continue
+                lo = offsets[li] + (b - first) * BLOCK
+                parts[b - first_block] = block_sumsq(g[lo:min(lo + BLOCK, offsets[li + 1])])
+                b += 1
             k = _claim(record)
         fpenv.leave(saved)
     return member

@@ -13,9 +13,9 @@ result depends on the data layout and the compiled code only.
 ``layer_sumsq`` is serial.  ``layer_sumsq_parallel`` gives bitwise the same
 result (the same block sums, added in the same order) with the blocks
 spread over Numba's threads; the optimizers use it for large buffers on
-their own.  The whole-step kernel's team on the shared pool sums whole
-layers with :func:`segment_sumsq` instead (``pass_team.clipped_update``),
-also bitwise equal (bench/RESULTS.md has the measurements).
+their own.  The step's pass team (``pass_team.clipped_update``) sums the
+same blocks on its own threads and adds their sums in this order, also
+bitwise equal.
 """
 import numpy as np
 from numba import njit, prange

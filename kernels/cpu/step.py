@@ -415,22 +415,23 @@ def _refuse_update(plan, rule, params, grads, s0, s1, s2, hp):
 @njit(**INLINE)
 def _enter(params, plan, sizes, B):
     """fpenv.enter, and OpenBLAS's workers flushing too when a GEMM of this
-    step may run on them (pass_team.workers_flush): where they keep
+    step may run on them (pass_team.workers_mode): where they keep
     denormals, a confident classifier's last-layer GEMMs ran 3x slower
     (bench/RESULTS.md "Denormals").  Returns the caller's mode and whether
     the workers must be cleared on return (:func:`_leave`)."""
     saved = fpenv.enter(params)
     workers = False
     if TEAM:
-        workers = pass_team.workers_flush(plan, sizes, B)
+        # runtime values, not literals: one compile of workers_mode for both calls
+        workers = pass_team.workers_mode(plan, sizes, B, B < 0)
     return saved, workers
 
 
 @njit(**INLINE)
-def _leave(plan, saved, workers):
+def _leave(plan, sizes, saved, workers):
     if TEAM:
         if workers:
-            pass_team.workers_take_mode(plan, 0)
+            pass_team.workers_mode(plan, sizes, sizes[0], workers)
     fpenv.leave(saved)
 
 
@@ -446,7 +447,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
     loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
-    _leave(plan, saved, workers)
+    _leave(plan, sizes, saved, workers)
     return loss
 
 
@@ -460,7 +461,7 @@ def forward(x, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan, run
     # params stands in for grads: the views the forward takes of them go unused
     h = _forward(x, params, params, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
-    _leave(plan, saved, workers)
+    _leave(plan, sizes, saved, workers)
     return h
 
 
@@ -477,7 +478,7 @@ def backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, p
               run_mean, run_var)
     if dx.shape[0] > 0:
         _first_layer_dx(params, sizes, offsets, acts, delta, plan, x.shape[0], dx)
-    _leave(plan, saved, workers)
+    _leave(plan, sizes, saved, workers)
 
 
 @njit(**INLINE)
@@ -544,7 +545,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
               run_mean, run_var)
     norm, scale, skipped = _update(plan, rule, params, grads, s0, s1, s2, hp, offsets, layer_sq,
                                    clip_norm, clip_value)
-    _leave(plan, saved, workers)
+    _leave(plan, sizes, saved, workers)
     return loss, norm, scale, skipped
 
 
@@ -660,9 +661,9 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
                     _copy_into(run_mean, saved_mean)
                     _copy_into(run_var, saved_var)
             if stop_on_skip:
-                _leave(plan, saved_mode, workers)
+                _leave(plan, sizes, saved_mode, workers)
                 return j + 1
         else:
             applied += 1
-    _leave(plan, saved_mode, workers)
+    _leave(plan, sizes, saved_mode, workers)
     return n_steps
