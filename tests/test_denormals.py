@@ -49,6 +49,22 @@ def _in_a_child(code):
     assert "ok" in done.stdout
 
 
+def _parallel_code_keeps_denormals(rng, n):
+    """A user's own ``prange`` function, on Numba's threads, keeps float32
+    denormal products (none of those threads left flushing)."""
+    import numba
+
+    @numba.njit(parallel=True)
+    def products(a, b):
+        out = np.empty_like(a)
+        for i in numba.prange(a.shape[0]):
+            out[i] = a[i] * b[i]
+        return out
+    a = (rng.uniform(0.5, 2.0, n) * 1e-20).astype(np.float32)
+    out = products(a, a)
+    assert (out != 0).all(), int((out == 0).sum())
+
+
 def _keeps_ieee_arithmetic():
     """The calling thread's own float32 arithmetic still has gradual underflow."""
     a = np.float32(1e-20) * np.float32(3e-20)
@@ -118,7 +134,6 @@ def test_a_refused_update_kernel_leaves_every_threads_mode_alone(rng, parallel):
     # The update kernels refuse a rule code they do not serve before they
     # set FTZ/DAZ: raised from inside (the parallel kernel's chunks on
     # Numba's threads), the mode stayed on each thread that raised.
-    import numba
     from fastgrad.kernels.cpu import optim as K
     kernel = K.clipped_update_parallel if parallel else K.clipped_update
     n = 5 * K.CHUNK + int(rng.integers(1, 100))
@@ -131,16 +146,7 @@ def test_a_refused_update_kernel_leaves_every_threads_mode_alone(rng, parallel):
                np.array([0, n]), np.zeros(1), 1.0, 0.0)
     assert _keeps_ieee_arithmetic()
     np.testing.assert_array_equal(p, before)
-
-    @numba.njit(parallel=True)
-    def products(a, b):
-        out = np.empty_like(a)
-        for i in numba.prange(a.shape[0]):
-            out[i] = a[i] * b[i]
-        return out
-    a = (rng.uniform(0.5, 2.0, n) * 1e-20).astype(np.float32)
-    out = products(a, a)                # on the threads the chunks ran on
-    assert (out != 0).all(), int((out == 0).sum())
+    _parallel_code_keeps_denormals(rng, n)      # on the threads the chunks ran on
 
 
 def test_float64_keeps_denormals_with_the_flag_on(rng):
@@ -293,16 +299,8 @@ def test_pool_threads_started_by_a_flushing_step_do_not_flush_other_code():
     for _ in range(3):
         step(rng.standard_normal((64, 64)).astype(np.float32),
              rng.standard_normal((64, 8)).astype(np.float32))
-
-    @numba.njit(parallel=True)
-    def products(a, b):
-        out = np.empty_like(a)
-        for i in numba.prange(a.shape[0]):
-            out[i] = a[i] * b[i]
-        return out
-    a = (rng.uniform(0.5, 2.0, 1 << 16) * 1e-20).astype(np.float32)
-    out = products(a, a)
-    assert (out != 0).all(), int((out == 0).sum())
+    from tests.test_denormals import _parallel_code_keeps_denormals
+    _parallel_code_keeps_denormals(rng, 1 << 16)
 
     fg.set_flush_denormal(False)
     big = fg.MLP([300_017, 1], activation="identity", dtype="float32", seed=0)

@@ -106,7 +106,9 @@ def _float(typingctx, record, k):
 def _block_sums(typingctx, n):
     """A stack buffer of ``n`` float64s (read with :func:`_float`), sized at
     run time: LLVM spent 0.4 s of a cold first step on a constant-sized one
-    of 4096."""
+    of 4096.  Taken once per call of its function, which returns soon after;
+    were LLVM to inline that function into a loop, it wraps a dynamic
+    alloca in stacksave / stackrestore (InlineFunction)."""
     def codegen(context, builder, signature, args):
         buffer = builder.alloca(ir.DoubleType(), size=args[0])
         return builder.bitcast(buffer, _VOIDPTR)
