@@ -193,9 +193,15 @@ def served_ladder(name, params, key, kernels, package, kind, codes, table, what)
     message (``"update rule"``, ``"loss"``)."""
     assert set(kernels) == set(codes.values()), f"a {what} of kernels/spec.py has no kernel here"
     served = served_codes(package, kind, codes.values())
-    ladder = code_ladder(
-        name, params, key, [(code,) + kernels[code] for code in served],
-        f"{what} code not served by these kernels: they serve "
-        f"{[n for n, c in codes.items() if c in served]} (kernels/spec.py {table}; a "
-        f"model's copy of the kernels serves the model's {what} alone)")
+    ladder = code_ladder(name, params, key, [(code,) + kernels[code] for code in served],
+                         not_served(codes, served, table, what))
     return ladder, served
+
+
+def not_served(codes, served, table, what):
+    """The message for a code of ``codes`` (``kernels/spec.py``'s ``table``)
+    outside ``served``: raised by a ladder inside a kernel, or by the
+    drivers' checks before one starts."""
+    return (f"{what} code not served by these kernels: they serve "
+            f"{[n for n, c in codes.items() if c in served]} (kernels/spec.py {table}; a "
+            f"model's copy of the kernels serves the model's {what} alone)")

@@ -52,7 +52,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import fpenv
-from ._jit import INLINE, JIT, served_ladder
+from ._jit import INLINE, JIT, not_served, served_ladder
 from .reduce import layer_sumsq, layer_sumsq_parallel
 
 # Rule codes and hp slots are shared with the CUDA twin: kernels/spec.py.
@@ -201,6 +201,7 @@ _RULE_KERNELS = {
 _rule_ladder, SERVED_RULES = served_ladder(
     "_rule_ladder", "rule, p, g, s0, s1, s2, hp, scale, clip_value", "rule", _RULE_KERNELS,
     __package__, "RULES", RULES, "RULES", "update rule")
+_RULE_REFUSED = not_served(RULES, SERVED_RULES, "RULES", "update rule")
 
 
 @njit(**INLINE)
@@ -208,7 +209,7 @@ def refuse_rule(rule):
     """Raise unless these kernels serve update ``rule`` (what the rule
     ladder raises inside a kernel, checked before one starts)."""
     if rule not in SERVED_RULES:
-        raise ValueError("update rule code not served by these kernels")
+        raise ValueError(_RULE_REFUSED)
 
 
 @njit(**dict(JIT, **INLINE))

@@ -79,7 +79,7 @@ import numpy as np
 from numba import njit
 
 from . import fpenv, pass_team
-from ._jit import INLINE, INNER, JIT, code_ladder, served_codes
+from ._jit import INLINE, INNER, JIT, code_ladder, not_served, served_codes
 from .activations import _unknown, bias_act_grad_inplace, bias_act_step, needs_z, served
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
 from .losses import bce_with_logits, mse, softmax_cross_entropy
@@ -221,9 +221,7 @@ assert set(_LOSS_KERNELS) == set(LOSS_CODES.values()), "a loss of kernels/spec.p
 # The losses these kernels serve: all, or in a model's copy of the package
 # (fastgrad.registry.cpu_kernels) the model's own; others raise.
 SERVED_LOSSES = served_codes(__package__, "LOSSES", LOSS_CODES.values())
-_LOSS_REFUSED = ("loss code not served by these kernels: they serve "
-                 f"{[n for n, c in LOSS_CODES.items() if c in SERVED_LOSSES]} (kernels/spec.py "
-                 "LOSS_CODES; a model's copy of the kernels serves the model's loss alone)")
+_LOSS_REFUSED = not_served(LOSS_CODES, SERVED_LOSSES, "LOSS_CODES", "loss")
 loss_and_grad = code_ladder(
     "loss_and_grad", "loss_kind, out, labels, target, grad", "loss_kind",
     [(code,) + _LOSS_KERNELS[code] for code in SERVED_LOSSES], _LOSS_REFUSED)
