@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from . import _compile_worker
 from . import device as _device
 from . import registry as _registry
 from . import threads as _threads
@@ -191,12 +192,17 @@ class Backend:
         None for the layer path's forward and backward."""
         return None
 
-    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True):
+    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False):
         """Write the host thread team of the driver's passes into a step
         ``plan`` (``kernels/layout.py`` ``PLAN_POOL_*``) for the step module
         ``kernels``, the optimizer's update among them unless ``update`` is
         false; with ``team`` false, the members alone (every pass on the
-        calling thread).  Devices without one leave the plan as it is."""
+        calling thread).  Devices without one leave the plan as it is.
+
+        With ``defer``, the members may be left to a worker process that
+        compiles them (``fastgrad._compile_worker``): then the returned
+        ``Pending`` must ``fill(plan)`` before the driver runs (the driver
+        refuses a plan without them); None when the plan is complete."""
 
     # -- the optimizer ------------------------------------------------------------
     def update_records(self, opt, n_entries):
@@ -379,15 +385,19 @@ class CpuBackend(Backend):
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()
 
-    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True):
+    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False):
         # OpenBLAS's own workers, or the shared pool's threads: one pool
         # either way.  A driver with the team's branches runs its activation
         # and update passes through the members even without a team: always
         # given.
+        pending = None
         if kernels.TEAM:
-            kernels.pass_team.fill_members(plan, dtype)
+            pending = _compile_worker.start(kernels, dtype) if defer else None
+            if pending is None:
+                kernels.pass_team.fill_members(plan, dtype)
             threads, start, blas = _threads.pass_team() if team else (0, 0, 0)
             _fill_team(plan, threads, start, blas, split_update=update)
+        return pending
 
     def wants_parallel_update(self, n_params):
         # on the step's team (one pool), never on a second one: that slowed the loop

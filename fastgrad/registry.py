@@ -356,6 +356,16 @@ def _feature_set(features):
     return out
 
 
+def rebuild_args(package):
+    """The :func:`cpu_kernels` keywords that build the copy named
+    ``package`` again, in another process too (``fastgrad._compile_worker``);
+    ``{}`` for ``fastgrad.kernels.cpu`` itself (:func:`full_cpu_kernels`);
+    None for a copy with registered activations (not cached on disk)."""
+    if package == "fastgrad.kernels.cpu":
+        return {}
+    return getattr(sys.modules.get(package), "_REBUILD", None)
+
+
 def full_cpu_kernels():
     """``fastgrad.kernels.cpu`` itself, serving every built-in code, with the
     submodules of :func:`cpu_kernels`'s copies imported."""
@@ -393,7 +403,10 @@ def _subset_kernels(codes, rules, losses, features, team):
                 f"fastgrad.kernels.cpu compiled for activation codes {sorted(codes)}, rules "
                 f"{sorted(rules)}, losses {sorted(losses)}, layer features "
                 f"{sorted(features)}{', pass team' if team else ''}",
-                _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}", _TEAM=team, **attrs)
+                _ONLY_ACTIVATIONS=codes, _VARIANT=f"activations:{tag}", _TEAM=team,
+                _REBUILD=dict(codes=sorted(codes), rules=sorted(rules), losses=sorted(losses),
+                              features=sorted(features), team=team),
+                **attrs)
         return pkg
 
 

@@ -195,6 +195,7 @@ class TrainStep:
         self._layer_sq = opt._layer_sq
         self._buffers = OrderedDict()     # batch size -> buffers, least recently used first
         self._fixed_args = None           # (buffers, kernels, driver arguments): _driver_args
+        self._pending_members = None      # (worker, plan): _driver_args, _ready
         self._workspaces = {}
         self._staged = {}           # CUDA: device buffers of host inputs, by (name, shape)
         # Placeholders for the loss input the chosen loss does not read.
@@ -397,6 +398,8 @@ class TrainStep:
         cached = self._fixed_args
         if cached is None or cached[0] is not buf or cached[1] is not self._kernels or \
                 cached[4] != (_threads.pool_generation(), self.opt._parallel_asked):
+            if self._pending_members is not None:   # a call that never reached its driver
+                self._fill_pending()
             self._use_team(self._backend.step_team())
             missing = layer_features(m) - set(self._kernels.SERVED_FEATURES)
             if missing:
@@ -408,8 +411,11 @@ class TrainStep:
             # the plan's team, and whether the update runs on it (not when
             # the user fixed opt.parallel = False)
             team_key = (_threads.pool_generation(), self.opt._parallel_asked)
-            self._backend.fill_pass_team(plan, self._kernels, m.dtype,
-                                         update=self.opt._parallel_asked is not False)
+            pending = self._backend.fill_pass_team(
+                plan, self._kernels, m.dtype, update=self.opt._parallel_asked is not False,
+                defer=True)
+            if pending is not None:
+                self._pending_members = (pending, plan)
             ws = self._workspaces.get(B)
             cached = self._fixed_args = (buf, self._kernels, (
                 m.params, m.grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
@@ -435,6 +441,27 @@ class TrainStep:
         elif m.training and counter is None:
             m._next_dropout_step()
         return cached[2], kw
+
+    def _ready(self, driver):
+        """``driver``, to be called on :meth:`_driver_args`'s arguments.
+        Where a worker process compiles the plan's pass team members
+        (``fastgrad._compile_worker``: a cold first step), a function that
+        compiles the driver for its arguments here meanwhile, then fills
+        the members in before the driver runs."""
+        if self._pending_members is None:
+            return driver
+
+        def compile_then_run(*args, **kw):
+            driver.compile(tuple(driver.typeof_pyval(a) for a in args))
+            self._fill_pending()
+            return driver(*args, **kw)
+        return compile_then_run
+
+    def _fill_pending(self):
+        pending, plan = self._pending_members
+        pending.fill(plan)
+        # not before: a wait cut short (Ctrl-C) leaves the fill to the next call
+        self._pending_members = None
 
     def _dropout_on_device(self):
         """This step's device copy of ``model.dropout_step``, made the
@@ -503,7 +530,7 @@ class TrainStep:
                 x, labels, target, hp)
         else:
             args, kw = self._driver_args(B, update=True)
-            loss, norm, scale, skipped = self._kernels.train_step(
+            loss, norm, scale, skipped = self._ready(self._kernels.train_step)(
                 x, labels, target, self._loss_kind, *args,
                 rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
                 **kw)
@@ -534,7 +561,7 @@ class TrainStep:
                     self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
                     bounds, losses, self._shard_plan_header()))
         args, kw = self._driver_args(x.shape[0])
-        return self._result(self._kernels.forward_backward(
+        return self._result(self._ready(self._kernels.forward_backward)(
             x, labels, target, self._loss_kind, *args, **kw))
 
     # -- whole epochs -----------------------------------------------------------
@@ -700,7 +727,7 @@ class TrainStep:
                                  "batch (got a batch of 1), as in PyTorch; use model.eval() "
                                  "or drop_last=True")
         args = self._driver_args(B, counter=model.dropout_step)[0]   # may change the kernels
-        return self._kernels.train_steps, args
+        return self._ready(self._kernels.train_steps), args
 
     def _compiled_epoch(self, X, labels, target, order, batch_size, n_steps, res, callback):
         model, opt = self.model, self.opt

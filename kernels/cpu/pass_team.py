@@ -515,26 +515,51 @@ def _update_member(dtype):
 
 _MAKERS = {"forward": _forward_member, "gradient": _gradient_member, "norm": _norm_member,
            "update": _update_member}
+KINDS = tuple(_MAKERS)
+_MEMBER_SIGNATURE = types.void(types.voidptr)
 _members = {}
 
 
-def member_addresses(dtype, kinds=("forward", "gradient", "norm", "update")):
+def _numba_type(dtype):
+    return types.float32 if np.dtype(dtype) == np.float32 else types.float64
+
+
+def member_addresses(dtype, kinds=KINDS):
     """The addresses of this package's members of ``kinds`` for ``dtype``,
     each compiled (or loaded from the disk cache) on first use."""
     dtype = np.dtype(dtype)
-    nb = types.float32 if dtype == np.float32 else types.float64
     found = []
     for kind in kinds:
         member = _members.get((dtype, kind))
         if member is None:
-            member = _members[dtype, kind] = cfunc(types.void(types.voidptr),
-                                                  cache=JIT["cache"],
-                                                  error_model="numpy")(_MAKERS[kind](nb))
+            member = _members[dtype, kind] = cfunc(_MEMBER_SIGNATURE, cache=JIT["cache"],
+                                                  error_model="numpy")(
+                _MAKERS[kind](_numba_type(dtype)))
         found.append(member.address)
     return tuple(found)
 
 
-def fill_members(plan, dtype, kinds=("forward", "gradient", "norm", "update")):
+def members_to_compile(dtype, kinds=KINDS):
+    """The members of ``kinds`` for ``dtype`` that :func:`member_addresses`
+    would compile: neither in this process nor in Numba's disk cache."""
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import cpu_target
+    dtype = np.dtype(dtype)
+    todo = [kind for kind in kinds if (dtype, kind) not in _members]
+    if not todo or not JIT["cache"]:
+        return tuple(todo)
+    # The key and index of Numba's cache (numba.core.caching.Cache): what
+    # the cfunc's compile() looks up, without loading the machine code.
+    codegen = cpu_target.target_context.codegen()
+    missing = []
+    for kind in todo:
+        cache = FunctionCache(_MAKERS[kind](_numba_type(dtype)))
+        if cache._index_key(_MEMBER_SIGNATURE, codegen) not in cache._cache_file._load_index():
+            missing.append(kind)
+    return tuple(missing)
+
+
+def fill_members(plan, dtype, kinds=KINDS):
     """Write the addresses of this package's members of ``kinds`` for
     ``dtype`` (compiled on first use) into ``plan`` (``PLAN_POOL_*``; the
     others 0), with the dtype's item size.  Threads are the host's to set."""

@@ -1,0 +1,117 @@
+"""A second process compiles a step's pass team members while this one
+compiles its driver.
+
+A cold first step compiles two things that do not call each other: the step
+driver and the pass team's members, which the driver reaches through
+addresses in its plan (``kernels/cpu/pass_team.py``).  Numba compiles one
+function at a time in a process (a global compiler lock), so where the host
+has a second core, :func:`start` runs a worker (``python -c`` on
+:func:`main`) that compiles the members into Numba's disk cache while this
+process compiles the driver (``TrainStep``); :meth:`Pending.fill` then waits
+for it and fills the plan from the cache.  ``fill`` ends in ``fill_members``
+as without a worker, which compiles whatever the cache lacks: a worker that
+fails or is slow costs time, never a result.
+
+No worker where the members would not come from the disk cache (a copy of
+the kernels with registered activations, a cache Numba cannot write), where
+they are in the cache or this process already, with one usable core, in an
+MPI job (its ranks own the cores), or with ``FASTGRAD_COMPILE_WORKER=0``.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+
+from . import registry
+
+ENV = "FASTGRAD_COMPILE_WORKER"
+#: Seconds :meth:`Pending.fill` waits for a worker before it stops it and
+#: compiles here (the members take ~2 s on a quiet 2-core host).
+WAIT_S = 120.0
+
+# The worker's program: this process's module path first, so that it
+# imports the same fastgrad (and so writes the cache entries looked up here).
+_BOOTSTRAP = ("import json, sys; spec = json.loads(sys.argv[1]); sys.path[:] = spec['path']; "
+              "from fastgrad._compile_worker import main; main(spec)")
+
+_lock = threading.Lock()
+_started = {}            # (package, dtype name) -> Pending
+
+
+def enabled():
+    """Whether workers may run: ``FASTGRAD_COMPILE_WORKER`` is unset or "1"."""
+    value = os.environ.get(ENV, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV}={value!r}: expected '0' or '1'")
+    return value != "0"
+
+
+def _usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:             # not on Linux
+        return os.cpu_count() or 1
+
+
+class Pending:
+    """A worker compiling the members of one kernel package for one dtype."""
+
+    def __init__(self, process, step_module, dtype):
+        self.process, self._step_module, self._dtype = process, step_module, dtype
+
+    def fill(self, plan):
+        """Wait for the worker (at most :data:`WAIT_S` s, then stop it) and
+        write the members into ``plan``: loaded from the disk cache, or
+        compiled here what the worker did not leave there."""
+        try:
+            self.process.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._step_module.pass_team.fill_members(plan, self._dtype)
+
+
+def start(step_module, dtype):
+    """A :class:`Pending` worker compiling the pass team members of the
+    kernel package of ``step_module`` (its ``step``) for ``dtype``, or None
+    where none runs (see the module's docstring): then the caller fills the
+    members itself."""
+    team = step_module.pass_team
+    package = team.__package__
+    dtype = np.dtype(dtype).name
+    if not enabled() or not team.JIT["cache"] or _usable_cores() < 2 \
+            or "mpi4py.MPI" in sys.modules or not sys.executable:
+        return None
+    rebuild = registry.rebuild_args(package)
+    if rebuild is None:
+        return None
+    with _lock:
+        pending = _started.get((package, dtype))
+        if pending is not None and pending.process.poll() is None:
+            return pending               # another step of the same kernels waits on it too
+        if not team.members_to_compile(dtype):
+            return None
+        import fastgrad
+        spec = {"path": sys.path, "fastgrad": fastgrad.__file__, "kernels": rebuild,
+                "dtype": dtype}
+        try:
+            process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, json.dumps(spec)],
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        except OSError:
+            return None
+        pending = _started[package, dtype] = Pending(process, step_module, dtype)
+        return pending
+
+
+def main(spec):
+    """The worker: compile the members into the disk cache and exit."""
+    import fastgrad
+    if os.path.realpath(fastgrad.__file__) != os.path.realpath(spec["fastgrad"]):
+        sys.exit(f"fastgrad worker: imported {fastgrad.__file__}, not {spec['fastgrad']}")
+    package = (registry.cpu_kernels(**spec["kernels"]) if spec["kernels"]
+               else registry.full_cpu_kernels())
+    package.pass_team.member_addresses(spec["dtype"])

@@ -1,0 +1,171 @@
+"""The compile worker (``fastgrad._compile_worker``): on a cold first step a
+second process compiles the pass team's members while this one compiles the
+step driver.  Whatever the worker does, the step gives the bits of a step
+without one."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastgrad as fg
+from fastgrad import _compile_worker, registry
+from fastgrad import threads as fg_threads
+
+SIZES = [11, 17, 5]
+# the first call of each: the driver it compiles
+CALLS = {"step": ("relu", "train_step"), "gradients": ("tanh", "forward_backward"),
+         "epoch": ("gelu", "train_steps")}
+
+# A fresh process on an empty disk cache, with a copy of the kernels per
+# model (so each model's first call is cold), runs each call of CALLS on its
+# own model (_RUN) and reports what its members' cfuncs loaded from disk,
+# its driver's signatures and the workers' exit codes; the parameters and
+# gradients go to an .npz.
+_CHILD_HEAD = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import fastgrad as fg
+    from fastgrad import _compile_worker as cw
+    out_path, calls, hang = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1"
+    if hang:                       # a worker that never finishes: stopped after WAIT_S
+        cw._BOOTSTRAP, cw.WAIT_S = "import time; time.sleep(600)", 1.0
+""")
+
+_RUN = textwrap.dedent("""
+    def run(name):
+        act, driver = {calls}[name]
+        rng = np.random.default_rng(3)
+        X = rng.standard_normal((40, {n_in})).astype(np.float32)
+        Y = rng.integers(0, {n_out}, 40)
+        model = fg.MLP({sizes}, activation=act, seed=1)
+        step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(),
+                            fg.Adam(model, lr=1e-2, clip_norm=0.5))
+        if name == "step":
+            step(X[:16], Y[:16])
+        elif name == "gradients":
+            step.gradients(X[:16], Y[:16])
+        else:
+            step.run_epoch(X, Y, 16, shuffle=False)
+        return step, driver
+""").format(calls=CALLS, n_in=SIZES[0], n_out=SIZES[-1], sizes=SIZES)
+
+_CHILD_BODY = textwrap.dedent("""
+    report, arrays = {}, {}
+    for name in calls:
+        step, driver = run(name)
+        team = sys.modules[step._kernels.__package__].pass_team
+        report[name] = {"hits": [m.cache_hits for m in team._members.values()],
+                        "signatures": len(getattr(step._kernels, driver).signatures)}
+        arrays[name + "_params"] = step.model.params
+        arrays[name + "_grads"] = step.model.grads
+    report["workers"] = [p.process.returncode for p in cw._started.values()]
+    np.savez(out_path, **arrays)
+    print(json.dumps(report))
+""")
+
+needs_team = pytest.mark.skipif(
+    _compile_worker._usable_cores() < 2 or fg_threads.team_threads() == 0,
+    reason="a worker runs beside a pass team: 2 cores and OpenBLAS's workers")
+
+
+def _child(tmp_path, name, cache, calls, hang=False):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), FASTGRAD_KERNEL_COPIES="model",
+               FASTGRAD_COMPILE_WORKER="1")
+    code = "\n".join([_CHILD_HEAD, _RUN, _CHILD_BODY])
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / name), ",".join(calls),
+                          "1" if hang else "0"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1]), np.load(tmp_path / (name + ".npz"))
+
+
+def _in_process(name):
+    """The same call in this process, without a worker (the suite's shared kernels)."""
+    env = {"np": np, "fg": fg}
+    exec(_RUN, env)
+    step, _ = env["run"](name)
+    return step.model.params.copy(), step.model.grads.copy()
+
+
+@pytest.mark.slow
+@needs_team
+def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
+    """Each driver entry's cold first call (step, gradients, epoch): a worker
+    compiled the members (exit 0), this process loaded all four from the
+    disk cache and compiled its driver once, and the results are bitwise a
+    warm step's.  A second process on the same cache starts no worker."""
+    cache = tmp_path / "cache"
+    report, arrays = _child(tmp_path, "cold", cache, list(CALLS))
+    assert report.pop("workers") == [0, 0, 0], report
+    for name in CALLS:
+        assert report[name] == {"hits": [1, 1, 1, 1], "signatures": 1}, (name, report)
+        params, grads = _in_process(name)
+        np.testing.assert_array_equal(arrays[name + "_params"], params)
+        np.testing.assert_array_equal(arrays[name + "_grads"], grads)
+    report, warm = _child(tmp_path, "warm", cache, ["step"])
+    assert report == {"workers": [], "step": {"hits": [1, 1, 1, 1], "signatures": 1}}, report
+    np.testing.assert_array_equal(warm["step_params"], arrays["step_params"])
+
+
+@pytest.mark.slow
+@needs_team
+def test_a_worker_that_never_finishes_is_stopped_and_the_step_compiles_here(tmp_path):
+    report, arrays = _child(tmp_path, "hung", tmp_path / "cache", ["step"], hang=True)
+    assert report["workers"] == [-9], report             # killed after WAIT_S
+    assert report["step"] == {"hits": [0, 0, 0, 0], "signatures": 1}, report   # compiled here
+    np.testing.assert_array_equal(arrays["step_params"], _in_process("step")[0])
+
+
+def test_the_switch(monkeypatch):
+    for value, on in (("", True), ("1", True), ("0", False)):
+        monkeypatch.setenv(_compile_worker.ENV, value)
+        assert _compile_worker.enabled() is on
+    monkeypatch.setenv(_compile_worker.ENV, "yes")
+    with pytest.raises(ValueError, match="FASTGRAD_COMPILE_WORKER='yes'"):
+        _compile_worker.enabled()
+
+
+def test_no_worker_where_its_cache_entries_would_not_be_used(monkeypatch):
+    """Off by the switch; for a copy with registered activations (not cached
+    on disk); for members this process has already: nothing is started."""
+    import fastgrad.kernels.cpu as full
+    full.pass_team.member_addresses(np.float32)
+    assert full.pass_team.members_to_compile(np.float32) == ()
+    assert _compile_worker.start(full.step, np.float32) is None     # compiled here already
+    assert registry.rebuild_args(full.__name__) == {}
+    monkeypatch.setattr(_compile_worker, "_BOOTSTRAP", "raise SystemExit(5)")
+    monkeypatch.setattr(full.pass_team, "members_to_compile", lambda dtype: ("update",))
+    monkeypatch.setenv(_compile_worker.ENV, "0")
+    assert _compile_worker.start(full.step, np.float32) is None
+    registered = registry.cpu_kernels()       # with whatever is registered: no disk cache
+    assert registry.rebuild_args(registered.__name__) is None
+    monkeypatch.setenv(_compile_worker.ENV, "1")
+    assert _compile_worker.start(registered.step, np.float32) is None
+
+
+@needs_team
+def test_a_worker_that_fails_costs_no_result(monkeypatch):
+    """A worker that exits with an error: fill() still gives the plan this
+    process's members (loaded or compiled here)."""
+    import fastgrad.kernels.cpu as full
+    from fastgrad.kernels import layout
+    if "mpi4py.MPI" in sys.modules:
+        pytest.skip("no worker in an MPI process")
+    monkeypatch.setenv(_compile_worker.ENV, "1")
+    monkeypatch.setattr(_compile_worker, "_started", {})
+    monkeypatch.setattr(_compile_worker, "_BOOTSTRAP", "raise SystemExit(5)")
+    monkeypatch.setattr(full.pass_team, "members_to_compile", lambda dtype: ("update",))
+    pending = _compile_worker.start(full.step, np.float64)
+    assert pending is not None
+    assert _compile_worker.start(full.step, np.float64) in (pending, None)   # one at a time
+    plan = np.zeros(layout.PLAN_HEADER, np.int64)
+    pending.fill(plan)
+    assert pending.process.returncode == 5
+    expected = np.zeros(layout.PLAN_HEADER, np.int64)
+    full.pass_team.fill_members(expected, np.float64)
+    np.testing.assert_array_equal(plan, expected)
+    assert plan[layout.PLAN_POOL_UPDATE] != 0
