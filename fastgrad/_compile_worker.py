@@ -74,6 +74,19 @@ class Pending:
         self._step_module.pass_team.fill_members(plan, self._dtype)
 
 
+def _worker_env():
+    """This process's environment, with the Numba settings that place and
+    key the disk cache as this process has them (set in code, too)."""
+    import numba
+    env = dict(os.environ)
+    for name, value in (("NUMBA_CACHE_DIR", numba.config.CACHE_DIR),
+                        ("NUMBA_CPU_NAME", numba.config.CPU_NAME),
+                        ("NUMBA_CPU_FEATURES", numba.config.CPU_FEATURES)):
+        if value:
+            env[name] = value
+    return env
+
+
 def start(step_module, dtype):
     """A :class:`Pending` worker compiling the pass team members of the
     kernel package of ``step_module`` (its ``step``) for ``dtype``, or None
@@ -83,8 +96,9 @@ def start(step_module, dtype):
     package = team.__package__
     dtype = np.dtype(dtype).name
     if not enabled() or not team.JIT["cache"] or _usable_cores() < 2 \
-            or "mpi4py.MPI" in sys.modules or not sys.executable:
-        return None
+            or "mpi4py.MPI" in sys.modules \
+            or not os.path.basename(sys.executable or "").lower().startswith("python"):
+        return None             # (an embedding program's sys.executable is not Python)
     rebuild = registry.rebuild_args(package)
     if rebuild is None:
         return None
@@ -99,8 +113,8 @@ def start(step_module, dtype):
                 "dtype": dtype}
         try:
             process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, json.dumps(spec)],
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
+                                       env=_worker_env(), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError:
             return None
         pending = _started[package, dtype] = Pending(process, step_module, dtype)

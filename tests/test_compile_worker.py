@@ -4,6 +4,7 @@ step driver.  Whatever the worker does, the step gives the bits of a step
 without one."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -145,6 +146,20 @@ def test_no_worker_where_its_cache_entries_would_not_be_used(monkeypatch):
     assert registry.rebuild_args(registered.__name__) is None
     monkeypatch.setenv(_compile_worker.ENV, "1")
     assert _compile_worker.start(registered.step, np.float32) is None
+    # an embedding program (uwsgi, a game engine): its sys.executable is not Python
+    monkeypatch.setattr(_compile_worker, "_started", {})
+    monkeypatch.setattr(sys, "executable", shutil.which("true") or "/bin/true")
+    assert _compile_worker.start(full.step, np.float32) is None
+
+
+def test_the_worker_gets_the_cache_settings_made_in_code(monkeypatch):
+    import numba
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "/somewhere/else")
+    monkeypatch.setattr(numba.config, "CPU_NAME", "generic")
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    env = _compile_worker._worker_env()
+    assert env["NUMBA_CACHE_DIR"] == "/somewhere/else" and env["NUMBA_CPU_NAME"] == "generic"
+    assert env["PATH"] == os.environ["PATH"]
 
 
 @needs_team
