@@ -51,7 +51,7 @@ UPDATE_SIZES = [[40, 64, 40], [37, 211, 3, 64], [100, 128, 25], [41, 300, 77, 5]
 
 @njit
 def _forward(plan, z, b, out, act, alpha):
-    threads = pass_team.team_size(plan, z.size)
+    threads = pass_team.team_size(plan, z.size, act)
     if threads:
         pass_team.forward(plan, threads, z, b, out, act, alpha)
     else:
@@ -61,7 +61,7 @@ def _forward(plan, z, b, out, act, alpha):
 @njit
 def _gradient(plan, g, a, z, db, act, alpha):
     threads = plan[K.PLAN_POOL_THREADS]
-    if threads > 1 and g.size >= pass_team.MIN_ELEMENTS and g.shape[1] >= pass_team.MIN_COLUMNS:
+    if threads > 1 and g.size >= pass_team.MIN_GRADIENT and g.shape[1] >= pass_team.MIN_COLUMNS:
         pass_team.gradient(plan, threads, g, a, z, db, act, alpha)
     else:
         A.bias_act_grad_inplace(g, a, z, db, act, alpha)

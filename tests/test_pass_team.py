@@ -183,10 +183,12 @@ def _train_now(sizes, act, B, steps):
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
 def test_train_step_on_the_team_is_bitwise_the_serial_step(team, act):
-    # 64 x 300 outputs: over MIN_ELEMENTS, a team forward (and for gelu and
-    # silu a team gradient) in the first layer; the others stay serial
+    # 64 x 300 outputs: a team forward for every activation (and for gelu
+    # and silu a team gradient) in the first layer; 64 x 77: a team forward
+    # for gelu and silu alone; the output layer serial
     sizes = [41, 300, 77, 5]
-    assert 64 * 300 >= pass_team.MIN_ELEMENTS > 64 * 77
+    assert 64 * 300 >= pass_team.MIN_FORWARD_CHEAP > 64 * 77 >= pass_team.MIN_FORWARD
+    assert 64 * 300 >= pass_team.MIN_GRADIENT > 64 * 77
     serial = _train(sizes, act, False)
     on = _train(sizes, act, True)
     plan = on[0]._fixed_args[2][9]
@@ -196,6 +198,22 @@ def test_train_step_on_the_team_is_bitwise_the_serial_step(team, act):
     assert serial[0]._fixed_args[2][9][K.PLAN_POOL_THREADS] == 0
     for s, t in zip(serial[1:], on[1:]):
         assert np.array_equal(s, t)
+
+
+def test_a_forward_goes_to_the_team_by_its_cost():
+    """Memory-bound forwards (identity, relu, leaky_relu) from
+    MIN_FORWARD_CHEAP outputs, the others from MIN_FORWARD; none without a
+    team of 2+."""
+    plan = np.zeros(K.PLAN_HEADER, np.int64)
+    plan[K.PLAN_POOL_THREADS] = 2
+    for name in spec.CODES:
+        least = (pass_team.MIN_FORWARD_CHEAP if name in ("identity", "relu", "leaky_relu")
+                 else pass_team.MIN_FORWARD)
+        code = spec.CODES[name]
+        assert pass_team.team_size(plan, least, code) == 2, name
+        assert pass_team.team_size(plan, least - 1, code) == 0, name
+    plan[K.PLAN_POOL_THREADS] = 1
+    assert pass_team.team_size(plan, 1 << 20, spec.CODES["gelu"]) == 0
 
 
 def test_the_plan_follows_the_pool_and_the_thread_count():

@@ -37,7 +37,7 @@ from numba.core.extending import intrinsic
 from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa: F401
                       PLAN_POOL_ITEMSIZE, PLAN_POOL_NORM, PLAN_POOL_SPLIT_UPDATE,
                       PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
-from ..spec import HP_SIZE
+from ..spec import HP_SIZE, IDENTITY, LEAKY_RELU, RELU
 from . import fpenv
 from ._jit import INLINE, INNER, JIT
 from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z
@@ -47,8 +47,11 @@ from .reduce import BLOCK, block_sumsq
 from .blas_pool import _as_pointer, _field
 
 # Below these sizes a team costs more than it saves (2 cores, one pool;
-# bench/RESULTS.md "Activation passes on the pool", "The update on the pool").
-MIN_ELEMENTS = 1 << 14
+# bench/RESULTS.md "Activation passes on the pool", "The update on the pool",
+# "Small layers' forward on the team").
+MIN_FORWARD_CHEAP = 1 << 14   # outputs of a memory-bound forward (identity, relu, leaky_relu)
+MIN_FORWARD = 1 << 12         # outputs of any other activation's forward (~0.4+ ns each)
+MIN_GRADIENT = 1 << 14        # values of a gradient computed from z
 MIN_COLUMNS = 32          # a gradient share of 16+ columns: whole vectors
 MIN_UPDATE = 1 << 14
 UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a busy host
@@ -287,11 +290,21 @@ def _check_itemsize(plan, a):
 
 
 @njit(**INLINE)
-def team_size(plan, elements):
-    """Threads for a forward pass over ``elements`` values: 0 runs it on
-    this thread."""
+def team_size(plan, elements, act):
+    """Threads for the forward pass of activation ``act`` over ``elements``
+    outputs: 0 runs it on this thread.  A memory-bound pass gains from a
+    team only on large layers; one that computes a transcendental per
+    output, from a few thousand."""
     threads = plan[PLAN_POOL_THREADS]
-    return threads if threads > 1 and elements >= MIN_ELEMENTS else 0
+    cheap = act == IDENTITY or act == RELU or act == LEAKY_RELU
+    least = MIN_FORWARD_CHEAP if cheap else MIN_FORWARD
+    return threads if threads > 1 and elements >= least else 0
+
+
+@njit(**INLINE)
+def _gradient_threads(plan, elements):
+    threads = plan[PLAN_POOL_THREADS]
+    return threads if threads > 1 and elements >= MIN_GRADIENT else 0
 
 
 @njit(**INLINE)
@@ -304,7 +317,7 @@ def gradient_team_size(plan, g, act):
     bench/RESULTS.md "Activation passes on the pool")."""
     if g.shape[1] < MIN_COLUMNS or not needs_z(act):
         return 0
-    return team_size(plan, g.size)
+    return _gradient_threads(plan, g.size)
 
 
 @njit(**INLINE)

@@ -276,8 +276,8 @@ def _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fp
                 z = a
             np.dot(h, W, z)
             if TEAM:      # on the team, or through its member on this thread
-                pass_team.forward(plan, pass_team.team_size(plan, B * n_out), z, b, a,
-                                  codes[l], alphas[l])
+                pass_team.forward(plan, pass_team.team_size(plan, B * n_out, codes[l]), z, b,
+                                  a, codes[l], alphas[l])
             else:
                 bias_act_step(z, b, a, codes[l], alphas[l])
         h = a
