@@ -162,12 +162,12 @@ class Backend:
         return self.kernels_for(codes)
 
     def step_kernels(self, codes, rules=None, losses=None, features=None, team=False):
-        """``(step, step_blocks, step_sharded)`` kernel modules of a model
-        with activation ``codes`` and layer ``features`` (None where the
-        device has no such step; where the device fuses epilogue pieces,
-        ``step`` is the one driver of plain models and models with epilogue pieces and
-        ``step_blocks`` is ``step``); ``team``: a driver that can run passes
-        on the host thread team (:meth:`step_team`)."""
+        """``(step, step_sharded)`` kernel modules of a model with
+        activation ``codes`` and layer ``features``: ``step`` the one driver
+        of plain models and models with epilogue pieces, ``step_sharded``
+        the batch-sharded step of ``threads=`` (None where the device has
+        none); ``team``: a driver that can run passes on the host thread
+        team (:meth:`step_team`)."""
         raise NotImplementedError
 
     def step_team(self):
@@ -343,7 +343,7 @@ class CpuBackend(Backend):
     def step_kernels(self, codes, rules=None, losses=None, features=None, team=False):
         # one driver for plain models and models with epilogue pieces (kernels/cpu/step.py)
         pkg = self.model_kernels(codes, rules=rules, losses=losses, features=features, team=team)
-        return pkg.step, pkg.step, pkg.step_sharded
+        return pkg.step, pkg.step_sharded
 
     def step_team(self):
         # the team's branches run only where fill_pass_team gives the plan a team
@@ -520,7 +520,7 @@ class CudaBackend(Backend):
         # epilogue pieces, as on the CPU; threads= has no CUDA step.
         self.kernels_for(codes)
         from .kernels.cuda import step
-        return step, step, None
+        return step, None
 
     def epilogue_kernels(self, codes=()):
         self.kernels_for(codes)             # refuses registered activations without CUDA forms

@@ -369,7 +369,7 @@ class TrainStep:
         if team == self._team:
             return
         model = self.model
-        self._kernels, self._kblocks, self._ksharded = self._backend.step_kernels(
+        self._kernels, self._ksharded = self._backend.step_kernels(
             self._codes, rules=(self.opt.rule,), losses=(self._loss_kind,),
             features=layer_features(model), team=team)
         self._team = team

@@ -795,7 +795,7 @@ def _step_and_reference(device, variant, dtype, cuda_graph=False, sizes=FUSED_SI
     assert twin._mask_seed == model._mask_seed
     step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, **opt_kw),
                         cuda_graph=cuda_graph)
-    assert step._kblocks is not None and not step._composed      # the fused step
+    assert step._kernels is not None and not step._composed      # the fused step
     return step, _LayerPath(twin, fg.SoftmaxCrossEntropy(), fg.SGD(twin, **opt_kw))
 
 

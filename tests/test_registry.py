@@ -614,7 +614,7 @@ def test_builtin_models_keep_the_builtin_kernels(swish, per_model_copies):
     stepkg = registry.cpu_kernels([spec.RELU, spec.IDENTITY], rules=[spec.SGD],
                                   losses=[spec.CROSS_ENTROPY], features=(),
                                   team=fg.threads.team_threads() > 0)
-    assert step._kernels is stepkg.step and step._kblocks is stepkg.step
+    assert step._kernels is stepkg.step and step._ksharded is stepkg.step_sharded
     assert stepkg.step.SERVED_FEATURES == ()
     assert stepkg._ONLY_ACTIVATIONS == pkg._ONLY_ACTIVATIONS
     assert stepkg._ONLY_RULES == {spec.SGD} and stepkg._ONLY_LOSSES == {spec.CROSS_ENTROPY}
