@@ -16,7 +16,8 @@ from .losses import MSE, BCEWithLogits, SoftmaxCrossEntropy
 from .optim import SGD, Adam, AdamW, RMSprop, StepStats
 from .registry import register_activation
 from .step import TrainStep, evaluate, fit
-from .threads import blas_pool_status, get_num_threads, set_num_threads, share_blas_pool
+from .threads import (blas_pool_status, get_num_threads, pass_team_status, set_num_threads,
+                      share_blas_pool)
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "NonFiniteGradientError", "MLP", "Dense", "Residual",
     "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
     "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",
-    "get_num_threads", "set_num_threads", "share_blas_pool", "blas_pool_status", "registry",
+    "get_num_threads", "set_num_threads", "share_blas_pool", "blas_pool_status",
+    "pass_team_status", "registry",
     "register_activation",
 ]

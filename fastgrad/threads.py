@@ -265,12 +265,26 @@ def team_threads():
     (serial passes) when Numba runs one thread, when OpenBLAS has no worker
     to share, or with ``FASTGRAD_PASS_TEAM=0`` in the environment (read
     whenever a step plan is filled)."""
+    return pass_team_status()[0]
+
+
+def pass_team_status():
+    """``(threads, team, why_not)`` of the thread team a CPU step gets now
+    for the passes it splits (activations, update; see the guide's
+    "Threads"): ``team`` is ``"shared pool"`` (``share_blas_pool``) or
+    ``"openblas workers"``; without a team, ``(0, None, why)``: the passes
+    run on the calling thread alone."""
     threads = numba_threads()
-    if threads < 2 or os.environ.get("FASTGRAD_PASS_TEAM", "").strip() == "0":
-        return 0
-    if blas_pool_shared() or _blas_team():
-        return threads
-    return 0
+    if threads < 2:
+        return 0, None, "one thread (fastgrad.set_num_threads, NUMBA_NUM_THREADS)"
+    if os.environ.get("FASTGRAD_PASS_TEAM", "").strip() == "0":
+        return 0, None, "FASTGRAD_PASS_TEAM=0 in the environment"
+    if blas_pool_shared():
+        return threads, "shared pool", None
+    if _blas_team():
+        return threads, "openblas workers", None
+    return 0, None, _blas_team_found.get("why_not") or \
+        "OpenBLAS runs one thread here: no worker to share"
 
 
 def pass_team():

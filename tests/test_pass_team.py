@@ -216,6 +216,22 @@ def test_a_forward_goes_to_the_team_by_its_cost():
     assert pass_team.team_size(plan, 1 << 20, spec.CODES["gelu"]) == 0
 
 
+def test_pass_team_status_says_which_team_or_why_none(monkeypatch):
+    threads, team, why_not = fg.pass_team_status()
+    assert threads == fg_threads.team_threads()
+    assert (team is None) == (threads == 0) == (why_not is not None)
+    assert team in (None, "shared pool", "openblas workers")
+    monkeypatch.setenv("FASTGRAD_PASS_TEAM", "0")
+    assert fg.pass_team_status() == (0, None, "FASTGRAD_PASS_TEAM=0 in the environment")
+    monkeypatch.delenv("FASTGRAD_PASS_TEAM")
+    monkeypatch.setattr(fg_threads, "numba_threads", lambda: 1)
+    assert fg.pass_team_status()[:2] == (0, None) and "one thread" in fg.pass_team_status()[2]
+    monkeypatch.setattr(fg_threads, "numba_threads", lambda: 2)
+    monkeypatch.setattr(fg_threads, "blas_pool_shared", lambda: False)
+    monkeypatch.setattr(fg_threads, "_blas_team", lambda: None)
+    assert fg.pass_team_status()[:2] == (0, None) and fg.pass_team_status()[2]
+
+
 def test_the_plan_follows_the_pool_and_the_thread_count():
     # the team moves between OpenBLAS's workers and the shared pool, and
     # goes when Numba runs one thread
