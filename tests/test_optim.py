@@ -391,7 +391,7 @@ def test_parallel_update_is_bitwise_serial(rule):
 
 
 def test_parallel_kernels_give_the_same_trajectory(per_model_copies, monkeypatch):
-    # by default parallel from 2^14 parameters where the step has a thread
+    # by default parallel from 2^15 parameters where the step has a thread
     # team (fastgrad.threads.team_threads); without one the serial kernel,
     # and True fixes Numba's parfor kernel: all the same bits
     rng = np.random.default_rng()
