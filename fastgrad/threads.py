@@ -215,7 +215,7 @@ thread team (``kernels/cpu/pass_team.py``), as a ``TrainStep`` does (its
 ``MIN_UPDATE``): 0.68-0.70x the serial update at 36K parameters, where
 Numba's parfor kernel took 1.24-1.37x and broke even only at 100-200K
 (bench/RESULTS.md, "The update on the pool"); in steps of 17-30K
-parameters the team's update made 7 of 8 nets 6-22 % slower ("The update's
+parameters the team's update made 8 of 9 nets 6-22 % slower ("The update's
 team from 2^15 parameters")."""
 
 
