@@ -93,6 +93,9 @@ FIRST_CUSTOM_CODE = 64
 CODES = {a.name: code for code, a in enumerate(ACTIVATIONS)}
 DEFAULT_ALPHA = {a.name: a.alpha for a in ACTIVATIONS if a.alpha is not None}
 NEEDS_Z = frozenset(code for code, a in enumerate(ACTIVATIONS) if a.needs == "z")
+# Whose forward pass is memory-bound (no transcendental per output): the
+# step's thread team takes it on large layers only (cpu/pass_team.py).
+MEMORY_BOUND = frozenset(CODES[n] for n in ("identity", "relu", "leaky_relu"))
 N_ACTIVATIONS = len(ACTIVATIONS)
 
 (IDENTITY, RELU, LEAKY_RELU, ELU, SIGMOID, TANH, SOFTPLUS, GELU, SILU,

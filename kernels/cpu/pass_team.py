@@ -37,7 +37,7 @@ from numba.core.extending import intrinsic
 from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa: F401
                       PLAN_POOL_ITEMSIZE, PLAN_POOL_NORM, PLAN_POOL_SPLIT_UPDATE,
                       PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
-from ..spec import HP_SIZE, IDENTITY, LEAKY_RELU, RELU
+from ..spec import HP_SIZE, MEMORY_BOUND
 from . import fpenv
 from ._jit import INLINE, INNER, JIT
 from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z
@@ -49,8 +49,9 @@ from .blas_pool import _as_pointer, _field
 # Below these sizes a team costs more than it saves (2 cores, one pool;
 # bench/RESULTS.md "Activation passes on the pool", "The update on the pool",
 # "Small layers' forward on the team").
-MIN_FORWARD_CHEAP = 1 << 14   # outputs of a memory-bound forward (identity, relu, leaky_relu)
+MIN_FORWARD_CHEAP = 1 << 14   # outputs of a memory-bound forward (spec.MEMORY_BOUND)
 MIN_FORWARD = 1 << 12         # outputs of any other activation's forward (~0.4+ ns each)
+_MEMORY_BOUND = tuple(sorted(MEMORY_BOUND))    # a tuple: Numba's `in` reads it as a constant
 MIN_GRADIENT = 1 << 14        # values of a gradient computed from z
 MIN_COLUMNS = 32          # a gradient share of 16+ columns: whole vectors
 MIN_UPDATE = 1 << 15         # parameters (a team update of 17-30K slowed 8 of 9 small nets)
@@ -296,8 +297,7 @@ def team_size(plan, elements, act):
     team only on large layers; one that computes a transcendental per
     output, from a few thousand."""
     threads = plan[PLAN_POOL_THREADS]
-    cheap = act == IDENTITY or act == RELU or act == LEAKY_RELU
-    least = MIN_FORWARD_CHEAP if cheap else MIN_FORWARD
+    least = MIN_FORWARD_CHEAP if act in _MEMORY_BOUND else MIN_FORWARD
     return threads if threads > 1 and elements >= least else 0
 
 
