@@ -28,9 +28,10 @@ pytestmark = pytest.mark.skipif(
     not (llvm.get_host_cpu_features().get("avx2", False) or "+avx2" in (config.CPU_FEATURES or "")),
     reason="the vector-width check expects AVX2 (8 float32 lanes) or wider; this CPU has no AVX2")
 
+# (mathfn's multiply-adds are calls of llvm.fmuladd: one op each here)
 _FLOAT_OP = re.compile(r"^\s*%([\w.$\"]+) = (?:fadd|fsub|fmul|fdiv|fneg|fcmp \w+|select i1"
-                       r"|select <\d+ x i1>)(?: \w+)*? (float|double|<(\d+) x (?:float|double)>)",
-                       re.M)
+                       r"|select <\d+ x i1>|(?:tail )?call)(?: \w+)*? (float|double|<(\d+) x (?:float|double)>)"
+                       r"(?: @llvm\.fmuladd\.|(?! @))", re.M)
 # a call of a float function other than an LLVM intrinsic (Py*: the wrapper's)
 _SCALAR_CALL = re.compile(r"call [^@\n]*(?:float|double) @(?!llvm\.|Py)([\w.]+)")
 _MIN_LANES = {np.float32: 8, np.float64: 4}

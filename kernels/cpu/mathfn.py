@@ -16,7 +16,15 @@ every call site had to be typed again, and the activation kernels took over
 10 s to compile cold; as intrinsics their typing is a table lookup.  The IR
 performs exactly the operations of the formulas in the comments, in that
 order, without fast-math flags, so NaN and Inf propagate and results are
-reproducible.
+reproducible.  One exception: the float32 polynomials and reductions
+multiply-add through ``llvm.fmuladd``, one FMA (one rounding) on a CPU that
+has it and a multiply then an add on one that does not, which Numba's
+target decides.  Their results are the same on every run of one host; a
+host without FMA may differ from one with it in the last bit or two, both
+within the bounds tested (tests/test_mathfn.py checks both builds).  FMA
+halves a Horner step's dependent operations: the float32 activation passes
+run 1.1-1.5x faster (bench/RESULTS.md).  The float64 functions keep
+separate operations, which their 1-ulp analysis assumes.
 """
 import math
 
@@ -49,10 +57,15 @@ def _libm64(builder, name, x):
     return _call(builder, name, ir.FunctionType(d, [d]), x)
 
 
+def _fmuladd(builder, a, b, c):
+    # a * b + c, one FMA where the host has it (one rounding), else mul, add
+    return _call(builder, "llvm.fmuladd.f32", ir.FunctionType(F32, [F32, F32, F32]), a, b, c)
+
+
 def _horner(builder, x, coeffs):
     p = _c(coeffs[0])
     for c in coeffs[1:]:
-        p = builder.fadd(builder.fmul(p, x), _c(c))
+        p = _fmuladd(builder, p, x, _c(c))
     return p
 
 
@@ -78,12 +91,11 @@ def _exp_f32(builder, x):
     # product over/underflows to inf/0 by itself.  Max rel error ~2 ulp.
     xc = _select_lt(builder, x, _c(-104.0), _c(-104.0), x)
     xc = _select_lt(builder, _c(89.0), xc, _c(89.0), xc)
-    n = _f32_intrinsic(builder, "floor",
-                       builder.fadd(builder.fmul(xc, _c(1.4426950408889634)), _c(0.5)))
-    r = builder.fsub(xc, builder.fmul(n, _c(0.693359375)))     # ln 2 split in two:
-    r = builder.fsub(r, builder.fmul(n, _c(-2.12194440e-4)))   # n * hi is exact
+    n = _f32_intrinsic(builder, "floor", _fmuladd(builder, xc, _c(1.4426950408889634), _c(0.5)))
+    r = _fmuladd(builder, n, _c(-0.693359375), xc)        # ln 2 split in two:
+    r = _fmuladd(builder, n, _c(2.12194440e-4), r)        # n * hi is exact
     p = _horner(builder, r, _EXP_COEFFS)
-    p = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), _c(1.0))
+    p = builder.fadd(_fmuladd(builder, builder.fmul(p, r), r, r), _c(1.0))
     half = _f32_intrinsic(builder, "floor", builder.fmul(n, _c(0.5)))
     y = builder.fmul(builder.fmul(p, _pow2(builder, half)),
                      _pow2(builder, builder.fsub(n, half)))
@@ -122,17 +134,22 @@ _TANH_CLAMP = 7.90531110763549805          # tanh(x) == +-1 in float32 beyond
 
 def _tanh_f32(builder, x):
     # Rational minimax approximation x p(x^2) / q(x^2) as used by Eigen and
-    # XLA, on x clamped to +-7.905; max abs error 4.1e-7 (float32 rounding of
-    # the evaluation; worst at x = 5.827876, see tests/test_mathfn.py).  Near
-    # 0 the quotient loses relative accuracy (~2 ulp), so |x| < 1/16 uses the
-    # odd Taylor series x (1 - x^2/3 + 2x^4/15), exact to float32 there.
-    xc = _select_lt(builder, x, _c(-_TANH_CLAMP), _c(-_TANH_CLAMP), x)
-    xc = _select_lt(builder, _c(_TANH_CLAMP), xc, _c(_TANH_CLAMP), xc)
+    # XLA, on x clamped to +-7.905; max abs error 4.1e-7 with separate
+    # multiplies and adds (worst at x = 5.827876), 2.9e-7 with FMA (at
+    # 5.126039; tests/test_mathfn.py).  Near 0 the quotient loses relative
+    # accuracy (~2 ulp), so |x| < 1/16 uses the odd Taylor series
+    # x (1 - x^2/3 + 2x^4/15), exact to float32 there.  Beyond the clamp the
+    # result is +-1 by a select on the clamp's own compares: the quotient
+    # rounds to +-1 there without FMA but to 1 - 4 ulp with it.
+    below = builder.fcmp_ordered("<", x, _c(-_TANH_CLAMP))
+    above = builder.fcmp_ordered("<", _c(_TANH_CLAMP), x)
+    xc = builder.select(above, _c(_TANH_CLAMP), builder.select(below, _c(-_TANH_CLAMP), x))
     x2 = builder.fmul(xc, xc)
     y = builder.fdiv(builder.fmul(_horner(builder, x2, _TANH_P), xc), _horner(builder, x2, _TANH_Q))
     xs2 = builder.fmul(x, x)
     taylor = builder.fmul(x, _horner(builder, xs2, (2.0 / 15.0, -1.0 / 3.0, 1.0)))
-    return _select_lt(builder, _f32_intrinsic(builder, "fabs", x), _c(0.0625), taylor, y)
+    y = _select_lt(builder, _f32_intrinsic(builder, "fabs", x), _c(0.0625), taylor, y)
+    return builder.select(above, _c(1.0), builder.select(below, _c(-1.0), y))
 
 
 # Numerical Recipes' erfcc (Chebyshev fit): erfc(x) = t exp(-x^2 + P(t)),
@@ -148,13 +165,12 @@ def _exp_f32_sum(builder, hi, lo):
     # end) never enters.  Arguments only in [-124, 3] (erfc): no clamp, 2**n
     # in two halves as in _exp_f32 for the subnormal results.
     s = builder.fadd(hi, lo)
-    n = _f32_intrinsic(builder, "floor",
-                       builder.fadd(builder.fmul(s, _c(1.4426950408889634)), _c(0.5)))
-    r = builder.fsub(hi, builder.fmul(n, _c(0.693359375)))
+    n = _f32_intrinsic(builder, "floor", _fmuladd(builder, s, _c(1.4426950408889634), _c(0.5)))
+    r = _fmuladd(builder, n, _c(-0.693359375), hi)
     r = builder.fadd(r, lo)
-    r = builder.fsub(r, builder.fmul(n, _c(-2.12194440e-4)))
+    r = _fmuladd(builder, n, _c(2.12194440e-4), r)
     p = _horner(builder, r, _EXP_COEFFS)
-    p = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), _c(1.0))
+    p = builder.fadd(_fmuladd(builder, builder.fmul(p, r), r, r), _c(1.0))
     half = _f32_intrinsic(builder, "floor", builder.fmul(n, _c(0.5)))
     return builder.fmul(builder.fmul(p, _pow2(builder, half)),
                         _pow2(builder, builder.fsub(n, half)))
