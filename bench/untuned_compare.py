@@ -20,7 +20,12 @@ weights on the same batch (bench/workloads.py):
   thread pool;
 * ``gemm-1t``, ``gemm-2t`` -- the step's bare GEMMs (forward, dW and dx),
   through the BLAS fastgrad's kernels call, at 1 and 2 BLAS threads
-  (threadpoolctl): the floor.
+  (threadpoolctl): the floor;
+* ``update`` -- the step's clipped Adam update alone (``opt.step()`` on
+  gradients of the model's size): a step cannot take less than its GEMMs
+  and its update, and a large net's update is memory-bound (it reads and
+  writes every parameter and moment), so "x (GEMMs + update)" says how
+  close the step is to what its parts alone take.
 
 Each round runs every contender in turn: a few untimed calls first (the
 previous contender's BLAS or OpenMP workers may still be spinning), then
@@ -55,7 +60,7 @@ from report import write_block  # noqa: E402
 from step_compare import Threads, header  # noqa: E402
 from timing import timed  # noqa: E402
 from workloads import (initial_params, make_fastgrad, make_fastgrad_epoch,  # noqa: E402
-                       make_gemm_floor, make_jax, make_torch)
+                       make_gemm_floor, make_jax, make_torch, make_update_alone)
 
 RESULTS = HERE / "RESULTS.md"
 COMMAND = "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python bench/untuned_compare.py --write"
@@ -161,6 +166,8 @@ def contenders(w, small=False):
                             None, None)
     for n in THREADS:
         fns[f"gemm-{n}t"] = (make_gemm_floor(sizes, batch, act, loss), "fastgrad", n)
+    if not small:
+        fns["update"] = (make_update_alone(sizes, batch, act, loss), None, None)
     peers = [("jax", make_jax, None, None)]
     if not small:
         peers += [(f"torch-{n}t", make_torch, "torch", n) for n in THREADS]
@@ -179,7 +186,7 @@ def checked_warm_up(fns, threads):
     for c, (fn, lib, n) in fns.items():
         threads.use(lib, n)
         try:
-            if c == "run_epoch" or c.startswith("gemm-"):
+            if c in ("run_epoch", "update") or c.startswith("gemm-"):
                 for _ in range(3):
                     fn()
             else:
@@ -232,12 +239,16 @@ def summarise(rows):
         tb = best_torch(per)
         r = {"gemm-2t": ratio(per, "fastgrad", "gemm-2t"), "jax": ratio(per, "fastgrad", "jax"),
              "torch": ratio(per, "fastgrad", tb) if tb else None}
+        floor = None
+        if all(c in per for c in ("fastgrad", "gemm-2t", "update")):
+            floor = float(np.median(np.array(per["fastgrad"])
+                                    / (np.array(per["gemm-2t"]) + np.array(per["update"]))))
         for k, v in r.items():
             if v is not None:
                 met[k][1] += 1
                 met[k][0] += v <= TARGETS[k]
         out.append({"name": name, "workload": w, "per": per, "torch": tb, "ratios": r,
-                    "agree": agree})
+                    "floor": floor, "agree": agree})
     return out, met
 
 
@@ -253,17 +264,21 @@ def _cell(v, target, at_most=True):
 
 
 def table(summary, met):
-    lines = ["| workload | fastgrad ms | GEMMs 1t / 2t ms | JAX ms | PyTorch ms (best) "
-             f"| x GEMMs 2t (<= {TARGETS['gemm-2t']}) | x JAX (<= {TARGETS['jax']}) "
+    lines = ["| workload | fastgrad ms | GEMMs 1t / 2t ms | update ms | JAX ms | PyTorch ms (best) "
+             f"| x GEMMs 2t (<= {TARGETS['gemm-2t']}) | x (GEMMs 2t + update) "
+             f"| x JAX (<= {TARGETS['jax']}) "
              f"| x PyTorch (<= {TARGETS['torch']}) | peers' losses agree to |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         per, r, tb = s["per"], s["ratios"], s["torch"]
         torch = f"{_ms(per, tb)} ({tb[len('torch-'):]})" if tb else "-"
         lines.append(
             f"| {s['name']}: {describe(s['workload'])} | {_ms(per, 'fastgrad')} "
-            f"| {_ms(per, 'gemm-1t')} / {_ms(per, 'gemm-2t')} | {_ms(per, 'jax')} | {torch} "
-            f"| {_cell(r['gemm-2t'], TARGETS['gemm-2t'])} | {_cell(r['jax'], TARGETS['jax'])} "
+            f"| {_ms(per, 'gemm-1t')} / {_ms(per, 'gemm-2t')} | {_ms(per, 'update')} "
+            f"| {_ms(per, 'jax')} | {torch} "
+            f"| {_cell(r['gemm-2t'], TARGETS['gemm-2t'])} "
+            f"| {'-' if s['floor'] is None else format(s['floor'], '.2f')} "
+            f"| {_cell(r['jax'], TARGETS['jax'])} "
             f"| {_cell(r['torch'], TARGETS['torch'])} | {s['agree']:.1e} |")
     counts = ", ".join(f"{label} {met[k][0]}/{met[k][1]}" for k, label in
                        (("gemm-2t", f"<= {TARGETS['gemm-2t']}x GEMMs (2t)"),
@@ -359,7 +374,10 @@ def main(argv=None):
         + (" (smoke run: tiny sizes, figures meaningless)" if args.smoke else "")
         + ".  Times are medians over rounds; \"x\" columns are fastgrad's time over the "
         "peer's in the same round (median over rounds; < 1: fastgrad faster), marked "
-        "against issue #19's targets; the last column is the largest difference "
+        "against issue #19's targets; \"x (GEMMs 2t + update)\" is fastgrad's time over "
+        "its bare GEMMs' at 2 threads plus its clipped Adam update's alone "
+        "(`opt.step()`, the same kernel), per round: how close the step is to its "
+        "parts' floor; the last column is the largest difference "
         "between a peer's loss and fastgrad's over the first "
         f"{CHECK_STEPS} steps from the same initial weights, relative to the loss "
         f"(checked: <= {CHECK_RTOL:g})." + note, "",

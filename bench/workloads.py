@@ -82,6 +82,21 @@ def make_fastgrad_epoch(sizes, batch, act, loss, steps=64):
     return run
 
 
+def make_update_alone(sizes, batch, act, loss):
+    """The step's clipped Adam update alone, as ``opt.step()`` runs it (the
+    same kernel and team as the step's, plus its Python call) on gradients
+    of the model's size: with the bare GEMMs, the floor of a step whose
+    update is memory-bound."""
+    import fastgrad as fg
+    model = fg.MLP(sizes, activation=act, seed=0)
+    opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:
+        layer.dW[...] = rng.standard_normal(layer.dW.shape).astype(np.float32) * 1e-3
+        layer.db[...] = rng.standard_normal(layer.db.shape).astype(np.float32) * 1e-3
+    return opt.step
+
+
 def make_gemm_floor(sizes, batch, act, loss):
     """The step's own GEMMs alone, through the BLAS Numba uses, in one call."""
     from numba import njit
