@@ -893,7 +893,7 @@ class Optimizer:
         (``fastgrad.threads.team_threads``: more than one thread, OpenBLAS's
         own workers or the shared pool of ``fastgrad.share_blas_pool``) and
         there are at least ``fastgrad.threads.PARALLEL_UPDATE_MIN_PARAMS``
-        (2^14) parameters; off otherwise.  The update then runs on that
+        (2^15) parameters; off otherwise.  The update then runs on that
         team, as a ``TrainStep``'s does (``fastgrad.kernels.cpu.pass_team``:
         its norm split by blocks, its elementwise pass by ranges).
         ``False`` fixes the serial kernel, ``True`` Numba's parfor kernel
@@ -914,7 +914,9 @@ class Optimizer:
 
     def _chosen_update(self):
         """The update kernel ``step()`` runs now."""
-        if self._parallel_asked is None and _threads.team_threads():
+        # wants_parallel_update asks for the team (~3 us of Python) only for
+        # an update large enough to use it: 6 us of a small net's opt.step()
+        if self._parallel_asked is None:
             return self._automatic_update()
         return self._update
 
