@@ -5,12 +5,16 @@ run in short alternating rounds and every ratio is taken within a round,
 then the median over rounds is reported.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \
-        python bench/optim_compare.py [--rounds 15] [--sizes 1M,16M] [--threads 1] [--pause 0.3]
+        python bench/optim_compare.py [--rounds 15] [--sizes 1M,16M] [--threads 1] [--pause 0]
 
-``--pause`` waits that many seconds before each contender's turn and runs
-it once untimed: the previous contender's threads (OpenBLAS's workers,
-GNU OpenMP's, PyTorch's) stop spinning first, so each is timed as it runs
-alone rather than against the pool of whatever ran before it.
+``--pause`` (0.3 s unless given) waits that many seconds before each
+contender's turn and runs it once untimed: the previous contender's threads
+(OpenBLAS's workers, GNU OpenMP's, PyTorch's) stop spinning first, so each
+is timed as it runs alone rather than against the pool of whatever ran
+before it.  Without it, on 2 cores, each contender's first calls share the
+cores with the spinning threads of the one before: at 1M parameters
+fastgrad's update read 1.35-2.23 ms and torch's 2.49-2.55 ms, against 0.64
+and 1.18 ms with the pause (bench/RESULTS.md, "Clipped Adam update").
 """
 import argparse
 import os
@@ -32,7 +36,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--sizes", default="1M,16M")
     ap.add_argument("--threads", type=int, default=None, help="numba/torch/BLAS threads")
-    ap.add_argument("--pause", type=float, default=0.0,
+    ap.add_argument("--pause", type=float, default=0.3,
                     help="seconds of rest before each contender's turn (then one untimed call)")
     args = ap.parse_args()
     if args.threads:
