@@ -13,9 +13,9 @@ like = mathfn.like
 # A loop that sums in float64 as it goes stays scalar (LLVM may not reorder
 # the additions), so each kernel below splits its work: the elementwise parts
 # (exp, log1p, the gradient) run in loops of their own, which vectorise, and
-# a bare loop adds the float64 terms (bce_with_logits: eight running sums,
-# ``_sum8``, so that the additions do not wait for one another).  2-6x faster
-# on wide outputs (bench/RESULTS.md, "Losses at vector speed").
+# the float64 terms are added by a sum of its own that may reassociate
+# (``_sum64``, ``_sq_diff_sum``; bench/RESULTS.md, "Losses at vector speed"
+# and "The losses' sums in vector lanes").
 # Elements per chunk of the split loops: the chunk's scratch stays in L1.
 # bce_with_logits allocates that scratch (two CHUNK-long arrays) per call:
 # the one allocation of the fused step (tests/test_step.py checks the
@@ -23,27 +23,29 @@ like = mathfn.like
 CHUNK = 512
 
 
-@njit(**INLINE)
-def _sum8(a, n):
-    """The sum of ``a[:n]`` in float64, over eight running sums (element
-    k into sum k % 8, combined pairwise): one running sum is a chain of
-    dependent additions, 4 cycles each; eight fill the adders."""
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    k = 0
-    while k + 8 <= n:
-        s0 += np.float64(a[k])
-        s1 += np.float64(a[k + 1])
-        s2 += np.float64(a[k + 2])
-        s3 += np.float64(a[k + 3])
-        s4 += np.float64(a[k + 4])
-        s5 += np.float64(a[k + 5])
-        s6 += np.float64(a[k + 6])
-        s7 += np.float64(a[k + 7])
-        k += 8
-    while k < n:
-        s0 += np.float64(a[k])
-        k += 1
-    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+# ``reassoc`` only, as reduce.block_sumsq: LLVM splits a float64 sum into
+# vector lanes (one scalar chain waits 4 cycles an element; eight chains, as
+# these sums had, still ran at ~2), NaN and Inf still propagate, and the
+# order of the additions is fixed by the compiled code.  Functions of their
+# own: fast-math flags are set per function as Numba lowers it.
+@njit(**dict(JIT, fastmath={"reassoc"}))
+def _sum64(a):
+    """The sum of a 1-D array in float64."""
+    s = 0.0
+    for k in range(a.shape[0]):
+        s += np.float64(a[k])
+    return s
+
+
+@njit(**dict(JIT, fastmath={"reassoc"}))
+def _sq_diff_sum(p, t):
+    """sum((p - t)^2) of two 1-D arrays, each difference taken in their
+    dtype and squared in float64."""
+    s = 0.0
+    for k in range(p.shape[0]):
+        d = np.float64(p[k] - t[k])
+        s += d * d
+    return s
 
 
 @njit(**INLINE)
@@ -99,7 +101,7 @@ def softmax_cross_entropy(logits, labels, grad):
         # The sum in float64: near-certain rows have s = 1 + tiny, and a
         # float32 sum would round the tiny part away (the loss, log s, then
         # off by ~6e-8 absolute: large against a loss of 1e-4).
-        s = _sum8(g, C)
+        s = _sum64(g)
         logs += np.log(s)                     # one scalar log per row
         y = labels[i]
         e_lab = np.float64(g[y])
@@ -115,15 +117,21 @@ def softmax_cross_entropy(logits, labels, grad):
 
 @njit(**JIT)
 def mse(pred, target, grad):
-    """Mean of (pred - target)^2 over all elements (torch.nn.MSELoss)."""
+    """Mean of (pred - target)^2 over all elements (torch.nn.MSELoss).
+
+    Per chunk (in L1): the sum in vector lanes, then the gradient (``grad``
+    may alias ``pred``), so that the inputs are read from memory once.
+    """
     pf, tf, gf = pred.reshape(pred.size), target.reshape(target.size), grad.reshape(grad.size)
-    two_over_n = like(pf[0], 2.0 / pf.size)
+    n = pf.size
+    two_over_n = like(pf[0], 2.0 / n)
     total = 0.0
-    for i in range(pf.size):
-        d = pf[i] - tf[i]
-        total += np.float64(d) * np.float64(d)
-        gf[i] = two_over_n * d
-    return total / pf.size
+    for lo in range(0, n, CHUNK):
+        p, t, g = pf[lo:lo + CHUNK], tf[lo:lo + CHUNK], gf[lo:lo + CHUNK]
+        total += _sq_diff_sum(p, t)
+        for k in range(p.shape[0]):          # views: a loop from 0 vectorises
+            g[k] = two_over_n * (p[k] - t[k])
+    return total / n
 
 
 @njit(**JIT)
@@ -150,7 +158,7 @@ def bce_with_logits(logits, target, grad):
         for k in range(m):                  # g may alias x: x[k] is read first
             num = one if x[k] >= zero else e[k]
             g[k] = (num / (one + e[k]) - t[k]) * inv_n
-        total += _sum8(terms, m)
+        total += _sum64(terms[:m])
     return total / n
 
 
