@@ -76,11 +76,10 @@ def softmax_cross_entropy(logits, labels, grad):
     """Mean softmax cross-entropy over rows, integer ``labels``.
 
     Three passes over ``grad`` (in cache): per row the max m, and l - m
-    into ``grad``; exp over the whole block in one loop (per row, a row of
-    a few dozen classes left a scalar remainder of costly exps: 0.6x the
-    time for 10 to 643 classes); per row the sum and the scale.  Stable
-    for logits of any finite size: the largest shifted logit is 0, so the
-    sum lies in [1, n_classes].
+    into ``grad``; exp over the whole block in one loop (a loop per row
+    left every row a scalar remainder of up to 7 costly exps); per row the
+    sum and the scale.  Stable for logits of any finite size: the largest
+    shifted logit is 0, so the sum lies in [1, n_classes].
     """
     B, C = logits.shape
     inv_b = 1.0 / B

@@ -16,8 +16,8 @@ every call site had to be typed again, and the activation kernels took over
 10 s to compile cold; as intrinsics their typing is a table lookup.  The IR
 performs exactly the operations of the formulas in the comments, in that
 order, without fast-math flags, so NaN and Inf propagate and results are
-reproducible.  One exception: the float32 polynomials and reductions
-multiply-add through ``llvm.fmuladd``, one FMA (one rounding) on a CPU that
+reproducible.  One exception: the float32 polynomials and exp's argument
+reduction multiply-add through ``llvm.fmuladd``, one FMA (one rounding) on a CPU that
 has it and a multiply then an add on one that does not, which Numba's
 target decides.  Their results are the same on every run of one host; a
 host without FMA may differ from one with it in the last bit or two, both
