@@ -105,14 +105,17 @@ def set_flush_denormal(mode):
     float32 CUDA kernels always do): the float32 training step,
     ``run_epoch``, the layer path's forward and backward and the
     optimizer's update set the x86 FTZ and DAZ bits while they run, on
-    their own threads and the shared BLAS pool's (``share_blas_pool``; not
-    on OpenBLAS's own workers), and restore the caller's on return: values
-    below the smallest normal float32 (1.2e-38) read and are written as
-    zero there.  On Intel cores each denormal operation costs a microcode
-    assist of ~100 cycles, and a confident model's underflowing
-    probabilities and gradients made whole steps up to 6x slower
-    (bench/RESULTS.md "Denormals").  Off: IEEE gradual underflow, PyTorch's
-    default.  float64, NumPy, ``fastgrad.ops`` and anything else outside
+    their own threads and the shared BLAS pool's (``share_blas_pool``),
+    and restore the caller's on return: values below the smallest normal
+    float32 (1.2e-38) read and are written as zero there.  Without the
+    shared pool, a step or layer pass whose GEMMs are large enough for
+    OpenBLAS to split gives OpenBLAS's own workers the mode for its span
+    and clears it on return (not with ``FASTGRAD_PASS_TEAM=0``: there the
+    workers' share of a GEMM keeps denormals).  On Intel cores each
+    denormal operation costs a microcode assist of ~100 cycles, and a
+    confident model's underflowing probabilities and gradients made whole
+    steps up to 6x slower (bench/RESULTS.md "Denormals").  Off: IEEE
+    gradual underflow, PyTorch's default.  float64, NumPy, ``fastgrad.ops`` and anything else outside
     those kernels are not affected.  Returns whether this CPU supports it
     (x86-64), as ``torch.set_flush_denormal`` does.
     """
