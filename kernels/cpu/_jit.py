@@ -3,9 +3,9 @@
 ``error_model="numpy"`` lets loops with a float division vectorise (under the
 default "python" model a division by zero must raise, which blocks SIMD).
 No ``fastmath``: NaN and Inf must stay visible to the non-finite guards.  The
-one exception is ``reassoc`` alone on a few float64 sums (reduce.block_sumsq,
-losses._sum64 and _sq_diff_sum), which lets them add in vector lanes and
-keeps NaN and Inf.
+one exception is ``reassoc`` alone on the float64 sums of kernels/cpu/reduce.py
+(``REASSOC``: the gradient norm's and the losses'), which lets them add in
+vector lanes and keeps NaN and Inf.
 
 ``cache=True`` keeps compiled code on disk across processes, in the first
 writable place of Numba's list: ``NUMBA_CACHE_DIR``, ``__pycache__`` next to

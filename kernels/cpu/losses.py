@@ -8,44 +8,20 @@ from numba import njit
 
 from . import mathfn
 from ._jit import INLINE, JIT
+from .reduce import sq_diff_sum, sum64
 
 like = mathfn.like
 # A loop that sums in float64 as it goes stays scalar (LLVM may not reorder
 # the additions), so each kernel below splits its work: the elementwise parts
 # (exp, log1p, the gradient) run in loops of their own, which vectorise, and
 # the float64 terms are added by a sum of its own that may reassociate
-# (``_sum64``, ``_sq_diff_sum``; bench/RESULTS.md, "Losses at vector speed"
-# and "The losses' sums in vector lanes").
+# (``reduce.sum64``, ``reduce.sq_diff_sum``: why they may reassociate is
+# stated there; bench/RESULTS.md, "Losses at vector speed").
 # Elements per chunk of the split loops: the chunk's scratch stays in L1.
 # bce_with_logits allocates that scratch (two CHUNK-long arrays) per call:
 # the one allocation of the fused step (tests/test_step.py checks the
 # cross-entropy step allocates nothing).
 CHUNK = 512
-
-
-# ``reassoc`` only, as reduce.block_sumsq: LLVM splits a float64 sum into
-# vector lanes (one scalar chain waits 4 cycles an element; eight chains, as
-# these sums had, still ran at ~2), NaN and Inf still propagate, and the
-# order of the additions is fixed by the compiled code.  Functions of their
-# own: fast-math flags are set per function as Numba lowers it.
-@njit(**dict(JIT, fastmath={"reassoc"}))
-def _sum64(a):
-    """The sum of a 1-D array in float64."""
-    s = 0.0
-    for k in range(a.shape[0]):
-        s += np.float64(a[k])
-    return s
-
-
-@njit(**dict(JIT, fastmath={"reassoc"}))
-def _sq_diff_sum(p, t):
-    """sum((p - t)^2) of two 1-D arrays, each difference taken in their
-    dtype and squared in float64."""
-    s = 0.0
-    for k in range(p.shape[0]):
-        d = np.float64(p[k] - t[k])
-        s += d * d
-    return s
 
 
 @njit(**INLINE)
@@ -100,7 +76,7 @@ def softmax_cross_entropy(logits, labels, grad):
         # The sum in float64: near-certain rows have s = 1 + tiny, and a
         # float32 sum would round the tiny part away (the loss, log s, then
         # off by ~6e-8 absolute: large against a loss of 1e-4).
-        s = _sum64(g)
+        s = sum64(g)
         logs += np.log(s)                     # one scalar log per row
         y = labels[i]
         e_lab = np.float64(g[y])
@@ -127,7 +103,7 @@ def mse(pred, target, grad):
     total = 0.0
     for lo in range(0, n, CHUNK):
         p, t, g = pf[lo:lo + CHUNK], tf[lo:lo + CHUNK], gf[lo:lo + CHUNK]
-        total += _sq_diff_sum(p, t)
+        total += sq_diff_sum(p, t)
         for k in range(p.shape[0]):          # views: a loop from 0 vectorises
             g[k] = two_over_n * (p[k] - t[k])
     return total / n
@@ -157,7 +133,7 @@ def bce_with_logits(logits, target, grad):
         for k in range(m):                  # g may alias x: x[k] is read first
             num = one if x[k] >= zero else e[k]
             g[k] = (num / (one + e[k]) - t[k]) * inv_n
-        total += _sum64(terms[:m])
+        total += sum64(terms[:m])
     return total / n
 
 

@@ -1,4 +1,5 @@
-"""Squared norms of a flat gradient: the global one and one per layer, in one pass.
+"""Float64 sums: squared norms of a flat gradient (the global one and one
+per layer, in one pass), and the sums the losses take of their terms.
 
 This is pass 1 of every clipped update (``fastgrad.kernels.cpu.optim``): the
 global norm decides the clip coefficient and the non-finite skip, the per-layer
@@ -27,11 +28,38 @@ from ._jit import INLINE, JIT
 BLOCK = 1 << 14
 
 
-# ``reassoc`` only (no ``nnan``/``ninf``): it lets LLVM split the sum into
-# vector lanes (2x faster than eight scalar chains, measured), while NaN and
-# Inf still propagate to the caller's non-finite test.  The order of the
-# additions is then fixed by the compiled code, not by the data or threads.
-@njit(**dict(JIT, fastmath={"reassoc"}))
+# The sums below are compiled with ``reassoc`` alone (no ``nnan``/``ninf``;
+# the one fast-math flag in the kernels, kernels/cpu/_jit.py): it lets LLVM
+# split a float64 sum into vector lanes, where one scalar chain waits 4
+# cycles an element and eight chains still ran at ~2 (bench/RESULTS.md,
+# "The losses' sums in vector lanes"), while NaN and Inf still propagate to
+# the callers' non-finite tests.  The order of the additions is then fixed
+# by the compiled code, not by the data or threads.  Functions of their
+# own: fast-math flags are set per function as Numba lowers it.
+REASSOC = dict(JIT, fastmath={"reassoc"})
+
+
+@njit(**REASSOC)
+def sum64(a):
+    """The sum of a 1-D array in float64."""
+    s = 0.0
+    for k in range(a.shape[0]):
+        s += np.float64(a[k])
+    return s
+
+
+@njit(**REASSOC)
+def sq_diff_sum(p, t):
+    """sum((p - t)^2) of two 1-D arrays, each difference taken in their
+    dtype and squared in float64."""
+    s = 0.0
+    for k in range(p.shape[0]):
+        d = np.float64(p[k] - t[k])
+        s += d * d
+    return s
+
+
+@njit(**REASSOC)
 def block_sumsq(g):
     """sum(g.astype(float64) ** 2) of a 1-D view (a block of <= BLOCK items).
 
