@@ -239,6 +239,10 @@ class Backend:
         ``(norm, scale, skipped)`` for ``opt._commit``."""
         raise NotImplementedError
 
+    def pairs_parallel(self, opt):
+        """Whether ``update_pairs`` runs ``opt``'s update on several threads."""
+        return False
+
     def undo_skipped_forward(self, model, snap, skipped, records):
         """After an update that was (``skipped``: a bool, or a callable
         giving it) skipped, undo what the forward changed besides the
@@ -418,6 +422,16 @@ class CpuBackend(Backend):
         if not p.flags.writeable:
             raise ValueError(f"pair {i}: param is read-only")
 
+    def pairs_parallel(self, opt):
+        # Numba's parfor kernel when asked for, or chosen on the shared pool
+        # (OpenMP's threads are the BLAS's there); never by default on
+        # OpenBLAS's own workers, whose spinning it would fight
+        asked = opt._parallel_asked
+        if asked is not None:
+            return asked
+        return (_threads.blas_pool_shared()
+                and opt._chosen_update() is not opt._serial_update)
+
     def update_pairs(self, opt):
         from .kernels.cpu import multi_tensor as mt
         rule, s0, s1, s2, hp = opt._kernel_args()
@@ -429,12 +443,8 @@ class CpuBackend(Backend):
             rows = np.searchsorted(hp[:, HP_END], opt._offsets[:-1], side="right")
         else:
             hp = hp.reshape(1, -1)
-        # Numba's parfor kernel when asked for, or chosen on the shared pool
-        # (OpenMP's threads are the BLAS's there); never by default on
-        # OpenBLAS's own workers, whose spinning it would fight
-        asked = opt._parallel_asked
-        parallel = asked if asked is not None else _threads.blas_pool_shared() and opt.parallel
-        update = mt.multi_clipped_update_parallel if parallel else mt.multi_clipped_update
+        update = (mt.multi_clipped_update_parallel if self.pairs_parallel(opt)
+                  else mt.multi_clipped_update)
         return update(rule, opt._empty, p_addr, g_addr, s_addr, sizes, hp, rows,
                       opt._layer_sq, opt._clip_norm, opt._clip_value)
 

@@ -902,7 +902,12 @@ class Optimizer:
         "One pool"); ``None`` restores the default.  A ``TrainStep`` runs its
         update on the step's own team unless this is ``False``;
         ``TrainStep(threads=n)`` always runs the update on its own threads.
+        An optimizer over contiguous ``(param, grad)`` pairs, updated in
+        place, leaves ``None`` serial on OpenBLAS's own workers and parallel
+        (Numba's parfor kernel) only on the shared pool.
         """
+        if self._multi is not None:
+            return self._backend.pairs_parallel(self)
         return self._chosen_update() is not self._serial_update
 
     @parallel.setter

@@ -221,3 +221,31 @@ def test_the_parallel_default_follows_the_pool_and_the_size(sizes):
     # the parallel kernel and the shared pool's GEMMs are bitwise the serial path
     assert np.array_equal(runs[False][0], runs[True][0])
     assert np.array_equal(runs[False][1], runs[True][1], equal_nan=True)
+
+
+def test_opt_parallel_says_how_pairs_in_place_are_updated():
+    """Contiguous (param, grad) pairs are updated in place by the
+    multi-tensor kernel: serial on OpenBLAS's own workers whatever their
+    size, Numba's parfor kernel on the shared pool; ``opt.parallel`` says
+    which, and a pinned value is what runs."""
+    _shareable()
+    rng = np.random.default_rng()
+    n = fg.threads.PARALLEL_UPDATE_MIN_PARAMS + int(rng.integers(1, 999))
+    params = [rng.standard_normal(n).astype(np.float32), np.zeros(3, np.float32)]
+    grads = [rng.standard_normal(n).astype(np.float32), np.ones(3, np.float32)]
+    try:
+        for shared in (False, True):
+            fg.share_blas_pool(shared)
+            opt = fg.Adam(list(zip(params, grads)), lr=1e-3, clip_norm=1.0)
+            assert opt._multi is not None
+            team = fg.threads.team_threads() > 0
+            assert opt.parallel == (shared and team)
+            opt.parallel = True
+            assert opt.parallel
+            opt.parallel = False
+            assert not opt.parallel
+            opt.parallel = None
+            assert opt.parallel == (shared and team)
+            assert np.isfinite(opt.step().grad_norm)
+    finally:
+        fg.share_blas_pool(False)
