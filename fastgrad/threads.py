@@ -83,7 +83,7 @@ _pool_lock = threading.Lock()
 # (sharing on or off, a fork, fastgrad.set_num_threads): TrainStep refills
 # its plan when it moved (kernels/cpu/pass_team.py).
 _pool = {"libraries": None, "why_not": None, "fork_hook": False, "forked": False,
-         "generation": 0, "start": None}
+         "generation": 0, "start": None, "env_read": False}
 _pool_lock_word = None      # the callback's spin lock (an int32 it reaches by symbol)
 
 
@@ -203,9 +203,13 @@ def _unshare_in_child():
 
 
 def share_blas_pool_if_asked():
-    """``share_blas_pool()`` when ``FASTGRAD_SHARE_BLAS_POOL=1`` (once)."""
-    if _pool["why_not"] is None and not _pool["libraries"] and \
-            os.environ.get("FASTGRAD_SHARE_BLAS_POOL", "").strip() == "1":
+    """``share_blas_pool()`` when ``FASTGRAD_SHARE_BLAS_POOL=1``, at the
+    first call alone (the first CPU optimizer built): a later
+    ``share_blas_pool(False)`` stands."""
+    if _pool["env_read"]:
+        return
+    _pool["env_read"] = True
+    if os.environ.get("FASTGRAD_SHARE_BLAS_POOL", "").strip() == "1":
         share_blas_pool()
 
 

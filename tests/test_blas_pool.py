@@ -179,6 +179,16 @@ def test_the_environment_variable_shares_it_with_the_first_optimizer():
     """
     assert _run(code, FASTGRAD_SHARE_BLAS_POOL="1")[:2] == ["False", "True"]
     assert _run(code, FASTGRAD_SHARE_BLAS_POOL="0")[:2] == ["False", "False"]
+    # read once: a pool given back stays unshared when the next optimizer is built
+    code = """
+    import numpy as np, fastgrad as fg
+    fg.Adam(fg.MLP([4, 3], seed=0), lr=1e-3)
+    print(fg.blas_pool_status()[0])
+    fg.share_blas_pool(False)
+    fg.Adam(fg.MLP([4, 3], seed=0), lr=1e-3)
+    print(fg.blas_pool_status()[0])
+    """
+    assert _run(code, FASTGRAD_SHARE_BLAS_POOL="1")[:2] == ["True", "False"]
 
 
 @pytest.mark.parametrize("sizes", [[37, 45, 11], [600, 500, 10]])
