@@ -104,12 +104,14 @@ def set_flush_denormal(mode):
     On (the default, as JAX and TensorFlow on the CPU, and as fastgrad's
     float32 CUDA kernels always do): the float32 training step,
     ``run_epoch``, the layer path's forward and backward and the
-    optimizer's update set the x86 FTZ and DAZ bits while they run, on
+    optimizer's update of its flat buffers (not of ``(param, grad)`` pairs
+    updated in place, which keep PyTorch's semantics, as
+    ``fastgrad.torch``) set the x86 FTZ and DAZ bits while they run, on
     their own threads and the shared BLAS pool's (``share_blas_pool``),
     and restore the caller's on return: values below the smallest normal
     float32 (1.2e-38) read and are written as zero there.  Without the
-    shared pool, a step or layer pass whose GEMMs are large enough for
-    OpenBLAS to split gives OpenBLAS's own workers the mode for its span
+    shared pool, a ``TrainStep`` step or epoch whose GEMMs are large enough
+    for OpenBLAS to split gives OpenBLAS's own workers the mode for its span
     and clears it on return (not with ``FASTGRAD_PASS_TEAM=0``: there the
     workers' share of a GEMM keeps denormals).  On Intel cores each
     denormal operation costs a microcode assist of ~100 cycles, and a

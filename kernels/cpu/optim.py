@@ -40,12 +40,13 @@ several non-adjacent segments repeats its row.  The 1-D row stays the
 single-group case, compiled as before: the dimension is a compile-time
 constant in Numba, so a single-group step never compiles the segment loop.
 
-No ``fastmath`` anywhere: the non-finite test must see NaN and Inf, and the
+No ``fastmath`` but ``reassoc`` on the norm's float64 block sums
+(kernels/cpu/reduce.py): the non-finite test must see NaN and Inf, and the
 float64 path must round like PyTorch.  The passes are memory bound, so the
 fused arithmetic costs nothing measurable.  ``clipped_update`` is serial;
 ``clipped_update_parallel`` (the optimizers' own ``step()``, ``opt.parallel``)
-and the whole-step kernel's team update on the shared pool
-(``pass_team.clipped_update``) are bitwise equal to it (bench/RESULTS.md has
+and the team update (``pass_team.clipped_update``, on OpenBLAS's
+workers or the shared pool) are bitwise equal to it (bench/RESULTS.md has
 them measured).
 """
 import numpy as np
@@ -357,10 +358,12 @@ def clipped_update_parallel(rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_
     """:func:`clipped_update` with both passes spread over Numba's threads.
 
     Bitwise the same result as the serial entry (the update is elementwise,
-    the norm adds the same block sums in the same order).  ``opt.step()``
-    runs it from 2^18 parameters on the shared pool, or when asked
-    (``opt.parallel = True``): with OpenBLAS's own threads spinning after
-    each GEMM, a parallel region fights them (DESIGN.md "Threads").
+    the norm adds the same block sums in the same order).  It runs when
+    asked (``opt.parallel = True``) and in ``TrainStep(threads=n)``; by
+    default ``opt.step()`` runs its update on the pass team from 2^15
+    parameters (``pass_team.clipped_update``): with OpenBLAS's own threads
+    spinning after each GEMM, a parallel region fights them (DESIGN.md
+    "Threads").
     """
     refuse_rule(rule)       # here, not raised in each thread's chunk after fpenv.enter
     norm = np.sqrt(layer_sumsq_parallel(g, offsets, layer_sq))
