@@ -359,8 +359,9 @@ def _lr_arg(name, x):
 class _LearningRate(_Hyper):
     """``opt.lr``: reads the learning rate of the next update (a float; group
     0's with several groups); writing a float or a Schedule replaces the
-    schedule of every group (validated), as writing ``group["lr"]`` does in
-    torch."""
+    schedule of every group (validated): a float makes the rate constant,
+    the schedule ends (in torch a scheduler left attached would go on
+    from the written value at its next step)."""
 
     def __get__(self, opt, owner=None):
         if opt is None:
@@ -634,10 +635,13 @@ class Optimizer:
         optimizer's: norm clipping is over all groups, as
         ``clip_grad_norm_`` over all parameters, and a non-finite gradient
         anywhere skips the whole update.  A group's ``"lr"`` may be a
-        Schedule (its own); a float under a scheduled optimizer lr scales
-        that schedule by ``lr / schedule(0)``, as torch's LR schedulers
-        scale each group's initial lr (a float under a float lr is simply
-        the group's).  One update runs all groups (on CUDA one launch of
+        Schedule (its own); a float under a scheduled optimizer lr starts
+        that schedule from it as torch's LR schedulers start from each
+        group's initial lr (``fastgrad.schedules.Schedule.group_rate``: the
+        schedule scaled by ``lr / schedule(0)``, with cosine annealing's
+        ``eta_min`` and plateau's ``min_lr`` held, and one-cycle's own
+        cycle for every group); a float under a float lr is simply the
+        group's.  One update runs all groups (on CUDA one launch of
         pass 2 per contiguous segment; ``TrainStep(cuda_graph=True)``
         needs one group).
     foreach, fused, capturable, differentiable
@@ -650,7 +654,9 @@ class Optimizer:
     ``opt.lr`` reads the learning rate of the next update (group 0's);
     writing it (a float >= 0 or a Schedule) replaces the schedule of every
     group, validated, from the next update on: a float where a schedule was
-    makes the rate constant, as writing ``group["lr"]`` does in torch.
+    makes the rate constant: the schedule ends there, where a torch
+    scheduler left attached would go on from the written value (set a
+    schedule instead to keep one).
     ``StepStats.lr`` is group 0's rate.
 
     Every hyper-parameter (``clip_norm``, ``momentum``, ``betas``,
@@ -1168,9 +1174,9 @@ class Optimizer:
     def _group_lr_arg(self, gi, x):
         """``(own schedule, lr_scale)`` of a group's ``"lr"``: a Schedule (or
         its config) is the group's own; a float under a constant optimizer lr
-        is a constant; a float under a schedule scales that schedule by
-        ``x / schedule(0)`` (torch's schedulers scale each group's initial
-        lr), which needs ``schedule(0) > 0``."""
+        is a constant; a float under a schedule starts that schedule from
+        ``x`` as torch's schedulers start from each group's initial lr
+        (``Schedule.group_rate``), which needs ``schedule(0) > 0``."""
         if isinstance(x, (Schedule, Mapping)):
             return _lr_arg("lr", x), None
         x = _nonneg(f"param group {gi}: lr", x)
@@ -1256,18 +1262,18 @@ class Optimizer:
         own = None if g is None else g.values["lr"]
         if own is not None:
             return float(own(k))
-        lr = float(self._values["lr"](k))
+        schedule = self._values["lr"]
         if g is not None and g.lr_scale is not None:
             num, den = g.lr_scale
-            lr = num * (lr / den)
-        return lr
+            return float(schedule.group_rate(k, num, den))
+        return float(schedule(k))
 
     @property
     def lr_schedule(self):
         """The optimizer's learning-rate schedule (update ``k`` uses
         ``lr_schedule(k)``): every group's unless it has its own (a group
-        given a float lr under a schedule follows it scaled by
-        ``lr / lr_schedule(0)``).  Settable like ``lr`` (sets every group)."""
+        given a float lr under a schedule follows
+        ``lr_schedule.group_rate``).  Settable like ``lr`` (sets every group)."""
         return self._values["lr"]
 
     @lr_schedule.setter

@@ -14,10 +14,16 @@ The formulas are optax's (``optax.constant_schedule``,
 follow ``torch.optim.lr_scheduler`` (also under torch's class names).
 
 With parameter groups (``fastgrad.optim``), the optimizer's schedule drives
-every group as torch's schedulers drive ``param_groups``: a group that sets
-a float ``lr`` follows the schedule scaled by ``lr / schedule(0)`` (torch
-scales each group's ``initial_lr``; e.g. ``StepLR`` or ``OneCycleLR`` with
-one ``max_lr`` per group), a group may carry a schedule of its own, and a
+every group as torch's schedulers drive ``param_groups``
+(:meth:`Schedule.group_rate`): a group that sets a float ``lr`` starts its
+schedule from that lr as torch's start from each group's ``initial_lr``
+(the schedule scaled by ``lr / schedule(0)``, as ``StepLR`` or
+``ExponentialLR``), except where torch's scheduler holds a value fixed for
+every group: :class:`cosine_annealing` keeps its ``eta_min``,
+:class:`reduce_on_plateau` its ``min_lr``, and :class:`one_cycle` replaces
+every group's lr by its own cycle (``OneCycleLR`` sets each group's initial
+lr to ``max_lr / div_factor``; give a group its own ``one_cycle`` for
+another ``max_lr``).  A group may carry a schedule of its own, and a
 :class:`reduce_on_plateau` stepped once reduces every group that follows it.
 """
 import math
@@ -68,6 +74,14 @@ class Schedule:
 
     def __call__(self, k):
         raise NotImplementedError
+
+    def group_rate(self, k, lr, lr0):
+        """The rate at update ``k`` of a parameter group that gives the float
+        ``lr`` under this schedule, ``lr0`` being ``self(0)`` when the group
+        was set (> 0): this schedule scaled by ``lr / lr0``, as torch's
+        schedulers scale each group's ``initial_lr``.  Schedules whose torch
+        twin holds a value fixed for every group override it."""
+        return lr * (self(k) / lr0)
 
     def to_config(self):
         """JSON-able description: ``{"kind": ..., <fields>}``."""
@@ -227,7 +241,8 @@ class cosine_annealing(Schedule):
 
     Unlike :class:`cosine_decay`, which holds its floor after the horizon
     (optax), this one continues the cosine past ``T_max``: the lr climbs back
-    to ``lr0`` at ``2 T_max``, as torch's does.
+    to ``lr0`` at ``2 T_max``, as torch's does.  A parameter group that
+    gives its own lr anneals from it to the same ``eta_min``.
     """
 
     kind = "cosine_annealing"
@@ -237,8 +252,14 @@ class cosine_annealing(Schedule):
         self._set_checked(lr0=lr0, T_max=T_max, eta_min=eta_min)
 
     def __call__(self, k):
-        return self.eta_min + (self.lr0 - self.eta_min) * (
-            1.0 + math.cos(math.pi * k / self.T_max)) / 2.0
+        return self._anneal(k, self.lr0)
+
+    def _anneal(self, k, lr0):
+        return self.eta_min + (lr0 - self.eta_min) * (1.0 + math.cos(math.pi * k / self.T_max)) / 2.0
+
+    def group_rate(self, k, lr, lr0):
+        # torch anneals each group from its own initial lr to the one eta_min
+        return self._anneal(k, lr)
 
 
 class polynomial_decay(Schedule):
@@ -266,7 +287,11 @@ class one_cycle(Schedule):
     and only then falls to the minimum.  ``anneal_strategy``: "cos" or
     "linear".  Like torch, asking for update ``k > total_steps`` raises
     ValueError.  Only the learning rate cycles: torch's momentum cycling
-    (``cycle_momentum``) has no counterpart here.
+    (``cycle_momentum``) has no counterpart here.  Every parameter group
+    that follows it gets this cycle, whatever lr the group gives (torch's
+    ``OneCycleLR`` overwrites each group's lr with ``max_lr /
+    div_factor``); a group given its own ``one_cycle`` has another
+    ``max_lr``, as torch's list of them.
     """
 
     kind = "one_cycle"
@@ -310,6 +335,11 @@ class one_cycle(Schedule):
                 return (lr_b - lr_a) * pct + lr_a
             start = end
         raise AssertionError("unreachable")     # pragma: no cover
+
+    def group_rate(self, k, lr, lr0):
+        # torch's OneCycleLR overwrites every group's initial lr with
+        # max_lr / div_factor: the group's own lr is not used
+        return self(k)
 
 
 class reduce_on_plateau(Schedule):
@@ -365,6 +395,15 @@ class reduce_on_plateau(Schedule):
     def __call__(self, k):
         self._last_k = k
         return max(self.lr(k) * self.scale, self.min_lr)
+
+    def group_rate(self, k, lr, lr0):
+        # each group follows the base schedule from its own lr, reduced by
+        # the one scale down to the one min_lr (torch's min_lr for all groups)
+        self._last_k = k
+        base0 = self.lr(0)
+        if base0 > 0.0:
+            return max(self.lr.group_rate(k, lr, base0) * self.scale, self.min_lr)
+        return lr * (self(k) / lr0)     # a base from 0 (min_lr > 0): scaled whole
 
     def _is_better(self, a):
         if self.mode == "min":

@@ -718,13 +718,66 @@ def test_param_groups_with_a_torch_scheduler(which):
             assert group["lr"] == pytest.approx(tgroup["lr"], rel=1e-13)
         pair.step(g)
         tsched.step()
-    if which == "one_cycle":                # the scaled spelling gives the same lrs
-        opt = Adam([{"params": [(np.zeros(2), np.zeros(2))]},
-                    {"params": [(np.zeros(3), np.zeros(3))], "lr": 4e-3 / 25}], lr=sched)
-        for k in range(n):
-            opt.step_count = k
-            assert opt.param_groups[1]["lr"] == pytest.approx(
-                pair.opt._group_lr(1, k), rel=1e-13)
+
+
+def _torch_group_lrs(torch, group_lrs, make_sched, n, metrics=None):
+    """The lr of each group at updates 0 .. n-1 under a torch scheduler."""
+    ps = [torch.nn.Parameter(torch.zeros(2)) for _ in group_lrs]
+    topt = torch.optim.SGD([{"params": [p], "lr": lr} for p, lr in zip(ps, group_lrs)],
+                           lr=group_lrs[0])
+    sched = make_sched(topt)
+    out = []
+    for k in range(n):
+        out.append([g["lr"] for g in topt.param_groups])
+        topt.step()
+        sched.step(*(() if metrics is None else (metrics[k],)))
+    return np.array(out)
+
+
+def _fg_group_lrs(group_lrs, schedule, n, metrics=None):
+    opt = fg.SGD([{"params": [(np.zeros(2), np.zeros(2))], "lr": lr} for lr in group_lrs],
+                 lr=schedule)
+    out = []
+    for k in range(n):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        if metrics is not None:
+            schedule.step(metrics[k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("which", ["one_cycle", "cosine_annealing", "plateau", "exponential"])
+def test_groups_with_their_own_lr_under_a_schedule_match_torch(which):
+    """Groups that give a float lr under a schedule get torch's rates: a
+    schedule scales each group's initial lr, but what torch's scheduler holds
+    fixed stays fixed (cosine annealing's eta_min, plateau's min_lr), and
+    OneCycleLR gives every group its cycle whatever the group's lr (a
+    scaling made this group peak at 25x max_lr)."""
+    torch = _torch()
+    L, S = torch.optim.lr_scheduler, fg.schedules
+    rng = np.random.default_rng()
+    n = 24 + int(rng.integers(0, 9))
+    group_lrs = [0.1, float(rng.uniform(0.005, 0.05)), float(rng.uniform(0.001, 0.004))]
+    metrics = None
+    if which == "one_cycle":
+        ours = S.OneCycleLR(0.1, total_steps=n)
+        theirs = lambda o: L.OneCycleLR(o, 0.1, total_steps=n, cycle_momentum=False)  # noqa: E731
+    elif which == "cosine_annealing":
+        ours = S.CosineAnnealingLR(0.1, T_max=n // 2, eta_min=0.004)
+        theirs = lambda o: L.CosineAnnealingLR(o, T_max=n // 2, eta_min=0.004)  # noqa: E731
+    elif which == "plateau":
+        metrics = [1.0] * n
+        ours = S.ReduceLROnPlateau(0.1, patience=1, factor=0.5, min_lr=0.002)
+        theirs = lambda o: L.ReduceLROnPlateau(o, patience=1, factor=0.5, min_lr=0.002)  # noqa
+    else:
+        ours = S.exponential_decay(0.1, 0.9, 1)
+        theirs = lambda o: L.ExponentialLR(o, 0.9)  # noqa: E731
+    expected = _torch_group_lrs(torch, group_lrs, theirs, n, metrics)
+    got = _fg_group_lrs(group_lrs, ours, n, metrics)
+    # torch's CosineAnnealingLR steps by a recursion: agreement to ~1e-12
+    np.testing.assert_allclose(got, expected, rtol=1e-11, atol=1e-15)
+    if which == "one_cycle":
+        assert got.max() <= 0.1 * (1 + 1e-12)
 
 
 def test_param_groups_follow_a_plateau_schedule_together():
