@@ -525,13 +525,18 @@ class _Group:
     optimizer's schedule (``opt.lr_schedule``), times ``num / den`` when
     ``lr_scale = (num, den)`` (a float lr given to a group of an optimizer
     whose lr is a schedule: torch's schedulers scale each group's initial
-    lr).
+    lr).  ``since``: the update count at which the group's newest state
+    buffer started (0, or the count when a changed value first needed it):
+    an update rule whose torch twin counts no steps treats the update at
+    that count as its first (SGD sets a new momentum buffer to the
+    gradient, as torch does where a tensor has none).
     """
 
-    __slots__ = ("ranges", "values", "lr_scale")
+    __slots__ = ("ranges", "values", "lr_scale", "since")
 
     def __init__(self, ranges, values, lr_scale=None):
         self.ranges, self.values, self.lr_scale = ranges, values, lr_scale
+        self.since = 0
 
 
 def _is_group_list(x):
@@ -664,7 +669,9 @@ class Optimizer:
     (per-group ones: read from group 0, written to every group):
     the value is validated as in the constructor (TypeError/ValueError
     naming it) and takes effect at the next update and in checkpoints;
-    state buffers a new value needs start at zero, as in a fresh optimizer.
+    state buffers a new value needs start as in a fresh optimizer: at
+    zero, and SGD's momentum buffer takes the gradient itself at its first
+    update, as torch's does where a tensor has none (per group).
     ``kind``, ``rule``, ``state_names``, ``params``, ``grads``,
     ``layer_offsets``, ``device`` and the ``state`` mapping are read-only
     (AttributeError; the state arrays are writable in place).
@@ -988,6 +995,8 @@ class Optimizer:
             new_values.append(v)
         with self._lock:
             self._settle()      # updates in flight finish on the old buffers
+            for g, v in zip(groups, new_values):
+                self._note_new_state(g, v, checked)
             self._values = checked
             for g, v in zip(groups, new_values):
                 g.values = v
@@ -1024,6 +1033,7 @@ class Optimizer:
         self._check_combination(self._merged(v, self._values))
         with self._lock:
             self._settle()
+            self._note_new_state(g, v, self._values)
             g.values, g.lr_scale = v, lr_scale
             self._alloc_state()
 
@@ -1034,6 +1044,23 @@ class Optimizer:
     def _needed_state_of(self, values):
         """Names of the state buffers the hyper-parameters ``values`` use."""
         return set(_spec.rule_state(self.rule, values))
+
+    def _note_new_state(self, group, values, opt_values):
+        """Before ``group`` takes ``values`` (under the optimizer's
+        ``opt_values``): a state buffer they need and its values did not
+        starts at the next update (``_Group.since``)."""
+        before = self._needed_state_of(self._merged(group.values, self._values))
+        if self._needed_state_of(self._merged(values, opt_values)) - before:
+            group.since = self._step_count
+
+    def _update_number(self, k, group):
+        """``t`` of the rule's per-update hp terms for update ``k`` of group
+        ``group``: ``k + 1``; for a rule whose torch twin counts no steps
+        (it can only ask ``t == 1``), 1 at the group's first update with a
+        new state buffer and 2 otherwise."""
+        if self._torch is None or self._torch.counts_steps:
+            return k + 1
+        return 1 if k == self._groups[group].since else 2
 
     def _needed_state(self):
         """Names of the state buffers the current hyper-parameters use: of
@@ -1413,6 +1440,8 @@ class Optimizer:
                 raise ValueError(f"state {name!r}: dtype {a.dtype} does not fit {buf.dtype}")
             buf[...] = self._xp.asarray(a, dtype=buf.dtype)
         self.step_count = int(sd["step"])
+        for g in self._groups:
+            g.since = 0             # the checkpoint's buffers are set past update 0
         self.n_skipped = int(sd.get("n_skipped", 0))
         self.n_calls = int(sd.get("n_calls", 0))
 
@@ -1593,15 +1622,18 @@ class Optimizer:
                     off = self._torch_layout[pos][0]
                     buf[off:off + flat.size] = self._xp.asarray(flat, dtype=buf.dtype)
             self.step_count = step
+            for g in self._groups:
+                g.since = 0         # a buffer is set iff step_count > 0 (above)
 
     def _needed_state_for(self, values):
         """Names of the state buffers the hyper-parameters ``values`` use."""
         return self._needed_state_of(values)
 
     # -- the update -------------------------------------------------------------
-    def _fill_hp(self, hp, k, v):
-        """The rule's slots of ``hp`` for update ``k`` under the values ``v``."""
-        _spec.fill_hp(self.rule, hp, v, k + 1)
+    def _fill_hp(self, hp, k, v, group=0):
+        """The rule's slots of ``hp`` for update ``k`` of group ``group``
+        under the values ``v``."""
+        _spec.fill_hp(self.rule, hp, v, self._update_number(k, group))
 
     def _fill_row(self, hp, k, group=0):
         """Fill ``hp`` for update ``k`` with group ``group``'s values;
@@ -1619,13 +1651,13 @@ class Optimizer:
             v = known[2]
             hp[:] = known[3]
             hp[_k.HP_LR] = lr
-            _spec.fill_hp_per_update(self.rule, hp, v, k + 1)
+            _spec.fill_hp_per_update(self.rule, hp, v, self._update_number(k, group))
         else:
             v = self._merged(values, self._values)
             hp[:] = 0.0
             hp[_k.HP_LR] = lr
             hp[_k.HP_MAXIMIZE] = float(v["maximize"])
-            self._fill_hp(hp, k, v)
+            self._fill_hp(hp, k, v, group)
             self._hp_rows_known[group] = (self._values, values, v, hp.copy())
         hp[_k.HP_UPDATE] = k
         return lr
@@ -1671,7 +1703,7 @@ class Optimizer:
                 raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
             row = rows[r]
             row[_k.HP_LR] = lr
-            _spec.fill_hp_per_update(self.rule, row, v, k + 1)
+            _spec.fill_hp_per_update(self.rule, row, v, self._update_number(k, 0))
             row[_k.HP_UPDATE] = k
             lrs[r] = lr
 

@@ -346,7 +346,8 @@ class reduce_on_plateau(Schedule):
     """Scale a learning rate down when a metric stops improving
     (``torch.optim.lr_scheduler.ReduceLROnPlateau``).
 
-    ``sched(k) = max(base(k) * scale, min_lr)``; ``base`` is ``lr`` (a
+    ``sched(k) = max(base(k) * scale, min_lr)`` (``base(k)`` itself where
+    that is below ``min_lr``: torch never raises a rate); ``base`` is ``lr`` (a
     float or another schedule) and ``scale`` starts at 1.  Call
     :meth:`step` with the metric once per epoch (``fastgrad.step.fit`` does
     with its ``ReduceLROnPlateau`` callback): after more than ``patience``
@@ -394,7 +395,12 @@ class reduce_on_plateau(Schedule):
 
     def __call__(self, k):
         self._last_k = k
-        return max(self.lr(k) * self.scale, self.min_lr)
+        return self._reduced(self.lr(k))
+
+    def _reduced(self, base):
+        # torch lowers a rate to max(rate * factor, min_lr) and never raises
+        # it: one that starts below min_lr stays where it is
+        return min(base, max(base * self.scale, self.min_lr))
 
     def group_rate(self, k, lr, lr0):
         # each group follows the base schedule from its own lr, reduced by
@@ -402,7 +408,7 @@ class reduce_on_plateau(Schedule):
         self._last_k = k
         base0 = self.lr(0)
         if base0 > 0.0:
-            return max(self.lr.group_rate(k, lr, base0) * self.scale, self.min_lr)
+            return self._reduced(self.lr.group_rate(k, lr, base0))
         return lr * (self(k) / lr0)     # a base from 0 (min_lr > 0): scaled whole
 
     def _is_better(self, a):
