@@ -63,7 +63,9 @@ ACTIVATIONS = {
             lambda z, al: np.where(z > 0, 1.0, _alpha(al, 1.0) * np.exp(np.minimum(z, 0)))),
     "sigmoid": (lambda z, al: _sigmoid(z), lambda z, al: _sigmoid(z) * (1.0 - _sigmoid(z))),
     "tanh": (lambda z, al: np.tanh(z), lambda z, al: 1.0 - np.tanh(z) ** 2),
-    "softplus": (lambda z, al: np.logaddexp(0.0, z), lambda z, al: _sigmoid(z)),
+    # torch's nn.Softplus(beta=1, threshold=20): z itself above 20
+    "softplus": (lambda z, al: np.where(z > 20.0, z, np.logaddexp(0.0, z)),
+                 lambda z, al: np.where(z > 20.0, 1.0, _sigmoid(z))),
     "gelu": (_gelu, _gelu_grad),
     "gelu_tanh": (_gelu_tanh, _gelu_tanh_grad),
     "silu": (lambda z, al: z * _logistic(z)[0],

@@ -61,7 +61,9 @@ ACTIVATIONS = (
                ("tanh_(z)", "T(1) - a * a")),
     Activation("softplus", "a", None, ("Softplus", {"beta": 1.0, "threshold": 20.0}, None),
                ("softplus", {}),
-               ("(z > T(0) ? z : T(0)) + log1p_(exp_(-abs_(z)))", "-expm1_(-a)")),
+               # torch's threshold 20: z itself above it (a differs by < 2.1e-9)
+               ("z > T(20) ? z : (z > T(0) ? z : T(0)) + log1p_(exp_(-abs_(z)))",
+                "a > T(20) ? T(1) : -expm1_(-a)")),
     # exact: z Phi(z), with erf -- PyTorch's nn.GELU() and Keras's default
     Activation("gelu", "z", None, ("GELU", {"approximate": "none"}, None),
                ("gelu", {"approximate": False}),

@@ -168,6 +168,30 @@ def test_activation_forward_backward(device, xp, rng, activation, shape, dtype):
                  what=f"{activation} backward")
 
 
+def test_softplus_follows_torchs_threshold(device, xp, rng):
+    """softplus is torch's nn.Softplus(beta=1, threshold=20): z itself and a
+    derivative of 1 above 20 (exact log(1 + e^z) differs there by up to
+    2.1e-9, which a float64 model exported to torch would show)."""
+    torch = pytest.importorskip("torch")
+    z = np.concatenate([[19.5, 20.0 - 1e-12, 20.0, 20.0 + 1e-12, 20.5, 25.0, 700.0],
+                        rng.uniform(15.0, 25.0, 33)])
+    a = to_numpy(ops.activation_forward(xp.asarray(z), "softplus"))
+    zt = torch.tensor(z, requires_grad=True)
+    at = torch.nn.functional.softplus(zt)
+    at.sum().backward()
+    above = z > 20.0
+    assert np.array_equal(a[above], z[above])
+    np.testing.assert_allclose(a, at.detach().numpy(), rtol=4e-16, atol=0)
+    dz = to_numpy(ops.activation_backward(xp.asarray(np.ones_like(z)), xp.asarray(a),
+                                          xp.asarray(z), "softplus"))
+    assert (dz[above] == 1.0).all()
+    # the derivative is read from a: z in (20 - 2.1e-9, 20] gives a > 20 too,
+    # and there 1 where torch has sigmoid(z) = 1 - 2.1e-9
+    window = (z > 20.0 - 2.1e-9) & ~above
+    np.testing.assert_allclose(dz[~window], zt.grad.numpy()[~window], rtol=1e-15, atol=0)
+    np.testing.assert_allclose(dz[window], zt.grad.numpy()[window], rtol=2.1e-9, atol=0)
+
+
 # (7, 3) and (257, 129) straddle the CUDA kernels' block and grid sizes
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (130, 17), (3, 1000), (257, 129)])

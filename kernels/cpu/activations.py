@@ -37,6 +37,7 @@ _GELU_K = 0.7978845608028654      # sqrt(2 / pi)
 _GELU_C = 0.044715
 _SQRT1_2 = 0.7071067811865476     # 1 / sqrt(2)
 _INV_SQRT_2PI = 0.3989422804014327
+SOFTPLUS_THRESHOLD = 20.0        # torch's nn.Softplus default: z itself above it
 
 like = mathfn.like
 
@@ -76,9 +77,11 @@ def tanh(z, alpha):
 
 @njit(**INLINE)
 def softplus(z, alpha):
-    # log(1 + e^z) = max(z, 0) + log1p(e^-|z|): finite for any finite z
+    # log(1 + e^z) = max(z, 0) + log1p(e^-|z|): finite for any finite z;
+    # z itself above torch's threshold 20 (nn.Softplus(beta=1, threshold=20))
     zero = like(z, 0.0)
-    return (z if z > zero else zero) + mathfn.log1p(mathfn.exp(-abs(z)))
+    sp = (z if z > zero else zero) + mathfn.log1p(mathfn.exp(-abs(z)))
+    return z if z > like(z, SOFTPLUS_THRESHOLD) else sp
 
 
 @njit(**INLINE)
@@ -138,7 +141,10 @@ def d_tanh(a, z, alpha):
 
 @njit(**INLINE)
 def d_softplus(a, z, alpha):
-    return -mathfn.expm1(-a)        # sigmoid(z) = 1 - e^-a, exact for small a
+    # sigmoid(z) = 1 - e^-a, exact for small a; 1 above the threshold (torch;
+    # read from a, so also for z in (20 - 2.1e-9, 20], whose a exceeds 20)
+    d = -mathfn.expm1(-a)
+    return like(a, 1.0) if a > like(a, SOFTPLUS_THRESHOLD) else d
 
 
 @njit(**INLINE)

@@ -92,12 +92,12 @@ template <> struct Act<SOFTPLUS> {
     template <typename T> __device__ __forceinline__ static T f(T z, T alpha)
     {
         (void)alpha;
-        return ((z > T(0) ? z : T(0)) + log1p_(exp_(-abs_(z))));
+        return (z > T(20) ? z : (z > T(0) ? z : T(0)) + log1p_(exp_(-abs_(z))));
     }
     template <typename T> __device__ __forceinline__ static T df(T a, T z, T alpha)
     {
         (void)a; (void)z; (void)alpha;
-        return (-expm1_(-a));
+        return (a > T(20) ? T(1) : -expm1_(-a));
     }
 };
 template <> struct Act<GELU> {
