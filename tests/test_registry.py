@@ -531,6 +531,17 @@ def swish():
     registry._forget(name)
 
 
+def test_fused_mlp_refuses_a_registered_activation(swish):
+    """FusedMLP's kernels serve the built-in activations: a registered one is
+    refused when the module is built (it failed at the first forward, with
+    a message naming kernels/spec.py)."""
+    pytest.importorskip("torch")
+    from fastgrad import torch as fgt
+    for kw in (dict(activation=swish), dict(output_activation=swish)):
+        with pytest.raises(ValueError, match="registered one"):
+            fgt.FusedMLP([3, 4, 2], **kw)
+
+
 def test_register_refuses_clashes_and_bad_arguments(swish):
     f, df = _swish_functions()
     with pytest.raises(ValueError, match="built-in"):

@@ -634,6 +634,28 @@ def test_fused_mlp_refusals():
     torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
 
 
+def test_fused_mlp_refuses_a_backward_after_its_input_changed_in_place():
+    """backward reads the input's memory: changed in place after forward,
+    torch raises as it does for nn.Sequential (the gradient was silently
+    wrong); a fresh forward after the change is fine."""
+    torch.manual_seed(0)
+    mlp = fgt.FusedMLP([5, 7, 3], activation="tanh", dtype=torch.float64)
+    for requires_grad in (False, True):
+        x = torch.randn(4, 5, dtype=torch.float64, requires_grad=requires_grad)
+        base = x.detach() if requires_grad else x
+        y = mlp(x)
+        base.mul_(10.0)
+        with pytest.raises(RuntimeError, match="inplace"):
+            y.sum().backward()
+    mlp.zero_grad()
+    mlp(base).sum().backward()
+    seq = mlp.to_sequential()
+    seq(base).sum().backward()
+    grads = {n: p.grad for n, p in seq.named_parameters()}
+    for name, p in mlp.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name])
+
+
 # -- FusedMLP: dropout and residual blocks --------------------------------------------------
 
 @pytest.mark.parametrize("activation", ["tanh", "gelu", "relu"])

@@ -23,6 +23,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..interop import _residual_class, _torch_activation
+from ..kernels import spec as _spec
+from ..kernels.spec import FIRST_CUSTOM_CODE
 from ..kernels.cpu import activations as _acts
 from ..kernels.cpu import norm as _norm
 from ..kernels.cpu.dense_torch import (block_backward_t, block_forward_t, dense_backward_t,
@@ -33,29 +35,9 @@ from ..ops import resolve_activation
 __all__ = ["FusedMLP"]
 
 
-class _FastgradActivation(torch.nn.Module):
-    """An activation of fastgrad's registry that torch has no module for: a
-    parameter-free placeholder keeping the child indices of the equivalent
-    ``nn.Sequential`` (its forward runs fastgrad's kernel, without autograd)."""
-
-    def __init__(self, name, alpha):
-        super().__init__()
-        self.name, self.alpha = name, alpha
-
-    def forward(self, x):
-        from ..ops import activation_forward
-        return torch.from_numpy(activation_forward(x.detach().numpy(), self.name, self.alpha))
-
-    def extra_repr(self):
-        return f"{self.name!r}, alpha={self.alpha}"
-
-
 def _torch_module(name, alpha):
-    """The torch module of activation ``name`` (None for identity)."""
-    try:
-        return _torch_activation(SimpleNamespace(activation=name, alpha=alpha), torch)
-    except ValueError:
-        return _FastgradActivation(name, alpha)
+    """The torch module of built-in activation ``name`` (None for identity)."""
+    return _torch_activation(SimpleNamespace(activation=name, alpha=alpha), torch)
 
 
 class _FusedMLPFunction(torch.autograd.Function):
@@ -105,13 +87,16 @@ class _FusedMLPFunction(torch.autograd.Function):
         out = torch.from_numpy(h)
         ctx.plan, ctx.drops, ctx.train = plan, drops, train
         ctx.hidden = saved                 # kept as arrays: the kernels' own buffers
-        ctx.save_for_backward(*params, out)
+        # x too, though backward reads it through ctx.hidden (its memory):
+        # torch then refuses a backward after x was changed in place, as
+        # nn.Linear's saved input does, instead of a silently wrong dW
+        ctx.save_for_backward(x, *params, out)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        *params, out = ctx.saved_tensors
+        _, *params, out = ctx.saved_tensors      # x: checked by torch, read from ctx.hidden
         da = grad_out.detach()
         if da.dtype != out.dtype:
             da = da.to(out.dtype)
@@ -161,8 +146,9 @@ class FusedMLP(torch.nn.Module):
     sizes : sequence of int
         ``[n_in, hidden..., n_out]`` (at least two entries, all >= 1).
     activation : str
-        Hidden activation, any name of fastgrad's registry
-        (``fastgrad.kernels.cpu.activations.CODES``).
+        Hidden activation, a built-in one (``fastgrad.kernels.spec.CODES``:
+        each has a torch module); an activation registered with
+        ``fastgrad.register_activation`` runs in fastgrad's own models.
     output_activation : str or None
         Activation of the last layer (None: identity, e.g. logits).
     alpha : float or None
@@ -219,6 +205,11 @@ class FusedMLP(torch.nn.Module):
             raise ValueError(f'norm must be None, "layer" or "batch", got {norm!r}')
         hidden = resolve_activation(activation, alpha)
         last = resolve_activation(output_activation, alpha)
+        for name, (code, _) in ((activation, hidden), (output_activation, last)):
+            if code >= FIRST_CUSTOM_CODE:
+                raise ValueError(f"FusedMLP runs fastgrad's built-in activations "
+                                 f"{sorted(_spec.CODES)}; {name!r} is a registered one: "
+                                 "use it in fastgrad's own models (fg.MLP)")
         n = len(sizes) - 1
         square = [i for i in range(n - 1) if sizes[i] == sizes[i + 1]]
         if residual and not square:
