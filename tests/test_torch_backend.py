@@ -827,3 +827,16 @@ def test_fused_mlp_norm_refusals():
     mlp = fgt.FusedMLP([3, 4, 2], norm="batch")
     with pytest.raises(ValueError, match="more than 1 sample"):
         mlp(torch.zeros(1, 3))
+    # the kernels' eps and momentum are constants: a child module changed to
+    # others is refused (it was ignored: outputs 0.4 off its to_sequential())
+    x = torch.randn(5, 3)
+    for norm, attr, value in (("batch", "eps", 0.1), ("batch", "momentum", 0.5),
+                              ("batch", "momentum", None), ("layer", "eps", 0.5)):
+        mlp = fgt.FusedMLP([3, 4, 2], norm=norm)
+        module = next(m for m in mlp.modules()
+                      if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.LayerNorm)))
+        mlp(x)
+        setattr(module, attr, value)
+        with pytest.raises(ValueError, match="eps 1e-05 and momentum 0.1"):
+            mlp(x)
+        mlp.to_sequential()(x)          # torch's modules run any

@@ -284,6 +284,14 @@ class FusedMLP(torch.nn.Module):
                 wb += [nm.weight, nm.bias]
         bufs = [t for nm in self._norms if isinstance(nm, torch.nn.BatchNorm1d)
                 for t in (nm.running_mean, nm.running_var)]
+        for nm in self._norms:
+            # the kernels' constants: a changed child module would be ignored
+            if nm is not None and (nm.eps != _norm.EPS or (
+                    isinstance(nm, torch.nn.BatchNorm1d) and nm.momentum != _norm.MOMENTUM)):
+                raise ValueError(f"FusedMLP's kernels normalise with eps {_norm.EPS} and "
+                                 f"momentum {_norm.MOMENTUM}; a norm module was given "
+                                 f"eps {nm.eps}, momentum {getattr(nm, 'momentum', None)} "
+                                 "(to_sequential() runs any)")
         dt = wb[0].dtype
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FusedMLP expects a torch.Tensor, got {type(x).__name__}")
