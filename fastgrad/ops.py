@@ -148,7 +148,15 @@ def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
             host = _device.to_numpy(lab)
         if host is None or not np.all(host == np.round(host)):
             raise TypeError(f"labels: expected integer class indices, got dtype {lab.dtype}")
+    if lab.dtype.kind in "uf" and lab.size:
+        # beyond int64 a cast wraps (2**64 - 100 would become ignore_index -100)
+        host = _device.to_numpy(lab) if host is None else host
+        if host.max() >= 2.0 ** 63 or (lab.dtype.kind == "f" and host.min() < -2.0 ** 63):
+            raise ValueError(f"labels: class indices must lie in [0, {n_classes}), got "
+                             f"max {host.max()}")
+    if lab.dtype != np.int64:
         lab = lab.astype(np.int64)
+        host = None
     if lab.ndim != 1 or lab.shape[0] != n_rows:
         raise ValueError(f"labels: expected shape ({n_rows},), got {tuple(lab.shape)}")
     if lab.size and check_range:

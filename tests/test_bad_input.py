@@ -146,6 +146,31 @@ def test_non_integral_labels_type_error(labels):
         ops.softmax_cross_entropy(LOGITS, labels)
 
 
+@pytest.mark.parametrize("labels", [np.array([1, 2**64 - 100, 3], np.uint64),
+                                    np.array([1, 2**63, 3], np.uint64),
+                                    np.array([1.0, 1e30, 3.0]), np.array([1.0, -1e30, 3.0])])
+def test_labels_beyond_int64_are_refused_not_wrapped(labels):
+    """A cast to int64 wraps them: 2**64 - 100 became ignore_index -100 and
+    its row was silently skipped."""
+    for kw in ({}, {"ignore_index": -100, "reduction": "sum"}):
+        with pytest.raises(ValueError, match=re.escape("must lie in [0, 4)")):
+            ops.softmax_cross_entropy(LOGITS, labels, **kw)
+    model = fg.MLP([2, 4], seed=0)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, lr=0.1))
+    with pytest.raises(ValueError, match=re.escape("must lie in [0, 4)")):
+        step(np.zeros((3, 2), np.float32), labels)
+
+
+def test_unsigned_labels_in_range_are_accepted():
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((3, 4))
+    a = ops.softmax_cross_entropy(logits, np.array([0, 3, 1]))
+    for dtype in (np.uint8, np.uint64, np.int32):
+        b = ops.softmax_cross_entropy(logits, np.array([0, 3, 1], dtype))
+        assert a[0] == b[0]
+        np.testing.assert_array_equal(a[1], b[1])
+
+
 def test_integral_float_labels_accepted():
     rng = np.random.default_rng(1)
     logits = rng.standard_normal((3, 4))
