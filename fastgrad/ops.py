@@ -124,7 +124,8 @@ def as_array(x, name, dtype, ndim=None, shape=None, xp=np):
         if len(want) != arr.ndim or any(w is not None and w != g for w, g in zip(want, arr.shape)):
             exp = "(" + ", ".join("*" if w is None else str(w) for w in want) + ")"
             raise ValueError(f"{name}: expected shape {exp}, got {tuple(arr.shape)}")
-    return xp.ascontiguousarray(arr, dtype=dtype)
+    # not ascontiguousarray, which makes a 0-d array 1-d
+    return xp.asarray(arr, dtype=dtype, order="C")
 
 
 def as_param(x, name, ndim, shape=None, xp=np):

@@ -168,6 +168,14 @@ def test_activation_forward_backward(device, xp, rng, activation, shape, dtype):
                  what=f"{activation} backward")
 
 
+def test_activation_keeps_a_0d_shape(device, xp):
+    """"Any shape" includes a 0-d array (it came back with shape (1,))."""
+    a = ops.activation_forward(xp.asarray(np.float32(0.5)), "tanh")
+    assert a.shape == () and float(to_numpy(a)) == pytest.approx(np.tanh(0.5), rel=1e-6)
+    d = ops.activation_backward(xp.asarray(1.0), xp.asarray(0.5), None, "sigmoid")
+    assert d.shape == () and float(to_numpy(d)) == 0.25
+
+
 def test_softplus_follows_torchs_threshold(device, xp, rng):
     """softplus is torch's nn.Softplus(beta=1, threshold=20): z itself and a
     derivative of 1 above 20 (exact log(1 + e^z) differs there by up to
