@@ -41,7 +41,10 @@ Metadata
     schedule as ``Schedule.to_config()`` data.  An optimizer with several
     parameter groups also writes ``"groups"`` (``Optimizer.state_dict``:
     per group its ``ranges`` of ``params``, ``hyper``, ``lr``,
-    ``lr_scale``); files without it load as one group.  ``dropout_step`` is the
+    ``lr_scale``); files without it load as one group.  An optimizer with a
+    state buffer started mid-run (SGD's momentum turned on) writes
+    ``"since"``: per group, the update count it started at (absent: 0).
+    ``dropout_step`` is the
     dropout counter the next training forward draws its masks from (so a
     resumed run draws what an uninterrupted one would), ``mask_seed`` the
     seed of those masks.  Files without ``dropout``, ``residual``,
@@ -467,6 +470,11 @@ def _parse_optimizer(o, tensor_names):
             _need(sc is None or (isinstance(sc, list) and len(sc) == 2 and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in sc)),
                 f"{where}.lr_scale: expected null or two numbers")
+    if o.get("since") is not None:
+        # per group, the update count a state buffer started at (absent: 0)
+        since = _get(o, "since", list, "optimizer")
+        _need(all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= o["step"]
+                  for s in since), "optimizer.since: expected update counts in [0, step]")
     state = _get(o, "state", list, "optimizer")
     _need(all(isinstance(s, str) for s in state), "optimizer.state: expected a list of names")
     stored = {n[len(OPT_PREFIX):] for n in tensor_names if n.startswith(OPT_PREFIX)}
@@ -619,8 +627,9 @@ def _load(path, dev):
         sd = {"kind": o["kind"], "step": o["step"], "n_skipped": o["n_skipped"],
               "n_calls": o["n_calls"], "hyper": o["hyper"],
               "state": {s: arrays[OPT_PREFIX + s] for s in o["state"]}}
-        if o.get("groups") is not None:
-            sd["groups"] = o["groups"]
+        for key in ("groups", "since"):
+            if o.get(key) is not None:
+                sd[key] = o[key]
         opt.load_state_dict(sd)
         _need(set(opt.state) == set(o["state"]),
               f"optimizer state {sorted(o['state'])} does not fit its hyper-parameters "

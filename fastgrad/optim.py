@@ -1391,6 +1391,10 @@ class Optimizer:
         g = self._groups[0]
         if len(self._groups) > 1 or g.lr_scale is not None or g.values["lr"] is not None:
             sd["groups"] = self._groups_state()
+        if any(g.since for g in self._groups):
+            # a buffer started mid-run (SGD's momentum turned on): its first
+            # update, still to come or past, is part of the trajectory
+            sd["since"] = [int(g.since) for g in self._groups]
         return sd
 
     def load_state_dict(self, sd):
@@ -1418,18 +1422,44 @@ class Optimizer:
         """
         if isinstance(sd, Mapping) and "param_groups" in sd:
             return self._load_torch_state_dict(sd)
+        if not isinstance(sd, Mapping):
+            raise TypeError(f"state dict: expected a mapping, got {type(sd).__name__}")
         if sd.get("kind") != self.kind:
             raise ValueError(f"checkpoint is for {sd.get('kind')!r}, not {self.kind!r}")
+        if not isinstance(sd.get("hyper"), Mapping):
+            raise ValueError(f"checkpoint hyper: expected a mapping, got {sd.get('hyper')!r:.80}")
+        if "step" not in sd:
+            raise ValueError("checkpoint lacks 'step'")
+        counts = {key: _count(f"checkpoint {key}", sd.get(key, 0))
+                  for key in ("step", "n_skipped", "n_calls")}
+        arrays = sd.get("state", {})
+        if not isinstance(arrays, Mapping):
+            raise ValueError("checkpoint state: expected a mapping of arrays")
         hyper = dict(sd["hyper"])
         hyper.setdefault("maximize", False)     # checkpoints from before maximize
-        arrays = sd.get("state", {})
-        self._settle()          # updates in flight finish before the state is replaced
+        with self._lock:
+            self._settle()      # updates in flight finish before the state is replaced
+            saved = self._snapshot()
+            try:
+                self._load_checked(sd, hyper, arrays, counts)
+            except BaseException:
+                self._restore(saved)            # a refused checkpoint changes nothing
+                raise
+
+    def _load_checked(self, sd, hyper, arrays, counts):
         self._configure(hyper)
         # A checkpoint without groups (one group, or written before groups
         # existed) loads as one group.
         data = sd.get("groups")
         self._install_groups(self._build_groups(None) if data is None
                              else self._groups_from_state(data))
+        since = sd.get("since")
+        if since is not None and not (
+                isinstance(since, (list, tuple)) and len(since) == len(self._groups)
+                and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                        and 0 <= s <= counts["step"] for s in since)):
+            raise ValueError(f"checkpoint since: expected {len(self._groups)} update counts "
+                             f"in [0, step], got {since!r:.80}")
         for name, buf in self.state.items():
             if name not in arrays:
                 raise ValueError(f"checkpoint lacks state {name!r}")
@@ -1438,12 +1468,33 @@ class Optimizer:
                 raise ValueError(f"state {name!r}: shape {a.shape} != {buf.shape}")
             if not np.can_cast(a.dtype, buf.dtype, casting="same_kind"):
                 raise ValueError(f"state {name!r}: dtype {a.dtype} does not fit {buf.dtype}")
-            buf[...] = self._xp.asarray(a, dtype=buf.dtype)
-        self.step_count = int(sd["step"])
-        for g in self._groups:
-            g.since = 0             # the checkpoint's buffers are set past update 0
-        self.n_skipped = int(sd.get("n_skipped", 0))
-        self.n_calls = int(sd.get("n_calls", 0))
+        for name, buf in self.state.items():
+            buf[...] = self._xp.asarray(arrays[name], dtype=buf.dtype)
+        self.step_count = counts["step"]
+        for g, s in zip(self._groups, since or [0] * len(self._groups)):
+            g.since = int(s)    # where a new buffer's first update is still to come
+        self.n_skipped = counts["n_skipped"]
+        self.n_calls = counts["n_calls"]
+
+    def _snapshot(self):
+        """What a load changes: values, groups, state and counters."""
+        return (dict(self._values),
+                [(g.ranges, g.values, g.lr_scale, g.since) for g in self._groups],
+                {n: buf.copy() for n, buf in self._state.items()},
+                (self._step_count, self._n_skipped, self.n_calls))
+
+    def _restore(self, saved):
+        values, groups, state, (step, skipped, calls) = saved
+        self._set_hyper(values)
+        restored = []
+        for ranges, v, lr_scale, since in groups:
+            g = _Group(ranges, v, lr_scale)
+            g.since = since
+            restored.append(g)
+        self._install_groups(restored)
+        for name, arr in state.items():
+            self._state[name][...] = arr
+        self._step_count, self._n_skipped, self.n_calls = step, skipped, calls
 
     # -- torch's state-dict structure ---------------------------------------------
     def _torch_group(self, i=0):

@@ -465,6 +465,37 @@ class _NegativeFrom(schedules.Schedule):
         return -1.0 if k >= self.k_bad else 0.01
 
 
+def test_a_refused_load_state_dict_changes_nothing(rng):
+    """Everything is checked before anything changes: another model's
+    checkpoint, a bad counter or a malformed dict leaves the optimizer's
+    values, groups, state and counters as they were (the hyper-parameters
+    were installed before the state was found not to fit)."""
+    a, b = fg.MLP([4, 8, 3], seed=0), fg.MLP([4, 16, 3], seed=0)
+    oa = fg.Adam(a, lr=1e-3, param_groups=[{"params": a.weights()},
+                                           {"params": a.biases_and_norms(), "lr": 5e-4}])
+    ob = fg.Adam(b, lr=0.3, weight_decay=0.1)
+    a.grads[:] = rng.standard_normal(a.grads.size)
+    b.grads[:] = rng.standard_normal(b.grads.size)
+    oa.step()
+    ob.step()
+    before = oa.state_dict()
+    good = oa.state_dict()
+    bad_step = dict(good, step="x")
+    lacking = dict(good, state={})
+    for sd, exc in ((ob.state_dict(), ValueError), (bad_step, ValueError),
+                    (lacking, ValueError), ({"kind": "adam"}, ValueError), ([1], TypeError),
+                    (dict(good, since=[5, 0]), ValueError)):
+        with pytest.raises(exc):
+            oa.load_state_dict(sd)
+        after = oa.state_dict()
+        assert json.dumps({k: v for k, v in after.items() if k != "state"}, sort_keys=True) \
+            == json.dumps({k: v for k, v in before.items() if k != "state"}, sort_keys=True)
+        for name in before["state"]:
+            np.testing.assert_array_equal(after["state"][name], before["state"][name])
+    oa.load_state_dict(good)            # and a good one still loads
+    oa.step()
+
+
 @pytest.mark.parametrize("k_bad", [0, 2])
 def test_fill_updates_refuses_a_bad_lr_at_its_update(k_bad):
     model = fg.MLP([5, 7, 3], seed=0)
