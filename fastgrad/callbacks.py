@@ -7,7 +7,10 @@ A callback is an object with any of
   metric that will never come (``ValueError`` before any training);
 * ``on_epoch_end(epoch, history, step)``: after each epoch's figures (and
   validation) are in ``history``; returning True stops training;
-* ``on_train_end(step, history)``: after the last epoch (also an early one).
+* ``on_train_end(step, history)``: after the last epoch (also an early one);
+  callbacks whose ``changes_model_at_end`` is True (EarlyStopping restoring
+  the best weights) run after the others, so that ModelCheckpoint's last
+  save holds the last epoch's weights in either order of the list.
 
 ``step`` is the :class:`fastgrad.TrainStep` being trained (``step.model``,
 ``step.opt``).  Plain callables passed to ``fit(callbacks=...)`` stay
@@ -55,7 +58,9 @@ class EarlyStopping(Callback):
     mode : "auto" | "min" | "max"
         "auto": "max" for accuracies, "min" otherwise.
     patience : int
-        Epochs without improvement tolerated (0: stop at the first).
+        Epochs without improvement after which training stops, as Keras
+        counts them: after ``patience`` of them (0 and 1 both stop at the
+        first), never at the first epoch.
     min_delta : float
         An improvement must beat the best by more than this.
     restore_best_weights : bool
@@ -80,6 +85,11 @@ class EarlyStopping(Callback):
         self.min_delta = min_delta
         self.restore_best_weights = bool(restore_best_weights)
 
+    @property
+    def changes_model_at_end(self):
+        """It restores the best weights when training ends."""
+        return self.restore_best_weights
+
     def on_train_begin(self, step, history):
         _monitored(self.monitor, history)
         self.best = math.inf if self.mode == "min" else -math.inf
@@ -99,7 +109,7 @@ class EarlyStopping(Callback):
                 self._best_state = {k: v.copy() for k, v in step.model.state_dict().items()}
             return False
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience and epoch > 0:      # Keras's test
             self.stopped_epoch = epoch
             return True
         return False

@@ -1203,9 +1203,12 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 stop = bool(cb.on_epoch_end(epoch, history, step)) or stop
             if stop:
                 break
-        for cb in epoch_hooks:
-            if hasattr(cb, "on_train_end"):
-                cb.on_train_end(step, history)
+        # a callback that changes the model at the end (EarlyStopping's
+        # restore) runs after the others: a last checkpoint holds the
+        # weights of the epoch it is named after, whatever the list's order
+        ending = [cb for cb in epoch_hooks if hasattr(cb, "on_train_end")]
+        for cb in sorted(ending, key=lambda cb: bool(getattr(cb, "changes_model_at_end", False))):
+            cb.on_train_end(step, history)
 
     # A cold first step compiles for seconds: say so (in the bar) after 1 s.
     notice = _bar_notice(bar, "fit") if progress else contextlib.nullcontext()

@@ -211,7 +211,7 @@ def test_early_stopping_restores_best_weights(rng):
     assert es.best == min(vl) and es.best_epoch == int(np.argmin(vl))
     if es.stopped_epoch is not None:
         assert len(vl) == es.stopped_epoch + 1 < 30
-        assert len(vl) - 1 - es.best_epoch == 2              # patience 1: two bad epochs
+        assert len(vl) - 1 - es.best_epoch == 1              # patience 1: one bad epoch (Keras)
     assert np.array_equal(model.params, rec.params[es.best_epoch])
     assert fg.evaluate(model, step.loss_fn, xv, yv)["loss"] == pytest.approx(es.best, rel=1e-12)
 
@@ -224,6 +224,45 @@ def test_early_stopping_patience_zero_and_max_mode(rng):
     hist = fg.fit(step, x, y, epochs=10, batch_size=16, progress=False,
                   validation_data=(x, y), callbacks=[es])
     assert len(hist["val_accuracy"]) == 2 and es.stopped_epoch == 1 and es.best_epoch == 0
+
+
+@pytest.mark.parametrize("patience", [1, 2, 3])
+def test_early_stopping_counts_patience_as_keras(patience):
+    """Keras stops after ``patience`` epochs without improvement (its
+    ``wait >= patience``); this stopped one epoch later."""
+    es = cbs.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=False)
+    history = {"val_loss": []}
+    es.on_train_begin(None, history)
+    values = [1.0, 0.5] + [0.7] * 10
+    for epoch, v in enumerate(values):
+        history["val_loss"].append(v)
+        if es.on_epoch_end(epoch, history, None):
+            break
+    assert es.best_epoch == 1 and es.stopped_epoch == 1 + patience
+
+
+def test_a_last_checkpoint_holds_its_epochs_weights_before_the_restore(rng, tmp_path):
+    """EarlyStopping's restore runs after the other callbacks' ends: the
+    checkpoint saved at the end is the last epoch's model and optimizer,
+    whichever order the callbacks are listed in (it held the best epoch's
+    weights under the last epoch's name and optimizer state)."""
+    x, y = _data(rng)
+    xv, yv = _data(rng, 40)
+    for order in (0, 1):
+        model, opt, step = _fit_setup(lr=0.5)
+        rec = _Recorder()
+        es = cbs.EarlyStopping(monitor="val_loss", patience=1)
+        ck = cbs.ModelCheckpoint(str(tmp_path / f"o{order}-{{epoch:03d}}.fgz"), every=50)
+        cbs_list = [es, ck] if order == 0 else [ck, es]
+        hist = fg.fit(step, x, y, epochs=30, batch_size=8, progress=False,
+                      validation_data=(xv, yv), callbacks=[rec] + cbs_list)
+        last = len(hist["val_loss"])
+        assert es.stopped_epoch == last - 1 and es.best_epoch < last - 1    # a restore
+        assert ck.saved[-1].endswith(f"o{order}-{last:03d}.fgz")
+        m, o = fg.load(ck.saved[-1])
+        np.testing.assert_array_equal(m.params, rec.params[last - 1])
+        assert o.step_count == opt.step_count
+        np.testing.assert_array_equal(model.params, rec.params[es.best_epoch])
 
 
 def test_checkpoint_every_n_epochs(rng, tmp_path):
