@@ -1030,6 +1030,34 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
     return result
 
 
+def _checked_validation(step, data):
+    """``(X_val, Y_val)`` checked as the training data is, before any
+    training: a mistake there was found after the first epoch had trained."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError("validation_data must be a pair (X_val, Y_val), got "
+                         f"{type(data).__name__}"
+                         + (f" of {len(data)}" if isinstance(data, (tuple, list)) else ""))
+    model = step.model
+    be = model.backend
+    xp = be.xp if be.holds(data[0], "validation_data X") else np
+    X = ops.as_array(data[0], "validation_data X", model.dtype,
+                     shape=(None, model.sizes[0]), xp=xp)
+    n_out = int(model.sizes[-1])
+    if getattr(step.loss_fn, "name", None) == "softmax_cross_entropy":
+        Y = ops.as_labels(data[1], len(X), n_out, xp=xp, check_range=False)
+        host = be.to_host(Y) if xp is not np else Y
+        kept = host[host != getattr(step.loss_fn, "ignore_index", -100)]
+        if kept.size and (kept.min() < 0 or kept.max() >= n_out):
+            raise ValueError(f"validation_data Y: class indices must lie in [0, {n_out}), got "
+                             f"min {int(kept.min())}, max {int(kept.max())}")
+    else:
+        Y = ops.as_array(data[1], "validation_data Y", model.dtype, shape=(len(X), n_out),
+                         xp=xp)
+    if len(X) == 0:
+        raise ValueError("validation_data: empty X_val")
+    return X, Y
+
+
 def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
         validation_data=None, callbacks=()):
     """Train with mini-batches, Keras style; returns the history.
@@ -1110,6 +1138,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     ibuf = xp.empty(min(batch_size, n), np.int64) if on_device else None
     history = {"loss": [], "grad_norm_mean": [], "grad_norm_max": [], "clipped": [], "skipped": []}
     if validation_data is not None:
+        validation_data = _checked_validation(step, validation_data)
         history["val_loss"] = []
         if getattr(step.loss_fn, "name", None) == "softmax_cross_entropy":
             history["val_accuracy"] = []

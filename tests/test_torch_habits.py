@@ -265,6 +265,25 @@ def test_a_last_checkpoint_holds_its_epochs_weights_before_the_restore(rng, tmp_
         np.testing.assert_array_equal(model.params, rec.params[es.best_epoch])
 
 
+def test_fit_checks_validation_data_before_training(rng):
+    """Bad validation data is refused before the first step, naming it (it
+    failed after an epoch had trained, with messages from evaluate)."""
+    x, y = _data(rng)
+    bad = [((x[:, :3], y), "validation_data X"), ((x,), "pair"), ("xy", "pair"),
+           ((x, y[:10]), "expected shape"), ((x, y + 5), "validation_data Y")]
+    for data, match in bad:
+        model, opt, step = _fit_setup()
+        before = model.params.copy()
+        with pytest.raises(ValueError, match=match):
+            fg.fit(step, x, y, epochs=1, batch_size=16, progress=False, validation_data=data)
+        assert np.array_equal(model.params, before) and opt.step_count == 0
+    model, opt, step = _fit_setup()
+    ignored = np.where(rng.random(len(y)) < 0.3, -100, y)      # ignore_index is allowed
+    hist = fg.fit(step, x, y, epochs=1, batch_size=16, progress=False,
+                  validation_data=(x, ignored))
+    assert np.isfinite(hist["val_loss"][0])
+
+
 def test_checkpoint_every_n_epochs(rng, tmp_path):
     x, y = _data(rng)
     model, opt, step = _fit_setup()
