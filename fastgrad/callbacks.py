@@ -124,8 +124,10 @@ class ModelCheckpoint(Callback):
     ``every`` epochs (and after the last epoch when ``save_last``).
 
     ``path`` may hold ``{epoch}`` (1-based), e.g. ``"run-{epoch:03d}.fgz"``,
-    for one file per checkpoint; otherwise each save replaces the last
-    (atomically).  ``saved`` lists the paths written.
+    and, as Keras's, the epoch's figures by their history keys, e.g.
+    ``"w-{epoch:02d}-{val_loss:.3f}.fgz"``, for one file per checkpoint;
+    otherwise each save replaces the last (atomically).  ``saved`` lists
+    the paths written.
     """
 
     def __init__(self, path, every=1, save_last=True):
@@ -135,16 +137,27 @@ class ModelCheckpoint(Callback):
         self.saved = []
         self._last_saved = None
 
+    def _path(self, epoch, history):
+        figures = {k: v[-1] for k, v in history.items() if v}
+        return self.path.format(**dict(figures, epoch=epoch + 1))
+
     def _save(self, epoch, step):
         from .io import save
-        path = self.path.format(epoch=epoch + 1)
+        path = self._path(epoch, self._history)
         save(path, step.model, step.opt)
         self.saved.append(path)
         self._last_saved = epoch
 
     def on_train_begin(self, step, history):
         self.saved, self._last_saved, self._epoch = [], None, None
-        self.path.format(epoch=1)             # a bad pattern fails before training
+        self._history = history
+        # a bad pattern fails before training, naming what it may hold
+        try:
+            self.path.format(**dict(dict.fromkeys(history, 0), epoch=1))
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"ModelCheckpoint path {self.path!r}: {type(e).__name__} {e}; "
+                             f"it may hold {{epoch}} and this fit's history keys "
+                             f"{sorted(history)} (write a literal brace as {{{{ or }}}})") from None
 
     def on_epoch_end(self, epoch, history, step):
         self._epoch = epoch

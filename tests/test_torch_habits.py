@@ -284,6 +284,25 @@ def test_fit_checks_validation_data_before_training(rng):
     assert np.isfinite(hist["val_loss"][0])
 
 
+def test_checkpoint_names_hold_the_epochs_figures_as_keras(rng, tmp_path):
+    """Keras's "w-{epoch:02d}-{val_loss:.3f}" pattern works (it raised a bare
+    KeyError after the first epoch); a field the history lacks is refused
+    before training, naming what the pattern may hold."""
+    x, y = _data(rng)
+    model, opt, step = _fit_setup()
+    ck = cbs.ModelCheckpoint(str(tmp_path / "w-{epoch:02d}-{val_loss:.3f}.fgz"))
+    hist = fg.fit(step, x, y, epochs=2, batch_size=16, progress=False, validation_data=(x, y),
+                  callbacks=[ck])
+    assert [p.rsplit("/", 1)[-1] for p in ck.saved] == [
+        f"w-{e + 1:02d}-{hist['val_loss'][e]:.3f}.fgz" for e in range(2)]
+    for pattern in ("ck/{run}/w.fgz", "w-{val_loss:.3f}.fgz"):     # no validation data
+        model, opt, step = _fit_setup()
+        with pytest.raises(ValueError, match="history keys"):
+            fg.fit(step, x, y, epochs=1, progress=False,
+                   callbacks=[cbs.ModelCheckpoint(str(tmp_path / pattern))])
+        assert opt.step_count == 0
+
+
 def test_checkpoint_every_n_epochs(rng, tmp_path):
     x, y = _data(rng)
     model, opt, step = _fit_setup()
