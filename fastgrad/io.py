@@ -180,6 +180,8 @@ def _atomic_write(path, data):
     its previous content or all of ``data``."""
     path = os.path.abspath(os.fspath(path))
     dirname, base = os.path.split(path)
+    if not os.path.isdir(dirname):      # said of the user's path, not of the temp file
+        raise FileNotFoundError(f"cannot save {path!r}: no directory {dirname!r}")
     _remove_stale_temps(dirname, base)
     # Not tempfile.mkstemp: its files are mode 0600; this one gets the
     # umask's mode, as a plain open(path, "wb") would.
@@ -376,7 +378,9 @@ def _parse_model(m, version=FORMAT_VERSION):
     for key in ("dropout_step", "mask_seed"):
         if key in m:
             v = _get(m, key, int, "model")
-            _need(0 <= v < 2 ** 63, f"model.{key}: must be in [0, 2**63), got {v}")
+            # a counter ends below 2**62: training from it still fits in int64
+            bound = 2 ** 62 if key == "dropout_step" else 2 ** 63
+            _need(0 <= v < bound, f"model.{key}: must be in [0, {bound}), got {v}")
             state[key] = v
     if "training" in m:
         state["training"] = _get(m, "training", bool, "model")
@@ -422,7 +426,8 @@ def _parse_optimizer(o, tensor_names):
           f"expected one of {sorted(classes)}")
     for key in ("step", "n_skipped", "n_calls"):
         v = _get(o, key, int, "optimizer")
-        _need(v >= 0, f"optimizer.{key}: must be >= 0, got {v}")
+        # below 2**62: the kernels count updates in int64 from there
+        _need(0 <= v < 2 ** 62, f"optimizer.{key}: must be in [0, 2**62), got {v}")
     hyper = _get(o, "hyper", dict, "optimizer")
     _check_json_value(hyper)
     cls = classes[kind]

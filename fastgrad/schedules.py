@@ -378,9 +378,16 @@ class reduce_on_plateau(Schedule):
         self.patience, self.cooldown = int(patience), int(cooldown)
         self._set_checked(threshold=threshold, min_lr=min_lr, eps=eps)
         st = dict(state or {})
+        # a checkpoint's progress, checked: a scale of -3 made the lr 0
         self.scale = float(st.get("scale", 1.0))
+        _check(0.0 <= self.scale <= 1.0, f"state scale must be in [0, 1], got {self.scale!r}")
         best = st.get("best")
         self.best = (math.inf if mode == "min" else -math.inf) if best is None else float(best)
+        _check(not math.isnan(self.best), "state best must be a number or null, got nan")
+        for key in ("num_bad_epochs", "cooldown_counter", "last_epoch", "last_k"):
+            v = st.get(key, 0)
+            _check(not isinstance(v, bool) and int(v) == v and v >= 0,
+                   f"state {key} must be an integer >= 0, got {v!r}")
         self.num_bad_epochs = int(st.get("num_bad_epochs", 0))
         self.cooldown_counter = int(st.get("cooldown_counter", 0))
         self.last_epoch = int(st.get("last_epoch", 0))

@@ -117,6 +117,14 @@ def test_save_overwrites_atomically_and_leaves_no_temp(tmp_path):
     assert np.all(load(path)[0].params == 2.0)
 
 
+def test_save_into_a_missing_directory_names_the_path(tmp_path):
+    model = fg.MLP([3, 2], seed=0)
+    target = tmp_path / "nodir" / "x.fgz"
+    with pytest.raises(FileNotFoundError, match="cannot save .*x.fgz.*no directory"):
+        save(target, model)
+    assert not (tmp_path / "nodir").exists()
+
+
 def test_save_refuses_wrong_arguments(tmp_path):
     model, other = _model("float32"), _model("float32")
     with pytest.raises(TypeError, match="fastgrad Sequential"):
@@ -379,7 +387,14 @@ CRAFTED = {
     "init": (L0 + ("init",), "orthogonal", "unknown initializer"),
     "missing_field": (L0 + ("init",), _DELETE, "missing field 'init'"),
     "opt_kind": (("optimizer", "kind"), "lamb", "unknown optimizer 'lamb'"),
-    "opt_step": (("optimizer", "step"), -3, "optimizer.step: must be >= 0"),
+    "opt_step": (("optimizer", "step"), -3, r"optimizer.step: must be in \[0"),
+    # counters that would overflow int64 once training goes on from them
+    "opt_step_huge": (("optimizer", "step"), 2 ** 70, r"optimizer.step: must be in \[0"),
+    "dropout_step_huge": (("model", "dropout_step"), 2 ** 63 - 1, "dropout_step: must be in"),
+    "opt_since": (("optimizer", "since"), [10 ** 6], "optimizer.since"),
+    "plateau_state": (HYPER + ("lr",), {"kind": "reduce_on_plateau", "lr": 0.1,
+                                       "state": {"scale": -3.0}},
+                      "not a valid schedule.*scale must be in"),
     "opt_step_float": (("optimizer", "step"), 3.5, "optimizer.step: expected an integer"),
     "opt_state_names": (("optimizer", "state"), ["exp_avg"], "optimizer.state lists"),
     "opt_hyper_type": (HYPER, [1, 2], "hyper: expected an object"),
