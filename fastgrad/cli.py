@@ -32,6 +32,55 @@ def _positive_int(text):
     return value
 
 
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _depth(text):
+    # the residual-block configurations need two hidden layers of one width
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 hidden layers (the residual "
+                                         f"configurations need two), got {text!r}")
+    return value
+
+
+def _check_outputs(**paths):
+    """Refuse, before any training, an output path whose folder cannot be
+    made or written, or a plot whose extension matplotlib cannot write
+    (``paths``: option name -> (path or None, is_plot))."""
+    formats = None
+    for option, (path, is_plot) in paths.items():
+        if not path:
+            continue
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--{option} {str(path)!r}: cannot make its folder "
+                             f"({exc.strerror or exc})") from None
+        if not os.access(path.parent, os.W_OK):
+            raise ValueError(f"--{option} {str(path)!r}: its folder is not writable")
+        if is_plot:
+            if formats is None:
+                try:
+                    from matplotlib.figure import Figure
+                    formats = set(Figure().canvas.get_supported_filetypes())
+                except ImportError:         # the plot step says so itself
+                    formats = set()
+            ext = path.suffix.lstrip(".").lower()
+            if formats and ext not in formats:
+                raise ValueError(f"--{option} {str(path)!r}: matplotlib cannot write "
+                                 f"{ext or 'a file without an extension'!r}; use one of "
+                                 f"{sorted(formats)}")
+
+
 def _nonneg_float(text):
     try:
         value = float(text)
@@ -174,6 +223,7 @@ def cmd_demo(args):
     import fastgrad as fg
     from fastgrad.health import GradientMonitor
 
+    _check_outputs(out=(args.out, True))
     device = fg.set_device(args.device)
     Xtr, Xte, ytr, yte = load_digits_split(args.seed)
     sizes = [Xtr.shape[1]] + args.hidden + [10]
@@ -381,6 +431,7 @@ def _full_labels(labels):
 
 def cmd_explode(args):
     import fastgrad as fg
+    _check_outputs(out=(args.out, True))
     device = fg.set_device(args.device)
     data = load_digits_split(args.seed)
     print(f"explosion lab on {device}: {args.depth} hidden layers of {args.width}, digits, "
@@ -408,6 +459,8 @@ def cmd_lab(args):
     os.environ.setdefault("FASTGRAD_KERNEL_COPIES", "shared")
     import fastgrad as fg
     from . import lab
+    _check_outputs(json=(args.json, False), markdown=(args.markdown, False),
+                   heatmap=(args.heatmap, True), summary=(args.summary, True))
     device = fg.set_device(args.device)
     quick = args.quick
     n_seeds = args.seeds if args.seeds is not None else (3 if quick else 5)
@@ -578,7 +631,7 @@ def build_parser():
     demo.add_argument("--lr", type=_nonneg_float, default=1e-3)
     demo.add_argument("--clip-norm", type=_nonneg_float, default=1.0,
                       help="clip the global gradient norm to this (0: off)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=_nonneg_int, default=0)
     demo.add_argument("--out", default="fastgrad-demo.png", help="path of the PNG plot")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=cmd_demo)
@@ -588,11 +641,11 @@ def build_parser():
                              "make gradients explode and under each remedy; print one table and "
                              "write one plot of the gradient norms.")
     explode.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    explode.add_argument("--depth", type=_positive_int, default=16, help="hidden layers (default 16)")
+    explode.add_argument("--depth", type=_depth, default=16, help="hidden layers (default 16)")
     explode.add_argument("--width", type=_positive_int, default=64)
     explode.add_argument("--epochs", type=_positive_int, default=10)
     explode.add_argument("--batch-size", type=_positive_int, default=64)
-    explode.add_argument("--seed", type=int, default=0)
+    explode.add_argument("--seed", type=_nonneg_int, default=0)
     explode.add_argument("--out", default="fastgrad-explode.png", help="path of the PNG plot")
     explode.set_defaults(func=cmd_explode)
 
@@ -605,12 +658,12 @@ def build_parser():
     lab.add_argument("--study", default="all", choices=["vanishing", "explosion", "all"])
     lab.add_argument("--seeds", type=_positive_int, default=None,
                      help="seeds per configuration (default 5; 3 with --quick)")
-    lab.add_argument("--first-seed", type=int, default=0,
+    lab.add_argument("--first-seed", type=_nonneg_int, default=0,
                      help="the seeds are first-seed, first-seed + 1, ... (default 0)")
     lab.add_argument("--quick", action="store_true",
                      help="3 seeds and 4 epochs unless --seeds / --epochs say otherwise")
     lab.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    lab.add_argument("--depth", type=_positive_int, default=16, help="hidden layers (default 16)")
+    lab.add_argument("--depth", type=_depth, default=16, help="hidden layers (default 16)")
     lab.add_argument("--width", type=_positive_int, default=64)
     lab.add_argument("--epochs", type=_positive_int, default=None, help="default 10 (4 with --quick)")
     lab.add_argument("--batch-size", type=_positive_int, default=64)

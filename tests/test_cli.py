@@ -28,6 +28,14 @@ def test_help_everywhere(cmd):
     (["demo", "--hidden", "12,x"], "comma-separated"),
     (["demo", "--device", "tpu"], "invalid choice"),
     (["explode", "--depth", "-3"], "positive integer"),
+    # refused before any training (they aborted after it, or after minutes)
+    (["explode", "--depth", "1"], "at least 2 hidden layers"),
+    (["lab", "--quick", "--depth", "1"], "at least 2 hidden layers"),
+    (["demo", "--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["demo", "--out", "/proc/no-such-dir/demo.png"], "cannot make its folder"),
+    (["demo", "--out", "demo.bogusext"], "matplotlib cannot write 'bogusext'"),
+    (["explode", "--out", "x.bogusext"], "matplotlib cannot write"),
+    (["lab", "--quick", "--heatmap", "h.xyz"], "--heatmap 'h.xyz': matplotlib cannot write"),
     (["nonsense"], "invalid choice"),
     ([], "required"),
 ])
