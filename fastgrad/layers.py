@@ -582,8 +582,10 @@ class Sequential:
         ``model.dropout_step``); in eval mode it applies no dropout."""
         x = self._input(x)
         with self._lock:
-            counter = self._next_dropout_step() if self.training else None
+            counter = self.dropout_step if self.training else None
             out, self._cache = self._run(x, keep=True, counter=counter)
+            if self.training:       # advanced once the forward ran (a refused one
+                self._next_dropout_step()      # would shift every later mask)
         return out
 
     def predict(self, x):
@@ -604,7 +606,9 @@ class Sequential:
 
     def _backward(self, dy, accumulate, input_grad):
         if self._cache is None:
-            raise RuntimeError("backward() needs a forward() first")
+            raise RuntimeError("backward() needs a forward() first (model(x) in eval mode is "
+                               "predict(), which keeps nothing: model.forward(x) back-propagates "
+                               "in eval mode too)")
         x, acts, zs, (plan, fplan, n_acts, kw) = self._cache
         driver, sizes, codes, alphas, flags, _, _ = self._layer_driver()
         xp, B, n_out = self._xp, x.shape[0], int(sizes[-1])
@@ -635,8 +639,15 @@ class Sequential:
     def __call__(self, x):
         """``model(x)``: :meth:`forward` in training mode (keeps what
         :meth:`backward` needs, draws dropout masks), :meth:`predict` in eval
-        mode (keeps nothing), as a torch module follows ``model.training``."""
-        return self.forward(x) if self.training else self.predict(x)
+        mode (keeps nothing), as a torch module follows ``model.training``.
+        In eval mode it also drops what an earlier forward kept: a torch user
+        back-propagates the last call, so :meth:`backward` then raises
+        instead of returning the earlier batch's gradients."""
+        if self.training:
+            return self.forward(x)
+        with self._lock:
+            self._cache = None
+        return self.predict(x)
 
     def named_parameters(self):
         """Yield ``(name, view)`` for every parameter array, in buffer order.

@@ -37,6 +37,37 @@ def test_call_follows_the_mode(rng):
     assert np.array_equal(model.running_mean, rm)          # eval: statistics untouched
 
 
+def test_backward_after_an_eval_call_raises_not_the_earlier_batch(rng):
+    """torch back-propagates the last call; model(x) in eval mode keeps
+    nothing, so backward() raises (it returned the earlier forward's
+    gradients).  An explicit predict() between forward and backward leaves
+    the forward's, and forward() in eval mode back-propagates."""
+    model = _epilogue_model()
+    x, x2 = rng.standard_normal((7, 5)), rng.standard_normal((7, 5))
+    dy = rng.standard_normal((7, 3))
+    model.forward(x)
+    dx = model.backward(dy)
+    model.predict(x2)
+    assert np.array_equal(model.backward(dy), dx)
+    model.eval()
+    model(x2)
+    with pytest.raises(RuntimeError, match="eval mode is predict"):
+        model.backward(dy)
+    model.forward(x2)
+    assert not np.array_equal(model.backward(dy), dx)
+
+
+def test_a_refused_training_forward_draws_no_dropout_step():
+    """The counter moves only for a forward that ran: a refused one (batch
+    norm on one sample) shifted every later dropout mask."""
+    model = fg.MLP([3, 5, 2], norm="batch", dropout=0.2, dtype="float64", seed=0)
+    with pytest.raises(ValueError, match="more than 1 sample"):
+        model.forward(np.ones((1, 3)))
+    assert model.dropout_step == 0
+    model.forward(np.ones((4, 3)))
+    assert model.dropout_step == 1
+
+
 # --- parameters / named_parameters / state_dict ---------------------------------
 
 def test_named_parameters_are_views_in_buffer_order():
