@@ -117,9 +117,10 @@ def set_flush_denormal(mode):
     denormal operation costs a microcode assist of ~100 cycles, and a
     confident model's underflowing probabilities and gradients made whole
     steps up to 6x slower (bench/RESULTS.md "Denormals").  Off: IEEE
-    gradual underflow, PyTorch's default.  float64, NumPy, ``fastgrad.ops`` and anything else outside
-    those kernels are not affected.  Returns whether this CPU supports it
-    (x86-64), as ``torch.set_flush_denormal`` does.
+    gradual underflow, PyTorch's default.  float64, NumPy, ``fastgrad.ops``
+    and anything else outside those kernels are not affected.  Returns
+    whether this CPU supports it (x86-64), as ``torch.set_flush_denormal``
+    does.
     """
     from .kernels import denormals
     return denormals.set_flush(bool(mode))

@@ -255,7 +255,8 @@ class cosine_annealing(Schedule):
         return self._anneal(k, self.lr0)
 
     def _anneal(self, k, lr0):
-        return self.eta_min + (lr0 - self.eta_min) * (1.0 + math.cos(math.pi * k / self.T_max)) / 2.0
+        return self.eta_min + (lr0 - self.eta_min) * (
+            1.0 + math.cos(math.pi * k / self.T_max)) / 2.0
 
     def group_rate(self, k, lr, lr0):
         # torch anneals each group from its own initial lr to the one eta_min

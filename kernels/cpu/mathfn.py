@@ -4,10 +4,11 @@ Without Intel SVML (which the pip llvmlite cannot use), ``np.exp`` or
 ``np.tanh`` inside a loop compiles to a scalar libm call (~14 ns per
 element).  The versions below are branch-free (select-based) polynomials
 that LLVM vectorises.  float32: maximum errors tested against float64 over
-the whole float32 range (log1p over [0, 1], the range it serves).  float64 (what gradient checks and PyTorch parity
-run on): ``exp``, ``expm1``, ``log1p`` and ``tanh`` within 1 ulp of the
-exact result (glibc's bound), tested against 80-bit long double over their
-whole domain; ``erfc`` float64 is still libm (tests/test_mathfn.py).
+the whole float32 range (log1p over [0, 1], the range it serves).  float64
+(what gradient checks and PyTorch parity run on): ``exp``, ``expm1``,
+``log1p`` and ``tanh`` within 1 ulp of the exact result (glibc's bound),
+tested against 80-bit long double over their whole domain; ``erfc``
+float64 is still libm (tests/test_mathfn.py).
 
 Each function (``exp``, ``expm1``, ``log1p``, ``tanh``, ``erfc``, and ``like`` for
 typed constants) is a Numba *intrinsic*: it emits its LLVM IR straight into

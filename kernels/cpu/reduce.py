@@ -14,9 +14,9 @@ result depends on the data layout and the compiled code only.
 ``layer_sumsq`` is serial.  ``layer_sumsq_parallel`` gives bitwise the same
 result (the same block sums, added in the same order) with the blocks
 spread over Numba's threads (``optim.clipped_update_parallel``:
-``opt.parallel = True``, ``TrainStep(threads=n)``).  The step's pass team (``pass_team.clipped_update``) sums the
-same blocks on its own threads and adds their sums in this order, also
-bitwise equal.
+``opt.parallel = True``, ``TrainStep(threads=n)``).  The step's pass team
+(``pass_team.clipped_update``) sums the same blocks on its own threads and
+adds their sums in this order, also bitwise equal.
 """
 import numpy as np
 from numba import njit, prange
