@@ -149,7 +149,7 @@ def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
             host = _device.to_numpy(lab)
         if host is None or not np.all(host == np.round(host)):
             raise TypeError(f"labels: expected integer class indices, got dtype {lab.dtype}")
-    if lab.dtype.kind in "uf" and lab.size:
+    if (lab.dtype == np.uint64 or lab.dtype.kind == "f") and lab.size:
         # beyond int64 a cast wraps (2**64 - 100 would become ignore_index -100)
         host = _device.to_numpy(lab) if host is None else host
         if host.max() >= 2.0 ** 63 or (lab.dtype.kind == "f" and host.min() < -2.0 ** 63):
@@ -167,6 +167,18 @@ def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
             raise ValueError(f"labels: class indices must lie in [0, {n_classes}), "
                              f"got min {lo}, max {hi}")
     return xp.ascontiguousarray(lab, dtype=np.int64)
+
+
+def check_class_range(host, n_classes, ignore_index, name="labels"):
+    """Raise unless the host labels other than ``ignore_index`` lie in
+    ``[0, n_classes)``."""
+    kept = host[host != ignore_index]
+    if kept.size:
+        lo, hi = int(kept.min()), int(kept.max())
+        if lo < 0 or hi >= n_classes:
+            raise ValueError(f"{name}: class indices must lie in [0, {n_classes}), got min {lo}, "
+                             f"max {hi} (labels equal to ignore_index={ignore_index} are "
+                             "skipped)")
 
 
 def _nonempty(arr, name):
@@ -380,13 +392,7 @@ def softmax_cross_entropy(logits, labels, weight=None, ignore_index=-100, label_
         grad = xp.empty_like(logits)
         return float(k.softmax_cross_entropy(logits, lab, grad)), grad
     if lo < 0 or hi >= C:
-        kept = host[host != ignore_index]
-        if kept.size:
-            lo, hi = int(kept.min()), int(kept.max())
-            if lo < 0 or hi >= C:
-                raise ValueError(f"labels: class indices must lie in [0, {C}), got min {lo}, "
-                                 f"max {hi} (labels equal to ignore_index={ignore_index} "
-                                 "are skipped)")
+        check_class_range(host, C, ignore_index)
     w = class_weights(weight, C, "weight", xp)
     grad = xp.empty_like(logits)
     terms = xp.empty(B, np.float64)

@@ -1045,11 +1045,8 @@ def _checked_validation(step, data):
     n_out = int(model.sizes[-1])
     if getattr(step.loss_fn, "name", None) == "softmax_cross_entropy":
         Y = ops.as_labels(data[1], len(X), n_out, xp=xp, check_range=False)
-        host = be.to_host(Y) if xp is not np else Y
-        kept = host[host != getattr(step.loss_fn, "ignore_index", -100)]
-        if kept.size and (kept.min() < 0 or kept.max() >= n_out):
-            raise ValueError(f"validation_data Y: class indices must lie in [0, {n_out}), got "
-                             f"min {int(kept.min())}, max {int(kept.max())}")
+        ops.check_class_range(be.to_host(Y) if xp is not np else Y, n_out,
+                              getattr(step.loss_fn, "ignore_index", -100), "validation_data Y")
     else:
         Y = ops.as_array(data[1], "validation_data Y", model.dtype, shape=(len(X), n_out),
                          xp=xp)
