@@ -618,8 +618,6 @@ def test_fused_mlp_refusals():
         mlp(torch.zeros(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
         mlp(torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="empty batch"):
-        mlp(torch.zeros(0, 3))
     with pytest.raises(ValueError, match="unknown activation"):
         fgt.FusedMLP([3, 2], activation="swish2")
     with pytest.raises(ValueError, match="sizes"):
@@ -632,6 +630,35 @@ def test_fused_mlp_refusals():
     # a non-contiguous input is read correctly
     x = torch.randn(3, 6)[:, ::2]
     torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", [None, "layer", "batch"])
+def test_fused_mlp_empty_batch_as_sequential(norm):
+    """An empty batch gives what nn.Sequential gives: an empty output, zero
+    gradients for every parameter and the input, and batch norm's count."""
+    torch.manual_seed(3)
+    mlp = fgt.FusedMLP([3, 5, 5, 2], activation="gelu", norm=norm, dropout=0.25,
+                       residual=True)
+    seq = mlp.to_sequential()
+    for x_shape in ((0, 3), (2, 0, 3)):
+        outs = []
+        for net in (mlp, seq):
+            x = torch.zeros(x_shape, requires_grad=True)
+            y = net(x)
+            y.sum().backward()
+            outs.append((y.shape, x.grad.shape, [p.grad.clone() for p in net.parameters()]))
+            net.zero_grad()
+        assert outs[0][0] == outs[1][0] == x_shape[:-1] + (2,)
+        assert outs[0][1] == outs[1][1] == x_shape
+        for g_fused, g_seq in zip(outs[0][2], outs[1][2]):
+            assert torch.equal(g_fused, g_seq) and not g_fused.any()
+    assert mlp.dropout_step == 0
+    if norm == "batch":
+        assert all(int(m.num_batches_tracked) == 2 for m in mlp.modules()
+                   if isinstance(m, torch.nn.BatchNorm1d))
+        # the running statistics are untouched, as in torch
+        assert all(not m.running_mean.any() for m in mlp.modules()
+                   if isinstance(m, torch.nn.BatchNorm1d))
 
 
 def test_fused_mlp_refuses_a_backward_after_its_input_changed_in_place():

@@ -308,7 +308,12 @@ class FusedMLP(torch.nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, n_in).contiguous()
         if x2.shape[0] == 0:
-            raise ValueError(f"FusedMLP: empty batch of shape {tuple(x.shape)}")
+            # nothing to compute: the equivalent torch modules give the empty
+            # output, zero gradients and the norm's batch count, as nn.Sequential
+            out = x2
+            for m in self.children():
+                out = m(out)
+            return out.reshape(*lead, self.sizes[-1])
         if train and self.norm == "batch" and x2.shape[0] == 1:
             raise ValueError("batch norm in training mode needs more than 1 sample per batch "
                              "(got a batch of 1), as in PyTorch; use module.eval()")
