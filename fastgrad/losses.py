@@ -100,7 +100,7 @@ def _vector(w, name, scalar_ok=False):
     import numpy as np
     arr = np.asarray(w.detach().cpu().numpy() if hasattr(w, "detach") else w)
     if arr.ndim == 0 and scalar_ok:
-        return float(ops.class_weights(arr, 1, name)[0])
+        return float(ops.class_weights(arr, 1, name, scalar_ok=True)[0])
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array (one per class), got shape {arr.shape}")
     return ops.class_weights(arr, arr.shape[0], name)

@@ -325,10 +325,12 @@ def check_ignore_index(ignore_index):
     return int(ignore_index)
 
 
-def class_weights(weight, n, name, xp=np):
+def class_weights(weight, n, name, xp=np, scalar_ok=False):
     """``weight`` as a float64 array of shape (n,) on ``xp`` (None: ones).
 
-    A scalar is broadcast (pos_weight); anything else must have shape (n,)."""
+    With ``scalar_ok`` a scalar is broadcast (pos_weight, as torch
+    broadcasts it); anything else must have shape (n,), as torch's class
+    ``weight`` must."""
     if weight is None:
         return xp.ones(n, np.float64)
     if hasattr(weight, "detach"):                 # a torch tensor
@@ -336,7 +338,7 @@ def class_weights(weight, n, name, xp=np):
     w = xp.asarray(weight)
     if w.dtype.kind not in "fiu":
         raise TypeError(f"{name}: expected real numbers, got dtype {w.dtype}")
-    if w.ndim == 0:
+    if w.ndim == 0 and scalar_ok:
         w = xp.full(n, float(w), np.float64)
     if w.shape != (n,):
         raise ValueError(f"{name}: expected shape ({n},), got {tuple(w.shape)}")
@@ -446,4 +448,5 @@ def bce_with_logits(logits, target, pos_weight=None, reduction="mean"):
     if check_reduction(reduction) == "mean" and pos_weight is None:
         return _elementwise_loss("bce_with_logits", logits, target, "logits")
     return _elementwise_ex("bce_with_logits_ex", logits, target, "logits", reduction,
-                           lambda xp, n: class_weights(pos_weight, n, "pos_weight", xp))
+                           lambda xp, n: class_weights(pos_weight, n, "pos_weight", xp,
+                                                     scalar_ok=True))

@@ -288,6 +288,8 @@ def test_train_step_with_options_is_the_layer_loop(device, rng, loss_fn):
     (lambda x, y: ops.softmax_cross_entropy(x, y, reduction="avg"), ValueError, "reduction"),
     (lambda x, y: ops.softmax_cross_entropy(x, y, weight=np.ones(3)), ValueError, r"weight: expected shape \(4,\)"),
     (lambda x, y: ops.softmax_cross_entropy(x, y, weight=["a"] * 4), TypeError, "weight"),
+    # a scalar class weight is refused, as torch refuses it (pos_weight broadcasts)
+    (lambda x, y: ops.softmax_cross_entropy(x, y, weight=2.0), ValueError, r"weight: expected shape \(4,\)"),
     (lambda x, y: ops.softmax_cross_entropy(x, y, ignore_index=1.5), TypeError, "ignore_index"),
     (lambda x, y: ops.softmax_cross_entropy(x, np.array([0, 1, 9]), weight=np.ones(4)), ValueError, r"\[0, 4\)"),
     (lambda x, y: ops.softmax_cross_entropy(x, np.array([0, -1, 2])), ValueError, "ignore_index=-100"),
