@@ -125,20 +125,31 @@ class Dense:
     in the model's flat buffer; from then on its arrays (``W``, ``b``,
     ``dW``, ``db``, ...) cannot be rebound (AttributeError: the model,
     optimizer and compiled steps use the flat buffers), only written in
-    place.
+    place, and its settings (widths, activation, alpha, dropout, norm,
+    residual, weight_norm) are fixed (AttributeError).
     """
 
     # every array a placed layer views: its parameter slots, their
     # gradients and its buffers, whatever its pieces (fastgrad.epilogue)
     _VIEWS = epilogue.view_names()
 
+    # the settings the model's buffers, plans and compiled steps are laid
+    # out for: fixed once the layer is placed
+    _SETTINGS = frozenset(("n_in", "n_out", "code") + tuple(epilogue.FIELD_NAMES))
+
     def __setattr__(self, name, value):
+        placed = self.__dict__.get("_placed", False)
         # ``layer.dW += x`` adds in place, then sets the same array back: allowed.
-        if (name in Dense._VIEWS and self.__dict__.get("_placed", False)
-                and value is not self.__dict__.get(name)):
+        if placed and name in Dense._VIEWS and value is not self.__dict__.get(name):
             raise AttributeError(f"layer.{name} cannot be replaced: it belongs to the model's "
                                  f"flat buffers; write into it instead (layer.{name}[...] = "
                                  "values)")
+        if placed and name in Dense._SETTINGS and not _same_setting(value,
+                                                                    self.__dict__.get(name)):
+            raise AttributeError(f"layer.{name} is fixed once the layer is in a model: its "
+                                 "buffers and compiled steps are laid out for it; build a "
+                                 f"new model with the {name} you want (model.eval() turns "
+                                 "dropout off)")
         object.__setattr__(self, name, value)
 
     def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal",
@@ -200,6 +211,10 @@ class Dense:
         extra += ", weight_norm=True" if self.weight_norm else ""
         return (f"Dense({self.n_in}, {self.n_out}, activation={self.activation!r}, "
                 f"init={self.init!r}{extra})")
+
+
+def _same_setting(value, current):
+    return type(value) is type(current) and value == current
 
 
 _dropout_rate = epilogue.dropout_rate
@@ -326,14 +341,27 @@ class Sequential:
     ``params``, ``grads``, ``layer_offsets``, ``running_mean`` and
     ``running_var`` cannot be rebound (AttributeError): the layers' views,
     optimizers and TrainSteps hold these very arrays.  Write into them in
-    place (``model.params[...] = values``).  ``forward``, ``backward`` and
+    place (``model.params[...] = values``); ``layer_offsets`` is a
+    read-only view.  ``forward``, ``backward`` and
     ``predict`` hold the model's lock (shared with its optimizers and
     TrainSteps), so calls from several threads do not interleave.
     """
 
     params = _fixed("params", "The flat parameter buffer (1-D; writable in place only).")
     grads = _fixed("grads", "The flat gradient buffer (1-D; writable in place only).")
-    layer_offsets = _fixed("layer_offsets", "Layer boundaries in ``params`` (int64).")
+
+    @property
+    def layer_offsets(self):
+        """Layer boundaries in ``params`` (int64; a read-only view: the
+        kernels index with the model's own array)."""
+        view = self._layer_offsets.view()
+        view.flags.writeable = False
+        return view
+
+    @layer_offsets.setter
+    def layer_offsets(self, value):
+        raise AttributeError("model.layer_offsets cannot be replaced: the layers' views, "
+                             "optimizers and TrainSteps are laid out by it")
     running_mean = _fixed("running_mean", "Batch-norm running means (float64, all layers).")
     running_var = _fixed("running_var", "Batch-norm running variances (float64, all layers).")
 

@@ -161,18 +161,23 @@ def test_state_entries_cannot_be_replaced_but_are_writable_in_place():
 
 def test_layer_offsets_written_in_place_cannot_reach_the_kernel():
     """The optimizer and TrainStep index with the optimizer's own copy of the
-    layer boundaries; its public view is read-only."""
+    layer boundaries, the layer path with the model's; both public views
+    are read-only."""
     rng = np.random.default_rng(8)
     model = fg.MLP(SIZES, dtype="float64", seed=0)
     opt = fg.Adam(model, lr=1e-2)
     step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
     with pytest.raises(ValueError, match="read-only"):
         opt.layer_offsets[1] = 10 ** 9
-    model.layer_offsets[1] = 10 ** 9            # the model's array: not the kernel's
+    with pytest.raises(ValueError, match="read-only"):
+        model.layer_offsets[1] = 10 ** 9
     x, y = _data(rng)
     step(x, y)
     opt.step()
+    model.forward(x)
+    model.backward(np.ones((x.shape[0], SIZES[-1])))
     assert np.isfinite(model.params).all() and opt.step_count == 2
+    assert np.isfinite(model.grads).all()
 
 
 def test_step_count_write_is_validated():
@@ -379,7 +384,10 @@ def test_model_buffers_cannot_be_replaced(name):
     before = getattr(model, name)
     with pytest.raises(AttributeError, match=f"model.{name} cannot be replaced"):
         setattr(model, name, before.copy())
-    assert getattr(model, name) is before
+    if name == "layer_offsets":             # a fresh read-only view each time
+        assert getattr(model, name).base is before.base
+    else:
+        assert getattr(model, name) is before
 
 
 @pytest.mark.parametrize("name", ["W", "b", "dW", "db", "gamma", "running_mean"])
@@ -390,6 +398,39 @@ def test_layer_arrays_cannot_be_replaced(name):
         with pytest.raises(AttributeError, match=f"layer.{name} cannot be replaced"):
             setattr(layer, name, before.copy())
         assert getattr(layer, name) is before
+
+
+@pytest.mark.parametrize("name,value", [
+    ("activation", "tanh"), ("activation", "bogus"), ("alpha", 0.5), ("dropout", 0.5),
+    ("dropout", 5.0), ("norm", "layer"), ("norm", None), ("residual", True),
+    ("residual", False), ("weight_norm", True), ("n_in", 5), ("n_out", 9), ("code", 99)])
+def test_layer_settings_are_fixed_once_placed(name, value):
+    """The buffers, plans and compiled steps are laid out for a layer's
+    settings: a write after placement was read by some paths and not by
+    others (a norm added to the last layer wrote past model.grads; a
+    residual on a widening layer read past the input).  Writing the same
+    value is allowed; the model still trains."""
+    rng = np.random.default_rng()
+    model = fg.MLP([4, 4, 4, 3], dtype="float64", norm="batch", residual=True, dropout=0.25,
+                   seed=0)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, lr=0.1))
+    x, y = rng.standard_normal((8, 4)), rng.integers(0, 3, 8)
+    step(x, y)
+    for layer in (model.layers[0], model.layers[1], model.layers[1].layer, model.layers[2]):
+        before = getattr(layer, name)
+        if before == value and type(before) is type(value):
+            continue
+        with pytest.raises(AttributeError, match=f"layer.{name} is fixed"):
+            setattr(layer, name, value)
+        assert getattr(layer, name) == before
+        setattr(layer, name, before)            # the same value: allowed
+    step(x, y)
+    model.backward(np.ones((8, 3))) if model.forward(x) is not None else None
+    assert np.isfinite(model.params).all() and np.isfinite(model.grads).all()
+    # an unplaced layer takes any write (Residual's own construction sets one)
+    free = fg.Dense(3, 3)
+    free.activation = "tanh"
+    assert free.activation == "tanh"
 
 
 def test_in_place_parameter_writes_reach_every_path():
