@@ -661,7 +661,8 @@ class Sequential:
         PyTorch's spelling: the gradients are one flat buffer that always
         exists, so they are zeroed either way.
         """
-        self.grads[...] = 0
+        with self._lock:
+            self.grads[...] = 0
 
     # -- PyTorch habits: calling, parameters, state dicts ------------------------
     def __call__(self, x):
@@ -799,9 +800,10 @@ class Sequential:
         if errors:
             raise StateDictError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                                  + "\n\t".join(errors))
-        for name, arr in values.items():
-            own[name][...] = arr
-        self._refresh_weight_norm()      # W of weight-normalised layers from the new v, g
+        with self._lock:                 # never between a step's forward and its update
+            for name, arr in values.items():
+                own[name][...] = arr
+            self._refresh_weight_norm()  # W of weight-normalised layers from the new v, g
         return IncompatibleKeys(missing, unexpected)
 
     def to_torch(self):

@@ -1,7 +1,8 @@
 """Loss objects: ``loss, dy = loss_fn(y, target)``, mean over the batch.
 
 Each takes PyTorch's options (``reduction``, and the class weights,
-``ignore_index``, ``label_smoothing`` and ``pos_weight`` of its torch twin);
+``ignore_index``, ``label_smoothing`` and ``pos_weight`` of its torch twin)
+when it is built, fixed from then on (AttributeError);
 :attr:`Loss.options` lists those set away from their defaults.  The fused
 training step computes the default losses only: a :class:`fastgrad.TrainStep`
 given a loss with options runs the layer path instead (``model(x)``,
@@ -20,6 +21,14 @@ class Loss:
         # "none" gives per-sample losses, which a training loop cannot step
         # on: that stays on the functional path (fastgrad.ops).
         self.reduction = ops.check_reduction(reduction, ("mean", "sum"))
+
+    def __setattr__(self, name, value):
+        # A TrainStep chooses its kernels from the options once: a later
+        # write would reach fit's validation and not the training step.
+        if name in self._defaults and name in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}.{name} is fixed once the loss is "
+                                 f"built; build a new loss with {name}={value!r}")
+        object.__setattr__(self, name, value)
 
     @property
     def options(self):

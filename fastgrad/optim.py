@@ -1810,10 +1810,11 @@ class Optimizer:
 
     def zero_grad(self):
         """Set the gradients to zero (the user's arrays for pairs)."""
-        if self._pairs is not None:
-            for _, g in self._pairs:
-                g[...] = 0
-        self._grads[...] = 0
+        with self._lock:
+            if self._pairs is not None:
+                for _, g in self._pairs:
+                    g[...] = 0
+            self._grads[...] = 0
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())

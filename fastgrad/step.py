@@ -55,6 +55,14 @@ def layer_features(model):
     return epilogue.used_pieces(model.layers)
 
 
+def _fixed_field(name):
+    def refuse(self, value):
+        raise AttributeError(f"step.{name} is fixed: the step's buffers, plan and compiled "
+                             "driver were made for it; build a new TrainStep")
+    return property(lambda self: getattr(self, "_" + name), refuse,
+                    doc=f"The ``{name}`` this step was built with (read-only).")
+
+
 class TrainStep:
     """The training step of ``model`` under ``loss_fn`` and ``opt``.
 
@@ -143,7 +151,7 @@ class TrainStep:
         if getattr(opt, "params", None) is not model.params or not np.array_equal(
                 opt._offsets, model.layer_offsets):
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
-        self.model, self.loss_fn, self.opt = model, loss_fn, opt
+        self._model, self._loss_fn, self._opt = model, loss_fn, opt
         be = self._backend = model.backend
         # Models with epilogue pieces (dropout, residual, norm, weight norm):
         # the step plan carries them; plain models never compile (nor pay
@@ -202,6 +210,10 @@ class TrainStep:
         self._no_labels = xp.zeros(0, np.int64)
         self._no_target = xp.zeros((0, 0), model.dtype)
         self.stats = None
+
+    model = _fixed_field("model")
+    loss_fn = _fixed_field("loss_fn")
+    opt = _fixed_field("opt")
 
     @property
     def threads(self):

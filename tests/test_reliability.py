@@ -281,6 +281,64 @@ def test_optimizer_and_layer_path_from_threads_serialise():
     assert opt.step_count + opt.n_skipped == 100 and opt.step_count >= 50
 
 
+def test_load_state_dict_and_zero_grad_wait_for_a_step():
+    """model.load_state_dict and zero_grad take the model's lock: held by a
+    step (here by a thread holding it), they wait instead of writing into
+    the parameters between the step's forward and its update."""
+    model = fg.MLP(SIZES, dtype="float64", seed=0)
+    opt = fg.SGD(model, lr=0.1)
+    new = {k: v * 0.5 for k, v in model.state_dict().items()}
+    for call in (lambda: model.load_state_dict(new), model.zero_grad, opt.zero_grad):
+        held, release = threading.Event(), threading.Event()
+
+        def hold():
+            with model._lock:
+                held.set()
+                release.wait(30)
+        holder = threading.Thread(target=hold)
+        holder.start()
+        held.wait()
+        done = threading.Event()
+        caller = threading.Thread(target=lambda: (call(), done.set()))
+        caller.start()
+        assert not done.wait(0.3), "ran while a step held the model"
+        release.set()
+        holder.join()
+        caller.join()
+        assert done.is_set()
+    np.testing.assert_array_equal(model.params, np.concatenate(
+        [new[k].ravel() for k, _ in model.named_parameters()]))
+
+
+def test_train_step_fields_and_loss_options_are_fixed():
+    """The step's buffers, plan and kernels are made for its model, loss
+    and optimizer: rebinding them raised nothing and then segfaulted (a
+    smaller model's optimizer) or went on with the old loss; a loss option
+    written later reached fit's validation and not the training step."""
+    model = fg.MLP(SIZES, dtype="float64", seed=0)
+    loss = fg.SoftmaxCrossEntropy()
+    step = fg.TrainStep(model, loss, fg.SGD(model, lr=0.1))
+    other = fg.MLP([5, 3], dtype="float64")
+    for name, value in (("opt", fg.SGD(other)), ("model", other),
+                        ("loss_fn", fg.SoftmaxCrossEntropy(label_smoothing=0.1))):
+        before = getattr(step, name)
+        with pytest.raises(AttributeError, match=f"step.{name} is fixed"):
+            setattr(step, name, value)
+        assert getattr(step, name) is before
+    for name, value in (("label_smoothing", 0.5), ("weight", np.ones(3)),
+                        ("reduction", "sum"), ("ignore_index", 1)):
+        with pytest.raises(AttributeError, match=f"SoftmaxCrossEntropy.{name} is fixed"):
+            setattr(loss, name, value)
+    assert loss.options == {}
+    with pytest.raises(AttributeError, match="pos_weight is fixed"):
+        fg.BCEWithLogits(pos_weight=2.0).pos_weight = 3.0
+    with pytest.raises(AttributeError, match="reduction is fixed"):
+        fg.MSE().reduction = "sum"
+    rng = np.random.default_rng(3)
+    step(*_data(rng))
+    assert np.isfinite(model.params).all()
+
+
 # -- 3. a skipped step changes nothing ---------------------------------------------------
 
 MODELS = {
