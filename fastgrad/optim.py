@@ -72,6 +72,7 @@ import threading
 import numpy as np
 
 from . import device as _device
+from . import interrupts
 from . import threads as _threads
 from .backend import backend_of
 from .errors import NonFiniteGradientError
@@ -1785,7 +1786,7 @@ class Optimizer:
         -------
         StepStats
         """
-        with self._lock:
+        with self._lock, interrupts.held():   # a Ctrl-C lands after the book-keeping
             if self._multi is not None:
                 return self._step_in_place()
             if self._pairs is not None:

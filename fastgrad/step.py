@@ -35,6 +35,7 @@ import numpy as np
 
 from . import device as _device
 from . import epilogue
+from . import interrupts
 from . import ops
 from . import threads as _threads
 from .errors import NonFiniteGradientError
@@ -111,7 +112,9 @@ class TrainStep:
     advance on a skipped update.)
 
     Calls from several threads run one at a time (the model's lock, shared
-    with its optimizer), so no thread sees or writes a half-done step.
+    with its optimizer), so no thread sees or writes a half-done step.  A
+    Ctrl-C during a call (or during ``run_epoch``) raises KeyboardInterrupt
+    once the step it interrupted is applied and counted.
 
     ``threads=n`` (CPU, plain models) runs the step on ``n`` threads of ONE
     pool: the batch is cut into ``n`` row shards whose forward and backward
@@ -513,7 +516,7 @@ class TrainStep:
             (lambda: self.stats.skipped) if skipped is None else skipped, self.opt._records)
 
     def __call__(self, x, y):
-        with self.opt._lock:
+        with self.opt._lock, interrupts.held():   # a Ctrl-C lands after the book-keeping
             return self._step(x, y)
 
     def _step(self, x, y):
@@ -761,30 +764,31 @@ class TrainStep:
             k0 = opt._step_count
             rows, row_lr = self._hp_rows(size)
             kernel, model_args = self._chunk_kernel(B, order.shape[0], batch_size, n_steps)
-            ran = kernel(
-                X, labels, target, order, pos, size, batch_size, order.shape[0],
-                xbuf, lbuf, tbuf, self._loss_kind, *model_args,
-                rule, s0, s1, s2, rows, self._layer_sq, opt._clip_norm, opt._clip_value,
-                not opt.skip_nonfinite, res["loss"][pos:], res["grad_norm"][pos:],
-                res["clip_scale"][pos:], res["skipped"][pos:], layer_sq[pos:])
-            end = pos + ran
-            # The optimizer's book-keeping, as _commit would have done step by step.
-            skipped = res["skipped"][pos:end]
-            applied = ~skipped
-            before = np.cumsum(applied) - applied     # updates applied before each step
-            res["step"][pos:end] = k0 + before + applied
-            res["lr"][pos:end] = row_lr[before]
-            res["clipped"][pos:end] = applied & (res["clip_scale"][pos:end] < 1.0)
-            res["layer_norms"][pos:end] = np.sqrt(layer_sq[pos:end])
-            n_applied = int(applied.sum())
-            opt._step_count += n_applied
-            opt._n_skipped += ran - n_applied
-            opt.n_calls += ran
-            if model.training:
-                model.dropout_step += n_applied
-            last = end - 1
-            opt._lr_now = float(res["lr"][last])
-            opt.last_stats = _stats_of(res, last)
+            with interrupts.held():     # a Ctrl-C lands after the chunk's book-keeping
+                ran = kernel(
+                    X, labels, target, order, pos, size, batch_size, order.shape[0],
+                    xbuf, lbuf, tbuf, self._loss_kind, *model_args,
+                    rule, s0, s1, s2, rows, self._layer_sq, opt._clip_norm, opt._clip_value,
+                    not opt.skip_nonfinite, res["loss"][pos:], res["grad_norm"][pos:],
+                    res["clip_scale"][pos:], res["skipped"][pos:], layer_sq[pos:])
+                end = pos + ran
+                # The optimizer's book-keeping, as _commit would have done step by step.
+                skipped = res["skipped"][pos:end]
+                applied = ~skipped
+                before = np.cumsum(applied) - applied     # updates applied before each step
+                res["step"][pos:end] = k0 + before + applied
+                res["lr"][pos:end] = row_lr[before]
+                res["clipped"][pos:end] = applied & (res["clip_scale"][pos:end] < 1.0)
+                res["layer_norms"][pos:end] = np.sqrt(layer_sq[pos:end])
+                n_applied = int(applied.sum())
+                opt._step_count += n_applied
+                opt._n_skipped += ran - n_applied
+                opt.n_calls += ran
+                if model.training:
+                    model.dropout_step += n_applied
+                last = end - 1
+                opt._lr_now = float(res["lr"][last])
+                opt.last_stats = _stats_of(res, last)
             if skipped.size and skipped[-1] and not opt.skip_nonfinite:
                 # As a per-step loop: the steps before the failing one were
                 # applied (and reported), then the failing one raises

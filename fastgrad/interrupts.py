@@ -1,0 +1,74 @@
+"""Ctrl-C between a step's compiled call and its book-keeping.
+
+A step's kernel runs without the GIL; a Ctrl-C pressed meanwhile raises
+KeyboardInterrupt at the first Python call after the kernel returns, which
+is the book-keeping: the update would be applied but not counted (Adam's
+bias correction then one step behind, the dropout counter repeating a
+mask).  ``with held():`` around the kernel call and its book-keeping keeps
+the interrupt until the block ends, so a step lands whole or not at all.
+
+Only the main thread receives Python's signal handlers.  The handler is
+installed on first use in front of the one already there (Python's
+``default_int_handler`` unless the program set its own), which it calls for
+every interrupt outside a held block; where SIGINT is ignored, left to the
+operating system or set outside Python, nothing is installed or held.
+Holding costs a lookup and two counter updates: no ``signal.signal`` per
+step (each call costs microseconds).  A Ctrl-C during a step that compiles
+its kernels (a cold first step) waits for the compile.
+"""
+import signal
+import threading
+
+_MAIN = threading.main_thread()
+
+
+class _Hold:
+    """Re-entrant: nested blocks release the interrupt when the outermost
+    one ends."""
+
+    def __init__(self):
+        self.depth = 0
+        self.pending = None
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        if self.depth:
+            self.pending = (signum, frame)
+        else:
+            self.previous(signum, frame)
+
+    def _installed(self):
+        current = signal.getsignal(signal.SIGINT)
+        if current == self._handler:
+            return True
+        if not callable(current):       # SIG_IGN, SIG_DFL, or set outside Python
+            return False
+        try:
+            signal.signal(signal.SIGINT, self._handler)
+        except ValueError:              # not the main interpreter
+            return False
+        self.previous = current
+        return True
+
+    def __enter__(self):
+        if threading.current_thread() is _MAIN and self._installed():
+            self.depth += 1
+            return True
+        return False
+
+    def __exit__(self, *exc):
+        if self.depth and threading.current_thread() is _MAIN:
+            self.depth -= 1
+            if not self.depth and self.pending is not None:
+                signum, frame = self.pending
+                self.pending = None
+                self.previous(signum, frame)       # KeyboardInterrupt, now
+        return False
+
+
+_hold = _Hold()
+
+
+def held():
+    """Context manager: a Ctrl-C in the block is raised when it ends."""
+    return _hold
