@@ -8,12 +8,13 @@ mask).  ``with held():`` around the kernel call and its book-keeping keeps
 the interrupt until the block ends, so a step lands whole or not at all.
 
 Only the main thread receives Python's signal handlers.  The handler is
-installed on first use in front of the one already there (Python's
+installed once, on first use, in front of the one already there (Python's
 ``default_int_handler`` unless the program set its own), which it calls for
-every interrupt outside a held block; where SIGINT is ignored, left to the
-operating system or set outside Python, nothing is installed or held.
-Holding costs a lookup and two counter updates: no ``signal.signal`` per
-step (each call costs microseconds).  A Ctrl-C during a step that compiles
+every interrupt outside a held block; where SIGINT was ignored, left to the
+operating system or set outside Python, nothing is installed or held, and
+a handler the program sets later replaces the hold.  Holding costs a
+thread check and two counter updates: no ``signal.signal`` or
+``getsignal`` per step (each costs microseconds).  A Ctrl-C during a step that compiles
 its kernels (a cold first step) waits for the compile.
 """
 import signal
@@ -30,6 +31,7 @@ class _Hold:
         self.depth = 0
         self.pending = None
         self.previous = None
+        self.installed = None       # None: not tried yet
 
     def _handler(self, signum, frame):
         if self.depth:
@@ -37,24 +39,22 @@ class _Hold:
         else:
             self.previous(signum, frame)
 
-    def _installed(self):
+    def _install(self):
+        # once: signal.getsignal and signal.signal cost microseconds each
         current = signal.getsignal(signal.SIGINT)
-        if current == self._handler:
-            return True
-        if not callable(current):       # SIG_IGN, SIG_DFL, or set outside Python
-            return False
-        try:
-            signal.signal(signal.SIGINT, self._handler)
-        except ValueError:              # not the main interpreter
-            return False
-        self.previous = current
-        return True
+        self.installed = False
+        if callable(current):          # not SIG_IGN, SIG_DFL or set outside Python
+            try:
+                signal.signal(signal.SIGINT, self._handler)
+            except ValueError:         # not the main interpreter
+                return False
+            self.previous, self.installed = current, True
+        return self.installed
 
     def __enter__(self):
-        if threading.current_thread() is _MAIN and self._installed():
+        if threading.current_thread() is _MAIN and (
+                self.installed or (self.installed is None and self._install())):
             self.depth += 1
-            return True
-        return False
 
     def __exit__(self, *exc):
         if self.depth and threading.current_thread() is _MAIN:
