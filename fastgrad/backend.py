@@ -109,6 +109,22 @@ class Backend:
         CUDA this waits for the device."""
         raise NotImplementedError
 
+    def address(self, array):
+        """The address of ``array``'s first element (host or device)."""
+        raise NotImplementedError
+
+    def memory_span(self, array):
+        """``(lo, hi)``: the bytes ``array``'s elements lie in, ``[lo, hi)``."""
+        lo = hi = self.address(array)
+        for n, stride in zip(array.shape, array.strides):
+            if n == 0:
+                return lo, lo
+            if stride < 0:
+                lo += stride * (n - 1)
+            else:
+                hi += stride * (n - 1)
+        return lo, hi + array.itemsize
+
     def alloc(self, shape, dtype, fill=None):
         """A new C-contiguous array of this device: uninitialised, or every
         element ``fill`` (a scalar)."""
@@ -318,6 +334,9 @@ class CpuBackend(Backend):
             raise TypeError("to_host: a CUDA array given to the cpu backend")
         return np.asarray(array)
 
+    def address(self, array):
+        return array.ctypes.data
+
     def add_into(self, dst, src):
         np.add(dst, src, out=dst)
         return dst
@@ -495,6 +514,9 @@ class CudaBackend(Backend):
         if _device.device_of(array) == "cuda":
             return self.xp.asnumpy(array)
         return np.asarray(array)
+
+    def address(self, array):
+        return array.data.ptr
 
     def add_into(self, dst, src):
         from .kernels.cuda import arrays

@@ -21,6 +21,7 @@ from . import epilogue, ops
 from .kernels import layout as _layout
 from .kernels import spec as _spec
 from .backend import backend_for, backend_of
+from .optim import COUNTER_BOUND
 
 _SEED_MASK = (1 << 63) - 1     # keeps the seed an int64 for the kernels
 
@@ -483,6 +484,13 @@ class Sequential:
 
     @dropout_step.setter
     def dropout_step(self, value):
+        if type(value) is not int:           # the steps' own writes are ints: one check
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"dropout_step must be an integer in [0, 2**62), got "
+                                 f"{value!r}")
+            value = int(value)
+        if not 0 <= value < COUNTER_BOUND:
+            raise ValueError(f"dropout_step must be an integer in [0, 2**62), got {value!r}")
         self._dropout_on_device = None        # the host's value rules from now on
         self._dropout_step = value
 

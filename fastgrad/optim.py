@@ -205,10 +205,16 @@ def _nonneg(name, x):
     return x
 
 
+#: Counters (update and dropout steps) stay below this: training from one
+#: still counts in int64 (the kernels'), as checkpoints require.
+COUNTER_BOUND = 2 ** 62
+
+
 def _count(name, x):
-    """``x`` as an int >= 0 (a counter); ValueError otherwise."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {x!r}")
+    """``x`` as an int in [0, 2**62) (a counter); ValueError otherwise."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Integral) or not \
+            0 <= x < COUNTER_BOUND:
+        raise ValueError(f"{name} must be an integer in [0, 2**62), got {x!r}")
     return int(x)
 
 
@@ -827,6 +833,13 @@ class Optimizer:
         if dt not in (np.float32, np.float64) or any(
                 p.dtype != dt or g.dtype != dt for p, g in checked):
             raise TypeError("all params and grads must share dtype float32 or float64")
+        # a tensor listed twice would be updated twice and counted twice in
+        # the norm (torch refuses one in two groups)
+        spans = sorted((be.memory_span(p) + (i,) for i, (p, _) in enumerate(checked)))
+        for (_, hi, i), (lo, _, j) in zip(spans, spans[1:]):
+            if lo < hi:
+                raise ValueError(f"pairs {min(i, j)} and {max(i, j)}: their params overlap in "
+                                 "memory (a tensor listed twice?); list each once")
         sizes = [p.size for p, _ in checked]
         self._pairs = checked
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

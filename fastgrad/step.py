@@ -1027,7 +1027,11 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
     The loss is per sample: a loss with ``reduction="sum"`` is summed over
     the batches, then divided by the number of samples.
     """
+    batch_size = _positive_int("batch_size", batch_size)
     n = len(X)
+    if n == 0 or len(Y) != n:
+        raise ValueError(f"evaluate: X and Y need the same number of samples, at least one; "
+                         f"got {n} and {len(Y)}")
     summed = getattr(loss_fn, "reduction", "mean") == "sum"
     classify = getattr(loss_fn, "name", None) == "softmax_cross_entropy"
     xp = model._xp

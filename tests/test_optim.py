@@ -661,6 +661,23 @@ def test_pairs_of_mixed_dtypes_and_strided_views(device):
         np.testing.assert_array_equal(to_numpy(p), want)
 
 
+def test_pairs_whose_params_overlap_are_refused(device):
+    """A tensor listed twice (or two views sharing elements) was updated
+    twice and counted twice in the norm; neighbouring and empty arrays are
+    fine."""
+    be = backend_for(device)
+    p, g = be.alloc(8, np.float64, fill=1), be.alloc(8, np.float64, fill=1)
+    cases = [([(p, g), (p, g)], 0, 1),
+             ([(p[:3], g[:3]), (p[6:], g[6:]), (p[2:5], g[2:5])], 0, 2)]
+    if device == "cpu":         # (CuPy pairs must be C-contiguous)
+        cases.append(([(p[::-1][:4], g[:4]), (p[:5], g[:5])], 0, 1))
+    for pairs, i, j in cases:
+        with pytest.raises(ValueError, match=f"pairs {i} and {j}: their params overlap"):
+            SGD(pairs, lr=0.1)
+    SGD([(p[:4], g[:4]), (p[4:], g[4:]), (p[4:4], g[4:4])], lr=0.5).step()
+    np.testing.assert_array_equal(to_numpy(p), np.full(8, 0.5))
+
+
 # CUDA only: a mix of devices needs a second one
 @pytest.mark.cuda
 def test_cuda_pairs_mixed_with_numpy_are_refused(cuda_be):

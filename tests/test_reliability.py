@@ -182,11 +182,36 @@ def test_layer_offsets_written_in_place_cannot_reach_the_kernel():
 
 def test_step_count_write_is_validated():
     opt = fg.Adam(fg.MLP(SIZES, dtype="float64"))
-    for bad in (-1, 1.5, "3", True):
+    for bad in (-1, 1.5, "3", True, 2 ** 62):
         with pytest.raises(ValueError, match="step_count"):
             opt.step_count = bad
     opt.step_count = 4
     assert opt.step_count == 4
+
+
+def test_dropout_step_write_is_validated():
+    """Masks are drawn from the counter in int64: a float or a value past
+    2**62 was taken (1.5 drew the masks of 1)."""
+    model = fg.MLP(SIZES, dtype="float64", dropout=0.5)
+    for bad in (-1, 1.5, "3", True, 2 ** 62, None):
+        with pytest.raises(ValueError, match="dropout_step"):
+            model.dropout_step = bad
+    model.dropout_step = np.int64(7)
+    assert model.dropout_step == 7 and type(model.dropout_step) is int
+
+
+def test_evaluate_checks_its_arguments():
+    model = fg.MLP(SIZES, dtype="float64")
+    loss = fg.SoftmaxCrossEntropy()
+    x, y = _data(np.random.default_rng(0))
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            fg.evaluate(model, loss, x, y, batch_size=bad)
+    with pytest.raises(ValueError, match="same number of samples"):
+        fg.evaluate(model, loss, x[:0], y[:0])
+    with pytest.raises(ValueError, match="same number of samples"):
+        fg.evaluate(model, loss, x, y[:-1])
+    assert set(fg.evaluate(model, loss, x, y, batch_size=5)) == {"loss", "accuracy"}
 
 
 def test_sgd_dampening_matches_torch():

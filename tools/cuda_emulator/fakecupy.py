@@ -219,6 +219,7 @@ class ndarray:
     size = property(lambda s: s._a.size)
     ndim = property(lambda s: s._a.ndim)
     itemsize = property(lambda s: s._a.itemsize)
+    strides = property(lambda s: s._a.strides)
     flags = property(lambda s: Flags(s._a))
     T = property(lambda s: _mk(s._a.T))
     data = property(lambda s: MemoryPointer(s._a))
