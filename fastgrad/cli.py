@@ -221,6 +221,10 @@ def cmd_demo(args):
     from fastgrad.health import GradientMonitor
 
     _check_outputs(out=(args.out, True))
+    from . import distributed as dist
+    mpi = dist.launched_by_mpi()     # under mpiexec: data parallel, --batch-size per process
+    if mpi:
+        dist.init()                  # first: it picks this rank's GPU
     device = fg.set_device(args.device)
     Xtr, Xte, ytr, yte = load_digits_split(args.seed)
     sizes = [Xtr.shape[1]] + args.hidden + [10]
@@ -229,9 +233,7 @@ def cmd_demo(args):
     loss_fn = fg.SoftmaxCrossEntropy()
     step = fg.TrainStep(model, loss_fn, opt)
     fit, is_root, procs = fg.fit, True, 1
-    from . import distributed as dist
-    if dist.launched_by_mpi():          # under mpiexec: data parallel, --batch-size per process
-        dist.init()
+    if mpi:
         step, fit = dist.DataParallel(step), dist.fit
         is_root, procs = dist.rank() == 0, dist.world_size()
     say = print if is_root else (lambda *a, **k: None)

@@ -25,7 +25,13 @@ clipping decision, the non-finite skip (a NaN on any one rank is a NaN in the
 sum, so every rank skips) and ``StepStats`` are identical on all ranks, and
 the parameters stay bitwise identical.  With equal local batches the result
 is the update of one process training on the concatenated global batch, to
-floating-point rounding of the sums.
+floating-point rounding of the sums; the losses' options (sums, class
+weights, ignored rows) do not split so, and are refused.  Batch-norm
+running statistics are broadcast from rank 0 after every training step
+(as PyTorch's ``DistributedDataParallel`` broadcasts buffers), so every
+rank evaluates alike.  Dropout masks are drawn from the model's seed and
+counter, so ranks built with one seed draw the same masks for their local
+rows (as torch ranks seeded alike do).
 
 The loss a step returns is the global-batch mean loss: the scalar rides on a
 non-blocking ``Iallreduce`` started before the gradient allreduce and waited
@@ -49,6 +55,9 @@ import time
 import traceback
 
 import numpy as np
+
+from . import epilogue
+from .errors import NonFiniteGradientError
 
 __all__ = ["init", "rank", "world_size", "local_rank", "launched_by_mpi", "DataParallel",
            "fit"]
@@ -262,6 +271,7 @@ def init(abort_on_error=True, select_gpu="auto", ring_allreduce=True):
         sys.excepthook = _abort_on_exception
     if abort_on_error and _comm.Get_size() > 1 and _watch is None:
         _watch = _ExitWatch(_comm)
+    local_rank()                # collective once, here, where every rank is
     if select_gpu:
         from . import device as _device
         if select_gpu is True or _device._cuda_problem() is None:
@@ -289,13 +299,22 @@ def world_size():
 
 
 def local_rank():
-    """Rank among the processes on this node (for picking a GPU)."""
-    comm = _world()
-    node = comm.Split_type(_MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    try:
-        return node.Get_rank()
-    finally:
-        node.Free()
+    """Rank among the processes on this node (for picking a GPU).
+
+    Found by :func:`init`, which every rank calls (splitting COMM_WORLD by
+    node is collective); a plain query from then on."""
+    global _local_rank
+    if _local_rank is None:
+        comm = _world()
+        node = comm.Split_type(_MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        try:
+            _local_rank = node.Get_rank()
+        finally:
+            node.Free()
+    return _local_rank
+
+
+_local_rank = None
 
 
 # -- reducers: one in-place sum over all ranks, per device ----------------------
@@ -380,9 +399,9 @@ class _NCCLReducer:
             if comm.Get_size() > 1:
                 comm.Abort(1)
             raise
-        codes = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
-                 np.dtype(np.float64): nccl.NCCL_FLOAT64}
-        self._dtype = codes[np.dtype(dtype)]
+        self._codes = {np.dtype(np.float32): nccl.NCCL_FLOAT32,
+                       np.dtype(np.float64): nccl.NCCL_FLOAT64}
+        self._dtype = self._codes[np.dtype(dtype)]
 
     def _stream(self):
         return self._cupy.cuda.get_current_stream().ptr
@@ -393,7 +412,9 @@ class _NCCLReducer:
                                  self._nccl.NCCL_SUM, self._stream())
 
     def bcast(self, buf, root=0):
-        self.nccl_comm.bcast(buf.data.ptr, buf.size, self._dtype, root, self._stream())
+        # the buffer's own dtype: batch norm's float64 statistics in a float32 model
+        self.nccl_comm.bcast(buf.data.ptr, buf.size, self._codes[np.dtype(buf.dtype)], root,
+                             self._stream())
 
     @staticmethod
     def scale(buf, factor):
@@ -452,6 +473,15 @@ class DataParallel:
         opt = self.opt
         self.device = opt.backend.name
         self._check_same_everywhere()
+        if self.loss_fn is not None and self.loss_fn.options:
+            # (after the check above: every rank refuses alike)
+            raise ValueError(f"DataParallel averages the ranks' mean losses, weighted by their "
+                             f"shares of the global batch; {self.loss_fn!r} does not split so "
+                             "(a sum, or a mean over per-batch class weights or ignored rows): "
+                             "use the default loss options")
+        # batch-norm running statistics follow rank 0's after every step (as
+        # DistributedDataParallel's broadcast_buffers): every rank validates alike
+        self._sync_buffers = self.model is not None and self.model._has_batch_norm
         if opt.backend.holds(opt.grads, "grads"):       # device memory: NCCL
             self._reducer = _NCCLReducer(self.comm, opt.grads.dtype)
         else:
@@ -464,18 +494,24 @@ class DataParallel:
 
     # -- construction ------------------------------------------------------------
     def _signature(self):
-        opt = self.opt
+        opt, model, loss_fn = self.opt, self.model, self.loss_fn
+        groups = opt._groups_state()          # each group's ranges, hyper-parameters, lr
         return (int(opt.params.size), np.dtype(opt.params.dtype).str, self.device,
-                type(opt).__name__, repr(opt.hyper), tuple(sorted(opt.state)),
-                None if self.model is None else tuple(self.model.sizes),
-                None if self.loss_fn is None else getattr(self.loss_fn, "name", None))
+                type(opt).__name__, repr(opt.hyper), repr(groups), tuple(sorted(opt.state)),
+                None if model is None else tuple(model.sizes),
+                None if model is None else repr([epilogue.config_of(layer)
+                                                 for layer in model.layers]),
+                None if loss_fn is None else getattr(loss_fn, "name", None),
+                None if loss_fn is None else repr(loss_fn.options),
+                self.global_loss)
 
     def _check_same_everywhere(self):
         sigs = _collective(self._watch, lambda: self.comm.allgather(self._signature()))
         bad = [r for r, s in enumerate(sigs) if s != sigs[0]]
         if bad:
             names = ("n_params", "dtype", "device", "optimizer", "hyper-parameters",
-                     "optimizer state", "model sizes", "loss")
+                     "parameter groups", "optimizer state", "model sizes", "layer settings",
+                     "loss", "loss options", "global_loss")
             diff = [n for n, a, b in zip(names, sigs[0], sigs[bad[0]]) if a != b]
             raise ValueError(f"DataParallel: rank {bad[0]} differs from rank 0 in "
                              f"{', '.join(diff)}; every rank must build the same model and "
@@ -535,12 +571,14 @@ class DataParallel:
         n = len(x)
         # What the forward changes besides the parameters (dropout counter,
         # batch-norm running statistics), restored if the update is skipped.
-        model = self.model
-        snap = model._step_snapshot() if model.backend.skip_known_on_host else None
+        model, opt = self.model, self.opt
+        snap = model._step_snapshot()
         if n == 0:
             if global_batch is None:
                 raise ValueError("an empty local batch needs global_batch")
-            self.opt.grads[...] = 0       # contributes nothing to the sum
+            opt.grads[...] = 0            # contributes nothing to the sum
+            if model.training:
+                model._next_dropout_step()   # the counter stays the other ranks'
             loss = 0.0
         else:
             loss = self.train_step.gradients(x, y)
@@ -555,9 +593,18 @@ class DataParallel:
             index = None if self._watch is None else self._watch.start()
             req = self.comm.Iallreduce(_MPI.IN_PLACE, self._loss_buf, op=_MPI.SUM)
         self._average_grads(weight)
-        self.stats = self.opt.step()
-        if snap is not None and self.stats.skipped:
-            model._restore_snapshot(snap)
+        undo = model.backend.undo_skipped_forward
+        try:
+            self.stats = opt.step()
+        except NonFiniteGradientError:      # skip_nonfinite=False: on every rank alike
+            undo(model, snap, True, opt._records)
+            if req is not None:
+                _collective(self._watch, req.Wait, index)
+            raise
+        undo(model, snap, lambda: self.stats.skipped, opt._records)
+        if self._sync_buffers and model.training:
+            self._reducer.bcast(model._running_mean, 0)
+            self._reducer.bcast(model._running_var, 0)
         if req is not None:
             _collective(self._watch, req.Wait, index)
             loss = float(self._loss_buf[0])
@@ -623,7 +670,8 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
         validation_data=None, callbacks=()):
     """Data-parallel :func:`fastgrad.fit`; ``batch_size`` is per process.
 
-    Every rank draws the same seeded permutation each epoch; a global batch
+    Every rank draws the same seeded permutation each epoch (``seed=None``:
+    a seed drawn on rank 0 for all); a global batch
     is ``world_size * batch_size`` consecutive samples of it and rank ``r``
     trains on its own contiguous slice (the last, smaller global batch is
     split as evenly as possible, each rank's gradient weighted by its share,
@@ -633,7 +681,8 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
     Every rank needs ``X`` and ``Y`` (memory-mapped arrays are fine).  The
     progress bar shows on rank 0 only; callbacks run on every rank with the
     same global loss and stats.  Validation runs on every rank (identical
-    parameters, identical results).  Returns the history of
+    parameters and batch-norm statistics: rank 0's after every step,
+    identical results).  Returns the history of
     :func:`fastgrad.fit`, identical on every rank.
 
     Before the first step the ranks compare their dataset lengths and
@@ -647,6 +696,11 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if seed is None:
+        # one fresh seed, drawn on rank 0: each rank drawing its own gave
+        # every rank another permutation (samples trained twice or never)
+        seed = _collective(dp_step._watch, lambda: dp_step.comm.bcast(
+            np.random.SeedSequence().entropy if dp_step.rank == 0 else None, root=0))
     _check_same_dataset(dp_step, X, Y, epochs, batch_size, shuffle, seed)
     return _fit(_RankShard(dp_step), X, Y, epochs=epochs,
                 batch_size=int(batch_size) * dp_step.world, shuffle=shuffle, seed=seed,

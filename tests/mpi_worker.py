@@ -24,6 +24,13 @@ late      both ranks train, then rank 1 works 2 s longer outside any
           collective before it ends: a clean end (exit status 0).
 short     ``distributed.fit`` with rank 1's dataset 5 samples shorter: every
           rank must refuse it before the first step.
+agree     what must agree across ranks: ranks that differ in a group's lr, a
+          layer's activation, a loss option or ``global_loss`` are refused
+          alike; a loss with options is refused; ``fit(seed=None)`` on a
+          batch-norm + dropout model leaves every rank with the same
+          parameters and running statistics (rank 0 saves each rank's);
+          with ``skip_nonfinite=False`` a NaN on rank 1 raises on every rank
+          and leaves the statistics and the dropout counter as they were.
 
 The problem (data, model, optimizer) is built by the functions below, which
 the tests also call to compute the one-process reference.
@@ -189,10 +196,70 @@ def run_short(comm, path):
     print("fit returned on rank", comm.Get_rank(), flush=True)
 
 
+def run_agree(comm, path):
+    import fastgrad as fg
+    from fastgrad import distributed as dist
+    r = comm.Get_rank()
+
+    def refused(build, match):
+        try:
+            build()
+        except ValueError as exc:
+            assert match in str(exc), str(exc)
+            return True
+        return False
+
+    def dp_of(model=None, loss=None, lr=1e-2, global_loss=True, opt=None):
+        model = model or fg.MLP(SIZES, dtype="float64", seed=0)
+        opt = opt or fg.Adam(model, lr=lr)
+        return dist.DataParallel(fg.TrainStep(model, loss or fg.SoftmaxCrossEntropy(), opt),
+                                 global_loss=global_loss)
+
+    m = fg.MLP(SIZES, dtype="float64", seed=0)
+    groups = [{"params": m.weights(), "lr": 0.1 * (r + 1)}, {"params": m.biases_and_norms()}]
+    flags = [
+        refused(lambda: dp_of(m, opt=fg.Adam(m, lr=1e-2, param_groups=groups)),
+                "parameter groups"),
+        refused(lambda: dp_of(fg.MLP(SIZES, dtype="float64",
+                                     activation="relu" if r == 0 else "tanh")),
+                "layer settings"),
+        refused(lambda: dp_of(loss=fg.SoftmaxCrossEntropy(label_smoothing=0.1 * r)),
+                "loss options"),
+        refused(lambda: dp_of(global_loss=r == 0), "global_loss"),
+        refused(lambda: dp_of(loss=fg.SoftmaxCrossEntropy(reduction="sum")),
+                "does not split so"),
+    ]
+    model = fg.MLP(SIZES, dtype="float64", seed=r, norm="batch", dropout=0.2)
+    dp = dp_of(model)
+    X, Y = fit_data()
+    dist.fit(dp, X, Y, epochs=2, batch_size=FIT_LOCAL_BATCH, seed=None, progress=False)
+    state = np.concatenate([model.params, model.running_mean, model.running_var,
+                            [model.dropout_step]])
+    dp.opt.skip_nonfinite = False
+    x, y = X[:LOCAL_BATCH].copy(), Y[:LOCAL_BATCH]
+    if r == 1:
+        x[0, 0] = np.nan
+    try:
+        dp(x, y)
+        flags.append(False)
+    except fg.NonFiniteGradientError:
+        flags.append(True)
+    after = np.concatenate([model.params, model.running_mean, model.running_var,
+                            [model.dropout_step]])
+    flags.append(after.tobytes() == state.tobytes())
+    every = np.empty((comm.Get_size(), state.size)) if r == 0 else None
+    comm.Gather(state, every, root=0)
+    all_flags = np.empty((comm.Get_size(), len(flags)), bool) if r == 0 else None
+    comm.Gather(np.array(flags), all_flags, root=0)
+    if r == 0:
+        np.savez(path, states=every, flags=all_flags)
+
+
 MODES = {"single": run_single, "steps": run_steps, "optloop": run_optloop, "fit": run_fit, "raise": run_raise,
          "exit0": lambda c, p: _stop_rank1(c, p, "exit0"),
          "exit1": lambda c, p: _stop_rank1(c, p, "exit1"),
-         "kill": lambda c, p: _stop_rank1(c, p, "kill"), "late": run_late, "short": run_short}
+         "kill": lambda c, p: _stop_rank1(c, p, "kill"), "late": run_late, "short": run_short,
+         "agree": run_agree}
 
 
 def main(argv):

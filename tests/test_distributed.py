@@ -148,6 +148,22 @@ def test_fit_uneven_last_batch_matches_one_process_fit(tmp_path):
 
 
 @needs_mpiexec
+def test_what_ranks_must_agree_on(tmp_path):
+    """Refused alike on every rank (they trained on and diverged or mixed
+    two models' gradients): a group's lr, a layer's activation, a loss
+    option, global_loss (a hang: collectives out of step), and a loss with
+    options, which the per-rank means do not compose.  fit(seed=None)
+    draws one permutation for all; batch-norm statistics follow rank 0's,
+    so every rank ends identical (they differed, and so did validation).
+    A NaN with skip_nonfinite=False raises on every rank and leaves the
+    statistics and the dropout counter as they were."""
+    res = run_worker("agree", tmp_path)
+    assert res["flags"].all(), res["flags"]
+    states = res["states"]
+    assert states[0].tobytes() == states[1].tobytes()
+
+
+@needs_mpiexec
 def test_a_failing_rank_fails_the_job_with_its_error(tmp_path):
     proc = run_worker("raise", tmp_path, check=False)
     out = proc.stdout + proc.stderr
