@@ -148,7 +148,7 @@ def test_launch_check_passes_the_limits_themselves(cuda_be, mod):
     spy = _Spy()
     k = mod.CheckedKernel(spy, "fg_spy")
     ok = [((2**31 - 1, 65535, 65535), (1024,)), ((1,), (1, 1024)), ((1,), (16, 1, 64)),
-          (7, 256), ([3, 2], [32, 8]), ((np.int64(5),), (np.int32(256),))]
+          ((7,), (256,)), ((np.int64(5),), (np.int32(256),))]
     for grid, block in ok:
         k(grid, block, ("x",), shared_mem=0)
     assert [(g, b) for g, b, _, _ in spy.launches] == ok
@@ -156,6 +156,11 @@ def test_launch_check_passes_the_limits_themselves(cuda_be, mod):
     assert k.attribute == "of the kernel"         # other attributes pass through
     with pytest.raises(ValueError, match="1 to 3 components"):
         k((1, 1, 1, 1), (32,), ())
+    # CuPy's Function.__call__ takes tuples only (tuple grid, tuple block)
+    for grid, block, what in ((7, (256,), "grid"), ((7,), 256, "block"),
+                              ([3, 2], (32, 8), "grid"), ((3,), [32, 8], "block")):
+        with pytest.raises(TypeError, match=f"Argument '{what}' has incorrect type"):
+            k(grid, block, ())
     assert len(spy.launches) == len(ok)
 
 

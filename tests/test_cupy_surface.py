@@ -273,7 +273,34 @@ def test_fake_refuses_what_cupy_refuses(fake):
         cp.matmul(a.T, np.ones((2, 3), np.float32))     # a host operand
 
 
+def test_launch_dimensions_are_tuples_as_in_cupy(fake, real):
+    """CuPy's Function.__call__ declares ``tuple grid, tuple block``: an int
+    or a list raises TypeError there (checked on the wheel, which raises it
+    before it needs a GPU); the emulator's kernels and fastgrad's launch
+    check raise the same."""
+    from types import SimpleNamespace
+
+    from cupy.cuda import function
+
+    from fastgrad.kernels.cuda import _module
+    _, _, emu = fake
+    cupys = function.Function.__new__(function.Function)
+    for grid, block, what in ((7, (256,), "grid"), ([3], (256,), "grid"),
+                              ((3,), [32], "block")):
+        with pytest.raises(TypeError) as want:
+            cupys(grid, block, ())
+        message = str(want.value)
+        assert message.startswith(f"Argument '{what}' has incorrect type"), message
+        with pytest.raises(TypeError, match=re.escape(message)):
+            emu.Kernel._run(SimpleNamespace(name="k"), grid, block, ())
+        with pytest.raises(TypeError, match=re.escape(message)):
+            _module.check_launch("k", grid, block)
+
+
 def test_fake_refuses_async_copies_during_capture(fake):
+    """Stricter than CuPy, on purpose (fakecupy._refuse_during_capture): a
+    captured copy from pinned memory would keep one staging slot's address
+    in the graph."""
     cp, fakecupy, _ = fake
     dev = cp.zeros(4, np.float64)
     pinned = cp.cuda.alloc_pinned_memory(32)

@@ -277,3 +277,19 @@ def test_seed_reproducible(device, dtype):
     assert a.params.dtype == np.dtype(dtype)
     # layers are initialised from different draws
     assert not np.array_equal(to_numpy(a.layers[0].W)[:4, :4], to_numpy(a.layers[1].W)[:4, :4])
+
+
+@pytest.mark.cuda
+def test_cuda_model_reads_a_strided_device_input(cuda_be):
+    """A column slice of a device array reaches the kernels as a C-ordered
+    copy (``cupy.asarray(order="C")`` copies, as the emulator now does too:
+    it handed the slice through, and a residual first layer read it as if
+    contiguous)."""
+    big = np.random.default_rng().standard_normal((5, 8)).astype(np.float32)
+
+    def build(device):
+        return fg.Sequential([fg.Residual(fg.Dense(4, 4, activation="relu")),
+                              fg.Dense(4, 2)], device=device, seed=0)
+    got = cuda_be.to_host(build("cuda").predict(cuda_be.to_device(big)[:, 1:5]))
+    want = build("cpu").predict(np.ascontiguousarray(big[:, 1:5]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -256,22 +256,21 @@ MAX_BLOCK = (1024, 1024, 64)
 MAX_BLOCK_THREADS = 1024
 
 
-def _xyz(dims):
-    """(x, y, z) of a launch dimension given as CuPy takes it (an int or a
-    tuple of one to three ints; missing ones are 1)."""
-    if type(dims) is tuple:            # the wrappers' case, first: launches are hot
-        n = len(dims)
-        if n == 1:
-            return dims[0], 1, 1
-        if n == 2:
-            return dims[0], dims[1], 1
-        if n == 3:
-            return dims
-    if not isinstance(dims, (tuple, list)):
-        dims = (dims,)
-    if not 1 <= len(dims) <= 3:
-        raise ValueError(f"a launch dimension has 1 to 3 components, got {tuple(dims)}")
-    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+def _xyz(dims, what):
+    """(x, y, z) of a launch dimension given as CuPy takes it: a tuple of one
+    to three ints, missing ones 1 (CuPy's ``Function.__call__`` declares
+    ``tuple grid, tuple block``: an int or a list is a TypeError there)."""
+    if type(dims) is not tuple:
+        raise TypeError(f"Argument '{what}' has incorrect type (expected tuple, got "
+                        f"{type(dims).__name__})")
+    n = len(dims)
+    if n == 1:
+        return dims[0], 1, 1
+    if n == 2:
+        return dims[0], dims[1], 1
+    if n == 3:
+        return dims
+    raise ValueError(f"a launch dimension has 1 to 3 components, got {dims}")
 
 
 def _launch_problem(grid, block):
@@ -289,8 +288,8 @@ def _launch_problem(grid, block):
 def check_launch(name, grid, block):
     """Raise ValueError naming kernel ``name`` and the limit when ``grid`` or
     ``block`` is outside what CUDA can launch."""
-    gx, gy, gz = _xyz(grid)
-    bx, by, bz = _xyz(block)
+    gx, gy, gz = _xyz(grid, "grid")
+    bx, by, bz = _xyz(block, "block")
     if not (1 <= gx <= MAX_GRID_X and 1 <= gy <= MAX_GRID_Y and 1 <= gz <= MAX_GRID_Z
             and 1 <= bx and 1 <= by and 1 <= bz and bx * by * bz <= MAX_BLOCK_THREADS
             and bx <= MAX_BLOCK[0] and by <= MAX_BLOCK[1] and bz <= MAX_BLOCK[2]):

@@ -82,6 +82,10 @@ class Kernel:
         device_work(lambda: self._run(grid, block, args))
 
     def _run(self, grid, block, args):
+        for what, dims in (("grid", grid), ("block", block)):
+            if type(dims) is not tuple:        # as CuPy's Function.__call__ (tuple grid, block)
+                raise TypeError(f"Argument '{what}' has incorrect type (expected tuple, got "
+                                f"{type(dims).__name__})")
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         assert grid[2] == 1 and block[2] == 1, (self.name, grid, block)

@@ -72,10 +72,16 @@ def _host_sync(what):
 
 
 def _refuse_during_capture(what):
+    # Stricter than CuPy on purpose: CuPy's copy_*_async has no capture
+    # check, and CUDA records a copy from pinned memory as a graph node,
+    # which would freeze one staging-ring slot's address into the graph
+    # (every replay would read that slot).  The graphed step must stage
+    # its inputs before it replays, never inside the capture.
     if _capture is not None:
         _capture.bad = _capture.bad or what
         raise CaptureError(f"cudaErrorStreamCaptureUnsupported: {what} while the stream is "
-                           "capturing (CuPy refuses host<->device copies during capture)")
+                           "capturing (the emulator refuses it: a graph would keep this "
+                           "copy's host address)")
 
 
 # --- memory -------------------------------------------------------------------
@@ -347,6 +353,13 @@ def zeros_like(a, dtype=None, order="K", subok=None, shape=None):
 
 def asarray(a, dtype=None, order=None, *, copy=None, blocking=False):
     if isinstance(a, ndarray):
+        # as CuPy's array(a, dtype, copy=False, order=order): a copy where
+        # the order asked for is not the array's (or copy=True)
+        flags = a._a.flags
+        layout = str(order).upper() if order is not None else "K"
+        if copy or (layout == "C" and not flags.c_contiguous) or (
+                layout == "F" and not flags.f_contiguous):
+            return _compute(lambda: np.array(a._a, dtype=dtype, copy=True, order=layout))
         if dtype is None or np.dtype(dtype) == a.dtype:
             return a
         return a.astype(dtype)
