@@ -1,7 +1,7 @@
 """Clipped Adam update alone, flat float32 buffers: fastgrad against NumPy,
 PyTorch (Adam fused=True, else foreach, + clip_grad_norm_), optax
 (chain(clip_by_global_norm, adam) under jax.jit) and the streaming ceiling.  Workloads ``adam-1M`` and ``adam-16M``
-(parameters); contenders ``fastgrad`` (the default: from 2^14 parameters
+(parameters); contenders ``fastgrad`` (the default: from 2^15 parameters
 on the step's thread team, OpenBLAS's workers), ``fastgrad-serial``
 (``opt.parallel = False``), ``fastgrad-parallel`` (``opt.parallel = True``,
 Numba's parfor kernel), ``ceiling``, ``ceiling-parallel``, ``numpy``,

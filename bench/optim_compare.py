@@ -77,9 +77,10 @@ def main():
             med = np.median(T[k])
             gbs = B.BYTES_PER_PARAM * n / med / 1e9
             # the parallel contenders (fastgrad's default where it chose its
-            # team) against the parallel ceiling
-            parallel = k.endswith("parallel") or (k == "fastgrad"
-                                                  and runs[k].__self__.parallel)
+            # team, and the peers, which use every thread they are given)
+            # against the parallel ceiling
+            parallel = k.endswith("parallel") or k in ("torch", "jax") or (
+                k == "fastgrad" and runs[k].__self__.parallel)
             ref = "ceiling-parallel" if parallel else "ceiling"
             ceil = np.median(T[ref] / T[k]) * 100
             speed = np.median(T[k] / T["fastgrad"])

@@ -13,7 +13,7 @@ passes on Numba's OpenMP pool (``fastgrad.share_blas_pool``).
 
 Per workload (the four benchmark workloads and MLPs drawn at random):
 ``step``, a default ``TrainStep`` call; ``loop``, ``TrainStep.gradients``
-then ``opt.step()`` (which runs its update on the team from 2^14
+then ``opt.step()`` (which runs its update on the team from 2^15
 parameters); ``gemms``, the step's bare GEMMs.
 """
 import argparse

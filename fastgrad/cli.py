@@ -121,6 +121,10 @@ def make_optimizer(name, model, lr, clip_norm, clip_value=None):
     return cls(model, lr=lr, clip_norm=clip_norm or None, clip_value=clip_value, **kw)
 
 
+def _optimizer_label(name):
+    return "sgd (momentum 0.9)" if name == "sgd" else name
+
+
 def _layer_label(monitor, li):
     names = monitor.layer_names
     return names[li] if names is not None and li < len(names) else f"layer {li}"
@@ -240,7 +244,7 @@ def cmd_demo(args):
     monitor = GradientMonitor(layer_names=[f"dense{i}" for i in range(len(model.layers))])
     say(f"fastgrad {fg.__version__} on {device}"
         f"{f' x {procs} processes' if procs > 1 else ''}: MLP {sizes}, {args.activation}, "
-        f"{args.optimizer} lr={args.lr:g} clip_norm={args.clip_norm:g}; "
+        f"{_optimizer_label(args.optimizer)} lr={args.lr:g} clip_norm={args.clip_norm:g}; "
         f"digits: {len(Xtr)} train / {len(Xte)} test")
     losses = []                         # read back after training (no wait per step)
 
@@ -271,7 +275,8 @@ def cmd_demo(args):
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         plot_health(monitor, out, f"fastgrad demo: MLP {sizes}, {args.activation}, "
-                    f"{args.optimizer} lr={args.lr:g}, clip_norm={args.clip_norm:g}",
+                    f"{_optimizer_label(args.optimizer)} lr={args.lr:g}, "
+                    f"clip_norm={args.clip_norm:g}",
                     clip_norm=args.clip_norm or None, losses=[float(v) for v in losses])
         say(f"gradient-health plot: {out}")
     return 0
@@ -361,7 +366,10 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
     def record(k, loss, stats):
         monitor.record(stats)
         losses.append(float(loss))
-        if first_bad[0] is None and not math.isfinite(loss):
+        # a step whose gradient overflowed is skipped while its loss may
+        # stay finite: it counts as the first non-finite step too
+        if first_bad[0] is None and not (math.isfinite(loss)
+                                         and math.isfinite(stats.grad_norm)):
             first_bad[0] = k
 
     model.train()
@@ -382,7 +390,7 @@ def run_explode_row(row, data, depth, width, epochs, batch_size, seed, device):
 
 
 def format_explode_table(results):
-    lines = ["| configuration | final loss | test acc. | first non-finite loss (step) "
+    lines = ["| configuration | final loss | test acc. | first non-finite step "
              "| skipped steps | max grad norm |", "|---|---|---|---|---|---|"]
     for r in results:
         first = "-" if r["first_nonfinite"] is None else str(r["first_nonfinite"])

@@ -649,7 +649,9 @@ def format_markdown(study):
     seeds = s["seeds"]
     out = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {s['depth']} hidden layers of "
            f"{s['width']}, digits, {s['epochs']} epochs, batch {s['batch_size']}, "
-           f"on {s['device']}. Each cell: median (min–max over the seeds).", ""]
+           f"on {s['device']}. Each cell: median (min–max over the seeds). SGD has "
+           "momentum 0.9 in every row; the first non-finite step is the first whose loss "
+           "or gradient norm is not finite.", ""]
     for kind in ("vanishing", "explosion"):
         rows = [r for r in study["rows"] if r["study"] == kind]
         if not rows:
@@ -745,16 +747,22 @@ def plot_heatmaps(study, path, ids=None):
                  fontsize=7)
     cb.ax.tick_params(labelsize=6)
     fig.suptitle("per-layer gradient norms, first seed", fontsize=9)
-    _save_png(fig, path)
+    _save_plot(fig, path)
     return ids
 
 
-def _save_png(fig, path):
-    """Save as a 256-colour PNG: a third of the bytes of matplotlib's RGBA
+def _save_plot(fig, path):
+    """Save in the format of ``path``'s extension (as ``savefig``); a
+    ``.png`` as a 256-colour PNG: a third of the bytes of matplotlib's RGBA
     file for these plots (lines and flat colours), so they stay small
     enough to ship in the repository."""
     import io
+    import os
 
+    if os.path.splitext(str(path))[1].lower() != ".png":
+        fig.savefig(path)
+        _pyplot().close(fig)
+        return
     from PIL import Image
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -832,5 +840,5 @@ def plot_summary(study, path, panels=None):
     fig.suptitle("median over the seeds, band: min-max; x: a seed's first non-finite gradient "
                  "(its curve stops there)", fontsize=9)
     fig.tight_layout()
-    _save_png(fig, path)
+    _save_plot(fig, path)
     return [t for t, _, _ in chosen]

@@ -218,6 +218,25 @@ def test_markdown_and_plots(tiny_study, tmp_path):
     for name in ("h.png", "s.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 300_000
+    # another extension gets its own format (it got PNG bytes whatever the name)
+    lab.plot_heatmaps(tiny_study, tmp_path / "h.pdf")
+    lab.plot_summary(tiny_study, tmp_path / "s.svg")
+    assert (tmp_path / "h.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in (tmp_path / "s.svg").read_bytes()[:2000]
+
+
+def test_first_nonfinite_step_counts_an_overflowed_gradient():
+    """A run whose gradient overflows while its loss stays finite (weight
+    norm at SGD lr 0.5, seed 10: skipped updates from step 81, losses up to
+    1e38) has its first non-finite step there; it read "never", the best
+    value, and the explosion claims compared it so."""
+    from fastgrad.cli import load_digits_split
+    row = {r.id: r for r in lab.STUDIES["all"]}["E13"]
+    out = lab.run_config(row, load_digits_split(0), seed=10)
+    grad_norm, loss = out["curves"]["grad_norm"], out["curves"]["loss"]
+    first_bad = int(np.argmax(~np.isfinite(grad_norm)))
+    assert out["metrics"]["skipped"] > 0 and np.isfinite(loss[:first_bad + 1]).all()
+    assert out["metrics"]["first_nonfinite"] == first_bad
 
 
 def test_run_study_checks_its_input():
