@@ -412,3 +412,16 @@ def test_nan_propagates_through_loss(device, xp, rng, name, dtype):
     loss, grad = getattr(ops, name)(xp.asarray(pred), xp.asarray(target))
     assert np.isnan(loss)
     assert np.isnan(to_numpy(grad)[1, 2])
+
+
+def test_reference_sigmoid_is_accurate_in_both_tails():
+    """The float64 oracle's sigmoid and its derivative hold to rounding for
+    z << 0 too (0.5 (1 + tanh(z / 2)) had 1e-4 relative error at z = -30 and
+    read 0 from z = -40, so tests could not see a kernel's tail errors)."""
+    import math
+    z = np.concatenate([np.linspace(-700.0, 700.0, 2001), [-40.0, -30.0, -1e-3, 0.0]])
+    exact = np.array([1.0 / (1.0 + math.exp(-v)) for v in z])
+    exact_grad = np.array([math.exp(-abs(v)) / (1.0 + math.exp(-abs(v))) ** 2 for v in z])
+    f, df = reference.ACTIVATIONS["sigmoid"]
+    np.testing.assert_allclose(f(z, None), exact, rtol=4e-16, atol=0)
+    np.testing.assert_allclose(df(z, None), exact_grad, rtol=1e-15, atol=0)

@@ -106,6 +106,23 @@ def test_cross_entropy_extreme_logits(device, rng, opts):
     assert_close(grad, ref_grad, np.float64, atol=1e-15, what="grad vs torch")
 
 
+@pytest.mark.parametrize("opts", [o for o in CE_OPTIONS if not o.get("label_smoothing")],
+                         ids=lambda o: ",".join(o) or "defaults")
+def test_cross_entropy_masked_logits_as_torch(device, rng, opts):
+    """A -inf logit (a masked class) off the label, without smoothing, is a
+    finite loss, as in torch: the smoothing term's sum over the logits was
+    -inf there, and 0 * -inf made every option's loss NaN."""
+    logits, labels, kw = _ce_inputs(rng, (7, 5), opts, np.float64)
+    for i in range(7):
+        logits[i, (labels[i] + 1 + i % 4) % 5] = -np.inf
+    loss, grad = ops.softmax_cross_entropy(*_fg(device, logits, labels), **kw)
+    ref_loss, ref_grad = _torch_ce(logits, labels, kw)
+    loss = to_numpy(loss) if kw.get("reduction") == "none" else loss
+    assert np.all(np.isfinite(loss))
+    assert_close(loss, ref_loss, np.float64, what="loss vs torch")
+    assert_close(grad, ref_grad, np.float64, atol=1e-15, what="grad vs torch")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("opts", CE_OPTIONS[1:], ids=lambda o: ",".join(o))
 def test_cross_entropy_dtype_vs_reference(device, rng, dtype, opts):

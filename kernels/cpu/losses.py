@@ -200,8 +200,9 @@ def softmax_cross_entropy_ex(logits, labels, weight, ignore_index, smoothing, re
             m = max(m, row[j])
         x_lab = row[y]                          # read before grad (maybe logits) is written
         wz = 0.0                                # sum_c w_c (x_c - max), for the smoothing
-        for j in range(C):
-            wz += weight[j] * np.float64(row[j] - m)
+        if smoothing != 0.0:                    # (a -inf logit: -inf, and 0 * -inf is NaN)
+            for j in range(C):
+                wz += weight[j] * np.float64(row[j] - m)
         for j in range(C):
             g[j] = mathfn.exp(row[j] - m)
         s = 0.0
@@ -210,7 +211,9 @@ def softmax_cross_entropy_ex(logits, labels, weight, ignore_index, smoothing, re
         log_s = np.log(s)
         w_y = weight[y]
         nll = log_s - (np.float64(x_lab) - np.float64(m))
-        li = (1.0 - smoothing) * w_y * nll + eps_c * (w_all * log_s - wz)
+        li = (1.0 - smoothing) * w_y * nll
+        if smoothing != 0.0:
+            li += eps_c * (w_all * log_s - wz)
         terms[i] = li
         total += li
         a_y = (1.0 - smoothing) * w_y + eps_c * w_y

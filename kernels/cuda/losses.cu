@@ -202,7 +202,9 @@ __global__ void fg_softmax_xent_ex(const T* logits, const long long* labels,
     const double w_y = weight[lab];
     if (lane == 0) {
         const double nll = log_s - ((double)x_label - (double)m);
-        row_loss[i] = (1.0 - smoothing) * w_y * nll + eps_c * (w_all * log_s - wz);
+        // without smoothing the term is skipped: wz is -inf for a -inf logit
+        row_loss[i] = (1.0 - smoothing) * w_y * nll
+                      + (smoothing != 0.0 ? eps_c * (w_all * log_s - wz) : 0.0);
     }
     const double a_y = (1.0 - smoothing) * w_y + eps_c * w_y;
     const double A = (1.0 - smoothing) * w_y + eps_c * w_all;
