@@ -247,7 +247,7 @@ class TrainStep:
         its own thread), and the members of a driver with the team's
         branches (``kernels/cpu/pass_team.py``)."""
         header = np.zeros(_layout.PLAN_HEADER, np.int64)
-        self._backend.fill_pass_team(header, self._kernels, self.model.dtype, team=False)
+        self._backend.fill_pass_team(header, self._kernels, self._model.dtype, team=False)
         return header
 
     def _shard_buffers_for(self, B):
@@ -259,13 +259,13 @@ class TrainStep:
             self._buffers.move_to_end(key)
             return buf
         self._evict(keep=self.max_cached_batch_sizes - 1)
-        dt, widths = self.model.dtype, self._sizes[1:]
+        dt, widths = self._model.dtype, self._sizes[1:]
         bounds = _ksharded.shard_bounds(B, self._threads)
         T, rows = len(bounds) - 1, int(np.diff(bounds).max())
         acts = np.empty((T, rows * int(widths.sum())), dt)
         zs = np.empty_like(acts) if self._needs_z else acts
         delta = np.empty((T, 2 * rows * int(widths.max())), dt)
-        shard_grads = np.empty((T - 1, self.model.params.size), dt)
+        shard_grads = np.empty((T - 1, self._model.params.size), dt)
         buf = self._buffers[key] = (bounds, acts, zs, delta, shard_grads, np.empty(T))
         return buf
 
@@ -279,17 +279,17 @@ class TrainStep:
             self._buffers.move_to_end(B)
             return buf
         self._evict(keep=self.max_cached_batch_sizes - 1)
-        xp, dt, widths = self._xp, self.model.dtype, self._sizes[1:]
+        xp, dt, widths = self._xp, self._model.dtype, self._sizes[1:]
         # z always kept and a third delta stride (a residual block's dz) for
         # epilogue pieces; their scratch lies in acts behind the outputs
         plan, fplan, acts = _layout.step_plan(
-            self._sizes, B, self.model.params.size, self._drops, self._residual,
-            self._norms, self._wn, dt, self.model._mask_seed, empty=xp.empty)
+            self._sizes, B, self._model.params.size, self._drops, self._residual,
+            self._norms, self._wn, dt, self._model._mask_seed, empty=xp.empty)
         zs = xp.empty(B * int(widths.sum()), dt) if self._needs_z or self._blocks else acts
         delta = xp.empty((3 if self._blocks else 2) * B * int(widths.max()), dt)
         buf = self._buffers[B] = (acts, zs, delta, plan, fplan)
-        ws = self._backend.step_workspace(B, self._sizes, self.opt._offsets, self._loss_kind,
-                                          dt, self.opt._records, plan=(plan, fplan))
+        ws = self._backend.step_workspace(B, self._sizes, self._opt._offsets, self._loss_kind,
+                                          dt, self._opt._records, plan=(plan, fplan))
         if ws is not None:
             self._workspaces[B] = ws
         return buf
@@ -312,11 +312,11 @@ class TrainStep:
         one when anything frozen into a graph changed (clipping, rule,
         optimizer state buffers after a load; with epilogue pieces the mode
         and mask seed).  Sets this call's plan as :meth:`_driver_args`."""
-        opt = self.opt
+        opt = self._opt
         if opt._seg_group is not None:
             # the graph replays a device table of single hp rows
             raise ValueError("cuda_graph=True needs an optimizer with one parameter group")
-        model = self.model
+        model = self._model
         args, kw = self._driver_args(B, update=True)
         key = (B, int(rule), opt._clip_norm, opt._clip_value, id(s0), id(s1), id(s2))
         if self._blocks:
@@ -341,7 +341,7 @@ class TrainStep:
         by the loss kernel, which makes the update skip and the optimizer
         raise ValueError when the step's record is read back.
         """
-        model, n_out, be = self.model, int(self._sizes[-1]), self._backend
+        model, n_out, be = self._model, int(self._sizes[-1]), self._backend
         if be.needs_staging(x):
             x = self._stage("x", ops.as_array(x, "x", model.dtype, shape=(None, model.sizes[0])))
             if x.shape[0] == 0:
@@ -383,9 +383,9 @@ class TrainStep:
         given back between steps."""
         if team == self._team:
             return
-        model = self.model
+        model = self._model
         self._kernels, self._ksharded = self._backend.step_kernels(
-            self._codes, rules=(self.opt.rule,), losses=(self._loss_kind,),
+            self._codes, rules=(self._opt.rule,), losses=(self._loss_kind,),
             features=layer_features(model), team=team)
         self._team = team
         # the model's layer path (forward, backward, predict) runs the same
@@ -406,13 +406,13 @@ class TrainStep:
         to the device); eval mode drops nothing and batch norm uses its
         running statistics.  Raises before anything changes when the
         kernels do not serve a layer feature of the model."""
-        m = self.model
+        m = self._model
         buf = self._buffers_for(B)
         # kept for the last buffers and kernels used: building the tuple is
         # ~1 us of a tiny net's ~20 us step
         cached = self._fixed_args
         if cached is None or cached[0] is not buf or cached[1] is not self._kernels or \
-                cached[4] != (_threads.pool_generation(), self.opt._parallel_asked):
+                cached[4] != (_threads.pool_generation(), self._opt._parallel_asked):
             if self._pending_members is not None:   # a call that never reached its driver
                 self._fill_pending()
             self._use_team(self._backend.step_team())
@@ -425,15 +425,15 @@ class TrainStep:
             acts, zs, delta, plan, fplan = buf
             # the plan's team, and whether the update runs on it (not when
             # the user fixed opt.parallel = False)
-            team_key = (_threads.pool_generation(), self.opt._parallel_asked)
+            team_key = (_threads.pool_generation(), self._opt._parallel_asked)
             pending = self._backend.fill_pass_team(
-                plan, self._kernels, m.dtype, update=self.opt._parallel_asked is not False,
+                plan, self._kernels, m.dtype, update=self._opt._parallel_asked is not False,
                 defer=True)
             if pending is not None:
                 self._pending_members = (pending, plan)
             ws = self._workspaces.get(B)
             cached = self._fixed_args = (buf, self._kernels, (
-                m.params, m.grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
+                m.params, m.grads, self._sizes, self._codes, self._alphas, self._opt._offsets,
                 acts, zs, delta, plan, fplan, m.running_mean, m.running_var),
                 _NO_KEYWORDS if ws is None else {"ws": ws}, team_key)
         kw = cached[3]
@@ -482,7 +482,7 @@ class TrainStep:
         """This step's device copy of ``model.dropout_step``, made the
         model's counter (its value sent up first when the host's rules:
         set by the user, a layer-path forward or another step)."""
-        model, dev = self.model, self._device_step
+        model, dev = self._model, self._device_step
         if model._dropout_on_device is not dev:
             self._backend.upload(np.array([model.dropout_step], np.int64), dev)
             model._dropout_on_device = dev
@@ -491,14 +491,14 @@ class TrainStep:
     def _composed_step(self, x, y, update):
         # model.forward is the training forward in train mode (dropout, batch
         # statistics) and the eval forward in eval mode, as the fused step.
-        model = self.model
+        model = self._model
         snap = model._step_snapshot() if update else None
         out = model.forward(x)
-        loss, grad = self.loss_fn(out, model._xp.asarray(y))
+        loss, grad = self._loss_fn(out, model._xp.asarray(y))
         model.backward(grad, input_grad=False)
         if update:
             try:
-                self.stats = self.opt.step()
+                self.stats = self._opt.step()
             except NonFiniteGradientError:
                 self._undo_forward(snap, skipped=True)
                 raise
@@ -512,20 +512,20 @@ class TrainStep:
         restored by a device-side select on it (no host wait) and the
         dropout counter, on the host, keeps its advance."""
         self._backend.undo_skipped_forward(
-            self.model, snap,
-            (lambda: self.stats.skipped) if skipped is None else skipped, self.opt._records)
+            self._model, snap,
+            (lambda: self.stats.skipped) if skipped is None else skipped, self._opt._records)
 
     def __call__(self, x, y):
-        with self.opt._lock, interrupts.held():   # a Ctrl-C lands after the book-keeping
+        with self._opt._lock, interrupts.held():   # a Ctrl-C lands after the book-keeping
             return self._step(x, y)
 
     def _step(self, x, y):
         if self._composed:
             return self._composed_step(x, y, True)
-        model = self.model
+        model = self._model
         x, labels, target = self._inputs(x, y)
         B = x.shape[0]
-        rule, s0, s1, s2, hp = self.opt._kernel_args()
+        rule, s0, s1, s2, hp = self._opt._kernel_args()
         # Where the skip decision is known when the kernel returns: undo
         # what the forward changed outside the parameters on the host.
         snap = model._step_snapshot() if self._backend.skip_known_on_host else None
@@ -536,10 +536,10 @@ class TrainStep:
             with _threads.one_blas_thread():
                 loss, norm, scale, skipped = self._ksharded.sharded_train_step(
                     x, labels, target, self._loss_kind, model.params, model.grads,
-                    shard_grads, self._sizes, self._codes, self._alphas, self.opt._offsets,
+                    shard_grads, self._sizes, self._codes, self._alphas, self._opt._offsets,
                     acts, zs, delta, bounds, losses, self._shard_plan_header(),
-                    rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm,
-                    self.opt._clip_value)
+                    rule, s0, s1, s2, hp, self._layer_sq, self._opt._clip_norm,
+                    self._opt._clip_value)
         elif self.cuda_graph:
             loss, norm, scale, skipped = self._graph_for(B, rule, s0, s1, s2)(
                 x, labels, target, hp)
@@ -547,18 +547,18 @@ class TrainStep:
             args, kw = self._driver_args(B, update=True)
             loss, norm, scale, skipped = self._ready(self._kernels.train_step)(
                 x, labels, target, self._loss_kind, *args,
-                rule, s0, s1, s2, hp, self._layer_sq, self.opt._clip_norm, self.opt._clip_value,
+                rule, s0, s1, s2, hp, self._layer_sq, self._opt._clip_norm, self._opt._clip_value,
                 **kw)
         if snap is not None and skipped:
             model._restore_snapshot(snap)
-        self.stats = self.opt._commit(norm, scale, skipped, self._layer_sq,
+        self.stats = self._opt._commit(norm, scale, skipped, self._layer_sq,
                                       with_loss=self._backend.loss_in_record)
         return self._result(loss)
 
     def gradients(self, x, y):
         """Forward + loss + backward only (no update): fills ``model.grads``
         and returns the loss.  Useful for checks and data-parallel training."""
-        with self.opt._lock:
+        with self._opt._lock:
             return self._gradients(x, y)
 
     def _gradients(self, x, y):
@@ -566,14 +566,14 @@ class TrainStep:
             return self._composed_step(x, y, False)
         x, labels, target = self._inputs(x, y)
         if self.threads is not None:
-            m = self.model
+            m = self._model
             if m.training:
                 m._next_dropout_step()
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(x.shape[0])
             with _threads.one_blas_thread():
                 return float(self._ksharded.sharded_forward_backward(
                     x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
-                    self._sizes, self._codes, self._alphas, self.opt._offsets, acts, zs, delta,
+                    self._sizes, self._codes, self._alphas, self._opt._offsets, acts, zs, delta,
                     bounds, losses, self._shard_plan_header()))
         args, kw = self._driver_args(x.shape[0])
         return self._result(self._ready(self._kernels.forward_backward)(
@@ -666,7 +666,7 @@ class TrainStep:
         batch_size = _positive_int("batch_size", batch_size)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-        with self.opt._lock:
+        with self._opt._lock:
             X, Y, labels, target = self._epoch_inputs(X, Y)
             order = _epoch_order(len(X), shuffle, seed)
             return self._epoch(X, Y, labels, target, order, batch_size, bool(drop_last), callback)
@@ -678,7 +678,7 @@ class TrainStep:
         ``target`` (model dtype, ``(n, n_out)``) is the loss's input and the
         other a placeholder; the other paths check host labels here too, so
         that a bad label raises before the first step."""
-        model, n_out = self.model, int(self._sizes[-1])
+        model, n_out = self._model, int(self._sizes[-1])
         on_device = self._backend.holds(X, "X")
         xp = model._xp if on_device else np
         X = ops.as_array(X, "X", model.dtype, shape=(None, model.sizes[0]), xp=xp)
@@ -705,7 +705,7 @@ class TrainStep:
     def _hp_rows(self, n):
         """The optimizer's hyper-parameter rows of the next ``n`` update
         counts (from ``step_count`` on) and their learning rates."""
-        opt = self.opt
+        opt = self._opt
         k0 = opt._step_count
         rows = getattr(self, "_rows", None)
         if rows is None or rows.shape[0] < n or rows.shape[1:] != opt._hp.shape:
@@ -717,7 +717,7 @@ class TrainStep:
     def _epoch(self, X, Y, labels, target, order, batch_size, drop_last, callback):
         n_order = order.shape[0]
         n_steps = n_order // batch_size if drop_last else -(-n_order // batch_size)
-        L = len(self.model.layers)
+        L = len(self._model.layers)
         res = {"loss": np.zeros(n_steps), "grad_norm": np.zeros(n_steps),
                "clip_scale": np.zeros(n_steps), "clipped": np.zeros(n_steps, bool),
                "skipped": np.zeros(n_steps, bool), "step": np.zeros(n_steps, np.int64),
@@ -734,7 +734,7 @@ class TrainStep:
         """``(kernel, model arguments)`` of the compiled epoch: the
         arguments of ``train_steps`` between the loss code and the
         optimizer's (the step plan's dropout counter: the first step's)."""
-        model = self.model
+        model = self._model
         if model.training and self._batch_norm:
             last = n_order - (n_steps - 1) * batch_size
             if min(B, last) == 1:
@@ -745,7 +745,7 @@ class TrainStep:
         return self._ready(self._kernels.train_steps), args
 
     def _compiled_epoch(self, X, labels, target, order, batch_size, n_steps, res, callback):
-        model, opt = self.model, self.opt
+        model, opt = self._model, self._opt
         B = min(batch_size, order.shape[0])
         self._chunk_kernel(B, order.shape[0], batch_size, n_steps)   # checks, buffers
         xbuf = np.empty((B, X.shape[1]), X.dtype)
