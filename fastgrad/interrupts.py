@@ -20,7 +20,8 @@ its kernels (a cold first step) waits for the compile.
 import signal
 import threading
 
-_MAIN = threading.main_thread()
+_MAIN = threading.main_thread().ident
+_ident = threading.get_ident          # (cheaper than current_thread(): called twice a step)
 
 
 class _Hold:
@@ -52,12 +53,12 @@ class _Hold:
         return self.installed
 
     def __enter__(self):
-        if threading.current_thread() is _MAIN and (
-                self.installed or (self.installed is None and self._install())):
+        if _ident() == _MAIN and (self.installed or (self.installed is None
+                                                     and self._install())):
             self.depth += 1
 
     def __exit__(self, *exc):
-        if self.depth and threading.current_thread() is _MAIN:
+        if self.depth and _ident() == _MAIN:
             self.depth -= 1
             if not self.depth and self.pending is not None:
                 signum, frame = self.pending
