@@ -48,10 +48,17 @@ def _depth(text):
     return value
 
 
+_EXAMPLES = "pip install 'fastgrad[examples]'"
+
+
 def _check_outputs(**paths):
-    """Refuse, before any training, an output path whose folder cannot be
-    made or written, or a plot whose extension matplotlib cannot write
-    (``paths``: option name -> (path or None, is_plot))."""
+    """Refuse, before any training, a missing scikit-learn (the digits), an
+    output path whose folder cannot be made or written, or a plot that
+    matplotlib is missing for or cannot write in its extension (``paths``:
+    option name -> (path or None, is_plot))."""
+    import importlib.util
+    if importlib.util.find_spec("sklearn") is None:
+        raise SystemExit(f"fastgrad's examples train on scikit-learn's digits: {_EXAMPLES}")
     formats = None
     for option, (path, is_plot) in paths.items():
         if not path:
@@ -69,8 +76,9 @@ def _check_outputs(**paths):
                 try:
                     from matplotlib.figure import Figure
                     formats = set(Figure().canvas.get_supported_filetypes())
-                except ImportError:         # the plot step says so itself
-                    formats = set()
+                except ImportError:
+                    raise SystemExit(f"--{option} {str(path)!r}: plots need matplotlib: "
+                                     f"{_EXAMPLES}") from None
             ext = path.suffix.lstrip(".").lower()
             if formats and ext not in formats:
                 raise ValueError(f"--{option} {str(path)!r}: matplotlib cannot write "
@@ -105,7 +113,7 @@ def load_digits_split(seed, test_fraction=0.2):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise SystemExit("fastgrad demo needs scikit-learn: pip install 'fastgrad[examples]'")
+        raise SystemExit(f"fastgrad's examples train on scikit-learn's digits: {_EXAMPLES}")
     X, y = load_digits(return_X_y=True)
     X = (X / 16.0).astype(np.float32)
     return train_test_split(X, y.astype(np.int64), test_size=test_fraction,
@@ -547,7 +555,8 @@ def cmd_bench(args):
     bench = root / "bench"
     if not bench.is_dir():
         print(f"fastgrad bench: no benchmark suite next to this install ({bench}); "
-              "run it from a source checkout (pip install -e '.[test,peers]')", file=sys.stderr)
+              "run it from a source checkout (pip install -e '.[test,peers,examples]')",
+              file=sys.stderr)
         return 2
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-ratio-tables"]
     if args.smoke:

@@ -54,7 +54,8 @@ def _torch():
     try:
         import torch
     except ImportError as exc:        # pragma: no cover - depends on the install
-        raise ImportError("fastgrad.interop needs PyTorch (pip install torch)") from exc
+        raise ImportError("fastgrad.interop needs PyTorch: pip install 'fastgrad[peers]' "
+                          "(torch 2.13.0; README: its CPU build)") from exc
     return torch
 
 

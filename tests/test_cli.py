@@ -122,3 +122,21 @@ def test_explode_naive_init_rows_run_on_every_device(device, weight_norm):
     row = cli.ExplodeRow("naive", lr=0.05, naive_std=1.0, weight_norm=weight_norm)
     res, mon = cli.run_explode_row(row, data, 2, 8, 1, 256, 0, device)
     assert len(mon) > 0 and res["label"] == "naive"
+
+
+@pytest.mark.parametrize("blocked, args, message", [
+    ("sklearn", ["demo"], "scikit-learn's digits: pip install 'fastgrad[examples]'"),
+    ("sklearn", ["lab", "--quick"], "scikit-learn's digits: pip install 'fastgrad[examples]'"),
+    ("matplotlib", ["demo"], "plots need matplotlib: pip install 'fastgrad[examples]'"),
+    ("matplotlib", ["explode"], "plots need matplotlib: pip install 'fastgrad[examples]'"),
+    ("matplotlib", ["lab", "--quick"], "--heatmap"),
+])
+def test_a_missing_extra_is_named_before_training(tmp_path, blocked, args, message):
+    """Without scikit-learn the lab's workers died in a 40-line traceback;
+    without matplotlib demo and explode trained, then crashed at the plot."""
+    code = (f"import sys\nsys.modules[{blocked!r}] = None\nfrom fastgrad.cli import main\n"
+            f"sys.exit(main({args!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not out.stdout.strip()      # nothing trained

@@ -4,7 +4,7 @@ computes the same function (float64 forward parity, train and eval)."""
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch parity needs PyTorch (pip install 'fastgrad[peers]')")
 nn = torch.nn
 
 import fastgrad as fg                                   # noqa: E402

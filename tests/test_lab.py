@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn", reason="the lab needs scikit-learn (pip install 'fastgrad[examples]')")
+pytest.importorskip("matplotlib", reason="the lab needs matplotlib (pip install 'fastgrad[examples]')")
 
 from fastgrad import lab  # noqa: E402
 from fastgrad.cli import ExplodeRow, main  # noqa: E402

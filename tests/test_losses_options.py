@@ -9,7 +9,7 @@ from fastgrad import ops, reference
 
 from conftest import DTYPES, assert_close, rtol_of, to_numpy
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch parity needs PyTorch (pip install 'fastgrad[peers]')")
 F = torch.nn.functional
 
 SHAPES = [(1, 1), (7, 3), (33, 17), (5, 1000)]

@@ -13,7 +13,7 @@ import pytest
 import fastgrad as fg
 from fastgrad import schedules as S
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="torch parity needs PyTorch (pip install 'fastgrad[peers]')")
 lrs = torch.optim.lr_scheduler
 
 

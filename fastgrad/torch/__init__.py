@@ -27,7 +27,13 @@ Only float32 and float64 CPU tensors are supported (one dtype per
 optimizer); CUDA tensors are refused with a ``TypeError`` (use PyTorch's own
 fused optimizers there).  Importing ``fastgrad`` never imports this module.
 """
-from .mlp import FusedMLP
-from .optim import SGD, Adam, AdamW, RMSprop
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as exc:
+    raise ImportError("fastgrad.torch needs PyTorch: pip install 'fastgrad[peers]' "
+                      "(torch 2.13.0; README: its CPU build)") from exc
+
+from .mlp import FusedMLP  # noqa: E402
+from .optim import SGD, Adam, AdamW, RMSprop  # noqa: E402
 
 __all__ = ["Adam", "AdamW", "SGD", "RMSprop", "FusedMLP"]
