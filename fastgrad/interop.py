@@ -28,10 +28,8 @@ Activations map as::
     nn.SiLU                      silu
     nn.Identity / nothing        identity
 
-``nn.Softplus`` switches to ``z`` above its ``threshold`` (20); fastgrad's
-softplus is ``max(z, 0) + log1p(exp(-|z|))`` everywhere, which differs from
-``z`` by less than ``exp(-20) ~ 2.1e-9`` there: below float32 rounding of
-``z > 20`` (one ulp is ~1.9e-6), but visible in float64.
+``nn.Softplus`` switches to ``z`` above its ``threshold`` (20), and so does
+fastgrad's softplus: the two agree there in float32 and float64 alike.
 
 The table is ``fastgrad.registry`` (each activation's ``torch`` twin); an
 activation registered with ``torch=`` maps both ways too.
@@ -87,10 +85,10 @@ def _activation_of(mod, torch):
 
 
 def _is_residual_block(mod):
-    # By name and shape rather than identity: the class is built lazily and
-    # a module pickled by another process must still be recognised.
-    return type(mod).__name__ == "ResidualBlock" and isinstance(getattr(mod, "body", None),
-                                                                 _torch().nn.Sequential)
+    # By identity: a user's own class of that name may compute anything
+    # (relu(x + body(x)), ...).  A block pickled by another process is this
+    # class too: unpickling looks it up as fastgrad.interop.ResidualBlock.
+    return type(mod) is _residual_class()
 
 
 def _flatten(seq, torch):
@@ -152,6 +150,9 @@ def _read_layers(mods, torch, where=""):
                 raise ValueError(f"module {name} ({type(mod).__name__}) holds {len(inner)} "
                                  "Linear layers; a fastgrad residual block wraps exactly one")
             spec = inner[0]
+            if spec.settings["residual"]:
+                raise ValueError(f"module {name}: a residual block inside a residual block "
+                                 "(x + (x + f(x))) has no fastgrad form")
             if spec.lin.in_features != spec.lin.out_features:
                 raise ValueError(f"module {name}: a residual block needs a square Linear, got "
                                  f"{spec.lin!r}")

@@ -191,3 +191,33 @@ def test_cuda_round_trip(rng):
     t = as_torch(model.params)
     t[0] = 5.0
     assert float(model.params[0]) == 5.0
+
+
+def test_from_torch_reads_only_fastgrads_residual_block():
+    """A user's class named ResidualBlock computing relu(x + body(x)) was read
+    as x + body(x) (outputs 0.57 off), and a block nested in a block as one
+    block (2x + f(x) in torch): both are refused now."""
+    import torch
+    from fastgrad.interop import ResidualBlock, from_torch
+
+    class UsersBlock(torch.nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return torch.relu(x + self.body(x))
+    UsersBlock.__name__ = UsersBlock.__qualname__ = "ResidualBlock"
+
+    def body():
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    for block in (UsersBlock(body()), ResidualBlock(torch.nn.Sequential(ResidualBlock(body())))):
+        net = torch.nn.Sequential(torch.nn.Linear(3, 4), block, torch.nn.Linear(4, 2))
+        with pytest.raises(ValueError, match="unsupported module|inside a residual block"):
+            from_torch(net)
+    # fastgrad's own block still converts, and computes what torch does
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), ResidualBlock(body()),
+                              torch.nn.Linear(4, 2)).double()
+    x = np.random.default_rng().standard_normal((5, 3))
+    np.testing.assert_allclose(from_torch(net).predict(x),
+                               net(torch.from_numpy(x)).detach().numpy(), rtol=1e-12)
