@@ -220,7 +220,11 @@ def _activation_to_torch(layer, mods, torch):
     kwargs = dict(spec.torch.kwargs)
     if spec.torch.alpha is not None:
         kwargs[spec.torch.alpha] = layer.alpha
-    return mods + [getattr(torch.nn, spec.torch.module)(**kwargs)]
+    cls = getattr(torch.nn, spec.torch.module, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"activation {layer.activation!r}: its torch twin names "
+                         f"torch.nn.{spec.torch.module}, which this torch does not have")
+    return mods + [cls(**kwargs)]
 
 
 def _activation_read(mod, torch, n_out):

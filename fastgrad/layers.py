@@ -313,6 +313,14 @@ def _layer_parameters(layer):
 _MODELS = weakref.WeakValueDictionary()
 
 
+def models_using(code):
+    """How many live models have a layer of activation ``code`` (after a
+    garbage collection: a model dropped in a reference cycle is not live)."""
+    import gc
+    gc.collect()
+    return sum(any(layer.code == code for layer in m.layers) for m in list(_MODELS.values()))
+
+
 def model_of(array):
     """The fastgrad model whose flat parameter buffer ``array`` is a view
     of (or is), else None."""

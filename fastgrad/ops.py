@@ -35,7 +35,8 @@ def resolve_activation(name, alpha=None):
     spec = _registry.get(name) if isinstance(name, str) else None
     if spec is None:
         raise ValueError(f"unknown activation {name!r}; expected one of "
-                         f"{sorted(_registry.names())}")
+                         f"{sorted(_registry.names())} (an activation of your own: "
+                         "fastgrad.register_activation it first)")
     if alpha is None:
         alpha = 0.0 if spec.alpha is None else spec.alpha
     alpha = float(alpha)

@@ -151,6 +151,52 @@ def _check_scalar_fn(fn, what):
     return fn
 
 
+def _twin(value, cls, what):
+    """``value`` as a ``cls`` namedtuple (a plain tuple of its fields is
+    taken, as kernels/spec.py's rows), checked: a name, a dict of keywords,
+    (for torch) the alpha attribute or None."""
+    if value is None:
+        return None
+    if not isinstance(value, tuple) or len(value) != len(cls._fields):
+        raise TypeError(f"register_activation: {what} must be a fastgrad.registry.{cls.__name__}"
+                        f"{cls._fields}, got {value!r}")
+    twin = cls(*value)
+    name, kwargs = twin[0], twin[1]
+    alpha = getattr(twin, "alpha", None)
+    if not (isinstance(name, str) and name.isidentifier() and isinstance(kwargs, dict)
+            and all(isinstance(k, str) for k in kwargs)
+            and (alpha is None or isinstance(alpha, str))):
+        raise TypeError(f"register_activation: {what} must name a module/function (str), its "
+                        f"keywords (a dict) and its alpha attribute (str or None), got {value!r}")
+    return twin
+
+
+def _probe(name, f, df, alpha):
+    """Compile ``f(z, alpha)`` and ``df(a, z, alpha)`` for float32 and
+    float64 scalars, once, at registration: a function that does not
+    compile or return a number is refused here, naming the activation,
+    instead of failing every model's kernels later (they share one copy)."""
+    import numpy as np
+    from numba import njit
+    fj = njit(error_model="numpy")(getattr(f, "py_func", f))
+    dfj = njit(error_model="numpy")(getattr(df, "py_func", df))
+    al = 0.0 if alpha is None else alpha
+    for dt in (np.float64, np.float32):
+        for what, call in (("f(z, alpha)", lambda: fj(dt(0.5), al)),
+                           ("df(a, z, alpha)", lambda: dfj(dt(0.5), dt(0.5), al))):
+            try:
+                out = call()
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise TypeError(f"register_activation({name!r}): {what} does not compile "
+                                f"for {np.dtype(dt).name} scalars ({type(exc).__name__}: "
+                                f"{first[:200]})") from None
+            if isinstance(out, (bool, np.bool_)) or not isinstance(out, (int, float,
+                                                                          np.number)):
+                raise TypeError(f"register_activation({name!r}): {what} must return a number, "
+                                f"got {type(out).__name__}")
+
+
 def _inline(fn):
     """``fn`` as an inlined Numba function (the ladders' loops inline it)."""
     from numba import njit
@@ -213,6 +259,8 @@ def register_activation(name, f, df, *, needs="a", alpha=None, torch=None, jax=N
         alpha = float(alpha)
     f = _check_scalar_fn(f, "f")
     df = _check_scalar_fn(df, "df")
+    torch = _twin(torch, TorchTwin, "torch")
+    jax = _twin(jax, JaxTwin, "jax")
     if cuda is not None and not (isinstance(cuda, (tuple, list)) and len(cuda) == 2
                                  and all(isinstance(e, str) for e in cuda)):
         raise TypeError("register_activation: cuda must be two CUDA C expression strings "
@@ -221,6 +269,7 @@ def register_activation(name, f, df, *, needs="a", alpha=None, torch=None, jax=N
                                       and all(callable(r) for r in reference)):
         raise TypeError("register_activation: reference must be two callables "
                         f"(f(z, alpha), df(z, alpha)), got {reference!r}")
+    _probe(name, f, df, alpha)
     with _lock:
         old = _specs.get(name)
         if old is not None and old.builtin:
@@ -229,6 +278,15 @@ def register_activation(name, f, df, *, needs="a", alpha=None, torch=None, jax=N
         if old is not None and not replace:
             raise ValueError(f"register_activation: {name!r} is already registered; pass "
                              "replace=True to replace it")
+        if old is not None:
+            # A model's compiled layer path and steps keep the function they
+            # were built with: replaced under them, one path would run the
+            # old function and another the new on the same weights.
+            from .layers import models_using
+            using = models_using(old.code)
+            if using:
+                raise ValueError(f"register_activation: {name!r} is used by {using} live "
+                                 "model(s); replace it before building them (or delete them)")
         code = old.code if old is not None else max(
             [_spec.FIRST_CUSTOM_CODE - 1] + [s.code for s in _specs.values()]) + 1
         spec = ActivationSpec(name=name, code=code, f=f, df=df, needs=needs, alpha=alpha,

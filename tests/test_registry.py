@@ -562,6 +562,53 @@ def test_register_refuses_clashes_and_bad_arguments(swish):
     assert ops.resolve_activation(swish)[0] >= spec.FIRST_CUSTOM_CODE
 
 
+def test_register_refuses_what_would_break_other_models(swish):
+    """Checked at registration (they were taken, then failed later with a
+    Numba TypingError that named neither, in the one kernel copy every
+    registered activation shares, so a healthy one's models failed too):
+    a function that does not compile or returns no number, df written with
+    reference's (z, alpha) signature, a malformed torch twin.  A plain tuple
+    twin is taken as kernels/spec.py's rows are.  And replace=True while a
+    live model uses the activation (its paths would run old and new)."""
+    f, df = _swish_functions()
+
+    def returns_text(z, alpha):
+        return "z"
+
+    def two_args(z, alpha):
+        return 1.0
+    for kw, match in ((dict(f=returns_text, df=df), r"f\(z, alpha\) must return a number"),
+                      (dict(f=f, df=two_args), r"df\(a, z, alpha\) does not compile"),
+                      (dict(f=f, df=df, torch=("SiLU", {})), "torch must be"),
+                      (dict(f=f, df=df, torch=("SiLU", [], None)), "torch must name"),
+                      (dict(f=f, df=df, jax=(3, {})), "jax must name")):
+        with pytest.raises(TypeError, match=match):
+            fg.register_activation("broken_test", **kw)
+        assert registry.get("broken_test") is None
+    model = fg.MLP([3, 4, 2], activation=swish, dtype="float64")
+    model.predict(np.ones((2, 3)))                      # the healthy one still runs
+    with pytest.raises(ValueError, match="used by 1 live model"):
+        fg.register_activation(swish, f, df, needs="z", replace=True)
+    del model
+    spec_ = fg.register_activation(swish, f, df, needs="z", torch=("SiLU", {}, None),
+                                   replace=True)
+    assert spec_.torch == registry.TorchTwin("SiLU", {}, None)
+
+
+def test_to_torch_names_a_twin_torch_does_not_have(swish):
+    pytest.importorskip("torch")
+    f, df = _swish_functions()
+    fg.register_activation("twinless_test", f, df, needs="z",
+                           torch=registry.TorchTwin("NoSuchModule", {}, None))
+    try:
+        model = fg.MLP([3, 4, 2], activation="twinless_test", dtype="float64")
+        with pytest.raises(ValueError, match="torch.nn.NoSuchModule"):
+            model.to_torch()
+        del model
+    finally:
+        registry._forget("twinless_test")
+
+
 @pytest.mark.slow
 def test_registered_swish_matches_torch_silu(rng, swish):
     """The issue's "done when": swish as two Numba scalar functions, in
