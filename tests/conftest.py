@@ -12,6 +12,8 @@
 """
 import os
 import secrets
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -221,3 +223,12 @@ def per_model_copies(monkeypatch):
     """Models built in the test get kernel copies compiled for their own
     activations, rule and loss (fastgrad's default outside the suite)."""
     monkeypatch.setenv("FASTGRAD_KERNEL_COPIES", "model")
+
+
+def run_without(modules, code, timeout=300, **kw):
+    """Run ``code`` in a fresh interpreter in which ``modules`` cannot be
+    imported (``sys.modules[name] = None``): fastgrad as a user without
+    that extra meets it.  Returns the CompletedProcess (text output)."""
+    prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True,
+                          text=True, timeout=timeout, **kw)

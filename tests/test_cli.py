@@ -134,9 +134,8 @@ def test_explode_naive_init_rows_run_on_every_device(device, weight_norm):
 def test_a_missing_extra_is_named_before_training(tmp_path, blocked, args, message):
     """Without scikit-learn the lab's workers died in a 40-line traceback;
     without matplotlib demo and explode trained, then crashed at the plot."""
-    code = (f"import sys\nsys.modules[{blocked!r}] = None\nfrom fastgrad.cli import main\n"
-            f"sys.exit(main({args!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path)
+    from conftest import run_without
+    out = run_without([blocked], f"from fastgrad.cli import main\nsys.exit(main({args!r}))",
+                      cwd=tmp_path)
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not out.stdout.strip()      # nothing trained

@@ -84,13 +84,10 @@ def test_cu_sources_compile(tmp_path):
 
 def test_import_without_cupy_is_clear(monkeypatch):
     """``import fastgrad`` never imports cupy; the CUDA package names the extra."""
-    import sys
-    code = ("import sys; sys.modules['cupy'] = None\n"
-            "import fastgrad\n"
-            "try:\n    import fastgrad.kernels.cuda\nexcept ImportError as e:\n"
-            "    print('ERR', e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    from conftest import run_without
+    out = run_without(["cupy"], "import fastgrad\n"
+                      "try:\n    import fastgrad.kernels.cuda\nexcept ImportError as e:\n"
+                      "    print('ERR', e)\n", timeout=120)
     assert "ERR" in out.stdout and "fastgrad[cuda]" in out.stdout, out.stdout + out.stderr
 
 

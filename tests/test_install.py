@@ -147,12 +147,12 @@ def test_torch_features_name_the_extra_without_torch():
     """fastgrad.torch and the interop need PyTorch: without it they say
     which extra brings it (the project's pinned torch), not a bare
     ModuleNotFoundError or 'pip install torch'."""
-    code = ("import sys\nsys.modules['torch'] = None\nimport fastgrad as fg\n"
-            "for call in (lambda: __import__('fastgrad.torch'),\n"
-            "             lambda: fg.interop.to_torch(fg.MLP([2, 3])),):\n"
-            "    try:\n        call()\n    except ImportError as exc:\n        print(exc)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    from conftest import run_without
+    out = run_without(["torch"], "import fastgrad as fg\n"
+                      "for call in (lambda: __import__('fastgrad.torch'),\n"
+                      "             lambda: fg.interop.to_torch(fg.MLP([2, 3])),):\n"
+                      "    try:\n        call()\n"
+                      "    except ImportError as exc:\n        print(exc)\n")
     lines = out.stdout.splitlines()
     assert out.returncode == 0 and len(lines) == 2, out.stdout + out.stderr
     assert all("pip install 'fastgrad[peers]'" in line for line in lines), lines
