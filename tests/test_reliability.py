@@ -377,8 +377,25 @@ def _interrupted(kernel):
     return run
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler for the test, and the hold made to look
+    for it again: a job a non-interactive shell starts in the background
+    inherits SIGINT ignored, and Python then installs no handler (nor does
+    the hold, which only goes in front of a Python one)."""
+    import signal
+
+    from fastgrad import interrupts
+    hold = interrupts._hold
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    hold.installed, hold.previous = None, None
+    yield
+    signal.signal(signal.SIGINT, old)
+    hold.installed, hold.previous = None, None
+
+
 @pytest.mark.parametrize("path", ["step", "layer_path", "run_epoch"])
-def test_ctrl_c_lands_after_the_book_keeping(monkeypatch, path):
+def test_ctrl_c_lands_after_the_book_keeping(monkeypatch, python_sigint, path):
     """Ctrl-C during a step raises KeyboardInterrupt once the step is
     counted: before, an update interrupted between its kernel and the
     book-keeping was applied but not counted (Adam's bias correction one
