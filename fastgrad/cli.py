@@ -49,6 +49,9 @@ def _depth(text):
 
 
 _EXAMPLES = "pip install 'fastgrad[examples]'"
+_NO_SKLEARN = f"fastgrad's examples train on scikit-learn's digits: {_EXAMPLES}"
+#: The examples' SGD (demo, explode, lab) uses heavy-ball momentum.
+SGD_MOMENTUM = 0.9
 
 
 def _check_outputs(**paths):
@@ -58,7 +61,7 @@ def _check_outputs(**paths):
     option name -> (path or None, is_plot))."""
     import importlib.util
     if importlib.util.find_spec("sklearn") is None:
-        raise SystemExit(f"fastgrad's examples train on scikit-learn's digits: {_EXAMPLES}")
+        raise SystemExit(_NO_SKLEARN)
     formats = None
     for option, (path, is_plot) in paths.items():
         if not path:
@@ -113,7 +116,7 @@ def load_digits_split(seed, test_fraction=0.2):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise SystemExit(f"fastgrad's examples train on scikit-learn's digits: {_EXAMPLES}")
+        raise SystemExit(_NO_SKLEARN)
     X, y = load_digits(return_X_y=True)
     X = (X / 16.0).astype(np.float32)
     return train_test_split(X, y.astype(np.int64), test_size=test_fraction,
@@ -125,12 +128,12 @@ def make_optimizer(name, model, lr, clip_norm, clip_value=None):
     cls = fg.optim.optimizer_classes()[name]
     kw = {}
     if name == "sgd":
-        kw["momentum"] = 0.9
+        kw["momentum"] = SGD_MOMENTUM
     return cls(model, lr=lr, clip_norm=clip_norm or None, clip_value=clip_value, **kw)
 
 
 def _optimizer_label(name):
-    return "sgd (momentum 0.9)" if name == "sgd" else name
+    return f"sgd (momentum {SGD_MOMENTUM:g})" if name == "sgd" else name
 
 
 def _layer_label(monitor, li):

@@ -14,8 +14,8 @@ every interrupt outside a held block; where SIGINT was ignored, left to the
 operating system or set outside Python, nothing is installed or held, and
 a handler the program sets later replaces the hold.  Holding costs a
 thread check and two counter updates: no ``signal.signal`` or
-``getsignal`` per step (each costs microseconds).  A Ctrl-C during a step that compiles
-its kernels (a cold first step) waits for the compile.
+``getsignal`` per step (each costs microseconds).  A Ctrl-C during a step
+that compiles its kernels (a cold first step) waits for the compile.
 """
 import signal
 import threading

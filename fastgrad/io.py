@@ -84,6 +84,7 @@ import numpy as np
 
 from . import device as _device
 from . import epilogue
+from .optim import COUNTER_BOUND
 
 __all__ = ["save", "load", "FORMAT", "FORMAT_VERSION"]
 
@@ -379,7 +380,7 @@ def _parse_model(m, version=FORMAT_VERSION):
         if key in m:
             v = _get(m, key, int, "model")
             # a counter ends below 2**62: training from it still fits in int64
-            bound = 2 ** 62 if key == "dropout_step" else 2 ** 63
+            bound = COUNTER_BOUND if key == "dropout_step" else 2 ** 63
             _need(0 <= v < bound, f"model.{key}: must be in [0, {bound}), got {v}")
             state[key] = v
     if "training" in m:
@@ -427,7 +428,7 @@ def _parse_optimizer(o, tensor_names):
     for key in ("step", "n_skipped", "n_calls"):
         v = _get(o, key, int, "optimizer")
         # below 2**62: the kernels count updates in int64 from there
-        _need(0 <= v < 2 ** 62, f"optimizer.{key}: must be in [0, 2**62), got {v}")
+        _need(0 <= v < COUNTER_BOUND, f"optimizer.{key}: must be in [0, 2**62), got {v}")
     hyper = _get(o, "hyper", dict, "optimizer")
     _check_json_value(hyper)
     cls = classes[kind]

@@ -28,7 +28,8 @@ from typing import Tuple
 
 import numpy as np
 
-from .cli import EXPLODE_ROWS, ExplodeRow, _full_labels, load_digits_split, run_explode_row
+from .cli import (EXPLODE_ROWS, SGD_MOMENTUM, ExplodeRow, _full_labels, load_digits_split,
+                  run_explode_row)
 
 __all__ = ["LabRow", "Comparison", "Claim", "VANISHING_ROWS", "EXPLOSION_ROWS", "STUDIES",
            "CLAIMS", "METRICS", "RULE", "steps_to_move", "layer_ratio", "vanishing",
@@ -54,7 +55,7 @@ class LabRow:
 # --- the studies ----------------------------------------------------------------
 # The vanishing study: deep sigmoid/tanh nets with a small naive init and with
 # Xavier's, relu and its variants with He's, then the remedies on the sigmoid
-# net.  SGD has momentum 0.9 throughout (fastgrad.cli.make_optimizer).
+# net.  SGD has momentum throughout (fastgrad.cli.SGD_MOMENTUM).
 
 def _v(label, **kw):
     return ExplodeRow(label, **{"lr": 0.05, "optimizer": "sgd", **kw})
@@ -650,8 +651,8 @@ def format_markdown(study):
     out = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); {s['depth']} hidden layers of "
            f"{s['width']}, digits, {s['epochs']} epochs, batch {s['batch_size']}, "
            f"on {s['device']}. Each cell: median (min–max over the seeds). SGD has "
-           "momentum 0.9 in every row; the first non-finite step is the first whose loss "
-           "or gradient norm is not finite.", ""]
+           f"momentum {SGD_MOMENTUM:g} in every row; the first non-finite step is the first "
+           "whose loss or gradient norm is not finite.", ""]
     for kind in ("vanishing", "explosion"):
         rows = [r for r in study["rows"] if r["study"] == kind]
         if not rows:
