@@ -1120,7 +1120,9 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
 
     Returns
     -------
-    dict of per-epoch lists: ``loss`` (mean over the epoch's batches),
+    dict of per-epoch lists: ``loss`` (the epoch's mean loss per sample:
+    each batch's loss weighted by its size, a ``reduction="sum"`` loss's
+    summed, as :func:`evaluate` and Keras count it),
     ``grad_norm_mean``, ``grad_norm_max``, ``clipped``, ``skipped``, and
     ``val_loss`` / ``val_accuracy`` with validation data.  An early stop
     leaves them shorter than ``epochs``.
@@ -1137,6 +1139,8 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     Y = be.gatherable(xp.asarray(Y), model.dtype) if on_device else np.asarray(Y)
     if len(Y) != len(X):
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
+    if len(X) == 0:
+        raise ValueError("fit: X has no samples")
     # CPU models (with a default loss) run each epoch as compiled chunks of steps
     # (TrainStep.run_epoch): the dataset is checked once, here.
     # Only a TrainStep itself: fit also drives duck-typed steps (a
@@ -1153,6 +1157,16 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
         ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
     ibuf = xp.empty(min(batch_size, n), np.int64) if on_device else None
+    # The epoch's loss per sample, as evaluate's and Keras's: the smaller
+    # last batch weighs by its size (a plain mean over batches overweighted it).
+    batch_sizes = np.full(n_batches, batch_size, np.float64)
+    batch_sizes[-1] = n - (n_batches - 1) * batch_size
+    summed = getattr(step.loss_fn, "reduction", "mean") == "sum"
+
+    def per_sample(losses):
+        losses = np.asarray(losses, np.float64)
+        return float((losses.sum() if summed else losses @ batch_sizes) / n)
+
     history = {"loss": [], "grad_norm_mean": [], "grad_norm_max": [], "clipped": [], "skipped": []}
     if validation_data is not None:
         validation_data = _checked_validation(step, validation_data)
@@ -1227,7 +1241,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 clipped = sum(st.clipped for _, st in done)
                 skipped = sum(st.skipped for _, st in done)
             finite = norms[np.isfinite(norms)]
-            history["loss"].append(float(np.mean(losses)))
+            history["loss"].append(per_sample(losses))
             history["grad_norm_mean"].append(float(np.mean(finite)) if finite.size
                                              else float("nan"))
             history["grad_norm_max"].append(float(np.max(finite)) if finite.size

@@ -285,6 +285,34 @@ def test_fit_trains_and_reports():
     assert all(c >= 0 for c in hist["clipped"]) and hist["skipped"] == [0] * 4
 
 
+@pytest.mark.parametrize("loss, fused", [(fg.SoftmaxCrossEntropy(), True),
+                                         (fg.SoftmaxCrossEntropy(), False),
+                                         (fg.SoftmaxCrossEntropy(reduction="sum"), False),
+                                         (fg.MSE(), True)])
+def test_fit_epoch_loss_is_per_sample(loss, fused):
+    # With lr 0 every batch sees the same parameters, so the epoch's loss is
+    # the dataset's per-sample loss (evaluate's): a smaller last batch (10 =
+    # 4 + 4 + 2) weighs by its size, a summed loss is divided by the samples.
+    rng = np.random.default_rng(11)
+    X = rng.standard_normal((10, 4))
+    m = fg.MLP([4, 6, 3], dtype="float64", seed=2)
+    Y = rng.integers(0, 3, 10) if loss.name == "softmax_cross_entropy" else \
+        rng.standard_normal((10, 3))
+    step = fg.TrainStep(m, loss, fg.SGD(m, lr=0.0))
+    step.fused_epochs = fused
+    hist = fg.fit(step, X, Y, epochs=2, batch_size=4, seed=3, progress=False)
+    want = fg.evaluate(m, loss, X, Y)["loss"]
+    assert hist["loss"] == pytest.approx([want, want], rel=1e-12)
+
+
+def test_fit_refuses_an_empty_dataset():
+    m = fg.MLP([3, 2], seed=0)
+    step = fg.TrainStep(m, fg.MSE(), fg.SGD(m, lr=0.1))
+    with pytest.raises(ValueError, match="no samples"):
+        fg.fit(step, np.zeros((0, 3), np.float32), np.zeros((0, 2), np.float32), progress=False)
+    assert m.params.any() and not m.grads.any()
+
+
 def test_fit_shuffle_is_seeded():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((50, 3))
