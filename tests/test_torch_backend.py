@@ -372,6 +372,43 @@ def test_state_dict_torch_to_fastgrad_and_back(kind, hyper):
                                    atol=1e-12)
 
 
+@pytest.mark.parametrize("step", [torch.tensor(3), torch.tensor(3, dtype=torch.int32),
+                                  torch.tensor(3.0, dtype=torch.float64), 3])
+def test_step_count_of_any_type_continues_as_torch(step):
+    # a state dict's step as an integer tensor: the update ran, then adding
+    # 1 to it failed, leaving the step uncounted
+    ps, tps = _params(4), _params(4)
+    grads = _grad_seq(SHAPES, steps=2)
+    opt, topt = fgt.Adam(ps, lr=0.1), torch.optim.Adam(tps, lr=0.1, foreach=False)
+    for o, qs in ((opt, ps), (topt, tps)):
+        for p, g in zip(qs, grads[0]):
+            p.grad = torch.tensor(g)
+        o.step()
+        sd = copy.deepcopy(o.state_dict())
+        for st in sd["state"].values():
+            st["step"] = copy.deepcopy(step)
+        o.load_state_dict(sd)
+        for p, g in zip(qs, grads[1]):
+            p.grad = torch.tensor(g)
+        o.step()
+    for a, b in zip(tps, ps):
+        np.testing.assert_allclose(b.detach().numpy(), a.detach().numpy(), rtol=1e-13)
+    assert all(float(opt.state[p]["step"]) == 4.0 for p in ps)
+
+
+def test_refused_param_group_leaves_the_optimizer_usable():
+    ps = _params(5)
+    opt = fgt.SGD(ps[:2], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="[Nn]esterov"):
+        opt.add_param_group({"params": ps[2:4], "nesterov": True, "momentum": 0.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": ps[2:4], "lr": 0.2})     # the same tensors, fixed
+    for p in ps[:4]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(opt.param_groups) == 2 and opt.n_updates == 1
+
+
 # -- skip and stats -----------------------------------------------------------------------
 
 def test_nan_gradient_skips_everything_and_is_reported():
@@ -630,6 +667,30 @@ def test_fused_mlp_refusals():
     # a non-contiguous input is read correctly
     x = torch.randn(3, 6)[:, ::2]
     torch.testing.assert_close(mlp(x), mlp(x.contiguous()), rtol=0, atol=0)
+    # a module converted to a dtype the kernels lack: refused by name
+    # before a kernel is compiled for it
+    for half in (torch.float16, torch.bfloat16):
+        with pytest.raises(TypeError, match="float32 / torch.float64"):
+            fgt.FusedMLP([3, 4, 2]).to(half)(torch.zeros(2, 3, dtype=half))
+
+
+def test_fused_mlp_double_backward_raises():
+    # the kernels' dx has no graph: a gradient penalty's term or a Hessian
+    # read as 0 instead of failing (as @once_differentiable let through)
+    torch.manual_seed(2)
+    mlp = fgt.FusedMLP([3, 5, 1], activation="tanh", dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    u = mlp(x)
+    with pytest.raises(RuntimeError, match="to_sequential"):
+        torch.autograd.grad(u.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="to_sequential"):
+        torch.autograd.functional.hessian(lambda v: mlp(v).sum(), x[0].detach())
+    # a plain backward still works, and the Sequential twin takes the penalty
+    (gx,) = torch.autograd.grad(mlp(x).sum(), x)
+    seq = mlp.to_sequential()
+    (gs,) = torch.autograd.grad(seq(x).sum(), x, create_graph=True)
+    torch.testing.assert_close(gx, gs.detach())
+    assert gs.requires_grad
 
 
 @pytest.mark.parametrize("norm", [None, "layer", "batch"])

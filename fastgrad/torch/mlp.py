@@ -20,7 +20,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..interop import _residual_class, _torch_activation
 from ..kernels import spec as _spec
@@ -94,8 +93,19 @@ class _FusedMLPFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            # create_graph=True (a gradient penalty, a Hessian): the kernels'
+            # dx carries no graph, so its own gradients would silently be 0
+            # (@once_differentiable refuses only a grad_out that needs grad)
+            raise RuntimeError(
+                "FusedMLP's backward is not differentiable: double backward "
+                "(create_graph=True, torch.autograd.functional.hessian, gradient "
+                "penalties) needs FusedMLP.to_sequential()")
+        return _FusedMLPFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         _, *params, out = ctx.saved_tensors      # x: checked by torch, read from ctx.hidden
         da = grad_out.detach()
         if da.dtype != out.dtype:
@@ -182,6 +192,9 @@ class FusedMLP(torch.nn.Module):
     The weights start as in ``nn.Linear`` (Kaiming-uniform; seed with
     ``torch.manual_seed``).  Inputs are ``(..., n_in)`` tensors of the
     module's dtype on the CPU; other dtypes or devices raise TypeError.
+    The backward is not itself differentiable: a double backward
+    (``create_graph=True``: Hessians, gradient penalties) raises
+    RuntimeError; :meth:`to_sequential` gives the module that supports it.
     """
 
     def __init__(self, sizes, activation="relu", output_activation=None, alpha=None,
@@ -297,7 +310,8 @@ class FusedMLP(torch.nn.Module):
             raise TypeError(f"FusedMLP expects a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu" or any(t.device.type != "cpu" for t in wb + bufs):
             raise TypeError(f"FusedMLP runs on the CPU; got an input on {x.device}")
-        if x.dtype != dt or any(t.dtype != dt for t in wb + bufs):
+        if dt not in (torch.float32, torch.float64) or x.dtype != dt or \
+                any(t.dtype != dt for t in wb + bufs):
             raise TypeError(f"FusedMLP: input dtype {x.dtype}, parameters "
                             f"{sorted({str(t.dtype) for t in wb})}; expected one of "
                             "torch.float32 / torch.float64 for all")

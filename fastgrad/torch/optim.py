@@ -114,7 +114,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                 f"{p.dtype}, the others {self._dtype}: one optimizer updates "
                                 "one dtype (build one optimizer per dtype)")
         super().add_param_group(param_group)
-        self._check_group(self.param_groups[-1])
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            # refused whole: the optimizer stays as it was, usable
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -200,6 +205,24 @@ class _FusedOptimizer(torch.optim.Optimizer):
                                  f"of shape {tuple(t.shape)} on {t.device}; expected a "
                                  f"contiguous {self._dtype} CPU tensor of {n} items")
 
+    @staticmethod
+    def _float_steps(states):
+        """The states' step counts as floating scalar tensors: a number or
+        an integer tensor becomes the float32 scalar torch's own optimizers
+        keep; anything else raises before the update."""
+        steps = []
+        for st in states:
+            t = st["step"]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                if isinstance(t, torch.Tensor) and (t.numel() != 1 or t.is_complex()
+                                                    or t.dtype is torch.bool):
+                    raise ValueError(f"state 'step' must be a scalar count, got {t!r}")
+                t = st["step"] = torch.tensor(float(t), dtype=torch.float32)
+            elif t.numel() != 1 or not t.is_cpu:
+                raise ValueError(f"state 'step' must be a scalar CPU tensor, got {t!r}")
+            steps.append(t)
+        return steps
+
     # -- the step -----------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
@@ -273,6 +296,17 @@ class _FusedOptimizer(torch.optim.Optimizer):
             hp[r, _k.HP_LR] = _lr(group)
             hp[r, _k.HP_MAXIMIZE] = float(group["maximize"])
             _spec.fill_hp(rule, hp[r], group_values[gi], t)
+        steps = None
+        if self._counts_steps:
+            # torch's step tensors are float32 scalars: one compiled call
+            # adds 1 to all after the update (a torch op per tensor costs
+            # ~5 us each).  Others are made addable before the update
+            # writes anything: an int64 step (a state dict's) made
+            # torch._foreach_add_ fail after the parameters had moved.
+            steps = [s["step"] for s in states]
+            fast = all(t.dtype is torch.float32 and t.is_cpu and t.numel() == 1 for t in steps)
+            if not fast:
+                steps = self._float_steps(states)
         n = len(params)
         sizes = np.array([p.numel() for p in params], np.int64)
         p_addr = np.array([p.data_ptr() for p in params], np.int64)
@@ -294,11 +328,8 @@ class _FusedOptimizer(torch.optim.Optimizer):
         else:
             # the kernel wrote through the tensors' storage: tell autograd
             torch.autograd.graph.increment_version(params)
-            if self._counts_steps:
-                # torch's step tensors are float32 scalars: one compiled call
-                # adds 1 to all (a torch op per tensor costs ~5 us each)
-                steps = [s["step"] for s in states]
-                if all(t.dtype is torch.float32 and t.is_cpu and t.numel() == 1 for t in steps):
+            if steps is not None:
+                if fast:
                     _mt.add_one_f32(np.fromiter((t.data_ptr() for t in steps), np.int64,
                                                 len(steps)))
                 else:
