@@ -179,10 +179,15 @@ class ReduceLROnPlateau(Callback):
     its ``factor``, ``patience``, ``cooldown`` ... are the schedule's, and it
     scales the lr the optimizer uses from the next update on.  ``reductions``
     lists the (0-based) epochs after which the lr was cut.
+
+    ``mode`` ("auto": "max" for accuracies, "min" otherwise, as Keras) must
+    be the schedule's: fit refuses a schedule in "min" mode fed
+    ``val_accuracy``, which would cut the lr while the accuracy rises.
     """
 
-    def __init__(self, monitor="val_loss"):
+    def __init__(self, monitor="val_loss", mode="auto"):
         self.monitor = monitor
+        self.mode = _mode(mode, monitor)
         self.reductions = []
 
     def on_train_begin(self, step, history):
@@ -193,6 +198,10 @@ class ReduceLROnPlateau(Callback):
             raise ValueError("the ReduceLROnPlateau callback drives the optimizer's schedule: "
                              "build the optimizer with lr=fastgrad.schedules.ReduceLROnPlateau"
                              f"(...), not {sched!r}")
+        if sched.mode != self.mode:
+            raise ValueError(f"monitor {self.monitor!r} improves in mode {self.mode!r} but the "
+                             f"optimizer's plateau schedule has mode {sched.mode!r}: build it "
+                             f"with ReduceLROnPlateau(..., mode={self.mode!r})")
         self._sched = sched
 
     def on_epoch_end(self, epoch, history, step):

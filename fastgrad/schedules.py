@@ -46,6 +46,10 @@ def _finite_nonneg(name, x):
     return x
 
 
+def _count(x):
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and int(x) == x and x >= 0
+
+
 def _positive_int(name, x):
     _check(int(x) == x and x > 0, f"{name} must be a positive integer, got {x!r}")
     return int(x)
@@ -221,10 +225,14 @@ class join(Schedule):
 
 def warmup_cosine_decay(peak, warmup_steps, decay_steps, start=0.0, end=0.0):
     """Linear warmup from ``start`` to ``peak``, then cosine decay to ``end``
-    at update ``decay_steps`` (optax ``warmup_cosine_decay_schedule``)."""
+    at update ``decay_steps`` (optax ``warmup_cosine_decay_schedule``);
+    ``warmup_steps=0`` starts the decay at ``peak``."""
     peak = _finite_nonneg("peak", peak)
     _check(peak > 0, "peak must be > 0")
+    _check(_count(warmup_steps), f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
     _check(decay_steps > warmup_steps, "decay_steps must exceed warmup_steps")
+    if warmup_steps == 0:
+        return cosine_decay(peak, decay_steps, end / peak)
     return join([linear_warmup(start, peak, warmup_steps),
                  cosine_decay(peak, decay_steps - warmup_steps, end / peak)],
                 [warmup_steps])
@@ -353,10 +361,13 @@ class reduce_on_plateau(Schedule):
     :meth:`step` with the metric once per epoch (``fastgrad.step.fit`` does
     with its ``ReduceLROnPlateau`` callback): after more than ``patience``
     epochs without improvement (better than the best by ``threshold``,
-    relative or absolute, in ``mode`` "min" or "max") ``scale`` is
-    multiplied by ``factor``, then ``cooldown`` epochs pass before bad
-    epochs count again.  A reduction smaller than ``eps`` is skipped.  Its
-    progress is part of the config, so a checkpointed optimizer resumes it.
+    relative or absolute, in ``mode`` "min" or "max") the rate is cut,
+    ``scale`` multiplied by ``factor``, then ``cooldown`` epochs pass before
+    bad epochs count again.  As in torch, each parameter group decides on
+    its own rate: a cut that would lower it by no more than ``eps`` (one
+    already at ``min_lr``, a tiny rate) is skipped for that group alone.
+    The updates at which cuts were decided (``state["reductions"]``) are
+    part of the config, so a checkpointed optimizer resumes them.
     """
 
     kind = "reduce_on_plateau"
@@ -380,43 +391,75 @@ class reduce_on_plateau(Schedule):
         self._set_checked(threshold=threshold, min_lr=min_lr, eps=eps)
         st = dict(state or {})
         # a checkpoint's progress, checked: a scale of -3 made the lr 0
-        self.scale = float(st.get("scale", 1.0))
-        _check(0.0 <= self.scale <= 1.0, f"state scale must be in [0, 1], got {self.scale!r}")
+        for key in ("num_bad_epochs", "cooldown_counter", "last_epoch", "last_k"):
+            _check(_count(st.get(key, 0)),
+                   f"state {key} must be an integer >= 0, got {st.get(key)!r}")
+        self._last_k = int(st.get("last_k", 0))
+        if "reductions" in st:
+            cuts = st["reductions"]
+            _check(isinstance(cuts, (list, tuple)) and all(_count(k) for k in cuts),
+                   f"state reductions must be a list of integers >= 0, got {cuts!r}")
+            self.reductions = [int(k) for k in cuts]
+        else:
+            # fastgrad 0.1.0's checkpoints keep one scale for every group:
+            # as that many cuts at the last update
+            scale = float(st.get("scale", 1.0))
+            _check(0.0 <= scale <= 1.0, f"state scale must be in [0, 1], got {scale!r}")
+            cuts = (0 if scale == 1.0 else 1 if scale == 0.0 or self.factor == 0.0
+                    else max(1, round(math.log(scale) / math.log(self.factor))))
+            self.reductions = [self._last_k] * cuts
+        self._scales = {}       # a group's scale, by its lr: (cuts seen, scale)
         best = st.get("best")
         self.best = (math.inf if mode == "min" else -math.inf) if best is None else float(best)
         _check(not math.isnan(self.best), "state best must be a number or null, got nan")
-        for key in ("num_bad_epochs", "cooldown_counter", "last_epoch", "last_k"):
-            v = st.get(key, 0)
-            _check(not isinstance(v, bool) and int(v) == v and v >= 0,
-                   f"state {key} must be an integer >= 0, got {v!r}")
         self.num_bad_epochs = int(st.get("num_bad_epochs", 0))
         self.cooldown_counter = int(st.get("cooldown_counter", 0))
         self.last_epoch = int(st.get("last_epoch", 0))
-        self._last_k = int(st.get("last_k", 0))
 
     @property
     def state(self):
         """The progress so far (JSON-able: an infinite best is None)."""
-        return {"scale": self.scale, "best": self.best if math.isfinite(self.best) else None,
+        return {"reductions": list(self.reductions),
+                "best": self.best if math.isfinite(self.best) else None,
                 "num_bad_epochs": self.num_bad_epochs, "cooldown_counter": self.cooldown_counter,
                 "last_epoch": self.last_epoch, "last_k": self._last_k}
 
+    @property
+    def scale(self):
+        """The factor the base rate has been cut by so far."""
+        return self._scale_of(None, self.lr)
+
     def __call__(self, k):
         self._last_k = k
-        return self._reduced(self.lr(k))
+        return self._reduced(self.lr(k), self.scale)
 
-    def _reduced(self, base):
+    def _reduced(self, base, scale):
         # torch lowers a rate to max(rate * factor, min_lr) and never raises
         # it: one that starts below min_lr stays where it is
-        return min(base, max(base * self.scale, self.min_lr))
+        return min(base, max(base * scale, self.min_lr))
+
+    def _scale_of(self, key, rate):
+        """The scale of the group whose unreduced rate at update k is
+        ``rate(k)``: torch's test at each cut, on that group's own rate.
+        Remembered per group (``key``) until the next cut."""
+        seen, scale = self._scales.get(key, (0, 1.0))
+        if seen != len(self.reductions):
+            for k in self.reductions[seen:]:
+                old = self._reduced(rate(k), scale)
+                if old - max(old * self.factor, self.min_lr) > self.eps:
+                    scale *= self.factor
+            self._scales[key] = (len(self.reductions), scale)
+        return scale
 
     def group_rate(self, k, lr, lr0):
-        # each group follows the base schedule from its own lr, reduced by
-        # the one scale down to the one min_lr (torch's min_lr for all groups)
+        # each group follows the base schedule from its own lr, cut where its
+        # own rate allows, down to the one min_lr (torch's for all groups)
         self._last_k = k
         base0 = self.lr(0)
         if base0 > 0.0:
-            return self._reduced(self.lr.group_rate(k, lr, base0))
+            def rate(j):
+                return self.lr.group_rate(j, lr, base0)
+            return self._reduced(rate(k), self._scale_of(lr, rate))
         return lr * (self(k) / lr0)     # a base from 0 (min_lr > 0): scaled whole
 
     def _is_better(self, a):
@@ -441,11 +484,9 @@ class reduce_on_plateau(Schedule):
             self.num_bad_epochs = 0
         if self.num_bad_epochs > self.patience:
             self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
-            old = self(self._last_k)
-            new = max(old * self.factor, self.min_lr)
-            if old - new > self.eps:
-                self.scale *= self.factor
-                return True
+            before = self.scale
+            self.reductions.append(self._last_k)
+            return self.scale < before
         return False
 
 

@@ -53,6 +53,8 @@ def test_matches_optax():
         (S.linear_warmup(0.0, 0.1, 5), optax.linear_schedule(0.0, 0.1, 5)),
         (S.warmup_cosine_decay(0.1, 5, 25, end=1e-3),
          optax.warmup_cosine_decay_schedule(0.0, 0.1, 5, 25, end_value=1e-3)),
+        (S.warmup_cosine_decay(0.1, 0, 25, end=1e-3),      # no warmup: optax takes it
+         optax.warmup_cosine_decay_schedule(0.0, 0.1, 0, 25, end_value=1e-3)),
         (S.join([S.constant(0.1), S.linear_warmup(0.1, 0.0, 4)], [3]),
          optax.join_schedules([optax.constant_schedule(0.1), optax.linear_schedule(0.1, 0.0, 4)],
                               [3])),

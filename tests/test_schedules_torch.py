@@ -101,6 +101,54 @@ def test_reduce_on_plateau(rng, kw):
     assert ours.scale < 1.0               # the run did reduce
 
 
+@pytest.mark.parametrize("base, lrs_, kw", [
+    (0.01, (0.5, 0.02), dict(patience=0, factor=0.5, min_lr=0.005)),   # base stops at min_lr
+    (1e-8, (0.1, 3e-8), dict(patience=0, factor=0.5)),                 # base cut below eps
+    (0.1, (1e-3, 0.3), dict(patience=1, factor=0.3, min_lr=2e-3, cooldown=1, eps=1e-4)),
+])
+def test_reduce_on_plateau_cuts_each_group_on_its_own_rate(base, lrs_, kw):
+    # torch decides each param_group's cut on its own lr: the base group at
+    # min_lr (or cut by no more than eps) stopped every group's cuts here
+    metrics = [5.0] + [6.0] * 14
+    model = fg.MLP([3, 4, 4, 2], seed=0)
+    views = list(model.parameters())
+    ours = fg.SGD(model, lr=S.ReduceLROnPlateau(base, **kw), param_groups=[
+        {"params": views[:2]}, {"params": views[2:4], "lr": lrs_[0]},
+        {"params": views[4:], "lr": lrs_[1]}])
+    ps = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    theirs = torch.optim.SGD([{"params": [ps[0]]}, {"params": [ps[1]], "lr": lrs_[0]},
+                              {"params": [ps[2]], "lr": lrs_[1]}], lr=base)
+    sched = lrs.ReduceLROnPlateau(theirs, **kw)
+    seen = []
+    for m in metrics:
+        ours.step()
+        theirs.step()
+        got = [g["lr"] for g in ours.param_groups]
+        _close(got, [g["lr"] for g in theirs.param_groups])
+        seen.append(got)
+        ours.lr_schedule.step(m)
+        sched.step(m)
+    assert seen[-1][2] < lrs_[1]          # the run did cut (a group below min_lr stays)
+    # a checkpoint's schedule continues every group's rates
+    again = fg.SGD(model, lr=S.from_config(json.loads(json.dumps(
+        ours.lr_schedule.to_config()))), param_groups=[
+        {"params": views[:2]}, {"params": views[2:4], "lr": lrs_[0]},
+        {"params": views[4:], "lr": lrs_[1]}])
+    assert [g["lr"] for g in again.param_groups] == [g["lr"] for g in ours.param_groups]
+
+
+def test_reduce_on_plateau_reads_a_one_scale_checkpoint():
+    # fastgrad 0.1.0 kept one scale for all groups: it reads as that many cuts
+    old = {"kind": "reduce_on_plateau", "lr": 0.1, "mode": "min", "factor": 0.5,
+           "patience": 0, "threshold": 1e-4, "threshold_mode": "rel", "cooldown": 0,
+           "min_lr": 0.0, "eps": 1e-8,
+           "state": {"scale": 0.125, "best": 1.0, "num_bad_epochs": 0, "cooldown_counter": 0,
+                     "last_epoch": 4, "last_k": 40}}
+    s = S.from_config(old)
+    assert s.scale == 0.125 and s(41) == pytest.approx(0.0125, rel=1e-15)
+    assert s.state["reductions"] == [40, 40, 40]
+
+
 def test_reduce_on_plateau_config_round_trip_keeps_progress(rng):
     s = S.ReduceLROnPlateau(S.cosine_decay(0.1, 50), patience=1, factor=0.5)
     for m in [1.0, 1.0, 1.0, 1.0, 0.5]:

@@ -370,6 +370,29 @@ def test_reduce_lr_on_plateau_callback(rng):
     assert cb.reductions == [e for e in range(5) if want[e + 1] < want[e]]
 
 
+def test_plateau_callback_mode_follows_the_monitor(rng):
+    # val_accuracy rises when training goes well: a "min" schedule fed it cut
+    # the lr at every improvement (Keras's mode="auto" reads it as "max")
+    x, y = _data(rng)
+    model = fg.MLP([4, 8, 2], dtype="float64", seed=0)
+    w0 = model.params.copy()
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(),
+                        fg.Adam(model, lr=schedules.ReduceLROnPlateau(0.05, patience=0)))
+    with pytest.raises(ValueError, match="mode='max'"):
+        fg.fit(step, x, y, epochs=2, progress=False, validation_data=(x, y),
+               callbacks=[cbs.ReduceLROnPlateau("val_accuracy")])
+    assert np.array_equal(model.params, w0)                 # refused before any step
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(
+        model, lr=schedules.ReduceLROnPlateau(0.05, mode="max", patience=0)))
+    cb = cbs.ReduceLROnPlateau("val_accuracy")
+    hist = fg.fit(step, x, y, epochs=4, progress=False, validation_data=(x, y), callbacks=[cb])
+    best = np.maximum.accumulate(hist["val_accuracy"])
+    # cut only after an epoch that did not raise the best accuracy
+    assert all(best[e] == best[e - 1] for e in cb.reductions if e > 0)
+    with pytest.raises(ValueError, match="mode"):
+        cbs.ReduceLROnPlateau(mode="up")
+
+
 def test_callbacks_refuse_what_cannot_work(rng):
     x, y = _data(rng, 16)
     model, opt, step = _fit_setup()
