@@ -43,6 +43,13 @@ class Loss:
     def __call__(self, y, target):
         return getattr(ops, self.name)(y, target, **self.options)
 
+    def divisor(self, target):
+        """What this loss's mean divides a batch's summed loss by, counted
+        in samples (host ``target``): a mean over many batches weighs each by
+        it, as the one mean over all their samples would (``fastgrad.fit``,
+        ``fastgrad.evaluate``).  The batch's size here."""
+        return len(target)
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
         return f"{type(self).__name__}({args})"
@@ -71,6 +78,14 @@ class SoftmaxCrossEntropy(Loss):
         self.weight = None if weight is None else _vector(weight, "weight")
         self.ignore_index = ops.check_ignore_index(ignore_index)
         self.label_smoothing = ops.check_label_smoothing(label_smoothing)
+
+    def divisor(self, target):
+        """The batch's labels other than ``ignore_index``: their number, or
+        their summed class weights (the divisor of torch's mean)."""
+        import numpy as np
+        labels = np.asarray(target)
+        kept = labels[labels != self.ignore_index]
+        return float(self.weight[kept].sum()) if self.weight is not None else kept.size
 
     def __call__(self, y, target):
         return ops.softmax_cross_entropy(y, target, weight=self.weight,

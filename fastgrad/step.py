@@ -1024,8 +1024,12 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
     """Mean loss (and accuracy for softmax cross-entropy) of ``model`` on X, Y.
 
     X and Y may live on the host for a CUDA model: each batch is copied once.
-    The loss is per sample: a loss with ``reduction="sum"`` is summed over
-    the batches, then divided by the number of samples.
+    The loss is the mean over the whole set, whatever the batch size: each
+    batch weighs by what its mean divides by (``loss_fn.divisor``: its
+    samples; for cross-entropy the labels other than ``ignore_index``, or
+    their class weights, as torch's mean), and a loss with
+    ``reduction="sum"`` gives the same mean.  The accuracy counts the
+    labels other than ``ignore_index``.
     """
     batch_size = _positive_int("batch_size", batch_size)
     n = len(X)
@@ -1034,19 +1038,26 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
                          f"got {n} and {len(Y)}")
     summed = getattr(loss_fn, "reduction", "mean") == "sum"
     classify = getattr(loss_fn, "name", None) == "softmax_cross_entropy"
-    xp = model._xp
-    total, correct = 0.0, 0
+    xp, be = model._xp, model.backend
+    total, weight, correct, counted = 0.0, 0.0, 0, 0
     for lo in range(0, n, batch_size):
         out = model.predict(X[lo:lo + batch_size])
         target = xp.asarray(Y[lo:lo + batch_size])
         loss, _ = loss_fn(out, target)
-        total += loss if summed else loss * len(out)
         if classify:        # a small host read: the batch's outputs and labels
-            be = model.backend
-            correct += int((be.to_host(out).argmax(axis=1) == be.to_host(target)).sum())
-    result = {"loss": total / n}
+            labels = be.to_host(target)
+            w = loss_fn.divisor(labels)
+            kept = labels != getattr(loss_fn, "ignore_index", -100)
+            correct += int((be.to_host(out).argmax(axis=1) == labels)[kept].sum())
+            counted += int(kept.sum())
+        else:
+            w = len(out)
+        if w > 0:           # a batch of ignored labels only: its mean is NaN, its weight 0
+            total += loss if summed else loss * w
+            weight += w
+    result = {"loss": total / weight if weight > 0 else float("nan")}
     if classify:
-        result["accuracy"] = correct / n
+        result["accuracy"] = correct / counted if counted else float("nan")
     return result
 
 
@@ -1120,9 +1131,9 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
 
     Returns
     -------
-    dict of per-epoch lists: ``loss`` (the epoch's mean loss per sample:
-    each batch's loss weighted by its size, a ``reduction="sum"`` loss's
-    summed, as :func:`evaluate` and Keras count it),
+    dict of per-epoch lists: ``loss`` (the epoch's mean loss, as
+    :func:`evaluate` counts it: each batch weighed by its size, or by its
+    kept labels' count or class weight for cross-entropy with those options),
     ``grad_norm_mean``, ``grad_norm_max``, ``clipped``, ``skipped``, and
     ``val_loss`` / ``val_accuracy`` with validation data.  An early stop
     leaves them shorter than ``epochs``.
@@ -1157,15 +1168,24 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
         ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
     ibuf = xp.empty(min(batch_size, n), np.int64) if on_device else None
-    # The epoch's loss per sample, as evaluate's and Keras's: the smaller
-    # last batch weighs by its size (a plain mean over batches overweighted it).
-    batch_sizes = np.full(n_batches, batch_size, np.float64)
-    batch_sizes[-1] = n - (n_batches - 1) * batch_size
-    summed = getattr(step.loss_fn, "reduction", "mean") == "sum"
+    # The epoch's loss as evaluate's: each batch weighs by its loss's divisor
+    # (its size; the kept labels' count or weight for cross-entropy with
+    # options), so a smaller last batch is not overweighted.
+    loss_fn = step.loss_fn
+    summed = getattr(loss_fn, "reduction", "mean") == "sum"
+    by_label = getattr(loss_fn, "name", None) == "softmax_cross_entropy" and \
+        bool({"weight", "ignore_index"} & set(loss_fn.options))
+    host_Y = be.to_host(Y) if by_label and on_device else Y
 
     def per_sample(losses):
         losses = np.asarray(losses, np.float64)
-        return float((losses.sum() if summed else losses @ batch_sizes) / n)
+        starts = range(0, n, batch_size)
+        w = np.asarray([loss_fn.divisor(host_Y[order[lo:lo + batch_size]]) if by_label
+                        else min(batch_size, n - lo) for lo in starts], np.float64)
+        kept = w > 0        # a batch of ignored labels only: NaN mean, no weight
+        if not kept.any():
+            return float("nan")
+        return float((losses[kept].sum() if summed else losses[kept] @ w[kept]) / w.sum())
 
     history = {"loss": [], "grad_norm_mean": [], "grad_norm_max": [], "clipped": [], "skipped": []}
     if validation_data is not None:

@@ -331,6 +331,35 @@ def test_evaluate_sum_reduction_is_per_sample(rng):
     assert summed == pytest.approx(mean, rel=1e-12)
 
 
+@pytest.mark.parametrize("kw", [dict(weight=[1.0, 5.0, 0.2]), dict(ignore_index=1),
+                                dict(weight=[0.5, 2.0, 1.0], ignore_index=0, label_smoothing=0.2),
+                                dict(weight=[1.0, 5.0, 0.2], reduction="sum")],
+                         ids=["weight", "ignore", "all", "weight-sum"])
+def test_evaluate_and_fit_are_the_whole_sets_mean_whatever_the_batches(device, rng, kw):
+    # each batch weighed by its samples gave 1.218 for torch's 1.263
+    # (weights, batches of 4) and NaN for a batch of ignored labels only;
+    # the ignored labels counted as wrong answers in the accuracy
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0, device=device)
+    x, y = rng.standard_normal((11, 4)), rng.integers(0, 3, 11)
+    y[[1, 2, 3]] = kw.get("ignore_index", y[1])     # a batch of 4 with one kept label
+    loss = fg.SoftmaxCrossEntropy(**kw)
+    logits = torch.tensor(to_numpy(model.predict(x)))
+    tkw = dict(kw, reduction="mean")
+    if "weight" in kw:
+        tkw["weight"] = torch.tensor(kw["weight"], dtype=torch.float64)
+    want = float(torch.nn.functional.cross_entropy(logits, torch.tensor(y), **tkw))
+    kept = y != kw.get("ignore_index", -100)
+    acc = float((logits.argmax(1).numpy() == y)[kept].mean())
+    for bs in (1, 2, 4, 11):
+        got = fg.evaluate(model, loss, x, y, batch_size=bs)
+        assert got["loss"] == pytest.approx(want, rel=1e-12), bs
+        assert got["accuracy"] == pytest.approx(acc, rel=1e-12), bs
+    # fit's epoch loss (lr 0: every batch sees the same parameters)
+    step = fg.TrainStep(model, loss, fg.SGD(model, lr=0.0))
+    hist = fg.fit(step, *_fg(device, x, y), epochs=2, batch_size=4, seed=1, progress=False)
+    assert hist["loss"] == pytest.approx([want, want], rel=1e-12)
+
+
 @pytest.mark.parametrize("opts", [CE_OPTIONS[4], CE_OPTIONS[8]], ids=lambda o: ",".join(o))
 def test_cross_entropy_extreme_logits_float32(device, rng, opts):
     B, C = 6, 5
