@@ -651,11 +651,12 @@ class _RankShard:
         return loss
 
 
-def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed):
+def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed, initial_epoch):
     """ValueError on every rank unless all ranks pass the same number of
     samples and the same loop arguments (one allgather)."""
     mine = {"len(X)": len(X), "len(Y)": len(Y), "epochs": repr(epochs),
-            "batch_size": repr(batch_size), "shuffle": repr(shuffle), "seed": repr(seed)}
+            "batch_size": repr(batch_size), "shuffle": repr(shuffle), "seed": repr(seed),
+            "initial_epoch": repr(initial_epoch)}
     every = _collective(dp._watch, lambda: dp.comm.allgather(mine))
     for r, theirs in enumerate(every):
         diff = [f"{k} {theirs[k]} (rank 0: {every[0][k]})" for k in mine
@@ -667,7 +668,7 @@ def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed):
 
 
 def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
-        validation_data=None, callbacks=()):
+        validation_data=None, callbacks=(), initial_epoch=0):
     """Data-parallel :func:`fastgrad.fit`; ``batch_size`` is per process.
 
     Every rank draws the same seeded permutation each epoch (``seed=None``:
@@ -701,8 +702,8 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
         # every rank another permutation (samples trained twice or never)
         seed = _collective(dp_step._watch, lambda: dp_step.comm.bcast(
             np.random.SeedSequence().entropy if dp_step.rank == 0 else None, root=0))
-    _check_same_dataset(dp_step, X, Y, epochs, batch_size, shuffle, seed)
+    _check_same_dataset(dp_step, X, Y, epochs, batch_size, shuffle, seed, initial_epoch)
     return _fit(_RankShard(dp_step), X, Y, epochs=epochs,
                 batch_size=int(batch_size) * dp_step.world, shuffle=shuffle, seed=seed,
                 progress=progress and dp_step.rank == 0, validation_data=validation_data,
-                callbacks=callbacks)
+                callbacks=callbacks, initial_epoch=initial_epoch)

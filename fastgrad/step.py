@@ -1087,7 +1087,7 @@ def _checked_validation(step, data):
 
 
 def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
-        validation_data=None, callbacks=()):
+        validation_data=None, callbacks=(), initial_epoch=0):
     """Train with mini-batches, Keras style; returns the history.
 
     Parameters
@@ -1111,6 +1111,13 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         :mod:`fastgrad.callbacks`): ``EarlyStopping`` (on a validation
         metric, restoring the best weights), ``ModelCheckpoint`` (through
         ``fastgrad.save`` every N epochs), ``ReduceLROnPlateau``
+    initial_epoch : the epoch to start from, as Keras's: epochs
+        ``initial_epoch .. epochs - 1`` run, numbered so in callbacks (the
+        per-step index counts from the first of them), and the shuffle
+        continues as it would have.  A run resumed from a checkpoint saved
+        after epoch ``e - 1`` (``fastgrad.save``/``load`` of the model and
+        optimizer) with ``initial_epoch=e`` and the same seed trains on as
+        the uninterrupted run.
 
     Notes
     -----
@@ -1135,12 +1142,16 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     :func:`evaluate` counts it: each batch weighed by its size, or by its
     kept labels' count or class weight for cross-entropy with those options),
     ``grad_norm_mean``, ``grad_norm_max``, ``clipped``, ``skipped``, and
-    ``val_loss`` / ``val_accuracy`` with validation data.  An early stop
-    leaves them shorter than ``epochs``.
+    ``val_loss`` / ``val_accuracy`` with validation data: one entry per
+    epoch run (``epochs - initial_epoch``, fewer after an early stop).
     """
     model = step.model
     for name, val in (("epochs", epochs), ("batch_size", batch_size)):
         _positive_int(name, val)
+    if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) \
+            or not 0 <= initial_epoch <= epochs:
+        raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}], got "
+                         f"{initial_epoch!r}")
     # A dataset already on the GPU stays there: batches are gathered on the
     # device (the batch's indices go up by an asynchronous pinned copy).
     be = model.backend
@@ -1163,7 +1174,8 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     rng = np.random.default_rng(seed)
     order = np.arange(n, dtype=np.int64)
     n_batches = -(-n // batch_size)
-    total = epochs * n_batches
+    total = (epochs - initial_epoch) * n_batches
+    k0 = initial_epoch * n_batches          # the per-step index of the first step
     if not fused:
         xbuf = xp.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
         ybuf = xp.empty((min(batch_size, n),) + Y.shape[1:], Y.dtype)
@@ -1216,7 +1228,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
             if step_hooks:
                 st = _stats_of(res, j)
                 for cb in step_hooks:
-                    cb(k_epoch + j, float(res["loss"][j]), st)
+                    cb(k0 + k_epoch + j, float(res["loss"][j]), st)
             k = k_epoch + j + 1
         if bar is not None and done > first:
             if first == 0 and k_epoch == 0:
@@ -1226,7 +1238,10 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
 
     def train():
         nonlocal k, shown_val
-        for epoch in range(epochs):
+        if shuffle:
+            for _ in range(initial_epoch):      # the orders of the epochs already run
+                rng.shuffle(order)
+        for epoch in range(initial_epoch, epochs):
             if shuffle:
                 rng.shuffle(order)
             if fused:
@@ -1246,7 +1261,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                     st = step.stats
                     done.append((loss, st))
                     for cb in step_hooks:
-                        cb(k, loss, st)
+                        cb(k0 + k, loss, st)
                     k += 1
                     if bar is not None:
                         if k == 1:

@@ -11,7 +11,8 @@ steps     20 TrainStep-mode steps at local batch 32 (float64, Adam, clipping
 optloop   the same run written by hand: model.forward / loss / backward, then
           ``DataParallel(opt).step()``.
 fit       ``fastgrad.distributed.fit`` on a dataset whose size is not a
-          multiple of the global batch (the last batch is split unevenly).
+          multiple of the global batch (the last batch is split unevenly),
+          its second epoch in a second call (``initial_epoch=1``).
 single    run WITHOUT mpiexec: init() gives size 1 and DataParallel on one
           process gives exactly the plain TrainStep's parameters.
 raise     rank 1 raises RuntimeError(ERROR_TEXT) while rank 0 waits in an
@@ -126,9 +127,13 @@ def run_fit(comm, path):
     step = make_step(seed=r)
     dp = dist.DataParallel(step)
     X, Y = fit_data()
-    hist = dist.fit(dp, X, Y, epochs=2, batch_size=FIT_LOCAL_BATCH, seed=5, progress=False)
-    _save_gathered(comm, path, step.opt, loss=np.array(hist["loss"]),
-                   clipped=np.array(hist["clipped"]))
+    # in two calls: the second resumes at epoch 1 (initial_epoch), as a
+    # run restarted from a checkpoint would
+    first = dist.fit(dp, X, Y, epochs=1, batch_size=FIT_LOCAL_BATCH, seed=5, progress=False)
+    hist = dist.fit(dp, X, Y, epochs=2, batch_size=FIT_LOCAL_BATCH, seed=5, progress=False,
+                    initial_epoch=1)
+    _save_gathered(comm, path, step.opt, loss=np.array(first["loss"] + hist["loss"]),
+                   clipped=np.array(first["clipped"] + hist["clipped"]))
 
 
 def run_raise(comm, path):

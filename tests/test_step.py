@@ -313,6 +313,37 @@ def test_fit_refuses_an_empty_dataset():
     assert m.params.any() and not m.grads.any()
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_fit_resumes_at_initial_epoch_as_the_uninterrupted_run(tmp_path, fused):
+    # Keras's initial_epoch: a run saved after epoch 2 and resumed trains on
+    # bitwise as the run that never stopped (shuffle order, dropout masks,
+    # Adam's step count); before, the resumed fit repeated epoch 0's order
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((70, 6)), rng.integers(0, 3, 70)
+
+    def run(epochs, model=None, opt=None, **kw):
+        if model is None:
+            model = fg.MLP([6, 16, 3], dtype="float64", dropout=0.2, seed=0)
+            opt = fg.Adam(model, lr=1e-2, clip_norm=1.0)
+        step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt)
+        step.fused_epochs = fused
+        seen = []
+        hist = fg.fit(step, X, Y, epochs=epochs, batch_size=16, seed=4, progress=False,
+                      callbacks=[lambda k, loss, st: seen.append(k)], **kw)
+        return model, opt, hist, seen
+
+    whole, _, hist, seen = run(4)
+    part, opt, _, _ = run(2)
+    fg.save(tmp_path / "c.fgz", part, opt)
+    model, opt = fg.load(tmp_path / "c.fgz")
+    resumed, opt, hist2, seen2 = run(4, model, opt, initial_epoch=2)
+    assert resumed.params.tobytes() == whole.params.tobytes()
+    assert hist2["loss"] == hist["loss"][2:] and seen2 == seen[2 * 5:]
+    assert opt.step_count == 4 * 5
+    with pytest.raises(ValueError, match="initial_epoch"):
+        run(2, initial_epoch=3)
+
+
 def test_fit_shuffle_is_seeded():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((50, 3))
