@@ -115,7 +115,11 @@ def as_array(x, name, dtype, ndim=None, shape=None, xp=np):
                 break
         else:
             return x
-    arr = xp.asarray(x)
+    try:
+        arr = xp.asarray(x)
+    except TypeError as e:     # e.g. a bfloat16 tensor: "Got unsupported ScalarType"
+        raise TypeError(f"{name}: cannot be read as a {xp.__name__} array of real numbers "
+                        f"({type(x).__name__}: {e}); convert it to float32 or float64") from e
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"{name}: unsupported dtype {arr.dtype}; expected real numbers")
     if ndim is not None and arr.ndim != ndim:
@@ -258,7 +262,8 @@ def _as_2d(arr):
 
 
 def activation_forward(z, activation, alpha=None, dtype=None):
-    """``f(z)`` elementwise (any shape; float dtypes kept, others -> float32)."""
+    """``f(z)`` elementwise (any shape; float32/float64 kept, other dtypes
+    -- float16, integers -- computed in float32)."""
     dev = _device_of(z)
     code, alpha = resolve_activation(activation, alpha)
     xp, k = _device.array_module(dev), kernels_for(dev, (code,))

@@ -64,11 +64,11 @@ def _alpha(alpha, default):
 # name -> (f(z, alpha), f'(z, alpha)), both from z; fastgrad.registry points here.
 ACTIVATIONS = {
     "identity": (lambda z, al: z.copy(), lambda z, al: np.ones_like(z)),
-    "relu": (lambda z, al: np.where(z < 0, 0.0, z), lambda z, al: (z > 0).astype(np.float64)),
+    "relu": (lambda z, al: np.where(z < 0, 0.0, z), lambda z, al: np.where(z <= 0, 0.0, 1.0)),
     "leaky_relu": (lambda z, al: np.where(z < 0, _alpha(al, 0.01) * z, z),
                    lambda z, al: np.where(z > 0, 1.0, _alpha(al, 0.01))),
     "elu": (lambda z, al: np.where(z <= 0, _alpha(al, 1.0) * np.expm1(np.minimum(z, 0)), z),
-            lambda z, al: np.where(z > 0, 1.0, _alpha(al, 1.0) * np.exp(np.minimum(z, 0)))),
+            lambda z, al: np.where(z <= 0, _alpha(al, 1.0) * np.exp(np.minimum(z, 0)), 1.0)),
     "sigmoid": (lambda z, al: _sigmoid(z), lambda z, al: _sigmoid_grad(z)),
     "tanh": (lambda z, al: np.tanh(z), lambda z, al: 1.0 - np.tanh(z) ** 2),
     # torch's nn.Softplus(beta=1, threshold=20): z itself above 20

@@ -200,6 +200,34 @@ def test_softplus_follows_torchs_threshold(device, xp, rng):
     np.testing.assert_allclose(dz[window], zt.grad.numpy()[window], rtol=2.1e-9, atol=0)
 
 
+_TORCH_F = {"identity": lambda t: t * 1.0, "relu": "relu", "leaky_relu": "leaky_relu",
+            "elu": "elu", "sigmoid": "sigmoid", "tanh": "tanh", "softplus": "softplus",
+            "gelu": "gelu", "gelu_tanh": lambda t: torch_f().gelu(t, approximate="tanh"),
+            "silu": "silu"}
+
+
+def torch_f():
+    return pytest.importorskip("torch").nn.functional
+
+
+@pytest.mark.parametrize("activation", sorted(_TORCH_F))
+def test_nan_inputs_pass_gradients_as_torch(xp, activation):
+    # relu's derivative at a NaN output was 0 and elu's NaN, where torch
+    # (whose test is "<= 0") passes the incoming gradient on
+    torch = pytest.importorskip("torch")
+    z = np.array([np.nan, -1.5, 0.0, 0.5, 2.0])
+    f = _TORCH_F[activation]
+    f = getattr(torch_f(), f) if isinstance(f, str) else f
+    zt = torch.tensor(z, requires_grad=True)
+    at = f(zt)
+    at.backward(torch.full_like(zt, 0.75))
+    a = ops.activation_forward(xp.asarray(z), activation)
+    dz = to_numpy(ops.activation_backward(xp.asarray(np.full_like(z, 0.75)), a, xp.asarray(z),
+                                          activation))
+    np.testing.assert_allclose(to_numpy(a), at.detach().numpy(), rtol=1e-15, atol=1e-300)
+    np.testing.assert_allclose(dz, zt.grad.numpy(), rtol=1e-15, atol=1e-300)
+
+
 # (7, 3) and (257, 129) straddle the CUDA kernels' block and grid sizes
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("shape", [(1, 1), (7, 3), (130, 17), (3, 1000), (257, 129)])

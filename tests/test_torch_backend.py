@@ -672,6 +672,10 @@ def test_fused_mlp_refusals():
     for half in (torch.float16, torch.bfloat16):
         with pytest.raises(TypeError, match="float32 / torch.float64"):
             fgt.FusedMLP([3, 4, 2]).to(half)(torch.zeros(2, 3, dtype=half))
+    # fastgrad.ops names the input NumPy cannot read (torch's own words kept)
+    with pytest.raises(TypeError, match="x: cannot be read.*BFloat16.*float32 or float64"):
+        fg.ops.dense_forward(torch.zeros(2, 3, dtype=torch.bfloat16),
+                             np.zeros((3, 2), np.float32), np.zeros(2, np.float32))
 
 
 def test_fused_mlp_double_backward_raises():

@@ -116,7 +116,8 @@ def d_identity(a, z, alpha):
 
 @njit(**INLINE)
 def d_relu(a, z, alpha):
-    return like(a, 1.0) if a > like(a, 0.0) else like(a, 0.0)
+    # a NaN passes the gradient on, as torch's (its test is a <= 0)
+    return like(a, 0.0) if a <= like(a, 0.0) else like(a, 1.0)
 
 
 @njit(**INLINE)
@@ -126,7 +127,7 @@ def d_leaky_relu(a, z, alpha):
 
 @njit(**INLINE)
 def d_elu(a, z, alpha):
-    return like(a, 1.0) if a > like(a, 0.0) else a + like(a, alpha)
+    return a + like(a, alpha) if a <= like(a, 0.0) else like(a, 1.0)
 
 
 @njit(**INLINE)

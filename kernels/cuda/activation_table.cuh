@@ -32,7 +32,7 @@ template <> struct Act<RELU> {
     template <typename T> __device__ __forceinline__ static T df(T a, T z, T alpha)
     {
         (void)a; (void)z; (void)alpha;
-        return (a > T(0) ? T(1) : T(0));
+        return (a <= T(0) ? T(0) : T(1));
     }
 };
 template <> struct Act<LEAKY_RELU> {
@@ -58,7 +58,7 @@ template <> struct Act<ELU> {
     template <typename T> __device__ __forceinline__ static T df(T a, T z, T alpha)
     {
         (void)a; (void)z; (void)alpha;
-        return (a > T(0) ? T(1) : a + alpha);
+        return (a <= T(0) ? a + alpha : T(1));
     }
 };
 template <> struct Act<SIGMOID> {
