@@ -49,6 +49,11 @@ from .layers import Sequential
 _NO_KEYWORDS = {}
 
 
+class _IgnoredRows(Exception):
+    """A batch's labels hold the loss's ``ignore_index``: it takes the
+    layer path (TrainStep._labels)."""
+
+
 def layer_features(model):
     """The epilogue pieces ``model`` uses beyond the plain kernels' (names
     of ``fastgrad.kernels.layout.FEATURES``, which are the pieces'):
@@ -331,6 +336,25 @@ class TrainStep:
                 opt._clip_value, B, optim=opt._device_buffers(), counter=kw.get("counter"))
         return g
 
+    def _labels(self, y, B, n_out, **kw):
+        """``ops.as_labels``; labels out of range only where some are the
+        loss's ``ignore_index`` (torch's default -100) raise _IgnoredRows:
+        the compiled step's loss keeps every row, so such a batch takes the
+        layer path, whose loss skips them as torch's."""
+        try:
+            return ops.as_labels(y, B, n_out, **kw)
+        except ValueError:
+            if self._ignores(y):
+                raise _IgnoredRows from None
+            raise
+
+    def _ignores(self, Y):
+        """Whether host labels ``Y`` hold the loss's ``ignore_index``."""
+        ignore = getattr(self._loss_fn, "ignore_index", None)
+        host = np.asarray(Y) if _device.is_host_array(Y) else None
+        return ignore is not None and host is not None and host.dtype.kind in "iuf" and \
+            bool((host == ignore).any())
+
     def _inputs(self, x, y):
         """``(x, labels, target)`` checked and on the model's device.
 
@@ -352,9 +376,9 @@ class TrainStep:
         stage_y = be.needs_staging(y)
         if self._loss_kind == _spec.CROSS_ENTROPY:
             if stage_y:
-                return x, self._stage("labels", ops.as_labels(y, B, n_out)), self._no_target
-            return x, ops.as_labels(y, B, n_out, xp=self._xp,
-                                    check_range=not be.labels_checked_by_kernel), \
+                return x, self._stage("labels", self._labels(y, B, n_out)), self._no_target
+            return x, self._labels(y, B, n_out, xp=self._xp,
+                                   check_range=not be.labels_checked_by_kernel), \
                 self._no_target
         if stage_y:
             return x, self._no_labels, self._stage(
@@ -523,7 +547,10 @@ class TrainStep:
         if self._composed:
             return self._composed_step(x, y, True)
         model = self._model
-        x, labels, target = self._inputs(x, y)
+        try:
+            x, labels, target = self._inputs(x, y)
+        except _IgnoredRows:
+            return self._composed_step(x, y, True)
         B = x.shape[0]
         rule, s0, s1, s2, hp = self._opt._kernel_args()
         # Where the skip decision is known when the kernel returns: undo
@@ -564,7 +591,10 @@ class TrainStep:
     def _gradients(self, x, y):
         if self._composed:
             return self._composed_step(x, y, False)
-        x, labels, target = self._inputs(x, y)
+        try:
+            x, labels, target = self._inputs(x, y)
+        except _IgnoredRows:
+            return self._composed_step(x, y, False)
         if self.threads is not None:
             m = self._model
             if m.training:
@@ -677,7 +707,9 @@ class TrainStep:
         For the compiled epoch ``labels`` (int64, range-checked) or
         ``target`` (model dtype, ``(n, n_out)``) is the loss's input and the
         other a placeholder; the other paths check host labels here too, so
-        that a bad label raises before the first step."""
+        that a bad label raises before the first step.  ``labels`` is None
+        where some are the loss's ``ignore_index``: the compiled epoch keeps
+        every row, so that epoch runs step by step."""
         model, n_out = self._model, int(self._sizes[-1])
         on_device = self._backend.holds(X, "X")
         xp = model._xp if on_device else np
@@ -697,7 +729,15 @@ class TrainStep:
         if on_device or self._loss_options:
             return X, Y, labels, target       # checked per batch by step(x, y)
         if self._loss_kind == _spec.CROSS_ENTROPY:
-            labels = ops.as_labels(Y, n, n_out)
+            try:
+                labels = ops.as_labels(Y, n, n_out)
+            except ValueError:
+                if not self._ignores(Y):
+                    raise
+                # rows of ignore_index: the epoch runs step by step (each
+                # batch with such rows on the layer path); the rest checked
+                ops.check_class_range(Y, n_out, self._loss_fn.ignore_index)
+                return X, Y, None, target
         else:
             target = ops.as_array(Y, "target", model.dtype, shape=(n, n_out))
         return X, Y, labels, target
@@ -724,7 +764,7 @@ class TrainStep:
                "lr": np.zeros(n_steps), "layer_norms": np.zeros((n_steps, L))}
         if n_steps == 0:
             return res
-        if self._fused_epoch:
+        if self._fused_epoch and labels is not None:
             self._compiled_epoch(X, labels, target, order, batch_size, n_steps, res, callback)
         else:
             self._looped_epoch(X, Y, order, batch_size, n_steps, res, callback)
@@ -1170,6 +1210,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     fused = isinstance(step, TrainStep) and step._fused_epoch and step.fused_epochs
     if fused:
         X, Y, labels, target = step._epoch_inputs(X, Y)
+        fused = labels is not None      # None: rows of ignore_index, step by step
     n = len(X)
     rng = np.random.default_rng(seed)
     order = np.arange(n, dtype=np.int64)
@@ -1185,9 +1226,10 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     # options), so a smaller last batch is not overweighted.
     loss_fn = step.loss_fn
     summed = getattr(loss_fn, "reduction", "mean") == "sum"
-    by_label = getattr(loss_fn, "name", None) == "softmax_cross_entropy" and \
-        bool({"weight", "ignore_index"} & set(loss_fn.options))
+    by_label = getattr(loss_fn, "name", None) == "softmax_cross_entropy"
     host_Y = be.to_host(Y) if by_label and on_device else Y
+    by_label = by_label and ("weight" in loss_fn.options
+                             or bool((host_Y == loss_fn.ignore_index).any()))
 
     def per_sample(losses):
         losses = np.asarray(losses, np.float64)

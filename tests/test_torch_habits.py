@@ -452,3 +452,58 @@ def test_state_dict_on_every_device(device, rng):
     x = rng.standard_normal((4, 5))
     a.eval(), m.eval()
     np.testing.assert_allclose(to_numpy(m(xp.asarray(x))), a(x), rtol=1e-12, atol=1e-14)
+
+
+# --- labels of torch's default ignore_index -----------------------------------------
+
+def test_default_cross_entropy_skips_rows_labelled_minus_100_as_torch(rng):
+    # nn.CrossEntropyLoss() ignores -100 labels; the compiled step's loss
+    # keeps every row, so it refused them ("class indices must lie in ...")
+    torch = pytest.importorskip("torch")
+    model = fg.MLP([5, 9, 4], activation="tanh", dtype="float64", seed=3)
+    tmodel = model.to_torch()
+    topt = torch.optim.Adam(tmodel.parameters(), lr=1e-2)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=1e-2))
+    for t in range(4):
+        x = rng.standard_normal((6, 5))
+        y = rng.integers(0, 4, 6)
+        y[[t, 5]] = -100
+        loss = step(x, y)
+        topt.zero_grad()
+        tloss = torch.nn.functional.cross_entropy(tmodel(torch.tensor(x)), torch.tensor(y))
+        tloss.backward()
+        topt.step()
+        assert loss == pytest.approx(float(tloss.detach()), rel=1e-12)
+    np.testing.assert_allclose(model.params, fg.from_torch(tmodel).params, rtol=1e-10,
+                               atol=1e-12)
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(tmodel(torch.tensor(x)), torch.tensor(y)))
+    assert step.gradients(x, y) == pytest.approx(want, rel=1e-12)
+    y[0] = -5                               # out of range and not ignore_index: refused
+    with pytest.raises(ValueError, match="class indices"):
+        step(x, y)
+
+
+def test_epochs_with_ignored_rows_run_step_by_step(rng):
+    X, Y = rng.standard_normal((30, 5)), rng.integers(0, 4, 30)
+    Y[::4] = -100
+    runs = []
+    for how in ("run_epoch", "loop", "fit"):
+        model = fg.MLP([5, 9, 4], dtype="float64", seed=3)
+        step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, lr=0.1))
+        if how == "run_epoch":
+            losses = step.run_epoch(X, Y, 8, shuffle=False)["loss"]
+        elif how == "loop":
+            losses = [step(X[i:i + 8], Y[i:i + 8]) for i in range(0, 30, 8)]
+        else:
+            fg.fit(step, X, Y, epochs=1, batch_size=8, shuffle=False, progress=False)
+            losses = None
+        runs.append((model.params.copy(), losses))
+    assert runs[0][0].tobytes() == runs[1][0].tobytes() == runs[2][0].tobytes()
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])
+    Y[3] = 4                                # checked before any step
+    model = fg.MLP([5, 9, 4], dtype="float64", seed=3)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.SGD(model, lr=0.1))
+    with pytest.raises(ValueError, match="class indices"):
+        step.run_epoch(X, Y, 8)
+    assert step.opt.step_count == 0
