@@ -273,6 +273,19 @@ def test_fake_refuses_what_cupy_refuses(fake):
         cp.matmul(a.T, np.ones((2, 3), np.float32))     # a host operand
 
 
+def test_basic_indexing_is_a_view_as_in_cupy(fake):
+    # CuPy's a[i, j] is a 0-d view (NumPy's a scalar copy): the fake gave a
+    # copy, so a write through it reached the array on a GPU only
+    cp, _, _ = fake
+    a = cp.zeros((2, 3), np.float32)
+    e = a[1, 2]
+    assert isinstance(e, cp.ndarray) and e.shape == ()
+    e[...] = 5.0
+    a[0][1:][...] = 3.0
+    a[:, None, 0][...] = 1.0
+    assert a.get().tolist() == [[1.0, 3.0, 3.0], [1.0, 0.0, 5.0]]
+
+
 def test_launch_dimensions_are_tuples_as_in_cupy(fake, real):
     """CuPy's Function.__call__ declares ``tuple grid, tuple block``: an int
     or a list raises TypeError there (checked on the wheel, which raises it

@@ -261,10 +261,13 @@ class ndarray:
 
     def __getitem__(self, key):
         k = _basic_key(key, "ndarray.__getitem__")
-        r = self._a[k]
-        if isinstance(r, np.ndarray) and (r.size == 0 or np.shares_memory(r, self._a)):
-            return _mk(r)
-        return _compute(lambda: np.asarray(self._a[k]))
+        # basic indexing is a view in CuPy, of a single element too (a 0-d
+        # array, where NumPy gives a scalar copy): a trailing ``...`` makes
+        # NumPy's a view as well
+        k = k if isinstance(k, tuple) else (k,)
+        if not any(x is Ellipsis for x in k):
+            k = k + (Ellipsis,)
+        return _mk(self._a[k])
 
     def __setitem__(self, key, value):
         if isinstance(value, (np.ndarray, list, tuple)):
