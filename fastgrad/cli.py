@@ -72,8 +72,18 @@ def _check_outputs(**paths):
         except OSError as exc:
             raise ValueError(f"--{option} {str(path)!r}: cannot make its folder "
                              f"({exc.strerror or exc})") from None
-        if not os.access(path.parent, os.W_OK):
-            raise ValueError(f"--{option} {str(path)!r}: its folder is not writable")
+        # opened for appending (and removed again if new): a folder, a
+        # read-only file or a file system that takes no files (/proc) are
+        # found now, not after the training (os.access says yes to root)
+        existed = path.exists()
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"--{option} {str(path)!r}: cannot be written "
+                             f"({exc.strerror or exc})") from None
+        if not existed:
+            path.unlink()
         if is_plot:
             if formats is None:
                 try:
@@ -278,7 +288,7 @@ def cmd_demo(args):
     result = fg.evaluate(model, loss_fn, Xte, yte)
     n_steps = len(monitor)
     say(f"trained {args.epochs} epochs ({n_steps} steps) in {seconds:.2f} s "
-        f"({n_steps / seconds:.0f} steps/s, including compilation on a cold cache)")
+        f"({n_steps / seconds:.3g} steps/s, including compilation on a cold cache)")
     say(f"final train loss {history['loss'][-1]:.4f}; test loss {result['loss']:.4f}; "
         f"test accuracy {result['accuracy']:.4f}")
     say(monitor.summary())

@@ -45,10 +45,11 @@ class GradientMonitor:
         A finite global norm above ``explode_factor`` times the median of the
         last ``window`` finite norms is an explosion.
     window : int
-        Length of the running-median window.
+        Length of the running-median window (at least ``min_history``).
     min_history : int
         No explosion is flagged before this many finite norms were seen
-        (the first steps of training are legitimately large).
+        (the first steps of training are legitimately large).  A median of
+        0 (gradients exactly zero so far) flags nothing.
     vanish_floor : float
         A layer whose gradient norm is below this is vanishing.
     layer_names : list of str, optional
@@ -57,10 +58,20 @@ class GradientMonitor:
 
     def __init__(self, explode_factor=10.0, window=100, min_history=10,
                  vanish_floor=1e-8, layer_names=None):
+        for name, value in (("explode_factor", explode_factor), ("vanish_floor", vanish_floor)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float,
+                                                                              np.number)):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        for name, value in (("window", window), ("min_history", min_history)):
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
         if not explode_factor > 1.0:
             raise ValueError(f"explode_factor must be > 1, got {explode_factor!r}")
-        if int(window) < 1 or int(min_history) < 1:
-            raise ValueError("window and min_history must be >= 1")
+        if min_history < 1 or window < min_history:
+            # the median's window holds at most `window` norms: with fewer
+            # than min_history, no explosion was ever flagged
+            raise ValueError(f"need 1 <= min_history <= window, got min_history "
+                             f"{min_history!r}, window {window!r}")
         if not vanish_floor >= 0.0:
             raise ValueError(f"vanish_floor must be >= 0, got {vanish_floor!r}")
         self.explode_factor = float(explode_factor)
@@ -98,7 +109,7 @@ class GradientMonitor:
         else:
             if len(self._recent) >= self.min_history:
                 bound = self.explode_factor * float(np.median(self._recent))
-                if norm > bound:
+                if norm > bound > 0.0:
                     new.append(HealthEvent("explosion", i, None, norm, bound))
             self._recent.append(norm)
             for li in np.flatnonzero(layers < self.vanish_floor):

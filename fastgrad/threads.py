@@ -10,6 +10,7 @@ import os
 import threading
 
 import numba
+import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
 _limiter = None
@@ -18,13 +19,32 @@ _kernel_blas_lock = threading.Lock()
 
 
 def set_num_threads(n):
-    """Use ``n`` threads for Numba's parallel passes and for every BLAS."""
+    """Use ``n`` threads (at most ``NUMBA_NUM_THREADS``) for every BLAS and
+    for Numba's parallel passes; returns the count set.
+
+    The BLAS count is the process's; Numba's is the calling thread's (as
+    ``numba.set_num_threads``): call it from the thread that trains.  Call
+    it from the main thread: OpenBLAS ignores a count set from another
+    thread, and that raises RuntimeError here (nothing changed) rather
+    than reporting a count the GEMMs do not use.
+    """
     global _limiter
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be a positive integer, got {n!r}")
+    if n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
-    n = min(n, numba.config.NUMBA_NUM_THREADS)
+    n = int(min(n, numba.config.NUMBA_NUM_THREADS))
+    limiter = threadpool_limits(limits=n)
+    ignored = [lib["filepath"] for lib in threadpool_info() if lib.get("user_api") == "blas"
+               and lib.get("internal_api") == "openblas" and lib["num_threads"] != n]
+    if ignored:
+        limiter.restore_original_limits()
+        raise RuntimeError(f"set_num_threads({n}) from thread "
+                           f"{threading.current_thread().name!r}: OpenBLAS ignored it "
+                           f"({', '.join(os.path.basename(f) for f in ignored)}); call "
+                           "fastgrad.set_num_threads from the main thread")
     numba.set_num_threads(n)
-    _limiter = threadpool_limits(limits=n)
+    _limiter = limiter
     _pool["generation"] += 1            # step plans refill their pass teams
     return n
 
@@ -148,6 +168,8 @@ def share_blas_pool(on=True):
     threading layer is not OpenMP, no OpenBLAS 0.3.27+ with pthreads
     under Numba's ``np.dot``), ``blas_pool_status()`` says why.
     """
+    if not isinstance(on, (bool, np.bool_)):
+        raise TypeError(f"share_blas_pool(on): on must be True or False, got {on!r}")
     with _pool_lock:
         if not on:
             if _pool["libraries"]:

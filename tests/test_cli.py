@@ -1,6 +1,7 @@
 """The ``fastgrad`` command line: demo, explode, bench, and bad options."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +44,23 @@ def test_bad_options_exit_2_without_traceback(args, message):
     out = _run(*args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_training(tmp_path):
+    # a folder named like a plot, a read-only file system's path: the demo
+    # trained, then died in savefig with a traceback
+    (tmp_path / "adir.png").mkdir()
+    cases = [(tmp_path / "adir.png", "Is a directory")]
+    if Path("/proc/self").exists():
+        cases.append((Path("/proc/demo.png"), "cannot be written"))
+    for out_path, why in cases:
+        out = _run("demo", "--out", str(out_path))
+        assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr
+        assert "epoch" not in out.stdout
+    fresh = tmp_path / "new.png"
+    from fastgrad.cli import _check_outputs
+    _check_outputs(out=(fresh, True))
+    assert not fresh.exists()                   # the probe leaves no file behind
 
 
 def test_demo_trains_and_plots(tmp_path, capsys):

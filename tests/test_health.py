@@ -62,3 +62,29 @@ def test_empty_summary_and_bad_arguments():
         GradientMonitor(explode_factor=0.5)
     with pytest.raises(ValueError):
         GradientMonitor(window=0)
+    # a window shorter than min_history never flagged an explosion
+    with pytest.raises(ValueError, match="min_history <= window"):
+        GradientMonitor(window=5, min_history=10)
+    for bad in ({"window": 1.5}, {"min_history": "3"}, {"vanish_floor": None},
+                {"explode_factor": "10"}):
+        with pytest.raises(TypeError):
+            GradientMonitor(**bad)
+
+
+class _Stats:
+    def __init__(self, norm):
+        self.grad_norm, self.clip_scale, self.lr, self.skipped = norm, 1.0, 0.1, False
+        self.layer_norms = [norm]
+
+
+def test_explosion_after_min_history_and_none_over_a_zero_median():
+    mon = GradientMonitor(window=10, min_history=10, vanish_floor=0.0)
+    for _ in range(30):
+        assert mon.record(_Stats(1.0)) == []
+    [event] = mon.record(_Stats(1e6))
+    assert (event.kind, event.threshold) == ("explosion", 10.0)
+    # gradients exactly 0 so far: 1e-30 is no explosion (the bound was 0)
+    zero = GradientMonitor(window=10, min_history=10, vanish_floor=0.0)
+    for _ in range(10):
+        zero.record(_Stats(0.0))
+    assert zero.record(_Stats(1e-30)) == []

@@ -384,6 +384,42 @@ def test_set_num_threads():
         fg.set_num_threads(n0)
     with pytest.raises(ValueError):
         fg.set_num_threads(0)
+    assert fg.set_num_threads(np.int64(n0)) == n0         # a NumPy integer is an integer
+    for bad in (2.0, "2", True, None):
+        with pytest.raises(TypeError, match="positive integer"):
+            fg.set_num_threads(bad)
+    with pytest.raises(TypeError, match="True or False"):
+        fg.share_blas_pool("no")                           # was taken as True
+
+
+def test_set_num_threads_off_the_main_thread_raises_where_blas_ignores_it():
+    # OpenBLAS ignores a count set from another thread: the call returned the
+    # count anyway, and the GEMMs ran on the old one
+    import threading
+    import numba
+    from threadpoolctl import threadpool_info
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: no other count to set")
+    n0 = numba.get_num_threads()
+    other = 1 if n0 > 1 else 2
+    before = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    out = {}
+
+    def worker():
+        try:
+            out["n"] = fg.set_num_threads(other)
+        except RuntimeError as e:
+            out["error"] = str(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    if "error" in out:
+        assert "main thread" in out["error"] and after == before     # nothing changed
+    else:                       # a BLAS that takes it: it must have taken it
+        assert out["n"] == other and all(t == other for t in after)
+        fg.set_num_threads(n0)
 
 
 def test_cache_falls_back_for_read_only_install(tmp_path):
