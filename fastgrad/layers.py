@@ -117,8 +117,10 @@ class Dense:
         the parameters are ``v`` (where ``W`` would be) and ``g`` (the
         layer's last ``n_out`` entries, starting at ``||v||`` so that ``W``
         starts as the initializer drew it).  ``W`` and ``dW`` are then the
-        effective weight and its gradient, recomputed each forward/backward;
-        ``v``, ``g``, ``dv``, ``dg`` are the views into the flat buffers.
+        effective weight and its gradient, recomputed by each layer-path
+        forward and backward (``model.forward``/``predict``/``backward``; a
+        TrainStep leaves them as they were); ``v``, ``g``, ``dv``, ``dg``
+        are the views into the flat buffers.
 
     Notes
     -----
@@ -151,6 +153,18 @@ class Dense:
                                  "buffers and compiled steps are laid out for it; build a "
                                  f"new model with the {name} you want (model.eval() turns "
                                  "dropout off)")
+        given = self.__dict__.get("_given")
+        if given is not None and not placed and name in Dense._SETTINGS:
+            # before placement a setting may change: checked and resolved as
+            # the constructor does (the activation's code, its default alpha);
+            # written alone, the kernels kept the old code and dropout=1.5 ran
+            if name in ("n_in", "n_out", "code"):
+                raise AttributeError(f"layer.{name} is fixed: build a new Dense")
+            given = dict(given, **{name: value})
+            for key, resolved in epilogue.check_config(given, self.n_in, self.n_out).items():
+                object.__setattr__(self, key, resolved)
+            object.__setattr__(self, "_given", given)
+            return
         object.__setattr__(self, name, value)
 
     def __init__(self, n_in, n_out, activation="relu", alpha=None, init="he_normal",
@@ -167,6 +181,7 @@ class Dense:
         self.init = init
         for name in Dense._VIEWS:
             setattr(self, name, None)
+        self._given = settings          # as given (alpha None: the activation's default)
 
     @property
     def has_epilogue(self):
@@ -457,6 +472,8 @@ class Sequential:
 
     def train(self, mode=True):
         """Training mode (dropout on); returns the model, as in PyTorch."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -664,6 +681,14 @@ class Sequential:
         dx = xp.empty((B if input_grad else 0, int(sizes[0])), self.dtype)
         driver.backward(x, self._params, grads, sizes, codes, alphas, self._layer_offsets, acts,
                         zs, delta, plan, fplan, self._running_mean, self._running_var, dx, **kw)
+        if flags["wn"].any():
+            # layer.dW: the effective weight's gradient, which the driver
+            # left in its scratch (laid out like params: kernels/layout.py)
+            base = int(plan[_layout.PLAN_DWEFF])
+            for layer, off in zip(self.layers, self._layer_offsets.tolist()):
+                if layer.weight_norm:
+                    n = layer.n_in * layer.n_out
+                    layer.dW[...] = acts[base + off:base + off + n].reshape(layer.dW.shape)
         if accumulate:
             self._backend.add_into(self._grads, grads)
         return dx if input_grad else None
@@ -832,6 +857,39 @@ class Sequential:
         body = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"{type(self).__name__}([\n  {body}\n], dtype={self.dtype.name!r}, device={self.device!r})"
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle, as torch modules allow (a best-weights
+        # snapshot, an EMA copy): a new model of the same class, layers,
+        # dtype, device and seed with this one's parameters, gradients,
+        # running statistics, dropout counter and mode (not its lock,
+        # compiled kernels or the last forward's cache)
+        with self._lock:
+            specs = [(layer.n_in, layer.n_out, layer.init, epilogue.config_of(layer))
+                     for layer in self.layers]
+            to_host = self._backend.to_host
+            arrays = {name: np.array(to_host(getattr(self, name)))
+                      for name in ("params", "grads", "running_mean", "running_var")}
+            state = {"dropout_step": self.dropout_step, "mask_seed": self._mask_seed,
+                     "training": self.training}
+        return _rebuilt_model, (type(self), specs, self.dtype.name, self.device, self.seed,
+                                arrays, state)
+
+
+def _rebuilt_model(cls, specs, dtype, device, seed, arrays, state):
+    """The model :meth:`Sequential.__reduce__` describes."""
+    layers = [dense_from_settings(n_in, n_out, "zeros", settings)
+              for n_in, n_out, _, settings in specs]
+    model = cls.__new__(cls)
+    Sequential.__init__(model, layers, dtype=dtype, device=device, seed=seed)
+    for layer, (_, _, init, _) in zip(layers, specs):
+        layer.init = init
+    for name, values in arrays.items():
+        getattr(model, name)[...] = model._xp.asarray(values)
+    model.dropout_step = state["dropout_step"]
+    model._mask_seed = state["mask_seed"]
+    model.training = state["training"]
+    return model
+
 
 class MLP(Sequential):
     """A multi-layer perceptron ``sizes[0] -> ... -> sizes[-1]``.
@@ -853,6 +911,9 @@ class MLP(Sequential):
             raise ValueError(f"sizes needs at least an input and an output width, got {sizes}")
         sizes = [_positive_int(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
         ops.resolve_activation(activation, alpha)   # checked even when no hidden layer uses it
+        epilogue.check_config({"activation": activation, "alpha": alpha, "dropout": dropout,
+                               "norm": norm, "residual": False, "weight_norm": weight_norm},
+                              1, 1)                 # so are the hidden layers' settings
         n = len(sizes) - 1
         dropout = _dropout_rate(dropout)
         layers = [Dense(sizes[i], sizes[i + 1],

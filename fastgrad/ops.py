@@ -39,6 +39,8 @@ def resolve_activation(name, alpha=None):
                          "fastgrad.register_activation it first)")
     if alpha is None:
         alpha = 0.0 if spec.alpha is None else spec.alpha
+    if isinstance(alpha, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"alpha must be a number, got {alpha!r}")
     alpha = float(alpha)
     if spec.builtin and name in DEFAULT_ALPHA and not (np.isfinite(alpha) and alpha >= 0):
         raise ValueError(f"{name} needs a finite alpha >= 0, got {alpha}")
@@ -115,6 +117,8 @@ def as_array(x, name, dtype, ndim=None, shape=None, xp=np):
                 break
         else:
             return x
+    if hasattr(x, "detach") and type(x).__module__.startswith("torch"):
+        x = x.detach()         # a tensor that requires grad reads as its values, as torch's
     try:
         arr = xp.asarray(x)
     except TypeError as e:     # e.g. a bfloat16 tensor: "Got unsupported ScalarType"

@@ -293,3 +293,44 @@ def test_cuda_model_reads_a_strided_device_input(cuda_be):
     got = cuda_be.to_host(build("cuda").predict(cuda_be.to_device(big)[:, 1:5]))
     want = build("cpu").predict(np.ascontiguousarray(big[:, 1:5]))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_settings_written_before_placement_are_checked_and_take_effect(rng):
+    # the kernels kept the constructor's activation code (relu ran where
+    # repr and to_torch said tanh); dropout=1.5 was taken
+    d = fg.Dense(4, 3, activation="relu")
+    d.activation = "tanh"
+    assert (d.code, d.alpha) == (fg.kernels.cpu.activations.CODES["tanh"], 0.0)
+    model = fg.Sequential([d], dtype="float64", seed=0)
+    x = rng.standard_normal((6, 4))
+    np.testing.assert_allclose(model.predict(x), np.tanh(x @ d.W + d.b), rtol=1e-13)
+    e = fg.Dense(3, 3, activation="relu")
+    e.activation = "elu"                          # its default alpha, not relu's
+    assert e.alpha == 1.0
+    e.alpha = 0.5
+    assert e.alpha == 0.5
+    with pytest.raises(ValueError, match="dropout"):
+        e.dropout = 1.5
+    with pytest.raises(ValueError, match="norm"):
+        e.norm = "group"
+    with pytest.raises(AttributeError, match="fixed"):
+        e.n_out = 4
+    assert (e.dropout, e.norm) == (0.0, None)     # a refused write changes nothing
+
+
+def test_constructor_and_mode_arguments_are_checked():
+    with pytest.raises(ValueError, match="norm"):
+        fg.MLP([3, 2], norm="foo")               # no hidden layer: it was never looked at
+    with pytest.raises(TypeError, match="alpha must be a number"):
+        fg.Dense(3, 3, activation="leaky_relu", alpha="0.1")
+    model = fg.MLP([3, 4, 2], seed=0)
+    with pytest.raises(ValueError, match="boolean"):
+        model.train("no")                         # torch's message; it trained on
+    assert model.train(False) is model and not model.training
+
+
+def test_a_torch_tensor_that_requires_grad_is_read_as_its_values():
+    torch = pytest.importorskip("torch")
+    model = fg.MLP([3, 4, 2], dtype="float64", seed=0)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    np.testing.assert_array_equal(model.predict(x), model.predict(x.detach().numpy()))

@@ -507,3 +507,56 @@ def test_epochs_with_ignored_rows_run_step_by_step(rng):
     with pytest.raises(ValueError, match="class indices"):
         step.run_epoch(X, Y, 8)
     assert step.opt.step_count == 0
+
+
+# --- copies ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_model_copies_as_a_torch_module_does(rng, how):
+    # copy.deepcopy / pickle raised "cannot pickle 'module' object"; a
+    # best-weights snapshot or an EMA copy is a deepcopy in torch
+    import copy
+    import pickle
+    model = _epilogue_model()
+    step = fg.TrainStep(model, fg.MSE(), fg.Adam(model, lr=1e-2))
+    x, y = rng.standard_normal((9, 5)), rng.standard_normal((9, 3))
+    step(x, y)
+    model.forward(x)
+    model.backward(np.ones((9, 3)))
+    twin = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    assert type(twin) is type(model) and repr(twin) == repr(model)
+    for name in ("params", "grads", "running_mean", "running_var"):
+        assert getattr(twin, name).tobytes() == getattr(model, name).tobytes(), name
+        assert not np.shares_memory(getattr(twin, name), getattr(model, name))
+    assert (twin.dropout_step, twin._mask_seed, twin.training, twin.seed) == \
+        (model.dropout_step, model._mask_seed, model.training, model.seed)
+    # the copy computes what the model does, then trains on its own
+    assert np.array_equal(twin.predict(x), model.predict(x))
+    assert np.array_equal(twin.forward(x), model.forward(x))      # the same dropout masks
+    before = model.params.copy()
+    fg.TrainStep(twin, fg.MSE(), fg.Adam(twin, lr=1e-2))(x, y)
+    assert np.array_equal(model.params, before) and not np.array_equal(twin.params, before)
+    mlp = fg.MLP([4, 6, 2], dropout=0.1, seed=5).eval()
+    mlp2 = copy.deepcopy(mlp)
+    assert type(mlp2) is fg.MLP and not mlp2.training
+    assert np.array_equal(mlp2.predict(x[:, :4]), mlp.predict(x[:, :4]))
+
+
+def test_weight_norm_layers_dW_is_the_effective_weights_gradient(rng, device):
+    # it was np.empty_like's memory, never written
+    from conftest import to_numpy
+    model = fg.Sequential([fg.Dense(4, 3, activation="tanh", weight_norm=True),
+                           fg.Dense(3, 2, activation=None, weight_norm=True)],
+                          dtype="float64", seed=1, device=device)
+    x = rng.standard_normal((5, 4))
+    model.forward(x)
+    model.backward(np.ones((5, 2)))
+    plain = fg.Sequential([fg.Dense(4, 3, activation="tanh"), fg.Dense(3, 2, activation=None)],
+                          dtype="float64", seed=1, device=device)
+    for src, dst in zip(model.layers, plain.layers):
+        dst.W[...] = src.W
+        dst.b[...] = src.b
+    plain.forward(x)
+    plain.backward(np.ones((5, 2)))
+    for wn, p in zip(model.layers, plain.layers):
+        np.testing.assert_allclose(to_numpy(wn.dW), to_numpy(p.dW), rtol=1e-12, atol=1e-14)
