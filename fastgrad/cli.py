@@ -75,15 +75,16 @@ def _check_outputs(**paths):
         # opened for appending (and removed again if new): a folder, a
         # read-only file or a file system that takes no files (/proc) are
         # found now, not after the training (os.access says yes to root)
-        existed = path.exists()
+        probe = path.resolve()          # a symlink's target: the link itself stays
+        existed = probe.exists()
         try:
-            with open(path, "ab"):
+            with open(probe, "ab"):
                 pass
         except OSError as exc:
             raise ValueError(f"--{option} {str(path)!r}: cannot be written "
                              f"({exc.strerror or exc})") from None
         if not existed:
-            path.unlink()
+            probe.unlink()
         if is_plot:
             if formats is None:
                 try:

@@ -581,7 +581,8 @@ class DataParallel:
                 model._next_dropout_step()   # the counter stays the other ranks'
             loss = 0.0
         else:
-            loss = self.train_step.gradients(x, y)
+            with opt._lock:
+                loss = self.train_step._gradients(x, y, ignored_rows=False)
         weight = self._weight(n, global_batch)
         req = None
         if self.global_loss and self.world > 1:

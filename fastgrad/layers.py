@@ -870,9 +870,25 @@ class Sequential:
             arrays = {name: np.array(to_host(getattr(self, name)))
                       for name in ("params", "grads", "running_mean", "running_var")}
             state = {"dropout_step": self.dropout_step, "mask_seed": self._mask_seed,
-                     "training": self.training}
+                     "training": self.training,
+                     # a weight-normalised layer's dW: the last backward's
+                     "dW": [np.array(to_host(layer.dW)) if layer.weight_norm else None
+                            for layer in self.layers],
+                     # a subclass's own attributes
+                     "extra": {k: v for k, v in self.__dict__.items()
+                               if k not in _model_attributes()}}
         return _rebuilt_model, (type(self), specs, self.dtype.name, self.device, self.seed,
                                 arrays, state)
+
+
+def _model_attributes():
+    """The attributes ``Sequential.__init__`` sets (every one a model has)."""
+    if not _MODEL_ATTRIBUTES:
+        _MODEL_ATTRIBUTES.update(Sequential([Dense(1, 1)], device="cpu").__dict__)
+    return _MODEL_ATTRIBUTES
+
+
+_MODEL_ATTRIBUTES = set()
 
 
 def _rebuilt_model(cls, specs, dtype, device, seed, arrays, state):
@@ -885,9 +901,14 @@ def _rebuilt_model(cls, specs, dtype, device, seed, arrays, state):
         layer.init = init
     for name, values in arrays.items():
         getattr(model, name)[...] = model._xp.asarray(values)
+    model._refresh_weight_norm()          # layer.W of weight-normalised layers
+    for layer, dW in zip(layers, state["dW"]):
+        if dW is not None:
+            layer.dW[...] = model._xp.asarray(dW)
     model.dropout_step = state["dropout_step"]
     model._mask_seed = state["mask_seed"]
     model.training = state["training"]
+    model.__dict__.update(state["extra"])
     return model
 
 

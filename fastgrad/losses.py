@@ -84,6 +84,8 @@ class SoftmaxCrossEntropy(Loss):
         their summed class weights (the divisor of torch's mean)."""
         import numpy as np
         labels = np.asarray(target)
+        if labels.dtype.kind != "i":        # whole-number floats, unsigned: as ops.as_labels
+            labels = labels.astype(np.int64)
         kept = labels[labels != self.ignore_index]
         return float(self.weight[kept].sum()) if self.weight is not None else kept.size
 

@@ -27,6 +27,7 @@ another ``max_lr``).  A group may carry a schedule of its own, and a
 :class:`reduce_on_plateau` stepped once reduces every group that follows it.
 """
 import math
+import numbers
 
 __all__ = ["Schedule", "constant", "exponential_decay", "step_decay",
            "cosine_decay", "linear_warmup", "join", "warmup_cosine_decay",
@@ -47,7 +48,9 @@ def _finite_nonneg(name, x):
 
 
 def _count(x):
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and int(x) == x and x >= 0
+    # an integer >= 0: Python's or NumPy's, or a whole float (a JSON config's)
+    return not isinstance(x, bool) and isinstance(x, numbers.Real) and math.isfinite(x) \
+        and int(x) == x and x >= 0
 
 
 def _positive_int(name, x):

@@ -588,12 +588,18 @@ class TrainStep:
         with self._opt._lock:
             return self._gradients(x, y)
 
-    def _gradients(self, x, y):
+    def _gradients(self, x, y, ignored_rows=True):
         if self._composed:
             return self._composed_step(x, y, False)
         try:
             x, labels, target = self._inputs(x, y)
         except _IgnoredRows:
+            if not ignored_rows:
+                # a data-parallel rank: its mean over the kept rows does not
+                # weigh by its share of the batch (fastgrad.distributed)
+                raise ValueError(f"labels equal to ignore_index="
+                                 f"{self._loss_fn.ignore_index}: data-parallel training "
+                                 "weighs each rank by its rows and cannot skip rows") from None
             return self._composed_step(x, y, False)
         if self.threads is not None:
             m = self._model

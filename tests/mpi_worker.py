@@ -158,6 +158,18 @@ def run_single(comm, path):
         la.append(a(x, y))
         lb.append(dp(x, y))
         assert dp.stats.skipped == a.stats.skipped
+    # rows of ignore_index: a TrainStep skips them; a rank cannot (its mean
+    # over kept rows would not weigh by its share of the batch): refused
+    y_ignored = y.copy()
+    y_ignored[0] = -100
+    params = b.opt.params.copy()
+    try:
+        dp(x, y_ignored)
+    except ValueError as exc:
+        assert "ignore_index" in str(exc), exc
+    else:
+        raise AssertionError("DataParallel took labels of ignore_index")
+    assert b.opt.params.tobytes() == params.tobytes()
     np.savez(path, a=a.opt.params, b=b.opt.params, la=np.array(la), lb=np.array(lb))
 
 

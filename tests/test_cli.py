@@ -61,6 +61,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_training(tmp_path):
     from fastgrad.cli import _check_outputs
     _check_outputs(out=(fresh, True))
     assert not fresh.exists()                   # the probe leaves no file behind
+    link = tmp_path / "link.png"                # to a file not written yet: the
+    link.symlink_to(tmp_path / "later.png")     # link stays, no file is left
+    _check_outputs(out=(link, True))
+    assert link.is_symlink() and not (tmp_path / "later.png").exists()
 
 
 def test_demo_trains_and_plots(tmp_path, capsys):

@@ -322,6 +322,16 @@ def test_bad_options(call, exc, match):
         call(x, y)
 
 
+def test_evaluate_takes_whole_number_float_labels_with_class_weights(rng):
+    # loss_fn takes them (as ops.as_labels); the divisor indexed the
+    # weights with the floats (IndexError, in fit after a trained epoch)
+    model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
+    x, y = rng.standard_normal((10, 4)), rng.integers(0, 3, 10)
+    loss = fg.SoftmaxCrossEntropy(weight=[1.0, 2.0, 3.0])
+    want = fg.evaluate(model, loss, x, y, batch_size=4)
+    assert fg.evaluate(model, loss, x, y.astype(np.float64), batch_size=4) == want
+
+
 def test_evaluate_sum_reduction_is_per_sample(rng):
     model = fg.MLP([4, 5, 3], dtype="float64", seed=0)
     x, y = rng.standard_normal((10, 4)), rng.integers(0, 3, 10)

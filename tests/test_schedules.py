@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from fastgrad import schedules as S
@@ -78,3 +79,12 @@ def test_matches_optax():
 def test_invalid(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+def test_counts_take_numpy_integers():
+    # warmup_steps=np.int64(5) was refused while other schedules took it
+    a = S.warmup_cosine_decay(0.1, np.int64(5), np.int32(25))
+    b = S.warmup_cosine_decay(0.1, 5, 25)
+    assert [a(k) for k in range(30)] == [b(k) for k in range(30)]
+    with pytest.raises(ValueError, match="warmup_steps"):
+        S.warmup_cosine_decay(0.1, 2.5, 25)

@@ -536,10 +536,28 @@ def test_model_copies_as_a_torch_module_does(rng, how):
     before = model.params.copy()
     fg.TrainStep(twin, fg.MSE(), fg.Adam(twin, lr=1e-2))(x, y)
     assert np.array_equal(model.params, before) and not np.array_equal(twin.params, before)
+    wn = model.layers[2]                    # weight-normalised: its effective W and dW
+    assert twin.layers[2].W.tobytes() == wn.W.tobytes()
+    assert twin.layers[2].dW.tobytes() == wn.dW.tobytes()
     mlp = fg.MLP([4, 6, 2], dropout=0.1, seed=5).eval()
     mlp2 = copy.deepcopy(mlp)
     assert type(mlp2) is fg.MLP and not mlp2.training
     assert np.array_equal(mlp2.predict(x[:, :4]), mlp.predict(x[:, :4]))
+
+
+class _Net(fg.Sequential):
+    def __init__(self, hidden):
+        super().__init__([fg.Dense(3, hidden), fg.Dense(hidden, 2, activation=None)], seed=1)
+        self.hidden = hidden
+
+
+def test_a_subclass_copies_with_its_own_attributes():
+    import copy
+    import pickle
+    net = _Net(5)
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert type(twin) is _Net and twin.hidden == 5
+        assert twin.params.tobytes() == net.params.tobytes()
 
 
 def test_weight_norm_layers_dW_is_the_effective_weights_gradient(rng, device):
