@@ -125,6 +125,15 @@ class Backend:
                 hi += stride * (n - 1)
         return lo, hi + array.itemsize
 
+    def shares_memory(self, a, b):
+        """Whether arrays ``a`` and ``b`` have an element in common (their
+        byte spans overlap and, on the host, an element does: two
+        interleaved views of one buffer share none)."""
+        (alo, ahi), (blo, bhi) = self.memory_span(a), self.memory_span(b)
+        if not (alo < bhi and blo < ahi):
+            return False
+        return bool(np.shares_memory(a, b)) if self.xp is np else True
+
     def alloc(self, shape, dtype, fill=None):
         """A new C-contiguous array of this device: uninitialised, or every
         element ``fill`` (a scalar)."""

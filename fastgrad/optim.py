@@ -813,10 +813,12 @@ class Optimizer:
         checked = []
         be = None
         for i, pair in enumerate(pairs):
-            try:
-                p, g = pair
-            except (TypeError, ValueError):
-                raise TypeError(f"entry {i}: expected a (param, grad) pair") from None
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                # an array of 2 rows unpacked as a pair: row 1 stepped row 0
+                raise TypeError(f"entry {i}: expected a (param, grad) pair (a tuple), got "
+                                f"{type(pair).__name__}; fastgrad's optimizers take a model "
+                                "or (param, grad) pairs (torch's parameters: fastgrad.torch)")
+            p, g = pair
             pair_be = backend_of(p)
             if not (pair_be.is_array(p) and pair_be.is_array(g)):
                 raise TypeError(f"pair {i}: param and grad must be NumPy arrays or CuPy "
@@ -836,10 +838,13 @@ class Optimizer:
         # a tensor listed twice would be updated twice and counted twice in
         # the norm (torch refuses one in two groups)
         spans = sorted((be.memory_span(p) + (i,) for i, (p, _) in enumerate(checked)))
-        for (_, hi, i), (lo, _, j) in zip(spans, spans[1:]):
-            if lo < hi:
-                raise ValueError(f"pairs {min(i, j)} and {max(i, j)}: their params overlap in "
-                                 "memory (a tensor listed twice?); list each once")
+        for k, (_, hi, i) in enumerate(spans):
+            for lo, _, j in spans[k + 1:]:
+                if lo >= hi:
+                    break
+                if be.shares_memory(checked[i][0], checked[j][0]):
+                    raise ValueError(f"pairs {min(i, j)} and {max(i, j)}: their params share "
+                                     "memory (a tensor listed twice?); list each once")
         sizes = [p.size for p, _ in checked]
         self._pairs = checked
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -1538,18 +1543,26 @@ class Optimizer:
             # torch numbers the parameters group after group
             for gi, positions in enumerate(self._torch_order):
                 ids = []
+                # torch keeps a buffer for the parameters of the groups that
+                # use it alone; where a rule counts no steps (SGD), a buffer
+                # whose first update is still to come is "no buffer" (None):
+                # a zero one would make torch's next step a momentum step
+                group = self._groups[gi]
+                kept = [n for n in self.state_names if n in self._state and n in
+                        self._needed_state_for(self._merged(group.values, self._values))]
+                started = self._torch.counts_steps or group.since < step
                 for pos in positions:
                     off, shape, transposed = self._torch_layout[pos]
                     if step > 0:
                         entry = {}
                         if self._torch.counts_steps:
                             entry["step"] = torch.tensor(float(step), dtype=torch.float32)
-                        for name in (n for n in self.state_names if n in self._state):
-                            entry[name] = torch.from_numpy(
-                                self._tensor_of(self._state[name], off, shape, transposed))
-                        if not self._torch.counts_steps and not entry:
-                            # torch's SGD says "no buffer" explicitly
-                            entry.update((name, None) for name in self.state_names)
+                        for name in self.state_names:
+                            if name in kept and started:
+                                entry[name] = torch.from_numpy(
+                                    self._tensor_of(self._state[name], off, shape, transposed))
+                            elif not self._torch.counts_steps:
+                                entry[name] = None      # torch's SGD: "no buffer" explicitly
                         state[idx] = entry
                     ids.append(idx)
                     idx += 1
@@ -1622,8 +1635,12 @@ class Optimizer:
                 pos_of[idx] = pos
             checked_groups.append(self._torch_group_values(gi, group))
         need = set()
-        for checked in checked_groups:
-            need |= self._needed_state_for(checked)
+        group_of, need_of = {}, []
+        for gi, checked in enumerate(checked_groups):
+            need_of.append(self._needed_state_for(checked))
+            need |= need_of[-1]
+            for pos in self._torch_order[gi]:
+                group_of[pos] = gi
         state = sd.get("state", {})
         arrays, steps = {}, set()
         for idx, pos in pos_of.items():
@@ -1647,14 +1664,27 @@ class Optimizer:
                     raise ValueError(f"torch state dict: state[{idx}][{name!r}] dtype "
                                      f"{a.dtype} does not fit {self.params.dtype}")
                 arrays.setdefault(name, {})[pos] = a.T.ravel() if transposed else a.ravel()
-        n = len(self._torch_layout)
+        # torch keeps a buffer for the parameters of the groups that use it
+        # (SGD: from their first momentum step on, so some may have none)
+        unstarted = set()           # groups whose buffer is still to start
         for name, parts in arrays.items():
-            if len(parts) != n:
-                raise ValueError(f"torch state dict: {name!r} is kept for {len(parts)} of "
-                                 f"{n} parameters")
             if name not in need:
                 raise ValueError(f"torch state dict holds {name!r}, which these "
                                  f"hyper-parameters do not use")
+            for pos in parts:
+                if name not in need_of[group_of[pos]]:
+                    raise ValueError(f"torch state dict holds {name!r} for a parameter of "
+                                     f"param group {group_of[pos]}, whose hyper-parameters "
+                                     "do not use it")
+        for gi, names in enumerate(need_of):
+            for name in names:
+                have = sum(pos in arrays.get(name, {}) for pos in self._torch_order[gi])
+                if have == 0 and not self._torch.counts_steps:
+                    unstarted.add(gi)
+                elif have != len(self._torch_order[gi]) and (have or arrays):
+                    raise ValueError(f"torch state dict: {name!r} is kept for {have} of the "
+                                     f"{len(self._torch_order[gi])} parameters of param "
+                                     f"group {gi}")
         if len(steps) > 1:
             raise ValueError(f"torch state dict: parameters are at different steps "
                              f"{sorted(steps)}; fastgrad keeps one step count")
@@ -1687,8 +1717,9 @@ class Optimizer:
                     off = self._torch_layout[pos][0]
                     buf[off:off + flat.size] = self._xp.asarray(flat, dtype=buf.dtype)
             self.step_count = step
-            for g in self._groups:
-                g.since = 0         # a buffer is set iff step_count > 0 (above)
+            for gi, g in enumerate(self._groups):
+                # a group without its buffer starts it at the next update
+                g.since = step if gi in unstarted else 0
 
     def _needed_state_for(self, values):
         """Names of the state buffers the hyper-parameters ``values`` use."""

@@ -672,10 +672,29 @@ def test_pairs_whose_params_overlap_are_refused(device):
     if device == "cpu":         # (CuPy pairs must be C-contiguous)
         cases.append(([(p[::-1][:4], g[:4]), (p[:5], g[:5])], 0, 1))
     for pairs, i, j in cases:
-        with pytest.raises(ValueError, match=f"pairs {i} and {j}: their params overlap"):
+        with pytest.raises(ValueError, match=f"pairs {i} and {j}: their params share"):
             SGD(pairs, lr=0.1)
     SGD([(p[:4], g[:4]), (p[4:], g[4:]), (p[4:4], g[4:4])], lr=0.5).step()
     np.testing.assert_array_equal(to_numpy(p), np.full(8, 0.5))
+    if device == "cpu":
+        # interleaved views share no element (their byte spans overlap): as
+        # torch, each is updated once; they were refused
+        base, grad = np.arange(12.0).reshape(2, 6), np.ones((2, 6))
+        SGD([(base[:, 0::2], grad[:, 0::2]), (base[:, 1::2], grad[:, 1::2])], lr=0.1).step()
+        np.testing.assert_allclose(base, np.arange(12.0).reshape(2, 6) - 0.1)
+        # a third pair that shares with the first but lies past the second
+        with pytest.raises(ValueError, match="pairs 0 and 2: their params share"):
+            SGD([(base[:, 0::2], grad[:, 0::2]), (base[:, 1::2], grad[:, 1::2]),
+                 (base[1, 4:], grad[1, 4:])], lr=0.1)
+
+
+def test_a_bare_array_is_not_taken_for_a_pair():
+    # fg.SGD([W]) with W of 2 rows unpacked W as (param, grad): row 1 was
+    # applied as row 0's gradient
+    W = np.ones((2, 5))
+    with pytest.raises(TypeError, match="expected a \\(param, grad\\) pair"):
+        SGD([W], lr=0.1)
+    assert (W == 1).all()
 
 
 # CUDA only: a mix of devices needs a second one

@@ -597,6 +597,55 @@ def test_param_groups_match_torch(kind, hyper, groups, clip_norm, clip_value):
     assert all(not np.array_equal(a, s) for a, s in zip(pair.arrays, start))
 
 
+@pytest.mark.parametrize("kind,hyper,groups", [GROUP_CONFIGS[i] for i in (2, 4, 5, 6)],
+                         ids=[GROUP_IDS[i] for i in (2, 4, 5, 6)])
+def test_torch_state_dicts_of_groups_with_their_own_buffers_both_ways(kind, hyper, groups):
+    # torch keeps a buffer (amsgrad's max, SGD's and RMSprop's momentum,
+    # centered's average) for the groups that use it alone: such a dict was
+    # refused ("kept for 1 of 2 parameters"); fastgrad's export wrote zero
+    # buffers where torch has none, which torch then stepped on
+    pair = _Groups(kind, hyper, groups, None, None)
+    steps = _grads(pair.n)
+    for g in steps[:5]:
+        pair.step(g)
+    fresh = _Groups(kind, hyper, groups, None, None)
+    for a, b, ta, tb in zip(fresh.arrays, pair.arrays, fresh.tparams, pair.tparams):
+        a[...] = b
+        ta.data.copy_(tb.data)
+    fresh.opt.load_state_dict(pair.topt.state_dict())             # torch -> fastgrad
+    fresh.topt.load_state_dict(pair.opt.state_dict(format="torch"))   # fastgrad -> torch
+    for g in steps[5:]:
+        pair.step(g)
+        fresh.step(g)
+    for a, b in zip(fresh.arrays, pair.arrays):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sgd_torch_export_before_a_new_momentum_buffer_starts():
+    # momentum switched on mid-run: no buffer yet (torch's next step sets it
+    # to the gradient); a zero buffer made it a momentum step on 0
+    pair = _Pair("sgd", dict(lr=0.05, dampening=0.5), None, None)
+    steps = _grads(pair.n)
+    for g in steps[:5]:
+        pair.step(g)
+    pair.opt.momentum = 0.9
+    for group in pair.topt.param_groups:
+        group["momentum"] = 0.9
+    sd = pair.opt.state_dict(format="torch")
+    assert all(v["momentum_buffer"] is None for v in sd["state"].values())
+    fresh = _Pair("sgd", dict(lr=0.05, dampening=0.5, momentum=0.9), None, None)
+    for a, b, ta, tb in zip(fresh.arrays, pair.arrays, fresh.tparams, pair.tparams):
+        a[...] = b
+        ta.data.copy_(tb.data)
+    fresh.opt.load_state_dict(sd)
+    fresh.topt.load_state_dict(sd)
+    for g in steps[5:]:
+        pair.step(g)
+        fresh.step(g)
+    for a, b in zip(fresh.arrays, pair.arrays):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_param_groups_kernel_matches_the_reference_per_segment():
     """The segment rows of the kernel against ``fastgrad.reference``: each
     segment gets its group's rule values, the clip scale is global."""
