@@ -9,7 +9,9 @@ defaults and the update rules are PyTorch's (``torch.optim``), so a user
 moving from ``clip_grad_norm_`` + ``torch.optim.Adam`` gets the same
 trajectory, to rounding.
 
-A gradient holding NaN or Inf skips the whole update (parameters, moments and
+A gradient whose global norm is not finite -- one holding NaN or Inf, or
+one so large that its norm overflows (above ~1.8e308 in the float64 sum) --
+skips the whole update (parameters, moments and
 step count untouched) and is counted; with ``skip_nonfinite=False`` it raises
 :class:`fastgrad.errors.NonFiniteGradientError` instead.
 
