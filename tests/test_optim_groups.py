@@ -597,6 +597,22 @@ def test_param_groups_match_torch(kind, hyper, groups, clip_norm, clip_value):
     assert all(not np.array_equal(a, s) for a, s in zip(pair.arrays, start))
 
 
+def _resume_alongside(pair, fresh, fg_state, torch_state, steps):
+    """``fresh`` takes ``pair``'s parameters and the optimizer states given
+    (fastgrad's, torch's), then both run ``steps``: ``fresh`` checks its two
+    sides against each other, and ends where ``pair`` does."""
+    for a, b, ta, tb in zip(fresh.arrays, pair.arrays, fresh.tparams, pair.tparams):
+        a[...] = b
+        ta.data.copy_(tb.data)
+    fresh.opt.load_state_dict(fg_state)
+    fresh.topt.load_state_dict(torch_state)
+    for g in steps:
+        pair.step(g)
+        fresh.step(g)
+    for a, b in zip(fresh.arrays, pair.arrays):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind,hyper,groups", [GROUP_CONFIGS[i] for i in (2, 4, 5, 6)],
                          ids=[GROUP_IDS[i] for i in (2, 4, 5, 6)])
 def test_torch_state_dicts_of_groups_with_their_own_buffers_both_ways(kind, hyper, groups):
@@ -608,17 +624,9 @@ def test_torch_state_dicts_of_groups_with_their_own_buffers_both_ways(kind, hype
     steps = _grads(pair.n)
     for g in steps[:5]:
         pair.step(g)
-    fresh = _Groups(kind, hyper, groups, None, None)
-    for a, b, ta, tb in zip(fresh.arrays, pair.arrays, fresh.tparams, pair.tparams):
-        a[...] = b
-        ta.data.copy_(tb.data)
-    fresh.opt.load_state_dict(pair.topt.state_dict())             # torch -> fastgrad
-    fresh.topt.load_state_dict(pair.opt.state_dict(format="torch"))   # fastgrad -> torch
-    for g in steps[5:]:
-        pair.step(g)
-        fresh.step(g)
-    for a, b in zip(fresh.arrays, pair.arrays):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # torch -> fastgrad and fastgrad -> torch
+    _resume_alongside(pair, _Groups(kind, hyper, groups, None, None), pair.topt.state_dict(),
+                      pair.opt.state_dict(format="torch"), steps[5:])
 
 
 def test_sgd_torch_export_before_a_new_momentum_buffer_starts():
@@ -633,17 +641,8 @@ def test_sgd_torch_export_before_a_new_momentum_buffer_starts():
         group["momentum"] = 0.9
     sd = pair.opt.state_dict(format="torch")
     assert all(v["momentum_buffer"] is None for v in sd["state"].values())
-    fresh = _Pair("sgd", dict(lr=0.05, dampening=0.5, momentum=0.9), None, None)
-    for a, b, ta, tb in zip(fresh.arrays, pair.arrays, fresh.tparams, pair.tparams):
-        a[...] = b
-        ta.data.copy_(tb.data)
-    fresh.opt.load_state_dict(sd)
-    fresh.topt.load_state_dict(sd)
-    for g in steps[5:]:
-        pair.step(g)
-        fresh.step(g)
-    for a, b in zip(fresh.arrays, pair.arrays):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    _resume_alongside(pair, _Pair("sgd", dict(lr=0.05, dampening=0.5, momentum=0.9), None, None),
+                      sd, sd, steps[5:])
 
 
 def test_param_groups_kernel_matches_the_reference_per_segment():
