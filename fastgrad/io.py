@@ -644,15 +644,9 @@ def _load(path, dev):
 
 
 def _build_model(cls_name, dtype, seed, specs, dev):
-    from .layers import MLP, Sequential, dense_from_settings
+    from .layers import MLP, Sequential, model_of_settings
 
-    layers = [dense_from_settings(s["n_in"], s["n_out"], "zeros",
-                                  {k: s[k] for k in epilogue.FIELD_NAMES}) for s in specs]
-    cls = MLP if cls_name == "MLP" else Sequential
-    model = cls.__new__(cls)
-    # Built with zeros (no random draws: the parameters are overwritten next),
-    # then the saved initializer names are restored.
-    Sequential.__init__(model, layers, dtype=dtype, device=dev, seed=seed)
-    for layer, s in zip(layers, specs):
-        layer.init = s["init"]
-    return model
+    return model_of_settings(
+        MLP if cls_name == "MLP" else Sequential,
+        [(s["n_in"], s["n_out"], s["init"], {k: s[k] for k in epilogue.FIELD_NAMES})
+         for s in specs], dtype, dev, seed)

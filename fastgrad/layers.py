@@ -891,14 +891,24 @@ def _model_attributes():
 _MODEL_ATTRIBUTES = set()
 
 
-def _rebuilt_model(cls, specs, dtype, device, seed, arrays, state):
-    """The model :meth:`Sequential.__reduce__` describes."""
+def model_of_settings(cls, specs, dtype, device, seed):
+    """A model of class ``cls`` (Sequential or a subclass) whose layers are
+    ``specs``, ``(n_in, n_out, init, epilogue settings)`` each, with zero
+    parameters (no random draws: the caller writes them next) and the
+    initializer names kept: how checkpoints and copies rebuild a model."""
     layers = [dense_from_settings(n_in, n_out, "zeros", settings)
               for n_in, n_out, _, settings in specs]
     model = cls.__new__(cls)
     Sequential.__init__(model, layers, dtype=dtype, device=device, seed=seed)
     for layer, (_, _, init, _) in zip(layers, specs):
         layer.init = init
+    return model
+
+
+def _rebuilt_model(cls, specs, dtype, device, seed, arrays, state):
+    """The model :meth:`Sequential.__reduce__` describes."""
+    model = model_of_settings(cls, specs, dtype, device, seed)
+    layers = model.layers
     for name, values in arrays.items():
         getattr(model, name)[...] = model._xp.asarray(values)
     model._refresh_weight_norm()          # layer.W of weight-normalised layers

@@ -79,15 +79,21 @@ class SoftmaxCrossEntropy(Loss):
         self.ignore_index = ops.check_ignore_index(ignore_index)
         self.label_smoothing = ops.check_label_smoothing(label_smoothing)
 
+    def kept(self, target):
+        """``(labels, mask)``: host labels as int64 (whole-number floats too,
+        as ``ops.as_labels``) and where they are not ``ignore_index``."""
+        import numpy as np
+        labels = np.asarray(target)
+        if labels.dtype.kind != "i":
+            labels = labels.astype(np.int64)
+        return labels, labels != self.ignore_index
+
     def divisor(self, target):
         """The batch's labels other than ``ignore_index``: their number, or
         their summed class weights (the divisor of torch's mean)."""
-        import numpy as np
-        labels = np.asarray(target)
-        if labels.dtype.kind != "i":        # whole-number floats, unsigned: as ops.as_labels
-            labels = labels.astype(np.int64)
-        kept = labels[labels != self.ignore_index]
-        return float(self.weight[kept].sum()) if self.weight is not None else kept.size
+        labels, kept = self.kept(target)
+        return float(self.weight[labels[kept]].sum()) if self.weight is not None \
+            else int(kept.sum())
 
     def __call__(self, y, target):
         return ops.softmax_cross_entropy(y, target, weight=self.weight,

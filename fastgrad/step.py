@@ -350,10 +350,9 @@ class TrainStep:
 
     def _ignores(self, Y):
         """Whether host labels ``Y`` hold the loss's ``ignore_index``."""
-        ignore = getattr(self._loss_fn, "ignore_index", None)
         host = np.asarray(Y) if _device.is_host_array(Y) else None
-        return ignore is not None and host is not None and host.dtype.kind in "iuf" and \
-            bool((host == ignore).any())
+        return hasattr(self._loss_fn, "kept") and host is not None and \
+            host.dtype.kind in "iuf" and not self._loss_fn.kept(host)[1].all()
 
     def _inputs(self, x, y):
         """``(x, labels, target)`` checked and on the model's device.
@@ -1091,9 +1090,8 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
         target = xp.asarray(Y[lo:lo + batch_size])
         loss, _ = loss_fn(out, target)
         if classify:        # a small host read: the batch's outputs and labels
-            labels = be.to_host(target)
+            labels, kept = loss_fn.kept(be.to_host(target))
             w = loss_fn.divisor(labels)
-            kept = labels != getattr(loss_fn, "ignore_index", -100)
             correct += int((be.to_host(out).argmax(axis=1) == labels)[kept].sum())
             counted += int(kept.sum())
         else:
@@ -1235,7 +1233,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     by_label = getattr(loss_fn, "name", None) == "softmax_cross_entropy"
     host_Y = be.to_host(Y) if by_label and on_device else Y
     by_label = by_label and ("weight" in loss_fn.options
-                             or bool((host_Y == loss_fn.ignore_index).any()))
+                             or not loss_fn.kept(host_Y)[1].all())
 
     def per_sample(losses):
         losses = np.asarray(losses, np.float64)
