@@ -9,6 +9,8 @@ given a loss with options runs the layer path instead (``model(x)``,
 ``loss_fn``, ``model.backward``, ``opt.step()``: the same kernels, launched
 one by one), and ``cuda_graph=True`` refuses it.
 """
+import numpy as np
+
 from . import ops
 
 
@@ -80,20 +82,19 @@ class SoftmaxCrossEntropy(Loss):
         self.label_smoothing = ops.check_label_smoothing(label_smoothing)
 
     def kept(self, target):
-        """``(labels, mask)``: host labels as int64 (whole-number floats too,
-        as ``ops.as_labels``) and where they are not ``ignore_index``."""
-        import numpy as np
+        """``(labels, mask)``: host labels and where they are not
+        ``ignore_index`` (any numeric dtype, as ``ops.as_labels`` takes)."""
         labels = np.asarray(target)
-        if labels.dtype.kind != "i":
-            labels = labels.astype(np.int64)
         return labels, labels != self.ignore_index
 
     def divisor(self, target):
         """The batch's labels other than ``ignore_index``: their number, or
         their summed class weights (the divisor of torch's mean)."""
         labels, kept = self.kept(target)
-        return float(self.weight[labels[kept]].sum()) if self.weight is not None \
-            else int(kept.sum())
+        if self.weight is None:
+            return int(kept.sum())
+        # whole-number floats index as the integers they are (checked labels)
+        return float(self.weight[labels[kept].astype(np.int64)].sum())
 
     def __call__(self, y, target):
         return ops.softmax_cross_entropy(y, target, weight=self.weight,
@@ -129,7 +130,6 @@ class BCEWithLogits(Loss):
 def _vector(w, name, scalar_ok=False):
     """A weight vector as float64 NumPy (the call moves it to the device);
     a scalar stays a float where it may be broadcast."""
-    import numpy as np
     arr = np.asarray(w.detach().cpu().numpy() if hasattr(w, "detach") else w)
     if arr.ndim == 0 and scalar_ok:
         return float(ops.class_weights(arr, 1, name, scalar_ok=True)[0])
