@@ -17,6 +17,7 @@ A callback is an object with any of
 per-step hooks ``f(step_index, loss, stats)``.
 """
 import math
+import numbers
 
 __all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "ReduceLROnPlateau"]
 
@@ -76,9 +77,10 @@ class EarlyStopping(Callback):
                  restore_best_weights=True):
         self.monitor = monitor
         self.mode = _mode(mode, monitor)
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) \
+                or patience < 0:
             raise ValueError(f"patience must be an integer >= 0, got {patience!r}")
-        self.patience = patience
+        self.patience = int(patience)
         min_delta = float(min_delta)
         if not (math.isfinite(min_delta) and min_delta >= 0):
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
@@ -131,9 +133,9 @@ class ModelCheckpoint(Callback):
     """
 
     def __init__(self, path, every=1, save_last=True):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise ValueError(f"every must be a positive integer, got {every!r}")
-        self.path, self.every, self.save_last = str(path), every, bool(save_last)
+        self.path, self.every, self.save_last = str(path), int(every), bool(save_last)
         self.saved = []
         self._last_saved = None
 

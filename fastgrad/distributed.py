@@ -669,7 +669,7 @@ def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed, initial_epo
 
 
 def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
-        validation_data=None, callbacks=(), initial_epoch=0):
+        validation_data=None, callbacks=None, initial_epoch=0):
     """Data-parallel :func:`fastgrad.fit`; ``batch_size`` is per process.
 
     Every rank draws the same seeded permutation each epoch (``seed=None``:

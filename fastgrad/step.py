@@ -1131,7 +1131,7 @@ def _checked_validation(step, data):
 
 
 def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
-        validation_data=None, callbacks=(), initial_epoch=0):
+        validation_data=None, callbacks=None, initial_epoch=0):
     """Train with mini-batches, Keras style; returns the history.
 
     Parameters
@@ -1149,7 +1149,8 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     validation_data : optional (X_val, Y_val), evaluated after every epoch
         (in eval mode: no dropout, batch norm on its running statistics);
         ``val_loss`` (and ``val_accuracy``) then show in the progress bar
-    callbacks : per-step callables ``f(step_index, loss, stats)`` run after
+    callbacks : an iterable (None: none) of per-step callables
+        ``f(step_index, loss, stats)`` run after
         every step (e.g. ``fastgrad.health.GradientMonitor.record``-style
         hooks), and epoch callbacks (objects with ``on_epoch_end``, see
         :mod:`fastgrad.callbacks`): ``EarlyStopping`` (on a validation
@@ -1196,6 +1197,12 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
             or not 0 <= initial_epoch <= epochs:
         raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}], got "
                          f"{initial_epoch!r}")
+    # read once: an iterator's second pass would find no epoch callbacks
+    callbacks = [] if callbacks is None else list(callbacks)
+    for cb in callbacks:
+        if not (callable(cb) or hasattr(cb, "on_epoch_end")):
+            raise TypeError(f"callbacks: {cb!r} is neither a per-step callable nor an epoch "
+                            "callback (an object with on_epoch_end)")
     # A dataset already on the GPU stays there: batches are gathered on the
     # device (the batch's indices go up by an asynchronous pinned copy).
     be = model.backend

@@ -410,6 +410,31 @@ def test_callbacks_refuse_what_cannot_work(rng):
         cbs.ModelCheckpoint("x.fgz", every=0)
 
 
+def test_callbacks_any_iterable_or_none(rng):
+    """Callbacks given as a generator reach their epoch hooks (they were read
+    twice: the second pass found none), None means none, as Keras's
+    ``fit(callbacks=None)``; what is neither kind is refused before a step."""
+    x, y = _data(rng, 16)
+    model, opt, step = _fit_setup(lr=0.0)
+    rec, es = _Recorder(), cbs.EarlyStopping(monitor="loss", patience=0)
+    hist = fg.fit(step, x, y, epochs=5, batch_size=8, progress=False,
+                  callbacks=(cb for cb in [rec, es]))
+    assert rec.begun and rec.ended and len(rec.params) == 2
+    assert es.stopped_epoch == 1 and len(hist["loss"]) == 2
+    assert len(fg.fit(step, x, y, epochs=2, progress=False, callbacks=None)["loss"]) == 2
+    w0 = model.params.copy()
+    with pytest.raises(TypeError, match="neither a per-step callable nor an epoch callback"):
+        fg.fit(step, x, y, epochs=1, progress=False, callbacks=[object()])
+    assert np.array_equal(model.params, w0)
+
+
+def test_callbacks_take_numpy_integers():
+    assert cbs.EarlyStopping(patience=np.int64(3)).patience == 3
+    assert cbs.ModelCheckpoint("x.fgz", every=np.int32(2)).every == 2
+    with pytest.raises(ValueError, match="patience"):
+        cbs.EarlyStopping(patience=2.0)
+
+
 def test_progress_bar_shows_validation(rng, monkeypatch):
     pytest.importorskip("tqdm")
     from fastgrad import step as step_mod
