@@ -68,13 +68,19 @@ class EarlyStopping(Callback):
         When training ends, load the parameters and batch-norm running
         statistics of the best epoch back into the model (default True).
         The optimizer's state is left as it is.
+    baseline : float or None
+        As Keras's: an epoch that improves on the best but not on
+        ``baseline`` is recorded as the best and does not reset the wait,
+        so training stops after ``patience`` epochs that never beat it.
+    start_from_epoch : int
+        Epochs before this one (0-based) are not watched (a warm-up).
 
     After training, ``best``, ``best_epoch`` (0-based) and
     ``stopped_epoch`` (None if it ran to the end) say what happened.
     """
 
     def __init__(self, monitor="val_loss", mode="auto", patience=0, min_delta=0.0,
-                 restore_best_weights=True):
+                 restore_best_weights=True, baseline=None, start_from_epoch=0):
         self.monitor = monitor
         self.mode = _mode(mode, monitor)
         if isinstance(patience, bool) or not isinstance(patience, numbers.Integral) \
@@ -86,6 +92,15 @@ class EarlyStopping(Callback):
             raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
         self.min_delta = min_delta
         self.restore_best_weights = bool(restore_best_weights)
+        if baseline is not None:
+            baseline = float(baseline)
+            if math.isnan(baseline):
+                raise ValueError("baseline must be a number or None, got nan")
+        self.baseline = baseline
+        if isinstance(start_from_epoch, bool) \
+                or not isinstance(start_from_epoch, numbers.Integral) or start_from_epoch < 0:
+            raise ValueError(f"start_from_epoch must be an integer >= 0, got {start_from_epoch!r}")
+        self.start_from_epoch = int(start_from_epoch)
 
     @property
     def changes_model_at_end(self):
@@ -97,20 +112,24 @@ class EarlyStopping(Callback):
         self.best = math.inf if self.mode == "min" else -math.inf
         self.best_epoch, self.stopped_epoch, self.wait, self._best_state = None, None, 0, None
 
-    def _improved(self, value):
+    def _improved(self, value, reference):
         if self.mode == "min":
-            return value < self.best - self.min_delta
-        return value > self.best + self.min_delta
+            return value < reference - self.min_delta
+        return value > reference + self.min_delta
 
     def on_epoch_end(self, epoch, history, step):
+        if epoch < self.start_from_epoch:
+            return False
         value = history[self.monitor][-1]
-        if self._improved(value):
-            self.best, self.best_epoch, self.wait = value, epoch, 0
+        self.wait += 1
+        if self._improved(value, self.best):
+            self.best, self.best_epoch = value, epoch
             if self.restore_best_weights:
                 # A copy: the state dict's arrays are views of the live model.
                 self._best_state = {k: v.copy() for k, v in step.model.state_dict().items()}
+            if self.baseline is None or self._improved(value, self.baseline):
+                self.wait = 0
             return False
-        self.wait += 1
         if self.wait >= self.patience and epoch > 0:      # Keras's test
             self.stopped_epoch = epoch
             return True

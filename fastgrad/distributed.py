@@ -652,12 +652,13 @@ class _RankShard:
         return loss
 
 
-def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed, initial_epoch):
+def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed, initial_epoch,
+                        validation_split=0.0):
     """ValueError on every rank unless all ranks pass the same number of
     samples and the same loop arguments (one allgather)."""
     mine = {"len(X)": len(X), "len(Y)": len(Y), "epochs": repr(epochs),
             "batch_size": repr(batch_size), "shuffle": repr(shuffle), "seed": repr(seed),
-            "initial_epoch": repr(initial_epoch)}
+            "initial_epoch": repr(initial_epoch), "validation_split": repr(validation_split)}
     every = _collective(dp._watch, lambda: dp.comm.allgather(mine))
     for r, theirs in enumerate(every):
         diff = [f"{k} {theirs[k]} (rank 0: {every[0][k]})" for k in mine
@@ -669,7 +670,7 @@ def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed, initial_epo
 
 
 def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
-        validation_data=None, callbacks=None, initial_epoch=0):
+        validation_data=None, callbacks=None, initial_epoch=0, validation_split=0.0):
     """Data-parallel :func:`fastgrad.fit`; ``batch_size`` is per process.
 
     Every rank draws the same seeded permutation each epoch (``seed=None``:
@@ -703,8 +704,10 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
         # every rank another permutation (samples trained twice or never)
         seed = _collective(dp_step._watch, lambda: dp_step.comm.bcast(
             np.random.SeedSequence().entropy if dp_step.rank == 0 else None, root=0))
-    _check_same_dataset(dp_step, X, Y, epochs, batch_size, shuffle, seed, initial_epoch)
+    _check_same_dataset(dp_step, X, Y, epochs, batch_size, shuffle, seed, initial_epoch,
+                        validation_split)
     return _fit(_RankShard(dp_step), X, Y, epochs=epochs,
                 batch_size=int(batch_size) * dp_step.world, shuffle=shuffle, seed=seed,
                 progress=progress and dp_step.rank == 0, validation_data=validation_data,
-                callbacks=callbacks, initial_epoch=initial_epoch)
+                callbacks=callbacks, initial_epoch=initial_epoch,
+                validation_split=validation_split)

@@ -25,6 +25,8 @@ bitwise the per-step loop; ``fit`` uses it.
 """
 from collections import OrderedDict
 import contextlib
+import math
+import numbers
 import sys
 import threading
 import time
@@ -1130,8 +1132,23 @@ def _checked_validation(step, data):
     return X, Y
 
 
+def _split_validation(X, Y, fraction, validation_data):
+    """Keras's ``validation_split``: the last samples, before shuffling."""
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) \
+            or not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_split must be a number in [0, 1), got {fraction!r}")
+    if fraction == 0.0 or validation_data is not None:
+        return X, Y, validation_data
+    n = len(X)
+    split_at = math.floor(n * (1.0 - fraction))
+    if split_at in (0, n):
+        raise ValueError(f"validation_split={fraction} of {n} samples leaves "
+                         f"{'no training' if split_at == 0 else 'no validation'} samples")
+    return X[:split_at], Y[:split_at], (X[split_at:], Y[split_at:])
+
+
 def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True,
-        validation_data=None, callbacks=None, initial_epoch=0):
+        validation_data=None, callbacks=None, initial_epoch=0, validation_split=0.0):
     """Train with mini-batches, Keras style; returns the history.
 
     Parameters
@@ -1163,6 +1180,10 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         after epoch ``e - 1`` (``fastgrad.save``/``load`` of the model and
         optimizer) with ``initial_epoch=e`` and the same seed trains on as
         the uninterrupted run.
+    validation_split : as Keras's: the fraction in [0, 1) of the samples,
+        the last ones before any shuffling, held out as ``validation_data``
+        (``floor(n * (1 - validation_split))`` train); ignored when
+        ``validation_data`` is given
 
     Notes
     -----
@@ -1214,6 +1235,7 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         raise ValueError(f"X has {len(X)} samples but Y has {len(Y)}")
     if len(X) == 0:
         raise ValueError("fit: X has no samples")
+    X, Y, validation_data = _split_validation(X, Y, validation_split, validation_data)
     # CPU models (with a default loss) run each epoch as compiled chunks of steps
     # (TrainStep.run_epoch): the dataset is checked once, here.
     # Only a TrainStep itself: fit also drives duck-typed steps (a

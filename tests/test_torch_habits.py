@@ -272,6 +272,75 @@ def test_early_stopping_counts_patience_as_keras(patience):
     assert es.best_epoch == 1 and es.stopped_epoch == 1 + patience
 
 
+def _keras_early_stop(values, mode, patience, min_delta, baseline, start_from_epoch):
+    """Keras 3's EarlyStopping rule, restated: (stopped epoch or None, best epoch)."""
+    better = (lambda a, b: a - min_delta > b) if mode == "max" else \
+        (lambda a, b: a + min_delta < b)
+    best, best_epoch, wait = None, None, 0
+    for epoch, v in enumerate(values):
+        if epoch < start_from_epoch:
+            continue
+        wait += 1
+        if best is None or better(v, best):
+            best, best_epoch = v, epoch
+            if baseline is None or better(v, baseline):
+                wait = 0
+            continue
+        if wait >= patience and epoch > 0:
+            return epoch, best_epoch
+    return None, best_epoch
+
+
+def test_early_stopping_baseline_and_start_epoch_as_keras():
+    rng = np.random.default_rng(7)
+    for trial in range(400):
+        mode = ("min", "max")[trial % 2]
+        patience, start = int(rng.integers(0, 4)), int(rng.integers(0, 3))
+        baseline = None if trial % 3 == 0 else float(rng.uniform(0.2, 0.8))
+        min_delta = float(rng.choice([0.0, 0.05]))
+        values = [float(v) for v in rng.uniform(0, 1, 12)]
+        es = cbs.EarlyStopping("val_loss", mode=mode, patience=patience, min_delta=min_delta,
+                               restore_best_weights=False, baseline=baseline,
+                               start_from_epoch=start)
+        history = {"val_loss": []}
+        es.on_train_begin(None, history)
+        for epoch, v in enumerate(values):
+            history["val_loss"].append(v)
+            if es.on_epoch_end(epoch, history, None):
+                break
+        want = _keras_early_stop(values, mode, patience, min_delta, baseline, start)
+        assert (es.stopped_epoch, es.best_epoch) == want, (values, mode, patience, baseline)
+    with pytest.raises(ValueError, match="start_from_epoch"):
+        cbs.EarlyStopping(start_from_epoch=-1)
+    with pytest.raises(ValueError, match="baseline"):
+        cbs.EarlyStopping(baseline=float("nan"))
+
+
+def test_validation_split_holds_out_the_last_samples_as_keras(rng):
+    x, y = _data(rng, 50)
+    split_at = int(np.floor(50 * (1 - 0.3)))                 # Keras: floor, last samples
+    model, opt, step = _fit_setup()
+    a = fg.fit(step, x, y, epochs=3, batch_size=8, progress=False, validation_split=0.3)
+    params_a = model.params.copy()
+    model, opt, step = _fit_setup()
+    b = fg.fit(step, x[:split_at], y[:split_at], epochs=3, batch_size=8, progress=False,
+               validation_data=(x[split_at:], y[split_at:]))
+    assert a == b and np.array_equal(model.params, params_a)
+    c = fg.fit(step, x, y, epochs=1, progress=False, validation_split=0.3,
+               validation_data=(x[:5], y[:5]))                # validation_data wins
+    assert c["val_loss"][0] == pytest.approx(fg.evaluate(model, step.loss_fn, x[:5],
+                                                         y[:5])["loss"], rel=1e-3)
+    w0 = model.params.copy()
+    for bad in (1.0, -0.1, "0.2", True):
+        with pytest.raises(ValueError, match="validation_split"):
+            fg.fit(step, x, y, epochs=1, progress=False, validation_split=bad)
+    with pytest.raises(ValueError, match="no training samples"):
+        fg.fit(step, x[:1], y[:1], epochs=1, progress=False, validation_split=0.5)
+    with pytest.raises(ValueError, match="no validation samples"):
+        fg.fit(step, x, y, epochs=1, progress=False, validation_split=1e-17)
+    assert np.array_equal(model.params, w0)
+
+
 def test_a_last_checkpoint_holds_its_epochs_weights_before_the_restore(rng, tmp_path):
     """EarlyStopping's restore runs after the other callbacks' ends: the
     checkpoint saved at the end is the last epoch's model and optimizer,
