@@ -245,6 +245,9 @@ def run_agree(comm, path):
         refused(lambda: dp_of(global_loss=r == 0), "global_loss"),
         refused(lambda: dp_of(loss=fg.SoftmaxCrossEntropy(reduction="sum")),
                 "does not split so"),
+        refused(lambda: dist.fit(dp_of(), *fit_data(), epochs=1, batch_size=FIT_LOCAL_BATCH,
+                                 progress=False, validation_split=0.25 * r),
+                "validation_split"),
     ]
     model = fg.MLP(SIZES, dtype="float64", seed=r, norm="batch", dropout=0.2)
     dp = dp_of(model)

@@ -151,8 +151,9 @@ def test_fit_uneven_last_batch_matches_one_process_fit(tmp_path):
 def test_what_ranks_must_agree_on(tmp_path):
     """Refused alike on every rank (they trained on and diverged or mixed
     two models' gradients): a group's lr, a layer's activation, a loss
-    option, global_loss (a hang: collectives out of step), and a loss with
-    options, which the per-rank means do not compose.  fit(seed=None)
+    option, global_loss (a hang: collectives out of step), a loss with
+    options, which the per-rank means do not compose, and fit's
+    validation_split (ranks training on different sample counts).  fit(seed=None)
     draws one permutation for all; batch-norm statistics follow rank 0's,
     so every rank ends identical (they differed, and so did validation).
     A NaN with skip_nonfinite=False raises on every rank and leaves the
