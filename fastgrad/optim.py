@@ -875,8 +875,10 @@ class Optimizer:
     def params(self):
         """Flat parameters (1-D, read-only attribute).  For (param, grad)
         pairs: a copy of the pairs' values, refreshed at each read."""
-        if self._multi is not None:
-            self._gather_params()       # the update wrote the user's arrays only
+        if self._pairs is not None:
+            # the user's arrays are the parameters: the update writes them,
+            # and so may the user between steps
+            self._gather_params()
         return self._params
 
     @property
@@ -1840,7 +1842,7 @@ class Optimizer:
                 self._gather_grads()
             rule, s0, s1, s2, hp = self._kernel_args()
             norm, scale, skipped = self._chosen_update()(
-                rule, self.params, self.grads, s0, s1, s2, hp, self._offsets,
+                rule, self._params, self.grads, s0, s1, s2, hp, self._offsets,
                 self._layer_sq, self._clip_norm, self._clip_value,
                 **self._records.update_kwargs)
             if self._pairs is not None and not skipped:

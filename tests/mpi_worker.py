@@ -170,6 +170,14 @@ def run_single(comm, path):
     else:
         raise AssertionError("DataParallel took labels of ignore_index")
     assert b.opt.params.tobytes() == params.tobytes()
+    # pairs copied into the optimizer (strided): values written after it was
+    # built survive the broadcast of DataParallel's construction
+    import fastgrad as fg
+    p, g = np.zeros(8)[::2], np.zeros(4)
+    opt = fg.SGD([(p, g)], lr=0.1)
+    p[...] = 7.0
+    dist.DataParallel(opt)
+    assert (p == 7.0).all(), p
     np.savez(path, a=a.opt.params, b=b.opt.params, la=np.array(la), lb=np.array(lb))
 
 

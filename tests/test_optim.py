@@ -327,6 +327,19 @@ def test_pairs_are_updated_in_place():
     assert not gW.any() and not gb.any()
 
 
+def test_params_of_copied_pairs_read_the_users_arrays():
+    """Pairs that are not contiguous are copied into ``opt.params``: each
+    read refreshes it from the user's arrays, which may change between
+    steps (``DataParallel`` broadcast a stale copy and wrote it back)."""
+    p, g = np.zeros(8)[::2], np.ones(4)
+    opt = SGD([(p, g)], lr=0.5)
+    p[...] = 7.0
+    np.testing.assert_array_equal(opt.params, np.full(4, 7.0))
+    opt.step()
+    np.testing.assert_array_equal(p, np.full(4, 6.5))
+    np.testing.assert_array_equal(opt.params, p)
+
+
 @pytest.mark.parametrize("make", [
     lambda m: Adam(m, lr=-1e-3),
     lambda m: Adam(m, betas=(1.0, 0.999)),
