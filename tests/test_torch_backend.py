@@ -409,6 +409,42 @@ def test_refused_param_group_leaves_the_optimizer_usable():
     assert len(opt.param_groups) == 2 and opt.n_updates == 1
 
 
+def test_a_refused_or_skipped_step_leaves_no_momentum_buffer():
+    """Buffers made for a step that is refused (a later group's gradient is
+    not contiguous) or skipped (NaN) are dropped: a zero buffer left
+    behind made the next step take it as started (0.11 off torch's
+    SGD with dampening)."""
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    ps, ref = _params(3, shapes=[(5, 7), (7, 3)]), _params(3, shapes=[(5, 7), (7, 3)])
+    opt = fgt.SGD([{"params": [ps[0]]}, {"params": [ps[1]]}], **kw)
+    want = torch.optim.SGD([{"params": [ref[0]]}, {"params": [ref[1]]}], **kw)
+    g0, g1 = torch.randn_like(ps[0]), torch.randn(ps[1].shape[::-1], dtype=ps[1].dtype)
+    ps[0].grad, ps[1].grad = g0.clone(), g1.clone().t()     # not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+    assert not opt.state[ps[0]] and not opt.state[ps[1]]
+    ps[1].grad = g1.t().contiguous()
+    ref[0].grad, ref[1].grad = g0.clone(), g1.t().contiguous()
+    opt.step()
+    want.step()
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    # momentum turned on for started states, then a NaN step: no buffer
+    p, q = _params(4)[:1], _params(4)[:1]
+    a, b = fgt.SGD(p, lr=0.1), fgt.SGD(q, lr=0.1)
+    for opt_ in (a, b):
+        opt_.param_groups[0]["params"][0].grad = torch.ones_like(p[0])
+        opt_.step()
+        opt_.param_groups[0].update(momentum=0.9, dampening=0.5)
+    p[0].grad[0] = float("nan")
+    a.step()
+    assert a.stats.skipped and "momentum_buffer" not in a.state[p[0]]
+    p[0].grad = torch.ones_like(p[0])
+    a.step()
+    b.step()
+    torch.testing.assert_close(p[0], q[0], rtol=0, atol=0)
+
+
 # -- skip and stats -----------------------------------------------------------------------
 
 def test_nan_gradient_skips_everything_and_is_reported():

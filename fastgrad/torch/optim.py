@@ -224,30 +224,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         return steps
 
     # -- the step -----------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One clipped update of every parameter that has a gradient.
-
-        Parameters whose ``grad`` is None are left alone (as torch does) and
-        take no part in the global norm (as in ``clip_grad_norm_``).
-
-        Returns
-        -------
-        The closure's loss, or None.  The step's :class:`fastgrad.StepStats`
-        is ``opt.stats`` (``layer_norms``: one norm per parameter with a
-        gradient, in ``param_groups`` order).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        # One pass per group over its parameters with a gradient, written as
-        # comprehensions: at 64 tensors the Python bookkeeping would cost
-        # as much as the kernel's pass over 1M parameters otherwise.
-        params, grads, states, rows, keys, new = [], [], [], [], {}, []
-        slots = tuple([] for _ in range(_spec.N_STATE_SLOTS))
+    def _gather(self, params, grads, states, rows, keys, new, made, slots, group_values):
+        """The step's tensors, state rows and buffers, group by group;
+        states and buffers made here are listed in ``new`` and ``made``."""
         dt, all_state = self._dtype, self.state
-        group_values = {}
         for gi, group in enumerate(self.param_groups):
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
@@ -280,6 +260,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                         # buffer; one a changed hyper-parameter now needs)
                         ts[i] = sts[i][name] = torch.zeros_like(
                             ps[i], memory_format=torch.contiguous_format)
+                        made.append((sts[i], name))
                 if not all(t.dtype is dt and t.is_cpu and t.is_contiguous() and t.numel() == n
                            for t, n in zip(ts, ns)):
                     self._refuse_state(name, ts, ns, len(params))
@@ -287,6 +268,42 @@ class _FusedOptimizer(torch.optim.Optimizer):
             params += ps
             grads += gs
             states += sts
+
+    def _drop_made(self, new, made):
+        for st, name in made:
+            st.pop(name, None)
+        for p in new:
+            self.state.pop(p, None)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One clipped update of every parameter that has a gradient.
+
+        Parameters whose ``grad`` is None are left alone (as torch does) and
+        take no part in the global norm (as in ``clip_grad_norm_``).
+
+        Returns
+        -------
+        The closure's loss, or None.  The step's :class:`fastgrad.StepStats`
+        is ``opt.stats`` (``layer_norms``: one norm per parameter with a
+        gradient, in ``param_groups`` order).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # One pass per group over its parameters with a gradient, written as
+        # comprehensions: at 64 tensors the Python bookkeeping would cost
+        # as much as the kernel's pass over 1M parameters otherwise.
+        params, grads, states, rows, keys, new, made = [], [], [], [], {}, [], []
+        slots = tuple([] for _ in range(_spec.N_STATE_SLOTS))
+        dt = self._dtype
+        group_values = {}
+        try:
+            self._gather(params, grads, states, rows, keys, new, made, slots, group_values)
+        except BaseException:
+            self._drop_made(new, made)      # a refused step leaves no state behind
+            raise
         if not params:
             return loss
         hp = np.zeros((len(keys), _k.HP_SIZE), np.float64)
@@ -320,10 +337,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
             self.clip_value or 0.0)
         norm, scale, skipped = float(norm), float(scale), bool(skipped)
         if skipped:
-            # nothing was written: states made for this step are dropped, as
-            # if the step had not happened
-            for p in new:
-                del self.state[p]
+            # nothing was written: states and buffers made for this step are
+            # dropped, as if the step had not happened
+            self._drop_made(new, made)
             self.n_skipped += 1
         else:
             # the kernel wrote through the tensors' storage: tell autograd
