@@ -46,11 +46,12 @@ class Loss:
         return getattr(ops, self.name)(y, target, **self.options)
 
     def divisor(self, target):
-        """What this loss's mean divides a batch's summed loss by, counted
-        in samples (host ``target``): a mean over many batches weighs each by
-        it, as the one mean over all their samples would (``fastgrad.fit``,
-        ``fastgrad.evaluate``).  The batch's size here."""
-        return len(target)
+        """What this loss's mean divides a batch's summed loss by (host
+        ``target``): a mean over many batches weighs each by it, as the one
+        mean over all their samples would (``fastgrad.fit``,
+        ``fastgrad.evaluate``).  Here the target's elements, as torch's
+        elementwise means (MSELoss, BCEWithLogitsLoss) count them."""
+        return int(target.size)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1073,8 +1073,9 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
     X and Y may live on the host for a CUDA model: each batch is copied once.
     The loss is the mean over the whole set, whatever the batch size: each
     batch weighs by what its mean divides by (``loss_fn.divisor``: its
-    samples; for cross-entropy the labels other than ``ignore_index``, or
-    their class weights, as torch's mean), and a loss with
+    elements for MSE and BCE; for cross-entropy its samples, or the labels
+    other than ``ignore_index``, or their class weights, as torch's mean),
+    and a loss with
     ``reduction="sum"`` gives the same mean.  The accuracy counts the
     labels other than ``ignore_index``.
     """
@@ -1097,7 +1098,7 @@ def evaluate(model, loss_fn, X, Y, batch_size=1024):
             correct += int((be.to_host(out).argmax(axis=1) == labels)[kept].sum())
             counted += int(kept.sum())
         else:
-            w = len(out)
+            w = loss_fn.divisor(target)     # its elements: MSE's, BCE's mean
         if w > 0:           # a batch of ignored labels only: its mean is NaN, its weight 0
             total += loss if summed else loss * w
             weight += w
@@ -1264,11 +1265,15 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     by_label = by_label and ("weight" in loss_fn.options
                              or not loss_fn.kept(host_Y)[1].all())
 
+    # an elementwise loss's mean divides by the batch's elements
+    per_row = 1 if getattr(loss_fn, "name", None) == "softmax_cross_entropy" \
+        else int(np.prod(Y.shape[1:]))
+
     def per_sample(losses):
         losses = np.asarray(losses, np.float64)
         starts = range(0, n, batch_size)
         w = np.asarray([loss_fn.divisor(host_Y[order[lo:lo + batch_size]]) if by_label
-                        else min(batch_size, n - lo) for lo in starts], np.float64)
+                        else min(batch_size, n - lo) * per_row for lo in starts], np.float64)
         kept = w > 0        # a batch of ignored labels only: NaN mean, no weight
         if not kept.any():
             return float("nan")

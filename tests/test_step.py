@@ -288,7 +288,9 @@ def test_fit_trains_and_reports():
 @pytest.mark.parametrize("loss, fused", [(fg.SoftmaxCrossEntropy(), True),
                                          (fg.SoftmaxCrossEntropy(), False),
                                          (fg.SoftmaxCrossEntropy(reduction="sum"), False),
-                                         (fg.MSE(), True)])
+                                         (fg.MSE(), True),
+                                         (fg.MSE(reduction="sum"), False),
+                                         (fg.BCEWithLogits(reduction="sum"), False)])
 def test_fit_epoch_loss_is_per_sample(loss, fused):
     # With lr 0 every batch sees the same parameters, so the epoch's loss is
     # the dataset's per-sample loss (evaluate's): a smaller last batch (10 =
@@ -298,11 +300,18 @@ def test_fit_epoch_loss_is_per_sample(loss, fused):
     m = fg.MLP([4, 6, 3], dtype="float64", seed=2)
     Y = rng.integers(0, 3, 10) if loss.name == "softmax_cross_entropy" else \
         rng.standard_normal((10, 3))
+    if loss.name == "bce_with_logits":
+        Y = (Y > 0).astype(np.float64)
     step = fg.TrainStep(m, loss, fg.SGD(m, lr=0.0))
     step.fused_epochs = fused
     hist = fg.fit(step, X, Y, epochs=2, batch_size=4, seed=3, progress=False)
     want = fg.evaluate(m, loss, X, Y)["loss"]
     assert hist["loss"] == pytest.approx([want, want], rel=1e-12)
+    if loss.name != "softmax_cross_entropy":
+        # an elementwise loss's mean is over every element (3 outputs: a
+        # summed MSE read 3x its mean)
+        mean_loss = type(loss)()
+        assert want == pytest.approx(float(mean_loss(m.predict(X), Y)[0]), rel=1e-12)
 
 
 def test_fit_refuses_an_empty_dataset():
