@@ -685,6 +685,36 @@ def test_fused_mlp_trains_with_the_fused_optimizer():
     assert losses[-1] < 0.7 * losses[0]
 
 
+def test_fused_mlp_follows_its_dropout_children_and_refuses_other_changes():
+    """torch code turns dropout off through the children (``m.p = 0``): the
+    kernels kept dropping at the built rate (0.65 between two calls);
+    ``mlp.dropout`` sets the children's p.  Changes the kernels cannot run
+    (an activation's slope, a replaced child) are refused, not ignored."""
+    torch.manual_seed(0)
+    mlp = fgt.FusedMLP([5, 8, 8, 3], activation="leaky_relu", dropout=0.3, dtype=torch.float64)
+    x = torch.randn(16, 5, dtype=torch.float64)
+    for m in mlp.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    a, b = mlp(x), mlp(x)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, mlp.to_sequential()(x), rtol=1e-12, atol=1e-12)
+    mlp.dropout = 0.5
+    assert all(m.p == 0.5 for m in mlp.modules() if isinstance(m, torch.nn.Dropout))
+    assert not torch.equal(mlp(x), mlp(x))
+    mlp.eval()
+    torch.testing.assert_close(mlp(x), mlp.to_sequential()(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="built without dropout"):
+        fgt.FusedMLP([5, 3]).dropout = 0.1
+    next(m for m in mlp.modules() if isinstance(m, torch.nn.LeakyReLU)).negative_slope = 0.3
+    with pytest.raises(ValueError, match="activations it was built with"):
+        mlp(x)
+    other = fgt.FusedMLP([5, 8, 3])
+    other.add_module("1", torch.nn.Tanh())
+    with pytest.raises(ValueError, match="were replaced"):
+        other(torch.randn(2, 5))
+
+
 def test_fused_mlp_refusals():
     mlp = fgt.FusedMLP([3, 4, 2])
     with pytest.raises(TypeError, match="float64"):
@@ -955,6 +985,12 @@ def test_fused_mlp_norm_refusals():
     mlp = fgt.FusedMLP([3, 4, 2], norm="batch")
     with pytest.raises(ValueError, match="more than 1 sample"):
         mlp(torch.zeros(1, 3))
+    # BatchNorm1d reads (N, C, L) with channels in dim 1: a 3-D input was
+    # normalised per last feature, 0.42 off its Sequential (or ran where
+    # the Sequential raises); a 1-D one is refused by torch too
+    for shape in ((2, 6, 3), (3,)):
+        with pytest.raises(ValueError, match="2-D input"):
+            mlp(torch.zeros(shape))
     # the kernels' eps and momentum are constants: a child module changed to
     # others is refused (it was ignored: outputs 0.4 off its to_sequential())
     x = torch.randn(5, 3)

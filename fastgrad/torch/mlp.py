@@ -169,7 +169,9 @@ class FusedMLP(torch.nn.Module):
         Inverted dropout after every hidden layer's activation, in training
         mode (``module.train()``), as ``nn.Dropout(dropout)``; the masks are
         fastgrad's (counter-based, drawn from ``seed`` and the module's
-        ``dropout_step``), so they differ from torch's own draws.
+        ``dropout_step``), so they differ from torch's own draws.  The
+        ``nn.Dropout`` children's ``p`` is read at each forward (set it, or
+        ``module.dropout``, to change the rate).
     residual : bool
         Wrap every hidden layer whose width does not change in a residual
         block ``x + layer(x)``, as ``fastgrad.MLP(residual=True)``.
@@ -191,7 +193,10 @@ class FusedMLP(torch.nn.Module):
     -----
     The weights start as in ``nn.Linear`` (Kaiming-uniform; seed with
     ``torch.manual_seed``).  Inputs are ``(..., n_in)`` tensors of the
-    module's dtype on the CPU; other dtypes or devices raise TypeError.
+    module's dtype on the CPU (2-D with batch norm, as ``nn.BatchNorm1d``
+    after ``nn.Linear``); other dtypes or devices raise TypeError.  The
+    children's other settings (an activation's slope, the modules
+    themselves) are the kernels': a change is refused at the next forward.
     The backward is not itself differentiable: a double backward
     (``create_graph=True``: Hessians, gradient penalties) raises
     RuntimeError; :meth:`to_sequential` gives the module that supports it.
@@ -230,16 +235,16 @@ class FusedMLP(torch.nn.Module):
                              f"(n_in == n_out), got sizes {sizes}")
         self.sizes = [int(v) for v in sizes]
         self.activation, self.output_activation = activation, output_activation
-        self.dropout, self.residual, self.norm = float(dropout), bool(residual), norm
+        self._dropout, self.residual, self.norm = float(dropout), bool(residual), norm
         self.weight_norm = bool(weight_norm)
         self.dropout_step = 0
         names = [activation] * (n - 1) + [output_activation or "identity"]
         codes = [hidden] * (n - 1) + [last]
-        self._rates = [self.dropout if i < n - 1 else 0.0 for i in range(n)]
+        rates = [self._dropout if i < n - 1 else 0.0 for i in range(n)]
         kind = _norm.KINDS[norm]
         self._plan = tuple((code, a, residual and i in square, kind if i < n - 1 else 0)
                            for i, (code, a) in enumerate(codes))
-        self._linears, self._norms = [], []
+        self._linears, self._norms, self._acts, self._drop_mods = [], [], [], []
         # the children of fastgrad.interop.to_torch(fastgrad.MLP(...)):
         # Linear, norm, activation, Dropout; residual layers in a ResidualBlock
         mods = []
@@ -258,26 +263,74 @@ class FusedMLP(torch.nn.Module):
             act = _torch_module(names[i], codes[i][1])
             if act is not None:
                 layer.append(act)
-            if self._rates[i] > 0:
-                layer.append(torch.nn.Dropout(self._rates[i]))
+            self._acts.append(act)
+            self._drop_mods.append(torch.nn.Dropout(rates[i]) if rates[i] > 0
+                                   else None)
+            if self._drop_mods[i] is not None:
+                layer.append(self._drop_mods[i])
             if self._plan[i][2]:        # residual
                 mods.append(_residual_class()(torch.nn.Sequential(*layer)))
             else:
                 mods.extend(layer)
         for i, m in enumerate(mods):
             self.add_module(str(i), m)
+        # what the kernels were built for: checked at each forward
+        self._act_settings = [None if a is None else a.extra_repr() for a in self._acts]
+        self._children_built = tuple(self._modules.values())
         if seed is None:
             # drawn after the weights, and only when used, so that the weights
             # equal those of the same nn.Sequential built after the same
             # torch.manual_seed
-            seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self.dropout > 0 else 0
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self._dropout > 0 else 0
         self.seed = int(seed)
 
-    def _drops(self, counter):
+    @property
+    def dropout(self):
+        """The hidden layers' dropout rate; setting it sets their ``nn.Dropout``
+        children's ``p`` (a module built without dropout has none to set)."""
+        return self._dropout
+
+    @dropout.setter
+    def dropout(self, p):
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) \
+                or not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+        mods = [d for d in self._drop_mods if d is not None]
+        if not mods and p > 0:
+            raise ValueError("this FusedMLP was built without dropout (it has no nn.Dropout "
+                             "children); build it with dropout=p")
+        for d in mods:
+            d.p = float(p)
+        self._dropout = float(p)
+
+    def _child_rates(self):
+        """Each layer's dropout rate as its ``nn.Dropout`` child says now
+        (torch code sets ``p`` in place); children replaced or activations
+        changed, which the kernels would ignore, are refused."""
+        if tuple(self._modules.values()) != self._children_built:
+            raise ValueError("FusedMLP's child modules were replaced; its kernels run the "
+                             "layers it was built with (to_sequential() runs any)")
+        for act, built in zip(self._acts, self._act_settings):
+            if act is not None and act.extra_repr() != built:
+                raise ValueError(f"FusedMLP's kernels run the activations it was built with; "
+                                 f"{type(act).__name__}({built}) was changed to {act!r} "
+                                 "(build a new FusedMLP, or to_sequential() runs any)")
+        rates = []
+        for d in self._drop_mods:
+            p = 0.0 if d is None else float(d.p)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"FusedMLP's dropout must be in [0, 1), a child has p={p}")
+            rates.append(p)
+        return rates
+
+    def _drops(self, counter, rates=None):
         """Per layer: None (plain kernels) or the block kernels' dropout
-        arguments for masks drawn at ``counter`` (None: no dropout)."""
+        arguments for masks drawn at ``counter`` (None: no dropout), at the
+        children's ``rates`` (None: read now)."""
+        if rates is None:
+            rates = self._child_rates()
         out = []
-        for l, ((_, _, residual, kind), p) in enumerate(zip(self._plan, self._rates)):
+        for l, ((_, _, residual, kind), p) in enumerate(zip(self._plan, rates)):
             drop = counter is not None and p > 0
             if not (drop or residual or kind):
                 out.append(None)
@@ -328,15 +381,22 @@ class FusedMLP(torch.nn.Module):
             for m in self.children():
                 out = m(out)
             return out.reshape(*lead, self.sizes[-1])
+        if self.norm == "batch" and x.ndim != 2:
+            # nn.BatchNorm1d reads a 3-D input as (N, C, L), channels in dim
+            # 1, not the last: its Sequential would normalise other numbers
+            raise ValueError(f"FusedMLP with batch norm takes a 2-D input (batch, {n_in}), "
+                             f"as nn.BatchNorm1d after nn.Linear does; got {tuple(x.shape)} "
+                             "(flatten the leading dimensions first)")
         if train and self.norm == "batch" and x2.shape[0] == 1:
             raise ValueError("batch norm in training mode needs more than 1 sample per batch "
                              "(got a batch of 1), as in PyTorch; use module.eval()")
         running = tuple((nm.running_mean.numpy(), nm.running_var.numpy())
                         if isinstance(nm, torch.nn.BatchNorm1d) else None for nm in self._norms)
         counter = None
-        if self.training and self.dropout > 0:
+        rates = self._child_rates()
+        if self.training and any(rates):
             counter, self.dropout_step = self.dropout_step, self.dropout_step + 1
-        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter), train, running,
+        out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter, rates), train, running,
                                       *(t.contiguous() for t in wb))
         if train and self.norm == "batch":
             for nm in self._norms:          # as BatchNorm1d counts its training batches
