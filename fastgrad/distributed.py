@@ -644,6 +644,10 @@ class _RankShard:
         self.dp, self.model, self.loss_fn, self.stats = dp, dp.model, dp.loss_fn, None
         self.opt = dp.opt           # for fit's epoch callbacks (checkpoints, plateau lr)
 
+    def _epoch_inputs(self, X, Y):
+        # the whole dataset checked before the first step, as a TrainStep's
+        return self.dp.train_step._epoch_inputs(X, Y)
+
     def __call__(self, xb, yb):
         n, r, w = len(xb), self.dp.rank, self.dp.world
         lo, hi = n * r // w, n * (r + 1) // w        # disjoint, sizes differ by <= 1

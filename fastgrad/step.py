@@ -517,10 +517,16 @@ class TrainStep:
         # model.forward is the training forward in train mode (dropout, batch
         # statistics) and the eval forward in eval mode, as the fused step.
         model = self._model
-        snap = model._step_snapshot() if update else None
-        out = model.forward(x)
-        loss, grad = self._loss_fn(out, model._xp.asarray(y))
-        model.backward(grad, input_grad=False)
+        snap = model._step_snapshot()
+        try:
+            out = model.forward(x)
+            loss, grad = self._loss_fn(out, model._xp.asarray(y))
+            model.backward(grad, input_grad=False)
+        except BaseException:
+            # labels the loss refuses, found after the forward: the running
+            # statistics and dropout counter as they were, as the fused step
+            model._restore_snapshot(snap)
+            raise
         if update:
             try:
                 self.stats = self._opt.step()
@@ -733,7 +739,7 @@ class TrainStep:
         if Y.ndim == 0 or len(Y) != n:
             raise ValueError(f"X has {n} samples but Y has shape {tuple(Y.shape)}")
         labels, target = self._no_labels, self._no_target
-        if on_device or self._loss_options:
+        if on_device:
             return X, Y, labels, target       # checked per batch by step(x, y)
         if self._loss_kind == _spec.CROSS_ENTROPY:
             try:
@@ -771,6 +777,8 @@ class TrainStep:
                "lr": np.zeros(n_steps), "layer_norms": np.zeros((n_steps, L))}
         if n_steps == 0:
             return res
+        _refuse_batch_of_one(self._model, n_order, batch_size, n_steps,
+                             "use model.eval() or drop_last=True")
         if self._fused_epoch and labels is not None:
             self._compiled_epoch(X, labels, target, order, batch_size, n_steps, res, callback)
         else:
@@ -782,12 +790,6 @@ class TrainStep:
         arguments of ``train_steps`` between the loss code and the
         optimizer's (the step plan's dropout counter: the first step's)."""
         model = self._model
-        if model.training and self._batch_norm:
-            last = n_order - (n_steps - 1) * batch_size
-            if min(B, last) == 1:
-                raise ValueError("batch norm in training mode needs more than 1 sample per "
-                                 "batch (got a batch of 1), as in PyTorch; use model.eval() "
-                                 "or drop_last=True")
         args = self._driver_args(B, counter=model.dropout_step)[0]   # may change the kernels
         return self._ready(self._kernels.train_steps), args
 
@@ -892,6 +894,16 @@ class TrainStep:
                 callback(b + 1, n_steps, {key: val[:b + 1] for key, val in res.items()})
                 t = time.perf_counter()
         fill(n_steps)
+
+
+def _refuse_batch_of_one(model, n_order, batch_size, n_steps, hint):
+    """Before an epoch's first step: a batch of 1 (the last one, say) that
+    batch norm in training mode cannot take, refused as the step would."""
+    if model.training and model._has_batch_norm:
+        last = n_order - (n_steps - 1) * batch_size
+        if min(batch_size, n_order, last) == 1:
+            raise ValueError("batch norm in training mode needs more than 1 sample per "
+                             f"batch (got a batch of 1), as in PyTorch; {hint}")
 
 
 def _read_only(a):
@@ -1241,14 +1253,19 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     # (TrainStep.run_epoch): the dataset is checked once, here.
     # Only a TrainStep itself: fit also drives duck-typed steps (a
     # data-parallel rank's, which must all-reduce every step's gradient).
+    # Every path checks the whole dataset here, before the first step: a bad
+    # label in the last batch raised after the others had trained.
     fused = isinstance(step, TrainStep) and step._fused_epoch and step.fused_epochs
-    if fused:
+    if hasattr(step, "_epoch_inputs"):
         X, Y, labels, target = step._epoch_inputs(X, Y)
-        fused = labels is not None      # None: rows of ignore_index, step by step
+        fused = fused and labels is not None    # None: rows of ignore_index, step by step
     n = len(X)
     rng = np.random.default_rng(seed)
     order = np.arange(n, dtype=np.int64)
     n_batches = -(-n // batch_size)
+    if isinstance(step, TrainStep):
+        _refuse_batch_of_one(model, n, batch_size, n_batches, "use model.eval() or "
+                             "another batch_size")
     total = (epochs - initial_epoch) * n_batches
     k0 = initial_epoch * n_batches          # the per-step index of the first step
     if not fused:

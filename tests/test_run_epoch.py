@@ -177,14 +177,20 @@ def test_epilogue_models_bitwise_with_a_skipped_step(rng, kw):
     _assert_same(a, res, b, ref)
 
 
-def test_batch_norm_batch_of_one_raises_before_any_step(rng):
+@pytest.mark.parametrize("loss", [fg.SoftmaxCrossEntropy(),
+                                  fg.SoftmaxCrossEntropy(label_smoothing=0.1)])
+def test_batch_norm_batch_of_one_raises_before_any_step(rng, loss):
+    # the looped epoch (a loss with options) too: it raised at the last batch
     X, Y = _data(rng, 33, "softmax_cross_entropy")
-    step = _pair(lambda m: fg.SGD(m, lr=0.1), norm="batch")[0]
+    m = fg.MLP([N_IN, 6, N_OUT], seed=0, norm="batch")
+    step = fg.TrainStep(m, loss, fg.SGD(m, lr=0.1))
     before = step.model.params.copy()
-    with pytest.raises(ValueError, match="batch of 1"):
-        step.run_epoch(X, Y, 16, shuffle=False)            # 16 + 16 + 1
-    np.testing.assert_array_equal(step.model.params, before)
-    assert step.opt.step_count == 0
+    for run in (lambda: step.run_epoch(X, Y, 16, shuffle=False),     # 16 + 16 + 1
+                lambda: fg.fit(step, X, Y, batch_size=16, progress=False)):
+        with pytest.raises(ValueError, match="batch of 1"):
+            run()
+        np.testing.assert_array_equal(step.model.params, before)
+        assert step.opt.step_count == 0
     res = step.run_epoch(X, Y, 16, shuffle=False, drop_last=True)
     assert len(res["loss"]) == 2
 
@@ -246,6 +252,47 @@ def test_bad_inputs_raise_before_any_step(rng):
     reg = _pair(lambda m: fg.Adam(m), "mse")[0]
     with pytest.raises(ValueError, match="target"):
         reg.run_epoch(X, np.zeros((30, N_OUT + 1)), 8)
+
+
+@pytest.mark.parametrize("loss", [fg.SoftmaxCrossEntropy(label_smoothing=0.1),
+                                  fg.SoftmaxCrossEntropy(ignore_index=2), fg.MSE(reduction="sum")],
+                         ids=["smoothing", "ignore-index", "mse-sum"])
+def test_bad_last_batch_raises_before_any_step_on_every_path(rng, loss):
+    # losses with options and fit's per-step loop checked per batch only:
+    # the last batch's bad label raised after four steps had trained
+    X, Y = _data(rng, 30, "softmax_cross_entropy")
+    if loss.name == "mse":
+        Y, bad = rng.standard_normal((30, N_OUT)).astype(np.float32), np.zeros(30, np.float32)
+    else:
+        bad = Y.copy()
+        bad[-1] = N_OUT
+    m = fg.MLP([N_IN, 6, N_OUT], seed=0, dropout=0.2)
+    step = fg.TrainStep(m, loss, fg.Adam(m))
+    before = m.params.copy()
+    for fused_epochs in (True, False):
+        step.fused_epochs = fused_epochs
+        for run in (lambda: step.run_epoch(X, bad, 8),
+                    lambda: fg.fit(step, X, bad, batch_size=8, progress=False)):
+            with pytest.raises(ValueError, match="labels|target"):
+                run()
+    np.testing.assert_array_equal(m.params, before)
+    assert step.opt.step_count == 0 and m.dropout_step == 0
+
+
+def test_a_refused_batch_on_the_layer_path_changes_nothing(rng):
+    # a loss with options sees the labels after the forward: the running
+    # statistics and the dropout counter moved before its refusal
+    X, Y = _data(rng, 16, "softmax_cross_entropy")
+    m = fg.MLP([N_IN, 6, N_OUT], seed=0, norm="batch", dropout=0.2)
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(label_smoothing=0.1), fg.Adam(m))
+    Y[3] = N_OUT
+    state = (m.running_mean.copy(), m.running_var.copy(), m.dropout_step)
+    for call in (step, step.gradients):
+        with pytest.raises(ValueError, match="labels"):
+            call(X, Y)
+        np.testing.assert_array_equal(m.running_mean, state[0])
+        np.testing.assert_array_equal(m.running_var, state[1])
+        assert m.dropout_step == state[2] and step.opt.step_count == 0
 
 
 def test_hyper_parameter_change_between_epochs(rng):
