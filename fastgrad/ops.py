@@ -117,13 +117,7 @@ def as_array(x, name, dtype, ndim=None, shape=None, xp=np):
                 break
         else:
             return x
-    if hasattr(x, "detach") and type(x).__module__.startswith("torch"):
-        x = x.detach()         # a tensor that requires grad reads as its values, as torch's
-    try:
-        arr = xp.asarray(x)
-    except TypeError as e:     # e.g. a bfloat16 tensor: "Got unsupported ScalarType"
-        raise TypeError(f"{name}: cannot be read as a {xp.__name__} array of real numbers "
-                        f"({type(x).__name__}: {e}); convert it to float32 or float64") from e
+    arr = _readable(x, name, xp)
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"{name}: unsupported dtype {arr.dtype}; expected real numbers")
     if ndim is not None and arr.ndim != ndim:
@@ -137,9 +131,22 @@ def as_array(x, name, dtype, ndim=None, shape=None, xp=np):
     return xp.asarray(arr, dtype=dtype, order="C")
 
 
+def _readable(x, name, xp):
+    """``xp.asarray(x)``; a torch tensor that requires grad reads as its
+    values (as torch's own ops), one NumPy cannot read (bfloat16) is
+    refused by name."""
+    if hasattr(x, "detach") and type(x).__module__.startswith("torch"):
+        x = x.detach()
+    try:
+        return xp.asarray(x)
+    except TypeError as e:     # e.g. a bfloat16 tensor: "Got unsupported ScalarType"
+        raise TypeError(f"{name}: cannot be read as a {xp.__name__} array of real numbers "
+                        f"({type(x).__name__}: {e}); convert it to float32 or float64") from e
+
+
 def as_param(x, name, ndim, shape=None, xp=np):
     """A parameter array: float32/float64 only (integer parameters are refused)."""
-    arr = xp.asarray(x)
+    arr = _readable(x, name, xp)
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: parameters must be float32 or float64, got {arr.dtype}")
     return as_array(arr, name, arr.dtype, ndim=ndim, shape=shape, xp=xp)
@@ -151,7 +158,7 @@ def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
     ``check_range=False`` leaves the range to the caller: a CUDA training
     step checks device labels in its loss kernel instead of reading them
     back (a sync)."""
-    lab = xp.asarray(labels)
+    lab = _readable(labels, "labels", xp)
     host = None         # the labels on the host, read at most once from a device
     if lab.dtype.kind not in "iu":
         if lab.dtype.kind == "f" and lab.size:
@@ -271,7 +278,7 @@ def activation_forward(z, activation, alpha=None, dtype=None):
     dev = _device_of(z)
     code, alpha = resolve_activation(activation, alpha)
     xp, k = _device.array_module(dev), kernels_for(dev, (code,))
-    zz = xp.asarray(z)
+    zz = _readable(z, "z", xp)
     dt = check_dtype(dtype) if dtype is not None else (zz.dtype if zz.dtype in FLOAT_DTYPES else np.dtype(np.float32))
     zz = as_array(zz, "z", dt, xp=xp)
     out = xp.empty_like(zz)
@@ -285,7 +292,7 @@ def activation_backward(da, a, z, activation, alpha=None):
     dev = _device_of(da, a, z)
     code, alpha = resolve_activation(activation, alpha)
     xp, k = _device.array_module(dev), kernels_for(dev, (code,))
-    a_arr = xp.asarray(a)
+    a_arr = _readable(a, "a", xp)
     dt = a_arr.dtype if a_arr.dtype in FLOAT_DTYPES else np.dtype(np.float32)
     a_arr = as_array(a_arr, "a", dt, xp=xp)
     da = as_array(da, "da", dt, shape=a_arr.shape, xp=xp)
@@ -304,7 +311,7 @@ def activation_backward(da, a, z, activation, alpha=None):
 # --- losses ------------------------------------------------------------------
 
 def _pred(y, name, xp):
-    arr = xp.asarray(y)
+    arr = _readable(y, name, xp)
     dt = arr.dtype if arr.dtype in FLOAT_DTYPES else np.dtype(np.float32)
     arr = as_array(arr, name, dt, ndim=2, xp=xp)
     _nonempty(arr, name)

@@ -742,6 +742,38 @@ def test_fused_mlp_refusals():
     with pytest.raises(TypeError, match="x: cannot be read.*BFloat16.*float32 or float64"):
         fg.ops.dense_forward(torch.zeros(2, 3, dtype=torch.bfloat16),
                              np.zeros((3, 2), np.float32), np.zeros(2, np.float32))
+    with pytest.raises(TypeError, match="logits: cannot be read.*BFloat16"):
+        fg.ops.softmax_cross_entropy(torch.zeros(2, 3, dtype=torch.bfloat16), np.zeros(2, int))
+
+
+def test_ops_read_tensors_that_require_grad_as_their_values():
+    # as torch's own functional ops with no_grad: W, b, logits, z and a that
+    # require grad raised torch's "Can't call numpy() on Tensor that requires grad"
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    W = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    a, _ = fg.ops.dense_forward(x, W, b, "tanh")
+    z = (x @ W + b).detach().numpy()
+    np.testing.assert_allclose(a, np.tanh(z), rtol=1e-12)
+    zt = torch.tensor(z, requires_grad=True)
+    np.testing.assert_allclose(fg.ops.activation_forward(zt, "tanh"), a, rtol=1e-12)
+    dz = fg.ops.activation_backward(torch.ones(5, 4, dtype=torch.float64),
+                                    torch.tensor(a, requires_grad=True), zt, "tanh")
+    np.testing.assert_allclose(dz, 1 - a * a, rtol=1e-12)
+    dW, db, dx = fg.ops.dense_backward(x, W, torch.tensor(a, requires_grad=True), None,
+                                       torch.ones(5, 4, dtype=torch.float64), "tanh")
+    np.testing.assert_allclose(dW, x.numpy().T @ dz, rtol=1e-12)
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    loss, _ = fg.ops.softmax_cross_entropy(logits, labels)
+    F, plain = torch.nn.functional, logits.detach()
+    assert loss == pytest.approx(float(F.cross_entropy(plain, labels)), rel=1e-12)
+    target = torch.rand(5, 4, dtype=torch.float64)
+    assert fg.ops.mse(logits, target)[0] == pytest.approx(
+        float(F.mse_loss(plain, target)), rel=1e-12)
+    assert fg.ops.bce_with_logits(logits, target)[0] == pytest.approx(
+        float(F.binary_cross_entropy_with_logits(plain, target)), rel=1e-12)
 
 
 def test_fused_mlp_double_backward_raises():
