@@ -288,8 +288,10 @@ def _find_blas_team():
 
 
 def team_threads():
-    """The threads a step's pass team gets: those of the shared pool, or
-    OpenBLAS's own workers plus the caller when the pool is not shared; 0
+    """The threads a step's pass team can get: those of the shared pool, or
+    OpenBLAS's own workers plus the caller when the pool is not shared (a
+    step takes no more than OpenBLAS is told to use at the time:
+    :func:`pass_team_status` says how many that is now); 0
     (serial passes) when Numba runs one thread, when OpenBLAS has no worker
     to share, or with ``FASTGRAD_PASS_TEAM=0`` in the environment (read
     whenever a step plan is filled)."""
@@ -300,8 +302,9 @@ def pass_team_status():
     """``(threads, team, why_not)`` of the thread team a CPU step gets now
     for the passes it splits (activations, update; see the guide's
     "Threads"): ``team`` is ``"shared pool"`` (``share_blas_pool``) or
-    ``"openblas workers"``; without a team, ``(0, None, why)``: the passes
-    run on the calling thread alone."""
+    ``"openblas workers"`` (as many as OpenBLAS is told to use now,
+    threadpoolctl's limits included); without a team, ``(0, None, why)``:
+    the passes run on the calling thread alone."""
     threads = numba_threads()
     if threads < 2:
         return 0, None, "one thread (fastgrad.set_num_threads, NUMBA_NUM_THREADS)"
@@ -309,8 +312,15 @@ def pass_team_status():
         return 0, None, "FASTGRAD_PASS_TEAM=0 in the environment"
     if blas_pool_shared():
         return threads, "shared pool", None
-    if _blas_team():
-        return threads, "openblas workers", None
+    team = _blas_team()
+    if team:
+        # a step's passes take no more than OpenBLAS's count at that moment
+        # (the driver reads it before each pass): threadpoolctl's limits
+        now = ctypes.c_int.from_address(team[1]).value
+        if now < 2:
+            return 0, None, (f"OpenBLAS is limited to {now} thread now (threadpoolctl, "
+                             "fastgrad.set_num_threads): the passes run on the calling thread")
+        return min(threads, now), "openblas workers", None
     return 0, None, _blas_team_found.get("why_not") or \
         "OpenBLAS runs one thread here: no worker to share"
 

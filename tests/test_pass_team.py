@@ -232,6 +232,18 @@ def test_pass_team_status_says_which_team_or_why_none(monkeypatch):
     assert fg.pass_team_status()[:2] == (0, None) and fg.pass_team_status()[2]
 
 
+def test_pass_team_status_follows_threadpoolctl_limits():
+    # the passes take no more threads than OpenBLAS is told to use at the
+    # time; the status said 2 inside threadpool_limits(1)
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if fg.pass_team_status()[1] != "openblas workers":
+        pytest.skip("no OpenBLAS team here")
+    with threadpoolctl.threadpool_limits(1):
+        threads, team, why_not = fg.pass_team_status()
+        assert (threads, team) == (0, None) and "limited to 1 thread" in why_not
+    assert fg.pass_team_status()[1] == "openblas workers"
+
+
 def test_the_plan_follows_the_pool_and_the_thread_count():
     # the team moves between OpenBLAS's workers and the shared pool, and
     # goes when Numba runs one thread

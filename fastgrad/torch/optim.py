@@ -375,7 +375,8 @@ _NOOP_DOC = """
         :class:`fastgrad.NonFiniteGradientError` instead (nothing written
         either).
     foreach, fused, capturable, differentiable
-        PyTorch's implementation switches, accepted at the values that
+        PyTorch's implementation switches that the torch twin's signature
+        has (SGD has no ``capturable``), accepted at the values that
         describe what fastgrad does (None/False; False); any other value is
         refused (ValueError naming it).
 
