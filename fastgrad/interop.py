@@ -218,7 +218,8 @@ def from_torch(seq, dtype=None, device=None):
     fastgrad.Sequential
         A copy: later changes to either model do not reach the other.  Its
         layers record ``init="zeros"`` (the weights come from torch); the
-        model starts in training mode, as a new torch module does.
+        model is in the torch module's mode (train or eval), as a copy of
+        the module would be.
 
     Raises
     ------

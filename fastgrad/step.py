@@ -1164,6 +1164,10 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         validation_data=None, callbacks=None, initial_epoch=0, validation_split=0.0):
     """Train with mini-batches, Keras style; returns the history.
 
+    The model trains in the mode it is in, as a torch loop's: a model left
+    in eval mode (``model.eval()``) trains without dropout and with batch
+    norm on its running statistics; call ``model.train()`` first.
+
     Parameters
     ----------
     step : TrainStep
