@@ -805,6 +805,7 @@ class Optimizer:
             # A private copy: a later in-place write into the model's array
             # cannot make the kernel index outside the parameters.
             self._params, self._grads, self._offsets = p, g, off.copy()
+            self._target = params           # what a copy is built on again
             self._torch_layout = _torch_layout_of(params, self._offsets)
             self._model = params if hasattr(params, "parameters") else None
             self._use_backend(be)
@@ -848,7 +849,7 @@ class Optimizer:
                     raise ValueError(f"pairs {min(i, j)} and {max(i, j)}: their params share "
                                      "memory (a tensor listed twice?); list each once")
         sizes = [p.size for p, _ in checked]
-        self._pairs = checked
+        self._pairs = self._target = checked
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._torch_layout = [(int(o), p.shape, False)
                               for o, (p, _) in zip(self._offsets, checked)]
@@ -1857,6 +1858,14 @@ class Optimizer:
         norm, scale, skipped = self._backend.update_pairs(self)
         return self._commit(norm, scale, skipped, self._layer_sq)
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle: built again on the copied model (or
+        # pairs), then loaded with this state, as fastgrad.load does (the
+        # lock and compiled kernels cannot be copied)
+        with self._lock:
+            return _rebuilt_optimizer, (type(self), self._target, self.state_dict(),
+                                        self._parallel_asked)
+
     def zero_grad(self):
         """Set the gradients to zero (the user's arrays for pairs)."""
         with self._lock:
@@ -1868,6 +1877,14 @@ class Optimizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
         return f"{type(self).__name__}({args})"
+
+
+def _rebuilt_optimizer(cls, target, state, parallel):
+    opt = cls(target)
+    opt.load_state_dict(state)
+    if parallel is not None:
+        opt.parallel = parallel
+    return opt
 
 
 class SGD(Optimizer):

@@ -225,6 +225,12 @@ class TrainStep:
     loss_fn = _fixed_field("loss_fn")
     opt = _fixed_field("opt")
 
+    def __reduce__(self):
+        # copy.deepcopy and pickle: a step built again on the copies of its
+        # model, loss and optimizer (its compiled state is rebuilt on use)
+        return _rebuilt_step, (self._model, self._loss_fn, self._opt, self.cuda_graph,
+                               self._threads, self.fused_epochs, self.progress_interval)
+
     @property
     def threads(self):
         """``threads=`` of the constructor (read-only: the shard buffers
@@ -894,6 +900,12 @@ class TrainStep:
                 callback(b + 1, n_steps, {key: val[:b + 1] for key, val in res.items()})
                 t = time.perf_counter()
         fill(n_steps)
+
+
+def _rebuilt_step(model, loss_fn, opt, cuda_graph, threads, fused_epochs, progress_interval):
+    step = TrainStep(model, loss_fn, opt, cuda_graph=cuda_graph, threads=threads)
+    step.fused_epochs, step.progress_interval = fused_epochs, progress_interval
+    return step
 
 
 def _refuse_batch_of_one(model, n_order, batch_size, n_steps, hint):

@@ -640,6 +640,37 @@ def test_model_copies_as_a_torch_module_does(rng, how):
     assert np.array_equal(mlp2.predict(x[:, :4]), mlp.predict(x[:, :4]))
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_optimizer_and_step_copy_and_train_on_as_the_original(rng, how):
+    # "cannot pickle '_thread.RLock' object": torch's optimizers deepcopy;
+    # the copies are bound to the copied model and train on bitwise
+    import copy
+    import pickle
+    model = _epilogue_model()
+    groups = [{"params": model.weights(), "lr": 0.02}, {"params": model.biases_and_norms()}]
+    opt = fg.Adam(model, lr=fg.schedules.step_decay(0.01, 2), clip_norm=1.0,
+                  param_groups=groups)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(label_smoothing=0.1), opt)
+    x, y = rng.standard_normal((9, 5)), rng.integers(0, 3, 9)
+    for _ in range(3):
+        step(x, y)
+    twin = copy.deepcopy(step) if how == "deepcopy" else pickle.loads(pickle.dumps(step))
+    assert twin.model is not model and twin.opt is not opt
+    assert twin.opt.params is twin.model.params and twin.opt.step_count == 3
+    for _ in range(3):
+        assert twin(x, y) == step(x, y)
+    assert twin.model.params.tobytes() == model.params.tobytes()
+    assert twin.opt.lr == opt.lr and twin.opt.state_dict()["groups"] == opt.state_dict()["groups"]
+    # an optimizer over (param, grad) pairs copies its pairs, as torch's its tensors
+    p, g = rng.standard_normal(4), rng.standard_normal(4)
+    sgd = fg.SGD([(p, g)], lr=0.1, momentum=0.9)
+    sgd.step()
+    sgd2 = copy.deepcopy(sgd) if how == "deepcopy" else pickle.loads(pickle.dumps(sgd))
+    sgd.step()
+    sgd2.step()
+    assert sgd2.params.tobytes() == p.tobytes() and sgd2._pairs[0][0] is not p
+
+
 class _Net(fg.Sequential):
     def __init__(self, hidden):
         super().__init__([fg.Dense(3, hidden), fg.Dense(hidden, 2, activation=None)], seed=1)
