@@ -640,7 +640,13 @@ class Sequential:
         """Training forward: returns the output and keeps what backward needs.
 
         In training mode this draws fresh dropout masks (one step of
-        ``model.dropout_step``); in eval mode it applies no dropout."""
+        ``model.dropout_step``); in eval mode it applies no dropout.
+
+        The returned output and the input (when it is already a contiguous
+        array of the model's dtype) are kept, not copied, for
+        :meth:`backward`: writing into either before it changes the
+        gradients (where torch would raise "modified by an inplace
+        operation"); write into copies."""
         x = self._input(x)
         with self._lock:
             counter = self.dropout_step if self.training else None
