@@ -67,13 +67,16 @@ Writes are atomic: the bytes go to a temporary file in the destination's
 directory, are flushed and ``fsync``-ed, then ``os.replace`` puts the file in
 place and the directory is ``fsync``-ed.  A process killed in the middle of
 a save leaves the previous checkpoint intact and at worst a stray
-``.<name>.<pid>.<random>.tmp`` file next to it, which the next save of the
-same target removes (when process ``<pid>`` no longer runs; POSIX).
+``.<name>.<host>.<pid>.<random>.tmp`` file next to it, which the next save of
+the same target from the same host removes (when process ``<pid>`` no longer
+runs there; POSIX).  ``<host>`` names the machine and PID namespace, so that
+ranks on other hosts sharing the folder never remove a live save's file.
 
 Loading checks everything before building anything: a truncated, foreign,
 crafted or newer-version file raises ``ValueError`` saying what is wrong.
 """
 import hashlib
+import socket
 import json
 import math
 import numbers
@@ -154,11 +157,24 @@ def _process_gone(pid):
     return False
 
 
+def _host_tag():
+    """This machine and PID namespace, as a file-name part: a process id
+    means something only there (ranks on other hosts, or in containers,
+    share a checkpoint folder)."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        ns = ""
+    tag = f"{socket.gethostname()}-{ns}" if ns else socket.gethostname()
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in tag)[:64] or "host"
+
+
 def _remove_stale_temps(dirname, base):
-    """Delete ``.<base>.<pid>.<hex>.tmp`` files of earlier saves of the same
-    target whose process is gone (killed mid-save); a live process's (this
-    one's included) may still be writing and is left alone."""
-    prefix = f".{base}."
+    """Delete ``.<base>.<host>.<pid>.<hex>.tmp`` files of earlier saves of
+    the same target from this host whose process is gone (killed mid-save);
+    a live process's (this one's included) may still be writing and is left
+    alone, as is every other host's."""
+    prefix = f".{base}.{_host_tag()}."
     try:
         names = os.listdir(dirname)
     except OSError:
@@ -187,7 +203,8 @@ def _atomic_write(path, data):
     # Not tempfile.mkstemp: its files are mode 0600; this one gets the
     # umask's mode, as a plain open(path, "wb") would.
     while True:
-        tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        tmp = os.path.join(dirname, f".{base}.{_host_tag()}.{os.getpid()}."
+                                    f"{secrets.token_hex(4)}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
                          0o666)
