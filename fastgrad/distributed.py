@@ -53,9 +53,11 @@ import sys
 import threading
 import time
 import traceback
+import zlib
 
 import numpy as np
 
+from . import device as _device
 from . import epilogue
 from .errors import NonFiniteGradientError
 
@@ -656,13 +658,51 @@ class _RankShard:
         return loss
 
 
+def _fingerprint(data):
+    """Shapes, dtypes and a CRC of the bytes of ``validation_data``'s arrays
+    (None: none): what ranks compare, not the data."""
+    if data is None:
+        return "none"
+    if not isinstance(data, (tuple, list)):
+        return type(data).__name__       # refused alike by fit on every rank
+    out = []
+    for a in data:
+        a = np.ascontiguousarray(_device.to_numpy(a))
+        out.append(f"{a.shape} {a.dtype} {zlib.crc32(a.view(np.uint8).reshape(-1)):08x}"
+                   if a.dtype.kind in "biuf" else f"{a.shape} {a.dtype}")
+    return "; ".join(out)
+
+
+def _refuse_a_rank_batch_of_one(dp, X, Y, batch_size, validation_split, validation_data):
+    """Batch norm in training mode: a rank's share of a global batch must
+    not be 1 sample (found after the epoch's other steps had trained).
+    Every rank has the same data and arguments, so all refuse alike."""
+    from .step import _split_validation
+    model = dp.model
+    if not (model.training and model._has_batch_norm):
+        return
+    n = len(_split_validation(X, Y, validation_split, validation_data)[0])
+    world = dp.world
+    full = batch_size * world
+    n_batches = -(-n // full)
+    for size in {min(full, n), n - (n_batches - 1) * full}:
+        shares = [size * (r + 1) // world - size * r // world for r in range(world)]
+        if 1 in shares:
+            raise ValueError(
+                f"batch norm in training mode needs more than 1 sample per batch: a global "
+                f"batch of {size} samples over {world} ranks gives rank {shares.index(1)} "
+                f"1 sample (of {n}); choose another batch_size or use model.eval()")
+
+
 def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed, initial_epoch,
-                        validation_split=0.0):
+                        validation_split=0.0, validation_data=None):
     """ValueError on every rank unless all ranks pass the same number of
-    samples and the same loop arguments (one allgather)."""
+    samples, the same validation data and the same loop arguments (one
+    allgather): epoch callbacks decide on each rank, on its history."""
     mine = {"len(X)": len(X), "len(Y)": len(Y), "epochs": repr(epochs),
             "batch_size": repr(batch_size), "shuffle": repr(shuffle), "seed": repr(seed),
-            "initial_epoch": repr(initial_epoch), "validation_split": repr(validation_split)}
+            "initial_epoch": repr(initial_epoch), "validation_split": repr(validation_split),
+            "validation_data": _fingerprint(validation_data)}
     every = _collective(dp._watch, lambda: dp.comm.allgather(mine))
     for r, theirs in enumerate(every):
         diff = [f"{k} {theirs[k]} (rank 0: {every[0][k]})" for k in mine
@@ -692,10 +732,14 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
     identical results).  Returns the history of
     :func:`fastgrad.fit`, identical on every rank.
 
-    Before the first step the ranks compare their dataset lengths and
-    arguments; if they disagree every rank raises the same ValueError (a
-    shorter dataset on one rank would otherwise leave the others waiting
-    in an allreduce it never joins).
+    Before the first step the ranks compare their dataset lengths,
+    validation data (a checksum) and arguments; if they disagree every rank
+    raises the same ValueError (a shorter dataset on one rank would
+    otherwise leave the others waiting in an allreduce it never joins, and
+    epoch callbacks deciding on different validation figures would stop or
+    cut the lr on some ranks only).  The DataParallel must report the global
+    loss (``global_loss=True``), and a batch-norm model must not give a rank
+    a share of 1 sample of a global batch.
     """
     from .step import fit as _fit
     if not isinstance(dp_step, DataParallel) or dp_step.train_step is None:
@@ -708,8 +752,16 @@ def fit(dp_step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=T
         # every rank another permutation (samples trained twice or never)
         seed = _collective(dp_step._watch, lambda: dp_step.comm.bcast(
             np.random.SeedSequence().entropy if dp_step.rank == 0 else None, root=0))
+    if not dp_step.global_loss:
+        # the history (and what EarlyStopping or a plateau cut decide on it)
+        # must be the same on every rank: each would stop or cut on its own
+        raise ValueError("distributed.fit needs DataParallel(global_loss=True): with "
+                         "global_loss=False each rank's history holds its own loss, and "
+                         "epoch callbacks would decide differently on each")
     _check_same_dataset(dp_step, X, Y, epochs, batch_size, shuffle, seed, initial_epoch,
-                        validation_split)
+                        validation_split, validation_data)
+    _refuse_a_rank_batch_of_one(dp_step, X, Y, int(batch_size), validation_split,
+                                validation_data)
     return _fit(_RankShard(dp_step), X, Y, epochs=epochs,
                 batch_size=int(batch_size) * dp_step.world, shuffle=shuffle, seed=seed,
                 progress=progress and dp_step.rank == 0, validation_data=validation_data,

@@ -240,6 +240,11 @@ def run_agree(comm, path):
         return dist.DataParallel(fg.TrainStep(model, loss or fg.SoftmaxCrossEntropy(), opt),
                                  global_loss=global_loss)
 
+    def _local_loss_dp():
+        m = fg.MLP(SIZES, dtype="float64", seed=0)
+        return dist.DataParallel(fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m)),
+                                 global_loss=False)
+
     m = fg.MLP(SIZES, dtype="float64", seed=0)
     groups = [{"params": m.weights(), "lr": 0.1 * (r + 1)}, {"params": m.biases_and_norms()}]
     flags = [
@@ -256,6 +261,21 @@ def run_agree(comm, path):
         refused(lambda: dist.fit(dp_of(), *fit_data(), epochs=1, batch_size=FIT_LOCAL_BATCH,
                                  progress=False, validation_split=0.25 * r),
                 "validation_split"),
+        # epoch callbacks decide on each rank's history: validation data that
+        # differ (a per-rank shard) or local losses made ranks stop apart
+        refused(lambda: dist.fit(dp_of(), *fit_data(), epochs=1, batch_size=FIT_LOCAL_BATCH,
+                                 progress=False,
+                                 validation_data=tuple(a[r::2] for a in fit_data())),
+                "validation_data"),
+        refused(lambda: dist.fit(_local_loss_dp(),
+                                 *fit_data(), epochs=1, batch_size=FIT_LOCAL_BATCH,
+                                 progress=False),
+                "global_loss=True"),
+        # a batch-norm rank's share of 1 sample of the last global batch
+        refused(lambda: dist.fit(dp_of(fg.MLP(SIZES, dtype="float64", seed=0, norm="batch")),
+                                 *(a[:2 * FIT_LOCAL_BATCH + 3] for a in fit_data()),
+                                 epochs=1, batch_size=FIT_LOCAL_BATCH, progress=False),
+                "gives rank 0 1 sample"),
     ]
     model = fg.MLP(SIZES, dtype="float64", seed=r, norm="batch", dropout=0.2)
     dp = dp_of(model)

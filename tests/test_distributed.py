@@ -152,8 +152,10 @@ def test_what_ranks_must_agree_on(tmp_path):
     """Refused alike on every rank (they trained on and diverged or mixed
     two models' gradients): a group's lr, a layer's activation, a loss
     option, global_loss (a hang: collectives out of step), a loss with
-    options, which the per-rank means do not compose, and fit's
-    validation_split (ranks training on different sample counts).  fit(seed=None)
+    options, which the per-rank means do not compose, and in fit a
+    validation_split (ranks training on different sample counts), validation
+    data or local losses that differ (callbacks stopping some ranks only: a
+    hang), and a batch-norm rank's share of 1 sample of the last batch.  fit(seed=None)
     draws one permutation for all; batch-norm statistics follow rank 0's,
     so every rank ends identical (they differed, and so did validation).
     A NaN with skip_nonfinite=False raises on every rank and leaves the
