@@ -15,6 +15,12 @@ skips the whole update (parameters, moments and
 step count untouched) and is counted; with ``skip_nonfinite=False`` it raises
 :class:`fastgrad.errors.NonFiniteGradientError` instead.
 
+The norm is summed in float64 for float32 gradients too, where torch sums a
+float32 gradient's norm in float32: above ~1.8e19 torch's norm is inf, so
+``clip_grad_norm_`` returns inf and zeroes the gradients, while fastgrad's
+norm is finite and the step is clipped to ``clip_norm`` as any other (and
+not skipped).
+
 Kernel contract (used by ``fastgrad.step.TrainStep``)
 -----------------------------------------------------
 ``opt.step()`` is exactly::

@@ -295,7 +295,24 @@ def team_threads():
     (serial passes) when Numba runs one thread, when OpenBLAS has no worker
     to share, or with ``FASTGRAD_PASS_TEAM=0`` in the environment (read
     whenever a step plan is filled)."""
-    return pass_team_status()[0]
+    return _team()[0]
+
+
+def _team():
+    """``(threads, team, why_not)`` the step plans are built for: the team's
+    capacity (its driver caps each pass at OpenBLAS's count of the moment,
+    so a plan filled under a temporary limit keeps its team)."""
+    threads = numba_threads()
+    if threads < 2:
+        return 0, None, "one thread (fastgrad.set_num_threads, NUMBA_NUM_THREADS)"
+    if os.environ.get("FASTGRAD_PASS_TEAM", "").strip() == "0":
+        return 0, None, "FASTGRAD_PASS_TEAM=0 in the environment"
+    if blas_pool_shared():
+        return threads, "shared pool", None
+    if _blas_team():
+        return threads, "openblas workers", None
+    return 0, None, _blas_team_found.get("why_not") or \
+        "OpenBLAS runs one thread here: no worker to share"
 
 
 def pass_team_status():
@@ -305,24 +322,16 @@ def pass_team_status():
     ``"openblas workers"`` (as many as OpenBLAS is told to use now,
     threadpoolctl's limits included); without a team, ``(0, None, why)``:
     the passes run on the calling thread alone."""
-    threads = numba_threads()
-    if threads < 2:
-        return 0, None, "one thread (fastgrad.set_num_threads, NUMBA_NUM_THREADS)"
-    if os.environ.get("FASTGRAD_PASS_TEAM", "").strip() == "0":
-        return 0, None, "FASTGRAD_PASS_TEAM=0 in the environment"
-    if blas_pool_shared():
-        return threads, "shared pool", None
-    team = _blas_team()
-    if team:
+    threads, team, why_not = _team()
+    if team == "openblas workers":
         # a step's passes take no more than OpenBLAS's count at that moment
         # (the driver reads it before each pass): threadpoolctl's limits
-        now = ctypes.c_int.from_address(team[1]).value
+        now = ctypes.c_int.from_address(_blas_team()[1]).value
         if now < 2:
             return 0, None, (f"OpenBLAS is limited to {now} thread now (threadpoolctl, "
                              "fastgrad.set_num_threads): the passes run on the calling thread")
-        return min(threads, now), "openblas workers", None
-    return 0, None, _blas_team_found.get("why_not") or \
-        "OpenBLAS runs one thread here: no worker to share"
+        threads = min(threads, now)
+    return threads, team, why_not
 
 
 def pass_team():

@@ -569,6 +569,34 @@ def _run_pairs(device, cls, kw, host_p, host_gs, groups=None):
     return opt, params, stats
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["pairs", "model"])
+def test_centered_rmsprop_survives_an_overflowing_square(device, flat):
+    """A finite float32 gradient of 3e21 overflows the squares' average and
+    grad_avg**2: inf - inf wrote NaN into the parameter (not skipped: the
+    gradient is finite); torch's fused form gives an infinite variance, so
+    that entry does not move and the others step as usual."""
+    g = np.array([3e21, 1.0, -2.0], np.float32)
+    p0 = np.array([0.5, 0.25, -1.0], np.float32)
+    if flat:
+        model = fg.Sequential([fg.Dense(1, 1, activation=None)], seed=0, device=device)
+        model.params[...] = backend_for(device).to_device(p0[:2])
+        model.grads[...] = backend_for(device).to_device(g[:2])
+        opt = fg.RMSprop(model, lr=1e-2, centered=True, momentum=0.5)
+        got = lambda: to_numpy(model.params)            # noqa: E731
+    else:
+        _, params, _ = _run_pairs(device, fg.RMSprop, dict(lr=1e-2, centered=True, momentum=0.5),
+                                  [p0], [[g]])
+        got = lambda: params[-1][0]                      # noqa: E731
+    if flat:
+        assert not opt.step().skipped
+    out = got()
+    assert np.isfinite(out).all() and out[0] == 0.5
+    # the finite entries as the float64 reference (1 - alpha = 0.01, so
+    # centered: avg = sqrt(0.01 g^2 - (0.01 g)^2) = sqrt(0.0099) |g|)
+    want = p0[1:len(out)] - 1e-2 * np.sign(g[1:len(out)]) / np.sqrt(0.0099)
+    np.testing.assert_allclose(out[1:], want, rtol=1e-5)
+
+
 def _reference_pairs(kind, hypers, host_p, host_gs, clip_norm, clip_value):
     """The float64 reference of ``_run_pairs``: tensor i updated with
     ``hypers[i]`` (lr and the rest) after the global clip; a non-finite

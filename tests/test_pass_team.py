@@ -238,9 +238,13 @@ def test_pass_team_status_follows_threadpoolctl_limits():
     threadpoolctl = pytest.importorskip("threadpoolctl")
     if fg.pass_team_status()[1] != "openblas workers":
         pytest.skip("no OpenBLAS team here")
+    capacity = fg_threads.team_threads()
     with threadpoolctl.threadpool_limits(1):
         threads, team, why_not = fg.pass_team_status()
         assert (threads, team) == (0, None) and "limited to 1 thread" in why_not
+        # plans are built for the team's capacity (the driver caps each pass
+        # at the count of the moment): a step built here keeps its team
+        assert fg_threads.team_threads() == capacity
     assert fg.pass_team_status()[1] == "openblas workers"
 
 

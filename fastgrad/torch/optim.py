@@ -365,7 +365,9 @@ _NOOP_DOC = """
     clip_norm : float or None
         Scale the gradients by ``min(1, clip_norm / (norm + 1e-6))``, ``norm``
         their global L2 norm over every group, as ``clip_grad_norm_`` does
-        before the step (so drop that line).
+        before the step (so drop that line); the norm is summed in float64
+        (torch sums a float32 norm in float32: above ~1.8e19 it is inf there
+        and the gradients are zeroed, here they are clipped).
     clip_value : float or None
         Then clamp each gradient entry to ``[-clip_value, clip_value]``, as
         ``clip_grad_value_``.

@@ -177,7 +177,12 @@ def _rmsprop_range(p, g, sq, buf, gavg, scale, clip_value, hp):
         if centered:
             ai = _lerp(gavg[i], gi, lta, ca)
             gavg[i] = ai
-            avg = np.sqrt(si + (-ai) * ai) + eps
+            # where the squares' average overflowed (a finite float32
+            # gradient of ~1e19), ai * ai does too: inf - inf wrote NaN into
+            # the parameter; the variance is inf (torch's fused subtraction
+            # gives it) and the update 0
+            var = si if si == np.inf else si + (-ai) * ai
+            avg = np.sqrt(var) + eps
         else:
             avg = np.sqrt(si) + eps
         if use_mom:

@@ -101,7 +101,9 @@ __device__ __forceinline__ void rmsprop(T* p, const T* g, T* sq, T* buf, T* gavg
         if (centered) {
             const T ai = lerp_(gavg[i], gi, lta, ca);
             gavg[i] = ai;
-            avg = sqrt_(si + (-ai) * ai) + eps;
+            // an overflowed squares' average: variance inf, not inf - inf
+            // (kernels/cpu/optim.py)
+            avg = sqrt_(si == inf<T>() ? si : si + (-ai) * ai) + eps;
         } else {
             avg = sqrt_(si) + eps;
         }
