@@ -69,9 +69,11 @@ class EarlyStopping(Callback):
         statistics of the best epoch back into the model (default True).
         The optimizer's state is left as it is.
     baseline : float or None
-        As Keras's: an epoch that improves on the best but not on
-        ``baseline`` is recorded as the best and does not reset the wait,
-        so training stops after ``patience`` epochs that never beat it.
+        As Keras 3's: an epoch that improves on the best but not on
+        ``baseline`` is recorded as the best and does not reset the wait
+        (the count of epochs since the best beat the baseline); training
+        stops at the first epoch without improvement once that count has
+        reached ``patience``.
     start_from_epoch : int
         Epochs before this one (0-based) are not watched (a warm-up).
 

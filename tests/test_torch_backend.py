@@ -713,6 +713,24 @@ def test_fused_mlp_follows_its_dropout_children_and_refuses_other_changes():
     other.add_module("1", torch.nn.Tanh())
     with pytest.raises(ValueError, match="were replaced"):
         other(torch.randn(2, 5))
+    # inside a residual block too (its new Linear got no gradient, the old
+    # weights ran); an activation set in place runs (the same values)
+    res = fgt.FusedMLP([5, 8, 8, 3], residual=True)
+    block = next(m for m in res.children() if isinstance(m, fg.interop.ResidualBlock))
+    for m in res.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = True
+    res(torch.randn(2, 5))
+    block.body[0] = torch.nn.Linear(8, 8)
+    with pytest.raises(ValueError, match="were replaced"):
+        res(torch.randn(2, 5))
+    # the rate as the children say
+    mlp2 = fgt.FusedMLP([5, 8, 8, 3], dropout=0.3)
+    drops = [m for m in mlp2.modules() if isinstance(m, torch.nn.Dropout)]
+    drops[0].p = 0.0
+    assert mlp2.dropout == (0.0, 0.3)
+    drops[1].p = 0.0
+    assert mlp2.dropout == 0.0 and "dropout=0.0" in repr(mlp2)
 
 
 def test_fused_mlp_refusals():

@@ -34,6 +34,23 @@ from ..ops import resolve_activation
 __all__ = ["FusedMLP"]
 
 
+def _children_of(containers):
+    """The children of each container, by identity (a residual block's body
+    included): a replaced or added child changes its container's; the
+    containers themselves are the built tree's, so no walk per forward."""
+    return tuple(tuple(m._modules.values()) for m in containers)
+
+
+def _settings(act):
+    """An activation module's settings that change its values (not
+    ``inplace``, which torch code sets freely): ``(names, values)``."""
+    if act is None:
+        return None
+    names = tuple(k for k in vars(act) if not k.startswith("_")
+                  and k not in ("training", "inplace"))
+    return names, tuple(getattr(act, k) for k in names)
+
+
 def _torch_module(name, alpha):
     """The torch module of built-in activation ``name`` (None for identity)."""
     return _torch_activation(SimpleNamespace(activation=name, alpha=alpha), torch)
@@ -275,8 +292,9 @@ class FusedMLP(torch.nn.Module):
         for i, m in enumerate(mods):
             self.add_module(str(i), m)
         # what the kernels were built for: checked at each forward
-        self._act_settings = [None if a is None else a.extra_repr() for a in self._acts]
-        self._children_built = tuple(self._modules.values())
+        self._act_settings = [_settings(a) for a in self._acts]
+        self._containers = [m for m in self.modules() if m._modules]
+        self._children_built = _children_of(self._containers)
         if seed is None:
             # drawn after the weights, and only when used, so that the weights
             # equal those of the same nn.Sequential built after the same
@@ -286,9 +304,13 @@ class FusedMLP(torch.nn.Module):
 
     @property
     def dropout(self):
-        """The hidden layers' dropout rate; setting it sets their ``nn.Dropout``
-        children's ``p`` (a module built without dropout has none to set)."""
-        return self._dropout
+        """The hidden layers' dropout rate, as their ``nn.Dropout`` children
+        say (a tuple of their rates where they differ); setting it sets
+        their ``p`` (a module built without dropout has none to set)."""
+        rates = [float(d.p) for d in self._drop_mods if d is not None]
+        if not rates:
+            return self._dropout
+        return rates[0] if len(set(rates)) == 1 else tuple(rates)
 
     @dropout.setter
     def dropout(self, p):
@@ -307,13 +329,14 @@ class FusedMLP(torch.nn.Module):
         """Each layer's dropout rate as its ``nn.Dropout`` child says now
         (torch code sets ``p`` in place); children replaced or activations
         changed, which the kernels would ignore, are refused."""
-        if tuple(self._modules.values()) != self._children_built:
+        if _children_of(self._containers) != self._children_built:
             raise ValueError("FusedMLP's child modules were replaced; its kernels run the "
                              "layers it was built with (to_sequential() runs any)")
         for act, built in zip(self._acts, self._act_settings):
-            if act is not None and act.extra_repr() != built:
+            if act is not None and tuple(act.__dict__.get(k) for k in built[0]) != built[1]:
+                was = ", ".join(f"{k}={v!r}" for k, v in zip(*built))
                 raise ValueError(f"FusedMLP's kernels run the activations it was built with; "
-                                 f"{type(act).__name__}({built}) was changed to {act!r} "
+                                 f"{type(act).__name__}({was}) was changed to {act!r} "
                                  "(build a new FusedMLP, or to_sequential() runs any)")
         rates = []
         for d in self._drop_mods:
