@@ -284,22 +284,27 @@ def save(path, model, opt=None):
 
     if not isinstance(model, Sequential):
         raise TypeError(f"model must be a fastgrad Sequential/MLP, got {type(model).__name__}")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "fastgrad_version": _version(), "model": _model_meta(model), "optimizer": None}
-    tensors = {PARAMS: _to_host(model.params)}
-    for name in _buffer_names(model.layers):
-        tensors[name] = _to_host(getattr(model, name))
     if opt is not None:
         if not isinstance(opt, Optimizer):
             raise TypeError(f"opt must be a fastgrad optimizer, got {type(opt).__name__}")
         if opt.params is not model.params:
             raise ValueError("opt must be built on this model (fg.Adam(model, ...))")
-        sd = opt.state_dict()
-        state = sd.pop("state")
-        sd["state"] = sorted(state)
-        meta["optimizer"] = sd
-        for name, arr in state.items():
-            tensors[OPT_PREFIX + name] = _to_host(arr)
+    # One snapshot, under the model's lock (shared by its optimizers and
+    # steps) and copied: a step in another thread tore a save otherwise
+    # (parameters of one update, step count of another, checksums of a third).
+    with model._lock:
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "fastgrad_version": _version(), "model": _model_meta(model), "optimizer": None}
+        tensors = {PARAMS: np.array(_to_host(model.params))}
+        for name in _buffer_names(model.layers):
+            tensors[name] = np.array(_to_host(getattr(model, name)))
+        if opt is not None:
+            sd = opt.state_dict()
+            state = sd.pop("state")
+            sd["state"] = sorted(state)
+            meta["optimizer"] = sd
+            for name, arr in state.items():
+                tensors[OPT_PREFIX + name] = _to_host(arr)
     meta["checksums"] = {"algorithm": CHECKSUM_ALGORITHM,
                          "tensors": {name: _checksum(a) for name, a in tensors.items()}}
     text = json.dumps(meta, allow_nan=False, sort_keys=True)

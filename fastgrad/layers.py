@@ -17,7 +17,7 @@ import weakref
 
 import numpy as np
 
-from . import epilogue, ops
+from . import epilogue, interrupts, ops
 from .kernels import layout as _layout
 from .kernels import spec as _spec
 from .backend import backend_for, backend_of
@@ -474,7 +474,8 @@ class Sequential:
         """Training mode (dropout on); returns the model, as in PyTorch."""
         if not isinstance(mode, (bool, np.bool_)):
             raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
-        self.training = bool(mode)
+        with self._lock:                # never in the middle of a step or an epoch's chunk
+            self.training = bool(mode)
         return self
 
     def eval(self):
@@ -516,8 +517,9 @@ class Sequential:
             value = int(value)
         if not 0 <= value < COUNTER_BOUND:
             raise ValueError(f"dropout_step must be an integer in [0, 2**62), got {value!r}")
-        self._dropout_on_device = None        # the host's value rules from now on
-        self._dropout_step = value
+        with self._lock:                      # not between a chunk's steps and its count
+            self._dropout_on_device = None    # the host's value rules from now on
+            self._dropout_step = value
 
     def _next_dropout_step(self):
         """The counter value this training forward draws its masks from.
@@ -847,7 +849,9 @@ class Sequential:
         if errors:
             raise StateDictError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
                                  + "\n\t".join(errors))
-        with self._lock:                 # never between a step's forward and its update
+        # never between a step's forward and its update; a Ctrl-C lands
+        # after the whole copy (it left some layers loaded, others not)
+        with self._lock, interrupts.held():
             for name, arr in values.items():
                 own[name][...] = arr
             self._refresh_weight_norm()  # W of weight-normalised layers from the new v, g

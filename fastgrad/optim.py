@@ -238,10 +238,11 @@ def _settled_counter(name, doc, on_set=None):
 
     def set(self, value):
         value = _count(name, value)
-        self._settle()
-        setattr(self, attr, value)
-        if on_set is not None:
-            on_set(self, value)
+        with self._lock:            # not between an epoch chunk's updates and its count
+            self._settle()
+            setattr(self, attr, value)
+            if on_set is not None:
+                on_set(self, value)
     return property(get, set, doc=doc)
 
 
@@ -1008,6 +1009,10 @@ class Optimizer:
         """Validate the configuration with ``changes`` applied, then commit it:
         nothing changes when a value is refused.  A per-group key (the rule's
         hyper-parameters, ``maximize``, ``lr``) is set in every group."""
+        with self._lock:        # read, check and commit as one: another thread's write kept
+            self._set_hyper_locked(changes)
+
+    def _set_hyper_locked(self, changes):
         specs = dict(_COMMON_SPECS, **self._specs)
         values = dict(self._values, **changes)
         missing = set(specs) - set(values)
@@ -1409,10 +1414,14 @@ class Optimizer:
             optimizer and is not included.  Before the first update
             ``state`` is empty, as torch's.
         """
-        if format == "torch":
-            return self._torch_state_dict()
-        if format != "fastgrad":
+        if format not in ("fastgrad", "torch"):
             raise ValueError(f'format must be "fastgrad" or "torch", got {format!r}')
+        with self._lock:        # one update's state, not a step in another thread's
+            if format == "torch":
+                return self._torch_state_dict()
+            return self._state_dict()
+
+    def _state_dict(self):
         hyper = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.hyper.items()}
         sd = {"kind": self.kind, "step": int(self.step_count),
               "n_skipped": int(self.n_skipped), "n_calls": int(self.n_calls),

@@ -844,18 +844,20 @@ class TrainStep:
                 last = end - 1
                 opt._lr_now = float(res["lr"][last])
                 opt.last_stats = _stats_of(res, last)
-            if skipped.size and skipped[-1] and not opt.skip_nonfinite:
-                # As a per-step loop: the steps before the failing one were
+                # As a per-step loop: the steps before a failing one were
                 # applied (and reported), then the failing one raises
                 # (leaving step.stats at the step before it).
-                if last > 0:
+                failed = bool(skipped.size and skipped[-1]) and not opt.skip_nonfinite
+                if not failed:
+                    self.stats = opt.last_stats
+                elif last > 0:
                     self.stats = _stats_of(res, last - 1)
+            if failed:
                 if callback is not None and last > pos:
                     callback(last, n_steps, {key: val[:last] for key, val in res.items()})
                 raise NonFiniteGradientError(
                     f"non-finite gradient norm {res['grad_norm'][last]} at update "
                     f"{opt._step_count}; parameters and optimizer state were left unchanged")
-            self.stats = opt.last_stats
             pos = end
             if callback is not None:
                 callback(pos, n_steps, {key: val[:pos] for key, val in res.items()})

@@ -306,14 +306,24 @@ def test_optimizer_and_layer_path_from_threads_serialise():
     assert opt.step_count + opt.n_skipped == 100 and opt.step_count >= 50
 
 
-def test_load_state_dict_and_zero_grad_wait_for_a_step():
-    """model.load_state_dict and zero_grad take the model's lock: held by a
-    step (here by a thread holding it), they wait instead of writing into
-    the parameters between the step's forward and its update."""
+def test_writers_and_readers_wait_for_a_step(tmp_path):
+    """What a step reads or writes takes the model's lock: held by a step
+    (here by a thread holding it), these wait instead of writing into the
+    parameters between a step's forward and its update, or reading one
+    update's parameters with another's state (a checkpoint saved while
+    another thread trained was torn or failed its own checksum; eval(), a
+    counter or a hyper-parameter written during an epoch's chunk was
+    undone or half applied)."""
     model = fg.MLP(SIZES, dtype="float64", seed=0)
     opt = fg.SGD(model, lr=0.1)
     new = {k: v * 0.5 for k, v in model.state_dict().items()}
-    for call in (lambda: model.load_state_dict(new), model.zero_grad, opt.zero_grad):
+
+    def set_(obj, name, value):
+        setattr(obj, name, value)
+    for call in (lambda: model.load_state_dict(new), model.zero_grad, opt.zero_grad,
+                 model.eval, lambda: set_(model, "dropout_step", 3),
+                 lambda: set_(opt, "step_count", 2), lambda: set_(opt, "lr", 0.05),
+                 opt.state_dict, lambda: fg.save(tmp_path / "x.fgz", model, opt)):
         held, release = threading.Event(), threading.Event()
 
         def hold():
@@ -333,6 +343,31 @@ def test_load_state_dict_and_zero_grad_wait_for_a_step():
         assert done.is_set()
     np.testing.assert_array_equal(model.params, np.concatenate(
         [new[k].ravel() for k, _ in model.named_parameters()]))
+
+
+def test_ctrl_c_during_load_state_dict_lands_after_the_copy(python_sigint):
+    """A Ctrl-C during model.load_state_dict (EarlyStopping's restore) left
+    some arrays loaded and others not; it lands once all are copied and the
+    weight-normalised layers' W is made from them."""
+    import signal
+    model = fg.Sequential([fg.Dense(4, 5, activation="tanh", weight_norm=True),
+                           fg.Dense(5, 2, activation=None, weight_norm=True)],
+                          dtype="float64", seed=0)
+    new = {k: v * 0.5 + 0.1 for k, v in model.state_dict().items()}
+    want = fg.Sequential([fg.Dense(4, 5, activation="tanh", weight_norm=True),
+                          fg.Dense(5, 2, activation=None, weight_norm=True)],
+                         dtype="float64", seed=0)
+    want.load_state_dict(new)
+    refresh = model._refresh_weight_norm
+
+    def interrupted_refresh():
+        signal.raise_signal(signal.SIGINT)
+        refresh()
+    model._refresh_weight_norm = interrupted_refresh
+    with pytest.raises(KeyboardInterrupt):
+        model.load_state_dict(new)
+    for got, ref in zip(model.layers, want.layers):
+        np.testing.assert_array_equal(got.W, ref.W)
 
 
 def test_train_step_fields_and_loss_options_are_fixed():
@@ -432,6 +467,8 @@ def test_ctrl_c_lands_after_the_book_keeping(monkeypatch, python_sigint, path):
     monkeypatch.undo()
     n = opt.step_count
     assert n >= 1 and model.dropout_step == n
+    if path != "layer_path":        # run_epoch left step.stats at its last callback's step
+        assert step.stats.step == n
     ref_model, ref_opt, ref_step = build()
     for i in range(n):
         one_step(ref_model, ref_opt, ref_step, i)
@@ -683,18 +720,23 @@ def test_checkpoint_without_checksums_still_loads(tmp_path):
 
 
 def test_save_removes_temporary_files_of_a_killed_save(tmp_path):
+    from fastgrad import io as fg_io
     path, model, opt = _saved(tmp_path)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)            # that process has exited
-    stale = tmp_path / f".c.fgz.{dead_pid}.0badc0de.tmp"
-    live = tmp_path / f".c.fgz.{os.getppid()}.00c0ffee.tmp"   # a running process's
-    other = tmp_path / f".d.fgz.{dead_pid}.0badc0de.tmp"       # another target's
-    for p in (stale, live, other):
+    here = fg_io._host_tag()
+    stale = tmp_path / f".c.fgz.{here}.{dead_pid}.0badc0de.tmp"
+    live = tmp_path / f".c.fgz.{here}.{os.getppid()}.00c0ffee.tmp"   # a running process's
+    other = tmp_path / f".d.fgz.{here}.{dead_pid}.0badc0de.tmp"       # another target's
+    # another host's (ranks sharing a folder): its pid means nothing here, and
+    # removing its live save's file made that save fail
+    elsewhere = tmp_path / f".c.fgz.otherhost-1.{dead_pid}.0badc0de.tmp"
+    for p in (stale, live, other, elsewhere):
         p.write_bytes(b"partial")
     fg.save(path, model, opt)
     assert not stale.exists()
-    assert live.exists() and other.exists()
+    assert live.exists() and other.exists() and elsewhere.exists()
     fg.load(path)
 
 
