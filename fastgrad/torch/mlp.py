@@ -102,11 +102,15 @@ class _FusedMLPFunction(torch.autograd.Function):
             h = a
         out = torch.from_numpy(h)
         ctx.plan, ctx.drops, ctx.train = plan, drops, train
-        ctx.hidden = saved                 # kept as arrays: the kernels' own buffers
-        # x too, though backward reads it through ctx.hidden (its memory):
-        # torch then refuses a backward after x was changed in place, as
-        # nn.Linear's saved input does, instead of a silently wrong dW
-        ctx.save_for_backward(x, *params, out)
+        # the layers' arrays go to torch as tensors over the kernels' own
+        # buffers (no copy), so that torch frees them after the backward, as
+        # it frees nn.Linear's (kept on ctx, a kept loss held them all); x
+        # too, though backward reads it from them: torch then refuses a
+        # backward after x was changed in place, as nn.Linear's saved input
+        # does, instead of a silently wrong dW
+        ctx.hidden_counts = [len(arrays) for arrays in saved]
+        ctx.save_for_backward(x, *params, out,
+                              *(torch.from_numpy(a) for arrays in saved for a in arrays))
         return out
 
     @staticmethod
@@ -123,7 +127,14 @@ class _FusedMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
-        _, *params, out = ctx.saved_tensors      # x: checked by torch, read from ctx.hidden
+        saved = ctx.saved_tensors           # x (checked by torch), params, out, the layers'
+        n_params = sum(4 if kind else 2 for *_, kind in ctx.plan)
+        params, out = saved[1:1 + n_params], saved[1 + n_params]
+        flat = [t.numpy() for t in saved[2 + n_params:]]
+        hidden, pos = [], 0
+        for count in ctx.hidden_counts:
+            hidden.append(tuple(flat[pos:pos + count]))
+            pos += count
         da = grad_out.detach()
         if da.dtype != out.dtype:
             da = da.to(out.dtype)
@@ -135,14 +146,14 @@ class _FusedMLPFunction(torch.autograd.Function):
             code, alpha, residual, kind = ctx.plan[i]
             d, k = ctx.drops[i], starts[i]
             w = params[k].numpy()
-            x = ctx.hidden[i][0]
+            x = hidden[i][0]
             dz = np.empty_like(da)
             dw = np.empty_like(w)
             db = np.empty(w.shape[0], w.dtype)
             need_dx = i > 0 or ctx.needs_input_grad[0]
             dx = np.empty_like(x) if need_dx else dz[:0, :0]
             if kind:
-                _, xhat, rstd, fz = ctx.hidden[i]
+                _, xhat, rstd, fz = hidden[i]
                 gamma, beta = params[k + 2].numpy(), params[k + 3].numpy()
                 dg, dbt = np.empty_like(gamma), np.empty_like(beta)
                 r1, r2 = np.empty(x.shape[0]), np.empty(x.shape[0])
@@ -151,10 +162,10 @@ class _FusedMLPFunction(torch.autograd.Function):
                 grads[k + 2] = torch.from_numpy(dg)
                 grads[k + 3] = torch.from_numpy(dbt)
             elif d is None:
-                _, z, a = ctx.hidden[i]         # fz is the output a here
+                _, z, a = hidden[i]         # fz is the output a here
                 dense_backward_t(x, w, a, z, da, dz, dw, db, dx, code, alpha, need_dx)
             else:
-                _, z, fz = ctx.hidden[i]
+                _, z, fz = hidden[i]
                 block_backward_t(x, w, fz, z, da, dz, dw, db, dx, code, alpha, *d, residual,
                                  need_dx)
             grads[k] = torch.from_numpy(dw)
