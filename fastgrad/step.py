@@ -438,6 +438,11 @@ class TrainStep:
         running statistics.  Raises before anything changes when the
         kernels do not serve a layer feature of the model."""
         m = self._model
+        if self._blocks and m.training and B == 1 and self._batch_norm:
+            # before the buffers and the pass team: a refused first call
+            # started a compile worker that nothing waited for (a zombie)
+            raise ValueError("batch norm in training mode needs more than 1 sample per "
+                             "batch (got a batch of 1), as in PyTorch; use model.eval()")
         buf = self._buffers_for(B)
         # kept for the last buffers and kernels used: building the tuple is
         # ~1 us of a tiny net's ~20 us step
@@ -472,9 +477,6 @@ class TrainStep:
         if self._blocks:
             plan, k = buf[3], _layout
             if m.training:
-                if B == 1 and self._batch_norm:
-                    raise ValueError("batch norm in training mode needs more than 1 sample per "
-                                     "batch (got a batch of 1), as in PyTorch; use model.eval()")
                 if on_device:
                     plan[k.PLAN_COUNTER] = 0        # read from the device counter instead
                     kw = dict(kw, counter=self._dropout_on_device(), commit=True)

@@ -184,3 +184,29 @@ def test_a_worker_that_fails_costs_no_result(monkeypatch):
     full.pass_team.fill_members(expected, np.float64)
     np.testing.assert_array_equal(plan, expected)
     assert plan[layout.PLAN_POOL_UPDATE] != 0
+
+
+@needs_team
+def test_a_refused_first_call_starts_no_worker(tmp_path):
+    # a batch of 1 for batch norm is refused before the plan's team is
+    # filled: it started a worker that nothing waited for (a zombie)
+    code = textwrap.dedent("""
+        import numpy as np
+        import fastgrad as fg
+        from fastgrad import _compile_worker as cw
+        m = fg.MLP([6, 8, 3], norm="batch", seed=0)
+        step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m))
+        try:
+            step(np.zeros((1, 6), np.float32), np.zeros(1, np.int64))
+        except ValueError as exc:
+            assert "batch of 1" in str(exc), exc
+        else:
+            raise AssertionError("a batch of 1 was taken")
+        print(len(cw._started))
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               FASTGRAD_KERNEL_COPIES="model", FASTGRAD_COMPILE_WORKER="1")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[-1] == "0"
