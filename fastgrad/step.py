@@ -339,6 +339,11 @@ class TrainStep:
             key += (model._mask_seed, bool(model.training))
         g = self._graphs.get(key)
         if g is None:
+            # a graph of this batch size frozen with other clipping, rule or
+            # state buffers is not replayed again: dropped (one per value of
+            # an adaptive clip_norm piled up); other modes are kept
+            for stale in [k for k in self._graphs if k[0] == B and k[1:7] != key[1:7]]:
+                del self._graphs[stale]
             g = self._graphs[key] = self._kernels.GraphedTrainStep(
                 self._loss_kind, *args, rule, s0, s1, s2, self._layer_sq, opt._clip_norm,
                 opt._clip_value, B, optim=opt._device_buffers(), counter=kw.get("counter"))
@@ -399,6 +404,11 @@ class TrainStep:
         key = (name, host.shape, host.dtype.str)
         dst = self._staged.get(key)
         if dst is None:
+            # batch sizes that never get step buffers (batches with ignored
+            # labels take the layer path) are not evicted with them: bounded
+            # here, dropping the least recently made
+            while len(self._staged) >= 4 * self.max_cached_batch_sizes:
+                del self._staged[next(iter(self._staged))]
             dst = self._staged[key] = self._xp.empty(host.shape, host.dtype)
         return self._backend.upload(host, dst)
 

@@ -839,6 +839,27 @@ def test_cuda_graph_step_matches_float64(cuda_be, rng, host_waits):
 
 
 @pytest.mark.cuda
+def test_cuda_caches_stay_bounded(cuda_be, rng):
+    """An adaptive clip_norm made one graph per value at one batch size,
+    never dropped; batches with ignored labels (the layer path) staged one
+    input buffer per batch size, never evicted."""
+    m = fg.MLP([6, 8, 3], device="cuda", seed=0)
+    opt = fg.SGD(m, lr=0.01, clip_norm=1.0)
+    step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), opt, cuda_graph=True)
+    x, y = rng.standard_normal((16, 6)).astype(np.float32), rng.integers(0, 3, 16)
+    for k in range(12):
+        opt.clip_norm = 1.0 + 0.1 * k
+        step(x, y)
+    assert len(step._graphs) == 1
+    plain = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.SGD(m, lr=0.01))
+    for B in range(2, 60):
+        labels = rng.integers(0, 3, B)
+        labels[0] = -100
+        plain(rng.standard_normal((B, 6)).astype(np.float32), labels)
+    assert len(plain._staged) <= 4 * plain.max_cached_batch_sizes
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("loss", ["mse", "bce"])
 def test_cuda_graph_regression_losses(cuda_be, rng, host_waits, loss):
     """cuda_graph=True with target losses, targets on the host and on the
