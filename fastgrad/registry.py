@@ -294,7 +294,7 @@ def register_activation(name, f, df, *, needs="a", alpha=None, torch=None, jax=N
                               reference=None if reference is None else tuple(reference),
                               cuda=None if cuda is None else tuple(cuda), builtin=False)
         _specs[name] = spec
-        _drop_variants()       # the copy of the kernels is rebuilt with it on next use
+        _variant.clear()       # the copy of the kernels is rebuilt with it on next use
     return spec
 
 
@@ -304,24 +304,13 @@ def _forget(name):
         s = _specs.get(name)
         if s is not None and not s.builtin:
             del _specs[name]
-            _drop_variants()
+            _variant.clear()
 
 
 # --- the kernels of registered activations -------------------------------------------
 
 _variant = {}          # (rules, losses, features) -> package module, for the current registrations
 _generation = [0]
-
-
-def _drop_variants():
-    """Forget the copies built for the registrations so far: out of
-    ``sys.modules`` too, so that their compiled code goes with the last
-    model that uses them (each kept ~30 MB for the process's life)."""
-    for pkg in _variant.values():
-        prefix = pkg.__name__ + "."
-        for name in [n for n in sys.modules if n == pkg.__name__ or n.startswith(prefix)]:
-            del sys.modules[name]
-    _variant.clear()
 
 
 def cuda_table():

@@ -532,22 +532,6 @@ def swish():
     registry._forget(name)
 
 
-def test_registering_again_lets_the_old_kernel_copies_go(swish):
-    # each registration kept the previous copies in sys.modules (~30 MB of
-    # compiled code each, for the process's life)
-    import sys
-    code = registry.get(swish).code
-    old = registry.cpu_kernels(codes=[code]).__name__
-    assert old in sys.modules
-    f, df = _swish_functions()
-    registry.register_activation("swish_test_2", f, df, needs="z")
-    try:
-        assert not [n for n in sys.modules if n == old or n.startswith(old + ".")]
-        assert registry.cpu_kernels(codes=[code]).__name__ != old
-    finally:
-        registry._forget("swish_test_2")
-
-
 def test_fused_mlp_refuses_a_registered_activation(swish):
     """FusedMLP's kernels serve the built-in activations: a registered one is
     refused when the module is built (it failed at the first forward, with
