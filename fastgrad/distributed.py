@@ -667,6 +667,8 @@ def _fingerprint(data):
         return type(data).__name__       # refused alike by fit on every rank
     out = []
     for a in data:
+        if hasattr(a, "detach") and type(a).__module__.startswith("torch"):
+            a = a.detach().cpu()        # read as its values, as fit reads it
         a = np.ascontiguousarray(_device.to_numpy(a))
         out.append(f"{a.shape} {a.dtype} {zlib.crc32(a.view(np.uint8).reshape(-1)):08x}"
                    if a.dtype.kind in "biuf" else f"{a.shape} {a.dtype}")

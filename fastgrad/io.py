@@ -69,8 +69,9 @@ place and the directory is ``fsync``-ed.  A process killed in the middle of
 a save leaves the previous checkpoint intact and at worst a stray
 ``.<name>.<host>.<pid>.<random>.tmp`` file next to it, which the next save of
 the same target from the same host removes (when process ``<pid>`` no longer
-runs there; POSIX).  ``<host>`` names the machine and PID namespace, so that
-ranks on other hosts sharing the folder never remove a live save's file.
+runs there; POSIX).  ``<host>`` is a hash of the machine's name and PID
+namespace, so that ranks on other hosts sharing the folder never remove a
+live save's file.
 
 Loading checks everything before building anything: a truncated, foreign,
 crafted or newer-version file raises ``ValueError`` saying what is wrong.
@@ -158,15 +159,15 @@ def _process_gone(pid):
 
 
 def _host_tag():
-    """This machine and PID namespace, as a file-name part: a process id
-    means something only there (ranks on other hosts, or in containers,
-    share a checkpoint folder)."""
+    """This machine and PID namespace, as a short file-name part (12 hex
+    digits of a hash, whatever the host name's length or characters): a
+    process id means something only there (ranks on other hosts, or in
+    containers, share a checkpoint folder)."""
     try:
-        ns = os.readlink("/proc/self/ns/pid").strip("pid:[]")
+        ns = os.readlink("/proc/self/ns/pid")
     except OSError:
         ns = ""
-    tag = f"{socket.gethostname()}-{ns}" if ns else socket.gethostname()
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in tag)[:64] or "host"
+    return hashlib.sha256(f"{socket.gethostname()}\0{ns}".encode()).hexdigest()[:12]
 
 
 def _remove_stale_temps(dirname, base):

@@ -185,6 +185,19 @@ def test_init_without_mpiexec_is_a_single_process(tmp_path):
     np.testing.assert_array_equal(res["la"], res["lb"])
 
 
+def test_validation_fingerprint_reads_values():
+    # what ranks compare of their validation data: tensors that require
+    # grad read as their values (it raised torch's numpy() error)
+    from fastgrad import distributed as dist
+    torch = pytest.importorskip("torch")
+    x = np.arange(12.0).reshape(4, 3)
+    y = np.array([0, 1, 1, 0])
+    plain = dist._fingerprint((x, y))
+    assert dist._fingerprint((torch.tensor(x, requires_grad=True), torch.tensor(y))) == plain
+    assert dist._fingerprint((x.tolist(), y)) == plain
+    assert dist._fingerprint((x + 1, y)) != plain and dist._fingerprint(None) == "none"
+
+
 def test_data_parallel_refuses_other_objects():
     from fastgrad import distributed as dist
     with pytest.raises(TypeError, match="TrainStep or a fastgrad optimizer"):

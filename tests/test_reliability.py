@@ -740,6 +740,19 @@ def test_save_removes_temporary_files_of_a_killed_save(tmp_path):
     fg.load(path)
 
 
+def test_host_tags_are_short_and_tell_namespaces_apart(monkeypatch):
+    # cut to 64 characters, a long host name lost the PID namespace (two
+    # containers sharing it removed each other's live files) and left a
+    # checkpoint's own name less room
+    from fastgrad import io as fg_io
+    monkeypatch.setattr(fg_io.socket, "gethostname", lambda: "h" * 62)
+    tags = set()
+    for ns in ("pid:[4026531836]", "pid:[4026532001]"):
+        monkeypatch.setattr(fg_io.os, "readlink", lambda path, ns=ns: ns)
+        tags.add(fg_io._host_tag())
+    assert len(tags) == 2 and all(len(t) == 12 and t.isalnum() for t in tags)
+
+
 # -- 5. the Numba cache ----------------------------------------------------------------------
 
 # A few training steps through the layer path and an optimizer: small kernels,
