@@ -199,7 +199,9 @@ class FusedMLP(torch.nn.Module):
         fastgrad's (counter-based, drawn from ``seed`` and the module's
         ``dropout_step``), so they differ from torch's own draws.  The
         ``nn.Dropout`` children's ``p`` is read at each forward (set it, or
-        ``module.dropout``, to change the rate).
+        ``module.dropout``, to change the rate).  Activation checkpointing
+        (``torch.utils.checkpoint``) cannot replay these masks: refused in
+        training mode with dropout.
     residual : bool
         Wrap every hidden layer whose width does not change in a residual
         block ``x + layer(x)``, as ``fastgrad.MLP(residual=True)``.
@@ -429,6 +431,15 @@ class FusedMLP(torch.nn.Module):
         counter = None
         rates = self._child_rates()
         if self.training and any(rates):
+            if torch._C._current_graph_task_id() != -1:
+                # a forward run inside a backward: activation checkpointing's
+                # recompute.  The masks come from the module's counter, not
+                # torch's RNG state that checkpoint restores, so the recompute
+                # would draw new ones (gradients 0.24-0.29 off, silently)
+                raise RuntimeError(
+                    "FusedMLP's dropout masks come from its own counter, which "
+                    "torch.utils.checkpoint's recompute cannot replay: checkpoint "
+                    "FusedMLP.to_sequential(), or this module with dropout 0 or in eval mode")
             counter, self.dropout_step = self.dropout_step, self.dropout_step + 1
         out = _FusedMLPFunction.apply(x2, self._plan, self._drops(counter, rates), train, running,
                                       *(t.contiguous() for t in wb))
