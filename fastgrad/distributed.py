@@ -679,21 +679,11 @@ def _refuse_a_rank_batch_of_one(dp, X, Y, batch_size, validation_split, validati
     """Batch norm in training mode: a rank's share of a global batch must
     not be 1 sample (found after the epoch's other steps had trained).
     Every rank has the same data and arguments, so all refuse alike."""
-    from .step import _split_validation
-    model = dp.model
-    if not (model.training and model._has_batch_norm):
-        return
+    from .step import _refuse_batch_of_one, _split_validation
     n = len(_split_validation(X, Y, validation_split, validation_data)[0])
-    world = dp.world
-    full = batch_size * world
-    n_batches = -(-n // full)
-    for size in {min(full, n), n - (n_batches - 1) * full}:
-        shares = [size * (r + 1) // world - size * r // world for r in range(world)]
-        if 1 in shares:
-            raise ValueError(
-                f"batch norm in training mode needs more than 1 sample per batch: a global "
-                f"batch of {size} samples over {world} ranks gives rank {shares.index(1)} "
-                f"1 sample (of {n}); choose another batch_size or use model.eval()")
+    full = batch_size * dp.world
+    _refuse_batch_of_one(dp.model, n, full, -(-n // full),
+                         "choose another batch_size or use model.eval()", world=dp.world)
 
 
 def _check_same_dataset(dp, X, Y, epochs, batch_size, shuffle, seed, initial_epoch,

@@ -77,12 +77,12 @@ Loading checks everything before building anything: a truncated, foreign,
 crafted or newer-version file raises ``ValueError`` saying what is wrong.
 """
 import hashlib
-import socket
 import json
 import math
 import numbers
 import os
 import secrets
+import socket
 
 import numpy as np
 

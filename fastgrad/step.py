@@ -203,7 +203,6 @@ class TrainStep:
             flags = epilogue.plan_flags(model.layers)
             self._drops, self._residual = flags["drops"], flags["residual"]
             self._norms, self._wn = flags["norms"], flags["wn"]
-            self._batch_norm = bool((self._norms == _spec.BATCH).any())
         # Where the skip decision stays on the device, the fused step of a
         # model with epilogue pieces keeps the dropout step there too, and
         # settles both there (see model.dropout_step).
@@ -448,11 +447,10 @@ class TrainStep:
         running statistics.  Raises before anything changes when the
         kernels do not serve a layer feature of the model."""
         m = self._model
-        if self._blocks and m.training and B == 1 and self._batch_norm:
+        if B == 1:
             # before the buffers and the pass team: a refused first call
             # started a compile worker that nothing waited for (a zombie)
-            raise ValueError("batch norm in training mode needs more than 1 sample per "
-                             "batch (got a batch of 1), as in PyTorch; use model.eval()")
+            _refuse_batch_of_one(m, 1, 1, 1, "use model.eval()")
         buf = self._buffers_for(B)
         # kept for the last buffers and kernels used: building the tuple is
         # ~1 us of a tiny net's ~20 us step
@@ -922,14 +920,23 @@ def _rebuilt_step(model, loss_fn, opt, cuda_graph, threads, fused_epochs, progre
     return step
 
 
-def _refuse_batch_of_one(model, n_order, batch_size, n_steps, hint):
-    """Before an epoch's first step: a batch of 1 (the last one, say) that
-    batch norm in training mode cannot take, refused as the step would."""
-    if model.training and model._has_batch_norm:
-        last = n_order - (n_steps - 1) * batch_size
-        if min(batch_size, n_order, last) == 1:
+def _refuse_batch_of_one(model, n_order, batch_size, n_steps, hint, world=1):
+    """Before the first step: a batch of 1 sample (the last one, say; with
+    ``world`` data-parallel ranks, a rank's share of one) that batch norm in
+    training mode cannot take, refused as the step would."""
+    if not (model.training and model._has_batch_norm):
+        return
+    last = n_order - (n_steps - 1) * batch_size
+    for size in {min(batch_size, n_order), last}:
+        shares = [size * (r + 1) // world - size * r // world for r in range(world)]
+        if 1 not in shares:
+            continue
+        if world == 1:
             raise ValueError("batch norm in training mode needs more than 1 sample per "
                              f"batch (got a batch of 1), as in PyTorch; {hint}")
+        raise ValueError(f"batch norm in training mode needs more than 1 sample per batch: "
+                         f"a global batch of {size} samples over {world} ranks gives rank "
+                         f"{shares.index(1)} 1 sample (of {n_order}); {hint}")
 
 
 def _read_only(a):

@@ -265,12 +265,12 @@ class FusedMLP(torch.nn.Module):
                              f"(n_in == n_out), got sizes {sizes}")
         self.sizes = [int(v) for v in sizes]
         self.activation, self.output_activation = activation, output_activation
-        self._dropout, self.residual, self.norm = float(dropout), bool(residual), norm
+        self.residual, self.norm = bool(residual), norm
         self.weight_norm = bool(weight_norm)
         self.dropout_step = 0
         names = [activation] * (n - 1) + [output_activation or "identity"]
         codes = [hidden] * (n - 1) + [last]
-        rates = [self._dropout if i < n - 1 else 0.0 for i in range(n)]
+        rates = [float(dropout) if i < n - 1 else 0.0 for i in range(n)]
         kind = _norm.KINDS[norm]
         self._plan = tuple((code, a, residual and i in square, kind if i < n - 1 else 0)
                            for i, (code, a) in enumerate(codes))
@@ -312,7 +312,7 @@ class FusedMLP(torch.nn.Module):
             # drawn after the weights, and only when used, so that the weights
             # equal those of the same nn.Sequential built after the same
             # torch.manual_seed
-            seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if self._dropout > 0 else 0
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if dropout > 0 else 0
         self.seed = int(seed)
 
     @property
@@ -322,7 +322,7 @@ class FusedMLP(torch.nn.Module):
         their ``p`` (a module built without dropout has none to set)."""
         rates = [float(d.p) for d in self._drop_mods if d is not None]
         if not rates:
-            return self._dropout
+            return 0.0
         return rates[0] if len(set(rates)) == 1 else tuple(rates)
 
     @dropout.setter
@@ -336,7 +336,6 @@ class FusedMLP(torch.nn.Module):
                              "children); build it with dropout=p")
         for d in mods:
             d.p = float(p)
-        self._dropout = float(p)
 
     def _child_rates(self):
         """Each layer's dropout rate as its ``nn.Dropout`` child says now
