@@ -27,7 +27,7 @@ stream captures, device work (kernel launches, GEMMs, device-to-device
 copies) is RECORDED, not run (outputs of recorded ops are NaN-filled until
 a replay), and ``graph.launch()`` replays it.  Host syncs and asynchronous
 host<->device copies during a capture raise and poison the capture.
-EMU_CAPTURE_MATMUL=raise makes GEMMs refuse capture (cupy issue 6290).
+GEMMs (cuBLAS) refuse capture, as CuPy's do (cupy issue 6290).
 ``cupy.cuda.nccl`` is present with ``available = False``, as in a wheel
 installed without libnccl.
 """
@@ -395,10 +395,11 @@ def asnumpy(a, stream=None, order="C", out=None, *, blocking=True):
 
 def matmul(*args, out=None, dtype=None, casting="same_kind", axes=None, axis=None,
            keepdims=False, signature=None, order="K"):
-    if _capture is not None and os.environ.get("EMU_CAPTURE_MATMUL") == "raise":
-        _capture.bad = _capture.bad or "cuBLAS under capture"
-        raise NotImplementedError("cuBLAS calls are not supported while a stream is capturing "
-                                  "(emulated cupy issue 6290)")
+    if _capture is not None:
+        # CuPy's cuBLAS wrapper checks the stream before any CUDA call and
+        # raises; the capture itself stays valid (cupy issue 6290).
+        raise NotImplementedError("calling cuBLAS API during stream capture is currently "
+                                  "unsupported")
     a, b = args
     A, B_ = _strict(a, "matmul"), _strict(b, "matmul")
     if out is not None:
