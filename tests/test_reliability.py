@@ -831,6 +831,81 @@ def test_corrupted_cache_entries_are_recompiled(tmp_path):
     assert n == 0 and params3 == params, text
 
 
+# Two copies of the kernels (a relu model's and a tanh model's) compile the
+# same cached function; the script prints what relu's copy computes.
+COPIES_SCRIPT = """
+import fcntl, os, warnings
+import numpy as np
+import numba.core.caching as caching
+locked = []
+save = caching.IndexDataCacheFile.save
+def probing_save(self, key, data):
+    # another open file description cannot take the lock while a save runs
+    fd = os.open(os.path.join(self._cache_path, "fastgrad.lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        locked.append(False)
+    except BlockingIOError:
+        locked.append(True)
+    finally:
+        os.close(fd)
+    return save(self, key, data)
+caching.IndexDataCacheFile.save = probing_save
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from fastgrad import registry
+    from fastgrad.kernels.spec import CODES
+    z = np.linspace(-2.0, 2.0, 15).reshape(3, 5)
+    for name in {names}:
+        copy = registry.cpu_kernels(codes=[CODES[name]])
+        out = z.copy()
+        copy.activations.bias_act_step(out, np.zeros(5), out, CODES[name], 0.0)
+ours = [str(w.message) for w in caught if "fastgrad" in str(w.message)]
+print("WARNINGS", len(ours), ours)
+print("PARAMS", out.tobytes().hex(), locked)
+"""
+
+
+def _poison_index(cache, function, victim, donor):
+    """Point the index entry of ``victim``'s copy of ``function`` at the
+    data of ``donor``'s copy: what two colliding unlocked saves leave."""
+    import pickle
+    [index] = cache.rglob(f"activations.{function}-*.nbi")
+    with open(index, "rb") as fh:
+        version = pickle.load(fh)
+        stamp, overloads = pickle.loads(fh.read())
+    [key] = [k for k in overloads if k[-1] == f"activations:{victim}"]
+    [other] = [k for k in overloads if k[-1] == f"activations:{donor}"]
+    overloads[key] = overloads[other]
+    with open(index, "wb") as fh:
+        pickle.dump(version, fh)
+        fh.write(pickle.dumps((stamp, overloads)))
+
+
+@pytest.mark.slow
+def test_cache_saves_are_locked_and_another_copys_code_is_a_miss(tmp_path):
+    from fastgrad.kernels.spec import CODES
+    cache = tmp_path / "numba_cache"
+    env = {"NUMBA_CACHE_DIR": str(cache)}
+    n, text, both = _run_script(COPIES_SCRIPT.format(names=["tanh", "relu"]), env)
+    assert n == 0 and both.endswith("[True, True]"), text + both   # saved under the lock
+    relu = np.maximum(np.linspace(-2.0, 2.0, 15), 0.0).tobytes().hex()
+    assert both.startswith(relu)
+    # With tanh's copy loaded, relu's entry would run tanh's code.
+    _poison_index(cache, "bias_act_step", CODES["relu"], CODES["tanh"])
+    n, text, after = _run_script(COPIES_SCRIPT.format(names=["tanh", "relu"]), env)
+    assert n == 1 and "held code compiled for" in text, text
+    assert after == relu + " [True]"                # recompiled, and written over
+    # The index was dropped: tanh's entry is compiled again, relu's loads.
+    n, text, again = _run_script(COPIES_SCRIPT.format(names=["tanh", "relu"]), env)
+    assert n == 0 and again == relu + " [True]", text + again
+    n, text, again = _run_script(COPIES_SCRIPT.format(names=["relu", "tanh"]), env)
+    out, saves = again.split(" ", 1)
+    assert n == 0 and saves == "[]", text + again
+    np.testing.assert_allclose(np.frombuffer(bytes.fromhex(out)),
+                               np.tanh(np.linspace(-2.0, 2.0, 15)), rtol=1e-15, atol=0)
+
+
 # -- 4. MPI: a failing rank ends the job; mismatched datasets are refused ----------------------
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

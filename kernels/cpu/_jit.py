@@ -18,6 +18,18 @@ garbled file) is treated as a miss for fastgrad's kernels: the entry is
 dropped, the kernel recompiled and the entry written again, with one
 RuntimeWarning, instead of every later run failing.
 
+Numba saves an entry without a lock: it reads the function's index, picks
+the first free data-file number, writes the index, then the data.  Two
+processes compiling at once (MPI ranks, test workers on a cold cache) can
+both pick the same number and leave an index whose key points at the other
+process's code; the per-model copies of this package share their index
+files, so the other code may be another model's (a dropout model trained
+without dropout).  For this package's kernels a save holds an exclusive
+``fcntl`` lock on the cache directory's ``fastgrad.lock``, and an entry whose
+code was compiled for another copy of the package (a cache poisoned before)
+is a miss: the function's index is dropped and the kernel recompiled, with
+one RuntimeWarning.
+
 Numba keys a cache entry on the function's own bytecode and file stamp
 only, so a kernel would not see an edit to a module it calls (mathfn, the
 activation table in ``kernels/spec.py`` its ladders are generated from).
@@ -25,10 +37,16 @@ For this package's kernels the key also holds a hash of the sources of
 ``kernels/spec.py`` and ``kernels/cpu/*.py``: any edit there recompiles
 every kernel instead of reusing stale code.
 """
+import contextlib
 import hashlib
 import os
 import sys
 import warnings
+
+try:
+    import fcntl
+except ImportError:                  # pragma: no cover - not POSIX: Numba's own behaviour
+    fcntl = None
 
 _PACKAGE = __name__.rpartition(".")[0]      # fastgrad.kernels.cpu
 _KERNELS = _PACKAGE.rpartition(".")[0] + "."  # fastgrad.kernels. (and its copies of cpu)
@@ -61,10 +79,16 @@ def _cache_available():
 
 
 _warned_corrupt = []
+_warned_foreign = []
+
+
+def _module_of(cache):
+    return getattr(getattr(cache, "_py_func", None), "__module__", "") or ""
 
 
 def _tolerate_bad_entries():
-    """Make a cache entry of this package's kernels that fails to load a miss.
+    """Make a cache entry of this package's kernels that fails to load, or
+    holds another copy's code, a miss.
 
     Numba raises whatever unpickling a damaged index or data file raises
     (UnpicklingError, EOFError, ...), on every run.  The wrapper only
@@ -78,28 +102,86 @@ def _tolerate_bad_entries():
 
     def load_overload(self, sig, target_context):
         try:
-            return original(self, sig, target_context)
+            loaded = original(self, sig, target_context)
         except Exception as exc:
-            module = getattr(getattr(self, "_py_func", None), "__module__", "") or ""
+            module = _module_of(self)
             if not module.startswith(_KERNELS):
                 raise
             # Drop the index so that the recompiled kernel writes a fresh one
             # (saving reads the index first and would fail on it again).
-            index = getattr(getattr(self, "_cache_file", None), "_index_path", None)
-            if index:
-                try:
-                    os.unlink(index)
-                except OSError:
-                    pass
+            _drop_index(self)
             if not _warned_corrupt:
                 _warned_corrupt.append(True)
                 warnings.warn(f"fastgrad: an unreadable Numba cache entry for {self._name} "
                               f"({type(exc).__name__}: {exc}) was discarded; the kernel is "
                               "recompiled and cached again.", RuntimeWarning, stacklevel=2)
             return None
+        module = _module_of(self)
+        compiled_for = getattr(getattr(loaded, "fndesc", None), "modname", module)
+        if module.startswith(_KERNELS) and compiled_for != module:
+            # Two unlocked saves collided (before the lock below): the key
+            # names this copy, the data another's, which another key may
+            # name too.  A fresh index: no key keeps the shared data file.
+            _drop_index(self)
+            if not _warned_foreign:
+                _warned_foreign.append(True)
+                warnings.warn(f"fastgrad: the Numba cache entry for {self._name} held code "
+                              f"compiled for {compiled_for}, not {module}; the kernel is "
+                              "recompiled and cached again.", RuntimeWarning, stacklevel=2)
+            return None
+        return loaded
 
     load_overload._fastgrad_tolerant = True
     Cache.load_overload = load_overload
+
+
+@contextlib.contextmanager
+def _cache_dir_lock(cache):
+    """An exclusive lock on ``fastgrad.lock`` in ``cache``'s directory, for
+    the span of one save; none where the file cannot be opened (the save
+    then fails or succeeds as Numba's own would)."""
+    path = getattr(getattr(cache, "_cache_file", None), "_cache_path", None)
+    if fcntl is None or path is None:
+        yield
+        return
+    try:
+        fd = os.open(os.path.join(path, "fastgrad.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)                 # releases the lock
+
+
+def _drop_index(cache):
+    index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+    if index:
+        with _cache_dir_lock(cache):
+            try:
+                os.unlink(index)
+            except OSError:
+                pass
+
+
+def _lock_saves():
+    """Hold the cache directory's lock while Numba saves an entry of this
+    package's kernels (read the index, pick a data file, write both)."""
+    from numba.core.caching import Cache
+    if getattr(Cache.save_overload, "_fastgrad_locked", False):
+        return
+    original = Cache.save_overload
+
+    def save_overload(self, sig, data):
+        if not _module_of(self).startswith(_KERNELS):
+            return original(self, sig, data)
+        with _cache_dir_lock(self):
+            return original(self, sig, data)
+
+    save_overload._fastgrad_locked = True
+    Cache.save_overload = save_overload
 
 
 _fingerprint = []
@@ -142,6 +224,7 @@ def _key_on_sources():
 
 
 _tolerate_bad_entries()
+_lock_saves()
 _key_on_sources()
 
 # A private copy of this package built for registered activations
