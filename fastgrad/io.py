@@ -650,6 +650,7 @@ def _load(path, dev):
     for name in buffers:
         getattr(model, name)[...] = xp.asarray(arrays[name])
     model.params[...] = xp.asarray(arrays[PARAMS])
+    model._refresh_weight_norm()     # layer.W of weight-normalised layers, as load_state_dict
     opt = None
     if opt_cls is not None:
         opt = opt_cls(model)

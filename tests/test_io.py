@@ -104,6 +104,18 @@ def test_model_only_and_sequential(tmp_path, rng):
     np.testing.assert_array_equal(model2.predict(x), model.predict(x))
 
 
+def test_loaded_weight_norm_layers_hold_their_effective_weight(tmp_path, rng):
+    """layer.W of a weight-normalised layer is g v / ||v|| of the loaded
+    parameters, as after load_state_dict (it read NaN)."""
+    model = fg.MLP([4, 5, 3], activation="tanh", weight_norm=True, dtype="float64", seed=0)
+    model.params[...] = rng.standard_normal(model.n_params)
+    save(str(tmp_path / "wn.fgz"), model)
+    loaded, _ = load(tmp_path / "wn.fgz")
+    for layer in loaded.layers:
+        v, g = layer.v.astype(np.float64), layer.g.astype(np.float64)
+        np.testing.assert_allclose(layer.W, g * v / np.linalg.norm(v, axis=0), rtol=1e-12)
+
+
 def test_save_overwrites_atomically_and_leaves_no_temp(tmp_path):
     model = _model("float32")
     path = tmp_path / "ckpt.fgz"
