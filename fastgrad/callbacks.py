@@ -6,7 +6,10 @@ A callback is an object with any of
   already holds every key the epochs will fill, so a callback can refuse a
   metric that will never come (``ValueError`` before any training);
 * ``on_epoch_end(epoch, history, step)``: after each epoch's figures (and
-  validation) are in ``history``; returning True stops training;
+  validation) are in ``history``; returning True stops training; callbacks
+  whose ``saves_state`` is True (ModelCheckpoint) run after the others, so
+  that a checkpoint holds their changes of its epoch (a plateau cut) in
+  either order of the list;
 * ``on_train_end(step, history)``: after the last epoch (also an early one);
   callbacks whose ``changes_model_at_end`` is True (EarlyStopping restoring
   the best weights) run after the others, so that ModelCheckpoint's last
@@ -152,6 +155,8 @@ class ModelCheckpoint(Callback):
     otherwise each save replaces the last (atomically).  ``saved`` lists
     the paths written.
     """
+
+    saves_state = True          # fit runs it after the other epoch callbacks
 
     def __init__(self, path, every=1, save_last=True):
         if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:

@@ -1229,7 +1229,10 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
         continues as it would have.  A run resumed from a checkpoint saved
         after epoch ``e - 1`` (``fastgrad.save``/``load`` of the model and
         optimizer) with ``initial_epoch=e`` and the same seed trains on as
-        the uninterrupted run.
+        the uninterrupted run.  Epoch callbacks start afresh, as Keras's:
+        ``EarlyStopping`` counts its patience and best value from the
+        resumed epoch (a plateau schedule's counters are the optimizer's and
+        resume with it).
     validation_split : as Keras's: the fraction in [0, 1) of the samples,
         the last ones before any shuffling, held out as ``validation_data``
         (``floor(n * (1 - validation_split))`` train); ignored when
@@ -1243,7 +1246,9 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     per-step callbacks are then called after each chunk, for each of its
     steps in order, with the same ``(step_index, loss, stats)``; a callback
     that changes the optimizer or model takes effect from the next chunk
-    rather than the next step.  ``step.fused_epochs = False`` runs the
+    rather than the next step, and one that reads them (a save) sees them
+    at the chunk's end: save at a step with ``fused_epochs = False``, or at
+    an epoch's end with ``ModelCheckpoint``.  ``step.fused_epochs = False`` runs the
     per-step loop instead.  Labels and targets are checked for the whole
     dataset before the first step.
 
@@ -1427,8 +1432,11 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
                 if bar is not None:
                     bar.set_postfix(epoch=epoch + 1, loss=f"{history['loss'][-1]:.4f}",
                                     **shown_val)
+            # a callback that saves the training state (ModelCheckpoint) runs
+            # after the others: the checkpoint of epoch e holds their changes
+            # of epoch e (a plateau cut), so a resume from it misses none
             stop = False
-            for cb in epoch_hooks:
+            for cb in sorted(epoch_hooks, key=lambda cb: bool(getattr(cb, "saves_state", False))):
                 stop = bool(cb.on_epoch_end(epoch, history, step)) or stop
             if stop:
                 break

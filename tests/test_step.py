@@ -353,6 +353,36 @@ def test_fit_resumes_at_initial_epoch_as_the_uninterrupted_run(tmp_path, fused):
         run(2, initial_epoch=3)
 
 
+@pytest.mark.parametrize("checkpoint_first", [True, False])
+def test_checkpoint_of_an_epoch_holds_its_plateau_cut(tmp_path, checkpoint_first):
+    """ModelCheckpoint listed before ReduceLROnPlateau: the file of epoch e
+    holds e's cut, so the run resumed from it trains on bitwise (it missed
+    the cut: lr 0.0125 against 0.00625)."""
+    from fastgrad import callbacks as C, schedules as S
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((64, 4)), rng.integers(0, 2, 64)
+
+    def run(model, opt, folder, initial_epoch=0):
+        # the loss falls every epoch: in "max" mode with patience 0 every
+        # epoch is a plateau, and the lr is cut after each
+        saves = C.ModelCheckpoint(str(folder / "ck-{epoch}.fgz"))
+        cuts = C.ReduceLROnPlateau("loss", mode="max")
+        fg.fit(fg.TrainStep(model, fg.SoftmaxCrossEntropy(), opt), X, Y, epochs=5,
+               batch_size=16, seed=1, progress=False, initial_epoch=initial_epoch,
+               callbacks=[saves, cuts] if checkpoint_first else [cuts, saves])
+        return cuts.reductions
+
+    model = fg.MLP([4, 8, 2], dtype="float64", seed=0)
+    opt = fg.SGD(model, lr=S.ReduceLROnPlateau(0.1, mode="max", patience=0, factor=0.5))
+    (tmp_path / "a").mkdir()
+    assert run(model, opt, tmp_path / "a") == [1, 2, 3, 4]
+    model2, opt2 = fg.load(tmp_path / "a" / "ck-3.fgz")     # after epochs 0, 1, 2
+    assert opt2.lr == 0.1 * 0.5 ** 2
+    (tmp_path / "b").mkdir()
+    run(model2, opt2, tmp_path / "b", initial_epoch=3)
+    assert opt2.lr == opt.lr and model2.params.tobytes() == model.params.tobytes()
+
+
 def test_fit_shuffle_is_seeded():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((50, 3))

@@ -391,7 +391,10 @@ _NOOP_DOC = """
         ``lr`` (of the first group with gradients), ``step``
         (``n_updates``).
     n_updates, n_skipped : int
-        Steps applied, and skipped for a non-finite gradient.
+        Steps applied, and skipped for a non-finite gradient, by this
+        object: not in ``state_dict`` (torch's format), so a loaded
+        optimizer counts them from 0 while each parameter's
+        ``state["step"]`` carries on.
     parallel : bool
         Run the update on Numba's threads (default False; bitwise the same).
 """
