@@ -291,6 +291,34 @@ def test_two_param_groups_and_a_scheduler_match_torch(kind, hyper):
     assert twin.fopt.param_groups[1]["lr"] == twin.topt.param_groups[1]["lr"] < extra["lr"]
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("kind,hyper", [RULE_CONFIGS[i] for i in (2, 4, 9)],
+                         ids=[RULE_IDS[i] for i in (2, 4, 9)])
+def test_a_copied_optimizer_trains_on_as_the_original(kind, hyper, how):
+    """As torch's optimizers do (a spawn worker pickles it): the copy keeps
+    its clipping, counters and state and steps bitwise as the original (it
+    raised AttributeError '_dtype', and clip_norm was lost)."""
+    import pickle
+    grads = _grad_seq(SHAPES, steps=8)
+    params = _params(0)
+    opt = getattr(fgt, kind)(params, clip_norm=0.7, skip_nonfinite=False, **hyper)
+    for gs in grads[:4]:
+        for p, g in zip(params, gs):
+            p.grad = torch.tensor(g)
+        opt.step()
+    twin = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    assert (twin.clip_norm, twin.skip_nonfinite, twin.n_updates) == (0.7, False, 4)
+    for gs in grads[4:]:
+        for ps, o in ((params, opt), (twin_params, twin)):
+            for p, g in zip(ps, gs):
+                p.grad = torch.tensor(g)
+            o.step()
+    assert twin.n_updates == opt.n_updates == 8 and twin.stats.clipped == opt.stats.clipped
+    for p, q in zip(params, twin_params):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+
+
 def test_params_without_grad_are_skipped_as_torch_does():
     twin = _Twin("Adam", dict(lr=1e-2), 1.0, None)
     seq = _grad_seq(SHAPES)
