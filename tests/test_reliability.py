@@ -906,6 +906,51 @@ def test_cache_saves_are_locked_and_another_copys_code_is_a_miss(tmp_path):
                                np.tanh(np.linspace(-2.0, 2.0, 15)), rtol=1e-15, atol=0)
 
 
+# A file system without flock (ENOSYS), and a tool that wraps Numba's save
+# after fastgrad did (each kernel copy runs fastgrad's wrapper module again).
+NO_FLOCK = """
+import errno, fcntl
+def no_flock(fd, op):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+fcntl.flock = no_flock
+"""
+AWKWARD_LOCK_SCRIPT = """
+import warnings
+import numpy as np
+{prelude}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import fastgrad
+    import numba.core.caching as caching
+    inner = caching.Cache.save_overload
+    saves = []
+    def counting_save(self, sig, data):
+        saves.append(self._name)
+        return inner(self, sig, data)
+    caching.Cache.save_overload = counting_save
+    from fastgrad import registry
+    from fastgrad.kernels.spec import CODES
+    copy = registry.cpu_kernels(codes=[CODES["relu"]])
+    out = np.linspace(-2.0, 2.0, 15).reshape(3, 5)
+    copy.activations.bias_act_step(out, np.zeros(5), out, CODES["relu"], 0.0)
+ours = [str(w.message) for w in caught if "fastgrad" in str(w.message)]
+print("WARNINGS", len(ours), ours)
+print("PARAMS", out.tobytes().hex(), len(saves))
+"""
+
+
+@pytest.mark.parametrize("flock", [True, False], ids=["second_wrapper", "no_flock"])
+def test_cache_saves_without_flock_or_under_a_second_wrapper(tmp_path, flock):
+    """Where flock fails the save goes on unlocked (it raised ENOSYS out of
+    every compile); a wrapper installed after fastgrad's no longer makes the
+    next kernel copy wrap the save again (its second lock waited forever)."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba_cache"), "FASTGRAD_COMPILE_WORKER": "0"}
+    script = AWKWARD_LOCK_SCRIPT.format(prelude="" if flock else NO_FLOCK)
+    n, text, out = _run_script(script, env, timeout=120)
+    relu = np.maximum(np.linspace(-2.0, 2.0, 15), 0.0).tobytes().hex()
+    assert n == 0 and out == relu + " 1", text + out
+
+
 # -- 4. MPI: a failing rank ends the job; mismatched datasets are refused ----------------------
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

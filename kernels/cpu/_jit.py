@@ -96,7 +96,7 @@ def _tolerate_bad_entries():
     the same process sees Numba's own behaviour.
     """
     from numba.core.caching import Cache
-    if getattr(Cache.load_overload, "_fastgrad_tolerant", False):
+    if getattr(Cache, "_fastgrad_tolerant", False):
         return
     original = Cache.load_overload
 
@@ -131,8 +131,8 @@ def _tolerate_bad_entries():
             return None
         return loaded
 
-    load_overload._fastgrad_tolerant = True
     Cache.load_overload = load_overload
+    Cache._fastgrad_tolerant = True
 
 
 @contextlib.contextmanager
@@ -141,16 +141,23 @@ def _cache_dir_lock(cache):
     the span of one save; none where the file cannot be opened (the save
     then fails or succeeds as Numba's own would)."""
     path = getattr(getattr(cache, "_cache_file", None), "_cache_path", None)
-    if fcntl is None or path is None:
+    fd = None
+    if fcntl is not None and path is not None:
+        lock = os.path.join(path, "fastgrad.lock")
+        for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):   # flock needs no write access
+            try:
+                fd = os.open(lock, flags, 0o666)
+                break
+            except OSError:
+                pass
+    if fd is None:
         yield
         return
     try:
-        fd = os.open(os.path.join(path, "fastgrad.lock"), os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass       # a file system without flock (Lustre without -o flock): unlocked
         yield
     finally:
         os.close(fd)                 # releases the lock
@@ -170,7 +177,10 @@ def _lock_saves():
     """Hold the cache directory's lock while Numba saves an entry of this
     package's kernels (read the index, pick a data file, write both)."""
     from numba.core.caching import Cache
-    if getattr(Cache.save_overload, "_fastgrad_locked", False):
+    # Marked on the class: a second wrapper (each copy of this package runs
+    # this module again; another tool may have wrapped the method since)
+    # would take the lock again on a second descriptor and wait forever.
+    if getattr(Cache, "_fastgrad_locked", False):
         return
     original = Cache.save_overload
 
@@ -180,8 +190,8 @@ def _lock_saves():
         with _cache_dir_lock(self):
             return original(self, sig, data)
 
-    save_overload._fastgrad_locked = True
     Cache.save_overload = save_overload
+    Cache._fastgrad_locked = True
 
 
 _fingerprint = []
@@ -202,7 +212,7 @@ def _sources_fingerprint():
 def _key_on_sources():
     """Add the sources' fingerprint to the cache key of this package's kernels."""
     from numba.core.caching import Cache
-    if getattr(Cache._index_key, "_fastgrad_sources", False):
+    if getattr(Cache, "_fastgrad_sources", False):
         return
     original = Cache._index_key
 
@@ -219,8 +229,8 @@ def _key_on_sources():
             key = key + (_sources_fingerprint(), getattr(package, "_VARIANT", ""))
         return key
 
-    _index_key._fastgrad_sources = True
     Cache._index_key = _index_key
+    Cache._fastgrad_sources = True
 
 
 _tolerate_bad_entries()
