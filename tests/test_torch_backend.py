@@ -1134,3 +1134,62 @@ def test_fused_mlp_norm_refusals():
         with pytest.raises(ValueError, match="eps 1e-05 and momentum 0.1"):
             mlp(x)
         mlp.to_sequential()(x)          # torch's modules run any
+
+
+def test_torch_compile_runs_fastgrad_eagerly_inside_the_graph():
+    """torch.compile of a training step around FusedMLP (dropout) and a
+    fastgrad.torch optimizer: graph breaks at fastgrad's calls, the same
+    parameters as the eager loop (it failed in TorchDynamo, and the
+    optimizer's first step gathered one parameter's new state for all)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+
+    def train(compile_step):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(
+            fgt.FusedMLP([5, 8, 8, 4], activation="tanh", dropout=0.25, seed=1,
+                         dtype=torch.float64),
+            torch.nn.Linear(4, 3, dtype=torch.float64))
+        opt = fgt.Adam(model.parameters(), lr=1e-2, clip_norm=1.0)
+
+        def step():
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+
+        run = torch.compile(step, backend="eager") if compile_step else step
+        losses = [float(run().detach()) for _ in range(3)]
+        return losses, [p.detach().clone() for p in model.parameters()], opt
+
+    eager, compiled = train(False), train(True)
+    assert compiled[0] == eager[0] and compiled[2].n_updates == 3
+    for p, q in zip(eager[1], compiled[1]):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("hook", ["forward", "pre", "backward", "spectral_norm"])
+def test_hooks_on_children_are_refused_and_on_the_module_run(hook):
+    """FusedMLP never calls its children: their hooks would silently not run
+    (spectral_norm's pre-hook: output 0.89 off nn.Sequential's)."""
+    torch.manual_seed(0)
+    mlp = fgt.FusedMLP([5, 8, 3], activation="tanh")
+    x = torch.randn(4, 5)
+    child = mlp._modules["0"]
+    if hook == "forward":
+        child.register_forward_hook(lambda m, i, o: o * 0)
+    elif hook == "pre":
+        child.register_forward_pre_hook(lambda m, i: None)
+    elif hook == "backward":
+        child.register_full_backward_hook(lambda m, gi, go: None)
+    else:
+        torch.nn.utils.spectral_norm(child)
+    with pytest.raises(ValueError, match="hooks on its child Linear would never run"):
+        mlp(x)
+    seen = []
+    plain = fgt.FusedMLP([5, 8, 3], activation="tanh")
+    plain.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    plain(x)
+    assert seen == [torch.Size([4, 3])]
+

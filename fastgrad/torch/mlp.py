@@ -30,6 +30,7 @@ from ..kernels.cpu.dense_torch import (block_backward_t, block_forward_t, dense_
                                        dense_forward_t, norm_backward_t, norm_forward_t)
 from ..layers import _dropout_args
 from ..ops import resolve_activation
+from ._eager import not_traced
 
 __all__ = ["FusedMLP"]
 
@@ -226,7 +227,12 @@ class FusedMLP(torch.nn.Module):
     module's dtype on the CPU (2-D with batch norm, as ``nn.BatchNorm1d``
     after ``nn.Linear``); other dtypes or devices raise TypeError.  The
     children's other settings (an activation's slope, the modules
-    themselves) are the kernels': a change is refused at the next forward.
+    themselves) are the kernels': a change is refused at the next forward,
+    as are hooks on the children, which would never run (hook the module
+    itself).  Under ``torch.compile`` the forward is a graph break (it runs
+    eagerly); under ``torch.autocast`` it computes in the parameters' dtype;
+    ``torch.func`` transforms (vmap, grad) are not supported: use
+    :meth:`to_sequential` for those.
     The backward is not itself differentiable: a double backward
     (``create_graph=True``: Hessians, gradient penalties) raises
     RuntimeError; :meth:`to_sequential` gives the module that supports it.
@@ -344,6 +350,16 @@ class FusedMLP(torch.nn.Module):
         if _children_of(self._containers) != self._children_built:
             raise ValueError("FusedMLP's child modules were replaced; its kernels run the "
                              "layers it was built with (to_sequential() runs any)")
+        for children in self._children_built:
+            for m in children:
+                if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks \
+                        or getattr(m, "_backward_pre_hooks", None):
+                    raise ValueError(
+                        f"FusedMLP runs its layers in fused kernels, not its children's "
+                        f"forwards: the hooks on its child {type(m).__name__} would never run "
+                        "(torch.nn.utils.weight_norm, spectral_norm and pruning are such "
+                        "hooks; torch.nn.utils.parametrizations work).  Hook the FusedMLP "
+                        "itself, or use to_sequential()")
         for act, built in zip(self._acts, self._act_settings):
             if act is not None and tuple(act.__dict__.get(k) for k in built[0]) != built[1]:
                 was = ", ".join(f"{k}={v!r}" for k, v in zip(*built))
@@ -374,6 +390,7 @@ class FusedMLP(torch.nn.Module):
             out.append((drop, key, thresh, scale))
         return tuple(out)
 
+    @not_traced
     def forward(self, x):
         wb = []
         train = self.training
@@ -397,7 +414,9 @@ class FusedMLP(torch.nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"FusedMLP expects a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu" or any(t.device.type != "cpu" for t in wb + bufs):
-            raise TypeError(f"FusedMLP runs on the CPU; got an input on {x.device}")
+            where = sorted({str(t.device) for t in wb + bufs})
+            raise TypeError(f"FusedMLP runs on the CPU; got an input on {x.device}, "
+                            f"parameters and buffers on {', '.join(where)}")
         if dt not in (torch.float32, torch.float64) or x.dtype != dt or \
                 any(t.dtype != dt for t in wb + bufs):
             raise TypeError(f"FusedMLP: input dtype {x.dtype}, parameters "

@@ -15,6 +15,7 @@ from ..kernels.cpu import multi_tensor as _mt
 from ..kernels.cpu import optim as _k
 from ..optim import _CHECKS, _TORCH_NOOP_FLAGS, StepStats, _check_torch_flags, _clip_arg, _flag, \
     _nonneg
+from ._eager import not_traced
 
 __all__ = ["Adam", "AdamW", "SGD", "RMSprop"]
 
@@ -292,6 +293,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
         for p in new:
             self.state.pop(p, None)
 
+    @not_traced
     @torch.no_grad()
     def step(self, closure=None):
         """One clipped update of every parameter that has a gradient.
