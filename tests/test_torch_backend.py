@@ -1192,4 +1192,10 @@ def test_hooks_on_children_are_refused_and_on_the_module_run(hook):
     plain.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     plain(x)
     assert seen == [torch.Size([4, 3])]
+    # a parametrization's modules run when .weight is read: their hooks do
+    normed = fgt.FusedMLP([5, 8, 3], activation="tanh", weight_norm=True)
+    normed._modules["0"].parametrizations.weight.register_forward_hook(
+        lambda m, i, o: seen.append(type(m).__name__))
+    normed(x)
+    assert seen[1:] == ["ParametrizationList"]
 

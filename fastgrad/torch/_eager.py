@@ -20,7 +20,8 @@ def not_traced(fn):
         if not torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if not disabled:
-            disabled.append(torch.compiler.disable(fn))
+            disabled.append(torch.compiler.disable(
+                fn, reason=f"fastgrad's {fn.__qualname__} runs Numba kernels: a graph break"))
         return disabled[0](*args, **kwargs)
 
     return run

@@ -42,6 +42,16 @@ def _children_of(containers):
     return tuple(tuple(m._modules.values()) for m in containers)
 
 
+def _replaced_forwards(module):
+    """The modules under ``module`` whose forwards the kernels replace: all
+    but parametrizations (torch runs those when a ``.weight`` is read)."""
+    out = []
+    for name, child in module.named_children():
+        if name != "parametrizations":
+            out += [child] + _replaced_forwards(child)
+    return out
+
+
 def _settings(act):
     """An activation module's settings that change its values (not
     ``inplace``, which torch code sets freely): ``(names, values)``."""
@@ -314,6 +324,7 @@ class FusedMLP(torch.nn.Module):
         self._act_settings = [_settings(a) for a in self._acts]
         self._containers = [m for m in self.modules() if m._modules]
         self._children_built = _children_of(self._containers)
+        self._not_called = _replaced_forwards(self)
         if seed is None:
             # drawn after the weights, and only when used, so that the weights
             # equal those of the same nn.Sequential built after the same
@@ -350,16 +361,15 @@ class FusedMLP(torch.nn.Module):
         if _children_of(self._containers) != self._children_built:
             raise ValueError("FusedMLP's child modules were replaced; its kernels run the "
                              "layers it was built with (to_sequential() runs any)")
-        for children in self._children_built:
-            for m in children:
-                if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks \
-                        or getattr(m, "_backward_pre_hooks", None):
-                    raise ValueError(
-                        f"FusedMLP runs its layers in fused kernels, not its children's "
-                        f"forwards: the hooks on its child {type(m).__name__} would never run "
-                        "(torch.nn.utils.weight_norm, spectral_norm and pruning are such "
-                        "hooks; torch.nn.utils.parametrizations work).  Hook the FusedMLP "
-                        "itself, or use to_sequential()")
+        for m in self._not_called:
+            if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks \
+                    or getattr(m, "_backward_pre_hooks", None):
+                raise ValueError(
+                    f"FusedMLP runs its layers in fused kernels, not its children's "
+                    f"forwards: the hooks on its child {type(m).__name__} would never run "
+                    "(torch.nn.utils.weight_norm, spectral_norm and pruning are such "
+                    "hooks; torch.nn.utils.parametrizations work).  Hook the FusedMLP "
+                    "itself, or use to_sequential()")
         for act, built in zip(self._acts, self._act_settings):
             if act is not None and tuple(act.__dict__.get(k) for k in built[0]) != built[1]:
                 was = ", ".join(f"{k}={v!r}" for k, v in zip(*built))
