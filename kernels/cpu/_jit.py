@@ -86,6 +86,17 @@ def _module_of(cache):
     return getattr(getattr(cache, "_py_func", None), "__module__", "") or ""
 
 
+def _discard(cache, warned, what):
+    """A miss: drop ``cache``'s index, so that the recompiled kernel writes
+    a fresh one, and say ``what`` happened (once a process per kind)."""
+    _drop_index(cache)
+    if not warned:
+        warned.append(True)
+        warnings.warn(f"fastgrad: {what}; the kernel is recompiled and cached again.",
+                      RuntimeWarning, stacklevel=3)
+    return None
+
+
 def _tolerate_bad_entries():
     """Make a cache entry of this package's kernels that fails to load, or
     holds another copy's code, a miss.
@@ -107,28 +118,19 @@ def _tolerate_bad_entries():
             module = _module_of(self)
             if not module.startswith(_KERNELS):
                 raise
-            # Drop the index so that the recompiled kernel writes a fresh one
-            # (saving reads the index first and would fail on it again).
-            _drop_index(self)
-            if not _warned_corrupt:
-                _warned_corrupt.append(True)
-                warnings.warn(f"fastgrad: an unreadable Numba cache entry for {self._name} "
-                              f"({type(exc).__name__}: {exc}) was discarded; the kernel is "
-                              "recompiled and cached again.", RuntimeWarning, stacklevel=2)
-            return None
+            # (saving reads the index first and would fail on it again)
+            return _discard(self, _warned_corrupt,
+                            f"an unreadable Numba cache entry for {self._name} "
+                            f"({type(exc).__name__}: {exc}) was discarded")
         module = _module_of(self)
         compiled_for = getattr(getattr(loaded, "fndesc", None), "modname", module)
         if module.startswith(_KERNELS) and compiled_for != module:
             # Two unlocked saves collided (before the lock below): the key
             # names this copy, the data another's, which another key may
             # name too.  A fresh index: no key keeps the shared data file.
-            _drop_index(self)
-            if not _warned_foreign:
-                _warned_foreign.append(True)
-                warnings.warn(f"fastgrad: the Numba cache entry for {self._name} held code "
-                              f"compiled for {compiled_for}, not {module}; the kernel is "
-                              "recompiled and cached again.", RuntimeWarning, stacklevel=2)
-            return None
+            return _discard(self, _warned_foreign,
+                            f"the Numba cache entry for {self._name} held code compiled for "
+                            f"{compiled_for}, not {module}")
         return loaded
 
     Cache.load_overload = load_overload
