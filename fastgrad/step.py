@@ -1247,9 +1247,9 @@ def fit(step, X, Y, epochs=1, batch_size=32, shuffle=True, seed=0, progress=True
     steps in order, with the same ``(step_index, loss, stats)``; a callback
     that changes the optimizer or model takes effect from the next chunk
     rather than the next step, and one that reads them (a save) sees them
-    at the chunk's end: save at a step with ``fused_epochs = False``, or at
-    an epoch's end with ``ModelCheckpoint``.  ``step.fused_epochs = False`` runs the
-    per-step loop instead.  Labels and targets are checked for the whole
+    at the chunk's end.  ``step.fused_epochs = False`` runs the per-step
+    loop instead (a save at a given step; or save at an epoch's end with
+    ``ModelCheckpoint``).  Labels and targets are checked for the whole
     dataset before the first step.
 
     With ``progress``, a compile that runs for more than a second (a cold
