@@ -356,8 +356,9 @@ class FusedMLP(torch.nn.Module):
 
     def _child_rates(self):
         """Each layer's dropout rate as its ``nn.Dropout`` child says now
-        (torch code sets ``p`` in place); children replaced or activations
-        changed, which the kernels would ignore, are refused."""
+        (torch code sets ``p`` in place); children replaced, activations
+        changed or children hooked, which the kernels would ignore, are
+        refused."""
         if _children_of(self._containers) != self._children_built:
             raise ValueError("FusedMLP's child modules were replaced; its kernels run the "
                              "layers it was built with (to_sequential() runs any)")

@@ -124,8 +124,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     # fastgrad's settings and counters, kept with torch's three entries when
     # the optimizer is pickled or deep-copied (a spawn worker, a snapshot)
-    _OWN = ("clip_norm", "clip_value", "skip_nonfinite", "stats", "parallel", "n_updates",
-            "n_skipped", "_dtype")
+    # (with the values an optimizer pickled without them takes)
+    _OWN = dict(clip_norm=None, clip_value=None, skip_nonfinite=True, stats=None, parallel=False,
+                n_updates=0, n_skipped=0, _dtype=None)
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -135,11 +136,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         # also torch's load_state_dict's way in, with state and groups alone
         super().__setstate__(state)
-        for k, default in (("clip_norm", None), ("clip_value", None), ("skip_nonfinite", True),
-                           ("stats", None), ("parallel", False), ("n_updates", 0),
-                           ("n_skipped", 0)):
+        for k, default in self._OWN.items():
             self.__dict__.setdefault(k, default)
-        if self.__dict__.get("_dtype") is None:
+        if self._dtype is None:
             self._dtype = next((p.dtype for g in self.param_groups for p in g["params"]), None)
         for group in self.param_groups:
             for k, v in self.defaults.items():
