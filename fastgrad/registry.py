@@ -368,7 +368,7 @@ def cpu_kernels(codes=None, rules=None, losses=None, features=None, team=False):
     2 activation loops, one rule and one loss instead of all of them.
 
     ``team``: whether its step driver has the branches that run its
-    activation and update passes through the pass team's members, split on
+    activation, loss and update passes through the pass team's members, split on
     the team or not (``kernels/cpu/pass_team.py``; a ``TrainStep`` asks for
     them while there is a team).  Without them the driver runs its own
     serial passes and a cold first step compiles no member (~0.7 s less).

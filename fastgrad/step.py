@@ -131,8 +131,8 @@ class TrainStep:
     deterministic for a given ``n`` and equal the one-thread step up to
     rounding (a batch mean summed from shard means), bitwise for ``n=1``.
     ``threads=None`` (default) leaves the GEMMs to BLAS's own threads, and
-    the step's activation passes and, from 2^15 parameters, its update run
-    on those same threads (OpenBLAS's workers, or the shared pool's with
+    the step's activation passes, its loss from 2^14 outputs and, from 2^15
+    parameters, its update run on those same threads (OpenBLAS's workers, or the shared pool's with
     ``fastgrad.share_blas_pool``; ``fastgrad.kernels.cpu.pass_team``),
     bitwise the serial passes; ``opt.parallel = False`` keeps the update
     serial.

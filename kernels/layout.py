@@ -51,15 +51,16 @@ PLAN_NWORK, PLAN_WNORM, PLAN_SAVED = 8, 9, 10                            # in fp
 # The host's thread pool for the step's passes (CPU, kernels/cpu/
 # pass_team.py): threads (0: serial passes), then function addresses: the
 # team's start, its activation members and its update members (a driver
-# with the team's branches runs its activation and update passes through
-# the members, serially too); then where the team runs: the address of
-# OpenBLAS's thread count (its own workers) or 0 (GNU OpenMP's pool); then
-# whether the update is split on the team (0: serial, ``opt.parallel =
-# False``) and the item size of the dtype the members were compiled for.
+# with the team's branches runs its activation, loss and update passes
+# through the members, serially too); then where the team runs: the address
+# of OpenBLAS's thread count (its own workers) or 0 (GNU OpenMP's pool);
+# then whether the update is split on the team (0: serial, ``opt.parallel =
+# False``), the item size of the dtype the members were compiled for, and
+# the loss's member.
 PLAN_POOL_THREADS, PLAN_POOL_START, PLAN_POOL_FORWARD, PLAN_POOL_GRAD = 11, 12, 13, 14
 PLAN_POOL_NORM, PLAN_POOL_UPDATE, PLAN_POOL_BLAS, PLAN_POOL_SPLIT_UPDATE = 15, 16, 17, 18
-PLAN_POOL_ITEMSIZE = 19
-PLAN_HEADER = 20
+PLAN_POOL_ITEMSIZE, PLAN_POOL_LOSS = 19, 20
+PLAN_HEADER = 21
 PLAN_RESIDUAL, PLAN_NORM, PLAN_WN = 0, 1, 2          # plan[PLAN_HEADER + PLAN_ROW * l + k]
 PLAN_ROW = 3
 

@@ -15,6 +15,7 @@ import pytest
 import fastgrad as fg
 from fastgrad import _compile_worker, registry
 from fastgrad import threads as fg_threads
+from fastgrad.kernels.cpu import pass_team
 
 SIZES = [11, 17, 5]
 # the first call of each: the driver it compiles
@@ -96,19 +97,21 @@ def _in_process(name):
 @needs_team
 def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
     """Each driver entry's cold first call (step, gradients, epoch): a worker
-    compiled the members (exit 0), this process loaded all four from the
+    compiled the members (exit 0), this process loaded all five from the
     disk cache and compiled its driver once, and the results are bitwise a
     warm step's.  A second process on the same cache starts no worker."""
     cache = tmp_path / "cache"
     report, arrays = _child(tmp_path, "cold", cache, list(CALLS))
     assert report.pop("workers") == [0, 0, 0], report
     for name in CALLS:
-        assert report[name] == {"hits": [1, 1, 1, 1], "signatures": 1}, (name, report)
+        assert report[name] == {"hits": [1] * len(pass_team.KINDS), "signatures": 1}, \
+            (name, report)
         params, grads = _in_process(name)
         np.testing.assert_array_equal(arrays[name + "_params"], params)
         np.testing.assert_array_equal(arrays[name + "_grads"], grads)
     report, warm = _child(tmp_path, "warm", cache, ["step"])
-    assert report == {"workers": [], "step": {"hits": [1, 1, 1, 1], "signatures": 1}}, report
+    assert report == {"workers": [], "step": {"hits": [1] * len(pass_team.KINDS),
+                                              "signatures": 1}}, report
     np.testing.assert_array_equal(warm["step_params"], arrays["step_params"])
 
 
@@ -117,7 +120,8 @@ def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
 def test_a_worker_that_never_finishes_is_stopped_and_the_step_compiles_here(tmp_path):
     report, arrays = _child(tmp_path, "hung", tmp_path / "cache", ["step"], hang=True)
     assert report["workers"] == [-9], report             # killed after WAIT_S
-    assert report["step"] == {"hits": [0, 0, 0, 0], "signatures": 1}, report   # compiled here
+    # compiled here
+    assert report["step"] == {"hits": [0] * len(pass_team.KINDS), "signatures": 1}, report
     np.testing.assert_array_equal(arrays["step_params"], _in_process("step")[0])
 
 

@@ -20,6 +20,7 @@ from fastgrad.kernels import layout as K
 from fastgrad.kernels import spec
 from fastgrad.kernels.cpu import activations as A
 from fastgrad.kernels.cpu import fpenv
+from fastgrad.kernels.cpu import losses as kl
 from fastgrad.kernels.cpu import optim as kc
 from fastgrad.kernels.cpu import pass_team
 
@@ -411,6 +412,145 @@ OPTIMIZERS = {
                                              weight_decay=1e-2),
     "adamw-groups": lambda m: _grouped(m, clip_norm=1.0),
 }
+
+
+@njit
+def _team_loss(plan, kind, out, labels, target, grad):
+    saved = fpenv.enter(out)
+    loss = pass_team.loss(plan, kind, out, labels, target, grad)
+    fpenv.leave(saved)
+    return loss
+
+
+@njit
+def _serial_ce(out, labels, grad):
+    saved = fpenv.enter(out)
+    loss = kl.softmax_cross_entropy(out, labels, grad)
+    fpenv.leave(saved)
+    return loss
+
+
+@njit
+def _serial_mse(out, target, grad):
+    saved = fpenv.enter(out)
+    loss = kl.mse(out, target, grad)
+    fpenv.leave(saved)
+    return loss
+
+
+@njit
+def _serial_bce(out, target, grad):
+    saved = fpenv.enter(out)
+    loss = kl.bce_with_logits(out, target, grad)
+    fpenv.leave(saved)
+    return loss
+
+
+def _losses_serial_and_team(plan, threads, name, dtype, rows, cols, rng):
+    """(serial, team) (loss, gradient) of loss ``name`` from fresh inputs,
+    and the float64 reference's."""
+    from fastgrad import reference as R
+    out = (rng.standard_normal((rows, cols)) * 4).astype(dtype)
+    labels = rng.integers(0, cols, rows)
+    target = (rng.standard_normal((rows, cols)) if name == "mse"
+              else (rng.random((rows, cols)) < 0.3)).astype(dtype)
+    kind = spec.LOSS_CODES[name]
+    no_labels, no_target = np.zeros(0, np.int64), np.zeros((0, cols), dtype)
+    if name == "softmax_cross_entropy":
+        serial = lambda g: _serial_ce(out, labels, g)          # noqa: E731
+        team = lambda g: _team_loss(plan, kind, out, labels, no_target, g)  # noqa: E731
+        reference = R.softmax_cross_entropy(out.astype(np.float64), labels)
+    else:
+        kernel = _serial_mse if name == "mse" else _serial_bce
+        serial = lambda g: kernel(out, target, g)                # noqa: E731
+        team = lambda g: _team_loss(plan, kind, out, no_labels, target, g)  # noqa: E731
+        reference = (((out.astype(np.float64) - target) ** 2).mean(),
+                     2 * (out.astype(np.float64) - target) / out.size) if name == "mse" \
+            else R.bce_with_logits(out.astype(np.float64), target.astype(np.float64))
+    results = []
+    for run in (serial, team):
+        grad = np.full_like(out, np.nan)
+        results.append((run(grad), grad))
+    return results, reference
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", list(spec.LOSS_CODES))
+def test_team_loss_is_bitwise_the_serial_loss(team, name, dtype):
+    rng = np.random.default_rng()
+    # odd sizes over and under MIN_LOSS outputs; one unit; units fewer than
+    # threads; a row per cross-entropy unit and several; more than
+    # NORM_ROUND units (two rounds of sums)
+    cases = [(2, 147, 301), (3, 517, 37), (7, 29, 2053), (2, 1, 16411), (4, 3, 7),
+             (2, 16387, 1), (2, 4099, 700)]
+    if name != "softmax_cross_entropy":
+        cases.append((2, 4099, 513))          # 4,107 chunks of 512
+    for threads, rows, cols in cases:
+        plan = _plan(dtype, threads)
+        (serial, team_run), reference = _losses_serial_and_team(plan, threads, name, dtype,
+                                                                rows, cols, rng)
+        assert serial[0] == team_run[0], (threads, rows, cols)
+        assert np.array_equal(serial[1], team_run[1]), (threads, rows, cols)
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        assert team_run[0] == pytest.approx(reference[0], rel=tol, abs=tol)
+        assert np.allclose(team_run[1], reference[1], rtol=tol * 10, atol=tol / out_size(
+            rows, cols, name))
+
+
+def out_size(rows, cols, name):
+    return rows if name == "softmax_cross_entropy" else rows * cols
+
+
+def test_a_target_the_member_cannot_read_is_refused_before_the_step():
+    # the loss's member reads the target through its address
+    model = fg.MLP([30, 40, 5], seed=1)
+    step = fg.TrainStep(model, fg.MSE(), fg.Adam(model, lr=1e-3))
+    x = np.ones((8, 30), np.float32)
+    y = np.zeros((8, 5), np.float32)
+    step(x, y)
+    assert step._kernels.TEAM
+    args = step._fixed_args[2]
+    params = model.params.copy()
+    rule, s0, s1, s2, hp = step.opt._kernel_args()
+    x, labels, target = step._inputs(x, y)
+    strided = np.zeros((8, 10), np.float32)[:, ::2]
+    for bad, match in [(strided, "C-contiguous"), (np.zeros((7, 5), np.float32), "shape"),
+                       (np.zeros((8, 4), np.float32), "shape")]:
+        with pytest.raises(ValueError, match=match):
+            step._kernels.train_step(x, labels, bad, step._loss_kind, *args,
+                                     rule, s0, s1, s2, hp, step._layer_sq, 0.0, 0.0)
+    assert np.array_equal(model.params, params)
+
+
+@pytest.mark.parametrize("loss", ["bce", "mse"])
+@pytest.mark.parametrize("epoch", [False, True], ids=["steps", "run_epoch"])
+def test_train_step_loss_on_the_team_is_bitwise_the_serial_step(team, loss, epoch):
+    # 64 x 700 outputs: the loss on the team (and the update)
+    sizes = [23, 61, 700]
+    assert 64 * 700 >= pass_team.MIN_LOSS
+
+    def train(on):
+        rng = np.random.default_rng(9)
+        B, steps = 64, 3
+        x = rng.standard_normal((B * steps, sizes[0])).astype(np.float32)
+        y = (rng.random((B * steps, sizes[-1])) < 0.2).astype(np.float32)
+        model = fg.MLP(sizes, activation="tanh", dtype=np.float32, seed=3)
+        opt = fg.Adam(model, lr=1e-3, clip_norm=0.5)
+        step = fg.TrainStep(model, fg.BCEWithLogits() if loss == "bce" else fg.MSE(), opt)
+        with _passes(on):
+            if epoch:
+                losses = list(step.run_epoch(x, y, B, shuffle=False)["loss"])
+            else:
+                losses = [step(x[k * B:(k + 1) * B], y[k * B:(k + 1) * B])
+                          for k in range(steps)]
+        return np.asarray(losses, dtype=object), opt.params.copy(), step
+
+    serial, on = train(False), train(True)
+    assert on[2]._fixed_args[2][9][K.PLAN_POOL_THREADS] == (
+        numba.get_num_threads() if numba.get_num_threads() > 1 else 0)
+    assert serial[2]._fixed_args[2][9][K.PLAN_POOL_THREADS] == 0
+    assert np.array_equal(serial[1], on[1])
+    assert repr(serial[0]) == repr(on[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

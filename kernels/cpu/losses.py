@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit
 
 from . import mathfn
-from ._jit import INLINE, JIT
+from ._jit import INLINE, INNER, JIT
 from .reduce import sq_diff_sum, sum64
 
 like = mathfn.like
@@ -47,12 +47,26 @@ def _max8(a, n):
     return max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
 
 
-@njit(**JIT)
-def softmax_cross_entropy(logits, labels, grad):
-    """Mean softmax cross-entropy over rows, integer ``labels``.
+# Each default loss is a sum of units' float64 sums, added in unit order:
+# cross-entropy's units are runs of rows, MSE's and BCE's chunks of CHUNK
+# elements.  The kernels below add them as they go; a thread team
+# (kernels/cpu/pass_team.py) computes the units in shares, keeps each sum
+# and adds them in the same order, so both give the same loss and gradient.
 
-    Three passes over ``grad`` (in cache): per row the max m, and l - m
-    into ``grad``; exp over the whole block in one loop (a loop per row
+
+@njit(**INLINE)
+def ce_unit_rows(classes):
+    """Rows per cross-entropy unit: a CHUNK of logits, or one row."""
+    return max(1, CHUNK // max(classes, 1))
+
+
+@njit(**INNER)
+def _ce_unit(logits, labels, grad, r0, r1):
+    """Rows ``r0 .. r1 - 1`` of :func:`softmax_cross_entropy`: their
+    gradient into ``grad``; returns the sum of their losses.
+
+    Three passes over the rows' ``grad`` (in cache): per row the max m,
+    and l - m into ``grad``; exp over the rows in one loop (a loop per row
     left every row a scalar remainder of up to 7 costly exps); per row the
     sum and the scale.  Stable for logits of any finite size: the largest
     shifted logit is 0, so the sum lies in [1, n_classes].
@@ -60,18 +74,18 @@ def softmax_cross_entropy(logits, labels, grad):
     B, C = logits.shape
     inv_b = 1.0 / B
     shifted = 0.0        # sum of (x_label - m): the loss is sum(log s) minus it
-    for i in range(B):
+    for i in range(r0, r1):
         row, g = logits[i], grad[i]
         m = _max8(row, C)
         # read before the loop below overwrites it when grad aliases logits
         shifted += np.float64(row[labels[i]]) - np.float64(m)
         for j in range(C):
             g[j] = row[j] - m
-    flat = grad.reshape(B * C)
-    for k in range(B * C):
-        flat[k] = mathfn.exp(flat[k])
+    block = grad.reshape(B * C)[r0 * C:r1 * C]
+    for k in range(block.shape[0]):          # a view: a loop from 0 vectorises
+        block[k] = mathfn.exp(block[k])
     logs = 0.0
-    for i in range(B):
+    for i in range(r0, r1):
         g = grad[i]
         # The sum in float64: near-certain rows have s = 1 + tiny, and a
         # float32 sum would round the tiny part away (the loss, log s, then
@@ -87,54 +101,121 @@ def softmax_cross_entropy(logits, labels, grad):
         # the dtype cancels when p is near 1 (float32: 1e-3 relative error
         # for p = 0.99993).
         g[y] = -((s - e_lab) / s) * inv_b
-    return (logs - shifted) / B
+    return logs - shifted
+
+
+@njit(**INLINE)
+def ce_units(logits, labels, grad, sums, u0, u1, first):
+    """Cross-entropy units ``u0 .. u1 - 1``: unit u's sum into
+    ``sums[u - first]``, its rows' gradient into ``grad``."""
+    B = logits.shape[0]
+    rows = ce_unit_rows(logits.shape[1])
+    for u in range(u0, u1):
+        sums[u - first] = _ce_unit(logits, labels, grad, u * rows, min(B, (u + 1) * rows))
+
+
+@njit(**JIT)
+def softmax_cross_entropy(logits, labels, grad):
+    """Mean softmax cross-entropy over rows, integer ``labels``
+    (:func:`_ce_unit`, by units of :func:`ce_unit_rows` rows)."""
+    B = logits.shape[0]
+    rows = ce_unit_rows(logits.shape[1])
+    total = 0.0
+    for r0 in range(0, B, rows):
+        total += _ce_unit(logits, labels, grad, r0, min(B, r0 + rows))
+    return total / B
+
+
+@njit(**INNER)
+def _mse_unit(pf, tf, gf, lo, two_over_n):
+    # In L1: the chunk's sum in vector lanes, then its gradient (gf may
+    # alias pf), so that the inputs are read from memory once.
+    p, t, g = pf[lo:lo + CHUNK], tf[lo:lo + CHUNK], gf[lo:lo + CHUNK]
+    total = sq_diff_sum(p, t)
+    for k in range(p.shape[0]):          # views: a loop from 0 vectorises
+        g[k] = two_over_n * (p[k] - t[k])
+    return total
+
+
+@njit(**INLINE)
+def mse_units(pred, target, grad, sums, u0, u1, first):
+    """MSE chunks ``u0 .. u1 - 1``: chunk u's sum into ``sums[u - first]``."""
+    pf, tf, gf = pred.reshape(pred.size), target.reshape(target.size), grad.reshape(grad.size)
+    two_over_n = like(pf[0], 2.0 / pf.size)
+    for u in range(u0, u1):
+        sums[u - first] = _mse_unit(pf, tf, gf, u * CHUNK, two_over_n)
 
 
 @njit(**JIT)
 def mse(pred, target, grad):
-    """Mean of (pred - target)^2 over all elements (torch.nn.MSELoss).
-
-    Per chunk (in L1): the sum in vector lanes, then the gradient (``grad``
-    may alias ``pred``), so that the inputs are read from memory once.
-    """
+    """Mean of (pred - target)^2 over all elements (torch.nn.MSELoss), by
+    chunks of CHUNK elements."""
     pf, tf, gf = pred.reshape(pred.size), target.reshape(target.size), grad.reshape(grad.size)
     n = pf.size
     two_over_n = like(pf[0], 2.0 / n)
     total = 0.0
     for lo in range(0, n, CHUNK):
-        p, t, g = pf[lo:lo + CHUNK], tf[lo:lo + CHUNK], gf[lo:lo + CHUNK]
-        total += sq_diff_sum(p, t)
-        for k in range(p.shape[0]):          # views: a loop from 0 vectorises
-            g[k] = two_over_n * (p[k] - t[k])
+        total += _mse_unit(pf, tf, gf, lo, two_over_n)
     return total / n
+
+
+@njit(**INNER)
+def _bce_unit(xf, tf, gf, lo, inv_n, ebuf, terms):
+    zero, one = like(xf[0], 0.0), like(xf[0], 1.0)
+    m = min(CHUNK, xf.size - lo)
+    x, t, g, e = xf[lo:lo + m], tf[lo:lo + m], gf[lo:lo + m], ebuf[:m]
+    for k in range(m):
+        e[k] = mathfn.exp(-abs(x[k]))                        # in (0, 1]
+    for k in range(m):
+        terms[k] = np.float64(max(x[k], zero) - x[k] * t[k] + mathfn.log1p(e[k]))
+    for k in range(m):                  # g may alias x: x[k] is read first
+        num = one if x[k] >= zero else e[k]
+        g[k] = (num / (one + e[k]) - t[k]) * inv_n
+    return sum64(terms[:m])
+
+
+@njit(**INLINE)
+def bce_units(logits, target, grad, sums, u0, u1, first):
+    """BCE chunks ``u0 .. u1 - 1``: chunk u's sum into ``sums[u - first]``."""
+    xf, tf, gf = logits.reshape(logits.size), target.reshape(target.size), grad.reshape(grad.size)
+    inv_n = like(xf[0], 1.0 / xf.size)
+    ebuf = np.empty(CHUNK, xf.dtype)
+    terms = np.empty(CHUNK)
+    for u in range(u0, u1):
+        sums[u - first] = _bce_unit(xf, tf, gf, u * CHUNK, inv_n, ebuf, terms)
 
 
 @njit(**JIT)
 def bce_with_logits(logits, target, grad):
-    """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss).
+    """Mean binary cross-entropy on logits (torch.nn.BCEWithLogitsLoss), by
+    chunks of CHUNK elements.
 
     loss = max(x, 0) - x t + log1p(exp(-|x|)), grad = (sigmoid(x) - t) / n;
     both finite for any finite logit.
     """
     xf, tf, gf = logits.reshape(logits.size), target.reshape(target.size), grad.reshape(grad.size)
-    zero, one = like(xf[0], 0.0), like(xf[0], 1.0)
     n = xf.size
     inv_n = like(xf[0], 1.0 / n)
     ebuf = np.empty(CHUNK, xf.dtype)
     terms = np.empty(CHUNK)
     total = 0.0
     for lo in range(0, n, CHUNK):
-        m = min(CHUNK, n - lo)
-        x, t, g, e = xf[lo:lo + m], tf[lo:lo + m], gf[lo:lo + m], ebuf[:m]
-        for k in range(m):
-            e[k] = mathfn.exp(-abs(x[k]))                        # in (0, 1]
-        for k in range(m):
-            terms[k] = np.float64(max(x[k], zero) - x[k] * t[k] + mathfn.log1p(e[k]))
-        for k in range(m):                  # g may alias x: x[k] is read first
-            num = one if x[k] >= zero else e[k]
-            g[k] = (num / (one + e[k]) - t[k]) * inv_n
-        total += sum64(terms[:m])
+        total += _bce_unit(xf, tf, gf, lo, inv_n, ebuf, terms)
     return total / n
+
+
+@njit(**INLINE)
+def ce_count(logits):
+    """(units, the divisor of their sum) of a cross-entropy over ``logits``."""
+    B = logits.shape[0]
+    rows = ce_unit_rows(logits.shape[1])
+    return (B + rows - 1) // rows, B
+
+
+@njit(**INLINE)
+def chunk_count(out):
+    """(units, the divisor of their sum) of MSE or BCE over ``out``."""
+    return (out.size + CHUNK - 1) // CHUNK, out.size
 
 
 # --- losses with PyTorch's options --------------------------------------------

@@ -10,9 +10,10 @@ member); with the pool shared (``fastgrad.share_blas_pool``) it is a GNU
 OpenMP team (``GOMP_parallel``) of the threads OpenBLAS's jobs run on.
 Either way one pool owns the cores.  The forward is split by rows; the
 gradient by columns, so that each ``db[j]`` is summed over the rows in
-order by one thread; the update's norm by runs of the serial kernel's
-blocks (their sums added in its order: ``reduce.layer_sumsq``) and its
-elementwise pass by ranges.  Every split
+order by one thread; the loss by its units (kernels/cpu/losses.py), each
+unit's float64 sum kept and added in unit order; the update's norm by runs
+of the serial kernel's blocks (their sums added in its order:
+``reduce.layer_sumsq``) and its elementwise pass by ranges.  Every split
 gives bitwise the serial pass's values, for any thread count.
 
 Members claim shares from a counter (an atomic add), so a team smaller than
@@ -26,7 +27,8 @@ disk.  A pass too small to split (or not split: the gradients that read
 thread alone: the driver holds no second, serial copy of the activation
 and update passes (a cold first step compiles each once, in its member), so
 its plan must hold the members (:func:`check_members` raises before a step
-without them).
+without them).  The same holds for the loss: such a driver computes it
+through its member alone.
 """
 import numpy as np
 from llvmlite import ir
@@ -35,12 +37,14 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa: F401
-                      PLAN_POOL_ITEMSIZE, PLAN_POOL_NORM, PLAN_POOL_SPLIT_UPDATE,
-                      PLAN_POOL_START, PLAN_POOL_THREADS, PLAN_POOL_UPDATE)
-from ..spec import HP_SIZE, MEMORY_BOUND
+                      PLAN_POOL_ITEMSIZE, PLAN_POOL_LOSS, PLAN_POOL_NORM,
+                      PLAN_POOL_SPLIT_UPDATE, PLAN_POOL_START, PLAN_POOL_THREADS,
+                      PLAN_POOL_UPDATE)
+from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, HP_SIZE, LOSS_CODES, MEMORY_BOUND, MSE
 from . import fpenv
-from ._jit import INLINE, INNER, JIT
+from ._jit import INLINE, INNER, JIT, served_ladder
 from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z
+from .losses import bce_units, ce_count, ce_units, chunk_count, mse_units
 from .optim import clip_scale, refuse_rule, update_rows
 from .reduce import BLOCK, block_sumsq
 # a record's int64 field k, and an int64 as a pointer: the callback's own
@@ -58,6 +62,7 @@ MIN_UPDATE = 1 << 15         # parameters (a team update of 17-30K slowed 8 of 9
 UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a busy host
 NORM_SHARE = 64           # the most blocks per norm share (2^20 elements)
 NORM_ROUND = 4096         # blocks summed per team start: their sums on the stack (32 KB)
+MIN_LOSS = 1 << 14        # outputs of the loss (alone, a team won down to 4K; bench/RESULTS.md)
 
 # A team's record: int64 fields (a float64 kept as its bits), the claim
 # counter at 0, then the number of shares and the share's size; then the
@@ -66,8 +71,26 @@ _COUNTER, _SHARES, _SHARE = 0, 1, 2
 _P0, _P1, _P2, _P3, _ROWS, _COLS, _ACT, _ALPHA = range(3, 11)             # activation passes
 _N = 3                                                 # the update passes: elements
 _G, _OFFSETS, _PARTS, _LAYERS, _FIRST_BLOCK, _BLOCKS = range(4, 10)         # the norm
+(_KIND, _OUT, _OUT_ROWS, _OUT_COLS, _LABELS, _N_LABELS, _TARGET, _TARGET_ROWS, _TARGET_COLS,
+ _DOUT, _FIRST_UNIT, _SUMS, _COUNT) = range(3, 16)                         # the loss
 (_P, _GRAD, _S0, _S1, _S2, _N_S0, _N_S1, _N_S2, _HP, _HP_ROWS, _SINGLE, _RULE, _SCALE,
  _CLIP) = range(4, 18)                                                     # the update
+
+# The default losses by units (kernels/cpu/losses.py): the ones these
+# kernels serve (all, or in a model's copy its own); the driver refuses the
+# others before a step.
+_UNITS_ARGS = "sums, u0, u1, first"
+loss_units = served_ladder(
+    "loss_units", "loss_kind, out, labels, target, grad, " + _UNITS_ARGS, "loss_kind",
+    {CROSS_ENTROPY: (ce_units, "out, labels, grad, " + _UNITS_ARGS),
+     MSE: (mse_units, "out, target, grad, " + _UNITS_ARGS),
+     BCE_WITH_LOGITS: (bce_units, "out, target, grad, " + _UNITS_ARGS)},
+    __package__, "LOSSES", LOSS_CODES, "LOSS_CODES", "loss")[0]
+loss_count = served_ladder(
+    "loss_count", "loss_kind, out", "loss_kind",
+    {CROSS_ENTROPY: (ce_count, "out"), MSE: (chunk_count, "out"),
+     BCE_WITH_LOGITS: (chunk_count, "out")},
+    __package__, "LOSSES", LOSS_CODES, "LOSS_CODES", "loss")[0]
 
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
@@ -269,14 +292,14 @@ def workers_mode(plan, sizes, batch, clear):
 @njit(**INLINE)
 def check_members(plan, params):
     """Raise unless ``plan`` holds the members of ``params``' dtype: a
-    driver with the team's branches runs its activation and update passes
-    through them alone (the plans of ``kernels/cpu/step.py``'s
+    driver with the team's branches runs its activation, loss and update
+    passes through them alone (the plans of ``kernels/cpu/step.py``'s
     ``step_plan`` and of the host hold them: :func:`fill_members`).  A
     member cannot raise (a C callback: Numba prints its exception and
     returns), so the driver also refuses an activation code these kernels
     do not serve before it starts (kernels/cpu/step.py)."""
     if (plan[PLAN_POOL_FORWARD] == 0 or plan[PLAN_POOL_GRAD] == 0 or plan[PLAN_POOL_NORM] == 0
-            or plan[PLAN_POOL_UPDATE] == 0):
+            or plan[PLAN_POOL_UPDATE] == 0 or plan[PLAN_POOL_LOSS] == 0):
         raise ValueError("this step driver runs its passes through the pass team's members: "
                          "the step plan has none (make it with kernels/cpu/step.py's "
                          "step_plan, or kernels/cpu/pass_team.py's fill_members)")
@@ -435,6 +458,46 @@ def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_nor
     return norm, scale, False
 
 
+@njit(**INLINE)
+def check_loss(loss_kind, labels, target, rows, cols):
+    """Raise unless :func:`loss` can read the ``labels`` or ``target`` of
+    ``loss_kind`` for outputs of up to ``rows`` x ``cols``: the members see
+    them through their addresses (C-contiguous ones only)."""
+    if not (labels.flags.c_contiguous and target.flags.c_contiguous):
+        raise ValueError("the loss on the pass team needs C-contiguous labels and target")
+    if loss_kind == CROSS_ENTROPY:
+        if labels.shape[0] < rows:
+            raise ValueError("fewer labels than the batch's rows")
+    elif target.shape[0] < rows or target.shape[1] != cols:
+        raise ValueError("the target's shape is not the output's")
+
+
+@njit(**INNER)
+def loss(plan, loss_kind, out, labels, target, grad):
+    """The mean loss ``loss_kind`` of ``out`` and its gradient into
+    ``grad`` (``out`` and ``grad`` C-contiguous, the driver's buffers; its
+    callers first run :func:`check_loss`), through the plan's member: on
+    its team from ``MIN_LOSS`` outputs, by shares of the loss's units, each
+    unit's sum kept (on the stack, in rounds) and added here in unit order,
+    as the serial kernels of kernels/cpu/losses.py add them: the same loss
+    and gradient, bitwise, however split."""
+    units, divisor = loss_count(loss_kind, out)
+    threads = plan[PLAN_POOL_THREADS] if out.size >= MIN_LOSS else 0
+    sums = _block_sums(min(units, NORM_ROUND))
+    total = 0.0
+    for first in range(0, units, NORM_ROUND):
+        count = min(NORM_ROUND, units - first)
+        share = (count + max(threads, 1) - 1) // max(threads, 1)
+        record = _record(((count + share - 1) // share, share, loss_kind, out.ctypes.data,
+                          out.shape[0], out.shape[1], labels.ctypes.data, labels.shape[0],
+                          target.ctypes.data, target.shape[0], target.shape[1],
+                          grad.ctypes.data, first, sums, count))
+        _run(plan, plan[PLAN_POOL_LOSS], record, threads)
+        for k in range(count):
+            total += _float(sums, k)
+    return total / divisor
+
+
 # --- the members -----------------------------------------------------------------
 
 def _forward_member(dtype):
@@ -526,8 +589,32 @@ def _update_member(dtype):
     return member
 
 
+def _loss_member(dtype):
+    def member(record):
+        share, kind, first = _field(record, _SHARE), _field(record, _KIND), \
+            _field(record, _FIRST_UNIT)
+        rows, cols = _field(record, _OUT_ROWS), _field(record, _OUT_COLS)
+        out = carray(_as_pointer(_field(record, _OUT)), (rows, cols), dtype)
+        grad = carray(_as_pointer(_field(record, _DOUT)), (rows, cols), dtype)
+        labels = carray(_as_pointer(_field(record, _LABELS)), (_field(record, _N_LABELS),),
+                        np.int64)
+        target = carray(_as_pointer(_field(record, _TARGET)),
+                        (_field(record, _TARGET_ROWS), _field(record, _TARGET_COLS)), dtype)
+        count = _field(record, _COUNT)
+        sums = carray(_as_pointer(_field(record, _SUMS)), (count,), np.float64)
+        saved = fpenv.enter(out)
+        k = _claim(record)
+        while k < _field(record, _SHARES):
+            u0 = first + k * share
+            loss_units(kind, out, labels, target, grad, sums, u0,
+                       min(u0 + share, first + count), first)
+            k = _claim(record)
+        fpenv.leave(saved)
+    return member
+
+
 _MAKERS = {"forward": _forward_member, "gradient": _gradient_member, "norm": _norm_member,
-           "update": _update_member}
+           "update": _update_member, "loss": _loss_member}
 KINDS = tuple(_MAKERS)
 _MEMBER_SIGNATURE = types.void(types.voidptr)
 _members = {}
@@ -585,7 +672,8 @@ def fill_members(plan, dtype, kinds=KINDS):
     others 0), with the dtype's item size.  Threads are the host's to set."""
     found = dict(zip(kinds, member_addresses(dtype, kinds)))
     for kind, slot in (("forward", PLAN_POOL_FORWARD), ("gradient", PLAN_POOL_GRAD),
-                       ("norm", PLAN_POOL_NORM), ("update", PLAN_POOL_UPDATE)):
+                       ("norm", PLAN_POOL_NORM), ("update", PLAN_POOL_UPDATE),
+                       ("loss", PLAN_POOL_LOSS)):
         plan[slot] = found.get(kind, 0)
     plan[PLAN_POOL_ITEMSIZE] = np.dtype(dtype).itemsize
 

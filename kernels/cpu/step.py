@@ -51,7 +51,8 @@ too) and every call.
 plan    int64   the step plan: a header (``PLAN_*`` slots: the dropout mask
                 seed, this step's dropout counter, training mode, the
                 offsets of the scratch slices, the thread pool of the
-                activation passes and the update: kernels/cpu/pass_team.py)
+                activation passes, the loss and the update:
+                kernels/cpu/pass_team.py)
                 then ``PLAN_ROW`` ints per
                 layer (residual flag, norm kind of kernels/spec.py, weight
                 norm flag)
@@ -397,9 +398,20 @@ def _refuse_layers(plan, params, codes):
 
 
 @njit(**INLINE)
-def _refuse_loss(loss_kind):
+def _refuse_loss(loss_kind, labels, target, rows, sizes):
     if loss_kind not in SERVED_LOSSES:
         raise ValueError(_LOSS_REFUSED)
+    if TEAM:        # what the loss's member needs of the buffers
+        pass_team.check_loss(loss_kind, labels, target, rows, sizes[-1])
+
+
+@njit(**INLINE)
+def _loss(plan, loss_kind, h, labels, target, grad):
+    # the loss, through the plan's member where this driver has the team's
+    # branches (it then compiles no serial copy)
+    if TEAM:
+        return pass_team.loss(plan, loss_kind, h, labels, target, grad)
+    return loss_and_grad(loss_kind, h, labels, target, grad)
 
 
 @njit(**INLINE)
@@ -438,11 +450,11 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
     _refuse_layers(plan, params, codes)
-    _refuse_loss(loss_kind)
+    _refuse_loss(loss_kind, labels, target, x.shape[0], sizes)
     saved, workers = _enter(params, plan, sizes, x.shape[0])
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
-    loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
+    loss = _loss(plan, loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
     _leave(plan, sizes, saved, workers)
@@ -531,14 +543,14 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     exactly as ``fastgrad.optim``'s ``step()`` gets them from the same kernel.
     """
     _refuse_layers(plan, params, codes)
-    _refuse_loss(loss_kind)
+    _refuse_loss(loss_kind, labels, target, x.shape[0], sizes)
     _refuse_update(plan, rule, params, grads, s0, s1, s2, hp)
     saved, workers = _enter(params, plan, sizes, x.shape[0])
     # Inlined rather than called: LLVM then optimises the step's code once,
     # instead of once for forward_backward and again when linking it here.
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
-    loss = loss_and_grad(loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
+    loss = _loss(plan, loss_kind, h, labels, target, _rows(delta, 0, x.shape[0], sizes[-1]))
     _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
               run_mean, run_var)
     norm, scale, skipped = _update(plan, rule, params, grads, s0, s1, s2, hp, offsets, layer_sq,
@@ -623,7 +635,8 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     skipped, as the per-step TrainStep does.
     """
     _refuse_layers(plan, params, codes)
-    _refuse_loss(loss_kind)
+    # the members read the gathered batches (of up to min(batch_size, n_order) rows)
+    _refuse_loss(loss_kind, lbuf, tbuf, min(batch_size, n_order), sizes)
     _refuse_update(plan, rule, params, grads, s0, s1, s2, hp_rows)
     saved_mode, workers = _enter(params, plan, sizes, batch_size)
     applied = 0
@@ -646,7 +659,7 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
                 _copy_into(saved_var, run_var)
         h = _forward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                      run_mean, run_var)
-        loss = loss_and_grad(loss_kind, h, lb, tb, _rows(delta, 0, xb.shape[0], sizes[-1]))
+        loss = _loss(plan, loss_kind, h, lb, tb, _rows(delta, 0, xb.shape[0], sizes[-1]))
         _backward(xb, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, plan,
                   fplan, run_mean, run_var)
         norm, scale, skipped = _update(plan, rule, params, grads, s0, s1, s2, hp_rows[applied],
