@@ -2,8 +2,8 @@
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python -P bench/loss_team.py [--rounds 9]
 
-The default losses as a ``TrainStep`` runs them (``pass_team.loss``, in
-the training kernels' floating-point mode), on outputs of the benchmark
+The default losses as a ``TrainStep`` runs them (``pass_team.loss_on_team``:
+``pass_team.loss`` in the training kernels' floating-point mode), on outputs of the benchmark
 nets' shapes: once with the plan's team (OpenBLAS's workers, or the shared
 pool's threads with ``--shared``), once with a plan of 0 threads (the same
 member on the calling thread).  Each round times both in turn, 50 calls
@@ -16,12 +16,11 @@ import argparse
 import time
 
 import numpy as np
-from numba import njit
 
 import fastgrad as fg
 from fastgrad import threads as fg_threads
 from fastgrad.kernels import layout, spec
-from fastgrad.kernels.cpu import fpenv, pass_team
+from fastgrad.kernels.cpu import pass_team
 
 # (loss, rows, columns): wide outputs of the untuned nets (bench/untuned_compare.py,
 # seeds 19 and 1205), a 1000-class head and the mnist-shaped 10-class head
@@ -29,14 +28,6 @@ SHAPES = [("bce_with_logits", 141, 1837), ("bce_with_logits", 51, 1149),
           ("bce_with_logits", 146, 643), ("mse", 135, 958), ("mse", 34, 329),
           ("softmax_cross_entropy", 256, 1000), ("softmax_cross_entropy", 52, 97),
           ("softmax_cross_entropy", 128, 10)]
-
-
-@njit
-def _loss(plan, kind, out, labels, target, grad):
-    saved = fpenv.enter(out)
-    value = pass_team.loss(plan, kind, out, labels, target, grad)
-    fpenv.leave(saved)
-    return value
 
 
 def _plan(dtype, threads):
@@ -80,7 +71,7 @@ def main():
                 times = []
                 for _ in range(50):
                     t0 = time.perf_counter()
-                    _loss(plan, kind, out, labels, target, grad)
+                    pass_team.loss_on_team(plan, kind, out, labels, target, grad)
                     times.append(time.perf_counter() - t0)
                 best[which] = min(times)
             if r:

@@ -421,9 +421,9 @@ class CpuBackend(Backend):
 
     def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False):
         # OpenBLAS's own workers, or the shared pool's threads: one pool
-        # either way.  A driver with the team's branches runs its activation
-        # and update passes through the members even without a team: always
-        # given.
+        # either way.  A driver with the team's branches runs its activation,
+        # loss and update passes through the members even without a team:
+        # always given.
         pending = None
         if kernels.TEAM:
             pending = _compile_worker.start(kernels, dtype) if defer else None

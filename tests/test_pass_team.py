@@ -415,33 +415,16 @@ OPTIMIZERS = {
 
 
 @njit
-def _team_loss(plan, kind, out, labels, target, grad):
+def _serial_loss(kind, out, labels, target, grad):
+    # the serial kernels (fastgrad.ops, the layer path) in the training
+    # kernels' floating-point mode
     saved = fpenv.enter(out)
-    loss = pass_team.loss(plan, kind, out, labels, target, grad)
-    fpenv.leave(saved)
-    return loss
-
-
-@njit
-def _serial_ce(out, labels, grad):
-    saved = fpenv.enter(out)
-    loss = kl.softmax_cross_entropy(out, labels, grad)
-    fpenv.leave(saved)
-    return loss
-
-
-@njit
-def _serial_mse(out, target, grad):
-    saved = fpenv.enter(out)
-    loss = kl.mse(out, target, grad)
-    fpenv.leave(saved)
-    return loss
-
-
-@njit
-def _serial_bce(out, target, grad):
-    saved = fpenv.enter(out)
-    loss = kl.bce_with_logits(out, target, grad)
+    if kind == spec.CROSS_ENTROPY:
+        loss = kl.softmax_cross_entropy(out, labels, grad)
+    elif kind == spec.MSE:
+        loss = kl.mse(out, target, grad)
+    else:
+        loss = kl.bce_with_logits(out, target, grad)
     fpenv.leave(saved)
     return loss
 
@@ -457,20 +440,17 @@ def _losses_serial_and_team(plan, threads, name, dtype, rows, cols, rng):
     kind = spec.LOSS_CODES[name]
     no_labels, no_target = np.zeros(0, np.int64), np.zeros((0, cols), dtype)
     if name == "softmax_cross_entropy":
-        serial = lambda g: _serial_ce(out, labels, g)          # noqa: E731
-        team = lambda g: _team_loss(plan, kind, out, labels, no_target, g)  # noqa: E731
+        target = no_target
         reference = R.softmax_cross_entropy(out.astype(np.float64), labels)
     else:
-        kernel = _serial_mse if name == "mse" else _serial_bce
-        serial = lambda g: kernel(out, target, g)                # noqa: E731
-        team = lambda g: _team_loss(plan, kind, out, no_labels, target, g)  # noqa: E731
+        labels = no_labels
         reference = (((out.astype(np.float64) - target) ** 2).mean(),
                      2 * (out.astype(np.float64) - target) / out.size) if name == "mse" \
             else R.bce_with_logits(out.astype(np.float64), target.astype(np.float64))
     results = []
-    for run in (serial, team):
+    for run in (_serial_loss, functools.partial(pass_team.loss_on_team, plan)):
         grad = np.full_like(out, np.nan)
-        results.append((run(grad), grad))
+        results.append((run(kind, out, labels, target, grad), grad))
     return results, reference
 
 
@@ -515,17 +495,51 @@ def test_a_target_the_member_cannot_read_is_refused_before_the_step():
     x, labels, target = step._inputs(x, y)
     strided = np.zeros((8, 10), np.float32)[:, ::2]
     for bad, match in [(strided, "C-contiguous"), (np.zeros((7, 5), np.float32), "shape"),
-                       (np.zeros((8, 4), np.float32), "shape")]:
+                       (np.zeros((8, 4), np.float32), "shape"),
+                       (np.zeros((8, 5), np.float64), "dtype")]:
         with pytest.raises(ValueError, match=match):
             step._kernels.train_step(x, labels, bad, step._loss_kind, *args,
                                      rule, s0, s1, s2, hp, step._layer_sq, 0.0, 0.0)
     assert np.array_equal(model.params, params)
 
 
-@pytest.mark.parametrize("loss", ["bce", "mse"])
+def test_labels_the_member_cannot_read_are_refused_before_the_step():
+    model = fg.MLP([30, 40, 5], seed=1)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=1e-3))
+    x = np.ones((8, 30), np.float32)
+    step(x, np.zeros(8, np.int64))
+    args = step._fixed_args[2]
+    params = model.params.copy()
+    rule, s0, s1, s2, hp = step.opt._kernel_args()
+    x, labels, target = step._inputs(x, np.zeros(8, np.int64))
+    for bad, match in [(np.zeros(8, np.int32), "int64"), (np.zeros(7, np.int64), "labels"),
+                       (np.zeros(16, np.int64)[::2], "C-contiguous")]:
+        with pytest.raises(ValueError, match=match):
+            step._kernels.train_step(x, bad, target, step._loss_kind, *args,
+                                     rule, s0, s1, s2, hp, step._layer_sq, 0.0, 0.0)
+    assert np.array_equal(model.params, params)
+
+
+def test_loss_on_team_refuses_a_plan_it_cannot_run():
+    plan = _plan(np.float32, 2)
+    out = np.zeros((4, 3), np.float32)
+    labels = np.zeros(4, np.int64)
+    target = np.zeros((0, 0), np.float32)
+    code = spec.LOSS_CODES["softmax_cross_entropy"]
+    with pytest.raises(ValueError, match="dtype"):
+        pass_team.loss_on_team(plan, code, out.astype(np.float64), labels, target,
+                               np.zeros((4, 3)))
+    plan[K.PLAN_POOL_LOSS] = 0
+    with pytest.raises(ValueError, match="loss member"):
+        pass_team.loss_on_team(plan, code, out, labels, target, np.zeros_like(out))
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "bce", "mse"])
 @pytest.mark.parametrize("epoch", [False, True], ids=["steps", "run_epoch"])
-def test_train_step_loss_on_the_team_is_bitwise_the_serial_step(team, loss, epoch):
-    # 64 x 700 outputs: the loss on the team (and the update)
+def test_train_step_loss_on_the_team_is_bitwise_the_serial_step(team, monkeypatch, loss, epoch):
+    # 64 x 700 outputs: the loss on the team (and the update); against the
+    # same member on the calling thread and a model's copy of the kernels
+    # without the team's branches (its own serial loss kernel)
     sizes = [23, 61, 700]
     assert 64 * 700 >= pass_team.MIN_LOSS
 
@@ -533,24 +547,32 @@ def test_train_step_loss_on_the_team_is_bitwise_the_serial_step(team, loss, epoc
         rng = np.random.default_rng(9)
         B, steps = 64, 3
         x = rng.standard_normal((B * steps, sizes[0])).astype(np.float32)
-        y = (rng.random((B * steps, sizes[-1])) < 0.2).astype(np.float32)
+        if loss == "cross-entropy":
+            y, fn = rng.integers(0, sizes[-1], B * steps), fg.SoftmaxCrossEntropy()
+        else:
+            y = (rng.random((B * steps, sizes[-1])) < 0.2).astype(np.float32)
+            fn = fg.BCEWithLogits() if loss == "bce" else fg.MSE()
         model = fg.MLP(sizes, activation="tanh", dtype=np.float32, seed=3)
         opt = fg.Adam(model, lr=1e-3, clip_norm=0.5)
-        step = fg.TrainStep(model, fg.BCEWithLogits() if loss == "bce" else fg.MSE(), opt)
+        step = fg.TrainStep(model, fn, opt)
         with _passes(on):
             if epoch:
                 losses = list(step.run_epoch(x, y, B, shuffle=False)["loss"])
             else:
                 losses = [step(x[k * B:(k + 1) * B], y[k * B:(k + 1) * B])
                           for k in range(steps)]
-        return np.asarray(losses, dtype=object), opt.params.copy(), step
+        return np.asarray(losses), opt.params.copy(), step
 
-    serial, on = train(False), train(True)
-    assert on[2]._fixed_args[2][9][K.PLAN_POOL_THREADS] == (
-        numba.get_num_threads() if numba.get_num_threads() > 1 else 0)
-    assert serial[2]._fixed_args[2][9][K.PLAN_POOL_THREADS] == 0
-    assert np.array_equal(serial[1], on[1])
-    assert repr(serial[0]) == repr(on[0])
+    on, members = train(True), train(False)
+    monkeypatch.setenv("FASTGRAD_KERNEL_COPIES", "model")
+    plain = train(False)
+    threads = numba.get_num_threads()
+    assert on[2]._fixed_args[2][9][K.PLAN_POOL_THREADS] == (threads if threads > 1 else 0)
+    assert members[2]._kernels.TEAM and not plain[2]._kernels.TEAM
+    assert members[2]._fixed_args[2][9][K.PLAN_POOL_THREADS] == 0
+    for other in (members, plain):
+        assert np.array_equal(other[1], on[1])
+        assert np.array_equal(other[0], on[0])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

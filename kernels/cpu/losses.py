@@ -18,9 +18,10 @@ like = mathfn.like
 # (``reduce.sum64``, ``reduce.sq_diff_sum``: why they may reassociate is
 # stated there; bench/RESULTS.md, "Losses at vector speed").
 # Elements per chunk of the split loops: the chunk's scratch stays in L1.
-# bce_with_logits allocates that scratch (two CHUNK-long arrays) per call:
-# the one allocation of the fused step (tests/test_step.py checks the
-# cross-entropy step allocates nothing).
+# BCE allocates that scratch (two CHUNK-long arrays) per call of
+# bce_with_logits or bce_units (once per share a team member claims): the one
+# allocation of the fused step (tests/test_step.py checks the cross-entropy
+# step allocates nothing).
 CHUNK = 512
 
 
@@ -56,7 +57,8 @@ def _max8(a, n):
 
 @njit(**INLINE)
 def ce_unit_rows(classes):
-    """Rows per cross-entropy unit: a CHUNK of logits, or one row."""
+    """Rows per cross-entropy unit: as many whole rows as fit in CHUNK
+    logits (512 // classes), or one row of more than CHUNK."""
     return max(1, CHUNK // max(classes, 1))
 
 

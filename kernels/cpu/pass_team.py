@@ -459,12 +459,16 @@ def clipped_update(plan, rule, p, g, s0, s1, s2, hp, offsets, layer_sq, clip_nor
 
 
 @njit(**INLINE)
-def check_loss(loss_kind, labels, target, rows, cols):
+def check_loss(plan, loss_kind, labels, target, rows, cols):
     """Raise unless :func:`loss` can read the ``labels`` or ``target`` of
     ``loss_kind`` for outputs of up to ``rows`` x ``cols``: the members see
-    them through their addresses (C-contiguous ones only)."""
+    them through their addresses (C-contiguous ones only) as int64 labels
+    and a target of the members' dtype."""
     if not (labels.flags.c_contiguous and target.flags.c_contiguous):
         raise ValueError("the loss on the pass team needs C-contiguous labels and target")
+    if labels.itemsize != 8 or target.itemsize != plan[PLAN_POOL_ITEMSIZE]:
+        raise ValueError("the loss on the pass team needs int64 labels and a target of the "
+                         "model's dtype")
     if loss_kind == CROSS_ENTROPY:
         if labels.shape[0] < rows:
             raise ValueError("fewer labels than the batch's rows")
@@ -676,6 +680,24 @@ def fill_members(plan, dtype, kinds=KINDS):
                        ("loss", PLAN_POOL_LOSS)):
         plan[slot] = found.get(kind, 0)
     plan[PLAN_POOL_ITEMSIZE] = np.dtype(dtype).itemsize
+
+
+@njit(**JIT)
+def loss_on_team(plan, loss_kind, out, labels, target, grad):
+    """:func:`loss` as a kernel of its own, checked and in the training
+    kernels' floating-point mode, as a step runs it (``bench/loss_team.py``
+    and the tests call it; ``out`` and ``grad`` C-contiguous)."""
+    if not (out.flags.c_contiguous and grad.flags.c_contiguous and out.shape == grad.shape):
+        raise ValueError("the loss on the pass team needs C-contiguous out and grad of one shape")
+    if plan[PLAN_POOL_LOSS] == 0:
+        raise ValueError("the plan has no loss member (kernels/cpu/pass_team.py fill_members)")
+    _check_itemsize(plan, out)
+    _check_itemsize(plan, grad)
+    check_loss(plan, loss_kind, labels, target, out.shape[0], out.shape[1])
+    saved = fpenv.enter(out)
+    value = loss(plan, loss_kind, out, labels, target, grad)
+    fpenv.leave(saved)
+    return value
 
 
 @njit(**JIT)

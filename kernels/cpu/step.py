@@ -110,8 +110,8 @@ _WEIGHT_NORM = "weight_norm" in SERVED_FEATURES
 _BLOCKS = _DROPOUT or _RESIDUAL           # the block epilogue (blocks.py)
 # Whether the driver has the pass team's branches (pass_team.py): the
 # package itself yes; a model's copy only when built for a team
-# (fastgrad.registry.cpu_kernels(team=True)).  With them its activation and
-# update passes run through the members in its plan, split or not; without
+# (fastgrad.registry.cpu_kernels(team=True)).  With them its activation,
+# loss and update passes run through the members in its plan, split or not; without
 # them it runs its own serial passes and compiles no member.
 TEAM = getattr(sys.modules.get(__package__), "_TEAM", True)
 
@@ -398,11 +398,11 @@ def _refuse_layers(plan, params, codes):
 
 
 @njit(**INLINE)
-def _refuse_loss(loss_kind, labels, target, rows, sizes):
+def _refuse_loss(plan, loss_kind, labels, target, rows, sizes):
     if loss_kind not in SERVED_LOSSES:
         raise ValueError(_LOSS_REFUSED)
     if TEAM:        # what the loss's member needs of the buffers
-        pass_team.check_loss(loss_kind, labels, target, rows, sizes[-1])
+        pass_team.check_loss(plan, loss_kind, labels, target, rows, sizes[-1])
 
 
 @njit(**INLINE)
@@ -450,7 +450,7 @@ def forward_backward(x, labels, target, loss_kind, params, grads, sizes, codes, 
                      offsets, acts, zs, delta, plan, fplan, run_mean, run_var):
     """Forward, loss and backward; writes ``grads``; returns the mean loss."""
     _refuse_layers(plan, params, codes)
-    _refuse_loss(loss_kind, labels, target, x.shape[0], sizes)
+    _refuse_loss(plan, loss_kind, labels, target, x.shape[0], sizes)
     saved, workers = _enter(params, plan, sizes, x.shape[0])
     h = _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fplan,
                  run_mean, run_var)
@@ -543,7 +543,7 @@ def train_step(x, labels, target, loss_kind, params, grads, sizes, codes, alphas
     exactly as ``fastgrad.optim``'s ``step()`` gets them from the same kernel.
     """
     _refuse_layers(plan, params, codes)
-    _refuse_loss(loss_kind, labels, target, x.shape[0], sizes)
+    _refuse_loss(plan, loss_kind, labels, target, x.shape[0], sizes)
     _refuse_update(plan, rule, params, grads, s0, s1, s2, hp)
     saved, workers = _enter(params, plan, sizes, x.shape[0])
     # Inlined rather than called: LLVM then optimises the step's code once,
@@ -636,7 +636,7 @@ def train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
     """
     _refuse_layers(plan, params, codes)
     # the members read the gathered batches (of up to min(batch_size, n_order) rows)
-    _refuse_loss(loss_kind, lbuf, tbuf, min(batch_size, n_order), sizes)
+    _refuse_loss(plan, loss_kind, lbuf, tbuf, min(batch_size, n_order), sizes)
     _refuse_update(plan, rule, params, grads, s0, s1, s2, hp_rows)
     saved_mode, workers = _enter(params, plan, sizes, batch_size)
     applied = 0
