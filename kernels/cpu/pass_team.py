@@ -487,11 +487,12 @@ def loss(plan, loss_kind, out, labels, target, grad):
     and gradient, bitwise, however split."""
     units, divisor = loss_count(loss_kind, out)
     threads = plan[PLAN_POOL_THREADS] if out.size >= MIN_LOSS else 0
+    sharers = max(threads, 1)           # one share a thread
     sums = _block_sums(min(units, NORM_ROUND))
     total = 0.0
     for first in range(0, units, NORM_ROUND):
         count = min(NORM_ROUND, units - first)
-        share = (count + max(threads, 1) - 1) // max(threads, 1)
+        share = (count + sharers - 1) // sharers
         record = _record(((count + share - 1) // share, share, loss_kind, out.ctypes.data,
                           out.shape[0], out.shape[1], labels.ctypes.data, labels.shape[0],
                           target.ctypes.data, target.shape[0], target.shape[1],
