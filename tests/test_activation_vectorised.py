@@ -10,7 +10,8 @@ activation's loops (the loop functions of ``kernels/cpu/activations.py``
 with the activation's scalar functions inlined, exactly what each ladder
 branch runs) and require every floating-point operation of the scalar loop
 body to appear in a vector loop at least 256 bits wide (8 float32 or 4
-float64 lanes) as well.
+float64 lanes) as well; on a CPU with AVX-512, 512 bits wide (16 or 8
+lanes: the kernels' pipeline asks for them, kernels/wide_vectors.py).
 """
 import math
 import re
@@ -23,6 +24,7 @@ from numba.core import config
 
 from fastgrad.kernels import spec
 from fastgrad.kernels.cpu import activations as acts
+from fastgrad.kernels.wide_vectors import PREFER_512, WideVectors
 
 pytestmark = pytest.mark.skipif(
     not (llvm.get_host_cpu_features().get("avx2", False) or "+avx2" in (config.CPU_FEATURES or "")),
@@ -34,7 +36,11 @@ _FLOAT_OP = re.compile(r"^\s*%([\w.$\"]+) = (?:fadd|fsub|fmul|fdiv|fneg|fcmp \w+
                        r"(?: @llvm\.fmuladd\.|(?! @))", re.M)
 # a call of a float function other than an LLVM intrinsic (Py*: the wrapper's)
 _SCALAR_CALL = re.compile(r"call [^@\n]*(?:float|double) @(?!llvm\.|Py)([\w.]+)")
-_MIN_LANES = {np.float32: 8, np.float64: 4}
+_AVX512 = (llvm.get_host_cpu_features().get("avx512f", False)
+           if not config.CPU_FEATURES else "+avx512f" in config.CPU_FEATURES)
+_MIN_LANES = {np.float32: 16, np.float64: 8} if _AVX512 else {np.float32: 8, np.float64: 4}
+# the kernels' options (kernels/cpu/_jit.py), without the disk cache
+_KERNEL = dict(error_model="numpy", pipeline_class=WideVectors)
 # float64 passes that stay scalar: erfc float64 is libm (mathfn.py)
 _SCALAR_FLOAT64 = {"gelu"}
 
@@ -60,19 +66,19 @@ def _float_ops(ir, min_lanes=8):
     return len(named), vector, sorted(set(_SCALAR_CALL.findall(ir)))
 
 
-def _compiled_loops(f, df, needs_z, dtype=np.float32):
+def _compiled_loops(f, df, needs_z, dtype=np.float32, code=None):
     """The optimised IR of the forward, (keep-z forward) and gradient loops
-    of one activation, compiled for ``dtype`` without the disk cache (cached
-    code cannot be inspected)."""
-    @njit(error_model="numpy")
+    of one activation (``code`` unused), compiled for ``dtype`` without the
+    disk cache (cached code cannot be inspected)."""
+    @njit(**_KERNEL)
     def forward(y, b, alpha):
         acts._bias_act_loop(y, b, alpha, f)
 
-    @njit(error_model="numpy")
+    @njit(**_KERNEL)
     def forward_keep_z(z, b, out, alpha):
         acts._bias_act_keep_z(z, b, out, alpha, f)
 
-    @njit(error_model="numpy")
+    @njit(**_KERNEL)
     def gradient(g, a, z, db, alpha):
         acts._grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
 
@@ -105,7 +111,8 @@ def _assert_vectorised(loops, label, dtype=np.float32):
                          ids=[a.name for a in spec.ACTIVATIONS])
 def test_float32_passes_vectorise(code):
     a = spec.ACTIVATIONS[code]
-    loops = _compiled_loops(getattr(acts, a.name), getattr(acts, "d_" + a.name), a.needs == "z")
+    loops = _compiled_loops(getattr(acts, a.name), getattr(acts, "d_" + a.name), a.needs == "z",
+                            code=code)
     _assert_vectorised(loops, a.name)
 
 
@@ -115,7 +122,7 @@ def test_float32_passes_vectorise(code):
 def test_float64_passes_vectorise(code):
     a = spec.ACTIVATIONS[code]
     loops = _compiled_loops(getattr(acts, a.name), getattr(acts, "d_" + a.name), a.needs == "z",
-                            np.float64)
+                            np.float64, code)
     _assert_vectorised(loops, a.name, np.float64)
 
 
@@ -125,7 +132,7 @@ def test_float64_scalar_list_is_current():
     for name in _SCALAR_FLOAT64:
         a = spec.ACTIVATIONS[spec.CODES[name]]
         loops = _compiled_loops(getattr(acts, name), getattr(acts, "d_" + name), a.needs == "z",
-                                np.float64)
+                                np.float64, spec.CODES[name])
         with pytest.raises(AssertionError, match="calls|not .*vectorised"):
             _assert_vectorised(loops, name, np.float64)
 
@@ -156,7 +163,7 @@ def test_a_scalar_activation_is_caught():
 
 def _loss_ir(kernel, dtype):
     from fastgrad.kernels.cpu import losses
-    f = njit(error_model="numpy")(getattr(losses, kernel).py_func)
+    f = njit(**_KERNEL)(getattr(losses, kernel).py_func)
     x = np.ones((3, 5), dtype)
     if kernel.startswith("softmax_cross_entropy"):
         labels = np.zeros(3, np.int64)
@@ -189,7 +196,7 @@ def test_a_one_pass_loss_is_caught():
     loop), which LLVM leaves scalar."""
     from fastgrad.kernels.cpu import mathfn
 
-    @njit(error_model="numpy")
+    @njit(**_KERNEL)
     def one_pass_bce(x, t, g):
         total = 0.0
         for i in range(x.size):

@@ -203,7 +203,8 @@ def _sources_fingerprint():
     if not _fingerprint:
         here = os.path.dirname(os.path.abspath(__file__))
         h = hashlib.sha256()
-        for path in [os.path.join(os.path.dirname(here), f) for f in ("spec.py", "layout.py")] + sorted(
+        shared = ("spec.py", "layout.py", "wide_vectors.py")
+        for path in [os.path.join(os.path.dirname(here), f) for f in shared] + sorted(
                 os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py")):
             with open(path, "rb") as fh:
                 h.update(fh.read())
@@ -239,11 +240,17 @@ _tolerate_bad_entries()
 _lock_saves()
 _key_on_sources()
 
+
+# Every kernel's pipeline (kernels/wide_vectors.py): outside this package,
+# so that its copies (fastgrad.registry) share the one Numba pass it registers.
+from ..wide_vectors import WideVectors as WIDE_VECTORS  # noqa: E402
+
 # A private copy of this package built for registered activations
 # (fastgrad.registry) says _NO_DISK_CACHE: Numba could not tell when a
 # user's scalar function changed.
 _NO_DISK_CACHE = getattr(sys.modules.get(_PACKAGE), "_NO_DISK_CACHE", False)
-JIT = dict(cache=not _NO_DISK_CACHE and _cache_available(), error_model="numpy", nogil=True)
+JIT = dict(cache=not _NO_DISK_CACHE and _cache_available(), error_model="numpy", nogil=True,
+           pipeline_class=WIDE_VECTORS)
 
 # Helpers called from compiled code alone: no Python or C wrapper (a cold
 # first step compiles each wrapper, ~0.05 s apiece, for nothing).

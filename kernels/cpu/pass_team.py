@@ -638,7 +638,8 @@ def member_addresses(dtype, kinds=KINDS):
         member = _members.get((dtype, kind))
         if member is None:
             member = _members[dtype, kind] = cfunc(_MEMBER_SIGNATURE, cache=JIT["cache"],
-                                                  error_model="numpy")(
+                                                  error_model="numpy",
+                                                  pipeline_class=JIT["pipeline_class"])(
                 _MAKERS[kind](_numba_type(dtype)))
         found.append(member.address)
     return tuple(found)
