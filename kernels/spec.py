@@ -98,6 +98,8 @@ NEEDS_Z = frozenset(code for code, a in enumerate(ACTIVATIONS) if a.needs == "z"
 # Whose forward pass is memory-bound (no transcendental per output): the
 # step's thread team takes it on large layers only (cpu/pass_team.py).
 MEMORY_BOUND = frozenset(CODES[n] for n in ("identity", "relu", "leaky_relu"))
+# Whose derivative pass is memory-bound (read from a, no transcendental).
+MEMORY_BOUND_GRADIENT = MEMORY_BOUND | frozenset(CODES[n] for n in ("elu", "sigmoid", "tanh"))
 N_ACTIVATIONS = len(ACTIVATIONS)
 
 (IDENTITY, RELU, LEAKY_RELU, ELU, SIGMOID, TANH, SOFTPLUS, GELU, SILU,

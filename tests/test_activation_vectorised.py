@@ -68,19 +68,25 @@ def _float_ops(ir, min_lanes=8):
 
 def _compiled_loops(f, df, needs_z, dtype=np.float32, code=None):
     """The optimised IR of the forward, (keep-z forward) and gradient loops
-    of one activation (``code`` unused), compiled for ``dtype`` without the
-    disk cache (cached code cannot be inspected)."""
+    of one activation (``code``: the loops its ladder branches run; None: a
+    transcendental one's), compiled for ``dtype`` without the disk cache
+    (cached code cannot be inspected)."""
+    forward_loop, keep_z_loop = ((acts._bias_act_loop, acts._bias_act_keep_z)
+                                 if code in spec.MEMORY_BOUND else
+                                 (acts._bias_act_blocks, acts._bias_act_keep_z_blocks))
+    grad_loop = acts._grad_loop if code in spec.MEMORY_BOUND_GRADIENT else acts._grad_blocks
+
     @njit(**_KERNEL)
     def forward(y, b, alpha):
-        acts._bias_act_loop(y, b, alpha, f)
+        forward_loop(y, b, alpha, f)
 
     @njit(**_KERNEL)
     def forward_keep_z(z, b, out, alpha):
-        acts._bias_act_keep_z(z, b, out, alpha, f)
+        keep_z_loop(z, b, out, alpha, f)
 
     @njit(**_KERNEL)
     def gradient(g, a, z, db, alpha):
-        acts._grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
+        grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
 
     x = np.ones((2, 3), dtype)
     b = np.ones(3, dtype)

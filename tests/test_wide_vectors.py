@@ -1,18 +1,31 @@
-"""The CPU kernels' compile pipeline (kernels/wide_vectors.py): every
-kernel asks LLVM for 512-bit vectors.  (The vector width of each
-activation's loops is tested in tests/test_activation_vectorised.py.)
+"""The CPU kernels' compile pipeline (kernels/wide_vectors.py) and the
+activation passes that run f over blocks of rows (kernels/cpu/activations.py).
+
+Every kernel asks LLVM for 512-bit vectors; a transcendental activation's
+passes run f (or f') over blocks of rows as one flat run, and must give the
+bits the one-row-at-a-time passes give: every value computed as before and
+db summed in row order.  (The vector width of each activation's loops is
+tested in tests/test_activation_vectorised.py.)
 """
 import importlib
 import pkgutil
 import re
 
 import numpy as np
+import pytest
 from numba import njit
 from numba.core.dispatcher import Dispatcher
 
 import fastgrad.kernels.cpu as cpu
+from fastgrad.kernels import spec
+from fastgrad.kernels.cpu import activations as acts
 from fastgrad.kernels.cpu import pass_team
 from fastgrad.kernels.wide_vectors import PREFER_512, WideVectors
+
+DTYPES = (np.float32, np.float64)
+# rows x columns: one column; 57 (a vector remainder in every row); a block
+# of 292 rows and a partial one; a row wider than a block (a block a row)
+SHAPES = ((1, 1), (5, 57), (300, 7), (3, acts.ROW_BLOCK + 1), (37, 130), (0, 9), (4, 0))
 
 
 def _kernels():
@@ -53,3 +66,58 @@ def test_the_pipeline_marks_each_function():
     for n in groups:
         (attributes,) = re.findall(rf"^attributes #{n} = \{{(.*)\}}", ir, re.M)
         assert PREFER_512 in attributes
+
+
+def _rows_alone(kernel, arrays, row_args):
+    """``kernel`` run on each row of ``arrays`` as a one-row array (its own
+    block), the rows put back together."""
+    out = [np.empty_like(a) for a in arrays]
+    for i in range(arrays[0].shape[0]):
+        rows = [a[i:i + 1].copy() for a in arrays]
+        kernel(*row_args(rows))
+        for o, r in zip(out, rows):
+            o[i] = r[0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{r}x{c}" for r, c in SHAPES])
+@pytest.mark.parametrize("act", [a.name for a in spec.ACTIVATIONS])
+def test_blocks_of_rows_give_the_rows_bits(act, shape, dtype):
+    rng = np.random.default_rng([shape[0], shape[1], spec.CODES[act]])
+    code, alpha = spec.CODES[act], dtype(spec.DEFAULT_ALPHA.get(act, 0.0))
+    z0 = (3 * rng.standard_normal(shape)).astype(dtype)
+    b = rng.standard_normal(shape[1]).astype(dtype)
+
+    y = z0.copy()
+    acts.bias_act(y, b, y, code, alpha)
+    (y_rows,) = _rows_alone(lambda r: acts.bias_act(r, b, r, code, alpha), [z0],
+                            lambda rows: rows)
+    np.testing.assert_array_equal(y, y_rows)
+
+    z, out = z0.copy(), np.empty_like(z0)
+    acts.bias_act(z, b, out, code, alpha)
+    z_rows, out_rows = _rows_alone(lambda zr, o: acts.bias_act(zr, b, o, code, alpha),
+                                   [z0, np.empty_like(z0)], lambda rows: rows)
+    np.testing.assert_array_equal(out, out_rows)
+    np.testing.assert_array_equal(out, y)
+    np.testing.assert_array_equal(z, z_rows)
+
+    g0 = rng.standard_normal(shape).astype(dtype)
+    g, db = g0.copy(), np.full(shape[1], np.nan, dtype)
+    acts.bias_act_grad_inplace(g, out, z, db, code, alpha)
+    db_sum = np.zeros(shape[1], dtype)
+    for i in range(shape[0]):
+        gi, dbi = g0[i:i + 1].copy(), np.empty(shape[1], dtype)
+        acts.bias_act_grad_inplace(gi, out[i:i + 1], z[i:i + 1], dbi, code, alpha)
+        np.testing.assert_array_equal(g[i], gi[0])
+        db_sum = (db_sum + dbi).astype(dtype)          # the rows' db, added in row order
+    np.testing.assert_array_equal(db, db_sum)
+
+    # a team's shares of columns (whole 16-column vectors) run by rows: the same bits
+    half = shape[1] // 32 * 16
+    g2, db2 = g0.copy(), np.full(shape[1], np.nan, dtype)
+    acts.bias_act_grad_columns(g2, out, z, db2, code, alpha, 0, half)
+    acts.bias_act_grad_columns(g2, out, z, db2, code, alpha, half, shape[1])
+    np.testing.assert_array_equal(g2, g)
+    np.testing.assert_array_equal(db2, db)

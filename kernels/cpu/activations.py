@@ -203,6 +203,33 @@ def _bias_act_loop(y, b, alpha, f):
             y[i, j] = f(y[i, j] + b[j], alpha)
 
 
+# A transcendental activation's passes run f (or f') over blocks of rows as
+# one flat run (the bias added, or db summed, row by row beside it while the
+# block sits in L1): the vector loop's scalar remainder then comes once a
+# block, not once a row.  At 512-bit vectors (kernels/wide_vectors.py) a row
+# of 57 outputs left 9 of them to the scalar loop.  The memory-bound passes
+# (spec.MEMORY_BOUND, MEMORY_BOUND_GRADIENT) keep the one pass per row.
+# Either way every value is computed and rounded as before, and db summed
+# in row order: the same bits.
+ROW_BLOCK = 2048          # outputs in a block of rows (one row at the least)
+
+
+@njit(**INLINE)
+def _bias_act_blocks(y, b, alpha, f):
+    rows, cols = y.shape
+    flat = y.reshape(rows * cols)
+    block = max(1, ROW_BLOCK // max(cols, 1))
+    for i0 in range(0, rows, block):
+        i1 = min(rows, i0 + block)
+        for i in range(i0, i1):
+            yi = y[i]
+            for j in range(cols):
+                yi[j] += b[j]
+        run = flat[i0 * cols:i1 * cols]
+        for k in range(run.shape[0]):
+            run[k] = f(run[k], alpha)
+
+
 @njit(**INLINE)
 def _grad_loop(g, a, z, db, alpha, df, c0, c1):
     # Columns c0..c1-1: a team splits the pass by columns (kernels/cpu/
@@ -221,12 +248,51 @@ def _grad_loop(g, a, z, db, alpha, df, c0, c1):
 
 
 @njit(**INLINE)
+def _grad_blocks(g, a, z, db, alpha, df, c0, c1):
+    # A team's share of columns (kernels/cpu/pass_team.py) runs by rows.
+    rows, cols = g.shape
+    if c0 != 0 or c1 != cols:
+        _grad_loop(g, a, z, db, alpha, df, c0, c1)
+        return
+    gf, af, zf = g.reshape(rows * cols), a.reshape(rows * cols), z.reshape(rows * cols)
+    for j in range(cols):
+        db[j] = 0
+    block = max(1, ROW_BLOCK // max(cols, 1))
+    for i0 in range(0, rows, block):
+        i1 = min(rows, i0 + block)
+        lo, hi = i0 * cols, i1 * cols
+        gr, ar, zr = gf[lo:hi], af[lo:hi], zf[lo:hi]
+        for k in range(gr.shape[0]):
+            gr[k] = gr[k] * df(ar[k], zr[k], alpha)
+        for i in range(i0, i1):
+            gi = g[i]
+            for j in range(cols):
+                db[j] += gi[j]
+
+
+@njit(**INLINE)
 def _bias_act_keep_z(z, b, out, alpha, f):
     for i in range(z.shape[0]):
         for j in range(z.shape[1]):
             t = z[i, j] + b[j]
             z[i, j] = t
             out[i, j] = f(t, alpha)
+
+
+@njit(**INLINE)
+def _bias_act_keep_z_blocks(z, b, out, alpha, f):
+    rows, cols = z.shape
+    zf, of = z.reshape(rows * cols), out.reshape(rows * cols)
+    block = max(1, ROW_BLOCK // max(cols, 1))
+    for i0 in range(0, rows, block):
+        i1 = min(rows, i0 + block)
+        for i in range(i0, i1):
+            zi = z[i]
+            for j in range(cols):
+                zi[j] += b[j]
+        zr, orun = zf[i0 * cols:i1 * cols], of[i0 * cols:i1 * cols]
+        for k in range(zr.shape[0]):
+            orun[k] = f(zr[k], alpha)
 
 
 # --- the ladders: from the activation table to the loops ---------------------------
@@ -257,9 +323,10 @@ def _unknown(act):
                      "nor registered)")
 
 
-def ladder(loop, params, call, only_z=False):
+def ladder(loop, params, call, only_z=False, cheap_loop=None, cheap=spec.MEMORY_BOUND):
     """An inlined ``ladder(<params>)`` that runs ``loop(<call>)`` once, for
-    the activation whose code is the parameter ``act``.
+    the activation whose code is the parameter ``act`` (``cheap_loop``,
+    where given, for the codes in ``cheap``).
 
     ``call`` names the activation's functions ``{f}`` (forward), ``{df}``
     (derivative) and ``{keep_z}`` (``True`` when its derivative reads z, a
@@ -269,15 +336,16 @@ def ladder(loop, params, call, only_z=False):
     ``inline="always"``, so a kernel that calls the ladder is cached on disk
     as one function (``_jit`` keys the cache on the table's sources too).
     """
-    env = {"_loop": loop, "_unknown": _unknown}
+    env = {"_loop": loop, "_cheap_loop": cheap_loop or loop, "_unknown": _unknown}
     lines = [f"def _ladder({params}):"]
     for code, f, df, keep_z in ENTRIES:
         if only_z and not keep_z:
             continue
         env[f"_f{code}"], env[f"_df{code}"] = f, df
         args = call.format(f=f"_f{code}", df=f"_df{code}", keep_z=keep_z)
+        run = "_cheap_loop" if code in cheap else "_loop"
         lines += [f"    {'if' if len(lines) == 1 else 'elif'} act == {code}:",
-                  f"        _loop({args})"]
+                  f"        {run}({args})"]
     lines += ["    else:" if len(lines) > 1 else "    if True:", "        _unknown(act)"]
     name = f"<fastgrad ladder of {loop.__name__}>"
     exec(compile("\n".join(lines), name, "exec"), env)
@@ -307,14 +375,17 @@ served = njit(**INLINE)(_served_source())
 served.__doc__ = ("True for the activation codes these kernels serve (where the ladders "
                   "raise for any other).")
 
-_bias_act_ladder = ladder(_bias_act_loop, "y, b, alpha, act", "y, b, alpha, {f}")
+_bias_act_ladder = ladder(_bias_act_blocks, "y, b, alpha, act", "y, b, alpha, {f}",
+                          cheap_loop=_bias_act_loop)
 # bias_act (the public kernel): a separate ``out`` keeps z for every
 # activation; the step's bias_act_step compiles the needs-z loops alone.
-_keep_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}")
-_needs_z_ladder = ladder(_bias_act_keep_z, "z, b, out, alpha, act", "z, b, out, alpha, {f}",
-                         only_z=True)
-_grad_ladder = ladder(_grad_loop, "g, a, z, db, alpha, act, c0, c1",
-                      "g, a, z, db, alpha, {df}, c0, c1")
+_keep_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
+                        "z, b, out, alpha, {f}", cheap_loop=_bias_act_keep_z)
+_needs_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
+                         "z, b, out, alpha, {f}", only_z=True)
+_grad_ladder = ladder(_grad_blocks, "g, a, z, db, alpha, act, c0, c1",
+                      "g, a, z, db, alpha, {df}, c0, c1", cheap_loop=_grad_loop,
+                      cheap=spec.MEMORY_BOUND_GRADIENT)
 
 
 @njit(**JIT)
