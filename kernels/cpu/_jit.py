@@ -244,6 +244,7 @@ _key_on_sources()
 # Every kernel's pipeline (kernels/wide_vectors.py): outside this package,
 # so that its copies (fastgrad.registry) share the one Numba pass it registers.
 from ..wide_vectors import WideVectors as WIDE_VECTORS  # noqa: E402
+from numba.core.compiler import Compiler  # noqa: E402  (Numba's own pipeline)
 
 # A private copy of this package built for registered activations
 # (fastgrad.registry) says _NO_DISK_CACHE: Numba could not tell when a
@@ -251,6 +252,13 @@ from ..wide_vectors import WideVectors as WIDE_VECTORS  # noqa: E402
 _NO_DISK_CACHE = getattr(sys.modules.get(_PACKAGE), "_NO_DISK_CACHE", False)
 JIT = dict(cache=not _NO_DISK_CACHE and _cache_available(), error_model="numpy", nogil=True,
            pipeline_class=WIDE_VECTORS)
+
+# Kernels whose loops run along one row of a matrix (a norm's or a block's
+# features, a cross-entropy's classes: often fewer than 64) keep Numba's own
+# pipeline: at 512 bits a loop runs its vector body only from 16 (with
+# LLVM's interleaving, up to 64) iterations, and cross-entropy with options
+# over 10 classes took 1.8x as long (bench/RESULTS.md, "512-bit vectors").
+JIT_ROWS = dict(JIT, pipeline_class=Compiler)
 
 # Helpers called from compiled code alone: no Python or C wrapper (a cold
 # first step compiles each wrapper, ~0.05 s apiece, for nothing).

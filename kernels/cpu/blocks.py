@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from . import activations as A
-from ._jit import INLINE, JIT
+from ._jit import INLINE, JIT_ROWS
 from ..spec import dropout_threshold  # noqa: F401  (re-exported: the twins share it)
 from .mathfn import like
 
@@ -59,7 +59,7 @@ def _keep(key, e, thresh):
     return (_fin(k) >> _S11) >= np.uint64(thresh)
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def dropout_key(seed, layer, counter):
     """The key of the mask of ``layer`` at dropout step ``counter`` (returned
     to Python as an int; pass it on as ``np.uint64``)."""
@@ -70,7 +70,7 @@ def dropout_key(seed, layer, counter):
 
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def dropout_mask(key, thresh, out):
     """out[i, j] = 1 where the unit is kept, else 0 (a test and debugging aid)."""
     n = out.shape[1]
@@ -160,7 +160,7 @@ _grad_row_ladder = A.ladder(_grad_row, "dz, fz, z, db, i, act, alpha, u",
                             "dz, fz, z, db, i, alpha, {df}, u")
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual):
     """One pass over the GEMM output ``y`` (in place): ``z = y + b`` (kept
     for needs-z activations only, whose derivatives read it), ``f = f(z)`` (kept in ``fz``
@@ -175,7 +175,7 @@ def block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale,
             _drop_add_row(y, x, fz, i, True, key, thresh, scale, False)
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale,
                             residual):
     """One pass: ``dz = da * mask * scale * f'(f, z)`` (the mask regenerated
@@ -201,7 +201,7 @@ def _add_into(dst, src):
             dst[i, j] += src[i, j]
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def block_forward(x, W, b, z, fz, y, act, alpha, drop, key, thresh, scale, residual):
     """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z (``NEEDS_Z``)
     and fz (residual)."""
@@ -209,7 +209,7 @@ def block_forward(x, W, b, z, fz, y, act, alpha, drop, key, thresh, scale, resid
     block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual)
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def block_backward(x, W, fz, z, da, dz, dW, db, dx, act, alpha, drop, key, thresh, scale,
                    residual, need_dx):
     """Gradients of :func:`block_forward` given ``da = dL/dy``.

@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit
 
 from . import mathfn
-from ._jit import INLINE, INNER, JIT
+from ._jit import INLINE, INNER, JIT, JIT_ROWS
 from .reduce import sq_diff_sum, sum64
 
 like = mathfn.like
@@ -244,7 +244,7 @@ def cross_entropy_weight_sum(labels, weight, ignore_index):
     return d
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def softmax_cross_entropy_ex(logits, labels, weight, ignore_index, smoothing, reduction,
                              grad, terms):
     """Softmax cross-entropy with class ``weight``, ``ignore_index`` and

@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit
 
 from . import activations as A
-from ._jit import INLINE, JIT
+from ._jit import INLINE, JIT_ROWS
 from .blocks import _drop_add_row, _grad_rows_in
 from .mathfn import like
 
@@ -123,7 +123,7 @@ _affine_act_ladder = A.ladder(_affine_act_row, "y, xhat, gamma, beta, i, act, al
                               "y, xhat, gamma, beta, i, alpha, {f}")
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_mean, run_var,
                           kind, batch_stats, act, alpha, drop, key, thresh, scale, residual):
     """Passes A and B over the GEMM output ``y`` (in place).
@@ -165,7 +165,7 @@ _du_row_ladder = A.ladder(_du_row, "dz, fz, xhat, gamma, beta, dgamma, dbeta, i,
                           "dz, fz, xhat, gamma, beta, dgamma, dbeta, i, alpha, {df}, us")
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta, r1, r2, kind,
                            batch_stats, act, alpha, drop, key, thresh, scale, residual):
     """Passes 1 and 2: ``dz = dL/d(x W + b)`` from ``da = dL/dy``, with db,

@@ -16,10 +16,10 @@ import math
 
 from numba import njit
 
-from ._jit import INLINE, JIT
+from ._jit import INLINE, JIT_ROWS
 
 
-@njit(**dict(JIT, **INLINE))
+@njit(**dict(JIT_ROWS, **INLINE))
 def _column_dots(x, y, out):
     # out[j] = sum_i x[i, j] y[i, j], added row by row (vectorises across
     # columns)
@@ -31,7 +31,7 @@ def _column_dots(x, y, out):
             out[j] += x[i, j] * y[i, j]
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def weight_norm_forward(v, g, W, inv_norm):
     """``W = v * g / ||v||`` column-wise; ``inv_norm`` (float64, n_out)
     receives ``1 / ||v_j||`` for backward.  Row-major loops: the column
@@ -45,7 +45,7 @@ def weight_norm_forward(v, g, W, inv_norm):
             W[i, j] = v[i, j] * (g[j] * inv_norm[j])
 
 
-@njit(**JIT)
+@njit(**JIT_ROWS)
 def weight_norm_backward(v, g, inv_norm, dW, dv, dg):
     """``dv`` and ``dg`` from ``dW`` = dL/dW of the effective weight."""
     n_in, n_out = v.shape
