@@ -215,16 +215,26 @@ ROW_BLOCK = 2048          # outputs in a block of rows (one row at the least)
 
 
 @njit(**INLINE)
+def _rows_per_block(cols):
+    return max(1, ROW_BLOCK // max(cols, 1))
+
+
+@njit(**INLINE)
+def _add_bias(y, b, i0, i1):
+    for i in range(i0, i1):
+        yi = y[i]
+        for j in range(yi.shape[0]):
+            yi[j] += b[j]
+
+
+@njit(**INLINE)
 def _bias_act_blocks(y, b, alpha, f):
     rows, cols = y.shape
     flat = y.reshape(rows * cols)
-    block = max(1, ROW_BLOCK // max(cols, 1))
+    block = _rows_per_block(cols)
     for i0 in range(0, rows, block):
         i1 = min(rows, i0 + block)
-        for i in range(i0, i1):
-            yi = y[i]
-            for j in range(cols):
-                yi[j] += b[j]
+        _add_bias(y, b, i0, i1)
         run = flat[i0 * cols:i1 * cols]
         for k in range(run.shape[0]):
             run[k] = f(run[k], alpha)
@@ -257,7 +267,7 @@ def _grad_blocks(g, a, z, db, alpha, df, c0, c1):
     gf, af, zf = g.reshape(rows * cols), a.reshape(rows * cols), z.reshape(rows * cols)
     for j in range(cols):
         db[j] = 0
-    block = max(1, ROW_BLOCK // max(cols, 1))
+    block = _rows_per_block(cols)
     for i0 in range(0, rows, block):
         i1 = min(rows, i0 + block)
         lo, hi = i0 * cols, i1 * cols
@@ -283,13 +293,10 @@ def _bias_act_keep_z(z, b, out, alpha, f):
 def _bias_act_keep_z_blocks(z, b, out, alpha, f):
     rows, cols = z.shape
     zf, of = z.reshape(rows * cols), out.reshape(rows * cols)
-    block = max(1, ROW_BLOCK // max(cols, 1))
+    block = _rows_per_block(cols)
     for i0 in range(0, rows, block):
         i1 = min(rows, i0 + block)
-        for i in range(i0, i1):
-            zi = z[i]
-            for j in range(cols):
-                zi[j] += b[j]
+        _add_bias(z, b, i0, i1)
         zr, orun = zf[i0 * cols:i1 * cols], of[i0 * cols:i1 * cols]
         for k in range(zr.shape[0]):
             orun[k] = f(zr[k], alpha)
