@@ -74,7 +74,7 @@ def _compiled_loops(f, df, needs_z, dtype=np.float32, code=None):
     forward_loop, keep_z_loop = ((acts._bias_act_loop, acts._bias_act_keep_z)
                                  if code in spec.MEMORY_BOUND else
                                  (acts._bias_act_blocks, acts._bias_act_keep_z_blocks))
-    grad_loop = acts._grad_loop if code in spec.MEMORY_BOUND_GRADIENT else acts._grad_blocks
+    grad_loop = acts._grad_rows if code in spec.MEMORY_BOUND_GRADIENT else acts._grad_blocks
 
     @njit(**_KERNEL)
     def forward(y, b, alpha):
@@ -86,13 +86,18 @@ def _compiled_loops(f, df, needs_z, dtype=np.float32, code=None):
 
     @njit(**_KERNEL)
     def gradient(g, a, z, db, alpha):
-        grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
+        grad_loop(g, a, z, db, alpha, df)
+
+    @njit(**_KERNEL)
+    def gradient_columns(g, a, z, db, alpha):       # a team's share (pass_team.py)
+        acts._grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
 
     x = np.ones((2, 3), dtype)
     b = np.ones(3, dtype)
     alpha = dtype(0.5)
     loops = {"forward": (forward, (x.copy(), b, alpha)),
-             "gradient": (gradient, (x.copy(), x, x, b.copy(), alpha))}
+             "gradient": (gradient, (x.copy(), x, x, b.copy(), alpha)),
+             "gradient by columns": (gradient_columns, (x.copy(), x, x, b.copy(), alpha))}
     if needs_z:
         loops["forward keeping z"] = (forward_keep_z, (x.copy(), b, x.copy(), alpha))
     out = {}

@@ -258,12 +258,13 @@ def _grad_loop(g, a, z, db, alpha, df, c0, c1):
 
 
 @njit(**INLINE)
-def _grad_blocks(g, a, z, db, alpha, df, c0, c1):
-    # A team's share of columns (kernels/cpu/pass_team.py) runs by rows.
+def _grad_rows(g, a, z, db, alpha, df):
+    _grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
+
+
+@njit(**INLINE)
+def _grad_blocks(g, a, z, db, alpha, df):
     rows, cols = g.shape
-    if c0 != 0 or c1 != cols:
-        _grad_loop(g, a, z, db, alpha, df, c0, c1)
-        return
     gf, af, zf = g.reshape(rows * cols), a.reshape(rows * cols), z.reshape(rows * cols)
     for j in range(cols):
         db[j] = 0
@@ -390,9 +391,12 @@ _keep_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                         "z, b, out, alpha, {f}", cheap_loop=_bias_act_keep_z)
 _needs_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                          "z, b, out, alpha, {f}", only_z=True)
-_grad_ladder = ladder(_grad_blocks, "g, a, z, db, alpha, act, c0, c1",
-                      "g, a, z, db, alpha, {df}, c0, c1", cheap_loop=_grad_loop,
-                      cheap=spec.MEMORY_BOUND_GRADIENT)
+_grad_ladder = ladder(_grad_blocks, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}",
+                      cheap_loop=_grad_rows, cheap=spec.MEMORY_BOUND_GRADIENT)
+# A team's share of columns (kernels/cpu/pass_team.py) runs by rows: its
+# own ladder, so that each kernel compiles one of the two loops.
+_grad_columns_ladder = ladder(_grad_loop, "g, a, z, db, alpha, act, c0, c1",
+                              "g, a, z, db, alpha, {df}, c0, c1")
 
 
 @njit(**JIT)
@@ -429,21 +433,21 @@ def bias_act_grad(da, a, z, dz, db, act, alpha):
     separate ``dz`` costs a copy first.  An unknown ``act`` raises ValueError."""
     if dz.ctypes.data != da.ctypes.data:
         _copy(da, dz)
-    _grad_ladder(dz, a, z, db, alpha, act, 0, dz.shape[1])
+    _grad_ladder(dz, a, z, db, alpha, act)
 
 
 @njit(**JIT)
 def bias_act_grad_inplace(da, a, z, db, act, alpha):
     """:func:`bias_act_grad` with ``dz`` = ``da``: the training step's form,
     which does not compile the copy it never needs."""
-    _grad_ladder(da, a, z, db, alpha, act, 0, da.shape[1])
+    _grad_ladder(da, a, z, db, alpha, act)
 
 
 @njit(**JIT)
 def bias_act_grad_columns(da, a, z, db, act, alpha, c0, c1):
     """:func:`bias_act_grad_inplace` on the columns ``c0 .. c1 - 1`` alone
     (``db[c0:c1]``): a team's share of the pass, bitwise the same values."""
-    _grad_ladder(da, a, z, db, alpha, act, c0, c1)
+    _grad_columns_ladder(da, a, z, db, alpha, act, c0, c1)
 
 
 @njit(**JIT)

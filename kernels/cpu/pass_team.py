@@ -43,7 +43,7 @@ from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa
 from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, HP_SIZE, LOSS_CODES, MEMORY_BOUND, MSE
 from . import fpenv
 from ._jit import INLINE, INNER, JIT, served_ladder
-from .activations import _bias_act_ladder, _grad_ladder, _needs_z_ladder, needs_z
+from .activations import _bias_act_ladder, _grad_columns_ladder, _needs_z_ladder, needs_z
 from .losses import bce_units, ce_count, ce_units, chunk_count, mse_units
 from .optim import clip_scale, refuse_rule, update_rows
 from .reduce import BLOCK, block_sumsq
@@ -539,7 +539,7 @@ def _gradient_member(dtype):
         k = _claim(record)
         while k < _field(record, _SHARES):
             c0 = k * share
-            _grad_ladder(g, a, z, db, alpha, act, c0, min(cols, c0 + share))
+            _grad_columns_ladder(g, a, z, db, alpha, act, c0, min(cols, c0 + share))
             k = _claim(record)
         fpenv.leave(saved)
     return member
