@@ -89,15 +89,15 @@ def _compiled_loops(f, df, needs_z, dtype=np.float32, code=None):
         grad_loop(g, a, z, db, alpha, df)
 
     @njit(**_KERNEL)
-    def gradient_columns(g, a, z, db, alpha):       # a team's share (pass_team.py)
-        acts._grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
+    def gradient_columns(g, a, z, db, alpha, c0, c1):      # a team's share (pass_team.py)
+        acts._grad_loop(g, a, z, db, alpha, df, c0, c1)
 
     x = np.ones((2, 3), dtype)
     b = np.ones(3, dtype)
     alpha = dtype(0.5)
     loops = {"forward": (forward, (x.copy(), b, alpha)),
              "gradient": (gradient, (x.copy(), x, x, b.copy(), alpha)),
-             "gradient by columns": (gradient_columns, (x.copy(), x, x, b.copy(), alpha))}
+             "gradient by columns": (gradient_columns, (x.copy(), x, x, b.copy(), alpha, 0, 3))}
     if needs_z:
         loops["forward keeping z"] = (forward_keep_z, (x.copy(), b, x.copy(), alpha))
     out = {}

@@ -48,7 +48,9 @@ _ROWS_KERNELS = {"losses.softmax_cross_entropy_ex", "norm.norm_forward_epilogue"
 def test_every_kernel_compiles_with_wide_vectors():
     """Every compiled kernel of kernels/cpu (those inlined into their
     callers compile with the caller's) and the pass team's members, but the
-    listed ones along rows."""
+    listed ones along rows.  (The ``parallel=True`` kernels name the
+    pipeline too, but lower through Numba's parfor lowering, without the
+    attribute: kernels/wide_vectors.py.)"""
     kernels = [(name, k) for name, k in _kernels() if k.targetoptions.get("inline") != "always"]
     assert len(kernels) > 50
     rows = {name for name, k in kernels if k._compiler.pipeline_class is Compiler}
@@ -134,3 +136,64 @@ def test_blocks_of_rows_give_the_rows_bits(act, shape, dtype):
     acts.bias_act_grad_columns(g2, out, z, db2, code, alpha, half, shape[1])
     np.testing.assert_array_equal(g2, g)
     np.testing.assert_array_equal(db2, db)
+
+
+@pytest.fixture
+def softsign64():
+    """A registered activation whose derivative returns float64 on float32
+    arrays (its float64 constants), as a user's may."""
+    from fastgrad import registry
+
+    @njit
+    def f(z, alpha):
+        return z / (1.0 + abs(z))
+
+    @njit
+    def df(a, z, alpha):
+        return (1.0 - abs(a)) * (1.0 - abs(a))
+
+    name = "softsign64_test"
+    registry.register_activation(name, f, df)
+    yield registry.get(name).code
+    registry._forget(name)
+
+
+def test_a_registered_gradient_adds_its_unrounded_values(softsign64):
+    """The serial gradient of a registered activation gives the team's
+    column loop's bits: db adds f' g before g's rounding (the blocked loop
+    added the rounded g: 80 of 130 columns differed by up to 1.2e-6)."""
+    from fastgrad import registry
+    kernels = registry.cpu_kernels(codes=(softsign64,)).activations
+    rng = np.random.default_rng(5)
+    shape = (64, 130)
+    a = np.tanh(rng.standard_normal(shape)).astype(np.float32)
+    g0 = rng.standard_normal(shape).astype(np.float32)
+    g1, db1 = g0.copy(), np.empty(shape[1], np.float32)
+    kernels.bias_act_grad_inplace(g1, a, a, db1, softsign64, 0.0)
+    g2, db2 = g0.copy(), np.empty(shape[1], np.float32)
+    kernels.bias_act_grad_columns(g2, a, a, db2, softsign64, 0.0, 0, 64)
+    kernels.bias_act_grad_columns(g2, a, a, db2, softsign64, 0.0, 64, shape[1])
+    np.testing.assert_array_equal(g1, g2)
+    np.testing.assert_array_equal(db1, db2)
+    t = g0.astype(np.float64) * (1.0 - np.abs(a.astype(np.float64))) ** 2
+    db_ref = np.zeros(shape[1], np.float32)
+    for i in range(shape[0]):
+        db_ref = (db_ref.astype(np.float64) + t[i]).astype(np.float32)    # db += t, then rounded
+    np.testing.assert_array_equal(db1, db_ref)
+
+
+@pytest.mark.parametrize("act", ["gelu", "softplus", "relu"])
+def test_the_public_ops_take_any_layout(act):
+    """The blocked loops take C-contiguous arrays; fastgrad.ops copies any
+    other layout first (a strided view, Fortran order): the same bits."""
+    from fastgrad import ops
+    rng = np.random.default_rng(9)
+    big = (3 * rng.standard_normal((40, 150))).astype(np.float32)
+    da = rng.standard_normal((40, 75)).astype(np.float32)
+    for z in (big[:, ::2], np.asfortranarray(big[:, :75])):
+        assert not z.flags.c_contiguous
+        zc = np.ascontiguousarray(z)
+        a = ops.activation_forward(z, act)
+        np.testing.assert_array_equal(a, ops.activation_forward(zc, act))
+        dz = ops.activation_backward(np.asfortranarray(da), a, z, act)
+        np.testing.assert_array_equal(dz, ops.activation_backward(da, a, zc, act))

@@ -6,10 +6,12 @@ of ``spec.ACTIVATIONS``).  Its scalar functions here are named after it:
 ``<name>(z, alpha)`` and ``d_<name>(a, z, alpha)``.  Each kernel branches on
 the code ONCE, outside its loops, through a *ladder* (:func:`ladder`) built
 from that table when this module loads: one branch per activation, each
-running the one generic loop with that activation's scalar function inlined
-into it, so the compiled loop bodies are branch-free and vectorised and one
-compiled kernel per dtype serves every activation.  A code outside the
-table raises ValueError in every ladder: nothing falls through to a default.
+running a generic loop with that activation's scalar function inlined into
+it (by rows; a transcendental activation's passes over blocks of rows, which
+take C-contiguous arrays alone), so the compiled loop bodies are
+branch-free and vectorised and one compiled kernel per dtype serves every
+activation.  A code outside the table raises ValueError in every ladder:
+nothing falls through to a default.
 
 Derivatives are written in terms of the saved output ``a`` or, for the
 activations whose spec row says ``needs="z"`` (gelu, gelu_tanh, silu), the
@@ -391,8 +393,13 @@ _keep_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                         "z, b, out, alpha, {f}", cheap_loop=_bias_act_keep_z)
 _needs_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                          "z, b, out, alpha, {f}", only_z=True)
+# A registered derivative may return float64 on float32 arrays (a float64
+# constant or alpha in it): the per-row loop adds that unrounded value into
+# db, as the team's column loop does; the blocked loop would add g's
+# rounded one.  Registered activations keep the per-row gradient.
+_REGISTERED = frozenset(code for code, *_ in ENTRIES if code >= spec.FIRST_CUSTOM_CODE)
 _grad_ladder = ladder(_grad_blocks, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}",
-                      cheap_loop=_grad_rows, cheap=spec.MEMORY_BOUND_GRADIENT)
+                      cheap_loop=_grad_rows, cheap=spec.MEMORY_BOUND_GRADIENT | _REGISTERED)
 # A team's share of columns (kernels/cpu/pass_team.py) runs by rows: its
 # own ladder, so that each kernel compiles one of the two loops.
 _grad_columns_ladder = ladder(_grad_loop, "g, a, z, db, alpha, act, c0, c1",
