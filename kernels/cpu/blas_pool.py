@@ -243,7 +243,7 @@ _compiled = {}
 def _compiled_address(name, function, signature):
     if name not in _compiled:
         _compiled[name] = cfunc(signature, cache=JIT["cache"],
-                                  pipeline_class=JIT["pipeline_class"])(function)
+                                pipeline_class=JIT["pipeline_class"])(function)
     return _compiled[name].address
 
 
