@@ -91,6 +91,28 @@ def test_summary_counts_each_target_against_the_best_torch_thread_count():
     assert "1.30 **no**" in text and text.count("| - |") >= 1
 
 
+def test_floors_name_the_targets_out_of_reach():
+    # GEMMs 0.1 + update 0.03 ms: floors 1.3x GEMMs, 0.65x JAX (0.2 ms) and
+    # 0.26x torch (0.5 ms); the step (0.14 ms) 1.4x, 0.7x and 0.28x
+    per = _per(0.14, gemm_2t=0.1, jax=0.2, torch_2t=0.5)
+    per["update"] = [0.03] * 2
+    rows = [("u0", ([8, 8], 4, "relu", "mse"), per, 1e-7),
+            ("u1", ([8, 8], 4, "relu", "mse"), _per(0.1, gemm_2t=0.1, jax=1.0), 1e-7)]
+    summary, met = uc.summarise(rows)
+    floors = summary[0]["floors"]
+    assert floors["gemm-2t"] == pytest.approx(1.3)
+    assert floors["jax"] == pytest.approx(0.65)
+    assert floors["torch"] == pytest.approx(0.26)
+    assert summary[1]["floors"] == {"gemm-2t": None, "jax": None, "torch": None}
+    assert uc.out_of_reach(summary, "gemm-2t") == ["u0"]
+    assert uc.out_of_reach(summary, "jax") == ["u0"]
+    assert uc.out_of_reach(summary, "torch") == []
+    text = uc.table(summary, met)
+    assert "1.40 **no** (1.30)" in text and "0.70 **no** (0.65)" in text
+    assert "0.28 yes (0.26)" in text
+    assert ("<= 1.25x GEMMs (2t): u0; <= 0.6x JAX: u0; <= 0.5x PyTorch: none" in text)
+
+
 def test_small_table_counts_the_run_epoch_target():
     rows = [("s0", ([8, 8], 4, "relu", "mse"), {"run_epoch": [1e-5] * 2, "fastgrad": [2e-5] * 2,
                                                 "jax": [9e-5] * 2}, 0.0),
