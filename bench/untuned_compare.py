@@ -238,7 +238,9 @@ def floor_ratio(per, peer):
     time: the ratio a step that took no longer than its bare GEMMs and its
     update alone would reach against ``peer`` (None without them).  A
     target below it is out of reach of any step running these GEMMs and
-    this memory-bound update."""
+    this memory-bound update.  The update alone is ``opt.step()``, whose
+    Python (~10 us) a step does not pay: on the smallest nets the floor
+    reads a few per cent high."""
     if peer is None or not all(c in per for c in ("gemm-2t", "update", peer)):
         return None
     parts = np.array(per["gemm-2t"]) + np.array(per["update"])
