@@ -227,16 +227,26 @@ def test_markdown_and_plots(tiny_study, tmp_path):
 
 def test_first_nonfinite_step_counts_an_overflowed_gradient():
     """A run whose gradient overflows while its loss stays finite (weight
-    norm at SGD lr 0.5, seed 10: skipped updates from step 81, losses up to
+    norm at SGD lr 0.5: skipped updates from that step on, losses up to
     1e38) has its first non-finite step there; it read "never", the best
-    value, and the explosion claims compared it so."""
+    value, and the explosion claims compared it so.  Which seeds do that
+    depends on the CPU's last bits (seed 10 on one Intel host, 37 on an
+    AMD Zen 5), so the seeds are searched; every run on the way must count
+    its first non-finite loss or gradient norm."""
     from fastgrad.cli import load_digits_split
     row = {r.id: r for r in lab.STUDIES["all"]}["E13"]
-    out = lab.run_config(row, load_digits_split(0), seed=10)
-    grad_norm, loss = out["curves"]["grad_norm"], out["curves"]["loss"]
-    first_bad = int(np.argmax(~np.isfinite(grad_norm)))
-    assert out["metrics"]["skipped"] > 0 and np.isfinite(loss[:first_bad + 1]).all()
-    assert out["metrics"]["first_nonfinite"] == first_bad
+    data = load_digits_split(0)
+    for seed in range(200):                   # ~0.1 s a run; ~5 % of seeds qualify
+        out = lab.run_config(row, data, seed=seed)
+        grad_norm, loss = out["curves"]["grad_norm"], out["curves"]["loss"]
+        bad = ~(np.isfinite(grad_norm) & np.isfinite(loss))
+        first_bad = int(np.argmax(bad)) if bad.any() else math.inf
+        assert out["metrics"]["first_nonfinite"] == first_bad, seed
+        if bad.any() and np.isfinite(loss[:first_bad + 1]).all():
+            assert out["metrics"]["skipped"] > 0
+            break
+    else:
+        pytest.fail("no seed in 0..199 overflows the gradient before the loss")
 
 
 def test_run_study_checks_its_input():
