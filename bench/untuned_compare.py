@@ -233,6 +233,14 @@ def best_torch(per):
     return min(ts, key=lambda c: np.median(per[c])) if ts else None
 
 
+def parts_time(per):
+    """Per round, the bare GEMMs' time at 2 threads plus the update's alone
+    (None without them): the two parts a step cannot go below."""
+    if "gemm-2t" not in per or "update" not in per:
+        return None
+    return np.array(per["gemm-2t"]) + np.array(per["update"])
+
+
 def floor_ratio(per, peer):
     """Median over rounds of (GEMMs at 2 threads + update) over ``peer``'s
     time: the ratio a step that took no longer than its bare GEMMs and its
@@ -241,9 +249,9 @@ def floor_ratio(per, peer):
     this memory-bound update.  The update alone is ``opt.step()``, whose
     Python (~10 us) a step does not pay: on the smallest nets the floor
     reads a few per cent high."""
-    if peer is None or not all(c in per for c in ("gemm-2t", "update", peer)):
+    parts = parts_time(per)
+    if parts is None or peer not in per:
         return None
-    parts = np.array(per["gemm-2t"]) + np.array(per["update"])
     return float(np.median(parts / np.array(per[peer])))
 
 
@@ -258,10 +266,9 @@ def summarise(rows):
         peers = {"gemm-2t": "gemm-2t", "jax": "jax", "torch": tb}
         r = {k: ratio(per, "fastgrad", c) if c else None for k, c in peers.items()}
         floors = {k: floor_ratio(per, c) for k, c in peers.items()}
-        over_parts = None               # the step over its GEMMs + update
-        if all(c in per for c in ("fastgrad", "gemm-2t", "update")):
-            over_parts = float(np.median(np.array(per["fastgrad"])
-                                         / (np.array(per["gemm-2t"]) + np.array(per["update"]))))
+        parts = parts_time(per)         # the step over its GEMMs + update
+        over_parts = (None if parts is None or "fastgrad" not in per
+                      else float(np.median(np.array(per["fastgrad"]) / parts)))
         for k, v in r.items():
             if v is not None:
                 met[k][1] += 1

@@ -110,6 +110,8 @@ def test_floors_name_the_targets_out_of_reach():
     text = uc.table(summary, met)
     assert "1.40 **no** (1.30)" in text and "0.70 **no** (0.65)" in text
     assert "0.28 yes (0.26)" in text
+    assert summary[0]["over_parts"] == pytest.approx(0.14 / 0.13) and "| 1.08 |" in text
+    assert summary[1]["over_parts"] is None
     assert ("<= 1.25x GEMMs (2t): u0; <= 0.6x JAX: u0; <= 0.5x PyTorch: none" in text)
 
 
