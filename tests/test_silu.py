@@ -71,20 +71,32 @@ def test_silu_float32_whole_range():
 
 def test_silu_float64_to_rounding(rng):
     """float64 keeps libm: forward to 2 ulp of f, f' to 2 ulp of its terms,
-    on |z| log-uniform from 1e-300 to 1e3, both signs."""
+    on |z| log-uniform from 1e-300 to 1e3, both signs, where e = exp(-|z|)
+    is a normal float.  Below z = -708.4 e is subnormal: kernel and
+    reference each round it to the subnormal grid (2^-1074), and f = z e
+    (normal down to z = -715) carries |z| times that error, absolute; a
+    band of z in (-745, -708.4) always checks that bound."""
+    F64 = np.finfo(np.float64)
     z = np.concatenate([rng.choice([-1.0, 1.0], 20000) * 10.0 ** rng.uniform(-300, 3, 20000),
-                        rng.uniform(-40, 40, 20000)])
+                        rng.uniform(-40, 40, 20000), -rng.uniform(708.4, 745.0, 2000)])
     a, g = _kernels(z)
     fr = reference.activation(z, "silu")
     gr = reference.activation_grad(z, "silu")
-    ok = np.abs(fr) > 0
+    sub = np.exp(-np.abs(z)) < F64.tiny
+    assert sub.sum() >= 2000
+    ok = (np.abs(fr) > 0) & ~sub
     rel = np.abs(a - fr)[ok] / np.abs(fr[ok])
-    assert rel.max() <= 2 * np.finfo(np.float64).eps, rel.max()
+    assert rel.max() <= 2 * F64.eps, rel.max()
+    sub_ulp = float(np.nextafter(0.0, 1.0))
+    assert (np.abs(a - fr)[sub] <= 2 * F64.eps * np.abs(fr[sub])
+            + 2 * np.abs(z[sub]) * sub_ulp).all()
     s = _logistic64(z)
     terms = s * (1.0 + np.abs(z) * (1.0 - s))
-    ok = terms > 0
+    ok = (terms > 0) & ~sub
     grel = np.abs(g - gr)[ok] / terms[ok]
-    assert grel.max() <= 2 * np.finfo(np.float64).eps, grel.max()
+    assert grel.max() <= 2 * F64.eps, grel.max()
+    assert (np.abs(g - gr)[sub] <= 2 * F64.eps * terms[sub]
+            + 2 * (1.0 + np.abs(z[sub])) * sub_ulp).all()
 
 
 def test_reference_silu_is_the_textbook_formula(rng):
