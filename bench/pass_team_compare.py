@@ -60,8 +60,8 @@ def _forward(plan, z, b, out, act, alpha):
 
 @njit
 def _gradient(plan, g, a, z, db, act, alpha):
-    threads = plan[K.PLAN_POOL_THREADS]
-    if threads > 1 and g.size >= pass_team.MIN_GRADIENT and g.shape[1] >= pass_team.MIN_COLUMNS:
+    threads = pass_team.gradient_team_size(plan, g, act)
+    if threads:
         pass_team.gradient(plan, threads, g, a, z, db, act, alpha)
     else:
         A.bias_act_grad_inplace(g, a, z, db, act, alpha)
@@ -110,7 +110,7 @@ def passes(rounds, reps=200):
     serial = np.zeros_like(team)
     rng = np.random.default_rng(0)
     print(f"passes alone, float32, {team[K.PLAN_POOL_THREADS]} threads; us, best of {rounds} "
-          "rounds (gradient split forced for every activation)")
+          "rounds")
     for act in PASS_ACTIVATIONS:
         code = CODES[act]
         for B, n in PASS_SHAPES:

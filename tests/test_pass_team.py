@@ -122,8 +122,14 @@ def test_team_passes_are_bitwise_the_serial_passes(team, code, dtype):
     rng = np.random.default_rng()
     # odd sizes; fewer rows than threads; more threads than cores (a
     # share per thread, whichever thread runs it)
+    # a gradient by blocks of rows: one block (8 rows), one row more,
+    # partial sums in several rounds (300 x 2053: 38 blocks, 15 a round in
+    # float32, 7 in float64), and rows of partial sums longer than a round
+    # holds (on the heap)
+    assert A.DB_ROWS == 8 and pass_team.PARTS_BYTES < 33000 * 4
     for threads, rows, cols in [(2, 147, 301), (2, 9, 2053), (2, 1000, 33), (3, 517, 37),
-                                (7, 5, 211), (4, 1, 64)]:
+                                (7, 5, 211), (4, 1, 64), (2, 8, 1031), (2, 9, 1031),
+                                (2, 300, 2053), (3, 0, 40), (2, 20, 33000)]:
         plan = _plan(dtype, threads)
         serial, team = _serial_and_team(plan, threads, code, dtype, rows, cols, rng)
         for name, s, t in zip(("z", "output", "dz", "db"), serial, team):

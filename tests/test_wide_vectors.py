@@ -121,19 +121,39 @@ def test_blocks_of_rows_give_the_rows_bits(act, shape, dtype):
     g0 = rng.standard_normal(shape).astype(dtype)
     g, db = g0.copy(), np.full(shape[1], np.nan, dtype)
     acts.bias_act_grad_inplace(g, out, z, db, code, alpha)
-    db_sum = np.zeros(shape[1], dtype)
+    # db: the rows' db added in row order, from 0; for a gradient read from
+    # a, within blocks of DB_ROWS rows, the blocks' sums added in block order
+    blocked = acts.blocks_db(code, code in spec.NEEDS_Z)
+    per_block = acts.DB_ROWS if blocked else max(shape[0], 1)
+    db_sum, part = None, np.zeros(shape[1], dtype)
     for i in range(shape[0]):
         gi, dbi = g0[i:i + 1].copy(), np.empty(shape[1], dtype)
         acts.bias_act_grad_inplace(gi, out[i:i + 1], z[i:i + 1], dbi, code, alpha)
         np.testing.assert_array_equal(g[i], gi[0])
-        db_sum = (db_sum + dbi).astype(dtype)          # the rows' db, added in row order
-    np.testing.assert_array_equal(db, db_sum)
+        part = (part + dbi).astype(dtype)
+        if (i + 1) % per_block == 0 or i + 1 == shape[0]:
+            db_sum = part if db_sum is None else (db_sum + part).astype(dtype)
+            part = np.zeros(shape[1], dtype)
+    np.testing.assert_array_equal(db, part if db_sum is None else db_sum)
 
-    # a team's shares of columns (whole 16-column vectors) run by rows: the same bits
-    half = shape[1] // 32 * 16
     g2, db2 = g0.copy(), np.full(shape[1], np.nan, dtype)
-    acts.bias_act_grad_columns(g2, out, z, db2, code, alpha, 0, half)
-    acts.bias_act_grad_columns(g2, out, z, db2, code, alpha, half, shape[1])
+    if blocked and shape[0] == 0:
+        db2 = np.zeros(shape[1], dtype)      # (a team's pass writes no block: db is zeros)
+    elif blocked:
+        # a team's blocks of rows, each into its own partial sums: the same bits
+        # (two shares: the first block, then the rest)
+        parts = np.full((max(1, -(-shape[0] // acts.DB_ROWS)), shape[1]), np.nan, dtype)
+        first = min(shape[0], acts.DB_ROWS)
+        acts.bias_act_grad_row_blocks(g2, out, z, parts[:1], code, alpha, 0, first)
+        acts.bias_act_grad_row_blocks(g2, out, z, parts[1:], code, alpha, first, shape[0])
+        db2 = parts[0].copy()
+        for k in range(1, parts.shape[0]):
+            db2 = (db2 + parts[k]).astype(dtype)
+    else:
+        # a team's shares of columns (whole 16-column vectors) run by rows: the same bits
+        half = shape[1] // 32 * 16
+        acts.bias_act_grad_columns(g2, out, z, db2, code, alpha, 0, half)
+        acts.bias_act_grad_columns(g2, out, z, db2, code, alpha, half, shape[1])
     np.testing.assert_array_equal(g2, g)
     np.testing.assert_array_equal(db2, db)
 

@@ -212,7 +212,7 @@ def _bias_act_loop(y, b, alpha, f):
 # of 57 outputs left 9 of them to the scalar loop.  The memory-bound passes
 # (spec.MEMORY_BOUND, MEMORY_BOUND_GRADIENT) keep the one pass per row.
 # Either way every value is computed and rounded as before, and db summed
-# in row order: the same bits.
+# in the same order (rows, or blocks of DB_ROWS rows: below): the same bits.
 ROW_BLOCK = 2048          # outputs in a block of rows (one row at the least)
 
 
@@ -283,6 +283,115 @@ def _grad_blocks(g, a, z, db, alpha, df):
                 db[j] += gi[j]
 
 
+# The gradients read from ``a`` sum db in blocks of DB_ROWS rows: each
+# block's rows summed in order into a row of partial sums, and the blocks'
+# rows added in block order.  A team (kernels/cpu/pass_team.py) splits such
+# a pass by blocks of rows, each thread writing its blocks' partial sums,
+# and gets the serial pass's bits for any thread count.  Split by columns
+# instead, the cache line at each share's edge was written by both threads
+# in every row (2-16x slower; bench/RESULTS.md "Activation passes on the
+# pool").
+DB_ROWS = 8
+
+
+@njit(**INLINE)
+def _grad_row_block(g, a, z, part, alpha, df, i0, i1):
+    # rows i0..i1-1 (a block), each in one pass: f', g, and its sum beside
+    cols = g.shape[1]
+    for j in range(cols):
+        part[j] = 0
+    for i in range(i0, i1):
+        gi, ai, zi = g[i], a[i], z[i]
+        for j in range(cols):
+            t = gi[j] * df(ai[j], zi[j], alpha)
+            gi[j] = t
+            part[j] += t
+
+
+@njit(**INLINE)
+def _flat_rows(cols):
+    # rows of a transcendental f''s flat run: whole blocks, ~ROW_BLOCK outputs
+    return max(1, ROW_BLOCK // max(cols * DB_ROWS, 1)) * DB_ROWS
+
+
+@njit(**INLINE)
+def _df_flat(g, a, z, alpha, df, i0, i1):
+    # g *= f' over rows i0..i1-1 as one flat run (the vector loop's
+    # remainder once a run, not once a row)
+    rows, cols = g.shape
+    lo, hi = i0 * cols, i1 * cols
+    gr = g.reshape(rows * cols)[lo:hi]
+    ar, zr = a.reshape(rows * cols)[lo:hi], z.reshape(rows * cols)[lo:hi]
+    for k in range(gr.shape[0]):
+        gr[k] = gr[k] * df(ar[k], zr[k], alpha)
+
+
+@njit(**INLINE)
+def _sum_rows(g, part, i0, i1):
+    cols = g.shape[1]
+    for j in range(cols):
+        part[j] = 0
+    for i in range(i0, i1):
+        gi = g[i]
+        for j in range(cols):
+            part[j] += gi[j]
+
+
+@njit(**INLINE)
+def _grad_row_range(g, a, z, parts, alpha, df, i0, i1):
+    """Rows i0..i1-1 (i0 on a block's edge), the sums of their k-th block
+    into ``parts[k]``: a team's share (kernels/cpu/pass_team.py)."""
+    for r0 in range(i0, i1, DB_ROWS):
+        _grad_row_block(g, a, z, parts[(r0 - i0) // DB_ROWS], alpha, df, r0,
+                        min(i1, r0 + DB_ROWS))
+
+
+@njit(**INLINE)
+def _grad_flat_range(g, a, z, parts, alpha, df, i0, i1):
+    """:func:`_grad_row_range` for a transcendental f': flat runs of whole
+    blocks, then each block's rows summed."""
+    per = _flat_rows(g.shape[1])
+    for r0 in range(i0, i1, per):
+        r1 = min(i1, r0 + per)
+        _df_flat(g, a, z, alpha, df, r0, r1)
+        for b0 in range(r0, r1, DB_ROWS):
+            _sum_rows(g, parts[(b0 - i0) // DB_ROWS], b0, min(r1, b0 + DB_ROWS))
+
+
+@njit(**INLINE)
+def add_part(db, part):
+    """db += part over db's length: the blocks' partial sums, in block order."""
+    for j in range(db.shape[0]):
+        db[j] += part[j]
+
+
+# The serial passes: the first block's sums straight into db (no rows:
+# zeros), each other block's into one row and added.
+@njit(**INLINE)
+def _grad_row_blocks(g, a, z, db, alpha, df):
+    rows, cols = g.shape
+    part = np.empty(cols if rows > DB_ROWS else 0, g.dtype)
+    for i0 in range(0, max(rows, 1), DB_ROWS):
+        _grad_row_block(g, a, z, db if i0 == 0 else part, alpha, df, i0,
+                        min(rows, i0 + DB_ROWS))
+        if i0 > 0:
+            add_part(db, part)
+
+
+@njit(**INLINE)
+def _grad_flat_blocks(g, a, z, db, alpha, df):
+    rows, cols = g.shape
+    part = np.empty(cols if rows > DB_ROWS else 0, g.dtype)
+    per = _flat_rows(cols)
+    for r0 in range(0, max(rows, 1), per):
+        r1 = min(rows, r0 + per)
+        _df_flat(g, a, z, alpha, df, r0, r1)
+        for b0 in range(r0, max(r1, 1), DB_ROWS):
+            _sum_rows(g, db if b0 == 0 else part, b0, min(r1, b0 + DB_ROWS))
+            if b0 > 0:
+                add_part(db, part)
+
+
 @njit(**INLINE)
 def _bias_act_keep_z(z, b, out, alpha, f):
     for i in range(z.shape[0]):
@@ -333,7 +442,8 @@ def _unknown(act):
                      "nor registered)")
 
 
-def ladder(loop, params, call, only_z=False, cheap_loop=None, cheap=spec.MEMORY_BOUND):
+def ladder(loop, params, call, only_z=False, cheap_loop=None, cheap=spec.MEMORY_BOUND,
+           pick=None):
     """An inlined ``ladder(<params>)`` that runs ``loop(<call>)`` once, for
     the activation whose code is the parameter ``act`` (``cheap_loop``,
     where given, for the codes in ``cheap``).
@@ -341,23 +451,31 @@ def ladder(loop, params, call, only_z=False, cheap_loop=None, cheap=spec.MEMORY_
     ``call`` names the activation's functions ``{f}`` (forward), ``{df}``
     (derivative) and ``{keep_z}`` (``True`` when its derivative reads z, a
     constant in each branch).  ``only_z``: branches for the activations
-    whose derivative reads z alone.  The source is generated from
+    whose derivative reads z alone.  ``pick(code, keep_z)``, where given,
+    names each code's loop instead (None: no branch for it).  The source is
+    generated from
     ``ENTRIES`` -- an ``if``/``elif`` per code, then a ``raise`` -- and compiled with
     ``inline="always"``, so a kernel that calls the ladder is cached on disk
     as one function (``_jit`` keys the cache on the table's sources too).
     """
-    env = {"_loop": loop, "_cheap_loop": cheap_loop or loop, "_unknown": _unknown}
+    if pick is None:
+        def pick(code, keep_z):
+            if only_z and not keep_z:
+                return None
+            return (cheap_loop or loop) if code in cheap else loop
+    env = {"_unknown": _unknown}
     lines = [f"def _ladder({params}):"]
     for code, f, df, keep_z in ENTRIES:
-        if only_z and not keep_z:
+        chosen = pick(code, keep_z)
+        if chosen is None:
             continue
-        env[f"_f{code}"], env[f"_df{code}"] = f, df
+        env[f"_f{code}"], env[f"_df{code}"], env[f"_loop{code}"] = f, df, chosen
         args = call.format(f=f"_f{code}", df=f"_df{code}", keep_z=keep_z)
-        run = "_cheap_loop" if code in cheap else "_loop"
+        run = f"_loop{code}"
         lines += [f"    {'if' if len(lines) == 1 else 'elif'} act == {code}:",
                   f"        {run}({args})"]
     lines += ["    else:" if len(lines) > 1 else "    if True:", "        _unknown(act)"]
-    name = f"<fastgrad ladder of {loop.__name__}>"
+    name = f"<fastgrad ladder of {getattr(loop, '__name__', params)}>"
     exec(compile("\n".join(lines), name, "exec"), env)
     return njit(**INLINE)(env["_ladder"])
 
@@ -393,17 +511,54 @@ _keep_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                         "z, b, out, alpha, {f}", cheap_loop=_bias_act_keep_z)
 _needs_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                          "z, b, out, alpha, {f}", only_z=True)
-# A registered derivative may return float64 on float32 arrays (a float64
-# constant or alpha in it): the per-row loop adds that unrounded value into
-# db, as the team's column loop does; the blocked loop would add g's
-# rounded one.  Registered activations keep the per-row gradient.
+# The gradients: built-in ones read from ``a`` sum db in blocks of rows
+# (DB_ROWS), the others by rows.  A registered derivative may return
+# float64 on float32 arrays (a float64 constant or alpha in it): the
+# per-row loop adds that unrounded value into db, as the team's column loop
+# does; the blocked loops would add g's rounded one.
 _REGISTERED = frozenset(code for code, *_ in ENTRIES if code >= spec.FIRST_CUSTOM_CODE)
-_grad_ladder = ladder(_grad_blocks, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}",
-                      cheap_loop=_grad_rows, cheap=spec.MEMORY_BOUND_GRADIENT | _REGISTERED)
-# A team's share of columns (kernels/cpu/pass_team.py) runs by rows: its
-# own ladder, so that each kernel compiles one of the two loops.
-_grad_columns_ladder = ladder(_grad_loop, "g, a, z, db, alpha, act, c0, c1",
-                              "g, a, z, db, alpha, {df}, c0, c1")
+
+
+def blocks_db(code, keep_z):
+    """Whether the gradient of activation ``code`` sums db in blocks of
+    ``DB_ROWS`` rows (a built-in derivative read from ``a``: a team splits
+    the pass by those blocks) rather than over all rows in order (a team
+    splits it by columns)."""
+    return not keep_z and code not in _REGISTERED
+
+
+def _serial_gradient(code, keep_z):
+    if blocks_db(code, keep_z):
+        return _grad_row_blocks if code in spec.MEMORY_BOUND_GRADIENT else _grad_flat_blocks
+    return _grad_rows if code in _REGISTERED else _grad_blocks
+
+
+_grad_ladder = ladder(None, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}",
+                      pick=_serial_gradient)
+# A team's share of the pass (kernels/cpu/pass_team.py), each its own
+# ladder so that each kernel compiles only the loops it runs: by columns
+# (the other activations), or blocks of rows into partial sums.
+_grad_columns_ladder = ladder(
+    _grad_loop, "g, a, z, db, alpha, act, c0, c1", "g, a, z, db, alpha, {df}, c0, c1",
+    pick=lambda code, keep_z: None if blocks_db(code, keep_z) else _grad_loop)
+_grad_block_ladder = ladder(
+    None, "g, a, z, parts, alpha, act, i0, i1", "g, a, z, parts, alpha, {df}, i0, i1",
+    pick=lambda code, keep_z: None if not blocks_db(code, keep_z) else (
+        _grad_row_range if code in spec.MEMORY_BOUND_GRADIENT else _grad_flat_range))
+
+
+def _blocks_db_source():
+    codes = [code for code, _, _, keep_z in ENTRIES if blocks_db(code, keep_z)]
+    test = " or ".join(f"act == {c}" for c in codes) or "False"
+    env = {}
+    exec(compile(f"def blocks_db_code(act):\n    return {test}\n", "<fastgrad blocks_db>",
+                 "exec"), env)
+    return env["blocks_db_code"]
+
+
+blocks_db_code = njit(**INLINE)(_blocks_db_source())
+blocks_db_code.__doc__ = ("True for the activation codes whose gradient sums db in blocks of "
+                          "rows (:func:`blocks_db`).")
 
 
 @njit(**JIT)
@@ -453,8 +608,22 @@ def bias_act_grad_inplace(da, a, z, db, act, alpha):
 @njit(**JIT)
 def bias_act_grad_columns(da, a, z, db, act, alpha, c0, c1):
     """:func:`bias_act_grad_inplace` on the columns ``c0 .. c1 - 1`` alone
-    (``db[c0:c1]``): a team's share of the pass, bitwise the same values."""
+    (``db[c0:c1]``): a team's share of the pass, bitwise the same values,
+    for an activation whose db is not summed in blocks of rows (else
+    ValueError: :func:`bias_act_grad_row_blocks`)."""
     _grad_columns_ladder(da, a, z, db, alpha, act, c0, c1)
+
+
+@njit(**JIT)
+def bias_act_grad_row_blocks(da, a, z, parts, act, alpha, i0, i1):
+    """:func:`bias_act_grad_inplace` on the rows ``i0 .. i1 - 1`` alone
+    (``i0`` a multiple of ``DB_ROWS``), the db of their k-th block of
+    ``DB_ROWS`` rows into ``parts[k]``: a team's share of the pass of an
+    activation whose db is summed in blocks of rows (:func:`blocks_db`;
+    else ValueError), bitwise the same values."""
+    if i1 > i0 and (i0 % DB_ROWS != 0 or parts.shape[0] * DB_ROWS < i1 - i0):
+        raise ValueError("rows not on a block's edge, or fewer rows of parts than blocks")
+    _grad_block_ladder(da, a, z, parts, alpha, act, i0, i1)
 
 
 @njit(**JIT)

@@ -8,9 +8,12 @@ is OpenBLAS's own workers, which spin waiting for work after each GEMM
 (OpenBLAS's ``gotoblas_pthread``: each worker, and the caller, calls the
 member); with the pool shared (``fastgrad.share_blas_pool``) it is a GNU
 OpenMP team (``GOMP_parallel``) of the threads OpenBLAS's jobs run on.
-Either way one pool owns the cores.  The forward is split by rows; the
-gradient by columns, so that each ``db[j]`` is summed over the rows in
-order by one thread; the loss by its units (kernels/cpu/losses.py), each
+Either way one pool owns the cores.  The forward is split by rows; a
+gradient read from ``a`` by blocks of ``DB_ROWS`` rows, each block's
+partial sums of db kept (on the stack, in rounds) and added here in block
+order, as the serial loops of kernels/cpu/activations.py add them; one
+computed from z by columns, so that each ``db[j]`` is summed over the rows
+in order by one thread; the loss by its units (kernels/cpu/losses.py), each
 unit's float64 sum kept and added in unit order; the update's norm by runs
 of the serial kernel's blocks (their sums added in its order:
 ``reduce.layer_sumsq``) and its elementwise pass by ranges.  Every split
@@ -22,9 +25,9 @@ region, ``OMP_DYNAMIC``, a thread limit) still runs every share.  The
 driver reaches the team's start and the members through addresses in its
 step plan (``PLAN_POOL_*``, filled by the host: ``fastgrad.backend``,
 ``fastgrad.threads``): none is compiled into the driver, which is cached on
-disk.  A pass too small to split (or not split: the gradients that read
-``a``), or any pass of a plan of 0 threads, runs its member on the calling
-thread alone: the driver holds no second, serial copy of the activation
+disk.  A pass too small to split, or any pass of a plan of 0 threads,
+runs its member on the calling thread alone: the driver holds no second,
+serial copy of the activation
 and update passes (a cold first step compiles each once, in its member), so
 its plan must hold the members (:func:`check_members` raises before a step
 without them).  The same holds for the loss: such a driver computes it
@@ -43,7 +46,9 @@ from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa
 from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, HP_SIZE, LOSS_CODES, MEMORY_BOUND, MSE
 from . import fpenv
 from ._jit import INLINE, INNER, JIT, served_ladder
-from .activations import _bias_act_ladder, _grad_columns_ladder, _needs_z_ladder, needs_z
+from .activations import (DB_ROWS, _bias_act_ladder, _grad_block_ladder,
+                          _grad_columns_ladder, _needs_z_ladder, add_part, blocks_db_code,
+                          needs_z)
 from .losses import bce_units, ce_count, ce_units, chunk_count, mse_units
 from .optim import clip_scale, refuse_rule, update_rows
 from .reduce import BLOCK, block_sumsq
@@ -58,6 +63,8 @@ MIN_FORWARD = 1 << 12         # outputs of any other activation's forward (~0.4+
 _MEMORY_BOUND = tuple(sorted(MEMORY_BOUND))    # a tuple: Numba's `in` reads it as a constant
 MIN_GRADIENT = 1 << 14        # values of a gradient computed from z
 MIN_COLUMNS = 32          # a gradient share of 16+ columns: whole vectors
+MIN_GRADIENT_ROWS = 1 << 13   # values of a gradient read from a (by blocks of rows)
+PARTS_BYTES = 1 << 17     # the partial sums of db kept per team start (on the stack)
 MIN_UPDATE = 1 << 15         # parameters (a team update of 17-30K slowed 8 of 9 small nets)
 UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a busy host
 NORM_SHARE = 64           # the most blocks per norm share (2^20 elements)
@@ -69,6 +76,7 @@ MIN_LOSS = 1 << 14        # outputs of the loss (alone, a team won down to 4K; b
 # pass's own fields.
 _COUNTER, _SHARES, _SHARE = 0, 1, 2
 _P0, _P1, _P2, _P3, _ROWS, _COLS, _ACT, _ALPHA = range(3, 11)             # activation passes
+_STRIDE, _FIRST_ROW_BLOCK, _ROW_BLOCKS = range(11, 14)     # the gradient by blocks of rows
 _N = 3                                                 # the update passes: elements
 _G, _OFFSETS, _PARTS, _LAYERS, _FIRST_BLOCK, _BLOCKS = range(4, 10)         # the norm
 (_KIND, _OUT, _OUT_ROWS, _OUT_COLS, _LABELS, _N_LABELS, _TARGET, _TARGET_ROWS, _TARGET_COLS,
@@ -142,6 +150,21 @@ def _block_sums(typingctx, n):
     if not isinstance(n, types.Integer):
         return None
     return types.voidptr(n), codegen
+
+
+@intrinsic
+def _stack_lines(typingctx, n):
+    """The address of ``n`` 64-byte lines on the stack, aligned to a line
+    (rows of partial sums written by two threads share no line).  As
+    :func:`_block_sums`: sized at run time, taken once per call."""
+    def codegen(context, builder, signature, args):
+        buffer = builder.alloca(ir.IntType(8), size=builder.add(builder.mul(args[0], _I64(64)),
+                                                                _I64(64)))
+        address = builder.add(builder.ptrtoint(buffer, _I64), _I64(63))
+        return builder.and_(address, _I64(~63))
+    if not isinstance(n, types.Integer):
+        return None
+    return types.int64(types.int64), codegen
 
 
 @intrinsic
@@ -332,13 +355,17 @@ def _gradient_threads(plan, elements):
 
 @njit(**INLINE)
 def gradient_team_size(plan, g, act):
-    """Threads for the gradient pass over ``g``: 0 runs it on this thread.  Only
-    derivatives computed from z (gelu, gelu_tanh, silu: ``needs_z``) are
-    split.  The others read ``a`` and cost little; split by columns, their
-    pass is memory-bound, and the cache line at each share's edge, written
-    by two threads in every row, made it 2-16x slower (relu, tanh;
-    bench/RESULTS.md "Activation passes on the pool")."""
-    if g.shape[1] < MIN_COLUMNS or not needs_z(act):
+    """Threads for the gradient pass over ``g``: 0 runs it on this thread.
+    A gradient read from ``a`` (``blocks_db_code``) is split by blocks of
+    rows from ``MIN_GRADIENT_ROWS`` values and two blocks; one computed from
+    z (or a registered one) by columns from ``MIN_GRADIENT`` values and
+    ``MIN_COLUMNS`` columns."""
+    threads = plan[PLAN_POOL_THREADS]
+    if threads < 2:
+        return 0
+    if blocks_db_code(act):
+        return threads if g.size >= MIN_GRADIENT_ROWS and g.shape[0] > DB_ROWS else 0
+    if g.shape[1] < MIN_COLUMNS:
         return 0
     return _gradient_threads(plan, g.size)
 
@@ -378,14 +405,56 @@ def forward(plan, threads, z, b, out, act, alpha):
 @njit(**INNER)
 def gradient(plan, threads, g, a, z, db, act, alpha):
     """``bias_act_grad_inplace(g, a, z, db, act, alpha)`` on ``threads``
-    threads, by columns (shares of whole 16-column vectors; 0 or 1: on
-    this thread)."""
+    threads (0 or 1: on this thread): by blocks of rows for a gradient read
+    from ``a``, else by columns (shares of whole 16-column vectors)."""
+    if blocks_db_code(act):
+        _gradient_by_blocks(plan, threads, g, a, z, db, act, alpha)
+        return
     rows, cols = g.shape
     threads = max(threads, 1)
     share = ((cols + threads - 1) // threads + 15) // 16 * 16
     record = _record(((cols + share - 1) // share, share, g.ctypes.data, a.ctypes.data,
                       z.ctypes.data, db.ctypes.data, rows, cols, act, alpha))
     _run(plan, plan[PLAN_POOL_GRAD], record, threads)
+
+
+@njit(**INLINE)
+def _gradient_by_blocks(plan, threads, g, a, z, db, act, alpha):
+    # Each block's partial sums into a row of whole cache lines on the
+    # stack, in rounds of PARTS_BYTES (a row longer than that: one a round,
+    # on the heap); the rows added into db in block order, the first
+    # copied (kernels/cpu/activations.py _grad_row_blocks).
+    rows, cols = g.shape
+    if rows == 0:
+        for j in range(cols):
+            db[j] = 0
+        return
+    line = 64 // g.itemsize
+    stride = (cols + line - 1) // line * line
+    blocks = (rows + DB_ROWS - 1) // DB_ROWS
+    on_stack = stride * g.itemsize <= PARTS_BYTES
+    per_round = min(blocks, PARTS_BYTES // (stride * g.itemsize)) if on_stack else 1
+    address = _stack_lines(per_round * stride // line if on_stack else 0)
+    parts = carray(_as_pointer(address), (per_round, stride), g.dtype)
+    if not on_stack:
+        parts = np.empty((1, stride), g.dtype)
+        address = np.int64(parts.ctypes.data)      # (uintp: would unify to float64)
+    sharers = max(threads, 1)
+    for first in range(0, blocks, per_round):
+        count = min(per_round, blocks - first)
+        # a share a thread, balanced by rows (the last block may be short)
+        share = max(1, ((min(rows, (first + count) * DB_ROWS) - first * DB_ROWS) * 2
+                        + sharers * DB_ROWS) // (2 * sharers * DB_ROWS))
+        record = _record(((count + share - 1) // share, share, g.ctypes.data, a.ctypes.data,
+                          z.ctypes.data, address, rows, cols, act, alpha, stride, first,
+                          count))
+        _run(plan, plan[PLAN_POOL_GRAD], record, threads)
+        for k in range(count):
+            if first + k == 0:
+                for j in range(cols):
+                    db[j] = parts[0, j]
+            else:
+                add_part(db, parts[k, :cols])
 
 
 @njit(**INLINE)
@@ -536,11 +605,22 @@ def _gradient_member(dtype):
         db = carray(_as_pointer(_field(record, _P3)), (cols,), dtype)
         act, alpha = _field(record, _ACT), _float(record, _ALPHA)
         saved = fpenv.enter(g)
-        k = _claim(record)
-        while k < _field(record, _SHARES):
-            c0 = k * share
-            _grad_columns_ladder(g, a, z, db, alpha, act, c0, min(cols, c0 + share))
+        if blocks_db_code(act):       # by blocks of rows: _P3 holds their partial sums
+            first, count = _field(record, _FIRST_ROW_BLOCK), _field(record, _ROW_BLOCKS)
+            stride = _field(record, _STRIDE)
+            parts = carray(_as_pointer(_field(record, _P3)), (count, stride), dtype)
             k = _claim(record)
+            while k < _field(record, _SHARES):
+                b0, b1 = k * share, min(count, (k + 1) * share)
+                _grad_block_ladder(g, a, z, parts[b0:b1], alpha, act, (first + b0) * DB_ROWS,
+                                   min(rows, (first + b1) * DB_ROWS))
+                k = _claim(record)
+        else:
+            k = _claim(record)
+            while k < _field(record, _SHARES):
+                c0 = k * share
+                _grad_columns_ladder(g, a, z, db, alpha, act, c0, min(cols, c0 + share))
+                k = _claim(record)
         fpenv.leave(saved)
     return member
 
