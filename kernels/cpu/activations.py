@@ -453,8 +453,8 @@ def ladder(loop, params, call, only_z=False, cheap_loop=None, cheap=spec.MEMORY_
     constant in each branch).  ``only_z``: branches for the activations
     whose derivative reads z alone.  ``pick(code, keep_z)``, where given,
     names each code's loop instead (None: no branch for it).  The source is
-    generated from
-    ``ENTRIES`` -- an ``if``/``elif`` per code, then a ``raise`` -- and compiled with
+    generated from ``ENTRIES`` -- an ``if``/``elif`` per code, then a
+    ``raise`` -- and compiled with
     ``inline="always"``, so a kernel that calls the ladder is cached on disk
     as one function (``_jit`` keys the cache on the table's sources too).
     """
