@@ -356,16 +356,19 @@ def _gradient_threads(plan, elements):
 @njit(**INLINE)
 def gradient_team_size(plan, g, act):
     """Threads for the gradient pass over ``g``: 0 runs it on this thread.
-    A gradient read from ``a`` (``blocks_db_code``) is split by blocks of
-    rows from ``MIN_GRADIENT_ROWS`` values and two blocks; one computed from
-    z (or a registered one) by columns from ``MIN_GRADIENT`` values and
-    ``MIN_COLUMNS`` columns."""
+    A built-in gradient read from ``a`` (``blocks_db_code``) is split by
+    blocks of rows from ``MIN_GRADIENT_ROWS`` values and two blocks; one
+    computed from z (``needs_z``) by columns from ``MIN_GRADIENT`` values
+    and ``MIN_COLUMNS`` columns.  A registered one read from ``a`` is not
+    split: by columns, the cache line at each share's edge, written by two
+    threads in every row, made such a pass 2-16x slower (relu, tanh;
+    bench/RESULTS.md "Activation passes on the pool")."""
     threads = plan[PLAN_POOL_THREADS]
     if threads < 2:
         return 0
     if blocks_db_code(act):
         return threads if g.size >= MIN_GRADIENT_ROWS and g.shape[0] > DB_ROWS else 0
-    if g.shape[1] < MIN_COLUMNS:
+    if g.shape[1] < MIN_COLUMNS or not needs_z(act):
         return 0
     return _gradient_threads(plan, g.size)
 
