@@ -74,7 +74,8 @@ def _compiled_loops(f, df, needs_z, dtype=np.float32, code=None):
     forward_loop, keep_z_loop = ((acts._bias_act_loop, acts._bias_act_keep_z)
                                  if code in spec.MEMORY_BOUND else
                                  (acts._bias_act_blocks, acts._bias_act_keep_z_blocks))
-    grad_loop = acts._grad_rows if code in spec.MEMORY_BOUND_GRADIENT else acts._grad_blocks
+    grad_loop = (acts._grad_row_blocks if code in spec.MEMORY_BOUND_GRADIENT
+                 else acts._grad_flat_blocks)
 
     @njit(**_KERNEL)
     def forward(y, b, alpha):

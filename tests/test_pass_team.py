@@ -190,12 +190,12 @@ def _train_now(sizes, act, B, steps):
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
 def test_train_step_on_the_team_is_bitwise_the_serial_step(team, act):
-    # 64 x 300 outputs: a team forward for every activation (and for gelu
-    # and silu a team gradient) in the first layer; 64 x 77: a team forward
-    # for gelu and silu alone; the output layer serial
+    # 64 x 300 outputs: a team forward and gradient for every activation in
+    # the first layer; 64 x 77: a team forward and gradient for gelu and
+    # silu alone; the output layer serial
     sizes = [41, 300, 77, 5]
     assert 64 * 300 >= pass_team.MIN_FORWARD_CHEAP > 64 * 77 >= pass_team.MIN_FORWARD
-    assert 64 * 300 >= pass_team.MIN_GRADIENT > 64 * 77
+    assert 64 * 300 >= pass_team.MIN_GRADIENT_ROWS > 64 * 77 >= pass_team.MIN_GRADIENT_ROWS_COSTLY
     serial = _train(sizes, act, False)
     on = _train(sizes, act, True)
     plan = on[0]._fixed_args[2][9]
@@ -369,6 +369,28 @@ def test_openblas_told_to_use_one_thread_runs_the_team_serially():
     assert all(np.array_equal(s, t) for s, t in zip(serial, one))
 
 
+def test_a_gradient_goes_to_the_team_by_its_cost():
+    """Built-in gradients by blocks of rows from two blocks and
+    MIN_GRADIENT_ROWS values (memory-bound derivatives: identity, relu,
+    leaky_relu, elu, sigmoid, tanh) or MIN_GRADIENT_ROWS_COSTLY (the
+    others); none without a team of 2+, nor for a code the kernels do not
+    serve."""
+    plan = np.zeros(K.PLAN_HEADER, np.int64)
+    plan[K.PLAN_POOL_THREADS] = 2
+    cheap = ("identity", "relu", "leaky_relu", "elu", "sigmoid", "tanh")
+    for name in spec.CODES:
+        least = (pass_team.MIN_GRADIENT_ROWS if name in cheap
+                 else pass_team.MIN_GRADIENT_ROWS_COSTLY)
+        code = spec.CODES[name]
+        cols = least // 9
+        assert pass_team.gradient_team_size(plan, np.empty((9, cols + 1)), code) == 2, name
+        assert pass_team.gradient_team_size(plan, np.empty((9, cols - 1)), code) == 0, name
+        assert pass_team.gradient_team_size(plan, np.empty((8, 2 * least)), code) == 0, name
+    assert pass_team.gradient_team_size(plan, np.empty((64, 1 << 12)), spec.N_ACTIVATIONS) == 0
+    plan[K.PLAN_POOL_THREADS] = 1
+    assert pass_team.gradient_team_size(plan, np.empty((64, 1 << 12)), spec.CODES["gelu"]) == 0
+
+
 def test_a_registered_activation_runs_on_the_team(team):
     # its members come from the model's own copy of the kernels (uncached),
     # with the activation's loops inlined: bitwise the serial step
@@ -383,6 +405,7 @@ def test_a_registered_activation_runs_on_the_team(team):
         return s * (one + z * (one - s))
 
     name = "swish_pass_team"
+    assert 64 * 300 >= pass_team.MIN_GRADIENT       # its gradient by columns
     registry.register_activation(name, f, df, needs="z")
     try:
         serial = _train([41, 300, 77, 5], name, False)

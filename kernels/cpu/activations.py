@@ -264,28 +264,9 @@ def _grad_rows(g, a, z, db, alpha, df):
     _grad_loop(g, a, z, db, alpha, df, 0, g.shape[1])
 
 
-@njit(**INLINE)
-def _grad_blocks(g, a, z, db, alpha, df):
-    rows, cols = g.shape
-    gf, af, zf = g.reshape(rows * cols), a.reshape(rows * cols), z.reshape(rows * cols)
-    for j in range(cols):
-        db[j] = 0
-    block = _rows_per_block(cols)
-    for i0 in range(0, rows, block):
-        i1 = min(rows, i0 + block)
-        lo, hi = i0 * cols, i1 * cols
-        gr, ar, zr = gf[lo:hi], af[lo:hi], zf[lo:hi]
-        for k in range(gr.shape[0]):
-            gr[k] = gr[k] * df(ar[k], zr[k], alpha)
-        for i in range(i0, i1):
-            gi = g[i]
-            for j in range(cols):
-                db[j] += gi[j]
-
-
-# The gradients read from ``a`` sum db in blocks of DB_ROWS rows: each
-# block's rows summed in order into a row of partial sums, and the blocks'
-# rows added in block order.  A team (kernels/cpu/pass_team.py) splits such
+# The built-in gradients sum db in blocks of DB_ROWS rows: each block's
+# rows summed in order into a row of partial sums, and the blocks' rows
+# added in block order.  A team (kernels/cpu/pass_team.py) splits such
 # a pass by blocks of rows, each thread writing its blocks' partial sums,
 # and gets the serial pass's bits for any thread count.  Split by columns
 # instead, the cache line at each share's edge was written by both threads
@@ -511,44 +492,44 @@ _keep_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                         "z, b, out, alpha, {f}", cheap_loop=_bias_act_keep_z)
 _needs_z_ladder = ladder(_bias_act_keep_z_blocks, "z, b, out, alpha, act",
                          "z, b, out, alpha, {f}", only_z=True)
-# The gradients: built-in ones read from ``a`` sum db in blocks of rows
-# (DB_ROWS), the others by rows.  A registered derivative may return
+# The gradients: built-in ones sum db in blocks of rows (DB_ROWS),
+# registered ones by rows.  A registered derivative may return
 # float64 on float32 arrays (a float64 constant or alpha in it): the
 # per-row loop adds that unrounded value into db, as the team's column loop
 # does; the blocked loops would add g's rounded one.
 _REGISTERED = frozenset(code for code, *_ in ENTRIES if code >= spec.FIRST_CUSTOM_CODE)
 
 
-def blocks_db(code, keep_z):
+def blocks_db(code):
     """Whether the gradient of activation ``code`` sums db in blocks of
-    ``DB_ROWS`` rows (a built-in derivative read from ``a``: a team splits
-    the pass by those blocks) rather than over all rows in order (a team
-    splits it by columns)."""
-    return not keep_z and code not in _REGISTERED
+    ``DB_ROWS`` rows (a built-in derivative: a team splits the pass by those
+    blocks) rather than over all rows in order (a registered one: a team
+    splits it by columns, if it reads z)."""
+    return code not in _REGISTERED
 
 
 def _serial_gradient(code, keep_z):
-    if blocks_db(code, keep_z):
+    if blocks_db(code):
         return _grad_row_blocks if code in spec.MEMORY_BOUND_GRADIENT else _grad_flat_blocks
-    return _grad_rows if code in _REGISTERED else _grad_blocks
+    return _grad_rows
 
 
 _grad_ladder = ladder(None, "g, a, z, db, alpha, act", "g, a, z, db, alpha, {df}",
                       pick=_serial_gradient)
 # A team's share of the pass (kernels/cpu/pass_team.py), each its own
 # ladder so that each kernel compiles only the loops it runs: by columns
-# (the other activations), or blocks of rows into partial sums.
+# (registered activations), or blocks of rows into partial sums.
 _grad_columns_ladder = ladder(
     _grad_loop, "g, a, z, db, alpha, act, c0, c1", "g, a, z, db, alpha, {df}, c0, c1",
-    pick=lambda code, keep_z: None if blocks_db(code, keep_z) else _grad_loop)
+    pick=lambda code, keep_z: None if blocks_db(code) else _grad_loop)
 _grad_block_ladder = ladder(
     None, "g, a, z, parts, alpha, act, i0, i1", "g, a, z, parts, alpha, {df}, i0, i1",
-    pick=lambda code, keep_z: None if not blocks_db(code, keep_z) else (
+    pick=lambda code, keep_z: None if not blocks_db(code) else (
         _grad_row_range if code in spec.MEMORY_BOUND_GRADIENT else _grad_flat_range))
 
 
 def _blocks_db_source():
-    codes = [code for code, _, _, keep_z in ENTRIES if blocks_db(code, keep_z)]
+    codes = [code for code, _, _, keep_z in ENTRIES if blocks_db(code)]
     test = " or ".join(f"act == {c}" for c in codes) or "False"
     env = {}
     exec(compile(f"def blocks_db_code(act):\n    return {test}\n", "<fastgrad blocks_db>",

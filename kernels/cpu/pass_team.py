@@ -9,9 +9,9 @@ is OpenBLAS's own workers, which spin waiting for work after each GEMM
 member); with the pool shared (``fastgrad.share_blas_pool``) it is a GNU
 OpenMP team (``GOMP_parallel``) of the threads OpenBLAS's jobs run on.
 Either way one pool owns the cores.  The forward is split by rows; a
-gradient read from ``a`` by blocks of ``DB_ROWS`` rows, each block's
-partial sums of db kept (on the stack, in rounds) and added here in block
-order, as the serial loops of kernels/cpu/activations.py add them; one
+built-in gradient by blocks of ``DB_ROWS`` rows, each block's partial sums
+of db kept (on the stack, in rounds) and added here in block order, as the
+serial loops of kernels/cpu/activations.py add them; a registered one
 computed from z by columns, so that each ``db[j]`` is summed over the rows
 in order by one thread; the loss by its units (kernels/cpu/losses.py), each
 unit's float64 sum kept and added in unit order; the update's norm by runs
@@ -43,7 +43,8 @@ from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa
                       PLAN_POOL_ITEMSIZE, PLAN_POOL_LOSS, PLAN_POOL_NORM,
                       PLAN_POOL_SPLIT_UPDATE, PLAN_POOL_START, PLAN_POOL_THREADS,
                       PLAN_POOL_UPDATE)
-from ..spec import BCE_WITH_LOGITS, CROSS_ENTROPY, HP_SIZE, LOSS_CODES, MEMORY_BOUND, MSE
+from ..spec import (BCE_WITH_LOGITS, CROSS_ENTROPY, HP_SIZE, LOSS_CODES, MEMORY_BOUND,
+                    MEMORY_BOUND_GRADIENT, MSE)
 from . import fpenv
 from ._jit import INLINE, INNER, JIT, served_ladder
 from .activations import (DB_ROWS, _bias_act_ladder, _grad_block_ladder,
@@ -61,9 +62,11 @@ from .blas_pool import _as_pointer, _field
 MIN_FORWARD_CHEAP = 1 << 14   # outputs of a memory-bound forward (spec.MEMORY_BOUND)
 MIN_FORWARD = 1 << 12         # outputs of any other activation's forward (~0.4+ ns each)
 _MEMORY_BOUND = tuple(sorted(MEMORY_BOUND))    # a tuple: Numba's `in` reads it as a constant
-MIN_GRADIENT = 1 << 14        # values of a gradient computed from z
+MIN_GRADIENT = 1 << 14        # values of a registered gradient computed from z (by columns)
 MIN_COLUMNS = 32          # a gradient share of 16+ columns: whole vectors
-MIN_GRADIENT_ROWS = 1 << 13   # values of a gradient read from a (by blocks of rows)
+MIN_GRADIENT_ROWS = 1 << 13   # values of a memory-bound built-in gradient (by blocks of rows)
+MIN_GRADIENT_ROWS_COSTLY = 1 << 11   # values of a built-in gradient with a transcendental
+_MEMORY_BOUND_GRADIENT = tuple(sorted(MEMORY_BOUND_GRADIENT))
 PARTS_BYTES = 1 << 17     # the partial sums of db kept per team start (on the stack)
 MIN_UPDATE = 1 << 15         # parameters (a team update of 17-30K slowed 8 of 9 small nets)
 UPDATE_SHARE = 1 << 16    # the most elements per update share: balance on a busy host
@@ -348,29 +351,25 @@ def team_size(plan, elements, act):
 
 
 @njit(**INLINE)
-def _gradient_threads(plan, elements):
-    threads = plan[PLAN_POOL_THREADS]
-    return threads if threads > 1 and elements >= MIN_GRADIENT else 0
-
-
-@njit(**INLINE)
 def gradient_team_size(plan, g, act):
     """Threads for the gradient pass over ``g``: 0 runs it on this thread.
-    A built-in gradient read from ``a`` (``blocks_db_code``) is split by
-    blocks of rows from ``MIN_GRADIENT_ROWS`` values and two blocks; one
-    computed from z (``needs_z``) by columns from ``MIN_GRADIENT`` values
-    and ``MIN_COLUMNS`` columns.  A registered one read from ``a`` is not
-    split: by columns, the cache line at each share's edge, written by two
-    threads in every row, made such a pass 2-16x slower (relu, tanh;
-    bench/RESULTS.md "Activation passes on the pool")."""
+    A built-in gradient (``blocks_db_code``) is split by blocks of rows from
+    two blocks and ``MIN_GRADIENT_ROWS`` values (a memory-bound derivative,
+    ``spec.MEMORY_BOUND_GRADIENT``) or ``MIN_GRADIENT_ROWS_COSTLY`` (one with
+    a transcendental).  A registered one is split by columns from
+    ``MIN_GRADIENT`` values and ``MIN_COLUMNS`` columns if it reads z, else
+    not at all: by columns, the cache line at each share's edge, written by
+    two threads in every row, made a derivative read from ``a`` 2-16x
+    slower (relu, tanh; bench/RESULTS.md "Activation passes on the pool")."""
     threads = plan[PLAN_POOL_THREADS]
     if threads < 2:
         return 0
     if blocks_db_code(act):
-        return threads if g.size >= MIN_GRADIENT_ROWS and g.shape[0] > DB_ROWS else 0
-    if g.shape[1] < MIN_COLUMNS or not needs_z(act):
+        least = MIN_GRADIENT_ROWS if act in _MEMORY_BOUND_GRADIENT else MIN_GRADIENT_ROWS_COSTLY
+        return threads if g.size >= least and g.shape[0] > DB_ROWS else 0
+    if g.shape[1] < MIN_COLUMNS or not needs_z(act) or g.size < MIN_GRADIENT:
         return 0
-    return _gradient_threads(plan, g.size)
+    return threads
 
 
 @njit(**INLINE)
@@ -408,8 +407,8 @@ def forward(plan, threads, z, b, out, act, alpha):
 @njit(**INNER)
 def gradient(plan, threads, g, a, z, db, act, alpha):
     """``bias_act_grad_inplace(g, a, z, db, act, alpha)`` on ``threads``
-    threads (0 or 1: on this thread): by blocks of rows for a gradient read
-    from ``a``, else by columns (shares of whole 16-column vectors)."""
+    threads (0 or 1: on this thread): by blocks of rows for a built-in
+    gradient, else by columns (shares of whole 16-column vectors)."""
     if blocks_db_code(act):
         _gradient_by_blocks(plan, threads, g, a, z, db, act, alpha)
         return
