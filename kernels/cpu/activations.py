@@ -152,12 +152,9 @@ def d_softplus(a, z, alpha):
 
 @njit(**INLINE)
 def d_gelu(a, z, alpha):
-    # Phi(z) + z phi(z); phi(z) = exp(-z^2/2) / sqrt(2 pi) is 0 before z is
-    # large enough for z * 0 to be a problem (|z| to 1e18).  float64: erfc
-    # is libm, the loop stays scalar, and there libm's exp is the faster.
-    half = like(z, 0.5)
-    return (half * mathfn.erfc(-z * like(z, _SQRT1_2))
-            + z * (like(z, _INV_SQRT_2PI) * mathfn.exp_in_scalar_loop(-(half * z * z))))
+    # Phi(z) + z phi(z): float32 with one exp shared by both terms, float64
+    # through libm's erfc and exp (kernels/cpu/mathfn.py gelu_grad)
+    return mathfn.gelu_grad(z)
 
 
 @njit(**INLINE)
