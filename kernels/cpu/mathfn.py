@@ -8,10 +8,11 @@ the whole float32 range (log1p over [0, 1], the range it serves).  float64
 (what gradient checks and PyTorch parity run on): ``exp``, ``expm1``,
 ``log1p`` and ``tanh`` within 1 ulp of the exact result (glibc's bound),
 tested against 80-bit long double over their whole domain; ``erfc``
-float64 is still libm (tests/test_mathfn.py).
+and ``gelu_grad`` (the exact GELU's derivative) float64 are still libm
+(tests/test_mathfn.py).
 
-Each function (``exp``, ``expm1``, ``log1p``, ``tanh``, ``erfc``, and ``like`` for
-typed constants) is a Numba *intrinsic*: it emits its LLVM IR straight into
+Each function (``exp``, ``expm1``, ``log1p``, ``tanh``, ``erfc``, ``gelu_grad``, and
+``like`` for typed constants) is a Numba *intrinsic*: it emits its LLVM IR straight into
 the calling loop.  Written as inlined ``@njit``/overload functions instead,
 every call site had to be typed again, and the activation kernels took over
 10 s to compile cold; as intrinsics their typing is a table lookup.  The IR
