@@ -38,7 +38,6 @@ from ._jit import INLINE, JIT
 _GELU_K = 0.7978845608028654      # sqrt(2 / pi)
 _GELU_C = 0.044715
 _SQRT1_2 = 0.7071067811865476     # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327
 SOFTPLUS_THRESHOLD = 20.0        # torch's nn.Softplus default: z itself above it
 
 like = mathfn.like

@@ -199,9 +199,8 @@ def _erfc_f32(builder, x):
     return builder.select(builder.fcmp_unordered("uno", x, x), x, y)   # NaN in, NaN out
 
 
-
 # erfc(x) = t exp(-x^2) R(t), t = 1 / (1 + x/2): R(t) = erfcx(x) / t, a
-# least-squares fit weighted to its largest relative error (2.4e-8) over
+# least-squares fit reweighted towards minimax relative error (2.4e-8) over
 # t in [1/6.5, 1] (x in [0, 11], the clamp of _erfc_f32).  Unlike _ERFC_P,
 # exp(-x^2) is a factor of its own, which GELU's derivative shares with phi.
 _ERFCX_R = (0.00943814218044281, -0.1082078069448471, 0.3946283459663391,
@@ -232,6 +231,7 @@ def _gelu_grad_f32(builder, z):
     cdf = _select_lt(builder, _c(0.0), z, builder.fsub(_c(1.0), half_erfc), half_erfc)
     y = builder.fadd(cdf, builder.fmul(z, builder.fmul(_c(_INV_SQRT_2PI), e)))
     return builder.select(builder.fcmp_unordered("uno", z, z), z, y)   # NaN in, NaN out
+
 
 # --- float64 ---------------------------------------------------------------
 #
