@@ -37,7 +37,6 @@ from ._jit import INLINE, JIT
 
 _GELU_K = 0.7978845608028654      # sqrt(2 / pi)
 _GELU_C = 0.044715
-_SQRT1_2 = 0.7071067811865476     # 1 / sqrt(2)
 SOFTPLUS_THRESHOLD = 20.0        # torch's nn.Softplus default: z itself above it
 
 like = mathfn.like
@@ -87,9 +86,9 @@ def softplus(z, alpha):
 
 @njit(**INLINE)
 def gelu(z, alpha):
-    # exact: z Phi(z) = z erfc(-z / sqrt 2) / 2 (erfc, not 1 + erf: no
-    # cancellation for z << 0)
-    return like(z, 0.5) * z * mathfn.erfc(-z * like(z, _SQRT1_2))
+    # exact: z Phi(z), Phi through erfc (not 1 + erf: no cancellation for
+    # z << 0; kernels/cpu/mathfn.py gelu)
+    return mathfn.gelu(z)
 
 
 @njit(**INLINE)

@@ -7,26 +7,27 @@ that LLVM vectorises.  float32: maximum errors tested against float64 over
 the whole float32 range (log1p over [0, 1], the range it serves).  float64
 (what gradient checks and PyTorch parity run on): ``exp``, ``expm1``,
 ``log1p`` and ``tanh`` within 1 ulp of the exact result (glibc's bound),
-tested against 80-bit long double over their whole domain; ``erfc``
-and ``gelu_grad`` (the exact GELU's derivative) float64 are still libm
-(tests/test_mathfn.py).
+tested against 80-bit long double over their whole domain; ``erfc``,
+``gelu`` and ``gelu_grad`` (the exact GELU and its derivative) float64 are
+still libm (tests/test_mathfn.py).
 
-Each function (``exp``, ``expm1``, ``log1p``, ``tanh``, ``erfc``, ``gelu_grad``, and
-``like`` for typed constants) is a Numba *intrinsic*: it emits its LLVM IR straight into
-the calling loop.  Written as inlined ``@njit``/overload functions instead,
-every call site had to be typed again, and the activation kernels took over
-10 s to compile cold; as intrinsics their typing is a table lookup.  The IR
-performs exactly the operations of the formulas in the comments, in that
-order, without fast-math flags, so NaN and Inf propagate and results are
-reproducible.  One exception: the float32 polynomials and exp's argument
-reduction multiply-add through ``llvm.fmuladd``, one FMA (one rounding) on a CPU that
-has it and a multiply then an add on one that does not, which Numba's
-target decides.  Their results are the same on every run of one host; a
-host without FMA may differ from one with it in the last bit or two, both
-within the bounds tested (tests/test_mathfn.py checks both builds).  FMA
-halves a Horner step's dependent operations: the float32 activation passes
-run 1.1-1.5x faster (bench/RESULTS.md).  The float64 functions keep
-separate operations, which their 1-ulp analysis assumes.
+Each function (``exp``, ``expm1``, ``log1p``, ``tanh``, ``erfc``, ``gelu``,
+``gelu_grad``, and ``like`` for typed constants) is a Numba *intrinsic*: it
+emits its LLVM IR straight into the calling loop.  Written as inlined
+``@njit``/overload functions instead, every call site had to be typed again,
+and the activation kernels took over 10 s to compile cold; as intrinsics
+their typing is a table lookup.  The IR performs exactly the operations of
+the formulas in the comments, in that order, without fast-math flags, so NaN
+and Inf propagate and results are reproducible.  One exception: the float32
+polynomials and exp's argument reduction multiply-add through
+``llvm.fmuladd``, one FMA (one rounding) on a CPU that has it and a multiply
+then an add on one that does not, which Numba's target decides.  Their
+results are the same on every run of one host; a host without FMA may differ
+from one with it in the last bit or two, both within the bounds tested
+(tests/test_mathfn.py checks both builds).  FMA halves a Horner step's
+dependent operations: the float32 activation passes run 1.1-1.5x faster
+(bench/RESULTS.md).  The float64 functions keep separate operations, which
+their 1-ulp analysis assumes.
 """
 import math
 
@@ -211,12 +212,11 @@ _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-def _gelu_grad_f32(builder, z):
-    # GELU's derivative Phi(z) + z phi(z) with ONE exp: e = exp(-z^2/2),
-    # with z split as in _erfc_f32 (zh^2 / 2 exact, the rest a small part),
-    # so e carries no rounding of z^2 or of z/sqrt 2; then erfc(|z|/sqrt 2)
-    # = t e R(t), Phi(z) = erfc(-z/sqrt 2) / 2 and sqrt(2 pi) phi(z) = e.
-    # Beyond |z| = 11 sqrt 2, e underflows to 0 (Phi is 0 or 1).
+def _half_erfc_and_gauss_f32(builder, z):
+    # (erfc(|z|/sqrt 2) / 2, e = exp(-z^2/2)) with ONE exp: z split as in
+    # _erfc_f32 (zh^2 / 2 exact, the rest a small part), so e carries no
+    # rounding of z^2 or of z/sqrt 2, then erfc(|z|/sqrt 2) = t e R(t).
+    # Beyond |z| = 11 sqrt 2, e underflows to 0.
     az = _f32_intrinsic(builder, "fabs", z)
     az = _select_lt(builder, _c(15.556349), az, _c(15.556349), az)
     ax = builder.fmul(az, _c(_SQRT1_2))
@@ -228,8 +228,28 @@ def _gelu_grad_f32(builder, z):
                      builder.fmul(_c(-0.5), d))
     half_erfc = builder.fmul(_c(0.5), builder.fmul(builder.fmul(t, _horner(builder, t, _ERFCX_R)),
                                                    e))
-    cdf = _select_lt(builder, _c(0.0), z, builder.fsub(_c(1.0), half_erfc), half_erfc)
-    y = builder.fadd(cdf, builder.fmul(z, builder.fmul(_c(_INV_SQRT_2PI), e)))
+    return half_erfc, e
+
+
+def _phi_cdf_f32(builder, z, half_erfc):
+    # Phi(z) = erfc(-z/sqrt 2) / 2: the half erfc of |z|, or 1 minus it
+    return _select_lt(builder, _c(0.0), z, builder.fsub(_c(1.0), half_erfc), half_erfc)
+
+
+def _gelu_f32(builder, z):
+    # z Phi(z): Phi within a few ulp down to where it underflows (the form
+    # 0.5 z erfc(-z/sqrt 2) rounded z/sqrt 2 first: 43 ulp at z = -6, 190
+    # near -13); -inf gives NaN (-inf * 0), as before
+    half_erfc, _ = _half_erfc_and_gauss_f32(builder, z)
+    return builder.fmul(z, _phi_cdf_f32(builder, z, half_erfc))
+
+
+def _gelu_grad_f32(builder, z):
+    # GELU's derivative Phi(z) + z phi(z), sharing the one exp:
+    # sqrt(2 pi) phi(z) = e
+    half_erfc, e = _half_erfc_and_gauss_f32(builder, z)
+    y = builder.fadd(_phi_cdf_f32(builder, z, half_erfc),
+                     builder.fmul(z, builder.fmul(_c(_INV_SQRT_2PI), e)))
     return builder.select(builder.fcmp_unordered("uno", z, z), z, y)   # NaN in, NaN out
 
 
@@ -482,6 +502,15 @@ def _gelu_grad_f64(builder, z):
     return builder.fadd(cdf, builder.fmul(z, builder.fmul(_d(_INV_SQRT_2PI), g)))
 
 
+def _gelu_f64(builder, z):
+    # 0.5 z erfc(-z / sqrt 2), libm's erfc
+    return builder.fmul(builder.fmul(_d(0.5), z),
+                        _libm64(builder, "erfc", builder.fmul(builder.fneg(z), _d(_SQRT1_2))))
+
+
+gelu = _unary(_gelu_f32, _gelu_f64, "gelu",
+              "z Phi(z) (the exact GELU): erfc and exp in one for float32, libm's erfc for "
+              "float64.")
 gelu_grad = _unary(_gelu_grad_f32, _gelu_grad_f64, "gelu_grad",
                    "Phi(z) + z phi(z) (exact GELU's derivative): one exp for float32, libm's "
                    "erfc and exp for float64.")
@@ -505,5 +534,5 @@ def like(typingctx, x, value):
     return sig, codegen
 
 
-__all__ = ["exp", "expm1", "log1p", "tanh", "erfc", "gelu_grad", "exp_in_scalar_loop",
-           "like"]
+__all__ = ["exp", "expm1", "log1p", "tanh", "erfc", "gelu", "gelu_grad",
+           "exp_in_scalar_loop", "like"]
