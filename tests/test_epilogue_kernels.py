@@ -343,7 +343,11 @@ def test_norm_matches_reference(device, rng, activation, mode, shape, dtype, p, 
     else:
         assert not to_numpy(out["fz"]).any(), "fz written by a non-residual layer"
     if mode == "batch":
-        assert_close(out["run_mean"], rrm, dtype, what="running mean")
+        # (1 - m) run_mean + m mean can cancel: its error scales with the terms
+        # (seed 2078064497: -4.56e-5 from terms of a few tenths, 2.2e-8 off)
+        assert_close(out["run_mean"], rrm, dtype,
+                     atol=r * float((np.abs(run_mean) + np.abs(rmean)).max()),
+                     what="running mean")
         assert_close(out["run_var"], rrv, dtype, what="running var")
     else:                                   # untouched
         np.testing.assert_array_equal(to_numpy(out["run_mean"]), run_mean)
