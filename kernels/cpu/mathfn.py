@@ -179,6 +179,14 @@ def _exp_f32_sum(builder, hi, lo):
                         _pow2(builder, builder.fsub(n, half)))
 
 
+def _split_square(builder, a):
+    # a^2 = ah^2 + d for a >= 0: ah keeps a's top 12 significand bits, so
+    # ah^2 is exact in float32, and d = (a - ah)(a + ah) is small
+    bits = builder.and_(builder.bitcast(a, I32), ir.Constant(I32, -(1 << 12)))
+    ah = builder.bitcast(bits, F32)
+    return ah, builder.fmul(builder.fsub(a, ah), builder.fadd(a, ah))
+
+
 def _erfc_f32(builder, x):
     # In float32 the exponent -x^2 (up to ~-100) would lose ~50 ulp to its
     # own rounding, so x is split as x = xh + xl with xh holding 12 bits:
@@ -190,9 +198,7 @@ def _erfc_f32(builder, x):
     ax = _f32_intrinsic(builder, "fabs", x)
     ax = _select_lt(builder, _c(11.0), ax, _c(11.0), ax)
     t = builder.fdiv(_c(1.0), builder.fadd(_c(1.0), builder.fmul(_c(0.5), ax)))
-    bits = builder.and_(builder.bitcast(ax, I32), ir.Constant(I32, -(1 << 12)))
-    xh = builder.bitcast(bits, F32)
-    d = builder.fmul(builder.fsub(ax, xh), builder.fadd(ax, xh))
+    xh, d = _split_square(builder, ax)
     e = _exp_f32_sum(builder, builder.fneg(builder.fmul(xh, xh)),
                      builder.fsub(_horner(builder, t, _ERFC_P), d))
     y = builder.fmul(t, e)
@@ -213,7 +219,7 @@ _INV_SQRT_2PI = 0.3989422804014327
 
 
 def _half_erfc_and_gauss_f32(builder, z):
-    # (erfc(|z|/sqrt 2) / 2, e = exp(-z^2/2)) with ONE exp: z split as in
+    # (erfc(|z|/sqrt 2) / 2, e = exp(-z^2/2)) with ONE exp: z split as for
     # _erfc_f32 (zh^2 / 2 exact, the rest a small part), so e carries no
     # rounding of z^2 or of z/sqrt 2, then erfc(|z|/sqrt 2) = t e R(t).
     # Beyond |z| = 11 sqrt 2, e underflows to 0.
@@ -221,9 +227,7 @@ def _half_erfc_and_gauss_f32(builder, z):
     az = _select_lt(builder, _c(15.556349), az, _c(15.556349), az)
     ax = builder.fmul(az, _c(_SQRT1_2))
     t = builder.fdiv(_c(1.0), builder.fadd(_c(1.0), builder.fmul(_c(0.5), ax)))
-    bits = builder.and_(builder.bitcast(az, I32), ir.Constant(I32, -(1 << 12)))
-    zh = builder.bitcast(bits, F32)
-    d = builder.fmul(builder.fsub(az, zh), builder.fadd(az, zh))
+    zh, d = _split_square(builder, az)
     e = _exp_f32_sum(builder, builder.fmul(_c(-0.5), builder.fmul(zh, zh)),
                      builder.fmul(_c(-0.5), d))
     half_erfc = builder.fmul(_c(0.5), builder.fmul(builder.fmul(t, _horner(builder, t, _ERFCX_R)),
