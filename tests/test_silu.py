@@ -69,14 +69,21 @@ def test_silu_float32_whole_range():
     assert gerr[~normal].max() <= 1e-42, f"f' abs err {gerr[~normal].max():.3g}"
 
 
+@pytest.mark.skipif(np.finfo(np.longdouble).nmant < 63,
+                    reason="the float64 check needs an 80-bit (or wider) np.longdouble")
 def test_silu_float64_to_rounding(rng):
-    """float64 keeps libm: forward to 2 ulp of f, f' to 2 ulp of its terms,
-    on |z| log-uniform from 1e-300 to 1e3, both signs, where e = exp(-|z|)
-    is a normal float.  Below z = -708.4 e is subnormal: kernel and
-    reference each round it to the subnormal grid (2^-1074), and f = z e
-    (normal down to z = -715) carries |z| times that error, absolute; a
-    band of z in (-745, -708.4) always checks that bound."""
+    """float64 keeps libm: forward within 3 ulp of f, f' within 3 ulp of its
+    terms, against the same formulas in long double (measured 1.9 and 2.65
+    over 2M points of [-40, 0]; the float64 reference itself is off by up
+    to ~1.5, so kernel and reference once read 2.73 apart at z = 2.1619:
+    seed 2978357560), on |z| log-uniform from 1e-300 to 1e3, both signs,
+    where e = exp(-|z|) is a normal float.  Below z = -708.4 e is
+    subnormal: kernel and reference each round it to the subnormal grid
+    (2^-1074), and f = z e (normal down to z = -715) carries |z| times that
+    error, absolute; a band of z in (-745, -708.4) always checks that
+    bound."""
     F64 = np.finfo(np.float64)
+    LD = np.longdouble
     z = np.concatenate([rng.choice([-1.0, 1.0], 20000) * 10.0 ** rng.uniform(-300, 3, 20000),
                         rng.uniform(-40, 40, 20000), -rng.uniform(708.4, 745.0, 2000)])
     a, g = _kernels(z)
@@ -84,17 +91,22 @@ def test_silu_float64_to_rounding(rng):
     gr = reference.activation_grad(z, "silu")
     sub = np.exp(-np.abs(z)) < F64.tiny
     assert sub.sum() >= 2000
+    zl = z.astype(LD)
+    el = np.exp(-np.abs(zl))
+    sl = np.where(zl >= 0, LD(1), el) / (LD(1) + el)
+    f_exact = zl * sl
+    g_exact = sl * (LD(1) + zl * (np.where(zl >= 0, el, LD(1)) / (LD(1) + el)))
     ok = (np.abs(fr) > 0) & ~sub
-    rel = np.abs(a - fr)[ok] / np.abs(fr[ok])
-    assert rel.max() <= 2 * F64.eps, rel.max()
+    rel = (np.abs(a.astype(LD) - f_exact)[ok] / np.abs(f_exact[ok])).astype(np.float64)
+    assert rel.max() <= 3 * F64.eps, f"forward {rel.max() / F64.eps:.2f} ulp"
     sub_ulp = float(np.nextafter(0.0, 1.0))
     assert (np.abs(a - fr)[sub] <= 2 * F64.eps * np.abs(fr[sub])
             + 2 * np.abs(z[sub]) * sub_ulp).all()
     s = _logistic64(z)
     terms = s * (1.0 + np.abs(z) * (1.0 - s))
     ok = (terms > 0) & ~sub
-    grel = np.abs(g - gr)[ok] / terms[ok]
-    assert grel.max() <= 2 * F64.eps, grel.max()
+    grel = (np.abs(g.astype(LD) - g_exact)[ok] / terms[ok]).astype(np.float64)
+    assert grel.max() <= 3 * F64.eps, f"f' {grel.max() / F64.eps:.2f} ulp of its terms"
     assert (np.abs(g - gr)[sub] <= 2 * F64.eps * terms[sub]
             + 2 * (1.0 + np.abs(z[sub])) * sub_ulp).all()
 
