@@ -121,7 +121,8 @@ def test_log1p_float32_on_unit_interval():
     got, want = run("log1p", x), ref("log1p", x)
     normal = want >= F32.tiny
     err = rel_err(got[normal], want[normal])
-    assert err.max() <= 3e-7, f"max rel err {err.max():.3g} at u={x[normal][err.argmax()]!r}"
+    # measured 1.48e-7 with FMA, 1.83e-7 without (u P(u); 2 atanh(u / (2 + u)) read 2.21e-7)
+    assert err.max() <= 2e-7, f"max rel err {err.max():.3g} at u={x[normal][err.argmax()]!r}"
     # subnormal u (softplus feeds it exp(-|z|)): as exact as float32 allows
     assert (np.abs(got[~normal] - want[~normal]) <= float(F32.smallest_subnormal)).all()
     assert run("log1p", np.array([0.0], np.float32))[0] == 0

@@ -116,15 +116,17 @@ def _expm1_f32(builder, x):
     return _select_lt(builder, _f32_intrinsic(builder, "fabs", x), _c(0.25), small, big)
 
 
-_LOG1P_SERIES = tuple(1.0 / k for k in (13, 11, 9, 7, 5, 3, 1))
+# log1p(u) = u P(u) on [0, 1]: P a degree-9 least-squares fit of
+# log1p(u) / u (weighted for relative error), 1.6 ulp at most in float32
+# with FMA; no division (the 2 atanh(u / (2 + u)) form took one a value)
+_LOG1P_P = (-0.0031639994122087955, 0.019487686455249786, -0.05626952648162842,
+            0.10532950609922409, -0.15263274312019348, 0.19661018252372742,
+            -0.24951167404651642, 0.33329665660858154, -0.49999889731407166, 1.0)
 
 
 def _log1p_f32(builder, u):
-    # log(1 + u) = 2 atanh(s), s = u / (2 + u).  Valid (and used) for u in
-    # [0, 1]: there s <= 1/3 and the odd series to s**13 is exact to float32.
-    s = builder.fdiv(u, builder.fadd(_c(2.0), u))
-    p = _horner(builder, builder.fmul(s, s), _LOG1P_SERIES)
-    return builder.fmul(builder.fmul(_c(2.0), s), p)
+    # Valid (and used) for u in [0, 1] only: softplus's log1p(exp(-|z|))
+    return builder.fmul(u, _horner(builder, u, _LOG1P_P))
 
 
 _TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11,
