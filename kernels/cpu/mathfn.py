@@ -85,6 +85,30 @@ def _pow2(builder, n):
 
 _EXP_COEFFS = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
                1.6666665459e-1, 5.0000001201e-1)
+# float32's ln 2 split in two for the Cody-Waite reduction r = x - n ln2:
+# n * _LN2_HI_32 is exact, _LN2_HI_32 - _LN2_LO_NEG_32 is ln 2 beyond float32's precision
+_LN2_HI_32 = 0.693359375
+_LN2_LO_NEG_32 = 2.12194440e-4
+
+
+def _round_log2(builder, x):
+    # n = round(x / ln 2), as a float32
+    return _f32_intrinsic(builder, "floor", _fmuladd(builder, x, _c(1.4426950408889634),
+                                                     _c(0.5)))
+
+
+def _expm1_reduced(builder, r):
+    # exp(r) - 1 = r + r^2 p(r) for |r| <= ln2/2: r leads, so the sum keeps
+    # its relative accuracy near 0
+    return _fmuladd(builder, builder.fmul(_horner(builder, r, _EXP_COEFFS), r), r, r)
+
+
+def _times_pow2(builder, y, n):
+    # y 2**n with 2**n applied in two halves: results near overflow and in the
+    # subnormal range come out right (n in [-252, 254])
+    half = _f32_intrinsic(builder, "floor", builder.fmul(n, _c(0.5)))
+    return builder.fmul(builder.fmul(y, _pow2(builder, half)),
+                        _pow2(builder, builder.fsub(n, half)))
 
 
 def _exp_f32(builder, x):
@@ -94,14 +118,11 @@ def _exp_f32(builder, x):
     # product over/underflows to inf/0 by itself.  Max rel error ~2 ulp.
     xc = _select_lt(builder, x, _c(-104.0), _c(-104.0), x)
     xc = _select_lt(builder, _c(89.0), xc, _c(89.0), xc)
-    n = _f32_intrinsic(builder, "floor", _fmuladd(builder, xc, _c(1.4426950408889634), _c(0.5)))
-    r = _fmuladd(builder, n, _c(-0.693359375), xc)        # ln 2 split in two:
-    r = _fmuladd(builder, n, _c(2.12194440e-4), r)        # n * hi is exact
-    p = _horner(builder, r, _EXP_COEFFS)
-    p = builder.fadd(_fmuladd(builder, builder.fmul(p, r), r, r), _c(1.0))
-    half = _f32_intrinsic(builder, "floor", builder.fmul(n, _c(0.5)))
-    y = builder.fmul(builder.fmul(p, _pow2(builder, half)),
-                     _pow2(builder, builder.fsub(n, half)))
+    n = _round_log2(builder, xc)
+    r = _fmuladd(builder, n, _c(-_LN2_HI_32), xc)
+    r = _fmuladd(builder, n, _c(_LN2_LO_NEG_32), r)
+    p = builder.fadd(_expm1_reduced(builder, r), _c(1.0))
+    y = _times_pow2(builder, p, n)
     return builder.select(builder.fcmp_unordered("uno", x, x), x, y)   # NaN in, NaN out
 
 
@@ -115,11 +136,10 @@ def _expm1_f32(builder, x):
     # largest power built and results up to float32's max come out right.
     xc = _select_lt(builder, x, _c(-30.0), _c(-30.0), x)
     xc = _select_lt(builder, _c(89.0), xc, _c(89.0), xc)
-    n = _f32_intrinsic(builder, "floor", _fmuladd(builder, xc, _c(1.4426950408889634), _c(0.5)))
-    r = _fmuladd(builder, n, _c(-0.693359375), xc)
-    r = _fmuladd(builder, n, _c(2.12194440e-4), r)
-    p = _horner(builder, r, _EXP_COEFFS)
-    q = _fmuladd(builder, builder.fmul(p, r), r, r)
+    n = _round_log2(builder, xc)
+    r = _fmuladd(builder, n, _c(-_LN2_HI_32), xc)
+    r = _fmuladd(builder, n, _c(_LN2_LO_NEG_32), r)
+    q = _expm1_reduced(builder, r)
     half_scale = _pow2(builder, builder.fsub(n, _c(1.0)))
     scale = builder.fmul(half_scale, _c(2.0))
     small = _fmuladd(builder, scale, q, builder.fsub(scale, _c(1.0)))
@@ -184,16 +204,11 @@ def _exp_f32_sum(builder, hi, lo):
     # from hi, so the rounding of hi + lo (ulp(100) = 7.6e-6 relative at the
     # end) never enters.  Arguments only in [-124, 3] (erfc): no clamp, 2**n
     # in two halves as in _exp_f32 for the subnormal results.
-    s = builder.fadd(hi, lo)
-    n = _f32_intrinsic(builder, "floor", _fmuladd(builder, s, _c(1.4426950408889634), _c(0.5)))
-    r = _fmuladd(builder, n, _c(-0.693359375), hi)
+    n = _round_log2(builder, builder.fadd(hi, lo))
+    r = _fmuladd(builder, n, _c(-_LN2_HI_32), hi)
     r = builder.fadd(r, lo)
-    r = _fmuladd(builder, n, _c(2.12194440e-4), r)
-    p = _horner(builder, r, _EXP_COEFFS)
-    p = builder.fadd(_fmuladd(builder, builder.fmul(p, r), r, r), _c(1.0))
-    half = _f32_intrinsic(builder, "floor", builder.fmul(n, _c(0.5)))
-    return builder.fmul(builder.fmul(p, _pow2(builder, half)),
-                        _pow2(builder, builder.fsub(n, half)))
+    r = _fmuladd(builder, n, _c(_LN2_LO_NEG_32), r)
+    return _times_pow2(builder, builder.fadd(_expm1_reduced(builder, r), _c(1.0)), n)
 
 
 def _split_square(builder, a):
