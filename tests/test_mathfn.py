@@ -23,8 +23,12 @@ def _apply(x, out, which):
             out[i] = mathfn.log1p(x[i])
         elif which == 3:
             out[i] = mathfn.tanh(x[i])
-        else:
+        elif which == 4:
             out[i] = mathfn.erfc(x[i])
+        elif which == 5:
+            out[i] = mathfn.gelu(x[i])
+        else:
+            out[i] = mathfn.gelu_grad(x[i])
 
 
 def _erfc64(x):
@@ -32,7 +36,7 @@ def _erfc64(x):
     return erfc(x)
 
 
-WHICH = {"exp": 0, "expm1": 1, "log1p": 2, "tanh": 3, "erfc": 4}
+WHICH = {"exp": 0, "expm1": 1, "log1p": 2, "tanh": 3, "erfc": 4, "gelu": 5, "gelu_grad": 6}
 REF = {"exp": np.exp, "expm1": np.expm1, "log1p": np.log1p, "tanh": np.tanh, "erfc": _erfc64}
 
 
@@ -372,12 +376,6 @@ def _gelu_points():
     return z[np.isfinite(z)]
 
 
-@njit(error_model="numpy")
-def _gelu(z, out):
-    for i in range(z.size):
-        out[i] = mathfn.gelu(z[i])
-
-
 def test_gelu_float32_max_error_whole_range():
     """Within GELU_MAX_ULP ulp of z Phi(z) over the strided sweep of all
     float32 and every float32 of the binades where the error peaks, where
@@ -388,8 +386,7 @@ def test_gelu_float32_max_error_whole_range():
     PyTorch's), NaN passes."""
     from scipy.special import ndtr
     z = _gelu_points()
-    got = np.empty_like(z)
-    _gelu(z, got)
+    got = run("gelu", z)
     z64 = z.astype(np.float64)
     cdf = ndtr(z64)
     want = z64 * cdf
@@ -401,8 +398,7 @@ def test_gelu_float32_max_error_whole_range():
     assert err[normal & ~normal_cdf].max() <= 16
     assert np.abs(got[~normal] - want[~normal]).max() <= 16 * F32.smallest_subnormal
     assert np.all(np.signbit(got[got == 0]) == np.signbit(z[got == 0]))
-    special = np.empty(4, np.float32)
-    _gelu(np.array([np.nan, np.inf, -np.inf, -0.0], np.float32), special)
+    special = run("gelu", np.array([np.nan, np.inf, -np.inf, -0.0], np.float32))
     assert np.isnan(special[0]) and special[1] == np.inf and np.isnan(special[2])
     assert special[3] == 0 and np.signbit(special[3])
 
@@ -410,20 +406,13 @@ def test_gelu_float32_max_error_whole_range():
 def test_gelu_float64_is_the_libm_formula(rng):
     import math
     z = np.concatenate([rng.standard_normal(10000) * 6, [0.0, -0.75, 38.0, -38.0, 1e150]])
-    got = np.empty_like(z)
-    _gelu(z, got)
+    got = run("gelu", z)
     np.testing.assert_array_equal(got, [0.5 * v * math.erfc(-v * 0.7071067811865476) for v in z])
 
 
 # --- GELU's derivative Phi(z) + z phi(z) -----------------------------------------
 
 GELU_GRAD_MAX_ULP = 7.0     # measured 4.9 (FMA) where e = exp(-z^2/2) is normal
-
-
-@njit(error_model="numpy")
-def _gelu_grad(z, out):
-    for i in range(z.size):
-        out[i] = mathfn.gelu_grad(z[i])
 
 
 def test_gelu_grad_float32_max_error_whole_range():
@@ -435,8 +424,7 @@ def test_gelu_grad_float32_max_error_whole_range():
     within 2 ** -149 * 16.  Saturates to 0 and 1; NaN passes."""
     from scipy.special import ndtr
     z = _gelu_points()
-    got = np.empty_like(z)
-    _gelu_grad(z, got)
+    got = run("gelu_grad", z)
     z64 = z.astype(np.float64)
     phi = np.exp(-0.5 * z64 * z64) / np.sqrt(2 * np.pi)
     want = ndtr(z64) + z64 * phi
@@ -447,8 +435,7 @@ def test_gelu_grad_float32_max_error_whole_range():
     normal = np.abs(want) >= F32.tiny
     assert err[normal & ~normal_e].max() <= 16
     assert np.abs(got[~normal] - want[~normal]).max() <= 16 * F32.smallest_subnormal
-    special = np.empty(5, np.float32)
-    _gelu_grad(np.array([np.nan, 0.0, -0.0, 1e30, -1e30], np.float32), special)
+    special = run("gelu_grad", np.array([np.nan, 0.0, -0.0, 1e30, -1e30], np.float32))
     assert np.isnan(special[0]) and special[1] == 0.5 and special[2] == 0.5
     assert special[3] == 1 and special[4] == 0
 
@@ -456,8 +443,7 @@ def test_gelu_grad_float32_max_error_whole_range():
 def test_gelu_grad_float64_is_the_libm_formula(rng):
     import math
     z = np.concatenate([rng.standard_normal(10000) * 6, [0.0, -0.75, 38.0, -38.0, 1e150]])
-    got = np.empty_like(z)
-    _gelu_grad(z, got)
+    got = run("gelu_grad", z)
     want = [0.5 * math.erfc(-v * 0.7071067811865476)
             + v * (0.3989422804014327 * math.exp(-(0.5 * v * v))) for v in z]
     np.testing.assert_array_equal(got, want)
