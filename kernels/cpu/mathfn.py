@@ -192,12 +192,6 @@ def _tanh_f32(builder, x):
     return builder.select(above, _c(1.0), builder.select(below, _c(-1.0), y))
 
 
-# Numerical Recipes' erfcc (Chebyshev fit): erfc(x) = t exp(-x^2 + P(t)),
-# t = 1 / (1 + |x|/2), fractional error < 1.2e-7 for every x >= 0.
-_ERFC_P = (0.17087277, -0.82215223, 1.48851587, -1.13520398, 0.27886807, -0.18628806,
-           0.09678418, 0.37409196, 1.00002368, -1.26551223)
-
-
 def _exp_f32_sum(builder, hi, lo):
     # exp(hi + lo) for hi exact (it carries the magnitude) and |lo| < 2: the
     # Cody-Waite reduction of _exp_f32 with lo added after n ln2_hi is taken
@@ -219,28 +213,9 @@ def _split_square(builder, a):
     return ah, builder.fmul(builder.fsub(a, ah), builder.fadd(a, ah))
 
 
-def _erfc_f32(builder, x):
-    # In float32 the exponent -x^2 (up to ~-100) would lose ~50 ulp to its
-    # own rounding, so x is split as x = xh + xl with xh holding 12 bits:
-    # xh^2 is exact, and exp(-x^2 + P(t)) = exp(-xh^2 + (P(t) - (x - xh)(x + xh)))
-    # is ONE exp of an exact part plus a small one (_exp_f32_sum).
-    # erfc(x) = 2 - erfc(-x) for x < 0.  Max error 6.5 ulp over the normal
-    # range (tests/test_mathfn.py).  |x| > 11 gives 0 (or 2) as erfc
-    # underflows from 10.1; the clamp keeps inf out of (x - xh)(x + xh).
-    ax = _f32_intrinsic(builder, "fabs", x)
-    ax = _select_lt(builder, _c(11.0), ax, _c(11.0), ax)
-    t = builder.fdiv(_c(1.0), builder.fadd(_c(1.0), builder.fmul(_c(0.5), ax)))
-    xh, d = _split_square(builder, ax)
-    e = _exp_f32_sum(builder, builder.fneg(builder.fmul(xh, xh)),
-                     builder.fsub(_horner(builder, t, _ERFC_P), d))
-    y = builder.fmul(t, e)
-    y = _select_lt(builder, x, _c(0.0), builder.fsub(_c(2.0), y), y)
-    return builder.select(builder.fcmp_unordered("uno", x, x), x, y)   # NaN in, NaN out
-
-
 # erfc(x) = t exp(-x^2) R(t), t = 1 / (1 + x/2): R(t) = erfcx(x) / t, a
 # least-squares fit reweighted towards minimax relative error (2.4e-8) over
-# t in [1/6.5, 1] (x in [0, 11], the clamp of _erfc_f32).  Unlike _ERFC_P,
+# t in [1/6.5, 1] (x in [0, 11]; erfc underflows float32 from 10.1).
 # exp(-x^2) is a factor of its own, which GELU's derivative shares with phi.
 _ERFCX_R = (0.00943814218044281, -0.1082078069448471, 0.3946283459663391,
             -0.625907838344574, 0.38610562682151794, -0.08035442233085632,
@@ -250,20 +225,39 @@ _SQRT1_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
+def _erfc_times(builder, ax, e):
+    # erfc(ax) = t R(t) e for ax in [0, 11], given e = exp(-ax^2)
+    t = builder.fdiv(_c(1.0), builder.fadd(_c(1.0), builder.fmul(_c(0.5), ax)))
+    return builder.fmul(builder.fmul(t, _horner(builder, t, _ERFCX_R)), e)
+
+
+def _erfc_f32(builder, x):
+    # In float32 the exponent -x^2 (down to ~-121) would lose ~60 ulp to its
+    # own rounding, so x is split as x = xh + xl with xh holding 12 bits:
+    # xh^2 is exact and exp(-x^2) = exp(-xh^2 - (x - xh)(x + xh)) is ONE exp
+    # of an exact part plus a small one (_exp_f32_sum).  erfc(x) = 2 -
+    # erfc(-x) for x < 0.  The clamp at 11 (erfc is 0 in float32 from 10.1)
+    # keeps inf out of (x - xh)(x + xh).
+    ax = _f32_intrinsic(builder, "fabs", x)
+    ax = _select_lt(builder, _c(11.0), ax, _c(11.0), ax)
+    xh, d = _split_square(builder, ax)
+    e = _exp_f32_sum(builder, builder.fneg(builder.fmul(xh, xh)), builder.fneg(d))
+    y = _erfc_times(builder, ax, e)
+    y = _select_lt(builder, x, _c(0.0), builder.fsub(_c(2.0), y), y)
+    return builder.select(builder.fcmp_unordered("uno", x, x), x, y)   # NaN in, NaN out
+
+
 def _half_erfc_and_gauss_f32(builder, z):
-    # (erfc(|z|/sqrt 2) / 2, e = exp(-z^2/2)) with ONE exp: z split as for
+    # (erfc(|z|/sqrt 2) / 2, e = exp(-z^2/2)) with ONE exp: z split as in
     # _erfc_f32 (zh^2 / 2 exact, the rest a small part), so e carries no
-    # rounding of z^2 or of z/sqrt 2, then erfc(|z|/sqrt 2) = t e R(t).
-    # Beyond |z| = 11 sqrt 2, e underflows to 0.
+    # rounding of z^2 or of z/sqrt 2.  Beyond |z| = 11 sqrt 2, e underflows
+    # to 0.
     az = _f32_intrinsic(builder, "fabs", z)
     az = _select_lt(builder, _c(15.556349), az, _c(15.556349), az)
-    ax = builder.fmul(az, _c(_SQRT1_2))
-    t = builder.fdiv(_c(1.0), builder.fadd(_c(1.0), builder.fmul(_c(0.5), ax)))
     zh, d = _split_square(builder, az)
     e = _exp_f32_sum(builder, builder.fmul(_c(-0.5), builder.fmul(zh, zh)),
                      builder.fmul(_c(-0.5), d))
-    half_erfc = builder.fmul(_c(0.5), builder.fmul(builder.fmul(t, _horner(builder, t, _ERFCX_R)),
-                                                   e))
+    half_erfc = builder.fmul(_c(0.5), _erfc_times(builder, builder.fmul(az, _c(_SQRT1_2)), e))
     return half_erfc, e
 
 
@@ -526,7 +520,7 @@ tanh = _unary(_tanh_f32, _tanh_f64, "tanh", "tanh(x); vectorisable for float32 a
 # polynomial (measured 4.2 against 13 ns per element, sum of exp over 256K).
 exp_in_scalar_loop = _unary(_exp_f32, None, "exp",
                             "exp(x); for float64 libm's, for loops that stay scalar anyway.")
-erfc = _unary(_erfc_f32, None, "erfc", "1 - erf(x) without cancellation; Chebyshev fit for "
+erfc = _unary(_erfc_f32, None, "erfc", "1 - erf(x) without cancellation; t exp(-x^2) R(t) for "
               "float32, libm for float64.")
 
 
