@@ -676,9 +676,10 @@ class TrainStep:
         the kernel picks the row of its current count, so a skipped step
         (non-finite gradient) leaves the next step the same row.
 
-        Losses with options and CUDA models run the same API as a Python
-        loop over ``step(x, y)`` (the same results; CUDA statistics are read
-        back when the callback or the end needs them).
+        Losses with options, CUDA models and the sharded ``threads=n`` step
+        run the same API as a Python loop over ``step(x, y)`` (the same
+        results; CUDA statistics are read back when the callback or the end
+        needs them).
 
         Parameters
         ----------
