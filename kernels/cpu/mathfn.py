@@ -196,8 +196,9 @@ def _exp_f32_sum(builder, hi, lo):
     # exp(hi + lo) for hi exact (it carries the magnitude) and |lo| < 2: the
     # Cody-Waite reduction of _exp_f32 with lo added after n ln2_hi is taken
     # from hi, so the rounding of hi + lo (ulp(100) = 7.6e-6 relative at the
-    # end) never enters.  Arguments only in [-124, 3] (erfc): no clamp, 2**n
-    # in two halves as in _exp_f32 for the subnormal results.
+    # end) never enters.  Arguments only in [-122, 0] (erfc's -x^2, GELU's
+    # -z^2 / 2, both clamped): no clamp here, 2**n in two halves as in
+    # _exp_f32 for the subnormal results.
     n = _round_log2(builder, builder.fadd(hi, lo))
     r = _fmuladd(builder, n, _c(-_LN2_HI_32), hi)
     r = builder.fadd(r, lo)
