@@ -130,6 +130,10 @@ class TrainStep:
     threads (``fastgrad.kernels.cpu.step_sharded``).  Results are
     deterministic for a given ``n`` and equal the one-thread step up to
     rounding (a batch mean summed from shard means), bitwise for ``n=1``.
+    OpenBLAS's own workers spin for about 0.1 s after a multi-threaded BLAS
+    call, and shards that run meanwhile share the cores with them (a small
+    net's steps took 3x as long); ``fastgrad.share_blas_pool()`` runs BLAS's
+    jobs on the shards' threads instead.
     ``threads=None`` (default) leaves the GEMMs to BLAS's own threads, and
     the step's activation passes, its loss from 2^14 outputs and, from 2^15
     parameters, its update run on those same threads (OpenBLAS's workers, or the shared pool's with
@@ -650,10 +654,9 @@ class TrainStep:
     @property
     def _fused_epoch(self):
         """True when an epoch runs as compiled chunks (CPU models with a
-        default loss, serial step); other steps, the sharded ``threads=n``
-        step included, run a Python loop over ``step(x, y)``."""
-        return (self._backend.compiled_epochs and not self._composed
-                and self.threads is None)
+        default loss, the sharded ``threads=n`` step included); other steps
+        run a Python loop over ``step(x, y)``."""
+        return self._backend.compiled_epochs and not self._composed
 
     def run_epoch(self, X, Y, batch_size, shuffle=True, seed=None, drop_last=False,
                   callback=None):
@@ -676,10 +679,11 @@ class TrainStep:
         the kernel picks the row of its current count, so a skipped step
         (non-finite gradient) leaves the next step the same row.
 
-        Losses with options, CUDA models and the sharded ``threads=n`` step
-        run the same API as a Python loop over ``step(x, y)`` (the same
-        results; CUDA statistics are read back when the callback or the end
-        needs them).
+        The sharded ``threads=n`` step runs its epoch in compiled chunks
+        too, each step on the shards' threads.  Losses with options and
+        CUDA models run the same API as a Python loop over ``step(x, y)``
+        (the same results; CUDA statistics are read back when the callback
+        or the end needs them).
 
         Parameters
         ----------
@@ -807,6 +811,14 @@ class TrainStep:
         arguments of ``train_steps`` between the loss code and the
         optimizer's (the step plan's dropout counter: the first step's)."""
         model = self._model
+        if self.threads is not None:
+            # the shards of a full batch and of a smaller last one
+            bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
+            last = _ksharded.shard_bounds(n_order - (n_steps - 1) * batch_size, self._threads)
+            return self._ksharded.sharded_train_steps, (
+                model.params, model.grads, shard_grads, self._sizes, self._codes, self._alphas,
+                self._opt._offsets, acts, zs, delta, bounds, last, losses,
+                self._shard_plan_header())
         args = self._driver_args(B, counter=model.dropout_step)[0]   # may change the kernels
         return self._ready(self._kernels.train_steps), args
 
@@ -830,7 +842,10 @@ class TrainStep:
             k0 = opt._step_count
             rows, row_lr = self._hp_rows(size)
             kernel, model_args = self._chunk_kernel(B, order.shape[0], batch_size, n_steps)
-            with interrupts.held():     # a Ctrl-C lands after the chunk's book-keeping
+            # a Ctrl-C lands after the chunk's book-keeping; the sharded
+            # step's threads own the cores (BLAS on one thread)
+            blas = _threads.one_blas_thread() if self.threads is not None else contextlib.nullcontext()
+            with interrupts.held(), blas:
                 ran = kernel(
                     X, labels, target, order, pos, size, batch_size, order.shape[0],
                     xbuf, lbuf, tbuf, self._loss_kind, *model_args,

@@ -5,6 +5,7 @@ import pytest
 
 import fastgrad as fg
 from fastgrad import reference as ref
+from fastgrad.errors import NonFiniteGradientError
 from fastgrad.kernels.cpu import step_sharded
 from fastgrad.losses import LOSSES
 from fastgrad.threads import _blas_of_kernels, one_blas_thread
@@ -172,6 +173,100 @@ def test_run_epoch_of_a_sharded_step_is_its_step_loop():
             step.run_epoch(X, Y, 16, seed=5)
         runs.append(m.params.copy())
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def _sharded_pair(sizes, loss, dtype, make_opt, threads=N_THREADS):
+    """Two identical sharded TrainSteps: one for run_epoch, one for its loop."""
+    out = []
+    for _ in range(2):
+        m = fg.MLP(sizes, activation="tanh", dtype=dtype, seed=7)
+        out.append(fg.TrainStep(m, LOSSES[loss](), make_opt(m), threads=threads))
+    assert out[0]._fused_epoch        # the compiled chunks, not a loop over step
+    return out
+
+
+def _epoch_against_loop(a, b, X, Y, batch_size, order):
+    """run_epoch on ``a``, the per-step loop on ``b``: bitwise the same
+    parameters, optimizer state and per-step results."""
+    res = a.run_epoch(X, Y, batch_size, shuffle=order)
+    ref = []
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        ref.append((b(X[idx], Y[idx]), b.stats))
+    np.testing.assert_array_equal(a.model.params, b.model.params)
+    for name, buf in b.opt.state.items():
+        np.testing.assert_array_equal(a.opt.state[name], buf, err_msg=name)
+    assert (a.opt.step_count, a.opt.n_skipped) == (b.opt.step_count, b.opt.n_skipped)
+    assert a.stats == b.stats
+    np.testing.assert_array_equal(res["loss"], [loss for loss, _ in ref])
+    np.testing.assert_array_equal(res["grad_norm"], [st.grad_norm for _, st in ref])
+    np.testing.assert_array_equal(res["step"], [st.step for _, st in ref])
+    np.testing.assert_array_equal(res["lr"], [st.lr for _, st in ref])
+    np.testing.assert_array_equal(res["skipped"], [st.skipped for _, st in ref])
+    return res
+
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "mse", "bce_with_logits"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_sharded_epoch_is_its_step_loop(loss, dtype):
+    """The sharded step's compiled epoch: the last batch (here 1 row more
+    than whole batches: one shard) takes its own shard bounds."""
+    rng = np.random.default_rng()
+    sizes = [int(rng.integers(3, 12)), 17, 9, 5]
+    batch = int(rng.integers(5, 17))
+    n = batch * int(rng.integers(3, 6)) + 1
+    X = rng.standard_normal((n, sizes[0])).astype(dtype)
+    Y = _targets(loss, rng, n, sizes[-1])
+    make = lambda m: fg.Adam(m, lr=fg.schedules.exponential_decay(1e-2, 0.9, 1), clip_norm=0.3)
+    a, b = _sharded_pair(sizes, loss, dtype, make)
+    _epoch_against_loop(a, b, X, Y, batch, rng.permutation(n))
+    # a second epoch, its last batch cut differently
+    _epoch_against_loop(a, b, X, Y, batch + 1, rng.permutation(n))
+
+
+def test_compiled_sharded_epoch_of_a_large_net():
+    """From step_sharded.MIN_PARALLEL parameters the combine and the update
+    run on the threads: the loop's values, and the serial step's up to
+    rounding."""
+    rng = np.random.default_rng()
+    sizes = [180, 190, 7]
+    assert sum(a * b + b for a, b in zip(sizes, sizes[1:])) >= step_sharded.MIN_PARALLEL
+    X = rng.standard_normal((61, 180))
+    Y = rng.integers(0, 7, 61)
+    make = lambda m: fg.SGD(m, lr=0.05, momentum=0.9, clip_norm=0.5)
+    a, b = _sharded_pair(sizes, "softmax_cross_entropy", "float64", make)
+    order = rng.permutation(61)
+    _epoch_against_loop(a, b, X, Y, 16, order)
+    serial = _sharded_pair(sizes, "softmax_cross_entropy", "float64", make, threads=None)[0]
+    serial.run_epoch(X, Y, 16, shuffle=order)
+    np.testing.assert_allclose(a.model.params, serial.model.params, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_sharded_epoch_skips_a_nonfinite_batch():
+    rng = np.random.default_rng()
+    X, Y = rng.standard_normal((64, 6)), rng.integers(0, 4, 64)
+    X[37, 1] = np.nan                      # batch 2 of 16 in order
+    make = lambda m: fg.Adam(m, lr=fg.schedules.exponential_decay(1e-2, 0.5, 1), clip_norm=1.0)
+    a, b = _sharded_pair([6, 9, 4], "softmax_cross_entropy", "float64", make)
+    res = _epoch_against_loop(a, b, X, Y, 16, np.arange(64))
+    assert list(res["skipped"]) == [False, False, True, False]
+    assert list(res["step"]) == [1, 2, 2, 3]
+    assert np.isfinite(a.model.params).all()
+
+
+def test_compiled_sharded_epoch_raises_at_a_nonfinite_batch():
+    rng = np.random.default_rng()
+    X, Y = rng.standard_normal((64, 6)), rng.integers(0, 4, 64)
+    X[40, 0] = np.inf
+    make = lambda m: fg.SGD(m, lr=0.1, skip_nonfinite=False)
+    a, b = _sharded_pair([6, 9, 4], "softmax_cross_entropy", "float64", make)
+    with pytest.raises(NonFiniteGradientError):
+        a.run_epoch(X, Y, 16, shuffle=False)
+    with pytest.raises(NonFiniteGradientError):
+        for lo in range(0, 64, 16):
+            b(X[lo:lo + 16], Y[lo:lo + 16])
+    np.testing.assert_array_equal(a.model.params, b.model.params)
+    assert a.opt.step_count == b.opt.step_count == 2 and a.stats == b.stats
 
 
 def test_threads_is_read_only():

@@ -16,6 +16,12 @@ the cores for the whole step:
 3. the clipped update runs both of its passes on the same threads
    (``optim.clipped_update_parallel``).
 
+Below ``MIN_PARALLEL`` parameters steps 2 and 3 run on the calling thread
+(the same values: both are elementwise or sum in a fixed order); two
+parallel regions cost more than the update of a small net.
+:func:`sharded_train_steps` runs many steps of an epoch in one call, as
+``step.train_steps`` does for the serial step.
+
 The result is deterministic for a given number of shards.  It differs from
 the one-shard step by rounding only (the batch mean is a sum of shard means),
 and is bitwise the serial step for one shard.  Batch normalisation couples
@@ -25,9 +31,10 @@ driver ``step.forward_backward`` with every layer feature off.
 import numpy as np
 from numba import njit, prange
 
-from ._jit import JIT
-from .optim import clipped_update_parallel
-from .step import PLAN_HEADER, PLAN_ROW, forward_backward
+from ._jit import INNER, JIT
+from .optim import clipped_update, clipped_update_parallel
+from .pass_team import MIN_UPDATE
+from .step import PLAN_HEADER, PLAN_ROW, forward_backward, gather_batch, record_step
 
 PARALLEL = dict(JIT, parallel=True)
 
@@ -35,12 +42,34 @@ PARALLEL = dict(JIT, parallel=True)
 # hides a chunk's bookkeeping).
 CHUNK = 1 << 16
 
+# Parameters from which the combine and the update run on the threads (as
+# the pass team's update: two regions cost ~10 us, a small net's update ~2 us).
+MIN_PARALLEL = MIN_UPDATE
+
 
 def shard_bounds(batch, n_shards):
     """Row boundaries of ``n_shards`` near-equal contiguous shards of a batch
     (fewer shards when the batch has fewer rows)."""
     n = max(1, min(int(n_shards), int(batch)))
     return np.linspace(0, batch, n + 1).round().astype(np.int64)
+
+
+@njit(**INNER)
+def _combine(grads, shard_grads, bounds, lo, hi):
+    """``grads[lo:hi]`` (shard 0's) as the batch's: each shard's weighted by
+    its share of the batch, added in shard order."""
+    T = bounds.shape[0] - 1
+    B = bounds[T]
+    dt = grads.dtype.type
+    out = grads[lo:hi]
+    w0 = dt((bounds[1] - bounds[0]) / B)
+    for i in range(hi - lo):
+        out[i] *= w0
+    for s in range(1, T):
+        w = dt((bounds[s + 1] - bounds[s]) / B)
+        src = shard_grads[s - 1, lo:hi]
+        for i in range(hi - lo):
+            out[i] += w * src[i]
 
 
 @njit(**PARALLEL)
@@ -80,19 +109,11 @@ def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_
                                      plan, fplan, no_stats, no_stats)
     if T > 1:
         n = grads.shape[0]
-        dt = grads.dtype.type
-        w0 = dt((bounds[1] - bounds[0]) / B)
-        for c in prange((n + CHUNK - 1) // CHUNK):
-            lo = c * CHUNK
-            hi = min(lo + CHUNK, n)
-            out = grads[lo:hi]
-            for i in range(hi - lo):
-                out[i] *= w0
-            for s in range(1, T):
-                w = dt((bounds[s + 1] - bounds[s]) / B)
-                src = shard_grads[s - 1, lo:hi]
-                for i in range(hi - lo):
-                    out[i] += w * src[i]
+        if n < MIN_PARALLEL:
+            _combine(grads, shard_grads, bounds, 0, n)
+        else:
+            for c in prange((n + CHUNK - 1) // CHUNK):
+                _combine(grads, shard_grads, bounds, c * CHUNK, min(c * CHUNK + CHUNK, n))
     loss = 0.0
     for s in range(T):
         loss += losses[s] * ((bounds[s + 1] - bounds[s]) / B)
@@ -109,6 +130,42 @@ def sharded_train_step(x, labels, target, loss_kind, params, grads, shard_grads,
     loss = sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_grads,
                                     sizes, codes, alphas, offsets, acts, zs, delta, bounds,
                                     losses, header)
-    norm, scale, skipped = clipped_update_parallel(rule, params, grads, s0, s1, s2, hp,
-                                                   offsets, layer_sq, clip_norm, clip_value)
+    if params.shape[0] < MIN_PARALLEL:
+        norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
+                                              layer_sq, clip_norm, clip_value)
+    else:
+        norm, scale, skipped = clipped_update_parallel(rule, params, grads, s0, s1, s2, hp,
+                                                       offsets, layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
+
+
+@njit(**JIT)
+def sharded_train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
+                        xbuf, lbuf, tbuf, loss_kind, params, grads, shard_grads, sizes, codes,
+                        alphas, offsets, acts, zs, delta, bounds, last_bounds, losses, header,
+                        rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip,
+                        out_loss, out_norm, out_scale, out_skipped, out_layer_sq):
+    """Steps ``first .. first + n_steps - 1`` of an epoch in one call, each
+    exactly :func:`sharded_train_step` on its batch: ``step.train_steps``'s
+    contract (batches gathered from ``order``, ``hp_rows`` indexed by the
+    updates applied, ``stop_on_skip``, per-step statistics; returns the
+    number of steps run) for the sharded step.  ``bounds`` are the shards
+    of a full batch, ``last_bounds`` those of a smaller last batch; the
+    scratch (``acts``, ``zs``, ``delta``) is sized for a full batch's."""
+    applied = 0
+    for j in range(n_steps):
+        xb, lb, tb = gather_batch(X, labels, target, order, (first + j) * batch_size,
+                                  batch_size, n_order, xbuf, lbuf, tbuf)
+        shards = bounds if xb.shape[0] == bounds[bounds.shape[0] - 1] else last_bounds
+        loss, norm, scale, skipped = sharded_train_step(
+            xb, lb, tb, loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets,
+            acts, zs, delta, shards, losses, header, rule, s0, s1, s2, hp_rows[applied],
+            layer_sq, clip_norm, clip_value)
+        record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
+                    out_skipped, out_layer_sq)
+        if skipped:
+            if stop_on_skip:
+                return j + 1
+        else:
+            applied += 1
+    return n_steps
