@@ -68,14 +68,16 @@ def make_fastgrad(sizes, batch, act, loss, device="cpu", cuda_graph=False):
     return run
 
 
-def make_fastgrad_epoch(sizes, batch, act, loss, steps=64):
+def make_fastgrad_epoch(sizes, batch, act, loss, steps=64, threads=None):
     """``TrainStep.run_epoch`` over ``steps`` batches (the same step, every
     batch gathered from a dataset in compiled code); ``run.steps`` says how
-    many steps one call runs, so that timings can be given per step."""
+    many steps one call runs, so that timings can be given per step.
+    ``threads``: the step's ``threads=`` (batch shards)."""
     import fastgrad as fg
     from fastgrad.losses import LOSSES
     model = fg.MLP(sizes, activation=act, seed=0)
-    step = fg.TrainStep(model, LOSSES[loss](), fg.Adam(model, lr=1e-3, clip_norm=1.0))
+    step = fg.TrainStep(model, LOSSES[loss](), fg.Adam(model, lr=1e-3, clip_norm=1.0),
+                        threads=threads)
     X, Y = data(sizes, batch * steps, loss)
     run = functools.partial(step.run_epoch, X, Y, batch, shuffle=False)
     run.train_step, run.steps = step, steps

@@ -120,8 +120,18 @@ def test_small_table_counts_the_run_epoch_target():
                                                 "jax": [9e-5] * 2}, 0.0),
             ("s1", ([8, 8], 4, "relu", "mse"), {"run_epoch": [2e-5] * 2, "jax": [9e-5] * 2}, 0.0)]
     text = uc.small_table(rows)
-    assert "9.00 yes" in text and "4.50 **no**" in text
+    assert "9.00 yes (default)" in text and "4.50 **no** (default)" in text
     assert text.endswith("1/2.")
+
+
+def test_small_table_takes_the_better_run_epoch():
+    per = {"run_epoch": [2e-5] * 2, "run_epoch-sharded": [1e-5] * 2, "jax": [9e-5] * 2}
+    text = uc.small_table([("s0", ([8, 8], 4, "relu", "mse"), per, 0.0)])
+    assert "| 20 / 10 |" in text and "9.00 yes (threads=2)" in text
+    assert text.endswith("1/1.")
+    del per["run_epoch-sharded"]
+    text = uc.small_table([("s0", ([8, 8], 4, "relu", "mse"), per, 0.0)])
+    assert "| 20 / - |" in text and "4.50 **no** (default)" in text
 
 
 def test_ratios_are_medians_of_per_round_ratios():
