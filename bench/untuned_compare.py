@@ -20,7 +20,9 @@ weights on the same batch (bench/workloads.py):
   thread pool;
 * ``gemm-1t``, ``gemm-2t`` -- the step's bare GEMMs (forward, dW and dx),
   through the BLAS fastgrad's kernels call, at 1 and 2 BLAS threads
-  (threadpoolctl): the floor;
+  (threadpoolctl): the floor; on small nets also ``gemm-shard``, half the
+  batch's GEMMs on one thread (the floor of the sharded ``threads=2``
+  step, whose two shards run at once);
 * ``update`` -- the step's clipped Adam update alone (``opt.step()`` on
   gradients of the model's size): a step cannot take less than its GEMMs
   and its update, and a large net's update is memory-bound (it reads and
@@ -176,6 +178,9 @@ def contenders(w, small=False):
                                         None, None)
     for n in THREADS:
         fns[f"gemm-{n}t"] = (make_gemm_floor(sizes, batch, act, loss), "fastgrad", n)
+    if "run_epoch-sharded" in fns:
+        # the sharded step's floor: its larger shard's GEMMs on one thread
+        fns["gemm-shard"] = (make_gemm_floor(sizes, -(-batch // 2), act, loss), "fastgrad", 1)
     if not small:
         fns["update"] = (make_update_alone(sizes, batch, act, loss), None, None)
     peers = [("jax", make_jax, None, None)]
@@ -333,11 +338,12 @@ def table(summary, met):
 
 def small_table(rows):
     """The small nets' table.  "JAX / GEMMs" is the ratio a step made of its
-    bare GEMMs alone (at their better thread count) would reach: the ceiling
-    of "JAX / run_epoch" for a step that runs them on one thread; the
-    sharded step's half-batch GEMMs can pass it."""
+    bare GEMMs alone would reach: the whole batch's at their better thread
+    count, or (the sharded step's floor) half the batch's on one thread,
+    whichever is faster: the ceiling of "JAX / run_epoch" with this BLAS on
+    two cores."""
     lines = ["| small net | run_epoch us / step (default / threads=2) | TrainStep us / step "
-             "| GEMMs 1t / 2t us / step | JAX us / step "
+             "| GEMMs 1t / 2t / half batch 1t us / step | JAX us / step "
              f"| JAX / run_epoch, the better (>= {SMALL_TARGET:g}) | JAX / GEMMs (ceiling) "
              "| peers' losses agree to |",
              "|---|---|---|---|---|---|---|---|"]
@@ -349,11 +355,11 @@ def small_table(rows):
         if r is not None:
             met[1] += 1
             met[0] += r >= SMALL_TARGET
-        ceiling = [x for x in (ratio(per, "jax", f"gemm-{n}t") for n in THREADS) if x is not None]
+        floors = [f"gemm-{n}t" for n in THREADS] + ["gemm-shard"]
+        ceiling = [x for x in (ratio(per, "jax", c) for c in floors) if x is not None]
         us = {c: f"{np.median(per[c]) * 1e6:.3g}" if c in per else "-"
-              for c in ("run_epoch", "run_epoch-sharded", "fastgrad", "jax",
-                        *(f"gemm-{n}t" for n in THREADS))}
-        gemms = " / ".join(us[f"gemm-{n}t"] for n in THREADS)
+              for c in ("run_epoch", "run_epoch-sharded", "fastgrad", "jax", *floors)}
+        gemms = " / ".join(us[c] for c in floors)
         ceil = f"{max(ceiling):.2f}" if ceiling else "-"
         which = {"run_epoch": " (default)", "run_epoch-sharded": " (threads=2)"}.get(best, "")
         lines.append(f"| {name}: {describe(w)} | {us['run_epoch']} / {us['run_epoch-sharded']} "

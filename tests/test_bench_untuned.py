@@ -129,6 +129,9 @@ def test_small_table_takes_the_better_run_epoch():
     text = uc.small_table([("s0", ([8, 8], 4, "relu", "mse"), per, 0.0)])
     assert "| 20 / 10 |" in text and "9.00 yes (threads=2)" in text
     assert text.endswith("1/1.")
+    per.update({"gemm-1t": [3e-5] * 2, "gemm-shard": [1.5e-5] * 2})
+    text = uc.small_table([("s0", ([8, 8], 4, "relu", "mse"), per, 0.0)])
+    assert "| 30 / - / 15 |" in text and "| 6.00 |" in text      # the ceiling: JAX / shard's
     del per["run_epoch-sharded"]
     text = uc.small_table([("s0", ([8, 8], 4, "relu", "mse"), per, 0.0)])
     assert "| 20 / - |" in text and "4.50 **no** (default)" in text
