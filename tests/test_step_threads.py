@@ -269,6 +269,25 @@ def test_compiled_sharded_epoch_raises_at_a_nonfinite_batch():
     assert a.opt.step_count == b.opt.step_count == 2 and a.stats == b.stats
 
 
+def test_fit_of_a_sharded_step_is_its_per_step_loop():
+    """fit runs the sharded step's compiled epochs: the same parameters and
+    history as its per-step loop (fused_epochs=False)."""
+    rng = np.random.default_rng()
+    X, Y = rng.standard_normal((70, 6)), rng.integers(0, 3, 70)
+    runs = []
+    for fused in (True, False):
+        m = fg.MLP([6, 16, 3], dtype="float64", seed=0)
+        step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m, lr=1e-2, clip_norm=1.0),
+                            threads=2)
+        step.fused_epochs = fused
+        seen = []
+        hist = fg.fit(step, X, Y, epochs=3, batch_size=16, seed=4, progress=False,
+                      callbacks=[lambda k, loss, st: seen.append((k, loss, st.grad_norm))])
+        runs.append((m.params.copy(), hist, seen))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1]["loss"] == runs[1][1]["loss"] and runs[0][2] == runs[1][2]
+
+
 def test_threads_is_read_only():
     m = fg.MLP([3, 4, 2])
     step = fg.TrainStep(m, fg.MSE(), fg.Adam(m), threads=2)
