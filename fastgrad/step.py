@@ -814,7 +814,8 @@ class TrainStep:
         if self.threads is not None:
             # the shards of a full batch and of a smaller last one
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
-            last = _ksharded.shard_bounds(n_order - (n_steps - 1) * batch_size, self._threads)
+            last = _ksharded.shard_bounds(min(B, n_order - (n_steps - 1) * batch_size),
+                                          self._threads)
             return self._ksharded.sharded_train_steps, (
                 model.params, model.grads, shard_grads, self._sizes, self._codes, self._alphas,
                 self._opt._offsets, acts, zs, delta, bounds, last, losses,
@@ -844,7 +845,8 @@ class TrainStep:
             kernel, model_args = self._chunk_kernel(B, order.shape[0], batch_size, n_steps)
             # a Ctrl-C lands after the chunk's book-keeping; the sharded
             # step's threads own the cores (BLAS on one thread)
-            blas = _threads.one_blas_thread() if self.threads is not None else contextlib.nullcontext()
+            blas = (_threads.one_blas_thread() if self.threads is not None
+                    else contextlib.nullcontext())
             with interrupts.held(), blas:
                 ran = kernel(
                     X, labels, target, order, pos, size, batch_size, order.shape[0],

@@ -197,6 +197,7 @@ def _epoch_against_loop(a, b, X, Y, batch_size, order):
     for name, buf in b.opt.state.items():
         np.testing.assert_array_equal(a.opt.state[name], buf, err_msg=name)
     assert (a.opt.step_count, a.opt.n_skipped) == (b.opt.step_count, b.opt.n_skipped)
+    assert a.model.dropout_step == b.model.dropout_step
     assert a.stats == b.stats
     np.testing.assert_array_equal(res["loss"], [loss for loss, _ in ref])
     np.testing.assert_array_equal(res["grad_norm"], [st.grad_norm for _, st in ref])
