@@ -259,12 +259,28 @@ class TrainStep:
         return int(threads)
 
     def _shard_plan_header(self):
-        """The head of the shards' step plans: no team (each shard runs on
-        its own thread), and the members of a driver with the team's
-        branches (``kernels/cpu/pass_team.py``)."""
+        """``(header, ready)``: the head of the shards' step plans (no team:
+        each shard runs on its own thread; the members of a driver with the
+        team's branches, ``kernels/cpu/pass_team.py``) and ``ready(kernel)``,
+        the sharded kernel to call on arguments holding it.  Where a worker
+        process compiles the members (``fastgrad._compile_worker``: a cold
+        first call), that compiles the kernel here meanwhile, then fills
+        the members in before it runs."""
         header = np.zeros(_layout.PLAN_HEADER, np.int64)
-        self._backend.fill_pass_team(header, self._kernels, self._model.dtype, team=False)
-        return header
+        pending = self._backend.fill_pass_team(header, self._kernels, self._model.dtype,
+                                               team=False, defer=True)
+        if pending is None:
+            return header, _as_is
+
+        def ready(kernel):
+            def compile_then_run(*args):
+                try:
+                    kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+                finally:
+                    pending.fill(header)        # waits for the worker, whatever happened
+                return kernel(*args)
+            return compile_then_run
+        return header, ready
 
     def _shard_buffers_for(self, B):
         """Per-shard scratch of batch size B: (bounds, acts, zs, delta,
@@ -587,11 +603,12 @@ class TrainStep:
             if model.training:
                 model._next_dropout_step()
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
+            header, ready = self._shard_plan_header()
             with _threads.one_blas_thread():
-                loss, norm, scale, skipped = self._ksharded.sharded_train_step(
+                loss, norm, scale, skipped = ready(self._ksharded.sharded_train_step)(
                     x, labels, target, self._loss_kind, model.params, model.grads,
                     shard_grads, self._sizes, self._codes, self._alphas, self._opt._offsets,
-                    acts, zs, delta, bounds, losses, self._shard_plan_header(),
+                    acts, zs, delta, bounds, losses, header,
                     rule, s0, s1, s2, hp, self._layer_sq, self._opt._clip_norm,
                     self._opt._clip_value)
         elif self.cuda_graph:
@@ -633,11 +650,12 @@ class TrainStep:
             if m.training:
                 m._next_dropout_step()
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(x.shape[0])
+            header, ready = self._shard_plan_header()
             with _threads.one_blas_thread():
-                return float(self._ksharded.sharded_forward_backward(
+                return float(ready(self._ksharded.sharded_forward_backward)(
                     x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
                     self._sizes, self._codes, self._alphas, self._opt._offsets, acts, zs, delta,
-                    bounds, losses, self._shard_plan_header()))
+                    bounds, losses, header))
         args, kw = self._driver_args(x.shape[0])
         return self._result(self._ready(self._kernels.forward_backward)(
             x, labels, target, self._loss_kind, *args, **kw))
@@ -816,10 +834,10 @@ class TrainStep:
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
             last = _ksharded.shard_bounds(min(B, n_order - (n_steps - 1) * batch_size),
                                           self._threads)
-            return self._ksharded.sharded_train_steps, (
+            header, ready = self._shard_plan_header()
+            return ready(self._ksharded.sharded_train_steps), (
                 model.params, model.grads, shard_grads, self._sizes, self._codes, self._alphas,
-                self._opt._offsets, acts, zs, delta, bounds, last, losses,
-                self._shard_plan_header())
+                self._opt._offsets, acts, zs, delta, bounds, last, losses, header)
         args = self._driver_args(B, counter=model.dropout_step)[0]   # may change the kernels
         return self._ready(self._kernels.train_steps), args
 
@@ -930,6 +948,10 @@ class TrainStep:
                 callback(b + 1, n_steps, {key: val[:b + 1] for key, val in res.items()})
                 t = time.perf_counter()
         fill(n_steps)
+
+
+def _as_is(kernel):
+    return kernel
 
 
 def _rebuilt_step(model, loss_fn, opt, cuda_graph, threads, fused_epochs, progress_interval):

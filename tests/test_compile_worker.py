@@ -20,7 +20,11 @@ from fastgrad.kernels.cpu import pass_team
 SIZES = [11, 17, 5]
 # the first call of each: the driver it compiles
 CALLS = {"step": ("relu", "train_step"), "gradients": ("tanh", "forward_backward"),
-         "epoch": ("gelu", "train_steps")}
+         "epoch": ("gelu", "train_steps"),
+         # the batch-sharded step (threads=2): its kernels in step._ksharded
+         "sharded-step": ("silu", "sharded_train_step"),
+         "sharded-epoch": ("elu", "sharded_train_steps")}
+PLAIN = ["step", "gradients", "epoch"]
 
 # A fresh process on an empty disk cache, with a copy of the kernels per
 # model (so each model's first call is cold), runs each call of CALLS on its
@@ -45,14 +49,16 @@ _RUN = textwrap.dedent("""
         Y = rng.integers(0, {n_out}, 40)
         model = fg.MLP({sizes}, activation=act, seed=1)
         step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(),
-                            fg.Adam(model, lr=1e-2, clip_norm=0.5))
-        if name == "step":
+                            fg.Adam(model, lr=1e-2, clip_norm=0.5),
+                            threads=2 if name.startswith("sharded") else None)
+        if name.endswith("step"):
             step(X[:16], Y[:16])
         elif name == "gradients":
             step.gradients(X[:16], Y[:16])
         else:
             step.run_epoch(X, Y, 16, shuffle=False)
-        return step, driver
+        kernels = step._ksharded if name.startswith("sharded") else step._kernels
+        return step, getattr(kernels, driver)
 """).format(calls=CALLS, n_in=SIZES[0], n_out=SIZES[-1], sizes=SIZES)
 
 _CHILD_BODY = textwrap.dedent("""
@@ -61,7 +67,7 @@ _CHILD_BODY = textwrap.dedent("""
         step, driver = run(name)
         team = sys.modules[step._kernels.__package__].pass_team
         report[name] = {"hits": [m.cache_hits for m in team._members.values()],
-                        "signatures": len(getattr(step._kernels, driver).signatures)}
+                        "signatures": len(driver.signatures)}
         arrays[name + "_params"] = step.model.params
         arrays[name + "_grads"] = step.model.grads
     report["workers"] = [p.process.returncode for p in cw._started.values()]
@@ -101,9 +107,9 @@ def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
     disk cache and compiled its driver once, and the results are bitwise a
     warm step's.  A second process on the same cache starts no worker."""
     cache = tmp_path / "cache"
-    report, arrays = _child(tmp_path, "cold", cache, list(CALLS))
+    report, arrays = _child(tmp_path, "cold", cache, PLAIN)
     assert report.pop("workers") == [0, 0, 0], report
-    for name in CALLS:
+    for name in PLAIN:
         assert report[name] == {"hits": [1] * len(pass_team.KINDS), "signatures": 1}, \
             (name, report)
         params, grads = _in_process(name)
@@ -113,6 +119,25 @@ def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
     assert report == {"workers": [], "step": {"hits": [1] * len(pass_team.KINDS),
                                               "signatures": 1}}, report
     np.testing.assert_array_equal(warm["step_params"], arrays["step_params"])
+
+
+@pytest.mark.slow
+@needs_team
+def test_the_sharded_steps_cold_first_call_takes_its_members_from_a_worker(tmp_path):
+    """TrainStep(threads=2): its first step and its first compiled epoch
+    wait for a worker's members too (loaded from the disk cache), their
+    kernels compiled once here; bitwise the results of warm calls."""
+    if _compile_worker._usable_cores() < 2:
+        pytest.skip("threads=2 needs 2 cores")
+    names = ["sharded-step", "sharded-epoch"]
+    report, arrays = _child(tmp_path, "sharded", tmp_path / "cache", names)
+    assert report.pop("workers") == [0, 0], report
+    for name in names:
+        assert report[name] == {"hits": [1] * len(pass_team.KINDS), "signatures": 1}, \
+            (name, report)
+        params, grads = _in_process(name)
+        np.testing.assert_array_equal(arrays[name + "_params"], params)
+        np.testing.assert_array_equal(arrays[name + "_grads"], grads)
 
 
 @pytest.mark.slow
