@@ -209,10 +209,9 @@ def _epoch_against_loop(a, b, X, Y, batch_size, order):
 
 @pytest.mark.parametrize("loss", ["softmax_cross_entropy", "mse", "bce_with_logits"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_compiled_sharded_epoch_is_its_step_loop(loss, dtype):
+def test_compiled_sharded_epoch_is_its_step_loop(rng, loss, dtype):
     """The sharded step's compiled epoch: the last batch (here 1 row more
     than whole batches: one shard) takes its own shard bounds."""
-    rng = np.random.default_rng()
     sizes = [int(rng.integers(3, 12)), 17, 9, 5]
     batch = int(rng.integers(5, 17))
     n = batch * int(rng.integers(3, 6)) + 1
@@ -225,11 +224,10 @@ def test_compiled_sharded_epoch_is_its_step_loop(loss, dtype):
     _epoch_against_loop(a, b, X, Y, batch + 1, rng.permutation(n))
 
 
-def test_compiled_sharded_epoch_of_a_large_net():
+def test_compiled_sharded_epoch_of_a_large_net(rng):
     """From step_sharded.MIN_PARALLEL parameters the combine and the update
     run on the threads: the loop's values, and the serial step's up to
     rounding."""
-    rng = np.random.default_rng()
     sizes = [180, 190, 7]
     assert sum(a * b + b for a, b in zip(sizes, sizes[1:])) >= step_sharded.MIN_PARALLEL
     X = rng.standard_normal((61, 180))
@@ -243,8 +241,7 @@ def test_compiled_sharded_epoch_of_a_large_net():
     np.testing.assert_allclose(a.model.params, serial.model.params, rtol=1e-12, atol=1e-14)
 
 
-def test_compiled_sharded_epoch_skips_a_nonfinite_batch():
-    rng = np.random.default_rng()
+def test_compiled_sharded_epoch_skips_a_nonfinite_batch(rng):
     X, Y = rng.standard_normal((64, 6)), rng.integers(0, 4, 64)
     X[37, 1] = np.nan                      # batch 2 of 16 in order
     make = lambda m: fg.Adam(m, lr=fg.schedules.exponential_decay(1e-2, 0.5, 1), clip_norm=1.0)
@@ -255,8 +252,7 @@ def test_compiled_sharded_epoch_skips_a_nonfinite_batch():
     assert np.isfinite(a.model.params).all()
 
 
-def test_compiled_sharded_epoch_raises_at_a_nonfinite_batch():
-    rng = np.random.default_rng()
+def test_compiled_sharded_epoch_raises_at_a_nonfinite_batch(rng):
     X, Y = rng.standard_normal((64, 6)), rng.integers(0, 4, 64)
     X[40, 0] = np.inf
     make = lambda m: fg.SGD(m, lr=0.1, skip_nonfinite=False)
@@ -270,10 +266,9 @@ def test_compiled_sharded_epoch_raises_at_a_nonfinite_batch():
     assert a.opt.step_count == b.opt.step_count == 2 and a.stats == b.stats
 
 
-def test_fit_of_a_sharded_step_is_its_per_step_loop():
+def test_fit_of_a_sharded_step_is_its_per_step_loop(rng):
     """fit runs the sharded step's compiled epochs: the same parameters and
     history as its per-step loop (fused_epochs=False)."""
-    rng = np.random.default_rng()
     X, Y = rng.standard_normal((70, 6)), rng.integers(0, 3, 70)
     runs = []
     for fused in (True, False):
