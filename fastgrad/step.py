@@ -827,7 +827,8 @@ class TrainStep:
     def _chunk_kernel(self, B, n_order, batch_size, n_steps):
         """``(kernel, model arguments)`` of the compiled epoch: the
         arguments of ``train_steps`` between the loss code and the
-        optimizer's (the step plan's dropout counter: the first step's)."""
+        optimizer's (the step plan's dropout counter: the first step's);
+        for the sharded step, ``sharded_train_steps`` and its own."""
         model = self._model
         if self.threads is not None:
             # the shards of a full batch and of a smaller last one
