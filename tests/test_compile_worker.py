@@ -99,22 +99,30 @@ def _in_process(name):
     return step.model.params.copy(), step.model.grads.copy()
 
 
-@pytest.mark.slow
-@needs_team
-def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
-    """Each driver entry's cold first call (step, gradients, epoch): a worker
-    compiled the members (exit 0), this process loaded all five from the
-    disk cache and compiled its driver once, and the results are bitwise a
-    warm step's.  A second process on the same cache starts no worker."""
-    cache = tmp_path / "cache"
-    report, arrays = _child(tmp_path, "cold", cache, PLAIN)
-    assert report.pop("workers") == [0, 0, 0], report
-    for name in PLAIN:
+def _cold_calls(tmp_path, cache, names):
+    """Each call of ``names`` cold in one child on ``cache``: a worker
+    compiled its members (exit 0), the child loaded all of them from the
+    disk cache and compiled its driver once, and the results are bitwise
+    a warm call's (this process)."""
+    report, arrays = _child(tmp_path, "cold", cache, names)
+    assert report.pop("workers") == [0] * len(names), report
+    for name in names:
         assert report[name] == {"hits": [1] * len(pass_team.KINDS), "signatures": 1}, \
             (name, report)
         params, grads = _in_process(name)
         np.testing.assert_array_equal(arrays[name + "_params"], params)
         np.testing.assert_array_equal(arrays[name + "_grads"], grads)
+    return arrays
+
+
+@pytest.mark.slow
+@needs_team
+def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
+    """Each driver entry's cold first call (step, gradients, epoch) takes its
+    members from a worker.  A second process on the same cache starts no
+    worker."""
+    cache = tmp_path / "cache"
+    arrays = _cold_calls(tmp_path, cache, PLAIN)
     report, warm = _child(tmp_path, "warm", cache, ["step"])
     assert report == {"workers": [], "step": {"hits": [1] * len(pass_team.KINDS),
                                               "signatures": 1}}, report
@@ -125,19 +133,8 @@ def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
 @needs_team
 def test_the_sharded_steps_cold_first_call_takes_its_members_from_a_worker(tmp_path):
     """TrainStep(threads=2): its first step and its first compiled epoch
-    wait for a worker's members too (loaded from the disk cache), their
-    kernels compiled once here; bitwise the results of warm calls."""
-    if _compile_worker._usable_cores() < 2:
-        pytest.skip("threads=2 needs 2 cores")
-    names = ["sharded-step", "sharded-epoch"]
-    report, arrays = _child(tmp_path, "sharded", tmp_path / "cache", names)
-    assert report.pop("workers") == [0, 0], report
-    for name in names:
-        assert report[name] == {"hits": [1] * len(pass_team.KINDS), "signatures": 1}, \
-            (name, report)
-        params, grads = _in_process(name)
-        np.testing.assert_array_equal(arrays[name + "_params"], params)
-        np.testing.assert_array_equal(arrays[name + "_grads"], grads)
+    take their members from a worker too."""
+    _cold_calls(tmp_path, tmp_path / "cache", ["sharded-step", "sharded-epoch"])
 
 
 @pytest.mark.slow
