@@ -176,7 +176,8 @@ def test_run_epoch_of_a_sharded_step_is_its_step_loop():
 
 
 def _sharded_pair(sizes, loss, dtype, make_opt, threads=N_THREADS):
-    """Two identical sharded TrainSteps: one for run_epoch, one for its loop."""
+    """Two identical TrainSteps (sharded unless ``threads`` is None): one for
+    run_epoch, one for its loop."""
     out = []
     for _ in range(2):
         m = fg.MLP(sizes, activation="tanh", dtype=dtype, seed=7)
@@ -274,7 +275,7 @@ def test_fit_of_a_sharded_step_is_its_per_step_loop(rng):
     for fused in (True, False):
         m = fg.MLP([6, 16, 3], dtype="float64", seed=0)
         step = fg.TrainStep(m, fg.SoftmaxCrossEntropy(), fg.Adam(m, lr=1e-2, clip_norm=1.0),
-                            threads=2)
+                            threads=N_THREADS)
         step.fused_epochs = fused
         seen = []
         hist = fg.fit(step, X, Y, epochs=3, batch_size=16, seed=4, progress=False,
