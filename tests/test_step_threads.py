@@ -49,8 +49,7 @@ def test_shard_bounds_cover_the_batch():
 
 @pytest.mark.parametrize("act", ACTIVATIONS)
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_sharded_gradients_match_the_reference(act, loss):
-    rng = np.random.default_rng()
+def test_sharded_gradients_match_the_reference(rng, act, loss):
     sizes = [5, 9, 6, 3]
     for threads in SHARDS:
         m, _, step = _step(sizes, act, loss, "float64", threads)
@@ -66,8 +65,7 @@ def test_sharded_gradients_match_the_reference(act, loss):
 
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
 @pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 2e-5)])
-def test_sharded_trajectory_equals_serial(opt, dtype, rtol):
-    rng = np.random.default_rng()
+def test_sharded_trajectory_equals_serial(rng, opt, dtype, rtol):
     sizes = [6, 17, 11, 4]
     runs = {t: _step(sizes, "tanh", "softmax_cross_entropy", dtype, t, opt) for t in
             [None] + SHARDS}
@@ -89,8 +87,7 @@ def test_sharded_trajectory_equals_serial(opt, dtype, rtol):
     np.testing.assert_array_equal(runs[1][0].params, base)
 
 
-def test_sharded_step_is_deterministic():
-    rng = np.random.default_rng()
+def test_sharded_step_is_deterministic(rng):
     x = rng.standard_normal((33, 8)).astype(np.float32)
     y = rng.integers(0, 5, 33)
     params = []
@@ -102,8 +99,7 @@ def test_sharded_step_is_deterministic():
     np.testing.assert_array_equal(params[0], params[1])
 
 
-def test_sharded_step_skips_a_nonfinite_batch():
-    rng = np.random.default_rng()
+def test_sharded_step_skips_a_nonfinite_batch(rng):
     m, opt, step = _step([4, 7, 3], "relu", "mse", "float64", 2)
     x, y = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
     step(x, y)
@@ -142,8 +138,7 @@ def test_threads_refuses_what_it_cannot_shard():
         fg.TrainStep(m, fg.SoftmaxCrossEntropy(label_smoothing=0.1), fg.Adam(m), threads=2)
 
 
-def test_sharded_step_with_parameter_groups():
-    rng = np.random.default_rng()
+def test_sharded_step_with_parameter_groups(rng):
     runs = []
     for threads in (None, 2):
         m = fg.MLP([7, 12, 5], dtype="float64", seed=4)
@@ -158,8 +153,7 @@ def test_sharded_step_with_parameter_groups():
     np.testing.assert_allclose(runs[1][0].params, runs[0][0].params, rtol=1e-12, atol=1e-13)
 
 
-def test_run_epoch_of_a_sharded_step_is_its_step_loop():
-    rng = np.random.default_rng()
+def test_run_epoch_of_a_sharded_step_is_its_step_loop(rng):
     X, Y = rng.standard_normal((50, 6)), rng.integers(0, 4, 50)
     runs = []
     for loop in (False, True):
