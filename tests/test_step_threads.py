@@ -279,6 +279,24 @@ def test_fit_of_a_sharded_step_is_its_per_step_loop(rng):
     assert runs[0][1]["loss"] == runs[1][1]["loss"] and runs[0][2] == runs[1][2]
 
 
+def test_the_shards_plan_header_is_kept_until_the_pool_changes(rng, monkeypatch):
+    from fastgrad import threads as fg_threads
+    from fastgrad.kernels import layout
+    m, _, step = _step([5, 8, 3], "relu", "mse", "float64", N_THREADS)
+    x, y = rng.standard_normal((9, 5)), rng.standard_normal((9, 3))
+    step(x, y)
+    header, _ = step._shard_plan_header()
+    assert step._shard_plan_header()[0] is header
+    assert header[layout.PLAN_POOL_LOSS] != 0            # the members filled in
+    monkeypatch.setitem(fg_threads._pool, "generation", fg_threads.pool_generation() + 1)
+    fresh, _ = step._shard_plan_header()
+    assert fresh is not header
+    np.testing.assert_array_equal(fresh, header)
+    before = m.params.copy()
+    step(x, y)
+    assert not np.array_equal(m.params, before)
+
+
 def test_threads_is_read_only():
     m = fg.MLP([3, 4, 2])
     step = fg.TrainStep(m, fg.MSE(), fg.Adam(m), threads=2)
