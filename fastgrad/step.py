@@ -291,6 +291,11 @@ class TrainStep:
             return compile_then_run
         return header, ready
 
+    def _sharded_kernels(self):
+        """The sharded step's kernels in the form for this model's size
+        (``step_sharded.kernels_for``)."""
+        return self._ksharded.kernels_for(self._model.params.size)
+
     def _shard_buffers_for(self, B):
         """Per-shard scratch of batch size B: (bounds, acts, zs, delta,
         shard_grads, losses), cached like the serial step's buffers."""
@@ -614,7 +619,7 @@ class TrainStep:
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
             header, ready = self._shard_plan_header()
             with _threads.one_blas_thread():
-                loss, norm, scale, skipped = ready(self._ksharded.sharded_train_step)(
+                loss, norm, scale, skipped = ready(self._sharded_kernels().train_step)(
                     x, labels, target, self._loss_kind, model.params, model.grads,
                     shard_grads, self._sizes, self._codes, self._alphas, self._opt._offsets,
                     acts, zs, delta, bounds, losses, header,
@@ -661,7 +666,7 @@ class TrainStep:
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(x.shape[0])
             header, ready = self._shard_plan_header()
             with _threads.one_blas_thread():
-                return float(ready(self._ksharded.sharded_forward_backward)(
+                return float(ready(self._sharded_kernels().forward_backward)(
                     x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
                     self._sizes, self._codes, self._alphas, self._opt._offsets, acts, zs, delta,
                     bounds, losses, header))
@@ -837,7 +842,7 @@ class TrainStep:
         """``(kernel, model arguments)`` of the compiled epoch: the
         arguments of ``train_steps`` between the loss code and the
         optimizer's (the step plan's dropout counter: the first step's);
-        for the sharded step, ``sharded_train_steps`` and its own."""
+        for the sharded step, ``sharded_train_steps_*`` and its own."""
         model = self._model
         if self.threads is not None:
             # the shards of a full batch and of a smaller last one
@@ -845,7 +850,7 @@ class TrainStep:
             last = _ksharded.shard_bounds(min(B, n_order - (n_steps - 1) * batch_size),
                                           self._threads)
             header, ready = self._shard_plan_header()
-            return ready(self._ksharded.sharded_train_steps), (
+            return ready(self._sharded_kernels().train_steps), (
                 model.params, model.grads, shard_grads, self._sizes, self._codes, self._alphas,
                 self._opt._offsets, acts, zs, delta, bounds, last, losses, header)
         args = self._driver_args(B, counter=model.dropout_step)[0]   # may change the kernels

@@ -22,8 +22,8 @@ SIZES = [11, 17, 5]
 CALLS = {"step": ("relu", "train_step"), "gradients": ("tanh", "forward_backward"),
          "epoch": ("gelu", "train_steps"),
          # the batch-sharded step (threads=2): its kernels in step._ksharded
-         "sharded-step": ("silu", "sharded_train_step"),
-         "sharded-epoch": ("elu", "sharded_train_steps")}
+         "sharded-step": ("silu", "sharded_train_step_small"),
+         "sharded-epoch": ("elu", "sharded_train_steps_small")}
 PLAIN = ["step", "gradients", "epoch"]
 
 # A fresh process on an empty disk cache, with a copy of the kernels per

@@ -1,4 +1,6 @@
 """TrainStep(threads=n): the batch-sharded step on one thread pool."""
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -319,3 +321,68 @@ def test_shards_and_the_serial_step_share_one_compiled_driver(rng, per_model_cop
     assert step._kernels is serial._kernels and step._kernels.SERVED_FEATURES == ()
     sigs = step._kernels.forward_backward.signatures
     assert sigs and not [t for sig in sigs for t in sig if isinstance(t, types.Literal)]
+
+
+# A fresh process on an empty disk cache: the first sharded step of a large
+# net (from MIN_PARALLEL parameters) and then of a small one, each with its
+# own copy of the kernels (other activations), reporting which kernels each
+# compiled.
+_FORMS_CHILD = """
+import json, sys
+import numpy as np
+import fastgrad as fg
+from fastgrad.kernels.cpu import reduce
+
+def first_step(sizes, act):
+    rng = np.random.default_rng(0)
+    model = fg.MLP(sizes, activation=act, seed=1)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, clip_norm=0.5),
+                        threads=2)
+    step(rng.standard_normal((24, sizes[0])).astype(np.float32),
+         rng.integers(0, sizes[-1], 24))
+    return model.params.size, sys.modules[step._ksharded.__package__]
+
+def compiled(*kernels):
+    return [len(k.signatures) for k in kernels]
+
+def parallel_regions(kernel):
+    # the parfors Numba made of the kernel (compiled here: the cache is empty)
+    (sig,) = kernel.signatures
+    return kernel.get_metadata(sig)["parfor_diagnostics"].count_parfors()
+
+n_large, large = first_step([200, 160, 5], "relu")
+report = {"large": [n_large] + compiled(
+    large.step_sharded.sharded_train_step_large, large.step_sharded.sharded_train_step_small,
+    large.optim.clipped_update_parallel, reduce.layer_sumsq)}
+n_small, small = first_step([11, 17, 5], "tanh")
+report["small"] = [n_small] + compiled(
+    small.step_sharded.sharded_train_step_small, small.step_sharded.sharded_train_step_large,
+    small.optim.clipped_update_parallel, reduce.layer_sumsq)
+report["regions"] = [parallel_regions(large.step_sharded._run_shards),
+                     parallel_regions(large.step_sharded._combine_on_threads)]
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_a_sharded_step_compiles_only_its_own_combine_and_update(tmp_path):
+    """The large form compiles the parallel update and not the serial one's
+    norm (``reduce.layer_sumsq``); the small form the serial update and not
+    the parallel one (each form prunes the other's branches).  The shards
+    and the combine are one parallel region each (no array set-up made one)."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               FASTGRAD_KERNEL_COPIES="model")
+    res = subprocess.run([sys.executable, "-c", _FORMS_CHILD], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    n_large, *large = report["large"]
+    n_small, *small = report["small"]
+    assert n_large >= step_sharded.MIN_PARALLEL > n_small
+    # the step's kernel, the other form's, the parallel update, the serial norm
+    assert large == [1, 0, 1, 0], report
+    assert small == [1, 0, 0, 1], report
+    assert report["regions"] == [1, 1], report

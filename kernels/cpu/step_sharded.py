@@ -18,8 +18,10 @@ the cores for the whole step:
 
 Below ``MIN_PARALLEL`` parameters steps 2 and 3 run on the calling thread
 (the same values: both are elementwise or sum in a fixed order); their
-parallel regions cost more than a small net's combine and update.
-:func:`sharded_train_steps` runs many steps of an epoch in one call, as
+parallel regions cost more than a small net's combine and update.  Each
+kernel comes in those two forms (``_small``, ``_large``; :func:`kernels_for`
+picks), so that a cold first call compiles one of them.
+``sharded_train_steps_*`` runs many steps of an epoch in one call, as
 ``step.train_steps`` does for the serial step.
 
 The result is deterministic for a given number of shards.  It differs from
@@ -28,15 +30,25 @@ and is bitwise the serial step for one shard.  Batch normalisation couples
 the rows of a batch, so only plain models run sharded: each shard runs the
 driver ``step.forward_backward`` with every layer feature off.
 """
+from collections import namedtuple
+
 import numpy as np
 from numba import njit, prange
+from numba.core.cpu_options import ParallelOptions
 
-from ._jit import INNER, JIT
-from .optim import clipped_update, clipped_update_parallel
+from ._jit import INLINE, INNER, JIT
+from .optim import clipped_update_inline, clipped_update_parallel
 from .pass_team import MIN_UPDATE
 from .step import PLAN_HEADER, PLAN_ROW, forward_backward, gather_batch, record_step
 
-PARALLEL = dict(JIT, parallel=True)
+# Only the explicit prange loops run on the threads: with every parallel
+# option on, Numba also made each small array set-up (the shards' plan) a
+# parallel region of its own, three thread-pool launches a step for a few
+# values each.  (An options object, not a dict: Numba empties the dict it is
+# given.)
+PARALLEL_INNER = dict(INNER, parallel=ParallelOptions(dict(
+    prange=True, comprehension=False, reduction=False, inplace_binop=False, setitem=False,
+    numpy=False, stencil=False, fusion=False)))
 
 # Parameters per reduction chunk (as optim.CHUNK: balances two threads and
 # hides a chunk's bookkeeping).
@@ -46,6 +58,20 @@ CHUNK = 1 << 16
 # pass team's threshold: on a 9K-parameter net their three parallel regions
 # cost ~8 us a step more than running them on the calling thread).
 MIN_PARALLEL = MIN_UPDATE
+
+
+ShardedKernels = namedtuple("ShardedKernels", "forward_backward train_step train_steps")
+
+
+def kernels_for(n_params):
+    """The sharded kernels (:class:`ShardedKernels`) of a model with
+    ``n_params`` parameters: their combine and update run on the calling
+    thread below ``MIN_PARALLEL`` and on the threads from it."""
+    if n_params < MIN_PARALLEL:
+        return ShardedKernels(sharded_forward_backward_small, sharded_train_step_small,
+                              sharded_train_steps_small)
+    return ShardedKernels(sharded_forward_backward_large, sharded_train_step_large,
+                          sharded_train_steps_large)
 
 
 def shard_bounds(batch, n_shards):
@@ -73,29 +99,29 @@ def _combine(grads, shard_grads, bounds, lo, hi):
             out[i] += w * src[i]
 
 
-@njit(**PARALLEL)
-def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
-                             codes, alphas, offsets, acts, zs, delta, bounds, losses, header):
-    """Forward, loss and backward of the batch in shards; writes ``grads``.
+@njit(**PARALLEL_INNER)
+def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
+                offsets, acts, zs, delta, bounds, losses, header):
+    """Forward, loss and backward of each shard on its own thread.
 
     ``acts``, ``zs``, ``delta`` are 2-D: one row of scratch per shard, laid out
-    as ``step.forward_backward`` reads them (``zs`` may be ``acts``);
-    ``shard_grads`` has one row per shard beyond the first.  ``losses``
-    (float64, one per shard) receives each shard's mean loss.  ``header``
-    (int64, ``PLAN_HEADER``) is the head of each shard's step plan: 0
-    threads, and the members a driver with the pass team's branches runs
-    its passes through on its own thread (``fastgrad.backend``'s
-    ``fill_pass_team``).  Returns the mean loss of the batch.
+    as ``step.forward_backward`` reads them (``zs`` may be ``acts``).  Shard
+    0's gradients go to ``grads``, the others' to ``shard_grads`` (one row per
+    shard beyond the first); ``losses`` (float64, one per shard) receives
+    each shard's mean loss.  ``header`` (int64, ``PLAN_HEADER``) is the head
+    of each shard's step plan: 0 threads, and the members a driver with the
+    pass team's branches runs its passes through on its own thread
+    (``fastgrad.backend``'s ``fill_pass_team``).
     """
     T = bounds.shape[0] - 1
-    B = bounds[T]
     # The driver's plan of a plain model (no layer feature on; the package
     # serving every feature reads it) and no epilogue scratch, of the types
     # TrainStep passes, so that gradients() and the shards share one
     # compiled driver.
     L = codes.shape[0]
     plan = np.zeros(PLAN_HEADER + PLAN_ROW * L, np.int64)
-    plan[:PLAN_HEADER] = header
+    for i in range(PLAN_HEADER):    # (a slice assignment compiles a shape check: ~1.5 s cold)
+        plan[i] = header[i]
     fplan = np.zeros(L)
     no_stats = fplan[:0]
     for s in prange(T):
@@ -108,60 +134,88 @@ def sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_
         losses[s] = forward_backward(x[lo:hi], labels[lo:hi], target[lo:hi], loss_kind, params,
                                      g, sizes, codes, alphas, offsets, acts[s], zs[s], delta[s],
                                      plan, fplan, no_stats, no_stats)
+
+
+@njit(**PARALLEL_INNER)
+def _combine_on_threads(grads, shard_grads, bounds):
+    n = grads.shape[0]
+    for c in prange((n + CHUNK - 1) // CHUNK):
+        _combine(grads, shard_grads, bounds, c * CHUNK, min(c * CHUNK + CHUNK, n))
+
+
+@njit(**INLINE)
+def _forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes,
+                      alphas, offsets, acts, zs, delta, bounds, losses, header, large):
+    """The shards, then their gradients combined into ``grads`` (on the
+    threads where ``large``, a constant of each kernel); the batch's mean
+    loss."""
+    _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
+                offsets, acts, zs, delta, bounds, losses, header)
+    T = bounds.shape[0] - 1
+    B = bounds[T]
     if T > 1:
-        n = grads.shape[0]
-        if n < MIN_PARALLEL:
-            _combine(grads, shard_grads, bounds, 0, n)
+        if large:
+            _combine_on_threads(grads, shard_grads, bounds)
         else:
-            for c in prange((n + CHUNK - 1) // CHUNK):
-                _combine(grads, shard_grads, bounds, c * CHUNK, min(c * CHUNK + CHUNK, n))
+            _combine(grads, shard_grads, bounds, 0, grads.shape[0])
     loss = 0.0
     for s in range(T):
         loss += losses[s] * ((bounds[s + 1] - bounds[s]) / B)
     return loss
 
 
-@njit(**JIT)
-def sharded_train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes,
-                       alphas, offsets, acts, zs, delta, bounds, losses, header,
-                       rule, s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
-    """``sharded_forward_backward``, then the clipped update on the same
-    threads.  Returns (loss, grad_norm, clip_scale, skipped) as
-    ``step.train_step`` does."""
-    loss = sharded_forward_backward(x, labels, target, loss_kind, params, grads, shard_grads,
-                                    sizes, codes, alphas, offsets, acts, zs, delta, bounds,
-                                    losses, header)
-    if params.shape[0] < MIN_PARALLEL:
-        norm, scale, skipped = clipped_update(rule, params, grads, s0, s1, s2, hp, offsets,
-                                              layer_sq, clip_norm, clip_value)
-    else:
+@njit(**INLINE)
+def _train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
+                offsets, acts, zs, delta, bounds, losses, header, rule, s0, s1, s2, hp, layer_sq,
+                clip_norm, clip_value, large):
+    """The sharded step: :func:`_forward_backward`, then the clipped update
+    (on the threads where ``large``)."""
+    loss = _forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                             codes, alphas, offsets, acts, zs, delta, bounds, losses, header,
+                             large)
+    if large:
         norm, scale, skipped = clipped_update_parallel(rule, params, grads, s0, s1, s2, hp,
                                                        offsets, layer_sq, clip_norm, clip_value)
+    else:
+        norm, scale, skipped = clipped_update_inline(rule, params, grads, s0, s1, s2, hp,
+                                                     offsets, layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
 
 
-@njit(**JIT)
-def sharded_train_steps(X, labels, target, order, first, n_steps, batch_size, n_order,
-                        xbuf, lbuf, tbuf, loss_kind, params, grads, shard_grads, sizes, codes,
-                        alphas, offsets, acts, zs, delta, bounds, last_bounds, losses, header,
-                        rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip,
-                        out_loss, out_norm, out_scale, out_skipped, out_layer_sq):
-    """Steps ``first .. first + n_steps - 1`` of an epoch in one call, each
-    exactly :func:`sharded_train_step` on its batch: ``step.train_steps``'s
-    contract (batches gathered from ``order``, ``hp_rows`` indexed by the
-    updates applied, ``stop_on_skip``, per-step statistics; returns the
-    number of steps run) for the sharded step.  ``bounds`` are the shards
-    of a full batch, ``last_bounds`` those of a smaller last batch; the
-    scratch (``acts``, ``zs``, ``delta``) is sized for a full batch's."""
+@njit(**INLINE)
+def _train_steps(data, net, opt, out, large):
+    """Steps ``first .. first + n_steps - 1`` of an epoch, each exactly
+    the sharded train step on its batch: ``step.train_steps``'s contract
+    (batches gathered from ``order``, ``hp_rows`` indexed by the updates
+    applied, ``stop_on_skip``, per-step statistics; returns the number of
+    steps run).  ``bounds`` are the shards of a full batch, ``last_bounds``
+    those of a smaller last batch; the scratch (``acts``, ``zs``,
+    ``delta``) is sized for a full batch's.  The arguments come in tuples
+    (those of ``sharded_train_steps_*``): Numba cannot inline a call of
+    more than 30 arguments (CPython passes them as ``*args``)."""
+    X, labels, target, order, first, n_steps, batch_size, n_order, xbuf, lbuf, tbuf = data
+    (loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets, acts, zs, delta,
+     bounds, last_bounds, losses, header) = net
+    rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip = opt
+    out_loss, out_norm, out_scale, out_skipped, out_layer_sq = out
     applied = 0
     for j in range(n_steps):
         xb, lb, tb = gather_batch(X, labels, target, order, (first + j) * batch_size,
                                   batch_size, n_order, xbuf, lbuf, tbuf)
         shards = bounds if xb.shape[0] == bounds[bounds.shape[0] - 1] else last_bounds
-        loss, norm, scale, skipped = sharded_train_step(
-            xb, lb, tb, loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets,
-            acts, zs, delta, shards, losses, header, rule, s0, s1, s2, hp_rows[applied],
-            layer_sq, clip_norm, clip_value)
+        # the step kernel a compiled call, not inlined: the epoch then links
+        # its code instead of compiling the step a second time (1.2 s against
+        # 1.9-2.7 s for the epoch's kernel on a cold cache)
+        if large:
+            loss, norm, scale, skipped = sharded_train_step_large(
+                xb, lb, tb, loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets,
+                acts, zs, delta, shards, losses, header, rule, s0, s1, s2, hp_rows[applied],
+                layer_sq, clip_norm, clip_value)
+        else:
+            loss, norm, scale, skipped = sharded_train_step_small(
+                xb, lb, tb, loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets,
+                acts, zs, delta, shards, losses, header, rule, s0, s1, s2, hp_rows[applied],
+                layer_sq, clip_norm, clip_value)
         record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
                     out_skipped, out_layer_sq)
         if skipped:
@@ -170,3 +224,90 @@ def sharded_train_steps(X, labels, target, order, first, n_steps, batch_size, n_
         else:
             applied += 1
     return n_steps
+
+
+# The kernels, in two forms: ``large`` is a constant of each, so Numba prunes
+# the other form's branches after inlining and a model compiles one combine
+# and one update (the serial update 0.9 s, the parallel one 2.0 s on a cold
+# cache; kernels_for picks).
+
+@njit(**JIT)
+def sharded_forward_backward_small(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                                   codes, alphas, offsets, acts, zs, delta, bounds, losses,
+                                   header):
+    """Forward, loss and backward in shards, combined on the calling
+    thread (below ``MIN_PARALLEL`` parameters): writes ``grads``, returns
+    the batch's mean loss."""
+    return _forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                             codes, alphas, offsets, acts, zs, delta, bounds, losses, header,
+                             False)
+
+
+@njit(**JIT)
+def sharded_train_step_small(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                             codes, alphas, offsets, acts, zs, delta, bounds, losses, header, rule,
+                             s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
+    """The sharded step, its combine and clipped update on the calling
+    thread (below ``MIN_PARALLEL`` parameters).  Returns (loss, grad_norm,
+    clip_scale, skipped) as ``step.train_step``."""
+    return _train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes,
+                       alphas, offsets, acts, zs, delta, bounds, losses, header, rule, s0, s1, s2,
+                       hp, layer_sq, clip_norm, clip_value, False)
+
+
+@njit(**JIT)
+def sharded_train_steps_small(X, labels, target, order, first, n_steps, batch_size, n_order, xbuf,
+                              lbuf, tbuf, loss_kind, params, grads, shard_grads, sizes, codes,
+                              alphas, offsets, acts, zs, delta, bounds, last_bounds, losses,
+                              header, rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value,
+                              stop_on_skip, out_loss, out_norm, out_scale, out_skipped,
+                              out_layer_sq):
+    """Steps of an epoch in one call (``_train_steps``), each step's
+    combine and update on the calling thread (below ``MIN_PARALLEL``
+    parameters)."""
+    return _train_steps(
+        (X, labels, target, order, first, n_steps, batch_size, n_order, xbuf, lbuf, tbuf),
+        (loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets, acts, zs, delta,
+         bounds, last_bounds, losses, header),
+        (rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip),
+        (out_loss, out_norm, out_scale, out_skipped, out_layer_sq), False)
+
+
+@njit(**JIT)
+def sharded_forward_backward_large(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                                   codes, alphas, offsets, acts, zs, delta, bounds, losses,
+                                   header):
+    """Forward, loss and backward in shards, combined on the threads (from
+    ``MIN_PARALLEL`` parameters): writes ``grads``, returns the batch's mean
+    loss."""
+    return _forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                             codes, alphas, offsets, acts, zs, delta, bounds, losses, header, True)
+
+
+@njit(**JIT)
+def sharded_train_step_large(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
+                             codes, alphas, offsets, acts, zs, delta, bounds, losses, header, rule,
+                             s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
+    """The sharded step, its combine and clipped update on the threads
+    (from ``MIN_PARALLEL`` parameters).  Returns (loss, grad_norm,
+    clip_scale, skipped) as ``step.train_step``."""
+    return _train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes,
+                       alphas, offsets, acts, zs, delta, bounds, losses, header, rule, s0, s1, s2,
+                       hp, layer_sq, clip_norm, clip_value, True)
+
+
+@njit(**JIT)
+def sharded_train_steps_large(X, labels, target, order, first, n_steps, batch_size, n_order, xbuf,
+                              lbuf, tbuf, loss_kind, params, grads, shard_grads, sizes, codes,
+                              alphas, offsets, acts, zs, delta, bounds, last_bounds, losses,
+                              header, rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value,
+                              stop_on_skip, out_loss, out_norm, out_scale, out_skipped,
+                              out_layer_sq):
+    """Steps of an epoch in one call (``_train_steps``), each step's
+    combine and update on the threads (from ``MIN_PARALLEL`` parameters)."""
+    return _train_steps(
+        (X, labels, target, order, first, n_steps, batch_size, n_order, xbuf, lbuf, tbuf),
+        (loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets, acts, zs, delta,
+         bounds, last_bounds, losses, header),
+        (rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip),
+        (out_loss, out_norm, out_scale, out_skipped, out_layer_sq), True)
