@@ -380,10 +380,10 @@ def test_invalid_inputs():
 def test_parallel_update_is_bitwise_serial(rule):
     """The parallel kernel (``opt.parallel``) must give exactly what the
     serial kernel (the one TrainStep runs) gives, over several layers with
-    ragged ends."""
+    ragged ends and an empty one."""
     from fastgrad.kernels.cpu import optim as K
     rng = np.random.default_rng()
-    sizes = [170_017, 5, 525_289]
+    sizes = [170_017, 5, 0, 525_289]
     off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     n = int(off[-1])
     p0 = rng.standard_normal(n).astype(np.float32)
@@ -395,7 +395,7 @@ def test_parallel_update_is_bitwise_serial(rule):
     for kernel in (K.clipped_update, K.clipped_update_parallel):
         p = p0.copy()
         s = [np.zeros(n, np.float32), np.zeros(n, np.float32), np.empty(0, np.float32)]
-        ls = np.zeros(3)
+        ls = np.zeros(len(sizes))
         out = kernel(K.RULES[rule], p, g, *s, hp, off, ls, 1.0, 0.5)
         results.append((p, s[0], s[1], ls, out))
     (p1, a1, b1, l1, o1), (p2, a2, b2, l2, o2) = results

@@ -135,12 +135,12 @@ def layer_sumsq_parallel(g, offsets, layer_sq):
     for li in range(n_layers):
         first[li + 1] = first[li] + (offsets[li + 1] - offsets[li] + BLOCK - 1) // BLOCK
     parts = np.empty(first[n_layers])
-    for li in range(n_layers):
-        lo, hi = offsets[li], offsets[li + 1]
-        nb = first[li + 1] - first[li]
-        for k in prange(nb):
-            b = lo + k * BLOCK
-            parts[first[li] + k] = block_sumsq(g[b:min(b + BLOCK, hi)])
+    # one parallel loop over every layer's blocks (one per layer started the
+    # threads once a layer)
+    for k in prange(first[n_layers]):
+        li = np.searchsorted(first, k, side="right") - 1      # skips empty layers
+        b = offsets[li] + (k - first[li]) * BLOCK
+        parts[k] = block_sumsq(g[b:min(b + BLOCK, offsets[li + 1])])
     return add_block_sums(parts, first, layer_sq)
 
 
