@@ -43,12 +43,14 @@ from .step import PLAN_HEADER, PLAN_ROW, forward_backward, gather_batch, record_
 
 # Only the explicit prange loops run on the threads: with every parallel
 # option on, Numba also made each small array set-up (the shards' plan) a
-# parallel region of its own, three thread-pool launches a step for a few
-# values each.  (An options object, not a dict: Numba empties the dict it is
-# given.)
-PARALLEL_INNER = dict(INNER, parallel=ParallelOptions(dict(
+# parallel region of its own, three more thread-pool launches a step for a
+# few values each.  (An options object, not a dict: Numba empties the dict
+# it is given.)
+_PRANGE = ParallelOptions(dict(
     prange=True, comprehension=False, reduction=False, inplace_binop=False, setitem=False,
-    numpy=False, stencil=False, fusion=False)))
+    numpy=False, stencil=False, fusion=False))
+PARALLEL_INNER = dict(INNER, parallel=_PRANGE)
+PARALLEL = dict(JIT, parallel=_PRANGE)
 
 # Parameters per reduction chunk (as optim.CHUNK: balances two threads and
 # hides a chunk's bookkeeping).
@@ -99,10 +101,13 @@ def _combine(grads, shard_grads, bounds, lo, hi):
             out[i] += w * src[i]
 
 
-@njit(**PARALLEL_INNER)
+@njit(**INLINE)
 def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
                 offsets, acts, zs, delta, bounds, losses, header):
-    """Forward, loss and backward of each shard on its own thread.
+    """Forward, loss and backward of each shard on its own thread; inlined
+    into the kernels (parallel functions themselves): Numba links each
+    callee's code into its caller and optimises it again there, and one
+    level less took 1-2 s off a cold first call.
 
     ``acts``, ``zs``, ``delta`` are 2-D: one row of scratch per shard, laid out
     as ``step.forward_backward`` reads them (``zs`` may be ``acts``).  Shard
@@ -231,7 +236,7 @@ def _train_steps(data, net, opt, out, large):
 # and one update (the serial update 0.9 s, the parallel one 2.0 s on a cold
 # cache; kernels_for picks).
 
-@njit(**JIT)
+@njit(**PARALLEL)
 def sharded_forward_backward_small(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
                                    codes, alphas, offsets, acts, zs, delta, bounds, losses,
                                    header):
@@ -243,7 +248,7 @@ def sharded_forward_backward_small(x, labels, target, loss_kind, params, grads, 
                              False)
 
 
-@njit(**JIT)
+@njit(**PARALLEL)
 def sharded_train_step_small(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
                              codes, alphas, offsets, acts, zs, delta, bounds, losses, header, rule,
                              s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
@@ -273,7 +278,7 @@ def sharded_train_steps_small(X, labels, target, order, first, n_steps, batch_si
         (out_loss, out_norm, out_scale, out_skipped, out_layer_sq), False)
 
 
-@njit(**JIT)
+@njit(**PARALLEL)
 def sharded_forward_backward_large(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
                                    codes, alphas, offsets, acts, zs, delta, bounds, losses,
                                    header):
@@ -284,7 +289,7 @@ def sharded_forward_backward_large(x, labels, target, loss_kind, params, grads, 
                              codes, alphas, offsets, acts, zs, delta, bounds, losses, header, True)
 
 
-@njit(**JIT)
+@njit(**PARALLEL)
 def sharded_train_step_large(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
                              codes, alphas, offsets, acts, zs, delta, bounds, losses, header, rule,
                              s0, s1, s2, hp, layer_sq, clip_norm, clip_value):
