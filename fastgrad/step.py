@@ -850,7 +850,7 @@ class TrainStep:
             last = _ksharded.shard_bounds(min(B, n_order - (n_steps - 1) * batch_size),
                                           self._threads)
             header, ready = self._shard_plan_header()
-            return ready(self._sharded_kernels().train_steps), (
+            return self._ksharded.epoch_call(ready(self._sharded_kernels().train_steps)), (
                 model.params, model.grads, shard_grads, self._sizes, self._codes, self._alphas,
                 self._opt._offsets, acts, zs, delta, bounds, last, losses, header)
         args = self._driver_args(B, counter=model.dropout_step)[0]   # may change the kernels

@@ -76,6 +76,17 @@ def kernels_for(n_params):
                           sharded_train_steps_large)
 
 
+def epoch_call(kernel):
+    """``kernel`` (``sharded_train_steps_*``) callable with the arguments of
+    ``step.train_steps`` (one list, the model's between the loss code and
+    the optimizer's: ``loss_kind .. header``), which it takes in four tuples:
+    the data and the batches, the model and the shards, the optimizer, the
+    per-step statistics."""
+    def call(*args):
+        return kernel(args[:11], args[11:26], args[26:35], args[35:])
+    return call
+
+
 def shard_bounds(batch, n_shards):
     """Row boundaries of ``n_shards`` near-equal contiguous shards of a batch
     (fewer shards when the batch has fewer rows)."""
@@ -195,9 +206,9 @@ def _train_steps(data, net, opt, out, large):
     applied, ``stop_on_skip``, per-step statistics; returns the number of
     steps run).  ``bounds`` are the shards of a full batch, ``last_bounds``
     those of a smaller last batch; the scratch (``acts``, ``zs``,
-    ``delta``) is sized for a full batch's.  The arguments come in tuples
-    (those of ``sharded_train_steps_*``): Numba cannot inline a call of
-    more than 30 arguments (CPython passes them as ``*args``)."""
+    ``delta``) is sized for a full batch's.  The arguments come in four
+    tuples (:func:`epoch_call`): Numba cannot inline a call of more than 30
+    arguments (CPython passes them as ``*args``)."""
     X, labels, target, order, first, n_steps, batch_size, n_order, xbuf, lbuf, tbuf = data
     (loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets, acts, zs, delta,
      bounds, last_bounds, losses, header) = net
@@ -212,15 +223,13 @@ def _train_steps(data, net, opt, out, large):
         # its code instead of compiling the step a second time (1.2 s against
         # 1.9-2.7 s for the epoch's kernel on a cold cache)
         if large:
-            loss, norm, scale, skipped = sharded_train_step_large(
-                xb, lb, tb, loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets,
-                acts, zs, delta, shards, losses, header, rule, s0, s1, s2, hp_rows[applied],
-                layer_sq, clip_norm, clip_value)
+            train_step = sharded_train_step_large
         else:
-            loss, norm, scale, skipped = sharded_train_step_small(
-                xb, lb, tb, loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets,
-                acts, zs, delta, shards, losses, header, rule, s0, s1, s2, hp_rows[applied],
-                layer_sq, clip_norm, clip_value)
+            train_step = sharded_train_step_small
+        loss, norm, scale, skipped = train_step(
+            xb, lb, tb, loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets,
+            acts, zs, delta, shards, losses, header, rule, s0, s1, s2, hp_rows[applied],
+            layer_sq, clip_norm, clip_value)
         record_step(j, loss, norm, scale, skipped, layer_sq, out_loss, out_norm, out_scale,
                     out_skipped, out_layer_sq)
         if skipped:
@@ -261,21 +270,11 @@ def sharded_train_step_small(x, labels, target, loss_kind, params, grads, shard_
 
 
 @njit(**JIT)
-def sharded_train_steps_small(X, labels, target, order, first, n_steps, batch_size, n_order, xbuf,
-                              lbuf, tbuf, loss_kind, params, grads, shard_grads, sizes, codes,
-                              alphas, offsets, acts, zs, delta, bounds, last_bounds, losses,
-                              header, rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value,
-                              stop_on_skip, out_loss, out_norm, out_scale, out_skipped,
-                              out_layer_sq):
-    """Steps of an epoch in one call (``_train_steps``), each step's
-    combine and update on the calling thread (below ``MIN_PARALLEL``
-    parameters)."""
-    return _train_steps(
-        (X, labels, target, order, first, n_steps, batch_size, n_order, xbuf, lbuf, tbuf),
-        (loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets, acts, zs, delta,
-         bounds, last_bounds, losses, header),
-        (rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip),
-        (out_loss, out_norm, out_scale, out_skipped, out_layer_sq), False)
+def sharded_train_steps_small(data, net, opt, out):
+    """Steps of an epoch in one call (``_train_steps``, :func:`epoch_call`
+    passes its arguments), each step's combine and update on the calling
+    thread (below ``MIN_PARALLEL`` parameters)."""
+    return _train_steps(data, net, opt, out, False)
 
 
 @njit(**PARALLEL)
@@ -302,17 +301,7 @@ def sharded_train_step_large(x, labels, target, loss_kind, params, grads, shard_
 
 
 @njit(**JIT)
-def sharded_train_steps_large(X, labels, target, order, first, n_steps, batch_size, n_order, xbuf,
-                              lbuf, tbuf, loss_kind, params, grads, shard_grads, sizes, codes,
-                              alphas, offsets, acts, zs, delta, bounds, last_bounds, losses,
-                              header, rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value,
-                              stop_on_skip, out_loss, out_norm, out_scale, out_skipped,
-                              out_layer_sq):
-    """Steps of an epoch in one call (``_train_steps``), each step's
-    combine and update on the threads (from ``MIN_PARALLEL`` parameters)."""
-    return _train_steps(
-        (X, labels, target, order, first, n_steps, batch_size, n_order, xbuf, lbuf, tbuf),
-        (loss_kind, params, grads, shard_grads, sizes, codes, alphas, offsets, acts, zs, delta,
-         bounds, last_bounds, losses, header),
-        (rule, s0, s1, s2, hp_rows, layer_sq, clip_norm, clip_value, stop_on_skip),
-        (out_loss, out_norm, out_scale, out_skipped, out_layer_sq), True)
+def sharded_train_steps_large(data, net, opt, out):
+    """As :func:`sharded_train_steps_small`, each step's combine and update
+    on the threads (from ``MIN_PARALLEL`` parameters)."""
+    return _train_steps(data, net, opt, out, True)
