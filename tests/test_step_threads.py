@@ -1,5 +1,8 @@
 """TrainStep(threads=n): the batch-sharded step on one thread pool."""
+import json
 import os
+import subprocess
+import sys
 
 import numba
 import numpy as np
@@ -371,9 +374,6 @@ def test_a_sharded_step_compiles_only_its_own_combine_and_update(tmp_path):
     norm (``reduce.layer_sumsq``); the small form the serial update and not
     the parallel one (each form prunes the other's branches).  The shards
     and the combine are one parallel region each (no array set-up made one)."""
-    import json
-    import subprocess
-    import sys
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
                FASTGRAD_KERNEL_COPIES="model")
     res = subprocess.run([sys.executable, "-c", _FORMS_CHILD], env=env, capture_output=True,
