@@ -158,6 +158,14 @@ def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
     ``check_range=False`` leaves the range to the caller: a CUDA training
     step checks device labels in its loss kernel instead of reading them
     back (a sync)."""
+    if (xp is np and type(labels) is np.ndarray and labels.dtype == np.int64
+            and labels.ndim == 1 and labels.shape[0] == n_rows and labels.flags.c_contiguous):
+        # the hot path of a training loop: the range in one reduction (a
+        # negative label read as unsigned is beyond any class count), its
+        # bounds read only to say what is wrong
+        if n_rows and check_range and labels.view(np.uint64).max() >= n_classes:
+            _check_label_range(labels.min(), labels.max(), n_classes)
+        return labels
     lab = _readable(labels, "labels", xp)
     host = None         # the labels on the host, read at most once from a device
     if lab.dtype.kind not in "iu":
@@ -178,11 +186,14 @@ def as_labels(labels, n_rows, n_classes, xp=np, check_range=True):
         raise ValueError(f"labels: expected shape ({n_rows},), got {tuple(lab.shape)}")
     if lab.size and check_range:
         host = _device.to_numpy(lab) if host is None else host
-        lo, hi = int(host.min()), int(host.max())
-        if lo < 0 or hi >= n_classes:
-            raise ValueError(f"labels: class indices must lie in [0, {n_classes}), "
-                             f"got min {lo}, max {hi}")
+        _check_label_range(host.min(), host.max(), n_classes)
     return xp.ascontiguousarray(lab, dtype=np.int64)
+
+
+def _check_label_range(lo, hi, n_classes):
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(f"labels: class indices must lie in [0, {n_classes}), "
+                         f"got min {int(lo)}, max {int(hi)}")
 
 
 def check_class_range(host, n_classes, ignore_index, name="labels"):

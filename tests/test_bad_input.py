@@ -139,6 +139,41 @@ def test_bad_labels_value_error(labels, match):
         fg.SoftmaxCrossEntropy()(LOGITS, np.asarray(labels))
 
 
+def test_labels_range_is_checked_alike_on_every_path(rng):
+    """int64 C-contiguous labels take one compiled pass for their range
+    (a training loop's hot path), other dtypes and strided labels NumPy's
+    min and max: the same message wherever the bad label sits, and a step
+    refuses the batch before it changes anything."""
+    n_classes = 7
+    for where in (0, 51, 99):
+        for bad in (-1, n_classes, -2**62, 2**62):
+            labels = rng.integers(0, n_classes, 100)
+            labels[where] = bad
+            lo, hi = min(labels.min(), bad), max(labels.max(), bad)
+            match = re.escape(f"must lie in [0, {n_classes}), got min {lo}, max {hi}")
+            strided = np.repeat(labels, 2)[::2]
+            readonly = labels.copy()
+            readonly.flags.writeable = False
+            for form in (labels, labels.astype(np.int32) if abs(bad) < 2**31 else labels,
+                         strided, readonly):
+                with pytest.raises(ValueError, match=match):
+                    ops.as_labels(form, 100, n_classes)
+    good = rng.integers(0, n_classes, 100)
+    assert ops.as_labels(good, 100, n_classes) is good
+    good[[0, -1]] = 0, n_classes - 1
+    np.testing.assert_array_equal(ops.as_labels(good.astype(np.uint8), 100, n_classes), good)
+    model = fg.MLP([3, n_classes], seed=0)
+    step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, lr=0.1))
+    x = rng.standard_normal((100, 3)).astype(np.float32)
+    before = model.params.copy()
+    bad = good.copy()
+    bad[42] = n_classes
+    with pytest.raises(ValueError, match=re.escape(f"must lie in [0, {n_classes})")):
+        step(x, bad)
+    np.testing.assert_array_equal(model.params, before)
+    assert step.opt.step_count == 0
+
+
 @pytest.mark.parametrize("labels", [np.array([0.0, 1.5, 2.0]), np.array([0.0, np.nan, 1.0]),
                                     np.array(["0", "1", "2"]), np.array([0, 1, 2], complex)])
 def test_non_integral_labels_type_error(labels):
