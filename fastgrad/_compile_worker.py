@@ -1,22 +1,25 @@
-"""A second process compiles a step's pass team members while this one
-compiles its driver.
+"""Second processes compile what a step reaches through addresses while
+this one compiles its driver.
 
-A cold first step compiles two things that do not call each other: the step
+A cold first step compiles things that do not call each other: the step
 driver and the pass team's members, which the driver reaches through
-addresses in its plan (``kernels/cpu/pass_team.py``).  Numba compiles one
-function at a time in a process (a global compiler lock), so where the host
-has a second core, :func:`start` runs a worker (``python -c`` on
-:func:`main`) that compiles the members into Numba's disk cache while this
+addresses in its plan (``kernels/cpu/pass_team.py``); the sharded step's
+kernel and its shard member, which runs one shard's forward and backward
+(``kernels/cpu/step_sharded.py``).  Numba compiles one function at a time
+in a process (a global compiler lock), so where the host has a second
+core, :func:`start` runs a worker (``python -c`` on :func:`main`) that
+compiles one of those jobs (``JOBS``) into Numba's disk cache while this
 process compiles the driver (``TrainStep``); :meth:`Pending.fill` then waits
 for it and fills the plan from the cache.  ``fill`` ends in ``fill_members``
-as without a worker, which compiles whatever the cache lacks: a worker that
-fails or is slow costs time, never a result.
+(or ``shard_member``) as without a worker, which compiles whatever the
+cache lacks: a worker that fails or is slow costs time, never a result.
 
-No worker where the members would not come from the disk cache (a copy of
-the kernels with registered activations, a cache Numba cannot write), where
-they are in the cache or this process already, with one usable core, in an
-MPI job (its ranks own the cores), or with ``FASTGRAD_COMPILE_WORKER=0``.
+No worker where the job would not come from the disk cache (a copy of the
+kernels with registered activations, a cache Numba cannot write), where it
+is in the cache or this process already, with one usable core, in an MPI
+job (its ranks own the cores), or with ``FASTGRAD_COMPILE_WORKER=0``.
 """
+import importlib
 import json
 import os
 import subprocess
@@ -26,6 +29,7 @@ import threading
 import numpy as np
 
 from . import registry
+from .kernels.layout import PLAN_POOL_SHARD
 
 ENV = "FASTGRAD_COMPILE_WORKER"
 #: Seconds :meth:`Pending.fill` waits for a worker before it stops it and
@@ -38,7 +42,9 @@ _BOOTSTRAP = ("import json, sys; spec = json.loads(sys.argv[1]); sys.path[:] = s
               "from fastgrad._compile_worker import main; main(spec)")
 
 _lock = threading.Lock()
-_started = {}            # (package, dtype name) -> Pending
+_started = {}            # (package, dtype name, job) -> Pending
+#: What a worker compiles: the pass team's members, or the shard member.
+JOBS = ("members", "shard")
 
 
 def enabled():
@@ -57,21 +63,64 @@ def _usable_cores():
 
 
 class Pending:
-    """A worker compiling the members of one kernel package for one dtype."""
+    """A worker compiling one job of one kernel package for one dtype."""
 
-    def __init__(self, process, step_module, dtype):
-        self.process, self._step_module, self._dtype = process, step_module, dtype
+    def __init__(self, process, step_module, dtype, job):
+        self.process, self._step_module, self._dtype, self._job = \
+            process, step_module, dtype, job
 
     def fill(self, plan):
         """Wait for the worker (at most :data:`WAIT_S` s, then stop it) and
-        write the members into ``plan``: loaded from the disk cache, or
-        compiled here what the worker did not leave there."""
+        write its job's addresses into ``plan``: loaded from the disk cache,
+        or compiled here what the worker did not leave there."""
         try:
             self.process.wait(timeout=WAIT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self._step_module.pass_team.fill_members(plan, self._dtype)
+        fill(plan, self._step_module, self._dtype, self._job)
+
+
+class Together:
+    """Several :class:`Pending` workers filling one plan."""
+
+    def __init__(self, pending):
+        self._pending = pending
+
+    def fill(self, plan):
+        for pending in self._pending:
+            pending.fill(plan)
+
+
+def together(pending):
+    """One object whose ``fill`` fills each of ``pending`` (Nones left
+    out); None where there is none."""
+    pending = [p for p in pending if p is not None]
+    if not pending:
+        return None
+    return pending[0] if len(pending) == 1 else Together(pending)
+
+
+def _sharded(step_module):
+    """The ``step_sharded`` module of ``step_module``'s package."""
+    return importlib.import_module(step_module.__package__ + ".step_sharded")
+
+
+def fill(plan, step_module, dtype, job):
+    """Write ``job``'s addresses for ``dtype`` into ``plan`` in this
+    process (compiled here where the disk cache lacks them)."""
+    if job == "members":
+        step_module.pass_team.fill_members(plan, dtype)
+    else:
+        plan[PLAN_POOL_SHARD] = _sharded(step_module).shard_member(dtype)
+
+
+def _to_compile(step_module, dtype, job):
+    """Whether ``job`` would compile something: not in this process nor
+    in the disk cache."""
+    if job == "members":
+        return bool(step_module.pass_team.members_to_compile(dtype))
+    return _sharded(step_module).shard_member_to_compile(dtype)
 
 
 def _worker_env():
@@ -87,11 +136,13 @@ def _worker_env():
     return env
 
 
-def start(step_module, dtype):
-    """A :class:`Pending` worker compiling the pass team members of the
+def start(step_module, dtype, job="members"):
+    """A :class:`Pending` worker compiling ``job`` (one of ``JOBS``) of the
     kernel package of ``step_module`` (its ``step``) for ``dtype``, or None
-    where none runs (see the module's docstring): then the caller fills the
-    members itself."""
+    where none runs (see the module's docstring): then the caller fills
+    the plan itself (:func:`fill`)."""
+    if job not in JOBS:
+        raise ValueError(f"job={job!r}: expected one of {JOBS}")
     team = step_module.pass_team
     package = team.__package__
     dtype = np.dtype(dtype).name
@@ -103,29 +154,32 @@ def start(step_module, dtype):
     if rebuild is None:
         return None
     with _lock:
-        pending = _started.get((package, dtype))
+        pending = _started.get((package, dtype, job))
         if pending is not None and pending.process.poll() is None:
             return pending               # another step of the same kernels waits on it too
-        if not team.members_to_compile(dtype):
+        if not _to_compile(step_module, dtype, job):
             return None
         import fastgrad
         spec = {"path": sys.path, "fastgrad": fastgrad.__file__, "kernels": rebuild,
-                "dtype": dtype}
+                "dtype": dtype, "job": job}
         try:
             process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, json.dumps(spec)],
                                        env=_worker_env(), stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         except OSError:
             return None
-        pending = _started[package, dtype] = Pending(process, step_module, dtype)
+        pending = _started[package, dtype, job] = Pending(process, step_module, dtype, job)
         return pending
 
 
 def main(spec):
-    """The worker: compile the members into the disk cache and exit."""
+    """The worker: compile its job into the disk cache and exit."""
     import fastgrad
     if os.path.realpath(fastgrad.__file__) != os.path.realpath(spec["fastgrad"]):
         sys.exit(f"fastgrad worker: imported {fastgrad.__file__}, not {spec['fastgrad']}")
     package = (registry.cpu_kernels(**spec["kernels"]) if spec["kernels"]
                else registry.full_cpu_kernels())
-    package.pass_team.member_addresses(spec["dtype"])
+    if spec["job"] == "shard":
+        importlib.import_module(package.__name__ + ".step_sharded").shard_member(spec["dtype"])
+    else:
+        package.pass_team.member_addresses(spec["dtype"])

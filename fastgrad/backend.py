@@ -215,16 +215,19 @@ class Backend:
         None for the layer path's forward and backward."""
         return None
 
-    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False):
+    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False,
+                       shards=False):
         """Write the host thread team of the driver's passes into a step
         ``plan`` (``kernels/layout.py`` ``PLAN_POOL_*``) for the step module
         ``kernels``, the optimizer's update among them unless ``update`` is
         false; with ``team`` false, the members alone (every pass on the
-        calling thread).  Devices without one leave the plan as it is.
+        calling thread); with ``shards``, the sharded step's shard member
+        too (the shards' header).  Devices without one leave the plan as
+        it is.
 
-        With ``defer``, the members may be left to a worker process that
-        compiles them (``fastgrad._compile_worker``): then the returned
-        ``Pending`` must ``fill(plan)`` before the driver runs (the driver
+        With ``defer``, the members may be left to worker processes that
+        compile them (``fastgrad._compile_worker``): then the returned
+        object must ``fill(plan)`` before the driver runs (the driver
         refuses a plan without them); None when the plan is complete."""
 
     # -- the optimizer ------------------------------------------------------------
@@ -419,19 +422,23 @@ class CpuBackend(Backend):
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()
 
-    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False):
+    def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False,
+                       shards=False):
         # OpenBLAS's own workers, or the shared pool's threads: one pool
         # either way.  A driver with the team's branches runs its activation,
         # loss and update passes through the members even without a team:
         # always given.
-        pending = None
+        jobs = (("members",) if kernels.TEAM else ()) + (("shard",) if shards else ())
+        pending = []
+        for job in jobs:
+            worker = _compile_worker.start(kernels, dtype, job) if defer else None
+            if worker is None:
+                _compile_worker.fill(plan, kernels, dtype, job)
+            pending.append(worker)
         if kernels.TEAM:
-            pending = _compile_worker.start(kernels, dtype) if defer else None
-            if pending is None:
-                kernels.pass_team.fill_members(plan, dtype)
             threads, start, blas = _threads.pass_team() if team else (0, 0, 0)
             _fill_team(plan, threads, start, blas, split_update=update)
-        return pending
+        return _compile_worker.together(pending)
 
     def wants_parallel_update(self, n_params):
         # on the step's team (one pool), never on a second one: that slowed the loop

@@ -263,10 +263,11 @@ class TrainStep:
         """``(header, ready)``: the head of the shards' step plans (no team:
         each shard runs on its own thread; the members of a driver with the
         team's branches, ``kernels/cpu/pass_team.py``) and ``ready(kernel)``,
-        the sharded kernel to call on arguments holding it.  Where a worker
-        process compiles the members (``fastgrad._compile_worker``: a cold
-        first call), that compiles the kernel here meanwhile, then fills
-        the members in before it runs.  A complete header is kept (the
+        the sharded kernel to call on arguments holding it: the header
+        holds the shard member too (``step_sharded.shard_member``).  Where
+        worker processes compile the members (``fastgrad._compile_worker``:
+        a cold first call), that compiles the kernel here meanwhile, then
+        fills the members in before it runs.  A complete header is kept (the
         kernels only read it): filling one took ~5 us of a small net's
         ~70 us step."""
         kernels, generation = self._kernels, _threads.pool_generation()
@@ -275,7 +276,7 @@ class TrainStep:
             return kept[2], _as_is
         header = np.zeros(_layout.PLAN_HEADER, np.int64)
         pending = self._backend.fill_pass_team(header, kernels, self._model.dtype,
-                                               team=False, defer=True)
+                                               team=False, defer=True, shards=True)
         if pending is None:
             self._shard_header = (kernels, generation, header)
             return header, _as_is

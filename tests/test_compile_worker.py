@@ -65,8 +65,10 @@ _CHILD_BODY = textwrap.dedent("""
     report, arrays = {}, {}
     for name in calls:
         step, driver = run(name)
-        team = sys.modules[step._kernels.__package__].pass_team
-        report[name] = {"hits": [m.cache_hits for m in team._members.values()],
+        package = sys.modules[step._kernels.__package__]
+        report[name] = {"hits": [m.cache_hits for m in package.pass_team._members.values()],
+                        "shard_hits": [m.cache_hits for m in
+                                       package.step_sharded._shard_members.values()],
                         "signatures": len(driver.signatures)}
         arrays[name + "_params"] = step.model.params
         arrays[name + "_grads"] = step.model.grads
@@ -101,13 +103,16 @@ def _in_process(name):
 
 def _cold_calls(tmp_path, cache, names):
     """Each call of ``names`` cold in one child on ``cache``: a worker
-    compiled its members (exit 0), the child loaded all of them from the
-    disk cache and compiled its driver once, and the results are bitwise
-    a warm call's (this process)."""
+    compiled its members (exit 0), and for the sharded step a second one
+    its shard member; the child loaded all of them from the disk cache and
+    compiled its driver once, and the results are bitwise a warm call's
+    (this process)."""
     report, arrays = _child(tmp_path, "cold", cache, names)
-    assert report.pop("workers") == [0] * len(names), report
-    for name in names:
-        assert report[name] == {"hits": [1] * len(pass_team.KINDS), "signatures": 1}, \
+    sharded = [name.startswith("sharded") for name in names]
+    assert report.pop("workers") == [0] * (len(names) + sum(sharded)), report
+    for name, shards in zip(names, sharded):
+        assert report[name] == {"hits": [1] * len(pass_team.KINDS),
+                                "shard_hits": [1] if shards else [], "signatures": 1}, \
             (name, report)
         params, grads = _in_process(name)
         np.testing.assert_array_equal(arrays[name + "_params"], params)
@@ -125,7 +130,7 @@ def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
     arrays = _cold_calls(tmp_path, cache, PLAIN)
     report, warm = _child(tmp_path, "warm", cache, ["step"])
     assert report == {"workers": [], "step": {"hits": [1] * len(pass_team.KINDS),
-                                              "signatures": 1}}, report
+                                              "shard_hits": [], "signatures": 1}}, report
     np.testing.assert_array_equal(warm["step_params"], arrays["step_params"])
 
 
@@ -133,7 +138,8 @@ def test_a_cold_first_call_takes_its_members_from_a_worker(tmp_path):
 @needs_team
 def test_the_sharded_steps_cold_first_call_takes_its_members_from_a_worker(tmp_path):
     """TrainStep(threads=2): its first step and its first compiled epoch
-    take their members from a worker too."""
+    take their members from a worker too, and their shard member from a
+    second one."""
     _cold_calls(tmp_path, tmp_path / "cache", ["sharded-step", "sharded-epoch"])
 
 
@@ -143,7 +149,8 @@ def test_a_worker_that_never_finishes_is_stopped_and_the_step_compiles_here(tmp_
     report, arrays = _child(tmp_path, "hung", tmp_path / "cache", ["step"], hang=True)
     assert report["workers"] == [-9], report             # killed after WAIT_S
     # compiled here
-    assert report["step"] == {"hits": [0] * len(pass_team.KINDS), "signatures": 1}, report
+    assert report["step"] == {"hits": [0] * len(pass_team.KINDS), "shard_hits": [],
+                              "signatures": 1}, report
     np.testing.assert_array_equal(arrays["step_params"], _in_process("step")[0])
 
 
@@ -210,6 +217,32 @@ def test_a_worker_that_fails_costs_no_result(monkeypatch):
     full.pass_team.fill_members(expected, np.float64)
     np.testing.assert_array_equal(plan, expected)
     assert plan[layout.PLAN_POOL_UPDATE] != 0
+
+
+@needs_team
+def test_a_shard_worker_that_fails_costs_no_result(monkeypatch):
+    """The shard member's worker exits with an error: fill() still gives
+    the header this process's shard member, the one step_sharded gives."""
+    import fastgrad.kernels.cpu as full
+    from fastgrad.kernels import layout
+    from fastgrad.kernels.cpu import step_sharded
+    if "mpi4py.MPI" in sys.modules:
+        pytest.skip("no worker in an MPI process")
+    with pytest.raises(ValueError, match="job='both'"):
+        _compile_worker.start(full.step, np.float64, "both")
+    monkeypatch.setenv(_compile_worker.ENV, "1")
+    monkeypatch.setattr(_compile_worker, "_started", {})
+    monkeypatch.setattr(_compile_worker, "_BOOTSTRAP", "raise SystemExit(5)")
+    to_compile = step_sharded.shard_member_to_compile
+    monkeypatch.setattr(step_sharded, "shard_member_to_compile", lambda dtype: True)
+    pending = _compile_worker.start(full.step, np.float64, "shard")
+    assert pending is not None
+    header = np.zeros(layout.PLAN_HEADER, np.int64)
+    _compile_worker.together([None, pending]).fill(header)
+    assert pending.process.returncode == 5
+    assert header[layout.PLAN_POOL_SHARD] == step_sharded.shard_member(np.float64) != 0
+    assert not np.delete(header, layout.PLAN_POOL_SHARD).any()
+    assert to_compile(np.float64) is False         # in this process now
 
 
 @needs_team

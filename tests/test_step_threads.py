@@ -293,12 +293,55 @@ def test_the_shards_plan_header_is_kept_until_the_pool_changes(rng, monkeypatch)
     header, _ = step._shard_plan_header()
     assert step._shard_plan_header()[0] is header
     assert header[layout.PLAN_POOL_LOSS] != 0            # the members filled in
+    assert header[layout.PLAN_POOL_SHARD] == step._ksharded.shard_member(np.float64) != 0
     monkeypatch.setitem(fg_threads._pool, "generation", fg_threads.pool_generation() + 1)
     fresh, _ = step._shard_plan_header()
     assert fresh is not header
     np.testing.assert_array_equal(fresh, header)
     before = m.params.copy()
     step(x, y)
+    assert not np.array_equal(m.params, before)
+
+
+def test_a_header_without_a_working_shard_member_is_refused(rng):
+    """The kernels call the shards' member through the header's address:
+    none there is refused before anything runs, and a member that returns
+    without completing its shard (it cannot raise: a C callback) is
+    reported before the update."""
+    from numba import cfunc, types
+    from fastgrad.kernels import layout
+    m, _, step = _step([5, 8, 3], "relu", "mse", "float64", 2)
+    x, y = rng.standard_normal((9, 5)), rng.standard_normal((9, 3))
+    step(x, y)
+    kept = step._shard_plan_header()[0]
+    header = kept.copy()
+    bounds, acts, zs, delta, shard_grads, losses = step._shard_buffers_for(9)
+    kernel = step._sharded_kernels().train_step
+    rule, s0, s1, s2, hp = step.opt._kernel_args()
+
+    def run():
+        with one_blas_thread():
+            return kernel(x, step._no_labels, y, step._loss_kind, m.params, m.grads,
+                          shard_grads, step._sizes, step._codes, step._alphas,
+                          step.opt._offsets, acts, zs, delta, bounds, losses, header, rule,
+                          s0, s1, s2, hp, step._layer_sq, step.opt._clip_norm,
+                          step.opt._clip_value)
+    before, moments = m.params.copy(), step.opt.state["exp_avg"].copy()
+    header[layout.PLAN_POOL_SHARD] = 0
+    with pytest.raises(ValueError, match="no shard member"):
+        run()
+
+    @cfunc(types.void(types.voidptr))
+    def gives_up(record):
+        return
+
+    header[layout.PLAN_POOL_SHARD] = gives_up.address
+    with pytest.raises(RuntimeError, match="did not complete"):
+        run()
+    np.testing.assert_array_equal(m.params, before)
+    np.testing.assert_array_equal(step.opt.state["exp_avg"], moments)
+    header[layout.PLAN_POOL_SHARD] = kept[layout.PLAN_POOL_SHARD]
+    run()
     assert not np.array_equal(m.params, before)
 
 
@@ -371,9 +414,10 @@ print(json.dumps(report))
 @pytest.mark.slow
 def test_a_sharded_step_compiles_only_its_own_combine_and_update(tmp_path):
     """The large form compiles the parallel update and not the serial one's
-    norm (``reduce.layer_sumsq``); the small form the serial update and not
-    the parallel one (each form prunes the other's branches).  The shards
-    and the combine are one parallel region each (no array set-up made one)."""
+    norm (``reduce.layer_sumsq``); the small form neither: it runs its
+    update through the pass team's members, which its shards use anyway
+    (each form prunes the other's branches).  The shards and the combine
+    are one parallel region each (no array set-up made one)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"),
                FASTGRAD_KERNEL_COPIES="model")
     res = subprocess.run([sys.executable, "-c", _FORMS_CHILD], env=env, capture_output=True,
@@ -385,5 +429,5 @@ def test_a_sharded_step_compiles_only_its_own_combine_and_update(tmp_path):
     assert n_large >= step_sharded.MIN_PARALLEL > n_small
     # the step's kernel, the other form's, the parallel update, the serial norm
     assert large == [1, 0, 1, 0], report
-    assert small == [1, 0, 0, 1], report
+    assert small == [1, 0, 0, 0], report
     assert report["regions"] == [1, 1, 1], report

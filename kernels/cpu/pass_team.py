@@ -730,28 +730,33 @@ def member_addresses(dtype, kinds=KINDS):
 def members_to_compile(dtype, kinds=KINDS):
     """The members of ``kinds`` for ``dtype`` that :func:`member_addresses`
     would compile: neither in this process nor in Numba's disk cache."""
-    from numba.core.caching import FunctionCache
-    from numba.core.registry import cpu_target
     dtype = np.dtype(dtype)
     todo = [kind for kind in kinds if (dtype, kind) not in _members]
     if not todo or not JIT["cache"]:
         return tuple(todo)
+    cached = [in_disk_cache(_MAKERS[kind](_numba_type(dtype)), _MEMBER_SIGNATURE)
+              for kind in todo]
+    if None in cached:
+        return ()
+    return tuple(kind for kind, hit in zip(todo, cached) if not hit)
+
+
+def in_disk_cache(py_func, signature):
+    """Whether Numba's disk cache holds ``py_func`` compiled for
+    ``signature`` (a cfunc's); None where that cannot be told."""
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import cpu_target
     # The key and index of Numba's cache (numba.core.caching.Cache): what
     # the cfunc's compile() looks up, without loading the machine code.
-    # Private to Numba: where they change, say none (each member is then
+    # Private to Numba: where they change, say None (each member is then
     # compiled or loaded on first use, as without this question;
     # tests/test_compile_worker.py fails).
     try:
         codegen = cpu_target.target_context.codegen()
-        missing = []
-        for kind in todo:
-            cache = FunctionCache(_MAKERS[kind](_numba_type(dtype)))
-            if cache._index_key(_MEMBER_SIGNATURE, codegen) not in \
-                    cache._cache_file._load_index():
-                missing.append(kind)
+        cache = FunctionCache(py_func)
+        return cache._index_key(signature, codegen) in cache._cache_file._load_index()
     except (AttributeError, TypeError, OSError, RuntimeError):
-        return ()
-    return tuple(missing)
+        return None
 
 
 def fill_members(plan, dtype, kinds=KINDS):

@@ -33,13 +33,16 @@ driver ``step.forward_backward`` with every layer feature off.
 from collections import namedtuple
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, cfunc, njit, prange, types
 from numba.core.cpu_options import ParallelOptions
 
 from ._jit import INLINE, INNER, JIT
-from .optim import clipped_update_inline, clipped_update_parallel
-from .pass_team import MIN_UPDATE
-from .step import PLAN_HEADER, PLAN_ROW, forward_backward, gather_batch, record_step
+from .blas_pool import _as_pointer, _field
+from .optim import clipped_update_parallel
+from .pass_team import MIN_UPDATE, _call, _float, _numba_type, _record, in_disk_cache
+from .step import (PLAN_HEADER, PLAN_ROW, _refuse_layers, _refuse_loss, _refuse_update,
+                   _update, forward_backward, gather_batch, record_step)
+from ..layout import PLAN_POOL_SHARD
 
 # Only the explicit prange loops run on the threads: with every parallel
 # option on, Numba also made each small array set-up (the shards' plan) a
@@ -63,6 +66,73 @@ MIN_PARALLEL = MIN_UPDATE
 
 
 ShardedKernels = namedtuple("ShardedKernels", "forward_backward train_step train_steps")
+
+# A shard's record (kernels/cpu/pass_team.py's records: int64 fields, the
+# counter at 0): its rows of x, labels and target, the model's arrays, its
+# own scratch and plan (addresses and sizes), then what the member writes
+# back: the shard's mean loss (a float64's bits) and 1 once it is done.
+(_ROWS, _N_IN, _X, _N_LABELS, _LABELS, _TARGET_ROWS, _TARGET_COLS, _TARGET, _LOSS_KIND,
+ _N_PARAMS, _PARAMS, _GRADS, _LAYERS, _SIZES, _CODES, _ALPHAS, _OFFSETS, _N_ACTS, _ACTS, _ZS,
+ _N_DELTA, _DELTA, _N_PLAN, _PLAN, _N_FPLAN, _FPLAN, _LOSS, _DONE) = range(1, 29)
+_SHARD_SIGNATURE = types.void(types.voidptr)
+_shard_members = {}
+
+
+def _make_shard_member(dtype):
+    def member(record):
+        rows, layers = _field(record, _ROWS), _field(record, _LAYERS)
+        x = carray(_as_pointer(_field(record, _X)), (rows, _field(record, _N_IN)), dtype)
+        labels = carray(_as_pointer(_field(record, _LABELS)), (_field(record, _N_LABELS),),
+                        np.int64)
+        target = carray(_as_pointer(_field(record, _TARGET)),
+                        (_field(record, _TARGET_ROWS), _field(record, _TARGET_COLS)), dtype)
+        n = _field(record, _N_PARAMS)
+        params = carray(_as_pointer(_field(record, _PARAMS)), (n,), dtype)
+        grads = carray(_as_pointer(_field(record, _GRADS)), (n,), dtype)
+        sizes = carray(_as_pointer(_field(record, _SIZES)), (layers + 1,), np.int64)
+        codes = carray(_as_pointer(_field(record, _CODES)), (layers,), np.int64)
+        alphas = carray(_as_pointer(_field(record, _ALPHAS)), (layers,), np.float64)
+        offsets = carray(_as_pointer(_field(record, _OFFSETS)), (layers + 1,), np.int64)
+        acts = carray(_as_pointer(_field(record, _ACTS)), (_field(record, _N_ACTS),), dtype)
+        zs = carray(_as_pointer(_field(record, _ZS)), (_field(record, _N_ACTS),), dtype)
+        delta = carray(_as_pointer(_field(record, _DELTA)), (_field(record, _N_DELTA),), dtype)
+        plan = carray(_as_pointer(_field(record, _PLAN)), (_field(record, _N_PLAN),), np.int64)
+        fplan = carray(_as_pointer(_field(record, _FPLAN)), (_field(record, _N_FPLAN),),
+                       np.float64)
+        loss = forward_backward(x, labels, target, _field(record, _LOSS_KIND), params, grads,
+                                sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+                                fplan[:0], fplan[:0])
+        carray(record, (_DONE + 1,), np.float64)[_LOSS] = loss
+        carray(record, (_DONE + 1,), np.int64)[_DONE] = 1
+    return member
+
+
+def shard_member_to_compile(dtype):
+    """Whether :func:`shard_member` would compile: the member for
+    ``dtype`` is neither in this process nor in Numba's disk cache (False
+    where the cache cannot tell)."""
+    dtype = np.dtype(dtype)
+    if dtype in _shard_members:
+        return False
+    if not JIT["cache"]:
+        return True
+    return in_disk_cache(_make_shard_member(_numba_type(dtype)), _SHARD_SIGNATURE) is False
+
+
+def shard_member(dtype):
+    """The address of the shards' member for ``dtype`` (compiled, or loaded
+    from Numba's disk cache, on first use): ``forward_backward`` of one
+    shard, from a record.  The sharded kernels call it through this
+    address: a direct call would link the driver's code into each kernel's,
+    where LLVM optimises it again (~2 s of a cold first sharded step)."""
+    dtype = np.dtype(dtype)
+    member = _shard_members.get(dtype)
+    if member is None:
+        member = _shard_members[dtype] = cfunc(
+            _SHARD_SIGNATURE, cache=JIT["cache"], error_model="numpy",
+            pipeline_class=JIT["pipeline_class"])(
+                _make_shard_member(_numba_type(dtype)))
+    return member.address
 
 
 def kernels_for(n_params):
@@ -115,10 +185,10 @@ def _combine(grads, shard_grads, bounds, lo, hi):
 @njit(**INLINE)
 def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
                 offsets, acts, zs, delta, bounds, losses, header):
-    """Forward, loss and backward of each shard on its own thread; inlined
-    into the kernels (parallel functions themselves): Numba links each
-    callee's code into its caller and optimises it again there, and one
-    level less took 1-2 s off a cold first call.
+    """Forward, loss and backward of each shard on its own thread, through
+    the header's shard member (:func:`shard_member`); inlined into
+    the kernels (parallel functions themselves): Numba links each callee's
+    code into its caller and optimises it again there.
 
     ``acts``, ``zs``, ``delta`` are 2-D: one row of scratch per shard, laid out
     as ``step.forward_backward`` reads them (``zs`` may be ``acts``).  Shard
@@ -131,25 +201,38 @@ def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
     """
     T = bounds.shape[0] - 1
     # The driver's plan of a plain model (no layer feature on; the package
-    # serving every feature reads it) and no epilogue scratch, of the types
-    # TrainStep passes, so that gradients() and the shards share one
-    # compiled driver.
+    # serving every feature reads it) and no epilogue scratch.
     L = codes.shape[0]
     plan = np.zeros(PLAN_HEADER + PLAN_ROW * L, np.int64)
     for i in range(PLAN_HEADER):    # (a slice assignment compiles a shape check: ~1.5 s cold)
         plan[i] = header[i]
     fplan = np.zeros(L)
-    no_stats = fplan[:0]
+    # What the member would refuse, refused here: it cannot raise (a C
+    # callback).  (labels or target is size 0 when the loss does not read
+    # it: its slices stay size 0.)
+    if plan[PLAN_POOL_SHARD] == 0:
+        raise ValueError("the shards' plan header has no shard member (step_sharded.shard_member)")
+    _refuse_layers(plan, params, codes)
+    _refuse_loss(plan, loss_kind, labels, target, x.shape[0], sizes)
+    done = np.zeros(T, np.int64)
     for s in prange(T):
         lo, hi = bounds[s], bounds[s + 1]
         g = grads if s == 0 else shard_grads[s - 1]
-        # forward_backward is a compiled call, not inlined: Numba's parfor
-        # pass miscounts the shapes of the inlined layer loop.
-        # (labels or target is size 0 when the loss does not read it: its
-        # slice stays size 0)
-        losses[s] = forward_backward(x[lo:hi], labels[lo:hi], target[lo:hi], loss_kind, params,
-                                     g, sizes, codes, alphas, offsets, acts[s], zs[s], delta[s],
-                                     plan, fplan, no_stats, no_stats)
+        shard_labels, shard_target = labels[lo:hi], target[lo:hi]
+        record = _record((
+            hi - lo, x.shape[1], x[lo:hi].ctypes.data, shard_labels.shape[0],
+            shard_labels.ctypes.data, shard_target.shape[0], target.shape[1],
+            shard_target.ctypes.data, loss_kind, params.shape[0], params.ctypes.data,
+            g.ctypes.data, L, sizes.ctypes.data, codes.ctypes.data, alphas.ctypes.data,
+            offsets.ctypes.data, acts.shape[1], acts[s].ctypes.data, zs[s].ctypes.data,
+            delta.shape[1], delta[s].ctypes.data, plan.shape[0], plan.ctypes.data,
+            fplan.shape[0], fplan.ctypes.data, 0, 0))
+        _call(plan[PLAN_POOL_SHARD], record)
+        losses[s] = _float(record, _LOSS)
+        done[s] = _field(record, _DONE)
+    for s in range(T):
+        if done[s] != 1:
+            raise RuntimeError("a shard's forward and backward did not complete")
 
 
 @njit(**PARALLEL_INNER)
@@ -185,7 +268,11 @@ def _train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
                 offsets, acts, zs, delta, bounds, losses, header, rule, s0, s1, s2, hp, layer_sq,
                 clip_norm, clip_value, large):
     """The sharded step: :func:`_forward_backward`, then the clipped update
-    (on the threads where ``large``)."""
+    (on the threads where ``large``; else on the calling thread, through
+    the header's members where the driver has the pass team's branches:
+    they are compiled for the step's shards anyway)."""
+    if not large:
+        _refuse_update(header, rule, params, grads, s0, s1, s2, hp)
     loss = _forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
                              codes, alphas, offsets, acts, zs, delta, bounds, losses, header,
                              large)
@@ -193,8 +280,8 @@ def _train_step(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
         norm, scale, skipped = clipped_update_parallel(rule, params, grads, s0, s1, s2, hp,
                                                        offsets, layer_sq, clip_norm, clip_value)
     else:
-        norm, scale, skipped = clipped_update_inline(rule, params, grads, s0, s1, s2, hp,
-                                                     offsets, layer_sq, clip_norm, clip_value)
+        norm, scale, skipped = _update(header, rule, params, grads, s0, s1, s2, hp, offsets,
+                                       layer_sq, clip_norm, clip_value)
     return loss, norm, scale, skipped
 
 
