@@ -319,7 +319,7 @@ def test_a_header_without_a_working_shard_member_is_refused(rng):
     kernel = step._sharded_kernels().train_step
     rule, s0, s1, s2, hp = step.opt._kernel_args()
 
-    def run():
+    def run(x=x):
         with one_blas_thread():
             return kernel(x, step._no_labels, y, step._loss_kind, m.params, m.grads,
                           shard_grads, step._sizes, step._codes, step._alphas,
@@ -341,6 +341,11 @@ def test_a_header_without_a_working_shard_member_is_refused(rng):
     np.testing.assert_array_equal(m.params, before)
     np.testing.assert_array_equal(step.opt.state["exp_avg"], moments)
     header[layout.PLAN_POOL_SHARD] = kept[layout.PLAN_POOL_SHARD]
+    with pytest.raises(ValueError, match="C-contiguous buffers of the parameters' dtype"):
+        run(x=x.astype(np.float32))         # the member would read 8 bytes a value
+    with pytest.raises(ValueError, match="C-contiguous buffers"):
+        run(x=np.asfortranarray(x))
+    np.testing.assert_array_equal(m.params, before)
     run()
     assert not np.array_equal(m.params, before)
 

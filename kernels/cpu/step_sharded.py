@@ -183,6 +183,11 @@ def _combine(grads, shard_grads, bounds, lo, hi):
 
 
 @njit(**INLINE)
+def _readable_as(a, params):
+    return a.flags.c_contiguous and a.itemsize == params.itemsize
+
+
+@njit(**INLINE)
 def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
                 offsets, acts, zs, delta, bounds, losses, header):
     """Forward, loss and backward of each shard on its own thread, through
@@ -212,6 +217,15 @@ def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
     # it: its slices stay size 0.)
     if plan[PLAN_POOL_SHARD] == 0:
         raise ValueError("the shards' plan header has no shard member (step_sharded.shard_member)")
+    # the member reads every buffer through its address as C-contiguous
+    # arrays of the parameters' dtype (its own), the labels as int64
+    if not (_readable_as(x, params) and _readable_as(target, params)
+            and _readable_as(grads, params) and _readable_as(shard_grads, params)
+            and _readable_as(acts, params) and _readable_as(zs, params)
+            and _readable_as(delta, params) and params.flags.c_contiguous
+            and labels.flags.c_contiguous and labels.itemsize == 8):
+        raise ValueError("the sharded step needs C-contiguous buffers of the parameters' "
+                         "dtype and int64 labels")
     _refuse_layers(plan, params, codes)
     _refuse_loss(plan, loss_kind, labels, target, x.shape[0], sizes)
     done = np.zeros(T, np.int64)
