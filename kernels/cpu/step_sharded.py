@@ -9,7 +9,8 @@ the cores for the whole step:
 1. the batch is cut into ``T`` contiguous row shards (``bounds``); each
    thread runs forward, loss and backward of its shard with single-threaded
    BLAS (the caller limits BLAS to one thread around the call) into its own
-   gradient buffer (shard 0 into ``grads`` itself);
+   gradient buffer (shard 0 into ``grads`` itself), through the shard
+   member (:func:`shard_member`, whose address the shards' header holds);
 2. the shard gradients are combined in a fixed order, weighted by the share
    of the batch each shard holds (each shard's loss is a mean over its rows),
    parallel over chunks of the parameters;
@@ -123,8 +124,9 @@ def shard_member(dtype):
     """The address of the shards' member for ``dtype`` (compiled, or loaded
     from Numba's disk cache, on first use): ``forward_backward`` of one
     shard, from a record.  The sharded kernels call it through this
-    address: a direct call would link the driver's code into each kernel's,
-    where LLVM optimises it again (~2 s of a cold first sharded step)."""
+    address (the shards' header holds it), so the driver is compiled once,
+    apart from the kernels: on a cold first call a second compile worker
+    compiles it while the kernel compiles here (``fastgrad._compile_worker``)."""
     dtype = np.dtype(dtype)
     member = _shard_members.get(dtype)
     if member is None:
@@ -191,9 +193,8 @@ def _readable_as(a, params):
 def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
                 offsets, acts, zs, delta, bounds, losses, header):
     """Forward, loss and backward of each shard on its own thread, through
-    the header's shard member (:func:`shard_member`); inlined into
-    the kernels (parallel functions themselves): Numba links each callee's
-    code into its caller and optimises it again there.
+    the header's shard member (:func:`shard_member`); inlined into the
+    kernels (parallel functions themselves: one level of linked code less).
 
     ``acts``, ``zs``, ``delta`` are 2-D: one row of scratch per shard, laid out
     as ``step.forward_backward`` reads them (``zs`` may be ``acts``).  Shard
