@@ -140,9 +140,9 @@ def test_bad_labels_value_error(labels, match):
 
 
 def test_labels_range_is_checked_alike_on_every_path(rng):
-    """int64 C-contiguous labels take one compiled pass for their range
-    (a training loop's hot path), other dtypes and strided labels NumPy's
-    min and max: the same message wherever the bad label sits, and a step
+    """int64 C-contiguous labels take one reduction for their range (a
+    training loop's hot path), other dtypes and strided labels NumPy's min
+    and max: the same message wherever the bad label sits, and a step
     refuses the batch before it changes anything."""
     n_classes = 7
     for where in (0, 51, 99):
