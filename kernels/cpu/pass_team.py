@@ -711,6 +711,14 @@ def _numba_type(dtype):
     return types.float32 if np.dtype(dtype) == np.float32 else types.float64
 
 
+def compile_member(py_func):
+    """``py_func(record)`` compiled as a member: a C callback on a record's
+    address, cached on disk as the kernels are (the sharded step's shard
+    member is one too: kernels/cpu/step_sharded.py)."""
+    return cfunc(_MEMBER_SIGNATURE, cache=JIT["cache"], error_model="numpy",
+                 pipeline_class=JIT["pipeline_class"])(py_func)
+
+
 def member_addresses(dtype, kinds=KINDS):
     """The addresses of this package's members of ``kinds`` for ``dtype``,
     each compiled (or loaded from the disk cache) on first use."""
@@ -719,10 +727,7 @@ def member_addresses(dtype, kinds=KINDS):
     for kind in kinds:
         member = _members.get((dtype, kind))
         if member is None:
-            member = _members[dtype, kind] = cfunc(_MEMBER_SIGNATURE, cache=JIT["cache"],
-                                                  error_model="numpy",
-                                                  pipeline_class=JIT["pipeline_class"])(
-                _MAKERS[kind](_numba_type(dtype)))
+            member = _members[dtype, kind] = compile_member(_MAKERS[kind](_numba_type(dtype)))
         found.append(member.address)
     return tuple(found)
 
@@ -734,16 +739,15 @@ def members_to_compile(dtype, kinds=KINDS):
     todo = [kind for kind in kinds if (dtype, kind) not in _members]
     if not todo or not JIT["cache"]:
         return tuple(todo)
-    cached = [in_disk_cache(_MAKERS[kind](_numba_type(dtype)), _MEMBER_SIGNATURE)
-              for kind in todo]
+    cached = [in_disk_cache(_MAKERS[kind](_numba_type(dtype))) for kind in todo]
     if None in cached:
         return ()
     return tuple(kind for kind, hit in zip(todo, cached) if not hit)
 
 
-def in_disk_cache(py_func, signature):
-    """Whether Numba's disk cache holds ``py_func`` compiled for
-    ``signature`` (a cfunc's); None where that cannot be told."""
+def in_disk_cache(py_func):
+    """Whether Numba's disk cache holds ``py_func`` compiled as a member
+    (:func:`compile_member`); None where that cannot be told."""
     from numba.core.caching import FunctionCache
     from numba.core.registry import cpu_target
     # The key and index of Numba's cache (numba.core.caching.Cache): what
@@ -754,7 +758,7 @@ def in_disk_cache(py_func, signature):
     try:
         codegen = cpu_target.target_context.codegen()
         cache = FunctionCache(py_func)
-        return cache._index_key(signature, codegen) in cache._cache_file._load_index()
+        return cache._index_key(_MEMBER_SIGNATURE, codegen) in cache._cache_file._load_index()
     except (AttributeError, TypeError, OSError, RuntimeError):
         return None
 

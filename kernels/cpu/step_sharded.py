@@ -34,13 +34,14 @@ driver ``step.forward_backward`` with every layer feature off.
 from collections import namedtuple
 
 import numpy as np
-from numba import carray, cfunc, njit, prange, types
+from numba import carray, njit, prange
 from numba.core.cpu_options import ParallelOptions
 
 from ._jit import INLINE, INNER, JIT
 from .blas_pool import _as_pointer, _field
 from .optim import clipped_update_parallel
-from .pass_team import MIN_UPDATE, _call, _float, _numba_type, _record, in_disk_cache
+from .pass_team import (MIN_UPDATE, _call, _float, _numba_type, _record, compile_member,
+                        in_disk_cache)
 from .step import (PLAN_HEADER, PLAN_ROW, _refuse_layers, _refuse_loss, _refuse_update,
                    _update, forward_backward, gather_batch, record_step)
 from ..layout import PLAN_POOL_SHARD
@@ -75,7 +76,6 @@ ShardedKernels = namedtuple("ShardedKernels", "forward_backward train_step train
 (_ROWS, _N_IN, _X, _N_LABELS, _LABELS, _TARGET_ROWS, _TARGET_COLS, _TARGET, _LOSS_KIND,
  _N_PARAMS, _PARAMS, _GRADS, _LAYERS, _SIZES, _CODES, _ALPHAS, _OFFSETS, _N_ACTS, _ACTS, _ZS,
  _N_DELTA, _DELTA, _N_PLAN, _PLAN, _N_FPLAN, _FPLAN, _LOSS, _DONE) = range(1, 29)
-_SHARD_SIGNATURE = types.void(types.voidptr)
 _shard_members = {}
 
 
@@ -117,7 +117,7 @@ def shard_member_to_compile(dtype):
         return False
     if not JIT["cache"]:
         return True
-    return in_disk_cache(_make_shard_member(_numba_type(dtype)), _SHARD_SIGNATURE) is False
+    return in_disk_cache(_make_shard_member(_numba_type(dtype))) is False
 
 
 def shard_member(dtype):
@@ -130,10 +130,7 @@ def shard_member(dtype):
     dtype = np.dtype(dtype)
     member = _shard_members.get(dtype)
     if member is None:
-        member = _shard_members[dtype] = cfunc(
-            _SHARD_SIGNATURE, cache=JIT["cache"], error_model="numpy",
-            pipeline_class=JIT["pipeline_class"])(
-                _make_shard_member(_numba_type(dtype)))
+        member = _shard_members[dtype] = compile_member(_make_shard_member(_numba_type(dtype)))
     return member.address
 
 
