@@ -8,11 +8,14 @@ CI's ``pytest bench --benchmark-disable`` keeps it working.
 """
 import functools
 
+import numpy as np
+
 import pytest
 
 import untuned_compare
 from step_compare import Threads
-from workloads import data, initial_params, make_fastgrad, make_jax, make_torch
+from workloads import (data, initial_params, make_fastgrad, make_gemms_then_update,
+                       make_jax, make_torch)
 
 
 def test_untuned_compare_smoke(capsys):
@@ -20,6 +23,18 @@ def test_untuned_compare_smoke(capsys):
     out = capsys.readouterr().out
     assert "Workloads meeting each target:" in out
     assert "Small nets meeting the target" in out
+
+
+def test_the_floor_runs_its_gemms_on_the_models_memory():
+    """The floor's GEMMs write the model's own weight gradients, from which
+    its update then moves the model's parameters."""
+    run = make_gemms_then_update([13, 9, 5], 11, "relu", "mse")
+    before = np.array(run.model.params)
+    run()
+    hs, _, dzs, _, _ = run.operands
+    for i, layer in enumerate(run.model.layers):
+        np.testing.assert_allclose(layer.dW, hs[i].T @ dzs[i], rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(run.model.params, before)
 
 
 @pytest.mark.parametrize("peer", ["jax", "torch"])

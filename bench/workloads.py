@@ -99,8 +99,11 @@ def make_update_alone(sizes, batch, act, loss):
     return opt.step
 
 
-def make_gemm_floor(sizes, batch, act, loss):
-    """The step's own GEMMs alone, through the BLAS Numba uses, in one call."""
+@functools.lru_cache(maxsize=None)
+def _gemms_kernel():
+    """One compiled call running a step's GEMMs on typed lists of arrays:
+    forward h @ W, then per layer backwards dW = h.T @ dz and (but the
+    first layer's) dx = dz @ W.T, through the BLAS Numba uses."""
     from numba import njit
 
     @njit(cache=True)
@@ -111,18 +114,56 @@ def make_gemm_floor(sizes, batch, act, loss):
             np.dot(hs[i].T, dzs[i], dWs[i])
             if i > 0:
                 np.dot(dzs[i], Ws[i].T, dxs[i])
+    return gemms
 
+
+def _gemm_operands(sizes, batch, Ws=None, dWs=None):
+    """Typed lists (hs, Ws, dzs, dWs, dxs) for :func:`_gemms_kernel`: random
+    inputs, and the given weights and weight gradients (else new arrays)."""
     from numba.typed import List
     rng = np.random.default_rng(0)
     L = len(sizes) - 1
-    hs, Ws, dzs, dWs, dxs = List(), List(), List(), List(), List()
+    hs, Wl, dzs, dWl, dxs = List(), List(), List(), List(), List()
     for i in range(L):
         hs.append(rng.standard_normal((batch, sizes[i])).astype(np.float32))
-        Ws.append(rng.standard_normal((sizes[i], sizes[i + 1])).astype(np.float32))
+        Wl.append(Ws[i] if Ws is not None else
+                  rng.standard_normal((sizes[i], sizes[i + 1])).astype(np.float32))
         dzs.append(np.zeros((batch, sizes[i + 1]), np.float32))
-        dWs.append(np.zeros((sizes[i], sizes[i + 1]), np.float32))
+        dWl.append(dWs[i] if dWs is not None else np.zeros((sizes[i], sizes[i + 1]), np.float32))
         dxs.append(np.zeros((batch, sizes[i]), np.float32))
-    return lambda: gemms(hs, Ws, dzs, dWs, dxs)
+    return hs, Wl, dzs, dWl, dxs
+
+
+def make_gemm_floor(sizes, batch, act, loss):
+    """The step's own GEMMs alone, through the BLAS Numba uses, in one call."""
+    gemms, operands = _gemms_kernel(), _gemm_operands(sizes, batch)
+    return lambda: gemms(*operands)
+
+
+def make_gemms_then_update(sizes, batch, act, loss):
+    """The two parts no step can skip, as a step runs them: its bare GEMMs
+    (:func:`make_gemm_floor`'s) writing into the model's own weight
+    gradients and reading its weights, then its clipped Adam update
+    (``opt.step()``, the step's kernel, plus ~10 us of Python) on that
+    memory.  The update then finds in the caches what it finds after a
+    step's backward, not what a loop of updates alone leaves there: on a
+    net of a few M parameters it takes ~1.5x its time alone."""
+    import fastgrad as fg
+    model = fg.MLP(sizes, activation=act, seed=0)
+    opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
+    Ws, dWs = [layer.W for layer in model.layers], [layer.dW for layer in model.layers]
+    if not all(w.flags.c_contiguous and np.shares_memory(w, model.params) for w in Ws):
+        raise RuntimeError("the floor must run the GEMMs on the model's own weights")
+    gemms, operands = _gemms_kernel(), _gemm_operands(sizes, batch, Ws, dWs)
+    rng = np.random.default_rng(1)
+    for layer in model.layers:      # the GEMMs write dW; db as make_update_alone's
+        layer.db[...] = rng.standard_normal(layer.db.shape).astype(np.float32) * 1e-3
+
+    def run():
+        gemms(*operands)
+        opt.step()
+    run.model, run.operands = model, operands
+    return run
 
 
 def make_gemm_floor_cuda(sizes, batch, act, loss):
