@@ -9,7 +9,6 @@ CI's ``pytest bench --benchmark-disable`` keeps it working.
 import functools
 
 import numpy as np
-
 import pytest
 
 import untuned_compare

@@ -30,8 +30,9 @@ weights on the same batch (bench/workloads.py):
   (:func:`workloads.make_gemms_then_update`): a step cannot take less
   than its GEMMs and its update, and a large net's update is memory-bound
   (it reads and writes every parameter and moment), so it pays for what
-  the GEMMs evicted from the caches before it -- up to ~1.5x its time in
-  a loop of updates alone.  "x floor" says how close the step is to it.
+  the GEMMs evicted from the caches before it -- 1.3-1.8x its time in a
+  loop of updates alone on nets of 1-3M parameters.  "x floor" says how
+  close the step is to it.
 
 Each round runs every contender in turn: a few untimed calls first (the
 previous contender's BLAS or OpenMP workers may still be spinning), then

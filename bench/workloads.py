@@ -146,14 +146,17 @@ def make_gemms_then_update(sizes, batch, act, loss):
     gradients and reading its weights, then its clipped Adam update
     (``opt.step()``, the step's kernel, plus ~10 us of Python) on that
     memory.  The update then finds in the caches what it finds after a
-    step's backward, not what a loop of updates alone leaves there: on a
-    net of a few M parameters it takes ~1.5x its time alone."""
+    step's backward, not what a loop of updates alone leaves there: on
+    nets of 1-3M parameters it took 1.3-1.8x its time alone
+    (bench/RESULTS.md "The step's floor is its GEMMs then its update")."""
     import fastgrad as fg
     model = fg.MLP(sizes, activation=act, seed=0)
     opt = fg.Adam(model, lr=1e-3, clip_norm=1.0)
     Ws, dWs = [layer.W for layer in model.layers], [layer.dW for layer in model.layers]
-    if not all(w.flags.c_contiguous and np.shares_memory(w, model.params) for w in Ws):
-        raise RuntimeError("the floor must run the GEMMs on the model's own weights")
+    if not all(w.flags.c_contiguous and np.shares_memory(w, model.params) for w in Ws) or \
+            not all(g.flags.c_contiguous and np.shares_memory(g, model.grads) for g in dWs):
+        raise RuntimeError("the floor must run the GEMMs on the model's own weights "
+                           "and weight gradients")
     gemms, operands = _gemms_kernel(), _gemm_operands(sizes, batch, Ws, dWs)
     rng = np.random.default_rng(1)
     for layer in model.layers:      # the GEMMs write dW; db as make_update_alone's
