@@ -106,17 +106,17 @@ def test_step_every_optimizer(device, opt, dtype, rtol):
 _KINK_AT_ZERO = ("relu",)
 
 
-def _hidden_preactivations_margin(x, params, sizes, offsets):
-    """The smallest |pre-activation| of the hidden layers of a plain relu
-    MLP (W then b per layer, as kernels/layout.py lays them), in float64."""
-    h, margin = x.astype(np.float64), np.inf
-    for layer in range(len(sizes) - 2):
+def _hidden_preactivations_margin(x, params, sizes, offsets, act):
+    """The smallest |pre-activation| of the hidden layers of a plain MLP
+    (W then b per layer, as kernels/layout.py lays them), from
+    fastgrad.reference's float64 forward."""
+    layers = []
+    for layer in range(len(sizes) - 1):
         n_in, n_out, o = sizes[layer], sizes[layer + 1], offsets[layer]
-        w = params[o:o + n_in * n_out].astype(np.float64).reshape(n_in, n_out)
-        z = h @ w + params[o + n_in * n_out:o + n_in * n_out + n_out]
-        margin = min(margin, float(np.abs(z).min()))
-        h = np.maximum(z, 0.0)
-    return margin
+        ob = o + n_in * n_out
+        layers.append((params[o:ob].reshape(n_in, n_out), params[ob:ob + n_out],
+                       act if layer < len(sizes) - 2 else "identity", None))
+    return min(float(np.abs(z).min()) for _, z, _ in fg.reference.mlp_forward(x, layers)[:-1])
 
 
 def _flat_mlp(rng, sizes, act, dtype, batch, loss):
@@ -134,7 +134,7 @@ def _flat_mlp(rng, sizes, act, dtype, batch, loss):
     while True:
         params = (rng.standard_normal(offsets[-1]) * 0.3).astype(dtype)
         x = rng.standard_normal((batch, sizes[0])).astype(dtype)
-        if not kinked or _hidden_preactivations_margin(x, params, sizes, offsets) > 2e-5:
+        if not kinked or _hidden_preactivations_margin(x, params, sizes, offsets, act) > 2e-5:
             break
     labels = rng.integers(0, sizes[-1], batch).astype(np.int64)
     target = rng.uniform(0, 1, (batch, sizes[-1])).astype(dtype)
