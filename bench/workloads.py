@@ -103,17 +103,19 @@ def make_update_alone(sizes, batch, act, loss):
 def _gemms_kernel():
     """One compiled call running a step's GEMMs on typed lists of arrays:
     forward h @ W, then per layer backwards dW = h.T @ dz and (but the
-    first layer's) dx = dz @ W.T, through the BLAS Numba uses."""
+    first layer's) dx = dz @ W.T, through the kernels' own GEMM (the
+    library ``fastgrad.set_blas`` chose)."""
     from numba import njit
+    from fastgrad.kernels.cpu.gemm import gemm
 
     @njit(cache=True)
     def gemms(hs, Ws, dzs, dWs, dxs):
         for i in range(len(Ws)):
-            np.dot(hs[i], Ws[i], dzs[i])
+            gemm(hs[i], Ws[i], dzs[i])
         for i in range(len(Ws) - 1, -1, -1):
-            np.dot(hs[i].T, dzs[i], dWs[i])
+            gemm(hs[i].T, dzs[i], dWs[i])
             if i > 0:
-                np.dot(dzs[i], Ws[i].T, dxs[i])
+                gemm(dzs[i], Ws[i].T, dxs[i])
     return gemms
 
 
@@ -135,7 +137,7 @@ def _gemm_operands(sizes, batch, Ws=None, dWs=None):
 
 
 def make_gemm_floor(sizes, batch, act, loss):
-    """The step's own GEMMs alone, through the BLAS Numba uses, in one call."""
+    """The step's own GEMMs alone, through the kernels' GEMM, in one call."""
     gemms, operands = _gemms_kernel(), _gemm_operands(sizes, batch)
     return lambda: gemms(*operands)
 

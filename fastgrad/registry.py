@@ -330,7 +330,7 @@ _SUBMODULES = ("step", "step_blocks", "step_sharded", "blocks", "norm", "wnorm",
 # Modules that depend on none of the codes a copy is built for: a copy uses
 # the package's own, so their kernels (the losses, norms) compile once per
 # process and disk cache, whatever the number of copies.
-_SHARED = ("mathfn", "losses", "reduce", "wnorm")
+_SHARED = ("mathfn", "losses", "reduce", "wnorm", "gemm")
 _subsets = {}          # (activations, rules, losses, features) -> package module
 
 

@@ -34,6 +34,7 @@ from numba import njit
 from . import activations as A
 from ._jit import INLINE, JIT_ROWS
 from ..spec import dropout_threshold  # noqa: F401  (re-exported: the twins share it)
+from .gemm import gemm
 from .mathfn import like
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -205,7 +206,7 @@ def _add_into(dst, src):
 def block_forward(x, W, b, z, fz, y, act, alpha, drop, key, thresh, scale, residual):
     """y = dropout(f(x @ W + b)) (+ x for a residual block); keeps z (``NEEDS_Z``)
     and fz (residual)."""
-    np.dot(x, W, y)
+    gemm(x, W, y)
     block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual)
 
 
@@ -220,8 +221,8 @@ def block_backward(x, W, fz, z, da, dz, dW, db, dx, act, alpha, drop, key, thres
     ``need_dx``, ``dx = dz W^T (+ da for a residual block)``.
     """
     block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale, residual)
-    np.dot(x.T, dz, dW)
+    gemm(x.T, dz, dW)
     if need_dx:
-        np.dot(dz, W.T, dx)
+        gemm(dz, W.T, dx)
         if residual:
             _add_into(dx, da)

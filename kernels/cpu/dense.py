@@ -9,15 +9,15 @@ The activation passes are compiled into these kernels' disk cache, which
 Numba keys on this file only: a change to activations.py alone leaves a
 stale entry here (DESIGN.md, Numba notes) -- touch this file with it.
 
-Inside ``@njit``, ``np.dot`` on contiguous 2-D float arrays calls SciPy's BLAS
-gemm; a transposed operand (``x.T``, F-ordered) reaches gemm as a transpose
-flag, not as a copy.
+The GEMMs call the kernels' BLAS library (``gemm.py``: SciPy's unless
+``fastgrad.set_blas`` chose another); a transposed operand (``x.T``)
+reaches it as a transpose flag, not as a copy.
 """
-import numpy as np
 from numba import njit
 
 from ._jit import JIT
 from .activations import bias_act, bias_act_grad
+from .gemm import gemm
 
 
 @njit(**JIT)
@@ -28,7 +28,7 @@ def dense_forward(x, W, b, z, a, act, alpha):
     the derivative does not need z: then the whole layer is one GEMM into
     ``a`` and one in-place pass.
     """
-    np.dot(x, W, z)
+    gemm(x, W, z)
     bias_act(z, b, a, act, alpha)
 
 
@@ -40,6 +40,6 @@ def dense_backward(x, W, a, z, da, dz, dW, db, dx, act, alpha, need_dx):
     ``need_dx``, ``dx``; with ``need_dx`` False ``dx`` is not touched.
     """
     bias_act_grad(da, a, z, dz, db, act, alpha)
-    np.dot(x.T, dz, dW)
+    gemm(x.T, dz, dW)
     if need_dx:
-        np.dot(dz, W.T, dx)
+        gemm(dz, W.T, dx)

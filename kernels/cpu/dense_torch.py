@@ -9,7 +9,7 @@ forward:  z = x @ weight.T (BLAS, the transpose as a flag), then ONE pass:
           z += b, a = f(z) (``activations.bias_act``, as ``dense.py``)
 backward: ONE pass dz = da * f' summing db, then dweight = dz.T @ x and
           dx = dz @ weight (BLAS; both outputs C-contiguous, as Numba's
-          ``np.dot`` requires of its ``out``).
+          ``gemm`` requires of its ``out``).
 
 The block variants add inverted dropout and the residual skip with the
 epilogues of ``blocks.py``, the norm variants LayerNorm / BatchNorm1d with
@@ -19,11 +19,11 @@ As for ``dense.py``: the activation and block passes are compiled into this
 file's disk cache entries, so a change to activations.py or blocks.py needs
 this file touched.
 """
-import numpy as np
 from numba import njit
 
 from ._jit import JIT
 from .activations import bias_act, bias_act_grad
+from .gemm import gemm
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue
 from .norm import norm_backward_epilogue, norm_forward_epilogue
 
@@ -32,7 +32,7 @@ from .norm import norm_backward_epilogue, norm_forward_epilogue
 def dense_forward_t(x, weight, b, z, a, act, alpha):
     """a = f(x @ weight.T + b); ``z`` gets the pre-activation (``z is a``
     when the derivative does not need it)."""
-    np.dot(x, weight.T, z)
+    gemm(x, weight.T, z)
     bias_act(z, b, a, act, alpha)
 
 
@@ -41,16 +41,16 @@ def dense_backward_t(x, weight, a, z, da, dz, dweight, db, dx, act, alpha, need_
     """Gradients of a = f(x @ weight.T + b) given da: writes ``dz``,
     ``dweight`` (n_out, n_in), ``db`` and, when ``need_dx``, ``dx``."""
     bias_act_grad(da, a, z, dz, db, act, alpha)
-    np.dot(dz.T, x, dweight)
+    gemm(dz.T, x, dweight)
     if need_dx:
-        np.dot(dz, weight, dx)
+        gemm(dz, weight, dx)
 
 
 @njit(**JIT)
 def block_forward_t(x, weight, b, z, fz, y, act, alpha, drop, key, thresh, scale, residual):
     """y = dropout(f(x @ weight.T + b)) (+ x when ``residual``); arguments
     as ``blocks.block_forward``."""
-    np.dot(x, weight.T, y)
+    gemm(x, weight.T, y)
     block_forward_epilogue(y, b, x, z, fz, act, alpha, drop, key, thresh, scale, residual)
 
 
@@ -60,9 +60,9 @@ def block_backward_t(x, weight, fz, z, da, dz, dweight, db, dx, act, alpha, drop
     """Gradients of :func:`block_forward_t`; arguments as
     ``blocks.block_backward`` with ``dweight`` (n_out, n_in)."""
     block_backward_epilogue(da, fz, z, dz, db, act, alpha, drop, key, thresh, scale, residual)
-    np.dot(dz.T, x, dweight)
+    gemm(dz.T, x, dweight)
     if need_dx:
-        np.dot(dz, weight, dx)
+        gemm(dz, weight, dx)
         if residual:
             _add_into(dx, da)
 
@@ -72,7 +72,7 @@ def norm_forward_t(x, weight, b, xhat, fz, y, gamma, beta, mean, rstd, acc, run_
                    kind, batch_stats, act, alpha, drop, key, thresh, scale, residual):
     """y = dropout(f(norm(x @ weight.T + b))) (+ x); arguments as
     ``norm.norm_forward_epilogue`` after the GEMM."""
-    np.dot(x, weight.T, y)
+    gemm(x, weight.T, y)
     norm_forward_epilogue(y, b, x, xhat, fz, gamma, beta, mean, rstd, acc, run_mean, run_var,
                           kind, batch_stats, act, alpha, drop, key, thresh, scale, residual)
 
@@ -84,8 +84,8 @@ def norm_backward_t(x, weight, fz, xhat, gamma, beta, rstd, da, dz, dweight, db,
     """Gradients of :func:`norm_forward_t`; ``dz`` must not be ``da``."""
     norm_backward_epilogue(da, fz, xhat, gamma, beta, rstd, dz, db, dgamma, dbeta, r1, r2, kind,
                            batch_stats, act, alpha, drop, key, thresh, scale, residual)
-    np.dot(dz.T, x, dweight)
+    gemm(dz.T, x, dweight)
     if need_dx:
-        np.dot(dz, weight, dx)
+        gemm(dz, weight, dx)
         if residual:
             _add_into(dx, da)

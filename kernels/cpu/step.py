@@ -83,6 +83,7 @@ from . import fpenv, pass_team
 from ._jit import INLINE, INNER, JIT, code_ladder, not_served, served_codes
 from .activations import _unknown, bias_act_grad_inplace, bias_act_step, needs_z, served
 from .blocks import _add_into, block_backward_epilogue, block_forward_epilogue, dropout_key
+from .gemm import gemm
 from .losses import bce_with_logits, mse, softmax_cross_entropy
 from .norm import norm_backward_epilogue, norm_forward_epilogue
 from .optim import clipped_update_inline, refuse_rule
@@ -259,7 +260,7 @@ def _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fp
                 params, grads, plan, acts, run_mean, run_var, offsets, sizes, kind, B, l,
                 act_off, stat_off, col_off)
             drop, key, thresh, scale = _drop_args(plan, _drop_rate(plan, fplan, l), l)
-            np.dot(h, W, a)
+            gemm(h, W, a)
             norm_forward_epilogue(a, b, h, xhat, _rows(acts, plan[PLAN_FZS] + act_off, B,
                                                        n_out),
                                   gamma, beta, mean, rstd, nwork, rm, rv, kind, training,
@@ -268,14 +269,14 @@ def _forward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, plan, fp
         elif _BLOCKS and (_drop_rate(plan, fplan, l) > 0.0
                           or _layer(plan, l, PLAN_RESIDUAL) != 0):
             drop, key, thresh, scale = _drop_args(plan, _drop_rate(plan, fplan, l), l)
-            np.dot(h, W, a)
+            gemm(h, W, a)
             block_forward_epilogue(a, b, h, z, _rows(acts, plan[PLAN_FZS] + act_off, B, n_out),
                                    codes[l], alphas[l], drop, key, thresh, scale,
                                    _layer(plan, l, PLAN_RESIDUAL) != 0)
         else:
             if not needs_z(codes[l]):
                 z = a
-            np.dot(h, W, z)
+            gemm(h, W, z)
             if TEAM:      # on the team, or through its member on this thread
                 pass_team.forward(plan, pass_team.team_size(plan, B * n_out, codes[l]), z, b,
                                   a, codes[l], alphas[l])
@@ -367,17 +368,17 @@ def _backward(x, params, grads, sizes, codes, alphas, offsets, acts, zs, delta, 
             dz = da
         if l > 0:
             h = acts[act_off - B * sizes[l]:act_off].reshape((B, sizes[l]))
-            np.dot(h.T, dz, dWt)
+            gemm(h.T, dz, dWt)
             nxt = (1 - ping) * half
             dx = delta[nxt:nxt + B * sizes[l]].reshape((B, sizes[l]))
-            np.dot(dz, W.T, dx)
+            gemm(dz, W.T, dx)
             if _BLOCKS:
                 if res:
                     _add_into(dx, da)
             da = dx
             ping = 1 - ping
         else:
-            np.dot(x.T, dz, dWt)
+            gemm(x.T, dz, dWt)
         if _WEIGHT_NORM:
             if _layer(plan, l, PLAN_WN) != 0:
                 _weight_norm_grads(params, grads, dWt, plan, fplan, offsets, sizes, l, col_off)
@@ -516,7 +517,7 @@ def _first_layer_dx(params, sizes, offsets, acts, delta, plan, B, dx):
     if _WEIGHT_NORM:
         if _layer(plan, 0, PLAN_WN) != 0:
             W = acts[plan[PLAN_WEFF] + o:plan[PLAN_WEFF] + ob].reshape((n_in, n_out))
-    np.dot(dz, W.T, dx)
+    gemm(dz, W.T, dx)
     if _RESIDUAL:
         if res:
             _add_into(dx, da)
