@@ -411,8 +411,12 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="tiny workloads, one short round: checks that the harness runs")
     ap.add_argument("--note", default="", help="a sentence on the conditions, printed with the tables")
+    ap.add_argument("--blas", choices=("openblas", "mkl"), default="openblas",
+                    help="the library under fastgrad's GEMMs (fastgrad.set_blas); mkl needs "
+                         "the optional mkl package")
     ap.add_argument("--write", action="store_true",
-                    help="replace the untuned_compare block of bench/RESULTS.md")
+                    help="replace the untuned_compare block of bench/RESULTS.md "
+                         "(untuned_compare_mkl with --blas mkl)")
     args = ap.parse_args(argv)
     if args.smoke and args.write:
         ap.error("--write records a measurement; a --smoke run measures nothing")
@@ -428,12 +432,17 @@ def main(argv=None):
         draws = n_acts if args.draws is None else args.draws
         workloads = draw(draws, args.seed, **FULL)
         small_nets = draw(args.small, args.seed + 1, **SMALL, start=draws, prefix="s")
+    import fastgrad as fg
+    fg.set_blas(args.blas)
     t0 = time.perf_counter()
     rows, small_rows, problems = run_all(workloads, small_nets, args.rounds, args.budget)
     summary, met = summarise(rows)
     note = f"  {args.note}" if args.note else ""
+    command = COMMAND + (" --blas mkl" if args.blas == "mkl" else "")
     text = "\n".join([
-        f"    {COMMAND}", "", f"`{header()}`", "",
+        f"    {command}", "", f"`{header()}`", "",
+        f"fastgrad's GEMMs on {'Intel MKL' if args.blas == 'mkl' else 'SciPy OpenBLAS'} "
+        "(`fastgrad.set_blas`).", "",
         f"Seed {args.seed}, {args.rounds} round{'s' * (args.rounds != 1)}, "
         f"{args.budget:g} s of timing"
         + (" (smoke run: tiny sizes, figures meaningless)" if args.smoke else "")
@@ -457,7 +466,8 @@ def main(argv=None):
               file=sys.stderr)
         return 1
     if args.write:
-        write_block(RESULTS, "untuned_compare", text)
+        write_block(RESULTS, "untuned_compare" + ("_mkl" if args.blas == "mkl" else ""),
+                    text)
         print(f"\nwrote {RESULTS}", file=sys.stderr)
     return 0
 

@@ -6,6 +6,7 @@ gradient clipping and gradient-health reporting built in.
 >>> step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model, clip_norm=1.0))
 """
 from . import callbacks, health, interop, ops, registry, schedules
+from .blas import get_blas, set_blas
 from .device import (DeviceUnavailableError, available_devices, get_device,
                      get_flush_denormal, set_device, set_flush_denormal)
 from .errors import NonFiniteGradientError
@@ -28,6 +29,7 @@ __all__ = [
     "Sequential", "MSE", "BCEWithLogits", "SoftmaxCrossEntropy", "SGD", "Adam",
     "AdamW", "RMSprop", "StepStats", "TrainStep", "evaluate", "fit",
     "get_num_threads", "set_num_threads", "share_blas_pool", "blas_pool_status",
+    "get_blas", "set_blas",
     "pass_team_status", "registry",
     "register_activation",
 ]

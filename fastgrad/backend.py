@@ -26,6 +26,7 @@ import threading
 import numpy as np
 
 from . import _compile_worker
+from . import blas as _blas
 from . import device as _device
 from . import registry as _registry
 from . import threads as _threads
@@ -304,6 +305,10 @@ def _fill_team(plan, threads, start, blas, split_update):
     from .kernels import layout as k
     plan[k.PLAN_POOL_THREADS], plan[k.PLAN_POOL_START] = threads, start
     plan[k.PLAN_POOL_BLAS], plan[k.PLAN_POOL_SPLIT_UPDATE] = blas, bool(split_update)
+    # MKL's GEMMs run on the team's GNU OpenMP pool and take no mode from the
+    # caller: the step gives the pool its FTZ/DAZ for its span
+    plan[k.PLAN_POOL_GEMM_MODE] = int(threads > 1 and blas == 0 and
+                                      _blas.mkl_handle() is not None)
 
 
 class CpuBackend(Backend):
@@ -421,6 +426,7 @@ class CpuBackend(Backend):
 
     def optimizer_built(self):
         _threads.share_blas_pool_if_asked()
+        _blas.set_blas_if_asked()
 
     def fill_pass_team(self, plan, kernels, dtype, update=True, team=True, defer=False,
                        shards=False):

@@ -78,7 +78,9 @@ def one_blas_thread():
     """Run the block with the kernels' BLAS on one thread, so that a step's
     own thread pool owns the cores (DESIGN.md "Threads"); restores the
     previous counts.  Costs about a microsecond per library."""
-    libs = _blas_of_kernels()
+    libs = list(_blas_of_kernels())
+    if _mkl_on_gnu_openmp():
+        libs += ThreadpoolController().select(internal_api="mkl").lib_controllers
     before = [lib.get_num_threads() for lib in libs]
     for lib in libs:
         lib.set_num_threads(1)
@@ -307,7 +309,7 @@ def _team():
         return 0, None, "one thread (fastgrad.set_num_threads, NUMBA_NUM_THREADS)"
     if os.environ.get("FASTGRAD_PASS_TEAM", "").strip() == "0":
         return 0, None, "FASTGRAD_PASS_TEAM=0 in the environment"
-    if blas_pool_shared():
+    if blas_pool_shared() or _mkl_on_gnu_openmp():
         return threads, "shared pool", None
     if _blas_team():
         return threads, "openblas workers", None
@@ -345,11 +347,31 @@ def pass_team():
         return 0, 0, 0
     if blas_pool_shared():
         return threads, _pool["start"], 0
+    if _mkl_on_gnu_openmp():
+        return threads, _gomp_parallel(), 0
     start, blas = _blas_team()
     return threads, start, blas
 
 
 numba_threads = numba.get_num_threads
+
+
+def _mkl_on_gnu_openmp():
+    """Whether MKL runs the kernels' GEMMs (``fastgrad.set_blas``): its
+    threads are GNU OpenMP's pool, so the passes' team is one of that pool."""
+    from . import blas
+    return blas.mkl_handle() is not None
+
+
+def _gomp_parallel():
+    return ctypes.cast(ctypes.CDLL("libgomp.so.1").GOMP_parallel, ctypes.c_void_p).value
+
+
+def library_changed():
+    """The kernels' BLAS library changed (``fastgrad.set_blas``): step plans
+    choose their team again."""
+    with _pool_lock:
+        _pool["generation"] += 1
 
 
 def blas_pool_status():

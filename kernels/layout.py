@@ -58,11 +58,13 @@ PLAN_NWORK, PLAN_WNORM, PLAN_SAVED = 8, 9, 10                            # in fp
 # False``), the item size of the dtype the members were compiled for, the
 # loss's member, and in the shards' header of the sharded step
 # (kernels/cpu/step_sharded.py) the member running one shard's forward and
-# backward.
+# backward; last, 1 where the kernels' GEMMs run on GNU OpenMP's pool without
+# taking the caller's floating-point mode (MKL: ``fastgrad.set_blas``), so
+# that a step gives the pool its mode for its span (pass_team.workers_mode).
 PLAN_POOL_THREADS, PLAN_POOL_START, PLAN_POOL_FORWARD, PLAN_POOL_GRAD = 11, 12, 13, 14
 PLAN_POOL_NORM, PLAN_POOL_UPDATE, PLAN_POOL_BLAS, PLAN_POOL_SPLIT_UPDATE = 15, 16, 17, 18
-PLAN_POOL_ITEMSIZE, PLAN_POOL_LOSS, PLAN_POOL_SHARD = 19, 20, 21
-PLAN_HEADER = 22
+PLAN_POOL_ITEMSIZE, PLAN_POOL_LOSS, PLAN_POOL_SHARD, PLAN_POOL_GEMM_MODE = 19, 20, 21, 22
+PLAN_HEADER = 23
 PLAN_RESIDUAL, PLAN_NORM, PLAN_WN = 0, 1, 2          # plan[PLAN_HEADER + PLAN_ROW * l + k]
 PLAN_ROW = 3
 

@@ -39,8 +39,8 @@ from numba import carray, cfunc, njit, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GRAD,  # noqa: F401
-                      PLAN_POOL_ITEMSIZE, PLAN_POOL_LOSS, PLAN_POOL_NORM,
+from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_FORWARD, PLAN_POOL_GEMM_MODE,  # noqa: F401
+                      PLAN_POOL_GRAD, PLAN_POOL_ITEMSIZE, PLAN_POOL_LOSS, PLAN_POOL_NORM,
                       PLAN_POOL_SPLIT_UPDATE, PLAN_POOL_START, PLAN_POOL_THREADS,
                       PLAN_POOL_UPDATE)
 from ..spec import (BCE_WITH_LOGITS, CROSS_ENTROPY, HP_SIZE, LOSS_CODES, MEMORY_BOUND,
@@ -295,13 +295,23 @@ def workers_mode(plan, sizes, batch, clear):
     span, and clears it on return (OpenBLAS never sets it) so that other
     code's BLAS calls keep gradual underflow (kernels/cpu/step.py).  A job
     queued to n - 1 workers takes the lowest-numbered idle ones, as each
-    GEMM's jobs do (OpenBLAS's ``exec_blas_async``).  Nothing on the shared
-    pool, whose BLAS jobs adopt the caller's mode, or off x86-64.  One
-    compiled call, not inlined: inlined in the driver it cost a cold
-    first step 0.2 s more."""
+    GEMM's jobs do (OpenBLAS's ``exec_blas_async``).  Where MKL runs the
+    GEMMs (``PLAN_POOL_GEMM_MODE``) its threads are GNU OpenMP's pool, the
+    team's, and take no mode from the caller: the team gets the mode the
+    same way, whatever the GEMMs' sizes (MKL's own threading thresholds
+    are not known here; a relu net's GEMMs on denormals ran 2x slower).
+    Nothing on the shared pool with OpenBLAS, whose BLAS jobs adopt the
+    caller's mode, or off x86-64.  One compiled call, not inlined:
+    inlined in the driver it cost a cold first step 0.2 s more."""
     if fpenv.X86:
         if plan[PLAN_POOL_BLAS] == 0:
-            return False
+            if plan[PLAN_POOL_GEMM_MODE] == 0 or plan[PLAN_POOL_THREADS] < 2:
+                return False
+            mode = 0 if clear else fpenv.caller_mode()
+            if mode == 0 and not clear:
+                return False
+            _run(plan, _mode_member(), _record((mode,)), plan[PLAN_POOL_THREADS])
+            return True
         mode = 0
         if not clear:
             mode = fpenv.caller_mode()

@@ -1,0 +1,138 @@
+"""fastgrad.set_blas: the CPU kernels' GEMMs on SciPy's OpenBLAS or Intel
+MKL.  MKL's cases run in fresh processes (MKL's layers are chosen once per
+process) and are skipped where the optional ``mkl`` package is missing."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fastgrad as fg
+from fastgrad import blas
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code, **env):
+    environ = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    environ.update(env)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environ,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_default_is_scipys_blas():
+    from fastgrad.kernels import gemm_library
+    assert fg.get_blas() == "openblas"
+    assert gemm_library.gemm_addresses() == gemm_library.scipy_gemm()
+
+
+def test_set_blas_refuses_an_unknown_library():
+    with pytest.raises(ValueError, match="openblas"):
+        fg.set_blas("accelerate")
+    assert fg.get_blas() == "openblas"
+
+
+def test_set_blas_says_how_to_install_mkl_where_it_is_missing(monkeypatch):
+    monkeypatch.setattr(blas, "_find_mkl_rt", lambda: None)
+    monkeypatch.setitem(blas._state, "mkl", None)
+    with pytest.raises(RuntimeError, match=r"fastgrad\[mkl\]"):
+        fg.set_blas("mkl")
+    assert fg.get_blas() == "openblas"
+
+
+def test_set_blas_refuses_intels_openmp_for_mkl():
+    out = _run("""
+        import fastgrad as fg
+        try:
+            fg.set_blas("mkl")
+        except RuntimeError as exc:
+            print("refused:", exc)
+        print(fg.get_blas())
+    """, MKL_THREADING_LAYER="INTEL")
+    assert "refused: set_blas('mkl') needs MKL_THREADING_LAYER=GNU" in out
+    assert out.strip().endswith("openblas")
+
+
+needs_mkl = pytest.mark.skipif(blas._find_mkl_rt() is None,
+                               reason="Intel MKL is not installed (pip install fastgrad[mkl])")
+
+
+@needs_mkl
+def test_a_step_on_mkl_matches_openblas_and_repeats_bitwise():
+    out = _run("""
+        import os
+        import numpy as np
+        import fastgrad as fg
+        from fastgrad.kernels import gemm_library
+
+        def train(dtype, steps=3):
+            rng = np.random.default_rng(7)
+            x = rng.standard_normal((67, 45)).astype(dtype)
+            y = rng.integers(0, 9, 67)
+            model = fg.MLP([45, 130, 70, 9], activation="tanh", seed=3, dtype=dtype)
+            step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(),
+                                fg.Adam(model, lr=1e-2, clip_norm=1.0))
+            losses = [float(step(x, y)) for _ in range(steps)]
+            return losses, model.params.copy()
+
+        for dtype, rtol in ((np.float32, 2e-4), (np.float64, 1e-11)):
+            fg.set_blas("openblas")
+            want_losses, want = train(dtype)
+            assert fg.set_blas("mkl") == "mkl" and fg.get_blas() == "mkl"
+            assert gemm_library.gemm_addresses() != gemm_library.scipy_gemm()
+            assert fg.pass_team_status()[1] == "shared pool", fg.pass_team_status()
+            losses, got = train(dtype)
+            again_losses, again = train(dtype)
+            assert losses == again_losses
+            np.testing.assert_array_equal(got, again)
+            np.testing.assert_allclose(losses, want_losses, rtol=rtol)
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
+        # the step gave GNU OpenMP's pool (MKL's threads) its mode for its
+        # span, and cleared it on return: Numba's parallel loops, on the same
+        # pool, find gradual underflow
+        from numba import njit, prange
+        from fastgrad.kernels import layout
+        from fastgrad.kernels.cpu import fpenv
+
+        @njit(parallel=True)
+        def pool_modes(n):
+            out = np.zeros(n, np.int64)
+            for i in prange(n):
+                out[i] = fpenv._read_mxcsr() & fpenv.FTZ_DAZ
+            return out
+
+        model = fg.MLP([45, 130, 9], seed=3)
+        step = fg.TrainStep(model, fg.SoftmaxCrossEntropy(), fg.Adam(model))
+        step(np.ones((67, 45), np.float32), np.zeros(67, np.int64))
+        plans = [buf[3] for buf in step._buffers.values()]
+        assert plans and all(p[layout.PLAN_POOL_GEMM_MODE] == 1 for p in plans)
+        assert not pool_modes(64).any()
+        fg.set_blas("openblas")
+        assert gemm_library.gemm_addresses() == gemm_library.scipy_gemm()
+        step(np.ones((67, 45), np.float32), np.zeros(67, np.int64))
+        plans = [buf[3] for buf in step._buffers.values()]
+        assert all(p[layout.PLAN_POOL_GEMM_MODE] == 0 for p in plans)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@needs_mkl
+def test_fastgrad_blas_in_the_environment_and_a_forked_child():
+    out = _run("""
+        import os
+        import fastgrad as fg
+        assert fg.get_blas() == "openblas"
+        model = fg.MLP([4, 3], seed=0)
+        fg.Adam(model, lr=1e-3)            # the first optimizer reads FASTGRAD_BLAS
+        print("parent", fg.get_blas())
+        pid = os.fork()
+        if pid == 0:
+            os.write(1, f"child {fg.get_blas()}\\n".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+    """, FASTGRAD_BLAS="mkl")
+    assert "parent mkl" in out and "child openblas" in out
