@@ -4,7 +4,7 @@ default) or Intel MKL.
     pip install "fastgrad[mkl]"
     fastgrad.set_blas("mkl")        # or FASTGRAD_BLAS=mkl in the environment
 
-On the Intel Xeon this was measured on, MKL's GEMMs took 0.53-0.75x the
+On the Intel Xeon this was measured on, MKL's GEMMs took 0.53-0.79x the
 time of SciPy's OpenBLAS on the steps' own GEMMs, and PyTorch's CPU wheels
 already run MKL's (bench/RESULTS.md "MKL under the kernels").  The kernels
 call the library through addresses they read at each call
