@@ -127,6 +127,21 @@ def _increment(stride, length, itemsize):
 
 
 @njit(**INNER)
+def _matrix_vector(matrix, x, x_stride, y, y_stride, itemsize):
+    """y = matrix @ x through ?gemv, x and y vectors of the given strides."""
+    rows, cols = matrix.shape
+    trans, ld = _operand(matrix, cols, itemsize)
+    inc_x = _increment(x_stride, cols, itemsize)
+    inc_y = _increment(y_stride, rows, itemsize)
+    if trans == 0 or inc_x == 0 or inc_y == 0 or ld > _INT_MAX:
+        raise ValueError("gemm: an operand's layout is not one BLAS reads")
+    if trans == _N:             # the read is matrix^T (cols x rows)
+        _fortran_gemv(_T, cols, rows, matrix, ld, x, inc_x, y, inc_y)
+    else:                       # the read is matrix (rows x cols)
+        _fortran_gemv(_N, rows, cols, matrix, ld, x, inc_x, y, inc_y)
+
+
+@njit(**INNER)
 def gemm(a, b, out):
     """out = a @ b (see the module's docstring for the layouts)."""
     m, k = a.shape
@@ -142,26 +157,10 @@ def gemm(a, b, out):
         raise ValueError("gemm: a dimension beyond the BLAS's 32-bit integers")
     itemsize = out.itemsize
     if n == 1:          # a column: out[:, 0] = a @ b[:, 0]
-        trans, ld = _operand(a, k, itemsize)
-        inc_x = _increment(b.strides[0], k, itemsize)
-        inc_y = _increment(out.strides[0], m, itemsize)
-        if trans == 0 or inc_x == 0 or inc_y == 0 or ld > _INT_MAX:
-            raise ValueError("gemm: an operand's layout is not one BLAS reads")
-        if trans == _N:             # the read is a^T (k x m)
-            _fortran_gemv(_T, k, m, a, ld, b, inc_x, out, inc_y)
-        else:                       # the read is a (m x k)
-            _fortran_gemv(_N, m, k, a, ld, b, inc_x, out, inc_y)
+        _matrix_vector(a, b, b.strides[0], out, out.strides[0], itemsize)
         return
     if m == 1:          # a row: out[0] = a[0] @ b, i.e. out^T = b^T a^T
-        trans, ld = _operand(b, n, itemsize)
-        inc_x = _increment(a.strides[1], k, itemsize)
-        inc_y = _increment(out.strides[1], n, itemsize)
-        if trans == 0 or inc_x == 0 or inc_y == 0 or ld > _INT_MAX:
-            raise ValueError("gemm: an operand's layout is not one BLAS reads")
-        if trans == _N:             # the read is b^T (n x k)
-            _fortran_gemv(_N, n, k, b, ld, a, inc_x, out, inc_y)
-        else:                       # the read is b (k x n)
-            _fortran_gemv(_T, k, n, b, ld, a, inc_x, out, inc_y)
+        _matrix_vector(b.T, a, a.strides[1], out, out.strides[1], itemsize)
         return
     trans_a, lda = _operand(a, k, itemsize)
     trans_b, ldb = _operand(b, n, itemsize)
