@@ -19,7 +19,7 @@ other (a step 25x slower), so ``MKL_THREADING_LAYER`` set to anything but
 GNU is refused.  MKL keeps its dynamic threads (``MKL_DYNAMIC``, its
 default): it runs a small GEMM, or one inside a team's region (the
 sharded step's shards), on one thread; told to keep its count, a sharded
-epoch took 20x as long.  Its results are the same from step to step and
+epoch took 18x as long.  Its results are the same from step to step and
 run to run for a given thread count on a given CPU (tested), but they are
 not bitwise OpenBLAS's, nor those of another thread count.
 
