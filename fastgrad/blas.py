@@ -32,8 +32,6 @@ import importlib.metadata
 import os
 import threading
 
-import numba
-
 from . import threads as _threads
 from .kernels import gemm_library
 
@@ -114,11 +112,10 @@ def _load_mkl():
         raise RuntimeError(f"set_blas('mkl') needs MKL_THREADING_LAYER=GNU (or unset), got "
                            f"{layer!r}: MKL's threads must be GNU OpenMP's, the pool Numba's "
                            "parallel passes use, or the two pools spin against each other")
-    from numba.np.ufunc.parallel import _launch_threads
-    _launch_threads()
-    if numba.threading_layer() != "omp":
-        raise RuntimeError(f"set_blas('mkl') needs Numba's 'omp' threading layer, not "
-                           f"{numba.threading_layer()!r} (NUMBA_THREADING_LAYER)")
+    try:
+        _threads.gnu_openmp()           # MKL's threads are then the passes' pool
+    except RuntimeError as exc:
+        raise RuntimeError(f"set_blas('mkl'): {exc}") from None
     path = _find_mkl_rt()
     if not path:
         raise RuntimeError("set_blas('mkl'): Intel MKL is not installed "

@@ -109,9 +109,10 @@ _pool = {"libraries": None, "why_not": None, "fork_hook": False, "forked": False
 _pool_lock_word = None      # the callback's spin lock (an int32 it reaches by symbol)
 
 
-def _pool_libraries():
-    """The kernels' OpenBLAS libraries that accept a threads callback, or
-    raise RuntimeError saying why the pool cannot be shared."""
+def gnu_openmp():
+    """``{name: address}`` of the GNU OpenMP (and libc) functions a team on
+    Numba's OpenMP pool calls (``kernels/cpu/blas_pool.py``'s symbols), or
+    RuntimeError saying why there is no such pool."""
     from numba.np.ufunc.parallel import _launch_threads
     _launch_threads()
     if numba.threading_layer() != "omp":
@@ -120,12 +121,18 @@ def _pool_libraries():
     try:
         gomp = ctypes.CDLL("libgomp.so.1")
         libc = ctypes.CDLL(None)
-        system = {name: ctypes.cast(function, ctypes.c_void_p).value for name, function in (
+        return {name: ctypes.cast(function, ctypes.c_void_p).value for name, function in (
             ("IN_PARALLEL", gomp.omp_in_parallel), ("THREAD_NUM", gomp.omp_get_thread_num),
             ("DYNAMIC", gomp.omp_get_dynamic), ("THREAD_LIMIT", gomp.omp_get_thread_limit),
             ("PARALLEL", gomp.GOMP_parallel), ("YIELD", libc.sched_yield))}
     except (OSError, AttributeError) as exc:
         raise RuntimeError(f"GNU OpenMP (libgomp.so.1) not usable here ({exc})") from None
+
+
+def _pool_libraries():
+    """The kernels' OpenBLAS libraries that accept a threads callback, or
+    raise RuntimeError saying why the pool cannot be shared."""
+    system = gnu_openmp()
     found = []
     for lib, handle in _pthreads_openblas():
         try:
@@ -348,7 +355,7 @@ def pass_team():
     if blas_pool_shared():
         return threads, _pool["start"], 0
     if _mkl_on_gnu_openmp():
-        return threads, _gomp_parallel(), 0
+        return threads, gnu_openmp()["PARALLEL"], 0
     start, blas = _blas_team()
     return threads, start, blas
 
@@ -361,10 +368,6 @@ def _mkl_on_gnu_openmp():
     threads are GNU OpenMP's pool, so the passes' team is one of that pool."""
     from . import blas
     return blas.mkl_handle() is not None
-
-
-def _gomp_parallel():
-    return ctypes.cast(ctypes.CDLL("libgomp.so.1").GOMP_parallel, ctypes.c_void_p).value
 
 
 def library_changed():
