@@ -442,7 +442,13 @@ class CpuBackend(Backend):
                 _compile_worker.fill(plan, kernels, dtype, job)
             pending.append(worker)
         if kernels.TEAM:
-            threads, start, blas = _threads.pass_team() if team else (0, 0, 0)
+            if team:
+                threads, start, blas = _threads.pass_team()
+            elif shards:
+                # the shards' team (each shard's own plan has none)
+                threads, start, blas = _threads.shard_team()
+            else:
+                threads, start, blas = 0, 0, 0
             _fill_team(plan, threads, start, blas, split_update=update)
         return _compile_worker.together(pending)
 

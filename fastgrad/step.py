@@ -130,10 +130,13 @@ class TrainStep:
     threads (``fastgrad.kernels.cpu.step_sharded``).  Results are
     deterministic for a given ``n`` and equal the one-thread step up to
     rounding (a batch mean summed from shard means), bitwise for ``n=1``.
-    OpenBLAS's own workers spin for a while after a multi-threaded BLAS
-    call, and shards that run meanwhile share the cores with them (small
-    nets' steps took 2-3.5x as long); ``fastgrad.share_blas_pool()`` runs
-    BLAS's jobs on the shards' threads instead.
+    Below 2^15 parameters (the combine and the update then run on the
+    calling thread) the shards run on the default step's pass team:
+    OpenBLAS's own workers, or the shared pool's threads.  OpenBLAS's
+    workers spin for a while after any multi-threaded BLAS call, and shards
+    on other threads shared the cores with them (small nets' steps took
+    2-3.5x as long); on the workers, they run on the spinning threads.  A
+    larger net's shards run on Numba's threads, with its combine and update.
     ``threads=None`` (default) leaves the GEMMs to BLAS's own threads, and
     the step's activation passes, its loss from 2^14 outputs and, from 2^15
     parameters, its update run on those same threads (OpenBLAS's workers, or the shared pool's with

@@ -360,6 +360,17 @@ def pass_team():
     return threads, start, blas
 
 
+def shard_team():
+    """``(threads, start, blas)`` of the sharded step's team, which runs its
+    shards (:func:`pass_team`'s; on OpenBLAS's workers, as many as it keeps
+    rather than as many as it is told to use now: the shards run with BLAS
+    on one thread)."""
+    threads, start, blas = pass_team()
+    if blas:
+        threads = min(threads, _blas_team_found["threads"].value)
+    return threads, start, blas
+
+
 numba_threads = numba.get_num_threads
 
 

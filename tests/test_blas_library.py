@@ -121,6 +121,39 @@ def test_a_step_on_mkl_matches_openblas_and_repeats_bitwise():
 
 
 @needs_mkl
+def test_a_sharded_step_on_mkl_runs_on_the_gnu_openmp_team():
+    out = _run("""
+        import numpy as np
+        import fastgrad as fg
+        from fastgrad import threads
+        from fastgrad.kernels import layout
+
+        def train(steps=4):
+            rng = np.random.default_rng(5)
+            x, y = rng.standard_normal((53, 12)), rng.standard_normal((53, 6))
+            model = fg.MLP([12, 40, 33, 6], activation="gelu", seed=2, dtype=np.float64)
+            step = fg.TrainStep(model, fg.MSE(), fg.Adam(model, lr=1e-2, clip_norm=1.0),
+                                threads=2)
+            losses = [float(step(x, y)) for _ in range(steps)]
+            return losses, model.params.copy(), step._shard_plan_header()[0]
+
+        want_losses, want, header = train()
+        assert header[layout.PLAN_POOL_BLAS] != 0          # OpenBLAS's workers
+        fg.set_blas("mkl")
+        losses, got, header = train()
+        # the shards' team: a GNU OpenMP team of MKL's pool
+        assert header[layout.PLAN_POOL_BLAS] == 0
+        assert header[layout.PLAN_POOL_START] == threads.gnu_openmp()["PARALLEL"] != 0
+        assert header[layout.PLAN_POOL_THREADS] >= 2
+        assert (losses, got.tolist()) == (train()[0], train()[1].tolist())
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-11)
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+        print("ok")
+    """)
+    assert out.strip().endswith("ok")
+
+
+@needs_mkl
 def test_fastgrad_blas_in_the_environment_and_a_forked_child():
     out = _run("""
         import os

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numba
 import numpy as np
@@ -348,6 +349,105 @@ def test_a_header_without_a_working_shard_member_is_refused(rng):
     np.testing.assert_array_equal(m.params, before)
     run()
     assert not np.array_equal(m.params, before)
+
+
+def _run_kernel(step, x, y, header):
+    """The sharded train step's kernel on ``header`` (BLAS on one thread, as
+    TrainStep calls it)."""
+    m = step.model
+    bounds, acts, zs, delta, shard_grads, losses = step._shard_buffers_for(x.shape[0])
+    rule, s0, s1, s2, hp = step.opt._kernel_args()
+    with one_blas_thread():
+        step._sharded_kernels().train_step(
+            x, step._no_labels, y, step._loss_kind, m.params, m.grads, shard_grads, step._sizes,
+            step._codes, step._alphas, step.opt._offsets, acts, zs, delta, bounds, losses,
+            header, rule, s0, s1, s2, hp, step._layer_sq, step.opt._clip_norm,
+            step.opt._clip_value)
+    return losses
+
+
+def test_the_shards_header_holds_the_pass_team():
+    from fastgrad import threads as fg_threads
+    from fastgrad.kernels import layout
+    _, _, step = _step([5, 8, 3], "relu", "mse", "float64", 2)
+    step(np.ones((4, 5)), np.ones((4, 3)))
+    header, _ = step._shard_plan_header()
+    threads, start, blas = fg_threads.shard_team()
+    assert (threads, start, blas) == (
+        header[layout.PLAN_POOL_THREADS], header[layout.PLAN_POOL_START],
+        header[layout.PLAN_POOL_BLAS])
+    assert fg_threads.pass_team()[1:] == (start, blas)
+    if threads:
+        assert 2 <= threads <= N_THREADS
+
+
+@pytest.mark.skipif(N_THREADS < 2, reason="one thread")
+@pytest.mark.parametrize("team", ["as filled", "numba's threads"])
+def test_every_way_to_start_the_shards_gives_the_same_step(rng, team):
+    """The shards on the pass team or on Numba's threads (no team in the
+    header): bitwise the same step."""
+    from fastgrad.kernels import layout
+    x, y = rng.standard_normal((37, 6)), rng.standard_normal((37, 4))
+    results = []
+    for way in ("as filled", team):
+        m, _, step = _step([6, 11, 9, 4], "tanh", "mse", "float64", 2)
+        step(x, y)                                  # compiles, fills the header
+        header = step._shard_plan_header()[0].copy()
+        if way == "numba's threads":
+            header[layout.PLAN_POOL_START] = 0
+        losses = [_run_kernel(step, x, y, header).copy() for _ in range(3)]
+        results.append((m.params.copy(), losses))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_the_shards_run_side_by_side_with_blas_on_one_thread(rng):
+    """A stand-in shard member that holds each shard for 0.1 s: the team
+    (started whatever OpenBLAS is told to use: one thread around the
+    kernel) runs the two shards on two threads, not one after the other."""
+    import ctypes
+    from numba import carray, cfunc, types
+    from fastgrad import threads as fg_threads
+    from fastgrad.kernels import layout
+    from fastgrad.kernels.cpu.blas_pool import _as_pointer, _field
+    from fastgrad.kernels.cpu.pass_team import _claim
+    if fg_threads.shard_team()[0] < 2:
+        pytest.skip("no pass team to run the shards")
+    libc = ctypes.CDLL(None)
+    gettid, usleep = libc.gettid, libc.usleep
+    gettid.restype, gettid.argtypes = ctypes.c_int, ()
+    usleep.restype, usleep.argtypes = ctypes.c_int, (ctypes.c_uint,)
+    fields = step_sharded.RECORD
+
+    @cfunc(types.void(types.voidptr))
+    def holds_each_shard(team):
+        shard = _claim(team)
+        while shard < _field(team, 1):
+            record = _as_pointer(_field(team, 2) + shard * fields * 8)
+            carray(record, (fields,), np.float64)[step_sharded._LOSS] = gettid()
+            carray(record, (fields,), np.int64)[step_sharded._DONE] = 1
+            usleep(100000)
+            shard = _claim(team)
+
+    m, _, step = _step([5, 8, 3], "relu", "mse", "float64", 2)
+    x, y = rng.standard_normal((9, 5)), rng.standard_normal((9, 3))
+    step(x, y)
+    header = step._shard_plan_header()[0].copy()
+    header[layout.PLAN_POOL_SHARD] = holds_each_shard.address
+    threads = _run_kernel(step, x, y, header)
+    assert threads[0] != threads[1]
+    if header[layout.PLAN_POOL_BLAS] != 0:
+        # on OpenBLAS's own workers (and the caller), none of Numba's threads
+
+        @numba.njit(parallel=True)
+        def numba_threads(n):
+            tids = np.zeros(n, np.int64)
+            for i in numba.prange(n):
+                tids[i] = gettid()
+            return tids
+        caller = threading.get_native_id()
+        assert caller in threads
+        assert not set(threads) & (set(numba_threads(64 * N_THREADS)) - {caller})
 
 
 def test_threads_is_read_only():

@@ -263,19 +263,26 @@ def _run(plan, member, record, threads):
     team, started with this thread's FTZ and DAZ cleared: GNU OpenMP may
     create its threads here, and a thread keeps the mode it is created in
     (kernels/cpu/fpenv.py).  Each member sets its own."""
+    if threads > 1 and plan[PLAN_POOL_BLAS] != 0:
+        threads = min(threads, _int_at(plan[PLAN_POOL_BLAS]))
+    start_team(plan, member, record, threads)
+
+
+@njit(**INNER)
+def start_team(plan, member, record, threads):
+    """``member`` on a team of ``threads`` started as the plan says
+    (OpenBLAS's workers where ``PLAN_POOL_BLAS``, else the shared pool's
+    GNU OpenMP team), whatever OpenBLAS is told to use now (:func:`_run`
+    caps the passes' teams at that; the sharded step's shards run with
+    BLAS on one thread); 0 or 1 thread: a plain call."""
     if threads < 2:
         _call(member, record)
-        return
-    if plan[PLAN_POOL_BLAS] != 0:
-        threads = min(threads, _int_at(plan[PLAN_POOL_BLAS]))
-        if threads > 1:
-            _start_on_blas(plan[PLAN_POOL_START], threads, member, record)
-        else:
-            _call(member, record)
-        return
-    flushed = fpenv.adopt(0)
-    _start(plan[PLAN_POOL_START], member, record, threads)
-    fpenv.leave(flushed)
+    elif plan[PLAN_POOL_BLAS] != 0:
+        _start_on_blas(plan[PLAN_POOL_START], threads, member, record)
+    else:
+        flushed = fpenv.adopt(0)
+        _start(plan[PLAN_POOL_START], member, record, threads)
+        fpenv.leave(flushed)
 
 
 # OpenBLAS splits a GEMM over its workers only above m * n * k = 65536 *

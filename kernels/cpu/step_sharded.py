@@ -3,8 +3,8 @@
 OpenBLAS threads the small GEMMs of an MLP step poorly, and the elementwise,
 loss, norm and update passes between them run on one core; two pools
 (OpenBLAS's and Numba's) spinning against each other on the same cores made a
-step 40-60x slower (DESIGN.md "Threads").  Here ONE pool -- Numba's -- owns
-the cores for the whole step:
+step 40-60x slower (DESIGN.md "Threads").  Here ONE pool owns the cores for
+the whole step:
 
 1. the batch is cut into ``T`` contiguous row shards (``bounds``); each
    thread runs forward, loss and backward of its shard with single-threaded
@@ -19,7 +19,10 @@ the cores for the whole step:
 
 Below ``MIN_PARALLEL`` parameters steps 2 and 3 run on the calling thread
 (the same values: both are elementwise or sum in a fixed order); their
-parallel regions cost more than a small net's combine and update.  Each
+parallel regions cost more than a small net's combine and update.  The
+shards then run on the pass team's pool (OpenBLAS's own workers, or the
+shared pool: ``kernels/cpu/pass_team.py``), from it on Numba's threads,
+which run the combine and the update too (:func:`_run_shards`).  Each
 kernel comes in those two forms (``_small``, ``_large``; :func:`kernels_for`
 picks), so that a cold first call compiles one of them.
 ``sharded_train_steps_*`` runs many steps of an epoch in one call, as
@@ -40,11 +43,12 @@ from numba.core.cpu_options import ParallelOptions
 from ._jit import INLINE, INNER, JIT
 from .blas_pool import _as_pointer, _field
 from .optim import clipped_update_parallel
-from .pass_team import (MIN_UPDATE, _call, _float, _numba_type, _record, compile_member,
-                        in_disk_cache)
+from .pass_team import (MIN_UPDATE, _call, _claim, _numba_type, _record, compile_member,
+                        in_disk_cache, start_team)
 from .step import (PLAN_HEADER, PLAN_ROW, _refuse_layers, _refuse_loss, _refuse_update,
                    _update, forward_backward, gather_batch, record_step)
-from ..layout import PLAN_POOL_SHARD
+from ..layout import (PLAN_POOL_BLAS, PLAN_POOL_GEMM_MODE, PLAN_POOL_SHARD, PLAN_POOL_START,
+                      PLAN_POOL_THREADS)
 
 # Only the explicit prange loops run on the threads: with every parallel
 # option on, Numba also made each small array set-up (the shards' plan) a
@@ -76,35 +80,42 @@ ShardedKernels = namedtuple("ShardedKernels", "forward_backward train_step train
 (_ROWS, _N_IN, _X, _N_LABELS, _LABELS, _TARGET_ROWS, _TARGET_COLS, _TARGET, _LOSS_KIND,
  _N_PARAMS, _PARAMS, _GRADS, _LAYERS, _SIZES, _CODES, _ALPHAS, _OFFSETS, _N_ACTS, _ACTS, _ZS,
  _N_DELTA, _DELTA, _N_PLAN, _PLAN, _N_FPLAN, _FPLAN, _LOSS, _DONE) = range(1, 29)
+RECORD = _DONE + 1      # int64 fields of a shard's record
 _shard_members = {}
 
 
 def _make_shard_member(dtype):
-    def member(record):
-        rows, layers = _field(record, _ROWS), _field(record, _LAYERS)
-        x = carray(_as_pointer(_field(record, _X)), (rows, _field(record, _N_IN)), dtype)
-        labels = carray(_as_pointer(_field(record, _LABELS)), (_field(record, _N_LABELS),),
-                        np.int64)
-        target = carray(_as_pointer(_field(record, _TARGET)),
-                        (_field(record, _TARGET_ROWS), _field(record, _TARGET_COLS)), dtype)
-        n = _field(record, _N_PARAMS)
-        params = carray(_as_pointer(_field(record, _PARAMS)), (n,), dtype)
-        grads = carray(_as_pointer(_field(record, _GRADS)), (n,), dtype)
-        sizes = carray(_as_pointer(_field(record, _SIZES)), (layers + 1,), np.int64)
-        codes = carray(_as_pointer(_field(record, _CODES)), (layers,), np.int64)
-        alphas = carray(_as_pointer(_field(record, _ALPHAS)), (layers,), np.float64)
-        offsets = carray(_as_pointer(_field(record, _OFFSETS)), (layers + 1,), np.int64)
-        acts = carray(_as_pointer(_field(record, _ACTS)), (_field(record, _N_ACTS),), dtype)
-        zs = carray(_as_pointer(_field(record, _ZS)), (_field(record, _N_ACTS),), dtype)
-        delta = carray(_as_pointer(_field(record, _DELTA)), (_field(record, _N_DELTA),), dtype)
-        plan = carray(_as_pointer(_field(record, _PLAN)), (_field(record, _N_PLAN),), np.int64)
-        fplan = carray(_as_pointer(_field(record, _FPLAN)), (_field(record, _N_FPLAN),),
-                       np.float64)
-        loss = forward_backward(x, labels, target, _field(record, _LOSS_KIND), params, grads,
-                                sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
-                                fplan[:0], fplan[:0])
-        carray(record, (_DONE + 1,), np.float64)[_LOSS] = loss
-        carray(record, (_DONE + 1,), np.int64)[_DONE] = 1
+    def member(team):
+        # team: the counter, the number of shards, the address of their
+        # records (RECORD int64 fields each); runs the shards it claims
+        shard = _claim(team)
+        while shard < _field(team, 1):
+            record = _as_pointer(_field(team, 2) + shard * RECORD * 8)
+            rows, layers = _field(record, _ROWS), _field(record, _LAYERS)
+            x = carray(_as_pointer(_field(record, _X)), (rows, _field(record, _N_IN)), dtype)
+            labels = carray(_as_pointer(_field(record, _LABELS)), (_field(record, _N_LABELS),),
+                            np.int64)
+            target = carray(_as_pointer(_field(record, _TARGET)),
+                            (_field(record, _TARGET_ROWS), _field(record, _TARGET_COLS)), dtype)
+            n = _field(record, _N_PARAMS)
+            params = carray(_as_pointer(_field(record, _PARAMS)), (n,), dtype)
+            grads = carray(_as_pointer(_field(record, _GRADS)), (n,), dtype)
+            sizes = carray(_as_pointer(_field(record, _SIZES)), (layers + 1,), np.int64)
+            codes = carray(_as_pointer(_field(record, _CODES)), (layers,), np.int64)
+            alphas = carray(_as_pointer(_field(record, _ALPHAS)), (layers,), np.float64)
+            offsets = carray(_as_pointer(_field(record, _OFFSETS)), (layers + 1,), np.int64)
+            acts = carray(_as_pointer(_field(record, _ACTS)), (_field(record, _N_ACTS),), dtype)
+            zs = carray(_as_pointer(_field(record, _ZS)), (_field(record, _N_ACTS),), dtype)
+            delta = carray(_as_pointer(_field(record, _DELTA)), (_field(record, _N_DELTA),), dtype)
+            plan = carray(_as_pointer(_field(record, _PLAN)), (_field(record, _N_PLAN),), np.int64)
+            fplan = carray(_as_pointer(_field(record, _FPLAN)), (_field(record, _N_FPLAN),),
+                           np.float64)
+            loss = forward_backward(x, labels, target, _field(record, _LOSS_KIND), params, grads,
+                                    sizes, codes, alphas, offsets, acts, zs, delta, plan, fplan,
+                                    fplan[:0], fplan[:0])
+            carray(record, (RECORD,), np.float64)[_LOSS] = loss
+            carray(record, (RECORD,), np.int64)[_DONE] = 1
+            shard = _claim(team)
     return member
 
 
@@ -188,7 +199,7 @@ def _readable_as(a, params):
 
 @njit(**INLINE)
 def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
-                offsets, acts, zs, delta, bounds, losses, header):
+                offsets, acts, zs, delta, bounds, losses, header, large):
     """Forward, loss and backward of each shard on its own thread, through
     the header's shard member (:func:`shard_member`); inlined into the
     kernels (parallel functions themselves: one level of linked code less).
@@ -197,10 +208,22 @@ def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
     as ``step.forward_backward`` reads them (``zs`` may be ``acts``).  Shard
     0's gradients go to ``grads``, the others' to ``shard_grads`` (one row per
     shard beyond the first); ``losses`` (float64, one per shard) receives
-    each shard's mean loss.  ``header`` (int64, ``PLAN_HEADER``) is the head
-    of each shard's step plan: 0 threads, and the members a driver with the
-    pass team's branches runs its passes through on its own thread
-    (``fastgrad.backend``'s ``fill_pass_team``).
+    each shard's mean loss.  ``header`` (int64, ``PLAN_HEADER``) holds the
+    shards' team (``fastgrad.threads.shard_team``) and the members a
+    driver with the pass team's branches runs its passes through; each
+    shard's step plan is the header without the team: it runs its passes
+    on its own thread (``fastgrad.backend``'s ``fill_pass_team``).
+
+    The shards run on the step's one pool.  Where the combine and the
+    update run on the calling thread (not ``large``) that is the pass
+    team's: OpenBLAS's own workers, which spin waiting for work for a
+    while after any multi-threaded GEMM (shards on Numba's threads then
+    shared the cores with them: a small net's step 2x slower after a
+    default step, bench/RESULTS.md), or the shared pool's GNU OpenMP team.
+    Where ``large``, Numba's threads, which run the combine and the update
+    next (on OpenBLAS's workers the shards left them spinning through
+    those: 10-25x slower).  Each member claims shards until none is left,
+    so a smaller team (or Numba's loop without a team) runs them all.
     """
     T = bounds.shape[0] - 1
     # The driver's plan of a plain model (no layer feature on; the package
@@ -226,8 +249,11 @@ def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
                          "dtype and int64 labels")
     _refuse_layers(plan, params, codes)
     _refuse_loss(plan, loss_kind, labels, target, x.shape[0], sizes)
-    done = np.zeros(T, np.int64)
-    for s in prange(T):
+    # the shards' own plans: each runs its passes on its own thread
+    for field in (PLAN_POOL_THREADS, PLAN_POOL_START, PLAN_POOL_BLAS, PLAN_POOL_GEMM_MODE):
+        plan[field] = 0
+    records = np.zeros((T, RECORD), np.int64)
+    for s in range(T):
         lo, hi = bounds[s], bounds[s + 1]
         g = grads if s == 0 else shard_grads[s - 1]
         shard_labels, shard_target = labels[lo:hi], target[lo:hi]
@@ -239,11 +265,17 @@ def _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes,
             offsets.ctypes.data, acts.shape[1], acts[s].ctypes.data, zs[s].ctypes.data,
             delta.shape[1], delta[s].ctypes.data, plan.shape[0], plan.ctypes.data,
             fplan.shape[0], fplan.ctypes.data, 0, 0))
-        _call(plan[PLAN_POOL_SHARD], record)
-        losses[s] = _float(record, _LOSS)
-        done[s] = _field(record, _DONE)
+        records[s] = carray(record, (RECORD,), np.int64)
+    team = _record((T, records.ctypes.data))
+    threads = min(T, header[PLAN_POOL_THREADS])
+    if not large and header[PLAN_POOL_START] != 0 and threads > 1:
+        start_team(header, plan[PLAN_POOL_SHARD], team, threads)
+    else:
+        for _ in prange(T):
+            _call(plan[PLAN_POOL_SHARD], team)
     for s in range(T):
-        if done[s] != 1:
+        losses[s] = records.view(np.float64)[s, _LOSS]
+        if records[s, _DONE] != 1:
             raise RuntimeError("a shard's forward and backward did not complete")
 
 
@@ -261,7 +293,7 @@ def _forward_backward(x, labels, target, loss_kind, params, grads, shard_grads, 
     threads where ``large``, a constant of each kernel); the batch's mean
     loss."""
     _run_shards(x, labels, target, loss_kind, params, grads, shard_grads, sizes, codes, alphas,
-                offsets, acts, zs, delta, bounds, losses, header)
+                offsets, acts, zs, delta, bounds, losses, header, large)
     T = bounds.shape[0] - 1
     B = bounds[T]
     if T > 1:
