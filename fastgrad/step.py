@@ -137,6 +137,8 @@ class TrainStep:
     on other threads shared the cores with them (small nets' steps took
     2-3.5x as long); on the workers, they run on the spinning threads.  A
     larger net's shards run on Numba's threads, with its combine and update.
+    The shards' GEMMs run on SciPy's OpenBLAS whatever ``fastgrad.set_blas``
+    chose.
     ``threads=None`` (default) leaves the GEMMs to BLAS's own threads, and
     the step's activation passes, its loss from 2^14 outputs and, from 2^15
     parameters, its update run on those same threads (OpenBLAS's workers, or the shared pool's with
@@ -622,7 +624,7 @@ class TrainStep:
                 model._next_dropout_step()
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(B)
             header, ready = self._shard_plan_header()
-            with _threads.one_blas_thread():
+            with _threads.sharded_step_blas():
                 loss, norm, scale, skipped = ready(self._sharded_kernels().train_step)(
                     x, labels, target, self._loss_kind, model.params, model.grads,
                     shard_grads, self._sizes, self._codes, self._alphas, self._opt._offsets,
@@ -669,7 +671,7 @@ class TrainStep:
                 m._next_dropout_step()
             bounds, acts, zs, delta, shard_grads, losses = self._shard_buffers_for(x.shape[0])
             header, ready = self._shard_plan_header()
-            with _threads.one_blas_thread():
+            with _threads.sharded_step_blas():
                 return float(ready(self._sharded_kernels().forward_backward)(
                     x, labels, target, self._loss_kind, m.params, m.grads, shard_grads,
                     self._sizes, self._codes, self._alphas, self._opt._offsets, acts, zs, delta,
@@ -882,7 +884,7 @@ class TrainStep:
             kernel, model_args = self._chunk_kernel(B, order.shape[0], batch_size, n_steps)
             # a Ctrl-C lands after the chunk's book-keeping; the sharded
             # step's threads own the cores (BLAS on one thread)
-            blas = (_threads.one_blas_thread() if self.threads is not None
+            blas = (_threads.sharded_step_blas() if self.threads is not None
                     else contextlib.nullcontext())
             with interrupts.held(), blas:
                 ran = kernel(

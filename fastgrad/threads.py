@@ -91,6 +91,29 @@ def one_blas_thread():
             lib.set_num_threads(n)
 
 
+@contextmanager
+def sharded_step_blas():
+    """What the sharded step's kernels run under (``TrainStep(threads=n)``):
+    :func:`one_blas_thread`, and the kernels' GEMMs on SciPy's OpenBLAS
+    even where MKL runs the others (``fastgrad.set_blas``).  On the shards'
+    narrow GEMMs MKL gained nothing (epochs 1.1-1.7x their OpenBLAS time),
+    and called from the pool's threads after PyTorch had run its own
+    parallel steps in the process it took 20x as long (bench/RESULTS.md
+    "The shards on the pass team")."""
+    from . import blas
+    from .kernels import gemm_library
+    with one_blas_thread():
+        if blas.mkl_handle() is None:
+            yield
+            return
+        chosen = gemm_library.gemm_addresses()
+        gemm_library.set_gemm(gemm_library.scipy_gemm())
+        try:
+            yield
+        finally:
+            gemm_library.set_gemm(chosen)
+
+
 def _pthreads_openblas():
     """``[(controller, ctypes handle)]`` of the kernels' OpenBLAS libraries
     built with pthreads: those whose threads fastgrad can share."""

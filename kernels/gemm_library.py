@@ -12,6 +12,7 @@ module is not one of the per-model copies of ``fastgrad.kernels.cpu``:
 there is one library per process.
 """
 import ctypes
+import functools
 import threading
 
 import llvmlite.binding as llvm
@@ -27,6 +28,11 @@ for _name in ROUTINES:
 
 def scipy_gemm():
     """``{routine: address}`` of SciPy's Fortran routines (``ROUTINES``)."""
+    return dict(_scipy_routines())
+
+
+@functools.lru_cache(maxsize=None)
+def _scipy_routines():
     import scipy.linalg.cython_blas as cython_blas
     get_name = ctypes.pythonapi.PyCapsule_GetName
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]

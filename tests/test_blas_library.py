@@ -121,12 +121,14 @@ def test_a_step_on_mkl_matches_openblas_and_repeats_bitwise():
 
 
 @needs_mkl
-def test_a_sharded_step_on_mkl_runs_on_the_gnu_openmp_team():
+def test_a_sharded_step_runs_its_gemms_on_openblas_under_mkl():
+    """The sharded step's shards call SciPy's OpenBLAS whatever set_blas
+    chose (bitwise the OpenBLAS step's), on a GNU OpenMP team of MKL's pool."""
     out = _run("""
         import numpy as np
         import fastgrad as fg
         from fastgrad import threads
-        from fastgrad.kernels import layout
+        from fastgrad.kernels import gemm_library, layout
 
         def train(steps=4):
             rng = np.random.default_rng(5)
@@ -135,19 +137,22 @@ def test_a_sharded_step_on_mkl_runs_on_the_gnu_openmp_team():
             step = fg.TrainStep(model, fg.MSE(), fg.Adam(model, lr=1e-2, clip_norm=1.0),
                                 threads=2)
             losses = [float(step(x, y)) for _ in range(steps)]
+            losses.append(step.run_epoch(x, y, 16, shuffle=False)["loss"].tolist())
             return losses, model.params.copy(), step._shard_plan_header()[0]
 
         want_losses, want, header = train()
         assert header[layout.PLAN_POOL_BLAS] != 0          # OpenBLAS's workers
         fg.set_blas("mkl")
+        chosen = gemm_library.gemm_addresses()
         losses, got, header = train()
         # the shards' team: a GNU OpenMP team of MKL's pool
         assert header[layout.PLAN_POOL_BLAS] == 0
         assert header[layout.PLAN_POOL_START] == threads.gnu_openmp()["PARALLEL"] != 0
-        assert header[layout.PLAN_POOL_THREADS] >= 2
-        assert (losses, got.tolist()) == (train()[0], train()[1].tolist())
-        np.testing.assert_allclose(losses, want_losses, rtol=1e-11)
-        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-11)
+        assert losses == want_losses
+        np.testing.assert_array_equal(got, want)
+        with threads.sharded_step_blas():
+            assert gemm_library.gemm_addresses() == gemm_library.scipy_gemm() != chosen
+        assert gemm_library.gemm_addresses() == chosen
         print("ok")
     """)
     assert out.strip().endswith("ok")
