@@ -19,9 +19,10 @@ other (a step 25x slower), so ``MKL_THREADING_LAYER`` set to anything but
 GNU is refused.  MKL keeps its dynamic threads (``MKL_DYNAMIC``, its
 default): it runs a small GEMM on one thread.  The sharded step's shards
 call SciPy's OpenBLAS whatever the library
-(``fastgrad.threads.sharded_step_blas``): from a team's threads MKL took
-18x as long with its dynamic threads off (``torch.set_num_threads`` turns
-them off) or after PyTorch's own parallel steps.  Its results are the same from step to step and
+(``fastgrad.threads.sharded_step_blas``): called from a team's threads,
+MKL took 18x as long with its dynamic threads off (as
+``torch.set_num_threads`` leaves them) or after PyTorch's own parallel
+steps in the process.  Its results are the same from step to step and
 run to run for a given thread count on a given CPU (tested), but they are
 not bitwise OpenBLAS's, nor those of another thread count.
 

@@ -96,10 +96,10 @@ def sharded_step_blas():
     """What the sharded step's kernels run under (``TrainStep(threads=n)``):
     :func:`one_blas_thread`, and the kernels' GEMMs on SciPy's OpenBLAS
     even where MKL runs the others (``fastgrad.set_blas``).  On the shards'
-    narrow GEMMs MKL gained nothing (epochs 1.1-1.7x their OpenBLAS time),
-    and called from the pool's threads after PyTorch had run its own
-    parallel steps in the process it took 20x as long (bench/RESULTS.md
-    "The shards on the pass team")."""
+    narrow GEMMs MKL saved 4-7 %, and called from the pool's threads after
+    ``torch.set_num_threads`` or PyTorch's own parallel steps in the
+    process it took 18x as long (bench/RESULTS.md "The shards on the pass
+    team")."""
     from . import blas
     from .kernels import gemm_library
     with one_blas_thread():
