@@ -99,7 +99,8 @@ def sharded_step_blas():
     narrow GEMMs MKL saved 4-7 %, and called from the pool's threads after
     ``torch.set_num_threads`` or PyTorch's own parallel steps in the
     process it took 18x as long (bench/RESULTS.md "The shards on the pass
-    team")."""
+    team").  The library is the process's: a step another thread runs
+    meanwhile calls OpenBLAS too, as it finds OpenBLAS on one thread."""
     from . import blas
     from .kernels import gemm_library
     with one_blas_thread():
