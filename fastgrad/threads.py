@@ -77,10 +77,10 @@ def _blas_of_kernels():
 def one_blas_thread():
     """Run the block with the kernels' BLAS on one thread, so that a step's
     own thread pool owns the cores (DESIGN.md "Threads"); restores the
-    previous counts.  Costs about a microsecond per library."""
+    previous counts.  Costs about a microsecond per library.  MKL is left
+    as it is: the one caller, :func:`sharded_step_blas`, runs the kernels'
+    GEMMs on OpenBLAS (finding MKL's controller took ~0.6 ms a call)."""
     libs = list(_blas_of_kernels())
-    if _mkl_on_gnu_openmp():
-        libs += ThreadpoolController().select(internal_api="mkl").lib_controllers
     before = [lib.get_num_threads() for lib in libs]
     for lib in libs:
         lib.set_num_threads(1)
