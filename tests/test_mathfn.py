@@ -3,6 +3,8 @@ float32 ones against float64 NumPy, over the whole float32 line (a strided
 sweep of every bit pattern plus exhaustive sweeps of the binades where the
 error peaks); the float64 ones in ulps against x87 80-bit long double
 (dense random sweeps of the whole domain plus the hard regions)."""
+import math
+
 import numpy as np
 import pytest
 from numba import njit
@@ -467,3 +469,55 @@ def test_exp_in_scalar_loop_is_exp(rng):
     out64 = np.empty_like(x64)
     apply(x64, out64)
     np.testing.assert_array_equal(out64, np.vectorize(__import__("math").exp)(x64))
+
+
+# --- divide_by_invariant ---------------------------------------------------------
+
+@njit(error_model="numpy")
+def _divide_by_invariant(x, b, out):
+    inv_b = 1.0 / np.float64(b)
+    for i in range(x.size):
+        out[i] = mathfn.divide_by_invariant(x[i], b, inv_b)
+
+
+def _bias_correction_roots(betas=(0.999, 0.99, 0.9), steps=range(1, 9)):
+    """Adam's float32 sqrt(1 - beta2**t): divisors the update uses."""
+    return {np.float32(math.sqrt(1.0 - beta ** t)) for beta in betas for t in steps}
+
+
+def test_divide_by_invariant_float32_is_the_division_for_every_significand(rng):
+    """Every float32 significand of x over divisors Adam uses, fresh random
+    ones and hard ones (all-ones significands, one, the largest below one),
+    bitwise NumPy's float32 division.  The quotient's exponent does not enter
+    the argument: the unit binade of x for all, a tiny and a huge one for
+    some."""
+    divisors = _bias_correction_roots() | set(rng.uniform(0.03, 1.0, 6).astype(np.float32))
+    divisors |= {np.float32(1.0), np.float32(0.5), np.nextafter(np.float32(1), np.float32(0)),
+                 np.float32(1.5) - np.float32(2.0 ** -23),
+                 *((rng.integers(1 << 23, 1 << 24, 3) | 0xFFFF).astype(np.float32) / (1 << 24))}
+    out = np.empty(2 ** 23, np.float32)
+    some = sorted(divisors)[::8]
+    for lo, bs in ((1.0, sorted(divisors)), (2.0 ** -100, some), (2.0 ** 100, some)):
+        x = binade(lo)
+        for b in bs:
+            _divide_by_invariant(x, b, out)
+            want = x / b
+            bad = np.flatnonzero(out != want)
+            assert bad.size == 0, (f"x={x[bad[0]]!r} / b={b!r}: {out[bad[0]]!r} against "
+                                   f"{want[bad[0]]!r} ({bad.size} values)")
+
+
+def test_divide_by_invariant_special_values_and_float64():
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, F32.max, 3.0], np.float32)
+    for b in (np.float32(0.25), np.float32(1.0), np.float32(0.0), np.float32(np.inf)):
+        out = np.empty_like(x)
+        with np.errstate(all="ignore"):
+            _divide_by_invariant(x, b, out)
+            want = x / b
+        np.testing.assert_array_equal(out, want)
+        assert np.array_equal(np.signbit(out), np.signbit(want))
+    # float64: the division itself
+    x64 = np.random.default_rng(0).standard_normal(1001)
+    out64 = np.empty_like(x64)
+    _divide_by_invariant(x64, 0.3, out64)
+    np.testing.assert_array_equal(out64, x64 / 0.3)

@@ -13,6 +13,7 @@ from fastgrad import reference as ref
 from fastgrad import schedules
 from fastgrad.backend import backend_for
 from fastgrad.errors import NonFiniteGradientError
+from fastgrad.kernels import spec
 from fastgrad.kernels.spec import HP_FIRST
 from fastgrad.optim import SGD, Adam, AdamW, RMSprop, clipped_update
 
@@ -284,6 +285,48 @@ def test_kernel_contract_is_bitwise_step():
     np.testing.assert_array_equal(a.params, b.params)
     for k in oa.state:
         np.testing.assert_array_equal(oa.state[k], ob.state[k])
+
+
+def _adam_float32_by_operations(p, g, m, v, vmax, hp, decoupled):
+    """One Adam/AdamW update in NumPy float32, operation by operation as the
+    kernel's loop (kernels/cpu/optim.py) with clipping off, every division a
+    float32 division: the float32 result the kernel must give bitwise."""
+    f = np.float32
+    lr, wd, beta1, beta2 = (hp[k] for k in (spec.HP_LR, spec.HP_WEIGHT_DECAY, spec.HP_BETA1,
+                                             spec.HP_BETA2))
+    pi = p * (f(1.0 - lr * wd) if decoupled else f(1.0))
+    gi = g * f(1.0) + (f(0.0) if decoupled else f(wd)) * pi
+    w1 = 1.0 - beta1
+    mi = m + f(w1) * (gi - m) if w1 < 0.5 else gi + f(-(1.0 - w1)) * (gi - m)
+    vi = v * f(beta2) + f(1.0 - beta2) * gi * gi
+    if hp[spec.HP_AMSGRAD]:
+        vmax[:] = np.maximum(vmax, vi)
+    root = np.sqrt(vmax if hp[spec.HP_AMSGRAD] else vi)
+    denom = root / f(math.sqrt(hp[spec.HP_BIAS_CORR2])) + f(hp[spec.HP_EPS])
+    m[:], v[:] = mi, vi
+    p[:] = pi + f(-(lr / hp[spec.HP_BIAS_CORR1])) * (mi / denom)
+
+
+@pytest.mark.parametrize("cls,hyper", [
+    (Adam, dict(lr=1e-2)), (Adam, dict(lr=3e-3, betas=(0.3, 0.95), weight_decay=1e-2)),
+    (Adam, dict(lr=1e-2, amsgrad=True)), (AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True))])
+def test_float32_adam_is_its_float32_operations_bitwise(cls, hyper, rng):
+    """The float32 update rounds as its formula written with float32
+    divisions (``sqrt(v) / sqrt(bias_correction2)`` is taken as a float64
+    product: exact, tests/test_mathfn.py), over steps whose bias corrections
+    and gradient magnitudes vary."""
+    model = FlatModel([173, 31, 60], np.float32)
+    opt = cls(model, clip_norm=None, **hyper)
+    p = model.params.copy()
+    m, v, vmax = (np.zeros_like(p) for _ in range(3))
+    for t in range(12):
+        g = (rng.standard_normal(p.size) * 10.0 ** rng.uniform(-8, 3, p.size)).astype(np.float32)
+        model.grads[:] = g
+        hp = opt._kernel_args()[4].copy()
+        opt.step()
+        _adam_float32_by_operations(p, g, m, v, vmax, hp, cls is AdamW)
+        np.testing.assert_array_equal(model.params, p, err_msg=f"update {t + 1}")
+        np.testing.assert_array_equal(opt.state["exp_avg_sq"], v)
 
 
 @pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS[1::3], ids=IDS[1::3])

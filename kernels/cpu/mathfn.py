@@ -565,5 +565,36 @@ def like(typingctx, x, value):
     return sig, codegen
 
 
+@intrinsic
+def divide_by_invariant(typingctx, x, b, inv_b):
+    """``x / b`` rounded as the division, for a divisor ``b`` the same in
+    every iteration of a loop and ``inv_b = 1.0 / float64(b)`` computed
+    once before it.
+
+    float32: the float64 product ``x * inv_b`` rounded to float32, which is
+    bitwise ``x / b`` and keeps the loop off the divider (a float32 division
+    per element bounds Adam's update there; bench/RESULTS.md).  Why it is
+    exact: ``inv_b`` and the product each round once in float64, so the
+    product is within 2^-52 (relative) of x / b.  A quotient of two 24-bit
+    significands is never a float32 rounding midpoint (x's odd part would
+    hold the midpoint's odd 25-bit significand) and lies more than 2^-50
+    (relative) from one, so the product rounds to the quotient's nearest
+    float32 whenever that is a normal number (tests/test_mathfn.py checks
+    every significand of x against a set of divisors).  Zero, Inf and NaN
+    come out as from the division.  float64: the division itself (no wider
+    type to multiply in).
+    """
+    if not (isinstance(x, types.Float) and b == x and inv_b == types.float64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        if x == types.float32:
+            wide = builder.fpext(args[0], ir.DoubleType())
+            return builder.fptrunc(builder.fmul(wide, args[2]), F32)
+        return builder.fdiv(args[0], args[1])
+
+    return x(x, b, inv_b), codegen
+
+
 __all__ = ["exp", "expm1", "log1p", "tanh", "erfc", "gelu", "gelu_grad",
-           "exp_in_scalar_loop", "like"]
+           "exp_in_scalar_loop", "like", "divide_by_invariant"]

@@ -53,6 +53,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import fpenv
+from .mathfn import divide_by_invariant
 from ._jit import INLINE, JIT, not_served, served_ladder
 from .reduce import layer_sumsq, layer_sumsq_parallel
 
@@ -106,6 +107,7 @@ def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
     eps = f(hp[HP_EPS])
     nstep = f(-(lr / hp[HP_BIAS_CORR1]))
     bc2s = f(np.sqrt(hp[HP_BIAS_CORR2]))
+    inv_bc2s = 1.0 / np.float64(bc2s)      # sqrt(v) / bc2s below, without a division
     if hp[HP_AMSGRAD] != 0.0:
         for i in range(p.shape[0]):
             pi = p[i] * decay
@@ -116,7 +118,7 @@ def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
             m[i] = mi
             v[i] = vi
             vmax[i] = vm
-            p[i] = pi + nstep * (mi / (np.sqrt(vm) / bc2s + eps))
+            p[i] = pi + nstep * (mi / (divide_by_invariant(np.sqrt(vm), bc2s, inv_bc2s) + eps))
     else:
         for i in range(p.shape[0]):
             pi = p[i] * decay
@@ -125,7 +127,7 @@ def _adam_range(p, g, m, v, vmax, scale, clip_value, hp, decoupled):
             vi = v[i] * b2 + w2 * gi * gi
             m[i] = mi
             v[i] = vi
-            p[i] = pi + nstep * (mi / (np.sqrt(vi) / bc2s + eps))
+            p[i] = pi + nstep * (mi / (divide_by_invariant(np.sqrt(vi), bc2s, inv_bc2s) + eps))
 
 
 @njit(**JIT)
