@@ -28,13 +28,13 @@ _N, _T = ord("n"), ord("t")
 _INT_MAX = 2147483647
 
 
-def _blas_call(routine, dtype, arrays):
-    """An intrinsic's typing and codegen calling the Fortran ``routine``
-    (the dtype's letter prepended) with its arguments passed by reference:
-    ``arrays`` names the positions of the array arguments (their data
-    pointers are passed), the others are intp values passed as int32,
-    except the leading flag characters; alpha 1 and beta 0 are inserted
-    where ``routine`` takes them."""
+def _blas_call(routine, dtype, flags, constants):
+    """An intrinsic's codegen calling the Fortran ``routine`` (the dtype's
+    letter prepended) with its arguments passed by reference.  The
+    intrinsic's first argument only carries the dtype and is not passed;
+    then ``flags`` flag characters; then intp values passed as int32, but
+    the ones typed ``types.voidptr`` (data addresses), passed as pointers;
+    alpha 1 and beta 0 are inserted at the positions ``constants`` names."""
     symbol = SYMBOLS[("s" if dtype == types.float32 else "d") + routine]
 
     def codegen(context, builder, signature, args):
@@ -45,16 +45,15 @@ def _blas_call(routine, dtype, arrays):
             builder.store(value, slot)
             return slot
 
-        flags, values = arrays[0], []
-        for position, (value, kind) in enumerate(zip(args, signature.args)):
+        values = []
+        for position, (value, kind) in enumerate(zip(args[1:], signature.args[1:])):
             if position < flags:
                 values.append(on_stack(builder.trunc(value, _I8)))
-            elif isinstance(kind, types.Array):
-                data = context.make_array(kind)(context, builder, value).data
-                values.append(builder.bitcast(data, fty.as_pointer()))
+            elif kind == types.voidptr:
+                values.append(builder.bitcast(value, fty.as_pointer()))
             else:
                 values.append(on_stack(builder.trunc(value, _I32)))
-        for position, constant in arrays[1]:
+        for position, constant in constants:
             values.insert(position, on_stack(ir.Constant(fty, constant)))
         fnty = ir.FunctionType(ir.VoidType(), [v.type for v in values])
         variable = builder.module.globals.get(symbol)
@@ -66,41 +65,42 @@ def _blas_call(routine, dtype, arrays):
     return codegen
 
 
-def _same_float(*arrays):
-    dtype = arrays[0].dtype
-    return dtype in (types.float32, types.float64) and all(a.dtype == dtype for a in arrays)
+@intrinsic
+def _address(typingctx, address):
+    """An intp address as a ``void *``."""
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+    return types.voidptr(types.intp), codegen
 
 
 @intrinsic
-def _fortran_gemm(typingctx, trans_b, trans_a, n, m, k, b, ldb, a, lda, c, ldc):
+def _fortran_gemm(typingctx, zero, trans_b, trans_a, n, m, k, b, ldb, a, lda, c, ldc):
     """Column-major c (n x m) = op(b) op(a): ?gemm(tb, ta, n, m, k, 1, b, ldb,
-    a, lda, 0, c, ldc)."""
-    if not _same_float(c, a, b):
+    a, lda, 0, c, ldc), for ``zero``'s dtype (a, b, c: data addresses)."""
+    if zero not in (types.float32, types.float64):
         return None
-    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, b,
-                     types.intp, a, types.intp, c, types.intp)
-    return sig, _blas_call("gemm", c.dtype, (2, [(5, 1.0), (10, 0.0)]))
+    i, p = types.intp, types.voidptr
+    sig = types.void(zero, i, i, i, i, i, p, i, p, i, p, i)
+    return sig, _blas_call("gemm", zero, 2, [(5, 1.0), (10, 0.0)])
 
 
 @intrinsic
-def _fortran_gemv(typingctx, trans, rows, cols, a, lda, x, incx, y, incy):
+def _fortran_gemv(typingctx, zero, trans, rows, cols, a, lda, x, incx, y, incy):
     """Column-major y = op(a) x: ?gemv(t, rows, cols, 1, a, lda, x, incx, 0, y,
-    incy)."""
-    if not _same_float(y, a, x):
+    incy), for ``zero``'s dtype (a, x, y: data addresses)."""
+    if zero not in (types.float32, types.float64):
         return None
-    sig = types.void(types.intp, types.intp, types.intp, a, types.intp, x, types.intp, y,
-                     types.intp)
-    return sig, _blas_call("gemv", y.dtype, (1, [(3, 1.0), (8, 0.0)]))
+    i, p = types.intp, types.voidptr
+    sig = types.void(zero, i, i, i, p, i, p, i, p, i)
+    return sig, _blas_call("gemv", zero, 1, [(3, 1.0), (8, 0.0)])
 
 
 @njit(**INNER)
-def _operand(x, cols, itemsize):
-    """(flag, leading dimension) of a row-major operand of ``cols`` columns
-    read column-major: rows of unit stride as they are ("n": the read is
-    the operand's transpose), columns of unit stride transposed back ("t");
-    (0, 0) for any other layout."""
-    rows = x.shape[0]
-    s0, s1 = x.strides
+def _operand(rows, cols, s0, s1, itemsize):
+    """(flag, leading dimension) of a row-major operand of ``rows`` x
+    ``cols`` and byte strides ``s0``, ``s1`` read column-major: rows of unit
+    stride as they are ("n": the read is the operand's transpose), columns
+    of unit stride transposed back ("t"); (0, 0) for any other layout."""
     if cols == 1 or s1 == itemsize:
         if rows == 1:
             return _N, max(cols, 1)
@@ -127,18 +127,45 @@ def _increment(stride, length, itemsize):
 
 
 @njit(**INNER)
-def _matrix_vector(matrix, x, x_stride, y, y_stride, itemsize):
-    """y = matrix @ x through ?gemv, x and y vectors of the given strides."""
-    rows, cols = matrix.shape
-    trans, ld = _operand(matrix, cols, itemsize)
+def _matrix_vector(zero, matrix, rows, cols, s0, s1, x, x_stride, y, y_stride, itemsize):
+    """y = matrix @ x through ?gemv (``matrix`` rows x cols of byte strides
+    s0, s1; x and y vectors of the given byte strides; all addresses)."""
+    trans, ld = _operand(rows, cols, s0, s1, itemsize)
     inc_x = _increment(x_stride, cols, itemsize)
     inc_y = _increment(y_stride, rows, itemsize)
     if trans == 0 or inc_x == 0 or inc_y == 0 or ld > _INT_MAX:
         raise ValueError("gemm: an operand's layout is not one BLAS reads")
     if trans == _N:             # the read is matrix^T (cols x rows)
-        _fortran_gemv(_T, cols, rows, matrix, ld, x, inc_x, y, inc_y)
+        _fortran_gemv(zero, _T, cols, rows, _address(matrix), ld, _address(x), inc_x,
+                      _address(y), inc_y)
     else:                       # the read is matrix (rows x cols)
-        _fortran_gemv(_N, rows, cols, matrix, ld, x, inc_x, y, inc_y)
+        _fortran_gemv(zero, _N, rows, cols, _address(matrix), ld, _address(x), inc_x,
+                      _address(y), inc_y)
+
+
+@njit(**INNER)
+def _gemm_at(zero, itemsize, m, k, n, a, a0, a1, b, b0, b1, out, out0, out1):
+    """out = a @ b for ``m x k`` a, ``k x n`` b and ``m x n`` out given by
+    their data addresses and byte strides (m, n, k all positive; ``zero``
+    a value of their dtype, ``itemsize`` its size): every
+    layout in one compiled function of integers, so each layout the
+    kernels pass compiles only :func:`gemm`'s few lines (a cold first step
+    compiled this whole function for each of its three)."""
+    if max(m, n, k) > _INT_MAX:
+        raise ValueError("gemm: a dimension beyond the BLAS's 32-bit integers")
+    if n == 1:          # a column: out[:, 0] = a @ b[:, 0]
+        _matrix_vector(zero, a, m, k, a0, a1, b, b0, out, out0, itemsize)
+        return
+    if m == 1:          # a row: out[0] = a[0] @ b, i.e. out^T = b^T a^T
+        _matrix_vector(zero, b, n, k, b1, b0, a, a1, out, out1, itemsize)
+        return
+    trans_a, lda = _operand(m, k, a0, a1, itemsize)
+    trans_b, ldb = _operand(k, n, b0, b1, itemsize)
+    trans_c, ldc = _operand(m, n, out0, out1, itemsize)
+    if trans_a == 0 or trans_b == 0 or trans_c != _N or max(lda, ldb, ldc) > _INT_MAX:
+        raise ValueError("gemm: an operand's layout is not one BLAS reads")
+    _fortran_gemm(zero, trans_b, trans_a, n, m, k, _address(b), ldb, _address(a), lda,
+                  _address(out), ldc)
 
 
 @njit(**INNER)
@@ -151,20 +178,10 @@ def gemm(a, b, out):
     if m == 0 or n == 0:
         return
     if k == 0:
-        out[:] = 0
+        for i in range(m):
+            for j in range(n):
+                out[i, j] = 0
         return
-    if max(m, n, k) > _INT_MAX:
-        raise ValueError("gemm: a dimension beyond the BLAS's 32-bit integers")
-    itemsize = out.itemsize
-    if n == 1:          # a column: out[:, 0] = a @ b[:, 0]
-        _matrix_vector(a, b, b.strides[0], out, out.strides[0], itemsize)
-        return
-    if m == 1:          # a row: out[0] = a[0] @ b, i.e. out^T = b^T a^T
-        _matrix_vector(b.T, a, a.strides[1], out, out.strides[1], itemsize)
-        return
-    trans_a, lda = _operand(a, k, itemsize)
-    trans_b, ldb = _operand(b, n, itemsize)
-    trans_c, ldc = _operand(out, n, itemsize)
-    if trans_a == 0 or trans_b == 0 or trans_c != _N or max(lda, ldb, ldc) > _INT_MAX:
-        raise ValueError("gemm: an operand's layout is not one BLAS reads")
-    _fortran_gemm(trans_b, trans_a, n, m, k, b, ldb, a, lda, out, ldc)
+    _gemm_at(out.dtype.type(0), out.itemsize, m, k, n, a.ctypes.data, a.strides[0], a.strides[1],
+             b.ctypes.data, b.strides[0], b.strides[1], out.ctypes.data, out.strides[0],
+             out.strides[1])
