@@ -147,10 +147,9 @@ def _matrix_vector(zero, matrix, rows, cols, s0, s1, x, x_stride, y, y_stride, i
 def _gemm_at(zero, itemsize, m, k, n, a, a0, a1, b, b0, b1, out, out0, out1):
     """out = a @ b for ``m x k`` a, ``k x n`` b and ``m x n`` out given by
     their data addresses and byte strides (m, n, k all positive; ``zero``
-    a value of their dtype, ``itemsize`` its size): every
-    layout in one compiled function of integers, so each layout the
-    kernels pass compiles only :func:`gemm`'s few lines (a cold first step
-    compiled this whole function for each of its three)."""
+    a value of their dtype, ``itemsize`` its size).  Every layout's logic
+    in one compiled function of integers: each operand layout the kernels
+    pass then compiles only :func:`gemm`'s few lines, not this again."""
     if max(m, n, k) > _INT_MAX:
         raise ValueError("gemm: a dimension beyond the BLAS's 32-bit integers")
     if n == 1:          # a column: out[:, 0] = a @ b[:, 0]
