@@ -5,9 +5,10 @@ import ctypes
 
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, types
 
 from fastgrad.kernels import gemm_library
+from fastgrad.kernels.cpu import gemm as gemm_module
 from fastgrad.kernels.cpu.gemm import gemm
 
 
@@ -81,6 +82,21 @@ def test_gemm_refuses_layouts_and_shapes_blas_cannot_read():
         _gemm(a, np.ones((7, 3), np.float32), np.empty((6, 3), np.float32))
     with pytest.raises(ValueError, match="shapes"):
         _gemm(a, np.ones((8, 3), np.float32), np.empty((6, 4), np.float32))
+
+
+def test_every_layout_shares_one_compiled_gemm_core(rng):
+    """gemm's logic is compiled once per dtype, whatever the operands'
+    layouts (each layout compiles only gemm's few lines: a cold first step
+    compiled the whole of it for each of its three, ~0.6 s)."""
+    for layout_a in LAYOUTS:
+        for layout_b in LAYOUTS:
+            a = _operand(rng, 6, 5, np.float32, layout_a)
+            b = _operand(rng, 5, 4, np.float32, layout_b)
+            out = np.empty((6, 4), np.float32)
+            _gemm(a, b, out)
+            np.testing.assert_allclose(out, a @ b, rtol=1e-5)
+    core = [sig for sig in gemm_module._gemm_at.signatures if sig[0] == types.float32]
+    assert len(core) == 1, core
 
 
 def test_gemm_reads_the_library_address_at_each_call(rng):
