@@ -177,9 +177,7 @@ def gemm(a, b, out):
     if m == 0 or n == 0:
         return
     if k == 0:
-        for i in range(m):
-            for j in range(n):
-                out[i, j] = 0
+        out[:] = 0
         return
     _gemm_at(out.dtype.type(0), out.itemsize, m, k, n, a.ctypes.data, a.strides[0], a.strides[1],
              b.ctypes.data, b.strides[0], b.strides[1], out.ctypes.data, out.strides[0],
