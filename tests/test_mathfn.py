@@ -213,6 +213,64 @@ def test_float32_bounds_hold_without_fma(tmp_path):
     assert 4.0e-7 < float(run_.stdout.split()[-1]) <= 4.2e-7
 
 
+# exp's and expm1's scaling by 2**n: one vscalef where the target has
+# AVX-512F; elsewhere LLVM would make llvm.ldexp a libm call per element, so
+# the exponent bits are built there (both builds' values: the tests above,
+# here and without FMA).  Assembly of the loops, on this host and built for
+# an AVX2 core in a process of its own.
+_SCALING = """
+import json
+from numba import njit
+from fastgrad.kernels.cpu import mathfn
+vscalef, calls = [], []
+for dtype in ("float32", "float64"):
+    for name in ("exp", "expm1"):
+        f = getattr(mathfn, name)
+        def body(x, out):
+            for i in range(x.shape[0]):
+                out[i] = f(x[i])
+        loop = njit(error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)(body)
+        loop.compile(f"void({dtype}[::1], {dtype}[::1])")
+        asm = loop.inspect_asm(loop.signatures[0])
+        vscalef.append(asm.count("vscalef"))
+        calls.append(asm.count("call"))
+print(json.dumps([mathfn._scalef(), vscalef, calls]))
+"""
+
+
+def _scaling_build(**env_vars):
+    import json
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, **env_vars)
+    run_ = subprocess.run([sys.executable, "-c", _SCALING], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    return json.loads(run_.stdout.strip().splitlines()[-1])
+
+
+_X86 = pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
+                          reason="x86 targets")
+
+
+@_X86
+def test_exp_scales_by_one_vscalef_where_the_host_has_avx512f(tmp_path):
+    import llvmlite.binding as ll
+    if not ll.get_host_cpu_features().get("avx512f", False):
+        pytest.skip("the host has no AVX-512F")
+    scalef, vscalef, calls = _scaling_build(NUMBA_CACHE_DIR=str(tmp_path))
+    assert scalef and min(vscalef) >= 1 and calls == [0] * 4, (vscalef, calls)
+
+
+@_X86
+def test_exp_builds_its_powers_of_two_without_avx512f(tmp_path):
+    # an AVX2 core: no vscalef, and no libm call in the loops
+    assert _scaling_build(NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME="haswell",
+                          NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+popcnt,"
+                                             "+sse4.2") == [False, [0] * 4, [0] * 4]
+
+
 # --- special values --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["exp", "expm1", "log1p", "tanh"])

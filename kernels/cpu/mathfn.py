@@ -27,8 +27,12 @@ from one with it in the last bit or two, both within the bounds tested
 (tests/test_mathfn.py checks both builds).  FMA halves a Horner step's
 dependent operations: the float32 activation passes run 1.1-1.5x faster
 (bench/RESULTS.md).  The float64 functions keep separate operations, which
-their 1-ulp analysis assumes.
+their 1-ulp analysis assumes.  exp's and expm1's final scaling by 2**n is
+one instruction (``vscalef``) where the target has AVX-512F and a few
+integer operations elsewhere: the same values either way, each rounded
+once.
 """
+import functools
 import math
 
 import numpy as np
@@ -83,6 +87,25 @@ def _pow2(builder, n):
     return builder.bitcast(bits, F32)
 
 
+@functools.cache
+def _scalef():
+    """Whether Numba's target has AVX-512F, whose ``vscalefps/pd`` computes
+    y 2**n (rounded once, subnormal and overflowing results included) in one
+    instruction: there :func:`_ldexp` is a vector operation, elsewhere LLVM
+    makes it a libm call per element, and the exponent bits are built by hand
+    instead.  Numba keys its disk cache on the same target features."""
+    from numba.core.registry import cpu_target
+    features = cpu_target.target_context.codegen().magic_tuple()[2]
+    return "+avx512f" in features.split(",")
+
+
+def _ldexp(builder, y, n):
+    # y 2**n for an integral float n (llvm.ldexp, vectorised to vscalef)
+    fty = ir.FunctionType(y.type, [y.type, I32])
+    return _call(builder, f"llvm.ldexp.{'f32' if y.type == F32 else 'f64'}.i32", fty, y,
+                 builder.fptosi(n, I32))
+
+
 _EXP_COEFFS = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2,
                1.6666665459e-1, 5.0000001201e-1)
 # float32's ln 2 split in two for the Cody-Waite reduction r = x - n ln2:
@@ -104,8 +127,11 @@ def _expm1_reduced(builder, r):
 
 
 def _times_pow2(builder, y, n):
-    # y 2**n with 2**n applied in two halves: results near overflow and in the
-    # subnormal range come out right (n in [-252, 254])
+    # y 2**n for an integral n in [-252, 254], rounded once: results near
+    # overflow and in the subnormal range come out right
+    if _scalef():
+        return _ldexp(builder, y, n)
+    # 2**n applied in two halves: y 2**half is exact, the second product rounds
     half = _f32_intrinsic(builder, "floor", builder.fmul(n, _c(0.5)))
     return builder.fmul(builder.fmul(y, _pow2(builder, half)),
                         _pow2(builder, builder.fsub(n, half)))
@@ -113,9 +139,10 @@ def _times_pow2(builder, y, n):
 
 def _exp_f32(builder, x):
     # Cody-Waite: x = n ln2 + r, |r| <= ln2/2, exp(r) = 1 + r + r^2 p(r).
-    # 2**n is applied in two halves so that results near overflow and in the
-    # subnormal range come out right; beyond them (x outside [-104, 89]) the
-    # product over/underflows to inf/0 by itself.  Max rel error ~2 ulp.
+    # 2**n is applied rounding once (_times_pow2), so that results near
+    # overflow and in the subnormal range come out right; beyond them (x
+    # outside [-104, 89]) the product over/underflows to inf/0 by itself.
+    # Max rel error ~2 ulp.
     xc = _select_lt(builder, x, _c(-104.0), _c(-104.0), x)
     xc = _select_lt(builder, _c(89.0), xc, _c(89.0), xc)
     n = _round_log2(builder, xc)
@@ -132,18 +159,23 @@ def _expm1_f32(builder, x):
     # expm1(x) = 2^n q + (2^n - 1), where 2^n - 1 is exact for the n that
     # matter (|n| <= 24) and one FMA rounds.  Below -30 the result is -1
     # (e^-30 is under half an ulp of 1); from n = 25 the -1 is below an ulp
-    # and 2^n (q + 1) is formed as 2^(n-1) (q + 1) 2, so that 2^127 is the
-    # largest power built and results up to float32's max come out right.
+    # and 2^n (q + 1) is formed by vscalef, or as 2^(n-1) (q + 1) 2 so that
+    # 2^127 is the largest power built: results up to float32's max come
+    # out right.
     xc = _select_lt(builder, x, _c(-30.0), _c(-30.0), x)
     xc = _select_lt(builder, _c(89.0), xc, _c(89.0), xc)
     n = _round_log2(builder, xc)
     r = _fmuladd(builder, n, _c(-_LN2_HI_32), xc)
     r = _fmuladd(builder, n, _c(_LN2_LO_NEG_32), r)
     q = _expm1_reduced(builder, r)
-    half_scale = _pow2(builder, builder.fsub(n, _c(1.0)))
-    scale = builder.fmul(half_scale, _c(2.0))
+    if _scalef():
+        scale = _ldexp(builder, _c(1.0), n)
+        big = _ldexp(builder, builder.fadd(q, _c(1.0)), n)
+    else:
+        half_scale = _pow2(builder, builder.fsub(n, _c(1.0)))
+        scale = builder.fmul(half_scale, _c(2.0))
+        big = builder.fmul(builder.fmul(half_scale, builder.fadd(q, _c(1.0))), _c(2.0))
     small = _fmuladd(builder, scale, q, builder.fsub(scale, _c(1.0)))
-    big = builder.fmul(builder.fmul(half_scale, builder.fadd(q, _c(1.0))), _c(2.0))
     y = _select_lt(builder, _c(24.5), n, big, small)
     # +-0 in, +-0 out (the reduction's n * ln2_lo adds +0 to -0); NaN in, NaN out
     y = builder.select(builder.fcmp_ordered("==", x, _c(0.0)), x, y)
@@ -197,7 +229,7 @@ def _exp_f32_sum(builder, hi, lo):
     # Cody-Waite reduction of _exp_f32 with lo added after n ln2_hi is taken
     # from hi, so the rounding of hi + lo (ulp(100) = 7.6e-6 relative at the
     # end) never enters.  Arguments only in [-122, 0] (erfc's -x^2, GELU's
-    # -z^2 / 2, both clamped): no clamp here, 2**n in two halves as in
+    # -z^2 / 2, both clamped): no clamp here, 2**n by _times_pow2 as in
     # _exp_f32 for the subnormal results.
     n = _round_log2(builder, builder.fadd(hi, lo))
     r = _fmuladd(builder, n, _c(-_LN2_HI_32), hi)
@@ -368,8 +400,11 @@ def _pow2_64(builder, n):
 
 
 def _scale64(builder, y, k):
-    # y * 2**k for integral k in [-1100, 1100], in two halves so that results
-    # near overflow and in the subnormal range round once, correctly
+    # y * 2**k for integral k in [-1100, 1100], rounded once: results near
+    # overflow and in the subnormal range come out right
+    if _scalef():
+        return _ldexp(builder, y, k)
+    # in two halves: y 2**half is exact, the second product rounds
     half = _f64_intrinsic(builder, "floor", builder.fmul(k, _d(0.5)))
     return builder.fmul(builder.fmul(y, _pow2_64(builder, half)),
                         _pow2_64(builder, builder.fsub(k, half)))
