@@ -4,6 +4,7 @@ sweep of every bit pattern plus exhaustive sweeps of the binades where the
 error peaks); the float64 ones in ulps against x87 80-bit long double
 (dense random sweeps of the whole domain plus the hard regions)."""
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -239,19 +240,23 @@ print(json.dumps([mathfn._scalef(), vscalef, calls]))
 
 
 def _scaling_build(**env_vars):
+    """(whether mathfn scales by vscalef, vscalef's count and the count of
+    calls in each loop's assembly) in a new process; the target is the
+    host's unless ``env_vars`` name one."""
     import json
     import os
     import subprocess
     import sys
-    env = dict(os.environ, **env_vars)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    env.update(env_vars)
     run_ = subprocess.run([sys.executable, "-c", _SCALING], env=env, capture_output=True,
                           text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
     return json.loads(run_.stdout.strip().splitlines()[-1])
 
 
-_X86 = pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
-                          reason="x86 targets")
+_X86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
 
 
 @_X86
