@@ -216,33 +216,55 @@ def test_float32_bounds_hold_without_fma(tmp_path):
 
 # exp's and expm1's scaling by 2**n: one vscalef where the target has
 # AVX-512F; elsewhere LLVM would make llvm.ldexp a libm call per element, so
-# the exponent bits are built there (both builds' values: the tests above,
-# here and without FMA).  Assembly of the loops, on this host and built for
-# an AVX2 core in a process of its own.
+# the exponent bits are built there.  Both builds run here, each in a process
+# of its own (the target is chosen when Numba starts): the host's and one for
+# an AVX2 core (which this host runs too).  Their loops' assembly, and their
+# values on the same inputs, bitwise.
 _SCALING = """
-import json
+import json, sys
+import numpy as np
 from numba import njit
 from fastgrad.kernels.cpu import mathfn
-vscalef, calls = [], []
+rng = np.random.default_rng(5)
+special = [0.0, -0.0, np.inf, -np.inf, np.nan]
+inputs = {
+    "float32": np.concatenate([np.linspace(-110, 95, 200001), special]).astype(np.float32),
+    "float64": np.concatenate([np.linspace(-760, 720, 200001), np.linspace(-45, 45, 100001),
+                               special])}
+inputs["float32"] = np.concatenate([inputs["float32"], rng.integers(
+    0, 2**32, 200000, dtype=np.uint64).astype(np.uint32).view(np.float32)])
+inputs["float64"] = np.concatenate([inputs["float64"], rng.integers(
+    0, 2**63, 200000, dtype=np.uint64).view(np.float64)])
+vscalef, calls, values = [], [], {}
 for dtype in ("float32", "float64"):
     for name in ("exp", "expm1"):
         f = getattr(mathfn, name)
         def body(x, out):
             for i in range(x.shape[0]):
                 out[i] = f(x[i])
+        x = inputs[dtype]
+        out = np.empty_like(x)
+        njit(error_model="numpy")(body)(x, out)
+        values[name + "_" + dtype] = out
+        # the loop alone, without the wrappers' calls
         loop = njit(error_model="numpy", no_cpython_wrapper=True, no_cfunc_wrapper=True)(body)
         loop.compile(f"void({dtype}[::1], {dtype}[::1])")
         asm = loop.inspect_asm(loop.signatures[0])
         vscalef.append(asm.count("vscalef"))
         calls.append(asm.count("call"))
+np.savez(sys.argv[1], **values)
 print(json.dumps([mathfn._scalef(), vscalef, calls]))
 """
 
+_AVX2 = dict(NUMBA_CPU_NAME="haswell",
+             NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+popcnt,+sse4.2")
 
-def _scaling_build(**env_vars):
+
+def _scaling_build(out, **env_vars):
     """(whether mathfn scales by vscalef, vscalef's count and the count of
-    calls in each loop's assembly) in a new process; the target is the
-    host's unless ``env_vars`` name one."""
+    calls in each loop's assembly) from a new process, which writes the
+    loops' values to ``out``; the target is the host's unless ``env_vars``
+    name one."""
     import json
     import os
     import subprocess
@@ -250,8 +272,8 @@ def _scaling_build(**env_vars):
     env = {k: v for k, v in os.environ.items()
            if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
     env.update(env_vars)
-    run_ = subprocess.run([sys.executable, "-c", _SCALING], env=env, capture_output=True,
-                          text=True, timeout=300)
+    run_ = subprocess.run([sys.executable, "-c", _SCALING, str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
     return json.loads(run_.stdout.strip().splitlines()[-1])
 
@@ -260,20 +282,25 @@ _X86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason=
 
 
 @_X86
-def test_exp_scales_by_one_vscalef_where_the_host_has_avx512f(tmp_path):
-    import llvmlite.binding as ll
-    if not ll.get_host_cpu_features().get("avx512f", False):
-        pytest.skip("the host has no AVX-512F")
-    scalef, vscalef, calls = _scaling_build(NUMBA_CACHE_DIR=str(tmp_path))
-    assert scalef and min(vscalef) >= 1 and calls == [0] * 4, (vscalef, calls)
+def test_exp_builds_its_powers_of_two_without_avx512f(tmp_path):
+    # an AVX2 core: no vscalef, and no libm call in the loops
+    assert _scaling_build(tmp_path / "avx2.npz", NUMBA_CACHE_DIR=str(tmp_path),
+                          **_AVX2) == [False, [0] * 4, [0] * 4]
 
 
 @_X86
-def test_exp_builds_its_powers_of_two_without_avx512f(tmp_path):
-    # an AVX2 core: no vscalef, and no libm call in the loops
-    assert _scaling_build(NUMBA_CACHE_DIR=str(tmp_path), NUMBA_CPU_NAME="haswell",
-                          NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+lzcnt,+popcnt,"
-                                             "+sse4.2") == [False, [0] * 4, [0] * 4]
+def test_exp_scales_by_one_vscalef_where_the_host_has_avx512f_to_the_same_values(tmp_path):
+    import llvmlite.binding as ll
+    if not ll.get_host_cpu_features().get("avx512f", False):
+        pytest.skip("the host has no AVX-512F")
+    scalef, vscalef, calls = _scaling_build(tmp_path / "host.npz",
+                                            NUMBA_CACHE_DIR=str(tmp_path / "host"))
+    assert scalef and min(vscalef) >= 1 and calls == [0] * 4, (vscalef, calls)
+    _scaling_build(tmp_path / "avx2.npz", NUMBA_CACHE_DIR=str(tmp_path / "avx2"), **_AVX2)
+    host, avx2 = np.load(tmp_path / "host.npz"), np.load(tmp_path / "avx2.npz")
+    for name in host.files:
+        bits = np.uint32 if host[name].dtype == np.float32 else np.uint64
+        np.testing.assert_array_equal(host[name].view(bits), avx2[name].view(bits), err_msg=name)
 
 
 # --- special values --------------------------------------------------------------
