@@ -22,7 +22,9 @@ again (~0.08 s of each figure), and an untimed import writes them first.
 The floor row is the same span for a program that only imports NumPy and
 Numba and calls one cached ``@njit`` GEMM function: what any Numba program
 pays before fastgrad's own code (Numba's target set-up imports
-``scipy.linalg`` for BLAS on the first compile or cache load).
+``scipy.linalg`` for BLAS on the first compile or cache load; fastgrad loads
+SciPy's BLAS module alone, which spares its steps that import, so they can
+come in under the floor).
 """
 import argparse
 import os

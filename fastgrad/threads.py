@@ -63,7 +63,8 @@ def _blas_of_kernels():
     with _kernel_blas_lock:
         if _kernel_blas is None:
             import scipy
-            import scipy.linalg.cython_blas  # noqa: F401  (loads SciPy's BLAS)
+            from .kernels import gemm_library
+            gemm_library.scipy_cython_blas()        # loads SciPy's BLAS
             root = scipy.__file__.rpartition("scipy")[0]
             libs = [lib for lib in ThreadpoolController().lib_controllers
                     if lib.user_api == "blas"]

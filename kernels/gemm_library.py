@@ -13,6 +13,12 @@ there is one library per process.
 """
 import ctypes
 import functools
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import itertools
+import os
+import sys
 import threading
 
 import llvmlite.binding as llvm
@@ -31,9 +37,79 @@ def scipy_gemm():
     return dict(_scipy_routines())
 
 
+SCIPY_BLAS = "scipy.linalg.cython_blas"
+
+
+@functools.lru_cache(maxsize=None)
+def scipy_cython_blas():
+    """SciPy's ``scipy.linalg.cython_blas`` module, imported without
+    ``scipy.linalg`` where that is not imported yet: its ``__init__``
+    imports most of SciPy's linear algebra (~110 ms of ``import fastgrad``
+    and again of a warm first step), none of which the kernels call."""
+    module = sys.modules.get(SCIPY_BLAS)
+    if module is None and "scipy.linalg" not in sys.modules:
+        module = _import_without_package()
+    return module if module is not None else importlib.import_module(SCIPY_BLAS)
+
+
+def _import_without_package():
+    """``scipy.linalg.cython_blas`` from its file (``scipy`` imported, not
+    ``scipy.linalg``), or None where it is not an extension file in
+    ``scipy/linalg``.  It stays in sys.modules, as any import leaves it:
+    Numba's own ``import scipy.linalg.cython_blas`` (before its first
+    compile) then imports nothing more.  A later import of ``scipy.linalg``
+    finds it there, so :class:`_BindWhenImported` binds it as that
+    package's attribute, as importing it the usual way would have."""
+    scipy = importlib.util.find_spec("scipy")
+    if scipy is None or not scipy.submodule_search_locations:
+        return None
+    for folder, suffix in itertools.product(scipy.submodule_search_locations,
+                                            importlib.machinery.EXTENSION_SUFFIXES):
+        path = os.path.join(folder, "linalg", "cython_blas" + suffix)
+        if os.path.isfile(path):
+            break
+    else:
+        return None
+    loader = importlib.machinery.ExtensionFileLoader(SCIPY_BLAS, path)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(SCIPY_BLAS, loader))
+    sys.modules[SCIPY_BLAS] = module
+    try:
+        loader.exec_module(module)
+    except BaseException:
+        del sys.modules[SCIPY_BLAS]
+        raise
+    sys.meta_path.insert(0, _BindWhenImported("scipy.linalg", "cython_blas", module))
+    return module
+
+
+class _BindWhenImported(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``package`` is imported it has the path
+    finder's loader, once the package has run, bind ``module`` (imported
+    before the package) as the package's attribute ``name``."""
+
+    def __init__(self, package, name, module):
+        self.package, self.name, self.module = package, name, module
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.package:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        run = spec.loader.exec_module
+
+        def exec_then_bind(package):
+            run(package)
+            if not hasattr(package, self.name):
+                setattr(package, self.name, self.module)
+
+        spec.loader.exec_module = exec_then_bind
+        return spec
+
+
 @functools.lru_cache(maxsize=None)
 def _scipy_routines():
-    import scipy.linalg.cython_blas as cython_blas
+    cython_blas = scipy_cython_blas()
     get_name = ctypes.pythonapi.PyCapsule_GetName
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer

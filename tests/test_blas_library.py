@@ -174,3 +174,77 @@ def test_fastgrad_blas_in_the_environment_and_a_forked_child():
         os.waitpid(pid, 0)
     """, FASTGRAD_BLAS="mkl")
     assert "parent mkl" in out and "child openblas" in out
+
+
+def test_import_and_numbas_set_up_leave_scipy_linalg_unimported():
+    # SciPy's BLAS module is loaded alone: scipy.linalg's __init__ (most of
+    # SciPy's linear algebra, ~110 ms) waits for a user who imports it, also
+    # past Numba's own import of the BLAS module before its first compile.
+    out = _run("""
+        import sys
+        import fastgrad
+        assert "scipy.linalg.cython_blas" in sys.modules
+        assert "scipy.linalg" not in sys.modules, "import fastgrad imported scipy.linalg"
+        import numba
+        import numpy as np
+        assert numba.njit(lambda a: a + 1)(np.ones(3)).sum() == 6
+        assert "scipy.linalg" not in sys.modules, "Numba's set-up imported scipy.linalg"
+        print("ok")
+    """)
+    assert out.split() == ["ok"]
+
+
+def test_scipy_linalg_imported_after_fastgrad_works_as_usual():
+    # the module fastgrad loaded is the package's attribute once the package
+    # is imported (a plain `import scipy.linalg.cython_blas` then reads it as
+    # `scipy.linalg.cython_blas`), its routines are the kernels' GEMMs, and
+    # SciPy's linear algebra and Numba's np.dot run
+    out = _run("""
+        import ctypes, sys
+        import numba
+        import numpy as np
+        import fastgrad
+        from fastgrad.kernels import gemm_library
+        loaded = sys.modules["scipy.linalg.cython_blas"]
+        import scipy.linalg.cython_blas
+        assert scipy.linalg.cython_blas is loaded
+        import scipy.linalg
+        assert scipy.linalg.cython_blas is loaded
+        name = ctypes.pythonapi.PyCapsule_GetName
+        name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        capi = scipy.linalg.cython_blas.__pyx_capi__
+        assert gemm_library.gemm_addresses() == {
+            r: pointer(capi[r], name(capi[r])) for r in gemm_library.ROUTINES}
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((7, 7))
+        assert np.allclose(scipy.linalg.solve(a, a), np.eye(7))
+        assert np.allclose(scipy.linalg.blas.dgemm(1.0, a, a), a @ a)
+        assert np.allclose(numba.njit(lambda x: np.dot(x, x))(a), a @ a)
+        print("ok")
+    """)
+    assert out.split() == ["ok"]
+
+
+@pytest.mark.parametrize("first", ["scipy.linalg", "no extension file"])
+def test_scipys_blas_module_the_usual_way_where_it_cannot_be_loaded_alone(first):
+    # scipy.linalg already imported: its module as it is, no import hook;
+    # no extension file where expected: the usual import
+    out = _run(f"""
+        import os, sys
+        if {first!r} == "scipy.linalg":
+            import scipy.linalg
+        else:
+            isfile = os.path.isfile
+            os.path.isfile = lambda p: False if "cython_blas" in str(p) else isfile(p)
+        hooks = len(sys.meta_path)
+        import fastgrad
+        from fastgrad.kernels import gemm_library
+        import scipy.linalg.cython_blas
+        assert gemm_library.scipy_cython_blas() is scipy.linalg.cython_blas
+        assert len(sys.meta_path) == hooks
+        assert "scipy.linalg" in sys.modules
+        print("ok")
+    """)
+    assert out.split() == ["ok"]
