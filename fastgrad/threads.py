@@ -4,8 +4,8 @@ Numba's ``np.dot`` calls SciPy's OpenBLAS and NumPy carries its own; both,
 and Numba's own pool, are set together so they do not oversubscribe the
 cores (DESIGN.md "Threads": on 2 cores spinning pools starve each other).
 """
-from contextlib import contextmanager
 import ctypes
+import itertools
 import os
 import threading
 
@@ -13,8 +13,11 @@ import numba
 import numpy as np
 from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
 
+from .kernels import gemm_library
+
 _limiter = None
 _kernel_blas = None          # BLAS libraries of Numba's np.dot, found on first use
+_kernel_blas_counts = None   # their thread counts' (get, set) functions, found on first use
 _kernel_blas_lock = threading.Lock()
 
 
@@ -63,7 +66,6 @@ def _blas_of_kernels():
     with _kernel_blas_lock:
         if _kernel_blas is None:
             import scipy
-            from .kernels import gemm_library
             gemm_library.scipy_cython_blas()        # loads SciPy's BLAS
             root = scipy.__file__.rpartition("scipy")[0]
             libs = [lib for lib in ThreadpoolController().lib_controllers
@@ -74,46 +76,91 @@ def _blas_of_kernels():
     return _kernel_blas
 
 
-@contextmanager
-def one_blas_thread():
-    """Run the block with the kernels' BLAS on one thread, so that a step's
-    own thread pool owns the cores (DESIGN.md "Threads"); restores the
-    previous counts.  Costs about a microsecond per library.  MKL is left
-    as it is: the one caller, :func:`sharded_step_blas`, runs the kernels'
-    GEMMs on OpenBLAS (finding MKL's controller took ~0.6 ms a call)."""
-    libs = list(_blas_of_kernels())
-    before = [lib.get_num_threads() for lib in libs]
-    for lib in libs:
-        lib.set_num_threads(1)
-    try:
-        yield
-    finally:
-        for lib, n in zip(libs, before):
-            lib.set_num_threads(n)
+def _thread_count_functions():
+    """``[(get, set)]``: the thread count of each of the kernels' BLAS
+    libraries.  OpenBLAS's own functions called through ctypes where found
+    (threadpoolctl's controller looks their symbols up on every call: its
+    get and set took 3.3 us a step, these 0.7), else the controller's
+    methods."""
+    global _kernel_blas_counts
+    libs = _blas_of_kernels()
+    with _kernel_blas_lock:
+        if _kernel_blas_counts is None:
+            _kernel_blas_counts = [_openblas_count_functions(lib)
+                                   or (lib.get_num_threads, lib.set_num_threads)
+                                   for lib in libs]
+    return _kernel_blas_counts
 
 
-@contextmanager
-def sharded_step_blas():
+def _openblas_count_functions(lib):
+    if lib.internal_api != "openblas":
+        return None
+    handle = ctypes.CDLL(lib.filepath)
+    # SciPy's and NumPy's wheels prefix OpenBLAS's symbols; 64-bit integer
+    # builds add a suffix
+    for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_")):
+        try:
+            get = getattr(handle, f"{prefix}openblas_get_num_threads{suffix}")
+            set_ = getattr(handle, f"{prefix}openblas_set_num_threads{suffix}")
+        except AttributeError:
+            continue
+        get.restype, get.argtypes = ctypes.c_int, []
+        set_.restype, set_.argtypes = None, [ctypes.c_int]
+        return get, set_
+    return None
+
+
+class one_blas_thread:
+    """Context manager: the block runs with the kernels' BLAS on one thread,
+    so that a step's own thread pool owns the cores (DESIGN.md "Threads");
+    the previous counts are restored on the way out.  MKL is left as it
+    is: the one caller, :class:`sharded_step_blas`, runs the kernels' GEMMs
+    on OpenBLAS (finding MKL's controller took ~0.6 ms a call).  A class,
+    not a generator: entered once a sharded step, where a generator's
+    context cost ~1 us more."""
+
+    def __enter__(self):
+        self._counts = _thread_count_functions()
+        self._before = [get() for get, _ in self._counts]
+        for _, set_ in self._counts:
+            set_(1)
+        return self
+
+    def __exit__(self, *exc):
+        for (_, set_), n in zip(self._counts, self._before):
+            set_(n)
+
+
+class sharded_step_blas(one_blas_thread):
     """What the sharded step's kernels run under (``TrainStep(threads=n)``):
-    :func:`one_blas_thread`, and the kernels' GEMMs on SciPy's OpenBLAS
+    :class:`one_blas_thread`, and the kernels' GEMMs on SciPy's OpenBLAS
     even where MKL runs the others (``fastgrad.set_blas``).  On the shards'
     narrow GEMMs MKL saved 4-7 %, and called from the pool's threads after
     ``torch.set_num_threads`` or PyTorch's own parallel steps in the
     process it took 18x as long (bench/RESULTS.md "The shards on the pass
     team").  The library is the process's: a step another thread runs
     meanwhile calls OpenBLAS too, as it finds OpenBLAS on one thread."""
-    from . import blas
-    from .kernels import gemm_library
-    with one_blas_thread():
-        if blas.mkl_handle() is None:
-            yield
-            return
-        chosen = gemm_library.gemm_addresses()
-        gemm_library.set_gemm(gemm_library.scipy_gemm())
+
+    def __enter__(self):
+        from . import blas          # (which imports this module)
+        super().__enter__()
+        self._chosen = None
+        if blas.mkl_handle() is not None:
+            try:
+                chosen = gemm_library.gemm_addresses()
+                gemm_library.set_gemm(gemm_library.scipy_gemm())
+                self._chosen = chosen
+            except BaseException:
+                super().__exit__()
+                raise
+        return self
+
+    def __exit__(self, *exc):
         try:
-            yield
+            if self._chosen is not None:
+                gemm_library.set_gemm(self._chosen)
         finally:
-            gemm_library.set_gemm(chosen)
+            super().__exit__(*exc)
 
 
 def _pthreads_openblas():

@@ -8,13 +8,14 @@ import threading
 import numba
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 import fastgrad as fg
 from fastgrad import reference as ref
 from fastgrad.errors import NonFiniteGradientError
 from fastgrad.kernels.cpu import step_sharded
 from fastgrad.losses import LOSSES
-from fastgrad.threads import _blas_of_kernels, one_blas_thread
+from fastgrad.threads import _blas_of_kernels, _thread_count_functions, one_blas_thread
 
 from conftest import ACTIVATIONS, loss_targets
 
@@ -126,6 +127,23 @@ def test_blas_threads_restored():
     with pytest.raises(ValueError):     # bad target shape: raised before the kernel
         step(np.zeros((5, 4)), np.zeros((5, 2)))
     assert [lib.get_num_threads() for lib in _blas_of_kernels()] == before
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_one_blas_thread_sets_and_restores_the_count_threadpoolctl_reads(count):
+    # the counts go through OpenBLAS's own functions (ctypes), not
+    # threadpoolctl's controller: the controller must read the same
+    libs = _blas_of_kernels()
+    assert len(_thread_count_functions()) == len(libs) >= 1
+    with threadpool_limits(count, user_api="blas"):
+        assert [lib.get_num_threads() for lib in libs] == [count] * len(libs)
+        with one_blas_thread():
+            assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
+            with pytest.raises(KeyError):
+                with one_blas_thread():
+                    raise KeyError("restored on the way out of an error too")
+            assert [lib.get_num_threads() for lib in libs] == [1] * len(libs)
+        assert [lib.get_num_threads() for lib in libs] == [count] * len(libs)
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2", N_THREADS + 1])
