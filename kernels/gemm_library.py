@@ -83,9 +83,11 @@ def _import_without_package():
 
 
 class _BindWhenImported(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``package`` is imported it has the path
-    finder's loader, once the package has run, bind ``module`` (imported
-    before the package) as the package's attribute ``name``."""
+    """Finds nothing itself: when ``package`` is imported it asks the
+    other meta-path finders for the package's spec (the path finder, or
+    whichever serves the package: an editable build's) and has its loader,
+    once the package has run, bind ``module`` (imported before the
+    package) as the package's attribute ``name``."""
 
     def __init__(self, package, name, module):
         self.package, self.name, self.module = package, name, module
@@ -93,7 +95,12 @@ class _BindWhenImported(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.package:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        spec = None
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
         if spec is None or not hasattr(spec.loader, "exec_module"):
             return None
         run = spec.loader.exec_module

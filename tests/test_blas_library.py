@@ -248,3 +248,33 @@ def test_scipys_blas_module_the_usual_way_where_it_cannot_be_loaded_alone(first)
         print("ok")
     """)
     assert out.split() == ["ok"]
+
+
+def test_scipy_linalg_served_by_another_finder_gets_the_module_too():
+    # a SciPy whose packages another meta-path finder serves (an editable
+    # build): the binding asks the finders after it, not the path finder
+    out = _run("""
+        import importlib.abc, importlib.machinery, sys
+        path_finder = importlib.machinery.PathFinder.find_spec
+
+        class Editable(importlib.abc.MetaPathFinder):
+            served = []
+
+            def find_spec(self, fullname, path=None, target=None):
+                if fullname != "scipy.linalg":
+                    return None
+                self.served.append(fullname)
+                return path_finder(fullname, path, target)
+
+        sys.meta_path.insert(0, Editable())
+        importlib.machinery.PathFinder.find_spec = classmethod(
+            lambda cls, fullname, path=None, target=None:
+            None if fullname == "scipy.linalg" else path_finder(fullname, path, target))
+        import fastgrad
+        loaded = sys.modules["scipy.linalg.cython_blas"]
+        import scipy.linalg
+        assert Editable.served == ["scipy.linalg"]
+        assert scipy.linalg.cython_blas is loaded
+        print("ok")
+    """)
+    assert out.split() == ["ok"]
