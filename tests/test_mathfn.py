@@ -3,8 +3,13 @@ float32 ones against float64 NumPy, over the whole float32 line (a strided
 sweep of every bit pattern plus exhaustive sweeps of the binades where the
 error peaks); the float64 ones in ulps against x87 80-bit long double
 (dense random sweeps of the whole domain plus the hard regions)."""
+import json
 import math
+import os
+import pathlib
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -200,18 +205,24 @@ print(abs(float(t.run("tanh", x)[0]) - float(t.ref("tanh", x)[0])))
 """
 
 
-def test_float32_bounds_hold_without_fma(tmp_path):
-    import os
-    import pathlib
-    import subprocess
-    import sys
-    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
-    env.pop("NUMBA_CPU_FEATURES", None)
-    run_ = subprocess.run([sys.executable, "-c", _WITHOUT_FMA, str(pathlib.Path(__file__).parent)],
-                          env=env, capture_output=True, text=True, timeout=300)
+def _in_new_process(code, arg, **env_vars):
+    """stdout of ``code`` run with ``arg`` in a new Python process, whose
+    Numba target is the host's unless ``env_vars`` name one (the target is
+    chosen when Numba starts)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    env.update(env_vars)
+    run_ = subprocess.run([sys.executable, "-c", code, str(arg)], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
+    return run_.stdout
+
+
+def test_float32_bounds_hold_without_fma(tmp_path):
+    out = _in_new_process(_WITHOUT_FMA, pathlib.Path(__file__).parent,
+                          NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     # the worst case of the build without FMA is there: it really ran unfused
-    assert 4.0e-7 < float(run_.stdout.split()[-1]) <= 4.2e-7
+    assert 4.0e-7 < float(out.split()[-1]) <= 4.2e-7
 
 
 # exp's and expm1's scaling by 2**n: one vscalef where the target has
@@ -265,17 +276,7 @@ def _scaling_build(out, **env_vars):
     calls in each loop's assembly) from a new process, which writes the
     loops' values to ``out``; the target is the host's unless ``env_vars``
     name one."""
-    import json
-    import os
-    import subprocess
-    import sys
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
-    env.update(env_vars)
-    run_ = subprocess.run([sys.executable, "-c", _SCALING, str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert run_.returncode == 0, run_.stderr[-3000:]
-    return json.loads(run_.stdout.strip().splitlines()[-1])
+    return json.loads(_in_new_process(_SCALING, out, **env_vars).strip().splitlines()[-1])
 
 
 _X86 = pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 targets")
