@@ -60,6 +60,9 @@ class Backend:
     #: the device's labels are range-checked by the loss kernel (a bad one
     #: skips the update and raises at read-back) instead of on the host
     labels_checked_by_kernel = False
+    #: a step may copy host inputs to the device (``needs_staging``); where
+    #: False the step does not ask, per input (a call less each)
+    stages_inputs = False
 
     def __repr__(self):
         return f"<fastgrad {self.name} backend>"
@@ -514,6 +517,7 @@ class CudaBackend(Backend):
     skip_known_on_host = False
     loss_in_record = True
     labels_checked_by_kernel = True
+    stages_inputs = True
 
     @property
     def xp(self):
@@ -664,6 +668,7 @@ class HostRecords:
         from .optim import StepStats            # (fastgrad.optim imports this module)
         self._opt, self._stats = opt, StepStats
         self.layer_sq = np.zeros(opt._offsets.size - 1, np.float64)
+        self._layer_sq_view = memoryview(self.layer_sq)
 
     update_kwargs = property(lambda self: {})
 
@@ -682,7 +687,10 @@ class HostRecords:
     def hp_rows(self):
         """The ``hp`` of the next update ``k = step_count``."""
         opt = self._opt
-        opt._lr_now = opt._fill_update(opt._hp, opt._step_count)
+        if opt._seg_group is None:          # one group: its row (_fill_update, a call less)
+            opt._lr_now = opt._fill_row(opt._hp, opt._step_count)
+        else:
+            opt._lr_now = opt._fill_update(opt._hp, opt._step_count)
         return opt._hp
 
     def commit(self, norm, scale, skipped, layer_sq, with_loss=False):
@@ -693,8 +701,11 @@ class HostRecords:
             opt._n_skipped += 1
         else:
             opt._step_count += 1
+        # the squares' bytes, rooted when read: a cached view's copy is the
+        # cheapest call just after the kernel (bench/RESULTS.md, "Python just after the kernel")
+        view = self._layer_sq_view if layer_sq is self.layer_sq else memoryview(layer_sq)
         stats = self._stats._of(int(opt._step_count), float(opt._lr_now), norm, scale,
-                                (not skipped) and scale < 1.0, skipped, np.sqrt(layer_sq))
+                                (not skipped) and scale < 1.0, skipped, view.tobytes())
         opt.last_stats = stats
         if skipped and not opt.skip_nonfinite:
             raise NonFiniteGradientError(

@@ -4,7 +4,7 @@ A step's kernel runs without the GIL; a Ctrl-C pressed meanwhile raises
 KeyboardInterrupt at the first Python call after the kernel returns, which
 is the book-keeping: the update would be applied but not counted (Adam's
 bias correction then one step behind, the dropout counter repeating a
-mask).  ``with held():`` around the kernel call and its book-keeping keeps
+mask).  ``with hold:`` around the kernel call and its book-keeping keeps
 the interrupt until the block ends, so a step lands whole or not at all.
 
 Only the main thread receives Python's signal handlers.  The handler is
@@ -69,7 +69,6 @@ class _Hold:
 
 _hold = _Hold()
 
-
-def held():
-    """Context manager: a Ctrl-C in the block is raised when it ends."""
-    return _hold
+#: Context manager: a Ctrl-C in the block is raised when it ends.  (An
+#: object, not a function returning one: a call less a step.)
+hold = _hold

@@ -487,7 +487,10 @@ class Sequential:
         dropout counter and (in training mode) the batch-norm running
         statistics.  A TrainStep restores it when its update is skipped."""
         bn = self.training and self._has_batch_norm
-        return (self.dropout_step, self._running_mean.copy() if bn else None,
+        # the host's counter read in place where it rules (the property, a
+        # call more, once a step)
+        counter = self._dropout_step if self._dropout_on_device is None else self.dropout_step
+        return (counter, self._running_mean.copy() if bn else None,
                 self._running_var.copy() if bn else None)
 
     def _restore_snapshot(self, snap):
@@ -527,8 +530,15 @@ class Sequential:
         Every training-mode forward (layer path or TrainStep, with dropout
         or not) advances it once, so a model's mask sequence depends only
         on how many training steps it has run."""
-        c = self.dropout_step
-        self.dropout_step = c + 1
+        if self._dropout_on_device is not None:
+            c = self.dropout_step
+            self.dropout_step = c + 1
+            return c
+        with self._lock:        # the setter's write, without its checks of an int of our own
+            c = self._dropout_step
+            if c + 1 >= COUNTER_BOUND:
+                raise ValueError(f"dropout_step must be an integer in [0, 2**62), got {c + 1}")
+            self._dropout_step = c + 1
         return c
 
     # -- shape facts -------------------------------------------------------
@@ -851,7 +861,7 @@ class Sequential:
                                  + "\n\t".join(errors))
         # never between a step's forward and its update; a Ctrl-C lands
         # after the whole copy (it left some layers loaded, others not)
-        with self._lock, interrupts.held():
+        with self._lock, interrupts.hold:
             for name, arr in values.items():
                 own[name][...] = arr
             self._refresh_weight_norm()  # W of weight-normalised layers from the new v, g

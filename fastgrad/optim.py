@@ -134,12 +134,15 @@ class StepStats:
                     bool(skipped), np.asarray(layer_norms, np.float64)), None)
 
     @classmethod
-    def _of(cls, step, lr, grad_norm, clip_scale, clipped, skipped, layer_norms):
+    def _of(cls, step, lr, grad_norm, clip_scale, clipped, skipped, layer_sq):
         """Stats of values already of their types (int, float, float, float,
-        bool, bool, a float64 array of their own): the per-step path, without
-        the constructor's conversions."""
+        bool, bool): the per-step path, without the constructor's
+        conversions.  ``layer_sq``: the squared layer norms as the bytes of
+        float64 values; their roots are taken when first read (a NumPy call
+        just after a large kernel costs several microseconds: its code and
+        data are out of the caches)."""
         stats = object.__new__(cls)
-        stats._values = (step, lr, grad_norm, clip_scale, clipped, skipped, layer_norms)
+        stats._values = (step, lr, grad_norm, clip_scale, clipped, skipped, layer_sq)
         stats._loss = stats._source = None
         return stats
 
@@ -154,9 +157,13 @@ class StepStats:
         self._values, self._loss, self._source = values, loss, None
 
     def _get(self):
-        if self._values is None:
+        values = self._values
+        if values is None:
             self._source._fetch_stats(self)
-        return self._values
+            values = self._values
+        if type(values[6]) is bytes:            # squared layer norms (_of)
+            values = self._values = values[:6] + (np.sqrt(np.frombuffer(values[6])),)
+        return values
 
     @property
     def ready(self):
@@ -719,6 +726,8 @@ class Optimizer:
                                  f"kernels/spec.py UPDATE_RULES {sorted(_spec.RULES)}")
             row = _spec.UPDATE_RULES[_spec.RULES[kind]]
             cls.rule = _spec.RULES[kind]
+            # (a class constant read past the rule's descriptor, once a step)
+            cls._per_update_fill = staticmethod(_spec.per_update_filler(cls.rule))
             cls.state_names = tuple(s.name for s in row.state)
             cls._specs = {h.name: _Spec(h.default, _CHECKS[h.check]) for h in row.hyper}
             cls._torch = row.torch
@@ -758,6 +767,7 @@ class Optimizer:
         self._state = {}
         self._state_args = None      # _buffers(), kept until the state changes
         self._hp_rows_known = {}     # group -> (values, group values, merged, row)
+        self._hp_view = None         # a memoryview of a one-row _hp (_fill_row)
         self._groups = None
         self._seg_group = None
         self._bind(params)
@@ -1271,12 +1281,14 @@ class Optimizer:
             self._groups = groups
             if len(groups) == 1:
                 self._hp = np.zeros(_k.HP_SIZE, np.float64)
+                self._hp_view = memoryview(self._hp)
                 self._seg_group = None
             else:
                 segs = [s for s in segs if s[1] > s[0]]
                 self._seg_group = np.array([gi for _, _, gi in segs], np.int64)
                 self._seg_ends = np.array([hi for _, hi, _ in segs], np.float64)
                 self._hp = np.zeros((len(segs), _k.HP_SIZE), np.float64)
+                self._hp_view = None
                 self._group_rows = np.zeros((len(groups), _k.HP_SIZE), np.float64)
             self._records.set_layout(self._hp.shape, 0 if self._seg_group is None else
                                      int(np.flatnonzero(self._seg_group == 0)[0]))
@@ -1764,18 +1776,22 @@ class Optimizer:
         # tiny net's step's critical path.  (The rule is a class constant.)
         known = self._hp_rows_known.get(group)
         if known is not None and known[0] is self._values and known[1] is values:
-            v = known[2]
-            hp[:] = known[3]
-            hp[_k.HP_LR] = lr
-            _spec.fill_hp_per_update(self.rule, hp, v, self._update_number(k, group))
+            # the step's own row through a memoryview: just after a kernel,
+            # NumPy's item assignment is the costlier call (its code is out
+            # of the caches; bench/RESULTS.md, "Python just after the kernel")
+            row = self._hp_view if hp is self._hp and self._hp_view is not None else hp
+            row[:] = known[3]
+            row[_k.HP_LR] = lr
+            self._per_update_fill(row, known[2], self._update_number(k, group))
+            row[_k.HP_UPDATE] = k
         else:
             v = self._merged(values, self._values)
             hp[:] = 0.0
             hp[_k.HP_LR] = lr
             hp[_k.HP_MAXIMIZE] = float(v["maximize"])
             self._fill_hp(hp, k, v, group)
-            self._hp_rows_known[group] = (self._values, values, v, hp.copy())
-        hp[_k.HP_UPDATE] = k
+            self._hp_rows_known[group] = (self._values, values, v, memoryview(hp.copy()))
+            hp[_k.HP_UPDATE] = k
         return lr
 
     def _fill_update(self, hp, k):
@@ -1830,7 +1846,8 @@ class Optimizer:
         segment of the flat buffer (``kernels.cpu.optim``); on CUDA the
         table of rows for every ``k`` the device can be at (see the module
         docstring)."""
-        s0, s1, s2 = self._buffers()
+        state = self._state_args
+        s0, s1, s2 = self._buffers() if state is None else state
         return self.rule, s0, s1, s2, self._records.hp_rows()
 
     def _commit(self, norm, scale, skipped, layer_sq, with_loss=False):
@@ -1850,7 +1867,7 @@ class Optimizer:
         -------
         StepStats
         """
-        with self._lock, interrupts.held():   # a Ctrl-C lands after the book-keeping
+        with self._lock, interrupts.hold:   # a Ctrl-C lands after the book-keeping
             if self._multi is not None:
                 return self._step_in_place()
             if self._pairs is not None:

@@ -194,6 +194,7 @@ class TrainStep:
         xp = self._xp = be.xp
         self._loss_kind = _spec.LOSS_CODES[name]
         self._sizes = np.asarray(model.sizes, np.int64)
+        self._n_out = int(model.sizes[-1])
         self._codes = np.asarray([layer.code for layer in model.layers], np.int64)
         self._alphas = np.asarray([layer.alpha for layer in model.layers], np.float64)
         self._needs_z = any(ops.needs_z(c) for c in self._codes)
@@ -416,15 +417,15 @@ class TrainStep:
         by the loss kernel, which makes the update skip and the optimizer
         raise ValueError when the step's record is read back.
         """
-        model, n_out, be = self._model, int(self._sizes[-1]), self._backend
-        if be.needs_staging(x):
+        model, n_out, be = self._model, self._n_out, self._backend
+        if be.stages_inputs and be.needs_staging(x):
             x = self._stage("x", ops.as_array(x, "x", model.dtype, shape=(None, model.sizes[0])))
             if x.shape[0] == 0:
                 raise ValueError("x: empty batch")
         else:
             x = model._input(x)
         B = x.shape[0]
-        stage_y = be.needs_staging(y)
+        stage_y = be.stages_inputs and be.needs_staging(y)
         if self._loss_kind == _spec.CROSS_ENTROPY:
             if stage_y:
                 return x, self._stage("labels", self._labels(y, B, n_out)), self._no_target
@@ -603,7 +604,7 @@ class TrainStep:
             (lambda: self.stats.skipped) if skipped is None else skipped, self._opt._records)
 
     def __call__(self, x, y):
-        with self._opt._lock, interrupts.held():   # a Ctrl-C lands after the book-keeping
+        with self._opt._lock, interrupts.hold:   # a Ctrl-C lands after the book-keeping
             return self._step(x, y)
 
     def _step(self, x, y):
@@ -636,7 +637,10 @@ class TrainStep:
                 x, labels, target, hp)
         else:
             args, kw = self._driver_args(B, update=True)
-            loss, norm, scale, skipped = self._ready(self._kernels.train_step)(
+            driver = self._kernels.train_step
+            if self._pending_members is not None:
+                driver = self._ready(driver)
+            loss, norm, scale, skipped = driver(
                 x, labels, target, self._loss_kind, *args,
                 rule, s0, s1, s2, hp, self._layer_sq, self._opt._clip_norm, self._opt._clip_value,
                 **kw)
@@ -644,7 +648,7 @@ class TrainStep:
             model._restore_snapshot(snap)
         self.stats = self._opt._commit(norm, scale, skipped, self._layer_sq,
                                       with_loss=self._backend.loss_in_record)
-        return self._result(loss)
+        return self._backend.loss_result(loss)        # (self._result, a call less)
 
     def gradients(self, x, y):
         """Forward + loss + backward only (no update): fills ``model.grads``
@@ -886,7 +890,7 @@ class TrainStep:
             # step's threads own the cores (BLAS on one thread)
             blas = (_threads.sharded_step_blas() if self.threads is not None
                     else contextlib.nullcontext())
-            with interrupts.held(), blas:
+            with interrupts.hold, blas:
                 ran = kernel(
                     X, labels, target, order, pos, size, batch_size, order.shape[0],
                     xbuf, lbuf, tbuf, self._loss_kind, *model_args,

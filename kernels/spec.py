@@ -277,6 +277,12 @@ def fill_hp_per_update(rule, hp, values, t):
     _HP_PER_UPDATE_FILLERS[rule](hp, values, t)
 
 
+def per_update_filler(rule):
+    """:func:`fill_hp_per_update` of rule ``rule`` as a function of ``(hp,
+    values, t)``; ``hp`` may be a memoryview of the row."""
+    return _HP_PER_UPDATE_FILLERS[rule]
+
+
 def check_rule_values(rule, values):
     """ValueError when the hyper-parameters ``values`` break one of rule
     ``rule``'s ``requires``."""

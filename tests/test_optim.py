@@ -214,6 +214,60 @@ def test_step_stats_value_semantics():
     assert pickle.loads(pickle.dumps(a)) == a
 
 
+def test_step_stats_keep_their_layer_norms():
+    """A CPU update's StepStats take their layer norms' roots when first
+    read: every way of reading gives the norms of that update, after later
+    updates too, in an array of their own."""
+    model = FlatModel([4, 3, 5], dtype=np.float64)
+    opt = Adam(model, lr=0.1)
+    rng = np.random.default_rng(8)
+    stats, wants = [], []
+    for _ in range(3):
+        g = rng.standard_normal(12)
+        model.grads[:] = g
+        stats.append(opt.step())
+        wants.append([np.linalg.norm(s) for s in np.split(g, model.layer_offsets[1:-1])])
+    first, second, third = stats
+    # read first through pickle, repr and == (each roots them), after later updates
+    twin = pickle.loads(pickle.dumps(first))
+    np.testing.assert_allclose(twin.layer_norms, wants[0], rtol=1e-15)
+    assert "layer_norms=array([" in repr(second)
+    assert third == fg.StepStats(step=3, lr=0.1, grad_norm=third.grad_norm, clip_scale=1.0,
+                                 clipped=False, skipped=False,
+                                 layer_norms=np.sqrt(opt._layer_sq))      # the last update's
+    for st, want in zip(stats, wants):
+        norms = st.layer_norms
+        assert norms is st.layer_norms and norms.dtype == np.float64
+        np.testing.assert_allclose(norms, want, rtol=1e-15)
+    first.layer_norms[0] = -1.0                 # its own array: nothing else changes
+    assert second.layer_norms[0] == pytest.approx(wants[1][0], rel=1e-15)
+    assert np.all(opt._layer_sq >= 0.0)
+
+
+@pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
+def test_update_row_refill_equals_a_full_fill(kind, hyper, clip_norm, clip_value):
+    """After the first update an update's hp row is refilled from the last
+    one (through a view of the row, only its per-update slots rewritten):
+    bitwise the row a full fill gives, under a schedule and after a
+    hyper-parameter write."""
+    model = FlatModel([6, 4], dtype=np.float64)
+    h = dict(hyper, lr=schedules.exponential_decay(hyper["lr"], 0.5, 3))
+    opt = CLASSES[kind](model, clip_norm=clip_norm, clip_value=clip_value, **h)
+    rng = np.random.default_rng(3)
+    for k in range(6):
+        if k == 3:
+            opt.weight_decay = 0.25
+        hp = opt._kernel_args()[4]
+        assert opt._hp_rows_known and hp is opt._hp
+        full = np.full_like(hp, np.nan)
+        opt._hp_rows_known.clear()                # a full fill, then the next refill
+        opt._fill_row(full, k)
+        np.testing.assert_array_equal(hp, full)
+        model.grads[:] = rng.standard_normal(10)
+        opt.step()
+    assert opt.step_count == 6
+
+
 @pytest.mark.parametrize("kind,hyper,clip_norm,clip_value", CONFIGS, ids=IDS)
 def test_float32_follows_float64_reference(device, kind, hyper, clip_norm, clip_value):
     model = FlatModel([35, 7, 21, 3], dtype=np.float32, device=device)
