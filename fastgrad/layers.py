@@ -518,6 +518,10 @@ class Sequential:
                 raise ValueError(f"dropout_step must be an integer in [0, 2**62), got "
                                  f"{value!r}")
             value = int(value)
+        self._store_dropout_step(value)
+
+    def _store_dropout_step(self, value):
+        """Make the int ``value`` the dropout counter, the host's from now on."""
         if not 0 <= value < COUNTER_BOUND:
             raise ValueError(f"dropout_step must be an integer in [0, 2**62), got {value!r}")
         with self._lock:                      # not between a chunk's steps and its count
@@ -530,15 +534,10 @@ class Sequential:
         Every training-mode forward (layer path or TrainStep, with dropout
         or not) advances it once, so a model's mask sequence depends only
         on how many training steps it has run."""
-        if self._dropout_on_device is not None:
-            c = self.dropout_step
-            self.dropout_step = c + 1
-            return c
-        with self._lock:        # the setter's write, without its checks of an int of our own
-            c = self._dropout_step
-            if c + 1 >= COUNTER_BOUND:
-                raise ValueError(f"dropout_step must be an integer in [0, 2**62), got {c + 1}")
-            self._dropout_step = c + 1
+        # the host's counter read in place where it rules, and no setter's
+        # type checks of an int of our own: two calls less, once a step
+        c = self._dropout_step if self._dropout_on_device is None else self.dropout_step
+        self._store_dropout_step(c + 1)
         return c
 
     # -- shape facts -------------------------------------------------------

@@ -1779,7 +1779,7 @@ class Optimizer:
             # the step's own row through a memoryview: just after a kernel,
             # NumPy's item assignment is the costlier call (its code is out
             # of the caches; bench/RESULTS.md, "Python just after the kernel")
-            row = self._hp_view if hp is self._hp and self._hp_view is not None else hp
+            row = self._hp_view if hp is self._hp else hp       # (None: _hp has rows)
             row[:] = known[3]
             row[_k.HP_LR] = lr
             self._per_update_fill(row, known[2], self._update_number(k, group))
@@ -1835,7 +1835,7 @@ class Optimizer:
                 raise ValueError(f"the schedule gave lr={lr!r} at update {k}")
             row = rows[r]
             row[_k.HP_LR] = lr
-            _spec.fill_hp_per_update(self.rule, row, v, self._update_number(k, 0))
+            self._per_update_fill(row, v, self._update_number(k, 0))
             row[_k.HP_UPDATE] = k
             lrs[r] = lr
 

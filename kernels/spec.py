@@ -270,16 +270,12 @@ def fill_hp(rule, hp, values, t):
     _HP_FILLERS[rule](hp, values, t)
 
 
-def fill_hp_per_update(rule, hp, values, t):
-    """Rewrite only the slots of ``hp`` that :func:`fill_hp` derives from
-    the update count ``t`` (e.g. Adam's bias corrections): the rest of a row
-    filled for another count under the same ``values`` stays right."""
-    _HP_PER_UPDATE_FILLERS[rule](hp, values, t)
-
-
 def per_update_filler(rule):
-    """:func:`fill_hp_per_update` of rule ``rule`` as a function of ``(hp,
-    values, t)``; ``hp`` may be a memoryview of the row."""
+    """Rule ``rule``'s function of ``(hp, values, t)`` that rewrites only the
+    slots of ``hp`` that :func:`fill_hp` derives from the update count ``t``
+    (e.g. Adam's bias corrections): the rest of a row filled for another
+    count under the same ``values`` stays right.  ``hp`` may be a
+    memoryview of the row."""
     return _HP_PER_UPDATE_FILLERS[rule]
 
 
